@@ -1,0 +1,123 @@
+"""Build the real model a spec and a method describe: transformers `from_config` (random weights,
+no hub) plus the method applied for real (peft for LoRA/DoRA/IA3/prefix/prompt, requires_grad masks
+for full/frozen/freeze/bitfit, the bottleneck adapters of :mod:`measure.adapters`).
+
+QLoRA's NF4 base needs bitsandbytes and a saved checkpoint (see :func:`build_qlora_model`); on the
+meta device a QLoRA model is built as the LoRA model on the unquantized base, which has the same
+logical parameter counts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import transformers
+
+from measure.adapters import add_bottleneck_adapters
+from peftcalc.methods import (
+    IA3_DEFAULT_TARGETS,
+    LORA_DEFAULT_TARGETS,
+    MethodSettings,
+    default_trainable_layers,
+    make_plan,
+    peft_task_type,
+    resolve_bottleneck,
+)
+from peftcalc.spec import AUTO_CLASS, ModelSpec, transformers_config_kwargs
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def transformers_config(spec: ModelSpec, attention: str = "sdpa"):
+    config = transformers.AutoConfig.for_model(spec.model_type, **transformers_config_kwargs(spec))
+    config._attn_implementation = attention
+    config.use_cache = False
+    return config
+
+
+def build_base_model(spec: ModelSpec, dtype: torch.dtype = torch.float32, device: str = "meta",
+                     attention: str = "sdpa"):
+    """The transformers model class `spec.architecture` names, with random weights."""
+    config = transformers_config(spec, attention)
+    auto = getattr(transformers, AUTO_CLASS[spec.task])
+    ctx = torch.device(device) if device == "meta" else contextlib.nullcontext()
+    with ctx:
+        model = auto.from_config(config, dtype=dtype, attn_implementation=attention)
+    if device != "meta":
+        model = model.to(device)
+    return model
+
+
+def apply_method(model, spec: ModelSpec, settings: MethodSettings):
+    """Make `model` train what `settings.method` trains; returns the (possibly peft-wrapped) model."""
+    method = settings.method
+    if method in ("lora", "qlora", "ia3", "prefix", "prompt"):
+        return _apply_peft(model, spec, settings)
+    plan = make_plan(spec, settings)
+    if method == "adapter":
+        add_bottleneck_adapters(model, spec, settings.adapter_kind, resolve_bottleneck(spec, settings))
+    trainable = {g.name for g in plan.groups if g.trainable and g.origin == "base"}
+    for name, param in model.named_parameters():
+        param.requires_grad_(name in trainable or ".adapter_" in name)
+    return model
+
+
+def _peft_targets(spec: ModelSpec, settings: MethodSettings):
+    if settings.targets == "all-linear":
+        return "all-linear"
+    if settings.targets is not None:
+        return list(settings.targets)
+    defaults = IA3_DEFAULT_TARGETS[spec.model_type][0] if settings.method == "ia3" else LORA_DEFAULT_TARGETS[spec.model_type]
+    return list(defaults)
+
+
+def peft_config(spec: ModelSpec, settings: MethodSettings):
+    import peft
+
+    task = peft_task_type(spec)
+    task_type = getattr(peft.TaskType, task) if task else None
+    method = settings.method
+    if method in ("lora", "qlora"):
+        return peft.LoraConfig(
+            r=settings.rank,
+            lora_alpha=settings.alpha if settings.alpha is not None else 2 * settings.rank,
+            target_modules=_peft_targets(spec, settings),
+            use_dora=settings.dora,
+            lora_dropout=0.0,
+            task_type=task_type,
+        )
+    if method == "ia3":
+        targets = _peft_targets(spec, settings)
+        feedforward = list(IA3_DEFAULT_TARGETS[spec.model_type][1]) if settings.targets is None else []
+        return peft.IA3Config(target_modules=targets, feedforward_modules=feedforward, task_type=task_type)
+    if method == "prefix":
+        return peft.PrefixTuningConfig(num_virtual_tokens=settings.num_virtual_tokens, task_type=task_type)
+    return peft.PromptTuningConfig(num_virtual_tokens=settings.num_virtual_tokens, task_type=task_type)
+
+
+def _apply_peft(model, spec: ModelSpec, settings: MethodSettings):
+    import peft
+
+    return peft.get_peft_model(model, peft_config(spec, settings))
+
+
+def build_model(spec: ModelSpec, settings: MethodSettings, dtype: torch.dtype = torch.float32,
+                device: str = "meta", attention: str = "sdpa"):
+    """Base model + method, ready to train (QLoRA on meta/unquantized: see module docstring)."""
+    if settings.method == "freeze":
+        k = settings.trainable_layers if settings.trainable_layers is not None else default_trainable_layers(spec)
+        assert 1 <= k <= spec.num_layers
+    model = build_base_model(spec, dtype=dtype, device=device, attention=attention)
+    return apply_method(model, spec, settings)
+
+
+def count_params(model) -> tuple[int, int]:
+    """(total, trainable) as sum(p.numel()) over model.parameters() (tied weights once)."""
+    total = trainable = 0
+    for p in model.parameters():
+        n = p.numel()
+        total += n
+        if p.requires_grad:
+            trainable += n
+    return total, trainable

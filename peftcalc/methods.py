@@ -1,0 +1,432 @@
+"""Step 2 of the model: which parameters train, and which ones a method adds.
+
+Each method is a plain function from a :class:`Layout` and :class:`MethodSettings` to a list of
+:class:`ParamGroup` rows. The peft methods mirror what ``peft.get_peft_model`` creates (peft 0.21:
+``tuners/lora/layer.py``, ``tuners/ia3/layer.py``, ``tuners/prefix_tuning/model.py``,
+``tuners/prompt_tuning/model.py``, ``peft_model.PeftModelForSequenceClassification``); the others
+(full, frozen, freeze, bitfit, adapter) are ``requires_grad`` masks or the bottleneck module
+described in :func:`adapter_numel`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from functools import lru_cache
+
+from peftcalc.errors import InputError
+from peftcalc.layout import LINEAR_KINDS, Layout, Module, build_layout, param_names
+from peftcalc.spec import ModelSpec
+
+METHODS = ("full", "frozen", "freeze", "lora", "qlora", "adapter", "prefix", "prompt", "bitfit", "ia3")
+PEFT_METHODS = ("lora", "qlora", "prefix", "prompt", "ia3")
+ADAPTER_KINDS = ("houlsby", "pfeiffer")
+
+METHOD_HELP = {
+    "full": "every parameter trains",
+    "frozen": "backbone frozen, only the task head trains (linear probe)",
+    "freeze": "bottom blocks frozen; the top --trainable-layers blocks, final norm and head train",
+    "lora": "peft LoRA adapters (A: r x in, B: out x r) on the target modules; base frozen",
+    "qlora": "LoRA on a 4-bit NF4 base (bitsandbytes), double quantization by default",
+    "adapter": "bottleneck adapters (Houlsby: after attention and FFN; Pfeiffer: after FFN)",
+    "prefix": "peft prefix tuning: trainable keys/values for every layer",
+    "prompt": "peft prompt tuning: trainable virtual token embeddings",
+    "bitfit": "only bias terms train",
+    "ia3": "peft IA3: learned scaling vectors on keys, values and the FFN",
+}
+
+# peft 0.21 utils/constants.py TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING. peft has no
+# entry for vit (transformers 5 names) or clip_vision_model; there peftcalc uses q_proj,v_proj,
+# the same choice as for the text families, and passes it to peft explicitly.
+LORA_DEFAULT_TARGETS = {
+    "llama": ("q_proj", "v_proj"),
+    "mistral": ("q_proj", "v_proj"),
+    "qwen2": ("q_proj", "v_proj"),
+    "gpt2": ("c_attn",),
+    "bert": ("query", "value"),
+    "roberta": ("query", "value"),
+    "vit": ("q_proj", "v_proj"),
+    "clip_vision_model": ("q_proj", "v_proj"),
+}
+# peft 0.21 TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING / ..._FEEDFORWARD_MODULES_MAPPING;
+# vit and clip_vision_model (absent from peft) take the llama choice: keys, values, FFN output.
+IA3_DEFAULT_TARGETS = {
+    "llama": (("k_proj", "v_proj", "down_proj"), ("down_proj",)),
+    "mistral": (("k_proj", "v_proj", "down_proj"), ("down_proj",)),
+    "qwen2": (("q_proj", "v_proj", "down_proj"), ("down_proj",)),
+    "gpt2": (("c_attn", "mlp.c_proj"), ("mlp.c_proj",)),
+    "bert": (("key", "value", "output.dense"), ("output.dense",)),
+    "roberta": (("key", "value", "output.dense"), ("output.dense",)),
+    "vit": (("k_proj", "v_proj", "fc2"), ("fc2",)),
+    "clip_vision_model": (("k_proj", "v_proj", "fc2"), ("fc2",)),
+}
+# peft's PeftModelForSequenceClassification adds these to modules_to_save.
+SEQ_CLS_HEAD_NAMES = ("classifier", "score")
+
+
+@dataclass(frozen=True)
+class MethodSettings:
+    """A fine-tuning method and its knobs (defaults are peft's defaults where peft has one)."""
+
+    method: str = "lora"
+    rank: int = 8  # peft LoraConfig.r default
+    alpha: int | None = None  # peft default lora_alpha=8; does not change memory
+    targets: tuple[str, ...] | str | None = None  # None: peft's default for the family
+    dora: bool = False
+    double_quant: bool = True
+    bottleneck: int | None = None  # default hidden_size // 16 (reduction factor 16)
+    adapter_kind: str = "houlsby"
+    num_virtual_tokens: int = 20
+    trainable_layers: int | None = None  # freeze: default the top quarter of the blocks
+
+
+@dataclass(frozen=True)
+class ParamGroup:
+    """One parameter tensor of the trained model (base or added)."""
+
+    name: str
+    numel: int
+    trainable: bool
+    origin: str  # base | lora | dora | ia3 | adapter | prefix | prompt | head_copy
+    layer: int | None = None
+    quantized: bool = False  # stored as NF4 (QLoRA base linears)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a method makes of a model: every parameter, and facts the memory model needs."""
+
+    spec: ModelSpec
+    settings: MethodSettings
+    groups: tuple[ParamGroup, ...]
+    targets: tuple[str, ...] = ()  # module paths that got a LoRA/IA3 layer
+    lowest_trainable_layer: int | None = None  # None: nothing inside the blocks trains
+    embedding_trains: bool = False
+    extra: dict = field(default_factory=dict, compare=False, hash=False)
+
+    @property
+    def total(self) -> int:
+        return sum(g.numel for g in self.groups)
+
+    @property
+    def trainable(self) -> int:
+        return sum(g.numel for g in self.groups if g.trainable)
+
+    @property
+    def trainable_percent(self) -> float:
+        return 100.0 * self.trainable / self.total
+
+    def numel_by(self, trainable: bool | None = None, origin: str | None = None, quantized: bool | None = None) -> int:
+        return sum(
+            g.numel
+            for g in self.groups
+            if (trainable is None or g.trainable == trainable)
+            and (origin is None or g.origin == origin)
+            and (quantized is None or g.quantized == quantized)
+        )
+
+
+def peft_task_type(spec: ModelSpec) -> str | None:
+    """The peft task type users set for this architecture: CAUSAL_LM, SEQ_CLS, or none."""
+    return {"causal_lm": "CAUSAL_LM", "seq_cls": "SEQ_CLS"}.get(spec.task)
+
+
+def module_matches(path: str, keys) -> bool:
+    """peft's target matching for a list of names: an exact name or a dotted suffix
+    (peft tuners_utils.check_target_module_exists)."""
+    return any(path == key or path.endswith("." + key) for key in keys)
+
+
+def _under(path: str, prefixes) -> bool:
+    return any(path == p or path.startswith(p + ".") for p in prefixes)
+
+
+def _base_groups(layout: Layout, trainable_fn) -> list[ParamGroup]:
+    groups = []
+    for m in layout.modules:
+        for name, numel in param_names(m):
+            groups.append(ParamGroup(name, numel, bool(trainable_fn(m, name)), "base", m.layer))
+    return groups
+
+
+def _head_copy(layout: Layout, spec: ModelSpec) -> list[ParamGroup]:
+    """peft SEQ_CLS: the head (classifier/score) is wrapped in ModulesToSaveWrapper, whose trainable
+    copy adds its parameters once more (peft utils/other.py ModulesToSaveWrapper)."""
+    if peft_task_type(spec) != "SEQ_CLS":
+        return []
+    copies = []
+    for m in layout.modules:
+        if _under(m.path, SEQ_CLS_HEAD_NAMES):
+            for name, numel in param_names(m):
+                copies.append(ParamGroup(f"{name}#modules_to_save", numel, True, "head_copy"))
+    return copies
+
+
+def _head_trainable_fn(layout: Layout, extra_prefixes=()):
+    prefixes = tuple(layout.head_paths) + tuple(extra_prefixes)
+    if layout.head_tied_to_embedding:
+        prefixes += (layout.embedding_path,)
+    return lambda m, name: _under(m.path, prefixes)
+
+
+def plan_full(spec, layout, s):
+    return _base_groups(layout, lambda m, name: True)
+
+
+def plan_frozen(spec, layout, s):
+    if not layout.head_paths:
+        raise InputError(
+            f"method 'frozen' trains the task head, and {spec.architecture} has none; "
+            "use a config whose architectures name a head (ForCausalLM, ForSequenceClassification, ...)"
+        )
+    return _base_groups(layout, _head_trainable_fn(layout))
+
+
+def default_trainable_layers(spec: ModelSpec) -> int:
+    """Train the top quarter (the layer-freezing seed: freeze the bottom 50-75%)."""
+    return max(1, spec.num_layers // 4)
+
+
+def plan_freeze(spec, layout, s):
+    k = s.trainable_layers if s.trainable_layers is not None else default_trainable_layers(spec)
+    first = spec.num_layers - k
+    above_blocks = [m.path for m in layout.modules if m.layer is None and m.role in ("head", "pooler", "norm")
+                    and m.path != _embedding_norm(layout)]
+    head = _head_trainable_fn(layout, above_blocks)
+    return _base_groups(layout, lambda m, name: (m.layer is not None and m.layer >= first) or head(m, name))
+
+
+def _embedding_norm(layout: Layout) -> str:
+    """The LayerNorm inside the embeddings (BERT/RoBERTa) or before the blocks (CLIP) stays frozen."""
+    for m in layout.modules:
+        if m.role == "norm" and m.layer is None and ("embeddings" in m.path or m.path == "pre_layrnorm"):
+            return m.path
+    return ""
+
+
+def plan_bitfit(spec, layout, s):
+    head = _seq_cls_head_fn(spec, layout)
+    groups = _base_groups(layout, lambda m, name: name.endswith(".bias") or head(m, name) or
+                          (m.kind == "param" and m.path.endswith(".bias")))
+    if not any(g.trainable for g in groups):
+        raise InputError(f"method 'bitfit' needs bias terms, and {spec.name} has none")
+    return groups
+
+
+def _seq_cls_head_fn(spec, layout):
+    """Methods that are not peft's still train a fresh classification head, as peft's SEQ_CLS does."""
+    if spec.task == "seq_cls":
+        return lambda m, name: _under(m.path, layout.head_paths)
+    return lambda m, name: False
+
+
+def resolve_bottleneck(spec: ModelSpec, s: MethodSettings) -> int:
+    return s.bottleneck if s.bottleneck is not None else max(1, spec.hidden_size // 16)
+
+
+def adapter_numel(hidden: int, bottleneck: int) -> int:
+    """One bottleneck adapter: down (hidden -> b, with bias) and up (b -> hidden, with bias).
+    Houlsby et al. 2019, "Parameter-Efficient Transfer Learning for NLP", section 2.1: 2md + d + m."""
+    return 2 * hidden * bottleneck + bottleneck + hidden
+
+
+def adapter_sites(spec: ModelSpec, layout: Layout, kind: str) -> list[Module]:
+    """Where adapters go: after the attention output projection and after the FFN output projection
+    (Houlsby), or after the FFN output projection only (Pfeiffer et al. 2021, AdapterFusion, section 3)."""
+    roles = ("attn_out", "mlp_out") if kind == "houlsby" else ("mlp_out",)
+    return [m for m in layout.modules if m.role in roles]
+
+
+def plan_adapter(spec, layout, s):
+    if s.adapter_kind not in ADAPTER_KINDS:
+        raise InputError(f"unknown adapter kind '{s.adapter_kind}'; choose from {', '.join(ADAPTER_KINDS)}")
+    b = resolve_bottleneck(spec, s)
+    if b < 1 or b > spec.hidden_size:
+        raise InputError(f"--bottleneck must be between 1 and the hidden size {spec.hidden_size}, got {b}")
+    groups = _base_groups(layout, _seq_cls_head_fn(spec, layout))
+    for m in adapter_sites(spec, layout, s.adapter_kind):
+        groups.append(ParamGroup(f"{m.path}.adapter", adapter_numel(spec.hidden_size, b), True, "adapter", m.layer))
+    return groups
+
+
+def resolve_targets(spec: ModelSpec, layout: Layout, s: MethodSettings) -> tuple[str, ...]:
+    """The module paths peft would wrap (tuners_utils.BaseTuner.inject_adapter)."""
+    if s.method == "ia3":
+        keys = s.targets if s.targets is not None else IA3_DEFAULT_TARGETS[spec.model_type][0]
+    else:
+        keys = s.targets if s.targets is not None else LORA_DEFAULT_TARGETS[spec.model_type]
+    if keys == "all-linear":
+        paths = _all_linear(spec, layout)
+    else:
+        paths = tuple(m.path for m in layout.modules if m.kind != "param" and module_matches(m.path, keys))
+    if peft_task_type(spec) == "SEQ_CLS":  # modules_to_save (the head) is copied whole, never wrapped
+        paths = tuple(p for p in paths if not _under(p, SEQ_CLS_HEAD_NAMES))
+    if not paths:
+        raise InputError(f"target modules {', '.join(keys)} match no module of {spec.name}")
+    return paths
+
+
+def _all_linear(spec: ModelSpec, layout: Layout) -> tuple[str, ...]:
+    """peft tuners_utils._maybe_include_all_linear_layers: every Linear/Conv1D except the output
+    embedding (causal/masked LM) or, for SEQ_CLS, the head module named classifier/score itself."""
+    exclude = set()
+    if layout.output_embedding_path:
+        exclude.add(layout.output_embedding_path)
+    elif peft_task_type(spec) == "SEQ_CLS":
+        exclude.update(SEQ_CLS_HEAD_NAMES)
+    return tuple(m.path for m in layout.modules if m.kind in LINEAR_KINDS and m.path not in exclude)
+
+
+def _modules_by_path(layout: Layout) -> dict[str, Module]:
+    return {m.path: m for m in layout.modules}
+
+
+def lora_numel(module: Module, rank: int, dora: bool) -> tuple[int, int]:
+    """LoRA A and B (plus DoRA's magnitude) for one module, as peft's LoraLayer.update_layer makes them:
+    Linear/Conv1D: A r x in, B out x r, magnitude out; Embedding: A r x num, B dim x r
+    (Hu et al. 2021, LoRA, section 4.1; Liu et al. 2024, DoRA, section 4.1)."""
+    if module.kind in LINEAR_KINDS:
+        ab = rank * (module.in_features + module.out_features)
+        return ab, (module.out_features if dora else 0)
+    if module.kind == "embedding":
+        num, dim = module.shape
+        return rank * (num + dim), (dim if dora else 0)
+    raise InputError(f"LoRA cannot wrap module '{module.path}' ({module.kind}); target Linear or Embedding modules")
+
+
+def plan_lora(spec, layout, s):
+    if s.rank < 1:
+        raise InputError(f"--rank must be a positive integer, got {s.rank}")
+    mods = _modules_by_path(layout)
+    targets = resolve_targets(spec, layout, s)
+    quantize = s.method == "qlora"
+    groups = [
+        ParamGroup(g.name, g.numel, False, "base", g.layer,
+                   quantized=quantize and g.name.endswith(".weight") and _quantizable(mods, g.name, layout))
+        for g in _base_groups(layout, lambda m, name: False)
+    ]
+    for path in targets:
+        m = mods[path]
+        limit = min(m.in_features, m.out_features) if m.kind in LINEAR_KINDS else min(m.shape)
+        if s.rank > limit:
+            raise InputError(f"--rank {s.rank} is larger than module '{path}' ({m.in_features} -> {m.out_features})"
+                             if m.kind in LINEAR_KINDS else f"--rank {s.rank} is larger than module '{path}'")
+        ab, magnitude = lora_numel(m, s.rank, s.dora)
+        groups.append(ParamGroup(f"{path}.lora", ab, True, "lora", m.layer))
+        if magnitude:
+            groups.append(ParamGroup(f"{path}.lora_magnitude_vector", magnitude, True, "dora", m.layer))
+    return groups + _head_copy(layout, spec), targets
+
+
+def _quantizable(mods: dict[str, Module], param: str, layout: Layout) -> bool:
+    """bitsandbytes replaces every nn.Linear except the output embedding and SEQ_CLS-style heads that
+    transformers keeps in full precision (transformers integrations/bitsandbytes.py
+    get_keys_to_not_convert: the output embeddings and the last module)."""
+    m = mods[param.rsplit(".", 1)[0]]
+    if m.kind != "linear":
+        return False
+    return m.role != "head"
+
+
+def plan_ia3(spec, layout, s):
+    mods = _modules_by_path(layout)
+    targets = resolve_targets(spec, layout, s)
+    ff_keys = IA3_DEFAULT_TARGETS[spec.model_type][1] if s.targets is None else ()
+    groups = _base_groups(layout, lambda m, name: False)
+    for path in targets:
+        m = mods[path]
+        if m.kind not in LINEAR_KINDS:
+            raise InputError(f"IA3 cannot wrap module '{path}' ({m.kind}); target Linear modules")
+        # peft tuners/ia3/layer.py IA3Layer.update_layer: (out, 1) or, for feedforward, (1, in)
+        size = m.in_features if module_matches(path, ff_keys) else m.out_features
+        groups.append(ParamGroup(f"{path}.ia3_l", size, True, "ia3", m.layer))
+    return groups + _head_copy(layout, spec), targets
+
+
+def prompt_token_dim(spec: ModelSpec, method: str) -> int:
+    """peft utils/other.py _prepare_prompt_learning_config: token_dim = hidden size; for prefix tuning
+    on configs with num_key_value_heads (GQA, peft#1901) it is num_key_value_heads * head_dim."""
+    if method == "prefix" and spec.model_type in ("llama", "mistral", "qwen2"):
+        return spec.kv_dim
+    return spec.hidden_size
+
+
+def plan_prompt_learning(spec, layout, s):
+    if spec.task not in ("causal_lm", "seq_cls"):
+        raise InputError(
+            f"method '{s.method}' needs a causal LM or sequence classifier (peft injects virtual tokens "
+            f"only there); {spec.name} is {spec.architecture}"
+        )
+    if s.num_virtual_tokens < 1:
+        raise InputError(f"--num-virtual-tokens must be a positive integer, got {s.num_virtual_tokens}")
+    groups = _base_groups(layout, lambda m, name: False)
+    dim = prompt_token_dim(spec, s.method)
+    if s.method == "prefix":  # PrefixEncoder: Embedding(num_virtual_tokens, num_layers * 2 * token_dim)
+        numel = s.num_virtual_tokens * spec.num_layers * 2 * dim
+    else:  # PromptEmbedding: Embedding(num_virtual_tokens, token_dim)
+        numel = s.num_virtual_tokens * dim
+    groups.append(ParamGroup(f"prompt_encoder.{s.method}", numel, True, s.method))
+    return groups + _head_copy(layout, spec)
+
+
+PLANNERS = {
+    "full": plan_full,
+    "frozen": plan_frozen,
+    "freeze": plan_freeze,
+    "bitfit": plan_bitfit,
+    "adapter": plan_adapter,
+    "lora": plan_lora,
+    "qlora": plan_lora,
+    "ia3": plan_ia3,
+    "prefix": plan_prompt_learning,
+    "prompt": plan_prompt_learning,
+}
+
+
+def check_settings(spec: ModelSpec, s: MethodSettings) -> None:
+    if s.method not in METHODS:
+        raise InputError(f"unknown method '{s.method}'; choose from {', '.join(METHODS)}")
+    if s.method == "freeze":
+        k = s.trainable_layers if s.trainable_layers is not None else default_trainable_layers(spec)
+        if not 1 <= k <= spec.num_layers:
+            raise InputError(f"--trainable-layers must be between 1 and the depth {spec.num_layers}, got {k}")
+    if s.method == "qlora" and not spec.is_decoder:
+        pass  # bitsandbytes quantizes any Linear; allowed everywhere
+
+
+@lru_cache(maxsize=4096)
+def make_plan(spec: ModelSpec, settings: MethodSettings) -> Plan:
+    """Apply a method to a model: every parameter with its trainable flag and origin."""
+    check_settings(spec, settings)
+    layout = build_layout(spec)
+    result = PLANNERS[settings.method](spec, layout, settings)
+    targets: tuple[str, ...] = ()
+    if isinstance(result, tuple):
+        result, targets = result
+    groups = tuple(result)
+    trainable_layers = [g.layer for g in groups if g.trainable and g.layer is not None]
+    embedding_trains = any(
+        g.trainable and g.origin == "base" and g.name.startswith(layout.embedding_path + ".") for g in groups
+    )
+    return Plan(
+        spec=spec,
+        settings=settings,
+        groups=groups,
+        targets=targets,
+        lowest_trainable_layer=min(trainable_layers) if trainable_layers else None,
+        embedding_trains=embedding_trains,
+    )
+
+
+def normalize_targets(targets) -> tuple[str, ...] | str | None:
+    """`--targets q_proj,v_proj` or `all-linear` into what MethodSettings holds."""
+    if targets is None or targets == "":
+        return None
+    if isinstance(targets, str):
+        if targets.strip().lower() == "all-linear":
+            return "all-linear"
+        targets = [t for t in (x.strip() for x in targets.split(",")) if t]
+    return tuple(targets)
+
+
+def settings_with(settings: MethodSettings, **changes) -> MethodSettings:
+    return replace(settings, **changes)

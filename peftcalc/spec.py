@@ -1,0 +1,394 @@
+"""Model specs: a Hugging Face ``config.json`` normalised into the few numbers the calculator needs.
+
+A spec is data. Registry entries (``peftcalc/data/models/*.json``) are trimmed copies of real
+``config.json`` files, each with the URL it came from in ``_source``; a user's own ``config.json``
+goes through exactly the same reader. No torch, no transformers.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+from peftcalc.errors import InputError
+
+MODELS_DIR = Path(__file__).parent / "data" / "models"
+
+SUPPORTED_MODEL_TYPES = (
+    "llama",
+    "mistral",
+    "qwen2",
+    "gpt2",
+    "bert",
+    "roberta",
+    "vit",
+    "clip_vision_model",
+)
+DECODER_FAMILIES = ("llama", "mistral", "qwen2", "gpt2")
+VISION_FAMILIES = ("vit", "clip_vision_model")
+
+# The five tasks a model class can have, decided by the config's `architectures` as transformers
+# builds it (AutoModelForCausalLM / ForMaskedLM / ForSequenceClassification / ForImageClassification /
+# AutoModel).
+TASKS = ("causal_lm", "masked_lm", "seq_cls", "image_cls", "base")
+
+# Which task each `architectures` class name means, per family.
+ARCHITECTURE_TASKS = {
+    "LlamaForCausalLM": "causal_lm",
+    "LlamaForSequenceClassification": "seq_cls",
+    "LlamaModel": "base",
+    "MistralForCausalLM": "causal_lm",
+    "MistralForSequenceClassification": "seq_cls",
+    "MistralModel": "base",
+    "Qwen2ForCausalLM": "causal_lm",
+    "Qwen2ForSequenceClassification": "seq_cls",
+    "Qwen2Model": "base",
+    "GPT2LMHeadModel": "causal_lm",
+    "GPT2ForSequenceClassification": "seq_cls",
+    "GPT2Model": "base",
+    "BertForMaskedLM": "masked_lm",
+    "BertForSequenceClassification": "seq_cls",
+    "BertModel": "base",
+    "RobertaForMaskedLM": "masked_lm",
+    "RobertaForSequenceClassification": "seq_cls",
+    "RobertaModel": "base",
+    "ViTForImageClassification": "image_cls",
+    "ViTModel": "base",
+    "CLIPVisionModel": "base",
+}
+
+DEFAULT_TASK = {
+    "llama": "causal_lm",
+    "mistral": "causal_lm",
+    "qwen2": "causal_lm",
+    "gpt2": "causal_lm",
+    "bert": "masked_lm",
+    "roberta": "masked_lm",
+    "vit": "base",
+    "clip_vision_model": "base",
+}
+
+# The transformers Auto class that builds each task (used by the harness and shown to users).
+AUTO_CLASS = {
+    "causal_lm": "AutoModelForCausalLM",
+    "masked_lm": "AutoModelForMaskedLM",
+    "seq_cls": "AutoModelForSequenceClassification",
+    "image_cls": "AutoModelForImageClassification",
+    "base": "AutoModel",
+}
+
+# Config defaults of the transformers configuration classes (transformers 5.x), used where a
+# config.json leaves a field out.
+TIE_DEFAULT = {
+    "llama": False,
+    "mistral": False,
+    "qwen2": False,
+    "gpt2": True,
+    "bert": True,
+    "roberta": True,
+    "vit": False,
+    "clip_vision_model": False,
+}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The numbers that decide parameter counts, activations and FLOPs of one model class."""
+
+    name: str
+    model_type: str
+    task: str
+    architecture: str
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int = 0
+    max_positions: int = 0
+    type_vocab_size: int = 0
+    tie_embeddings: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    num_labels: int = 0
+    image_size: int = 0
+    patch_size: int = 0
+    num_channels: int = 3
+    hidden_act: str = ""
+    torch_dtype: str = "float32"
+    source: str = ""
+    hf_config: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
+
+    @property
+    def is_decoder(self) -> bool:
+        return self.model_type in DECODER_FAMILIES
+
+    @property
+    def is_vision(self) -> bool:
+        return self.model_type in VISION_FAMILIES
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2 if self.is_vision else 0
+
+    @property
+    def vision_seq_len(self) -> int:
+        """Tokens a vision encoder sees: the patches plus the class token."""
+        return self.num_patches + 1
+
+    @property
+    def q_dim(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    @property
+    def gated_mlp(self) -> bool:
+        return self.model_type in ("llama", "mistral", "qwen2")
+
+
+def _require(config: dict, key: str, where: str) -> int:
+    if key not in config or config[key] is None:
+        raise InputError(f"{where}: config has no '{key}'")
+    value = config[key]
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise InputError(f"{where}: '{key}' must be a positive integer, got {value!r}")
+    return value
+
+
+def _task_of(config: dict, model_type: str, where: str) -> tuple[str, str]:
+    architectures = config.get("architectures") or []
+    if not architectures:
+        task = DEFAULT_TASK[model_type]
+        return task, f"{AUTO_CLASS[task]}({model_type})"
+    arch = architectures[0]
+    if arch not in ARCHITECTURE_TASKS:
+        known = sorted(a for a in ARCHITECTURE_TASKS if ARCHITECTURE_TASKS[a] and _family_of(a) == model_type)
+        raise InputError(
+            f"{where}: architecture '{arch}' is not supported for model_type '{model_type}'; "
+            f"supported: {', '.join(known)}"
+        )
+    return ARCHITECTURE_TASKS[arch], arch
+
+
+def _family_of(arch: str) -> str:
+    prefixes = {
+        "Llama": "llama",
+        "Mistral": "mistral",
+        "Qwen2": "qwen2",
+        "GPT2": "gpt2",
+        "Bert": "bert",
+        "Roberta": "roberta",
+        "ViT": "vit",
+        "CLIPVision": "clip_vision_model",
+    }
+    for prefix, family in prefixes.items():
+        if arch.startswith(prefix):
+            return family
+    return ""
+
+
+def _num_labels(config: dict) -> int:
+    id2label = config.get("id2label")
+    if id2label:
+        return len(id2label)
+    return int(config.get("num_labels", 2))
+
+
+def spec_from_config(config: dict, name: str = "", where: str = "config") -> ModelSpec:
+    """Normalise a Hugging Face config dict into a :class:`ModelSpec`.
+
+    Field names and defaults mirror the transformers configuration classes
+    (LlamaConfig, MistralConfig, Qwen2Config, GPT2Config, BertConfig, RobertaConfig, ViTConfig,
+    CLIPVisionConfig).
+    """
+    if not isinstance(config, dict):
+        raise InputError(f"{where}: a config must be a JSON object")
+    model_type = config.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise InputError(
+            f"{where}: unsupported model_type {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    task, arch = _task_of(config, model_type, where)
+    name = name or config.get("_name_or_path") or model_type
+    common = dict(
+        name=name,
+        model_type=model_type,
+        task=task,
+        architecture=arch,
+        num_labels=_num_labels(config) if task in ("seq_cls", "image_cls") else 0,
+        torch_dtype=str(config.get("torch_dtype") or config.get("dtype") or "float32"),
+        source=config.get("_source", ""),
+        hf_config=config,
+    )
+    if model_type == "gpt2":
+        hidden = _require(config, "n_embd", where)
+        heads = _require(config, "n_head", where)
+        _check_divisible(hidden, heads, "n_embd", "n_head", where)
+        return ModelSpec(
+            hidden_size=hidden,
+            num_layers=_require(config, "n_layer", where),
+            num_heads=heads,
+            num_kv_heads=heads,
+            head_dim=hidden // heads,
+            intermediate_size=config.get("n_inner") or 4 * hidden,
+            vocab_size=_require(config, "vocab_size", where),
+            max_positions=_require(config, "n_positions", where),
+            tie_embeddings=bool(config.get("tie_word_embeddings", TIE_DEFAULT[model_type])),
+            attention_bias=True,
+            mlp_bias=True,
+            hidden_act=config.get("activation_function", "gelu_new"),
+            **common,
+        )
+    hidden = _require(config, "hidden_size", where)
+    heads = _require(config, "num_attention_heads", where)
+    layers = _require(config, "num_hidden_layers", where)
+    intermediate = _require(config, "intermediate_size", where)
+    if model_type in ("llama", "mistral", "qwen2"):
+        kv_heads = config.get("num_key_value_heads") or heads
+        head_dim = config.get("head_dim") or _divided(hidden, heads, "hidden_size", "num_attention_heads", where)
+        if heads % kv_heads:
+            raise InputError(f"{where}: num_attention_heads ({heads}) must be a multiple of num_key_value_heads ({kv_heads})")
+        if model_type == "qwen2":
+            attention_bias = True  # Qwen2Attention: q/k/v carry biases, o_proj does not
+        elif model_type == "llama":
+            attention_bias = bool(config.get("attention_bias", False))
+        else:
+            attention_bias = False
+        return ModelSpec(
+            hidden_size=hidden,
+            num_layers=layers,
+            num_heads=heads,
+            num_kv_heads=kv_heads,
+            head_dim=head_dim,
+            intermediate_size=intermediate,
+            vocab_size=_require(config, "vocab_size", where),
+            tie_embeddings=bool(config.get("tie_word_embeddings", TIE_DEFAULT[model_type])),
+            attention_bias=attention_bias,
+            mlp_bias=bool(config.get("mlp_bias", False)) if model_type == "llama" else False,
+            hidden_act=config.get("hidden_act", "silu"),
+            **common,
+        )
+    head_dim = _divided(hidden, heads, "hidden_size", "num_attention_heads", where)
+    if model_type in ("bert", "roberta"):
+        return ModelSpec(
+            hidden_size=hidden,
+            num_layers=layers,
+            num_heads=heads,
+            num_kv_heads=heads,
+            head_dim=head_dim,
+            intermediate_size=intermediate,
+            vocab_size=_require(config, "vocab_size", where),
+            max_positions=_require(config, "max_position_embeddings", where),
+            type_vocab_size=int(config.get("type_vocab_size", 2)),
+            tie_embeddings=bool(config.get("tie_word_embeddings", TIE_DEFAULT[model_type])),
+            attention_bias=True,
+            mlp_bias=True,
+            hidden_act=config.get("hidden_act", "gelu"),
+            **common,
+        )
+    image = _require(config, "image_size", where)
+    patch = _require(config, "patch_size", where)
+    if image % patch:
+        raise InputError(f"{where}: image_size ({image}) must be a multiple of patch_size ({patch})")
+    return ModelSpec(
+        hidden_size=hidden,
+        num_layers=layers,
+        num_heads=heads,
+        num_kv_heads=heads,
+        head_dim=head_dim,
+        intermediate_size=intermediate,
+        attention_bias=bool(config.get("qkv_bias", True)) if model_type == "vit" else True,
+        mlp_bias=True,
+        image_size=image,
+        patch_size=patch,
+        num_channels=int(config.get("num_channels", 3)),
+        hidden_act=config.get("hidden_act", "gelu" if model_type == "vit" else "quick_gelu"),
+        **common,
+    )
+
+
+def _divided(a: int, b: int, name_a: str, name_b: str, where: str) -> int:
+    _check_divisible(a, b, name_a, name_b, where)
+    return a // b
+
+
+def _check_divisible(a: int, b: int, name_a: str, name_b: str, where: str) -> None:
+    if a % b:
+        raise InputError(f"{where}: {name_a} ({a}) is not divisible by {name_b} ({b})")
+
+
+@lru_cache(maxsize=None)
+def registry_configs() -> dict[str, dict]:
+    """Every registry entry: name -> its trimmed config.json (with `_source`)."""
+    configs = {}
+    for path in sorted(MODELS_DIR.glob("*.json")):
+        configs[path.stem] = json.loads(path.read_text())
+    return configs
+
+
+def registry_names() -> list[str]:
+    return list(registry_configs())
+
+
+@lru_cache(maxsize=None)
+def registry_aliases() -> dict[str, str]:
+    """Hugging Face repo ids (lower case) -> registry name."""
+    return {alias: name for name, cfg in registry_configs().items() for alias in cfg.get("_aliases", [])}
+
+
+def transformers_config_kwargs(spec: ModelSpec) -> dict:
+    """The config as `transformers.AutoConfig.for_model(model_type, **kwargs)` takes it: the
+    registry's bookkeeping keys (`_source`, `_aliases`, `_note`) dropped."""
+    return {k: v for k, v in spec.hf_config.items() if not k.startswith("_") and k != "model_type"}
+
+
+def read_config_file(path: str | os.PathLike) -> dict:
+    """Read a config.json given as a file or as a directory holding one."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "config.json"
+    try:
+        text = p.read_text()
+    except OSError as exc:
+        raise InputError(f"cannot read config file {p}: {exc.strerror or exc}") from None
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"malformed config file {p}: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+    if not isinstance(config, dict):
+        raise InputError(f"malformed config file {p}: expected a JSON object")
+    return config
+
+
+def _looks_like_path(model: str) -> bool:
+    return os.sep in model or model.endswith(".json") or Path(model).exists()
+
+
+@lru_cache(maxsize=256)
+def _load_registry_spec(name: str) -> ModelSpec:
+    return spec_from_config(registry_configs()[name], name=name, where=name)
+
+
+def load_spec(model: str | ModelSpec | dict) -> ModelSpec:
+    """A spec from a registry name, a path to a config.json (file or directory), or a config dict."""
+    if isinstance(model, ModelSpec):
+        return model
+    if isinstance(model, dict):
+        return spec_from_config(model)
+    key = model.strip().lower()
+    key = registry_aliases().get(key, key)
+    if key in registry_configs():
+        return _load_registry_spec(key)
+    if _looks_like_path(model):
+        return spec_from_config(read_config_file(model), name=str(model), where=str(model))
+    close = difflib.get_close_matches(key, registry_names(), n=3, cutoff=0.5)
+    hint = f"; did you mean {', '.join(close)}?" if close else "; run `peftcalc models` for the list"
+    raise InputError(f"unknown model '{model}'{hint}")
