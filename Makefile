@@ -1,0 +1,29 @@
+# Two commands do all their own set-up: `make run` and `make test`.
+# The pinned CPU wheel of torch goes in first so nothing resolves to the multi-GB CUDA build.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+TORCH_PIN ?= torch==2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: run test env bench report clean
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check $(TORCH_PIN)
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[all]'
+	@touch $(STAMP)
+
+env: $(STAMP)
+
+run: $(STAMP)
+	$(VENV)/bin/peftcalc estimate
+
+test: $(STAMP)
+	$(PY) -m pytest -q -m "not gpu" $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_estimate.py
+
+clean:
+	rm -rf build .pytest_cache

@@ -1,0 +1,74 @@
+"""How a training step runs: batch, sequence, precision policy, optimizer, checkpointing, device.
+
+Shared by the calculator and the harness, so both read the same words the same way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from peftcalc.errors import InputError
+
+# Precision policies: (storage dtype of the base weights, autocast compute dtype or None).
+#   fp32      everything fp32
+#   bf16      weights, activations, gradients and optimizer states of base parameters in bf16;
+#             peft's adapters stay fp32 (peft autocast_adapter_dtype=True)
+#   amp-bf16  fp32 weights, torch.autocast(dtype=bfloat16) around forward and loss
+#   fp16      like bf16 with float16
+#   amp-fp16  fp32 weights, autocast float16 and a GradScaler
+PRECISIONS = {
+    "fp32": ("float32", None),
+    "bf16": ("bfloat16", None),
+    "amp-bf16": ("float32", "bfloat16"),
+    "fp16": ("float16", None),
+    "amp-fp16": ("float32", "float16"),
+}
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1, "uint8": 1, "int64": 8}
+
+OPTIMIZERS = {
+    "adamw": "torch.optim.AdamW (exp_avg, exp_avg_sq in the parameter's dtype)",
+    "adamw-8bit": "bitsandbytes.optim.AdamW8bit (8-bit blockwise states, 32-bit for tensors < 4096 elements)",
+    "sgd": "torch.optim.SGD with momentum 0.9 (one momentum buffer)",
+    "adafactor": "transformers.optimization.Adafactor (factored second moment, no first moment)",
+}
+ATTENTIONS = ("sdpa", "eager")
+DEVICES = ("cuda", "cpu")
+
+
+@dataclass(frozen=True)
+class TrainingSettings:
+    batch_size: int = 1
+    seq_len: int = 512
+    precision: str = "bf16"
+    optimizer: str = "adamw"
+    grad_checkpointing: bool = False
+    attention: str = "sdpa"
+    device: str = "cuda"
+
+    @property
+    def weight_dtype(self) -> str:
+        return PRECISIONS[self.precision][0]
+
+    @property
+    def autocast_dtype(self) -> str | None:
+        return PRECISIONS[self.precision][1]
+
+    @property
+    def compute_dtype(self) -> str:
+        """The dtype activations are computed in."""
+        return self.autocast_dtype or self.weight_dtype
+
+
+def check_training(t: TrainingSettings) -> None:
+    if t.batch_size < 1:
+        raise InputError(f"--batch-size must be a positive integer, got {t.batch_size}")
+    if t.seq_len < 1:
+        raise InputError(f"--seq-len must be a positive integer, got {t.seq_len}")
+    if t.precision not in PRECISIONS:
+        raise InputError(f"unknown precision '{t.precision}'; choose from {', '.join(PRECISIONS)}")
+    if t.optimizer not in OPTIMIZERS:
+        raise InputError(f"unknown optimizer '{t.optimizer}'; choose from {', '.join(OPTIMIZERS)}")
+    if t.attention not in ATTENTIONS:
+        raise InputError(f"unknown attention '{t.attention}'; choose from {', '.join(ATTENTIONS)}")
+    if t.device not in DEVICES:
+        raise InputError(f"unknown device '{t.device}'; choose from {', '.join(DEVICES)}")
