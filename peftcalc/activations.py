@@ -1,0 +1,635 @@
+"""Saved activations, simulated op by op.
+
+The forward pass of one block is written out as the sequence of torch ops that the transformers
+modeling file runs (modeling_llama.py, modeling_gpt2.py, modeling_bert.py, modeling_vit.py,
+modeling_clip.py) and peft's layers add (tuners/lora/layer.py Linear.forward, tuners/ia3/layer.py).
+Each op records the tensors autograd saves for backward under the rules of torch's
+``tools/autograd/derivatives.yaml`` (an input is saved only when the gradient that needs it is
+required), so a frozen Linear saves nothing, a LoRA layer saves its (cast) input, and nothing below
+the lowest trainable parameter is saved at all.
+
+Tensors are symbolic: a size, a dtype and a requires-grad flag. Saved tensors are counted once per
+storage (an op that saves a tensor another op already saved adds nothing), which is how a storage
+tracker and ``max_memory_allocated`` see them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+from peftcalc.layout import Layout, build_layout
+from peftcalc.methods import Plan, resolve_bottleneck
+from peftcalc.settings import DTYPE_BYTES, TrainingSettings
+from peftcalc.spec import ModelSpec
+
+# Dropout probabilities during training, from the transformers config defaults of each family.
+DROPOUT_KEYS = {
+    "gpt2": {"embd": ("embd_pdrop", 0.1), "attn": ("attn_pdrop", 0.1), "resid": ("resid_pdrop", 0.1)},
+    "bert": {"embd": ("hidden_dropout_prob", 0.1), "attn": ("attention_probs_dropout_prob", 0.1),
+             "resid": ("hidden_dropout_prob", 0.1)},
+    "roberta": {"embd": ("hidden_dropout_prob", 0.1), "attn": ("attention_probs_dropout_prob", 0.1),
+                "resid": ("hidden_dropout_prob", 0.1)},
+    "vit": {"embd": ("hidden_dropout_prob", 0.0), "attn": ("attention_probs_dropout_prob", 0.0),
+            "resid": ("hidden_dropout_prob", 0.0)},
+    "clip_vision_model": {"attn": ("attention_dropout", 0.0)},
+    "llama": {"attn": ("attention_dropout", 0.0)},
+    "mistral": {"attn": ("attention_dropout", 0.0)},
+    "qwen2": {"attn": ("attention_dropout", 0.0)},
+}
+
+
+def dropout_p(spec: ModelSpec, where: str) -> float:
+    key = DROPOUT_KEYS[spec.model_type].get(where)
+    if key is None:
+        return 0.0
+    return float(spec.hf_config.get(key[0], key[1]) or 0.0)
+
+
+@dataclass
+class T:
+    """A symbolic tensor."""
+
+    numel: int
+    dtype: str
+    rg: bool
+    id: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * DTYPE_BYTES[self.dtype]
+
+
+@dataclass(frozen=True)
+class Ctx:
+    """What the ops need to know about the step."""
+
+    batch: int
+    seq: int  # query length (prompt tuning adds its virtual tokens here)
+    kv_seq: int  # key length (prefix tuning adds its virtual tokens here)
+    compute: str  # dtype activations come out of matmuls in
+    weight: str  # dtype of base weights
+    autocast: str | None
+    adapter: str  # dtype of peft's adapter weights
+    device: str
+    attention: str
+    training_dropout: bool = True
+
+    @property
+    def tokens(self) -> int:
+        return self.batch * self.seq
+
+
+@dataclass
+class Recorder:
+    """Collects saved tensors, each once, by bucket (a layer index, 'pre', 'post')."""
+
+    ctx: Ctx
+    bucket: object = "pre"
+    saved: dict = field(default_factory=dict)  # id -> (bucket, tag, bytes)
+    next_id: int = 0
+
+    def new(self, numel: int, dtype: str, rg: bool) -> T:
+        self.next_id += 1
+        return T(numel, dtype, rg, self.next_id)
+
+    def save(self, t: T, tag: str) -> None:
+        if t.id not in self.saved:
+            self.saved[t.id] = (self.bucket, tag, t.nbytes)
+
+    def save_new(self, numel: int, dtype: str, tag: str) -> None:
+        self.save(self.new(numel, dtype, False), tag)
+
+    def bytes_by_bucket(self) -> dict:
+        out: dict = {}
+        for bucket, _tag, nbytes in self.saved.values():
+            out[bucket] = out.get(bucket, 0) + nbytes
+        return out
+
+    def bytes_by_tag(self) -> dict:
+        out: dict = {}
+        for _bucket, tag, nbytes in self.saved.values():
+            out[tag] = out.get(tag, 0) + nbytes
+        return out
+
+
+# ---------------------------------------------------------------- ops
+# Each op mirrors the forward of one torch function and saves what its derivative formula needs.
+
+
+def cast(rec: Recorder, x: T, dtype: str) -> T:
+    """Tensor.to(dtype): a no-op returning the same tensor when the dtype already matches."""
+    return x if x.dtype == dtype else rec.new(x.numel, dtype, x.rg)
+
+
+def autocast_in(rec: Recorder, x: T) -> T:
+    """torch.autocast casts the inputs of matmul-like ops to the autocast dtype."""
+    return cast(rec, x, rec.ctx.autocast) if rec.ctx.autocast else x
+
+
+def linear(rec: Recorder, x: T, in_f: int, out_f: int, trainable: bool, tag: str,
+           lora_rank: int = 0, dora: bool = False, ia3: str = "", quantized: bool = False) -> T:
+    """nn.Linear / Conv1D (addmm): saves the input when the weight trains (grad_W = grad^T x) and the
+    weight when the input needs a gradient. Under autocast the weight is cast to the autocast dtype,
+    and that copy is what is saved. peft LoRA (tuners/lora/layer.py Linear.forward) adds
+    lora_B(lora_A(x.to(lora_A.weight.dtype))): the cast input and A's output are saved."""
+    ctx = rec.ctx
+    xin = autocast_in(rec, x)
+    tokens_in = x.numel // in_f
+    if trainable:
+        rec.save(xin, f"{tag}.input")
+    if ctx.autocast and x.rg and not quantized:
+        rec.save_new(in_f * out_f, ctx.autocast, f"{tag}.autocast_weight")
+    if ia3 == "ff":  # IA3 feedforward: (x * ia3_l) then linear; mul saves x for the vector's grad
+        rec.save(xin, f"{tag}.ia3_input")
+        xin = rec.new(xin.numel, xin.dtype, True)
+    out_dtype = ctx.autocast or (ctx.compute if not quantized else ctx.compute)
+    out = rec.new(tokens_in * out_f, out_dtype, x.rg or trainable or bool(lora_rank) or bool(ia3))
+    if lora_rank:
+        xa = autocast_in(rec, x) if ctx.autocast else cast(rec, x, ctx.adapter)
+        rec.save(xa, f"{tag}.lora_input")
+        a = rec.new(tokens_in * lora_rank, ctx.autocast or ctx.adapter, True)
+        rec.save(a, f"{tag}.lora_A_out")
+        if dora:  # DoRA re-runs the base linear and scales it by magnitude / ||W + BA|| (tuners/lora/dora.py)
+            rec.save_new(tokens_in * out_f, ctx.autocast or ctx.adapter, f"{tag}.dora_base_out")
+            rec.save_new(tokens_in * out_f, ctx.autocast or ctx.adapter, f"{tag}.dora_lora_out")
+        out = rec.new(tokens_in * out_f, out.dtype, True)
+    if ia3 == "out":  # IA3 on keys/values: result * ia3_l, the mul saves the result
+        rec.save(out, f"{tag}.ia3_out")
+        out = rec.new(out.numel, out.dtype, True)
+    return out
+
+
+def rms_norm(rec: Recorder, x: T, weight_trainable: bool, tag: str) -> T:
+    """LlamaRMSNorm.forward: x.to(fp32); pow(2).mean; rsqrt; x * rsqrt; weight * _.to(input dtype).
+    pow and the product save the fp32 input and the rsqrt; weight * y saves y when the weight trains."""
+    hidden = x.numel // rec.ctx.tokens if rec.ctx.tokens else x.numel
+    x32 = cast(rec, x, "float32")
+    if x.rg:
+        rec.save(x32, f"{tag}.input_fp32")
+        rec.save_new(x.numel // hidden, "float32", f"{tag}.rsqrt")
+    normed = rec.new(x.numel, x.dtype, x.rg)
+    if weight_trainable:
+        rec.save(normed, f"{tag}.normalized")
+    return rec.new(x.numel, x.dtype, x.rg or weight_trainable)
+
+
+def layer_norm(rec: Recorder, x: T, trainable: bool, hidden: int, tag: str) -> T:
+    """nn.LayerNorm (native_layer_norm): saves the input, mean and rstd when any gradient is needed.
+    Autocast runs layer_norm in fp32."""
+    needs = x.rg or trainable
+    xin = cast(rec, x, "float32") if rec.ctx.autocast else x
+    if needs:
+        rec.save(xin, f"{tag}.input")
+        rec.save_new(2 * (x.numel // hidden), "float32", f"{tag}.mean_rstd")
+    return rec.new(x.numel, xin.dtype, needs)
+
+
+def dropout(rec: Recorder, x: T, p: float, tag: str) -> T:
+    """F.dropout in training. p == 0 returns the input itself (ATen _dropout). On CUDA p > 0 runs
+    native_dropout and saves a bool mask; on CPU it saves a noise tensor of the input's dtype."""
+    if p <= 0.0 or not rec.ctx.training_dropout:
+        return x
+    if x.rg:
+        dtype = "uint8" if rec.ctx.device == "cuda" else x.dtype
+        rec.save_new(x.numel, dtype, f"{tag}.dropout_mask")
+    return rec.new(x.numel, x.dtype, x.rg)
+
+
+def activation(rec: Recorder, x: T, kind: str, tag: str) -> T:
+    """The MLP activation. silu/gelu save their input; gelu_new (NewGELUActivation, a Python
+    formula) saves input, tanh output, 0.5*x and 1+tanh; quick_gelu saves input and sigmoid output."""
+    if x.rg:
+        if kind == "gelu_new":
+            for part in ("input", "tanh", "half_x", "one_plus_tanh"):
+                rec.save_new(x.numel, x.dtype, f"{tag}.{part}") if part != "input" else rec.save(x, f"{tag}.input")
+        elif kind == "quick_gelu":
+            rec.save(x, f"{tag}.input")
+            rec.save_new(x.numel, x.dtype, f"{tag}.sigmoid")
+        else:
+            rec.save(x, f"{tag}.input")
+    return rec.new(x.numel, x.dtype, x.rg)
+
+
+def mul(rec: Recorder, a: T, b: T, tag: str) -> T:
+    """a * b saves b when a needs a gradient and a when b does."""
+    if b.rg:
+        rec.save(a, f"{tag}.a")
+    if a.rg:
+        rec.save(b, f"{tag}.b")
+    return rec.new(max(a.numel, b.numel), a.dtype, a.rg or b.rg)
+
+
+def attention(rec: Recorder, spec: ModelSpec, q: T, k: T, v: T, p_drop: float, causal: bool, tag: str) -> T:
+    """Scaled dot-product attention over heads.
+
+    sdpa (torch.nn.functional.scaled_dot_product_attention): the fused kernels (flash/memory-efficient
+    on CUDA, the flash kernel on CPU) save q, k, v, the output and a logsumexp (fp32, batch x heads x
+    query length). eager (transformers eager_attention_forward): q @ k^T saves q and k (keys/values
+    repeated to all heads for GQA by repeat_kv), softmax in fp32 saves its output, the cast to the
+    compute dtype is saved by the matmul with v, and dropout (p > 0) saves its mask.
+    """
+    ctx = rec.ctx
+    b, s, kv = ctx.batch, ctx.seq, ctx.kv_seq
+    heads = spec.num_heads
+    if kv != s:  # prefix tuning: the cache update concatenates the trainable past keys/values
+        k = rec.new(b * kv * spec.kv_dim, k.dtype, True)
+        v = rec.new(b * kv * spec.kv_dim, v.dtype, True)
+    needs = q.rg or k.rg or v.rg
+    out_numel = b * s * spec.q_dim
+    if not needs:
+        return rec.new(out_numel, q.dtype, False)
+    if ctx.attention == "eager":
+        groups = spec.num_heads // spec.num_kv_heads
+        k_full = k if groups == 1 else rec.new(k.numel * groups, k.dtype, k.rg)
+        v_full = v if groups == 1 else rec.new(v.numel * groups, v.dtype, v.rg)
+        rec.save(q, f"{tag}.q")
+        rec.save(k_full, f"{tag}.k")
+        rec.save_new(b * heads * s * kv, "float32", f"{tag}.softmax_out")
+        probs = rec.new(b * heads * s * kv, q.dtype, True)
+        if q.dtype == "float32":
+            probs = rec.new(b * heads * s * kv, q.dtype, True)
+        probs = dropout(rec, probs, p_drop, tag)
+        rec.save(probs, f"{tag}.probs")
+        rec.save(v_full, f"{tag}.v")
+    else:
+        rec.save(q, f"{tag}.q")
+        rec.save(k, f"{tag}.k")
+        rec.save(v, f"{tag}.v")
+        out = rec.new(out_numel, q.dtype, True)
+        rec.save(out, f"{tag}.out")
+        rec.save_new(b * heads * s, "float32", f"{tag}.logsumexp")
+        if p_drop > 0 and ctx.device == "cpu":  # CPU flash has no dropout: the math path keeps the probs
+            rec.save_new(b * heads * s * kv, q.dtype, f"{tag}.probs")
+        return rec.new(out_numel, q.dtype, True)  # transpose(1, 2).contiguous() copy
+    return rec.new(out_numel, q.dtype, True)
+
+
+def adapter_block(rec: Recorder, x: T, hidden: int, bottleneck: int, tag: str) -> T:
+    """measure.adapters.BottleneckAdapter: x + up(gelu(down(x))); down saves x, gelu its input, up its."""
+    rec.save(x, f"{tag}.adapter_in")
+    mid = rec.new(x.numel // hidden * bottleneck, x.dtype, True)
+    rec.save(mid, f"{tag}.adapter_mid")
+    rec.save_new(mid.numel, x.dtype, f"{tag}.adapter_act")
+    return rec.new(x.numel, x.dtype, True)
+
+
+# ---------------------------------------------------------------- blocks
+
+
+@dataclass(frozen=True)
+class LayerTraining:
+    """Per-module facts of one block: which weights train, where LoRA/IA3/adapters sit."""
+
+    trainable: frozenset  # module paths (relative names like "q_proj") whose weight trains
+    norm_trainable: frozenset
+    lora: frozenset
+    ia3_out: frozenset
+    ia3_ff: frozenset
+    adapters: frozenset  # "attn_out", "mlp_out"
+
+
+def _layer_training(plan: Plan, layout: Layout, index: int) -> LayerTraining:
+    prefix = f"{layout.block_prefix}.{index}."
+    trainable, norms, lora, ia3_out, ia3_ff, adapters = set(), set(), set(), set(), set(), set()
+    roles = {m.path: m.role for m in layout.blocks(index)}
+    for g in plan.groups:
+        if g.layer != index or not g.trainable:
+            continue
+        rel = g.name[len(prefix):] if g.name.startswith(prefix) else g.name
+        module = rel.rsplit(".", 1)[0]
+        if g.origin == "base":
+            if rel.endswith(".weight") or rel.endswith(".bias"):
+                (norms if roles.get(prefix + module) == "norm" else trainable).add(module)
+        elif g.origin in ("lora", "dora"):
+            lora.add(rel.rsplit(".", 1)[0])
+        elif g.origin == "ia3":
+            ia3_ff.add(module) if g.numel == _in_features(layout, prefix + module) and \
+                _in_features(layout, prefix + module) != _out_features(layout, prefix + module) else ia3_out.add(module)
+        elif g.origin == "adapter":
+            adapters.add(roles.get(prefix + module, ""))
+    return LayerTraining(frozenset(trainable), frozenset(norms), frozenset(lora), frozenset(ia3_out),
+                         frozenset(ia3_ff), frozenset(adapters))
+
+
+def _module(layout: Layout, path: str):
+    for m in layout.modules:
+        if m.path == path:
+            return m
+    return None
+
+
+def _in_features(layout, path):
+    m = _module(layout, path)
+    return m.in_features if m else -1
+
+
+def _out_features(layout, path):
+    m = _module(layout, path)
+    return m.out_features if m else -1
+
+
+def _lin(rec, lt: LayerTraining, x, name, in_f, out_f, plan: Plan, quantized=False):
+    s = plan.settings
+    ia3 = "ff" if name in lt.ia3_ff else ("out" if name in lt.ia3_out else "")
+    return linear(rec, x, in_f, out_f, name in lt.trainable, name, lora_rank=s.rank if name in lt.lora else 0,
+                  dora=s.dora and name in lt.lora, ia3=ia3, quantized=quantized)
+
+
+def _maybe_adapter(rec, lt, x, role, spec, plan, tag):
+    if role in lt.adapters:
+        return adapter_block(rec, x, spec.hidden_size, resolve_bottleneck(spec, plan.settings), tag)
+    return x
+
+
+def llama_block(rec: Recorder, spec: ModelSpec, plan: Plan, lt: LayerTraining, x: T) -> T:
+    """LlamaDecoderLayer (also Mistral, Qwen2): pre-RMSNorm attention with RoPE, gated SiLU MLP."""
+    ctx = rec.ctx
+    h, tok = spec.hidden_size, ctx.tokens
+    quant = plan.settings.method == "qlora"
+    n = rms_norm(rec, x, "input_layernorm" in lt.norm_trainable, "input_layernorm")
+    q = _lin(rec, lt, n, "self_attn.q_proj", h, spec.q_dim, plan, quant)
+    k = _lin(rec, lt, n, "self_attn.k_proj", h, spec.kv_dim, plan, quant)
+    v = _lin(rec, lt, n, "self_attn.v_proj", h, spec.kv_dim, plan, quant)
+    q = rec.new(q.numel, q.dtype, q.rg)  # RoPE: q * cos + rotate_half(q) * sin (saves only cos/sin)
+    k = rec.new(k.numel, k.dtype, k.rg)
+    a = attention(rec, spec, q, k, v, dropout_p(spec, "attn"), True, "self_attn.attention")
+    o = _lin(rec, lt, a, "self_attn.o_proj", spec.q_dim, h, plan, quant)
+    o = _maybe_adapter(rec, lt, o, "attn_out", spec, plan, "self_attn.o_proj")
+    x2 = rec.new(tok * h, _residual_dtype(ctx, x), x.rg or o.rg)
+    n2 = rms_norm(rec, x2, "post_attention_layernorm" in lt.norm_trainable, "post_attention_layernorm")
+    g = _lin(rec, lt, n2, "mlp.gate_proj", h, spec.intermediate_size, plan, quant)
+    u = _lin(rec, lt, n2, "mlp.up_proj", h, spec.intermediate_size, plan, quant)
+    act = activation(rec, g, "silu", "mlp.act_fn")
+    p = mul(rec, act, u, "mlp.act_mul")
+    d = _lin(rec, lt, p, "mlp.down_proj", spec.intermediate_size, h, plan, quant)
+    d = _maybe_adapter(rec, lt, d, "mlp_out", spec, plan, "mlp.down_proj")
+    return rec.new(tok * h, x2.dtype, x2.rg or d.rg)
+
+
+def _residual_dtype(ctx: Ctx, x: T) -> str:
+    """x + sublayer(x): type promotion keeps the residual stream in the wider dtype (fp32 under
+    autocast with fp32 weights, where linears return the autocast dtype)."""
+    return x.dtype
+
+
+def gpt2_block(rec: Recorder, spec: ModelSpec, plan: Plan, lt: LayerTraining, x: T) -> T:
+    """GPT2Block: pre-LayerNorm, fused c_attn (Conv1D), gelu_new MLP, dropout on attention and residuals."""
+    ctx = rec.ctx
+    h, tok = spec.hidden_size, ctx.tokens
+    quant = plan.settings.method == "qlora"
+    n = layer_norm(rec, x, "ln_1" in lt.norm_trainable, h, "ln_1")
+    qkv = _lin(rec, lt, n, "attn.c_attn", h, 3 * h, plan, quant and False)
+    q = k = v = qkv  # views of c_attn's output: one storage
+    a = attention(rec, spec, q, k, v, dropout_p(spec, "attn"), True, "attn.attention")
+    o = _lin(rec, lt, a, "attn.c_proj", h, h, plan)
+    o = dropout(rec, o, dropout_p(spec, "resid"), "attn.resid_dropout")
+    o = _maybe_adapter(rec, lt, o, "attn_out", spec, plan, "attn.c_proj")
+    x2 = rec.new(tok * h, x.dtype, x.rg or o.rg)
+    n2 = layer_norm(rec, x2, "ln_2" in lt.norm_trainable, h, "ln_2")
+    f = _lin(rec, lt, n2, "mlp.c_fc", h, spec.intermediate_size, plan)
+    act = activation(rec, f, spec.hidden_act if spec.hidden_act in ("gelu_new", "quick_gelu") else "gelu", "mlp.act")
+    d = _lin(rec, lt, act, "mlp.c_proj", spec.intermediate_size, h, plan)
+    d = dropout(rec, d, dropout_p(spec, "resid"), "mlp.dropout")
+    d = _maybe_adapter(rec, lt, d, "mlp_out", spec, plan, "mlp.c_proj")
+    return rec.new(tok * h, x2.dtype, x2.rg or d.rg)
+
+
+def bert_block(rec: Recorder, spec: ModelSpec, plan: Plan, lt: LayerTraining, x: T) -> T:
+    """BertLayer / RobertaLayer: post-LayerNorm; dropout after attention output and FFN output."""
+    ctx = rec.ctx
+    h, tok = spec.hidden_size, ctx.tokens
+    q = _lin(rec, lt, x, "attention.self.query", h, h, plan)
+    k = _lin(rec, lt, x, "attention.self.key", h, h, plan)
+    v = _lin(rec, lt, x, "attention.self.value", h, h, plan)
+    a = attention(rec, spec, q, k, v, dropout_p(spec, "attn"), False, "attention.self")
+    o = _lin(rec, lt, a, "attention.output.dense", h, h, plan)
+    o = dropout(rec, o, dropout_p(spec, "resid"), "attention.output.dropout")
+    o = _maybe_adapter(rec, lt, o, "attn_out", spec, plan, "attention.output.dense")
+    s1 = rec.new(tok * h, o.dtype if ctx.autocast is None else x.dtype, x.rg or o.rg)
+    n1 = layer_norm(rec, s1, "attention.output.LayerNorm" in lt.norm_trainable, h, "attention.output.LayerNorm")
+    f = _lin(rec, lt, n1, "intermediate.dense", h, spec.intermediate_size, plan)
+    act = activation(rec, f, "gelu", "intermediate.act")
+    d = _lin(rec, lt, act, "output.dense", spec.intermediate_size, h, plan)
+    d = dropout(rec, d, dropout_p(spec, "resid"), "output.dropout")
+    d = _maybe_adapter(rec, lt, d, "mlp_out", spec, plan, "output.dense")
+    s2 = rec.new(tok * h, n1.dtype, n1.rg or d.rg)
+    return layer_norm(rec, s2, "output.LayerNorm" in lt.norm_trainable, h, "output.LayerNorm")
+
+
+def vision_block(rec: Recorder, spec: ModelSpec, plan: Plan, lt: LayerTraining, x: T) -> T:
+    """ViTLayer / CLIPEncoderLayer: pre-LayerNorm attention and MLP (gelu / quick_gelu)."""
+    ctx = rec.ctx
+    h, tok = spec.hidden_size, ctx.tokens
+    vit = spec.model_type == "vit"
+    ln1, ln2 = ("layernorm_before", "layernorm_after") if vit else ("layer_norm1", "layer_norm2")
+    att = "attention" if vit else "self_attn"
+    out_name = f"{att}.o_proj" if vit else f"{att}.out_proj"
+    n = layer_norm(rec, x, ln1 in lt.norm_trainable, h, ln1)
+    q = _lin(rec, lt, n, f"{att}.q_proj", h, h, plan)
+    k = _lin(rec, lt, n, f"{att}.k_proj", h, h, plan)
+    v = _lin(rec, lt, n, f"{att}.v_proj", h, h, plan)
+    a = attention(rec, spec, q, k, v, dropout_p(spec, "attn"), False, att)
+    o = _lin(rec, lt, a, out_name, h, h, plan)
+    o = _maybe_adapter(rec, lt, o, "attn_out", spec, plan, out_name)
+    x2 = rec.new(tok * h, x.dtype, x.rg or o.rg)
+    n2 = layer_norm(rec, x2, ln2 in lt.norm_trainable, h, ln2)
+    f = _lin(rec, lt, n2, "mlp.fc1", h, spec.intermediate_size, plan)
+    act = activation(rec, f, "quick_gelu" if spec.hidden_act == "quick_gelu" else "gelu", "mlp.act")
+    d = _lin(rec, lt, act, "mlp.fc2", spec.intermediate_size, h, plan)
+    d = _maybe_adapter(rec, lt, d, "mlp_out", spec, plan, "mlp.fc2")
+    return rec.new(tok * h, x2.dtype, x2.rg or d.rg)
+
+
+BLOCKS = {
+    "llama": llama_block,
+    "mistral": llama_block,
+    "qwen2": llama_block,
+    "gpt2": gpt2_block,
+    "bert": bert_block,
+    "roberta": bert_block,
+    "vit": vision_block,
+    "clip_vision_model": vision_block,
+}
+
+
+# ---------------------------------------------------------------- the whole model
+
+
+@dataclass(frozen=True)
+class ActivationProfile:
+    """Saved bytes per layer (index -> bytes), before the blocks ('pre') and after them ('post',
+    head and final norm, not the loss), the input each checkpointed layer keeps, the loss buffers,
+    and the largest transient working set of one layer's backward."""
+
+    per_layer: tuple
+    pre: int
+    post: int
+    checkpoint_inputs: int
+    logits_bytes: int  # the model's logits in their dtype
+    loss_saved: int  # what cross-entropy saves (log_softmax output)
+    loss_backward_peak: int  # live loss buffers at the start of backward (saved + grads)
+    loss_forward_peak: int  # live loss buffers while the loss is computed
+    layer_transient: int  # gradient buffers alive inside one layer's backward
+    by_tag: tuple = ()
+
+    @property
+    def saved_total(self) -> int:
+        return sum(self.per_layer) + self.pre + self.post
+
+
+def make_ctx(spec: ModelSpec, plan: Plan, t: TrainingSettings) -> Ctx:
+    seq = spec.vision_seq_len if spec.is_vision else t.seq_len
+    kv_seq = seq
+    method = plan.settings.method
+    if method == "prompt":
+        seq += plan.settings.num_virtual_tokens
+        kv_seq = seq
+    elif method == "prefix":
+        kv_seq = seq + plan.settings.num_virtual_tokens
+    weight = t.weight_dtype
+    if method == "qlora":
+        weight = t.compute_dtype  # non-quantized weights load in the compute dtype
+    adapter = "float32"  # peft autocast_adapter_dtype=True keeps adapters in fp32
+    return Ctx(
+        batch=t.batch_size,
+        seq=seq,
+        kv_seq=kv_seq,
+        compute=t.compute_dtype,
+        weight=weight,
+        autocast=t.autocast_dtype,
+        adapter=adapter,
+        device=t.device,
+        attention=t.attention,
+    )
+
+
+@lru_cache(maxsize=4096)
+def activation_profile(plan: Plan, t: TrainingSettings) -> ActivationProfile:
+    """Simulate one forward pass and return what stays saved for backward."""
+    spec = plan.spec
+    layout = build_layout(spec)
+    ctx = make_ctx(spec, plan, t)
+    rec = Recorder(ctx)
+    h, tok = spec.hidden_size, ctx.tokens
+    input_rg = plan.embedding_trains or plan.settings.method == "prompt"
+    # The embedding output: token embeddings (+ positions) in the weight dtype.
+    x = rec.new(tok * h, ctx.weight if not spec.is_vision else ctx.weight, input_rg)
+    x = _embeddings(rec, spec, plan, layout, x)
+    block = BLOCKS[spec.model_type]
+    for i in range(spec.num_layers):
+        rec.bucket = i
+        lt = _layer_training(plan, layout, i)
+        x = block(rec, spec, plan, lt, x)
+    rec.bucket = "post"
+    logits_numel, x = _head(rec, spec, plan, layout, x)
+    by_bucket = rec.bytes_by_bucket()
+    per_layer = tuple(by_bucket.get(i, 0) for i in range(spec.num_layers))
+    needs_grad_layers = [i for i in range(spec.num_layers) if per_layer[i] > 0]
+    ckpt_inputs = len(needs_grad_layers) * tok * h * DTYPE_BYTES[_stream_dtype(ctx)]
+    loss = _loss_buffers(spec, ctx, logits_numel)
+    return ActivationProfile(
+        per_layer=per_layer,
+        pre=by_bucket.get("pre", 0),
+        post=by_bucket.get("post", 0),
+        checkpoint_inputs=ckpt_inputs,
+        logits_bytes=logits_numel * DTYPE_BYTES[ctx.autocast or ctx.compute],
+        loss_saved=loss[0],
+        loss_backward_peak=loss[1],
+        loss_forward_peak=loss[2],
+        layer_transient=_layer_transient(spec, ctx),
+        by_tag=tuple(sorted(rec.bytes_by_tag().items())),
+    )
+
+
+def _stream_dtype(ctx: Ctx) -> str:
+    return ctx.weight
+
+
+def _embeddings(rec: Recorder, spec: ModelSpec, plan: Plan, layout: Layout, x: T) -> T:
+    ctx = rec.ctx
+    h = spec.hidden_size
+    if spec.model_type == "gpt2":
+        return dropout(rec, x, dropout_p(spec, "embd"), "embeddings.dropout")
+    if spec.model_type in ("bert", "roberta"):
+        x = layer_norm(rec, x, plan.embedding_trains, h, "embeddings.LayerNorm")
+        return dropout(rec, x, dropout_p(spec, "embd"), "embeddings.dropout")
+    if spec.model_type == "clip_vision_model":
+        return layer_norm(rec, x, False, h, "pre_layrnorm")
+    return x
+
+
+def _head(rec: Recorder, spec: ModelSpec, plan: Plan, layout: Layout, x: T):
+    """Final norm and task head; returns (logits numel, logits tensor)."""
+    ctx = rec.ctx
+    h, tok = spec.hidden_size, ctx.tokens
+    head_trains = any(g.trainable and g.layer is None and (g.origin == "head_copy" or _is_head(layout, g.name))
+                      for g in plan.groups)
+    norm_trains = any(g.trainable and layout.final_norm_path and g.name.startswith(layout.final_norm_path + ".")
+                      for g in plan.groups)
+    if layout.final_norm_path:
+        if spec.model_type in ("llama", "mistral", "qwen2"):
+            x = rms_norm(rec, x, norm_trains, "norm")
+        else:
+            x = layer_norm(rec, x, norm_trains, h, layout.final_norm_path)
+    if spec.task == "causal_lm":
+        linear(rec, x, h, spec.vocab_size, head_trains, "lm_head")
+        return tok * spec.vocab_size, x
+    if spec.task == "masked_lm":
+        d = linear(rec, x, h, h, head_trains, "mlm.transform")
+        d = activation(rec, d, "gelu", "mlm.act")
+        d = layer_norm(rec, d, head_trains, h, "mlm.layer_norm")
+        linear(rec, d, h, spec.vocab_size, head_trains, "mlm.decoder")
+        return tok * spec.vocab_size, x
+    if spec.task in ("seq_cls", "image_cls"):
+        pooled = rec.new(ctx.batch * h, x.dtype, x.rg)
+        if spec.task == "seq_cls" and spec.model_type in ("llama", "mistral", "qwen2", "gpt2"):
+            # score on every position, then the last non-pad token is gathered
+            linear(rec, x, h, spec.num_labels, head_trains, "score")
+        else:
+            linear(rec, pooled, h, spec.num_labels, head_trains, "classifier")
+        return ctx.batch * spec.num_labels, x
+    return 0, x
+
+
+def _is_head(layout: Layout, name: str) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in layout.head_paths)
+
+
+def _loss_buffers(spec: ModelSpec, ctx: Ctx, logits_numel: int) -> tuple[int, int, int]:
+    """(saved, backward-start peak, forward peak) bytes of the loss.
+
+    Causal LM (transformers loss_utils.ForCausalLMLoss): logits.float() (a copy unless already fp32),
+    cross_entropy = log_softmax (saves its fp32 output) + nll_loss. At the start of backward,
+    nll_loss_backward materialises a dense fp32 gradient and log_softmax_backward a second one, while
+    the saved output is still alive: 3 x 4 bytes per logit. The model's own logits in the compute
+    dtype are alive during the forward loss computation.
+    Masked LM (BertForMaskedLM: CrossEntropyLoss on the logits as they are): the same without upcast.
+    """
+    if not logits_numel:
+        return 0, 0, 0
+    logit_dtype = ctx.autocast or ctx.compute
+    if spec.task == "causal_lm":
+        loss_dtype = "float32"
+    else:
+        loss_dtype = "float32" if ctx.autocast else logit_dtype  # autocast runs log_softmax in fp32
+    lb = DTYPE_BYTES[loss_dtype]
+    saved = logits_numel * lb
+    backward_peak = 3 * logits_numel * lb
+    upcast_copy = logits_numel * lb if logit_dtype != loss_dtype else 0
+    forward_peak = logits_numel * DTYPE_BYTES[logit_dtype] + upcast_copy + saved
+    return saved, backward_peak, forward_peak
+
+
+def _layer_transient(spec: ModelSpec, ctx: Ctx) -> int:
+    """Gradient buffers alive at once inside one block's backward: the incoming and outgoing
+    hidden-state gradients plus, in the MLP, the gradients of the intermediate activations
+    (three for the gated SiLU MLP: of the product, the activation and the up projection)."""
+    tok = ctx.tokens
+    cb = DTYPE_BYTES[ctx.autocast or ctx.compute]
+    mlp = (3 if spec.gated_mlp else 2) * tok * spec.intermediate_size * cb
+    hidden = 2 * tok * spec.hidden_size * DTYPE_BYTES[ctx.weight]
+    attn = 0
+    if ctx.attention == "eager":
+        attn = 2 * ctx.batch * spec.num_heads * ctx.seq * ctx.kv_seq * 4
+    return hidden + max(mlp, attn)

@@ -1,0 +1,294 @@
+"""The Python API: `estimate(...)` returns a typed :class:`Estimate`; `sweep(...)` a DataFrame."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import asdict, dataclass, fields, replace
+from math import ceil
+
+from peftcalc.errors import InputError
+from peftcalc.hardware import (
+    DEFAULT_MFU,
+    GPU,
+    find_gpu,
+    gpu_catalog,
+    max_batch_size,
+    peak_tflops,
+    step_flops,
+)
+from peftcalc.memory import (
+    ALLOCATOR_SLACK_FRACTION,
+    CUDA_CONTEXT_BYTES,
+    model_states,
+    reserved_bytes,
+    timeline,
+)
+from peftcalc.methods import MethodSettings, Plan, make_plan, normalize_targets
+from peftcalc.settings import TrainingSettings, check_training
+from peftcalc.spec import ModelSpec, load_spec
+from peftcalc.storage import storage
+
+DEFAULT_MODEL = "llama-3.1-8b"
+DEFAULT_DATASET_TOKENS = 10_000_000
+METHOD_FIELDS = tuple(f.name for f in fields(MethodSettings))
+TRAINING_FIELDS = tuple(f.name for f in fields(TrainingSettings))
+
+
+@dataclass(frozen=True)
+class Params:
+    total: int
+    trainable: int
+    percent: float
+    by_origin: dict
+
+
+@dataclass(frozen=True)
+class Memory:
+    device: str
+    peak_bytes: int  # max_memory_allocated-comparable peak of a steady-state step
+    peak_phase: str
+    components: dict  # name -> bytes at the peak (they sum to peak_bytes)
+    step1_peak_bytes: int
+    reserved_bytes: int  # + allocator slack + CUDA context (what nvidia-smi shows)
+    overhead: dict  # what reserved adds: cuda_context, allocator_slack
+    events: dict  # phase -> live bytes
+
+
+@dataclass(frozen=True)
+class GpuFit:
+    name: str
+    memory_bytes: int
+    fits: bool
+    headroom_bytes: int
+    max_batch_size: int
+    step_seconds: float
+    epoch_hours: float
+    epoch_cost_usd: float
+    price_per_hour: float
+
+
+@dataclass(frozen=True)
+class Cost:
+    gpu: str
+    mfu: float
+    flops_per_step: float
+    tokens_per_step: int
+    step_seconds: float
+    steps_per_epoch: int
+    epoch_hours: float
+    price_per_hour: float
+    epoch_cost_usd: float
+    dataset_tokens: int
+
+
+@dataclass(frozen=True)
+class StorageInfo:
+    per_task_bytes: int
+    base_bytes: int
+    tasks: int
+    total_bytes: int
+    full_models_total_bytes: int  # T full fine-tuned copies, for comparison
+
+
+@dataclass(frozen=True)
+class Estimate:
+    model: str
+    architecture: str
+    source: str
+    method: MethodSettings
+    training: TrainingSettings
+    params: Params
+    memory: Memory
+    gpus: list
+    cost: Cost | None
+    storage: StorageInfo
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["method"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in d["method"].items()}
+        return d
+
+
+def _method_settings(method: str, **kw) -> MethodSettings:
+    kw = {k: v for k, v in kw.items() if v is not None}
+    if "targets" in kw:
+        kw["targets"] = normalize_targets(kw["targets"])
+    return MethodSettings(method=method, **kw)
+
+
+def _by_origin(plan: Plan) -> dict:
+    out: dict = {}
+    for g in plan.groups:
+        key = g.origin
+        row = out.setdefault(key, {"total": 0, "trainable": 0})
+        row["total"] += g.numel
+        row["trainable"] += g.numel if g.trainable else 0
+    return out
+
+
+def _linear_in_batch(plan: Plan, t: TrainingSettings) -> tuple[dict, dict]:
+    """Intercept and slope (bytes per sample) of every event of the CUDA steady-state step."""
+    one = dict(timeline(plan, replace(t, batch_size=1, device="cuda")).events)
+    two = dict(timeline(plan, replace(t, batch_size=2, device="cuda")).events)
+    slope = {k: two[k] - one[k] for k in one}
+    intercept = {k: one[k] - slope[k] for k in one}
+    return intercept, slope
+
+
+def gpu_max_batch(plan: Plan, t: TrainingSettings, gpu: GPU) -> int:
+    """Largest batch whose reserved memory (allocated peak x (1 + slack) + CUDA context) fits."""
+    intercept, slope = _linear_in_batch(plan, t)
+    usable = (gpu.memory_bytes - CUDA_CONTEXT_BYTES) / (1 + ALLOCATOR_SLACK_FRACTION)
+    return min(max_batch_size(intercept[k], slope[k], usable) for k in intercept)
+
+
+def _tokens_per_sample(plan: Plan, t: TrainingSettings) -> int:
+    spec = plan.spec
+    return spec.vision_seq_len if spec.is_vision else t.seq_len
+
+
+def _cost_on(plan: Plan, t: TrainingSettings, gpu: GPU, mfu: float, dataset_tokens: int, price: float | None) -> Cost:
+    flops = step_flops(plan, t, _tokens_per_sample(plan, t)).total
+    tokens_per_step = t.batch_size * _tokens_per_sample(plan, t)
+    step_seconds = flops / (peak_tflops(gpu, t) * 1e12 * mfu)
+    steps = ceil(dataset_tokens / tokens_per_step)
+    hours = steps * step_seconds / 3600
+    per_hour = gpu.price_per_hour if price is None else price
+    return Cost(gpu.name, mfu, flops, tokens_per_step, step_seconds, steps, hours, per_hour, hours * per_hour,
+                dataset_tokens)
+
+
+def estimate(
+    model: str | ModelSpec | dict = DEFAULT_MODEL,
+    *,
+    method: str = "lora",
+    rank: int | None = None,
+    alpha: int | None = None,
+    targets=None,
+    dora: bool | None = None,
+    double_quant: bool | None = None,
+    bottleneck: int | None = None,
+    adapter_kind: str | None = None,
+    num_virtual_tokens: int | None = None,
+    trainable_layers: int | None = None,
+    batch_size: int = 1,
+    seq_len: int = 512,
+    precision: str = "bf16",
+    optimizer: str = "adamw",
+    grad_checkpointing: bool = False,
+    attention: str = "sdpa",
+    device: str = "cuda",
+    gpu: str | None = None,
+    price: float | None = None,
+    tasks: int = 1,
+    dataset_tokens: int = DEFAULT_DATASET_TOKENS,
+    mfu: float = DEFAULT_MFU,
+) -> Estimate:
+    """Parameters, memory, GPU fit, time, cost and storage of fine-tuning `model` one way."""
+    spec = load_spec(model)
+    settings = _method_settings(method, rank=rank, alpha=alpha, targets=targets, dora=dora, double_quant=double_quant,
+                                bottleneck=bottleneck, adapter_kind=adapter_kind,
+                                num_virtual_tokens=num_virtual_tokens, trainable_layers=trainable_layers)
+    t = TrainingSettings(batch_size=batch_size, seq_len=seq_len, precision=precision, optimizer=optimizer,
+                         grad_checkpointing=grad_checkpointing, attention=attention, device=device)
+    check_training(t)
+    if tasks < 1:
+        raise InputError(f"--tasks must be a positive integer, got {tasks}")
+    if dataset_tokens < 1:
+        raise InputError(f"--dataset-tokens must be a positive integer, got {dataset_tokens}")
+    if not 0 < mfu <= 1:
+        raise InputError(f"--mfu must be in (0, 1], got {mfu}")
+    if price is not None and price < 0:
+        raise InputError(f"--price must not be negative, got {price}")
+    plan = make_plan(spec, settings)
+    tl = timeline(plan, t)
+    cuda_tl = tl if device == "cuda" else timeline(plan, replace(t, device="cuda"))
+    reserved = reserved_bytes(cuda_tl.peak_bytes)
+    memory = Memory(
+        device=device,
+        peak_bytes=tl.peak_bytes,
+        peak_phase=tl.peak_phase,
+        components=dict(tl.components),
+        step1_peak_bytes=tl.step1_peak_bytes,
+        reserved_bytes=reserved,
+        overhead={"cuda_context": CUDA_CONTEXT_BYTES,
+                  "allocator_slack": reserved - CUDA_CONTEXT_BYTES - cuda_tl.peak_bytes},
+        events=dict(tl.events),
+    )
+    fits = []
+    for g in gpu_catalog():
+        c = _cost_on(plan, t, g, mfu, dataset_tokens, price if gpu and find_gpu(gpu).name == g.name else None)
+        fits.append(GpuFit(g.name, g.memory_bytes, reserved <= g.memory_bytes, g.memory_bytes - reserved,
+                           gpu_max_batch(plan, t, g), c.step_seconds, c.epoch_hours, c.epoch_cost_usd,
+                           c.price_per_hour))
+    chosen = _choose_gpu(gpu, fits)
+    cost = None
+    if chosen is not None:
+        cost = _cost_on(plan, t, chosen, mfu, dataset_tokens, price if gpu else None)
+    weight_dtype = t.weight_dtype if method != "qlora" else t.compute_dtype
+    st = storage(plan, weight_dtype, tasks)
+    full_total = storage(make_plan(spec, MethodSettings("full")), weight_dtype, tasks).total_bytes
+    return Estimate(
+        model=spec.name,
+        architecture=spec.architecture,
+        source=spec.source,
+        method=settings,
+        training=t,
+        params=Params(plan.total, plan.trainable, plan.trainable_percent, _by_origin(plan)),
+        memory=memory,
+        gpus=fits,
+        cost=cost,
+        storage=StorageInfo(st.per_task_bytes, st.base_bytes, tasks, st.total_bytes, full_total),
+    )
+
+
+def _choose_gpu(name: str | None, fits: list) -> GPU | None:
+    """The GPU asked for, else the one that fits at the lowest cost per epoch."""
+    if name:
+        return find_gpu(name)
+    fitting = [f for f in fits if f.fits]
+    if not fitting:
+        return None
+    best = min(fitting, key=lambda f: (f.epoch_cost_usd, f.epoch_hours))
+    return find_gpu(best.name)
+
+
+def sweep(model: str | ModelSpec | dict = DEFAULT_MODEL, **grid):
+    """Estimate every combination of the settings given as lists; returns a pandas DataFrame with
+    one row per combination (settings, parameter counts, peak, phase, components, reserved)."""
+    import pandas as pd
+
+    keys = list(grid)
+    values = [v if isinstance(v, (list, tuple, range)) and k != "targets" else [v] for k, v in grid.items()]
+    rows = []
+    spec = load_spec(model)
+    for combo in itertools.product(*values):
+        kw = dict(zip(keys, combo))
+        rows.append(_sweep_row(spec, kw))
+    return pd.DataFrame(rows)
+
+
+def _sweep_row(spec: ModelSpec, kw: dict) -> dict:
+    """One row of a sweep: the memory model only (no GPU table, no storage), which is what makes
+    thousands of configurations take seconds."""
+    method_kw = {k: kw[k] for k in METHOD_FIELDS if k in kw and k != "method"}
+    settings = _method_settings(kw.get("method", "lora"), **method_kw)
+    t = TrainingSettings(**{k: kw[k] for k in TRAINING_FIELDS if k in kw})
+    check_training(t)
+    plan = make_plan(spec, settings)
+    tl = timeline(plan, t)
+    cuda_peak = tl.peak_bytes if t.device == "cuda" else timeline(plan, replace(t, device="cuda")).peak_bytes
+    row = {"model": spec.name, **{k: kw[k] for k in kw}, "method": settings.method,
+           "params_total": plan.total, "params_trainable": plan.trainable,
+           "peak_bytes": tl.peak_bytes, "peak_phase": tl.peak_phase,
+           "reserved_bytes": reserved_bytes(cuda_peak), "step1_peak_bytes": tl.step1_peak_bytes}
+    row.update({f"mem_{k}": v for k, v in tl.components})
+    return row
+
+
+def plan_for(model, method: str = "lora", **method_kw) -> Plan:
+    """The parameter plan alone (used by the harness and reports)."""
+    return make_plan(load_spec(model), _method_settings(method, **method_kw))
+
+
+__all__ = ["estimate", "sweep", "Estimate", "plan_for", "model_states"]

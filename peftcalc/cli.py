@@ -1,0 +1,159 @@
+"""`peftcalc` command line. `estimate`, `compare`, `models` and `gpus` never import torch; `measure`
+and the report commands import the harness and the plotting code lazily, inside the command."""
+
+from __future__ import annotations
+
+import sys
+from typing import Optional
+
+import typer
+
+from peftcalc.errors import InputError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Memory, time and cost of fine-tuning a transformer (full, LoRA, QLoRA, adapters, prefix/prompt, "
+    "BitFit, IA3), before you rent the GPU.",
+)
+
+FORMATS = ("table", "json", "csv", "markdown")
+
+# Shared options (one definition each, used by every command that takes them).
+MODEL_ARG = typer.Argument("llama-3.1-8b", help="Registry name (see `peftcalc models`), HF repo id of a registry "
+                           "entry, or a path to a config.json (file or directory).")
+METHOD = typer.Option("lora", "--method", "-m", help="full | frozen | freeze | lora | qlora | adapter | prefix | "
+                      "prompt | bitfit | ia3")
+RANK = typer.Option(None, "--rank", "-r", help="LoRA rank (default 8, peft's default).")
+ALPHA = typer.Option(None, "--alpha", help="LoRA alpha (default 2 x rank; does not change memory).")
+TARGETS = typer.Option(None, "--targets", help="Comma-separated module names, or all-linear (default: peft's "
+                       "default targets for the family).")
+DORA = typer.Option(False, "--dora", help="DoRA (weight-decomposed LoRA).")
+DOUBLE_QUANT = typer.Option(True, "--double-quant/--no-double-quant", help="QLoRA double quantization.")
+BOTTLENECK = typer.Option(None, "--bottleneck", help="Adapter bottleneck size (default hidden/16).")
+ADAPTER_KIND = typer.Option("houlsby", "--adapter-kind", help="houlsby (after attention and FFN) | pfeiffer (after FFN).")
+VIRTUAL_TOKENS = typer.Option(None, "--num-virtual-tokens", help="Prefix/prompt length (default 20).")
+TRAINABLE_LAYERS = typer.Option(None, "--trainable-layers", help="freeze: train the top K blocks (default a quarter).")
+BATCH = typer.Option(1, "--batch-size", "-b", help="Micro-batch size.")
+SEQ = typer.Option(512, "--seq-len", "-s", help="Sequence length in tokens (vision models use their patch count).")
+PRECISION = typer.Option("bf16", "--precision", help="fp32 | bf16 | amp-bf16 | fp16 | amp-fp16")
+OPTIMIZER = typer.Option("adamw", "--optimizer", help="adamw | adamw-8bit | sgd | adafactor")
+CKPT = typer.Option(False, "--grad-checkpointing", help="Gradient checkpointing (non-reentrant, per block).")
+ATTENTION = typer.Option("sdpa", "--attention", help="sdpa | eager")
+DEVICE = typer.Option("cuda", "--device", help="cuda: predict max_memory_allocated; cpu: predict the CPU/fake trace.")
+GPU_OPT = typer.Option(None, "--gpu", help="GPU for time and cost (default: the cheapest one that fits).")
+PRICE = typer.Option(None, "--price", help="Override the GPU's hourly price (USD).")
+TASKS = typer.Option(1, "--tasks", help="Number of tasks for the storage total.")
+DATASET_TOKENS = typer.Option(10_000_000, "--dataset-tokens", help="Tokens per epoch.")
+MFU = typer.Option(0.35, "--mfu", help="Model FLOPs utilisation assumed for time (default 0.35).")
+FORMAT = typer.Option("table", "--format", "-f", help="table | json | csv | markdown")
+
+
+def _check_format(fmt: str) -> None:
+    if fmt not in FORMATS:
+        raise InputError(f"unknown format '{fmt}'; choose from {', '.join(FORMATS)}")
+
+
+@app.command()
+def estimate(
+    model: str = MODEL_ARG, method: str = METHOD, rank: Optional[int] = RANK, alpha: Optional[int] = ALPHA,
+    targets: Optional[str] = TARGETS, dora: bool = DORA, double_quant: bool = DOUBLE_QUANT,
+    bottleneck: Optional[int] = BOTTLENECK, adapter_kind: str = ADAPTER_KIND,
+    num_virtual_tokens: Optional[int] = VIRTUAL_TOKENS, trainable_layers: Optional[int] = TRAINABLE_LAYERS,
+    batch_size: int = BATCH, seq_len: int = SEQ, precision: str = PRECISION, optimizer: str = OPTIMIZER,
+    grad_checkpointing: bool = CKPT, attention: str = ATTENTION, device: str = DEVICE, gpu: Optional[str] = GPU_OPT,
+    price: Optional[float] = PRICE, tasks: int = TASKS, dataset_tokens: int = DATASET_TOKENS, mfu: float = MFU,
+    format: str = FORMAT,
+) -> None:
+    """Parameters, memory breakdown and peak phase, GPU fit, time, cost and storage."""
+    from peftcalc.api import estimate as run_estimate
+    from peftcalc.format import render_estimate
+
+    _check_format(format)
+    e = run_estimate(model, method=method, rank=rank, alpha=alpha, targets=targets, dora=dora,
+                     double_quant=double_quant, bottleneck=bottleneck, adapter_kind=adapter_kind,
+                     num_virtual_tokens=num_virtual_tokens, trainable_layers=trainable_layers, batch_size=batch_size,
+                     seq_len=seq_len, precision=precision, optimizer=optimizer, grad_checkpointing=grad_checkpointing,
+                     attention=attention, device=device, gpu=gpu, price=price, tasks=tasks,
+                     dataset_tokens=dataset_tokens, mfu=mfu)
+    typer.echo(render_estimate(e, format))
+
+
+@app.command()
+def compare(
+    model: str = MODEL_ARG, rank: Optional[int] = RANK, targets: Optional[str] = TARGETS,
+    batch_size: int = BATCH, seq_len: int = SEQ, precision: str = PRECISION, optimizer: str = OPTIMIZER,
+    grad_checkpointing: bool = CKPT, attention: str = ATTENTION, device: str = DEVICE, gpu: Optional[str] = GPU_OPT,
+    tasks: int = TASKS, dataset_tokens: int = DATASET_TOKENS, mfu: float = MFU, format: str = FORMAT,
+) -> None:
+    """Every method side by side on one model and one training setting."""
+    from peftcalc.compare import compare_methods, render_compare
+
+    _check_format(format)
+    rows = compare_methods(model, rank=rank, targets=targets, batch_size=batch_size, seq_len=seq_len,
+                           precision=precision, optimizer=optimizer, grad_checkpointing=grad_checkpointing,
+                           attention=attention, device=device, gpu=gpu, tasks=tasks, dataset_tokens=dataset_tokens,
+                           mfu=mfu)
+    typer.echo(render_compare(rows, format))
+
+
+@app.command()
+def models(format: str = FORMAT) -> None:
+    """The built-in model registry, with the config each entry came from."""
+    from peftcalc.methods import MethodSettings, make_plan
+    from peftcalc.spec import load_spec, registry_names
+
+    _check_format(format)
+    rows = []
+    for name in registry_names():
+        spec = load_spec(name)
+        rows.append({"name": name, "architecture": spec.architecture,
+                     "params": make_plan(spec, MethodSettings("full")).total,
+                     "layers": spec.num_layers, "hidden": spec.hidden_size, "source": spec.source})
+    _echo_rows(rows, format)
+
+
+@app.command()
+def gpus(format: str = FORMAT) -> None:
+    """The GPU catalog: memory, dense bf16 TFLOP/s and indicative price."""
+    from peftcalc.hardware import gpu_catalog
+
+    _check_format(format)
+    rows = [{"name": g.name, "memory_GiB": round(g.memory_bytes / 1024**3, 2), "bf16_tflops": g.bf16_tflops,
+             "fp32_tflops": g.fp32_tflops, "usd_per_hour": g.price_per_hour, "source": g.source} for g in gpu_catalog()]
+    _echo_rows(rows, format)
+
+
+def _echo_rows(rows: list[dict], fmt: str) -> None:
+    import json
+
+    from peftcalc.format import rows_to_csv, rows_to_markdown, _table
+
+    if fmt == "json":
+        typer.echo(json.dumps(rows, indent=2))
+    elif fmt == "csv":
+        typer.echo(rows_to_csv(rows))
+    elif fmt == "markdown":
+        typer.echo(rows_to_markdown(rows))
+    else:
+        keys = list(rows[0])
+        typer.echo(_table([[_fmt_cell(r[k]) for k in keys] for r in rows], keys, "l" * len(keys)))
+
+
+def _fmt_cell(v) -> str:
+    if isinstance(v, int) and not isinstance(v, bool):
+        return f"{v:,}"
+    return str(v)
+
+
+def main() -> None:
+    try:
+        app()
+    except InputError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

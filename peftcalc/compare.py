@@ -1,0 +1,61 @@
+"""`peftcalc compare`: every method on one model and one training setting."""
+
+from __future__ import annotations
+
+from peftcalc.api import estimate
+from peftcalc.errors import InputError
+from peftcalc.methods import METHODS
+
+
+def compare_methods(model, **kw) -> list[dict]:
+    """One row per method; a method the architecture cannot take gets a row saying why."""
+    rows = []
+    for method in METHODS:
+        extra = {k: v for k, v in kw.items() if not (k in ("rank", "targets") and method not in ("lora", "qlora"))}
+        try:
+            e = estimate(model, method=method, **extra)
+        except InputError as exc:
+            if method == "lora" or method == "full":
+                raise
+            rows.append({"method": method, "note": str(exc)})
+            continue
+        fits = [g for g in e.gpus if g.fits]
+        rows.append({
+            "method": method,
+            "trainable": e.params.trainable,
+            "trainable_percent": e.params.percent,
+            "total": e.params.total,
+            "peak_bytes": e.memory.peak_bytes,
+            "peak_phase": e.memory.peak_phase,
+            "reserved_bytes": e.memory.reserved_bytes,
+            "smallest_gpu": min(fits, key=lambda g: g.memory_bytes).name if fits else "none",
+            "epoch_cost_usd": e.cost.epoch_cost_usd if e.cost else None,
+            "cost_gpu": e.cost.gpu if e.cost else None,
+            "storage_per_task_bytes": e.storage.per_task_bytes,
+            "note": "",
+        })
+    return rows
+
+
+def render_compare(rows: list[dict], fmt: str) -> str:
+    import json
+
+    from peftcalc.format import _table, gib, human_bytes, rows_to_csv, rows_to_markdown
+
+    if fmt == "json":
+        return json.dumps(rows, indent=2)
+    if fmt == "csv":
+        return rows_to_csv(rows)
+    if fmt == "markdown":
+        return rows_to_markdown(rows)
+    table = []
+    for r in rows:
+        if "trainable" not in r:
+            table.append([r["method"], "-", "-", "-", "-", "-", "-", "-", r["note"]])
+            continue
+        cost = f"${r['epoch_cost_usd']:,.2f} ({r['cost_gpu']})" if r["epoch_cost_usd"] is not None else "-"
+        table.append([r["method"], f"{r['trainable']:,}", f"{r['trainable_percent']:.4f}%", gib(r["peak_bytes"]),
+                      r["peak_phase"], gib(r["reserved_bytes"]), r["smallest_gpu"], cost,
+                      human_bytes(r["storage_per_task_bytes"])])
+    header = ["method", "trainable", "%", "peak", "phase", "nvidia-smi", "smallest GPU", "epoch cost", "per task"]
+    return _table(table, header, "lrrrlrlrr" + "l")

@@ -1,0 +1,163 @@
+"""GPU catalog (data in data/gpus.json), fit, FLOPs, time and cost of a step."""
+
+from __future__ import annotations
+
+import difflib
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+from peftcalc.errors import InputError
+from peftcalc.layout import LINEAR_KINDS, build_layout
+from peftcalc.methods import Plan
+from peftcalc.settings import TrainingSettings
+
+GPUS_FILE = Path(__file__).parent / "data" / "gpus.json"
+MIB = 1024**2
+DEFAULT_MFU = 0.35  # model FLOPs utilisation of a single-GPU HF fine-tuning run (typical 0.3-0.45)
+
+
+@dataclass(frozen=True)
+class GPU:
+    name: str
+    memory_bytes: int
+    bf16_tflops: float
+    fp32_tflops: float
+    price_per_hour: float
+    source: str
+
+
+@lru_cache(maxsize=1)
+def gpu_catalog() -> tuple[GPU, ...]:
+    data = json.loads(GPUS_FILE.read_text())
+    return tuple(
+        GPU(g["name"], g["memory_mib"] * MIB, g["bf16_tflops"], g["fp32_tflops"], g["price_per_hour"], g["source"])
+        for g in data["gpus"]
+    )
+
+
+@lru_cache(maxsize=1)
+def _gpu_keys() -> dict[str, str]:
+    keys = {}
+    for g in json.loads(GPUS_FILE.read_text())["gpus"]:
+        keys[_norm(g["name"])] = g["name"]
+        for alias in g["aliases"]:
+            keys[_norm(alias)] = g["name"]
+    return keys
+
+
+def _norm(name: str) -> str:
+    return name.lower().replace(" ", "").replace("-", "").replace("_", "")
+
+
+def find_gpu(name: str) -> GPU:
+    key = _gpu_keys().get(_norm(name))
+    if key is None:
+        names = [g.name for g in gpu_catalog()]
+        close = difflib.get_close_matches(name, names, n=3, cutoff=0.3)
+        hint = f"; did you mean {', '.join(close)}?" if close else f"; known: {', '.join(names)}"
+        raise InputError(f"unknown GPU '{name}'{hint}")
+    return next(g for g in gpu_catalog() if g.name == key)
+
+
+def peak_tflops(gpu: GPU, t: TrainingSettings) -> float:
+    """Tensor-core bf16/fp16 peak for bf16/fp16/amp policies; the FP32 peak for fp32 (PyTorch keeps
+    torch.backends.cuda.matmul.allow_tf32 = False by default)."""
+    return gpu.fp32_tflops if t.precision == "fp32" else gpu.bf16_tflops
+
+
+@dataclass(frozen=True)
+class StepFlops:
+    forward: float
+    backward: float
+    recompute: float
+
+    @property
+    def total(self) -> float:
+        return self.forward + self.backward + self.recompute
+
+
+def step_flops(plan: Plan, t: TrainingSettings, tokens_per_sequence: int) -> StepFlops:
+    """Matmul FLOPs of one training step.
+
+    Forward: 2 FLOPs per multiply-accumulate of every Linear (2 * params * tokens, Kaplan et al. 2020,
+    "Scaling Laws", section 2.1) plus attention's two s x s matmuls, 4 * s_q * s_k * d per layer and
+    sequence (Chowdhery et al. 2022, PaLM, appendix B).
+    Backward: each matmul costs one forward again for the gradient of its input, when a trainable
+    parameter lies below it, and once more for its weight gradient, when its weight trains (so full
+    fine-tuning is the familiar 6N per token, and a frozen layer above LoRA costs 4N, not 6N).
+    Nothing below the lowest trainable parameter runs backward. Checkpointing re-runs the forward of
+    the blocks that run backward (Narayanan et al. 2021, Megatron-LM, section 5.1).
+    Embedding lookups, norms and element-wise ops are not counted (under 1% for these models).
+    """
+    spec = plan.spec
+    layout = build_layout(spec)
+    b = t.batch_size
+    seq = tokens_per_sequence
+    kv_seq = seq + (plan.settings.num_virtual_tokens if plan.settings.method == "prefix" else 0)
+    trainable_modules = _trainable_modules(plan)
+    lora_modules = set(plan.targets) if plan.settings.method in ("lora", "qlora") else set()
+    input_grad_from = _lowest_gradient_layer(plan)
+    fwd = bwd = recompute = 0.0
+    tokens = b * seq
+    for m in layout.modules:
+        if m.kind not in LINEAR_KINDS:
+            continue
+        mac = m.in_features * m.out_features
+        if m.role == "head" and spec.task in ("seq_cls", "image_cls"):
+            tokens_m = b  # classifiers run on the pooled / last token
+        else:
+            tokens_m = tokens
+        f = 2.0 * mac * tokens_m
+        fwd += f
+        layer = m.layer if m.layer is not None else (spec.num_layers if m.role in ("head", "pooler") else -1)
+        flows = input_grad_from is not None and layer > input_grad_from
+        grad_w = m.path in trainable_modules
+        in_lowest = input_grad_from is not None and layer == input_grad_from
+        if flows or (in_lowest and grad_w):
+            bwd += f * (flows + grad_w)
+        if m.path in lora_modules:
+            r = plan.settings.rank
+            lf = 2.0 * r * (m.in_features + m.out_features) * tokens_m
+            fwd += lf
+            bwd += 2 * lf
+        if t.grad_checkpointing and m.layer is not None and (flows or grad_w):
+            recompute += f
+    attn_per_layer = 4.0 * b * seq * kv_seq * spec.q_dim
+    for i in range(spec.num_layers):
+        fwd += attn_per_layer
+        if input_grad_from is not None and i >= input_grad_from:
+            bwd += 2 * attn_per_layer
+            if t.grad_checkpointing:
+                recompute += attn_per_layer
+    return StepFlops(fwd, bwd, recompute)
+
+
+def _trainable_modules(plan: Plan) -> set[str]:
+    out = set()
+    for g in plan.groups:
+        if g.trainable and g.origin == "base" and g.name.endswith(".weight"):
+            out.add(g.name[: -len(".weight")])
+    return out
+
+
+def _lowest_gradient_layer(plan: Plan) -> int | None:
+    """The lowest block that runs backward (-1: the embeddings train, so every block does)."""
+    if plan.embedding_trains or plan.settings.method in ("prompt", "prefix"):
+        return -1
+    if plan.lowest_trainable_layer is not None:
+        return plan.lowest_trainable_layer
+    if plan.trainable:
+        return plan.spec.num_layers  # only the head (or final norm) trains
+    return None
+
+
+def max_batch_size(intercept: float, slope: float, capacity: int, limit: int = 1 << 16) -> int:
+    """Largest batch b with intercept + slope * b <= capacity (memory is linear in the batch size at
+    every event of the step; the peak is the largest of those lines)."""
+    if intercept + slope > capacity:
+        return 0
+    if slope <= 0:
+        return limit
+    return int(min(limit, (capacity - intercept) // slope))

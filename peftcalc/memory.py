@@ -1,0 +1,320 @@
+"""Step 3 of the model: bytes, and when they are alive.
+
+A training step is a timeline of events (forward, the loss, the start of backward, each block's
+backward from the top, the end of backward, the optimizer step). At each event the live bytes are a
+sum of components; the peak is the largest event, and its name is the phase of the peak. Step 1
+differs from the steady state only in that the optimizer states do not exist before its optimizer
+step; the steady-state step is what the estimate reports.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from math import ceil
+
+from peftcalc.activations import ActivationProfile, activation_profile, make_ctx
+from peftcalc.methods import Plan
+from peftcalc.settings import DTYPE_BYTES, TrainingSettings
+
+GIB = 1024**3
+
+# Names of the components, in display order.
+COMPONENTS = (
+    "weights_frozen",
+    "weights_trainable",
+    "gradients",
+    "optimizer_states",
+    "activations",
+    "logits_loss",
+    "temporaries",
+    "inputs",
+)
+
+# What max_memory_allocated does not see but nvidia-smi does (sources in the functions below).
+CUDA_CONTEXT_BYTES = 500 * 1024**2  # CUDA context + kernels with lazy loading (typical on H100, torch 2.x)
+ALLOCATOR_SLACK_FRACTION = 0.05  # reserved / allocated of the caching allocator in steady training
+
+
+def nf4_bytes(numel: int, double_quant: bool) -> int:
+    """Bytes of one NF4-quantized weight (bitsandbytes functional.quantize_4bit, blocksize 64):
+    two 4-bit codes per byte, one absmax per 64 values: fp32 (0.5 bit/param), or with double
+    quantization an 8-bit absmax plus one fp32 second-level scale per 256 blocks
+    (Dettmers et al. 2023, QLoRA, section 3: 4 + 8/64 + 32/(64*256) = 4.127 bits per parameter)."""
+    blocks = ceil(numel / 64)
+    codes = ceil(numel / 2)
+    if not double_quant:
+        return codes + 4 * blocks
+    return codes + blocks + 4 * ceil(blocks / 256) + 4  # + the fp32 offset of the nested quant state
+
+
+def group_dtype(plan: Plan, origin: str, ctx_weight: str) -> str:
+    """Storage dtype of a parameter by origin: base weights in the policy's weight dtype; peft's
+    adapters (LoRA, DoRA, IA3) in fp32 (peft autocast_adapter_dtype=True upcasts bf16/fp16 adapters);
+    the prompt encoders in fp32 (created as nn.Embedding and never cast); bottleneck adapters and the
+    modules_to_save copy in the base dtype."""
+    if origin in ("lora", "dora", "ia3", "prefix", "prompt"):
+        return "float32"
+    return ctx_weight
+
+
+@dataclass(frozen=True)
+class ModelStates:
+    weights_frozen: int
+    weights_trainable: int
+    gradients: int
+    optimizer_states: int
+    optimizer_temporaries: int
+    largest_trainable_tensor: int
+
+
+def _optimizer_state_bytes(numel: int, dtype: str, optimizer: str, shape2d: bool) -> int:
+    """Per-tensor optimizer state.
+    adamw: exp_avg and exp_avg_sq like the parameter (torch/optim/adamw.py _init_group; the 'step'
+      counter is a CPU tensor unless capturable/fused, so it never reaches CUDA memory).
+    sgd (momentum): one momentum_buffer like the parameter (torch/optim/sgd.py).
+    adamw-8bit: bitsandbytes Optimizer2State: uint8 state1/state2 plus one fp32 absmax per 256
+      values each, for tensors of at least 4096 elements; smaller tensors keep fp32 states.
+    adafactor (transformers.optimization.Adafactor, beta1=None): a factored second moment
+      (row and column vectors) for matrices, a full one for vectors."""
+    b = DTYPE_BYTES[dtype]
+    if optimizer == "adamw":
+        return 2 * numel * b
+    if optimizer == "sgd":
+        return numel * b
+    if optimizer == "adamw-8bit":
+        if numel < 4096:
+            return 2 * numel * 4
+        return 2 * (numel + 4 * ceil(numel / 256))
+    if optimizer == "adafactor":
+        if not shape2d:
+            return numel * b
+        return 2 * int(numel**0.5) * b  # row + col vectors; exact shapes come from model_states
+    raise ValueError(optimizer)
+
+
+@lru_cache(maxsize=4096)
+def model_states(plan: Plan, t: TrainingSettings) -> ModelStates:
+    """Weights, gradients and optimizer state of every parameter, and the optimizer step's temporaries."""
+    ctx = make_ctx(plan.spec, plan, t)
+    frozen = trainable = grads = states = 0
+    group_bytes: dict[str, int] = {}
+    largest = 0
+    shapes = _shapes(plan)
+    for g in plan.groups:
+        dtype = group_dtype(plan, g.origin, ctx.weight)
+        if g.quantized:
+            nbytes = nf4_bytes(g.numel, plan.settings.double_quant)
+        else:
+            nbytes = g.numel * DTYPE_BYTES[dtype]
+        if not g.trainable:
+            frozen += nbytes
+            continue
+        trainable += nbytes
+        grads += nbytes
+        shape = shapes.get(g.name)
+        if t.optimizer == "adafactor" and shape is not None and len(shape) >= 2:
+            rows = 1
+            for d in shape[:-1]:
+                rows *= d
+            states += (rows + shape[-1]) * DTYPE_BYTES[dtype]
+        else:
+            states += _optimizer_state_bytes(g.numel, dtype, t.optimizer, False)
+        group_bytes[dtype] = group_bytes.get(dtype, 0) + nbytes
+        largest = max(largest, nbytes)
+    return ModelStates(frozen, trainable, grads, states, _optimizer_temporaries(t, group_bytes, largest), largest)
+
+
+def _shapes(plan: Plan) -> dict:
+    from peftcalc.layout import build_layout, param_names
+
+    out = {}
+    for m in build_layout(plan.spec).modules:
+        for name, _ in param_names(m):
+            if name.endswith(".bias"):
+                out[name] = (m.bias_numel,)
+            elif m.kind == "conv1d":
+                out[name] = m.shape
+            else:
+                out[name] = m.shape
+    return out
+
+
+def _optimizer_temporaries(t: TrainingSettings, group_bytes: dict, largest: int) -> int:
+    """Peak extra bytes inside optimizer.step().
+    adamw on CUDA takes the foreach path (torch/optim/adamw.py _multi_tensor_adamw): torch._foreach_sqrt
+      of all exp_avg_sq of one (device, dtype) group is allocated at once: the largest group's bytes.
+    adamw on CPU (and fake) takes the single-tensor path: exp_avg_sq.sqrt() / bias_correction2_sqrt
+      holds two temporaries the size of the largest parameter.
+    sgd updates in place; adamw-8bit runs one fused kernel in place.
+    adafactor (transformers) computes an fp32 update the size of each parameter, one at a time:
+      about three fp32 copies of the largest parameter."""
+    if t.optimizer == "adamw":
+        if t.device == "cuda":
+            return max(group_bytes.values(), default=0)
+        return 2 * largest
+    if t.optimizer == "adafactor":
+        return 3 * largest * 2
+    return 0
+
+
+@dataclass(frozen=True)
+class Timeline:
+    """Live bytes at each event of the steady-state step, and the components at the peak."""
+
+    events: tuple  # (phase name, bytes)
+    peak_bytes: int
+    peak_phase: str
+    components: tuple  # (component name, bytes) at the peak
+    step1_peak_bytes: int
+
+
+def _event(name: str, parts: dict) -> tuple[str, int, dict]:
+    return name, sum(parts.values()), parts
+
+
+def input_bytes(plan: Plan, t: TrainingSettings) -> int:
+    """input_ids and labels (int64), or pixel_values in the weight dtype and int64 labels."""
+    spec = plan.spec
+    if spec.is_vision:
+        ctx = make_ctx(spec, plan, t)
+        pixels = t.batch_size * spec.num_channels * spec.image_size**2 * DTYPE_BYTES[ctx.weight]
+        return pixels + (8 * t.batch_size if spec.task == "image_cls" else 0)
+    ids = t.batch_size * t.seq_len * 8
+    labels = ids if spec.task in ("causal_lm", "masked_lm") else (8 * t.batch_size if spec.task == "seq_cls" else 0)
+    return ids + labels
+
+
+@dataclass(frozen=True)
+class GradientArrival:
+    """Gradient bytes by when backward produces them: the head side (lm_head/classifier, final norm,
+    and a tied embedding, which receives the head's gradient), each block, and the input side
+    (untied embeddings, prompt encoders), which arrive last."""
+
+    head: int
+    per_layer: tuple
+    input_side: int
+
+    @property
+    def total(self) -> int:
+        return self.head + sum(self.per_layer) + self.input_side
+
+
+def gradient_arrival(plan: Plan, t: TrainingSettings) -> GradientArrival:
+    from peftcalc.layout import build_layout
+
+    layout = build_layout(plan.spec)
+    ctx = make_ctx(plan.spec, plan, t)
+    input_prefixes = tuple(m.path for m in layout.modules if m.role == "embed")
+    if layout.head_tied_to_embedding:
+        input_prefixes = tuple(p for p in input_prefixes if p != layout.embedding_path)
+    per = [0] * plan.spec.num_layers
+    head = input_side = 0
+    for g in plan.groups:
+        if not g.trainable:
+            continue
+        nbytes = g.numel * DTYPE_BYTES[group_dtype(plan, g.origin, ctx.weight)]
+        if g.layer is not None:
+            per[g.layer] += nbytes
+        elif g.origin in ("prefix", "prompt") or any(g.name.startswith(p + ".") or g.name == p for p in input_prefixes):
+            input_side += nbytes
+        else:
+            head += nbytes
+    return GradientArrival(head, tuple(per), input_side)
+
+
+@dataclass(frozen=True)
+class GradientArrival:
+    """Gradient bytes by when backward produces them: the head side (lm_head/classifier, final norm,
+    and a tied embedding, which receives the head's gradient), each block, and the input side
+    (untied embeddings, prompt encoders), which arrive last."""
+
+    head: int
+    per_layer: tuple
+    input_side: int
+
+    @property
+    def total(self) -> int:
+        return self.head + sum(self.per_layer) + self.input_side
+
+
+def gradient_arrival(plan: Plan, t: TrainingSettings) -> GradientArrival:
+    from peftcalc.layout import build_layout
+
+    layout = build_layout(plan.spec)
+    ctx = make_ctx(plan.spec, plan, t)
+    input_prefixes = tuple(m.path for m in layout.modules if m.role == "embed")
+    if layout.head_tied_to_embedding:
+        input_prefixes = tuple(p for p in input_prefixes if p != layout.embedding_path)
+    per = [0] * plan.spec.num_layers
+    head = input_side = 0
+    for g in plan.groups:
+        if not g.trainable:
+            continue
+        nbytes = g.numel * DTYPE_BYTES[group_dtype(plan, g.origin, ctx.weight)]
+        if g.layer is not None:
+            per[g.layer] += nbytes
+        elif g.origin in ("prefix", "prompt") or any(g.name.startswith(p + ".") or g.name == p for p in input_prefixes):
+            input_side += nbytes
+        else:
+            head += nbytes
+    return GradientArrival(head, tuple(per), input_side)
+
+
+@lru_cache(maxsize=4096)
+def timeline(plan: Plan, t: TrainingSettings) -> Timeline:
+    """Events of one training step; the steady state has optimizer states alive from the start."""
+    ms = model_states(plan, t)
+    act = activation_profile(plan, t)
+    inputs = input_bytes(plan, t)
+    grads = gradient_arrival(plan, t)
+    events = _step_events(plan, t, act, ms, inputs, grads, with_states=True)
+    step1 = _step_events(plan, t, act, ms, inputs, grads, with_states=False)
+    name, total, parts = max(events, key=lambda e: e[1])
+    return Timeline(
+        events=tuple((n, b) for n, b, _ in events),
+        peak_bytes=total,
+        peak_phase=name,
+        components=tuple((c, parts.get(c, 0)) for c in COMPONENTS),
+        step1_peak_bytes=max(b for _, b, _ in step1),
+    )
+
+
+def _step_events(plan: Plan, t: TrainingSettings, act: ActivationProfile, ms: ModelStates, inputs: int,
+                 grads: GradientArrival, with_states: bool) -> list:
+    """forward -> loss -> backward from the head down the blocks -> end of backward -> optimizer step.
+    Without checkpointing every block's saved tensors are alive at the start of backward and block i's
+    are freed after its backward; with checkpointing (torch.utils.checkpoint, non-reentrant) only each
+    block's input is kept and block i's activations exist again while it is recomputed and run backward."""
+    weights = {"weights_frozen": ms.weights_frozen, "weights_trainable": ms.weights_trainable}
+    base = dict(weights, optimizer_states=ms.optimizer_states if with_states else 0, inputs=inputs)
+    ckpt = t.grad_checkpointing
+    saving = [i for i, a in enumerate(act.per_layer) if a]
+    kept_per_layer = {i: (act.checkpoint_inputs // len(saving) if ckpt else act.per_layer[i]) for i in saving}
+    remaining = act.pre + sum(kept_per_layer.values())
+    events = [
+        _event("forward", dict(base, activations=remaining + act.post, logits_loss=act.loss_forward_peak)),
+        _event("backward:loss", dict(base, activations=remaining + act.post, logits_loss=act.loss_backward_peak)),
+        _event("backward:head", dict(base, activations=remaining + act.post, logits_loss=act.logits_bytes,
+                                     gradients=grads.head)),
+    ]
+    arrived = grads.head
+    for i in reversed(range(plan.spec.num_layers)):
+        if i not in kept_per_layer and not grads.per_layer[i]:
+            continue
+        recomputed = act.per_layer[i] if ckpt else 0
+        events.append(_event(f"backward:layer{i}", dict(base, activations=remaining + recomputed, gradients=arrived,
+                                                       temporaries=act.layer_transient)))
+        arrived += grads.per_layer[i]
+        remaining -= kept_per_layer.get(i, 0)
+    events.append(_event("backward:end", dict(base, activations=act.pre, gradients=grads.total)))
+    events.append(_event("optimizer", dict(weights, inputs=inputs, gradients=grads.total,
+                                           optimizer_states=ms.optimizer_states, temporaries=ms.optimizer_temporaries)))
+    return events
+
+
+def reserved_bytes(peak_allocated: int) -> int:
+    """What nvidia-smi shows: the allocated peak, plus the caching allocator's fragmentation slack
+    (PyTorch CUDACachingAllocator rounds blocks and keeps freed segments), plus the CUDA context
+    that max_memory_allocated does not count."""
+    return int(peak_allocated * (1 + ALLOCATOR_SLACK_FRACTION)) + CUDA_CONTEXT_BYTES
