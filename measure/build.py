@@ -121,3 +121,66 @@ def count_params(model) -> tuple[int, int]:
         if p.requires_grad:
             trainable += n
     return total, trainable
+
+
+def logical_numel(p: torch.Tensor) -> int:
+    """Elements a parameter stands for: ``numel()``, except for bitsandbytes 4-bit weights, which pack
+    two values per uint8 element and keep the unpacked shape in ``quant_state.shape``
+    (bitsandbytes nn/modules.py Params4bit)."""
+    state = getattr(p, "quant_state", None)
+    if state is not None and getattr(state, "shape", None) is not None:
+        n = 1
+        for d in state.shape:
+            n *= int(d)
+        return n
+    return p.numel()
+
+
+def count_logical_params(model) -> tuple[int, int]:
+    """(total, trainable) like :func:`count_params`, with 4-bit weights at their logical size."""
+    total = trainable = 0
+    for p in model.parameters():
+        n = logical_numel(p)
+        total += n
+        if p.requires_grad:
+            trainable += n
+    return total, trainable
+
+
+def qlora_quantization_config(settings: MethodSettings, compute_dtype: torch.dtype):
+    """The BitsAndBytesConfig of the QLoRA recipe (Dettmers et al. 2023, section 3): NF4 storage,
+    double quantization as `settings.double_quant`, computation in `compute_dtype`."""
+    return transformers.BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=settings.double_quant,
+        bnb_4bit_compute_dtype=compute_dtype,
+    )
+
+
+def build_qlora_model(spec: ModelSpec, settings: MethodSettings, checkpoint_dir: str,
+                      dtype: torch.dtype = torch.bfloat16, compute_dtype: torch.dtype = torch.bfloat16,
+                      device: str = "cpu", attention: str = "sdpa", prepare_kbit: bool = False):
+    """QLoRA as users build it: a random-weights checkpoint of the base model is saved to
+    `checkpoint_dir` (``save_pretrained``) and reloaded through ``from_pretrained(...,
+    quantization_config=BitsAndBytesConfig(load_in_4bit=True, ...))`` (transformers
+    quantizers/quantizer_bnb_4bit.py: every Linear except the output embedding becomes a
+    bitsandbytes Linear4bit); then ``peft.prepare_model_for_kbit_training`` if `prepare_kbit`
+    (it upcasts the non-quantized fp16/bf16 parameters to fp32) and LoRA."""
+    base = build_base_model(spec, dtype=dtype, device=device, attention=attention)
+    base.save_pretrained(checkpoint_dir)
+    del base
+    auto = getattr(transformers, AUTO_CLASS[spec.task])
+    model = auto.from_pretrained(
+        checkpoint_dir,
+        quantization_config=qlora_quantization_config(settings, compute_dtype),
+        dtype=dtype,
+        device_map={"": device},
+        attn_implementation=attention,
+    )
+    model.config.use_cache = False
+    if prepare_kbit:
+        import peft
+
+        model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    return apply_method(model, spec, settings)

@@ -1,0 +1,126 @@
+"""Models made of fake tensors (``torch._subclasses.fake_tensor.FakeTensorMode``): the real module
+tree, with every parameter and buffer a fake tensor on device 'cpu' that has shape, dtype and
+storage size but no data. Nothing is allocated, so an 8B or 70B model traces in seconds.
+
+Fake tensors on 'cuda' abort with the CPU build of torch, so the device is always 'cpu'.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+from measure.build import apply_method, build_base_model, qlora_quantization_config
+from measure.tracer import FakeScalars
+from peftcalc.methods import MethodSettings
+from peftcalc.spec import ModelSpec
+
+
+def materialize_fake(model: nn.Module, fake_mode) -> nn.Module:
+    """Replace every meta parameter and buffer by an empty fake tensor of the same shape and dtype.
+
+    Mirrors ``nn.Module.to_empty(device='cpu')`` (``torch.empty_like`` per tensor), but keeps tied
+    parameters tied (one fake tensor per original object) and leaves bitsandbytes 4-bit weights to
+    :func:`quantize_fake_nf4`."""
+    memo: dict[int, torch.Tensor] = {}
+    with fake_mode:
+        for module in model.modules():
+            for name, p in list(module._parameters.items()):
+                if p is not None and not _is_bnb_4bit(module, name):
+                    if id(p) not in memo:
+                        memo[id(p)] = nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="cpu"),
+                                                   requires_grad=p.requires_grad)
+                    module._parameters[name] = memo[id(p)]
+            for name, b in list(module._buffers.items()):
+                if b is not None:
+                    if id(b) not in memo:
+                        memo[id(b)] = torch.empty(b.shape, dtype=b.dtype, device="cpu")
+                    module._buffers[name] = memo[id(b)]
+    return model
+
+
+def _is_bnb_4bit(module: nn.Module, name: str) -> bool:
+    """A bitsandbytes Linear4bit weight (peft's LoRA wrapper of the same class name is not one)."""
+    return name == "weight" and _bnb_linear4bit_class() is not None and isinstance(module, _bnb_linear4bit_class())
+
+
+def _bnb_linear4bit_class():
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return None
+    return bnb.nn.Linear4bit
+
+
+@contextlib.contextmanager
+def _fake_bnb_code_tables():
+    """bitsandbytes caches its quantization code tables in ``functional.name2qmap``; tables built
+    under fake mode are fake and must not leak into later real runs."""
+    import bitsandbytes.functional as F
+
+    saved = dict(F.name2qmap)
+    F.name2qmap.clear()
+    try:
+        yield
+    finally:
+        F.name2qmap.clear()
+        F.name2qmap.update(saved)
+
+
+def quantize_fake_nf4(model: nn.Module, fake_mode, dtype: torch.dtype) -> nn.Module:
+    """Give every bitsandbytes Linear4bit a fake NF4 weight: a fake (out, in) weight in `dtype`
+    goes through ``bitsandbytes.functional.quantize_4bit`` (whose ops have fake kernels), as
+    ``Params4bit._quantize`` does when from_pretrained moves the weight to its device. The packed
+    uint8 tensor becomes the parameter and the QuantState (absmax, code, nested state2) is attached
+    as ``weight.quant_state``, with the attributes peft reads (compress_statistics, quant_type)."""
+    import bitsandbytes.functional as F
+
+    with _fake_bnb_code_tables(), fake_mode, FakeScalars():
+        for module in model.modules():
+            if not _is_bnb_4bit(module, "weight"):
+                continue
+            old = module.weight
+            w = torch.empty(module.out_features, module.in_features, dtype=dtype, device="cpu")
+            packed, state = F.quantize_4bit(w, blocksize=old.blocksize, compress_statistics=old.compress_statistics,
+                                            quant_type=old.quant_type, quant_storage=old.quant_storage)
+            weight = nn.Parameter(packed, requires_grad=False)
+            for attr in ("blocksize", "compress_statistics", "quant_type", "quant_storage"):
+                setattr(weight, attr, getattr(old, attr))
+            weight.quant_state, weight.bnb_quantized, weight.module = state, True, module
+            module.weight = weight
+            module.quant_state = state
+    return model
+
+
+def replace_with_nf4(model: nn.Module, settings: MethodSettings, compute_dtype: torch.dtype) -> nn.Module:
+    """Swap Linear layers for bitsandbytes Linear4bit exactly as from_pretrained does with a 4-bit
+    BitsAndBytesConfig (transformers quantizers/quantizer_bnb_4bit.py
+    ``_process_model_before_weight_loading``: ``get_modules_to_not_convert`` then
+    ``integrations.bitsandbytes.replace_with_bnb_linear``)."""
+    from transformers.integrations.bitsandbytes import replace_with_bnb_linear
+    from transformers.quantizers.quantizer_bnb_4bit import Bnb4BitHfQuantizer
+
+    config = qlora_quantization_config(settings, compute_dtype)
+    skip = Bnb4BitHfQuantizer.get_modules_to_not_convert(
+        model, config.llm_int8_skip_modules, getattr(model, "_keep_in_fp32_modules", None))
+    model = replace_with_bnb_linear(model, modules_to_not_convert=skip, quantization_config=config)
+    model.is_loaded_in_4bit = True  # what peft checks to dispatch LoRA to lora.bnb.Linear4bit
+    return model
+
+
+def build_fake_model(spec: ModelSpec, settings: MethodSettings, fake_mode, dtype: torch.dtype,
+                     compute_dtype: torch.dtype, attention: str = "sdpa") -> nn.Module:
+    """The model of :func:`measure.build.build_model` (QLoRA: of :func:`measure.build.build_qlora_model`
+    without ``prepare_model_for_kbit_training``): built and given its method on the meta device
+    (peft casting fake adapter weights fails: ``_apply`` cannot swap fake tensors), then made fake."""
+    model = build_base_model(spec, dtype=dtype, device="meta", attention=attention)
+    if settings.method == "qlora":
+        model = replace_with_nf4(model, settings, compute_dtype)
+    with torch.device("meta"):
+        model = apply_method(model, spec, settings)
+    materialize_fake(model, fake_mode)
+    if settings.method == "qlora":
+        quantize_fake_nf4(model, fake_mode, dtype)
+    return model
