@@ -289,44 +289,29 @@ class LayerTraining:
     adapters: frozenset  # "attn_out", "mlp_out"
 
 
-def _layer_training(plan: Plan, layout: Layout, index: int) -> LayerTraining:
-    prefix = f"{layout.block_prefix}.{index}."
-    trainable, norms, lora, ia3_out, ia3_ff, adapters = set(), set(), set(), set(), set(), set()
-    roles = {m.path: m.role for m in layout.blocks(index)}
+def _layer_trainings(plan: Plan, layout: Layout) -> list[LayerTraining]:
+    """What trains inside each block, from the plan's parameter groups (one pass over them)."""
+    n = plan.spec.num_layers
+    sets = [dict(trainable=set(), norms=set(), lora=set(), ia3_out=set(), ia3_ff=set(), adapters=set())
+            for _ in range(n)]
+    roles = {m.path: m.role for m in layout.modules if m.layer is not None}
     for g in plan.groups:
-        if g.layer != index or not g.trainable:
+        if g.layer is None or not g.trainable:
             continue
-        rel = g.name[len(prefix):] if g.name.startswith(prefix) else g.name
-        module = rel.rsplit(".", 1)[0]
+        prefix = f"{layout.block_prefix}.{g.layer}."
+        rel = g.name[len(prefix):]
+        s = sets[g.layer]
         if g.origin == "base":
-            if rel.endswith(".weight") or rel.endswith(".bias"):
-                (norms if roles.get(prefix + module) == "norm" else trainable).add(module)
+            module = rel.rsplit(".", 1)[0]
+            (s["norms"] if roles.get(prefix + module) == "norm" else s["trainable"]).add(module)
         elif g.origin in ("lora", "dora"):
-            lora.add(rel.rsplit(".", 1)[0])
+            s["lora"].add(rel.split(".lora_", 1)[0])
         elif g.origin == "ia3":
-            ia3_ff.add(module) if g.numel == _in_features(layout, prefix + module) and \
-                _in_features(layout, prefix + module) != _out_features(layout, prefix + module) else ia3_out.add(module)
+            (s["ia3_ff"] if g.shape[0] == 1 else s["ia3_out"]).add(rel.rsplit(".", 1)[0])
         elif g.origin == "adapter":
-            adapters.add(roles.get(prefix + module, ""))
-    return LayerTraining(frozenset(trainable), frozenset(norms), frozenset(lora), frozenset(ia3_out),
-                         frozenset(ia3_ff), frozenset(adapters))
-
-
-def _module(layout: Layout, path: str):
-    for m in layout.modules:
-        if m.path == path:
-            return m
-    return None
-
-
-def _in_features(layout, path):
-    m = _module(layout, path)
-    return m.in_features if m else -1
-
-
-def _out_features(layout, path):
-    m = _module(layout, path)
-    return m.out_features if m else -1
+            s["adapters"].add(roles.get(prefix + rel.split(".adapter_bottleneck", 1)[0], ""))
+    return [LayerTraining(frozenset(s["trainable"]), frozenset(s["norms"]), frozenset(s["lora"]),
+                          frozenset(s["ia3_out"]), frozenset(s["ia3_ff"]), frozenset(s["adapters"])) for s in sets]
 
 
 def _lin(rec, lt: LayerTraining, x, name, in_f, out_f, plan: Plan, quantized=False):
@@ -517,9 +502,8 @@ def activation_profile(plan: Plan, t: TrainingSettings) -> ActivationProfile:
     x = rec.new(tok * h, ctx.weight if not spec.is_vision else ctx.weight, input_rg)
     x = _embeddings(rec, spec, plan, layout, x)
     block = BLOCKS[spec.model_type]
-    for i in range(spec.num_layers):
+    for i, lt in enumerate(_layer_trainings(plan, layout)):
         rec.bucket = i
-        lt = _layer_training(plan, layout, i)
         x = block(rec, spec, plan, lt, x)
     rec.bucket = "post"
     logits_numel, x = _head(rec, spec, plan, layout, x)
@@ -547,7 +531,6 @@ def _stream_dtype(ctx: Ctx) -> str:
 
 
 def _embeddings(rec: Recorder, spec: ModelSpec, plan: Plan, layout: Layout, x: T) -> T:
-    ctx = rec.ctx
     h = spec.hidden_size
     if spec.model_type == "gpt2":
         return dropout(rec, x, dropout_p(spec, "embd"), "embeddings.dropout")

@@ -68,7 +68,7 @@ class ModelStates:
     largest_trainable_tensor: int
 
 
-def _optimizer_state_bytes(numel: int, dtype: str, optimizer: str, shape2d: bool) -> int:
+def _optimizer_state_bytes(numel: int, dtype: str, optimizer: str) -> int:
     """Per-tensor optimizer state.
     adamw: exp_avg and exp_avg_sq like the parameter (torch/optim/adamw.py _init_group; the 'step'
       counter is a CPU tensor unless capturable/fused, so it never reaches CUDA memory).
@@ -76,7 +76,8 @@ def _optimizer_state_bytes(numel: int, dtype: str, optimizer: str, shape2d: bool
     adamw-8bit: bitsandbytes Optimizer2State: uint8 state1/state2 plus one fp32 absmax per 256
       values each, for tensors of at least 4096 elements; smaller tensors keep fp32 states.
     adafactor (transformers.optimization.Adafactor, beta1=None): a factored second moment
-      (row and column vectors) for matrices, a full one for vectors."""
+      (row and column vectors) for matrices, a full one for vectors, in fp32 (handled in
+      model_states, which knows the shapes)."""
     b = DTYPE_BYTES[dtype]
     if optimizer == "adamw":
         return 2 * numel * b
@@ -86,10 +87,6 @@ def _optimizer_state_bytes(numel: int, dtype: str, optimizer: str, shape2d: bool
         if numel < 4096:
             return 2 * numel * 4
         return 2 * (numel + 4 * ceil(numel / 256))
-    if optimizer == "adafactor":
-        if not shape2d:
-            return numel * b
-        return 2 * int(numel**0.5) * b  # row + col vectors; exact shapes come from model_states
     raise ValueError(optimizer)
 
 
@@ -100,7 +97,6 @@ def model_states(plan: Plan, t: TrainingSettings) -> ModelStates:
     frozen = trainable = grads = states = 0
     group_bytes: dict[str, int] = {}
     largest = 0
-    shapes = _shapes(plan)
     for g in plan.groups:
         dtype = group_dtype(plan, g.origin, ctx.weight)
         if g.quantized:
@@ -112,32 +108,20 @@ def model_states(plan: Plan, t: TrainingSettings) -> ModelStates:
             continue
         trainable += nbytes
         grads += nbytes
-        shape = shapes.get(g.name)
-        if t.optimizer == "adafactor" and shape is not None and len(shape) >= 2:
-            rows = 1
-            for d in shape[:-1]:
-                rows *= d
-            states += (rows + shape[-1]) * DTYPE_BYTES[dtype]
+        shape = g.shape
+        if t.optimizer == "adafactor":  # states follow the fp32 upcast gradient
+            if len(shape) >= 2:
+                rows = 1
+                for d in shape[:-1]:
+                    rows *= d
+                states += (rows + shape[-1]) * 4
+            else:
+                states += g.numel * 4
         else:
-            states += _optimizer_state_bytes(g.numel, dtype, t.optimizer, False)
+            states += _optimizer_state_bytes(g.numel, dtype, t.optimizer)
         group_bytes[dtype] = group_bytes.get(dtype, 0) + nbytes
         largest = max(largest, nbytes)
     return ModelStates(frozen, trainable, grads, states, _optimizer_temporaries(t, group_bytes, largest), largest)
-
-
-def _shapes(plan: Plan) -> dict:
-    from peftcalc.layout import build_layout, param_names
-
-    out = {}
-    for m in build_layout(plan.spec).modules:
-        for name, _ in param_names(m):
-            if name.endswith(".bias"):
-                out[name] = (m.bias_numel,)
-            elif m.kind == "conv1d":
-                out[name] = m.shape
-            else:
-                out[name] = m.shape
-    return out
 
 
 def _optimizer_temporaries(t: TrainingSettings, group_bytes: dict, largest: int) -> int:
@@ -183,44 +167,6 @@ def input_bytes(plan: Plan, t: TrainingSettings) -> int:
     ids = t.batch_size * t.seq_len * 8
     labels = ids if spec.task in ("causal_lm", "masked_lm") else (8 * t.batch_size if spec.task == "seq_cls" else 0)
     return ids + labels
-
-
-@dataclass(frozen=True)
-class GradientArrival:
-    """Gradient bytes by when backward produces them: the head side (lm_head/classifier, final norm,
-    and a tied embedding, which receives the head's gradient), each block, and the input side
-    (untied embeddings, prompt encoders), which arrive last."""
-
-    head: int
-    per_layer: tuple
-    input_side: int
-
-    @property
-    def total(self) -> int:
-        return self.head + sum(self.per_layer) + self.input_side
-
-
-def gradient_arrival(plan: Plan, t: TrainingSettings) -> GradientArrival:
-    from peftcalc.layout import build_layout
-
-    layout = build_layout(plan.spec)
-    ctx = make_ctx(plan.spec, plan, t)
-    input_prefixes = tuple(m.path for m in layout.modules if m.role == "embed")
-    if layout.head_tied_to_embedding:
-        input_prefixes = tuple(p for p in input_prefixes if p != layout.embedding_path)
-    per = [0] * plan.spec.num_layers
-    head = input_side = 0
-    for g in plan.groups:
-        if not g.trainable:
-            continue
-        nbytes = g.numel * DTYPE_BYTES[group_dtype(plan, g.origin, ctx.weight)]
-        if g.layer is not None:
-            per[g.layer] += nbytes
-        elif g.origin in ("prefix", "prompt") or any(g.name.startswith(p + ".") or g.name == p for p in input_prefixes):
-            input_side += nbytes
-        else:
-            head += nbytes
-    return GradientArrival(head, tuple(per), input_side)
 
 
 @dataclass(frozen=True)

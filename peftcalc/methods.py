@@ -89,6 +89,7 @@ class ParamGroup:
     origin: str  # base | lora | dora | ia3 | adapter | prefix | prompt | head_copy
     layer: int | None = None
     quantized: bool = False  # stored as NF4 (QLoRA base linears)
+    shape: tuple = ()  # the tensor's shape, as the real parameter has it
 
 
 @dataclass(frozen=True)
@@ -140,11 +141,19 @@ def _under(path: str, prefixes) -> bool:
     return any(path == p or path.startswith(p + ".") for p in prefixes)
 
 
+def param_shape(module: Module, name: str) -> tuple:
+    """Shape of one of `module`'s parameters (`name` as param_names gives it)."""
+    if name.endswith(".bias") and module.kind != "param":
+        return (module.bias_numel,)
+    return module.shape
+
+
 def _base_groups(layout: Layout, trainable_fn) -> list[ParamGroup]:
     groups = []
     for m in layout.modules:
         for name, numel in param_names(m):
-            groups.append(ParamGroup(name, numel, bool(trainable_fn(m, name)), "base", m.layer))
+            groups.append(ParamGroup(name, numel, bool(trainable_fn(m, name)), "base", m.layer,
+                                     shape=param_shape(m, name)))
     return groups
 
 
@@ -157,7 +166,8 @@ def _head_copy(layout: Layout, spec: ModelSpec) -> list[ParamGroup]:
     for m in layout.modules:
         if _under(m.path, SEQ_CLS_HEAD_NAMES):
             for name, numel in param_names(m):
-                copies.append(ParamGroup(f"{name}#modules_to_save", numel, True, "head_copy"))
+                copies.append(ParamGroup(f"{name}#modules_to_save", numel, True, "head_copy",
+                                         shape=param_shape(m, name)))
     return copies
 
 
@@ -243,9 +253,20 @@ def plan_adapter(spec, layout, s):
     if b < 1 or b > spec.hidden_size:
         raise InputError(f"--bottleneck must be between 1 and the hidden size {spec.hidden_size}, got {b}")
     groups = _base_groups(layout, _seq_cls_head_fn(spec, layout))
+    h = spec.hidden_size
     for m in adapter_sites(spec, layout, s.adapter_kind):
-        groups.append(ParamGroup(f"{m.path}.adapter", adapter_numel(spec.hidden_size, b), True, "adapter", m.layer))
+        p = f"{m.path}.adapter_bottleneck"  # measure.adapters.ATTRIBUTE
+        for name, shape in ((f"{p}.down.weight", (b, h)), (f"{p}.down.bias", (b,)),
+                            (f"{p}.up.weight", (h, b)), (f"{p}.up.bias", (h,))):
+            groups.append(ParamGroup(name, _prod(shape), True, "adapter", m.layer, shape=shape))
     return groups
+
+
+def _prod(shape: tuple) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
 
 
 def resolve_targets(spec: ModelSpec, layout: Layout, s: MethodSettings) -> tuple[str, ...]:
@@ -293,6 +314,15 @@ def lora_numel(module: Module, rank: int, dora: bool) -> tuple[int, int]:
     raise InputError(f"LoRA cannot wrap module '{module.path}' ({module.kind}); target Linear or Embedding modules")
 
 
+def lora_shapes(module: Module, rank: int) -> list[tuple[str, tuple]]:
+    """peft's LoRA tensors for one module: lora_A.weight (r, in) and lora_B.weight (out, r) for
+    Linear/Conv1D; lora_embedding_A (r, num) and lora_embedding_B (dim, r) for Embedding."""
+    if module.kind in LINEAR_KINDS:
+        return [("lora_A.weight", (rank, module.in_features)), ("lora_B.weight", (module.out_features, rank))]
+    num, dim = module.shape
+    return [("lora_embedding_A", (rank, num)), ("lora_embedding_B", (dim, rank))]
+
+
 def plan_lora(spec, layout, s):
     if s.rank < 1:
         raise InputError(f"--rank must be a positive integer, got {s.rank}")
@@ -300,8 +330,7 @@ def plan_lora(spec, layout, s):
     targets = resolve_targets(spec, layout, s)
     quantize = s.method == "qlora"
     groups = [
-        ParamGroup(g.name, g.numel, False, "base", g.layer,
-                   quantized=quantize and g.name.endswith(".weight") and _quantizable(mods, g.name, layout))
+        replace(g, quantized=quantize and g.name.endswith(".weight") and _quantizable(mods, g.name, layout))
         for g in _base_groups(layout, lambda m, name: False)
     ]
     for path in targets:
@@ -310,10 +339,12 @@ def plan_lora(spec, layout, s):
         if s.rank > limit:
             raise InputError(f"--rank {s.rank} is larger than module '{path}' ({m.in_features} -> {m.out_features})"
                              if m.kind in LINEAR_KINDS else f"--rank {s.rank} is larger than module '{path}'")
-        ab, magnitude = lora_numel(m, s.rank, s.dora)
-        groups.append(ParamGroup(f"{path}.lora", ab, True, "lora", m.layer))
+        for name, shape in lora_shapes(m, s.rank):
+            groups.append(ParamGroup(f"{path}.{name}", _prod(shape), True, "lora", m.layer, shape=shape))
+        _, magnitude = lora_numel(m, s.rank, s.dora)
         if magnitude:
-            groups.append(ParamGroup(f"{path}.lora_magnitude_vector", magnitude, True, "dora", m.layer))
+            groups.append(ParamGroup(f"{path}.lora_magnitude_vector", magnitude, True, "dora", m.layer,
+                                     shape=(magnitude,)))
     return groups + _head_copy(layout, spec), targets
 
 
@@ -337,8 +368,9 @@ def plan_ia3(spec, layout, s):
         if m.kind not in LINEAR_KINDS:
             raise InputError(f"IA3 cannot wrap module '{path}' ({m.kind}); target Linear modules")
         # peft tuners/ia3/layer.py IA3Layer.update_layer: (out, 1) or, for feedforward, (1, in)
-        size = m.in_features if module_matches(path, ff_keys) else m.out_features
-        groups.append(ParamGroup(f"{path}.ia3_l", size, True, "ia3", m.layer))
+        feedforward = module_matches(path, ff_keys)
+        shape = (1, m.in_features) if feedforward else (m.out_features, 1)
+        groups.append(ParamGroup(f"{path}.ia3_l", _prod(shape), True, "ia3", m.layer, shape=shape))
     return groups + _head_copy(layout, spec), targets
 
 
@@ -361,10 +393,10 @@ def plan_prompt_learning(spec, layout, s):
     groups = _base_groups(layout, lambda m, name: False)
     dim = prompt_token_dim(spec, s.method)
     if s.method == "prefix":  # PrefixEncoder: Embedding(num_virtual_tokens, num_layers * 2 * token_dim)
-        numel = s.num_virtual_tokens * spec.num_layers * 2 * dim
+        shape = (s.num_virtual_tokens, spec.num_layers * 2 * dim)
     else:  # PromptEmbedding: Embedding(num_virtual_tokens, token_dim)
-        numel = s.num_virtual_tokens * dim
-    groups.append(ParamGroup(f"prompt_encoder.{s.method}", numel, True, s.method))
+        shape = (s.num_virtual_tokens, dim)
+    groups.append(ParamGroup("prompt_embeddings", _prod(shape), True, s.method, shape=shape))
     return groups + _head_copy(layout, spec)
 
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from peftcalc.layout import LINEAR_KINDS, build_layout, param_names
-from peftcalc.methods import Plan, SEQ_CLS_HEAD_NAMES, prompt_token_dim
+from peftcalc.layout import build_layout
+from peftcalc.methods import PEFT_METHODS, Plan
 from peftcalc.settings import DTYPE_BYTES
 
 SAFETENSORS_DTYPE = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
@@ -37,63 +37,27 @@ def safetensors_size(tensors: list[tuple[str, tuple, str]], metadata: dict | Non
 
 
 def adapter_tensors(plan: Plan, weight_dtype: str) -> list[tuple[str, tuple, str]]:
-    """The tensors `save_pretrained` writes for the method (peft's get_peft_model_state_dict names,
-    with the adapter name removed; or the trainable tensors of a non-peft method)."""
-    spec = plan.spec
-    layout = build_layout(spec)
-    mods = {m.path: m for m in layout.modules}
-    s = plan.settings
-    out: list[tuple[str, tuple, str]] = []
-    if s.method in ("lora", "qlora"):
-        for path in plan.targets:
-            m = mods[path]
-            if m.kind in LINEAR_KINDS:
-                out.append((f"base_model.model.{path}.lora_A.weight", (s.rank, m.in_features), "float32"))
-                out.append((f"base_model.model.{path}.lora_B.weight", (m.out_features, s.rank), "float32"))
-                if s.dora:
-                    out.append((f"base_model.model.{path}.lora_magnitude_vector", (m.out_features,), "float32"))
-            else:
-                num, dim = m.shape
-                out.append((f"base_model.model.{path}.lora_embedding_A", (s.rank, num), "float32"))
-                out.append((f"base_model.model.{path}.lora_embedding_B", (dim, s.rank), "float32"))
-                if s.dora:
-                    out.append((f"base_model.model.{path}.lora_magnitude_vector", (dim,), "float32"))
-    elif s.method == "ia3":
-        for path in plan.targets:
-            m = mods[path]
-            size = next(g.numel for g in plan.groups if g.name == f"{path}.ia3_l")
-            shape = (1, size) if size == m.in_features and size != m.out_features else (size, 1)
-            out.append((f"base_model.model.{path}.ia3_l", shape, "float32"))
-    elif s.method in ("prefix", "prompt"):
-        dim = prompt_token_dim(spec, s.method)
-        width = spec.num_layers * 2 * dim if s.method == "prefix" else dim
-        out.append(("prompt_embeddings", (s.num_virtual_tokens, width), "float32"))
-    if s.method in ("lora", "qlora", "ia3", "prefix", "prompt"):
-        for m in layout.modules:
-            if any(m.path == h or m.path.startswith(h + ".") for h in SEQ_CLS_HEAD_NAMES) and spec.task == "seq_cls":
-                for name, _ in param_names(m):
-                    shape = (m.bias_numel,) if name.endswith(".bias") else m.shape
-                    out.append((f"base_model.model.{name}", shape, weight_dtype))
-        return out
-    # Non-peft methods: the trainable tensors (for full fine-tuning, the whole model).
-    trainable = {g.name for g in plan.groups if g.trainable}
-    for m in layout.modules:
-        for name, _ in param_names(m):
-            if name in trainable:
-                shape = (m.bias_numel,) if name.endswith(".bias") and m.kind != "param" else m.shape
-                out.append((name, shape, weight_dtype))
+    """The tensors `save_pretrained` writes for the method: peft's get_peft_model_state_dict names
+    (peft utils/save_and_load.py: adapter name removed, tuner keys under base_model.model., prompt
+    embeddings as prompt_embeddings, modules_to_save copies under base_model.model. for tuners and
+    base_model. for prompt learning); for other methods the trainable tensors, in the weight dtype."""
+    if plan.settings.method not in PEFT_METHODS:
+        return [(g.name, g.shape, weight_dtype) for g in plan.groups if g.trainable]
+    prompt_learning = plan.settings.method in ("prefix", "prompt")
+    head_prefix = "base_model." if prompt_learning else "base_model.model."
+    layout = build_layout(plan.spec)
+    embeddings = {m.path: m for m in layout.modules if m.kind == "embedding"}
+    out = []
     for g in plan.groups:
-        if g.origin == "adapter":
-            b = g.numel  # down (h->b) and up (b->h) with biases
-            h = spec.hidden_size
-            bottleneck = (b - h) // (2 * h + 1)
-            base = g.name.replace(".adapter", ".adapter_bottleneck")
-            out += [
-                (f"{base}.down.weight", (bottleneck, h), weight_dtype),
-                (f"{base}.down.bias", (bottleneck,), weight_dtype),
-                (f"{base}.up.weight", (h, bottleneck), weight_dtype),
-                (f"{base}.up.bias", (h,), weight_dtype),
-            ]
+        if g.origin in ("lora", "dora", "ia3"):
+            out.append((f"base_model.model.{g.name}", g.shape, "float32"))
+        elif g.origin in ("prefix", "prompt"):
+            out.append((g.name, g.shape, "float32"))
+        elif g.origin == "head_copy":
+            out.append((head_prefix + g.name.split("#", 1)[0], g.shape, weight_dtype))
+    for path in plan.targets:  # peft sets save_embedding_layers=True when an embedding is targeted
+        if path in embeddings:
+            out.append((f"base_model.model.{path}.base_layer.weight", embeddings[path].shape, weight_dtype))
     return out
 
 
@@ -110,12 +74,7 @@ class Storage:
 
 def full_model_bytes(plan: Plan, weight_dtype: str) -> int:
     """model.safetensors of the base model in its dtype (tied weights stored once)."""
-    layout = build_layout(plan.spec)
-    tensors = []
-    for m in layout.modules:
-        for name, _ in param_names(m):
-            shape = (m.bias_numel,) if name.endswith(".bias") and m.kind != "param" else m.shape
-            tensors.append((name, shape, weight_dtype))
+    tensors = [(g.name, g.shape, weight_dtype) for g in plan.groups if g.origin == "base"]
     return safetensors_size(tensors, {"format": "pt"})
 
 
