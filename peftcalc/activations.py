@@ -289,6 +289,7 @@ class LayerTraining:
     adapters: frozenset  # "attn_out", "mlp_out"
 
 
+@lru_cache(maxsize=1024)
 def _layer_trainings(plan: Plan, layout: Layout) -> list[LayerTraining]:
     """What trains inside each block, from the plan's parameter groups (one pass over them)."""
     n = plan.spec.num_layers
@@ -501,14 +502,26 @@ def activation_profile(plan: Plan, t: TrainingSettings) -> ActivationProfile:
     # The embedding output: token embeddings (+ positions) in the weight dtype.
     x = rec.new(tok * h, ctx.weight if not spec.is_vision else ctx.weight, input_rg)
     x = _embeddings(rec, spec, plan, layout, x)
-    block = BLOCKS[spec.model_type]
-    for i, lt in enumerate(_layer_trainings(plan, layout)):
-        rec.bucket = i
-        x = block(rec, spec, plan, lt, x)
+    per_layer = []
+    tags: dict = {}
+    blocks_seen: dict = {}
+    for lt in _layer_trainings(plan, layout):
+        # Blocks with the same trainable set and the same kind of input save the same tensors:
+        # simulate each kind once (a 80-block model has two or three kinds).
+        key = (lt, x.rg, x.dtype)
+        if key not in blocks_seen:
+            blocks_seen[key] = _simulate_block(spec, plan, lt, ctx, x.rg, x.dtype)
+        saved, block_tags, out_rg, out_dtype = blocks_seen[key]
+        per_layer.append(saved)
+        for tag, nbytes in block_tags:
+            tags[tag] = tags.get(tag, 0) + nbytes
+        x = rec.new(x.numel, out_dtype, out_rg)
     rec.bucket = "post"
     logits_numel, x = _head(rec, spec, plan, layout, x)
     by_bucket = rec.bytes_by_bucket()
-    per_layer = tuple(by_bucket.get(i, 0) for i in range(spec.num_layers))
+    for tag, nbytes in rec.bytes_by_tag().items():
+        tags[tag] = tags.get(tag, 0) + nbytes
+    per_layer = tuple(per_layer)
     needs_grad_layers = [i for i in range(spec.num_layers) if per_layer[i] > 0]
     ckpt_inputs = len(needs_grad_layers) * tok * h * DTYPE_BYTES[_stream_dtype(ctx)]
     loss = _loss_buffers(spec, ctx, logits_numel)
@@ -522,8 +535,16 @@ def activation_profile(plan: Plan, t: TrainingSettings) -> ActivationProfile:
         loss_backward_peak=loss[1],
         loss_forward_peak=loss[2],
         layer_transient=_layer_transient(spec, ctx),
-        by_tag=tuple(sorted(rec.bytes_by_tag().items())),
+        by_tag=tuple(sorted(tags.items())),
     )
+
+
+def _simulate_block(spec: ModelSpec, plan: Plan, lt: LayerTraining, ctx: Ctx, input_rg: bool, input_dtype: str):
+    """One block's saved bytes, by tag, and its output's requires-grad and dtype."""
+    rec = Recorder(ctx, bucket=0)
+    x = rec.new(ctx.tokens * spec.hidden_size, input_dtype, input_rg)
+    out = BLOCKS[spec.model_type](rec, spec, plan, lt, x)
+    return sum(b for _, _, b in rec.saved.values()), tuple(rec.bytes_by_tag().items()), out.rg, out.dtype
 
 
 def _stream_dtype(ctx: Ctx) -> str:

@@ -9,7 +9,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from peftcalc.errors import InputError
-from peftcalc.layout import LINEAR_KINDS, build_layout
+from peftcalc.layout import LINEAR_KINDS, Module, build_layout
 from peftcalc.methods import Plan
 from peftcalc.settings import TrainingSettings
 
@@ -101,9 +101,12 @@ def step_flops(plan: Plan, t: TrainingSettings, tokens_per_sequence: int) -> Ste
     input_grad_from = _lowest_gradient_layer(plan)
     fwd = bwd = recompute = 0.0
     tokens = b * seq
-    for m in layout.modules:
-        if m.kind not in LINEAR_KINDS:
-            continue
+    matmuls = [m for m in layout.modules if m.kind in LINEAR_KINDS]
+    if layout.head_tied_to_embedding:  # the lm_head runs as a matmul with the embedding's weight
+        matmuls.append(Module("lm_head", "linear", (spec.vocab_size, spec.hidden_size), False, None, "head"))
+        if plan.embedding_trains:
+            trainable_modules.add("lm_head")
+    for m in matmuls:
         mac = m.in_features * m.out_features
         if m.role == "head" and spec.task in ("seq_cls", "image_cls"):
             tokens_m = b  # classifiers run on the pooled / last token

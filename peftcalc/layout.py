@@ -57,9 +57,10 @@ class Module:
         return self.path.rsplit(".", 1)[-1]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Layout:
-    """The modules of one model, plus what peft and the methods need to know about its head."""
+    """The modules of one model, plus what peft and the methods need to know about its head.
+    Hashed by identity: build_layout caches one Layout per spec."""
 
     modules: tuple[Module, ...]
     block_prefix: str  # e.g. "model.layers" (block i is f"{block_prefix}.{i}")

@@ -9,7 +9,7 @@ step; the steady-state step is what the estimate reports.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from math import ceil
 
@@ -90,9 +90,13 @@ def _optimizer_state_bytes(numel: int, dtype: str, optimizer: str) -> int:
     raise ValueError(optimizer)
 
 
-@lru_cache(maxsize=4096)
 def model_states(plan: Plan, t: TrainingSettings) -> ModelStates:
     """Weights, gradients and optimizer state of every parameter, and the optimizer step's temporaries."""
+    return _model_states(plan, replace(t, batch_size=1, seq_len=1, grad_checkpointing=False, attention="sdpa"))
+
+
+@lru_cache(maxsize=4096)
+def _model_states(plan: Plan, t: TrainingSettings) -> ModelStates:
     ctx = make_ctx(plan.spec, plan, t)
     frozen = trainable = grads = states = 0
     group_bytes: dict[str, int] = {}
@@ -185,10 +189,15 @@ class GradientArrival:
 
 
 def gradient_arrival(plan: Plan, t: TrainingSettings) -> GradientArrival:
+    return _gradient_arrival(plan, t.precision)
+
+
+@lru_cache(maxsize=4096)
+def _gradient_arrival(plan: Plan, precision: str) -> GradientArrival:
     from peftcalc.layout import build_layout
 
     layout = build_layout(plan.spec)
-    ctx = make_ctx(plan.spec, plan, t)
+    ctx = make_ctx(plan.spec, plan, TrainingSettings(precision=precision))
     input_prefixes = tuple(m.path for m in layout.modules if m.role == "embed")
     if layout.head_tied_to_embedding:
         input_prefixes = tuple(p for p in input_prefixes if p != layout.embedding_path)

@@ -92,9 +92,10 @@ class ParamGroup:
     shape: tuple = ()  # the tensor's shape, as the real parameter has it
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Plan:
-    """What a method makes of a model: every parameter, and facts the memory model needs."""
+    """What a method makes of a model: every parameter, and facts the memory model needs.
+    Compared and hashed by identity: make_plan caches one Plan per (spec, settings)."""
 
     spec: ModelSpec
     settings: MethodSettings

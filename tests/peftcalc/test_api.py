@@ -1,0 +1,75 @@
+"""The Python API: estimate's GPU fit and batch limits, FLOPs by hand, sweep."""
+
+from dataclasses import replace
+
+import peftcalc
+from peftcalc.api import gpu_max_batch
+from peftcalc.hardware import find_gpu, step_flops
+from peftcalc.memory import reserved_bytes, timeline
+from peftcalc.methods import MethodSettings, make_plan
+from peftcalc.settings import TrainingSettings
+from peftcalc.spec import load_spec
+
+
+def test_max_batch_is_the_largest_batch_that_fits():
+    """The closed form (memory is linear in the batch at every event) against a direct search."""
+    plan = make_plan(load_spec("llama-3.1-8b"), MethodSettings("qlora"))
+    t = TrainingSettings(seq_len=2048, grad_checkpointing=True)
+    for name in ("RTX 4090", "A100 80GB"):
+        gpu = find_gpu(name)
+        b = gpu_max_batch(plan, t, gpu)
+        assert b >= 1
+        assert reserved_bytes(timeline(plan, replace(t, batch_size=b)).peak_bytes) <= gpu.memory_bytes
+        assert reserved_bytes(timeline(plan, replace(t, batch_size=b + 1)).peak_bytes) > gpu.memory_bytes
+
+
+def test_full_finetune_flops_are_6n_per_token_plus_attention():
+    """Full fine-tuning of GPT-2 small: every matmul weight (the 12 x (3+1+4+4) x 768^2 block weights
+    and the tied 768 x 50257 lm_head) costs 2 FLOPs per token forward and 4 backward (input and weight
+    gradients); attention adds 4 * s * d per token and layer forward and twice that backward."""
+    spec = load_spec("gpt2")
+    plan = make_plan(spec, MethodSettings("full"))
+    b, s, d = 2, 256, 768
+    matmul_weights = 12 * (3 + 1 + 4 + 4) * d * d + d * 50257
+    attention = 12 * 4 * b * s * s * d
+    f = step_flops(plan, TrainingSettings(batch_size=b, seq_len=s, precision="fp32"), s)
+    assert f.forward == 2 * matmul_weights * b * s + attention
+    assert f.backward == 4 * matmul_weights * b * s + 2 * attention
+    assert f.recompute == 0
+
+
+def test_lora_backward_skips_weight_gradients_of_frozen_layers():
+    """LoRA on q,v of every layer: frozen matmuls run backward once (input gradient) above layer 0;
+    layer 0's frozen matmuls run no backward, its LoRA pair does."""
+    spec = load_spec("llama-2-7b")
+    plan = make_plan(spec, MethodSettings("lora", rank=8))
+    b, s = 1, 128
+    f = step_flops(plan, TrainingSettings(batch_size=b, seq_len=s), s)
+    h, inter, v, layers = 4096, 11008, 32000, 32
+    per_layer = 4 * h * h + 3 * h * inter
+    lora = 2 * 8 * (h + h)
+    attention = 4 * b * s * s * h
+    fwd = 2 * (layers * (per_layer + lora) + h * v) * b * s + layers * attention
+    bwd = (2 * ((layers - 1) * per_layer + h * v) + 2 * 2 * layers * lora) * b * s + 2 * layers * attention
+    assert f.forward == fwd and f.backward == bwd
+
+
+def test_estimate_fits_and_cost():
+    e = peftcalc.estimate("llama-3.1-8b", method="qlora", rank=16, batch_size=4, seq_len=4096,
+                          grad_checkpointing=True, gpu="A100 80GB", price=2.0, dataset_tokens=1_000_000)
+    assert e.params.trainable == 32 * 16 * ((4096 + 4096) + (4096 + 1024))  # q_proj and v_proj (GQA: 1024 out)
+    assert e.cost.gpu == "A100 80GB" and e.cost.price_per_hour == 2.0
+    assert e.cost.steps_per_epoch == -(-1_000_000 // (4 * 4096))
+    assert abs(e.cost.epoch_cost_usd - e.cost.epoch_hours * 2.0) < 1e-9
+    fit = {g.name: g for g in e.gpus}
+    assert fit["H200"].fits and fit["H200"].max_batch_size >= 4
+
+
+def test_sweep_returns_one_row_per_combination():
+    df = peftcalc.sweep("llama-3.2-1b", method=["lora", "full"], batch_size=[1, 2, 4], seq_len=[256, 1024])
+    assert len(df) == 12
+    assert set(df["method"]) == {"lora", "full"}
+    one = df[(df.method == "lora") & (df.batch_size == 1) & (df.seq_len == 256)].iloc[0]
+    e = peftcalc.estimate("llama-3.2-1b", method="lora", batch_size=1, seq_len=256)
+    assert one.peak_bytes == e.memory.peak_bytes and one.params_trainable == e.params.trainable
+    assert (df.groupby(["method", "seq_len"])["peak_bytes"].apply(lambda s: s.is_monotonic_increasing)).all()
