@@ -261,8 +261,10 @@ def attention(rec: Recorder, spec: ModelSpec, q: T, k: T, v: T, p_drop: float, c
         rec.save_new(b * heads * s, "float32", f"{tag}.logsumexp")
         if p_drop > 0 and ctx.device == "cpu":  # CPU flash has no dropout: the math path keeps the probs
             rec.save_new(b * heads * s * kv, q.dtype, f"{tag}.probs")
-        return rec.new(out_numel, q.dtype, True)  # transpose(1, 2).contiguous() copy
-    return rec.new(out_numel, q.dtype, True)
+        # The fused kernels lay their output out as (batch, seq, heads, dim): transformers'
+        # transpose(1, 2).contiguous() is then a view, and the output projection saves that storage.
+        return out
+    return rec.new(out_numel, q.dtype, True)  # eager: transpose(1, 2).contiguous() copies
 
 
 def adapter_block(rec: Recorder, x: T, hidden: int, bottleneck: int, tag: str) -> T:
@@ -502,6 +504,10 @@ def activation_profile(plan: Plan, t: TrainingSettings) -> ActivationProfile:
     # The embedding output: token embeddings (+ positions) in the weight dtype.
     x = rec.new(tok * h, ctx.weight if not spec.is_vision else ctx.weight, input_rg)
     x = _embeddings(rec, spec, plan, layout, x)
+    if spec.model_type in ("llama", "mistral", "qwen2") and (input_rg or plan.lowest_trainable_layer is not None):
+        # LlamaRotaryEmbedding's cos and sin (1 x seq x head_dim, in the hidden states' dtype), shared
+        # by every layer, saved by q * cos and rotate_half(q) * sin
+        rec.save_new(2 * ctx.seq * spec.head_dim, ctx.weight, "rotary.cos_sin")
     per_layer = []
     tags: dict = {}
     blocks_seen: dict = {}
@@ -619,6 +625,8 @@ def _loss_buffers(spec: ModelSpec, ctx: Ctx, logits_numel: int) -> tuple[int, in
         loss_dtype = "float32" if ctx.autocast else logit_dtype  # autocast runs log_softmax in fp32
     lb = DTYPE_BYTES[loss_dtype]
     saved = logits_numel * lb
+    if spec.task == "causal_lm":  # shift_labels = labels[..., 1:].contiguous(), saved by nll_loss
+        saved += ctx.tokens * 8
     backward_peak = 3 * logits_numel * lb
     upcast_copy = logits_numel * lb if logit_dtype != loss_dtype else 0
     forward_peak = logits_numel * DTYPE_BYTES[logit_dtype] + upcast_copy + saved
