@@ -38,7 +38,18 @@ def materialize_fake(model: nn.Module, fake_mode) -> nn.Module:
                     if id(b) not in memo:
                         memo[id(b)] = torch.empty(b.shape, dtype=b.dtype, device="cpu")
                     module._buffers[name] = memo[id(b)]
+        _materialize_prompt_tokens(model)
     return model
+
+
+def _materialize_prompt_tokens(model: nn.Module) -> None:
+    """peft keeps the virtual-token ids of prefix/prompt tuning in a plain dict, not a buffer
+    (peft_model.py PeftModel._setup_prompt_encoder: ``prompt_tokens[adapter] = torch.arange(...)``);
+    they are rebuilt the same way as fake tensors. Call under the fake mode."""
+    tokens = getattr(model, "prompt_tokens", None)
+    if isinstance(tokens, dict):
+        for name, t in tokens.items():
+            tokens[name] = torch.arange(t.numel(), dtype=t.dtype, device="cpu").reshape(t.shape)
 
 
 def _is_bnb_4bit(module: nn.Module, name: str) -> bool:
@@ -110,16 +121,43 @@ def replace_with_nf4(model: nn.Module, settings: MethodSettings, compute_dtype: 
     return model
 
 
+@contextlib.contextmanager
+def real_input_semantics():
+    """Make transformers take the path the real inputs take when they are fake.
+
+    ``transformers.masking_utils.find_packed_sequence_indices`` reads the position ids to detect
+    packed sequences, but on fake tensors (``is_tracing``) it cannot, and returns an index tensor
+    that makes every model build an explicit (b, 1, s, s) mask instead of using SDPA's ``is_causal``.
+    The harness never packs sequences (position ids are ``arange``), for which the real function
+    returns None; so does the patched one while this context is active."""
+    import transformers.masking_utils as masking
+
+    original = masking.find_packed_sequence_indices
+    masking.find_packed_sequence_indices = lambda position_ids: None
+    try:
+        yield
+    finally:
+        masking.find_packed_sequence_indices = original
+
+
+def build_meta_model(spec: ModelSpec, settings: MethodSettings, dtype: torch.dtype = torch.float32,
+                     compute_dtype: torch.dtype = torch.float32, attention: str = "sdpa") -> nn.Module:
+    """The model of :func:`measure.build.build_model` on the meta device; for QLoRA with the
+    Linear layers from_pretrained would quantize swapped for bitsandbytes Linear4bit (still holding
+    their unquantized meta weights, so parameter counts are the logical ones)."""
+    model = build_base_model(spec, dtype=dtype, device="meta", attention=attention)
+    if settings.method == "qlora":
+        model = replace_with_nf4(model, settings, compute_dtype)
+    with torch.device("meta"):
+        return apply_method(model, spec, settings)
+
+
 def build_fake_model(spec: ModelSpec, settings: MethodSettings, fake_mode, dtype: torch.dtype,
                      compute_dtype: torch.dtype, attention: str = "sdpa") -> nn.Module:
     """The model of :func:`measure.build.build_model` (QLoRA: of :func:`measure.build.build_qlora_model`
     without ``prepare_model_for_kbit_training``): built and given its method on the meta device
     (peft casting fake adapter weights fails: ``_apply`` cannot swap fake tensors), then made fake."""
-    model = build_base_model(spec, dtype=dtype, device="meta", attention=attention)
-    if settings.method == "qlora":
-        model = replace_with_nf4(model, settings, compute_dtype)
-    with torch.device("meta"):
-        model = apply_method(model, spec, settings)
+    model = build_meta_model(spec, settings, dtype, compute_dtype, attention)
     materialize_fake(model, fake_mode)
     if settings.method == "qlora":
         quantize_fake_nf4(model, fake_mode, dtype)

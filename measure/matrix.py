@@ -330,6 +330,18 @@ def append_row(out, row: dict) -> None:
     os.fsync(out.fileno())
 
 
+def _end_with_newline(path: Path) -> None:
+    """A run killed mid-write leaves a last line without its newline; close it so the next row
+    starts on a line of its own."""
+    if path.exists() and path.stat().st_size:
+        with open(path, "rb") as f:
+            f.seek(-1, os.SEEK_END)
+            last = f.read(1)
+        if last != b"\n":
+            with open(path, "a") as f:
+                f.write("\n")
+
+
 def run_matrix(matrix_path, out_path, device: str | None = None, limit: int | None = None,
                progress: bool = True, isolate: bool | None = None) -> dict:
     """Measure every run of a matrix file and append each row to `out_path` as soon as it is done.
@@ -350,6 +362,7 @@ def run_matrix(matrix_path, out_path, device: str | None = None, limit: int | No
     counts = {"ok": 0, "oom": 0, "error": 0}
     started = time.perf_counter()
     Path(out_path).parent.mkdir(parents=True, exist_ok=True)
+    _end_with_newline(Path(out_path))
     bar = _progress(todo, progress)
     with open(out_path, "a") as out:
         for run in bar:

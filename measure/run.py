@@ -475,7 +475,7 @@ def measure_one(spec: ModelSpec | str | dict, method_settings: MethodSettings, t
     check_run(spec, method_settings, training_settings, device, steps)
     settings = settings_record(spec, method_settings, training_settings, device, steps, prepare_kbit, seed)
     row = {"key": row_key(settings), "settings": settings, "outcome": "ok", "error": None,
-           "harness": {"loss": LOSSES[spec.task]}}
+           "harness": {"loss": LOSSES[spec.task]}, "params": None, "measured": None}
     started = time.perf_counter()
     try:
         result = _execute(spec, method_settings, training_settings, device, steps, prepare_kbit, seed, trace_cuda)
@@ -521,16 +521,22 @@ def _execute(spec, method, training, device, steps, prepare_kbit, seed, trace_cu
 def _execute_fake(spec, method, training, steps, policy) -> dict:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
+    from measure.fake import real_input_semantics
+
     fake_mode = FakeTensorMode()
     t0 = time.perf_counter()
     model = build_for_device(spec, method, training, "fake", policy, fake_mode)
     build_s = time.perf_counter() - t0
-    result = _with_tracer(model, spec, training, "fake", steps, policy, fake_mode)
+    with real_input_semantics():
+        result = _with_tracer(model, spec, training, "fake", steps, policy, fake_mode)
     result["timing"] = {"build_s": round(build_s, 3), **result.pop("timing")}
     return result
 
 
 def _execute_real(spec, method, training, device, steps, policy, workdir, prepare_kbit, trace_cuda) -> dict:
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()  # from_pretrained's bars would break the matrix's
     t0 = time.perf_counter()
     model = build_for_device(spec, method, training, device, policy, workdir=workdir, prepare_kbit=prepare_kbit)
     build_s = time.perf_counter() - t0

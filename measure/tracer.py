@@ -66,13 +66,15 @@ class StorageRecord:
 
 @dataclass
 class PhaseStats:
-    """Live bytes at the start and end of a phase, and its peak (with the event number of the peak)."""
+    """Live bytes at the start and end of a phase, and its peak, with the event numbers of the peak
+    and of the end (for :meth:`StorageTracer.breakdown`)."""
 
     name: str
     start_bytes: int
     end_bytes: int = 0
     peak_bytes: int = 0
     peak_seq: int = 0
+    end_seq: int = 0
 
 
 def _is_fake(t: torch.Tensor) -> bool:
@@ -185,6 +187,8 @@ class StorageTracer(FakeScalars):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = super().__torch_dispatch__(func, types, args, kwargs)
+        if func is torch.ops.prim.device.default:  # fake tensors route `.device` through dispatch
+            return out
         name = str(getattr(func, "overloadpacket", func))
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor):
@@ -208,7 +212,7 @@ class StorageTracer(FakeScalars):
             yield stats
         finally:
             with self._lock:
-                stats.end_bytes = self.live_bytes
+                stats.end_bytes, stats.end_seq = self.live_bytes, self.seq
                 self.phases.append(stats)
                 self._phase, self.current_phase = None, previous
 
