@@ -140,22 +140,33 @@ def linear(rec: Recorder, x: T, in_f: int, out_f: int, trainable: bool, tag: str
         rec.save(xin, f"{tag}.input")
     if ctx.autocast and x.rg and not quantized:
         rec.save_new(in_f * out_f, ctx.autocast, f"{tag}.autocast_weight")
-    if ia3 == "ff":  # IA3 feedforward: (x * ia3_l) then linear; mul saves x for the vector's grad
-        rec.save(xin, f"{tag}.ia3_input")
-        xin = rec.new(xin.numel, xin.dtype, True)
+    if ia3 == "ff":  # peft IA3 Linear.forward, feedforward: (x.to(ia3 dtype) * scaling).to(x dtype), then
+        # the frozen linear; the mul saves the cast input and the scaling vector (1 * ia3_l.flatten())
+        xc = cast(rec, x, ctx.adapter)
+        rec.save(xc, f"{tag}.ia3_input")
+        rec.save_new(in_f, ctx.adapter, f"{tag}.ia3_scaling")
+        xin = autocast_in(rec, rec.new(x.numel, x.dtype, True))
     out_dtype = ctx.autocast or (ctx.compute if not quantized else ctx.compute)
     out = rec.new(tokens_in * out_f, out_dtype, x.rg or trainable or bool(lora_rank) or bool(ia3))
     if lora_rank:
-        xa = autocast_in(rec, x) if ctx.autocast else cast(rec, x, ctx.adapter)
+        # x.to(lora_A.weight.dtype) (peft _cast_input_dtype), then autocast's own cast for the matmul
+        xa = autocast_in(rec, cast(rec, x, ctx.adapter))
         rec.save(xa, f"{tag}.lora_input")
+        if ctx.autocast:  # autocast copies of lora_B (always needed) and lora_A (when x needs a gradient)
+            rec.save_new(out_f * lora_rank + (in_f * lora_rank if x.rg else 0), ctx.autocast,
+                         f"{tag}.lora_autocast_weights")
         a = rec.new(tokens_in * lora_rank, ctx.autocast or ctx.adapter, True)
         rec.save(a, f"{tag}.lora_A_out")
-        if dora:  # DoRA re-runs the base linear and scales it by magnitude / ||W + BA|| (tuners/lora/dora.py)
-            rec.save_new(tokens_in * out_f, ctx.autocast or ctx.adapter, f"{tag}.dora_base_out")
+        if dora:  # peft tuners/lora/dora.py DoraLinearLayer.forward: (m/||W+BA|| - 1) * base_result +
+            # m/||W+BA|| * lora_B(lora_A(x)) * scaling: the muls save the base result (compute dtype),
+            # the LoRA result, and the vectors ||W+BA|| (detached), m/||.|| and m/||.|| - 1
+            rec.save_new(tokens_in * out_f, ctx.autocast or ctx.compute, f"{tag}.dora_base_out")
             rec.save_new(tokens_in * out_f, ctx.autocast or ctx.adapter, f"{tag}.dora_lora_out")
+            rec.save_new(3 * out_f, ctx.adapter, f"{tag}.dora_scale")
         out = rec.new(tokens_in * out_f, out.dtype, True)
-    if ia3 == "out":  # IA3 on keys/values: result * ia3_l, the mul saves the result
+    if ia3 == "out":  # IA3 on keys/values: base_layer(x) * scaling, the mul saves both
         rec.save(out, f"{tag}.ia3_out")
+        rec.save_new(out_f, ctx.adapter, f"{tag}.ia3_scaling")
         out = rec.new(out.numel, out.dtype, True)
     return out
 
@@ -232,9 +243,15 @@ def attention(rec: Recorder, spec: ModelSpec, q: T, k: T, v: T, p_drop: float, c
     ctx = rec.ctx
     b, s, kv = ctx.batch, ctx.seq, ctx.kv_seq
     heads = spec.num_heads
-    if kv != s:  # prefix tuning: the cache update concatenates the trainable past keys/values
-        k = rec.new(b * kv * spec.kv_dim, k.dtype, True)
-        v = rec.new(b * kv * spec.kv_dim, v.dtype, True)
+    explicit_mask = kv != s
+    if explicit_mask:
+        # prefix tuning: the cache update concatenates the trainable past keys/values, and peft passes
+        # an attention mask, so transformers (sdpa_attention_forward: use_gqa_in_sdpa is False with a
+        # mask) repeats keys/values to every head (repeat_kv) and SDPA saves the float mask it builds
+        width = spec.q_dim if spec.num_kv_heads != spec.num_heads else spec.kv_dim
+        k = rec.new(b * kv * width, k.dtype, True)
+        v = rec.new(b * kv * width, v.dtype, True)
+        rec.save_new(b * s * kv, q.dtype, f"{tag}.attn_mask")
     needs = q.rg or k.rg or v.rg
     out_numel = b * s * spec.q_dim
     if not needs:
@@ -245,10 +262,10 @@ def attention(rec: Recorder, spec: ModelSpec, q: T, k: T, v: T, p_drop: float, c
         v_full = v if groups == 1 else rec.new(v.numel * groups, v.dtype, v.rg)
         rec.save(q, f"{tag}.q")
         rec.save(k_full, f"{tag}.k")
-        rec.save_new(b * heads * s * kv, "float32", f"{tag}.softmax_out")
-        probs = rec.new(b * heads * s * kv, q.dtype, True)
-        if q.dtype == "float32":
-            probs = rec.new(b * heads * s * kv, q.dtype, True)
+        softmax = rec.new(b * heads * s * kv, "float32", True)  # softmax(dtype=float32) saves its output
+        rec.save(softmax, f"{tag}.softmax_out")
+        # .to(query.dtype) is a no-op in fp32; in bf16, or under autocast (whose matmul casts it), a copy
+        probs = softmax if (q.dtype == "float32" and not ctx.autocast) else rec.new(softmax.numel, ctx.autocast or q.dtype, True)
         probs = dropout(rec, probs, p_drop, tag)
         rec.save(probs, f"{tag}.probs")
         rec.save(v_full, f"{tag}.v")
@@ -268,12 +285,11 @@ def attention(rec: Recorder, spec: ModelSpec, q: T, k: T, v: T, p_drop: float, c
 
 
 def adapter_block(rec: Recorder, x: T, hidden: int, bottleneck: int, tag: str) -> T:
-    """measure.adapters.BottleneckAdapter: x + up(gelu(down(x))); down saves x, gelu its input, up its."""
-    rec.save(x, f"{tag}.adapter_in")
-    mid = rec.new(x.numel // hidden * bottleneck, x.dtype, True)
-    rec.save(mid, f"{tag}.adapter_mid")
-    rec.save_new(mid.numel, x.dtype, f"{tag}.adapter_act")
-    return rec.new(x.numel, x.dtype, True)
+    """measure.adapters.BottleneckAdapter: x + up(gelu(down(x))), two trainable Linears around a GELU."""
+    down = linear(rec, x, hidden, bottleneck, True, f"{tag}.adapter.down")
+    act = activation(rec, down, "gelu", f"{tag}.adapter.act")
+    up = linear(rec, act, bottleneck, hidden, True, f"{tag}.adapter.up")
+    return rec.new(x.numel, up.dtype if rec.ctx.autocast is None else x.dtype, True)
 
 
 # ---------------------------------------------------------------- blocks
@@ -504,7 +520,8 @@ def activation_profile(plan: Plan, t: TrainingSettings) -> ActivationProfile:
     # The embedding output: token embeddings (+ positions) in the weight dtype.
     x = rec.new(tok * h, ctx.weight if not spec.is_vision else ctx.weight, input_rg)
     x = _embeddings(rec, spec, plan, layout, x)
-    if spec.model_type in ("llama", "mistral", "qwen2") and (input_rg or plan.lowest_trainable_layer is not None):
+    grads_reach_blocks = input_rg or plan.lowest_trainable_layer is not None or plan.settings.method == "prefix"
+    if spec.model_type in ("llama", "mistral", "qwen2") and grads_reach_blocks:
         # LlamaRotaryEmbedding's cos and sin (1 x seq x head_dim, in the hidden states' dtype), shared
         # by every layer, saved by q * cos and rotate_half(q) * sin
         rec.save_new(2 * ctx.seq * spec.head_dim, ctx.weight, "rotary.cos_sin")
