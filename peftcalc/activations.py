@@ -128,7 +128,8 @@ def autocast_in(rec: Recorder, x: T) -> T:
 
 
 def linear(rec: Recorder, x: T, in_f: int, out_f: int, trainable: bool, tag: str,
-           lora_rank: int = 0, dora: bool = False, ia3: str = "", quantized: bool = False) -> T:
+           lora_rank: int = 0, dora: bool = False, ia3: str = "", quantized: bool = False,
+           conv1d: bool = False, bias: bool = False) -> T:
     """nn.Linear / Conv1D (addmm): saves the input when the weight trains (grad_W = grad^T x) and the
     weight when the input needs a gradient. Under autocast the weight is cast to the autocast dtype,
     and that copy is what is saved. peft LoRA (tuners/lora/layer.py Linear.forward) adds
@@ -160,9 +161,15 @@ def linear(rec: Recorder, x: T, in_f: int, out_f: int, trainable: bool, tag: str
         if dora:  # peft tuners/lora/dora.py DoraLinearLayer.forward: (m/||W+BA|| - 1) * base_result +
             # m/||W+BA|| * lora_B(lora_A(x)) * scaling: the muls save the base result (compute dtype),
             # the LoRA result, and the vectors ||W+BA|| (detached), m/||.|| and m/||.|| - 1
-            rec.save_new(tokens_in * out_f, ctx.autocast or ctx.compute, f"{tag}.dora_base_out")
+            # (base_result - bias when the layer has one: under autocast that promotes to fp32)
+            base_dtype = ctx.weight if (bias and ctx.autocast) else (ctx.autocast or ctx.compute)
+            rec.save_new(tokens_in * out_f, base_dtype, f"{tag}.dora_base_out")
             rec.save_new(tokens_in * out_f, ctx.autocast or ctx.adapter, f"{tag}.dora_lora_out")
             rec.save_new(3 * out_f, ctx.adapter, f"{tag}.dora_scale")
+            if conv1d and ctx.weight == ctx.adapter:
+                # traced (peft 0.21, transformers Conv1D): with fp32 base weights the W + s*BA of the
+                # weight norm is saved, one weight-sized fp32 tensor per DoRA layer
+                rec.save_new(in_f * out_f, ctx.adapter, f"{tag}.dora_weight")
         out = rec.new(tokens_in * out_f, out.dtype, True)
     if ia3 == "out":  # IA3 on keys/values: base_layer(x) * scaling, the mul saves both
         rec.save(out, f"{tag}.ia3_out")
@@ -269,6 +276,14 @@ def attention(rec: Recorder, spec: ModelSpec, q: T, k: T, v: T, p_drop: float, c
         probs = dropout(rec, probs, p_drop, tag)
         rec.save(probs, f"{tag}.probs")
         rec.save(v_full, f"{tag}.v")
+    elif p_drop > 0 and ctx.device == "cpu" and ctx.training_dropout:
+        # CPU has no fused kernel with dropout: torch's _scaled_dot_product_attention_math runs, in fp32
+        # for half types, and saves the scaled q, k^T, v, the softmax, the dropout noise and the
+        # dropped probabilities; its (batch, heads, seq, dim) output is copied by transpose().contiguous()
+        up = "float32" if (ctx.autocast or q.dtype) in ("bfloat16", "float16") else q.dtype
+        rec.save_new(b * s * spec.q_dim, up, f"{tag}.math_q")
+        rec.save_new(2 * b * kv * spec.q_dim, up, f"{tag}.math_kv")
+        rec.save_new(3 * b * heads * s * kv, up, f"{tag}.math_probs")
     else:
         rec.save(q, f"{tag}.q")
         rec.save(k, f"{tag}.k")
@@ -322,7 +337,10 @@ def _layer_trainings(plan: Plan, layout: Layout) -> list[LayerTraining]:
         s = sets[g.layer]
         if g.origin == "base":
             module = rel.rsplit(".", 1)[0]
-            (s["norms"] if roles.get(prefix + module) == "norm" else s["trainable"]).add(module)
+            if roles.get(prefix + module) == "norm":  # LayerNorm saves its input for either parameter
+                s["norms"].add(module)
+            elif rel.endswith(".weight"):  # a Linear saves its input for the weight's gradient only
+                s["trainable"].add(module)
         elif g.origin in ("lora", "dora"):
             s["lora"].add(rel.split(".lora_", 1)[0])
         elif g.origin == "ia3":
@@ -337,7 +355,15 @@ def _lin(rec, lt: LayerTraining, x, name, in_f, out_f, plan: Plan, quantized=Fal
     s = plan.settings
     ia3 = "ff" if name in lt.ia3_ff else ("out" if name in lt.ia3_out else "")
     return linear(rec, x, in_f, out_f, name in lt.trainable, name, lora_rank=s.rank if name in lt.lora else 0,
-                  dora=s.dora and name in lt.lora, ia3=ia3, quantized=quantized)
+                  dora=s.dora and name in lt.lora, ia3=ia3, quantized=quantized,
+                  conv1d=plan.spec.model_type == "gpt2", bias=name in _block_biases(build_layout(plan.spec)))
+
+
+@lru_cache(maxsize=256)
+def _block_biases(layout: Layout) -> frozenset:
+    """Relative names (as in block 0) of the block's modules that carry a bias."""
+    prefix = f"{layout.block_prefix}.0."
+    return frozenset(m.path[len(prefix):] for m in layout.blocks(0) if m.bias)
 
 
 def _maybe_adapter(rec, lt, x, role, spec, plan, tag):
@@ -591,7 +617,7 @@ def _head(rec: Recorder, spec: ModelSpec, plan: Plan, layout: Layout, x: T):
     ctx = rec.ctx
     h, tok = spec.hidden_size, ctx.tokens
     head_trains = any(g.trainable and g.layer is None and (g.origin == "head_copy" or _is_head(layout, g.name))
-                      for g in plan.groups)
+                      for g in plan.groups) or (layout.head_tied_to_embedding and plan.embedding_trains)
     norm_trains = any(g.trainable and layout.final_norm_path and g.name.startswith(layout.final_norm_path + ".")
                       for g in plan.groups)
     if layout.final_norm_path:
