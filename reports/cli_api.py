@@ -1,0 +1,131 @@
+"""What the CLI calls (``peftcalc report | table | storage | chart``): plain functions taking the
+command's arguments and returning strings (tables) or JSON-serialisable dicts (charts, with a
+'text' entry to print). Bad input raises peftcalc.errors.InputError with a one-line message.
+
+    peftcalc report reports/data/*.jsonl --out build/report  ->  build_report(paths, out); error_summary_text(s)
+    peftcalc table llama-2-7b --format markdown              ->  trainable_table(model, fmt)
+    peftcalc storage llama-2-7b --tasks 1..100 --out s.png   ->  storage_chart(model, tasks, out)
+    peftcalc chart llama-3.1-8b --batch-size 1,2,4,8 --out b.png -> breakdown_chart(model, [1, 2, 4, 8], out)
+    (the seed 001 VLM table)                                 ->  vlm_table(fmt)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from peftcalc.errors import InputError
+from reports.render import markdown, plain, rows_csv, rows_json
+
+FORMATS = ("table", "markdown", "csv", "json")
+
+
+def _check_format(fmt: str) -> None:
+    if fmt not in FORMATS:
+        raise InputError(f"unknown format '{fmt}'; choose from {', '.join(FORMATS)}")
+
+
+def build_report(jsonl_paths: list[str], out_dir: str, **kw) -> dict:
+    """report.md, PNG + SVG charts and CSVs under `out_dir`; returns the summary: 'error_table' (per
+    source and method: n, median/worst |error| %, worst signed %, bias %), 'overall' (per source),
+    'counts', 'unpredicted', 'headline' ('gpu' when GPU rows exist), 'report', 'files'."""
+    from reports.report import build_report as _build
+
+    missing = [p for p in jsonl_paths if not Path(p).is_file()]
+    if missing:
+        raise InputError(f"no such result file: {missing[0]}")
+    summary = _build(list(jsonl_paths), out_dir, **kw)
+    summary.pop("frame", None)
+    return summary
+
+
+def error_summary_text(summary: dict) -> str:
+    """The compact error table for the end of a CI log."""
+    from reports.accuracy import error_summary_text as _text
+
+    return _text(summary)
+
+
+def trainable_table(model: str, fmt: str = "table", batch_size: int = 1, seq_len: int = 512,
+                    precision: str = "bf16") -> str:
+    """Seeds 004/000's method table for `model`: trainable, total, %, peak at the stated setting, the
+    claimed ranges (with the seed file:line) and whether the real figure is outside them."""
+    from reports.trainable import citations, trainable_frame, trainable_markdown_rows
+
+    _check_format(fmt)
+    df = trainable_frame(model, batch_size=batch_size, seq_len=seq_len, precision=precision)
+    if fmt == "csv":
+        return rows_csv(df.to_dict("records")).rstrip("\n")
+    if fmt == "json":
+        return rows_json(df.to_dict("records"))
+    header, cells = trainable_markdown_rows(df)
+    align = "llrrrrlllll"
+    table = markdown(header, cells, align) if fmt == "markdown" else plain(header, cells, align)
+    notes = [f"Peak at: {df.attrs['setting']}.", "Claims: " + ", ".join(citations(df)) + "."]
+    if fmt == "markdown":
+        return "\n".join([table, "", *notes])
+    return "\n".join([table, *notes])
+
+
+def storage_chart(model: str, tasks: str, out: str) -> dict:
+    """Total storage vs number of tasks T for each method (one base + T task files) against T full
+    models, log axis, PNG + SVG at `out`; returns per-method numbers, the crossover and 'text'."""
+    from reports.storage_report import storage_chart as _chart
+
+    s = _chart(model, tasks, out)
+    s.pop("table")
+    t_max = s["tasks_max"]
+    rows = [[m, f"{v['per_task_bytes']:,}", f"{v['per_task_pct_of_full']:.4g}%",
+             "-" if v["crossover_tasks"] is None else str(v["crossover_tasks"]),
+             f"{v[f'total_bytes_at_{t_max}'] / 1024**3:,.2f}"] for m, v in s["methods"].items()]
+    s["text"] = "\n".join([plain(["method", "per-task bytes", "of full", "crossover T", f"total GiB at T={t_max}"],
+                                 rows, "lrrrr"), s["crossover_sentence"], "wrote " + ", ".join(s["files"])])
+    return _plain(s)
+
+
+def breakdown_chart(model: str, batch_sizes: list[int], out: str, seq_len: int = 512, methods=None,
+                    precision: str = "bf16", optimizer: str = "adamw", grad_checkpointing: bool = False,
+                    attention: str = "sdpa", rank=None, targets=None, seq_lens=None) -> dict:
+    """Stacked memory breakdown per method at each batch size (`out`), and reserved memory vs batch
+    size and vs sequence length with GPU capacities (`<out>_scaling`), PNG + SVG; returns the
+    numbers ('rows'), 'which_card' (method -> batch -> smallest GPU) and 'text'."""
+    from peftcalc.methods import METHODS
+    from reports.breakdown import breakdown_chart as _chart
+
+    r = _chart(model, batch_sizes, out, seq_len=seq_len, methods=methods or METHODS, precision=precision,
+               optimizer=optimizer, grad_checkpointing=grad_checkpointing, attention=attention, rank=rank,
+               targets=targets, seq_lens=seq_lens)
+    df, wc = r.pop("table"), r.pop("which_card")
+    r["rows"] = df.to_dict("records")
+    r["which_card"] = {m: {int(b): wc.loc[m, b] for b in wc.columns} for m in wc.index}
+    cells = [[m] + [str(wc.loc[m, b]) for b in wc.columns] for m in wc.index]
+    r["text"] = "\n".join([f"{r['model']} ({r['setting']}): smallest GPU that holds the reserved peak",
+                           plain(["method"] + [f"batch {b}" for b in wc.columns], cells),
+                           "wrote " + ", ".join(r["files"])])
+    return _plain(r)
+
+
+def vlm_table(fmt: str = "markdown") -> str:
+    """Seed 001's 7B VLM memory table recomputed (partial until the vision-language issue)."""
+    from reports.vlm import vlm_frame, vlm_markdown
+
+    _check_format(fmt)
+    df = vlm_frame()
+    if fmt == "csv":
+        return rows_csv(df.to_dict("records")).rstrip("\n")
+    if fmt == "json":
+        return rows_json(df.to_dict("records"))
+    return vlm_markdown(df)
+
+
+def _plain(obj):
+    """numpy scalars -> Python numbers, recursively (the dicts go through json.dumps)."""
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if hasattr(obj, "item") and not isinstance(obj, (str, bytes)):
+        try:
+            return obj.item()
+        except (ValueError, AttributeError):
+            return obj
+    return obj

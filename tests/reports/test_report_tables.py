@@ -1,0 +1,185 @@
+"""The seed tables: trainable vs total (seeds 004/000), storage vs tasks (seed 003), the memory
+breakdown, the seed 001 VLM table; every number against the calculator or a hand computation."""
+
+import io
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+import peftcalc
+from peftcalc.errors import InputError
+from peftcalc.methods import MethodSettings, make_plan
+from peftcalc.spec import load_spec
+from peftcalc.storage import storage
+from reports.breakdown import STACK, breakdown_frame, gpu_lines
+from reports.cli_api import trainable_table, vlm_table
+from reports.storage_report import crossover, parse_tasks, storage_frame
+from reports.trainable import SEED_000_CLAIMS, SEED_004_CLAIMS, trainable_frame
+from reports.vlm import projector_params, projector_saved_bytes, vlm_frame
+
+SEEDS = Path(__file__).resolve().parents[3] / "shared" / "seeds"
+CONFIGS = Path(__file__).parents[1] / "peftcalc" / "configs"
+
+
+# -- trainable vs total -------------------------------------------------------------------------
+
+
+def test_trainable_numbers_are_the_calculators():
+    df = trainable_frame("llama-2-7b", batch_size=2, seq_len=256)
+    for r in df.to_dict("records"):
+        if r["note"]:
+            continue
+        kw = {"rank": 16, "targets": "all-linear"} if "all-linear" in r["settings"] else {}
+        e = peftcalc.estimate("llama-2-7b", method=r["method"], batch_size=2, seq_len=256, precision="bf16", **kw)
+        assert (r["trainable"], r["total"], r["peak_bytes"]) == (e.params.trainable, e.params.total,
+                                                                 e.memory.peak_bytes)
+        assert r["trainable_pct"] == pytest.approx(100 * e.params.trainable / e.params.total)
+
+
+def test_trainable_flags_by_hand():
+    df = trainable_frame("llama-2-7b").set_index("settings")
+    # LoRA r=8 on q,v: 32 layers x 2 modules x 8 x (4096 + 4096) = 4,194,304 -> 0.062%: inside 0.01-0.1%.
+    lora = df.loc["r=8, q_proj,v_proj"]
+    assert lora["trainable"] == 32 * 2 * 8 * (4096 + 4096)
+    assert lora["outside_004"] == False  # noqa: E712
+    # all-linear r=16: ~0.59%, outside the seed's LoRA range, inside seed 000's "< 1%".
+    al = df.loc["r=16, all-linear"]
+    assert al["outside_004"] == True and al["outside_000"] == False  # noqa: E712
+    # BitFit: Llama has no biases; the row says so instead of failing.
+    assert df.loc["bias terms only", "note"].startswith("n/a")
+
+
+def test_bitfit_on_bert_against_the_seed_range():
+    df = trainable_frame("bert-base").set_index("method")
+    e = peftcalc.estimate("bert-base", method="bitfit")
+    assert df.loc["bitfit", "trainable"] == e.params.trainable
+    pct = 100 * e.params.trainable / e.params.total
+    assert df.loc["bitfit", "outside_004"] == (not 0.09 <= pct <= 0.1)
+
+
+@pytest.mark.skipif(not SEEDS.is_dir(), reason="shared/seeds not present")
+def test_claims_quote_their_seed_lines():
+    for claim in list(SEED_004_CLAIMS.values()) + list(SEED_000_CLAIMS.values()):
+        path, line = claim.cite.rsplit(":", 1)
+        text = (SEEDS.parent.parent / path).read_text().splitlines()[int(line) - 1]
+        number = claim.text.replace("~", "").replace("<", "").split("%")[0].split("-")[0].strip().split()[-1]
+        assert number in text, (claim, text)
+
+
+@pytest.mark.parametrize("fmt", ["markdown", "csv", "json", "table"])
+def test_trainable_table_formats(fmt):
+    out = trainable_table("bert-base", fmt, batch_size=1, seq_len=128)
+    e = peftcalc.estimate("bert-base", method="lora", seq_len=128)
+    if fmt == "csv":
+        df = pd.read_csv(io.StringIO(out))
+        assert int(df[df["method"] == "lora"]["trainable"].iloc[0]) == e.params.trainable
+    elif fmt == "json":
+        rows = json.loads(out)
+        assert next(r for r in rows if r["method"] == "lora")["trainable"] == e.params.trainable
+    else:
+        assert f"{e.params.trainable:,}" in out and "seed 004" in out
+        assert "004_c97024b964fd67c6.txt:99" in out
+    with pytest.raises(InputError):
+        trainable_table("bert-base", "xml")
+
+
+# -- storage ------------------------------------------------------------------------------------
+
+
+def test_crossover_by_hand():
+    # base 10, task 1, full 10: 10 + T < 10 T  <=>  T > 10/9  ->  2
+    assert crossover(10, 1, 10) == 2
+    # base 100, task 60, full 100: 100 + 60 T < 100 T  <=>  T > 2.5  ->  3
+    assert crossover(100, 60, 100) == 3
+    # exactly equal at T = 2 (100 + 50*2 = 200 = 2*100) is not smaller: T = 3
+    assert crossover(100, 50, 100) == 3
+    assert crossover(100, 100, 100) is None
+
+
+def test_parse_tasks():
+    assert parse_tasks("1..5") == [1, 2, 3, 4, 5]
+    assert parse_tasks("100,1,10") == [1, 10, 100]
+    for bad in ("0..3", "a", ""):
+        with pytest.raises(InputError):
+            parse_tasks(bad)
+
+
+def test_storage_frame_against_peftcalc_storage():
+    spec = load_spec(str(CONFIGS / "llama_cls.json"))
+    df = storage_frame(spec, "1,2,3,10")
+    full_one = storage(make_plan(spec, MethodSettings("full")), "bfloat16", 1).per_task_bytes
+    for r in df.to_dict("records"):
+        s = storage(make_plan(spec, MethodSettings(r["method"])), "bfloat16", r["tasks"])
+        assert r["total_bytes"] == s.total_bytes == r["base_bytes"] + r["tasks"] * r["per_task_bytes"]
+        assert r["full_models_bytes"] == r["tasks"] * full_one
+    # the stated crossover is the first T where one base + T files is smaller than T full models
+    for m, t in df.attrs["crossover"].items():
+        g = df[df["method"] == m]
+        base, task = int(g["base_bytes"].iloc[0]), int(g["per_task_bytes"].iloc[0])
+        brute = next((T for T in range(1, 1000) if base + T * task < T * full_one), None)
+        assert t == brute, m
+
+
+def test_storage_chart_writes_png_and_svg(tmp_path):
+    from reports.cli_api import storage_chart
+
+    s = storage_chart("gpt2", "1,10,100", str(tmp_path / "storage.png"))
+    assert sorted(Path(f).suffix for f in s["files"]) == [".png", ".svg"]
+    assert all(Path(f).stat().st_size > 1000 for f in s["files"])
+    lora = s["methods"]["lora"]
+    e = peftcalc.estimate("gpt2", method="lora", tasks=100)
+    assert lora["total_bytes_at_100"] == e.storage.total_bytes
+    assert s["methods"]["full"]["total_bytes_at_100"] == e.storage.full_models_total_bytes
+    json.dumps(s)  # serialisable for the CLI
+
+
+# -- breakdown -----------------------------------------------------------------------------------
+
+
+def test_breakdown_components_sum_to_reserved():
+    df = breakdown_frame("gpt2", [1, 4], seq_len=256, methods=("full", "lora", "bitfit"), seq_lens=[128, 512])
+    assert set(df["sweep"]) == {"batch", "seq"}
+    cards = sorted(peftcalc.hardware.gpu_catalog(), key=lambda g: g.memory_bytes)
+    for r in df.to_dict("records"):
+        e = peftcalc.estimate("gpt2", method=r["method"], batch_size=r["batch_size"], seq_len=r["seq_len"])
+        assert sum(r[f"{k}_bytes"] for k in STACK) == r["reserved_bytes"] == e.memory.reserved_bytes
+        assert r["weights_bytes"] == e.memory.components["weights_frozen"] + e.memory.components["weights_trainable"]
+        assert r["peak_bytes"] == e.memory.peak_bytes
+        assert r["smallest_gpu"] == next(g.name for g in cards if e.memory.reserved_bytes <= g.memory_bytes)
+
+
+def test_breakdown_skips_methods_the_model_cannot_take(tmp_path):
+    from reports.cli_api import breakdown_chart
+
+    r = breakdown_chart("llama-3.2-1b", [1, 2], str(tmp_path / "b.png"), methods=("lora", "bitfit"), seq_lens=[256])
+    assert "bitfit" in r["skipped"] and set(r["which_card"]) == {"lora"}
+    assert len(r["files"]) == 4 and all(Path(f).exists() for f in r["files"])
+    json.dumps(r)
+
+
+def test_gpu_lines_group_near_equal_cards():
+    lines = gpu_lines()
+    assert [c for c, _ in lines] == sorted(c for c, _ in lines)
+    assert any("H100" in name and "A100 80GB" in name for _, name in lines)
+
+
+# -- seed 001 VLM table -------------------------------------------------------------------------
+
+
+def test_vlm_table_by_hand():
+    assert projector_params() == 1024 * 4096 + 4096 + 4096 * 4096 + 4096 == 20_979_712
+    df = vlm_frame().set_index("component")
+    vision = make_plan(load_spec("clip-vit-l-14-336-vision"), MethodSettings("full")).total
+    llm = make_plan(load_spec("llama-2-7b"), MethodSettings("full")).total
+    assert df.loc["vision encoder", "params"] == vision
+    assert df.loc["language model", "params"] == llm == 6_738_415_616
+    assert df.loc["weights total", "fp16_bytes"] == 2 * (vision + llm + 20_979_712)
+    assert df.loc["optimizer states (Adam)", "fp32_bytes"] == 4 * 2 * 20_979_712
+    assert df.loc["language model", "params_diff_pct"] == pytest.approx(100 * (llm - 7e9) / 7e9)
+    assert df.loc["total GPU memory", "fp16_bytes"] == sum(df.loc[c, "fp16_bytes"] for c in (
+        "weights total", "gradients (trainable)", "optimizer states (Adam)", "activations (batch=4)",
+        "logits / loss buffers (not in the seed)"))
+    assert projector_saved_bytes(4, 576, 2) == 4 * 576 * (1024 + 8192) * 2
+    assert "vision-language issue" in vlm_table("markdown")
