@@ -238,6 +238,11 @@ def mul(rec: Recorder, a: T, b: T, tag: str) -> T:
     return rec.new(max(a.numel, b.numel), a.dtype, a.rg or b.rg)
 
 
+# Families whose eager attention runs softmax in fp32 (modeling_llama.py eager_attention_forward and
+# the ViT/CLIP copies); GPT-2/BERT/RoBERTa take the softmax in the scores' dtype.
+FP32_SOFTMAX_FAMILIES = ("llama", "mistral", "qwen2", "vit", "clip_vision_model")
+
+
 def attention(rec: Recorder, spec: ModelSpec, q: T, k: T, v: T, p_drop: float, causal: bool, tag: str) -> T:
     """Scaled dot-product attention over heads.
 
@@ -258,32 +263,51 @@ def attention(rec: Recorder, spec: ModelSpec, q: T, k: T, v: T, p_drop: float, c
         width = spec.q_dim if spec.num_kv_heads != spec.num_heads else spec.kv_dim
         k = rec.new(b * kv * width, k.dtype, True)
         v = rec.new(b * kv * width, v.dtype, True)
-        rec.save_new(b * s * kv, q.dtype, f"{tag}.attn_mask")
+        cpu_math = p_drop > 0 and ctx.device == "cpu" and ctx.training_dropout
+        if ctx.attention != "eager" and not cpu_math:  # eager and the math path add it to the scores
+            rec.save_new(b * s * kv, q.dtype, f"{tag}.attn_mask")
     needs = q.rg or k.rg or v.rg
     out_numel = b * s * spec.q_dim
     if not needs:
         return rec.new(out_numel, q.dtype, False)
     if ctx.attention == "eager":
-        groups = spec.num_heads // spec.num_kv_heads
+        groups = 1 if explicit_mask else spec.num_heads // spec.num_kv_heads  # repeat_kv (once)
         k_full = k if groups == 1 else rec.new(k.numel * groups, k.dtype, k.rg)
         v_full = v if groups == 1 else rec.new(v.numel * groups, v.dtype, v.rg)
-        rec.save(q, f"{tag}.q")
-        rec.save(k_full, f"{tag}.k")
-        softmax = rec.new(b * heads * s * kv, "float32", True)  # softmax(dtype=float32) saves its output
+        # q @ k^T saves q for k's gradient and k for q's; probs @ v saves v for the probabilities'
+        # gradient and the probabilities for v's
+        if k.rg:
+            rec.save(q, f"{tag}.q")
+        if q.rg:
+            rec.save(k_full, f"{tag}.k")
+        if spec.model_type in FP32_SOFTMAX_FAMILIES:  # softmax(..., dtype=float32).to(query.dtype)
+            softmax = rec.new(b * heads * s * kv, "float32", True)
+        else:  # softmax(attn_weights, dim=-1) in the scores' dtype
+            softmax = rec.new(b * heads * s * kv, q.dtype if not ctx.autocast else "float32", True)
         rec.save(softmax, f"{tag}.softmax_out")
-        # .to(query.dtype) is a no-op in fp32; in bf16, or under autocast (whose matmul casts it), a copy
-        probs = softmax if (q.dtype == "float32" and not ctx.autocast) else rec.new(softmax.numel, ctx.autocast or q.dtype, True)
+        probs = softmax
+        if probs.dtype != q.dtype and not ctx.autocast:  # .to(query.dtype)
+            probs = rec.new(probs.numel, q.dtype, True)
         probs = dropout(rec, probs, p_drop, tag)
-        rec.save(probs, f"{tag}.probs")
-        rec.save(v_full, f"{tag}.v")
+        probs = autocast_in(rec, probs)  # autocast's matmul casts fp32 probabilities
+        if v.rg:
+            rec.save(probs, f"{tag}.probs")
+        if q.rg or k.rg:
+            rec.save(v_full, f"{tag}.v")
     elif p_drop > 0 and ctx.device == "cpu" and ctx.training_dropout:
         # CPU has no fused kernel with dropout: torch's _scaled_dot_product_attention_math runs, in fp32
         # for half types, and saves the scaled q, k^T, v, the softmax, the dropout noise and the
         # dropped probabilities; its (batch, heads, seq, dim) output is copied by transpose().contiguous()
         up = "float32" if (ctx.autocast or q.dtype) in ("bfloat16", "float16") else q.dtype
-        rec.save_new(b * s * spec.q_dim, up, f"{tag}.math_q")
-        rec.save_new(2 * b * kv * spec.q_dim, up, f"{tag}.math_kv")
-        rec.save_new(3 * b * heads * s * kv, up, f"{tag}.math_probs")
+        if k.rg:
+            rec.save_new(b * s * spec.q_dim, up, f"{tag}.math_q")
+        if q.rg:
+            rec.save_new(b * kv * spec.q_dim, up, f"{tag}.math_k")
+        if q.rg or k.rg:
+            rec.save_new(b * kv * spec.q_dim, up, f"{tag}.math_v")
+            rec.save_new(2 * b * heads * s * kv, up, f"{tag}.math_softmax_noise")
+        if v.rg:
+            rec.save_new(b * heads * s * kv, up, f"{tag}.math_probs")
     else:
         rec.save(q, f"{tag}.q")
         rec.save(k, f"{tag}.k")
@@ -600,49 +624,104 @@ def _stream_dtype(ctx: Ctx) -> str:
     return ctx.weight
 
 
+@lru_cache(maxsize=1024)
+def _trainable_names(plan: Plan) -> frozenset:
+    """Names of the trainable parameters outside the blocks (a modules_to_save copy counts as its
+    original)."""
+    return frozenset(g.name.split("#", 1)[0] for g in plan.groups if g.trainable and g.layer is None)
+
+
+def _trains(plan: Plan, path: str, weight_only: bool = False) -> bool:
+    names = _trainable_names(plan)
+    if weight_only:
+        return f"{path}.weight" in names or path in names
+    return any(n == path or n.startswith(path + ".") for n in names)
+
+
 def _embeddings(rec: Recorder, spec: ModelSpec, plan: Plan, layout: Layout, x: T) -> T:
     h = spec.hidden_size
     if spec.model_type == "gpt2":
         return dropout(rec, x, dropout_p(spec, "embd"), "embeddings.dropout")
     if spec.model_type in ("bert", "roberta"):
-        x = layer_norm(rec, x, plan.embedding_trains, h, "embeddings.LayerNorm")
+        norm = f"{layout.embedding_path.rsplit('.', 1)[0]}.LayerNorm"
+        x = layer_norm(rec, x, _trains(plan, norm), h, "embeddings.LayerNorm")
         return dropout(rec, x, dropout_p(spec, "embd"), "embeddings.dropout")
     if spec.model_type == "clip_vision_model":
-        return layer_norm(rec, x, False, h, "pre_layrnorm")
+        return layer_norm(rec, x, _trains(plan, "pre_layrnorm"), h, "pre_layrnorm")
     return x
 
 
 def _head(rec: Recorder, spec: ModelSpec, plan: Plan, layout: Layout, x: T):
-    """Final norm and task head; returns (logits numel, logits tensor)."""
+    """Final norm and task head (as each ForXxx class runs them); returns (logits numel, output).
+    A classifier on the first token takes x[:, 0], a view: saving it keeps the whole storage."""
     ctx = rec.ctx
-    h, tok = spec.hidden_size, ctx.tokens
-    head_trains = any(g.trainable and g.layer is None and (g.origin == "head_copy" or _is_head(layout, g.name))
-                      for g in plan.groups) or (layout.head_tied_to_embedding and plan.embedding_trains)
-    norm_trains = any(g.trainable and layout.final_norm_path and g.name.startswith(layout.final_norm_path + ".")
-                      for g in plan.groups)
-    if layout.final_norm_path:
+    h, tok, b = spec.hidden_size, ctx.tokens, ctx.batch
+    if layout.final_norm_path and spec.model_type != "clip_vision_model":  # CLIP norms only the pooled token
+        norm_trains = _trains(plan, layout.final_norm_path)
         if spec.model_type in ("llama", "mistral", "qwen2"):
             x = rms_norm(rec, x, norm_trains, "norm")
         else:
             x = layer_norm(rec, x, norm_trains, h, layout.final_norm_path)
     if spec.task == "causal_lm":
-        linear(rec, x, h, spec.vocab_size, head_trains, "lm_head")
+        w = _trains(plan, "lm_head", True) or (layout.head_tied_to_embedding and plan.embedding_trains)
+        linear(rec, x, h, spec.vocab_size, w, "lm_head")
         return tok * spec.vocab_size, x
     if spec.task == "masked_lm":
-        d = linear(rec, x, h, h, head_trains, "mlm.transform")
+        c = "cls.predictions" if spec.model_type == "bert" else "lm_head"
+        dense = f"{c}.transform.dense" if spec.model_type == "bert" else f"{c}.dense"
+        norm = f"{c}.transform.LayerNorm" if spec.model_type == "bert" else f"{c}.layer_norm"
+        d = linear(rec, x, h, h, _trains(plan, dense, True), "mlm.dense")
         d = activation(rec, d, "gelu", "mlm.act")
-        d = layer_norm(rec, d, head_trains, h, "mlm.layer_norm")
-        linear(rec, d, h, spec.vocab_size, head_trains, "mlm.decoder")
+        d = layer_norm(rec, d, _trains(plan, norm), h, "mlm.layer_norm")
+        decoder = _trains(plan, f"{c}.decoder", True) or (layout.head_tied_to_embedding and plan.embedding_trains)
+        linear(rec, d, h, spec.vocab_size, decoder, "mlm.decoder")
         return tok * spec.vocab_size, x
-    if spec.task in ("seq_cls", "image_cls"):
-        pooled = rec.new(ctx.batch * h, x.dtype, x.rg)
-        if spec.task == "seq_cls" and spec.model_type in ("llama", "mistral", "qwen2", "gpt2"):
-            # score on every position, then the last non-pad token is gathered
-            linear(rec, x, h, spec.num_labels, head_trains, "score")
-        else:
-            linear(rec, pooled, h, spec.num_labels, head_trains, "classifier")
-        return ctx.batch * spec.num_labels, x
+    if spec.task == "seq_cls" and spec.is_decoder:  # score on every position, then gather the last
+        linear(rec, x, h, spec.num_labels, _trains(plan, "score", True), "score")
+        return b * spec.num_labels, x
+    p = dropout_p(spec, "resid")
+    if spec.task == "seq_cls" and spec.model_type == "bert":  # BertPooler, dropout, classifier
+        pooled = _first_token_linear(rec, x, b, h, h, _trains(plan, "bert.pooler.dense", True), "pooler.dense")
+        pooled = _tanh(rec, pooled, "pooler.tanh")
+        pooled = dropout(rec, pooled, p, "classifier.dropout")
+        linear(rec, pooled, h, spec.num_labels, _trains(plan, "classifier", True), "classifier")
+        return b * spec.num_labels, x
+    if spec.task == "seq_cls":  # RobertaClassificationHead: dropout, dense, tanh, dropout, out_proj
+        d = dropout(rec, rec.new(b * h, x.dtype, x.rg), p, "classifier.dropout")
+        d = linear(rec, d, h, h, _trains(plan, "classifier.dense", True), "classifier.dense")
+        d = _tanh(rec, d, "classifier.tanh")
+        d = dropout(rec, d, p, "classifier.dropout2")
+        linear(rec, d, h, spec.num_labels, _trains(plan, "classifier.out_proj", True), "classifier.out_proj")
+        return b * spec.num_labels, x
+    if spec.task == "image_cls":  # classifier(sequence_output[:, 0, :])
+        _first_token_linear(rec, x, b, h, spec.num_labels, _trains(plan, "classifier", True), "classifier")
+        return b * spec.num_labels, x
+    # A bare encoder is trained here on last_hidden_state.float().pow(2).mean() (measure.run
+    # forward_loss): pow saves its fp32 input.
+    if x.rg:
+        rec.save(cast(rec, x, "float32"), "loss.pow_input")
     return 0, x
+
+
+def _first_token_linear(rec: Recorder, x: T, batch: int, in_f: int, out_f: int, trainable: bool, tag: str) -> T:
+    """A Linear on x[:, 0]: the weight's gradient needs the view, which keeps x's whole storage
+    (under autocast the cast copy of the view is saved instead)."""
+    if trainable:
+        if rec.ctx.autocast:
+            rec.save_new(batch * in_f, rec.ctx.autocast, f"{tag}.input")
+        else:
+            rec.save(x, f"{tag}.input")
+    if rec.ctx.autocast and x.rg:
+        rec.save_new(in_f * out_f, rec.ctx.autocast, f"{tag}.autocast_weight")
+    return rec.new(batch * out_f, rec.ctx.autocast or x.dtype, x.rg or trainable)
+
+
+def _tanh(rec: Recorder, x: T, tag: str) -> T:
+    """tanh saves its output."""
+    out = rec.new(x.numel, x.dtype, x.rg)
+    if x.rg:
+        rec.save(out, f"{tag}.output")
+    return out
 
 
 def _is_head(layout: Layout, name: str) -> bool:
