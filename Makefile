@@ -21,6 +21,7 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not gpu" $(PYTEST_ARGS)
+	$(PY) -m reports.ci_report
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_estimate.py

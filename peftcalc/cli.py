@@ -125,6 +125,72 @@ def gpus(format: str = FORMAT) -> None:
     _echo_rows(rows, format)
 
 
+@app.command()
+def report(
+    files: list[str] = typer.Argument(..., help="Harness result files (JSON lines), e.g. reports/data/*.jsonl."),
+    out: str = typer.Option("build/report", "--out", "-o", help="Output folder for report.md, charts and CSVs."),
+) -> None:
+    """Predicted vs measured: error tables and charts from harness results."""
+    from reports.cli_api import build_report, error_summary_text
+
+    summary = build_report(files, out)
+    typer.echo(error_summary_text(summary))
+    typer.echo(f"wrote {summary['report']}")
+
+
+@app.command()
+def table(
+    model: str = MODEL_ARG, batch_size: int = BATCH, seq_len: int = SEQ, precision: str = PRECISION,
+    format: str = FORMAT,
+) -> None:
+    """Trainable vs total parameters for every method, beside the ranges the seed documents claim."""
+    from reports.cli_api import trainable_table
+
+    typer.echo(trainable_table(model, format, batch_size=batch_size, seq_len=seq_len, precision=precision))
+
+
+@app.command()
+def storage(
+    model: str = MODEL_ARG,
+    tasks: str = typer.Option("1..100", "--tasks", help="Task counts: a range 1..100 or a list 1,10,100."),
+    out: str = typer.Option("storage.png", "--out", "-o", help="Chart file (PNG; an SVG is written beside it)."),
+) -> None:
+    """Total storage vs number of tasks: one base plus T adapters against T full models."""
+    from reports.cli_api import storage_chart
+
+    typer.echo(storage_chart(model, tasks, out)["text"])
+
+
+@app.command()
+def chart(
+    model: str = MODEL_ARG,
+    batch_size: str = typer.Option("1,2,4,8", "--batch-size", "-b", help="Comma-separated batch sizes."),
+    seq_len: int = SEQ, precision: str = PRECISION, optimizer: str = OPTIMIZER, grad_checkpointing: bool = CKPT,
+    attention: str = ATTENTION, rank: Optional[int] = RANK, targets: Optional[str] = TARGETS,
+    methods: Optional[str] = typer.Option(None, "--methods", help="Comma-separated methods (default: all)."),
+    out: str = typer.Option("breakdown.png", "--out", "-o", help="Chart file (PNG; an SVG is written beside it)."),
+) -> None:
+    """Stacked memory breakdown per method, and peak vs batch size and sequence length against GPU sizes."""
+    from reports.cli_api import breakdown_chart
+
+    batches = _int_list(batch_size, "--batch-size")
+    method_list = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
+    r = breakdown_chart(model, batches, out, seq_len=seq_len, methods=method_list, precision=precision,
+                        optimizer=optimizer, grad_checkpointing=grad_checkpointing, attention=attention, rank=rank,
+                        targets=targets)
+    typer.echo(r["text"])
+
+
+def _int_list(text: str, flag: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise InputError(f"{flag} takes comma-separated integers, got '{text}'") from None
+    if not values or any(v < 1 for v in values):
+        raise InputError(f"{flag} takes positive integers, got '{text}'")
+    return values
+
+
 def _echo_rows(rows: list[dict], fmt: str) -> None:
     import json
 
