@@ -525,6 +525,7 @@ class ActivationProfile:
     loss_backward_peak: int  # live loss buffers at the start of backward (saved + grads)
     loss_forward_peak: int  # live loss buffers while the loss is computed
     layer_transient: int  # gradient buffers alive inside one layer's backward
+    forward_transient: int = 0  # intermediates alive inside one block's forward that nothing saves
     by_tag: tuple = ()
 
     @property
@@ -608,6 +609,7 @@ def activation_profile(plan: Plan, t: TrainingSettings) -> ActivationProfile:
         loss_backward_peak=loss[1],
         loss_forward_peak=loss[2],
         layer_transient=_layer_transient(spec, ctx),
+        forward_transient=_forward_transient(spec, plan, ctx, per_layer),
         by_tag=tuple(sorted(tags.items())),
     )
 
@@ -753,6 +755,41 @@ def _loss_buffers(spec: ModelSpec, ctx: Ctx, logits_numel: int) -> tuple[int, in
     upcast_copy = logits_numel * lb if logit_dtype != loss_dtype else 0
     forward_peak = logits_numel * DTYPE_BYTES[logit_dtype] + upcast_copy + saved
     return saved, backward_peak, forward_peak
+
+
+def _forward_transient(spec: ModelSpec, plan: Plan, ctx: Ctx, per_layer: tuple) -> int:
+    """The working set of one block's forward that autograd does not keep: it matters where blocks
+    save little (a frozen backbone) and is already inside the saved bytes where they save everything.
+    Attention: eager scores, softmax and probabilities (b x heads x s x kv); on CPU with dropout the
+    math path's fp32 scores, softmax, noise and dropped probabilities plus its q, k, v copies; fused
+    kernels only their q, k, v and output. MLP: the gated MLP's gate, up and activation outputs; GELU's
+    input and output (gelu_new's Python formula: four intermediates). DoRA adds B @ A and W + s * BA
+    (out x in) and the identity it multiplies (in x in), per layer (peft tuners/lora/dora.py)."""
+    tok, b, s, kv = ctx.tokens, ctx.batch, ctx.seq, ctx.kv_seq
+    cb = DTYPE_BYTES[ctx.autocast or ctx.compute]
+    scores = b * spec.num_heads * s * kv
+    if ctx.attention == "eager":
+        attn = scores * (4 + 4 + cb)
+    elif dropout_p(spec, "attn") > 0 and ctx.device == "cpu":
+        attn = 4 * scores * 4 + 3 * tok * spec.q_dim * 4
+    else:
+        attn = tok * (2 * spec.q_dim + 2 * spec.kv_dim) * cb
+    act = {"gelu_new": 4}.get(spec.hidden_act, 2)
+    mlp = (3 if spec.gated_mlp else act) * tok * spec.intermediate_size * cb
+    dora = 0
+    if plan.settings.dora and plan.targets:
+        layout = build_layout(spec)
+        mods = {m.path: m for m in layout.modules}
+        dora = max(((m.in_features ** 2 + 3 * m.in_features * m.out_features) * DTYPE_BYTES[ctx.adapter]
+                    for m in (mods[p] for p in plan.targets) if m.kind in ("linear", "conv1d")), default=0)
+    saving = [a for a in per_layer if a]
+    light = not saving or min(saving) < max(attn, mlp)  # some block keeps less than its working set
+    if light:
+        return max(attn, mlp, dora)
+    # blocks that save their intermediates still hold one unsaved buffer at a time: the raw scores
+    # before softmax (eager, CPU math path) or one MLP output
+    fused = ctx.attention != "eager" and not (dropout_p(spec, "attn") > 0 and ctx.device == "cpu")
+    return max(dora, tok * spec.intermediate_size * cb if fused else scores * 4)
 
 
 def _layer_transient(spec: ModelSpec, ctx: Ctx) -> int:
