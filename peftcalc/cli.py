@@ -126,6 +126,100 @@ def gpus(format: str = FORMAT) -> None:
 
 
 @app.command()
+def measure(
+    model: Optional[str] = typer.Argument(None, help="Model to measure (as for estimate); omit with --matrix."),
+    method: str = METHOD, rank: Optional[int] = RANK, alpha: Optional[int] = ALPHA,
+    targets: Optional[str] = TARGETS, dora: bool = DORA, double_quant: bool = DOUBLE_QUANT,
+    bottleneck: Optional[int] = BOTTLENECK, adapter_kind: str = ADAPTER_KIND,
+    num_virtual_tokens: Optional[int] = VIRTUAL_TOKENS, trainable_layers: Optional[int] = TRAINABLE_LAYERS,
+    batch_size: int = BATCH, seq_len: int = SEQ, precision: str = PRECISION, optimizer: str = OPTIMIZER,
+    grad_checkpointing: bool = CKPT, attention: str = ATTENTION,
+    device: Optional[str] = typer.Option(None, "--device", help="cuda | cpu | fake (fake: meta-device model on "
+                                         "fake tensors, no memory used). Default cuda for one run; for "
+                                         "--matrix, the matrix's own devices."),
+    steps: int = typer.Option(3, "--steps", help="Training steps (the first is step 1; the last is the steady state)."),
+    matrix: Optional[str] = typer.Option(None, "--matrix", help="A matrix file (measure/matrices/*.toml, or "
+                                         "'ci' / 'gpu') to sweep; rows are appended to --out as they finish."),
+    out: Optional[str] = typer.Option(None, "--out", "-o", help="JSON-lines file for --matrix (resumed if present)."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="--matrix: only the first N runs."),
+    format: str = FORMAT,
+) -> None:
+    """Run real training steps and record their memory (and the calculator's prediction beside it)."""
+    import json
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+
+    if matrix:
+        if model:
+            raise InputError("give a model or --matrix, not both")
+        if not out:
+            raise InputError("--matrix needs --out FILE (JSON lines; an existing file is resumed)")
+        from measure.matrix import run_matrix
+
+        summary = run_matrix(_matrix_path(matrix), out, device=device, limit=limit)
+        typer.echo(json.dumps(summary, indent=2) if format == "json" else
+                   f"{summary['ran']} run(s) measured ({summary['ok']} ok, {summary['oom']} oom, "
+                   f"{summary['error']} error), {summary['skipped_done']} already in {out}, "
+                   f"{summary['seconds']} s")
+        return
+    if not model:
+        raise InputError("give a model to measure, or --matrix FILE --out FILE")
+    _check_format(format)
+    from measure.run import measure_one, to_json_line
+    from peftcalc.api import _method_settings
+    from peftcalc.settings import TrainingSettings
+    from peftcalc.spec import load_spec
+
+    settings = _method_settings(method, rank=rank, alpha=alpha, targets=targets, dora=dora, double_quant=double_quant,
+                                bottleneck=bottleneck, adapter_kind=adapter_kind,
+                                num_virtual_tokens=num_virtual_tokens, trainable_layers=trainable_layers)
+    dev = device or "cuda"
+    training = TrainingSettings(batch_size=batch_size, seq_len=seq_len, precision=precision, optimizer=optimizer,
+                                grad_checkpointing=grad_checkpointing, attention=attention,
+                                device="cuda" if dev == "cuda" else "cpu")
+    row = measure_one(load_spec(model), settings, training, device=dev, steps=steps)
+    if format == "json":
+        typer.echo(to_json_line(row))
+        return
+    typer.echo(_measure_text(row))
+    if row.get("outcome") == "error":
+        raise typer.Exit(1)
+
+
+def _matrix_path(name: str) -> str:
+    from pathlib import Path
+
+    if Path(name).exists():
+        return name
+    bundled = Path(__file__).resolve().parent.parent / "measure" / "matrices" / f"{name}.toml"
+    if bundled.exists():
+        return str(bundled)
+    raise InputError(f"no matrix file '{name}' (bundled: ci, gpu)")
+
+
+def _measure_text(row: dict) -> str:
+    from peftcalc.format import gib
+
+    s = row.get("settings", {})
+    lines = [f"{s.get('model')} {s.get('method', {}).get('method', '') if isinstance(s.get('method'), dict) else s.get('method', '')}"
+             f" on {s.get('device')}: outcome {row.get('outcome')}" + (f" ({row.get('error')})" if row.get("error") else "")]
+    if row.get("params"):
+        lines.append(f"parameters: total {row['params']['total']:,}, trainable {row['params']['trainable']:,}")
+    m, p = row.get("measured") or {}, row.get("predicted") or {}
+    if m.get("peak_bytes"):
+        lines.append(f"measured peak (steady state): {gib(m['peak_bytes'])} in {m.get('peak_phase')}; "
+                     f"step 1: {gib(m.get('step1_peak_bytes', 0))}")
+    if p.get("peak_bytes") and m.get("peak_bytes"):
+        err = 100 * (p["peak_bytes"] - m["peak_bytes"]) / m["peak_bytes"]
+        lines.append(f"predicted peak: {gib(p['peak_bytes'])} in {p.get('peak_phase')} ({err:+.2f}%)")
+    return "\n".join(lines)
+
+
+@app.command()
 def report(
     files: list[str] = typer.Argument(..., help="Harness result files (JSON lines), e.g. reports/data/*.jsonl."),
     out: str = typer.Option("build/report", "--out", "-o", help="Output folder for report.md, charts and CSVs."),
