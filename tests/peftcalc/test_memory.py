@@ -3,6 +3,8 @@ optimizers' state tensors, and hand derivations written out below."""
 
 from pathlib import Path
 
+import peftcalc
+
 import pytest
 import torch
 
@@ -125,3 +127,20 @@ def test_checkpointing_keeps_one_hidden_state_per_block():
     off = timeline(plan, TrainingSettings(batch_size=1, seq_len=512)).peak_bytes
     on = timeline(plan, TrainingSettings(batch_size=1, seq_len=512, grad_checkpointing=True)).peak_bytes
     assert on < off
+
+
+def test_lora_all_linear_crosses_full_finetuning_at_long_context():
+    """peft#1514: TinyLlama-1.1B with LoRA r=64 on all linears (50,462,720 trainable, the figure in
+    the issue) used as much memory as full fine-tuning at long context. Each LoRA layer saves its
+    own fp32 copy of its input (4 bytes per element, seven per block) where full fine-tuning saves
+    the shared bf16 input once, so activations grow faster and overtake the 8 bytes per parameter
+    of full fine-tuning's weights, gradients and AdamW states between 2k and 4k tokens."""
+    def peak(method, seq, **kw):
+        e = peftcalc.estimate("tinyllama-1.1b", method=method, seq_len=seq, precision="bf16", **kw)
+        return e.memory.peak_bytes, e.params.trainable
+
+    lora_short, trainable = peak("lora", 2048, rank=64, targets="all-linear")
+    assert trainable == 22 * 64 * (2 * (2048 + 2048) + 2 * (2048 + 256) + 3 * (2048 + 5632))
+    assert trainable == 50_462_720
+    assert lora_short < peak("full", 2048)[0]
+    assert peak("lora", 4096, rank=64, targets="all-linear")[0] > peak("full", 4096)[0]
