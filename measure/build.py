@@ -41,7 +41,8 @@ def build_base_model(spec: ModelSpec, dtype: torch.dtype = torch.float32, device
     """The transformers model class `spec.architecture` names, with random weights."""
     config = transformers_config(spec, attention)
     auto = getattr(transformers, AUTO_CLASS[spec.task])
-    ctx = torch.device(device) if device == "meta" else contextlib.nullcontext()
+    # meta and cuda: initialise on the device (random init of a 7B model on the CPU takes minutes)
+    ctx = torch.device(device) if device == "meta" or str(device).startswith("cuda") else contextlib.nullcontext()
     with ctx:
         model = auto.from_config(config, dtype=dtype, attn_implementation=attention)
     if device != "meta":

@@ -96,7 +96,9 @@ def quantize_fake_nf4(model: nn.Module, fake_mode, dtype: torch.dtype) -> nn.Mod
             w = torch.empty(module.out_features, module.in_features, dtype=dtype, device="cpu")
             packed, state = F.quantize_4bit(w, blocksize=old.blocksize, compress_statistics=old.compress_statistics,
                                             quant_type=old.quant_type, quant_storage=old.quant_storage)
-            weight = nn.Parameter(packed, requires_grad=False)
+            # keeping requires_grad fails as the real Params4bit does when peft marks a quantized
+            # module trainable (modules_to_save): "only Tensors of floating point dtype can require gradients"
+            weight = nn.Parameter(packed, requires_grad=old.requires_grad)
             for attr in ("blocksize", "compress_statistics", "quant_type", "quant_storage"):
                 setattr(weight, attr, getattr(old, attr))
             weight.quant_state, weight.bnb_quantized, weight.module = state, True, module

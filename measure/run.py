@@ -634,6 +634,39 @@ def to_json_line(row: dict) -> str:
     return json.dumps(row, sort_keys=False, default=str)
 
 
+def _gib(n) -> str:
+    return "-" if n is None else f"{n / 2**30:.3f} GiB"
+
+
+def summarize(row: dict) -> str:
+    """A few human-readable lines for one row (the text format of ``peftcalc measure``)."""
+    s = row["settings"]
+    t, m = s["training"], s["method"]
+    ck = ", checkpointing" if t["grad_checkpointing"] else ""
+    head = (f"{s['model']} {m['method']} on {s['device']}: batch {t['batch_size']}, seq {t['seq_len']}, "
+            f"{t['precision']}, {t['optimizer']}, {t['attention']}{ck}; {s['steps']} steps")
+    if row["outcome"] != "ok":
+        return f"{head}\n{row['outcome']}: {row['error']}"
+    meas = row["measured"]
+    lines = [head,
+             f"params        {row['params']['total']:,} total, {row['params']['trainable']:,} trainable",
+             f"peak          {_gib(meas['peak_bytes'])} in {meas['peak_phase']} (step 1: "
+             f"{_gib(meas['step1_peak_bytes'])} in {meas['step1_peak_phase']}); source {meas['source']}"]
+    if "reserved_peak_bytes" in meas:
+        lines.append(f"reserved      {_gib(meas['reserved_peak_bytes'])}")
+    predicted = row.get("predicted")
+    if predicted:
+        ratio = predicted["peak_bytes"] / meas["peak_bytes"] if meas["peak_bytes"] else float("nan")
+        lines.append(f"predicted     {_gib(predicted['peak_bytes'])} ({ratio:.3f} x measured)")
+    categories = meas.get("categories_at_peak") or (meas.get("tracer") or {}).get("categories_at_peak") or {}
+    if categories:
+        lines.append("at the peak   " + ", ".join(f"{k} {_gib(v)}" for k, v in categories.items() if v))
+    top = meas.get("top_ops") or (meas.get("tracer") or {}).get("top_ops") or []
+    for op in top[:5]:
+        lines.append(f"  {op['op']:<34} {op['category']:<12} {op['phase']:<9} {_gib(op['bytes'])} x{op['count']}")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     """``python -m measure.run ROW_JSON OUT_JSON``: run one matrix row (see measure.matrix) in this
     process and write its result; used to isolate cuda rows in subprocesses."""

@@ -38,6 +38,20 @@ def test_cpu_and_fake_peaks_agree_within_one_percent(tiny, model, method, traini
     assert cpu["params"] == fake["params"]
 
 
+def test_cpu_and_fake_fail_alike_where_the_real_stack_fails(tiny):
+    """transformers 5 quantizes BERT's biased classifier (get_keys_to_not_convert drops only a
+    '.weight' suffix from the last parameter name, 'classifier.bias'), and peft's modules_to_save
+    then cannot make the uint8 copy trainable. The fake build must take the same path."""
+    cpu = _measure(tiny, "tiny-bert-cls", dict(method="qlora"), dict(), "cpu")
+    fake = _measure(tiny, "tiny-bert-cls", dict(method="qlora"), dict(), "fake")
+    assert cpu["outcome"] == fake["outcome"]
+    if cpu["outcome"] == "ok":
+        assert fake["measured"]["peak_bytes"] == pytest.approx(cpu["measured"]["peak_bytes"], rel=0.01)
+        assert cpu["params"] == fake["params"]
+    else:
+        assert cpu["error"] == fake["error"]
+
+
 def test_row_is_complete_and_json(tiny):
     row = _measure(tiny, "tiny-llama", dict(method="lora"), dict(), "cpu", steps=3)
     json.loads(json.dumps(row))
