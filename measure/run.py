@@ -635,7 +635,13 @@ def to_json_line(row: dict) -> str:
 
 
 def _gib(n) -> str:
-    return "-" if n is None else f"{n / 2**30:.3f} GiB"
+    """Bytes in GiB, or MiB/KiB when smaller (tiny models)."""
+    if n is None:
+        return "-"
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= size:
+            return f"{n / size:.3f} {unit}"
+    return f"{n} B"
 
 
 def summarize(row: dict) -> str:
