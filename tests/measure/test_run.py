@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from measure.build import count_logical_params
-from measure.run import measure_one, prepare_for_training, make_batch, forward_loss, build_for_device, precision_policy
+from measure.run import (build_for_device, forward_loss, make_batch, measure_one, precision_policy,
+                         prepare_for_training, summarize)
 from peftcalc.errors import InputError
 from peftcalc.methods import make_plan
 from peftcalc.settings import TrainingSettings
@@ -66,6 +67,9 @@ def test_row_is_complete_and_json(tiny):
     assert m["top_tensors"][0]["bytes"] >= m["top_tensors"][-1]["bytes"] > 0
     assert row["settings"]["device"] == "cpu" and row["settings"]["training"]["device"] == "cpu"
     assert row["environment"]["torch"] == torch.__version__
+    text = summarize(row)
+    assert text.startswith("tiny-llama lora on cpu: batch 2, seq 32, fp32") and "peak " in text and "KiB" in text
+    assert summarize({**row, "outcome": "oom", "error": "OutOfMemoryError: x"}).endswith("oom: OutOfMemoryError: x")
     # the saved adapter holds the fp32 LoRA weights (and a small safetensors header)
     assert 4 * plan.trainable <= row["saved"]["bytes"] < 4 * plan.trainable + 16_384
     if row["predicted"] is not None:
