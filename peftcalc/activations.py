@@ -129,7 +129,7 @@ def autocast_in(rec: Recorder, x: T) -> T:
 
 def linear(rec: Recorder, x: T, in_f: int, out_f: int, trainable: bool, tag: str,
            lora_rank: int = 0, dora: bool = False, ia3: str = "", quantized: bool = False,
-           conv1d: bool = False, bias: bool = False) -> T:
+           conv1d: bool = False, bias: bool = False, bias_trains: bool = False) -> T:
     """nn.Linear / Conv1D (addmm): saves the input when the weight trains (grad_W = grad^T x) and the
     weight when the input needs a gradient. Under autocast the weight is cast to the autocast dtype,
     and that copy is what is saved. peft LoRA (tuners/lora/layer.py Linear.forward) adds
@@ -148,7 +148,7 @@ def linear(rec: Recorder, x: T, in_f: int, out_f: int, trainable: bool, tag: str
         rec.save_new(in_f, ctx.adapter, f"{tag}.ia3_scaling")
         xin = autocast_in(rec, rec.new(x.numel, x.dtype, True))
     out_dtype = ctx.autocast or (ctx.compute if not quantized else ctx.compute)
-    out = rec.new(tokens_in * out_f, out_dtype, x.rg or trainable or bool(lora_rank) or bool(ia3))
+    out = rec.new(tokens_in * out_f, out_dtype, x.rg or trainable or bias_trains or bool(lora_rank) or bool(ia3))
     if lora_rank:
         # x.to(lora_A.weight.dtype) (peft _cast_input_dtype), then autocast's own cast for the matmul
         xa = autocast_in(rec, cast(rec, x, ctx.adapter))
@@ -344,14 +344,15 @@ class LayerTraining:
     ia3_out: frozenset
     ia3_ff: frozenset
     adapters: frozenset  # "attn_out", "mlp_out"
+    bias_trainable: frozenset = frozenset()  # modules whose bias trains (BitFit): output needs grad
 
 
 @lru_cache(maxsize=1024)
 def _layer_trainings(plan: Plan, layout: Layout) -> list[LayerTraining]:
     """What trains inside each block, from the plan's parameter groups (one pass over them)."""
     n = plan.spec.num_layers
-    sets = [dict(trainable=set(), norms=set(), lora=set(), ia3_out=set(), ia3_ff=set(), adapters=set())
-            for _ in range(n)]
+    sets = [dict(trainable=set(), norms=set(), lora=set(), ia3_out=set(), ia3_ff=set(), adapters=set(),
+                 biases=set()) for _ in range(n)]
     roles = {m.path: m.role for m in layout.modules if m.layer is not None}
     for g in plan.groups:
         if g.layer is None or not g.trainable:
@@ -365,6 +366,8 @@ def _layer_trainings(plan: Plan, layout: Layout) -> list[LayerTraining]:
                 s["norms"].add(module)
             elif rel.endswith(".weight"):  # a Linear saves its input for the weight's gradient only
                 s["trainable"].add(module)
+            else:
+                s["biases"].add(module)
         elif g.origin in ("lora", "dora"):
             s["lora"].add(rel.split(".lora_", 1)[0])
         elif g.origin == "ia3":
@@ -372,7 +375,8 @@ def _layer_trainings(plan: Plan, layout: Layout) -> list[LayerTraining]:
         elif g.origin == "adapter":
             s["adapters"].add(roles.get(prefix + rel.split(".adapter_bottleneck", 1)[0], ""))
     return [LayerTraining(frozenset(s["trainable"]), frozenset(s["norms"]), frozenset(s["lora"]),
-                          frozenset(s["ia3_out"]), frozenset(s["ia3_ff"]), frozenset(s["adapters"])) for s in sets]
+                          frozenset(s["ia3_out"]), frozenset(s["ia3_ff"]), frozenset(s["adapters"]),
+                          frozenset(s["biases"])) for s in sets]
 
 
 def _lin(rec, lt: LayerTraining, x, name, in_f, out_f, plan: Plan, quantized=False):
@@ -380,7 +384,8 @@ def _lin(rec, lt: LayerTraining, x, name, in_f, out_f, plan: Plan, quantized=Fal
     ia3 = "ff" if name in lt.ia3_ff else ("out" if name in lt.ia3_out else "")
     return linear(rec, x, in_f, out_f, name in lt.trainable, name, lora_rank=s.rank if name in lt.lora else 0,
                   dora=s.dora and name in lt.lora, ia3=ia3, quantized=quantized,
-                  conv1d=plan.spec.model_type == "gpt2", bias=name in _block_biases(build_layout(plan.spec)))
+                  conv1d=plan.spec.model_type == "gpt2", bias=name in _block_biases(build_layout(plan.spec)),
+                  bias_trains=name in lt.bias_trainable)
 
 
 @lru_cache(maxsize=256)

@@ -68,6 +68,28 @@ class ModelStates:
     largest_trainable_tensor: int
 
 
+def _adafactor_state_numel(shape: tuple) -> int:
+    """transformers Adafactor._init: exp_avg_sq_row of shape[:-1] and exp_avg_sq_col of
+    shape[:-2] + shape[-1:] for tensors of two or more dimensions, exp_avg_sq like a vector."""
+    if len(shape) < 2:
+        return shape[0]
+    lead = 1
+    for d in shape[:-2]:
+        lead *= d
+    return lead * shape[-2] + lead * shape[-1]
+
+
+def _scalar_state_bytes(t: TrainingSettings) -> int:
+    """0-dim state tensors per parameter: AdamW's 'step' (float32; kept on the CPU unless capturable
+    or fused, so it reaches only CPU memory), Adafactor's 'RMS' (on the parameter's device: 4 bytes,
+    a 512-byte block in CUDA's caching allocator)."""
+    if t.optimizer == "adamw":
+        return 4 if t.device == "cpu" else 0
+    if t.optimizer == "adafactor":
+        return 4 if t.device == "cpu" else 512
+    return 0
+
+
 def _optimizer_state_bytes(numel: int, dtype: str, optimizer: str) -> int:
     """Per-tensor optimizer state.
     adamw: exp_avg and exp_avg_sq like the parameter (torch/optim/adamw.py _init_group; the 'step'
@@ -101,6 +123,9 @@ def _model_states(plan: Plan, t: TrainingSettings) -> ModelStates:
     frozen = trainable = grads = states = 0
     group_bytes: dict[str, int] = {}
     largest = 0
+    adafactor_temp = 0  # transformers Adafactor.step, one parameter at a time: the fp32 update twice
+    # (grad**2 + eps, then the factored approximation; later update and -update), plus the fp32
+    # copies of a bf16/fp16 gradient and parameter
     for g in plan.groups:
         dtype = group_dtype(plan, g.origin, ctx.weight)
         if g.quantized:
@@ -113,19 +138,16 @@ def _model_states(plan: Plan, t: TrainingSettings) -> ModelStates:
         trainable += nbytes
         grads += nbytes
         shape = g.shape
+        states += _scalar_state_bytes(t)
         if t.optimizer == "adafactor":  # states follow the fp32 upcast gradient
-            if len(shape) >= 2:
-                rows = 1
-                for d in shape[:-1]:
-                    rows *= d
-                states += (rows + shape[-1]) * 4
-            else:
-                states += g.numel * 4
+            states += _adafactor_state_numel(shape or (g.numel,)) * 4
         else:
             states += _optimizer_state_bytes(g.numel, dtype, t.optimizer)
         group_bytes[dtype] = group_bytes.get(dtype, 0) + nbytes
         largest = max(largest, nbytes)
-    return ModelStates(frozen, trainable, grads, states, _optimizer_temporaries(t, group_bytes, largest), largest)
+        adafactor_temp = max(adafactor_temp, g.numel * 4 * (2 if dtype == "float32" else 4))
+    temps = adafactor_temp if t.optimizer == "adafactor" else _optimizer_temporaries(t, group_bytes, largest)
+    return ModelStates(frozen, trainable, grads, states, temps, largest)
 
 
 def _optimizer_temporaries(t: TrainingSettings, group_bytes: dict, largest: int) -> int:
@@ -134,15 +156,11 @@ def _optimizer_temporaries(t: TrainingSettings, group_bytes: dict, largest: int)
       of all exp_avg_sq of one (device, dtype) group is allocated at once: the largest group's bytes.
     adamw on CPU (and fake) takes the single-tensor path: exp_avg_sq.sqrt() / bias_correction2_sqrt
       holds two temporaries the size of the largest parameter.
-    sgd updates in place; adamw-8bit runs one fused kernel in place.
-    adafactor (transformers) computes an fp32 update the size of each parameter, one at a time:
-      about three fp32 copies of the largest parameter."""
+    sgd updates in place; adamw-8bit runs one fused kernel in place (adafactor: see model_states)."""
     if t.optimizer == "adamw":
         if t.device == "cuda":
             return max(group_bytes.values(), default=0)
         return 2 * largest
-    if t.optimizer == "adafactor":
-        return 3 * largest * 2
     return 0
 
 
