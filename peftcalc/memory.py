@@ -40,12 +40,15 @@ def nf4_bytes(numel: int, double_quant: bool) -> int:
     """Bytes of one NF4-quantized weight (bitsandbytes functional.quantize_4bit, blocksize 64):
     two 4-bit codes per byte, one absmax per 64 values: fp32 (0.5 bit/param), or with double
     quantization an 8-bit absmax plus one fp32 second-level scale per 256 blocks
-    (Dettmers et al. 2023, QLoRA, section 3: 4 + 8/64 + 32/(64*256) = 4.127 bits per parameter)."""
+    (Dettmers et al. 2023, QLoRA, section 3: 4 + 8/64 + 32/(64*256) = 4.127 bits per parameter).
+    Each QuantState also holds its code table (16 fp32 NF4 levels) and, double-quantized, the
+    nested state's 256-entry fp32 code and fp32 offset (bitsandbytes functional.QuantState)."""
     blocks = ceil(numel / 64)
     codes = ceil(numel / 2)
+    nf4_code = 16 * 4
     if not double_quant:
-        return codes + 4 * blocks
-    return codes + blocks + 4 * ceil(blocks / 256) + 4  # + the fp32 offset of the nested quant state
+        return codes + 4 * blocks + nf4_code
+    return codes + blocks + 4 * ceil(blocks / 256) + 4 + nf4_code + 256 * 4
 
 
 def group_dtype(plan: Plan, origin: str, ctx_weight: str) -> str:
@@ -180,14 +183,16 @@ def _event(name: str, parts: dict) -> tuple[str, int, dict]:
 
 
 def input_bytes(plan: Plan, t: TrainingSettings) -> int:
-    """input_ids and labels (int64), or pixel_values in the weight dtype and int64 labels."""
+    """input_ids and labels (int64), or pixel_values in the weight dtype and int64 labels
+    (measure.run.make_batch)."""
     spec = plan.spec
     if spec.is_vision:
         ctx = make_ctx(spec, plan, t)
         pixels = t.batch_size * spec.num_channels * spec.image_size**2 * DTYPE_BYTES[ctx.weight]
         return pixels + (8 * t.batch_size if spec.task == "image_cls" else 0)
     ids = t.batch_size * t.seq_len * 8
-    labels = ids if spec.task in ("causal_lm", "masked_lm") else (8 * t.batch_size if spec.task == "seq_cls" else 0)
+    # the harness passes labels=input_ids for a causal LM (one tensor), a masked copy for MLM
+    labels = ids if spec.task == "masked_lm" else (8 * t.batch_size if spec.task == "seq_cls" else 0)
     return ids + labels
 
 

@@ -350,11 +350,11 @@ def plan_lora(spec, layout, s):
 
 
 def _quantizable(mods: dict[str, Module], param: str, layout: Layout) -> bool:
-    """bitsandbytes replaces every nn.Linear except the output embedding and SEQ_CLS-style heads that
-    transformers keeps in full precision (transformers integrations/bitsandbytes.py
-    get_keys_to_not_convert: the output embeddings and the last module)."""
+    """transformers (integrations/bitsandbytes.py replace_with_bnb_linear) turns every nn.Linear and
+    GPT-2 Conv1D into a Linear4bit except what get_keys_to_not_convert keeps in full precision: the
+    output embeddings and the task head."""
     m = mods[param.rsplit(".", 1)[0]]
-    if m.kind != "linear":
+    if m.kind not in LINEAR_KINDS:
         return False
     return m.role != "head"
 
