@@ -531,6 +531,7 @@ class ActivationProfile:
     loss_forward_peak: int  # live loss buffers while the loss is computed
     layer_transient: int  # gradient buffers alive inside one layer's backward
     forward_transient: int = 0  # intermediates alive inside one block's forward that nothing saves
+    forward_transient_saved: int = 0  # block activations already saved when that working set peaks
     by_tag: tuple = ()
 
     @property
@@ -615,6 +616,7 @@ def activation_profile(plan: Plan, t: TrainingSettings) -> ActivationProfile:
         loss_forward_peak=loss[2],
         layer_transient=_layer_transient(spec, ctx),
         forward_transient=_forward_transient(spec, plan, ctx, per_layer),
+        forward_transient_saved=_saved_before_last_light_block(per_layer),
         by_tag=tuple(sorted(tags.items())),
     )
 
@@ -788,13 +790,24 @@ def _forward_transient(spec: ModelSpec, plan: Plan, ctx: Ctx, per_layer: tuple) 
         dora = max(((m.in_features ** 2 + 3 * m.in_features * m.out_features) * DTYPE_BYTES[ctx.adapter]
                     for m in (mods[p] for p in plan.targets) if m.kind in ("linear", "conv1d")), default=0)
     saving = [a for a in per_layer if a]
-    light = not saving or min(saving) < max(attn, mlp)  # some block keeps less than its working set
+    light = len(saving) < len(per_layer)  # some block saves nothing: its whole working set is transient
     if light:
-        return max(attn, mlp, dora)
+        # plus the hidden-state tensors the forward holds meanwhile: the embeddings output (referenced
+        # by the model's forward until it returns), the block's input, the residual after attention
+        # and the normalised input of the sublayer
+        stream = 4 * tok * spec.hidden_size * DTYPE_BYTES[ctx.weight]
+        return max(attn + stream, mlp + stream, dora)
     # blocks that save their intermediates still hold one unsaved buffer at a time: the raw scores
     # before softmax (eager, CPU math path) or one MLP output
     fused = ctx.attention != "eager" and not (dropout_p(spec, "attn") > 0 and ctx.device == "cpu")
     return max(dora, tok * spec.intermediate_size * cb if fused else scores * 4)
+
+
+def _saved_before_last_light_block(per_layer: tuple) -> int:
+    """Activations saved by the blocks below the last block that saves nothing (all of them when
+    every block saves something)."""
+    light = [i for i, a in enumerate(per_layer) if not a]
+    return sum(per_layer[: light[-1]]) if light else sum(per_layer)
 
 
 def _layer_transient(spec: ModelSpec, ctx: Ctx) -> int:

@@ -272,7 +272,8 @@ def _step_events(plan: Plan, t: TrainingSettings, act: ActivationProfile, ms: Mo
     remaining = act.pre + sum(kept_per_layer.values())
     events = [
         _event("forward", dict(base, activations=remaining + act.post, logits_loss=act.loss_forward_peak)),
-        _event("forward:block", dict(base, activations=remaining, temporaries=act.forward_transient)),
+        _event("forward:block", dict(base, activations=act.pre + (act.forward_transient_saved if not ckpt else 0),
+                                     temporaries=act.forward_transient)),
         _event("backward:loss", dict(base, activations=remaining + act.post, logits_loss=act.loss_backward_peak)),
         _event("backward:head", dict(base, activations=remaining + act.post, logits_loss=act.logits_bytes,
                                      gradients=grads.head)),
