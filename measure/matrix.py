@@ -42,7 +42,7 @@ import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from peftcalc.errors import InputError
+from peftcalc.errors import InputError, read_text
 from peftcalc.methods import MethodSettings, normalize_targets
 from peftcalc.settings import TrainingSettings
 from peftcalc.spec import ModelSpec, load_spec
@@ -113,10 +113,7 @@ def load_matrix(path: str | os.PathLike) -> dict:
     p = Path(path)
     if not p.exists() and (MATRICES_DIR / f"{path}.toml").exists():
         p = MATRICES_DIR / f"{path}.toml"
-    try:
-        text = p.read_text()
-    except OSError as exc:
-        raise InputError(f"cannot read matrix file {p}: {exc.strerror or exc}") from None
+    text = read_text(p, "matrix")
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
-from peftcalc.errors import InputError
+from peftcalc.errors import InputError, read_text
 
 MODELS_DIR = Path(__file__).parent / "data" / "models"
 
@@ -355,10 +355,7 @@ def read_config_file(path: str | os.PathLike) -> dict:
     p = Path(path)
     if p.is_dir():
         p = p / "config.json"
-    try:
-        text = p.read_text()
-    except OSError as exc:
-        raise InputError(f"cannot read config file {p}: {exc.strerror or exc}") from None
+    text = read_text(p, "config")
     try:
         config = json.loads(text)
     except json.JSONDecodeError as exc:
