@@ -5,6 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 TORCH_PIN ?= torch==2.13.0
 PYTEST_ARGS ?=
+CI_SLICE ?= 24
 
 .PHONY: run test env bench report clean
 
@@ -21,7 +22,9 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not gpu" $(PYTEST_ARGS)
-	$(PY) -m reports.ci_report
+	@rm -f build/ci-slice.jsonl
+	$(VENV)/bin/peftcalc measure --matrix ci --limit $(CI_SLICE) --out build/ci-slice.jsonl
+	$(PY) -m reports.ci_report build/ci-slice.jsonl
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_estimate.py

@@ -377,7 +377,10 @@ def run_matrix(matrix_path, out_path, device: str | None = None, limit: int | No
 
 
 def _progress(runs: list[Run], enabled: bool):
-    if not enabled:
+    """A tqdm bar on a terminal; nothing in a log (CI), where the summary line says it all."""
+    import sys
+
+    if not enabled or not sys.stderr.isatty():
         return runs
     from tqdm import tqdm
 
