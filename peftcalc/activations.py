@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from functools import lru_cache
 
-from peftcalc.layout import Layout, build_layout
+from peftcalc.layout import LINEAR_KINDS, Layout, build_layout
 from peftcalc.methods import Plan, resolve_bottleneck
 from peftcalc.settings import DTYPE_BYTES, TrainingSettings
 from peftcalc.spec import ModelSpec
@@ -532,6 +532,7 @@ class ActivationProfile:
     layer_transient: int  # gradient buffers alive inside one layer's backward
     forward_transient: int = 0  # intermediates alive inside one block's forward that nothing saves
     forward_transient_saved: int = 0  # block activations already saved when that working set peaks
+    autocast_weight_cache: int = 0  # autocast's copies of trainable matmul weights, alive to the end of forward
     by_tag: tuple = ()
 
     @property
@@ -617,6 +618,7 @@ def activation_profile(plan: Plan, t: TrainingSettings) -> ActivationProfile:
         layer_transient=_layer_transient(spec, ctx),
         forward_transient=_forward_transient(spec, plan, ctx, per_layer),
         forward_transient_saved=_saved_before_last_light_block(per_layer),
+        autocast_weight_cache=_autocast_weight_cache(plan, ctx),
         by_tag=tuple(sorted(tags.items())),
     )
 
@@ -801,6 +803,20 @@ def _forward_transient(spec: ModelSpec, plan: Plan, ctx: Ctx, per_layer: tuple) 
     # before softmax (eager, CPU math path) or one MLP output
     fused = ctx.attention != "eager" and not (dropout_p(spec, "attn") > 0 and ctx.device == "cpu")
     return max(dora, tok * spec.intermediate_size * cb if fused else scores * 4)
+
+
+def _autocast_weight_cache(plan: Plan, ctx: Ctx) -> int:
+    """torch.autocast caches the lower-precision copy of every leaf weight that requires grad (the
+    autocast weight cache, cleared when the autocast region exits), so the copies of all trainable
+    matmul weights are alive at the end of the forward even where checkpointing saves none of them."""
+    if not ctx.autocast:
+        return 0
+    layout = build_layout(plan.spec)
+    matmul_weights = {f"{m.path}.weight" for m in layout.modules if m.kind in LINEAR_KINDS}
+    numel = sum(g.numel for g in plan.groups if g.trainable and (g.name in matmul_weights or g.origin == "lora"))
+    if layout.head_tied_to_embedding and plan.embedding_trains:
+        numel += plan.spec.vocab_size * plan.spec.hidden_size
+    return numel * DTYPE_BYTES[ctx.autocast]
 
 
 def _saved_before_last_light_block(per_layer: tuple) -> int:

@@ -27,7 +27,7 @@ class Module:
     shape: tuple
     bias: bool = False
     layer: int | None = None
-    role: str = ""  # embed | attn | attn_out | mlp | mlp_out | norm | head | pooler
+    role: str = ""  # embed | attn | attn_out | mlp | mlp_out | norm | head | pooler | vision | projector
 
     @property
     def in_features(self) -> int:
@@ -271,6 +271,39 @@ def _clip_vision(spec: ModelSpec) -> Layout:
     return Layout(tuple(mods), "encoder.layers", f"{e}.patch_embedding", (), None, False, "post_layernorm")
 
 
+def _prefixed(layout: Layout, old: str, new: str, role: str | None = None, keep_layers: bool = True):
+    """The modules of a sub-model under another prefix (paths starting with `old` get `new` instead;
+    `old` == "" prefixes every path); `role` replaces their role; `keep_layers` False drops the block
+    index (the blocks of a tower that is not the model's main stack)."""
+    out = []
+    for m in layout.modules:
+        path = new + m.path[len(old):] if m.path.startswith(old) else m.path
+        out.append(Module(path, m.kind, m.shape, m.bias, m.layer if keep_layers else None, role or m.role))
+    return out
+
+
+VISION_TOWER = "model.vision_tower"
+PROJECTOR = "model.multi_modal_projector"
+LANGUAGE_MODEL = "model.language_model"
+
+
+def _llava(spec: ModelSpec) -> Layout:
+    """LlavaForConditionalGeneration (transformers 5.x modeling_llava.py): `model.vision_tower` (a
+    CLIPVisionModel: all its layers are built, even those above `vision_feature_layer`, and its
+    post_layernorm), `model.multi_modal_projector` (linear_1: vision hidden -> text hidden, the
+    activation, linear_2: text hidden -> text hidden, both with biases), `model.language_model` (the
+    bare LlamaModel) and `lm_head`. The vision tower's modules carry role "vision" and no block index;
+    the block indices are the language model's."""
+    vision = _prefixed(_clip_vision(spec.vision), "", VISION_TOWER + ".", role="vision", keep_layers=False)
+    h_v, h = spec.vision.hidden_size, spec.hidden_size
+    projector = [_lin(f"{PROJECTOR}.linear_1", h, h_v, True, None, "projector"),
+                 _lin(f"{PROJECTOR}.linear_2", h, h, True, None, "projector")]
+    text = _prefixed(_llama_like(spec.text), "model.", LANGUAGE_MODEL + ".")
+    lm = LANGUAGE_MODEL
+    return Layout(tuple(vision + projector + text), f"{lm}.layers", f"{lm}.embed_tokens", ("lm_head",), "lm_head",
+                  False, f"{lm}.norm")
+
+
 FAMILY_LAYOUTS = {
     "llama": _llama_like,
     "mistral": _llama_like,
@@ -280,6 +313,7 @@ FAMILY_LAYOUTS = {
     "roberta": _bert_like,
     "vit": _vit,
     "clip_vision_model": _clip_vision,
+    "llava": _llava,
 }
 
 

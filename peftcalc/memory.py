@@ -270,8 +270,11 @@ def _step_events(plan: Plan, t: TrainingSettings, act: ActivationProfile, ms: Mo
     saving = [i for i, a in enumerate(act.per_layer) if a]
     kept_per_layer = {i: (act.checkpoint_inputs // len(saving) if ckpt else act.per_layer[i]) for i in saving}
     remaining = act.pre + sum(kept_per_layer.values())
+    # under checkpointing the autocast weight copies are not saved, only cached until the forward ends
+    cache = act.autocast_weight_cache if ckpt else 0
     events = [
-        _event("forward", dict(base, activations=remaining + act.post, logits_loss=act.loss_forward_peak)),
+        _event("forward", dict(base, activations=remaining + act.post, logits_loss=act.loss_forward_peak,
+                               temporaries=cache)),
         _event("forward:block", dict(base, activations=act.pre + (act.forward_transient_saved if not ckpt else 0),
                                      temporaries=act.forward_transient)),
         _event("backward:loss", dict(base, activations=remaining + act.post, logits_loss=act.loss_backward_peak)),

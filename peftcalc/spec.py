@@ -27,14 +27,20 @@ SUPPORTED_MODEL_TYPES = (
     "roberta",
     "vit",
     "clip_vision_model",
+    "llava",
 )
 DECODER_FAMILIES = ("llama", "mistral", "qwen2", "gpt2")
 VISION_FAMILIES = ("vit", "clip_vision_model")
+# Vision-language models: a vision tower, a projector and a language model (LlavaForConditionalGeneration).
+VLM_FAMILIES = ("llava",)
+# The families a VLM's sub-configs may name (what the calculator has a layout for).
+VLM_VISION_TYPES = ("clip_vision_model",)
+VLM_TEXT_TYPES = ("llama",)
 
 # The five tasks a model class can have, decided by the config's `architectures` as transformers
 # builds it (AutoModelForCausalLM / ForMaskedLM / ForSequenceClassification / ForImageClassification /
 # AutoModel).
-TASKS = ("causal_lm", "masked_lm", "seq_cls", "image_cls", "base")
+TASKS = ("causal_lm", "masked_lm", "seq_cls", "image_cls", "base", "image_text_to_text")
 
 # Which task each `architectures` class name means, per family.
 ARCHITECTURE_TASKS = {
@@ -59,6 +65,7 @@ ARCHITECTURE_TASKS = {
     "ViTForImageClassification": "image_cls",
     "ViTModel": "base",
     "CLIPVisionModel": "base",
+    "LlavaForConditionalGeneration": "image_text_to_text",
 }
 
 DEFAULT_TASK = {
@@ -70,6 +77,7 @@ DEFAULT_TASK = {
     "roberta": "masked_lm",
     "vit": "base",
     "clip_vision_model": "base",
+    "llava": "image_text_to_text",
 }
 
 # The transformers Auto class that builds each task (used by the harness and shown to users).
@@ -79,6 +87,7 @@ AUTO_CLASS = {
     "seq_cls": "AutoModelForSequenceClassification",
     "image_cls": "AutoModelForImageClassification",
     "base": "AutoModel",
+    "image_text_to_text": "AutoModelForImageTextToText",
 }
 
 # Config defaults of the transformers configuration classes (transformers 5.x), used where a
@@ -92,6 +101,7 @@ TIE_DEFAULT = {
     "roberta": True,
     "vit": False,
     "clip_vision_model": False,
+    "llava": False,
 }
 
 
@@ -122,6 +132,13 @@ class ModelSpec:
     hidden_act: str = ""
     torch_dtype: str = "float32"
     source: str = ""
+    # A VLM (llava): its vision tower and language model as specs of their own; the scalar fields
+    # above are the language model's.
+    vision: "ModelSpec | None" = None
+    text: "ModelSpec | None" = None
+    projector_act: str = ""
+    vision_feature_layer: int = 0
+    vision_feature_select: str = ""
     hf_config: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
 
     @property
@@ -131,6 +148,19 @@ class ModelSpec:
     @property
     def is_vision(self) -> bool:
         return self.model_type in VISION_FAMILIES
+
+    @property
+    def is_vlm(self) -> bool:
+        return self.model_type in VLM_FAMILIES
+
+    @property
+    def image_tokens(self) -> int:
+        """Tokens one image adds to the language model's sequence: the vision tower's patches
+        (`vision_feature_select_strategy` "default" drops the class token, "full" keeps it;
+        LlavaModel.get_image_features). LLaVA-1.5 at 336 px, patch 14: 24 x 24 = 576."""
+        if not self.is_vlm:
+            return 0
+        return self.vision.num_patches + (1 if self.vision_feature_select == "full" else 0)
 
     @property
     def num_patches(self) -> int:
@@ -188,6 +218,7 @@ def _family_of(arch: str) -> str:
         "Roberta": "roberta",
         "ViT": "vit",
         "CLIPVision": "clip_vision_model",
+        "Llava": "llava",
     }
     for prefix, family in prefixes.items():
         if arch.startswith(prefix):
@@ -218,6 +249,8 @@ def spec_from_config(config: dict, name: str = "", where: str = "config") -> Mod
         )
     task, arch = _task_of(config, model_type, where)
     name = name or config.get("_name_or_path") or model_type
+    if model_type == "llava":
+        return _llava_spec(config, name, task, arch, where)
     common = dict(
         name=name,
         model_type=model_type,
@@ -312,6 +345,56 @@ def spec_from_config(config: dict, name: str = "", where: str = "config") -> Mod
         num_channels=int(config.get("num_channels", 3)),
         hidden_act=config.get("hidden_act", "gelu" if model_type == "vit" else "quick_gelu"),
         **common,
+    )
+
+
+def _llava_spec(config: dict, name: str, task: str, arch: str, where: str) -> ModelSpec:
+    """LlavaConfig (transformers models/llava/configuration_llava.py): `vision_config` (a CLIP vision
+    tower), `text_config` (the language model), `projector_hidden_act`, `vision_feature_layer` (an
+    int: the hidden state the projector reads) and `vision_feature_select_strategy` ("default" drops
+    the class token). The spec's scalar fields are the language model's."""
+    parts = {}
+    for key, allowed in (("vision_config", VLM_VISION_TYPES), ("text_config", VLM_TEXT_TYPES)):
+        sub = config.get(key)
+        if not isinstance(sub, dict):
+            raise InputError(f"{where}: a llava config needs a '{key}' object")
+        if sub.get("model_type") not in allowed:
+            raise InputError(f"{where}: {key}.model_type {sub.get('model_type')!r} is not supported; "
+                             f"supported: {', '.join(allowed)}")
+        sub = {k: v for k, v in sub.items() if k != "architectures"}
+        parts[key] = spec_from_config(sub, name=f"{name}/{key}", where=f"{where}: {key}")
+    vision, text = parts["vision_config"], parts["text_config"]
+    layer = config.get("vision_feature_layer", -2)
+    if not isinstance(layer, int) or isinstance(layer, bool) or not -vision.num_layers - 1 <= layer <= vision.num_layers:
+        raise InputError(f"{where}: vision_feature_layer must be one hidden-state index of the vision tower, "
+                         f"got {layer!r}")
+    select = config.get("vision_feature_select_strategy", "default")
+    if select not in ("default", "full"):
+        raise InputError(f"{where}: vision_feature_select_strategy must be 'default' or 'full', got {select!r}")
+    tied = bool(config.get("tie_word_embeddings", text.tie_embeddings))
+    if tied:
+        raise InputError(f"{where}: a llava model with lm_head tied to the input embeddings is not supported")
+    fields = {f: getattr(text, f) for f in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+                                            "intermediate_size", "vocab_size", "max_positions", "attention_bias",
+                                            "mlp_bias", "hidden_act")}
+    return ModelSpec(
+        name=name,
+        model_type="llava",
+        task=task,
+        architecture=arch,
+        tie_embeddings=tied,
+        torch_dtype=str(config.get("torch_dtype") or config.get("dtype") or "float32"),
+        source=config.get("_source", ""),
+        vision=vision,
+        text=text,
+        projector_act=str(config.get("projector_hidden_act", "gelu")),
+        vision_feature_layer=layer,
+        vision_feature_select=select,
+        image_size=vision.image_size,
+        patch_size=vision.patch_size,
+        num_channels=vision.num_channels,
+        hf_config=config,
+        **fields,
     )
 
 
