@@ -10,6 +10,7 @@ logical parameter counts.
 from __future__ import annotations
 
 import contextlib
+import re
 
 import torch
 import transformers
@@ -79,6 +80,8 @@ def peft_config(spec: ModelSpec, settings: MethodSettings):
     task = peft_task_type(spec)
     task_type = getattr(peft.TaskType, task) if task else None
     method = settings.method
+    if spec.is_vlm:
+        return vlm_lora_config(spec, settings)
     if method in ("lora", "qlora"):
         return peft.LoraConfig(
             r=settings.rank,
@@ -95,6 +98,33 @@ def peft_config(spec: ModelSpec, settings: MethodSettings):
     if method == "prefix":
         return peft.PrefixTuningConfig(num_virtual_tokens=settings.num_virtual_tokens, task_type=task_type)
     return peft.PromptTuningConfig(num_virtual_tokens=settings.num_virtual_tokens, task_type=task_type)
+
+
+# The language model's Linear names (LlamaDecoderLayer), what "all-linear" means on a VLM here.
+VLM_TEXT_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def vlm_lora_config(spec: ModelSpec, settings: MethodSettings):
+    """LoRA on a LLaVA model as its fine-tuning scripts set it up: adapters on the language model only
+    (a regex, which peft matches with re.fullmatch against every module name, so the vision tower's
+    q_proj/v_proj are left alone), and the projector trained whole through modules_to_save."""
+    import peft
+
+    if settings.targets == "all-linear":
+        names = VLM_TEXT_LINEARS
+    elif settings.targets is not None:
+        names = tuple(settings.targets)
+    else:
+        names = LORA_DEFAULT_TARGETS[spec.model_type]
+    pattern = r"model\.language_model\.(.*\.)?(" + "|".join(re.escape(n) for n in names) + ")"
+    return peft.LoraConfig(
+        r=settings.rank,
+        lora_alpha=settings.alpha if settings.alpha is not None else 2 * settings.rank,
+        target_modules=pattern,
+        modules_to_save=["multi_modal_projector"],
+        use_dora=settings.dora,
+        lora_dropout=0.0,
+    )
 
 
 def _apply_peft(model, spec: ModelSpec, settings: MethodSettings):

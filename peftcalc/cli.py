@@ -101,7 +101,7 @@ def compare(
 @app.command()
 def models(format: str = FORMAT) -> None:
     """The built-in model registry, with the config each entry came from."""
-    from peftcalc.methods import MethodSettings, make_plan
+    from peftcalc.layout import build_layout
     from peftcalc.spec import load_spec, registry_names
 
     _check_format(format)
@@ -109,7 +109,7 @@ def models(format: str = FORMAT) -> None:
     for name in registry_names():
         spec = load_spec(name)
         rows.append({"name": name, "architecture": spec.architecture,
-                     "params": make_plan(spec, MethodSettings("full")).total,
+                     "params": build_layout(spec).total_params,
                      "layers": spec.num_layers, "hidden": spec.hidden_size, "source": spec.source})
     _echo_rows(rows, format)
 

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from peftcalc.api import estimate
 from peftcalc.errors import InputError
-from peftcalc.methods import METHODS
+from peftcalc.methods import methods_for
+from peftcalc.spec import load_spec
 
 
 def compare_methods(model, **kw) -> list[dict]:
     """One row per method; a method the architecture cannot take gets a row saying why."""
     rows = []
-    for method in METHODS:
+    for method in methods_for(load_spec(model)):
         extra = {k: v for k, v in kw.items() if not (k in ("rank", "targets") and method not in ("lora", "qlora"))}
         try:
             e = estimate(model, method=method, **extra)

@@ -14,10 +14,19 @@ from dataclasses import dataclass, field, replace
 from functools import lru_cache
 
 from peftcalc.errors import InputError
-from peftcalc.layout import LINEAR_KINDS, Layout, Module, build_layout, param_names
+from peftcalc.layout import LANGUAGE_MODEL, LINEAR_KINDS, PROJECTOR, Layout, Module, build_layout, param_names
 from peftcalc.spec import ModelSpec
 
 METHODS = ("full", "frozen", "freeze", "lora", "qlora", "adapter", "prefix", "prompt", "bitfit", "ia3")
+# What a vision-language model (llava) supports; projector and projector-llm exist only there.
+VLM_METHODS = ("projector", "projector-llm", "lora")
+VLM_ONLY_METHODS = ("projector", "projector-llm")
+ALL_METHODS = METHODS + VLM_ONLY_METHODS
+
+
+def methods_for(spec: ModelSpec) -> tuple[str, ...]:
+    """The methods a model takes: METHODS, or VLM_METHODS for a vision-language model."""
+    return VLM_METHODS if spec.is_vlm else METHODS
 PEFT_METHODS = ("lora", "qlora", "prefix", "prompt", "ia3")
 ADAPTER_KINDS = ("houlsby", "pfeiffer")
 
@@ -32,6 +41,8 @@ METHOD_HELP = {
     "prompt": "peft prompt tuning: trainable virtual token embeddings",
     "bitfit": "only bias terms train",
     "ia3": "peft IA3: learned scaling vectors on keys, values and the FFN",
+    "projector": "VLM (LLaVA stage 1): only the multi-modal projector trains",
+    "projector-llm": "VLM (LLaVA stage 2): the projector and the whole language model train; vision tower frozen",
 }
 
 # peft 0.21 utils/constants.py TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING. peft has no
@@ -46,6 +57,7 @@ LORA_DEFAULT_TARGETS = {
     "roberta": ("query", "value"),
     "vit": ("q_proj", "v_proj"),
     "clip_vision_model": ("q_proj", "v_proj"),
+    "llava": ("q_proj", "v_proj"),  # the language model's (llama); targets never reach the vision tower
 }
 # peft 0.21 TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING / ..._FEEDFORWARD_MODULES_MAPPING;
 # vit and clip_vision_model (absent from peft) take the llama choice: keys, values, FFN output.
@@ -280,6 +292,8 @@ def resolve_targets(spec: ModelSpec, layout: Layout, s: MethodSettings) -> tuple
         paths = _all_linear(spec, layout)
     else:
         paths = tuple(m.path for m in layout.modules if m.kind != "param" and module_matches(m.path, keys))
+    if spec.is_vlm:  # LoRA on a VLM wraps the language model only (measure.build.vlm_lora_config)
+        paths = tuple(p for p in paths if _under(p, (LANGUAGE_MODEL,)))
     if peft_task_type(spec) == "SEQ_CLS":  # modules_to_save (the head) is copied whole, never wrapped
         paths = tuple(p for p in paths if not _under(p, SEQ_CLS_HEAD_NAMES))
     if not paths:
@@ -346,7 +360,28 @@ def plan_lora(spec, layout, s):
         if magnitude:
             groups.append(ParamGroup(f"{path}.lora_magnitude_vector", magnitude, True, "dora", m.layer,
                                      shape=(magnitude,)))
-    return groups + _head_copy(layout, spec), targets
+    return groups + _head_copy(layout, spec) + _projector_copy(layout, spec), targets
+
+
+def _projector_copy(layout: Layout, spec: ModelSpec) -> list[ParamGroup]:
+    """LoRA on a VLM trains the projector whole through peft's modules_to_save=["multi_modal_projector"]:
+    the original stays (frozen) and ModulesToSaveWrapper adds a trainable copy (peft utils/other.py)."""
+    if not spec.is_vlm:
+        return []
+    return [ParamGroup(f"{name}#modules_to_save", numel, True, "head_copy", shape=param_shape(m, name))
+            for m in layout.modules if _under(m.path, (PROJECTOR,)) for name, numel in param_names(m)]
+
+
+def plan_projector(spec, layout, s):
+    """LLaVA stage 1 (Liu et al. 2023, Visual Instruction Tuning, section 4.2 "pre-training for feature
+    alignment"): vision tower and language model frozen, the projector trains."""
+    return _base_groups(layout, lambda m, name: _under(m.path, (PROJECTOR,)))
+
+
+def plan_projector_llm(spec, layout, s):
+    """LLaVA stage 2 ("fine-tuning end-to-end"): the vision tower stays frozen; the projector and the
+    whole language model (embeddings, blocks, final norm, lm_head) train."""
+    return _base_groups(layout, lambda m, name: _under(m.path, (PROJECTOR, LANGUAGE_MODEL, "lm_head")))
 
 
 def _quantizable(mods: dict[str, Module], param: str, layout: Layout) -> bool:
@@ -412,12 +447,20 @@ PLANNERS = {
     "ia3": plan_ia3,
     "prefix": plan_prompt_learning,
     "prompt": plan_prompt_learning,
+    "projector": plan_projector,
+    "projector-llm": plan_projector_llm,
 }
 
 
 def check_settings(spec: ModelSpec, s: MethodSettings) -> None:
-    if s.method not in METHODS:
-        raise InputError(f"unknown method '{s.method}'; choose from {', '.join(METHODS)}")
+    if s.method not in ALL_METHODS:
+        raise InputError(f"unknown method '{s.method}'; choose from {', '.join(ALL_METHODS)}")
+    if spec.is_vlm and s.method not in VLM_METHODS:
+        raise InputError(f"method '{s.method}' is not supported for the vision-language model {spec.name}; "
+                         f"choose from {', '.join(VLM_METHODS)}")
+    if not spec.is_vlm and s.method in VLM_ONLY_METHODS:
+        raise InputError(f"method '{s.method}' trains a vision-language model's projector, and {spec.name} "
+                         f"({spec.architecture}) has none")
     if s.method == "freeze":
         k = s.trainable_layers if s.trainable_layers is not None else default_trainable_layers(spec)
         if not 1 <= k <= spec.num_layers:

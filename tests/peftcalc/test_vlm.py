@@ -1,0 +1,71 @@
+"""Vision-language models (LLaVA-1.5): parameter counts of every VLM method equal sum(p.numel()) of
+the real LlavaForConditionalGeneration built on the meta device (peft LoRA restricted to the language
+model, the projector in modules_to_save), and the memory model's VLM-specific parts."""
+
+import pytest
+
+from measure.build import build_model, count_params
+from peftcalc.errors import InputError
+from peftcalc.layout import build_layout, param_names
+from peftcalc.methods import MethodSettings, make_plan
+from peftcalc.spec import load_spec
+
+VLMS = ["llava-1.5-7b", "llava-1.5-13b"]
+VLM_VARIANTS = [
+    MethodSettings("projector"),
+    MethodSettings("projector-llm"),
+    MethodSettings("lora"),
+    MethodSettings("lora", rank=16, targets="all-linear"),
+    MethodSettings("lora", rank=4, dora=True),
+]
+
+
+@pytest.mark.parametrize("settings", VLM_VARIANTS, ids=lambda s: f"{s.method}-{s.rank}-{s.targets}-{s.dora}")
+@pytest.mark.parametrize("model_name", VLMS)
+def test_vlm_counts_equal_real_models(model_name, settings):
+    spec = load_spec(model_name)
+    plan = make_plan(spec, settings)
+    total, trainable = count_params(build_model(spec, settings))
+    assert (plan.total, plan.trainable) == (total, trainable)
+
+
+@pytest.mark.parametrize("model_name", VLMS)
+def test_llava_parameter_names_equal_named_parameters(model_name):
+    """The layout's names and shapes are those of named_parameters(): vision tower (all its layers,
+    although the projector reads the second-to-last hidden state), projector, language model, lm_head."""
+    import transformers  # noqa: F401  (measure.build imports it)
+    from measure.build import build_base_model
+
+    spec = load_spec(model_name)
+    real = {n: p.numel() for n, p in build_base_model(spec).named_parameters()}
+    ours = dict(pn for m in build_layout(spec).modules for pn in param_names(m))
+    assert ours == real
+    assert sum(1 for n in real if n.startswith("model.vision_tower.encoder.layers.") and n.endswith("q_proj.weight")) \
+        == spec.vision.num_layers
+
+
+def test_llava_7b_published_figures():
+    """7,063,427,072 parameters (llava-hf/llava-1.5-7b-hf); the projector is 1024x4096 + 4096 +
+    4096x4096 + 4096 = 20,979,712 (the seed's "21M"); LoRA r=8 on the language model's q_proj/v_proj
+    is Llama-2-7B's 4,194,304 plus the projector's trainable copy."""
+    spec = load_spec("llava-1.5-7b")
+    projector = 1024 * 4096 + 4096 + 4096 * 4096 + 4096
+    assert projector == 20_979_712
+    stage1 = make_plan(spec, MethodSettings("projector"))
+    assert (stage1.total, stage1.trainable) == (7_063_427_072, projector)
+    lora = make_plan(spec, MethodSettings("lora"))
+    assert lora.trainable == 4_194_304 + projector
+    assert lora.total == 7_063_427_072 + 4_194_304 + projector
+    assert all(".language_model." in t for t in lora.targets)
+
+
+@pytest.mark.parametrize("method", ["full", "frozen", "freeze", "qlora", "adapter", "prefix", "prompt", "bitfit", "ia3"])
+def test_other_methods_are_refused_on_a_vlm(method):
+    with pytest.raises(InputError, match="vision-language"):
+        make_plan(load_spec("llava-1.5-7b"), MethodSettings(method))
+
+
+@pytest.mark.parametrize("method", ["projector", "projector-llm"])
+def test_projector_methods_need_a_vlm(method):
+    with pytest.raises(InputError, match="projector"):
+        make_plan(load_spec("llama-2-7b"), MethodSettings(method))
