@@ -206,6 +206,13 @@ def _check(where: str, r: dict, b: dict) -> list[str]:
 # -- charts -----------------------------------------------------------------------------------
 
 
+def _chart_rows(df):
+    """The measured rows, the sources present (GPU first) and the methods, for one panel per source."""
+    ok = measured_ok(df)
+    sources = [s for s in SOURCES if not ok.empty and (ok["source"] == s).any()]
+    return ok, sources, sorted(ok["method"].unique()) if sources else []
+
+
 def scatter_chart(df, out, title_suffix: str = "") -> list[str]:
     """Predicted vs measured peak (GiB, log-log), one panel per source (GPU first), the y = x line
     and a +-10% band; one marker per method."""
@@ -214,11 +221,9 @@ def scatter_chart(df, out, title_suffix: str = "") -> list[str]:
     from reports.charts import GIB, line_style, pyplot, save
 
     plt = pyplot()
-    ok = measured_ok(df)
-    sources = [s for s in SOURCES if not ok.empty and (ok["source"] == s).any()]
+    ok, sources, methods = _chart_rows(df)
     if not sources:
         return []
-    methods = sorted(ok["method"].unique())
     fig, axes = plt.subplots(1, len(sources), figsize=(5.2 * len(sources), 5.0), squeeze=False)
     for ax, source in zip(axes[0], sources):
         g = ok[ok["source"] == source]
@@ -266,11 +271,9 @@ def error_strip_chart(df, out) -> list[str]:
     from reports.charts import line_style, pyplot, save
 
     plt = pyplot()
-    ok = measured_ok(df)
-    sources = [s for s in SOURCES if not ok.empty and (ok["source"] == s).any()]
+    ok, sources, methods = _chart_rows(df)
     if not sources:
         return []
-    methods = sorted(ok["method"].unique())
     fig, axes = plt.subplots(1, len(sources), figsize=(5.0 * len(sources), 0.45 * len(methods) + 1.8),
                              squeeze=False, sharey=True)
     for ax, source in zip(axes[0], sources):
