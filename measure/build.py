@@ -34,6 +34,8 @@ def transformers_config(spec: ModelSpec, attention: str = "sdpa"):
     config = transformers.AutoConfig.for_model(spec.model_type, **transformers_config_kwargs(spec))
     config._attn_implementation = attention
     config.use_cache = False
+    if spec.is_vlm:  # LlavaForConditionalGeneration passes use_cache=None: the language model reads its own
+        config.text_config.use_cache = False  # (a DynamicCache would keep every layer's keys and values)
     return config
 
 

@@ -51,6 +51,8 @@ LOSSES = {
     "seq_cls": "model loss, one integer label per sequence",
     "image_cls": "model loss, one integer label per image",
     "base": "last_hidden_state.float().pow(2).mean() (the bare encoder has no head and no loss)",
+    "image_text_to_text": "model loss, labels=input_ids over image + text tokens (ForCausalLMLoss); one random "
+                          "image per sample, its image_tokens placeholder ids first",
 }
 
 
@@ -137,6 +139,8 @@ def prepare_for_training(model, spec: ModelSpec, training: TrainingSettings) -> 
     ``pad_token_id = vocab_size - 1`` so batch > 1 runs (the inputs never contain it)."""
     inner = transformers_model(model)
     inner.config.use_cache = False
+    if spec.is_vlm:  # the language model reads text_config.use_cache (see measure.build.transformers_config)
+        inner.config.text_config.use_cache = False
     notes = {}
     if spec.task == "seq_cls" and spec.is_decoder and inner.config.pad_token_id is None:
         inner.config.pad_token_id = spec.vocab_size - 1
@@ -173,6 +177,15 @@ def make_optimizer(name: str, params):
 def make_batch(spec: ModelSpec, training: TrainingSettings, device: str, dtype: torch.dtype) -> dict:
     """Random inputs and labels of fixed shape for one step (create under the fake mode for fake)."""
     b, s = training.batch_size, training.seq_len
+    if spec.is_vlm:
+        # LLaVA: the processor expands <image> to image_tokens placeholder ids; they come first, the
+        # text after them (random ids other than the placeholder); labels=input_ids (one tensor)
+        image_id = image_token_id(spec)
+        text = torch.randint(0, spec.vocab_size - 1, (b, s), device=device)
+        text = torch.where(text >= image_id, text + 1, text)
+        ids = torch.cat([torch.full((b, spec.image_tokens), image_id, device=device, dtype=text.dtype), text], dim=1)
+        pixels = torch.randn(b, spec.num_channels, spec.image_size, spec.image_size, dtype=dtype, device=device)
+        return {"input_ids": ids, "pixel_values": pixels, "labels": ids}
     if spec.is_vision:
         pixels = torch.randn(b, spec.num_channels, spec.image_size, spec.image_size, dtype=dtype, device=device)
         batch = {"pixel_values": pixels}
@@ -190,6 +203,11 @@ def make_batch(spec: ModelSpec, training: TrainingSettings, device: str, dtype: 
     elif spec.task == "seq_cls":
         batch["labels"] = torch.randint(0, spec.num_labels, (b,), device=device)
     return batch
+
+
+def image_token_id(spec: ModelSpec) -> int:
+    """The placeholder id of an image token (LlavaConfig image_token_index, default 32000)."""
+    return int(spec.hf_config.get("image_token_index", spec.hf_config.get("image_token_id", 32000)))
 
 
 def forward_loss(model, spec: ModelSpec, batch: dict) -> torch.Tensor:

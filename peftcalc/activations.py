@@ -15,7 +15,7 @@ tracker and ``max_memory_allocated`` see them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 
 from peftcalc.layout import LINEAR_KINDS, Layout, build_layout
@@ -570,6 +570,8 @@ def make_ctx(spec: ModelSpec, plan: Plan, t: TrainingSettings) -> Ctx:
 def activation_profile(plan: Plan, t: TrainingSettings) -> ActivationProfile:
     """Simulate one forward pass and return what stays saved for backward."""
     spec = plan.spec
+    if spec.is_vlm:
+        return _vlm_profile(plan, t)
     layout = build_layout(spec)
     ctx = make_ctx(spec, plan, t)
     rec = Recorder(ctx)
@@ -838,3 +840,100 @@ def _layer_transient(spec: ModelSpec, ctx: Ctx) -> int:
     if ctx.attention == "eager":
         attn = 2 * ctx.batch * spec.num_heads * ctx.seq * ctx.kv_seq * 4
     return hidden + max(mlp, attn)
+
+
+# ---------------------------------------------------------------- vision-language models (LLaVA)
+
+
+@lru_cache(maxsize=1024)
+def text_plan(plan: Plan) -> Plan:
+    """A VLM plan seen from its language model: the LlamaForCausalLM plan with the same trainable
+    set (`model.language_model.X` is `model.X` there, `lm_head` is `lm_head`), whose input embeddings
+    need a gradient when the VLM's do (a trainable projector: see methods.make_plan)."""
+    from peftcalc.layout import LANGUAGE_MODEL
+
+    spec = plan.spec
+    old = LANGUAGE_MODEL + "."
+
+    def rename(name: str) -> str | None:
+        if name.startswith(old):
+            return "model." + name[len(old):]
+        return name if name.startswith("lm_head") else None
+
+    groups = tuple(replace(g, name=rename(g.name)) for g in plan.groups if rename(g.name) is not None)
+    targets = tuple(rename(p) for p in plan.targets if rename(p) is not None)
+    return Plan(spec=spec.text, settings=plan.settings, groups=groups, targets=targets,
+                lowest_trainable_layer=plan.lowest_trainable_layer, embedding_trains=plan.embedding_trains)
+
+
+def vlm_text_training(spec: ModelSpec, t: TrainingSettings) -> TrainingSettings:
+    """The language model's sequence: the text tokens plus one image's tokens (576 for LLaVA-1.5)."""
+    return replace(t, seq_len=t.seq_len + spec.image_tokens)
+
+
+def _vlm_profile(plan: Plan, t: TrainingSettings) -> ActivationProfile:
+    """LlavaForConditionalGeneration.forward: the vision tower (frozen here: it saves nothing, no
+    parameter below it trains), the projector on the selected hidden state, masked_scatter of the image
+    features into the token embeddings, then the language model and the loss over text + image tokens,
+    which is the Llama profile at seq_len + image_tokens (the blocks' input needs a gradient whenever the
+    projector trains, so a frozen language model still saves its activations in stage 1)."""
+    from peftcalc.layout import PROJECTOR
+
+    spec = plan.spec
+    t_text = vlm_text_training(spec, t)
+    text = activation_profile(text_plan(plan), t_text)
+    ctx = make_ctx(spec.text, text_plan(plan), t_text)
+    rec = Recorder(ctx)
+    b, itok = ctx.batch, spec.image_tokens
+    hv, h = spec.vision.hidden_size, spec.hidden_size
+    vseq = spec.vision.vision_seq_len
+    trains = _trains(plan, f"{PROJECTOR}.linear_1", True)
+    # hidden_states[vision_feature_layer][:, 1:]: a view of the frozen tower's (b, 577, hv) output in
+    # the weight dtype (CLIP's residual stream); linear_1 saves it (under autocast, its cast copy)
+    if trains:
+        if ctx.autocast:
+            rec.save_new(b * itok * hv, ctx.autocast, "projector.linear_1.input")
+        else:
+            rec.save_new(b * vseq * hv, ctx.weight, "projector.linear_1.input")
+    p1 = rec.new(b * itok * h, ctx.autocast or ctx.compute, trains)
+    act = activation(rec, p1, "gelu", "projector.act")
+    linear(rec, act, h, h, _trains(plan, f"{PROJECTOR}.linear_2", True), "projector.linear_2")
+    if plan.embedding_trains:  # masked_scatter saves the image-token mask (bool, b x seq, expanded view)
+        rec.save_new(ctx.tokens, "uint8", "masked_scatter.mask")
+    extra = rec.bytes_by_bucket().get("pre", 0)
+    tags = dict(text.by_tag)
+    for tag, nbytes in rec.bytes_by_tag().items():
+        tags[tag] = tags.get(tag, 0) + nbytes
+    # LlavaModel.forward keeps the image features (torch.cat of the projector's outputs, cast to the
+    # embeddings' dtype) to the end of forward and returns them as image_hidden_states: alive through
+    # the language model and the loss, dropped with the outputs before backward
+    features = b * itok * h * DTYPE_BYTES[ctx.weight]
+    # The forward:block event (memory._step_events: pre + saved + transient) is the larger of a language
+    # model block's working set and the vision tower's forward, which runs before anything is saved:
+    # every hidden state (embeddings + one per layer) kept for image_outputs.hidden_states, plus one
+    # frozen block's working set
+    vision_ws = vision_forward_bytes(spec, ctx)
+    transient, transient_saved = text.forward_transient + features, text.forward_transient_saved
+    if vision_ws > text.pre + extra + transient_saved + transient:
+        transient, transient_saved = vision_ws - text.pre - extra, 0
+    weight_cache = text.autocast_weight_cache
+    if ctx.autocast and trains:  # the projector's weights (trainable leaves) are cached by autocast
+        weight_cache += (hv * h + h * h) * DTYPE_BYTES[ctx.autocast]
+    return replace(text, pre=text.pre + extra, forward_transient=transient, forward_transient_saved=transient_saved,
+                   loss_forward_peak=text.loss_forward_peak + features,
+                   autocast_weight_cache=weight_cache, by_tag=tuple(sorted(tags.items())))
+
+
+def vision_forward_bytes(spec: ModelSpec, ctx: Ctx) -> int:
+    """Live bytes while a frozen CLIP vision tower runs its forward: the pixel embeddings and each
+    layer's output kept for `hidden_states` ((layers + 1) x b x 577 x hidden in the weight dtype) and
+    the working set of one block (its attention q, k, v and output, or its MLP's fc1 output and
+    quick_gelu intermediates), as _forward_transient counts it for a frozen tower."""
+    v = spec.vision
+    tok = ctx.batch * v.vision_seq_len
+    wb = DTYPE_BYTES[ctx.weight]
+    hidden_states = (v.num_layers + 1) * tok * v.hidden_size * wb
+    cb = DTYPE_BYTES[ctx.autocast or ctx.compute]
+    attn = tok * 4 * v.hidden_size * cb
+    mlp = 2 * tok * v.intermediate_size * cb
+    return hidden_states + max(attn, mlp) + 2 * tok * v.hidden_size * wb

@@ -26,7 +26,7 @@ from peftcalc.memory import (
 from peftcalc.methods import MethodSettings, Plan, make_plan, normalize_targets
 from peftcalc.settings import TrainingSettings, check_training
 from peftcalc.spec import ModelSpec, load_spec
-from peftcalc.storage import storage
+from peftcalc.storage import full_model_bytes, storage
 
 DEFAULT_MODEL = "llama-3.1-8b"
 DEFAULT_DATASET_TOKENS = 10_000_000
@@ -102,6 +102,7 @@ class Estimate:
     gpus: list
     cost: Cost | None
     storage: StorageInfo
+    image_tokens: int = 0  # a VLM: tokens one image adds to the language model's sequence
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -144,6 +145,8 @@ def gpu_max_batch(plan: Plan, t: TrainingSettings, gpu: GPU) -> int:
 
 def _tokens_per_sample(plan: Plan, t: TrainingSettings) -> int:
     spec = plan.spec
+    if spec.is_vlm:  # the language model sees the text and one image's tokens
+        return t.seq_len + spec.image_tokens
     return spec.vision_seq_len if spec.is_vision else t.seq_len
 
 
@@ -227,7 +230,7 @@ def estimate(
         cost = _cost_on(plan, t, chosen, mfu, dataset_tokens, price if gpu else None)
     weight_dtype = t.weight_dtype if method != "qlora" else t.compute_dtype
     st = storage(plan, weight_dtype, tasks)
-    full_total = storage(make_plan(spec, MethodSettings("full")), weight_dtype, tasks).total_bytes
+    full_total = tasks * full_model_bytes(plan, weight_dtype)  # T full copies (what full fine-tuning stores)
     return Estimate(
         model=spec.name,
         architecture=spec.architecture,
@@ -239,6 +242,7 @@ def estimate(
         gpus=fits,
         cost=cost,
         storage=StorageInfo(st.per_task_bytes, st.base_bytes, tasks, st.total_bytes, full_total),
+        image_tokens=spec.image_tokens,
     )
 
 

@@ -88,6 +88,9 @@ def render_estimate_text(e) -> str:
     out = []
     out.append(f"{e.model} ({e.architecture}) - {method_summary(e)}")
     out.append(training_summary(e.training) + f", device {e.memory.device}")
+    if e.image_tokens:
+        out.append(f"vision-language model: the language model sees {e.training.seq_len} text + {e.image_tokens} "
+                   f"image tokens = {e.training.seq_len + e.image_tokens} per sample")
     p = e.params
     out.append("")
     out.append(f"Parameters  total {p.total:,}  trainable {p.trainable:,} ({p.percent:.4f}%)")

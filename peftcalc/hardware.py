@@ -110,6 +110,10 @@ def step_flops(plan: Plan, t: TrainingSettings, tokens_per_sequence: int) -> Ste
         mac = m.in_features * m.out_features
         if m.role == "head" and spec.task in ("seq_cls", "image_cls"):
             tokens_m = b  # classifiers run on the pooled / last token
+        elif m.role == "vision":  # a VLM's vision tower runs on the patches and the class token
+            tokens_m = b * spec.vision.vision_seq_len
+        elif m.role == "projector":  # and its projector on the image tokens
+            tokens_m = b * spec.image_tokens
         else:
             tokens_m = tokens
         f = 2.0 * mac * tokens_m
@@ -127,6 +131,8 @@ def step_flops(plan: Plan, t: TrainingSettings, tokens_per_sequence: int) -> Ste
             bwd += 2 * lf
         if t.grad_checkpointing and m.layer is not None and (flows or grad_w):
             recompute += f
+    if spec.is_vlm:  # the vision tower's attention (frozen: forward only)
+        fwd += 4.0 * b * spec.vision.vision_seq_len ** 2 * spec.vision.q_dim * spec.vision.num_layers
     attn_per_layer = 4.0 * b * seq * kv_seq * spec.q_dim
     for i in range(spec.num_layers):
         fwd += attn_per_layer
@@ -142,6 +148,8 @@ def _trainable_modules(plan: Plan) -> set[str]:
     for g in plan.groups:
         if g.trainable and g.origin == "base" and g.name.endswith(".weight"):
             out.add(g.name[: -len(".weight")])
+        elif g.trainable and g.origin == "head_copy" and plan.spec.is_vlm and g.name.endswith(".weight#modules_to_save"):
+            out.add(g.name[: -len(".weight#modules_to_save")])  # the projector, trained through its copy
     return out
 
 

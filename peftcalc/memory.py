@@ -186,6 +186,10 @@ def input_bytes(plan: Plan, t: TrainingSettings) -> int:
     """input_ids and labels (int64), or pixel_values in the weight dtype and int64 labels
     (measure.run.make_batch)."""
     spec = plan.spec
+    if spec.is_vlm:  # input_ids (= labels) over text + image tokens, pixel_values in the weight dtype
+        ctx = make_ctx(spec, plan, t)
+        ids = t.batch_size * (t.seq_len + spec.image_tokens) * 8
+        return ids + t.batch_size * spec.num_channels * spec.image_size**2 * DTYPE_BYTES[ctx.weight]
     if spec.is_vision:
         ctx = make_ctx(spec, plan, t)
         pixels = t.batch_size * spec.num_channels * spec.image_size**2 * DTYPE_BYTES[ctx.weight]
@@ -221,7 +225,8 @@ def _gradient_arrival(plan: Plan, precision: str) -> GradientArrival:
 
     layout = build_layout(plan.spec)
     ctx = make_ctx(plan.spec, plan, TrainingSettings(precision=precision))
-    input_prefixes = tuple(m.path for m in layout.modules if m.role == "embed")
+    # the input side: embeddings, and a VLM's projector and vision tower (below the language model)
+    input_prefixes = tuple(m.path for m in layout.modules if m.role in ("embed", "projector", "vision"))
     if layout.head_tied_to_embedding:
         input_prefixes = tuple(p for p in input_prefixes if p != layout.embedding_path)
     per = [0] * plan.spec.num_layers

@@ -483,6 +483,10 @@ def make_plan(spec: ModelSpec, settings: MethodSettings) -> Plan:
     embedding_trains = any(
         g.trainable and g.origin == "base" and g.name.startswith(layout.embedding_path + ".") for g in groups
     )
+    if spec.is_vlm:  # the projected image features are scattered into the language model's input
+        # embeddings (LlavaModel.forward, masked_scatter): a trainable projector makes that input need a
+        # gradient, as a trainable embedding does
+        embedding_trains = embedding_trains or any(g.trainable and g.name.startswith(PROJECTOR + ".") for g in groups)
     return Plan(
         spec=spec,
         settings=settings,
