@@ -925,15 +925,19 @@ def _vlm_profile(plan: Plan, t: TrainingSettings) -> ActivationProfile:
 
 
 def vision_forward_bytes(spec: ModelSpec, ctx: Ctx) -> int:
-    """Live bytes while a frozen CLIP vision tower runs its forward: the pixel embeddings and each
-    layer's output kept for `hidden_states` ((layers + 1) x b x 577 x hidden in the weight dtype) and
-    the working set of one block (its attention q, k, v and output, or its MLP's fc1 output and
-    quick_gelu intermediates), as _forward_transient counts it for a frozen tower."""
+    """Live bytes while a frozen CLIP vision tower runs its forward (traced, transformers 5.x: the
+    hidden states are not all kept; each layer's output dies in the next layer, only the selected one
+    survives). LlavaModel.forward has already embedded the tokens (b x seq x hidden, `ctx` is the
+    language model's); CLIPVisionTransformer holds the encoder's input (the pre_layrnorm output); a
+    layer holds its input, the residual after attention and the normalised input of the MLP, whose fc1
+    output and activation intermediates peak together (quick_gelu, x * sigmoid(1.702 x): fc1's output,
+    1.702 x and the sigmoid; GELU: fc1's output and its own). The attention half (input, LayerNorm output,
+    q, k, v, output) is smaller for CLIP's 4x MLP but is taken when larger."""
     v = spec.vision
     tok = ctx.batch * v.vision_seq_len
     wb = DTYPE_BYTES[ctx.weight]
-    hidden_states = (v.num_layers + 1) * tok * v.hidden_size * wb
     cb = DTYPE_BYTES[ctx.autocast or ctx.compute]
-    attn = tok * 4 * v.hidden_size * cb
-    mlp = 2 * tok * v.intermediate_size * cb
-    return hidden_states + max(attn, mlp) + 2 * tok * v.hidden_size * wb
+    intermediates = 3 if v.hidden_act == "quick_gelu" else 2
+    mlp = 4 * tok * v.hidden_size * wb + intermediates * tok * v.intermediate_size * cb
+    attn = 3 * tok * v.hidden_size * wb + 4 * tok * v.hidden_size * cb
+    return ctx.tokens * spec.hidden_size * wb + max(mlp, attn)

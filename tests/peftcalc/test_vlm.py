@@ -111,3 +111,25 @@ def test_vlm_peak_matches_cpu_trace_of_a_tiny_llava(method, precision, batch):
     row = measure_one(TINY, MethodSettings(method), t, device="cpu", steps=2)
     assert row["outcome"] == "ok", row["error"]
     assert row["predicted"]["peak_bytes"] == pytest.approx(row["measured"]["peak_bytes"], rel=1e-3)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "amp-bf16"])
+def test_vision_tower_forward_peak_matches_cpu_trace(precision):
+    """A LLaVA whose vision tower (224 px, 257 tokens of 256) outweighs a one-layer language model of 32:
+    the peak is the frozen tower's forward (token embeddings, encoder input, layer input, residual, MLP
+    input and quick_gelu's three intermediates), predicted within 0.1% of the CPU trace."""
+    import json
+
+    from measure.run import measure_one
+    from peftcalc.settings import TrainingSettings
+
+    config = json.loads(Path(TINY).read_text())
+    config["vision_config"].update(hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
+                                   num_attention_heads=4, image_size=224)
+    config["text_config"].update(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                 num_key_value_heads=2)
+    t = TrainingSettings(batch_size=2, seq_len=4, precision=precision, device="cpu")
+    row = measure_one(config, MethodSettings("projector"), t, device="cpu", steps=2)
+    assert row["outcome"] == "ok", row["error"]
+    assert row["measured"]["peak_phase"] == "forward" and row["predicted"]["peak_phase"] == "forward:block"
+    assert row["predicted"]["peak_bytes"] == pytest.approx(row["measured"]["peak_bytes"], rel=1e-3)
