@@ -8,6 +8,7 @@ Fake tensors on 'cuda' abort with the CPU build of torch, so the device is alway
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 from torch import nn
@@ -131,15 +132,26 @@ def real_input_semantics():
     packed sequences, but on fake tensors (``is_tracing``) it cannot, and returns an index tensor
     that makes every model build an explicit (b, 1, s, s) mask instead of using SDPA's ``is_causal``.
     The harness never packs sequences (position ids are ``arange``), for which the real function
-    returns None; so does the patched one while this context is active."""
+    returns None; so does the patched one while this context is active.
+
+    LLaVA's ``get_placeholder_mask`` checks that the image-token count equals the image features'
+    (``torch_compilable_check`` on a tensor: ``.item()`` of a fake value, which has none); the
+    harness's batches always agree, so the check is switched off the way transformers documents
+    (``TRANSFORMERS_DISABLE_TORCH_CHECK=1``) while this context is active."""
     import transformers.masking_utils as masking
 
     original = masking.find_packed_sequence_indices
     masking.find_packed_sequence_indices = lambda position_ids: None
+    previous_check = os.environ.get("TRANSFORMERS_DISABLE_TORCH_CHECK")
+    os.environ["TRANSFORMERS_DISABLE_TORCH_CHECK"] = "1"
     try:
         yield
     finally:
         masking.find_packed_sequence_indices = original
+        if previous_check is None:
+            os.environ.pop("TRANSFORMERS_DISABLE_TORCH_CHECK", None)
+        else:
+            os.environ["TRANSFORMERS_DISABLE_TORCH_CHECK"] = previous_check
 
 
 def build_meta_model(spec: ModelSpec, settings: MethodSettings, dtype: torch.dtype = torch.float32,
