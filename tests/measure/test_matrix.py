@@ -101,6 +101,18 @@ def test_gpu_matrix_parses_and_covers_the_validation_matrix():
     assert {r.spec.model_type for r in runs} == set(SUPPORTED_MODEL_TYPES)
 
 
+def test_gpu_quick_matrix_is_a_short_first_pass():
+    """The matrix a 30-minute GPU lease starts with: every method but BitFit on one model, both mixed
+    and pure bf16, checkpointing on and off, plus a row or more of each other text and vision family."""
+    runs, left_out = expand_matrix(load_matrix("gpu-quick"))
+    assert not left_out and 50 <= len(runs) <= 80
+    assert all(r.device == "cuda" for r in runs)
+    one_b = [r for r in runs if r.spec.name == "llama-3.2-1b"]
+    assert {r.method.method for r in one_b} == set(METHODS) - {"bitfit"}
+    assert {r.spec.model_type for r in runs} >= {"llama", "mistral", "qwen2", "gpt2", "bert", "vit"}
+    assert {r.training.grad_checkpointing for r in one_b} == {False, True}
+
+
 ROWS = TINY + """
 [defaults]
 device = "fake"
