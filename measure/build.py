@@ -132,7 +132,13 @@ def vlm_lora_config(spec: ModelSpec, settings: MethodSettings):
 def _apply_peft(model, spec: ModelSpec, settings: MethodSettings):
     import peft
 
-    return peft.get_peft_model(model, peft_config(spec, settings))
+    model = peft.get_peft_model(model, peft_config(spec, settings))
+    if settings.vision_layers:  # unfrozen vision layers train in place (requires_grad), as the LLaVA scripts do
+        trainable = {g.name for g in make_plan(spec, settings).groups if g.trainable and g.origin == "base"}
+        for name, param in model.named_parameters():
+            if name.removeprefix("base_model.model.") in trainable:
+                param.requires_grad_(True)
+    return model
 
 
 def build_model(spec: ModelSpec, settings: MethodSettings, dtype: torch.dtype = torch.float32,

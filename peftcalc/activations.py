@@ -871,9 +871,53 @@ def vlm_text_training(spec: ModelSpec, t: TrainingSettings) -> TrainingSettings:
     return replace(t, seq_len=t.seq_len + spec.image_tokens)
 
 
+@lru_cache(maxsize=1024)
+def vision_plan(plan: Plan) -> Plan:
+    """A VLM plan seen from its vision tower: the CLIPVisionModel plan (`model.vision_tower.X` is `X`
+    there), with the block index of each encoder layer's parameters."""
+    from peftcalc.methods import vision_layer_of
+
+    prefix = "model.vision_tower."
+    groups = tuple(replace(g, name=g.name[len(prefix):], layer=vision_layer_of(g.name))
+                   for g in plan.groups if g.name.startswith(prefix) and g.origin == "base")
+    layers = [g.layer for g in groups if g.trainable and g.layer is not None]
+    return Plan(spec=plan.spec.vision, settings=plan.settings, groups=groups,
+                lowest_trainable_layer=min(layers) if layers else None)
+
+
+def _vision_saves(plan: Plan, t: TrainingSettings) -> tuple[int, int, bool]:
+    """(bytes kept to the end of backward, bytes freed when the vision tower's outputs are dropped,
+    whether the selected hidden state needs a gradient) of a vision tower with unfrozen layers. The
+    blocks are CLIPEncoderLayers (vision_block); the layers above the feature layer run and save too
+    (their input needs a gradient); nothing reaches them from the loss, yet their saved tensors stay
+    alive through the step (traced, transformers 5.x: the tower's outputs stay referenced), so they
+    are counted as kept. Under gradient checkpointing (transformers
+    checkpoints CLIP's encoder layers as well) each layer that needs a gradient keeps its input instead."""
+    from peftcalc.methods import vision_layers_used
+
+    vplan = vision_plan(plan)
+    if vplan.lowest_trainable_layer is None:
+        return 0, 0, False
+    vspec = vplan.spec
+    ctx = make_ctx(vspec, vplan, t)
+    used = vision_layers_used(plan.spec)
+    x_rg, x_dtype = False, ctx.weight  # pre_layrnorm's output (LayerNorm: fp32 under autocast)
+    kept = dropped = 0
+    feature_rg = False
+    for i, lt in enumerate(_layer_trainings(vplan, build_layout(vspec))):
+        saved, _tags, x_rg_next, x_dtype_next = _simulate_block(vspec, vplan, lt, ctx, x_rg, x_dtype)
+        if t.grad_checkpointing and saved:
+            saved = ctx.tokens * vspec.hidden_size * DTYPE_BYTES[_stream_dtype(ctx)]
+        kept += saved
+        x_rg, x_dtype = x_rg_next, x_dtype_next
+        if i == used - 1:
+            feature_rg = x_rg
+    return kept, dropped, feature_rg
+
+
 def _vlm_profile(plan: Plan, t: TrainingSettings) -> ActivationProfile:
-    """LlavaForConditionalGeneration.forward: the vision tower (frozen here: it saves nothing, no
-    parameter below it trains), the projector on the selected hidden state, masked_scatter of the image
+    """LlavaForConditionalGeneration.forward: the vision tower (frozen, it saves nothing; with unfrozen
+    layers, see _vision_saves), the projector on the selected hidden state, masked_scatter of the image
     features into the token embeddings, then the language model and the loss over text + image tokens,
     which is the Llama profile at seq_len + image_tokens (the blocks' input needs a gradient whenever the
     projector trains, so a frozen language model still saves its activations in stage 1)."""
@@ -887,38 +931,50 @@ def _vlm_profile(plan: Plan, t: TrainingSettings) -> ActivationProfile:
     b, itok = ctx.batch, spec.image_tokens
     hv, h = spec.vision.hidden_size, spec.hidden_size
     vseq = spec.vision.vision_seq_len
+    vision_kept, vision_dropped, feature_rg = _vision_saves(plan, t)
     trains = _trains(plan, f"{PROJECTOR}.linear_1", True)
-    # hidden_states[vision_feature_layer][:, 1:]: a view of the frozen tower's (b, 577, hv) output in
-    # the weight dtype (CLIP's residual stream); linear_1 saves it (under autocast, its cast copy)
+    # hidden_states[vision_feature_layer][:, 1:]: a view of the tower's (b, 577, hv) output in the
+    # weight dtype (CLIP's residual stream); linear_1 saves it (under autocast, its cast copy, and the
+    # cast weight when the features need a gradient)
     if trains:
         if ctx.autocast:
             rec.save_new(b * itok * hv, ctx.autocast, "projector.linear_1.input")
+        elif feature_rg:  # traced: a contiguous copy of the [:, 1:] view (its storage is saved by the next layer)
+            rec.save_new(b * itok * hv, ctx.weight, "projector.linear_1.input")
         else:
             rec.save_new(b * vseq * hv, ctx.weight, "projector.linear_1.input")
-    p1 = rec.new(b * itok * h, ctx.autocast or ctx.compute, trains)
+    if ctx.autocast and feature_rg:
+        rec.save_new(hv * h, ctx.autocast, "projector.linear_1.autocast_weight")
+    p1 = rec.new(b * itok * h, ctx.autocast or ctx.compute, trains or feature_rg)
     act = activation(rec, p1, "gelu", "projector.act")
     linear(rec, act, h, h, _trains(plan, f"{PROJECTOR}.linear_2", True), "projector.linear_2")
     if plan.embedding_trains:  # masked_scatter saves the image-token mask (bool, b x seq, expanded view)
         rec.save_new(ctx.tokens, "uint8", "masked_scatter.mask")
-    extra = rec.bytes_by_bucket().get("pre", 0)
+    extra = rec.bytes_by_bucket().get("pre", 0) + vision_kept
     tags = dict(text.by_tag)
     for tag, nbytes in rec.bytes_by_tag().items():
         tags[tag] = tags.get(tag, 0) + nbytes
+    if vision_kept:
+        tags["vision_tower.layers"] = vision_kept
     # LlavaModel.forward keeps the image features (torch.cat of the projector's outputs, cast to the
     # embeddings' dtype) to the end of forward and returns them as image_hidden_states: alive through
     # the language model and the loss, dropped with the outputs before backward
     features = b * itok * h * DTYPE_BYTES[ctx.weight]
     # The forward:block event (memory._step_events: pre + saved + transient) is the larger of a language
-    # model block's working set and the vision tower's forward, which runs before anything is saved:
-    # every hidden state (embeddings + one per layer) kept for image_outputs.hidden_states, plus one
-    # frozen block's working set
-    vision_ws = vision_forward_bytes(spec, ctx)
+    # model block's working set and the vision tower's forward, which runs before the language model
+    # saves anything (with unfrozen layers, the tower's own saved tensors are alive by its last layer)
+    vision_ws = vision_forward_bytes(spec, ctx) + vision_kept + vision_dropped
     transient, transient_saved = text.forward_transient + features, text.forward_transient_saved
     if vision_ws > text.pre + extra + transient_saved + transient:
         transient, transient_saved = vision_ws - text.pre - extra, 0
     weight_cache = text.autocast_weight_cache
-    if ctx.autocast and trains:  # the projector's weights (trainable leaves) are cached by autocast
-        weight_cache += (hv * h + h * h) * DTYPE_BYTES[ctx.autocast]
+    if ctx.autocast:  # autocast caches the cast copies of trainable leaf weights: projector, vision linears
+        vision_linears = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
+        weight_cache += DTYPE_BYTES[ctx.autocast] * sum(
+            g.numel for g in vision_plan(plan).groups
+            if g.trainable and g.name.endswith(".weight") and g.name.rsplit(".", 2)[-2] in vision_linears)
+        if trains:
+            weight_cache += (hv * h + h * h) * DTYPE_BYTES[ctx.autocast]
     return replace(text, pre=text.pre + extra, forward_transient=transient, forward_transient_saved=transient_saved,
                    loss_forward_peak=text.loss_forward_peak + features,
                    autocast_weight_cache=weight_cache, by_tag=tuple(sorted(tags.items())))

@@ -174,6 +174,7 @@ def estimate(
     adapter_kind: str | None = None,
     num_virtual_tokens: int | None = None,
     trainable_layers: int | None = None,
+    vision_layers: int | None = None,
     batch_size: int = 1,
     seq_len: int = 512,
     precision: str = "bf16",
@@ -191,7 +192,8 @@ def estimate(
     spec = load_spec(model)
     settings = _method_settings(method, rank=rank, alpha=alpha, targets=targets, dora=dora, double_quant=double_quant,
                                 bottleneck=bottleneck, adapter_kind=adapter_kind,
-                                num_virtual_tokens=num_virtual_tokens, trainable_layers=trainable_layers)
+                                num_virtual_tokens=num_virtual_tokens, trainable_layers=trainable_layers,
+                                vision_layers=vision_layers)
     t = TrainingSettings(batch_size=batch_size, seq_len=seq_len, precision=precision, optimizer=optimizer,
                          grad_checkpointing=grad_checkpointing, attention=attention, device=device)
     check_training(t)

@@ -35,6 +35,8 @@ BOTTLENECK = typer.Option(None, "--bottleneck", help="Adapter bottleneck size (d
 ADAPTER_KIND = typer.Option("houlsby", "--adapter-kind", help="houlsby (after attention and FFN) | pfeiffer (after FFN).")
 VIRTUAL_TOKENS = typer.Option(None, "--num-virtual-tokens", help="Prefix/prompt length (default 20).")
 TRAINABLE_LAYERS = typer.Option(None, "--trainable-layers", help="freeze: train the top K blocks (default a quarter).")
+VISION_LAYERS = typer.Option(None, "--unfreeze-vision-layers", help="Vision-language models: also train the top N "
+                             "vision-tower layers the projector reads (default 0).")
 BATCH = typer.Option(1, "--batch-size", "-b", help="Micro-batch size.")
 SEQ = typer.Option(512, "--seq-len", "-s", help="Sequence length in tokens (vision models use their patch count).")
 PRECISION = typer.Option("bf16", "--precision", help="fp32 | bf16 | amp-bf16 | fp16 | amp-fp16")
@@ -61,6 +63,7 @@ def estimate(
     targets: Optional[str] = TARGETS, dora: bool = DORA, double_quant: bool = DOUBLE_QUANT,
     bottleneck: Optional[int] = BOTTLENECK, adapter_kind: str = ADAPTER_KIND,
     num_virtual_tokens: Optional[int] = VIRTUAL_TOKENS, trainable_layers: Optional[int] = TRAINABLE_LAYERS,
+    vision_layers: Optional[int] = VISION_LAYERS,
     batch_size: int = BATCH, seq_len: int = SEQ, precision: str = PRECISION, optimizer: str = OPTIMIZER,
     grad_checkpointing: bool = CKPT, attention: str = ATTENTION, device: str = DEVICE, gpu: Optional[str] = GPU_OPT,
     price: Optional[float] = PRICE, tasks: int = TASKS, dataset_tokens: int = DATASET_TOKENS, mfu: float = MFU,
@@ -73,7 +76,8 @@ def estimate(
     _check_format(format)
     e = run_estimate(model, method=method, rank=rank, alpha=alpha, targets=targets, dora=dora,
                      double_quant=double_quant, bottleneck=bottleneck, adapter_kind=adapter_kind,
-                     num_virtual_tokens=num_virtual_tokens, trainable_layers=trainable_layers, batch_size=batch_size,
+                     num_virtual_tokens=num_virtual_tokens, trainable_layers=trainable_layers,
+                     vision_layers=vision_layers, batch_size=batch_size,
                      seq_len=seq_len, precision=precision, optimizer=optimizer, grad_checkpointing=grad_checkpointing,
                      attention=attention, device=device, gpu=gpu, price=price, tasks=tasks,
                      dataset_tokens=dataset_tokens, mfu=mfu)

@@ -76,6 +76,8 @@ def method_summary(e) -> str:
         parts.append(f"{m.num_virtual_tokens} virtual tokens")
     elif m.method == "freeze" and m.trainable_layers is not None:
         parts.append(f"top {m.trainable_layers} blocks")
+    if getattr(m, "vision_layers", 0):
+        parts.append(f"+ top {m.vision_layers} vision layers")
     return " ".join(parts)
 
 

@@ -89,6 +89,7 @@ class MethodSettings:
     adapter_kind: str = "houlsby"
     num_virtual_tokens: int = 20
     trainable_layers: int | None = None  # freeze: default the top quarter of the blocks
+    vision_layers: int = 0  # VLM: unfreeze this many vision-tower layers, the top ones the projector reads
 
 
 @dataclass(frozen=True)
@@ -344,9 +345,10 @@ def plan_lora(spec, layout, s):
     mods = _modules_by_path(layout)
     targets = resolve_targets(spec, layout, s)
     quantize = s.method == "qlora"
+    vision = _vision_trains_fn(spec, s)  # a VLM's unfrozen vision layers train as they are (requires_grad)
     groups = [
         replace(g, quantized=quantize and g.name.endswith(".weight") and _quantizable(mods, g.name, layout))
-        for g in _base_groups(layout, lambda m, name: False)
+        for g in _base_groups(layout, vision)
     ]
     for path in targets:
         m = mods[path]
@@ -372,16 +374,47 @@ def _projector_copy(layout: Layout, spec: ModelSpec) -> list[ParamGroup]:
             for m in layout.modules if _under(m.path, (PROJECTOR,)) for name, numel in param_names(m)]
 
 
+VISION_LAYERS = "model.vision_tower.encoder.layers."
+
+
+def vision_layers_used(spec: ModelSpec) -> int:
+    """How many vision-tower layers feed the hidden state the projector reads: hidden_states[i] is the
+    output of layer i - 1 (index 0: the embeddings), so vision_feature_layer -2 of 24 layers uses 23."""
+    layer = spec.vision_feature_layer
+    return layer if layer >= 0 else spec.vision.num_layers + 1 + layer
+
+
+def vision_layer_of(path: str) -> int | None:
+    """The vision-tower layer a VLM parameter or module path belongs to (None: not in a vision layer)."""
+    if not path.startswith(VISION_LAYERS):
+        return None
+    return int(path[len(VISION_LAYERS):].split(".", 1)[0])
+
+
+def unfrozen_vision_layers(spec: ModelSpec, s: MethodSettings) -> range:
+    """--unfreeze-vision-layers N: the top N of the layers the projector reads (the layers above the
+    feature layer never get a gradient, so unfreezing them would train nothing)."""
+    used = vision_layers_used(spec) if spec.is_vlm else 0
+    return range(used - s.vision_layers, used) if s.vision_layers else range(0)
+
+
+def _vision_trains_fn(spec: ModelSpec, s: MethodSettings):
+    layers = unfrozen_vision_layers(spec, s)
+    return lambda m, name: vision_layer_of(m.path) in layers
+
+
 def plan_projector(spec, layout, s):
     """LLaVA stage 1 (Liu et al. 2023, Visual Instruction Tuning, section 4.2 "pre-training for feature
     alignment"): vision tower and language model frozen, the projector trains."""
-    return _base_groups(layout, lambda m, name: _under(m.path, (PROJECTOR,)))
+    vision = _vision_trains_fn(spec, s)
+    return _base_groups(layout, lambda m, name: _under(m.path, (PROJECTOR,)) or vision(m, name))
 
 
 def plan_projector_llm(spec, layout, s):
     """LLaVA stage 2 ("fine-tuning end-to-end"): the vision tower stays frozen; the projector and the
     whole language model (embeddings, blocks, final norm, lm_head) train."""
-    return _base_groups(layout, lambda m, name: _under(m.path, (PROJECTOR, LANGUAGE_MODEL, "lm_head")))
+    vision = _vision_trains_fn(spec, s)
+    return _base_groups(layout, lambda m, name: _under(m.path, (PROJECTOR, LANGUAGE_MODEL, "lm_head")) or vision(m, name))
 
 
 def _quantizable(mods: dict[str, Module], param: str, layout: Layout) -> bool:
@@ -458,6 +491,12 @@ def check_settings(spec: ModelSpec, s: MethodSettings) -> None:
     if spec.is_vlm and s.method not in VLM_METHODS:
         raise InputError(f"method '{s.method}' is not supported for the vision-language model {spec.name}; "
                          f"choose from {', '.join(VLM_METHODS)}")
+    if s.vision_layers:
+        if not spec.is_vlm:
+            raise InputError(f"--unfreeze-vision-layers applies to vision-language models; {spec.name} is not one")
+        if not 0 < s.vision_layers <= vision_layers_used(spec):
+            raise InputError(f"--unfreeze-vision-layers must be between 0 and the {vision_layers_used(spec)} vision "
+                             f"layers the projector reads, got {s.vision_layers}")
     if not spec.is_vlm and s.method in VLM_ONLY_METHODS:
         raise InputError(f"method '{s.method}' trains a vision-language model's projector, and {spec.name} "
                          f"({spec.architecture}) has none")
