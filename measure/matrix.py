@@ -56,7 +56,7 @@ TOP_KEYS = ("description", "defaults", "models", "grid")
 VARIANT = "variant"
 RUN_DEFAULTS = {"device": "cpu", "steps": 3, "seed": 0, "prepare_kbit": False}
 INT_KEYS = ("steps", "seed", "rank", "alpha", "bottleneck", "num_virtual_tokens", "trainable_layers",
-            "batch_size", "seq_len")
+            "batch_size", "seq_len", "vision_layers")
 BOOL_KEYS = ("prepare_kbit", "dora", "double_quant", "grad_checkpointing")
 STR_KEYS = ("model", "device", "method", "targets", "adapter_kind", "precision", "optimizer", "attention")
 ROW_TIMEOUT_S = 1800
@@ -83,7 +83,10 @@ class Run:
 
     def request(self) -> dict:
         """This run as JSON data (what a subprocess needs to run it again)."""
-        method = {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.method.__dict__.items()}
+        from measure.run import LATER_METHOD_FIELDS
+
+        method = {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.method.__dict__.items()
+                  if not (k in LATER_METHOD_FIELDS and v == 0)}
         return {"model": self.model_config if self.model_config is not None else self.spec.name,
                 "method": method, "training": self.training.__dict__, "device": self.device,
                 "steps": self.steps, "seed": self.seed, "prepare_kbit": self.prepare_kbit}

@@ -370,12 +370,20 @@ def run_steps(model, spec, batch, optimizer, policy, device, meter, steps: int, 
 # -- the record -----------------------------------------------------------------------------
 
 
+# MethodSettings fields added after result files were first committed: recorded only when set, so
+# the settings (and resume keys) of every earlier row stay what they were.
+LATER_METHOD_FIELDS = ("vision_layers",)
+
+
 def settings_record(spec: ModelSpec, method: MethodSettings, training: TrainingSettings, device: str,
                     steps: int, prepare_kbit: bool = False, seed: int = 0) -> dict:
     """Everything that decides a run, as plain data (also the input of :func:`row_key`)."""
     m = asdict(method)
     if isinstance(m["targets"], tuple):
         m["targets"] = list(m["targets"])
+    for name in LATER_METHOD_FIELDS:  # keep the keys of rows recorded before these fields existed
+        if m.get(name) == 0:
+            del m[name]
     t = asdict(replace(training, device="cuda" if device == "cuda" else "cpu"))
     return {
         "model": spec.name,

@@ -9,7 +9,7 @@ import pytest
 import measure.run
 from measure.matrix import ROW_KEYS, done_keys, expand_matrix, load_matrix, run_matrix
 from peftcalc.errors import InputError
-from peftcalc.methods import METHODS
+from peftcalc.methods import ALL_METHODS, METHODS
 from peftcalc.spec import SUPPORTED_MODEL_TYPES
 
 TINY = """
@@ -81,7 +81,7 @@ def test_grid_is_a_cartesian_product_with_merged_variants_and_left_out_rows(tmp_
 def test_ci_matrix_covers_every_method_and_family_on_cpu(ci_matrix):
     runs, _ = expand_matrix(ci_matrix)
     cpu = [r for r in runs if r.device == "cpu"]
-    assert {r.method.method for r in cpu} == set(METHODS)
+    assert {r.method.method for r in cpu} == set(ALL_METHODS)
     assert {r.spec.model_type for r in cpu} == set(SUPPORTED_MODEL_TYPES)
     assert {r.training.precision for r in cpu} >= {"fp32", "bf16", "amp-bf16"}
     assert {r.training.optimizer for r in cpu} == {"adamw", "sgd", "adamw-8bit", "adafactor"}
@@ -93,7 +93,7 @@ def test_ci_matrix_covers_every_method_and_family_on_cpu(ci_matrix):
 def test_gpu_matrix_parses_and_covers_the_validation_matrix():
     runs, _ = expand_matrix(load_matrix("gpu"))
     assert all(r.device == "cuda" for r in runs)
-    assert {r.method.method for r in runs} == set(METHODS)
+    assert {r.method.method for r in runs} == set(ALL_METHODS)
     assert {r.training.precision for r in runs} >= {"fp32", "bf16", "amp-bf16"}
     assert {r.training.batch_size for r in runs} >= {1, 4}
     assert {r.training.grad_checkpointing for r in runs} == {False, True}
