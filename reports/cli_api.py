@@ -105,7 +105,7 @@ def breakdown_chart(model: str, batch_sizes: list[int], out: str, seq_len: int =
 
 
 def vlm_table(fmt: str = "markdown") -> str:
-    """Seed 001's 7B VLM memory table recomputed (partial until the vision-language issue)."""
+    """Seed 001's 7B VLM memory table recomputed with the calculator's llava-1.5-7b (reports.vlm)."""
     from reports.vlm import vlm_frame, vlm_markdown
 
     _check_format(fmt)

@@ -58,7 +58,7 @@ def test_report_numbers_trace_to_rows(tmp_path, real_cpu_row):
     assert f"{err:+.2f}" in md
     for name in ("predicted_vs_measured", "errors_by_method", "storage_vs_tasks", "breakdown", "breakdown_scaling"):
         assert (out / f"{name}.png").stat().st_size > 1000 and (out / f"{name}.svg").exists()
-    assert "waits for the vision-language issue" in md
+    assert "Recomputed with the calculator's llava-1.5-7b" in md and "vision-language issue" not in md
     by_method = pd.read_csv(out / "errors_by_method.csv")
     assert set(by_method["source"]) == {"gpu", "cpu"}
     assert json.loads((out / "summary.json").read_text())["rows"] == 2

@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 
 import peftcalc
+from peftcalc.api import plan_for
 from peftcalc.errors import InputError
 from peftcalc.methods import MethodSettings, make_plan
 from peftcalc.spec import load_spec
@@ -17,7 +18,7 @@ from reports.breakdown import STACK, breakdown_frame, gpu_lines
 from reports.cli_api import trainable_table, vlm_table
 from reports.storage_report import crossover, parse_tasks, storage_frame
 from reports.trainable import SEED_000_CLAIMS, SEED_004_CLAIMS, trainable_frame
-from reports.vlm import projector_params, projector_saved_bytes, vlm_frame
+from reports.vlm import projector_params, vlm_frame
 
 SEEDS = Path(__file__).resolve().parents[3] / "shared" / "seeds"
 CONFIGS = Path(__file__).parents[1] / "peftcalc" / "configs"
@@ -168,18 +169,54 @@ def test_gpu_lines_group_near_equal_cards():
 # -- seed 001 VLM table -------------------------------------------------------------------------
 
 
-def test_vlm_table_by_hand():
+def test_vlm_table_is_the_calculators_llava():
+    """Every recomputed row of seed 001's table against peftcalc.estimate / plan counts of llava-1.5-7b."""
     assert projector_params() == 1024 * 4096 + 4096 + 4096 * 4096 + 4096 == 20_979_712
     df = vlm_frame().set_index("component")
-    vision = make_plan(load_spec("clip-vit-l-14-336-vision"), MethodSettings("full")).total
-    llm = make_plan(load_spec("llama-2-7b"), MethodSettings("full")).total
-    assert df.loc["vision encoder", "params"] == vision
-    assert df.loc["language model", "params"] == llm == 6_738_415_616
-    assert df.loc["weights total", "fp16_bytes"] == 2 * (vision + llm + 20_979_712)
-    assert df.loc["optimizer states (Adam)", "fp32_bytes"] == 4 * 2 * 20_979_712
-    assert df.loc["language model", "params_diff_pct"] == pytest.approx(100 * (llm - 7e9) / 7e9)
-    assert df.loc["total GPU memory", "fp16_bytes"] == sum(df.loc[c, "fp16_bytes"] for c in (
-        "weights total", "gradients (trainable)", "optimizer states (Adam)", "activations (batch=4)",
-        "logits / loss buffers (not in the seed)"))
-    assert projector_saved_bytes(4, 576, 2) == 4 * 576 * (1024 + 8192) * 2
-    assert "vision-language issue" in vlm_table("markdown")
+    plan = plan_for("llava-1.5-7b", "projector")
+    part = {k: sum(g.numel for g in plan.groups if g.name.startswith(pre)) for k, pre in (
+        ("vision encoder", ("model.vision_tower.",)), ("projector", ("model.multi_modal_projector.",)),
+        ("language model", ("model.language_model.", "lm_head.")))}
+    assert part["projector"] == plan.trainable == df.loc["projector", "params"] == 20_979_712
+    assert df.loc["vision encoder", "params"] == part["vision encoder"] == plan_for(
+        "clip-vit-l-14-336-vision", "full").total == 303_507_456
+    # Llama-2-7B plus 64 vocabulary rows (32,064) in embed_tokens and lm_head
+    assert df.loc["language model", "params"] == part["language model"] == 6_738_415_616 + 2 * 64 * 4096
+    assert df.loc["weights total", "params"] == plan.total == sum(part.values()) == 7_063_427_072
+    assert df.loc["language model", "params_diff_pct"] == pytest.approx(100 * (part["language model"] - 7e9) / 7e9)
+    for prec, nbytes in (("fp16", 2), ("fp32", 4)):
+        e = peftcalc.estimate("llava-1.5-7b", method="projector", batch_size=4, seq_len=128, precision=prec)
+        c = e.memory.components
+        assert df.loc["weights total", f"{prec}_bytes"] == c["weights_frozen"] + c["weights_trainable"] \
+            == nbytes * plan.total
+        assert df.loc["gradients (trainable)", f"{prec}_bytes"] == nbytes * 20_979_712
+        assert df.loc["optimizer states (Adam)", f"{prec}_bytes"] == c["optimizer_states"] == 2 * nbytes * 20_979_712
+        assert df.loc["activations (batch=4)", f"{prec}_bytes"] == c["activations"]
+        assert df.loc["logits / loss buffers (not in the seed)", f"{prec}_bytes"] == c["logits_loss"]
+        assert df.loc["total GPU memory", f"{prec}_bytes"] == e.memory.peak_bytes == sum(c.values())
+        assert df.loc["total GPU memory, reserved (not in the seed)", f"{prec}_bytes"] == e.memory.reserved_bytes
+        long = peftcalc.estimate("llava-1.5-7b", method="projector", batch_size=4, seq_len=512, precision=prec)
+        assert df.loc["total GPU memory, 512 text tokens", f"{prec}_bytes"] == long.memory.peak_bytes
+        assert df.loc["activations (batch=4), 512 text tokens", f"{prec}_bytes"] == long.memory.components["activations"]
+        for label, vl, trainable in (("stage 2 (projector-llm)", None, 6_759_919_616),
+                                     ("all unfrozen (projector-llm, vision layers 23)", 23, 7_049_632_768)):
+            full = peftcalc.estimate("llava-1.5-7b", method="projector-llm", vision_layers=vl, batch_size=4,
+                                     seq_len=128, precision=prec)
+            assert full.params.trainable == trainable == df.loc[f"full FT: gradients, {label}", "params"]
+            assert df.loc[f"full FT: gradients, {label}", f"{prec}_bytes"] == nbytes * trainable
+            assert df.loc[f"full FT: optimizer states, {label}", f"{prec}_bytes"] == 2 * nbytes * trainable
+            assert df.loc[f"full FT: total, {label}", f"{prec}_bytes"] == full.memory.peak_bytes
+    # the stage-1 activations: every one of the 32 frozen LLM blocks saves (the projector's gradient crosses them)
+    assert df.loc["activations (batch=4)", "fp16_bytes"] > 32 * 4 * 704 * 4096 * 2
+    assert df.loc["activations (batch=4)", "fp16_diff_pct"] == pytest.approx(
+        100 * (df.loc["activations (batch=4)", "fp16_bytes"] - 6e9) / 6e9)
+    assert df.loc["total GPU memory", "seed_fp16_bytes"] == 21e9 and df.loc["total GPU memory", "seed_line"].endswith(":861")
+    t16 = df.loc["total GPU memory", "fp16_bytes"]
+    s2 = df.loc["full FT: total, stage 2 (projector-llm)", "fp16_bytes"]
+    assert df.attrs["savings_pct"]["stage 2 (projector-llm)"] == pytest.approx(100 * (1 - t16 / s2))
+    verdicts = {c["claim"].split(":")[0]: c["verdict"] for c in df.attrs["claims"]}
+    assert verdicts["LLaVA-1.5 projector (MLP)"] == "checked: true"
+    assert verdicts["GPU memory"] == "not checkable here"
+    md = vlm_table("markdown")
+    assert "vision-language issue" not in md and "20,979,712" in md and "128 text tokens" in md
+    assert len(json.loads(vlm_table("json"))) == len(df)
