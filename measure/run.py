@@ -20,7 +20,6 @@ import contextlib
 import gc
 import hashlib
 import json
-import os
 import platform
 import subprocess
 import tempfile

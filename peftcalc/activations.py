@@ -18,10 +18,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 
+from peftcalc.errors import InputError
 from peftcalc.layout import LINEAR_KINDS, Layout, build_layout
 from peftcalc.methods import Plan, resolve_bottleneck
 from peftcalc.settings import DTYPE_BYTES, TrainingSettings
-from peftcalc.spec import ModelSpec
+from peftcalc.spec import COUNTS_ONLY_FAMILIES, ModelSpec
 
 # Dropout probabilities during training, from the transformers config defaults of each family.
 DROPOUT_KEYS = {
@@ -415,7 +416,7 @@ def llama_block(rec: Recorder, spec: ModelSpec, plan: Plan, lt: LayerTraining, x
     a = attention(rec, spec, q, k, v, dropout_p(spec, "attn"), True, "self_attn.attention")
     o = _lin(rec, lt, a, "self_attn.o_proj", spec.q_dim, h, plan, quant)
     o = _maybe_adapter(rec, lt, o, "attn_out", spec, plan, "self_attn.o_proj")
-    x2 = rec.new(tok * h, _residual_dtype(ctx, x), x.rg or o.rg)
+    x2 = rec.new(tok * h, x.dtype, x.rg or o.rg)  # x + o keeps the residual stream's dtype
     n2 = rms_norm(rec, x2, "post_attention_layernorm" in lt.norm_trainable, "post_attention_layernorm")
     g = _lin(rec, lt, n2, "mlp.gate_proj", h, spec.intermediate_size, plan, quant)
     u = _lin(rec, lt, n2, "mlp.up_proj", h, spec.intermediate_size, plan, quant)
@@ -424,12 +425,6 @@ def llama_block(rec: Recorder, spec: ModelSpec, plan: Plan, lt: LayerTraining, x
     d = _lin(rec, lt, p, "mlp.down_proj", spec.intermediate_size, h, plan, quant)
     d = _maybe_adapter(rec, lt, d, "mlp_out", spec, plan, "mlp.down_proj")
     return rec.new(tok * h, x2.dtype, x2.rg or d.rg)
-
-
-def _residual_dtype(ctx: Ctx, x: T) -> str:
-    """x + sublayer(x): type promotion keeps the residual stream in the wider dtype (fp32 under
-    autocast with fp32 weights, where linears return the autocast dtype)."""
-    return x.dtype
 
 
 def gpt2_block(rec: Recorder, spec: ModelSpec, plan: Plan, lt: LayerTraining, x: T) -> T:
@@ -540,7 +535,15 @@ class ActivationProfile:
         return sum(self.per_layer) + self.pre + self.post
 
 
+def check_memory_model(spec: ModelSpec) -> None:
+    """BLIP-2 has parameter counts and the qformer method, not yet a memory, FLOPs or time model."""
+    if spec.model_type in COUNTS_ONLY_FAMILIES:
+        raise InputError(f"{spec.name} ({spec.architecture}): memory, time and cost are not modelled for "
+                         f"{spec.model_type} yet; parameter counts only (peftcalc.api.plan_for)")
+
+
 def make_ctx(spec: ModelSpec, plan: Plan, t: TrainingSettings) -> Ctx:
+    check_memory_model(spec)
     seq = spec.vision_seq_len if spec.is_vision else t.seq_len
     kv_seq = seq
     method = plan.settings.method
@@ -735,10 +738,6 @@ def _tanh(rec: Recorder, x: T, tag: str) -> T:
     if x.rg:
         rec.save(out, f"{tag}.output")
     return out
-
-
-def _is_head(layout: Layout, name: str) -> bool:
-    return any(name == p or name.startswith(p + ".") for p in layout.head_paths)
 
 
 def _loss_buffers(spec: ModelSpec, ctx: Ctx, logits_numel: int) -> tuple[int, int, int]:
