@@ -295,10 +295,24 @@ def _step_events(plan: Plan, t: TrainingSettings, act: ActivationProfile, ms: Mo
                                                        temporaries=act.layer_transient)))
         arrived += grads.per_layer[i]
         remaining -= kept_per_layer.get(i, 0)
-    events.append(_event("backward:end", dict(base, activations=act.pre, gradients=grads.total)))
+    events.append(_event("backward:end", dict(base, activations=act.pre, gradients=grads.total,
+                                              temporaries=_tied_embedding_accumulation(plan, t))))
     events.append(_event("optimizer", dict(weights, inputs=inputs, gradients=grads.total,
                                            optimizer_states=ms.optimizer_states, temporaries=ms.optimizer_temporaries)))
     return events
+
+
+def _tied_embedding_accumulation(plan: Plan, t: TrainingSettings) -> int:
+    """A trainable tied embedding gets two gradients: the lm_head's, early in backward, and the
+    lookup's dense gradient at the end (embedding_dense_backward), which AccumulateGrad adds out of
+    place (torch/csrc/autograd/functions/accumulate_grad.h): the new gradient and the sum, two more
+    vocab x hidden tensors, are alive for a moment."""
+    from peftcalc.layout import build_layout
+
+    if not (build_layout(plan.spec).head_tied_to_embedding and plan.embedding_trains):
+        return 0
+    ctx = make_ctx(plan.spec, plan, t)
+    return 2 * plan.spec.vocab_size * plan.spec.hidden_size * DTYPE_BYTES[ctx.weight]
 
 
 def reserved_bytes(peak_allocated: int) -> int:
