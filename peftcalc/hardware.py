@@ -91,6 +91,9 @@ def step_flops(plan: Plan, t: TrainingSettings, tokens_per_sequence: int) -> Ste
     the blocks that run backward (Narayanan et al. 2021, Megatron-LM, section 5.1).
     Embedding lookups, norms and element-wise ops are not counted (under 1% for these models).
     """
+    from peftcalc.activations import check_memory_model
+
+    check_memory_model(plan.spec)
     spec = plan.spec
     layout = build_layout(spec)
     b = t.batch_size

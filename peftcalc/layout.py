@@ -304,6 +304,87 @@ def _llava(spec: ModelSpec) -> Layout:
                   False, f"{lm}.norm")
 
 
+QFORMER = "qformer"
+QUERY_TOKENS = "query_tokens"
+LANGUAGE_PROJECTION = "language_projection"
+
+
+def _blip2(spec: ModelSpec) -> Layout:
+    """Blip2ForConditionalGeneration (transformers 5.x modeling_blip_2.py), in named_parameters() order:
+    `query_tokens` (1, queries, q), `vision_model` (Blip2VisionModel: class/position embeddings as bare
+    parameters, a patch conv with bias, layers with one fused qkv Linear (bias 3 x width), `projection`, layer_norm1, mlp.fc1/fc2, layer_norm2;
+    post_layernorm), `qformer` (layernorm, then per layer self-attention, a cross-attention to the vision
+    width every `cross_attention_frequency` layers (layer i with i % freq == 0), the query FFN), the
+    `language_projection` q -> text width, and `language_model` (OPTForCausalLM: embed_tokens, learned
+    positions with OPT's offset of 2, final_layer_norm, layers with q/k/v/out_proj, fc1/fc2 and their
+    LayerNorms; lm_head tied to embed_tokens). The OPT blocks carry the block index; the tower and the
+    Q-Former carry none."""
+    b = dict(spec.blip2)
+    hv, iv = b["vision_hidden_size"], b["vision_intermediate_size"]
+    hq, iq = b["qformer_hidden_size"], b["qformer_intermediate_size"]
+    h = spec.hidden_size
+    num_patches = (spec.image_size // spec.patch_size) ** 2
+    mods = [Module(QUERY_TOKENS, "param", (1, b["num_query_tokens"], hq), False, None, "projector")]
+    e = "vision_model.embeddings"
+    mods += [
+        Module(f"{e}.class_embedding", "param", (1, 1, hv), False, None, "vision"),
+        Module(f"{e}.position_embedding", "param", (1, num_patches + 1, hv), False, None, "vision"),
+        Module(f"{e}.patch_embedding", "conv2d", (hv, spec.num_channels, spec.patch_size, spec.patch_size), True,
+               None, "vision"),
+    ]
+    for i in range(b["vision_num_hidden_layers"]):
+        p = f"vision_model.encoder.layers.{i}"
+        mods += [
+            Module(f"{p}.self_attn.qkv", "linear", (3 * hv, hv), bool(b["vision_qkv_bias"]), None, "vision"),
+            Module(f"{p}.self_attn.projection", "linear", (hv, hv), True, None, "vision"),
+            Module(f"{p}.layer_norm1", "norm", (hv,), True, None, "vision"),
+            Module(f"{p}.mlp.fc1", "linear", (iv, hv), True, None, "vision"),
+            Module(f"{p}.mlp.fc2", "linear", (hv, iv), True, None, "vision"),
+            Module(f"{p}.layer_norm2", "norm", (hv,), True, None, "vision"),
+        ]
+    mods.append(Module("vision_model.post_layernorm", "norm", (hv,), True, None, "vision"))
+    mods.append(Module(f"{QFORMER}.layernorm", "norm", (hq,), True, None, "projector"))
+    for i in range(b["qformer_num_hidden_layers"]):
+        p = f"{QFORMER}.encoder.layer.{i}"
+        blocks = [("attention", hq)]
+        if i % b["qformer_cross_attention_frequency"] == 0:
+            blocks.append(("crossattention", hv))
+        for att, kv_in in blocks:
+            mods += [
+                Module(f"{p}.{att}.attention.query", "linear", (hq, hq), True, None, "projector"),
+                Module(f"{p}.{att}.attention.key", "linear", (hq, kv_in), True, None, "projector"),
+                Module(f"{p}.{att}.attention.value", "linear", (hq, kv_in), True, None, "projector"),
+                Module(f"{p}.{att}.output.dense", "linear", (hq, hq), True, None, "projector"),
+                Module(f"{p}.{att}.output.LayerNorm", "norm", (hq,), True, None, "projector"),
+            ]
+        mods += [
+            Module(f"{p}.intermediate_query.dense", "linear", (iq, hq), True, None, "projector"),
+            Module(f"{p}.output_query.dense", "linear", (hq, iq), True, None, "projector"),
+            Module(f"{p}.output_query.LayerNorm", "norm", (hq,), True, None, "projector"),
+        ]
+    mods.append(Module(LANGUAGE_PROJECTION, "linear", (h, hq), True, None, "projector"))
+    d = "language_model.model.decoder"
+    mods += [
+        Module(f"{d}.embed_tokens", "embedding", (spec.vocab_size, h), False, None, "embed"),
+        Module(f"{d}.embed_positions", "embedding", (spec.max_positions + 2, h), False, None, "embed"),
+        _norm(f"{d}.final_layer_norm", h, True),
+    ]
+    for i in range(spec.num_layers):
+        p = f"{d}.layers.{i}"
+        mods += [
+            _lin(f"{p}.self_attn.k_proj", h, h, True, i, "attn"),
+            _lin(f"{p}.self_attn.v_proj", h, h, True, i, "attn"),
+            _lin(f"{p}.self_attn.q_proj", h, h, True, i, "attn"),
+            _lin(f"{p}.self_attn.out_proj", h, h, True, i, "attn_out"),
+            _norm(f"{p}.self_attn_layer_norm", h, True, i),
+            _lin(f"{p}.fc1", spec.intermediate_size, h, True, i, "mlp"),
+            _lin(f"{p}.fc2", h, spec.intermediate_size, True, i, "mlp_out"),
+            _norm(f"{p}.final_layer_norm", h, True, i),
+        ]
+    return Layout(tuple(mods), f"{d}.layers", f"{d}.embed_tokens", ("language_model.lm_head",),
+                  "language_model.lm_head", True, f"{d}.final_layer_norm")
+
+
 FAMILY_LAYOUTS = {
     "llama": _llama_like,
     "mistral": _llama_like,
@@ -314,6 +395,7 @@ FAMILY_LAYOUTS = {
     "vit": _vit,
     "clip_vision_model": _clip_vision,
     "llava": _llava,
+    "blip-2": _blip2,
 }
 
 

@@ -14,7 +14,18 @@ from dataclasses import dataclass, field, replace
 from functools import lru_cache
 
 from peftcalc.errors import InputError
-from peftcalc.layout import LANGUAGE_MODEL, LINEAR_KINDS, PROJECTOR, Layout, Module, build_layout, param_names
+from peftcalc.layout import (
+    LANGUAGE_MODEL,
+    LANGUAGE_PROJECTION,
+    LINEAR_KINDS,
+    PROJECTOR,
+    QFORMER,
+    QUERY_TOKENS,
+    Layout,
+    Module,
+    build_layout,
+    param_names,
+)
 from peftcalc.spec import ModelSpec
 
 METHODS = ("full", "frozen", "freeze", "lora", "qlora", "adapter", "prefix", "prompt", "bitfit", "ia3")
@@ -22,10 +33,15 @@ METHODS = ("full", "frozen", "freeze", "lora", "qlora", "adapter", "prefix", "pr
 VLM_METHODS = ("projector", "projector-llm", "lora")
 VLM_ONLY_METHODS = ("projector", "projector-llm")
 ALL_METHODS = METHODS + VLM_ONLY_METHODS
+# BLIP-2 (counts only: the memory model refuses blip-2, so the measurement matrices leave it out)
+BLIP2_METHODS = ("qformer",)
+KNOWN_METHODS = ALL_METHODS + BLIP2_METHODS
 
 
 def methods_for(spec: ModelSpec) -> tuple[str, ...]:
-    """The methods a model takes: METHODS, or VLM_METHODS for a vision-language model."""
+    """The methods a model takes: METHODS, VLM_METHODS for a LLaVA model, BLIP2_METHODS for BLIP-2."""
+    if spec.model_type == "blip-2":
+        return BLIP2_METHODS
     return VLM_METHODS if spec.is_vlm else METHODS
 PEFT_METHODS = ("lora", "qlora", "prefix", "prompt", "ia3")
 ADAPTER_KINDS = ("houlsby", "pfeiffer")
@@ -43,6 +59,8 @@ METHOD_HELP = {
     "ia3": "peft IA3: learned scaling vectors on keys, values and the FFN",
     "projector": "VLM (LLaVA stage 1): only the multi-modal projector trains",
     "projector-llm": "VLM (LLaVA stage 2): the projector and the whole language model train; vision tower frozen",
+    "qformer": "BLIP-2: the Q-Former, its query tokens and the language projection train; vision tower and LLM frozen "
+               "(parameter counts only)",
 }
 
 # peft 0.21 utils/constants.py TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING. peft has no
@@ -417,6 +435,13 @@ def plan_projector_llm(spec, layout, s):
     return _base_groups(layout, lambda m, name: _under(m.path, (PROJECTOR, LANGUAGE_MODEL, "lm_head")) or vision(m, name))
 
 
+def plan_qformer(spec, layout, s):
+    """BLIP-2 (Li et al. 2023, section 3: "a lightweight Querying Transformer" between a frozen image encoder
+    and a frozen LLM): the Q-Former, the learned query tokens and the language projection train."""
+    trains = (QFORMER, LANGUAGE_PROJECTION)
+    return _base_groups(layout, lambda m, name: m.path == QUERY_TOKENS or _under(m.path, trains))
+
+
 def _quantizable(mods: dict[str, Module], param: str, layout: Layout) -> bool:
     """transformers (integrations/bitsandbytes.py replace_with_bnb_linear) turns every nn.Linear and
     GPT-2 Conv1D into a Linear4bit except what get_keys_to_not_convert keeps in full precision: the
@@ -482,12 +507,19 @@ PLANNERS = {
     "prompt": plan_prompt_learning,
     "projector": plan_projector,
     "projector-llm": plan_projector_llm,
+    "qformer": plan_qformer,
 }
 
 
 def check_settings(spec: ModelSpec, s: MethodSettings) -> None:
-    if s.method not in ALL_METHODS:
-        raise InputError(f"unknown method '{s.method}'; choose from {', '.join(ALL_METHODS)}")
+    if s.method not in KNOWN_METHODS:
+        raise InputError(f"unknown method '{s.method}'; choose from {', '.join(KNOWN_METHODS)}")
+    if (spec.model_type == "blip-2") != (s.method in BLIP2_METHODS):
+        if spec.model_type == "blip-2":
+            raise InputError(f"method '{s.method}' is not supported for the BLIP-2 model {spec.name}; "
+                             f"choose from {', '.join(BLIP2_METHODS)}")
+        raise InputError(f"method '{s.method}' trains a BLIP-2 Q-Former, and {spec.name} ({spec.architecture}) "
+                         "has none")
     if spec.is_vlm and s.method not in VLM_METHODS:
         raise InputError(f"method '{s.method}' is not supported for the vision-language model {spec.name}; "
                          f"choose from {', '.join(VLM_METHODS)}")

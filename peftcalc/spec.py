@@ -28,6 +28,7 @@ SUPPORTED_MODEL_TYPES = (
     "vit",
     "clip_vision_model",
     "llava",
+    "blip-2",
 )
 DECODER_FAMILIES = ("llama", "mistral", "qwen2", "gpt2")
 VISION_FAMILIES = ("vit", "clip_vision_model")
@@ -36,6 +37,9 @@ VLM_FAMILIES = ("llava",)
 # The families a VLM's sub-configs may name (what the calculator has a layout for).
 VLM_VISION_TYPES = ("clip_vision_model",)
 VLM_TEXT_TYPES = ("llama",)
+# BLIP-2 (Blip2ForConditionalGeneration: EVA ViT-g, Q-Former, OPT): parameter counts and the qformer
+# method only; the memory, time and FLOPs models refuse it (peftcalc.memory.check_memory_model).
+COUNTS_ONLY_FAMILIES = ("blip-2",)
 
 # The five tasks a model class can have, decided by the config's `architectures` as transformers
 # builds it (AutoModelForCausalLM / ForMaskedLM / ForSequenceClassification / ForImageClassification /
@@ -66,6 +70,7 @@ ARCHITECTURE_TASKS = {
     "ViTModel": "base",
     "CLIPVisionModel": "base",
     "LlavaForConditionalGeneration": "image_text_to_text",
+    "Blip2ForConditionalGeneration": "image_text_to_text",
 }
 
 DEFAULT_TASK = {
@@ -78,6 +83,7 @@ DEFAULT_TASK = {
     "vit": "base",
     "clip_vision_model": "base",
     "llava": "image_text_to_text",
+    "blip-2": "image_text_to_text",
 }
 
 # The transformers Auto class that builds each task (used by the harness and shown to users).
@@ -102,6 +108,7 @@ TIE_DEFAULT = {
     "vit": False,
     "clip_vision_model": False,
     "llava": False,
+    "blip-2": True,
 }
 
 
@@ -139,6 +146,8 @@ class ModelSpec:
     projector_act: str = ""
     vision_feature_layer: int = 0
     vision_feature_select: str = ""
+    # BLIP-2: (name, value) pairs of the vision tower, Q-Former and query tokens (see _blip2_spec)
+    blip2: tuple = ()
     hf_config: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
 
     @property
@@ -219,6 +228,7 @@ def _family_of(arch: str) -> str:
         "ViT": "vit",
         "CLIPVision": "clip_vision_model",
         "Llava": "llava",
+        "Blip2": "blip-2",
     }
     for prefix, family in prefixes.items():
         if arch.startswith(prefix):
@@ -251,6 +261,8 @@ def spec_from_config(config: dict, name: str = "", where: str = "config") -> Mod
     name = name or config.get("_name_or_path") or model_type
     if model_type == "llava":
         return _llava_spec(config, name, task, arch, where)
+    if model_type == "blip-2":
+        return _blip2_spec(config, name, task, arch, where)
     common = dict(
         name=name,
         model_type=model_type,
@@ -395,6 +407,59 @@ def _llava_spec(config: dict, name: str, task: str, arch: str, where: str) -> Mo
         num_channels=vision.num_channels,
         hf_config=config,
         **fields,
+    )
+
+
+# The transformers 5.x defaults of the BLIP-2 sub-configs (Blip2VisionConfig, Blip2QFormerConfig, OPTConfig).
+BLIP2_VISION_DEFAULTS = {"hidden_size": 1408, "intermediate_size": 6144, "num_hidden_layers": 39,
+                         "num_attention_heads": 16, "image_size": 224, "patch_size": 14, "num_channels": 3,
+                         "qkv_bias": True}
+BLIP2_QFORMER_DEFAULTS = {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
+                          "intermediate_size": 3072, "cross_attention_frequency": 2, "use_qformer_text_input": False}
+OPT_DEFAULTS = {"hidden_size": 768, "ffn_dim": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
+                "vocab_size": 50272, "max_position_embeddings": 2048, "do_layer_norm_before": True,
+                "enable_bias": True, "layer_norm_elementwise_affine": True, "tie_word_embeddings": True}
+
+
+def _blip2_spec(config: dict, name: str, task: str, arch: str, where: str) -> ModelSpec:
+    """Blip2Config (transformers models/blip_2/configuration_blip_2.py): `vision_config` (the EVA ViT-g
+    tower), `qformer_config` (the Q-Former, whose encoder_hidden_size Blip2Config sets to the vision
+    width), `num_query_tokens`, `text_config` (an OPT decoder). The spec's scalar fields are OPT's; the
+    tower and Q-Former sizes go in `blip2`. Counts only: the shapes the layout cannot mirror exactly
+    (OPT's project_in/out, a Q-Former with text input, an encoder-decoder language model) are refused."""
+    subs = {}
+    for key, mt, defaults in (("vision_config", "blip_2_vision_model", BLIP2_VISION_DEFAULTS),
+                              ("qformer_config", "blip_2_qformer", BLIP2_QFORMER_DEFAULTS),
+                              ("text_config", "opt", OPT_DEFAULTS)):
+        sub = config.get(key) or {}
+        if not isinstance(sub, dict) or sub.get("model_type", mt) != mt:
+            raise InputError(f"{where}: {key} must be a {mt} config object; got model_type "
+                             f"{sub.get('model_type') if isinstance(sub, dict) else sub!r}")
+        subs[key] = {k: sub.get(k, v) for k, v in defaults.items()}
+    v, q, t = subs["vision_config"], subs["qformer_config"], subs["text_config"]
+    if not config.get("use_decoder_only_language_model", True):
+        raise InputError(f"{where}: BLIP-2 with an encoder-decoder language model (T5) is not supported; OPT only")
+    if q["use_qformer_text_input"]:
+        raise InputError(f"{where}: a Q-Former with text input (use_qformer_text_input) is not supported")
+    word_dim = (config.get("text_config") or {}).get("word_embed_proj_dim") or t["hidden_size"]  # OPTConfig's default
+    if word_dim != t["hidden_size"] or not t["do_layer_norm_before"] or not t["enable_bias"] \
+            or not t["layer_norm_elementwise_affine"]:
+        raise InputError(f"{where}: OPT with word_embed_proj_dim != hidden_size, post-LayerNorm, no biases or "
+                         "non-affine LayerNorms is not supported")
+    if not bool(config.get("tie_word_embeddings", t["tie_word_embeddings"])):
+        raise InputError(f"{where}: a BLIP-2 OPT with lm_head untied from the input embeddings is not supported")
+    h, heads = int(t["hidden_size"]), int(t["num_attention_heads"])
+    _check_divisible(h, heads, "text_config.hidden_size", "num_attention_heads", where)
+    blip2 = tuple(sorted({**{f"vision_{k}": v[k] for k in v}, **{f"qformer_{k}": q[k] for k in q},
+                          "num_query_tokens": int(config.get("num_query_tokens", 32))}.items()))
+    return ModelSpec(
+        name=name, model_type="blip-2", task=task, architecture=arch,
+        hidden_size=h, num_layers=int(t["num_hidden_layers"]), num_heads=heads, num_kv_heads=heads,
+        head_dim=h // heads, intermediate_size=int(t["ffn_dim"]), vocab_size=int(t["vocab_size"]),
+        max_positions=int(t["max_position_embeddings"]), tie_embeddings=True, attention_bias=True, mlp_bias=True,
+        image_size=int(v["image_size"]), patch_size=int(v["patch_size"]), num_channels=int(v["num_channels"]),
+        hidden_act="relu", torch_dtype=str(config.get("torch_dtype") or config.get("dtype") or "float32"),
+        source=config.get("_source", ""), blip2=blip2, hf_config=config,
     )
 
 

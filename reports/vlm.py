@@ -29,6 +29,7 @@ SEED_001 = "shared/seeds/001_a3d99a82dbe70d50.txt"
 MODEL = "llava-1.5-7b"
 VISION_ALONE = "clip-vit-l-14-336-vision"  # the tower the seed names (seed 001 lines 583-584)
 LLAMA = "llama-2-7b"  # the seed's language model (seed 001 lines 586-587)
+BLIP2 = "blip2-opt-2.7b"
 VISION_DIM, LLM_DIM = 1024, 4096  # seed 001 lines 133-135
 BATCH = 4  # the seed's "Activations (batch=4)"
 TEXT_TOKENS = 128  # assumed: the seed names no length
@@ -222,6 +223,7 @@ def claims(rec: dict | None = None) -> list[dict]:
     """Seed 001's other parameter and memory claims: checked where a count we have decides them."""
     p = rec["params"] if rec else component_params()
     proj = p["projector"]
+    blip2 = plan_for(BLIP2, "qformer")
     return [
         {"claim": "LLaVA-1.5 projector (MLP): ~21M trainable parameters", "seed_line": f"{SEED_001}:136, 846",
          "verdict": "checked: true",
@@ -236,8 +238,10 @@ def claims(rec: dict | None = None) -> list[dict]:
                 "the calculator's figures for the table's own setting are in the rows above"},
         {"claim": "BLIP-2: 188M trainable (Q-Former); Flamingo80B ~10B trainable; 54x fewer", "seed_line": f"{SEED_001}:837-839",
          "verdict": "not checkable here",
-         "how": "no BLIP-2 or Flamingo model in the registry; the seed's own two figures give "
-                f"{10e9 / 188e6:.1f}x, not 54x"},
+         "how": f"no Flamingo model in the registry, and the seed's BLIP-2 has 13B parameters, which the registry's "
+                f"BLIP-2 (blip2-opt-2.7b, {blip2.total:,}) is not; there the qformer method trains {blip2.trainable:,} "
+                f"(Blip2ForConditionalGeneration's Q-Former, query tokens and language projection; counts only, tested "
+                f"against the real model), not 188M. The seed's own two figures give {10e9 / 188e6:.1f}x, not 54x"},
         {"claim": "stage 1 backward pass runs only through the small projector", "seed_line": f"{SEED_001}:875",
          "verdict": "checked: false",
          "how": "the loss is on text positions after the image tokens, so the gradient reaching the projector goes "

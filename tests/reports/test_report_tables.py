@@ -217,6 +217,9 @@ def test_vlm_table_is_the_calculators_llava():
     verdicts = {c["claim"].split(":")[0]: c["verdict"] for c in df.attrs["claims"]}
     assert verdicts["LLaVA-1.5 projector (MLP)"] == "checked: true"
     assert verdicts["GPU memory"] == "not checkable here"
+    blip2 = next(c for c in df.attrs["claims"] if c["claim"].startswith("BLIP-2"))
+    assert f"{plan_for('blip2-opt-2.7b', 'qformer').trainable:,}" in blip2["how"]
+    assert plan_for("blip2-opt-2.7b", "qformer").trainable == 107_130_880
     md = vlm_table("markdown")
     assert "vision-language issue" not in md and "20,979,712" in md and "128 text tokens" in md
     assert len(json.loads(vlm_table("json"))) == len(df)

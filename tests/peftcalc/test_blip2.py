@@ -1,0 +1,89 @@
+"""BLIP-2 OPT-2.7B (Salesforce/blip2-opt-2.7b): the layout mirrors Blip2ForConditionalGeneration's
+named_parameters() exactly (names, order, sizes; built on the meta device with transformers), the qformer
+method's counts equal the real model's requires_grad mask, and the memory model refuses blip-2."""
+
+import pytest
+
+import peftcalc
+from measure.build import build_base_model, build_model, count_params
+from peftcalc.errors import InputError
+from peftcalc.layout import build_layout, param_names
+from peftcalc.methods import METHODS, MethodSettings, make_plan, methods_for
+from peftcalc.spec import load_spec, registry_configs, spec_from_config
+
+MODEL = "blip2-opt-2.7b"
+TOTAL = 3_744_761_856
+# 12 Q-Former layers (self-attention, the query FFN; cross-attention to the 1408-wide tower in the 6 even
+# layers) + its LayerNorm, 32 x 768 query tokens, the 768 -> 2560 language projection
+QFORMER_TRAINABLE = 107_130_880
+
+
+@pytest.fixture(scope="module")
+def real():
+    return build_base_model(load_spec(MODEL))
+
+
+def test_layout_is_named_parameters_exactly(real):
+    ours = [(n, k) for m in build_layout(load_spec(MODEL)).modules for n, k in param_names(m)]
+    assert ours == [(n, p.numel()) for n, p in real.named_parameters()]
+    assert type(real).__name__ == "Blip2ForConditionalGeneration"
+    assert sum(k for _, k in ours) == TOTAL
+
+
+def test_qformer_counts_equal_the_real_model():
+    spec = load_spec("Salesforce/blip2-opt-2.7b")
+    plan = make_plan(spec, MethodSettings("qformer"))
+    assert (plan.total, plan.trainable) == count_params(build_model(spec, MethodSettings("qformer"))) \
+        == (TOTAL, QFORMER_TRAINABLE)
+    by_part = {}
+    for g in plan.groups:
+        if g.trainable:
+            key = g.name.split(".")[0]
+            by_part[key] = by_part.get(key, 0) + g.numel
+    q, hv, iq = 768, 1408, 3072
+    attn = lambda kv: 2 * (q * q + q) + 2 * (q * kv + q) + 2 * q  # query, output.dense; key, value; LayerNorm
+    ffn = (iq * q + iq) + (q * iq + q) + 2 * q
+    assert by_part == {"query_tokens": 32 * q, "language_projection": 2560 * q + 2560,
+                       "qformer": 2 * q + 12 * (attn(q) + ffn) + 6 * attn(hv)}
+
+
+def test_only_qformer_applies():
+    spec = load_spec(MODEL)
+    assert methods_for(spec) == ("qformer",)
+    for method in METHODS + ("projector", "projector-llm"):
+        with pytest.raises(InputError, match="BLIP-2"):
+            make_plan(spec, MethodSettings(method))
+    with pytest.raises(InputError, match="Q-Former"):
+        make_plan(load_spec("llama-2-7b"), MethodSettings("qformer"))
+
+
+def test_memory_is_refused_not_guessed():
+    with pytest.raises(InputError, match="not modelled for blip-2"):
+        peftcalc.estimate(MODEL, method="qformer")
+    with pytest.raises(InputError, match="not modelled for blip-2"):
+        peftcalc.sweep(MODEL, method="qformer", batch_size=[1, 2])
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"qformer_config": {"model_type": "blip_2_qformer", "use_qformer_text_input": True}}, "text input"),
+    ({"use_decoder_only_language_model": False}, "encoder-decoder"),
+    ({"text_config": {"model_type": "opt", "hidden_size": 2560, "word_embed_proj_dim": 768}}, "word_embed_proj_dim"),
+    ({"vision_config": {"model_type": "clip_vision_model"}}, "blip_2_vision_model"),
+])
+def test_configs_the_layout_cannot_mirror_are_refused(change, match):
+    config = {**registry_configs()[MODEL], **change}
+    with pytest.raises(InputError, match=match):
+        spec_from_config(config)
+
+
+def test_sizes_come_from_the_config():
+    config = registry_configs()[MODEL]
+    small = {**config, "num_query_tokens": 8,
+             "qformer_config": {**config["qformer_config"], "num_hidden_layers": 2, "cross_attention_frequency": 1}}
+    spec = spec_from_config(small)
+    assert spec != load_spec(MODEL) and build_layout(spec) is not build_layout(load_spec(MODEL))
+    plan = make_plan(spec, MethodSettings("qformer"))
+    assert (plan.total, plan.trainable) == count_params(build_model(spec, MethodSettings("qformer")))
+    assert plan.trainable == 8 * 768 + 2560 * 768 + 2560 + 2 * 768 + 2 * (
+        2 * (2 * (768 * 768 + 768) + 2 * 768) + 2 * (768 * 1408 + 768) + 2 * (768 * 768 + 768)
+        + (3072 * 768 + 3072) + (768 * 3072 + 768) + 2 * 768)
