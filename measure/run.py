@@ -185,6 +185,16 @@ def make_batch(spec: ModelSpec, training: TrainingSettings, device: str, dtype: 
         ids = torch.cat([torch.full((b, spec.image_tokens), image_id, device=device, dtype=text.dtype), text], dim=1)
         pixels = torch.randn(b, spec.num_channels, spec.image_size, spec.image_size, dtype=dtype, device=device)
         return {"input_ids": ids, "pixel_values": pixels, "labels": ids}
+    if spec.model_type == "blip-2":
+        # Blip2ForConditionalGeneration (transformers 5.x): the processor puts num_query_tokens placeholder
+        # ids (image_token_index) before the text; masked_scatter replaces their embeddings with the
+        # language projection's outputs, and the loss runs over logits[:, -labels.size(1):] (here all)
+        image_id, queries = image_token_id(spec), dict(spec.blip2)["num_query_tokens"]
+        text = torch.randint(0, spec.vocab_size - 1, (b, s), device=device)
+        text = torch.where(text >= image_id, text + 1, text)
+        ids = torch.cat([torch.full((b, queries), image_id, device=device, dtype=text.dtype), text], dim=1)
+        pixels = torch.randn(b, spec.num_channels, spec.image_size, spec.image_size, dtype=dtype, device=device)
+        return {"input_ids": ids, "pixel_values": pixels, "labels": ids}
     if spec.is_vision:
         pixels = torch.randn(b, spec.num_channels, spec.image_size, spec.image_size, dtype=dtype, device=device)
         batch = {"pixel_values": pixels}
