@@ -112,5 +112,24 @@ def test_harness_runs_a_tiny_blip2_step(precision, nbytes):
     measured = row["measured"]
     assert measured["model_bytes"] == plan.total * nbytes
     assert measured["categories_at_peak"]["parameters"] == plan.total * nbytes
+    # AdamW's two moments in the parameters' dtype plus a 4-byte step per trainable tensor (CPU)
+    tensors = sum(1 for g in plan.groups if g.trainable)
+    assert measured["categories_at_peak"]["optimizer_state"] == 2 * plan.trainable * nbytes + 4 * tensors
     assert measured["categories_at_peak"]["activations"] > 0
     assert row["predicted"] is None and "not modelled for blip-2" in row["predicted_error"]
+
+
+def test_harness_traces_the_real_blip2_on_fake_tensors():
+    """The real blip2-opt-2.7b (3.74B parameters) built on fake tensors, one bf16 qformer step of 1 x (32 query +
+    64 text) tokens: the step runs; the traced parameters are the layout's total and the optimizer state is
+    AdamW's two bf16 moments of the 107,130,880 trainable parameters plus a step per trainable tensor (257)."""
+    from measure.run import measure_one
+    from peftcalc.settings import TrainingSettings
+
+    t = TrainingSettings(batch_size=1, seq_len=64, precision="bf16", device="cpu")
+    row = measure_one(MODEL, MethodSettings("qformer"), t, device="fake", steps=2, predicted=False)
+    assert row["outcome"] == "ok", row["error"]
+    at_peak = row["measured"]["categories_at_peak"]
+    assert at_peak["parameters"] == 2 * TOTAL
+    tensors = sum(1 for g in make_plan(load_spec(MODEL), MethodSettings("qformer")).groups if g.trainable)
+    assert tensors == 257 and at_peak["optimizer_state"] == 2 * 2 * QFORMER_TRAINABLE + 4 * tensors
