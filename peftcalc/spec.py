@@ -513,10 +513,6 @@ def read_config_file(path: str | os.PathLike) -> dict:
     return config
 
 
-def _looks_like_path(model: str) -> bool:
-    return os.sep in model or model.endswith(".json") or Path(model).exists()
-
-
 @lru_cache(maxsize=256)
 def _load_registry_spec(name: str) -> ModelSpec:
     return spec_from_config(registry_configs()[name], name=name, where=name)
@@ -532,8 +528,20 @@ def load_spec(model: str | ModelSpec | dict) -> ModelSpec:
     key = registry_aliases().get(key, key)
     if key in registry_configs():
         return _load_registry_spec(key)
-    if _looks_like_path(model):
+    if Path(model).exists() or model.endswith(".json"):
         return spec_from_config(read_config_file(model), name=str(model), where=str(model))
-    close = difflib.get_close_matches(key, registry_names(), n=3, cutoff=0.5)
-    hint = f"; did you mean {', '.join(close)}?" if close else "; run `peftcalc models` for the list"
-    raise InputError(f"unknown model '{model}'{hint}")
+    raise InputError(f"unknown model '{model}'{_suggestion(key)}")
+
+
+def _suggestion(key: str) -> str:
+    """Close registry names, matching a Hugging Face repo id by its name part too."""
+    candidates = {name: name for name in registry_names()}
+    candidates.update({alias.rsplit("/", 1)[-1]: name for alias, name in registry_aliases().items()})
+    close = difflib.get_close_matches(key.rsplit("/", 1)[-1], list(candidates), n=5, cutoff=0.5)
+    names = list(dict.fromkeys(candidates[c] for c in close))[:3]
+    if names:
+        return f"; did you mean {', '.join(names)}?"
+    hint = "; run `peftcalc models` for the list"
+    if "/" in key:
+        hint += ", or pass a local config.json (peftcalc reads no hub)"
+    return hint

@@ -101,3 +101,11 @@ def test_models_lists_registry_with_sources():
     result = runner.invoke(app, ["models", "--format", "json"])
     rows = json.loads(result.stdout)
     assert len(rows) >= 20 and all(r["source"].startswith("https://huggingface.co/") for r in rows)
+
+
+def test_repo_ids_outside_the_registry_get_suggestions_not_a_path_error():
+    proc = subprocess.run([sys.executable, "-m", "peftcalc", "estimate", "meta-llama/Meta-Llama-3.1-8B"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == ("error: unknown model 'meta-llama/Meta-Llama-3.1-8B'; did you mean "
+                                   "llama-3.1-8b, llama-3.1-70b, llama-3.2-3b?")
