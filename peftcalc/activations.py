@@ -220,8 +220,9 @@ def activation(rec: Recorder, x: T, kind: str, tag: str) -> T:
     formula) saves input, tanh output, 0.5*x and 1+tanh; quick_gelu saves input and sigmoid output."""
     if x.rg:
         if kind == "gelu_new":
-            for part in ("input", "tanh", "half_x", "one_plus_tanh"):
-                rec.save_new(x.numel, x.dtype, f"{tag}.{part}") if part != "input" else rec.save(x, f"{tag}.input")
+            rec.save(x, f"{tag}.input")
+            for part in ("tanh", "half_x", "one_plus_tanh"):
+                rec.save_new(x.numel, x.dtype, f"{tag}.{part}")
         elif kind == "quick_gelu":
             rec.save(x, f"{tag}.input")
             rec.save_new(x.numel, x.dtype, f"{tag}.sigmoid")
@@ -244,7 +245,7 @@ def mul(rec: Recorder, a: T, b: T, tag: str) -> T:
 FP32_SOFTMAX_FAMILIES = ("llama", "mistral", "qwen2", "vit", "clip_vision_model")
 
 
-def attention(rec: Recorder, spec: ModelSpec, q: T, k: T, v: T, p_drop: float, causal: bool, tag: str) -> T:
+def attention(rec: Recorder, spec: ModelSpec, q: T, k: T, v: T, p_drop: float, tag: str) -> T:
     """Scaled dot-product attention over heads.
 
     sdpa (torch.nn.functional.scaled_dot_product_attention): the fused kernels (flash/memory-efficient
@@ -413,7 +414,7 @@ def llama_block(rec: Recorder, spec: ModelSpec, plan: Plan, lt: LayerTraining, x
     v = _lin(rec, lt, n, "self_attn.v_proj", h, spec.kv_dim, plan, quant)
     q = rec.new(q.numel, q.dtype, q.rg)  # RoPE: q * cos + rotate_half(q) * sin (saves only cos/sin)
     k = rec.new(k.numel, k.dtype, k.rg)
-    a = attention(rec, spec, q, k, v, dropout_p(spec, "attn"), True, "self_attn.attention")
+    a = attention(rec, spec, q, k, v, dropout_p(spec, "attn"), "self_attn.attention")
     o = _lin(rec, lt, a, "self_attn.o_proj", spec.q_dim, h, plan, quant)
     o = _maybe_adapter(rec, lt, o, "attn_out", spec, plan, "self_attn.o_proj")
     x2 = rec.new(tok * h, x.dtype, x.rg or o.rg)  # x + o keeps the residual stream's dtype
@@ -435,7 +436,7 @@ def gpt2_block(rec: Recorder, spec: ModelSpec, plan: Plan, lt: LayerTraining, x:
     n = layer_norm(rec, x, "ln_1" in lt.norm_trainable, h, "ln_1")
     qkv = _lin(rec, lt, n, "attn.c_attn", h, 3 * h, plan, quant and False)
     q = k = v = qkv  # views of c_attn's output: one storage
-    a = attention(rec, spec, q, k, v, dropout_p(spec, "attn"), True, "attn.attention")
+    a = attention(rec, spec, q, k, v, dropout_p(spec, "attn"), "attn.attention")
     o = _lin(rec, lt, a, "attn.c_proj", h, h, plan)
     o = dropout(rec, o, dropout_p(spec, "resid"), "attn.resid_dropout")
     o = _maybe_adapter(rec, lt, o, "attn_out", spec, plan, "attn.c_proj")
@@ -456,7 +457,7 @@ def bert_block(rec: Recorder, spec: ModelSpec, plan: Plan, lt: LayerTraining, x:
     q = _lin(rec, lt, x, "attention.self.query", h, h, plan)
     k = _lin(rec, lt, x, "attention.self.key", h, h, plan)
     v = _lin(rec, lt, x, "attention.self.value", h, h, plan)
-    a = attention(rec, spec, q, k, v, dropout_p(spec, "attn"), False, "attention.self")
+    a = attention(rec, spec, q, k, v, dropout_p(spec, "attn"), "attention.self")
     o = _lin(rec, lt, a, "attention.output.dense", h, h, plan)
     o = dropout(rec, o, dropout_p(spec, "resid"), "attention.output.dropout")
     o = _maybe_adapter(rec, lt, o, "attn_out", spec, plan, "attention.output.dense")
@@ -483,7 +484,7 @@ def vision_block(rec: Recorder, spec: ModelSpec, plan: Plan, lt: LayerTraining, 
     q = _lin(rec, lt, n, f"{att}.q_proj", h, h, plan)
     k = _lin(rec, lt, n, f"{att}.k_proj", h, h, plan)
     v = _lin(rec, lt, n, f"{att}.v_proj", h, h, plan)
-    a = attention(rec, spec, q, k, v, dropout_p(spec, "attn"), False, att)
+    a = attention(rec, spec, q, k, v, dropout_p(spec, "attn"), att)
     o = _lin(rec, lt, a, out_name, h, h, plan)
     o = _maybe_adapter(rec, lt, o, "attn_out", spec, plan, out_name)
     x2 = rec.new(tok * h, x.dtype, x.rg or o.rg)
@@ -581,7 +582,7 @@ def activation_profile(plan: Plan, t: TrainingSettings) -> ActivationProfile:
     h, tok = spec.hidden_size, ctx.tokens
     input_rg = plan.embedding_trains or plan.settings.method == "prompt"
     # The embedding output: token embeddings (+ positions) in the weight dtype.
-    x = rec.new(tok * h, ctx.weight if not spec.is_vision else ctx.weight, input_rg)
+    x = rec.new(tok * h, ctx.weight, input_rg)
     x = _embeddings(rec, spec, plan, layout, x)
     grads_reach_blocks = input_rg or plan.lowest_trainable_layer is not None or plan.settings.method == "prefix"
     if spec.model_type in ("llama", "mistral", "qwen2") and grads_reach_blocks:

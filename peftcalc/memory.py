@@ -17,7 +17,6 @@ from peftcalc.activations import ActivationProfile, activation_profile, make_ctx
 from peftcalc.methods import Plan
 from peftcalc.settings import DTYPE_BYTES, TrainingSettings
 
-GIB = 1024**3
 
 # Names of the components, in display order.
 COMPONENTS = (

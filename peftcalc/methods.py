@@ -536,8 +536,6 @@ def check_settings(spec: ModelSpec, s: MethodSettings) -> None:
         k = s.trainable_layers if s.trainable_layers is not None else default_trainable_layers(spec)
         if not 1 <= k <= spec.num_layers:
             raise InputError(f"--trainable-layers must be between 1 and the depth {spec.num_layers}, got {k}")
-    if s.method == "qlora" and not spec.is_decoder:
-        pass  # bitsandbytes quantizes any Linear; allowed everywhere
 
 
 @lru_cache(maxsize=4096)
@@ -577,7 +575,3 @@ def normalize_targets(targets) -> tuple[str, ...] | str | None:
             return "all-linear"
         targets = [t for t in (x.strip() for x in targets.split(",")) if t]
     return tuple(targets)
-
-
-def settings_with(settings: MethodSettings, **changes) -> MethodSettings:
-    return replace(settings, **changes)
