@@ -104,9 +104,26 @@ def summarize(df) -> dict:
         "counts": counts,
         "overall": _records(overall),
         "error_table": _records(table),
+        "phase": phase_table(df),
+        "components": _records(component_table(df)),
         "unpredicted": unpredicted,
         "headline": "gpu" if "gpu" in counts else None,
     }
+
+
+def phase_table(df) -> dict:
+    """Per source: rows whose peak phase both sides name, how many the calculator named right
+    (reports.rows.phase_group of each side equal), and that share in percent."""
+    ok = measured_ok(df)
+    out = {}
+    if ok.empty:
+        return out
+    for source, g in ok.groupby("source", observed=True, sort=True):
+        named = g["same_peak_phase"].dropna()
+        right = int(named.astype(bool).sum())
+        out[str(source)] = {"n": int(len(named)), "right": right,
+                            "right_pct": round(100.0 * right / len(named), 2) if len(named) else None}
+    return out
 
 
 def _records(df) -> list[dict]:
@@ -159,6 +176,11 @@ def error_summary_text(summary: dict) -> str:
             lines.append("")
         lines.append(fmt(cells))
         prev = cells[0]
+    phases = summary.get("phase", {})
+    if phases:
+        lines.append("")
+        lines.append("peak phase right: " + "; ".join(
+            f"{src} {p['right']}/{p['n']} ({p['right_pct']:.1f}%)" for src, p in phases.items() if p["n"]))
     missing = len(summary.get("unpredicted", []))
     if missing:
         lines.append(f"{missing} row(s) not predicted by the current calculator (see report.md)")
@@ -179,10 +201,20 @@ def check_bounds(summary: dict, bounds: dict) -> list[str]:
     problems = []
     overall = {r["source"]: r for r in summary.get("overall", [])}
     table = {(r["source"], r["method"]): r for r in summary.get("error_table", [])}
+    components = {(r["source"], r["component"]): r for r in summary.get("components", [])}
     for source, b in bounds.get("sources", {}).items():
         o = overall.get(source)
         if o is not None:
             problems += _check(f"{source}", o, b)
+        phase = summary.get("phase", {}).get(source)
+        floor = b.get("min_phase_right_pct")
+        if floor is not None and phase and phase["right_pct"] is not None and phase["right_pct"] < floor:
+            problems.append(f"{source}: peak phase right in {phase['right_pct']:.2f}% of rows "
+                            f"({phase['right']}/{phase['n']}) < bound {floor}%")
+        for comp, cb in b.get("components", {}).items():
+            r = components.get((source, comp))
+            if r is not None:
+                problems += _check(f"{source}/{comp} component", r, cb)
         for method, mb in b.get("methods", {}).items():
             r = table.get((source, method))
             if r is not None:

@@ -103,3 +103,27 @@ def test_component_table(tmp_path):
     assert t.loc["optimizer", "median_signed_pct"] == pytest.approx(-5.0)
     assert t.loc["activations", "worst_abs_pct"] == pytest.approx(5.0)
     assert t.loc["activations", "median_signed_pct"] == pytest.approx((3.0 - 5.0) / 2)
+
+
+def test_phase_share_and_its_bound(tmp_path):
+    # three fake rows measured in backward; the calculator names backward:layer3 (same group), forward, optimizer:
+    # 1 of 3 right = 33.33%
+    rows = [make_row(measured=100, predicted=100, predicted_phase=ph, key=f"p{i}")
+            for i, ph in enumerate(["backward:layer3", "forward", "optimizer"])]
+    s = summarize(load_rows([write_jsonl(tmp_path / "r.jsonl", rows)], recompute=False))
+    assert s["phase"]["fake"] == {"n": 3, "right": 1, "right_pct": 33.33}
+    assert "peak phase right: fake 1/3 (33.3%)" in error_summary_text(s)
+    assert check_bounds(s, {"sources": {"fake": {"min_phase_right_pct": 95}}}) == [
+        "fake: peak phase right in 33.33% of rows (1/3) < bound 95%"]
+    assert not check_bounds(s, {"sources": {"fake": {"min_phase_right_pct": 33}}})
+
+
+def test_component_bounds(tmp_path):
+    # optimizer predicted 150 of a traced 200 in a 1000-byte peak: -5% of the peak
+    cats = {"parameters": 500, "gradients": 0, "optimizer_state": 200, "activations": 300, "inputs": 0, "other": 0}
+    pred = {"weights_frozen": 500, "optimizer_states": 150, "activations": 300}
+    row = make_row(measured=1000, predicted=950, categories=cats, predicted_components=pred, key="c")
+    s = summarize(load_rows([write_jsonl(tmp_path / "r.jsonl", [row])], recompute=False))
+    bound = lambda pct: {"sources": {"fake": {"components": {"optimizer": {"worst_abs_pct": pct}}}}}
+    assert check_bounds(s, bound(2)) == ["fake/optimizer component: worst_abs error 5.00% > bound 2% (n=1)"]
+    assert not check_bounds(s, bound(5))
