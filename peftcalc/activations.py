@@ -1073,18 +1073,19 @@ def blip2_vision_tokens(spec: ModelSpec) -> int:
     return (spec.image_size // spec.patch_size) ** 2 + 1
 
 
-def _linear_trains(plan: Plan, path: str) -> tuple[bool, bool]:
-    """(weight, bias) of a Linear outside the blocks: does each train."""
+@lru_cache(maxsize=1024)
+def _training(plan: Plan) -> frozenset:
+    """The trainable parameters outside the blocks, by name, and the modules that hold them, by path."""
     names = _trainable_names(plan)
-    return f"{path}.weight" in names, f"{path}.bias" in names
+    return names | {n.rsplit(".", 1)[0] for n in names}
 
 
-def _qformer_linear(rec: Recorder, plan: Plan, x: T, in_f: int, out_f: int, path: str) -> T:
-    weight, bias = _linear_trains(plan, path)
+def _qformer_linear(rec: Recorder, trains: frozenset, x: T, in_f: int, out_f: int, path: str) -> T:
+    weight, bias = f"{path}.weight" in trains, f"{path}.bias" in trains
     return linear(rec, x, in_f, out_f, weight, path, bias=True, bias_trains=bias)
 
 
-def qformer_attention(rec: Recorder, qspec: ModelSpec, plan: Plan, path: str, x: T, kv: T, kv_in: int,
+def qformer_attention(rec: Recorder, qspec: ModelSpec, trains: frozenset, path: str, x: T, kv: T, kv_in: int,
                       kv_tokens: int) -> T:
     """Blip2QFormerAttention: query/key/value Linears (keys and values from `kv`: the hidden states, or the
     image features in a cross-attention), attention with attention_probs_dropout_prob (Blip2QFormer-
@@ -1092,19 +1093,19 @@ def qformer_attention(rec: Recorder, qspec: ModelSpec, plan: Plan, path: str, x:
     like BertLayer: under autocast the residual sum and the LayerNorm are fp32."""
     ctx = rec.ctx
     hq = qspec.hidden_size
-    q = _qformer_linear(rec, plan, x, hq, hq, f"{path}.attention.query")
-    k = _qformer_linear(rec, plan, kv, kv_in, hq, f"{path}.attention.key")
-    v = _qformer_linear(rec, plan, kv, kv_in, hq, f"{path}.attention.value")
+    q = _qformer_linear(rec, trains, x, hq, hq, f"{path}.attention.query")
+    k = _qformer_linear(rec, trains, kv, kv_in, hq, f"{path}.attention.key")
+    v = _qformer_linear(rec, trains, kv, kv_in, hq, f"{path}.attention.value")
     rec.ctx = replace(ctx, kv_seq=kv_tokens)
     a = attention(rec, qspec, q, k, v, dropout_p(qspec, "attn"), f"{path}.attention", cross=kv is not x)
     rec.ctx = ctx
-    o = _qformer_linear(rec, plan, a, hq, hq, f"{path}.output.dense")
+    o = _qformer_linear(rec, trains, a, hq, hq, f"{path}.output.dense")
     o = dropout(rec, o, dropout_p(qspec, "resid"), f"{path}.output.dropout")
     s = rec.new(x.numel, o.dtype if ctx.autocast is None else x.dtype, x.rg or o.rg)
-    return layer_norm(rec, s, _trains(plan, f"{path}.output.LayerNorm"), hq, f"{path}.output.LayerNorm")
+    return layer_norm(rec, s, f"{path}.output.LayerNorm" in trains, hq, f"{path}.output.LayerNorm")
 
 
-def qformer_layer(rec: Recorder, spec: ModelSpec, plan: Plan, i: int, x: T, image: T) -> T:
+def qformer_layer(rec: Recorder, spec: ModelSpec, trains: frozenset, i: int, x: T, image: T) -> T:
     """Blip2QFormerLayer.forward with query_length = the whole sequence (no text input): self-attention,
     the cross-attention to the image features in layers i % cross_attention_frequency == 0, then
     feed_forward_chunk_query: intermediate_query (dense, activation), output_query (dense, dropout,
@@ -1113,16 +1114,16 @@ def qformer_layer(rec: Recorder, spec: ModelSpec, plan: Plan, i: int, x: T, imag
     vspec, qspec, _ = blip2_parts(spec)
     hq, iq = qspec.hidden_size, qspec.intermediate_size
     p = f"{QFORMER}.encoder.layer.{i}"
-    x = qformer_attention(rec, qspec, plan, f"{p}.attention", x, x, hq, ctx.seq)
+    x = qformer_attention(rec, qspec, trains, f"{p}.attention", x, x, hq, ctx.seq)
     if i % dict(spec.blip2)["qformer_cross_attention_frequency"] == 0:
-        x = qformer_attention(rec, qspec, plan, f"{p}.crossattention", x, image, vspec.hidden_size,
+        x = qformer_attention(rec, qspec, trains, f"{p}.crossattention", x, image, vspec.hidden_size,
                               blip2_vision_tokens(spec))
-    f = _qformer_linear(rec, plan, x, hq, iq, f"{p}.intermediate_query.dense")
+    f = _qformer_linear(rec, trains, x, hq, iq, f"{p}.intermediate_query.dense")
     f = activation(rec, f, qspec.hidden_act, f"{p}.intermediate_query.intermediate_act_fn")
-    d = _qformer_linear(rec, plan, f, iq, hq, f"{p}.output_query.dense")
+    d = _qformer_linear(rec, trains, f, iq, hq, f"{p}.output_query.dense")
     d = dropout(rec, d, dropout_p(qspec, "resid"), f"{p}.output_query.dropout")
     s = rec.new(x.numel, d.dtype if ctx.autocast is None else x.dtype, x.rg or d.rg)
-    return layer_norm(rec, s, _trains(plan, f"{p}.output_query.LayerNorm"), hq, f"{p}.output_query.LayerNorm")
+    return layer_norm(rec, s, f"{p}.output_query.LayerNorm" in trains, hq, f"{p}.output_query.LayerNorm")
 
 
 @dataclass(frozen=True)
@@ -1140,14 +1141,16 @@ class QFormerSaves:
     by_tag: tuple
 
 
+@lru_cache(maxsize=4096)
 def qformer_saves(plan: Plan, ctx: Ctx) -> QFormerSaves:
     """Blip2ForConditionalGeneration.get_image_features after the frozen tower: query_tokens.expand(b),
     Blip2QFormerModel (layernorm on the query tokens, whose input is a view of the parameter and no
     activation; dropout; the layers, with the tower's post_layernorm output as encoder_hidden_states, in
-    the weight dtype), then language_projection on the last hidden state. `ctx` is the language model's;
-    the Q-Former runs on num_query_tokens. Under checkpointing each layer keeps its input, and every layer
-    keeps a reference to the image features; the layernorm, dropout and projection are not checkpointed
-    (under autocast the projection saves autocast's cached copy of its weight: `saved_weight_copies`).
+    the weight dtype), then language_projection on the last hidden state. `ctx` is the Q-Former's: the
+    language model's with seq and kv_seq num_query_tokens. Under checkpointing each layer keeps its input,
+    and every layer keeps a reference to the image features; the layernorm, dropout and projection are not
+    checkpointed (under autocast the projection saves autocast's cached copy of its weight:
+    `saved_weight_copies`).
     Alive until the forward returns and saved by no op: the image features and the Q-Former's last hidden
     state when only cast copies of them are saved (autocast), and autocast's cached copies (torch.autocast
     caches the cast of every leaf that requires grad) of the trainable Linear biases (addmm's bias gradient
@@ -1155,12 +1158,12 @@ def qformer_saves(plan: Plan, ctx: Ctx) -> QFormerSaves:
     features, needs no gradient, so the matmul saves no weight)."""
     spec = plan.spec
     vspec, qspec, _ = blip2_parts(spec)
-    qctx = replace(ctx, seq=blip2_image_tokens(spec), kv_seq=blip2_image_tokens(spec))
-    rec = Recorder(qctx, bucket="pre")
-    hq, n, batch = qspec.hidden_size, qctx.seq, qctx.batch
+    trains = _training(plan)
+    rec = Recorder(ctx, bucket="pre")
+    hq, n, batch = qspec.hidden_size, ctx.seq, ctx.batch
     image = rec.new(batch * blip2_vision_tokens(spec) * vspec.hidden_size, ctx.weight, False)
-    queries_rg = _trains(plan, QUERY_TOKENS, True)
-    norm_trains = _trains(plan, f"{QFORMER}.layernorm")
+    queries_rg = QUERY_TOKENS in trains
+    norm_trains = f"{QFORMER}.layernorm" in trains
     if queries_rg or norm_trains:  # native_layer_norm saves mean and rstd (the input is the parameter)
         rec.save_new(2 * batch * n, "float32", f"{QFORMER}.layernorm.mean_rstd")
     x = rec.new(batch * n * hq, "float32" if ctx.autocast else ctx.weight, queries_rg or norm_trains)
@@ -1170,12 +1173,11 @@ def qformer_saves(plan: Plan, ctx: Ctx) -> QFormerSaves:
         rec.bucket = i
         before = set(rec.saved)
         x_in = x
-        x = qformer_layer(rec, spec, plan, i, x, image)
+        x = qformer_layer(rec, spec, trains, i, x, image)
         if any(rec.saved[k][2] for k in set(rec.saved) - before):
             kept += x_in.nbytes
     rec.bucket = "post"
-    weight, bias = _linear_trains(plan, LANGUAGE_PROJECTION)
-    out = linear(rec, x, hq, spec.hidden_size, weight, LANGUAGE_PROJECTION, bias=True, bias_trains=bias)
+    out = _qformer_linear(rec, trains, x, hq, spec.hidden_size, LANGUAGE_PROJECTION)
     buckets = rec.bytes_by_bucket()
     layers = sum(v for k, v in buckets.items() if isinstance(k, int))
     cached = sum(n for bucket, tag, n in rec.saved.values() if bucket == "post" and tag.endswith(".autocast_weight"))
@@ -1254,7 +1256,7 @@ def _blip2_profile(plan: Plan, t: TrainingSettings) -> ActivationProfile:
     t_text = replace(t, seq_len=t.seq_len + blip2_image_tokens(spec))
     ctx = make_ctx(tspec, plan, t_text)
     h, tok = spec.hidden_size, ctx.tokens
-    q = qformer_saves(plan, ctx)
+    q = qformer_saves(plan, replace(ctx, seq=blip2_image_tokens(spec), kv_seq=blip2_image_tokens(spec)))
     rec = Recorder(ctx)
     if q.output_rg:  # masked_scatter saves its (b, seq, 1) bool mask for the gradients of both inputs
         rec.save_new(tok, "uint8", "masked_scatter.mask")
