@@ -63,8 +63,9 @@ def test_only_qformer_applies():
 
 # Traced peaks of the real blip2-opt-2.7b, one qformer step on fake tensors (the steady-state step of 2), each
 # measured by
-#   peftcalc measure blip2-opt-2.7b --device fake --steps 2 --precision P --batch-size B --seq-len S [--grad-checkpointing]
-# (the rows of reports/data/ci.jsonl from measure/matrices/ci.toml). Before measure.fake.real_input_semantics read
+#   peftcalc measure blip2-opt-2.7b --device fake --steps 2 --precision P --batch-size B --seq-len S \
+#       [--grad-checkpointing] --format json      (measured.peak_bytes)
+# (the same rows are in reports/data/ci.jsonl, from measure/matrices/ci.toml). Before measure.fake.real_input_semantics read
 # Blip2ForConditionalGeneration's all-ones attention mask as real inputs do, the fake trace also kept a
 # (b, 1, s, s) float mask in every OPT layer (9,373,711,916 and 31,208,666,636 bytes at bf16 1 and 16 x 512).
 REAL_TRACES = [
