@@ -124,6 +124,13 @@ def replace_with_nf4(model: nn.Module, settings: MethodSettings, compute_dtype: 
     return model
 
 
+def _unless_fake(mask):
+    """None for a fake tensor (an all-ones padding mask in the harness), the mask otherwise."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return None if isinstance(mask, FakeTensor) else mask
+
+
 @contextlib.contextmanager
 def real_input_semantics():
     """Make transformers take the path the real inputs take when they are fake.
@@ -137,17 +144,32 @@ def real_input_semantics():
     LLaVA's ``get_placeholder_mask`` checks that the image-token count equals the image features'
     (``torch_compilable_check`` on a tensor: ``.item()`` of a fake value, which has none); the
     harness's batches always agree, so the check is switched off the way transformers documents
-    (``TRANSFORMERS_DISABLE_TORCH_CHECK=1``) while this context is active."""
+    (``TRANSFORMERS_DISABLE_TORCH_CHECK=1``) while this context is active.
+
+    Blip2ForConditionalGeneration passes ``attention_mask=torch.ones_like(input_ids)`` to its language
+    model and an all-ones ``image_attention_mask`` to the Q-Former's cross-attention. On real inputs
+    ``masking_utils.sdpa_mask`` sees no padding (``_ignore_causal_mask_sdpa`` /
+    ``_ignore_bidirectional_mask_sdpa``: ``fast_all(padding_mask)``) and builds no mask; on fake ones it
+    cannot read the values (``is_tracing``) and materialises a (b, 1, q, kv) mask, which SDPA turns into a
+    float mask that every layer saves. The harness's 2D masks are always all ones (it never pads), so
+    while this context is active a fake padding mask is read as the all-ones mask it is: the skip checks
+    run as for ``padding_mask=None``, which they treat exactly as all ones."""
     import transformers.masking_utils as masking
 
     original = masking.find_packed_sequence_indices
     masking.find_packed_sequence_indices = lambda position_ids: None
+    skip_causal, skip_bidirectional = masking._ignore_causal_mask_sdpa, masking._ignore_bidirectional_mask_sdpa
+    masking._ignore_causal_mask_sdpa = lambda padding_mask, *args, **kwargs: skip_causal(
+        _unless_fake(padding_mask), *args, **kwargs)
+    masking._ignore_bidirectional_mask_sdpa = lambda padding_mask, *args, **kwargs: skip_bidirectional(
+        _unless_fake(padding_mask), *args, **kwargs)
     previous_check = os.environ.get("TRANSFORMERS_DISABLE_TORCH_CHECK")
     os.environ["TRANSFORMERS_DISABLE_TORCH_CHECK"] = "1"
     try:
         yield
     finally:
         masking.find_packed_sequence_indices = original
+        masking._ignore_causal_mask_sdpa, masking._ignore_bidirectional_mask_sdpa = skip_causal, skip_bidirectional
         if previous_check is None:
             os.environ.pop("TRANSFORMERS_DISABLE_TORCH_CHECK", None)
         else:

@@ -2,7 +2,8 @@
 
 The forward pass of one block is written out as the sequence of torch ops that the transformers
 modeling file runs (modeling_llama.py, modeling_gpt2.py, modeling_bert.py, modeling_vit.py,
-modeling_clip.py) and peft's layers add (tuners/lora/layer.py Linear.forward, tuners/ia3/layer.py).
+modeling_clip.py, modeling_opt.py, modeling_blip_2.py) and peft's layers add (tuners/lora/layer.py
+Linear.forward, tuners/ia3/layer.py).
 Each op records the tensors autograd saves for backward under the rules of torch's
 ``tools/autograd/derivatives.yaml`` (an input is saved only when the gradient that needs it is
 required), so a frozen Linear saves nothing, a LoRA layer saves its (cast) input, and nothing below
@@ -18,11 +19,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 
-from peftcalc.errors import InputError
-from peftcalc.layout import LINEAR_KINDS, Layout, build_layout
+from peftcalc.layout import LANGUAGE_PROJECTION, LINEAR_KINDS, QFORMER, QUERY_TOKENS, Layout, build_layout
 from peftcalc.methods import Plan, resolve_bottleneck
 from peftcalc.settings import DTYPE_BYTES, TrainingSettings
-from peftcalc.spec import COUNTS_ONLY_FAMILIES, ModelSpec
+from peftcalc.spec import ModelSpec
 
 # Dropout probabilities during training, from the transformers config defaults of each family.
 DROPOUT_KEYS = {
@@ -37,6 +37,12 @@ DROPOUT_KEYS = {
     "llama": {"attn": ("attention_dropout", 0.0)},
     "mistral": {"attn": ("attention_dropout", 0.0)},
     "qwen2": {"attn": ("attention_dropout", 0.0)},
+    # BLIP-2's three parts (blip2_parts), read from their sub-configs: OPTConfig (dropout after the attention
+    # output and after fc2), Blip2QFormerConfig (BERT's), Blip2VisionConfig
+    "opt": {"attn": ("attention_dropout", 0.0), "resid": ("dropout", 0.1)},
+    "blip_2_qformer": {"embd": ("hidden_dropout_prob", 0.1), "attn": ("attention_probs_dropout_prob", 0.1),
+                       "resid": ("hidden_dropout_prob", 0.1)},
+    "blip_2_vision_model": {"attn": ("attention_dropout", 0.0)},
 }
 
 
@@ -217,7 +223,13 @@ def dropout(rec: Recorder, x: T, p: float, tag: str) -> T:
 
 def activation(rec: Recorder, x: T, kind: str, tag: str) -> T:
     """The MLP activation. silu/gelu save their input; gelu_new (NewGELUActivation, a Python
-    formula) saves input, tanh output, 0.5*x and 1+tanh; quick_gelu saves input and sigmoid output."""
+    formula) saves input, tanh output, 0.5*x and 1+tanh; quick_gelu saves input and sigmoid output;
+    relu saves its output (derivatives.yaml: threshold_backward(grad, result, 0))."""
+    if kind == "relu":
+        out = rec.new(x.numel, x.dtype, x.rg)
+        if x.rg:
+            rec.save(out, f"{tag}.output")
+        return out
     if x.rg:
         if kind == "gelu_new":
             rec.save(x, f"{tag}.input")
@@ -241,11 +253,12 @@ def mul(rec: Recorder, a: T, b: T, tag: str) -> T:
 
 
 # Families whose eager attention runs softmax in fp32 (modeling_llama.py eager_attention_forward and
-# the ViT/CLIP copies); GPT-2/BERT/RoBERTa take the softmax in the scores' dtype.
-FP32_SOFTMAX_FAMILIES = ("llama", "mistral", "qwen2", "vit", "clip_vision_model")
+# the ViT/CLIP/OPT copies); GPT-2/BERT/RoBERTa and BLIP-2's own eager_attention_forward (Q-Former, vision
+# tower) take the softmax in the scores' dtype.
+FP32_SOFTMAX_FAMILIES = ("llama", "mistral", "qwen2", "vit", "clip_vision_model", "opt")
 
 
-def attention(rec: Recorder, spec: ModelSpec, q: T, k: T, v: T, p_drop: float, tag: str) -> T:
+def attention(rec: Recorder, spec: ModelSpec, q: T, k: T, v: T, p_drop: float, tag: str, cross: bool = False) -> T:
     """Scaled dot-product attention over heads.
 
     sdpa (torch.nn.functional.scaled_dot_product_attention): the fused kernels (flash/memory-efficient
@@ -253,11 +266,13 @@ def attention(rec: Recorder, spec: ModelSpec, q: T, k: T, v: T, p_drop: float, t
     query length). eager (transformers eager_attention_forward): q @ k^T saves q and k (keys/values
     repeated to all heads for GQA by repeat_kv), softmax in fp32 saves its output, the cast to the
     compute dtype is saved by the matmul with v, and dropout (p > 0) saves its mask.
+    `cross`: keys and values come from another sequence of ctx.kv_seq tokens (the BLIP-2 Q-Former's
+    cross-attention to the image features), with no mask and no virtual tokens.
     """
     ctx = rec.ctx
     b, s, kv = ctx.batch, ctx.seq, ctx.kv_seq
     heads = spec.num_heads
-    explicit_mask = kv != s
+    explicit_mask = kv != s and not cross
     if explicit_mask:
         # prefix tuning: the cache update concatenates the trainable past keys/values, and peft passes
         # an attention mask, so transformers (sdpa_attention_forward: use_gqa_in_sdpa is False with a
@@ -496,6 +511,32 @@ def vision_block(rec: Recorder, spec: ModelSpec, plan: Plan, lt: LayerTraining, 
     return rec.new(tok * h, x2.dtype, x2.rg or d.rg)
 
 
+def opt_block(rec: Recorder, spec: ModelSpec, plan: Plan, lt: LayerTraining, x: T) -> T:
+    """OPTDecoderLayer (transformers models/opt/modeling_opt.py, do_layer_norm_before=True): LayerNorm,
+    q_proj(x) * scaling (a multiply by a Python scalar saves nothing), k_proj, v_proj, attention,
+    out_proj, dropout, residual; LayerNorm on the (tokens, hidden) reshape, fc1, ReLU, fc2, dropout,
+    residual. With the harness's use_cache the keys and values SDPA saves are the DynamicCache's
+    concatenated copies instead of views of the projections: the same bytes."""
+    ctx = rec.ctx
+    h, tok = spec.hidden_size, ctx.tokens
+    p = dropout_p(spec, "resid")
+    n = layer_norm(rec, x, "self_attn_layer_norm" in lt.norm_trainable, h, "self_attn_layer_norm")
+    q = _lin(rec, lt, n, "self_attn.q_proj", h, h, plan)
+    q = rec.new(q.numel, q.dtype, q.rg)
+    k = _lin(rec, lt, n, "self_attn.k_proj", h, h, plan)
+    v = _lin(rec, lt, n, "self_attn.v_proj", h, h, plan)
+    a = attention(rec, spec, q, k, v, dropout_p(spec, "attn"), "self_attn.attention")
+    o = _lin(rec, lt, a, "self_attn.out_proj", h, h, plan)
+    o = dropout(rec, o, p, "self_attn.dropout")
+    x2 = rec.new(tok * h, x.dtype, x.rg or o.rg)
+    n2 = layer_norm(rec, x2, "final_layer_norm" in lt.norm_trainable, h, "final_layer_norm")
+    f = _lin(rec, lt, n2, "fc1", h, spec.intermediate_size, plan)
+    act = activation(rec, f, spec.hidden_act, "activation_fn")
+    d = _lin(rec, lt, act, "fc2", spec.intermediate_size, h, plan)
+    d = dropout(rec, d, p, "dropout")
+    return rec.new(tok * h, x2.dtype, x2.rg or d.rg)
+
+
 BLOCKS = {
     "llama": llama_block,
     "mistral": llama_block,
@@ -505,6 +546,7 @@ BLOCKS = {
     "roberta": bert_block,
     "vit": vision_block,
     "clip_vision_model": vision_block,
+    "opt": opt_block,
 }
 
 
@@ -536,15 +578,7 @@ class ActivationProfile:
         return sum(self.per_layer) + self.pre + self.post
 
 
-def check_memory_model(spec: ModelSpec) -> None:
-    """BLIP-2 has parameter counts and the qformer method, not yet a memory, FLOPs or time model."""
-    if spec.model_type in COUNTS_ONLY_FAMILIES:
-        raise InputError(f"{spec.name} ({spec.architecture}): memory, time and cost are not modelled for "
-                         f"{spec.model_type} yet; parameter counts only (peftcalc.api.plan_for)")
-
-
 def make_ctx(spec: ModelSpec, plan: Plan, t: TrainingSettings) -> Ctx:
-    check_memory_model(spec)
     seq = spec.vision_seq_len if spec.is_vision else t.seq_len
     kv_seq = seq
     method = plan.settings.method
@@ -576,6 +610,8 @@ def activation_profile(plan: Plan, t: TrainingSettings) -> ActivationProfile:
     spec = plan.spec
     if spec.is_vlm:
         return _vlm_profile(plan, t)
+    if spec.model_type == "blip-2":
+        return _blip2_profile(plan, t)
     layout = build_layout(spec)
     ctx = make_ctx(spec, plan, t)
     rec = Recorder(ctx)
@@ -997,3 +1033,275 @@ def vision_forward_bytes(spec: ModelSpec, ctx: Ctx) -> int:
     mlp = 4 * tok * v.hidden_size * wb + intermediates * tok * v.intermediate_size * cb
     attn = 3 * tok * v.hidden_size * wb + 4 * tok * v.hidden_size * cb
     return ctx.tokens * spec.hidden_size * wb + max(mlp, attn)
+
+
+# ---------------------------------------------------------------- BLIP-2 (EVA tower, Q-Former, OPT)
+
+
+@lru_cache(maxsize=256)
+def blip2_parts(spec: ModelSpec) -> tuple[ModelSpec, ModelSpec, ModelSpec]:
+    """The three models inside Blip2ForConditionalGeneration as specs the simulator reads: the EVA vision
+    tower (Blip2VisionModel), the Q-Former (Blip2QFormerModel) and the language model (OPTForCausalLM),
+    each with its sub-config (for dropouts and activations; configuration_blip_2.py, configuration_opt.py)."""
+    b = dict(spec.blip2)
+    cfg = spec.hf_config
+
+    def part(prefix: str, model_type: str, arch: str, sub: dict, act_key: str, **extra) -> ModelSpec:
+        hidden, heads = b[f"{prefix}_hidden_size"], b[f"{prefix}_num_attention_heads"]
+        return ModelSpec(name=f"{spec.name}/{model_type}", model_type=model_type, task="base", architecture=arch,
+                         hidden_size=hidden, num_layers=b[f"{prefix}_num_hidden_layers"], num_heads=heads,
+                         num_kv_heads=heads, head_dim=hidden // heads,
+                         intermediate_size=b[f"{prefix}_intermediate_size"], hidden_act=str(sub.get(act_key, "gelu")),
+                         hf_config=sub, **extra)
+
+    vision = part("vision", "blip_2_vision_model", "Blip2VisionModel", cfg.get("vision_config") or {}, "hidden_act",
+                  image_size=spec.image_size, patch_size=spec.patch_size, num_channels=spec.num_channels)
+    qformer = part("qformer", "blip_2_qformer", "Blip2QFormerModel", cfg.get("qformer_config") or {}, "hidden_act")
+    text_cfg = cfg.get("text_config") or {}
+    text = replace(spec, name=f"{spec.name}/opt", model_type="opt", task="causal_lm", architecture="OPTForCausalLM",
+                   hidden_act=str(text_cfg.get("activation_function", "relu")), blip2=(), hf_config=text_cfg)
+    return vision, qformer, text
+
+
+def blip2_image_tokens(spec: ModelSpec) -> int:
+    """The query tokens the language model sees before the text (num_query_tokens, 32 for BLIP-2 OPT)."""
+    return dict(spec.blip2)["num_query_tokens"]
+
+
+def blip2_vision_tokens(spec: ModelSpec) -> int:
+    """Tokens of the EVA tower: the patches plus the class token (Blip2VisionEmbeddings: 257 at 224 px, patch 14)."""
+    return (spec.image_size // spec.patch_size) ** 2 + 1
+
+
+@lru_cache(maxsize=1024)
+def _training(plan: Plan) -> frozenset:
+    """The trainable parameters outside the blocks, by name, and the modules that hold them, by path."""
+    names = _trainable_names(plan)
+    return names | {n.rsplit(".", 1)[0] for n in names}
+
+
+def _qformer_linear(rec: Recorder, trains: frozenset, x: T, in_f: int, out_f: int, path: str) -> T:
+    weight, bias = f"{path}.weight" in trains, f"{path}.bias" in trains
+    return linear(rec, x, in_f, out_f, weight, path, bias=True, bias_trains=bias)
+
+
+def qformer_attention(rec: Recorder, qspec: ModelSpec, trains: frozenset, path: str, x: T, kv: T, kv_in: int,
+                      kv_tokens: int) -> T:
+    """Blip2QFormerAttention: query/key/value Linears (keys and values from `kv`: the hidden states, or the
+    image features in a cross-attention), attention with attention_probs_dropout_prob (Blip2QFormer-
+    MultiHeadAttention), then Blip2QFormerSelfOutput: dense, dropout, LayerNorm(dense + input). Post-LayerNorm
+    like BertLayer: under autocast the residual sum and the LayerNorm are fp32."""
+    ctx = rec.ctx
+    hq = qspec.hidden_size
+    q = _qformer_linear(rec, trains, x, hq, hq, f"{path}.attention.query")
+    k = _qformer_linear(rec, trains, kv, kv_in, hq, f"{path}.attention.key")
+    v = _qformer_linear(rec, trains, kv, kv_in, hq, f"{path}.attention.value")
+    rec.ctx = replace(ctx, kv_seq=kv_tokens)
+    a = attention(rec, qspec, q, k, v, dropout_p(qspec, "attn"), f"{path}.attention", cross=kv is not x)
+    rec.ctx = ctx
+    o = _qformer_linear(rec, trains, a, hq, hq, f"{path}.output.dense")
+    o = dropout(rec, o, dropout_p(qspec, "resid"), f"{path}.output.dropout")
+    s = rec.new(x.numel, o.dtype if ctx.autocast is None else x.dtype, x.rg or o.rg)
+    return layer_norm(rec, s, f"{path}.output.LayerNorm" in trains, hq, f"{path}.output.LayerNorm")
+
+
+def qformer_layer(rec: Recorder, spec: ModelSpec, trains: frozenset, i: int, x: T, image: T) -> T:
+    """Blip2QFormerLayer.forward with query_length = the whole sequence (no text input): self-attention,
+    the cross-attention to the image features in layers i % cross_attention_frequency == 0, then
+    feed_forward_chunk_query: intermediate_query (dense, activation), output_query (dense, dropout,
+    LayerNorm(dense + input)). `spec` is the BLIP-2 model's."""
+    ctx = rec.ctx
+    vspec, qspec, _ = blip2_parts(spec)
+    hq, iq = qspec.hidden_size, qspec.intermediate_size
+    p = f"{QFORMER}.encoder.layer.{i}"
+    x = qformer_attention(rec, qspec, trains, f"{p}.attention", x, x, hq, ctx.seq)
+    if i % dict(spec.blip2)["qformer_cross_attention_frequency"] == 0:
+        x = qformer_attention(rec, qspec, trains, f"{p}.crossattention", x, image, vspec.hidden_size,
+                              blip2_vision_tokens(spec))
+    f = _qformer_linear(rec, trains, x, hq, iq, f"{p}.intermediate_query.dense")
+    f = activation(rec, f, qspec.hidden_act, f"{p}.intermediate_query.intermediate_act_fn")
+    d = _qformer_linear(rec, trains, f, iq, hq, f"{p}.output_query.dense")
+    d = dropout(rec, d, dropout_p(qspec, "resid"), f"{p}.output_query.dropout")
+    s = rec.new(x.numel, d.dtype if ctx.autocast is None else x.dtype, x.rg or d.rg)
+    return layer_norm(rec, s, f"{p}.output_query.LayerNorm" in trains, hq, f"{p}.output_query.LayerNorm")
+
+
+@dataclass(frozen=True)
+class QFormerSaves:
+    """What the Q-Former and the language projection keep for backward: everything they save, or under
+    gradient checkpointing (Blip2QFormerLayer is a GradientCheckpointingLayer) what the checkpoints keep."""
+
+    saved: int
+    checkpointed: int
+    unsaved: int  # alive to the end of the forward, saved by no op (see qformer_saves)
+    unsaved_image: int  # the image features when no op saves them (the checkpoints keep them)
+    unsaved_weight_copies: int  # autocast's cached weight copies that no op saves
+    saved_weight_copies: int  # autocast's cached weight copies the projection saves (kept under checkpointing)
+    output_rg: bool
+    by_tag: tuple
+
+
+@lru_cache(maxsize=4096)
+def qformer_saves(plan: Plan, ctx: Ctx) -> QFormerSaves:
+    """Blip2ForConditionalGeneration.get_image_features after the frozen tower: query_tokens.expand(b),
+    Blip2QFormerModel (layernorm on the query tokens, whose input is a view of the parameter and no
+    activation; dropout; the layers, with the tower's post_layernorm output as encoder_hidden_states, in
+    the weight dtype), then language_projection on the last hidden state. `ctx` is the Q-Former's: the
+    language model's with seq and kv_seq num_query_tokens. Under checkpointing each layer keeps its input,
+    and every layer keeps a reference to the image features; the layernorm, dropout and projection are not
+    checkpointed (under autocast the projection saves autocast's cached copy of its weight:
+    `saved_weight_copies`).
+    Alive until the forward returns and saved by no op: the image features and the Q-Former's last hidden
+    state when only cast copies of them are saved (autocast), and autocast's cached copies (torch.autocast
+    caches the cast of every leaf that requires grad) of the trainable Linear biases (addmm's bias gradient
+    needs nothing saved) and of the cross-attention keys' and values' weights (their input, the image
+    features, needs no gradient, so the matmul saves no weight)."""
+    spec = plan.spec
+    vspec, qspec, _ = blip2_parts(spec)
+    trains = _training(plan)
+    rec = Recorder(ctx, bucket="pre")
+    hq, n, batch = qspec.hidden_size, ctx.seq, ctx.batch
+    image = rec.new(batch * blip2_vision_tokens(spec) * vspec.hidden_size, ctx.weight, False)
+    queries_rg = QUERY_TOKENS in trains
+    norm_trains = f"{QFORMER}.layernorm" in trains
+    if queries_rg or norm_trains:  # native_layer_norm saves mean and rstd (the input is the parameter)
+        rec.save_new(2 * batch * n, "float32", f"{QFORMER}.layernorm.mean_rstd")
+    x = rec.new(batch * n * hq, "float32" if ctx.autocast else ctx.weight, queries_rg or norm_trains)
+    x = dropout(rec, x, dropout_p(qspec, "embd"), f"{QFORMER}.dropout")
+    kept = 0
+    for i in range(qspec.num_layers):
+        rec.bucket = i
+        before = set(rec.saved)
+        x_in = x
+        x = qformer_layer(rec, spec, trains, i, x, image)
+        if any(rec.saved[k][2] for k in set(rec.saved) - before):
+            kept += x_in.nbytes
+    rec.bucket = "post"
+    out = _qformer_linear(rec, trains, x, hq, spec.hidden_size, LANGUAGE_PROJECTION)
+    buckets = rec.bytes_by_bucket()
+    layers = sum(v for k, v in buckets.items() if isinstance(k, int))
+    cached = sum(n for bucket, tag, n in rec.saved.values() if bucket == "post" and tag.endswith(".autocast_weight"))
+    checkpointed = buckets.get("pre", 0) + buckets.get("post", 0) + kept + (image.nbytes if kept else 0)
+    unsaved = x.nbytes if x.id not in rec.saved else 0
+    weight_copies = 0
+    if ctx.autocast:
+        unsaved += DTYPE_BYTES[ctx.autocast] * _trainable_linear_numel(plan, ".bias")
+        weight_copies = DTYPE_BYTES[ctx.autocast] * _trainable_linear_numel(
+            plan, ".weight", ".crossattention.attention.key", ".crossattention.attention.value")
+    return QFormerSaves(saved=buckets.get("pre", 0) + layers + buckets.get("post", 0), checkpointed=checkpointed,
+                        unsaved=unsaved, unsaved_image=0 if image.id in rec.saved else image.nbytes,
+                        unsaved_weight_copies=weight_copies, saved_weight_copies=cached, output_rg=out.rg,
+                        by_tag=tuple(rec.bytes_by_tag().items()))
+
+
+def _trainable_linear_numel(plan: Plan, suffix: str, *modules: str) -> int:
+    """Elements of the trainable `suffix` parameters (".weight", ".bias") of the Linears outside the blocks
+    (those whose path ends with one of `modules`, when given)."""
+    linears = {m.path for m in build_layout(plan.spec).modules if m.kind in LINEAR_KINDS and m.layer is None}
+    total = 0
+    for g in plan.groups:
+        path = g.name[: -len(suffix)] if g.name.endswith(suffix) else None
+        if g.trainable and path in linears and (not modules or path.endswith(modules)):
+            total += g.numel
+    return total
+
+
+def eva_forward_bytes(spec: ModelSpec, ctx: Ctx) -> int:
+    """Live bytes while the frozen EVA tower (Blip2VisionModel) runs its forward, the first thing
+    Blip2ForConditionalGeneration.forward does (traced, transformers 5.x: nothing is saved and each layer's
+    output dies in the next layer): the embeddings output (held by Blip2VisionModel.forward), a
+    Blip2EncoderLayer's input, its residual after attention and layer_norm2's output, with fc1's output and
+    the activation's (GELU: two intermediates; quick_gelu three) at the MLP's peak; the attention half holds
+    the input, the embeddings, layer_norm1's output, the fused qkv output, the attention output and the
+    projection's, which is taken when larger. `ctx` is the language model's."""
+    vspec = blip2_parts(spec)[0]
+    tok = ctx.batch * blip2_vision_tokens(spec)
+    wb = DTYPE_BYTES[ctx.weight]
+    cb = DTYPE_BYTES[ctx.autocast or ctx.compute]
+    intermediates = 3 if vspec.hidden_act == "quick_gelu" else 2
+    mlp = 4 * tok * vspec.hidden_size * wb + intermediates * tok * vspec.intermediate_size * cb
+    attn = 3 * tok * vspec.hidden_size * wb + 5 * tok * vspec.hidden_size * cb
+    return max(mlp, attn)
+
+
+def blip2_forward_outputs(spec: ModelSpec, ctx: Ctx, q: QFormerSaves, checkpointing: bool) -> int:
+    """Tensors Blip2ForConditionalGeneration.forward holds while its language model and loss run, none of
+    them saved: the token embeddings after masked_scatter (inputs_embeds, b x seq x hidden, weight dtype),
+    the language projection's output (the image output's pooler_output; under autocast also its cast to the
+    embeddings' dtype), the tower's pooled output (b x vision hidden) and attention_mask =
+    torch.ones_like(input_ids) (int64), and what the Q-Former leaves alive unsaved (QFormerSaves: under
+    checkpointing the image features are the checkpoints' and the weight copies _autocast_weight_cache's).
+    `ctx` is the language model's."""
+    vspec = blip2_parts(spec)[0]
+    b, n, h = ctx.batch, blip2_image_tokens(spec), spec.hidden_size
+    wb = DTYPE_BYTES[ctx.weight]
+    projected = b * n * h * DTYPE_BYTES[ctx.autocast or ctx.compute]
+    if ctx.autocast:
+        projected += b * n * h * wb
+    qformer = q.unsaved + (0 if checkpointing else q.unsaved_image + q.unsaved_weight_copies)
+    return ctx.tokens * h * wb + projected + b * vspec.hidden_size * wb + ctx.tokens * 8 + qformer
+
+
+def _blip2_profile(plan: Plan, t: TrainingSettings) -> ActivationProfile:
+    """Blip2ForConditionalGeneration.forward (transformers models/blip_2/modeling_blip_2.py) with labels:
+    the frozen EVA tower (nothing saved: nothing below it trains; its forward working set counts, see
+    eva_forward_bytes), the Q-Former and language projection (qformer_saves), masked_scatter of the projected
+    queries into the token embeddings (it saves the b x seq bool mask), then OPTForCausalLM on num_query_tokens
+    + text tokens (models/opt/modeling_opt.py: opt_block per layer, final_layer_norm, the lm_head tied to
+    embed_tokens) and ForCausalLMLoss over every position. The gradient reaches the projection through the
+    whole frozen language model, so every OPT block saves its activations, as LLaVA's stage 1 does."""
+    spec = plan.spec
+    layout = build_layout(spec)
+    tspec = blip2_parts(spec)[2]
+    t_text = replace(t, seq_len=t.seq_len + blip2_image_tokens(spec))
+    ctx = make_ctx(tspec, plan, t_text)
+    h, tok = spec.hidden_size, ctx.tokens
+    q = qformer_saves(plan, replace(ctx, seq=blip2_image_tokens(spec), kv_seq=blip2_image_tokens(spec)))
+    rec = Recorder(ctx)
+    if q.output_rg:  # masked_scatter saves its (b, seq, 1) bool mask for the gradients of both inputs
+        rec.save_new(tok, "uint8", "masked_scatter.mask")
+    x = rec.new(tok * h, ctx.weight, q.output_rg)  # inputs_embeds + embed_positions(...)
+    per_layer, tags, seen = [], dict(q.by_tag), {}
+    for lt in _layer_trainings(plan, layout):
+        key = (lt, x.rg, x.dtype)
+        if key not in seen:
+            seen[key] = _simulate_block(tspec, plan, lt, ctx, x.rg, x.dtype)
+        saved, block_tags, out_rg, out_dtype = seen[key]
+        per_layer.append(saved)
+        for tag, nbytes in block_tags:
+            tags[tag] = tags.get(tag, 0) + nbytes
+        x = rec.new(x.numel, out_dtype, out_rg)
+    rec.bucket = "post"
+    logits_numel, x = _head(rec, tspec, plan, layout, x)
+    for tag, nbytes in rec.bytes_by_tag().items():
+        tags[tag] = tags.get(tag, 0) + nbytes
+    by_bucket = rec.bytes_by_bucket()
+    per_layer = tuple(per_layer)
+    saving = [a for a in per_layer if a]
+    # OPTDecoder's position_ids (b x seq, int64) are an input of every checkpointed layer
+    ckpt_inputs = len(saving) * tok * h * DTYPE_BYTES[_stream_dtype(ctx)] + (tok * 8 if saving else 0)
+    qformer = q.checkpointed if t.grad_checkpointing else q.saved
+    pre = by_bucket.get("pre", 0) + qformer
+    outputs = blip2_forward_outputs(spec, ctx, q, t.grad_checkpointing)
+    loss = _loss_buffers(tspec, ctx, logits_numel)
+    transient = _forward_transient(tspec, plan, ctx, per_layer) + outputs
+    transient_saved = _saved_before_last_light_block(per_layer)
+    vision = eva_forward_bytes(spec, ctx)  # runs before anything is saved
+    if vision > pre + (0 if t.grad_checkpointing else transient_saved) + transient:
+        transient, transient_saved = vision - pre, 0
+    return ActivationProfile(
+        per_layer=per_layer,
+        pre=pre,
+        post=by_bucket.get("post", 0),
+        checkpoint_inputs=ckpt_inputs,
+        logits_bytes=logits_numel * DTYPE_BYTES[ctx.autocast or ctx.compute],
+        loss_saved=loss[0],
+        loss_backward_peak=loss[1],
+        loss_forward_peak=loss[2] + outputs,
+        layer_transient=_layer_transient(tspec, ctx),
+        forward_transient=transient,
+        forward_transient_saved=transient_saved,
+        # the projection's saved weight copy is the cache's own, already in `pre`
+        autocast_weight_cache=_autocast_weight_cache(plan, ctx) - q.saved_weight_copies,
+        by_tag=tuple(sorted(tags.items())),
+    )

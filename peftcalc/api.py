@@ -6,6 +6,7 @@ import itertools
 from dataclasses import asdict, dataclass, fields, replace
 from math import ceil
 
+from peftcalc.activations import blip2_image_tokens
 from peftcalc.errors import InputError
 from peftcalc.hardware import (
     DEFAULT_MFU,
@@ -23,7 +24,7 @@ from peftcalc.memory import (
     reserved_bytes,
     timeline,
 )
-from peftcalc.methods import MethodSettings, Plan, make_plan, normalize_targets
+from peftcalc.methods import MethodSettings, Plan, make_plan, methods_for, normalize_targets
 from peftcalc.settings import TrainingSettings, check_training
 from peftcalc.spec import ModelSpec, load_spec
 from peftcalc.storage import full_model_bytes, storage
@@ -102,12 +103,19 @@ class Estimate:
     gpus: list
     cost: Cost | None
     storage: StorageInfo
-    image_tokens: int = 0  # a VLM: tokens one image adds to the language model's sequence
+    image_tokens: int = 0  # a VLM: tokens one image adds to the language model's sequence (BLIP-2: its queries)
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["method"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in d["method"].items()}
         return d
+
+
+def default_method(spec: ModelSpec) -> str:
+    """The method when none is given: LoRA, or the model's only method where LoRA does not apply
+    (BLIP-2: qformer)."""
+    methods = methods_for(spec)
+    return "lora" if "lora" in methods else methods[0]
 
 
 def _method_settings(method: str, **kw) -> MethodSettings:
@@ -147,6 +155,8 @@ def _tokens_per_sample(plan: Plan, t: TrainingSettings) -> int:
     spec = plan.spec
     if spec.is_vlm:  # the language model sees the text and one image's tokens
         return t.seq_len + spec.image_tokens
+    if spec.model_type == "blip-2":  # and BLIP-2's the text and the query tokens
+        return t.seq_len + blip2_image_tokens(spec)
     return spec.vision_seq_len if spec.is_vision else t.seq_len
 
 
@@ -164,7 +174,7 @@ def _cost_on(plan: Plan, t: TrainingSettings, gpu: GPU, mfu: float, dataset_toke
 def estimate(
     model: str | ModelSpec | dict = DEFAULT_MODEL,
     *,
-    method: str = "lora",
+    method: str | None = None,
     rank: int | None = None,
     alpha: int | None = None,
     targets=None,
@@ -188,8 +198,10 @@ def estimate(
     dataset_tokens: int = DEFAULT_DATASET_TOKENS,
     mfu: float = DEFAULT_MFU,
 ) -> Estimate:
-    """Parameters, memory, GPU fit, time, cost and storage of fine-tuning `model` one way."""
+    """Parameters, memory, GPU fit, time, cost and storage of fine-tuning `model` one way (`method`:
+    default_method when None)."""
     spec = load_spec(model)
+    method = method or default_method(spec)
     settings = _method_settings(method, rank=rank, alpha=alpha, targets=targets, dora=dora, double_quant=double_quant,
                                 bottleneck=bottleneck, adapter_kind=adapter_kind,
                                 num_virtual_tokens=num_virtual_tokens, trainable_layers=trainable_layers,
@@ -244,7 +256,7 @@ def estimate(
         gpus=fits,
         cost=cost,
         storage=StorageInfo(st.per_task_bytes, st.base_bytes, tasks, st.total_bytes, full_total),
-        image_tokens=spec.image_tokens,
+        image_tokens=_tokens_per_sample(plan, t) - t.seq_len if spec.is_vlm or spec.model_type == "blip-2" else 0,
     )
 
 
@@ -278,7 +290,7 @@ def _sweep_row(spec: ModelSpec, kw: dict) -> dict:
     """One row of a sweep: the memory model only (no GPU table, no storage), which is what makes
     thousands of configurations take seconds."""
     method_kw = {k: kw[k] for k in METHOD_FIELDS if k in kw and k != "method"}
-    settings = _method_settings(kw.get("method", "lora"), **method_kw)
+    settings = _method_settings(kw.get("method") or default_method(spec), **method_kw)
     t = TrainingSettings(**{k: kw[k] for k in TRAINING_FIELDS if k in kw})
     check_training(t)
     plan = make_plan(spec, settings)
@@ -292,9 +304,10 @@ def _sweep_row(spec: ModelSpec, kw: dict) -> dict:
     return row
 
 
-def plan_for(model, method: str = "lora", **method_kw) -> Plan:
-    """The parameter plan alone (used by the harness and reports)."""
-    return make_plan(load_spec(model), _method_settings(method, **method_kw))
+def plan_for(model, method: str | None = None, **method_kw) -> Plan:
+    """The parameter plan alone (used by the harness and reports; `method`: default_method when None)."""
+    spec = load_spec(model)
+    return make_plan(spec, _method_settings(method or default_method(spec), **method_kw))
 
 
 __all__ = ["estimate", "sweep", "Estimate", "plan_for", "model_states"]

@@ -23,8 +23,9 @@ FORMATS = ("table", "json", "csv", "markdown")
 # Shared options (one definition each, used by every command that takes them).
 MODEL_ARG = typer.Argument("llama-3.1-8b", help="Registry name (see `peftcalc models`), HF repo id of a registry "
                            "entry, or a path to a config.json (file or directory).")
-METHOD = typer.Option("lora", "--method", "-m", help="full | frozen | freeze | lora | qlora | adapter | prefix | "
-                      "prompt | bitfit | ia3")
+METHOD = typer.Option(None, "--method", "-m", help="full | frozen | freeze | lora | qlora | adapter | prefix | "
+                      "prompt | bitfit | ia3; LLaVA: projector | projector-llm | lora; BLIP-2: qformer "
+                      "(default: lora; qformer for BLIP-2)")
 RANK = typer.Option(None, "--rank", "-r", help="LoRA rank (default 8, peft's default).")
 ALPHA = typer.Option(None, "--alpha", help="LoRA alpha (default 2 x rank; does not change memory).")
 TARGETS = typer.Option(None, "--targets", help="Comma-separated module names, or all-linear (default: peft's "
@@ -59,7 +60,7 @@ def _check_format(fmt: str) -> None:
 
 @app.command()
 def estimate(
-    model: str = MODEL_ARG, method: str = METHOD, rank: Optional[int] = RANK, alpha: Optional[int] = ALPHA,
+    model: str = MODEL_ARG, method: Optional[str] = METHOD, rank: Optional[int] = RANK, alpha: Optional[int] = ALPHA,
     targets: Optional[str] = TARGETS, dora: bool = DORA, double_quant: bool = DOUBLE_QUANT,
     bottleneck: Optional[int] = BOTTLENECK, adapter_kind: str = ADAPTER_KIND,
     num_virtual_tokens: Optional[int] = VIRTUAL_TOKENS, trainable_layers: Optional[int] = TRAINABLE_LAYERS,
@@ -132,7 +133,7 @@ def gpus(format: str = FORMAT) -> None:
 @app.command()
 def measure(
     model: Optional[str] = typer.Argument(None, help="Model to measure (as for estimate); omit with --matrix."),
-    method: str = METHOD, rank: Optional[int] = RANK, alpha: Optional[int] = ALPHA,
+    method: Optional[str] = METHOD, rank: Optional[int] = RANK, alpha: Optional[int] = ALPHA,
     targets: Optional[str] = TARGETS, dora: bool = DORA, double_quant: bool = DOUBLE_QUANT,
     bottleneck: Optional[int] = BOTTLENECK, adapter_kind: str = ADAPTER_KIND,
     num_virtual_tokens: Optional[int] = VIRTUAL_TOKENS, trainable_layers: Optional[int] = TRAINABLE_LAYERS,
@@ -174,18 +175,19 @@ def measure(
         raise InputError("give a model to measure, or --matrix FILE --out FILE")
     _check_format(format)
     from measure.run import measure_one, to_json_line
-    from peftcalc.api import _method_settings
+    from peftcalc.api import _method_settings, default_method
     from peftcalc.settings import TrainingSettings
     from peftcalc.spec import load_spec
 
-    settings = _method_settings(method, rank=rank, alpha=alpha, targets=targets, dora=dora, double_quant=double_quant,
-                                bottleneck=bottleneck, adapter_kind=adapter_kind,
+    spec = load_spec(model)
+    settings = _method_settings(method or default_method(spec), rank=rank, alpha=alpha, targets=targets, dora=dora,
+                                double_quant=double_quant, bottleneck=bottleneck, adapter_kind=adapter_kind,
                                 num_virtual_tokens=num_virtual_tokens, trainable_layers=trainable_layers)
     dev = device or "cuda"
     training = TrainingSettings(batch_size=batch_size, seq_len=seq_len, precision=precision, optimizer=optimizer,
                                 grad_checkpointing=grad_checkpointing, attention=attention,
                                 device="cuda" if dev == "cuda" else "cpu")
-    row = measure_one(load_spec(model), settings, training, device=dev, steps=steps)
+    row = measure_one(spec, settings, training, device=dev, steps=steps)
     if format == "json":
         typer.echo(to_json_line(row))
         return

@@ -91,10 +91,9 @@ def step_flops(plan: Plan, t: TrainingSettings, tokens_per_sequence: int) -> Ste
     the blocks that run backward (Narayanan et al. 2021, Megatron-LM, section 5.1).
     Embedding lookups, norms and element-wise ops are not counted (under 1% for these models).
     """
-    from peftcalc.activations import check_memory_model
-
-    check_memory_model(plan.spec)
     spec = plan.spec
+    if spec.model_type == "blip-2":
+        return _blip2_step_flops(plan, t, tokens_per_sequence)
     layout = build_layout(spec)
     b = t.batch_size
     seq = tokens_per_sequence
@@ -143,6 +142,65 @@ def step_flops(plan: Plan, t: TrainingSettings, tokens_per_sequence: int) -> Ste
             bwd += 2 * attn_per_layer
             if t.grad_checkpointing:
                 recompute += attn_per_layer
+    return StepFlops(fwd, bwd, recompute)
+
+
+def _blip2_step_flops(plan: Plan, t: TrainingSettings, tokens_per_sequence: int) -> StepFlops:
+    """step_flops for Blip2ForConditionalGeneration (the same counting rules): the EVA tower's Linears on its
+    patches and class token and its attention, forward only (frozen, nothing below it trains); the Q-Former on
+    num_query_tokens, its cross-attention keys and values on the tower's tokens, and the language projection
+    on the queries; OPT on the queries and the text (`tokens_per_sequence`) with the lm_head tied to the
+    embeddings. A trainable Q-Former sends gradients back through every OPT block to the projection (input
+    gradients), and through its own layers (input gradients, except for the cross-attention keys and values,
+    whose input is the frozen tower's output; weight gradients where weights train). Checkpointing re-runs
+    the forward of the OPT blocks and of the Q-Former layers (both GradientCheckpointingLayers)."""
+    from peftcalc.activations import blip2_image_tokens, blip2_parts, blip2_vision_tokens
+    from peftcalc.layout import LANGUAGE_PROJECTION, QFORMER, QUERY_TOKENS
+
+    spec = plan.spec
+    vspec, qspec, _ = blip2_parts(spec)
+    b, seq = t.batch_size, tokens_per_sequence
+    queries, vision_tokens = blip2_image_tokens(spec), blip2_vision_tokens(spec)
+    trainable = _trainable_modules(plan)
+    trains = [g.name for g in plan.groups if g.trainable]
+    qformer_grad = any(n == QUERY_TOKENS or n.startswith(QFORMER + ".") for n in trains)
+    below_text = qformer_grad or any(n.startswith(LANGUAGE_PROJECTION + ".") for n in trains)
+    matmuls = [m for m in build_layout(spec).modules if m.kind in LINEAR_KINDS]
+    matmuls.append(Module("lm_head", "linear", (spec.vocab_size, spec.hidden_size), False, None, "head"))
+    fwd = bwd = recompute = 0.0
+    for m in matmuls:
+        cross_kv = m.path.endswith((".crossattention.attention.key", ".crossattention.attention.value"))
+        if m.role == "vision" or cross_kv:
+            tokens = b * vision_tokens
+        elif m.role == "projector":
+            tokens = b * queries
+        else:
+            tokens = b * seq
+        f = 2.0 * m.in_features * m.out_features * tokens
+        fwd += f
+        grad_w = m.path in trainable
+        if m.role == "vision":
+            grad_in = False
+        elif m.path.startswith(QFORMER + "."):
+            grad_in = qformer_grad and not cross_kv
+        elif m.path == LANGUAGE_PROJECTION:
+            grad_in = qformer_grad
+        else:
+            grad_in = below_text
+        bwd += f * (grad_in + grad_w)
+        checkpointed = m.layer is not None or m.path.startswith(QFORMER + ".")
+        if t.grad_checkpointing and checkpointed and (grad_in or grad_w):
+            recompute += f
+    fwd += 4.0 * b * vision_tokens ** 2 * vspec.q_dim * vspec.num_layers
+    qformer_attn = 4.0 * b * queries * qspec.q_dim * (queries * qspec.num_layers + vision_tokens * sum(
+        1 for i in range(qspec.num_layers) if i % dict(spec.blip2)["qformer_cross_attention_frequency"] == 0))
+    text_attn = 4.0 * b * seq * seq * spec.q_dim * spec.num_layers
+    fwd += qformer_attn + text_attn
+    for attn, grad in ((qformer_attn, qformer_grad), (text_attn, below_text)):
+        if grad:
+            bwd += 2 * attn
+            if t.grad_checkpointing:
+                recompute += attn
     return StepFlops(fwd, bwd, recompute)
 
 

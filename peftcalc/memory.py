@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 from functools import lru_cache
 from math import ceil
 
-from peftcalc.activations import ActivationProfile, activation_profile, make_ctx
+from peftcalc.activations import ActivationProfile, activation_profile, blip2_image_tokens, make_ctx
 from peftcalc.methods import Plan
 from peftcalc.settings import DTYPE_BYTES, TrainingSettings
 
@@ -185,9 +185,12 @@ def input_bytes(plan: Plan, t: TrainingSettings) -> int:
     """input_ids and labels (int64), or pixel_values in the weight dtype and int64 labels
     (measure.run.make_batch)."""
     spec = plan.spec
-    if spec.is_vlm:  # input_ids (= labels) over text + image tokens, pixel_values in the weight dtype
+    if spec.is_vlm or spec.model_type == "blip-2":
+        # input_ids (= labels) over text + image tokens (BLIP-2: the num_query_tokens placeholders), pixel_values
+        # in the weight dtype
         ctx = make_ctx(spec, plan, t)
-        ids = t.batch_size * (t.seq_len + spec.image_tokens) * 8
+        image_tokens = spec.image_tokens if spec.is_vlm else blip2_image_tokens(spec)
+        ids = t.batch_size * (t.seq_len + image_tokens) * 8
         return ids + t.batch_size * spec.num_channels * spec.image_size**2 * DTYPE_BYTES[ctx.weight]
     if spec.is_vision:
         ctx = make_ctx(spec, plan, t)

@@ -33,7 +33,7 @@ METHODS = ("full", "frozen", "freeze", "lora", "qlora", "adapter", "prefix", "pr
 VLM_METHODS = ("projector", "projector-llm", "lora")
 VLM_ONLY_METHODS = ("projector", "projector-llm")
 ALL_METHODS = METHODS + VLM_ONLY_METHODS
-# BLIP-2 (counts only: the memory model refuses blip-2, so the measurement matrices leave it out)
+# BLIP-2 (Blip2ForConditionalGeneration): the Q-Former stage
 BLIP2_METHODS = ("qformer",)
 KNOWN_METHODS = ALL_METHODS + BLIP2_METHODS
 
@@ -59,8 +59,7 @@ METHOD_HELP = {
     "ia3": "peft IA3: learned scaling vectors on keys, values and the FFN",
     "projector": "VLM (LLaVA stage 1): only the multi-modal projector trains",
     "projector-llm": "VLM (LLaVA stage 2): the projector and the whole language model train; vision tower frozen",
-    "qformer": "BLIP-2: the Q-Former, its query tokens and the language projection train; vision tower and LLM frozen "
-               "(parameter counts only)",
+    "qformer": "BLIP-2: the Q-Former, its query tokens and the language projection train; vision tower and LLM frozen",
 }
 
 # peft 0.21 utils/constants.py TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING. peft has no

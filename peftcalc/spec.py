@@ -37,9 +37,6 @@ VLM_FAMILIES = ("llava",)
 # The families a VLM's sub-configs may name (what the calculator has a layout for).
 VLM_VISION_TYPES = ("clip_vision_model",)
 VLM_TEXT_TYPES = ("llama",)
-# BLIP-2 (Blip2ForConditionalGeneration: EVA ViT-g, Q-Former, OPT): parameter counts and the qformer
-# method only; the memory, time and FLOPs models refuse it (peftcalc.memory.check_memory_model).
-COUNTS_ONLY_FAMILIES = ("blip-2",)
 
 # The five tasks a model class can have, decided by the config's `architectures` as transformers
 # builds it (AutoModelForCausalLM / ForMaskedLM / ForSequenceClassification / ForImageClassification /
@@ -425,8 +422,9 @@ def _blip2_spec(config: dict, name: str, task: str, arch: str, where: str) -> Mo
     """Blip2Config (transformers models/blip_2/configuration_blip_2.py): `vision_config` (the EVA ViT-g
     tower), `qformer_config` (the Q-Former, whose encoder_hidden_size Blip2Config sets to the vision
     width), `num_query_tokens`, `text_config` (an OPT decoder). The spec's scalar fields are OPT's; the
-    tower and Q-Former sizes go in `blip2`. Counts only: the shapes the layout cannot mirror exactly
-    (OPT's project_in/out, a Q-Former with text input, an encoder-decoder language model) are refused."""
+    tower and Q-Former sizes go in `blip2` (peftcalc.activations.blip2_parts makes specs of the three parts).
+    The shapes the layout cannot mirror exactly (OPT's project_in/out, a Q-Former with text input, an
+    encoder-decoder language model) are refused."""
     subs = {}
     for key, mt, defaults in (("vision_config", "blip_2_vision_model", BLIP2_VISION_DEFAULTS),
                               ("qformer_config", "blip_2_qformer", BLIP2_QFORMER_DEFAULTS),

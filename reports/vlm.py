@@ -240,7 +240,7 @@ def claims(rec: dict | None = None) -> list[dict]:
          "verdict": "not checkable here",
          "how": f"no Flamingo model in the registry, and the seed's BLIP-2 has 13B parameters, which the registry's "
                 f"BLIP-2 (blip2-opt-2.7b, {blip2.total:,}) is not; there the qformer method trains {blip2.trainable:,} "
-                f"(Blip2ForConditionalGeneration's Q-Former, query tokens and language projection; counts only, tested "
+                f"(Blip2ForConditionalGeneration's Q-Former, query tokens and language projection, tested "
                 f"against the real model), not 188M. The seed's own two figures give {10e9 / 188e6:.1f}x, not 54x"},
         {"claim": "stage 1 backward pass runs only through the small projector", "seed_line": f"{SEED_001}:875",
          "verdict": "checked: false",

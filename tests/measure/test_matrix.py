@@ -9,8 +9,8 @@ import pytest
 import measure.run
 from measure.matrix import ROW_KEYS, done_keys, expand_matrix, load_matrix, run_matrix
 from peftcalc.errors import InputError
-from peftcalc.methods import ALL_METHODS, METHODS
-from peftcalc.spec import COUNTS_ONLY_FAMILIES, SUPPORTED_MODEL_TYPES
+from peftcalc.methods import KNOWN_METHODS, METHODS
+from peftcalc.spec import SUPPORTED_MODEL_TYPES
 
 TINY = """
 [models.t-llama]
@@ -81,8 +81,8 @@ def test_grid_is_a_cartesian_product_with_merged_variants_and_left_out_rows(tmp_
 def test_ci_matrix_covers_every_method_and_family_on_cpu(ci_matrix):
     runs, _ = expand_matrix(ci_matrix)
     cpu = [r for r in runs if r.device == "cpu"]
-    assert {r.method.method for r in cpu} == set(ALL_METHODS)
-    assert {r.spec.model_type for r in cpu} == set(SUPPORTED_MODEL_TYPES) - set(COUNTS_ONLY_FAMILIES)  # blip-2: counts only, nothing to measure
+    assert {r.method.method for r in cpu} == set(KNOWN_METHODS)
+    assert {r.spec.model_type for r in cpu} == set(SUPPORTED_MODEL_TYPES)
     assert {r.training.precision for r in cpu} >= {"fp32", "bf16", "amp-bf16"}
     assert {r.training.optimizer for r in cpu} == {"adamw", "sgd", "adamw-8bit", "adafactor"}
     fake_big = {r.spec.name for r in runs if r.device == "fake" and not r.spec.name.startswith("tiny")}
@@ -93,12 +93,12 @@ def test_ci_matrix_covers_every_method_and_family_on_cpu(ci_matrix):
 def test_gpu_matrix_parses_and_covers_the_validation_matrix():
     runs, _ = expand_matrix(load_matrix("gpu"))
     assert all(r.device == "cuda" for r in runs)
-    assert {r.method.method for r in runs} == set(ALL_METHODS)
+    assert {r.method.method for r in runs} == set(KNOWN_METHODS)
     assert {r.training.precision for r in runs} >= {"fp32", "bf16", "amp-bf16"}
     assert {r.training.batch_size for r in runs} >= {1, 4}
     assert {r.training.grad_checkpointing for r in runs} == {False, True}
     assert min(r.training.seq_len for r in runs) == 128 and max(r.training.seq_len for r in runs) == 4096
-    assert {r.spec.model_type for r in runs} == set(SUPPORTED_MODEL_TYPES) - set(COUNTS_ONLY_FAMILIES)  # blip-2: counts only, nothing to measure
+    assert {r.spec.model_type for r in runs} == set(SUPPORTED_MODEL_TYPES)
 
 
 def test_gpu_quick_matrix_is_a_short_first_pass():
