@@ -866,6 +866,7 @@ class ActivationProfile:
     forward_transient_saved: int = 0  # block activations already saved when that working set peaks
     autocast_weight_cache: int = 0  # autocast's copies of trainable matmul weights, alive to the end of forward
     block_peaks: tuple = ()  # per layer: blocktrace.BlockPeaks (gradient checkpointing's recompute and backward)
+    model_output: int = 0  # the base model's last hidden state while the loss runs, when nothing saves it
     by_tag: tuple = ()
 
     @property
@@ -975,6 +976,7 @@ def activation_profile(plan: Plan, t: TrainingSettings) -> ActivationProfile:
         x = rec.new(x.numel, out_dtype, out_rg)
     rec.bucket = "post"
     logits_numel, x = _head(rec, spec, plan, layout, x)
+    model_output = _unsaved_model_output(rec, x)
     by_bucket = rec.bytes_by_bucket()
     for tag, nbytes in rec.bytes_by_tag().items():
         tags[tag] = tags.get(tag, 0) + nbytes
@@ -996,6 +998,7 @@ def activation_profile(plan: Plan, t: TrainingSettings) -> ActivationProfile:
         forward_transient_saved=_saved_before_last_light_block(per_layer),
         autocast_weight_cache=_autocast_weight_cache(plan, ctx) - rec.saved_cached_copies,
         block_peaks=tuple(peaks),
+        model_output=model_output,
         by_tag=tuple(sorted(tags.items())),
     )
 
@@ -1093,6 +1096,16 @@ def _head(rec: Recorder, spec: ModelSpec, plan: Plan, layout: Layout, x: T):
     if x.rg:
         rec.save(cast(rec, x, "float32"), "loss.pow_input")
     return 0, x
+
+
+def _unsaved_model_output(rec: Recorder, hidden: T) -> int:
+    """The base model's output (last_hidden_state: the final norm's output, or the last block's)
+    stays alive until the loss is computed, because the ForXxx forward holds ``outputs`` (e.g.
+    LlamaForCausalLM.forward: outputs = self.model(...); logits = self.lm_head(outputs.last_hidden_state);
+    loss = self.loss_function(...)). Counted here when no op saved it (a frozen head, or autocast's
+    head saving a cast copy); a saved one is already in the saved bytes."""
+    storage = hidden.base if hidden.base is not None else hidden
+    return 0 if storage.id in rec.saved else storage.nbytes
 
 
 def _first_token_linear(rec: Recorder, x: T, batch: int, in_f: int, out_f: int, trainable: bool, tag: str) -> T:

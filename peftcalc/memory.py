@@ -289,7 +289,7 @@ def _step_events(plan: Plan, t: TrainingSettings, act: ActivationProfile, ms: Mo
     # under checkpointing the autocast weight copies are not saved, only cached until the forward ends
     cache = act.autocast_weight_cache if ckpt else 0
     events = [
-        _event("forward", dict(base, activations=remaining + act.post, logits_loss=act.loss_forward_peak,
+        _event("forward", dict(base, activations=remaining + act.post + act.model_output, logits_loss=act.loss_forward_peak,
                                temporaries=cache)),
         _event("forward:block", dict(base, activations=act.pre + (act.forward_transient_saved if not ckpt else 0),
                                      temporaries=act.forward_transient)),
