@@ -1006,7 +1006,7 @@ def activation_profile(plan: Plan, t: TrainingSettings) -> ActivationProfile:
 def _simulate_block(spec: ModelSpec, plan: Plan, lt: LayerTraining, ctx: Ctx, input_rg: bool, input_dtype: str):
     """One block's saved bytes, by tag, its output's requires-grad and dtype, and its recompute and
     backward peaks (peftcalc.blocktrace; the block's input is counted outside it)."""
-    rec = Recorder(ctx, bucket=0, trace=BlockTrace())
+    rec = Recorder(ctx, bucket=0, trace=BlockTrace(inplace_accumulate=ctx.device == "cuda"))
     x = rec.new(ctx.tokens * spec.hidden_size, input_dtype, input_rg)
     rec.trace.external.add(x.id)
     out = BLOCKS[spec.model_type](rec, spec, plan, lt, x)

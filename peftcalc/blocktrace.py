@@ -7,7 +7,7 @@ longer dies after its last use), what autograd saves, and one backward :class:`N
 a gradient function. Two walks over that record give:
 
 forward (recompute)  live bytes while the block's forward runs: the tensors allocated and not yet dead,
-    plus everything saved so far, plus the op's internal temporaries. torch.utils.checkpoint
+    plus everything saved so far (kernels' locals are allocations too). torch.utils.checkpoint
     (non-reentrant, ``early_stop=True``) stops the recompute when the last saved tensor is packed
     (``_recomputation_hook.pack_hook`` raises ``_StopRecomputationError``), and autograd packs an op's
     inputs before the op runs and its outputs after (the generated VariableType code), so the recompute
@@ -15,9 +15,10 @@ forward (recompute)  live bytes while the block's forward runs: the tensors allo
 backward  the nodes in reverse order of creation (the engine's ready queue runs the node with the highest
     sequence number first). A node allocates its inputs' gradients (and its parameters' gradients, which
     AccumulateGrad keeps), then releases its saved tensors (``release_variables``) and the incoming
-    gradient; a gradient that arrives for a tensor that already has one is summed out of place
-    (``InputBuffer::add``: the sum is allocated while both exist). AddBackward hands the incoming gradient
-    itself to both inputs (no allocation), unless an input has another dtype (it gets a cast copy).
+    gradient; a gradient that arrives for a tensor that already has one is summed
+    (``InputBuffer::accumulate``: out of place under a dispatch mode, the sum allocated while both exist;
+    in place on plain CUDA tensors whose buffer has no other reference). AddBackward hands the incoming
+    gradient itself to both inputs (no allocation), unless an input has another dtype (it gets a cast copy).
 
 Bytes are symbolic (numel x dtype size) and each storage counts once, as a storage tracer and
 ``max_memory_allocated`` count them.
@@ -53,9 +54,13 @@ class BlockTrace:
     """What the ops of one block recorded (see the module docstring). Tensors are activations.T; ids
     in `external` (the block's input, parameters) are alive throughout and counted elsewhere."""
 
-    events: list = field(default_factory=list)  # ("alloc", T) | ("use", T) | ("save", T | None) | ("temp", bytes)
+    events: list = field(default_factory=list)  # ("alloc", T) | ("use", T) | ("save", T | None)
     nodes: list = field(default_factory=list)
     external: set = field(default_factory=set)
+    # InputBuffer::accumulate sums in place when it holds the buffer's last reference and the tensor is
+    # not "subclass-like"; any active TorchDispatchMode (a storage tracer: the cpu/fake predictions)
+    # makes every tensor subclass-like (ATen isTensorSubclassLike), so there it always sums out of place
+    inplace_accumulate: bool = False
 
     def alloc(self, t) -> None:
         self.events.append(("alloc", t))
@@ -68,10 +73,6 @@ class BlockTrace:
     def save(self, t) -> None:
         """An activation (T) or a parameter (None: no bytes, but it counts for where the recompute stops)."""
         self.events.append(("save", _storage(t) if t is not None else None))
-
-    def temp(self, nbytes: int) -> None:
-        """Bytes alive only inside the current op, on top of what is live."""
-        self.events.append(("temp", nbytes))
 
     def node(self, out, ins=(), saved=(), param_grad: int = 0, temp: int = 0, alias: bool = False) -> None:
         """`out`: the op's output, or a tuple of them (a split)."""
@@ -96,19 +97,16 @@ class BlockPeaks:
     grad_out: int = 0  # the incoming gradient (of the block's output), alive during the recompute
 
 
-def _nbytes(t, external) -> int:
-    return 0 if t.id in external else t.nbytes
-
-
 def forward_peak(trace: BlockTrace, stop_at_last_save: bool = True) -> tuple[int, dict]:
     """(peak live bytes, saved tensors by id at the end) of the block's forward, stopped at the last save
-    when `stop_at_last_save` (the checkpoint recompute). A tensor dies after its last use unless saved."""
+    when `stop_at_last_save` (the checkpoint recompute). A tensor dies after its last use unless saved;
+    what a later op of the block still uses is alive where the recompute stops."""
     events = trace.events
     end = len(events)
     if stop_at_last_save:
         saves = [i for i, (kind, _) in enumerate(events) if kind == "save"]
         end = saves[-1] + 1 if saves else 0
-    last_use: dict = {}  # over the whole block: what a later op still needs is alive where the recompute stops
+    last_use: dict = {}
     for i, (kind, t) in enumerate(events):
         if kind in ("alloc", "use", "save") and t is not None:
             last_use[t.id] = i
@@ -117,7 +115,7 @@ def forward_peak(trace: BlockTrace, stop_at_last_save: bool = True) -> tuple[int
     total = peak = 0
     for i, (kind, t) in enumerate(events[:end]):
         if kind == "alloc":
-            nb = _nbytes(t, trace.external)
+            nb = 0 if t.id in trace.external else t.nbytes
             if t.id not in live and t.id not in saved:
                 live[t.id] = nb
                 total += nb
@@ -125,8 +123,6 @@ def forward_peak(trace: BlockTrace, stop_at_last_save: bool = True) -> tuple[int
             saved[t.id] = live.pop(t.id)
         elif kind == "save" and t is not None and t.id not in saved:  # saved, never allocated here: external
             saved[t.id] = 0
-        if kind == "temp":
-            peak = max(peak, total + t)
         peak = max(peak, total)
         # tensors whose last use this was (and not saved) die now
         if kind in ("alloc", "use") and last_use.get(t.id) == i and t.id in live:
@@ -134,9 +130,10 @@ def forward_peak(trace: BlockTrace, stop_at_last_save: bool = True) -> tuple[int
     return peak, saved
 
 
-def backward_peak(trace: BlockTrace, saved: dict, grad_out, grad_out_bytes: int) -> BlockPeaks:
+def backward_peak(trace: BlockTrace, saved: dict, grad_out) -> tuple[int, int, int]:
     """Walk the nodes from the last one, starting with `saved` (id -> bytes) alive and the incoming
-    gradient of `grad_out` (the block's output). Returns the peak with its split."""
+    gradient of `grad_out` (the block's output). Returns (peak, parameter gradients in it, saved
+    activations in it)."""
     holders: dict = {}
     for node in trace.nodes:
         for sid in node.saved:
@@ -165,7 +162,7 @@ def backward_peak(trace: BlockTrace, saved: dict, grad_out, grad_out_bytes: int)
         if total > best[0]:
             best[:] = [total, params, live_saved]
 
-    grad_of[grad_out.id] = new_buf(grad_out_bytes)
+    grad_of[grad_out.id] = new_buf(grad_out.nbytes)
     ref(grad_of[grad_out.id], 1)
     consider(0)
     for node in reversed(trace.nodes):
@@ -188,7 +185,9 @@ def backward_peak(trace: BlockTrace, saved: dict, grad_out, grad_out_bytes: int)
             ref(grad_of.pop(o.id), -1)
         for t, buf in outs:
             old = grad_of.get(t.id)
-            if old is not None:  # a second gradient for t: old + new, out of place
+            if old is not None and trace.inplace_accumulate and refs[old] == 1:
+                pass  # old.add_(new): the buffer holds its last reference (the new one is dropped below)
+            elif old is not None:  # a second gradient for t: old + new, out of place
                 consider(t.nbytes)
                 total = new_buf(t.nbytes)
                 ref(total, 1)
@@ -198,11 +197,10 @@ def backward_peak(trace: BlockTrace, saved: dict, grad_out, grad_out_bytes: int)
                 grad_of[t.id] = buf
                 ref(buf, 1)
             ref(buf, -1)
-    return BlockPeaks(0, best[0], best[1], best[2])
+    return best[0], best[1], best[2]
 
 
 def block_peaks(trace: BlockTrace, out) -> BlockPeaks:
     """The block's recompute and backward peaks (see BlockPeaks), `out` being its output."""
     fwd, saved = forward_peak(trace)
-    bw = backward_peak(trace, saved, out, out.nbytes)
-    return BlockPeaks(fwd, bw.backward, bw.backward_param_grads, bw.backward_saved, out.nbytes)
+    return BlockPeaks(fwd, *backward_peak(trace, saved, out), out.nbytes)

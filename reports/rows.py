@@ -163,6 +163,8 @@ def variant_label(method: dict) -> str:
             bits.append("dora")
         if m == "qlora" and not method.get("double_quant", True):
             bits.append("no-dq")
+        if m == "qlora" and method.get("prepare_kbit"):
+            bits.append("prepare-kbit")
     elif m == "adapter":
         bits.append(method.get("adapter_kind", "houlsby"))
         if method.get("bottleneck"):
@@ -216,7 +218,7 @@ def flatten(file: str, row: dict, index: ConfigIndex, recompute: bool = True) ->
         "model": s.get("model"),
         "family": None,
         "method": method.get("method"),
-        "variant": variant_label(method),
+        "variant": variant_label({**method, "prepare_kbit": s.get("qlora_prepare_kbit")}),
         "settings": settings_label(training),
         "precision": training.get("precision"),
         "batch_size": training.get("batch_size"),
