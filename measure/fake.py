@@ -180,18 +180,24 @@ def build_meta_model(spec: ModelSpec, settings: MethodSettings, dtype: torch.dty
                      compute_dtype: torch.dtype = torch.float32, attention: str = "sdpa") -> nn.Module:
     """The model of :func:`measure.build.build_model` on the meta device; for QLoRA with the
     Linear layers from_pretrained would quantize swapped for bitsandbytes Linear4bit (still holding
-    their unquantized meta weights, so parameter counts are the logical ones)."""
+    their unquantized meta weights, so parameter counts are the logical ones), then
+    ``peft.prepare_model_for_kbit_training`` when `settings.prepare_kbit` (its fp32 casts of the
+    other parameters work on meta tensors)."""
     model = build_base_model(spec, dtype=dtype, device="meta", attention=attention)
     if settings.method == "qlora":
         model = replace_with_nf4(model, settings, compute_dtype)
+        if settings.prepare_kbit:  # as measure.build.build_qlora_model: before LoRA, no checkpointing
+            import peft
+
+            model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     with torch.device("meta"):
         return apply_method(model, spec, settings)
 
 
 def build_fake_model(spec: ModelSpec, settings: MethodSettings, fake_mode, dtype: torch.dtype,
                      compute_dtype: torch.dtype, attention: str = "sdpa") -> nn.Module:
-    """The model of :func:`measure.build.build_model` (QLoRA: of :func:`measure.build.build_qlora_model`
-    without ``prepare_model_for_kbit_training``): built and given its method on the meta device
+    """The model of :func:`measure.build.build_model` (QLoRA: of :func:`measure.build.build_qlora_model`,
+    with ``prepare_model_for_kbit_training`` when `settings.prepare_kbit`): built and given its method on the meta device
     (peft casting fake adapter weights fails: ``_apply`` cannot swap fake tensors), then made fake."""
     model = build_meta_model(spec, settings, dtype, compute_dtype, attention)
     materialize_fake(model, fake_mode)

@@ -388,6 +388,10 @@ def settings_record(spec: ModelSpec, method: MethodSettings, training: TrainingS
                     steps: int, prepare_kbit: bool = False, seed: int = 0) -> dict:
     """Everything that decides a run, as plain data (also the input of :func:`row_key`)."""
     m = asdict(method)
+    # prepare_model_for_kbit_training is recorded as qlora_prepare_kbit (below), as it was before
+    # MethodSettings had the field, so the keys of earlier rows stay what they were
+    method_prepare_kbit = m.pop("prepare_kbit", False)
+    prepare_kbit = bool(prepare_kbit or method_prepare_kbit)
     if isinstance(m["targets"], tuple):
         m["targets"] = list(m["targets"])
     for name in LATER_METHOD_FIELDS:  # keep the keys of rows recorded before these fields existed
@@ -508,6 +512,9 @@ def measure_one(spec: ModelSpec | str | dict, method_settings: MethodSettings, t
     anything that fails while running is recorded as the row's outcome ('oom' or 'error')."""
     spec = load_spec(spec)
     check_run(spec, method_settings, training_settings, device, steps)
+    if method_settings.method == "qlora":  # the run key and the method's own setting mean the same
+        method_settings = replace(method_settings, prepare_kbit=bool(prepare_kbit or method_settings.prepare_kbit))
+    prepare_kbit = method_settings.prepare_kbit
     settings = settings_record(spec, method_settings, training_settings, device, steps, prepare_kbit, seed)
     row = {"key": row_key(settings), "settings": settings, "outcome": "ok", "error": None,
            "harness": {"loss": LOSSES[spec.task]}, "params": None, "measured": None}

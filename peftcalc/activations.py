@@ -19,6 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 
+from peftcalc.blocktrace import BlockTrace, block_peaks
+from peftcalc.errors import InputError
 from peftcalc.layout import LANGUAGE_PROJECTION, LINEAR_KINDS, QFORMER, QUERY_TOKENS, Layout, build_layout
 from peftcalc.methods import Plan, resolve_bottleneck
 from peftcalc.settings import DTYPE_BYTES, TrainingSettings
@@ -61,6 +63,7 @@ class T:
     dtype: str
     rg: bool
     id: int
+    base: object = None  # a view: the tensor whose storage it shares
 
     @property
     def nbytes(self) -> int:
@@ -81,6 +84,7 @@ class Ctx:
     device: str
     attention: str
     training_dropout: bool = True
+    quant_compute: str = ""  # bnb_4bit_compute_dtype of a QLoRA base ("" without one)
 
     @property
     def tokens(self) -> int:
@@ -89,23 +93,55 @@ class Ctx:
 
 @dataclass
 class Recorder:
-    """Collects saved tensors, each once, by bucket (a layer index, 'pre', 'post')."""
+    """Collects saved tensors, each once, by bucket (a layer index, 'pre', 'post'). With a `trace`
+    (peftcalc.blocktrace), the ops also record what they allocate and use and their backward nodes."""
 
     ctx: Ctx
     bucket: object = "pre"
     saved: dict = field(default_factory=dict)  # id -> (bucket, tag, bytes)
     next_id: int = 0
+    trace: BlockTrace | None = None
+    cached: list = field(default_factory=list)  # autocast's cached weight copies (alive to the region's end)
+    saved_cached_copies: int = 0  # bytes of those copies that are also saved (counted once)
 
     def new(self, numel: int, dtype: str, rg: bool) -> T:
+        """A tensor an op allocates."""
         self.next_id += 1
-        return T(numel, dtype, rg, self.next_id)
+        t = T(numel, dtype, rg, self.next_id)
+        if self.trace is not None:
+            self.trace.alloc(t)
+        return t
 
     def save(self, t: T, tag: str) -> None:
+        t = t.base if t.base is not None else t
         if t.id not in self.saved:
             self.saved[t.id] = (self.bucket, tag, t.nbytes)
+        if self.trace is not None:
+            self.trace.save(t)
 
-    def save_new(self, numel: int, dtype: str, tag: str) -> None:
-        self.save(self.new(numel, dtype, False), tag)
+    def save_new(self, numel: int, dtype: str, tag: str) -> T:
+        t = self.new(numel, dtype, False)
+        self.save(t, tag)
+        return t
+
+    def view(self, base: T, numel: int) -> T:
+        """A view of `base`'s storage (no allocation; saving or using it keeps the storage)."""
+        self.next_id += 1
+        return T(numel, base.dtype, base.rg, self.next_id, base)
+
+    def save_param(self) -> None:
+        """A parameter saved for backward: no activation bytes, but a recompute stops only after it."""
+        if self.trace is not None:
+            self.trace.save(None)
+
+    def use(self, *ts) -> None:
+        """The ops or Python references that still need these tensors (they die after their last use)."""
+        if self.trace is not None:
+            self.trace.use(*ts)
+
+    def node(self, out: T, ins=(), saved=(), param_grad: int = 0, temp: int = 0, alias: bool = False) -> None:
+        if self.trace is not None:
+            self.trace.node(out, ins, saved, param_grad, temp, alias)
 
     def bytes_by_bucket(self) -> dict:
         out: dict = {}
@@ -120,13 +156,25 @@ class Recorder:
         return out
 
 
+def _promote(a: str, b: str) -> str:
+    """torch type promotion between the dtypes used here: fp32 wins over bf16/fp16."""
+    return "float32" if "float32" in (a, b) else a
+
+
 # ---------------------------------------------------------------- ops
-# Each op mirrors the forward of one torch function and saves what its derivative formula needs.
+# Each op mirrors the forward of one torch function and saves what its derivative formula needs; it
+# records its allocations, uses and backward node for the block timeline (peftcalc.blocktrace).
 
 
 def cast(rec: Recorder, x: T, dtype: str) -> T:
-    """Tensor.to(dtype): a no-op returning the same tensor when the dtype already matches."""
-    return x if x.dtype == dtype else rec.new(x.numel, dtype, x.rg)
+    """Tensor.to(dtype): a no-op returning the same tensor when the dtype already matches; else a copy
+    (ToCopyBackward casts the gradient back)."""
+    if x.dtype == dtype:
+        return x
+    y = rec.new(x.numel, dtype, x.rg)
+    rec.use(x)
+    rec.node(y, (x,))
+    return y
 
 
 def autocast_in(rec: Recorder, x: T) -> T:
@@ -134,37 +182,117 @@ def autocast_in(rec: Recorder, x: T) -> T:
     return cast(rec, x, rec.ctx.autocast) if rec.ctx.autocast else x
 
 
+def split(rec: Recorder, x: T, parts: int) -> tuple:
+    """Tensor.split into equal parts along the last dim: views of x's storage; SplitBackward
+    concatenates the parts' gradients into one of x's size."""
+    views = tuple(rec.view(x, x.numel // parts) for _ in range(parts))
+    rec.node(views, (x,))
+    return views
+
+
+def add(rec: Recorder, a: T, b: T, dtype: str | None = None) -> T:
+    """a + b (a residual connection): AddBackward hands the incoming gradient to both inputs."""
+    out = rec.new(a.numel, dtype or _promote(a.dtype, b.dtype), a.rg or b.rg)
+    rec.use(a, b)
+    rec.node(out, (a, b), alias=True)
+    return out
+
+
+def _matmul_weight(rec: Recorder, x: T, in_f: int, out_f: int, trainable: bool, tag: str, quantized: bool) -> T | None:
+    """The weight operand of a matmul. Under autocast a bf16/fp16 copy of the weight (autocast's cast of
+    a trainable leaf is cached until the autocast region exits, torch autocast_mode.cpp cached_cast); it
+    is saved when the input needs a gradient. Without autocast the weight itself (a parameter)."""
+    ctx = rec.ctx
+    if quantized:  # bitsandbytes MatMul4Bit keeps the packed weight in ctx.tensors, not save_for_backward
+        return None
+    if not ctx.autocast:
+        if x.rg:
+            rec.save_param()
+        return None
+    w16 = rec.new(in_f * out_f, ctx.autocast, trainable)
+    if trainable:  # ToCopyBackward, then AccumulateGrad of the fp32 weight
+        rec.node(w16, (), param_grad=in_f * out_f * DTYPE_BYTES[ctx.weight])
+        rec.cached.append(w16)
+    if x.rg:
+        rec.save(w16, f"{tag}.autocast_weight")
+        if trainable:
+            rec.saved_cached_copies += w16.nbytes
+    return w16
+
+
 def linear(rec: Recorder, x: T, in_f: int, out_f: int, trainable: bool, tag: str,
            lora_rank: int = 0, dora: bool = False, ia3: str = "", quantized: bool = False,
            conv1d: bool = False, bias: bool = False, bias_trains: bool = False) -> T:
     """nn.Linear / Conv1D (addmm): saves the input when the weight trains (grad_W = grad^T x) and the
     weight when the input needs a gradient. Under autocast the weight is cast to the autocast dtype,
-    and that copy is what is saved. peft LoRA (tuners/lora/layer.py Linear.forward) adds
-    lora_B(lora_A(x.to(lora_A.weight.dtype))): the cast input and A's output are saved."""
+    and that copy is what is saved. bitsandbytes Linear4bit.forward casts the input to the compute dtype
+    and returns ``.to(inp_dtype)``; its backward dequantizes the weight (F.dequantize_4bit, a weight-sized
+    temporary). peft LoRA (tuners/lora/layer.py Linear.forward; lora/bnb.py Linear4bit.forward, which
+    clones the base result first) adds lora_B(lora_A(x.to(lora_A.weight.dtype))) * scaling to the base
+    result and casts the sum back to its dtype: the cast input and A's output are saved."""
     ctx = rec.ctx
+    wb = DTYPE_BYTES[ctx.weight]
     xin = autocast_in(rec, x)
     tokens_in = x.numel // in_f
+    quant_cast = quantized and not ctx.autocast and ctx.quant_compute and x.dtype != ctx.quant_compute
+    if quant_cast:
+        xin = cast(rec, x, ctx.quant_compute)
     if trainable:
         rec.save(xin, f"{tag}.input")
-    if ctx.autocast and x.rg and not quantized:
-        rec.save_new(in_f * out_f, ctx.autocast, f"{tag}.autocast_weight")
     if ia3 == "ff":  # peft IA3 Linear.forward, feedforward: (x.to(ia3 dtype) * scaling).to(x dtype), then
         # the frozen linear; the mul saves the cast input and the scaling vector (1 * ia3_l.flatten())
         xc = cast(rec, x, ctx.adapter)
         rec.save(xc, f"{tag}.ia3_input")
-        rec.save_new(in_f, ctx.adapter, f"{tag}.ia3_scaling")
-        xin = autocast_in(rec, rec.new(x.numel, x.dtype, True))
-    out_dtype = ctx.autocast or (ctx.compute if not quantized else ctx.compute)
-    out = rec.new(tokens_in * out_f, out_dtype, x.rg or trainable or bias_trains or bool(lora_rank) or bool(ia3))
+        scaling = rec.save_new(in_f, ctx.adapter, f"{tag}.ia3_scaling")
+        scaled = rec.new(x.numel, ctx.adapter, True)
+        rec.use(xc, scaling)
+        rec.node(scaled, (xc,), saved=(xc, scaling), param_grad=in_f * DTYPE_BYTES[ctx.adapter])
+        xin = autocast_in(rec, cast(rec, scaled, x.dtype) if x.dtype != ctx.adapter else scaled)
+    w16 = _matmul_weight(rec, x, in_f, out_f, trainable, tag, quantized)
+    out_dtype = ctx.autocast or ctx.compute
+    base_dtype = ctx.quant_compute if quant_cast else out_dtype
+    base_rg = xin.rg or trainable or bias_trains
+    base = rec.new(tokens_in * out_f, base_dtype, base_rg)
+    rec.use(xin, w16)
+    param_grad = (in_f * out_f * wb if trainable and not ctx.autocast else 0) + \
+                 (out_f * wb if bias and (trainable or bias_trains) else 0)
+    dequant = in_f * out_f * DTYPE_BYTES[ctx.quant_compute or base_dtype] if quantized else 0
+    rec.node(base, (xin, w16), saved=((xin,) if trainable else ()) + ((w16,) if w16 is not None and x.rg else ()),
+             param_grad=param_grad, temp=dequant)
+    if quant_cast:
+        base = cast(rec, base, x.dtype)
+    out = base
+    rg_final = x.rg or trainable or bias_trains or bool(lora_rank) or bool(ia3)
     if lora_rank:
-        # x.to(lora_A.weight.dtype) (peft _cast_input_dtype), then autocast's own cast for the matmul
-        xa = autocast_in(rec, cast(rec, x, ctx.adapter))
+        if quantized:  # lora/bnb.py: result = result.clone() ("defensively clone")
+            out = rec.new(base.numel, base.dtype, base.rg)
+            rec.use(base)
+            rec.node(out, (base,))
+        # x.to(lora_A.weight.dtype) (peft _cast_input_dtype, skipped under autocast), then autocast's cast
+        xa = autocast_in(rec, x) if ctx.autocast else cast(rec, x, ctx.adapter)
         rec.save(xa, f"{tag}.lora_input")
-        if ctx.autocast:  # autocast copies of lora_B (always needed) and lora_A (when x needs a gradient)
-            rec.save_new(out_f * lora_rank + (in_f * lora_rank if x.rg else 0), ctx.autocast,
-                         f"{tag}.lora_autocast_weights")
+        a16 = b16 = None
+        if ctx.autocast:  # autocast copies of lora_A (saved when x needs a gradient) and lora_B (always)
+            a16, b16 = rec.new(in_f * lora_rank, ctx.autocast, True), rec.new(out_f * lora_rank, ctx.autocast, True)
+            rec.node(a16, (), param_grad=in_f * lora_rank * DTYPE_BYTES[ctx.adapter])
+            rec.node(b16, (), param_grad=out_f * lora_rank * DTYPE_BYTES[ctx.adapter])
+            rec.cached += [a16, b16]
+            rec.save(b16, f"{tag}.lora_autocast_weights")
+            if x.rg:
+                rec.save(a16, f"{tag}.lora_autocast_weights")
+        else:
+            rec.save_param()
         a = rec.new(tokens_in * lora_rank, ctx.autocast or ctx.adapter, True)
+        rec.use(xa, a16)
+        ab = 0 if ctx.autocast else DTYPE_BYTES[ctx.adapter]
+        rec.node(a, (xa, a16), saved=(xa, a16 if x.rg else None), param_grad=in_f * lora_rank * ab)
         rec.save(a, f"{tag}.lora_A_out")
+        b = rec.new(tokens_in * out_f, a.dtype, True)
+        rec.use(a, b16)
+        rec.node(b, (a, b16), saved=(a, b16), param_grad=out_f * lora_rank * ab)
+        scaled = rec.new(b.numel, b.dtype, True)  # * scaling
+        rec.use(b)
+        rec.node(scaled, (b,))
         if dora:  # peft tuners/lora/dora.py DoraLinearLayer.forward: (m/||W+BA|| - 1) * base_result +
             # m/||W+BA|| * lora_B(lora_A(x)) * scaling: the muls save the base result (compute dtype),
             # the LoRA result, and the vectors ||W+BA|| (detached), m/||.|| and m/||.|| - 1
@@ -177,70 +305,156 @@ def linear(rec: Recorder, x: T, in_f: int, out_f: int, trainable: bool, tag: str
                 # traced (peft 0.21, transformers Conv1D): with fp32 base weights the W + s*BA of the
                 # weight norm is saved, one weight-sized fp32 tensor per DoRA layer
                 rec.save_new(in_f * out_f, ctx.adapter, f"{tag}.dora_weight")
-        out = rec.new(tokens_in * out_f, out.dtype, True)
+        total = add(rec, out, scaled, _promote(out.dtype, scaled.dtype) if not ctx.autocast else out.dtype)
+        out = cast(rec, total, out.dtype) if not ctx.autocast else total  # result.to(torch_result_dtype)
     if ia3 == "out":  # IA3 on keys/values: base_layer(x) * scaling, the mul saves both
         rec.save(out, f"{tag}.ia3_out")
-        rec.save_new(out_f, ctx.adapter, f"{tag}.ia3_scaling")
-        out = rec.new(out.numel, out.dtype, True)
+        scaling = rec.save_new(out_f, ctx.adapter, f"{tag}.ia3_scaling")
+        scaled = rec.new(out.numel, out.dtype, True)
+        rec.use(out, scaling)
+        rec.node(scaled, (out,), saved=(out, scaling), param_grad=out_f * DTYPE_BYTES[ctx.adapter])
+        out = scaled
+    if out.rg != rg_final:
+        out.rg = rg_final
     return out
 
 
 def rms_norm(rec: Recorder, x: T, weight_trainable: bool, tag: str) -> T:
-    """LlamaRMSNorm.forward: x.to(fp32); pow(2).mean; rsqrt; x * rsqrt; weight * _.to(input dtype).
-    pow and the product save the fp32 input and the rsqrt; weight * y saves y when the weight trains."""
+    """LlamaRMSNorm.forward: x.to(fp32); variance = pow(2).mean; x * rsqrt(variance + eps); weight *
+    _.to(input dtype). pow and the product save the fp32 input and the rsqrt; weight * y saves y when the
+    weight trains. The variance stays referenced until the norm returns."""
     hidden = x.numel // rec.ctx.tokens if rec.ctx.tokens else x.numel
+    rows = x.numel // hidden
+    rg = x.rg
     x32 = cast(rec, x, "float32")
-    if x.rg:
+    if rg:
         rec.save(x32, f"{tag}.input_fp32")
-        rec.save_new(x.numel // hidden, "float32", f"{tag}.rsqrt")
-    normed = rec.new(x.numel, x.dtype, x.rg)
+    sq = rec.new(x.numel, "float32", rg)  # pow(2): PowBackward computes 2 * x ** 1 * grad
+    rec.use(x32)
+    rec.node(sq, (x32,), saved=(x32,), temp=2 * x32.nbytes)
+    var = rec.new(rows, "float32", rg)  # mean(-1, keepdim=True): MeanBackward expands the gradient
+    rec.use(sq)
+    rec.node(var, (sq,))
+    shifted = rec.new(rows, "float32", rg)  # + eps
+    rec.use(var)
+    rec.node(shifted, (var,), alias=True)
+    r = rec.new(rows, "float32", rg)  # rsqrt, whose backward uses its own output
+    rec.use(shifted)
+    if rg:
+        rec.save(r, f"{tag}.rsqrt")
+    rec.node(r, (shifted,), saved=(r,))
+    normed = rec.new(x.numel, "float32", rg)  # x * rsqrt: grad_x = grad * r, grad_r = (grad * x).sum(-1)
+    rec.use(x32, r)
+    rec.node(normed, (x32, r), saved=(x32, r), temp=x32.nbytes)
+    normed = cast(rec, normed, x.dtype)
     if weight_trainable:
         rec.save(normed, f"{tag}.normalized")
-    return rec.new(x.numel, x.dtype, x.rg or weight_trainable)
+    if rg:
+        rec.save_param()
+    out = rec.new(x.numel, x.dtype, rg or weight_trainable)
+    rec.use(normed, var)
+    rec.node(out, (normed,), saved=(normed,) if weight_trainable else (),
+             param_grad=hidden * DTYPE_BYTES[rec.ctx.weight] if weight_trainable else 0)
+    return out
 
 
 def layer_norm(rec: Recorder, x: T, trainable: bool, hidden: int, tag: str) -> T:
     """nn.LayerNorm (native_layer_norm): saves the input, mean and rstd when any gradient is needed.
-    Autocast runs layer_norm in fp32."""
+    CUDA autocast runs layer_norm in fp32 (it is on the fp32 list of aten/src/ATen/autocast_mode.cpp: the
+    cast copy is saved); CPU autocast does not list it, so it runs on the input as it is (a bf16 input
+    is saved as it is, mean and rstd are fp32, the output keeps the input's dtype; traced, torch 2.13)."""
     needs = x.rg or trainable
-    xin = cast(rec, x, "float32") if rec.ctx.autocast else x
+    xin = cast(rec, x, "float32") if rec.ctx.autocast and rec.ctx.device == "cuda" else x
     if needs:
         rec.save(xin, f"{tag}.input")
-        rec.save_new(2 * (x.numel // hidden), "float32", f"{tag}.mean_rstd")
-    return rec.new(x.numel, xin.dtype, needs)
+        if x.rg:
+            rec.save_param()
+    out = rec.new(x.numel, xin.dtype, needs)
+    stats = None
+    if needs:
+        stats = rec.save_new(2 * (x.numel // hidden), "float32", f"{tag}.mean_rstd")
+    rec.use(xin, stats)
+    rec.node(out, (xin,), saved=(xin, stats), param_grad=2 * hidden * DTYPE_BYTES[rec.ctx.weight] if trainable else 0)
+    return out
 
 
 def dropout(rec: Recorder, x: T, p: float, tag: str) -> T:
     """F.dropout in training. p == 0 returns the input itself (ATen _dropout). On CUDA p > 0 runs
-    native_dropout and saves a bool mask; on CPU it saves a noise tensor of the input's dtype."""
+    native_dropout and saves a bool mask; on CPU (ATen _dropout_impl) an empty_like noise tensor of the
+    input's dtype is filled and multiplied in, and the mul saves it."""
     if p <= 0.0 or not rec.ctx.training_dropout:
         return x
+    dtype = "uint8" if rec.ctx.device == "cuda" else x.dtype
+    noise = rec.new(x.numel, dtype, False)
     if x.rg:
-        dtype = "uint8" if rec.ctx.device == "cuda" else x.dtype
-        rec.save_new(x.numel, dtype, f"{tag}.dropout_mask")
-    return rec.new(x.numel, x.dtype, x.rg)
+        rec.save(noise, f"{tag}.dropout_mask")
+    out = rec.new(x.numel, x.dtype, x.rg)
+    rec.use(x, noise)
+    rec.node(out, (x,), saved=(noise,))
+    return out
 
 
 def activation(rec: Recorder, x: T, kind: str, tag: str) -> T:
-    """The MLP activation. silu/gelu save their input; gelu_new (NewGELUActivation, a Python
-    formula) saves input, tanh output, 0.5*x and 1+tanh; quick_gelu saves input and sigmoid output;
+    """The MLP activation. silu/gelu save their input. gelu_new (NewGELUActivation, a Python formula:
+    0.5 * x * (1 + tanh(sqrt(2/pi) * (x + 0.044715 * x ** 3)))) runs op by op and saves input, tanh
+    output, 0.5*x and 1+tanh; quick_gelu (x * sigmoid(1.702 x)) saves input and sigmoid output;
     relu saves its output (derivatives.yaml: threshold_backward(grad, result, 0))."""
+    rg = x.rg
     if kind == "relu":
-        out = rec.new(x.numel, x.dtype, x.rg)
-        if x.rg:
+        out = rec.new(x.numel, x.dtype, rg)
+        if rg:
             rec.save(out, f"{tag}.output")
+        rec.use(x)
+        rec.node(out, (x,), saved=(out,))
         return out
-    if x.rg:
-        if kind == "gelu_new":
+    if kind == "gelu_new":
+        half = rec.new(x.numel, x.dtype, rg)  # 0.5 * x
+        rec.node(half, (x,))
+        if rg:
             rec.save(x, f"{tag}.input")
-            for part in ("tanh", "half_x", "one_plus_tanh"):
-                rec.save_new(x.numel, x.dtype, f"{tag}.{part}")
-        elif kind == "quick_gelu":
+        cube = rec.new(x.numel, x.dtype, rg)  # torch.pow(x, 3.0)
+        rec.node(cube, (x,), saved=(x,), temp=2 * x.nbytes)
+        scaled = rec.new(x.numel, x.dtype, rg)  # 0.044715 * _
+        rec.use(cube)
+        rec.node(scaled, (cube,))
+        inner = add(rec, x, scaled)
+        arg = rec.new(x.numel, x.dtype, rg)  # sqrt(2 / pi) * _
+        rec.use(inner)
+        rec.node(arg, (inner,))
+        th = rec.new(x.numel, x.dtype, rg)
+        rec.use(arg)
+        if rg:
+            rec.save(th, f"{tag}.tanh")
+        rec.node(th, (arg,), saved=(th,))
+        one_plus = rec.new(x.numel, x.dtype, rg)  # 1.0 + tanh
+        rec.use(th)
+        rec.node(one_plus, (th,), alias=True)
+        if rg:
+            rec.save(half, f"{tag}.half_x")
+            rec.save(one_plus, f"{tag}.one_plus_tanh")
+        out = rec.new(x.numel, x.dtype, rg)
+        rec.use(half, one_plus)
+        rec.node(out, (half, one_plus), saved=(half, one_plus))
+        return out
+    if kind == "quick_gelu":
+        scaled = rec.new(x.numel, x.dtype, rg)  # 1.702 * x
+        rec.node(scaled, (x,))
+        sig = rec.new(x.numel, x.dtype, rg)
+        rec.use(scaled)
+        rec.node(sig, (scaled,), saved=(sig,))
+        if rg:
             rec.save(x, f"{tag}.input")
-            rec.save_new(x.numel, x.dtype, f"{tag}.sigmoid")
-        else:
-            rec.save(x, f"{tag}.input")
-    return rec.new(x.numel, x.dtype, x.rg)
+            rec.save(sig, f"{tag}.sigmoid")
+        out = rec.new(x.numel, x.dtype, rg)
+        rec.use(x, sig)
+        rec.node(out, (x, sig), saved=(x, sig))
+        return out
+    if rg:
+        rec.save(x, f"{tag}.input")
+    out = rec.new(x.numel, x.dtype, rg)
+    rec.use(x)
+    rec.node(out, (x,), saved=(x,))
+    return out
 
 
 def mul(rec: Recorder, a: T, b: T, tag: str) -> T:
@@ -249,7 +463,28 @@ def mul(rec: Recorder, a: T, b: T, tag: str) -> T:
         rec.save(a, f"{tag}.a")
     if a.rg:
         rec.save(b, f"{tag}.b")
-    return rec.new(max(a.numel, b.numel), a.dtype, a.rg or b.rg)
+    out = rec.new(max(a.numel, b.numel), a.dtype, a.rg or b.rg)
+    rec.use(a, b)
+    rec.node(out, (a, b), saved=((a,) if b.rg else ()) + ((b,) if a.rg else ()))
+    return out
+
+
+def rope(rec: Recorder, x: T) -> T:
+    """apply_rotary_pos_emb (modeling_llama.py): x * cos + rotate_half(x) * sin, op by op (mul, neg of
+    one half, cat, mul, add). The muls save cos and sin (shared by every layer, counted before the
+    blocks), nothing of x. The output takes the dtype of cos/sin (the hidden states') when wider."""
+    dtype = _promote(x.dtype, rec.ctx.weight)
+    by_cos = rec.new(x.numel, dtype, x.rg)
+    neg = rec.new(x.numel // 2, x.dtype, x.rg)
+    rotated = rec.new(x.numel, x.dtype, x.rg)  # cat
+    rec.use(neg)
+    by_sin = rec.new(x.numel, dtype, x.rg)
+    rec.use(rotated)
+    out = rec.new(x.numel, dtype, x.rg)
+    rec.use(by_cos, by_sin)
+    # RoPE's backward (mul, neg, slice_backward twice, add, accumulate) holds two more of its size
+    rec.node(out, (x,), temp=2 * out.nbytes)
+    return out
 
 
 # Families whose eager attention runs softmax in fp32 (modeling_llama.py eager_attention_forward and
@@ -273,71 +508,162 @@ def attention(rec: Recorder, spec: ModelSpec, q: T, k: T, v: T, p_drop: float, t
     b, s, kv = ctx.batch, ctx.seq, ctx.kv_seq
     heads = spec.num_heads
     explicit_mask = kv != s and not cross
+    cpu_math = p_drop > 0 and ctx.device == "cpu" and ctx.training_dropout
     if explicit_mask:
         # prefix tuning: the cache update concatenates the trainable past keys/values, and peft passes
         # an attention mask, so transformers (sdpa_attention_forward: use_gqa_in_sdpa is False with a
         # mask) repeats keys/values to every head (repeat_kv) and SDPA saves the float mask it builds
         width = spec.q_dim if spec.num_kv_heads != spec.num_heads else spec.kv_dim
-        k = rec.new(b * kv * width, k.dtype, True)
-        v = rec.new(b * kv * width, v.dtype, True)
-        cpu_math = p_drop > 0 and ctx.device == "cpu" and ctx.training_dropout
+        k2 = rec.new(b * kv * width, k.dtype, True)
+        rec.use(k)
+        rec.node(k2, (k,))
+        v2 = rec.new(b * kv * width, v.dtype, True)
+        rec.use(v)
+        rec.node(v2, (v,))
+        k, v = k2, v2
         if ctx.attention != "eager" and not cpu_math:  # eager and the math path add it to the scores
             rec.save_new(b * s * kv, q.dtype, f"{tag}.attn_mask")
     needs = q.rg or k.rg or v.rg
     out_numel = b * s * spec.q_dim
     if not needs:
-        return rec.new(out_numel, q.dtype, False)
-    if ctx.attention == "eager":
-        groups = 1 if explicit_mask else spec.num_heads // spec.num_kv_heads  # repeat_kv (once)
-        k_full = k if groups == 1 else rec.new(k.numel * groups, k.dtype, k.rg)
-        v_full = v if groups == 1 else rec.new(v.numel * groups, v.dtype, v.rg)
-        # q @ k^T saves q for k's gradient and k for q's; probs @ v saves v for the probabilities'
-        # gradient and the probabilities for v's
-        if k.rg:
-            rec.save(q, f"{tag}.q")
-        if q.rg:
-            rec.save(k_full, f"{tag}.k")
-        if spec.model_type in FP32_SOFTMAX_FAMILIES:  # softmax(..., dtype=float32).to(query.dtype)
-            softmax = rec.new(b * heads * s * kv, "float32", True)
-        else:  # softmax(attn_weights, dim=-1) in the scores' dtype
-            softmax = rec.new(b * heads * s * kv, q.dtype if not ctx.autocast else "float32", True)
-        rec.save(softmax, f"{tag}.softmax_out")
-        probs = softmax
-        if probs.dtype != q.dtype and not ctx.autocast:  # .to(query.dtype)
-            probs = rec.new(probs.numel, q.dtype, True)
-        probs = dropout(rec, probs, p_drop, tag)
-        probs = autocast_in(rec, probs)  # autocast's matmul casts fp32 probabilities
-        if v.rg:
-            rec.save(probs, f"{tag}.probs")
-        if q.rg or k.rg:
-            rec.save(v_full, f"{tag}.v")
-    elif p_drop > 0 and ctx.device == "cpu" and ctx.training_dropout:
-        # CPU has no fused kernel with dropout: torch's _scaled_dot_product_attention_math runs, in fp32
-        # for half types, and saves the scaled q, k^T, v, the softmax, the dropout noise and the
-        # dropped probabilities; its (batch, heads, seq, dim) output is copied by transpose().contiguous()
-        up = "float32" if (ctx.autocast or q.dtype) in ("bfloat16", "float16") else q.dtype
-        if k.rg:
-            rec.save_new(b * s * spec.q_dim, up, f"{tag}.math_q")
-        if q.rg:
-            rec.save_new(b * kv * spec.q_dim, up, f"{tag}.math_k")
-        if q.rg or k.rg:
-            rec.save_new(b * kv * spec.q_dim, up, f"{tag}.math_v")
-            rec.save_new(2 * b * heads * s * kv, up, f"{tag}.math_softmax_noise")
-        if v.rg:
-            rec.save_new(b * heads * s * kv, up, f"{tag}.math_probs")
-    else:
-        rec.save(q, f"{tag}.q")
-        rec.save(k, f"{tag}.k")
-        rec.save(v, f"{tag}.v")
-        out = rec.new(out_numel, q.dtype, True)
-        rec.save(out, f"{tag}.out")
-        rec.save_new(b * heads * s, "float32", f"{tag}.logsumexp")
-        if p_drop > 0 and ctx.device == "cpu":  # CPU flash has no dropout: the math path keeps the probs
-            rec.save_new(b * heads * s * kv, q.dtype, f"{tag}.probs")
-        # The fused kernels lay their output out as (batch, seq, heads, dim): transformers'
-        # transpose(1, 2).contiguous() is then a view, and the output projection saves that storage.
+        out = rec.new(out_numel, q.dtype, False)
+        rec.use(q, k, v)
         return out
-    return rec.new(out_numel, q.dtype, True)  # eager: transpose(1, 2).contiguous() copies
+    if ctx.attention == "eager":
+        return _eager_attention(rec, spec, q, k, v, p_drop, tag, explicit_mask)
+    if cpu_math:
+        return _math_attention(rec, spec, q, k, v, tag)
+    q, k = autocast_in(rec, q), autocast_in(rec, k)  # SDPA autocasts RoPE's wider outputs back
+    rec.save(q, f"{tag}.q")
+    rec.save(k, f"{tag}.k")
+    rec.save(v, f"{tag}.v")
+    out = rec.new(out_numel, q.dtype, True)
+    rec.save(out, f"{tag}.out")
+    lse = rec.save_new(b * heads * s, "float32", f"{tag}.logsumexp")
+    saved = (q, k, v, out, lse)
+    if p_drop > 0 and ctx.device == "cpu":  # CPU flash has no dropout: the math path keeps the probs
+        saved += (rec.save_new(b * heads * s * kv, q.dtype, f"{tag}.probs"),)
+    rec.use(q, k, v)
+    rec.node(out, (q, k, v), saved=saved)
+    # The fused kernels lay their output out as (batch, seq, heads, dim): transformers'
+    # transpose(1, 2).contiguous() is then a view, and the output projection saves that storage.
+    return out
+
+
+def _eager_attention(rec: Recorder, spec: ModelSpec, q: T, k: T, v: T, p_drop: float, tag: str,
+                     explicit_mask: bool) -> T:
+    """transformers eager_attention_forward: repeat_kv, q @ k^T * scaling (+ mask), softmax, dropout,
+    @ v, transpose(1, 2).contiguous() (a copy)."""
+    ctx = rec.ctx
+    b, s, kv = ctx.batch, ctx.seq, ctx.kv_seq
+    heads = spec.num_heads
+    groups = 1 if explicit_mask else spec.num_heads // spec.num_kv_heads  # repeat_kv (once)
+    k_full, v_full = k, v
+    if groups != 1:
+        k_full = rec.new(k.numel * groups, k.dtype, k.rg)
+        rec.node(k_full, (k,))
+        v_full = rec.new(v.numel * groups, v.dtype, v.rg)
+        rec.node(v_full, (v,))
+    # q @ k^T saves q for k's gradient and k for q's; probs @ v saves v for the probabilities'
+    # gradient and the probabilities for v's
+    if k.rg:
+        rec.save(q, f"{tag}.q")
+    if q.rg:
+        rec.save(k_full, f"{tag}.k")
+    scores = rec.new(b * heads * s * kv, ctx.autocast or q.dtype, q.rg or k.rg)
+    rec.use(q, k_full)
+    rec.node(scores, (q, k_full), saved=((q,) if k.rg else ()) + ((k_full,) if q.rg else ()))
+    if spec.model_type in FP32_SOFTMAX_FAMILIES:  # softmax(..., dtype=float32).to(query.dtype)
+        softmax = rec.new(b * heads * s * kv, "float32", True)
+    else:  # softmax(attn_weights, dim=-1) in the scores' dtype
+        softmax = rec.new(b * heads * s * kv, q.dtype if not ctx.autocast else "float32", True)
+    rec.use(scores)
+    rec.save(softmax, f"{tag}.softmax_out")
+    rec.node(softmax, (scores,), saved=(softmax,))
+    probs = softmax
+    if probs.dtype != q.dtype and not ctx.autocast:  # .to(query.dtype)
+        probs = cast(rec, probs, q.dtype)
+    probs = dropout(rec, probs, p_drop, tag)
+    probs = autocast_in(rec, probs)  # autocast's matmul casts fp32 probabilities
+    if v.rg:
+        rec.save(probs, f"{tag}.probs")
+    if q.rg or k.rg:
+        rec.save(v_full, f"{tag}.v")
+    o = rec.new(b * s * spec.q_dim, probs.dtype, True)
+    rec.use(probs, v_full)
+    rec.node(o, (probs, v_full), saved=((probs,) if v.rg else ()) + ((v_full,) if q.rg or k.rg else ()))
+    out = rec.new(b * s * spec.q_dim, q.dtype, True)  # transpose(1, 2).contiguous() copies
+    rec.use(o)
+    rec.node(out, (o,))
+    return out
+
+
+def _math_attention(rec: Recorder, spec: ModelSpec, q: T, k: T, v: T, tag: str) -> T:
+    """CPU has no fused kernel with dropout: torch's _scaled_dot_product_attention_math
+    (aten/src/ATen/native/transformers/attention.cpp) runs: q, k, v .to(float) for half types (fp32 kept
+    as they are), q * sqrt(scale) (a local, alive until it returns), k^T * sqrt(scale) (a temporary of
+    the matmul call), matmul's contiguous copies of both (saved by bmm), the scores, for causal models a
+    (seq x seq) float mask built from ones().tril() and added out of place (a dispatch mode makes the
+    tensors subclass-like; a storage tracer is one), _safe_softmax (saves its output), dropout's noise and
+    product (saved), the tuple (matmul(attn, v).to(dtype), attn.to(dtype)) evaluated right to left (the
+    attention weights' cast first, then v's contiguous copy, saved, and the output). transformers'
+    transpose(1, 2).contiguous() copies the (batch, heads, seq, dim) output."""
+    ctx = rec.ctx
+    b, s, kv = ctx.batch, ctx.seq, ctx.kv_seq
+    heads = spec.num_heads
+    up = "float32" if (ctx.autocast or q.dtype) in ("bfloat16", "float16") else q.dtype
+    q_rg_k = q.rg or k.rg
+    qa, ka, va = cast(rec, q, up), cast(rec, k, up), cast(rec, v, up)
+    query = rec.new(b * s * spec.q_dim, up, q.rg)  # query_acc * scaling_factor
+    rec.node(query, (qa,))
+    kt = rec.new(b * kv * spec.q_dim, up, k.rg)  # key.transpose(-2, -1) * scaling_factor
+    rec.node(kt, (ka,))
+    qc = rec.new(query.numel, up, q.rg)  # matmul's copies for bmm
+    rec.node(qc, (query,))
+    kc = rec.new(kt.numel, up, k.rg)
+    rec.use(kt)
+    rec.node(kc, (kt,))
+    if k.rg:
+        rec.save(qc, f"{tag}.math_q")
+    if q.rg:
+        rec.save(kc, f"{tag}.math_k")
+    scores = rec.new(b * heads * s * kv, up, q_rg_k)
+    rec.use(qc, kc, kt)
+    rec.node(scores, (qc, kc), saved=((qc,) if k.rg else ()) + ((kc,) if q.rg else ()))
+    mask = None
+    if spec.is_decoder:  # is_causal: at::ones({L, S}).tril() as a float mask, added to the scores
+        mask = rec.new(s * kv, up, False)
+        masked = rec.new(scores.numel, up, q_rg_k)
+        rec.use(scores, mask)
+        rec.node(masked, (scores,), alias=True)
+        scores = masked
+    sm = rec.new(scores.numel, up, q_rg_k)
+    rec.use(scores)
+    if q_rg_k:
+        rec.save(sm, f"{tag}.math_softmax_noise")
+    rec.node(sm, (scores,), saved=(sm,))
+    noise = rec.new(scores.numel, up, False)
+    if q_rg_k:
+        rec.save(noise, f"{tag}.math_softmax_noise")
+    dropped = rec.new(scores.numel, up, q_rg_k)
+    rec.use(sm, noise)
+    rec.node(dropped, (sm,), saved=(noise,))
+    weights = cast(rec, dropped, q.dtype) if up != q.dtype else None  # attn.to(origin_dtype), discarded
+    vc = rec.new(b * kv * spec.q_dim, up, v.rg)  # value's contiguous copy for bmm
+    rec.node(vc, (va,))
+    if v.rg:
+        rec.save(dropped, f"{tag}.math_probs")
+    if q_rg_k:
+        rec.save(vc, f"{tag}.math_v")
+    o = rec.new(b * s * spec.q_dim, up, True)
+    rec.use(dropped, vc)
+    rec.node(o, (dropped, vc), saved=((dropped,) if v.rg else ()) + ((vc,) if q_rg_k else ()))
+    o = cast(rec, o, q.dtype)
+    rec.use(query, qa, ka, va, weights, mask)  # the kernel's locals die when it returns
+    out = rec.new(b * s * spec.q_dim, q.dtype, True)  # transpose(1, 2).contiguous() copies
+    rec.use(o)
+    rec.node(out, (o,))
+    return out
 
 
 def adapter_block(rec: Recorder, x: T, hidden: int, bottleneck: int, tag: str) -> T:
@@ -345,7 +671,7 @@ def adapter_block(rec: Recorder, x: T, hidden: int, bottleneck: int, tag: str) -
     down = linear(rec, x, hidden, bottleneck, True, f"{tag}.adapter.down")
     act = activation(rec, down, "gelu", f"{tag}.adapter.act")
     up = linear(rec, act, bottleneck, hidden, True, f"{tag}.adapter.up")
-    return rec.new(x.numel, up.dtype if rec.ctx.autocast is None else x.dtype, True)
+    return add(rec, x, up, up.dtype if rec.ctx.autocast is None else x.dtype)
 
 
 # ---------------------------------------------------------------- blocks
@@ -419,78 +745,89 @@ def _maybe_adapter(rec, lt, x, role, spec, plan, tag):
 
 
 def llama_block(rec: Recorder, spec: ModelSpec, plan: Plan, lt: LayerTraining, x: T) -> T:
-    """LlamaDecoderLayer (also Mistral, Qwen2): pre-RMSNorm attention with RoPE, gated SiLU MLP."""
-    ctx = rec.ctx
-    h, tok = spec.hidden_size, ctx.tokens
+    """LlamaDecoderLayer (also Mistral, Qwen2): pre-RMSNorm attention with RoPE, gated SiLU MLP. The
+    normed input stays referenced (the layer's hidden_states) until self_attn returns, and so do the
+    attention's projections (LlamaAttention locals); the MLP's normed input until the MLP returns."""
+    h = spec.hidden_size
     quant = plan.settings.method == "qlora"
     n = rms_norm(rec, x, "input_layernorm" in lt.norm_trainable, "input_layernorm")
     q = _lin(rec, lt, n, "self_attn.q_proj", h, spec.q_dim, plan, quant)
     k = _lin(rec, lt, n, "self_attn.k_proj", h, spec.kv_dim, plan, quant)
     v = _lin(rec, lt, n, "self_attn.v_proj", h, spec.kv_dim, plan, quant)
-    q = rec.new(q.numel, q.dtype, q.rg)  # RoPE: q * cos + rotate_half(q) * sin (saves only cos/sin)
-    k = rec.new(k.numel, k.dtype, k.rg)
-    a = attention(rec, spec, q, k, v, dropout_p(spec, "attn"), "self_attn.attention")
+    q_rot, k_rot = rope(rec, q), rope(rec, k)
+    rec.use(q, k)
+    a = attention(rec, spec, q_rot, k_rot, v, dropout_p(spec, "attn"), "self_attn.attention")
     o = _lin(rec, lt, a, "self_attn.o_proj", spec.q_dim, h, plan, quant)
+    rec.use(q_rot, k_rot, v, n)
     o = _maybe_adapter(rec, lt, o, "attn_out", spec, plan, "self_attn.o_proj")
-    x2 = rec.new(tok * h, x.dtype, x.rg or o.rg)  # x + o keeps the residual stream's dtype
+    x2 = add(rec, x, o, x.dtype)  # residual + hidden_states keeps the residual stream's dtype
     n2 = rms_norm(rec, x2, "post_attention_layernorm" in lt.norm_trainable, "post_attention_layernorm")
     g = _lin(rec, lt, n2, "mlp.gate_proj", h, spec.intermediate_size, plan, quant)
-    u = _lin(rec, lt, n2, "mlp.up_proj", h, spec.intermediate_size, plan, quant)
     act = activation(rec, g, "silu", "mlp.act_fn")
+    u = _lin(rec, lt, n2, "mlp.up_proj", h, spec.intermediate_size, plan, quant)
     p = mul(rec, act, u, "mlp.act_mul")
     d = _lin(rec, lt, p, "mlp.down_proj", spec.intermediate_size, h, plan, quant)
+    rec.use(n2)
     d = _maybe_adapter(rec, lt, d, "mlp_out", spec, plan, "mlp.down_proj")
-    return rec.new(tok * h, x2.dtype, x2.rg or d.rg)
+    return add(rec, x2, d, x2.dtype)
 
 
 def gpt2_block(rec: Recorder, spec: ModelSpec, plan: Plan, lt: LayerTraining, x: T) -> T:
-    """GPT2Block: pre-LayerNorm, fused c_attn (Conv1D), gelu_new MLP, dropout on attention and residuals."""
-    ctx = rec.ctx
-    h, tok = spec.hidden_size, ctx.tokens
-    quant = plan.settings.method == "qlora"
+    """GPT2Block: pre-LayerNorm, fused c_attn (Conv1D) split into q, k, v views, gelu_new MLP, dropout
+    on attention and residuals. attn_output stays referenced until the block returns, the normed input
+    until the attention returns."""
+    h = spec.hidden_size
     n = layer_norm(rec, x, "ln_1" in lt.norm_trainable, h, "ln_1")
-    qkv = _lin(rec, lt, n, "attn.c_attn", h, 3 * h, plan, quant and False)
-    q = k = v = qkv  # views of c_attn's output: one storage
+    qkv = _lin(rec, lt, n, "attn.c_attn", h, 3 * h, plan)
+    q, k, v = split(rec, qkv, 3)
     a = attention(rec, spec, q, k, v, dropout_p(spec, "attn"), "attn.attention")
     o = _lin(rec, lt, a, "attn.c_proj", h, h, plan)
     o = dropout(rec, o, dropout_p(spec, "resid"), "attn.resid_dropout")
+    rec.use(qkv, n)
     o = _maybe_adapter(rec, lt, o, "attn_out", spec, plan, "attn.c_proj")
-    x2 = rec.new(tok * h, x.dtype, x.rg or o.rg)
+    x2 = add(rec, o, x, x.dtype)
     n2 = layer_norm(rec, x2, "ln_2" in lt.norm_trainable, h, "ln_2")
     f = _lin(rec, lt, n2, "mlp.c_fc", h, spec.intermediate_size, plan)
     act = activation(rec, f, spec.hidden_act if spec.hidden_act in ("gelu_new", "quick_gelu") else "gelu", "mlp.act")
     d = _lin(rec, lt, act, "mlp.c_proj", spec.intermediate_size, h, plan)
     d = dropout(rec, d, dropout_p(spec, "resid"), "mlp.dropout")
     d = _maybe_adapter(rec, lt, d, "mlp_out", spec, plan, "mlp.c_proj")
-    return rec.new(tok * h, x2.dtype, x2.rg or d.rg)
+    out = add(rec, x2, d, x2.dtype)
+    rec.use(n2, o)
+    return out
 
 
 def bert_block(rec: Recorder, spec: ModelSpec, plan: Plan, lt: LayerTraining, x: T) -> T:
-    """BertLayer / RobertaLayer: post-LayerNorm; dropout after attention output and FFN output."""
+    """BertLayer / RobertaLayer: post-LayerNorm; dropout after attention output and FFN output. The
+    self-attention's output stays referenced until BertSelfOutput returns, each dropout's output until
+    its LayerNorm returns, and the intermediate output and attention_output until the layer returns."""
     ctx = rec.ctx
-    h, tok = spec.hidden_size, ctx.tokens
+    h = spec.hidden_size
     q = _lin(rec, lt, x, "attention.self.query", h, h, plan)
     k = _lin(rec, lt, x, "attention.self.key", h, h, plan)
     v = _lin(rec, lt, x, "attention.self.value", h, h, plan)
     a = attention(rec, spec, q, k, v, dropout_p(spec, "attn"), "attention.self")
+    rec.use(q, k, v)
     o = _lin(rec, lt, a, "attention.output.dense", h, h, plan)
     o = dropout(rec, o, dropout_p(spec, "resid"), "attention.output.dropout")
     o = _maybe_adapter(rec, lt, o, "attn_out", spec, plan, "attention.output.dense")
-    s1 = rec.new(tok * h, o.dtype if ctx.autocast is None else x.dtype, x.rg or o.rg)
+    s1 = add(rec, o, x, o.dtype if ctx.autocast is None else x.dtype)
     n1 = layer_norm(rec, s1, "attention.output.LayerNorm" in lt.norm_trainable, h, "attention.output.LayerNorm")
+    rec.use(o, a)
     f = _lin(rec, lt, n1, "intermediate.dense", h, spec.intermediate_size, plan)
     act = activation(rec, f, "gelu", "intermediate.act")
     d = _lin(rec, lt, act, "output.dense", spec.intermediate_size, h, plan)
     d = dropout(rec, d, dropout_p(spec, "resid"), "output.dropout")
     d = _maybe_adapter(rec, lt, d, "mlp_out", spec, plan, "output.dense")
-    s2 = rec.new(tok * h, n1.dtype, n1.rg or d.rg)
-    return layer_norm(rec, s2, "output.LayerNorm" in lt.norm_trainable, h, "output.LayerNorm")
+    s2 = add(rec, d, n1, n1.dtype)
+    out = layer_norm(rec, s2, "output.LayerNorm" in lt.norm_trainable, h, "output.LayerNorm")
+    rec.use(d, act, n1)
+    return out
 
 
 def vision_block(rec: Recorder, spec: ModelSpec, plan: Plan, lt: LayerTraining, x: T) -> T:
     """ViTLayer / CLIPEncoderLayer: pre-LayerNorm attention and MLP (gelu / quick_gelu)."""
-    ctx = rec.ctx
-    h, tok = spec.hidden_size, ctx.tokens
+    h = spec.hidden_size
     vit = spec.model_type == "vit"
     ln1, ln2 = ("layernorm_before", "layernorm_after") if vit else ("layer_norm1", "layer_norm2")
     att = "attention" if vit else "self_attn"
@@ -501,14 +838,16 @@ def vision_block(rec: Recorder, spec: ModelSpec, plan: Plan, lt: LayerTraining, 
     v = _lin(rec, lt, n, f"{att}.v_proj", h, h, plan)
     a = attention(rec, spec, q, k, v, dropout_p(spec, "attn"), att)
     o = _lin(rec, lt, a, out_name, h, h, plan)
+    rec.use(q, k, v, n)
     o = _maybe_adapter(rec, lt, o, "attn_out", spec, plan, out_name)
-    x2 = rec.new(tok * h, x.dtype, x.rg or o.rg)
+    x2 = add(rec, x, o, x.dtype)
     n2 = layer_norm(rec, x2, ln2 in lt.norm_trainable, h, ln2)
     f = _lin(rec, lt, n2, "mlp.fc1", h, spec.intermediate_size, plan)
     act = activation(rec, f, "quick_gelu" if spec.hidden_act == "quick_gelu" else "gelu", "mlp.act")
     d = _lin(rec, lt, act, "mlp.fc2", spec.intermediate_size, h, plan)
+    rec.use(n2)
     d = _maybe_adapter(rec, lt, d, "mlp_out", spec, plan, "mlp.fc2")
-    return rec.new(tok * h, x2.dtype, x2.rg or d.rg)
+    return add(rec, x2, d, x2.dtype)
 
 
 def opt_block(rec: Recorder, spec: ModelSpec, plan: Plan, lt: LayerTraining, x: T) -> T:
@@ -571,6 +910,8 @@ class ActivationProfile:
     forward_transient: int = 0  # intermediates alive inside one block's forward that nothing saves
     forward_transient_saved: int = 0  # block activations already saved when that working set peaks
     autocast_weight_cache: int = 0  # autocast's copies of trainable matmul weights, alive to the end of forward
+    block_peaks: tuple = ()  # per layer: blocktrace.BlockPeaks (gradient checkpointing's recompute and backward)
+    model_output: int = 0  # the base model's last hidden state while the loss runs, when nothing saves it
     by_tag: tuple = ()
 
     @property
@@ -588,20 +929,44 @@ def make_ctx(spec: ModelSpec, plan: Plan, t: TrainingSettings) -> Ctx:
     elif method == "prefix":
         kv_seq = seq + plan.settings.num_virtual_tokens
     weight = t.weight_dtype
+    compute = t.compute_dtype
     if method == "qlora":
         weight = t.compute_dtype  # non-quantized weights load in the compute dtype
+        if prepare_kbit_upcasts(plan, t):
+            weight = compute = "float32"
     adapter = "float32"  # peft autocast_adapter_dtype=True keeps adapters in fp32
     return Ctx(
         batch=t.batch_size,
         seq=seq,
         kv_seq=kv_seq,
-        compute=t.compute_dtype,
+        compute=compute,
         weight=weight,
         autocast=t.autocast_dtype,
         adapter=adapter,
         device=t.device,
         attention=t.attention,
+        quant_compute=t.compute_dtype if method == "qlora" else "",
     )
+
+
+def input_embeddings_require_grad(spec: ModelSpec, t: TrainingSettings) -> bool:
+    """Whether the input embeddings' output requires grad although nothing below it trains: transformers
+    5.x PreTrainedModel._activation_checkpointing_enable (what gradient_checkpointing_enable runs) calls
+    enable_input_require_grads on models whose main_input_name is input_ids (the text models; ViT and
+    CLIP take pixel_values), a forward hook that runs ``output.requires_grad_(True)``. Then the embeddings
+    module's own ops save for backward and every block's input needs a gradient."""
+    return t.grad_checkpointing and not spec.is_vision
+
+
+def prepare_kbit_upcasts(plan: Plan, t: TrainingSettings) -> bool:
+    """peft utils/other.py prepare_model_for_kbit_training casts every fp16/bf16 parameter that is not
+    a bitsandbytes Params4bit (norms, embeddings, lm_head, biases) to fp32. With a bf16/fp16 policy that
+    makes the whole activation stream fp32: the embeddings' output is fp32, LlamaRMSNorm returns
+    weight (fp32) * x, bitsandbytes Linear4bit.forward casts its input to bnb_4bit_compute_dtype and
+    returns ``.to(inp_dtype)`` (fp32), peft's LoRA output is cast back to that fp32 result, and the
+    fp32 lm_head gives fp32 logits (ForCausalLMLoss's upcast is then a no-op). Under autocast (and
+    with fp32 weights) the parameters are fp32 already and nothing changes."""
+    return plan.settings.prepare_kbit and t.autocast_dtype is None and t.weight_dtype != "float32"
 
 
 @lru_cache(maxsize=4096)
@@ -616,7 +981,14 @@ def activation_profile(plan: Plan, t: TrainingSettings) -> ActivationProfile:
     ctx = make_ctx(spec, plan, t)
     rec = Recorder(ctx)
     h, tok = spec.hidden_size, ctx.tokens
-    input_rg = plan.embedding_trains or plan.settings.method == "prompt"
+    hooked = input_embeddings_require_grad(spec, t)
+    input_rg = plan.embedding_trains or plan.settings.method == "prompt" or hooked
+    if hooked and not plan.embedding_trains and (spec.model_type in ("gpt2", "bert", "roberta")
+                                                 or plan.settings.method == "prompt"):
+        # the hooked output of the frozen word embeddings is a leaf that requires grad: its
+        # AccumulateGrad node holds it to the end of backward, and it is not the tensor the blocks get
+        # (positions are added to it, or peft concatenates the prompt before it)
+        rec.save_new(t.batch_size * t.seq_len * h, ctx.weight, "embeddings.input_require_grads_leaf")
     # The embedding output: token embeddings (+ positions) in the weight dtype.
     x = rec.new(tok * h, ctx.weight, input_rg)
     x = _embeddings(rec, spec, plan, layout, x)
@@ -626,6 +998,7 @@ def activation_profile(plan: Plan, t: TrainingSettings) -> ActivationProfile:
         # by every layer, saved by q * cos and rotate_half(q) * sin
         rec.save_new(2 * ctx.seq * spec.head_dim, ctx.weight, "rotary.cos_sin")
     per_layer = []
+    peaks = []
     tags: dict = {}
     blocks_seen: dict = {}
     for lt in _layer_trainings(plan, layout):
@@ -634,13 +1007,15 @@ def activation_profile(plan: Plan, t: TrainingSettings) -> ActivationProfile:
         key = (lt, x.rg, x.dtype)
         if key not in blocks_seen:
             blocks_seen[key] = _simulate_block(spec, plan, lt, ctx, x.rg, x.dtype)
-        saved, block_tags, out_rg, out_dtype = blocks_seen[key]
+        saved, block_tags, out_rg, out_dtype, block_peak = blocks_seen[key]
         per_layer.append(saved)
+        peaks.append(block_peak)
         for tag, nbytes in block_tags:
             tags[tag] = tags.get(tag, 0) + nbytes
         x = rec.new(x.numel, out_dtype, out_rg)
     rec.bucket = "post"
     logits_numel, x = _head(rec, spec, plan, layout, x)
+    model_output = _unsaved_model_output(rec, x)
     by_bucket = rec.bytes_by_bucket()
     for tag, nbytes in rec.bytes_by_tag().items():
         tags[tag] = tags.get(tag, 0) + nbytes
@@ -660,17 +1035,23 @@ def activation_profile(plan: Plan, t: TrainingSettings) -> ActivationProfile:
         layer_transient=_layer_transient(spec, ctx),
         forward_transient=_forward_transient(spec, plan, ctx, per_layer),
         forward_transient_saved=_saved_before_last_light_block(per_layer),
-        autocast_weight_cache=_autocast_weight_cache(plan, ctx),
+        autocast_weight_cache=_autocast_weight_cache(plan, ctx) - rec.saved_cached_copies,
+        block_peaks=tuple(peaks),
+        model_output=model_output,
         by_tag=tuple(sorted(tags.items())),
     )
 
 
 def _simulate_block(spec: ModelSpec, plan: Plan, lt: LayerTraining, ctx: Ctx, input_rg: bool, input_dtype: str):
-    """One block's saved bytes, by tag, and its output's requires-grad and dtype."""
-    rec = Recorder(ctx, bucket=0)
+    """One block's saved bytes, by tag, its output's requires-grad and dtype, and its recompute and
+    backward peaks (peftcalc.blocktrace; the block's input is counted outside it)."""
+    rec = Recorder(ctx, bucket=0, trace=BlockTrace(inplace_accumulate=ctx.device == "cuda"))
     x = rec.new(ctx.tokens * spec.hidden_size, input_dtype, input_rg)
+    rec.trace.external.add(x.id)
     out = BLOCKS[spec.model_type](rec, spec, plan, lt, x)
-    return sum(b for _, _, b in rec.saved.values()), tuple(rec.bytes_by_tag().items()), out.rg, out.dtype
+    rec.use(*rec.cached)  # autocast's cached weight copies live until the autocast region exits
+    saved = sum(b for _, _, b in rec.saved.values())
+    return saved, tuple(rec.bytes_by_tag().items()), out.rg, out.dtype, block_peaks(rec.trace, out)
 
 
 def _stream_dtype(ctx: Ctx) -> str:
@@ -756,6 +1137,16 @@ def _head(rec: Recorder, spec: ModelSpec, plan: Plan, layout: Layout, x: T):
     return 0, x
 
 
+def _unsaved_model_output(rec: Recorder, hidden: T) -> int:
+    """The base model's output (last_hidden_state: the final norm's output, or the last block's)
+    stays alive until the loss is computed, because the ForXxx forward holds ``outputs`` (e.g.
+    LlamaForCausalLM.forward: outputs = self.model(...); logits = self.lm_head(outputs.last_hidden_state);
+    loss = self.loss_function(...)). Counted here when no op saved it (a frozen head, or autocast's
+    head saving a cast copy); a saved one is already in the saved bytes."""
+    storage = hidden.base if hidden.base is not None else hidden
+    return 0 if storage.id in rec.saved else storage.nbytes
+
+
 def _first_token_linear(rec: Recorder, x: T, batch: int, in_f: int, out_f: int, trainable: bool, tag: str) -> T:
     """A Linear on x[:, 0]: the weight's gradient needs the view, which keeps x's whole storage
     (under autocast the cast copy of the view is saved instead)."""
@@ -766,6 +1157,8 @@ def _first_token_linear(rec: Recorder, x: T, batch: int, in_f: int, out_f: int, 
             rec.save(x, f"{tag}.input")
     if rec.ctx.autocast and x.rg:
         rec.save_new(in_f * out_f, rec.ctx.autocast, f"{tag}.autocast_weight")
+        if trainable:  # the autocast cache's copy (see _autocast_weight_cache)
+            rec.saved_cached_copies += in_f * out_f * DTYPE_BYTES[rec.ctx.autocast]
     return rec.new(batch * out_f, rec.ctx.autocast or x.dtype, x.rg or trainable)
 
 
@@ -846,7 +1239,9 @@ def _forward_transient(spec: ModelSpec, plan: Plan, ctx: Ctx, per_layer: tuple) 
 def _autocast_weight_cache(plan: Plan, ctx: Ctx) -> int:
     """torch.autocast caches the lower-precision copy of every leaf weight that requires grad (the
     autocast weight cache, cleared when the autocast region exits), so the copies of all trainable
-    matmul weights are alive at the end of the forward even where checkpointing saves none of them."""
+    matmul weights are alive at the end of the forward even where checkpointing saves none of them.
+    (activation_profile subtracts the copies the head saves anyway, which are one tensor with the
+    cached ones.)"""
     if not ctx.autocast:
         return 0
     layout = build_layout(plan.spec)
@@ -941,7 +1336,7 @@ def _vision_saves(plan: Plan, t: TrainingSettings) -> tuple[int, int, bool]:
     kept = dropped = 0
     feature_rg = False
     for i, lt in enumerate(_layer_trainings(vplan, build_layout(vspec))):
-        saved, _tags, x_rg_next, x_dtype_next = _simulate_block(vspec, vplan, lt, ctx, x_rg, x_dtype)
+        saved, _tags, x_rg_next, x_dtype_next, _peaks = _simulate_block(vspec, vplan, lt, ctx, x_rg, x_dtype)
         if t.grad_checkpointing and saved:
             saved = ctx.tokens * vspec.hidden_size * DTYPE_BYTES[_stream_dtype(ctx)]
         kept += saved
@@ -1261,18 +1656,20 @@ def _blip2_profile(plan: Plan, t: TrainingSettings) -> ActivationProfile:
     if q.output_rg:  # masked_scatter saves its (b, seq, 1) bool mask for the gradients of both inputs
         rec.save_new(tok, "uint8", "masked_scatter.mask")
     x = rec.new(tok * h, ctx.weight, q.output_rg)  # inputs_embeds + embed_positions(...)
-    per_layer, tags, seen = [], dict(q.by_tag), {}
+    per_layer, peaks, tags, seen = [], [], dict(q.by_tag), {}
     for lt in _layer_trainings(plan, layout):
         key = (lt, x.rg, x.dtype)
         if key not in seen:
             seen[key] = _simulate_block(tspec, plan, lt, ctx, x.rg, x.dtype)
-        saved, block_tags, out_rg, out_dtype = seen[key]
+        saved, block_tags, out_rg, out_dtype, block_peak = seen[key]
         per_layer.append(saved)
+        peaks.append(block_peak)
         for tag, nbytes in block_tags:
             tags[tag] = tags.get(tag, 0) + nbytes
         x = rec.new(x.numel, out_dtype, out_rg)
     rec.bucket = "post"
     logits_numel, x = _head(rec, tspec, plan, layout, x)
+    model_output = _unsaved_model_output(rec, x)
     for tag, nbytes in rec.bytes_by_tag().items():
         tags[tag] = tags.get(tag, 0) + nbytes
     by_bucket = rec.bytes_by_bucket()
@@ -1303,5 +1700,7 @@ def _blip2_profile(plan: Plan, t: TrainingSettings) -> ActivationProfile:
         forward_transient_saved=transient_saved,
         # the projection's saved weight copy is the cache's own, already in `pre`
         autocast_weight_cache=_autocast_weight_cache(plan, ctx) - q.saved_weight_copies,
+        block_peaks=tuple(peaks),
+        model_output=model_output,
         by_tag=tuple(sorted(tags.items())),
     )

@@ -24,7 +24,7 @@ from peftcalc.memory import (
     reserved_bytes,
     timeline,
 )
-from peftcalc.methods import MethodSettings, Plan, make_plan, methods_for, normalize_targets
+from peftcalc.methods import MethodSettings, Plan, make_plan, methods_for, normalize_targets, prepare_kbit_default
 from peftcalc.settings import TrainingSettings, check_training
 from peftcalc.spec import ModelSpec, load_spec
 from peftcalc.storage import full_model_bytes, storage
@@ -120,6 +120,7 @@ def default_method(spec: ModelSpec) -> str:
 
 def _method_settings(method: str, **kw) -> MethodSettings:
     kw = {k: v for k, v in kw.items() if v is not None}
+    kw.setdefault("prepare_kbit", prepare_kbit_default(method))
     if "targets" in kw:
         kw["targets"] = normalize_targets(kw["targets"])
     return MethodSettings(method=method, **kw)
@@ -185,6 +186,7 @@ def estimate(
     num_virtual_tokens: int | None = None,
     trainable_layers: int | None = None,
     vision_layers: int | None = None,
+    prepare_kbit: bool | None = None,
     batch_size: int = 1,
     seq_len: int = 512,
     precision: str = "bf16",
@@ -199,13 +201,14 @@ def estimate(
     mfu: float = DEFAULT_MFU,
 ) -> Estimate:
     """Parameters, memory, GPU fit, time, cost and storage of fine-tuning `model` one way (`method`:
-    default_method when None)."""
+    default_method when None). `prepare_kbit` None takes the method's default
+    (methods.prepare_kbit_default: on for qlora)."""
     spec = load_spec(model)
     method = method or default_method(spec)
     settings = _method_settings(method, rank=rank, alpha=alpha, targets=targets, dora=dora, double_quant=double_quant,
                                 bottleneck=bottleneck, adapter_kind=adapter_kind,
                                 num_virtual_tokens=num_virtual_tokens, trainable_layers=trainable_layers,
-                                vision_layers=vision_layers)
+                                vision_layers=vision_layers, prepare_kbit=prepare_kbit)
     t = TrainingSettings(batch_size=batch_size, seq_len=seq_len, precision=precision, optimizer=optimizer,
                          grad_checkpointing=grad_checkpointing, attention=attention, device=device)
     check_training(t)

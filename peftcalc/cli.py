@@ -38,6 +38,10 @@ VIRTUAL_TOKENS = typer.Option(None, "--num-virtual-tokens", help="Prefix/prompt 
 TRAINABLE_LAYERS = typer.Option(None, "--trainable-layers", help="freeze: train the top K blocks (default a quarter).")
 VISION_LAYERS = typer.Option(None, "--unfreeze-vision-layers", help="Vision-language models: also train the top N "
                              "vision-tower layers the projector reads (default 0).")
+PREPARE_KBIT = typer.Option(None, "--prepare-kbit/--no-prepare-kbit", help="QLoRA: peft's "
+                            "prepare_model_for_kbit_training (norms, embeddings and lm_head upcast to fp32, so "
+                            "activations and logits are fp32 too); default on for qlora, as the usual QLoRA recipe "
+                            "(peft guide, TRL SFTTrainer) does.")
 BATCH = typer.Option(1, "--batch-size", "-b", help="Micro-batch size.")
 SEQ = typer.Option(512, "--seq-len", "-s", help="Sequence length in tokens (vision models use their patch count).")
 PRECISION = typer.Option("bf16", "--precision", help="fp32 | bf16 | amp-bf16 | fp16 | amp-fp16")
@@ -64,7 +68,7 @@ def estimate(
     targets: Optional[str] = TARGETS, dora: bool = DORA, double_quant: bool = DOUBLE_QUANT,
     bottleneck: Optional[int] = BOTTLENECK, adapter_kind: str = ADAPTER_KIND,
     num_virtual_tokens: Optional[int] = VIRTUAL_TOKENS, trainable_layers: Optional[int] = TRAINABLE_LAYERS,
-    vision_layers: Optional[int] = VISION_LAYERS,
+    vision_layers: Optional[int] = VISION_LAYERS, prepare_kbit: Optional[bool] = PREPARE_KBIT,
     batch_size: int = BATCH, seq_len: int = SEQ, precision: str = PRECISION, optimizer: str = OPTIMIZER,
     grad_checkpointing: bool = CKPT, attention: str = ATTENTION, device: str = DEVICE, gpu: Optional[str] = GPU_OPT,
     price: Optional[float] = PRICE, tasks: int = TASKS, dataset_tokens: int = DATASET_TOKENS, mfu: float = MFU,
@@ -78,7 +82,7 @@ def estimate(
     e = run_estimate(model, method=method, rank=rank, alpha=alpha, targets=targets, dora=dora,
                      double_quant=double_quant, bottleneck=bottleneck, adapter_kind=adapter_kind,
                      num_virtual_tokens=num_virtual_tokens, trainable_layers=trainable_layers,
-                     vision_layers=vision_layers, batch_size=batch_size,
+                     vision_layers=vision_layers, prepare_kbit=prepare_kbit, batch_size=batch_size,
                      seq_len=seq_len, precision=precision, optimizer=optimizer, grad_checkpointing=grad_checkpointing,
                      attention=attention, device=device, gpu=gpu, price=price, tasks=tasks,
                      dataset_tokens=dataset_tokens, mfu=mfu)
@@ -137,6 +141,7 @@ def measure(
     targets: Optional[str] = TARGETS, dora: bool = DORA, double_quant: bool = DOUBLE_QUANT,
     bottleneck: Optional[int] = BOTTLENECK, adapter_kind: str = ADAPTER_KIND,
     num_virtual_tokens: Optional[int] = VIRTUAL_TOKENS, trainable_layers: Optional[int] = TRAINABLE_LAYERS,
+    prepare_kbit: Optional[bool] = PREPARE_KBIT,
     batch_size: int = BATCH, seq_len: int = SEQ, precision: str = PRECISION, optimizer: str = OPTIMIZER,
     grad_checkpointing: bool = CKPT, attention: str = ATTENTION,
     device: Optional[str] = typer.Option(None, "--device", help="cuda | cpu | fake (fake: meta-device model on "
@@ -182,7 +187,8 @@ def measure(
     spec = load_spec(model)
     settings = _method_settings(method or default_method(spec), rank=rank, alpha=alpha, targets=targets, dora=dora,
                                 double_quant=double_quant, bottleneck=bottleneck, adapter_kind=adapter_kind,
-                                num_virtual_tokens=num_virtual_tokens, trainable_layers=trainable_layers)
+                                num_virtual_tokens=num_virtual_tokens, trainable_layers=trainable_layers,
+                                prepare_kbit=prepare_kbit)
     dev = device or "cuda"
     training = TrainingSettings(batch_size=batch_size, seq_len=seq_len, precision=precision, optimizer=optimizer,
                                 grad_checkpointing=grad_checkpointing, attention=attention,

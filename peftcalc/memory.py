@@ -70,6 +70,15 @@ class ModelStates:
     largest_trainable_tensor: int
 
 
+def _quantized_modules(plan: Plan) -> frozenset:
+    """Paths of the modules whose weight is NF4 (bitsandbytes Linear4bit). Their bias ends up in
+    bnb_4bit_compute_dtype whatever it was loaded or upcast to: Linear4bit.forward runs
+    ``bias.data = bias.data.to(x.dtype)`` after casting x to the compute dtype (bitsandbytes
+    nn/modules.py), so a bias prepare_model_for_kbit_training made fp32 is bf16 again after the first
+    forward."""
+    return frozenset(g.name.rsplit(".", 1)[0] for g in plan.groups if g.quantized)
+
+
 def _adafactor_state_numel(shape: tuple) -> int:
     """transformers Adafactor._init: exp_avg_sq_row of shape[:-1] and exp_avg_sq_col of
     shape[:-2] + shape[-1:] for tensors of two or more dimensions, exp_avg_sq like a vector."""
@@ -128,8 +137,11 @@ def _model_states(plan: Plan, t: TrainingSettings) -> ModelStates:
     adafactor_temp = 0  # transformers Adafactor.step, one parameter at a time: the fp32 update twice
     # (grad**2 + eps, then the factored approximation; later update and -update), plus the fp32
     # copies of a bf16/fp16 gradient and parameter
+    quantized_modules = _quantized_modules(plan)
     for g in plan.groups:
         dtype = group_dtype(plan, g.origin, ctx.weight)
+        if g.name.rsplit(".", 1)[0] in quantized_modules:  # the bias of a Linear4bit
+            dtype = t.compute_dtype
         if g.quantized:
             nbytes = nf4_bytes(g.numel, plan.settings.double_quant)
         else:
@@ -280,7 +292,7 @@ def _step_events(plan: Plan, t: TrainingSettings, act: ActivationProfile, ms: Mo
     # under checkpointing the autocast weight copies are not saved, only cached until the forward ends
     cache = act.autocast_weight_cache if ckpt else 0
     events = [
-        _event("forward", dict(base, activations=remaining + act.post, logits_loss=act.loss_forward_peak,
+        _event("forward", dict(base, activations=remaining + act.post + act.model_output, logits_loss=act.loss_forward_peak,
                                temporaries=cache)),
         _event("forward:block", dict(base, activations=act.pre + (act.forward_transient_saved if not ckpt else 0),
                                      temporaries=act.forward_transient)),
@@ -292,9 +304,11 @@ def _step_events(plan: Plan, t: TrainingSettings, act: ActivationProfile, ms: Mo
     for i in reversed(range(plan.spec.num_layers)):
         if i not in kept_per_layer and not grads.per_layer[i]:
             continue
-        recomputed = act.per_layer[i] if ckpt else 0
-        events.append(_event(f"backward:layer{i}", dict(base, activations=remaining + recomputed, gradients=arrived,
-                                                       temporaries=act.layer_transient)))
+        if ckpt:
+            events.append(_event(f"backward:layer{i}", _checkpointed_block(base, remaining, arrived, act.block_peaks[i])))
+        else:
+            events.append(_event(f"backward:layer{i}", dict(base, activations=remaining, gradients=arrived,
+                                                           temporaries=act.layer_transient)))
         arrived += grads.per_layer[i]
         remaining -= kept_per_layer.get(i, 0)
     events.append(_event("backward:end", dict(base, activations=act.pre, gradients=grads.total,
@@ -302,6 +316,19 @@ def _step_events(plan: Plan, t: TrainingSettings, act: ActivationProfile, ms: Mo
     events.append(_event("optimizer", dict(weights, inputs=inputs, gradients=grads.total,
                                            optimizer_states=ms.optimizer_states, temporaries=ms.optimizer_temporaries)))
     return events
+
+
+def _checkpointed_block(base: dict, remaining: int, arrived: int, peaks) -> dict:
+    """Live bytes at the peak of a checkpointed block's backward (torch.utils.checkpoint, non-reentrant):
+    the larger of its recompute (the block's forward re-run when backward first needs one of its saved
+    tensors, while the gradient of its output waits) and its own backward, op by op
+    (peftcalc.blocktrace). `remaining` holds the inputs the checkpoints keep, this block's included."""
+    recompute = peaks.forward + peaks.grad_out
+    if recompute >= peaks.backward:
+        return dict(base, activations=remaining, gradients=arrived, temporaries=recompute)
+    temporaries = peaks.backward - peaks.backward_saved - peaks.backward_param_grads
+    return dict(base, activations=remaining + peaks.backward_saved, gradients=arrived + peaks.backward_param_grads,
+                temporaries=temporaries)
 
 
 def _tied_embedding_accumulation(plan: Plan, t: TrainingSettings) -> int:

@@ -107,6 +107,17 @@ class MethodSettings:
     num_virtual_tokens: int = 20
     trainable_layers: int | None = None  # freeze: default the top quarter of the blocks
     vision_layers: int = 0  # VLM: unfreeze this many vision-tower layers, the top ones the projector reads
+    # QLoRA: peft.prepare_model_for_kbit_training was called on the 4-bit base (see prepare_kbit_default)
+    prepare_kbit: bool = False
+
+
+def prepare_kbit_default(method: str) -> bool:
+    """Whether `method` runs peft's prepare_model_for_kbit_training when the user does not say: on for
+    QLoRA, as the usual recipe does (peft's QLoRA guide and TRL's SFTTrainer call it on every k-bit
+    model before get_peft_model), off for everything else (it applies to quantized bases only). It
+    upcasts the non-quantized parameters (norms, embeddings, lm_head) to fp32 (peft utils/other.py);
+    its use_gradient_checkpointing is --grad-checkpointing here."""
+    return method == "qlora"
 
 
 @dataclass(frozen=True)
@@ -531,6 +542,9 @@ def check_settings(spec: ModelSpec, s: MethodSettings) -> None:
     if not spec.is_vlm and s.method in VLM_ONLY_METHODS:
         raise InputError(f"method '{s.method}' trains a vision-language model's projector, and {spec.name} "
                          f"({spec.architecture}) has none")
+    if s.prepare_kbit and s.method != "qlora":
+        raise InputError(f"--prepare-kbit applies to qlora (peft.prepare_model_for_kbit_training prepares a "
+                         f"quantized base); method '{s.method}' has none")
     if s.method == "freeze":
         k = s.trainable_layers if s.trainable_layers is not None else default_trainable_layers(spec)
         if not 1 <= k <= spec.num_layers:

@@ -136,13 +136,16 @@ def read_jsonl(paths) -> list[tuple[str, dict]]:
 
 def predict_row(spec: ModelSpec, settings: dict):
     """The current calculator's Estimate for a row's settings: device 'cuda' for cuda rows and
-    'cpu' for cpu and fake rows (what measure.run.predict asks)."""
+    'cpu' for cpu and fake rows (what measure.run.predict asks), with prepare_kbit as the row ran it."""
     from peftcalc import estimate
 
     method = dict(settings["method"])
     training = {k: v for k, v in settings["training"].items() if k != "device"}
     device = "cuda" if settings.get("device") == "cuda" else "cpu"
     name = method.pop("method")
+    # the harness records prepare_model_for_kbit_training apart from the method (qlora_prepare_kbit:
+    # true/false for qlora rows, null otherwise); the prediction mirrors what the row ran
+    method["prepare_kbit"] = bool(settings.get("qlora_prepare_kbit"))
     if isinstance(method.get("targets"), list):
         method["targets"] = tuple(method["targets"])
     return estimate(spec, method=name, **method, **training, device=device)
@@ -160,6 +163,8 @@ def variant_label(method: dict) -> str:
             bits.append("dora")
         if m == "qlora" and not method.get("double_quant", True):
             bits.append("no-dq")
+        if m == "qlora" and method.get("prepare_kbit"):
+            bits.append("prepare-kbit")
     elif m == "adapter":
         bits.append(method.get("adapter_kind", "houlsby"))
         if method.get("bottleneck"):
@@ -213,7 +218,7 @@ def flatten(file: str, row: dict, index: ConfigIndex, recompute: bool = True) ->
         "model": s.get("model"),
         "family": None,
         "method": method.get("method"),
-        "variant": variant_label(method),
+        "variant": variant_label({**method, "prepare_kbit": s.get("qlora_prepare_kbit")}),
         "settings": settings_label(training),
         "precision": training.get("precision"),
         "batch_size": training.get("batch_size"),

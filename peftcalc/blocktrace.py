@@ -1,0 +1,206 @@
+"""The memory timeline of one block, op by op: its forward (as gradient checkpointing re-runs it inside
+backward) and its backward, as torch's autograd engine runs them.
+
+The op functions of :mod:`peftcalc.activations` describe a block once. While they run they record, on a
+:class:`BlockTrace`, what each op allocates, which tensors it uses (a tensor the Python code holds no
+longer dies after its last use), what autograd saves, and one backward :class:`Node` per op that records
+a gradient function. Two walks over that record give:
+
+forward (recompute)  live bytes while the block's forward runs: the tensors allocated and not yet dead,
+    plus everything saved so far (kernels' locals are allocations too). torch.utils.checkpoint
+    (non-reentrant, ``early_stop=True``) stops the recompute when the last saved tensor is packed
+    (``_recomputation_hook.pack_hook`` raises ``_StopRecomputationError``), and autograd packs an op's
+    inputs before the op runs and its outputs after (the generated VariableType code), so the recompute
+    ends at the last save event.
+backward  the nodes in reverse order of creation (the engine's ready queue runs the node with the highest
+    sequence number first). A node allocates its inputs' gradients (and its parameters' gradients, which
+    AccumulateGrad keeps), then releases its saved tensors (``release_variables``) and the incoming
+    gradient; a gradient that arrives for a tensor that already has one is summed
+    (``InputBuffer::accumulate``: out of place under a dispatch mode, the sum allocated while both exist;
+    in place on plain CUDA tensors whose buffer has no other reference). AddBackward hands the incoming
+    gradient itself to both inputs (no allocation), unless an input has another dtype (it gets a cast copy).
+
+Bytes are symbolic (numel x dtype size) and each storage counts once, as a storage tracer and
+``max_memory_allocated`` count them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+def _storage(t):
+    """The tensor whose storage `t` uses (a view's base)."""
+    return t.base if getattr(t, "base", None) is not None else t
+
+
+@dataclass
+class Node:
+    """One backward function: it consumes the gradients of `outs` (the op's outputs), produces gradients
+    for `ins` (tensors whose gradient it computes) and `param_grad` bytes of parameter gradients, holds
+    `temp` bytes while it runs, and releases the storages in `saved` when done. `alias`: the inputs'
+    gradients are the incoming one (AddBackward)."""
+
+    outs: tuple
+    ins: tuple
+    saved: tuple = ()
+    param_grad: int = 0
+    temp: int = 0
+    alias: bool = False
+
+
+@dataclass
+class BlockTrace:
+    """What the ops of one block recorded (see the module docstring). Tensors are activations.T; ids
+    in `external` (the block's input, parameters) are alive throughout and counted elsewhere."""
+
+    events: list = field(default_factory=list)  # ("alloc", T) | ("use", T) | ("save", T | None)
+    nodes: list = field(default_factory=list)
+    external: set = field(default_factory=set)
+    # InputBuffer::accumulate sums in place when it holds the buffer's last reference and the tensor is
+    # not "subclass-like"; any active TorchDispatchMode (a storage tracer: the cpu/fake predictions)
+    # makes every tensor subclass-like (ATen isTensorSubclassLike), so there it always sums out of place
+    inplace_accumulate: bool = False
+
+    def alloc(self, t) -> None:
+        self.events.append(("alloc", t))
+
+    def use(self, *ts) -> None:
+        for t in ts:
+            if t is not None:
+                self.events.append(("use", _storage(t)))
+
+    def save(self, t) -> None:
+        """An activation (T) or a parameter (None: no bytes, but it counts for where the recompute stops)."""
+        self.events.append(("save", _storage(t) if t is not None else None))
+
+    def node(self, out, ins=(), saved=(), param_grad: int = 0, temp: int = 0, alias: bool = False) -> None:
+        """`out`: the op's output, or a tuple of them (a split)."""
+        outs = out if isinstance(out, tuple) else (out,)
+        ins = tuple(t for t in ins if t is not None and t.rg)
+        if ins or param_grad:
+            saved_ids = tuple(_storage(s).id for s in saved if s is not None)
+            self.nodes.append(Node(outs, ins, saved_ids, param_grad, temp, alias))
+
+
+@dataclass(frozen=True)
+class BlockPeaks:
+    """Peak bytes of a block, over what is live when it starts (its input and everything outside it are
+    not included). forward: the recompute's peak (the incoming gradient is not included either);
+    backward: the peak of its backward (incoming gradient included), of which `backward_param_grads`
+    are parameter gradients and `backward_saved` saved activations still held."""
+
+    forward: int
+    backward: int
+    backward_param_grads: int
+    backward_saved: int
+    grad_out: int = 0  # the incoming gradient (of the block's output), alive during the recompute
+
+
+def forward_peak(trace: BlockTrace, stop_at_last_save: bool = True) -> tuple[int, dict]:
+    """(peak live bytes, saved tensors by id at the end) of the block's forward, stopped at the last save
+    when `stop_at_last_save` (the checkpoint recompute). A tensor dies after its last use unless saved;
+    what a later op of the block still uses is alive where the recompute stops."""
+    events = trace.events
+    end = len(events)
+    if stop_at_last_save:
+        saves = [i for i, (kind, _) in enumerate(events) if kind == "save"]
+        end = saves[-1] + 1 if saves else 0
+    last_use: dict = {}
+    for i, (kind, t) in enumerate(events):
+        if kind in ("alloc", "use", "save") and t is not None:
+            last_use[t.id] = i
+    live: dict = {}  # id -> bytes, not saved
+    saved: dict = {}
+    total = peak = 0
+    for i, (kind, t) in enumerate(events[:end]):
+        if kind == "alloc":
+            nb = 0 if t.id in trace.external else t.nbytes
+            if t.id not in live and t.id not in saved:
+                live[t.id] = nb
+                total += nb
+        elif kind == "save" and t is not None and t.id in live:
+            saved[t.id] = live.pop(t.id)
+        elif kind == "save" and t is not None and t.id not in saved:  # saved, never allocated here: external
+            saved[t.id] = 0
+        peak = max(peak, total)
+        # tensors whose last use this was (and not saved) die now
+        if kind in ("alloc", "use") and last_use.get(t.id) == i and t.id in live:
+            total -= live.pop(t.id)
+    return peak, saved
+
+
+def backward_peak(trace: BlockTrace, saved: dict, grad_out) -> tuple[int, int, int]:
+    """Walk the nodes from the last one, starting with `saved` (id -> bytes) alive and the incoming
+    gradient of `grad_out` (the block's output). Returns (peak, parameter gradients in it, saved
+    activations in it)."""
+    holders: dict = {}
+    for node in trace.nodes:
+        for sid in node.saved:
+            holders[sid] = holders.get(sid, 0) + 1
+    saved = dict(saved)
+    bufs: dict = {}  # buffer id -> bytes, alive while referenced
+    refs: dict = {}  # buffer id -> references (tensors whose gradient it is, and holds)
+    grad_of: dict = {}  # tensor id -> buffer id
+    counter = [0]
+    params = 0
+    best = [0, 0, 0]
+
+    def new_buf(nbytes: int) -> int:
+        counter[0] += 1
+        bufs[counter[0]], refs[counter[0]] = nbytes, 0
+        return counter[0]
+
+    def ref(buf: int, n: int) -> None:
+        refs[buf] += n
+        if refs[buf] == 0:
+            del bufs[buf], refs[buf]
+
+    def consider(extra: int) -> None:
+        live_saved = sum(saved.values())
+        total = live_saved + sum(bufs.values()) + params + extra
+        if total > best[0]:
+            best[:] = [total, params, live_saved]
+
+    grad_of[grad_out.id] = new_buf(grad_out.nbytes)
+    ref(grad_of[grad_out.id], 1)
+    consider(0)
+    for node in reversed(trace.nodes):
+        arrived = [o for o in node.outs if o.id in grad_of]
+        if not arrived:  # no gradient reaches it: autograd never runs it
+            continue
+        incoming = grad_of[arrived[0].id]
+        outs = []
+        for t in node.ins:
+            buf = incoming if node.alias and t.dtype == arrived[0].dtype else new_buf(t.nbytes)
+            ref(buf, 1)  # held until handed to the input's buffer
+            outs.append((t, buf))
+        params += node.param_grad
+        consider(node.temp)
+        for sid in node.saved:  # release_variables
+            holders[sid] -= 1
+            if holders[sid] == 0:
+                saved.pop(sid, None)
+        for o in arrived:  # the incoming gradients are dropped
+            ref(grad_of.pop(o.id), -1)
+        for t, buf in outs:
+            old = grad_of.get(t.id)
+            if old is not None and trace.inplace_accumulate and refs[old] == 1:
+                pass  # old.add_(new): the buffer holds its last reference (the new one is dropped below)
+            elif old is not None:  # a second gradient for t: old + new, out of place
+                consider(t.nbytes)
+                total = new_buf(t.nbytes)
+                ref(total, 1)
+                grad_of[t.id] = total
+                ref(old, -1)
+            else:
+                grad_of[t.id] = buf
+                ref(buf, 1)
+            ref(buf, -1)
+    return best[0], best[1], best[2]
+
+
+def block_peaks(trace: BlockTrace, out) -> BlockPeaks:
+    """The block's recompute and backward peaks (see BlockPeaks), `out` being its output."""
+    fwd, saved = forward_peak(trace)
+    return BlockPeaks(fwd, *backward_peak(trace, saved, out), out.nbytes)
