@@ -130,7 +130,7 @@ def autocast_in(rec: Recorder, x: T) -> T:
 
 def linear(rec: Recorder, x: T, in_f: int, out_f: int, trainable: bool, tag: str,
            lora_rank: int = 0, dora: bool = False, ia3: str = "", quantized: bool = False,
-           conv1d: bool = False, bias: bool = False, bias_trains: bool = False) -> T:
+           bias: bool = False, bias_trains: bool = False) -> T:
     """nn.Linear / Conv1D (addmm): saves the input when the weight trains (grad_W = grad^T x) and the
     weight when the input needs a gradient. Under autocast the weight is cast to the autocast dtype,
     and that copy is what is saved. peft LoRA (tuners/lora/layer.py Linear.forward) adds
@@ -161,16 +161,13 @@ def linear(rec: Recorder, x: T, in_f: int, out_f: int, trainable: bool, tag: str
         rec.save(a, f"{tag}.lora_A_out")
         if dora:  # peft tuners/lora/dora.py DoraLinearLayer.forward: (m/||W+BA|| - 1) * base_result +
             # m/||W+BA|| * lora_B(lora_A(x)) * scaling: the muls save the base result (compute dtype),
-            # the LoRA result, and the vectors ||W+BA|| (detached), m/||.|| and m/||.|| - 1
+            # the LoRA result, and the vectors ||W+BA|| (detached, saved by m/||.||) and m/||.||;
+            # m/||.|| - 1 only when the base result needs a gradient (x does: the base weight is frozen)
             # (base_result - bias when the layer has one: under autocast that promotes to fp32)
             base_dtype = ctx.weight if (bias and ctx.autocast) else (ctx.autocast or ctx.compute)
             rec.save_new(tokens_in * out_f, base_dtype, f"{tag}.dora_base_out")
             rec.save_new(tokens_in * out_f, ctx.autocast or ctx.adapter, f"{tag}.dora_lora_out")
-            rec.save_new(3 * out_f, ctx.adapter, f"{tag}.dora_scale")
-            if conv1d and ctx.weight == ctx.adapter:
-                # traced (peft 0.21, transformers Conv1D): with fp32 base weights the W + s*BA of the
-                # weight norm is saved, one weight-sized fp32 tensor per DoRA layer
-                rec.save_new(in_f * out_f, ctx.adapter, f"{tag}.dora_weight")
+            rec.save_new((3 if x.rg else 2) * out_f, ctx.adapter, f"{tag}.dora_scale")
         out = rec.new(tokens_in * out_f, out.dtype, True)
     if ia3 == "out":  # IA3 on keys/values: base_layer(x) * scaling, the mul saves both
         rec.save(out, f"{tag}.ia3_out")
@@ -386,7 +383,7 @@ def _lin(rec, lt: LayerTraining, x, name, in_f, out_f, plan: Plan, quantized=Fal
     ia3 = "ff" if name in lt.ia3_ff else ("out" if name in lt.ia3_out else "")
     return linear(rec, x, in_f, out_f, name in lt.trainable, name, lora_rank=s.rank if name in lt.lora else 0,
                   dora=s.dora and name in lt.lora, ia3=ia3, quantized=quantized,
-                  conv1d=plan.spec.model_type == "gpt2", bias=name in _block_biases(build_layout(plan.spec)),
+                  bias=name in _block_biases(build_layout(plan.spec)),
                   bias_trains=name in lt.bias_trainable)
 
 
@@ -888,11 +885,13 @@ def vision_plan(plan: Plan) -> Plan:
 def _vision_saves(plan: Plan, t: TrainingSettings) -> tuple[int, int, bool]:
     """(bytes kept to the end of backward, bytes freed when the vision tower's outputs are dropped,
     whether the selected hidden state needs a gradient) of a vision tower with unfrozen layers. The
-    blocks are CLIPEncoderLayers (vision_block); the layers above the feature layer run and save too
-    (their input needs a gradient); nothing reaches them from the loss, yet their saved tensors stay
-    alive through the step (traced, transformers 5.x: the tower's outputs stay referenced), so they
-    are counted as kept. Under gradient checkpointing (transformers
-    checkpoints CLIP's encoder layers as well) each layer that needs a gradient keeps its input instead."""
+    blocks are CLIPEncoderLayers (vision_block); the layers up to the feature layer keep what they
+    save to the end of backward. The layers above it run and save too (their input needs a gradient),
+    but nothing reaches them from the loss: LlavaModel.get_image_features keeps only
+    hidden_states[vision_feature_layer] of the tower's output, so their graph and saved tensors are
+    freed when the tower's output is dropped, before the language model runs (traced, transformers
+    5.x). Under gradient checkpointing (transformers checkpoints CLIP's encoder layers as well) each
+    layer that needs a gradient keeps its input instead."""
     from peftcalc.methods import vision_layers_used
 
     vplan = vision_plan(plan)
@@ -908,7 +907,10 @@ def _vision_saves(plan: Plan, t: TrainingSettings) -> tuple[int, int, bool]:
         saved, _tags, x_rg_next, x_dtype_next = _simulate_block(vspec, vplan, lt, ctx, x_rg, x_dtype)
         if t.grad_checkpointing and saved:
             saved = ctx.tokens * vspec.hidden_size * DTYPE_BYTES[_stream_dtype(ctx)]
-        kept += saved
+        if i < used:
+            kept += saved
+        else:
+            dropped += saved
         x_rg, x_dtype = x_rg_next, x_dtype_next
         if i == used - 1:
             feature_rg = x_rg
