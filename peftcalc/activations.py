@@ -519,13 +519,15 @@ class ActivationProfile:
     post: int
     checkpoint_inputs: int
     logits_bytes: int  # the model's logits in their dtype
-    loss_saved: int  # what cross-entropy saves (log_softmax output)
+    loss_saved: int  # what the loss saves (log_softmax output, causal LM's shift_labels)
+    loss_saved_backward: int  # what of it is still saved at the start-of-backward peak (log_softmax output)
     loss_backward_peak: int  # live loss buffers at the start of backward (saved + grads)
     loss_forward_peak: int  # live loss buffers while the loss is computed
     layer_transient: int  # gradient buffers alive inside one layer's backward
     forward_transient: int = 0  # intermediates alive inside one block's forward that nothing saves
     forward_transient_saved: int = 0  # block activations already saved when that working set peaks
     autocast_weight_cache: int = 0  # autocast's copies of trainable matmul weights, alive to the end of forward
+    loss_scalars: int = 0  # the loss and backward's seed, alive through the backward
     by_tag: tuple = ()
 
     @property
@@ -615,9 +617,11 @@ def activation_profile(plan: Plan, t: TrainingSettings) -> ActivationProfile:
         post=by_bucket.get("post", 0),
         checkpoint_inputs=ckpt_inputs,
         logits_bytes=logits_numel * DTYPE_BYTES[ctx.autocast or ctx.compute],
-        loss_saved=loss[0],
-        loss_backward_peak=loss[1],
-        loss_forward_peak=loss[2],
+        loss_saved=loss.saved,
+        loss_saved_backward=loss.saved_backward,
+        loss_backward_peak=loss.backward_peak,
+        loss_forward_peak=loss.forward_peak,
+        loss_scalars=loss.scalars,
         layer_transient=_layer_transient(spec, ctx),
         forward_transient=_forward_transient(spec, plan, ctx, per_layer),
         forward_transient_saved=_saved_before_last_light_block(per_layer),
@@ -738,31 +742,48 @@ def _tanh(rec: Recorder, x: T, tag: str) -> T:
     return out
 
 
-def _loss_buffers(spec: ModelSpec, ctx: Ctx, logits_numel: int) -> tuple[int, int, int]:
-    """(saved, backward-start peak, forward peak) bytes of the loss.
+@dataclass(frozen=True)
+class LossBuffers:
+    """Bytes of the loss at its two moments: the end of the forward (the logits, their fp32 copy and
+    what cross-entropy saves) and the start of backward (the saved log-softmax output and the two
+    dense gradients); the loss and backward's seed are two scalars alive through the backward."""
+
+    saved: int  # what the loss saves at the end of the forward
+    saved_backward: int  # what is still saved at the start-of-backward peak
+    backward_peak: int  # every loss buffer alive at that peak
+    forward_peak: int  # every loss buffer alive while the loss is computed
+    scalars: int  # the loss and backward's ones_like seed
+
+
+def _loss_buffers(spec: ModelSpec, ctx: Ctx, logits_numel: int) -> LossBuffers:
+    """The loss buffers (see LossBuffers).
 
     Causal LM (transformers loss_utils.ForCausalLMLoss): logits.float() (a copy unless already fp32),
-    cross_entropy = log_softmax (saves its fp32 output) + nll_loss. At the start of backward,
-    nll_loss_backward materialises a dense fp32 gradient and log_softmax_backward a second one, while
-    the saved output is still alive: 3 x 4 bytes per logit. The model's own logits in the compute
-    dtype are alive during the forward loss computation.
-    Masked LM (BertForMaskedLM: CrossEntropyLoss on the logits as they are): the same without upcast.
+    shift_labels = pad(labels)[..., 1:].contiguous() (int64), cross_entropy = log_softmax (saves its
+    fp32 output) + nll_loss (saves the log-softmax output and shift_labels). At the start of backward
+    nll_loss_backward materialises a dense fp32 gradient and releases shift_labels, then
+    log_softmax_backward a second gradient while the saved output is still alive: 3 x 4 bytes per
+    logit. The model's own logits in the compute dtype are alive during the forward loss computation.
+    Masked LM (BertForMaskedLM: CrossEntropyLoss on the logits as they are): the same without upcast
+    (the labels are the harness's input tensor). The loss and the seed torch.autograd.backward creates
+    (torch/csrc/autograd/autograd.cpp _make_grads: ones_like(loss)) are scalars in the loss dtype.
+    A bare encoder's loss (measure.run forward_loss: last_hidden_state.float().pow(2).mean()) is fp32.
     """
     if not logits_numel:
-        return 0, 0, 0
+        return LossBuffers(0, 0, 0, 0, 2 * 4)
     logit_dtype = ctx.autocast or ctx.compute
     if spec.task == "causal_lm":
         loss_dtype = "float32"
     else:
         loss_dtype = "float32" if ctx.autocast else logit_dtype  # autocast runs log_softmax in fp32
     lb = DTYPE_BYTES[loss_dtype]
-    saved = logits_numel * lb
-    if spec.task == "causal_lm":  # shift_labels = labels[..., 1:].contiguous(), saved by nll_loss
-        saved += ctx.tokens * 8
-    backward_peak = 3 * logits_numel * lb
+    log_softmax_out = logits_numel * lb
+    shift_labels = ctx.tokens * 8 if spec.task == "causal_lm" else 0
+    saved = log_softmax_out + shift_labels
     upcast_copy = logits_numel * lb if logit_dtype != loss_dtype else 0
     forward_peak = logits_numel * DTYPE_BYTES[logit_dtype] + upcast_copy + saved
-    return saved, backward_peak, forward_peak
+    return LossBuffers(saved=saved, saved_backward=log_softmax_out, backward_peak=3 * logits_numel * lb,
+                       forward_peak=forward_peak, scalars=2 * lb)
 
 
 def _forward_transient(spec: ModelSpec, plan: Plan, ctx: Ctx, per_layer: tuple) -> int:
