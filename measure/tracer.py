@@ -219,12 +219,19 @@ class StorageTracer(FakeScalars):
     @contextlib.contextmanager
     def saving(self):
         """Mark every tensor autograd saves for backward as an activation
-        (``torch.autograd.graph.saved_tensors_hooks``; the pack hook returns the tensor itself,
-        so what is kept alive is unchanged)."""
+        (``torch.autograd.graph.saved_tensors_hooks``). The pack hook returns ``t.detach()``: the
+        same storage, so what is kept alive is unchanged, but without ``t``'s ``grad_fn``. Returning
+        ``t`` itself would make a reference cycle for every tensor a node saves of its own output
+        (node -> packed tensor -> grad_fn -> node; torch/csrc/autograd/saved_variable.cpp saves an
+        output without its grad_fn for that reason only when no hooks are set). Backward breaks the
+        cycle when it releases the node's saved variables, but a node backward never runs keeps its
+        saved tensors forever: peft's DoRA weight norm on a Conv1D layer (dora.py get_weight_norm
+        of ``transpose(weight)``, an nn.Parameter that requires grad, later detached) leaked one
+        weight-sized tensor per layer and step that way."""
 
         def pack(t):
             self.mark(t, "activations")
-            return t
+            return t.detach()
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             yield

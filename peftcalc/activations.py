@@ -222,7 +222,7 @@ def _matmul_weight(rec: Recorder, x: T, in_f: int, out_f: int, trainable: bool, 
 
 def linear(rec: Recorder, x: T, in_f: int, out_f: int, trainable: bool, tag: str,
            lora_rank: int = 0, dora: bool = False, ia3: str = "", quantized: bool = False,
-           conv1d: bool = False, bias: bool = False, bias_trains: bool = False) -> T:
+           bias: bool = False, bias_trains: bool = False) -> T:
     """nn.Linear / Conv1D (addmm): saves the input when the weight trains (grad_W = grad^T x) and the
     weight when the input needs a gradient. Under autocast the weight is cast to the autocast dtype,
     and that copy is what is saved. bitsandbytes Linear4bit.forward casts the input to the compute dtype
@@ -295,16 +295,13 @@ def linear(rec: Recorder, x: T, in_f: int, out_f: int, trainable: bool, tag: str
         rec.node(scaled, (b,))
         if dora:  # peft tuners/lora/dora.py DoraLinearLayer.forward: (m/||W+BA|| - 1) * base_result +
             # m/||W+BA|| * lora_B(lora_A(x)) * scaling: the muls save the base result (compute dtype),
-            # the LoRA result, and the vectors ||W+BA|| (detached), m/||.|| and m/||.|| - 1
+            # the LoRA result, and the vectors ||W+BA|| (detached, saved by m/||.||) and m/||.||;
+            # m/||.|| - 1 only when the base result needs a gradient (x does: the base weight is frozen)
             # (base_result - bias when the layer has one: under autocast that promotes to fp32)
             base_dtype = ctx.weight if (bias and ctx.autocast) else (ctx.autocast or ctx.compute)
             rec.save_new(tokens_in * out_f, base_dtype, f"{tag}.dora_base_out")
             rec.save_new(tokens_in * out_f, ctx.autocast or ctx.adapter, f"{tag}.dora_lora_out")
-            rec.save_new(3 * out_f, ctx.adapter, f"{tag}.dora_scale")
-            if conv1d and ctx.weight == ctx.adapter:
-                # traced (peft 0.21, transformers Conv1D): with fp32 base weights the W + s*BA of the
-                # weight norm is saved, one weight-sized fp32 tensor per DoRA layer
-                rec.save_new(in_f * out_f, ctx.adapter, f"{tag}.dora_weight")
+            rec.save_new((3 if x.rg else 2) * out_f, ctx.adapter, f"{tag}.dora_scale")
         total = add(rec, out, scaled, _promote(out.dtype, scaled.dtype) if not ctx.autocast else out.dtype)
         out = cast(rec, total, out.dtype) if not ctx.autocast else total  # result.to(torch_result_dtype)
     if ia3 == "out":  # IA3 on keys/values: base_layer(x) * scaling, the mul saves both
@@ -727,7 +724,7 @@ def _lin(rec, lt: LayerTraining, x, name, in_f, out_f, plan: Plan, quantized=Fal
     ia3 = "ff" if name in lt.ia3_ff else ("out" if name in lt.ia3_out else "")
     return linear(rec, x, in_f, out_f, name in lt.trainable, name, lora_rank=s.rank if name in lt.lora else 0,
                   dora=s.dora and name in lt.lora, ia3=ia3, quantized=quantized,
-                  conv1d=plan.spec.model_type == "gpt2", bias=name in _block_biases(build_layout(plan.spec)),
+                  bias=name in _block_biases(build_layout(plan.spec)),
                   bias_trains=name in lt.bias_trainable)
 
 
@@ -903,7 +900,8 @@ class ActivationProfile:
     post: int
     checkpoint_inputs: int
     logits_bytes: int  # the model's logits in their dtype
-    loss_saved: int  # what cross-entropy saves (log_softmax output)
+    loss_saved: int  # what the loss saves (log_softmax output, causal LM's shift_labels)
+    loss_saved_backward: int  # what of it is still saved at the start-of-backward peak (log_softmax output)
     loss_backward_peak: int  # live loss buffers at the start of backward (saved + grads)
     loss_forward_peak: int  # live loss buffers while the loss is computed
     layer_transient: int  # gradient buffers alive inside one layer's backward
@@ -912,6 +910,7 @@ class ActivationProfile:
     autocast_weight_cache: int = 0  # autocast's copies of trainable matmul weights, alive to the end of forward
     block_peaks: tuple = ()  # per layer: blocktrace.BlockPeaks (gradient checkpointing's recompute and backward)
     model_output: int = 0  # the base model's last hidden state while the loss runs, when nothing saves it
+    loss_scalars: int = 0  # the loss and backward's seed, alive through the backward
     by_tag: tuple = ()
 
     @property
@@ -1029,9 +1028,11 @@ def activation_profile(plan: Plan, t: TrainingSettings) -> ActivationProfile:
         post=by_bucket.get("post", 0),
         checkpoint_inputs=ckpt_inputs,
         logits_bytes=logits_numel * DTYPE_BYTES[ctx.autocast or ctx.compute],
-        loss_saved=loss[0],
-        loss_backward_peak=loss[1],
-        loss_forward_peak=loss[2],
+        loss_saved=loss.saved,
+        loss_saved_backward=loss.saved_backward,
+        loss_backward_peak=loss.backward_peak,
+        loss_forward_peak=loss.forward_peak,
+        loss_scalars=loss.scalars,
         layer_transient=_layer_transient(spec, ctx),
         forward_transient=_forward_transient(spec, plan, ctx, per_layer),
         forward_transient_saved=_saved_before_last_light_block(per_layer),
@@ -1170,31 +1171,48 @@ def _tanh(rec: Recorder, x: T, tag: str) -> T:
     return out
 
 
-def _loss_buffers(spec: ModelSpec, ctx: Ctx, logits_numel: int) -> tuple[int, int, int]:
-    """(saved, backward-start peak, forward peak) bytes of the loss.
+@dataclass(frozen=True)
+class LossBuffers:
+    """Bytes of the loss at its two moments: the end of the forward (the logits, their fp32 copy and
+    what cross-entropy saves) and the start of backward (the saved log-softmax output and the two
+    dense gradients); the loss and backward's seed are two scalars alive through the backward."""
+
+    saved: int  # what the loss saves at the end of the forward
+    saved_backward: int  # what is still saved at the start-of-backward peak
+    backward_peak: int  # every loss buffer alive at that peak
+    forward_peak: int  # every loss buffer alive while the loss is computed
+    scalars: int  # the loss and backward's ones_like seed
+
+
+def _loss_buffers(spec: ModelSpec, ctx: Ctx, logits_numel: int) -> LossBuffers:
+    """The loss buffers (see LossBuffers).
 
     Causal LM (transformers loss_utils.ForCausalLMLoss): logits.float() (a copy unless already fp32),
-    cross_entropy = log_softmax (saves its fp32 output) + nll_loss. At the start of backward,
-    nll_loss_backward materialises a dense fp32 gradient and log_softmax_backward a second one, while
-    the saved output is still alive: 3 x 4 bytes per logit. The model's own logits in the compute
-    dtype are alive during the forward loss computation.
-    Masked LM (BertForMaskedLM: CrossEntropyLoss on the logits as they are): the same without upcast.
+    shift_labels = pad(labels)[..., 1:].contiguous() (int64), cross_entropy = log_softmax (saves its
+    fp32 output) + nll_loss (saves the log-softmax output and shift_labels). At the start of backward
+    nll_loss_backward materialises a dense fp32 gradient and releases shift_labels, then
+    log_softmax_backward a second gradient while the saved output is still alive: 3 x 4 bytes per
+    logit. The model's own logits in the compute dtype are alive during the forward loss computation.
+    Masked LM (BertForMaskedLM: CrossEntropyLoss on the logits as they are): the same without upcast
+    (the labels are the harness's input tensor). The loss and the seed torch.autograd.backward creates
+    (torch/csrc/autograd/autograd.cpp _make_grads: ones_like(loss)) are scalars in the loss dtype.
+    A bare encoder's loss (measure.run forward_loss: last_hidden_state.float().pow(2).mean()) is fp32.
     """
     if not logits_numel:
-        return 0, 0, 0
+        return LossBuffers(0, 0, 0, 0, 2 * 4)
     logit_dtype = ctx.autocast or ctx.compute
     if spec.task == "causal_lm":
         loss_dtype = "float32"
     else:
         loss_dtype = "float32" if ctx.autocast else logit_dtype  # autocast runs log_softmax in fp32
     lb = DTYPE_BYTES[loss_dtype]
-    saved = logits_numel * lb
-    if spec.task == "causal_lm":  # shift_labels = labels[..., 1:].contiguous(), saved by nll_loss
-        saved += ctx.tokens * 8
-    backward_peak = 3 * logits_numel * lb
+    log_softmax_out = logits_numel * lb
+    shift_labels = ctx.tokens * 8 if spec.task == "causal_lm" else 0
+    saved = log_softmax_out + shift_labels
     upcast_copy = logits_numel * lb if logit_dtype != loss_dtype else 0
     forward_peak = logits_numel * DTYPE_BYTES[logit_dtype] + upcast_copy + saved
-    return saved, backward_peak, forward_peak
+    return LossBuffers(saved=saved, saved_backward=log_softmax_out, backward_peak=3 * logits_numel * lb,
+                       forward_peak=forward_peak, scalars=2 * lb)
 
 
 def _forward_transient(spec: ModelSpec, plan: Plan, ctx: Ctx, per_layer: tuple) -> int:
@@ -1319,11 +1337,13 @@ def vision_plan(plan: Plan) -> Plan:
 def _vision_saves(plan: Plan, t: TrainingSettings) -> tuple[int, int, bool]:
     """(bytes kept to the end of backward, bytes freed when the vision tower's outputs are dropped,
     whether the selected hidden state needs a gradient) of a vision tower with unfrozen layers. The
-    blocks are CLIPEncoderLayers (vision_block); the layers above the feature layer run and save too
-    (their input needs a gradient); nothing reaches them from the loss, yet their saved tensors stay
-    alive through the step (traced, transformers 5.x: the tower's outputs stay referenced), so they
-    are counted as kept. Under gradient checkpointing (transformers
-    checkpoints CLIP's encoder layers as well) each layer that needs a gradient keeps its input instead."""
+    blocks are CLIPEncoderLayers (vision_block); the layers up to the feature layer keep what they
+    save to the end of backward. The layers above it run and save too (their input needs a gradient),
+    but nothing reaches them from the loss: LlavaModel.get_image_features keeps only
+    hidden_states[vision_feature_layer] of the tower's output, so their graph and saved tensors are
+    freed when the tower's output is dropped, before the language model runs (traced, transformers
+    5.x). Under gradient checkpointing (transformers checkpoints CLIP's encoder layers as well) each
+    layer that needs a gradient keeps its input instead."""
     from peftcalc.methods import vision_layers_used
 
     vplan = vision_plan(plan)
@@ -1339,7 +1359,10 @@ def _vision_saves(plan: Plan, t: TrainingSettings) -> tuple[int, int, bool]:
         saved, _tags, x_rg_next, x_dtype_next, _peaks = _simulate_block(vspec, vplan, lt, ctx, x_rg, x_dtype)
         if t.grad_checkpointing and saved:
             saved = ctx.tokens * vspec.hidden_size * DTYPE_BYTES[_stream_dtype(ctx)]
-        kept += saved
+        if i < used:
+            kept += saved
+        else:
+            dropped += saved
         x_rg, x_dtype = x_rg_next, x_dtype_next
         if i == used - 1:
             feature_rg = x_rg
@@ -1692,9 +1715,11 @@ def _blip2_profile(plan: Plan, t: TrainingSettings) -> ActivationProfile:
         post=by_bucket.get("post", 0),
         checkpoint_inputs=ckpt_inputs,
         logits_bytes=logits_numel * DTYPE_BYTES[ctx.autocast or ctx.compute],
-        loss_saved=loss[0],
-        loss_backward_peak=loss[1],
-        loss_forward_peak=loss[2] + outputs,
+        loss_saved=loss.saved,
+        loss_saved_backward=loss.saved_backward,
+        loss_backward_peak=loss.backward_peak,
+        loss_forward_peak=loss.forward_peak + outputs,
+        loss_scalars=loss.scalars,
         layer_transient=_layer_transient(tspec, ctx),
         forward_transient=transient,
         forward_transient_saved=transient_saved,

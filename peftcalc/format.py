@@ -12,6 +12,7 @@ GIB = 1024**3
 COMPONENT_LABELS = {
     "weights_frozen": "weights (frozen)",
     "weights_trainable": "weights (trainable)",
+    "buffers": "buffers",
     "gradients": "gradients",
     "optimizer_states": "optimizer states",
     "activations": "saved activations",

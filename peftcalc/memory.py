@@ -22,6 +22,7 @@ from peftcalc.settings import DTYPE_BYTES, TrainingSettings
 COMPONENTS = (
     "weights_frozen",
     "weights_trainable",
+    "buffers",
     "gradients",
     "optimizer_states",
     "activations",
@@ -48,6 +49,25 @@ def nf4_bytes(numel: int, double_quant: bool) -> int:
     if not double_quant:
         return codes + 4 * blocks + nf4_code
     return codes + blocks + 4 * ceil(blocks / 256) + 4 + nf4_code + 256 * 4
+
+
+def buffer_bytes(spec) -> int:
+    """The model's registered buffers (what ``model.buffers()`` holds besides the parameters):
+    LlamaRotaryEmbedding (also Mistral, Qwen2) registers ``inv_freq`` and ``original_inv_freq``,
+    head_dim / 2 fp32 values each, kept fp32 whatever the model's dtype (transformers 5.x
+    modeling_rope_utils computes them with ``.float()``); BertEmbeddings / RobertaEmbeddings register
+    ``position_ids`` and ``token_type_ids``, (1, max_position_embeddings) int64 each;
+    CLIPVisionEmbeddings registers ``position_ids``, (1, patches + 1) int64. GPT-2 and ViT register
+    none. A LLaVA model has its vision tower's and its language model's."""
+    if spec.is_vlm:
+        return buffer_bytes(spec.vision) + buffer_bytes(spec.text)
+    if spec.model_type in ("llama", "mistral", "qwen2"):
+        return 2 * (spec.head_dim // 2) * 4
+    if spec.model_type in ("bert", "roberta"):
+        return 2 * spec.max_positions * 8
+    if spec.model_type == "clip_vision_model":
+        return spec.vision_seq_len * 8
+    return 0
 
 
 def group_dtype(plan: Plan, origin: str, ctx_weight: str) -> str:
@@ -283,7 +303,8 @@ def _step_events(plan: Plan, t: TrainingSettings, act: ActivationProfile, ms: Mo
     Without checkpointing every block's saved tensors are alive at the start of backward and block i's
     are freed after its backward; with checkpointing (torch.utils.checkpoint, non-reentrant) only each
     block's input is kept and block i's activations exist again while it is recomputed and run backward."""
-    weights = {"weights_frozen": ms.weights_frozen, "weights_trainable": ms.weights_trainable}
+    weights = {"weights_frozen": ms.weights_frozen, "weights_trainable": ms.weights_trainable,
+               "buffers": buffer_bytes(plan.spec)}
     base = dict(weights, optimizer_states=ms.optimizer_states if with_states else 0, inputs=inputs)
     ckpt = t.grad_checkpointing
     saving = [i for i, a in enumerate(act.per_layer) if a]
@@ -291,28 +312,32 @@ def _step_events(plan: Plan, t: TrainingSettings, act: ActivationProfile, ms: Mo
     remaining = act.pre + sum(kept_per_layer.values())
     # under checkpointing the autocast weight copies are not saved, only cached until the forward ends
     cache = act.autocast_weight_cache if ckpt else 0
+    # what the loss saves (log_softmax's output, the shifted labels) is a saved activation like any other;
+    # logits_loss is the rest of the loss buffers (the logits, their fp32 copy, the gradients)
     events = [
-        _event("forward", dict(base, activations=remaining + act.post + act.model_output, logits_loss=act.loss_forward_peak,
-                               temporaries=cache)),
+        _event("forward", dict(base, activations=remaining + act.post + act.model_output + act.loss_saved,
+                               logits_loss=act.loss_forward_peak - act.loss_saved, temporaries=cache)),
         _event("forward:block", dict(base, activations=act.pre + (act.forward_transient_saved if not ckpt else 0),
                                      temporaries=act.forward_transient)),
-        _event("backward:loss", dict(base, activations=remaining + act.post, logits_loss=act.loss_backward_peak)),
-        _event("backward:head", dict(base, activations=remaining + act.post, logits_loss=act.logits_bytes,
-                                     gradients=grads.head)),
+        _event("backward:loss", dict(base, activations=remaining + act.post + act.loss_saved_backward,
+                                     logits_loss=act.loss_backward_peak - act.loss_saved_backward + act.loss_scalars)),
+        _event("backward:head", dict(base, activations=remaining + act.post,
+                                     logits_loss=act.logits_bytes + act.loss_scalars, gradients=grads.head)),
     ]
     arrived = grads.head
     for i in reversed(range(plan.spec.num_layers)):
         if i not in kept_per_layer and not grads.per_layer[i]:
             continue
         if ckpt:
-            events.append(_event(f"backward:layer{i}", _checkpointed_block(base, remaining, arrived, act.block_peaks[i])))
+            block = _checkpointed_block(base, remaining, arrived, act.block_peaks[i])
+            events.append(_event(f"backward:layer{i}", dict(block, temporaries=block["temporaries"] + act.loss_scalars)))
         else:
             events.append(_event(f"backward:layer{i}", dict(base, activations=remaining, gradients=arrived,
-                                                           temporaries=act.layer_transient)))
+                                                           temporaries=act.layer_transient + act.loss_scalars)))
         arrived += grads.per_layer[i]
         remaining -= kept_per_layer.get(i, 0)
     events.append(_event("backward:end", dict(base, activations=act.pre, gradients=grads.total,
-                                              temporaries=_tied_embedding_accumulation(plan, t))))
+                                              temporaries=_tied_embedding_accumulation(plan, t) + act.loss_scalars)))
     events.append(_event("optimizer", dict(weights, inputs=inputs, gradients=grads.total,
                                            optimizer_states=ms.optimizer_states, temporaries=ms.optimizer_temporaries)))
     return events

@@ -18,7 +18,7 @@ GIB = 1024**3
 # Stacked components: name -> the calculator's components it sums (overhead also takes what
 # reserved adds over the allocated peak).
 STACK = {
-    "weights": ("weights_frozen", "weights_trainable"),
+    "weights": ("weights_frozen", "weights_trainable", "buffers"),
     "gradients": ("gradients",),
     "optimizer": ("optimizer_states",),
     "activations": ("activations",),

@@ -27,16 +27,18 @@ MATRICES_DIR = REPO / "measure" / "matrices"
 TEST_CONFIGS_DIR = REPO / "tests" / "peftcalc" / "configs"
 
 SOURCES = ("gpu", "cpu", "fake")  # report order: GPU data is the headline
-# Predicted memory components -> the harness tracer's categories at the peak (measure/tracer.py).
-# The tracer counts tensors autograd saved as activations, which includes the fp32 logits the loss
-# keeps; the calculator lists those apart (logits_loss), so both are summed for the comparison.
+# Predicted memory components -> the harness tracer's categories at the peak (measure/tracer.py),
+# whose split is the definition: parameters are the parameters, buffers and quantization state;
+# activations everything autograd saved (the loss's log_softmax output included, which the calculator
+# counts in activations too); other the rest: the logits and loss gradients that are not saved
+# (logits_loss) and every other temporary.
 COMPONENT_MAP = {
-    "weights": (("weights_frozen", "weights_trainable"), ("parameters",)),
+    "weights": (("weights_frozen", "weights_trainable", "buffers"), ("parameters",)),
     "gradients": (("gradients",), ("gradients",)),
     "optimizer": (("optimizer_states",), ("optimizer_state",)),
-    "activations": (("activations", "logits_loss"), ("activations",)),
+    "activations": (("activations",), ("activations",)),
     "inputs": (("inputs",), ("inputs",)),
-    "other": (("temporaries",), ("other",)),
+    "other": (("logits_loss", "temporaries"), ("other",)),
 }
 ERROR_COMPONENTS = ("weights", "gradients", "optimizer", "activations", "inputs", "other")  # shares add up to the error
 

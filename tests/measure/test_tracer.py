@@ -115,6 +115,26 @@ def test_stronger_category_wins_and_top_tensors_name_the_op(mode):
     del y
 
 
+def test_saving_keeps_no_graph_alive_that_backward_never_runs(mode):
+    """A graph dropped without backward frees what it saved, as it does with no hooks at all:
+    exp saves its own output, and a pack hook returning that tensor (with its grad_fn) would tie
+    node and tensor in a cycle nothing breaks (the DoRA weight-norm leak on Conv1D layers)."""
+    tracer = StorageTracer()
+    with mode:
+        w = torch.nn.Parameter(torch.empty(8, 16))
+    with mode, tracer:
+        tracer.mark(w, "parameters")
+        with tracer.saving():
+            y = torch.exp(w * 2)  # mul saves nothing (a python scalar); exp saves its output y
+            assert tracer.breakdown(tracer.seq)["activations"] == 512
+            del y  # nothing will run backward through exp: its graph and y's storage go
+        assert tracer.live_bytes == 512
+        with tracer.saving():
+            loss = torch.exp(w).sum()
+        loss.backward()  # the saved output is still usable by backward
+        assert w.grad is not None and tuple(w.grad.shape) == (8, 16)
+
+
 def test_unknown_category_is_an_error():
     with pytest.raises(ValueError, match="unknown category"):
         StorageTracer().mark(torch.empty(1), "weights")

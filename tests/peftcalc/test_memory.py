@@ -40,6 +40,21 @@ def test_weight_bytes_equal_real_parameter_storage(model_name, precision, settin
     assert (ms.weights_frozen, ms.weights_trainable) == (frozen, trainable)
 
 
+@pytest.mark.parametrize("model_name,precision", [("llama-3.1-8b", "bf16"), ("qwen2.5-0.5b", "fp32"), ("gpt2", "bf16"),
+                                                  ("bert-base", "fp32"), ("roberta-base", "bf16"), ("vit-b-16", "fp32"),
+                                                  ("clip-vit-l-14-336-vision", "bf16"), ("llava-1.5-7b", "bf16")])
+def test_buffer_bytes_equal_real_model_buffers(model_name, precision):
+    """Rotary inv_freq pairs (fp32 in any dtype), BERT/RoBERTa position and token-type ids, CLIP position
+    ids: the bytes of the real model's buffers (built on the meta device)."""
+    from peftcalc.memory import buffer_bytes
+
+    spec = load_spec(model_name)
+    method = MethodSettings("projector" if spec.is_vlm else "full")
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[precision]
+    model = build_model(spec, method, dtype=dtype)
+    assert buffer_bytes(spec) == sum(b.numel() * b.element_size() for b in model.buffers())
+
+
 def _real_optimizer_state_bytes(model, optimizer: str) -> int:
     params = [p for p in model.parameters() if p.requires_grad]
     if optimizer == "adamw":

@@ -180,27 +180,28 @@ def test_unfreeze_vision_layers_bounds():
     ("projector", "fp32", False), ("lora", "amp-bf16", False), ("projector", "fp32", True),
 ])
 def test_unfrozen_vision_layer_peak_near_cpu_trace(method, precision, checkpointing):
-    """With a trainable vision layer the tower's blocks save their activations (vision_block) and so do
-    the layers above the feature layer, whose tensors transformers keeps referenced through the step.
-    Not exact (traced, tiny LLaVA: within 2% at batch 4; 0.1% on llava-1.5-7b without checkpointing,
-    see the next test): a few of the top layer's tensors are not modelled."""
+    """With a trainable vision layer the tower's blocks up to the feature layer save their activations
+    (vision_block); the layers above it save too, but their graph is dropped with the tower's output
+    before the language model runs. Traced, tiny LLaVA at batch 4 (this test's measure_one): projector
+    fp32 2,901,824 bytes (predicted 208 less: the model's buffers), lora amp-bf16 2,764,640 (208 less);
+    with checkpointing 2,013,056, predicted 1.5% more (checkpointing is modelled apart)."""
     from measure.run import measure_one
     from peftcalc.settings import TrainingSettings
 
     t = TrainingSettings(batch_size=4, seq_len=32, precision=precision, device="cpu", grad_checkpointing=checkpointing)
     row = measure_one(TINY, MethodSettings(method, vision_layers=1), t, device="cpu", steps=2)
     assert row["outcome"] == "ok", row["error"]
-    assert row["predicted"]["peak_bytes"] == pytest.approx(row["measured"]["peak_bytes"], rel=0.025)
+    assert row["predicted"]["peak_bytes"] == pytest.approx(row["measured"]["peak_bytes"],
+                                                           rel=0.025 if checkpointing else 1e-4)
 
 
 def test_llava_7b_unfrozen_vision_layers_peak_near_fake_trace():
     """llava-1.5-7b, stage 1 with the top 4 vision layers the projector reads unfrozen, bf16, 2 x (64 + 576)
-    tokens, fake tensors: within 0.2% (the unmodelled top-layer tensors, about 6 x 577 x 1024 x 2 bytes
-    per sample)."""
+    tokens, fake tensors: 20,533,380,192 bytes traced, predicted 31,792 more (under 0.001%)."""
     from measure.run import measure_one
     from peftcalc.settings import TrainingSettings
 
     t = TrainingSettings(batch_size=2, seq_len=64, precision="bf16", device="cpu")
     row = measure_one("llava-1.5-7b", MethodSettings("projector", vision_layers=4), t, device="fake", steps=2)
     assert row["outcome"] == "ok", row["error"]
-    assert row["predicted"]["peak_bytes"] == pytest.approx(row["measured"]["peak_bytes"], rel=2e-3)
+    assert row["predicted"]["peak_bytes"] == pytest.approx(row["measured"]["peak_bytes"], rel=1e-5)
