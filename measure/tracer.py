@@ -219,12 +219,16 @@ class StorageTracer(FakeScalars):
     @contextlib.contextmanager
     def saving(self):
         """Mark every tensor autograd saves for backward as an activation
-        (``torch.autograd.graph.saved_tensors_hooks``; the pack hook returns the tensor itself,
-        so what is kept alive is unchanged)."""
+        (``torch.autograd.graph.saved_tensors_hooks``). The pack hook returns ``t.detach()``: the same
+        storage, so what is kept alive is unchanged. Returning ``t`` itself would keep an op's saved
+        output holding its own ``grad_fn``, a reference cycle through C++ that the garbage collector
+        cannot break: a graph that never runs backward (the vision-tower layers above a LLaVA feature
+        layer, a pooler nobody reads) would then outlive its step (pytorch#189025, the saved-tensor hooks
+        docs: autograd re-attaches the grad_fn on unpack, so detaching loses nothing)."""
 
         def pack(t):
             self.mark(t, "activations")
-            return t
+            return t.detach()
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             yield

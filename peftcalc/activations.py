@@ -20,7 +20,13 @@ from functools import lru_cache
 
 from peftcalc.errors import InputError
 from peftcalc.layout import LINEAR_KINDS, Layout, build_layout
-from peftcalc.methods import Plan, resolve_bottleneck
+from peftcalc.methods import (
+    ADAPTER_ATTRIBUTE,
+    BLOCK_ADAPTER_DROPOUT,
+    Plan,
+    resolve_adapter_kind,
+    resolve_bottleneck,
+)
 from peftcalc.settings import DTYPE_BYTES, TrainingSettings
 from peftcalc.spec import COUNTS_ONLY_FAMILIES, ModelSpec
 
@@ -333,6 +339,24 @@ def adapter_block(rec: Recorder, x: T, hidden: int, bottleneck: int, tag: str) -
     return rec.new(x.numel, up.dtype if rec.ctx.autocast is None else x.dtype, True)
 
 
+# Tags of what seed 001's block adapter saves: it runs outside its encoder layer's checkpointed forward.
+BLOCK_ADAPTER_TAG = "block_adapter"
+
+
+def block_adapter(rec: Recorder, x: T, hidden: int, bottleneck: int, p_drop: float) -> T:
+    """measure.adapters.BlockAdapter (seed 001, Example 4): layer_norm(x + dropout(up_proj(dropout(gelu(
+    down_proj(x)))))). The trainable Linears save their inputs, GELU its input, each dropout its noise,
+    the trainable LayerNorm its input (the sum: fp32 under autocast, x + a bf16 tensor) with mean and rstd."""
+    tag = BLOCK_ADAPTER_TAG
+    down = linear(rec, x, hidden, bottleneck, True, f"{tag}.down_proj")
+    act = activation(rec, down, "gelu", f"{tag}.activation")
+    act = dropout(rec, act, p_drop, f"{tag}.dropout1")
+    up = linear(rec, act, bottleneck, hidden, True, f"{tag}.up_proj")
+    up = dropout(rec, up, p_drop, f"{tag}.dropout2")
+    total = rec.new(x.numel, up.dtype if rec.ctx.autocast is None else x.dtype, True)
+    return layer_norm(rec, total, True, hidden, f"{tag}.layer_norm")
+
+
 # ---------------------------------------------------------------- blocks
 
 
@@ -345,7 +369,7 @@ class LayerTraining:
     lora: frozenset
     ia3_out: frozenset
     ia3_ff: frozenset
-    adapters: frozenset  # "attn_out", "mlp_out"
+    adapters: frozenset  # "attn_out", "mlp_out"; "block": after the block (a VLM's vision tower)
     bias_trainable: frozenset = frozenset()  # modules whose bias trains (BitFit): output needs grad
 
 
@@ -375,7 +399,10 @@ def _layer_trainings(plan: Plan, layout: Layout) -> list[LayerTraining]:
         elif g.origin == "ia3":
             (s["ia3_ff"] if g.shape[0] == 1 else s["ia3_out"]).add(rel.rsplit(".", 1)[0])
         elif g.origin == "adapter":
-            s["adapters"].add(roles.get(prefix + rel.split(".adapter_bottleneck", 1)[0], ""))
+            if rel.startswith(ADAPTER_ATTRIBUTE + "."):  # seed 001's adapter on the block's output
+                s["adapters"].add("block")
+            else:
+                s["adapters"].add(roles.get(prefix + rel.split("." + ADAPTER_ATTRIBUTE, 1)[0], ""))
     return [LayerTraining(frozenset(s["trainable"]), frozenset(s["norms"]), frozenset(s["lora"]),
                           frozenset(s["ia3_out"]), frozenset(s["ia3_ff"]), frozenset(s["adapters"]),
                           frozenset(s["biases"])) for s in sets]
@@ -493,7 +520,10 @@ def vision_block(rec: Recorder, spec: ModelSpec, plan: Plan, lt: LayerTraining, 
     act = activation(rec, f, "quick_gelu" if spec.hidden_act == "quick_gelu" else "gelu", "mlp.act")
     d = _lin(rec, lt, act, "mlp.fc2", spec.intermediate_size, h, plan)
     d = _maybe_adapter(rec, lt, d, "mlp_out", spec, plan, "mlp.fc2")
-    return rec.new(tok * h, x2.dtype, x2.rg or d.rg)
+    out = rec.new(tok * h, x2.dtype, x2.rg or d.rg)
+    if "block" in lt.adapters:  # seed 001's adapter on the layer's output (a forward hook of the layer)
+        out = block_adapter(rec, out, h, resolve_bottleneck(spec, plan.settings), BLOCK_ADAPTER_DROPOUT)
+    return out
 
 
 BLOCKS = {
@@ -874,45 +904,80 @@ def vlm_text_training(spec: ModelSpec, t: TrainingSettings) -> TrainingSettings:
 @lru_cache(maxsize=1024)
 def vision_plan(plan: Plan) -> Plan:
     """A VLM plan seen from its vision tower: the CLIPVisionModel plan (`model.vision_tower.X` is `X`
-    there), with the block index of each encoder layer's parameters."""
+    there), with the block index of each encoder layer's parameters and adapters. Its settings carry the
+    adapter kind and bottleneck the VLM resolves (seed 001's block adapter and its 256 by default)."""
     from peftcalc.methods import vision_layer_of
 
     prefix = "model.vision_tower."
     groups = tuple(replace(g, name=g.name[len(prefix):], layer=vision_layer_of(g.name))
-                   for g in plan.groups if g.name.startswith(prefix) and g.origin == "base")
+                   for g in plan.groups if g.name.startswith(prefix) and g.origin in ("base", "adapter"))
     layers = [g.layer for g in groups if g.trainable and g.layer is not None]
-    return Plan(spec=plan.spec.vision, settings=plan.settings, groups=groups,
+    s = plan.settings
+    settings = replace(s, adapter_kind=resolve_adapter_kind(plan.spec, s), bottleneck=resolve_bottleneck(plan.spec, s))
+    return Plan(spec=plan.spec.vision, settings=settings, groups=groups,
                 lowest_trainable_layer=min(layers) if layers else None)
 
 
-def _vision_saves(plan: Plan, t: TrainingSettings) -> tuple[int, int, bool]:
+def _vision_saves(plan: Plan, t: TrainingSettings) -> tuple[int, int, bool, int]:
     """(bytes kept to the end of backward, bytes freed when the vision tower's outputs are dropped,
-    whether the selected hidden state needs a gradient) of a vision tower with unfrozen layers. The
-    blocks are CLIPEncoderLayers (vision_block); the layers above the feature layer run and save too
-    (their input needs a gradient); nothing reaches them from the loss, yet their saved tensors stay
-    alive through the step (traced, transformers 5.x: the tower's outputs stay referenced), so they
-    are counted as kept. Under gradient checkpointing (transformers
-    checkpoints CLIP's encoder layers as well) each layer that needs a gradient keeps its input instead."""
+    whether the selected hidden state needs a gradient, autocast weight copies among the kept bytes) of a
+    vision tower with unfrozen layers or adapters. The blocks are CLIPEncoderLayers (vision_block, with
+    their adapters); the layers above the feature layer run and save too (their input needs a gradient),
+    and so does post_layernorm on the class token of the last one (CLIPVisionTransformer: the input it
+    saves is a view of the last layer's output, which it keeps whole). Nothing reaches them from the loss:
+    their graph lives as long as the tower's output, which LlavaModel.forward holds in
+    mm_encoder_outputs until it returns, so they are dropped before the loss (traced without the
+    reference cycle a saved-tensor hook returning its tensor makes, see measure.tracer). Under gradient
+    checkpointing (transformers checkpoints CLIP's encoder layers as well) each layer whose forward saves
+    keeps its input instead (torch.utils.checkpoint non-reentrant: the inputs stay with the saved tensors'
+    frame), and seed 001's block adapter, a forward hook outside the checkpointed forward, saves as it does
+    without checkpointing (its autocast weight copies are then both saved and in autocast's cache)."""
     from peftcalc.methods import vision_layers_used
 
     vplan = vision_plan(plan)
-    if vplan.lowest_trainable_layer is None:
-        return 0, 0, False
+    input_rg = t.grad_checkpointing  # see _vision_input_grad_saves
+    if vplan.lowest_trainable_layer is None and not input_rg:
+        return 0, 0, False, 0
     vspec = vplan.spec
     ctx = make_ctx(vspec, vplan, t)
     used = vision_layers_used(plan.spec)
-    x_rg, x_dtype = False, ctx.weight  # pre_layrnorm's output (LayerNorm: fp32 under autocast)
-    kept = dropped = 0
+    x_rg, x_dtype = input_rg, ctx.weight  # pre_layrnorm's output (LayerNorm: fp32 under autocast)
+    kept = _vision_input_grad_saves(vspec, ctx) if input_rg else 0
+    dropped = cached = 0
     feature_rg = False
     for i, lt in enumerate(_layer_trainings(vplan, build_layout(vspec))):
-        saved, _tags, x_rg_next, x_dtype_next = _simulate_block(vspec, vplan, lt, ctx, x_rg, x_dtype)
+        saved, tags, x_rg_next, x_dtype_next = _simulate_block(vspec, vplan, lt, ctx, x_rg, x_dtype)
         if t.grad_checkpointing and saved:
-            saved = ctx.tokens * vspec.hidden_size * DTYPE_BYTES[_stream_dtype(ctx)]
-        kept += saved
+            hook = {tag: nbytes for tag, nbytes in tags if tag.startswith(BLOCK_ADAPTER_TAG + ".")}
+            inside = saved - sum(hook.values())
+            saved = (ctx.tokens * vspec.hidden_size * DTYPE_BYTES[_stream_dtype(ctx)] if inside else 0) \
+                + sum(hook.values())
+            cached += sum(nbytes for tag, nbytes in hook.items() if tag.endswith(".autocast_weight"))
+        if i < used:
+            kept += saved
+        else:
+            dropped += saved
         x_rg, x_dtype = x_rg_next, x_dtype_next
         if i == used - 1:
             feature_rg = x_rg
-    return kept, dropped, feature_rg
+    if x_rg:  # post_layernorm(last_hidden_state[:, 0, :]): the whole output through the view, mean and rstd
+        dropped += ctx.tokens * vspec.hidden_size * DTYPE_BYTES[x_dtype] + 2 * ctx.batch * 4
+    return kept, dropped, feature_rg, cached
+
+
+def _vision_input_grad_saves(vspec: ModelSpec, ctx: Ctx) -> int:
+    """Gradient checkpointing makes the vision tower's input need a gradient: transformers'
+    PreTrainedModel.gradient_checkpointing_enable calls enable_input_require_grads for a model whose
+    main input is input_ids (LLaVA), and that hooks the input embeddings of every PreTrainedModel inside,
+    the CLIPVisionModel's patch_embedding too (its output.requires_grad_(True): a leaf the graph holds,
+    b x patches x hidden in the conv's dtype, autocast's under autocast). CLIPVisionEmbeddings' cat with
+    the class embedding and the position add save nothing; pre_layrnorm saves its input (b x 577 x hidden,
+    fp32 under autocast: the cat promotes to the fp32 class embedding) with mean and rstd, and every
+    encoder layer saves (its checkpointed input). Its .grad, written at the end of backward, is not counted."""
+    v = vspec
+    tok = ctx.batch * v.vision_seq_len
+    conv = ctx.batch * v.num_patches * v.hidden_size * DTYPE_BYTES[ctx.autocast or ctx.weight]
+    return conv + tok * v.hidden_size * DTYPE_BYTES[ctx.weight] + 2 * tok * 4
 
 
 def _vlm_profile(plan: Plan, t: TrainingSettings) -> ActivationProfile:
@@ -931,7 +996,7 @@ def _vlm_profile(plan: Plan, t: TrainingSettings) -> ActivationProfile:
     b, itok = ctx.batch, spec.image_tokens
     hv, h = spec.vision.hidden_size, spec.hidden_size
     vseq = spec.vision.vision_seq_len
-    vision_kept, vision_dropped, feature_rg = _vision_saves(plan, t)
+    vision_kept, vision_dropped, feature_rg, vision_cached_saved = _vision_saves(plan, t)
     trains = _trains(plan, f"{PROJECTOR}.linear_1", True)
     # hidden_states[vision_feature_layer][:, 1:]: a view of the tower's (b, 577, hv) output in the
     # weight dtype (CLIP's residual stream); linear_1 saves it (under autocast, its cast copy, and the
@@ -950,6 +1015,9 @@ def _vlm_profile(plan: Plan, t: TrainingSettings) -> ActivationProfile:
     linear(rec, act, h, h, _trains(plan, f"{PROJECTOR}.linear_2", True), "projector.linear_2")
     if plan.embedding_trains:  # masked_scatter saves the image-token mask (bool, b x seq, expanded view)
         rec.save_new(ctx.tokens, "uint8", "masked_scatter.mask")
+    if t.grad_checkpointing:  # enable_input_require_grads makes embed_tokens' output a leaf that needs a
+        # gradient (see _vision_input_grad_saves): the graph holds it to the end of backward
+        rec.save_new(ctx.tokens * h, ctx.weight, "embed_tokens.output")
     extra = rec.bytes_by_bucket().get("pre", 0) + vision_kept
     tags = dict(text.by_tag)
     for tag, nbytes in rec.bytes_by_tag().items():
@@ -964,15 +1032,19 @@ def _vlm_profile(plan: Plan, t: TrainingSettings) -> ActivationProfile:
     # model block's working set and the vision tower's forward, which runs before the language model
     # saves anything (with unfrozen layers, the tower's own saved tensors are alive by its last layer)
     vision_ws = vision_forward_bytes(spec, ctx) + vision_kept + vision_dropped
-    transient, transient_saved = text.forward_transient + features, text.forward_transient_saved
+    # the saved tensors of the vision layers above the feature layer live through the language model's forward
+    transient, transient_saved = text.forward_transient + features + vision_dropped, text.forward_transient_saved
     if vision_ws > text.pre + extra + transient_saved + transient:
         transient, transient_saved = vision_ws - text.pre - extra, 0
     weight_cache = text.autocast_weight_cache
     if ctx.autocast:  # autocast caches the cast copies of trainable leaf weights: projector, vision linears
+        # and adapters (less the block adapters' copies, which are saved and counted as kept)
         vision_linears = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
+        adapter_linears = ("down", "up", "down_proj", "up_proj")
         weight_cache += DTYPE_BYTES[ctx.autocast] * sum(
             g.numel for g in vision_plan(plan).groups
-            if g.trainable and g.name.endswith(".weight") and g.name.rsplit(".", 2)[-2] in vision_linears)
+            if g.trainable and g.name.endswith(".weight") and g.name.rsplit(".", 2)[-2] in
+            (adapter_linears if g.origin == "adapter" else vision_linears)) - vision_cached_saved
         if trains:
             weight_cache += (hv * h + h * h) * DTYPE_BYTES[ctx.autocast]
     return replace(text, pre=text.pre + extra, forward_transient=transient, forward_transient_saved=transient_saved,
