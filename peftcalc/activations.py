@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 
-from peftcalc.errors import InputError
+from peftcalc.errors import InputError, MemoryNotModelled
 from peftcalc.layout import LINEAR_KINDS, Layout, build_layout
 from peftcalc.methods import (
     ADAPTER_ATTRIBUTE,
@@ -569,8 +569,8 @@ class ActivationProfile:
 def check_memory_model(spec: ModelSpec) -> None:
     """BLIP-2 has parameter counts and the qformer method, not yet a memory, FLOPs or time model."""
     if spec.model_type in COUNTS_ONLY_FAMILIES:
-        raise InputError(f"{spec.name} ({spec.architecture}): memory, time and cost are not modelled for "
-                         f"{spec.model_type} yet; parameter counts only (peftcalc.api.plan_for)")
+        raise MemoryNotModelled(f"{spec.name} ({spec.architecture}): memory, time and cost are not modelled for "
+                                f"{spec.model_type} yet; parameter counts only (peftcalc.api.plan_for)")
 
 
 def make_ctx(spec: ModelSpec, plan: Plan, t: TrainingSettings) -> Ctx:

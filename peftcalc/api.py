@@ -23,7 +23,7 @@ from peftcalc.memory import (
     reserved_bytes,
     timeline,
 )
-from peftcalc.methods import MethodSettings, Plan, make_plan, normalize_targets
+from peftcalc.methods import MethodSettings, Plan, make_plan, normalize_targets, resolve_adapter_kind
 from peftcalc.settings import TrainingSettings, check_training
 from peftcalc.spec import ModelSpec, load_spec
 from peftcalc.storage import full_model_bytes, storage
@@ -117,6 +117,11 @@ def _method_settings(method: str, **kw) -> MethodSettings:
     return MethodSettings(method=method, **kw)
 
 
+def _resolved(spec: ModelSpec, settings: MethodSettings) -> MethodSettings:
+    """The settings with the adapter kind a default means for this model (methods.resolve_adapter_kind)."""
+    return replace(settings, adapter_kind=resolve_adapter_kind(spec, settings))
+
+
 def _by_origin(plan: Plan) -> dict:
     out: dict = {}
     for g in plan.groups:
@@ -194,6 +199,7 @@ def estimate(
                                 bottleneck=bottleneck, adapter_kind=adapter_kind,
                                 num_virtual_tokens=num_virtual_tokens, trainable_layers=trainable_layers,
                                 vision_layers=vision_layers)
+    settings = _resolved(spec, settings)
     t = TrainingSettings(batch_size=batch_size, seq_len=seq_len, precision=precision, optimizer=optimizer,
                          grad_checkpointing=grad_checkpointing, attention=attention, device=device)
     check_training(t)
@@ -248,6 +254,52 @@ def estimate(
     )
 
 
+@dataclass(frozen=True)
+class Counts:
+    """What `peftcalc estimate` shows for a model whose memory is not modelled: the parameter counts,
+    by part of the model, and why the rest is missing."""
+
+    model: str
+    architecture: str
+    source: str
+    method: MethodSettings
+    params: Params
+    parts: tuple  # (part, total, trainable), in the model's order
+    not_estimated: str
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["method"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in d["method"].items()}
+        d["parts"] = [{"part": p, "total": n, "trainable": t} for p, n, t in self.parts]
+        d["memory"] = None
+        return d
+
+
+def params_by_part(plan: Plan) -> tuple:
+    """(part, total, trainable) per top-level part of the model: a parameter's first path component, or
+    its first two under a bare `model.` / `base_model.` wrapper (model.vision_tower, model.layers, ...);
+    a modules_to_save copy counts with its original."""
+    parts: dict = {}
+    for g in plan.groups:
+        bits = g.name.split("#", 1)[0].split(".")
+        key = ".".join(bits[:2]) if bits[0] in ("model", "base_model") and len(bits) > 2 else bits[0]
+        total, trainable = parts.get(key, (0, 0))
+        parts[key] = (total + g.numel, trainable + (g.numel if g.trainable else 0))
+    return tuple((k, n, t) for k, (n, t) in parts.items())
+
+
+def counts(model: str | ModelSpec | dict = DEFAULT_MODEL, *, method: str = "lora", not_estimated: str = "",
+           **method_kw) -> Counts:
+    """Parameter counts alone (the method's keyword arguments as for `estimate`), for any model the
+    counting step knows, whether or not its memory is modelled."""
+    spec = load_spec(model)
+    settings = _resolved(spec, _method_settings(method, **method_kw))
+    plan = make_plan(spec, settings)
+    return Counts(spec.name, spec.architecture, spec.source, settings,
+                  Params(plan.total, plan.trainable, plan.trainable_percent, _by_origin(plan)),
+                  params_by_part(plan), not_estimated)
+
+
 def _choose_gpu(name: str | None, fits: list) -> GPU | None:
     """The GPU asked for, else the one that fits at the lowest cost per epoch."""
     if name:
@@ -297,4 +349,4 @@ def plan_for(model, method: str = "lora", **method_kw) -> Plan:
     return make_plan(load_spec(model), _method_settings(method, **method_kw))
 
 
-__all__ = ["estimate", "sweep", "Estimate", "plan_for", "model_states"]
+__all__ = ["estimate", "sweep", "Estimate", "counts", "Counts", "plan_for", "model_states"]

@@ -24,15 +24,19 @@ FORMATS = ("table", "json", "csv", "markdown")
 MODEL_ARG = typer.Argument("llama-3.1-8b", help="Registry name (see `peftcalc models`), HF repo id of a registry "
                            "entry, or a path to a config.json (file or directory).")
 METHOD = typer.Option("lora", "--method", "-m", help="full | frozen | freeze | lora | qlora | adapter | prefix | "
-                      "prompt | bitfit | ia3")
+                      "prompt | bitfit | ia3; vision-language models (LLaVA): projector | projector-llm | lora | "
+                      "adapter (in the vision tower); BLIP-2: qformer")
 RANK = typer.Option(None, "--rank", "-r", help="LoRA rank (default 8, peft's default).")
 ALPHA = typer.Option(None, "--alpha", help="LoRA alpha (default 2 x rank; does not change memory).")
 TARGETS = typer.Option(None, "--targets", help="Comma-separated module names, or all-linear (default: peft's "
                        "default targets for the family).")
 DORA = typer.Option(False, "--dora", help="DoRA (weight-decomposed LoRA).")
 DOUBLE_QUANT = typer.Option(True, "--double-quant/--no-double-quant", help="QLoRA double quantization.")
-BOTTLENECK = typer.Option(None, "--bottleneck", help="Adapter bottleneck size (default hidden/16).")
-ADAPTER_KIND = typer.Option("houlsby", "--adapter-kind", help="houlsby (after attention and FFN) | pfeiffer (after FFN).")
+BOTTLENECK = typer.Option(None, "--bottleneck", help="Adapter bottleneck size (default hidden/16; the block "
+                          "adapter: 256, seed 001's).")
+ADAPTER_KIND = typer.Option(None, "--adapter-kind", help="houlsby (after attention and FFN) | pfeiffer (after FFN) | "
+                            "block (vision-language models: seed 001's adapter after each vision layer, "
+                            "LayerNorm(x + up(gelu(down(x))))). Default houlsby; block on a vision-language model.")
 VIRTUAL_TOKENS = typer.Option(None, "--num-virtual-tokens", help="Prefix/prompt length (default 20).")
 TRAINABLE_LAYERS = typer.Option(None, "--trainable-layers", help="freeze: train the top K blocks (default a quarter).")
 VISION_LAYERS = typer.Option(None, "--unfreeze-vision-layers", help="Vision-language models: also train the top N "
@@ -61,7 +65,7 @@ def _check_format(fmt: str) -> None:
 def estimate(
     model: str = MODEL_ARG, method: str = METHOD, rank: Optional[int] = RANK, alpha: Optional[int] = ALPHA,
     targets: Optional[str] = TARGETS, dora: bool = DORA, double_quant: bool = DOUBLE_QUANT,
-    bottleneck: Optional[int] = BOTTLENECK, adapter_kind: str = ADAPTER_KIND,
+    bottleneck: Optional[int] = BOTTLENECK, adapter_kind: Optional[str] = ADAPTER_KIND,
     num_virtual_tokens: Optional[int] = VIRTUAL_TOKENS, trainable_layers: Optional[int] = TRAINABLE_LAYERS,
     vision_layers: Optional[int] = VISION_LAYERS,
     batch_size: int = BATCH, seq_len: int = SEQ, precision: str = PRECISION, optimizer: str = OPTIMIZER,
@@ -70,17 +74,23 @@ def estimate(
     format: str = FORMAT,
 ) -> None:
     """Parameters, memory breakdown and peak phase, GPU fit, time, cost and storage."""
+    from peftcalc.api import counts
     from peftcalc.api import estimate as run_estimate
-    from peftcalc.format import render_estimate
+    from peftcalc.errors import MemoryNotModelled
+    from peftcalc.format import render_counts, render_estimate
 
     _check_format(format)
-    e = run_estimate(model, method=method, rank=rank, alpha=alpha, targets=targets, dora=dora,
-                     double_quant=double_quant, bottleneck=bottleneck, adapter_kind=adapter_kind,
-                     num_virtual_tokens=num_virtual_tokens, trainable_layers=trainable_layers,
-                     vision_layers=vision_layers, batch_size=batch_size,
-                     seq_len=seq_len, precision=precision, optimizer=optimizer, grad_checkpointing=grad_checkpointing,
-                     attention=attention, device=device, gpu=gpu, price=price, tasks=tasks,
-                     dataset_tokens=dataset_tokens, mfu=mfu)
+    method_kw = dict(rank=rank, alpha=alpha, targets=targets, dora=dora, double_quant=double_quant,
+                     bottleneck=bottleneck, adapter_kind=adapter_kind, num_virtual_tokens=num_virtual_tokens,
+                     trainable_layers=trainable_layers, vision_layers=vision_layers)
+    try:
+        e = run_estimate(model, method=method, **method_kw, batch_size=batch_size,
+                         seq_len=seq_len, precision=precision, optimizer=optimizer, grad_checkpointing=grad_checkpointing,
+                         attention=attention, device=device, gpu=gpu, price=price, tasks=tasks,
+                         dataset_tokens=dataset_tokens, mfu=mfu)
+    except MemoryNotModelled as exc:  # the counts are known: show them, and say why the rest is not
+        typer.echo(render_counts(counts(model, method=method, not_estimated=str(exc), **method_kw), format))
+        return
     typer.echo(render_estimate(e, format))
 
 
@@ -134,7 +144,7 @@ def measure(
     model: Optional[str] = typer.Argument(None, help="Model to measure (as for estimate); omit with --matrix."),
     method: str = METHOD, rank: Optional[int] = RANK, alpha: Optional[int] = ALPHA,
     targets: Optional[str] = TARGETS, dora: bool = DORA, double_quant: bool = DOUBLE_QUANT,
-    bottleneck: Optional[int] = BOTTLENECK, adapter_kind: str = ADAPTER_KIND,
+    bottleneck: Optional[int] = BOTTLENECK, adapter_kind: Optional[str] = ADAPTER_KIND,
     num_virtual_tokens: Optional[int] = VIRTUAL_TOKENS, trainable_layers: Optional[int] = TRAINABLE_LAYERS,
     batch_size: int = BATCH, seq_len: int = SEQ, precision: str = PRECISION, optimizer: str = OPTIMIZER,
     grad_checkpointing: bool = CKPT, attention: str = ATTENTION,

@@ -207,3 +207,22 @@ def render_estimate_markdown(e) -> str:
                                     "epoch h": round(g.epoch_hours, 3), "epoch $": round(g.epoch_cost_usd, 2)}
                                    for g in e.gpus]))
     return "\n".join(lines)
+
+
+def render_counts(c, fmt: str) -> str:
+    """A counts-only view (api.Counts): the parameters by part, and one line on why memory, time and
+    cost are not estimated."""
+    if fmt == "json":
+        return json.dumps(c.to_dict(), indent=2)
+    if fmt == "csv":
+        return rows_to_csv([{"model": c.model, "architecture": c.architecture, "method": method_summary(c),
+                             "params_total": c.params.total, "params_trainable": c.params.trainable,
+                             "params_percent": c.params.percent, "not_estimated": c.not_estimated}])
+    rows = [[part, f"{total:,}", f"{trainable:,}"] for part, total, trainable in c.parts]
+    rows.append(["total", f"{c.params.total:,}", f"{c.params.trainable:,} ({c.params.percent:.4f}%)"])
+    note = f"Not estimated: {c.not_estimated}"
+    if fmt == "markdown":
+        table = rows_to_markdown([{"part": r[0], "parameters": r[1], "trainable": r[2]} for r in rows])
+        return "\n".join([f"**{c.model}** ({c.architecture}), {method_summary(c)}", "", table, "", note])
+    return "\n".join([f"{c.model} ({c.architecture}) - {method_summary(c)}", "",
+                      _table(rows, ["Parameters", "total", "trainable"], "lrr"), "", note])

@@ -109,3 +109,48 @@ def test_repo_ids_outside_the_registry_get_suggestions_not_a_path_error():
     assert proc.returncode == 2
     assert proc.stderr.strip() == ("error: unknown model 'meta-llama/Meta-Llama-3.1-8B'; did you mean "
                                    "llama-3.1-8b, llama-3.1-70b, llama-3.2-3b?")
+
+
+def test_estimate_shows_the_counts_when_the_memory_model_is_refused(tmp_path, monkeypatch):
+    """Any model whose memory model refuses it (activations.check_memory_model raising MemoryNotModelled)
+    still gets its parameter counts from `peftcalc estimate`, by part, and one line on why memory, time and
+    cost are not estimated (exit 0); the Python API keeps raising. A 1-layer Llama refused for this test
+    (hidden 40, FFN 80, vocabulary 100): embed_tokens and lm_head 100 x 40 = 4,000 each; the layer's q, k,
+    v, o 4 x 40 x 40 = 6,400, gate, up, down 3 x 40 x 80 = 9,600, two norms 80; final norm 40: 24,120.
+    LoRA r=8 on q_proj and v_proj: 2 x 8 x (40 + 40) = 1,280."""
+    import peftcalc.activations as activations
+    from peftcalc.api import estimate
+    from peftcalc.errors import InputError, MemoryNotModelled
+
+    config = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 40,
+              "intermediate_size": 80, "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 2,
+              "vocab_size": 100, "max_position_embeddings": 64, "tie_word_embeddings": False}
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    original = activations.check_memory_model
+
+    def refuse(spec):
+        if spec.hidden_size == 40:
+            raise MemoryNotModelled(f"{spec.name}: no memory model for this one")
+        original(spec)
+
+    monkeypatch.setattr(activations, "check_memory_model", refuse)
+    result = runner.invoke(app, ["estimate", str(path), "--method", "lora"])
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert [line.split() for line in lines if line.startswith(("model.", "lm_head", "total"))] == [
+        ["model.embed_tokens", "4,000", "0"], ["model.layers", "17,360", "1,280"], ["model.norm", "40", "0"],
+        ["lm_head", "4,000", "0"], ["total", "25,400", "1,280", "(5.0394%)"]]
+    assert lines[-1] == f"Not estimated: {path}: no memory model for this one"
+    d = json.loads(runner.invoke(app, ["estimate", str(path), "--method", "lora", "--format", "json"]).stdout)
+    assert (d["params"]["total"], d["params"]["trainable"], d["memory"]) == (25_400, 1_280, None)
+    assert d["not_estimated"].endswith("no memory model for this one")
+    assert {p["part"]: p["trainable"] for p in d["parts"]}["model.layers"] == 1_280
+    for fmt, total in (("csv", "25400"), ("markdown", "25,400")):
+        out = runner.invoke(app, ["estimate", str(path), "--method", "lora", "--format", fmt])
+        assert out.exit_code == 0 and total in out.stdout
+    # bad input is still an error (exit 2 through cli.main), raised before the memory model is reached
+    bad = runner.invoke(app, ["estimate", str(path), "--method", "lora", "--rank", "0"])
+    assert type(bad.exception) is InputError and "--rank must be a positive integer" in str(bad.exception)
+    with pytest.raises(MemoryNotModelled):
+        estimate(str(path), method="lora")

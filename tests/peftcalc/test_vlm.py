@@ -335,3 +335,24 @@ def test_llava_7b_adapter_peak_matches_fake_trace(precision, checkpointing, meas
     assert row["measured"]["peak_bytes"] == measured
     assert row["predicted"]["peak_bytes"] == pytest.approx(measured, rel=1e-5)
     assert row["predicted"]["peak_phase"] == "backward:loss" and row["measured"]["peak_phase"] == "backward"
+
+
+def test_llava_adapter_flops_by_hand():
+    """Beyond stage 1 (projector), seed 001's adapters add, at batch 1 (577 vision tokens): 23 adapters of
+    two 1024 x 256 matmuls (f = 2 x 1024 x 256 x 577 each) forward; backward for both weights and, except the
+    lowest adapter's down_proj, both inputs (91 f); and the input-gradient backward of vision layers 1-22:
+    2 x (4 x 1024^2 + 2 x 1024 x 4096) x 577 matmul FLOPs plus 4 x 577^2 x 1024 attention FLOPs each."""
+    from peftcalc.hardware import step_flops
+    from peftcalc.settings import TrainingSettings
+
+    spec = load_spec("llava-1.5-7b")
+    t = TrainingSettings(batch_size=1, seq_len=512)
+    tokens = 512 + 576
+    adapter = step_flops(make_plan(spec, MethodSettings("adapter")), t, tokens)
+    stage1 = step_flops(make_plan(spec, MethodSettings("projector")), t, tokens)
+    f = 2 * 1024 * 256 * 577
+    layer = 2 * (4 * 1024 ** 2 + 2 * 1024 * 4096) * 577 + 4 * 577 ** 2 * 1024
+    assert layer == 15_884_357_632
+    assert adapter.forward - stage1.forward == 46 * f
+    assert adapter.backward - stage1.backward == 91 * f + 22 * layer
+    assert adapter.recompute == stage1.recompute == 0
