@@ -918,41 +918,67 @@ def vision_plan(plan: Plan) -> Plan:
                 lowest_trainable_layer=min(layers) if layers else None)
 
 
-def _vision_saves(plan: Plan, t: TrainingSettings) -> tuple[int, int, bool, int]:
-    """(bytes kept to the end of backward, bytes freed when the vision tower's outputs are dropped,
-    whether the selected hidden state needs a gradient, autocast weight copies among the kept bytes) of a
-    vision tower with unfrozen layers or adapters. The blocks are CLIPEncoderLayers (vision_block, with
-    their adapters); the layers above the feature layer run and save too (their input needs a gradient),
-    and so does post_layernorm on the class token of the last one (CLIPVisionTransformer: the input it
-    saves is a view of the last layer's output, which it keeps whole). Nothing reaches them from the loss:
-    their graph lives as long as the tower's output, which LlavaModel.forward holds in
-    mm_encoder_outputs until it returns, so they are dropped before the loss (traced without the
-    reference cycle a saved-tensor hook returning its tensor makes, see measure.tracer). Under gradient
-    checkpointing (transformers checkpoints CLIP's encoder layers as well) each layer whose forward saves
-    keeps its input instead (torch.utils.checkpoint non-reentrant: the inputs stay with the saved tensors'
-    frame), and seed 001's block adapter, a forward hook outside the checkpointed forward, saves as it does
-    without checkpointing (its autocast weight copies are then both saved and in autocast's cache)."""
+@dataclass(frozen=True)
+class VisionSaves:
+    """What a VLM's vision tower saves (see _vision_saves)."""
+
+    kept: int = 0  # bytes kept to the end of backward
+    dropped: int = 0  # bytes freed when LlavaModel.forward returns (the layers above the feature layer)
+    feature_rg: bool = False  # whether the hidden state the projector reads needs a gradient
+    cached: int = 0  # autocast weight copies among the kept bytes (also in autocast's cache)
+    forward_peak: int = 0  # the tower's live bytes at the peak of its forward (0: nothing saved, see
+    # vision_forward_bytes), the language model's token embeddings not included
+
+
+@lru_cache(maxsize=1024)
+def _vision_saves(plan: Plan, t: TrainingSettings) -> VisionSaves:
+    """What the vision tower of a VLM with unfrozen layers or adapters saves, and its forward peak. The
+    blocks are CLIPEncoderLayers (vision_block, with their adapters); the layers above the feature layer
+    run and save too (their input needs a gradient), and so does post_layernorm on the class token of the
+    last one (CLIPVisionTransformer: the input it saves is a view of the last layer's output, which it
+    keeps whole). Nothing reaches them from the loss: their graph lives as long as the tower's output,
+    which LlavaModel.forward holds in mm_encoder_outputs until it returns, so they are dropped before the
+    loss (traced without the reference cycle a saved-tensor hook returning its tensor makes, see
+    measure.tracer). Under gradient checkpointing (transformers checkpoints CLIP's encoder layers as well)
+    each layer whose forward saves keeps its input instead (torch.utils.checkpoint non-reentrant: the
+    inputs stay with the saved tensors' frame), and seed 001's block adapter, a forward hook outside the
+    checkpointed forward, saves as it does without checkpointing (its autocast weight copies are then both
+    saved and in autocast's cache).
+
+    The forward peak is in the top layer's MLP, when fc2's output is made (traced): everything the layers
+    below saved, this layer's saves up to its activation, and what its forward holds unsaved, the
+    LayerNorm's output, the activation's output and fc2's output; in a layer that saves nothing (its input
+    needs no gradient, or it is checkpointed), the working set of vision_forward_bytes. The encoder's input
+    (pre_layrnorm's output) is alive throughout; it is among the saves when checkpointing keeps it."""
     from peftcalc.methods import vision_layers_used
 
     vplan = vision_plan(plan)
     input_rg = t.grad_checkpointing  # see _vision_input_grad_saves
     if vplan.lowest_trainable_layer is None and not input_rg:
-        return 0, 0, False, 0
+        return VisionSaves()
     vspec = vplan.spec
     ctx = make_ctx(vspec, vplan, t)
     used = vision_layers_used(plan.spec)
+    tok, h, inter = ctx.tokens, vspec.hidden_size, vspec.intermediate_size
+    wb, cb = DTYPE_BYTES[ctx.weight], DTYPE_BYTES[ctx.autocast or ctx.compute]
     x_rg, x_dtype = input_rg, ctx.weight  # pre_layrnorm's output (LayerNorm: fp32 under autocast)
     kept = _vision_input_grad_saves(vspec, ctx) if input_rg else 0
-    dropped = cached = 0
+    dropped = cached = peak = 0
     feature_rg = False
     for i, lt in enumerate(_layer_trainings(vplan, build_layout(vspec))):
         saved, tags, x_rg_next, x_dtype_next = _simulate_block(vspec, vplan, lt, ctx, x_rg, x_dtype)
+        hook = {tag: nbytes for tag, nbytes in tags if tag.startswith(BLOCK_ADAPTER_TAG + ".")}
+        after_mlp = sum(nbytes for tag, nbytes in tags if tag.startswith(("mlp.fc2.adapter.", BLOCK_ADAPTER_TAG + ".")))
         if t.grad_checkpointing and saved:
-            hook = {tag: nbytes for tag, nbytes in tags if tag.startswith(BLOCK_ADAPTER_TAG + ".")}
             inside = saved - sum(hook.values())
-            saved = (ctx.tokens * vspec.hidden_size * DTYPE_BYTES[_stream_dtype(ctx)] if inside else 0) \
-                + sum(hook.values())
+            saved = (tok * h * DTYPE_BYTES[_stream_dtype(ctx)] if inside else 0) + sum(hook.values())
             cached += sum(nbytes for tag, nbytes in hook.items() if tag.endswith(".autocast_weight"))
+        before = kept + dropped
+        if saved - after_mlp and not t.grad_checkpointing:  # LayerNorm output, activation output, fc2 output
+            peak = max(peak, before + saved - after_mlp + tok * h * wb + tok * inter * cb + tok * h * cb)
+        else:  # the layer's input (unless kept as a checkpoint's or it is the encoder input), x2, working set
+            own_input = tok * h * wb if i and not (t.grad_checkpointing and saved - sum(hook.values())) else 0
+            peak = max(peak, before + saved - after_mlp + own_input + _frozen_layer_working_set(vspec, ctx))
         if i < used:
             kept += saved
         else:
@@ -961,8 +987,19 @@ def _vision_saves(plan: Plan, t: TrainingSettings) -> tuple[int, int, bool, int]
         if i == used - 1:
             feature_rg = x_rg
     if x_rg:  # post_layernorm(last_hidden_state[:, 0, :]): the whole output through the view, mean and rstd
-        dropped += ctx.tokens * vspec.hidden_size * DTYPE_BYTES[x_dtype] + 2 * ctx.batch * 4
-    return kept, dropped, feature_rg, cached
+        dropped += tok * h * DTYPE_BYTES[x_dtype] + 2 * ctx.batch * 4
+    encoder_input = 0 if t.grad_checkpointing else tok * h * wb
+    return VisionSaves(kept, dropped, feature_rg, cached, encoder_input + peak)
+
+
+def _frozen_layer_working_set(vspec: ModelSpec, ctx: Ctx) -> int:
+    """What a CLIP encoder layer that saves nothing holds at its forward's peak besides its input (the
+    per-layer part of vision_forward_bytes): the residual after attention, the MLP's LayerNorm output and
+    the activation's intermediates, or, in the attention half, the LayerNorm output, q, k, v and the output."""
+    tok, h = ctx.batch * vspec.vision_seq_len, vspec.hidden_size
+    wb, cb = DTYPE_BYTES[ctx.weight], DTYPE_BYTES[ctx.autocast or ctx.compute]
+    intermediates = 3 if vspec.hidden_act == "quick_gelu" else 2
+    return max(2 * tok * h * wb + intermediates * tok * vspec.intermediate_size * cb, tok * h * wb + 4 * tok * h * cb)
 
 
 def _vision_input_grad_saves(vspec: ModelSpec, ctx: Ctx) -> int:
@@ -996,7 +1033,8 @@ def _vlm_profile(plan: Plan, t: TrainingSettings) -> ActivationProfile:
     b, itok = ctx.batch, spec.image_tokens
     hv, h = spec.vision.hidden_size, spec.hidden_size
     vseq = spec.vision.vision_seq_len
-    vision_kept, vision_dropped, feature_rg, vision_cached_saved = _vision_saves(plan, t)
+    vs = _vision_saves(plan, t)
+    vision_kept, vision_dropped, feature_rg, vision_cached_saved = vs.kept, vs.dropped, vs.feature_rg, vs.cached
     trains = _trains(plan, f"{PROJECTOR}.linear_1", True)
     # hidden_states[vision_feature_layer][:, 1:]: a view of the tower's (b, 577, hv) output in the
     # weight dtype (CLIP's residual stream); linear_1 saves it (under autocast, its cast copy, and the
@@ -1031,7 +1069,8 @@ def _vlm_profile(plan: Plan, t: TrainingSettings) -> ActivationProfile:
     # The forward:block event (memory._step_events: pre + saved + transient) is the larger of a language
     # model block's working set and the vision tower's forward, which runs before the language model
     # saves anything (with unfrozen layers, the tower's own saved tensors are alive by its last layer)
-    vision_ws = vision_forward_bytes(spec, ctx) + vision_kept + vision_dropped
+    vision_ws = ctx.tokens * h * DTYPE_BYTES[ctx.weight] + vs.forward_peak if vs.forward_peak \
+        else vision_forward_bytes(spec, ctx)
     # the saved tensors of the vision layers above the feature layer live through the language model's forward
     transient, transient_saved = text.forward_transient + features + vision_dropped, text.forward_transient_saved
     if vision_ws > text.pre + extra + transient_saved + transient:
