@@ -43,7 +43,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from peftcalc.errors import InputError, read_text
-from peftcalc.methods import MethodSettings, normalize_targets
+from peftcalc.methods import MethodSettings, normalize_targets, resolve_adapter_kind
 from peftcalc.settings import TrainingSettings
 from peftcalc.spec import ModelSpec, load_spec
 
@@ -87,6 +87,7 @@ class Run:
 
         method = {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.method.__dict__.items()
                   if not (k in LATER_METHOD_FIELDS and v == 0)}
+        method["adapter_kind"] = resolve_adapter_kind(self.spec, self.method)  # as settings_record has it
         return {"model": self.model_config if self.model_config is not None else self.spec.name,
                 "method": method, "training": self.training.__dict__, "device": self.device,
                 "steps": self.steps, "seed": self.seed, "prepare_kbit": self.prepare_kbit}
