@@ -84,8 +84,8 @@ def estimate(
                      bottleneck=bottleneck, adapter_kind=adapter_kind, num_virtual_tokens=num_virtual_tokens,
                      trainable_layers=trainable_layers, vision_layers=vision_layers)
     try:
-        e = run_estimate(model, method=method, **method_kw, batch_size=batch_size,
-                         seq_len=seq_len, precision=precision, optimizer=optimizer, grad_checkpointing=grad_checkpointing,
+        e = run_estimate(model, method=method, **method_kw, batch_size=batch_size, seq_len=seq_len,
+                         precision=precision, optimizer=optimizer, grad_checkpointing=grad_checkpointing,
                          attention=attention, device=device, gpu=gpu, price=price, tasks=tasks,
                          dataset_tokens=dataset_tokens, mfu=mfu)
     except MemoryNotModelled as exc:  # the counts are known: show them, and say why the rest is not
