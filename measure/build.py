@@ -23,6 +23,7 @@ from peftcalc.methods import (
     default_trainable_layers,
     make_plan,
     peft_task_type,
+    resolve_adapter_kind,
     resolve_bottleneck,
 )
 from peftcalc.spec import AUTO_CLASS, ModelSpec, transformers_config_kwargs
@@ -60,7 +61,7 @@ def apply_method(model, spec: ModelSpec, settings: MethodSettings):
         return _apply_peft(model, spec, settings)
     plan = make_plan(spec, settings)
     if method == "adapter":
-        add_bottleneck_adapters(model, spec, settings.adapter_kind, resolve_bottleneck(spec, settings))
+        add_bottleneck_adapters(model, spec, resolve_adapter_kind(spec, settings), resolve_bottleneck(spec, settings))
     trainable = {g.name for g in plan.groups if g.trainable and g.origin == "base"}
     for name, param in model.named_parameters():
         param.requires_grad_(name in trainable or ".adapter_" in name)

@@ -34,7 +34,7 @@ import torch
 from measure.build import build_model, build_qlora_model, count_logical_params
 from measure.tracer import StorageTracer, gradient_tensors, model_state_tensors, optimizer_state_tensors
 from peftcalc.errors import InputError
-from peftcalc.methods import PEFT_METHODS, MethodSettings, make_plan
+from peftcalc.methods import PEFT_METHODS, MethodSettings, make_plan, resolve_adapter_kind
 from peftcalc.settings import TrainingSettings, check_training
 from peftcalc.spec import ModelSpec, load_spec
 
@@ -392,6 +392,7 @@ def settings_record(spec: ModelSpec, method: MethodSettings, training: TrainingS
     # MethodSettings had the field, so the keys of earlier rows stay what they were
     method_prepare_kbit = m.pop("prepare_kbit", False)
     prepare_kbit = bool(prepare_kbit or method_prepare_kbit)
+    m["adapter_kind"] = resolve_adapter_kind(spec, method)  # the kind the run uses (None means a default)
     if isinstance(m["targets"], tuple):
         m["targets"] = list(m["targets"])
     for name in LATER_METHOD_FIELDS:  # keep the keys of rows recorded before these fields existed

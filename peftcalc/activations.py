@@ -22,7 +22,13 @@ from functools import lru_cache
 from peftcalc.blocktrace import BlockTrace, block_peaks
 from peftcalc.errors import InputError
 from peftcalc.layout import LANGUAGE_PROJECTION, LINEAR_KINDS, QFORMER, QUERY_TOKENS, Layout, build_layout
-from peftcalc.methods import Plan, resolve_bottleneck
+from peftcalc.methods import (
+    ADAPTER_ATTRIBUTE,
+    BLOCK_ADAPTER_DROPOUT,
+    Plan,
+    resolve_adapter_kind,
+    resolve_bottleneck,
+)
 from peftcalc.settings import DTYPE_BYTES, TrainingSettings
 from peftcalc.spec import ModelSpec
 
@@ -671,6 +677,24 @@ def adapter_block(rec: Recorder, x: T, hidden: int, bottleneck: int, tag: str) -
     return add(rec, x, up, up.dtype if rec.ctx.autocast is None else x.dtype)
 
 
+# Tags of what seed 001's block adapter saves: it runs outside its encoder layer's checkpointed forward.
+BLOCK_ADAPTER_TAG = "block_adapter"
+
+
+def block_adapter(rec: Recorder, x: T, hidden: int, bottleneck: int, p_drop: float) -> T:
+    """measure.adapters.BlockAdapter (seed 001, Example 4): layer_norm(x + dropout(up_proj(dropout(gelu(
+    down_proj(x)))))). The trainable Linears save their inputs, GELU its input, each dropout its noise,
+    the trainable LayerNorm its input (the sum: fp32 under autocast, x + a bf16 tensor) with mean and rstd."""
+    tag = BLOCK_ADAPTER_TAG
+    down = linear(rec, x, hidden, bottleneck, True, f"{tag}.down_proj")
+    act = activation(rec, down, "gelu", f"{tag}.activation")
+    act = dropout(rec, act, p_drop, f"{tag}.dropout1")
+    up = linear(rec, act, bottleneck, hidden, True, f"{tag}.up_proj")
+    up = dropout(rec, up, p_drop, f"{tag}.dropout2")
+    total = rec.new(x.numel, up.dtype if rec.ctx.autocast is None else x.dtype, True)
+    return layer_norm(rec, total, True, hidden, f"{tag}.layer_norm")
+
+
 # ---------------------------------------------------------------- blocks
 
 
@@ -683,7 +707,7 @@ class LayerTraining:
     lora: frozenset
     ia3_out: frozenset
     ia3_ff: frozenset
-    adapters: frozenset  # "attn_out", "mlp_out"
+    adapters: frozenset  # "attn_out", "mlp_out"; "block": after the block (a VLM's vision tower)
     bias_trainable: frozenset = frozenset()  # modules whose bias trains (BitFit): output needs grad
 
 
@@ -713,7 +737,10 @@ def _layer_trainings(plan: Plan, layout: Layout) -> list[LayerTraining]:
         elif g.origin == "ia3":
             (s["ia3_ff"] if g.shape[0] == 1 else s["ia3_out"]).add(rel.rsplit(".", 1)[0])
         elif g.origin == "adapter":
-            s["adapters"].add(roles.get(prefix + rel.split(".adapter_bottleneck", 1)[0], ""))
+            if rel.startswith(ADAPTER_ATTRIBUTE + "."):  # seed 001's adapter on the block's output
+                s["adapters"].add("block")
+            else:
+                s["adapters"].add(roles.get(prefix + rel.split("." + ADAPTER_ATTRIBUTE, 1)[0], ""))
     return [LayerTraining(frozenset(s["trainable"]), frozenset(s["norms"]), frozenset(s["lora"]),
                           frozenset(s["ia3_out"]), frozenset(s["ia3_ff"]), frozenset(s["adapters"]),
                           frozenset(s["biases"])) for s in sets]
@@ -844,7 +871,10 @@ def vision_block(rec: Recorder, spec: ModelSpec, plan: Plan, lt: LayerTraining, 
     d = _lin(rec, lt, act, "mlp.fc2", spec.intermediate_size, h, plan)
     rec.use(n2)
     d = _maybe_adapter(rec, lt, d, "mlp_out", spec, plan, "mlp.fc2")
-    return add(rec, x2, d, x2.dtype)
+    out = add(rec, x2, d, x2.dtype)
+    if "block" in lt.adapters:  # seed 001's adapter on the layer's output (a forward hook of the layer)
+        out = block_adapter(rec, out, h, resolve_bottleneck(spec, plan.settings), BLOCK_ADAPTER_DROPOUT)
+    return out
 
 
 def opt_block(rec: Recorder, spec: ModelSpec, plan: Plan, lt: LayerTraining, x: T) -> T:
@@ -1323,42 +1353,81 @@ def vlm_text_training(spec: ModelSpec, t: TrainingSettings) -> TrainingSettings:
 @lru_cache(maxsize=1024)
 def vision_plan(plan: Plan) -> Plan:
     """A VLM plan seen from its vision tower: the CLIPVisionModel plan (`model.vision_tower.X` is `X`
-    there), with the block index of each encoder layer's parameters."""
+    there), with the block index of each encoder layer's parameters and adapters. Its settings carry the
+    adapter kind and bottleneck the VLM resolves (seed 001's block adapter and its 256 by default)."""
     from peftcalc.methods import vision_layer_of
 
     prefix = "model.vision_tower."
     groups = tuple(replace(g, name=g.name[len(prefix):], layer=vision_layer_of(g.name))
-                   for g in plan.groups if g.name.startswith(prefix) and g.origin == "base")
+                   for g in plan.groups if g.name.startswith(prefix) and g.origin in ("base", "adapter"))
     layers = [g.layer for g in groups if g.trainable and g.layer is not None]
-    return Plan(spec=plan.spec.vision, settings=plan.settings, groups=groups,
+    s = plan.settings
+    settings = replace(s, adapter_kind=resolve_adapter_kind(plan.spec, s), bottleneck=resolve_bottleneck(plan.spec, s))
+    return Plan(spec=plan.spec.vision, settings=settings, groups=groups,
                 lowest_trainable_layer=min(layers) if layers else None)
 
 
-def _vision_saves(plan: Plan, t: TrainingSettings) -> tuple[int, int, bool]:
-    """(bytes kept to the end of backward, bytes freed when the vision tower's outputs are dropped,
-    whether the selected hidden state needs a gradient) of a vision tower with unfrozen layers. The
-    blocks are CLIPEncoderLayers (vision_block); the layers up to the feature layer keep what they
-    save to the end of backward. The layers above it run and save too (their input needs a gradient),
-    but nothing reaches them from the loss: LlavaModel.get_image_features keeps only
-    hidden_states[vision_feature_layer] of the tower's output, so their graph and saved tensors are
-    freed when the tower's output is dropped, before the language model runs (traced, transformers
-    5.x). Under gradient checkpointing (transformers checkpoints CLIP's encoder layers as well) each
-    layer that needs a gradient keeps its input instead."""
+@dataclass(frozen=True)
+class VisionSaves:
+    """What a VLM's vision tower saves (see _vision_saves)."""
+
+    kept: int = 0  # bytes kept to the end of backward
+    dropped: int = 0  # bytes freed when LlavaModel.forward returns (the layers above the feature layer)
+    feature_rg: bool = False  # whether the hidden state the projector reads needs a gradient
+    cached: int = 0  # autocast weight copies among the kept bytes (also in autocast's cache)
+    forward_peak: int = 0  # the tower's live bytes at the peak of its forward (0: nothing saved, see
+    # vision_forward_bytes), the language model's token embeddings not included
+
+
+@lru_cache(maxsize=1024)
+def _vision_saves(plan: Plan, t: TrainingSettings) -> VisionSaves:
+    """What the vision tower of a VLM with unfrozen layers or adapters saves, and its forward peak. The
+    blocks are CLIPEncoderLayers (vision_block, with their adapters); the layers above the feature layer
+    run and save too (their input needs a gradient), and so does post_layernorm on the class token of the
+    last one (CLIPVisionTransformer: the input it saves is a view of the last layer's output, which it
+    keeps whole). Nothing reaches them from the loss: their graph lives as long as the tower's output,
+    which LlavaModel.forward holds in mm_encoder_outputs until it returns, so they are dropped before the
+    loss (traced without the reference cycle a saved-tensor hook returning its tensor makes, see
+    measure.tracer). Under gradient checkpointing (transformers checkpoints CLIP's encoder layers as well)
+    each layer whose forward saves keeps its input instead (torch.utils.checkpoint non-reentrant: the
+    inputs stay with the saved tensors' frame), and seed 001's block adapter, a forward hook outside the
+    checkpointed forward, saves as it does without checkpointing (its autocast weight copies are then both
+    saved and in autocast's cache).
+
+    The forward peak is in the top layer's MLP, when fc2's output is made (traced): everything the layers
+    below saved, this layer's saves up to its activation, and what its forward holds unsaved, the
+    LayerNorm's output, the activation's output and fc2's output; in a layer that saves nothing (its input
+    needs no gradient, or it is checkpointed), the working set of vision_forward_bytes. The encoder's input
+    (pre_layrnorm's output) is alive throughout; it is among the saves when checkpointing keeps it."""
     from peftcalc.methods import vision_layers_used
 
     vplan = vision_plan(plan)
-    if vplan.lowest_trainable_layer is None:
-        return 0, 0, False
+    input_rg = t.grad_checkpointing  # see _vision_input_grad_saves
+    if vplan.lowest_trainable_layer is None and not input_rg:
+        return VisionSaves()
     vspec = vplan.spec
     ctx = make_ctx(vspec, vplan, t)
     used = vision_layers_used(plan.spec)
-    x_rg, x_dtype = False, ctx.weight  # pre_layrnorm's output (LayerNorm: fp32 under autocast)
-    kept = dropped = 0
+    tok, h, inter = ctx.tokens, vspec.hidden_size, vspec.intermediate_size
+    wb, cb = DTYPE_BYTES[ctx.weight], DTYPE_BYTES[ctx.autocast or ctx.compute]
+    x_rg, x_dtype = input_rg, ctx.weight  # pre_layrnorm's output (LayerNorm: fp32 under autocast)
+    kept = _vision_input_grad_saves(vspec, ctx) if input_rg else 0
+    dropped = cached = peak = 0
     feature_rg = False
     for i, lt in enumerate(_layer_trainings(vplan, build_layout(vspec))):
-        saved, _tags, x_rg_next, x_dtype_next, _peaks = _simulate_block(vspec, vplan, lt, ctx, x_rg, x_dtype)
+        saved, tags, x_rg_next, x_dtype_next, _peaks = _simulate_block(vspec, vplan, lt, ctx, x_rg, x_dtype)
+        hook = {tag: nbytes for tag, nbytes in tags if tag.startswith(BLOCK_ADAPTER_TAG + ".")}
+        after_mlp = sum(nbytes for tag, nbytes in tags if tag.startswith(("mlp.fc2.adapter.", BLOCK_ADAPTER_TAG + ".")))
         if t.grad_checkpointing and saved:
-            saved = ctx.tokens * vspec.hidden_size * DTYPE_BYTES[_stream_dtype(ctx)]
+            inside = saved - sum(hook.values())
+            saved = (tok * h * DTYPE_BYTES[_stream_dtype(ctx)] if inside else 0) + sum(hook.values())
+            cached += sum(nbytes for tag, nbytes in hook.items() if tag.endswith(".autocast_weight"))
+        before = kept + dropped
+        if saved - after_mlp and not t.grad_checkpointing:  # LayerNorm output, activation output, fc2 output
+            peak = max(peak, before + saved - after_mlp + tok * h * wb + tok * inter * cb + tok * h * cb)
+        else:  # the layer's input (unless kept as a checkpoint's or it is the encoder input), x2, working set
+            own_input = tok * h * wb if i and not (t.grad_checkpointing and saved - sum(hook.values())) else 0
+            peak = max(peak, before + saved - after_mlp + own_input + _frozen_layer_working_set(vspec, ctx))
         if i < used:
             kept += saved
         else:
@@ -1366,7 +1435,35 @@ def _vision_saves(plan: Plan, t: TrainingSettings) -> tuple[int, int, bool]:
         x_rg, x_dtype = x_rg_next, x_dtype_next
         if i == used - 1:
             feature_rg = x_rg
-    return kept, dropped, feature_rg
+    if x_rg:  # post_layernorm(last_hidden_state[:, 0, :]): the whole output through the view, mean and rstd
+        dropped += tok * h * DTYPE_BYTES[x_dtype] + 2 * ctx.batch * 4
+    encoder_input = 0 if t.grad_checkpointing else tok * h * wb
+    return VisionSaves(kept, dropped, feature_rg, cached, encoder_input + peak)
+
+
+def _frozen_layer_working_set(vspec: ModelSpec, ctx: Ctx) -> int:
+    """What a CLIP encoder layer that saves nothing holds at its forward's peak besides its input (the
+    per-layer part of vision_forward_bytes): the residual after attention, the MLP's LayerNorm output and
+    the activation's intermediates, or, in the attention half, the LayerNorm output, q, k, v and the output."""
+    tok, h = ctx.batch * vspec.vision_seq_len, vspec.hidden_size
+    wb, cb = DTYPE_BYTES[ctx.weight], DTYPE_BYTES[ctx.autocast or ctx.compute]
+    intermediates = 3 if vspec.hidden_act == "quick_gelu" else 2
+    return max(2 * tok * h * wb + intermediates * tok * vspec.intermediate_size * cb, tok * h * wb + 4 * tok * h * cb)
+
+
+def _vision_input_grad_saves(vspec: ModelSpec, ctx: Ctx) -> int:
+    """Gradient checkpointing makes the vision tower's input need a gradient: transformers'
+    PreTrainedModel.gradient_checkpointing_enable calls enable_input_require_grads for a model whose
+    main input is input_ids (LLaVA), and that hooks the input embeddings of every PreTrainedModel inside,
+    the CLIPVisionModel's patch_embedding too (its output.requires_grad_(True): a leaf the graph holds,
+    b x patches x hidden in the conv's dtype, autocast's under autocast). CLIPVisionEmbeddings' cat with
+    the class embedding and the position add save nothing; pre_layrnorm saves its input (b x 577 x hidden,
+    fp32 under autocast: the cat promotes to the fp32 class embedding) with mean and rstd, and every
+    encoder layer saves (its checkpointed input). Its .grad, written at the end of backward, is not counted."""
+    v = vspec
+    tok = ctx.batch * v.vision_seq_len
+    conv = ctx.batch * v.num_patches * v.hidden_size * DTYPE_BYTES[ctx.autocast or ctx.weight]
+    return conv + tok * v.hidden_size * DTYPE_BYTES[ctx.weight] + 2 * tok * 4
 
 
 def _vlm_profile(plan: Plan, t: TrainingSettings) -> ActivationProfile:
@@ -1385,7 +1482,8 @@ def _vlm_profile(plan: Plan, t: TrainingSettings) -> ActivationProfile:
     b, itok = ctx.batch, spec.image_tokens
     hv, h = spec.vision.hidden_size, spec.hidden_size
     vseq = spec.vision.vision_seq_len
-    vision_kept, vision_dropped, feature_rg = _vision_saves(plan, t)
+    vs = _vision_saves(plan, t)
+    vision_kept, vision_dropped, feature_rg, vision_cached_saved = vs.kept, vs.dropped, vs.feature_rg, vs.cached
     trains = _trains(plan, f"{PROJECTOR}.linear_1", True)
     # hidden_states[vision_feature_layer][:, 1:]: a view of the tower's (b, 577, hv) output in the
     # weight dtype (CLIP's residual stream); linear_1 saves it (under autocast, its cast copy, and the
@@ -1404,6 +1502,9 @@ def _vlm_profile(plan: Plan, t: TrainingSettings) -> ActivationProfile:
     linear(rec, act, h, h, _trains(plan, f"{PROJECTOR}.linear_2", True), "projector.linear_2")
     if plan.embedding_trains:  # masked_scatter saves the image-token mask (bool, b x seq, expanded view)
         rec.save_new(ctx.tokens, "uint8", "masked_scatter.mask")
+    if t.grad_checkpointing:  # enable_input_require_grads makes embed_tokens' output a leaf that needs a
+        # gradient (see _vision_input_grad_saves): the graph holds it to the end of backward
+        rec.save_new(ctx.tokens * h, ctx.weight, "embed_tokens.output")
     extra = rec.bytes_by_bucket().get("pre", 0) + vision_kept
     tags = dict(text.by_tag)
     for tag, nbytes in rec.bytes_by_tag().items():
@@ -1417,16 +1518,21 @@ def _vlm_profile(plan: Plan, t: TrainingSettings) -> ActivationProfile:
     # The forward:block event (memory._step_events: pre + saved + transient) is the larger of a language
     # model block's working set and the vision tower's forward, which runs before the language model
     # saves anything (with unfrozen layers, the tower's own saved tensors are alive by its last layer)
-    vision_ws = vision_forward_bytes(spec, ctx) + vision_kept + vision_dropped
-    transient, transient_saved = text.forward_transient + features, text.forward_transient_saved
+    vision_ws = ctx.tokens * h * DTYPE_BYTES[ctx.weight] + vs.forward_peak if vs.forward_peak \
+        else vision_forward_bytes(spec, ctx)
+    # the saved tensors of the vision layers above the feature layer live through the language model's forward
+    transient, transient_saved = text.forward_transient + features + vision_dropped, text.forward_transient_saved
     if vision_ws > text.pre + extra + transient_saved + transient:
         transient, transient_saved = vision_ws - text.pre - extra, 0
     weight_cache = text.autocast_weight_cache
     if ctx.autocast:  # autocast caches the cast copies of trainable leaf weights: projector, vision linears
+        # and adapters (less the block adapters' copies, which are saved and counted as kept)
         vision_linears = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
+        adapter_linears = ("down", "up", "down_proj", "up_proj")
         weight_cache += DTYPE_BYTES[ctx.autocast] * sum(
             g.numel for g in vision_plan(plan).groups
-            if g.trainable and g.name.endswith(".weight") and g.name.rsplit(".", 2)[-2] in vision_linears)
+            if g.trainable and g.name.endswith(".weight") and g.name.rsplit(".", 2)[-2] in
+            (adapter_linears if g.origin == "adapter" else vision_linears)) - vision_cached_saved
         if trains:
             weight_cache += (hv * h + h * h) * DTYPE_BYTES[ctx.autocast]
     return replace(text, pre=text.pre + extra, forward_transient=transient, forward_transient_saved=transient_saved,

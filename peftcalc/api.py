@@ -24,7 +24,8 @@ from peftcalc.memory import (
     reserved_bytes,
     timeline,
 )
-from peftcalc.methods import MethodSettings, Plan, make_plan, methods_for, normalize_targets, prepare_kbit_default
+from peftcalc.methods import (MethodSettings, Plan, make_plan, methods_for, normalize_targets, prepare_kbit_default,
+                              resolve_adapter_kind)
 from peftcalc.settings import TrainingSettings, check_training
 from peftcalc.spec import ModelSpec, load_spec
 from peftcalc.storage import full_model_bytes, storage
@@ -126,6 +127,11 @@ def _method_settings(method: str, **kw) -> MethodSettings:
     return MethodSettings(method=method, **kw)
 
 
+def _resolved(spec: ModelSpec, settings: MethodSettings) -> MethodSettings:
+    """The settings with the adapter kind a default means for this model (methods.resolve_adapter_kind)."""
+    return replace(settings, adapter_kind=resolve_adapter_kind(spec, settings))
+
+
 def _by_origin(plan: Plan) -> dict:
     out: dict = {}
     for g in plan.groups:
@@ -209,6 +215,7 @@ def estimate(
                                 bottleneck=bottleneck, adapter_kind=adapter_kind,
                                 num_virtual_tokens=num_virtual_tokens, trainable_layers=trainable_layers,
                                 vision_layers=vision_layers, prepare_kbit=prepare_kbit)
+    settings = _resolved(spec, settings)
     t = TrainingSettings(batch_size=batch_size, seq_len=seq_len, precision=precision, optimizer=optimizer,
                          grad_checkpointing=grad_checkpointing, attention=attention, device=device)
     check_training(t)

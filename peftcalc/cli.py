@@ -24,16 +24,19 @@ FORMATS = ("table", "json", "csv", "markdown")
 MODEL_ARG = typer.Argument("llama-3.1-8b", help="Registry name (see `peftcalc models`), HF repo id of a registry "
                            "entry, or a path to a config.json (file or directory).")
 METHOD = typer.Option(None, "--method", "-m", help="full | frozen | freeze | lora | qlora | adapter | prefix | "
-                      "prompt | bitfit | ia3; LLaVA: projector | projector-llm | lora; BLIP-2: qformer "
-                      "(default: lora; qformer for BLIP-2)")
+                      "prompt | bitfit | ia3; vision-language models (LLaVA): projector | projector-llm | lora | "
+                      "adapter (in the vision tower); BLIP-2: qformer (default: lora; qformer for BLIP-2)")
 RANK = typer.Option(None, "--rank", "-r", help="LoRA rank (default 8, peft's default).")
 ALPHA = typer.Option(None, "--alpha", help="LoRA alpha (default 2 x rank; does not change memory).")
 TARGETS = typer.Option(None, "--targets", help="Comma-separated module names, or all-linear (default: peft's "
                        "default targets for the family).")
 DORA = typer.Option(False, "--dora", help="DoRA (weight-decomposed LoRA).")
 DOUBLE_QUANT = typer.Option(True, "--double-quant/--no-double-quant", help="QLoRA double quantization.")
-BOTTLENECK = typer.Option(None, "--bottleneck", help="Adapter bottleneck size (default hidden/16).")
-ADAPTER_KIND = typer.Option("houlsby", "--adapter-kind", help="houlsby (after attention and FFN) | pfeiffer (after FFN).")
+BOTTLENECK = typer.Option(None, "--bottleneck", help="Adapter bottleneck size (default hidden/16; the block "
+                          "adapter: 256, seed 001's).")
+ADAPTER_KIND = typer.Option(None, "--adapter-kind", help="houlsby (after attention and FFN) | pfeiffer (after FFN) | "
+                            "block (vision-language models: seed 001's adapter after each vision layer, "
+                            "LayerNorm(x + up(gelu(down(x))))). Default houlsby; block on a vision-language model.")
 VIRTUAL_TOKENS = typer.Option(None, "--num-virtual-tokens", help="Prefix/prompt length (default 20).")
 TRAINABLE_LAYERS = typer.Option(None, "--trainable-layers", help="freeze: train the top K blocks (default a quarter).")
 VISION_LAYERS = typer.Option(None, "--unfreeze-vision-layers", help="Vision-language models: also train the top N "
@@ -66,7 +69,7 @@ def _check_format(fmt: str) -> None:
 def estimate(
     model: str = MODEL_ARG, method: Optional[str] = METHOD, rank: Optional[int] = RANK, alpha: Optional[int] = ALPHA,
     targets: Optional[str] = TARGETS, dora: bool = DORA, double_quant: bool = DOUBLE_QUANT,
-    bottleneck: Optional[int] = BOTTLENECK, adapter_kind: str = ADAPTER_KIND,
+    bottleneck: Optional[int] = BOTTLENECK, adapter_kind: Optional[str] = ADAPTER_KIND,
     num_virtual_tokens: Optional[int] = VIRTUAL_TOKENS, trainable_layers: Optional[int] = TRAINABLE_LAYERS,
     vision_layers: Optional[int] = VISION_LAYERS, prepare_kbit: Optional[bool] = PREPARE_KBIT,
     batch_size: int = BATCH, seq_len: int = SEQ, precision: str = PRECISION, optimizer: str = OPTIMIZER,
@@ -139,7 +142,7 @@ def measure(
     model: Optional[str] = typer.Argument(None, help="Model to measure (as for estimate); omit with --matrix."),
     method: Optional[str] = METHOD, rank: Optional[int] = RANK, alpha: Optional[int] = ALPHA,
     targets: Optional[str] = TARGETS, dora: bool = DORA, double_quant: bool = DOUBLE_QUANT,
-    bottleneck: Optional[int] = BOTTLENECK, adapter_kind: str = ADAPTER_KIND,
+    bottleneck: Optional[int] = BOTTLENECK, adapter_kind: Optional[str] = ADAPTER_KIND,
     num_virtual_tokens: Optional[int] = VIRTUAL_TOKENS, trainable_layers: Optional[int] = TRAINABLE_LAYERS,
     prepare_kbit: Optional[bool] = PREPARE_KBIT,
     batch_size: int = BATCH, seq_len: int = SEQ, precision: str = PRECISION, optimizer: str = OPTIMIZER,

@@ -133,8 +133,10 @@ def step_flops(plan: Plan, t: TrainingSettings, tokens_per_sequence: int) -> Ste
             bwd += 2 * lf
         if t.grad_checkpointing and m.layer is not None and (flows or grad_w):
             recompute += f
-    if spec.is_vlm:  # the vision tower's attention (frozen: forward only)
+    if spec.is_vlm:  # the vision tower's attention, its adapters and its backward
         fwd += 4.0 * b * spec.vision.vision_seq_len ** 2 * spec.vision.q_dim * spec.vision.num_layers
+        vision = _vision_tower_flops(plan, t)
+        fwd, bwd, recompute = fwd + vision.forward, bwd + vision.backward, recompute + vision.recompute
     attn_per_layer = 4.0 * b * seq * kv_seq * spec.q_dim
     for i in range(spec.num_layers):
         fwd += attn_per_layer
@@ -202,6 +204,43 @@ def _blip2_step_flops(plan: Plan, t: TrainingSettings, tokens_per_sequence: int)
             if t.grad_checkpointing:
                 recompute += attn
     return StepFlops(fwd, bwd, recompute)
+def _vision_tower_flops(plan: Plan, t: TrainingSettings) -> StepFlops:
+    """What a VLM's vision tower adds to the forward matmuls step_flops counts from the layout: the
+    adapters' two matmuls each (forward; backward for the weight and, except the lowest adapter, whose input
+    needs none, for the input), and the input-gradient backward (its matmuls and attention, as above) of
+    every vision layer between the lowest trainable one and the layer the projector reads. In the lowest
+    trainable layer that backward runs through the whole layer when its own weights train
+    (--unfreeze-vision-layers), through fc1 and fc2 behind a Houlsby attention adapter, and nowhere for an
+    adapter at the layer's end (Pfeiffer, seed 001's block adapter). Under gradient checkpointing the
+    tower's input needs a gradient (enable_input_require_grads: activations._vision_input_grad_saves), so
+    every layer the projector reads runs backward and is recomputed once."""
+    from peftcalc.activations import vision_plan
+    from peftcalc.methods import vision_layers_used
+
+    v = plan.spec.vision
+    vplan = vision_plan(plan)
+    lowest = -1 if t.grad_checkpointing else vplan.lowest_trainable_layer
+    if lowest is None:
+        return StepFlops(0.0, 0.0, 0.0)
+    tokens = t.batch_size * v.vision_seq_len
+    h, inter = v.hidden_size, v.intermediate_size
+    layer = 2.0 * (4 * h * h + 2 * h * inter) * tokens + 4.0 * t.batch_size * v.vision_seq_len ** 2 * v.q_dim
+    used = vision_layers_used(plan.spec)
+    fwd = bwd = 0.0
+    kind, bottleneck = vplan.settings.adapter_kind, vplan.settings.bottleneck
+    adapters = [g for g in vplan.groups if g.origin == "adapter" and g.name.rsplit(".", 2)[-2] in ("down", "down_proj")
+                and g.name.endswith(".weight")]
+    for j, _ in enumerate(adapters):
+        f = 2.0 * h * bottleneck * tokens  # one of the two matmuls
+        fwd += 2 * f
+        bwd += 4 * f if (j or t.grad_checkpointing) else 3 * f
+    full = used - 1 - lowest  # the layers above the lowest trainable one
+    if lowest >= 0 and any(g.trainable and g.origin == "base" and g.layer == lowest for g in vplan.groups):
+        full += 1
+    elif lowest >= 0 and adapters and kind == "houlsby":
+        bwd += 2.0 * 2 * h * inter * tokens
+    bwd += full * layer
+    return StepFlops(fwd, bwd, used * layer if t.grad_checkpointing else 0.0)
 
 
 def _trainable_modules(plan: Plan) -> set[str]:

@@ -255,12 +255,14 @@ def gradient_arrival(plan: Plan, t: TrainingSettings) -> GradientArrival:
 
 @lru_cache(maxsize=4096)
 def _gradient_arrival(plan: Plan, precision: str) -> GradientArrival:
-    from peftcalc.layout import build_layout
+    from peftcalc.layout import VISION_TOWER, build_layout
 
     layout = build_layout(plan.spec)
     ctx = make_ctx(plan.spec, plan, TrainingSettings(precision=precision))
     # the input side: embeddings, and a VLM's projector and vision tower (below the language model)
     input_prefixes = tuple(m.path for m in layout.modules if m.role in ("embed", "projector", "vision"))
+    if plan.spec.is_vlm:  # and the adapters on its encoder layers' outputs (methods.vision_adapter_sites)
+        input_prefixes += (VISION_TOWER,)
     if layout.head_tied_to_embedding:
         input_prefixes = tuple(p for p in input_prefixes if p != layout.embedding_path)
     per = [0] * plan.spec.num_layers

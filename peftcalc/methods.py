@@ -30,7 +30,7 @@ from peftcalc.spec import ModelSpec
 
 METHODS = ("full", "frozen", "freeze", "lora", "qlora", "adapter", "prefix", "prompt", "bitfit", "ia3")
 # What a vision-language model (llava) supports; projector and projector-llm exist only there.
-VLM_METHODS = ("projector", "projector-llm", "lora")
+VLM_METHODS = ("projector", "projector-llm", "lora", "adapter")
 VLM_ONLY_METHODS = ("projector", "projector-llm")
 ALL_METHODS = METHODS + VLM_ONLY_METHODS
 # BLIP-2 (Blip2ForConditionalGeneration): the Q-Former stage
@@ -45,6 +45,13 @@ def methods_for(spec: ModelSpec) -> tuple[str, ...]:
     return VLM_METHODS if spec.is_vlm else METHODS
 PEFT_METHODS = ("lora", "qlora", "prefix", "prompt", "ia3")
 ADAPTER_KINDS = ("houlsby", "pfeiffer")
+# A vision-language model's vision tower also takes seed 001's adapter after each encoder block.
+VLM_ADAPTER_KINDS = ("block",) + ADAPTER_KINDS
+# Seed 001 (Example 4, BottleneckAdapter as AdaptedVisionEncoder uses it): bottleneck_dim=256, dropout=0.1.
+BLOCK_ADAPTER_BOTTLENECK = 256
+BLOCK_ADAPTER_DROPOUT = 0.1
+# The attribute the harness (measure.adapters) puts an adapter under, part of its parameter names.
+ADAPTER_ATTRIBUTE = "adapter_bottleneck"
 
 METHOD_HELP = {
     "full": "every parameter trains",
@@ -52,7 +59,10 @@ METHOD_HELP = {
     "freeze": "bottom blocks frozen; the top --trainable-layers blocks, final norm and head train",
     "lora": "peft LoRA adapters (A: r x in, B: out x r) on the target modules; base frozen",
     "qlora": "LoRA on a 4-bit NF4 base (bitsandbytes), double quantization by default",
-    "adapter": "bottleneck adapters (Houlsby: after attention and FFN; Pfeiffer: after FFN)",
+    "adapter": "bottleneck adapters (Houlsby: after attention and FFN; Pfeiffer: after FFN). On a VLM (LLaVA): "
+               "adapters in the frozen vision tower's blocks the projector reads (default: seed 001's, "
+               "LayerNorm(x + up(gelu(down(x)))) after each block, bottleneck 256), the projector trains, the "
+               "language model is frozen",
     "prefix": "peft prefix tuning: trainable keys/values for every layer",
     "prompt": "peft prompt tuning: trainable virtual token embeddings",
     "bitfit": "only bias terms train",
@@ -102,8 +112,8 @@ class MethodSettings:
     targets: tuple[str, ...] | str | None = None  # None: peft's default for the family
     dora: bool = False
     double_quant: bool = True
-    bottleneck: int | None = None  # default hidden_size // 16 (reduction factor 16)
-    adapter_kind: str = "houlsby"
+    bottleneck: int | None = None  # default hidden_size // 16 (reduction factor 16); VLM block adapter: 256
+    adapter_kind: str | None = None  # None: houlsby; for --method adapter on a VLM, block (resolve_adapter_kind)
     num_virtual_tokens: int = 20
     trainable_layers: int | None = None  # freeze: default the top quarter of the blocks
     vision_layers: int = 0  # VLM: unfreeze this many vision-tower layers, the top ones the projector reads
@@ -271,8 +281,28 @@ def _seq_cls_head_fn(spec, layout):
     return lambda m, name: False
 
 
+def resolve_adapter_kind(spec: ModelSpec, s: MethodSettings) -> str:
+    """The adapter kind a setting means: the one asked for; else seed 001's post-block adapter for
+    --method adapter on a vision-language model, and houlsby otherwise (the kind of every other method's
+    settings too, where it is unused: measure.run records it so)."""
+    if s.adapter_kind is not None:
+        return s.adapter_kind
+    return "block" if spec.is_vlm and s.method == "adapter" else "houlsby"
+
+
+def adapter_hidden(spec: ModelSpec) -> int:
+    """Width of the hidden states an adapter transforms: a VLM's adapters sit in its vision tower."""
+    return spec.vision.hidden_size if spec.is_vlm else spec.hidden_size
+
+
 def resolve_bottleneck(spec: ModelSpec, s: MethodSettings) -> int:
-    return s.bottleneck if s.bottleneck is not None else max(1, spec.hidden_size // 16)
+    """--bottleneck, else seed 001's 256 for its block adapter, else reduction factor 16 (Houlsby et al.
+    2019, section 3.6, and Pfeiffer et al. 2021 use hidden/16 among their sizes)."""
+    if s.bottleneck is not None:
+        return s.bottleneck
+    if resolve_adapter_kind(spec, s) == "block":
+        return BLOCK_ADAPTER_BOTTLENECK
+    return max(1, adapter_hidden(spec) // 16)
 
 
 def adapter_numel(hidden: int, bottleneck: int) -> int:
@@ -288,19 +318,53 @@ def adapter_sites(spec: ModelSpec, layout: Layout, kind: str) -> list[Module]:
     return [m for m in layout.modules if m.role in roles]
 
 
+def adapter_shapes(kind: str, hidden: int, bottleneck: int) -> list[tuple[str, tuple]]:
+    """The parameters of one adapter, as measure.adapters builds it: Houlsby/Pfeiffer down (b x h) and up
+    (h x b) with biases; seed 001's block adapter down_proj and up_proj with biases and a LayerNorm (weight,
+    bias) over the hidden size."""
+    h, b = hidden, bottleneck
+    if kind == "block":
+        return [("down_proj.weight", (b, h)), ("down_proj.bias", (b,)), ("up_proj.weight", (h, b)),
+                ("up_proj.bias", (h,)), ("layer_norm.weight", (h,)), ("layer_norm.bias", (h,))]
+    return [("down.weight", (b, h)), ("down.bias", (b,)), ("up.weight", (h, b)), ("up.bias", (h,))]
+
+
+def vision_adapter_sites(spec: ModelSpec, kind: str) -> list[str]:
+    """Where --method adapter puts its adapters in a VLM's vision tower: in each encoder layer the projector
+    reads (hidden_states[vision_feature_layer]: layers 0-22 of LLaVA-1.5's 24; the layers above never get a
+    gradient, so an adapter there would train nothing). Seed 001's block adapter transforms the layer's
+    output (AdaptedVisionEncoder: "Add adapters after each transformer block"), so the path is the layer
+    itself; Houlsby/Pfeiffer adapters sit after the layer's out_proj and fc2 / after fc2."""
+    modules = {"block": ("",), "houlsby": (".self_attn.out_proj", ".mlp.fc2"), "pfeiffer": (".mlp.fc2",)}[kind]
+    return [f"{VISION_LAYERS}{i}{m}" for i in range(vision_layers_used(spec)) for m in modules]
+
+
 def plan_adapter(spec, layout, s):
-    if s.adapter_kind not in ADAPTER_KINDS:
-        raise InputError(f"unknown adapter kind '{s.adapter_kind}'; choose from {', '.join(ADAPTER_KINDS)}")
+    kind = resolve_adapter_kind(spec, s)
+    kinds = VLM_ADAPTER_KINDS if spec.is_vlm else ADAPTER_KINDS
+    if kind not in kinds:
+        if kind in VLM_ADAPTER_KINDS:
+            raise InputError(f"adapter kind '{kind}' (seed 001's adapter after each vision block) applies to a "
+                             f"vision-language model's vision tower; {spec.name} is not one")
+        raise InputError(f"unknown adapter kind '{kind}'; choose from {', '.join(kinds)}")
     b = resolve_bottleneck(spec, s)
-    if b < 1 or b > spec.hidden_size:
-        raise InputError(f"--bottleneck must be between 1 and the hidden size {spec.hidden_size}, got {b}")
-    groups = _base_groups(layout, _seq_cls_head_fn(spec, layout))
-    h = spec.hidden_size
-    for m in adapter_sites(spec, layout, s.adapter_kind):
-        p = f"{m.path}.adapter_bottleneck"  # measure.adapters.ATTRIBUTE
-        for name, shape in ((f"{p}.down.weight", (b, h)), (f"{p}.down.bias", (b,)),
-                            (f"{p}.up.weight", (h, b)), (f"{p}.up.bias", (h,))):
-            groups.append(ParamGroup(name, _prod(shape), True, "adapter", m.layer, shape=shape))
+    h = adapter_hidden(spec)
+    if b < 1 or b > h:
+        where = "the vision tower's hidden size" if spec.is_vlm else "the hidden size"
+        default = ""
+        if s.bottleneck is None:
+            default = " (seed 001's default for the block adapter)" if kind == "block" else " (hidden/16)"
+        raise InputError(f"--bottleneck must be between 1 and {where} {h}, got {b}{default}")
+    if spec.is_vlm:  # the vision tower and the language model frozen, the projector trains
+        groups = _base_groups(layout, lambda m, name: _under(m.path, (PROJECTOR,)))
+        sites = [(path, None) for path in vision_adapter_sites(spec, kind)]
+    else:
+        groups = _base_groups(layout, _seq_cls_head_fn(spec, layout))
+        sites = [(m.path, m.layer) for m in adapter_sites(spec, layout, kind)]
+    for path, layer in sites:
+        for name, shape in adapter_shapes(kind, h, b):
+            groups.append(ParamGroup(f"{path}.{ADAPTER_ATTRIBUTE}.{name}", _prod(shape), True, "adapter", layer,
+                                     shape=shape))
     return groups
 
 

@@ -78,7 +78,10 @@ def describe(method: str, kw: dict, spec) -> str:
         targets = kw.get("targets") or ",".join(LORA_DEFAULT_TARGETS[spec.model_type])
         return f"r={kw.get('rank', 8)}, {targets}" + (", NF4 base" if method == "qlora" else "")
     if method == "adapter":
-        return f"houlsby, bottleneck {kw.get('bottleneck') or spec.hidden_size // 16}"
+        from peftcalc.methods import MethodSettings, resolve_adapter_kind, resolve_bottleneck
+
+        s = MethodSettings("adapter", **{k: v for k, v in kw.items() if k in ("adapter_kind", "bottleneck")})
+        return f"{resolve_adapter_kind(spec, s)}, bottleneck {resolve_bottleneck(spec, s)}"
     if method in ("prefix", "prompt"):
         return f"{kw.get('num_virtual_tokens', 20)} virtual tokens"
     if method == "freeze":

@@ -163,3 +163,23 @@ def test_adamw_state_is_two_moments_and_a_step(mode):
         opt.step()
         tracer.mark(optimizer_state_tensors(opt), "optimizer_state")
     assert tracer.breakdown(tracer.seq)["optimizer_state"] == 2 * 32 * 16 * F32 + F32
+
+
+def test_a_graph_that_never_runs_backward_is_freed_with_its_output(mode):
+    """sigmoid saves its own output. A pack hook that returned that tensor itself would make it hold its
+    own grad_fn, a reference cycle through C++ that even gc.collect() cannot break when backward never
+    runs (pytorch#189025); the tracer's pack hook detaches, so the saved output (4 x 16 x 4 = 256 bytes)
+    and the input it depends on die with the output, as they do without a tracer."""
+    import gc
+
+    with mode:
+        w = torch.nn.Parameter(torch.randn(16, 8))
+    tracer = StorageTracer()
+    with mode, tracer:
+        tracer.mark(w, "parameters")
+        with tracer.saving():
+            y = torch.sigmoid(torch.ones(4, 8) @ w.t())  # mm saves the ones (128 bytes), sigmoid y (256)
+        assert tracer.breakdown(tracer.seq)["activations"] == 128 + 256
+        del y
+        gc.collect()
+        assert tracer.live_bytes == 16 * 8 * F32
