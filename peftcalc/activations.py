@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 
+from peftcalc.backward import GRAD, BackwardPeak, Node, run_backward
 from peftcalc.errors import InputError
 from peftcalc.layout import LINEAR_KINDS, Layout, build_layout
 from peftcalc.methods import Plan, resolve_bottleneck
@@ -49,12 +50,13 @@ def dropout_p(spec: ModelSpec, where: str) -> float:
 
 @dataclass
 class T:
-    """A symbolic tensor."""
+    """A symbolic tensor; a view has the tensor whose storage it shares as its base."""
 
     numel: int
     dtype: str
     rg: bool
     id: int
+    base: "T | None" = None
 
     @property
     def nbytes(self) -> int:
@@ -83,23 +85,42 @@ class Ctx:
 
 @dataclass
 class Recorder:
-    """Collects saved tensors, each once, by bucket (a layer index, 'pre', 'post')."""
+    """Collects saved tensors, each once, by bucket (a layer index, 'pre', 'post'), and the autograd
+    nodes the ops create (peftcalc.backward.Node), in creation order."""
 
     ctx: Ctx
     bucket: object = "pre"
     saved: dict = field(default_factory=dict)  # id -> (bucket, tag, bytes)
     next_id: int = 0
+    nodes: list = field(default_factory=list)
 
     def new(self, numel: int, dtype: str, rg: bool) -> T:
         self.next_id += 1
         return T(numel, dtype, rg, self.next_id)
 
-    def save(self, t: T, tag: str) -> None:
+    def view(self, x: T, numel: int) -> T:
+        """A view of x (same storage, its own shape and autograd node)."""
+        self.next_id += 1
+        return T(numel, x.dtype, x.rg, self.next_id, x.base or x)
+
+    def save(self, t: T, tag: str) -> int:
+        """Save t for backward, counted once per storage (a view saves its base's whole storage)."""
+        t = t.base or t
         if t.id not in self.saved:
             self.saved[t.id] = (self.bucket, tag, t.nbytes)
+        return t.id
 
-    def save_new(self, numel: int, dtype: str, tag: str) -> None:
-        self.save(self.new(numel, dtype, False), tag)
+    def save_new(self, numel: int, dtype: str, tag: str) -> int:
+        return self.save(self.new(numel, dtype, False), tag)
+
+    def node(self, out: T, steps=(), outputs=(), saved=(), hold: int = 0) -> None:
+        """The autograd node that made `out` (none when `out` needs no gradient): its backward
+        formula's allocations, the gradients it hands on and the saved tensors it holds."""
+        if out.rg:
+            self.nodes.append(Node(out.id, tuple(steps), tuple(outputs), tuple(saved), hold))
+
+    def saved_bytes(self) -> dict:
+        return {tid: nbytes for tid, (_b, _t, nbytes) in self.saved.items()}
 
     def bytes_by_bucket(self) -> dict:
         out: dict = {}
@@ -115,17 +136,96 @@ class Recorder:
 
 
 # ---------------------------------------------------------------- ops
-# Each op mirrors the forward of one torch function and saves what its derivative formula needs.
+# Each op mirrors the forward of one torch function: it saves what its derivative formula needs and
+# records the autograd node(s) it creates, whose backward allocations follow the formulas of torch's
+# tools/autograd/derivatives.yaml (peftcalc.backward replays them).
+
+
+def _grads(*inputs: T) -> tuple[list, list]:
+    """A formula that allocates one new gradient, like its input, for each input that needs one:
+    (steps, outputs) for Recorder.node."""
+    steps, outputs = [], []
+    for i, t in enumerate(inputs):
+        if t is not None and t.rg:
+            steps.append(("new", f"d{i}", t.nbytes))
+            outputs.append((t.id, f"d{i}"))
+    return steps, outputs
+
+
+def add(rec: Recorder, a: T, b: T, dtype: str | None = None) -> T:
+    """a + b (the residual stream, LoRA's result + delta): AddBackward hands the incoming gradient to
+    both inputs as it is; where an input has another dtype (type promotion), the engine casts it
+    (validate_outputs: a new gradient in the input's dtype)."""
+    out = rec.new(max(a.numel, b.numel), dtype or a.dtype, a.rg or b.rg)
+    steps, outputs = [], []
+    for i, t in enumerate((a, b)):
+        if not t.rg:
+            continue
+        if t.dtype == out.dtype:
+            outputs.append((t.id, GRAD))
+        else:
+            steps.append(("new", f"c{i}", t.nbytes))
+            outputs.append((t.id, f"c{i}"))
+    rec.node(out, steps, outputs)
+    return out
 
 
 def cast(rec: Recorder, x: T, dtype: str) -> T:
-    """Tensor.to(dtype): a no-op returning the same tensor when the dtype already matches."""
-    return x if x.dtype == dtype else rec.new(x.numel, dtype, x.rg)
+    """Tensor.to(dtype): a no-op returning the same tensor when the dtype already matches; else a
+    copy whose backward (ToCopyBackward) casts the gradient back: a new gradient like x."""
+    if x.dtype == dtype:
+        return x
+    y = rec.new(x.numel, dtype, x.rg)
+    rec.node(y, *_grads(x))
+    return y
 
 
 def autocast_in(rec: Recorder, x: T) -> T:
     """torch.autocast casts the inputs of matmul-like ops to the autocast dtype."""
     return cast(rec, x, rec.ctx.autocast) if rec.ctx.autocast else x
+
+
+def _weight_copy(rec: Recorder, numel: int, trains: bool) -> T:
+    """autocast's lower-precision copy of a weight (the autocast weight cache): when the weight trains,
+    its gradient comes back in the autocast dtype and ToCopyBackward makes the fp32 .grad from it."""
+    w = rec.new(numel, rec.ctx.autocast, trains)
+    rec.node(w, [("param", numel * DTYPE_BYTES[rec.ctx.weight])])
+    return w
+
+
+def matmul(rec: Recorder, x: T, in_f: int, out_f: int, weight_trains: bool, out_dtype: str, saved: list,
+           weight: T | None = None, weight_bytes: int = 0, bias_bytes: int = 0, dequantized: int = 0) -> T:
+    """The mm/addmm node of a Linear on x (tokens x in): its backward makes grad_x = grad @ W when x
+    needs a gradient, grad_W = grad^T @ x when the weight trains (the .grad itself, or the gradient of
+    autocast's weight copy `weight`), and the bias gradient (a sum over tokens). bitsandbytes'
+    MatMul4Bit dequantizes the weight (`dequantized` bytes) to compute grad_x."""
+    tokens = x.numel // in_f
+    out = rec.new(tokens * out_f, out_dtype, x.rg or weight_trains or bias_bytes > 0)
+    steps, outputs = [], []
+    if dequantized and x.rg:
+        steps.append(("new", "w", dequantized))
+    s, o = _grads(x)
+    steps += s
+    outputs += o
+    if dequantized and x.rg:
+        steps.append(("free", "w"))
+    if weight_trains:
+        if weight is not None:
+            steps.append(("new", "dw", weight.nbytes))
+            outputs.append((weight.id, "dw"))
+        else:
+            steps.append(("param", weight_bytes))
+    if bias_bytes:
+        steps.append(("param", bias_bytes))
+    rec.node(out, steps, outputs, saved)
+    return out
+
+
+def scale(rec: Recorder, x: T) -> T:
+    """x * a Python number: MulBackward saves nothing and makes a new gradient (grad * scalar)."""
+    y = rec.new(x.numel, x.dtype, x.rg)
+    rec.node(y, *_grads(x))
+    return y
 
 
 def linear(rec: Recorder, x: T, in_f: int, out_f: int, trainable: bool, tag: str,
@@ -134,107 +234,293 @@ def linear(rec: Recorder, x: T, in_f: int, out_f: int, trainable: bool, tag: str
     """nn.Linear / Conv1D (addmm): saves the input when the weight trains (grad_W = grad^T x) and the
     weight when the input needs a gradient. Under autocast the weight is cast to the autocast dtype,
     and that copy is what is saved. peft LoRA (tuners/lora/layer.py Linear.forward) adds
-    lora_B(lora_A(x.to(lora_A.weight.dtype))): the cast input and A's output are saved."""
+    lora_B(lora_A(x.to(lora_A.weight.dtype))) * scaling: the cast input and A's output are saved."""
     ctx = rec.ctx
-    xin = autocast_in(rec, x)
     tokens_in = x.numel // in_f
+    saved = []
+    weight_copy = None
+    if ctx.autocast and not quantized and (x.rg or trainable):
+        weight_copy = _weight_copy(rec, in_f * out_f, trainable)
+        if x.rg:
+            saved.append(rec.save(weight_copy, f"{tag}.autocast_weight"))
+    xm = x
+    if ia3 == "ff":
+        xm = _ia3_input(rec, x, in_f, tag)
+    xin = autocast_in(rec, xm)
     if trainable:
-        rec.save(xin, f"{tag}.input")
-    if ctx.autocast and x.rg and not quantized:
-        rec.save_new(in_f * out_f, ctx.autocast, f"{tag}.autocast_weight")
-    if ia3 == "ff":  # peft IA3 Linear.forward, feedforward: (x.to(ia3 dtype) * scaling).to(x dtype), then
-        # the frozen linear; the mul saves the cast input and the scaling vector (1 * ia3_l.flatten())
-        xc = cast(rec, x, ctx.adapter)
-        rec.save(xc, f"{tag}.ia3_input")
-        rec.save_new(in_f, ctx.adapter, f"{tag}.ia3_scaling")
-        xin = autocast_in(rec, rec.new(x.numel, x.dtype, True))
-    out_dtype = ctx.autocast or (ctx.compute if not quantized else ctx.compute)
-    out = rec.new(tokens_in * out_f, out_dtype, x.rg or trainable or bias_trains or bool(lora_rank) or bool(ia3))
+        saved.append(rec.save(xin, f"{tag}.input"))
+    wb = DTYPE_BYTES[ctx.weight]
+    out = matmul(rec, xin, in_f, out_f, trainable, ctx.autocast or ctx.compute, saved, weight=weight_copy,
+                 weight_bytes=in_f * out_f * wb, bias_bytes=out_f * wb if bias_trains else 0,
+                 dequantized=in_f * out_f * DTYPE_BYTES[ctx.compute] if quantized else 0)
     if lora_rank:
-        # x.to(lora_A.weight.dtype) (peft _cast_input_dtype), then autocast's own cast for the matmul
-        xa = autocast_in(rec, cast(rec, x, ctx.adapter))
-        rec.save(xa, f"{tag}.lora_input")
-        if ctx.autocast:  # autocast copies of lora_B (always needed) and lora_A (when x needs a gradient)
-            rec.save_new(out_f * lora_rank + (in_f * lora_rank if x.rg else 0), ctx.autocast,
-                         f"{tag}.lora_autocast_weights")
-        a = rec.new(tokens_in * lora_rank, ctx.autocast or ctx.adapter, True)
-        rec.save(a, f"{tag}.lora_A_out")
-        if dora:  # peft tuners/lora/dora.py DoraLinearLayer.forward: (m/||W+BA|| - 1) * base_result +
-            # m/||W+BA|| * lora_B(lora_A(x)) * scaling: the muls save the base result (compute dtype),
-            # the LoRA result, and the vectors ||W+BA|| (detached, saved by m/||.||) and m/||.||;
-            # m/||.|| - 1 only when the base result needs a gradient (x does: the base weight is frozen)
-            # (base_result - bias when the layer has one: under autocast that promotes to fp32)
-            base_dtype = ctx.weight if (bias and ctx.autocast) else (ctx.autocast or ctx.compute)
-            rec.save_new(tokens_in * out_f, base_dtype, f"{tag}.dora_base_out")
-            rec.save_new(tokens_in * out_f, ctx.autocast or ctx.adapter, f"{tag}.dora_lora_out")
-            rec.save_new((3 if x.rg else 2) * out_f, ctx.adapter, f"{tag}.dora_scale")
-        out = rec.new(tokens_in * out_f, out.dtype, True)
-    if ia3 == "out":  # IA3 on keys/values: base_layer(x) * scaling, the mul saves both
-        rec.save(out, f"{tag}.ia3_out")
-        rec.save_new(out_f, ctx.adapter, f"{tag}.ia3_scaling")
-        out = rec.new(out.numel, out.dtype, True)
+        out = _lora(rec, x, out, in_f, out_f, lora_rank, dora, bias, tag)
+    if ia3 == "out":  # IA3 on keys/values: (base_layer(x) * scaling).to(result dtype)
+        s = _ia3_vector(rec, out_f)
+        y = rec.new(out.numel, _promote(out.dtype, s.dtype), True)
+        saved = [rec.save(out, f"{tag}.ia3_out")]
+        if out.rg:  # the scaling vector is saved for the base result's gradient only
+            saved.append(rec.save(s, f"{tag}.ia3_scaling"))
+        _mul_node(rec, y, out, s, saved)
+        out = cast(rec, y, out.dtype)
     return out
+
+
+def _promote(a: str, b: str) -> str:
+    """torch's type promotion between two floating dtypes: the wider one (fp32 over bf16/fp16)."""
+    return a if DTYPE_BYTES[a] >= DTYPE_BYTES[b] else b
+
+
+def _mul_node(rec: Recorder, out: T, a: T, b: T, saved: list) -> None:
+    """MulBackward0 of out = a * b: grad_a = grad * b, grad_b = grad * a, each summed down to its
+    input's shape where it was broadcast (a temporary the size of the output, then the reduction)."""
+    steps, outputs = [], []
+    for i, t in enumerate((a, b)):
+        if not t.rg:
+            continue
+        if t.numel == out.numel:
+            steps.append(("new", f"d{i}", t.nbytes))
+        else:
+            steps += [("new", f"t{i}", out.nbytes), ("new", f"d{i}", t.nbytes), ("free", f"t{i}")]
+        outputs.append((t.id, f"d{i}"))
+    rec.node(out, steps, outputs, saved)
+
+
+def _ia3_vector(rec: Recorder, n: int) -> T:
+    """peft IA3: ia3_scaling = 1 * ia3_l.flatten(), a new adapter-dtype vector whose gradient
+    (grad * 1) becomes the parameter's .grad."""
+    s = rec.new(n, rec.ctx.adapter, True)
+    rec.node(s, [("param", n * DTYPE_BYTES[rec.ctx.adapter])])
+    return s
+
+
+def _ia3_input(rec: Recorder, x: T, in_f: int, tag: str) -> T:
+    """peft IA3 Linear.forward, feedforward: (x.to(ia3 dtype) * scaling).to(x dtype), then the frozen
+    linear; the mul saves the cast input and the scaling vector (1 * ia3_l.flatten())."""
+    s = _ia3_vector(rec, in_f)
+    xc = cast(rec, x, rec.ctx.adapter)
+    saved = [rec.save(xc, f"{tag}.ia3_input")]
+    if xc.rg:  # the scaling vector is saved for the input's gradient only
+        saved.append(rec.save(s, f"{tag}.ia3_scaling"))
+    y = rec.new(x.numel, rec.ctx.adapter, True)
+    _mul_node(rec, y, xc, s, saved)
+    return cast(rec, y, x.dtype)
+
+
+def _lora(rec: Recorder, x: T, base: T, in_f: int, out_f: int, rank: int, dora: bool, bias: bool, tag: str) -> T:
+    """peft tuners/lora/layer.py Linear.forward: result + lora_B(lora_A(x.to(lora_A.weight.dtype))) *
+    scaling, then .to(the base result's dtype)."""
+    ctx = rec.ctx
+    tokens_in = x.numel // in_f
+    xc = cast(rec, x, ctx.adapter)  # peft _cast_input_dtype
+    a_copy = _weight_copy(rec, in_f * rank, True) if ctx.autocast else None
+    xa = autocast_in(rec, xc)
+    saved_a = [rec.save(xa, f"{tag}.lora_input")]
+    if a_copy is not None and x.rg:
+        saved_a.append(rec.save(a_copy, f"{tag}.lora_autocast_weights"))
+    ab = DTYPE_BYTES[ctx.adapter]
+    a = matmul(rec, xa, in_f, rank, True, ctx.autocast or ctx.adapter, saved_a, weight=a_copy,
+               weight_bytes=in_f * rank * ab)
+    b_copy = _weight_copy(rec, out_f * rank, True) if ctx.autocast else None
+    saved_b = [rec.save(a, f"{tag}.lora_A_out")]
+    if b_copy is not None:
+        saved_b.append(rec.save(b_copy, f"{tag}.lora_autocast_weights"))
+    lb = matmul(rec, a, rank, out_f, True, ctx.autocast or ctx.adapter, saved_b, weight=b_copy,
+                weight_bytes=out_f * rank * ab)
+    if dora:
+        delta = _dora(rec, base, lb, out_f, tokens_in, bias, tag)
+    else:
+        delta = scale(rec, lb)
+    total = add(rec, base, delta, _promote(base.dtype, delta.dtype))
+    return cast(rec, total, base.dtype)  # result.to(torch_result_dtype)
+
+
+def _dora(rec: Recorder, base: T, lora_out: T, out_f: int, tokens: int, bias: bool, tag: str) -> T:
+    """peft tuners/lora/dora.py DoraLinearLayer.forward: (m/||W+BA|| - 1) * base_result +
+    m/||W+BA|| * lora_B(lora_A(x)) * scaling: the muls save the base result (compute dtype), the LoRA
+    result, and the vectors ||W+BA|| (detached, saved by m/||.||) and m/||.||; m/||.|| - 1 only when the
+    base result needs a gradient (x does: the base weight is frozen). base_result - bias when the layer
+    has one (under autocast that promotes to fp32)."""
+    ctx = rec.ctx
+    vec = ctx.adapter
+    wn = rec.save_new(out_f, vec, f"{tag}.dora_scale")  # ||W + s BA||, detached
+    mns = rec.new(out_f, vec, True)  # magnitude / weight_norm: DivBackward saves the norm
+    rec.node(mns, [("param", out_f * DTYPE_BYTES[vec])], saved=[wn])
+    base_dtype = ctx.weight if (bias and ctx.autocast) else (ctx.autocast or ctx.compute)
+    br = base if base_dtype == base.dtype else rec.new(base.numel, base_dtype, base.rg)
+    if br is not base:  # base_result - bias (SubBackward, the engine casts the gradient back)
+        rec.node(br, *_grads(base))
+    m1 = rec.new(out_f, vec, True)  # mag_norm_scale - 1: SubBackward hands the gradient on
+    rec.node(m1, outputs=[(mns.id, GRAD)])
+    saved1 = [rec.save(br, f"{tag}.dora_base_out")]  # for (m - 1)'s gradient
+    if br.rg:
+        saved1.append(rec.save(m1, f"{tag}.dora_scale"))
+    p1 = rec.new(tokens * out_f, _promote(vec, br.dtype), True)
+    _mul_node(rec, p1, m1, br, saved1)
+    lr = lora_out
+    saved2 = [rec.save(lr, f"{tag}.dora_lora_out"), rec.save(mns, f"{tag}.dora_scale")]
+    p2 = rec.new(tokens * out_f, _promote(vec, lr.dtype), True)
+    _mul_node(rec, p2, mns, lr, saved2)
+    p3 = scale(rec, p2)
+    return add(rec, p1, p3, _promote(p1.dtype, p3.dtype))
 
 
 def rms_norm(rec: Recorder, x: T, weight_trainable: bool, tag: str) -> T:
     """LlamaRMSNorm.forward: x.to(fp32); pow(2).mean; rsqrt; x * rsqrt; weight * _.to(input dtype).
-    pow and the product save the fp32 input and the rsqrt; weight * y saves y when the weight trains."""
-    hidden = x.numel // rec.ctx.tokens if rec.ctx.tokens else x.numel
+    pow and the product save the fp32 input and the rsqrt; weight * y saves y when the weight trains.
+    Backward: the weight product (grad * weight, and (grad * y).sum for the weight), the product's
+    grad * rsqrt and (grad * x).sum, rsqrt's -0.5 grad r^3, mean's expanded grad / n, pow's
+    grad * 2 x (x.pow(1) and 2 * _ as temporaries)."""
+    ctx = rec.ctx
+    hidden = x.numel // ctx.tokens if ctx.tokens else x.numel
+    rows = x.numel // hidden
     x32 = cast(rec, x, "float32")
+    full, small = x.numel * 4, rows * 4
     if x.rg:
-        rec.save(x32, f"{tag}.input_fp32")
-        rec.save_new(x.numel // hidden, "float32", f"{tag}.rsqrt")
-    normed = rec.new(x.numel, x.dtype, x.rg)
+        xs = rec.save(x32, f"{tag}.input_fp32")
+        p = rec.new(x.numel, "float32", True)  # x.pow(2)
+        rec.node(p, [("new", "t", full), ("new", "u", full), ("new", "d", full), ("free", "t"), ("free", "u")],
+                 [(x32.id, "d")], [xs])
+        m = rec.new(rows, "float32", True)  # .mean(-1, keepdim=True): grad.expand() / n
+        rec.node(m, [("new", "d", full)], [(p.id, "d")])
+        r = rec.new(rows, "float32", True)  # rsqrt(variance + eps), saves its result
+        rid = rec.save(r, f"{tag}.rsqrt")
+        rec.node(r, [("new", "t", small), ("new", "u", small), ("new", "d", small), ("free", "t"), ("free", "u")],
+                 [(m.id, "d")], [rid])
+        h = rec.new(x.numel, "float32", True)  # x * rsqrt
+        rec.node(h, [("new", "dx", full), ("new", "t", full), ("new", "dr", small), ("free", "t")],
+                 [(x32.id, "dx"), (r.id, "dr")], [xs, rid])
+    else:
+        h = rec.new(x.numel, "float32", False)
+    normed = cast(rec, h, x.dtype)
+    out = rec.new(x.numel, x.dtype, x.rg or weight_trainable)
+    saved = []
+    steps, outputs = [], []
+    if normed.rg:
+        steps.append(("new", "d", normed.nbytes))
+        outputs.append((normed.id, "d"))
     if weight_trainable:
-        rec.save(normed, f"{tag}.normalized")
-    return rec.new(x.numel, x.dtype, x.rg or weight_trainable)
+        saved.append(rec.save(normed, f"{tag}.normalized"))
+        steps += [("new", "t", normed.nbytes), ("param", hidden * DTYPE_BYTES[ctx.weight]), ("free", "t")]
+    rec.node(out, steps, outputs, saved)
+    return out
 
 
 def layer_norm(rec: Recorder, x: T, trainable: bool, hidden: int, tag: str) -> T:
-    """nn.LayerNorm (native_layer_norm): saves the input, mean and rstd when any gradient is needed.
+    """nn.LayerNorm (native_layer_norm): saves the input, mean and rstd when any gradient is needed;
+    its backward makes the input's gradient and, when they train, the weight's and bias's.
     Autocast runs layer_norm in fp32."""
     needs = x.rg or trainable
     xin = cast(rec, x, "float32") if rec.ctx.autocast else x
+    out = rec.new(x.numel, xin.dtype, needs)
     if needs:
-        rec.save(xin, f"{tag}.input")
-        rec.save_new(2 * (x.numel // hidden), "float32", f"{tag}.mean_rstd")
-    return rec.new(x.numel, xin.dtype, needs)
+        saved = [rec.save(xin, f"{tag}.input"), rec.save_new(2 * (x.numel // hidden), "float32", f"{tag}.mean_rstd")]
+        steps, outputs = _grads(xin)
+        if trainable:
+            steps += [("param", hidden * DTYPE_BYTES[rec.ctx.weight])] * 2
+        rec.node(out, steps, outputs, saved)
+    return out
 
 
 def dropout(rec: Recorder, x: T, p: float, tag: str) -> T:
     """F.dropout in training. p == 0 returns the input itself (ATen _dropout). On CUDA p > 0 runs
-    native_dropout and saves a bool mask; on CPU it saves a noise tensor of the input's dtype."""
+    native_dropout and saves a bool mask; on CPU it saves a noise tensor of the input's dtype
+    (input * noise: the backward is grad * noise)."""
     if p <= 0.0 or not rec.ctx.training_dropout:
         return x
+    y = rec.new(x.numel, x.dtype, x.rg)
     if x.rg:
         dtype = "uint8" if rec.ctx.device == "cuda" else x.dtype
-        rec.save_new(x.numel, dtype, f"{tag}.dropout_mask")
-    return rec.new(x.numel, x.dtype, x.rg)
+        rec.node(y, *_grads(x), saved=[rec.save_new(x.numel, dtype, f"{tag}.dropout_mask")])
+    return y
 
 
 def activation(rec: Recorder, x: T, kind: str, tag: str) -> T:
-    """The MLP activation. silu/gelu save their input; gelu_new (NewGELUActivation, a Python
-    formula) saves input, tanh output, 0.5*x and 1+tanh; quick_gelu saves input and sigmoid output."""
-    if x.rg:
-        if kind == "gelu_new":
-            rec.save(x, f"{tag}.input")
-            for part in ("tanh", "half_x", "one_plus_tanh"):
-                rec.save_new(x.numel, x.dtype, f"{tag}.{part}")
-        elif kind == "quick_gelu":
-            rec.save(x, f"{tag}.input")
-            rec.save_new(x.numel, x.dtype, f"{tag}.sigmoid")
-        else:
-            rec.save(x, f"{tag}.input")
-    return rec.new(x.numel, x.dtype, x.rg)
+    """The MLP activation. silu/gelu save their input (silu_backward / gelu_backward: one new
+    gradient); gelu_new (NewGELUActivation, a Python formula) saves input, tanh output, 0.5*x and
+    1+tanh; quick_gelu (x * sigmoid(1.702 x)) saves input and sigmoid output."""
+    if not x.rg:
+        return rec.new(x.numel, x.dtype, False)
+    if kind == "gelu_new":
+        return _gelu_new(rec, x, tag)
+    if kind == "quick_gelu":
+        xs = rec.save(x, f"{tag}.input")
+        z = scale(rec, x)  # 1.702 * x
+        sg = rec.new(x.numel, x.dtype, True)
+        sid = rec.save(sg, f"{tag}.sigmoid")
+        rec.node(sg, *_grads(z), saved=[sid])  # sigmoid_backward(grad, output)
+        y = rec.new(x.numel, x.dtype, True)
+        _mul_node(rec, y, x, sg, [xs, sid])
+        return y
+    y = rec.new(x.numel, x.dtype, True)
+    rec.node(y, *_grads(x), saved=[rec.save(x, f"{tag}.input")])
+    return y
+
+
+def _gelu_new(rec: Recorder, x: T, tag: str) -> T:
+    """transformers NewGELUActivation: 0.5 * x * (1 + tanh(sqrt(2/pi) * (x + 0.044715 * x**3)))."""
+    xs = rec.save(x, f"{tag}.input")
+    half = scale(rec, x)  # 0.5 * x, evaluated first
+    cube = rec.new(x.numel, x.dtype, True)  # pow(x, 3): grad * 3 x^2 (x.pow(2), 3 * _ temporaries)
+    n = x.nbytes
+    rec.node(cube, [("new", "t", n), ("new", "u", n), ("new", "d", n), ("free", "t"), ("free", "u")],
+             [(x.id, "d")], [xs])
+    inner = add(rec, x, scale(rec, cube))
+    th = rec.new(x.numel, x.dtype, True)
+    tid = rec.save(th, f"{tag}.tanh")
+    rec.node(th, *_grads(scale(rec, inner)), saved=[tid])  # tanh_backward(grad, output)
+    one_plus = rec.new(x.numel, x.dtype, True)
+    rec.node(one_plus, outputs=[(th.id, GRAD)])
+    y = rec.new(x.numel, x.dtype, True)
+    _mul_node(rec, y, half, one_plus, [rec.save(half, f"{tag}.half_x"), rec.save(one_plus, f"{tag}.one_plus_tanh")])
+    return y
 
 
 def mul(rec: Recorder, a: T, b: T, tag: str) -> T:
     """a * b saves b when a needs a gradient and a when b does."""
+    saved = []
     if b.rg:
-        rec.save(a, f"{tag}.a")
+        saved.append(rec.save(a, f"{tag}.a"))
     if a.rg:
-        rec.save(b, f"{tag}.b")
-    return rec.new(max(a.numel, b.numel), a.dtype, a.rg or b.rg)
+        saved.append(rec.save(b, f"{tag}.b"))
+    out = rec.new(max(a.numel, b.numel), a.dtype, a.rg or b.rg)
+    _mul_node(rec, out, a, b, saved)
+    return out
+
+
+def heads_view(rec: Recorder, x: T, clone: bool) -> T:
+    """x.view(b, s, heads, d).transpose(1, 2): a view; its backward reshapes the gradient back,
+    which copies it (clone) when the gradient arrives laid out as (b, heads, s, d) - from the CPU math
+    path, eager matmuls or RoPE - and not when a fused kernel returns it in the input's layout."""
+    v = rec.view(x, x.numel)
+    if clone:
+        rec.node(v, *_grads(x))
+    else:
+        rec.node(v, outputs=[(x.id, GRAD)])
+    return v
+
+
+def rope(rec: Recorder, x: T) -> T:
+    """transformers apply_rotary_pos_emb: x * cos + rotate_half(x) * sin, rotate_half(x) =
+    cat(-x[..., d/2:], x[..., :d/2]). The products save cos and sin (shared, counted once per model).
+    Backward: grad * sin; cat's gradient splits into views; neg's gradient; each slice's
+    slice_backward (zeros like x, then a copy), summed; grad * cos."""
+    if not x.rg:
+        return rec.new(x.numel, x.dtype, False)
+    n, half = x.nbytes, x.nbytes // 2
+    m1 = rec.new(x.numel, x.dtype, True)  # x * cos
+    rec.node(m1, *_grads(x))
+    x1 = rec.new(x.numel // 2, x.dtype, True)  # x[..., :d/2]
+    rec.node(x1, [("new", "d", n)], [(x.id, "d")])
+    x2 = rec.new(x.numel // 2, x.dtype, True)  # x[..., d/2:]
+    rec.node(x2, [("new", "d", n)], [(x.id, "d")])
+    ng = rec.new(x.numel // 2, x.dtype, True)  # -x2
+    rec.node(ng, [("new", "d", half)], [(x2.id, "d")])
+    c = rec.new(x.numel, x.dtype, True)  # cat: the gradient's two halves, views of it
+    rec.node(c, outputs=[(ng.id, GRAD), (x1.id, GRAD)])
+    m2 = rec.new(x.numel, x.dtype, True)  # cat * sin
+    rec.node(m2, *_grads(c))
+    return add(rec, m1, m2)
 
 
 # Families whose eager attention runs softmax in fp32 (modeling_llama.py eager_attention_forward and
@@ -242,14 +528,16 @@ def mul(rec: Recorder, a: T, b: T, tag: str) -> T:
 FP32_SOFTMAX_FAMILIES = ("llama", "mistral", "qwen2", "vit", "clip_vision_model")
 
 
-def attention(rec: Recorder, spec: ModelSpec, q: T, k: T, v: T, p_drop: float, tag: str) -> T:
+def attention(rec: Recorder, spec: ModelSpec, q: T, k: T, v: T, p_drop: float, tag: str, hold: int = 0) -> T:
     """Scaled dot-product attention over heads.
 
     sdpa (torch.nn.functional.scaled_dot_product_attention): the fused kernels (flash/memory-efficient
     on CUDA, the flash kernel on CPU) save q, k, v, the output and a logsumexp (fp32, batch x heads x
-    query length). eager (transformers eager_attention_forward): q @ k^T saves q and k (keys/values
-    repeated to all heads for GQA by repeat_kv), softmax in fp32 saves its output, the cast to the
-    compute dtype is saved by the matmul with v, and dropout (p > 0) saves its mask.
+    query length); their backward makes the three input gradients at once. eager (transformers
+    eager_attention_forward): q @ k^T saves q and k (keys/values repeated to all heads for GQA by
+    repeat_kv), softmax in fp32 saves its output, the cast to the compute dtype is saved by the matmul
+    with v, and dropout (p > 0) saves its mask. `hold`: the node after which the CPU math path's
+    incoming gradient is freed (traced: the query projection's).
     """
     ctx = rec.ctx
     b, s, kv = ctx.batch, ctx.seq, ctx.kv_seq
@@ -260,8 +548,8 @@ def attention(rec: Recorder, spec: ModelSpec, q: T, k: T, v: T, p_drop: float, t
         # an attention mask, so transformers (sdpa_attention_forward: use_gqa_in_sdpa is False with a
         # mask) repeats keys/values to every head (repeat_kv) and SDPA saves the float mask it builds
         width = spec.q_dim if spec.num_kv_heads != spec.num_heads else spec.kv_dim
-        k = rec.new(b * kv * width, k.dtype, True)
-        v = rec.new(b * kv * width, v.dtype, True)
+        k = _cache_keys(rec, k, b * kv * width)
+        v = _cache_keys(rec, v, b * kv * width)
         cpu_math = p_drop > 0 and ctx.device == "cpu" and ctx.training_dropout
         if ctx.attention != "eager" and not cpu_math:  # eager and the math path add it to the scores
             rec.save_new(b * s * kv, q.dtype, f"{tag}.attn_mask")
@@ -270,64 +558,133 @@ def attention(rec: Recorder, spec: ModelSpec, q: T, k: T, v: T, p_drop: float, t
     if not needs:
         return rec.new(out_numel, q.dtype, False)
     if ctx.attention == "eager":
-        groups = 1 if explicit_mask else spec.num_heads // spec.num_kv_heads  # repeat_kv (once)
-        k_full = k if groups == 1 else rec.new(k.numel * groups, k.dtype, k.rg)
-        v_full = v if groups == 1 else rec.new(v.numel * groups, v.dtype, v.rg)
-        # q @ k^T saves q for k's gradient and k for q's; probs @ v saves v for the probabilities'
-        # gradient and the probabilities for v's
-        if k.rg:
-            rec.save(q, f"{tag}.q")
-        if q.rg:
-            rec.save(k_full, f"{tag}.k")
-        if spec.model_type in FP32_SOFTMAX_FAMILIES:  # softmax(..., dtype=float32).to(query.dtype)
-            softmax = rec.new(b * heads * s * kv, "float32", True)
-        else:  # softmax(attn_weights, dim=-1) in the scores' dtype
-            softmax = rec.new(b * heads * s * kv, q.dtype if not ctx.autocast else "float32", True)
-        rec.save(softmax, f"{tag}.softmax_out")
-        probs = softmax
-        if probs.dtype != q.dtype and not ctx.autocast:  # .to(query.dtype)
-            probs = rec.new(probs.numel, q.dtype, True)
-        probs = dropout(rec, probs, p_drop, tag)
-        probs = autocast_in(rec, probs)  # autocast's matmul casts fp32 probabilities
-        if v.rg:
-            rec.save(probs, f"{tag}.probs")
-        if q.rg or k.rg:
-            rec.save(v_full, f"{tag}.v")
-    elif p_drop > 0 and ctx.device == "cpu" and ctx.training_dropout:
-        # CPU has no fused kernel with dropout: torch's _scaled_dot_product_attention_math runs, in fp32
-        # for half types, and saves the scaled q, k^T, v, the softmax, the dropout noise and the
-        # dropped probabilities; its (batch, heads, seq, dim) output is copied by transpose().contiguous()
-        up = "float32" if (ctx.autocast or q.dtype) in ("bfloat16", "float16") else q.dtype
-        if k.rg:
-            rec.save_new(b * s * spec.q_dim, up, f"{tag}.math_q")
-        if q.rg:
-            rec.save_new(b * kv * spec.q_dim, up, f"{tag}.math_k")
-        if q.rg or k.rg:
-            rec.save_new(b * kv * spec.q_dim, up, f"{tag}.math_v")
-            rec.save_new(2 * b * heads * s * kv, up, f"{tag}.math_softmax_noise")
-        if v.rg:
-            rec.save_new(b * heads * s * kv, up, f"{tag}.math_probs")
+        return _eager_attention(rec, spec, q, k, v, p_drop, explicit_mask, tag)
+    if p_drop > 0 and ctx.device == "cpu" and ctx.training_dropout:
+        return _math_attention(rec, spec, q, k, v, tag, hold)
+    saved = [rec.save(q, f"{tag}.q"), rec.save(k, f"{tag}.k"), rec.save(v, f"{tag}.v")]
+    out = rec.new(out_numel, q.dtype, True)
+    saved += [rec.save(out, f"{tag}.out"), rec.save_new(b * heads * s, "float32", f"{tag}.logsumexp")]
+    if p_drop > 0 and ctx.device == "cpu":  # CPU flash has no dropout: the math path keeps the probs
+        saved.append(rec.save_new(b * heads * s * kv, q.dtype, f"{tag}.probs"))
+    # the backward computes all three gradients (and frees those no input needs)
+    steps = [("new", "dq", q.nbytes), ("new", "dk", k.nbytes), ("new", "dv", v.nbytes)]
+    outputs = [(t.id, name) for t, name in ((q, "dq"), (k, "dk"), (v, "dv")) if t.rg]
+    rec.node(out, steps, outputs, saved)
+    # The fused kernels lay their output out as (batch, seq, heads, dim): transformers'
+    # transpose(1, 2).contiguous() is then a view, and the output projection saves that storage.
+    return out
+
+
+def _cache_keys(rec: Recorder, x: T, numel: int) -> T:
+    """Prefix tuning's keys/values: cat(past, new) along the sequence (and repeat_kv to every head):
+    the backward slices the gradient (a view) and sums the repeats."""
+    y = rec.new(numel, x.dtype, True)
+    rec.node(y, *_grads(x))
+    return y
+
+
+def _math_attention(rec: Recorder, spec: ModelSpec, q: T, k: T, v: T, tag: str, hold: int) -> T:
+    """CPU has no fused kernel with dropout: torch's _scaled_dot_product_attention_math runs, in fp32
+    for half types, and saves the scaled q, k^T, v (reshape copies for bmm), the softmax, the dropout
+    noise and the dropped probabilities; its (batch, heads, seq, dim) output is copied by
+    transpose().contiguous(). Backward (traced): the output gradient is copied for bmm, bmm makes v's
+    and the probabilities' gradients, dropout, _safe_softmax_backward, bmm makes q's and k's, the
+    scalings make new ones."""
+    ctx = rec.ctx
+    b, s, kv, heads = ctx.batch, ctx.seq, ctx.kv_seq, spec.num_heads
+    up = "float32" if (ctx.autocast or q.dtype) in ("bfloat16", "float16") else q.dtype
+    ub = DTYPE_BYTES[up]
+    nq, nk, sc = b * s * spec.q_dim * ub, b * kv * spec.q_dim * ub, b * heads * s * kv * ub
+    qu, ku, vu = (cast(rec, t, up) for t in (q, k, v))
+    qs = scale(rec, qu)  # q * sqrt(scale)
+    ks = scale(rec, ku)  # k^T * sqrt(scale)
+    saved1 = []
+    if k.rg:
+        saved1.append(rec.save_new(b * s * spec.q_dim, up, f"{tag}.math_q"))
+    if q.rg:
+        saved1.append(rec.save_new(b * kv * spec.q_dim, up, f"{tag}.math_k"))
+    scores = rec.new(b * heads * s * kv, up, True)
+    rec.node(scores, [("new", "dk", nk), ("new", "dq", nq)], [(t.id, n) for t, n in ((ks, "dk"), (qs, "dq")) if t.rg],
+             saved1)
+    saved2 = []
+    if q.rg or k.rg:
+        saved2.append(rec.save_new(b * kv * spec.q_dim, up, f"{tag}.math_v"))
+        sm = rec.save_new(b * heads * s * kv, up, f"{tag}.math_softmax_noise")  # softmax output
+        noise = rec.save_new(b * heads * s * kv, up, f"{tag}.math_softmax_noise")
     else:
-        rec.save(q, f"{tag}.q")
-        rec.save(k, f"{tag}.k")
-        rec.save(v, f"{tag}.v")
-        out = rec.new(out_numel, q.dtype, True)
-        rec.save(out, f"{tag}.out")
-        rec.save_new(b * heads * s, "float32", f"{tag}.logsumexp")
-        if p_drop > 0 and ctx.device == "cpu":  # CPU flash has no dropout: the math path keeps the probs
-            rec.save_new(b * heads * s * kv, q.dtype, f"{tag}.probs")
-        # The fused kernels lay their output out as (batch, seq, heads, dim): transformers'
-        # transpose(1, 2).contiguous() is then a view, and the output projection saves that storage.
-        return out
-    return rec.new(out_numel, q.dtype, True)  # eager: transpose(1, 2).contiguous() copies
+        sm = noise = 0
+    probs = rec.new(b * heads * s * kv, up, True)
+    rec.node(probs, [("new", "d", sc)], [(scores.id, "d")], [sm] if sm else [])  # _safe_softmax
+    dropped = rec.new(b * heads * s * kv, up, True)
+    rec.node(dropped, [("new", "d", sc)], [(probs.id, "d")], [noise] if noise else [])
+    if v.rg:
+        saved2.append(rec.save_new(b * heads * s * kv, up, f"{tag}.math_probs"))
+    out = rec.new(b * s * spec.q_dim, up, True)  # bmm(probs, v), reshaped
+    rec.node(out, [("new", "g3", nq), ("new", "dv", nk), ("new", "dp", sc), ("free", "g3")],
+             [(t.id, n) for t, n in ((vu, "dv"), (dropped, "dp")) if t.rg], saved2, hold=hold)
+    out = cast(rec, out, q.dtype)
+    y = rec.new(out.numel, out.dtype, True)  # transpose(1, 2).contiguous(): a copy, its backward a view
+    rec.node(y, outputs=[(out.id, GRAD)])
+    return y
+
+
+def _eager_attention(rec: Recorder, spec: ModelSpec, q: T, k: T, v: T, p_drop: float, explicit_mask: bool,
+                     tag: str) -> T:
+    """transformers eager_attention_forward: repeat_kv, matmul(q, k^T) * scaling (+ mask), softmax
+    (fp32 for the Llama family and the vision towers), .to(q dtype), dropout, matmul with v, then
+    transpose(1, 2).contiguous()."""
+    ctx = rec.ctx
+    b, s, kv, heads = ctx.batch, ctx.seq, ctx.kv_seq, spec.num_heads
+    groups = 1 if explicit_mask else spec.num_heads // spec.num_kv_heads  # repeat_kv (once)
+    k_full, v_full = k, v
+    if groups > 1:
+        k_full = rec.new(k.numel * groups, k.dtype, k.rg)
+        rec.node(k_full, *_grads(k))
+        v_full = rec.new(v.numel * groups, v.dtype, v.rg)
+        rec.node(v_full, *_grads(v))
+    # q @ k^T saves q for k's gradient and k for q's; probs @ v saves v for the probabilities'
+    # gradient and the probabilities for v's
+    qi, ki = autocast_in(rec, q), autocast_in(rec, k_full)
+    saved1 = []
+    if k.rg:
+        saved1.append(rec.save(q, f"{tag}.q"))
+    if q.rg:
+        saved1.append(rec.save(k_full, f"{tag}.k"))
+    sdt = ctx.autocast or q.dtype
+    scores = rec.new(b * heads * s * kv, sdt, True)
+    rec.node(scores, *_grads(qi, ki), saved=saved1)
+    scores = scale(rec, scores)
+    if spec.model_type in FP32_SOFTMAX_FAMILIES:  # softmax(..., dtype=float32).to(query.dtype)
+        softmax = rec.new(b * heads * s * kv, "float32", True)
+    else:  # softmax(attn_weights, dim=-1) in the scores' dtype
+        softmax = rec.new(b * heads * s * kv, q.dtype if not ctx.autocast else "float32", True)
+    sid = rec.save(softmax, f"{tag}.softmax_out")
+    rec.node(softmax, *_grads(scores), saved=[sid])
+    probs = softmax
+    if probs.dtype != q.dtype and not ctx.autocast:  # .to(query.dtype)
+        probs = cast(rec, probs, q.dtype)
+    probs = dropout(rec, probs, p_drop, tag)
+    probs = autocast_in(rec, probs)  # autocast's matmul casts fp32 probabilities
+    vi = autocast_in(rec, v_full)
+    saved2 = []
+    if v.rg:
+        saved2.append(rec.save(probs, f"{tag}.probs"))
+    if q.rg or k.rg:
+        saved2.append(rec.save(v_full, f"{tag}.v"))
+    out = rec.new(b * s * spec.q_dim, sdt, True)
+    rec.node(out, [("new", "g", out.nbytes)] + _grads(probs, vi)[0] + [("free", "g")], _grads(probs, vi)[1], saved2)
+    y = rec.new(out.numel, out.dtype, True)  # transpose(1, 2).contiguous() copies; its backward a view
+    rec.node(y, outputs=[(out.id, GRAD)])
+    return y
 
 
 def adapter_block(rec: Recorder, x: T, hidden: int, bottleneck: int, tag: str) -> T:
-    """measure.adapters.BottleneckAdapter: x + up(gelu(down(x))), two trainable Linears around a GELU."""
-    down = linear(rec, x, hidden, bottleneck, True, f"{tag}.adapter.down")
+    """measure.adapters.BottleneckAdapter: x + up(gelu(down(x))), two trainable Linears around a GELU,
+    applied by a forward hook to the output projection's output, before the block's dropout."""
+    down = linear(rec, x, hidden, bottleneck, True, f"{tag}.adapter.down", bias_trains=True)
     act = activation(rec, down, "gelu", f"{tag}.adapter.act")
-    up = linear(rec, act, bottleneck, hidden, True, f"{tag}.adapter.up")
-    return rec.new(x.numel, up.dtype if rec.ctx.autocast is None else x.dtype, True)
+    up = linear(rec, act, bottleneck, hidden, True, f"{tag}.adapter.up", bias_trains=True)
+    return add(rec, x, up, up.dtype if rec.ctx.autocast is None else x.dtype)
 
 
 # ---------------------------------------------------------------- blocks
@@ -400,97 +757,121 @@ def _maybe_adapter(rec, lt, x, role, spec, plan, tag):
     return x
 
 
+def _first_node(rec: Recorder, mark: int) -> int:
+    """The output id of the first node recorded since `mark` (0: none)."""
+    return rec.nodes[mark].out if len(rec.nodes) > mark else 0
+
+
+def _math_path(spec: ModelSpec, ctx: Ctx) -> bool:
+    """Attention takes torch's math path (not a fused kernel) on the CPU in training with dropout."""
+    return ctx.attention != "eager" and dropout_p(spec, "attn") > 0 and ctx.device == "cpu" and ctx.training_dropout
+
+
 def llama_block(rec: Recorder, spec: ModelSpec, plan: Plan, lt: LayerTraining, x: T) -> T:
     """LlamaDecoderLayer (also Mistral, Qwen2): pre-RMSNorm attention with RoPE, gated SiLU MLP."""
     ctx = rec.ctx
-    h, tok = spec.hidden_size, ctx.tokens
+    h = spec.hidden_size
     quant = plan.settings.method == "qlora"
+    eager = ctx.attention == "eager"
     n = rms_norm(rec, x, "input_layernorm" in lt.norm_trainable, "input_layernorm")
-    q = _lin(rec, lt, n, "self_attn.q_proj", h, spec.q_dim, plan, quant)
-    k = _lin(rec, lt, n, "self_attn.k_proj", h, spec.kv_dim, plan, quant)
-    v = _lin(rec, lt, n, "self_attn.v_proj", h, spec.kv_dim, plan, quant)
-    q = rec.new(q.numel, q.dtype, q.rg)  # RoPE: q * cos + rotate_half(q) * sin (saves only cos/sin)
-    k = rec.new(k.numel, k.dtype, k.rg)
+    # q_proj(x).view().transpose(1, 2), then k, then v; RoPE on q and k (its gradients come back laid
+    # out as (b, heads, s, d), so the views' backward copies them; SDPA's come back in v's layout)
+    q = heads_view(rec, _lin(rec, lt, n, "self_attn.q_proj", h, spec.q_dim, plan, quant), clone=True)
+    k = heads_view(rec, _lin(rec, lt, n, "self_attn.k_proj", h, spec.kv_dim, plan, quant), clone=True)
+    v = heads_view(rec, _lin(rec, lt, n, "self_attn.v_proj", h, spec.kv_dim, plan, quant), clone=eager)
+    q, k = rope(rec, q), rope(rec, k)
     a = attention(rec, spec, q, k, v, dropout_p(spec, "attn"), "self_attn.attention")
     o = _lin(rec, lt, a, "self_attn.o_proj", spec.q_dim, h, plan, quant)
     o = _maybe_adapter(rec, lt, o, "attn_out", spec, plan, "self_attn.o_proj")
-    x2 = rec.new(tok * h, x.dtype, x.rg or o.rg)  # x + o keeps the residual stream's dtype
+    x2 = add(rec, x, o, x.dtype)  # x + o keeps the residual stream's dtype
     n2 = rms_norm(rec, x2, "post_attention_layernorm" in lt.norm_trainable, "post_attention_layernorm")
     g = _lin(rec, lt, n2, "mlp.gate_proj", h, spec.intermediate_size, plan, quant)
-    u = _lin(rec, lt, n2, "mlp.up_proj", h, spec.intermediate_size, plan, quant)
     act = activation(rec, g, "silu", "mlp.act_fn")
+    u = _lin(rec, lt, n2, "mlp.up_proj", h, spec.intermediate_size, plan, quant)
     p = mul(rec, act, u, "mlp.act_mul")
     d = _lin(rec, lt, p, "mlp.down_proj", spec.intermediate_size, h, plan, quant)
     d = _maybe_adapter(rec, lt, d, "mlp_out", spec, plan, "mlp.down_proj")
-    return rec.new(tok * h, x2.dtype, x2.rg or d.rg)
+    return add(rec, x2, d, x2.dtype)
 
 
 def gpt2_block(rec: Recorder, spec: ModelSpec, plan: Plan, lt: LayerTraining, x: T) -> T:
-    """GPT2Block: pre-LayerNorm, fused c_attn (Conv1D), gelu_new MLP, dropout on attention and residuals."""
+    """GPT2Block: pre-LayerNorm, fused c_attn (Conv1D) split into q, k, v (views of one storage;
+    SplitBackward concatenates their gradients into a new one), gelu_new MLP, dropout on attention and
+    residuals."""
     ctx = rec.ctx
-    h, tok = spec.hidden_size, ctx.tokens
-    quant = plan.settings.method == "qlora"
+    h = spec.hidden_size
     n = layer_norm(rec, x, "ln_1" in lt.norm_trainable, h, "ln_1")
-    qkv = _lin(rec, lt, n, "attn.c_attn", h, 3 * h, plan, quant and False)
-    q = k = v = qkv  # views of c_attn's output: one storage
+    qkv = _lin(rec, lt, n, "attn.c_attn", h, 3 * h, plan)
+    q, k, v = (rec.view(qkv, qkv.numel // 3) for _ in range(3))
+    for part in (q, k, v):
+        rec.node(part, [("new", "d", qkv.nbytes)], [(qkv.id, "d")])
+    # the views' gradients come back contiguous as (b, heads, s, d) (no kernel can keep the layout of
+    # a strided third of c_attn's output), so reshaping them back copies
+    q, k, v = (heads_view(rec, t, clone=True) for t in (q, k, v))
     a = attention(rec, spec, q, k, v, dropout_p(spec, "attn"), "attn.attention")
     o = _lin(rec, lt, a, "attn.c_proj", h, h, plan)
-    o = dropout(rec, o, dropout_p(spec, "resid"), "attn.resid_dropout")
     o = _maybe_adapter(rec, lt, o, "attn_out", spec, plan, "attn.c_proj")
-    x2 = rec.new(tok * h, x.dtype, x.rg or o.rg)
+    o = dropout(rec, o, dropout_p(spec, "resid"), "attn.resid_dropout")
+    x2 = add(rec, x, o, x.dtype)
     n2 = layer_norm(rec, x2, "ln_2" in lt.norm_trainable, h, "ln_2")
     f = _lin(rec, lt, n2, "mlp.c_fc", h, spec.intermediate_size, plan)
     act = activation(rec, f, spec.hidden_act if spec.hidden_act in ("gelu_new", "quick_gelu") else "gelu", "mlp.act")
     d = _lin(rec, lt, act, "mlp.c_proj", spec.intermediate_size, h, plan)
-    d = dropout(rec, d, dropout_p(spec, "resid"), "mlp.dropout")
     d = _maybe_adapter(rec, lt, d, "mlp_out", spec, plan, "mlp.c_proj")
-    return rec.new(tok * h, x2.dtype, x2.rg or d.rg)
+    d = dropout(rec, d, dropout_p(spec, "resid"), "mlp.dropout")
+    return add(rec, x2, d, x2.dtype)
 
 
 def bert_block(rec: Recorder, spec: ModelSpec, plan: Plan, lt: LayerTraining, x: T) -> T:
     """BertLayer / RobertaLayer: post-LayerNorm; dropout after attention output and FFN output."""
     ctx = rec.ctx
-    h, tok = spec.hidden_size, ctx.tokens
-    q = _lin(rec, lt, x, "attention.self.query", h, h, plan)
-    k = _lin(rec, lt, x, "attention.self.key", h, h, plan)
-    v = _lin(rec, lt, x, "attention.self.value", h, h, plan)
-    a = attention(rec, spec, q, k, v, dropout_p(spec, "attn"), "attention.self")
+    h = spec.hidden_size
+    reshaped = _math_path(spec, ctx) or ctx.attention == "eager"
+    mark = len(rec.nodes)
+    q = heads_view(rec, _lin(rec, lt, x, "attention.self.query", h, h, plan), clone=reshaped)
+    query_node = _first_node(rec, mark)
+    k = heads_view(rec, _lin(rec, lt, x, "attention.self.key", h, h, plan), clone=reshaped)
+    v = heads_view(rec, _lin(rec, lt, x, "attention.self.value", h, h, plan), clone=reshaped)
+    a = attention(rec, spec, q, k, v, dropout_p(spec, "attn"), "attention.self", hold=query_node)
     o = _lin(rec, lt, a, "attention.output.dense", h, h, plan)
-    o = dropout(rec, o, dropout_p(spec, "resid"), "attention.output.dropout")
     o = _maybe_adapter(rec, lt, o, "attn_out", spec, plan, "attention.output.dense")
-    s1 = rec.new(tok * h, o.dtype if ctx.autocast is None else x.dtype, x.rg or o.rg)
+    o = dropout(rec, o, dropout_p(spec, "resid"), "attention.output.dropout")
+    s1 = add(rec, o, x, o.dtype if ctx.autocast is None else x.dtype)
     n1 = layer_norm(rec, s1, "attention.output.LayerNorm" in lt.norm_trainable, h, "attention.output.LayerNorm")
     f = _lin(rec, lt, n1, "intermediate.dense", h, spec.intermediate_size, plan)
     act = activation(rec, f, "gelu", "intermediate.act")
     d = _lin(rec, lt, act, "output.dense", spec.intermediate_size, h, plan)
-    d = dropout(rec, d, dropout_p(spec, "resid"), "output.dropout")
     d = _maybe_adapter(rec, lt, d, "mlp_out", spec, plan, "output.dense")
-    s2 = rec.new(tok * h, n1.dtype, n1.rg or d.rg)
+    d = dropout(rec, d, dropout_p(spec, "resid"), "output.dropout")
+    s2 = add(rec, d, n1, n1.dtype)
     return layer_norm(rec, s2, "output.LayerNorm" in lt.norm_trainable, h, "output.LayerNorm")
 
 
 def vision_block(rec: Recorder, spec: ModelSpec, plan: Plan, lt: LayerTraining, x: T) -> T:
     """ViTLayer / CLIPEncoderLayer: pre-LayerNorm attention and MLP (gelu / quick_gelu)."""
     ctx = rec.ctx
-    h, tok = spec.hidden_size, ctx.tokens
+    h = spec.hidden_size
     vit = spec.model_type == "vit"
     ln1, ln2 = ("layernorm_before", "layernorm_after") if vit else ("layer_norm1", "layer_norm2")
     att = "attention" if vit else "self_attn"
     out_name = f"{att}.o_proj" if vit else f"{att}.out_proj"
+    reshaped = _math_path(spec, ctx) or ctx.attention == "eager"
     n = layer_norm(rec, x, ln1 in lt.norm_trainable, h, ln1)
-    q = _lin(rec, lt, n, f"{att}.q_proj", h, h, plan)
-    k = _lin(rec, lt, n, f"{att}.k_proj", h, h, plan)
-    v = _lin(rec, lt, n, f"{att}.v_proj", h, h, plan)
-    a = attention(rec, spec, q, k, v, dropout_p(spec, "attn"), att)
+    mark = len(rec.nodes)
+    q = heads_view(rec, _lin(rec, lt, n, f"{att}.q_proj", h, h, plan), clone=reshaped)
+    query_node = _first_node(rec, mark)
+    k = heads_view(rec, _lin(rec, lt, n, f"{att}.k_proj", h, h, plan), clone=reshaped)
+    v = heads_view(rec, _lin(rec, lt, n, f"{att}.v_proj", h, h, plan), clone=reshaped)
+    a = attention(rec, spec, q, k, v, dropout_p(spec, "attn"), att, hold=query_node)
     o = _lin(rec, lt, a, out_name, h, h, plan)
     o = _maybe_adapter(rec, lt, o, "attn_out", spec, plan, out_name)
-    x2 = rec.new(tok * h, x.dtype, x.rg or o.rg)
+    x2 = add(rec, x, o, x.dtype)
     n2 = layer_norm(rec, x2, ln2 in lt.norm_trainable, h, ln2)
     f = _lin(rec, lt, n2, "mlp.fc1", h, spec.intermediate_size, plan)
     act = activation(rec, f, "quick_gelu" if spec.hidden_act == "quick_gelu" else "gelu", "mlp.act")
     d = _lin(rec, lt, act, "mlp.fc2", spec.intermediate_size, h, plan)
     d = _maybe_adapter(rec, lt, d, "mlp_out", spec, plan, "mlp.fc2")
-    return rec.new(tok * h, x2.dtype, x2.rg or d.rg)
+    return add(rec, x2, d, x2.dtype)
 
 
 BLOCKS = {
@@ -528,6 +909,8 @@ class ActivationProfile:
     forward_transient_saved: int = 0  # block activations already saved when that working set peaks
     autocast_weight_cache: int = 0  # autocast's copies of trainable matmul weights, alive to the end of forward
     loss_scalars: int = 0  # the loss and backward's seed, alive through the backward
+    head_backward: BackwardPeak = BackwardPeak()  # the peak inside the head's backward (peftcalc.backward)
+    layer_backward: tuple = ()  # per layer: the peak inside its backward (BackwardPeak)
     by_tag: tuple = ()
 
     @property
@@ -589,6 +972,7 @@ def activation_profile(plan: Plan, t: TrainingSettings) -> ActivationProfile:
         # by every layer, saved by q * cos and rotate_half(q) * sin
         rec.save_new(2 * ctx.seq * spec.head_dim, ctx.weight, "rotary.cos_sin")
     per_layer = []
+    layer_backward = []
     tags: dict = {}
     blocks_seen: dict = {}
     for lt in _layer_trainings(plan, layout):
@@ -597,13 +981,18 @@ def activation_profile(plan: Plan, t: TrainingSettings) -> ActivationProfile:
         key = (lt, x.rg, x.dtype)
         if key not in blocks_seen:
             blocks_seen[key] = _simulate_block(spec, plan, lt, ctx, x.rg, x.dtype)
-        saved, block_tags, out_rg, out_dtype = blocks_seen[key]
-        per_layer.append(saved)
-        for tag, nbytes in block_tags:
+        block = blocks_seen[key]
+        per_layer.append(block.saved)
+        layer_backward.append(block.backward)
+        for tag, nbytes in block.tags:
             tags[tag] = tags.get(tag, 0) + nbytes
-        x = rec.new(x.numel, out_dtype, out_rg)
+        x = rec.new(x.numel, block.out_dtype, block.out_rg)
     rec.bucket = "post"
-    logits_numel, x = _head(rec, spec, plan, layout, x)
+    head_start = len(rec.nodes)
+    logits_numel, x, root = _head(rec, spec, plan, layout, x)
+    post_saved = {tid: nbytes for tid, (bucket, _t, nbytes) in rec.saved.items() if bucket == "post"}
+    head = run_backward(rec.nodes[head_start:], post_saved, {root.id: root.nbytes} if root.rg else {},
+                        in_place=ctx.device == "cuda")
     by_bucket = rec.bytes_by_bucket()
     for tag, nbytes in rec.bytes_by_tag().items():
         tags[tag] = tags.get(tag, 0) + nbytes
@@ -626,16 +1015,33 @@ def activation_profile(plan: Plan, t: TrainingSettings) -> ActivationProfile:
         forward_transient=_forward_transient(spec, plan, ctx, per_layer),
         forward_transient_saved=_saved_before_last_light_block(per_layer),
         autocast_weight_cache=_autocast_weight_cache(plan, ctx),
+        head_backward=head.peak,
+        layer_backward=tuple(layer_backward),
         by_tag=tuple(sorted(tags.items())),
     )
 
 
-def _simulate_block(spec: ModelSpec, plan: Plan, lt: LayerTraining, ctx: Ctx, input_rg: bool, input_dtype: str):
-    """One block's saved bytes, by tag, and its output's requires-grad and dtype."""
+@dataclass(frozen=True)
+class BlockSimulation:
+    """One block: its saved bytes (total and by tag), its output's requires-grad and dtype, and the
+    peak inside its backward (from its output's gradient to its input's)."""
+
+    saved: int
+    tags: tuple
+    out_rg: bool
+    out_dtype: str
+    backward: BackwardPeak
+
+
+def _simulate_block(spec: ModelSpec, plan: Plan, lt: LayerTraining, ctx: Ctx, input_rg: bool,
+                    input_dtype: str) -> BlockSimulation:
     rec = Recorder(ctx, bucket=0)
     x = rec.new(ctx.tokens * spec.hidden_size, input_dtype, input_rg)
     out = BLOCKS[spec.model_type](rec, spec, plan, lt, x)
-    return sum(b for _, _, b in rec.saved.values()), tuple(rec.bytes_by_tag().items()), out.rg, out.dtype
+    replay = run_backward(rec.nodes, rec.saved_bytes(), {out.id: out.nbytes} if out.rg else {},
+                          in_place=ctx.device == "cuda")
+    return BlockSimulation(sum(b for _, _, b in rec.saved.values()), tuple(rec.bytes_by_tag().items()), out.rg,
+                           out.dtype, replay.peak)
 
 
 def _stream_dtype(ctx: Ctx) -> str:
@@ -669,9 +1075,28 @@ def _embeddings(rec: Recorder, spec: ModelSpec, plan: Plan, layout: Layout, x: T
     return x
 
 
+def _head_linear(rec: Recorder, plan: Plan, x: T, path: str, in_f: int, out_f: int, tag: str,
+                 trains: bool | None = None) -> T:
+    """A head Linear: trainable (a modules_to_save copy, a trainable head), or a LoRA/DoRA target
+    (all-linear takes the MLM transform's dense, BERT's pooler and ViT's classifier)."""
+    s = plan.settings
+    lora = s.method in ("lora", "qlora") and path in plan.targets
+    w = _trains(plan, path, True) if trains is None else trains
+    return linear(rec, x, in_f, out_f, w, tag, lora_rank=s.rank if lora else 0, dora=s.dora and lora)
+
+
+def _first_token(rec: Recorder, x: T, batch: int) -> T:
+    """x[:, 0]: a view; saving it keeps x's whole storage. Its backward (select_backward) makes a new
+    gradient like x (zeros, then the copy)."""
+    v = rec.view(x, batch * (x.numel // rec.ctx.tokens))
+    rec.node(v, *_grads(x))
+    return v
+
+
 def _head(rec: Recorder, spec: ModelSpec, plan: Plan, layout: Layout, x: T):
-    """Final norm and task head (as each ForXxx class runs them); returns (logits numel, output).
-    A classifier on the first token takes x[:, 0], a view: saving it keeps the whole storage."""
+    """Final norm and task head (as each ForXxx class runs them); returns (logits numel, the final
+    hidden state, the tensor whose gradient starts the head's backward: the logits, or the bare
+    encoder's loss)."""
     ctx = rec.ctx
     h, tok, b = spec.hidden_size, ctx.tokens, ctx.batch
     if layout.final_norm_path and spec.model_type != "clip_vision_model":  # CLIP norms only the pooled token
@@ -682,63 +1107,62 @@ def _head(rec: Recorder, spec: ModelSpec, plan: Plan, layout: Layout, x: T):
             x = layer_norm(rec, x, norm_trains, h, layout.final_norm_path)
     if spec.task == "causal_lm":
         w = _trains(plan, "lm_head", True) or (layout.head_tied_to_embedding and plan.embedding_trains)
-        linear(rec, x, h, spec.vocab_size, w, "lm_head")
-        return tok * spec.vocab_size, x
+        logits = linear(rec, x, h, spec.vocab_size, w, "lm_head")
+        return tok * spec.vocab_size, x, logits
     if spec.task == "masked_lm":
         c = "cls.predictions" if spec.model_type == "bert" else "lm_head"
         dense = f"{c}.transform.dense" if spec.model_type == "bert" else f"{c}.dense"
         norm = f"{c}.transform.LayerNorm" if spec.model_type == "bert" else f"{c}.layer_norm"
-        d = linear(rec, x, h, h, _trains(plan, dense, True), "mlm.dense")
+        d = _head_linear(rec, plan, x, dense, h, h, "mlm.dense")
         d = activation(rec, d, "gelu", "mlm.act")
         d = layer_norm(rec, d, _trains(plan, norm), h, "mlm.layer_norm")
         decoder = _trains(plan, f"{c}.decoder", True) or (layout.head_tied_to_embedding and plan.embedding_trains)
-        linear(rec, d, h, spec.vocab_size, decoder, "mlm.decoder")
-        return tok * spec.vocab_size, x
+        logits = linear(rec, d, h, spec.vocab_size, decoder, "mlm.decoder")
+        return tok * spec.vocab_size, x, logits
     if spec.task == "seq_cls" and spec.is_decoder:  # score on every position, then gather the last
-        linear(rec, x, h, spec.num_labels, _trains(plan, "score", True), "score")
-        return b * spec.num_labels, x
+        scores = _head_linear(rec, plan, x, "score", h, spec.num_labels, "score")
+        # logits[arange(b), last_non_pad]: index's backward makes zeros like the scores and index_put
+        logits = rec.new(b * spec.num_labels, scores.dtype, scores.rg)
+        rec.node(logits, [("new", "z", scores.nbytes), ("new", "d", scores.nbytes), ("free", "z")],
+                 [(scores.id, "d")])
+        return b * spec.num_labels, x, logits
     p = dropout_p(spec, "resid")
     if spec.task == "seq_cls" and spec.model_type == "bert":  # BertPooler, dropout, classifier
-        pooled = _first_token_linear(rec, x, b, h, h, _trains(plan, "bert.pooler.dense", True), "pooler.dense")
+        pooled = _head_linear(rec, plan, _first_token(rec, x, b), "bert.pooler.dense", h, h, "pooler.dense")
         pooled = _tanh(rec, pooled, "pooler.tanh")
         pooled = dropout(rec, pooled, p, "classifier.dropout")
-        linear(rec, pooled, h, spec.num_labels, _trains(plan, "classifier", True), "classifier")
-        return b * spec.num_labels, x
+        logits = _head_linear(rec, plan, pooled, "classifier", h, spec.num_labels, "classifier")
+        return b * spec.num_labels, x, logits
     if spec.task == "seq_cls":  # RobertaClassificationHead: dropout, dense, tanh, dropout, out_proj
-        d = dropout(rec, rec.new(b * h, x.dtype, x.rg), p, "classifier.dropout")
-        d = linear(rec, d, h, h, _trains(plan, "classifier.dense", True), "classifier.dense")
+        d = dropout(rec, _first_token(rec, x, b), p, "classifier.dropout")
+        d = _head_linear(rec, plan, d, "classifier.dense", h, h, "classifier.dense")
         d = _tanh(rec, d, "classifier.tanh")
         d = dropout(rec, d, p, "classifier.dropout2")
-        linear(rec, d, h, spec.num_labels, _trains(plan, "classifier.out_proj", True), "classifier.out_proj")
-        return b * spec.num_labels, x
+        logits = _head_linear(rec, plan, d, "classifier.out_proj", h, spec.num_labels, "classifier.out_proj")
+        return b * spec.num_labels, x, logits
     if spec.task == "image_cls":  # classifier(sequence_output[:, 0, :])
-        _first_token_linear(rec, x, b, h, spec.num_labels, _trains(plan, "classifier", True), "classifier")
-        return b * spec.num_labels, x
+        logits = _head_linear(rec, plan, _first_token(rec, x, b), "classifier", h, spec.num_labels, "classifier")
+        return b * spec.num_labels, x, logits
     # A bare encoder is trained here on last_hidden_state.float().pow(2).mean() (measure.run
-    # forward_loss): pow saves its fp32 input.
+    # forward_loss): pow saves its fp32 input; the backward expands the mean's gradient and makes
+    # pow's grad * 2 x (x.pow(1) and 2 * _ as temporaries).
+    x32 = cast(rec, x, "float32")
+    loss = rec.new(1, "float32", x.rg)
     if x.rg:
-        rec.save(cast(rec, x, "float32"), "loss.pow_input")
-    return 0, x
-
-
-def _first_token_linear(rec: Recorder, x: T, batch: int, in_f: int, out_f: int, trainable: bool, tag: str) -> T:
-    """A Linear on x[:, 0]: the weight's gradient needs the view, which keeps x's whole storage
-    (under autocast the cast copy of the view is saved instead)."""
-    if trainable:
-        if rec.ctx.autocast:
-            rec.save_new(batch * in_f, rec.ctx.autocast, f"{tag}.input")
-        else:
-            rec.save(x, f"{tag}.input")
-    if rec.ctx.autocast and x.rg:
-        rec.save_new(in_f * out_f, rec.ctx.autocast, f"{tag}.autocast_weight")
-    return rec.new(batch * out_f, rec.ctx.autocast or x.dtype, x.rg or trainable)
+        xs = rec.save(x32, "loss.pow_input")
+        n = x32.nbytes
+        sq = rec.new(x.numel, "float32", True)
+        rec.node(sq, [("new", "t", n), ("new", "u", n), ("new", "d", n), ("free", "t"), ("free", "u")],
+                 [(x32.id, "d")], [xs])
+        rec.node(loss, [("new", "d", n)], [(sq.id, "d")])
+    return 0, x, loss
 
 
 def _tanh(rec: Recorder, x: T, tag: str) -> T:
-    """tanh saves its output."""
+    """tanh saves its output; tanh_backward makes a new gradient."""
     out = rec.new(x.numel, x.dtype, x.rg)
     if x.rg:
-        rec.save(out, f"{tag}.output")
+        rec.node(out, *_grads(x), saved=[rec.save(out, f"{tag}.output")])
     return out
 
 
@@ -925,7 +1349,8 @@ def _vision_saves(plan: Plan, t: TrainingSettings) -> tuple[int, int, bool]:
     kept = dropped = 0
     feature_rg = False
     for i, lt in enumerate(_layer_trainings(vplan, build_layout(vspec))):
-        saved, _tags, x_rg_next, x_dtype_next = _simulate_block(vspec, vplan, lt, ctx, x_rg, x_dtype)
+        block = _simulate_block(vspec, vplan, lt, ctx, x_rg, x_dtype)
+        saved, x_rg_next, x_dtype_next = block.saved, block.out_rg, block.out_dtype
         if t.grad_checkpointing and saved:
             saved = ctx.tokens * vspec.hidden_size * DTYPE_BYTES[_stream_dtype(ctx)]
         if i < used:

@@ -306,22 +306,58 @@ def _step_events(plan: Plan, t: TrainingSettings, act: ActivationProfile, ms: Mo
                                      temporaries=act.forward_transient)),
         _event("backward:loss", dict(base, activations=remaining + act.post + act.loss_saved_backward,
                                      logits_loss=act.loss_backward_peak - act.loss_saved_backward + act.loss_scalars)),
-        _event("backward:head", dict(base, activations=remaining + act.post,
-                                     logits_loss=act.logits_bytes + act.loss_scalars, gradients=grads.head)),
     ]
+    if ckpt:
+        events += _checkpointed_backward(plan, act, grads, base, kept_per_layer, remaining)
+    else:
+        events += _replayed_backward(plan, act, grads, base)
+    events += [
+        _event("backward:end", dict(base, activations=act.pre, gradients=grads.total,
+                                    temporaries=_tied_embedding_accumulation(plan, t) + act.loss_scalars)),
+        _event("optimizer", dict(weights, inputs=inputs, gradients=grads.total,
+                                 optimizer_states=ms.optimizer_states, temporaries=ms.optimizer_temporaries)),
+    ]
+    return events
+
+
+def _replayed_backward(plan: Plan, act: ActivationProfile, grads: GradientArrival, base: dict) -> list:
+    """The head's and each block's backward, replayed node by node (peftcalc.backward, from the nodes
+    the forward simulator recorded): at the peak inside block i the blocks below still hold everything
+    they saved, block i what it has not released yet; the gradients of the head and the blocks above
+    have arrived, and block i's made so far; the buffers are the gradients in flight."""
+    below = act.pre + sum(act.per_layer)
+    hp = act.head_backward
+    events = [_event("backward:head", dict(base, activations=below + hp.saved, gradients=min(hp.params, grads.head),
+                                           logits_loss=hp.buffers + act.loss_scalars))]
+    arrived = grads.head
+    for i in reversed(range(plan.spec.num_layers)):
+        below -= act.per_layer[i]
+        lb = act.layer_backward[i]
+        if not act.per_layer[i] and not grads.per_layer[i] and not lb.total:
+            continue
+        events.append(_event(f"backward:layer{i}", dict(base, activations=below + lb.saved,
+                                                       gradients=arrived + min(lb.params, grads.per_layer[i]),
+                                                       temporaries=lb.buffers + act.loss_scalars)))
+        arrived += grads.per_layer[i]
+    return events
+
+
+def _checkpointed_backward(plan: Plan, act: ActivationProfile, grads: GradientArrival, base: dict,
+                           kept_per_layer: dict, remaining: int) -> list:
+    """Under non-reentrant checkpointing each block keeps only its input until its backward, when its
+    activations exist again while it is recomputed; the gradient buffers inside a block are
+    ActivationProfile.layer_transient."""
+    events = [_event("backward:head", dict(base, activations=remaining + act.post,
+                                           logits_loss=act.logits_bytes + act.loss_scalars, gradients=grads.head))]
     arrived = grads.head
     for i in reversed(range(plan.spec.num_layers)):
         if i not in kept_per_layer and not grads.per_layer[i]:
             continue
-        recomputed = act.per_layer[i] if ckpt else 0
-        events.append(_event(f"backward:layer{i}", dict(base, activations=remaining + recomputed, gradients=arrived,
+        events.append(_event(f"backward:layer{i}", dict(base, activations=remaining + act.per_layer[i],
+                                                       gradients=arrived,
                                                        temporaries=act.layer_transient + act.loss_scalars)))
         arrived += grads.per_layer[i]
         remaining -= kept_per_layer.get(i, 0)
-    events.append(_event("backward:end", dict(base, activations=act.pre, gradients=grads.total,
-                                              temporaries=_tied_embedding_accumulation(plan, t) + act.loss_scalars)))
-    events.append(_event("optimizer", dict(weights, inputs=inputs, gradients=grads.total,
-                                           optimizer_states=ms.optimizer_states, temporaries=ms.optimizer_temporaries)))
     return events
 
 
