@@ -85,18 +85,38 @@ class Ctx:
 
 @dataclass
 class Recorder:
-    """Collects saved tensors, each once, by bucket (a layer index, 'pre', 'post'), and the autograd
-    nodes the ops create (peftcalc.backward.Node), in creation order."""
+    """Collects saved tensors, each once, by bucket (a layer index, 'pre', 'post'), the autograd
+    nodes the ops create (peftcalc.backward.Node), in creation order, and the forward's live bytes:
+    every op output is allocated when it is made and freed when the modeling code drops its last
+    reference (free), unless autograd saved it; `forward_peak` is the largest saved + live sum."""
 
     ctx: Ctx
     bucket: object = "pre"
     saved: dict = field(default_factory=dict)  # id -> (bucket, tag, bytes)
     next_id: int = 0
     nodes: list = field(default_factory=list)
+    live: dict = field(default_factory=dict)  # id -> bytes of the unsaved tensors the forward still holds
+    live_bytes: int = 0
+    saved_total: int = 0
+    forward_peak: int = 0
+    forward_peak_saved: int = 0
 
     def new(self, numel: int, dtype: str, rg: bool) -> T:
+        """A new tensor (an allocation of the forward)."""
         self.next_id += 1
-        return T(numel, dtype, rg, self.next_id)
+        t = T(numel, dtype, rg, self.next_id)
+        self.live[t.id] = t.nbytes
+        self.live_bytes += t.nbytes
+        if self.saved_total + self.live_bytes > self.forward_peak:
+            self.forward_peak, self.forward_peak_saved = self.saved_total + self.live_bytes, self.saved_total
+        return t
+
+    def free(self, *ts: T) -> None:
+        """The forward drops its reference to each tensor: an unsaved one is freed (views and
+        tensors already freed or saved are left as they are)."""
+        for t in ts:
+            if t is not None and t.base is None and t.id in self.live:
+                self.live_bytes -= self.live.pop(t.id)
 
     def view(self, x: T, numel: int) -> T:
         """A view of x (same storage, its own shape and autograd node)."""
@@ -108,6 +128,9 @@ class Recorder:
         t = t.base or t
         if t.id not in self.saved:
             self.saved[t.id] = (self.bucket, tag, t.nbytes)
+            self.saved_total += t.nbytes
+            if t.id in self.live:  # held by autograd from now on
+                self.live_bytes -= self.live.pop(t.id)
         return t.id
 
     def save_new(self, numel: int, dtype: str, tag: str) -> int:
@@ -200,7 +223,9 @@ def matmul(rec: Recorder, x: T, in_f: int, out_f: int, weight_trains: bool, out_
     autocast's weight copy `weight`), and the bias gradient (a sum over tokens). bitsandbytes'
     MatMul4Bit dequantizes the weight (`dequantized` bytes) to compute grad_x."""
     tokens = x.numel // in_f
+    w = rec.new(dequantized // DTYPE_BYTES[rec.ctx.compute], rec.ctx.compute, False) if dequantized else None
     out = rec.new(tokens * out_f, out_dtype, x.rg or weight_trains or bias_bytes > 0)
+    rec.free(w)
     steps, outputs = [], []
     if dequantized and x.rg:
         steps.append(("new", "w", dequantized))
@@ -253,6 +278,12 @@ def linear(rec: Recorder, x: T, in_f: int, out_f: int, trainable: bool, tag: str
     out = matmul(rec, xin, in_f, out_f, trainable, ctx.autocast or ctx.compute, saved, weight=weight_copy,
                  weight_bytes=in_f * out_f * wb, bias_bytes=out_f * wb if bias_trains else 0,
                  dequantized=in_f * out_f * DTYPE_BYTES[ctx.compute] if quantized else 0)
+    if xin is not xm:
+        rec.free(xin)
+    if xm is not x:  # IA3's scaled input (peft's `interm`) goes when the layer returns
+        rec.free(xm)
+    if weight_copy is not None and not trainable:  # autocast caches only the copies of trainable leaves
+        rec.free(weight_copy)
     if lora_rank:
         out = _lora(rec, x, out, in_f, out_f, lora_rank, dora, bias, tag)
     if ia3 == "out":  # IA3 on keys/values: (base_layer(x) * scaling).to(result dtype)
@@ -262,7 +293,10 @@ def linear(rec: Recorder, x: T, in_f: int, out_f: int, trainable: bool, tag: str
         if out.rg:  # the scaling vector is saved for the base result's gradient only
             saved.append(rec.save(s, f"{tag}.ia3_scaling"))
         _mul_node(rec, y, out, s, saved)
+        rec.free(out, s)
         out = cast(rec, y, out.dtype)
+        if out is not y:
+            rec.free(y)
     return out
 
 
@@ -304,15 +338,23 @@ def _ia3_input(rec: Recorder, x: T, in_f: int, tag: str) -> T:
         saved.append(rec.save(s, f"{tag}.ia3_scaling"))
     y = rec.new(x.numel, rec.ctx.adapter, True)
     _mul_node(rec, y, xc, s, saved)
-    return cast(rec, y, x.dtype)
+    rec.free(s)
+    out = cast(rec, y, x.dtype)
+    if out is not y:
+        rec.free(y)
+    if xc is not x:
+        rec.free(xc)
+    return out
 
 
 def _lora(rec: Recorder, x: T, base: T, in_f: int, out_f: int, rank: int, dora: bool, bias: bool, tag: str) -> T:
     """peft tuners/lora/layer.py Linear.forward: result + lora_B(lora_A(x.to(lora_A.weight.dtype))) *
-    scaling, then .to(the base result's dtype)."""
+    scaling, then .to(the base result's dtype); with DoRA (variants.py DoraLinearVariant.forward) the
+    delta is DoraLinearLayer.forward's."""
     ctx = rec.ctx
     tokens_in = x.numel // in_f
-    xc = cast(rec, x, ctx.adapter)  # peft _cast_input_dtype
+    xc = cast(rec, x, ctx.adapter)  # peft _cast_input_dtype: the local x until the layer returns
+    held = _dora_weight_norm(rec, in_f, out_f, rank) if dora else ()
     a_copy = _weight_copy(rec, in_f * rank, True) if ctx.autocast else None
     xa = autocast_in(rec, xc)
     saved_a = [rec.save(xa, f"{tag}.lora_input")]
@@ -321,18 +363,47 @@ def _lora(rec: Recorder, x: T, base: T, in_f: int, out_f: int, rank: int, dora: 
     ab = DTYPE_BYTES[ctx.adapter]
     a = matmul(rec, xa, in_f, rank, True, ctx.autocast or ctx.adapter, saved_a, weight=a_copy,
                weight_bytes=in_f * rank * ab)
+    if xa is not xc:
+        rec.free(xa)
     b_copy = _weight_copy(rec, out_f * rank, True) if ctx.autocast else None
     saved_b = [rec.save(a, f"{tag}.lora_A_out")]
     if b_copy is not None:
         saved_b.append(rec.save(b_copy, f"{tag}.lora_autocast_weights"))
     lb = matmul(rec, a, rank, out_f, True, ctx.autocast or ctx.adapter, saved_b, weight=b_copy,
                 weight_bytes=out_f * rank * ab)
+    rec.free(a)
     if dora:
         delta = _dora(rec, base, lb, out_f, tokens_in, bias, tag)
     else:
         delta = scale(rec, lb)
+    rec.free(lb)
     total = add(rec, base, delta, _promote(base.dtype, delta.dtype))
-    return cast(rec, total, base.dtype)  # result.to(torch_result_dtype)
+    rec.free(delta, base, *held)
+    out = cast(rec, total, base.dtype)  # result.to(torch_result_dtype)
+    if out is not total:
+        rec.free(total)
+    if xc is not x:
+        rec.free(xc)
+    return out
+
+
+def _dora_weight_norm(rec: Recorder, in_f: int, out_f: int, rank: int) -> tuple:
+    """The forward-only part of peft's DoraLinearLayer.forward, before the LoRA product: get_lora_weight
+    runs lora_B(lora_A(eye(in))) (the identity and A's output stay referenced by the product's graph),
+    the base weight .to(x dtype) copies a lower-precision weight, and get_weight_norm makes
+    s * B A and W + s * B A (out x in) and the column norms. Returns what stays referenced until the
+    layer returns (the identity, A's output, B A, the weight copy)."""
+    ctx = rec.ctx
+    eye = rec.new(in_f * in_f, ctx.adapter, False)
+    a_eye = rec.new(in_f * rank, ctx.adapter, False)
+    lora_weight = rec.new(in_f * out_f, ctx.adapter, False)
+    weight = rec.new(in_f * out_f, ctx.adapter, False) if ctx.weight != ctx.adapter else None
+    scaled = rec.new(in_f * out_f, ctx.adapter, False)
+    summed = rec.new(in_f * out_f, ctx.adapter, False)
+    rec.free(scaled)
+    norm = rec.new(out_f, ctx.adapter, False)
+    rec.free(summed, norm)
+    return tuple(t for t in (eye, a_eye, lora_weight, weight) if t is not None)
 
 
 def _dora(rec: Recorder, base: T, lora_out: T, out_f: int, tokens: int, bias: bool, tag: str) -> T:
@@ -357,12 +428,18 @@ def _dora(rec: Recorder, base: T, lora_out: T, out_f: int, tokens: int, bias: bo
         saved1.append(rec.save(m1, f"{tag}.dora_scale"))
     p1 = rec.new(tokens * out_f, _promote(vec, br.dtype), True)
     _mul_node(rec, p1, m1, br, saved1)
+    rec.free(m1)
+    if br is not base:
+        rec.free(br)
     lr = lora_out
     saved2 = [rec.save(lr, f"{tag}.dora_lora_out"), rec.save(mns, f"{tag}.dora_scale")]
     p2 = rec.new(tokens * out_f, _promote(vec, lr.dtype), True)
     _mul_node(rec, p2, mns, lr, saved2)
     p3 = scale(rec, p2)
-    return add(rec, p1, p3, _promote(p1.dtype, p3.dtype))
+    rec.free(p2)
+    out = add(rec, p1, p3, _promote(p1.dtype, p3.dtype))
+    rec.free(p1, p3)
+    return out
 
 
 def rms_norm(rec: Recorder, x: T, weight_trainable: bool, tag: str) -> T:
@@ -376,22 +453,27 @@ def rms_norm(rec: Recorder, x: T, weight_trainable: bool, tag: str) -> T:
     rows = x.numel // hidden
     x32 = cast(rec, x, "float32")
     full, small = x.numel * 4, rows * 4
+    xs = rec.save(x32, f"{tag}.input_fp32") if x.rg else 0
+    p = rec.new(x.numel, "float32", x.rg)  # x.pow(2)
+    m = rec.new(rows, "float32", x.rg)  # .mean(-1, keepdim=True): grad.expand() / n
+    rec.free(p)
+    ve = rec.new(rows, "float32", x.rg)  # variance + eps: AddBackward hands the gradient on
+    r = rec.new(rows, "float32", x.rg)  # rsqrt, saves its result
+    rec.free(ve)
+    h = rec.new(x.numel, "float32", x.rg)  # x * rsqrt
     if x.rg:
-        xs = rec.save(x32, f"{tag}.input_fp32")
-        p = rec.new(x.numel, "float32", True)  # x.pow(2)
         rec.node(p, [("new", "t", full), ("new", "u", full), ("new", "d", full), ("free", "t"), ("free", "u")],
                  [(x32.id, "d")], [xs])
-        m = rec.new(rows, "float32", True)  # .mean(-1, keepdim=True): grad.expand() / n
         rec.node(m, [("new", "d", full)], [(p.id, "d")])
-        r = rec.new(rows, "float32", True)  # rsqrt(variance + eps), saves its result
+        rec.node(ve, outputs=[(m.id, GRAD)])
         rid = rec.save(r, f"{tag}.rsqrt")
         rec.node(r, [("new", "t", small), ("new", "u", small), ("new", "d", small), ("free", "t"), ("free", "u")],
-                 [(m.id, "d")], [rid])
-        h = rec.new(x.numel, "float32", True)  # x * rsqrt
+                 [(ve.id, "d")], [rid])
         rec.node(h, [("new", "dx", full), ("new", "t", full), ("new", "dr", small), ("free", "t")],
                  [(x32.id, "dx"), (r.id, "dr")], [xs, rid])
-    else:
-        h = rec.new(x.numel, "float32", False)
+    rec.free(r, m)
+    if x32 is not x:
+        rec.free(x32)
     normed = cast(rec, h, x.dtype)
     out = rec.new(x.numel, x.dtype, x.rg or weight_trainable)
     saved = []
@@ -403,6 +485,7 @@ def rms_norm(rec: Recorder, x: T, weight_trainable: bool, tag: str) -> T:
         saved.append(rec.save(normed, f"{tag}.normalized"))
         steps += [("new", "t", normed.nbytes), ("param", hidden * DTYPE_BYTES[ctx.weight]), ("free", "t")]
     rec.node(out, steps, outputs, saved)
+    rec.free(normed, h)
     return out
 
 
@@ -413,12 +496,16 @@ def layer_norm(rec: Recorder, x: T, trainable: bool, hidden: int, tag: str) -> T
     needs = x.rg or trainable
     xin = cast(rec, x, "float32") if rec.ctx.autocast else x
     out = rec.new(x.numel, xin.dtype, needs)
+    stats = rec.new(2 * (x.numel // hidden), "float32", False)  # mean and rstd
     if needs:
-        saved = [rec.save(xin, f"{tag}.input"), rec.save_new(2 * (x.numel // hidden), "float32", f"{tag}.mean_rstd")]
+        saved = [rec.save(xin, f"{tag}.input"), rec.save(stats, f"{tag}.mean_rstd")]
         steps, outputs = _grads(xin)
         if trainable:
             steps += [("param", hidden * DTYPE_BYTES[rec.ctx.weight])] * 2
         rec.node(out, steps, outputs, saved)
+    rec.free(stats)
+    if xin is not x:
+        rec.free(xin)
     return out
 
 
@@ -428,10 +515,11 @@ def dropout(rec: Recorder, x: T, p: float, tag: str) -> T:
     (input * noise: the backward is grad * noise)."""
     if p <= 0.0 or not rec.ctx.training_dropout:
         return x
+    noise = rec.new(x.numel, "uint8" if rec.ctx.device == "cuda" else x.dtype, False)
     y = rec.new(x.numel, x.dtype, x.rg)
     if x.rg:
-        dtype = "uint8" if rec.ctx.device == "cuda" else x.dtype
-        rec.node(y, *_grads(x), saved=[rec.save_new(x.numel, dtype, f"{tag}.dropout_mask")])
+        rec.node(y, *_grads(x), saved=[rec.save(noise, f"{tag}.dropout_mask")])
+    rec.free(noise)
     return y
 
 
@@ -440,7 +528,7 @@ def activation(rec: Recorder, x: T, kind: str, tag: str) -> T:
     gradient); gelu_new (NewGELUActivation, a Python formula) saves input, tanh output, 0.5*x and
     1+tanh; quick_gelu (x * sigmoid(1.702 x)) saves input and sigmoid output."""
     if not x.rg:
-        return rec.new(x.numel, x.dtype, False)
+        return _activation_forward(rec, x, kind)
     if kind == "gelu_new":
         return _gelu_new(rec, x, tag)
     if kind == "quick_gelu":
@@ -449,6 +537,7 @@ def activation(rec: Recorder, x: T, kind: str, tag: str) -> T:
         sg = rec.new(x.numel, x.dtype, True)
         sid = rec.save(sg, f"{tag}.sigmoid")
         rec.node(sg, *_grads(z), saved=[sid])  # sigmoid_backward(grad, output)
+        rec.free(z)
         y = rec.new(x.numel, x.dtype, True)
         _mul_node(rec, y, x, sg, [xs, sid])
         return y
@@ -465,15 +554,43 @@ def _gelu_new(rec: Recorder, x: T, tag: str) -> T:
     n = x.nbytes
     rec.node(cube, [("new", "t", n), ("new", "u", n), ("new", "d", n), ("free", "t"), ("free", "u")],
              [(x.id, "d")], [xs])
-    inner = add(rec, x, scale(rec, cube))
+    c2 = scale(rec, cube)
+    rec.free(cube)
+    inner = add(rec, x, c2)
+    rec.free(c2)
+    c3 = scale(rec, inner)
+    rec.free(inner)
     th = rec.new(x.numel, x.dtype, True)
     tid = rec.save(th, f"{tag}.tanh")
-    rec.node(th, *_grads(scale(rec, inner)), saved=[tid])  # tanh_backward(grad, output)
+    rec.node(th, *_grads(c3), saved=[tid])  # tanh_backward(grad, output)
+    rec.free(c3)
     one_plus = rec.new(x.numel, x.dtype, True)
     rec.node(one_plus, outputs=[(th.id, GRAD)])
     y = rec.new(x.numel, x.dtype, True)
     _mul_node(rec, y, half, one_plus, [rec.save(half, f"{tag}.half_x"), rec.save(one_plus, f"{tag}.one_plus_tanh")])
     return y
+
+
+def _activation_forward(rec: Recorder, x: T, kind: str) -> T:
+    """An activation on a tensor that needs no gradient: only its forward's intermediates (gelu_new:
+    0.5 x, x^3, then each step of the formula; quick_gelu: 1.702 x and the sigmoid)."""
+    if kind == "gelu_new":
+        half = rec.new(x.numel, x.dtype, False)
+        t = rec.new(x.numel, x.dtype, False)
+        u = rec.new(x.numel, x.dtype, False)
+        rec.free(t)
+        rec.free(u)
+        y = rec.new(x.numel, x.dtype, False)
+        rec.free(half)
+        return y
+    if kind == "quick_gelu":
+        z = rec.new(x.numel, x.dtype, False)
+        sg = rec.new(x.numel, x.dtype, False)
+        rec.free(z)
+        y = rec.new(x.numel, x.dtype, False)
+        rec.free(sg)
+        return y
+    return rec.new(x.numel, x.dtype, False)
 
 
 def mul(rec: Recorder, a: T, b: T, tag: str) -> T:
@@ -505,22 +622,24 @@ def rope(rec: Recorder, x: T) -> T:
     cat(-x[..., d/2:], x[..., :d/2]). The products save cos and sin (shared, counted once per model).
     Backward: grad * sin; cat's gradient splits into views; neg's gradient; each slice's
     slice_backward (zeros like x, then a copy), summed; grad * cos."""
-    if not x.rg:
-        return rec.new(x.numel, x.dtype, False)
     n, half = x.nbytes, x.nbytes // 2
-    m1 = rec.new(x.numel, x.dtype, True)  # x * cos
+    m1 = rec.new(x.numel, x.dtype, x.rg)  # x * cos
     rec.node(m1, *_grads(x))
-    x1 = rec.new(x.numel // 2, x.dtype, True)  # x[..., :d/2]
+    x1 = rec.view(x, x.numel // 2)  # x[..., :d/2]
     rec.node(x1, [("new", "d", n)], [(x.id, "d")])
-    x2 = rec.new(x.numel // 2, x.dtype, True)  # x[..., d/2:]
+    x2 = rec.view(x, x.numel // 2)  # x[..., d/2:]
     rec.node(x2, [("new", "d", n)], [(x.id, "d")])
-    ng = rec.new(x.numel // 2, x.dtype, True)  # -x2
+    ng = rec.new(x.numel // 2, x.dtype, x.rg)  # -x2
     rec.node(ng, [("new", "d", half)], [(x2.id, "d")])
-    c = rec.new(x.numel, x.dtype, True)  # cat: the gradient's two halves, views of it
+    c = rec.new(x.numel, x.dtype, x.rg)  # cat: the gradient's two halves, views of it
     rec.node(c, outputs=[(ng.id, GRAD), (x1.id, GRAD)])
-    m2 = rec.new(x.numel, x.dtype, True)  # cat * sin
+    rec.free(ng)
+    m2 = rec.new(x.numel, x.dtype, x.rg)  # cat * sin
     rec.node(m2, *_grads(c))
-    return add(rec, m1, m2)
+    rec.free(c)
+    out = add(rec, m1, m2)
+    rec.free(m1, m2)
+    return out
 
 
 # Families whose eager attention runs softmax in fp32 (modeling_llama.py eager_attention_forward and
@@ -556,14 +675,14 @@ def attention(rec: Recorder, spec: ModelSpec, q: T, k: T, v: T, p_drop: float, t
     needs = q.rg or k.rg or v.rg
     out_numel = b * s * spec.q_dim
     if not needs:
-        return rec.new(out_numel, q.dtype, False)
+        return _attention_forward(rec, spec, q, p_drop)
     if ctx.attention == "eager":
         return _eager_attention(rec, spec, q, k, v, p_drop, explicit_mask, tag)
     if p_drop > 0 and ctx.device == "cpu" and ctx.training_dropout:
         return _math_attention(rec, spec, q, k, v, tag, hold)
     saved = [rec.save(q, f"{tag}.q"), rec.save(k, f"{tag}.k"), rec.save(v, f"{tag}.v")]
     out = rec.new(out_numel, q.dtype, True)
-    saved += [rec.save(out, f"{tag}.out"), rec.save_new(b * heads * s, "float32", f"{tag}.logsumexp")]
+    saved += [rec.save(out, f"{tag}.out"), rec.save(rec.new(b * heads * s, "float32", False), f"{tag}.logsumexp")]
     if p_drop > 0 and ctx.device == "cpu":  # CPU flash has no dropout: the math path keeps the probs
         saved.append(rec.save_new(b * heads * s * kv, q.dtype, f"{tag}.probs"))
     # the backward computes all three gradients (and frees those no input needs)
@@ -572,6 +691,40 @@ def attention(rec: Recorder, spec: ModelSpec, q: T, k: T, v: T, p_drop: float, t
     rec.node(out, steps, outputs, saved)
     # The fused kernels lay their output out as (batch, seq, heads, dim): transformers'
     # transpose(1, 2).contiguous() is then a view, and the output projection saves that storage.
+    return out
+
+
+def _attention_forward(rec: Recorder, spec: ModelSpec, q: T, p_drop: float) -> T:
+    """Attention on inputs that need no gradient: only its forward. The fused kernels allocate the
+    output and a logsumexp (freed); eager and the CPU math path (dropout) the scores, the softmax, the
+    noise and the dropped probabilities one after another, with their q, k, v copies."""
+    ctx = rec.ctx
+    b, s, kv, heads = ctx.batch, ctx.seq, ctx.kv_seq, spec.num_heads
+    scores = b * heads * s * kv
+    if ctx.attention == "eager" or (p_drop > 0 and ctx.device == "cpu" and ctx.training_dropout):
+        up = "float32" if ctx.attention != "eager" and (ctx.autocast or q.dtype) in ("bfloat16", "float16") else \
+            (ctx.autocast or q.dtype)
+        n = b * s * spec.q_dim
+        qs = rec.new(n, up, False)  # q * scale
+        ks = rec.new(b * kv * spec.q_dim, up, False)  # k^T * scale
+        qc, kc = rec.new(n, up, False), rec.new(b * kv * spec.q_dim, up, False)  # reshape copies for bmm
+        a = rec.new(scores, up, False)
+        rec.free(kc, qc, ks)
+        sm = rec.new(scores, "float32" if spec.model_type in FP32_SOFTMAX_FAMILIES else up, False)
+        rec.free(a)
+        dropped = sm
+        if p_drop > 0 and ctx.training_dropout:
+            noise = rec.new(scores, up, False)
+            dropped = rec.new(scores, up, False)
+            rec.free(noise, sm)
+        vc = rec.new(b * kv * spec.q_dim, up, False)
+        o = rec.new(n, up, False)
+        rec.free(vc, qs, dropped)
+        y = rec.new(n, q.dtype, False)  # transpose(1, 2).contiguous() copies the (b, heads, s, d) output
+        rec.free(o)
+        return y
+    out = rec.new(b * s * spec.q_dim, q.dtype, False)
+    rec.free(rec.new(b * heads * s, "float32", False))
     return out
 
 
@@ -596,35 +749,47 @@ def _math_attention(rec: Recorder, spec: ModelSpec, q: T, k: T, v: T, tag: str, 
     ub = DTYPE_BYTES[up]
     nq, nk, sc = b * s * spec.q_dim * ub, b * kv * spec.q_dim * ub, b * heads * s * kv * ub
     qu, ku, vu = (cast(rec, t, up) for t in (q, k, v))
-    qs = scale(rec, qu)  # q * sqrt(scale)
+    qs = scale(rec, qu)  # q * sqrt(scale), held to the end
     ks = scale(rec, ku)  # k^T * sqrt(scale)
+    qc = rec.new(b * s * spec.q_dim, up, False)  # bmm's reshape copies
+    kc = rec.new(b * kv * spec.q_dim, up, False)
     saved1 = []
     if k.rg:
-        saved1.append(rec.save_new(b * s * spec.q_dim, up, f"{tag}.math_q"))
+        saved1.append(rec.save(qc, f"{tag}.math_q"))
     if q.rg:
-        saved1.append(rec.save_new(b * kv * spec.q_dim, up, f"{tag}.math_k"))
+        saved1.append(rec.save(kc, f"{tag}.math_k"))
     scores = rec.new(b * heads * s * kv, up, True)
     rec.node(scores, [("new", "dk", nk), ("new", "dq", nq)], [(t.id, n) for t, n in ((ks, "dk"), (qs, "dq")) if t.rg],
              saved1)
+    rec.free(kc, qc, ks)
+    probs = rec.new(b * heads * s * kv, up, True)  # _safe_softmax, saves its output
+    rec.free(scores)
+    noise = rec.new(b * heads * s * kv, up, False)
+    dropped = rec.new(b * heads * s * kv, up, True)
+    if q.rg or k.rg:
+        sm, nz = rec.save(probs, f"{tag}.math_softmax_noise"), rec.save(noise, f"{tag}.math_softmax_noise")
+        rec.node(probs, [("new", "d", sc)], [(scores.id, "d")], [sm])
+        rec.node(dropped, [("new", "d", sc)], [(probs.id, "d")], [nz])
+    rec.free(noise, probs)
+    vc = rec.new(b * kv * spec.q_dim, up, False)
     saved2 = []
     if q.rg or k.rg:
-        saved2.append(rec.save_new(b * kv * spec.q_dim, up, f"{tag}.math_v"))
-        sm = rec.save_new(b * heads * s * kv, up, f"{tag}.math_softmax_noise")  # softmax output
-        noise = rec.save_new(b * heads * s * kv, up, f"{tag}.math_softmax_noise")
-    else:
-        sm = noise = 0
-    probs = rec.new(b * heads * s * kv, up, True)
-    rec.node(probs, [("new", "d", sc)], [(scores.id, "d")], [sm] if sm else [])  # _safe_softmax
-    dropped = rec.new(b * heads * s * kv, up, True)
-    rec.node(dropped, [("new", "d", sc)], [(probs.id, "d")], [noise] if noise else [])
+        saved2.append(rec.save(vc, f"{tag}.math_v"))
     if v.rg:
-        saved2.append(rec.save_new(b * heads * s * kv, up, f"{tag}.math_probs"))
+        saved2.append(rec.save(dropped, f"{tag}.math_probs"))
     out = rec.new(b * s * spec.q_dim, up, True)  # bmm(probs, v), reshaped
     rec.node(out, [("new", "g3", nq), ("new", "dv", nk), ("new", "dp", sc), ("free", "g3")],
              [(t.id, n) for t, n in ((vu, "dv"), (dropped, "dp")) if t.rg], saved2, hold=hold)
-    out = cast(rec, out, q.dtype)
-    y = rec.new(out.numel, out.dtype, True)  # transpose(1, 2).contiguous(): a copy, its backward a view
-    rec.node(y, outputs=[(out.id, GRAD)])
+    rec.free(vc, qs, dropped)
+    for t, orig in ((qu, q), (ku, k), (vu, v)):
+        if t is not orig:
+            rec.free(t)
+    o = cast(rec, out, q.dtype)
+    if o is not out:
+        rec.free(out)
+    y = rec.new(o.numel, o.dtype, True)  # transpose(1, 2).contiguous(): a copy, its backward a view
+    rec.node(y, outputs=[(o.id, GRAD)])
+    rec.free(o)
     return y
 
 
@@ -651,20 +816,23 @@ def _eager_attention(rec: Recorder, spec: ModelSpec, q: T, k: T, v: T, p_drop: f
     if q.rg:
         saved1.append(rec.save(k_full, f"{tag}.k"))
     sdt = ctx.autocast or q.dtype
-    scores = rec.new(b * heads * s * kv, sdt, True)
-    rec.node(scores, *_grads(qi, ki), saved=saved1)
-    scores = scale(rec, scores)
+    raw = rec.new(b * heads * s * kv, sdt, True)
+    rec.node(raw, *_grads(qi, ki), saved=saved1)
+    scores = scale(rec, raw)
+    rec.free(raw)
     if spec.model_type in FP32_SOFTMAX_FAMILIES:  # softmax(..., dtype=float32).to(query.dtype)
         softmax = rec.new(b * heads * s * kv, "float32", True)
     else:  # softmax(attn_weights, dim=-1) in the scores' dtype
         softmax = rec.new(b * heads * s * kv, q.dtype if not ctx.autocast else "float32", True)
     sid = rec.save(softmax, f"{tag}.softmax_out")
     rec.node(softmax, *_grads(scores), saved=[sid])
-    probs = softmax
-    if probs.dtype != q.dtype and not ctx.autocast:  # .to(query.dtype)
-        probs = cast(rec, probs, q.dtype)
-    probs = dropout(rec, probs, p_drop, tag)
-    probs = autocast_in(rec, probs)  # autocast's matmul casts fp32 probabilities
+    rec.free(scores)
+    chain = [softmax]
+    if softmax.dtype != q.dtype and not ctx.autocast:  # .to(query.dtype)
+        chain.append(cast(rec, chain[-1], q.dtype))
+    chain.append(dropout(rec, chain[-1], p_drop, tag))
+    chain.append(autocast_in(rec, chain[-1]))  # autocast's matmul casts fp32 probabilities
+    probs = chain[-1]
     vi = autocast_in(rec, v_full)
     saved2 = []
     if v.rg:
@@ -673,8 +841,13 @@ def _eager_attention(rec: Recorder, spec: ModelSpec, q: T, k: T, v: T, p_drop: f
         saved2.append(rec.save(v_full, f"{tag}.v"))
     out = rec.new(b * s * spec.q_dim, sdt, True)
     rec.node(out, [("new", "g", out.nbytes)] + _grads(probs, vi)[0] + [("free", "g")], _grads(probs, vi)[1], saved2)
+    rec.free(*chain)
+    for t, orig in ((qi, q), (ki, k_full), (vi, v_full), (k_full, k), (v_full, v)):
+        if t is not orig:
+            rec.free(t)
     y = rec.new(out.numel, out.dtype, True)  # transpose(1, 2).contiguous() copies; its backward a view
     rec.node(y, outputs=[(out.id, GRAD)])
+    rec.free(out)
     return y
 
 
@@ -683,8 +856,12 @@ def adapter_block(rec: Recorder, x: T, hidden: int, bottleneck: int, tag: str) -
     applied by a forward hook to the output projection's output, before the block's dropout."""
     down = linear(rec, x, hidden, bottleneck, True, f"{tag}.adapter.down", bias_trains=True)
     act = activation(rec, down, "gelu", f"{tag}.adapter.act")
+    rec.free(down)
     up = linear(rec, act, bottleneck, hidden, True, f"{tag}.adapter.up", bias_trains=True)
-    return add(rec, x, up, up.dtype if rec.ctx.autocast is None else x.dtype)
+    rec.free(act)
+    out = add(rec, x, up, up.dtype if rec.ctx.autocast is None else x.dtype)
+    rec.free(up)
+    return out
 
 
 # ---------------------------------------------------------------- blocks
@@ -767,8 +944,20 @@ def _math_path(spec: ModelSpec, ctx: Ctx) -> bool:
     return ctx.attention != "eager" and dropout_p(spec, "attn") > 0 and ctx.device == "cpu" and ctx.training_dropout
 
 
+def _adapt(rec: Recorder, lt: LayerTraining, o: T, role: str, spec: ModelSpec, plan: Plan, tag: str) -> T:
+    """The output projection's output through its adapter (a forward hook: the projection's own output
+    is dropped once the adapter has made its replacement)."""
+    out = _maybe_adapter(rec, lt, o, role, spec, plan, tag)
+    if out is not o:
+        rec.free(o)
+    return out
+
+
 def llama_block(rec: Recorder, spec: ModelSpec, plan: Plan, lt: LayerTraining, x: T) -> T:
-    """LlamaDecoderLayer (also Mistral, Qwen2): pre-RMSNorm attention with RoPE, gated SiLU MLP."""
+    """LlamaDecoderLayer (also Mistral, Qwen2): pre-RMSNorm attention with RoPE, gated SiLU MLP.
+    The forward frees each tensor when modeling_llama.py drops it: the attention's q, k, v at its
+    return, the MLP's gate/up/act intermediates as the expression proceeds, the normed inputs when
+    `hidden_states` is rebound, the residual at the block's return."""
     ctx = rec.ctx
     h = spec.hidden_size
     quant = plan.settings.method == "qlora"
@@ -776,29 +965,39 @@ def llama_block(rec: Recorder, spec: ModelSpec, plan: Plan, lt: LayerTraining, x
     n = rms_norm(rec, x, "input_layernorm" in lt.norm_trainable, "input_layernorm")
     # q_proj(x).view().transpose(1, 2), then k, then v; RoPE on q and k (its gradients come back laid
     # out as (b, heads, s, d), so the views' backward copies them; SDPA's come back in v's layout)
-    q = heads_view(rec, _lin(rec, lt, n, "self_attn.q_proj", h, spec.q_dim, plan, quant), clone=True)
-    k = heads_view(rec, _lin(rec, lt, n, "self_attn.k_proj", h, spec.kv_dim, plan, quant), clone=True)
-    v = heads_view(rec, _lin(rec, lt, n, "self_attn.v_proj", h, spec.kv_dim, plan, quant), clone=eager)
+    ql = _lin(rec, lt, n, "self_attn.q_proj", h, spec.q_dim, plan, quant)
+    kl = _lin(rec, lt, n, "self_attn.k_proj", h, spec.kv_dim, plan, quant)
+    vl = _lin(rec, lt, n, "self_attn.v_proj", h, spec.kv_dim, plan, quant)
+    q, k, v = heads_view(rec, ql, clone=True), heads_view(rec, kl, clone=True), heads_view(rec, vl, clone=eager)
     q, k = rope(rec, q), rope(rec, k)
+    rec.free(ql, kl)
     a = attention(rec, spec, q, k, v, dropout_p(spec, "attn"), "self_attn.attention")
     o = _lin(rec, lt, a, "self_attn.o_proj", spec.q_dim, h, plan, quant)
-    o = _maybe_adapter(rec, lt, o, "attn_out", spec, plan, "self_attn.o_proj")
+    rec.free(a)
+    o = _adapt(rec, lt, o, "attn_out", spec, plan, "self_attn.o_proj")
+    rec.free(q, k, vl, n)
     x2 = add(rec, x, o, x.dtype)  # x + o keeps the residual stream's dtype
+    rec.free(o)
     n2 = rms_norm(rec, x2, "post_attention_layernorm" in lt.norm_trainable, "post_attention_layernorm")
     g = _lin(rec, lt, n2, "mlp.gate_proj", h, spec.intermediate_size, plan, quant)
     act = activation(rec, g, "silu", "mlp.act_fn")
+    rec.free(g)
     u = _lin(rec, lt, n2, "mlp.up_proj", h, spec.intermediate_size, plan, quant)
     p = mul(rec, act, u, "mlp.act_mul")
+    rec.free(act, u)
     d = _lin(rec, lt, p, "mlp.down_proj", spec.intermediate_size, h, plan, quant)
-    d = _maybe_adapter(rec, lt, d, "mlp_out", spec, plan, "mlp.down_proj")
-    return add(rec, x2, d, x2.dtype)
+    rec.free(p)
+    d = _adapt(rec, lt, d, "mlp_out", spec, plan, "mlp.down_proj")
+    rec.free(n2)
+    out = add(rec, x2, d, x2.dtype)
+    rec.free(d, x2)
+    return out
 
 
 def gpt2_block(rec: Recorder, spec: ModelSpec, plan: Plan, lt: LayerTraining, x: T) -> T:
     """GPT2Block: pre-LayerNorm, fused c_attn (Conv1D) split into q, k, v (views of one storage;
     SplitBackward concatenates their gradients into a new one), gelu_new MLP, dropout on attention and
     residuals."""
-    ctx = rec.ctx
     h = spec.hidden_size
     n = layer_norm(rec, x, "ln_1" in lt.norm_trainable, h, "ln_1")
     qkv = _lin(rec, lt, n, "attn.c_attn", h, 3 * h, plan)
@@ -810,41 +1009,65 @@ def gpt2_block(rec: Recorder, spec: ModelSpec, plan: Plan, lt: LayerTraining, x:
     q, k, v = (heads_view(rec, t, clone=True) for t in (q, k, v))
     a = attention(rec, spec, q, k, v, dropout_p(spec, "attn"), "attn.attention")
     o = _lin(rec, lt, a, "attn.c_proj", h, h, plan)
-    o = _maybe_adapter(rec, lt, o, "attn_out", spec, plan, "attn.c_proj")
-    o = dropout(rec, o, dropout_p(spec, "resid"), "attn.resid_dropout")
-    x2 = add(rec, x, o, x.dtype)
+    rec.free(a)
+    o = _adapt(rec, lt, o, "attn_out", spec, plan, "attn.c_proj")
+    od = dropout(rec, o, dropout_p(spec, "resid"), "attn.resid_dropout")
+    if od is not o:
+        rec.free(o)
+    rec.free(qkv)
+    x2 = add(rec, od, x, x.dtype)
+    rec.free(od, n)
     n2 = layer_norm(rec, x2, "ln_2" in lt.norm_trainable, h, "ln_2")
     f = _lin(rec, lt, n2, "mlp.c_fc", h, spec.intermediate_size, plan)
     act = activation(rec, f, spec.hidden_act if spec.hidden_act in ("gelu_new", "quick_gelu") else "gelu", "mlp.act")
+    rec.free(f)
     d = _lin(rec, lt, act, "mlp.c_proj", spec.intermediate_size, h, plan)
-    d = _maybe_adapter(rec, lt, d, "mlp_out", spec, plan, "mlp.c_proj")
-    d = dropout(rec, d, dropout_p(spec, "resid"), "mlp.dropout")
-    return add(rec, x2, d, x2.dtype)
+    rec.free(act)
+    d = _adapt(rec, lt, d, "mlp_out", spec, plan, "mlp.c_proj")
+    dd = dropout(rec, d, dropout_p(spec, "resid"), "mlp.dropout")
+    if dd is not d:
+        rec.free(d)
+    rec.free(n2)
+    out = add(rec, x2, dd, x2.dtype)
+    rec.free(dd, x2)
+    return out
 
 
 def bert_block(rec: Recorder, spec: ModelSpec, plan: Plan, lt: LayerTraining, x: T) -> T:
-    """BertLayer / RobertaLayer: post-LayerNorm; dropout after attention output and FFN output."""
+    """BertLayer / RobertaLayer: post-LayerNorm; dropout after attention output and FFN output. The
+    forward frees q, k, v when BertSelfAttention returns, the attention output when BertAttention
+    does, the intermediate output and the attention block's output when the layer returns (traced)."""
     ctx = rec.ctx
     h = spec.hidden_size
     reshaped = _math_path(spec, ctx) or ctx.attention == "eager"
     mark = len(rec.nodes)
-    q = heads_view(rec, _lin(rec, lt, x, "attention.self.query", h, h, plan), clone=reshaped)
+    ql = _lin(rec, lt, x, "attention.self.query", h, h, plan)
     query_node = _first_node(rec, mark)
-    k = heads_view(rec, _lin(rec, lt, x, "attention.self.key", h, h, plan), clone=reshaped)
-    v = heads_view(rec, _lin(rec, lt, x, "attention.self.value", h, h, plan), clone=reshaped)
+    kl = _lin(rec, lt, x, "attention.self.key", h, h, plan)
+    vl = _lin(rec, lt, x, "attention.self.value", h, h, plan)
+    q, k, v = (heads_view(rec, t, clone=reshaped) for t in (ql, kl, vl))
     a = attention(rec, spec, q, k, v, dropout_p(spec, "attn"), "attention.self", hold=query_node)
+    rec.free(ql, kl, vl)
     o = _lin(rec, lt, a, "attention.output.dense", h, h, plan)
-    o = _maybe_adapter(rec, lt, o, "attn_out", spec, plan, "attention.output.dense")
-    o = dropout(rec, o, dropout_p(spec, "resid"), "attention.output.dropout")
-    s1 = add(rec, o, x, o.dtype if ctx.autocast is None else x.dtype)
+    o = _adapt(rec, lt, o, "attn_out", spec, plan, "attention.output.dense")
+    od = dropout(rec, o, dropout_p(spec, "resid"), "attention.output.dropout")
+    if od is not o:
+        rec.free(o)
+    s1 = add(rec, od, x, od.dtype if ctx.autocast is None else x.dtype)
     n1 = layer_norm(rec, s1, "attention.output.LayerNorm" in lt.norm_trainable, h, "attention.output.LayerNorm")
+    rec.free(s1, od, a)
     f = _lin(rec, lt, n1, "intermediate.dense", h, spec.intermediate_size, plan)
     act = activation(rec, f, "gelu", "intermediate.act")
+    rec.free(f)
     d = _lin(rec, lt, act, "output.dense", spec.intermediate_size, h, plan)
-    d = _maybe_adapter(rec, lt, d, "mlp_out", spec, plan, "output.dense")
-    d = dropout(rec, d, dropout_p(spec, "resid"), "output.dropout")
-    s2 = add(rec, d, n1, n1.dtype)
-    return layer_norm(rec, s2, "output.LayerNorm" in lt.norm_trainable, h, "output.LayerNorm")
+    d = _adapt(rec, lt, d, "mlp_out", spec, plan, "output.dense")
+    dd = dropout(rec, d, dropout_p(spec, "resid"), "output.dropout")
+    if dd is not d:
+        rec.free(d)
+    s2 = add(rec, dd, n1, n1.dtype)
+    out = layer_norm(rec, s2, "output.LayerNorm" in lt.norm_trainable, h, "output.LayerNorm")
+    rec.free(s2, dd, act, n1)
+    return out
 
 
 def vision_block(rec: Recorder, spec: ModelSpec, plan: Plan, lt: LayerTraining, x: T) -> T:
@@ -858,20 +1081,30 @@ def vision_block(rec: Recorder, spec: ModelSpec, plan: Plan, lt: LayerTraining, 
     reshaped = _math_path(spec, ctx) or ctx.attention == "eager"
     n = layer_norm(rec, x, ln1 in lt.norm_trainable, h, ln1)
     mark = len(rec.nodes)
-    q = heads_view(rec, _lin(rec, lt, n, f"{att}.q_proj", h, h, plan), clone=reshaped)
+    ql = _lin(rec, lt, n, f"{att}.q_proj", h, h, plan)
     query_node = _first_node(rec, mark)
-    k = heads_view(rec, _lin(rec, lt, n, f"{att}.k_proj", h, h, plan), clone=reshaped)
-    v = heads_view(rec, _lin(rec, lt, n, f"{att}.v_proj", h, h, plan), clone=reshaped)
+    kl = _lin(rec, lt, n, f"{att}.k_proj", h, h, plan)
+    vl = _lin(rec, lt, n, f"{att}.v_proj", h, h, plan)
+    q, k, v = (heads_view(rec, t, clone=reshaped) for t in (ql, kl, vl))
     a = attention(rec, spec, q, k, v, dropout_p(spec, "attn"), att, hold=query_node)
+    rec.free(ql, kl, vl)
     o = _lin(rec, lt, a, out_name, h, h, plan)
-    o = _maybe_adapter(rec, lt, o, "attn_out", spec, plan, out_name)
-    x2 = add(rec, x, o, x.dtype)
+    rec.free(a)
+    o = _adapt(rec, lt, o, "attn_out", spec, plan, out_name)
+    rec.free(n)
+    x2 = add(rec, o, x, x.dtype)
+    rec.free(o)
     n2 = layer_norm(rec, x2, ln2 in lt.norm_trainable, h, ln2)
     f = _lin(rec, lt, n2, "mlp.fc1", h, spec.intermediate_size, plan)
     act = activation(rec, f, "quick_gelu" if spec.hidden_act == "quick_gelu" else "gelu", "mlp.act")
+    rec.free(f)
     d = _lin(rec, lt, act, "mlp.fc2", spec.intermediate_size, h, plan)
-    d = _maybe_adapter(rec, lt, d, "mlp_out", spec, plan, "mlp.fc2")
-    return add(rec, x2, d, x2.dtype)
+    rec.free(act)
+    d = _adapt(rec, lt, d, "mlp_out", spec, plan, "mlp.fc2")
+    rec.free(n2)
+    out = add(rec, d, x2, x2.dtype)
+    rec.free(d, x2)
+    return out
 
 
 BLOCKS = {
@@ -910,6 +1143,8 @@ class ActivationProfile:
     autocast_weight_cache: int = 0  # autocast's copies of trainable matmul weights, alive to the end of forward
     loss_scalars: int = 0  # the loss and backward's seed, alive through the backward
     head_backward: BackwardPeak = BackwardPeak()  # the peak inside the head's backward (peftcalc.backward)
+    forward_block_saved: int = 0  # saved bytes at the largest peak inside a block's forward (the blocks
+    forward_block_live: int = 0  # below and what the block saved so far) and the live unsaved bytes then
     layer_backward: tuple = ()  # per layer: the peak inside its backward (BackwardPeak)
     by_tag: tuple = ()
 
@@ -973,6 +1208,8 @@ def activation_profile(plan: Plan, t: TrainingSettings) -> ActivationProfile:
         rec.save_new(2 * ctx.seq * spec.head_dim, ctx.weight, "rotary.cos_sin")
     per_layer = []
     layer_backward = []
+    forward_block = (0, 0)  # (saved, live) at the largest block forward peak
+    embedding_out = x  # the model's forward holds the embedding output until it returns
     tags: dict = {}
     blocks_seen: dict = {}
     for lt in _layer_trainings(plan, layout):
@@ -982,6 +1219,13 @@ def activation_profile(plan: Plan, t: TrainingSettings) -> ActivationProfile:
         if key not in blocks_seen:
             blocks_seen[key] = _simulate_block(spec, plan, lt, ctx, x.rg, x.dtype)
         block = blocks_seen[key]
+        held = 0 if (not per_layer or embedding_out.id in rec.saved or blocks_seen[first_key].saves_input) \
+            else embedding_out.nbytes
+        below = rec.saved_total + sum(per_layer)
+        if below + block.forward_peak + held > sum(forward_block):
+            forward_block = (below + block.forward_peak_saved, block.forward_peak - block.forward_peak_saved + held)
+        if not per_layer:
+            first_key = key
         per_layer.append(block.saved)
         layer_backward.append(block.backward)
         for tag, nbytes in block.tags:
@@ -1017,6 +1261,8 @@ def activation_profile(plan: Plan, t: TrainingSettings) -> ActivationProfile:
         autocast_weight_cache=_autocast_weight_cache(plan, ctx),
         head_backward=head.peak,
         layer_backward=tuple(layer_backward),
+        forward_block_saved=forward_block[0],
+        forward_block_live=forward_block[1],
         by_tag=tuple(sorted(tags.items())),
     )
 
@@ -1031,6 +1277,9 @@ class BlockSimulation:
     out_rg: bool
     out_dtype: str
     backward: BackwardPeak
+    forward_peak: int = 0  # saved + live bytes at the peak of its forward, its input included
+    forward_peak_saved: int = 0  # what of it is saved
+    saves_input: bool = False
 
 
 def _simulate_block(spec: ModelSpec, plan: Plan, lt: LayerTraining, ctx: Ctx, input_rg: bool,
@@ -1041,7 +1290,7 @@ def _simulate_block(spec: ModelSpec, plan: Plan, lt: LayerTraining, ctx: Ctx, in
     replay = run_backward(rec.nodes, rec.saved_bytes(), {out.id: out.nbytes} if out.rg else {},
                           in_place=ctx.device == "cuda")
     return BlockSimulation(sum(b for _, _, b in rec.saved.values()), tuple(rec.bytes_by_tag().items()), out.rg,
-                           out.dtype, replay.peak)
+                           out.dtype, replay.peak, rec.forward_peak, rec.forward_peak_saved, x.id in rec.saved)
 
 
 def _stream_dtype(ctx: Ctx) -> str:
@@ -1415,6 +1664,9 @@ def _vlm_profile(plan: Plan, t: TrainingSettings) -> ActivationProfile:
     transient, transient_saved = text.forward_transient + features, text.forward_transient_saved
     if vision_ws > text.pre + extra + transient_saved + transient:
         transient, transient_saved = vision_ws - text.pre - extra, 0
+    block_saved, block_live = text.forward_block_saved + extra, text.forward_block_live + features
+    if vision_ws > block_saved + block_live:
+        block_saved, block_live = 0, vision_ws
     weight_cache = text.autocast_weight_cache
     if ctx.autocast:  # autocast caches the cast copies of trainable leaf weights: projector, vision linears
         vision_linears = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
@@ -1424,6 +1676,7 @@ def _vlm_profile(plan: Plan, t: TrainingSettings) -> ActivationProfile:
         if trains:
             weight_cache += (hv * h + h * h) * DTYPE_BYTES[ctx.autocast]
     return replace(text, pre=text.pre + extra, forward_transient=transient, forward_transient_saved=transient_saved,
+                   forward_block_saved=block_saved, forward_block_live=block_live,
                    loss_forward_peak=text.loss_forward_peak + features,
                    autocast_weight_cache=weight_cache, by_tag=tuple(sorted(tags.items())))
 

@@ -302,8 +302,8 @@ def _step_events(plan: Plan, t: TrainingSettings, act: ActivationProfile, ms: Mo
     events = [
         _event("forward", dict(base, activations=remaining + act.post + act.loss_saved,
                                logits_loss=act.loss_forward_peak - act.loss_saved, temporaries=cache)),
-        _event("forward:block", dict(base, activations=act.pre + (act.forward_transient_saved if not ckpt else 0),
-                                     temporaries=act.forward_transient)),
+        _event("forward:block", dict(base, activations=act.pre, temporaries=act.forward_transient) if ckpt else
+               dict(base, activations=act.forward_block_saved, temporaries=act.forward_block_live)),
         _event("backward:loss", dict(base, activations=remaining + act.post + act.loss_saved_backward,
                                      logits_loss=act.loss_backward_peak - act.loss_saved_backward + act.loss_scalars)),
     ]
