@@ -663,12 +663,11 @@ def attention(rec: Recorder, spec: ModelSpec, q: T, k: T, v: T, p_drop: float, t
     heads = spec.num_heads
     explicit_mask = kv != s
     if explicit_mask:
-        # prefix tuning: the cache update concatenates the trainable past keys/values, and peft passes
-        # an attention mask, so transformers (sdpa_attention_forward: use_gqa_in_sdpa is False with a
+        # prefix tuning: the cache update concatenates the trainable past keys/values, and the causal
+        # mask cannot be skipped, so transformers (sdpa_attention_forward: use_gqa_in_sdpa is False with a
         # mask) repeats keys/values to every head (repeat_kv) and SDPA saves the float mask it builds
-        width = spec.q_dim if spec.num_kv_heads != spec.num_heads else spec.kv_dim
-        k = _cache_keys(rec, k, b * kv * width)
-        v = _cache_keys(rec, v, b * kv * width)
+        k = _repeat_kv(rec, spec, _cache_keys(rec, k, b * kv * spec.kv_dim))
+        v = _repeat_kv(rec, spec, _cache_keys(rec, v, b * kv * spec.kv_dim))
         cpu_math = p_drop > 0 and ctx.device == "cpu" and ctx.training_dropout
         if ctx.attention != "eager" and not cpu_math:  # eager and the math path add it to the scores
             rec.save_new(b * s * kv, q.dtype, f"{tag}.attn_mask")
@@ -729,9 +728,21 @@ def _attention_forward(rec: Recorder, spec: ModelSpec, q: T, p_drop: float) -> T
 
 
 def _cache_keys(rec: Recorder, x: T, numel: int) -> T:
-    """Prefix tuning's keys/values: cat(past, new) along the sequence (and repeat_kv to every head):
-    the backward slices the gradient (a view) and sums the repeats."""
+    """Prefix tuning's keys/values: cat(past, new) along the sequence; the backward hands on slices
+    of the gradient (the new part to x, copied back to x's layout)."""
     y = rec.new(numel, x.dtype, True)
+    rec.node(y, *_grads(x))
+    return y
+
+
+def _repeat_kv(rec: Recorder, spec: ModelSpec, x: T) -> T:
+    """transformers repeat_kv: x[:, :, None].expand(b, kv_heads, n_rep, s, d).reshape(b, heads, s, d):
+    a copy, except with a single key/value head, where the reshape of the expanded tensor is a view
+    (stride 0 across the heads); the backward sums the repeats (a new gradient like x)."""
+    groups = spec.num_heads // spec.num_kv_heads
+    if groups == 1:
+        return x
+    y = rec.view(x, x.numel * groups) if spec.num_kv_heads == 1 else rec.new(x.numel * groups, x.dtype, x.rg)
     rec.node(y, *_grads(x))
     return y
 
@@ -800,13 +811,7 @@ def _eager_attention(rec: Recorder, spec: ModelSpec, q: T, k: T, v: T, p_drop: f
     transpose(1, 2).contiguous()."""
     ctx = rec.ctx
     b, s, kv, heads = ctx.batch, ctx.seq, ctx.kv_seq, spec.num_heads
-    groups = 1 if explicit_mask else spec.num_heads // spec.num_kv_heads  # repeat_kv (once)
-    k_full, v_full = k, v
-    if groups > 1:
-        k_full = rec.new(k.numel * groups, k.dtype, k.rg)
-        rec.node(k_full, *_grads(k))
-        v_full = rec.new(v.numel * groups, v.dtype, v.rg)
-        rec.node(v_full, *_grads(v))
+    k_full, v_full = (k, v) if explicit_mask else (_repeat_kv(rec, spec, k), _repeat_kv(rec, spec, v))
     # q @ k^T saves q for k's gradient and k for q's; probs @ v saves v for the probabilities'
     # gradient and the probabilities for v's
     qi, ki = autocast_in(rec, q), autocast_in(rec, k_full)
@@ -945,8 +950,9 @@ def _math_path(spec: ModelSpec, ctx: Ctx) -> bool:
 
 
 def _adapt(rec: Recorder, lt: LayerTraining, o: T, role: str, spec: ModelSpec, plan: Plan, tag: str) -> T:
-    """The output projection's output through its adapter (a forward hook: the projection's own output
-    is dropped once the adapter has made its replacement)."""
+    """The output projection's output through its adapter (a forward hook, run before the projection's
+    call returns: its input is still referenced meanwhile, and its own output is dropped once the
+    adapter has made its replacement)."""
     out = _maybe_adapter(rec, lt, o, role, spec, plan, tag)
     if out is not o:
         rec.free(o)
@@ -973,9 +979,8 @@ def llama_block(rec: Recorder, spec: ModelSpec, plan: Plan, lt: LayerTraining, x
     rec.free(ql, kl)
     a = attention(rec, spec, q, k, v, dropout_p(spec, "attn"), "self_attn.attention")
     o = _lin(rec, lt, a, "self_attn.o_proj", spec.q_dim, h, plan, quant)
-    rec.free(a)
     o = _adapt(rec, lt, o, "attn_out", spec, plan, "self_attn.o_proj")
-    rec.free(q, k, vl, n)
+    rec.free(a, q, k, vl, n)
     x2 = add(rec, x, o, x.dtype)  # x + o keeps the residual stream's dtype
     rec.free(o)
     n2 = rms_norm(rec, x2, "post_attention_layernorm" in lt.norm_trainable, "post_attention_layernorm")
@@ -986,9 +991,8 @@ def llama_block(rec: Recorder, spec: ModelSpec, plan: Plan, lt: LayerTraining, x
     p = mul(rec, act, u, "mlp.act_mul")
     rec.free(act, u)
     d = _lin(rec, lt, p, "mlp.down_proj", spec.intermediate_size, h, plan, quant)
-    rec.free(p)
     d = _adapt(rec, lt, d, "mlp_out", spec, plan, "mlp.down_proj")
-    rec.free(n2)
+    rec.free(p, n2)
     out = add(rec, x2, d, x2.dtype)
     rec.free(d, x2)
     return out
@@ -1009,8 +1013,8 @@ def gpt2_block(rec: Recorder, spec: ModelSpec, plan: Plan, lt: LayerTraining, x:
     q, k, v = (heads_view(rec, t, clone=True) for t in (q, k, v))
     a = attention(rec, spec, q, k, v, dropout_p(spec, "attn"), "attn.attention")
     o = _lin(rec, lt, a, "attn.c_proj", h, h, plan)
-    rec.free(a)
     o = _adapt(rec, lt, o, "attn_out", spec, plan, "attn.c_proj")
+    rec.free(a)
     od = dropout(rec, o, dropout_p(spec, "resid"), "attn.resid_dropout")
     if od is not o:
         rec.free(o)
@@ -1022,8 +1026,8 @@ def gpt2_block(rec: Recorder, spec: ModelSpec, plan: Plan, lt: LayerTraining, x:
     act = activation(rec, f, spec.hidden_act if spec.hidden_act in ("gelu_new", "quick_gelu") else "gelu", "mlp.act")
     rec.free(f)
     d = _lin(rec, lt, act, "mlp.c_proj", spec.intermediate_size, h, plan)
-    rec.free(act)
     d = _adapt(rec, lt, d, "mlp_out", spec, plan, "mlp.c_proj")
+    rec.free(act)
     dd = dropout(rec, d, dropout_p(spec, "resid"), "mlp.dropout")
     if dd is not d:
         rec.free(d)
@@ -1089,8 +1093,8 @@ def vision_block(rec: Recorder, spec: ModelSpec, plan: Plan, lt: LayerTraining, 
     a = attention(rec, spec, q, k, v, dropout_p(spec, "attn"), att, hold=query_node)
     rec.free(ql, kl, vl)
     o = _lin(rec, lt, a, out_name, h, h, plan)
-    rec.free(a)
     o = _adapt(rec, lt, o, "attn_out", spec, plan, out_name)
+    rec.free(a)
     rec.free(n)
     x2 = add(rec, o, x, x.dtype)
     rec.free(o)
@@ -1099,8 +1103,8 @@ def vision_block(rec: Recorder, spec: ModelSpec, plan: Plan, lt: LayerTraining, 
     act = activation(rec, f, "quick_gelu" if spec.hidden_act == "quick_gelu" else "gelu", "mlp.act")
     rec.free(f)
     d = _lin(rec, lt, act, "mlp.fc2", spec.intermediate_size, h, plan)
-    rec.free(act)
     d = _adapt(rec, lt, d, "mlp_out", spec, plan, "mlp.fc2")
+    rec.free(act)
     rec.free(n2)
     out = add(rec, d, x2, x2.dtype)
     rec.free(d, x2)
@@ -1201,6 +1205,10 @@ def activation_profile(plan: Plan, t: TrainingSettings) -> ActivationProfile:
     # The embedding output: token embeddings (+ positions) in the weight dtype.
     x = rec.new(tok * h, ctx.weight, input_rg)
     x = _embeddings(rec, spec, plan, layout, x)
+    if plan.settings.method in ("prefix", "prompt"):
+        # peft PeftModel.get_prompt: self.prompt_tokens[adapter].unsqueeze(0).expand(batch, -1), an int64
+        # arange of the virtual tokens peft keeps, is what the prompt encoder's embedding saves
+        rec.save_new(plan.settings.num_virtual_tokens, "int64", "prompt_encoder.indices")
     grads_reach_blocks = input_rg or plan.lowest_trainable_layer is not None or plan.settings.method == "prefix"
     if spec.model_type in ("llama", "mistral", "qwen2") and grads_reach_blocks:
         # LlamaRotaryEmbedding's cos and sin (1 x seq x head_dim, in the hidden states' dtype), shared
