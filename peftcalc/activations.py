@@ -678,7 +678,9 @@ def attention(rec: Recorder, spec: ModelSpec, q: T, k: T, v: T, p_drop: float, t
     if ctx.attention == "eager":
         return _eager_attention(rec, spec, q, k, v, p_drop, explicit_mask, tag)
     if p_drop > 0 and ctx.device == "cpu" and ctx.training_dropout:
-        return _math_attention(rec, spec, q, k, v, tag, hold)
+        # prefix tuning's concatenated values are contiguous as (b, heads, s, d): bmm takes them as they are
+        v_contiguous = explicit_mask and not (spec.num_kv_heads == 1 and spec.num_heads > 1)
+        return _math_attention(rec, spec, q, k, v, tag, hold, v_contiguous)
     saved = [rec.save(q, f"{tag}.q"), rec.save(k, f"{tag}.k"), rec.save(v, f"{tag}.v")]
     out = rec.new(out_numel, q.dtype, True)
     saved += [rec.save(out, f"{tag}.out"), rec.save(rec.new(b * heads * s, "float32", False), f"{tag}.logsumexp")]
@@ -728,8 +730,9 @@ def _attention_forward(rec: Recorder, spec: ModelSpec, q: T, p_drop: float) -> T
 
 
 def _cache_keys(rec: Recorder, x: T, numel: int) -> T:
-    """Prefix tuning's keys/values: cat(past, new) along the sequence; the backward hands on slices
-    of the gradient (the new part to x, copied back to x's layout)."""
+    """Prefix tuning's keys/values: cat(past, new) along the sequence (DynamicCache.update: the cache
+    keeps the concatenation to the end of the forward); the backward hands on slices of the gradient
+    (the new part to x, copied back to x's layout)."""
     y = rec.new(numel, x.dtype, True)
     rec.node(y, *_grads(x))
     return y
@@ -747,7 +750,8 @@ def _repeat_kv(rec: Recorder, spec: ModelSpec, x: T) -> T:
     return y
 
 
-def _math_attention(rec: Recorder, spec: ModelSpec, q: T, k: T, v: T, tag: str, hold: int) -> T:
+def _math_attention(rec: Recorder, spec: ModelSpec, q: T, k: T, v: T, tag: str, hold: int,
+                    v_contiguous: bool = False) -> T:
     """CPU has no fused kernel with dropout: torch's _scaled_dot_product_attention_math runs, in fp32
     for half types, and saves the scaled q, k^T, v (reshape copies for bmm), the softmax, the dropout
     noise and the dropped probabilities; its (batch, heads, seq, dim) output is copied by
@@ -782,7 +786,7 @@ def _math_attention(rec: Recorder, spec: ModelSpec, q: T, k: T, v: T, tag: str, 
         rec.node(probs, [("new", "d", sc)], [(scores.id, "d")], [sm])
         rec.node(dropped, [("new", "d", sc)], [(probs.id, "d")], [nz])
     rec.free(noise, probs)
-    vc = rec.new(b * kv * spec.q_dim, up, False)
+    vc = vu if v_contiguous else rec.new(b * kv * spec.q_dim, up, False)  # bmm's reshape copy of v
     saved2 = []
     if q.rg or k.rg:
         saved2.append(rec.save(vc, f"{tag}.math_v"))
@@ -791,7 +795,9 @@ def _math_attention(rec: Recorder, spec: ModelSpec, q: T, k: T, v: T, tag: str, 
     out = rec.new(b * s * spec.q_dim, up, True)  # bmm(probs, v), reshaped
     rec.node(out, [("new", "g3", nq), ("new", "dv", nk), ("new", "dp", sc), ("free", "g3")],
              [(t.id, n) for t, n in ((vu, "dv"), (dropped, "dp")) if t.rg], saved2, hold=hold)
-    rec.free(vc, qs, dropped)
+    if vc is not vu:
+        rec.free(vc)
+    rec.free(qs, dropped)
     for t, orig in ((qu, q), (ku, k), (vu, v)):
         if t is not orig:
             rec.free(t)
@@ -1217,6 +1223,7 @@ def activation_profile(plan: Plan, t: TrainingSettings) -> ActivationProfile:
     per_layer = []
     layer_backward = []
     forward_block = (0, 0)  # (saved, live) at the largest block forward peak
+    left = 0  # what the blocks so far leave referenced (prefix tuning's cache: each layer's keys and values)
     embedding_out = x  # the model's forward holds the embedding output until it returns
     tags: dict = {}
     blocks_seen: dict = {}
@@ -1229,11 +1236,13 @@ def activation_profile(plan: Plan, t: TrainingSettings) -> ActivationProfile:
         block = blocks_seen[key]
         held = 0 if (not per_layer or embedding_out.id in rec.saved or blocks_seen[first_key].saves_input) \
             else embedding_out.nbytes
+        held += left
         below = rec.saved_total + sum(per_layer)
         if below + block.forward_peak + held > sum(forward_block):
             forward_block = (below + block.forward_peak_saved, block.forward_peak - block.forward_peak_saved + held)
         if not per_layer:
             first_key = key
+        left += block.leaves
         per_layer.append(block.saved)
         layer_backward.append(block.backward)
         for tag, nbytes in block.tags:
@@ -1288,6 +1297,7 @@ class BlockSimulation:
     forward_peak: int = 0  # saved + live bytes at the peak of its forward, its input included
     forward_peak_saved: int = 0  # what of it is saved
     saves_input: bool = False
+    leaves: int = 0  # unsaved bytes still referenced when it returns, besides its input and output
 
 
 def _simulate_block(spec: ModelSpec, plan: Plan, lt: LayerTraining, ctx: Ctx, input_rg: bool,
@@ -1297,8 +1307,9 @@ def _simulate_block(spec: ModelSpec, plan: Plan, lt: LayerTraining, ctx: Ctx, in
     out = BLOCKS[spec.model_type](rec, spec, plan, lt, x)
     replay = run_backward(rec.nodes, rec.saved_bytes(), {out.id: out.nbytes} if out.rg else {},
                           in_place=ctx.device == "cuda")
+    leaves = rec.live_bytes - rec.live.get(out.id, 0) - rec.live.get(x.id, 0)
     return BlockSimulation(sum(b for _, _, b in rec.saved.values()), tuple(rec.bytes_by_tag().items()), out.rg,
-                           out.dtype, replay.peak, rec.forward_peak, rec.forward_peak_saved, x.id in rec.saved)
+                           out.dtype, replay.peak, rec.forward_peak, rec.forward_peak_saved, x.id in rec.saved, leaves)
 
 
 def _stream_dtype(ctx: Ctx) -> str:
