@@ -1223,7 +1223,8 @@ def activation_profile(plan: Plan, t: TrainingSettings) -> ActivationProfile:
     per_layer = []
     layer_backward = []
     forward_block = (0, 0)  # (saved, live) at the largest block forward peak
-    left = 0  # what the blocks so far leave referenced (prefix tuning's cache: each layer's keys and values)
+    left = _prompt_inputs_held(spec, plan, ctx)  # and what the blocks so far leave referenced (prefix
+    # tuning's cache: each layer's keys and values)
     embedding_out = x  # the model's forward holds the embedding output until it returns
     tags: dict = {}
     blocks_seen: dict = {}
@@ -1234,9 +1235,9 @@ def activation_profile(plan: Plan, t: TrainingSettings) -> ActivationProfile:
         if key not in blocks_seen:
             blocks_seen[key] = _simulate_block(spec, plan, lt, ctx, x.rg, x.dtype)
         block = blocks_seen[key]
-        held = 0 if (not per_layer or embedding_out.id in rec.saved or blocks_seen[first_key].saves_input) \
-            else embedding_out.nbytes
-        held += left
+        held = left
+        if per_layer and embedding_out.id not in rec.saved and not blocks_seen[first_key].saves_input:
+            held += embedding_out.nbytes
         below = rec.saved_total + sum(per_layer)
         if below + block.forward_peak + held > sum(forward_block):
             forward_block = (below + block.forward_peak_saved, block.forward_peak - block.forward_peak_saved + held)
@@ -1282,6 +1283,19 @@ def activation_profile(plan: Plan, t: TrainingSettings) -> ActivationProfile:
         forward_block_live=forward_block[1],
         by_tag=tuple(sorted(tags.items())),
     )
+
+
+def _prompt_inputs_held(spec: ModelSpec, plan: Plan, ctx: Ctx) -> int:
+    """Prompt tuning: peft's PeftModel.forward keeps `prompts` (the prompt encoder's output repeated
+    over the batch) and inputs_embeds = cat(prompts, word embeddings) referenced while the base model
+    runs; where the model's embeddings make a new tensor from inputs_embeds (BERT/RoBERTa add positions
+    and token types, GPT-2 positions) the concatenation is held besides the embedding output."""
+    if plan.settings.method != "prompt":
+        return 0
+    wb = DTYPE_BYTES[ctx.weight]
+    prompts = ctx.batch * plan.settings.num_virtual_tokens * spec.hidden_size * wb
+    concatenated = ctx.tokens * spec.hidden_size * wb if spec.model_type in ("bert", "roberta", "gpt2") else 0
+    return prompts + concatenated
 
 
 @dataclass(frozen=True)
