@@ -223,7 +223,10 @@ def matmul(rec: Recorder, x: T, in_f: int, out_f: int, weight_trains: bool, out_
     autocast's weight copy `weight`), and the bias gradient (a sum over tokens). bitsandbytes'
     MatMul4Bit dequantizes the weight (`dequantized` bytes) to compute grad_x."""
     tokens = x.numel // in_f
-    w = rec.new(dequantized // DTYPE_BYTES[rec.ctx.compute], rec.ctx.compute, False) if dequantized else None
+    # the forward dequantizes on CUDA (F.linear on dequantize_4bit's weight); the CPU backend runs a
+    # fused gemm_4bit (traced); both backwards dequantize
+    w = rec.new(dequantized // DTYPE_BYTES[rec.ctx.compute], rec.ctx.compute, False) \
+        if dequantized and rec.ctx.device == "cuda" else None
     out = rec.new(tokens * out_f, out_dtype, x.rg or weight_trains or bias_bytes > 0)
     rec.free(w)
     steps, outputs = [], []
@@ -923,11 +926,12 @@ def _layer_trainings(plan: Plan, layout: Layout) -> list[LayerTraining]:
                           frozenset(s["biases"])) for s in sets]
 
 
-def _lin(rec, lt: LayerTraining, x, name, in_f, out_f, plan: Plan, quantized=False):
+def _lin(rec, lt: LayerTraining, x, name, in_f, out_f, plan: Plan):
+    """A block's Linear (NF4 under QLoRA: methods._quantizable quantizes every block Linear)."""
     s = plan.settings
     ia3 = "ff" if name in lt.ia3_ff else ("out" if name in lt.ia3_out else "")
     return linear(rec, x, in_f, out_f, name in lt.trainable, name, lora_rank=s.rank if name in lt.lora else 0,
-                  dora=s.dora and name in lt.lora, ia3=ia3, quantized=quantized,
+                  dora=s.dora and name in lt.lora, ia3=ia3, quantized=s.method == "qlora",
                   bias=name in _block_biases(build_layout(plan.spec)),
                   bias_trains=name in lt.bias_trainable)
 
@@ -972,31 +976,30 @@ def llama_block(rec: Recorder, spec: ModelSpec, plan: Plan, lt: LayerTraining, x
     `hidden_states` is rebound, the residual at the block's return."""
     ctx = rec.ctx
     h = spec.hidden_size
-    quant = plan.settings.method == "qlora"
     eager = ctx.attention == "eager"
     n = rms_norm(rec, x, "input_layernorm" in lt.norm_trainable, "input_layernorm")
     # q_proj(x).view().transpose(1, 2), then k, then v; RoPE on q and k (its gradients come back laid
     # out as (b, heads, s, d), so the views' backward copies them; SDPA's come back in v's layout)
-    ql = _lin(rec, lt, n, "self_attn.q_proj", h, spec.q_dim, plan, quant)
-    kl = _lin(rec, lt, n, "self_attn.k_proj", h, spec.kv_dim, plan, quant)
-    vl = _lin(rec, lt, n, "self_attn.v_proj", h, spec.kv_dim, plan, quant)
+    ql = _lin(rec, lt, n, "self_attn.q_proj", h, spec.q_dim, plan)
+    kl = _lin(rec, lt, n, "self_attn.k_proj", h, spec.kv_dim, plan)
+    vl = _lin(rec, lt, n, "self_attn.v_proj", h, spec.kv_dim, plan)
     q, k, v = heads_view(rec, ql, clone=True), heads_view(rec, kl, clone=True), heads_view(rec, vl, clone=eager)
     q, k = rope(rec, q), rope(rec, k)
     rec.free(ql, kl)
     a = attention(rec, spec, q, k, v, dropout_p(spec, "attn"), "self_attn.attention")
-    o = _lin(rec, lt, a, "self_attn.o_proj", spec.q_dim, h, plan, quant)
+    o = _lin(rec, lt, a, "self_attn.o_proj", spec.q_dim, h, plan)
     o = _adapt(rec, lt, o, "attn_out", spec, plan, "self_attn.o_proj")
     rec.free(a, q, k, vl, n)
     x2 = add(rec, x, o, x.dtype)  # x + o keeps the residual stream's dtype
     rec.free(o)
     n2 = rms_norm(rec, x2, "post_attention_layernorm" in lt.norm_trainable, "post_attention_layernorm")
-    g = _lin(rec, lt, n2, "mlp.gate_proj", h, spec.intermediate_size, plan, quant)
+    g = _lin(rec, lt, n2, "mlp.gate_proj", h, spec.intermediate_size, plan)
     act = activation(rec, g, "silu", "mlp.act_fn")
     rec.free(g)
-    u = _lin(rec, lt, n2, "mlp.up_proj", h, spec.intermediate_size, plan, quant)
+    u = _lin(rec, lt, n2, "mlp.up_proj", h, spec.intermediate_size, plan)
     p = mul(rec, act, u, "mlp.act_mul")
     rec.free(act, u)
-    d = _lin(rec, lt, p, "mlp.down_proj", spec.intermediate_size, h, plan, quant)
+    d = _lin(rec, lt, p, "mlp.down_proj", spec.intermediate_size, h, plan)
     d = _adapt(rec, lt, d, "mlp_out", spec, plan, "mlp.down_proj")
     rec.free(p, n2)
     out = add(rec, x2, d, x2.dtype)
@@ -1364,7 +1367,14 @@ def _head_linear(rec: Recorder, plan: Plan, x: T, path: str, in_f: int, out_f: i
     s = plan.settings
     lora = s.method in ("lora", "qlora") and path in plan.targets
     w = _trains(plan, path, True) if trains is None else trains
-    return linear(rec, x, in_f, out_f, w, tag, lora_rank=s.rank if lora else 0, dora=s.dora and lora)
+    return linear(rec, x, in_f, out_f, w, tag, lora_rank=s.rank if lora else 0, dora=s.dora and lora,
+                  quantized=path in _quantized_paths(plan))
+
+
+@lru_cache(maxsize=1024)
+def _quantized_paths(plan: Plan) -> frozenset:
+    """Module paths whose weight is NF4 (QLoRA)."""
+    return frozenset(g.name.rsplit(".", 1)[0] for g in plan.groups if g.quantized)
 
 
 def _first_token(rec: Recorder, x: T, batch: int) -> T:
