@@ -1155,6 +1155,7 @@ class ActivationProfile:
     forward_transient_saved: int = 0  # block activations already saved when that working set peaks
     autocast_weight_cache: int = 0  # autocast's copies of trainable matmul weights, alive to the end of forward
     loss_scalars: int = 0  # the loss and backward's seed, alive through the backward
+    embedding_grad: int = 0  # the embedding output's gradient, alive while the embeddings' parameters get theirs
     head_backward: BackwardPeak = BackwardPeak()  # the peak inside the head's backward (peftcalc.backward)
     forward_block_saved: int = 0  # saved bytes at the largest peak inside a block's forward (the blocks
     forward_block_live: int = 0  # below and what the block saved so far) and the live unsaved bytes then
@@ -1284,6 +1285,7 @@ def activation_profile(plan: Plan, t: TrainingSettings) -> ActivationProfile:
         layer_backward=tuple(layer_backward),
         forward_block_saved=forward_block[0],
         forward_block_live=forward_block[1],
+        embedding_grad=embedding_out.nbytes if embedding_out.rg else 0,
         by_tag=tuple(sorted(tags.items())),
     )
 

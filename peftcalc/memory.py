@@ -31,6 +31,10 @@ COMPONENTS = (
     "inputs",
 )
 
+# bitsandbytes Optimizer8bit.__init__ (optim_bits=8) -> fill_qmap: create_dynamic_map(signed=True) and
+# (signed=False), 256 fp32 values each, shared by every 8-bit state (state['qmap1'], state['qmap2']).
+BNB_QUANTIZATION_MAPS = 2 * 256 * 4
+
 # What max_memory_allocated does not see but nvidia-smi does (sources in the functions below).
 CUDA_CONTEXT_BYTES = 500 * 1024**2  # CUDA context + kernels with lazy loading (typical on H100, torch 2.x)
 ALLOCATOR_SLACK_FRACTION = 0.05  # reserved / allocated of the caching allocator in steady training
@@ -88,6 +92,8 @@ class ModelStates:
     optimizer_states: int
     optimizer_temporaries: int
     largest_trainable_tensor: int
+    optimizer_maps: int = 0  # tensors the optimizer makes at construction (bitsandbytes' quantization maps)
+    maps_in_state: bool = False  # whether optimizer.state references them (an 8-bit state exists)
 
 
 def _adafactor_state_numel(shape: tuple) -> int:
@@ -147,7 +153,9 @@ def _model_states(plan: Plan, t: TrainingSettings) -> ModelStates:
     largest = 0
     adafactor_temp = 0  # transformers Adafactor.step, one parameter at a time: the fp32 update twice
     # (grad**2 + eps, then the factored approximation; later update and -update), plus the fp32
-    # copies of a bf16/fp16 gradient and parameter
+    # copies of a bf16/fp16 gradient and parameter; for a factored (2-d or more) tensor
+    # _approx_sq_grad's row factor (row / row.mean()).rsqrt_() and column factor col.rsqrt() too
+    eight_bit_state = False  # a tensor's bitsandbytes 8-bit state references the quantization maps
     for g in plan.groups:
         dtype = group_dtype(plan, g.origin, ctx.weight)
         if g.quantized:
@@ -167,9 +175,12 @@ def _model_states(plan: Plan, t: TrainingSettings) -> ModelStates:
             states += _optimizer_state_bytes(g.numel, dtype, t.optimizer)
         group_bytes[dtype] = group_bytes.get(dtype, 0) + nbytes
         largest = max(largest, nbytes)
-        adafactor_temp = max(adafactor_temp, g.numel * 4 * (2 if dtype == "float32" else 4))
+        factors = _adafactor_state_numel(shape) * 4 if shape and len(shape) >= 2 else 0
+        adafactor_temp = max(adafactor_temp, g.numel * 4 * (2 if dtype == "float32" else 4) + factors)
+        eight_bit_state = eight_bit_state or g.numel >= 4096
     temps = adafactor_temp if t.optimizer == "adafactor" else _optimizer_temporaries(t, group_bytes, largest)
-    return ModelStates(frozen, trainable, grads, states, temps, largest)
+    maps = BNB_QUANTIZATION_MAPS if t.optimizer == "adamw-8bit" else 0
+    return ModelStates(frozen, trainable, grads, states, temps, largest, maps, eight_bit_state)
 
 
 def _optimizer_temporaries(t: TrainingSettings, group_bytes: dict, largest: int) -> int:
@@ -198,6 +209,10 @@ class Timeline:
 
 
 def _event(name: str, parts: dict) -> tuple[str, int, dict]:
+    parts = dict(parts)
+    other = parts.pop("_other", 0)
+    if other:
+        parts["temporaries"] = parts.get("temporaries", 0) + other
     return name, sum(parts.values()), parts
 
 
@@ -290,7 +305,11 @@ def _step_events(plan: Plan, t: TrainingSettings, act: ActivationProfile, ms: Mo
     block's input is kept and block i's activations exist again while it is recomputed and run backward."""
     weights = {"weights_frozen": ms.weights_frozen, "weights_trainable": ms.weights_trainable,
                "buffers": buffer_bytes(plan.spec)}
-    base = dict(weights, optimizer_states=ms.optimizer_states if with_states else 0, inputs=inputs)
+    maps_held = with_states and ms.maps_in_state  # in optimizer.state once the first step has made it
+    base = dict(weights, optimizer_states=(ms.optimizer_states if with_states else 0) + (ms.optimizer_maps if maps_held else 0),
+                inputs=inputs)
+    if not maps_held and ms.optimizer_maps:
+        base["_other"] = ms.optimizer_maps  # alive, held by the optimizer only: counted with the temporaries
     ckpt = t.grad_checkpointing
     saving = [i for i, a in enumerate(act.per_layer) if a]
     kept_per_layer = {i: (act.checkpoint_inputs // len(saving) if ckpt else act.per_layer[i]) for i in saving}
@@ -312,10 +331,14 @@ def _step_events(plan: Plan, t: TrainingSettings, act: ActivationProfile, ms: Mo
     else:
         events += _replayed_backward(plan, act, grads, base)
     events += [
+        # the embeddings' backward: their parameters' gradients are made while the gradient of their output
+        # is alive; a tied embedding's two gradients are then summed (_tied_embedding_accumulation)
         _event("backward:end", dict(base, activations=act.pre, gradients=grads.total,
-                                    temporaries=_tied_embedding_accumulation(plan, t) + act.loss_scalars)),
-        _event("optimizer", dict(weights, inputs=inputs, gradients=grads.total,
-                                 optimizer_states=ms.optimizer_states, temporaries=ms.optimizer_temporaries)),
+                                    temporaries=max(_tied_embedding_accumulation(plan, t), act.embedding_grad)
+                                    + act.loss_scalars)),
+        _event("optimizer", dict(weights, inputs=inputs, gradients=grads.total, temporaries=ms.optimizer_temporaries,
+                                 optimizer_states=ms.optimizer_states + (ms.optimizer_maps if ms.maps_in_state else 0),
+                                 _other=0 if ms.maps_in_state else ms.optimizer_maps)),
     ]
     return events
 
