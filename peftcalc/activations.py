@@ -495,9 +495,11 @@ def rms_norm(rec: Recorder, x: T, weight_trainable: bool, tag: str) -> T:
 def layer_norm(rec: Recorder, x: T, trainable: bool, hidden: int, tag: str) -> T:
     """nn.LayerNorm (native_layer_norm): saves the input, mean and rstd when any gradient is needed;
     its backward makes the input's gradient and, when they train, the weight's and bias's.
-    Autocast runs layer_norm in fp32."""
+    CUDA autocast runs layer_norm in fp32 (a cast copy of a half input); CPU autocast leaves it out of
+    its cast lists, and the CPU kernel takes a half input with fp32 weights as it is (traced: BERT's MLM
+    head saves its bf16 GELU output)."""
     needs = x.rg or trainable
-    xin = cast(rec, x, "float32") if rec.ctx.autocast else x
+    xin = cast(rec, x, "float32") if rec.ctx.autocast and rec.ctx.device == "cuda" else x
     out = rec.new(x.numel, xin.dtype, needs)
     stats = rec.new(2 * (x.numel // hidden), "float32", False)  # mean and rstd
     if needs:
