@@ -74,6 +74,25 @@ def buffer_bytes(spec) -> int:
     return 0
 
 
+@lru_cache(maxsize=1024)
+def gradient_free(plan: Plan) -> frozenset:
+    """Names of trainable parameters the step's loss never reaches: they get no .grad and so no
+    optimizer state (torch's and transformers' optimizers skip a parameter whose grad is None). A bare
+    encoder is trained on last_hidden_state (measure.run forward_loss), which neither the pooler
+    (BertModel/ViTModel `pooler.dense`) nor CLIP's post_layernorm (CLIPVisionTransformer applies it to
+    the pooled token only) feeds."""
+    from peftcalc.layout import build_layout
+
+    spec = plan.spec
+    if spec.task != "base":
+        return frozenset()
+    layout = build_layout(spec)
+    unused = [m.path for m in layout.modules if m.role == "pooler"]
+    if spec.model_type == "clip_vision_model" and layout.final_norm_path:
+        unused.append(layout.final_norm_path)
+    return frozenset(g.name for g in plan.groups if g.trainable and any(g.name.startswith(p + ".") for p in unused))
+
+
 def group_dtype(plan: Plan, origin: str, ctx_weight: str) -> str:
     """Storage dtype of a parameter by origin: base weights in the policy's weight dtype; peft's
     adapters (LoRA, DoRA, IA3) in fp32 (peft autocast_adapter_dtype=True upcasts bf16/fp16 adapters);
@@ -151,6 +170,7 @@ def _model_states(plan: Plan, t: TrainingSettings) -> ModelStates:
     frozen = trainable = grads = states = 0
     group_bytes: dict[str, int] = {}
     largest = 0
+    adamw_cpu_temp = prev = 0  # torch's single-tensor AdamW: see _optimizer_temporaries
     adafactor_temp = 0  # transformers Adafactor.step, one parameter at a time: the fp32 update twice
     # (grad**2 + eps, then the factored approximation; later update and -update), plus the fp32
     # copies of a bf16/fp16 gradient and parameter; for a factored (2-d or more) tensor
@@ -166,6 +186,8 @@ def _model_states(plan: Plan, t: TrainingSettings) -> ModelStates:
             frozen += nbytes
             continue
         trainable += nbytes
+        if g.name in gradient_free(plan):
+            continue
         grads += nbytes
         shape = g.shape
         states += _scalar_state_bytes(t)
@@ -175,25 +197,28 @@ def _model_states(plan: Plan, t: TrainingSettings) -> ModelStates:
             states += _optimizer_state_bytes(g.numel, dtype, t.optimizer)
         group_bytes[dtype] = group_bytes.get(dtype, 0) + nbytes
         largest = max(largest, nbytes)
+        adamw_cpu_temp, prev = max(adamw_cpu_temp, 2 * nbytes + prev), nbytes
         factors = _adafactor_state_numel(shape) * 4 if shape and len(shape) >= 2 else 0
         adafactor_temp = max(adafactor_temp, g.numel * 4 * (2 if dtype == "float32" else 4) + factors)
         eight_bit_state = eight_bit_state or g.numel >= 4096
-    temps = adafactor_temp if t.optimizer == "adafactor" else _optimizer_temporaries(t, group_bytes, largest)
+    temps = adafactor_temp if t.optimizer == "adafactor" else _optimizer_temporaries(t, group_bytes, adamw_cpu_temp)
     maps = BNB_QUANTIZATION_MAPS if t.optimizer == "adamw-8bit" else 0
     return ModelStates(frozen, trainable, grads, states, temps, largest, maps, eight_bit_state)
 
 
-def _optimizer_temporaries(t: TrainingSettings, group_bytes: dict, largest: int) -> int:
+def _optimizer_temporaries(t: TrainingSettings, group_bytes: dict, single_tensor: int) -> int:
     """Peak extra bytes inside optimizer.step().
     adamw on CUDA takes the foreach path (torch/optim/adamw.py _multi_tensor_adamw): torch._foreach_sqrt
       of all exp_avg_sq of one (device, dtype) group is allocated at once: the largest group's bytes.
-    adamw on CPU (and fake) takes the single-tensor path: exp_avg_sq.sqrt() / bias_correction2_sqrt
-      holds two temporaries the size of the largest parameter.
+    adamw on CPU (and fake) takes the single-tensor path (torch/optim/adam.py _single_tensor_adam), one
+      parameter at a time in the parameters' order: denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt)
+      holds the sqrt and the quotient while `denom` still refers to the previous parameter's: the
+      largest 2 x a parameter + its predecessor (`single_tensor`, from model_states).
     sgd updates in place; adamw-8bit runs one fused kernel in place (adafactor: see model_states)."""
     if t.optimizer == "adamw":
         if t.device == "cuda":
             return max(group_bytes.values(), default=0)
-        return 2 * largest
+        return single_tensor
     return 0
 
 
@@ -266,7 +291,7 @@ def _gradient_arrival(plan: Plan, precision: str) -> GradientArrival:
     per = [0] * plan.spec.num_layers
     head = input_side = 0
     for g in plan.groups:
-        if not g.trainable:
+        if not g.trainable or g.name in gradient_free(plan):
             continue
         nbytes = g.numel * DTYPE_BYTES[group_dtype(plan, g.origin, ctx.weight)]
         if g.layer is not None:
