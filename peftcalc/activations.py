@@ -271,6 +271,8 @@ def linear(rec: Recorder, x: T, in_f: int, out_f: int, trainable: bool, tag: str
         weight_copy = _weight_copy(rec, in_f * out_f, trainable)
         if x.rg:
             saved.append(rec.save(weight_copy, f"{tag}.autocast_weight"))
+    if ctx.autocast and bias_trains:  # addmm's bias copy, kept in autocast's cache (a trainable leaf)
+        rec.new(out_f, ctx.autocast, False)
     xm = x
     if ia3 == "ff":
         xm = _ia3_input(rec, x, in_f, tag)
@@ -1353,6 +1355,12 @@ def _trains(plan: Plan, path: str, weight_only: bool = False) -> bool:
 
 def _embeddings(rec: Recorder, spec: ModelSpec, plan: Plan, layout: Layout, x: T) -> T:
     h = spec.hidden_size
+    if spec.is_vision and rec.ctx.autocast and _trains(plan, layout.embedding_path):
+        # the patch embedding's Conv2d under autocast: convolution_backward's formula saves the input and
+        # the weight whenever the node exists (any of them needs a gradient), here their bf16 copies
+        image = spec.num_channels * spec.image_size ** 2
+        rec.save_new(rec.ctx.batch * image, rec.ctx.autocast, "patch_embedding.input")
+        rec.save_new(spec.hidden_size * image // spec.num_patches, rec.ctx.autocast, "patch_embedding.weight")
     if spec.model_type == "gpt2":
         return dropout(rec, x, dropout_p(spec, "embd"), "embeddings.dropout")
     if spec.model_type in ("bert", "roberta"):
