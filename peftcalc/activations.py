@@ -1235,28 +1235,30 @@ def activation_profile(plan: Plan, t: TrainingSettings) -> ActivationProfile:
     # tuning's cache: each layer's keys and values)
     embedding_out = x  # the model's forward holds the embedding output until it returns
     tags: dict = {}
-    blocks_seen: dict = {}
+    kinds: dict = {}  # block simulation -> how many layers are of its kind
+    below = rec.saved_total
+    rg, dtype = x.rg, x.dtype
     for lt in _layer_trainings(plan, layout):
         # Blocks with the same trainable set and the same kind of input save the same tensors:
         # simulate each kind once (a 80-block model has two or three kinds).
-        key = (lt, x.rg, x.dtype)
-        if key not in blocks_seen:
-            blocks_seen[key] = _simulate_block(spec, plan, lt, ctx, x.rg, x.dtype)
-        block = blocks_seen[key]
+        block = _simulate_block(spec, plan, lt, ctx, rg, dtype)
         held = left
-        if per_layer and embedding_out.id not in rec.saved and not blocks_seen[first_key].saves_input:
+        if per_layer and embedding_out.id not in rec.saved and not first.saves_input:
             held += embedding_out.nbytes
-        below = rec.saved_total + sum(per_layer)
         if below + block.forward_peak + held > sum(forward_block):
             forward_block = (below + block.forward_peak_saved, block.forward_peak - block.forward_peak_saved + held)
         if not per_layer:
-            first_key = key
+            first = block
         left += block.leaves
+        below += block.saved
         per_layer.append(block.saved)
         layer_backward.append(block.backward)
+        kinds[block] = kinds.get(block, 0) + 1
+        rg, dtype = block.out_rg, block.out_dtype
+    for block, count in kinds.items():
         for tag, nbytes in block.tags:
-            tags[tag] = tags.get(tag, 0) + nbytes
-        x = rec.new(x.numel, block.out_dtype, block.out_rg)
+            tags[tag] = tags.get(tag, 0) + count * nbytes
+    x = rec.new(x.numel, dtype, rg)
     rec.bucket = "post"
     head_start = len(rec.nodes)
     logits_numel, x, root = _head(rec, spec, plan, layout, x)
@@ -1323,6 +1325,7 @@ class BlockSimulation:
     leaves: int = 0  # unsaved bytes still referenced when it returns, besides its input and output
 
 
+@lru_cache(maxsize=4096)
 def _simulate_block(spec: ModelSpec, plan: Plan, lt: LayerTraining, ctx: Ctx, input_rg: bool,
                     input_dtype: str) -> BlockSimulation:
     rec = Recorder(ctx, bucket=0)

@@ -46,10 +46,13 @@ class Node:
     hold: int = 0
 
 
-@dataclass
 class _Storage:
-    nbytes: int
-    refs: int = 1
+    """A gradient buffer's storage: its bytes and how many buffers or formulas refer to it."""
+
+    __slots__ = ("nbytes", "refs")
+
+    def __init__(self, nbytes: int, refs: int = 1) -> None:
+        self.nbytes, self.refs = nbytes, refs
 
 
 @dataclass(frozen=True)
@@ -83,15 +86,19 @@ class _Engine:
     live: int = 0
     params: int = 0
     peak: BackwardPeak = BackwardPeak()
+    peak_total: int = 0
     holds: dict = field(default_factory=dict)  # node out id -> [_Storage]
 
     def note(self) -> None:
-        if self.saved_live + self.live + self.params > self.peak.total:
+        total = self.saved_live + self.live + self.params
+        if total > self.peak_total:
+            self.peak_total = total
             self.peak = BackwardPeak(self.saved_live, self.live, self.params)
 
     def alloc(self, nbytes: int) -> _Storage:
         self.live += nbytes
-        self.note()
+        if self.saved_live + self.live + self.params > self.peak_total:
+            self.note()
         return _Storage(nbytes)
 
     def drop(self, s: _Storage) -> None:
