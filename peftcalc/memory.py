@@ -303,6 +303,13 @@ def _gradient_arrival(plan: Plan, precision: str) -> GradientArrival:
     return GradientArrival(head, tuple(per), input_side)
 
 
+def peak_event(events: list) -> tuple:
+    """The largest event; on a tie the earliest one (events are in step order), the rule the harness
+    uses too (measure.run TracerMeter keeps a later phase's peak only when it is strictly larger,
+    CudaMeter takes the first of equal phase peaks), so an exact tie names the same phase on both sides."""
+    return max(events, key=lambda e: e[1])
+
+
 @lru_cache(maxsize=4096)
 def timeline(plan: Plan, t: TrainingSettings) -> Timeline:
     """Events of one training step; the steady state has optimizer states alive from the start."""
@@ -312,7 +319,7 @@ def timeline(plan: Plan, t: TrainingSettings) -> Timeline:
     grads = gradient_arrival(plan, t)
     events = _step_events(plan, t, act, ms, inputs, grads, with_states=True)
     step1 = _step_events(plan, t, act, ms, inputs, grads, with_states=False)
-    name, total, parts = max(events, key=lambda e: e[1])
+    name, total, parts = peak_event(events)
     return Timeline(
         events=tuple((n, b) for n, b, _ in events),
         peak_bytes=total,
