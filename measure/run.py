@@ -271,7 +271,8 @@ class TracerMeter:
                 yield
         self._phases[name] = {"start_bytes": stats.start_bytes, "end_bytes": stats.end_bytes,
                               "peak_bytes": stats.peak_bytes, "_seq": stats.peak_seq}
-        if stats.peak_bytes > self._peak[0]:
+        if stats.peak_bytes > self._peak[0]:  # strictly: on a tie the earlier phase is the peak's phase,
+            # as in the calculator (peftcalc.memory.peak_event)
             self._peak = (stats.peak_bytes, stats.peak_seq, name)
 
     def mark_gradients(self, model) -> None:
@@ -333,6 +334,7 @@ class CudaMeter:
         pass
 
     def end_step(self) -> dict:
+        # max() keeps the first of equal peaks: the earlier phase, as peftcalc.memory.peak_event does
         name, peak = max(self._phases.items(), key=lambda kv: kv[1]["peak_bytes"])
         reserved = max(p["reserved_peak_bytes"] for p in self._phases.values())
         return {"peak_bytes": peak["peak_bytes"], "peak_phase": name, "reserved_peak_bytes": reserved,

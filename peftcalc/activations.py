@@ -12,6 +12,12 @@ the lowest trainable parameter is saved at all.
 Tensors are symbolic: a size, a dtype and a requires-grad flag. Saved tensors are counted once per
 storage (an op that saves a tensor another op already saved adds nothing), which is how a storage
 tracker and ``max_memory_allocated`` see them.
+
+One record serves every timeline (Recorder): each op also allocates its outputs and frees what the
+modeling code drops (a block's forward peak), and records the autograd node it creates with its
+backward formula's allocations (peftcalc.backward.Node). peftcalc.backward replays those nodes for a
+block's backward without checkpointing, and with it (the recompute of the block's forward, stopped at
+its last save, then the backward on the recomputed tensors).
 """
 
 from __future__ import annotations
@@ -19,8 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 
-from peftcalc.blocktrace import BlockTrace, block_peaks
-from peftcalc.errors import InputError
+from peftcalc.backward import GRAD, BackwardPeak, Node, run_backward
 from peftcalc.layout import LANGUAGE_PROJECTION, LINEAR_KINDS, QFORMER, QUERY_TOKENS, Layout, build_layout
 from peftcalc.methods import (
     ADAPTER_ATTRIBUTE,
@@ -63,13 +68,13 @@ def dropout_p(spec: ModelSpec, where: str) -> float:
 
 @dataclass
 class T:
-    """A symbolic tensor."""
+    """A symbolic tensor; a view has the tensor whose storage it shares as its base."""
 
     numel: int
     dtype: str
     rg: bool
     id: int
-    base: object = None  # a view: the tensor whose storage it shares
+    base: "T | None" = None
 
     @property
     def nbytes(self) -> int:
@@ -99,55 +104,83 @@ class Ctx:
 
 @dataclass
 class Recorder:
-    """Collects saved tensors, each once, by bucket (a layer index, 'pre', 'post'). With a `trace`
-    (peftcalc.blocktrace), the ops also record what they allocate and use and their backward nodes."""
+    """What the ops of a forward record: the saved tensors, each once, by bucket (a layer index, 'pre',
+    'post'); the autograd nodes they create (peftcalc.backward.Node), in creation order; and the
+    forward's live bytes: every op output is allocated when it is made and freed when the modeling code
+    drops its last reference (free), unless autograd saved it. `forward_peak` is the largest saved + live
+    sum; `recompute_peak` that largest sum up to the last save (torch.utils.checkpoint's non-reentrant
+    recompute stops when the last saved tensor is packed: ``_recomputation_hook.pack_hook`` raises
+    ``_StopRecomputationError`` with ``early_stop=True``; autograd packs an op's inputs before the op
+    runs and its outputs after, as the generated VariableType code does, and the ops record them in
+    that order)."""
 
     ctx: Ctx
     bucket: object = "pre"
     saved: dict = field(default_factory=dict)  # id -> (bucket, tag, bytes)
     next_id: int = 0
-    trace: BlockTrace | None = None
-    cached: list = field(default_factory=list)  # autocast's cached weight copies (alive to the region's end)
-    saved_cached_copies: int = 0  # bytes of those copies that are also saved (counted once)
+    nodes: list = field(default_factory=list)
+    live: dict = field(default_factory=dict)  # id -> bytes of the unsaved tensors the forward still holds
+    live_bytes: int = 0
+    saved_total: int = 0
+    forward_peak: int = 0
+    forward_peak_saved: int = 0
+    recompute_peak: int = 0
+    cached: list = field(default_factory=list)  # autocast's cached copies of trainable weights (see _weight_copy)
 
     def new(self, numel: int, dtype: str, rg: bool) -> T:
-        """A tensor an op allocates."""
+        """A new tensor (an allocation of the forward)."""
         self.next_id += 1
         t = T(numel, dtype, rg, self.next_id)
-        if self.trace is not None:
-            self.trace.alloc(t)
+        self.live[t.id] = t.nbytes
+        self.live_bytes += t.nbytes
+        if self.saved_total + self.live_bytes > self.forward_peak:
+            self.forward_peak, self.forward_peak_saved = self.saved_total + self.live_bytes, self.saved_total
         return t
 
-    def save(self, t: T, tag: str) -> None:
-        t = t.base if t.base is not None else t
+    def free(self, *ts: T) -> None:
+        """The forward drops its reference to each tensor: an unsaved one is freed (views and
+        tensors already freed or saved are left as they are)."""
+        for t in ts:
+            if t is not None and t.base is None and t.id in self.live:
+                self.live_bytes -= self.live.pop(t.id)
+
+    def view(self, x: T, numel: int) -> T:
+        """A view of x (same storage, its own shape and autograd node)."""
+        self.next_id += 1
+        return T(numel, x.dtype, x.rg, self.next_id, x.base or x)
+
+    def save(self, t: T, tag: str) -> int:
+        """Save t for backward, counted once per storage (a view saves its base's whole storage)."""
+        t = t.base or t
         if t.id not in self.saved:
             self.saved[t.id] = (self.bucket, tag, t.nbytes)
-        if self.trace is not None:
-            self.trace.save(t)
+            self.saved_total += t.nbytes
+            if t.id in self.live:  # held by autograd from now on
+                self.live_bytes -= self.live.pop(t.id)
+        self.recompute_peak = self.forward_peak
+        return t.id
 
-    def save_new(self, numel: int, dtype: str, tag: str) -> T:
-        t = self.new(numel, dtype, False)
-        self.save(t, tag)
-        return t
-
-    def view(self, base: T, numel: int) -> T:
-        """A view of `base`'s storage (no allocation; saving or using it keeps the storage)."""
-        self.next_id += 1
-        return T(numel, base.dtype, base.rg, self.next_id, base)
+    def save_new(self, numel: int, dtype: str, tag: str) -> int:
+        return self.save(self.new(numel, dtype, False), tag)
 
     def save_param(self) -> None:
         """A parameter saved for backward: no activation bytes, but a recompute stops only after it."""
-        if self.trace is not None:
-            self.trace.save(None)
+        self.recompute_peak = self.forward_peak
 
-    def use(self, *ts) -> None:
-        """The ops or Python references that still need these tensors (they die after their last use)."""
-        if self.trace is not None:
-            self.trace.use(*ts)
+    def node(self, out: T, steps=(), outputs=(), saved=(), hold: int = 0, saves_param: bool = False) -> None:
+        """The autograd node that made `out` (none when `out` needs no gradient): its backward
+        formula's allocations, the gradients it hands on and the saved tensors it holds (and whether it
+        holds a parameter too: it unpacks saved variables either way)."""
+        if out.rg:
+            self.nodes.append(Node(out.id, tuple(steps), tuple(outputs), tuple(saved), hold,
+                                   unpacks=bool(saved) or saves_param))
 
-    def node(self, out: T, ins=(), saved=(), param_grad: int = 0, temp: int = 0, alias: bool = False) -> None:
-        if self.trace is not None:
-            self.trace.node(out, ins, saved, param_grad, temp, alias)
+    def saved_bytes(self) -> dict:
+        return {tid: nbytes for tid, (_b, _t, nbytes) in self.saved.items()}
+
+    def saved_cached_copies(self) -> int:
+        """Bytes of autocast's cached weight copies that are also saved (one tensor, counted once)."""
+        return sum(t.nbytes for t in self.cached if t.id in self.saved)
 
     def bytes_by_bucket(self) -> dict:
         out: dict = {}
@@ -162,24 +195,48 @@ class Recorder:
         return out
 
 
-def _promote(a: str, b: str) -> str:
-    """torch type promotion between the dtypes used here: fp32 wins over bf16/fp16."""
-    return "float32" if "float32" in (a, b) else a
-
-
 # ---------------------------------------------------------------- ops
-# Each op mirrors the forward of one torch function and saves what its derivative formula needs; it
-# records its allocations, uses and backward node for the block timeline (peftcalc.blocktrace).
+# Each op mirrors the forward of one torch function: it saves what its derivative formula needs and
+# records the autograd node(s) it creates, whose backward allocations follow the formulas of torch's
+# tools/autograd/derivatives.yaml (peftcalc.backward replays them).
+
+
+def _grads(*inputs: T) -> tuple[list, list]:
+    """A formula that allocates one new gradient, like its input, for each input that needs one:
+    (steps, outputs) for Recorder.node."""
+    steps, outputs = [], []
+    for i, t in enumerate(inputs):
+        if t is not None and t.rg:
+            steps.append(("new", f"d{i}", t.nbytes))
+            outputs.append((t.id, f"d{i}"))
+    return steps, outputs
+
+
+def add(rec: Recorder, a: T, b: T, dtype: str | None = None) -> T:
+    """a + b (the residual stream, LoRA's result + delta): AddBackward hands the incoming gradient to
+    both inputs as it is; where an input has another dtype (type promotion), the engine casts it
+    (validate_outputs: a new gradient in the input's dtype)."""
+    out = rec.new(max(a.numel, b.numel), dtype or _promote(a.dtype, b.dtype), a.rg or b.rg)
+    steps, outputs = [], []
+    for i, t in enumerate((a, b)):
+        if not t.rg:
+            continue
+        if t.dtype == out.dtype:
+            outputs.append((t.id, GRAD))
+        else:
+            steps.append(("new", f"c{i}", t.nbytes))
+            outputs.append((t.id, f"c{i}"))
+    rec.node(out, steps, outputs)
+    return out
 
 
 def cast(rec: Recorder, x: T, dtype: str) -> T:
-    """Tensor.to(dtype): a no-op returning the same tensor when the dtype already matches; else a copy
-    (ToCopyBackward casts the gradient back)."""
+    """Tensor.to(dtype): a no-op returning the same tensor when the dtype already matches; else a
+    copy whose backward (ToCopyBackward) casts the gradient back: a new gradient like x."""
     if x.dtype == dtype:
         return x
     y = rec.new(x.numel, dtype, x.rg)
-    rec.use(x)
-    rec.node(y, (x,))
+    rec.node(y, *_grads(x))
     return y
 
 
@@ -188,305 +245,511 @@ def autocast_in(rec: Recorder, x: T) -> T:
     return cast(rec, x, rec.ctx.autocast) if rec.ctx.autocast else x
 
 
-def split(rec: Recorder, x: T, parts: int) -> tuple:
-    """Tensor.split into equal parts along the last dim: views of x's storage; SplitBackward
-    concatenates the parts' gradients into one of x's size."""
-    views = tuple(rec.view(x, x.numel // parts) for _ in range(parts))
-    rec.node(views, (x,))
-    return views
+def _weight_copy(rec: Recorder, numel: int, trains: bool, param_dtype: str | None = None) -> T:
+    """autocast's lower-precision copy of a weight. The cast of a leaf that requires grad is cached until
+    the autocast region exits (torch aten/src/ATen/autocast_mode.cpp cached_cast): alive to the end of
+    the forward (Recorder.cached). When the weight trains, its gradient comes back in the autocast dtype
+    and ToCopyBackward makes the .grad (in `param_dtype`, the weights' by default) from it."""
+    w = rec.new(numel, rec.ctx.autocast, trains)
+    if trains:
+        rec.node(w, [("param", numel * DTYPE_BYTES[param_dtype or rec.ctx.weight])])
+        rec.cached.append(w)
+    return w
 
 
-def add(rec: Recorder, a: T, b: T, dtype: str | None = None) -> T:
-    """a + b (a residual connection): AddBackward hands the incoming gradient to both inputs."""
-    out = rec.new(a.numel, dtype or _promote(a.dtype, b.dtype), a.rg or b.rg)
-    rec.use(a, b)
-    rec.node(out, (a, b), alias=True)
+def matmul(rec: Recorder, x: T, in_f: int, out_f: int, weight_trains: bool, out_dtype: str, saved: list,
+           weight: T | None = None, weight_bytes: int = 0, bias_bytes: int = 0, dequantized: int = 0) -> T:
+    """The mm/addmm node of a Linear on x (tokens x in): its backward makes grad_x = grad @ W when x
+    needs a gradient, grad_W = grad^T @ x when the weight trains (the .grad itself, or the gradient of
+    autocast's weight copy `weight`), and the bias gradient (a sum over tokens). Without a copy, the
+    weight a gradient of x needs is the parameter itself (saved, no activation bytes). bitsandbytes
+    MatMul4Bit's forward dequantizes the weight (`dequantized` bytes) for F.linear on CUDA; the CPU
+    backend runs a fused gemm_4bit (traced); both backwards dequantize it again to compute grad_x (the
+    packed weight is in ctx.tensors, not save_for_backward)."""
+    ctx = rec.ctx
+    tokens = x.numel // in_f
+    qdtype = ctx.quant_compute or ctx.compute
+    saves_weight = x.rg and weight is None and not dequantized
+    if saves_weight:
+        rec.save_param()
+    w = rec.new(dequantized // DTYPE_BYTES[qdtype], qdtype, False) if dequantized and ctx.device == "cuda" else None
+    out = rec.new(tokens * out_f, out_dtype, x.rg or weight_trains or bias_bytes > 0)
+    rec.free(w)
+    steps, outputs = [], []
+    if dequantized and x.rg:
+        steps.append(("new", "w", dequantized))
+    s, o = _grads(x)
+    steps += s
+    outputs += o
+    if dequantized and x.rg:
+        steps.append(("free", "w"))
+    if weight_trains:
+        if weight is not None:
+            steps.append(("new", "dw", weight.nbytes))
+            outputs.append((weight.id, "dw"))
+        else:
+            steps.append(("param", weight_bytes))
+    if bias_bytes:
+        steps.append(("param", bias_bytes))
+    rec.node(out, steps, outputs, saved, saves_param=saves_weight)
     return out
 
 
-def _matmul_weight(rec: Recorder, x: T, in_f: int, out_f: int, trainable: bool, tag: str, quantized: bool) -> T | None:
-    """The weight operand of a matmul. Under autocast a bf16/fp16 copy of the weight (autocast's cast of
-    a trainable leaf is cached until the autocast region exits, torch autocast_mode.cpp cached_cast); it
-    is saved when the input needs a gradient. Without autocast the weight itself (a parameter)."""
-    ctx = rec.ctx
-    if quantized:  # bitsandbytes MatMul4Bit keeps the packed weight in ctx.tensors, not save_for_backward
-        return None
-    if not ctx.autocast:
-        if x.rg:
-            rec.save_param()
-        return None
-    w16 = rec.new(in_f * out_f, ctx.autocast, trainable)
-    if trainable:  # ToCopyBackward, then AccumulateGrad of the fp32 weight
-        rec.node(w16, (), param_grad=in_f * out_f * DTYPE_BYTES[ctx.weight])
-        rec.cached.append(w16)
-    if x.rg:
-        rec.save(w16, f"{tag}.autocast_weight")
-        if trainable:
-            rec.saved_cached_copies += w16.nbytes
-    return w16
+def scale(rec: Recorder, x: T) -> T:
+    """x * a Python number: MulBackward saves nothing and makes a new gradient (grad * scalar)."""
+    y = rec.new(x.numel, x.dtype, x.rg)
+    rec.node(y, *_grads(x))
+    return y
+
+
+def clone(rec: Recorder, x: T) -> T:
+    """Tensor.clone(): a copy; CloneBackward hands the incoming gradient on."""
+    y = rec.new(x.numel, x.dtype, x.rg)
+    rec.node(y, outputs=[(x.id, GRAD)] if x.rg else [])
+    return y
 
 
 def linear(rec: Recorder, x: T, in_f: int, out_f: int, trainable: bool, tag: str,
            lora_rank: int = 0, dora: bool = False, ia3: str = "", quantized: bool = False,
            bias: bool = False, bias_trains: bool = False) -> T:
     """nn.Linear / Conv1D (addmm): saves the input when the weight trains (grad_W = grad^T x) and the
-    weight when the input needs a gradient. Under autocast the weight is cast to the autocast dtype,
-    and that copy is what is saved. bitsandbytes Linear4bit.forward casts the input to the compute dtype
-    and returns ``.to(inp_dtype)``; its backward dequantizes the weight (F.dequantize_4bit, a weight-sized
-    temporary). peft LoRA (tuners/lora/layer.py Linear.forward; lora/bnb.py Linear4bit.forward, which
-    clones the base result first) adds lora_B(lora_A(x.to(lora_A.weight.dtype))) * scaling to the base
-    result and casts the sum back to its dtype: the cast input and A's output are saved."""
+    weight when the input needs a gradient. Under autocast the weight is cast to the autocast dtype
+    (a copy made for every matmul; kept to the end of the forward when the weight trains, see
+    _weight_copy), and that copy is what is saved. bitsandbytes Linear4bit.forward (nn/modules.py) casts
+    the input to bnb_4bit_compute_dtype and returns ``.to(inp_dtype)``. peft LoRA (tuners/lora/layer.py
+    Linear.forward; lora/bnb.py Linear4bit.forward for a 4-bit base) adds
+    lora_B(lora_A(x.to(lora_A.weight.dtype))) * scaling: the cast input and A's output are saved (see
+    _lora); peft IA3 (tuners/ia3/layer.py Linear.forward) scales the input (feedforward) or the output."""
     ctx = rec.ctx
-    wb = DTYPE_BYTES[ctx.weight]
-    xin = autocast_in(rec, x)
-    tokens_in = x.numel // in_f
-    quant_cast = quantized and not ctx.autocast and ctx.quant_compute and x.dtype != ctx.quant_compute
-    if quant_cast:
-        xin = cast(rec, x, ctx.quant_compute)
+    saved = []
+    weight_copy = None
+    if ctx.autocast and not quantized:
+        weight_copy = _weight_copy(rec, in_f * out_f, trainable)
+        if x.rg:
+            saved.append(rec.save(weight_copy, f"{tag}.autocast_weight"))
+    if ctx.autocast and bias_trains:  # addmm's bias copy, kept in autocast's cache (a trainable leaf)
+        rec.new(out_f, ctx.autocast, False)
+    xm = x
+    if ia3 == "ff":
+        xm = _ia3_input(rec, x, in_f, tag)
+    quant_cast = quantized and not ctx.autocast and ctx.quant_compute and xm.dtype != ctx.quant_compute
+    xin = cast(rec, xm, ctx.quant_compute) if quant_cast else autocast_in(rec, xm)
     if trainable:
-        rec.save(xin, f"{tag}.input")
-    if ia3 == "ff":  # peft IA3 Linear.forward, feedforward: (x.to(ia3 dtype) * scaling).to(x dtype), then
-        # the frozen linear; the mul saves the cast input and the scaling vector (1 * ia3_l.flatten())
-        xc = cast(rec, x, ctx.adapter)
-        rec.save(xc, f"{tag}.ia3_input")
-        scaling = rec.save_new(in_f, ctx.adapter, f"{tag}.ia3_scaling")
-        scaled = rec.new(x.numel, ctx.adapter, True)
-        rec.use(xc, scaling)
-        rec.node(scaled, (xc,), saved=(xc, scaling), param_grad=in_f * DTYPE_BYTES[ctx.adapter])
-        xin = autocast_in(rec, cast(rec, scaled, x.dtype) if x.dtype != ctx.adapter else scaled)
-    w16 = _matmul_weight(rec, x, in_f, out_f, trainable, tag, quantized)
-    out_dtype = ctx.autocast or ctx.compute
-    base_dtype = ctx.quant_compute if quant_cast else out_dtype
-    base_rg = xin.rg or trainable or bias_trains
-    base = rec.new(tokens_in * out_f, base_dtype, base_rg)
-    rec.use(xin, w16)
-    param_grad = (in_f * out_f * wb if trainable and not ctx.autocast else 0) + \
-                 (out_f * wb if bias and (trainable or bias_trains) else 0)
-    dequant = in_f * out_f * DTYPE_BYTES[ctx.quant_compute or base_dtype] if quantized else 0
-    rec.node(base, (xin, w16), saved=((xin,) if trainable else ()) + ((w16,) if w16 is not None and x.rg else ()),
-             param_grad=param_grad, temp=dequant)
-    if quant_cast:
-        base = cast(rec, base, x.dtype)
-    out = base
-    rg_final = x.rg or trainable or bias_trains or bool(lora_rank) or bool(ia3)
+        saved.append(rec.save(xin, f"{tag}.input"))
+    wb = DTYPE_BYTES[ctx.weight]
+    out = matmul(rec, xin, in_f, out_f, trainable, ctx.quant_compute if quant_cast else ctx.autocast or ctx.compute,
+                 saved, weight=weight_copy, weight_bytes=in_f * out_f * wb, bias_bytes=out_f * wb if bias_trains else 0,
+                 dequantized=in_f * out_f * DTYPE_BYTES[ctx.quant_compute or ctx.compute] if quantized else 0)
+    if xin is not xm:
+        rec.free(xin)
+    if quant_cast:  # Linear4bit.forward: .to(inp_dtype)
+        y = cast(rec, out, xm.dtype)
+        rec.free(out)
+        out = y
+    if xm is not x:  # IA3's scaled input (peft's `interm`) goes when the layer returns
+        rec.free(xm)
+    if weight_copy is not None and not trainable:  # autocast caches only the copies of trainable leaves
+        rec.free(weight_copy)
     if lora_rank:
-        if quantized:  # lora/bnb.py: result = result.clone() ("defensively clone")
-            out = rec.new(base.numel, base.dtype, base.rg)
-            rec.use(base)
-            rec.node(out, (base,))
-        # x.to(lora_A.weight.dtype) (peft _cast_input_dtype, skipped under autocast), then autocast's cast
-        xa = autocast_in(rec, x) if ctx.autocast else cast(rec, x, ctx.adapter)
-        rec.save(xa, f"{tag}.lora_input")
-        a16 = b16 = None
-        if ctx.autocast:  # autocast copies of lora_A (saved when x needs a gradient) and lora_B (always)
-            a16, b16 = rec.new(in_f * lora_rank, ctx.autocast, True), rec.new(out_f * lora_rank, ctx.autocast, True)
-            rec.node(a16, (), param_grad=in_f * lora_rank * DTYPE_BYTES[ctx.adapter])
-            rec.node(b16, (), param_grad=out_f * lora_rank * DTYPE_BYTES[ctx.adapter])
-            rec.cached += [a16, b16]
-            rec.save(b16, f"{tag}.lora_autocast_weights")
-            if x.rg:
-                rec.save(a16, f"{tag}.lora_autocast_weights")
+        out = _lora(rec, x, out, in_f, out_f, lora_rank, dora, bias, tag, quantized)
+    if ia3 == "out":  # IA3 on keys/values: (base_layer(x) * scaling).to(result dtype)
+        s = _ia3_vector(rec, out_f)
+        saved = [rec.save(out, f"{tag}.ia3_out")]
+        if out.rg:  # the scaling vector is saved for the base result's gradient only
+            saved.append(rec.save(s, f"{tag}.ia3_scaling"))
+        y = rec.new(out.numel, _promote(out.dtype, s.dtype), True)
+        _mul_node(rec, y, out, s, saved)
+        rec.free(out, s)
+        out = cast(rec, y, out.dtype)
+        if out is not y:
+            rec.free(y)
+    return out
+
+
+def _promote(a: str, b: str) -> str:
+    """torch's type promotion between two floating dtypes: the wider one (fp32 over bf16/fp16)."""
+    return a if DTYPE_BYTES[a] >= DTYPE_BYTES[b] else b
+
+
+def _mul_node(rec: Recorder, out: T, a: T, b: T, saved: list) -> None:
+    """MulBackward0 of out = a * b: grad_a = grad * b, grad_b = grad * a, each summed down to its
+    input's shape where it was broadcast (a temporary the size of the output, then the reduction)."""
+    steps, outputs = [], []
+    for i, t in enumerate((a, b)):
+        if not t.rg:
+            continue
+        if t.numel == out.numel:
+            steps.append(("new", f"d{i}", t.nbytes))
         else:
-            rec.save_param()
-        a = rec.new(tokens_in * lora_rank, ctx.autocast or ctx.adapter, True)
-        rec.use(xa, a16)
-        ab = 0 if ctx.autocast else DTYPE_BYTES[ctx.adapter]
-        rec.node(a, (xa, a16), saved=(xa, a16 if x.rg else None), param_grad=in_f * lora_rank * ab)
-        rec.save(a, f"{tag}.lora_A_out")
-        b = rec.new(tokens_in * out_f, a.dtype, True)
-        rec.use(a, b16)
-        rec.node(b, (a, b16), saved=(a, b16), param_grad=out_f * lora_rank * ab)
-        scaled = rec.new(b.numel, b.dtype, True)  # * scaling
-        rec.use(b)
-        rec.node(scaled, (b,))
-        if dora:  # peft tuners/lora/dora.py DoraLinearLayer.forward: (m/||W+BA|| - 1) * base_result +
-            # m/||W+BA|| * lora_B(lora_A(x)) * scaling: the muls save the base result (compute dtype),
-            # the LoRA result, and the vectors ||W+BA|| (detached, saved by m/||.||) and m/||.||;
-            # m/||.|| - 1 only when the base result needs a gradient (x does: the base weight is frozen)
-            # (base_result - bias when the layer has one: under autocast that promotes to fp32)
-            base_dtype = ctx.weight if (bias and ctx.autocast) else (ctx.autocast or ctx.compute)
-            rec.save_new(tokens_in * out_f, base_dtype, f"{tag}.dora_base_out")
-            rec.save_new(tokens_in * out_f, ctx.autocast or ctx.adapter, f"{tag}.dora_lora_out")
-            rec.save_new((3 if x.rg else 2) * out_f, ctx.adapter, f"{tag}.dora_scale")
-        total = add(rec, out, scaled, _promote(out.dtype, scaled.dtype) if not ctx.autocast else out.dtype)
-        out = cast(rec, total, out.dtype) if not ctx.autocast else total  # result.to(torch_result_dtype)
-    if ia3 == "out":  # IA3 on keys/values: base_layer(x) * scaling, the mul saves both
-        rec.save(out, f"{tag}.ia3_out")
-        scaling = rec.save_new(out_f, ctx.adapter, f"{tag}.ia3_scaling")
-        scaled = rec.new(out.numel, out.dtype, True)
-        rec.use(out, scaling)
-        rec.node(scaled, (out,), saved=(out, scaling), param_grad=out_f * DTYPE_BYTES[ctx.adapter])
-        out = scaled
-    if out.rg != rg_final:
-        out.rg = rg_final
+            steps += [("new", f"t{i}", out.nbytes), ("new", f"d{i}", t.nbytes), ("free", f"t{i}")]
+        outputs.append((t.id, f"d{i}"))
+    rec.node(out, steps, outputs, saved)
+
+
+def _ia3_vector(rec: Recorder, n: int) -> T:
+    """peft IA3: ia3_scaling = 1 * ia3_l.flatten(), a new adapter-dtype vector whose gradient
+    (grad * 1) becomes the parameter's .grad."""
+    s = rec.new(n, rec.ctx.adapter, True)
+    rec.node(s, [("param", n * DTYPE_BYTES[rec.ctx.adapter])])
+    return s
+
+
+def _ia3_input(rec: Recorder, x: T, in_f: int, tag: str) -> T:
+    """peft IA3 Linear.forward, feedforward: (x.to(ia3 dtype) * scaling).to(x dtype), then the frozen
+    linear; the mul saves the cast input and the scaling vector (1 * ia3_l.flatten())."""
+    s = _ia3_vector(rec, in_f)
+    xc = cast(rec, x, rec.ctx.adapter)
+    saved = [rec.save(xc, f"{tag}.ia3_input")]
+    if xc.rg:  # the scaling vector is saved for the input's gradient only
+        saved.append(rec.save(s, f"{tag}.ia3_scaling"))
+    y = rec.new(x.numel, rec.ctx.adapter, True)
+    _mul_node(rec, y, xc, s, saved)
+    rec.free(s)
+    out = cast(rec, y, x.dtype)
+    if out is not y:
+        rec.free(y)
+    if xc is not x:
+        rec.free(xc)
+    return out
+
+
+def _lora(rec: Recorder, x: T, base: T, in_f: int, out_f: int, rank: int, dora: bool, bias: bool, tag: str,
+          quantized: bool = False) -> T:
+    """peft tuners/lora/layer.py Linear.forward: result + lora_B(lora_A(x.to(lora_A.weight.dtype))) *
+    scaling, then .to(the base result's dtype); with DoRA (variants.py DoraLinearVariant.forward) the
+    delta is DoraLinearLayer.forward's. On a 4-bit base (lora/bnb.py Linear4bit.forward) the base result
+    is cloned first ("defensively clone"), and unless torch.is_autocast_enabled() (CUDA's autocast: a CPU
+    autocast region reads False) the input is cast to the adapter's dtype and the delta back to the
+    result's before the sum."""
+    ctx = rec.ctx
+    tokens_in = x.numel // in_f
+    convert = True
+    if quantized:
+        result = clone(rec, base)
+        rec.free(base)
+        base = result
+        convert = not (ctx.autocast and ctx.device == "cuda")
+    xc = cast(rec, x, ctx.adapter) if convert else x  # peft _cast_input_dtype: the local x until the layer returns
+    held = _dora_weight_norm(rec, in_f, out_f, rank) if dora else ()
+    a_copy = _weight_copy(rec, in_f * rank, True, ctx.adapter) if ctx.autocast else None
+    xa = autocast_in(rec, xc)
+    saved_a = [rec.save(xa, f"{tag}.lora_input")]
+    if a_copy is not None and x.rg:
+        saved_a.append(rec.save(a_copy, f"{tag}.lora_autocast_weights"))
+    ab = DTYPE_BYTES[ctx.adapter]
+    a = matmul(rec, xa, in_f, rank, True, ctx.autocast or ctx.adapter, saved_a, weight=a_copy,
+               weight_bytes=in_f * rank * ab)
+    if xa is not xc:
+        rec.free(xa)
+    b_copy = _weight_copy(rec, out_f * rank, True, ctx.adapter) if ctx.autocast else None
+    saved_b = [rec.save(a, f"{tag}.lora_A_out")]
+    if b_copy is not None:
+        saved_b.append(rec.save(b_copy, f"{tag}.lora_autocast_weights"))
+    lb = matmul(rec, a, rank, out_f, True, ctx.autocast or ctx.adapter, saved_b, weight=b_copy,
+                weight_bytes=out_f * rank * ab)
+    rec.free(a)
+    if dora:
+        delta = _dora(rec, base, lb, out_f, tokens_in, bias, tag)
+    else:
+        delta = scale(rec, lb)
+    rec.free(lb)
+    if quantized:  # output.to(expected_dtype), then result + output
+        if convert and delta.dtype != base.dtype:
+            d = cast(rec, delta, base.dtype)
+            rec.free(delta)
+            delta = d
+        out = add(rec, base, delta, base.dtype)
+        rec.free(delta, base, *held)
+    else:
+        total = add(rec, base, delta, _promote(base.dtype, delta.dtype))
+        rec.free(delta, base, *held)
+        out = cast(rec, total, base.dtype)  # result.to(torch_result_dtype)
+        if out is not total:
+            rec.free(total)
+    if xc is not x:
+        rec.free(xc)
+    return out
+
+
+def _dora_weight_norm(rec: Recorder, in_f: int, out_f: int, rank: int) -> tuple:
+    """The forward-only part of peft's DoraLinearLayer.forward, before the LoRA product: get_lora_weight
+    runs lora_B(lora_A(eye(in))) (the identity and A's output stay referenced by the product's graph),
+    the base weight .to(x dtype) copies a lower-precision weight, and get_weight_norm makes
+    s * B A and W + s * B A (out x in) and the column norms. Returns what stays referenced until the
+    layer returns (the identity, A's output, B A, the weight copy)."""
+    ctx = rec.ctx
+    eye = rec.new(in_f * in_f, ctx.adapter, False)
+    a_eye = rec.new(in_f * rank, ctx.adapter, False)
+    lora_weight = rec.new(in_f * out_f, ctx.adapter, False)
+    weight = rec.new(in_f * out_f, ctx.adapter, False) if ctx.weight != ctx.adapter else None
+    scaled = rec.new(in_f * out_f, ctx.adapter, False)
+    summed = rec.new(in_f * out_f, ctx.adapter, False)
+    rec.free(scaled)
+    norm = rec.new(out_f, ctx.adapter, False)
+    rec.free(summed, norm)
+    return tuple(t for t in (eye, a_eye, lora_weight, weight) if t is not None)
+
+
+def _dora(rec: Recorder, base: T, lora_out: T, out_f: int, tokens: int, bias: bool, tag: str) -> T:
+    """peft tuners/lora/dora.py DoraLinearLayer.forward: (m/||W+BA|| - 1) * base_result +
+    m/||W+BA|| * lora_B(lora_A(x)) * scaling: the muls save the base result (compute dtype), the LoRA
+    result, and the vectors ||W+BA|| (detached, saved by m/||.||) and m/||.||; m/||.|| - 1 only when the
+    base result needs a gradient (x does: the base weight is frozen). base_result - bias when the layer
+    has one (under autocast that promotes to fp32)."""
+    ctx = rec.ctx
+    vec = ctx.adapter
+    wn = rec.save_new(out_f, vec, f"{tag}.dora_scale")  # ||W + s BA||, detached
+    mns = rec.new(out_f, vec, True)  # magnitude / weight_norm: DivBackward saves the norm
+    rec.node(mns, [("param", out_f * DTYPE_BYTES[vec])], saved=[wn])
+    base_dtype = ctx.weight if (bias and ctx.autocast) else (ctx.autocast or ctx.compute)
+    br = base if base_dtype == base.dtype else rec.new(base.numel, base_dtype, base.rg)
+    if br is not base:  # base_result - bias (SubBackward, the engine casts the gradient back)
+        rec.node(br, *_grads(base))
+    m1 = rec.new(out_f, vec, True)  # mag_norm_scale - 1: SubBackward hands the gradient on
+    rec.node(m1, outputs=[(mns.id, GRAD)])
+    saved1 = [rec.save(br, f"{tag}.dora_base_out")]  # for (m - 1)'s gradient
+    if br.rg:
+        saved1.append(rec.save(m1, f"{tag}.dora_scale"))
+    p1 = rec.new(tokens * out_f, _promote(vec, br.dtype), True)
+    _mul_node(rec, p1, m1, br, saved1)
+    rec.free(m1)
+    if br is not base:
+        rec.free(br)
+    lr = lora_out
+    saved2 = [rec.save(lr, f"{tag}.dora_lora_out"), rec.save(mns, f"{tag}.dora_scale")]
+    p2 = rec.new(tokens * out_f, _promote(vec, lr.dtype), True)
+    _mul_node(rec, p2, mns, lr, saved2)
+    p3 = scale(rec, p2)
+    rec.free(p2)
+    out = add(rec, p1, p3, _promote(p1.dtype, p3.dtype))
+    rec.free(p1, p3)
     return out
 
 
 def rms_norm(rec: Recorder, x: T, weight_trainable: bool, tag: str) -> T:
     """LlamaRMSNorm.forward: x.to(fp32); variance = pow(2).mean; x * rsqrt(variance + eps); weight *
     _.to(input dtype). pow and the product save the fp32 input and the rsqrt; weight * y saves y when the
-    weight trains. The variance stays referenced until the norm returns."""
-    hidden = x.numel // rec.ctx.tokens if rec.ctx.tokens else x.numel
+    weight trains, and the weight (a parameter) when y needs a gradient. The variance stays referenced
+    until the norm returns. Backward: the weight product (grad * weight, and (grad * y).sum for the
+    weight), the product's grad * rsqrt and (grad * x).sum, rsqrt's -0.5 grad r^3, mean's expanded
+    grad / n, pow's grad * 2 x (x.pow(1) and 2 * _ as temporaries)."""
+    ctx = rec.ctx
+    hidden = x.numel // ctx.tokens if ctx.tokens else x.numel
     rows = x.numel // hidden
-    rg = x.rg
     x32 = cast(rec, x, "float32")
-    if rg:
-        rec.save(x32, f"{tag}.input_fp32")
-    sq = rec.new(x.numel, "float32", rg)  # pow(2): PowBackward computes 2 * x ** 1 * grad
-    rec.use(x32)
-    rec.node(sq, (x32,), saved=(x32,), temp=2 * x32.nbytes)
-    var = rec.new(rows, "float32", rg)  # mean(-1, keepdim=True): MeanBackward expands the gradient
-    rec.use(sq)
-    rec.node(var, (sq,))
-    shifted = rec.new(rows, "float32", rg)  # + eps
-    rec.use(var)
-    rec.node(shifted, (var,), alias=True)
-    r = rec.new(rows, "float32", rg)  # rsqrt, whose backward uses its own output
-    rec.use(shifted)
-    if rg:
-        rec.save(r, f"{tag}.rsqrt")
-    rec.node(r, (shifted,), saved=(r,))
-    normed = rec.new(x.numel, "float32", rg)  # x * rsqrt: grad_x = grad * r, grad_r = (grad * x).sum(-1)
-    rec.use(x32, r)
-    rec.node(normed, (x32, r), saved=(x32, r), temp=x32.nbytes)
-    normed = cast(rec, normed, x.dtype)
-    if weight_trainable:
-        rec.save(normed, f"{tag}.normalized")
-    if rg:
+    full, small = x.numel * 4, rows * 4
+    xs = rec.save(x32, f"{tag}.input_fp32") if x.rg else 0
+    p = rec.new(x.numel, "float32", x.rg)  # x.pow(2)
+    m = rec.new(rows, "float32", x.rg)  # .mean(-1, keepdim=True): grad.expand() / n
+    rec.free(p)
+    ve = rec.new(rows, "float32", x.rg)  # variance + eps: AddBackward hands the gradient on
+    r = rec.new(rows, "float32", x.rg)  # rsqrt, saves its result
+    rec.free(ve)
+    h = rec.new(x.numel, "float32", x.rg)  # x * rsqrt
+    if x.rg:
+        rec.node(p, [("new", "t", full), ("new", "u", full), ("new", "d", full), ("free", "t"), ("free", "u")],
+                 [(x32.id, "d")], [xs])
+        rec.node(m, [("new", "d", full)], [(p.id, "d")])
+        rec.node(ve, outputs=[(m.id, GRAD)])
+        rid = rec.save(r, f"{tag}.rsqrt")
+        rec.node(r, [("new", "t", small), ("new", "u", small), ("new", "d", small), ("free", "t"), ("free", "u")],
+                 [(ve.id, "d")], [rid])
+        rec.node(h, [("new", "dx", full), ("new", "t", full), ("new", "dr", small), ("free", "t")],
+                 [(x32.id, "dx"), (r.id, "dr")], [xs, rid])
+    rec.free(r)
+    if x32 is not x:
+        rec.free(x32)
+    normed = cast(rec, h, x.dtype)
+    saved = []
+    steps, outputs = [], []
+    if normed.rg:
         rec.save_param()
-    out = rec.new(x.numel, x.dtype, rg or weight_trainable)
-    rec.use(normed, var)
-    rec.node(out, (normed,), saved=(normed,) if weight_trainable else (),
-             param_grad=hidden * DTYPE_BYTES[rec.ctx.weight] if weight_trainable else 0)
+        steps.append(("new", "d", normed.nbytes))
+        outputs.append((normed.id, "d"))
+    if weight_trainable:
+        saved.append(rec.save(normed, f"{tag}.normalized"))
+        steps += [("new", "t", normed.nbytes), ("param", hidden * DTYPE_BYTES[ctx.weight]), ("free", "t")]
+    out = rec.new(x.numel, x.dtype, x.rg or weight_trainable)
+    rec.node(out, steps, outputs, saved, saves_param=normed.rg)
+    rec.free(normed, h, m)
     return out
 
 
 def layer_norm(rec: Recorder, x: T, trainable: bool, hidden: int, tag: str) -> T:
-    """nn.LayerNorm (native_layer_norm): saves the input, mean and rstd when any gradient is needed.
-    CUDA autocast runs layer_norm in fp32 (it is on the fp32 list of aten/src/ATen/autocast_mode.cpp: the
-    cast copy is saved); CPU autocast does not list it, so it runs on the input as it is (a bf16 input
-    is saved as it is, mean and rstd are fp32, the output keeps the input's dtype; traced, torch 2.13)."""
+    """nn.LayerNorm (native_layer_norm): saves the input (and the weight), mean and rstd when any
+    gradient is needed; its backward makes the input's gradient and, when they train, the weight's and
+    bias's. CUDA autocast runs layer_norm in fp32 (it is on the fp32 list of
+    aten/src/ATen/autocast_mode.cpp: the cast copy is saved); CPU autocast does not list it, so it runs
+    on the input as it is (a bf16 input is saved as it is, mean and rstd are fp32, the output keeps the
+    input's dtype; traced, torch 2.13)."""
     needs = x.rg or trainable
     xin = cast(rec, x, "float32") if rec.ctx.autocast and rec.ctx.device == "cuda" else x
+    saved = []
     if needs:
-        rec.save(xin, f"{tag}.input")
-        if x.rg:
-            rec.save_param()
+        saved.append(rec.save(xin, f"{tag}.input"))
+        rec.save_param()
     out = rec.new(x.numel, xin.dtype, needs)
-    stats = None
+    stats = rec.new(2 * (x.numel // hidden), "float32", False)  # mean and rstd
     if needs:
-        stats = rec.save_new(2 * (x.numel // hidden), "float32", f"{tag}.mean_rstd")
-    rec.use(xin, stats)
-    rec.node(out, (xin,), saved=(xin, stats), param_grad=2 * hidden * DTYPE_BYTES[rec.ctx.weight] if trainable else 0)
+        saved.append(rec.save(stats, f"{tag}.mean_rstd"))
+        steps, outputs = _grads(xin)
+        if trainable:
+            steps += [("param", hidden * DTYPE_BYTES[rec.ctx.weight])] * 2
+        rec.node(out, steps, outputs, saved)
+    rec.free(stats)
+    if xin is not x:
+        rec.free(xin)
     return out
 
 
 def dropout(rec: Recorder, x: T, p: float, tag: str) -> T:
     """F.dropout in training. p == 0 returns the input itself (ATen _dropout). On CUDA p > 0 runs
     native_dropout and saves a bool mask; on CPU (ATen _dropout_impl) an empty_like noise tensor of the
-    input's dtype is filled and multiplied in, and the mul saves it."""
+    input's dtype is filled and multiplied in, and the mul saves it (the backward is grad * noise)."""
     if p <= 0.0 or not rec.ctx.training_dropout:
         return x
-    dtype = "uint8" if rec.ctx.device == "cuda" else x.dtype
-    noise = rec.new(x.numel, dtype, False)
+    noise = rec.new(x.numel, "uint8" if rec.ctx.device == "cuda" else x.dtype, False)
+    saved = [rec.save(noise, f"{tag}.dropout_mask")] if x.rg else []
+    y = rec.new(x.numel, x.dtype, x.rg)
     if x.rg:
-        rec.save(noise, f"{tag}.dropout_mask")
-    out = rec.new(x.numel, x.dtype, x.rg)
-    rec.use(x, noise)
-    rec.node(out, (x,), saved=(noise,))
-    return out
+        rec.node(y, *_grads(x), saved=saved)
+    rec.free(noise)
+    return y
 
 
 def activation(rec: Recorder, x: T, kind: str, tag: str) -> T:
-    """The MLP activation. silu/gelu save their input. gelu_new (NewGELUActivation, a Python formula:
-    0.5 * x * (1 + tanh(sqrt(2/pi) * (x + 0.044715 * x ** 3)))) runs op by op and saves input, tanh
-    output, 0.5*x and 1+tanh; quick_gelu (x * sigmoid(1.702 x)) saves input and sigmoid output;
-    relu saves its output (derivatives.yaml: threshold_backward(grad, result, 0))."""
-    rg = x.rg
+    """The MLP activation. silu/gelu save their input (silu_backward / gelu_backward: one new
+    gradient); gelu_new (NewGELUActivation, a Python formula) saves input, tanh output, 0.5*x and
+    1+tanh; quick_gelu (x * sigmoid(1.702 x)) saves input and sigmoid output; relu saves its output
+    (derivatives.yaml: threshold_backward(grad, result, 0))."""
+    if not x.rg:
+        return _activation_forward(rec, x, kind)
     if kind == "relu":
-        out = rec.new(x.numel, x.dtype, rg)
-        if rg:
-            rec.save(out, f"{tag}.output")
-        rec.use(x)
-        rec.node(out, (x,), saved=(out,))
-        return out
+        y = rec.new(x.numel, x.dtype, True)
+        rec.node(y, *_grads(x), saved=[rec.save(y, f"{tag}.output")])
+        return y
     if kind == "gelu_new":
-        half = rec.new(x.numel, x.dtype, rg)  # 0.5 * x
-        rec.node(half, (x,))
-        if rg:
-            rec.save(x, f"{tag}.input")
-        cube = rec.new(x.numel, x.dtype, rg)  # torch.pow(x, 3.0)
-        rec.node(cube, (x,), saved=(x,), temp=2 * x.nbytes)
-        scaled = rec.new(x.numel, x.dtype, rg)  # 0.044715 * _
-        rec.use(cube)
-        rec.node(scaled, (cube,))
-        inner = add(rec, x, scaled)
-        arg = rec.new(x.numel, x.dtype, rg)  # sqrt(2 / pi) * _
-        rec.use(inner)
-        rec.node(arg, (inner,))
-        th = rec.new(x.numel, x.dtype, rg)
-        rec.use(arg)
-        if rg:
-            rec.save(th, f"{tag}.tanh")
-        rec.node(th, (arg,), saved=(th,))
-        one_plus = rec.new(x.numel, x.dtype, rg)  # 1.0 + tanh
-        rec.use(th)
-        rec.node(one_plus, (th,), alias=True)
-        if rg:
-            rec.save(half, f"{tag}.half_x")
-            rec.save(one_plus, f"{tag}.one_plus_tanh")
-        out = rec.new(x.numel, x.dtype, rg)
-        rec.use(half, one_plus)
-        rec.node(out, (half, one_plus), saved=(half, one_plus))
-        return out
+        return _gelu_new(rec, x, tag)
     if kind == "quick_gelu":
-        scaled = rec.new(x.numel, x.dtype, rg)  # 1.702 * x
-        rec.node(scaled, (x,))
-        sig = rec.new(x.numel, x.dtype, rg)
-        rec.use(scaled)
-        rec.node(sig, (scaled,), saved=(sig,))
-        if rg:
-            rec.save(x, f"{tag}.input")
-            rec.save(sig, f"{tag}.sigmoid")
-        out = rec.new(x.numel, x.dtype, rg)
-        rec.use(x, sig)
-        rec.node(out, (x, sig), saved=(x, sig))
-        return out
-    if rg:
-        rec.save(x, f"{tag}.input")
-    out = rec.new(x.numel, x.dtype, rg)
-    rec.use(x)
-    rec.node(out, (x,), saved=(x,))
-    return out
+        xs = rec.save(x, f"{tag}.input")
+        z = scale(rec, x)  # 1.702 * x
+        sg = rec.new(x.numel, x.dtype, True)
+        sid = rec.save(sg, f"{tag}.sigmoid")
+        rec.node(sg, *_grads(z), saved=[sid])  # sigmoid_backward(grad, output)
+        rec.free(z)
+        saved = [rec.save(x, f"{tag}.input"), rec.save(sg, f"{tag}.sigmoid")]  # x * sigmoid saves both
+        y = rec.new(x.numel, x.dtype, True)
+        _mul_node(rec, y, x, sg, saved)
+        return y
+    saved = [rec.save(x, f"{tag}.input")]
+    y = rec.new(x.numel, x.dtype, True)
+    rec.node(y, *_grads(x), saved=saved)
+    return y
+
+
+def _gelu_new(rec: Recorder, x: T, tag: str) -> T:
+    """transformers NewGELUActivation: 0.5 * x * (1 + tanh(sqrt(2/pi) * (x + 0.044715 * x**3)))."""
+    xs = rec.save(x, f"{tag}.input")
+    half = scale(rec, x)  # 0.5 * x, evaluated first
+    cube = rec.new(x.numel, x.dtype, True)  # pow(x, 3): grad * 3 x^2 (x.pow(2), 3 * _ temporaries)
+    n = x.nbytes
+    rec.node(cube, [("new", "t", n), ("new", "u", n), ("new", "d", n), ("free", "t"), ("free", "u")],
+             [(x.id, "d")], [xs])
+    c2 = scale(rec, cube)
+    rec.free(cube)
+    inner = add(rec, x, c2)
+    rec.free(c2)
+    c3 = scale(rec, inner)
+    rec.free(inner)
+    th = rec.new(x.numel, x.dtype, True)
+    tid = rec.save(th, f"{tag}.tanh")
+    rec.node(th, *_grads(c3), saved=[tid])  # tanh_backward(grad, output)
+    rec.free(c3)
+    one_plus = rec.new(x.numel, x.dtype, True)
+    rec.node(one_plus, outputs=[(th.id, GRAD)])
+    saved = [rec.save(half, f"{tag}.half_x"), rec.save(one_plus, f"{tag}.one_plus_tanh")]
+    y = rec.new(x.numel, x.dtype, True)
+    _mul_node(rec, y, half, one_plus, saved)
+    return y
+
+
+def _activation_forward(rec: Recorder, x: T, kind: str) -> T:
+    """An activation on a tensor that needs no gradient: only its forward's intermediates (gelu_new:
+    0.5 x, x^3, then each step of the formula; quick_gelu: 1.702 x and the sigmoid)."""
+    if kind == "gelu_new":
+        half = rec.new(x.numel, x.dtype, False)
+        t = rec.new(x.numel, x.dtype, False)
+        u = rec.new(x.numel, x.dtype, False)
+        rec.free(t)
+        rec.free(u)
+        y = rec.new(x.numel, x.dtype, False)
+        rec.free(half)
+        return y
+    if kind == "quick_gelu":
+        z = rec.new(x.numel, x.dtype, False)
+        sg = rec.new(x.numel, x.dtype, False)
+        rec.free(z)
+        y = rec.new(x.numel, x.dtype, False)
+        rec.free(sg)
+        return y
+    return rec.new(x.numel, x.dtype, False)
 
 
 def mul(rec: Recorder, a: T, b: T, tag: str) -> T:
     """a * b saves b when a needs a gradient and a when b does."""
+    saved = []
     if b.rg:
-        rec.save(a, f"{tag}.a")
+        saved.append(rec.save(a, f"{tag}.a"))
     if a.rg:
-        rec.save(b, f"{tag}.b")
+        saved.append(rec.save(b, f"{tag}.b"))
     out = rec.new(max(a.numel, b.numel), a.dtype, a.rg or b.rg)
-    rec.use(a, b)
-    rec.node(out, (a, b), saved=((a,) if b.rg else ()) + ((b,) if a.rg else ()))
+    _mul_node(rec, out, a, b, saved)
     return out
 
 
+def heads_view(rec: Recorder, x: T, clone: bool) -> T:
+    """x.view(b, s, heads, d).transpose(1, 2): a view; its backward reshapes the gradient back,
+    which copies it (clone) when the gradient arrives laid out as (b, heads, s, d) - from the CPU math
+    path, eager matmuls or RoPE - and not when a fused kernel returns it in the input's layout."""
+    v = rec.view(x, x.numel)
+    if clone:
+        rec.node(v, *_grads(x))
+    else:
+        rec.node(v, outputs=[(x.id, GRAD)])
+    return v
+
+
 def rope(rec: Recorder, x: T) -> T:
-    """apply_rotary_pos_emb (modeling_llama.py): x * cos + rotate_half(x) * sin, op by op (mul, neg of
-    one half, cat, mul, add). The muls save cos and sin (shared by every layer, counted before the
-    blocks), nothing of x. The output takes the dtype of cos/sin (the hidden states') when wider."""
+    """transformers apply_rotary_pos_emb (modeling_llama.py): x * cos + rotate_half(x) * sin,
+    rotate_half(x) = cat(-x[..., d/2:], x[..., :d/2]). The products save cos and sin (shared, counted
+    once per model), nothing of x; they take the dtype of cos/sin (the hidden states') when wider (a
+    bf16 projection under autocast with fp32 hidden states gives fp32 products). Backward: grad * sin
+    (cast back to the cat's dtype by the engine when it was promoted); cat's gradient splits into
+    views; neg's gradient; each slice's slice_backward (zeros like x, then a copy), summed; grad * cos."""
+    n, half = x.nbytes, x.nbytes // 2
     dtype = _promote(x.dtype, rec.ctx.weight)
-    by_cos = rec.new(x.numel, dtype, x.rg)
-    neg = rec.new(x.numel // 2, x.dtype, x.rg)
-    rotated = rec.new(x.numel, x.dtype, x.rg)  # cat
-    rec.use(neg)
-    by_sin = rec.new(x.numel, dtype, x.rg)
-    rec.use(rotated)
-    out = rec.new(x.numel, dtype, x.rg)
-    rec.use(by_cos, by_sin)
-    # RoPE's backward (mul, neg, slice_backward twice, add, accumulate) holds two more of its size
-    rec.node(out, (x,), temp=2 * out.nbytes)
+
+    def product_grad(src: T, prod: T) -> tuple:
+        if prod.dtype == src.dtype:
+            return _grads(src)
+        return [("new", "t", prod.nbytes), ("new", "d", src.nbytes), ("free", "t")], [(src.id, "d")]
+
+    m1 = rec.new(x.numel, dtype, x.rg)  # x * cos
+    rec.node(m1, *product_grad(x, m1))
+    x1 = rec.view(x, x.numel // 2)  # x[..., :d/2]
+    rec.node(x1, [("new", "d", n)], [(x.id, "d")])
+    x2 = rec.view(x, x.numel // 2)  # x[..., d/2:]
+    rec.node(x2, [("new", "d", n)], [(x.id, "d")])
+    ng = rec.new(x.numel // 2, x.dtype, x.rg)  # -x2
+    rec.node(ng, [("new", "d", half)], [(x2.id, "d")])
+    c = rec.new(x.numel, x.dtype, x.rg)  # cat: the gradient's two halves, views of it
+    rec.node(c, outputs=[(ng.id, GRAD), (x1.id, GRAD)])
+    rec.free(ng)
+    m2 = rec.new(x.numel, dtype, x.rg)  # cat * sin
+    rec.node(m2, *product_grad(c, m2))
+    rec.free(c)
+    out = add(rec, m1, m2)
+    rec.free(m1, m2)
     return out
 
 
@@ -496,185 +759,240 @@ def rope(rec: Recorder, x: T) -> T:
 FP32_SOFTMAX_FAMILIES = ("llama", "mistral", "qwen2", "vit", "clip_vision_model", "opt")
 
 
-def attention(rec: Recorder, spec: ModelSpec, q: T, k: T, v: T, p_drop: float, tag: str, cross: bool = False) -> T:
+def attention(rec: Recorder, spec: ModelSpec, q: T, k: T, v: T, p_drop: float, tag: str, hold: int = 0,
+              cross: bool = False) -> T:
     """Scaled dot-product attention over heads.
 
     sdpa (torch.nn.functional.scaled_dot_product_attention): the fused kernels (flash/memory-efficient
     on CUDA, the flash kernel on CPU) save q, k, v, the output and a logsumexp (fp32, batch x heads x
-    query length). eager (transformers eager_attention_forward): q @ k^T saves q and k (keys/values
-    repeated to all heads for GQA by repeat_kv), softmax in fp32 saves its output, the cast to the
-    compute dtype is saved by the matmul with v, and dropout (p > 0) saves its mask.
-    `cross`: keys and values come from another sequence of ctx.kv_seq tokens (the BLIP-2 Q-Former's
-    cross-attention to the image features), with no mask and no virtual tokens.
+    query length); their backward makes the three input gradients at once. eager (transformers
+    eager_attention_forward): q @ k^T saves q and k (keys/values repeated to all heads for GQA by
+    repeat_kv), softmax in fp32 saves its output, the cast to the compute dtype is saved by the matmul
+    with v, and dropout (p > 0) saves its mask. `hold`: the node after which the CPU math path's
+    incoming gradient is freed (traced: the query projection's). `cross`: keys and values come from
+    another sequence of ctx.kv_seq tokens (the BLIP-2 Q-Former's cross-attention to the image
+    features), with no mask and no virtual tokens.
     """
     ctx = rec.ctx
     b, s, kv = ctx.batch, ctx.seq, ctx.kv_seq
     heads = spec.num_heads
     explicit_mask = kv != s and not cross
+    if not explicit_mask:
+        return _attend(rec, spec, q, k, v, p_drop, tag, hold, False)
+    # prefix tuning: the cache update concatenates the trainable past keys/values, and the causal
+    # mask cannot be skipped, so transformers (sdpa_attention_forward: use_gqa_in_sdpa is False with a
+    # mask) repeats keys/values to every head (repeat_kv, locals dropped when it returns) and SDPA saves
+    # the float mask it builds
+    kc, vc = _cache_keys(rec, k, b * kv * spec.kv_dim), _cache_keys(rec, v, b * kv * spec.kv_dim)
+    kr, vr = _repeat_kv(rec, spec, kc), _repeat_kv(rec, spec, vc)
     cpu_math = p_drop > 0 and ctx.device == "cpu" and ctx.training_dropout
-    if explicit_mask:
-        # prefix tuning: the cache update concatenates the trainable past keys/values, and peft passes
-        # an attention mask, so transformers (sdpa_attention_forward: use_gqa_in_sdpa is False with a
-        # mask) repeats keys/values to every head (repeat_kv) and SDPA saves the float mask it builds
-        width = spec.q_dim if spec.num_kv_heads != spec.num_heads else spec.kv_dim
-        k2 = rec.new(b * kv * width, k.dtype, True)
-        rec.use(k)
-        rec.node(k2, (k,))
-        v2 = rec.new(b * kv * width, v.dtype, True)
-        rec.use(v)
-        rec.node(v2, (v,))
-        k, v = k2, v2
-        if ctx.attention != "eager" and not cpu_math:  # eager and the math path add it to the scores
-            rec.save_new(b * s * kv, q.dtype, f"{tag}.attn_mask")
+    if ctx.attention != "eager" and not cpu_math:  # eager and the math path add it to the scores
+        rec.save_new(b * s * kv, ctx.autocast or q.dtype, f"{tag}.attn_mask")  # in SDPA's (autocast) query dtype
+    out = _attend(rec, spec, q, kr, vr, p_drop, tag, hold, True)
+    for r, c in ((kr, kc), (vr, vc)):
+        if r is not c:
+            rec.free(r)
+    return out
+
+
+def _attend(rec: Recorder, spec: ModelSpec, q: T, k: T, v: T, p_drop: float, tag: str, hold: int,
+            explicit_mask: bool) -> T:
+    """The attention kernel transformers' attention interface runs (see attention)."""
+    ctx = rec.ctx
+    b, s, kv = ctx.batch, ctx.seq, ctx.kv_seq
+    heads = spec.num_heads
     needs = q.rg or k.rg or v.rg
     out_numel = b * s * spec.q_dim
-    if not needs:
-        out = rec.new(out_numel, q.dtype, False)
-        rec.use(q, k, v)
-        return out
     if ctx.attention == "eager":
-        return _eager_attention(rec, spec, q, k, v, p_drop, tag, explicit_mask)
-    if cpu_math:
-        return _math_attention(rec, spec, q, k, v, tag)
-    q, k = autocast_in(rec, q), autocast_in(rec, k)  # SDPA autocasts RoPE's wider outputs back
-    rec.save(q, f"{tag}.q")
-    rec.save(k, f"{tag}.k")
-    rec.save(v, f"{tag}.v")
-    out = rec.new(out_numel, q.dtype, True)
-    rec.save(out, f"{tag}.out")
-    lse = rec.save_new(b * heads * s, "float32", f"{tag}.logsumexp")
-    saved = (q, k, v, out, lse)
-    if p_drop > 0 and ctx.device == "cpu":  # CPU flash has no dropout: the math path keeps the probs
-        saved += (rec.save_new(b * heads * s * kv, q.dtype, f"{tag}.probs"),)
-    rec.use(q, k, v)
-    rec.node(out, (q, k, v), saved=saved)
+        return _eager_attention(rec, spec, q, k, v, p_drop, explicit_mask, tag)
+    if p_drop > 0 and ctx.device == "cpu" and ctx.training_dropout:
+        # prefix tuning's concatenated values are contiguous as (b, heads, s, d): bmm takes them as they are
+        v_contiguous = explicit_mask and not (spec.num_kv_heads == 1 and spec.num_heads > 1)
+        return _math_attention(rec, spec, q, k, v, tag, hold, v_contiguous)
+    # SDPA is on autocast's lower-precision list: RoPE's wider outputs are cast back (copies, saved)
+    qi, ki, vi = autocast_in(rec, q), autocast_in(rec, k), autocast_in(rec, v)
+    saved = []
+    if needs:
+        saved = [rec.save(qi, f"{tag}.q"), rec.save(ki, f"{tag}.k"), rec.save(vi, f"{tag}.v")]
+    out = rec.new(out_numel, qi.dtype, needs)
+    lse = rec.new(b * heads * s, "float32", False)
+    if needs:
+        saved += [rec.save(out, f"{tag}.out"), rec.save(lse, f"{tag}.logsumexp")]
+        if p_drop > 0 and ctx.device == "cpu":  # CPU flash has no dropout: the math path keeps the probs
+            saved.append(rec.save_new(b * heads * s * kv, q.dtype, f"{tag}.probs"))
+        # the backward computes all three gradients (and frees those no input needs)
+        steps = [("new", "dq", qi.nbytes), ("new", "dk", ki.nbytes), ("new", "dv", vi.nbytes)]
+        outputs = [(t.id, name) for t, name in ((qi, "dq"), (ki, "dk"), (vi, "dv")) if t.rg]
+        rec.node(out, steps, outputs, saved)
+    rec.free(lse)
+    for t, orig in ((qi, q), (ki, k), (vi, v)):
+        if t is not orig:
+            rec.free(t)
     # The fused kernels lay their output out as (batch, seq, heads, dim): transformers'
     # transpose(1, 2).contiguous() is then a view, and the output projection saves that storage.
     return out
 
 
-def _eager_attention(rec: Recorder, spec: ModelSpec, q: T, k: T, v: T, p_drop: float, tag: str,
-                     explicit_mask: bool) -> T:
-    """transformers eager_attention_forward: repeat_kv, q @ k^T * scaling (+ mask), softmax, dropout,
-    @ v, transpose(1, 2).contiguous() (a copy)."""
+def _cache_keys(rec: Recorder, x: T, numel: int) -> T:
+    """Prefix tuning's keys/values: cat(past, new) along the sequence (DynamicCache.update: the cache
+    keeps the concatenation to the end of the forward), in the promoted dtype of the past (peft's
+    prefix encoder, in the weights' dtype) and x (fp32 under autocast); the backward hands on slices of
+    the gradient (the new part to x, copied back to x's layout and dtype)."""
+    y = rec.new(numel, _promote(x.dtype, rec.ctx.weight), True)
+    rec.node(y, *_grads(x))
+    return y
+
+
+def _repeat_kv(rec: Recorder, spec: ModelSpec, x: T) -> T:
+    """transformers repeat_kv: x[:, :, None].expand(b, kv_heads, n_rep, s, d).reshape(b, heads, s, d):
+    a copy, except with a single key/value head, where the reshape of the expanded tensor is a view
+    (stride 0 across the heads); the backward sums the repeats (a new gradient like x)."""
+    groups = spec.num_heads // spec.num_kv_heads
+    if groups == 1:
+        return x
+    y = rec.view(x, x.numel * groups) if spec.num_kv_heads == 1 else rec.new(x.numel * groups, x.dtype, x.rg)
+    rec.node(y, *_grads(x))
+    return y
+
+
+def _math_attention(rec: Recorder, spec: ModelSpec, q: T, k: T, v: T, tag: str, hold: int,
+                    v_contiguous: bool = False) -> T:
+    """CPU has no fused kernel with dropout: torch's _scaled_dot_product_attention_math runs, in fp32
+    for half types, and saves the scaled q, k^T, v (reshape copies for bmm), the softmax, the dropout
+    noise and the dropped probabilities; its (batch, heads, seq, dim) output is copied by
+    transpose().contiguous(). Backward (traced): the output gradient is copied for bmm, bmm makes v's
+    and the probabilities' gradients, dropout, _safe_softmax_backward, bmm makes q's and k's, the
+    scalings make new ones. For causal models (is_causal) the kernel builds a (seq x kv) float mask from
+    at::ones().tril() and adds it out of place (a dispatch mode makes the tensors subclass-like; a storage
+    tracer is one); it returns the tuple (matmul(attn, v).to(dtype), attn.to(dtype)), evaluated right to
+    left: for half types the attention weights' cast (discarded) exists until it returns
+    (aten/src/ATen/native/transformers/attention.cpp)."""
     ctx = rec.ctx
-    b, s, kv = ctx.batch, ctx.seq, ctx.kv_seq
-    heads = spec.num_heads
-    groups = 1 if explicit_mask else spec.num_heads // spec.num_kv_heads  # repeat_kv (once)
-    k_full, v_full = k, v
-    if groups != 1:
-        k_full = rec.new(k.numel * groups, k.dtype, k.rg)
-        rec.node(k_full, (k,))
-        v_full = rec.new(v.numel * groups, v.dtype, v.rg)
-        rec.node(v_full, (v,))
+    b, s, kv, heads = ctx.batch, ctx.seq, ctx.kv_seq, spec.num_heads
+    up = "float32" if (ctx.autocast or q.dtype) in ("bfloat16", "float16") else q.dtype
+    ub = DTYPE_BYTES[up]
+    nq, nk, sc = b * s * spec.q_dim * ub, b * kv * spec.q_dim * ub, b * heads * s * kv * ub
+    qk_rg, needs = q.rg or k.rg, q.rg or k.rg or v.rg
+    qu, ku, vu = (cast(rec, t, up) for t in (q, k, v))
+    qs = scale(rec, qu)  # q * sqrt(scale), held to the end
+    ks = scale(rec, ku)  # k^T * sqrt(scale)
+    qc = rec.new(b * s * spec.q_dim, up, False)  # bmm's reshape copies
+    kc = rec.new(b * kv * spec.q_dim, up, False)
+    saved1 = []
+    if k.rg:
+        saved1.append(rec.save(qc, f"{tag}.math_q"))
+    if q.rg:
+        saved1.append(rec.save(kc, f"{tag}.math_k"))
+    scores = rec.new(b * heads * s * kv, up, qk_rg)
+    rec.node(scores, [("new", "dk", nk), ("new", "dq", nq)], [(t.id, n) for t, n in ((ks, "dk"), (qs, "dq")) if t.rg],
+             saved1)
+    rec.free(kc, qc, ks)
+    mask = None
+    if spec.is_decoder:
+        mask = rec.new(s * kv, up, False)
+        masked = rec.new(scores.numel, up, qk_rg)
+        rec.node(masked, outputs=[(scores.id, GRAD)])
+        rec.free(scores)
+        scores = masked
+    probs = rec.new(b * heads * s * kv, up, qk_rg)  # _safe_softmax, saves its output
+    rec.free(scores)
+    noise = rec.new(b * heads * s * kv, up, False)
+    dropped = rec.new(b * heads * s * kv, up, qk_rg)
+    if qk_rg:
+        sm, nz = rec.save(probs, f"{tag}.math_softmax_noise"), rec.save(noise, f"{tag}.math_softmax_noise")
+        rec.node(probs, [("new", "d", sc)], [(scores.id, "d")], [sm])
+        rec.node(dropped, [("new", "d", sc)], [(probs.id, "d")], [nz])
+    rec.free(noise, probs)
+    weights = rec.new(dropped.numel, q.dtype, False) if up != q.dtype else None  # attn.to(origin_dtype)
+    vc = vu if v_contiguous else rec.new(b * kv * spec.q_dim, up, False)  # bmm's reshape copy of v
+    saved2 = []
+    if q.rg or k.rg:
+        saved2.append(rec.save(vc, f"{tag}.math_v"))
+    if v.rg:
+        saved2.append(rec.save(dropped, f"{tag}.math_probs"))
+    out = rec.new(b * s * spec.q_dim, up, needs)  # bmm(probs, v), reshaped
+    rec.node(out, [("new", "g3", nq), ("new", "dv", nk), ("new", "dp", sc), ("free", "g3")],
+             [(t.id, n) for t, n in ((vu, "dv"), (dropped, "dp")) if t.rg], saved2, hold=hold)
+    o = cast(rec, out, q.dtype)
+    if o is not out:
+        rec.free(out)
+    # the kernel returns: its locals go
+    if vc is not vu:
+        rec.free(vc)
+    rec.free(qs, dropped, mask, weights)
+    for t, orig in ((qu, q), (ku, k), (vu, v)):
+        if t is not orig:
+            rec.free(t)
+    y = rec.new(o.numel, o.dtype, needs)  # transpose(1, 2).contiguous(): a copy, its backward a view
+    rec.node(y, outputs=[(o.id, GRAD)])
+    rec.free(o)
+    return y
+
+
+def _eager_attention(rec: Recorder, spec: ModelSpec, q: T, k: T, v: T, p_drop: float, explicit_mask: bool,
+                     tag: str) -> T:
+    """transformers eager_attention_forward: repeat_kv, matmul(q, k^T) * scaling (+ mask), softmax
+    (fp32 for the Llama family and the vision towers), .to(q dtype), dropout, matmul with v, then
+    transpose(1, 2).contiguous()."""
+    ctx = rec.ctx
+    b, s, kv, heads = ctx.batch, ctx.seq, ctx.kv_seq, spec.num_heads
+    k_full, v_full = (k, v) if explicit_mask else (_repeat_kv(rec, spec, k), _repeat_kv(rec, spec, v))
     # q @ k^T saves q for k's gradient and k for q's; probs @ v saves v for the probabilities'
     # gradient and the probabilities for v's
+    qi, ki = autocast_in(rec, q), autocast_in(rec, k_full)
+    saved1 = []
     if k.rg:
-        rec.save(q, f"{tag}.q")
+        saved1.append(rec.save(qi, f"{tag}.q"))
     if q.rg:
-        rec.save(k_full, f"{tag}.k")
-    scores = rec.new(b * heads * s * kv, ctx.autocast or q.dtype, q.rg or k.rg)
-    rec.use(q, k_full)
-    rec.node(scores, (q, k_full), saved=((q,) if k.rg else ()) + ((k_full,) if q.rg else ()))
+        saved1.append(rec.save(ki, f"{tag}.k"))
+    sdt = ctx.autocast or q.dtype
+    qk_rg, needs = q.rg or k.rg, q.rg or k.rg or v.rg
+    raw = rec.new(b * heads * s * kv, sdt, qk_rg)
+    rec.node(raw, *_grads(qi, ki), saved=saved1)
+    scores = scale(rec, raw)
+    rec.free(raw)
     if spec.model_type in FP32_SOFTMAX_FAMILIES:  # softmax(..., dtype=float32).to(query.dtype)
-        softmax = rec.new(b * heads * s * kv, "float32", True)
+        softmax = rec.new(b * heads * s * kv, "float32", qk_rg)
     else:  # softmax(attn_weights, dim=-1) in the scores' dtype
-        softmax = rec.new(b * heads * s * kv, q.dtype if not ctx.autocast else "float32", True)
-    rec.use(scores)
-    rec.save(softmax, f"{tag}.softmax_out")
-    rec.node(softmax, (scores,), saved=(softmax,))
-    probs = softmax
-    if probs.dtype != q.dtype and not ctx.autocast:  # .to(query.dtype)
-        probs = cast(rec, probs, q.dtype)
-    probs = dropout(rec, probs, p_drop, tag)
-    probs = autocast_in(rec, probs)  # autocast's matmul casts fp32 probabilities
+        softmax = rec.new(b * heads * s * kv, q.dtype if not ctx.autocast else "float32", qk_rg)
+    if qk_rg:
+        rec.node(softmax, *_grads(scores), saved=[rec.save(softmax, f"{tag}.softmax_out")])
+    rec.free(scores)
+    chain = [softmax]
+    if softmax.dtype != q.dtype and not ctx.autocast:  # .to(query.dtype)
+        chain.append(cast(rec, chain[-1], q.dtype))
+    chain.append(dropout(rec, chain[-1], p_drop, tag))
+    chain.append(autocast_in(rec, chain[-1]))  # autocast's matmul casts fp32 probabilities
+    probs = chain[-1]
+    vi = autocast_in(rec, v_full)
+    saved2 = []
     if v.rg:
-        rec.save(probs, f"{tag}.probs")
+        saved2.append(rec.save(probs, f"{tag}.probs"))
     if q.rg or k.rg:
-        rec.save(v_full, f"{tag}.v")
-    o = rec.new(b * s * spec.q_dim, probs.dtype, True)
-    rec.use(probs, v_full)
-    rec.node(o, (probs, v_full), saved=((probs,) if v.rg else ()) + ((v_full,) if q.rg or k.rg else ()))
-    out = rec.new(b * s * spec.q_dim, q.dtype, True)  # transpose(1, 2).contiguous() copies
-    rec.use(o)
-    rec.node(out, (o,))
-    return out
-
-
-def _math_attention(rec: Recorder, spec: ModelSpec, q: T, k: T, v: T, tag: str) -> T:
-    """CPU has no fused kernel with dropout: torch's _scaled_dot_product_attention_math
-    (aten/src/ATen/native/transformers/attention.cpp) runs: q, k, v .to(float) for half types (fp32 kept
-    as they are), q * sqrt(scale) (a local, alive until it returns), k^T * sqrt(scale) (a temporary of
-    the matmul call), matmul's contiguous copies of both (saved by bmm), the scores, for causal models a
-    (seq x seq) float mask built from ones().tril() and added out of place (a dispatch mode makes the
-    tensors subclass-like; a storage tracer is one), _safe_softmax (saves its output), dropout's noise and
-    product (saved), the tuple (matmul(attn, v).to(dtype), attn.to(dtype)) evaluated right to left (the
-    attention weights' cast first, then v's contiguous copy, saved, and the output). transformers'
-    transpose(1, 2).contiguous() copies the (batch, heads, seq, dim) output."""
-    ctx = rec.ctx
-    b, s, kv = ctx.batch, ctx.seq, ctx.kv_seq
-    heads = spec.num_heads
-    up = "float32" if (ctx.autocast or q.dtype) in ("bfloat16", "float16") else q.dtype
-    q_rg_k = q.rg or k.rg
-    qa, ka, va = cast(rec, q, up), cast(rec, k, up), cast(rec, v, up)
-    query = rec.new(b * s * spec.q_dim, up, q.rg)  # query_acc * scaling_factor
-    rec.node(query, (qa,))
-    kt = rec.new(b * kv * spec.q_dim, up, k.rg)  # key.transpose(-2, -1) * scaling_factor
-    rec.node(kt, (ka,))
-    qc = rec.new(query.numel, up, q.rg)  # matmul's copies for bmm
-    rec.node(qc, (query,))
-    kc = rec.new(kt.numel, up, k.rg)
-    rec.use(kt)
-    rec.node(kc, (kt,))
-    if k.rg:
-        rec.save(qc, f"{tag}.math_q")
-    if q.rg:
-        rec.save(kc, f"{tag}.math_k")
-    scores = rec.new(b * heads * s * kv, up, q_rg_k)
-    rec.use(qc, kc, kt)
-    rec.node(scores, (qc, kc), saved=((qc,) if k.rg else ()) + ((kc,) if q.rg else ()))
-    mask = None
-    if spec.is_decoder:  # is_causal: at::ones({L, S}).tril() as a float mask, added to the scores
-        mask = rec.new(s * kv, up, False)
-        masked = rec.new(scores.numel, up, q_rg_k)
-        rec.use(scores, mask)
-        rec.node(masked, (scores,), alias=True)
-        scores = masked
-    sm = rec.new(scores.numel, up, q_rg_k)
-    rec.use(scores)
-    if q_rg_k:
-        rec.save(sm, f"{tag}.math_softmax_noise")
-    rec.node(sm, (scores,), saved=(sm,))
-    noise = rec.new(scores.numel, up, False)
-    if q_rg_k:
-        rec.save(noise, f"{tag}.math_softmax_noise")
-    dropped = rec.new(scores.numel, up, q_rg_k)
-    rec.use(sm, noise)
-    rec.node(dropped, (sm,), saved=(noise,))
-    weights = cast(rec, dropped, q.dtype) if up != q.dtype else None  # attn.to(origin_dtype), discarded
-    vc = rec.new(b * kv * spec.q_dim, up, v.rg)  # value's contiguous copy for bmm
-    rec.node(vc, (va,))
-    if v.rg:
-        rec.save(dropped, f"{tag}.math_probs")
-    if q_rg_k:
-        rec.save(vc, f"{tag}.math_v")
-    o = rec.new(b * s * spec.q_dim, up, True)
-    rec.use(dropped, vc)
-    rec.node(o, (dropped, vc), saved=((dropped,) if v.rg else ()) + ((vc,) if q_rg_k else ()))
-    o = cast(rec, o, q.dtype)
-    rec.use(query, qa, ka, va, weights, mask)  # the kernel's locals die when it returns
-    out = rec.new(b * s * spec.q_dim, q.dtype, True)  # transpose(1, 2).contiguous() copies
-    rec.use(o)
-    rec.node(out, (o,))
-    return out
+        saved2.append(rec.save(vi, f"{tag}.v"))
+    out = rec.new(b * s * spec.q_dim, sdt, needs)
+    rec.node(out, [("new", "g", out.nbytes)] + _grads(probs, vi)[0] + [("free", "g")], _grads(probs, vi)[1], saved2)
+    rec.free(*chain)
+    for t, orig in ((qi, q), (ki, k_full), (vi, v_full), (k_full, k), (v_full, v)):
+        if t is not orig:
+            rec.free(t)
+    y = rec.new(out.numel, out.dtype, needs)  # transpose(1, 2).contiguous() copies; its backward a view
+    rec.node(y, outputs=[(out.id, GRAD)])
+    rec.free(out)
+    return y
 
 
 def adapter_block(rec: Recorder, x: T, hidden: int, bottleneck: int, tag: str) -> T:
-    """measure.adapters.BottleneckAdapter: x + up(gelu(down(x))), two trainable Linears around a GELU."""
-    down = linear(rec, x, hidden, bottleneck, True, f"{tag}.adapter.down")
+    """measure.adapters.BottleneckAdapter: x + up(gelu(down(x))), two trainable Linears around a GELU,
+    applied by a forward hook to the output projection's output, before the block's dropout."""
+    down = linear(rec, x, hidden, bottleneck, True, f"{tag}.adapter.down", bias_trains=True)
     act = activation(rec, down, "gelu", f"{tag}.adapter.act")
-    up = linear(rec, act, bottleneck, hidden, True, f"{tag}.adapter.up")
-    return add(rec, x, up, up.dtype if rec.ctx.autocast is None else x.dtype)
+    rec.free(down)
+    up = linear(rec, act, bottleneck, hidden, True, f"{tag}.adapter.up", bias_trains=True)
+    rec.free(act)
+    out = add(rec, x, up, up.dtype if rec.ctx.autocast is None else x.dtype)
+    rec.free(up)
+    return out
 
 
 # Tags of what seed 001's block adapter saves: it runs outside its encoder layer's checkpointed forward.
@@ -683,16 +1001,26 @@ BLOCK_ADAPTER_TAG = "block_adapter"
 
 def block_adapter(rec: Recorder, x: T, hidden: int, bottleneck: int, p_drop: float) -> T:
     """measure.adapters.BlockAdapter (seed 001, Example 4): layer_norm(x + dropout(up_proj(dropout(gelu(
-    down_proj(x)))))). The trainable Linears save their inputs, GELU its input, each dropout its noise,
-    the trainable LayerNorm its input (the sum: fp32 under autocast, x + a bf16 tensor) with mean and rstd."""
+    down_proj(x)))))), a forward hook on the encoder layer. The trainable Linears save their inputs, GELU
+    its input, each dropout its noise, the trainable LayerNorm its input (the sum: fp32 under autocast,
+    x + a bf16 tensor) with mean and rstd; each intermediate is dropped when `x` is rebound."""
     tag = BLOCK_ADAPTER_TAG
-    down = linear(rec, x, hidden, bottleneck, True, f"{tag}.down_proj")
+    down = linear(rec, x, hidden, bottleneck, True, f"{tag}.down_proj", bias_trains=True)
     act = activation(rec, down, "gelu", f"{tag}.activation")
-    act = dropout(rec, act, p_drop, f"{tag}.dropout1")
-    up = linear(rec, act, bottleneck, hidden, True, f"{tag}.up_proj")
-    up = dropout(rec, up, p_drop, f"{tag}.dropout2")
-    total = rec.new(x.numel, up.dtype if rec.ctx.autocast is None else x.dtype, True)
-    return layer_norm(rec, total, True, hidden, f"{tag}.layer_norm")
+    rec.free(down)
+    d1 = dropout(rec, act, p_drop, f"{tag}.dropout1")
+    if d1 is not act:
+        rec.free(act)
+    up = linear(rec, d1, bottleneck, hidden, True, f"{tag}.up_proj", bias_trains=True)
+    rec.free(d1)
+    d2 = dropout(rec, up, p_drop, f"{tag}.dropout2")
+    if d2 is not up:
+        rec.free(up)
+    total = add(rec, d2, x)
+    rec.free(d2)
+    out = layer_norm(rec, total, True, hidden, f"{tag}.layer_norm")
+    rec.free(total)
+    return out
 
 
 # ---------------------------------------------------------------- blocks
@@ -746,11 +1074,12 @@ def _layer_trainings(plan: Plan, layout: Layout) -> list[LayerTraining]:
                           frozenset(s["biases"])) for s in sets]
 
 
-def _lin(rec, lt: LayerTraining, x, name, in_f, out_f, plan: Plan, quantized=False):
+def _lin(rec, lt: LayerTraining, x, name, in_f, out_f, plan: Plan):
+    """A block's Linear (NF4 under QLoRA: methods._quantizable quantizes every block Linear)."""
     s = plan.settings
     ia3 = "ff" if name in lt.ia3_ff else ("out" if name in lt.ia3_out else "")
     return linear(rec, x, in_f, out_f, name in lt.trainable, name, lora_rank=s.rank if name in lt.lora else 0,
-                  dora=s.dora and name in lt.lora, ia3=ia3, quantized=quantized,
+                  dora=s.dora and name in lt.lora, ia3=ia3, quantized=s.method == "qlora",
                   bias=name in _block_biases(build_layout(plan.spec)),
                   bias_trains=name in lt.bias_trainable)
 
@@ -768,139 +1097,222 @@ def _maybe_adapter(rec, lt, x, role, spec, plan, tag):
     return x
 
 
+def _first_node(rec: Recorder, mark: int) -> int:
+    """The output id of the first node recorded since `mark` (0: none)."""
+    return rec.nodes[mark].out if len(rec.nodes) > mark else 0
+
+
+def _math_path(spec: ModelSpec, ctx: Ctx) -> bool:
+    """Attention takes torch's math path (not a fused kernel) on the CPU in training with dropout."""
+    return ctx.attention != "eager" and dropout_p(spec, "attn") > 0 and ctx.device == "cpu" and ctx.training_dropout
+
+
+def _adapt(rec: Recorder, lt: LayerTraining, o: T, role: str, spec: ModelSpec, plan: Plan, tag: str) -> T:
+    """The output projection's output through its adapter (a forward hook, run before the projection's
+    call returns: its input is still referenced meanwhile, and its own output is dropped once the
+    adapter has made its replacement)."""
+    out = _maybe_adapter(rec, lt, o, role, spec, plan, tag)
+    if out is not o:
+        rec.free(o)
+    return out
+
+
 def llama_block(rec: Recorder, spec: ModelSpec, plan: Plan, lt: LayerTraining, x: T) -> T:
-    """LlamaDecoderLayer (also Mistral, Qwen2): pre-RMSNorm attention with RoPE, gated SiLU MLP. The
-    normed input stays referenced (the layer's hidden_states) until self_attn returns, and so do the
-    attention's projections (LlamaAttention locals); the MLP's normed input until the MLP returns."""
+    """LlamaDecoderLayer (also Mistral, Qwen2): pre-RMSNorm attention with RoPE, gated SiLU MLP.
+    The forward frees each tensor when modeling_llama.py drops it: the attention's q, k, v at its
+    return, the MLP's gate/up/act intermediates as the expression proceeds, the normed inputs when
+    `hidden_states` is rebound, the residual at the block's return."""
+    ctx = rec.ctx
     h = spec.hidden_size
-    quant = plan.settings.method == "qlora"
+    eager = ctx.attention == "eager"
     n = rms_norm(rec, x, "input_layernorm" in lt.norm_trainable, "input_layernorm")
-    q = _lin(rec, lt, n, "self_attn.q_proj", h, spec.q_dim, plan, quant)
-    k = _lin(rec, lt, n, "self_attn.k_proj", h, spec.kv_dim, plan, quant)
-    v = _lin(rec, lt, n, "self_attn.v_proj", h, spec.kv_dim, plan, quant)
-    q_rot, k_rot = rope(rec, q), rope(rec, k)
-    rec.use(q, k)
-    a = attention(rec, spec, q_rot, k_rot, v, dropout_p(spec, "attn"), "self_attn.attention")
-    o = _lin(rec, lt, a, "self_attn.o_proj", spec.q_dim, h, plan, quant)
-    rec.use(q_rot, k_rot, v, n)
-    o = _maybe_adapter(rec, lt, o, "attn_out", spec, plan, "self_attn.o_proj")
-    x2 = add(rec, x, o, x.dtype)  # residual + hidden_states keeps the residual stream's dtype
+    # q_proj(x).view().transpose(1, 2), then k, then v; RoPE on q and k (its gradients come back laid
+    # out as (b, heads, s, d), so the views' backward copies them; SDPA's come back in v's layout)
+    ql = _lin(rec, lt, n, "self_attn.q_proj", h, spec.q_dim, plan)
+    kl = _lin(rec, lt, n, "self_attn.k_proj", h, spec.kv_dim, plan)
+    vl = _lin(rec, lt, n, "self_attn.v_proj", h, spec.kv_dim, plan)
+    q, k, v = heads_view(rec, ql, clone=True), heads_view(rec, kl, clone=True), heads_view(rec, vl, clone=eager)
+    q, k = rope(rec, q), rope(rec, k)
+    rec.free(ql, kl)
+    a = attention(rec, spec, q, k, v, dropout_p(spec, "attn"), "self_attn.attention")
+    o = _lin(rec, lt, a, "self_attn.o_proj", spec.q_dim, h, plan)
+    o = _adapt(rec, lt, o, "attn_out", spec, plan, "self_attn.o_proj")
+    rec.free(a, q, k, vl, n)
+    x2 = add(rec, x, o, x.dtype)  # x + o keeps the residual stream's dtype
+    rec.free(o)
     n2 = rms_norm(rec, x2, "post_attention_layernorm" in lt.norm_trainable, "post_attention_layernorm")
-    g = _lin(rec, lt, n2, "mlp.gate_proj", h, spec.intermediate_size, plan, quant)
+    g = _lin(rec, lt, n2, "mlp.gate_proj", h, spec.intermediate_size, plan)
     act = activation(rec, g, "silu", "mlp.act_fn")
-    u = _lin(rec, lt, n2, "mlp.up_proj", h, spec.intermediate_size, plan, quant)
+    rec.free(g)
+    u = _lin(rec, lt, n2, "mlp.up_proj", h, spec.intermediate_size, plan)
     p = mul(rec, act, u, "mlp.act_mul")
-    d = _lin(rec, lt, p, "mlp.down_proj", spec.intermediate_size, h, plan, quant)
-    rec.use(n2)
-    d = _maybe_adapter(rec, lt, d, "mlp_out", spec, plan, "mlp.down_proj")
-    return add(rec, x2, d, x2.dtype)
+    rec.free(act, u)
+    d = _lin(rec, lt, p, "mlp.down_proj", spec.intermediate_size, h, plan)
+    d = _adapt(rec, lt, d, "mlp_out", spec, plan, "mlp.down_proj")
+    rec.free(p, n2)
+    out = add(rec, x2, d, x2.dtype)
+    rec.free(d, x2)
+    return out
 
 
 def gpt2_block(rec: Recorder, spec: ModelSpec, plan: Plan, lt: LayerTraining, x: T) -> T:
-    """GPT2Block: pre-LayerNorm, fused c_attn (Conv1D) split into q, k, v views, gelu_new MLP, dropout
-    on attention and residuals. attn_output stays referenced until the block returns, the normed input
-    until the attention returns."""
+    """GPT2Block: pre-LayerNorm, fused c_attn (Conv1D) split into q, k, v (views of one storage;
+    SplitBackward concatenates their gradients into a new one), gelu_new MLP, dropout on attention and
+    residuals."""
     h = spec.hidden_size
     n = layer_norm(rec, x, "ln_1" in lt.norm_trainable, h, "ln_1")
     qkv = _lin(rec, lt, n, "attn.c_attn", h, 3 * h, plan)
-    q, k, v = split(rec, qkv, 3)
+    q, k, v = (rec.view(qkv, qkv.numel // 3) for _ in range(3))
+    for part in (q, k, v):
+        rec.node(part, [("new", "d", qkv.nbytes)], [(qkv.id, "d")])
+    # the views' gradients come back contiguous as (b, heads, s, d) (no kernel can keep the layout of
+    # a strided third of c_attn's output), so reshaping them back copies
+    q, k, v = (heads_view(rec, t, clone=True) for t in (q, k, v))
     a = attention(rec, spec, q, k, v, dropout_p(spec, "attn"), "attn.attention")
     o = _lin(rec, lt, a, "attn.c_proj", h, h, plan)
-    o = dropout(rec, o, dropout_p(spec, "resid"), "attn.resid_dropout")
-    rec.use(qkv, n)
-    o = _maybe_adapter(rec, lt, o, "attn_out", spec, plan, "attn.c_proj")
-    x2 = add(rec, o, x, x.dtype)
+    o = _adapt(rec, lt, o, "attn_out", spec, plan, "attn.c_proj")
+    rec.free(a)
+    od = dropout(rec, o, dropout_p(spec, "resid"), "attn.resid_dropout")
+    if od is not o:
+        rec.free(o)
+    rec.free(qkv)
+    x2 = add(rec, od, x, x.dtype)
+    rec.free(od, n)
     n2 = layer_norm(rec, x2, "ln_2" in lt.norm_trainable, h, "ln_2")
     f = _lin(rec, lt, n2, "mlp.c_fc", h, spec.intermediate_size, plan)
     act = activation(rec, f, spec.hidden_act if spec.hidden_act in ("gelu_new", "quick_gelu") else "gelu", "mlp.act")
+    rec.free(f)
     d = _lin(rec, lt, act, "mlp.c_proj", spec.intermediate_size, h, plan)
-    d = dropout(rec, d, dropout_p(spec, "resid"), "mlp.dropout")
-    d = _maybe_adapter(rec, lt, d, "mlp_out", spec, plan, "mlp.c_proj")
-    out = add(rec, x2, d, x2.dtype)
-    rec.use(n2, o)
+    d = _adapt(rec, lt, d, "mlp_out", spec, plan, "mlp.c_proj")
+    rec.free(act)
+    dd = dropout(rec, d, dropout_p(spec, "resid"), "mlp.dropout")
+    if dd is not d:
+        rec.free(d)
+    rec.free(n2)
+    out = add(rec, x2, dd, x2.dtype)
+    rec.free(dd, x2)
     return out
 
 
 def bert_block(rec: Recorder, spec: ModelSpec, plan: Plan, lt: LayerTraining, x: T) -> T:
     """BertLayer / RobertaLayer: post-LayerNorm; dropout after attention output and FFN output. The
-    self-attention's output stays referenced until BertSelfOutput returns, each dropout's output until
-    its LayerNorm returns, and the intermediate output and attention_output until the layer returns."""
+    forward frees q, k, v when BertSelfAttention returns, the attention output when BertAttention
+    does, the intermediate output and the attention block's output when the layer returns (traced)."""
     ctx = rec.ctx
     h = spec.hidden_size
-    q = _lin(rec, lt, x, "attention.self.query", h, h, plan)
-    k = _lin(rec, lt, x, "attention.self.key", h, h, plan)
-    v = _lin(rec, lt, x, "attention.self.value", h, h, plan)
-    a = attention(rec, spec, q, k, v, dropout_p(spec, "attn"), "attention.self")
-    rec.use(q, k, v)
+    reshaped = _math_path(spec, ctx) or ctx.attention == "eager"
+    mark = len(rec.nodes)
+    ql = _lin(rec, lt, x, "attention.self.query", h, h, plan)
+    query_node = _first_node(rec, mark)
+    kl = _lin(rec, lt, x, "attention.self.key", h, h, plan)
+    vl = _lin(rec, lt, x, "attention.self.value", h, h, plan)
+    q, k, v = (heads_view(rec, t, clone=reshaped) for t in (ql, kl, vl))
+    a = attention(rec, spec, q, k, v, dropout_p(spec, "attn"), "attention.self", hold=query_node)
+    rec.free(ql, kl, vl)
     o = _lin(rec, lt, a, "attention.output.dense", h, h, plan)
-    o = dropout(rec, o, dropout_p(spec, "resid"), "attention.output.dropout")
-    o = _maybe_adapter(rec, lt, o, "attn_out", spec, plan, "attention.output.dense")
-    s1 = add(rec, o, x, o.dtype if ctx.autocast is None else x.dtype)
+    o = _adapt(rec, lt, o, "attn_out", spec, plan, "attention.output.dense")
+    od = dropout(rec, o, dropout_p(spec, "resid"), "attention.output.dropout")
+    if od is not o:
+        rec.free(o)
+    s1 = add(rec, od, x, od.dtype if ctx.autocast is None else x.dtype)
     n1 = layer_norm(rec, s1, "attention.output.LayerNorm" in lt.norm_trainable, h, "attention.output.LayerNorm")
-    rec.use(o, a)
+    rec.free(s1, od, a)
     f = _lin(rec, lt, n1, "intermediate.dense", h, spec.intermediate_size, plan)
     act = activation(rec, f, "gelu", "intermediate.act")
+    rec.free(f)
     d = _lin(rec, lt, act, "output.dense", spec.intermediate_size, h, plan)
-    d = dropout(rec, d, dropout_p(spec, "resid"), "output.dropout")
-    d = _maybe_adapter(rec, lt, d, "mlp_out", spec, plan, "output.dense")
-    s2 = add(rec, d, n1, n1.dtype)
+    d = _adapt(rec, lt, d, "mlp_out", spec, plan, "output.dense")
+    dd = dropout(rec, d, dropout_p(spec, "resid"), "output.dropout")
+    if dd is not d:
+        rec.free(d)
+    s2 = add(rec, dd, n1, n1.dtype)
     out = layer_norm(rec, s2, "output.LayerNorm" in lt.norm_trainable, h, "output.LayerNorm")
-    rec.use(d, act, n1)
+    rec.free(s2, dd, act, n1)
     return out
 
 
 def vision_block(rec: Recorder, spec: ModelSpec, plan: Plan, lt: LayerTraining, x: T) -> T:
     """ViTLayer / CLIPEncoderLayer: pre-LayerNorm attention and MLP (gelu / quick_gelu)."""
+    ctx = rec.ctx
     h = spec.hidden_size
     vit = spec.model_type == "vit"
     ln1, ln2 = ("layernorm_before", "layernorm_after") if vit else ("layer_norm1", "layer_norm2")
     att = "attention" if vit else "self_attn"
     out_name = f"{att}.o_proj" if vit else f"{att}.out_proj"
+    reshaped = _math_path(spec, ctx) or ctx.attention == "eager"
     n = layer_norm(rec, x, ln1 in lt.norm_trainable, h, ln1)
-    q = _lin(rec, lt, n, f"{att}.q_proj", h, h, plan)
-    k = _lin(rec, lt, n, f"{att}.k_proj", h, h, plan)
-    v = _lin(rec, lt, n, f"{att}.v_proj", h, h, plan)
-    a = attention(rec, spec, q, k, v, dropout_p(spec, "attn"), att)
+    mark = len(rec.nodes)
+    ql = _lin(rec, lt, n, f"{att}.q_proj", h, h, plan)
+    query_node = _first_node(rec, mark)
+    kl = _lin(rec, lt, n, f"{att}.k_proj", h, h, plan)
+    vl = _lin(rec, lt, n, f"{att}.v_proj", h, h, plan)
+    q, k, v = (heads_view(rec, t, clone=reshaped) for t in (ql, kl, vl))
+    a = attention(rec, spec, q, k, v, dropout_p(spec, "attn"), att, hold=query_node)
+    rec.free(ql, kl, vl)
     o = _lin(rec, lt, a, out_name, h, h, plan)
-    rec.use(q, k, v, n)
-    o = _maybe_adapter(rec, lt, o, "attn_out", spec, plan, out_name)
-    x2 = add(rec, x, o, x.dtype)
+    o = _adapt(rec, lt, o, "attn_out", spec, plan, out_name)
+    rec.free(a)
+    rec.free(n)
+    x2 = add(rec, o, x, x.dtype)
+    rec.free(o)
     n2 = layer_norm(rec, x2, ln2 in lt.norm_trainable, h, ln2)
     f = _lin(rec, lt, n2, "mlp.fc1", h, spec.intermediate_size, plan)
     act = activation(rec, f, "quick_gelu" if spec.hidden_act == "quick_gelu" else "gelu", "mlp.act")
+    rec.free(f)
     d = _lin(rec, lt, act, "mlp.fc2", spec.intermediate_size, h, plan)
-    rec.use(n2)
-    d = _maybe_adapter(rec, lt, d, "mlp_out", spec, plan, "mlp.fc2")
-    out = add(rec, x2, d, x2.dtype)
+    d = _adapt(rec, lt, d, "mlp_out", spec, plan, "mlp.fc2")
+    rec.free(act)
+    rec.free(n2)
+    out = add(rec, d, x2, x2.dtype)
+    rec.free(d, x2)
     if "block" in lt.adapters:  # seed 001's adapter on the layer's output (a forward hook of the layer)
-        out = block_adapter(rec, out, h, resolve_bottleneck(spec, plan.settings), BLOCK_ADAPTER_DROPOUT)
+        adapted = block_adapter(rec, out, h, resolve_bottleneck(spec, plan.settings), BLOCK_ADAPTER_DROPOUT)
+        rec.free(out)
+        out = adapted
     return out
 
 
 def opt_block(rec: Recorder, spec: ModelSpec, plan: Plan, lt: LayerTraining, x: T) -> T:
     """OPTDecoderLayer (transformers models/opt/modeling_opt.py, do_layer_norm_before=True): LayerNorm,
     q_proj(x) * scaling (a multiply by a Python scalar saves nothing), k_proj, v_proj, attention,
-    out_proj, dropout, residual; LayerNorm on the (tokens, hidden) reshape, fc1, ReLU, fc2, dropout,
-    residual. With the harness's use_cache the keys and values SDPA saves are the DynamicCache's
-    concatenated copies instead of views of the projections: the same bytes."""
+    out_proj, dropout, residual; LayerNorm on the (tokens, hidden) reshape, fc1, activation, fc2, dropout,
+    residual. The LayerNorm's output is the attention's argument until it returns; each MLP
+    intermediate is dropped when `hidden_states` is rebound. With the harness's use_cache the keys and
+    values SDPA saves are the DynamicCache's concatenated copies instead of views of the projections:
+    the same bytes, counted as the projections."""
     ctx = rec.ctx
-    h, tok = spec.hidden_size, ctx.tokens
+    h = spec.hidden_size
     p = dropout_p(spec, "resid")
+    reshaped = _math_path(spec, ctx) or ctx.attention == "eager"
     n = layer_norm(rec, x, "self_attn_layer_norm" in lt.norm_trainable, h, "self_attn_layer_norm")
-    q = _lin(rec, lt, n, "self_attn.q_proj", h, h, plan)
-    q = rec.new(q.numel, q.dtype, q.rg)
-    k = _lin(rec, lt, n, "self_attn.k_proj", h, h, plan)
-    v = _lin(rec, lt, n, "self_attn.v_proj", h, h, plan)
+    ql = _lin(rec, lt, n, "self_attn.q_proj", h, h, plan)
+    qs = scale(rec, ql)
+    rec.free(ql)
+    kl = _lin(rec, lt, n, "self_attn.k_proj", h, h, plan)
+    vl = _lin(rec, lt, n, "self_attn.v_proj", h, h, plan)
+    q, k, v = (heads_view(rec, t, clone=reshaped) for t in (qs, kl, vl))
     a = attention(rec, spec, q, k, v, dropout_p(spec, "attn"), "self_attn.attention")
+    rec.free(qs, kl, vl)
     o = _lin(rec, lt, a, "self_attn.out_proj", h, h, plan)
-    o = dropout(rec, o, p, "self_attn.dropout")
-    x2 = rec.new(tok * h, x.dtype, x.rg or o.rg)
+    rec.free(a, n)
+    od = dropout(rec, o, p, "self_attn.dropout")
+    if od is not o:
+        rec.free(o)
+    x2 = add(rec, x, od, x.dtype)
+    rec.free(od)
     n2 = layer_norm(rec, x2, "final_layer_norm" in lt.norm_trainable, h, "final_layer_norm")
     f = _lin(rec, lt, n2, "fc1", h, spec.intermediate_size, plan)
+    rec.free(n2)
     act = activation(rec, f, spec.hidden_act, "activation_fn")
+    rec.free(f)
     d = _lin(rec, lt, act, "fc2", spec.intermediate_size, h, plan)
-    d = dropout(rec, d, p, "dropout")
-    return rec.new(tok * h, x2.dtype, x2.rg or d.rg)
+    rec.free(act)
+    dd = dropout(rec, d, p, "dropout")
+    if dd is not d:
+        rec.free(d)
+    out = add(rec, x2, dd, x2.dtype)
+    rec.free(dd, x2)
+    return out
 
 
 BLOCKS = {
@@ -923,7 +1335,7 @@ BLOCKS = {
 class ActivationProfile:
     """Saved bytes per layer (index -> bytes), before the blocks ('pre') and after them ('post',
     head and final norm, not the loss), the input each checkpointed layer keeps, the loss buffers,
-    and the largest transient working set of one layer's backward."""
+    the peaks inside each block's forward and backward and inside the head's backward."""
 
     per_layer: tuple
     pre: int
@@ -934,13 +1346,19 @@ class ActivationProfile:
     loss_saved_backward: int  # what of it is still saved at the start-of-backward peak (log_softmax output)
     loss_backward_peak: int  # live loss buffers at the start of backward (saved + grads)
     loss_forward_peak: int  # live loss buffers while the loss is computed
-    layer_transient: int  # gradient buffers alive inside one layer's backward
-    forward_transient: int = 0  # intermediates alive inside one block's forward that nothing saves
+    forward_transient: int = 0  # intermediates alive inside one block's forward that nothing saves (checkpointing)
     forward_transient_saved: int = 0  # block activations already saved when that working set peaks
     autocast_weight_cache: int = 0  # autocast's copies of trainable matmul weights, alive to the end of forward
-    block_peaks: tuple = ()  # per layer: blocktrace.BlockPeaks (gradient checkpointing's recompute and backward)
     model_output: int = 0  # the base model's last hidden state while the loss runs, when nothing saves it
     loss_scalars: int = 0  # the loss and backward's seed, alive through the backward
+    embedding_grad: int = 0  # the embedding output's gradient, alive while the embeddings' parameters get theirs
+    head_backward: BackwardPeak = BackwardPeak()  # the peak inside the head's backward (peftcalc.backward)
+    forward_block_saved: int = 0  # saved bytes at the largest peak inside a block's forward (the blocks
+    forward_block_live: int = 0  # below and what the block saved so far) and the live unsaved bytes then
+    forward_leaves: int = 0  # unsaved bytes the blocks leave referenced to the end of the forward (prefix
+    # tuning's cache, autocast's cached weight copies no op saves)
+    blocks: tuple = ()  # per layer: its BlockSimulation (the peaks inside its forward and its backward,
+    # with and without gradient checkpointing)
     by_tag: tuple = ()
 
     @property
@@ -998,6 +1416,69 @@ def prepare_kbit_upcasts(plan: Plan, t: TrainingSettings) -> bool:
     return plan.settings.prepare_kbit and t.autocast_dtype is None and t.weight_dtype != "float32"
 
 
+@dataclass(frozen=True)
+class BlockRun:
+    """The blocks of a model run one after another (see _run_blocks)."""
+
+    per_layer: tuple  # saved bytes of each block
+    blocks: tuple  # each block's BlockSimulation
+    forward_block: tuple  # (saved, live unsaved) bytes at the largest peak inside a block's forward
+    tags: dict
+    out: T  # the last block's output
+    leaves: int  # unsaved bytes the blocks leave referenced to the end of the forward (BlockSimulation.leaves)
+
+
+def _run_blocks(rec: Recorder, spec: ModelSpec, plan: Plan, layout: Layout, ctx: Ctx, x: T, held: int,
+                embedding_held: bool) -> BlockRun:
+    """Each block on the output of the one below (`x`: the first block's input, made by `rec`). Blocks
+    with the same trainable set and the same kind of input save the same tensors: each kind is simulated
+    once (_simulate_block is cached; a 80-block model has two or three kinds). The forward's peak inside
+    block i is what the blocks below and the model's forward (`rec`) saved, block i's own forward peak
+    (its input included), `held` (tensors the model's caller keeps referenced meanwhile), what the blocks
+    below left referenced (BlockSimulation.leaves: prefix tuning's cache, autocast's cached copies) and,
+    when `embedding_held` (the model's forward keeps its own reference to the embedding output, e.g.
+    LlamaModel.forward's inputs_embeds), the first block's input from the second block on, unless saved."""
+    per_layer, peaks = [], []
+    forward_block = (0, 0)
+    leaves = 0
+    kinds: dict = {}  # block simulation -> how many layers are of its kind
+    below = rec.saved_total
+    rg, dtype = x.rg, x.dtype
+    first = None
+    seen: dict = {}  # (layer training, input kind) -> its simulation, without hashing the plan per layer
+    for lt in _layer_trainings(plan, layout):
+        key = (lt, rg, dtype)
+        block = seen.get(key)
+        if block is None:
+            block = seen[key] = _simulate_block(spec, plan, lt, ctx, rg, dtype)
+        extra = held
+        if first is not None and embedding_held and x.id not in rec.saved and not first.saves_input:
+            extra += x.nbytes
+        if below + block.forward_peak + extra > sum(forward_block):
+            forward_block = (below + block.forward_peak_saved, block.forward_peak - block.forward_peak_saved + extra)
+        first = first or block
+        held += block.leaves
+        leaves += block.leaves
+        below += block.saved
+        per_layer.append(block.saved)
+        peaks.append(block)
+        kinds[block] = kinds.get(block, 0) + 1
+        rg, dtype = block.out_rg, block.out_dtype
+    tags: dict = {}
+    for block, count in kinds.items():
+        for tag, nbytes in block.tags:
+            tags[tag] = tags.get(tag, 0) + count * nbytes
+    return BlockRun(tuple(per_layer), tuple(peaks), forward_block, tags, rec.new(x.numel, dtype, rg), leaves)
+
+
+def _head_backward(rec: Recorder, start: int, root: T) -> BackwardPeak:
+    """The head's backward replayed (peftcalc.backward) from the nodes recorded since `start`, with what
+    the head ('post') saved, from the gradient of `root` (the logits, or the bare encoder's loss)."""
+    post_saved = {tid: nbytes for tid, (bucket, _t, nbytes) in rec.saved.items() if bucket == "post"}
+    return run_backward(rec.nodes[start:], post_saved, {root.id: root.nbytes} if root.rg else {},
+                        in_place=rec.ctx.device == "cuda").peak
+
+
 @lru_cache(maxsize=4096)
 def activation_profile(plan: Plan, t: TrainingSettings) -> ActivationProfile:
     """Simulate one forward pass and return what stays saved for backward."""
@@ -1021,34 +1502,26 @@ def activation_profile(plan: Plan, t: TrainingSettings) -> ActivationProfile:
     # The embedding output: token embeddings (+ positions) in the weight dtype.
     x = rec.new(tok * h, ctx.weight, input_rg)
     x = _embeddings(rec, spec, plan, layout, x)
+    if plan.settings.method in ("prefix", "prompt"):
+        # peft PeftModel.get_prompt: self.prompt_tokens[adapter].unsqueeze(0).expand(batch, -1), an int64
+        # arange of the virtual tokens peft keeps, is what the prompt encoder's embedding saves
+        rec.save_new(plan.settings.num_virtual_tokens, "int64", "prompt_encoder.indices")
     grads_reach_blocks = input_rg or plan.lowest_trainable_layer is not None or plan.settings.method == "prefix"
     if spec.model_type in ("llama", "mistral", "qwen2") and grads_reach_blocks:
         # LlamaRotaryEmbedding's cos and sin (1 x seq x head_dim, in the hidden states' dtype), shared
         # by every layer, saved by q * cos and rotate_half(q) * sin
         rec.save_new(2 * ctx.seq * spec.head_dim, ctx.weight, "rotary.cos_sin")
-    per_layer = []
-    peaks = []
-    tags: dict = {}
-    blocks_seen: dict = {}
-    for lt in _layer_trainings(plan, layout):
-        # Blocks with the same trainable set and the same kind of input save the same tensors:
-        # simulate each kind once (a 80-block model has two or three kinds).
-        key = (lt, x.rg, x.dtype)
-        if key not in blocks_seen:
-            blocks_seen[key] = _simulate_block(spec, plan, lt, ctx, x.rg, x.dtype)
-        saved, block_tags, out_rg, out_dtype, block_peak = blocks_seen[key]
-        per_layer.append(saved)
-        peaks.append(block_peak)
-        for tag, nbytes in block_tags:
-            tags[tag] = tags.get(tag, 0) + nbytes
-        x = rec.new(x.numel, out_dtype, out_rg)
+    blocks = _run_blocks(rec, spec, plan, layout, ctx, x, _prompt_inputs_held(spec, plan, ctx), True)
     rec.bucket = "post"
-    logits_numel, x = _head(rec, spec, plan, layout, x)
-    model_output = _unsaved_model_output(rec, x)
+    head_start = len(rec.nodes)
+    logits_numel, hidden, root = _head(rec, spec, plan, layout, blocks.out)
+    head = _head_backward(rec, head_start, root)
+    model_output = _unsaved_model_output(rec, hidden)
     by_bucket = rec.bytes_by_bucket()
+    tags = blocks.tags
     for tag, nbytes in rec.bytes_by_tag().items():
         tags[tag] = tags.get(tag, 0) + nbytes
-    per_layer = tuple(per_layer)
+    per_layer = blocks.per_layer
     needs_grad_layers = [i for i in range(spec.num_layers) if per_layer[i] > 0]
     ckpt_inputs = len(needs_grad_layers) * tok * h * DTYPE_BYTES[_stream_dtype(ctx)]
     loss = _loss_buffers(spec, ctx, logits_numel)
@@ -1063,26 +1536,74 @@ def activation_profile(plan: Plan, t: TrainingSettings) -> ActivationProfile:
         loss_backward_peak=loss.backward_peak,
         loss_forward_peak=loss.forward_peak,
         loss_scalars=loss.scalars,
-        layer_transient=_layer_transient(spec, ctx),
         forward_transient=_forward_transient(spec, plan, ctx, per_layer),
         forward_transient_saved=_saved_before_last_light_block(per_layer),
-        autocast_weight_cache=_autocast_weight_cache(plan, ctx) - rec.saved_cached_copies,
-        block_peaks=tuple(peaks),
+        autocast_weight_cache=_autocast_weight_cache(plan, ctx) - rec.saved_cached_copies(),
         model_output=model_output,
+        head_backward=head,
+        forward_block_saved=blocks.forward_block[0],
+        forward_block_live=blocks.forward_block[1],
+        forward_leaves=blocks.leaves,
+        blocks=blocks.blocks,
+        embedding_grad=x.nbytes if x.rg else 0,
         by_tag=tuple(sorted(tags.items())),
     )
 
 
-def _simulate_block(spec: ModelSpec, plan: Plan, lt: LayerTraining, ctx: Ctx, input_rg: bool, input_dtype: str):
-    """One block's saved bytes, by tag, its output's requires-grad and dtype, and its recompute and
-    backward peaks (peftcalc.blocktrace; the block's input is counted outside it)."""
-    rec = Recorder(ctx, bucket=0, trace=BlockTrace(inplace_accumulate=ctx.device == "cuda"))
+def _prompt_inputs_held(spec: ModelSpec, plan: Plan, ctx: Ctx) -> int:
+    """Prompt tuning: peft's PeftModel.forward keeps `prompts` (the prompt encoder's output repeated
+    over the batch) and inputs_embeds = cat(prompts, word embeddings) referenced while the base model
+    runs; where the model's embeddings make a new tensor from inputs_embeds (BERT/RoBERTa add positions
+    and token types, GPT-2 positions) the concatenation is held besides the embedding output."""
+    if plan.settings.method != "prompt":
+        return 0
+    wb = DTYPE_BYTES[ctx.weight]
+    prompts = ctx.batch * plan.settings.num_virtual_tokens * spec.hidden_size * wb
+    concatenated = ctx.tokens * spec.hidden_size * wb if spec.model_type in ("bert", "roberta", "gpt2") else 0
+    return prompts + concatenated
+
+
+@dataclass(frozen=True)
+class BlockSimulation:
+    """One block: its saved bytes (total and by tag), its output's requires-grad and dtype, the peaks
+    inside its forward and its backward (from its output's gradient to its input's), and the same under
+    gradient checkpointing (torch.utils.checkpoint, non-reentrant), where the block's input is the
+    checkpoint's and counted outside it: its backward, in which the first node that unpacks a saved
+    variable recomputes the forward (stopped at the last save, see Recorder; peftcalc.backward)."""
+
+    saved: int
+    tags: tuple
+    out_rg: bool
+    out_dtype: str
+    backward: BackwardPeak
+    forward_peak: int = 0  # saved + live bytes at the peak of its forward, its input included
+    forward_peak_saved: int = 0  # what of it is saved
+    saves_input: bool = False
+    leaves: int = 0  # unsaved bytes still referenced when it returns, besides its input and output
+    checkpointed_backward: BackwardPeak = BackwardPeak()  # recompute and backward's peak, its input not included
+
+
+@lru_cache(maxsize=4096)
+def _simulate_block(spec: ModelSpec, plan: Plan, lt: LayerTraining, ctx: Ctx, input_rg: bool,
+                    input_dtype: str) -> BlockSimulation:
+    """One block (BLOCKS) on an input of `input_rg`, `input_dtype`, replayed backward (peftcalc.backward)
+    from its output's gradient; input buffers sum out of place under a TorchDispatchMode (the harness's
+    cpu/fake tracer: at::isTensorSubclassLike), in place on plain cuda tensors."""
+    rec = Recorder(ctx, bucket=0)
     x = rec.new(ctx.tokens * spec.hidden_size, input_dtype, input_rg)
-    rec.trace.external.add(x.id)
     out = BLOCKS[spec.model_type](rec, spec, plan, lt, x)
-    rec.use(*rec.cached)  # autocast's cached weight copies live until the autocast region exits
-    saved = sum(b for _, _, b in rec.saved.values())
-    return saved, tuple(rec.bytes_by_tag().items()), out.rg, out.dtype, block_peaks(rec.trace, out)
+    saved = rec.saved_bytes()
+    incoming = {out.id: out.nbytes} if out.rg else {}
+    in_place = ctx.device == "cuda"
+    replay = run_backward(rec.nodes, saved, incoming, in_place)
+    # under checkpointing the input is the checkpoint's, counted outside the block
+    recompute = rec.recompute_peak - x.nbytes if rec.recompute_peak else 0
+    checkpointed = run_backward(rec.nodes, {**saved, x.id: 0} if x.id in saved else saved, incoming, in_place,
+                                recompute=recompute)
+    leaves = rec.live_bytes - rec.live.get(out.id, 0) - rec.live.get(x.id, 0)
+    return BlockSimulation(sum(saved.values()), tuple(rec.bytes_by_tag().items()), out.rg, out.dtype, replay.peak,
+                           rec.forward_peak, rec.forward_peak_saved, x.id in rec.saved, leaves,
+                           checkpointed_backward=checkpointed.peak)
 
 
 def _stream_dtype(ctx: Ctx) -> str:
@@ -1105,6 +1626,12 @@ def _trains(plan: Plan, path: str, weight_only: bool = False) -> bool:
 
 def _embeddings(rec: Recorder, spec: ModelSpec, plan: Plan, layout: Layout, x: T) -> T:
     h = spec.hidden_size
+    if spec.is_vision and rec.ctx.autocast and _trains(plan, layout.embedding_path):
+        # the patch embedding's Conv2d under autocast: convolution_backward's formula saves the input and
+        # the weight whenever the node exists (any of them needs a gradient), here their bf16 copies
+        image = spec.num_channels * spec.image_size ** 2
+        rec.save_new(rec.ctx.batch * image, rec.ctx.autocast, "patch_embedding.input")
+        rec.save_new(spec.hidden_size * image // spec.num_patches, rec.ctx.autocast, "patch_embedding.weight")
     if spec.model_type == "gpt2":
         return dropout(rec, x, dropout_p(spec, "embd"), "embeddings.dropout")
     if spec.model_type in ("bert", "roberta"):
@@ -1116,9 +1643,35 @@ def _embeddings(rec: Recorder, spec: ModelSpec, plan: Plan, layout: Layout, x: T
     return x
 
 
+def _head_linear(rec: Recorder, plan: Plan, x: T, path: str, in_f: int, out_f: int, tag: str,
+                 trains: bool | None = None) -> T:
+    """A head Linear: trainable (a modules_to_save copy, a trainable head), or a LoRA/DoRA target
+    (all-linear takes the MLM transform's dense, BERT's pooler and ViT's classifier)."""
+    s = plan.settings
+    lora = s.method in ("lora", "qlora") and path in plan.targets
+    w = _trains(plan, path, True) if trains is None else trains
+    return linear(rec, x, in_f, out_f, w, tag, lora_rank=s.rank if lora else 0, dora=s.dora and lora,
+                  quantized=path in quantized_paths(plan))
+
+
+@lru_cache(maxsize=1024)
+def quantized_paths(plan: Plan) -> frozenset:
+    """Module paths whose weight is NF4 (QLoRA: bitsandbytes Linear4bit, methods._quantizable)."""
+    return frozenset(g.name.rsplit(".", 1)[0] for g in plan.groups if g.quantized)
+
+
+def _first_token(rec: Recorder, x: T, batch: int) -> T:
+    """x[:, 0]: a view; saving it keeps x's whole storage. Its backward (select_backward) makes a new
+    gradient like x (zeros, then the copy)."""
+    v = rec.view(x, batch * (x.numel // rec.ctx.tokens))
+    rec.node(v, *_grads(x))
+    return v
+
+
 def _head(rec: Recorder, spec: ModelSpec, plan: Plan, layout: Layout, x: T):
-    """Final norm and task head (as each ForXxx class runs them); returns (logits numel, output).
-    A classifier on the first token takes x[:, 0], a view: saving it keeps the whole storage."""
+    """Final norm and task head (as each ForXxx class runs them); returns (logits numel, the final
+    hidden state, the tensor whose gradient starts the head's backward: the logits, or the bare
+    encoder's loss)."""
     ctx = rec.ctx
     h, tok, b = spec.hidden_size, ctx.tokens, ctx.batch
     if layout.final_norm_path and spec.model_type != "clip_vision_model":  # CLIP norms only the pooled token
@@ -1129,43 +1682,55 @@ def _head(rec: Recorder, spec: ModelSpec, plan: Plan, layout: Layout, x: T):
             x = layer_norm(rec, x, norm_trains, h, layout.final_norm_path)
     if spec.task == "causal_lm":
         w = _trains(plan, "lm_head", True) or (layout.head_tied_to_embedding and plan.embedding_trains)
-        linear(rec, x, h, spec.vocab_size, w, "lm_head")
-        return tok * spec.vocab_size, x
+        logits = linear(rec, x, h, spec.vocab_size, w, "lm_head")
+        return tok * spec.vocab_size, x, logits
     if spec.task == "masked_lm":
         c = "cls.predictions" if spec.model_type == "bert" else "lm_head"
         dense = f"{c}.transform.dense" if spec.model_type == "bert" else f"{c}.dense"
         norm = f"{c}.transform.LayerNorm" if spec.model_type == "bert" else f"{c}.layer_norm"
-        d = linear(rec, x, h, h, _trains(plan, dense, True), "mlm.dense")
+        d = _head_linear(rec, plan, x, dense, h, h, "mlm.dense")
         d = activation(rec, d, "gelu", "mlm.act")
         d = layer_norm(rec, d, _trains(plan, norm), h, "mlm.layer_norm")
         decoder = _trains(plan, f"{c}.decoder", True) or (layout.head_tied_to_embedding and plan.embedding_trains)
-        linear(rec, d, h, spec.vocab_size, decoder, "mlm.decoder")
-        return tok * spec.vocab_size, x
+        logits = linear(rec, d, h, spec.vocab_size, decoder, "mlm.decoder")
+        return tok * spec.vocab_size, x, logits
     if spec.task == "seq_cls" and spec.is_decoder:  # score on every position, then gather the last
-        linear(rec, x, h, spec.num_labels, _trains(plan, "score", True), "score")
-        return b * spec.num_labels, x
+        scores = _head_linear(rec, plan, x, "score", h, spec.num_labels, "score")
+        # logits[arange(b), last_non_pad]: index's backward makes zeros like the scores and index_put
+        logits = rec.new(b * spec.num_labels, scores.dtype, scores.rg)
+        rec.node(logits, [("new", "z", scores.nbytes), ("new", "d", scores.nbytes), ("free", "z")],
+                 [(scores.id, "d")])
+        return b * spec.num_labels, x, logits
     p = dropout_p(spec, "resid")
     if spec.task == "seq_cls" and spec.model_type == "bert":  # BertPooler, dropout, classifier
-        pooled = _first_token_linear(rec, x, b, h, h, _trains(plan, "bert.pooler.dense", True), "pooler.dense")
+        pooled = _head_linear(rec, plan, _first_token(rec, x, b), "bert.pooler.dense", h, h, "pooler.dense")
         pooled = _tanh(rec, pooled, "pooler.tanh")
         pooled = dropout(rec, pooled, p, "classifier.dropout")
-        linear(rec, pooled, h, spec.num_labels, _trains(plan, "classifier", True), "classifier")
-        return b * spec.num_labels, x
+        logits = _head_linear(rec, plan, pooled, "classifier", h, spec.num_labels, "classifier")
+        return b * spec.num_labels, x, logits
     if spec.task == "seq_cls":  # RobertaClassificationHead: dropout, dense, tanh, dropout, out_proj
-        d = dropout(rec, rec.new(b * h, x.dtype, x.rg), p, "classifier.dropout")
-        d = linear(rec, d, h, h, _trains(plan, "classifier.dense", True), "classifier.dense")
+        d = dropout(rec, _first_token(rec, x, b), p, "classifier.dropout")
+        d = _head_linear(rec, plan, d, "classifier.dense", h, h, "classifier.dense")
         d = _tanh(rec, d, "classifier.tanh")
         d = dropout(rec, d, p, "classifier.dropout2")
-        linear(rec, d, h, spec.num_labels, _trains(plan, "classifier.out_proj", True), "classifier.out_proj")
-        return b * spec.num_labels, x
+        logits = _head_linear(rec, plan, d, "classifier.out_proj", h, spec.num_labels, "classifier.out_proj")
+        return b * spec.num_labels, x, logits
     if spec.task == "image_cls":  # classifier(sequence_output[:, 0, :])
-        _first_token_linear(rec, x, b, h, spec.num_labels, _trains(plan, "classifier", True), "classifier")
-        return b * spec.num_labels, x
+        logits = _head_linear(rec, plan, _first_token(rec, x, b), "classifier", h, spec.num_labels, "classifier")
+        return b * spec.num_labels, x, logits
     # A bare encoder is trained here on last_hidden_state.float().pow(2).mean() (measure.run
-    # forward_loss): pow saves its fp32 input.
+    # forward_loss): pow saves its fp32 input; the backward expands the mean's gradient and makes
+    # pow's grad * 2 x (x.pow(1) and 2 * _ as temporaries).
+    x32 = cast(rec, x, "float32")
+    loss = rec.new(1, "float32", x.rg)
     if x.rg:
-        rec.save(cast(rec, x, "float32"), "loss.pow_input")
-    return 0, x
+        xs = rec.save(x32, "loss.pow_input")
+        n = x32.nbytes
+        sq = rec.new(x.numel, "float32", True)
+        rec.node(sq, [("new", "t", n), ("new", "u", n), ("new", "d", n), ("free", "t"), ("free", "u")],
+                 [(x32.id, "d")], [xs])
+        rec.node(loss, [("new", "d", n)], [(sq.id, "d")])
+    return 0, x, loss
 
 
 def _unsaved_model_output(rec: Recorder, hidden: T) -> int:
@@ -1178,26 +1743,11 @@ def _unsaved_model_output(rec: Recorder, hidden: T) -> int:
     return 0 if storage.id in rec.saved else storage.nbytes
 
 
-def _first_token_linear(rec: Recorder, x: T, batch: int, in_f: int, out_f: int, trainable: bool, tag: str) -> T:
-    """A Linear on x[:, 0]: the weight's gradient needs the view, which keeps x's whole storage
-    (under autocast the cast copy of the view is saved instead)."""
-    if trainable:
-        if rec.ctx.autocast:
-            rec.save_new(batch * in_f, rec.ctx.autocast, f"{tag}.input")
-        else:
-            rec.save(x, f"{tag}.input")
-    if rec.ctx.autocast and x.rg:
-        rec.save_new(in_f * out_f, rec.ctx.autocast, f"{tag}.autocast_weight")
-        if trainable:  # the autocast cache's copy (see _autocast_weight_cache)
-            rec.saved_cached_copies += in_f * out_f * DTYPE_BYTES[rec.ctx.autocast]
-    return rec.new(batch * out_f, rec.ctx.autocast or x.dtype, x.rg or trainable)
-
-
 def _tanh(rec: Recorder, x: T, tag: str) -> T:
-    """tanh saves its output."""
+    """tanh saves its output; tanh_backward makes a new gradient."""
     out = rec.new(x.numel, x.dtype, x.rg)
     if x.rg:
-        rec.save(out, f"{tag}.output")
+        rec.node(out, *_grads(x), saved=[rec.save(out, f"{tag}.output")])
     return out
 
 
@@ -1307,20 +1857,6 @@ def _saved_before_last_light_block(per_layer: tuple) -> int:
     return sum(per_layer[: light[-1]]) if light else sum(per_layer)
 
 
-def _layer_transient(spec: ModelSpec, ctx: Ctx) -> int:
-    """Gradient buffers alive at once inside one block's backward: the incoming and outgoing
-    hidden-state gradients plus, in the MLP, the gradients of the intermediate activations
-    (three for the gated SiLU MLP: of the product, the activation and the up projection)."""
-    tok = ctx.tokens
-    cb = DTYPE_BYTES[ctx.autocast or ctx.compute]
-    mlp = (3 if spec.gated_mlp else 2) * tok * spec.intermediate_size * cb
-    hidden = 2 * tok * spec.hidden_size * DTYPE_BYTES[ctx.weight]
-    attn = 0
-    if ctx.attention == "eager":
-        attn = 2 * ctx.batch * spec.num_heads * ctx.seq * ctx.kv_seq * 4
-    return hidden + max(mlp, attn)
-
-
 # ---------------------------------------------------------------- vision-language models (LLaVA)
 
 
@@ -1415,7 +1951,8 @@ def _vision_saves(plan: Plan, t: TrainingSettings) -> VisionSaves:
     dropped = cached = peak = 0
     feature_rg = False
     for i, lt in enumerate(_layer_trainings(vplan, build_layout(vspec))):
-        saved, tags, x_rg_next, x_dtype_next, _peaks = _simulate_block(vspec, vplan, lt, ctx, x_rg, x_dtype)
+        block = _simulate_block(vspec, vplan, lt, ctx, x_rg, x_dtype)
+        saved, tags, x_rg_next, x_dtype_next = block.saved, block.tags, block.out_rg, block.out_dtype
         hook = {tag: nbytes for tag, nbytes in tags if tag.startswith(BLOCK_ADAPTER_TAG + ".")}
         after_mlp = sum(nbytes for tag, nbytes in tags if tag.startswith(("mlp.fc2.adapter.", BLOCK_ADAPTER_TAG + ".")))
         if t.grad_checkpointing and saved:
@@ -1524,6 +2061,11 @@ def _vlm_profile(plan: Plan, t: TrainingSettings) -> ActivationProfile:
     transient, transient_saved = text.forward_transient + features + vision_dropped, text.forward_transient_saved
     if vision_ws > text.pre + extra + transient_saved + transient:
         transient, transient_saved = vision_ws - text.pre - extra, 0
+    # without checkpointing, the language model's block forward peak (ActivationProfile.forward_block_*)
+    # with the vision tower's kept saves and the image features, or the vision tower's forward
+    block_saved, block_live = text.forward_block_saved + extra, text.forward_block_live + features + vision_dropped
+    if vision_ws > block_saved + block_live:
+        block_saved, block_live = 0, vision_ws
     weight_cache = text.autocast_weight_cache
     if ctx.autocast:  # autocast caches the cast copies of trainable leaf weights: projector, vision linears
         # and adapters (less the block adapters' copies, which are saved and counted as kept)
@@ -1536,6 +2078,7 @@ def _vlm_profile(plan: Plan, t: TrainingSettings) -> ActivationProfile:
         if trains:
             weight_cache += (hv * h + h * h) * DTYPE_BYTES[ctx.autocast]
     return replace(text, pre=text.pre + extra, forward_transient=transient, forward_transient_saved=transient_saved,
+                   forward_block_saved=block_saved, forward_block_live=block_live,
                    loss_forward_peak=text.loss_forward_peak + features,
                    autocast_weight_cache=weight_cache, by_tag=tuple(sorted(tags.items())))
 
@@ -1785,36 +2328,34 @@ def _blip2_profile(plan: Plan, t: TrainingSettings) -> ActivationProfile:
     if q.output_rg:  # masked_scatter saves its (b, seq, 1) bool mask for the gradients of both inputs
         rec.save_new(tok, "uint8", "masked_scatter.mask")
     x = rec.new(tok * h, ctx.weight, q.output_rg)  # inputs_embeds + embed_positions(...)
-    per_layer, peaks, tags, seen = [], [], dict(q.by_tag), {}
-    for lt in _layer_trainings(plan, layout):
-        key = (lt, x.rg, x.dtype)
-        if key not in seen:
-            seen[key] = _simulate_block(tspec, plan, lt, ctx, x.rg, x.dtype)
-        saved, block_tags, out_rg, out_dtype, block_peak = seen[key]
-        per_layer.append(saved)
-        peaks.append(block_peak)
-        for tag, nbytes in block_tags:
-            tags[tag] = tags.get(tag, 0) + nbytes
-        x = rec.new(x.numel, out_dtype, out_rg)
+    outputs = blip2_forward_outputs(spec, ctx, q, t.grad_checkpointing)
+    # OPTDecoder.forward rebinds hidden_states: the blocks' first input is not held (inputs_embeds is,
+    # among `outputs`)
+    blocks = _run_blocks(rec, tspec, plan, layout, ctx, x, outputs, False)
     rec.bucket = "post"
-    logits_numel, x = _head(rec, tspec, plan, layout, x)
+    head_start = len(rec.nodes)
+    logits_numel, x, root = _head(rec, tspec, plan, layout, blocks.out)
+    head = _head_backward(rec, head_start, root)
     model_output = _unsaved_model_output(rec, x)
-    for tag, nbytes in rec.bytes_by_tag().items():
+    tags = dict(q.by_tag)
+    for tag, nbytes in list(blocks.tags.items()) + list(rec.bytes_by_tag().items()):
         tags[tag] = tags.get(tag, 0) + nbytes
     by_bucket = rec.bytes_by_bucket()
-    per_layer = tuple(per_layer)
+    per_layer = blocks.per_layer
     saving = [a for a in per_layer if a]
     # OPTDecoder's position_ids (b x seq, int64) are an input of every checkpointed layer
     ckpt_inputs = len(saving) * tok * h * DTYPE_BYTES[_stream_dtype(ctx)] + (tok * 8 if saving else 0)
     qformer = q.checkpointed if t.grad_checkpointing else q.saved
     pre = by_bucket.get("pre", 0) + qformer
-    outputs = blip2_forward_outputs(spec, ctx, q, t.grad_checkpointing)
     loss = _loss_buffers(tspec, ctx, logits_numel)
     transient = _forward_transient(tspec, plan, ctx, per_layer) + outputs
     transient_saved = _saved_before_last_light_block(per_layer)
+    block_saved, block_live = blocks.forward_block[0] + qformer, blocks.forward_block[1]
     vision = eva_forward_bytes(spec, ctx)  # runs before anything is saved
     if vision > pre + (0 if t.grad_checkpointing else transient_saved) + transient:
         transient, transient_saved = vision - pre, 0
+    if vision > block_saved + block_live:
+        block_saved, block_live = pre, vision - pre
     return ActivationProfile(
         per_layer=per_layer,
         pre=pre,
@@ -1826,12 +2367,15 @@ def _blip2_profile(plan: Plan, t: TrainingSettings) -> ActivationProfile:
         loss_backward_peak=loss.backward_peak,
         loss_forward_peak=loss.forward_peak + outputs,
         loss_scalars=loss.scalars,
-        layer_transient=_layer_transient(tspec, ctx),
         forward_transient=transient,
         forward_transient_saved=transient_saved,
         # the projection's saved weight copy is the cache's own, already in `pre`
         autocast_weight_cache=_autocast_weight_cache(plan, ctx) - q.saved_weight_copies,
-        block_peaks=tuple(peaks),
         model_output=model_output,
+        head_backward=head,
+        forward_block_saved=block_saved,
+        forward_block_live=block_live,
+        forward_leaves=blocks.leaves,
+        blocks=blocks.blocks,
         by_tag=tuple(sorted(tags.items())),
     )

@@ -162,3 +162,12 @@ def test_lora_all_linear_crosses_full_finetuning_at_long_context():
     assert trainable == 50_462_720
     assert lora_short < peak("full", 2048)[0]
     assert peak("lora", 4096, rank=64, targets="all-linear")[0] > peak("full", 4096)[0]
+
+
+def test_peak_ties_go_to_the_earlier_event():
+    """An exact tie names the earlier phase, the rule measure.run's meters follow (a later phase's peak
+    replaces the step's only when strictly larger)."""
+    from peftcalc.memory import peak_event
+
+    events = [("forward", 10, {}), ("backward:loss", 12, {}), ("backward:layer0", 12, {}), ("optimizer", 12, {})]
+    assert peak_event(events)[0] == "backward:loss"
