@@ -1231,8 +1231,8 @@ def activation_profile(plan: Plan, t: TrainingSettings) -> ActivationProfile:
     per_layer = []
     layer_backward = []
     forward_block = (0, 0)  # (saved, live) at the largest block forward peak
-    left = _prompt_inputs_held(spec, plan, ctx)  # and what the blocks so far leave referenced (prefix
-    # tuning's cache: each layer's keys and values)
+    left = _prompt_inputs_held(spec, plan, ctx) + _positions_held(spec, ctx, grads_reach_blocks)  # and what
+    # the blocks so far leave referenced (prefix tuning's cache: each layer's keys and values)
     embedding_out = x  # the model's forward holds the embedding output until it returns
     tags: dict = {}
     kinds: dict = {}  # block simulation -> how many layers are of its kind
@@ -1294,6 +1294,19 @@ def activation_profile(plan: Plan, t: TrainingSettings) -> ActivationProfile:
         embedding_grad=embedding_out.nbytes if embedding_out.rg else 0,
         by_tag=tuple(sorted(tags.items())),
     )
+
+
+def _positions_held(spec: ModelSpec, ctx: Ctx, rotary_saved: bool) -> int:
+    """LlamaModel.forward (Mistral, Qwen2) holds cache_position (int64, one per token of the sequence)
+    and the rotary position embeddings (cos, sin: 1 x seq x head_dim each, in the hidden states' dtype)
+    while the layers run; cos and sin count as saved where the layers need gradients (activation_profile
+    saves them then). With prefix tuning's past keys the causal mask cannot be skipped: masking_utils
+    builds a (1, 1, seq, past + seq) bool mask, held too (traced)."""
+    if spec.model_type not in ("llama", "mistral", "qwen2"):
+        return 0
+    rotary = 0 if rotary_saved else 2 * ctx.seq * spec.head_dim * DTYPE_BYTES[ctx.weight]
+    mask = ctx.seq * ctx.kv_seq if ctx.kv_seq != ctx.seq else 0
+    return ctx.seq * 8 + rotary + mask
 
 
 def _prompt_inputs_held(spec: ModelSpec, plan: Plan, ctx: Ctx) -> int:
