@@ -503,7 +503,10 @@ def layer_norm(rec: Recorder, x: T, trainable: bool, hidden: int, tag: str) -> T
     needs = x.rg or trainable
     xin = cast(rec, x, "float32") if rec.ctx.autocast and rec.ctx.device == "cuda" else x
     out = rec.new(x.numel, xin.dtype, needs)
-    stats = rec.new(2 * (x.numel // hidden), "float32", False)  # mean and rstd
+    # mean and rstd: fp32, except on the CPU with half input and weights alike, where native_layer_norm
+    # returns them in the input's dtype (a half input with fp32 weights gets fp32 ones)
+    half = rec.ctx.device == "cpu" and xin.dtype == rec.ctx.weight and xin.dtype != "float32"
+    stats = rec.new(2 * (x.numel // hidden), xin.dtype if half else "float32", False)
     if needs:
         saved = [rec.save(xin, f"{tag}.input"), rec.save(stats, f"{tag}.mean_rstd")]
         steps, outputs = _grads(xin)
