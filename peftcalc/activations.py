@@ -589,7 +589,10 @@ def layer_norm(rec: Recorder, x: T, trainable: bool, hidden: int, tag: str) -> T
         saved.append(rec.save(xin, f"{tag}.input"))
         rec.save_param()
     out = rec.new(x.numel, xin.dtype, needs)
-    stats = rec.new(2 * (x.numel // hidden), "float32", False)  # mean and rstd
+    # mean and rstd: fp32, except on the CPU with half input and weights alike, where native_layer_norm
+    # returns them in the input's dtype (a half input with fp32 weights gets fp32 ones)
+    half = rec.ctx.device == "cpu" and xin.dtype == rec.ctx.weight and xin.dtype != "float32"
+    stats = rec.new(2 * (x.numel // hidden), xin.dtype if half else "float32", False)
     if needs:
         saved.append(rec.save(stats, f"{tag}.mean_rstd"))
         steps, outputs = _grads(xin)
@@ -1511,7 +1514,10 @@ def activation_profile(plan: Plan, t: TrainingSettings) -> ActivationProfile:
         # LlamaRotaryEmbedding's cos and sin (1 x seq x head_dim, in the hidden states' dtype), shared
         # by every layer, saved by q * cos and rotate_half(q) * sin
         rec.save_new(2 * ctx.seq * spec.head_dim, ctx.weight, "rotary.cos_sin")
-    blocks = _run_blocks(rec, spec, plan, layout, ctx, x, _prompt_inputs_held(spec, plan, ctx), True)
+    # held while the blocks run: prompt tuning's inputs, the positions and rotary embeddings of the
+    # Llama family (what the blocks leave referenced adds up in _run_blocks)
+    held = _prompt_inputs_held(spec, plan, ctx) + _positions_held(spec, ctx, grads_reach_blocks)
+    blocks = _run_blocks(rec, spec, plan, layout, ctx, x, held, True)
     rec.bucket = "post"
     head_start = len(rec.nodes)
     logits_numel, hidden, root = _head(rec, spec, plan, layout, blocks.out)
@@ -1548,6 +1554,19 @@ def activation_profile(plan: Plan, t: TrainingSettings) -> ActivationProfile:
         embedding_grad=x.nbytes if x.rg else 0,
         by_tag=tuple(sorted(tags.items())),
     )
+
+
+def _positions_held(spec: ModelSpec, ctx: Ctx, rotary_saved: bool) -> int:
+    """LlamaModel.forward (Mistral, Qwen2) holds cache_position (int64, one per token of the sequence)
+    and the rotary position embeddings (cos, sin: 1 x seq x head_dim each, in the hidden states' dtype)
+    while the layers run; cos and sin count as saved where the layers need gradients (activation_profile
+    saves them then). With prefix tuning's past keys the causal mask cannot be skipped: masking_utils
+    builds a (1, 1, seq, past + seq) bool mask, held too (traced)."""
+    if spec.model_type not in ("llama", "mistral", "qwen2"):
+        return 0
+    rotary = 0 if rotary_saved else 2 * ctx.seq * spec.head_dim * DTYPE_BYTES[ctx.weight]
+    mask = ctx.seq * ctx.kv_seq if ctx.kv_seq != ctx.seq else 0
+    return ctx.seq * 8 + rotary + mask
 
 
 def _prompt_inputs_held(spec: ModelSpec, plan: Plan, ctx: Ctx) -> int:

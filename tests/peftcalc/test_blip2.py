@@ -82,8 +82,8 @@ REAL_TRACES = [
 @pytest.mark.parametrize("precision, batch, seq, checkpointing, traced", REAL_TRACES)
 def test_real_blip2_peak_equals_fake_trace(precision, batch, seq, checkpointing, traced):
     """The predicted peak (device cpu: what the storage tracer counts) is within 0.01% of the trace and in the
-    same phase. What is left: torch's CPU LayerNorm returns bf16 mean and rstd for bf16 inputs, the calculator
-    counts fp32 (CUDA's), 2 bytes x tokens x 2 too many per LayerNorm (2,326,520 bytes at 16 x 512, bf16)."""
+    same phase (since torch's CPU LayerNorm is counted with bf16 mean and rstd for bf16 inputs and weights, as
+    it returns them, the bf16 rows are within 2,048 bytes; they were 2,326,520 over at 16 x 512)."""
     e = peftcalc.estimate(MODEL, method="qformer", batch_size=batch, seq_len=seq, precision=precision,
                           grad_checkpointing=checkpointing, device="cpu")
     assert e.memory.peak_bytes == pytest.approx(traced, rel=1e-4)
@@ -93,7 +93,8 @@ def test_real_blip2_peak_equals_fake_trace(precision, batch, seq, checkpointing,
 def test_opt_block_saves_by_hand():
     """One frozen OPT-2.7B block at bf16, 1 x (32 queries + 512 text) tokens, h 2560, ffn 10240, 32 heads, on CPU
     (SDPA's flash kernel, dropout 0.1 saving a bf16 noise tensor): its input and the residual after attention
-    (both saved by LayerNorms, with 2 x fp32 mean/rstd each), q (the q_proj output times the scaling), k, v and
+    (both saved by LayerNorms, with mean and rstd each: bf16, as torch's CPU native_layer_norm returns them for
+    bf16 input and weights), q (the q_proj output times the scaling), k, v and
     the attention output (2,785,280 bytes each: 544 x 2560 x 2), the logsumexp (32 x 544 fp32), two dropout
     noises, and ReLU's output (544 x 10240 x 2). The frozen Linears save nothing: their weights are parameters."""
     from peftcalc.activations import activation_profile
@@ -102,8 +103,8 @@ def test_opt_block_saves_by_hand():
     t = TrainingSettings(batch_size=1, seq_len=512, precision="bf16", device="cpu")
     act = activation_profile(make_plan(load_spec(MODEL), MethodSettings("qformer")), t)
     tok, h = 544, 2560
-    block = 2 * tok * h * 2 + 2 * (2 * tok * 4) + 4 * tok * h * 2 + 32 * tok * 4 + 2 * tok * h * 2 + tok * 10240 * 2
-    assert act.per_layer == (block,) * 32 and block == 33_501_696
+    block = 2 * tok * h * 2 + 2 * (2 * tok * 2) + 4 * tok * h * 2 + 32 * tok * 4 + 2 * tok * h * 2 + tok * 10240 * 2
+    assert act.per_layer == (block,) * 32 and block == 33_497_344
 
 
 def test_flops_by_hand():
@@ -185,8 +186,8 @@ def test_harness_runs_a_tiny_blip2_step(precision, nbytes):
     layers of 32 with 8 queries, 2 OPT layers of 64), --method qformer: measure.run.make_batch gives it pixel
     values and the 8 image_token_index placeholders before the text, the step runs and is traced; the traced
     parameter bytes are the layout's total, and the predicted peak is the traced one: in fp32 to the two 4-byte
-    loss scalars; in bf16 within 0.1% (torch's CPU LayerNorm keeps mean and rstd in bf16, the calculator counts
-    fp32 as on CUDA: 2 bytes x tokens x 2 per LayerNorm, 1,336 bytes here)."""
+    loss scalars; in bf16 within 0.01% (64 bytes over; ci.jsonl row b755c265ccc76500: 1,344,564 traced, it was
+    1,336 bytes more before torch's CPU LayerNorm was counted with bf16 mean and rstd, as it returns them)."""
     from measure.run import measure_one
     from peftcalc.settings import TrainingSettings
 
@@ -206,7 +207,7 @@ def test_harness_runs_a_tiny_blip2_step(precision, nbytes):
     if precision == "fp32":  # exact: the last 8 bytes were the loss and backward's seed scalars (LossBuffers.scalars)
         assert measured["peak_bytes"] == row["predicted"]["peak_bytes"]
     else:
-        assert row["predicted"]["peak_bytes"] == pytest.approx(measured["peak_bytes"], rel=1e-3)
+        assert row["predicted"]["peak_bytes"] == pytest.approx(measured["peak_bytes"], rel=1e-4)
 
 
 @pytest.mark.parametrize("precision, checkpointing", [
