@@ -48,7 +48,7 @@ def dropout_p(spec: ModelSpec, where: str) -> float:
     return float(spec.hf_config.get(key[0], key[1]) or 0.0)
 
 
-@dataclass
+@dataclass(slots=True)
 class T:
     """A symbolic tensor."""
 
@@ -57,10 +57,10 @@ class T:
     rg: bool
     id: int
     base: object = None  # a view: the tensor whose storage it shares
+    nbytes: int = field(init=False)
 
-    @property
-    def nbytes(self) -> int:
-        return self.numel * DTYPE_BYTES[self.dtype]
+    def __post_init__(self) -> None:
+        self.nbytes = self.numel * DTYPE_BYTES[self.dtype]
 
 
 @dataclass(frozen=True)
@@ -967,7 +967,7 @@ def activation_profile(plan: Plan, t: TrainingSettings) -> ActivationProfile:
         # simulate each kind once (a 80-block model has two or three kinds).
         key = (lt, x.rg, x.dtype)
         if key not in blocks_seen:
-            blocks_seen[key] = _simulate_block(spec, plan, lt, ctx, x.rg, x.dtype)
+            blocks_seen[key] = _simulate_block(spec, plan, lt, ctx, x.rg, x.dtype, t.grad_checkpointing)
         saved, block_tags, out_rg, out_dtype, block_peak = blocks_seen[key]
         per_layer.append(saved)
         peaks.append(block_peak)
@@ -1003,16 +1003,22 @@ def activation_profile(plan: Plan, t: TrainingSettings) -> ActivationProfile:
     )
 
 
-def _simulate_block(spec: ModelSpec, plan: Plan, lt: LayerTraining, ctx: Ctx, input_rg: bool, input_dtype: str):
-    """One block's saved bytes, by tag, its output's requires-grad and dtype, and its recompute and
-    backward peaks (peftcalc.blocktrace; the block's input is counted outside it)."""
-    rec = Recorder(ctx, bucket=0, trace=BlockTrace(inplace_accumulate=ctx.device == "cuda"))
+def _simulate_block(spec: ModelSpec, plan: Plan, lt: LayerTraining, ctx: Ctx, input_rg: bool, input_dtype: str,
+                    timeline: bool = False):
+    """One block's saved bytes, by tag, its output's requires-grad and dtype, and (with `timeline`, for
+    gradient checkpointing) its recompute and backward peaks (peftcalc.blocktrace; the block's input is
+    counted outside it), else None."""
+    trace = BlockTrace(inplace_accumulate=ctx.device == "cuda") if timeline else None
+    rec = Recorder(ctx, bucket=0, trace=trace)
     x = rec.new(ctx.tokens * spec.hidden_size, input_dtype, input_rg)
-    rec.trace.external.add(x.id)
     out = BLOCKS[spec.model_type](rec, spec, plan, lt, x)
-    rec.use(*rec.cached)  # autocast's cached weight copies live until the autocast region exits
     saved = sum(b for _, _, b in rec.saved.values())
-    return saved, tuple(rec.bytes_by_tag().items()), out.rg, out.dtype, block_peaks(rec.trace, out)
+    peaks = None
+    if trace is not None:
+        trace.external.add(x.id)
+        rec.use(*rec.cached)  # autocast's cached weight copies live until the autocast region exits
+        peaks = block_peaks(trace, out)
+    return saved, tuple(rec.bytes_by_tag().items()), out.rg, out.dtype, peaks
 
 
 def _stream_dtype(ctx: Ctx) -> str:
@@ -1284,27 +1290,45 @@ def _vision_saves(plan: Plan, t: TrainingSettings) -> tuple[int, int, bool]:
     (their input needs a gradient); nothing reaches them from the loss, yet their saved tensors stay
     alive through the step (traced, transformers 5.x: the tower's outputs stay referenced), so they
     are counted as kept. Under gradient checkpointing (transformers
-    checkpoints CLIP's encoder layers as well) each layer that needs a gradient keeps its input instead."""
+    checkpoints CLIP's encoder layers as well) each layer below the feature layer that needs a gradient
+    keeps its input instead, and enable_input_require_grads makes every layer need one
+    (_hooked_vision_embeddings)."""
     from peftcalc.methods import vision_layers_used
 
     vplan = vision_plan(plan)
-    if vplan.lowest_trainable_layer is None:
+    hooked = input_embeddings_require_grad(plan.spec, t)
+    if vplan.lowest_trainable_layer is None and not hooked:
         return 0, 0, False
     vspec = vplan.spec
     ctx = make_ctx(vspec, vplan, t)
     used = vision_layers_used(plan.spec)
-    x_rg, x_dtype = False, ctx.weight  # pre_layrnorm's output (LayerNorm: fp32 under autocast)
-    kept = dropped = 0
+    x_rg, x_dtype = hooked, ctx.weight  # pre_layrnorm's output (LayerNorm: fp32 under autocast)
+    kept = _hooked_vision_embeddings(vspec, ctx) if hooked else 0
+    dropped = 0
     feature_rg = False
     for i, lt in enumerate(_layer_trainings(vplan, build_layout(vspec))):
         saved, _tags, x_rg_next, x_dtype_next, _peaks = _simulate_block(vspec, vplan, lt, ctx, x_rg, x_dtype)
-        if t.grad_checkpointing and saved:
-            saved = ctx.tokens * vspec.hidden_size * DTYPE_BYTES[_stream_dtype(ctx)]
+        if t.grad_checkpointing and saved:  # a layer above the feature layer keeps nothing: its output
+            # is dropped with the tower's outputs, and its checkpoint with it (traced, tiny LLaVA)
+            saved = ctx.tokens * vspec.hidden_size * DTYPE_BYTES[_stream_dtype(ctx)] if i < used else 0
         kept += saved
         x_rg, x_dtype = x_rg_next, x_dtype_next
         if i == used - 1:
             feature_rg = x_rg
     return kept, dropped, feature_rg
+
+
+def _hooked_vision_embeddings(vspec: ModelSpec, ctx: Ctx) -> int:
+    """enable_input_require_grads (see input_embeddings_require_grad) also hooks the vision tower of a
+    LLaVA model, a PreTrainedModel whose input embeddings are CLIP's patch_embedding: its output (batch
+    x hidden x patches) becomes a leaf that requires grad, held to the end of backward, and
+    CLIPVisionEmbeddings' sum with the positions is saved by pre_layrnorm with its mean and rstd
+    (traced, tiny LLaVA)."""
+    b, vseq, hv = ctx.batch, vspec.vision_seq_len, vspec.hidden_size
+    rec = Recorder(ctx)
+    embeddings = rec.new(b * vseq * hv, ctx.weight, True)
+    layer_norm(rec, embeddings, False, hv, "pre_layrnorm")
+    return b * (vseq - 1) * hv * DTYPE_BYTES[ctx.weight] + sum(nbytes for _, _, nbytes in rec.saved.values())
 
 
 def _vlm_profile(plan: Plan, t: TrainingSettings) -> ActivationProfile:
@@ -1342,6 +1366,10 @@ def _vlm_profile(plan: Plan, t: TrainingSettings) -> ActivationProfile:
     linear(rec, act, h, h, _trains(plan, f"{PROJECTOR}.linear_2", True), "projector.linear_2")
     if plan.embedding_trains:  # masked_scatter saves the image-token mask (bool, b x seq, expanded view)
         rec.save_new(ctx.tokens, "uint8", "masked_scatter.mask")
+    if input_embeddings_require_grad(spec, t) and not _trains(plan, build_layout(spec).embedding_path):
+        # the hooked output of the frozen token embeddings is a leaf held to the end of backward
+        # (masked_scatter makes the tensor the language model gets)
+        rec.save_new(ctx.tokens * h, ctx.weight, "embeddings.input_require_grads_leaf")
     extra = rec.bytes_by_bucket().get("pre", 0) + vision_kept
     tags = dict(text.by_tag)
     for tag, nbytes in rec.bytes_by_tag().items():
