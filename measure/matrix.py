@@ -85,8 +85,9 @@ class Run:
         """This run as JSON data (what a subprocess needs to run it again)."""
         from measure.run import LATER_METHOD_FIELDS
 
+        # prepare_kbit travels as the run key (as settings_record records it), not in the method
         method = {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.method.__dict__.items()
-                  if not (k in LATER_METHOD_FIELDS and v == 0)}
+                  if not (k in LATER_METHOD_FIELDS and v == 0) and k != "prepare_kbit"}
         return {"model": self.model_config if self.model_config is not None else self.spec.name,
                 "method": method, "training": self.training.__dict__, "device": self.device,
                 "steps": self.steps, "seed": self.seed, "prepare_kbit": self.prepare_kbit}
