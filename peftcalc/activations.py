@@ -239,7 +239,8 @@ def linear(rec: Recorder, x: T, in_f: int, out_f: int, trainable: bool, tag: str
         scaling = rec.save_new(in_f, ctx.adapter, f"{tag}.ia3_scaling")
         scaled = rec.new(x.numel, ctx.adapter, True)
         rec.use(xc, scaling)
-        rec.node(scaled, (xc,), saved=(xc, scaling), param_grad=in_f * DTYPE_BYTES[ctx.adapter])
+        # the scaling vector's gradient is (grad * x) summed over tokens: an input-sized product first
+        rec.node(scaled, (xc,), saved=(xc, scaling), param_grad=in_f * DTYPE_BYTES[ctx.adapter], temp=xc.nbytes)
         xin = autocast_in(rec, cast(rec, scaled, x.dtype) if x.dtype != ctx.adapter else scaled)
     w16 = _matmul_weight(rec, x, in_f, out_f, trainable, tag, quantized)
     out_dtype = ctx.autocast or ctx.compute
@@ -305,7 +306,7 @@ def linear(rec: Recorder, x: T, in_f: int, out_f: int, trainable: bool, tag: str
         scaling = rec.save_new(out_f, ctx.adapter, f"{tag}.ia3_scaling")
         scaled = rec.new(out.numel, out.dtype, True)
         rec.use(out, scaling)
-        rec.node(scaled, (out,), saved=(out, scaling), param_grad=out_f * DTYPE_BYTES[ctx.adapter])
+        rec.node(scaled, (out,), saved=(out, scaling), param_grad=out_f * DTYPE_BYTES[ctx.adapter], temp=out.nbytes)
         out = scaled
     if out.rg != rg_final:
         out.rg = rg_final
