@@ -61,7 +61,7 @@ def dropout_p(spec: ModelSpec, where: str) -> float:
     return float(spec.hf_config.get(key[0], key[1]) or 0.0)
 
 
-@dataclass
+@dataclass(slots=True)
 class T:
     """A symbolic tensor."""
 
@@ -70,10 +70,10 @@ class T:
     rg: bool
     id: int
     base: object = None  # a view: the tensor whose storage it shares
+    nbytes: int = field(init=False)
 
-    @property
-    def nbytes(self) -> int:
-        return self.numel * DTYPE_BYTES[self.dtype]
+    def __post_init__(self) -> None:
+        self.nbytes = self.numel * DTYPE_BYTES[self.dtype]
 
 
 @dataclass(frozen=True)
@@ -252,7 +252,8 @@ def linear(rec: Recorder, x: T, in_f: int, out_f: int, trainable: bool, tag: str
         scaling = rec.save_new(in_f, ctx.adapter, f"{tag}.ia3_scaling")
         scaled = rec.new(x.numel, ctx.adapter, True)
         rec.use(xc, scaling)
-        rec.node(scaled, (xc,), saved=(xc, scaling), param_grad=in_f * DTYPE_BYTES[ctx.adapter])
+        # the scaling vector's gradient is (grad * x) summed over tokens: an input-sized product first
+        rec.node(scaled, (xc,), saved=(xc, scaling), param_grad=in_f * DTYPE_BYTES[ctx.adapter], temp=xc.nbytes)
         xin = autocast_in(rec, cast(rec, scaled, x.dtype) if x.dtype != ctx.adapter else scaled)
     w16 = _matmul_weight(rec, x, in_f, out_f, trainable, tag, quantized)
     out_dtype = ctx.autocast or ctx.compute
@@ -315,7 +316,7 @@ def linear(rec: Recorder, x: T, in_f: int, out_f: int, trainable: bool, tag: str
         scaling = rec.save_new(out_f, ctx.adapter, f"{tag}.ia3_scaling")
         scaled = rec.new(out.numel, out.dtype, True)
         rec.use(out, scaling)
-        rec.node(scaled, (out,), saved=(out, scaling), param_grad=out_f * DTYPE_BYTES[ctx.adapter])
+        rec.node(scaled, (out,), saved=(out, scaling), param_grad=out_f * DTYPE_BYTES[ctx.adapter], temp=out.nbytes)
         out = scaled
     if out.rg != rg_final:
         out.rg = rg_final
@@ -1035,7 +1036,7 @@ def activation_profile(plan: Plan, t: TrainingSettings) -> ActivationProfile:
         # simulate each kind once (a 80-block model has two or three kinds).
         key = (lt, x.rg, x.dtype)
         if key not in blocks_seen:
-            blocks_seen[key] = _simulate_block(spec, plan, lt, ctx, x.rg, x.dtype)
+            blocks_seen[key] = _simulate_block(spec, plan, lt, ctx, x.rg, x.dtype, t.grad_checkpointing)
         saved, block_tags, out_rg, out_dtype, block_peak = blocks_seen[key]
         per_layer.append(saved)
         peaks.append(block_peak)
@@ -1073,16 +1074,22 @@ def activation_profile(plan: Plan, t: TrainingSettings) -> ActivationProfile:
     )
 
 
-def _simulate_block(spec: ModelSpec, plan: Plan, lt: LayerTraining, ctx: Ctx, input_rg: bool, input_dtype: str):
-    """One block's saved bytes, by tag, its output's requires-grad and dtype, and its recompute and
-    backward peaks (peftcalc.blocktrace; the block's input is counted outside it)."""
-    rec = Recorder(ctx, bucket=0, trace=BlockTrace(inplace_accumulate=ctx.device == "cuda"))
+def _simulate_block(spec: ModelSpec, plan: Plan, lt: LayerTraining, ctx: Ctx, input_rg: bool, input_dtype: str,
+                    timeline: bool = False):
+    """One block's saved bytes, by tag, its output's requires-grad and dtype, and (with `timeline`, for
+    gradient checkpointing) its recompute and backward peaks (peftcalc.blocktrace; the block's input is
+    counted outside it), else None."""
+    trace = BlockTrace(inplace_accumulate=ctx.device == "cuda") if timeline else None
+    rec = Recorder(ctx, bucket=0, trace=trace)
     x = rec.new(ctx.tokens * spec.hidden_size, input_dtype, input_rg)
-    rec.trace.external.add(x.id)
     out = BLOCKS[spec.model_type](rec, spec, plan, lt, x)
-    rec.use(*rec.cached)  # autocast's cached weight copies live until the autocast region exits
     saved = sum(b for _, _, b in rec.saved.values())
-    return saved, tuple(rec.bytes_by_tag().items()), out.rg, out.dtype, block_peaks(rec.trace, out)
+    peaks = None
+    if trace is not None:
+        trace.external.add(x.id)
+        rec.use(*rec.cached)  # autocast's cached weight copies live until the autocast region exits
+        peaks = block_peaks(trace, out)
+    return saved, tuple(rec.bytes_by_tag().items()), out.rg, out.dtype, peaks
 
 
 def _stream_dtype(ctx: Ctx) -> str:
@@ -1502,9 +1509,10 @@ def _vlm_profile(plan: Plan, t: TrainingSettings) -> ActivationProfile:
     linear(rec, act, h, h, _trains(plan, f"{PROJECTOR}.linear_2", True), "projector.linear_2")
     if plan.embedding_trains:  # masked_scatter saves the image-token mask (bool, b x seq, expanded view)
         rec.save_new(ctx.tokens, "uint8", "masked_scatter.mask")
-    if t.grad_checkpointing:  # enable_input_require_grads makes embed_tokens' output a leaf that needs a
-        # gradient (see _vision_input_grad_saves): the graph holds it to the end of backward
-        rec.save_new(ctx.tokens * h, ctx.weight, "embed_tokens.output")
+    if input_embeddings_require_grad(spec, t) and not _trains(plan, build_layout(spec).embedding_path):
+        # the hooked output of the frozen token embeddings is a leaf held to the end of backward
+        # (masked_scatter makes the tensor the language model gets)
+        rec.save_new(ctx.tokens * h, ctx.weight, "embeddings.input_require_grads_leaf")
     extra = rec.bytes_by_bucket().get("pre", 0) + vision_kept
     tags = dict(text.by_tag)
     for tag, nbytes in rec.bytes_by_tag().items():
@@ -1789,7 +1797,7 @@ def _blip2_profile(plan: Plan, t: TrainingSettings) -> ActivationProfile:
     for lt in _layer_trainings(plan, layout):
         key = (lt, x.rg, x.dtype)
         if key not in seen:
-            seen[key] = _simulate_block(tspec, plan, lt, ctx, x.rg, x.dtype)
+            seen[key] = _simulate_block(tspec, plan, lt, ctx, x.rg, x.dtype, t.grad_checkpointing)
         saved, block_tags, out_rg, out_dtype, block_peak = seen[key]
         per_layer.append(saved)
         peaks.append(block_peak)

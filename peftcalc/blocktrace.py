@@ -61,25 +61,34 @@ class BlockTrace:
     # not "subclass-like"; any active TorchDispatchMode (a storage tracer: the cpu/fake predictions)
     # makes every tensor subclass-like (ATen isTensorSubclassLike), so there it always sums out of place
     inplace_accumulate: bool = False
+    last_use: dict = field(default_factory=dict)  # storage id -> index of its last event
+    saves: int = 0  # index after the last save event
 
     def alloc(self, t) -> None:
+        self.last_use[t.id] = len(self.events)
         self.events.append(("alloc", t))
 
     def use(self, *ts) -> None:
         for t in ts:
             if t is not None:
-                self.events.append(("use", _storage(t)))
+                t = _storage(t)
+                self.last_use[t.id] = len(self.events)
+                self.events.append(("use", t))
 
     def save(self, t) -> None:
         """An activation (T) or a parameter (None: no bytes, but it counts for where the recompute stops)."""
-        self.events.append(("save", _storage(t) if t is not None else None))
+        if t is not None:
+            t = _storage(t)
+            self.last_use[t.id] = len(self.events)
+        self.events.append(("save", t))
+        self.saves = len(self.events)
 
     def node(self, out, ins=(), saved=(), param_grad: int = 0, temp: int = 0, alias: bool = False) -> None:
         """`out`: the op's output, or a tuple of them (a split)."""
-        outs = out if isinstance(out, tuple) else (out,)
-        ins = tuple(t for t in ins if t is not None and t.rg)
+        ins = tuple([t for t in ins if t is not None and t.rg])
         if ins or param_grad:
-            saved_ids = tuple(_storage(s).id for s in saved if s is not None)
+            outs = out if type(out) is tuple else (out,)
+            saved_ids = tuple([_storage(s).id for s in saved if s is not None])
             self.nodes.append(Node(outs, ins, saved_ids, param_grad, temp, alias))
 
 
@@ -102,30 +111,25 @@ def forward_peak(trace: BlockTrace, stop_at_last_save: bool = True) -> tuple[int
     when `stop_at_last_save` (the checkpoint recompute). A tensor dies after its last use unless saved;
     what a later op of the block still uses is alive where the recompute stops."""
     events = trace.events
-    end = len(events)
-    if stop_at_last_save:
-        saves = [i for i, (kind, _) in enumerate(events) if kind == "save"]
-        end = saves[-1] + 1 if saves else 0
-    last_use: dict = {}
-    for i, (kind, t) in enumerate(events):
-        if kind in ("alloc", "use", "save") and t is not None:
-            last_use[t.id] = i
+    end = trace.saves if stop_at_last_save else len(events)
+    last_use, external = trace.last_use, trace.external
     live: dict = {}  # id -> bytes, not saved
     saved: dict = {}
     total = peak = 0
-    for i, (kind, t) in enumerate(events[:end]):
+    for i in range(end):
+        kind, t = events[i]
         if kind == "alloc":
-            nb = 0 if t.id in trace.external else t.nbytes
-            if t.id not in live and t.id not in saved:
-                live[t.id] = nb
-                total += nb
-        elif kind == "save" and t is not None and t.id in live:
-            saved[t.id] = live.pop(t.id)
-        elif kind == "save" and t is not None and t.id not in saved:  # saved, never allocated here: external
-            saved[t.id] = 0
-        peak = max(peak, total)
+            nb = 0 if t.id in external else t.nbytes
+            live[t.id] = nb
+            total += nb
+            if total > peak:
+                peak = total
+        elif kind == "save":
+            if t is not None and t.id not in saved:  # never allocated here: external
+                saved[t.id] = live.pop(t.id, 0)
+            continue
         # tensors whose last use this was (and not saved) die now
-        if kind in ("alloc", "use") and last_use.get(t.id) == i and t.id in live:
+        if last_use[t.id] == i and t.id in live:
             total -= live.pop(t.id)
     return peak, saved
 
@@ -139,26 +143,28 @@ def backward_peak(trace: BlockTrace, saved: dict, grad_out) -> tuple[int, int, i
         for sid in node.saved:
             holders[sid] = holders.get(sid, 0) + 1
     saved = dict(saved)
+    live_saved = sum(saved.values())
     bufs: dict = {}  # buffer id -> bytes, alive while referenced
     refs: dict = {}  # buffer id -> references (tensors whose gradient it is, and holds)
     grad_of: dict = {}  # tensor id -> buffer id
-    counter = [0]
+    state = {"n": 0, "grads": 0}  # buffers made, bytes of the live ones
     params = 0
     best = [0, 0, 0]
 
     def new_buf(nbytes: int) -> int:
-        counter[0] += 1
-        bufs[counter[0]], refs[counter[0]] = nbytes, 0
-        return counter[0]
+        state["n"] += 1
+        bufs[state["n"]], refs[state["n"]] = nbytes, 0
+        state["grads"] += nbytes
+        return state["n"]
 
     def ref(buf: int, n: int) -> None:
         refs[buf] += n
         if refs[buf] == 0:
-            del bufs[buf], refs[buf]
+            state["grads"] -= bufs.pop(buf)
+            del refs[buf]
 
     def consider(extra: int) -> None:
-        live_saved = sum(saved.values())
-        total = live_saved + sum(bufs.values()) + params + extra
+        total = live_saved + state["grads"] + params + extra
         if total > best[0]:
             best[:] = [total, params, live_saved]
 
@@ -180,7 +186,7 @@ def backward_peak(trace: BlockTrace, saved: dict, grad_out) -> tuple[int, int, i
         for sid in node.saved:  # release_variables
             holders[sid] -= 1
             if holders[sid] == 0:
-                saved.pop(sid, None)
+                live_saved -= saved.pop(sid, 0)
         for o in arrived:  # the incoming gradients are dropped
             ref(grad_of.pop(o.id), -1)
         for t, buf in outs:
