@@ -269,7 +269,6 @@ def linear(rec: Recorder, x: T, in_f: int, out_f: int, trainable: bool, tag: str
     if quant_cast:
         base = cast(rec, base, x.dtype)
     out = base
-    rg_final = x.rg or trainable or bias_trains or bool(lora_rank) or bool(ia3)
     if lora_rank:
         if quantized:  # lora/bnb.py: result = result.clone() ("defensively clone")
             out = rec.new(base.numel, base.dtype, base.rg)
@@ -318,8 +317,6 @@ def linear(rec: Recorder, x: T, in_f: int, out_f: int, trainable: bool, tag: str
         rec.use(out, scaling)
         rec.node(scaled, (out,), saved=(out, scaling), param_grad=out_f * DTYPE_BYTES[ctx.adapter], temp=out.nbytes)
         out = scaled
-    if out.rg != rg_final:
-        out.rg = rg_final
     return out
 
 
