@@ -91,6 +91,8 @@ class Ctx:
     attention: str
     training_dropout: bool = True
     quant_compute: str = ""  # bnb_4bit_compute_dtype of a QLoRA base ("" without one)
+    quant_source: str = ""  # the dtype its NF4 weights were quantized from (the loaded dtype: QuantState.dtype)
+    quant_nested: bool = False  # double quantization (QuantState.nested: an 8-bit absmax)
 
     @property
     def tokens(self) -> int:
@@ -227,6 +229,24 @@ def _matmul_weight(rec: Recorder, x: T, in_f: int, out_f: int, trainable: bool, 
     return w16
 
 
+def matmul_4bit_backward_temp(ctx: Ctx, in_f: int, out_f: int, tokens: int) -> int:
+    """Bytes bitsandbytes MatMul4Bit.backward (autograd/_functions.py) holds besides grad_A at its peak:
+    ``grad_A = torch.matmul(grad_output, F.dequantize_4bit(B, ctx.state).to(grad_output.dtype))``.
+    dequantize_4bit first dequantizes a double-quantized absmax (dequantize_blockwise: one fp32 per
+    64-weight block), then makes the (out, in) weight in QuantState.dtype, the dtype it was quantized
+    from (fp32 when the model was loaded in fp32 for autocast), which ``.to`` copies into the compute
+    dtype when they differ; the matmul then allocates grad_A (tokens x in, compute dtype) next to that
+    copy. Traced (fake, tiny-vit-cls amp-bf16): dequantize_blockwise (128,) fp32, dequantize_4bit
+    (64, 128) fp32, _to_copy (64, 128) bf16, mm (51, 128) bf16."""
+    numel = in_f * out_f
+    weight = numel * DTYPE_BYTES[ctx.quant_source]
+    absmax = 4 * ((numel + 63) // 64) if ctx.quant_nested else 0
+    copy = numel * DTYPE_BYTES[ctx.quant_compute] if ctx.quant_source != ctx.quant_compute else 0
+    grad_a = tokens * in_f * DTYPE_BYTES[ctx.quant_compute]
+    peak = max(absmax + weight, weight + copy, (copy or weight) + grad_a)
+    return peak - grad_a
+
+
 def linear(rec: Recorder, x: T, in_f: int, out_f: int, trainable: bool, tag: str,
            lora_rank: int = 0, dora: bool = False, ia3: str = "", quantized: bool = False,
            bias: bool = False, bias_trains: bool = False) -> T:
@@ -262,11 +282,12 @@ def linear(rec: Recorder, x: T, in_f: int, out_f: int, trainable: bool, tag: str
     rec.use(xin, w16)
     param_grad = (in_f * out_f * wb if trainable and not ctx.autocast else 0) + \
                  (out_f * wb if bias and (trainable or bias_trains) else 0)
-    dequant = in_f * out_f * DTYPE_BYTES[ctx.quant_compute or base_dtype] if quantized else 0
+    dequant = matmul_4bit_backward_temp(ctx, in_f, out_f, tokens_in) if quantized else 0
     rec.node(base, (xin, w16), saved=((xin,) if trainable else ()) + ((w16,) if w16 is not None and x.rg else ()),
              param_grad=param_grad, temp=dequant, unpacks=trainable or not quantized)
-    if quant_cast:
+    if quant_cast:  # matmul_4bit(...).to(inp_dtype); the cast input is Linear4bit.forward's local x until it returns
         base = cast(rec, base, x.dtype)
+        rec.use(xin)
     out = base
     rg_final = x.rg or trainable or bias_trains or bool(lora_rank) or bool(ia3)
     if lora_rank:
@@ -977,6 +998,8 @@ def make_ctx(spec: ModelSpec, plan: Plan, t: TrainingSettings) -> Ctx:
         device=t.device,
         attention=t.attention,
         quant_compute=t.compute_dtype if method == "qlora" else "",
+        quant_source=t.weight_dtype if method == "qlora" else "",
+        quant_nested=method == "qlora" and plan.settings.double_quant,
     )
 
 
