@@ -91,6 +91,8 @@ class Ctx:
     attention: str
     training_dropout: bool = True
     quant_compute: str = ""  # bnb_4bit_compute_dtype of a QLoRA base ("" without one)
+    quant_source: str = ""  # the dtype its NF4 weights were quantized from (the loaded dtype: QuantState.dtype)
+    quant_nested: bool = False  # double quantization (QuantState.nested: an 8-bit absmax)
 
     @property
     def tokens(self) -> int:
@@ -145,9 +147,10 @@ class Recorder:
         if self.trace is not None:
             self.trace.use(*ts)
 
-    def node(self, out: T, ins=(), saved=(), param_grad: int = 0, temp: int = 0, alias: bool = False) -> None:
+    def node(self, out: T, ins=(), saved=(), param_grad: int = 0, temp: int = 0, alias: bool = False,
+             unpacks: bool = True) -> None:
         if self.trace is not None:
-            self.trace.node(out, ins, saved, param_grad, temp, alias)
+            self.trace.node(out, ins, saved, param_grad, temp, alias, unpacks)
 
     def bytes_by_bucket(self) -> dict:
         out: dict = {}
@@ -179,7 +182,7 @@ def cast(rec: Recorder, x: T, dtype: str) -> T:
         return x
     y = rec.new(x.numel, dtype, x.rg)
     rec.use(x)
-    rec.node(y, (x,))
+    rec.node(y, (x,), unpacks=False)
     return y
 
 
@@ -200,7 +203,7 @@ def add(rec: Recorder, a: T, b: T, dtype: str | None = None) -> T:
     """a + b (a residual connection): AddBackward hands the incoming gradient to both inputs."""
     out = rec.new(a.numel, dtype or _promote(a.dtype, b.dtype), a.rg or b.rg)
     rec.use(a, b)
-    rec.node(out, (a, b), alias=True)
+    rec.node(out, (a, b), alias=True, unpacks=False)
     return out
 
 
@@ -226,6 +229,24 @@ def _matmul_weight(rec: Recorder, x: T, in_f: int, out_f: int, trainable: bool, 
     return w16
 
 
+def matmul_4bit_backward_temp(ctx: Ctx, in_f: int, out_f: int, tokens: int) -> int:
+    """Bytes bitsandbytes MatMul4Bit.backward (autograd/_functions.py) holds besides grad_A at its peak:
+    ``grad_A = torch.matmul(grad_output, F.dequantize_4bit(B, ctx.state).to(grad_output.dtype))``.
+    dequantize_4bit first dequantizes a double-quantized absmax (dequantize_blockwise: one fp32 per
+    64-weight block), then makes the (out, in) weight in QuantState.dtype, the dtype it was quantized
+    from (fp32 when the model was loaded in fp32 for autocast), which ``.to`` copies into the compute
+    dtype when they differ; the matmul then allocates grad_A (tokens x in, compute dtype) next to that
+    copy. Traced (fake, tiny-vit-cls amp-bf16): dequantize_blockwise (128,) fp32, dequantize_4bit
+    (64, 128) fp32, _to_copy (64, 128) bf16, mm (51, 128) bf16."""
+    numel = in_f * out_f
+    weight = numel * DTYPE_BYTES[ctx.quant_source]
+    absmax = 4 * ((numel + 63) // 64) if ctx.quant_nested else 0
+    copy = numel * DTYPE_BYTES[ctx.quant_compute] if ctx.quant_source != ctx.quant_compute else 0
+    grad_a = tokens * in_f * DTYPE_BYTES[ctx.quant_compute]
+    peak = max(absmax + weight, weight + copy, (copy or weight) + grad_a)
+    return peak - grad_a
+
+
 def linear(rec: Recorder, x: T, in_f: int, out_f: int, trainable: bool, tag: str,
            lora_rank: int = 0, dora: bool = False, ia3: str = "", quantized: bool = False,
            bias: bool = False, bias_trains: bool = False) -> T:
@@ -238,11 +259,10 @@ def linear(rec: Recorder, x: T, in_f: int, out_f: int, trainable: bool, tag: str
     result and casts the sum back to its dtype: the cast input and A's output are saved."""
     ctx = rec.ctx
     wb = DTYPE_BYTES[ctx.weight]
-    xin = autocast_in(rec, x)
     tokens_in = x.numel // in_f
-    quant_cast = quantized and not ctx.autocast and ctx.quant_compute and x.dtype != ctx.quant_compute
-    if quant_cast:
-        xin = cast(rec, x, ctx.quant_compute)
+    quant_cast = quantized and ctx.quant_compute and x.dtype != ctx.quant_compute
+    # Linear4bit's x.to(compute_dtype) replaces autocast's cast (bnb.matmul_4bit is not an autocast op)
+    xin = cast(rec, x, ctx.quant_compute) if quant_cast else autocast_in(rec, x)
     if trainable:
         rec.save(xin, f"{tag}.input")
     if ia3 == "ff":  # peft IA3 Linear.forward, feedforward: (x.to(ia3 dtype) * scaling).to(x dtype), then
@@ -263,11 +283,12 @@ def linear(rec: Recorder, x: T, in_f: int, out_f: int, trainable: bool, tag: str
     rec.use(xin, w16)
     param_grad = (in_f * out_f * wb if trainable and not ctx.autocast else 0) + \
                  (out_f * wb if bias and (trainable or bias_trains) else 0)
-    dequant = in_f * out_f * DTYPE_BYTES[ctx.quant_compute or base_dtype] if quantized else 0
+    dequant = matmul_4bit_backward_temp(ctx, in_f, out_f, tokens_in) if quantized else 0
     rec.node(base, (xin, w16), saved=((xin,) if trainable else ()) + ((w16,) if w16 is not None and x.rg else ()),
-             param_grad=param_grad, temp=dequant)
-    if quant_cast:
+             param_grad=param_grad, temp=dequant, unpacks=trainable or not quantized)
+    if quant_cast:  # matmul_4bit(...).to(inp_dtype); the cast input is Linear4bit.forward's local x until it returns
         base = cast(rec, base, x.dtype)
+        rec.use(xin)
     out = base
     if lora_rank:
         if quantized:  # lora/bnb.py: result = result.clone() ("defensively clone")
@@ -524,6 +545,11 @@ def attention(rec: Recorder, spec: ModelSpec, q: T, k: T, v: T, p_drop: float, t
         k, v = k2, v2
         if ctx.attention != "eager" and not cpu_math:  # eager and the math path add it to the scores
             rec.save_new(b * s * kv, q.dtype, f"{tag}.attn_mask")
+    if ctx.attention != "eager":
+        # SDPA is on autocast's lower-precision list: it casts RoPE's wider q, k back, and the q, k, v a
+        # QLoRA layer returns in the stream's dtype (bitsandbytes Linear4bit.forward's .to(inp_dtype)),
+        # before any kernel (the CPU math path then upcasts the copies)
+        q, k, v = autocast_in(rec, q), autocast_in(rec, k), autocast_in(rec, v)
     needs = q.rg or k.rg or v.rg
     out_numel = b * s * spec.q_dim
     if not needs:
@@ -534,7 +560,6 @@ def attention(rec: Recorder, spec: ModelSpec, q: T, k: T, v: T, p_drop: float, t
         return _eager_attention(rec, spec, q, k, v, p_drop, tag, explicit_mask)
     if cpu_math:
         return _math_attention(rec, spec, q, k, v, tag)
-    q, k = autocast_in(rec, q), autocast_in(rec, k)  # SDPA autocasts RoPE's wider outputs back
     rec.save(q, f"{tag}.q")
     rec.save(k, f"{tag}.k")
     rec.save(v, f"{tag}.v")
@@ -744,11 +769,12 @@ def _layer_trainings(plan: Plan, layout: Layout) -> list[LayerTraining]:
                           frozenset(s["biases"])) for s in sets]
 
 
-def _lin(rec, lt: LayerTraining, x, name, in_f, out_f, plan: Plan, quantized=False):
+def _lin(rec, lt: LayerTraining, x, name, in_f, out_f, plan: Plan):
+    """A block's Linear (NF4 under QLoRA: methods._quantizable quantizes every block Linear)."""
     s = plan.settings
     ia3 = "ff" if name in lt.ia3_ff else ("out" if name in lt.ia3_out else "")
     return linear(rec, x, in_f, out_f, name in lt.trainable, name, lora_rank=s.rank if name in lt.lora else 0,
-                  dora=s.dora and name in lt.lora, ia3=ia3, quantized=quantized,
+                  dora=s.dora and name in lt.lora, ia3=ia3, quantized=s.method == "qlora",
                   bias=name in _block_biases(build_layout(plan.spec)),
                   bias_trains=name in lt.bias_trainable)
 
@@ -771,24 +797,23 @@ def llama_block(rec: Recorder, spec: ModelSpec, plan: Plan, lt: LayerTraining, x
     normed input stays referenced (the layer's hidden_states) until self_attn returns, and so do the
     attention's projections (LlamaAttention locals); the MLP's normed input until the MLP returns."""
     h = spec.hidden_size
-    quant = plan.settings.method == "qlora"
     n = rms_norm(rec, x, "input_layernorm" in lt.norm_trainable, "input_layernorm")
-    q = _lin(rec, lt, n, "self_attn.q_proj", h, spec.q_dim, plan, quant)
-    k = _lin(rec, lt, n, "self_attn.k_proj", h, spec.kv_dim, plan, quant)
-    v = _lin(rec, lt, n, "self_attn.v_proj", h, spec.kv_dim, plan, quant)
+    q = _lin(rec, lt, n, "self_attn.q_proj", h, spec.q_dim, plan)
+    k = _lin(rec, lt, n, "self_attn.k_proj", h, spec.kv_dim, plan)
+    v = _lin(rec, lt, n, "self_attn.v_proj", h, spec.kv_dim, plan)
     q_rot, k_rot = rope(rec, q), rope(rec, k)
     rec.use(q, k)
     a = attention(rec, spec, q_rot, k_rot, v, dropout_p(spec, "attn"), "self_attn.attention")
-    o = _lin(rec, lt, a, "self_attn.o_proj", spec.q_dim, h, plan, quant)
+    o = _lin(rec, lt, a, "self_attn.o_proj", spec.q_dim, h, plan)
     rec.use(q_rot, k_rot, v, n)
     o = _maybe_adapter(rec, lt, o, "attn_out", spec, plan, "self_attn.o_proj")
     x2 = add(rec, x, o, x.dtype)  # residual + hidden_states keeps the residual stream's dtype
     n2 = rms_norm(rec, x2, "post_attention_layernorm" in lt.norm_trainable, "post_attention_layernorm")
-    g = _lin(rec, lt, n2, "mlp.gate_proj", h, spec.intermediate_size, plan, quant)
+    g = _lin(rec, lt, n2, "mlp.gate_proj", h, spec.intermediate_size, plan)
     act = activation(rec, g, "silu", "mlp.act_fn")
-    u = _lin(rec, lt, n2, "mlp.up_proj", h, spec.intermediate_size, plan, quant)
+    u = _lin(rec, lt, n2, "mlp.up_proj", h, spec.intermediate_size, plan)
     p = mul(rec, act, u, "mlp.act_mul")
-    d = _lin(rec, lt, p, "mlp.down_proj", spec.intermediate_size, h, plan, quant)
+    d = _lin(rec, lt, p, "mlp.down_proj", spec.intermediate_size, h, plan)
     rec.use(n2)
     d = _maybe_adapter(rec, lt, d, "mlp_out", spec, plan, "mlp.down_proj")
     return add(rec, x2, d, x2.dtype)
@@ -957,10 +982,8 @@ def make_ctx(spec: ModelSpec, plan: Plan, t: TrainingSettings) -> Ctx:
         kv_seq = seq + plan.settings.num_virtual_tokens
     weight = t.weight_dtype
     compute = t.compute_dtype
-    if method == "qlora":
-        weight = t.compute_dtype  # non-quantized weights load in the compute dtype
-        if prepare_kbit_upcasts(plan, t):
-            weight = compute = "float32"
+    if method == "qlora" and prepare_kbit_upcasts(plan, t):
+        weight = compute = "float32"
     adapter = "float32"  # peft autocast_adapter_dtype=True keeps adapters in fp32
     return Ctx(
         batch=t.batch_size,
@@ -973,6 +996,8 @@ def make_ctx(spec: ModelSpec, plan: Plan, t: TrainingSettings) -> Ctx:
         device=t.device,
         attention=t.attention,
         quant_compute=t.compute_dtype if method == "qlora" else "",
+        quant_source=t.weight_dtype if method == "qlora" else "",
+        quant_nested=method == "qlora" and plan.settings.double_quant,
     )
 
 
@@ -1122,9 +1147,11 @@ def _embeddings(rec: Recorder, spec: ModelSpec, plan: Plan, layout: Layout, x: T
 
 def _head(rec: Recorder, spec: ModelSpec, plan: Plan, layout: Layout, x: T):
     """Final norm and task head (as each ForXxx class runs them); returns (logits numel, output).
-    A classifier on the first token takes x[:, 0], a view: saving it keeps the whole storage."""
+    A classifier on the first token takes x[:, 0], a view: saving it keeps the whole storage. Under
+    QLoRA the head's Linears that methods._quantizable quantizes are bitsandbytes Linear4bit."""
     ctx = rec.ctx
     h, tok, b = spec.hidden_size, ctx.tokens, ctx.batch
+    nf4 = _quantized_paths(plan)
     if layout.final_norm_path and spec.model_type != "clip_vision_model":  # CLIP norms only the pooled token
         norm_trains = _trains(plan, layout.final_norm_path)
         if spec.model_type in ("llama", "mistral", "qwen2"):
@@ -1139,31 +1166,36 @@ def _head(rec: Recorder, spec: ModelSpec, plan: Plan, layout: Layout, x: T):
         c = "cls.predictions" if spec.model_type == "bert" else "lm_head"
         dense = f"{c}.transform.dense" if spec.model_type == "bert" else f"{c}.dense"
         norm = f"{c}.transform.LayerNorm" if spec.model_type == "bert" else f"{c}.layer_norm"
-        d = linear(rec, x, h, h, _trains(plan, dense, True), "mlm.dense")
+        d = linear(rec, x, h, h, _trains(plan, dense, True), "mlm.dense", quantized=dense in nf4)
         d = activation(rec, d, "gelu", "mlm.act")
         d = layer_norm(rec, d, _trains(plan, norm), h, "mlm.layer_norm")
         decoder = _trains(plan, f"{c}.decoder", True) or (layout.head_tied_to_embedding and plan.embedding_trains)
-        linear(rec, d, h, spec.vocab_size, decoder, "mlm.decoder")
+        linear(rec, d, h, spec.vocab_size, decoder, "mlm.decoder", quantized=f"{c}.decoder" in nf4)
         return tok * spec.vocab_size, x
     if spec.task == "seq_cls" and spec.is_decoder:  # score on every position, then gather the last
-        linear(rec, x, h, spec.num_labels, _trains(plan, "score", True), "score")
+        linear(rec, x, h, spec.num_labels, _trains(plan, "score", True), "score", quantized="score" in nf4)
         return b * spec.num_labels, x
     p = dropout_p(spec, "resid")
     if spec.task == "seq_cls" and spec.model_type == "bert":  # BertPooler, dropout, classifier
-        pooled = _first_token_linear(rec, x, b, h, h, _trains(plan, "bert.pooler.dense", True), "pooler.dense")
+        pooled = _first_token_linear(rec, x, b, h, h, _trains(plan, "bert.pooler.dense", True), "pooler.dense",
+                                     "bert.pooler.dense" in nf4)
         pooled = _tanh(rec, pooled, "pooler.tanh")
         pooled = dropout(rec, pooled, p, "classifier.dropout")
-        linear(rec, pooled, h, spec.num_labels, _trains(plan, "classifier", True), "classifier")
+        linear(rec, pooled, h, spec.num_labels, _trains(plan, "classifier", True), "classifier",
+               quantized="classifier" in nf4)
         return b * spec.num_labels, x
     if spec.task == "seq_cls":  # RobertaClassificationHead: dropout, dense, tanh, dropout, out_proj
         d = dropout(rec, rec.new(b * h, x.dtype, x.rg), p, "classifier.dropout")
-        d = linear(rec, d, h, h, _trains(plan, "classifier.dense", True), "classifier.dense")
+        d = linear(rec, d, h, h, _trains(plan, "classifier.dense", True), "classifier.dense",
+                   quantized="classifier.dense" in nf4)
         d = _tanh(rec, d, "classifier.tanh")
         d = dropout(rec, d, p, "classifier.dropout2")
-        linear(rec, d, h, spec.num_labels, _trains(plan, "classifier.out_proj", True), "classifier.out_proj")
+        linear(rec, d, h, spec.num_labels, _trains(plan, "classifier.out_proj", True), "classifier.out_proj",
+               quantized="classifier.out_proj" in nf4)
         return b * spec.num_labels, x
     if spec.task == "image_cls":  # classifier(sequence_output[:, 0, :])
-        _first_token_linear(rec, x, b, h, spec.num_labels, _trains(plan, "classifier", True), "classifier")
+        _first_token_linear(rec, x, b, h, spec.num_labels, _trains(plan, "classifier", True), "classifier",
+                            "classifier" in nf4)
         return b * spec.num_labels, x
     # A bare encoder is trained here on last_hidden_state.float().pow(2).mean() (measure.run
     # forward_loss): pow saves its fp32 input.
@@ -1182,9 +1214,19 @@ def _unsaved_model_output(rec: Recorder, hidden: T) -> int:
     return 0 if storage.id in rec.saved else storage.nbytes
 
 
-def _first_token_linear(rec: Recorder, x: T, batch: int, in_f: int, out_f: int, trainable: bool, tag: str) -> T:
+@lru_cache(maxsize=1024)
+def _quantized_paths(plan: Plan) -> frozenset:
+    """Module paths whose weight is NF4 (QLoRA)."""
+    return frozenset(g.name.rsplit(".", 1)[0] for g in plan.groups if g.quantized)
+
+
+def _first_token_linear(rec: Recorder, x: T, batch: int, in_f: int, out_f: int, trainable: bool, tag: str,
+                        quantized: bool = False) -> T:
     """A Linear on x[:, 0]: the weight's gradient needs the view, which keeps x's whole storage
-    (under autocast the cast copy of the view is saved instead)."""
+    (under autocast the cast copy of the view is saved instead). A QLoRA Linear4bit (frozen) runs on
+    the view as :func:`linear` does."""
+    if quantized:
+        return linear(rec, rec.view(x, batch * in_f), in_f, out_f, False, tag, quantized=True)
     if trainable:
         if rec.ctx.autocast:
             rec.save_new(batch * in_f, rec.ctx.autocast, f"{tag}.input")

@@ -39,7 +39,10 @@ class Node:
     """One backward function: it consumes the gradients of `outs` (the op's outputs), produces gradients
     for `ins` (tensors whose gradient it computes) and `param_grad` bytes of parameter gradients, holds
     `temp` bytes while it runs, and releases the storages in `saved` when done. `alias`: the inputs'
-    gradients are the incoming one (AddBackward)."""
+    gradients are the incoming one (AddBackward). `unpacks`: its backward reads a saved tensor (an
+    activation or a parameter), which under checkpointing triggers the recompute; a node that reads none
+    runs before it (bitsandbytes MatMul4Bit keeps the packed weight in ``ctx.tensors``, not
+    ``save_for_backward``)."""
 
     outs: tuple
     ins: tuple
@@ -47,6 +50,7 @@ class Node:
     param_grad: int = 0
     temp: int = 0
     alias: bool = False
+    unpacks: bool = True
 
 
 @dataclass
@@ -83,13 +87,14 @@ class BlockTrace:
         self.events.append(("save", t))
         self.saves = len(self.events)
 
-    def node(self, out, ins=(), saved=(), param_grad: int = 0, temp: int = 0, alias: bool = False) -> None:
+    def node(self, out, ins=(), saved=(), param_grad: int = 0, temp: int = 0, alias: bool = False,
+             unpacks: bool = True) -> None:
         """`out`: the op's output, or a tuple of them (a split)."""
         ins = tuple([t for t in ins if t is not None and t.rg])
         if ins or param_grad:
             outs = out if type(out) is tuple else (out,)
             saved_ids = tuple([_storage(s).id for s in saved if s is not None])
-            self.nodes.append(Node(outs, ins, saved_ids, param_grad, temp, alias))
+            self.nodes.append(Node(outs, ins, saved_ids, param_grad, temp, alias, unpacks))
 
 
 @dataclass(frozen=True)
@@ -103,7 +108,8 @@ class BlockPeaks:
     backward: int
     backward_param_grads: int
     backward_saved: int
-    grad_out: int = 0  # the incoming gradient (of the block's output), alive during the recompute
+    grad_out: int = 0  # the gradients alive during the recompute: the incoming one (of the block's output),
+    # or what the nodes that run before it (see Node.unpacks) left
 
 
 def forward_peak(trace: BlockTrace, stop_at_last_save: bool = True) -> tuple[int, dict]:
@@ -134,16 +140,18 @@ def forward_peak(trace: BlockTrace, stop_at_last_save: bool = True) -> tuple[int
     return peak, saved
 
 
-def backward_peak(trace: BlockTrace, saved: dict, grad_out) -> tuple[int, int, int]:
-    """Walk the nodes from the last one, starting with `saved` (id -> bytes) alive and the incoming
-    gradient of `grad_out` (the block's output). Returns (peak, parameter gradients in it, saved
-    activations in it)."""
+def backward_peak(trace: BlockTrace, saved: dict, grad_out) -> tuple[int, int, int, int]:
+    """Walk the nodes from the last one, starting with the incoming gradient of `grad_out` (the block's
+    output) and `saved` (id -> bytes) alive from the first node that unpacks a saved tensor (under
+    checkpointing the recompute makes them there: torch.utils.checkpoint's unpack hook). Returns (peak,
+    parameter gradients in it, saved activations in it, gradient bytes alive when the recompute starts)."""
     holders: dict = {}
     for node in trace.nodes:
         for sid in node.saved:
             holders[sid] = holders.get(sid, 0) + 1
-    saved = dict(saved)
-    live_saved = sum(saved.values())
+    pending, saved = dict(saved), {}
+    live_saved = 0
+    at_recompute = None
     bufs: dict = {}  # buffer id -> bytes, alive while referenced
     refs: dict = {}  # buffer id -> references (tensors whose gradient it is, and holds)
     grad_of: dict = {}  # tensor id -> buffer id
@@ -175,6 +183,10 @@ def backward_peak(trace: BlockTrace, saved: dict, grad_out) -> tuple[int, int, i
         arrived = [o for o in node.outs if o.id in grad_of]
         if not arrived:  # no gradient reaches it: autograd never runs it
             continue
+        if at_recompute is None and node.unpacks:
+            at_recompute = state["grads"] + params
+            saved = pending
+            live_saved = sum(saved.values())
         incoming = grad_of[arrived[0].id]
         outs = []
         for t in node.ins:
@@ -203,10 +215,12 @@ def backward_peak(trace: BlockTrace, saved: dict, grad_out) -> tuple[int, int, i
                 grad_of[t.id] = buf
                 ref(buf, 1)
             ref(buf, -1)
-    return best[0], best[1], best[2]
+    if at_recompute is None:  # no node reads a saved tensor (nothing is recomputed)
+        at_recompute = state["grads"] + params
+    return best[0], best[1], best[2], at_recompute
 
 
 def block_peaks(trace: BlockTrace, out) -> BlockPeaks:
     """The block's recompute and backward peaks (see BlockPeaks), `out` being its output."""
     fwd, saved = forward_peak(trace)
-    return BlockPeaks(fwd, *backward_peak(trace, saved, out), out.nbytes)
+    return BlockPeaks(fwd, *backward_peak(trace, saved, out))

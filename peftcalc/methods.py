@@ -518,12 +518,17 @@ def plan_qformer(spec, layout, s):
 
 def _quantizable(mods: dict[str, Module], param: str, layout: Layout) -> bool:
     """transformers (integrations/bitsandbytes.py replace_with_bnb_linear) turns every nn.Linear and
-    GPT-2 Conv1D into a Linear4bit except what get_keys_to_not_convert keeps in full precision: the
-    output embeddings and the task head."""
+    GPT-2 Conv1D into a Linear4bit except what quantizers/base.py get_keys_to_not_convert keeps in full
+    precision: tied weights, the output embeddings, and the model's last parameter's name less a
+    '.weight' suffix - the task head (lm_head, score) when its weight is the last parameter; a head with a
+    bias ends in '.bias', which names no module, so ViT's and BERT's classifiers are quantized. The rest
+    of a head is quantized too, e.g. BERT's MLM transform dense and RoBERTa's lm_head.dense (traced:
+    uint8 weights)."""
     m = mods[param.rsplit(".", 1)[0]]
     if m.kind not in LINEAR_KINDS:
         return False
-    return m.role != "head"
+    last = layout.modules[-1]
+    return not (m.path == last.path and not last.bias)
 
 
 def plan_ia3(spec, layout, s):
