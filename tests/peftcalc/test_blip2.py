@@ -310,9 +310,11 @@ def test_tiny_blip2_fp16_step_keeps_the_qformer_fp32():
     8 x 32 query tokens are fp32, as from_pretrained(dtype=torch.float16) loads them; the traced parameter and
     AdamW state bytes say so, and the predicted peak is the traced one but for the mean and rstd of OPT's 5
     LayerNorms (2 layers x 2 + the final one), which torch's CPU kernel keeps in fp16 and the calculator counts
-    in fp32 (CUDA's): 5 x 48 tokens x 2 x 2 bytes = 960 (traced 1,577,524; the Q-Former's LayerNorms are fp32)."""
+    in fp32 (CUDA's): 5 x 48 tokens x 2 x 2 bytes = 960 (traced 1,577,524; the Q-Former's LayerNorms are fp32).
+    The trainable tensors the harness saves are the size peftcalc.storage gives them."""
     from measure.run import measure_one
     from peftcalc.settings import TrainingSettings
+    from peftcalc.storage import adapter_tensors, safetensors_size
 
     spec = load_spec(TINY)
     plan = make_plan(spec, MethodSettings("qformer"))
@@ -326,3 +328,5 @@ def test_tiny_blip2_fp16_step_keeps_the_qformer_fp32():
     assert at_peak["optimizer_state"] == 2 * (2 * plan.trainable + 2 * kept) + 4 * tensors
     assert row["measured"]["peak_bytes"] == 1_577_524
     assert row["predicted"]["peak_bytes"] - row["measured"]["peak_bytes"] == 5 * 48 * 2 * 2
+    # the saved trainable tensors (safetensors save_file, no metadata): the kept ones as F32, 137,824 bytes
+    assert safetensors_size(adapter_tensors(plan, "float16")) == row["saved"]["bytes"] == 137_824
