@@ -30,7 +30,7 @@ from peftcalc.methods import (
     resolve_bottleneck,
 )
 from peftcalc.settings import DTYPE_BYTES, TrainingSettings
-from peftcalc.spec import ModelSpec
+from peftcalc.spec import ModelSpec, kept_in_fp32
 
 # Dropout probabilities during training, from the transformers config defaults of each family.
 DROPOUT_KEYS = {
@@ -1710,6 +1710,17 @@ class QFormerSaves:
     saved_weight_copies: int  # autocast's cached weight copies the projection saves (kept under checkpointing)
     output_rg: bool
     by_tag: tuple
+    tower_output: int = 0  # the tower's output when the Q-Former reads an fp32 copy of it (see qformer_ctx)
+
+
+def qformer_ctx(plan: Plan, ctx: Ctx) -> Ctx:
+    """The Q-Former's Ctx: the language model's (`ctx`), or, where from_pretrained keeps the Q-Former in fp32
+    (spec.kept_in_fp32: Blip2ForConditionalGeneration._keep_in_fp32_modules under fp16), fp32 weights and
+    compute: Blip2QFormerModel.forward casts the query tokens to its layernorm's dtype ("Qformer is kept as
+    fp32") and the encoder hidden states to theirs, so every op inside it runs in fp32."""
+    if kept_in_fp32(plan.spec, QFORMER, ctx.weight):
+        return replace(ctx, weight="float32", compute="float32")
+    return ctx
 
 
 @lru_cache(maxsize=4096)
@@ -1721,7 +1732,11 @@ def qformer_saves(plan: Plan, ctx: Ctx) -> QFormerSaves:
     language model's with seq and kv_seq num_query_tokens. Under checkpointing each layer keeps its input,
     and every layer keeps a reference to the image features; the layernorm, dropout and projection are not
     checkpointed (under autocast the projection saves autocast's cached copy of its weight:
-    `saved_weight_copies`).
+    `saved_weight_copies`). A Q-Former kept in fp32 (qformer_ctx) reads an fp32 copy of the image features
+    (``encoder_hidden_states.to(query_embeds.dtype)``: what its cross-attention keys and values save, and the
+    checkpoints keep), and get_image_features casts its output back to the image features' dtype
+    (``query_output.to(image_embeds.dtype)``) before the projection, which saves that cast; the tower's
+    output and the fp32 last hidden state stay alive, unsaved, in the returned outputs.
     Alive until the forward returns and saved by no op: the image features and the Q-Former's last hidden
     state when only cast copies of them are saved (autocast), and autocast's cached copies (torch.autocast
     caches the cast of every leaf that requires grad) of the trainable Linear biases (addmm's bias gradient
@@ -1730,14 +1745,16 @@ def qformer_saves(plan: Plan, ctx: Ctx) -> QFormerSaves:
     spec = plan.spec
     vspec, qspec, _ = blip2_parts(spec)
     trains = _training(plan)
-    rec = Recorder(ctx, bucket="pre")
+    qctx = qformer_ctx(plan, ctx)
+    rec = Recorder(qctx, bucket="pre")
     hq, n, batch = qspec.hidden_size, ctx.seq, ctx.batch
-    image = rec.new(batch * blip2_vision_tokens(spec) * vspec.hidden_size, ctx.weight, False)
+    tower_out = rec.new(batch * blip2_vision_tokens(spec) * vspec.hidden_size, ctx.weight, False)
     queries_rg = QUERY_TOKENS in trains
     norm_trains = f"{QFORMER}.layernorm" in trains
     if queries_rg or norm_trains:  # native_layer_norm saves mean and rstd (the input is the parameter)
         rec.save_new(2 * batch * n, "float32", f"{QFORMER}.layernorm.mean_rstd")
-    x = rec.new(batch * n * hq, "float32" if ctx.autocast else ctx.weight, queries_rg or norm_trains)
+    x = rec.new(batch * n * hq, "float32" if ctx.autocast else qctx.weight, queries_rg or norm_trains)
+    image = cast(rec, tower_out, qctx.weight)
     x = dropout(rec, x, dropout_p(qspec, "embd"), f"{QFORMER}.dropout")
     kept = 0
     for i in range(qspec.num_layers):
@@ -1748,7 +1765,8 @@ def qformer_saves(plan: Plan, ctx: Ctx) -> QFormerSaves:
         if any(rec.saved[k][2] for k in set(rec.saved) - before):
             kept += x_in.nbytes
     rec.bucket = "post"
-    out = _qformer_linear(rec, trains, x, hq, spec.hidden_size, LANGUAGE_PROJECTION)
+    rec.ctx = ctx
+    out = _qformer_linear(rec, trains, cast(rec, x, tower_out.dtype), hq, spec.hidden_size, LANGUAGE_PROJECTION)
     buckets = rec.bytes_by_bucket()
     layers = sum(v for k, v in buckets.items() if isinstance(k, int))
     cached = sum(n for bucket, tag, n in rec.saved.values() if bucket == "post" and tag.endswith(".autocast_weight"))
@@ -1762,7 +1780,8 @@ def qformer_saves(plan: Plan, ctx: Ctx) -> QFormerSaves:
     return QFormerSaves(saved=buckets.get("pre", 0) + layers + buckets.get("post", 0), checkpointed=checkpointed,
                         unsaved=unsaved, unsaved_image=0 if image.id in rec.saved else image.nbytes,
                         unsaved_weight_copies=weight_copies, saved_weight_copies=cached, output_rg=out.rg,
-                        by_tag=tuple(rec.bytes_by_tag().items()))
+                        by_tag=tuple(rec.bytes_by_tag().items()),
+                        tower_output=tower_out.nbytes if image is not tower_out else 0)
 
 
 def _trainable_linear_numel(plan: Plan, suffix: str, *modules: str) -> int:
@@ -1801,7 +1820,8 @@ def blip2_forward_outputs(spec: ModelSpec, ctx: Ctx, q: QFormerSaves, checkpoint
     the language projection's output (the image output's pooler_output; under autocast also its cast to the
     embeddings' dtype), the tower's pooled output (b x vision hidden) and attention_mask =
     torch.ones_like(input_ids) (int64), and what the Q-Former leaves alive unsaved (QFormerSaves: under
-    checkpointing the image features are the checkpoints' and the weight copies _autocast_weight_cache's).
+    checkpointing the image features are the checkpoints' and the weight copies _autocast_weight_cache's;
+    the tower's output of which an fp32 Q-Former read a copy is alive either way).
     `ctx` is the language model's."""
     vspec = blip2_parts(spec)[0]
     b, n, h = ctx.batch, blip2_image_tokens(spec), spec.hidden_size
@@ -1809,7 +1829,7 @@ def blip2_forward_outputs(spec: ModelSpec, ctx: Ctx, q: QFormerSaves, checkpoint
     projected = b * n * h * DTYPE_BYTES[ctx.autocast or ctx.compute]
     if ctx.autocast:
         projected += b * n * h * wb
-    qformer = q.unsaved + (0 if checkpointing else q.unsaved_image + q.unsaved_weight_copies)
+    qformer = q.unsaved + q.tower_output + (0 if checkpointing else q.unsaved_image + q.unsaved_weight_copies)
     return ctx.tokens * h * wb + projected + b * vspec.hidden_size * wb + ctx.tokens * 8 + qformer
 
 
