@@ -49,9 +49,42 @@ def build_base_model(spec: ModelSpec, dtype: torch.dtype = torch.float32, device
     ctx = torch.device(device) if device == "meta" or str(device).startswith("cuda") else contextlib.nullcontext()
     with ctx:
         model = auto.from_config(config, dtype=dtype, attn_implementation=attention)
+    keep_in_fp32(model, dtype)
     if device != "meta":
         model = model.to(device)
     return model
+
+
+def keep_in_fp32(model, dtype: torch.dtype) -> list[str]:
+    """Cast the parameters and persistent buffers that ``from_pretrained(..., dtype=dtype)`` loads in fp32
+    to fp32, as it does; ``from_config`` (which the harness uses: random weights, no checkpoint) applies
+    no such plan. Returns the names cast.
+
+    transformers 5.x modeling_utils.py ``PreTrainedModel._get_dtype_plan``: the model class's
+    ``_keep_in_fp32_modules`` (gathered from the submodels by ``post_init``) only when dtype is float16,
+    ``_keep_in_fp32_modules_strict`` when it is float16 or bfloat16; then
+    core_model_loading.py ``convert_and_load_state_dict_in_model`` loads every state-dict key that
+    the plan's patterns match (``build_glob_alternation(...).search(key)``: a substring search, '*' a
+    wildcard) as fp32 (``_materialize_copy``: ``tensor.to(dtype)``, whatever the tensor's own dtype).
+    Of the families peftcalc models only Blip2ForConditionalGeneration has a list (``["query_tokens",
+    "qformer"]``, not strict): under fp16 its Q-Former and query tokens are fp32, under bf16 they are
+    bf16 like the rest (checked by loading a saved tiny BLIP-2 both ways, transformers 5.23)."""
+    from transformers.core_model_loading import build_glob_alternation
+
+    plan = model._get_dtype_plan(dtype)
+    if not plan:
+        return []
+    pattern, by_group, _ = build_glob_alternation(list(plan))
+    cast = []
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        match = pattern.search(name)
+        if match is None:
+            continue
+        target = plan[by_group[match.lastgroup]]
+        if tensor.dtype != target:
+            tensor.data = tensor.data.to(target)
+            cast.append(name)
+    return cast
 
 
 def apply_method(model, spec: ModelSpec, settings: MethodSettings):

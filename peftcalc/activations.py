@@ -35,7 +35,7 @@ from peftcalc.methods import (
     resolve_bottleneck,
 )
 from peftcalc.settings import DTYPE_BYTES, TrainingSettings
-from peftcalc.spec import ModelSpec
+from peftcalc.spec import ModelSpec, kept_in_fp32
 
 # Dropout probabilities during training, from the transformers config defaults of each family.
 DROPOUT_KEYS = {
@@ -66,7 +66,7 @@ def dropout_p(spec: ModelSpec, where: str) -> float:
     return float(spec.hf_config.get(key[0], key[1]) or 0.0)
 
 
-@dataclass
+@dataclass(slots=True)
 class T:
     """A symbolic tensor; a view has the tensor whose storage it shares as its base."""
 
@@ -75,10 +75,10 @@ class T:
     rg: bool
     id: int
     base: "T | None" = None
+    nbytes: int = field(init=False)
 
-    @property
-    def nbytes(self) -> int:
-        return self.numel * DTYPE_BYTES[self.dtype]
+    def __post_init__(self) -> None:
+        self.nbytes = self.numel * DTYPE_BYTES[self.dtype]
 
 
 @dataclass(frozen=True)
@@ -96,6 +96,8 @@ class Ctx:
     attention: str
     training_dropout: bool = True
     quant_compute: str = ""  # bnb_4bit_compute_dtype of a QLoRA base ("" without one)
+    quant_source: str = ""  # the dtype its NF4 weights were quantized from (the loaded dtype: QuantState.dtype)
+    quant_nested: bool = False  # double quantization (QuantState.nested: an 8-bit absmax)
 
     @property
     def tokens(self) -> int:
@@ -277,12 +279,12 @@ def matmul(rec: Recorder, x: T, in_f: int, out_f: int, weight_trains: bool, out_
     rec.free(w)
     steps, outputs = [], []
     if dequantized and x.rg:
-        steps.append(("new", "w", dequantized))
+        steps += matmul_4bit_backward_steps(ctx, in_f, out_f)
     s, o = _grads(x)
     steps += s
     outputs += o
     if dequantized and x.rg:
-        steps.append(("free", "w"))
+        steps.append(("free", "wc"))
     if weight_trains:
         if weight is not None:
             steps.append(("new", "dw", weight.nbytes))
@@ -309,6 +311,29 @@ def clone(rec: Recorder, x: T) -> T:
     return y
 
 
+def matmul_4bit_backward_steps(ctx: Ctx, in_f: int, out_f: int) -> list:
+    """bitsandbytes MatMul4Bit.backward (autograd/_functions.py), before grad_A:
+    ``grad_A = torch.matmul(grad_output, F.dequantize_4bit(B, ctx.state).to(grad_output.dtype))``.
+    dequantize_4bit first dequantizes a double-quantized absmax (dequantize_blockwise: one fp32 per
+    64-weight block), then makes the (out, in) weight in QuantState.dtype, the dtype it was quantized
+    from (fp32 when the model was loaded in fp32 for autocast), which ``.to`` copies into the compute
+    dtype when they differ; the matmul then allocates grad_A (the caller's step) next to that copy
+    ("wc", freed after it). Traced (fake, tiny-vit-cls amp-bf16): dequantize_blockwise (128,) fp32,
+    dequantize_4bit (64, 128) fp32, _to_copy (64, 128) bf16, mm (51, 128) bf16."""
+    numel = in_f * out_f
+    converted = ctx.quant_source != ctx.quant_compute
+    name = "w" if converted else "wc"
+    steps = []
+    if ctx.quant_nested:
+        steps.append(("new", "absmax", 4 * ((numel + 63) // 64)))
+    steps.append(("new", name, numel * DTYPE_BYTES[ctx.quant_source]))
+    if ctx.quant_nested:
+        steps.append(("free", "absmax"))
+    if converted:
+        steps += [("new", "wc", numel * DTYPE_BYTES[ctx.quant_compute]), ("free", "w")]
+    return steps
+
+
 def linear(rec: Recorder, x: T, in_f: int, out_f: int, trainable: bool, tag: str,
            lora_rank: int = 0, dora: bool = False, ia3: str = "", quantized: bool = False,
            bias: bool = False, bias_trains: bool = False) -> T:
@@ -332,20 +357,22 @@ def linear(rec: Recorder, x: T, in_f: int, out_f: int, trainable: bool, tag: str
     xm = x
     if ia3 == "ff":
         xm = _ia3_input(rec, x, in_f, tag)
-    quant_cast = quantized and not ctx.autocast and ctx.quant_compute and xm.dtype != ctx.quant_compute
+    # bitsandbytes Linear4bit.forward: x.to(compute_dtype) (not autocast's cast: bnb.matmul_4bit is no
+    # autocast op), then .to(inp_dtype); the cast input is its local x until it returns
+    quant_cast = quantized and ctx.quant_compute and xm.dtype != ctx.quant_compute
     xin = cast(rec, xm, ctx.quant_compute) if quant_cast else autocast_in(rec, xm)
     if trainable:
         saved.append(rec.save(xin, f"{tag}.input"))
     wb = DTYPE_BYTES[ctx.weight]
-    out = matmul(rec, xin, in_f, out_f, trainable, ctx.quant_compute if quant_cast else ctx.autocast or ctx.compute,
+    out = matmul(rec, xin, in_f, out_f, trainable, ctx.quant_compute if quantized else ctx.autocast or ctx.compute,
                  saved, weight=weight_copy, weight_bytes=in_f * out_f * wb, bias_bytes=out_f * wb if bias_trains else 0,
-                 dequantized=in_f * out_f * DTYPE_BYTES[ctx.quant_compute or ctx.compute] if quantized else 0)
-    if xin is not xm:
-        rec.free(xin)
+                 dequantized=in_f * out_f * DTYPE_BYTES[ctx.quant_compute] if quantized else 0)
     if quant_cast:  # Linear4bit.forward: .to(inp_dtype)
         y = cast(rec, out, xm.dtype)
         rec.free(out)
         out = y
+    if xin is not xm:
+        rec.free(xin)
     if xm is not x:  # IA3's scaled input (peft's `interm`) goes when the layer returns
         rec.free(xm)
     if weight_copy is not None and not trainable:  # autocast caches only the copies of trainable leaves
@@ -808,12 +835,16 @@ def _attend(rec: Recorder, spec: ModelSpec, q: T, k: T, v: T, p_drop: float, tag
     out_numel = b * s * spec.q_dim
     if ctx.attention == "eager":
         return _eager_attention(rec, spec, q, k, v, p_drop, explicit_mask, tag)
+    # SDPA is on autocast's lower-precision list: it casts RoPE's wider q, k back, and the q, k, v a QLoRA
+    # layer returns in the stream's dtype (bitsandbytes Linear4bit.forward's .to(inp_dtype)), before any
+    # kernel (the CPU math path then upcasts the copies)
+    qi, ki, vi = autocast_in(rec, q), autocast_in(rec, k), autocast_in(rec, v)
     if p_drop > 0 and ctx.device == "cpu" and ctx.training_dropout:
         # prefix tuning's concatenated values are contiguous as (b, heads, s, d): bmm takes them as they are
         v_contiguous = explicit_mask and not (spec.num_kv_heads == 1 and spec.num_heads > 1)
-        return _math_attention(rec, spec, q, k, v, tag, hold, v_contiguous)
-    # SDPA is on autocast's lower-precision list: RoPE's wider outputs are cast back (copies, saved)
-    qi, ki, vi = autocast_in(rec, q), autocast_in(rec, k), autocast_in(rec, v)
+        out = _math_attention(rec, spec, qi, ki, vi, tag, hold, v_contiguous)
+        rec.free(*(t for t, orig in ((qi, q), (ki, k), (vi, v)) if t is not orig))
+        return out
     saved = []
     if needs:
         saved = [rec.save(qi, f"{tag}.q"), rec.save(ki, f"{tag}.k"), rec.save(vi, f"{tag}.v")]
@@ -1380,10 +1411,8 @@ def make_ctx(spec: ModelSpec, plan: Plan, t: TrainingSettings) -> Ctx:
         kv_seq = seq + plan.settings.num_virtual_tokens
     weight = t.weight_dtype
     compute = t.compute_dtype
-    if method == "qlora":
-        weight = t.compute_dtype  # non-quantized weights load in the compute dtype
-        if prepare_kbit_upcasts(plan, t):
-            weight = compute = "float32"
+    if method == "qlora" and prepare_kbit_upcasts(plan, t):
+        weight = compute = "float32"
     adapter = "float32"  # peft autocast_adapter_dtype=True keeps adapters in fp32
     return Ctx(
         batch=t.batch_size,
@@ -1396,6 +1425,8 @@ def make_ctx(spec: ModelSpec, plan: Plan, t: TrainingSettings) -> Ctx:
         device=t.device,
         attention=t.attention,
         quant_compute=t.compute_dtype if method == "qlora" else "",
+        quant_source=t.weight_dtype if method == "qlora" else "",
+        quant_nested=method == "qlora" and plan.settings.double_quant,
     )
 
 
@@ -2058,9 +2089,10 @@ def _vlm_profile(plan: Plan, t: TrainingSettings) -> ActivationProfile:
     linear(rec, act, h, h, _trains(plan, f"{PROJECTOR}.linear_2", True), "projector.linear_2")
     if plan.embedding_trains:  # masked_scatter saves the image-token mask (bool, b x seq, expanded view)
         rec.save_new(ctx.tokens, "uint8", "masked_scatter.mask")
-    if t.grad_checkpointing:  # enable_input_require_grads makes embed_tokens' output a leaf that needs a
-        # gradient (see _vision_input_grad_saves): the graph holds it to the end of backward
-        rec.save_new(ctx.tokens * h, ctx.weight, "embed_tokens.output")
+    if input_embeddings_require_grad(spec, t) and not _trains(plan, build_layout(spec).embedding_path):
+        # the hooked output of the frozen token embeddings is a leaf held to the end of backward
+        # (masked_scatter makes the tensor the language model gets)
+        rec.save_new(ctx.tokens * h, ctx.weight, "embeddings.input_require_grads_leaf")
     extra = rec.bytes_by_bucket().get("pre", 0) + vision_kept
     tags = dict(text.by_tag)
     for tag, nbytes in rec.bytes_by_tag().items():
@@ -2225,6 +2257,17 @@ class QFormerSaves:
     saved_weight_copies: int  # autocast's cached weight copies the projection saves (kept under checkpointing)
     output_rg: bool
     by_tag: tuple
+    tower_output: int = 0  # the tower's output when the Q-Former reads an fp32 copy of it (see qformer_ctx)
+
+
+def qformer_ctx(plan: Plan, ctx: Ctx) -> Ctx:
+    """The Q-Former's Ctx: the language model's (`ctx`), or, where from_pretrained keeps the Q-Former in fp32
+    (spec.kept_in_fp32: Blip2ForConditionalGeneration._keep_in_fp32_modules under fp16), fp32 weights and
+    compute: Blip2QFormerModel.forward casts the query tokens to its layernorm's dtype ("Qformer is kept as
+    fp32") and the encoder hidden states to theirs, so every op inside it runs in fp32."""
+    if kept_in_fp32(plan.spec, QFORMER, ctx.weight):
+        return replace(ctx, weight="float32", compute="float32")
+    return ctx
 
 
 @lru_cache(maxsize=4096)
@@ -2236,7 +2279,11 @@ def qformer_saves(plan: Plan, ctx: Ctx) -> QFormerSaves:
     language model's with seq and kv_seq num_query_tokens. Under checkpointing each layer keeps its input,
     and every layer keeps a reference to the image features; the layernorm, dropout and projection are not
     checkpointed (under autocast the projection saves autocast's cached copy of its weight:
-    `saved_weight_copies`).
+    `saved_weight_copies`). A Q-Former kept in fp32 (qformer_ctx) reads an fp32 copy of the image features
+    (``encoder_hidden_states.to(query_embeds.dtype)``: what its cross-attention keys and values save, and the
+    checkpoints keep), and get_image_features casts its output back to the image features' dtype
+    (``query_output.to(image_embeds.dtype)``) before the projection, which saves that cast; the tower's
+    output and the fp32 last hidden state stay alive, unsaved, in the returned outputs.
     Alive until the forward returns and saved by no op: the image features and the Q-Former's last hidden
     state when only cast copies of them are saved (autocast), and autocast's cached copies (torch.autocast
     caches the cast of every leaf that requires grad) of the trainable Linear biases (addmm's bias gradient
@@ -2245,14 +2292,16 @@ def qformer_saves(plan: Plan, ctx: Ctx) -> QFormerSaves:
     spec = plan.spec
     vspec, qspec, _ = blip2_parts(spec)
     trains = _training(plan)
-    rec = Recorder(ctx, bucket="pre")
+    qctx = qformer_ctx(plan, ctx)
+    rec = Recorder(qctx, bucket="pre")
     hq, n, batch = qspec.hidden_size, ctx.seq, ctx.batch
-    image = rec.new(batch * blip2_vision_tokens(spec) * vspec.hidden_size, ctx.weight, False)
+    tower_out = rec.new(batch * blip2_vision_tokens(spec) * vspec.hidden_size, ctx.weight, False)
     queries_rg = QUERY_TOKENS in trains
     norm_trains = f"{QFORMER}.layernorm" in trains
     if queries_rg or norm_trains:  # native_layer_norm saves mean and rstd (the input is the parameter)
         rec.save_new(2 * batch * n, "float32", f"{QFORMER}.layernorm.mean_rstd")
-    x = rec.new(batch * n * hq, "float32" if ctx.autocast else ctx.weight, queries_rg or norm_trains)
+    x = rec.new(batch * n * hq, "float32" if ctx.autocast else qctx.weight, queries_rg or norm_trains)
+    image = cast(rec, tower_out, qctx.weight)
     x = dropout(rec, x, dropout_p(qspec, "embd"), f"{QFORMER}.dropout")
     kept = 0
     for i in range(qspec.num_layers):
@@ -2263,7 +2312,8 @@ def qformer_saves(plan: Plan, ctx: Ctx) -> QFormerSaves:
         if any(rec.saved[k][2] for k in set(rec.saved) - before):
             kept += x_in.nbytes
     rec.bucket = "post"
-    out = _qformer_linear(rec, trains, x, hq, spec.hidden_size, LANGUAGE_PROJECTION)
+    rec.ctx = ctx
+    out = _qformer_linear(rec, trains, cast(rec, x, tower_out.dtype), hq, spec.hidden_size, LANGUAGE_PROJECTION)
     buckets = rec.bytes_by_bucket()
     layers = sum(v for k, v in buckets.items() if isinstance(k, int))
     cached = sum(n for bucket, tag, n in rec.saved.values() if bucket == "post" and tag.endswith(".autocast_weight"))
@@ -2277,7 +2327,8 @@ def qformer_saves(plan: Plan, ctx: Ctx) -> QFormerSaves:
     return QFormerSaves(saved=buckets.get("pre", 0) + layers + buckets.get("post", 0), checkpointed=checkpointed,
                         unsaved=unsaved, unsaved_image=0 if image.id in rec.saved else image.nbytes,
                         unsaved_weight_copies=weight_copies, saved_weight_copies=cached, output_rg=out.rg,
-                        by_tag=tuple(rec.bytes_by_tag().items()))
+                        by_tag=tuple(rec.bytes_by_tag().items()),
+                        tower_output=tower_out.nbytes if image is not tower_out else 0)
 
 
 def _trainable_linear_numel(plan: Plan, suffix: str, *modules: str) -> int:
@@ -2316,7 +2367,8 @@ def blip2_forward_outputs(spec: ModelSpec, ctx: Ctx, q: QFormerSaves, checkpoint
     the language projection's output (the image output's pooler_output; under autocast also its cast to the
     embeddings' dtype), the tower's pooled output (b x vision hidden) and attention_mask =
     torch.ones_like(input_ids) (int64), and what the Q-Former leaves alive unsaved (QFormerSaves: under
-    checkpointing the image features are the checkpoints' and the weight copies _autocast_weight_cache's).
+    checkpointing the image features are the checkpoints' and the weight copies _autocast_weight_cache's;
+    the tower's output of which an fp32 Q-Former read a copy is alive either way).
     `ctx` is the language model's."""
     vspec = blip2_parts(spec)[0]
     b, n, h = ctx.batch, blip2_image_tokens(spec), spec.hidden_size
@@ -2324,7 +2376,7 @@ def blip2_forward_outputs(spec: ModelSpec, ctx: Ctx, q: QFormerSaves, checkpoint
     projected = b * n * h * DTYPE_BYTES[ctx.autocast or ctx.compute]
     if ctx.autocast:
         projected += b * n * h * wb
-    qformer = q.unsaved + (0 if checkpointing else q.unsaved_image + q.unsaved_weight_copies)
+    qformer = q.unsaved + q.tower_output + (0 if checkpointing else q.unsaved_image + q.unsaved_weight_copies)
     return ctx.tokens * h * wb + projected + b * vspec.hidden_size * wb + ctx.tokens * 8 + qformer
 
 

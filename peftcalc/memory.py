@@ -16,6 +16,7 @@ from math import ceil
 from peftcalc.activations import ActivationProfile, activation_profile, blip2_image_tokens, make_ctx, quantized_paths
 from peftcalc.methods import Plan
 from peftcalc.settings import DTYPE_BYTES, TrainingSettings
+from peftcalc.spec import kept_in_fp32
 
 
 # Names of the components, in display order.
@@ -93,12 +94,15 @@ def gradient_free(plan: Plan) -> frozenset:
     return frozenset(g.name for g in plan.groups if g.trainable and any(g.name.startswith(p + ".") for p in unused))
 
 
-def group_dtype(plan: Plan, origin: str, ctx_weight: str) -> str:
-    """Storage dtype of a parameter by origin: base weights in the policy's weight dtype; peft's
-    adapters (LoRA, DoRA, IA3) in fp32 (peft autocast_adapter_dtype=True upcasts bf16/fp16 adapters);
-    the prompt encoders in fp32 (created as nn.Embedding and never cast); bottleneck adapters and the
-    modules_to_save copy in the base dtype."""
+def group_dtype(plan: Plan, origin: str, ctx_weight: str, name: str = "") -> str:
+    """Storage dtype of a parameter by origin: base weights in the policy's weight dtype, except those
+    from_pretrained keeps in fp32 (spec.kept_in_fp32: BLIP-2's Q-Former and query tokens under fp16);
+    peft's adapters (LoRA, DoRA, IA3) in fp32 (peft autocast_adapter_dtype=True upcasts bf16/fp16
+    adapters); the prompt encoders in fp32 (created as nn.Embedding and never cast); bottleneck
+    adapters and the modules_to_save copy in the base dtype."""
     if origin in ("lora", "dora", "ia3", "prefix", "prompt"):
+        return "float32"
+    if origin == "base" and kept_in_fp32(plan.spec, name, ctx_weight):
         return "float32"
     return ctx_weight
 
@@ -178,7 +182,7 @@ def _model_states(plan: Plan, t: TrainingSettings) -> ModelStates:
     eight_bit_state = False  # a tensor's bitsandbytes 8-bit state references the quantization maps
     quantized_modules = quantized_paths(plan)
     for g in plan.groups:
-        dtype = group_dtype(plan, g.origin, ctx.weight)
+        dtype = group_dtype(plan, g.origin, ctx.weight, g.name)
         if g.name.rsplit(".", 1)[0] in quantized_modules:
             # the bias of a Linear4bit ends up in bnb_4bit_compute_dtype whatever it was loaded or upcast
             # to: Linear4bit.forward runs ``bias.data = bias.data.to(x.dtype)`` after casting x to the
@@ -305,7 +309,7 @@ def _gradient_arrival(plan: Plan, precision: str) -> GradientArrival:
     for g in plan.groups:
         if not g.trainable or g.name in gradient_free(plan):
             continue
-        nbytes = g.numel * DTYPE_BYTES[group_dtype(plan, g.origin, ctx.weight)]
+        nbytes = g.numel * DTYPE_BYTES[group_dtype(plan, g.origin, ctx.weight, g.name)]
         if g.layer is not None:
             per[g.layer] += nbytes
         elif g.origin in ("prefix", "prompt") or any(g.name.startswith(p + ".") or g.name == p for p in input_prefixes):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -69,6 +70,28 @@ ARCHITECTURE_TASKS = {
     "LlavaForConditionalGeneration": "image_text_to_text",
     "Blip2ForConditionalGeneration": "image_text_to_text",
 }
+
+# The modules a model class keeps in fp32 when loaded in half precision, as (`_keep_in_fp32_modules`,
+# `_keep_in_fp32_modules_strict`) of the transformers class (5.23; PreTrainedModel.post_init gathers both
+# from the submodels). from_pretrained applies the first only for dtype=float16, the second for float16
+# and bfloat16 (modeling_utils.py PreTrainedModel._get_dtype_plan). Every other class of ARCHITECTURE_TASKS
+# has neither (tests/measure/test_build.py checks this table against transformers).
+KEEP_IN_FP32_MODULES = {
+    "Blip2ForConditionalGeneration": (("query_tokens", "qformer"), ()),  # modeling_blip_2.py
+}
+
+
+def kept_in_fp32(spec: "ModelSpec", name: str, weight_dtype: str) -> bool:
+    """Whether from_pretrained(..., dtype=weight_dtype) loads the parameter `name` in fp32: its class's
+    keep-in-fp32 patterns for that dtype (see KEEP_IN_FP32_MODULES) matched the way transformers 5.x
+    core_model_loading.py convert_and_load_state_dict_in_model does, ``build_glob_alternation(...).search``
+    on the state-dict key (a substring search, '*' a wildcard)."""
+    if weight_dtype not in ("float16", "bfloat16"):
+        return False
+    modules, strict = KEEP_IN_FP32_MODULES.get(spec.architecture, ((), ()))
+    patterns = strict + (modules if weight_dtype == "float16" else ())
+    return any(re.search(p.replace("*", ".*"), name) for p in patterns)
+
 
 DEFAULT_TASK = {
     "llama": "causal_lm",

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from peftcalc.layout import build_layout
 from peftcalc.methods import PEFT_METHODS, Plan
 from peftcalc.settings import DTYPE_BYTES
+from peftcalc.spec import kept_in_fp32
 
 SAFETENSORS_DTYPE = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
 
@@ -40,9 +41,10 @@ def adapter_tensors(plan: Plan, weight_dtype: str) -> list[tuple[str, tuple, str
     """The tensors `save_pretrained` writes for the method: peft's get_peft_model_state_dict names
     (peft utils/save_and_load.py: adapter name removed, tuner keys under base_model.model., prompt
     embeddings as prompt_embeddings, modules_to_save copies under base_model.model. for tuners and
-    base_model. for prompt learning); for other methods the trainable tensors, in the weight dtype."""
+    base_model. for prompt learning); for other methods the trainable tensors, in the weight dtype (or fp32
+    where from_pretrained keeps them so: stored_dtype)."""
     if plan.settings.method not in PEFT_METHODS:
-        return [(g.name, g.shape, weight_dtype) for g in plan.groups if g.trainable]
+        return [(g.name, g.shape, stored_dtype(plan, g.name, weight_dtype)) for g in plan.groups if g.trainable]
     prompt_learning = plan.settings.method in ("prefix", "prompt")
     head_prefix = "base_model." if prompt_learning else "base_model.model."
     layout = build_layout(plan.spec)
@@ -72,9 +74,16 @@ class Storage:
         return self.base_bytes + self.tasks * self.per_task_bytes
 
 
+def stored_dtype(plan: Plan, name: str, weight_dtype: str) -> str:
+    """The dtype a base parameter is saved in: the one it was loaded in, the weight dtype except where
+    from_pretrained keeps it in fp32 (spec.kept_in_fp32: BLIP-2's Q-Former and query tokens under fp16);
+    save_pretrained and safetensors' save_file write tensors as they are."""
+    return "float32" if kept_in_fp32(plan.spec, name, weight_dtype) else weight_dtype
+
+
 def full_model_bytes(plan: Plan, weight_dtype: str) -> int:
-    """model.safetensors of the base model in its dtype (tied weights stored once)."""
-    tensors = [(g.name, g.shape, weight_dtype) for g in plan.groups if g.origin == "base"]
+    """model.safetensors of the base model in its dtype (tied weights stored once; see stored_dtype)."""
+    tensors = [(g.name, g.shape, stored_dtype(plan, g.name, weight_dtype)) for g in plan.groups if g.origin == "base"]
     return safetensors_size(tensors, {"format": "pt"})
 
 

@@ -20,6 +20,9 @@ TOTAL = 3_744_761_856
 # 12 Q-Former layers (self-attention, the query FFN; cross-attention to the 1408-wide tower in the 6 even
 # layers) + its LayerNorm, 32 x 768 query tokens, the 768 -> 2560 language projection
 QFORMER_TRAINABLE = 107_130_880
+# what from_pretrained keeps in fp32 under fp16 (Blip2ForConditionalGeneration._keep_in_fp32_modules =
+# ["query_tokens", "qformer"]): all of it but the projection's 2560 x 768 + 2560
+KEPT_FP32 = QFORMER_TRAINABLE - (2560 * 768 + 2560)
 
 
 @pytest.fixture(scope="module")
@@ -68,26 +71,52 @@ def test_only_qformer_applies():
 # (the same rows are in reports/data/ci.jsonl, from measure/matrices/ci.toml). Before measure.fake.real_input_semantics read
 # Blip2ForConditionalGeneration's all-ones attention mask as real inputs do, the fake trace also kept a
 # (b, 1, s, s) float mask in every OPT layer (9,373,711,916 and 31,208,666,636 bytes at bf16 1 and 16 x 512).
+# fp16: the harness builds the Q-Former and query tokens in fp32 as from_pretrained loads them
+# (measure.build.keep_in_fp32); before it did, the fp16 traces were the bf16 ones (the calculator then
+# predicted them; with the fp32 Q-Former counted it is 6.4% higher at 1 x 512).
 REAL_TRACES = [
-    # precision, batch, seq, checkpointing, traced peak bytes (all at the start of backward)
-    ("bf16", 1, 512, False, 9_354_772_012),
-    ("bf16", 16, 512, False, 30_905_628_172),
-    ("bf16", 1, 512, True, 8_340_071_468),
-    ("bf16", 16, 512, True, 14_670_419_468),
-    ("fp32", 2, 256, False, 18_546_854_988),
-    ("amp-bf16", 2, 256, False, 23_081_445_452),
+    # precision, batch, seq, checkpointing, traced peak bytes, phase of the peak
+    ("bf16", 1, 512, False, 9_354_772_012, "backward:loss"),
+    ("bf16", 16, 512, False, 30_905_628_172, "backward:loss"),
+    ("bf16", 1, 512, True, 8_340_071_468, "backward:loss"),
+    ("bf16", 16, 512, True, 14_670_419_468, "backward:loss"),
+    ("fp16", 1, 512, False, 9_996_549_292, "backward:loss"),
+    ("fp16", 16, 512, False, 31_709_463_052, "backward:loss"),
+    ("fp16", 1, 512, True, 8_992_800_004, "optimizer"),  # the fp32 gradients outweigh the checkpointed activations
+    ("fp16", 16, 512, True, 15_323_197_964, "backward:loss"),
+    ("fp32", 2, 256, False, 18_546_854_988, "backward:loss"),
+    ("amp-bf16", 2, 256, False, 23_081_445_452, "backward:loss"),
 ]
 
 
-@pytest.mark.parametrize("precision, batch, seq, checkpointing, traced", REAL_TRACES)
-def test_real_blip2_peak_equals_fake_trace(precision, batch, seq, checkpointing, traced):
+@pytest.mark.parametrize("precision, batch, seq, checkpointing, traced, phase", REAL_TRACES)
+def test_real_blip2_peak_equals_fake_trace(precision, batch, seq, checkpointing, traced, phase):
     """The predicted peak (device cpu: what the storage tracer counts) is within 0.01% of the trace and in the
     same phase (since torch's CPU LayerNorm is counted with bf16 mean and rstd for bf16 inputs and weights, as
-    it returns them, the bf16 rows are within 2,048 bytes; they were 2,326,520 over at 16 x 512)."""
+    it returns them, the bf16 rows are within 2,048 bytes; they were 2,326,520 over at 16 x 512; under fp16
+    the Q-Former's LayerNorms are fp32, as from_pretrained keeps them)."""
     e = peftcalc.estimate(MODEL, method="qformer", batch_size=batch, seq_len=seq, precision=precision,
                           grad_checkpointing=checkpointing, device="cpu")
     assert e.memory.peak_bytes == pytest.approx(traced, rel=1e-4)
-    assert e.memory.peak_phase == "backward:loss"
+    assert e.memory.peak_phase == phase
+
+
+@pytest.mark.parametrize("precision, kept", [("fp16", KEPT_FP32), ("bf16", 0), ("amp-fp16", 0)])
+def test_fp16_keeps_the_qformer_fp32_by_hand(precision, kept):
+    """Model states of the qformer method: under fp16 the 105,162,240 Q-Former and query-token parameters are
+    fp32 (4 bytes, their gradients and both AdamW moments too), the projection and the frozen rest fp16; under
+    bf16 nothing is kept (only _keep_in_fp32_modules_strict applies to bf16, and BLIP-2 has none); under
+    amp-fp16 every weight is fp32 already."""
+    from peftcalc.memory import model_states
+    from peftcalc.settings import TrainingSettings
+
+    assert KEPT_FP32 == 105_162_240
+    t = TrainingSettings(precision=precision, device="cpu")
+    ms = model_states(make_plan(load_spec(MODEL), MethodSettings("qformer")), t)
+    b = 4 if precision.startswith("amp") else 2
+    assert ms.weights_trainable == ms.gradients == (QFORMER_TRAINABLE - kept) * b + kept * 4
+    assert ms.weights_frozen == (TOTAL - QFORMER_TRAINABLE) * b
+    assert ms.optimizer_states == 2 * ms.weights_trainable + 4 * 257  # + a 4-byte step per tensor on the CPU
 
 
 def test_opt_block_saves_by_hand():
@@ -258,17 +287,47 @@ def test_frozen_tower_forward_peak_matches_cpu_trace(precision):
     assert row["predicted"]["peak_bytes"] == row["measured"]["peak_bytes"]
 
 
-def test_harness_traces_the_real_blip2_on_fake_tensors():
-    """The real blip2-opt-2.7b (3.74B parameters) built on fake tensors, one bf16 qformer step of 1 x (32 query +
+@pytest.mark.parametrize("precision, kept", [("bf16", 0), ("fp16", KEPT_FP32)])
+def test_harness_traces_the_real_blip2_on_fake_tensors(precision, kept):
+    """The real blip2-opt-2.7b (3.74B parameters) built on fake tensors, one qformer step of 1 x (32 query +
     64 text) tokens: the step runs; the traced parameters are the layout's total and the optimizer state is
-    AdamW's two bf16 moments of the 107,130,880 trainable parameters plus a step per trainable tensor (257)."""
+    AdamW's two moments of the 107,130,880 trainable parameters plus a step per trainable tensor (257), 2 bytes
+    each, except under fp16 the 105,162,240 of the Q-Former and query tokens, fp32 as from_pretrained loads them
+    (2 more bytes per parameter and moment)."""
     from measure.run import measure_one
     from peftcalc.settings import TrainingSettings
 
-    t = TrainingSettings(batch_size=1, seq_len=64, precision="bf16", device="cpu")
+    t = TrainingSettings(batch_size=1, seq_len=64, precision=precision, device="cpu")
     row = measure_one(MODEL, MethodSettings("qformer"), t, device="fake", steps=2, predicted=False)
     assert row["outcome"] == "ok", row["error"]
     at_peak = row["measured"]["categories_at_peak"]
-    assert at_peak["parameters"] == 2 * TOTAL
+    assert at_peak["parameters"] == 2 * TOTAL + 2 * kept
     tensors = sum(1 for g in make_plan(load_spec(MODEL), MethodSettings("qformer")).groups if g.trainable)
-    assert tensors == 257 and at_peak["optimizer_state"] == 2 * 2 * QFORMER_TRAINABLE + 4 * tensors
+    assert tensors == 257 and at_peak["optimizer_state"] == 2 * (2 * QFORMER_TRAINABLE + 2 * kept) + 4 * tensors
+
+
+def test_tiny_blip2_fp16_step_keeps_the_qformer_fp32():
+    """A real CPU fp16 step of the tiny BLIP-2 at 2 x (8 queries + 16 text) tokens: the Q-Former (31,808) and the
+    8 x 32 query tokens are fp32, as from_pretrained(dtype=torch.float16) loads them; the traced parameter and
+    AdamW state bytes say so, and the predicted peak is the traced one, 1,577,524 bytes, to the byte (it was 960
+    over, 5 x 48 tokens x 2 x 2 bytes, before the calculator counted the mean and rstd of OPT's 5 LayerNorms in
+    fp16 as torch's CPU kernel returns them; the Q-Former's LayerNorms are fp32).
+    The trainable tensors the harness saves are the size peftcalc.storage gives them."""
+    from measure.run import measure_one
+    from peftcalc.settings import TrainingSettings
+    from peftcalc.storage import adapter_tensors, safetensors_size
+
+    spec = load_spec(TINY)
+    plan = make_plan(spec, MethodSettings("qformer"))
+    kept = 31_808 + 8 * 32
+    t = TrainingSettings(batch_size=2, seq_len=16, precision="fp16", device="cpu")
+    row = measure_one(TINY, MethodSettings("qformer"), t, device="cpu", steps=2)
+    assert row["outcome"] == "ok", row["error"]
+    at_peak = row["measured"]["categories_at_peak"]
+    assert at_peak["parameters"] == 2 * plan.total + 2 * kept
+    tensors = sum(1 for g in plan.groups if g.trainable)
+    assert at_peak["optimizer_state"] == 2 * (2 * plan.trainable + 2 * kept) + 4 * tensors
+    assert row["measured"]["peak_bytes"] == 1_577_524
+    assert row["predicted"]["peak_bytes"] == row["measured"]["peak_bytes"]
+    # the saved trainable tensors (safetensors save_file, no metadata): the kept ones as F32, 137,824 bytes
+    assert safetensors_size(adapter_tensors(plan, "float16")) == row["saved"]["bytes"] == 137_824
