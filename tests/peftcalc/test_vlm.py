@@ -125,16 +125,10 @@ def test_vision_tower_forward_peak_matches_cpu_trace(precision):
     """A LLaVA whose vision tower (224 px, 257 tokens of 256) outweighs a one-layer language model of 32:
     the peak is the frozen tower's forward (token embeddings, encoder input, layer input, residual, MLP
     input and quick_gelu's three intermediates), predicted within 0.1% of the CPU trace."""
-    import json
-
     from measure.run import measure_one
     from peftcalc.settings import TrainingSettings
 
-    config = json.loads(Path(TINY).read_text())
-    config["vision_config"].update(hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
-                                   num_attention_heads=4, image_size=224)
-    config["text_config"].update(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                                 num_key_value_heads=2)
+    config = _vision_heavy_tiny_llava()
     t = TrainingSettings(batch_size=2, seq_len=4, precision=precision, device="cpu")
     row = measure_one(config, MethodSettings("projector"), t, device="cpu", steps=2)
     assert row["outcome"] == "ok", row["error"]
@@ -348,18 +342,25 @@ def test_vision_tower_forward_peak_with_adapters_matches_cpu_trace(kind, precisi
     lower layer's saves, the top layer's saves through its activation, its LayerNorm, activation and fc2
     outputs, the encoder input and the token embeddings. With gradient checkpointing the peak moves into the
     tower's backward, which the timeline does not model (10-20% under on this configuration)."""
-    import json
-
     from measure.run import measure_one
     from peftcalc.settings import TrainingSettings
+
+    config = _vision_heavy_tiny_llava()
+    t = TrainingSettings(batch_size=2, seq_len=4, precision=precision, device="cpu")
+    row = measure_one(config, MethodSettings("adapter", adapter_kind=kind, bottleneck=16), t, device="cpu", steps=2)
+    assert row["outcome"] == "ok", row["error"]
+    assert row["measured"]["peak_phase"] == "forward" and row["predicted"]["peak_phase"] == "forward:block"
+    assert row["predicted"]["peak_bytes"] == pytest.approx(row["measured"]["peak_bytes"], rel=1e-3)
+
+
+def _vision_heavy_tiny_llava() -> dict:
+    """The tiny LLaVA with a tower that outweighs its language model: CLIP 4 x 256 (FFN 1024, 224 px) and a
+    1-layer Llama of hidden 32."""
+    import json
 
     config = json.loads(Path(TINY).read_text())
     config["vision_config"].update(hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
                                    num_attention_heads=4, image_size=224)
     config["text_config"].update(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                                  num_key_value_heads=2)
-    t = TrainingSettings(batch_size=2, seq_len=4, precision=precision, device="cpu")
-    row = measure_one(config, MethodSettings("adapter", adapter_kind=kind, bottleneck=16), t, device="cpu", steps=2)
-    assert row["outcome"] == "ok", row["error"]
-    assert row["measured"]["peak_phase"] == "forward" and row["predicted"]["peak_phase"] == "forward:block"
-    assert row["predicted"]["peak_bytes"] == pytest.approx(row["measured"]["peak_bytes"], rel=1e-3)
+    return config
