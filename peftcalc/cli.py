@@ -111,6 +111,35 @@ def compare(
 
 
 @app.command()
+def crossover(
+    model: str = MODEL_ARG, method: Optional[str] = METHOD, rank: Optional[int] = RANK, targets: Optional[str] = TARGETS,
+    dora: bool = DORA, bottleneck: Optional[int] = BOTTLENECK, adapter_kind: Optional[str] = ADAPTER_KIND,
+    num_virtual_tokens: Optional[int] = VIRTUAL_TOKENS, trainable_layers: Optional[int] = TRAINABLE_LAYERS,
+    against: str = typer.Option("full", "--against", help="The method to compare with (default full)."),
+    over: str = typer.Option("seq-len", "--over", help="seq-len | batch-size: the setting that grows."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Largest value tried (default 131072 tokens or "
+                                        "batch 1024)."),
+    batch_size: int = BATCH, seq_len: int = typer.Option(128, "--seq-len", "-s", help="Sequence length (where "
+                                                         "the scan starts with --over seq-len)."),
+    precision: str = PRECISION, optimizer: str = OPTIMIZER, grad_checkpointing: bool = CKPT,
+    attention: str = ATTENTION, device: str = DEVICE, format: str = FORMAT,
+) -> None:
+    """Where a method stops saving memory against another (default: full fine-tuning) as the sequence
+    length or batch size grows (peft#1514: LoRA on all linears overtakes full fine-tuning at long context)."""
+    from peftcalc.crossover import crossover as find_crossover, render_crossover
+
+    _check_format(format)
+    method_kw = {k: v for k, v in dict(rank=rank, targets=targets, dora=dora or None, bottleneck=bottleneck,
+                                       adapter_kind=adapter_kind, num_virtual_tokens=num_virtual_tokens,
+                                       trainable_layers=trainable_layers).items() if v is not None}
+    training = dict(batch_size=batch_size, seq_len=seq_len, precision=precision, optimizer=optimizer,
+                    grad_checkpointing=grad_checkpointing, attention=attention, device=device)
+    r = find_crossover(model, method=method or "lora", against=against, over=over, limit=limit, training=training,
+                       **method_kw)
+    typer.echo(render_crossover(r, format))
+
+
+@app.command()
 def models(format: str = FORMAT) -> None:
     """The built-in model registry, with the config each entry came from."""
     from peftcalc.layout import build_layout

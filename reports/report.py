@@ -2,7 +2,8 @@
 
 Sections: 1. predicted vs measured (committed GPU data is the headline, CPU and fake-tensor data
 reported apart); 2. trainable vs total against seeds 004/000; 3. storage vs task count (seed 003);
-4. memory breakdown and "which card"; 5. seed 001's 7B VLM table recomputed.
+4. memory breakdown and "which card"; 5. seed 001's 7B VLM table recomputed; 6. where LoRA overtakes
+full fine-tuning at long context (peft#1514), predicted and traced.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from reports import accuracy
 from reports.render import cell, frame_markdown, markdown
 from reports.rows import REPO, SOURCES, load_rows
 
-SECTIONS = ("accuracy", "trainable", "storage", "breakdown", "vlm")
+SECTIONS = ("accuracy", "trainable", "storage", "breakdown", "vlm", "crossover")
 SOURCE_TITLES = {
     "gpu": "GPU (cuda: torch.cuda.max_memory_allocated)",
     "cpu": "real CPU runs (storage tracer)",
@@ -229,6 +230,34 @@ def vlm_section(out: Path, files: list) -> list[str]:
     return ["## 5. Seed 001: the 7B vision-language memory breakdown, recomputed", "", vlm_markdown(df), ""]
 
 
+def crossover_section(df) -> list[str]:
+    """peft#1514: the calculator's crossover (peftcalc.crossover) for TinyLlama-1.1B, LoRA r=64 on every
+    linear against full fine-tuning (bf16, batch 1), on CUDA and on the trace's device, beside the
+    traced peaks of both methods in the result files (matrix `crossover`)."""
+    from peftcalc.crossover import crossover, crossover_sentence
+
+    md = ["## 6. Where LoRA stops saving memory (peft#1514)", ""]
+    for device in ("cuda", "cpu"):
+        r = crossover("tinyllama-1.1b", method="lora", rank=64, targets="all-linear",
+                      training={"seq_len": 128, "device": device})
+        md.append(f"- predicted, `--device {device}`: {crossover_sentence(r)}")
+    rows = df[(df["model"] == "tinyllama-1.1b") & (df["outcome"] == "ok")] if not df.empty else df
+    if not rows.empty:
+        cells = []
+        for seq, g in rows.groupby("seq_len", sort=True):
+            by = {m: r for m, r in zip(g["method"], g.itertuples())}
+            if {"lora", "full"} <= set(by):
+                lo, fu = by["lora"], by["full"]
+                cells.append([f"{seq:,}", f"{lo.measured_peak_bytes:,.0f}", f"{fu.measured_peak_bytes:,.0f}",
+                              f"{lo.measured_peak_bytes - fu.measured_peak_bytes:+,.0f}",
+                              f"{lo.predicted_peak_bytes - fu.predicted_peak_bytes:+,.0f}"])
+        if cells:
+            md += ["", "Traced (fake tensors, the real model's shapes) against predicted (`--device cpu`), bytes:", "",
+                   markdown(["seq len", "LoRA traced peak", "full traced peak", "LoRA - full traced",
+                             "LoRA - full predicted"], cells)]
+    return md + [""]
+
+
 def build_report(jsonl_paths, out_dir, *, sections=SECTIONS, trainable_models=("llama-2-7b", "bert-base"),
                  storage_model: str = "llama-2-7b", tasks: str = "1..100", breakdown_model: str = "llama-3.1-8b",
                  batch_sizes=(1, 2, 4, 8), configs: dict | None = None, recompute: bool = True) -> dict:
@@ -252,6 +281,8 @@ def build_report(jsonl_paths, out_dir, *, sections=SECTIONS, trainable_models=("
         md += breakdown_section(breakdown_model, list(batch_sizes), out, files)
     if "vlm" in sections:
         md += vlm_section(out, files)
+    if "crossover" in sections:
+        md += crossover_section(df)
     summary = accuracy.summarize(df)
     report = out / "report.md"
     report.write_text("\n".join(md))
