@@ -851,7 +851,7 @@ FP32_SOFTMAX_FAMILIES = ("llama", "mistral", "qwen2", "vit", "clip_vision_model"
 
 
 def attention(rec: Recorder, spec: ModelSpec, q: T, k: T, v: T, p_drop: float, tag: str, hold: int = 0,
-              cross: bool = False) -> T:
+              cross: bool = False, replaced: tuple = ()) -> T:
     """Scaled dot-product attention over heads.
 
     sdpa (torch.nn.functional.scaled_dot_product_attention): the fused kernels (flash/memory-efficient
@@ -862,7 +862,8 @@ def attention(rec: Recorder, spec: ModelSpec, q: T, k: T, v: T, p_drop: float, t
     with v, and dropout (p > 0) saves its mask. `hold`: the node after which the CPU math path's
     incoming gradient is freed (traced: the query projection's). `cross`: keys and values come from
     another sequence of ctx.kv_seq tokens (the BLIP-2 Q-Former's cross-attention to the image
-    features), with no mask and no virtual tokens.
+    features), with no mask and no virtual tokens. `replaced`: what the modeling code drops when its
+    key/value locals are rebound to the cache update's concatenations (prefix tuning only).
     """
     ctx = rec.ctx
     b, s, kv = ctx.batch, ctx.seq, ctx.kv_seq
@@ -875,6 +876,7 @@ def attention(rec: Recorder, spec: ModelSpec, q: T, k: T, v: T, p_drop: float, t
     # mask) repeats keys/values to every head (repeat_kv, locals dropped when it returns) and SDPA saves
     # the float mask it builds
     kc, vc = _cache_keys(rec, k, b * kv * spec.kv_dim), _cache_keys(rec, v, b * kv * spec.kv_dim)
+    rec.free(*replaced)
     kr, vr = _repeat_kv(rec, spec, kc), _repeat_kv(rec, spec, vc)
     cpu_math = p_drop > 0 and ctx.device == "cpu" and ctx.training_dropout
     if ctx.attention != "eager" and not cpu_math:  # eager and the math path add it to the scores
@@ -1229,7 +1231,8 @@ def llama_block(rec: Recorder, spec: ModelSpec, plan: Plan, lt: LayerTraining, x
     q, k, v = heads_view(rec, ql, clone=True), heads_view(rec, kl, clone=True), heads_view(rec, vl, clone=eager)
     q, k = rope(rec, q), rope(rec, k)
     rec.free(ql, kl)
-    a = attention(rec, spec, q, k, v, dropout_p(spec, "attn"), "self_attn.attention")
+    # `key_states, value_states = past_key_values.update(...)` drops RoPE's keys and the value projection
+    a = attention(rec, spec, q, k, v, dropout_p(spec, "attn"), "self_attn.attention", replaced=(k, vl))
     o = _lin(rec, lt, a, "self_attn.o_proj", spec.q_dim, h, plan)
     o = _adapt(rec, lt, o, "attn_out", spec, plan, "self_attn.o_proj")
     rec.free(a, q, k, vl, n)
@@ -1303,7 +1306,10 @@ def bert_block(rec: Recorder, spec: ModelSpec, plan: Plan, lt: LayerTraining, x:
     kl = _lin(rec, lt, x, "attention.self.key", h, h, plan)
     vl = _lin(rec, lt, x, "attention.self.value", h, h, plan)
     q, k, v = (heads_view(rec, t, clone=reshaped) for t in (ql, kl, vl))
-    a = attention(rec, spec, q, k, v, dropout_p(spec, "attn"), "attention.self", hold=query_node)
+    # BertSelfAttention: `key_layer, value_layer = past_key_values.update(...)` drops the key and value
+    # projections (views of them were the only references; traced, tiny-bert-cls prefix bf16)
+    a = attention(rec, spec, q, k, v, dropout_p(spec, "attn"), "attention.self", hold=query_node,
+                  replaced=(kl, vl))
     rec.free(ql, kl, vl)
     o = _lin(rec, lt, a, "attention.output.dense", h, h, plan)
     o = _adapt(rec, lt, o, "attn_out", spec, plan, "attention.output.dense")
@@ -1522,6 +1528,7 @@ class BlockRun:
     tags: dict
     out: T  # the last block's output
     leaves: int  # unsaved bytes the blocks leave referenced to the end of the forward (BlockSimulation.leaves)
+    held_after: int = 0  # unsaved bytes the forward holds when the blocks are done, their output aside
 
 
 def _run_blocks(rec: Recorder, spec: ModelSpec, plan: Plan, layout: Layout, ctx: Ctx, x: T, held: int,
@@ -1564,7 +1571,34 @@ def _run_blocks(rec: Recorder, spec: ModelSpec, plan: Plan, layout: Layout, ctx:
     for block, count in kinds.items():
         for tag, nbytes in block.tags:
             tags[tag] = tags.get(tag, 0) + count * nbytes
-    return BlockRun(tuple(per_layer), tuple(peaks), forward_block, tags, rec.new(x.numel, dtype, rg), leaves)
+    if first is not None and embedding_held and x.id not in rec.saved and not first.saves_input:
+        held += x.nbytes
+    return BlockRun(tuple(per_layer), tuple(peaks), forward_block, tags, rec.new(x.numel, dtype, rg), leaves, held)
+
+
+def _final_norm_peak(spec: ModelSpec, plan: Plan, layout: Layout, ctx: Ctx, out: T) -> tuple[int, int]:
+    """The final norm's forward on the last block's output, simulated alone like a block: (peak, saved at
+    it), its input included. It runs inside the base model's forward (LlamaModel.forward's self.norm,
+    ViTModel's layernorm, GPT2Model's ln_f), with what the forward holds when the blocks are done
+    (BlockRun.held_after: prefix tuning's cache, the positions, the embedding output). Traced
+    (tiny-llama-cls prefix amp-bf16, fake): the step's peak is LlamaRMSNorm's x * rsqrt and
+    weight * _, with the variance still referenced."""
+    rec = Recorder(ctx, bucket="post")
+    _final_norm(rec, spec, plan, layout, rec.new(out.numel, out.dtype, out.rg))
+    return rec.forward_peak, rec.forward_peak_saved
+
+
+def _with_final_norm(spec: ModelSpec, plan: Plan, layout: Layout, ctx: Ctx, blocks: BlockRun,
+                     below: int) -> tuple:
+    """BlockRun.forward_block, or the final norm's peak (_final_norm_peak) where it is larger, on what
+    the model's forward (`below`) and the blocks saved."""
+    if not _has_final_norm(spec, layout):
+        return blocks.forward_block
+    peak, peak_saved = _final_norm_peak(spec, plan, layout, ctx, blocks.out)
+    below += sum(blocks.per_layer)
+    if below + peak + blocks.held_after > sum(blocks.forward_block):
+        return below + peak_saved, peak - peak_saved + blocks.held_after
+    return blocks.forward_block
 
 
 def _head_backward(rec: Recorder, start: int, root: T) -> BackwardPeak:
@@ -1611,6 +1645,7 @@ def activation_profile(plan: Plan, t: TrainingSettings) -> ActivationProfile:
     # Llama family (what the blocks leave referenced adds up in _run_blocks)
     held = _prompt_inputs_held(spec, plan, ctx) + _positions_held(spec, ctx, grads_reach_blocks)
     blocks = _run_blocks(rec, spec, plan, layout, ctx, x, held, True)
+    forward_block = _with_final_norm(spec, plan, layout, ctx, blocks, rec.saved_total)
     rec.bucket = "post"
     head_start = len(rec.nodes)
     logits_numel, hidden, root = _head(rec, spec, plan, layout, blocks.out)
@@ -1640,8 +1675,8 @@ def activation_profile(plan: Plan, t: TrainingSettings) -> ActivationProfile:
         autocast_weight_cache=_autocast_weight_cache(plan, ctx) - rec.saved_cached_copies(),
         model_output=model_output,
         head_backward=head,
-        forward_block_saved=blocks.forward_block[0],
-        forward_block_live=blocks.forward_block[1],
+        forward_block_saved=forward_block[0],
+        forward_block_live=forward_block[1],
         forward_leaves=blocks.leaves,
         blocks=blocks.blocks,
         embedding_grad=x.nbytes if x.rg else 0,
@@ -1787,18 +1822,27 @@ def _first_token(rec: Recorder, x: T, batch: int) -> T:
     return v
 
 
+def _has_final_norm(spec: ModelSpec, layout: Layout) -> bool:
+    return bool(layout.final_norm_path) and spec.model_type != "clip_vision_model"  # CLIP norms only the pooled token
+
+
+def _final_norm(rec: Recorder, spec: ModelSpec, plan: Plan, layout: Layout, x: T) -> T:
+    """The base model's final norm on the last block's output (x itself where it has none)."""
+    if not _has_final_norm(spec, layout):
+        return x
+    norm_trains = _trains(plan, layout.final_norm_path)
+    if spec.model_type in ("llama", "mistral", "qwen2"):
+        return rms_norm(rec, x, norm_trains, "norm")
+    return layer_norm(rec, x, norm_trains, spec.hidden_size, layout.final_norm_path)
+
+
 def _head(rec: Recorder, spec: ModelSpec, plan: Plan, layout: Layout, x: T):
     """Final norm and task head (as each ForXxx class runs them); returns (logits numel, the final
     hidden state, the tensor whose gradient starts the head's backward: the logits, or the bare
     encoder's loss)."""
     ctx = rec.ctx
     h, tok, b = spec.hidden_size, ctx.tokens, ctx.batch
-    if layout.final_norm_path and spec.model_type != "clip_vision_model":  # CLIP norms only the pooled token
-        norm_trains = _trains(plan, layout.final_norm_path)
-        if spec.model_type in ("llama", "mistral", "qwen2"):
-            x = rms_norm(rec, x, norm_trains, "norm")
-        else:
-            x = layer_norm(rec, x, norm_trains, h, layout.final_norm_path)
+    x = _final_norm(rec, spec, plan, layout, x)
     if spec.task == "causal_lm":
         w = _trains(plan, "lm_head", True) or (layout.head_tied_to_embedding and plan.embedding_trains)
         logits = linear(rec, x, h, spec.vocab_size, w, "lm_head")
