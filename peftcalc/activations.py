@@ -126,6 +126,7 @@ class Recorder:
     saved_total: int = 0
     forward_peak: int = 0
     forward_peak_saved: int = 0
+    forward_peak_id: int = 0  # the newest tensor at the forward's peak
     recompute_peak: int = 0
     cached: list = field(default_factory=list)  # autocast's cached copies of trainable weights (see _weight_copy)
 
@@ -137,6 +138,7 @@ class Recorder:
         self.live_bytes += t.nbytes
         if self.saved_total + self.live_bytes > self.forward_peak:
             self.forward_peak, self.forward_peak_saved = self.saved_total + self.live_bytes, self.saved_total
+            self.forward_peak_id = t.id
         return t
 
     def free(self, *ts: T) -> None:
@@ -152,18 +154,33 @@ class Recorder:
         return T(numel, x.dtype, x.rg, self.next_id, x.base or x)
 
     def save(self, t: T, tag: str) -> int:
-        """Save t for backward, counted once per storage (a view saves its base's whole storage)."""
+        """Save t for backward, counted once per storage (a view saves its base's whole storage). A
+        tensor that was alive at the forward's peak (still alive now, and made no later than the peak)
+        counts among the peak's saved bytes: the harness's tracer (measure/tracer.py) gives a storage
+        its category as finally decided, so a tensor autograd saves after the peak is an activation
+        there too (peft DoRA's cast input, made before the weight norm and saved by lora_A after it)."""
         t = t.base or t
         if t.id not in self.saved:
             self.saved[t.id] = (self.bucket, tag, t.nbytes)
             self.saved_total += t.nbytes
             if t.id in self.live:  # held by autograd from now on
                 self.live_bytes -= self.live.pop(t.id)
+                if t.id <= self.forward_peak_id:
+                    self.forward_peak_saved += t.nbytes
         self.recompute_peak = self.forward_peak
         return t.id
 
     def save_new(self, numel: int, dtype: str, tag: str) -> int:
         return self.save(self.new(numel, dtype, False), tag)
+
+    def release(self, *ts: T) -> None:
+        """Autograd frees what a graph saved once nothing references the graph: a graph whose output
+        is only used detached (peft DoRA's lora_weight, see _dora_weight_norm) dies with its last
+        reference, and its saved tensors with it. Each of `ts` is dropped from the saved tensors."""
+        for t in ts:
+            entry = self.saved.pop((t.base or t).id, None)
+            if entry is not None:
+                self.saved_total -= entry[2]
 
     def save_param(self) -> None:
         """A parameter saved for backward: no activation bytes, but a recompute stops only after it."""
@@ -444,10 +461,11 @@ def _lora(rec: Recorder, x: T, base: T, in_f: int, out_f: int, rank: int, dora: 
           quantized: bool = False) -> T:
     """peft tuners/lora/layer.py Linear.forward: result + lora_B(lora_A(x.to(lora_A.weight.dtype))) *
     scaling, then .to(the base result's dtype); with DoRA (variants.py DoraLinearVariant.forward) the
-    delta is DoraLinearLayer.forward's. On a 4-bit base (lora/bnb.py Linear4bit.forward) the base result
-    is cloned first ("defensively clone"), and unless torch.is_autocast_enabled() (CUDA's autocast: a CPU
-    autocast region reads False) the input is cast to the adapter's dtype and the delta back to the
-    result's before the sum."""
+    delta is DoraLinearLayer.forward's, whose weight norm (_dora_weight_norm) comes before the LoRA
+    product and whose locals go when it returns, before ``result + ...``. On a 4-bit base
+    (lora/bnb.py Linear4bit.forward) the base result is cloned first ("defensively clone"), and unless
+    torch.is_autocast_enabled() (CUDA's autocast: a CPU autocast region reads False) the input is cast
+    to the adapter's dtype and the delta back to the result's before the sum."""
     ctx = rec.ctx
     tokens_in = x.numel // in_f
     convert = True
@@ -457,8 +475,11 @@ def _lora(rec: Recorder, x: T, base: T, in_f: int, out_f: int, rank: int, dora: 
         base = result
         convert = not (ctx.autocast and ctx.device == "cuda")
     xc = cast(rec, x, ctx.adapter) if convert else x  # peft _cast_input_dtype: the local x until the layer returns
-    held = _dora_weight_norm(rec, in_f, out_f, rank) if dora else ()
-    a_copy = _weight_copy(rec, in_f * rank, True, ctx.adapter) if ctx.autocast else None
+    norm = _dora_weight_norm(rec, in_f, out_f, rank, xc.dtype, tag) if dora else None
+    if norm is not None:
+        a_copy, b_copy = norm.a_copy, norm.b_copy
+    else:
+        a_copy = _weight_copy(rec, in_f * rank, True, ctx.adapter) if ctx.autocast else None
     xa = autocast_in(rec, xc)
     saved_a = [rec.save(xa, f"{tag}.lora_input")]
     if a_copy is not None and x.rg:
@@ -468,15 +489,18 @@ def _lora(rec: Recorder, x: T, base: T, in_f: int, out_f: int, rank: int, dora: 
                weight_bytes=in_f * rank * ab)
     if xa is not xc:
         rec.free(xa)
-    b_copy = _weight_copy(rec, out_f * rank, True, ctx.adapter) if ctx.autocast else None
+    if norm is None:
+        b_copy = _weight_copy(rec, out_f * rank, True, ctx.adapter) if ctx.autocast else None
     saved_b = [rec.save(a, f"{tag}.lora_A_out")]
     if b_copy is not None:
         saved_b.append(rec.save(b_copy, f"{tag}.lora_autocast_weights"))
     lb = matmul(rec, a, rank, out_f, True, ctx.autocast or ctx.adapter, saved_b, weight=b_copy,
                 weight_bytes=out_f * rank * ab)
     rec.free(a)
-    if dora:
-        delta = _dora(rec, base, lb, out_f, tokens_in, bias, tag)
+    if norm is not None:
+        delta = _dora(rec, base, lb, norm.norm, out_f, tokens_in, bias, tag)
+        rec.release(*norm.graph_saved)  # DoraLinearLayer.forward returns: lora_weight and its graph go
+        rec.free(*norm.graph_saved, *norm.held)
     else:
         delta = scale(rec, lb)
     rec.free(lb)
@@ -486,10 +510,10 @@ def _lora(rec: Recorder, x: T, base: T, in_f: int, out_f: int, rank: int, dora: 
             rec.free(delta)
             delta = d
         out = add(rec, base, delta, base.dtype)
-        rec.free(delta, base, *held)
+        rec.free(delta, base)
     else:
         total = add(rec, base, delta, _promote(base.dtype, delta.dtype))
-        rec.free(delta, base, *held)
+        rec.free(delta, base)
         out = cast(rec, total, base.dtype)  # result.to(torch_result_dtype)
         if out is not total:
             rec.free(total)
@@ -498,40 +522,77 @@ def _lora(rec: Recorder, x: T, base: T, in_f: int, out_f: int, rank: int, dora: 
     return out
 
 
-def _dora_weight_norm(rec: Recorder, in_f: int, out_f: int, rank: int) -> tuple:
-    """The forward-only part of peft's DoraLinearLayer.forward, before the LoRA product: get_lora_weight
-    runs lora_B(lora_A(eye(in))) (the identity and A's output stay referenced by the product's graph),
-    the base weight .to(x dtype) copies a lower-precision weight, and get_weight_norm makes
-    s * B A and W + s * B A (out x in) and the column norms. Returns what stays referenced until the
-    layer returns (the identity, A's output, B A, the weight copy)."""
+@dataclass(frozen=True)
+class DoraWeightNorm:
+    """What _dora_weight_norm leaves for the rest of DoraLinearLayer.forward: the detached column norms,
+    autocast's cached copies of lora_A/lora_B's weights (made here first, reused by lora_B(lora_A(x))),
+    the tensors the lora_weight graph saved (released when the layer returns) and the other locals the
+    forward references until it returns."""
+
+    norm: T
+    a_copy: T | None
+    b_copy: T | None
+    graph_saved: tuple
+    held: tuple
+
+
+def _dora_weight_norm(rec: Recorder, in_f: int, out_f: int, rank: int, x_dtype: str, tag: str) -> DoraWeightNorm:
+    """The forward-only part of peft tuners/lora/dora.py DoraLinearLayer.forward, before the LoRA
+    product. get_lora_weight: ``x_eye = torch.eye(in, dtype=lora_A.weight.dtype)``;
+    ``lora_B(lora_A(x_eye)).T``, under grad mode: lora_A's mm saves its input (A's weight trains) and
+    lora_B's saves A's output, in a graph whose output forward only uses detached, so it lives (with
+    what it saved) until lora_weight goes when the layer returns. Under torch.autocast both Linears run
+    in the autocast dtype (autocast_mode.cpp cached_cast: the cached copies of the adapter weights, the
+    identity cast to a copy that is what the mm saves; x_eye itself goes when get_lora_weight returns).
+    ``lora_weight.to(x.dtype)`` (x: the input cast to lora_A.weight.dtype) copies an autocast result
+    (the lower-precision product goes), ``weight.to(x.dtype)`` the base weight where its dtype differs.
+    get_weight_norm: ``weight + scaling * lora_weight`` (out x in each, the product a temporary) and
+    ``torch.linalg.norm(weight, dim=1)``, in x's dtype."""
     ctx = rec.ctx
+    low = ctx.autocast or ctx.adapter
     eye = rec.new(in_f * in_f, ctx.adapter, False)
-    a_eye = rec.new(in_f * rank, ctx.adapter, False)
-    lora_weight = rec.new(in_f * out_f, ctx.adapter, False)
-    weight = rec.new(in_f * out_f, ctx.adapter, False) if ctx.weight != ctx.adapter else None
-    scaled = rec.new(in_f * out_f, ctx.adapter, False)
-    summed = rec.new(in_f * out_f, ctx.adapter, False)
+    a_copy = _weight_copy(rec, in_f * rank, True, ctx.adapter) if ctx.autocast else None
+    eye_in = rec.new(in_f * in_f, low, False) if low != eye.dtype else eye
+    graph_saved = [eye_in]
+    rec.save(eye_in, f"{tag}.dora_lora_weight_graph")
+    a_eye = rec.new(in_f * rank, low, False)
+    graph_saved.append(a_eye)
+    b_copy = _weight_copy(rec, out_f * rank, True, ctx.adapter) if ctx.autocast else None
+    rec.save(a_eye, f"{tag}.dora_lora_weight_graph")
+    product = rec.new(in_f * out_f, low, False)
+    if eye_in is not eye:
+        rec.free(eye)  # get_lora_weight returns
+    lora_weight = rec.new(in_f * out_f, x_dtype, False) if x_dtype != low else product
+    if lora_weight is not product:
+        rec.free(product)
+    weight = rec.new(in_f * out_f, x_dtype, False) if ctx.weight != x_dtype else None
+    scaled = rec.new(in_f * out_f, x_dtype, False)
+    summed = rec.new(in_f * out_f, x_dtype, False)
     rec.free(scaled)
-    norm = rec.new(out_f, ctx.adapter, False)
-    rec.free(summed, norm)
-    return tuple(t for t in (eye, a_eye, lora_weight, weight) if t is not None)
+    norm = rec.new(out_f, x_dtype, False)
+    rec.free(summed)
+    held = tuple(t for t in (lora_weight, weight) if t is not None)
+    return DoraWeightNorm(norm, a_copy, b_copy, tuple(graph_saved), held)
 
 
-def _dora(rec: Recorder, base: T, lora_out: T, out_f: int, tokens: int, bias: bool, tag: str) -> T:
+def _dora(rec: Recorder, base: T, lora_out: T, wn: T, out_f: int, tokens: int, bias: bool, tag: str) -> T:
     """peft tuners/lora/dora.py DoraLinearLayer.forward: (m/||W+BA|| - 1) * base_result +
     m/||W+BA|| * lora_B(lora_A(x)) * scaling: the muls save the base result (compute dtype), the LoRA
-    result, and the vectors ||W+BA|| (detached, saved by m/||.||) and m/||.||; m/||.|| - 1 only when the
-    base result needs a gradient (x does: the base weight is frozen). base_result - bias when the layer
-    has one (under autocast that promotes to fp32)."""
+    result, and the vectors ||W+BA|| (`wn`, detached, saved by m/||.||) and m/||.||; m/||.|| - 1 only
+    when the base result needs a gradient (x does: the base weight is frozen). base_result - bias when
+    the layer has one (under autocast that promotes to fp32)."""
     ctx = rec.ctx
     vec = ctx.adapter
-    wn = rec.save_new(out_f, vec, f"{tag}.dora_scale")  # ||W + s BA||, detached
+    rec.save(wn, f"{tag}.dora_scale")  # ||W + s BA||, detached
     mns = rec.new(out_f, vec, True)  # magnitude / weight_norm: DivBackward saves the norm
-    rec.node(mns, [("param", out_f * DTYPE_BYTES[vec])], saved=[wn])
-    base_dtype = ctx.weight if (bias and ctx.autocast) else (ctx.autocast or ctx.compute)
-    br = base if base_dtype == base.dtype else rec.new(base.numel, base_dtype, base.rg)
-    if br is not base:  # base_result - bias (SubBackward, the engine casts the gradient back)
-        rec.node(br, *_grads(base))
+    rec.node(mns, [("param", out_f * DTYPE_BYTES[vec])], saved=[wn.id])
+    br = base
+    if bias:  # base_result - bias: a new tensor, in fp32 under autocast (the bias is the weight's dtype)
+        br = rec.new(base.numel, _promote(base.dtype, ctx.weight), base.rg)
+        if br.dtype == base.dtype:  # SubBackward hands the gradient on
+            rec.node(br, outputs=[(base.id, GRAD)] if base.rg else [])
+        else:  # the engine casts it back to the base result's dtype
+            rec.node(br, *_grads(base))
     m1 = rec.new(out_f, vec, True)  # mag_norm_scale - 1: SubBackward hands the gradient on
     rec.node(m1, outputs=[(mns.id, GRAD)])
     saved1 = [rec.save(br, f"{tag}.dora_base_out")]  # for (m - 1)'s gradient
@@ -790,7 +851,7 @@ FP32_SOFTMAX_FAMILIES = ("llama", "mistral", "qwen2", "vit", "clip_vision_model"
 
 
 def attention(rec: Recorder, spec: ModelSpec, q: T, k: T, v: T, p_drop: float, tag: str, hold: int = 0,
-              cross: bool = False) -> T:
+              cross: bool = False, replaced: tuple = ()) -> T:
     """Scaled dot-product attention over heads.
 
     sdpa (torch.nn.functional.scaled_dot_product_attention): the fused kernels (flash/memory-efficient
@@ -801,7 +862,8 @@ def attention(rec: Recorder, spec: ModelSpec, q: T, k: T, v: T, p_drop: float, t
     with v, and dropout (p > 0) saves its mask. `hold`: the node after which the CPU math path's
     incoming gradient is freed (traced: the query projection's). `cross`: keys and values come from
     another sequence of ctx.kv_seq tokens (the BLIP-2 Q-Former's cross-attention to the image
-    features), with no mask and no virtual tokens.
+    features), with no mask and no virtual tokens. `replaced`: what the modeling code drops when its
+    key/value locals are rebound to the cache update's concatenations (prefix tuning only).
     """
     ctx = rec.ctx
     b, s, kv = ctx.batch, ctx.seq, ctx.kv_seq
@@ -814,6 +876,7 @@ def attention(rec: Recorder, spec: ModelSpec, q: T, k: T, v: T, p_drop: float, t
     # mask) repeats keys/values to every head (repeat_kv, locals dropped when it returns) and SDPA saves
     # the float mask it builds
     kc, vc = _cache_keys(rec, k, b * kv * spec.kv_dim), _cache_keys(rec, v, b * kv * spec.kv_dim)
+    rec.free(*replaced)
     kr, vr = _repeat_kv(rec, spec, kc), _repeat_kv(rec, spec, vc)
     cpu_math = p_drop > 0 and ctx.device == "cpu" and ctx.training_dropout
     if ctx.attention != "eager" and not cpu_math:  # eager and the math path add it to the scores
@@ -1168,7 +1231,8 @@ def llama_block(rec: Recorder, spec: ModelSpec, plan: Plan, lt: LayerTraining, x
     q, k, v = heads_view(rec, ql, clone=True), heads_view(rec, kl, clone=True), heads_view(rec, vl, clone=eager)
     q, k = rope(rec, q), rope(rec, k)
     rec.free(ql, kl)
-    a = attention(rec, spec, q, k, v, dropout_p(spec, "attn"), "self_attn.attention")
+    # `key_states, value_states = past_key_values.update(...)` drops RoPE's keys and the value projection
+    a = attention(rec, spec, q, k, v, dropout_p(spec, "attn"), "self_attn.attention", replaced=(k, vl))
     o = _lin(rec, lt, a, "self_attn.o_proj", spec.q_dim, h, plan)
     o = _adapt(rec, lt, o, "attn_out", spec, plan, "self_attn.o_proj")
     rec.free(a, q, k, vl, n)
@@ -1192,7 +1256,8 @@ def llama_block(rec: Recorder, spec: ModelSpec, plan: Plan, lt: LayerTraining, x
 def gpt2_block(rec: Recorder, spec: ModelSpec, plan: Plan, lt: LayerTraining, x: T) -> T:
     """GPT2Block: pre-LayerNorm, fused c_attn (Conv1D) split into q, k, v (views of one storage;
     SplitBackward concatenates their gradients into a new one), gelu_new MLP, dropout on attention and
-    residuals."""
+    residuals. GPT2Block.forward's local attn_output (the attention's resid_dropout output) stays
+    referenced until the block returns (traced: alive at the peak of mlp.c_proj's DoRA)."""
     h = spec.hidden_size
     n = layer_norm(rec, x, "ln_1" in lt.norm_trainable, h, "ln_1")
     qkv = _lin(rec, lt, n, "attn.c_attn", h, 3 * h, plan)
@@ -1211,7 +1276,7 @@ def gpt2_block(rec: Recorder, spec: ModelSpec, plan: Plan, lt: LayerTraining, x:
         rec.free(o)
     rec.free(qkv)
     x2 = add(rec, od, x, x.dtype)
-    rec.free(od, n)
+    rec.free(n)
     n2 = layer_norm(rec, x2, "ln_2" in lt.norm_trainable, h, "ln_2")
     f = _lin(rec, lt, n2, "mlp.c_fc", h, spec.intermediate_size, plan)
     act = activation(rec, f, spec.hidden_act if spec.hidden_act in ("gelu_new", "quick_gelu") else "gelu", "mlp.act")
@@ -1224,7 +1289,7 @@ def gpt2_block(rec: Recorder, spec: ModelSpec, plan: Plan, lt: LayerTraining, x:
         rec.free(d)
     rec.free(n2)
     out = add(rec, x2, dd, x2.dtype)
-    rec.free(dd, x2)
+    rec.free(dd, x2, od)
     return out
 
 
@@ -1241,7 +1306,10 @@ def bert_block(rec: Recorder, spec: ModelSpec, plan: Plan, lt: LayerTraining, x:
     kl = _lin(rec, lt, x, "attention.self.key", h, h, plan)
     vl = _lin(rec, lt, x, "attention.self.value", h, h, plan)
     q, k, v = (heads_view(rec, t, clone=reshaped) for t in (ql, kl, vl))
-    a = attention(rec, spec, q, k, v, dropout_p(spec, "attn"), "attention.self", hold=query_node)
+    # BertSelfAttention: `key_layer, value_layer = past_key_values.update(...)` drops the key and value
+    # projections (views of them were the only references; traced, tiny-bert-cls prefix bf16)
+    a = attention(rec, spec, q, k, v, dropout_p(spec, "attn"), "attention.self", hold=query_node,
+                  replaced=(kl, vl))
     rec.free(ql, kl, vl)
     o = _lin(rec, lt, a, "attention.output.dense", h, h, plan)
     o = _adapt(rec, lt, o, "attn_out", spec, plan, "attention.output.dense")
@@ -1460,6 +1528,7 @@ class BlockRun:
     tags: dict
     out: T  # the last block's output
     leaves: int  # unsaved bytes the blocks leave referenced to the end of the forward (BlockSimulation.leaves)
+    held_after: int = 0  # unsaved bytes the forward holds when the blocks are done, their output aside
 
 
 def _run_blocks(rec: Recorder, spec: ModelSpec, plan: Plan, layout: Layout, ctx: Ctx, x: T, held: int,
@@ -1502,7 +1571,34 @@ def _run_blocks(rec: Recorder, spec: ModelSpec, plan: Plan, layout: Layout, ctx:
     for block, count in kinds.items():
         for tag, nbytes in block.tags:
             tags[tag] = tags.get(tag, 0) + count * nbytes
-    return BlockRun(tuple(per_layer), tuple(peaks), forward_block, tags, rec.new(x.numel, dtype, rg), leaves)
+    if first is not None and embedding_held and x.id not in rec.saved and not first.saves_input:
+        held += x.nbytes
+    return BlockRun(tuple(per_layer), tuple(peaks), forward_block, tags, rec.new(x.numel, dtype, rg), leaves, held)
+
+
+def _final_norm_peak(spec: ModelSpec, plan: Plan, layout: Layout, ctx: Ctx, out: T) -> tuple[int, int]:
+    """The final norm's forward on the last block's output, simulated alone like a block: (peak, saved at
+    it), its input included. It runs inside the base model's forward (LlamaModel.forward's self.norm,
+    ViTModel's layernorm, GPT2Model's ln_f), with what the forward holds when the blocks are done
+    (BlockRun.held_after: prefix tuning's cache, the positions, the embedding output). Traced
+    (tiny-llama-cls prefix amp-bf16, fake): the step's peak is LlamaRMSNorm's x * rsqrt and
+    weight * _, with the variance still referenced."""
+    rec = Recorder(ctx, bucket="post")
+    _final_norm(rec, spec, plan, layout, rec.new(out.numel, out.dtype, out.rg))
+    return rec.forward_peak, rec.forward_peak_saved
+
+
+def _with_final_norm(spec: ModelSpec, plan: Plan, layout: Layout, ctx: Ctx, blocks: BlockRun,
+                     below: int) -> tuple:
+    """BlockRun.forward_block, or the final norm's peak (_final_norm_peak) where it is larger, on what
+    the model's forward (`below`) and the blocks saved."""
+    if not _has_final_norm(spec, layout):
+        return blocks.forward_block
+    peak, peak_saved = _final_norm_peak(spec, plan, layout, ctx, blocks.out)
+    below += sum(blocks.per_layer)
+    if below + peak + blocks.held_after > sum(blocks.forward_block):
+        return below + peak_saved, peak - peak_saved + blocks.held_after
+    return blocks.forward_block
 
 
 def _head_backward(rec: Recorder, start: int, root: T) -> BackwardPeak:
@@ -1549,6 +1645,7 @@ def activation_profile(plan: Plan, t: TrainingSettings) -> ActivationProfile:
     # Llama family (what the blocks leave referenced adds up in _run_blocks)
     held = _prompt_inputs_held(spec, plan, ctx) + _positions_held(spec, ctx, grads_reach_blocks)
     blocks = _run_blocks(rec, spec, plan, layout, ctx, x, held, True)
+    forward_block = _with_final_norm(spec, plan, layout, ctx, blocks, rec.saved_total)
     rec.bucket = "post"
     head_start = len(rec.nodes)
     logits_numel, hidden, root = _head(rec, spec, plan, layout, blocks.out)
@@ -1578,8 +1675,8 @@ def activation_profile(plan: Plan, t: TrainingSettings) -> ActivationProfile:
         autocast_weight_cache=_autocast_weight_cache(plan, ctx) - rec.saved_cached_copies(),
         model_output=model_output,
         head_backward=head,
-        forward_block_saved=blocks.forward_block[0],
-        forward_block_live=blocks.forward_block[1],
+        forward_block_saved=forward_block[0],
+        forward_block_live=forward_block[1],
         forward_leaves=blocks.leaves,
         blocks=blocks.blocks,
         embedding_grad=x.nbytes if x.rg else 0,
@@ -1696,12 +1793,19 @@ def _embeddings(rec: Recorder, spec: ModelSpec, plan: Plan, layout: Layout, x: T
 def _head_linear(rec: Recorder, plan: Plan, x: T, path: str, in_f: int, out_f: int, tag: str,
                  trains: bool | None = None) -> T:
     """A head Linear: trainable (a modules_to_save copy, a trainable head), or a LoRA/DoRA target
-    (all-linear takes the MLM transform's dense, BERT's pooler and ViT's classifier)."""
+    (all-linear takes the MLM transform's dense, BERT's pooler and ViT's classifier; DoRA subtracts the
+    bias of one that has it, see _dora)."""
     s = plan.settings
     lora = s.method in ("lora", "qlora") and path in plan.targets
     w = _trains(plan, path, True) if trains is None else trains
     return linear(rec, x, in_f, out_f, w, tag, lora_rank=s.rank if lora else 0, dora=s.dora and lora,
-                  quantized=path in quantized_paths(plan))
+                  quantized=path in quantized_paths(plan), bias=path in _biased_paths(build_layout(plan.spec)))
+
+
+@lru_cache(maxsize=256)
+def _biased_paths(layout: Layout) -> frozenset:
+    """Paths of the model's modules that carry a bias."""
+    return frozenset(m.path for m in layout.modules if m.bias)
 
 
 @lru_cache(maxsize=1024)
@@ -1718,18 +1822,27 @@ def _first_token(rec: Recorder, x: T, batch: int) -> T:
     return v
 
 
+def _has_final_norm(spec: ModelSpec, layout: Layout) -> bool:
+    return bool(layout.final_norm_path) and spec.model_type != "clip_vision_model"  # CLIP norms only the pooled token
+
+
+def _final_norm(rec: Recorder, spec: ModelSpec, plan: Plan, layout: Layout, x: T) -> T:
+    """The base model's final norm on the last block's output (x itself where it has none)."""
+    if not _has_final_norm(spec, layout):
+        return x
+    norm_trains = _trains(plan, layout.final_norm_path)
+    if spec.model_type in ("llama", "mistral", "qwen2"):
+        return rms_norm(rec, x, norm_trains, "norm")
+    return layer_norm(rec, x, norm_trains, spec.hidden_size, layout.final_norm_path)
+
+
 def _head(rec: Recorder, spec: ModelSpec, plan: Plan, layout: Layout, x: T):
     """Final norm and task head (as each ForXxx class runs them); returns (logits numel, the final
     hidden state, the tensor whose gradient starts the head's backward: the logits, or the bare
     encoder's loss)."""
     ctx = rec.ctx
     h, tok, b = spec.hidden_size, ctx.tokens, ctx.batch
-    if layout.final_norm_path and spec.model_type != "clip_vision_model":  # CLIP norms only the pooled token
-        norm_trains = _trains(plan, layout.final_norm_path)
-        if spec.model_type in ("llama", "mistral", "qwen2"):
-            x = rms_norm(rec, x, norm_trains, "norm")
-        else:
-            x = layer_norm(rec, x, norm_trains, h, layout.final_norm_path)
+    x = _final_norm(rec, spec, plan, layout, x)
     if spec.task == "causal_lm":
         w = _trains(plan, "lm_head", True) or (layout.head_tied_to_embedding and plan.embedding_trains)
         logits = linear(rec, x, h, spec.vocab_size, w, "lm_head")
