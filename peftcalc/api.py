@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import asdict, dataclass, fields, replace
+from functools import lru_cache
 from math import ceil
 
 from peftcalc.activations import blip2_image_tokens
@@ -331,11 +332,18 @@ def _sweep_row(spec: ModelSpec, kw: dict, memo: dict | None = None) -> dict:
     return {"model": spec.name, **{k: kw[k] for k in kw}, "method": settings.method, **figures}
 
 
+@lru_cache(maxsize=1024)
+def _param_counts(plan: Plan) -> tuple[int, int]:
+    """Plan.total and Plan.trainable (sums over the groups), once per plan."""
+    return plan.total, plan.trainable
+
+
 def _sweep_figures(plan: Plan, t: TrainingSettings) -> dict:
     """The computed columns of a sweep row."""
     tl = timeline(plan, t)
     cuda_peak = tl.peak_bytes if t.device == "cuda" else timeline(plan, replace(t, device="cuda")).peak_bytes
-    row = {"params_total": plan.total, "params_trainable": plan.trainable,
+    total, trainable = _param_counts(plan)
+    row = {"params_total": total, "params_trainable": trainable,
            "peak_bytes": tl.peak_bytes, "peak_phase": tl.peak_phase,
            "reserved_bytes": reserved_bytes(cuda_peak), "step1_peak_bytes": tl.step1_peak_bytes}
     row.update({f"mem_{k}": v for k, v in tl.components})
