@@ -1171,6 +1171,15 @@ def _layer_trainings(plan: Plan, layout: Layout) -> list[LayerTraining]:
                           frozenset(s["biases"])) for s in sets]
 
 
+@lru_cache(maxsize=1024)
+def _layer_kinds(plan: Plan, layout: Layout) -> tuple[tuple[LayerTraining, ...], tuple[int, ...]]:
+    """The distinct LayerTrainings of the blocks (first-seen order) and each block's index among them:
+    _run_blocks looks a block's simulation up by that index instead of hashing its LayerTraining."""
+    distinct: dict = {}
+    index = tuple(distinct.setdefault(lt, len(distinct)) for lt in _layer_trainings(plan, layout))
+    return tuple(distinct), index
+
+
 def _lin(rec, lt: LayerTraining, x, name, in_f, out_f, plan: Plan):
     """A block's Linear (NF4 under QLoRA: methods._quantizable quantizes every block Linear)."""
     s = plan.settings
@@ -1544,16 +1553,17 @@ def _run_blocks(rec: Recorder, spec: ModelSpec, plan: Plan, layout: Layout, ctx:
     per_layer, peaks = [], []
     forward_block = (0, 0)
     leaves = 0
-    kinds: dict = {}  # block simulation -> how many layers are of its kind
+    kinds: dict = {}  # id of a block simulation -> [it, how many layers are of its kind]
     below = rec.saved_total
     rg, dtype = x.rg, x.dtype
     first = None
-    seen: dict = {}  # (layer training, input kind) -> its simulation, without hashing the plan per layer
-    for lt in _layer_trainings(plan, layout):
-        key = (lt, rg, dtype)
+    seen: dict = {}  # (layer kind, input kind) -> its simulation, without hashing the plan or the layer per layer
+    trainings, layer_kinds = _layer_kinds(plan, layout)
+    for k in layer_kinds:
+        key = (k, rg, dtype)
         block = seen.get(key)
         if block is None:
-            block = seen[key] = _simulate_block(spec, plan, lt, ctx, rg, dtype)
+            block = seen[key] = _simulate_block(spec, plan, trainings[k], ctx, rg, dtype)
         extra = held
         if first is not None and embedding_held and x.id not in rec.saved and not first.saves_input:
             extra += x.nbytes
@@ -1565,10 +1575,14 @@ def _run_blocks(rec: Recorder, spec: ModelSpec, plan: Plan, layout: Layout, ctx:
         below += block.saved
         per_layer.append(block.saved)
         peaks.append(block)
-        kinds[block] = kinds.get(block, 0) + 1
+        kind = kinds.get(id(block))
+        if kind is None:
+            kinds[id(block)] = [block, 1]
+        else:
+            kind[1] += 1
         rg, dtype = block.out_rg, block.out_dtype
     tags: dict = {}
-    for block, count in kinds.items():
+    for block, count in kinds.values():
         for tag, nbytes in block.tags:
             tags[tag] = tags.get(tag, 0) + count * nbytes
     if first is not None and embedding_held and x.id not in rec.saved and not first.saves_input:
@@ -2005,12 +2019,18 @@ def _autocast_weight_cache(plan: Plan, ctx: Ctx) -> int:
     cached ones.)"""
     if not ctx.autocast:
         return 0
+    return _autocast_cached_numel(plan) * DTYPE_BYTES[ctx.autocast]
+
+
+@lru_cache(maxsize=1024)
+def _autocast_cached_numel(plan: Plan) -> int:
+    """Elements of the weights autocast caches a copy of (_autocast_weight_cache), from the plan alone."""
     layout = build_layout(plan.spec)
     matmul_weights = {f"{m.path}.weight" for m in layout.modules if m.kind in LINEAR_KINDS}
     numel = sum(g.numel for g in plan.groups if g.trainable and (g.name in matmul_weights or g.origin == "lora"))
     if layout.head_tied_to_embedding and plan.embedding_trains:
         numel += plan.spec.vocab_size * plan.spec.hidden_size
-    return numel * DTYPE_BYTES[ctx.autocast]
+    return numel
 
 
 def _saved_before_last_light_block(per_layer: tuple) -> int:

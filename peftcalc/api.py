@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import asdict, dataclass, fields, replace
+from functools import lru_cache
 from math import ceil
 
 from peftcalc.activations import blip2_image_tokens
@@ -290,24 +291,59 @@ def sweep(model: str | ModelSpec | dict = DEFAULT_MODEL, **grid):
     values = [v if isinstance(v, (list, tuple, range)) and k != "targets" else [v] for k, v in grid.items()]
     rows = []
     spec = load_spec(model)
+    memo: dict = {}
     for combo in itertools.product(*values):
         kw = dict(zip(keys, combo))
-        rows.append(_sweep_row(spec, kw))
+        rows.append(_sweep_row(spec, kw, memo))
     return pd.DataFrame(rows)
 
 
-def _sweep_row(spec: ModelSpec, kw: dict) -> dict:
+# Methods whose memory reads MethodSettings.rank: their planner (methods.plan_lora) sizes the LoRA
+# matrices with it, and the simulator (activations: `lora_rank=s.rank if ... lt.lora`, the head's LoRA
+# targets) and the FLOPs (hardware.step_flops: `plan.targets if method in ("lora", "qlora")`) read it for
+# LoRA layers only; compare.py drops it for the other methods too.
+RANK_METHODS = ("lora", "qlora")
+
+
+def _memory_key(settings: MethodSettings) -> MethodSettings:
+    """The settings a sweep row's memory figures are computed from: a rank given to a method outside
+    RANK_METHODS is never read, so such configurations share one computation
+    (tests/peftcalc/test_api.py checks the figures do not move with it)."""
+    if settings.method in RANK_METHODS:
+        return settings
+    return replace(settings, rank=MethodSettings.rank)
+
+
+def _sweep_row(spec: ModelSpec, kw: dict, memo: dict | None = None) -> dict:
     """One row of a sweep: the memory model only (no GPU table, no storage), which is what makes
-    thousands of configurations take seconds."""
+    thousands of configurations take seconds. `memo` (one sweep's): the figures of each distinct
+    (settings as _memory_key has them, training settings), computed once."""
     method_kw = {k: kw[k] for k in METHOD_FIELDS if k in kw and k != "method"}
     settings = _method_settings(kw.get("method") or default_method(spec), **method_kw)
     t = TrainingSettings(**{k: kw[k] for k in TRAINING_FIELDS if k in kw})
     check_training(t)
     plan = make_plan(spec, settings)
+    key = (_memory_key(settings), t)
+    figures = memo.get(key) if memo is not None else None
+    if figures is None:
+        figures = _sweep_figures(plan, t)
+        if memo is not None:
+            memo[key] = figures
+    return {"model": spec.name, **{k: kw[k] for k in kw}, "method": settings.method, **figures}
+
+
+@lru_cache(maxsize=1024)
+def _param_counts(plan: Plan) -> tuple[int, int]:
+    """Plan.total and Plan.trainable (sums over the groups), once per plan."""
+    return plan.total, plan.trainable
+
+
+def _sweep_figures(plan: Plan, t: TrainingSettings) -> dict:
+    """The computed columns of a sweep row."""
     tl = timeline(plan, t)
     cuda_peak = tl.peak_bytes if t.device == "cuda" else timeline(plan, replace(t, device="cuda")).peak_bytes
-    row = {"model": spec.name, **{k: kw[k] for k in kw}, "method": settings.method,
-           "params_total": plan.total, "params_trainable": plan.trainable,
+    total, trainable = _param_counts(plan)
+    row = {"params_total": total, "params_trainable": trainable,
            "peak_bytes": tl.peak_bytes, "peak_phase": tl.peak_phase,
            "reserved_bytes": reserved_bytes(cuda_peak), "step1_peak_bytes": tl.step1_peak_bytes}
     row.update({f"mem_{k}": v for k, v in tl.components})

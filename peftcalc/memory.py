@@ -245,11 +245,15 @@ class Timeline:
 
 
 def _event(name: str, parts: dict) -> tuple[str, int, dict]:
-    parts = dict(parts)
-    other = parts.pop("_other", 0)
-    if other:
-        parts["temporaries"] = parts.get("temporaries", 0) + other
+    """(name, live bytes, parts): '_other' (bytes no component owns) counts with the temporaries; it is
+    folded into them for the peak event only (_components), since no other event's parts are read."""
     return name, sum(parts.values()), parts
+
+
+def _components(parts: dict) -> tuple:
+    """(component, bytes) in COMPONENTS order, '_other' counted with the temporaries."""
+    other = parts.get("_other", 0)
+    return tuple((c, parts.get(c, 0) + (other if c == "temporaries" else 0)) for c in COMPONENTS)
 
 
 def input_bytes(plan: Plan, t: TrainingSettings) -> int:
@@ -333,29 +337,39 @@ def timeline(plan: Plan, t: TrainingSettings) -> Timeline:
     act = activation_profile(plan, t)
     inputs = input_bytes(plan, t)
     grads = gradient_arrival(plan, t)
-    events = _step_events(plan, t, act, ms, inputs, grads, with_states=True)
-    step1 = _step_events(plan, t, act, ms, inputs, grads, with_states=False)
+    events = _step_events(plan, t, act, ms, inputs, grads)
     name, total, parts = peak_event(events)
     return Timeline(
         events=tuple((n, b) for n, b, _ in events),
         peak_bytes=total,
         peak_phase=name,
-        components=tuple((c, parts.get(c, 0)) for c in COMPONENTS),
-        step1_peak_bytes=max(b for _, b, _ in step1),
+        components=_components(parts),
+        step1_peak_bytes=_step1_peak(events, ms),
     )
 
 
+def _step1_peak(events: list, ms: ModelStates) -> int:
+    """The peak of step 1, which differs from the steady state only in that the optimizer states do not
+    exist before its optimizer step (the last event): every earlier event holds ms.optimizer_states bytes
+    fewer. The bitsandbytes quantization maps exist from the optimizer's construction in both (in step 1
+    held by the optimizer alone, so counted with the temporaries, until a state references them)."""
+    *before, (last, optimizer_total, _) = events
+    assert last == "optimizer", last
+    return max(max(b for _, b, _ in before) - ms.optimizer_states, optimizer_total)
+
+
 def _step_events(plan: Plan, t: TrainingSettings, act: ActivationProfile, ms: ModelStates, inputs: int,
-                 grads: GradientArrival, with_states: bool) -> list:
-    """forward -> loss -> backward from the head down the blocks -> end of backward -> optimizer step.
+                 grads: GradientArrival) -> list:
+    """forward -> loss -> backward from the head down the blocks -> end of backward -> optimizer step,
+    in the steady state (the optimizer states alive throughout; step 1: _step1_peak).
     Without checkpointing every block's saved tensors are alive at the start of backward and block i's
     are freed after its backward; with checkpointing (torch.utils.checkpoint, non-reentrant) only each
     block's input is kept and block i's activations exist again while it is recomputed and run backward."""
     weights = {"weights_frozen": ms.weights_frozen, "weights_trainable": ms.weights_trainable,
                "buffers": buffer_bytes(plan.spec)}
-    maps_held = with_states and ms.maps_in_state  # in optimizer.state once the first step has made it
+    maps_held = ms.maps_in_state  # in optimizer.state once the first step has made it
     base = dict(weights, inputs=inputs,
-                optimizer_states=(ms.optimizer_states if with_states else 0) + (ms.optimizer_maps if maps_held else 0))
+                optimizer_states=ms.optimizer_states + (ms.optimizer_maps if maps_held else 0))
     if not maps_held and ms.optimizer_maps:
         base["_other"] = ms.optimizer_maps  # alive, held by the optimizer only: counted with the temporaries
     ckpt = t.grad_checkpointing

@@ -2,11 +2,14 @@
 
 from dataclasses import replace
 
+import pytest
+
 import peftcalc
 from peftcalc.api import gpu_max_batch
 from peftcalc.hardware import find_gpu, step_flops
 from peftcalc.memory import reserved_bytes, timeline
-from peftcalc.methods import MethodSettings, make_plan
+from peftcalc.errors import InputError
+from peftcalc.methods import MethodSettings, make_plan, methods_for
 from peftcalc.settings import TrainingSettings
 from peftcalc.spec import load_spec
 
@@ -73,3 +76,47 @@ def test_sweep_returns_one_row_per_combination():
     e = peftcalc.estimate("llama-3.2-1b", method="lora", batch_size=1, seq_len=256)
     assert one.peak_bytes == e.memory.peak_bytes and one.params_trainable == e.params.trainable
     assert (df.groupby(["method", "seq_len"])["peak_bytes"].apply(lambda s: s.is_monotonic_increasing)).all()
+
+
+def _clear_calculator_caches():
+    """Empty every lru_cache of the calculator, so what runs next recomputes from scratch."""
+    from peftcalc import activations, api, layout, memory, methods, spec
+
+    for module in (activations, api, layout, memory, methods, spec):
+        for obj in vars(module).values():
+            if callable(getattr(obj, "cache_clear", None)):
+                obj.cache_clear()
+
+
+CONFIGS = __import__("pathlib").Path(__file__).parent / "configs"
+SWEEP_FIGURES = ("params_total", "params_trainable", "peak_bytes", "peak_phase", "reserved_bytes", "step1_peak_bytes")
+
+
+@pytest.mark.parametrize("model", ["gpt2", "llama-3.2-1b", str(CONFIGS / "llava_tiny.json"),
+                                   str(CONFIGS / "blip2_tiny.json")])
+def test_sweep_rows_are_the_estimates(model):
+    """A sweep computes each distinct configuration once (api._memory_key: the rank of a method without
+    LoRA layers is never read, so full/adapter/ia3/... at ranks 4 and 16 share one computation) and its
+    timelines in one pass; every row must still be what estimate() gives for that configuration alone,
+    computed from empty caches: every method the model takes, checkpointing off and on, four precisions."""
+    spec = load_spec(model)
+    methods = []
+    for method in methods_for(spec):
+        try:
+            make_plan(spec, MethodSettings(method, rank=4))
+            methods.append(method)
+        except InputError:  # e.g. bitfit on a model without biases
+            pass
+    grid = dict(method=methods, rank=[4, 16], batch_size=[1, 3], seq_len=[48], grad_checkpointing=[False, True],
+                precision=["fp32", "bf16", "amp-bf16", "amp-fp16"])
+    df = peftcalc.sweep(model, **grid)
+    assert len(df) == len(methods) * 2 * 2 * 2 * 4
+    _clear_calculator_caches()
+    for row in df.to_dict("records"):
+        e = peftcalc.estimate(model, method=row["method"], rank=row["rank"], batch_size=row["batch_size"],
+                              seq_len=row["seq_len"], grad_checkpointing=row["grad_checkpointing"],
+                              precision=row["precision"])
+        expected = dict(zip(SWEEP_FIGURES, (e.params.total, e.params.trainable, e.memory.peak_bytes,
+                                            e.memory.peak_phase, e.memory.reserved_bytes, e.memory.step1_peak_bytes)))
+        expected.update({f"mem_{k}": v for k, v in e.memory.components.items()})
+        assert {k: row[k] for k in expected} == expected, row

@@ -171,3 +171,28 @@ def test_peak_ties_go_to_the_earlier_event():
 
     events = [("forward", 10, {}), ("backward:loss", 12, {}), ("backward:layer0", 12, {}), ("optimizer", 12, {})]
     assert peak_event(events)[0] == "backward:loss"
+
+
+# Step 1 (no optimizer state until its optimizer step) against the traced first step of committed rows of
+# reports/data/ci.jsonl (key given; StorageTracer on cpu, batch 2 x 32 unless the row says otherwise), run by
+#     python -c "from measure.matrix import run_matrix; run_matrix('ci', 'reports/data/ci.jsonl')"
+STEP1_TRACED = [
+    # the first step peaks in backward, before any optimizer state exists
+    ("tiny-bert", "adapter", {}, 1_310_536, "6b8cac3fa733b2ed"),
+    # ... with bitsandbytes' quantization maps made by AdamW8bit's constructor, held by the optimizer alone
+    ("tiny-llama-gqa", "full", {"optimizer": "adamw-8bit"}, 1_567_816, "49f260fd2e8924eb"),
+    # the first step peaks in its optimizer step, where the states are created
+    ("tiny-bert", "full", {}, 2_072_744, "c601fcabffba3e16"),
+    ("tiny-bert", "full", {"precision": "bf16", "batch_size": 4, "grad_checkpointing": True}, 1_039_016,
+     "f1591a45e3155233"),
+]
+
+
+@pytest.mark.parametrize("model,method,training,traced,key", STEP1_TRACED, ids=[r[4] for r in STEP1_TRACED])
+def test_step1_peak_against_traced_first_step(model, method, training, traced, key):
+    from measure.matrix import load_matrix
+
+    spec = load_spec({**load_matrix("ci")["models"][model], "_name_or_path": model})
+    t = {"batch_size": 2, "seq_len": 32, "precision": "fp32", **training}
+    e = peftcalc.estimate(spec, method=method, device="cpu", **t)
+    assert e.memory.step1_peak_bytes == traced
