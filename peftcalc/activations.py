@@ -340,23 +340,30 @@ def linear(rec: Recorder, x: T, in_f: int, out_f: int, trainable: bool, tag: str
     """nn.Linear / Conv1D (addmm): saves the input when the weight trains (grad_W = grad^T x) and the
     weight when the input needs a gradient. Under autocast the weight is cast to the autocast dtype
     (a copy made for every matmul; kept to the end of the forward when the weight trains, see
-    _weight_copy), and that copy is what is saved. bitsandbytes Linear4bit.forward (nn/modules.py) casts
+    _weight_copy), and that copy is what is saved; so is the bias (autocast_mode.cpp casts every
+    floating argument of linear/addmm: a frozen bias's copy lives until the matmul has returned). bitsandbytes Linear4bit.forward (nn/modules.py) casts
     the input to bnb_4bit_compute_dtype and returns ``.to(inp_dtype)``. peft LoRA (tuners/lora/layer.py
     Linear.forward; lora/bnb.py Linear4bit.forward for a 4-bit base) adds
     lora_B(lora_A(x.to(lora_A.weight.dtype))) * scaling: the cast input and A's output are saved (see
-    _lora); peft IA3 (tuners/ia3/layer.py Linear.forward) scales the input (feedforward) or the output."""
+    _lora); peft IA3 (tuners/ia3/layer.py Linear.forward) scales the input (feedforward) or the output.
+    The feedforward scaling runs before peft calls the base layer, so autocast's weight copy (made inside
+    the base layer's F.linear) comes after the scaling's fp32 product is freed (traced: fake tiny-vit-cls
+    ia3 amp-bf16 b3 s48, tests/peftcalc/test_memory.py)."""
     ctx = rec.ctx
     saved = []
-    weight_copy = None
-    if ctx.autocast and not quantized:
-        weight_copy = _weight_copy(rec, in_f * out_f, trainable)
-        if x.rg:
-            saved.append(rec.save(weight_copy, f"{tag}.autocast_weight"))
-    if ctx.autocast and bias_trains:  # addmm's bias copy, kept in autocast's cache (a trainable leaf)
-        rec.new(out_f, ctx.autocast, False)
     xm = x
     if ia3 == "ff":
         xm = _ia3_input(rec, x, in_f, tag)
+    weight_copy = None
+    if ctx.autocast and not quantized:
+        weight_copy = _weight_copy(rec, in_f * out_f, trainable)
+        if xm.rg:
+            saved.append(rec.save(weight_copy, f"{tag}.autocast_weight"))
+    bias_copy = None
+    if ctx.autocast and bias_trains:  # addmm's bias copy, kept in autocast's cache (a trainable leaf)
+        rec.new(out_f, ctx.autocast, False)
+    elif ctx.autocast and bias and not quantized:  # a frozen bias's copy, alive until the matmul returns
+        bias_copy = rec.new(out_f, ctx.autocast, False)
     # bitsandbytes Linear4bit.forward: x.to(compute_dtype) (not autocast's cast: bnb.matmul_4bit is no
     # autocast op), then .to(inp_dtype); the cast input is its local x until it returns
     quant_cast = quantized and ctx.quant_compute and xm.dtype != ctx.quant_compute
@@ -371,6 +378,7 @@ def linear(rec: Recorder, x: T, in_f: int, out_f: int, trainable: bool, tag: str
         y = cast(rec, out, xm.dtype)
         rec.free(out)
         out = y
+    rec.free(bias_copy)
     if xin is not xm:
         rec.free(xin)
     if xm is not x:  # IA3's scaled input (peft's `interm`) goes when the layer returns
@@ -1460,6 +1468,7 @@ class BlockRun:
     tags: dict
     out: T  # the last block's output
     leaves: int  # unsaved bytes the blocks leave referenced to the end of the forward (BlockSimulation.leaves)
+    unsaved_block_live: int = 0  # live bytes at the largest forward peak of a block that saves nothing
 
 
 def _run_blocks(rec: Recorder, spec: ModelSpec, plan: Plan, layout: Layout, ctx: Ctx, x: T, held: int,
@@ -1471,9 +1480,12 @@ def _run_blocks(rec: Recorder, spec: ModelSpec, plan: Plan, layout: Layout, ctx:
     (its input included), `held` (tensors the model's caller keeps referenced meanwhile), what the blocks
     below left referenced (BlockSimulation.leaves: prefix tuning's cache, autocast's cached copies) and,
     when `embedding_held` (the model's forward keeps its own reference to the embedding output, e.g.
-    LlamaModel.forward's inputs_embeds), the first block's input from the second block on, unless saved."""
+    LlamaModel.forward's inputs_embeds), the first block's input from the second block on, unless saved.
+    A block that saves nothing (below the lowest trainable one) runs the same ops under gradient
+    checkpointing: its forward peak on top of what was saved before it is `unsaved_block_live`."""
     per_layer, peaks = [], []
     forward_block = (0, 0)
+    unsaved_block_live = 0
     leaves = 0
     kinds: dict = {}  # block simulation -> how many layers are of its kind
     below = rec.saved_total
@@ -1490,6 +1502,8 @@ def _run_blocks(rec: Recorder, spec: ModelSpec, plan: Plan, layout: Layout, ctx:
             extra += x.nbytes
         if below + block.forward_peak + extra > sum(forward_block):
             forward_block = (below + block.forward_peak_saved, block.forward_peak - block.forward_peak_saved + extra)
+        if not block.saved:
+            unsaved_block_live = max(unsaved_block_live, block.forward_peak + extra)
         first = first or block
         held += block.leaves
         leaves += block.leaves
@@ -1502,7 +1516,8 @@ def _run_blocks(rec: Recorder, spec: ModelSpec, plan: Plan, layout: Layout, ctx:
     for block, count in kinds.items():
         for tag, nbytes in block.tags:
             tags[tag] = tags.get(tag, 0) + count * nbytes
-    return BlockRun(tuple(per_layer), tuple(peaks), forward_block, tags, rec.new(x.numel, dtype, rg), leaves)
+    return BlockRun(tuple(per_layer), tuple(peaks), forward_block, tags, rec.new(x.numel, dtype, rg), leaves,
+                    unsaved_block_live)
 
 
 def _head_backward(rec: Recorder, start: int, root: T) -> BackwardPeak:
@@ -1573,7 +1588,7 @@ def activation_profile(plan: Plan, t: TrainingSettings) -> ActivationProfile:
         loss_backward_peak=loss.backward_peak,
         loss_forward_peak=loss.forward_peak,
         loss_scalars=loss.scalars,
-        forward_transient=_forward_transient(spec, plan, ctx, per_layer),
+        forward_transient=_forward_transient(spec, plan, ctx, per_layer, blocks.unsaved_block_live),
         forward_transient_saved=_saved_before_last_light_block(per_layer),
         autocast_weight_cache=_autocast_weight_cache(plan, ctx) - rec.saved_cached_copies(),
         model_output=model_output,
@@ -1827,6 +1842,10 @@ def _loss_buffers(spec: ModelSpec, ctx: Ctx, logits_numel: int) -> LossBuffers:
     (the labels are the harness's input tensor). The loss and the seed torch.autograd.backward creates
     (torch/csrc/autograd/autograd.cpp _make_grads: ones_like(loss)) are scalars in the loss dtype.
     A bare encoder's loss (measure.run forward_loss: last_hidden_state.float().pow(2).mean()) is fp32.
+    The forward's peak is nll_loss_forward's return (aten nll_loss_forward: the loss and total_weight,
+    two scalars in the loss dtype; NllLossBackward0 saves total_weight), while ForCausalLMLoss still holds
+    the padded labels its shift_labels were cut from (``labels = pad(labels, (0, 1))``: b x (seq + 1) int64);
+    traced on tiny-blip2 amp-bf16 b2 s16 (tests/peftcalc/test_memory.py).
     """
     if not logits_numel:
         return LossBuffers(0, 0, 0, 0, 2 * 4)
@@ -1838,48 +1857,35 @@ def _loss_buffers(spec: ModelSpec, ctx: Ctx, logits_numel: int) -> LossBuffers:
     lb = DTYPE_BYTES[loss_dtype]
     log_softmax_out = logits_numel * lb
     shift_labels = ctx.tokens * 8 if spec.task == "causal_lm" else 0
-    saved = log_softmax_out + shift_labels
+    padded_labels = (ctx.tokens + ctx.batch) * 8 if spec.task == "causal_lm" else 0
+    total_weight = lb
+    saved = log_softmax_out + shift_labels + total_weight
     upcast_copy = logits_numel * lb if logit_dtype != loss_dtype else 0
-    forward_peak = logits_numel * DTYPE_BYTES[logit_dtype] + upcast_copy + saved
+    forward_peak = logits_numel * DTYPE_BYTES[logit_dtype] + upcast_copy + saved + padded_labels + lb
     return LossBuffers(saved=saved, saved_backward=log_softmax_out, backward_peak=3 * logits_numel * lb,
                        forward_peak=forward_peak, scalars=2 * lb)
 
 
-def _forward_transient(spec: ModelSpec, plan: Plan, ctx: Ctx, per_layer: tuple) -> int:
-    """The working set of one block's forward that autograd does not keep: it matters where blocks
-    save little (a frozen backbone) and is already inside the saved bytes where they save everything.
-    Attention: eager scores, softmax and probabilities (b x heads x s x kv); on CPU with dropout the
-    math path's fp32 scores, softmax, noise and dropped probabilities plus its q, k, v copies; fused
-    kernels only their q, k, v and output. MLP: the gated MLP's gate, up and activation outputs; GELU's
-    input and output (gelu_new's Python formula: four intermediates). DoRA adds B @ A and W + s * BA
-    (out x in) and the identity it multiplies (in x in), per layer (peft tuners/lora/dora.py)."""
+def _forward_transient(spec: ModelSpec, plan: Plan, ctx: Ctx, per_layer: tuple, unsaved_block_live: int = 0) -> int:
+    """The working set of one block's forward that autograd does not keep (what the forward:block event
+    adds under gradient checkpointing). Where some block saves nothing (it is below the lowest trainable
+    one) it is that block's forward as simulated op by op (`unsaved_block_live`, see _run_blocks: a block
+    whose ops save nothing runs the same ops under checkpointing), the hidden states the model holds
+    meanwhile, autocast's weight copies and cast inputs included (traced: fake tiny-vit-cls frozen
+    amp-bf16 b3 s48 ckpt). Blocks that save their intermediates still hold one unsaved buffer at a time:
+    the raw scores before softmax (eager, CPU math path) or one MLP output; DoRA adds B @ A and
+    W + s * BA (out x in) and the identity it multiplies (in x in), per layer (peft tuners/lora/dora.py)."""
+    if any(not a for a in per_layer):
+        return unsaved_block_live
     tok, b, s, kv = ctx.tokens, ctx.batch, ctx.seq, ctx.kv_seq
     cb = DTYPE_BYTES[ctx.autocast or ctx.compute]
     scores = b * spec.num_heads * s * kv
-    if ctx.attention == "eager":
-        attn = scores * (4 + 4 + cb)
-    elif dropout_p(spec, "attn") > 0 and ctx.device == "cpu":
-        attn = 4 * scores * 4 + 3 * tok * spec.q_dim * 4
-    else:
-        attn = tok * (2 * spec.q_dim + 2 * spec.kv_dim) * cb
-    act = {"gelu_new": 4}.get(spec.hidden_act, 2)
-    mlp = (3 if spec.gated_mlp else act) * tok * spec.intermediate_size * cb
     dora = 0
     if plan.settings.dora and plan.targets:
         layout = build_layout(spec)
         mods = {m.path: m for m in layout.modules}
         dora = max(((m.in_features ** 2 + 3 * m.in_features * m.out_features) * DTYPE_BYTES[ctx.adapter]
                     for m in (mods[p] for p in plan.targets) if m.kind in ("linear", "conv1d")), default=0)
-    saving = [a for a in per_layer if a]
-    light = len(saving) < len(per_layer)  # some block saves nothing: its whole working set is transient
-    if light:
-        # plus the hidden-state tensors the forward holds meanwhile: the embeddings output (referenced
-        # by the model's forward until it returns), the block's input, the residual after attention
-        # and the normalised input of the sublayer
-        stream = 4 * tok * spec.hidden_size * DTYPE_BYTES[ctx.weight]
-        return max(attn + stream, mlp + stream, dora)
-    # blocks that save their intermediates still hold one unsaved buffer at a time: the raw scores
-    # before softmax (eager, CPU math path) or one MLP output
     fused = ctx.attention != "eager" and not (dropout_p(spec, "attn") > 0 and ctx.device == "cpu")
     return max(dora, tok * spec.intermediate_size * cb if fused else scores * 4)
 
@@ -2407,7 +2413,6 @@ def _blip2_profile(plan: Plan, t: TrainingSettings) -> ActivationProfile:
     head_start = len(rec.nodes)
     logits_numel, x, root = _head(rec, tspec, plan, layout, blocks.out)
     head = _head_backward(rec, head_start, root)
-    model_output = _unsaved_model_output(rec, x)
     tags = dict(q.by_tag)
     for tag, nbytes in list(blocks.tags.items()) + list(rec.bytes_by_tag().items()):
         tags[tag] = tags.get(tag, 0) + nbytes
@@ -2425,8 +2430,8 @@ def _blip2_profile(plan: Plan, t: TrainingSettings) -> ActivationProfile:
     vision = eva_forward_bytes(spec, ctx)  # runs before anything is saved
     if vision > pre + (0 if t.grad_checkpointing else transient_saved) + transient:
         transient, transient_saved = vision - pre, 0
-    if vision > block_saved + block_live:
-        block_saved, block_live = pre, vision - pre
+    if vision > block_saved + block_live:  # the tower's forward: the Q-Former has saved nothing yet
+        block_saved, block_live = 0, vision
     return ActivationProfile(
         per_layer=per_layer,
         pre=pre,
@@ -2442,7 +2447,10 @@ def _blip2_profile(plan: Plan, t: TrainingSettings) -> ActivationProfile:
         forward_transient_saved=transient_saved,
         # the projection's saved weight copy is the cache's own, already in `pre`
         autocast_weight_cache=_autocast_weight_cache(plan, ctx) - q.saved_weight_copies,
-        model_output=model_output,
+        # Blip2ForConditionalGeneration.forward computes the loss itself, after OPTForCausalLM.forward has
+        # returned CausalLMOutputWithPast (logits and past_key_values): the decoder's last hidden state
+        # died with OPTForCausalLM's `outputs`, so no model_output is alive while the loss runs (traced)
+        model_output=0,
         head_backward=head,
         forward_block_saved=block_saved,
         forward_block_live=block_live,

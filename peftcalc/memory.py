@@ -366,10 +366,12 @@ def _step_events(plan: Plan, t: TrainingSettings, act: ActivationProfile, ms: Mo
     # without it, what the blocks leave referenced (their cached copies no op saves among it)
     cache = act.autocast_weight_cache if ckpt else act.forward_leaves
     # what the loss saves (log_softmax's output, the shifted labels) is a saved activation like any other;
-    # logits_loss is the rest of the loss buffers (the logits, their fp32 copy, the gradients)
+    # logits_loss is the rest of the loss buffers (the logits, their fp32 copy, the gradients); the model's
+    # output alive unsaved (ActivationProfile.model_output) is a temporary
     events = [
-        _event("forward", dict(base, activations=remaining + act.post + act.model_output + act.loss_saved,
-                               logits_loss=act.loss_forward_peak - act.loss_saved, temporaries=cache)),
+        _event("forward", dict(base, activations=remaining + act.post + act.loss_saved,
+                               logits_loss=act.loss_forward_peak - act.loss_saved,
+                               temporaries=cache + act.model_output)),
         _event("forward:block", dict(base, activations=act.pre, temporaries=act.forward_transient) if ckpt else
                dict(base, activations=act.forward_block_saved, temporaries=act.forward_block_live)),
         _event("backward:loss", dict(base, activations=remaining + act.post + act.loss_saved_backward,
