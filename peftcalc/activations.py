@@ -2304,8 +2304,11 @@ def qformer_saves(plan: Plan, ctx: Ctx) -> QFormerSaves:
     tower_out = rec.new(batch * blip2_vision_tokens(spec) * vspec.hidden_size, ctx.weight, False)
     queries_rg = QUERY_TOKENS in trains
     norm_trains = f"{QFORMER}.layernorm" in trains
-    if queries_rg or norm_trains:  # native_layer_norm saves mean and rstd (the input is the parameter)
-        rec.save_new(2 * batch * n, "float32", f"{QFORMER}.layernorm.mean_rstd")
+    if queries_rg or norm_trains:  # native_layer_norm saves mean and rstd (the input is the parameter):
+        # fp32, but in the input's dtype on the CPU when input and weight are both half (see layer_norm;
+        # traced: 2 x b x queries bf16 on cpu tiny-blip2-wide-vision bf16 b4 s4)
+        half = qctx.device == "cpu" and qctx.weight != "float32" and not ctx.autocast
+        rec.save_new(2 * batch * n, qctx.weight if half else "float32", f"{QFORMER}.layernorm.mean_rstd")
     x = rec.new(batch * n * hq, "float32" if ctx.autocast else qctx.weight, queries_rg or norm_trains)
     image = cast(rec, tower_out, qctx.weight)
     x = dropout(rec, x, dropout_p(qspec, "embd"), f"{QFORMER}.dropout")
