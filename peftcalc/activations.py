@@ -184,6 +184,10 @@ class Recorder:
         """Bytes of autocast's cached weight copies that are also saved (one tensor, counted once)."""
         return sum(t.nbytes for t in self.cached if t.id in self.saved)
 
+    def unsaved_cached_copies(self) -> int:
+        """Bytes of autocast's cached weight copies no op saved: alive in the cache to the end of the forward."""
+        return sum(t.nbytes for t in self.cached if t.id not in self.saved)
+
     def bytes_by_bucket(self) -> dict:
         out: dict = {}
         for bucket, _tag, nbytes in self.saved.values():
@@ -1397,8 +1401,8 @@ class ActivationProfile:
     head_backward: BackwardPeak = BackwardPeak()  # the peak inside the head's backward (peftcalc.backward)
     forward_block_saved: int = 0  # saved bytes at the largest peak inside a block's forward (the blocks
     forward_block_live: int = 0  # below and what the block saved so far) and the live unsaved bytes then
-    forward_leaves: int = 0  # unsaved bytes the blocks leave referenced to the end of the forward (prefix
-    # tuning's cache, autocast's cached weight copies no op saves)
+    forward_leaves: int = 0  # unsaved bytes the blocks (and the head) leave referenced to the end of the
+    # forward (prefix tuning's cache, autocast's cached weight copies no op saves)
     blocks: tuple = ()  # per layer: its BlockSimulation (the peaks inside its forward and its backward,
     # with and without gradient checkpointing)
     by_tag: tuple = ()
@@ -1595,7 +1599,9 @@ def activation_profile(plan: Plan, t: TrainingSettings) -> ActivationProfile:
         head_backward=head,
         forward_block_saved=blocks.forward_block[0],
         forward_block_live=blocks.forward_block[1],
-        forward_leaves=blocks.leaves,
+        # and the head's cached weight copies no op saves (a trainable lm_head over frozen blocks: traced,
+        # fake tiny-llama frozen amp-bf16 b3 s48, its 512 x 64 bf16 copy alive through the loss)
+        forward_leaves=blocks.leaves + rec.unsaved_cached_copies(),
         blocks=blocks.blocks,
         embedding_grad=x.nbytes if x.rg else 0,
         by_tag=tuple(sorted(tags.items())),
@@ -1895,12 +1901,13 @@ def _autocast_weight_cache(plan: Plan, ctx: Ctx) -> int:
     autocast weight cache, cleared when the autocast region exits), so the copies of all trainable
     matmul weights are alive at the end of the forward even where checkpointing saves none of them.
     (activation_profile subtracts the copies the head saves anyway, which are one tensor with the
-    cached ones.)"""
+    cached ones.) The matmuls' trainable biases are cast too (addmm's bias argument) and cached alike
+    (traced: fake tiny-qwen2 full amp-bf16 b3 s48 ckpt, the q/k/v biases' bf16 copies at the loss)."""
     if not ctx.autocast:
         return 0
     layout = build_layout(plan.spec)
-    matmul_weights = {f"{m.path}.weight" for m in layout.modules if m.kind in LINEAR_KINDS}
-    numel = sum(g.numel for g in plan.groups if g.trainable and (g.name in matmul_weights or g.origin == "lora"))
+    matmul_params = {f"{m.path}.{p}" for m in layout.modules if m.kind in LINEAR_KINDS for p in ("weight", "bias")}
+    numel = sum(g.numel for g in plan.groups if g.trainable and (g.name in matmul_params or g.origin == "lora"))
     if layout.head_tied_to_embedding and plan.embedding_trains:
         numel += plan.spec.vocab_size * plan.spec.hidden_size
     return numel * DTYPE_BYTES[ctx.autocast]
@@ -2264,6 +2271,7 @@ class QFormerSaves:
     output_rg: bool
     by_tag: tuple
     tower_output: int = 0  # the tower's output when the Q-Former reads an fp32 copy of it (see qformer_ctx)
+    unsaved_bias_copies: int = 0  # autocast's cached copies of the trainable Linear biases (in `unsaved`)
 
 
 def qformer_ctx(plan: Plan, ctx: Ctx) -> Ctx:
@@ -2328,16 +2336,18 @@ def qformer_saves(plan: Plan, ctx: Ctx) -> QFormerSaves:
     cached = sum(n for bucket, tag, n in rec.saved.values() if bucket == "post" and tag.endswith(".autocast_weight"))
     checkpointed = buckets.get("pre", 0) + buckets.get("post", 0) + kept + (image.nbytes if kept else 0)
     unsaved = x.nbytes if x.id not in rec.saved else 0
-    weight_copies = 0
+    weight_copies = bias_copies = 0
     if ctx.autocast:
-        unsaved += DTYPE_BYTES[ctx.autocast] * _trainable_linear_numel(plan, ".bias")
+        bias_copies = DTYPE_BYTES[ctx.autocast] * _trainable_linear_numel(plan, ".bias")
+        unsaved += bias_copies
         weight_copies = DTYPE_BYTES[ctx.autocast] * _trainable_linear_numel(
             plan, ".weight", ".crossattention.attention.key", ".crossattention.attention.value")
     return QFormerSaves(saved=buckets.get("pre", 0) + layers + buckets.get("post", 0), checkpointed=checkpointed,
                         unsaved=unsaved, unsaved_image=0 if image.id in rec.saved else image.nbytes,
                         unsaved_weight_copies=weight_copies, saved_weight_copies=cached, output_rg=out.rg,
                         by_tag=tuple(rec.bytes_by_tag().items()),
-                        tower_output=tower_out.nbytes if image is not tower_out else 0)
+                        tower_output=tower_out.nbytes if image is not tower_out else 0,
+                        unsaved_bias_copies=bias_copies)
 
 
 def _trainable_linear_numel(plan: Plan, suffix: str, *modules: str) -> int:
@@ -2448,8 +2458,9 @@ def _blip2_profile(plan: Plan, t: TrainingSettings) -> ActivationProfile:
         loss_scalars=loss.scalars,
         forward_transient=transient,
         forward_transient_saved=transient_saved,
-        # the projection's saved weight copy is the cache's own, already in `pre`
-        autocast_weight_cache=_autocast_weight_cache(plan, ctx) - q.saved_weight_copies,
+        # the projection's saved weight copy is the cache's own, already in `pre`; the biases' copies are
+        # among the forward's outputs (blip2_forward_outputs: QFormerSaves.unsaved)
+        autocast_weight_cache=_autocast_weight_cache(plan, ctx) - q.saved_weight_copies - q.unsaved_bias_copies,
         # Blip2ForConditionalGeneration.forward computes the loss itself, after OPTForCausalLM.forward has
         # returned CausalLMOutputWithPast (logits and past_key_values): the decoder's last hidden state
         # died with OPTForCausalLM's `outputs`, so no model_output is alive while the loss runs (traced)
