@@ -201,6 +201,10 @@ class Recorder:
         """Bytes of autocast's cached weight copies that are also saved (one tensor, counted once)."""
         return sum(t.nbytes for t in self.cached if t.id in self.saved)
 
+    def unsaved_cached_copies(self) -> int:
+        """Bytes of autocast's cached weight copies no op saved: alive in the cache to the end of the forward."""
+        return sum(t.nbytes for t in self.cached if t.id not in self.saved)
+
     def bytes_by_bucket(self) -> dict:
         out: dict = {}
         for bucket, _tag, nbytes in self.saved.values():
@@ -357,23 +361,30 @@ def linear(rec: Recorder, x: T, in_f: int, out_f: int, trainable: bool, tag: str
     """nn.Linear / Conv1D (addmm): saves the input when the weight trains (grad_W = grad^T x) and the
     weight when the input needs a gradient. Under autocast the weight is cast to the autocast dtype
     (a copy made for every matmul; kept to the end of the forward when the weight trains, see
-    _weight_copy), and that copy is what is saved. bitsandbytes Linear4bit.forward (nn/modules.py) casts
+    _weight_copy), and that copy is what is saved; so is the bias (autocast_mode.cpp casts every
+    floating argument of linear/addmm: a frozen bias's copy lives until the matmul has returned). bitsandbytes Linear4bit.forward (nn/modules.py) casts
     the input to bnb_4bit_compute_dtype and returns ``.to(inp_dtype)``. peft LoRA (tuners/lora/layer.py
     Linear.forward; lora/bnb.py Linear4bit.forward for a 4-bit base) adds
     lora_B(lora_A(x.to(lora_A.weight.dtype))) * scaling: the cast input and A's output are saved (see
-    _lora); peft IA3 (tuners/ia3/layer.py Linear.forward) scales the input (feedforward) or the output."""
+    _lora); peft IA3 (tuners/ia3/layer.py Linear.forward) scales the input (feedforward) or the output.
+    The feedforward scaling runs before peft calls the base layer, so autocast's weight copy (made inside
+    the base layer's F.linear) comes after the scaling's fp32 product is freed (traced: fake tiny-vit-cls
+    ia3 amp-bf16 b3 s48, tests/peftcalc/test_memory.py)."""
     ctx = rec.ctx
     saved = []
-    weight_copy = None
-    if ctx.autocast and not quantized:
-        weight_copy = _weight_copy(rec, in_f * out_f, trainable)
-        if x.rg:
-            saved.append(rec.save(weight_copy, f"{tag}.autocast_weight"))
-    if ctx.autocast and bias_trains:  # addmm's bias copy, kept in autocast's cache (a trainable leaf)
-        rec.new(out_f, ctx.autocast, False)
     xm = x
     if ia3 == "ff":
         xm = _ia3_input(rec, x, in_f, tag)
+    weight_copy = None
+    if ctx.autocast and not quantized:
+        weight_copy = _weight_copy(rec, in_f * out_f, trainable)
+        if xm.rg:
+            saved.append(rec.save(weight_copy, f"{tag}.autocast_weight"))
+    bias_copy = None
+    if ctx.autocast and bias_trains:  # addmm's bias copy, kept in autocast's cache (a trainable leaf)
+        rec.new(out_f, ctx.autocast, False)
+    elif ctx.autocast and bias and not quantized:  # a frozen bias's copy, alive until the matmul returns
+        bias_copy = rec.new(out_f, ctx.autocast, False)
     # bitsandbytes Linear4bit.forward: x.to(compute_dtype) (not autocast's cast: bnb.matmul_4bit is no
     # autocast op), then .to(inp_dtype); the cast input is its local x until it returns
     quant_cast = quantized and ctx.quant_compute and xm.dtype != ctx.quant_compute
@@ -388,6 +399,7 @@ def linear(rec: Recorder, x: T, in_f: int, out_f: int, trainable: bool, tag: str
         y = cast(rec, out, xm.dtype)
         rec.free(out)
         out = y
+    rec.free(bias_copy)
     if xin is not xm:
         rec.free(xin)
     if xm is not x:  # IA3's scaled input (peft's `interm`) goes when the layer returns
@@ -1466,8 +1478,8 @@ class ActivationProfile:
     head_backward: BackwardPeak = BackwardPeak()  # the peak inside the head's backward (peftcalc.backward)
     forward_block_saved: int = 0  # saved bytes at the largest peak inside a block's forward (the blocks
     forward_block_live: int = 0  # below and what the block saved so far) and the live unsaved bytes then
-    forward_leaves: int = 0  # unsaved bytes the blocks leave referenced to the end of the forward (prefix
-    # tuning's cache, autocast's cached weight copies no op saves)
+    forward_leaves: int = 0  # unsaved bytes the blocks (and the head) leave referenced to the end of the
+    # forward (prefix tuning's cache, autocast's cached weight copies no op saves)
     blocks: tuple = ()  # per layer: its BlockSimulation (the peaks inside its forward and its backward,
     # with and without gradient checkpointing)
     by_tag: tuple = ()
@@ -1538,6 +1550,7 @@ class BlockRun:
     out: T  # the last block's output
     leaves: int  # unsaved bytes the blocks leave referenced to the end of the forward (BlockSimulation.leaves)
     held_after: int = 0  # unsaved bytes the forward holds when the blocks are done, their output aside
+    unsaved_block_live: int = 0  # live bytes at the largest forward peak of a block that saves nothing
 
 
 def _run_blocks(rec: Recorder, spec: ModelSpec, plan: Plan, layout: Layout, ctx: Ctx, x: T, held: int,
@@ -1549,9 +1562,12 @@ def _run_blocks(rec: Recorder, spec: ModelSpec, plan: Plan, layout: Layout, ctx:
     (its input included), `held` (tensors the model's caller keeps referenced meanwhile), what the blocks
     below left referenced (BlockSimulation.leaves: prefix tuning's cache, autocast's cached copies) and,
     when `embedding_held` (the model's forward keeps its own reference to the embedding output, e.g.
-    LlamaModel.forward's inputs_embeds), the first block's input from the second block on, unless saved."""
+    LlamaModel.forward's inputs_embeds), the first block's input from the second block on, unless saved.
+    A block that saves nothing (below the lowest trainable one) runs the same ops under gradient
+    checkpointing: its forward peak on top of what was saved before it is `unsaved_block_live`."""
     per_layer, peaks = [], []
     forward_block = (0, 0)
+    unsaved_block_live = 0
     leaves = 0
     kinds: dict = {}  # id of a block simulation -> [it, how many layers are of its kind]
     below = rec.saved_total
@@ -1569,6 +1585,8 @@ def _run_blocks(rec: Recorder, spec: ModelSpec, plan: Plan, layout: Layout, ctx:
             extra += x.nbytes
         if below + block.forward_peak + extra > sum(forward_block):
             forward_block = (below + block.forward_peak_saved, block.forward_peak - block.forward_peak_saved + extra)
+        if not block.saved:
+            unsaved_block_live = max(unsaved_block_live, block.forward_peak + extra)
         first = first or block
         held += block.leaves
         leaves += block.leaves
@@ -1587,7 +1605,8 @@ def _run_blocks(rec: Recorder, spec: ModelSpec, plan: Plan, layout: Layout, ctx:
             tags[tag] = tags.get(tag, 0) + count * nbytes
     if first is not None and embedding_held and x.id not in rec.saved and not first.saves_input:
         held += x.nbytes
-    return BlockRun(tuple(per_layer), tuple(peaks), forward_block, tags, rec.new(x.numel, dtype, rg), leaves, held)
+    return BlockRun(tuple(per_layer), tuple(peaks), forward_block, tags, rec.new(x.numel, dtype, rg), leaves, held,
+                    unsaved_block_live)
 
 
 def _final_norm_peak(spec: ModelSpec, plan: Plan, layout: Layout, ctx: Ctx, out: T) -> tuple[int, int]:
@@ -1684,14 +1703,16 @@ def activation_profile(plan: Plan, t: TrainingSettings) -> ActivationProfile:
         loss_backward_peak=loss.backward_peak,
         loss_forward_peak=loss.forward_peak,
         loss_scalars=loss.scalars,
-        forward_transient=_forward_transient(spec, plan, ctx, per_layer),
+        forward_transient=_forward_transient(spec, plan, ctx, per_layer, blocks.unsaved_block_live),
         forward_transient_saved=_saved_before_last_light_block(per_layer),
         autocast_weight_cache=_autocast_weight_cache(plan, ctx) - rec.saved_cached_copies(),
         model_output=model_output,
         head_backward=head,
         forward_block_saved=forward_block[0],
         forward_block_live=forward_block[1],
-        forward_leaves=blocks.leaves,
+        # and the head's cached weight copies no op saves (a trainable lm_head over frozen blocks: traced,
+        # fake tiny-llama frozen amp-bf16 b3 s48, its 512 x 64 bf16 copy alive through the loss)
+        forward_leaves=blocks.leaves + rec.unsaved_cached_copies(),
         blocks=blocks.blocks,
         embedding_grad=x.nbytes if x.rg else 0,
         by_tag=tuple(sorted(tags.items())),
@@ -1954,6 +1975,10 @@ def _loss_buffers(spec: ModelSpec, ctx: Ctx, logits_numel: int) -> LossBuffers:
     (the labels are the harness's input tensor). The loss and the seed torch.autograd.backward creates
     (torch/csrc/autograd/autograd.cpp _make_grads: ones_like(loss)) are scalars in the loss dtype.
     A bare encoder's loss (measure.run forward_loss: last_hidden_state.float().pow(2).mean()) is fp32.
+    The forward's peak is nll_loss_forward's return (aten nll_loss_forward: the loss and total_weight,
+    two scalars in the loss dtype; NllLossBackward0 saves total_weight), while ForCausalLMLoss still holds
+    the padded labels its shift_labels were cut from (``labels = pad(labels, (0, 1))``: b x (seq + 1) int64);
+    traced on tiny-blip2 amp-bf16 b2 s16 (tests/peftcalc/test_memory.py).
     """
     if not logits_numel:
         return LossBuffers(0, 0, 0, 0, 2 * 4)
@@ -1965,48 +1990,35 @@ def _loss_buffers(spec: ModelSpec, ctx: Ctx, logits_numel: int) -> LossBuffers:
     lb = DTYPE_BYTES[loss_dtype]
     log_softmax_out = logits_numel * lb
     shift_labels = ctx.tokens * 8 if spec.task == "causal_lm" else 0
-    saved = log_softmax_out + shift_labels
+    padded_labels = (ctx.tokens + ctx.batch) * 8 if spec.task == "causal_lm" else 0
+    total_weight = lb
+    saved = log_softmax_out + shift_labels + total_weight
     upcast_copy = logits_numel * lb if logit_dtype != loss_dtype else 0
-    forward_peak = logits_numel * DTYPE_BYTES[logit_dtype] + upcast_copy + saved
+    forward_peak = logits_numel * DTYPE_BYTES[logit_dtype] + upcast_copy + saved + padded_labels + lb
     return LossBuffers(saved=saved, saved_backward=log_softmax_out, backward_peak=3 * logits_numel * lb,
                        forward_peak=forward_peak, scalars=2 * lb)
 
 
-def _forward_transient(spec: ModelSpec, plan: Plan, ctx: Ctx, per_layer: tuple) -> int:
-    """The working set of one block's forward that autograd does not keep: it matters where blocks
-    save little (a frozen backbone) and is already inside the saved bytes where they save everything.
-    Attention: eager scores, softmax and probabilities (b x heads x s x kv); on CPU with dropout the
-    math path's fp32 scores, softmax, noise and dropped probabilities plus its q, k, v copies; fused
-    kernels only their q, k, v and output. MLP: the gated MLP's gate, up and activation outputs; GELU's
-    input and output (gelu_new's Python formula: four intermediates). DoRA adds B @ A and W + s * BA
-    (out x in) and the identity it multiplies (in x in), per layer (peft tuners/lora/dora.py)."""
+def _forward_transient(spec: ModelSpec, plan: Plan, ctx: Ctx, per_layer: tuple, unsaved_block_live: int = 0) -> int:
+    """The working set of one block's forward that autograd does not keep (what the forward:block event
+    adds under gradient checkpointing). Where some block saves nothing (it is below the lowest trainable
+    one) it is that block's forward as simulated op by op (`unsaved_block_live`, see _run_blocks: a block
+    whose ops save nothing runs the same ops under checkpointing), the hidden states the model holds
+    meanwhile, autocast's weight copies and cast inputs included (traced: fake tiny-vit-cls frozen
+    amp-bf16 b3 s48 ckpt). Blocks that save their intermediates still hold one unsaved buffer at a time:
+    the raw scores before softmax (eager, CPU math path) or one MLP output; DoRA adds B @ A and
+    W + s * BA (out x in) and the identity it multiplies (in x in), per layer (peft tuners/lora/dora.py)."""
+    if any(not a for a in per_layer):
+        return unsaved_block_live
     tok, b, s, kv = ctx.tokens, ctx.batch, ctx.seq, ctx.kv_seq
     cb = DTYPE_BYTES[ctx.autocast or ctx.compute]
     scores = b * spec.num_heads * s * kv
-    if ctx.attention == "eager":
-        attn = scores * (4 + 4 + cb)
-    elif dropout_p(spec, "attn") > 0 and ctx.device == "cpu":
-        attn = 4 * scores * 4 + 3 * tok * spec.q_dim * 4
-    else:
-        attn = tok * (2 * spec.q_dim + 2 * spec.kv_dim) * cb
-    act = {"gelu_new": 4}.get(spec.hidden_act, 2)
-    mlp = (3 if spec.gated_mlp else act) * tok * spec.intermediate_size * cb
     dora = 0
     if plan.settings.dora and plan.targets:
         layout = build_layout(spec)
         mods = {m.path: m for m in layout.modules}
         dora = max(((m.in_features ** 2 + 3 * m.in_features * m.out_features) * DTYPE_BYTES[ctx.adapter]
                     for m in (mods[p] for p in plan.targets) if m.kind in ("linear", "conv1d")), default=0)
-    saving = [a for a in per_layer if a]
-    light = len(saving) < len(per_layer)  # some block saves nothing: its whole working set is transient
-    if light:
-        # plus the hidden-state tensors the forward holds meanwhile: the embeddings output (referenced
-        # by the model's forward until it returns), the block's input, the residual after attention
-        # and the normalised input of the sublayer
-        stream = 4 * tok * spec.hidden_size * DTYPE_BYTES[ctx.weight]
-        return max(attn + stream, mlp + stream, dora)
-    # blocks that save their intermediates still hold one unsaved buffer at a time: the raw scores
-    # before softmax (eager, CPU math path) or one MLP output
     fused = ctx.attention != "eager" and not (dropout_p(spec, "attn") > 0 and ctx.device == "cpu")
     return max(dora, tok * spec.intermediate_size * cb if fused else scores * 4)
 
@@ -2016,7 +2028,8 @@ def _autocast_weight_cache(plan: Plan, ctx: Ctx) -> int:
     autocast weight cache, cleared when the autocast region exits), so the copies of all trainable
     matmul weights are alive at the end of the forward even where checkpointing saves none of them.
     (activation_profile subtracts the copies the head saves anyway, which are one tensor with the
-    cached ones.)"""
+    cached ones.) The matmuls' trainable biases are cast too (addmm's bias argument) and cached alike
+    (traced: fake tiny-qwen2 full amp-bf16 b3 s48 ckpt, the q/k/v biases' bf16 copies at the loss)."""
     if not ctx.autocast:
         return 0
     return _autocast_cached_numel(plan) * DTYPE_BYTES[ctx.autocast]
@@ -2026,8 +2039,8 @@ def _autocast_weight_cache(plan: Plan, ctx: Ctx) -> int:
 def _autocast_cached_numel(plan: Plan) -> int:
     """Elements of the weights autocast caches a copy of (_autocast_weight_cache), from the plan alone."""
     layout = build_layout(plan.spec)
-    matmul_weights = {f"{m.path}.weight" for m in layout.modules if m.kind in LINEAR_KINDS}
-    numel = sum(g.numel for g in plan.groups if g.trainable and (g.name in matmul_weights or g.origin == "lora"))
+    matmul_params = {f"{m.path}.{p}" for m in layout.modules if m.kind in LINEAR_KINDS for p in ("weight", "bias")}
+    numel = sum(g.numel for g in plan.groups if g.trainable and (g.name in matmul_params or g.origin == "lora"))
     if layout.head_tied_to_embedding and plan.embedding_trains:
         numel += plan.spec.vocab_size * plan.spec.hidden_size
     return numel
@@ -2391,6 +2404,7 @@ class QFormerSaves:
     output_rg: bool
     by_tag: tuple
     tower_output: int = 0  # the tower's output when the Q-Former reads an fp32 copy of it (see qformer_ctx)
+    unsaved_bias_copies: int = 0  # autocast's cached copies of the trainable Linear biases (in `unsaved`)
 
 
 def qformer_ctx(plan: Plan, ctx: Ctx) -> Ctx:
@@ -2431,8 +2445,11 @@ def qformer_saves(plan: Plan, ctx: Ctx) -> QFormerSaves:
     tower_out = rec.new(batch * blip2_vision_tokens(spec) * vspec.hidden_size, ctx.weight, False)
     queries_rg = QUERY_TOKENS in trains
     norm_trains = f"{QFORMER}.layernorm" in trains
-    if queries_rg or norm_trains:  # native_layer_norm saves mean and rstd (the input is the parameter)
-        rec.save_new(2 * batch * n, "float32", f"{QFORMER}.layernorm.mean_rstd")
+    if queries_rg or norm_trains:  # native_layer_norm saves mean and rstd (the input is the parameter):
+        # fp32, but in the input's dtype on the CPU when input and weight are both half (see layer_norm;
+        # traced: 2 x b x queries bf16 on cpu tiny-blip2-wide-vision bf16 b4 s4)
+        half = qctx.device == "cpu" and qctx.weight != "float32" and not ctx.autocast
+        rec.save_new(2 * batch * n, qctx.weight if half else "float32", f"{QFORMER}.layernorm.mean_rstd")
     x = rec.new(batch * n * hq, "float32" if ctx.autocast else qctx.weight, queries_rg or norm_trains)
     image = cast(rec, tower_out, qctx.weight)
     x = dropout(rec, x, dropout_p(qspec, "embd"), f"{QFORMER}.dropout")
@@ -2452,16 +2469,18 @@ def qformer_saves(plan: Plan, ctx: Ctx) -> QFormerSaves:
     cached = sum(n for bucket, tag, n in rec.saved.values() if bucket == "post" and tag.endswith(".autocast_weight"))
     checkpointed = buckets.get("pre", 0) + buckets.get("post", 0) + kept + (image.nbytes if kept else 0)
     unsaved = x.nbytes if x.id not in rec.saved else 0
-    weight_copies = 0
+    weight_copies = bias_copies = 0
     if ctx.autocast:
-        unsaved += DTYPE_BYTES[ctx.autocast] * _trainable_linear_numel(plan, ".bias")
+        bias_copies = DTYPE_BYTES[ctx.autocast] * _trainable_linear_numel(plan, ".bias")
+        unsaved += bias_copies
         weight_copies = DTYPE_BYTES[ctx.autocast] * _trainable_linear_numel(
             plan, ".weight", ".crossattention.attention.key", ".crossattention.attention.value")
     return QFormerSaves(saved=buckets.get("pre", 0) + layers + buckets.get("post", 0), checkpointed=checkpointed,
                         unsaved=unsaved, unsaved_image=0 if image.id in rec.saved else image.nbytes,
                         unsaved_weight_copies=weight_copies, saved_weight_copies=cached, output_rg=out.rg,
                         by_tag=tuple(rec.bytes_by_tag().items()),
-                        tower_output=tower_out.nbytes if image is not tower_out else 0)
+                        tower_output=tower_out.nbytes if image is not tower_out else 0,
+                        unsaved_bias_copies=bias_copies)
 
 
 def _trainable_linear_numel(plan: Plan, suffix: str, *modules: str) -> int:
@@ -2540,7 +2559,6 @@ def _blip2_profile(plan: Plan, t: TrainingSettings) -> ActivationProfile:
     head_start = len(rec.nodes)
     logits_numel, x, root = _head(rec, tspec, plan, layout, blocks.out)
     head = _head_backward(rec, head_start, root)
-    model_output = _unsaved_model_output(rec, x)
     tags = dict(q.by_tag)
     for tag, nbytes in list(blocks.tags.items()) + list(rec.bytes_by_tag().items()):
         tags[tag] = tags.get(tag, 0) + nbytes
@@ -2558,8 +2576,8 @@ def _blip2_profile(plan: Plan, t: TrainingSettings) -> ActivationProfile:
     vision = eva_forward_bytes(spec, ctx)  # runs before anything is saved
     if vision > pre + (0 if t.grad_checkpointing else transient_saved) + transient:
         transient, transient_saved = vision - pre, 0
-    if vision > block_saved + block_live:
-        block_saved, block_live = pre, vision - pre
+    if vision > block_saved + block_live:  # the tower's forward: the Q-Former has saved nothing yet
+        block_saved, block_live = 0, vision
     return ActivationProfile(
         per_layer=per_layer,
         pre=pre,
@@ -2573,9 +2591,13 @@ def _blip2_profile(plan: Plan, t: TrainingSettings) -> ActivationProfile:
         loss_scalars=loss.scalars,
         forward_transient=transient,
         forward_transient_saved=transient_saved,
-        # the projection's saved weight copy is the cache's own, already in `pre`
-        autocast_weight_cache=_autocast_weight_cache(plan, ctx) - q.saved_weight_copies,
-        model_output=model_output,
+        # the projection's saved weight copy is the cache's own, already in `pre`; the biases' copies are
+        # among the forward's outputs (blip2_forward_outputs: QFormerSaves.unsaved)
+        autocast_weight_cache=_autocast_weight_cache(plan, ctx) - q.saved_weight_copies - q.unsaved_bias_copies,
+        # Blip2ForConditionalGeneration.forward computes the loss itself, after OPTForCausalLM.forward has
+        # returned CausalLMOutputWithPast (logits and past_key_values): the decoder's last hidden state
+        # died with OPTForCausalLM's `outputs`, so no model_output is alive while the loss runs (traced)
+        model_output=0,
         head_backward=head,
         forward_block_saved=block_saved,
         forward_block_live=block_live,
