@@ -17,6 +17,7 @@ File format::
     [[grid]]              # one cartesian product: every list-valued key is an axis
     model = ["tiny-llama", "llama-3.2-1b"]
     variant = [{method = "lora"}, {method = "lora", targets = "all-linear"}]  # tables: merged whole
+    shape = [{batch_size = 1, seq_len = 4096}, {batch_size = 4, seq_len = 512}]  # a second table axis
     grad_checkpointing = [false, true]
 
 Run keys: model, device (cuda|cpu|fake), steps, seed, prepare_kbit, the method keys of
@@ -54,6 +55,7 @@ RUN_KEYS = ("model", "device", "steps", "seed", "prepare_kbit")
 ROW_KEYS = RUN_KEYS + METHOD_KEYS + TRAINING_KEYS
 TOP_KEYS = ("description", "defaults", "models", "grid")
 VARIANT = "variant"
+TABLE_AXES = (VARIANT, "shape")  # axes whose entries are tables of run keys, merged whole
 RUN_DEFAULTS = {"device": "cpu", "steps": 3, "seed": 0, "prepare_kbit": False}
 INT_KEYS = ("steps", "seed", "rank", "alpha", "bottleneck", "num_virtual_tokens", "trainable_layers",
             "batch_size", "seq_len", "vision_layers")
@@ -136,15 +138,15 @@ def _check_keys(data: dict, path: str, text: str) -> None:
         raise InputError(f"{path}: a matrix needs at least one [[grid]] table")
     for grid in grids:
         for key, value in grid.items():
-            if key == VARIANT:
+            if key in TABLE_AXES:
                 for table in _as_list(value):
                     if not isinstance(table, dict):
-                        raise InputError(f"{path}: line {line_of(text, key)}: '{VARIANT}' entries must be tables")
+                        raise InputError(f"{path}: line {line_of(text, key)}: '{key}' entries must be tables")
                     for sub in table:
                         if sub not in ROW_KEYS:
-                            raise _unknown(path, text, sub, ROW_KEYS, f"a {VARIANT} table")
+                            raise _unknown(path, text, sub, ROW_KEYS, f"a {key} table")
             elif key not in ROW_KEYS:
-                raise _unknown(path, text, key, ROW_KEYS + (VARIANT,), "[[grid]]")
+                raise _unknown(path, text, key, ROW_KEYS + TABLE_AXES, "[[grid]]")
 
 
 def _check_value(key: str, value, path: str, text: str) -> None:
@@ -164,7 +166,7 @@ def _check_values(data: dict, path: str, text: str) -> None:
     tables = [data.get("defaults", {})]
     for grid in data["grid"]:
         for key, value in grid.items():
-            if key == VARIANT:
+            if key in TABLE_AXES:
                 tables.extend(_as_list(value))
             else:
                 tables.extend({key: v} for v in _as_list(value))
@@ -185,7 +187,7 @@ def grid_rows(grid: dict, defaults: dict) -> list[dict]:
     for combo in itertools.product(*(axes[n] for n in names)):
         row = dict(defaults)
         for name, value in zip(names, combo):
-            if name == VARIANT:
+            if name in TABLE_AXES:
                 row.update(value)
             else:
                 row[name] = value

@@ -78,6 +78,34 @@ def test_grid_is_a_cartesian_product_with_merged_variants_and_left_out_rows(tmp_
     assert len(left_out) == 2 and all("needs bias terms" in why for _, why in left_out)
 
 
+def test_shape_is_a_second_table_axis(tmp_path):
+    path = _write(tmp_path, TINY + """
+    [[grid]]
+    model = "t-llama"
+    device = "fake"
+    variant = [{method = "lora"}, {method = "full"}]
+    shape = [{batch_size = 1, seq_len = 64}, {batch_size = 4, seq_len = 16}]
+    """)
+    runs, _ = expand_matrix(load_matrix(path))
+    assert [(r.method.method, r.training.batch_size, r.training.seq_len) for r in runs] == [
+        ("lora", 1, 64), ("lora", 4, 16), ("full", 1, 64), ("full", 4, 16)]
+    with pytest.raises(InputError, match="unknown key 'batch' in a shape table"):
+        load_matrix(_write(tmp_path, '[[grid]]\nmodel = "gpt2"\nshape = [{batch = 4}]\n'))
+
+
+def test_long_matrix_spans_the_design_shapes():
+    """DESIGN.md's validation matrix at real shapes: batch 1 and 4, sequences 128 to 4096, every method
+    on the text families, checkpointing on and off, fp32/bf16/amp-bf16."""
+    runs, _ = expand_matrix(load_matrix("long"))
+    assert all(r.device == "fake" for r in runs)
+    assert {r.training.batch_size for r in runs} == {1, 4}
+    assert min(r.training.seq_len for r in runs) == 128 and max(r.training.seq_len for r in runs) == 4096
+    assert {r.method.method for r in runs} == set(METHODS)
+    assert {r.spec.model_type for r in runs} == {"qwen2", "llama", "gpt2", "bert"}
+    assert {r.training.precision for r in runs} == {"fp32", "bf16", "amp-bf16"}
+    assert {r.training.grad_checkpointing for r in runs} == {False, True}
+
+
 def test_ci_matrix_covers_every_method_and_family_on_cpu(ci_matrix):
     runs, _ = expand_matrix(ci_matrix)
     cpu = [r for r in runs if r.device == "cpu"]
