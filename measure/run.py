@@ -267,6 +267,9 @@ class TracerMeter:
             if name == "forward":
                 with self.tracer.saving():
                     yield
+            elif name == "backward":  # a checkpoint's recompute saves activations again
+                with self.tracer.recomputing():
+                    yield
             else:
                 yield
         self._phases[name] = {"start_bytes": stats.start_bytes, "end_bytes": stats.end_bytes,

@@ -19,10 +19,9 @@ gradients           ``.grad`` of parameters (marked after backward)
 optimizer_state     tensors held in ``optimizer.state`` (marked after the optimizer step)
 inputs              the batch (input ids, labels, pixel values)
 activations         tensors autograd saved for backward
-                    (``torch.autograd.graph.saved_tensors_hooks`` pack hook)
-other               everything else: temporaries, model outputs, the loss, and the tensors
-                    gradient checkpointing keeps or recomputes (its own saved-tensor hooks
-                    take precedence over ours)
+                    (``torch.autograd.graph.saved_tensors_hooks`` pack hook), and the tensors a
+                    gradient checkpoint's recompute saves into its frame (``recomputing()``)
+other               everything else: temporaries, model outputs, the loss
 ==================  ====================================================================
 
 Known differences from the CUDA caching allocator: no rounding to 512-byte blocks, no cuBLAS/cuDNN
@@ -235,6 +234,39 @@ class StorageTracer(FakeScalars):
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             yield
+
+    @contextlib.contextmanager
+    def recomputing(self):
+        """Mark the tensors torch.utils.checkpoint's non-reentrant recompute saves as activations.
+        In backward, ``_checkpoint_hook.unpack_hook`` (torch/utils/checkpoint.py) reruns the block's
+        forward under ``_recomputation_hook``, its own saved_tensors_hooks and the innermost, whose
+        pack_hook stores each saved tensor in ``frame.recomputed`` until the backward node unpacks it:
+        autograd holds them for backward exactly as the forward's saved tensors, but no hook of ours
+        is active there (``saving()`` covers the forward; inside a checkpoint's forward
+        ``_checkpoint_hook`` shadows it). The module global ``_recomputation_hook`` is looked up when
+        the unpack hook runs, so while this context is active it is a subclass whose pack hook marks
+        its tensor first."""
+        import torch.utils.checkpoint as checkpoint
+
+        original = checkpoint._recomputation_hook
+        tracer = self
+
+        class _MarkingRecomputationHook(original):
+            def __init__(self, *args, **kwargs) -> None:
+                super().__init__(*args, **kwargs)
+                pack = self.pack_hook
+
+                def marking_pack(x):
+                    tracer.mark(x, "activations")
+                    return pack(x)
+
+                self.pack_hook = marking_pack
+
+        checkpoint._recomputation_hook = _MarkingRecomputationHook
+        try:
+            yield
+        finally:
+            checkpoint._recomputation_hook = original
 
     # -- queries ----------------------------------------------------------------------------
 
