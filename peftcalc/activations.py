@@ -110,7 +110,8 @@ class Recorder:
     'post'); the autograd nodes they create (peftcalc.backward.Node), in creation order; and the
     forward's live bytes: every op output is allocated when it is made and freed when the modeling code
     drops its last reference (free), unless autograd saved it. `forward_peak` is the largest saved + live
-    sum; `recompute_peak` that largest sum up to the last save (torch.utils.checkpoint's non-reentrant
+    sum (`forward_peak_saved` what of it is saved); `recompute_peak` that largest sum up to the last
+    save, `recompute_peak_saved` what of it the recompute has saved by then (torch.utils.checkpoint's non-reentrant
     recompute stops when the last saved tensor is packed: ``_recomputation_hook.pack_hook`` raises
     ``_StopRecomputationError`` with ``early_stop=True``; autograd packs an op's inputs before the op
     runs and its outputs after, as the generated VariableType code does, and the ops record them in
@@ -126,7 +127,10 @@ class Recorder:
     saved_total: int = 0
     forward_peak: int = 0
     forward_peak_saved: int = 0
+    forward_peak_saved_ids: int = 0  # how many storages were saved at the forward peak
     recompute_peak: int = 0
+    recompute_peak_saved: int = 0
+    recompute_peak_saved_ids: int = 0
     cached: list = field(default_factory=list)  # autocast's cached copies of trainable weights (see _weight_copy)
 
     def new(self, numel: int, dtype: str, rg: bool) -> T:
@@ -137,6 +141,7 @@ class Recorder:
         self.live_bytes += t.nbytes
         if self.saved_total + self.live_bytes > self.forward_peak:
             self.forward_peak, self.forward_peak_saved = self.saved_total + self.live_bytes, self.saved_total
+            self.forward_peak_saved_ids = len(self.saved)
         return t
 
     def free(self, *ts: T) -> None:
@@ -159,15 +164,24 @@ class Recorder:
             self.saved_total += t.nbytes
             if t.id in self.live:  # held by autograd from now on
                 self.live_bytes -= self.live.pop(t.id)
-        self.recompute_peak = self.forward_peak
+        self._recompute_stops_here()
         return t.id
+
+    def _recompute_stops_here(self) -> None:
+        """A save: a recompute runs at least this far, so its peak is the forward's so far."""
+        self.recompute_peak, self.recompute_peak_saved = self.forward_peak, self.forward_peak_saved
+        self.recompute_peak_saved_ids = self.forward_peak_saved_ids
+
+    def saved_at_recompute_peak(self, tid: int) -> bool:
+        """Whether tensor `tid` was saved (dicts keep insertion order) when the recompute peaked."""
+        return tid in list(self.saved)[:self.recompute_peak_saved_ids]
 
     def save_new(self, numel: int, dtype: str, tag: str) -> int:
         return self.save(self.new(numel, dtype, False), tag)
 
     def save_param(self) -> None:
         """A parameter saved for backward: no activation bytes, but a recompute stops only after it."""
-        self.recompute_peak = self.forward_peak
+        self._recompute_stops_here()
 
     def node(self, out: T, steps=(), outputs=(), saved=(), hold: int = 0, saves_param: bool = False) -> None:
         """The autograd node that made `out` (none when `out` needs no gradient): its backward
@@ -1648,8 +1662,10 @@ def _simulate_block(spec: ModelSpec, plan: Plan, lt: LayerTraining, ctx: Ctx, in
     replay = run_backward(rec.nodes, saved, incoming, in_place)
     # under checkpointing the input is the checkpoint's, counted outside the block
     recompute = rec.recompute_peak - x.nbytes if rec.recompute_peak else 0
+    # what of it the recompute has saved into the checkpoint's frame (autograd holds it for backward)
+    recompute_saved = rec.recompute_peak_saved - (x.nbytes if rec.saved_at_recompute_peak(x.id) else 0)
     checkpointed = run_backward(rec.nodes, {**saved, x.id: 0} if x.id in saved else saved, incoming, in_place,
-                                recompute=recompute)
+                                recompute=recompute, recompute_saved=recompute_saved if recompute else 0)
     leaves = rec.live_bytes - rec.live.get(out.id, 0) - rec.live.get(x.id, 0)
     return BlockSimulation(sum(saved.values()), tuple(rec.bytes_by_tag().items()), out.rg, out.dtype, replay.peak,
                            rec.forward_peak, rec.forward_peak_saved, x.id in rec.saved, leaves,

@@ -98,6 +98,7 @@ class _Engine:
     peak_total: int = 0
     holds: dict = field(default_factory=dict)  # node out id -> [_Storage]
     recompute: int | None = None  # a checkpoint's recompute peak, while its saved tensors do not exist yet
+    recompute_saved: int = 0  # what of that peak the recompute has saved into the checkpoint's frame
 
     def note(self) -> None:
         total = self.saved_live + self.live + self.params
@@ -127,7 +128,8 @@ class _Engine:
         if self.recompute is not None and node.unpacks:  # the checkpoint's forward runs again now
             if self.live + self.params + self.recompute > self.peak_total:
                 self.peak_total = self.live + self.params + self.recompute
-                self.peak = BackwardPeak(0, self.live + self.recompute, self.params)
+                self.peak = BackwardPeak(self.recompute_saved, self.live + self.recompute - self.recompute_saved,
+                                         self.params)
             self.recompute = None
             self.saved_live = sum(self.saved_bytes.values())
             self.note()
@@ -174,13 +176,16 @@ class _Engine:
         self.buffers[target] = total
 
 
-def run_backward(nodes, saved_bytes: dict, incoming: dict, in_place: bool, recompute: int | None = None) -> Replay:
+def run_backward(nodes, saved_bytes: dict, incoming: dict, in_place: bool, recompute: int | None = None,
+                 recompute_saved: int = 0) -> Replay:
     """Replay `nodes` (in creation order) backward from the gradients in `incoming` (id -> bytes),
     with every saved tensor of `saved_bytes` (id -> bytes) held at the start, or, for a checkpointed
-    block, made by its recompute (peak `recompute` bytes, counted as buffers) when the first node
+    block, made by its recompute (peak `recompute` bytes: `recompute_saved` of them the tensors it has
+    saved into the checkpoint's frame, held for backward, the rest its temporaries) when the first node
     unpacks. in_place: whether input buffers accumulate in place (no TorchDispatchMode active, as on
     cuda)."""
-    e = _Engine(saved_bytes=dict(saved_bytes), in_place=in_place, recompute=recompute)
+    e = _Engine(saved_bytes=dict(saved_bytes), in_place=in_place, recompute=recompute,
+                recompute_saved=recompute_saved)
     for node in nodes:
         for sid in node.saved:
             e.saved_refs[sid] = e.saved_refs.get(sid, 0) + 1

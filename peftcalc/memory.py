@@ -434,7 +434,9 @@ def _checkpointed_backward(plan: Plan, act: ActivationProfile, grads: GradientAr
 def _checkpointed_block(base: dict, remaining: int, arrived: int, block) -> dict:
     """Live bytes at the peak of a checkpointed block's backward (torch.utils.checkpoint, non-reentrant),
     node by node (`block`: the activations.BlockSimulation, replayed by peftcalc.backward), the recompute
-    of its forward included (as temporaries, with the gradient buffers of that moment). `remaining` holds
+    of its forward included (what it has saved into the checkpoint's frame, torch/utils/checkpoint.py
+    _recomputation_hook.pack_hook, as activations; its other live tensors and the gradient buffers of that
+    moment as temporaries). `remaining` holds
     the inputs the checkpoints keep, this block's included."""
     peak = block.checkpointed_backward
     return dict(base, activations=remaining + peak.saved, gradients=arrived + peak.params, temporaries=peak.buffers)
