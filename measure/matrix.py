@@ -43,7 +43,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from peftcalc.errors import InputError, read_text
-from peftcalc.methods import MethodSettings, normalize_targets, resolve_adapter_kind
+from peftcalc.methods import MethodSettings, normalize_targets
 from peftcalc.settings import TrainingSettings
 from peftcalc.spec import ModelSpec, load_spec
 
@@ -83,14 +83,10 @@ class Run:
 
     def request(self) -> dict:
         """This run as JSON data (what a subprocess needs to run it again)."""
-        from measure.run import LATER_METHOD_FIELDS
+        from measure.run import method_record
 
-        # prepare_kbit travels as the run key (as settings_record records it), not in the method
-        method = {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.method.__dict__.items()
-                  if not (k in LATER_METHOD_FIELDS and v == 0) and k != "prepare_kbit"}
-        method["adapter_kind"] = resolve_adapter_kind(self.spec, self.method)  # as settings_record has it
         return {"model": self.model_config if self.model_config is not None else self.spec.name,
-                "method": method, "training": self.training.__dict__, "device": self.device,
+                "method": method_record(self.spec, self.method), "training": self.training.__dict__, "device": self.device,
                 "steps": self.steps, "seed": self.seed, "prepare_kbit": self.prepare_kbit}
 
 

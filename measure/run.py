@@ -389,25 +389,31 @@ def run_steps(model, spec, batch, optimizer, policy, device, meter, steps: int, 
 LATER_METHOD_FIELDS = ("vision_layers",)
 
 
-def settings_record(spec: ModelSpec, method: MethodSettings, training: TrainingSettings, device: str,
-                    steps: int, prepare_kbit: bool = False, seed: int = 0) -> dict:
-    """Everything that decides a run, as plain data (also the input of :func:`row_key`)."""
+def method_record(spec: ModelSpec, method: MethodSettings) -> dict:
+    """The method's settings as a row records them (and a subprocess request carries them): the adapter kind
+    a default resolves to, lists for tuples, and without the fields added later when they hold their
+    default (LATER_METHOD_FIELDS) or prepare_kbit, which travels as the run's qlora_prepare_kbit as it did
+    before MethodSettings had the field, so the keys of earlier rows stay what they were."""
     m = asdict(method)
-    # prepare_model_for_kbit_training is recorded as qlora_prepare_kbit (below), as it was before
-    # MethodSettings had the field, so the keys of earlier rows stay what they were
-    method_prepare_kbit = m.pop("prepare_kbit", False)
-    prepare_kbit = bool(prepare_kbit or method_prepare_kbit)
+    del m["prepare_kbit"]
     m["adapter_kind"] = resolve_adapter_kind(spec, method)  # the kind the run uses (None means a default)
     if isinstance(m["targets"], tuple):
         m["targets"] = list(m["targets"])
-    for name in LATER_METHOD_FIELDS:  # keep the keys of rows recorded before these fields existed
+    for name in LATER_METHOD_FIELDS:
         if m.get(name) == 0:
             del m[name]
+    return m
+
+
+def settings_record(spec: ModelSpec, method: MethodSettings, training: TrainingSettings, device: str,
+                    steps: int, prepare_kbit: bool = False, seed: int = 0) -> dict:
+    """Everything that decides a run, as plain data (also the input of :func:`row_key`)."""
+    prepare_kbit = bool(prepare_kbit or method.prepare_kbit)
     t = asdict(replace(training, device="cuda" if device == "cuda" else "cpu"))
     return {
         "model": spec.name,
         "model_config_sha": config_sha(spec),
-        "method": m,
+        "method": method_record(spec, method),
         "training": t,
         "device": device,
         "steps": steps,

@@ -33,13 +33,6 @@ def human_bytes(n: float) -> str:
     return f"{int(n)} B"
 
 
-def human_count(n: int) -> str:
-    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= size:
-            return f"{n / size:,.2f}{unit}"
-    return str(n)
-
-
 def hours(h: float) -> str:
     if h < 1 / 60:
         return f"{h * 3600:,.1f} s"

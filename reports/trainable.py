@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from peftcalc import estimate
 from peftcalc.errors import InputError
+from peftcalc.methods import methods_for
 from peftcalc.spec import load_spec
 
 SEED_004 = "shared/seeds/004_c97024b964fd67c6.txt"
@@ -75,8 +76,16 @@ def describe(method: str, kw: dict, spec) -> str:
     from peftcalc.methods import IA3_DEFAULT_TARGETS, LORA_DEFAULT_TARGETS
 
     if method in ("lora", "qlora"):
-        targets = kw.get("targets") or ",".join(LORA_DEFAULT_TARGETS[spec.model_type])
-        return f"r={kw.get('rank', 8)}, {targets}" + (", NF4 base" if method == "qlora" else "")
+        family = spec.text.model_type if spec.is_vlm else spec.model_type  # LLaVA: LoRA on the language model
+        targets = kw.get("targets") or ",".join(LORA_DEFAULT_TARGETS[family])
+        return (f"r={kw.get('rank', 8)}, {targets}" + (", NF4 base" if method == "qlora" else "")
+                + (" + projector" if spec.is_vlm else ""))
+    if method == "projector":
+        return "projector only (vision tower and language model frozen)"
+    if method == "projector-llm":
+        return "projector + language model"
+    if method == "qformer":
+        return "Q-Former, query tokens, language projection"
     if method == "adapter":
         from peftcalc.methods import MethodSettings, resolve_adapter_kind, resolve_bottleneck
 
@@ -133,6 +142,8 @@ def trainable_frame(model, batch_size: int = 1, seq_len: int = 512, precision: s
     import pandas as pd
 
     spec = load_spec(model)
+    if variants is VARIANTS and (spec.is_vlm or spec.model_type == "blip-2"):  # the stages they take
+        variants = [(m, {}) for m in methods_for(spec)]
     rows = []
     for method, kw in variants:
         c4, c0 = claims_for(method, spec)

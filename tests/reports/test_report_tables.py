@@ -223,3 +223,17 @@ def test_vlm_table_is_the_calculators_llava():
     md = vlm_table("markdown")
     assert "vision-language issue" not in md and "20,979,712" in md and "128 text tokens" in md
     assert len(json.loads(vlm_table("json"))) == len(df)
+
+
+def test_trainable_table_of_a_vlm_lists_its_stages():
+    """A VLM's table has the stages it takes, with the counts test_vlm.py / test_blip2.py check against the
+    real LlavaForConditionalGeneration / Blip2ForConditionalGeneration: llava-1.5-7b stage 1 trains the
+    projector (1024 x 4096 + 4096 + 4096 x 4096 + 4096 = 20,979,712), LoRA r8 on q,v of the 32 Llama
+    blocks adds 32 x 2 x 8 x (4096 + 4096) = 4,194,304 to it; blip2-opt-2.7b's qformer stage 107,130,880."""
+    llava = trainable_frame("llava-1.5-7b").set_index("method")
+    assert list(llava.index) == ["projector", "projector-llm", "lora", "adapter"]
+    assert llava.loc["projector", "trainable"] == 1024 * 4096 + 4096 + 4096 * 4096 + 4096 == 20_979_712
+    assert llava.loc["lora", "trainable"] == 20_979_712 + 32 * 2 * 8 * (4096 + 4096)
+    assert llava.loc["lora", "settings"] == "r=8, q_proj,v_proj + projector"
+    blip2 = trainable_frame("blip2-opt-2.7b").set_index("method")
+    assert list(blip2.index) == ["qformer"] and blip2.loc["qformer", "trainable"] == 107_130_880
