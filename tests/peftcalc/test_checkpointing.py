@@ -80,18 +80,29 @@ def test_llama_mlp_backward_composition():
 def test_bert_recompute_math_attention_composition():
     """tiny-bert LoRA (query, value) bf16, batch 4 x 32, layer 1: the traced peak (1,008,804 bytes) is
     inside the recompute, where torch's _scaled_dot_product_attention_math returns (dropout 0.1 on the
-    CPU has no fused kernel). Above the checkpoint input, the incoming gradient and everything outside:
-      query/value LoRA: fp32 input copies 2 x 32,768, lora_A outputs 2 x 4,096      =  73,728
-      q, k, v projections (bf16, 128 x 64)                                           =  49,152
-      the math kernel in fp32: q, k, v copies 3 x 32,768, q * scale, q and k^T bmm
-        copies 3 x 32,768, softmax, dropout noise and product 3 x 65,536, the
-        probabilities' bf16 copy 32,768, v's bmm copy 32,768, the bmm output 32,768,
-        its bf16 cast 16,384                                                         = 507,904
+    CPU has no fused kernel). Above the checkpoint input, the incoming gradient and everything outside,
+    what the recompute has saved by then into the checkpoint's frame (torch/utils/checkpoint.py
+    _recomputation_hook.pack_hook, by autograd's saving rules) and its temporaries:
+      saved
+        query/value LoRA: lora_A's fp32 input copies 2 x 32,768 (LinearBackward saves its input),
+          lora_B's inputs, the lora_A outputs, 2 x 4,096                                =  73,728
+        the math kernel's bmm operands: the q and k^T copies (clone) 2 x 32,768, v's copy 32,768 =  98,304
+        softmax's output (SoftmaxBackward), the dropout noise (empty_like, saved by mul) and the
+          dropped probabilities (the second bmm's input) 3 x 65,536                     = 196,608
+                                                                                        = 368,640
+      temporaries (nothing saves them)
+        q, k, v projections (bf16, 128 x 64) 3 x 16,384                                 =  49,152
+        the math kernel's fp32 q, k, v copies 3 x 32,768, q * scale 32,768, the probabilities'
+          bf16 copy 32,768, the bmm output 32,768, its bf16 cast 16,384                 = 212,992
+                                                                                        = 262,144
     = 630,784, and the incoming gradient (bf16, 128 x 64 x 2 = 16,384) beside it: 647,168, the block's
-    checkpointed peak (the replay counts the recompute as buffers, before any saved tensor exists)."""
+    checkpointed peak. The tracer (measure.tracer.StorageTracer.recomputing marks the recompute's saved
+    tensors) lists at that peak exactly these: activations 434,688 = the embeddings' 66,048 kept from
+    the forward (outside the block) + 368,640; 'other' from the backward 262,144 + 16,384 (the rest of
+    'other', 16,388: the forward's embedding output, the loss and its ones_like gradient)."""
     plan = make_plan(tiny("tiny-bert"), MethodSettings("lora"))
     block = activation_profile(plan, ckpt("bf16")).blocks[1]
-    assert block.checkpointed_backward == BackwardPeak(saved=0, buffers=630_784 + 16_384, params=0)
+    assert block.checkpointed_backward == BackwardPeak(saved=368_640, buffers=262_144 + 16_384, params=0)
 
 
 def test_input_require_grads_hook_keeps_embedding_tensors():
