@@ -144,3 +144,62 @@ def test_backward_sums_a_second_gradient_out_of_place_under_a_tracer():
              Node(4, (), ((2, GRAD), (3, GRAD)))]
     for inplace, expected in ((False, 12_000), (True, 8_400)):
         assert run_backward(nodes, {}, {4: 400}, inplace).peak.total == expected
+
+
+def _components(model, method, precision, batch, seq, **kw):
+    e = estimate(tiny(model), method=method, batch_size=batch, seq_len=seq, precision=precision,
+                 grad_checkpointing=True, device="cpu", **kw)
+    return e.memory.peak_bytes, e.memory.peak_phase, dict(e.memory.components)
+
+
+def test_tied_head_gradient_is_pending_not_a_grad():
+    """tiny-gpt2 frozen (only the tied wte/lm_head trains) fp32 batch 2 x 32, checkpointed, on the CPU:
+    traced peak 1,663,756 bytes in block 1's backward, where the lm_head's gradient (aten.mm, 512 x 64
+    fp32 = 131,072) waits in AccumulateGrad's input buffer for the lookup's (torch engine.cpp not_ready
+    InputBuffer): no parameter has a .grad yet. Traced categories (measure.run TracerMeter, StorageTracer
+    .breakdown at the peak): parameters 564,224, optimizer_state 262,148, inputs 512, activations
+    492,544, other 344,328 (the pending gradient among it), gradients 0."""
+    peak, phase, c = _components("tiny-gpt2", "frozen", "fp32", 2, 32)
+    assert (peak, phase) == (1_663_756, "backward:layer1")
+    assert c["gradients"] == 0
+    assert (c["activations"], c["logits_loss"] + c["temporaries"]) == (492_544, 344_328)
+
+
+def test_embedding_norm_gradient_arrives_last():
+    """tiny-bert BitFit fp32 batch 1 x 64, checkpointed (fake tensors): the embeddings' LayerNorm bias
+    gets its gradient after block 0's backward (BertEmbeddings.forward runs it before the blocks), so at
+    the traced peak in block 1's backward (998,232 bytes) the gradients are the MLM head's biases and
+    block 1's: 2,560 traced (was 2,816 with the LayerNorm's 256 counted on the head side)."""
+    peak, phase, c = _components("tiny-bert", "bitfit", "fp32", 1, 64)
+    assert (peak, c["gradients"]) == (998_232, 2_560)
+
+
+def test_batch_one_math_attention_saves_views():
+    """tiny-gpt2 LoRA fp32 batch 1 x 64, checkpointed (fake tensors): with batch 1 at::matmul folds the
+    math path's (1, heads, s, d) operands into bmm's without copies, so bmm saves the scaled q and k^T
+    and v, a view keeping c_attn's whole (1, 64, 192) fp32 output (49,152 bytes) alive instead of a
+    16,384-byte copy; traced peak 1,485,848 (the calculator was 33,280 low: 2 x 16,384 for that and
+    512 for the position ids the checkpoints hold)."""
+    peak, phase, c = _components("tiny-gpt2", "lora", "fp32", 1, 64)
+    assert (peak, phase) == (1_485_848, "backward:layer1")
+
+
+def test_checkpoints_hold_the_position_ids():
+    """tiny-llama LoRA fp32 batch 2 x 32, checkpointed (fake tensors): transformers'
+    GradientCheckpointingLayer checkpoints partial(forward, **kwargs), so the (1, 32) int64 position_ids
+    (256 bytes, 'other') outlive the forward; traced peak 1,087,848 at the start of backward with
+    activations 184,576 and other 262,408 (the loss buffers 262,152 and the position ids)."""
+    peak, phase, c = _components("tiny-llama", "lora", "fp32", 2, 32)
+    assert (peak, phase) == (1_087_848, "backward:loss")
+    assert (c["activations"], c["logits_loss"] + c["temporaries"]) == (184_576, 262_408)
+    assert c["temporaries"] == 32 * 8
+
+
+def test_checkpointed_ia3_reduction_after_recomputed_tensors_go():
+    """tiny-llama-cls IA3 fp32 batch 2 x 32, checkpointed, on the CPU: in the feedforward IA3 mul's
+    backward the recomputed input (32,768) and scaling vector (512) are freed when the formula returns
+    (checkpoint.py Rule 4: unpacking drops the frame's reference), before the engine sums the vector's
+    gradient down to (128,) (validate_outputs); traced peak 803,444 (was 512 over with the sum counted
+    beside them)."""
+    peak, phase, c = _components("tiny-llama-cls", "ia3", "fp32", 2, 32)
+    assert (peak, phase) == (803_444, "backward:layer1")
