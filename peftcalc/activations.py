@@ -111,11 +111,13 @@ class Recorder:
     forward's live bytes: every op output is allocated when it is made and freed when the modeling code
     drops its last reference (free), unless autograd saved it. `forward_peak` is the largest saved + live
     sum (`forward_peak_saved` what of it is saved); `recompute_peak` that largest sum up to the last
-    save, `recompute_peak_saved` what of it the recompute has saved by then (torch.utils.checkpoint's non-reentrant
-    recompute stops when the last saved tensor is packed: ``_recomputation_hook.pack_hook`` raises
-    ``_StopRecomputationError`` with ``early_stop=True``; autograd packs an op's inputs before the op
-    runs and its outputs after, as the generated VariableType code does, and the ops record them in
-    that order)."""
+    save (torch.utils.checkpoint's non-reentrant recompute stops when the last saved tensor is packed:
+    ``_recomputation_hook.pack_hook`` raises ``_StopRecomputationError`` with ``early_stop=True``;
+    autograd packs an op's inputs before the op runs and its outputs after, as the generated
+    VariableType code does, and the ops record them in that order), `recompute_peak_saved` what of it
+    the recompute saves into the checkpoint's frame by the time it stops: the tensors live at its peak
+    that are saved then or later (a storage's category is what it becomes, as the harness's tracer
+    decides it: an op's output is saved a moment after it is made)."""
 
     ctx: Ctx
     bucket: object = "pre"
@@ -127,10 +129,10 @@ class Recorder:
     saved_total: int = 0
     forward_peak: int = 0
     forward_peak_saved: int = 0
-    forward_peak_saved_ids: int = 0  # how many storages were saved at the forward peak
+    forward_peak_last_id: int = 0  # the newest tensor at the forward peak
+    forward_peak_saved_later: int = 0  # bytes live at the forward peak and saved since
     recompute_peak: int = 0
     recompute_peak_saved: int = 0
-    recompute_peak_saved_ids: int = 0
     cached: list = field(default_factory=list)  # autocast's cached copies of trainable weights (see _weight_copy)
 
     def new(self, numel: int, dtype: str, rg: bool) -> T:
@@ -141,7 +143,7 @@ class Recorder:
         self.live_bytes += t.nbytes
         if self.saved_total + self.live_bytes > self.forward_peak:
             self.forward_peak, self.forward_peak_saved = self.saved_total + self.live_bytes, self.saved_total
-            self.forward_peak_saved_ids = len(self.saved)
+            self.forward_peak_last_id, self.forward_peak_saved_later = t.id, 0
         return t
 
     def free(self, *ts: T) -> None:
@@ -164,17 +166,15 @@ class Recorder:
             self.saved_total += t.nbytes
             if t.id in self.live:  # held by autograd from now on
                 self.live_bytes -= self.live.pop(t.id)
+                if t.id <= self.forward_peak_last_id:  # made before the forward peak: alive at it
+                    self.forward_peak_saved_later += t.nbytes
         self._recompute_stops_here()
         return t.id
 
     def _recompute_stops_here(self) -> None:
         """A save: a recompute runs at least this far, so its peak is the forward's so far."""
-        self.recompute_peak, self.recompute_peak_saved = self.forward_peak, self.forward_peak_saved
-        self.recompute_peak_saved_ids = self.forward_peak_saved_ids
-
-    def saved_at_recompute_peak(self, tid: int) -> bool:
-        """Whether tensor `tid` was saved (dicts keep insertion order) when the recompute peaked."""
-        return tid in list(self.saved)[:self.recompute_peak_saved_ids]
+        self.recompute_peak = self.forward_peak
+        self.recompute_peak_saved = self.forward_peak_saved + self.forward_peak_saved_later
 
     def save_new(self, numel: int, dtype: str, tag: str) -> int:
         return self.save(self.new(numel, dtype, False), tag)
@@ -308,8 +308,9 @@ def matmul(rec: Recorder, x: T, in_f: int, out_f: int, weight_trains: bool, out_
             outputs.append((weight.id, "dw"))
         else:
             steps.append(("pending" if grad_pending else "param", weight_bytes))
-    if bias_bytes:
-        steps.append(("param", bias_bytes))
+    if bias_bytes:  # addmm's formula hands on grad itself; the engine sums it down to the bias's shape
+        # once the formula has returned (validate_outputs; peftcalc.backward's "returned")
+        steps += [("returned",), ("param", bias_bytes)]
     rec.node(out, steps, outputs, saved, saves_param=saves_weight)
     return out
 
@@ -1431,6 +1432,10 @@ class ActivationProfile:
     # with and without gradient checkpointing)
     by_tag: tuple = ()
     checkpoint_kwargs: int = 0  # what the checkpointed layers' keyword arguments hold until block 0's backward
+    # the hooked embedding output (enable_input_require_grads under checkpointing), a leaf that requires
+    # grad: its AccumulateGrad node holds it to the end of backward, though nothing saves it
+    input_leaf: int = 0
+    forward_checkpoint_inputs: int = 0  # of forward_transient: hidden states a checkpoint's input saver saved
 
     @property
     def saved_total(self) -> int:
@@ -1564,12 +1569,14 @@ def activation_profile(plan: Plan, t: TrainingSettings) -> ActivationProfile:
     h, tok = spec.hidden_size, ctx.tokens
     hooked = input_embeddings_require_grad(spec, t)
     input_rg = plan.embedding_trains or plan.settings.method == "prompt" or hooked
+    leaf = 0
     if hooked and not plan.embedding_trains and (spec.model_type in ("gpt2", "bert", "roberta")
                                                  or plan.settings.method == "prompt"):
         # the hooked output of the frozen word embeddings is a leaf that requires grad: its
         # AccumulateGrad node holds it to the end of backward, and it is not the tensor the blocks get
         # (positions are added to it, or peft concatenates the prompt before it)
-        rec.save_new(t.batch_size * t.seq_len * h, ctx.weight, "embeddings.input_require_grads_leaf")
+        leaf = t.batch_size * t.seq_len * h * DTYPE_BYTES[ctx.weight]
+        rec.new(t.batch_size * t.seq_len * h, ctx.weight, True)
     indices = _embedding_indices_saved(spec, plan, layout, ctx)
     for numel, tag in indices:
         rec.save_new(numel, "int64", tag)
@@ -1608,6 +1615,8 @@ def activation_profile(plan: Plan, t: TrainingSettings) -> ActivationProfile:
         post=by_bucket.get("post", 0),
         checkpoint_inputs=ckpt_inputs,
         checkpoint_kwargs=0 if indices else _checkpointed_layer_positions(spec, ctx, t),
+        input_leaf=leaf,
+        forward_checkpoint_inputs=_forward_checkpoint_inputs(spec, ctx, t, per_layer),
         logits_bytes=logits_numel * DTYPE_BYTES[ctx.autocast or ctx.compute],
         loss_saved=loss.saved,
         loss_saved_backward=loss.saved_backward,
@@ -1661,6 +1670,17 @@ def _embedding_indices_saved(spec: ModelSpec, plan: Plan, layout: Layout, ctx: C
     if spec.model_type == "roberta" and _trains(plan, f"{embeddings}.position_embeddings"):
         out.append((rows * ctx.seq, "position_embeddings.position_ids"))
     return out
+
+
+def _forward_checkpoint_inputs(spec: ModelSpec, ctx: Ctx, t: TrainingSettings, per_layer: tuple) -> int:
+    """Under checkpointing, the hidden states a light block's forward holds (_forward_transient: the
+    embeddings output and the block's input) were each a checkpoint's input, which torch saves for
+    backward whether or not anything below needs a gradient (torch/utils/checkpoint.py
+    _checkpoint_without_reentrant_generator: ``_NoopSaveInputs.apply(dummy, kwargs, *args)``, a
+    save_for_backward of every tensor argument): two of them from the second block on."""
+    if not t.grad_checkpointing or all(per_layer):
+        return 0
+    return min(2, spec.num_layers) * ctx.tokens * spec.hidden_size * DTYPE_BYTES[ctx.weight]
 
 
 def _checkpointed_layer_positions(spec: ModelSpec, ctx: Ctx, t: TrainingSettings) -> int:
@@ -1725,8 +1745,8 @@ def _simulate_block(spec: ModelSpec, plan: Plan, lt: LayerTraining, ctx: Ctx, in
     replay = run_backward(rec.nodes, saved, incoming, in_place)
     # under checkpointing the input is the checkpoint's, counted outside the block
     recompute = rec.recompute_peak - x.nbytes if rec.recompute_peak else 0
-    # what of it the recompute has saved into the checkpoint's frame (autograd holds it for backward)
-    recompute_saved = rec.recompute_peak_saved - (x.nbytes if rec.saved_at_recompute_peak(x.id) else 0)
+    # what of it the recompute saves into the checkpoint's frame (autograd holds it for backward)
+    recompute_saved = rec.recompute_peak_saved - (x.nbytes if x.id in rec.saved else 0)
     checkpointed = run_backward(rec.nodes, {**saved, x.id: 0} if x.id in saved else saved, incoming, in_place,
                                 recompute=recompute, recompute_saved=recompute_saved if recompute else 0)
     leaves = rec.live_bytes - rec.live.get(out.id, 0) - rec.live.get(x.id, 0)
@@ -2169,10 +2189,11 @@ def _vlm_profile(plan: Plan, t: TrainingSettings) -> ActivationProfile:
     linear(rec, act, h, h, _trains(plan, f"{PROJECTOR}.linear_2", True), "projector.linear_2")
     if plan.embedding_trains:  # masked_scatter saves the image-token mask (bool, b x seq, expanded view)
         rec.save_new(ctx.tokens, "uint8", "masked_scatter.mask")
+    leaf = 0
     if input_embeddings_require_grad(spec, t) and not _trains(plan, build_layout(spec).embedding_path):
         # the hooked output of the frozen token embeddings is a leaf held to the end of backward
-        # (masked_scatter makes the tensor the language model gets)
-        rec.save_new(ctx.tokens * h, ctx.weight, "embeddings.input_require_grads_leaf")
+        # (masked_scatter makes the tensor the language model gets; ActivationProfile.input_leaf)
+        leaf = ctx.tokens * h * DTYPE_BYTES[ctx.weight]
     extra = rec.bytes_by_bucket().get("pre", 0) + vision_kept
     tags = dict(text.by_tag)
     for tag, nbytes in rec.bytes_by_tag().items():
@@ -2190,8 +2211,8 @@ def _vlm_profile(plan: Plan, t: TrainingSettings) -> ActivationProfile:
         else vision_forward_bytes(spec, ctx)
     # the saved tensors of the vision layers above the feature layer live through the language model's forward
     transient, transient_saved = text.forward_transient + features + vision_dropped, text.forward_transient_saved
-    if vision_ws > text.pre + extra + transient_saved + transient:
-        transient, transient_saved = vision_ws - text.pre - extra, 0
+    if vision_ws > text.pre + extra + leaf + transient_saved + transient:
+        transient, transient_saved = vision_ws - text.pre - extra - leaf, 0
     # without checkpointing, the language model's block forward peak (ActivationProfile.forward_block_*)
     # with the vision tower's kept saves and the image features, or the vision tower's forward
     block_saved, block_live = text.forward_block_saved + extra, text.forward_block_live + features + vision_dropped
@@ -2208,7 +2229,8 @@ def _vlm_profile(plan: Plan, t: TrainingSettings) -> ActivationProfile:
             (adapter_linears if g.origin == "adapter" else vision_linears)) - vision_cached_saved
         if trains:
             weight_cache += (hv * h + h * h) * DTYPE_BYTES[ctx.autocast]
-    return replace(text, pre=text.pre + extra, forward_transient=transient, forward_transient_saved=transient_saved,
+    return replace(text, pre=text.pre + extra, input_leaf=text.input_leaf + leaf,
+                   forward_transient=transient, forward_transient_saved=transient_saved,
                    forward_block_saved=block_saved, forward_block_live=block_live,
                    loss_forward_peak=text.loss_forward_peak + features,
                    autocast_weight_cache=weight_cache, by_tag=tuple(sorted(tags.items())))

@@ -387,6 +387,8 @@ def _step_events(plan: Plan, t: TrainingSettings, act: ActivationProfile, ms: Mo
                 optimizer_states=(ms.optimizer_states if with_states else 0) + (ms.optimizer_maps if maps_held else 0))
     if not maps_held and ms.optimizer_maps:
         base["_other"] = ms.optimizer_maps  # alive, held by the optimizer only: counted with the temporaries
+    if act.input_leaf:  # the hooked embedding output, held by its AccumulateGrad node to the end of backward
+        base["_other"] = base.get("_other", 0) + act.input_leaf
     ckpt = t.grad_checkpointing
     saving = [i for i, a in enumerate(act.per_layer) if a]
     kept_per_layer = {i: (act.checkpoint_inputs // len(saving) if ckpt else act.per_layer[i]) for i in saving}
@@ -397,10 +399,12 @@ def _step_events(plan: Plan, t: TrainingSettings, act: ActivationProfile, ms: Mo
     # what the loss saves (log_softmax's output, the shifted labels) is a saved activation like any other;
     # logits_loss is the rest of the loss buffers (the logits, their fp32 copy, the gradients)
     events = [
-        _event("forward", dict(base, activations=remaining + act.post + act.model_output + act.loss_saved,
+        # (the model's output, when nothing saves it, is referenced by the caller, not by autograd)
+        _event("forward", dict(base, activations=remaining + act.post + act.loss_saved,
                                logits_loss=act.loss_forward_peak - act.loss_saved,
-                               temporaries=cache + act.checkpoint_kwargs)),
-        _event("forward:block", dict(base, activations=act.pre, temporaries=act.forward_transient) if ckpt else
+                               temporaries=cache + act.model_output + act.checkpoint_kwargs)),
+        _event("forward:block", dict(base, activations=act.pre + act.forward_checkpoint_inputs,
+                                     temporaries=act.forward_transient - act.forward_checkpoint_inputs) if ckpt else
                dict(base, activations=act.forward_block_saved, temporaries=act.forward_block_live)),
         _event("backward:loss", dict(base, activations=remaining + act.post + act.loss_saved_backward,
                                      logits_loss=act.loss_backward_peak - act.loss_saved_backward + act.loss_scalars,

@@ -107,12 +107,18 @@ def test_bert_recompute_math_attention_composition():
 
 def test_input_require_grads_hook_keeps_embedding_tensors():
     """transformers' gradient_checkpointing_enable calls enable_input_require_grads: tiny-bert LoRA fp32
-    batch 4 x 32 under checkpointing keeps the embeddings' LayerNorm input (32,768), mean and rstd (1,024),
-    the dropout noise (32,768) and the word embeddings' output leaf (32,768), all traced at the peak."""
+    batch 4 x 32 under checkpointing saves the embeddings' LayerNorm input (32,768), mean and rstd (1,024)
+    and the dropout noise (32,768), and the word embeddings' output is a leaf that requires grad, held by
+    its AccumulateGrad node (32,768, not saved: the tracer's 'other'), all traced at the peak (1,522,984
+    bytes at the start of backward: activations 460,800, other 557,064 = the loss buffers 524,296 and
+    the leaf)."""
     no_ckpt = TrainingSettings(batch_size=4, seq_len=32, precision="fp32", device="cpu")
     plan = make_plan(tiny("tiny-bert"), MethodSettings("lora"))
     assert activation_profile(plan, no_ckpt).pre == 0
-    assert activation_profile(plan, ckpt("fp32")).pre == 32_768 + 1_024 + 32_768 + 32_768
+    profile = activation_profile(plan, ckpt("fp32"))
+    assert (profile.pre, profile.input_leaf) == (32_768 + 1_024 + 32_768, 32_768)
+    peak, phase, c = _components("tiny-bert", "lora", "fp32", 4, 32)
+    assert (peak, c["activations"], c["logits_loss"] + c["temporaries"]) == (1_522_984, 460_800, 557_064)
     vit = make_plan(tiny("tiny-vit-cls"), MethodSettings("lora"))  # main_input_name pixel_values: no hook
     assert activation_profile(vit, ckpt("fp32")).pre == activation_profile(vit, no_ckpt).pre
 
@@ -203,3 +209,29 @@ def test_checkpointed_ia3_reduction_after_recomputed_tensors_go():
     beside them)."""
     peak, phase, c = _components("tiny-llama-cls", "ia3", "fp32", 2, 32)
     assert (peak, phase) == (803_444, "backward:layer1")
+
+
+# Checkpointed rows whose every component equals the tracer's categories at the traced peak (ci.jsonl,
+# re-measured with the tracer that marks a checkpoint's recomputed saved tensors as activations):
+# (model, method, trainable_layers, precision, batch, seq, ci.jsonl key, peak, activations, other, gradients)
+CATEGORIES = [
+    # the recompute's last LayerNorm mean and rstd, live at its peak and saved right after: activations
+    # (Recorder.recompute_peak_saved); the token types token_type_embeddings saves (256 bytes, int64)
+    ("tiny-bert", "full", 0, "fp32", 4, 32, "aecebd82532c8ba0", 2_466_480, 724_224, 229_384, 153_088),
+    # a frozen encoder's forward peak: the embeddings output and the block's input were checkpoint inputs,
+    # saved by _NoopSaveInputs (ActivationProfile.forward_checkpoint_inputs)
+    ("tiny-vit-cls", "frozen", 0, "fp32", 2, 32, "358992534aed9b5d", 424_336, 17_408, 52_224, 0),
+    # fc2's bias gradient is summed by the engine after the formula returns, once the recomputed gelu
+    # output is gone, so the peak is gelu_backward's output with it freed (peftcalc.backward "returned")
+    ("tiny-vit-cls", "freeze", 1, "bf16", 3, 48, "3f111b197064cc37", 435_204, 66_504, 32_644, 18_068),
+]
+
+
+@pytest.mark.parametrize("model,method,layers,precision,batch,seq,key,peak,activations,other,gradients", CATEGORIES,
+                         ids=[r[6] for r in CATEGORIES])
+def test_checkpointed_components_match_traced_categories(model, method, layers, precision, batch, seq, key, peak,
+                                                         activations, other, gradients):
+    kw = {"trainable_layers": layers} if layers else {}
+    total, _phase, c = _components(model, method, precision, batch, seq, **kw)
+    assert (total, c["activations"], c["logits_loss"] + c["temporaries"], c["gradients"]) == \
+        (peak, activations, other, gradients)
