@@ -110,11 +110,14 @@ class Recorder:
     'post'); the autograd nodes they create (peftcalc.backward.Node), in creation order; and the
     forward's live bytes: every op output is allocated when it is made and freed when the modeling code
     drops its last reference (free), unless autograd saved it. `forward_peak` is the largest saved + live
-    sum; `recompute_peak` that largest sum up to the last save (torch.utils.checkpoint's non-reentrant
-    recompute stops when the last saved tensor is packed: ``_recomputation_hook.pack_hook`` raises
-    ``_StopRecomputationError`` with ``early_stop=True``; autograd packs an op's inputs before the op
-    runs and its outputs after, as the generated VariableType code does, and the ops record them in
-    that order)."""
+    sum (`forward_peak_saved` what of it is saved); `recompute_peak` that largest sum up to the last
+    save (torch.utils.checkpoint's non-reentrant recompute stops when the last saved tensor is packed:
+    ``_recomputation_hook.pack_hook`` raises ``_StopRecomputationError`` with ``early_stop=True``;
+    autograd packs an op's inputs before the op runs and its outputs after, as the generated
+    VariableType code does, and the ops record them in that order), `recompute_peak_saved` what of it
+    the recompute saves into the checkpoint's frame by the time it stops: the tensors live at its peak
+    that are saved then or later (a storage's category is what it becomes, as the harness's tracer
+    decides it: an op's output is saved a moment after it is made)."""
 
     ctx: Ctx
     bucket: object = "pre"
@@ -128,6 +131,7 @@ class Recorder:
     forward_peak_saved: int = 0
     forward_peak_id: int = 0  # the newest tensor at the forward's peak
     recompute_peak: int = 0
+    recompute_peak_saved: int = 0
     cached: list = field(default_factory=list)  # autocast's cached copies of trainable weights (see _weight_copy)
 
     def new(self, numel: int, dtype: str, rg: bool) -> T:
@@ -167,8 +171,13 @@ class Recorder:
                 self.live_bytes -= self.live.pop(t.id)
                 if t.id <= self.forward_peak_id:
                     self.forward_peak_saved += t.nbytes
-        self.recompute_peak = self.forward_peak
+        self._recompute_stops_here()
         return t.id
+
+    def _recompute_stops_here(self) -> None:
+        """A save: a recompute runs at least this far, so its peak is the forward's so far."""
+        self.recompute_peak = self.forward_peak
+        self.recompute_peak_saved = self.forward_peak_saved  # tensors alive at it and saved since included
 
     def save_new(self, numel: int, dtype: str, tag: str) -> int:
         return self.save(self.new(numel, dtype, False), tag)
@@ -184,7 +193,7 @@ class Recorder:
 
     def save_param(self) -> None:
         """A parameter saved for backward: no activation bytes, but a recompute stops only after it."""
-        self.recompute_peak = self.forward_peak
+        self._recompute_stops_here()
 
     def node(self, out: T, steps=(), outputs=(), saved=(), hold: int = 0, saves_param: bool = False) -> None:
         """The autograd node that made `out` (none when `out` needs no gradient): its backward
@@ -268,20 +277,23 @@ def autocast_in(rec: Recorder, x: T) -> T:
     return cast(rec, x, rec.ctx.autocast) if rec.ctx.autocast else x
 
 
-def _weight_copy(rec: Recorder, numel: int, trains: bool, param_dtype: str | None = None) -> T:
+def _weight_copy(rec: Recorder, numel: int, trains: bool, param_dtype: str | None = None,
+                 grad_pending: bool = False) -> T:
     """autocast's lower-precision copy of a weight. The cast of a leaf that requires grad is cached until
     the autocast region exits (torch aten/src/ATen/autocast_mode.cpp cached_cast): alive to the end of
     the forward (Recorder.cached). When the weight trains, its gradient comes back in the autocast dtype
-    and ToCopyBackward makes the .grad (in `param_dtype`, the weights' by default) from it."""
+    and ToCopyBackward makes the .grad (in `param_dtype`, the weights' by default) from it; with
+    `grad_pending`, the weight's gradient waits for another use's (see linear)."""
     w = rec.new(numel, rec.ctx.autocast, trains)
     if trains:
-        rec.node(w, [("param", numel * DTYPE_BYTES[param_dtype or rec.ctx.weight])])
+        rec.node(w, [("pending" if grad_pending else "param", numel * DTYPE_BYTES[param_dtype or rec.ctx.weight])])
         rec.cached.append(w)
     return w
 
 
 def matmul(rec: Recorder, x: T, in_f: int, out_f: int, weight_trains: bool, out_dtype: str, saved: list,
-           weight: T | None = None, weight_bytes: int = 0, bias_bytes: int = 0, dequantized: int = 0) -> T:
+           weight: T | None = None, weight_bytes: int = 0, bias_bytes: int = 0, dequantized: int = 0,
+           grad_pending: bool = False) -> T:
     """The mm/addmm node of a Linear on x (tokens x in): its backward makes grad_x = grad @ W when x
     needs a gradient, grad_W = grad^T @ x when the weight trains (the .grad itself, or the gradient of
     autocast's weight copy `weight`), and the bias gradient (a sum over tokens). Without a copy, the
@@ -311,9 +323,10 @@ def matmul(rec: Recorder, x: T, in_f: int, out_f: int, weight_trains: bool, out_
             steps.append(("new", "dw", weight.nbytes))
             outputs.append((weight.id, "dw"))
         else:
-            steps.append(("param", weight_bytes))
-    if bias_bytes:
-        steps.append(("param", bias_bytes))
+            steps.append(("pending" if grad_pending else "param", weight_bytes))
+    if bias_bytes:  # addmm's formula hands on grad itself; the engine sums it down to the bias's shape
+        # once the formula has returned (validate_outputs; peftcalc.backward's "returned")
+        steps += [("returned",), ("param", bias_bytes)]
     rec.node(out, steps, outputs, saved, saves_param=saves_weight)
     return out
 
@@ -357,7 +370,7 @@ def matmul_4bit_backward_steps(ctx: Ctx, in_f: int, out_f: int) -> list:
 
 def linear(rec: Recorder, x: T, in_f: int, out_f: int, trainable: bool, tag: str,
            lora_rank: int = 0, dora: bool = False, ia3: str = "", quantized: bool = False,
-           bias: bool = False, bias_trains: bool = False) -> T:
+           bias: bool = False, bias_trains: bool = False, grad_pending: bool = False) -> T:
     """nn.Linear / Conv1D (addmm): saves the input when the weight trains (grad_W = grad^T x) and the
     weight when the input needs a gradient. Under autocast the weight is cast to the autocast dtype
     (a copy made for every matmul; kept to the end of the forward when the weight trains, see
@@ -369,7 +382,9 @@ def linear(rec: Recorder, x: T, in_f: int, out_f: int, trainable: bool, tag: str
     _lora); peft IA3 (tuners/ia3/layer.py Linear.forward) scales the input (feedforward) or the output.
     The feedforward scaling runs before peft calls the base layer, so autocast's weight copy (made inside
     the base layer's F.linear) comes after the scaling's fp32 product is freed (traced: fake tiny-vit-cls
-    ia3 amp-bf16 b3 s48, tests/peftcalc/test_memory.py)."""
+    ia3 amp-bf16 b3 s48, tests/peftcalc/test_memory.py).
+    grad_pending: the weight is used again below (a head tied to the input embedding), so its gradient
+    is no .grad until the other use's arrives (peftcalc.backward: a "pending" step)."""
     ctx = rec.ctx
     saved = []
     xm = x
@@ -377,7 +392,7 @@ def linear(rec: Recorder, x: T, in_f: int, out_f: int, trainable: bool, tag: str
         xm = _ia3_input(rec, x, in_f, tag)
     weight_copy = None
     if ctx.autocast and not quantized:
-        weight_copy = _weight_copy(rec, in_f * out_f, trainable)
+        weight_copy = _weight_copy(rec, in_f * out_f, trainable, grad_pending=grad_pending)
         if xm.rg:
             saved.append(rec.save(weight_copy, f"{tag}.autocast_weight"))
     bias_copy = None
@@ -394,7 +409,8 @@ def linear(rec: Recorder, x: T, in_f: int, out_f: int, trainable: bool, tag: str
     wb = DTYPE_BYTES[ctx.weight]
     out = matmul(rec, xin, in_f, out_f, trainable, ctx.quant_compute if quantized else ctx.autocast or ctx.compute,
                  saved, weight=weight_copy, weight_bytes=in_f * out_f * wb, bias_bytes=out_f * wb if bias_trains else 0,
-                 dequantized=in_f * out_f * DTYPE_BYTES[ctx.quant_compute] if quantized else 0)
+                 dequantized=in_f * out_f * DTYPE_BYTES[ctx.quant_compute] if quantized else 0,
+                 grad_pending=grad_pending)
     if quant_cast:  # Linear4bit.forward: .to(inp_dtype)
         y = cast(rec, out, xm.dtype)
         rec.free(out)
@@ -428,18 +444,21 @@ def _promote(a: str, b: str) -> str:
 
 
 def _mul_node(rec: Recorder, out: T, a: T, b: T, saved: list) -> None:
-    """MulBackward0 of out = a * b: grad_a = grad * b, grad_b = grad * a, each summed down to its
-    input's shape where it was broadcast (a temporary the size of the output, then the reduction)."""
-    steps, outputs = [], []
+    """MulBackward0 of out = a * b: grad_a = grad * b, grad_b = grad * a (derivatives.yaml
+    mul_tensor_backward), each the size of the output; where an input was broadcast, the engine sums
+    its gradient down to its shape after the formula has returned (torch/csrc/autograd/engine.cpp
+    call_function: validate_outputs, InputMetadata::reduce_grad; peftcalc.backward's "returned")."""
+    steps, outputs, reductions = [], [], []
     for i, t in enumerate((a, b)):
         if not t.rg:
             continue
         if t.numel == out.numel:
             steps.append(("new", f"d{i}", t.nbytes))
         else:
-            steps += [("new", f"t{i}", out.nbytes), ("new", f"d{i}", t.nbytes), ("free", f"t{i}")]
+            steps.append(("new", f"t{i}", out.nbytes))
+            reductions += [("new", f"d{i}", t.nbytes), ("free", f"t{i}")]
         outputs.append((t.id, f"d{i}"))
-    rec.node(out, steps, outputs, saved)
+    rec.node(out, steps + ([("returned",)] + reductions if reductions else []), outputs, saved)
 
 
 def _ia3_vector(rec: Recorder, n: int) -> T:
@@ -975,7 +994,9 @@ def _math_attention(rec: Recorder, spec: ModelSpec, q: T, k: T, v: T, tag: str, 
     at::ones().tril() and adds it out of place (a dispatch mode makes the tensors subclass-like; a storage
     tracer is one); it returns the tuple (matmul(attn, v).to(dtype), attn.to(dtype)), evaluated right to
     left: for half types the attention weights' cast (discarded) exists until it returns
-    (aten/src/ATen/native/transformers/attention.cpp)."""
+    (aten/src/ATen/native/transformers/attention.cpp). The reshape copies are views when the batch and
+    head dimensions merge (_bmm_reshape_copies): bmm then saves the scaled q and k^T and v itself (a
+    view keeps its whole storage: GPT-2's fused c_attn output in fp32, where v is not cast)."""
     ctx = rec.ctx
     b, s, kv, heads = ctx.batch, ctx.seq, ctx.kv_seq, spec.num_heads
     up = "float32" if (ctx.autocast or q.dtype) in ("bfloat16", "float16") else q.dtype
@@ -985,8 +1006,9 @@ def _math_attention(rec: Recorder, spec: ModelSpec, q: T, k: T, v: T, tag: str, 
     qu, ku, vu = (cast(rec, t, up) for t in (q, k, v))
     qs = scale(rec, qu)  # q * sqrt(scale), held to the end
     ks = scale(rec, ku)  # k^T * sqrt(scale)
-    qc = rec.new(b * s * spec.q_dim, up, False)  # bmm's reshape copies
-    kc = rec.new(b * kv * spec.q_dim, up, False)
+    copies = _bmm_reshape_copies(b, heads)
+    qc = rec.new(b * s * spec.q_dim, up, False) if copies else qs  # bmm's reshape copies
+    kc = rec.new(b * kv * spec.q_dim, up, False) if copies else ks
     saved1 = []
     if k.rg:
         saved1.append(rec.save(qc, f"{tag}.math_q"))
@@ -995,7 +1017,7 @@ def _math_attention(rec: Recorder, spec: ModelSpec, q: T, k: T, v: T, tag: str, 
     scores = rec.new(b * heads * s * kv, up, qk_rg)
     rec.node(scores, [("new", "dk", nk), ("new", "dq", nq)], [(t.id, n) for t, n in ((ks, "dk"), (qs, "dq")) if t.rg],
              saved1)
-    rec.free(kc, qc, ks)
+    rec.free(ks, *((kc, qc) if copies else ()))  # qs is held to the end
     mask = None
     if spec.is_decoder:
         mask = rec.new(s * kv, up, False)
@@ -1013,7 +1035,7 @@ def _math_attention(rec: Recorder, spec: ModelSpec, q: T, k: T, v: T, tag: str, 
         rec.node(dropped, [("new", "d", sc)], [(probs.id, "d")], [nz])
     rec.free(noise, probs)
     weights = rec.new(dropped.numel, q.dtype, False) if up != q.dtype else None  # attn.to(origin_dtype)
-    vc = vu if v_contiguous else rec.new(b * kv * spec.q_dim, up, False)  # bmm's reshape copy of v
+    vc = vu if v_contiguous or not copies else rec.new(b * kv * spec.q_dim, up, False)  # bmm's reshape copy of v
     saved2 = []
     if q.rg or k.rg:
         saved2.append(rec.save(vc, f"{tag}.math_v"))
@@ -1036,6 +1058,16 @@ def _math_attention(rec: Recorder, spec: ModelSpec, q: T, k: T, v: T, tag: str, 
     rec.node(y, outputs=[(o.id, GRAD)])
     rec.free(o)
     return y
+
+
+def _bmm_reshape_copies(batch: int, heads: int) -> bool:
+    """Whether at::matmul copies the math path's (batch, heads, seq, dim) operands to fold them into
+    bmm's (batch * heads, seq, dim): it folds with reshape (aten/src/ATen/native/LinearAlgebra.cpp
+    _matmul_impl), a view when the two leading dimensions merge, which transformers'
+    view(b, s, heads, d).transpose(1, 2) layout (and the scaled copies, which keep it) allows only when
+    one of them is 1 (traced: tiny-gpt2 LoRA fp32 batch 1 x 64 on fake tensors, bmm saves the two
+    scaled products and c_attn's whole (1, 64, 192) output, no clone)."""
+    return batch > 1 and heads > 1
 
 
 def _eager_attention(rec: Recorder, spec: ModelSpec, q: T, k: T, v: T, p_drop: float, explicit_mask: bool,
@@ -1483,6 +1515,11 @@ class ActivationProfile:
     blocks: tuple = ()  # per layer: its BlockSimulation (the peaks inside its forward and its backward,
     # with and without gradient checkpointing)
     by_tag: tuple = ()
+    checkpoint_kwargs: int = 0  # what the checkpointed layers' keyword arguments hold until block 0's backward
+    # the hooked embedding output (enable_input_require_grads under checkpointing), a leaf that requires
+    # grad: its AccumulateGrad node holds it to the end of backward, though nothing saves it
+    input_leaf: int = 0
+    forward_checkpoint_inputs: int = 0  # of forward_transient: hidden states a checkpoint's input saver saved
 
     @property
     def saved_total(self) -> int:
@@ -1656,12 +1693,17 @@ def activation_profile(plan: Plan, t: TrainingSettings) -> ActivationProfile:
     h, tok = spec.hidden_size, ctx.tokens
     hooked = input_embeddings_require_grad(spec, t)
     input_rg = plan.embedding_trains or plan.settings.method == "prompt" or hooked
+    leaf = 0
     if hooked and not plan.embedding_trains and (spec.model_type in ("gpt2", "bert", "roberta")
                                                  or plan.settings.method == "prompt"):
         # the hooked output of the frozen word embeddings is a leaf that requires grad: its
         # AccumulateGrad node holds it to the end of backward, and it is not the tensor the blocks get
         # (positions are added to it, or peft concatenates the prompt before it)
-        rec.save_new(t.batch_size * t.seq_len * h, ctx.weight, "embeddings.input_require_grads_leaf")
+        leaf = t.batch_size * t.seq_len * h * DTYPE_BYTES[ctx.weight]
+        rec.new(t.batch_size * t.seq_len * h, ctx.weight, True)
+    indices = _embedding_indices_saved(spec, plan, layout, ctx)
+    for numel, tag in indices:
+        rec.save_new(numel, "int64", tag)
     # The embedding output: token embeddings (+ positions) in the weight dtype.
     x = rec.new(tok * h, ctx.weight, input_rg)
     x = _embeddings(rec, spec, plan, layout, x)
@@ -1697,6 +1739,9 @@ def activation_profile(plan: Plan, t: TrainingSettings) -> ActivationProfile:
         pre=by_bucket.get("pre", 0),
         post=by_bucket.get("post", 0),
         checkpoint_inputs=ckpt_inputs,
+        checkpoint_kwargs=0 if indices else _checkpointed_layer_positions(spec, ctx, t),
+        input_leaf=leaf,
+        forward_checkpoint_inputs=_forward_checkpoint_inputs(spec, ctx, t, per_layer),
         logits_bytes=logits_numel * DTYPE_BYTES[ctx.autocast or ctx.compute],
         loss_saved=loss.saved,
         loss_saved_backward=loss.saved_backward,
@@ -1730,6 +1775,53 @@ def _positions_held(spec: ModelSpec, ctx: Ctx, rotary_saved: bool) -> int:
     rotary = 0 if rotary_saved else 2 * ctx.seq * spec.head_dim * DTYPE_BYTES[ctx.weight]
     mask = ctx.seq * ctx.kv_seq if ctx.kv_seq != ctx.seq else 0
     return ctx.seq * 8 + rotary + mask
+
+
+def _embedding_indices_saved(spec: ModelSpec, plan: Plan, layout: Layout, ctx: Ctx) -> list:
+    """(numel, tag) of the int64 indices the model's forward makes for its position or token-type
+    embeddings, which their EmbeddingBackward saves when the embedding trains (derivatives.yaml
+    embedding: indices): GPT2Model.forward's position_ids, arange(seq).unsqueeze(0) (wpe);
+    BertEmbeddings.forward's token types, gathered from the registered all-zeros buffer at the
+    position ids, 1 x seq; RobertaEmbeddings.forward's, batch x seq, gathered at the batch x seq
+    position ids create_position_ids_from_input_ids makes (position_embeddings). BERT's position ids
+    are a slice of its registered buffer (counted with the buffers)."""
+    if spec.model_type == "gpt2":
+        return [(ctx.seq, "wpe.position_ids")] if _trains(plan, "transformer.wpe") else []
+    if spec.model_type not in ("bert", "roberta"):
+        return []
+    embeddings = layout.embedding_path.rsplit(".", 1)[0]
+    rows = ctx.batch if spec.model_type == "roberta" else 1
+    out = []
+    if _trains(plan, f"{embeddings}.token_type_embeddings"):
+        out.append((rows * ctx.seq, "token_type_embeddings.token_type_ids"))
+    if spec.model_type == "roberta" and _trains(plan, f"{embeddings}.position_embeddings"):
+        out.append((rows * ctx.seq, "position_embeddings.position_ids"))
+    return out
+
+
+def _forward_checkpoint_inputs(spec: ModelSpec, ctx: Ctx, t: TrainingSettings, per_layer: tuple) -> int:
+    """Under checkpointing, the hidden states a light block's forward holds (_forward_transient: the
+    embeddings output and the block's input) were each a checkpoint's input, which torch saves for
+    backward whether or not anything below needs a gradient (torch/utils/checkpoint.py
+    _checkpoint_without_reentrant_generator: ``_NoopSaveInputs.apply(dummy, kwargs, *args)``, a
+    save_for_backward of every tensor argument): two of them from the second block on."""
+    if not t.grad_checkpointing or all(per_layer):
+        return 0
+    return min(2, spec.num_layers) * ctx.tokens * spec.hidden_size * DTYPE_BYTES[ctx.weight]
+
+
+def _checkpointed_layer_positions(spec: ModelSpec, ctx: Ctx, t: TrainingSettings) -> int:
+    """Under gradient checkpointing transformers' GradientCheckpointingLayer (modeling_layers.py)
+    checkpoints ``partial(forward, self, **kwargs)``, and torch.utils.checkpoint's frame keeps that
+    function to recompute the layer (``_CheckpointFrame.recompute_fn``) until the layer's backward has
+    released its saved tensors: what a layer gets as a keyword argument outlives the model's forward. The
+    decoders pass every layer the same int64 positions, GPT2Model.forward's and LlamaModel.forward's
+    (Mistral, Qwen2) ``position_ids = arange(seq).unsqueeze(0)``, 1 x seq, held until block 0's
+    backward (traced: seq x 8 bytes, 'other', at the checkpointed decoders' backward peaks; GPT-2's
+    wpe, when it trains, saves them anyway)."""
+    if not t.grad_checkpointing or spec.model_type not in ("gpt2", "llama", "mistral", "qwen2"):
+        return 0
+    return ctx.seq * 8
 
 
 def _prompt_inputs_held(spec: ModelSpec, plan: Plan, ctx: Ctx) -> int:
@@ -1780,8 +1872,10 @@ def _simulate_block(spec: ModelSpec, plan: Plan, lt: LayerTraining, ctx: Ctx, in
     replay = run_backward(rec.nodes, saved, incoming, in_place)
     # under checkpointing the input is the checkpoint's, counted outside the block
     recompute = rec.recompute_peak - x.nbytes if rec.recompute_peak else 0
+    # what of it the recompute saves into the checkpoint's frame (autograd holds it for backward)
+    recompute_saved = rec.recompute_peak_saved - (x.nbytes if x.id in rec.saved else 0)
     checkpointed = run_backward(rec.nodes, {**saved, x.id: 0} if x.id in saved else saved, incoming, in_place,
-                                recompute=recompute)
+                                recompute=recompute, recompute_saved=recompute_saved if recompute else 0)
     leaves = rec.live_bytes - rec.live.get(out.id, 0) - rec.live.get(x.id, 0)
     return BlockSimulation(sum(saved.values()), tuple(rec.bytes_by_tag().items()), out.rg, out.dtype, replay.peak,
                            rec.forward_peak, rec.forward_peak_saved, x.id in rec.saved, leaves,
@@ -1879,8 +1973,8 @@ def _head(rec: Recorder, spec: ModelSpec, plan: Plan, layout: Layout, x: T):
     h, tok, b = spec.hidden_size, ctx.tokens, ctx.batch
     x = _final_norm(rec, spec, plan, layout, x)
     if spec.task == "causal_lm":
-        w = _trains(plan, "lm_head", True) or (layout.head_tied_to_embedding and plan.embedding_trains)
-        logits = linear(rec, x, h, spec.vocab_size, w, "lm_head")
+        tied = layout.head_tied_to_embedding and plan.embedding_trains  # its gradient waits for the lookup's
+        logits = linear(rec, x, h, spec.vocab_size, _trains(plan, "lm_head", True) or tied, "lm_head", grad_pending=tied)
         return tok * spec.vocab_size, x, logits
     if spec.task == "masked_lm":
         c = "cls.predictions" if spec.model_type == "bert" else "lm_head"
@@ -1889,8 +1983,9 @@ def _head(rec: Recorder, spec: ModelSpec, plan: Plan, layout: Layout, x: T):
         d = _head_linear(rec, plan, x, dense, h, h, "mlm.dense")
         d = activation(rec, d, "gelu", "mlm.act")
         d = layer_norm(rec, d, _trains(plan, norm), h, "mlm.layer_norm")
-        decoder = _trains(plan, f"{c}.decoder", True) or (layout.head_tied_to_embedding and plan.embedding_trains)
-        logits = linear(rec, d, h, spec.vocab_size, decoder, "mlm.decoder")
+        tied = layout.head_tied_to_embedding and plan.embedding_trains  # its gradient waits for the lookup's
+        logits = linear(rec, d, h, spec.vocab_size, _trains(plan, f"{c}.decoder", True) or tied, "mlm.decoder",
+                        grad_pending=tied)
         return tok * spec.vocab_size, x, logits
     if spec.task == "seq_cls" and spec.is_decoder:  # score on every position, then gather the last
         scores = _head_linear(rec, plan, x, "score", h, spec.num_labels, "score")
@@ -2235,10 +2330,11 @@ def _vlm_profile(plan: Plan, t: TrainingSettings) -> ActivationProfile:
     linear(rec, act, h, h, _trains(plan, f"{PROJECTOR}.linear_2", True), "projector.linear_2")
     if plan.embedding_trains:  # masked_scatter saves the image-token mask (bool, b x seq, expanded view)
         rec.save_new(ctx.tokens, "uint8", "masked_scatter.mask")
+    leaf = 0
     if input_embeddings_require_grad(spec, t) and not _trains(plan, build_layout(spec).embedding_path):
         # the hooked output of the frozen token embeddings is a leaf held to the end of backward
-        # (masked_scatter makes the tensor the language model gets)
-        rec.save_new(ctx.tokens * h, ctx.weight, "embeddings.input_require_grads_leaf")
+        # (masked_scatter makes the tensor the language model gets; ActivationProfile.input_leaf)
+        leaf = ctx.tokens * h * DTYPE_BYTES[ctx.weight]
     extra = rec.bytes_by_bucket().get("pre", 0) + vision_kept
     tags = dict(text.by_tag)
     for tag, nbytes in rec.bytes_by_tag().items():
@@ -2256,8 +2352,8 @@ def _vlm_profile(plan: Plan, t: TrainingSettings) -> ActivationProfile:
         else vision_forward_bytes(spec, ctx)
     # the saved tensors of the vision layers above the feature layer live through the language model's forward
     transient, transient_saved = text.forward_transient + features + vision_dropped, text.forward_transient_saved
-    if vision_ws > text.pre + extra + transient_saved + transient:
-        transient, transient_saved = vision_ws - text.pre - extra, 0
+    if vision_ws > text.pre + extra + leaf + transient_saved + transient:
+        transient, transient_saved = vision_ws - text.pre - extra - leaf, 0
     # without checkpointing, the language model's block forward peak (ActivationProfile.forward_block_*)
     # with the vision tower's kept saves and the image features, or the vision tower's forward
     block_saved, block_live = text.forward_block_saved + extra, text.forward_block_live + features + vision_dropped
@@ -2274,7 +2370,8 @@ def _vlm_profile(plan: Plan, t: TrainingSettings) -> ActivationProfile:
             (adapter_linears if g.origin == "adapter" else vision_linears)) - vision_cached_saved
         if trains:
             weight_cache += (hv * h + h * h) * DTYPE_BYTES[ctx.autocast]
-    return replace(text, pre=text.pre + extra, forward_transient=transient, forward_transient_saved=transient_saved,
+    return replace(text, pre=text.pre + extra, input_leaf=text.input_leaf + leaf,
+                   forward_transient=transient, forward_transient_saved=transient_saved,
                    forward_block_saved=block_saved, forward_block_live=block_live,
                    loss_forward_peak=text.loss_forward_peak + features,
                    autocast_weight_cache=weight_cache, by_tag=tuple(sorted(tags.items())))

@@ -8,10 +8,19 @@ way torch's engine runs them (torch/csrc/autograd/engine.cpp):
 
 - nodes run in reverse order of creation (the ready queue is ordered by sequence number, and on one
   device every consumer of a tensor was created after it), once their output's gradient exists;
-- a node's formula allocates its outputs (and temporaries, freed when it returns); then the incoming
-  gradient is dropped, then the node's saved tensors are released (``release_variables``), then each
-  output is added to its target's input buffer;
-- a parameter's gradient becomes its ``.grad`` as soon as it is made (AccumulateGrad steals it);
+- a node's formula allocates its outputs (and temporaries, freed when it returns); the engine then
+  checks its outputs (engine.cpp call_function: validate_outputs sums a gradient down to its input's
+  shape where the input was broadcast, InputMetadata::reduce_grad); then the incoming gradient is
+  dropped, then the node's saved tensors are released (``release_variables``), then each output is
+  added to its target's input buffer. A checkpoint's recomputed tensors are released earlier: its
+  unpack hook hands each one over and drops its own reference (torch/utils/checkpoint.py "Rule 4",
+  ``holder.handles[gid] = None``), so the formula's unpacked locals hold the last one, freed when
+  it returns, before validate_outputs;
+- a parameter's gradient becomes its ``.grad`` as soon as it is made (AccumulateGrad steals it),
+  unless the parameter is used again below (a head tied to the input embedding): then its
+  AccumulateGrad node waits for that use's gradient too (engine.cpp ``Engine::evaluate_function``
+  keeps the first one in the graph task's ``not_ready`` InputBuffer until every dependency has
+  arrived), and until then the gradient is a buffer, not a ``.grad`` (a "pending" step);
 - when a buffer already holds a gradient, the two are summed (``InputBuffer::accumulate``): in place
   into a tensor nobody else holds, unless a TorchDispatchMode is active (the harness's tracer on
   ``cpu``/``fake``: ``at::isTensorSubclassLike`` is then true for every tensor and the sum is out of
@@ -41,8 +50,11 @@ GRAD = "g"  # a program's name for the incoming gradient
 class Node:
     """One autograd node.
 
-    steps: ("new", name, bytes) allocates a buffer, ("param", bytes) makes a parameter's gradient,
-    ("free", name) frees a buffer. outputs: (target id, buffer name) pairs, GRAD for the incoming
+    steps: ("new", name, bytes) allocates a buffer, ("returned",) marks where the formula returns (the
+    steps after it are the engine's validate_outputs, e.g. summing a gradient down to its broadcast
+    input's shape; see the module docstring), ("param", bytes) makes a parameter's gradient,
+    ("pending", bytes) a gradient of a parameter used again below, held in its AccumulateGrad node's
+    input buffer past the end of the replay (see the module docstring), ("free", name) frees a buffer. outputs: (target id, buffer name) pairs, GRAD for the incoming
     gradient itself. saved: ids of the saved tensors the node holds. hold: the id of a later
     node's output until whose node has run the incoming gradient stays alive (0: none). unpacks:
     whether the node reads saved variables (activations in `saved`, or parameters)."""
@@ -98,6 +110,8 @@ class _Engine:
     peak_total: int = 0
     holds: dict = field(default_factory=dict)  # node out id -> [_Storage]
     recompute: int | None = None  # a checkpoint's recompute peak, while its saved tensors do not exist yet
+    recompute_saved: int = 0  # what of that peak the recompute has saved into the checkpoint's frame
+    checkpointed: bool = False  # the saved tensors are a checkpoint's recomputed ones
 
     def note(self) -> None:
         total = self.saved_live + self.live + self.params
@@ -127,18 +141,26 @@ class _Engine:
         if self.recompute is not None and node.unpacks:  # the checkpoint's forward runs again now
             if self.live + self.params + self.recompute > self.peak_total:
                 self.peak_total = self.live + self.params + self.recompute
-                self.peak = BackwardPeak(0, self.live + self.recompute, self.params)
+                self.peak = BackwardPeak(self.recompute_saved, self.live + self.recompute - self.recompute_saved,
+                                         self.params)
             self.recompute = None
             self.saved_live = sum(self.saved_bytes.values())
             self.note()
         local = {GRAD: g}
+        released = False
         for step in node.steps:
             kind = step[0]
-            if kind == "new":
+            if kind == "returned":  # the formula has returned; a checkpoint's recomputed tensors go with it
+                if self.checkpointed:
+                    self.release_saved(node)
+                    released = True
+            elif kind == "new":
                 local[step[1]] = self.alloc(step[2])
             elif kind == "param":
                 self.params += step[1]
                 self.note()
+            elif kind == "pending":  # never dropped here: AccumulateGrad runs after the replay
+                self.alloc(step[1])
             elif kind == "free":
                 self.drop(local.pop(step[1]))
         if node.hold:
@@ -151,12 +173,16 @@ class _Engine:
             delivered.append((target, s))
         for s in local.values():  # the formula returns: its temporaries and the incoming gradient go
             self.drop(s)
+        if not released:
+            self.release_saved(node)
+        for target, s in delivered:
+            self.deliver(target, s)
+
+    def release_saved(self, node: Node) -> None:
         for sid in node.saved:
             self.saved_refs[sid] -= 1
             if self.saved_refs[sid] == 0:
                 self.saved_live -= self.saved_bytes[sid]
-        for target, s in delivered:
-            self.deliver(target, s)
 
     def deliver(self, target: int, s: _Storage) -> None:
         old = self.buffers.get(target)
@@ -174,13 +200,16 @@ class _Engine:
         self.buffers[target] = total
 
 
-def run_backward(nodes, saved_bytes: dict, incoming: dict, in_place: bool, recompute: int | None = None) -> Replay:
+def run_backward(nodes, saved_bytes: dict, incoming: dict, in_place: bool, recompute: int | None = None,
+                 recompute_saved: int = 0) -> Replay:
     """Replay `nodes` (in creation order) backward from the gradients in `incoming` (id -> bytes),
     with every saved tensor of `saved_bytes` (id -> bytes) held at the start, or, for a checkpointed
-    block, made by its recompute (peak `recompute` bytes, counted as buffers) when the first node
+    block, made by its recompute (peak `recompute` bytes: `recompute_saved` of them the tensors it has
+    saved into the checkpoint's frame, held for backward, the rest its temporaries) when the first node
     unpacks. in_place: whether input buffers accumulate in place (no TorchDispatchMode active, as on
     cuda)."""
-    e = _Engine(saved_bytes=dict(saved_bytes), in_place=in_place, recompute=recompute)
+    e = _Engine(saved_bytes=dict(saved_bytes), in_place=in_place, recompute=recompute,
+                recompute_saved=recompute_saved, checkpointed=recompute is not None)
     for node in nodes:
         for sid in node.saved:
             e.saved_refs[sid] = e.saved_refs.get(sid, 0) + 1

@@ -281,15 +281,29 @@ def input_bytes(plan: Plan, t: TrainingSettings) -> int:
 class GradientArrival:
     """Gradient bytes by when backward produces them: the head side (lm_head/classifier, final norm,
     and a tied embedding, which receives the head's gradient), each block, and the input side
-    (untied embeddings, prompt encoders), which arrive last."""
+    (untied embeddings, the norm on their output, prompt encoders), which arrive last.
+
+    `head_pending` is the part of `head` that is no parameter's .grad until the end of backward: a
+    head tied to the input embedding (GPT-2's lm_head, BERT's MLM decoder) is one parameter used twice,
+    so its AccumulateGrad node has two dependencies and runs only once the lookup's gradient has
+    arrived too (torch/csrc/autograd/engine.cpp Engine::evaluate_function keeps the head's gradient in
+    the graph task's not_ready InputBuffer meanwhile; input_buffer.cpp InputBuffer::add sums the two,
+    and AccumulateGrad makes the sum the .grad). Until then it is a gradient in flight, a temporary,
+    as the harness's tracer counts it (measure/tracer.py: gradients are the parameters' .grad)."""
 
     head: int
     per_layer: tuple
     input_side: int
+    head_pending: int = 0
 
     @property
     def total(self) -> int:
         return self.head + sum(self.per_layer) + self.input_side
+
+    @property
+    def head_accumulated(self) -> int:
+        """The head side's gradients that are .grad as soon as they are made."""
+        return self.head - self.head_pending
 
 
 def gradient_arrival(plan: Plan, t: TrainingSettings) -> GradientArrival:
@@ -306,21 +320,36 @@ def _gradient_arrival(plan: Plan, precision: str) -> GradientArrival:
     input_prefixes = tuple(m.path for m in layout.modules if m.role in ("embed", "projector", "vision"))
     if plan.spec.is_vlm:  # and the adapters on its encoder layers' outputs (methods.vision_adapter_sites)
         input_prefixes += (VISION_TOWER,)
-    if layout.head_tied_to_embedding:
-        input_prefixes = tuple(p for p in input_prefixes if p != layout.embedding_path)
+    input_prefixes += tuple(m.path for m in layout.modules if _embedding_norm(m))
+    tied = layout.embedding_path if layout.head_tied_to_embedding else None
+    input_prefixes = tuple(p for p in input_prefixes if p != tied)
     per = [0] * plan.spec.num_layers
-    head = input_side = 0
+    head = input_side = pending = 0
     for g in plan.groups:
         if not g.trainable or g.name in gradient_free(plan):
             continue
         nbytes = g.numel * DTYPE_BYTES[group_dtype(plan, g.origin, ctx.weight, g.name)]
         if g.layer is not None:
             per[g.layer] += nbytes
-        elif g.origin in ("prefix", "prompt") or any(g.name.startswith(p + ".") or g.name == p for p in input_prefixes):
+        elif g.origin in ("prefix", "prompt") or any(_under(g.name, p) for p in input_prefixes):
             input_side += nbytes
         else:
             head += nbytes
-    return GradientArrival(head, tuple(per), input_side)
+            pending += nbytes if tied and _under(g.name, tied) else 0
+    return GradientArrival(head, tuple(per), input_side, pending)
+
+
+def _under(name: str, path: str) -> bool:
+    return name == path or name.startswith(path + ".")
+
+
+def _embedding_norm(m) -> bool:
+    """A norm outside the blocks that the forward applies to the embeddings before block 0, so its
+    gradient arrives with theirs, after every block's: transformers modeling_bert.py (and
+    modeling_roberta.py) BertEmbeddings.forward's LayerNorm, modeling_clip.py
+    CLIPVisionTransformer.forward's pre_layrnorm."""
+    parent = m.path.rsplit(".", 1)[0] if "." in m.path else ""
+    return m.role == "norm" and m.layer is None and (parent.endswith("embeddings") or m.name == "pre_layrnorm")
 
 
 def peak_event(events: list) -> tuple:
@@ -372,6 +401,8 @@ def _step_events(plan: Plan, t: TrainingSettings, act: ActivationProfile, ms: Mo
                 optimizer_states=ms.optimizer_states + (ms.optimizer_maps if maps_held else 0))
     if not maps_held and ms.optimizer_maps:
         base["_other"] = ms.optimizer_maps  # alive, held by the optimizer only: counted with the temporaries
+    if act.input_leaf:  # the hooked embedding output, held by its AccumulateGrad node to the end of backward
+        base["_other"] = base.get("_other", 0) + act.input_leaf
     ckpt = t.grad_checkpointing
     saving = [i for i, a in enumerate(act.per_layer) if a]
     kept_per_layer = {i: (act.checkpoint_inputs // len(saving) if ckpt else act.per_layer[i]) for i in saving}
@@ -385,11 +416,13 @@ def _step_events(plan: Plan, t: TrainingSettings, act: ActivationProfile, ms: Mo
     events = [
         _event("forward", dict(base, activations=remaining + act.post + act.loss_saved,
                                logits_loss=act.loss_forward_peak - act.loss_saved,
-                               temporaries=cache + act.model_output)),
-        _event("forward:block", dict(base, activations=act.pre, temporaries=act.forward_transient) if ckpt else
+                               temporaries=cache + act.model_output + act.checkpoint_kwargs)),
+        _event("forward:block", dict(base, activations=act.pre + act.forward_checkpoint_inputs,
+                                     temporaries=act.forward_transient - act.forward_checkpoint_inputs) if ckpt else
                dict(base, activations=act.forward_block_saved, temporaries=act.forward_block_live)),
         _event("backward:loss", dict(base, activations=remaining + act.post + act.loss_saved_backward,
-                                     logits_loss=act.loss_backward_peak - act.loss_saved_backward + act.loss_scalars)),
+                                     logits_loss=act.loss_backward_peak - act.loss_saved_backward + act.loss_scalars,
+                                     temporaries=act.checkpoint_kwargs)),
     ]
     if ckpt:
         events += _checkpointed_backward(plan, act, grads, base, kept_per_layer, remaining)
@@ -415,9 +448,11 @@ def _replayed_backward(plan: Plan, act: ActivationProfile, grads: GradientArriva
     have arrived, and block i's made so far; the buffers are the gradients in flight."""
     below = act.pre + sum(act.per_layer)
     hp = act.head_backward
-    events = [_event("backward:head", dict(base, activations=below + hp.saved, gradients=min(hp.params, grads.head),
+    # (a tied head's gradient, grads.head_pending, is among the head replay's buffers: a "pending" step)
+    events = [_event("backward:head", dict(base, activations=below + hp.saved,
+                                           gradients=min(hp.params, grads.head_accumulated),
                                            logits_loss=hp.buffers + act.loss_scalars))]
-    arrived = grads.head
+    arrived = grads.head_accumulated
     for i in reversed(range(plan.spec.num_layers)):
         below -= act.per_layer[i]
         lb = act.blocks[i].backward
@@ -425,7 +460,7 @@ def _replayed_backward(plan: Plan, act: ActivationProfile, grads: GradientArriva
             continue
         events.append(_event(f"backward:layer{i}", dict(base, activations=below + lb.saved,
                                                        gradients=arrived + min(lb.params, grads.per_layer[i]),
-                                                       temporaries=lb.buffers + act.loss_scalars)))
+                                                       temporaries=lb.buffers + grads.head_pending + act.loss_scalars)))
         arrived += grads.per_layer[i]
     return events
 
@@ -433,15 +468,19 @@ def _replayed_backward(plan: Plan, act: ActivationProfile, grads: GradientArriva
 def _checkpointed_backward(plan: Plan, act: ActivationProfile, grads: GradientArrival, base: dict,
                            kept_per_layer: dict, remaining: int) -> list:
     """Under non-reentrant checkpointing each block keeps only its input until its backward, when its
-    forward is recomputed and its backward runs on the recomputed tensors (_checkpointed_block)."""
-    events = [_event("backward:head", dict(base, activations=remaining + act.post,
-                                           logits_loss=act.logits_bytes + act.loss_scalars, gradients=grads.head))]
-    arrived = grads.head
+    forward is recomputed and its backward runs on the recomputed tensors (_checkpointed_block). A tied
+    head's gradient waits for the lookup's all along, a temporary (GradientArrival.head_pending), and
+    so do the checkpoints' keyword arguments (ActivationProfile.checkpoint_kwargs)."""
+    events = [_event("backward:head", dict(base, activations=remaining + act.post, gradients=grads.head_accumulated,
+                                           logits_loss=act.logits_bytes + act.loss_scalars + grads.head_pending,
+                                           temporaries=act.checkpoint_kwargs))]
+    arrived = grads.head_accumulated
     for i in reversed(range(plan.spec.num_layers)):
         if i not in kept_per_layer and not grads.per_layer[i]:
             continue
         block = _checkpointed_block(base, remaining, arrived, act.blocks[i])
-        events.append(_event(f"backward:layer{i}", dict(block, temporaries=block["temporaries"] + act.loss_scalars)))
+        events.append(_event(f"backward:layer{i}", dict(block, temporaries=block["temporaries"] + grads.head_pending
+                                                        + act.checkpoint_kwargs + act.loss_scalars)))
         arrived += grads.per_layer[i]
         remaining -= kept_per_layer.get(i, 0)
     return events
@@ -450,17 +489,21 @@ def _checkpointed_backward(plan: Plan, act: ActivationProfile, grads: GradientAr
 def _checkpointed_block(base: dict, remaining: int, arrived: int, block) -> dict:
     """Live bytes at the peak of a checkpointed block's backward (torch.utils.checkpoint, non-reentrant),
     node by node (`block`: the activations.BlockSimulation, replayed by peftcalc.backward), the recompute
-    of its forward included (as temporaries, with the gradient buffers of that moment). `remaining` holds
+    of its forward included (what it has saved into the checkpoint's frame, torch/utils/checkpoint.py
+    _recomputation_hook.pack_hook, as activations; its other live tensors and the gradient buffers of that
+    moment as temporaries). `remaining` holds
     the inputs the checkpoints keep, this block's included."""
     peak = block.checkpointed_backward
     return dict(base, activations=remaining + peak.saved, gradients=arrived + peak.params, temporaries=peak.buffers)
 
 
 def _tied_embedding_accumulation(plan: Plan, t: TrainingSettings) -> int:
-    """A trainable tied embedding gets two gradients: the lm_head's, early in backward, and the
-    lookup's dense gradient at the end (embedding_dense_backward), which AccumulateGrad adds out of
-    place (torch/csrc/autograd/functions/accumulate_grad.h): the new gradient and the sum, two more
-    vocab x hidden tensors, are alive for a moment."""
+    """A trainable tied embedding gets two gradients: the lm_head's, early in backward, held in its
+    AccumulateGrad node's input buffer (GradientArrival.head_pending), and the lookup's dense gradient
+    at the end (embedding_dense_backward), which InputBuffer::add (torch/csrc/autograd/input_buffer.cpp)
+    sums out of place under the harness's TorchDispatchMode; AccumulateGrad makes the sum the .grad
+    (one vocab x hidden among the gradients). The two addends, two vocab x hidden tensors, are
+    temporaries alive with it for a moment."""
     from peftcalc.layout import build_layout
 
     if not (build_layout(plan.spec).head_tied_to_embedding and plan.embedding_trains):

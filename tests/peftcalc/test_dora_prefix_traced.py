@@ -69,9 +69,6 @@ OFFSETS = {
     # the CPU; the CPU kernel, which the calculator follows (the cpu rows), returns fp32 ones: the MLM
     # head's LayerNorm, 2 x 144 x 2 bytes
     "9af8176380ebe58b": 576,
-    # one int64 per position (48) that every checkpointed GPT-2/Llama ci row has alive in backward
-    # and the calculator does not count (-384 on the LoRA, full, frozen ... rows alike)
-    "769615fa9de85ed5": -384, "6c1304647970e027": -384, "fe277f9e6cbc4be2": -384,
 }
 
 

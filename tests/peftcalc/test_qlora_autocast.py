@@ -30,11 +30,12 @@ TRACED = [
     ("tiny-llama", "amp-bf16", 3, 48, False, 2_161_112, "a20e1eadbe0da051", 0),
     ("tiny-mistral", "amp-bf16", 3, 48, False, 2_088_728, "5352328631a8adc9", 0),
     ("tiny-qwen2", "amp-bf16", 3, 48, False, 1_982_296, "51e8b502fea40a14", 0),
-    # -384: the bytes every checkpointed tiny-llama row carries, whatever the method
-    ("tiny-llama", "amp-bf16", 3, 48, True, 1_439_384, "e45af761808286be", -384),
+    # checkpointed: the (1, 48) int64 position ids the checkpoints' kwargs hold count (they were the
+    # 384 bytes every checkpointed tiny-llama row lacked, whatever the method)
+    ("tiny-llama", "amp-bf16", 3, 48, True, 1_439_384, "e45af761808286be", 0),
     # GPT-2's Conv1D layers are Linear4bit too
     ("tiny-gpt2", "amp-bf16", 3, 48, False, 3_604_440, "89b4fc36b7fb9482", 0),
-    ("tiny-gpt2", "amp-bf16", 3, 48, True, 2_020_184, "6c4c612c49c68a38", -384),
+    ("tiny-gpt2", "amp-bf16", 3, 48, True, 2_020_184, "6c4c612c49c68a38", 0),
     # BERT: the MLM transform dense is NF4 (fp32 output, GELU and LayerNorm in fp32), the CPU math path
     # upcasts SDPA's bf16 copies of q, k, v and returns bf16 (attention.output.dense keeps it: its input is bf16)
     ("tiny-bert", "amp-bf16", 3, 48, False, 2_647_312, "dd9dd1824bca3fee", 0),
