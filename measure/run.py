@@ -34,7 +34,7 @@ import torch
 from measure.build import build_model, build_qlora_model, count_logical_params
 from measure.tracer import StorageTracer, gradient_tensors, model_state_tensors, optimizer_state_tensors
 from peftcalc.errors import InputError
-from peftcalc.methods import PEFT_METHODS, MethodSettings, make_plan, resolve_adapter_kind
+from peftcalc.methods import PEFT_METHODS, MethodSettings, check_combination, make_plan, resolve_adapter_kind
 from peftcalc.settings import TrainingSettings, check_training
 from peftcalc.spec import ModelSpec, load_spec
 
@@ -92,19 +92,7 @@ def check_run(spec: ModelSpec, method: MethodSettings, training: TrainingSetting
     make_plan(spec, method)
     if device == "cuda" and not torch.cuda.is_available():
         raise InputError("device 'cuda' asked for, but torch sees no CUDA device; use --device cpu or fake")
-    extra = method.num_virtual_tokens if method.method in ("prefix", "prompt") else 0
-    limit = position_limit(spec)
-    if limit and training.seq_len + extra > limit:
-        raise InputError(f"--seq-len {training.seq_len}{f' + {extra} virtual tokens' if extra else ''} exceeds "
-                         f"{spec.name}'s {limit} positions")
-
-
-def position_limit(spec: ModelSpec) -> int:
-    """Longest sequence a model with learned positions takes (0: no limit). RoBERTa's positions
-    start after padding_idx (transformers create_position_ids_from_input_ids), losing two."""
-    if spec.is_vision or not spec.max_positions:
-        return 0
-    return spec.max_positions - 2 if spec.model_type == "roberta" else spec.max_positions
+    check_combination(spec, method, training.seq_len, training.grad_checkpointing)
 
 
 # -- building ---------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ from functools import lru_cache
 from math import ceil
 
 from peftcalc.activations import blip2_image_tokens
-from peftcalc.errors import InputError
+from peftcalc.errors import CombinationError, InputError
 from peftcalc.hardware import (
     DEFAULT_MFU,
     GPU,
@@ -25,7 +25,7 @@ from peftcalc.memory import (
     reserved_bytes,
     timeline,
 )
-from peftcalc.methods import (MethodSettings, Plan, make_plan, methods_for, normalize_targets, prepare_kbit_default,
+from peftcalc.methods import (MethodSettings, Plan, check_combination, make_plan, methods_for, normalize_targets, prepare_kbit_default,
                               resolve_adapter_kind)
 from peftcalc.settings import TrainingSettings, check_training
 from peftcalc.spec import ModelSpec, load_spec
@@ -220,6 +220,7 @@ def estimate(
     t = TrainingSettings(batch_size=batch_size, seq_len=seq_len, precision=precision, optimizer=optimizer,
                          grad_checkpointing=grad_checkpointing, attention=attention, device=device)
     check_training(t)
+    check_combination(spec, settings, seq_len, grad_checkpointing)
     if tasks < 1:
         raise InputError(f"--tasks must be a positive integer, got {tasks}")
     if dataset_tokens < 1:
@@ -284,7 +285,10 @@ def _choose_gpu(name: str | None, fits: list) -> GPU | None:
 
 def sweep(model: str | ModelSpec | dict = DEFAULT_MODEL, **grid):
     """Estimate every combination of the settings given as lists; returns a pandas DataFrame with
-    one row per combination (settings, parameter counts, peak, phase, components, reserved)."""
+    one row per combination (settings, parameter counts, peak, phase, components, reserved). A
+    combination that cannot run (BitFit on a model without biases, prefix tuning with checkpointing, a
+    sequence beyond learned positions) keeps its row, with the reason in `error` and no figures;
+    `error` is None on the others. A bad value (an unknown method or precision) raises InputError."""
     import pandas as pd
 
     keys = list(grid)
@@ -294,8 +298,15 @@ def sweep(model: str | ModelSpec | dict = DEFAULT_MODEL, **grid):
     memo: dict = {}
     for combo in itertools.product(*values):
         kw = dict(zip(keys, combo))
-        rows.append(_sweep_row(spec, kw, memo))
-    return pd.DataFrame(rows)
+        try:
+            rows.append({**_sweep_row(spec, kw, memo), "error": None})
+        except CombinationError as exc:
+            rows.append({"model": spec.name, **kw, "error": str(exc)})
+    df = pd.DataFrame(rows)
+    if df["error"].notna().any():  # byte counts stay integers beside the rows that have none
+        counts = [c for c in df.columns if c.startswith(("params_", "mem_")) or c.endswith("_bytes")]
+        df[counts] = df[counts].astype("Int64")
+    return df
 
 
 # Methods whose memory reads MethodSettings.rank: their planner (methods.plan_lora) sizes the LoRA
@@ -323,6 +334,7 @@ def _sweep_row(spec: ModelSpec, kw: dict, memo: dict | None = None) -> dict:
     t = TrainingSettings(**{k: kw[k] for k in TRAINING_FIELDS if k in kw})
     check_training(t)
     plan = make_plan(spec, settings)
+    check_combination(spec, settings, t.seq_len, t.grad_checkpointing)
     key = (_memory_key(settings), t)
     figures = memo.get(key) if memo is not None else None
     if figures is None:

@@ -16,3 +16,9 @@ def read_text(path: str | os.PathLike, what: str) -> str:
         return Path(path).read_text()
     except OSError as exc:
         raise InputError(f"cannot read {what} file {path}: {exc.strerror or exc}") from None
+
+
+class CombinationError(InputError):
+    """Settings each valid alone that cannot run together on this model (BitFit on a model without
+    biases, prefix tuning with gradient checkpointing, a sequence beyond learned positions): a sweep
+    keeps such a combination as a row with the reason instead of failing."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 
-from peftcalc.errors import InputError
+from peftcalc.errors import CombinationError, InputError
 from peftcalc.layout import (
     LANGUAGE_MODEL,
     LANGUAGE_PROJECTION,
@@ -236,7 +236,7 @@ def plan_full(spec, layout, s):
 
 def plan_frozen(spec, layout, s):
     if not layout.head_paths:
-        raise InputError(
+        raise CombinationError(
             f"method 'frozen' trains the task head, and {spec.architecture} has none; "
             "use a config whose architectures name a head (ForCausalLM, ForSequenceClassification, ...)"
         )
@@ -270,7 +270,7 @@ def plan_bitfit(spec, layout, s):
     groups = _base_groups(layout, lambda m, name: name.endswith(".bias") or head(m, name) or
                           (m.kind == "param" and m.path.endswith(".bias")))
     if not any(g.trainable for g in groups):
-        raise InputError(f"method 'bitfit' needs bias terms, and {spec.name} has none")
+        raise CombinationError(f"method 'bitfit' needs bias terms, and {spec.name} has none")
     return groups
 
 
@@ -390,7 +390,7 @@ def resolve_targets(spec: ModelSpec, layout: Layout, s: MethodSettings) -> tuple
     if peft_task_type(spec) == "SEQ_CLS":  # modules_to_save (the head) is copied whole, never wrapped
         paths = tuple(p for p in paths if not _under(p, SEQ_CLS_HEAD_NAMES))
     if not paths:
-        raise InputError(f"target modules {', '.join(keys)} match no module of {spec.name}")
+        raise CombinationError(f"target modules {', '.join(keys)} match no module of {spec.name}")
     return paths
 
 
@@ -446,7 +446,7 @@ def plan_lora(spec, layout, s):
         m = mods[path]
         limit = min(m.in_features, m.out_features) if m.kind in LINEAR_KINDS else min(m.shape)
         if s.rank > limit:
-            raise InputError(f"--rank {s.rank} is larger than module '{path}' ({m.in_features} -> {m.out_features})"
+            raise CombinationError(f"--rank {s.rank} is larger than module '{path}' ({m.in_features} -> {m.out_features})"
                              if m.kind in LINEAR_KINDS else f"--rank {s.rank} is larger than module '{path}'")
         for name, shape in lora_shapes(m, s.rank):
             groups.append(ParamGroup(f"{path}.{name}", _prod(shape), True, "lora", m.layer, shape=shape))
@@ -557,7 +557,7 @@ def prompt_token_dim(spec: ModelSpec, method: str) -> int:
 
 def plan_prompt_learning(spec, layout, s):
     if spec.task not in ("causal_lm", "seq_cls"):
-        raise InputError(
+        raise CombinationError(
             f"method '{s.method}' needs a causal LM or sequence classifier (peft injects virtual tokens "
             f"only there); {spec.name} is {spec.architecture}"
         )
@@ -590,17 +590,49 @@ PLANNERS = {
 }
 
 
+LEARNED_POSITION_TYPES = ("gpt2", "bert", "roberta", "opt", "blip-2")
+
+
+def position_limit(spec: ModelSpec) -> int:
+    """Longest sequence a model with learned positions takes (0: no limit; rotary models have none).
+    RoBERTa's positions start after padding_idx (transformers create_position_ids_from_input_ids),
+    losing two."""
+    if spec.is_vision or not spec.max_positions or spec.model_type not in LEARNED_POSITION_TYPES:
+        return 0
+    return spec.max_positions - 2 if spec.model_type == "roberta" else spec.max_positions
+
+
+def check_combination(spec: ModelSpec, s: MethodSettings, seq_len: int, grad_checkpointing: bool) -> None:
+    """Method and training settings the real stack cannot run together (InputError, one line):
+    - a sequence (plus prefix/prompt virtual tokens, or BLIP-2's query tokens, which take positions
+      too) longer than a model with learned positions has (GPT-2 1024, BERT 512, RoBERTa 514 - 2, OPT
+      2048);
+    - prefix tuning with gradient checkpointing: peft hands the prefix to the model as a transformers
+      Cache, and the checkpoint's recompute of each layer updates it again, so keys and the attention
+      mask disagree (peft#869, peft PR #2191; traced here with transformers 5.23 / peft 0.21.2: on cpu
+      "The size of tensor a (32) must match the size of tensor b (52)" for tiny-llama 2 x 32)."""
+    extra = s.num_virtual_tokens if s.method in ("prefix", "prompt") else 0
+    queries = dict(spec.blip2)["num_query_tokens"] if spec.model_type == "blip-2" else 0  # OPT sees them first
+    limit = position_limit(spec)
+    if limit and seq_len + extra + queries > limit:
+        more = f" + {extra} virtual tokens" if extra else f" + {queries} query tokens" if queries else ""
+        raise CombinationError(f"--seq-len {seq_len}{more} exceeds {spec.name}'s {limit} positions")
+    if s.method == "prefix" and grad_checkpointing:
+        raise CombinationError("prefix tuning cannot run with gradient checkpointing: the recompute updates peft's "
+                         "prefix cache a second time (peft#869); drop --grad-checkpointing or use --method prompt")
+
+
 def check_settings(spec: ModelSpec, s: MethodSettings) -> None:
     if s.method not in KNOWN_METHODS:
         raise InputError(f"unknown method '{s.method}'; choose from {', '.join(KNOWN_METHODS)}")
     if (spec.model_type == "blip-2") != (s.method in BLIP2_METHODS):
         if spec.model_type == "blip-2":
-            raise InputError(f"method '{s.method}' is not supported for the BLIP-2 model {spec.name}; "
+            raise CombinationError(f"method '{s.method}' is not supported for the BLIP-2 model {spec.name}; "
                              f"choose from {', '.join(BLIP2_METHODS)}")
-        raise InputError(f"method '{s.method}' trains a BLIP-2 Q-Former, and {spec.name} ({spec.architecture}) "
+        raise CombinationError(f"method '{s.method}' trains a BLIP-2 Q-Former, and {spec.name} ({spec.architecture}) "
                          "has none")
     if spec.is_vlm and s.method not in VLM_METHODS:
-        raise InputError(f"method '{s.method}' is not supported for the vision-language model {spec.name}; "
+        raise CombinationError(f"method '{s.method}' is not supported for the vision-language model {spec.name}; "
                          f"choose from {', '.join(VLM_METHODS)}")
     if s.vision_layers:
         if not spec.is_vlm:
@@ -609,7 +641,7 @@ def check_settings(spec: ModelSpec, s: MethodSettings) -> None:
             raise InputError(f"--unfreeze-vision-layers must be between 0 and the {vision_layers_used(spec)} vision "
                              f"layers the projector reads, got {s.vision_layers}")
     if not spec.is_vlm and s.method in VLM_ONLY_METHODS:
-        raise InputError(f"method '{s.method}' trains a vision-language model's projector, and {spec.name} "
+        raise CombinationError(f"method '{s.method}' trains a vision-language model's projector, and {spec.name} "
                          f"({spec.architecture}) has none")
     if s.prepare_kbit and s.method != "qlora":
         raise InputError(f"--prepare-kbit applies to qlora (peft.prepare_model_for_kbit_training prepares a "

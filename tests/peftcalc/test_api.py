@@ -113,6 +113,9 @@ def test_sweep_rows_are_the_estimates(model):
     assert len(df) == len(methods) * 2 * 2 * 2 * 4
     _clear_calculator_caches()
     for row in df.to_dict("records"):
+        if isinstance(row["error"], str):  # the one combination that cannot run (peft#869)
+            assert row["method"] == "prefix" and row["grad_checkpointing"], row
+            continue
         e = peftcalc.estimate(model, method=row["method"], rank=row["rank"], batch_size=row["batch_size"],
                               seq_len=row["seq_len"], grad_checkpointing=row["grad_checkpointing"],
                               precision=row["precision"])
@@ -120,3 +123,37 @@ def test_sweep_rows_are_the_estimates(model):
                                             e.memory.peak_phase, e.memory.reserved_bytes, e.memory.step1_peak_bytes)))
         expected.update({f"mem_{k}": v for k, v in e.memory.components.items()})
         assert {k: row[k] for k in expected} == expected, row
+
+
+def test_sweep_keeps_impossible_combinations_as_rows_with_the_reason():
+    """GPT-2 has 1,024 learned positions: 1,020 tokens plus prefix tuning's 20 virtual ones do not fit;
+    prefix tuning cannot run with checkpointing (peft#869). Those rows carry the reason, no figures."""
+    df = peftcalc.sweep("gpt2", method=["lora", "prefix"], seq_len=[512, 1020], grad_checkpointing=[False, True])
+    assert len(df) == 8
+    bad = df[df["error"].notna()]
+    assert [(r.method, r.seq_len, r.grad_checkpointing) for r in bad.itertuples()] == [
+        ("prefix", 512, True), ("prefix", 1020, False), ("prefix", 1020, True)]
+    assert bad["peak_bytes"].isna().all()
+    assert "exceeds gpt2's 1024 positions" in bad["error"].iloc[1]
+    ok = df[df["error"].isna()]
+    assert str(ok["peak_bytes"].dtype) == "Int64" and ok["peak_bytes"].notna().all()
+    with pytest.raises(InputError, match="unknown precision"):  # a bad value still fails the sweep
+        peftcalc.sweep("gpt2", precision=["bf16", "bf17"])
+
+
+@pytest.mark.parametrize("model,kw,message", [
+    ("gpt2", dict(seq_len=1025), "--seq-len 1025 exceeds gpt2's 1024 positions"),
+    ("gpt2", dict(method="prompt", seq_len=1005), "--seq-len 1005 \\+ 20 virtual tokens exceeds gpt2's 1024"),
+    ("bert-base", dict(method="full", seq_len=513), "exceeds bert-base's 512 positions"),
+    ("roberta-base", dict(method="full", seq_len=513), "exceeds roberta-base's 512 positions"),
+    ("blip2-opt-2.7b", dict(seq_len=2017), "--seq-len 2017 \\+ 32 query tokens exceeds blip2-opt-2.7b's 2048"),
+    ("llama-3.2-1b", dict(method="prefix", grad_checkpointing=True), "peft#869"),
+])
+def test_combinations_the_real_stack_cannot_run_are_input_errors(model, kw, message):
+    """Learned positions (GPT2Config n_positions 1024, BERT max_position_embeddings 512, RoBERTa 514 minus
+    padding_idx + 1, OPT 2048 with BLIP-2's 32 queries first), and prefix tuning with gradient
+    checkpointing, which fails in transformers 5.23 / peft 0.21.2 on a real CPU step (tiny-llama 2 x 32:
+    "The size of tensor a (32) must match the size of tensor b (52) at non-singleton dimension 3")."""
+    with pytest.raises(InputError, match=message):
+        peftcalc.estimate(model, **kw)
+    assert peftcalc.estimate("gpt2", seq_len=1024).memory.peak_bytes > 0  # the limit itself fits

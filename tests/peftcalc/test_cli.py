@@ -83,7 +83,7 @@ def test_malformed_and_unsupported_config_files(tmp_path):
 
 def test_config_directory_is_read(tmp_path):
     (tmp_path / "config.json").write_text((__import__("pathlib").Path(__file__).parent / "configs" / "gpt2_cls.json").read_text())
-    result = runner.invoke(app, ["estimate", str(tmp_path), "--method", "full", "--format", "json"])
+    result = runner.invoke(app, ["estimate", str(tmp_path), "--method", "full", "--seq-len", "32", "--format", "json"])
     assert result.exit_code == 0
     assert json.loads(result.stdout)["architecture"] == "GPT2ForSequenceClassification"
 
