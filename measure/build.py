@@ -220,14 +220,39 @@ def count_logical_params(model) -> tuple[int, int]:
     return total, trainable
 
 
-def qlora_quantization_config(settings: MethodSettings, compute_dtype: torch.dtype):
+SEQ_CLS_HEADS = ("classifier", "score")  # peft PeftModelForSequenceClassification's modules_to_save
+
+
+def head_skip_modules(model) -> list[str] | None:
+    """``llm_int8_skip_modules`` for a sequence classifier whose head the default would quantize, else None.
+    transformers keeps unquantized the module of the model's last parameter (quantizers/base.py
+    get_keys_to_not_convert: ``list(model.named_parameters())[-1][0]`` minus ".weight"), so a classifier
+    whose last parameter is a bias ("classifier.bias": BERT; "classifier.out_proj.bias": RoBERTa) becomes
+    Linear4bit, and peft's trainable copy of it fails (``requires_grad_`` on a 4-bit weight: "only
+    Tensors of floating point dtype can require gradients", traced on tiny-bert-cls). The working
+    recipe names the head: the default keys plus the head, as the list replaces the default."""
+    from transformers.quantizers.base import get_keys_to_not_convert
+
+    names = {n for n, _ in model.named_children()}
+    heads = [h for h in SEQ_CLS_HEADS if h in names]
+    if not heads:
+        return None
+    default = get_keys_to_not_convert(model)
+    if all(any(k == h or k.startswith(h + ".") for k in default) and f"{h}.bias" not in default for h in heads):
+        return None
+    return sorted(set(default) | set(heads))
+
+
+def qlora_quantization_config(settings: MethodSettings, compute_dtype: torch.dtype, skip_modules=None):
     """The BitsAndBytesConfig of the QLoRA recipe (Dettmers et al. 2023, section 3): NF4 storage,
-    double quantization as `settings.double_quant`, computation in `compute_dtype`."""
+    double quantization as `settings.double_quant`, computation in `compute_dtype`; `skip_modules`:
+    head_skip_modules' list for a classifier the default would quantize."""
     return transformers.BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=settings.double_quant,
         bnb_4bit_compute_dtype=compute_dtype,
+        llm_int8_skip_modules=skip_modules,
     )
 
 
@@ -241,12 +266,13 @@ def build_qlora_model(spec: ModelSpec, settings: MethodSettings, checkpoint_dir:
     bitsandbytes Linear4bit); then ``peft.prepare_model_for_kbit_training`` if `prepare_kbit`
     (it upcasts the non-quantized fp16/bf16 parameters to fp32) and LoRA."""
     base = build_base_model(spec, dtype=dtype, device=device, attention=attention)
+    skip = head_skip_modules(base)
     base.save_pretrained(checkpoint_dir)
     del base
     auto = getattr(transformers, AUTO_CLASS[spec.task])
     model = auto.from_pretrained(
         checkpoint_dir,
-        quantization_config=qlora_quantization_config(settings, compute_dtype),
+        quantization_config=qlora_quantization_config(settings, compute_dtype, skip),
         dtype=dtype,
         device_map={"": device},
         attn_implementation=attention,

@@ -13,7 +13,7 @@ import os
 import torch
 from torch import nn
 
-from measure.build import apply_method, build_base_model, qlora_quantization_config
+from measure.build import apply_method, build_base_model, head_skip_modules, qlora_quantization_config
 from measure.tracer import FakeScalars
 from peftcalc.methods import MethodSettings
 from peftcalc.spec import ModelSpec
@@ -116,7 +116,7 @@ def replace_with_nf4(model: nn.Module, settings: MethodSettings, compute_dtype: 
     from transformers.integrations.bitsandbytes import replace_with_bnb_linear
     from transformers.quantizers.quantizer_bnb_4bit import Bnb4BitHfQuantizer
 
-    config = qlora_quantization_config(settings, compute_dtype)
+    config = qlora_quantization_config(settings, compute_dtype, head_skip_modules(model))
     skip = Bnb4BitHfQuantizer.get_modules_to_not_convert(
         model, config.llm_int8_skip_modules, getattr(model, "_keep_in_fp32_modules", None))
     model = replace_with_bnb_linear(model, modules_to_not_convert=skip, quantization_config=config)
