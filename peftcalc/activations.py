@@ -891,7 +891,8 @@ def attention(rec: Recorder, spec: ModelSpec, q: T, k: T, v: T, p_drop: float, t
     eager_attention_forward): q @ k^T saves q and k (keys/values repeated to all heads for GQA by
     repeat_kv), softmax in fp32 saves its output, the cast to the compute dtype is saved by the matmul
     with v, and dropout (p > 0) saves its mask. `hold`: the node after which the CPU math path's
-    incoming gradient is freed (traced: the query projection's). `cross`: keys and values come from
+    incoming gradient is freed (traced: the query projection's) when bmm reads it without a reshape copy
+    (_bmm_output_backward). `cross`: keys and values come from
     another sequence of ctx.kv_seq tokens (the BLIP-2 Q-Former's cross-attention to the image
     features), with no mask and no virtual tokens. `replaced`: what the modeling code drops when its
     key/value locals are rebound to the cache update's concatenations (prefix tuning only).
@@ -1042,8 +1043,8 @@ def _math_attention(rec: Recorder, spec: ModelSpec, q: T, k: T, v: T, tag: str, 
     if v.rg:
         saved2.append(rec.save(dropped, f"{tag}.math_probs"))
     out = rec.new(b * s * spec.q_dim, up, needs)  # bmm(probs, v), reshaped
-    rec.node(out, [("new", "g3", nq), ("new", "dv", nk), ("new", "dp", sc), ("free", "g3")],
-             [(t.id, n) for t, n in ((vu, "dv"), (dropped, "dp")) if t.rg], saved2, hold=hold)
+    rec.node(out, _bmm_output_backward(nq, nk, sc, copies),
+             [(t.id, n) for t, n in ((vu, "dv"), (dropped, "dp")) if t.rg], saved2, hold=0 if copies else hold)
     o = cast(rec, out, q.dtype)
     if o is not out:
         rec.free(out)
@@ -1058,6 +1059,22 @@ def _math_attention(rec: Recorder, spec: ModelSpec, q: T, k: T, v: T, tag: str, 
     rec.node(y, outputs=[(o.id, GRAD)])
     rec.free(o)
     return y
+
+
+def _bmm_output_backward(nq: int, nk: int, sc: int, copies: bool) -> list:
+    """The backward of the math path's matmul(probs, v), which at::matmul folded into bmm and
+    _unsafe_view (aten/src/ATen/native/LinearAlgebra.cpp _matmul_impl): UnsafeViewBackward0 reshapes the
+    incoming gradient to bmm's (batch * heads, seq, dim), a copy when the operands' reshapes were
+    (_bmm_reshape_copies: the gradient arrives with the transposed strides of transformers'
+    transpose(1, 2), kept by ToCopyBackward0's fp32 upcast, _to_copy's preserve_format), after which the
+    engine drops the incoming gradient as that node returns; then BmmBackward0 makes v's and the
+    probabilities' gradients from the copy, freed when it returns. Traced (bert-base full bf16 and fp32,
+    batch 4 x 512, checkpointing, fake tensors): aten.clone (4, 12, 512, 64), the incoming gradient freed,
+    then bmm (48, 512, 64) and bmm (48, 512, 512), then the clone freed. Without the copies the reshape is
+    a view and bmm reads the incoming gradient itself."""
+    if not copies:
+        return [("new", "dv", nk), ("new", "dp", sc)]
+    return [("new", "g3", nq), ("free", GRAD), ("new", "dv", nk), ("new", "dp", sc), ("free", "g3")]
 
 
 def _bmm_reshape_copies(batch: int, heads: int) -> bool:
