@@ -1537,6 +1537,8 @@ class ActivationProfile:
     # grad: its AccumulateGrad node holds it to the end of backward, though nothing saves it
     input_leaf: int = 0
     forward_checkpoint_inputs: int = 0  # of forward_transient: hidden states a checkpoint's input saver saved
+    # what of `pre` is still saved when the embeddings' backward runs (None: all of it); see _lookup_saved
+    lookup_saved: int | None = None
 
     @property
     def saved_total(self) -> int:
@@ -1759,6 +1761,7 @@ def activation_profile(plan: Plan, t: TrainingSettings) -> ActivationProfile:
         checkpoint_kwargs=0 if indices else _checkpointed_layer_positions(spec, ctx, t),
         input_leaf=leaf,
         forward_checkpoint_inputs=_forward_checkpoint_inputs(spec, ctx, t, per_layer),
+        lookup_saved=_lookup_saved(plan, indices),
         logits_bytes=logits_numel * DTYPE_BYTES[ctx.autocast or ctx.compute],
         loss_saved=loss.saved,
         loss_saved_backward=loss.saved_backward,
@@ -1814,6 +1817,19 @@ def _embedding_indices_saved(spec: ModelSpec, plan: Plan, layout: Layout, ctx: C
     if spec.model_type == "roberta" and _trains(plan, f"{embeddings}.position_embeddings"):
         out.append((rows * ctx.seq, "position_embeddings.position_ids"))
     return out
+
+
+def _lookup_saved(plan: Plan, indices: list) -> int:
+    """What the model's forward saved before the blocks ('pre') that is still saved when the embeddings'
+    backward runs, last in the backward (torch's engine runs nodes in reverse creation order): only what
+    the lookups' own EmbeddingBackward nodes hold, the int64 indices (_embedding_indices_saved; peft's
+    prompt encoder's virtual-token indices). Everything else in 'pre' has been released by then by the
+    node that saved it: the embeddings' LayerNorm input and statistics and dropout mask (BERT, RoBERTa,
+    GPT-2's drop), the rotary cos and sin of the Llama family, whose last holder is block 0's q * cos
+    (traced, fake tensors: bert-base frozen bf16 b1 s128, no activations left at the tied embedding's
+    gradient sum; llama-3.2-1b full bf16 b4 s128, the cos/sin, 2 x 128 x 64 x 2 bytes, freed in block 0)."""
+    prompt = plan.settings.num_virtual_tokens * 8 if plan.settings.method in ("prefix", "prompt") else 0
+    return sum(numel * 8 for numel, _tag in indices) + prompt
 
 
 def _forward_checkpoint_inputs(spec: ModelSpec, ctx: Ctx, t: TrainingSettings, per_layer: tuple) -> int:
