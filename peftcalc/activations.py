@@ -891,7 +891,8 @@ def attention(rec: Recorder, spec: ModelSpec, q: T, k: T, v: T, p_drop: float, t
     eager_attention_forward): q @ k^T saves q and k (keys/values repeated to all heads for GQA by
     repeat_kv), softmax in fp32 saves its output, the cast to the compute dtype is saved by the matmul
     with v, and dropout (p > 0) saves its mask. `hold`: the node after which the CPU math path's
-    incoming gradient is freed (traced: the query projection's). `cross`: keys and values come from
+    incoming gradient is freed (traced: the query projection's) when bmm reads it without a reshape copy
+    (_bmm_output_backward). `cross`: keys and values come from
     another sequence of ctx.kv_seq tokens (the BLIP-2 Q-Former's cross-attention to the image
     features), with no mask and no virtual tokens. `replaced`: what the modeling code drops when its
     key/value locals are rebound to the cache update's concatenations (prefix tuning only).
@@ -1042,8 +1043,8 @@ def _math_attention(rec: Recorder, spec: ModelSpec, q: T, k: T, v: T, tag: str, 
     if v.rg:
         saved2.append(rec.save(dropped, f"{tag}.math_probs"))
     out = rec.new(b * s * spec.q_dim, up, needs)  # bmm(probs, v), reshaped
-    rec.node(out, [("new", "g3", nq), ("new", "dv", nk), ("new", "dp", sc), ("free", "g3")],
-             [(t.id, n) for t, n in ((vu, "dv"), (dropped, "dp")) if t.rg], saved2, hold=hold)
+    rec.node(out, _bmm_output_backward(nq, nk, sc, copies),
+             [(t.id, n) for t, n in ((vu, "dv"), (dropped, "dp")) if t.rg], saved2, hold=0 if copies else hold)
     o = cast(rec, out, q.dtype)
     if o is not out:
         rec.free(out)
@@ -1058,6 +1059,22 @@ def _math_attention(rec: Recorder, spec: ModelSpec, q: T, k: T, v: T, tag: str, 
     rec.node(y, outputs=[(o.id, GRAD)])
     rec.free(o)
     return y
+
+
+def _bmm_output_backward(nq: int, nk: int, sc: int, copies: bool) -> list:
+    """The backward of the math path's matmul(probs, v), which at::matmul folded into bmm and
+    _unsafe_view (aten/src/ATen/native/LinearAlgebra.cpp _matmul_impl): UnsafeViewBackward0 reshapes the
+    incoming gradient to bmm's (batch * heads, seq, dim), a copy when the operands' reshapes were
+    (_bmm_reshape_copies: the gradient arrives with the transposed strides of transformers'
+    transpose(1, 2), kept by ToCopyBackward0's fp32 upcast, _to_copy's preserve_format), after which the
+    engine drops the incoming gradient as that node returns; then BmmBackward0 makes v's and the
+    probabilities' gradients from the copy, freed when it returns. Traced (bert-base full bf16 and fp32,
+    batch 4 x 512, checkpointing, fake tensors): aten.clone (4, 12, 512, 64), the incoming gradient freed,
+    then bmm (48, 512, 64) and bmm (48, 512, 512), then the clone freed. Without the copies the reshape is
+    a view and bmm reads the incoming gradient itself."""
+    if not copies:
+        return [("new", "dv", nk), ("new", "dp", sc)]
+    return [("new", "g3", nq), ("free", GRAD), ("new", "dv", nk), ("new", "dp", sc), ("free", "g3")]
 
 
 def _bmm_reshape_copies(batch: int, heads: int) -> bool:
@@ -1520,6 +1537,8 @@ class ActivationProfile:
     # grad: its AccumulateGrad node holds it to the end of backward, though nothing saves it
     input_leaf: int = 0
     forward_checkpoint_inputs: int = 0  # of forward_transient: hidden states a checkpoint's input saver saved
+    # what of `pre` is still saved when the embeddings' backward runs (None: all of it); see _lookup_saved
+    lookup_saved: int | None = None
 
     @property
     def saved_total(self) -> int:
@@ -1742,6 +1761,7 @@ def activation_profile(plan: Plan, t: TrainingSettings) -> ActivationProfile:
         checkpoint_kwargs=0 if indices else _checkpointed_layer_positions(spec, ctx, t),
         input_leaf=leaf,
         forward_checkpoint_inputs=_forward_checkpoint_inputs(spec, ctx, t, per_layer),
+        lookup_saved=_lookup_saved(plan, indices),
         logits_bytes=logits_numel * DTYPE_BYTES[ctx.autocast or ctx.compute],
         loss_saved=loss.saved,
         loss_saved_backward=loss.saved_backward,
@@ -1797,6 +1817,19 @@ def _embedding_indices_saved(spec: ModelSpec, plan: Plan, layout: Layout, ctx: C
     if spec.model_type == "roberta" and _trains(plan, f"{embeddings}.position_embeddings"):
         out.append((rows * ctx.seq, "position_embeddings.position_ids"))
     return out
+
+
+def _lookup_saved(plan: Plan, indices: list) -> int:
+    """What the model's forward saved before the blocks ('pre') that is still saved when the embeddings'
+    backward runs, last in the backward (torch's engine runs nodes in reverse creation order): only what
+    the lookups' own EmbeddingBackward nodes hold, the int64 indices (_embedding_indices_saved; peft's
+    prompt encoder's virtual-token indices). Everything else in 'pre' has been released by then by the
+    node that saved it: the embeddings' LayerNorm input and statistics and dropout mask (BERT, RoBERTa,
+    GPT-2's drop), the rotary cos and sin of the Llama family, whose last holder is block 0's q * cos
+    (traced, fake tensors: bert-base frozen bf16 b1 s128, no activations left at the tied embedding's
+    gradient sum; llama-3.2-1b full bf16 b4 s128, the cos/sin, 2 x 128 x 64 x 2 bytes, freed in block 0)."""
+    prompt = plan.settings.num_virtual_tokens * 8 if plan.settings.method in ("prefix", "prompt") else 0
+    return sum(numel * 8 for numel, _tag in indices) + prompt
 
 
 def _forward_checkpoint_inputs(spec: ModelSpec, ctx: Ctx, t: TrainingSettings, per_layer: tuple) -> int:

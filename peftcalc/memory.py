@@ -424,6 +424,8 @@ def _step_events(plan: Plan, t: TrainingSettings, act: ActivationProfile, ms: Mo
                                      logits_loss=act.loss_backward_peak - act.loss_saved_backward + act.loss_scalars,
                                      temporaries=act.checkpoint_kwargs)),
     ]
+    tied = _tied_embedding_accumulation(plan, t)
+    gradients = grads.total + _cls_token_gradient_storage(plan, t)
     if ckpt:
         events += _checkpointed_backward(plan, act, grads, base, kept_per_layer, remaining)
     else:
@@ -431,10 +433,9 @@ def _step_events(plan: Plan, t: TrainingSettings, act: ActivationProfile, ms: Mo
     events += [
         # the embeddings' backward: their parameters' gradients are made while the gradient of their output
         # is alive; a tied embedding's two gradients are then summed (_tied_embedding_accumulation)
-        _event("backward:end", dict(base, activations=act.pre, gradients=grads.total,
-                                    temporaries=max(_tied_embedding_accumulation(plan, t), act.embedding_grad)
-                                    + act.loss_scalars)),
-        _event("optimizer", dict(weights, inputs=inputs, gradients=grads.total, temporaries=ms.optimizer_temporaries,
+        _event("backward:end", dict(base, activations=_saved_at_embeddings_backward(act, tied), gradients=gradients,
+                                    temporaries=max(tied, act.embedding_grad) + act.loss_scalars)),
+        _event("optimizer", dict(weights, inputs=inputs, gradients=gradients, temporaries=ms.optimizer_temporaries,
                                  optimizer_states=ms.optimizer_states + (ms.optimizer_maps if ms.maps_in_state else 0),
                                  _other=0 if ms.maps_in_state else ms.optimizer_maps)),
     ]
@@ -495,6 +496,39 @@ def _checkpointed_block(base: dict, remaining: int, arrived: int, block) -> dict
     the inputs the checkpoints keep, this block's included."""
     peak = block.checkpointed_backward
     return dict(base, activations=remaining + peak.saved, gradients=arrived + peak.params, temporaries=peak.buffers)
+
+
+def _cls_token_gradient_storage(plan: Plan, t: TrainingSettings) -> int:
+    """What ViT's class token's .grad keeps alive beyond its own (1, 1, hidden) bytes at batch 1:
+    transformers models/vit/modeling_vit.py ViTEmbeddings.forward concatenates
+    ``self.cls_token.expand(batch_size, -1, -1)`` before the patches; CatBackward0 hands on a narrow (a
+    view) of the embeddings' (batch, tokens, hidden) gradient, ExpandBackward0's sum_to is the identity
+    when the batch is 1 (the sizes already match), and AccumulateGrad makes that view the .grad, so the
+    whole storage lives until zero_grad (traced, fake tensors: tiny-vit-cls full fp32 b1 ckpt, the
+    cls_token's gradient an aten.add (1, 17, 64) storage, 4,352 bytes for 256). At batch > 1 the sum
+    makes a (1, 1, hidden) tensor of its own."""
+    spec = plan.spec
+    if spec.model_type != "vit" or t.batch_size != 1:
+        return 0
+    group = next((g for g in plan.groups if g.name.endswith("embeddings.cls_token") and g.trainable
+                  and g.name not in gradient_free(plan)), None)
+    if group is None:
+        return 0
+    nbytes = DTYPE_BYTES[group_dtype(plan, group.origin, make_ctx(spec, plan, t).weight, group.name)]
+    return (spec.vision_seq_len - 1) * spec.hidden_size * nbytes
+
+
+def _saved_at_embeddings_backward(act: ActivationProfile, tied: int) -> int:
+    """The saved tensors alive at the embeddings' backward (ActivationProfile.lookup_saved: the lookups'
+    indices). When a tied embedding's two gradients are summed (_tied_embedding_accumulation) there are
+    none: the word embedding's lookup is the embeddings' first op (GPT2Model.forward's wte before wpe,
+    BertEmbeddings / RobertaEmbeddings.forward's word_embeddings before token types and positions), so
+    its EmbeddingBackward is the last node to run and every other lookup has released its indices (traced,
+    fake tensors: bert-base full bf16 b1 s128, token_type_ids freed before the sum; gpt2 full bf16 b4 s128
+    ckpt, position_ids freed before it)."""
+    if act.lookup_saved is None:
+        return act.pre
+    return 0 if tied and tied >= act.embedding_grad else act.lookup_saved
 
 
 def _tied_embedding_accumulation(plan: Plan, t: TrainingSettings) -> int:
