@@ -41,7 +41,7 @@ and ``max_memory_allocated`` count them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 GRAD = "g"  # a program's name for the incoming gradient
 
@@ -67,15 +67,6 @@ class Node:
     unpacks: bool = False
 
 
-class _Storage:
-    """A gradient buffer's storage: its bytes and how many buffers or formulas refer to it."""
-
-    __slots__ = ("nbytes", "refs")
-
-    def __init__(self, nbytes: int, refs: int = 1) -> None:
-        self.nbytes, self.refs = nbytes, refs
-
-
 @dataclass(frozen=True)
 class BackwardPeak:
     """Bytes at the peak of a replay: saved tensors still held, gradient buffers (incoming, outgoing
@@ -97,109 +88,6 @@ class Replay:
     params: int  # parameter gradients made in the replay
 
 
-@dataclass
-class _Engine:
-    saved_bytes: dict  # id -> bytes of each saved storage
-    in_place: bool
-    saved_refs: dict = field(default_factory=dict)
-    saved_live: int = 0
-    buffers: dict = field(default_factory=dict)  # target id -> _Storage
-    live: int = 0
-    params: int = 0
-    peak: BackwardPeak = BackwardPeak()
-    peak_total: int = 0
-    holds: dict = field(default_factory=dict)  # node out id -> [_Storage]
-    recompute: int | None = None  # a checkpoint's recompute peak, while its saved tensors do not exist yet
-    recompute_saved: int = 0  # what of that peak the recompute has saved into the checkpoint's frame
-    checkpointed: bool = False  # the saved tensors are a checkpoint's recomputed ones
-
-    def note(self) -> None:
-        total = self.saved_live + self.live + self.params
-        if total > self.peak_total:
-            self.peak_total = total
-            self.peak = BackwardPeak(self.saved_live, self.live, self.params)
-
-    def alloc(self, nbytes: int) -> _Storage:
-        self.live += nbytes
-        if self.saved_live + self.live + self.params > self.peak_total:
-            self.note()
-        return _Storage(nbytes)
-
-    def drop(self, s: _Storage) -> None:
-        s.refs -= 1
-        if s.refs == 0:
-            self.live -= s.nbytes
-
-    def run(self, node: Node) -> None:
-        g = self.buffers.pop(node.out, None)
-        if g is not None:  # else no gradient reached this node's output: it does not run
-            self.call(node, g)
-        for s in self.holds.pop(node.out, ()):
-            self.drop(s)
-
-    def call(self, node: Node, g: _Storage) -> None:
-        if self.recompute is not None and node.unpacks:  # the checkpoint's forward runs again now
-            if self.live + self.params + self.recompute > self.peak_total:
-                self.peak_total = self.live + self.params + self.recompute
-                self.peak = BackwardPeak(self.recompute_saved, self.live + self.recompute - self.recompute_saved,
-                                         self.params)
-            self.recompute = None
-            self.saved_live = sum(self.saved_bytes.values())
-            self.note()
-        local = {GRAD: g}
-        released = False
-        for step in node.steps:
-            kind = step[0]
-            if kind == "returned":  # the formula has returned; a checkpoint's recomputed tensors go with it
-                if self.checkpointed:
-                    self.release_saved(node)
-                    released = True
-            elif kind == "new":
-                local[step[1]] = self.alloc(step[2])
-            elif kind == "param":
-                self.params += step[1]
-                self.note()
-            elif kind == "pending":  # never dropped here: AccumulateGrad runs after the replay
-                self.alloc(step[1])
-            elif kind == "free":
-                self.drop(local.pop(step[1]))
-        if node.hold:
-            g.refs += 1
-            self.holds.setdefault(node.hold, []).append(g)
-        delivered = []
-        for target, name in node.outputs:
-            s = local[name]
-            s.refs += 1
-            delivered.append((target, s))
-        for s in local.values():  # the formula returns: its temporaries and the incoming gradient go
-            self.drop(s)
-        if not released:
-            self.release_saved(node)
-        for target, s in delivered:
-            self.deliver(target, s)
-
-    def release_saved(self, node: Node) -> None:
-        for sid in node.saved:
-            self.saved_refs[sid] -= 1
-            if self.saved_refs[sid] == 0:
-                self.saved_live -= self.saved_bytes[sid]
-
-    def deliver(self, target: int, s: _Storage) -> None:
-        old = self.buffers.get(target)
-        if old is None:
-            self.buffers[target] = s
-            return
-        if self.in_place and (old.refs == 1 or s.refs == 1):
-            keep, other = (old, s) if old.refs == 1 else (s, old)
-            self.drop(other)
-            self.buffers[target] = keep
-            return
-        total = self.alloc(max(old.nbytes, s.nbytes))
-        self.drop(old)
-        self.drop(s)
-        self.buffers[target] = total
-
-
 def run_backward(nodes, saved_bytes: dict, incoming: dict, in_place: bool, recompute: int | None = None,
                  recompute_saved: int = 0) -> Replay:
     """Replay `nodes` (in creation order) backward from the gradients in `incoming` (id -> bytes),
@@ -207,21 +95,126 @@ def run_backward(nodes, saved_bytes: dict, incoming: dict, in_place: bool, recom
     block, made by its recompute (peak `recompute` bytes: `recompute_saved` of them the tensors it has
     saved into the checkpoint's frame, held for backward, the rest its temporaries) when the first node
     unpacks. in_place: whether input buffers accumulate in place (no TorchDispatchMode active, as on
-    cuda)."""
-    e = _Engine(saved_bytes=dict(saved_bytes), in_place=in_place, recompute=recompute,
-                recompute_saved=recompute_saved, checkpointed=recompute is not None)
+    cuda).
+
+    One loop over plain locals (a sweep replays thousands of blocks): a gradient buffer's storage is a
+    two-item list [bytes, references] (how many buffers or formulas refer to it; freed at 0); `live` is
+    the bytes of the gradient buffers alive, `saved_live` of the saved tensors still held, `params` of
+    the parameter gradients made; the peak is taken after every allocation and parameter gradient (and
+    when a checkpoint's recompute runs), the first time a sum exceeds the largest so far."""
+    checkpointed = recompute is not None
+    saved_refs: dict = {}  # id -> how many nodes still hold each saved tensor
     for node in nodes:
         for sid in node.saved:
-            e.saved_refs[sid] = e.saved_refs.get(sid, 0) + 1
+            saved_refs[sid] = saved_refs.get(sid, 0) + 1
     # saved tensors no node holds (an op saved them for a node that never runs) are held all along
-    e.saved_live = sum(saved_bytes.values()) if recompute is None else 0
     for sid in saved_bytes:
-        e.saved_refs.setdefault(sid, 1 << 30)
+        if sid not in saved_refs:
+            saved_refs[sid] = 1 << 30
+    saved_live = 0 if checkpointed else sum(saved_bytes.values())
+    buffers: dict = {}  # target id -> [bytes, references] of the gradient buffer waiting for it
+    live = 0
     for tid, nbytes in incoming.items():
-        e.buffers[tid] = _Storage(nbytes)
-        e.live += nbytes
-    e.note()
+        buffers[tid] = [nbytes, 1]
+        live += nbytes
+    params = 0
+    peak_total = 0
+    peak = (0, 0, 0)  # (saved, buffers, params) at the peak
+    if saved_live + live > peak_total:
+        peak_total, peak = saved_live + live, (saved_live, live, 0)
+    holds: dict = {}  # node out id -> the storages held until that node has run
     for node in reversed(nodes):
-        e.run(node)
-    outgoing = tuple((tid, s.nbytes) for tid, s in e.buffers.items())
-    return Replay(peak=e.peak, outgoing=outgoing, params=e.params)
+        out = node.out
+        g = buffers.pop(out, None)
+        if g is not None:  # else no gradient reached this node's output: it does not run
+            if recompute is not None and node.unpacks:  # the checkpoint's forward runs again now
+                total = live + params + recompute
+                if total > peak_total:
+                    peak_total, peak = total, (recompute_saved, live + recompute - recompute_saved, params)
+                recompute = None
+                saved_live = sum(saved_bytes.values())
+                total = saved_live + live + params
+                if total > peak_total:
+                    peak_total, peak = total, (saved_live, live, params)
+            local = {GRAD: g}
+            released = False
+            for step in node.steps:
+                kind = step[0]
+                if kind == "new":
+                    nbytes = step[2]
+                    live += nbytes
+                    total = saved_live + live + params
+                    if total > peak_total:
+                        peak_total, peak = total, (saved_live, live, params)
+                    local[step[1]] = [nbytes, 1]
+                elif kind == "free":
+                    s = local.pop(step[1])
+                    s[1] -= 1
+                    if not s[1]:
+                        live -= s[0]
+                elif kind == "param":
+                    params += step[1]
+                    total = saved_live + live + params
+                    if total > peak_total:
+                        peak_total, peak = total, (saved_live, live, params)
+                elif kind == "pending":  # never dropped here: AccumulateGrad runs after the replay
+                    live += step[1]
+                    total = saved_live + live + params
+                    if total > peak_total:
+                        peak_total, peak = total, (saved_live, live, params)
+                elif kind == "returned":  # the formula has returned; a checkpoint's recomputed tensors go with it
+                    if checkpointed:
+                        for sid in node.saved:
+                            refs = saved_refs[sid] - 1
+                            saved_refs[sid] = refs
+                            if not refs:
+                                saved_live -= saved_bytes[sid]
+                        released = True
+            if node.hold:
+                g[1] += 1
+                holds.setdefault(node.hold, []).append(g)
+            delivered = []
+            for target, name in node.outputs:
+                s = local[name]
+                s[1] += 1
+                delivered.append((target, s))
+            for s in local.values():  # the formula returns: its temporaries and the incoming gradient go
+                s[1] -= 1
+                if not s[1]:
+                    live -= s[0]
+            if not released:
+                for sid in node.saved:
+                    refs = saved_refs[sid] - 1
+                    saved_refs[sid] = refs
+                    if not refs:
+                        saved_live -= saved_bytes[sid]
+            for target, s in delivered:  # each output is added to its target's input buffer
+                old = buffers.get(target)
+                if old is None:
+                    buffers[target] = s
+                elif in_place and (old[1] == 1 or s[1] == 1):
+                    keep, other = (old, s) if old[1] == 1 else (s, old)
+                    other[1] -= 1
+                    if not other[1]:
+                        live -= other[0]
+                    buffers[target] = keep
+                else:
+                    nbytes = old[0] if old[0] > s[0] else s[0]
+                    live += nbytes
+                    total = saved_live + live + params
+                    if total > peak_total:
+                        peak_total, peak = total, (saved_live, live, params)
+                    old[1] -= 1
+                    if not old[1]:
+                        live -= old[0]
+                    s[1] -= 1
+                    if not s[1]:
+                        live -= s[0]
+                    buffers[target] = [nbytes, 1]
+        if holds:
+            for s in holds.pop(out, ()):
+                s[1] -= 1
+                if not s[1]:
+                    live -= s[0]
+    outgoing = tuple((tid, s[0]) for tid, s in buffers.items())
+    return Replay(peak=BackwardPeak(*peak), outgoing=outgoing, params=params)
