@@ -42,12 +42,12 @@ and ``max_memory_allocated`` count them.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 GRAD = "g"  # a program's name for the incoming gradient
 
 
-@dataclass(frozen=True)
-class Node:
+class Node(NamedTuple):
     """One autograd node.
 
     steps: ("new", name, bytes) allocates a buffer, ("returned",) marks where the formula returns (the
@@ -57,7 +57,10 @@ class Node:
     input buffer past the end of the replay (see the module docstring), ("free", name) frees a buffer. outputs: (target id, buffer name) pairs, GRAD for the incoming
     gradient itself. saved: ids of the saved tensors the node holds. hold: the id of a later
     node's output until whose node has run the incoming gradient stays alive (0: none). unpacks:
-    whether the node reads saved variables (activations in `saved`, or parameters)."""
+    whether the node reads saved variables (activations in `saved`, or parameters).
+
+    run_backward takes a plain tuple of the same six fields too: what the forward simulator records
+    (peftcalc.activations Recorder.node), a few times quicker to make."""
 
     out: int
     steps: tuple = ()
@@ -105,7 +108,7 @@ def run_backward(nodes, saved_bytes: dict, incoming: dict, in_place: bool, recom
     checkpointed = recompute is not None
     saved_refs: dict = {}  # id -> how many nodes still hold each saved tensor
     for node in nodes:
-        for sid in node.saved:
+        for sid in node[3]:  # Node.saved
             saved_refs[sid] = saved_refs.get(sid, 0) + 1
     # saved tensors no node holds (an op saved them for a node that never runs) are held all along
     for sid in saved_bytes:
@@ -123,11 +126,10 @@ def run_backward(nodes, saved_bytes: dict, incoming: dict, in_place: bool, recom
     if saved_live + live > peak_total:
         peak_total, peak = saved_live + live, (saved_live, live, 0)
     holds: dict = {}  # node out id -> the storages held until that node has run
-    for node in reversed(nodes):
-        out = node.out
+    for out, steps, outputs, node_saved, hold, unpacks in reversed(nodes):  # Node's fields
         g = buffers.pop(out, None)
         if g is not None:  # else no gradient reached this node's output: it does not run
-            if recompute is not None and node.unpacks:  # the checkpoint's forward runs again now
+            if recompute is not None and unpacks:  # the checkpoint's forward runs again now
                 total = live + params + recompute
                 if total > peak_total:
                     peak_total, peak = total, (recompute_saved, live + recompute - recompute_saved, params)
@@ -138,7 +140,7 @@ def run_backward(nodes, saved_bytes: dict, incoming: dict, in_place: bool, recom
                     peak_total, peak = total, (saved_live, live, params)
             local = {GRAD: g}
             released = False
-            for step in node.steps:
+            for step in steps:
                 kind = step[0]
                 if kind == "new":
                     nbytes = step[2]
@@ -164,17 +166,17 @@ def run_backward(nodes, saved_bytes: dict, incoming: dict, in_place: bool, recom
                         peak_total, peak = total, (saved_live, live, params)
                 elif kind == "returned":  # the formula has returned; a checkpoint's recomputed tensors go with it
                     if checkpointed:
-                        for sid in node.saved:
+                        for sid in node_saved:
                             refs = saved_refs[sid] - 1
                             saved_refs[sid] = refs
                             if not refs:
                                 saved_live -= saved_bytes[sid]
                         released = True
-            if node.hold:
+            if hold:
                 g[1] += 1
-                holds.setdefault(node.hold, []).append(g)
+                holds.setdefault(hold, []).append(g)
             delivered = []
-            for target, name in node.outputs:
+            for target, name in outputs:
                 s = local[name]
                 s[1] += 1
                 delivered.append((target, s))
@@ -183,7 +185,7 @@ def run_backward(nodes, saved_bytes: dict, incoming: dict, in_place: bool, recom
                 if not s[1]:
                     live -= s[0]
             if not released:
-                for sid in node.saved:
+                for sid in node_saved:
                     refs = saved_refs[sid] - 1
                     saved_refs[sid] = refs
                     if not refs:
