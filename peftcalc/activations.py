@@ -25,7 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 
-from peftcalc.backward import GRAD, BackwardPeak, run_backward
+from peftcalc.backward import GRAD, BackwardPeak, run_backward, run_backward_both
 from peftcalc.layout import LANGUAGE_PROJECTION, LINEAR_KINDS, QFORMER, QUERY_TOKENS, Layout, build_layout
 from peftcalc.methods import (
     ADAPTER_ATTRIBUTE,
@@ -1868,13 +1868,13 @@ def _simulate_block(spec: ModelSpec, plan: Plan, lt: LayerTraining, ctx: Ctx, in
     saved = rec.saved_bytes()
     incoming = {out.id: out.nbytes} if out.rg else {}
     in_place = ctx.device == "cuda"
-    replay = run_backward(rec.nodes, saved, incoming, in_place)
     # under checkpointing the input is the checkpoint's, counted outside the block
     recompute = rec.recompute_peak - x.nbytes if rec.recompute_peak else 0
     # what of it the recompute saves into the checkpoint's frame (autograd holds it for backward)
     recompute_saved = rec.recompute_peak_saved - (x.nbytes if x.id in rec.saved else 0)
-    checkpointed = run_backward(rec.nodes, {**saved, x.id: 0} if x.id in saved else saved, incoming, in_place,
-                                recompute=recompute, recompute_saved=recompute_saved if recompute else 0)
+    replay, checkpointed = run_backward_both(rec.nodes, saved, incoming, in_place, recompute,
+                                             recompute_saved if recompute else 0,
+                                             checkpoint_input=x.id if x.id in saved else None)
     leaves = rec.live_bytes - rec.live.get(out.id, 0) - rec.live.get(x.id, 0)
     return BlockSimulation(sum(saved.values()), tuple(rec.bytes_by_tag().items()), out.rg, out.dtype, replay.peak,
                            rec.forward_peak, rec.forward_peak_saved, x.id in rec.saved, leaves,

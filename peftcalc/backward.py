@@ -98,14 +98,27 @@ def run_backward(nodes, saved_bytes: dict, incoming: dict, in_place: bool, recom
     block, made by its recompute (peak `recompute` bytes: `recompute_saved` of them the tensors it has
     saved into the checkpoint's frame, held for backward, the rest its temporaries) when the first node
     unpacks. in_place: whether input buffers accumulate in place (no TorchDispatchMode active, as on
-    cuda).
+    cuda)."""
+    plain, checkpointed = run_backward_both(nodes, saved_bytes, incoming, in_place,
+                                            0 if recompute is None else recompute, recompute_saved)
+    return plain if recompute is None else checkpointed
 
-    One loop over plain locals (a sweep replays thousands of blocks): a gradient buffer's storage is a
+
+def run_backward_both(nodes, saved_bytes: dict, incoming: dict, in_place: bool, recompute: int,
+                      recompute_saved: int = 0, checkpoint_input: int | None = None) -> tuple[Replay, Replay]:
+    """A block's two replays (run_backward) in one walk over its nodes: with every saved tensor held
+    from the start, and checkpointed (recompute peak `recompute`, `recompute_saved` of it saved; the
+    saved tensor `checkpoint_input`, the block's input when it saves it, counted outside: 0 bytes).
+    Only the saved tensors differ between the two: the same nodes run, and the gradient buffers and
+    parameter gradients go the same way, so one pass keeps one set of buffers and two saved sums and
+    peaks.
+
+    Plain locals throughout (a sweep replays thousands of blocks): a gradient buffer's storage is a
     two-item list [bytes, references] (how many buffers or formulas refer to it; freed at 0); `live` is
-    the bytes of the gradient buffers alive, `saved_live` of the saved tensors still held, `params` of
-    the parameter gradients made; the peak is taken after every allocation and parameter gradient (and
-    when a checkpoint's recompute runs), the first time a sum exceeds the largest so far."""
-    checkpointed = recompute is not None
+    the bytes of the gradient buffers alive, `params` of the parameter gradients made, `saved_live` and
+    `ck_saved_live` of the saved tensors still held in each replay; a peak is taken after every
+    allocation and parameter gradient (and when a checkpoint's recompute runs), the first time a sum
+    exceeds the largest so far."""
     saved_refs: dict = {}  # id -> how many nodes still hold each saved tensor
     for node in nodes:
         for sid in node[3]:  # Node.saved
@@ -114,64 +127,73 @@ def run_backward(nodes, saved_bytes: dict, incoming: dict, in_place: bool, recom
     for sid in saved_bytes:
         if sid not in saved_refs:
             saved_refs[sid] = 1 << 30
-    saved_live = 0 if checkpointed else sum(saved_bytes.values())
+    saved_live = sum(saved_bytes.values())
+    ck_saved_live = 0  # the checkpointed block's saved tensors do not exist until its recompute
+    ck_saved_total = saved_live - saved_bytes.get(checkpoint_input, 0)  # and then they all do
+    pending_recompute: int | None = recompute
     buffers: dict = {}  # target id -> [bytes, references] of the gradient buffer waiting for it
     live = 0
     for tid, nbytes in incoming.items():
         buffers[tid] = [nbytes, 1]
         live += nbytes
     params = 0
-    peak_total = 0
-    peak = (0, 0, 0)  # (saved, buffers, params) at the peak
+    peak_total = ck_peak_total = 0
+    peak = ck_peak = (0, 0, 0)  # (saved, buffers, params) at each replay's peak
     if saved_live + live > peak_total:
         peak_total, peak = saved_live + live, (saved_live, live, 0)
+    if live > ck_peak_total:
+        ck_peak_total, ck_peak = live, (0, live, 0)
     holds: dict = {}  # node out id -> the storages held until that node has run
     for out, steps, outputs, node_saved, hold, unpacks in reversed(nodes):  # Node's fields
         g = buffers.pop(out, None)
         if g is not None:  # else no gradient reached this node's output: it does not run
-            if recompute is not None and unpacks:  # the checkpoint's forward runs again now
-                total = live + params + recompute
-                if total > peak_total:
-                    peak_total, peak = total, (recompute_saved, live + recompute - recompute_saved, params)
-                recompute = None
-                saved_live = sum(saved_bytes.values())
-                total = saved_live + live + params
-                if total > peak_total:
-                    peak_total, peak = total, (saved_live, live, params)
+            if pending_recompute is not None and unpacks:  # the checkpoint's forward runs again now
+                total = live + params + pending_recompute
+                if total > ck_peak_total:
+                    ck_peak_total = total
+                    ck_peak = (recompute_saved, live + pending_recompute - recompute_saved, params)
+                pending_recompute = None
+                ck_saved_live = ck_saved_total
+                total = ck_saved_live + live + params
+                if total > ck_peak_total:
+                    ck_peak_total, ck_peak = total, (ck_saved_live, live, params)
             local = {GRAD: g}
-            released = False
+            released = None  # bytes the plain replay releases when the node is done, once the checkpointed one has
             for step in steps:
                 kind = step[0]
                 if kind == "new":
                     nbytes = step[2]
                     live += nbytes
-                    total = saved_live + live + params
-                    if total > peak_total:
-                        peak_total, peak = total, (saved_live, live, params)
                     local[step[1]] = [nbytes, 1]
                 elif kind == "free":
                     s = local.pop(step[1])
                     s[1] -= 1
                     if not s[1]:
                         live -= s[0]
+                    continue
                 elif kind == "param":
                     params += step[1]
-                    total = saved_live + live + params
-                    if total > peak_total:
-                        peak_total, peak = total, (saved_live, live, params)
                 elif kind == "pending":  # never dropped here: AccumulateGrad runs after the replay
                     live += step[1]
-                    total = saved_live + live + params
-                    if total > peak_total:
-                        peak_total, peak = total, (saved_live, live, params)
-                elif kind == "returned":  # the formula has returned; a checkpoint's recomputed tensors go with it
-                    if checkpointed:
-                        for sid in node_saved:
-                            refs = saved_refs[sid] - 1
-                            saved_refs[sid] = refs
-                            if not refs:
-                                saved_live -= saved_bytes[sid]
-                        released = True
+                elif kind == "returned":  # a checkpoint's recomputed tensors go with the formula's locals
+                    released = ck_released = 0
+                    for sid in node_saved:
+                        refs = saved_refs[sid] - 1
+                        saved_refs[sid] = refs
+                        if not refs:
+                            released += saved_bytes[sid]
+                            if sid != checkpoint_input:
+                                ck_released += saved_bytes[sid]
+                    ck_saved_live -= ck_released
+                    continue
+                else:
+                    continue
+                total = saved_live + live + params
+                if total > peak_total:
+                    peak_total, peak = total, (saved_live, live, params)
+                total = ck_saved_live + live + params
+                if total > ck_peak_total:
+                    ck_peak_total, ck_peak = total, (ck_saved_live, live, params)
             if hold:
                 g[1] += 1
                 holds.setdefault(hold, []).append(g)
@@ -184,12 +206,17 @@ def run_backward(nodes, saved_bytes: dict, incoming: dict, in_place: bool, recom
                 s[1] -= 1
                 if not s[1]:
                     live -= s[0]
-            if not released:
+            if released is None:  # then its saved tensors are released (release_variables)
+                released = ck_released = 0
                 for sid in node_saved:
                     refs = saved_refs[sid] - 1
                     saved_refs[sid] = refs
                     if not refs:
-                        saved_live -= saved_bytes[sid]
+                        released += saved_bytes[sid]
+                        if sid != checkpoint_input:
+                            ck_released += saved_bytes[sid]
+                ck_saved_live -= ck_released
+            saved_live -= released
             for target, s in delivered:  # each output is added to its target's input buffer
                 old = buffers.get(target)
                 if old is None:
@@ -206,6 +233,9 @@ def run_backward(nodes, saved_bytes: dict, incoming: dict, in_place: bool, recom
                     total = saved_live + live + params
                     if total > peak_total:
                         peak_total, peak = total, (saved_live, live, params)
+                    total = ck_saved_live + live + params
+                    if total > ck_peak_total:
+                        ck_peak_total, ck_peak = total, (ck_saved_live, live, params)
                     old[1] -= 1
                     if not old[1]:
                         live -= old[0]
@@ -219,4 +249,5 @@ def run_backward(nodes, saved_bytes: dict, incoming: dict, in_place: bool, recom
                 if not s[1]:
                     live -= s[0]
     outgoing = tuple((tid, s[0]) for tid, s in buffers.items())
-    return Replay(peak=BackwardPeak(*peak), outgoing=outgoing, params=params)
+    return (Replay(peak=BackwardPeak(*peak), outgoing=outgoing, params=params),
+            Replay(peak=BackwardPeak(*ck_peak), outgoing=outgoing, params=params))
