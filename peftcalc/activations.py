@@ -25,7 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 
-from peftcalc.backward import GRAD, BackwardPeak, Node, run_backward
+from peftcalc.backward import GRAD, BackwardPeak, run_backward, run_backward_both
 from peftcalc.layout import LANGUAGE_PROJECTION, LINEAR_KINDS, QFORMER, QUERY_TOKENS, Layout, build_layout
 from peftcalc.methods import (
     ADAPTER_ATTRIBUTE,
@@ -123,7 +123,7 @@ class Recorder:
     bucket: object = "pre"
     saved: dict = field(default_factory=dict)  # id -> (bucket, tag, bytes)
     next_id: int = 0
-    nodes: list = field(default_factory=list)
+    nodes: list = field(default_factory=list)  # each a Node's fields as a plain tuple
     live: dict = field(default_factory=dict)  # id -> bytes of the unsaved tensors the forward still holds
     live_bytes: int = 0
     saved_total: int = 0
@@ -199,9 +199,8 @@ class Recorder:
         """The autograd node that made `out` (none when `out` needs no gradient): its backward
         formula's allocations, the gradients it hands on and the saved tensors it holds (and whether it
         holds a parameter too: it unpacks saved variables either way)."""
-        if out.rg:
-            self.nodes.append(Node(out.id, tuple(steps), tuple(outputs), tuple(saved), hold,
-                                   unpacks=bool(saved) or saves_param))
+        if out.rg:  # a Node's fields as a plain tuple (see Node)
+            self.nodes.append((out.id, tuple(steps), tuple(outputs), tuple(saved), hold, bool(saved) or saves_param))
 
     def saved_bytes(self) -> dict:
         return {tid: nbytes for tid, (_b, _t, nbytes) in self.saved.items()}
@@ -1266,7 +1265,7 @@ def _maybe_adapter(rec, lt, x, role, spec, plan, tag):
 
 def _first_node(rec: Recorder, mark: int) -> int:
     """The output id of the first node recorded since `mark` (0: none)."""
-    return rec.nodes[mark].out if len(rec.nodes) > mark else 0
+    return rec.nodes[mark][0] if len(rec.nodes) > mark else 0  # Node.out
 
 
 def _math_path(spec: ModelSpec, ctx: Ctx) -> bool:
@@ -1902,13 +1901,13 @@ def _simulate_block(spec: ModelSpec, plan: Plan, lt: LayerTraining, ctx: Ctx, in
     saved = rec.saved_bytes()
     incoming = {out.id: out.nbytes} if out.rg else {}
     in_place = ctx.device == "cuda"
-    replay = run_backward(rec.nodes, saved, incoming, in_place)
     # under checkpointing the input is the checkpoint's, counted outside the block
     recompute = rec.recompute_peak - x.nbytes if rec.recompute_peak else 0
     # what of it the recompute saves into the checkpoint's frame (autograd holds it for backward)
     recompute_saved = rec.recompute_peak_saved - (x.nbytes if x.id in rec.saved else 0)
-    checkpointed = run_backward(rec.nodes, {**saved, x.id: 0} if x.id in saved else saved, incoming, in_place,
-                                recompute=recompute, recompute_saved=recompute_saved if recompute else 0)
+    replay, checkpointed = run_backward_both(rec.nodes, saved, incoming, in_place, recompute,
+                                             recompute_saved if recompute else 0,
+                                             checkpoint_input=x.id if x.id in saved else None)
     leaves = rec.live_bytes - rec.live.get(out.id, 0) - rec.live.get(x.id, 0)
     return BlockSimulation(sum(saved.values()), tuple(rec.bytes_by_tag().items()), out.rg, out.dtype, replay.peak,
                            rec.forward_peak, rec.forward_peak_saved, x.id in rec.saved, leaves,

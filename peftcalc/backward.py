@@ -41,13 +41,13 @@ and ``max_memory_allocated`` count them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import NamedTuple
 
 GRAD = "g"  # a program's name for the incoming gradient
 
 
-@dataclass(frozen=True)
-class Node:
+class Node(NamedTuple):
     """One autograd node.
 
     steps: ("new", name, bytes) allocates a buffer, ("returned",) marks where the formula returns (the
@@ -57,7 +57,10 @@ class Node:
     input buffer past the end of the replay (see the module docstring), ("free", name) frees a buffer. outputs: (target id, buffer name) pairs, GRAD for the incoming
     gradient itself. saved: ids of the saved tensors the node holds. hold: the id of a later
     node's output until whose node has run the incoming gradient stays alive (0: none). unpacks:
-    whether the node reads saved variables (activations in `saved`, or parameters)."""
+    whether the node reads saved variables (activations in `saved`, or parameters).
+
+    run_backward takes a plain tuple of the same six fields too: what the forward simulator records
+    (peftcalc.activations Recorder.node), a few times quicker to make."""
 
     out: int
     steps: tuple = ()
@@ -65,15 +68,6 @@ class Node:
     saved: tuple = ()
     hold: int = 0
     unpacks: bool = False
-
-
-class _Storage:
-    """A gradient buffer's storage: its bytes and how many buffers or formulas refer to it."""
-
-    __slots__ = ("nbytes", "refs")
-
-    def __init__(self, nbytes: int, refs: int = 1) -> None:
-        self.nbytes, self.refs = nbytes, refs
 
 
 @dataclass(frozen=True)
@@ -97,109 +91,6 @@ class Replay:
     params: int  # parameter gradients made in the replay
 
 
-@dataclass
-class _Engine:
-    saved_bytes: dict  # id -> bytes of each saved storage
-    in_place: bool
-    saved_refs: dict = field(default_factory=dict)
-    saved_live: int = 0
-    buffers: dict = field(default_factory=dict)  # target id -> _Storage
-    live: int = 0
-    params: int = 0
-    peak: BackwardPeak = BackwardPeak()
-    peak_total: int = 0
-    holds: dict = field(default_factory=dict)  # node out id -> [_Storage]
-    recompute: int | None = None  # a checkpoint's recompute peak, while its saved tensors do not exist yet
-    recompute_saved: int = 0  # what of that peak the recompute has saved into the checkpoint's frame
-    checkpointed: bool = False  # the saved tensors are a checkpoint's recomputed ones
-
-    def note(self) -> None:
-        total = self.saved_live + self.live + self.params
-        if total > self.peak_total:
-            self.peak_total = total
-            self.peak = BackwardPeak(self.saved_live, self.live, self.params)
-
-    def alloc(self, nbytes: int) -> _Storage:
-        self.live += nbytes
-        if self.saved_live + self.live + self.params > self.peak_total:
-            self.note()
-        return _Storage(nbytes)
-
-    def drop(self, s: _Storage) -> None:
-        s.refs -= 1
-        if s.refs == 0:
-            self.live -= s.nbytes
-
-    def run(self, node: Node) -> None:
-        g = self.buffers.pop(node.out, None)
-        if g is not None:  # else no gradient reached this node's output: it does not run
-            self.call(node, g)
-        for s in self.holds.pop(node.out, ()):
-            self.drop(s)
-
-    def call(self, node: Node, g: _Storage) -> None:
-        if self.recompute is not None and node.unpacks:  # the checkpoint's forward runs again now
-            if self.live + self.params + self.recompute > self.peak_total:
-                self.peak_total = self.live + self.params + self.recompute
-                self.peak = BackwardPeak(self.recompute_saved, self.live + self.recompute - self.recompute_saved,
-                                         self.params)
-            self.recompute = None
-            self.saved_live = sum(self.saved_bytes.values())
-            self.note()
-        local = {GRAD: g}
-        released = False
-        for step in node.steps:
-            kind = step[0]
-            if kind == "returned":  # the formula has returned; a checkpoint's recomputed tensors go with it
-                if self.checkpointed:
-                    self.release_saved(node)
-                    released = True
-            elif kind == "new":
-                local[step[1]] = self.alloc(step[2])
-            elif kind == "param":
-                self.params += step[1]
-                self.note()
-            elif kind == "pending":  # never dropped here: AccumulateGrad runs after the replay
-                self.alloc(step[1])
-            elif kind == "free":
-                self.drop(local.pop(step[1]))
-        if node.hold:
-            g.refs += 1
-            self.holds.setdefault(node.hold, []).append(g)
-        delivered = []
-        for target, name in node.outputs:
-            s = local[name]
-            s.refs += 1
-            delivered.append((target, s))
-        for s in local.values():  # the formula returns: its temporaries and the incoming gradient go
-            self.drop(s)
-        if not released:
-            self.release_saved(node)
-        for target, s in delivered:
-            self.deliver(target, s)
-
-    def release_saved(self, node: Node) -> None:
-        for sid in node.saved:
-            self.saved_refs[sid] -= 1
-            if self.saved_refs[sid] == 0:
-                self.saved_live -= self.saved_bytes[sid]
-
-    def deliver(self, target: int, s: _Storage) -> None:
-        old = self.buffers.get(target)
-        if old is None:
-            self.buffers[target] = s
-            return
-        if self.in_place and (old.refs == 1 or s.refs == 1):
-            keep, other = (old, s) if old.refs == 1 else (s, old)
-            self.drop(other)
-            self.buffers[target] = keep
-            return
-        total = self.alloc(max(old.nbytes, s.nbytes))
-        self.drop(old)
-        self.drop(s)
-        self.buffers[target] = total
-
-
 def run_backward(nodes, saved_bytes: dict, incoming: dict, in_place: bool, recompute: int | None = None,
                  recompute_saved: int = 0) -> Replay:
     """Replay `nodes` (in creation order) backward from the gradients in `incoming` (id -> bytes),
@@ -208,20 +99,155 @@ def run_backward(nodes, saved_bytes: dict, incoming: dict, in_place: bool, recom
     saved into the checkpoint's frame, held for backward, the rest its temporaries) when the first node
     unpacks. in_place: whether input buffers accumulate in place (no TorchDispatchMode active, as on
     cuda)."""
-    e = _Engine(saved_bytes=dict(saved_bytes), in_place=in_place, recompute=recompute,
-                recompute_saved=recompute_saved, checkpointed=recompute is not None)
+    plain, checkpointed = run_backward_both(nodes, saved_bytes, incoming, in_place,
+                                            0 if recompute is None else recompute, recompute_saved)
+    return plain if recompute is None else checkpointed
+
+
+def run_backward_both(nodes, saved_bytes: dict, incoming: dict, in_place: bool, recompute: int,
+                      recompute_saved: int = 0, checkpoint_input: int | None = None) -> tuple[Replay, Replay]:
+    """A block's two replays (run_backward) in one walk over its nodes: with every saved tensor held
+    from the start, and checkpointed (recompute peak `recompute`, `recompute_saved` of it saved; the
+    saved tensor `checkpoint_input`, the block's input when it saves it, counted outside: 0 bytes).
+    Only the saved tensors differ between the two: the same nodes run, and the gradient buffers and
+    parameter gradients go the same way, so one pass keeps one set of buffers and two saved sums and
+    peaks.
+
+    Plain locals throughout (a sweep replays thousands of blocks): a gradient buffer's storage is a
+    two-item list [bytes, references] (how many buffers or formulas refer to it; freed at 0); `live` is
+    the bytes of the gradient buffers alive, `params` of the parameter gradients made, `saved_live` and
+    `ck_saved_live` of the saved tensors still held in each replay; a peak is taken after every
+    allocation and parameter gradient (and when a checkpoint's recompute runs), the first time a sum
+    exceeds the largest so far."""
+    saved_refs: dict = {}  # id -> how many nodes still hold each saved tensor
     for node in nodes:
-        for sid in node.saved:
-            e.saved_refs[sid] = e.saved_refs.get(sid, 0) + 1
+        for sid in node[3]:  # Node.saved
+            saved_refs[sid] = saved_refs.get(sid, 0) + 1
     # saved tensors no node holds (an op saved them for a node that never runs) are held all along
-    e.saved_live = sum(saved_bytes.values()) if recompute is None else 0
     for sid in saved_bytes:
-        e.saved_refs.setdefault(sid, 1 << 30)
+        if sid not in saved_refs:
+            saved_refs[sid] = 1 << 30
+    saved_live = sum(saved_bytes.values())
+    ck_saved_live = 0  # the checkpointed block's saved tensors do not exist until its recompute
+    ck_saved_total = saved_live - saved_bytes.get(checkpoint_input, 0)  # and then they all do
+    pending_recompute: int | None = recompute
+    buffers: dict = {}  # target id -> [bytes, references] of the gradient buffer waiting for it
+    live = 0
     for tid, nbytes in incoming.items():
-        e.buffers[tid] = _Storage(nbytes)
-        e.live += nbytes
-    e.note()
-    for node in reversed(nodes):
-        e.run(node)
-    outgoing = tuple((tid, s.nbytes) for tid, s in e.buffers.items())
-    return Replay(peak=e.peak, outgoing=outgoing, params=e.params)
+        buffers[tid] = [nbytes, 1]
+        live += nbytes
+    params = 0
+    peak_total = ck_peak_total = 0
+    peak = ck_peak = (0, 0, 0)  # (saved, buffers, params) at each replay's peak
+    if saved_live + live > peak_total:
+        peak_total, peak = saved_live + live, (saved_live, live, 0)
+    if live > ck_peak_total:
+        ck_peak_total, ck_peak = live, (0, live, 0)
+    holds: dict = {}  # node out id -> the storages held until that node has run
+    for out, steps, outputs, node_saved, hold, unpacks in reversed(nodes):  # Node's fields
+        g = buffers.pop(out, None)
+        if g is not None:  # else no gradient reached this node's output: it does not run
+            if pending_recompute is not None and unpacks:  # the checkpoint's forward runs again now
+                total = live + params + pending_recompute
+                if total > ck_peak_total:
+                    ck_peak_total = total
+                    ck_peak = (recompute_saved, live + pending_recompute - recompute_saved, params)
+                pending_recompute = None
+                ck_saved_live = ck_saved_total
+                total = ck_saved_live + live + params
+                if total > ck_peak_total:
+                    ck_peak_total, ck_peak = total, (ck_saved_live, live, params)
+            local = {GRAD: g}
+            released = None  # bytes the plain replay releases when the node is done, once the checkpointed one has
+            for step in steps:
+                kind = step[0]
+                if kind == "new":
+                    nbytes = step[2]
+                    live += nbytes
+                    local[step[1]] = [nbytes, 1]
+                elif kind == "free":
+                    s = local.pop(step[1])
+                    s[1] -= 1
+                    if not s[1]:
+                        live -= s[0]
+                    continue
+                elif kind == "param":
+                    params += step[1]
+                elif kind == "pending":  # never dropped here: AccumulateGrad runs after the replay
+                    live += step[1]
+                elif kind == "returned":  # a checkpoint's recomputed tensors go with the formula's locals
+                    released = ck_released = 0
+                    for sid in node_saved:
+                        refs = saved_refs[sid] - 1
+                        saved_refs[sid] = refs
+                        if not refs:
+                            released += saved_bytes[sid]
+                            if sid != checkpoint_input:
+                                ck_released += saved_bytes[sid]
+                    ck_saved_live -= ck_released
+                    continue
+                else:
+                    continue
+                total = saved_live + live + params
+                if total > peak_total:
+                    peak_total, peak = total, (saved_live, live, params)
+                total = ck_saved_live + live + params
+                if total > ck_peak_total:
+                    ck_peak_total, ck_peak = total, (ck_saved_live, live, params)
+            if hold:
+                g[1] += 1
+                holds.setdefault(hold, []).append(g)
+            delivered = []
+            for target, name in outputs:
+                s = local[name]
+                s[1] += 1
+                delivered.append((target, s))
+            for s in local.values():  # the formula returns: its temporaries and the incoming gradient go
+                s[1] -= 1
+                if not s[1]:
+                    live -= s[0]
+            if released is None:  # then its saved tensors are released (release_variables)
+                released = ck_released = 0
+                for sid in node_saved:
+                    refs = saved_refs[sid] - 1
+                    saved_refs[sid] = refs
+                    if not refs:
+                        released += saved_bytes[sid]
+                        if sid != checkpoint_input:
+                            ck_released += saved_bytes[sid]
+                ck_saved_live -= ck_released
+            saved_live -= released
+            for target, s in delivered:  # each output is added to its target's input buffer
+                old = buffers.get(target)
+                if old is None:
+                    buffers[target] = s
+                elif in_place and (old[1] == 1 or s[1] == 1):
+                    keep, other = (old, s) if old[1] == 1 else (s, old)
+                    other[1] -= 1
+                    if not other[1]:
+                        live -= other[0]
+                    buffers[target] = keep
+                else:
+                    nbytes = old[0] if old[0] > s[0] else s[0]
+                    live += nbytes
+                    total = saved_live + live + params
+                    if total > peak_total:
+                        peak_total, peak = total, (saved_live, live, params)
+                    total = ck_saved_live + live + params
+                    if total > ck_peak_total:
+                        ck_peak_total, ck_peak = total, (ck_saved_live, live, params)
+                    old[1] -= 1
+                    if not old[1]:
+                        live -= old[0]
+                    s[1] -= 1
+                    if not s[1]:
+                        live -= s[0]
+                    buffers[target] = [nbytes, 1]
+        if holds:
+            for s in holds.pop(out, ()):
+                s[1] -= 1
+                if not s[1]:
+                    live -= s[0]
+    outgoing = tuple((tid, s[0]) for tid, s in buffers.items())
+    return (Replay(peak=BackwardPeak(*peak), outgoing=outgoing, params=params),
+            Replay(peak=BackwardPeak(*ck_peak), outgoing=outgoing, params=params))
