@@ -165,7 +165,8 @@ def _optimizer_state_bytes(numel: int, dtype: str, optimizer: str) -> int:
 
 def model_states(plan: Plan, t: TrainingSettings) -> ModelStates:
     """Weights, gradients and optimizer state of every parameter, and the optimizer step's temporaries."""
-    return _model_states(plan, replace(t, batch_size=1, seq_len=1, grad_checkpointing=False, attention="sdpa"))
+    return _model_states(plan, replace(t, batch_size=1, seq_len=1, grad_checkpointing=False, attention="sdpa",
+                                       checkpoint_every=1, checkpoint_reentrant=False))
 
 
 @lru_cache(maxsize=4096)
