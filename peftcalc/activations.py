@@ -411,11 +411,8 @@ def linear(rec: Recorder, x: T, in_f: int, out_f: int, trainable: bool, tag: str
     xm = x
     if ia3 == "ff":
         xm = _ia3_input(rec, x, in_f, tag)
-    weight_copy = None
-    if ctx.autocast and not quantized:
-        weight_copy = _weight_copy(rec, in_f * out_f, trainable, grad_pending=grad_pending)
-        if xm.rg:
-            saved.append(rec.save(weight_copy, f"{tag}.autocast_weight"))
+    # under autocast the bias's copy is made before the weight's (traced, cpu and fake: a recompute that
+    # stops at fc2's saved weight copy holds the frozen bias's copy already)
     bias_copy = None
     trained_bias_copy = None
     if ctx.autocast and bias_trains:  # addmm's bias copy, kept in autocast's cache (a trainable leaf): its
@@ -425,6 +422,11 @@ def linear(rec: Recorder, x: T, in_f: int, out_f: int, trainable: bool, tag: str
         rec.node(trained_bias_copy, [("param", out_f * DTYPE_BYTES[ctx.weight])])
     elif ctx.autocast and bias and not quantized:  # a frozen bias's copy, alive until the matmul returns
         bias_copy = rec.new(out_f, ctx.autocast, False)
+    weight_copy = None
+    if ctx.autocast and not quantized:
+        weight_copy = _weight_copy(rec, in_f * out_f, trainable, grad_pending=grad_pending)
+        if xm.rg:
+            saved.append(rec.save(weight_copy, f"{tag}.autocast_weight"))
     # bitsandbytes Linear4bit.forward: x.to(compute_dtype) (not autocast's cast: bnb.matmul_4bit is no
     # autocast op), then .to(inp_dtype); the cast input is its local x until it returns
     quant_cast = quantized and ctx.quant_compute and xm.dtype != ctx.quant_compute
@@ -720,13 +722,13 @@ def rms_norm(rec: Recorder, x: T, weight_trainable: bool, tag: str) -> T:
     return out
 
 
-def layer_norm(rec: Recorder, x: T, trainable: bool, hidden: int, tag: str) -> T:
+def layer_norm(rec: Recorder, x: T, trainable: bool, hidden: int, tag: str, params: int = 2) -> T:
     """nn.LayerNorm (native_layer_norm): saves the input (and the weight), mean and rstd when any
     gradient is needed; its backward makes the input's gradient and, when they train, the weight's and
     bias's. CUDA autocast runs layer_norm in fp32 (it is on the fp32 list of
     aten/src/ATen/autocast_mode.cpp: the cast copy is saved); CPU autocast does not list it, so it runs
     on the input as it is (a bf16 input is saved as it is, mean and rstd are fp32, the output keeps the
-    input's dtype; traced, torch 2.13)."""
+    input's dtype; traced, torch 2.13). `params`: how many of its weight and bias train (BitFit: the bias)."""
     needs = x.rg or trainable
     xin = cast(rec, x, "float32") if rec.ctx.autocast and rec.ctx.device == "cuda" else x
     saved = []
@@ -742,7 +744,7 @@ def layer_norm(rec: Recorder, x: T, trainable: bool, hidden: int, tag: str) -> T
         saved.append(rec.save(stats, f"{tag}.mean_rstd"))
         steps, outputs = _grads(xin)
         if trainable:
-            steps += [("param", hidden * DTYPE_BYTES[rec.ctx.weight])] * 2
+            steps += [("param", hidden * DTYPE_BYTES[rec.ctx.weight])] * params
         rec.node(out, steps, outputs, saved)
     rec.free(stats)
     if xin is not x:
@@ -1204,6 +1206,7 @@ class LayerTraining:
     ia3_ff: frozenset
     adapters: frozenset  # "attn_out", "mlp_out"; "block": after the block (a VLM's vision tower)
     bias_trainable: frozenset = frozenset()  # modules whose bias trains (BitFit): output needs grad
+    norm_bias_only: frozenset = frozenset()  # norms of which only the bias trains (BitFit)
 
 
 @lru_cache(maxsize=1024)
@@ -1211,7 +1214,7 @@ def _layer_trainings(plan: Plan, layout: Layout) -> list[LayerTraining]:
     """What trains inside each block, from the plan's parameter groups (one pass over them)."""
     n = plan.spec.num_layers
     sets = [dict(trainable=set(), norms=set(), lora=set(), ia3_out=set(), ia3_ff=set(), adapters=set(),
-                 biases=set()) for _ in range(n)]
+                 biases=set(), norm_weights=set(), norm_biases=set()) for _ in range(n)]
     roles = {m.path: m.role for m in layout.modules if m.layer is not None}
     for g in plan.groups:
         if g.layer is None or not g.trainable:
@@ -1223,6 +1226,7 @@ def _layer_trainings(plan: Plan, layout: Layout) -> list[LayerTraining]:
             module = rel.rsplit(".", 1)[0]
             if roles.get(prefix + module) == "norm":  # LayerNorm saves its input for either parameter
                 s["norms"].add(module)
+                s["norm_weights" if rel.endswith(".weight") else "norm_biases"].add(module)
             elif rel.endswith(".weight"):  # a Linear saves its input for the weight's gradient only
                 s["trainable"].add(module)
             else:
@@ -1238,7 +1242,12 @@ def _layer_trainings(plan: Plan, layout: Layout) -> list[LayerTraining]:
                 s["adapters"].add(roles.get(prefix + rel.split("." + ADAPTER_ATTRIBUTE, 1)[0], ""))
     return [LayerTraining(frozenset(s["trainable"]), frozenset(s["norms"]), frozenset(s["lora"]),
                           frozenset(s["ia3_out"]), frozenset(s["ia3_ff"]), frozenset(s["adapters"]),
-                          frozenset(s["biases"])) for s in sets]
+                          frozenset(s["biases"]), frozenset(s["norm_biases"] - s["norm_weights"])) for s in sets]
+
+
+def _norm_params(lt: LayerTraining, norm: str) -> int:
+    """How many of a block's LayerNorm's parameters (weight, bias) get a gradient."""
+    return 1 if norm in lt.norm_bias_only else 2
 
 
 @lru_cache(maxsize=1024)
@@ -1338,7 +1347,7 @@ def gpt2_block(rec: Recorder, spec: ModelSpec, plan: Plan, lt: LayerTraining, x:
     residuals. GPT2Block.forward's local attn_output (the attention's resid_dropout output) stays
     referenced until the block returns (traced: alive at the peak of mlp.c_proj's DoRA)."""
     h = spec.hidden_size
-    n = layer_norm(rec, x, "ln_1" in lt.norm_trainable, h, "ln_1")
+    n = layer_norm(rec, x, "ln_1" in lt.norm_trainable, h, "ln_1", _norm_params(lt, "ln_1"))
     qkv = _lin(rec, lt, n, "attn.c_attn", h, 3 * h, plan)
     q, k, v = (rec.view(qkv, qkv.numel // 3) for _ in range(3))
     for part in (q, k, v):
@@ -1356,7 +1365,7 @@ def gpt2_block(rec: Recorder, spec: ModelSpec, plan: Plan, lt: LayerTraining, x:
     rec.free(qkv)
     x2 = add(rec, od, x, x.dtype)
     rec.free(n)
-    n2 = layer_norm(rec, x2, "ln_2" in lt.norm_trainable, h, "ln_2")
+    n2 = layer_norm(rec, x2, "ln_2" in lt.norm_trainable, h, "ln_2", _norm_params(lt, "ln_2"))
     f = _lin(rec, lt, n2, "mlp.c_fc", h, spec.intermediate_size, plan)
     act = activation(rec, f, spec.hidden_act if spec.hidden_act in ("gelu_new", "quick_gelu") else "gelu", "mlp.act")
     rec.free(f)
@@ -1396,7 +1405,7 @@ def bert_block(rec: Recorder, spec: ModelSpec, plan: Plan, lt: LayerTraining, x:
     if od is not o:
         rec.free(o)
     s1 = add(rec, od, x, od.dtype if ctx.autocast is None else x.dtype)
-    n1 = layer_norm(rec, s1, "attention.output.LayerNorm" in lt.norm_trainable, h, "attention.output.LayerNorm")
+    n1 = layer_norm(rec, s1, "attention.output.LayerNorm" in lt.norm_trainable, h, "attention.output.LayerNorm", _norm_params(lt, "attention.output.LayerNorm"))
     rec.free(s1, od, a)
     f = _lin(rec, lt, n1, "intermediate.dense", h, spec.intermediate_size, plan)
     act = activation(rec, f, "gelu", "intermediate.act")
@@ -1407,7 +1416,7 @@ def bert_block(rec: Recorder, spec: ModelSpec, plan: Plan, lt: LayerTraining, x:
     if dd is not d:
         rec.free(d)
     s2 = add(rec, dd, n1, n1.dtype)
-    out = layer_norm(rec, s2, "output.LayerNorm" in lt.norm_trainable, h, "output.LayerNorm")
+    out = layer_norm(rec, s2, "output.LayerNorm" in lt.norm_trainable, h, "output.LayerNorm", _norm_params(lt, "output.LayerNorm"))
     rec.free(s2, dd, act, n1)
     return out
 
@@ -1421,7 +1430,7 @@ def vision_block(rec: Recorder, spec: ModelSpec, plan: Plan, lt: LayerTraining, 
     att = "attention" if vit else "self_attn"
     out_name = f"{att}.o_proj" if vit else f"{att}.out_proj"
     reshaped = _math_path(spec, ctx) or ctx.attention == "eager"
-    n = layer_norm(rec, x, ln1 in lt.norm_trainable, h, ln1)
+    n = layer_norm(rec, x, ln1 in lt.norm_trainable, h, ln1, _norm_params(lt, ln1))
     mark = len(rec.nodes)
     ql = _lin(rec, lt, n, f"{att}.q_proj", h, h, plan)
     query_node = _first_node(rec, mark)
@@ -1436,7 +1445,7 @@ def vision_block(rec: Recorder, spec: ModelSpec, plan: Plan, lt: LayerTraining, 
     rec.free(n)
     x2 = add(rec, o, x, x.dtype)
     rec.free(o)
-    n2 = layer_norm(rec, x2, ln2 in lt.norm_trainable, h, ln2)
+    n2 = layer_norm(rec, x2, ln2 in lt.norm_trainable, h, ln2, _norm_params(lt, ln2))
     f = _lin(rec, lt, n2, "mlp.fc1", h, spec.intermediate_size, plan)
     act = activation(rec, f, "quick_gelu" if spec.hidden_act == "quick_gelu" else "gelu", "mlp.act")
     rec.free(f)
@@ -1465,7 +1474,7 @@ def opt_block(rec: Recorder, spec: ModelSpec, plan: Plan, lt: LayerTraining, x: 
     h = spec.hidden_size
     p = dropout_p(spec, "resid")
     reshaped = _math_path(spec, ctx) or ctx.attention == "eager"
-    n = layer_norm(rec, x, "self_attn_layer_norm" in lt.norm_trainable, h, "self_attn_layer_norm")
+    n = layer_norm(rec, x, "self_attn_layer_norm" in lt.norm_trainable, h, "self_attn_layer_norm", _norm_params(lt, "self_attn_layer_norm"))
     ql = _lin(rec, lt, n, "self_attn.q_proj", h, h, plan)
     qs = scale(rec, ql)
     rec.free(ql)
@@ -1481,7 +1490,7 @@ def opt_block(rec: Recorder, spec: ModelSpec, plan: Plan, lt: LayerTraining, x: 
         rec.free(o)
     x2 = add(rec, x, od, x.dtype)
     rec.free(od)
-    n2 = layer_norm(rec, x2, "final_layer_norm" in lt.norm_trainable, h, "final_layer_norm")
+    n2 = layer_norm(rec, x2, "final_layer_norm" in lt.norm_trainable, h, "final_layer_norm", _norm_params(lt, "final_layer_norm"))
     f = _lin(rec, lt, n2, "fc1", h, spec.intermediate_size, plan)
     rec.free(n2)
     act = activation(rec, f, spec.hidden_act, "activation_fn")
@@ -2054,6 +2063,13 @@ def _trainable_names(plan: Plan) -> frozenset:
     return frozenset(g.name.split("#", 1)[0] for g in plan.groups if g.trainable and g.layer is None)
 
 
+def _trained_norm_params(plan: Plan, path: str) -> int:
+    """How many of the weight and bias of the LayerNorm at `path` (outside the blocks) train (2 when
+    neither does: layer_norm then makes no parameter gradient)."""
+    names = _trainable_names(plan)
+    return ((f"{path}.weight" in names) + (f"{path}.bias" in names)) or 2
+
+
 def _trains(plan: Plan, path: str, weight_only: bool = False) -> bool:
     names = _trainable_names(plan)
     if weight_only:
@@ -2073,10 +2089,11 @@ def _embeddings(rec: Recorder, spec: ModelSpec, plan: Plan, layout: Layout, x: T
         return dropout(rec, x, dropout_p(spec, "embd"), "embeddings.dropout")
     if spec.model_type in ("bert", "roberta"):
         norm = f"{layout.embedding_path.rsplit('.', 1)[0]}.LayerNorm"
-        x = layer_norm(rec, x, _trains(plan, norm), h, "embeddings.LayerNorm")
+        x = layer_norm(rec, x, _trains(plan, norm), h, "embeddings.LayerNorm", _trained_norm_params(plan, norm))
         return dropout(rec, x, dropout_p(spec, "embd"), "embeddings.dropout")
     if spec.model_type == "clip_vision_model":
-        return layer_norm(rec, x, _trains(plan, "pre_layrnorm"), h, "pre_layrnorm")
+        return layer_norm(rec, x, _trains(plan, "pre_layrnorm"), h, "pre_layrnorm",
+                          _trained_norm_params(plan, "pre_layrnorm"))
     return x
 
 
@@ -2089,7 +2106,8 @@ def _head_linear(rec: Recorder, plan: Plan, x: T, path: str, in_f: int, out_f: i
     lora = s.method in ("lora", "qlora") and path in plan.targets
     w = _trains(plan, path, True) if trains is None else trains
     return linear(rec, x, in_f, out_f, w, tag, lora_rank=s.rank if lora else 0, dora=s.dora and lora,
-                  quantized=path in quantized_paths(plan), bias=path in _biased_paths(build_layout(plan.spec)))
+                  quantized=path in quantized_paths(plan), bias=path in _biased_paths(build_layout(plan.spec)),
+                  bias_trains=f"{path}.bias" in _trainable_names(plan))
 
 
 @lru_cache(maxsize=256)
@@ -2123,7 +2141,8 @@ def _final_norm(rec: Recorder, spec: ModelSpec, plan: Plan, layout: Layout, x: T
     norm_trains = _trains(plan, layout.final_norm_path)
     if spec.model_type in ("llama", "mistral", "qwen2"):
         return rms_norm(rec, x, norm_trains, "norm")
-    return layer_norm(rec, x, norm_trains, spec.hidden_size, layout.final_norm_path)
+    return layer_norm(rec, x, norm_trains, spec.hidden_size, layout.final_norm_path,
+                      _trained_norm_params(plan, layout.final_norm_path))
 
 
 def _head(rec: Recorder, spec: ModelSpec, plan: Plan, layout: Layout, x: T):
@@ -2143,7 +2162,7 @@ def _head(rec: Recorder, spec: ModelSpec, plan: Plan, layout: Layout, x: T):
         norm = f"{c}.transform.LayerNorm" if spec.model_type == "bert" else f"{c}.layer_norm"
         d = _head_linear(rec, plan, x, dense, h, h, "mlm.dense")
         d = activation(rec, d, "gelu", "mlm.act")
-        d = layer_norm(rec, d, _trains(plan, norm), h, "mlm.layer_norm")
+        d = layer_norm(rec, d, _trains(plan, norm), h, "mlm.layer_norm", _trained_norm_params(plan, norm))
         tied = layout.head_tied_to_embedding and plan.embedding_trains  # its gradient waits for the lookup's
         logits = linear(rec, d, h, spec.vocab_size, _trains(plan, f"{c}.decoder", True) or tied, "mlm.decoder",
                         grad_pending=tied, bias=True, bias_trains=_trains(plan, _mlm_decoder_bias(spec, layout)))
