@@ -43,7 +43,7 @@ def test_which_layers_are_wrapped():
     GradientCheckpointingLayer in model.modules() order and wraps those with index % N == 0. tiny-llava3:
     3 CLIP layers (indices 0-2), then 4 Llama blocks (3-6): every 2 wraps vision 0 and 2, text 1 and 3;
     every 3 wraps vision 0, text 0 and 3. tiny-blip2: 2 EVA layers, 2 Q-Former layers, 2 OPT blocks:
-    every 3 wraps EVA 0 and Q-Former 1, no OPT block. (tests/measure/test_checkpoint_modes.py checks the
+    every 3 wraps EVA 0 and Q-Former 1, no OPT block. (tests/measure/test_checkpoint_harness.py checks the
     same flags on the real models.)"""
     llava, blip2 = tiny("tiny-llava3"), tiny("tiny-blip2")
     assert checkpointing_layer_stacks(llava) == (("vision", 3), ("text", 4))
