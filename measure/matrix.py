@@ -24,7 +24,7 @@ Run keys: model, device (cuda|cpu|fake), steps, seed, prepare_kbit, the method k
 peftcalc.methods.MethodSettings (method, rank, alpha, targets as "q_proj,v_proj" / "all-linear" /
 "default", dora, double_quant, bottleneck, adapter_kind, num_virtual_tokens, trainable_layers) and
 the training keys of peftcalc.settings.TrainingSettings (batch_size, seq_len, precision, optimizer,
-grad_checkpointing, attention). A key not in this list is an InputError naming the key and its
+grad_checkpointing, checkpoint_every, checkpoint_reentrant, attention). A key not in this list is an InputError naming the key and its
 line. Combinations a method cannot run on (prefix on a masked LM, a sequence longer than the
 model's positions) are left out and reported, not run.
 """
@@ -58,8 +58,8 @@ VARIANT = "variant"
 TABLE_AXES = (VARIANT, "shape")  # axes whose entries are tables of run keys, merged whole
 RUN_DEFAULTS = {"device": "cpu", "steps": 3, "seed": 0, "prepare_kbit": False}
 INT_KEYS = ("steps", "seed", "rank", "alpha", "bottleneck", "num_virtual_tokens", "trainable_layers",
-            "batch_size", "seq_len", "vision_layers")
-BOOL_KEYS = ("prepare_kbit", "dora", "double_quant", "grad_checkpointing")
+            "batch_size", "seq_len", "vision_layers", "checkpoint_every")
+BOOL_KEYS = ("prepare_kbit", "dora", "double_quant", "grad_checkpointing", "checkpoint_reentrant")
 STR_KEYS = ("model", "device", "method", "targets", "adapter_kind", "precision", "optimizer", "attention")
 ROW_TIMEOUT_S = 1800
 
@@ -81,6 +81,8 @@ class Run:
     def label(self) -> str:
         m, t = self.method, self.training
         ck = "+ckpt" if t.grad_checkpointing else ""
+        ck += f"/{t.checkpoint_every}" if t.checkpoint_every != 1 else ""
+        ck += "+reentrant" if t.checkpoint_reentrant else ""
         return f"{self.spec.name} {m.method} {t.precision} b{t.batch_size} s{t.seq_len}{ck} {t.optimizer} {self.device}"
 
     def request(self) -> dict:

@@ -118,12 +118,22 @@ def transformers_model(model):
 
 
 def prepare_for_training(model, spec: ModelSpec, training: TrainingSettings) -> dict:
-    """``model.train()``, ``use_cache=False``, and gradient checkpointing as transformers enables it
-    (``PreTrainedModel.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant':
-    False})``). Non-reentrant checkpointing keeps gradients flowing into frozen-embedding models
-    without ``enable_input_require_grads`` (torch.utils.checkpoint: ``_checkpoint_without_reentrant``
-    does not need an input that requires grad). Decoder classifiers without a pad token get
-    ``pad_token_id = vocab_size - 1`` so batch > 1 runs (the inputs never contain it)."""
+    """``model.train()``, ``use_cache=False``, and gradient checkpointing as transformers enables it:
+    ``PreTrainedModel.activation_checkpointing_enable({'use_reentrant': R}, every_n_layers=N)``
+    (``training.checkpoint_reentrant``, ``training.checkpoint_every``; with N = 1 and R = False what
+    ``gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})`` does). It
+    calls ``enable_input_require_grads`` on models whose main input is input_ids (and on LLaVA, every
+    input embedding inside). Non-reentrant checkpointing keeps gradients flowing into frozen-embedding
+    models without it (``_checkpoint_without_reentrant`` does not need an input that requires grad);
+    reentrant checkpointing does (``CheckpointFunction`` runs the block under no_grad, so its output
+    requires grad only through an input that does), so a vision model (ViT, CLIP: main input
+    pixel_values, their blocks' input needs no gradient when the patch embeddings are frozen) then gets
+    ``enable_input_require_grads`` too, as peft does for a model whose
+    checkpointing is on when it is wrapped (``PeftModel._prepare_model_for_gradient_checkpointing``)
+    and as ``prepare_model_for_kbit_training`` does under reentrant checkpointing (BLIP-2, main input
+    pixel_values too, needs none: its Q-Former's input is the trainable query tokens). Decoder classifiers
+    without a pad token get ``pad_token_id = vocab_size - 1`` so batch > 1 runs (the inputs never
+    contain it)."""
     inner = transformers_model(model)
     inner.config.use_cache = False
     if spec.is_vlm:  # the language model reads text_config.use_cache (see measure.build.transformers_config)
@@ -133,7 +143,11 @@ def prepare_for_training(model, spec: ModelSpec, training: TrainingSettings) -> 
         inner.config.pad_token_id = spec.vocab_size - 1
         notes["pad_token_id_set"] = spec.vocab_size - 1
     if training.grad_checkpointing:
-        inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        inner.activation_checkpointing_enable({"use_reentrant": training.checkpoint_reentrant},
+                                              every_n_layers=training.checkpoint_every)
+        if training.checkpoint_reentrant and spec.is_vision:
+            inner.enable_input_require_grads()
+            notes["input_require_grads"] = True
     model.train()
     return notes
 
@@ -375,6 +389,8 @@ def run_steps(model, spec, batch, optimizer, policy, device, meter, steps: int, 
 # MethodSettings fields added after result files were first committed: recorded only when set, so
 # the settings (and resume keys) of every earlier row stay what they were.
 LATER_METHOD_FIELDS = ("vision_layers",)
+# TrainingSettings fields added later, with their defaults: recorded only when they differ from them.
+LATER_TRAINING_FIELDS = {"checkpoint_every": 1, "checkpoint_reentrant": False}
 
 
 def method_record(spec: ModelSpec, method: MethodSettings) -> dict:
@@ -398,6 +414,9 @@ def settings_record(spec: ModelSpec, method: MethodSettings, training: TrainingS
     """Everything that decides a run, as plain data (also the input of :func:`row_key`)."""
     prepare_kbit = bool(prepare_kbit or method.prepare_kbit)
     t = asdict(replace(training, device="cuda" if device == "cuda" else "cpu"))
+    for name, default in LATER_TRAINING_FIELDS.items():
+        if t[name] == default:
+            del t[name]
     return {
         "model": spec.name,
         "model_config_sha": config_sha(spec),
@@ -691,6 +710,8 @@ def summarize(row: dict) -> str:
     s = row["settings"]
     t, m = s["training"], s["method"]
     ck = ", checkpointing" if t["grad_checkpointing"] else ""
+    ck += f" every {t['checkpoint_every']} blocks" if t.get("checkpoint_every", 1) != 1 else ""
+    ck += " (reentrant)" if t.get("checkpoint_reentrant") else ""
     head = (f"{s['model']} {m['method']} on {s['device']}: batch {t['batch_size']}, seq {t['seq_len']}, "
             f"{t['precision']}, {t['optimizer']}, {t['attention']}{ck}; {s['steps']} steps")
     if row["outcome"] != "ok":

@@ -20,7 +20,8 @@ optimizer_state     tensors held in ``optimizer.state`` (marked after the optimi
 inputs              the batch (input ids, labels, pixel values)
 activations         tensors autograd saved for backward
                     (``torch.autograd.graph.saved_tensors_hooks`` pack hook), and the tensors a
-                    gradient checkpoint's recompute saves into its frame (``recomputing()``)
+                    gradient checkpoint's recompute saves (into its frame, or, reentrant, into
+                    the graph it rebuilds: ``recomputing()``)
 other               everything else: temporaries, model outputs, the loss
 ==================  ====================================================================
 
@@ -245,7 +246,13 @@ class StorageTracer(FakeScalars):
         is active there (``saving()`` covers the forward; inside a checkpoint's forward
         ``_checkpoint_hook`` shadows it). The module global ``_recomputation_hook`` is looked up when
         the unpack hook runs, so while this context is active it is a subclass whose pack hook marks
-        its tensor first."""
+        its tensor first.
+
+        A reentrant checkpoint (``CheckpointFunction.backward``) reruns the block's forward under
+        ``torch.enable_grad()`` with no hook of its own, so autograd saves into the recomputed graph as
+        in any forward: ``saving()``'s hook, active through backward too, marks those tensors. Nothing
+        else saves for backward during backward (the engine runs the nodes' formulas with grad mode off),
+        and a non-reentrant recompute's own hooks are innermost, so it marks nothing else."""
         import torch.utils.checkpoint as checkpoint
 
         original = checkpoint._recomputation_hook
@@ -264,7 +271,8 @@ class StorageTracer(FakeScalars):
 
         checkpoint._recomputation_hook = _MarkingRecomputationHook
         try:
-            yield
+            with self.saving():
+                yield
         finally:
             checkpoint._recomputation_hook = original
 

@@ -25,7 +25,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 
-from peftcalc.backward import GRAD, BackwardPeak, run_backward, run_backward_both
+from peftcalc.backward import GRAD, BackwardPeak, Node, run_backward, run_backward_both
+from peftcalc.checkpointing import checkpointed_layers
 from peftcalc.layout import LANGUAGE_PROJECTION, LINEAR_KINDS, QFORMER, QUERY_TOKENS, Layout, build_layout
 from peftcalc.methods import (
     ADAPTER_ATTRIBUTE,
@@ -133,6 +134,9 @@ class Recorder:
     recompute_peak: int = 0
     recompute_peak_saved: int = 0
     cached: list = field(default_factory=list)  # autocast's cached copies of trainable weights (see _weight_copy)
+    # leaves that require grad besides the parameters (a reentrant checkpoint's detached input): id -> the
+    # autocast cast autocast caches of it (None until made; see autocast_in), which no free() releases
+    leaf_casts: dict = field(default_factory=dict)
 
     def new(self, numel: int, dtype: str, rg: bool) -> T:
         """A new tensor (an allocation of the forward)."""
@@ -150,7 +154,12 @@ class Recorder:
         tensors already freed or saved are left as they are)."""
         for t in ts:
             if t is not None and t.base is None and t.id in self.live:
+                if self.leaf_casts and t.id in self._cached_casts():
+                    continue
                 self.live_bytes -= self.live.pop(t.id)
+
+    def _cached_casts(self) -> set:
+        return {c.id for c in self.leaf_casts.values() if c is not None}
 
     def view(self, x: T, numel: int) -> T:
         """A view of x (same storage, its own shape and autograd node)."""
@@ -272,8 +281,17 @@ def cast(rec: Recorder, x: T, dtype: str) -> T:
 
 
 def autocast_in(rec: Recorder, x: T) -> T:
-    """torch.autocast casts the inputs of matmul-like ops to the autocast dtype."""
-    return cast(rec, x, rec.ctx.autocast) if rec.ctx.autocast else x
+    """torch.autocast casts the inputs of matmul-like ops to the autocast dtype. The cast of a leaf that
+    requires grad (and is no view) is cached until the autocast region exits (aten/src/ATen/
+    autocast_mode.cpp cached_cast, as for the weights: _weight_copy), so every op casting it shares one
+    copy; besides the parameters such a leaf is a reentrant checkpoint's detached input (Recorder.leaf_casts)."""
+    if not rec.ctx.autocast:
+        return x
+    if x.id in rec.leaf_casts:
+        if rec.leaf_casts[x.id] is None:
+            rec.leaf_casts[x.id] = cast(rec, x, rec.ctx.autocast)
+        return rec.leaf_casts[x.id]
+    return cast(rec, x, rec.ctx.autocast)
 
 
 def _weight_copy(rec: Recorder, numel: int, trains: bool, param_dtype: str | None = None,
@@ -292,7 +310,7 @@ def _weight_copy(rec: Recorder, numel: int, trains: bool, param_dtype: str | Non
 
 def matmul(rec: Recorder, x: T, in_f: int, out_f: int, weight_trains: bool, out_dtype: str, saved: list,
            weight: T | None = None, weight_bytes: int = 0, bias_bytes: int = 0, dequantized: int = 0,
-           grad_pending: bool = False) -> T:
+           grad_pending: bool = False, bias_copy: T | None = None) -> T:
     """The mm/addmm node of a Linear on x (tokens x in): its backward makes grad_x = grad @ W when x
     needs a gradient, grad_W = grad^T @ x when the weight trains (the .grad itself, or the gradient of
     autocast's weight copy `weight`), and the bias gradient (a sum over tokens). Without a copy, the
@@ -323,7 +341,10 @@ def matmul(rec: Recorder, x: T, in_f: int, out_f: int, weight_trains: bool, out_
             outputs.append((weight.id, "dw"))
         else:
             steps.append(("pending" if grad_pending else "param", weight_bytes))
-    if bias_bytes:  # addmm's formula hands on grad itself; the engine sums it down to the bias's shape
+    if bias_copy is not None:  # the sum is the gradient of autocast's bias copy (see linear)
+        steps += [("returned",), ("new", "db", bias_copy.nbytes)]
+        outputs.append((bias_copy.id, "db"))
+    elif bias_bytes:  # addmm's formula hands on grad itself; the engine sums it down to the bias's shape
         # once the formula has returned (validate_outputs; peftcalc.backward's "returned")
         steps += [("returned",), ("param", bias_bytes)]
     rec.node(out, steps, outputs, saved, saves_param=saves_weight)
@@ -389,16 +410,22 @@ def linear(rec: Recorder, x: T, in_f: int, out_f: int, trainable: bool, tag: str
     xm = x
     if ia3 == "ff":
         xm = _ia3_input(rec, x, in_f, tag)
+    # under autocast the bias's copy is made before the weight's (traced, cpu and fake: a recompute that
+    # stops at fc2's saved weight copy holds the frozen bias's copy already)
+    bias_copy = None
+    trained_bias_copy = None
+    if ctx.autocast and bias_trains:  # addmm's bias copy, kept in autocast's cache (a trainable leaf): its
+        # gradient (addmm's, summed down to the bias's shape) comes back in the autocast dtype and its
+        # ToCopyBackward makes the .grad
+        trained_bias_copy = rec.new(out_f, ctx.autocast, True)
+        rec.node(trained_bias_copy, [("param", out_f * DTYPE_BYTES[ctx.weight])])
+    elif ctx.autocast and bias and not quantized:  # a frozen bias's copy, alive until the matmul returns
+        bias_copy = rec.new(out_f, ctx.autocast, False)
     weight_copy = None
     if ctx.autocast and not quantized:
         weight_copy = _weight_copy(rec, in_f * out_f, trainable, grad_pending=grad_pending)
         if xm.rg:
             saved.append(rec.save(weight_copy, f"{tag}.autocast_weight"))
-    bias_copy = None
-    if ctx.autocast and bias_trains:  # addmm's bias copy, kept in autocast's cache (a trainable leaf)
-        rec.new(out_f, ctx.autocast, False)
-    elif ctx.autocast and bias and not quantized:  # a frozen bias's copy, alive until the matmul returns
-        bias_copy = rec.new(out_f, ctx.autocast, False)
     # bitsandbytes Linear4bit.forward: x.to(compute_dtype) (not autocast's cast: bnb.matmul_4bit is no
     # autocast op), then .to(inp_dtype); the cast input is its local x until it returns
     quant_cast = quantized and ctx.quant_compute and xm.dtype != ctx.quant_compute
@@ -408,6 +435,7 @@ def linear(rec: Recorder, x: T, in_f: int, out_f: int, trainable: bool, tag: str
     wb = DTYPE_BYTES[ctx.weight]
     out = matmul(rec, xin, in_f, out_f, trainable, ctx.quant_compute if quantized else ctx.autocast or ctx.compute,
                  saved, weight=weight_copy, weight_bytes=in_f * out_f * wb, bias_bytes=out_f * wb if bias_trains else 0,
+                 bias_copy=trained_bias_copy,
                  dequantized=in_f * out_f * DTYPE_BYTES[ctx.quant_compute] if quantized else 0,
                  grad_pending=grad_pending)
     if quant_cast:  # Linear4bit.forward: .to(inp_dtype)
@@ -693,13 +721,13 @@ def rms_norm(rec: Recorder, x: T, weight_trainable: bool, tag: str) -> T:
     return out
 
 
-def layer_norm(rec: Recorder, x: T, trainable: bool, hidden: int, tag: str) -> T:
+def layer_norm(rec: Recorder, x: T, trainable: bool, hidden: int, tag: str, params: int = 2) -> T:
     """nn.LayerNorm (native_layer_norm): saves the input (and the weight), mean and rstd when any
     gradient is needed; its backward makes the input's gradient and, when they train, the weight's and
     bias's. CUDA autocast runs layer_norm in fp32 (it is on the fp32 list of
     aten/src/ATen/autocast_mode.cpp: the cast copy is saved); CPU autocast does not list it, so it runs
     on the input as it is (a bf16 input is saved as it is, mean and rstd are fp32, the output keeps the
-    input's dtype; traced, torch 2.13)."""
+    input's dtype; traced, torch 2.13). `params`: how many of its weight and bias train (BitFit: the bias)."""
     needs = x.rg or trainable
     xin = cast(rec, x, "float32") if rec.ctx.autocast and rec.ctx.device == "cuda" else x
     saved = []
@@ -715,7 +743,7 @@ def layer_norm(rec: Recorder, x: T, trainable: bool, hidden: int, tag: str) -> T
         saved.append(rec.save(stats, f"{tag}.mean_rstd"))
         steps, outputs = _grads(xin)
         if trainable:
-            steps += [("param", hidden * DTYPE_BYTES[rec.ctx.weight])] * 2
+            steps += [("param", hidden * DTYPE_BYTES[rec.ctx.weight])] * params
         rec.node(out, steps, outputs, saved)
     rec.free(stats)
     if xin is not x:
@@ -1194,6 +1222,7 @@ class LayerTraining:
     ia3_ff: frozenset
     adapters: frozenset  # "attn_out", "mlp_out"; "block": after the block (a VLM's vision tower)
     bias_trainable: frozenset = frozenset()  # modules whose bias trains (BitFit): output needs grad
+    norm_bias_only: frozenset = frozenset()  # norms of which only the bias trains (BitFit)
 
 
 @lru_cache(maxsize=1024)
@@ -1201,7 +1230,7 @@ def _layer_trainings(plan: Plan, layout: Layout) -> list[LayerTraining]:
     """What trains inside each block, from the plan's parameter groups (one pass over them)."""
     n = plan.spec.num_layers
     sets = [dict(trainable=set(), norms=set(), lora=set(), ia3_out=set(), ia3_ff=set(), adapters=set(),
-                 biases=set()) for _ in range(n)]
+                 biases=set(), norm_weights=set(), norm_biases=set()) for _ in range(n)]
     roles = {m.path: m.role for m in layout.modules if m.layer is not None}
     for g in plan.groups:
         if g.layer is None or not g.trainable:
@@ -1213,6 +1242,7 @@ def _layer_trainings(plan: Plan, layout: Layout) -> list[LayerTraining]:
             module = rel.rsplit(".", 1)[0]
             if roles.get(prefix + module) == "norm":  # LayerNorm saves its input for either parameter
                 s["norms"].add(module)
+                s["norm_weights" if rel.endswith(".weight") else "norm_biases"].add(module)
             elif rel.endswith(".weight"):  # a Linear saves its input for the weight's gradient only
                 s["trainable"].add(module)
             else:
@@ -1228,7 +1258,12 @@ def _layer_trainings(plan: Plan, layout: Layout) -> list[LayerTraining]:
                 s["adapters"].add(roles.get(prefix + rel.split("." + ADAPTER_ATTRIBUTE, 1)[0], ""))
     return [LayerTraining(frozenset(s["trainable"]), frozenset(s["norms"]), frozenset(s["lora"]),
                           frozenset(s["ia3_out"]), frozenset(s["ia3_ff"]), frozenset(s["adapters"]),
-                          frozenset(s["biases"])) for s in sets]
+                          frozenset(s["biases"]), frozenset(s["norm_biases"] - s["norm_weights"])) for s in sets]
+
+
+def _norm_params(lt: LayerTraining, norm: str) -> int:
+    """How many of a block's LayerNorm's parameters (weight, bias) get a gradient."""
+    return 1 if norm in lt.norm_bias_only else 2
 
 
 @lru_cache(maxsize=1024)
@@ -1328,7 +1363,7 @@ def gpt2_block(rec: Recorder, spec: ModelSpec, plan: Plan, lt: LayerTraining, x:
     residuals. GPT2Block.forward's local attn_output (the attention's resid_dropout output) stays
     referenced until the block returns (traced: alive at the peak of mlp.c_proj's DoRA)."""
     h = spec.hidden_size
-    n = layer_norm(rec, x, "ln_1" in lt.norm_trainable, h, "ln_1")
+    n = layer_norm(rec, x, "ln_1" in lt.norm_trainable, h, "ln_1", _norm_params(lt, "ln_1"))
     qkv = _lin(rec, lt, n, "attn.c_attn", h, 3 * h, plan)
     q, k, v = (rec.view(qkv, qkv.numel // 3) for _ in range(3))
     for part in (q, k, v):
@@ -1346,7 +1381,7 @@ def gpt2_block(rec: Recorder, spec: ModelSpec, plan: Plan, lt: LayerTraining, x:
     rec.free(qkv)
     x2 = add(rec, od, x, x.dtype)
     rec.free(n)
-    n2 = layer_norm(rec, x2, "ln_2" in lt.norm_trainable, h, "ln_2")
+    n2 = layer_norm(rec, x2, "ln_2" in lt.norm_trainable, h, "ln_2", _norm_params(lt, "ln_2"))
     f = _lin(rec, lt, n2, "mlp.c_fc", h, spec.intermediate_size, plan)
     act = activation(rec, f, spec.hidden_act if spec.hidden_act in ("gelu_new", "quick_gelu") else "gelu", "mlp.act")
     rec.free(f)
@@ -1386,7 +1421,7 @@ def bert_block(rec: Recorder, spec: ModelSpec, plan: Plan, lt: LayerTraining, x:
     if od is not o:
         rec.free(o)
     s1 = add(rec, od, x, od.dtype if ctx.autocast is None else x.dtype)
-    n1 = layer_norm(rec, s1, "attention.output.LayerNorm" in lt.norm_trainable, h, "attention.output.LayerNorm")
+    n1 = layer_norm(rec, s1, "attention.output.LayerNorm" in lt.norm_trainable, h, "attention.output.LayerNorm", _norm_params(lt, "attention.output.LayerNorm"))
     rec.free(s1, od, a)
     f = _lin(rec, lt, n1, "intermediate.dense", h, spec.intermediate_size, plan)
     act = activation(rec, f, "gelu", "intermediate.act")
@@ -1397,7 +1432,7 @@ def bert_block(rec: Recorder, spec: ModelSpec, plan: Plan, lt: LayerTraining, x:
     if dd is not d:
         rec.free(d)
     s2 = add(rec, dd, n1, n1.dtype)
-    out = layer_norm(rec, s2, "output.LayerNorm" in lt.norm_trainable, h, "output.LayerNorm")
+    out = layer_norm(rec, s2, "output.LayerNorm" in lt.norm_trainable, h, "output.LayerNorm", _norm_params(lt, "output.LayerNorm"))
     rec.free(s2, dd, act, n1)
     return out
 
@@ -1411,7 +1446,7 @@ def vision_block(rec: Recorder, spec: ModelSpec, plan: Plan, lt: LayerTraining, 
     att = "attention" if vit else "self_attn"
     out_name = f"{att}.o_proj" if vit else f"{att}.out_proj"
     reshaped = _math_path(spec, ctx) or ctx.attention == "eager"
-    n = layer_norm(rec, x, ln1 in lt.norm_trainable, h, ln1)
+    n = layer_norm(rec, x, ln1 in lt.norm_trainable, h, ln1, _norm_params(lt, ln1))
     mark = len(rec.nodes)
     ql = _lin(rec, lt, n, f"{att}.q_proj", h, h, plan)
     query_node = _first_node(rec, mark)
@@ -1426,7 +1461,7 @@ def vision_block(rec: Recorder, spec: ModelSpec, plan: Plan, lt: LayerTraining, 
     rec.free(n)
     x2 = add(rec, o, x, x.dtype)
     rec.free(o)
-    n2 = layer_norm(rec, x2, ln2 in lt.norm_trainable, h, ln2)
+    n2 = layer_norm(rec, x2, ln2 in lt.norm_trainable, h, ln2, _norm_params(lt, ln2))
     f = _lin(rec, lt, n2, "mlp.fc1", h, spec.intermediate_size, plan)
     act = activation(rec, f, "quick_gelu" if spec.hidden_act == "quick_gelu" else "gelu", "mlp.act")
     rec.free(f)
@@ -1455,7 +1490,7 @@ def opt_block(rec: Recorder, spec: ModelSpec, plan: Plan, lt: LayerTraining, x: 
     h = spec.hidden_size
     p = dropout_p(spec, "resid")
     reshaped = _math_path(spec, ctx) or ctx.attention == "eager"
-    n = layer_norm(rec, x, "self_attn_layer_norm" in lt.norm_trainable, h, "self_attn_layer_norm")
+    n = layer_norm(rec, x, "self_attn_layer_norm" in lt.norm_trainable, h, "self_attn_layer_norm", _norm_params(lt, "self_attn_layer_norm"))
     ql = _lin(rec, lt, n, "self_attn.q_proj", h, h, plan)
     qs = scale(rec, ql)
     rec.free(ql)
@@ -1471,7 +1506,7 @@ def opt_block(rec: Recorder, spec: ModelSpec, plan: Plan, lt: LayerTraining, x: 
         rec.free(o)
     x2 = add(rec, x, od, x.dtype)
     rec.free(od)
-    n2 = layer_norm(rec, x2, "final_layer_norm" in lt.norm_trainable, h, "final_layer_norm")
+    n2 = layer_norm(rec, x2, "final_layer_norm" in lt.norm_trainable, h, "final_layer_norm", _norm_params(lt, "final_layer_norm"))
     f = _lin(rec, lt, n2, "fc1", h, spec.intermediate_size, plan)
     rec.free(n2)
     act = activation(rec, f, spec.hidden_act, "activation_fn")
@@ -1538,6 +1573,8 @@ class ActivationProfile:
     forward_checkpoint_inputs: int = 0  # of forward_transient: hidden states a checkpoint's input saver saved
     # what of `pre` is still saved when the embeddings' backward runs (None: all of it); see _lookup_saved
     lookup_saved: int | None = None
+    checkpointed: tuple = ()  # per layer: whether gradient checkpointing wraps it (peftcalc.checkpointing)
+    reentrant_backward: tuple = ()  # per layer: the peak of its reentrant checkpoint's backward (_reentrant_block)
 
     @property
     def saved_total(self) -> int:
@@ -1579,8 +1616,11 @@ def input_embeddings_require_grad(spec: ModelSpec, t: TrainingSettings) -> bool:
     5.x PreTrainedModel._activation_checkpointing_enable (what gradient_checkpointing_enable runs) calls
     enable_input_require_grads on models whose main_input_name is input_ids (the text models; ViT and
     CLIP take pixel_values), a forward hook that runs ``output.requires_grad_(True)``. Then the embeddings
-    module's own ops save for backward and every block's input needs a gradient."""
-    return t.grad_checkpointing and not spec.is_vision
+    module's own ops save for backward and every block's input needs a gradient. Under reentrant
+    checkpointing a vision model gets the hook too (measure.run.prepare_for_training: CheckpointFunction
+    runs the block under no_grad, so without an input that requires grad no gradient reaches the
+    adapters; peft's PeftModel._prepare_model_for_gradient_checkpointing does the same)."""
+    return t.grad_checkpointing and (not spec.is_vision or t.checkpoint_reentrant)
 
 
 def prepare_kbit_upcasts(plan: Plan, t: TrainingSettings) -> bool:
@@ -1606,10 +1646,17 @@ class BlockRun:
     leaves: int  # unsaved bytes the blocks leave referenced to the end of the forward (BlockSimulation.leaves)
     held_after: int = 0  # unsaved bytes the forward holds when the blocks are done, their output aside
     unsaved_block_live: int = 0  # live bytes at the largest forward peak of a block that saves nothing
+    # when only some blocks are checkpointed (TrainingSettings.checkpoint_every): what each block keeps
+    # for backward (its input if checkpointed and saving, else what it saves), the largest peak inside an
+    # unwrapped block's forward on what the blocks below keep, and held_after as it is then
+    kept: tuple = ()
+    mixed_forward_block: tuple = (0, 0)
+    mixed_held_after: int = 0
+    reentrant: tuple = ()  # per block: its reentrant checkpoint's backward peak (_reentrant_block), or None
 
 
 def _run_blocks(rec: Recorder, spec: ModelSpec, plan: Plan, layout: Layout, ctx: Ctx, x: T, held: int,
-                embedding_held: bool) -> BlockRun:
+                embedding_held: bool, checkpointed: tuple = (), reentrant: bool = False) -> BlockRun:
     """Each block on the output of the one below (`x`: the first block's input, made by `rec`). Blocks
     with the same trainable set and the same kind of input save the same tensors: each kind is simulated
     once (_simulate_block is cached; a 80-block model has two or three kinds). The forward's peak inside
@@ -1619,7 +1666,10 @@ def _run_blocks(rec: Recorder, spec: ModelSpec, plan: Plan, layout: Layout, ctx:
     when `embedding_held` (the model's forward keeps its own reference to the embedding output, e.g.
     LlamaModel.forward's inputs_embeds), the first block's input from the second block on, unless saved.
     A block that saves nothing (below the lowest trainable one) runs the same ops under gradient
-    checkpointing: its forward peak on top of what was saved before it is `unsaved_block_live`."""
+    checkpointing: its forward peak on top of what was saved before it is `unsaved_block_live`.
+
+    `checkpointed` (per block, peftcalc.checkpointing) decides what a block keeps when only some are
+    checkpointed (_mixed_blocks); `reentrant`: each checkpointed block's reentrant backward peak too."""
     per_layer, peaks = [], []
     forward_block = (0, 0)
     unsaved_block_live = 0
@@ -1630,11 +1680,16 @@ def _run_blocks(rec: Recorder, spec: ModelSpec, plan: Plan, layout: Layout, ctx:
     first = None
     seen: dict = {}  # (layer kind, input kind) -> its simulation, without hashing the plan or the layer per layer
     trainings, layer_kinds = _layer_kinds(plan, layout)
-    for k in layer_kinds:
+    reentrant_peaks = []
+    for i, k in enumerate(layer_kinds):
         key = (k, rg, dtype)
         block = seen.get(key)
         if block is None:
             block = seen[key] = _simulate_block(spec, plan, trainings[k], ctx, rg, dtype)
+        if reentrant and checkpointed[i]:
+            reentrant_peaks.append(_reentrant_block(spec, plan, trainings[k], ctx, rg, dtype))
+        else:
+            reentrant_peaks.append(None)
         extra = held
         if first is not None and embedding_held and x.id not in rec.saved and not first.saves_input:
             extra += x.nbytes
@@ -1658,10 +1713,48 @@ def _run_blocks(rec: Recorder, spec: ModelSpec, plan: Plan, layout: Layout, ctx:
     for block, count in kinds.values():
         for tag, nbytes in block.tags:
             tags[tag] = tags.get(tag, 0) + count * nbytes
+    held_before = held - leaves
     if first is not None and embedding_held and x.id not in rec.saved and not first.saves_input:
         held += x.nbytes
-    return BlockRun(tuple(per_layer), tuple(peaks), forward_block, tags, rec.new(x.numel, dtype, rg), leaves, held,
-                    unsaved_block_live)
+    run = BlockRun(tuple(per_layer), tuple(peaks), forward_block, tags, rec.new(x.numel, dtype, rg), leaves, held,
+                   unsaved_block_live, reentrant=tuple(reentrant_peaks))
+    if any(checkpointed) and not all(checkpointed):
+        run = _mixed_blocks(run, rec, spec, plan, ctx, x, held_before, embedding_held, checkpointed)
+    return run
+
+
+def _mixed_blocks(run: BlockRun, rec: Recorder, spec: ModelSpec, plan: Plan, ctx: Ctx, x: T, held: int,
+                  embedding_held: bool, checkpointed: tuple) -> BlockRun:
+    """The forward when only some blocks are checkpointed (transformers activation_checkpointing_enable
+    with every_n_layers > 1): a checkpointed block that saves keeps only its input (torch.utils.checkpoint
+    saves the checkpoint's tensor arguments: non-reentrant _NoopSaveInputs, reentrant CheckpointFunction's
+    save_for_backward), the others keep what they save. The forward's peak inside an unwrapped block is its
+    own peak on what the blocks below keep (`rec`'s saves, the model's forward, included) and what the
+    forward holds (`held`, as _run_blocks counts it; a checkpointed block leaves autocast's cached copies
+    of all its trainable weights referenced, _autocast_cached_by_layer, its saves being dropped); the first block's
+    input is a checkpoint's when the first block is wrapped and saves. The peaks inside the checkpointed
+    blocks are the checkpointed forward's (ActivationProfile.forward_transient)."""
+    input_bytes = ctx.tokens * spec.hidden_size * DTYPE_BYTES[_stream_dtype(ctx)]
+    cached = _autocast_cached_by_layer(plan, ctx)
+    first = run.blocks[0]
+    x_extra = (embedding_held and x.id not in rec.saved and not first.saves_input
+               and not (checkpointed[0] and first.saved))
+    below = rec.saved_total
+    forward_block = (0, 0)
+    kept = []
+    for i, block in enumerate(run.blocks):
+        extra = held + (x.nbytes if i and x_extra else 0)
+        if checkpointed[i]:
+            kept.append(input_bytes if block.saved else 0)
+            held += cached[i]
+        else:
+            if below + block.forward_peak + extra > sum(forward_block):
+                forward_block = (below + block.forward_peak_saved, block.forward_peak - block.forward_peak_saved + extra)
+            kept.append(block.saved)
+            held += block.leaves
+        below += kept[-1]
+    return replace(run, kept=tuple(kept), mixed_forward_block=forward_block,
+                   mixed_held_after=held + (x.nbytes if x_extra else 0))
 
 
 def _final_norm_peak(spec: ModelSpec, plan: Plan, layout: Layout, ctx: Ctx, out: T) -> tuple[int, int]:
@@ -1705,6 +1798,14 @@ def activation_profile(plan: Plan, t: TrainingSettings) -> ActivationProfile:
         return _vlm_profile(plan, t)
     if spec.model_type == "blip-2":
         return _blip2_profile(plan, t)
+    return _model_profile(plan, t, checkpointed_layers(spec, t))
+
+
+@lru_cache(maxsize=4096)
+def _model_profile(plan: Plan, t: TrainingSettings, checkpointed: tuple) -> ActivationProfile:
+    """activation_profile of a model of one stack of blocks (also a VLM's language model), whose blocks
+    gradient checkpointing wraps as `checkpointed` says (peftcalc.checkpointing; empty: none)."""
+    spec = plan.spec
     layout = build_layout(spec)
     ctx = make_ctx(spec, plan, t)
     rec = Recorder(ctx)
@@ -1712,8 +1813,15 @@ def activation_profile(plan: Plan, t: TrainingSettings) -> ActivationProfile:
     hooked = input_embeddings_require_grad(spec, t)
     input_rg = plan.embedding_trains or plan.settings.method == "prompt" or hooked
     leaf = 0
-    if hooked and not plan.embedding_trains and (spec.model_type in ("gpt2", "bert", "roberta")
-                                                 or plan.settings.method == "prompt"):
+    if hooked and not plan.embedding_trains and spec.is_vision:
+        # the hooked output of the frozen patch embedding (ViTPatchEmbeddings, CLIP's patch_embedding: the
+        # conv's output, in autocast's dtype under autocast) is such a leaf too; the class token is
+        # concatenated before it and the positions added
+        numel = t.batch_size * spec.num_patches * h
+        leaf = numel * DTYPE_BYTES[ctx.autocast or ctx.weight]
+        rec.new(numel, ctx.autocast or ctx.weight, True)
+    elif hooked and not plan.embedding_trains and (spec.model_type in ("gpt2", "bert", "roberta")
+                                                   or plan.settings.method == "prompt"):
         # the hooked output of the frozen word embeddings is a leaf that requires grad: its
         # AccumulateGrad node holds it to the end of backward, and it is not the tensor the blocks get
         # (positions are added to it, or peft concatenates the prompt before it)
@@ -1737,8 +1845,9 @@ def activation_profile(plan: Plan, t: TrainingSettings) -> ActivationProfile:
     # held while the blocks run: prompt tuning's inputs, the positions and rotary embeddings of the
     # Llama family (what the blocks leave referenced adds up in _run_blocks)
     held = _prompt_inputs_held(spec, plan, ctx) + _positions_held(spec, ctx, grads_reach_blocks)
-    blocks = _run_blocks(rec, spec, plan, layout, ctx, x, held, True)
-    forward_block = _with_final_norm(spec, plan, layout, ctx, blocks, rec.saved_total)
+    blocks = _run_blocks(rec, spec, plan, layout, ctx, x, held, True, checkpointed, t.checkpoint_reentrant)
+    mixed = bool(blocks.kept)
+    forward_block = _with_final_norm(spec, plan, layout, ctx, _as_kept(blocks) if mixed else blocks, rec.saved_total)
     rec.bucket = "post"
     head_start = len(rec.nodes)
     logits_numel, hidden, root = _head(rec, spec, plan, layout, blocks.out)
@@ -1749,17 +1858,19 @@ def activation_profile(plan: Plan, t: TrainingSettings) -> ActivationProfile:
     for tag, nbytes in rec.bytes_by_tag().items():
         tags[tag] = tags.get(tag, 0) + nbytes
     per_layer = blocks.per_layer
-    needs_grad_layers = [i for i in range(spec.num_layers) if per_layer[i] > 0]
+    needs_grad_layers = [i for i in range(spec.num_layers) if per_layer[i] > 0 and (not checkpointed or checkpointed[i])]
     ckpt_inputs = len(needs_grad_layers) * tok * h * DTYPE_BYTES[_stream_dtype(ctx)]
     loss = _loss_buffers(spec, ctx, logits_numel)
+    weight_cache = (_autocast_weight_cache(plan, ctx) - rec.saved_cached_copies()
+                    - _unwrapped_saved_copies(plan, ctx, blocks, checkpointed))
     return ActivationProfile(
         per_layer=per_layer,
         pre=by_bucket.get("pre", 0),
         post=by_bucket.get("post", 0),
         checkpoint_inputs=ckpt_inputs,
-        checkpoint_kwargs=0 if indices else _checkpointed_layer_positions(spec, ctx, t),
+        checkpoint_kwargs=0 if indices or not any(checkpointed) else _checkpointed_layer_positions(spec, ctx, t),
         input_leaf=leaf,
-        forward_checkpoint_inputs=_forward_checkpoint_inputs(spec, ctx, t, per_layer),
+        forward_checkpoint_inputs=_forward_checkpoint_inputs(spec, ctx, t, per_layer, checkpointed),
         lookup_saved=_lookup_saved(plan, indices),
         logits_bytes=logits_numel * DTYPE_BYTES[ctx.autocast or ctx.compute],
         loss_saved=loss.saved,
@@ -1769,7 +1880,7 @@ def activation_profile(plan: Plan, t: TrainingSettings) -> ActivationProfile:
         loss_scalars=loss.scalars,
         forward_transient=_forward_transient(spec, plan, ctx, per_layer, blocks.unsaved_block_live),
         forward_transient_saved=_saved_before_last_light_block(per_layer),
-        autocast_weight_cache=_autocast_weight_cache(plan, ctx) - rec.saved_cached_copies(),
+        autocast_weight_cache=weight_cache,
         model_output=model_output,
         head_backward=head,
         forward_block_saved=forward_block[0],
@@ -1780,7 +1891,26 @@ def activation_profile(plan: Plan, t: TrainingSettings) -> ActivationProfile:
         blocks=blocks.blocks,
         embedding_grad=x.nbytes if x.rg else 0,
         by_tag=tuple(sorted(tags.items())),
+        checkpointed=checkpointed,
+        reentrant_backward=blocks.reentrant if t.checkpoint_reentrant else (),
     )
+
+
+def _unwrapped_saved_copies(plan: Plan, ctx: Ctx, blocks: BlockRun, checkpointed: tuple) -> int:
+    """autocast's cached copies of trainable weights that the blocks checkpointing leaves unwrapped save:
+    their activations, not the cache's temporaries (an unwrapped block's copies are saved or among its
+    leaves, BlockSimulation.leaves). 0 unless only some blocks are checkpointed."""
+    if not blocks.kept:
+        return 0
+    cached = _autocast_cached_by_layer(plan, ctx)
+    return sum(cached[i] - b.leaves for i, b in enumerate(blocks.blocks) if not checkpointed[i])
+
+
+def _as_kept(blocks: BlockRun) -> BlockRun:
+    """A BlockRun whose blocks save what they keep when only some are checkpointed (_mixed_blocks), for
+    _with_final_norm."""
+    return replace(blocks, per_layer=blocks.kept, forward_block=blocks.mixed_forward_block,
+                   held_after=blocks.mixed_held_after)
 
 
 def _positions_held(spec: ModelSpec, ctx: Ctx, rotary_saved: bool) -> int:
@@ -1831,15 +1961,18 @@ def _lookup_saved(plan: Plan, indices: list) -> int:
     return sum(numel * 8 for numel, _tag in indices) + prompt
 
 
-def _forward_checkpoint_inputs(spec: ModelSpec, ctx: Ctx, t: TrainingSettings, per_layer: tuple) -> int:
+def _forward_checkpoint_inputs(spec: ModelSpec, ctx: Ctx, t: TrainingSettings, per_layer: tuple,
+                               checkpointed: tuple = ()) -> int:
     """Under checkpointing, the hidden states a light block's forward holds (_forward_transient: the
     embeddings output and the block's input) were each a checkpoint's input, which torch saves for
     backward whether or not anything below needs a gradient (torch/utils/checkpoint.py
     _checkpoint_without_reentrant_generator: ``_NoopSaveInputs.apply(dummy, kwargs, *args)``, a
-    save_for_backward of every tensor argument): two of them from the second block on."""
+    save_for_backward of every tensor argument): two of them from the second block on, the first and
+    the second block's inputs, each where its block is checkpointed."""
     if not t.grad_checkpointing or all(per_layer):
         return 0
-    return min(2, spec.num_layers) * ctx.tokens * spec.hidden_size * DTYPE_BYTES[ctx.weight]
+    wrapped = min(2, spec.num_layers) if all(checkpointed) else sum(checkpointed[:2])
+    return wrapped * ctx.tokens * spec.hidden_size * DTYPE_BYTES[ctx.weight]
 
 
 def _checkpointed_layer_positions(spec: ModelSpec, ctx: Ctx, t: TrainingSettings) -> int:
@@ -1914,6 +2047,43 @@ def _simulate_block(spec: ModelSpec, plan: Plan, lt: LayerTraining, ctx: Ctx, in
                            checkpointed_backward=checkpointed.peak)
 
 
+@lru_cache(maxsize=4096)
+def _reentrant_block(spec: ModelSpec, plan: Plan, lt: LayerTraining, ctx: Ctx, input_rg: bool,
+                     input_dtype: str) -> BackwardPeak:
+    """The peak of one block's backward under reentrant checkpointing (torch/utils/checkpoint.py
+    CheckpointFunction.backward, use_reentrant=True), its input (the checkpoint's saved tensor, which
+    the recompute's detach_variable copies share) counted outside, as under non-reentrant checkpointing:
+    - the recompute runs the whole forward again under torch.enable_grad() (no early stop, unlike the
+      non-reentrant _recomputation_hook), with the incoming gradient alive: the block's forward peak;
+    - then ``torch.autograd.backward(outputs_with_grad, args_with_grad)`` replays the block's nodes
+      (peftcalc.backward) with every recomputed saved tensor held from the start, as without
+      checkpointing, while ``outputs`` keeps the recomputed block output referenced and ``args`` the
+      incoming gradient, both to the end (the engine passes the incoming gradient on, and sums into it,
+      but cannot free it before CheckpointFunction.backward returns). A sentinel node created first (so
+      replayed last) holds the incoming gradient (Node.hold on the output's node).
+    The detached input is a leaf that requires grad: under autocast the ops that cast it share one cached
+    cast (autocast_in), where a forward makes one per op (traced: BERT's query, key and value Linears).
+    Autocast's cache of the recompute empties when its autocast context exits, before the backward."""
+    rec = Recorder(ctx, bucket=0)
+    x = rec.new(ctx.tokens * spec.hidden_size, input_dtype, input_rg)
+    if input_rg:  # detach_variable: x.detach() with x's requires_grad, a leaf (autocast caches its casts)
+        rec.leaf_casts[x.id] = None
+    out = BLOCKS[spec.model_type](rec, spec, plan, lt, x)
+    incoming = out.nbytes if out.rg else 0
+    x_saved = x.nbytes if x.id in rec.saved else 0
+    recompute = BackwardPeak(rec.forward_peak_saved - x_saved,
+                             incoming + rec.forward_peak - rec.forward_peak_saved - (x.nbytes - x_saved))
+    saved = rec.saved_bytes()
+    if x.id in saved:
+        saved[x.id] = 0
+    sentinel = rec.next_id + 1
+    nodes = [Node(sentinel)] + [Node(*n)._replace(hold=sentinel) if n[0] == out.id else n for n in rec.nodes]
+    replay = run_backward(nodes, saved, {out.id: out.nbytes} if out.rg else {}, in_place=ctx.device == "cuda")
+    output = out.nbytes if (out.base or out).id not in rec.saved else 0
+    inner = BackwardPeak(replay.peak.saved, replay.peak.buffers + output, replay.peak.params)
+    return inner if inner.total > recompute.total else recompute
+
+
 def _stream_dtype(ctx: Ctx) -> str:
     return ctx.weight
 
@@ -1923,6 +2093,13 @@ def _trainable_names(plan: Plan) -> frozenset:
     """Names of the trainable parameters outside the blocks (a modules_to_save copy counts as its
     original)."""
     return frozenset(g.name.split("#", 1)[0] for g in plan.groups if g.trainable and g.layer is None)
+
+
+def _trained_norm_params(plan: Plan, path: str) -> int:
+    """How many of the weight and bias of the LayerNorm at `path` (outside the blocks) train (2 when
+    neither does: layer_norm then makes no parameter gradient)."""
+    names = _trainable_names(plan)
+    return ((f"{path}.weight" in names) + (f"{path}.bias" in names)) or 2
 
 
 def _trains(plan: Plan, path: str, weight_only: bool = False) -> bool:
@@ -1944,10 +2121,11 @@ def _embeddings(rec: Recorder, spec: ModelSpec, plan: Plan, layout: Layout, x: T
         return dropout(rec, x, dropout_p(spec, "embd"), "embeddings.dropout")
     if spec.model_type in ("bert", "roberta"):
         norm = f"{layout.embedding_path.rsplit('.', 1)[0]}.LayerNorm"
-        x = layer_norm(rec, x, _trains(plan, norm), h, "embeddings.LayerNorm")
+        x = layer_norm(rec, x, _trains(plan, norm), h, "embeddings.LayerNorm", _trained_norm_params(plan, norm))
         return dropout(rec, x, dropout_p(spec, "embd"), "embeddings.dropout")
     if spec.model_type == "clip_vision_model":
-        return layer_norm(rec, x, _trains(plan, "pre_layrnorm"), h, "pre_layrnorm")
+        return layer_norm(rec, x, _trains(plan, "pre_layrnorm"), h, "pre_layrnorm",
+                          _trained_norm_params(plan, "pre_layrnorm"))
     return x
 
 
@@ -1960,7 +2138,8 @@ def _head_linear(rec: Recorder, plan: Plan, x: T, path: str, in_f: int, out_f: i
     lora = s.method in ("lora", "qlora") and path in plan.targets
     w = _trains(plan, path, True) if trains is None else trains
     return linear(rec, x, in_f, out_f, w, tag, lora_rank=s.rank if lora else 0, dora=s.dora and lora,
-                  quantized=path in quantized_paths(plan), bias=path in _biased_paths(build_layout(plan.spec)))
+                  quantized=path in quantized_paths(plan), bias=path in _biased_paths(build_layout(plan.spec)),
+                  bias_trains=f"{path}.bias" in _trainable_names(plan))
 
 
 @lru_cache(maxsize=256)
@@ -1994,7 +2173,8 @@ def _final_norm(rec: Recorder, spec: ModelSpec, plan: Plan, layout: Layout, x: T
     norm_trains = _trains(plan, layout.final_norm_path)
     if spec.model_type in ("llama", "mistral", "qwen2"):
         return rms_norm(rec, x, norm_trains, "norm")
-    return layer_norm(rec, x, norm_trains, spec.hidden_size, layout.final_norm_path)
+    return layer_norm(rec, x, norm_trains, spec.hidden_size, layout.final_norm_path,
+                      _trained_norm_params(plan, layout.final_norm_path))
 
 
 def _head(rec: Recorder, spec: ModelSpec, plan: Plan, layout: Layout, x: T):
@@ -2014,10 +2194,10 @@ def _head(rec: Recorder, spec: ModelSpec, plan: Plan, layout: Layout, x: T):
         norm = f"{c}.transform.LayerNorm" if spec.model_type == "bert" else f"{c}.layer_norm"
         d = _head_linear(rec, plan, x, dense, h, h, "mlm.dense")
         d = activation(rec, d, "gelu", "mlm.act")
-        d = layer_norm(rec, d, _trains(plan, norm), h, "mlm.layer_norm")
+        d = layer_norm(rec, d, _trains(plan, norm), h, "mlm.layer_norm", _trained_norm_params(plan, norm))
         tied = layout.head_tied_to_embedding and plan.embedding_trains  # its gradient waits for the lookup's
         logits = linear(rec, d, h, spec.vocab_size, _trains(plan, f"{c}.decoder", True) or tied, "mlm.decoder",
-                        grad_pending=tied)
+                        grad_pending=tied, bias=True, bias_trains=_trains(plan, _mlm_decoder_bias(spec, layout)))
         return tok * spec.vocab_size, x, logits
     if spec.task == "seq_cls" and spec.is_decoder:  # score on every position, then gather the last
         scores = _head_linear(rec, plan, x, "score", h, spec.num_labels, "score")
@@ -2056,6 +2236,14 @@ def _head(rec: Recorder, spec: ModelSpec, plan: Plan, layout: Layout, x: T):
                  [(x32.id, "d")], [xs])
         rec.node(loss, [("new", "d", n)], [(sq.id, "d")])
     return 0, x, loss
+
+
+def _mlm_decoder_bias(spec: ModelSpec, layout: Layout) -> str:
+    """The masked-LM decoder's bias parameter: BertLMPredictionHead's / RobertaLMHead's ``bias``, which
+    ``decoder.bias`` is (the layout's "<head>.bias"), or an untied decoder's own."""
+    c = "cls.predictions" if spec.model_type == "bert" else "lm_head"
+    names = {m.path for m in layout.modules}
+    return f"{c}.bias" if f"{c}.bias" in names else f"{c}.decoder.bias"
 
 
 def _unsaved_model_output(rec: Recorder, hidden: T) -> int:
@@ -2167,10 +2355,31 @@ def _autocast_cached_numel(plan: Plan) -> int:
     """Elements of the weights autocast caches a copy of (_autocast_weight_cache), from the plan alone."""
     layout = build_layout(plan.spec)
     matmul_params = {f"{m.path}.{p}" for m in layout.modules if m.kind in LINEAR_KINDS for p in ("weight", "bias")}
+    if plan.spec.task == "masked_lm":  # the decoder's bias, a parameter of the head (_mlm_decoder_bias)
+        matmul_params.add(_mlm_decoder_bias(plan.spec, layout))
     numel = sum(g.numel for g in plan.groups if g.trainable and (g.name in matmul_params or g.origin == "lora"))
     if layout.head_tied_to_embedding and plan.embedding_trains:
         numel += plan.spec.vocab_size * plan.spec.hidden_size
     return numel
+
+
+def _autocast_cached_by_layer(plan: Plan, ctx: Ctx) -> tuple:
+    """Per block, the bytes of autocast's cached copies of its trainable matmul weights and biases (the
+    part of _autocast_weight_cache each block owns; 0 without autocast)."""
+    if not ctx.autocast:
+        return (0,) * plan.spec.num_layers
+    return tuple(n * DTYPE_BYTES[ctx.autocast] for n in _autocast_cached_numel_by_layer(plan))
+
+
+@lru_cache(maxsize=1024)
+def _autocast_cached_numel_by_layer(plan: Plan) -> tuple:
+    layout = build_layout(plan.spec)
+    matmul_params = {f"{m.path}.{p}" for m in layout.modules if m.kind in LINEAR_KINDS for p in ("weight", "bias")}
+    numel = [0] * plan.spec.num_layers
+    for g in plan.groups:
+        if g.trainable and g.layer is not None and (g.name in matmul_params or g.origin == "lora"):
+            numel[g.layer] += g.numel
+    return tuple(numel)
 
 
 def _saved_before_last_light_block(per_layer: tuple) -> int:
@@ -2257,11 +2466,14 @@ def _vision_saves(plan: Plan, t: TrainingSettings) -> VisionSaves:
     below saved, this layer's saves up to its activation, and what its forward holds unsaved, the
     LayerNorm's output, the activation's output and fc2's output; in a layer that saves nothing (its input
     needs no gradient, or it is checkpointed), the working set of vision_forward_bytes. The encoder's input
-    (pre_layrnorm's output) is alive throughout; it is among the saves when checkpointing keeps it."""
+    (pre_layrnorm's output) is alive throughout; it is among the saves when checkpointing keeps it.
+    With checkpoint_every > 1 only the layers peftcalc.checkpointing names are checkpointed; the others
+    save as without checkpointing (their input still needs a gradient: the hook is on)."""
     from peftcalc.methods import vision_layers_used
 
     vplan = vision_plan(plan)
     input_rg = t.grad_checkpointing  # see _vision_input_grad_saves
+    wrapped = checkpointed_layers(plan.spec, t, "vision") or (False,) * plan.spec.vision.num_layers
     if vplan.lowest_trainable_layer is None and not input_rg:
         return VisionSaves()
     vspec = vplan.spec
@@ -2278,15 +2490,15 @@ def _vision_saves(plan: Plan, t: TrainingSettings) -> VisionSaves:
         saved, tags, x_rg_next, x_dtype_next = block.saved, block.tags, block.out_rg, block.out_dtype
         hook = {tag: nbytes for tag, nbytes in tags if tag.startswith(BLOCK_ADAPTER_TAG + ".")}
         after_mlp = sum(nbytes for tag, nbytes in tags if tag.startswith(("mlp.fc2.adapter.", BLOCK_ADAPTER_TAG + ".")))
-        if t.grad_checkpointing and saved:
+        if wrapped[i] and saved:
             inside = saved - sum(hook.values())
             saved = (tok * h * DTYPE_BYTES[_stream_dtype(ctx)] if inside else 0) + sum(hook.values())
             cached += sum(nbytes for tag, nbytes in hook.items() if tag.endswith(".autocast_weight"))
         before = kept + dropped
-        if saved - after_mlp and not t.grad_checkpointing:  # LayerNorm output, activation output, fc2 output
+        if saved - after_mlp and not wrapped[i]:  # LayerNorm output, activation output, fc2 output
             peak = max(peak, before + saved - after_mlp + tok * h * wb + tok * inter * cb + tok * h * cb)
         else:  # the layer's input (unless kept as a checkpoint's or it is the encoder input), x2, working set
-            own_input = tok * h * wb if i and not (t.grad_checkpointing and saved - sum(hook.values())) else 0
+            own_input = tok * h * wb if i and not (wrapped[i] and saved - sum(hook.values())) else 0
             peak = max(peak, before + saved - after_mlp + own_input + _frozen_layer_working_set(vspec, ctx))
         if i < used:
             kept += saved
@@ -2336,7 +2548,8 @@ def _vlm_profile(plan: Plan, t: TrainingSettings) -> ActivationProfile:
 
     spec = plan.spec
     t_text = vlm_text_training(spec, t)
-    text = activation_profile(text_plan(plan), t_text)
+    # the language model's layers come after the vision tower's in model.modules() (peftcalc.checkpointing)
+    text = _model_profile(text_plan(plan), t_text, checkpointed_layers(spec, t, "text"))
     ctx = make_ctx(spec.text, text_plan(plan), t_text)
     rec = Recorder(ctx)
     b, itok = ctx.batch, spec.image_tokens
@@ -2534,6 +2747,9 @@ class QFormerSaves:
     by_tag: tuple
     tower_output: int = 0  # the tower's output when the Q-Former reads an fp32 copy of it (see qformer_ctx)
     unsaved_bias_copies: int = 0  # autocast's cached copies of the trainable Linear biases (in `unsaved`)
+    # autocast's cached copies of trainable weights that layers checkpointing leaves unwrapped save (in
+    # `checkpointed`, as they are also in the cache memory counts under checkpointing)
+    unwrapped_saved_copies: int = 0
 
 
 def qformer_ctx(plan: Plan, ctx: Ctx) -> Ctx:
@@ -2547,7 +2763,7 @@ def qformer_ctx(plan: Plan, ctx: Ctx) -> Ctx:
 
 
 @lru_cache(maxsize=4096)
-def qformer_saves(plan: Plan, ctx: Ctx) -> QFormerSaves:
+def qformer_saves(plan: Plan, ctx: Ctx, wrapped: tuple = ()) -> QFormerSaves:
     """Blip2ForConditionalGeneration.get_image_features after the frozen tower: query_tokens.expand(b),
     Blip2QFormerModel (layernorm on the query tokens, whose input is a view of the parameter and no
     activation; dropout; the layers, with the tower's post_layernorm output as encoder_hidden_states, in
@@ -2560,6 +2776,9 @@ def qformer_saves(plan: Plan, ctx: Ctx) -> QFormerSaves:
     checkpoints keep), and get_image_features casts its output back to the image features' dtype
     (``query_output.to(image_embeds.dtype)``) before the projection, which saves that cast; the tower's
     output and the fp32 last hidden state stay alive, unsaved, in the returned outputs.
+    `wrapped` (peftcalc.checkpointing, per layer; empty: every layer) says which layers checkpointing
+    wraps: the others keep what they save, and the image features are the checkpoints' only while a
+    wrapped layer saves (unless an unwrapped layer's cross-attention saved them already).
     Alive until the forward returns and saved by no op: the image features and the Q-Former's last hidden
     state when only cast copies of them are saved (autocast), and autocast's cached copies (torch.autocast
     caches the cast of every leaf that requires grad) of the trainable Linear biases (addmm's bias gradient
@@ -2582,13 +2801,17 @@ def qformer_saves(plan: Plan, ctx: Ctx) -> QFormerSaves:
     x = rec.new(batch * n * hq, "float32" if ctx.autocast else qctx.weight, queries_rg or norm_trains)
     image = cast(rec, tower_out, qctx.weight)
     x = dropout(rec, x, dropout_p(qspec, "embd"), f"{QFORMER}.dropout")
-    kept = 0
+    kept = unwrapped = 0
+    wrapped = wrapped or (True,) * qspec.num_layers
     for i in range(qspec.num_layers):
         rec.bucket = i
         before = set(rec.saved)
         x_in = x
         x = qformer_layer(rec, spec, trains, i, x, image)
-        if any(rec.saved[k][2] for k in set(rec.saved) - before):
+        layer_saved = sum(rec.saved[k][2] for k in set(rec.saved) - before)
+        if not wrapped[i]:
+            unwrapped += layer_saved
+        elif layer_saved:
             kept += x_in.nbytes
     rec.bucket = "post"
     rec.ctx = ctx
@@ -2596,7 +2819,12 @@ def qformer_saves(plan: Plan, ctx: Ctx) -> QFormerSaves:
     buckets = rec.bytes_by_bucket()
     layers = sum(v for k, v in buckets.items() if isinstance(k, int))
     cached = sum(n for bucket, tag, n in rec.saved.values() if bucket == "post" and tag.endswith(".autocast_weight"))
-    checkpointed = buckets.get("pre", 0) + buckets.get("post", 0) + kept + (image.nbytes if kept else 0)
+    image_bucket = rec.saved.get(image.id, (None,))[0]
+    image_unwrapped = isinstance(image_bucket, int) and not wrapped[image_bucket]
+    checkpointed = (buckets.get("pre", 0) + buckets.get("post", 0) + kept + unwrapped
+                    + (image.nbytes if kept and not image_unwrapped else 0))
+    unwrapped_copies = sum(c.nbytes for c in rec.cached if c.id in rec.saved and isinstance(rec.saved[c.id][0], int)
+                           and not wrapped[rec.saved[c.id][0]])
     unsaved = x.nbytes if x.id not in rec.saved else 0
     weight_copies = bias_copies = 0
     if ctx.autocast:
@@ -2609,7 +2837,7 @@ def qformer_saves(plan: Plan, ctx: Ctx) -> QFormerSaves:
                         unsaved_weight_copies=weight_copies, saved_weight_copies=cached, output_rg=out.rg,
                         by_tag=tuple(rec.bytes_by_tag().items()),
                         tower_output=tower_out.nbytes if image is not tower_out else 0,
-                        unsaved_bias_copies=bias_copies)
+                        unsaved_bias_copies=bias_copies, unwrapped_saved_copies=unwrapped_copies)
 
 
 def _trainable_linear_numel(plan: Plan, suffix: str, *modules: str) -> int:
@@ -2675,7 +2903,9 @@ def _blip2_profile(plan: Plan, t: TrainingSettings) -> ActivationProfile:
     t_text = replace(t, seq_len=t.seq_len + blip2_image_tokens(spec))
     ctx = make_ctx(tspec, plan, t_text)
     h, tok = spec.hidden_size, ctx.tokens
-    q = qformer_saves(plan, replace(ctx, seq=blip2_image_tokens(spec), kv_seq=blip2_image_tokens(spec)))
+    q = qformer_saves(plan, replace(ctx, seq=blip2_image_tokens(spec), kv_seq=blip2_image_tokens(spec)),
+                      checkpointed_layers(spec, t, "qformer"))
+    wrapped = checkpointed_layers(spec, t, "text")
     rec = Recorder(ctx)
     if q.output_rg:  # masked_scatter saves its (b, seq, 1) bool mask for the gradients of both inputs
         rec.save_new(tok, "uint8", "masked_scatter.mask")
@@ -2683,7 +2913,7 @@ def _blip2_profile(plan: Plan, t: TrainingSettings) -> ActivationProfile:
     outputs = blip2_forward_outputs(spec, ctx, q, t.grad_checkpointing)
     # OPTDecoder.forward rebinds hidden_states: the blocks' first input is not held (inputs_embeds is,
     # among `outputs`)
-    blocks = _run_blocks(rec, tspec, plan, layout, ctx, x, outputs, False)
+    blocks = _run_blocks(rec, tspec, plan, layout, ctx, x, outputs, False, wrapped, t.checkpoint_reentrant)
     rec.bucket = "post"
     head_start = len(rec.nodes)
     logits_numel, x, root = _head(rec, tspec, plan, layout, blocks.out)
@@ -2693,7 +2923,7 @@ def _blip2_profile(plan: Plan, t: TrainingSettings) -> ActivationProfile:
         tags[tag] = tags.get(tag, 0) + nbytes
     by_bucket = rec.bytes_by_bucket()
     per_layer = blocks.per_layer
-    saving = [a for a in per_layer if a]
+    saving = [a for i, a in enumerate(per_layer) if a and (not wrapped or wrapped[i])]
     # OPTDecoder's position_ids (b x seq, int64) are an input of every checkpointed layer
     ckpt_inputs = len(saving) * tok * h * DTYPE_BYTES[_stream_dtype(ctx)] + (tok * 8 if saving else 0)
     qformer = q.checkpointed if t.grad_checkpointing else q.saved
@@ -2701,7 +2931,8 @@ def _blip2_profile(plan: Plan, t: TrainingSettings) -> ActivationProfile:
     loss = _loss_buffers(tspec, ctx, logits_numel)
     transient = _forward_transient(tspec, plan, ctx, per_layer) + outputs
     transient_saved = _saved_before_last_light_block(per_layer)
-    block_saved, block_live = blocks.forward_block[0] + qformer, blocks.forward_block[1]
+    forward_block = blocks.mixed_forward_block if blocks.kept else blocks.forward_block
+    block_saved, block_live = forward_block[0] + qformer, forward_block[1]
     vision = eva_forward_bytes(spec, ctx)  # runs before anything is saved
     if vision > pre + (0 if t.grad_checkpointing else transient_saved) + transient:
         transient, transient_saved = vision - pre, 0
@@ -2722,7 +2953,8 @@ def _blip2_profile(plan: Plan, t: TrainingSettings) -> ActivationProfile:
         forward_transient_saved=transient_saved,
         # the projection's saved weight copy is the cache's own, already in `pre`; the biases' copies are
         # among the forward's outputs (blip2_forward_outputs: QFormerSaves.unsaved)
-        autocast_weight_cache=_autocast_weight_cache(plan, ctx) - q.saved_weight_copies - q.unsaved_bias_copies,
+        autocast_weight_cache=_autocast_weight_cache(plan, ctx) - q.saved_weight_copies - q.unsaved_bias_copies
+        - q.unwrapped_saved_copies - _unwrapped_saved_copies(plan, ctx, blocks, wrapped),
         # Blip2ForConditionalGeneration.forward computes the loss itself, after OPTForCausalLM.forward has
         # returned CausalLMOutputWithPast (logits and past_key_values): the decoder's last hidden state
         # died with OPTForCausalLM's `outputs`, so no model_output is alive while the loss runs (traced)
@@ -2733,4 +2965,6 @@ def _blip2_profile(plan: Plan, t: TrainingSettings) -> ActivationProfile:
         forward_leaves=blocks.leaves,
         blocks=blocks.blocks,
         by_tag=tuple(sorted(tags.items())),
+        checkpointed=wrapped,
+        reentrant_backward=blocks.reentrant if t.checkpoint_reentrant else (),
     )

@@ -202,6 +202,8 @@ def estimate(
     grad_checkpointing: bool = False,
     attention: str = "sdpa",
     device: str = "cuda",
+    checkpoint_every: int = 1,
+    checkpoint_reentrant: bool = False,
     gpu: str | None = None,
     price: float | None = None,
     tasks: int = 1,
@@ -219,7 +221,8 @@ def estimate(
                                 vision_layers=vision_layers, prepare_kbit=prepare_kbit)
     settings = _resolved(spec, settings)
     t = TrainingSettings(batch_size=batch_size, seq_len=seq_len, precision=precision, optimizer=optimizer,
-                         grad_checkpointing=grad_checkpointing, attention=attention, device=device)
+                         grad_checkpointing=grad_checkpointing, attention=attention, device=device,
+                         checkpoint_every=checkpoint_every, checkpoint_reentrant=checkpoint_reentrant)
     check_training(t)
     check_combination(spec, settings, seq_len, grad_checkpointing)
     if tasks < 1:

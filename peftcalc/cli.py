@@ -50,6 +50,12 @@ SEQ = typer.Option(512, "--seq-len", "-s", help="Sequence length in tokens (visi
 PRECISION = typer.Option("bf16", "--precision", help="fp32 | bf16 | amp-bf16 | fp16 | amp-fp16")
 OPTIMIZER = typer.Option("adamw", "--optimizer", help="adamw | adamw-8bit | sgd | adafactor")
 CKPT = typer.Option(False, "--grad-checkpointing", help="Gradient checkpointing (non-reentrant, per block).")
+CKPT_EVERY = typer.Option(1, "--checkpoint-every", help="With --grad-checkpointing: checkpoint every N-th block only "
+                          "(transformers activation_checkpointing_enable(every_n_layers=N)); the others keep their "
+                          "activations (default 1: every block).")
+CKPT_REENTRANT = typer.Option(False, "--checkpoint-reentrant", help="With --grad-checkpointing: reentrant "
+                              "checkpointing (use_reentrant=True, what peft.prepare_model_for_kbit_training's "
+                              "default gets from torch).")
 ATTENTION = typer.Option("sdpa", "--attention", help="sdpa | eager")
 DEVICE = typer.Option("cuda", "--device", help="cuda: predict max_memory_allocated; cpu: predict the CPU/fake trace.")
 GPU_OPT = typer.Option(None, "--gpu", help="GPU for time and cost (default: the cheapest one that fits).")
@@ -73,7 +79,8 @@ def estimate(
     num_virtual_tokens: Optional[int] = VIRTUAL_TOKENS, trainable_layers: Optional[int] = TRAINABLE_LAYERS,
     vision_layers: Optional[int] = VISION_LAYERS, prepare_kbit: Optional[bool] = PREPARE_KBIT,
     batch_size: int = BATCH, seq_len: int = SEQ, precision: str = PRECISION, optimizer: str = OPTIMIZER,
-    grad_checkpointing: bool = CKPT, attention: str = ATTENTION, device: str = DEVICE, gpu: Optional[str] = GPU_OPT,
+    grad_checkpointing: bool = CKPT, checkpoint_every: int = CKPT_EVERY, checkpoint_reentrant: bool = CKPT_REENTRANT,
+    attention: str = ATTENTION, device: str = DEVICE, gpu: Optional[str] = GPU_OPT,
     price: Optional[float] = PRICE, tasks: int = TASKS, dataset_tokens: int = DATASET_TOKENS, mfu: float = MFU,
     format: str = FORMAT,
 ) -> None:
@@ -87,6 +94,7 @@ def estimate(
                      num_virtual_tokens=num_virtual_tokens, trainable_layers=trainable_layers,
                      vision_layers=vision_layers, prepare_kbit=prepare_kbit, batch_size=batch_size,
                      seq_len=seq_len, precision=precision, optimizer=optimizer, grad_checkpointing=grad_checkpointing,
+                     checkpoint_every=checkpoint_every, checkpoint_reentrant=checkpoint_reentrant,
                      attention=attention, device=device, gpu=gpu, price=price, tasks=tasks,
                      dataset_tokens=dataset_tokens, mfu=mfu)
     typer.echo(render_estimate(e, format))
@@ -96,7 +104,8 @@ def estimate(
 def compare(
     model: str = MODEL_ARG, rank: Optional[int] = RANK, targets: Optional[str] = TARGETS,
     batch_size: int = BATCH, seq_len: int = SEQ, precision: str = PRECISION, optimizer: str = OPTIMIZER,
-    grad_checkpointing: bool = CKPT, attention: str = ATTENTION, device: str = DEVICE, gpu: Optional[str] = GPU_OPT,
+    grad_checkpointing: bool = CKPT, checkpoint_every: int = CKPT_EVERY, checkpoint_reentrant: bool = CKPT_REENTRANT,
+    attention: str = ATTENTION, device: str = DEVICE, gpu: Optional[str] = GPU_OPT,
     tasks: int = TASKS, dataset_tokens: int = DATASET_TOKENS, mfu: float = MFU, format: str = FORMAT,
 ) -> None:
     """Every method side by side on one model and one training setting."""
@@ -105,6 +114,7 @@ def compare(
     _check_format(format)
     rows = compare_methods(model, rank=rank, targets=targets, batch_size=batch_size, seq_len=seq_len,
                            precision=precision, optimizer=optimizer, grad_checkpointing=grad_checkpointing,
+                           checkpoint_every=checkpoint_every, checkpoint_reentrant=checkpoint_reentrant,
                            attention=attention, device=device, gpu=gpu, tasks=tasks, dataset_tokens=dataset_tokens,
                            mfu=mfu)
     typer.echo(render_compare(rows, format))
@@ -122,6 +132,7 @@ def crossover(
     batch_size: int = BATCH, seq_len: int = typer.Option(128, "--seq-len", "-s", help="Sequence length (where "
                                                          "the scan starts with --over seq-len)."),
     precision: str = PRECISION, optimizer: str = OPTIMIZER, grad_checkpointing: bool = CKPT,
+    checkpoint_every: int = CKPT_EVERY, checkpoint_reentrant: bool = CKPT_REENTRANT,
     attention: str = ATTENTION, device: str = DEVICE, format: str = FORMAT,
 ) -> None:
     """Where a method stops saving memory against another (default: full fine-tuning) as the sequence
@@ -133,7 +144,8 @@ def crossover(
                                        adapter_kind=adapter_kind, num_virtual_tokens=num_virtual_tokens,
                                        trainable_layers=trainable_layers).items() if v is not None}
     training = dict(batch_size=batch_size, seq_len=seq_len, precision=precision, optimizer=optimizer,
-                    grad_checkpointing=grad_checkpointing, attention=attention, device=device)
+                    grad_checkpointing=grad_checkpointing, checkpoint_every=checkpoint_every,
+                    checkpoint_reentrant=checkpoint_reentrant, attention=attention, device=device)
     r = find_crossover(model, method=method or "lora", against=against, over=over, limit=limit, training=training,
                        **method_kw)
     typer.echo(render_crossover(r, format))
@@ -175,7 +187,8 @@ def measure(
     num_virtual_tokens: Optional[int] = VIRTUAL_TOKENS, trainable_layers: Optional[int] = TRAINABLE_LAYERS,
     prepare_kbit: Optional[bool] = PREPARE_KBIT,
     batch_size: int = BATCH, seq_len: int = SEQ, precision: str = PRECISION, optimizer: str = OPTIMIZER,
-    grad_checkpointing: bool = CKPT, attention: str = ATTENTION,
+    grad_checkpointing: bool = CKPT, checkpoint_every: int = CKPT_EVERY, checkpoint_reentrant: bool = CKPT_REENTRANT,
+    attention: str = ATTENTION,
     device: Optional[str] = typer.Option(None, "--device", help="cuda | cpu | fake (fake: meta-device model on "
                                          "fake tensors, no memory used). Default cuda for one run; for "
                                          "--matrix, the matrix's own devices."),
@@ -224,7 +237,8 @@ def measure(
     dev = device or "cuda"
     training = TrainingSettings(batch_size=batch_size, seq_len=seq_len, precision=precision, optimizer=optimizer,
                                 grad_checkpointing=grad_checkpointing, attention=attention,
-                                device="cuda" if dev == "cuda" else "cpu")
+                                device="cuda" if dev == "cuda" else "cpu", checkpoint_every=checkpoint_every,
+                                checkpoint_reentrant=checkpoint_reentrant)
     row = measure_one(spec, settings, training, device=dev, steps=steps)
     if format == "json":
         typer.echo(to_json_line(row))

@@ -76,8 +76,11 @@ def method_summary(e) -> str:
 
 
 def training_summary(t) -> str:
-    return (f"batch {t.batch_size} x seq {t.seq_len}, {t.precision}, {t.optimizer}, {t.attention} attention"
-            + (", gradient checkpointing" if t.grad_checkpointing else ""))
+    ckpt = ""
+    if t.grad_checkpointing:
+        ckpt = ", gradient checkpointing" + (f" every {t.checkpoint_every} blocks" if t.checkpoint_every != 1 else "")
+        ckpt += " (reentrant)" if t.checkpoint_reentrant else ""
+    return f"batch {t.batch_size} x seq {t.seq_len}, {t.precision}, {t.optimizer}, {t.attention} attention" + ckpt
 
 
 def render_estimate_text(e) -> str:
@@ -132,6 +135,8 @@ def estimate_flat(e) -> dict:
         "precision": e.training.precision,
         "optimizer": e.training.optimizer,
         "grad_checkpointing": e.training.grad_checkpointing,
+        "checkpoint_every": e.training.checkpoint_every,
+        "checkpoint_reentrant": e.training.checkpoint_reentrant,
         "attention": e.training.attention,
         "device": e.memory.device,
         "params_total": e.params.total,

@@ -88,13 +88,18 @@ def step_flops(plan: Plan, t: TrainingSettings, tokens_per_sequence: int) -> Ste
     parameter lies below it, and once more for its weight gradient, when its weight trains (so full
     fine-tuning is the familiar 6N per token, and a frozen layer above LoRA costs 4N, not 6N).
     Nothing below the lowest trainable parameter runs backward. Checkpointing re-runs the forward of
-    the blocks that run backward (Narayanan et al. 2021, Megatron-LM, section 5.1).
+    the blocks that run backward (Narayanan et al. 2021, Megatron-LM, section 5.1), of those it wraps
+    (peftcalc.checkpointing: every N-th with --checkpoint-every N; a reentrant checkpoint re-runs the
+    whole block, as counted here).
     Embedding lookups, norms and element-wise ops are not counted (under 1% for these models).
     """
+    from peftcalc.checkpointing import checkpointed_layers
+
     spec = plan.spec
     if spec.model_type == "blip-2":
         return _blip2_step_flops(plan, t, tokens_per_sequence)
     layout = build_layout(spec)
+    wrapped = checkpointed_layers(spec, t, "text")
     b = t.batch_size
     seq = tokens_per_sequence
     kv_seq = seq + (plan.settings.num_virtual_tokens if plan.settings.method == "prefix" else 0)
@@ -131,7 +136,7 @@ def step_flops(plan: Plan, t: TrainingSettings, tokens_per_sequence: int) -> Ste
             lf = 2.0 * r * (m.in_features + m.out_features) * tokens_m
             fwd += lf
             bwd += 2 * lf
-        if t.grad_checkpointing and m.layer is not None and (flows or grad_w):
+        if wrapped and m.layer is not None and wrapped[m.layer] and (flows or grad_w):
             recompute += f
     if spec.is_vlm:  # the vision tower's attention, its adapters and its backward
         fwd += 4.0 * b * spec.vision.vision_seq_len ** 2 * spec.vision.q_dim * spec.vision.num_layers
@@ -142,7 +147,7 @@ def step_flops(plan: Plan, t: TrainingSettings, tokens_per_sequence: int) -> Ste
         fwd += attn_per_layer
         if input_grad_from is not None and i >= input_grad_from:
             bwd += 2 * attn_per_layer
-            if t.grad_checkpointing:
+            if wrapped and wrapped[i]:
                 recompute += attn_per_layer
     return StepFlops(fwd, bwd, recompute)
 
@@ -155,8 +160,10 @@ def _blip2_step_flops(plan: Plan, t: TrainingSettings, tokens_per_sequence: int)
     embeddings. A trainable Q-Former sends gradients back through every OPT block to the projection (input
     gradients), and through its own layers (input gradients, except for the cross-attention keys and values,
     whose input is the frozen tower's output; weight gradients where weights train). Checkpointing re-runs
-    the forward of the OPT blocks and of the Q-Former layers (both GradientCheckpointingLayers)."""
+    the forward of the OPT blocks and of the Q-Former layers it wraps (both GradientCheckpointingLayers;
+    peftcalc.checkpointing)."""
     from peftcalc.activations import blip2_image_tokens, blip2_parts, blip2_vision_tokens
+    from peftcalc.checkpointing import checkpointed_layers
     from peftcalc.layout import LANGUAGE_PROJECTION, QFORMER, QUERY_TOKENS
 
     spec = plan.spec
@@ -169,6 +176,7 @@ def _blip2_step_flops(plan: Plan, t: TrainingSettings, tokens_per_sequence: int)
     below_text = qformer_grad or any(n.startswith(LANGUAGE_PROJECTION + ".") for n in trains)
     matmuls = [m for m in build_layout(spec).modules if m.kind in LINEAR_KINDS]
     matmuls.append(Module("lm_head", "linear", (spec.vocab_size, spec.hidden_size), False, None, "head"))
+    wrapped_text, wrapped_qformer = checkpointed_layers(spec, t, "text"), checkpointed_layers(spec, t, "qformer")
     fwd = bwd = recompute = 0.0
     for m in matmuls:
         cross_kv = m.path.endswith((".crossattention.attention.key", ".crossattention.attention.value"))
@@ -190,20 +198,33 @@ def _blip2_step_flops(plan: Plan, t: TrainingSettings, tokens_per_sequence: int)
         else:
             grad_in = below_text
         bwd += f * (grad_in + grad_w)
-        checkpointed = m.layer is not None or m.path.startswith(QFORMER + ".")
-        if t.grad_checkpointing and checkpointed and (grad_in or grad_w):
+        if _blip2_wrapped(m, wrapped_text, wrapped_qformer) and (grad_in or grad_w):
             recompute += f
     fwd += 4.0 * b * vision_tokens ** 2 * vspec.q_dim * vspec.num_layers
-    qformer_attn = 4.0 * b * queries * qspec.q_dim * (queries * qspec.num_layers + vision_tokens * sum(
-        1 for i in range(qspec.num_layers) if i % dict(spec.blip2)["qformer_cross_attention_frequency"] == 0))
-    text_attn = 4.0 * b * seq * seq * spec.q_dim * spec.num_layers
-    fwd += qformer_attn + text_attn
-    for attn, grad in ((qformer_attn, qformer_grad), (text_attn, below_text)):
+    cross = dict(spec.blip2)["qformer_cross_attention_frequency"]
+    qformer_layer_attn = [4.0 * b * queries * qspec.q_dim * (queries + (vision_tokens if i % cross == 0 else 0))
+                          for i in range(qspec.num_layers)]
+    text_layer_attn = [4.0 * b * seq * seq * spec.q_dim] * spec.num_layers
+    fwd += sum(qformer_layer_attn) + sum(text_layer_attn)
+    for attn, grad, wrapped in ((qformer_layer_attn, qformer_grad, wrapped_qformer),
+                                (text_layer_attn, below_text, wrapped_text)):
         if grad:
-            bwd += 2 * attn
-            if t.grad_checkpointing:
-                recompute += attn
+            bwd += 2 * sum(attn)
+            recompute += sum(a for a, w in zip(attn, wrapped) if w)
     return StepFlops(fwd, bwd, recompute)
+
+
+def _blip2_wrapped(m: Module, wrapped_text: tuple, wrapped_qformer: tuple) -> bool:
+    """Whether checkpointing wraps the layer holding matmul `m`: an OPT block (m.layer) or a Q-Former
+    layer (``qformer.encoder.layer.<i>.``)."""
+    from peftcalc.layout import QFORMER
+
+    if m.layer is not None:
+        return bool(wrapped_text) and wrapped_text[m.layer]
+    prefix = f"{QFORMER}.encoder.layer."
+    if wrapped_qformer and m.path.startswith(prefix):
+        return wrapped_qformer[int(m.path[len(prefix):].split(".", 1)[0])]
+    return False
 def _vision_tower_flops(plan: Plan, t: TrainingSettings) -> StepFlops:
     """What a VLM's vision tower adds to the forward matmuls step_flops counts from the layout: the
     adapters' two matmuls each (forward; backward for the weight and, except the lowest adapter, whose input
@@ -213,7 +234,8 @@ def _vision_tower_flops(plan: Plan, t: TrainingSettings) -> StepFlops:
     (--unfreeze-vision-layers), through fc1 and fc2 behind a Houlsby attention adapter, and nowhere for an
     adapter at the layer's end (Pfeiffer, seed 001's block adapter). Under gradient checkpointing the
     tower's input needs a gradient (enable_input_require_grads: activations._vision_input_grad_saves), so
-    every layer the projector reads runs backward and is recomputed once."""
+    every layer the projector reads runs backward and each it wraps (peftcalc.checkpointing) is recomputed
+    once."""
     from peftcalc.activations import vision_plan
     from peftcalc.methods import vision_layers_used
 
@@ -240,7 +262,10 @@ def _vision_tower_flops(plan: Plan, t: TrainingSettings) -> StepFlops:
     elif lowest >= 0 and adapters and kind == "houlsby":
         bwd += 2.0 * 2 * h * inter * tokens
     bwd += full * layer
-    return StepFlops(fwd, bwd, used * layer if t.grad_checkpointing else 0.0)
+    from peftcalc.checkpointing import checkpointed_layers
+
+    wrapped = checkpointed_layers(plan.spec, t, "vision")
+    return StepFlops(fwd, bwd, sum(wrapped[:used]) * layer)
 
 
 def _trainable_modules(plan: Plan) -> set[str]:

@@ -165,7 +165,8 @@ def _optimizer_state_bytes(numel: int, dtype: str, optimizer: str) -> int:
 
 def model_states(plan: Plan, t: TrainingSettings) -> ModelStates:
     """Weights, gradients and optimizer state of every parameter, and the optimizer step's temporaries."""
-    return _model_states(plan, replace(t, batch_size=1, seq_len=1, grad_checkpointing=False, attention="sdpa"))
+    return _model_states(plan, replace(t, batch_size=1, seq_len=1, grad_checkpointing=False, attention="sdpa",
+                                       checkpoint_every=1, checkpoint_reentrant=False))
 
 
 @lru_cache(maxsize=4096)
@@ -392,8 +393,11 @@ def _step_events(plan: Plan, t: TrainingSettings, act: ActivationProfile, ms: Mo
     """forward -> loss -> backward from the head down the blocks -> end of backward -> optimizer step,
     in the steady state (the optimizer states alive throughout; step 1: _step1_peak).
     Without checkpointing every block's saved tensors are alive at the start of backward and block i's
-    are freed after its backward; with checkpointing (torch.utils.checkpoint, non-reentrant) only each
-    block's input is kept and block i's activations exist again while it is recomputed and run backward."""
+    are freed after its backward; with checkpointing (torch.utils.checkpoint) only each checkpointed
+    block's input is kept and block i's activations exist again while it is recomputed and run backward;
+    the blocks checkpointing leaves unwrapped (TrainingSettings.checkpoint_every) keep what they save.
+    What each block keeps (`kept_per_layer`) is its input where it is checkpointed and saves, else
+    what it saves."""
     weights = {"weights_frozen": ms.weights_frozen, "weights_trainable": ms.weights_trainable,
                "buffers": buffer_bytes(plan.spec)}
     maps_held = ms.maps_in_state  # in optimizer.state once the first step has made it
@@ -404,8 +408,11 @@ def _step_events(plan: Plan, t: TrainingSettings, act: ActivationProfile, ms: Mo
     if act.input_leaf:  # the hooked embedding output, held by its AccumulateGrad node to the end of backward
         base["_other"] = base.get("_other", 0) + act.input_leaf
     ckpt = t.grad_checkpointing
+    wrapped = act.checkpointed if ckpt else (False,) * len(act.per_layer)
     saving = [i for i, a in enumerate(act.per_layer) if a]
-    kept_per_layer = {i: (act.checkpoint_inputs // len(saving) if ckpt else act.per_layer[i]) for i in saving}
+    inputs_kept = [i for i in saving if wrapped[i]]
+    kept_per_layer = {i: (act.checkpoint_inputs // len(inputs_kept) if wrapped[i] else act.per_layer[i])
+                      for i in saving}
     remaining = act.pre + sum(kept_per_layer.values())
     # under checkpointing the autocast weight copies are not saved, only cached until the forward ends;
     # without it, what the blocks leave referenced (their cached copies no op saves among it)
@@ -417,29 +424,50 @@ def _step_events(plan: Plan, t: TrainingSettings, act: ActivationProfile, ms: Mo
         _event("forward", dict(base, activations=remaining + act.post + act.loss_saved,
                                logits_loss=act.loss_forward_peak - act.loss_saved,
                                temporaries=cache + act.model_output + act.checkpoint_kwargs)),
-        _event("forward:block", dict(base, activations=act.pre + act.forward_checkpoint_inputs,
-                                     temporaries=act.forward_transient - act.forward_checkpoint_inputs) if ckpt else
-               dict(base, activations=act.forward_block_saved, temporaries=act.forward_block_live)),
+        _forward_block_event(act, base, wrapped, ckpt),
         _event("backward:loss", dict(base, activations=remaining + act.post + act.loss_saved_backward,
                                      logits_loss=act.loss_backward_peak - act.loss_saved_backward + act.loss_scalars,
                                      temporaries=act.checkpoint_kwargs)),
     ]
     tied = _tied_embedding_accumulation(plan, t)
     gradients = grads.total + _cls_token_gradient_storage(plan, t)
-    if ckpt:
-        events += _checkpointed_backward(plan, act, grads, base, kept_per_layer, remaining)
+    if ckpt and all(wrapped):
+        events += _checkpointed_backward(plan, act, grads, base, kept_per_layer, remaining, t.checkpoint_reentrant)
+    elif ckpt:
+        events += _partly_checkpointed_backward(plan, act, grads, base, kept_per_layer, remaining, wrapped,
+                                                t.checkpoint_reentrant)
     else:
         events += _replayed_backward(plan, act, grads, base)
+    # a reentrant checkpoint's function, keyword arguments included, is an attribute of its autograd node's
+    # ctx (CheckpointFunction.forward: ctx.run_function), which lives as long as the graph: to the end of
+    # backward (the harness, like Trainer, drops the loss after backward returns)
+    kwargs_to_end = act.checkpoint_kwargs if ckpt and t.checkpoint_reentrant else 0
     events += [
         # the embeddings' backward: their parameters' gradients are made while the gradient of their output
         # is alive; a tied embedding's two gradients are then summed (_tied_embedding_accumulation)
         _event("backward:end", dict(base, activations=_saved_at_embeddings_backward(act, tied), gradients=gradients,
-                                    temporaries=max(tied, act.embedding_grad) + act.loss_scalars)),
+                                    temporaries=max(tied, act.embedding_grad) + act.loss_scalars + kwargs_to_end)),
         _event("optimizer", dict(weights, inputs=inputs, gradients=gradients, temporaries=ms.optimizer_temporaries,
                                  optimizer_states=ms.optimizer_states + (ms.optimizer_maps if ms.maps_in_state else 0),
                                  _other=0 if ms.maps_in_state else ms.optimizer_maps)),
     ]
     return events
+
+
+def _forward_block_event(act: ActivationProfile, base: dict, wrapped: tuple, ckpt: bool) -> tuple:
+    """The largest peak inside a block's forward: under checkpointing the checkpointed forward's working
+    set (ActivationProfile.forward_transient, on the checkpoints' inputs), without it the peak inside the
+    block whose forward, on what the blocks below saved, is largest (forward_block_*); when only some
+    blocks are checkpointed, the larger of the two, forward_block_* then being the unwrapped blocks'
+    peak on what the blocks below keep (activations._mixed_blocks); on a tie the checkpointed one."""
+    checkpointed = dict(base, activations=act.pre + act.forward_checkpoint_inputs,
+                        temporaries=act.forward_transient - act.forward_checkpoint_inputs)
+    unwrapped = dict(base, activations=act.forward_block_saved, temporaries=act.forward_block_live)
+    if not ckpt:
+        return _event("forward:block", unwrapped)
+    if all(wrapped):
+        return _event("forward:block", checkpointed)
+    return peak_event([_event("forward:block", checkpointed), _event("forward:block", unwrapped)])
 
 
 def _replayed_backward(plan: Plan, act: ActivationProfile, grads: GradientArrival, base: dict) -> list:
@@ -467,8 +495,8 @@ def _replayed_backward(plan: Plan, act: ActivationProfile, grads: GradientArriva
 
 
 def _checkpointed_backward(plan: Plan, act: ActivationProfile, grads: GradientArrival, base: dict,
-                           kept_per_layer: dict, remaining: int) -> list:
-    """Under non-reentrant checkpointing each block keeps only its input until its backward, when its
+                           kept_per_layer: dict, remaining: int, reentrant: bool = False) -> list:
+    """Under checkpointing each block keeps only its input until its backward, when its
     forward is recomputed and its backward runs on the recomputed tensors (_checkpointed_block). A tied
     head's gradient waits for the lookup's all along, a temporary (GradientArrival.head_pending), and
     so do the checkpoints' keyword arguments (ActivationProfile.checkpoint_kwargs)."""
@@ -479,7 +507,7 @@ def _checkpointed_backward(plan: Plan, act: ActivationProfile, grads: GradientAr
     for i in reversed(range(plan.spec.num_layers)):
         if i not in kept_per_layer and not grads.per_layer[i]:
             continue
-        block = _checkpointed_block(base, remaining, arrived, act.blocks[i])
+        block = _checkpointed_block(base, remaining, arrived, _checkpoint_peak(act, i, reentrant))
         events.append(_event(f"backward:layer{i}", dict(block, temporaries=block["temporaries"] + grads.head_pending
                                                         + act.checkpoint_kwargs + act.loss_scalars)))
         arrived += grads.per_layer[i]
@@ -487,14 +515,19 @@ def _checkpointed_backward(plan: Plan, act: ActivationProfile, grads: GradientAr
     return events
 
 
-def _checkpointed_block(base: dict, remaining: int, arrived: int, block) -> dict:
-    """Live bytes at the peak of a checkpointed block's backward (torch.utils.checkpoint, non-reentrant),
-    node by node (`block`: the activations.BlockSimulation, replayed by peftcalc.backward), the recompute
+def _checkpoint_peak(act: ActivationProfile, i: int, reentrant: bool):
+    """The peak of checkpointed block i's backward: non-reentrant, the replay of its
+    activations.BlockSimulation (checkpointed_backward); reentrant, activations._reentrant_block's."""
+    return act.reentrant_backward[i] if reentrant else act.blocks[i].checkpointed_backward
+
+
+def _checkpointed_block(base: dict, remaining: int, arrived: int, peak) -> dict:
+    """Live bytes at the peak of a checkpointed block's backward (torch.utils.checkpoint; `peak`: from
+    _checkpoint_peak), node by node (replayed by peftcalc.backward), the recompute
     of its forward included (what it has saved into the checkpoint's frame, torch/utils/checkpoint.py
     _recomputation_hook.pack_hook, as activations; its other live tensors and the gradient buffers of that
     moment as temporaries). `remaining` holds
     the inputs the checkpoints keep, this block's included."""
-    peak = block.checkpointed_backward
     return dict(base, activations=remaining + peak.saved, gradients=arrived + peak.params, temporaries=peak.buffers)
 
 
@@ -529,6 +562,40 @@ def _saved_at_embeddings_backward(act: ActivationProfile, tied: int) -> int:
     if act.lookup_saved is None:
         return act.pre
     return 0 if tied and tied >= act.embedding_grad else act.lookup_saved
+
+
+def _partly_checkpointed_backward(plan: Plan, act: ActivationProfile, grads: GradientArrival, base: dict,
+                                  kept_per_layer: dict, remaining: int, wrapped: tuple, reentrant: bool) -> list:
+    """The head's and each block's backward when checkpointing wraps only some blocks (`wrapped`,
+    transformers every_n_layers): the head's replayed as without checkpointing, an unwrapped block's too
+    (_replayed_backward: what the blocks below keep, `remaining` less its own, and its replay), a wrapped
+    one's as _checkpointed_backward's. The checkpoints' keyword arguments live until the lowest wrapped
+    block's backward (non-reentrant: its frame's recompute_fn; reentrant: to the end, see _step_events).
+    A VLM's language model may have no wrapped block at all (its vision layers take the wrapped indices)."""
+    lowest = wrapped.index(True) if any(wrapped) else len(wrapped)
+    hp = act.head_backward
+    events = [_event("backward:head", dict(base, activations=remaining + hp.saved,
+                                           gradients=min(hp.params, grads.head_accumulated),
+                                           logits_loss=hp.buffers + act.loss_scalars,
+                                           temporaries=act.checkpoint_kwargs))]
+    arrived = grads.head_accumulated
+    for i in reversed(range(plan.spec.num_layers)):
+        kwargs = act.checkpoint_kwargs if reentrant or i >= lowest else 0
+        if wrapped[i]:
+            if i not in kept_per_layer and not grads.per_layer[i]:
+                continue
+            block = _checkpointed_block(base, remaining, arrived, _checkpoint_peak(act, i, reentrant))
+        else:
+            lb = act.blocks[i].backward
+            if not act.per_layer[i] and not grads.per_layer[i] and not lb.total:
+                continue
+            block = dict(base, activations=remaining - kept_per_layer.get(i, 0) + lb.saved,
+                         gradients=arrived + min(lb.params, grads.per_layer[i]), temporaries=lb.buffers)
+        events.append(_event(f"backward:layer{i}", dict(block, temporaries=block["temporaries"] + grads.head_pending
+                                                        + kwargs + act.loss_scalars)))
+        arrived += grads.per_layer[i]
+        remaining -= kept_per_layer.get(i, 0)
+    return events
 
 
 def _tied_embedding_accumulation(plan: Plan, t: TrainingSettings) -> int:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from peftcalc.errors import InputError
+from peftcalc.errors import CombinationError, InputError
 
 # Precision policies: (storage dtype of the base weights, autocast compute dtype or None).
 #   fp32      everything fp32
@@ -44,6 +44,14 @@ class TrainingSettings:
     grad_checkpointing: bool = False
     attention: str = "sdpa"
     device: str = "cuda"
+    # which blocks gradient checkpointing wraps, and how: transformers 5.x
+    # PreTrainedModel.activation_checkpointing_enable(every_n_layers=N) checkpoints the
+    # GradientCheckpointingLayer modules whose index (over every such module in model.modules() order)
+    # is a multiple of N (_set_gradient_checkpointing); {"use_reentrant": True} (what
+    # peft.prepare_model_for_kbit_training's default {} gets from torch.utils.checkpoint) runs
+    # CheckpointFunction instead of the non-reentrant saved-tensor hooks
+    checkpoint_every: int = 1
+    checkpoint_reentrant: bool = False
 
     @property
     def weight_dtype(self) -> str:
@@ -72,3 +80,8 @@ def check_training(t: TrainingSettings) -> None:
         raise InputError(f"unknown attention '{t.attention}'; choose from {', '.join(ATTENTIONS)}")
     if t.device not in DEVICES:
         raise InputError(f"unknown device '{t.device}'; choose from {', '.join(DEVICES)}")
+    if isinstance(t.checkpoint_every, bool) or not isinstance(t.checkpoint_every, int) or t.checkpoint_every < 1:
+        raise InputError(f"--checkpoint-every must be a positive integer, got {t.checkpoint_every}")
+    if not t.grad_checkpointing and (t.checkpoint_every != 1 or t.checkpoint_reentrant):
+        flag = "--checkpoint-every" if t.checkpoint_every != 1 else "--checkpoint-reentrant"
+        raise CombinationError(f"{flag} chooses how gradient checkpointing runs; add --grad-checkpointing")

@@ -180,6 +180,8 @@ def variant_label(method: dict) -> str:
 
 def settings_label(training: dict) -> str:
     ck = " ckpt" if training.get("grad_checkpointing") else ""
+    ck += f"/{training['checkpoint_every']}" if training.get("checkpoint_every", 1) != 1 else ""
+    ck += " reentrant" if training.get("checkpoint_reentrant") else ""
     att = f" {training['attention']}" if training.get("attention", "sdpa") != "sdpa" else ""
     return (f"{training.get('precision')} b{training.get('batch_size')} s{training.get('seq_len')}"
             f"{ck}{att} {training.get('optimizer')}")

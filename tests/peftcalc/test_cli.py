@@ -62,6 +62,10 @@ def test_other_formats(fmt):
     (["estimate", "llama-2-7b", "--targets", "nonexistent"], "match no module"),
     (["estimate", "llama-2-7b", "--gpu", "tpu"], "unknown GPU"),
     (["estimate", "llama-2-7b", "--format", "yaml"], "unknown format"),
+    (["estimate", "llama-2-7b", "--grad-checkpointing", "--checkpoint-every", "0"],
+     "--checkpoint-every must be a positive integer"),
+    (["estimate", "llama-2-7b", "--checkpoint-every", "2"], "add --grad-checkpointing"),
+    (["estimate", "llama-2-7b", "--checkpoint-reentrant"], "add --grad-checkpointing"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, message):
     proc = subprocess.run([sys.executable, "-m", "peftcalc", *args], capture_output=True, text=True)
@@ -109,3 +113,13 @@ def test_repo_ids_outside_the_registry_get_suggestions_not_a_path_error():
     assert proc.returncode == 2
     assert proc.stderr.strip() == ("error: unknown model 'meta-llama/Meta-Llama-3.1-8B'; did you mean "
                                    "llama-3.1-8b, llama-3.1-70b, llama-3.2-3b?")
+
+
+def test_checkpointing_modes_are_named_and_recorded():
+    result = runner.invoke(app, ["estimate", "llama-3.2-1b", "--grad-checkpointing", "--checkpoint-every", "2",
+                                 "--checkpoint-reentrant", "--format", "json"])
+    assert result.exit_code == 0
+    d = json.loads(result.stdout)
+    assert d["training"]["checkpoint_every"] == 2 and d["training"]["checkpoint_reentrant"] is True
+    text = runner.invoke(app, ["estimate", "llama-3.2-1b", "--grad-checkpointing", "--checkpoint-every", "2"]).stdout
+    assert "gradient checkpointing every 2 blocks" in text
