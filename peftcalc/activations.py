@@ -721,6 +721,15 @@ def rms_norm(rec: Recorder, x: T, weight_trainable: bool, tag: str) -> T:
     return out
 
 
+def layer_norm_stats_dtype(ctx: Ctx, input_dtype: str) -> str:
+    """The dtype of the mean and rstd native_layer_norm returns (and saves): fp32, except on the CPU
+    with half input and weights alike (ATen/native/layer_norm.cpp layer_norm_cpu: mixed_type only when
+    input and weight dtypes differ, else the input's dtype; traced: 2 x (4, 17, 1) bf16 for CLIP's
+    pre_layrnorm on cpu tiny-llava bf16 b4 ckpt)."""
+    half = ctx.device == "cpu" and input_dtype == ctx.weight and input_dtype != "float32"
+    return input_dtype if half else "float32"
+
+
 def layer_norm(rec: Recorder, x: T, trainable: bool, hidden: int, tag: str, params: int = 2) -> T:
     """nn.LayerNorm (native_layer_norm): saves the input (and the weight), mean and rstd when any
     gradient is needed; its backward makes the input's gradient and, when they train, the weight's and
@@ -737,8 +746,7 @@ def layer_norm(rec: Recorder, x: T, trainable: bool, hidden: int, tag: str, para
     out = rec.new(x.numel, xin.dtype, needs)
     # mean and rstd: fp32, except on the CPU with half input and weights alike, where native_layer_norm
     # returns them in the input's dtype (a half input with fp32 weights gets fp32 ones)
-    half = rec.ctx.device == "cpu" and xin.dtype == rec.ctx.weight and xin.dtype != "float32"
-    stats = rec.new(2 * (x.numel // hidden), xin.dtype if half else "float32", False)
+    stats = rec.new(2 * (x.numel // hidden), layer_norm_stats_dtype(rec.ctx, xin.dtype), False)
     if needs:
         saved.append(rec.save(stats, f"{tag}.mean_rstd"))
         steps, outputs = _grads(xin)
@@ -2508,7 +2516,7 @@ def _vision_saves(plan: Plan, t: TrainingSettings) -> VisionSaves:
         if i == used - 1:
             feature_rg = x_rg
     if x_rg:  # post_layernorm(last_hidden_state[:, 0, :]): the whole output through the view, mean and rstd
-        dropped += tok * h * DTYPE_BYTES[x_dtype] + 2 * ctx.batch * 4
+        dropped += tok * h * DTYPE_BYTES[x_dtype] + 2 * ctx.batch * DTYPE_BYTES[layer_norm_stats_dtype(ctx, x_dtype)]
     encoder_input = 0 if t.grad_checkpointing else tok * h * wb
     return VisionSaves(kept, dropped, feature_rg, cached, encoder_input + peak)
 
@@ -2535,7 +2543,24 @@ def _vision_input_grad_saves(vspec: ModelSpec, ctx: Ctx) -> int:
     v = vspec
     tok = ctx.batch * v.vision_seq_len
     conv = ctx.batch * v.num_patches * v.hidden_size * DTYPE_BYTES[ctx.autocast or ctx.weight]
-    return conv + tok * v.hidden_size * DTYPE_BYTES[ctx.weight] + 2 * tok * 4
+    # pre_layrnorm's input: the weight dtype, or fp32 under autocast (the cat's promotion), as its weights
+    stats = layer_norm_stats_dtype(ctx, "float32" if ctx.autocast else ctx.weight)
+    return conv + tok * v.hidden_size * DTYPE_BYTES[ctx.weight] + 2 * tok * DTYPE_BYTES[stats]
+
+
+def projector_input_numel(spec: ModelSpec, batch: int) -> int:
+    """Elements of the storage LlavaMultiModalProjector.linear_1 saves for its weight's gradient when it
+    reads the selected hidden state as it is (no autocast copy). F.linear on a 3-D input (aten::matmul,
+    ATen/native/LinearAlgebra.cpp _matmul_impl) folds it with ``reshape(-1, hv)``: the "default"
+    strategy's ``[:, 1:]`` view of the (b, 577, hv) hidden state cannot be folded in place when b > 1
+    (the row stride skips the class token), so reshape makes a contiguous (b x 576 x hv) copy and mm
+    saves it (traced: aten.clone (2, 16, 32) fp32, 4,096 B, on cpu tiny-llava projector fp32 b2 s32);
+    with one image, or the "full" strategy, the fold is a view and mm saves the hidden state's own
+    (b x 577 x hv) storage."""
+    vseq = spec.vision.vision_seq_len
+    if batch > 1 and spec.image_tokens != vseq:
+        return batch * spec.image_tokens * spec.vision.hidden_size
+    return batch * vseq * spec.vision.hidden_size
 
 
 def _vlm_profile(plan: Plan, t: TrainingSettings) -> ActivationProfile:
@@ -2567,7 +2592,7 @@ def _vlm_profile(plan: Plan, t: TrainingSettings) -> ActivationProfile:
         elif feature_rg:  # traced: a contiguous copy of the [:, 1:] view (its storage is saved by the next layer)
             rec.save_new(b * itok * hv, ctx.weight, "projector.linear_1.input")
         else:
-            rec.save_new(b * vseq * hv, ctx.weight, "projector.linear_1.input")
+            rec.save_new(projector_input_numel(spec, b), ctx.weight, "projector.linear_1.input")
     if ctx.autocast and feature_rg:
         rec.save_new(hv * h, ctx.autocast, "projector.linear_1.autocast_weight")
     p1 = rec.new(b * itok * h, ctx.autocast or ctx.compute, trains or feature_rg)
