@@ -2453,6 +2453,7 @@ class VisionSaves:
     cached: int = 0  # autocast weight copies among the kept bytes (also in autocast's cache)
     forward_peak: int = 0  # the tower's live bytes at the peak of its forward (0: nothing saved, see
     # vision_forward_bytes), the language model's token embeddings not included
+    input_leaf: int = 0  # the hooked patch_embedding output (not among `kept`; _vision_input_leaf_bytes)
 
 
 @lru_cache(maxsize=1024)
@@ -2490,7 +2491,8 @@ def _vision_saves(plan: Plan, t: TrainingSettings) -> VisionSaves:
     tok, h, inter = ctx.tokens, vspec.hidden_size, vspec.intermediate_size
     wb, cb = DTYPE_BYTES[ctx.weight], DTYPE_BYTES[ctx.autocast or ctx.compute]
     x_rg, x_dtype = input_rg, ctx.weight  # pre_layrnorm's output (LayerNorm: fp32 under autocast)
-    kept = _vision_input_grad_saves(vspec, ctx) if input_rg else 0
+    leaf = _vision_input_leaf_bytes(vspec, ctx) if input_rg else 0
+    kept = leaf + _vision_input_grad_saves(vspec, ctx) if input_rg else 0
     dropped = cached = peak = 0
     feature_rg = False
     for i, lt in enumerate(_layer_trainings(vplan, build_layout(vspec))):
@@ -2518,7 +2520,7 @@ def _vision_saves(plan: Plan, t: TrainingSettings) -> VisionSaves:
     if x_rg:  # post_layernorm(last_hidden_state[:, 0, :]): the whole output through the view, mean and rstd
         dropped += tok * h * DTYPE_BYTES[x_dtype] + 2 * ctx.batch * DTYPE_BYTES[layer_norm_stats_dtype(ctx, x_dtype)]
     encoder_input = 0 if t.grad_checkpointing else tok * h * wb
-    return VisionSaves(kept, dropped, feature_rg, cached, encoder_input + peak)
+    return VisionSaves(kept - leaf, dropped, feature_rg, cached, encoder_input + peak, leaf)
 
 
 def _frozen_layer_working_set(vspec: ModelSpec, ctx: Ctx) -> int:
@@ -2531,21 +2533,28 @@ def _frozen_layer_working_set(vspec: ModelSpec, ctx: Ctx) -> int:
     return max(2 * tok * h * wb + intermediates * tok * vspec.intermediate_size * cb, tok * h * wb + 4 * tok * h * cb)
 
 
-def _vision_input_grad_saves(vspec: ModelSpec, ctx: Ctx) -> int:
+def _vision_input_leaf_bytes(vspec: ModelSpec, ctx: Ctx) -> int:
     """Gradient checkpointing makes the vision tower's input need a gradient: transformers'
     PreTrainedModel.gradient_checkpointing_enable calls enable_input_require_grads for a model whose
     main input is input_ids (LLaVA), and that hooks the input embeddings of every PreTrainedModel inside,
-    the CLIPVisionModel's patch_embedding too (its output.requires_grad_(True): a leaf the graph holds,
-    b x patches x hidden in the conv's dtype, autocast's under autocast). CLIPVisionEmbeddings' cat with
-    the class embedding and the position add save nothing; pre_layrnorm saves its input (b x 577 x hidden,
-    fp32 under autocast: the cat promotes to the fp32 class embedding) with mean and rstd, and every
-    encoder layer saves (its checkpointed input). Its .grad, written at the end of backward, is not counted."""
+    the CLIPVisionModel's patch_embedding too (its output.requires_grad_(True)): a leaf, b x patches x
+    hidden in the conv's dtype (autocast's under autocast), that no op saves (CLIPVisionEmbeddings' cat
+    with the class embedding saves nothing) but its AccumulateGrad node holds to the end of backward, as
+    the language model's hooked token embeddings (ActivationProfile.input_leaf; the tracer counts it
+    as 'other'). Its .grad, written at the end of backward, is not counted."""
+    return ctx.batch * vspec.num_patches * vspec.hidden_size * DTYPE_BYTES[ctx.autocast or ctx.weight]
+
+
+def _vision_input_grad_saves(vspec: ModelSpec, ctx: Ctx) -> int:
+    """What the vision tower saves because its input needs a gradient (_vision_input_leaf_bytes): the
+    position add saves nothing; pre_layrnorm saves its input (b x 577 x hidden, fp32 under autocast: the
+    cat promotes to the fp32 class embedding) with mean and rstd, and every encoder layer saves (its
+    checkpointed input)."""
     v = vspec
     tok = ctx.batch * v.vision_seq_len
-    conv = ctx.batch * v.num_patches * v.hidden_size * DTYPE_BYTES[ctx.autocast or ctx.weight]
     # pre_layrnorm's input: the weight dtype, or fp32 under autocast (the cat's promotion), as its weights
     stats = layer_norm_stats_dtype(ctx, "float32" if ctx.autocast else ctx.weight)
-    return conv + tok * v.hidden_size * DTYPE_BYTES[ctx.weight] + 2 * tok * DTYPE_BYTES[stats]
+    return tok * v.hidden_size * DTYPE_BYTES[ctx.weight] + 2 * tok * DTYPE_BYTES[stats]
 
 
 def projector_input_numel(spec: ModelSpec, batch: int) -> int:
@@ -2640,7 +2649,7 @@ def _vlm_profile(plan: Plan, t: TrainingSettings) -> ActivationProfile:
             (adapter_linears if g.origin == "adapter" else vision_linears)) - vision_cached_saved
         if trains:
             weight_cache += (hv * h + h * h) * DTYPE_BYTES[ctx.autocast]
-    return replace(text, pre=text.pre + extra, input_leaf=text.input_leaf + leaf,
+    return replace(text, pre=text.pre + extra, input_leaf=text.input_leaf + leaf + vs.input_leaf,
                    forward_transient=transient, forward_transient_saved=transient_saved,
                    forward_block_saved=block_saved, forward_block_live=block_live,
                    loss_forward_peak=text.loss_forward_peak + features,
