@@ -364,3 +364,36 @@ def _vision_heavy_tiny_llava() -> dict:
     config["text_config"].update(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                                  num_key_value_heads=2)
     return config
+
+
+@pytest.mark.parametrize("precision,batch,checkpointing,peak,activations,other", [
+    # reports/data/ci.jsonl key c31f212e9f5594c5 (cpu) / 773801786ad742a5 (fake)
+    ("fp32", 2, False, 1_699_008, 744_416, 196_616),
+    # reports/data/ci.jsonl key 29de8e8edb1560b2 (cpu) / fde6bf87fa548334 (fake)
+    ("bf16", 2, False, 1_061_440, None, None),
+    # reports/data/ci.jsonl key 7b865e8c908d394a (cpu) / bade6b0a6c321397 (fake)
+    ("bf16", 4, True, 1_168_560, 328_400, 422_280),
+])
+def test_llava_projector_peak_equals_cpu_trace(precision, batch, checkpointing, peak, activations, other):
+    """The tiny LLaVA's projector stage (tests/peftcalc/configs/llava_tiny.json, the ci matrix's tiny-llava),
+    s32, adamw, traced on cpu (measure.run.measure_one(load_matrix("ci")["models"]["tiny-llava"],
+    MethodSettings("projector"), TrainingSettings(batch_size=b, seq_len=32, precision=p,
+    grad_checkpointing=c), device="cpu", steps=2); peak, categories_at_peak activations and other at the
+    step-2 peak, backward at the loss). At the peak the tracer lists linear_1's saved input as aten.clone
+    (2, 16, 32) fp32, 4,096 B (the [:, 1:] view folded by matmul's reshape: projector_input_numel), and,
+    with checkpointing, CLIP pre_layrnorm's mean and rstd as two aten.native_layer_norm (4, 17, 1) bf16,
+    136 B each (layer_norm_stats_dtype); the patch_embedding output the checkpointing hook makes a leaf
+    is 'other'. Before these terms the calculator was 256, 128 and 272 B over."""
+    from peftcalc.activations import projector_input_numel
+    from peftcalc.api import estimate
+
+    spec = load_spec(TINY)
+    assert projector_input_numel(spec, 2) * 4 == 4096  # (2, 16, 32) fp32, not the (2, 17, 32) hidden state
+    assert projector_input_numel(spec, 1) == 17 * 32  # one image: the fold is a view of the hidden state
+    memory = estimate(TINY, method="projector", batch_size=batch, seq_len=32, precision=precision,
+                      grad_checkpointing=checkpointing, device="cpu").memory
+    assert memory.peak_bytes == peak
+    parts = dict(memory.components)
+    if activations is not None:
+        assert parts["activations"] == activations
+        assert parts["logits_loss"] + parts["temporaries"] == other
