@@ -100,7 +100,9 @@ def test_vlm_activations_are_the_language_models_at_seq_plus_image_tokens():
     assert vlm.per_layer == text.per_layer and all(vlm.per_layer)  # frozen blocks still save
     assert vlm.post == text.post and vlm.loss_saved == text.loss_saved
     b, h, hv = 2, 4096, 1024
-    projector = b * 577 * hv * 2 + 2 * b * 576 * h * 2 + b * (512 + 576)  # inputs of linear_1, GELU, linear_2; mask
+    # inputs of linear_1 (the contiguous copy of the [:, 1:] view matmul's fold makes when b > 1, see
+    # projector_input_numel), GELU, linear_2; the mask
+    projector = b * 576 * hv * 2 + 2 * b * 576 * h * 2 + b * (512 + 576)
     assert vlm.pre - text.pre == projector
 
 
