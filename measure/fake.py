@@ -176,6 +176,60 @@ def real_input_semantics():
             os.environ["TRANSFORMERS_DISABLE_TORCH_CHECK"] = previous_check
 
 
+_REDUCED_FLOAT = (torch.bfloat16, torch.float16)
+
+
+def _layer_norm_stats_dtype(input: torch.Tensor, weight, bias) -> torch.dtype:
+    """The dtype of the mean and rstd that the CPU kernel of ``aten::native_layer_norm`` returns
+    (aten/src/ATen/native/layer_norm.cpp ``layer_norm_cpu``: ``param_scalar_type(input, mixed_type)``
+    with ``is_mixed_type`` from native/cpu/mixed_data_type.h): float32 when the input is bf16/fp16 and
+    a defined weight or bias is float32 (the amp-bf16 case: a bf16 activation into an fp32 LayerNorm),
+    the input's dtype otherwise."""
+    params = [t for t in (weight, bias) if t is not None]
+    mixed = input.dtype in _REDUCED_FLOAT and any(t.dtype == torch.float32 for t in params)
+    return torch.float32 if mixed else input.dtype
+
+
+def _native_layer_norm_cpu_dtypes(reference):
+    """A fake rule for ``aten.native_layer_norm.default`` that runs torch's own rule (`reference`,
+    torch/_refs/__init__.py ``native_layer_norm_fake`` -> ``native_layer_norm``) and gives mean and rstd
+    the dtype of the real CPU kernel. The reference casts them to the input's dtype on 'cpu'
+    (``if input.device.type in ["cpu", "mtia"]: mean = _maybe_convert_to_dtype(mean, input.dtype)``),
+    which is wrong for a mixed-dtype call: real CPU returns float32 there (its stats are computed in
+    float32 by ``_normalize`` before that cast, so the cast back only restores the kernel's dtype)."""
+
+    def rule(fake_mode, func, input, normalized_shape, weight, bias, eps):
+        out, mean, rstd = reference(fake_mode, func, input, normalized_shape, weight, bias, eps)
+        dtype = _layer_norm_stats_dtype(input, weight, bias)
+        return out, mean.to(dtype), rstd.to(dtype)
+
+    return rule
+
+
+@contextlib.contextmanager
+def real_cpu_kernel_dtypes():
+    """Make fake tensors get the dtypes the real CPU kernels give, where torch's fake rule differs.
+
+    Only ``aten.native_layer_norm`` differs in the harness's runs (see
+    :func:`_native_layer_norm_cpu_dtypes`): its fake rule in
+    ``torch._subclasses.fake_impls.op_implementations_dict`` is swapped while this context is active.
+    Its backward needs no rule: ``native_layer_norm_backward``'s fake outputs take the dtypes of
+    grad_out, weight and bias, as the CPU kernel's do. FakeTensorMode's class-wide dispatch cache is
+    cleared on entry and exit so that no output of the other rule is reused."""
+    from torch._subclasses import fake_impls
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    op = torch.ops.aten.native_layer_norm.default
+    reference = fake_impls.op_implementations_dict[op]
+    fake_impls.op_implementations_dict[op] = _native_layer_norm_cpu_dtypes(reference)
+    FakeTensorMode.cache_clear()
+    try:
+        yield
+    finally:
+        fake_impls.op_implementations_dict[op] = reference
+        FakeTensorMode.cache_clear()
+
+
 def build_meta_model(spec: ModelSpec, settings: MethodSettings, dtype: torch.dtype = torch.float32,
                      compute_dtype: torch.dtype = torch.float32, attention: str = "sdpa") -> nn.Module:
     """The model of :func:`measure.build.build_model` on the meta device; for QLoRA with the

@@ -582,13 +582,13 @@ def _execute(spec, method, training, device, steps, prepare_kbit, seed, trace_cu
 def _execute_fake(spec, method, training, steps, policy) -> dict:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from measure.fake import real_input_semantics
+    from measure.fake import real_cpu_kernel_dtypes, real_input_semantics
 
     fake_mode = FakeTensorMode()
     t0 = time.perf_counter()
     model = build_for_device(spec, method, training, "fake", policy, fake_mode)
     build_s = time.perf_counter() - t0
-    with real_input_semantics():
+    with real_input_semantics(), real_cpu_kernel_dtypes():
         result = _with_tracer(model, spec, training, "fake", steps, policy, fake_mode)
     result["timing"] = {"build_s": round(build_s, 3), **result.pop("timing")}
     return result
