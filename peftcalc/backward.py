@@ -144,6 +144,20 @@ def run_backward_both(nodes, saved_bytes: dict, incoming: dict, in_place: bool, 
     if live > ck_peak_total:
         ck_peak_total, ck_peak = live, (0, live, 0)
     holds: dict = {}  # node out id -> the storages held until that node has run
+
+    def release(node_saved) -> tuple[int, int]:
+        """A node drops its saved tensors: the bytes freed in the plain and in the checkpointed replay
+        (the checkpoint's input is not the recompute's)."""
+        released = ck_released = 0
+        for sid in node_saved:
+            refs = saved_refs[sid] - 1
+            saved_refs[sid] = refs
+            if not refs:
+                released += saved_bytes[sid]
+                if sid != checkpoint_input:
+                    ck_released += saved_bytes[sid]
+        return released, ck_released
+
     for out, steps, outputs, node_saved, hold, unpacks in reversed(nodes):  # Node's fields
         g = buffers.pop(out, None)
         if g is not None:  # else no gradient reached this node's output: it does not run
@@ -176,14 +190,7 @@ def run_backward_both(nodes, saved_bytes: dict, incoming: dict, in_place: bool, 
                 elif kind == "pending":  # never dropped here: AccumulateGrad runs after the replay
                     live += step[1]
                 elif kind == "returned":  # a checkpoint's recomputed tensors go with the formula's locals
-                    released = ck_released = 0
-                    for sid in node_saved:
-                        refs = saved_refs[sid] - 1
-                        saved_refs[sid] = refs
-                        if not refs:
-                            released += saved_bytes[sid]
-                            if sid != checkpoint_input:
-                                ck_released += saved_bytes[sid]
+                    released, ck_released = release(node_saved)
                     ck_saved_live -= ck_released
                     continue
                 else:
@@ -207,14 +214,7 @@ def run_backward_both(nodes, saved_bytes: dict, incoming: dict, in_place: bool, 
                 if not s[1]:
                     live -= s[0]
             if released is None:  # then its saved tensors are released (release_variables)
-                released = ck_released = 0
-                for sid in node_saved:
-                    refs = saved_refs[sid] - 1
-                    saved_refs[sid] = refs
-                    if not refs:
-                        released += saved_bytes[sid]
-                        if sid != checkpoint_input:
-                            ck_released += saved_bytes[sid]
+                released, ck_released = release(node_saved)
                 ck_saved_live -= ck_released
             saved_live -= released
             for target, s in delivered:  # each output is added to its target's input buffer
