@@ -10,8 +10,6 @@ Every traced figure is a committed row of reports/data/ckpt-modes.jsonl (its key
 TrainingSettings(..., grad_checkpointing=True, checkpoint_every=N, checkpoint_reentrant=R), device,
 steps=2); what was live at its peak with measure.tracer.StorageTracer.live_records(peak_seq)."""
 
-import tomllib
-from pathlib import Path
 
 import pytest
 
@@ -23,13 +21,12 @@ from peftcalc.errors import CombinationError, InputError
 from peftcalc.hardware import step_flops
 from peftcalc.methods import MethodSettings, make_plan
 from peftcalc.settings import TrainingSettings
-from peftcalc.spec import spec_from_config
+from matrix_models import matrix_spec
 
-MATRIX = tomllib.loads((Path(__file__).parents[2] / "measure" / "matrices" / "ckpt-modes.toml").read_text())
 
 
 def tiny(name: str):
-    return spec_from_config({**MATRIX["models"][name], "_name_or_path": name})
+    return matrix_spec(name, "ckpt-modes")
 
 
 def ckpt(every: int = 1, reentrant: bool = False, precision: str = "fp32", batch: int = 2, seq: int = 64,

@@ -7,8 +7,6 @@ precision='bf16', grad_checkpointing=True), device='cpu', steps=2. What was live
 listed with measure.tracer.StorageTracer.live_records(peak_seq) (op, shape, dtype of each storage).
 """
 
-import tomllib
-from pathlib import Path
 
 import pytest
 
@@ -17,13 +15,9 @@ from peftcalc.activations import Ctx, Recorder, activation_profile
 from peftcalc.backward import GRAD, BackwardPeak, Node, run_backward
 from peftcalc.methods import MethodSettings, make_plan
 from peftcalc.settings import TrainingSettings
-from peftcalc.spec import spec_from_config
+from matrix_models import matrix_spec
 
-CI = tomllib.loads((Path(__file__).parents[2] / "measure" / "matrices" / "ci.toml").read_text())
-
-
-def tiny(name: str):
-    return spec_from_config({**CI["models"][name], "_name_or_path": name})
+tiny = matrix_spec
 
 
 def ckpt(precision: str, batch: int = 4, seq: int = 32) -> TrainingSettings:

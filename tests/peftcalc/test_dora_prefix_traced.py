@@ -15,9 +15,8 @@ before this work and what made it exact."""
 import pytest
 
 import peftcalc
-from measure.matrix import load_matrix
 from peftcalc.activations import Ctx, Recorder, _dora_weight_norm
-from peftcalc.spec import load_spec
+from matrix_models import matrix_spec
 
 DORA = {"method": "lora", "rank": 4, "targets": "all-linear", "dora": True}
 PREFIX = {"method": "prefix"}
@@ -72,16 +71,11 @@ OFFSETS = {
 }
 
 
-@pytest.fixture(scope="module")
-def tiny_configs():
-    return load_matrix("ci")["models"]
-
-
 @pytest.mark.parametrize("model,method,precision,ckpt,traced,phase,key,activations", TRACED,
                          ids=[f"{r[0]}-{r[1]['method']}-{r[2]}-{'ckpt' if r[3] else 'nockpt'}-{r[6]}" for r in TRACED])
-def test_prediction_against_traced_peak(tiny_configs, model, method, precision, ckpt, traced, phase, key,
+def test_prediction_against_traced_peak(model, method, precision, ckpt, traced, phase, key,
                                         activations):
-    spec = load_spec({**tiny_configs[model], "_name_or_path": model})
+    spec = matrix_spec(model)
     kw = dict(method)
     name = kw.pop("method")
     e = peftcalc.estimate(spec, method=name, **kw, precision=precision, grad_checkpointing=ckpt, batch_size=3,

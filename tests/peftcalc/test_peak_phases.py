@@ -14,8 +14,7 @@ device, steps=2)."""
 import pytest
 
 import peftcalc
-from measure.matrix import load_matrix
-from peftcalc.spec import load_spec
+from matrix_models import matrix_spec
 
 # (model, method settings, training settings, device, ci.jsonl key, traced forward peak, traced backward
 #  peak, traced phase of the step's peak, traced (activations, other) at the peak or None, predicted -
@@ -77,13 +76,8 @@ PHASES = [
 ]
 
 
-@pytest.fixture(scope="module")
-def tiny_configs():
-    return load_matrix("ci")["models"]
-
-
-def _estimate(configs, model, method, training):
-    spec = load_spec({**configs[model], "_name_or_path": model} if model in configs else model)
+def _estimate(model, method, training):
+    spec = matrix_spec(model)
     kw = dict(method)
     name = kw.pop("method")
     return peftcalc.estimate(spec, method=name, **kw, **{"optimizer": "adamw", **training}, device="cpu")
@@ -91,9 +85,9 @@ def _estimate(configs, model, method, training):
 
 @pytest.mark.parametrize("model,method,training,device,key,forward,backward,phase,categories,diff,why", PHASES,
                          ids=[f"{r[0]}-{r[1]['method']}-{r[2]['precision']}-{r[4]}" for r in PHASES])
-def test_phase_peaks_against_trace(tiny_configs, model, method, training, device, key, forward, backward, phase,
+def test_phase_peaks_against_trace(model, method, training, device, key, forward, backward, phase,
                                    categories, diff, why):
-    e = _estimate(tiny_configs, model, method, training)
+    e = _estimate(model, method, training)
     by_phase: dict = {}
     for name, nbytes in e.memory.events.items():
         group = name.split(":")[0]
@@ -105,13 +99,13 @@ def test_phase_peaks_against_trace(tiny_configs, model, method, training, device
         assert (c["activations"], c["logits_loss"] + c["temporaries"]) == categories
 
 
-def test_checkpointed_forward_keeps_the_trainable_biases_copies(tiny_configs):
+def test_checkpointed_forward_keeps_the_trainable_biases_copies():
     """Under checkpointing the blocks' autocast copies are saved by no op, but the cache (autocast_mode.cpp
     cached_cast: every leaf that requires grad) keeps them to the end of the forward: the trainable weights'
     and, cast as addmm's bias argument, the trainable biases' (fake tiny-qwen2 full amp-bf16 b3 s48 ckpt,
     ci.jsonl e1ca614872be8d14: its q/k/v biases, 2 x (64 + 32 + 32) x 2 bytes, were missing at the loss).
     The traced forward peak is 2,449,160, the 1 x 48 int64 position_ids the checkpoints keep as a keyword
     input included (ActivationProfile.checkpoint_kwargs)."""
-    e = _estimate(tiny_configs, "tiny-qwen2", {"method": "full"},
+    e = _estimate("tiny-qwen2", {"method": "full"},
                   {"precision": "amp-bf16", "batch_size": 3, "seq_len": 48, "grad_checkpointing": True})
     assert e.memory.events["forward"] == 2_449_160

@@ -18,10 +18,9 @@ the step under torch.autocast(bf16) (measure.run.precision_policy, measure.build
 import pytest
 
 import peftcalc
-from measure.matrix import load_matrix
 from peftcalc.activations import Ctx, matmul_4bit_backward_steps
 from peftcalc.backward import Node, run_backward
-from peftcalc.spec import load_spec
+from matrix_models import matrix_spec
 
 # (model, precision, batch, seq, checkpointing, traced peak bytes, ci.jsonl key, predicted - traced)
 TRACED = [
@@ -49,30 +48,25 @@ TRACED = [
 ]
 
 
-@pytest.fixture(scope="module")
-def tiny_configs():
-    return load_matrix("ci")["models"]
-
-
-def _estimate(configs, model, precision, batch, seq, ckpt):
-    spec = load_spec({**configs[model], "_name_or_path": model})
+def _estimate(model, precision, batch, seq, ckpt):
+    spec = matrix_spec(model)
     return peftcalc.estimate(spec, method="qlora", batch_size=batch, seq_len=seq, precision=precision,
                              grad_checkpointing=ckpt, optimizer="adamw", device="cpu")
 
 
 @pytest.mark.parametrize("model,precision,batch,seq,ckpt,traced,key,diff", TRACED,
                          ids=[f"{r[0]}-{r[1]}-{'ckpt' if r[4] else 'nockpt'}-{r[6]}" for r in TRACED])
-def test_qlora_peak_against_traced_step(tiny_configs, model, precision, batch, seq, ckpt, traced, key, diff):
-    e = _estimate(tiny_configs, model, precision, batch, seq, ckpt)
+def test_qlora_peak_against_traced_step(model, precision, batch, seq, ckpt, traced, key, diff):
+    e = _estimate(model, precision, batch, seq, ckpt)
     assert e.memory.peak_bytes - traced == diff
     assert e.memory.peak_phase.startswith("backward")
 
 
-def test_qlora_amp_components_at_the_peak(tiny_configs):
+def test_qlora_amp_components_at_the_peak():
     """ci.jsonl row a20e1eadbe0da051 (tiny-llama qlora amp-bf16, 3 x 48, fake): at the peak the tracer
     counts parameters 337,456 (the NF4 layers plus the fp32 embeddings, lm_head and norms, the rotary
     buffers), activations 1,199,872 and other 589,832 (the loss's two fp32 gradients and scalars)."""
-    c = dict(_estimate(tiny_configs, "tiny-llama", "amp-bf16", 3, 48, False).memory.components)
+    c = dict(_estimate("tiny-llama", "amp-bf16", 3, 48, False).memory.components)
     assert c["weights_frozen"] + c["weights_trainable"] + c["buffers"] == 337_456
     assert c["activations"] == 1_199_872
     assert c["logits_loss"] + c["temporaries"] == 589_832

@@ -9,20 +9,17 @@ time on fake tensors with
 (METHOD and TRAINING as the row's settings; the same figure as committed). What was live at the peak was
 listed with measure.tracer.StorageTracer.live_records(peak_seq) (op, shape, dtype of each storage)."""
 
-import tomllib
-from pathlib import Path
 
 import pytest
 
 from peftcalc import estimate
-from peftcalc.spec import spec_from_config
+from matrix_models import matrix_spec
 
-CI = tomllib.loads((Path(__file__).parents[2] / "measure" / "matrices" / "ci.toml").read_text())
 
 
 def model_spec(name: str):
     """A registry model, or one of the ci matrix's tiny [models.*] tables."""
-    return spec_from_config({**CI["models"][name], "_name_or_path": name}) if name in CI["models"] else name
+    return matrix_spec(name)
 
 # (model, method settings, training settings, traced peak bytes, row key, what was wrong before)
 TRACED = [

@@ -12,8 +12,7 @@ accuracy work of issue 5 (offsets and phases) and what made it exact."""
 import pytest
 
 import peftcalc
-from measure.matrix import load_matrix
-from peftcalc.spec import load_spec
+from matrix_models import matrix_models, matrix_spec
 
 # (model, method settings, training settings, device, traced peak bytes, traced phase, ci.jsonl key,
 #  predicted - traced in bytes, what the difference is)
@@ -147,13 +146,8 @@ TRACED = [
 ]
 
 
-@pytest.fixture(scope="module")
-def tiny_configs():
-    return load_matrix("ci")["models"]
-
-
-def _estimate(configs, model, method, training):
-    spec = load_spec({**configs[model], "_name_or_path": model} if model in configs else model)
+def _estimate(model, method, training):
+    spec = matrix_spec(model)
     kw = dict(method)
     name = kw.pop("method")
     t = {"batch_size": 2, "seq_len": 32, "optimizer": "adamw", **training}
@@ -162,21 +156,21 @@ def _estimate(configs, model, method, training):
 
 @pytest.mark.parametrize("model,method,training,device,traced,phase,key,diff,why", TRACED,
                          ids=[f"{r[0]}-{r[1]['method']}-{r[2]['precision']}-{r[6]}" for r in TRACED])
-def test_prediction_against_traced_peak(tiny_configs, model, method, training, device, traced, phase, key, diff,
+def test_prediction_against_traced_peak(model, method, training, device, traced, phase, key, diff,
                                         why):
-    e = _estimate(tiny_configs, model, method, training)
+    e = _estimate(model, method, training)
     assert e.memory.peak_bytes - traced == diff
     assert e.memory.peak_phase.split(":")[0] == phase
 
 
-def test_dora_conv1d_weight_norm_graph_is_not_kept(tiny_configs):
+def test_dora_conv1d_weight_norm_graph_is_not_kept():
     """The harness itself: a DoRA step on GPT-2's Conv1D (tiny-gpt2, fp32, batch 2 x 32, cpu) peaks at
     2,201,376 bytes in backward, as in ci.jsonl row 1026f78a7f56c9fc."""
     from measure.matrix import to_run
     from measure.run import measure_one
 
     run = to_run({"model": "tiny-gpt2", "method": "lora", "dora": True, "precision": "fp32", "batch_size": 2,
-                  "seq_len": 32}, tiny_configs)
+                  "seq_len": 32}, matrix_models())
     row = measure_one(run.spec, run.method, run.training, device="cpu", steps=2, predicted=False)
     assert (row["measured"]["peak_bytes"], row["measured"]["peak_phase"]) == (2_201_376, "backward")
 
