@@ -18,15 +18,10 @@ from dataclasses import replace
 
 from peftcalc.errors import InputError
 from peftcalc.memory import COMPONENTS, timeline
-from peftcalc.methods import check_combination, make_plan, position_limit
+from peftcalc.methods import check_combination, make_plan, max_seq_len
 from peftcalc.settings import TrainingSettings, check_training
 
 AXES = {"seq-len": "seq_len", "seq_len": "seq_len", "batch-size": "batch_size", "batch_size": "batch_size"}
-
-
-def plan_extra_tokens(method: str, method_kw: dict) -> int:
-    """Positions prefix/prompt tuning's virtual tokens take beside the text (peft's default 20)."""
-    return (method_kw.get("num_virtual_tokens") or 20) if method in ("prefix", "prompt") else 0
 
 
 def _peak(plan, t: TrainingSettings) -> tuple[int, dict]:
@@ -91,17 +86,16 @@ def crossover(model, method: str = "lora", against: str = "full", over: str = "s
         raise InputError(f"--method and --against are both '{method}'; compare two different methods")
     base = TrainingSettings(**(training or {}))
     check_training(base)
+    plan_m = make_plan(spec, _resolved(spec, _method_settings(method, **method_kw)))
+    plan_a = make_plan(spec, _resolved(spec, _method_settings(against)))
     if limit is None and axis == "seq_len":  # up to the positions a model with learned ones has
-        extra = plan_extra_tokens(method, method_kw)
-        limit = (position_limit(spec) - extra) if position_limit(spec) else 131_072
+        limit = max_seq_len(spec, plan_m.settings) or 131_072
     limit = limit or 1024
     if limit < 1:
         raise InputError(f"--limit must be a positive integer, got {limit}")
     start = getattr(base, axis)
     if start > limit:
         raise InputError(f"--limit {limit} is below the starting {over} {start}")
-    plan_m = make_plan(spec, _resolved(spec, _method_settings(method, **method_kw)))
-    plan_a = make_plan(spec, _resolved(spec, _method_settings(against)))
     for plan in (plan_m, plan_a):  # both runnable from the start to the limit
         check_combination(spec, plan.settings, limit if axis == "seq_len" else base.seq_len, base.grad_checkpointing)
 

@@ -602,6 +602,20 @@ def position_limit(spec: ModelSpec) -> int:
     return spec.max_positions - 2 if spec.model_type == "roberta" else spec.max_positions
 
 
+def _tokens_beside_text(spec: ModelSpec, s: MethodSettings) -> tuple[int, int]:
+    """Positions taken beside the text: prefix/prompt tuning's virtual tokens, BLIP-2's query tokens
+    (OPT sees them first)."""
+    extra = s.num_virtual_tokens if s.method in ("prefix", "prompt") else 0
+    queries = dict(spec.blip2)["num_query_tokens"] if spec.model_type == "blip-2" else 0
+    return extra, queries
+
+
+def max_seq_len(spec: ModelSpec, s: MethodSettings) -> int:
+    """The longest --seq-len the model's learned positions take with method settings `s` (0: no limit)."""
+    limit = position_limit(spec)
+    return limit - sum(_tokens_beside_text(spec, s)) if limit else 0
+
+
 def check_combination(spec: ModelSpec, s: MethodSettings, seq_len: int, grad_checkpointing: bool) -> None:
     """Method and training settings the real stack cannot run together (InputError, one line):
     - a sequence (plus prefix/prompt virtual tokens, or BLIP-2's query tokens, which take positions
@@ -611,12 +625,11 @@ def check_combination(spec: ModelSpec, s: MethodSettings, seq_len: int, grad_che
       Cache, and the checkpoint's recompute of each layer updates it again, so keys and the attention
       mask disagree (peft#869, peft PR #2191; traced here with transformers 5.23 / peft 0.21.2: on cpu
       "The size of tensor a (32) must match the size of tensor b (52)" for tiny-llama 2 x 32)."""
-    extra = s.num_virtual_tokens if s.method in ("prefix", "prompt") else 0
-    queries = dict(spec.blip2)["num_query_tokens"] if spec.model_type == "blip-2" else 0  # OPT sees them first
-    limit = position_limit(spec)
-    if limit and seq_len + extra + queries > limit:
+    extra, queries = _tokens_beside_text(spec, s)
+    longest = max_seq_len(spec, s)
+    if longest and seq_len > longest:
         more = f" + {extra} virtual tokens" if extra else f" + {queries} query tokens" if queries else ""
-        raise CombinationError(f"--seq-len {seq_len}{more} exceeds {spec.name}'s {limit} positions")
+        raise CombinationError(f"--seq-len {seq_len}{more} exceeds {spec.name}'s {position_limit(spec)} positions")
     if s.method == "prefix" and grad_checkpointing:
         raise CombinationError("prefix tuning cannot run with gradient checkpointing: the recompute updates peft's "
                          "prefix cache a second time (peft#869); drop --grad-checkpointing or use --method prompt")
