@@ -238,7 +238,7 @@ def head_skip_modules(model) -> list[str] | None:
     if not heads:
         return None
     default = get_keys_to_not_convert(model)
-    if all(any(k == h or k.startswith(h + ".") for k in default) and f"{h}.bias" not in default for h in heads):
+    if all(h in default for h in heads):  # the head module itself is kept (Llama's bias-free score)
         return None
     return sorted(set(default) | set(heads))
 

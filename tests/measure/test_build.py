@@ -60,9 +60,16 @@ def test_qlora_keeps_a_biased_classifier_head_unquantized(tiny):
     QLoRA rows of the ci matrix were errors). The harness names the head, as the working recipe does;
     causal LMs (lm_head) and Llama classifiers (score, no bias) keep the default."""
     from measure.build import head_skip_modules
+    from peftcalc.spec import load_spec
 
     def skip(name):
         return head_skip_modules(build_base_model(tiny(name, method="full").spec, device="meta"))
 
     assert "classifier" in skip("tiny-bert-cls")
     assert skip("tiny-llama-cls") is None and skip("tiny-llama") is None
+    # RoBERTa's head's last parameter is classifier.out_proj.bias: the default keeps neither Linear
+    roberta = load_spec({"model_type": "roberta", "architectures": ["RobertaForSequenceClassification"],
+                         "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                         "intermediate_size": 128, "vocab_size": 512, "max_position_embeddings": 66,
+                         "num_labels": 3, "_name_or_path": "tiny-roberta-cls"})
+    assert "classifier" in head_skip_modules(build_base_model(roberta, device="meta"))
