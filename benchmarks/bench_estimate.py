@@ -52,19 +52,21 @@ def cold_cli(args: list[str], runs: int = 5) -> list[float]:
     return times
 
 
+SWEEP_GRID = dict(
+    method=["full", "lora", "qlora", "adapter", "ia3"],
+    rank=[4, 8, 16, 32, 64],
+    batch_size=[1, 2, 4, 8, 16],
+    seq_len=[128, 256, 512, 1024, 2048, 4096, 8192, 16384],
+    grad_checkpointing=[False, True],
+    precision=["fp32", "bf16", "amp-bf16", "fp16", "amp-fp16"],
+)
+
+
 def sweep_10k() -> tuple[float, int]:
     import peftcalc
 
-    grid = dict(
-        method=["full", "lora", "qlora", "adapter", "ia3"],
-        rank=[4, 8, 16, 32, 64],
-        batch_size=[1, 2, 4, 8, 16],
-        seq_len=[128, 256, 512, 1024, 2048, 4096, 8192, 16384],
-        grad_checkpointing=[False, True],
-        precision=["fp32", "bf16", "amp-bf16", "fp16", "amp-fp16"],
-    )
     start = time.perf_counter()
-    df = peftcalc.sweep("llama-3.1-8b", **grid)
+    df = peftcalc.sweep("llama-3.1-8b", **SWEEP_GRID)
     return time.perf_counter() - start, len(df)
 
 
