@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from peftcalc.layout import build_layout
+from peftcalc.families import build_layout
 from peftcalc.methods import (
     ADAPTER_ATTRIBUTE,
     BLOCK_ADAPTER_DROPOUT,

@@ -8,8 +8,8 @@ from dataclasses import asdict, dataclass, fields, replace
 from functools import lru_cache, wraps
 from math import ceil
 
-from peftcalc.activations import blip2_image_tokens
 from peftcalc.errors import CombinationError, InputError
+from peftcalc.families.blip2 import blip2_image_tokens
 from peftcalc.hardware import (
     DEFAULT_MFU,
     GPU,

@@ -15,6 +15,8 @@ from __future__ import annotations
 from peftcalc.settings import TrainingSettings
 from peftcalc.spec import ModelSpec
 
+__all__ = ["checkpointed_layers", "checkpointing_layer_stacks"]
+
 
 def checkpointing_layer_stacks(spec: ModelSpec) -> tuple[tuple[str, int], ...]:
     """(part, layers) of every stack of GradientCheckpointingLayers, in ``model.modules()`` order: 'text'
@@ -22,11 +24,10 @@ def checkpointing_layer_stacks(spec: ModelSpec) -> tuple[tuple[str, int], ...]:
     layers, those above the feature layer included), 'qformer' BLIP-2's Q-Former."""
     if spec.is_vlm:
         return (("vision", spec.vision.num_layers), ("text", spec.num_layers))
-    if spec.model_type == "blip-2":
-        from peftcalc.activations import blip2_parts
-
-        vision, qformer, _ = blip2_parts(spec)
-        return (("vision", vision.num_layers), ("qformer", qformer.num_layers), ("text", spec.num_layers))
+    if spec.model_type == "blip-2":  # Blip2VisionModel's and Blip2QFormerModel's layers (spec.blip2)
+        b = dict(spec.blip2)
+        return (("vision", b["vision_num_hidden_layers"]), ("qformer", b["qformer_num_hidden_layers"]),
+                ("text", spec.num_layers))
     return (("text", spec.num_layers),)
 
 

@@ -154,7 +154,7 @@ def crossover(
 @app.command()
 def models(format: str = FORMAT) -> None:
     """The built-in model registry, with the config each entry came from."""
-    from peftcalc.layout import build_layout
+    from peftcalc.families import build_layout
     from peftcalc.spec import load_spec, registry_names
 
     _check_format(format)

@@ -9,9 +9,14 @@ from functools import lru_cache
 from pathlib import Path
 
 from peftcalc.errors import InputError
-from peftcalc.layout import LINEAR_KINDS, Module, build_layout
-from peftcalc.methods import Plan
+from peftcalc.checkpointing import checkpointed_layers
+from peftcalc.families import build_layout
+from peftcalc.families.blip2 import LANGUAGE_PROJECTION, QFORMER, QUERY_TOKENS, blip2_image_tokens, blip2_parts, blip2_vision_tokens
+from peftcalc.layout import LINEAR_KINDS, Module
+from peftcalc.methods import vision_layers_used
+from peftcalc.plan import Plan
 from peftcalc.settings import TrainingSettings
+from peftcalc.sim.llava import vision_plan
 
 GPUS_FILE = Path(__file__).parent / "data" / "gpus.json"
 MIB = 1024**2
@@ -93,8 +98,6 @@ def step_flops(plan: Plan, t: TrainingSettings, tokens_per_sequence: int) -> Ste
     whole block, as counted here).
     Embedding lookups, norms and element-wise ops are not counted (under 1% for these models).
     """
-    from peftcalc.checkpointing import checkpointed_layers
-
     spec = plan.spec
     if spec.model_type == "blip-2":
         return _blip2_step_flops(plan, t, tokens_per_sequence)
@@ -162,10 +165,6 @@ def _blip2_step_flops(plan: Plan, t: TrainingSettings, tokens_per_sequence: int)
     whose input is the frozen tower's output; weight gradients where weights train). Checkpointing re-runs
     the forward of the OPT blocks and of the Q-Former layers it wraps (both GradientCheckpointingLayers;
     peftcalc.checkpointing)."""
-    from peftcalc.activations import blip2_image_tokens, blip2_parts, blip2_vision_tokens
-    from peftcalc.checkpointing import checkpointed_layers
-    from peftcalc.layout import LANGUAGE_PROJECTION, QFORMER, QUERY_TOKENS
-
     spec = plan.spec
     vspec, qspec, _ = blip2_parts(spec)
     b, seq = t.batch_size, tokens_per_sequence
@@ -217,8 +216,6 @@ def _blip2_step_flops(plan: Plan, t: TrainingSettings, tokens_per_sequence: int)
 def _blip2_wrapped(m: Module, wrapped_text: tuple, wrapped_qformer: tuple) -> bool:
     """Whether checkpointing wraps the layer holding matmul `m`: an OPT block (m.layer) or a Q-Former
     layer (``qformer.encoder.layer.<i>.``)."""
-    from peftcalc.layout import QFORMER
-
     if m.layer is not None:
         return bool(wrapped_text) and wrapped_text[m.layer]
     prefix = f"{QFORMER}.encoder.layer."
@@ -236,9 +233,6 @@ def _vision_tower_flops(plan: Plan, t: TrainingSettings) -> StepFlops:
     tower's input needs a gradient (enable_input_require_grads: activations._vision_input_grad_saves), so
     every layer the projector reads runs backward and each it wraps (peftcalc.checkpointing) is recomputed
     once."""
-    from peftcalc.activations import vision_plan
-    from peftcalc.methods import vision_layers_used
-
     v = plan.spec.vision
     vplan = vision_plan(plan)
     lowest = -1 if t.grad_checkpointing else vplan.lowest_trainable_layer
@@ -262,7 +256,6 @@ def _vision_tower_flops(plan: Plan, t: TrainingSettings) -> StepFlops:
     elif lowest >= 0 and adapters and kind == "houlsby":
         bwd += 2.0 * 2 * h * inter * tokens
     bwd += full * layer
-    from peftcalc.checkpointing import checkpointed_layers
 
     wrapped = checkpointed_layers(plan.spec, t, "vision")
     return StepFlops(fwd, bwd, sum(wrapped[:used]) * layer)

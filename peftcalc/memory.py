@@ -13,9 +13,14 @@ from dataclasses import dataclass, replace
 from functools import lru_cache
 from math import ceil
 
-from peftcalc.activations import ActivationProfile, activation_profile, blip2_image_tokens, make_ctx, quantized_paths
-from peftcalc.methods import Plan
+from peftcalc.activations import ActivationProfile, activation_profile
+from peftcalc.families import build_layout
+from peftcalc.families.blip2 import blip2_image_tokens
+from peftcalc.families.llava import VISION_TOWER
+from peftcalc.plan import Plan
 from peftcalc.settings import DTYPE_BYTES, TrainingSettings
+from peftcalc.sim.head import quantized_paths
+from peftcalc.sim.profile import make_ctx
 from peftcalc.spec import kept_in_fp32
 
 
@@ -82,8 +87,6 @@ def gradient_free(plan: Plan) -> frozenset:
     encoder is trained on last_hidden_state (measure.run forward_loss), which neither the pooler
     (BertModel/ViTModel `pooler.dense`) nor CLIP's post_layernorm (CLIPVisionTransformer applies it to
     the pooled token only) feeds."""
-    from peftcalc.layout import build_layout
-
     spec = plan.spec
     if spec.task != "base":
         return frozenset()
@@ -313,8 +316,6 @@ def gradient_arrival(plan: Plan, t: TrainingSettings) -> GradientArrival:
 
 @lru_cache(maxsize=4096)
 def _gradient_arrival(plan: Plan, precision: str) -> GradientArrival:
-    from peftcalc.layout import VISION_TOWER, build_layout
-
     layout = build_layout(plan.spec)
     ctx = make_ctx(plan.spec, plan, TrainingSettings(precision=precision))
     # the input side: embeddings, and a VLM's projector and vision tower (below the language model)
@@ -605,8 +606,6 @@ def _tied_embedding_accumulation(plan: Plan, t: TrainingSettings) -> int:
     sums out of place under the harness's TorchDispatchMode; AccumulateGrad makes the sum the .grad
     (one vocab x hidden among the gradients). The two addends, two vocab x hidden tensors, are
     temporaries alive with it for a moment."""
-    from peftcalc.layout import build_layout
-
     if not (build_layout(plan.spec).head_tied_to_embedding and plan.embedding_trains):
         return 0
     ctx = make_ctx(plan.spec, plan, t)

@@ -11,8 +11,9 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from peftcalc.layout import build_layout
-from peftcalc.methods import PEFT_METHODS, Plan
+from peftcalc.families import build_layout
+from peftcalc.methods import PEFT_METHODS
+from peftcalc.plan import Plan
 from peftcalc.settings import DTYPE_BYTES
 from peftcalc.spec import kept_in_fp32
 

@@ -11,7 +11,8 @@ import pytest
 import peftcalc
 from measure.build import build_base_model, build_model, count_params
 from peftcalc.errors import InputError
-from peftcalc.layout import build_layout, param_names
+from peftcalc.families import build_layout
+from peftcalc.layout import param_names
 from peftcalc.methods import METHODS, MethodSettings, make_plan, methods_for
 from peftcalc.spec import load_spec, registry_configs, spec_from_config
 

@@ -11,7 +11,9 @@ listed with measure.tracer.StorageTracer.live_records(peak_seq) (op, shape, dtyp
 import pytest
 
 from peftcalc import estimate
-from peftcalc.activations import Ctx, Recorder, activation_profile
+from peftcalc.activations import activation_profile
+from peftcalc.ops.context import Ctx
+from peftcalc.ops.recorder import Recorder
 from peftcalc.backward import GRAD, BackwardPeak, Node, run_backward
 from peftcalc.methods import MethodSettings, make_plan
 from peftcalc.settings import TrainingSettings

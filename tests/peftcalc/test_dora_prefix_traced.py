@@ -15,7 +15,9 @@ before this work and what made it exact."""
 import pytest
 
 import peftcalc
-from peftcalc.activations import Ctx, Recorder, _dora_weight_norm
+from peftcalc.methods.lora import dora_weight_norm
+from peftcalc.ops.context import Ctx
+from peftcalc.ops.recorder import Recorder
 from matrix_models import matrix_spec
 
 DORA = {"method": "lora", "rank": 4, "targets": "all-linear", "dora": True}
@@ -86,7 +88,7 @@ def test_prediction_against_traced_peak(model, method, precision, ckpt, traced, 
         assert e.memory.components["activations"] == activations
 
 
-def test_dora_weight_norm_under_autocast_by_hand():
+def testdora_weight_norm_under_autocast_by_hand():
     """peft DoraLinearLayer.forward's weight norm on tiny-vit-cls's last mlp.fc2 (in 128, out 64, r 4) under
     CPU autocast bf16, fp32 weights and adapters: the storages the tracer saw between the base result and
     the norm (events 2230-2242 of the amp-bf16 b3 s48 no-checkpointing run, row 7b7173244261f575):
@@ -99,7 +101,7 @@ def test_dora_weight_norm_under_autocast_by_hand():
     ctx = Ctx(batch=3, seq=17, kv_seq=17, compute="float32", weight="float32", autocast="bfloat16",
               adapter="float32", device="cpu", attention="sdpa")
     rec = Recorder(ctx, bucket=1)
-    norm = _dora_weight_norm(rec, 128, 64, 4, "float32", "mlp.fc2")
+    norm = dora_weight_norm(rec, 128, 64, 4, "float32", "mlp.fc2")
     assert rec.forward_peak == 133_632
     assert (rec.saved_total + rec.live_bytes, rec.saved_total) == (68_352, 33_792)
     assert norm.norm.nbytes == 256

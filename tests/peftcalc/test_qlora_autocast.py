@@ -18,7 +18,8 @@ the step under torch.autocast(bf16) (measure.run.precision_policy, measure.build
 import pytest
 
 import peftcalc
-from peftcalc.activations import Ctx, matmul_4bit_backward_steps
+from peftcalc.ops.context import Ctx
+from peftcalc.ops.linear import matmul_4bit_backward_steps
 from peftcalc.backward import Node, run_backward
 from matrix_models import matrix_spec
 
@@ -82,7 +83,7 @@ def test_matmul_4bit_backward_dequantizes_in_the_loaded_dtype():
               quant_source="float32", quant_nested=True)
     grad_out, grad_a = 51 * 64 * 2, 51 * 128 * 2
 
-    def replay(c: Ctx) -> int:  # MatMul4Bit's node as activations.matmul records it, from a bf16 grad_output
+    def replay(c: Ctx) -> int:  # MatMul4Bit's node as ops.linear.matmul records it, from a bf16 grad_output
         steps = tuple(matmul_4bit_backward_steps(c, 128, 64)) + (("new", "d0", grad_a), ("free", "wc"))
         return run_backward([Node(2, steps, ((1, "d0"),))], {}, {2: grad_out}, False).peak.total
 

@@ -8,7 +8,8 @@ import pytest
 
 from measure.build import build_model, count_params
 from peftcalc.errors import InputError
-from peftcalc.layout import build_layout, param_names
+from peftcalc.families import build_layout
+from peftcalc.layout import param_names
 from peftcalc.methods import MethodSettings, make_plan
 from peftcalc.spec import load_spec
 
@@ -88,7 +89,8 @@ def test_vlm_activations_are_the_language_models_at_seq_plus_image_tokens():
     needs a gradient (stage 1: the projector below them trains); the projector's saved tensors come on top."""
     from dataclasses import replace
 
-    from peftcalc.activations import activation_profile, text_plan
+    from peftcalc.activations import activation_profile
+    from peftcalc.sim.llava import text_plan
     from peftcalc.settings import TrainingSettings
 
     spec = load_spec("llava-1.5-7b")
@@ -265,12 +267,12 @@ def test_llava_adapter_saved_activations_by_hand():
     feature layer) saves as a frozen layer whose input needs a gradient (LayerNorms' inputs and statistics,
     q, k, v, the SDPA output and logsumexp, quick_gelu's input and sigmoid: 44,336) and post_layernorm keeps
     its output (4,352) with 2 x 2 x 4 statistics; all dropped when LlavaModel.forward returns."""
-    from peftcalc.activations import _vision_saves
+    from peftcalc.sim.llava import vision_saves
     from peftcalc.settings import TrainingSettings
 
     plan = make_plan(load_spec(TINY), MethodSettings("adapter", bottleneck=8))
     t = TrainingSettings(batch_size=2, seq_len=32, precision="fp32", device="cpu")
-    vs = _vision_saves(plan, t)
+    vs = vision_saves(plan, t)
     assert vs.kept == 3 * 4352 + 3 * 1088 + 272 == 16_592
     layer1 = 2 * (4352 + 272) + 4 * 4352 + 272 + 2 * 2 * 17 * 64 * 4
     assert layer1 == 44_336
@@ -386,7 +388,7 @@ def test_llava_projector_peak_equals_cpu_trace(precision, batch, checkpointing, 
     with checkpointing, CLIP pre_layrnorm's mean and rstd as two aten.native_layer_norm (4, 17, 1) bf16,
     136 B each (layer_norm_stats_dtype); the patch_embedding output the checkpointing hook makes a leaf
     is 'other'. Before these terms the calculator was 256, 128 and 272 B over."""
-    from peftcalc.activations import projector_input_numel
+    from peftcalc.sim.llava import projector_input_numel
     from peftcalc.api import estimate
 
     spec = load_spec(TINY)

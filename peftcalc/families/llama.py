@@ -1,0 +1,108 @@
+"""Llama, Mistral and Qwen2 (transformers models/llama/modeling_llama.py, models/mistral/modeling_mistral.py,
+models/qwen2/modeling_qwen2.py): pre-RMSNorm decoder blocks with RoPE, GQA and a gated SiLU MLP.
+"""
+
+from __future__ import annotations
+
+from peftcalc.families.record import Family, config_dropout
+from peftcalc.layout import Layout, Module, decoder_head, linear_module, norm_module
+from peftcalc.ops.attention import attention
+from peftcalc.ops.nonlinear import activation
+from peftcalc.ops.norms import rms_norm
+from peftcalc.ops.recorder import Recorder, T
+from peftcalc.ops.rotary import rope
+from peftcalc.ops.tensor_ops import add, heads_view, mul
+from peftcalc.spec import ModelSpec
+
+__all__ = [
+    "DROPOUT",
+    "LLAMA",
+    "MISTRAL",
+    "QWEN2",
+    "llama_block",
+    "llama_layout",
+]
+
+
+def llama_layout(spec: ModelSpec) -> Layout:
+    """LlamaForCausalLM / MistralForCausalLM / Qwen2ForCausalLM (modeling_llama.py, modeling_mistral.py,
+    modeling_qwen2.py): q/k/v/o, gated MLP, RMSNorm (weight only)."""
+    base = "" if spec.task == "base" else "model."
+    h, hd = spec.hidden_size, spec.head_dim
+    qkv_bias = spec.attention_bias
+    o_bias = spec.attention_bias and spec.model_type == "llama"
+    mods = [Module(f"{base}embed_tokens", "embedding", (spec.vocab_size, h), False, None, "embed")]
+    for i in range(spec.num_layers):
+        p = f"{base}layers.{i}"
+        mods += [
+            linear_module(f"{p}.self_attn.q_proj", spec.num_heads * hd, h, qkv_bias, i, "attn"),
+            linear_module(f"{p}.self_attn.k_proj", spec.num_kv_heads * hd, h, qkv_bias, i, "attn"),
+            linear_module(f"{p}.self_attn.v_proj", spec.num_kv_heads * hd, h, qkv_bias, i, "attn"),
+            linear_module(f"{p}.self_attn.o_proj", h, spec.num_heads * hd, o_bias, i, "attn_out"),
+            linear_module(f"{p}.mlp.gate_proj", spec.intermediate_size, h, spec.mlp_bias, i, "mlp"),
+            linear_module(f"{p}.mlp.up_proj", spec.intermediate_size, h, spec.mlp_bias, i, "mlp"),
+            linear_module(f"{p}.mlp.down_proj", h, spec.intermediate_size, spec.mlp_bias, i, "mlp_out"),
+            norm_module(f"{p}.input_layernorm", h, False, i),
+            norm_module(f"{p}.post_attention_layernorm", h, False, i),
+        ]
+    mods.append(norm_module(f"{base}norm", h, False))
+    head, out_emb, tied = decoder_head(spec, mods)
+    return Layout(tuple(mods), f"{base}layers", f"{base}embed_tokens", head, out_emb, tied, f"{base}norm")
+
+
+def llama_block(rec: Recorder, spec: ModelSpec, sites, x: T) -> T:
+    """LlamaDecoderLayer (also Mistral, Qwen2): pre-RMSNorm attention with RoPE, gated SiLU MLP.
+    The forward frees each tensor when modeling_llama.py drops it: the attention's q, k, v at its
+    return, the MLP's gate/up/act intermediates as the expression proceeds, the normed inputs when
+    `hidden_states` is rebound, the residual at the block's return."""
+    ctx = rec.ctx
+    h = spec.hidden_size
+    eager = ctx.attention == "eager"
+    n = rms_norm(rec, x, sites.norm_trains("input_layernorm"), "input_layernorm")
+    # q_proj(x).view().transpose(1, 2), then k, then v; RoPE on q and k (its gradients come back laid
+    # out as (b, heads, s, d), so the views' backward copies them; SDPA's come back in v's layout)
+    ql = sites.linear(rec, n, "self_attn.q_proj", h, spec.q_dim)
+    kl = sites.linear(rec, n, "self_attn.k_proj", h, spec.kv_dim)
+    vl = sites.linear(rec, n, "self_attn.v_proj", h, spec.kv_dim)
+    q, k, v = heads_view(rec, ql, clone=True), heads_view(rec, kl, clone=True), heads_view(rec, vl, clone=eager)
+    q, k = rope(rec, q), rope(rec, k)
+    rec.free(ql, kl)
+    # `key_states, value_states = past_key_values.update(...)` drops RoPE's keys and the value projection
+    a = attention(rec, spec, q, k, v, config_dropout(spec, DROPOUT, "attn"), "self_attn.attention", replaced=(k, vl), fp32_softmax=True)
+    o = sites.linear(rec, a, "self_attn.o_proj", spec.q_dim, h)
+    o = sites.adapt(rec, o, "attn_out", "self_attn.o_proj")
+    rec.free(a, q, k, vl, n)
+    x2 = add(rec, x, o, x.dtype)  # x + o keeps the residual stream's dtype
+    rec.free(o)
+    n2 = rms_norm(rec, x2, sites.norm_trains("post_attention_layernorm"), "post_attention_layernorm")
+    g = sites.linear(rec, n2, "mlp.gate_proj", h, spec.intermediate_size)
+    act = activation(rec, g, "silu", "mlp.act_fn")
+    rec.free(g)
+    u = sites.linear(rec, n2, "mlp.up_proj", h, spec.intermediate_size)
+    p = mul(rec, act, u, "mlp.act_mul")
+    rec.free(act, u)
+    d = sites.linear(rec, p, "mlp.down_proj", spec.intermediate_size, h)
+    d = sites.adapt(rec, d, "mlp_out", "mlp.down_proj")
+    rec.free(p, n2)
+    out = add(rec, x2, d, x2.dtype)
+    rec.free(d, x2)
+    return out
+
+
+# Dropout probabilities during training, from the transformers config defaults (attention only).
+DROPOUT = {
+    "llama": {"attn": ("attention_dropout", 0.0)},
+    "mistral": {"attn": ("attention_dropout", 0.0)},
+    "qwen2": {"attn": ("attention_dropout", 0.0)},
+}
+
+# peft 0.21 utils/constants.py TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING and the IA3 mappings
+LLAMA = Family("llama", "https://github.com/huggingface/transformers/blob/main/src/transformers/models/llama/modeling_llama.py",
+               llama_layout, llama_block, DROPOUT["llama"], ("q_proj", "v_proj"),
+               ("k_proj", "v_proj", "down_proj"), ("down_proj",))
+MISTRAL = Family("mistral", "https://github.com/huggingface/transformers/blob/main/src/transformers/models/mistral/modeling_mistral.py",
+                 llama_layout, llama_block, DROPOUT["mistral"], ("q_proj", "v_proj"),
+                 ("k_proj", "v_proj", "down_proj"), ("down_proj",))
+QWEN2 = Family("qwen2", "https://github.com/huggingface/transformers/blob/main/src/transformers/models/qwen2/modeling_qwen2.py",
+               llama_layout, llama_block, DROPOUT["qwen2"], ("q_proj", "v_proj"),
+               ("q_proj", "v_proj", "down_proj"), ("down_proj",))

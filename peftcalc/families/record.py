@@ -1,0 +1,53 @@
+"""The Family record: what peftcalc knows about one transformers model family, as data plus code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+from peftcalc.spec import ModelSpec
+
+__all__ = [
+    "Family",
+    "config_dropout",
+]
+
+
+@dataclass(frozen=True)
+class Family:
+    """One model family (one ``model_type`` of transformers), as data plus code.
+
+    Adding a family is one file in peftcalc/families/ and one line in FAMILIES (families/__init__.py):
+    1. ``layout(spec) -> Layout``: every parameter-holding module, in ``named_modules()`` order, mirroring
+       the modeling file (tests/peftcalc/test_params.py holds the counts to the real model's ``numel``);
+    2. ``block(rec, spec, sites, x) -> x``: one block's forward, op by op, copied line for line from the
+       modeling file (peftcalc.ops); every Linear goes through ``sites.linear``, every norm asks
+       ``sites.norm_trains``, so the methods can put their ops around them (peftcalc.methods.sites);
+    3. ``dropout``: where the modeling file applies dropout ('embd', 'attn', 'resid') and the config key
+       (with its default) that sets the probability;
+    4. peft's default target modules (``lora_targets``; ``ia3_targets`` and IA3's feed-forward subset)
+       from peft's utils/constants.py mappings;
+    5. ``learned_positions``: the model has a learned position table, which limits the sequence length;
+    6. the config keys spec.py reads, and ``source``: the modeling file it mirrors.
+    Then harness rows (measure/matrices/*.toml) hold it to the traced bytes."""
+
+    model_type: str
+    source: str
+    layout: Callable | None = None  # None: a part of another model (BLIP-2's Q-Former and tower)
+    block: Callable | None = None
+    dropout: dict = field(default_factory=dict)
+    lora_targets: tuple = ()
+    ia3_targets: tuple = ()
+    ia3_feedforward: tuple = ()
+    learned_positions: bool = False
+
+
+def config_dropout(spec: ModelSpec, tables: dict, where: str) -> float:
+    """The dropout probability a block applies at `where` ('embd', 'attn', 'resid'): the config value
+    of the key tables[model_type] names for it (its transformers default when the config omits it);
+    0.0 where the family applies none."""
+    key = tables[spec.model_type].get(where)
+    if key is None:
+        return 0.0
+    return float(spec.hf_config.get(key[0], key[1]) or 0.0)

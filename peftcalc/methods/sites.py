@@ -1,0 +1,162 @@
+"""Where the methods sit inside a block: which of its weights, norms and biases train and which Linears
+carry LoRA, IA3 or an adapter (LayerTraining, from a plan), and BlockSites, what a family's block calls
+to run a Linear with its method's ops around it, an adapter after a projection, or one after the block.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+from peftcalc.families import build_layout
+from peftcalc.layout import Layout
+from peftcalc.methods.adapter import ADAPTER_ATTRIBUTE, BLOCK_ADAPTER_DROPOUT, adapter_block, block_adapter, resolve_bottleneck
+from peftcalc.methods.ia3 import ia3_input, ia3_output
+from peftcalc.methods.lora import lora
+from peftcalc.ops.linear import linear
+from peftcalc.ops.recorder import Recorder, T
+from peftcalc.plan import Plan
+from peftcalc.spec import ModelSpec
+
+__all__ = [
+    "BlockSites",
+    "LayerTraining",
+    "block_biases",
+    "distinct_layer_trainings",
+    "layer_trainings",
+    "site_linear",
+]
+
+
+@dataclass(frozen=True)
+class LayerTraining:
+    """Per-module facts of one block: which weights train, where LoRA/IA3/adapters sit."""
+
+    trainable: frozenset  # module paths (relative names like "q_proj") whose weight trains
+    norm_trainable: frozenset
+    lora: frozenset
+    ia3_out: frozenset
+    ia3_ff: frozenset
+    adapters: frozenset  # "attn_out", "mlp_out"; "block": after the block (a VLM's vision tower)
+    bias_trainable: frozenset = frozenset()  # modules whose bias trains (BitFit): output needs grad
+    norm_bias_only: frozenset = frozenset()  # norms of which only the bias trains (BitFit)
+
+
+@lru_cache(maxsize=1024)
+def layer_trainings(plan: Plan, layout: Layout) -> list[LayerTraining]:
+    """What trains inside each block, from the plan's parameter groups (one pass over them)."""
+    n = plan.spec.num_layers
+    sets = [dict(trainable=set(), norms=set(), lora=set(), ia3_out=set(), ia3_ff=set(), adapters=set(),
+                 biases=set(), norm_weights=set(), norm_biases=set()) for _ in range(n)]
+    roles = {m.path: m.role for m in layout.modules if m.layer is not None}
+    for g in plan.groups:
+        if g.layer is None or not g.trainable:
+            continue
+        prefix = f"{layout.block_prefix}.{g.layer}."
+        rel = g.name[len(prefix):]
+        s = sets[g.layer]
+        if g.origin == "base":
+            module = rel.rsplit(".", 1)[0]
+            if roles.get(prefix + module) == "norm":  # LayerNorm saves its input for either parameter
+                s["norms"].add(module)
+                s["norm_weights" if rel.endswith(".weight") else "norm_biases"].add(module)
+            elif rel.endswith(".weight"):  # a Linear saves its input for the weight's gradient only
+                s["trainable"].add(module)
+            else:
+                s["biases"].add(module)
+        elif g.origin in ("lora", "dora"):
+            s["lora"].add(rel.split(".lora_", 1)[0])
+        elif g.origin == "ia3":
+            (s["ia3_ff"] if g.shape[0] == 1 else s["ia3_out"]).add(rel.rsplit(".", 1)[0])
+        elif g.origin == "adapter":
+            if rel.startswith(ADAPTER_ATTRIBUTE + "."):  # seed 001's adapter on the block's output
+                s["adapters"].add("block")
+            else:
+                s["adapters"].add(roles.get(prefix + rel.split("." + ADAPTER_ATTRIBUTE, 1)[0], ""))
+    return [LayerTraining(frozenset(s["trainable"]), frozenset(s["norms"]), frozenset(s["lora"]),
+                          frozenset(s["ia3_out"]), frozenset(s["ia3_ff"]), frozenset(s["adapters"]),
+                          frozenset(s["biases"]), frozenset(s["norm_biases"] - s["norm_weights"])) for s in sets]
+
+
+@lru_cache(maxsize=1024)
+def distinct_layer_trainings(plan: Plan, layout: Layout) -> tuple[tuple[LayerTraining, ...], tuple[int, ...]]:
+    """The distinct LayerTrainings of the blocks (first-seen order) and each block's index among them:
+    run_blocks looks a block's simulation up by that index instead of hashing its LayerTraining."""
+    distinct: dict = {}
+    index = tuple(distinct.setdefault(lt, len(distinct)) for lt in layer_trainings(plan, layout))
+    return tuple(distinct), index
+
+
+@lru_cache(maxsize=256)
+def block_biases(layout: Layout) -> frozenset:
+    """Relative names (as in block 0) of the block's modules that carry a bias."""
+    prefix = f"{layout.block_prefix}.0."
+    return frozenset(m.path[len(prefix):] for m in layout.blocks(0) if m.bias)
+
+
+def site_linear(rec: Recorder, x: T, in_f: int, out_f: int, trainable: bool, tag: str,
+                lora_rank: int = 0, dora: bool = False, ia3: str = "", quantized: bool = False,
+                bias: bool = False, bias_trains: bool = False, grad_pending: bool = False) -> T:
+    """A Linear with its method's ops around the base layer (ops.linear.linear): peft IA3 on the
+    feed-forward input scales x before peft calls the base layer (tuners/ia3/layer.py Linear.forward; the
+    scaled input, peft's ``interm``, goes when the layer returns), LoRA/DoRA adds its delta to the base
+    result (tuners/lora/layer.py Linear.forward, methods.lora.lora), IA3 on keys/values scales the output
+    (methods.ia3.ia3_output)."""
+    xm = ia3_input(rec, x, in_f, tag) if ia3 == "ff" else x
+    out = linear(rec, xm, in_f, out_f, trainable, tag, quantized=quantized, bias=bias, bias_trains=bias_trains,
+                 grad_pending=grad_pending)
+    if xm is not x:
+        rec.free(xm)
+    if lora_rank:
+        out = lora(rec, x, out, in_f, out_f, lora_rank, dora, bias, tag, quantized)
+    if ia3 == "out":
+        out = ia3_output(rec, out, out_f, tag)
+    return out
+
+
+@dataclass(frozen=True)
+class BlockSites:
+    """What a family's block function calls where a method may sit (peftcalc.families.record.Family.block):
+    its Linears (with LoRA, DoRA, IA3, QLoRA's NF4 base), the adapters after its output projections and after
+    the block, and whether its norms train. `spec` is the block's model (a part's, inside LLaVA or BLIP-2)."""
+
+    spec: ModelSpec
+    plan: Plan
+    training: LayerTraining
+
+    def linear(self, rec: Recorder, x: T, name: str, in_f: int, out_f: int) -> T:
+        """The block's Linear `name` (NF4 under QLoRA: methods.lora.quantizable quantizes every block Linear)."""
+        s, lt = self.plan.settings, self.training
+        ia3 = "ff" if name in lt.ia3_ff else ("out" if name in lt.ia3_out else "")
+        return site_linear(rec, x, in_f, out_f, name in lt.trainable, name,
+                           lora_rank=s.rank if name in lt.lora else 0, dora=s.dora and name in lt.lora, ia3=ia3,
+                           quantized=s.method == "qlora", bias=name in block_biases(build_layout(self.plan.spec)),
+                           bias_trains=name in lt.bias_trainable)
+
+    def norm_trains(self, norm: str) -> bool:
+        """Whether the block's norm `norm` has a parameter that trains."""
+        return norm in self.training.norm_trainable
+
+    def norm_params(self, norm: str) -> int:
+        """How many of the block's LayerNorm's parameters (weight, bias) get a gradient."""
+        return 1 if norm in self.training.norm_bias_only else 2
+
+    def adapt(self, rec: Recorder, out: T, role: str, tag: str) -> T:
+        """An output projection's output through its bottleneck adapter, where the method put one (a forward
+        hook, run before the projection's call returns: its input is still referenced meanwhile, and its own
+        output is dropped once the adapter has made its replacement)."""
+        if role not in self.training.adapters:
+            return out
+        adapted = adapter_block(rec, out, self.spec.hidden_size, resolve_bottleneck(self.spec, self.plan.settings), tag)
+        rec.free(out)
+        return adapted
+
+    def after_block(self, rec: Recorder, out: T) -> T:
+        """The block's output through the adapter a vision-language model's vision tower puts after each
+        block (a forward hook of the layer), where the method put one."""
+        if "block" not in self.training.adapters:
+            return out
+        adapted = block_adapter(rec, out, self.spec.hidden_size, resolve_bottleneck(self.spec, self.plan.settings),
+                                BLOCK_ADAPTER_DROPOUT)
+        rec.free(out)
+        return adapted

@@ -1,0 +1,283 @@
+"""Scaled dot-product attention as transformers' attention interface runs it: SDPA's fused kernels, the
+CPU math path, eager attention, GQA's repeat_kv and prefix tuning's cache concatenation.
+"""
+
+from __future__ import annotations
+
+from peftcalc.backward import GRAD
+from peftcalc.ops.context import Ctx
+from peftcalc.ops.recorder import Recorder, T, input_grads
+from peftcalc.ops.tensor_ops import autocast_in, cast, dropout, promote, scale
+from peftcalc.settings import DTYPE_BYTES
+from peftcalc.spec import ModelSpec
+
+__all__ = [
+    "attention",
+    "math_path",
+]
+
+
+def attention(rec: Recorder, spec: ModelSpec, q: T, k: T, v: T, p_drop: float, tag: str, hold: int = 0,
+              cross: bool = False, replaced: tuple = (), fp32_softmax: bool = False) -> T:
+    """Scaled dot-product attention over heads.
+
+    sdpa (torch.nn.functional.scaled_dot_product_attention): the fused kernels (flash/memory-efficient
+    on CUDA, the flash kernel on CPU) save q, k, v, the output and a logsumexp (fp32, batch x heads x
+    query length); their backward makes the three input gradients at once. eager (transformers
+    eager_attention_forward): q @ k^T saves q and k (keys/values repeated to all heads for GQA by
+    repeat_kv), softmax in fp32 saves its output, the cast to the compute dtype is saved by the matmul
+    with v, and dropout (p > 0) saves its mask. `hold`: the node after which the CPU math path's
+    incoming gradient is freed (traced: the query projection's) when bmm reads it without a reshape copy
+    (_bmm_output_backward). `cross`: keys and values come from
+    another sequence of ctx.kv_seq tokens (the BLIP-2 Q-Former's cross-attention to the image
+    features), with no mask and no virtual tokens. `replaced`: what the modeling code drops when its
+    key/value locals are rebound to the cache update's concatenations (prefix tuning only).
+    `fp32_softmax`: eager attention's softmax runs in fp32 (modeling_llama.py eager_attention_forward and
+    the ViT/CLIP/OPT copies); GPT-2/BERT/RoBERTa and BLIP-2's own take it in the scores' dtype.
+    """
+    ctx = rec.ctx
+    b, s, kv = ctx.batch, ctx.seq, ctx.kv_seq
+    heads = spec.num_heads
+    explicit_mask = kv != s and not cross
+    if not explicit_mask:
+        return _attend(rec, spec, q, k, v, p_drop, tag, hold, False, fp32_softmax)
+    # prefix tuning: the cache update concatenates the trainable past keys/values, and the causal
+    # mask cannot be skipped, so transformers (sdpa_attention_forward: use_gqa_in_sdpa is False with a
+    # mask) repeats keys/values to every head (repeat_kv, locals dropped when it returns) and SDPA saves
+    # the float mask it builds
+    kc, vc = _cache_keys(rec, k, b * kv * spec.kv_dim), _cache_keys(rec, v, b * kv * spec.kv_dim)
+    rec.free(*replaced)
+    kr, vr = _repeat_kv(rec, spec, kc), _repeat_kv(rec, spec, vc)
+    cpu_math = p_drop > 0 and ctx.device == "cpu" and ctx.training_dropout
+    if ctx.attention != "eager" and not cpu_math:  # eager and the math path add it to the scores
+        rec.save_new(b * s * kv, ctx.autocast or q.dtype, f"{tag}.attn_mask")  # in SDPA's (autocast) query dtype
+    out = _attend(rec, spec, q, kr, vr, p_drop, tag, hold, True, fp32_softmax)
+    for r, c in ((kr, kc), (vr, vc)):
+        if r is not c:
+            rec.free(r)
+    return out
+
+
+def _attend(rec: Recorder, spec: ModelSpec, q: T, k: T, v: T, p_drop: float, tag: str, hold: int,
+            explicit_mask: bool, fp32_softmax: bool) -> T:
+    """The attention kernel transformers' attention interface runs (see attention)."""
+    ctx = rec.ctx
+    b, s, kv = ctx.batch, ctx.seq, ctx.kv_seq
+    heads = spec.num_heads
+    needs = q.rg or k.rg or v.rg
+    out_numel = b * s * spec.q_dim
+    if ctx.attention == "eager":
+        return _eager_attention(rec, spec, q, k, v, p_drop, explicit_mask, tag, fp32_softmax)
+    # SDPA is on autocast's lower-precision list: it casts RoPE's wider q, k back, and the q, k, v a QLoRA
+    # layer returns in the stream's dtype (bitsandbytes Linear4bit.forward's .to(inp_dtype)), before any
+    # kernel (the CPU math path then upcasts the copies)
+    qi, ki, vi = autocast_in(rec, q), autocast_in(rec, k), autocast_in(rec, v)
+    if p_drop > 0 and ctx.device == "cpu" and ctx.training_dropout:
+        # prefix tuning's concatenated values are contiguous as (b, heads, s, d): bmm takes them as they are
+        v_contiguous = explicit_mask and not (spec.num_kv_heads == 1 and spec.num_heads > 1)
+        out = _math_attention(rec, spec, qi, ki, vi, tag, hold, v_contiguous)
+        rec.free(*(t for t, orig in ((qi, q), (ki, k), (vi, v)) if t is not orig))
+        return out
+    saved = []
+    if needs:
+        saved = [rec.save(qi, f"{tag}.q"), rec.save(ki, f"{tag}.k"), rec.save(vi, f"{tag}.v")]
+    out = rec.new(out_numel, qi.dtype, needs)
+    lse = rec.new(b * heads * s, "float32", False)
+    if needs:
+        saved += [rec.save(out, f"{tag}.out"), rec.save(lse, f"{tag}.logsumexp")]
+        if p_drop > 0 and ctx.device == "cpu":  # CPU flash has no dropout: the math path keeps the probs
+            saved.append(rec.save_new(b * heads * s * kv, q.dtype, f"{tag}.probs"))
+        # the backward computes all three gradients (and frees those no input needs)
+        steps = [("new", "dq", qi.nbytes), ("new", "dk", ki.nbytes), ("new", "dv", vi.nbytes)]
+        outputs = [(t.id, name) for t, name in ((qi, "dq"), (ki, "dk"), (vi, "dv")) if t.rg]
+        rec.node(out, steps, outputs, saved)
+    rec.free(lse)
+    for t, orig in ((qi, q), (ki, k), (vi, v)):
+        if t is not orig:
+            rec.free(t)
+    # The fused kernels lay their output out as (batch, seq, heads, dim): transformers'
+    # transpose(1, 2).contiguous() is then a view, and the output projection saves that storage.
+    return out
+
+
+def _cache_keys(rec: Recorder, x: T, numel: int) -> T:
+    """Prefix tuning's keys/values: cat(past, new) along the sequence (DynamicCache.update: the cache
+    keeps the concatenation to the end of the forward), in the promoted dtype of the past (peft's
+    prefix encoder, in the weights' dtype) and x (fp32 under autocast); the backward hands on slices of
+    the gradient (the new part to x, copied back to x's layout and dtype)."""
+    y = rec.new(numel, promote(x.dtype, rec.ctx.weight), True)
+    rec.node(y, *input_grads(x))
+    return y
+
+
+def _repeat_kv(rec: Recorder, spec: ModelSpec, x: T) -> T:
+    """transformers repeat_kv: x[:, :, None].expand(b, kv_heads, n_rep, s, d).reshape(b, heads, s, d):
+    a copy, except with a single key/value head, where the reshape of the expanded tensor is a view
+    (stride 0 across the heads); the backward sums the repeats (a new gradient like x)."""
+    groups = spec.num_heads // spec.num_kv_heads
+    if groups == 1:
+        return x
+    y = rec.view(x, x.numel * groups) if spec.num_kv_heads == 1 else rec.new(x.numel * groups, x.dtype, x.rg)
+    rec.node(y, *input_grads(x))
+    return y
+
+
+def _math_attention(rec: Recorder, spec: ModelSpec, q: T, k: T, v: T, tag: str, hold: int,
+                    v_contiguous: bool = False) -> T:
+    """CPU has no fused kernel with dropout: torch's _scaled_dot_product_attention_math runs, in fp32
+    for half types, and saves the scaled q, k^T, v (reshape copies for bmm), the softmax, the dropout
+    noise and the dropped probabilities; its (batch, heads, seq, dim) output is copied by
+    transpose().contiguous(). Backward (traced): the output gradient is copied for bmm, bmm makes v's
+    and the probabilities' gradients, dropout, _safe_softmax_backward, bmm makes q's and k's, the
+    scalings make new ones. For causal models (is_causal) the kernel builds a (seq x kv) float mask from
+    at::ones().tril() and adds it out of place (a dispatch mode makes the tensors subclass-like; a storage
+    tracer is one); it returns the tuple (matmul(attn, v).to(dtype), attn.to(dtype)), evaluated right to
+    left: for half types the attention weights' cast (discarded) exists until it returns
+    (aten/src/ATen/native/transformers/attention.cpp). The reshape copies are views when the batch and
+    head dimensions merge (_bmm_reshape_copies): bmm then saves the scaled q and k^T and v itself (a
+    view keeps its whole storage: GPT-2's fused c_attn output in fp32, where v is not cast)."""
+    ctx = rec.ctx
+    b, s, kv, heads = ctx.batch, ctx.seq, ctx.kv_seq, spec.num_heads
+    up = "float32" if (ctx.autocast or q.dtype) in ("bfloat16", "float16") else q.dtype
+    ub = DTYPE_BYTES[up]
+    nq, nk, sc = b * s * spec.q_dim * ub, b * kv * spec.q_dim * ub, b * heads * s * kv * ub
+    qk_rg, needs = q.rg or k.rg, q.rg or k.rg or v.rg
+    qu, ku, vu = (cast(rec, t, up) for t in (q, k, v))
+    qs = scale(rec, qu)  # q * sqrt(scale), held to the end
+    ks = scale(rec, ku)  # k^T * sqrt(scale)
+    copies = _bmm_reshape_copies(b, heads)
+    qc = rec.new(b * s * spec.q_dim, up, False) if copies else qs  # bmm's reshape copies
+    kc = rec.new(b * kv * spec.q_dim, up, False) if copies else ks
+    saved1 = []
+    if k.rg:
+        saved1.append(rec.save(qc, f"{tag}.math_q"))
+    if q.rg:
+        saved1.append(rec.save(kc, f"{tag}.math_k"))
+    scores = rec.new(b * heads * s * kv, up, qk_rg)
+    rec.node(scores, [("new", "dk", nk), ("new", "dq", nq)], [(t.id, n) for t, n in ((ks, "dk"), (qs, "dq")) if t.rg],
+             saved1)
+    rec.free(ks, *((kc, qc) if copies else ()))  # qs is held to the end
+    mask = None
+    if spec.is_decoder:
+        mask = rec.new(s * kv, up, False)
+        masked = rec.new(scores.numel, up, qk_rg)
+        rec.node(masked, outputs=[(scores.id, GRAD)])
+        rec.free(scores)
+        scores = masked
+    probs = rec.new(b * heads * s * kv, up, qk_rg)  # _safe_softmax, saves its output
+    rec.free(scores)
+    noise = rec.new(b * heads * s * kv, up, False)
+    dropped = rec.new(b * heads * s * kv, up, qk_rg)
+    if qk_rg:
+        sm, nz = rec.save(probs, f"{tag}.math_softmax_noise"), rec.save(noise, f"{tag}.math_softmax_noise")
+        rec.node(probs, [("new", "d", sc)], [(scores.id, "d")], [sm])
+        rec.node(dropped, [("new", "d", sc)], [(probs.id, "d")], [nz])
+    rec.free(noise, probs)
+    weights = rec.new(dropped.numel, q.dtype, False) if up != q.dtype else None  # attn.to(origin_dtype)
+    vc = vu if v_contiguous or not copies else rec.new(b * kv * spec.q_dim, up, False)  # bmm's reshape copy of v
+    saved2 = []
+    if q.rg or k.rg:
+        saved2.append(rec.save(vc, f"{tag}.math_v"))
+    if v.rg:
+        saved2.append(rec.save(dropped, f"{tag}.math_probs"))
+    out = rec.new(b * s * spec.q_dim, up, needs)  # bmm(probs, v), reshaped
+    rec.node(out, _bmm_output_backward(nq, nk, sc, copies),
+             [(t.id, n) for t, n in ((vu, "dv"), (dropped, "dp")) if t.rg], saved2, hold=0 if copies else hold)
+    o = cast(rec, out, q.dtype)
+    if o is not out:
+        rec.free(out)
+    # the kernel returns: its locals go
+    if vc is not vu:
+        rec.free(vc)
+    rec.free(qs, dropped, mask, weights)
+    for t, orig in ((qu, q), (ku, k), (vu, v)):
+        if t is not orig:
+            rec.free(t)
+    y = rec.new(o.numel, o.dtype, needs)  # transpose(1, 2).contiguous(): a copy, its backward a view
+    rec.node(y, outputs=[(o.id, GRAD)])
+    rec.free(o)
+    return y
+
+
+def _bmm_output_backward(nq: int, nk: int, sc: int, copies: bool) -> list:
+    """The backward of the math path's matmul(probs, v), which at::matmul folded into bmm and
+    _unsafe_view (aten/src/ATen/native/LinearAlgebra.cpp _matmul_impl): UnsafeViewBackward0 reshapes the
+    incoming gradient to bmm's (batch * heads, seq, dim), a copy when the operands' reshapes were
+    (_bmm_reshape_copies: the gradient arrives with the transposed strides of transformers'
+    transpose(1, 2), kept by ToCopyBackward0's fp32 upcast, _to_copy's preserve_format), after which the
+    engine drops the incoming gradient as that node returns; then BmmBackward0 makes v's and the
+    probabilities' gradients from the copy, freed when it returns. Traced (bert-base full bf16 and fp32,
+    batch 4 x 512, checkpointing, fake tensors): aten.clone (4, 12, 512, 64), the incoming gradient freed,
+    then bmm (48, 512, 64) and bmm (48, 512, 512), then the clone freed. Without the copies the reshape is
+    a view and bmm reads the incoming gradient itself."""
+    if not copies:
+        return [("new", "dv", nk), ("new", "dp", sc)]
+    return [("new", "g3", nq), ("free", GRAD), ("new", "dv", nk), ("new", "dp", sc), ("free", "g3")]
+
+
+def _bmm_reshape_copies(batch: int, heads: int) -> bool:
+    """Whether at::matmul copies the math path's (batch, heads, seq, dim) operands to fold them into
+    bmm's (batch * heads, seq, dim): it folds with reshape (aten/src/ATen/native/LinearAlgebra.cpp
+    _matmul_impl), a view when the two leading dimensions merge, which transformers'
+    view(b, s, heads, d).transpose(1, 2) layout (and the scaled copies, which keep it) allows only when
+    one of them is 1 (traced: tiny-gpt2 LoRA fp32 batch 1 x 64 on fake tensors, bmm saves the two
+    scaled products and c_attn's whole (1, 64, 192) output, no clone)."""
+    return batch > 1 and heads > 1
+
+
+def _eager_attention(rec: Recorder, spec: ModelSpec, q: T, k: T, v: T, p_drop: float, explicit_mask: bool,
+                     tag: str, fp32_softmax: bool) -> T:
+    """transformers eager_attention_forward: repeat_kv, matmul(q, k^T) * scaling (+ mask), softmax
+    (fp32 for the Llama family and the vision towers), .to(q dtype), dropout, matmul with v, then
+    transpose(1, 2).contiguous()."""
+    ctx = rec.ctx
+    b, s, kv, heads = ctx.batch, ctx.seq, ctx.kv_seq, spec.num_heads
+    k_full, v_full = (k, v) if explicit_mask else (_repeat_kv(rec, spec, k), _repeat_kv(rec, spec, v))
+    # q @ k^T saves q for k's gradient and k for q's; probs @ v saves v for the probabilities'
+    # gradient and the probabilities for v's
+    qi, ki = autocast_in(rec, q), autocast_in(rec, k_full)
+    saved1 = []
+    if k.rg:
+        saved1.append(rec.save(qi, f"{tag}.q"))
+    if q.rg:
+        saved1.append(rec.save(ki, f"{tag}.k"))
+    sdt = ctx.autocast or q.dtype
+    qk_rg, needs = q.rg or k.rg, q.rg or k.rg or v.rg
+    raw = rec.new(b * heads * s * kv, sdt, qk_rg)
+    rec.node(raw, *input_grads(qi, ki), saved=saved1)
+    scores = scale(rec, raw)
+    rec.free(raw)
+    if fp32_softmax:  # softmax(..., dtype=float32).to(query.dtype)
+        softmax = rec.new(b * heads * s * kv, "float32", qk_rg)
+    else:  # softmax(attn_weights, dim=-1) in the scores' dtype
+        softmax = rec.new(b * heads * s * kv, q.dtype if not ctx.autocast else "float32", qk_rg)
+    if qk_rg:
+        rec.node(softmax, *input_grads(scores), saved=[rec.save(softmax, f"{tag}.softmax_out")])
+    rec.free(scores)
+    chain = [softmax]
+    if softmax.dtype != q.dtype and not ctx.autocast:  # .to(query.dtype)
+        chain.append(cast(rec, chain[-1], q.dtype))
+    chain.append(dropout(rec, chain[-1], p_drop, tag))
+    chain.append(autocast_in(rec, chain[-1]))  # autocast's matmul casts fp32 probabilities
+    probs = chain[-1]
+    vi = autocast_in(rec, v_full)
+    saved2 = []
+    if v.rg:
+        saved2.append(rec.save(probs, f"{tag}.probs"))
+    if q.rg or k.rg:
+        saved2.append(rec.save(vi, f"{tag}.v"))
+    out = rec.new(b * s * spec.q_dim, sdt, needs)
+    rec.node(out, [("new", "g", out.nbytes)] + input_grads(probs, vi)[0] + [("free", "g")], input_grads(probs, vi)[1], saved2)
+    rec.free(*chain)
+    for t, orig in ((qi, q), (ki, k_full), (vi, v_full), (k_full, k), (v_full, v)):
+        if t is not orig:
+            rec.free(t)
+    y = rec.new(out.numel, out.dtype, needs)  # transpose(1, 2).contiguous() copies; its backward a view
+    rec.node(y, outputs=[(out.id, GRAD)])
+    rec.free(out)
+    return y
+
+
+def math_path(ctx: Ctx, attention_dropout: float) -> bool:
+    """Attention takes torch's math path (not a fused kernel) on the CPU in training with dropout."""
+    return ctx.attention != "eager" and attention_dropout > 0 and ctx.device == "cpu" and ctx.training_dropout

@@ -1,0 +1,34 @@
+"""What the ops need to know about the step: batch, sequence lengths, the dtypes of the stream, the
+weights and the adapters, autocast, device, attention implementation and a 4-bit base's dtypes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = [
+    "Ctx",
+]
+
+
+@dataclass(frozen=True)
+class Ctx:
+    """What the ops need to know about the step."""
+
+    batch: int
+    seq: int  # query length (prompt tuning adds its virtual tokens here)
+    kv_seq: int  # key length (prefix tuning adds its virtual tokens here)
+    compute: str  # dtype activations come out of matmuls in
+    weight: str  # dtype of base weights
+    autocast: str | None
+    adapter: str  # dtype of peft's adapter weights
+    device: str
+    attention: str
+    training_dropout: bool = True
+    quant_compute: str = ""  # bnb_4bit_compute_dtype of a QLoRA base ("" without one)
+    quant_source: str = ""  # the dtype its NF4 weights were quantized from (the loaded dtype: QuantState.dtype)
+    quant_nested: bool = False  # double quantization (QuantState.nested: an 8-bit absmax)
+
+    @property
+    def tokens(self) -> int:
+        return self.batch * self.seq

@@ -1,0 +1,165 @@
+"""Elementwise and layout ops: add, cast (and autocast's casts and cached weight copies), scalar products, clones, products of two tensors, head views, dropout, token selection.
+Each mirrors the forward of one torch function and records the node whose backward follows torch's
+tools/autograd/derivatives.yaml.
+"""
+
+from __future__ import annotations
+
+from peftcalc.backward import GRAD
+from peftcalc.ops.recorder import Recorder, T, input_grads
+from peftcalc.settings import DTYPE_BYTES
+
+__all__ = [
+    "add",
+    "autocast_in",
+    "autocast_weight_copy",
+    "cast",
+    "clone",
+    "dropout",
+    "first_token",
+    "heads_view",
+    "mul",
+    "mul_node",
+    "promote",
+    "scale",
+]
+
+
+def promote(a: str, b: str) -> str:
+    """torch's type promotion between two floating dtypes: the wider one (fp32 over bf16/fp16)."""
+    return a if DTYPE_BYTES[a] >= DTYPE_BYTES[b] else b
+
+
+def add(rec: Recorder, a: T, b: T, dtype: str | None = None) -> T:
+    """a + b (the residual stream, LoRA's result + delta): AddBackward hands the incoming gradient to
+    both inputs as it is; where an input has another dtype (type promotion), the engine casts it
+    (validate_outputs: a new gradient in the input's dtype)."""
+    out = rec.new(max(a.numel, b.numel), dtype or promote(a.dtype, b.dtype), a.rg or b.rg)
+    steps, outputs = [], []
+    for i, t in enumerate((a, b)):
+        if not t.rg:
+            continue
+        if t.dtype == out.dtype:
+            outputs.append((t.id, GRAD))
+        else:
+            steps.append(("new", f"c{i}", t.nbytes))
+            outputs.append((t.id, f"c{i}"))
+    rec.node(out, steps, outputs)
+    return out
+
+
+def cast(rec: Recorder, x: T, dtype: str) -> T:
+    """Tensor.to(dtype): a no-op returning the same tensor when the dtype already matches; else a
+    copy whose backward (ToCopyBackward) casts the gradient back: a new gradient like x."""
+    if x.dtype == dtype:
+        return x
+    y = rec.new(x.numel, dtype, x.rg)
+    rec.node(y, *input_grads(x))
+    return y
+
+
+def autocast_in(rec: Recorder, x: T) -> T:
+    """torch.autocast casts the inputs of matmul-like ops to the autocast dtype. The cast of a leaf that
+    requires grad (and is no view) is cached until the autocast region exits (aten/src/ATen/
+    autocast_mode.cpp cached_cast, as for the weights: autocast_weight_copy), so every op casting it shares one
+    copy; besides the parameters such a leaf is a reentrant checkpoint's detached input (Recorder.leaf_casts)."""
+    if not rec.ctx.autocast:
+        return x
+    if x.id in rec.leaf_casts:
+        if rec.leaf_casts[x.id] is None:
+            rec.leaf_casts[x.id] = cast(rec, x, rec.ctx.autocast)
+        return rec.leaf_casts[x.id]
+    return cast(rec, x, rec.ctx.autocast)
+
+
+def autocast_weight_copy(rec: Recorder, numel: int, trains: bool, param_dtype: str | None = None,
+                 grad_pending: bool = False) -> T:
+    """autocast's lower-precision copy of a weight. The cast of a leaf that requires grad is cached until
+    the autocast region exits (torch aten/src/ATen/autocast_mode.cpp cached_cast): alive to the end of
+    the forward (Recorder.cached). When the weight trains, its gradient comes back in the autocast dtype
+    and ToCopyBackward makes the .grad (in `param_dtype`, the weights' by default) from it; with
+    `grad_pending`, the weight's gradient waits for another use's (see linear)."""
+    w = rec.new(numel, rec.ctx.autocast, trains)
+    if trains:
+        rec.node(w, [("pending" if grad_pending else "param", numel * DTYPE_BYTES[param_dtype or rec.ctx.weight])])
+        rec.cached.append(w)
+    return w
+
+
+def scale(rec: Recorder, x: T) -> T:
+    """x * a Python number: MulBackward saves nothing and makes a new gradient (grad * scalar)."""
+    y = rec.new(x.numel, x.dtype, x.rg)
+    rec.node(y, *input_grads(x))
+    return y
+
+
+def clone(rec: Recorder, x: T) -> T:
+    """Tensor.clone(): a copy; CloneBackward hands the incoming gradient on."""
+    y = rec.new(x.numel, x.dtype, x.rg)
+    rec.node(y, outputs=[(x.id, GRAD)] if x.rg else [])
+    return y
+
+
+def mul_node(rec: Recorder, out: T, a: T, b: T, saved: list) -> None:
+    """MulBackward0 of out = a * b: grad_a = grad * b, grad_b = grad * a (derivatives.yaml
+    mul_tensor_backward), each the size of the output; where an input was broadcast, the engine sums
+    its gradient down to its shape after the formula has returned (torch/csrc/autograd/engine.cpp
+    call_function: validate_outputs, InputMetadata::reduce_grad; peftcalc.backward's "returned")."""
+    steps, outputs, reductions = [], [], []
+    for i, t in enumerate((a, b)):
+        if not t.rg:
+            continue
+        if t.numel == out.numel:
+            steps.append(("new", f"d{i}", t.nbytes))
+        else:
+            steps.append(("new", f"t{i}", out.nbytes))
+            reductions += [("new", f"d{i}", t.nbytes), ("free", f"t{i}")]
+        outputs.append((t.id, f"d{i}"))
+    rec.node(out, steps + ([("returned",)] + reductions if reductions else []), outputs, saved)
+
+
+def mul(rec: Recorder, a: T, b: T, tag: str) -> T:
+    """a * b saves b when a needs a gradient and a when b does."""
+    saved = []
+    if b.rg:
+        saved.append(rec.save(a, f"{tag}.a"))
+    if a.rg:
+        saved.append(rec.save(b, f"{tag}.b"))
+    out = rec.new(max(a.numel, b.numel), a.dtype, a.rg or b.rg)
+    mul_node(rec, out, a, b, saved)
+    return out
+
+
+def heads_view(rec: Recorder, x: T, clone: bool) -> T:
+    """x.view(b, s, heads, d).transpose(1, 2): a view; its backward reshapes the gradient back,
+    which copies it (clone) when the gradient arrives laid out as (b, heads, s, d) - from the CPU math
+    path, eager matmuls or RoPE - and not when a fused kernel returns it in the input's layout."""
+    v = rec.view(x, x.numel)
+    if clone:
+        rec.node(v, *input_grads(x))
+    else:
+        rec.node(v, outputs=[(x.id, GRAD)])
+    return v
+
+
+def dropout(rec: Recorder, x: T, p: float, tag: str) -> T:
+    """F.dropout in training. p == 0 returns the input itself (ATen _dropout). On CUDA p > 0 runs
+    native_dropout and saves a bool mask; on CPU (ATen _dropout_impl) an empty_like noise tensor of the
+    input's dtype is filled and multiplied in, and the mul saves it (the backward is grad * noise)."""
+    if p <= 0.0 or not rec.ctx.training_dropout:
+        return x
+    noise = rec.new(x.numel, "uint8" if rec.ctx.device == "cuda" else x.dtype, False)
+    saved = [rec.save(noise, f"{tag}.dropout_mask")] if x.rg else []
+    y = rec.new(x.numel, x.dtype, x.rg)
+    if x.rg:
+        rec.node(y, *input_grads(x), saved=saved)
+    rec.free(noise)
+    return y
+
+
+def first_token(rec: Recorder, x: T, batch: int) -> T:
+    """x[:, 0]: a view; saving it keeps x's whole storage. Its backward (select_backward) makes a new
+    gradient like x (zeros, then the copy)."""
+    v = rec.view(x, batch * (x.numel // rec.ctx.tokens))
+    rec.node(v, *input_grads(x))
+    return v

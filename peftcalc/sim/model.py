@@ -1,0 +1,275 @@
+"""The activation profile of a model of one stack of blocks (also a vision-language model's language model):
+embeddings, blocks, final norm, head and loss, and what the model's forward holds meanwhile.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from functools import lru_cache
+
+from peftcalc.families import build_layout, dropout_p
+from peftcalc.layout import Layout
+from peftcalc.ops.context import Ctx
+from peftcalc.ops.recorder import Recorder, T
+from peftcalc.plan import Plan
+from peftcalc.settings import DTYPE_BYTES, TrainingSettings
+from peftcalc.sim.autocast_cache import autocast_weight_cache_bytes
+from peftcalc.sim.blocks import BlockRun, run_blocks, unwrapped_saved_copies
+from peftcalc.sim.head import embeddings_forward, final_norm, has_final_norm, head_backward, head_forward, param_trains, unsaved_model_output
+from peftcalc.sim.loss import loss_buffers
+from peftcalc.sim.profile import ActivationProfile, input_embeddings_require_grad, make_ctx, stream_dtype
+from peftcalc.spec import ModelSpec
+
+__all__ = [
+    "block_forward_transient",
+    "model_profile",
+    "saved_below_last_frozen_block",
+    "with_final_norm",
+]
+
+
+@lru_cache(maxsize=4096)
+def model_profile(plan: Plan, t: TrainingSettings, checkpointed: tuple) -> ActivationProfile:
+    """activation_profile of a model of one stack of blocks (also a VLM's language model), whose blocks
+    gradient checkpointing wraps as `checkpointed` says (peftcalc.checkpointing; empty: none)."""
+    spec = plan.spec
+    layout = build_layout(spec)
+    ctx = make_ctx(spec, plan, t)
+    rec = Recorder(ctx)
+    h, tok = spec.hidden_size, ctx.tokens
+    hooked = input_embeddings_require_grad(spec, t)
+    input_rg = plan.embedding_trains or plan.settings.method == "prompt" or hooked
+    leaf = 0
+    if hooked and not plan.embedding_trains and spec.is_vision:
+        # the hooked output of the frozen patch embedding (ViTPatchEmbeddings, CLIP's patch_embedding: the
+        # conv's output, in autocast's dtype under autocast) is such a leaf too; the class token is
+        # concatenated before it and the positions added
+        numel = t.batch_size * spec.num_patches * h
+        leaf = numel * DTYPE_BYTES[ctx.autocast or ctx.weight]
+        rec.new(numel, ctx.autocast or ctx.weight, True)
+    elif hooked and not plan.embedding_trains and (spec.model_type in ("gpt2", "bert", "roberta")
+                                                   or plan.settings.method == "prompt"):
+        # the hooked output of the frozen word embeddings is a leaf that requires grad: its
+        # AccumulateGrad node holds it to the end of backward, and it is not the tensor the blocks get
+        # (positions are added to it, or peft concatenates the prompt before it)
+        leaf = t.batch_size * t.seq_len * h * DTYPE_BYTES[ctx.weight]
+        rec.new(t.batch_size * t.seq_len * h, ctx.weight, True)
+    indices = _embedding_indices_saved(spec, plan, layout, ctx)
+    for numel, tag in indices:
+        rec.save_new(numel, "int64", tag)
+    # The embedding output: token embeddings (+ positions) in the weight dtype.
+    x = rec.new(tok * h, ctx.weight, input_rg)
+    x = embeddings_forward(rec, spec, plan, layout, x)
+    if plan.settings.method in ("prefix", "prompt"):
+        # peft PeftModel.get_prompt: self.prompt_tokens[adapter].unsqueeze(0).expand(batch, -1), an int64
+        # arange of the virtual tokens peft keeps, is what the prompt encoder's embedding saves
+        rec.save_new(plan.settings.num_virtual_tokens, "int64", "prompt_encoder.indices")
+    grads_reach_blocks = input_rg or plan.lowest_trainable_layer is not None or plan.settings.method == "prefix"
+    if spec.model_type in ("llama", "mistral", "qwen2") and grads_reach_blocks:
+        # LlamaRotaryEmbedding's cos and sin (1 x seq x head_dim, in the hidden states' dtype), shared
+        # by every layer, saved by q * cos and rotate_half(q) * sin
+        rec.save_new(2 * ctx.seq * spec.head_dim, ctx.weight, "rotary.cos_sin")
+    # held while the blocks run: prompt tuning's inputs, the positions and rotary embeddings of the
+    # Llama family (what the blocks leave referenced adds up in run_blocks)
+    held = _prompt_inputs_held(spec, plan, ctx) + _positions_held(spec, ctx, grads_reach_blocks)
+    blocks = run_blocks(rec, spec, plan, layout, ctx, x, held, True, checkpointed, t.checkpoint_reentrant)
+    mixed = bool(blocks.kept)
+    forward_block = with_final_norm(spec, plan, layout, ctx, _as_kept(blocks) if mixed else blocks, rec.saved_total)
+    rec.bucket = "post"
+    head_start = len(rec.nodes)
+    logits_numel, hidden, root = head_forward(rec, spec, plan, layout, blocks.out)
+    head = head_backward(rec, head_start, root)
+    model_output = unsaved_model_output(rec, hidden)
+    by_bucket = rec.bytes_by_bucket()
+    tags = blocks.tags
+    for tag, nbytes in rec.bytes_by_tag().items():
+        tags[tag] = tags.get(tag, 0) + nbytes
+    per_layer = blocks.per_layer
+    needs_grad_layers = [i for i in range(spec.num_layers) if per_layer[i] > 0 and (not checkpointed or checkpointed[i])]
+    ckpt_inputs = len(needs_grad_layers) * tok * h * DTYPE_BYTES[stream_dtype(ctx)]
+    loss = loss_buffers(spec, ctx, logits_numel)
+    weight_cache = (autocast_weight_cache_bytes(plan, ctx) - rec.saved_cached_copies()
+                    - unwrapped_saved_copies(plan, ctx, blocks, checkpointed))
+    return ActivationProfile(
+        per_layer=per_layer,
+        pre=by_bucket.get("pre", 0),
+        post=by_bucket.get("post", 0),
+        checkpoint_inputs=ckpt_inputs,
+        checkpoint_kwargs=0 if indices or not any(checkpointed) else _checkpointed_layer_positions(spec, ctx, t),
+        input_leaf=leaf,
+        forward_checkpoint_inputs=_forward_checkpoint_inputs(spec, ctx, t, per_layer, checkpointed),
+        lookup_saved=_lookup_saved(plan, indices),
+        logits_bytes=logits_numel * DTYPE_BYTES[ctx.autocast or ctx.compute],
+        loss_saved=loss.saved,
+        loss_saved_backward=loss.saved_backward,
+        loss_backward_peak=loss.backward_peak,
+        loss_forward_peak=loss.forward_peak,
+        loss_scalars=loss.scalars,
+        forward_transient=block_forward_transient(spec, plan, ctx, per_layer, blocks.unsaved_block_live),
+        forward_transient_saved=saved_below_last_frozen_block(per_layer),
+        autocast_weight_cache=weight_cache,
+        model_output=model_output,
+        head_backward=head,
+        forward_block_saved=forward_block[0],
+        forward_block_live=forward_block[1],
+        # and the head's cached weight copies no op saves (a trainable lm_head over frozen blocks: traced,
+        # fake tiny-llama frozen amp-bf16 b3 s48, its 512 x 64 bf16 copy alive through the loss)
+        forward_leaves=blocks.leaves + rec.unsaved_cached_copies(),
+        blocks=blocks.blocks,
+        embedding_grad=x.nbytes if x.rg else 0,
+        by_tag=tuple(sorted(tags.items())),
+        checkpointed=checkpointed,
+        reentrant_backward=blocks.reentrant if t.checkpoint_reentrant else (),
+    )
+
+
+def _final_norm_peak(spec: ModelSpec, plan: Plan, layout: Layout, ctx: Ctx, out: T) -> tuple[int, int]:
+    """The final norm's forward on the last block's output, simulated alone like a block: (peak, saved at
+    it), its input included. It runs inside the base model's forward (LlamaModel.forward's self.norm,
+    ViTModel's layernorm, GPT2Model's ln_f), with what the forward holds when the blocks are done
+    (BlockRun.held_after: prefix tuning's cache, the positions, the embedding output). Traced
+    (tiny-llama-cls prefix amp-bf16, fake): the step's peak is LlamaRMSNorm's x * rsqrt and
+    weight * _, with the variance still referenced."""
+    rec = Recorder(ctx, bucket="post")
+    final_norm(rec, spec, plan, layout, rec.new(out.numel, out.dtype, out.rg))
+    return rec.forward_peak, rec.forward_peak_saved
+
+
+def with_final_norm(spec: ModelSpec, plan: Plan, layout: Layout, ctx: Ctx, blocks: BlockRun,
+                     below: int) -> tuple:
+    """BlockRun.forward_block, or the final norm's peak (_final_norm_peak) where it is larger, on what
+    the model's forward (`below`) and the blocks saved."""
+    if not has_final_norm(spec, layout):
+        return blocks.forward_block
+    peak, peak_saved = _final_norm_peak(spec, plan, layout, ctx, blocks.out)
+    below += sum(blocks.per_layer)
+    if below + peak + blocks.held_after > sum(blocks.forward_block):
+        return below + peak_saved, peak - peak_saved + blocks.held_after
+    return blocks.forward_block
+
+
+def _as_kept(blocks: BlockRun) -> BlockRun:
+    """A BlockRun whose blocks save what they keep when only some are checkpointed (_mixed_blocks), for
+    with_final_norm."""
+    return replace(blocks, per_layer=blocks.kept, forward_block=blocks.mixed_forward_block,
+                   held_after=blocks.mixed_held_after)
+
+
+def _positions_held(spec: ModelSpec, ctx: Ctx, rotary_saved: bool) -> int:
+    """LlamaModel.forward (Mistral, Qwen2) holds cache_position (int64, one per token of the sequence)
+    and the rotary position embeddings (cos, sin: 1 x seq x head_dim each, in the hidden states' dtype)
+    while the layers run; cos and sin count as saved where the layers need gradients (activation_profile
+    saves them then). With prefix tuning's past keys the causal mask cannot be skipped: masking_utils
+    builds a (1, 1, seq, past + seq) bool mask, held too (traced)."""
+    if spec.model_type not in ("llama", "mistral", "qwen2"):
+        return 0
+    rotary = 0 if rotary_saved else 2 * ctx.seq * spec.head_dim * DTYPE_BYTES[ctx.weight]
+    mask = ctx.seq * ctx.kv_seq if ctx.kv_seq != ctx.seq else 0
+    return ctx.seq * 8 + rotary + mask
+
+
+def _embedding_indices_saved(spec: ModelSpec, plan: Plan, layout: Layout, ctx: Ctx) -> list:
+    """(numel, tag) of the int64 indices the model's forward makes for its position or token-type
+    embeddings, which their EmbeddingBackward saves when the embedding trains (derivatives.yaml
+    embedding: indices): GPT2Model.forward's position_ids, arange(seq).unsqueeze(0) (wpe);
+    BertEmbeddings.forward's token types, gathered from the registered all-zeros buffer at the
+    position ids, 1 x seq; RobertaEmbeddings.forward's, batch x seq, gathered at the batch x seq
+    position ids create_position_ids_from_input_ids makes (position_embeddings). BERT's position ids
+    are a slice of its registered buffer (counted with the buffers)."""
+    if spec.model_type == "gpt2":
+        return [(ctx.seq, "wpe.position_ids")] if param_trains(plan, "transformer.wpe") else []
+    if spec.model_type not in ("bert", "roberta"):
+        return []
+    embeddings = layout.embedding_path.rsplit(".", 1)[0]
+    rows = ctx.batch if spec.model_type == "roberta" else 1
+    out = []
+    if param_trains(plan, f"{embeddings}.token_type_embeddings"):
+        out.append((rows * ctx.seq, "token_type_embeddings.token_type_ids"))
+    if spec.model_type == "roberta" and param_trains(plan, f"{embeddings}.position_embeddings"):
+        out.append((rows * ctx.seq, "position_embeddings.position_ids"))
+    return out
+
+
+def _lookup_saved(plan: Plan, indices: list) -> int:
+    """What the model's forward saved before the blocks ('pre') that is still saved when the embeddings'
+    backward runs, last in the backward (torch's engine runs nodes in reverse creation order): only what
+    the lookups' own EmbeddingBackward nodes hold, the int64 indices (_embedding_indices_saved; peft's
+    prompt encoder's virtual-token indices). Everything else in 'pre' has been released by then by the
+    node that saved it: the embeddings' LayerNorm input and statistics and dropout mask (BERT, RoBERTa,
+    GPT-2's drop), the rotary cos and sin of the Llama family, whose last holder is block 0's q * cos
+    (traced, fake tensors: bert-base frozen bf16 b1 s128, no activations left at the tied embedding's
+    gradient sum; llama-3.2-1b full bf16 b4 s128, the cos/sin, 2 x 128 x 64 x 2 bytes, freed in block 0)."""
+    prompt = plan.settings.num_virtual_tokens * 8 if plan.settings.method in ("prefix", "prompt") else 0
+    return sum(numel * 8 for numel, _tag in indices) + prompt
+
+
+def _forward_checkpoint_inputs(spec: ModelSpec, ctx: Ctx, t: TrainingSettings, per_layer: tuple,
+                               checkpointed: tuple = ()) -> int:
+    """Under checkpointing, the hidden states a light block's forward holds (block_forward_transient: the
+    embeddings output and the block's input) were each a checkpoint's input, which torch saves for
+    backward whether or not anything below needs a gradient (torch/utils/checkpoint.py
+    _checkpoint_without_reentrant_generator: ``_NoopSaveInputs.apply(dummy, kwargs, *args)``, a
+    save_for_backward of every tensor argument): two of them from the second block on, the first and
+    the second block's inputs, each where its block is checkpointed."""
+    if not t.grad_checkpointing or all(per_layer):
+        return 0
+    wrapped = min(2, spec.num_layers) if all(checkpointed) else sum(checkpointed[:2])
+    return wrapped * ctx.tokens * spec.hidden_size * DTYPE_BYTES[ctx.weight]
+
+
+def _checkpointed_layer_positions(spec: ModelSpec, ctx: Ctx, t: TrainingSettings) -> int:
+    """Under gradient checkpointing transformers' GradientCheckpointingLayer (modeling_layers.py)
+    checkpoints ``partial(forward, self, **kwargs)``, and torch.utils.checkpoint's frame keeps that
+    function to recompute the layer (``_CheckpointFrame.recompute_fn``) until the layer's backward has
+    released its saved tensors: what a layer gets as a keyword argument outlives the model's forward. The
+    decoders pass every layer the same int64 positions, GPT2Model.forward's and LlamaModel.forward's
+    (Mistral, Qwen2) ``position_ids = arange(seq).unsqueeze(0)``, 1 x seq, held until block 0's
+    backward (traced: seq x 8 bytes, 'other', at the checkpointed decoders' backward peaks; GPT-2's
+    wpe, when it trains, saves them anyway)."""
+    if not t.grad_checkpointing or spec.model_type not in ("gpt2", "llama", "mistral", "qwen2"):
+        return 0
+    return ctx.seq * 8
+
+
+def _prompt_inputs_held(spec: ModelSpec, plan: Plan, ctx: Ctx) -> int:
+    """Prompt tuning: peft's PeftModel.forward keeps `prompts` (the prompt encoder's output repeated
+    over the batch) and inputs_embeds = cat(prompts, word embeddings) referenced while the base model
+    runs; where the model's embeddings make a new tensor from inputs_embeds (BERT/RoBERTa add positions
+    and token types, GPT-2 positions) the concatenation is held besides the embedding output."""
+    if plan.settings.method != "prompt":
+        return 0
+    wb = DTYPE_BYTES[ctx.weight]
+    prompts = ctx.batch * plan.settings.num_virtual_tokens * spec.hidden_size * wb
+    concatenated = ctx.tokens * spec.hidden_size * wb if spec.model_type in ("bert", "roberta", "gpt2") else 0
+    return prompts + concatenated
+
+
+def block_forward_transient(spec: ModelSpec, plan: Plan, ctx: Ctx, per_layer: tuple, unsaved_block_live: int = 0) -> int:
+    """The working set of one block's forward that autograd does not keep (what the forward:block event
+    adds under gradient checkpointing). Where some block saves nothing (it is below the lowest trainable
+    one) it is that block's forward as simulated op by op (`unsaved_block_live`, see run_blocks: a block
+    whose ops save nothing runs the same ops under checkpointing), the hidden states the model holds
+    meanwhile, autocast's weight copies and cast inputs included (traced: fake tiny-vit-cls frozen
+    amp-bf16 b3 s48 ckpt). Blocks that save their intermediates still hold one unsaved buffer at a time:
+    the raw scores before softmax (eager, CPU math path) or one MLP output; DoRA adds B @ A and
+    W + s * BA (out x in) and the identity it multiplies (in x in), per layer (peft tuners/lora/dora.py)."""
+    if any(not a for a in per_layer):
+        return unsaved_block_live
+    tok, b, s, kv = ctx.tokens, ctx.batch, ctx.seq, ctx.kv_seq
+    cb = DTYPE_BYTES[ctx.autocast or ctx.compute]
+    scores = b * spec.num_heads * s * kv
+    dora = 0
+    if plan.settings.dora and plan.targets:
+        layout = build_layout(spec)
+        mods = {m.path: m for m in layout.modules}
+        dora = max(((m.in_features ** 2 + 3 * m.in_features * m.out_features) * DTYPE_BYTES[ctx.adapter]
+                    for m in (mods[p] for p in plan.targets) if m.kind in ("linear", "conv1d")), default=0)
+    fused = ctx.attention != "eager" and not (dropout_p(spec, "attn") > 0 and ctx.device == "cpu")
+    return max(dora, tok * spec.intermediate_size * cb if fused else scores * 4)
+
+
+def saved_below_last_frozen_block(per_layer: tuple) -> int:
+    """Activations saved by the blocks below the last block that saves nothing (all of them when
+    every block saves something)."""
+    light = [i for i, a in enumerate(per_layer) if not a]
+    return sum(per_layer[: light[-1]]) if light else sum(per_layer)

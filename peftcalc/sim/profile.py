@@ -1,0 +1,122 @@
+"""ActivationProfile, what the simulation of one forward hands the memory model, and the step context
+(ops.context.Ctx) of a plan under training settings.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from peftcalc.backward import BackwardPeak
+from peftcalc.ops.context import Ctx
+from peftcalc.plan import Plan
+from peftcalc.settings import TrainingSettings
+from peftcalc.spec import ModelSpec
+
+__all__ = [
+    "ActivationProfile",
+    "input_embeddings_require_grad",
+    "make_ctx",
+    "prepare_kbit_upcasts",
+    "stream_dtype",
+]
+
+
+@dataclass(frozen=True)
+class ActivationProfile:
+    """Saved bytes per layer (index -> bytes), before the blocks ('pre') and after them ('post',
+    head and final norm, not the loss), the input each checkpointed layer keeps, the loss buffers,
+    the peaks inside each block's forward and backward and inside the head's backward."""
+
+    per_layer: tuple
+    pre: int
+    post: int
+    checkpoint_inputs: int
+    logits_bytes: int  # the model's logits in their dtype
+    loss_saved: int  # what the loss saves (log_softmax output, causal LM's shift_labels)
+    loss_saved_backward: int  # what of it is still saved at the start-of-backward peak (log_softmax output)
+    loss_backward_peak: int  # live loss buffers at the start of backward (saved + grads)
+    loss_forward_peak: int  # live loss buffers while the loss is computed
+    forward_transient: int = 0  # intermediates alive inside one block's forward that nothing saves (checkpointing)
+    forward_transient_saved: int = 0  # block activations already saved when that working set peaks
+    autocast_weight_cache: int = 0  # autocast's copies of trainable matmul weights, alive to the end of forward
+    model_output: int = 0  # the base model's last hidden state while the loss runs, when nothing saves it
+    loss_scalars: int = 0  # the loss and backward's seed, alive through the backward
+    embedding_grad: int = 0  # the embedding output's gradient, alive while the embeddings' parameters get theirs
+    head_backward: BackwardPeak = BackwardPeak()  # the peak inside the head's backward (peftcalc.backward)
+    forward_block_saved: int = 0  # saved bytes at the largest peak inside a block's forward (the blocks
+    forward_block_live: int = 0  # below and what the block saved so far) and the live unsaved bytes then
+    forward_leaves: int = 0  # unsaved bytes the blocks (and the head) leave referenced to the end of the
+    # forward (prefix tuning's cache, autocast's cached weight copies no op saves)
+    blocks: tuple = ()  # per layer: its BlockSimulation (the peaks inside its forward and its backward,
+    # with and without gradient checkpointing)
+    by_tag: tuple = ()
+    checkpoint_kwargs: int = 0  # what the checkpointed layers' keyword arguments hold until block 0's backward
+    # the hooked embedding output (enable_input_require_grads under checkpointing), a leaf that requires
+    # grad: its AccumulateGrad node holds it to the end of backward, though nothing saves it
+    input_leaf: int = 0
+    forward_checkpoint_inputs: int = 0  # of forward_transient: hidden states a checkpoint's input saver saved
+    # what of `pre` is still saved when the embeddings' backward runs (None: all of it); see _lookup_saved
+    lookup_saved: int | None = None
+    checkpointed: tuple = ()  # per layer: whether gradient checkpointing wraps it (peftcalc.checkpointing)
+    reentrant_backward: tuple = ()  # per layer: the peak of its reentrant checkpoint's backward (reentrant_block_peak)
+
+    @property
+    def saved_total(self) -> int:
+        return sum(self.per_layer) + self.pre + self.post
+
+
+def make_ctx(spec: ModelSpec, plan: Plan, t: TrainingSettings) -> Ctx:
+    seq = spec.vision_seq_len if spec.is_vision else t.seq_len
+    kv_seq = seq
+    method = plan.settings.method
+    if method == "prompt":
+        seq += plan.settings.num_virtual_tokens
+        kv_seq = seq
+    elif method == "prefix":
+        kv_seq = seq + plan.settings.num_virtual_tokens
+    weight = t.weight_dtype
+    compute = t.compute_dtype
+    if method == "qlora" and prepare_kbit_upcasts(plan, t):
+        weight = compute = "float32"
+    adapter = "float32"  # peft autocast_adapter_dtype=True keeps adapters in fp32
+    return Ctx(
+        batch=t.batch_size,
+        seq=seq,
+        kv_seq=kv_seq,
+        compute=compute,
+        weight=weight,
+        autocast=t.autocast_dtype,
+        adapter=adapter,
+        device=t.device,
+        attention=t.attention,
+        quant_compute=t.compute_dtype if method == "qlora" else "",
+        quant_source=t.weight_dtype if method == "qlora" else "",
+        quant_nested=method == "qlora" and plan.settings.double_quant,
+    )
+
+
+def input_embeddings_require_grad(spec: ModelSpec, t: TrainingSettings) -> bool:
+    """Whether the input embeddings' output requires grad although nothing below it trains: transformers
+    5.x PreTrainedModel._activation_checkpointing_enable (what gradient_checkpointing_enable runs) calls
+    enable_input_require_grads on models whose main_input_name is input_ids (the text models; ViT and
+    CLIP take pixel_values), a forward hook that runs ``output.requires_grad_(True)``. Then the embeddings
+    module's own ops save for backward and every block's input needs a gradient. Under reentrant
+    checkpointing a vision model gets the hook too (measure.run.prepare_for_training: CheckpointFunction
+    runs the block under no_grad, so without an input that requires grad no gradient reaches the
+    adapters; peft's PeftModel._prepare_model_for_gradient_checkpointing does the same)."""
+    return t.grad_checkpointing and (not spec.is_vision or t.checkpoint_reentrant)
+
+
+def prepare_kbit_upcasts(plan: Plan, t: TrainingSettings) -> bool:
+    """peft utils/other.py prepare_model_for_kbit_training casts every fp16/bf16 parameter that is not
+    a bitsandbytes Params4bit (norms, embeddings, lm_head, biases) to fp32. With a bf16/fp16 policy that
+    makes the whole activation stream fp32: the embeddings' output is fp32, LlamaRMSNorm returns
+    weight (fp32) * x, bitsandbytes Linear4bit.forward casts its input to bnb_4bit_compute_dtype and
+    returns ``.to(inp_dtype)`` (fp32), peft's LoRA output is cast back to that fp32 result, and the
+    fp32 lm_head gives fp32 logits (ForCausalLMLoss's upcast is then a no-op). Under autocast (and
+    with fp32 weights) the parameters are fp32 already and nothing changes."""
+    return plan.settings.prepare_kbit and t.autocast_dtype is None and t.weight_dtype != "float32"
+
+
+def stream_dtype(ctx: Ctx) -> str:
+    return ctx.weight
