@@ -27,6 +27,8 @@ from peftcalc.methods import (
 )
 from peftcalc.spec import ModelSpec
 
+__all__ = ["ATTRIBUTE", "BlockAdapter", "BottleneckAdapter", "add_bottleneck_adapters"]
+
 ATTRIBUTE = ADAPTER_ATTRIBUTE
 
 

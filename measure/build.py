@@ -28,6 +28,12 @@ from peftcalc.methods import (
 )
 from peftcalc.spec import AUTO_CLASS, ModelSpec, transformers_config_kwargs
 
+__all__ = [
+    "DTYPES", "SEQ_CLS_HEADS", "VLM_TEXT_LINEARS", "apply_method", "build_base_model", "build_model",
+    "build_qlora_model", "count_logical_params", "count_params", "head_skip_modules", "keep_in_fp32",
+    "logical_numel", "peft_config", "qlora_quantization_config", "transformers_config", "vlm_lora_config",
+]
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 

@@ -18,6 +18,11 @@ from measure.tracer import FakeScalars
 from peftcalc.methods import MethodSettings
 from peftcalc.spec import ModelSpec
 
+__all__ = [
+    "build_fake_model", "build_meta_model", "materialize_fake", "quantize_fake_nf4",
+    "real_cpu_kernel_dtypes", "real_input_semantics", "replace_with_nf4",
+]
+
 
 def materialize_fake(model: nn.Module, fake_mode) -> nn.Module:
     """Replace every meta parameter and buffer by an empty fake tensor of the same shape and dtype.

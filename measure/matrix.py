@@ -27,6 +27,11 @@ the training keys of peftcalc.settings.TrainingSettings (batch_size, seq_len, pr
 grad_checkpointing, checkpoint_every, checkpoint_reentrant, attention). A key not in this list is an InputError naming the key and its
 line. Combinations a method cannot run on (prefix on a masked LM, a sequence longer than the
 model's positions) are left out and reported, not run.
+
+This module owns the matrices and their result files, and sits on top of the harness: it measures each
+run with :func:`measure.run.measure_one`, checks it with :func:`measure.setup.check_run` and keys and
+writes its row with :mod:`measure.record`; none of those imports this module. A cuda row runs in a
+subprocess, ``python -m measure.matrix ROW_JSON OUT_JSON`` (:func:`main`).
 """
 
 from __future__ import annotations
@@ -43,10 +48,21 @@ import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from measure.record import environment, method_record, row_key, settings_record, to_json_line
+from measure.run import measure_one
+from measure.setup import check_run
 from peftcalc.errors import InputError, read_text
 from peftcalc.methods import MethodSettings, normalize_targets
 from peftcalc.settings import TrainingSettings
 from peftcalc.spec import ModelSpec, load_spec
+
+__all__ = [
+    "BOOL_KEYS", "INT_KEYS", "MATRICES_DIR", "METHOD_KEYS", "ROW_KEYS", "ROW_TIMEOUT_S", "RUN_DEFAULTS",
+    "RUN_KEYS", "STR_KEYS", "TABLE_AXES", "TOP_KEYS", "TRAINING_KEYS", "VARIANT", "Run", "append_row",
+    "done_keys", "expand_matrix", "failed_row", "grid_rows", "line_of", "load_matrix", "main",
+    "measure_in_process", "measure_in_subprocess", "run_from_request", "run_key", "run_matrix", "run_request",
+    "to_run",
+]
 
 MATRICES_DIR = Path(__file__).parent / "matrices"
 METHOD_KEYS = tuple(f.name for f in fields(MethodSettings))
@@ -87,8 +103,6 @@ class Run:
 
     def request(self) -> dict:
         """This run as JSON data (what a subprocess needs to run it again)."""
-        from measure.run import method_record
-
         return {"model": self.model_config if self.model_config is not None else self.spec.name,
                 "method": method_record(self.spec, self.method), "training": self.training.__dict__, "device": self.device,
                 "steps": self.steps, "seed": self.seed, "prepare_kbit": self.prepare_kbit}
@@ -220,8 +234,6 @@ def to_run(row: dict, models: dict, device: str | None = None) -> Run:
 def expand_matrix(data: dict, device: str | None = None) -> tuple[list[Run], list[tuple[dict, str]]]:
     """All runs of a loaded matrix, in file order, without duplicates; and the rows left out as
     inapplicable, each with the reason (the InputError message)."""
-    from measure.run import check_run, row_key, settings_record
-
     models, defaults = data.get("models", {}), data.get("defaults", {})
     runs, left_out, seen = [], [], set()
     for grid in data["grid"]:
@@ -254,8 +266,6 @@ def run_from_request(request: dict) -> Run:
 
 
 def run_key(run: Run) -> str:
-    from measure.run import row_key, settings_record
-
     return row_key(settings_record(run.spec, run.method, run.training, run.device, run.steps, run.prepare_kbit, run.seed))
 
 
@@ -276,8 +286,6 @@ def done_keys(out_path: str | os.PathLike) -> set[str]:
 
 def run_request(request: dict) -> dict:
     """Measure one run given as :meth:`Run.request` data."""
-    from measure.run import measure_one
-
     run = run_from_request(request)
     return measure_one(run.spec, run.method, run.training, run.device, run.steps,
                        prepare_kbit=run.prepare_kbit, seed=run.seed)
@@ -285,8 +293,6 @@ def run_request(request: dict) -> dict:
 
 def measure_in_process(run: Run) -> dict:
     """Measure `run` here; any failure becomes the row's outcome, never an exception."""
-    from measure.run import measure_one
-
     try:
         return measure_one(run.spec, run.method, run.training, run.device, run.steps,
                            prepare_kbit=run.prepare_kbit, seed=run.seed)
@@ -295,13 +301,13 @@ def measure_in_process(run: Run) -> dict:
 
 
 def measure_in_subprocess(run: Run, timeout_s: int = ROW_TIMEOUT_S) -> dict:
-    """Measure `run` in a fresh Python process (``python -m measure.run``), so that a crash, a
+    """Measure `run` in a fresh Python process (``python -m measure.matrix``), so that a crash, a
     leak or allocator fragmentation after an OOM cannot affect the next row."""
     with tempfile.TemporaryDirectory(prefix="peftcalc-row-") as tmp:
         req, out = Path(tmp) / "request.json", Path(tmp) / "row.json"
         req.write_text(json.dumps(run.request()))
         try:
-            proc = subprocess.run([sys.executable, "-m", "measure.run", str(req), str(out)], cwd=_repo_root(),
+            proc = subprocess.run([sys.executable, "-m", "measure.matrix", str(req), str(out)], cwd=_repo_root(),
                                   capture_output=True, text=True, timeout=timeout_s)
         except subprocess.TimeoutExpired:
             return failed_row(run, f"timeout: the row ran longer than {timeout_s} s")
@@ -317,16 +323,12 @@ def _repo_root() -> str:
 
 def failed_row(run: Run, message: str) -> dict:
     """A row for a run that failed before measure_one could record it."""
-    from measure.run import environment, settings_record
-
     settings = settings_record(run.spec, run.method, run.training, run.device, run.steps, run.prepare_kbit, run.seed)
     return {"key": run_key(run), "settings": settings, "outcome": "error", "error": message,
             "params": None, "measured": None, "predicted": None, "environment": environment("cpu")}
 
 
 def append_row(out, row: dict) -> None:
-    from measure.run import to_json_line
-
     out.write(to_json_line(row) + "\n")
     out.flush()
     os.fsync(out.fileno())
@@ -406,3 +408,17 @@ class _LabelledBar:
 
     def set_postfix(self, counts: dict) -> None:
         self.bar.set_postfix(counts)
+
+
+def main(argv=None) -> int:
+    """``python -m measure.matrix ROW_JSON OUT_JSON``: run one matrix row (:meth:`Run.request` data) in
+    this process and write its result; used to isolate cuda rows in subprocesses."""
+    args = sys.argv[1:] if argv is None else argv
+    request = json.loads(Path(args[0]).read_text())
+    row = run_request(request)
+    Path(args[1]).write_text(to_json_line(row))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

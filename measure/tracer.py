@@ -41,6 +41,11 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+__all__ = [
+    "CATEGORIES", "REGISTERED", "FakeScalars", "PhaseStats", "StorageRecord", "StorageTracer",
+    "gradient_tensors", "model_state_tensors", "optimizer_state_tensors", "placeholder_scalar",
+]
+
 CATEGORIES = ("parameters", "gradients", "optimizer_state", "inputs", "activations", "other")
 # A storage marked twice keeps the stronger category (a weight saved for backward stays a parameter).
 _PRIORITY = {name: rank for rank, name in enumerate(reversed(CATEGORIES))}

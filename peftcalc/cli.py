@@ -224,7 +224,8 @@ def measure(
     if not model:
         raise InputError("give a model to measure, or --matrix FILE --out FILE")
     _check_format(format)
-    from measure.run import measure_one, to_json_line
+    from measure.record import to_json_line
+    from measure.run import measure_one
     from peftcalc.api import _method_settings, default_method
     from peftcalc.settings import TrainingSettings
     from peftcalc.spec import load_spec

@@ -2,7 +2,7 @@
 with the prediction of the *current* calculator recomputed for every row.
 
 A row names its model (``settings.model``) and the sha of its config (``settings.model_config_sha``,
-:func:`config_sha` - the same hash as ``measure.run.config_sha``). Registry models resolve by name.
+:func:`config_sha` - the same hash as ``measure.record.config_sha``). Registry models resolve by name.
 Tiny configs written inline in a matrix (``[models.tiny-llama]`` in ``measure/matrices/*.toml``) or in
 a test's config file are found by that sha among the candidates :func:`config_index` collects, so
 the report never silently predicts the real ``gpt2`` for a 2-layer config whose name is ``gpt2``.
@@ -49,7 +49,7 @@ def source_of(device: str) -> str:
 
 
 def config_sha(config: dict) -> str:
-    """The harness's config hash (measure.run.config_sha): sha256 of the sorted JSON of the
+    """The harness's config hash (measure.record.config_sha): sha256 of the sorted JSON of the
     config's keys that do not start with '_', first 12 hex digits."""
     text = json.dumps({k: v for k, v in config.items() if not k.startswith("_")}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
@@ -138,7 +138,7 @@ def read_jsonl(paths) -> list[tuple[str, dict]]:
 
 def predict_row(spec: ModelSpec, settings: dict):
     """The current calculator's Estimate for a row's settings: device 'cuda' for cuda rows and
-    'cpu' for cpu and fake rows (what measure.run.predict asks), with prepare_kbit as the row ran it."""
+    'cpu' for cpu and fake rows (what measure.record.predict asks), with prepare_kbit as the row ran it."""
     from peftcalc import estimate
 
     method = dict(settings["method"])

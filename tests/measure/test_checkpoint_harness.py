@@ -11,7 +11,9 @@ import torch
 
 from measure.build import build_model
 from measure.matrix import expand_matrix, load_matrix, run_key, to_run
-from measure.run import forward_loss, make_batch, measure_one, prepare_for_training, transformers_model
+from measure.record import settings_record
+from measure.run import measure_one
+from measure.setup import forward_loss, make_batch, prepare_for_training, transformers_model
 from peftcalc.checkpointing import checkpointed_layers, checkpointing_layer_stacks
 from peftcalc.errors import InputError
 
@@ -65,8 +67,6 @@ def test_default_modes_keep_every_committed_rows_key():
 
 
 def test_new_modes_are_recorded(modes):
-    from measure.run import settings_record
-
     run = _run(modes, "tiny-llama4", "lora", checkpoint_every=2, checkpoint_reentrant=True)
     t = settings_record(run.spec, run.method, run.training, "cpu", 2)["training"]
     assert t["checkpoint_every"] == 2 and t["checkpoint_reentrant"] is True

@@ -11,7 +11,7 @@ import torch
 from measure.build import count_logical_params
 from measure.fake import build_meta_model
 from measure.matrix import expand_matrix
-from measure.run import precision_policy
+from measure.setup import precision_policy
 from peftcalc.methods import make_plan
 
 RESULTS = Path(__file__).resolve().parents[2] / "reports" / "data" / "ci.jsonl"

@@ -155,7 +155,7 @@ variant = [{method = "lora"}, {method = "full"}, {method = "ia3"}]
 
 def test_run_matrix_appends_resumes_and_records_failures(tmp_path, monkeypatch):
     path, out = _write(tmp_path, ROWS), tmp_path / "out" / "rows.jsonl"
-    real_execute = measure.run._execute
+    real_execute = measure.run.execute
 
     def flaky(spec, method, *args):
         if method.method == "full":
@@ -164,7 +164,7 @@ def test_run_matrix_appends_resumes_and_records_failures(tmp_path, monkeypatch):
             raise ValueError("boom")
         return real_execute(spec, method, *args)
 
-    monkeypatch.setattr(measure.run, "_execute", flaky)
+    monkeypatch.setattr(measure.run, "execute", flaky)
     summary = run_matrix(path, out, progress=False)
     assert (summary["ran"], summary["ok"], summary["oom"], summary["error"]) == (3, 1, 1, 1)
     rows = [json.loads(line) for line in out.read_text().splitlines()]
@@ -177,7 +177,7 @@ def test_run_matrix_appends_resumes_and_records_failures(tmp_path, monkeypatch):
     # a run killed mid-write leaves a broken last line; the rows before it still count as done
     lines = out.read_text().splitlines()
     out.write_text("\n".join(lines[:2]) + '\n{"key": "trunc')
-    monkeypatch.setattr(measure.run, "_execute", real_execute)
+    monkeypatch.setattr(measure.run, "execute", real_execute)
     third = run_matrix(path, out, progress=False)
     assert (third["ran"], third["skipped_done"], third["ok"]) == (1, 2, 1)
     assert len(done_keys(out)) == 3

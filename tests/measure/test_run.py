@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from measure.build import count_logical_params
-from measure.run import (build_for_device, forward_loss, make_batch, measure_one, precision_policy,
-                         prepare_for_training, summarize)
+from measure.record import summarize
+from measure.run import measure_one
 from peftcalc.errors import InputError
 from peftcalc.methods import make_plan
 from peftcalc.settings import TrainingSettings
@@ -93,20 +93,6 @@ def test_full_finetune_optimizer_state_by_hand(tiny):
     assert at_peak["inputs"] == 2 * 32 * 8  # int64 input ids; labels are the same tensor
 
 
-def test_checkpointing_keeps_gradients_flowing_into_adapters_over_a_frozen_embedding(tiny):
-    run = tiny("tiny-llama", method="lora")
-    training = TrainingSettings(batch_size=2, seq_len=16, precision="fp32", grad_checkpointing=True, device="cpu")
-    policy = precision_policy(training, "cpu")
-    model = build_for_device(run.spec, run.method, training, "cpu", policy)
-    prepare_for_training(model, run.spec, training)
-    assert model.get_base_model().is_gradient_checkpointing
-    forward_loss(model, run.spec, make_batch(run.spec, training, "cpu", torch.float32)).backward()
-    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    assert trainable and all(p.grad is not None for _, p in trainable)
-    # lora_B starts at zero, so lora_A's first gradient is zero; lora_B's is not
-    assert all(p.grad.abs().sum() > 0 for n, p in trainable if "lora_B" in n)
-
-
 def test_checkpointing_lowers_the_activation_peak(tiny):
     plain = _measure(tiny, "tiny-llama", dict(method="lora"), dict(), "fake")
     ckpt = _measure(tiny, "tiny-llama", dict(method="lora"), dict(grad_checkpointing=True), "fake")
@@ -157,22 +143,3 @@ def test_cuda_run_records_allocator_peaks_and_a_traced_breakdown(tiny):
     assert m["tracer"]["peak_bytes"] <= m["peak_bytes"] * 1.01
     assert row["environment"]["device_name"]
     assert count_logical_params  # imported for the cpu tests; keeps the import used on GPU-only runs
-
-
-def test_settings_record_resolves_the_default_adapter_kind():
-    """MethodSettings.adapter_kind defaults to None; rows record the kind it means, so the keys of rows
-    written when the default was "houlsby" stay what they were (a committed tiny-llama row's key), and a
-    VLM's --method adapter records seed 001's block adapter."""
-    from measure.run import row_key, settings_record
-    from peftcalc.methods import MethodSettings
-    from peftcalc.settings import TrainingSettings
-    from peftcalc.spec import load_spec
-    from measure.matrix import load_matrix
-
-    config = {**load_matrix("ci")["models"]["tiny-llama"], "_name_or_path": "tiny-llama"}
-    t = TrainingSettings(batch_size=2, seq_len=32, precision="fp32", device="cpu")
-    record = settings_record(load_spec(config), MethodSettings("full"), t, "cpu", 2)
-    assert record["method"]["adapter_kind"] == "houlsby"
-    assert row_key(record) == "d89527078fe0cf18"  # the first row of reports/data/ci.jsonl
-    vlm = settings_record(load_spec("llava-1.5-7b"), MethodSettings("adapter"), t, "fake", 2)
-    assert vlm["method"]["adapter_kind"] == "block"

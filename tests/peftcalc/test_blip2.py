@@ -213,7 +213,7 @@ TINY = str(Path(__file__).parent / "configs" / "blip2_tiny.json")
 @pytest.mark.parametrize("precision, nbytes", [("fp32", 4), ("bf16", 2)])
 def test_harness_runs_a_tiny_blip2_step(precision, nbytes):
     """A real CPU training step of a tiny Blip2ForConditionalGeneration (2 EVA layers of 64 at 56 px, 2 Q-Former
-    layers of 32 with 8 queries, 2 OPT layers of 64), --method qformer: measure.run.make_batch gives it pixel
+    layers of 32 with 8 queries, 2 OPT layers of 64), --method qformer: measure.setup.make_batch gives it pixel
     values and the 8 image_token_index placeholders before the text, the step runs and is traced; the traced
     parameter bytes are the layout's total, and the predicted peak is the traced one, to the byte (fp32: the last
     8 bytes were the loss and backward's seed scalars; bf16, ci.jsonl row b755c265ccc76500: 1,344,564 traced, it

@@ -158,7 +158,7 @@ def test_tied_head_gradient_is_pending_not_a_grad():
     """tiny-gpt2 frozen (only the tied wte/lm_head trains) fp32 batch 2 x 32, checkpointed, on the CPU:
     traced peak 1,663,756 bytes in block 1's backward, where the lm_head's gradient (aten.mm, 512 x 64
     fp32 = 131,072) waits in AccumulateGrad's input buffer for the lookup's (torch engine.cpp not_ready
-    InputBuffer): no parameter has a .grad yet. Traced categories (measure.run TracerMeter, StorageTracer
+    InputBuffer): no parameter has a .grad yet. Traced categories (measure.loop TracerMeter, StorageTracer
     .breakdown at the peak): parameters 564,224, optimizer_state 262,148, inputs 512, activations
     492,544, other 344,328 (the pending gradient among it), gradients 0."""
     peak, phase, c = _components("tiny-gpt2", "frozen", "fp32", 2, 32)

@@ -165,7 +165,7 @@ def test_lora_all_linear_crosses_full_finetuning_at_long_context():
 
 
 def test_peak_ties_go_to_the_earlier_event():
-    """An exact tie names the earlier phase, the rule measure.run's meters follow (a later phase's peak
+    """An exact tie names the earlier phase, the rule measure.loop's meters follow (a later phase's peak
     replaces the step's only when strictly larger)."""
     from peftcalc.memory import peak_event
 

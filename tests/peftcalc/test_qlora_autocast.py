@@ -13,7 +13,7 @@ or one row at a time, e.g. for the first one
     print(measure_one(r.spec, r.method, r.training, device='fake', steps=2)['measured']['peak_bytes'])"
 
 Under amp-bf16 the harness loads the model in fp32 (torch_dtype) with bnb_4bit_compute_dtype bf16 and runs
-the step under torch.autocast(bf16) (measure.run.precision_policy, measure.build.build_qlora_model)."""
+the step under torch.autocast(bf16) (measure.setup.precision_policy, measure.build.build_qlora_model)."""
 
 import pytest
 

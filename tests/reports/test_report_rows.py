@@ -23,7 +23,7 @@ def test_signed_error_by_hand():
 
 
 def test_config_sha_is_the_harness_hash():
-    from measure.run import config_sha as harness_sha
+    from measure.record import config_sha as harness_sha
 
     for spec in (load_spec("llama-2-7b"), load_spec(str(CONFIGS / "gpt2_cls.json"))):
         assert config_sha(spec.hf_config) == harness_sha(spec)

@@ -1,0 +1,257 @@
+"""The training steps of a run and their memory: :func:`train_step` (forward with the loss, backward,
+optimizer step, ``zero_grad(set_to_none=True)``) measured phase by phase by a meter -
+:class:`TracerMeter` (a :class:`measure.tracer.StorageTracer`: cpu, fake, and one extra traced cuda
+step) or :class:`CudaMeter` (the CUDA caching allocator) - and :func:`run_traced` / :func:`run_cuda`,
+which run a built model's steps and return its params, measured peaks and timings for the row.
+
+Owns the "loop" part of :func:`measure.run.measure_one`; the model, optimizer and batch come from
+:mod:`measure.setup`, the row around the result from :mod:`measure.record`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+import torch
+
+from measure.build import count_logical_params
+from measure.setup import autocast_context, forward_loss, make_batch, make_optimizer, prepare_for_training
+from measure.tracer import StorageTracer, gradient_tensors, model_state_tensors, optimizer_state_tensors
+
+__all__ = ["PHASES", "TOP_K", "CudaMeter", "TracerMeter", "run_cuda", "run_steps", "run_traced", "train_step"]
+
+PHASES = ("forward", "backward", "optimizer")
+TOP_K = 8
+
+
+# -- meters -----------------------------------------------------------------------------------
+
+
+class TracerMeter:
+    """Phase and step peaks from a StorageTracer (cpu, fake, and the extra traced cuda step)."""
+
+    source = "tracer"
+
+    def __init__(self, tracer: StorageTracer) -> None:
+        self.tracer = tracer
+        self.step_peaks: list[tuple[int, str]] = []  # (peak event, phase) per step
+
+    def register(self, model, batch, optimizer=None) -> None:
+        self.tracer.mark(model_state_tensors(model), "parameters")
+        self.tracer.mark(gradient_tensors(model), "gradients")
+        if optimizer is not None:
+            self.tracer.mark(optimizer_state_tensors(optimizer), "optimizer_state")
+        self.tracer.mark(batch, "inputs")
+
+    def live_bytes(self) -> int:
+        return self.tracer.live_bytes
+
+    def start_step(self) -> None:
+        self.tracer.reset_peak()
+        self._phases: dict[str, dict] = {}
+        self._peak = (-1, 0, "")
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        with self.tracer.phase(name) as stats:
+            if name == "forward":
+                with self.tracer.saving():
+                    yield
+            elif name == "backward":  # a checkpoint's recompute saves activations again
+                with self.tracer.recomputing():
+                    yield
+            else:
+                yield
+        self._phases[name] = {"start_bytes": stats.start_bytes, "end_bytes": stats.end_bytes,
+                              "peak_bytes": stats.peak_bytes, "_seq": stats.peak_seq}
+        if stats.peak_bytes > self._peak[0]:  # strictly: on a tie the earlier phase is the peak's phase,
+            # as in the calculator (peftcalc.memory.peak_event)
+            self._peak = (stats.peak_bytes, stats.peak_seq, name)
+
+    def mark_gradients(self, model) -> None:
+        self.tracer.mark(gradient_tensors(model), "gradients")
+
+    def mark_optimizer(self, optimizer) -> None:
+        self.tracer.mark(optimizer_state_tensors(optimizer), "optimizer_state")
+
+    def end_step(self) -> dict:
+        peak, seq, phase = self._peak
+        self.step_peaks.append((seq, phase))
+        return {"peak_bytes": peak, "peak_phase": phase, "phases": self._phases}
+
+    def details(self, steps: list[dict]) -> dict:
+        """Categories at each step's peak and at each phase peak of the last step; top tensors and
+        ops at the last step's peak. Called after the run, once every category is final."""
+        t = self.tracer
+        last_seq = self.step_peaks[-1][0]
+        return {
+            "categories_at_peak": t.breakdown(last_seq),
+            "step1_categories_at_peak": t.breakdown(self.step_peaks[0][0]),
+            "phase_categories": {name: t.breakdown(p["_seq"]) for name, p in steps[-1]["phases"].items()},
+            "top_tensors": t.top_tensors(last_seq, TOP_K),
+            "top_ops": t.top_ops(last_seq, TOP_K),
+        }
+
+
+class CudaMeter:
+    """Phase and step peaks from the CUDA caching allocator: ``reset_peak_memory_stats`` at each
+    phase start, ``max_memory_allocated`` / ``max_memory_reserved`` at its end."""
+
+    source = "cuda_allocator"
+
+    def register(self, model, batch, optimizer=None) -> None:
+        pass
+
+    def live_bytes(self) -> int:
+        torch.cuda.synchronize()
+        return torch.cuda.memory_allocated()
+
+    def start_step(self) -> None:
+        self._phases = {}
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        torch.cuda.synchronize()
+        start = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        yield
+        torch.cuda.synchronize()
+        self._phases[name] = {"start_bytes": start, "end_bytes": torch.cuda.memory_allocated(),
+                              "peak_bytes": torch.cuda.max_memory_allocated(),
+                              "reserved_peak_bytes": torch.cuda.max_memory_reserved()}
+
+    def mark_gradients(self, model) -> None:
+        pass
+
+    def mark_optimizer(self, optimizer) -> None:
+        pass
+
+    def end_step(self) -> dict:
+        # max() keeps the first of equal peaks: the earlier phase, as peftcalc.memory.peak_event does
+        name, peak = max(self._phases.items(), key=lambda kv: kv[1]["peak_bytes"])
+        reserved = max(p["reserved_peak_bytes"] for p in self._phases.values())
+        return {"peak_bytes": peak["peak_bytes"], "peak_phase": name, "reserved_peak_bytes": reserved,
+                "phases": self._phases}
+
+
+# -- the step -------------------------------------------------------------------------------
+
+
+def train_step(model, spec, batch, optimizer, policy, device, meter, scaler=None) -> dict:
+    """One training step in phases: forward (+loss), backward, optimizer step and zero_grad."""
+    meter.start_step()
+    start = time.perf_counter()
+    with meter.phase("forward"):
+        with autocast_context(policy, device):
+            loss = forward_loss(model, spec, batch)
+    with meter.phase("backward"):
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+        del loss
+    meter.mark_gradients(model)
+    with meter.phase("optimizer"):
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        meter.mark_optimizer(optimizer)
+        optimizer.zero_grad(set_to_none=True)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    summary = meter.end_step()
+    summary["time_s"] = round(time.perf_counter() - start, 6)
+    return summary
+
+
+def run_steps(model, spec, batch, optimizer, policy, device, meter, steps: int, scaler=None) -> list[dict]:
+    results = []
+    for i in range(steps):
+        summary = train_step(model, spec, batch, optimizer, policy, device, meter, scaler)
+        results.append({"step": i + 1, **summary})
+    return results
+
+
+# -- a built model's run --------------------------------------------------------------------
+
+
+def _common(model, spec, training) -> tuple[dict, dict]:
+    notes = prepare_for_training(model, spec, training)
+    total, trainable = count_logical_params(model)
+    return notes, {"total": total, "trainable": trainable}
+
+
+def run_traced(model, spec, training, device, steps, policy, mode_ctx) -> dict:
+    """Run the steps under a StorageTracer (inside `mode_ctx`: the FakeTensorMode for fake)."""
+    notes, params = _common(model, spec, training)
+    tracer = StorageTracer()
+    meter = TracerMeter(tracer)
+    t0 = time.perf_counter()
+    with mode_ctx, tracer:
+        tracer.mark(model_state_tensors(model), "parameters")
+        model_bytes = tracer.live_bytes
+        batch = make_batch(spec, training, "cpu", policy.dtype if policy.autocast is None else torch.float32)
+        meter.register(model, batch)
+        load_bytes = tracer.live_bytes
+        optimizer = make_optimizer(training.optimizer, [p for p in model.parameters() if p.requires_grad])
+        step_rows = run_steps(model, spec, batch, optimizer, policy, device, meter, steps)
+    measured = _measured(step_rows, meter.source, model_bytes, load_bytes)
+    measured.update(meter.details(step_rows))
+    _drop_private(step_rows)
+    return {"params": params, "measured": measured, "harness_notes": notes,
+            "timing": {"steps_s": round(time.perf_counter() - t0, 3),
+                       "step_time_s": [s["time_s"] for s in step_rows]}}
+
+
+def run_cuda(model, spec, training, steps, policy, trace_cuda) -> dict:
+    """Run the steps measured by the CUDA allocator; then one more step traced for the breakdown."""
+    notes, params = _common(model, spec, training)
+    meter = CudaMeter()
+    model_bytes = meter.live_bytes()
+    batch = make_batch(spec, training, "cuda", policy.dtype if policy.autocast is None else torch.float32)
+    load_bytes = meter.live_bytes()
+    optimizer = make_optimizer(training.optimizer, [p for p in model.parameters() if p.requires_grad])
+    scaler = torch.amp.GradScaler("cuda") if policy.grad_scaler else None
+    t0 = time.perf_counter()
+    step_rows = run_steps(model, spec, batch, optimizer, policy, "cuda", meter, steps, scaler)
+    measured = _measured(step_rows, meter.source, model_bytes, load_bytes)
+    measured["reserved_peak_bytes"] = step_rows[-1]["reserved_peak_bytes"]
+    measured["step1_reserved_peak_bytes"] = step_rows[0]["reserved_peak_bytes"]
+    timing = {"steps_s": round(time.perf_counter() - t0, 3), "step_time_s": [s["time_s"] for s in step_rows]}
+    if trace_cuda:
+        measured["tracer"] = _trace_one_cuda_step(model, spec, batch, optimizer, policy, scaler)
+    return {"params": params, "measured": measured, "harness_notes": notes, "timing": timing}
+
+
+def _trace_one_cuda_step(model, spec, batch, optimizer, policy, scaler) -> dict:
+    tracer = StorageTracer()
+    meter = TracerMeter(tracer)
+    with tracer:
+        meter.register(model, batch, optimizer)
+        rows = run_steps(model, spec, batch, optimizer, policy, "cuda", meter, 1, scaler)
+    details = meter.details(rows)
+    details.pop("step1_categories_at_peak")
+    _drop_private(rows)
+    return {"peak_bytes": rows[0]["peak_bytes"], "peak_phase": rows[0]["peak_phase"],
+            "phases": rows[0]["phases"], **details}
+
+
+def _measured(step_rows: list[dict], source: str, model_bytes: int, load_bytes: int) -> dict:
+    first, last = step_rows[0], step_rows[-1]
+    return {
+        "source": source,
+        "peak_bytes": last["peak_bytes"],
+        "peak_phase": last["peak_phase"],
+        "step1_peak_bytes": first["peak_bytes"],
+        "step1_peak_phase": first["peak_phase"],
+        "model_bytes": model_bytes,
+        "load_bytes": load_bytes,
+        "steps": step_rows,
+    }
+
+
+def _drop_private(step_rows: list[dict]) -> None:
+    for row in step_rows:
+        for phase in row["phases"].values():
+            phase.pop("_seq", None)
+

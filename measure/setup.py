@@ -1,0 +1,221 @@
+"""What one run is built from, before any step runs: the check of a run's settings
+(:func:`check_run`), the precision :class:`Policy`, the model on its device with its method applied
+(:func:`build_for_device`) and prepared for training, the optimizer, the random batch and the loss.
+
+Owns the "build" half of :func:`measure.run.measure_one`; :mod:`measure.build` and :mod:`measure.fake`
+build the model itself, :mod:`measure.loop` runs the steps on what this module builds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, replace
+
+import torch
+
+from measure.build import build_model, build_qlora_model
+from peftcalc.errors import InputError
+from peftcalc.methods import MethodSettings, check_combination, make_plan
+from peftcalc.settings import TrainingSettings, check_training
+from peftcalc.spec import ModelSpec
+
+__all__ = [
+    "DEVICES", "LOSSES", "Policy", "autocast_context", "build_for_device", "check_run", "forward_loss",
+    "image_token_id", "make_batch", "make_optimizer", "precision_policy", "prepare_for_training",
+    "transformers_model",
+]
+
+DEVICES = ("cuda", "cpu", "fake")
+
+# What each task's loss is (the model's own loss where it has one).
+LOSSES = {
+    "causal_lm": "model loss, labels=input_ids (transformers ForCausalLMLoss: logits upcast to fp32, shift, cross-entropy)",
+    "masked_lm": "model loss, labels=input_ids at a fixed random 15% of positions, -100 elsewhere",
+    "seq_cls": "model loss, one integer label per sequence",
+    "image_cls": "model loss, one integer label per image",
+    "base": "last_hidden_state.float().pow(2).mean() (the bare encoder has no head and no loss)",
+    "image_text_to_text": "model loss, labels=input_ids over image + text tokens (ForCausalLMLoss); one random "
+                          "image per sample, its image_tokens placeholder ids first",
+}
+
+
+@dataclass(frozen=True)
+class Policy:
+    """How tensors are stored and computed: see peftcalc.settings.PRECISIONS."""
+
+    dtype: torch.dtype  # storage dtype of the model's weights
+    autocast: torch.dtype | None  # torch.autocast dtype around forward and loss, or None
+    compute: torch.dtype  # dtype activations are computed in (bnb_4bit_compute_dtype for QLoRA)
+    grad_scaler: bool  # torch.amp.GradScaler (amp-fp16 on cuda)
+
+
+def precision_policy(training: TrainingSettings, device: str) -> Policy:
+    """fp32/bf16/fp16: the model in that dtype; amp-*: fp32 weights and ``torch.autocast`` (torch.amp);
+    amp-fp16 adds a GradScaler on cuda only (its inf check reads tensor values, which fake tensors
+    lack, and CPU training has no fp16 underflow problem to fix)."""
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    autocast = dtypes[training.autocast_dtype] if training.autocast_dtype else None
+    return Policy(
+        dtype=dtypes[training.weight_dtype],
+        autocast=autocast,
+        compute=dtypes[training.compute_dtype],
+        grad_scaler=training.precision == "amp-fp16" and device == "cuda",
+    )
+
+
+# -- validation -----------------------------------------------------------------------------
+
+
+def check_run(spec: ModelSpec, method: MethodSettings, training: TrainingSettings, device: str, steps: int) -> None:
+    """Raise InputError (one line) for settings that cannot run, before anything is built."""
+    if device not in DEVICES:
+        raise InputError(f"unknown device '{device}'; choose from {', '.join(DEVICES)}")
+    if steps < 1:
+        raise InputError(f"--steps must be a positive integer, got {steps}")
+    check_training(replace(training, device="cuda" if device == "cuda" else "cpu"))
+    make_plan(spec, method)
+    if device == "cuda" and not torch.cuda.is_available():
+        raise InputError("device 'cuda' asked for, but torch sees no CUDA device; use --device cpu or fake")
+    check_combination(spec, method, training.seq_len, training.grad_checkpointing)
+
+
+# -- building ---------------------------------------------------------------------------------
+
+
+def build_for_device(spec: ModelSpec, method: MethodSettings, training: TrainingSettings, device: str,
+                     policy: Policy, fake_mode=None, workdir: str | None = None, prepare_kbit: bool = False):
+    """The model, with its method applied, on `device` (fake: under `fake_mode`)."""
+    if device == "fake":
+        from measure.fake import build_fake_model
+
+        return build_fake_model(spec, method, fake_mode, policy.dtype, policy.compute, training.attention)
+    torch_device = "cuda" if device == "cuda" else "cpu"
+    if method.method == "qlora":
+        return build_qlora_model(spec, method, workdir, dtype=policy.dtype, compute_dtype=policy.compute,
+                                 device=torch_device, attention=training.attention, prepare_kbit=prepare_kbit)
+    return build_model(spec, method, dtype=policy.dtype, device=torch_device, attention=training.attention)
+
+
+def transformers_model(model):
+    """The transformers model inside a peft wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def prepare_for_training(model, spec: ModelSpec, training: TrainingSettings) -> dict:
+    """``model.train()``, ``use_cache=False``, and gradient checkpointing as transformers enables it:
+    ``PreTrainedModel.activation_checkpointing_enable({'use_reentrant': R}, every_n_layers=N)``
+    (``training.checkpoint_reentrant``, ``training.checkpoint_every``; with N = 1 and R = False what
+    ``gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})`` does). It
+    calls ``enable_input_require_grads`` on models whose main input is input_ids (and on LLaVA, every
+    input embedding inside). Non-reentrant checkpointing keeps gradients flowing into frozen-embedding
+    models without it (``_checkpoint_without_reentrant`` does not need an input that requires grad);
+    reentrant checkpointing does (``CheckpointFunction`` runs the block under no_grad, so its output
+    requires grad only through an input that does), so a vision model (ViT, CLIP: main input
+    pixel_values, their blocks' input needs no gradient when the patch embeddings are frozen) then gets
+    ``enable_input_require_grads`` too, as peft does for a model whose
+    checkpointing is on when it is wrapped (``PeftModel._prepare_model_for_gradient_checkpointing``)
+    and as ``prepare_model_for_kbit_training`` does under reentrant checkpointing (BLIP-2, main input
+    pixel_values too, needs none: its Q-Former's input is the trainable query tokens). Decoder classifiers
+    without a pad token get ``pad_token_id = vocab_size - 1`` so batch > 1 runs (the inputs never
+    contain it)."""
+    inner = transformers_model(model)
+    inner.config.use_cache = False
+    if spec.is_vlm:  # the language model reads text_config.use_cache (see measure.build.transformers_config)
+        inner.config.text_config.use_cache = False
+    notes = {}
+    if spec.task == "seq_cls" and spec.is_decoder and inner.config.pad_token_id is None:
+        inner.config.pad_token_id = spec.vocab_size - 1
+        notes["pad_token_id_set"] = spec.vocab_size - 1
+    if training.grad_checkpointing:
+        inner.activation_checkpointing_enable({"use_reentrant": training.checkpoint_reentrant},
+                                              every_n_layers=training.checkpoint_every)
+        if training.checkpoint_reentrant and spec.is_vision:
+            inner.enable_input_require_grads()
+            notes["input_require_grads"] = True
+    model.train()
+    return notes
+
+
+def make_optimizer(name: str, params):
+    """torch AdamW (defaults: lr 1e-3, foreach on CUDA); SGD momentum 0.9; bitsandbytes AdamW8bit;
+    transformers Adafactor with its defaults (lr=None, relative_step, scale_parameter, warmup_init
+    off)."""
+    params = list(params)
+    if name == "adamw":
+        return torch.optim.AdamW(params)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=1e-3, momentum=0.9)
+    if name == "adamw-8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(params)
+    if name == "adafactor":
+        from transformers.optimization import Adafactor
+
+        return Adafactor(params, lr=None)
+    raise InputError(f"unknown optimizer '{name}'")
+
+
+# -- batches and losses -----------------------------------------------------------------------
+
+
+def make_batch(spec: ModelSpec, training: TrainingSettings, device: str, dtype: torch.dtype) -> dict:
+    """Random inputs and labels of fixed shape for one step (create under the fake mode for fake)."""
+    b, s = training.batch_size, training.seq_len
+    if spec.is_vlm:
+        # LLaVA: the processor expands <image> to image_tokens placeholder ids; they come first, the
+        # text after them (random ids other than the placeholder); labels=input_ids (one tensor)
+        image_id = image_token_id(spec)
+        text = torch.randint(0, spec.vocab_size - 1, (b, s), device=device)
+        text = torch.where(text >= image_id, text + 1, text)
+        ids = torch.cat([torch.full((b, spec.image_tokens), image_id, device=device, dtype=text.dtype), text], dim=1)
+        pixels = torch.randn(b, spec.num_channels, spec.image_size, spec.image_size, dtype=dtype, device=device)
+        return {"input_ids": ids, "pixel_values": pixels, "labels": ids}
+    if spec.model_type == "blip-2":
+        # Blip2ForConditionalGeneration (transformers 5.x): the processor puts num_query_tokens placeholder
+        # ids (image_token_index) before the text; masked_scatter replaces their embeddings with the
+        # language projection's outputs, and the loss runs over logits[:, -labels.size(1):] (here all)
+        image_id, queries = image_token_id(spec), dict(spec.blip2)["num_query_tokens"]
+        text = torch.randint(0, spec.vocab_size - 1, (b, s), device=device)
+        text = torch.where(text >= image_id, text + 1, text)
+        ids = torch.cat([torch.full((b, queries), image_id, device=device, dtype=text.dtype), text], dim=1)
+        pixels = torch.randn(b, spec.num_channels, spec.image_size, spec.image_size, dtype=dtype, device=device)
+        return {"input_ids": ids, "pixel_values": pixels, "labels": ids}
+    if spec.is_vision:
+        pixels = torch.randn(b, spec.num_channels, spec.image_size, spec.image_size, dtype=dtype, device=device)
+        batch = {"pixel_values": pixels}
+        if spec.task == "image_cls":
+            batch["labels"] = torch.randint(0, spec.num_labels, (b,), device=device)
+        return batch
+    high = spec.vocab_size - 1 if spec.task == "seq_cls" and spec.is_decoder else spec.vocab_size
+    ids = torch.randint(0, high, (b, s), device=device)
+    batch = {"input_ids": ids}
+    if spec.task == "causal_lm":
+        batch["labels"] = ids
+    elif spec.task == "masked_lm":
+        masked = torch.rand(b, s, device=device) < 0.15
+        batch["labels"] = torch.where(masked, ids, torch.full_like(ids, -100))
+    elif spec.task == "seq_cls":
+        batch["labels"] = torch.randint(0, spec.num_labels, (b,), device=device)
+    return batch
+
+
+def image_token_id(spec: ModelSpec) -> int:
+    """The placeholder id of an image token (LlavaConfig image_token_index, default 32000)."""
+    return int(spec.hf_config.get("image_token_index", spec.hf_config.get("image_token_id", 32000)))
+
+
+def forward_loss(model, spec: ModelSpec, batch: dict) -> torch.Tensor:
+    """The loss of one forward pass (see LOSSES). The model outputs are dropped before backward, as
+    in transformers ``Trainer.training_step`` (``compute_loss`` returns the loss only)."""
+    outputs = model(**batch)
+    if spec.task == "base":
+        return outputs.last_hidden_state.float().pow(2).mean()
+    return outputs.loss
+
+
+def autocast_context(policy: Policy, device: str):
+    if policy.autocast is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type="cuda" if device == "cuda" else "cpu", dtype=policy.autocast)
+
