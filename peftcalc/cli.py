@@ -33,9 +33,9 @@ TARGETS = typer.Option(None, "--targets", help="Comma-separated module names, or
 DORA = typer.Option(False, "--dora", help="DoRA (weight-decomposed LoRA).")
 DOUBLE_QUANT = typer.Option(True, "--double-quant/--no-double-quant", help="QLoRA double quantization.")
 BOTTLENECK = typer.Option(None, "--bottleneck", help="Adapter bottleneck size (default hidden/16; the block "
-                          "adapter: 256, seed 001's).")
+                          "adapter: 256).")
 ADAPTER_KIND = typer.Option(None, "--adapter-kind", help="houlsby (after attention and FFN) | pfeiffer (after FFN) | "
-                            "block (vision-language models: seed 001's adapter after each vision layer, "
+                            "block (vision-language models: a bottleneck adapter after each vision layer, "
                             "LayerNorm(x + up(gelu(down(x))))). Default houlsby; block on a vision-language model.")
 VIRTUAL_TOKENS = typer.Option(None, "--num-virtual-tokens", help="Prefix/prompt length (default 20).")
 TRAINABLE_LAYERS = typer.Option(None, "--trainable-layers", help="freeze: train the top K blocks (default a quarter).")
@@ -296,7 +296,8 @@ def table(
     model: str = MODEL_ARG, batch_size: int = BATCH, seq_len: int = SEQ, precision: str = PRECISION,
     format: str = FORMAT,
 ) -> None:
-    """Trainable vs total parameters for every method, beside the ranges the seed documents claim."""
+    """Trainable vs total parameters for every method, beside the typical ranges public PEFT glossaries claim
+    (Inferensys, "Trainable Parameters" and "Frozen Backbone")."""
     from reports.cli_api import trainable_table
 
     typer.echo(trainable_table(model, format, batch_size=batch_size, seq_len=seq_len, precision=precision))

@@ -1,5 +1,5 @@
-"""Bytes on disk per task, and for T tasks (the storage argument of the PEFT seed: one frozen base
-plus T small task files, against T full copies of the model).
+"""Bytes on disk per task, and for T tasks (the usual parameter-efficient fine-tuning storage argument:
+one frozen base plus T small task files, against T full copies of the model).
 
 File sizes follow the safetensors format exactly: an 8-byte header length, a compact JSON header
 (padded with spaces to a multiple of 8) naming every tensor's dtype, shape and byte offsets, then the

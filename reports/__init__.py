@@ -5,9 +5,9 @@ this package imports nothing heavy.
 DataFrames (Python API):
     reports.rows.load_rows(paths)                    every measured row, predicted now, signed error
     reports.accuracy.error_table(df, by=...)         median / worst |error| per group
-    reports.trainable.trainable_frame(model)         seeds 004/000 method table for a real model
-    reports.storage_report.storage_frame(model, T)   storage vs task count (seed 003)
+    reports.trainable.trainable_frame(model)         every method on a real model vs published typical ranges
+    reports.storage_report.storage_frame(model, T)   storage vs task count (one base + T task files)
     reports.breakdown.breakdown_frame(model, bs)     memory components per method, batch and sequence
-    reports.vlm.vlm_frame()                          seed 001's 7B VLM table recomputed
+    reports.vlm.vlm_frame()                          a 7B VLM memory breakdown recomputed (llava-1.5-7b)
 Strings and files for the CLI: reports.cli_api. CI: ``python -m reports.ci_report``.
 """

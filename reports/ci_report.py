@@ -7,7 +7,7 @@ in reports/bounds.toml.
 
 EXTRA files (e.g. the ci slice a test run just measured) go into the report but are not held to
 the bounds: only committed data (reports/data/*.jsonl) is. With no data at all the report is still
-built (its seed sections need none), a note is printed, and the exit status is 0.
+built (its other sections need no measured rows), a note is printed, and the exit status is 0.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def main(argv=None) -> int:
     parser.add_argument("--data-dir", default=str(DATA_DIR), help="committed results (*.jsonl), held to the bounds")
     parser.add_argument("--out", default=str(OUT_DIR), help="where report.md, charts and CSVs go")
     parser.add_argument("--bounds", default=str(BOUNDS), help="the bounds file")
-    parser.add_argument("--accuracy-only", action="store_true", help="skip the seed sections (faster)")
+    parser.add_argument("--accuracy-only", action="store_true", help="only the accuracy section (faster)")
     args = parser.parse_args(argv)
 
     from reports.accuracy import check_bounds, error_summary_text, load_bounds, summarize

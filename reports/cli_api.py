@@ -6,7 +6,7 @@ command's arguments and returning strings (tables) or JSON-serialisable dicts (c
     peftcalc table llama-2-7b --format markdown              ->  trainable_table(model, fmt)
     peftcalc storage llama-2-7b --tasks 1..100 --out s.png   ->  storage_chart(model, tasks, out)
     peftcalc chart llama-3.1-8b --batch-size 1,2,4,8 --out b.png -> breakdown_chart(model, [1, 2, 4, 8], out)
-    (the seed 001 VLM table)                                 ->  vlm_table(fmt)
+    (the 7B VLM memory breakdown, recomputed)                ->  vlm_table(fmt)
 """
 
 from __future__ import annotations
@@ -47,8 +47,10 @@ def error_summary_text(summary: dict) -> str:
 
 def trainable_table(model: str, fmt: str = "table", batch_size: int = 1, seq_len: int = 512,
                     precision: str = "bf16") -> str:
-    """Seeds 004/000's method table for `model`: trainable, total, %, peak at the stated setting, the
-    claimed ranges (with the seed file:line) and whether the real figure is outside them."""
+    """Every method on `model`: trainable, total, %, peak at the stated setting, the typical ranges two
+    public PEFT glossary pages claim ([1] Inferensys "Trainable Parameters", method table; [2] Inferensys
+    "Frozen Backbone", frozen backbone vs full fine-tuning; each row's source row in the CSV/JSON) and
+    whether the real figure is outside them."""
     from reports.trainable import citations, trainable_frame, trainable_markdown_rows
 
     _check_format(fmt)
@@ -60,7 +62,7 @@ def trainable_table(model: str, fmt: str = "table", batch_size: int = 1, seq_len
     header, cells = trainable_markdown_rows(df)
     align = "llrrrrlllll"
     table = markdown(header, cells, align) if fmt == "markdown" else plain(header, cells, align)
-    notes = [f"Peak at: {df.attrs['setting']}.", "Claims: " + ", ".join(citations(df)) + "."]
+    notes = [f"Peak at: {df.attrs['setting']}.", *(f"{c}." for c in citations(df))]
     if fmt == "markdown":
         return "\n".join([table, "", *notes])
     return "\n".join([table, *notes])
@@ -105,7 +107,8 @@ def breakdown_chart(model: str, batch_sizes: list[int], out: str, seq_len: int =
 
 
 def vlm_table(fmt: str = "markdown") -> str:
-    """Seed 001's 7B VLM memory table recomputed with the calculator's llava-1.5-7b (reports.vlm)."""
+    """A back-of-envelope 7B VLM memory breakdown recomputed with the calculator's llava-1.5-7b
+    (reports.vlm)."""
     from reports.vlm import vlm_frame, vlm_markdown
 
     _check_format(fmt)

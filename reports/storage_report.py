@@ -1,5 +1,5 @@
-"""Storage vs task count (seed 003, lines 25-39): one frozen base plus T task files for each
-parameter-efficient method, against T fully fine-tuned copies of the model.
+"""Storage vs task count, the usual parameter-efficient fine-tuning storage argument: one frozen base
+plus T task files for each parameter-efficient method, against T fully fine-tuned copies of the model.
 
 Sizes are the exact safetensors file sizes of :mod:`peftcalc.storage` (what ``save_pretrained``
 writes for peft methods, the trainable tensors for the others, ``model.safetensors`` for a full
@@ -15,10 +15,13 @@ from peftcalc.methods import METHODS, MethodSettings, make_plan
 from peftcalc.spec import load_spec
 from peftcalc.storage import storage
 
-SEED_003 = "shared/seeds/003_e1ad914ccdddb94c.txt"
-SEED_003_CLAIMS = {
-    "per_task_fraction": ("'very often 0.1% to 1%' of the base per task", f"{SEED_003}:19"),
-    "one_base": ("'Storing T tasks costs one base plus T slivers, not T full models'", f"{SEED_003}:29"),
+# The claims the storage section checks: (claim, where it comes from). Both are the common PEFT
+# storage argument, usually stated without a primary source.
+STORAGE_CLAIMS = {
+    "per_task_fraction": ("very often 0.1% to 1% of the base", "a common PEFT rule of thumb, stated without a "
+                          "primary source"),
+    "one_base": ("storing T tasks costs one base plus T small task modules, not T full models",
+                 "the standard PEFT storage argument"),
 }
 
 

@@ -1,8 +1,11 @@
 """Trainable vs total parameters, method by method, for a real model, side by side with the
-ranges the seeds claim (the method table of seed 004 and the frozen-backbone table of seed 000).
+typical trainable fractions two public PEFT glossary pages give: the method table of the Inferensys
+glossary entry "Trainable Parameters" and the frozen-backbone vs full fine-tuning comparison of its
+entry "Frozen Backbone" (both by Prasad Kumkar; footnotes [1] and [2] of the table).
 
-The claims are data (:data:`SEED_CLAIMS`), each with the seed file and line it was read from, so a
-reader can check the quote. The seeds' numbers are claims to check, not truths (DESIGN.md).
+The claims are data (:data:`METHOD_TABLE_CLAIMS`, :data:`FROZEN_BACKBONE_CLAIMS`), each as the page
+writes it and naming the table row or list item it is read from, so a reader can check the quote.
+They are claims to check, not truths (DESIGN.md).
 """
 
 from __future__ import annotations
@@ -14,44 +17,58 @@ from peftcalc.errors import InputError
 from peftcalc.methods import methods_for
 from peftcalc.spec import load_spec
 
-SEED_004 = "shared/seeds/004_c97024b964fd67c6.txt"
-SEED_000 = "shared/seeds/000_f0cc3f8ad105b85f.txt"
+# The two public sources: footnotes [1] and [2] of the table (columns "claim [1]" and "claim [2]").
+METHOD_TABLE = 'Inferensys glossary "Trainable Parameters"'
+FROZEN_BACKBONE = 'Inferensys glossary "Frozen Backbone"'
+SOURCES = {
+    METHOD_TABLE: ('[1] Inferensys glossary, "Trainable Parameters" (Prasad Kumkar): column "Typical % of Params '
+                   'Trained" of its table "How PEFT Methods Define Trainable Parameters"'),
+    FROZEN_BACKBONE: ('[2] Inferensys glossary, "Frozen Backbone" (Prasad Kumkar): row "Trainable Parameter Count" '
+                      'of its table "Frozen Backbone (PEFT) vs. Full Fine-Tuning", and its "Parameter Efficiency" '
+                      'list (adapters, LoRA)'),
+}
 
 
 @dataclass(frozen=True)
 class Claim:
     """A claimed range of the trainable fraction, in percent (low may be 0 for '< x%')."""
 
-    text: str  # as the seed writes it
+    text: str  # as the source writes it
     low_pct: float
     high_pct: float
-    cite: str  # seed file:line
+    cite: str  # the public source and the row or list item the range is read from
 
     def contains(self, pct: float) -> bool:
         return self.low_pct <= pct <= self.high_pct
 
 
-# Seed 004 "How PEFT Methods Define Trainable Parameters" ("Typical % of Params Trained" column).
-SEED_004_CLAIMS = {
-    "adapter": Claim("0.5% - 8%", 0.5, 8.0, f"{SEED_004}:89"),
-    "lora": Claim("0.01% - 0.1%", 0.01, 0.1, f"{SEED_004}:99"),
-    "prefix": Claim("< 0.1%", 0.0, 0.1, f"{SEED_004}:109"),
-    "prompt": Claim("< 0.01%", 0.0, 0.01, f"{SEED_004}:119"),
-    "bitfit": Claim("0.09% - 0.1%", 0.09, 0.1, f"{SEED_004}:129"),
-    "ia3": Claim("~0.01% - 0.1%", 0.01, 0.1, f"{SEED_004}:137"),
-    "qlora": Claim("0.01% - 0.1%", 0.01, 0.1, f"{SEED_004}:155"),
+def _row(name: str) -> str:
+    return f'{METHOD_TABLE}, method table, row "{name}"'
+
+
+# [1] "How PEFT Methods Define Trainable Parameters", column "Typical % of Params Trained".
+METHOD_TABLE_CLAIMS = {
+    "adapter": Claim("0.5% - 8%", 0.5, 8.0, _row("Adapter")),
+    "lora": Claim("0.01% - 0.1%", 0.01, 0.1, _row("LoRA (Low-Rank Adaptation)")),
+    "prefix": Claim("< 0.1%", 0.0, 0.1, _row("Prefix Tuning")),
+    "prompt": Claim("< 0.01%", 0.0, 0.01, _row("Prompt Tuning")),
+    "bitfit": Claim("0.09% - 0.1%", 0.09, 0.1, _row("BitFit")),
+    "ia3": Claim("~0.01% - 0.1%", 0.01, 0.1, _row("(IA)³")),
+    "qlora": Claim("0.01% - 0.1%", 0.01, 0.1, _row("QLoRA")),
 }
-# Seed 004's "Visual / VL-Adapter" row: adapters in a vision encoder (ViT, CLIP).
-SEED_004_VISUAL_ADAPTER = Claim("1% - 5%", 1.0, 5.0, f"{SEED_004}:145")
-# Seed 000 "Frozen Backbone (PEFT) vs. Full Fine-Tuning", "Trainable Parameter Count" row, and the
+# [1]'s "Visual / VL-Adapter" row: adapters in a vision encoder (ViT, CLIP).
+METHOD_TABLE_VISUAL_ADAPTER = Claim("1% - 5%", 1.0, 5.0, _row("Visual / VL-Adapter"))
+# [2] "Frozen Backbone (PEFT) vs. Full Fine-Tuning", row "Trainable Parameter Count", and the
 # per-method figures of its "Parameter Efficiency" list.
-SEED_000_CLAIMS = {
-    "full": Claim("100%", 100.0, 100.0, f"{SEED_000}:101"),
-    "adapter": Claim("0.5-8%", 0.5, 8.0, f"{SEED_000}:37"),
-    "lora": Claim("less than 1%", 0.0, 1.0, f"{SEED_000}:38"),
-    "qlora": Claim("less than 1%", 0.0, 1.0, f"{SEED_000}:38"),
+FROZEN_BACKBONE_CLAIMS = {
+    "full": Claim("100%", 100.0, 100.0, f'{FROZEN_BACKBONE}, comparison table, "Full Fine-Tuning" column'),
+    "adapter": Claim("0.5-8%", 0.5, 8.0, f'{FROZEN_BACKBONE}, "Parameter Efficiency" list, adapters'),
+    "lora": Claim("less than 1%", 0.0, 1.0, f'{FROZEN_BACKBONE}, "Parameter Efficiency" list, LoRA'),
+    "qlora": Claim("less than 1%", 0.0, 1.0, f'{FROZEN_BACKBONE}, "Parameter Efficiency" list, LoRA'),
 }
-SEED_000_PEFT = Claim("< 1% to 5%", 0.0, 5.0, f"{SEED_000}:99")  # any frozen-backbone method
+# any other frozen-backbone method: [2]'s "Frozen Backbone (PEFT)" column
+FROZEN_BACKBONE_PEFT = Claim("< 1% to 5%", 0.0, 5.0,
+                             f'{FROZEN_BACKBONE}, comparison table, "Frozen Backbone (PEFT)" column')
 
 # The rows of the table: every method at its defaults (peft's where peft has one), plus the
 # all-linear LoRA/QLoRA most people use.
@@ -106,14 +123,14 @@ def describe(method: str, kw: dict, spec) -> str:
 
 
 def claims_for(method: str, spec) -> tuple[Claim | None, Claim | None]:
-    """(seed 004 claim, seed 000 claim) for a method on this model."""
-    c4 = SEED_004_CLAIMS.get(method)
+    """([1] method-table claim, [2] frozen-backbone claim) for a method on this model."""
+    c1 = METHOD_TABLE_CLAIMS.get(method)
     if method == "adapter" and spec.is_vision:
-        c4 = SEED_004_VISUAL_ADAPTER
-    c0 = SEED_000_CLAIMS.get(method)
-    if c0 is None and method not in ("full", "frozen", "freeze"):
-        c0 = SEED_000_PEFT
-    return c4, c0
+        c1 = METHOD_TABLE_VISUAL_ADAPTER
+    c2 = FROZEN_BACKBONE_CLAIMS.get(method)
+    if c2 is None and method not in ("full", "frozen", "freeze"):
+        c2 = FROZEN_BACKBONE_PEFT
+    return c1, c2
 
 
 def _outside(claim: Claim | None, pct: float | None):
@@ -136,8 +153,8 @@ def _factor(claim: Claim | None, pct: float | None) -> str:
 def trainable_frame(model, batch_size: int = 1, seq_len: int = 512, precision: str = "bf16",
                     optimizer: str = "adamw", grad_checkpointing: bool = False, device: str = "cuda",
                     variants=VARIANTS):
-    """One row per method variant: trainable, total, %, peak memory at the stated setting, the seed
-    claims and whether the real figure is outside them. A method the model cannot take (BitFit on a
+    """One row per method variant: trainable, total, %, peak memory at the stated setting, the
+    claimed ranges [1] and [2] and whether the real figure is outside them. A method the model cannot take (BitFit on a
     model without biases) gets a row saying why."""
     import pandas as pd
 
@@ -146,7 +163,7 @@ def trainable_frame(model, batch_size: int = 1, seq_len: int = 512, precision: s
         variants = [(m, {}) for m in methods_for(spec)]
     rows = []
     for method, kw in variants:
-        c4, c0 = claims_for(method, spec)
+        c1, c2 = claims_for(method, spec)
         base = {"model": spec.name, "method": method, "settings": describe(method, kw, spec)}
         try:
             e = estimate(spec, method=method, batch_size=batch_size, seq_len=seq_len, precision=precision,
@@ -154,9 +171,10 @@ def trainable_frame(model, batch_size: int = 1, seq_len: int = 512, precision: s
         except InputError as exc:
             rows.append({**base, "trainable": None, "total": None, "trainable_pct": None, "peak_bytes": None,
                          "peak_gib": None, "peak_phase": None,
-                         "claim_004": c4.text if c4 else "", "outside_004": None, "claim_000": c0.text if c0 else "",
-                         "outside_000": None, "how_far": "", "cite_004": c4.cite if c4 else "",
-                         "cite_000": c0.cite if c0 else "", "note": f"n/a: {exc}"})
+                         "claim_method_table": c1.text if c1 else "", "outside_method_table": None,
+                         "claim_frozen_backbone": c2.text if c2 else "", "outside_frozen_backbone": None,
+                         "how_far": "", "cite_method_table": c1.cite if c1 else "",
+                         "cite_frozen_backbone": c2.cite if c2 else "", "note": f"n/a: {exc}"})
             continue
         pct = e.params.percent
         rows.append({
@@ -167,13 +185,13 @@ def trainable_frame(model, batch_size: int = 1, seq_len: int = 512, precision: s
             "peak_bytes": e.memory.peak_bytes,
             "peak_gib": e.memory.peak_bytes / 1024**3,
             "peak_phase": e.memory.peak_phase,
-            "claim_004": c4.text if c4 else "",
-            "outside_004": _outside(c4, pct),
-            "claim_000": c0.text if c0 else "",
-            "outside_000": _outside(c0, pct),
-            "how_far": _factor(c4, pct) or _factor(c0, pct),
-            "cite_004": c4.cite if c4 else "",
-            "cite_000": c0.cite if c0 else "",
+            "claim_method_table": c1.text if c1 else "",
+            "outside_method_table": _outside(c1, pct),
+            "claim_frozen_backbone": c2.text if c2 else "",
+            "outside_frozen_backbone": _outside(c2, pct),
+            "how_far": _factor(c1, pct) or _factor(c2, pct),
+            "cite_method_table": c1.cite if c1 else "",
+            "cite_frozen_backbone": c2.cite if c2 else "",
             "note": "",
         })
     df = pd.DataFrame(rows)
@@ -193,17 +211,19 @@ def _flag(outside) -> str:
 
 def trainable_markdown_rows(df) -> tuple[list[str], list[list[str]]]:
     """Header and cells of the human table (markdown and the terminal table)."""
-    header = ["method", "settings", "trainable", "total", "trainable %", "peak (GiB)", "seed 004 claim", "vs 004",
-              "seed 000 claim", "vs 000", "how far"]
+    header = ["method", "settings", "trainable", "total", "trainable %", "peak (GiB)", "claim [1]", "vs [1]",
+              "claim [2]", "vs [2]", "how far"]
     cells = []
     for r in df.to_dict("records"):
         if r["note"]:
-            cells.append([r["method"], r["settings"], "-", "-", "-", "-", r["claim_004"], "", r["claim_000"], "",
+            cells.append([r["method"], r["settings"], "-", "-", "-", "-", r["claim_method_table"], "",
+                          r["claim_frozen_backbone"], "",
                           r["note"]])
             continue
         cells.append([r["method"], r["settings"], f"{int(r['trainable']):,}", f"{int(r['total']):,}",
-                      _pct(r["trainable_pct"]), f"{r['peak_gib']:.2f}", r["claim_004"] or "-",
-                      _flag(r["outside_004"]), r["claim_000"] or "-", _flag(r["outside_000"]), r["how_far"]])
+                      _pct(r["trainable_pct"]), f"{r['peak_gib']:.2f}", r["claim_method_table"] or "-",
+                      _flag(r["outside_method_table"]), r["claim_frozen_backbone"] or "-",
+                      _flag(r["outside_frozen_backbone"]), r["how_far"]])
     return header, cells
 
 
@@ -216,5 +236,7 @@ def _pct(p: float) -> str:
 
 
 def citations(df) -> list[str]:
-    cites = {c for c in list(df["cite_004"]) + list(df["cite_000"]) if c}
-    return sorted(cites, key=lambda c: (c.rsplit(":", 1)[0], int(c.rsplit(":", 1)[1])))
+    """The footnotes [1] and [2] for the sources the table's claims come from (each claim's row or list
+    item is in the frame's cite_method_table / cite_frozen_backbone columns)."""
+    used = {c.split(",", 1)[0] for c in list(df["cite_method_table"]) + list(df["cite_frozen_backbone"]) if c}
+    return [note for source, note in SOURCES.items() if source in used]

@@ -1,6 +1,7 @@
 """The whole report and the CI step: numbers in report.md and the CSVs trace back to the rows."""
 
 import json
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -59,6 +60,11 @@ def test_report_numbers_trace_to_rows(tmp_path, real_cpu_row):
     for name in ("predicted_vs_measured", "errors_by_method", "storage_vs_tasks", "breakdown", "breakdown_scaling"):
         assert (out / f"{name}.png").stat().st_size > 1000 and (out / f"{name}.svg").exists()
     assert "Recomputed with the calculator's llava-1.5-7b" in md and "vision-language issue" not in md
+    # the claim sections name public sources, not internal documents
+    assert "## 2. Trainable vs total parameters against published typical ranges" in md
+    assert '[1] Inferensys glossary, "Trainable Parameters"' in md and "## 5. A 7B vision-language memory" in md
+    assert "https://arxiv.org/abs/2301.12597" in md and (out / "vlm_7b_breakdown.csv").exists()
+    assert "shared/" not in md and not re.search(r"(?i)\bseeds? 0\d\d", md)
     by_method = pd.read_csv(out / "errors_by_method.csv")
     assert set(by_method["source"]) == {"gpu", "cpu"}
     assert json.loads((out / "summary.json").read_text())["rows"] == 2
