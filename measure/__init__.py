@@ -4,7 +4,7 @@ beside the calculator's prediction. The package exports nothing itself; import f
 Modules, each importing only those listed before it (no cycles, function-level imports included):
 
     tracer    live-storage tracing (StorageTracer) and the tensors of each category
-    adapters  bottleneck adapters (Houlsby, Pfeiffer, seed 001's block adapter)
+    adapters  bottleneck adapters (Houlsby, Pfeiffer, the block adapter)
     build     the real model a spec and a method describe (transformers + peft)
     fake      the same model made of fake tensors
     setup     a run's settings check, precision policy, model on its device, optimizer, batch, loss

@@ -8,8 +8,8 @@ before the residual addition: after the attention output projection and the FFN 
 and :func:`peftcalc.methods.adapter_numel` is checked against ``numel`` in the tests.
 
 On a vision-language model (LLaVA) the adapters go into the frozen vision tower
-(:func:`peftcalc.methods.vision_adapter_sites`): Houlsby/Pfeiffer inside its encoder layers, or seed
-001's :class:`BlockAdapter` on each encoder layer's output (its ``AdaptedVisionEncoder``).
+(:func:`peftcalc.methods.vision_adapter_sites`): Houlsby/Pfeiffer inside its encoder layers, or the
+block adapter (:class:`BlockAdapter`) on each encoder layer's output.
 """
 
 from __future__ import annotations
@@ -47,9 +47,10 @@ class BottleneckAdapter(nn.Module):
 
 
 class BlockAdapter(nn.Module):
-    """Seed 001's BottleneckAdapter (Example 4, the one its AdaptedVisionEncoder inserts "after each
-    transformer block"), as the seed writes it: ``layer_norm(x + dropout(up_proj(dropout(gelu(down_proj(x))))))``
-    with dropout 0.1 and a LayerNorm (eps 1e-5) over the hidden size; default init, as in the seed."""
+    """The block adapter: a bottleneck adapter after each transformer block of a frozen vision encoder (the
+    frozen-backbone VLM recipe, e.g. Lightly AI's "Efficient Training for Multimodal Vision Models", 2024),
+    ``layer_norm(x + dropout(up_proj(dropout(gelu(down_proj(x))))))`` with dropout 0.1 and a LayerNorm (eps 1e-5)
+    over the hidden size; default init."""
 
     def __init__(self, hidden: int, bottleneck: int, dtype: torch.dtype, device,
                  dropout: float = BLOCK_ADAPTER_DROPOUT) -> None:

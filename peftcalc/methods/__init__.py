@@ -135,7 +135,7 @@ METHOD_HELP = {
     "lora": "peft LoRA adapters (A: r x in, B: out x r) on the target modules; base frozen",
     "qlora": "LoRA on a 4-bit NF4 base (bitsandbytes), double quantization by default",
     "adapter": "bottleneck adapters (Houlsby: after attention and FFN; Pfeiffer: after FFN). On a VLM (LLaVA): "
-               "adapters in the frozen vision tower's blocks the projector reads (default: seed 001's, "
+               "adapters in the frozen vision tower's blocks the projector reads (default: block adapters, "
                "LayerNorm(x + up(gelu(down(x)))) after each block, bottleneck 256), the projector trains, the "
                "language model is frozen",
     "prefix": "peft prefix tuning: trainable keys/values for every layer",

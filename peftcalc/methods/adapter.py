@@ -41,11 +41,12 @@ __all__ = [
 ADAPTER_KINDS = ("houlsby", "pfeiffer")
 
 
-# A vision-language model's vision tower also takes seed 001's adapter after each encoder block.
+# A vision-language model's vision tower also takes the block adapter: a bottleneck adapter after each encoder block.
 VLM_ADAPTER_KINDS = ("block",) + ADAPTER_KINDS
 
 
-# Seed 001 (Example 4, BottleneckAdapter as AdaptedVisionEncoder uses it): bottleneck_dim=256, dropout=0.1.
+# The block adapter's defaults (a post-block bottleneck adapter in the style of Houlsby et al. 2019, as frozen-backbone
+# VLM recipes put after each vision encoder block): bottleneck_dim=256, dropout=0.1.
 BLOCK_ADAPTER_BOTTLENECK = 256
 
 
@@ -57,7 +58,7 @@ ADAPTER_ATTRIBUTE = "adapter_bottleneck"
 
 
 def resolve_adapter_kind(spec: ModelSpec, s: MethodSettings) -> str:
-    """The adapter kind a setting means: the one asked for; else seed 001's post-block adapter for
+    """The adapter kind a setting means: the one asked for; else the block (post-block) adapter for
     --method adapter on a vision-language model, and houlsby otherwise (the kind of every other method's
     settings too, where it is unused: measure.run records it so)."""
     if s.adapter_kind is not None:
@@ -71,7 +72,7 @@ def adapter_hidden(spec: ModelSpec) -> int:
 
 
 def resolve_bottleneck(spec: ModelSpec, s: MethodSettings) -> int:
-    """--bottleneck, else seed 001's 256 for its block adapter, else reduction factor 16 (Houlsby et al.
+    """--bottleneck, else 256 for the block adapter, else reduction factor 16 (Houlsby et al.
     2019, section 3.6, and Pfeiffer et al. 2021 use hidden/16 among their sizes)."""
     if s.bottleneck is not None:
         return s.bottleneck
@@ -95,7 +96,7 @@ def adapter_sites(spec: ModelSpec, layout: Layout, kind: str) -> list[Module]:
 
 def adapter_shapes(kind: str, hidden: int, bottleneck: int) -> list[tuple[str, tuple]]:
     """The parameters of one adapter, as measure.adapters builds it: Houlsby/Pfeiffer down (b x h) and up
-    (h x b) with biases; seed 001's block adapter down_proj and up_proj with biases and a LayerNorm (weight,
+    (h x b) with biases; the block adapter's down_proj and up_proj with biases and a LayerNorm (weight,
     bias) over the hidden size."""
     h, b = hidden, bottleneck
     if kind == "block":
@@ -107,7 +108,7 @@ def adapter_shapes(kind: str, hidden: int, bottleneck: int) -> list[tuple[str, t
 def vision_adapter_sites(spec: ModelSpec, kind: str) -> list[str]:
     """Where --method adapter puts its adapters in a VLM's vision tower: in each encoder layer the projector
     reads (hidden_states[vision_feature_layer]: layers 0-22 of LLaVA-1.5's 24; the layers above never get a
-    gradient, so an adapter there would train nothing). Seed 001's block adapter transforms the layer's
+    gradient, so an adapter there would train nothing). The block adapter transforms the layer's
     output (AdaptedVisionEncoder: "Add adapters after each transformer block"), so the path is the layer
     itself; Houlsby/Pfeiffer adapters sit after the layer's out_proj and fc2 / after fc2."""
     modules = {"block": ("",), "houlsby": (".self_attn.out_proj", ".mlp.fc2"), "pfeiffer": (".mlp.fc2",)}[kind]
@@ -119,7 +120,7 @@ def plan_adapter(spec, layout, s):
     kinds = VLM_ADAPTER_KINDS if spec.is_vlm else ADAPTER_KINDS
     if kind not in kinds:
         if kind in VLM_ADAPTER_KINDS:
-            raise InputError(f"adapter kind '{kind}' (seed 001's adapter after each vision block) applies to a "
+            raise InputError(f"adapter kind '{kind}' (a bottleneck adapter after each vision block) applies to a "
                              f"vision-language model's vision tower; {spec.name} is not one")
         raise InputError(f"unknown adapter kind '{kind}'; choose from {', '.join(kinds)}")
     b = resolve_bottleneck(spec, s)
@@ -128,7 +129,7 @@ def plan_adapter(spec, layout, s):
         where = "the vision tower's hidden size" if spec.is_vlm else "the hidden size"
         default = ""
         if s.bottleneck is None:
-            default = " (seed 001's default for the block adapter)" if kind == "block" else " (hidden/16)"
+            default = " (the block adapter's default)" if kind == "block" else " (hidden/16)"
         raise InputError(f"--bottleneck must be between 1 and {where} {h}, got {b}{default}")
     if spec.is_vlm:  # the vision tower and the language model frozen, the projector trains
         groups = base_groups(layout, lambda m, name: under(m.path, (PROJECTOR,)))
@@ -156,12 +157,13 @@ def adapter_block(rec: Recorder, x: T, hidden: int, bottleneck: int, tag: str) -
     return out
 
 
-# Tags of what seed 001's block adapter saves: it runs outside its encoder layer's checkpointed forward.
+# Tags of what the block adapter saves: it runs outside its encoder layer's checkpointed forward.
 BLOCK_ADAPTER_TAG = "block_adapter"
 
 
 def block_adapter(rec: Recorder, x: T, hidden: int, bottleneck: int, p_drop: float) -> T:
-    """measure.adapters.BlockAdapter (seed 001, Example 4): layer_norm(x + dropout(up_proj(dropout(gelu(
+    """measure.adapters.BlockAdapter (the block adapter: a Houlsby-style bottleneck with a residual LayerNorm,
+    after each encoder layer): layer_norm(x + dropout(up_proj(dropout(gelu(
     down_proj(x)))))), a forward hook on the encoder layer. The trainable Linears save their inputs, GELU
     its input, each dropout its noise, the trainable LayerNorm its input (the sum: fp32 under autocast,
     x + a bf16 tensor) with mean and rstd; each intermediate is dropped when `x` is rebound."""

@@ -69,7 +69,7 @@ def layer_trainings(plan: Plan, layout: Layout) -> list[LayerTraining]:
         elif g.origin == "ia3":
             (s["ia3_ff"] if g.shape[0] == 1 else s["ia3_out"]).add(rel.rsplit(".", 1)[0])
         elif g.origin == "adapter":
-            if rel.startswith(ADAPTER_ATTRIBUTE + "."):  # seed 001's adapter on the block's output
+            if rel.startswith(ADAPTER_ATTRIBUTE + "."):  # the block adapter on the block's output
                 s["adapters"].add("block")
             else:
                 s["adapters"].add(roles.get(prefix + rel.split("." + ADAPTER_ATTRIBUTE, 1)[0], ""))

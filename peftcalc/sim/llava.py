@@ -66,7 +66,7 @@ def vlm_text_training(spec: ModelSpec, t: TrainingSettings) -> TrainingSettings:
 def vision_plan(plan: Plan) -> Plan:
     """A VLM plan seen from its vision tower: the CLIPVisionModel plan (`model.vision_tower.X` is `X`
     there), with the block index of each encoder layer's parameters and adapters. Its settings carry the
-    adapter kind and bottleneck the VLM resolves (seed 001's block adapter and its 256 by default)."""
+    adapter kind and bottleneck the VLM resolves (the block adapter and its bottleneck of 256 by default)."""
     prefix = "model.vision_tower."
     groups = tuple(replace(g, name=g.name[len(prefix):], layer=vision_layer_of(g.name))
                    for g in plan.groups if g.name.startswith(prefix) and g.origin in ("base", "adapter"))
@@ -101,7 +101,7 @@ def vision_saves(plan: Plan, t: TrainingSettings) -> VisionSaves:
     loss (traced without the reference cycle a saved-tensor hook returning its tensor makes, see
     measure.tracer). Under gradient checkpointing (transformers checkpoints CLIP's encoder layers as well)
     each layer whose forward saves keeps its input instead (torch.utils.checkpoint non-reentrant: the
-    inputs stay with the saved tensors' frame), and seed 001's block adapter, a forward hook outside the
+    inputs stay with the saved tensors' frame), and the block adapter, a forward hook outside the
     checkpointed forward, saves as it does without checkpointing (its autocast weight copies are then both
     saved and in autocast's cache).
 

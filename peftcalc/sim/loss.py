@@ -19,7 +19,7 @@ __all__ = [
 class LossBuffers:
     """Bytes of the loss at its two moments: the end of the forward (the logits, their fp32 copy and
     what cross-entropy saves) and the start of backward (the saved log-softmax output and the two
-    dense gradients); the loss and backward's seed are two scalars alive through the backward."""
+    dense gradients); the loss and the backward's ones_like(loss) gradient are two scalars alive through the backward."""
 
     saved: int  # what the loss saves at the end of the forward
     saved_backward: int  # what is still saved at the start-of-backward peak
@@ -38,7 +38,7 @@ def loss_buffers(spec: ModelSpec, ctx: Ctx, logits_numel: int) -> LossBuffers:
     log_softmax_backward a second gradient while the saved output is still alive: 3 x 4 bytes per
     logit. The model's own logits in the compute dtype are alive during the forward loss computation.
     Masked LM (BertForMaskedLM: CrossEntropyLoss on the logits as they are): the same without upcast
-    (the labels are the harness's input tensor). The loss and the seed torch.autograd.backward creates
+    (the labels are the harness's input tensor). The loss and the initial gradient torch.autograd.backward creates
     (torch/csrc/autograd/autograd.cpp _make_grads: ones_like(loss)) are scalars in the loss dtype.
     A bare encoder's loss (measure.run forward_loss: last_hidden_state.float().pow(2).mean()) is fp32.
     The forward's peak is nll_loss_forward's return (aten nll_loss_forward: the loss and total_weight,

@@ -40,7 +40,7 @@ class ActivationProfile:
     forward_transient_saved: int = 0  # block activations already saved when that working set peaks
     autocast_weight_cache: int = 0  # autocast's copies of trainable matmul weights, alive to the end of forward
     model_output: int = 0  # the base model's last hidden state while the loss runs, when nothing saves it
-    loss_scalars: int = 0  # the loss and backward's seed, alive through the backward
+    loss_scalars: int = 0  # the loss and backward's ones_like(loss) gradient, alive through the backward
     embedding_grad: int = 0  # the embedding output's gradient, alive while the embeddings' parameters get theirs
     head_backward: BackwardPeak = BackwardPeak()  # the peak inside the head's backward (peftcalc.backward)
     forward_block_saved: int = 0  # saved bytes at the largest peak inside a block's forward (the blocks

@@ -10,7 +10,7 @@ from peftcalc.spec import load_spec
 def test_settings_record_resolves_the_default_adapter_kind():
     """MethodSettings.adapter_kind defaults to None; rows record the kind it means, so the keys of rows
     written when the default was "houlsby" stay what they were (a committed tiny-llama row's key), and a
-    VLM's --method adapter records seed 001's block adapter."""
+    VLM's --method adapter records the block adapter."""
     config = {**load_matrix("ci")["models"]["tiny-llama"], "_name_or_path": "tiny-llama"}
     t = TrainingSettings(batch_size=2, seq_len=32, precision="fp32", device="cpu")
     record = settings_record(load_spec(config), MethodSettings("full"), t, "cpu", 2)

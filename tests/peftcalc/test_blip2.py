@@ -216,7 +216,7 @@ def test_harness_runs_a_tiny_blip2_step(precision, nbytes):
     layers of 32 with 8 queries, 2 OPT layers of 64), --method qformer: measure.setup.make_batch gives it pixel
     values and the 8 image_token_index placeholders before the text, the step runs and is traced; the traced
     parameter bytes are the layout's total, and the predicted peak is the traced one, to the byte (fp32: the last
-    8 bytes were the loss and backward's seed scalars; bf16, ci.jsonl row b755c265ccc76500: 1,344,564 traced, it
+    8 bytes were the loss and the backward's ones_like(loss) gradient scalars; bf16, ci.jsonl row b755c265ccc76500: 1,344,564 traced, it
     was 1,336 bytes more before torch's CPU LayerNorm was counted with bf16 mean and rstd, as it returns them,
     then 64 more until the Q-Former layernorm's were too)."""
     from measure.run import measure_one

@@ -100,7 +100,7 @@ def test_upcast_weights_and_fp32_logits_on_a_real_shape():
     QLoRA model; the logits come out of the fp32 lm_head, so ForCausalLMLoss's .float() copies nothing:
     at the start of backward 3 x 4 bytes per logit either way, less the bf16 logits the forward had: the
     log-softmax output cross-entropy saves (counted with the saved activations, as the tracer splits them)
-    and the two gradients, plus the loss and backward's seed scalars (2 x 4 bytes)."""
+    and the two gradients, plus the loss and the backward's ones_like(loss) gradient scalars (2 x 4 bytes)."""
     plain = estimate("llama-3.2-1b", method="qlora", prepare_kbit=False, seq_len=512, device="cpu").memory
     prepared = estimate("llama-3.2-1b", method="qlora", prepare_kbit=True, seq_len=512, device="cpu").memory
     upcast = (128256 * 2048 + 33 * 2048) * 2

@@ -56,7 +56,7 @@ def test_llava_parameter_names_equal_named_parameters(model_name):
 
 def test_llava_7b_published_figures():
     """7,063,427,072 parameters (llava-hf/llava-1.5-7b-hf); the projector is 1024x4096 + 4096 +
-    4096x4096 + 4096 = 20,979,712 (the seed's "21M"); LoRA r=8 on the language model's q_proj/v_proj
+    4096x4096 + 4096 = 20,979,712 (the "~21M" usually quoted); LoRA r=8 on the language model's q_proj/v_proj
     is Llama-2-7B's 4,194,304 plus the projector's trainable copy."""
     spec = load_spec("llava-1.5-7b")
     projector = 1024 * 4096 + 4096 + 4096 * 4096 + 4096
@@ -212,11 +212,11 @@ def test_llava_7b_unfrozen_vision_layers_peak_matches_fake_trace():
     assert row["predicted"]["peak_bytes"] == pytest.approx(row["measured"]["peak_bytes"], rel=1e-5)
 
 
-# -- --method adapter on a VLM: seed 001's AdaptedVisionEncoder ------------------------------------------
+# -- --method adapter on a VLM: block adapters after each vision layer ---------------------------------------
 
 
 def test_llava_adapter_counts_by_hand():
-    """Seed 001's block adapter on CLIP ViT-L (hidden 1024, bottleneck 256): down_proj 1024 x 256 + 256,
+    """The block adapter on CLIP ViT-L (hidden 1024, bottleneck 256): down_proj 1024 x 256 + 256,
     up_proj 256 x 1024 + 1024, LayerNorm 2 x 1024 = 527,616, after each of the 23 layers the projector
     reads (vision_feature_layer -2 of 24); the projector (20,979,712 on 7B, 31,467,520 on 13B) trains too,
     the rest is frozen. Houlsby (bottleneck 1024 / 16 = 64): 2 x 1024 x 64 + 64 + 1024 = 132,160, two per layer."""
@@ -250,7 +250,7 @@ def test_llava_adapter_parameter_names_equal_named_parameters(settings):
 def test_adapter_kind_and_bottleneck_checks():
     with pytest.raises(InputError, match="vision-language"):
         make_plan(load_spec("llama-2-7b"), MethodSettings("adapter", adapter_kind="block"))
-    with pytest.raises(InputError, match=r"hidden size 32, got 256 \(seed 001's default"):
+    with pytest.raises(InputError, match=r"hidden size 32, got 256 \(the block adapter's default"):
         make_plan(load_spec(TINY), MethodSettings("adapter"))
     with pytest.raises(InputError, match="vision tower's hidden size 1024, got 2048"):
         make_plan(load_spec("llava-1.5-7b"), MethodSettings("adapter", bottleneck=2048))
@@ -302,7 +302,7 @@ def test_llava_adapter_peak_matches_cpu_trace(kind, precision, checkpointing):
     ("bf16", False, 17_716_435_540), ("bf16", True, 14_856_496_424), ("amp-bf16", False, 45_914_213_984),
 ])
 def test_llava_7b_adapter_peak_matches_fake_trace(precision, checkpointing, measured):
-    """The real llava-1.5-7b with seed 001's adapters (bottleneck 256) after vision layers 0-22, one step of
+    """The real llava-1.5-7b with block adapters (bottleneck 256) after vision layers 0-22, one step of
     64 text + 576 image tokens at batch 1 on fake tensors: the measured peaks (steady-state step, start of
     backward) are written here; predicted within 0.001% (bf16: 147,452 bytes over, amp-bf16: 5,136 under)."""
     from measure.run import measure_one
@@ -318,7 +318,7 @@ def test_llava_7b_adapter_peak_matches_fake_trace(precision, checkpointing, meas
 
 
 def test_llava_adapter_flops_by_hand():
-    """Beyond stage 1 (projector), seed 001's adapters add, at batch 1 (577 vision tokens): 23 adapters of
+    """Beyond stage 1 (projector), block adapters add, at batch 1 (577 vision tokens): 23 adapters of
     two 1024 x 256 matmuls (f = 2 x 1024 x 256 x 577 each) forward; backward for both weights and, except the
     lowest adapter's down_proj, both inputs (91 f); and the input-gradient backward of vision layers 1-22:
     2 x (4 x 1024^2 + 2 x 1024 x 4096) x 577 matmul FLOPs plus 4 x 577^2 x 1024 attention FLOPs each."""
