@@ -56,7 +56,7 @@ def registry_estimates():
     from peftcalc import estimate
     from peftcalc.errors import InputError
     from peftcalc.methods import methods_for
-    from peftcalc.spec import load_spec, registry_names
+    from peftcalc.config import load_spec, registry_names
 
     ckpts = ({}, {"grad_checkpointing": True}, {"grad_checkpointing": True, "checkpoint_every": 2,
                                                  "checkpoint_reentrant": True})

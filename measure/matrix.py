@@ -54,7 +54,8 @@ from measure.setup import check_run
 from peftcalc.errors import InputError, read_text
 from peftcalc.methods import MethodSettings, normalize_targets
 from peftcalc.settings import TrainingSettings
-from peftcalc.spec import ModelSpec, load_spec
+from peftcalc.config import load_spec
+from peftcalc.spec import ModelSpec
 
 __all__ = [
     "BOOL_KEYS", "INT_KEYS", "MATRICES_DIR", "METHOD_KEYS", "ROW_KEYS", "ROW_TIMEOUT_S", "RUN_DEFAULTS",

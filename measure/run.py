@@ -36,7 +36,8 @@ from measure.record import environment, predict, row_key, settings_record
 from measure.setup import LOSSES, build_for_device, check_run, precision_policy
 from peftcalc.methods import PEFT_METHODS, MethodSettings
 from peftcalc.settings import TrainingSettings
-from peftcalc.spec import ModelSpec, load_spec
+from peftcalc.config import load_spec
+from peftcalc.spec import ModelSpec
 
 __all__ = ["classify_failure", "execute", "free_memory", "measure_one", "save_trainable"]
 

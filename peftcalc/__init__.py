@@ -4,6 +4,7 @@ Importing this package never imports torch or transformers.
 """
 
 __version__ = "0.1.0"
+__all__ = ["Estimate", "estimate", "sweep"]
 
 
 def __getattr__(name):

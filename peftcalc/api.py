@@ -19,17 +19,13 @@ from peftcalc.hardware import (
     peak_tflops,
     step_flops,
 )
-from peftcalc.memory import (
-    ALLOCATOR_SLACK_FRACTION,
-    CUDA_CONTEXT_BYTES,
-    model_states,
-    reserved_bytes,
-    timeline,
-)
+from peftcalc.memory import ALLOCATOR_SLACK_FRACTION, CUDA_CONTEXT_BYTES, reserved_bytes, timeline
+from peftcalc.model_states import model_states
 from peftcalc.methods import (MethodSettings, Plan, check_combination, make_plan, methods_for, normalize_targets, prepare_kbit_default,
                               resolve_adapter_kind)
 from peftcalc.settings import TrainingSettings, check_training
-from peftcalc.spec import ModelSpec, load_spec
+from peftcalc.config import load_spec
+from peftcalc.spec import ModelSpec
 from peftcalc.storage import full_model_bytes, storage
 
 DEFAULT_MODEL = "llama-3.1-8b"
@@ -121,7 +117,7 @@ def default_method(spec: ModelSpec) -> str:
     return "lora" if "lora" in methods else methods[0]
 
 
-def _method_settings(method: str, **kw) -> MethodSettings:
+def method_settings(method: str, **kw) -> MethodSettings:
     kw = {k: v for k, v in kw.items() if v is not None}
     kw.setdefault("prepare_kbit", prepare_kbit_default(method))
     if "targets" in kw:
@@ -129,7 +125,7 @@ def _method_settings(method: str, **kw) -> MethodSettings:
     return MethodSettings(method=method, **kw)
 
 
-def _resolved(spec: ModelSpec, settings: MethodSettings) -> MethodSettings:
+def resolved_settings(spec: ModelSpec, settings: MethodSettings) -> MethodSettings:
     """The settings with the adapter kind a default means for this model (methods.resolve_adapter_kind)."""
     return replace(settings, adapter_kind=resolve_adapter_kind(spec, settings))
 
@@ -215,11 +211,11 @@ def estimate(
     (methods.prepare_kbit_default: on for qlora)."""
     spec = load_spec(model)
     method = method or default_method(spec)
-    settings = _method_settings(method, rank=rank, alpha=alpha, targets=targets, dora=dora, double_quant=double_quant,
+    settings = method_settings(method, rank=rank, alpha=alpha, targets=targets, dora=dora, double_quant=double_quant,
                                 bottleneck=bottleneck, adapter_kind=adapter_kind,
                                 num_virtual_tokens=num_virtual_tokens, trainable_layers=trainable_layers,
                                 vision_layers=vision_layers, prepare_kbit=prepare_kbit)
-    settings = _resolved(spec, settings)
+    settings = resolved_settings(spec, settings)
     t = TrainingSettings(batch_size=batch_size, seq_len=seq_len, precision=precision, optimizer=optimizer,
                          grad_checkpointing=grad_checkpointing, attention=attention, device=device,
                          checkpoint_every=checkpoint_every, checkpoint_reentrant=checkpoint_reentrant)
@@ -335,7 +331,7 @@ def sweep(model: str | ModelSpec | dict = DEFAULT_MODEL, **grid):
 
 
 # Methods whose memory reads MethodSettings.rank: their planner (methods.plan_lora) sizes the LoRA
-# matrices with it, and the simulator (activations: `lora_rank=s.rank if ... lt.lora`, the head's LoRA
+# matrices with it, and the simulator (methods.sites.BlockSites.linear: `lora_rank=s.rank if name in lt.lora`, the head's LoRA
 # targets) and the FLOPs (hardware.step_flops: `plan.targets if method in ("lora", "qlora")`) read it for
 # LoRA layers only; compare.py drops it for the other methods too.
 RANK_METHODS = ("lora", "qlora")
@@ -355,7 +351,7 @@ def _sweep_row(spec: ModelSpec, kw: dict, memo: dict | None = None) -> dict:
     thousands of configurations take seconds. `memo` (one sweep's): the figures of each distinct
     (settings as _memory_key has them, training settings), computed once."""
     method_kw = {k: kw[k] for k in METHOD_FIELDS if k in kw and k != "method"}
-    settings = _method_settings(kw.get("method") or default_method(spec), **method_kw)
+    settings = method_settings(kw.get("method") or default_method(spec), **method_kw)
     t = TrainingSettings(**{k: kw[k] for k in TRAINING_FIELDS if k in kw})
     check_training(t)
     plan = make_plan(spec, settings)
@@ -390,7 +386,7 @@ def _sweep_figures(plan: Plan, t: TrainingSettings) -> dict:
 def plan_for(model, method: str | None = None, **method_kw) -> Plan:
     """The parameter plan alone (used by the harness and reports; `method`: default_method when None)."""
     spec = load_spec(model)
-    return make_plan(spec, _method_settings(method or default_method(spec), **method_kw))
+    return make_plan(spec, method_settings(method or default_method(spec), **method_kw))
 
 
 __all__ = ["estimate", "sweep", "Estimate", "plan_for", "model_states"]

@@ -44,6 +44,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import NamedTuple
 
+__all__ = ["BackwardPeak", "GRAD", "Node", "Replay", "run_backward", "run_backward_both"]
+
 GRAD = "g"  # a program's name for the incoming gradient
 
 

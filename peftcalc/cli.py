@@ -10,6 +10,8 @@ import typer
 
 from peftcalc.errors import InputError
 
+__all__ = ["app", "main"]
+
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
@@ -155,7 +157,7 @@ def crossover(
 def models(format: str = FORMAT) -> None:
     """The built-in model registry, with the config each entry came from."""
     from peftcalc.families import build_layout
-    from peftcalc.spec import load_spec, registry_names
+    from peftcalc.config import load_spec, registry_names
 
     _check_format(format)
     rows = []
@@ -226,12 +228,12 @@ def measure(
     _check_format(format)
     from measure.record import to_json_line
     from measure.run import measure_one
-    from peftcalc.api import _method_settings, default_method
+    from peftcalc.api import method_settings, default_method
     from peftcalc.settings import TrainingSettings
-    from peftcalc.spec import load_spec
+    from peftcalc.config import load_spec
 
     spec = load_spec(model)
-    settings = _method_settings(method or default_method(spec), rank=rank, alpha=alpha, targets=targets, dora=dora,
+    settings = method_settings(method or default_method(spec), rank=rank, alpha=alpha, targets=targets, dora=dora,
                                 double_quant=double_quant, bottleneck=bottleneck, adapter_kind=adapter_kind,
                                 num_virtual_tokens=num_virtual_tokens, trainable_layers=trainable_layers,
                                 prepare_kbit=prepare_kbit)
@@ -348,7 +350,7 @@ def _int_list(text: str, flag: str) -> list[int]:
 def _echo_rows(rows: list[dict], fmt: str) -> None:
     import json
 
-    from peftcalc.format import rows_to_csv, rows_to_markdown, _table
+    from peftcalc.format import rows_to_csv, rows_to_markdown, text_table
 
     if fmt == "json":
         typer.echo(json.dumps(rows, indent=2))
@@ -358,7 +360,7 @@ def _echo_rows(rows: list[dict], fmt: str) -> None:
         typer.echo(rows_to_markdown(rows))
     else:
         keys = list(rows[0])
-        typer.echo(_table([[_fmt_cell(r[k]) for k in keys] for r in rows], keys, "l" * len(keys)))
+        typer.echo(text_table([[_fmt_cell(r[k]) for k in keys] for r in rows], keys, "l" * len(keys)))
 
 
 def _fmt_cell(v) -> str:

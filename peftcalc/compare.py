@@ -5,7 +5,9 @@ from __future__ import annotations
 from peftcalc.api import estimate
 from peftcalc.errors import InputError
 from peftcalc.methods import methods_for
-from peftcalc.spec import load_spec
+from peftcalc.config import load_spec
+
+__all__ = ["compare_methods", "render_compare"]
 
 
 def compare_methods(model, **kw) -> list[dict]:
@@ -41,7 +43,7 @@ def compare_methods(model, **kw) -> list[dict]:
 def render_compare(rows: list[dict], fmt: str) -> str:
     import json
 
-    from peftcalc.format import _table, gib, human_bytes, rows_to_csv, rows_to_markdown
+    from peftcalc.format import text_table, gib, human_bytes, rows_to_csv, rows_to_markdown
 
     if fmt == "json":
         return json.dumps(rows, indent=2)
@@ -59,4 +61,4 @@ def render_compare(rows: list[dict], fmt: str) -> str:
                       r["peak_phase"], gib(r["reserved_bytes"]), r["smallest_gpu"], cost,
                       human_bytes(r["storage_per_task_bytes"])])
     header = ["method", "trainable", "%", "peak", "phase", "nvidia-smi", "smallest GPU", "epoch cost", "per task"]
-    return _table(table, header, "lrrrlrlrr" + "l")
+    return text_table(table, header, "lrrrlrlrr" + "l")

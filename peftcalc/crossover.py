@@ -21,6 +21,8 @@ from peftcalc.memory import COMPONENTS, timeline
 from peftcalc.methods import check_combination, make_plan, max_seq_len
 from peftcalc.settings import TrainingSettings, check_training
 
+__all__ = ["AXES", "crossover", "crossover_sentence", "first_crossing", "render_crossover", "scan_points"]
+
 AXES = {"seq-len": "seq_len", "seq_len": "seq_len", "batch-size": "batch_size", "batch_size": "batch_size"}
 
 
@@ -74,8 +76,8 @@ def crossover(model, method: str = "lora", against: str = "full", over: str = "s
     """Where `method`'s predicted peak first reaches `against`'s as `over` (seq-len or batch-size) grows,
     the other training settings fixed (`training`: TrainingSettings fields; `method_kw`: the method's
     settings, e.g. rank=64, targets='all-linear'; `against` takes its defaults)."""
-    from peftcalc.api import _method_settings, _resolved, default_method
-    from peftcalc.spec import load_spec
+    from peftcalc.api import method_settings, resolved_settings, default_method
+    from peftcalc.config import load_spec
 
     axis = AXES.get(over)
     if axis is None:
@@ -86,8 +88,8 @@ def crossover(model, method: str = "lora", against: str = "full", over: str = "s
         raise InputError(f"--method and --against are both '{method}'; compare two different methods")
     base = TrainingSettings(**(training or {}))
     check_training(base)
-    plan_m = make_plan(spec, _resolved(spec, _method_settings(method, **method_kw)))
-    plan_a = make_plan(spec, _resolved(spec, _method_settings(against)))
+    plan_m = make_plan(spec, resolved_settings(spec, method_settings(method, **method_kw)))
+    plan_a = make_plan(spec, resolved_settings(spec, method_settings(against)))
     if limit is None and axis == "seq_len":  # up to the positions a model with learned ones has
         limit = max_seq_len(spec, plan_m.settings) or 131_072
     limit = limit or 1024
@@ -131,7 +133,7 @@ def crossover_sentence(r: dict) -> str:
 def render_crossover(r: dict, fmt: str) -> str:
     import json
 
-    from peftcalc.format import COMPONENT_LABELS, _table, gib, human_bytes, rows_to_csv, rows_to_markdown
+    from peftcalc.format import COMPONENT_LABELS, text_table, gib, human_bytes, rows_to_csv, rows_to_markdown
 
     if fmt == "json":
         return json.dumps(r, indent=2)
@@ -141,7 +143,7 @@ def render_crossover(r: dict, fmt: str) -> str:
     lines = [crossover_sentence(r)]
     if fmt == "markdown":
         return "\n\n".join([lines[0], rows_to_markdown(scan)])
-    lines += ["", _table([[f"{s[r['over']]:,}", human_bytes(s['method_minus_against_bytes'])] for s in scan],
+    lines += ["", text_table([[f"{s[r['over']]:,}", human_bytes(s['method_minus_against_bytes'])] for s in scan],
                          [r["over"].replace("_", " "), f"{r['method']} - {r['against']} peak"])]
     if "at" in r:
         at = r["at"]
@@ -150,5 +152,5 @@ def render_crossover(r: dict, fmt: str) -> str:
         rows.append(["peak", gib(at["method_peak_bytes"]), gib(at["against_peak_bytes"]),
                      gib(at["method_peak_bytes"] - at["against_peak_bytes"])])
         lines += ["", f"At {r['over'].replace('_', ' ')} {at[r['over']]:,}, at each method's peak:",
-                  _table(rows, ["", r["method"], r["against"], "difference"], "lrrr")]
+                  text_table(rows, ["", r["method"], r["against"], "difference"], "lrrr")]
     return "\n".join(lines)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+__all__ = ["CombinationError", "InputError", "read_text"]
+
 
 class InputError(ValueError):
     """Bad input from the user: an unknown model, an impossible setting, a malformed config."""

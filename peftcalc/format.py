@@ -8,6 +8,10 @@ import json
 
 from peftcalc.memory import COMPONENTS
 
+__all__ = ["COMPONENT_LABELS", "GIB", "estimate_flat", "gib", "hours", "human_bytes", "method_summary",
+           "render_estimate", "render_estimate_markdown", "render_estimate_text", "rows_to_csv",
+           "rows_to_markdown", "text_table", "training_summary"]
+
 GIB = 1024**3
 COMPONENT_LABELS = {
     "weights_frozen": "weights (frozen)",
@@ -41,7 +45,7 @@ def hours(h: float) -> str:
     return f"{h:,.2f} h"
 
 
-def _table(rows: list[list[str]], header: list[str] | None = None, align: str | None = None) -> str:
+def text_table(rows: list[list[str]], header: list[str] | None = None, align: str | None = None) -> str:
     all_rows = ([header] if header else []) + rows
     widths = [max(len(r[i]) for r in all_rows) for i in range(len(all_rows[0]))]
     align = align or "l" + "r" * (len(widths) - 1)
@@ -102,14 +106,14 @@ def render_estimate_text(e) -> str:
     rows.append(["+ allocator slack", gib(e.memory.overhead["allocator_slack"])])
     rows.append(["+ CUDA context", gib(e.memory.overhead["cuda_context"])])
     rows.append(["GPU memory needed (nvidia-smi)", gib(e.memory.reserved_bytes)])
-    out.append(_table(rows, ["Memory at the peak", ""]))
+    out.append(text_table(rows, ["Memory at the peak", ""]))
     out.append("")
     gpu_rows = []
     for g in e.gpus:
         gpu_rows.append([g.name, gib(g.memory_bytes), "yes" if g.fits else "no", gib(g.headroom_bytes),
                          str(g.max_batch_size), f"{g.step_seconds:,.3f} s", hours(g.epoch_hours),
                          f"${g.epoch_cost_usd:,.2f}"])
-    out.append(_table(gpu_rows, ["GPU", "memory", "fits", "headroom", "max batch", "step", "epoch", "epoch cost"]))
+    out.append(text_table(gpu_rows, ["GPU", "memory", "fits", "headroom", "max batch", "step", "epoch", "epoch cost"]))
     out.append("")
     if e.cost:
         c = e.cost

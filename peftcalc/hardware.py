@@ -18,6 +18,9 @@ from peftcalc.plan import Plan
 from peftcalc.settings import TrainingSettings
 from peftcalc.sim.llava import vision_plan
 
+__all__ = ["DEFAULT_MFU", "GPU", "GPUS_FILE", "MIB", "StepFlops", "find_gpu", "gpu_catalog", "max_batch_size",
+           "peak_tflops", "step_flops"]
+
 GPUS_FILE = Path(__file__).parent / "data" / "gpus.json"
 MIB = 1024**2
 DEFAULT_MFU = 0.35  # model FLOPs utilisation of a single-GPU HF fine-tuning run (typical 0.3-0.45)
@@ -230,7 +233,7 @@ def _vision_tower_flops(plan: Plan, t: TrainingSettings) -> StepFlops:
     trainable layer that backward runs through the whole layer when its own weights train
     (--unfreeze-vision-layers), through fc1 and fc2 behind a Houlsby attention adapter, and nowhere for an
     adapter at the layer's end (Pfeiffer, or the block adapter). Under gradient checkpointing the
-    tower's input needs a gradient (enable_input_require_grads: activations._vision_input_grad_saves), so
+    tower's input needs a gradient (enable_input_require_grads: sim.llava._vision_input_grad_saves), so
     every layer the projector reads runs backward and each it wraps (peftcalc.checkpointing) is recomputed
     once."""
     v = plan.spec.vision

@@ -9,19 +9,20 @@ step; the steady-state step is what the estimate reports.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import lru_cache
-from math import ceil
 
 from peftcalc.activations import ActivationProfile, activation_profile
 from peftcalc.families import build_layout
 from peftcalc.families.blip2 import blip2_image_tokens
 from peftcalc.families.llava import VISION_TOWER
+from peftcalc.model_states import ModelStates, buffer_bytes, gradient_free, group_dtype, model_states
 from peftcalc.plan import Plan
 from peftcalc.settings import DTYPE_BYTES, TrainingSettings
-from peftcalc.sim.head import quantized_paths
-from peftcalc.sim.profile import make_ctx
-from peftcalc.spec import kept_in_fp32
+from peftcalc.sim.profile import stream_dtypes
+
+__all__ = ["ALLOCATOR_SLACK_FRACTION", "COMPONENTS", "CUDA_CONTEXT_BYTES", "GradientArrival", "Timeline",
+           "gradient_arrival", "input_bytes", "peak_event", "reserved_bytes", "timeline"]
 
 
 # Names of the components, in display order.
@@ -37,204 +38,9 @@ COMPONENTS = (
     "inputs",
 )
 
-# bitsandbytes Optimizer8bit.__init__ (optim_bits=8) -> fill_qmap: create_dynamic_map(signed=True) and
-# (signed=False), 256 fp32 values each, shared by every 8-bit state (state['qmap1'], state['qmap2']).
-BNB_QUANTIZATION_MAPS = 2 * 256 * 4
-
 # What max_memory_allocated does not see but nvidia-smi does (sources in the functions below).
 CUDA_CONTEXT_BYTES = 500 * 1024**2  # CUDA context + kernels with lazy loading (typical on H100, torch 2.x)
 ALLOCATOR_SLACK_FRACTION = 0.05  # reserved / allocated of the caching allocator in steady training
-
-
-def nf4_bytes(numel: int, double_quant: bool) -> int:
-    """Bytes of one NF4-quantized weight (bitsandbytes functional.quantize_4bit, blocksize 64):
-    two 4-bit codes per byte, one absmax per 64 values: fp32 (0.5 bit/param), or with double
-    quantization an 8-bit absmax plus one fp32 second-level scale per 256 blocks
-    (Dettmers et al. 2023, QLoRA, section 3: 4 + 8/64 + 32/(64*256) = 4.127 bits per parameter).
-    Each QuantState also holds its code table (16 fp32 NF4 levels) and, double-quantized, the
-    nested state's 256-entry fp32 code and fp32 offset (bitsandbytes functional.QuantState)."""
-    blocks = ceil(numel / 64)
-    codes = ceil(numel / 2)
-    nf4_code = 16 * 4
-    if not double_quant:
-        return codes + 4 * blocks + nf4_code
-    return codes + blocks + 4 * ceil(blocks / 256) + 4 + nf4_code + 256 * 4
-
-
-def buffer_bytes(spec) -> int:
-    """The model's registered buffers (what ``model.buffers()`` holds besides the parameters):
-    LlamaRotaryEmbedding (also Mistral, Qwen2) registers ``inv_freq`` and ``original_inv_freq``,
-    head_dim / 2 fp32 values each, kept fp32 whatever the model's dtype (transformers 5.x
-    modeling_rope_utils computes them with ``.float()``); BertEmbeddings / RobertaEmbeddings register
-    ``position_ids`` and ``token_type_ids``, (1, max_position_embeddings) int64 each;
-    CLIPVisionEmbeddings registers ``position_ids``, (1, patches + 1) int64. GPT-2 and ViT register
-    none. A LLaVA model has its vision tower's and its language model's."""
-    if spec.is_vlm:
-        return buffer_bytes(spec.vision) + buffer_bytes(spec.text)
-    if spec.model_type in ("llama", "mistral", "qwen2"):
-        return 2 * (spec.head_dim // 2) * 4
-    if spec.model_type in ("bert", "roberta"):
-        return 2 * spec.max_positions * 8
-    if spec.model_type == "clip_vision_model":
-        return spec.vision_seq_len * 8
-    return 0
-
-
-@lru_cache(maxsize=1024)
-def gradient_free(plan: Plan) -> frozenset:
-    """Names of trainable parameters the step's loss never reaches: they get no .grad and so no
-    optimizer state (torch's and transformers' optimizers skip a parameter whose grad is None). A bare
-    encoder is trained on last_hidden_state (measure.run forward_loss), which neither the pooler
-    (BertModel/ViTModel `pooler.dense`) nor CLIP's post_layernorm (CLIPVisionTransformer applies it to
-    the pooled token only) feeds."""
-    spec = plan.spec
-    if spec.task != "base":
-        return frozenset()
-    layout = build_layout(spec)
-    unused = [m.path for m in layout.modules if m.role == "pooler"]
-    if spec.model_type == "clip_vision_model" and layout.final_norm_path:
-        unused.append(layout.final_norm_path)
-    return frozenset(g.name for g in plan.groups if g.trainable and any(g.name.startswith(p + ".") for p in unused))
-
-
-def group_dtype(plan: Plan, origin: str, ctx_weight: str, name: str = "") -> str:
-    """Storage dtype of a parameter by origin: base weights in the policy's weight dtype, except those
-    from_pretrained keeps in fp32 (spec.kept_in_fp32: BLIP-2's Q-Former and query tokens under fp16);
-    peft's adapters (LoRA, DoRA, IA3) in fp32 (peft autocast_adapter_dtype=True upcasts bf16/fp16
-    adapters); the prompt encoders in fp32 (created as nn.Embedding and never cast); bottleneck
-    adapters and the modules_to_save copy in the base dtype."""
-    if origin in ("lora", "dora", "ia3", "prefix", "prompt"):
-        return "float32"
-    if origin == "base" and kept_in_fp32(plan.spec, name, ctx_weight):
-        return "float32"
-    return ctx_weight
-
-
-@dataclass(frozen=True)
-class ModelStates:
-    weights_frozen: int
-    weights_trainable: int
-    gradients: int
-    optimizer_states: int
-    optimizer_temporaries: int
-    largest_trainable_tensor: int
-    optimizer_maps: int = 0  # tensors the optimizer makes at construction (bitsandbytes' quantization maps)
-    maps_in_state: bool = False  # whether optimizer.state references them (an 8-bit state exists)
-
-
-def _adafactor_state_numel(shape: tuple) -> int:
-    """transformers Adafactor._init: exp_avg_sq_row of shape[:-1] and exp_avg_sq_col of
-    shape[:-2] + shape[-1:] for tensors of two or more dimensions, exp_avg_sq like a vector."""
-    if len(shape) < 2:
-        return shape[0]
-    lead = 1
-    for d in shape[:-2]:
-        lead *= d
-    return lead * shape[-2] + lead * shape[-1]
-
-
-def _scalar_state_bytes(t: TrainingSettings) -> int:
-    """0-dim state tensors per parameter: AdamW's 'step' (float32; kept on the CPU unless capturable
-    or fused, so it reaches only CPU memory), Adafactor's 'RMS' (on the parameter's device: 4 bytes,
-    a 512-byte block in CUDA's caching allocator)."""
-    if t.optimizer == "adamw":
-        return 4 if t.device == "cpu" else 0
-    if t.optimizer == "adafactor":
-        return 4 if t.device == "cpu" else 512
-    return 0
-
-
-def _optimizer_state_bytes(numel: int, dtype: str, optimizer: str) -> int:
-    """Per-tensor optimizer state.
-    adamw: exp_avg and exp_avg_sq like the parameter (torch/optim/adamw.py _init_group; the 'step'
-      counter is a CPU tensor unless capturable/fused, so it never reaches CUDA memory).
-    sgd (momentum): one momentum_buffer like the parameter (torch/optim/sgd.py).
-    adamw-8bit: bitsandbytes Optimizer2State: uint8 state1/state2 plus one fp32 absmax per 256
-      values each, for tensors of at least 4096 elements; smaller tensors keep fp32 states.
-    adafactor (transformers.optimization.Adafactor, beta1=None): a factored second moment
-      (row and column vectors) for matrices, a full one for vectors, in fp32 (handled in
-      model_states, which knows the shapes)."""
-    b = DTYPE_BYTES[dtype]
-    if optimizer == "adamw":
-        return 2 * numel * b
-    if optimizer == "sgd":
-        return numel * b
-    if optimizer == "adamw-8bit":
-        if numel < 4096:
-            return 2 * numel * 4
-        return 2 * (numel + 4 * ceil(numel / 256))
-    raise ValueError(optimizer)
-
-
-def model_states(plan: Plan, t: TrainingSettings) -> ModelStates:
-    """Weights, gradients and optimizer state of every parameter, and the optimizer step's temporaries."""
-    return _model_states(plan, replace(t, batch_size=1, seq_len=1, grad_checkpointing=False, attention="sdpa",
-                                       checkpoint_every=1, checkpoint_reentrant=False))
-
-
-@lru_cache(maxsize=4096)
-def _model_states(plan: Plan, t: TrainingSettings) -> ModelStates:
-    ctx = make_ctx(plan.spec, plan, t)
-    frozen = trainable = grads = states = 0
-    group_bytes: dict[str, int] = {}
-    largest = 0
-    adamw_cpu_temp = prev = 0  # torch's single-tensor AdamW: see _optimizer_temporaries
-    adafactor_temp = 0  # transformers Adafactor.step, one parameter at a time: the fp32 update twice
-    # (grad**2 + eps, then the factored approximation; later update and -update), plus the fp32
-    # copies of a bf16/fp16 gradient and parameter; for a factored (2-d or more) tensor
-    # _approx_sq_grad's row factor (row / row.mean()).rsqrt_() and column factor col.rsqrt() too
-    eight_bit_state = False  # a tensor's bitsandbytes 8-bit state references the quantization maps
-    quantized_modules = quantized_paths(plan)
-    for g in plan.groups:
-        dtype = group_dtype(plan, g.origin, ctx.weight, g.name)
-        if g.name.rsplit(".", 1)[0] in quantized_modules:
-            # the bias of a Linear4bit ends up in bnb_4bit_compute_dtype whatever it was loaded or upcast
-            # to: Linear4bit.forward runs ``bias.data = bias.data.to(x.dtype)`` after casting x to the
-            # compute dtype (bitsandbytes nn/modules.py), so a bias prepare_model_for_kbit_training made
-            # fp32 is bf16 again after the first forward
-            dtype = t.compute_dtype
-        if g.quantized:
-            nbytes = nf4_bytes(g.numel, plan.settings.double_quant)
-        else:
-            nbytes = g.numel * DTYPE_BYTES[dtype]
-        if not g.trainable:
-            frozen += nbytes
-            continue
-        trainable += nbytes
-        if g.name in gradient_free(plan):
-            continue
-        grads += nbytes
-        shape = g.shape
-        states += _scalar_state_bytes(t)
-        if t.optimizer == "adafactor":  # states follow the fp32 upcast gradient
-            states += _adafactor_state_numel(shape or (g.numel,)) * 4
-        else:
-            states += _optimizer_state_bytes(g.numel, dtype, t.optimizer)
-        group_bytes[dtype] = group_bytes.get(dtype, 0) + nbytes
-        largest = max(largest, nbytes)
-        adamw_cpu_temp, prev = max(adamw_cpu_temp, 2 * nbytes + prev), nbytes
-        factors = _adafactor_state_numel(shape) * 4 if shape and len(shape) >= 2 else 0
-        adafactor_temp = max(adafactor_temp, g.numel * 4 * (2 if dtype == "float32" else 4) + factors)
-        eight_bit_state = eight_bit_state or g.numel >= 4096
-    temps = adafactor_temp if t.optimizer == "adafactor" else _optimizer_temporaries(t, group_bytes, adamw_cpu_temp)
-    maps = BNB_QUANTIZATION_MAPS if t.optimizer == "adamw-8bit" else 0
-    return ModelStates(frozen, trainable, grads, states, temps, largest, maps, eight_bit_state)
-
-
-def _optimizer_temporaries(t: TrainingSettings, group_bytes: dict, single_tensor: int) -> int:
-    """Peak extra bytes inside optimizer.step().
-    adamw on CUDA takes the foreach path (torch/optim/adamw.py _multi_tensor_adamw): torch._foreach_sqrt
-      of all exp_avg_sq of one (device, dtype) group is allocated at once: the largest group's bytes.
-    adamw on CPU (and fake) takes the single-tensor path (torch/optim/adam.py _single_tensor_adam), one
-      parameter at a time in the parameters' order: denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt)
-      holds the sqrt and the quotient while `denom` still refers to the previous parameter's: the
-      largest 2 x a parameter + its predecessor (`single_tensor`, from model_states).
-    sgd updates in place; adamw-8bit runs one fused kernel in place (adafactor: see model_states)."""
-    if t.optimizer == "adamw":
-        if t.device == "cuda":
-            return max(group_bytes.values(), default=0)
-        return single_tensor
-    return 0
 
 
 @dataclass(frozen=True)
@@ -262,18 +68,18 @@ def _components(parts: dict) -> tuple:
 
 def input_bytes(plan: Plan, t: TrainingSettings) -> int:
     """input_ids and labels (int64), or pixel_values in the weight dtype and int64 labels
-    (measure.run.make_batch)."""
+    (measure.setup.make_batch)."""
     spec = plan.spec
     if spec.is_vlm or spec.model_type == "blip-2":
         # input_ids (= labels) over text + image tokens (BLIP-2: the num_query_tokens placeholders), pixel_values
         # in the weight dtype
-        ctx = make_ctx(spec, plan, t)
+        weight_dtype = stream_dtypes(plan, t)[0]
         image_tokens = spec.image_tokens if spec.is_vlm else blip2_image_tokens(spec)
         ids = t.batch_size * (t.seq_len + image_tokens) * 8
-        return ids + t.batch_size * spec.num_channels * spec.image_size**2 * DTYPE_BYTES[ctx.weight]
+        return ids + t.batch_size * spec.num_channels * spec.image_size**2 * DTYPE_BYTES[weight_dtype]
     if spec.is_vision:
-        ctx = make_ctx(spec, plan, t)
-        pixels = t.batch_size * spec.num_channels * spec.image_size**2 * DTYPE_BYTES[ctx.weight]
+        weight_dtype = stream_dtypes(plan, t)[0]
+        pixels = t.batch_size * spec.num_channels * spec.image_size**2 * DTYPE_BYTES[weight_dtype]
         return pixels + (8 * t.batch_size if spec.task == "image_cls" else 0)
     ids = t.batch_size * t.seq_len * 8
     # the harness passes labels=input_ids for a causal LM (one tensor), a masked copy for MLM
@@ -317,7 +123,7 @@ def gradient_arrival(plan: Plan, t: TrainingSettings) -> GradientArrival:
 @lru_cache(maxsize=4096)
 def _gradient_arrival(plan: Plan, precision: str) -> GradientArrival:
     layout = build_layout(plan.spec)
-    ctx = make_ctx(plan.spec, plan, TrainingSettings(precision=precision))
+    weight_dtype = stream_dtypes(plan, TrainingSettings(precision=precision))[0]
     # the input side: embeddings, and a VLM's projector and vision tower (below the language model)
     input_prefixes = tuple(m.path for m in layout.modules if m.role in ("embed", "projector", "vision"))
     if plan.spec.is_vlm:  # and the adapters on its encoder layers' outputs (methods.vision_adapter_sites)
@@ -330,7 +136,7 @@ def _gradient_arrival(plan: Plan, precision: str) -> GradientArrival:
     for g in plan.groups:
         if not g.trainable or g.name in gradient_free(plan):
             continue
-        nbytes = g.numel * DTYPE_BYTES[group_dtype(plan, g.origin, ctx.weight, g.name)]
+        nbytes = g.numel * DTYPE_BYTES[group_dtype(plan, g.origin, weight_dtype, g.name)]
         if g.layer is not None:
             per[g.layer] += nbytes
         elif g.origin in ("prefix", "prompt") or any(_under(g.name, p) for p in input_prefixes):
@@ -356,7 +162,7 @@ def _embedding_norm(m) -> bool:
 
 def peak_event(events: list) -> tuple:
     """The largest event; on a tie the earliest one (events are in step order), the rule the harness
-    uses too (measure.run TracerMeter keeps a later phase's peak only when it is strictly larger,
+    uses too (measure.loop TracerMeter keeps a later phase's peak only when it is strictly larger,
     CudaMeter takes the first of equal phase peaks), so an exact tie names the same phase on both sides."""
     return max(events, key=lambda e: e[1])
 
@@ -460,7 +266,7 @@ def _forward_block_event(act: ActivationProfile, base: dict, wrapped: tuple, ckp
     set (ActivationProfile.forward_transient, on the checkpoints' inputs), without it the peak inside the
     block whose forward, on what the blocks below saved, is largest (forward_block_*); when only some
     blocks are checkpointed, the larger of the two, forward_block_* then being the unwrapped blocks'
-    peak on what the blocks below keep (activations._mixed_blocks); on a tie the checkpointed one."""
+    peak on what the blocks below keep (sim.blocks._mixed_blocks); on a tie the checkpointed one."""
     checkpointed = dict(base, activations=act.pre + act.forward_checkpoint_inputs,
                         temporaries=act.forward_transient - act.forward_checkpoint_inputs)
     unwrapped = dict(base, activations=act.forward_block_saved, temporaries=act.forward_block_live)
@@ -518,7 +324,7 @@ def _checkpointed_backward(plan: Plan, act: ActivationProfile, grads: GradientAr
 
 def _checkpoint_peak(act: ActivationProfile, i: int, reentrant: bool):
     """The peak of checkpointed block i's backward: non-reentrant, the replay of its
-    activations.BlockSimulation (checkpointed_backward); reentrant, activations._reentrant_block's."""
+    sim.blocks.BlockSimulation (checkpointed_backward); reentrant, sim.blocks.reentrant_block_peak's."""
     return act.reentrant_backward[i] if reentrant else act.blocks[i].checkpointed_backward
 
 
@@ -548,7 +354,7 @@ def _cls_token_gradient_storage(plan: Plan, t: TrainingSettings) -> int:
                   and g.name not in gradient_free(plan)), None)
     if group is None:
         return 0
-    nbytes = DTYPE_BYTES[group_dtype(plan, group.origin, make_ctx(spec, plan, t).weight, group.name)]
+    nbytes = DTYPE_BYTES[group_dtype(plan, group.origin, stream_dtypes(plan, t)[0], group.name)]
     return (spec.vision_seq_len - 1) * spec.hidden_size * nbytes
 
 
@@ -608,8 +414,8 @@ def _tied_embedding_accumulation(plan: Plan, t: TrainingSettings) -> int:
     temporaries alive with it for a moment."""
     if not (build_layout(plan.spec).head_tied_to_embedding and plan.embedding_trains):
         return 0
-    ctx = make_ctx(plan.spec, plan, t)
-    return 2 * plan.spec.vocab_size * plan.spec.hidden_size * DTYPE_BYTES[ctx.weight]
+    weight_dtype = stream_dtypes(plan, t)[0]
+    return 2 * plan.spec.vocab_size * plan.spec.hidden_size * DTYPE_BYTES[weight_dtype]
 
 
 def reserved_bytes(peak_allocated: int) -> int:

@@ -4,7 +4,7 @@ tensor of the trained model) and Plan (all of them, with the facts the memory mo
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from peftcalc.spec import ModelSpec
 
@@ -58,7 +58,6 @@ class Plan:
     targets: tuple[str, ...] = ()  # module paths that got a LoRA/IA3 layer
     lowest_trainable_layer: int | None = None  # None: nothing inside the blocks trains
     embedding_trains: bool = False
-    extra: dict = field(default_factory=dict, compare=False, hash=False)
 
     @property
     def total(self) -> int:

@@ -9,6 +9,9 @@ from dataclasses import dataclass
 
 from peftcalc.errors import CombinationError, InputError
 
+__all__ = ["ATTENTIONS", "DEVICES", "DTYPE_BYTES", "OPTIMIZERS", "PRECISIONS", "TrainingSettings",
+           "check_training"]
+
 # Precision policies: (storage dtype of the base weights, autocast compute dtype or None).
 #   fp32      everything fp32
 #   bf16      weights, activations, gradients and optimizer states of base parameters in bf16;

@@ -15,7 +15,10 @@ from peftcalc.families import build_layout
 from peftcalc.methods import PEFT_METHODS
 from peftcalc.plan import Plan
 from peftcalc.settings import DTYPE_BYTES
-from peftcalc.spec import kept_in_fp32
+from peftcalc.families import kept_in_fp32
+
+__all__ = ["SAFETENSORS_DTYPE", "Storage", "adapter_tensors", "full_model_bytes", "safetensors_size", "storage",
+           "stored_dtype"]
 
 SAFETENSORS_DTYPE = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
 
@@ -77,7 +80,7 @@ class Storage:
 
 def stored_dtype(plan: Plan, name: str, weight_dtype: str) -> str:
     """The dtype a base parameter is saved in: the one it was loaded in, the weight dtype except where
-    from_pretrained keeps it in fp32 (spec.kept_in_fp32: BLIP-2's Q-Former and query tokens under fp16);
+    from_pretrained keeps it in fp32 (families.kept_in_fp32: BLIP-2's Q-Former and query tokens under fp16);
     save_pretrained and safetensors' save_file write tensors as they are."""
     return "float32" if kept_in_fp32(plan.spec, name, weight_dtype) else weight_dtype
 

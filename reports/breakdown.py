@@ -12,7 +12,7 @@ from peftcalc import estimate
 from peftcalc.errors import InputError
 from peftcalc.hardware import gpu_catalog
 from peftcalc.methods import METHODS
-from peftcalc.spec import load_spec
+from peftcalc.config import load_spec
 
 GIB = 1024**3
 # Stacked components: name -> the calculator's components it sums (overhead also takes what

@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from peftcalc.errors import InputError
-from peftcalc.spec import ModelSpec, load_spec, registry_names, spec_from_config
+from peftcalc.config import load_spec, registry_names, spec_from_config
+from peftcalc.spec import ModelSpec
 
 REPO = Path(__file__).resolve().parent.parent
 MATRICES_DIR = REPO / "measure" / "matrices"

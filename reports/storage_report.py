@@ -12,7 +12,7 @@ import math
 
 from peftcalc.errors import InputError
 from peftcalc.methods import METHODS, MethodSettings, make_plan
-from peftcalc.spec import load_spec
+from peftcalc.config import load_spec
 from peftcalc.storage import storage
 
 # The claims the storage section checks: (claim, where it comes from). Both are the common PEFT

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from peftcalc import estimate
 from peftcalc.errors import InputError
 from peftcalc.methods import methods_for
-from peftcalc.spec import load_spec
+from peftcalc.config import load_spec
 
 # The two public sources: footnotes [1] and [2] of the table (columns "claim [1]" and "claim [2]").
 METHOD_TABLE = 'Inferensys glossary "Trainable Parameters"'

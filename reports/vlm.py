@@ -30,7 +30,7 @@ Rows (all from ``peftcalc.estimate`` / ``plan_for``):
 from __future__ import annotations
 
 from peftcalc.api import estimate, plan_for
-from peftcalc.memory import model_states
+from peftcalc.model_states import model_states
 from peftcalc.settings import TrainingSettings
 
 MODEL = "llava-1.5-7b"

@@ -4,6 +4,8 @@ of a spec and the dropout probabilities its config sets. Adding a family: see fa
 
 from __future__ import annotations
 
+import re
+
 from functools import lru_cache
 
 from peftcalc.families.bert import BERT, ROBERTA
@@ -18,8 +20,11 @@ from peftcalc.layout import Layout
 from peftcalc.spec import ModelSpec
 
 __all__ = [
+    "ARCHITECTURE_TASKS",
+    "KEEP_IN_FP32_MODULES",
+    "SUPPORTED_MODEL_TYPES",
+    "kept_in_fp32",
     "FAMILIES",
-    "annotations",
     "build_layout",
     "dropout_p",
     "family",
@@ -44,3 +49,27 @@ def build_layout(spec: ModelSpec) -> Layout:
 def dropout_p(spec: ModelSpec, where: str) -> float:
     """The dropout probability the model applies at `where` ('embd', 'attn', 'resid'; Family.dropout)."""
     return config_dropout(spec, {spec.model_type: FAMILIES[spec.model_type].dropout}, where)
+
+
+# The model types a config may name (peftcalc.config.spec_from_config), in the order users see them.
+SUPPORTED_MODEL_TYPES = tuple(t for t, f in FAMILIES.items() if f.read_config is not None)
+# Which task each model class (a config's `architectures`) means, over every family.
+ARCHITECTURE_TASKS = {arch: task for f in FAMILIES.values() for arch, task in f.architectures.items()}
+# The modules each model class keeps in fp32 when loaded in half precision (Family.keep_in_fp32).
+KEEP_IN_FP32_MODULES = {arch: kept for f in FAMILIES.values() for arch, kept in f.keep_in_fp32.items()}
+
+
+def kept_in_fp32(spec: ModelSpec, name: str, weight_dtype: str) -> bool:
+    """Whether from_pretrained(..., dtype=weight_dtype) loads the parameter `name` in fp32: its class's
+    keep-in-fp32 patterns for that dtype (Family.keep_in_fp32: (_keep_in_fp32_modules,
+    _keep_in_fp32_modules_strict) of the transformers class, 5.23; PreTrainedModel.post_init gathers both from
+    the submodels). from_pretrained applies the first only for dtype=float16, the second for float16 and
+    bfloat16 (modeling_utils.py PreTrainedModel._get_dtype_plan), matched the way transformers 5.x
+    core_model_loading.py convert_and_load_state_dict_in_model does, ``build_glob_alternation(...).search`` on
+    the state-dict key (a substring search, '*' a wildcard). Every other class has neither
+    (tests/measure/test_build.py checks this against transformers)."""
+    if weight_dtype not in ("float16", "bfloat16"):
+        return False
+    modules, strict = KEEP_IN_FP32_MODULES.get(spec.architecture, ((), ()))
+    patterns = strict + (modules if weight_dtype == "float16" else ())
+    return any(re.search(p.replace("*", ".*"), name) for p in patterns)

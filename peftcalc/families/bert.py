@@ -9,14 +9,16 @@ from peftcalc.layout import Layout, Module, linear_module, norm_module
 from peftcalc.ops.attention import attention, math_path
 from peftcalc.ops.nonlinear import activation
 from peftcalc.ops.norms import layer_norm
-from peftcalc.ops.recorder import Recorder, T, first_node_since
+from peftcalc.ops.recorder import Recorder, SymTensor, first_node_since
 from peftcalc.ops.tensor_ops import add, dropout, heads_view
-from peftcalc.spec import ModelSpec
+from peftcalc.spec import ModelSpec, divided, encoder_sizes, require_int
 
 __all__ = [
     "BERT",
+    "DROPOUT",
     "ROBERTA",
     "bert_block",
+    "bert_config",
     "bert_layout",
     "mlm_decoder_bias",
 ]
@@ -80,7 +82,7 @@ def bert_layout(spec: ModelSpec) -> Layout:
     return Layout(tuple(mods), f"{base}encoder.layer", f"{e}.word_embeddings", head, out_emb, tied, None)
 
 
-def bert_block(rec: Recorder, spec: ModelSpec, sites, x: T) -> T:
+def bert_block(rec: Recorder, spec: ModelSpec, sites, x: SymTensor) -> SymTensor:
     """BertLayer / RobertaLayer: post-LayerNorm; dropout after attention output and FFN output. The
     forward frees q, k, v when BertSelfAttention returns, the attention output when BertAttention
     does, the intermediate output and the attention block's output when the layer returns (traced)."""
@@ -128,6 +130,27 @@ def mlm_decoder_bias(spec: ModelSpec, layout: Layout) -> str:
     return f"{c}.bias" if f"{c}.bias" in names else f"{c}.decoder.bias"
 
 
+def bert_config(config: dict, common: dict, where: str, read_part=None) -> ModelSpec:
+    """BertConfig, RobertaConfig: learned positions (max_position_embeddings), token types."""
+    hidden, heads, layers, intermediate = encoder_sizes(config, where)
+    return ModelSpec(
+        hidden_size=hidden,
+        num_layers=layers,
+        num_heads=heads,
+        num_kv_heads=heads,
+        head_dim=divided(hidden, heads, "hidden_size", "num_attention_heads", where),
+        intermediate_size=intermediate,
+        vocab_size=require_int(config, "vocab_size", where),
+        max_positions=require_int(config, "max_position_embeddings", where),
+        type_vocab_size=int(config.get("type_vocab_size", 2)),
+        tie_embeddings=bool(config.get("tie_word_embeddings", True)),
+        attention_bias=True,
+        mlp_bias=True,
+        hidden_act=config.get("hidden_act", "gelu"),
+        **common,
+    )
+
+
 # Dropout probabilities during training, from the transformers config defaults.
 DROPOUT = {
     "bert": {"embd": ("hidden_dropout_prob", 0.1), "attn": ("attention_probs_dropout_prob", 0.1),
@@ -138,7 +161,12 @@ DROPOUT = {
 
 BERT = Family("bert", "https://github.com/huggingface/transformers/blob/main/src/transformers/models/bert/modeling_bert.py",
               bert_layout, bert_block, DROPOUT["bert"], ("query", "value"), ("key", "value", "output.dense"),
-              ("output.dense",), learned_positions=True)
+              ("output.dense",), learned_positions=True,
+              architectures={"BertForMaskedLM": "masked_lm", "BertForSequenceClassification": "seq_cls", "BertModel": "base"},
+              default_task="masked_lm", read_config=bert_config)
 ROBERTA = Family("roberta", "https://github.com/huggingface/transformers/blob/main/src/transformers/models/roberta/modeling_roberta.py",
                  bert_layout, bert_block, DROPOUT["roberta"], ("query", "value"), ("key", "value", "output.dense"),
-                 ("output.dense",), learned_positions=True)
+                 ("output.dense",), learned_positions=True,
+                 architectures={"RobertaForMaskedLM": "masked_lm", "RobertaForSequenceClassification": "seq_cls",
+                                "RobertaModel": "base"},
+                 default_task="masked_lm", read_config=bert_config)

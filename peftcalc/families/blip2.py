@@ -7,23 +7,29 @@ from __future__ import annotations
 from dataclasses import replace
 from functools import lru_cache
 
+from peftcalc.errors import InputError
 from peftcalc.families.record import Family, config_dropout
 from peftcalc.layout import Layout, Module, linear_module, norm_module
 from peftcalc.ops.attention import attention
 from peftcalc.ops.linear import linear
 from peftcalc.ops.nonlinear import activation
 from peftcalc.ops.norms import layer_norm
-from peftcalc.ops.recorder import Recorder, T
+from peftcalc.ops.recorder import Recorder, SymTensor
 from peftcalc.ops.tensor_ops import dropout
-from peftcalc.spec import ModelSpec
+from peftcalc.spec import ModelSpec, check_divisible
 
 __all__ = [
     "BLIP2",
     "BLIP2_QFORMER",
+    "BLIP2_QFORMER_DEFAULTS",
     "BLIP2_VISION",
+    "BLIP2_VISION_DEFAULTS",
+    "DROPOUT",
     "LANGUAGE_PROJECTION",
+    "OPT_DEFAULTS",
     "QFORMER",
     "QUERY_TOKENS",
+    "blip2_config",
     "blip2_image_tokens",
     "blip2_layout",
     "blip2_parts",
@@ -154,8 +160,8 @@ def blip2_vision_tokens(spec: ModelSpec) -> int:
     return (spec.image_size // spec.patch_size) ** 2 + 1
 
 
-def qformer_attention(rec: Recorder, qspec: ModelSpec, trains: frozenset, path: str, x: T, kv: T, kv_in: int,
-                      kv_tokens: int) -> T:
+def qformer_attention(rec: Recorder, qspec: ModelSpec, trains: frozenset, path: str, x: SymTensor, kv: SymTensor, kv_in: int,
+                      kv_tokens: int) -> SymTensor:
     """Blip2QFormerAttention: query/key/value Linears (keys and values from `kv`: the hidden states, or the
     image features in a cross-attention), attention with attention_probs_dropout_prob (Blip2QFormer-
     MultiHeadAttention), then Blip2QFormerSelfOutput: dense, dropout, LayerNorm(dense + input). Post-LayerNorm
@@ -170,11 +176,11 @@ def qformer_attention(rec: Recorder, qspec: ModelSpec, trains: frozenset, path: 
     rec.ctx = ctx
     o = qformer_linear(rec, trains, a, hq, hq, f"{path}.output.dense")
     o = dropout(rec, o, config_dropout(qspec, DROPOUT, "resid"), f"{path}.output.dropout")
-    s = rec.new(x.numel, o.dtype if ctx.autocast is None else x.dtype, x.rg or o.rg)
+    s = rec.new(x.numel, o.dtype if ctx.autocast is None else x.dtype, x.requires_grad or o.requires_grad)
     return layer_norm(rec, s, f"{path}.output.LayerNorm" in trains, hq, f"{path}.output.LayerNorm")
 
 
-def qformer_layer(rec: Recorder, spec: ModelSpec, trains: frozenset, i: int, x: T, image: T) -> T:
+def qformer_layer(rec: Recorder, spec: ModelSpec, trains: frozenset, i: int, x: SymTensor, image: SymTensor) -> SymTensor:
     """Blip2QFormerLayer.forward with query_length = the whole sequence (no text input): self-attention,
     the cross-attention to the image features in layers i % cross_attention_frequency == 0, then
     feed_forward_chunk_query: intermediate_query (dense, activation), output_query (dense, dropout,
@@ -191,13 +197,65 @@ def qformer_layer(rec: Recorder, spec: ModelSpec, trains: frozenset, i: int, x: 
     f = activation(rec, f, qspec.hidden_act, f"{p}.intermediate_query.intermediate_act_fn")
     d = qformer_linear(rec, trains, f, iq, hq, f"{p}.output_query.dense")
     d = dropout(rec, d, config_dropout(qspec, DROPOUT, "resid"), f"{p}.output_query.dropout")
-    s = rec.new(x.numel, d.dtype if ctx.autocast is None else x.dtype, x.rg or d.rg)
+    s = rec.new(x.numel, d.dtype if ctx.autocast is None else x.dtype, x.requires_grad or d.requires_grad)
     return layer_norm(rec, s, f"{p}.output_query.LayerNorm" in trains, hq, f"{p}.output_query.LayerNorm")
 
 
-def qformer_linear(rec: Recorder, trains: frozenset, x: T, in_f: int, out_f: int, path: str) -> T:
+def qformer_linear(rec: Recorder, trains: frozenset, x: SymTensor, in_f: int, out_f: int, path: str) -> SymTensor:
     weight, bias = f"{path}.weight" in trains, f"{path}.bias" in trains
     return linear(rec, x, in_f, out_f, weight, path, bias=True, bias_trains=bias)
+
+
+# The transformers 5.x defaults of the BLIP-2 sub-configs (Blip2VisionConfig, Blip2QFormerConfig, OPTConfig).
+BLIP2_VISION_DEFAULTS = {"hidden_size": 1408, "intermediate_size": 6144, "num_hidden_layers": 39,
+                         "num_attention_heads": 16, "image_size": 224, "patch_size": 14, "num_channels": 3,
+                         "qkv_bias": True}
+BLIP2_QFORMER_DEFAULTS = {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
+                          "intermediate_size": 3072, "cross_attention_frequency": 2, "use_qformer_text_input": False}
+OPT_DEFAULTS = {"hidden_size": 768, "ffn_dim": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
+                "vocab_size": 50272, "max_position_embeddings": 2048, "do_layer_norm_before": True,
+                "enable_bias": True, "layer_norm_elementwise_affine": True, "tie_word_embeddings": True}
+
+
+def blip2_config(config: dict, common: dict, where: str, read_part=None) -> ModelSpec:
+    """Blip2Config (transformers models/blip_2/configuration_blip_2.py): `vision_config` (the EVA ViT-g
+    tower), `qformer_config` (the Q-Former, whose encoder_hidden_size Blip2Config sets to the vision
+    width), `num_query_tokens`, `text_config` (an OPT decoder). The spec's scalar fields are OPT's; the
+    tower and Q-Former sizes go in `blip2` (families.blip2.blip2_parts makes specs of the three parts).
+    The shapes the layout cannot mirror exactly (OPT's project_in/out, a Q-Former with text input, an
+    encoder-decoder language model) are refused."""
+    subs = {}
+    for key, mt, defaults in (("vision_config", "blip_2_vision_model", BLIP2_VISION_DEFAULTS),
+                              ("qformer_config", "blip_2_qformer", BLIP2_QFORMER_DEFAULTS),
+                              ("text_config", "opt", OPT_DEFAULTS)):
+        sub = config.get(key) or {}
+        if not isinstance(sub, dict) or sub.get("model_type", mt) != mt:
+            raise InputError(f"{where}: {key} must be a {mt} config object; got model_type "
+                             f"{sub.get('model_type') if isinstance(sub, dict) else sub!r}")
+        subs[key] = {k: sub.get(k, v) for k, v in defaults.items()}
+    v, q, t = subs["vision_config"], subs["qformer_config"], subs["text_config"]
+    if not config.get("use_decoder_only_language_model", True):
+        raise InputError(f"{where}: BLIP-2 with an encoder-decoder language model (T5) is not supported; OPT only")
+    if q["use_qformer_text_input"]:
+        raise InputError(f"{where}: a Q-Former with text input (use_qformer_text_input) is not supported")
+    word_dim = (config.get("text_config") or {}).get("word_embed_proj_dim") or t["hidden_size"]  # OPTConfig's default
+    if word_dim != t["hidden_size"] or not t["do_layer_norm_before"] or not t["enable_bias"] \
+            or not t["layer_norm_elementwise_affine"]:
+        raise InputError(f"{where}: OPT with word_embed_proj_dim != hidden_size, post-LayerNorm, no biases or "
+                         "non-affine LayerNorms is not supported")
+    if not bool(config.get("tie_word_embeddings", t["tie_word_embeddings"])):
+        raise InputError(f"{where}: a BLIP-2 OPT with lm_head untied from the input embeddings is not supported")
+    h, heads = int(t["hidden_size"]), int(t["num_attention_heads"])
+    check_divisible(h, heads, "text_config.hidden_size", "num_attention_heads", where)
+    blip2 = tuple(sorted({**{f"vision_{k}": v[k] for k in v}, **{f"qformer_{k}": q[k] for k in q},
+                          "num_query_tokens": int(config.get("num_query_tokens", 32))}.items()))
+    return ModelSpec(
+        hidden_size=h, num_layers=int(t["num_hidden_layers"]), num_heads=heads, num_kv_heads=heads,
+        head_dim=h // heads, intermediate_size=int(t["ffn_dim"]), vocab_size=int(t["vocab_size"]),
+        max_positions=int(t["max_position_embeddings"]), tie_embeddings=True, attention_bias=True, mlp_bias=True,
+        image_size=int(v["image_size"]), patch_size=int(v["patch_size"]), num_channels=int(v["num_channels"]),
+        hidden_act="relu", blip2=blip2, **common,
+    )
 
 
 # Dropout probabilities of BLIP-2's parts (blip2_parts), from their sub-configs: Blip2QFormerConfig (BERT's
@@ -209,6 +267,10 @@ DROPOUT = {
 }
 
 _SOURCE = "https://github.com/huggingface/transformers/blob/main/src/transformers/models/blip_2/modeling_blip_2.py"
-BLIP2 = Family("blip-2", _SOURCE, blip2_layout, None, {}, learned_positions=True)
+BLIP2 = Family("blip-2", _SOURCE, blip2_layout, None, {}, learned_positions=True,
+               architectures={"Blip2ForConditionalGeneration": "image_text_to_text"}, default_task="image_text_to_text",
+               read_config=blip2_config,
+               # modeling_blip_2.py Blip2ForConditionalGeneration._keep_in_fp32_modules
+               keep_in_fp32={"Blip2ForConditionalGeneration": (("query_tokens", "qformer"), ())})
 BLIP2_QFORMER = Family("blip_2_qformer", _SOURCE, None, None, DROPOUT["blip_2_qformer"])
 BLIP2_VISION = Family("blip_2_vision_model", _SOURCE, None, None, DROPOUT["blip_2_vision_model"])

@@ -9,13 +9,15 @@ from peftcalc.layout import Layout, Module, decoder_head, norm_module
 from peftcalc.ops.attention import attention
 from peftcalc.ops.nonlinear import activation
 from peftcalc.ops.norms import layer_norm
-from peftcalc.ops.recorder import Recorder, T
+from peftcalc.ops.recorder import Recorder, SymTensor
 from peftcalc.ops.tensor_ops import add, dropout, heads_view
-from peftcalc.spec import ModelSpec
+from peftcalc.spec import ModelSpec, check_divisible, require_int
 
 __all__ = [
+    "DROPOUT",
     "GPT2",
     "gpt2_block",
+    "gpt2_config",
     "gpt2_layout",
 ]
 
@@ -44,7 +46,7 @@ def gpt2_layout(spec: ModelSpec) -> Layout:
     return Layout(tuple(mods), f"{base}h", f"{base}wte", head, out_emb, tied, f"{base}ln_f")
 
 
-def gpt2_block(rec: Recorder, spec: ModelSpec, sites, x: T) -> T:
+def gpt2_block(rec: Recorder, spec: ModelSpec, sites, x: SymTensor) -> SymTensor:
     """GPT2Block: pre-LayerNorm, fused c_attn (Conv1D) split into q, k, v (views of one storage;
     SplitBackward concatenates their gradients into a new one), gelu_new MLP, dropout on attention and
     residuals. GPT2Block.forward's local attn_output (the attention's resid_dropout output) stays
@@ -84,6 +86,28 @@ def gpt2_block(rec: Recorder, spec: ModelSpec, sites, x: T) -> T:
     return out
 
 
+def gpt2_config(config: dict, common: dict, where: str, read_part=None) -> ModelSpec:
+    """GPT2Config: n_embd, n_head, n_layer, n_inner (default 4 x n_embd), n_positions; Conv1D biases."""
+    hidden = require_int(config, "n_embd", where)
+    heads = require_int(config, "n_head", where)
+    check_divisible(hidden, heads, "n_embd", "n_head", where)
+    return ModelSpec(
+        hidden_size=hidden,
+        num_layers=require_int(config, "n_layer", where),
+        num_heads=heads,
+        num_kv_heads=heads,
+        head_dim=hidden // heads,
+        intermediate_size=config.get("n_inner") or 4 * hidden,
+        vocab_size=require_int(config, "vocab_size", where),
+        max_positions=require_int(config, "n_positions", where),
+        tie_embeddings=bool(config.get("tie_word_embeddings", True)),
+        attention_bias=True,
+        mlp_bias=True,
+        hidden_act=config.get("activation_function", "gelu_new"),
+        **common,
+    )
+
+
 # Dropout probabilities during training, from the transformers config defaults.
 DROPOUT = {
     "gpt2": {"embd": ("embd_pdrop", 0.1), "attn": ("attn_pdrop", 0.1), "resid": ("resid_pdrop", 0.1)},
@@ -91,4 +115,6 @@ DROPOUT = {
 
 GPT2 = Family("gpt2", "https://github.com/huggingface/transformers/blob/main/src/transformers/models/gpt2/modeling_gpt2.py",
               gpt2_layout, gpt2_block, DROPOUT["gpt2"], ("c_attn",), ("c_attn", "mlp.c_proj"), ("mlp.c_proj",),
-              learned_positions=True)
+              learned_positions=True,
+              architectures={"GPT2LMHeadModel": "causal_lm", "GPT2ForSequenceClassification": "seq_cls", "GPT2Model": "base"},
+              default_task="causal_lm", read_config=gpt2_config, decoder=True)

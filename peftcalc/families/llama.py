@@ -4,15 +4,16 @@ models/qwen2/modeling_qwen2.py): pre-RMSNorm decoder blocks with RoPE, GQA and a
 
 from __future__ import annotations
 
+from peftcalc.errors import InputError
 from peftcalc.families.record import Family, config_dropout
 from peftcalc.layout import Layout, Module, decoder_head, linear_module, norm_module
 from peftcalc.ops.attention import attention
 from peftcalc.ops.nonlinear import activation
 from peftcalc.ops.norms import rms_norm
-from peftcalc.ops.recorder import Recorder, T
+from peftcalc.ops.recorder import Recorder, SymTensor
 from peftcalc.ops.rotary import rope
 from peftcalc.ops.tensor_ops import add, heads_view, mul
-from peftcalc.spec import ModelSpec
+from peftcalc.spec import ModelSpec, divided, encoder_sizes, require_int
 
 __all__ = [
     "DROPOUT",
@@ -20,6 +21,7 @@ __all__ = [
     "MISTRAL",
     "QWEN2",
     "llama_block",
+    "llama_config",
     "llama_layout",
 ]
 
@@ -50,7 +52,7 @@ def llama_layout(spec: ModelSpec) -> Layout:
     return Layout(tuple(mods), f"{base}layers", f"{base}embed_tokens", head, out_emb, tied, f"{base}norm")
 
 
-def llama_block(rec: Recorder, spec: ModelSpec, sites, x: T) -> T:
+def llama_block(rec: Recorder, spec: ModelSpec, sites, x: SymTensor) -> SymTensor:
     """LlamaDecoderLayer (also Mistral, Qwen2): pre-RMSNorm attention with RoPE, gated SiLU MLP.
     The forward frees each tensor when modeling_llama.py drops it: the attention's q, k, v at its
     return, the MLP's gate/up/act intermediates as the expression proceeds, the normed inputs when
@@ -89,6 +91,37 @@ def llama_block(rec: Recorder, spec: ModelSpec, sites, x: T) -> T:
     return out
 
 
+def llama_config(config: dict, common: dict, where: str, read_part=None) -> ModelSpec:
+    """LlamaConfig, MistralConfig, Qwen2Config: GQA (num_key_value_heads), an optional head_dim, q/k/v
+    biases in Qwen2 (Qwen2Attention: o_proj has none), attention_bias and mlp_bias in Llama."""
+    model_type = common["model_type"]
+    hidden, heads, layers, intermediate = encoder_sizes(config, where)
+    kv_heads = config.get("num_key_value_heads") or heads
+    head_dim = config.get("head_dim") or divided(hidden, heads, "hidden_size", "num_attention_heads", where)
+    if heads % kv_heads:
+        raise InputError(f"{where}: num_attention_heads ({heads}) must be a multiple of num_key_value_heads ({kv_heads})")
+    if model_type == "qwen2":
+        attention_bias = True  # Qwen2Attention: q/k/v carry biases, o_proj does not
+    elif model_type == "llama":
+        attention_bias = bool(config.get("attention_bias", False))
+    else:
+        attention_bias = False
+    return ModelSpec(
+        hidden_size=hidden,
+        num_layers=layers,
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=head_dim,
+        intermediate_size=intermediate,
+        vocab_size=require_int(config, "vocab_size", where),
+        tie_embeddings=bool(config.get("tie_word_embeddings", False)),
+        attention_bias=attention_bias,
+        mlp_bias=bool(config.get("mlp_bias", False)) if model_type == "llama" else False,
+        hidden_act=config.get("hidden_act", "silu"),
+        **common,
+    )
+
+
 # Dropout probabilities during training, from the transformers config defaults (attention only).
 DROPOUT = {
     "llama": {"attn": ("attention_dropout", 0.0)},
@@ -99,10 +132,16 @@ DROPOUT = {
 # peft 0.21 utils/constants.py TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING and the IA3 mappings
 LLAMA = Family("llama", "https://github.com/huggingface/transformers/blob/main/src/transformers/models/llama/modeling_llama.py",
                llama_layout, llama_block, DROPOUT["llama"], ("q_proj", "v_proj"),
-               ("k_proj", "v_proj", "down_proj"), ("down_proj",))
+               ("k_proj", "v_proj", "down_proj"), ("down_proj",),
+               architectures={"LlamaForCausalLM": "causal_lm", "LlamaForSequenceClassification": "seq_cls", "LlamaModel": "base"},
+               default_task="causal_lm", read_config=llama_config, decoder=True, gated_mlp=True)
 MISTRAL = Family("mistral", "https://github.com/huggingface/transformers/blob/main/src/transformers/models/mistral/modeling_mistral.py",
                  llama_layout, llama_block, DROPOUT["mistral"], ("q_proj", "v_proj"),
-                 ("k_proj", "v_proj", "down_proj"), ("down_proj",))
+                 ("k_proj", "v_proj", "down_proj"), ("down_proj",),
+                 architectures={"MistralForCausalLM": "causal_lm", "MistralForSequenceClassification": "seq_cls", "MistralModel": "base"},
+                 default_task="causal_lm", read_config=llama_config, decoder=True, gated_mlp=True)
 QWEN2 = Family("qwen2", "https://github.com/huggingface/transformers/blob/main/src/transformers/models/qwen2/modeling_qwen2.py",
                llama_layout, llama_block, DROPOUT["qwen2"], ("q_proj", "v_proj"),
-               ("q_proj", "v_proj", "down_proj"), ("down_proj",))
+               ("q_proj", "v_proj", "down_proj"), ("down_proj",),
+               architectures={"Qwen2ForCausalLM": "causal_lm", "Qwen2ForSequenceClassification": "seq_cls", "Qwen2Model": "base"},
+               default_task="causal_lm", read_config=llama_config, decoder=True, gated_mlp=True)

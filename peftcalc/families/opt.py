@@ -7,17 +7,18 @@ from peftcalc.families.record import Family, config_dropout
 from peftcalc.ops.attention import attention, math_path
 from peftcalc.ops.nonlinear import activation
 from peftcalc.ops.norms import layer_norm
-from peftcalc.ops.recorder import Recorder, T
+from peftcalc.ops.recorder import Recorder, SymTensor
 from peftcalc.ops.tensor_ops import add, dropout, heads_view, scale
 from peftcalc.spec import ModelSpec
 
 __all__ = [
+    "DROPOUT",
     "OPT",
     "opt_block",
 ]
 
 
-def opt_block(rec: Recorder, spec: ModelSpec, sites, x: T) -> T:
+def opt_block(rec: Recorder, spec: ModelSpec, sites, x: SymTensor) -> SymTensor:
     """OPTDecoderLayer (transformers models/opt/modeling_opt.py, do_layer_norm_before=True): LayerNorm,
     q_proj(x) * scaling (a multiply by a Python scalar saves nothing), k_proj, v_proj, attention,
     out_proj, dropout, residual; LayerNorm on the (tokens, hidden) reshape, fc1, activation, fc2, dropout,

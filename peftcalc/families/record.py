@@ -29,7 +29,9 @@ class Family:
     4. peft's default target modules (``lora_targets``; ``ia3_targets`` and IA3's feed-forward subset)
        from peft's utils/constants.py mappings;
     5. ``learned_positions``: the model has a learned position table, which limits the sequence length;
-    6. the config keys spec.py reads, and ``source``: the modeling file it mirrors.
+    6. ``read_config``: the config keys and defaults of its transformers configuration class, the model
+       classes (``architectures``) and their tasks, what kind of model it is (decoder, vision, vlm);
+       ``source``: the modeling file it mirrors.
     Then harness rows (measure/matrices/*.toml) hold it to the traced bytes."""
 
     model_type: str
@@ -41,6 +43,19 @@ class Family:
     ia3_targets: tuple = ()
     ia3_feedforward: tuple = ()
     learned_positions: bool = False
+    # reading its config (peftcalc.config.spec_from_config): the model classes of `architectures` and their
+    # task, the task without one, and read_config(config, common fields, where, read_part) -> ModelSpec
+    # (read_part reads a sub-config, for models made of others)
+    architectures: dict = field(default_factory=dict)
+    default_task: str = "base"
+    read_config: Callable | None = None
+    decoder: bool = False  # ModelSpec.is_decoder
+    vision: bool = False  # ModelSpec.is_vision
+    vlm: bool = False  # ModelSpec.is_vlm
+    gated_mlp: bool = False  # ModelSpec.gated_mlp
+    # the modules from_pretrained keeps in fp32 in half precision, per model class: (_keep_in_fp32_modules,
+    # _keep_in_fp32_modules_strict) of the transformers class (see families.kept_in_fp32)
+    keep_in_fp32: dict = field(default_factory=dict)
 
 
 def config_dropout(spec: ModelSpec, tables: dict, where: str) -> float:

@@ -4,20 +4,23 @@ pre-LayerNorm encoder blocks over patch embeddings and a class token.
 
 from __future__ import annotations
 
+from peftcalc.errors import InputError
 from peftcalc.families.record import Family, config_dropout
 from peftcalc.layout import Layout, Module, linear_module, norm_module
 from peftcalc.ops.attention import attention, math_path
 from peftcalc.ops.nonlinear import activation
 from peftcalc.ops.norms import layer_norm
-from peftcalc.ops.recorder import Recorder, T, first_node_since
+from peftcalc.ops.recorder import Recorder, SymTensor, first_node_since
 from peftcalc.ops.tensor_ops import add, heads_view
-from peftcalc.spec import ModelSpec
+from peftcalc.spec import ModelSpec, divided, encoder_sizes, require_int
 
 __all__ = [
     "CLIP_VISION",
+    "DROPOUT",
     "VIT",
     "clip_vision_layout",
     "vision_block",
+    "vision_config",
     "vit_layout",
 ]
 
@@ -85,7 +88,7 @@ def clip_vision_layout(spec: ModelSpec) -> Layout:
     return Layout(tuple(mods), "encoder.layers", f"{e}.patch_embedding", (), None, False, "post_layernorm")
 
 
-def vision_block(rec: Recorder, spec: ModelSpec, sites, x: T) -> T:
+def vision_block(rec: Recorder, spec: ModelSpec, sites, x: SymTensor) -> SymTensor:
     """ViTLayer / CLIPEncoderLayer: pre-LayerNorm attention and MLP (gelu / quick_gelu)."""
     ctx = rec.ctx
     h = spec.hidden_size
@@ -122,6 +125,31 @@ def vision_block(rec: Recorder, spec: ModelSpec, sites, x: T) -> T:
     return sites.after_block(rec, out)  # a VLM vision tower's adapter after the layer (a forward hook)
 
 
+def vision_config(config: dict, common: dict, where: str, read_part=None) -> ModelSpec:
+    """ViTConfig, CLIPVisionConfig: image_size, patch_size, num_channels; ViT's qkv_bias."""
+    model_type = common["model_type"]
+    hidden, heads, layers, intermediate = encoder_sizes(config, where)
+    image = require_int(config, "image_size", where)
+    patch = require_int(config, "patch_size", where)
+    if image % patch:
+        raise InputError(f"{where}: image_size ({image}) must be a multiple of patch_size ({patch})")
+    return ModelSpec(
+        hidden_size=hidden,
+        num_layers=layers,
+        num_heads=heads,
+        num_kv_heads=heads,
+        head_dim=divided(hidden, heads, "hidden_size", "num_attention_heads", where),
+        intermediate_size=intermediate,
+        attention_bias=bool(config.get("qkv_bias", True)) if model_type == "vit" else True,
+        mlp_bias=True,
+        image_size=image,
+        patch_size=patch,
+        num_channels=int(config.get("num_channels", 3)),
+        hidden_act=config.get("hidden_act", "gelu" if model_type == "vit" else "quick_gelu"),
+        **common,
+    )
+
+
 # Dropout probabilities during training, from the transformers config defaults.
 DROPOUT = {
     "vit": {"embd": ("hidden_dropout_prob", 0.0), "attn": ("attention_probs_dropout_prob", 0.0),
@@ -132,8 +160,11 @@ DROPOUT = {
 # peft has no LoRA/IA3 entry for vit (transformers 5 names) or clip_vision_model: peftcalc takes the
 # llama choice (q_proj, v_proj; IA3 on keys, values and the FFN output) and passes it to peft explicitly.
 VIT = Family("vit", "https://github.com/huggingface/transformers/blob/main/src/transformers/models/vit/modeling_vit.py",
-             vit_layout, vision_block, DROPOUT["vit"], ("q_proj", "v_proj"), ("k_proj", "v_proj", "fc2"), ("fc2",))
+             vit_layout, vision_block, DROPOUT["vit"], ("q_proj", "v_proj"), ("k_proj", "v_proj", "fc2"), ("fc2",),
+             architectures={"ViTForImageClassification": "image_cls", "ViTModel": "base"},
+             read_config=vision_config, vision=True)
 CLIP_VISION = Family("clip_vision_model",
                      "https://github.com/huggingface/transformers/blob/main/src/transformers/models/clip/modeling_clip.py",
                      clip_vision_layout, vision_block, DROPOUT["clip_vision_model"], ("q_proj", "v_proj"),
-                     ("k_proj", "v_proj", "fc2"), ("fc2",))
+                     ("k_proj", "v_proj", "fc2"), ("fc2",), architectures={"CLIPVisionModel": "base"},
+                     read_config=vision_config, vision=True)

@@ -57,7 +57,6 @@ __all__ = [
     "adapter_numel",
     "adapter_shapes",
     "adapter_sites",
-    "annotations",
     "check_combination",
     "check_settings",
     "default_trainable_layers",

@@ -13,7 +13,7 @@ from peftcalc.methods.vlm import VISION_LAYERS, vision_layers_used
 from peftcalc.ops.linear import linear
 from peftcalc.ops.nonlinear import activation
 from peftcalc.ops.norms import layer_norm
-from peftcalc.ops.recorder import Recorder, T
+from peftcalc.ops.recorder import Recorder, SymTensor
 from peftcalc.ops.tensor_ops import add, dropout
 from peftcalc.plan import MethodSettings, ParamGroup
 from peftcalc.spec import ModelSpec
@@ -60,7 +60,7 @@ ADAPTER_ATTRIBUTE = "adapter_bottleneck"
 def resolve_adapter_kind(spec: ModelSpec, s: MethodSettings) -> str:
     """The adapter kind a setting means: the one asked for; else the block (post-block) adapter for
     --method adapter on a vision-language model, and houlsby otherwise (the kind of every other method's
-    settings too, where it is unused: measure.run records it so)."""
+    settings too, where it is unused: measure.record records it so)."""
     if s.adapter_kind is not None:
         return s.adapter_kind
     return "block" if spec.is_vlm and s.method == "adapter" else "houlsby"
@@ -144,7 +144,7 @@ def plan_adapter(spec, layout, s):
     return groups
 
 
-def adapter_block(rec: Recorder, x: T, hidden: int, bottleneck: int, tag: str) -> T:
+def adapter_block(rec: Recorder, x: SymTensor, hidden: int, bottleneck: int, tag: str) -> SymTensor:
     """measure.adapters.BottleneckAdapter: x + up(gelu(down(x))), two trainable Linears around a GELU,
     applied by a forward hook to the output projection's output, before the block's dropout."""
     down = linear(rec, x, hidden, bottleneck, True, f"{tag}.adapter.down", bias_trains=True)
@@ -161,7 +161,7 @@ def adapter_block(rec: Recorder, x: T, hidden: int, bottleneck: int, tag: str) -
 BLOCK_ADAPTER_TAG = "block_adapter"
 
 
-def block_adapter(rec: Recorder, x: T, hidden: int, bottleneck: int, p_drop: float) -> T:
+def block_adapter(rec: Recorder, x: SymTensor, hidden: int, bottleneck: int, p_drop: float) -> SymTensor:
     """measure.adapters.BlockAdapter (the block adapter: a Houlsby-style bottleneck with a residual LayerNorm,
     after each encoder layer): layer_norm(x + dropout(up_proj(dropout(gelu(
     down_proj(x)))))), a forward hook on the encoder layer. The trainable Linears save their inputs, GELU

@@ -7,7 +7,7 @@ from peftcalc.errors import InputError
 from peftcalc.families import family
 from peftcalc.layout import LINEAR_KINDS
 from peftcalc.methods.groups import base_groups, head_copy, module_matches, modules_by_path, resolve_targets, shape_numel
-from peftcalc.ops.recorder import Recorder, T
+from peftcalc.ops.recorder import Recorder, SymTensor
 from peftcalc.ops.tensor_ops import cast, mul_node, promote
 from peftcalc.plan import ParamGroup
 from peftcalc.settings import DTYPE_BYTES
@@ -36,23 +36,23 @@ def plan_ia3(spec, layout, s):
     return groups + head_copy(layout, spec), targets
 
 
-def ia3_vector(rec: Recorder, n: int) -> T:
+def ia3_vector(rec: Recorder, n: int) -> SymTensor:
     """peft IA3: ia3_scaling = 1 * ia3_l.flatten(), a new adapter-dtype vector whose gradient
     (grad * 1) becomes the parameter's .grad."""
-    s = rec.new(n, rec.ctx.adapter, True)
-    rec.node(s, [("param", n * DTYPE_BYTES[rec.ctx.adapter])])
+    s = rec.new(n, rec.ctx.adapter_dtype, True)
+    rec.node(s, [("param", n * DTYPE_BYTES[rec.ctx.adapter_dtype])])
     return s
 
 
-def ia3_input(rec: Recorder, x: T, in_f: int, tag: str) -> T:
+def ia3_input(rec: Recorder, x: SymTensor, in_f: int, tag: str) -> SymTensor:
     """peft IA3 Linear.forward, feedforward: (x.to(ia3 dtype) * scaling).to(x dtype), then the frozen
     linear; the mul saves the cast input and the scaling vector (1 * ia3_l.flatten())."""
     s = ia3_vector(rec, in_f)
-    xc = cast(rec, x, rec.ctx.adapter)
+    xc = cast(rec, x, rec.ctx.adapter_dtype)
     saved = [rec.save(xc, f"{tag}.ia3_input")]
-    if xc.rg:  # the scaling vector is saved for the input's gradient only
+    if xc.requires_grad:  # the scaling vector is saved for the input's gradient only
         saved.append(rec.save(s, f"{tag}.ia3_scaling"))
-    y = rec.new(x.numel, rec.ctx.adapter, True)
+    y = rec.new(x.numel, rec.ctx.adapter_dtype, True)
     mul_node(rec, y, xc, s, saved)
     rec.free(s)
     out = cast(rec, y, x.dtype)
@@ -63,12 +63,12 @@ def ia3_input(rec: Recorder, x: T, in_f: int, tag: str) -> T:
     return out
 
 
-def ia3_output(rec: Recorder, out: T, out_f: int, tag: str) -> T:
+def ia3_output(rec: Recorder, out: SymTensor, out_f: int, tag: str) -> SymTensor:
     """peft IA3 Linear.forward on keys/values: (base_layer(x) * scaling).to(result dtype); the product saves
     the base result, and the scaling vector when the base result needs a gradient."""
     s = ia3_vector(rec, out_f)
     saved = [rec.save(out, f"{tag}.ia3_out")]
-    if out.rg:  # the scaling vector is saved for the base result's gradient only
+    if out.requires_grad:  # the scaling vector is saved for the base result's gradient only
         saved.append(rec.save(s, f"{tag}.ia3_scaling"))
     y = rec.new(out.numel, promote(out.dtype, s.dtype), True)
     mul_node(rec, y, out, s, saved)

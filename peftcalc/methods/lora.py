@@ -12,7 +12,7 @@ from peftcalc.layout import LINEAR_KINDS, Layout, Module
 from peftcalc.methods.groups import base_groups, head_copy, modules_by_path, resolve_targets, shape_numel
 from peftcalc.methods.vlm import projector_copy, vision_trains_fn
 from peftcalc.ops.linear import matmul
-from peftcalc.ops.recorder import Recorder, T, input_grads
+from peftcalc.ops.recorder import Recorder, SymTensor, input_grads
 from peftcalc.ops.tensor_ops import add, autocast_in, autocast_weight_copy, cast, clone, mul_node, promote, scale
 from peftcalc.plan import ParamGroup
 from peftcalc.settings import DTYPE_BYTES
@@ -92,8 +92,8 @@ def quantizable(mods: dict[str, Module], param: str, layout: Layout) -> bool:
     return not (m.path == last.path and not last.bias)
 
 
-def lora(rec: Recorder, x: T, base: T, in_f: int, out_f: int, rank: int, dora: bool, bias: bool, tag: str,
-          quantized: bool = False) -> T:
+def lora(rec: Recorder, x: SymTensor, base: SymTensor, in_f: int, out_f: int, rank: int, dora: bool, bias: bool, tag: str,
+          quantized: bool = False) -> SymTensor:
     """peft tuners/lora/layer.py Linear.forward: result + lora_B(lora_A(x.to(lora_A.weight.dtype))) *
     scaling, then .to(the base result's dtype); with DoRA (variants.py DoraLinearVariant.forward) the
     delta is DoraLinearLayer.forward's, whose weight norm (dora_weight_norm) comes before the LoRA
@@ -109,27 +109,27 @@ def lora(rec: Recorder, x: T, base: T, in_f: int, out_f: int, rank: int, dora: b
         rec.free(base)
         base = result
         convert = not (ctx.autocast and ctx.device == "cuda")
-    xc = cast(rec, x, ctx.adapter) if convert else x  # peft _cast_input_dtype: the local x until the layer returns
+    xc = cast(rec, x, ctx.adapter_dtype) if convert else x  # peft _cast_input_dtype: the local x until the layer returns
     norm = dora_weight_norm(rec, in_f, out_f, rank, xc.dtype, tag) if dora else None
     if norm is not None:
         a_copy, b_copy = norm.a_copy, norm.b_copy
     else:
-        a_copy = autocast_weight_copy(rec, in_f * rank, True, ctx.adapter) if ctx.autocast else None
+        a_copy = autocast_weight_copy(rec, in_f * rank, True, ctx.adapter_dtype) if ctx.autocast else None
     xa = autocast_in(rec, xc)
     saved_a = [rec.save(xa, f"{tag}.lora_input")]
-    if a_copy is not None and x.rg:
+    if a_copy is not None and x.requires_grad:
         saved_a.append(rec.save(a_copy, f"{tag}.lora_autocast_weights"))
-    ab = DTYPE_BYTES[ctx.adapter]
-    a = matmul(rec, xa, in_f, rank, True, ctx.autocast or ctx.adapter, saved_a, weight=a_copy,
+    ab = DTYPE_BYTES[ctx.adapter_dtype]
+    a = matmul(rec, xa, in_f, rank, True, ctx.autocast or ctx.adapter_dtype, saved_a, weight=a_copy,
                weight_bytes=in_f * rank * ab)
     if xa is not xc:
         rec.free(xa)
     if norm is None:
-        b_copy = autocast_weight_copy(rec, out_f * rank, True, ctx.adapter) if ctx.autocast else None
+        b_copy = autocast_weight_copy(rec, out_f * rank, True, ctx.adapter_dtype) if ctx.autocast else None
     saved_b = [rec.save(a, f"{tag}.lora_A_out")]
     if b_copy is not None:
         saved_b.append(rec.save(b_copy, f"{tag}.lora_autocast_weights"))
-    lb = matmul(rec, a, rank, out_f, True, ctx.autocast or ctx.adapter, saved_b, weight=b_copy,
+    lb = matmul(rec, a, rank, out_f, True, ctx.autocast or ctx.adapter_dtype, saved_b, weight=b_copy,
                 weight_bytes=out_f * rank * ab)
     rec.free(a)
     if norm is not None:
@@ -164,9 +164,9 @@ class DoraWeightNorm:
     the tensors the lora_weight graph saved (released when the layer returns) and the other locals the
     forward references until it returns."""
 
-    norm: T
-    a_copy: T | None
-    b_copy: T | None
+    norm: SymTensor
+    a_copy: SymTensor | None
+    b_copy: SymTensor | None
     graph_saved: tuple
     held: tuple
 
@@ -184,15 +184,15 @@ def dora_weight_norm(rec: Recorder, in_f: int, out_f: int, rank: int, x_dtype: s
     get_weight_norm: ``weight + scaling * lora_weight`` (out x in each, the product a temporary) and
     ``torch.linalg.norm(weight, dim=1)``, in x's dtype."""
     ctx = rec.ctx
-    low = ctx.autocast or ctx.adapter
-    eye = rec.new(in_f * in_f, ctx.adapter, False)
-    a_copy = autocast_weight_copy(rec, in_f * rank, True, ctx.adapter) if ctx.autocast else None
+    low = ctx.autocast or ctx.adapter_dtype
+    eye = rec.new(in_f * in_f, ctx.adapter_dtype, False)
+    a_copy = autocast_weight_copy(rec, in_f * rank, True, ctx.adapter_dtype) if ctx.autocast else None
     eye_in = rec.new(in_f * in_f, low, False) if low != eye.dtype else eye
     graph_saved = [eye_in]
     rec.save(eye_in, f"{tag}.dora_lora_weight_graph")
     a_eye = rec.new(in_f * rank, low, False)
     graph_saved.append(a_eye)
-    b_copy = autocast_weight_copy(rec, out_f * rank, True, ctx.adapter) if ctx.autocast else None
+    b_copy = autocast_weight_copy(rec, out_f * rank, True, ctx.adapter_dtype) if ctx.autocast else None
     rec.save(a_eye, f"{tag}.dora_lora_weight_graph")
     product = rec.new(in_f * out_f, low, False)
     if eye_in is not eye:
@@ -200,7 +200,7 @@ def dora_weight_norm(rec: Recorder, in_f: int, out_f: int, rank: int, x_dtype: s
     lora_weight = rec.new(in_f * out_f, x_dtype, False) if x_dtype != low else product
     if lora_weight is not product:
         rec.free(product)
-    weight = rec.new(in_f * out_f, x_dtype, False) if ctx.weight != x_dtype else None
+    weight = rec.new(in_f * out_f, x_dtype, False) if ctx.weight_dtype != x_dtype else None
     scaled = rec.new(in_f * out_f, x_dtype, False)
     summed = rec.new(in_f * out_f, x_dtype, False)
     rec.free(scaled)
@@ -210,28 +210,28 @@ def dora_weight_norm(rec: Recorder, in_f: int, out_f: int, rank: int, x_dtype: s
     return DoraWeightNorm(norm, a_copy, b_copy, tuple(graph_saved), held)
 
 
-def dora_output(rec: Recorder, base: T, lora_out: T, wn: T, out_f: int, tokens: int, bias: bool, tag: str) -> T:
+def dora_output(rec: Recorder, base: SymTensor, lora_out: SymTensor, wn: SymTensor, out_f: int, tokens: int, bias: bool, tag: str) -> SymTensor:
     """peft tuners/lora/dora.py DoraLinearLayer.forward: (m/||W+BA|| - 1) * base_result +
     m/||W+BA|| * lora_B(lora_A(x)) * scaling: the muls save the base result (compute dtype), the LoRA
     result, and the vectors ||W+BA|| (`wn`, detached, saved by m/||.||) and m/||.||; m/||.|| - 1 only
     when the base result needs a gradient (x does: the base weight is frozen). base_result - bias when
     the layer has one (under autocast that promotes to fp32)."""
     ctx = rec.ctx
-    vec = ctx.adapter
+    vec = ctx.adapter_dtype
     rec.save(wn, f"{tag}.dora_scale")  # ||W + s BA||, detached
     mns = rec.new(out_f, vec, True)  # magnitude / weight_norm: DivBackward saves the norm
     rec.node(mns, [("param", out_f * DTYPE_BYTES[vec])], saved=[wn.id])
     br = base
     if bias:  # base_result - bias: a new tensor, in fp32 under autocast (the bias is the weight's dtype)
-        br = rec.new(base.numel, promote(base.dtype, ctx.weight), base.rg)
+        br = rec.new(base.numel, promote(base.dtype, ctx.weight_dtype), base.requires_grad)
         if br.dtype == base.dtype:  # SubBackward hands the gradient on
-            rec.node(br, outputs=[(base.id, GRAD)] if base.rg else [])
+            rec.node(br, outputs=[(base.id, GRAD)] if base.requires_grad else [])
         else:  # the engine casts it back to the base result's dtype
             rec.node(br, *input_grads(base))
     m1 = rec.new(out_f, vec, True)  # mag_norm_scale - 1: SubBackward hands the gradient on
     rec.node(m1, outputs=[(mns.id, GRAD)])
     saved1 = [rec.save(br, f"{tag}.dora_base_out")]  # for (m - 1)'s gradient
-    if br.rg:
+    if br.requires_grad:
         saved1.append(rec.save(m1, f"{tag}.dora_scale"))
     p1 = rec.new(tokens * out_f, promote(vec, br.dtype), True)
     mul_node(rec, p1, m1, br, saved1)

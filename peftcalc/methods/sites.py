@@ -14,7 +14,7 @@ from peftcalc.methods.adapter import ADAPTER_ATTRIBUTE, BLOCK_ADAPTER_DROPOUT, a
 from peftcalc.methods.ia3 import ia3_input, ia3_output
 from peftcalc.methods.lora import lora
 from peftcalc.ops.linear import linear
-from peftcalc.ops.recorder import Recorder, T
+from peftcalc.ops.recorder import Recorder, SymTensor
 from peftcalc.plan import Plan
 from peftcalc.spec import ModelSpec
 
@@ -83,7 +83,7 @@ def distinct_layer_trainings(plan: Plan, layout: Layout) -> tuple[tuple[LayerTra
     """The distinct LayerTrainings of the blocks (first-seen order) and each block's index among them:
     run_blocks looks a block's simulation up by that index instead of hashing its LayerTraining."""
     distinct: dict = {}
-    index = tuple(distinct.setdefault(lt, len(distinct)) for lt in layer_trainings(plan, layout))
+    index = tuple(distinct.setdefault(training, len(distinct)) for training in layer_trainings(plan, layout))
     return tuple(distinct), index
 
 
@@ -94,9 +94,9 @@ def block_biases(layout: Layout) -> frozenset:
     return frozenset(m.path[len(prefix):] for m in layout.blocks(0) if m.bias)
 
 
-def site_linear(rec: Recorder, x: T, in_f: int, out_f: int, trainable: bool, tag: str,
+def site_linear(rec: Recorder, x: SymTensor, in_f: int, out_f: int, trainable: bool, tag: str,
                 lora_rank: int = 0, dora: bool = False, ia3: str = "", quantized: bool = False,
-                bias: bool = False, bias_trains: bool = False, grad_pending: bool = False) -> T:
+                bias: bool = False, bias_trains: bool = False, grad_pending: bool = False) -> SymTensor:
     """A Linear with its method's ops around the base layer (ops.linear.linear): peft IA3 on the
     feed-forward input scales x before peft calls the base layer (tuners/ia3/layer.py Linear.forward; the
     scaled input, peft's ``interm``, goes when the layer returns), LoRA/DoRA adds its delta to the base
@@ -124,14 +124,14 @@ class BlockSites:
     plan: Plan
     training: LayerTraining
 
-    def linear(self, rec: Recorder, x: T, name: str, in_f: int, out_f: int) -> T:
+    def linear(self, rec: Recorder, x: SymTensor, name: str, in_f: int, out_f: int) -> SymTensor:
         """The block's Linear `name` (NF4 under QLoRA: methods.lora.quantizable quantizes every block Linear)."""
-        s, lt = self.plan.settings, self.training
-        ia3 = "ff" if name in lt.ia3_ff else ("out" if name in lt.ia3_out else "")
-        return site_linear(rec, x, in_f, out_f, name in lt.trainable, name,
-                           lora_rank=s.rank if name in lt.lora else 0, dora=s.dora and name in lt.lora, ia3=ia3,
+        s, training = self.plan.settings, self.training
+        ia3 = "ff" if name in training.ia3_ff else ("out" if name in training.ia3_out else "")
+        return site_linear(rec, x, in_f, out_f, name in training.trainable, name,
+                           lora_rank=s.rank if name in training.lora else 0, dora=s.dora and name in training.lora, ia3=ia3,
                            quantized=s.method == "qlora", bias=name in block_biases(build_layout(self.plan.spec)),
-                           bias_trains=name in lt.bias_trainable)
+                           bias_trains=name in training.bias_trainable)
 
     def norm_trains(self, norm: str) -> bool:
         """Whether the block's norm `norm` has a parameter that trains."""
@@ -141,7 +141,7 @@ class BlockSites:
         """How many of the block's LayerNorm's parameters (weight, bias) get a gradient."""
         return 1 if norm in self.training.norm_bias_only else 2
 
-    def adapt(self, rec: Recorder, out: T, role: str, tag: str) -> T:
+    def adapt(self, rec: Recorder, out: SymTensor, role: str, tag: str) -> SymTensor:
         """An output projection's output through its bottleneck adapter, where the method put one (a forward
         hook, run before the projection's call returns: its input is still referenced meanwhile, and its own
         output is dropped once the adapter has made its replacement)."""
@@ -151,7 +151,7 @@ class BlockSites:
         rec.free(out)
         return adapted
 
-    def after_block(self, rec: Recorder, out: T) -> T:
+    def after_block(self, rec: Recorder, out: SymTensor) -> SymTensor:
         """The block's output through the adapter a vision-language model's vision tower puts after each
         block (a forward hook of the layer), where the method put one."""
         if "block" not in self.training.adapters:

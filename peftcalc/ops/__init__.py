@@ -8,7 +8,6 @@ call these ops, and the methods (peftcalc.methods) hook their own ops around a L
 from __future__ import annotations
 
 __all__ = [
-    "annotations",
 ]
 
 

@@ -5,8 +5,8 @@ CPU math path, eager attention, GQA's repeat_kv and prefix tuning's cache concat
 from __future__ import annotations
 
 from peftcalc.backward import GRAD
-from peftcalc.ops.context import Ctx
-from peftcalc.ops.recorder import Recorder, T, input_grads
+from peftcalc.ops.context import StepContext
+from peftcalc.ops.recorder import Recorder, SymTensor, input_grads
 from peftcalc.ops.tensor_ops import autocast_in, cast, dropout, promote, scale
 from peftcalc.settings import DTYPE_BYTES
 from peftcalc.spec import ModelSpec
@@ -17,8 +17,8 @@ __all__ = [
 ]
 
 
-def attention(rec: Recorder, spec: ModelSpec, q: T, k: T, v: T, p_drop: float, tag: str, hold: int = 0,
-              cross: bool = False, replaced: tuple = (), fp32_softmax: bool = False) -> T:
+def attention(rec: Recorder, spec: ModelSpec, q: SymTensor, k: SymTensor, v: SymTensor, p_drop: float, tag: str, hold: int = 0,
+              cross: bool = False, replaced: tuple = (), fp32_softmax: bool = False) -> SymTensor:
     """Scaled dot-product attention over heads.
 
     sdpa (torch.nn.functional.scaled_dot_product_attention): the fused kernels (flash/memory-efficient
@@ -58,13 +58,13 @@ def attention(rec: Recorder, spec: ModelSpec, q: T, k: T, v: T, p_drop: float, t
     return out
 
 
-def _attend(rec: Recorder, spec: ModelSpec, q: T, k: T, v: T, p_drop: float, tag: str, hold: int,
-            explicit_mask: bool, fp32_softmax: bool) -> T:
+def _attend(rec: Recorder, spec: ModelSpec, q: SymTensor, k: SymTensor, v: SymTensor, p_drop: float, tag: str, hold: int,
+            explicit_mask: bool, fp32_softmax: bool) -> SymTensor:
     """The attention kernel transformers' attention interface runs (see attention)."""
     ctx = rec.ctx
     b, s, kv = ctx.batch, ctx.seq, ctx.kv_seq
     heads = spec.num_heads
-    needs = q.rg or k.rg or v.rg
+    needs = q.requires_grad or k.requires_grad or v.requires_grad
     out_numel = b * s * spec.q_dim
     if ctx.attention == "eager":
         return _eager_attention(rec, spec, q, k, v, p_drop, explicit_mask, tag, fp32_softmax)
@@ -89,7 +89,7 @@ def _attend(rec: Recorder, spec: ModelSpec, q: T, k: T, v: T, p_drop: float, tag
             saved.append(rec.save_new(b * heads * s * kv, q.dtype, f"{tag}.probs"))
         # the backward computes all three gradients (and frees those no input needs)
         steps = [("new", "dq", qi.nbytes), ("new", "dk", ki.nbytes), ("new", "dv", vi.nbytes)]
-        outputs = [(t.id, name) for t, name in ((qi, "dq"), (ki, "dk"), (vi, "dv")) if t.rg]
+        outputs = [(t.id, name) for t, name in ((qi, "dq"), (ki, "dk"), (vi, "dv")) if t.requires_grad]
         rec.node(out, steps, outputs, saved)
     rec.free(lse)
     for t, orig in ((qi, q), (ki, k), (vi, v)):
@@ -100,30 +100,30 @@ def _attend(rec: Recorder, spec: ModelSpec, q: T, k: T, v: T, p_drop: float, tag
     return out
 
 
-def _cache_keys(rec: Recorder, x: T, numel: int) -> T:
+def _cache_keys(rec: Recorder, x: SymTensor, numel: int) -> SymTensor:
     """Prefix tuning's keys/values: cat(past, new) along the sequence (DynamicCache.update: the cache
     keeps the concatenation to the end of the forward), in the promoted dtype of the past (peft's
     prefix encoder, in the weights' dtype) and x (fp32 under autocast); the backward hands on slices of
     the gradient (the new part to x, copied back to x's layout and dtype)."""
-    y = rec.new(numel, promote(x.dtype, rec.ctx.weight), True)
+    y = rec.new(numel, promote(x.dtype, rec.ctx.weight_dtype), True)
     rec.node(y, *input_grads(x))
     return y
 
 
-def _repeat_kv(rec: Recorder, spec: ModelSpec, x: T) -> T:
+def _repeat_kv(rec: Recorder, spec: ModelSpec, x: SymTensor) -> SymTensor:
     """transformers repeat_kv: x[:, :, None].expand(b, kv_heads, n_rep, s, d).reshape(b, heads, s, d):
     a copy, except with a single key/value head, where the reshape of the expanded tensor is a view
     (stride 0 across the heads); the backward sums the repeats (a new gradient like x)."""
     groups = spec.num_heads // spec.num_kv_heads
     if groups == 1:
         return x
-    y = rec.view(x, x.numel * groups) if spec.num_kv_heads == 1 else rec.new(x.numel * groups, x.dtype, x.rg)
+    y = rec.view(x, x.numel * groups) if spec.num_kv_heads == 1 else rec.new(x.numel * groups, x.dtype, x.requires_grad)
     rec.node(y, *input_grads(x))
     return y
 
 
-def _math_attention(rec: Recorder, spec: ModelSpec, q: T, k: T, v: T, tag: str, hold: int,
-                    v_contiguous: bool = False) -> T:
+def _math_attention(rec: Recorder, spec: ModelSpec, q: SymTensor, k: SymTensor, v: SymTensor, tag: str, hold: int,
+                    v_contiguous: bool = False) -> SymTensor:
     """CPU has no fused kernel with dropout: torch's _scaled_dot_product_attention_math runs, in fp32
     for half types, and saves the scaled q, k^T, v (reshape copies for bmm), the softmax, the dropout
     noise and the dropped probabilities; its (batch, heads, seq, dim) output is copied by
@@ -141,7 +141,7 @@ def _math_attention(rec: Recorder, spec: ModelSpec, q: T, k: T, v: T, tag: str, 
     up = "float32" if (ctx.autocast or q.dtype) in ("bfloat16", "float16") else q.dtype
     ub = DTYPE_BYTES[up]
     nq, nk, sc = b * s * spec.q_dim * ub, b * kv * spec.q_dim * ub, b * heads * s * kv * ub
-    qk_rg, needs = q.rg or k.rg, q.rg or k.rg or v.rg
+    qk_rg, needs = q.requires_grad or k.requires_grad, q.requires_grad or k.requires_grad or v.requires_grad
     qu, ku, vu = (cast(rec, t, up) for t in (q, k, v))
     qs = scale(rec, qu)  # q * sqrt(scale), held to the end
     ks = scale(rec, ku)  # k^T * sqrt(scale)
@@ -149,12 +149,12 @@ def _math_attention(rec: Recorder, spec: ModelSpec, q: T, k: T, v: T, tag: str, 
     qc = rec.new(b * s * spec.q_dim, up, False) if copies else qs  # bmm's reshape copies
     kc = rec.new(b * kv * spec.q_dim, up, False) if copies else ks
     saved1 = []
-    if k.rg:
+    if k.requires_grad:
         saved1.append(rec.save(qc, f"{tag}.math_q"))
-    if q.rg:
+    if q.requires_grad:
         saved1.append(rec.save(kc, f"{tag}.math_k"))
     scores = rec.new(b * heads * s * kv, up, qk_rg)
-    rec.node(scores, [("new", "dk", nk), ("new", "dq", nq)], [(t.id, n) for t, n in ((ks, "dk"), (qs, "dq")) if t.rg],
+    rec.node(scores, [("new", "dk", nk), ("new", "dq", nq)], [(t.id, n) for t, n in ((ks, "dk"), (qs, "dq")) if t.requires_grad],
              saved1)
     rec.free(ks, *((kc, qc) if copies else ()))  # qs is held to the end
     mask = None
@@ -176,13 +176,13 @@ def _math_attention(rec: Recorder, spec: ModelSpec, q: T, k: T, v: T, tag: str, 
     weights = rec.new(dropped.numel, q.dtype, False) if up != q.dtype else None  # attn.to(origin_dtype)
     vc = vu if v_contiguous or not copies else rec.new(b * kv * spec.q_dim, up, False)  # bmm's reshape copy of v
     saved2 = []
-    if q.rg or k.rg:
+    if q.requires_grad or k.requires_grad:
         saved2.append(rec.save(vc, f"{tag}.math_v"))
-    if v.rg:
+    if v.requires_grad:
         saved2.append(rec.save(dropped, f"{tag}.math_probs"))
     out = rec.new(b * s * spec.q_dim, up, needs)  # bmm(probs, v), reshaped
     rec.node(out, _bmm_output_backward(nq, nk, sc, copies),
-             [(t.id, n) for t, n in ((vu, "dv"), (dropped, "dp")) if t.rg], saved2, hold=0 if copies else hold)
+             [(t.id, n) for t, n in ((vu, "dv"), (dropped, "dp")) if t.requires_grad], saved2, hold=0 if copies else hold)
     o = cast(rec, out, q.dtype)
     if o is not out:
         rec.free(out)
@@ -225,8 +225,8 @@ def _bmm_reshape_copies(batch: int, heads: int) -> bool:
     return batch > 1 and heads > 1
 
 
-def _eager_attention(rec: Recorder, spec: ModelSpec, q: T, k: T, v: T, p_drop: float, explicit_mask: bool,
-                     tag: str, fp32_softmax: bool) -> T:
+def _eager_attention(rec: Recorder, spec: ModelSpec, q: SymTensor, k: SymTensor, v: SymTensor, p_drop: float, explicit_mask: bool,
+                     tag: str, fp32_softmax: bool) -> SymTensor:
     """transformers eager_attention_forward: repeat_kv, matmul(q, k^T) * scaling (+ mask), softmax
     (fp32 for the Llama family and the vision towers), .to(q dtype), dropout, matmul with v, then
     transpose(1, 2).contiguous()."""
@@ -237,12 +237,12 @@ def _eager_attention(rec: Recorder, spec: ModelSpec, q: T, k: T, v: T, p_drop: f
     # gradient and the probabilities for v's
     qi, ki = autocast_in(rec, q), autocast_in(rec, k_full)
     saved1 = []
-    if k.rg:
+    if k.requires_grad:
         saved1.append(rec.save(qi, f"{tag}.q"))
-    if q.rg:
+    if q.requires_grad:
         saved1.append(rec.save(ki, f"{tag}.k"))
     sdt = ctx.autocast or q.dtype
-    qk_rg, needs = q.rg or k.rg, q.rg or k.rg or v.rg
+    qk_rg, needs = q.requires_grad or k.requires_grad, q.requires_grad or k.requires_grad or v.requires_grad
     raw = rec.new(b * heads * s * kv, sdt, qk_rg)
     rec.node(raw, *input_grads(qi, ki), saved=saved1)
     scores = scale(rec, raw)
@@ -262,9 +262,9 @@ def _eager_attention(rec: Recorder, spec: ModelSpec, q: T, k: T, v: T, p_drop: f
     probs = chain[-1]
     vi = autocast_in(rec, v_full)
     saved2 = []
-    if v.rg:
+    if v.requires_grad:
         saved2.append(rec.save(probs, f"{tag}.probs"))
-    if q.rg or k.rg:
+    if q.requires_grad or k.requires_grad:
         saved2.append(rec.save(vi, f"{tag}.v"))
     out = rec.new(b * s * spec.q_dim, sdt, needs)
     rec.node(out, [("new", "g", out.nbytes)] + input_grads(probs, vi)[0] + [("free", "g")], input_grads(probs, vi)[1], saved2)
@@ -278,6 +278,6 @@ def _eager_attention(rec: Recorder, spec: ModelSpec, q: T, k: T, v: T, p_drop: f
     return y
 
 
-def math_path(ctx: Ctx, attention_dropout: float) -> bool:
+def math_path(ctx: StepContext, attention_dropout: float) -> bool:
     """Attention takes torch's math path (not a fused kernel) on the CPU in training with dropout."""
     return ctx.attention != "eager" and attention_dropout > 0 and ctx.device == "cpu" and ctx.training_dropout

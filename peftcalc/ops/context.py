@@ -7,21 +7,21 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 __all__ = [
-    "Ctx",
+    "StepContext",
 ]
 
 
 @dataclass(frozen=True)
-class Ctx:
+class StepContext:
     """What the ops need to know about the step."""
 
     batch: int
     seq: int  # query length (prompt tuning adds its virtual tokens here)
     kv_seq: int  # key length (prefix tuning adds its virtual tokens here)
-    compute: str  # dtype activations come out of matmuls in
-    weight: str  # dtype of base weights
+    compute_dtype: str  # dtype activations come out of matmuls in
+    weight_dtype: str  # dtype of base weights
     autocast: str | None
-    adapter: str  # dtype of peft's adapter weights
+    adapter_dtype: str  # dtype of peft's adapter weights
     device: str
     attention: str
     training_dropout: bool = True

@@ -5,8 +5,8 @@ IA3) add their ops around this one (peftcalc.methods.sites.site_linear).
 
 from __future__ import annotations
 
-from peftcalc.ops.context import Ctx
-from peftcalc.ops.recorder import Recorder, T, input_grads
+from peftcalc.ops.context import StepContext
+from peftcalc.ops.recorder import Recorder, SymTensor, input_grads
 from peftcalc.ops.tensor_ops import autocast_in, autocast_weight_copy, cast
 from peftcalc.settings import DTYPE_BYTES
 
@@ -17,7 +17,7 @@ __all__ = [
 ]
 
 
-def matmul_4bit_backward_steps(ctx: Ctx, in_f: int, out_f: int) -> list:
+def matmul_4bit_backward_steps(ctx: StepContext, in_f: int, out_f: int) -> list:
     """bitsandbytes MatMul4Bit.backward (autograd/_functions.py), before grad_A:
     ``grad_A = torch.matmul(grad_output, F.dequantize_4bit(B, ctx.state).to(grad_output.dtype))``.
     dequantize_4bit first dequantizes a double-quantized absmax (dequantize_blockwise: one fp32 per
@@ -40,9 +40,9 @@ def matmul_4bit_backward_steps(ctx: Ctx, in_f: int, out_f: int) -> list:
     return steps
 
 
-def matmul(rec: Recorder, x: T, in_f: int, out_f: int, weight_trains: bool, out_dtype: str, saved: list,
-           weight: T | None = None, weight_bytes: int = 0, bias_bytes: int = 0, dequantized: int = 0,
-           grad_pending: bool = False, bias_copy: T | None = None) -> T:
+def matmul(rec: Recorder, x: SymTensor, in_f: int, out_f: int, weight_trains: bool, out_dtype: str, saved: list,
+           weight: SymTensor | None = None, weight_bytes: int = 0, bias_bytes: int = 0, dequantized: int = 0,
+           grad_pending: bool = False, bias_copy: SymTensor | None = None) -> SymTensor:
     """The mm/addmm node of a Linear on x (tokens x in): its backward makes grad_x = grad @ W when x
     needs a gradient, grad_W = grad^T @ x when the weight trains (the .grad itself, or the gradient of
     autocast's weight copy `weight`), and the bias gradient (a sum over tokens). Without a copy, the
@@ -52,20 +52,20 @@ def matmul(rec: Recorder, x: T, in_f: int, out_f: int, weight_trains: bool, out_
     packed weight is in ctx.tensors, not save_for_backward)."""
     ctx = rec.ctx
     tokens = x.numel // in_f
-    qdtype = ctx.quant_compute or ctx.compute
-    saves_weight = x.rg and weight is None and not dequantized
+    qdtype = ctx.quant_compute or ctx.compute_dtype
+    saves_weight = x.requires_grad and weight is None and not dequantized
     if saves_weight:
         rec.save_param()
     w = rec.new(dequantized // DTYPE_BYTES[qdtype], qdtype, False) if dequantized and ctx.device == "cuda" else None
-    out = rec.new(tokens * out_f, out_dtype, x.rg or weight_trains or bias_bytes > 0)
+    out = rec.new(tokens * out_f, out_dtype, x.requires_grad or weight_trains or bias_bytes > 0)
     rec.free(w)
     steps, outputs = [], []
-    if dequantized and x.rg:
+    if dequantized and x.requires_grad:
         steps += matmul_4bit_backward_steps(ctx, in_f, out_f)
     s, o = input_grads(x)
     steps += s
     outputs += o
-    if dequantized and x.rg:
+    if dequantized and x.requires_grad:
         steps.append(("free", "wc"))
     if weight_trains:
         if weight is not None:
@@ -83,8 +83,8 @@ def matmul(rec: Recorder, x: T, in_f: int, out_f: int, weight_trains: bool, out_
     return out
 
 
-def linear(rec: Recorder, x: T, in_f: int, out_f: int, trainable: bool, tag: str, quantized: bool = False,
-           bias: bool = False, bias_trains: bool = False, grad_pending: bool = False) -> T:
+def linear(rec: Recorder, x: SymTensor, in_f: int, out_f: int, trainable: bool, tag: str, quantized: bool = False,
+           bias: bool = False, bias_trains: bool = False, grad_pending: bool = False) -> SymTensor:
     """nn.Linear / Conv1D (addmm): saves the input when the weight trains (grad_W = grad^T x) and the
     weight when the input needs a gradient. Under autocast the weight is cast to the autocast dtype
     (a copy made for every matmul; kept to the end of the forward when the weight trains, see
@@ -105,13 +105,13 @@ def linear(rec: Recorder, x: T, in_f: int, out_f: int, trainable: bool, tag: str
         # gradient (addmm's, summed down to the bias's shape) comes back in the autocast dtype and its
         # ToCopyBackward makes the .grad
         trained_bias_copy = rec.new(out_f, ctx.autocast, True)
-        rec.node(trained_bias_copy, [("param", out_f * DTYPE_BYTES[ctx.weight])])
+        rec.node(trained_bias_copy, [("param", out_f * DTYPE_BYTES[ctx.weight_dtype])])
     elif ctx.autocast and bias and not quantized:  # a frozen bias's copy, alive until the matmul returns
         bias_copy = rec.new(out_f, ctx.autocast, False)
     weight_copy = None
     if ctx.autocast and not quantized:
         weight_copy = autocast_weight_copy(rec, in_f * out_f, trainable, grad_pending=grad_pending)
-        if xm.rg:
+        if xm.requires_grad:
             saved.append(rec.save(weight_copy, f"{tag}.autocast_weight"))
     # bitsandbytes Linear4bit.forward: x.to(compute_dtype) (not autocast's cast: bnb.matmul_4bit is no
     # autocast op), then .to(inp_dtype); the cast input is its local x until it returns
@@ -119,8 +119,8 @@ def linear(rec: Recorder, x: T, in_f: int, out_f: int, trainable: bool, tag: str
     xin = cast(rec, xm, ctx.quant_compute) if quant_cast else autocast_in(rec, xm)
     if trainable:
         saved.append(rec.save(xin, f"{tag}.input"))
-    wb = DTYPE_BYTES[ctx.weight]
-    out = matmul(rec, xin, in_f, out_f, trainable, ctx.quant_compute if quantized else ctx.autocast or ctx.compute,
+    wb = DTYPE_BYTES[ctx.weight_dtype]
+    out = matmul(rec, xin, in_f, out_f, trainable, ctx.quant_compute if quantized else ctx.autocast or ctx.compute_dtype,
                  saved, weight=weight_copy, weight_bytes=in_f * out_f * wb, bias_bytes=out_f * wb if bias_trains else 0,
                  bias_copy=trained_bias_copy,
                  dequantized=in_f * out_f * DTYPE_BYTES[ctx.quant_compute] if quantized else 0,

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from peftcalc.backward import GRAD
-from peftcalc.ops.recorder import Recorder, T, input_grads
+from peftcalc.ops.recorder import Recorder, SymTensor, input_grads
 from peftcalc.ops.tensor_ops import add, mul_node, scale
 
 __all__ = [
@@ -15,12 +15,12 @@ __all__ = [
 ]
 
 
-def activation(rec: Recorder, x: T, kind: str, tag: str) -> T:
+def activation(rec: Recorder, x: SymTensor, kind: str, tag: str) -> SymTensor:
     """The MLP activation. silu/gelu save their input (silu_backward / gelu_backward: one new
     gradient); gelu_new (NewGELUActivation, a Python formula) saves input, tanh output, 0.5*x and
     1+tanh; quick_gelu (x * sigmoid(1.702 x)) saves input and sigmoid output; relu saves its output
     (derivatives.yaml: threshold_backward(grad, result, 0))."""
-    if not x.rg:
+    if not x.requires_grad:
         return activation_without_grad(rec, x, kind)
     if kind == "relu":
         y = rec.new(x.numel, x.dtype, True)
@@ -45,7 +45,7 @@ def activation(rec: Recorder, x: T, kind: str, tag: str) -> T:
     return y
 
 
-def gelu_new(rec: Recorder, x: T, tag: str) -> T:
+def gelu_new(rec: Recorder, x: SymTensor, tag: str) -> SymTensor:
     """transformers NewGELUActivation: 0.5 * x * (1 + tanh(sqrt(2/pi) * (x + 0.044715 * x**3)))."""
     xs = rec.save(x, f"{tag}.input")
     half = scale(rec, x)  # 0.5 * x, evaluated first
@@ -71,7 +71,7 @@ def gelu_new(rec: Recorder, x: T, tag: str) -> T:
     return y
 
 
-def activation_without_grad(rec: Recorder, x: T, kind: str) -> T:
+def activation_without_grad(rec: Recorder, x: SymTensor, kind: str) -> SymTensor:
     """An activation on a tensor that needs no gradient: only its forward's intermediates (gelu_new:
     0.5 x, x^3, then each step of the formula; quick_gelu: 1.702 x and the sigmoid)."""
     if kind == "gelu_new":
@@ -93,9 +93,9 @@ def activation_without_grad(rec: Recorder, x: T, kind: str) -> T:
     return rec.new(x.numel, x.dtype, False)
 
 
-def tanh(rec: Recorder, x: T, tag: str) -> T:
+def tanh(rec: Recorder, x: SymTensor, tag: str) -> SymTensor:
     """tanh saves its output; tanh_backward makes a new gradient."""
-    out = rec.new(x.numel, x.dtype, x.rg)
-    if x.rg:
+    out = rec.new(x.numel, x.dtype, x.requires_grad)
+    if x.requires_grad:
         rec.node(out, *input_grads(x), saved=[rec.save(out, f"{tag}.output")])
     return out

@@ -4,8 +4,8 @@
 from __future__ import annotations
 
 from peftcalc.backward import GRAD
-from peftcalc.ops.context import Ctx
-from peftcalc.ops.recorder import Recorder, T, input_grads
+from peftcalc.ops.context import StepContext
+from peftcalc.ops.recorder import Recorder, SymTensor, input_grads
 from peftcalc.ops.tensor_ops import cast
 from peftcalc.settings import DTYPE_BYTES
 
@@ -16,7 +16,7 @@ __all__ = [
 ]
 
 
-def rms_norm(rec: Recorder, x: T, weight_trainable: bool, tag: str) -> T:
+def rms_norm(rec: Recorder, x: SymTensor, weight_trainable: bool, tag: str) -> SymTensor:
     """LlamaRMSNorm.forward: x.to(fp32); variance = pow(2).mean; x * rsqrt(variance + eps); weight *
     _.to(input dtype). pow and the product save the fp32 input and the rsqrt; weight * y saves y when the
     weight trains, and the weight (a parameter) when y needs a gradient. The variance stays referenced
@@ -28,15 +28,15 @@ def rms_norm(rec: Recorder, x: T, weight_trainable: bool, tag: str) -> T:
     rows = x.numel // hidden
     x32 = cast(rec, x, "float32")
     full, small = x.numel * 4, rows * 4
-    xs = rec.save(x32, f"{tag}.input_fp32") if x.rg else 0
-    p = rec.new(x.numel, "float32", x.rg)  # x.pow(2)
-    m = rec.new(rows, "float32", x.rg)  # .mean(-1, keepdim=True): grad.expand() / n
+    xs = rec.save(x32, f"{tag}.input_fp32") if x.requires_grad else 0
+    p = rec.new(x.numel, "float32", x.requires_grad)  # x.pow(2)
+    m = rec.new(rows, "float32", x.requires_grad)  # .mean(-1, keepdim=True): grad.expand() / n
     rec.free(p)
-    ve = rec.new(rows, "float32", x.rg)  # variance + eps: AddBackward hands the gradient on
-    r = rec.new(rows, "float32", x.rg)  # rsqrt, saves its result
+    ve = rec.new(rows, "float32", x.requires_grad)  # variance + eps: AddBackward hands the gradient on
+    r = rec.new(rows, "float32", x.requires_grad)  # rsqrt, saves its result
     rec.free(ve)
-    h = rec.new(x.numel, "float32", x.rg)  # x * rsqrt
-    if x.rg:
+    h = rec.new(x.numel, "float32", x.requires_grad)  # x * rsqrt
+    if x.requires_grad:
         rec.node(p, [("new", "t", full), ("new", "u", full), ("new", "d", full), ("free", "t"), ("free", "u")],
                  [(x32.id, "d")], [xs])
         rec.node(m, [("new", "d", full)], [(p.id, "d")])
@@ -52,36 +52,36 @@ def rms_norm(rec: Recorder, x: T, weight_trainable: bool, tag: str) -> T:
     normed = cast(rec, h, x.dtype)
     saved = []
     steps, outputs = [], []
-    if normed.rg:
+    if normed.requires_grad:
         rec.save_param()
         steps.append(("new", "d", normed.nbytes))
         outputs.append((normed.id, "d"))
     if weight_trainable:
         saved.append(rec.save(normed, f"{tag}.normalized"))
-        steps += [("new", "t", normed.nbytes), ("param", hidden * DTYPE_BYTES[ctx.weight]), ("free", "t")]
-    out = rec.new(x.numel, x.dtype, x.rg or weight_trainable)
-    rec.node(out, steps, outputs, saved, saves_param=normed.rg)
+        steps += [("new", "t", normed.nbytes), ("param", hidden * DTYPE_BYTES[ctx.weight_dtype]), ("free", "t")]
+    out = rec.new(x.numel, x.dtype, x.requires_grad or weight_trainable)
+    rec.node(out, steps, outputs, saved, saves_param=normed.requires_grad)
     rec.free(normed, h, m)
     return out
 
 
-def layer_norm_stats_dtype(ctx: Ctx, input_dtype: str) -> str:
+def layer_norm_stats_dtype(ctx: StepContext, input_dtype: str) -> str:
     """The dtype of the mean and rstd native_layer_norm returns (and saves): fp32, except on the CPU
     with half input and weights alike (ATen/native/layer_norm.cpp layer_norm_cpu: mixed_type only when
     input and weight dtypes differ, else the input's dtype; traced: 2 x (4, 17, 1) bf16 for CLIP's
     pre_layrnorm on cpu tiny-llava bf16 b4 ckpt)."""
-    half = ctx.device == "cpu" and input_dtype == ctx.weight and input_dtype != "float32"
+    half = ctx.device == "cpu" and input_dtype == ctx.weight_dtype and input_dtype != "float32"
     return input_dtype if half else "float32"
 
 
-def layer_norm(rec: Recorder, x: T, trainable: bool, hidden: int, tag: str, params: int = 2) -> T:
+def layer_norm(rec: Recorder, x: SymTensor, trainable: bool, hidden: int, tag: str, params: int = 2) -> SymTensor:
     """nn.LayerNorm (native_layer_norm): saves the input (and the weight), mean and rstd when any
     gradient is needed; its backward makes the input's gradient and, when they train, the weight's and
     bias's. CUDA autocast runs layer_norm in fp32 (it is on the fp32 list of
     aten/src/ATen/autocast_mode.cpp: the cast copy is saved); CPU autocast does not list it, so it runs
     on the input as it is (a bf16 input is saved as it is, mean and rstd are fp32, the output keeps the
     input's dtype; traced, torch 2.13). `params`: how many of its weight and bias train (BitFit: the bias)."""
-    needs = x.rg or trainable
+    needs = x.requires_grad or trainable
     xin = cast(rec, x, "float32") if rec.ctx.autocast and rec.ctx.device == "cuda" else x
     saved = []
     if needs:
@@ -95,7 +95,7 @@ def layer_norm(rec: Recorder, x: T, trainable: bool, hidden: int, tag: str, para
         saved.append(rec.save(stats, f"{tag}.mean_rstd"))
         steps, outputs = input_grads(xin)
         if trainable:
-            steps += [("param", hidden * DTYPE_BYTES[rec.ctx.weight])] * params
+            steps += [("param", hidden * DTYPE_BYTES[rec.ctx.weight_dtype])] * params
         rec.node(out, steps, outputs, saved)
     rec.free(stats)
     if xin is not x:

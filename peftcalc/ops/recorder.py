@@ -12,26 +12,26 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from peftcalc.ops.context import Ctx
+from peftcalc.ops.context import StepContext
 from peftcalc.settings import DTYPE_BYTES
 
 __all__ = [
     "Recorder",
-    "T",
+    "SymTensor",
     "first_node_since",
     "input_grads",
 ]
 
 
 @dataclass(slots=True)
-class T:
+class SymTensor:
     """A symbolic tensor; a view has the tensor whose storage it shares as its base."""
 
     numel: int
     dtype: str
-    rg: bool
+    requires_grad: bool
     id: int
-    base: "T | None" = None
+    base: "SymTensor | None" = None
     nbytes: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -53,7 +53,7 @@ class Recorder:
     that are saved then or later (a storage's category is what it becomes, as the harness's tracer
     decides it: an op's output is saved a moment after it is made)."""
 
-    ctx: Ctx
+    ctx: StepContext
     bucket: object = "pre"
     saved: dict = field(default_factory=dict)  # id -> (bucket, tag, bytes)
     next_id: int = 0
@@ -71,10 +71,10 @@ class Recorder:
     # autocast cast autocast caches of it (None until made; see autocast_in), which no free() releases
     leaf_casts: dict = field(default_factory=dict)
 
-    def new(self, numel: int, dtype: str, rg: bool) -> T:
+    def new(self, numel: int, dtype: str, requires_grad: bool) -> SymTensor:
         """A new tensor (an allocation of the forward)."""
         self.next_id += 1
-        t = T(numel, dtype, rg, self.next_id)
+        t = SymTensor(numel, dtype, requires_grad, self.next_id)
         self.live[t.id] = t.nbytes
         self.live_bytes += t.nbytes
         if self.saved_total + self.live_bytes > self.forward_peak:
@@ -82,7 +82,7 @@ class Recorder:
             self.forward_peak_id = t.id
         return t
 
-    def free(self, *ts: T) -> None:
+    def free(self, *ts: SymTensor) -> None:
         """The forward drops its reference to each tensor: an unsaved one is freed (views and
         tensors already freed or saved are left as they are)."""
         for t in ts:
@@ -94,12 +94,12 @@ class Recorder:
     def _cached_casts(self) -> set:
         return {c.id for c in self.leaf_casts.values() if c is not None}
 
-    def view(self, x: T, numel: int) -> T:
+    def view(self, x: SymTensor, numel: int) -> SymTensor:
         """A view of x (same storage, its own shape and autograd node)."""
         self.next_id += 1
-        return T(numel, x.dtype, x.rg, self.next_id, x.base or x)
+        return SymTensor(numel, x.dtype, x.requires_grad, self.next_id, x.base or x)
 
-    def save(self, t: T, tag: str) -> int:
+    def save(self, t: SymTensor, tag: str) -> int:
         """Save t for backward, counted once per storage (a view saves its base's whole storage). A
         tensor that was alive at the forward's peak (still alive now, and made no later than the peak)
         counts among the peak's saved bytes: the harness's tracer (measure/tracer.py) gives a storage
@@ -124,7 +124,7 @@ class Recorder:
     def save_new(self, numel: int, dtype: str, tag: str) -> int:
         return self.save(self.new(numel, dtype, False), tag)
 
-    def release(self, *ts: T) -> None:
+    def release(self, *ts: SymTensor) -> None:
         """Autograd frees what a graph saved once nothing references the graph: a graph whose output
         is only used detached (peft DoRA's lora_weight, see dora_weight_norm) dies with its last
         reference, and its saved tensors with it. Each of `ts` is dropped from the saved tensors."""
@@ -137,11 +137,11 @@ class Recorder:
         """A parameter saved for backward: no activation bytes, but a recompute stops only after it."""
         self._recompute_stops_here()
 
-    def node(self, out: T, steps=(), outputs=(), saved=(), hold: int = 0, saves_param: bool = False) -> None:
+    def node(self, out: SymTensor, steps=(), outputs=(), saved=(), hold: int = 0, saves_param: bool = False) -> None:
         """The autograd node that made `out` (none when `out` needs no gradient): its backward
         formula's allocations, the gradients it hands on and the saved tensors it holds (and whether it
         holds a parameter too: it unpacks saved variables either way)."""
-        if out.rg:  # a Node's fields as a plain tuple (see Node)
+        if out.requires_grad:  # a Node's fields as a plain tuple (see Node)
             self.nodes.append((out.id, tuple(steps), tuple(outputs), tuple(saved), hold, bool(saved) or saves_param))
 
     def saved_bytes(self) -> dict:
@@ -168,12 +168,12 @@ class Recorder:
         return out
 
 
-def input_grads(*inputs: T) -> tuple[list, list]:
+def input_grads(*inputs: SymTensor) -> tuple[list, list]:
     """A formula that allocates one new gradient, like its input, for each input that needs one:
     (steps, outputs) for Recorder.node."""
     steps, outputs = [], []
     for i, t in enumerate(inputs):
-        if t is not None and t.rg:
+        if t is not None and t.requires_grad:
             steps.append(("new", f"d{i}", t.nbytes))
             outputs.append((t.id, f"d{i}"))
     return steps, outputs

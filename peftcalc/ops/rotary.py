@@ -5,7 +5,7 @@ from __future__ import annotations
 
 
 from peftcalc.backward import GRAD
-from peftcalc.ops.recorder import Recorder, T, input_grads
+from peftcalc.ops.recorder import Recorder, SymTensor, input_grads
 from peftcalc.ops.tensor_ops import add, promote
 
 __all__ = [
@@ -13,7 +13,7 @@ __all__ = [
 ]
 
 
-def rope(rec: Recorder, x: T) -> T:
+def rope(rec: Recorder, x: SymTensor) -> SymTensor:
     """transformers apply_rotary_pos_emb (modeling_llama.py): x * cos + rotate_half(x) * sin,
     rotate_half(x) = cat(-x[..., d/2:], x[..., :d/2]). The products save cos and sin (shared, counted
     once per model), nothing of x; they take the dtype of cos/sin (the hidden states') when wider (a
@@ -21,25 +21,25 @@ def rope(rec: Recorder, x: T) -> T:
     (cast back to the cat's dtype by the engine when it was promoted); cat's gradient splits into
     views; neg's gradient; each slice's slice_backward (zeros like x, then a copy), summed; grad * cos."""
     n, half = x.nbytes, x.nbytes // 2
-    dtype = promote(x.dtype, rec.ctx.weight)
+    dtype = promote(x.dtype, rec.ctx.weight_dtype)
 
-    def product_grad(src: T, prod: T) -> tuple:
+    def product_grad(src: SymTensor, prod: SymTensor) -> tuple:
         if prod.dtype == src.dtype:
             return input_grads(src)
         return [("new", "t", prod.nbytes), ("new", "d", src.nbytes), ("free", "t")], [(src.id, "d")]
 
-    m1 = rec.new(x.numel, dtype, x.rg)  # x * cos
+    m1 = rec.new(x.numel, dtype, x.requires_grad)  # x * cos
     rec.node(m1, *product_grad(x, m1))
     x1 = rec.view(x, x.numel // 2)  # x[..., :d/2]
     rec.node(x1, [("new", "d", n)], [(x.id, "d")])
     x2 = rec.view(x, x.numel // 2)  # x[..., d/2:]
     rec.node(x2, [("new", "d", n)], [(x.id, "d")])
-    ng = rec.new(x.numel // 2, x.dtype, x.rg)  # -x2
+    ng = rec.new(x.numel // 2, x.dtype, x.requires_grad)  # -x2
     rec.node(ng, [("new", "d", half)], [(x2.id, "d")])
-    c = rec.new(x.numel, x.dtype, x.rg)  # cat: the gradient's two halves, views of it
+    c = rec.new(x.numel, x.dtype, x.requires_grad)  # cat: the gradient's two halves, views of it
     rec.node(c, outputs=[(ng.id, GRAD), (x1.id, GRAD)])
     rec.free(ng)
-    m2 = rec.new(x.numel, dtype, x.rg)  # cat * sin
+    m2 = rec.new(x.numel, dtype, x.requires_grad)  # cat * sin
     rec.node(m2, *product_grad(c, m2))
     rec.free(c)
     out = add(rec, m1, m2)

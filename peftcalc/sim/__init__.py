@@ -5,7 +5,6 @@ Recorder, replayed backward, and summed into an ActivationProfile (peftcalc.acti
 from __future__ import annotations
 
 __all__ = [
-    "annotations",
 ]
 
 

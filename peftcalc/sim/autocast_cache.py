@@ -8,7 +8,7 @@ from functools import lru_cache
 from peftcalc.families import build_layout
 from peftcalc.families.bert import mlm_decoder_bias
 from peftcalc.layout import LINEAR_KINDS
-from peftcalc.ops.context import Ctx
+from peftcalc.ops.context import StepContext
 from peftcalc.plan import Plan
 from peftcalc.settings import DTYPE_BYTES
 
@@ -19,7 +19,7 @@ __all__ = [
 ]
 
 
-def autocast_weight_cache_bytes(plan: Plan, ctx: Ctx) -> int:
+def autocast_weight_cache_bytes(plan: Plan, ctx: StepContext) -> int:
     """torch.autocast caches the lower-precision copy of every leaf weight that requires grad (the
     autocast weight cache, cleared when the autocast region exits), so the copies of all trainable
     matmul weights are alive at the end of the forward even where checkpointing saves none of them.
@@ -44,7 +44,7 @@ def autocast_cached_numel(plan: Plan) -> int:
     return numel
 
 
-def autocast_cached_by_layer(plan: Plan, ctx: Ctx) -> tuple:
+def autocast_cached_by_layer(plan: Plan, ctx: StepContext) -> tuple:
     """Per block, the bytes of autocast's cached copies of its trainable matmul weights and biases (the
     part of autocast_weight_cache_bytes each block owns; 0 without autocast)."""
     if not ctx.autocast:

@@ -11,7 +11,7 @@ from peftcalc.checkpointing import checkpointed_layers
 from peftcalc.families import build_layout, dropout_p
 from peftcalc.families.blip2 import LANGUAGE_PROJECTION, QFORMER, QUERY_TOKENS, blip2_image_tokens, blip2_parts, blip2_vision_tokens, qformer_layer, qformer_linear
 from peftcalc.layout import LINEAR_KINDS
-from peftcalc.ops.context import Ctx
+from peftcalc.ops.context import StepContext
 from peftcalc.ops.recorder import Recorder
 from peftcalc.ops.tensor_ops import cast, dropout
 from peftcalc.plan import Plan
@@ -22,7 +22,8 @@ from peftcalc.sim.head import head_backward, head_forward, trainable_names
 from peftcalc.sim.loss import loss_buffers
 from peftcalc.sim.model import block_forward_transient, saved_below_last_frozen_block
 from peftcalc.sim.profile import ActivationProfile, make_ctx, stream_dtype
-from peftcalc.spec import ModelSpec, kept_in_fp32
+from peftcalc.families import kept_in_fp32
+from peftcalc.spec import ModelSpec
 
 __all__ = [
     "QFormerSaves",
@@ -61,18 +62,18 @@ class QFormerSaves:
     unwrapped_saved_copies: int = 0
 
 
-def qformer_ctx(plan: Plan, ctx: Ctx) -> Ctx:
-    """The Q-Former's Ctx: the language model's (`ctx`), or, where from_pretrained keeps the Q-Former in fp32
-    (spec.kept_in_fp32: Blip2ForConditionalGeneration._keep_in_fp32_modules under fp16), fp32 weights and
+def qformer_ctx(plan: Plan, ctx: StepContext) -> StepContext:
+    """The Q-Former's StepContext: the language model's (`ctx`), or, where from_pretrained keeps the Q-Former in fp32
+    (families.kept_in_fp32: Blip2ForConditionalGeneration._keep_in_fp32_modules under fp16), fp32 weights and
     compute: Blip2QFormerModel.forward casts the query tokens to its layernorm's dtype ("Qformer is kept as
     fp32") and the encoder hidden states to theirs, so every op inside it runs in fp32."""
-    if kept_in_fp32(plan.spec, QFORMER, ctx.weight):
-        return replace(ctx, weight="float32", compute="float32")
+    if kept_in_fp32(plan.spec, QFORMER, ctx.weight_dtype):
+        return replace(ctx, weight_dtype="float32", compute_dtype="float32")
     return ctx
 
 
 @lru_cache(maxsize=4096)
-def qformer_saves(plan: Plan, ctx: Ctx, wrapped: tuple = ()) -> QFormerSaves:
+def qformer_saves(plan: Plan, ctx: StepContext, wrapped: tuple = ()) -> QFormerSaves:
     """Blip2ForConditionalGeneration.get_image_features after the frozen tower: query_tokens.expand(b),
     Blip2QFormerModel (layernorm on the query tokens, whose input is a view of the parameter and no
     activation; dropout; the layers, with the tower's post_layernorm output as encoder_hidden_states, in
@@ -99,16 +100,16 @@ def qformer_saves(plan: Plan, ctx: Ctx, wrapped: tuple = ()) -> QFormerSaves:
     qctx = qformer_ctx(plan, ctx)
     rec = Recorder(qctx, bucket="pre")
     hq, n, batch = qspec.hidden_size, ctx.seq, ctx.batch
-    tower_out = rec.new(batch * blip2_vision_tokens(spec) * vspec.hidden_size, ctx.weight, False)
+    tower_out = rec.new(batch * blip2_vision_tokens(spec) * vspec.hidden_size, ctx.weight_dtype, False)
     queries_rg = QUERY_TOKENS in trains
     norm_trains = f"{QFORMER}.layernorm" in trains
     if queries_rg or norm_trains:  # native_layer_norm saves mean and rstd (the input is the parameter):
         # fp32, but in the input's dtype on the CPU when input and weight are both half (see layer_norm;
         # traced: 2 x b x queries bf16 on cpu tiny-blip2-wide-vision bf16 b4 s4)
-        half = qctx.device == "cpu" and qctx.weight != "float32" and not ctx.autocast
-        rec.save_new(2 * batch * n, qctx.weight if half else "float32", f"{QFORMER}.layernorm.mean_rstd")
-    x = rec.new(batch * n * hq, "float32" if ctx.autocast else qctx.weight, queries_rg or norm_trains)
-    image = cast(rec, tower_out, qctx.weight)
+        half = qctx.device == "cpu" and qctx.weight_dtype != "float32" and not ctx.autocast
+        rec.save_new(2 * batch * n, qctx.weight_dtype if half else "float32", f"{QFORMER}.layernorm.mean_rstd")
+    x = rec.new(batch * n * hq, "float32" if ctx.autocast else qctx.weight_dtype, queries_rg or norm_trains)
+    image = cast(rec, tower_out, qctx.weight_dtype)
     x = dropout(rec, x, dropout_p(qspec, "embd"), f"{QFORMER}.dropout")
     kept = unwrapped = 0
     wrapped = wrapped or (True,) * qspec.num_layers
@@ -143,7 +144,7 @@ def qformer_saves(plan: Plan, ctx: Ctx, wrapped: tuple = ()) -> QFormerSaves:
             plan, ".weight", ".crossattention.attention.key", ".crossattention.attention.value")
     return QFormerSaves(saved=buckets.get("pre", 0) + layers + buckets.get("post", 0), checkpointed=checkpointed,
                         unsaved=unsaved, unsaved_image=0 if image.id in rec.saved else image.nbytes,
-                        unsaved_weight_copies=weight_copies, saved_weight_copies=cached, output_rg=out.rg,
+                        unsaved_weight_copies=weight_copies, saved_weight_copies=cached, output_rg=out.requires_grad,
                         by_tag=tuple(rec.bytes_by_tag().items()),
                         tower_output=tower_out.nbytes if image is not tower_out else 0,
                         unsaved_bias_copies=bias_copies, unwrapped_saved_copies=unwrapped_copies)
@@ -161,7 +162,7 @@ def _trainable_linear_numel(plan: Plan, suffix: str, *modules: str) -> int:
     return total
 
 
-def eva_forward_bytes(spec: ModelSpec, ctx: Ctx) -> int:
+def eva_forward_bytes(spec: ModelSpec, ctx: StepContext) -> int:
     """Live bytes while the frozen EVA tower (Blip2VisionModel) runs its forward, the first thing
     Blip2ForConditionalGeneration.forward does (traced, transformers 5.x: nothing is saved and each layer's
     output dies in the next layer): the embeddings output (held by Blip2VisionModel.forward), a
@@ -171,15 +172,15 @@ def eva_forward_bytes(spec: ModelSpec, ctx: Ctx) -> int:
     projection's, which is taken when larger. `ctx` is the language model's."""
     vspec = blip2_parts(spec)[0]
     tok = ctx.batch * blip2_vision_tokens(spec)
-    wb = DTYPE_BYTES[ctx.weight]
-    cb = DTYPE_BYTES[ctx.autocast or ctx.compute]
+    wb = DTYPE_BYTES[ctx.weight_dtype]
+    cb = DTYPE_BYTES[ctx.autocast or ctx.compute_dtype]
     intermediates = 3 if vspec.hidden_act == "quick_gelu" else 2
     mlp = 4 * tok * vspec.hidden_size * wb + intermediates * tok * vspec.intermediate_size * cb
     attn = 3 * tok * vspec.hidden_size * wb + 5 * tok * vspec.hidden_size * cb
     return max(mlp, attn)
 
 
-def blip2_forward_outputs(spec: ModelSpec, ctx: Ctx, q: QFormerSaves, checkpointing: bool) -> int:
+def blip2_forward_outputs(spec: ModelSpec, ctx: StepContext, q: QFormerSaves, checkpointing: bool) -> int:
     """Tensors Blip2ForConditionalGeneration.forward holds while its language model and loss run, none of
     them saved: the token embeddings after masked_scatter (inputs_embeds, b x seq x hidden, weight dtype),
     the language projection's output (the image output's pooler_output; under autocast also its cast to the
@@ -190,8 +191,8 @@ def blip2_forward_outputs(spec: ModelSpec, ctx: Ctx, q: QFormerSaves, checkpoint
     `ctx` is the language model's."""
     vspec = blip2_parts(spec)[0]
     b, n, h = ctx.batch, blip2_image_tokens(spec), spec.hidden_size
-    wb = DTYPE_BYTES[ctx.weight]
-    projected = b * n * h * DTYPE_BYTES[ctx.autocast or ctx.compute]
+    wb = DTYPE_BYTES[ctx.weight_dtype]
+    projected = b * n * h * DTYPE_BYTES[ctx.autocast or ctx.compute_dtype]
     if ctx.autocast:
         projected += b * n * h * wb
     qformer = q.unsaved + q.tower_output + (0 if checkpointing else q.unsaved_image + q.unsaved_weight_copies)
@@ -218,7 +219,7 @@ def blip2_profile(plan: Plan, t: TrainingSettings) -> ActivationProfile:
     rec = Recorder(ctx)
     if q.output_rg:  # masked_scatter saves its (b, seq, 1) bool mask for the gradients of both inputs
         rec.save_new(tok, "uint8", "masked_scatter.mask")
-    x = rec.new(tok * h, ctx.weight, q.output_rg)  # inputs_embeds + embed_positions(...)
+    x = rec.new(tok * h, ctx.weight_dtype, q.output_rg)  # inputs_embeds + embed_positions(...)
     outputs = blip2_forward_outputs(spec, ctx, q, t.grad_checkpointing)
     # OPTDecoder.forward rebinds hidden_states: the blocks' first input is not held (inputs_embeds is,
     # among `outputs`)
@@ -252,7 +253,7 @@ def blip2_profile(plan: Plan, t: TrainingSettings) -> ActivationProfile:
         pre=pre,
         post=by_bucket.get("post", 0),
         checkpoint_inputs=ckpt_inputs,
-        logits_bytes=logits_numel * DTYPE_BYTES[ctx.autocast or ctx.compute],
+        logits_bytes=logits_numel * DTYPE_BYTES[ctx.autocast or ctx.compute_dtype],
         loss_saved=loss.saved,
         loss_saved_backward=loss.saved_backward,
         loss_backward_peak=loss.backward_peak,

@@ -11,8 +11,8 @@ from peftcalc.backward import BackwardPeak, Node, run_backward, run_backward_bot
 from peftcalc.families import family
 from peftcalc.layout import Layout
 from peftcalc.methods.sites import BlockSites, LayerTraining, distinct_layer_trainings
-from peftcalc.ops.context import Ctx
-from peftcalc.ops.recorder import Recorder, T
+from peftcalc.ops.context import StepContext
+from peftcalc.ops.recorder import Recorder, SymTensor
 from peftcalc.plan import Plan
 from peftcalc.settings import DTYPE_BYTES
 from peftcalc.sim.autocast_cache import autocast_cached_by_layer
@@ -50,16 +50,16 @@ class BlockSimulation:
 
 
 @lru_cache(maxsize=4096)
-def simulate_block(spec: ModelSpec, plan: Plan, lt: LayerTraining, ctx: Ctx, input_rg: bool,
+def simulate_block(spec: ModelSpec, plan: Plan, training: LayerTraining, ctx: StepContext, input_rg: bool,
                     input_dtype: str) -> BlockSimulation:
     """One block (the family's Family.block) on an input of `input_rg`, `input_dtype`, replayed backward (peftcalc.backward)
     from its output's gradient; input buffers sum out of place under a TorchDispatchMode (the harness's
     cpu/fake tracer: at::isTensorSubclassLike), in place on plain cuda tensors."""
     rec = Recorder(ctx, bucket=0)
     x = rec.new(ctx.tokens * spec.hidden_size, input_dtype, input_rg)
-    out = family(spec).block(rec, spec, BlockSites(spec, plan, lt), x)
+    out = family(spec).block(rec, spec, BlockSites(spec, plan, training), x)
     saved = rec.saved_bytes()
-    incoming = {out.id: out.nbytes} if out.rg else {}
+    incoming = {out.id: out.nbytes} if out.requires_grad else {}
     in_place = ctx.device == "cuda"
     # under checkpointing the input is the checkpoint's, counted outside the block
     recompute = rec.recompute_peak - x.nbytes if rec.recompute_peak else 0
@@ -69,13 +69,13 @@ def simulate_block(spec: ModelSpec, plan: Plan, lt: LayerTraining, ctx: Ctx, inp
                                              recompute_saved if recompute else 0,
                                              checkpoint_input=x.id if x.id in saved else None)
     leaves = rec.live_bytes - rec.live.get(out.id, 0) - rec.live.get(x.id, 0)
-    return BlockSimulation(sum(saved.values()), tuple(rec.bytes_by_tag().items()), out.rg, out.dtype, replay.peak,
+    return BlockSimulation(sum(saved.values()), tuple(rec.bytes_by_tag().items()), out.requires_grad, out.dtype, replay.peak,
                            rec.forward_peak, rec.forward_peak_saved, x.id in rec.saved, leaves,
                            checkpointed_backward=checkpointed.peak)
 
 
 @lru_cache(maxsize=4096)
-def reentrant_block_peak(spec: ModelSpec, plan: Plan, lt: LayerTraining, ctx: Ctx, input_rg: bool,
+def reentrant_block_peak(spec: ModelSpec, plan: Plan, training: LayerTraining, ctx: StepContext, input_rg: bool,
                      input_dtype: str) -> BackwardPeak:
     """The peak of one block's backward under reentrant checkpointing (torch/utils/checkpoint.py
     CheckpointFunction.backward, use_reentrant=True), its input (the checkpoint's saved tensor, which
@@ -95,8 +95,8 @@ def reentrant_block_peak(spec: ModelSpec, plan: Plan, lt: LayerTraining, ctx: Ct
     x = rec.new(ctx.tokens * spec.hidden_size, input_dtype, input_rg)
     if input_rg:  # detach_variable: x.detach() with x's requires_grad, a leaf (autocast caches its casts)
         rec.leaf_casts[x.id] = None
-    out = family(spec).block(rec, spec, BlockSites(spec, plan, lt), x)
-    incoming = out.nbytes if out.rg else 0
+    out = family(spec).block(rec, spec, BlockSites(spec, plan, training), x)
+    incoming = out.nbytes if out.requires_grad else 0
     x_saved = x.nbytes if x.id in rec.saved else 0
     recompute = BackwardPeak(rec.forward_peak_saved - x_saved,
                              incoming + rec.forward_peak - rec.forward_peak_saved - (x.nbytes - x_saved))
@@ -105,7 +105,7 @@ def reentrant_block_peak(spec: ModelSpec, plan: Plan, lt: LayerTraining, ctx: Ct
         saved[x.id] = 0
     sentinel = rec.next_id + 1
     nodes = [Node(sentinel)] + [Node(*n)._replace(hold=sentinel) if n[0] == out.id else n for n in rec.nodes]
-    replay = run_backward(nodes, saved, {out.id: out.nbytes} if out.rg else {}, in_place=ctx.device == "cuda")
+    replay = run_backward(nodes, saved, {out.id: out.nbytes} if out.requires_grad else {}, in_place=ctx.device == "cuda")
     output = out.nbytes if (out.base or out).id not in rec.saved else 0
     inner = BackwardPeak(replay.peak.saved, replay.peak.buffers + output, replay.peak.params)
     return inner if inner.total > recompute.total else recompute
@@ -119,7 +119,7 @@ class BlockRun:
     blocks: tuple  # each block's BlockSimulation
     forward_block: tuple  # (saved, live unsaved) bytes at the largest peak inside a block's forward
     tags: dict
-    out: T  # the last block's output
+    out: SymTensor  # the last block's output
     leaves: int  # unsaved bytes the blocks leave referenced to the end of the forward (BlockSimulation.leaves)
     held_after: int = 0  # unsaved bytes the forward holds when the blocks are done, their output aside
     unsaved_block_live: int = 0  # live bytes at the largest forward peak of a block that saves nothing
@@ -132,7 +132,7 @@ class BlockRun:
     reentrant: tuple = ()  # per block: its reentrant checkpoint's backward peak (reentrant_block_peak), or None
 
 
-def run_blocks(rec: Recorder, spec: ModelSpec, plan: Plan, layout: Layout, ctx: Ctx, x: T, held: int,
+def run_blocks(rec: Recorder, spec: ModelSpec, plan: Plan, layout: Layout, ctx: StepContext, x: SymTensor, held: int,
                 embedding_held: bool, checkpointed: tuple = (), reentrant: bool = False) -> BlockRun:
     """Each block on the output of the one below (`x`: the first block's input, made by `rec`). Blocks
     with the same trainable set and the same kind of input save the same tensors: each kind is simulated
@@ -153,18 +153,18 @@ def run_blocks(rec: Recorder, spec: ModelSpec, plan: Plan, layout: Layout, ctx: 
     leaves = 0
     kinds: dict = {}  # id of a block simulation -> [it, how many layers are of its kind]
     below = rec.saved_total
-    rg, dtype = x.rg, x.dtype
+    requires_grad, dtype = x.requires_grad, x.dtype
     first = None
     seen: dict = {}  # (layer kind, input kind) -> its simulation, without hashing the plan or the layer per layer
     trainings, layer_kinds = distinct_layer_trainings(plan, layout)
     reentrant_peaks = []
     for i, k in enumerate(layer_kinds):
-        key = (k, rg, dtype)
+        key = (k, requires_grad, dtype)
         block = seen.get(key)
         if block is None:
-            block = seen[key] = simulate_block(spec, plan, trainings[k], ctx, rg, dtype)
+            block = seen[key] = simulate_block(spec, plan, trainings[k], ctx, requires_grad, dtype)
         if reentrant and checkpointed[i]:
-            reentrant_peaks.append(reentrant_block_peak(spec, plan, trainings[k], ctx, rg, dtype))
+            reentrant_peaks.append(reentrant_block_peak(spec, plan, trainings[k], ctx, requires_grad, dtype))
         else:
             reentrant_peaks.append(None)
         extra = held
@@ -185,7 +185,7 @@ def run_blocks(rec: Recorder, spec: ModelSpec, plan: Plan, layout: Layout, ctx: 
             kinds[id(block)] = [block, 1]
         else:
             kind[1] += 1
-        rg, dtype = block.out_rg, block.out_dtype
+        requires_grad, dtype = block.out_rg, block.out_dtype
     tags: dict = {}
     for block, count in kinds.values():
         for tag, nbytes in block.tags:
@@ -193,14 +193,14 @@ def run_blocks(rec: Recorder, spec: ModelSpec, plan: Plan, layout: Layout, ctx: 
     held_before = held - leaves
     if first is not None and embedding_held and x.id not in rec.saved and not first.saves_input:
         held += x.nbytes
-    run = BlockRun(tuple(per_layer), tuple(peaks), forward_block, tags, rec.new(x.numel, dtype, rg), leaves, held,
+    run = BlockRun(tuple(per_layer), tuple(peaks), forward_block, tags, rec.new(x.numel, dtype, requires_grad), leaves, held,
                    unsaved_block_live, reentrant=tuple(reentrant_peaks))
     if any(checkpointed) and not all(checkpointed):
         run = _mixed_blocks(run, rec, spec, plan, ctx, x, held_before, embedding_held, checkpointed)
     return run
 
 
-def _mixed_blocks(run: BlockRun, rec: Recorder, spec: ModelSpec, plan: Plan, ctx: Ctx, x: T, held: int,
+def _mixed_blocks(run: BlockRun, rec: Recorder, spec: ModelSpec, plan: Plan, ctx: StepContext, x: SymTensor, held: int,
                   embedding_held: bool, checkpointed: tuple) -> BlockRun:
     """The forward when only some blocks are checkpointed (transformers activation_checkpointing_enable
     with every_n_layers > 1): a checkpointed block that saves keeps only its input (torch.utils.checkpoint
@@ -234,7 +234,7 @@ def _mixed_blocks(run: BlockRun, rec: Recorder, spec: ModelSpec, plan: Plan, ctx
                    mixed_held_after=held + (x.nbytes if x_extra else 0))
 
 
-def unwrapped_saved_copies(plan: Plan, ctx: Ctx, blocks: BlockRun, checkpointed: tuple) -> int:
+def unwrapped_saved_copies(plan: Plan, ctx: StepContext, blocks: BlockRun, checkpointed: tuple) -> int:
     """autocast's cached copies of trainable weights that the blocks checkpointing leaves unwrapped save:
     their activations, not the cache's temporaries (an unwrapped block's copies are saved or among its
     leaves, BlockSimulation.leaves). 0 unless only some blocks are checkpointed."""

@@ -14,7 +14,7 @@ from peftcalc.methods.sites import site_linear
 from peftcalc.ops.linear import linear
 from peftcalc.ops.nonlinear import activation, tanh
 from peftcalc.ops.norms import layer_norm, rms_norm
-from peftcalc.ops.recorder import Recorder, T
+from peftcalc.ops.recorder import Recorder, SymTensor
 from peftcalc.ops.tensor_ops import cast, dropout, first_token
 from peftcalc.plan import Plan
 from peftcalc.spec import ModelSpec
@@ -56,7 +56,7 @@ def param_trains(plan: Plan, path: str, weight_only: bool = False) -> bool:
     return any(n == path or n.startswith(path + ".") for n in names)
 
 
-def embeddings_forward(rec: Recorder, spec: ModelSpec, plan: Plan, layout: Layout, x: T) -> T:
+def embeddings_forward(rec: Recorder, spec: ModelSpec, plan: Plan, layout: Layout, x: SymTensor) -> SymTensor:
     h = spec.hidden_size
     if spec.is_vision and rec.ctx.autocast and param_trains(plan, layout.embedding_path):
         # the patch embedding's Conv2d under autocast: convolution_backward's formula saves the input and
@@ -76,8 +76,8 @@ def embeddings_forward(rec: Recorder, spec: ModelSpec, plan: Plan, layout: Layou
     return x
 
 
-def head_linear(rec: Recorder, plan: Plan, x: T, path: str, in_f: int, out_f: int, tag: str,
-                 trains: bool | None = None) -> T:
+def head_linear(rec: Recorder, plan: Plan, x: SymTensor, path: str, in_f: int, out_f: int, tag: str,
+                 trains: bool | None = None) -> SymTensor:
     """A head Linear: trainable (a modules_to_save copy, a trainable head), or a LoRA/DoRA target
     (all-linear takes the MLM transform's dense, BERT's pooler and ViT's classifier; DoRA subtracts the
     bias of one that has it, see dora_output)."""
@@ -97,7 +97,7 @@ def biased_paths(layout: Layout) -> frozenset:
 
 @lru_cache(maxsize=1024)
 def quantized_paths(plan: Plan) -> frozenset:
-    """Module paths whose weight is NF4 (QLoRA: bitsandbytes Linear4bit, methods._quantizable)."""
+    """Module paths whose weight is NF4 (QLoRA: bitsandbytes Linear4bit, methods.lora.quantizable)."""
     return frozenset(g.name.rsplit(".", 1)[0] for g in plan.groups if g.quantized)
 
 
@@ -105,7 +105,7 @@ def has_final_norm(spec: ModelSpec, layout: Layout) -> bool:
     return bool(layout.final_norm_path) and spec.model_type != "clip_vision_model"  # CLIP norms only the pooled token
 
 
-def final_norm(rec: Recorder, spec: ModelSpec, plan: Plan, layout: Layout, x: T) -> T:
+def final_norm(rec: Recorder, spec: ModelSpec, plan: Plan, layout: Layout, x: SymTensor) -> SymTensor:
     """The base model's final norm on the last block's output (x itself where it has none)."""
     if not has_final_norm(spec, layout):
         return x
@@ -116,7 +116,7 @@ def final_norm(rec: Recorder, spec: ModelSpec, plan: Plan, layout: Layout, x: T)
                       trained_norm_params(plan, layout.final_norm_path))
 
 
-def head_forward(rec: Recorder, spec: ModelSpec, plan: Plan, layout: Layout, x: T):
+def head_forward(rec: Recorder, spec: ModelSpec, plan: Plan, layout: Layout, x: SymTensor):
     """Final norm and task head (as each ForXxx class runs them); returns (logits numel, the final
     hidden state, the tensor whose gradient starts the head's backward: the logits, or the bare
     encoder's loss)."""
@@ -141,7 +141,7 @@ def head_forward(rec: Recorder, spec: ModelSpec, plan: Plan, layout: Layout, x: 
     if spec.task == "seq_cls" and spec.is_decoder:  # score on every position, then gather the last
         scores = head_linear(rec, plan, x, "score", h, spec.num_labels, "score")
         # logits[arange(b), last_non_pad]: index's backward makes zeros like the scores and index_put
-        logits = rec.new(b * spec.num_labels, scores.dtype, scores.rg)
+        logits = rec.new(b * spec.num_labels, scores.dtype, scores.requires_grad)
         rec.node(logits, [("new", "z", scores.nbytes), ("new", "d", scores.nbytes), ("free", "z")],
                  [(scores.id, "d")])
         return b * spec.num_labels, x, logits
@@ -166,8 +166,8 @@ def head_forward(rec: Recorder, spec: ModelSpec, plan: Plan, layout: Layout, x: 
     # forward_loss): pow saves its fp32 input; the backward expands the mean's gradient and makes
     # pow's grad * 2 x (x.pow(1) and 2 * _ as temporaries).
     x32 = cast(rec, x, "float32")
-    loss = rec.new(1, "float32", x.rg)
-    if x.rg:
+    loss = rec.new(1, "float32", x.requires_grad)
+    if x.requires_grad:
         xs = rec.save(x32, "loss.pow_input")
         n = x32.nbytes
         sq = rec.new(x.numel, "float32", True)
@@ -177,7 +177,7 @@ def head_forward(rec: Recorder, spec: ModelSpec, plan: Plan, layout: Layout, x: 
     return 0, x, loss
 
 
-def unsaved_model_output(rec: Recorder, hidden: T) -> int:
+def unsaved_model_output(rec: Recorder, hidden: SymTensor) -> int:
     """The base model's output (last_hidden_state: the final norm's output, or the last block's)
     stays alive until the loss is computed, because the ForXxx forward holds ``outputs`` (e.g.
     LlamaForCausalLM.forward: outputs = self.model(...); logits = self.lm_head(outputs.last_hidden_state);
@@ -187,9 +187,9 @@ def unsaved_model_output(rec: Recorder, hidden: T) -> int:
     return 0 if storage.id in rec.saved else storage.nbytes
 
 
-def head_backward(rec: Recorder, start: int, root: T) -> BackwardPeak:
+def head_backward(rec: Recorder, start: int, root: SymTensor) -> BackwardPeak:
     """The head's backward replayed (peftcalc.backward) from the nodes recorded since `start`, with what
     the head ('post') saved, from the gradient of `root` (the logits, or the bare encoder's loss)."""
     post_saved = {tid: nbytes for tid, (bucket, _t, nbytes) in rec.saved.items() if bucket == "post"}
-    return run_backward(rec.nodes[start:], post_saved, {root.id: root.nbytes} if root.rg else {},
+    return run_backward(rec.nodes[start:], post_saved, {root.id: root.nbytes} if root.requires_grad else {},
                         in_place=rec.ctx.device == "cuda").peak

@@ -13,7 +13,7 @@ from peftcalc.families.llava import LANGUAGE_MODEL, PROJECTOR
 from peftcalc.methods.adapter import BLOCK_ADAPTER_TAG, resolve_adapter_kind, resolve_bottleneck
 from peftcalc.methods.sites import layer_trainings
 from peftcalc.methods.vlm import vision_layer_of, vision_layers_used
-from peftcalc.ops.context import Ctx
+from peftcalc.ops.context import StepContext
 from peftcalc.ops.linear import linear
 from peftcalc.ops.nonlinear import activation
 from peftcalc.ops.norms import layer_norm_stats_dtype
@@ -121,14 +121,14 @@ def vision_saves(plan: Plan, t: TrainingSettings) -> VisionSaves:
     ctx = make_ctx(vspec, vplan, t)
     used = vision_layers_used(plan.spec)
     tok, h, inter = ctx.tokens, vspec.hidden_size, vspec.intermediate_size
-    wb, cb = DTYPE_BYTES[ctx.weight], DTYPE_BYTES[ctx.autocast or ctx.compute]
-    x_rg, x_dtype = input_rg, ctx.weight  # pre_layrnorm's output (LayerNorm: fp32 under autocast)
+    wb, cb = DTYPE_BYTES[ctx.weight_dtype], DTYPE_BYTES[ctx.autocast or ctx.compute_dtype]
+    x_rg, x_dtype = input_rg, ctx.weight_dtype  # pre_layrnorm's output (LayerNorm: fp32 under autocast)
     leaf = _vision_input_leaf_bytes(vspec, ctx) if input_rg else 0
     kept = leaf + _vision_input_grad_saves(vspec, ctx) if input_rg else 0
     dropped = cached = peak = 0
     feature_rg = False
-    for i, lt in enumerate(layer_trainings(vplan, build_layout(vspec))):
-        block = simulate_block(vspec, vplan, lt, ctx, x_rg, x_dtype)
+    for i, training in enumerate(layer_trainings(vplan, build_layout(vspec))):
+        block = simulate_block(vspec, vplan, training, ctx, x_rg, x_dtype)
         saved, tags, x_rg_next, x_dtype_next = block.saved, block.tags, block.out_rg, block.out_dtype
         hook = {tag: nbytes for tag, nbytes in tags if tag.startswith(BLOCK_ADAPTER_TAG + ".")}
         after_mlp = sum(nbytes for tag, nbytes in tags if tag.startswith(("mlp.fc2.adapter.", BLOCK_ADAPTER_TAG + ".")))
@@ -155,17 +155,17 @@ def vision_saves(plan: Plan, t: TrainingSettings) -> VisionSaves:
     return VisionSaves(kept - leaf, dropped, feature_rg, cached, encoder_input + peak, leaf)
 
 
-def _frozen_layer_working_set(vspec: ModelSpec, ctx: Ctx) -> int:
+def _frozen_layer_working_set(vspec: ModelSpec, ctx: StepContext) -> int:
     """What a CLIP encoder layer that saves nothing holds at its forward's peak besides its input (the
     per-layer part of vision_forward_bytes): the residual after attention, the MLP's LayerNorm output and
     the activation's intermediates, or, in the attention half, the LayerNorm output, q, k, v and the output."""
     tok, h = ctx.batch * vspec.vision_seq_len, vspec.hidden_size
-    wb, cb = DTYPE_BYTES[ctx.weight], DTYPE_BYTES[ctx.autocast or ctx.compute]
+    wb, cb = DTYPE_BYTES[ctx.weight_dtype], DTYPE_BYTES[ctx.autocast or ctx.compute_dtype]
     intermediates = 3 if vspec.hidden_act == "quick_gelu" else 2
     return max(2 * tok * h * wb + intermediates * tok * vspec.intermediate_size * cb, tok * h * wb + 4 * tok * h * cb)
 
 
-def _vision_input_leaf_bytes(vspec: ModelSpec, ctx: Ctx) -> int:
+def _vision_input_leaf_bytes(vspec: ModelSpec, ctx: StepContext) -> int:
     """Gradient checkpointing makes the vision tower's input need a gradient: transformers'
     PreTrainedModel.gradient_checkpointing_enable calls enable_input_require_grads for a model whose
     main input is input_ids (LLaVA), and that hooks the input embeddings of every PreTrainedModel inside,
@@ -174,10 +174,10 @@ def _vision_input_leaf_bytes(vspec: ModelSpec, ctx: Ctx) -> int:
     with the class embedding saves nothing) but its AccumulateGrad node holds to the end of backward, as
     the language model's hooked token embeddings (ActivationProfile.input_leaf; the tracer counts it
     as 'other'). Its .grad, written at the end of backward, is not counted."""
-    return ctx.batch * vspec.num_patches * vspec.hidden_size * DTYPE_BYTES[ctx.autocast or ctx.weight]
+    return ctx.batch * vspec.num_patches * vspec.hidden_size * DTYPE_BYTES[ctx.autocast or ctx.weight_dtype]
 
 
-def _vision_input_grad_saves(vspec: ModelSpec, ctx: Ctx) -> int:
+def _vision_input_grad_saves(vspec: ModelSpec, ctx: StepContext) -> int:
     """What the vision tower saves because its input needs a gradient (_vision_input_leaf_bytes): the
     position add saves nothing; pre_layrnorm saves its input (b x 577 x hidden, fp32 under autocast: the
     cat promotes to the fp32 class embedding) with mean and rstd, and every encoder layer saves (its
@@ -185,8 +185,8 @@ def _vision_input_grad_saves(vspec: ModelSpec, ctx: Ctx) -> int:
     v = vspec
     tok = ctx.batch * v.vision_seq_len
     # pre_layrnorm's input: the weight dtype, or fp32 under autocast (the cat's promotion), as its weights
-    stats = layer_norm_stats_dtype(ctx, "float32" if ctx.autocast else ctx.weight)
-    return tok * v.hidden_size * DTYPE_BYTES[ctx.weight] + 2 * tok * DTYPE_BYTES[stats]
+    stats = layer_norm_stats_dtype(ctx, "float32" if ctx.autocast else ctx.weight_dtype)
+    return tok * v.hidden_size * DTYPE_BYTES[ctx.weight_dtype] + 2 * tok * DTYPE_BYTES[stats]
 
 
 def projector_input_numel(spec: ModelSpec, batch: int) -> int:
@@ -229,12 +229,12 @@ def llava_profile(plan: Plan, t: TrainingSettings) -> ActivationProfile:
         if ctx.autocast:
             rec.save_new(b * itok * hv, ctx.autocast, "projector.linear_1.input")
         elif feature_rg:  # traced: a contiguous copy of the [:, 1:] view (its storage is saved by the next layer)
-            rec.save_new(b * itok * hv, ctx.weight, "projector.linear_1.input")
+            rec.save_new(b * itok * hv, ctx.weight_dtype, "projector.linear_1.input")
         else:
-            rec.save_new(projector_input_numel(spec, b), ctx.weight, "projector.linear_1.input")
+            rec.save_new(projector_input_numel(spec, b), ctx.weight_dtype, "projector.linear_1.input")
     if ctx.autocast and feature_rg:
         rec.save_new(hv * h, ctx.autocast, "projector.linear_1.autocast_weight")
-    p1 = rec.new(b * itok * h, ctx.autocast or ctx.compute, trains or feature_rg)
+    p1 = rec.new(b * itok * h, ctx.autocast or ctx.compute_dtype, trains or feature_rg)
     act = activation(rec, p1, "gelu", "projector.act")
     linear(rec, act, h, h, param_trains(plan, f"{PROJECTOR}.linear_2", True), "projector.linear_2")
     if plan.embedding_trains:  # masked_scatter saves the image-token mask (bool, b x seq, expanded view)
@@ -243,7 +243,7 @@ def llava_profile(plan: Plan, t: TrainingSettings) -> ActivationProfile:
     if input_embeddings_require_grad(spec, t) and not param_trains(plan, build_layout(spec).embedding_path):
         # the hooked output of the frozen token embeddings is a leaf held to the end of backward
         # (masked_scatter makes the tensor the language model gets; ActivationProfile.input_leaf)
-        leaf = ctx.tokens * h * DTYPE_BYTES[ctx.weight]
+        leaf = ctx.tokens * h * DTYPE_BYTES[ctx.weight_dtype]
     extra = rec.bytes_by_bucket().get("pre", 0) + vision_kept
     tags = dict(text.by_tag)
     for tag, nbytes in rec.bytes_by_tag().items():
@@ -253,11 +253,11 @@ def llava_profile(plan: Plan, t: TrainingSettings) -> ActivationProfile:
     # LlavaModel.forward keeps the image features (torch.cat of the projector's outputs, cast to the
     # embeddings' dtype) to the end of forward and returns them as image_hidden_states: alive through
     # the language model and the loss, dropped with the outputs before backward
-    features = b * itok * h * DTYPE_BYTES[ctx.weight]
+    features = b * itok * h * DTYPE_BYTES[ctx.weight_dtype]
     # The forward:block event (memory._step_events: pre + saved + transient) is the larger of a language
     # model block's working set and the vision tower's forward, which runs before the language model
     # saves anything (with unfrozen layers, the tower's own saved tensors are alive by its last layer)
-    vision_ws = ctx.tokens * h * DTYPE_BYTES[ctx.weight] + vs.forward_peak if vs.forward_peak \
+    vision_ws = ctx.tokens * h * DTYPE_BYTES[ctx.weight_dtype] + vs.forward_peak if vs.forward_peak \
         else vision_forward_bytes(spec, ctx)
     # the saved tensors of the vision layers above the feature layer live through the language model's forward
     transient, transient_saved = text.forward_transient + features + vision_dropped, text.forward_transient_saved
@@ -286,7 +286,7 @@ def llava_profile(plan: Plan, t: TrainingSettings) -> ActivationProfile:
                    autocast_weight_cache=weight_cache, by_tag=tuple(sorted(tags.items())))
 
 
-def vision_forward_bytes(spec: ModelSpec, ctx: Ctx) -> int:
+def vision_forward_bytes(spec: ModelSpec, ctx: StepContext) -> int:
     """Live bytes while a frozen CLIP vision tower runs its forward (traced, transformers 5.x: the
     hidden states are not all kept; each layer's output dies in the next layer, only the selected one
     survives). LlavaModel.forward has already embedded the tokens (b x seq x hidden, `ctx` is the
@@ -297,8 +297,8 @@ def vision_forward_bytes(spec: ModelSpec, ctx: Ctx) -> int:
     q, k, v, output) is smaller for CLIP's 4x MLP but is taken when larger."""
     v = spec.vision
     tok = ctx.batch * v.vision_seq_len
-    wb = DTYPE_BYTES[ctx.weight]
-    cb = DTYPE_BYTES[ctx.autocast or ctx.compute]
+    wb = DTYPE_BYTES[ctx.weight_dtype]
+    cb = DTYPE_BYTES[ctx.autocast or ctx.compute_dtype]
     intermediates = 3 if v.hidden_act == "quick_gelu" else 2
     mlp = 4 * tok * v.hidden_size * wb + intermediates * tok * v.intermediate_size * cb
     attn = 3 * tok * v.hidden_size * wb + 4 * tok * v.hidden_size * cb

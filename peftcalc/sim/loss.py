@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from peftcalc.ops.context import Ctx
+from peftcalc.ops.context import StepContext
 from peftcalc.settings import DTYPE_BYTES
 from peftcalc.spec import ModelSpec
 
@@ -28,7 +28,7 @@ class LossBuffers:
     scalars: int  # the loss and backward's ones_like seed
 
 
-def loss_buffers(spec: ModelSpec, ctx: Ctx, logits_numel: int) -> LossBuffers:
+def loss_buffers(spec: ModelSpec, ctx: StepContext, logits_numel: int) -> LossBuffers:
     """The loss buffers (see LossBuffers).
 
     Causal LM (transformers loss_utils.ForCausalLMLoss): logits.float() (a copy unless already fp32),
@@ -40,7 +40,7 @@ def loss_buffers(spec: ModelSpec, ctx: Ctx, logits_numel: int) -> LossBuffers:
     Masked LM (BertForMaskedLM: CrossEntropyLoss on the logits as they are): the same without upcast
     (the labels are the harness's input tensor). The loss and the initial gradient torch.autograd.backward creates
     (torch/csrc/autograd/autograd.cpp _make_grads: ones_like(loss)) are scalars in the loss dtype.
-    A bare encoder's loss (measure.run forward_loss: last_hidden_state.float().pow(2).mean()) is fp32.
+    A bare encoder's loss (measure.setup forward_loss: last_hidden_state.float().pow(2).mean()) is fp32.
     The forward's peak is nll_loss_forward's return (aten nll_loss_forward: the loss and total_weight,
     two scalars in the loss dtype; NllLossBackward0 saves total_weight), while ForCausalLMLoss still holds
     the padded labels its shift_labels were cut from (``labels = pad(labels, (0, 1))``: b x (seq + 1) int64);
@@ -48,7 +48,7 @@ def loss_buffers(spec: ModelSpec, ctx: Ctx, logits_numel: int) -> LossBuffers:
     """
     if not logits_numel:
         return LossBuffers(0, 0, 0, 0, 2 * 4)
-    logit_dtype = ctx.autocast or ctx.compute
+    logit_dtype = ctx.autocast or ctx.compute_dtype
     if spec.task == "causal_lm":
         loss_dtype = "float32"
     else:

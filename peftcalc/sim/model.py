@@ -9,8 +9,8 @@ from functools import lru_cache
 
 from peftcalc.families import build_layout, dropout_p
 from peftcalc.layout import Layout
-from peftcalc.ops.context import Ctx
-from peftcalc.ops.recorder import Recorder, T
+from peftcalc.ops.context import StepContext
+from peftcalc.ops.recorder import Recorder, SymTensor
 from peftcalc.plan import Plan
 from peftcalc.settings import DTYPE_BYTES, TrainingSettings
 from peftcalc.sim.autocast_cache import autocast_weight_cache_bytes
@@ -45,20 +45,20 @@ def model_profile(plan: Plan, t: TrainingSettings, checkpointed: tuple) -> Activ
         # conv's output, in autocast's dtype under autocast) is such a leaf too; the class token is
         # concatenated before it and the positions added
         numel = t.batch_size * spec.num_patches * h
-        leaf = numel * DTYPE_BYTES[ctx.autocast or ctx.weight]
-        rec.new(numel, ctx.autocast or ctx.weight, True)
+        leaf = numel * DTYPE_BYTES[ctx.autocast or ctx.weight_dtype]
+        rec.new(numel, ctx.autocast or ctx.weight_dtype, True)
     elif hooked and not plan.embedding_trains and (spec.model_type in ("gpt2", "bert", "roberta")
                                                    or plan.settings.method == "prompt"):
         # the hooked output of the frozen word embeddings is a leaf that requires grad: its
         # AccumulateGrad node holds it to the end of backward, and it is not the tensor the blocks get
         # (positions are added to it, or peft concatenates the prompt before it)
-        leaf = t.batch_size * t.seq_len * h * DTYPE_BYTES[ctx.weight]
-        rec.new(t.batch_size * t.seq_len * h, ctx.weight, True)
+        leaf = t.batch_size * t.seq_len * h * DTYPE_BYTES[ctx.weight_dtype]
+        rec.new(t.batch_size * t.seq_len * h, ctx.weight_dtype, True)
     indices = _embedding_indices_saved(spec, plan, layout, ctx)
     for numel, tag in indices:
         rec.save_new(numel, "int64", tag)
     # The embedding output: token embeddings (+ positions) in the weight dtype.
-    x = rec.new(tok * h, ctx.weight, input_rg)
+    x = rec.new(tok * h, ctx.weight_dtype, input_rg)
     x = embeddings_forward(rec, spec, plan, layout, x)
     if plan.settings.method in ("prefix", "prompt"):
         # peft PeftModel.get_prompt: self.prompt_tokens[adapter].unsqueeze(0).expand(batch, -1), an int64
@@ -68,7 +68,7 @@ def model_profile(plan: Plan, t: TrainingSettings, checkpointed: tuple) -> Activ
     if spec.model_type in ("llama", "mistral", "qwen2") and grads_reach_blocks:
         # LlamaRotaryEmbedding's cos and sin (1 x seq x head_dim, in the hidden states' dtype), shared
         # by every layer, saved by q * cos and rotate_half(q) * sin
-        rec.save_new(2 * ctx.seq * spec.head_dim, ctx.weight, "rotary.cos_sin")
+        rec.save_new(2 * ctx.seq * spec.head_dim, ctx.weight_dtype, "rotary.cos_sin")
     # held while the blocks run: prompt tuning's inputs, the positions and rotary embeddings of the
     # Llama family (what the blocks leave referenced adds up in run_blocks)
     held = _prompt_inputs_held(spec, plan, ctx) + _positions_held(spec, ctx, grads_reach_blocks)
@@ -99,7 +99,7 @@ def model_profile(plan: Plan, t: TrainingSettings, checkpointed: tuple) -> Activ
         input_leaf=leaf,
         forward_checkpoint_inputs=_forward_checkpoint_inputs(spec, ctx, t, per_layer, checkpointed),
         lookup_saved=_lookup_saved(plan, indices),
-        logits_bytes=logits_numel * DTYPE_BYTES[ctx.autocast or ctx.compute],
+        logits_bytes=logits_numel * DTYPE_BYTES[ctx.autocast or ctx.compute_dtype],
         loss_saved=loss.saved,
         loss_saved_backward=loss.saved_backward,
         loss_backward_peak=loss.backward_peak,
@@ -116,14 +116,14 @@ def model_profile(plan: Plan, t: TrainingSettings, checkpointed: tuple) -> Activ
         # fake tiny-llama frozen amp-bf16 b3 s48, its 512 x 64 bf16 copy alive through the loss)
         forward_leaves=blocks.leaves + rec.unsaved_cached_copies(),
         blocks=blocks.blocks,
-        embedding_grad=x.nbytes if x.rg else 0,
+        embedding_grad=x.nbytes if x.requires_grad else 0,
         by_tag=tuple(sorted(tags.items())),
         checkpointed=checkpointed,
         reentrant_backward=blocks.reentrant if t.checkpoint_reentrant else (),
     )
 
 
-def _final_norm_peak(spec: ModelSpec, plan: Plan, layout: Layout, ctx: Ctx, out: T) -> tuple[int, int]:
+def _final_norm_peak(spec: ModelSpec, plan: Plan, layout: Layout, ctx: StepContext, out: SymTensor) -> tuple[int, int]:
     """The final norm's forward on the last block's output, simulated alone like a block: (peak, saved at
     it), its input included. It runs inside the base model's forward (LlamaModel.forward's self.norm,
     ViTModel's layernorm, GPT2Model's ln_f), with what the forward holds when the blocks are done
@@ -131,11 +131,11 @@ def _final_norm_peak(spec: ModelSpec, plan: Plan, layout: Layout, ctx: Ctx, out:
     (tiny-llama-cls prefix amp-bf16, fake): the step's peak is LlamaRMSNorm's x * rsqrt and
     weight * _, with the variance still referenced."""
     rec = Recorder(ctx, bucket="post")
-    final_norm(rec, spec, plan, layout, rec.new(out.numel, out.dtype, out.rg))
+    final_norm(rec, spec, plan, layout, rec.new(out.numel, out.dtype, out.requires_grad))
     return rec.forward_peak, rec.forward_peak_saved
 
 
-def with_final_norm(spec: ModelSpec, plan: Plan, layout: Layout, ctx: Ctx, blocks: BlockRun,
+def with_final_norm(spec: ModelSpec, plan: Plan, layout: Layout, ctx: StepContext, blocks: BlockRun,
                      below: int) -> tuple:
     """BlockRun.forward_block, or the final norm's peak (_final_norm_peak) where it is larger, on what
     the model's forward (`below`) and the blocks saved."""
@@ -155,7 +155,7 @@ def _as_kept(blocks: BlockRun) -> BlockRun:
                    held_after=blocks.mixed_held_after)
 
 
-def _positions_held(spec: ModelSpec, ctx: Ctx, rotary_saved: bool) -> int:
+def _positions_held(spec: ModelSpec, ctx: StepContext, rotary_saved: bool) -> int:
     """LlamaModel.forward (Mistral, Qwen2) holds cache_position (int64, one per token of the sequence)
     and the rotary position embeddings (cos, sin: 1 x seq x head_dim each, in the hidden states' dtype)
     while the layers run; cos and sin count as saved where the layers need gradients (activation_profile
@@ -163,12 +163,12 @@ def _positions_held(spec: ModelSpec, ctx: Ctx, rotary_saved: bool) -> int:
     builds a (1, 1, seq, past + seq) bool mask, held too (traced)."""
     if spec.model_type not in ("llama", "mistral", "qwen2"):
         return 0
-    rotary = 0 if rotary_saved else 2 * ctx.seq * spec.head_dim * DTYPE_BYTES[ctx.weight]
+    rotary = 0 if rotary_saved else 2 * ctx.seq * spec.head_dim * DTYPE_BYTES[ctx.weight_dtype]
     mask = ctx.seq * ctx.kv_seq if ctx.kv_seq != ctx.seq else 0
     return ctx.seq * 8 + rotary + mask
 
 
-def _embedding_indices_saved(spec: ModelSpec, plan: Plan, layout: Layout, ctx: Ctx) -> list:
+def _embedding_indices_saved(spec: ModelSpec, plan: Plan, layout: Layout, ctx: StepContext) -> list:
     """(numel, tag) of the int64 indices the model's forward makes for its position or token-type
     embeddings, which their EmbeddingBackward saves when the embedding trains (derivatives.yaml
     embedding: indices): GPT2Model.forward's position_ids, arange(seq).unsqueeze(0) (wpe);
@@ -203,10 +203,10 @@ def _lookup_saved(plan: Plan, indices: list) -> int:
     return sum(numel * 8 for numel, _tag in indices) + prompt
 
 
-def _forward_checkpoint_inputs(spec: ModelSpec, ctx: Ctx, t: TrainingSettings, per_layer: tuple,
+def _forward_checkpoint_inputs(spec: ModelSpec, ctx: StepContext, t: TrainingSettings, per_layer: tuple,
                                checkpointed: tuple = ()) -> int:
-    """Under checkpointing, the hidden states a light block's forward holds (block_forward_transient: the
-    embeddings output and the block's input) were each a checkpoint's input, which torch saves for
+    """Under checkpointing, the hidden states held by the forward of a block that saves nothing (one below
+    the lowest trainable block; block_forward_transient: the embeddings output and the block's input) were each a checkpoint's input, which torch saves for
     backward whether or not anything below needs a gradient (torch/utils/checkpoint.py
     _checkpoint_without_reentrant_generator: ``_NoopSaveInputs.apply(dummy, kwargs, *args)``, a
     save_for_backward of every tensor argument): two of them from the second block on, the first and
@@ -214,10 +214,10 @@ def _forward_checkpoint_inputs(spec: ModelSpec, ctx: Ctx, t: TrainingSettings, p
     if not t.grad_checkpointing or all(per_layer):
         return 0
     wrapped = min(2, spec.num_layers) if all(checkpointed) else sum(checkpointed[:2])
-    return wrapped * ctx.tokens * spec.hidden_size * DTYPE_BYTES[ctx.weight]
+    return wrapped * ctx.tokens * spec.hidden_size * DTYPE_BYTES[ctx.weight_dtype]
 
 
-def _checkpointed_layer_positions(spec: ModelSpec, ctx: Ctx, t: TrainingSettings) -> int:
+def _checkpointed_layer_positions(spec: ModelSpec, ctx: StepContext, t: TrainingSettings) -> int:
     """Under gradient checkpointing transformers' GradientCheckpointingLayer (modeling_layers.py)
     checkpoints ``partial(forward, self, **kwargs)``, and torch.utils.checkpoint's frame keeps that
     function to recompute the layer (``_CheckpointFrame.recompute_fn``) until the layer's backward has
@@ -231,20 +231,20 @@ def _checkpointed_layer_positions(spec: ModelSpec, ctx: Ctx, t: TrainingSettings
     return ctx.seq * 8
 
 
-def _prompt_inputs_held(spec: ModelSpec, plan: Plan, ctx: Ctx) -> int:
+def _prompt_inputs_held(spec: ModelSpec, plan: Plan, ctx: StepContext) -> int:
     """Prompt tuning: peft's PeftModel.forward keeps `prompts` (the prompt encoder's output repeated
     over the batch) and inputs_embeds = cat(prompts, word embeddings) referenced while the base model
     runs; where the model's embeddings make a new tensor from inputs_embeds (BERT/RoBERTa add positions
     and token types, GPT-2 positions) the concatenation is held besides the embedding output."""
     if plan.settings.method != "prompt":
         return 0
-    wb = DTYPE_BYTES[ctx.weight]
+    wb = DTYPE_BYTES[ctx.weight_dtype]
     prompts = ctx.batch * plan.settings.num_virtual_tokens * spec.hidden_size * wb
     concatenated = ctx.tokens * spec.hidden_size * wb if spec.model_type in ("bert", "roberta", "gpt2") else 0
     return prompts + concatenated
 
 
-def block_forward_transient(spec: ModelSpec, plan: Plan, ctx: Ctx, per_layer: tuple, unsaved_block_live: int = 0) -> int:
+def block_forward_transient(spec: ModelSpec, plan: Plan, ctx: StepContext, per_layer: tuple, unsaved_block_live: int = 0) -> int:
     """The working set of one block's forward that autograd does not keep (what the forward:block event
     adds under gradient checkpointing). Where some block saves nothing (it is below the lowest trainable
     one) it is that block's forward as simulated op by op (`unsaved_block_live`, see run_blocks: a block
@@ -256,13 +256,13 @@ def block_forward_transient(spec: ModelSpec, plan: Plan, ctx: Ctx, per_layer: tu
     if any(not a for a in per_layer):
         return unsaved_block_live
     tok, b, s, kv = ctx.tokens, ctx.batch, ctx.seq, ctx.kv_seq
-    cb = DTYPE_BYTES[ctx.autocast or ctx.compute]
+    cb = DTYPE_BYTES[ctx.autocast or ctx.compute_dtype]
     scores = b * spec.num_heads * s * kv
     dora = 0
     if plan.settings.dora and plan.targets:
         layout = build_layout(spec)
         mods = {m.path: m for m in layout.modules}
-        dora = max(((m.in_features ** 2 + 3 * m.in_features * m.out_features) * DTYPE_BYTES[ctx.adapter]
+        dora = max(((m.in_features ** 2 + 3 * m.in_features * m.out_features) * DTYPE_BYTES[ctx.adapter_dtype]
                     for m in (mods[p] for p in plan.targets) if m.kind in ("linear", "conv1d")), default=0)
     fused = ctx.attention != "eager" and not (dropout_p(spec, "attn") > 0 and ctx.device == "cpu")
     return max(dora, tok * spec.intermediate_size * cb if fused else scores * 4)

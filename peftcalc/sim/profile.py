@@ -1,5 +1,5 @@
 """ActivationProfile, what the simulation of one forward hands the memory model, and the step context
-(ops.context.Ctx) of a plan under training settings.
+(ops.context.StepContext) of a plan under training settings.
 """
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from peftcalc.backward import BackwardPeak
-from peftcalc.ops.context import Ctx
+from peftcalc.ops.context import StepContext
 from peftcalc.plan import Plan
 from peftcalc.settings import TrainingSettings
 from peftcalc.spec import ModelSpec
@@ -18,6 +18,7 @@ __all__ = [
     "make_ctx",
     "prepare_kbit_upcasts",
     "stream_dtype",
+    "stream_dtypes",
 ]
 
 
@@ -65,7 +66,19 @@ class ActivationProfile:
         return sum(self.per_layer) + self.pre + self.post
 
 
-def make_ctx(spec: ModelSpec, plan: Plan, t: TrainingSettings) -> Ctx:
+def stream_dtypes(plan: Plan, t: TrainingSettings) -> tuple[str, str]:
+    """(weight dtype, compute dtype) of the step's base weights and activation stream: the training
+    settings', or fp32 for both where peft's prepare_model_for_kbit_training upcasts a QLoRA model
+    (prepare_kbit_upcasts)."""
+    if plan.settings.method == "qlora" and prepare_kbit_upcasts(plan, t):
+        return "float32", "float32"
+    return t.weight_dtype, t.compute_dtype
+
+
+def make_ctx(spec: ModelSpec, plan: Plan, t: TrainingSettings) -> StepContext:
+    """The StepContext of `plan` under `t`, for the model `spec` (a part's inside LLaVA or BLIP-2): its
+    sequence (a vision model's patches; prompt tuning's virtual tokens added to the queries, prefix
+    tuning's to the keys), dtypes and a QLoRA base's quantization."""
     seq = spec.vision_seq_len if spec.is_vision else t.seq_len
     kv_seq = seq
     method = plan.settings.method
@@ -74,19 +87,16 @@ def make_ctx(spec: ModelSpec, plan: Plan, t: TrainingSettings) -> Ctx:
         kv_seq = seq
     elif method == "prefix":
         kv_seq = seq + plan.settings.num_virtual_tokens
-    weight = t.weight_dtype
-    compute = t.compute_dtype
-    if method == "qlora" and prepare_kbit_upcasts(plan, t):
-        weight = compute = "float32"
+    weight, compute = stream_dtypes(plan, t)
     adapter = "float32"  # peft autocast_adapter_dtype=True keeps adapters in fp32
-    return Ctx(
+    return StepContext(
         batch=t.batch_size,
         seq=seq,
         kv_seq=kv_seq,
-        compute=compute,
-        weight=weight,
+        compute_dtype=compute,
+        weight_dtype=weight,
         autocast=t.autocast_dtype,
-        adapter=adapter,
+        adapter_dtype=adapter,
         device=t.device,
         attention=t.attention,
         quant_compute=t.compute_dtype if method == "qlora" else "",
@@ -101,7 +111,7 @@ def input_embeddings_require_grad(spec: ModelSpec, t: TrainingSettings) -> bool:
     enable_input_require_grads on models whose main_input_name is input_ids (the text models; ViT and
     CLIP take pixel_values), a forward hook that runs ``output.requires_grad_(True)``. Then the embeddings
     module's own ops save for backward and every block's input needs a gradient. Under reentrant
-    checkpointing a vision model gets the hook too (measure.run.prepare_for_training: CheckpointFunction
+    checkpointing a vision model gets the hook too (measure.setup.prepare_for_training: CheckpointFunction
     runs the block under no_grad, so without an input that requires grad no gradient reaches the
     adapters; peft's PeftModel._prepare_model_for_gradient_checkpointing does the same)."""
     return t.grad_checkpointing and (not spec.is_vision or t.checkpoint_reentrant)
@@ -118,5 +128,5 @@ def prepare_kbit_upcasts(plan: Plan, t: TrainingSettings) -> bool:
     return plan.settings.prepare_kbit and t.autocast_dtype is None and t.weight_dtype != "float32"
 
 
-def stream_dtype(ctx: Ctx) -> str:
-    return ctx.weight
+def stream_dtype(ctx: StepContext) -> str:
+    return ctx.weight_dtype

@@ -7,7 +7,7 @@ import torch
 import transformers
 
 from measure.build import build_base_model
-from peftcalc.spec import ARCHITECTURE_TASKS, KEEP_IN_FP32_MODULES
+from peftcalc.families import ARCHITECTURE_TASKS, KEEP_IN_FP32_MODULES
 
 TINY_MODELS = ["tiny-llama", "tiny-llama-cls", "tiny-mistral", "tiny-qwen2", "tiny-gpt2", "tiny-bert", "tiny-bert-cls",
                "tiny-roberta", "tiny-vit-cls", "tiny-clip-vision", "tiny-llava", "tiny-blip2"]
@@ -60,7 +60,7 @@ def test_qlora_keeps_a_biased_classifier_head_unquantized(tiny):
     QLoRA rows of the ci matrix were errors). The harness names the head, as the working recipe does;
     causal LMs (lm_head) and Llama classifiers (score, no bias) keep the default."""
     from measure.build import head_skip_modules
-    from peftcalc.spec import load_spec
+    from peftcalc.config import load_spec
 
     def skip(name):
         return head_skip_modules(build_base_model(tiny(name, method="full").spec, device="meta"))

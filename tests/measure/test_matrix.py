@@ -10,7 +10,7 @@ import measure.run
 from measure.matrix import ROW_KEYS, done_keys, expand_matrix, load_matrix, run_matrix
 from peftcalc.errors import InputError
 from peftcalc.methods import KNOWN_METHODS, METHODS
-from peftcalc.spec import SUPPORTED_MODEL_TYPES
+from peftcalc.families import SUPPORTED_MODEL_TYPES
 
 TINY = """
 [models.t-llama]

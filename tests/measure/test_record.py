@@ -4,7 +4,7 @@ from measure.matrix import load_matrix
 from measure.record import row_key, settings_record
 from peftcalc.methods import MethodSettings
 from peftcalc.settings import TrainingSettings
-from peftcalc.spec import load_spec
+from peftcalc.config import load_spec
 
 
 def test_settings_record_resolves_the_default_adapter_kind():

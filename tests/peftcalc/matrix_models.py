@@ -5,7 +5,7 @@ import tomllib
 from functools import lru_cache
 from pathlib import Path
 
-from peftcalc.spec import load_spec
+from peftcalc.config import load_spec
 
 MATRICES = Path(__file__).parents[2] / "measure" / "matrices"
 

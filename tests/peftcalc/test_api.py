@@ -11,7 +11,7 @@ from peftcalc.memory import reserved_bytes, timeline
 from peftcalc.errors import InputError
 from peftcalc.methods import MethodSettings, make_plan, methods_for
 from peftcalc.settings import TrainingSettings
-from peftcalc.spec import load_spec
+from peftcalc.config import load_spec
 
 
 def test_max_batch_is_the_largest_batch_that_fits():

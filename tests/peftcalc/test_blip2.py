@@ -14,7 +14,7 @@ from peftcalc.errors import InputError
 from peftcalc.families import build_layout
 from peftcalc.layout import param_names
 from peftcalc.methods import METHODS, MethodSettings, make_plan, methods_for
-from peftcalc.spec import load_spec, registry_configs, spec_from_config
+from peftcalc.config import load_spec, registry_configs, spec_from_config
 
 MODEL = "blip2-opt-2.7b"
 TOTAL = 3_744_761_856
@@ -108,7 +108,7 @@ def test_fp16_keeps_the_qformer_fp32_by_hand(precision, kept):
     fp32 (4 bytes, their gradients and both AdamW moments too), the projection and the frozen rest fp16; under
     bf16 nothing is kept (only _keep_in_fp32_modules_strict applies to bf16, and BLIP-2 has none); under
     amp-fp16 every weight is fp32 already."""
-    from peftcalc.memory import model_states
+    from peftcalc.model_states import model_states
     from peftcalc.settings import TrainingSettings
 
     assert KEPT_FP32 == 105_162_240

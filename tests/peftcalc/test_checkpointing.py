@@ -12,7 +12,7 @@ import pytest
 
 from peftcalc import estimate
 from peftcalc.activations import activation_profile
-from peftcalc.ops.context import Ctx
+from peftcalc.ops.context import StepContext
 from peftcalc.ops.recorder import Recorder
 from peftcalc.backward import GRAD, BackwardPeak, Node, run_backward
 from peftcalc.methods import MethodSettings, make_plan
@@ -122,7 +122,7 @@ def test_input_require_grads_hook_keeps_embedding_tensors():
 def test_recompute_stops_at_the_last_save():
     """torch.utils.checkpoint's early stop: nothing after the last packed tensor is recomputed, and what
     a later op still uses is alive where it stops (Recorder.recompute_peak)."""
-    ctx = Ctx(batch=1, seq=1, kv_seq=1, compute="float32", weight="float32", autocast=None, adapter="float32",
+    ctx = StepContext(batch=1, seq=1, kv_seq=1, compute_dtype="float32", weight_dtype="float32", autocast=None, adapter_dtype="float32",
               device="cpu", attention="sdpa")
     rec = Recorder(ctx)
     x = rec.new(10, "float32", True)  # the checkpoint's input: 40 bytes

@@ -16,7 +16,7 @@ import pytest
 
 import peftcalc
 from peftcalc.methods.lora import dora_weight_norm
-from peftcalc.ops.context import Ctx
+from peftcalc.ops.context import StepContext
 from peftcalc.ops.recorder import Recorder
 from matrix_models import matrix_spec
 
@@ -98,8 +98,8 @@ def testdora_weight_norm_under_autocast_by_hand():
     dies; mul and add (64, 128) fp32 32,768 each -> 133,632; the mul dies, linalg_vector_norm (64,) fp32
     256, the add dies. Left: the cached copies, the saved identity copy and A's output, lora_weight and the
     norm: 1,024 + 512 + 32,768 + 1,024 + 32,768 + 256 = 68,352, of which 33,792 saved."""
-    ctx = Ctx(batch=3, seq=17, kv_seq=17, compute="float32", weight="float32", autocast="bfloat16",
-              adapter="float32", device="cpu", attention="sdpa")
+    ctx = StepContext(batch=3, seq=17, kv_seq=17, compute_dtype="float32", weight_dtype="float32", autocast="bfloat16",
+              adapter_dtype="float32", device="cpu", attention="sdpa")
     rec = Recorder(ctx, bucket=1)
     norm = dora_weight_norm(rec, 128, 64, 4, "float32", "mlp.fc2")
     assert rec.forward_peak == 133_632

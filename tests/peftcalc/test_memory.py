@@ -10,10 +10,11 @@ import torch
 
 from measure.build import build_model
 from peftcalc.errors import InputError
-from peftcalc.memory import model_states, nf4_bytes, timeline
+from peftcalc.memory import timeline
+from peftcalc.model_states import model_states, nf4_bytes
 from peftcalc.methods import MethodSettings, make_plan
 from peftcalc.settings import TrainingSettings
-from peftcalc.spec import load_spec
+from peftcalc.config import load_spec
 
 CONFIGS = Path(__file__).parent / "configs"
 METHODS = [MethodSettings(m) for m in ("full", "frozen", "freeze", "lora", "adapter", "prefix", "prompt", "bitfit", "ia3")]
@@ -46,7 +47,7 @@ def test_weight_bytes_equal_real_parameter_storage(model_name, precision, settin
 def test_buffer_bytes_equal_real_model_buffers(model_name, precision):
     """Rotary inv_freq pairs (fp32 in any dtype), BERT/RoBERTa position and token-type ids, CLIP position
     ids: the bytes of the real model's buffers (built on the meta device)."""
-    from peftcalc.memory import buffer_bytes
+    from peftcalc.model_states import buffer_bytes
 
     spec = load_spec(model_name)
     method = MethodSettings("projector" if spec.is_vlm else "full")

@@ -12,7 +12,7 @@ import pytest
 from measure.build import build_model, count_params
 from peftcalc.errors import InputError
 from peftcalc.methods import MethodSettings, make_plan
-from peftcalc.spec import load_spec, registry_names
+from peftcalc.config import load_spec, registry_names
 
 CONFIGS = Path(__file__).parent / "configs"
 

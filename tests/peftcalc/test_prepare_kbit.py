@@ -26,7 +26,7 @@ from peftcalc import estimate
 from peftcalc.cli import app
 from peftcalc.errors import InputError
 from peftcalc.methods import MethodSettings, make_plan
-from peftcalc.spec import load_spec
+from peftcalc.config import load_spec
 from matrix_models import matrix_spec
 
 

@@ -18,7 +18,7 @@ the step under torch.autocast(bf16) (measure.setup.precision_policy, measure.bui
 import pytest
 
 import peftcalc
-from peftcalc.ops.context import Ctx
+from peftcalc.ops.context import StepContext
 from peftcalc.ops.linear import matmul_4bit_backward_steps
 from peftcalc.backward import Node, run_backward
 from matrix_models import matrix_spec
@@ -78,19 +78,19 @@ def test_matmul_4bit_backward_dequantizes_in_the_loaded_dtype():
     fake tensors: dequantize_blockwise (128,) fp32 512 B, dequantize_4bit (64, 128) fp32 32,768 B, its
     .to(bf16) 16,384 B, then mm (51, 128) bf16 13,056 B (the first two die before the mm). The peak is
     the fp32 weight and its bf16 copy: 49,152 bytes, 36,096 besides grad_A."""
-    ctx = Ctx(batch=3, seq=17, kv_seq=17, compute="bfloat16", weight="float32", autocast="bfloat16",
-              adapter="float32", device="cpu", attention="sdpa", quant_compute="bfloat16",
+    ctx = StepContext(batch=3, seq=17, kv_seq=17, compute_dtype="bfloat16", weight_dtype="float32", autocast="bfloat16",
+              adapter_dtype="float32", device="cpu", attention="sdpa", quant_compute="bfloat16",
               quant_source="float32", quant_nested=True)
     grad_out, grad_a = 51 * 64 * 2, 51 * 128 * 2
 
-    def replay(c: Ctx) -> int:  # MatMul4Bit's node as ops.linear.matmul records it, from a bf16 grad_output
+    def replay(c: StepContext) -> int:  # MatMul4Bit's node as ops.linear.matmul records it, from a bf16 grad_output
         steps = tuple(matmul_4bit_backward_steps(c, 128, 64)) + (("new", "d0", grad_a), ("free", "wc"))
         return run_backward([Node(2, steps, ((1, "d0"),))], {}, {2: grad_out}, False).peak.total
 
     assert replay(ctx) == grad_out + 32_768 + 16_384
     # loaded in bf16 (the bf16 policy): dequantize_4bit returns bf16, .to() copies nothing; the
     # nested absmax (512 B) is smaller than grad_A, so the peak is the weight and grad_A
-    bf16 = Ctx(**{**ctx.__dict__, "weight": "bfloat16", "autocast": None, "quant_source": "bfloat16"})
+    bf16 = StepContext(**{**ctx.__dict__, "weight_dtype": "bfloat16", "autocast": None, "quant_source": "bfloat16"})
     assert replay(bf16) == grad_out + 16_384 + grad_a
 
 

@@ -8,7 +8,7 @@ import torch
 
 from measure.build import build_model
 from peftcalc.methods import MethodSettings, make_plan
-from peftcalc.spec import load_spec
+from peftcalc.config import load_spec
 from peftcalc.storage import full_model_bytes, safetensors_size, storage
 
 CONFIGS = Path(__file__).parent / "configs"

@@ -11,7 +11,7 @@ from peftcalc.errors import InputError
 from peftcalc.families import build_layout
 from peftcalc.layout import param_names
 from peftcalc.methods import MethodSettings, make_plan
-from peftcalc.spec import load_spec
+from peftcalc.config import load_spec
 
 VLMS = ["llava-1.5-7b", "llava-1.5-13b"]
 VLM_VARIANTS = [

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 import peftcalc
-from peftcalc.spec import load_spec, spec_from_config
+from peftcalc.config import load_spec, spec_from_config
 from reports.rows import config_index, config_sha, flatten, load_rows, resolve_spec, signed_error
 
 from rowkit import make_row, write_jsonl

@@ -14,7 +14,7 @@ import peftcalc
 from peftcalc.api import plan_for
 from peftcalc.errors import InputError
 from peftcalc.methods import MethodSettings, make_plan
-from peftcalc.spec import load_spec
+from peftcalc.config import load_spec
 from peftcalc.storage import storage
 from reports.breakdown import STACK, breakdown_frame, gpu_lines
 from reports.cli_api import trainable_table, vlm_table

@@ -1,0 +1,216 @@
+"""The model's states: weights (NF4-quantized, in their storage dtype), buffers, gradients and optimizer
+states, by the dtypes the precision policy and the method give each parameter group, and the optimizer
+step's temporaries (peftcalc.memory puts them on the step's timeline).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from functools import lru_cache
+from math import ceil
+
+from peftcalc.families import build_layout
+from peftcalc.plan import Plan
+from peftcalc.settings import DTYPE_BYTES, TrainingSettings
+from peftcalc.sim.head import quantized_paths
+from peftcalc.sim.profile import stream_dtypes
+from peftcalc.families import kept_in_fp32
+
+__all__ = ["BNB_QUANTIZATION_MAPS", "ModelStates", "buffer_bytes", "gradient_free", "group_dtype", "model_states",
+           "nf4_bytes", "optimizer_temporaries"]
+
+# bitsandbytes Optimizer8bit.__init__ (optim_bits=8) -> fill_qmap: create_dynamic_map(signed=True) and
+# (signed=False), 256 fp32 values each, shared by every 8-bit state (state['qmap1'], state['qmap2']).
+BNB_QUANTIZATION_MAPS = 2 * 256 * 4
+
+
+
+def nf4_bytes(numel: int, double_quant: bool) -> int:
+    """Bytes of one NF4-quantized weight (bitsandbytes functional.quantize_4bit, blocksize 64):
+    two 4-bit codes per byte, one absmax per 64 values: fp32 (0.5 bit/param), or with double
+    quantization an 8-bit absmax plus one fp32 second-level scale per 256 blocks
+    (Dettmers et al. 2023, QLoRA, section 3: 4 + 8/64 + 32/(64*256) = 4.127 bits per parameter).
+    Each QuantState also holds its code table (16 fp32 NF4 levels) and, double-quantized, the
+    nested state's 256-entry fp32 code and fp32 offset (bitsandbytes functional.QuantState)."""
+    blocks = ceil(numel / 64)
+    codes = ceil(numel / 2)
+    nf4_code = 16 * 4
+    if not double_quant:
+        return codes + 4 * blocks + nf4_code
+    return codes + blocks + 4 * ceil(blocks / 256) + 4 + nf4_code + 256 * 4
+
+
+def buffer_bytes(spec) -> int:
+    """The model's registered buffers (what ``model.buffers()`` holds besides the parameters):
+    LlamaRotaryEmbedding (also Mistral, Qwen2) registers ``inv_freq`` and ``original_inv_freq``,
+    head_dim / 2 fp32 values each, kept fp32 whatever the model's dtype (transformers 5.x
+    modeling_rope_utils computes them with ``.float()``); BertEmbeddings / RobertaEmbeddings register
+    ``position_ids`` and ``token_type_ids``, (1, max_position_embeddings) int64 each;
+    CLIPVisionEmbeddings registers ``position_ids``, (1, patches + 1) int64. GPT-2 and ViT register
+    none. A LLaVA model has its vision tower's and its language model's."""
+    if spec.is_vlm:
+        return buffer_bytes(spec.vision) + buffer_bytes(spec.text)
+    if spec.model_type in ("llama", "mistral", "qwen2"):
+        return 2 * (spec.head_dim // 2) * 4
+    if spec.model_type in ("bert", "roberta"):
+        return 2 * spec.max_positions * 8
+    if spec.model_type == "clip_vision_model":
+        return spec.vision_seq_len * 8
+    return 0
+
+
+@lru_cache(maxsize=1024)
+def gradient_free(plan: Plan) -> frozenset:
+    """Names of trainable parameters the step's loss never reaches: they get no .grad and so no
+    optimizer state (torch's and transformers' optimizers skip a parameter whose grad is None). A bare
+    encoder is trained on last_hidden_state (measure.setup forward_loss), which neither the pooler
+    (BertModel/ViTModel `pooler.dense`) nor CLIP's post_layernorm (CLIPVisionTransformer applies it to
+    the pooled token only) feeds."""
+    spec = plan.spec
+    if spec.task != "base":
+        return frozenset()
+    layout = build_layout(spec)
+    unused = [m.path for m in layout.modules if m.role == "pooler"]
+    if spec.model_type == "clip_vision_model" and layout.final_norm_path:
+        unused.append(layout.final_norm_path)
+    return frozenset(g.name for g in plan.groups if g.trainable and any(g.name.startswith(p + ".") for p in unused))
+
+
+def group_dtype(plan: Plan, origin: str, ctx_weight: str, name: str = "") -> str:
+    """Storage dtype of a parameter by origin: base weights in the policy's weight dtype, except those
+    from_pretrained keeps in fp32 (families.kept_in_fp32: BLIP-2's Q-Former and query tokens under fp16);
+    peft's adapters (LoRA, DoRA, IA3) in fp32 (peft autocast_adapter_dtype=True upcasts bf16/fp16
+    adapters); the prompt encoders in fp32 (created as nn.Embedding and never cast); bottleneck
+    adapters and the modules_to_save copy in the base dtype."""
+    if origin in ("lora", "dora", "ia3", "prefix", "prompt"):
+        return "float32"
+    if origin == "base" and kept_in_fp32(plan.spec, name, ctx_weight):
+        return "float32"
+    return ctx_weight
+
+
+@dataclass(frozen=True)
+class ModelStates:
+    weights_frozen: int
+    weights_trainable: int
+    gradients: int
+    optimizer_states: int
+    optimizer_temporaries: int
+    largest_trainable_tensor: int
+    optimizer_maps: int = 0  # tensors the optimizer makes at construction (bitsandbytes' quantization maps)
+    maps_in_state: bool = False  # whether optimizer.state references them (an 8-bit state exists)
+
+
+def _adafactor_state_numel(shape: tuple) -> int:
+    """transformers Adafactor._init: exp_avg_sq_row of shape[:-1] and exp_avg_sq_col of
+    shape[:-2] + shape[-1:] for tensors of two or more dimensions, exp_avg_sq like a vector."""
+    if len(shape) < 2:
+        return shape[0]
+    lead = 1
+    for d in shape[:-2]:
+        lead *= d
+    return lead * shape[-2] + lead * shape[-1]
+
+
+def _scalar_state_bytes(t: TrainingSettings) -> int:
+    """0-dim state tensors per parameter: AdamW's 'step' (float32; kept on the CPU unless capturable
+    or fused, so it reaches only CPU memory), Adafactor's 'RMS' (on the parameter's device: 4 bytes,
+    a 512-byte block in CUDA's caching allocator)."""
+    if t.optimizer == "adamw":
+        return 4 if t.device == "cpu" else 0
+    if t.optimizer == "adafactor":
+        return 4 if t.device == "cpu" else 512
+    return 0
+
+
+def _optimizer_state_bytes(numel: int, dtype: str, optimizer: str) -> int:
+    """Per-tensor optimizer state.
+    adamw: exp_avg and exp_avg_sq like the parameter (torch/optim/adamw.py _init_group; the 'step'
+      counter is a CPU tensor unless capturable/fused, so it never reaches CUDA memory).
+    sgd (momentum): one momentum_buffer like the parameter (torch/optim/sgd.py).
+    adamw-8bit: bitsandbytes Optimizer2State: uint8 state1/state2 plus one fp32 absmax per 256
+      values each, for tensors of at least 4096 elements; smaller tensors keep fp32 states.
+    adafactor (transformers.optimization.Adafactor, beta1=None): a factored second moment
+      (row and column vectors) for matrices, a full one for vectors, in fp32 (handled in
+      model_states, which knows the shapes)."""
+    b = DTYPE_BYTES[dtype]
+    if optimizer == "adamw":
+        return 2 * numel * b
+    if optimizer == "sgd":
+        return numel * b
+    if optimizer == "adamw-8bit":
+        if numel < 4096:
+            return 2 * numel * 4
+        return 2 * (numel + 4 * ceil(numel / 256))
+    raise ValueError(optimizer)
+
+
+def model_states(plan: Plan, t: TrainingSettings) -> ModelStates:
+    """Weights, gradients and optimizer state of every parameter, and the optimizer step's temporaries."""
+    return _model_states(plan, replace(t, batch_size=1, seq_len=1, grad_checkpointing=False, attention="sdpa",
+                                       checkpoint_every=1, checkpoint_reentrant=False))
+
+
+@lru_cache(maxsize=4096)
+def _model_states(plan: Plan, t: TrainingSettings) -> ModelStates:
+    weight_dtype = stream_dtypes(plan, t)[0]
+    frozen = trainable = grads = states = 0
+    group_bytes: dict[str, int] = {}
+    largest = 0
+    adamw_cpu_temp = prev = 0  # torch's single-tensor AdamW: see optimizer_temporaries
+    adafactor_temp = 0  # transformers Adafactor.step, one parameter at a time: the fp32 update twice
+    # (grad**2 + eps, then the factored approximation; later update and -update), plus the fp32
+    # copies of a bf16/fp16 gradient and parameter; for a factored (2-d or more) tensor
+    # _approx_sq_grad's row factor (row / row.mean()).rsqrt_() and column factor col.rsqrt() too
+    eight_bit_state = False  # a tensor's bitsandbytes 8-bit state references the quantization maps
+    quantized_modules = quantized_paths(plan)
+    for g in plan.groups:
+        dtype = group_dtype(plan, g.origin, weight_dtype, g.name)
+        if g.name.rsplit(".", 1)[0] in quantized_modules:
+            # the bias of a Linear4bit ends up in bnb_4bit_compute_dtype whatever it was loaded or upcast
+            # to: Linear4bit.forward runs ``bias.data = bias.data.to(x.dtype)`` after casting x to the
+            # compute dtype (bitsandbytes nn/modules.py), so a bias prepare_model_for_kbit_training made
+            # fp32 is bf16 again after the first forward
+            dtype = t.compute_dtype
+        if g.quantized:
+            nbytes = nf4_bytes(g.numel, plan.settings.double_quant)
+        else:
+            nbytes = g.numel * DTYPE_BYTES[dtype]
+        if not g.trainable:
+            frozen += nbytes
+            continue
+        trainable += nbytes
+        if g.name in gradient_free(plan):
+            continue
+        grads += nbytes
+        shape = g.shape
+        states += _scalar_state_bytes(t)
+        if t.optimizer == "adafactor":  # states follow the fp32 upcast gradient
+            states += _adafactor_state_numel(shape or (g.numel,)) * 4
+        else:
+            states += _optimizer_state_bytes(g.numel, dtype, t.optimizer)
+        group_bytes[dtype] = group_bytes.get(dtype, 0) + nbytes
+        largest = max(largest, nbytes)
+        adamw_cpu_temp, prev = max(adamw_cpu_temp, 2 * nbytes + prev), nbytes
+        factors = _adafactor_state_numel(shape) * 4 if shape and len(shape) >= 2 else 0
+        adafactor_temp = max(adafactor_temp, g.numel * 4 * (2 if dtype == "float32" else 4) + factors)
+        eight_bit_state = eight_bit_state or g.numel >= 4096
+    temps = adafactor_temp if t.optimizer == "adafactor" else optimizer_temporaries(t, group_bytes, adamw_cpu_temp)
+    maps = BNB_QUANTIZATION_MAPS if t.optimizer == "adamw-8bit" else 0
+    return ModelStates(frozen, trainable, grads, states, temps, largest, maps, eight_bit_state)
+
+
+def optimizer_temporaries(t: TrainingSettings, group_bytes: dict, single_tensor: int) -> int:
+    """Peak extra bytes inside optimizer.step().
+    adamw on CUDA takes the foreach path (torch/optim/adamw.py _multi_tensor_adamw): torch._foreach_sqrt
+      of all exp_avg_sq of one (device, dtype) group is allocated at once: the largest group's bytes.
+    adamw on CPU (and fake) takes the single-tensor path (torch/optim/adam.py _single_tensor_adam), one
+      parameter at a time in the parameters' order: denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt)
+      holds the sqrt and the quotient while `denom` still refers to the previous parameter's: the
+      largest 2 x a parameter + its predecessor (`single_tensor`, from model_states).
+    sgd updates in place; adamw-8bit runs one fused kernel in place (adafactor: see model_states)."""
+    if t.optimizer == "adamw":
+        if t.device == "cuda":
+            return max(group_bytes.values(), default=0)
+        return single_tensor
+    return 0
