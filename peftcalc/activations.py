@@ -34,6 +34,6 @@ def activation_profile(plan: Plan, t: TrainingSettings) -> ActivationProfile:
     spec = plan.spec
     if spec.is_vlm:
         return llava_profile(plan, t)
-    if spec.model_type == "blip-2":
+    if spec.is_blip2:
         return blip2_profile(plan, t)
     return model_profile(plan, t, checkpointed_layers(spec, t))

@@ -160,7 +160,7 @@ def _tokens_per_sample(plan: Plan, t: TrainingSettings) -> int:
     spec = plan.spec
     if spec.is_vlm:  # the language model sees the text and one image's tokens
         return t.seq_len + spec.image_tokens
-    if spec.model_type == "blip-2":  # and BLIP-2's the text and the query tokens
+    if spec.is_blip2:  # and BLIP-2's the text and the query tokens
         return t.seq_len + blip2_image_tokens(spec)
     return spec.vision_seq_len if spec.is_vision else t.seq_len
 
@@ -268,7 +268,7 @@ def estimate(
         gpus=fits,
         cost=cost,
         storage=StorageInfo(st.per_task_bytes, st.base_bytes, tasks, st.total_bytes, full_total),
-        image_tokens=_tokens_per_sample(plan, t) - t.seq_len if spec.is_vlm or spec.model_type == "blip-2" else 0,
+        image_tokens=_tokens_per_sample(plan, t) - t.seq_len if spec.is_vlm or spec.is_blip2 else 0,
     )
 
 

@@ -24,7 +24,7 @@ def checkpointing_layer_stacks(spec: ModelSpec) -> tuple[tuple[str, int], ...]:
     layers, those above the feature layer included), 'qformer' BLIP-2's Q-Former."""
     if spec.is_vlm:
         return (("vision", spec.vision.num_layers), ("text", spec.num_layers))
-    if spec.model_type == "blip-2":  # Blip2VisionModel's and Blip2QFormerModel's layers (spec.blip2)
+    if spec.is_blip2:  # Blip2VisionModel's and Blip2QFormerModel's layers (spec.blip2)
         b = dict(spec.blip2)
         return (("vision", b["vision_num_hidden_layers"]), ("qformer", b["qformer_num_hidden_layers"]),
                 ("text", spec.num_layers))

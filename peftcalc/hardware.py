@@ -102,7 +102,7 @@ def step_flops(plan: Plan, t: TrainingSettings, tokens_per_sequence: int) -> Ste
     Embedding lookups, norms and element-wise ops are not counted (under 1% for these models).
     """
     spec = plan.spec
-    if spec.model_type == "blip-2":
+    if spec.is_blip2:
         return _blip2_step_flops(plan, t, tokens_per_sequence)
     layout = build_layout(spec)
     wrapped = checkpointed_layers(spec, t, "text")

@@ -70,7 +70,7 @@ def input_bytes(plan: Plan, t: TrainingSettings) -> int:
     """input_ids and labels (int64), or pixel_values in the weight dtype and int64 labels
     (measure.setup.make_batch)."""
     spec = plan.spec
-    if spec.is_vlm or spec.model_type == "blip-2":
+    if spec.is_vlm or spec.is_blip2:
         # input_ids (= labels) over text + image tokens (BLIP-2: the num_query_tokens placeholders), pixel_values
         # in the weight dtype
         weight_dtype = stream_dtypes(plan, t)[0]
@@ -348,7 +348,7 @@ def _cls_token_gradient_storage(plan: Plan, t: TrainingSettings) -> int:
     cls_token's gradient an aten.add (1, 17, 64) storage, 4,352 bytes for 256). At batch > 1 the sum
     makes a (1, 1, hidden) tensor of its own."""
     spec = plan.spec
-    if spec.model_type != "vit" or t.batch_size != 1:
+    if t.batch_size != 1:
         return 0
     group = next((g for g in plan.groups if g.name.endswith("embeddings.cls_token") and g.trainable
                   and g.name not in gradient_free(plan)), None)

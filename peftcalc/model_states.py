@@ -9,10 +9,10 @@ from dataclasses import dataclass, replace
 from functools import lru_cache
 from math import ceil
 
-from peftcalc.families import build_layout
+from peftcalc.families import build_layout, family
 from peftcalc.plan import Plan
 from peftcalc.settings import DTYPE_BYTES, TrainingSettings
-from peftcalc.sim.head import quantized_paths
+from peftcalc.methods.sites import quantized_paths
 from peftcalc.sim.profile import stream_dtypes
 from peftcalc.families import kept_in_fp32
 
@@ -50,13 +50,8 @@ def buffer_bytes(spec) -> int:
     none. A LLaVA model has its vision tower's and its language model's."""
     if spec.is_vlm:
         return buffer_bytes(spec.vision) + buffer_bytes(spec.text)
-    if spec.model_type in ("llama", "mistral", "qwen2"):
-        return 2 * (spec.head_dim // 2) * 4
-    if spec.model_type in ("bert", "roberta"):
-        return 2 * spec.max_positions * 8
-    if spec.model_type == "clip_vision_model":
-        return spec.vision_seq_len * 8
-    return 0
+    hook = family(spec).buffer_bytes
+    return hook(spec) if hook else 0
 
 
 @lru_cache(maxsize=1024)
@@ -71,7 +66,7 @@ def gradient_free(plan: Plan) -> frozenset:
         return frozenset()
     layout = build_layout(spec)
     unused = [m.path for m in layout.modules if m.role == "pooler"]
-    if spec.model_type == "clip_vision_model" and layout.final_norm_path:
+    if family(spec).final_norm == "pooled" and layout.final_norm_path:
         unused.append(layout.final_norm_path)
     return frozenset(g.name for g in plan.groups if g.trainable and any(g.name.startswith(p + ".") for p in unused))
 

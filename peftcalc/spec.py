@@ -75,6 +75,12 @@ class ModelSpec:
     gated_mlp: bool = False  # a gated MLP (gate_proj, up_proj, down_proj)
 
     @property
+    def is_blip2(self) -> bool:
+        """A BLIP-2 model: a vision tower, a Q-Former with learned query tokens (their sizes in `blip2`) and a
+        language model; the spec of one of its parts has none."""
+        return bool(self.blip2)
+
+    @property
     def image_tokens(self) -> int:
         """Tokens one image adds to the language model's sequence: the vision tower's patches
         (`vision_feature_select_strategy` "default" drops the class token, "full" keeps it;

@@ -21,13 +21,13 @@ from peftcalc.spec import ModelSpec
 
 __all__ = [
     "ARCHITECTURE_TASKS",
+    "FAMILIES",
     "KEEP_IN_FP32_MODULES",
     "SUPPORTED_MODEL_TYPES",
-    "kept_in_fp32",
-    "FAMILIES",
     "build_layout",
     "dropout_p",
     "family",
+    "kept_in_fp32",
 ]
 
 

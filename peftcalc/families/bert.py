@@ -7,10 +7,12 @@ from __future__ import annotations
 from peftcalc.families.record import Family, config_dropout
 from peftcalc.layout import Layout, Module, linear_module, norm_module
 from peftcalc.ops.attention import attention, math_path
-from peftcalc.ops.nonlinear import activation
+from peftcalc.ops.context import StepContext
+from peftcalc.ops.linear import linear
+from peftcalc.ops.nonlinear import activation, tanh
 from peftcalc.ops.norms import layer_norm
 from peftcalc.ops.recorder import Recorder, SymTensor, first_node_since
-from peftcalc.ops.tensor_ops import add, dropout, heads_view
+from peftcalc.ops.tensor_ops import add, dropout, first_token, heads_view
 from peftcalc.spec import ModelSpec, divided, encoder_sizes, require_int
 
 __all__ = [
@@ -18,9 +20,15 @@ __all__ = [
     "DROPOUT",
     "ROBERTA",
     "bert_block",
+    "bert_buffer_bytes",
     "bert_config",
+    "bert_embedding_indices",
+    "bert_embeddings",
     "bert_layout",
+    "bert_mlm_head",
+    "bert_pooler_head",
     "mlm_decoder_bias",
+    "roberta_classification_head",
 ]
 
 
@@ -159,14 +167,86 @@ DROPOUT = {
                 "resid": ("hidden_dropout_prob", 0.1)},
 }
 
+def bert_embeddings(rec: Recorder, spec: ModelSpec, layout: Layout, sites, x: SymTensor) -> SymTensor:
+    """BertEmbeddings / RobertaEmbeddings.forward after the three lookups are summed: LayerNorm, dropout."""
+    norm = f"{layout.embedding_path.rsplit('.', 1)[0]}.LayerNorm"
+    x = layer_norm(rec, x, sites.trains(norm), spec.hidden_size, "embeddings.LayerNorm", sites.norm_params(norm))
+    return dropout(rec, x, config_dropout(spec, DROPOUT, "embd"), "embeddings.dropout")
+
+
+def bert_embedding_indices(spec: ModelSpec, layout: Layout, ctx: StepContext, sites) -> list:
+    """(numel, tag) of the int64 indices the embeddings' forward makes, which their EmbeddingBackward saves
+    when the embedding trains (derivatives.yaml embedding: indices): BertEmbeddings.forward's token types,
+    gathered from the registered all-zeros buffer at the position ids, 1 x seq; RobertaEmbeddings.forward's,
+    batch x seq, gathered at the batch x seq position ids create_position_ids_from_input_ids makes
+    (position_embeddings). BERT's position ids are a slice of its registered buffer (counted with the
+    buffers)."""
+    roberta = spec.model_type == "roberta"
+    embeddings = layout.embedding_path.rsplit(".", 1)[0]
+    rows = ctx.batch if roberta else 1
+    out = []
+    if sites.trains(f"{embeddings}.token_type_embeddings"):
+        out.append((rows * ctx.seq, "token_type_embeddings.token_type_ids"))
+    if roberta and sites.trains(f"{embeddings}.position_embeddings"):
+        out.append((rows * ctx.seq, "position_embeddings.position_ids"))
+    return out
+
+
+def bert_mlm_head(rec: Recorder, spec: ModelSpec, layout: Layout, sites, x: SymTensor) -> SymTensor:
+    """BertOnlyMLMHead (cls.predictions: transform.dense, gelu, transform.LayerNorm, decoder) and
+    RobertaLMHead (lm_head: dense, gelu, layer_norm, decoder); the decoder's weight is the word
+    embeddings' when tied (its gradient then waits for the lookup's) and its bias the head's ``bias``."""
+    h = spec.hidden_size
+    bert = spec.model_type == "bert"
+    c = "cls.predictions" if bert else "lm_head"
+    dense = f"{c}.transform.dense" if bert else f"{c}.dense"
+    norm = f"{c}.transform.LayerNorm" if bert else f"{c}.layer_norm"
+    d = sites.linear(rec, x, dense, h, h, "mlm.dense")
+    d = activation(rec, d, "gelu", "mlm.act")
+    d = layer_norm(rec, d, sites.trains(norm), h, "mlm.layer_norm", sites.norm_params(norm))
+    tied = layout.head_tied_to_embedding and sites.embedding_trains  # its gradient waits for the lookup's
+    return linear(rec, d, h, spec.vocab_size, sites.trains(f"{c}.decoder", True) or tied, "mlm.decoder",
+                  grad_pending=tied, bias=True, bias_trains=sites.trains(mlm_decoder_bias(spec, layout)))
+
+
+def bert_pooler_head(rec: Recorder, spec: ModelSpec, sites, x: SymTensor) -> SymTensor:
+    """BertForSequenceClassification: BertPooler (dense, tanh) on the first token, dropout, classifier."""
+    h, p = spec.hidden_size, config_dropout(spec, DROPOUT, "resid")
+    pooled = sites.linear(rec, first_token(rec, x, rec.ctx.batch), "bert.pooler.dense", h, h, "pooler.dense")
+    pooled = tanh(rec, pooled, "pooler.tanh")
+    pooled = dropout(rec, pooled, p, "classifier.dropout")
+    return sites.linear(rec, pooled, "classifier", h, spec.num_labels, "classifier")
+
+
+def roberta_classification_head(rec: Recorder, spec: ModelSpec, sites, x: SymTensor) -> SymTensor:
+    """RobertaClassificationHead on the first token: dropout, dense, tanh, dropout, out_proj."""
+    h, p = spec.hidden_size, config_dropout(spec, DROPOUT, "resid")
+    d = dropout(rec, first_token(rec, x, rec.ctx.batch), p, "classifier.dropout")
+    d = sites.linear(rec, d, "classifier.dense", h, h, "classifier.dense")
+    d = tanh(rec, d, "classifier.tanh")
+    d = dropout(rec, d, p, "classifier.dropout2")
+    return sites.linear(rec, d, "classifier.out_proj", h, spec.num_labels, "classifier.out_proj")
+
+
+def bert_buffer_bytes(spec: ModelSpec) -> int:
+    """BertEmbeddings / RobertaEmbeddings register ``position_ids`` and ``token_type_ids``,
+    (1, max_position_embeddings) int64 each."""
+    return 2 * spec.max_positions * 8
+
+
 BERT = Family("bert", "https://github.com/huggingface/transformers/blob/main/src/transformers/models/bert/modeling_bert.py",
               bert_layout, bert_block, DROPOUT["bert"], ("query", "value"), ("key", "value", "output.dense"),
               ("output.dense",), learned_positions=True,
               architectures={"BertForMaskedLM": "masked_lm", "BertForSequenceClassification": "seq_cls", "BertModel": "base"},
-              default_task="masked_lm", read_config=bert_config)
+              default_task="masked_lm", read_config=bert_config, embeddings=bert_embeddings,
+              embedding_indices=bert_embedding_indices, mlm_head=bert_mlm_head, seq_cls_head=bert_pooler_head,
+              buffer_bytes=bert_buffer_bytes, embeddings_add_positions=True)
 ROBERTA = Family("roberta", "https://github.com/huggingface/transformers/blob/main/src/transformers/models/roberta/modeling_roberta.py",
                  bert_layout, bert_block, DROPOUT["roberta"], ("query", "value"), ("key", "value", "output.dense"),
                  ("output.dense",), learned_positions=True,
                  architectures={"RobertaForMaskedLM": "masked_lm", "RobertaForSequenceClassification": "seq_cls",
                                 "RobertaModel": "base"},
-                 default_task="masked_lm", read_config=bert_config)
+                 default_task="masked_lm", read_config=bert_config, embeddings=bert_embeddings,
+                 embedding_indices=bert_embedding_indices, mlm_head=bert_mlm_head,
+                 seq_cls_head=roberta_classification_head, buffer_bytes=bert_buffer_bytes,
+                 embeddings_add_positions=True, position_offset=2)

@@ -7,6 +7,7 @@ from __future__ import annotations
 from peftcalc.families.record import Family, config_dropout
 from peftcalc.layout import Layout, Module, decoder_head, norm_module
 from peftcalc.ops.attention import attention
+from peftcalc.ops.context import StepContext
 from peftcalc.ops.nonlinear import activation
 from peftcalc.ops.norms import layer_norm
 from peftcalc.ops.recorder import Recorder, SymTensor
@@ -18,6 +19,8 @@ __all__ = [
     "GPT2",
     "gpt2_block",
     "gpt2_config",
+    "gpt2_embedding_indices",
+    "gpt2_embeddings",
     "gpt2_layout",
 ]
 
@@ -113,8 +116,21 @@ DROPOUT = {
     "gpt2": {"embd": ("embd_pdrop", 0.1), "attn": ("attn_pdrop", 0.1), "resid": ("resid_pdrop", 0.1)},
 }
 
+def gpt2_embeddings(rec: Recorder, spec: ModelSpec, layout: Layout, sites, x: SymTensor) -> SymTensor:
+    """GPT2Model.forward after wte(input_ids) + wpe(position_ids): self.drop."""
+    return dropout(rec, x, config_dropout(spec, DROPOUT, "embd"), "embeddings.dropout")
+
+
+def gpt2_embedding_indices(spec: ModelSpec, layout: Layout, ctx: StepContext, sites) -> list:
+    """GPT2Model.forward's position_ids, arange(seq).unsqueeze(0), which wpe's EmbeddingBackward saves
+    when wpe trains (derivatives.yaml embedding: indices)."""
+    return [(ctx.seq, "wpe.position_ids")] if sites.trains("transformer.wpe") else []
+
+
 GPT2 = Family("gpt2", "https://github.com/huggingface/transformers/blob/main/src/transformers/models/gpt2/modeling_gpt2.py",
               gpt2_layout, gpt2_block, DROPOUT["gpt2"], ("c_attn",), ("c_attn", "mlp.c_proj"), ("mlp.c_proj",),
               learned_positions=True,
               architectures={"GPT2LMHeadModel": "causal_lm", "GPT2ForSequenceClassification": "seq_cls", "GPT2Model": "base"},
-              default_task="causal_lm", read_config=gpt2_config, decoder=True)
+              default_task="causal_lm", read_config=gpt2_config, decoder=True,
+              embeddings=gpt2_embeddings, embedding_indices=gpt2_embedding_indices, passes_position_ids=True,
+              embeddings_add_positions=True)

@@ -23,6 +23,7 @@ __all__ = [
     "llama_block",
     "llama_config",
     "llama_layout",
+    "rotary_buffer_bytes",
 ]
 
 
@@ -122,6 +123,12 @@ def llama_config(config: dict, common: dict, where: str, read_part=None) -> Mode
     )
 
 
+def rotary_buffer_bytes(spec: ModelSpec) -> int:
+    """LlamaRotaryEmbedding registers ``inv_freq`` and ``original_inv_freq``, head_dim / 2 fp32 values each,
+    kept fp32 whatever the model's dtype (transformers 5.x modeling_rope_utils computes them with ``.float()``)."""
+    return 2 * (spec.head_dim // 2) * 4
+
+
 # Dropout probabilities during training, from the transformers config defaults (attention only).
 DROPOUT = {
     "llama": {"attn": ("attention_dropout", 0.0)},
@@ -134,14 +141,20 @@ LLAMA = Family("llama", "https://github.com/huggingface/transformers/blob/main/s
                llama_layout, llama_block, DROPOUT["llama"], ("q_proj", "v_proj"),
                ("k_proj", "v_proj", "down_proj"), ("down_proj",),
                architectures={"LlamaForCausalLM": "causal_lm", "LlamaForSequenceClassification": "seq_cls", "LlamaModel": "base"},
-               default_task="causal_lm", read_config=llama_config, decoder=True, gated_mlp=True)
+               default_task="causal_lm", read_config=llama_config, decoder=True, gated_mlp=True,
+               final_norm="rms", buffer_bytes=rotary_buffer_bytes, rotary=True, passes_position_ids=True,
+               prefix_kv_dim=True)
 MISTRAL = Family("mistral", "https://github.com/huggingface/transformers/blob/main/src/transformers/models/mistral/modeling_mistral.py",
                  llama_layout, llama_block, DROPOUT["mistral"], ("q_proj", "v_proj"),
                  ("k_proj", "v_proj", "down_proj"), ("down_proj",),
                  architectures={"MistralForCausalLM": "causal_lm", "MistralForSequenceClassification": "seq_cls", "MistralModel": "base"},
-                 default_task="causal_lm", read_config=llama_config, decoder=True, gated_mlp=True)
+                 default_task="causal_lm", read_config=llama_config, decoder=True, gated_mlp=True,
+               final_norm="rms", buffer_bytes=rotary_buffer_bytes, rotary=True, passes_position_ids=True,
+               prefix_kv_dim=True)
 QWEN2 = Family("qwen2", "https://github.com/huggingface/transformers/blob/main/src/transformers/models/qwen2/modeling_qwen2.py",
                llama_layout, llama_block, DROPOUT["qwen2"], ("q_proj", "v_proj"),
                ("q_proj", "v_proj", "down_proj"), ("down_proj",),
                architectures={"Qwen2ForCausalLM": "causal_lm", "Qwen2ForSequenceClassification": "seq_cls", "Qwen2Model": "base"},
-               default_task="causal_lm", read_config=llama_config, decoder=True, gated_mlp=True)
+               default_task="causal_lm", read_config=llama_config, decoder=True, gated_mlp=True,
+               final_norm="rms", buffer_bytes=rotary_buffer_bytes, rotary=True, passes_position_ids=True,
+               prefix_kv_dim=True)

@@ -56,6 +56,18 @@ class Family:
     # the modules from_pretrained keeps in fp32 in half precision, per model class: (_keep_in_fp32_modules,
     # _keep_in_fp32_modules_strict) of the transformers class (see families.kept_in_fp32)
     keep_in_fp32: dict = field(default_factory=dict)
+    # around the blocks (hooks get a methods.sites.HeadSites as `sites`)
+    embeddings: Callable | None = None  # (rec, spec, layout, sites, x) -> x: the embeddings' own ops after the lookup
+    embedding_indices: Callable | None = None  # (spec, layout, ctx, sites) -> [(numel, tag)]: int64 indices saved
+    mlm_head: Callable | None = None  # (rec, spec, layout, sites, x) -> logits: the masked-LM head
+    seq_cls_head: Callable | None = None  # (rec, spec, sites, x) -> logits: an encoder's classification head
+    final_norm: str = "layer"  # the base model's final norm: "rms", "layer", or "pooled" (the pooled token only)
+    buffer_bytes: Callable | None = None  # (spec) -> bytes of the registered buffers (model.buffers())
+    rotary: bool = False  # RoPE: the model's forward makes cos/sin (and cache positions) every layer reads
+    passes_position_ids: bool = False  # the model passes every layer position_ids as a keyword argument
+    embeddings_add_positions: bool = False  # the embeddings make a new tensor from inputs_embeds (+ positions)
+    position_offset: int = 0  # positions a learned table loses (RoBERTa's start after padding_idx)
+    prefix_kv_dim: bool = False  # peft sizes prefix tuning's keys by num_key_value_heads (GQA configs)
 
 
 def config_dropout(spec: ModelSpec, tables: dict, where: str) -> float:

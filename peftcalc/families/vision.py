@@ -18,6 +18,8 @@ __all__ = [
     "CLIP_VISION",
     "DROPOUT",
     "VIT",
+    "clip_buffer_bytes",
+    "clip_embeddings",
     "clip_vision_layout",
     "vision_block",
     "vision_config",
@@ -159,6 +161,17 @@ DROPOUT = {
 
 # peft has no LoRA/IA3 entry for vit (transformers 5 names) or clip_vision_model: peftcalc takes the
 # llama choice (q_proj, v_proj; IA3 on keys, values and the FFN output) and passes it to peft explicitly.
+def clip_embeddings(rec: Recorder, spec: ModelSpec, layout: Layout, sites, x: SymTensor) -> SymTensor:
+    """CLIPVisionTransformer.forward after the embeddings: pre_layrnorm."""
+    return layer_norm(rec, x, sites.trains("pre_layrnorm"), spec.hidden_size, "pre_layrnorm",
+                      sites.norm_params("pre_layrnorm"))
+
+
+def clip_buffer_bytes(spec: ModelSpec) -> int:
+    """CLIPVisionEmbeddings registers ``position_ids``, (1, patches + 1) int64."""
+    return spec.vision_seq_len * 8
+
+
 VIT = Family("vit", "https://github.com/huggingface/transformers/blob/main/src/transformers/models/vit/modeling_vit.py",
              vit_layout, vision_block, DROPOUT["vit"], ("q_proj", "v_proj"), ("k_proj", "v_proj", "fc2"), ("fc2",),
              architectures={"ViTForImageClassification": "image_cls", "ViTModel": "base"},
@@ -167,4 +180,5 @@ CLIP_VISION = Family("clip_vision_model",
                      "https://github.com/huggingface/transformers/blob/main/src/transformers/models/clip/modeling_clip.py",
                      clip_vision_layout, vision_block, DROPOUT["clip_vision_model"], ("q_proj", "v_proj"),
                      ("k_proj", "v_proj", "fc2"), ("fc2",), architectures={"CLIPVisionModel": "base"},
-                     read_config=vision_config, vision=True)
+                     read_config=vision_config, vision=True, embeddings=clip_embeddings,
+                     buffer_bytes=clip_buffer_bytes, final_norm="pooled")

@@ -119,7 +119,7 @@ KNOWN_METHODS = ALL_METHODS + BLIP2_METHODS
 
 def methods_for(spec: ModelSpec) -> tuple[str, ...]:
     """The methods a model takes: METHODS, VLM_METHODS for a LLaVA model, BLIP2_METHODS for BLIP-2."""
-    if spec.model_type == "blip-2":
+    if spec.is_blip2:
         return BLIP2_METHODS
     return VLM_METHODS if spec.is_vlm else METHODS
 
@@ -179,14 +179,14 @@ def position_limit(spec: ModelSpec) -> int:
     losing two."""
     if spec.is_vision or not spec.max_positions or not family(spec).learned_positions:
         return 0
-    return spec.max_positions - 2 if spec.model_type == "roberta" else spec.max_positions
+    return spec.max_positions - family(spec).position_offset
 
 
 def _tokens_beside_text(spec: ModelSpec, s: MethodSettings) -> tuple[int, int]:
     """Positions taken beside the text: prefix/prompt tuning's virtual tokens, BLIP-2's query tokens
     (OPT sees them first)."""
     extra = s.num_virtual_tokens if s.method in ("prefix", "prompt") else 0
-    queries = dict(spec.blip2)["num_query_tokens"] if spec.model_type == "blip-2" else 0
+    queries = dict(spec.blip2)["num_query_tokens"] if spec.is_blip2 else 0
     return extra, queries
 
 
@@ -218,8 +218,8 @@ def check_combination(spec: ModelSpec, s: MethodSettings, seq_len: int, grad_che
 def check_settings(spec: ModelSpec, s: MethodSettings) -> None:
     if s.method not in KNOWN_METHODS:
         raise InputError(f"unknown method '{s.method}'; choose from {', '.join(KNOWN_METHODS)}")
-    if (spec.model_type == "blip-2") != (s.method in BLIP2_METHODS):
-        if spec.model_type == "blip-2":
+    if spec.is_blip2 != (s.method in BLIP2_METHODS):
+        if spec.is_blip2:
             raise CombinationError(f"method '{s.method}' is not supported for the BLIP-2 model {spec.name}; "
                              f"choose from {', '.join(BLIP2_METHODS)}")
         raise CombinationError(f"method '{s.method}' trains a BLIP-2 Q-Former, and {spec.name} ({spec.architecture}) "

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from peftcalc.errors import CombinationError, InputError
+from peftcalc.families import family
 from peftcalc.methods.groups import base_groups, head_copy, shape_numel
 from peftcalc.plan import ParamGroup
 from peftcalc.spec import ModelSpec
@@ -17,7 +18,7 @@ __all__ = [
 def prompt_token_dim(spec: ModelSpec, method: str) -> int:
     """peft utils/other.py _prepare_prompt_learning_config: token_dim = hidden size; for prefix tuning
     on configs with num_key_value_heads (GQA, peft#1901) it is num_key_value_heads * head_dim."""
-    if method == "prefix" and spec.model_type in ("llama", "mistral", "qwen2"):
+    if method == "prefix" and family(spec).prefix_kv_dim:
         return spec.kv_dim
     return spec.hidden_size
 

@@ -20,11 +20,18 @@ from peftcalc.spec import ModelSpec
 
 __all__ = [
     "BlockSites",
+    "HeadSites",
     "LayerTraining",
+    "biased_paths",
     "block_biases",
     "distinct_layer_trainings",
+    "head_linear",
     "layer_trainings",
+    "param_trains",
+    "quantized_paths",
     "site_linear",
+    "trainable_names",
+    "trained_norm_params",
 ]
 
 
@@ -160,3 +167,75 @@ class BlockSites:
                                 BLOCK_ADAPTER_DROPOUT)
         rec.free(out)
         return adapted
+
+
+@lru_cache(maxsize=1024)
+def trainable_names(plan: Plan) -> frozenset:
+    """Names of the trainable parameters outside the blocks (a modules_to_save copy counts as its
+    original)."""
+    return frozenset(g.name.split("#", 1)[0] for g in plan.groups if g.trainable and g.layer is None)
+
+
+def trained_norm_params(plan: Plan, path: str) -> int:
+    """How many of the weight and bias of the LayerNorm at `path` (outside the blocks) train (2 when
+    neither does: layer_norm then makes no parameter gradient)."""
+    names = trainable_names(plan)
+    return ((f"{path}.weight" in names) + (f"{path}.bias" in names)) or 2
+
+
+def param_trains(plan: Plan, path: str, weight_only: bool = False) -> bool:
+    names = trainable_names(plan)
+    if weight_only:
+        return f"{path}.weight" in names or path in names
+    return any(n == path or n.startswith(path + ".") for n in names)
+
+
+def head_linear(rec: Recorder, plan: Plan, x: SymTensor, path: str, in_f: int, out_f: int, tag: str,
+                 trains: bool | None = None) -> SymTensor:
+    """A head Linear: trainable (a modules_to_save copy, a trainable head), or a LoRA/DoRA target
+    (all-linear takes the MLM transform's dense, BERT's pooler and ViT's classifier; DoRA subtracts the
+    bias of one that has it, see dora_output)."""
+    s = plan.settings
+    lora = s.method in ("lora", "qlora") and path in plan.targets
+    w = param_trains(plan, path, True) if trains is None else trains
+    return site_linear(rec, x, in_f, out_f, w, tag, lora_rank=s.rank if lora else 0, dora=s.dora and lora,
+                  quantized=path in quantized_paths(plan), bias=path in biased_paths(build_layout(plan.spec)),
+                  bias_trains=f"{path}.bias" in trainable_names(plan))
+
+
+@lru_cache(maxsize=256)
+def biased_paths(layout: Layout) -> frozenset:
+    """Paths of the model's modules that carry a bias."""
+    return frozenset(m.path for m in layout.modules if m.bias)
+
+
+@lru_cache(maxsize=1024)
+def quantized_paths(plan: Plan) -> frozenset:
+    """Module paths whose weight is NF4 (QLoRA: bitsandbytes Linear4bit, methods.lora.quantizable)."""
+    return frozenset(g.name.rsplit(".", 1)[0] for g in plan.groups if g.quantized)
+
+
+@dataclass(frozen=True)
+class HeadSites:
+    """What a family's embeddings and head code calls where a method may sit outside the blocks
+    (Family.embeddings, Family.mlm_head, Family.seq_cls_head): which parameters train, and a head Linear
+    with its LoRA/DoRA (head_linear)."""
+
+    plan: Plan
+
+    @property
+    def embedding_trains(self) -> bool:
+        """Whether the input embedding trains (a head tied to it then waits for its gradient)."""
+        return self.plan.embedding_trains
+
+    def trains(self, path: str, weight_only: bool = False) -> bool:
+        """Whether a parameter of the module at `path` (its weight, with `weight_only`) trains."""
+        return param_trains(self.plan, path, weight_only)
+
+    def norm_params(self, path: str) -> int:
+        """How many of the LayerNorm at `path`'s weight and bias get a gradient (trained_norm_params)."""
+        return trained_norm_params(self.plan, path)
+
+    def linear(self, rec: Recorder, x: SymTensor, path: str, in_f: int, out_f: int, tag: str) -> SymTensor:
+        """The head Linear at `path` (head_linear)."""
+        return head_linear(rec, self.plan, x, path, in_f, out_f, tag)

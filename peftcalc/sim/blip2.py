@@ -18,7 +18,8 @@ from peftcalc.plan import Plan
 from peftcalc.settings import DTYPE_BYTES, TrainingSettings
 from peftcalc.sim.autocast_cache import autocast_weight_cache_bytes
 from peftcalc.sim.blocks import run_blocks, unwrapped_saved_copies
-from peftcalc.sim.head import head_backward, head_forward, trainable_names
+from peftcalc.methods.sites import trainable_names
+from peftcalc.sim.head import head_backward, head_forward
 from peftcalc.sim.loss import loss_buffers
 from peftcalc.sim.model import block_forward_transient, saved_below_last_frozen_block
 from peftcalc.sim.profile import ActivationProfile, make_ctx, stream_dtype

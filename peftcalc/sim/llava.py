@@ -21,7 +21,7 @@ from peftcalc.ops.recorder import Recorder
 from peftcalc.plan import Plan
 from peftcalc.settings import DTYPE_BYTES, TrainingSettings
 from peftcalc.sim.blocks import simulate_block
-from peftcalc.sim.head import param_trains
+from peftcalc.methods.sites import param_trains
 from peftcalc.sim.model import model_profile
 from peftcalc.sim.profile import ActivationProfile, input_embeddings_require_grad, make_ctx, stream_dtype
 from peftcalc.spec import ModelSpec

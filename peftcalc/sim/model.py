@@ -7,15 +7,16 @@ from __future__ import annotations
 from dataclasses import replace
 from functools import lru_cache
 
-from peftcalc.families import build_layout, dropout_p
+from peftcalc.families import build_layout, dropout_p, family
 from peftcalc.layout import Layout
+from peftcalc.methods.sites import HeadSites
 from peftcalc.ops.context import StepContext
 from peftcalc.ops.recorder import Recorder, SymTensor
 from peftcalc.plan import Plan
 from peftcalc.settings import DTYPE_BYTES, TrainingSettings
 from peftcalc.sim.autocast_cache import autocast_weight_cache_bytes
 from peftcalc.sim.blocks import BlockRun, run_blocks, unwrapped_saved_copies
-from peftcalc.sim.head import embeddings_forward, final_norm, has_final_norm, head_backward, head_forward, param_trains, unsaved_model_output
+from peftcalc.sim.head import embeddings_forward, final_norm, has_final_norm, head_backward, head_forward, unsaved_model_output
 from peftcalc.sim.loss import loss_buffers
 from peftcalc.sim.profile import ActivationProfile, input_embeddings_require_grad, make_ctx, stream_dtype
 from peftcalc.spec import ModelSpec
@@ -47,7 +48,7 @@ def model_profile(plan: Plan, t: TrainingSettings, checkpointed: tuple) -> Activ
         numel = t.batch_size * spec.num_patches * h
         leaf = numel * DTYPE_BYTES[ctx.autocast or ctx.weight_dtype]
         rec.new(numel, ctx.autocast or ctx.weight_dtype, True)
-    elif hooked and not plan.embedding_trains and (spec.model_type in ("gpt2", "bert", "roberta")
+    elif hooked and not plan.embedding_trains and (family(spec).embeddings_add_positions
                                                    or plan.settings.method == "prompt"):
         # the hooked output of the frozen word embeddings is a leaf that requires grad: its
         # AccumulateGrad node holds it to the end of backward, and it is not the tensor the blocks get
@@ -65,7 +66,7 @@ def model_profile(plan: Plan, t: TrainingSettings, checkpointed: tuple) -> Activ
         # arange of the virtual tokens peft keeps, is what the prompt encoder's embedding saves
         rec.save_new(plan.settings.num_virtual_tokens, "int64", "prompt_encoder.indices")
     grads_reach_blocks = input_rg or plan.lowest_trainable_layer is not None or plan.settings.method == "prefix"
-    if spec.model_type in ("llama", "mistral", "qwen2") and grads_reach_blocks:
+    if family(spec).rotary and grads_reach_blocks:
         # LlamaRotaryEmbedding's cos and sin (1 x seq x head_dim, in the hidden states' dtype), shared
         # by every layer, saved by q * cos and rotate_half(q) * sin
         rec.save_new(2 * ctx.seq * spec.head_dim, ctx.weight_dtype, "rotary.cos_sin")
@@ -161,7 +162,7 @@ def _positions_held(spec: ModelSpec, ctx: StepContext, rotary_saved: bool) -> in
     while the layers run; cos and sin count as saved where the layers need gradients (activation_profile
     saves them then). With prefix tuning's past keys the causal mask cannot be skipped: masking_utils
     builds a (1, 1, seq, past + seq) bool mask, held too (traced)."""
-    if spec.model_type not in ("llama", "mistral", "qwen2"):
+    if not family(spec).rotary:
         return 0
     rotary = 0 if rotary_saved else 2 * ctx.seq * spec.head_dim * DTYPE_BYTES[ctx.weight_dtype]
     mask = ctx.seq * ctx.kv_seq if ctx.kv_seq != ctx.seq else 0
@@ -171,23 +172,10 @@ def _positions_held(spec: ModelSpec, ctx: StepContext, rotary_saved: bool) -> in
 def _embedding_indices_saved(spec: ModelSpec, plan: Plan, layout: Layout, ctx: StepContext) -> list:
     """(numel, tag) of the int64 indices the model's forward makes for its position or token-type
     embeddings, which their EmbeddingBackward saves when the embedding trains (derivatives.yaml
-    embedding: indices): GPT2Model.forward's position_ids, arange(seq).unsqueeze(0) (wpe);
-    BertEmbeddings.forward's token types, gathered from the registered all-zeros buffer at the
-    position ids, 1 x seq; RobertaEmbeddings.forward's, batch x seq, gathered at the batch x seq
-    position ids create_position_ids_from_input_ids makes (position_embeddings). BERT's position ids
-    are a slice of its registered buffer (counted with the buffers)."""
-    if spec.model_type == "gpt2":
-        return [(ctx.seq, "wpe.position_ids")] if param_trains(plan, "transformer.wpe") else []
-    if spec.model_type not in ("bert", "roberta"):
-        return []
-    embeddings = layout.embedding_path.rsplit(".", 1)[0]
-    rows = ctx.batch if spec.model_type == "roberta" else 1
-    out = []
-    if param_trains(plan, f"{embeddings}.token_type_embeddings"):
-        out.append((rows * ctx.seq, "token_type_embeddings.token_type_ids"))
-    if spec.model_type == "roberta" and param_trains(plan, f"{embeddings}.position_embeddings"):
-        out.append((rows * ctx.seq, "position_embeddings.position_ids"))
-    return out
+    embedding: indices): the family's (Family.embedding_indices: GPT-2's position_ids, BERT's and
+    RoBERTa's token types and RoBERTa's positions)."""
+    hook = family(spec).embedding_indices
+    return hook(spec, layout, ctx, HeadSites(plan)) if hook else []
 
 
 def _lookup_saved(plan: Plan, indices: list) -> int:
@@ -226,7 +214,7 @@ def _checkpointed_layer_positions(spec: ModelSpec, ctx: StepContext, t: Training
     (Mistral, Qwen2) ``position_ids = arange(seq).unsqueeze(0)``, 1 x seq, held until block 0's
     backward (traced: seq x 8 bytes, 'other', at the checkpointed decoders' backward peaks; GPT-2's
     wpe, when it trains, saves them anyway)."""
-    if not t.grad_checkpointing or spec.model_type not in ("gpt2", "llama", "mistral", "qwen2"):
+    if not t.grad_checkpointing or not family(spec).passes_position_ids:
         return 0
     return ctx.seq * 8
 
@@ -240,7 +228,7 @@ def _prompt_inputs_held(spec: ModelSpec, plan: Plan, ctx: StepContext) -> int:
         return 0
     wb = DTYPE_BYTES[ctx.weight_dtype]
     prompts = ctx.batch * plan.settings.num_virtual_tokens * spec.hidden_size * wb
-    concatenated = ctx.tokens * spec.hidden_size * wb if spec.model_type in ("bert", "roberta", "gpt2") else 0
+    concatenated = ctx.tokens * spec.hidden_size * wb if family(spec).embeddings_add_positions else 0
     return prompts + concatenated
 
 
