@@ -5,7 +5,7 @@ reports/data/ci.jsonl); any one of them is re-measured with, for example:
 
     PYTHONPATH=. python -c "
     import tomllib; from measure.run import measure_one; from peftcalc.methods import MethodSettings
-    from peftcalc.settings import TrainingSettings; from peftcalc.spec import spec_from_config
+    from peftcalc.settings import TrainingSettings; from peftcalc.config import spec_from_config
     cfg = tomllib.load(open('measure/matrices/ci.toml', 'rb'))['models']['tiny-llama-gqa']
     spec = spec_from_config({**cfg, '_name_or_path': 'tiny-llama-gqa'})
     row = measure_one(spec, MethodSettings('qlora', prepare_kbit=True),
