@@ -348,7 +348,7 @@ def _cls_token_gradient_storage(plan: Plan, t: TrainingSettings) -> int:
     cls_token's gradient an aten.add (1, 17, 64) storage, 4,352 bytes for 256). At batch > 1 the sum
     makes a (1, 1, hidden) tensor of its own."""
     spec = plan.spec
-    if t.batch_size != 1:
+    if not spec.is_vision or t.batch_size != 1:  # a class token parameter: ViT's (CLIP's is class_embedding)
         return 0
     group = next((g for g in plan.groups if g.name.endswith("embeddings.cls_token") and g.trainable
                   and g.name not in gradient_free(plan)), None)
