@@ -136,25 +136,20 @@ DROPOUT = {
     "qwen2": {"attn": ("attention_dropout", 0.0)},
 }
 
-# peft 0.21 utils/constants.py TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING and the IA3 mappings
-LLAMA = Family("llama", "https://github.com/huggingface/transformers/blob/main/src/transformers/models/llama/modeling_llama.py",
-               llama_layout, llama_block, DROPOUT["llama"], ("q_proj", "v_proj"),
-               ("k_proj", "v_proj", "down_proj"), ("down_proj",),
-               architectures={"LlamaForCausalLM": "causal_lm", "LlamaForSequenceClassification": "seq_cls", "LlamaModel": "base"},
-               default_task="causal_lm", read_config=llama_config, decoder=True, gated_mlp=True,
-               final_norm="rms", buffer_bytes=rotary_buffer_bytes, rotary=True, passes_position_ids=True,
-               prefix_kv_dim=True)
-MISTRAL = Family("mistral", "https://github.com/huggingface/transformers/blob/main/src/transformers/models/mistral/modeling_mistral.py",
-                 llama_layout, llama_block, DROPOUT["mistral"], ("q_proj", "v_proj"),
-                 ("k_proj", "v_proj", "down_proj"), ("down_proj",),
-                 architectures={"MistralForCausalLM": "causal_lm", "MistralForSequenceClassification": "seq_cls", "MistralModel": "base"},
-                 default_task="causal_lm", read_config=llama_config, decoder=True, gated_mlp=True,
-               final_norm="rms", buffer_bytes=rotary_buffer_bytes, rotary=True, passes_position_ids=True,
-               prefix_kv_dim=True)
-QWEN2 = Family("qwen2", "https://github.com/huggingface/transformers/blob/main/src/transformers/models/qwen2/modeling_qwen2.py",
-               llama_layout, llama_block, DROPOUT["qwen2"], ("q_proj", "v_proj"),
-               ("q_proj", "v_proj", "down_proj"), ("down_proj",),
-               architectures={"Qwen2ForCausalLM": "causal_lm", "Qwen2ForSequenceClassification": "seq_cls", "Qwen2Model": "base"},
-               default_task="causal_lm", read_config=llama_config, decoder=True, gated_mlp=True,
-               final_norm="rms", buffer_bytes=rotary_buffer_bytes, rotary=True, passes_position_ids=True,
-               prefix_kv_dim=True)
+def _llama_like_family(model_type: str, class_prefix: str, ia3_targets: tuple) -> Family:
+    """The Family record of a model type that runs LlamaDecoderLayer's ops (Llama, Mistral, Qwen2): LoRA on
+    q_proj, v_proj and IA3 on `ia3_targets` with down_proj as the feed-forward one (peft 0.21
+    utils/constants.py TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING and the IA3 mappings)."""
+    return Family(model_type,
+                  f"https://github.com/huggingface/transformers/blob/main/src/transformers/models/{model_type}/"
+                  f"modeling_{model_type}.py",
+                  llama_layout, llama_block, DROPOUT[model_type], ("q_proj", "v_proj"), ia3_targets, ("down_proj",),
+                  architectures={f"{class_prefix}ForCausalLM": "causal_lm",
+                                 f"{class_prefix}ForSequenceClassification": "seq_cls", f"{class_prefix}Model": "base"},
+                  default_task="causal_lm", read_config=llama_config, decoder=True, gated_mlp=True, final_norm="rms",
+                  buffer_bytes=rotary_buffer_bytes, rotary=True, passes_position_ids=True, prefix_kv_dim=True)
+
+
+LLAMA = _llama_like_family("llama", "Llama", ("k_proj", "v_proj", "down_proj"))
+MISTRAL = _llama_like_family("mistral", "Mistral", ("k_proj", "v_proj", "down_proj"))
+QWEN2 = _llama_like_family("qwen2", "Qwen2", ("q_proj", "v_proj", "down_proj"))
