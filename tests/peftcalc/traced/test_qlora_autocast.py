@@ -18,9 +18,6 @@ the step under torch.autocast(bf16) (measure.setup.precision_policy, measure.bui
 import pytest
 
 import peftcalc
-from peftcalc.ops.context import StepContext
-from peftcalc.ops.linear import matmul_4bit_backward_steps
-from peftcalc.backward import Node, run_backward
 from matrix_models import matrix_spec
 
 # (model, precision, batch, seq, checkpointing, traced peak bytes, ci.jsonl key, predicted - traced)
@@ -71,38 +68,3 @@ def test_qlora_amp_components_at_the_peak():
     assert c["weights_frozen"] + c["weights_trainable"] + c["buffers"] == 337_456
     assert c["activations"] == 1_199_872
     assert c["logits_loss"] + c["temporaries"] == 589_832
-
-
-def test_matmul_4bit_backward_dequantizes_in_the_loaded_dtype():
-    """MatMul4Bit.backward on tiny-vit-cls's fc2 (in 128, out 64; 51 tokens) under amp-bf16, traced on
-    fake tensors: dequantize_blockwise (128,) fp32 512 B, dequantize_4bit (64, 128) fp32 32,768 B, its
-    .to(bf16) 16,384 B, then mm (51, 128) bf16 13,056 B (the first two die before the mm). The peak is
-    the fp32 weight and its bf16 copy: 49,152 bytes, 36,096 besides grad_A."""
-    ctx = StepContext(batch=3, seq=17, kv_seq=17, compute_dtype="bfloat16", weight_dtype="float32", autocast="bfloat16",
-              adapter_dtype="float32", device="cpu", attention="sdpa", quant_compute="bfloat16",
-              quant_source="float32", quant_nested=True)
-    grad_out, grad_a = 51 * 64 * 2, 51 * 128 * 2
-
-    def replay(c: StepContext) -> int:  # MatMul4Bit's node as ops.linear.matmul records it, from a bf16 grad_output
-        steps = tuple(matmul_4bit_backward_steps(c, 128, 64)) + (("new", "d0", grad_a), ("free", "wc"))
-        return run_backward([Node(2, steps, ((1, "d0"),))], {}, {2: grad_out}, False).peak.total
-
-    assert replay(ctx) == grad_out + 32_768 + 16_384
-    # loaded in bf16 (the bf16 policy): dequantize_4bit returns bf16, .to() copies nothing; the
-    # nested absmax (512 B) is smaller than grad_A, so the peak is the weight and grad_A
-    bf16 = StepContext(**{**ctx.__dict__, "weight_dtype": "bfloat16", "autocast": None, "quant_source": "bfloat16"})
-    assert replay(bf16) == grad_out + 16_384 + grad_a
-
-
-def test_checkpoint_recompute_starts_at_the_first_node_that_unpacks():
-    """torch.utils.checkpoint (non-reentrant) recomputes when backward first unpacks a saved tensor: a
-    node that saves none (MatMul4Bit, AddBackward, ToCopyBackward) runs before the recompute, so the
-    gradients it makes are alive during it and the saved tensors are not alive during it."""
-    # x (the block's input, 400 B) -> h (400 B, its node unpacks s, 200 B) -> out (a Linear4bit output:
-    # its node unpacks nothing, a 30 B temporary); the recompute makes s (peak 200 B, counted as buffers)
-    nodes = [Node(3, (("new", "d0", 400),), ((1, "d0"),), saved=(2,), unpacks=True),
-             Node(4, (("new", "t", 30), ("new", "d0", 400), ("free", "t")), ((3, "d0"),))]
-    peak = run_backward(nodes, {2: 200}, {4: 400}, False, recompute=200).peak
-    # out's node: grad_out 400 + temp 30 + grad_h 400, nothing saved yet; then grad_out dies and the
-    # recompute runs with grad_h alive (400 + 200); h's node: grad_h 400 + s 200 + grad_x 400
-    assert (peak.total, peak.saved) == (1000, 200)

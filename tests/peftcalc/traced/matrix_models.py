@@ -7,7 +7,7 @@ from pathlib import Path
 
 from peftcalc.config import load_spec
 
-MATRICES = Path(__file__).parents[2] / "measure" / "matrices"
+MATRICES = Path(__file__).parents[3] / "measure" / "matrices"
 
 
 @lru_cache(maxsize=None)

@@ -1,7 +1,7 @@
 """Gradient checkpointing: each block's recompute and backward replayed (peftcalc.backward) against traced steps.
 
 Traced figures are rows of the ci matrix (measure/matrices/ci.toml, committed in reports/data/ci.jsonl),
-re-measured one at a time with measure.run.measure_one (see tests/peftcalc/test_prepare_kbit.py for
+re-measured one at a time with measure.run.measure_one (see tests/peftcalc/traced/test_prepare_kbit.py for
 the command), e.g. tiny-bert, MethodSettings('lora'), TrainingSettings(batch_size=4, seq_len=32,
 precision='bf16', grad_checkpointing=True), device='cpu', steps=2. What was live at a traced peak was
 listed with measure.tracer.StorageTracer.live_records(peak_seq) (op, shape, dtype of each storage).
@@ -12,9 +12,7 @@ import pytest
 
 from peftcalc import estimate
 from peftcalc.activations import activation_profile
-from peftcalc.ops.context import StepContext
-from peftcalc.ops.recorder import Recorder
-from peftcalc.backward import GRAD, BackwardPeak, Node, run_backward
+from peftcalc.backward import BackwardPeak
 from peftcalc.methods import MethodSettings, make_plan
 from peftcalc.settings import TrainingSettings
 from matrix_models import matrix_spec
@@ -117,35 +115,6 @@ def test_input_require_grads_hook_keeps_embedding_tensors():
     assert (peak, c["activations"], c["logits_loss"] + c["temporaries"]) == (1_522_984, 460_800, 557_064)
     vit = make_plan(tiny("tiny-vit-cls"), MethodSettings("lora"))  # main_input_name pixel_values: no hook
     assert activation_profile(vit, ckpt("fp32")).pre == activation_profile(vit, no_ckpt).pre
-
-
-def test_recompute_stops_at_the_last_save():
-    """torch.utils.checkpoint's early stop: nothing after the last packed tensor is recomputed, and what
-    a later op still uses is alive where it stops (Recorder.recompute_peak)."""
-    ctx = StepContext(batch=1, seq=1, kv_seq=1, compute_dtype="float32", weight_dtype="float32", autocast=None, adapter_dtype="float32",
-              device="cpu", attention="sdpa")
-    rec = Recorder(ctx)
-    x = rec.new(10, "float32", True)  # the checkpoint's input: 40 bytes
-    rec.save(rec.new(100, "float32", True), "a")  # 400 bytes, saved
-    b = rec.new(1000, "float32", True)  # 4,000 bytes, used later: alive at the stop
-    rec.save_param()  # a parameter saved: the last save
-    rec.new(10_000, "float32", True)  # never recomputed
-    rec.free(b)
-    assert rec.recompute_peak - x.nbytes == 400 + 4_000
-    assert rec.saved_bytes() == {2: 400}
-
-
-def test_backward_sums_a_second_gradient_out_of_place_under_a_tracer():
-    """y = x.sum(...) and z = x.sum(...) (x 1,000 values, y and z 100), out = y + z, all fp32: AddBackward
-    hands its gradient (400 bytes) to y and z; z's node (the later one) runs first and makes x's first
-    gradient (4,000), y's node its second (4,000 more, while the incoming gradient is still alive: 8,400).
-    Summing them: out of place under a dispatch mode (a storage tracer; ATen isTensorSubclassLike), the
-    sum is allocated while both exist: 12,000 bytes; on CUDA tensors InputBuffer::accumulate adds in
-    place and 8,400 stays the peak."""
-    nodes = [Node(2, (("new", "d0", 4_000),), ((1, "d0"),)), Node(3, (("new", "d0", 4_000),), ((1, "d0"),)),
-             Node(4, (), ((2, GRAD), (3, GRAD)))]
-    for inplace, expected in ((False, 12_000), (True, 8_400)):
-        assert run_backward(nodes, {}, {4: 400}, inplace).peak.total == expected
 
 
 def _components(model, method, precision, batch, seq, **kw):
