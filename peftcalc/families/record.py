@@ -32,6 +32,9 @@ class Family:
     6. ``read_config``: the config keys and defaults of its transformers configuration class, the model
        classes (``architectures``) and their tasks, what kind of model it is (decoder, vision, vlm);
        ``source``: the modeling file it mirrors.
+    7. what runs around the blocks where it is not the default (the embedding lookup alone, a LayerNorm final
+       norm, no buffers): ``embeddings``, ``embedding_indices``, ``mlm_head``, ``seq_cls_head`` (hooks that
+       get a methods.sites.HeadSites), ``final_norm``, ``buffer_bytes``, and the flags below them.
     Then harness rows (measure/matrices/*.toml) hold it to the traced bytes."""
 
     model_type: str
