@@ -1,32 +1,50 @@
 # Two commands do all their own set-up: `make run` and `make test`.
-# The pinned CPU wheel of torch goes in first so nothing resolves to the multi-GB CUDA build.
+# `make run` installs only what `peftcalc estimate` needs (the base dependencies: no torch); `make test`
+# installs everything, the pinned CPU wheel of torch first so nothing resolves to the multi-GB CUDA build.
+# Both use the same venv; each has its own stamp (the full install stamps both, so `make test` then
+# `make run` installs nothing more).
 VENV ?= .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed-stamp
+PIP := $(PY) -m pip install -q --disable-pip-version-check
+RUN_STAMP := $(VENV)/.run-stamp
+TEST_STAMP := $(VENV)/.test-stamp
 TORCH_PIN ?= torch==2.13.0
+# Where torch comes from. Empty: pip's configured index (fine where it resolves the CPU wheel). Where
+# pip would pick the CUDA build: make test TORCH_INDEX=https://download.pytorch.org/whl/cpu
+TORCH_INDEX ?=
+TORCH_INDEX_ARGS := $(if $(strip $(TORCH_INDEX)),--index-url $(strip $(TORCH_INDEX)))
 PYTEST_ARGS ?=
 CI_SLICE ?= 24
 
-.PHONY: run test env bench report clean gpu-wheels
+.PHONY: run test env readme bench report clean gpu-wheels
 
-$(STAMP): pyproject.toml
+$(RUN_STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check $(TORCH_PIN)
-	$(PY) -m pip install -q --disable-pip-version-check -e '.[all]'
-	@touch $(STAMP)
+	$(PIP) -e .
+	@touch $@
 
-env: $(STAMP)
+$(TEST_STAMP): pyproject.toml
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) $(TORCH_INDEX_ARGS) $(TORCH_PIN)
+	$(PIP) -e '.[all]'
+	@touch $@ $(RUN_STAMP)
 
-run: $(STAMP)
+env: $(TEST_STAMP)
+
+run: $(RUN_STAMP)
 	$(VENV)/bin/peftcalc estimate
 
-test: $(STAMP)
+test: $(TEST_STAMP)
 	$(PY) -m pytest -q -m "not gpu" $(PYTEST_ARGS)
 	@rm -f build/ci-slice.jsonl
 	$(VENV)/bin/peftcalc measure --matrix ci --limit $(CI_SLICE) --out build/ci-slice.jsonl
 	$(PY) -m reports.ci_report build/ci-slice.jsonl
 
-bench: $(STAMP)
+# Re-run every command README.md shows and rewrite its output blocks (tools/readme.py; the tests check them).
+readme: $(RUN_STAMP)
+	$(PY) tools/readme.py
+
+bench: $(TEST_STAMP)
 	$(PY) benchmarks/bench_estimate.py
 
 clean:
