@@ -1,0 +1,203 @@
+"""Property tests (Hypothesis): invariants of the calculator over random valid settings, and "only
+InputError escapes" over random invalid input (CLI arguments, config files, API keyword values).
+
+Deterministic (derandomize=True) and small (max_examples per test below), so the file runs in a few
+seconds and CI sees the same examples every run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import HealthCheck, assume, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+import peftcalc  # noqa: E402
+from peftcalc.config import load_spec, registry_names, spec_from_config  # noqa: E402
+from peftcalc.errors import CombinationError, InputError  # noqa: E402
+from peftcalc.methods import max_seq_len, methods_for  # noqa: E402
+from peftcalc.api import method_settings, resolved_settings  # noqa: E402
+
+CONFIGS = Path(__file__).parent / "configs"
+CONFIG_FILES = sorted(CONFIGS.glob("*.json"))
+CONFIG_DICTS = {p.stem: json.loads(p.read_text()) for p in CONFIG_FILES}
+
+# Small and medium registry models (the calculator is analytic, but the big ones add nothing the
+# medium ones of the same family do not cover), one per family and kind: encoder, decoder, vision,
+# vision-language, BLIP-2.
+SMALL_REGISTRY = [n for n in ("bert-base", "roberta-base", "gpt2", "gpt2-medium", "vit-b-16", "qwen2.5-0.5b",
+                              "tinyllama-1.1b", "llama-3.2-1b", "clip-vit-l-14-vision", "llava-1.5-7b",
+                              "blip2-opt-2.7b") if n in registry_names()]
+
+PRECISIONS = ("fp32", "bf16", "amp-bf16", "fp16", "amp-fp16")
+
+
+# PEFTCALC_PROPS_SCALE=50 multiplies every max_examples (a longer local or nightly exploration).
+SCALE = max(1, int(os.environ.get("PEFTCALC_PROPS_SCALE", "1")))
+
+
+def _props(n: int, **kw):
+    return settings(max_examples=n * SCALE, deadline=None, derandomize=True, database=None,
+                    suppress_health_check=[HealthCheck.filter_too_much, HealthCheck.too_slow], **kw)
+
+
+_SPECS: dict = {}
+
+
+def spec_of(key: str):
+    """A registry name, or 'config:<stem>' for a tiny config in tests/peftcalc/configs (loaded once)."""
+    if key not in _SPECS:
+        if key.startswith("config:"):
+            stem = key.split(":", 1)[1]
+            _SPECS[key] = spec_from_config(CONFIG_DICTS[stem], name=stem)
+        else:
+            _SPECS[key] = load_spec(key)
+    return _SPECS[key]
+
+
+MODEL_KEYS = SMALL_REGISTRY + [f"config:{p.stem}" for p in CONFIG_FILES]
+
+
+def seq_limit(spec, method: str) -> int:
+    """The longest sequence the model takes with `method`'s default settings (2048 where no limit)."""
+    try:
+        s = resolved_settings(spec, method_settings(method))
+    except InputError:
+        return 2048
+    limit = max_seq_len(spec, s)
+    return min(limit, 2048) if limit else 2048
+
+
+@st.composite
+def valid_settings(draw, models=MODEL_KEYS, methods=None):
+    """(model key, spec, estimate keyword arguments) over the valid ranges; a combination the calculator
+    refuses is filtered by the tests (InputError -> assume(False))."""
+    key = draw(st.sampled_from(models))
+    spec = spec_of(key)
+    choices = [m for m in methods_for(spec) if methods is None or m in methods]
+    assume(choices)
+    method = draw(st.sampled_from(choices))
+    limit = seq_limit(spec, method)
+    assume(limit >= 1)
+    kw = dict(
+        method=method,
+        precision=draw(st.sampled_from(PRECISIONS)),
+        batch_size=draw(st.integers(1, 8)),
+        seq_len=draw(st.integers(min(16, limit), limit)),
+        grad_checkpointing=draw(st.booleans()),
+        attention=draw(st.sampled_from(("sdpa", "eager"))),
+        device=draw(st.sampled_from(("cuda", "cpu"))),
+    )
+    return key, spec, kw
+
+
+def estimate_or_skip(spec, **kw):
+    try:
+        return peftcalc.estimate(spec, **kw)
+    except InputError:
+        assume(False)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Valid settings: invariants
+# ---------------------------------------------------------------------------------------------------
+
+
+@_props(40)
+@given(valid_settings(), st.data())
+def test_peak_never_falls_as_batch_or_sequence_grows(case, data):
+    key, spec, kw = case
+    base = estimate_or_skip(spec, **kw)
+    limit = seq_limit(spec, kw["method"])
+    bigger_batch = data.draw(st.integers(kw["batch_size"], 8), label="bigger batch")
+    bigger_seq = data.draw(st.integers(kw["seq_len"], limit), label="bigger seq")
+    for change in ({"batch_size": bigger_batch}, {"seq_len": bigger_seq}):
+        try:
+            grown = peftcalc.estimate(spec, **{**kw, **change})
+        except CombinationError:
+            continue  # e.g. a longer sequence past learned positions
+        assert grown.memory.peak_bytes >= base.memory.peak_bytes, (key, kw, change)
+
+
+@_props(40)
+@given(valid_settings())
+def test_memory_components_sum_to_the_peak(case):
+    key, spec, kw = case
+    est = estimate_or_skip(spec, **kw)
+    assert all(isinstance(v, int) and v >= 0 for v in est.memory.components.values()), est.memory.components
+    assert sum(est.memory.components.values()) == est.memory.peak_bytes, (key, kw)
+
+
+@_props(30)
+@given(valid_settings(methods=("lora", "full")))
+def test_lora_trains_fewer_parameters_than_full(case):
+    key, spec, kw = case
+    assume("full" in methods_for(spec) and "lora" in methods_for(spec))
+    kw = {k: v for k, v in kw.items() if k != "method"}
+    full = estimate_or_skip(spec, method="full", **kw)
+    lora = estimate_or_skip(spec, method="lora", **kw)
+    assert lora.params.trainable < full.params.trainable, (key, kw)
+
+
+@_props(40)
+@given(valid_settings())
+def test_trainable_never_exceeds_total(case):
+    key, spec, kw = case
+    est = estimate_or_skip(spec, **kw)
+    p = est.params
+    assert 0 <= p.trainable <= p.total, (key, kw, p.trainable, p.total)
+    assert 0 <= p.percent <= 100
+
+
+def _finite(x) -> bool:
+    if isinstance(x, float):
+        return math.isfinite(x)
+    if isinstance(x, dict):
+        return all(isinstance(k, str) and _finite(v) for k, v in x.items())
+    if isinstance(x, (list, tuple)):
+        return all(_finite(v) for v in x)
+    return x is None or isinstance(x, (str, int, bool))
+
+
+@_props(30)
+@given(valid_settings())
+def test_to_dict_round_trips_through_json(case):
+    key, spec, kw = case
+    est = estimate_or_skip(spec, **kw)
+    d = est.to_dict()
+    assert _finite(d), (key, kw)
+    assert json.loads(json.dumps(d, allow_nan=False)) == d, (key, kw)
+
+
+@_props(20)
+@given(valid_settings(), st.data())
+def test_sweep_rows_equal_estimate(case, data):
+    key, spec, kw = case
+    limit = seq_limit(spec, kw["method"])
+    batches = sorted(set(data.draw(st.lists(st.integers(1, 8), min_size=1, max_size=2), label="batches")))
+    seqs = sorted(set(data.draw(st.lists(st.integers(min(16, limit), limit), min_size=1, max_size=2),
+                                label="seqs")))
+    grid = {**kw, "batch_size": batches, "seq_len": seqs}
+    try:
+        df = peftcalc.sweep(spec, **grid)
+    except InputError:
+        df = None
+    for row in (df.to_dict("records") if df is not None else [{"batch_size": b, "seq_len": s, "error": "raised"}
+                                                              for b in batches for s in seqs]):
+        one = {**kw, "batch_size": int(row["batch_size"]), "seq_len": int(row["seq_len"])}
+        try:
+            est = peftcalc.estimate(spec, **one)
+        except InputError as exc:
+            # what estimate refuses, the sweep refuses too: a row with the reason, or (a bad value) InputError
+            assert row["error"] is not None, (key, one, str(exc))
+            continue
+        assert row["error"] is None, (key, one, row["error"])
+        assert int(row["peak_bytes"]) == est.memory.peak_bytes, (key, one)
+        assert int(row["params_trainable"]) == est.params.trainable, (key, one)
+        assert int(row["params_total"]) == est.params.total, (key, one)
