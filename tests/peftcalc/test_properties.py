@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, assume, given, settings  # noqa: E402
+from hypothesis import HealthCheck, assume, event, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import peftcalc  # noqa: E402
@@ -201,3 +201,84 @@ def test_sweep_rows_equal_estimate(case, data):
         assert int(row["peak_bytes"]) == est.memory.peak_bytes, (key, one)
         assert int(row["params_trainable"]) == est.params.trainable, (key, one)
         assert int(row["params_total"]) == est.params.total, (key, one)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Invalid input: only InputError escapes (the CLI: exit code 0 or 2, never a traceback)
+# ---------------------------------------------------------------------------------------------------
+
+from typer.testing import CliRunner  # noqa: E402
+
+from peftcalc.cli import app  # noqa: E402
+
+runner = CliRunner()
+
+BAD_NUMBERS = st.one_of(
+    st.integers(-10, 0).map(str),
+    st.integers(10**6, 10**30).map(str),
+    st.sampled_from(["1.5", "-0.0", "2e3", "nan", "inf", "-inf", "abc", "", " ", "0x10", "1_000", "٣"]),
+    st.floats(allow_nan=True, allow_infinity=True).map(repr),
+    st.text(max_size=6),
+)
+GOOD_INTS = st.integers(1, 64).map(str)
+NUMBER = st.one_of(GOOD_INTS, BAD_NUMBERS)
+FLOAT_VALUE = st.one_of(st.sampled_from(["0.35", "1", "0.5", "2.5"]), BAD_NUMBERS)
+NAME = st.one_of(st.text(max_size=8), st.sampled_from(["", " ", "-", "--", "LoRA", "all-linear", "q_proj,v_proj",
+                                                        ",", "tpu", "fp8", "h100", "H100 80GB", "a100"]))
+
+
+def _choice(*valid):
+    return st.one_of(st.sampled_from(valid), NAME)
+
+
+VALUED_FLAGS = {
+    "--method": _choice("full", "frozen", "freeze", "lora", "qlora", "adapter", "prefix", "prompt", "bitfit",
+                        "ia3", "projector", "projector-llm", "qformer"),
+    "--rank": NUMBER, "--alpha": NUMBER, "--targets": NAME, "--bottleneck": NUMBER,
+    "--adapter-kind": _choice("houlsby", "pfeiffer", "block"),
+    "--num-virtual-tokens": NUMBER, "--trainable-layers": NUMBER, "--unfreeze-vision-layers": NUMBER,
+    "--batch-size": NUMBER, "--seq-len": NUMBER, "--precision": _choice(*PRECISIONS),
+    "--optimizer": _choice("adamw", "adamw-8bit", "sgd", "adafactor"), "--checkpoint-every": NUMBER,
+    "--attention": _choice("sdpa", "eager"), "--device": _choice("cuda", "cpu"),
+    "--gpu": _choice("RTX 4090", "A100 80GB", "H100 80GB", "L4"), "--price": FLOAT_VALUE, "--tasks": NUMBER,
+    "--dataset-tokens": NUMBER, "--mfu": FLOAT_VALUE, "--format": _choice("json", "table", "csv", "markdown"),
+}
+SWITCHES = ["--dora", "--double-quant", "--no-double-quant", "--prepare-kbit", "--no-prepare-kbit",
+            "--grad-checkpointing", "--checkpoint-reentrant"]
+CLI_MODELS = st.one_of(st.sampled_from(["gpt2", "bert-base", "vit-b-16", "qwen2.5-0.5b", "llava-1.5-7b",
+                                        "blip2-opt-2.7b"]),
+                       st.sampled_from([str(p) for p in CONFIG_FILES]),
+                       st.sampled_from(["", " ", "nope", "lama-2-7b", "/nonexistent/config.json", str(CONFIGS),
+                                        "-", "--"]))
+
+
+@st.composite
+def cli_args(draw):
+    args = ["estimate", draw(CLI_MODELS)]
+    for _ in range(draw(st.integers(0, 6))):
+        if draw(st.integers(0, 4)) == 0:
+            args.append(draw(st.sampled_from(SWITCHES)))
+        else:
+            flag = draw(st.sampled_from(sorted(VALUED_FLAGS)))
+            args += [flag, draw(VALUED_FLAGS[flag])]
+    return args
+
+
+def cli_exit_code(args) -> tuple[int, str]:
+    """The exit code `python -m peftcalc` gives (cli.main turns InputError into exit 2) and the output."""
+    result = runner.invoke(app, args)
+    exc = result.exception
+    if isinstance(exc, InputError):
+        return 2, result.output
+    if exc is not None and not isinstance(exc, SystemExit):
+        raise exc  # the traceback a user would see
+    return result.exit_code, result.output
+
+
+@_props(150)
+@given(cli_args())
+def test_cli_estimate_bad_arguments_exit_0_or_2_without_traceback(args):
+    code, output = cli_exit_code(args)
+    event(f"exit {code}")
+    assert code in (0, 2), (args, code, output)
+    assert "Traceback" not in output, (args, output)
