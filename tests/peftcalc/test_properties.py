@@ -278,7 +278,7 @@ def cli_exit_code(args) -> tuple[int, str]:
     return result.exit_code, result.output
 
 
-@_props(150)
+@_props(100)
 @given(cli_args())
 def test_cli_estimate_bad_arguments_exit_0_or_2_without_traceback(args):
     code, output = cli_exit_code(args)
@@ -377,7 +377,7 @@ def _estimate_config(config, where, precision, seq_len, grad_checkpointing):
         assert sum(est.memory.components.values()) == est.memory.peak_bytes
 
 
-@_props(150)
+@_props(100)
 @given(broken_configs(only_unvalidated=False), st.sampled_from(PRECISIONS), st.integers(1, 64), st.booleans())
 def test_broken_config_raises_only_input_error(case, precision, seq_len, grad_checkpointing):
     where, config = case
@@ -388,7 +388,7 @@ def test_broken_config_raises_only_input_error(case, precision, seq_len, grad_ch
                    reason="config fields read unchecked: a wrong type or zero raises TypeError/ValueError/KeyError/"
                           "ZeroDivisionError/OverflowError, not InputError; reproducers in CONFIG_REPRODUCERS "
                           "(e.g. spec_from_config({**llama_base, 'architectures': 5}) -> TypeError)")
-@_props(60, shrink=False)
+@_props(40, shrink=False)
 @given(broken_configs(only_unvalidated=True), st.sampled_from(PRECISIONS), st.integers(1, 64), st.booleans())
 def test_unvalidated_config_fields_raise_only_input_error(case, precision, seq_len, grad_checkpointing):
     where, config = case
@@ -405,3 +405,108 @@ def test_config_reproducers_raise_input_error(stem, sub, field, value):
     with pytest.raises(InputError):
         spec = spec_from_config(config, name=stem)
         peftcalc.estimate(spec, seq_len=16, method="full" if "full" in methods_for(spec) else None)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Invalid API values: estimate(model, **{keyword: random value}) raises only InputError
+# ---------------------------------------------------------------------------------------------------
+
+import inspect  # noqa: E402
+
+API_KEYWORDS = [p for p in inspect.signature(peftcalc.estimate).parameters if p != "model"]
+API_VALUES = st.one_of(
+    st.none(), st.booleans(), st.text(max_size=6), st.integers(1, 64).map(str), st.integers(-5, 0),
+    st.integers(1, 64), st.integers(10**6, 10**30), st.floats(allow_nan=True, allow_infinity=True),
+    st.lists(st.integers(1, 8), max_size=2), st.dictionaries(st.text(max_size=2), st.integers(), max_size=1),
+    st.sampled_from(["lora", "fp16", "q_proj", "", "H100 80GB", "all-linear"]),
+)
+API_MODELS = ["gpt2", "llama-3.2-1b", "bert-base", "vit-b-16", "llava-1.5-7b", "blip2-opt-2.7b"]
+# The keywords whose values estimate passes on unchecked today: one reproducer each (gpt2 unless named).
+API_REPRODUCERS = {
+    "method": "method=[1] -> TypeError: unhashable type: 'list'",
+    "rank": "rank={} -> TypeError: unhashable type: 'dict'",
+    "alpha": "alpha=[1] -> TypeError: unhashable type: 'list'",
+    "targets": "targets=5 (or False) -> TypeError: object is not iterable (methods.normalize_targets)",
+    "dora": "dora={} -> TypeError: unhashable type: 'dict'",
+    "double_quant": "double_quant=[1] -> TypeError: unhashable type: 'list'",
+    "bottleneck": "bottleneck={} -> TypeError: unhashable type: 'dict'",
+    "adapter_kind": "adapter_kind=[2] -> TypeError: unhashable type: 'list'",
+    "num_virtual_tokens": "num_virtual_tokens=[1] -> TypeError: unhashable type: 'list'",
+    "trainable_layers": "trainable_layers={} -> TypeError: unhashable type: 'dict'",
+    "vision_layers": "vision_layers=[2] (llava-1.5-7b) -> TypeError: unhashable type: 'list'",
+    "prepare_kbit": "prepare_kbit={} -> TypeError: unhashable type: 'dict'",
+    "batch_size": "batch_size='2' -> TypeError: '<' not supported between 'str' and 'int' (settings.check_training)",
+    "seq_len": "seq_len=None -> TypeError: '<' not supported between 'NoneType' and 'int' (settings.check_training)",
+    "precision": "precision=[6] -> TypeError: unhashable type: 'list' (settings.check_training)",
+    "optimizer": "optimizer={} -> TypeError: unhashable type: 'dict' (settings.check_training)",
+    "grad_checkpointing": "grad_checkpointing={} -> TypeError: unhashable type: 'dict'",
+    "checkpoint_reentrant": "checkpoint_reentrant=[] -> TypeError: unhashable type: 'list'",
+    "gpu": "gpu=5 -> AttributeError: 'int' object has no attribute 'lower' (hardware.find_gpu)",
+    "price": "price={} -> TypeError: '<' not supported between 'dict' and 'int'",
+    "tasks": "tasks='2' -> TypeError: '<' not supported between 'str' and 'int'",
+    "dataset_tokens": "dataset_tokens=None -> TypeError; dataset_tokens=inf -> OverflowError (api._cost_on)",
+    "mfu": "mfu=None -> TypeError: '<' not supported between 'int' and 'NoneType'",
+}
+
+
+def _api_case(keyword: str):
+    marks = []
+    if keyword in API_REPRODUCERS:
+        marks.append(pytest.mark.xfail(strict=False, reason=f"no type check yet (being fixed): estimate('gpt2', "
+                                                            f"{API_REPRODUCERS[keyword]}"))
+    # ids end in "-kw": the conftest skips every test whose keywords include "gpu" (the CUDA marker)
+    return pytest.param(keyword, marks=marks, id=f"{keyword}-kw")
+
+
+@pytest.mark.parametrize("keyword", [_api_case(k) for k in API_KEYWORDS])
+@_props(15, shrink=False)
+@given(model=st.sampled_from(API_MODELS), value=API_VALUES)
+def test_api_bad_keyword_values_raise_only_input_error(keyword, model, value):
+    base = {"seq_len": 64}
+    try:
+        peftcalc.estimate(model, **{**base, keyword: value})
+    except InputError:
+        pass
+
+
+@pytest.mark.parametrize("keyword", sorted(API_REPRODUCERS), ids=[f"{k}-kw" for k in sorted(API_REPRODUCERS)])
+@pytest.mark.xfail(strict=False, reason="no type check yet (being fixed); the reproducer of each keyword is in "
+                                        "API_REPRODUCERS")
+def test_api_known_bad_values_raise_input_error(keyword):
+    value = {"method": [1], "rank": {}, "alpha": [1], "targets": 5, "dora": {}, "double_quant": [1], "bottleneck": {},
+             "adapter_kind": [2], "num_virtual_tokens": [1], "trainable_layers": {}, "vision_layers": [2],
+             "prepare_kbit": {}, "batch_size": "2", "seq_len": None, "precision": [6], "optimizer": {},
+             "grad_checkpointing": {}, "checkpoint_reentrant": [], "gpu": 5, "price": {}, "tasks": "2",
+             "dataset_tokens": None, "mfu": None}[keyword]
+    model = "llava-1.5-7b" if keyword == "vision_layers" else "gpt2"
+    with pytest.raises(InputError):
+        peftcalc.estimate(model, **{keyword: value})
+
+
+# A number the API takes is finite in what it returns: price nan/inf, an mfu so small the step time
+# overflows, or a nan setting stored as given make Estimate.to_dict() (and `--format json`) emit
+# NaN/Infinity, which strict JSON parsers reject.
+FINITE_REPRODUCERS = "estimate('gpt2', price=float('nan')) or estimate('gpt2', mfu=1e-320) -> to_dict() has NaN/inf"
+
+
+@pytest.mark.xfail(strict=True, raises=ValueError, reason=f"non-finite numbers accepted: {FINITE_REPRODUCERS}; "
+                                                          "CLI: `estimate gpt2 --price nan --format json` prints NaN")
+@_props(60, shrink=False)
+@given(keyword=st.sampled_from(["price", "mfu", "bottleneck", "rank", "alpha", "dataset_tokens", "num_virtual_tokens"]),
+       value=st.floats(allow_nan=True, allow_infinity=True))
+def test_api_numbers_give_finite_json_or_input_error(keyword, value):
+    try:
+        est = peftcalc.estimate("gpt2", seq_len=64, gpu="L4", **{keyword: value})
+    except (InputError, TypeError, OverflowError):
+        return  # InputError is right; TypeError/OverflowError are the type checks above
+    json.dumps(est.to_dict(), allow_nan=False)
+
+
+@pytest.mark.xfail(strict=True, reason="`peftcalc estimate gpt2 --price nan --gpu L4 --format json` (also --price inf, "
+                                       "--mfu 1e-320) prints NaN/Infinity: not JSON")
+@pytest.mark.parametrize("flags", [["--price", "nan"], ["--price", "inf"], ["--mfu", "1e-320"]],
+                         ids=["price-nan", "price-inf", "mfu-tiny"])
+def test_cli_json_output_is_strict_json(flags):
+    code, output = cli_exit_code(["estimate", "gpt2", "--gpu", "L4", "--format", "json", *flags])
+    if code == 0:
+        json.loads(output, parse_constant=lambda c: (_ for _ in ()).throw(ValueError(f"not JSON: {c}")))
