@@ -291,8 +291,9 @@ def test_cli_estimate_bad_arguments_exit_0_or_2_without_traceback(args):
 EXTRA_FIELDS = ("num_key_value_heads", "max_position_embeddings", "n_positions", "num_labels", "id2label",
                 "torch_dtype", "dtype", "tie_word_embeddings", "vocab_size", "head_dim", "architectures",
                 "model_type", "_name_or_path", "problem_type", "rope_scaling", "type_vocab_size", "bias")
-# A depth drawn huge makes the calculator run for minutes (its time grows faster than linearly in
-# the number of layers; see the note at the end of this file), so depth-like fields get small values.
+# A depth drawn huge makes the calculator run for minutes: its time grows faster than linearly in the
+# number of layers (llama_base with num_hidden_layers 1,000: 0.4 s; 10,000: 6.7 s; 100,000: over 50 s,
+# and nothing bounds the field), so depth-like fields get values up to 200 here.
 DEPTH_WORDS = ("layer", "frequency")
 
 
