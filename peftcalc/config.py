@@ -114,12 +114,17 @@ def _load_registry_spec(name: str) -> ModelSpec:
     return spec_from_config(registry_configs()[name], name=name, where=name)
 
 
-def load_spec(model: str | ModelSpec | dict) -> ModelSpec:
+def load_spec(model: str | os.PathLike | ModelSpec | dict) -> ModelSpec:
     """A spec from a registry name, a path to a config.json (file or directory), or a config dict."""
     if isinstance(model, ModelSpec):
         return model
     if isinstance(model, dict):
         return spec_from_config(model)
+    if isinstance(model, os.PathLike):
+        model = os.fspath(model)
+    if not isinstance(model, str) or not model.strip():
+        raise InputError(f"model must be a registry name, a Hugging Face repo id of one, a path to a config.json, "
+                         f"a config dict or a ModelSpec, got {model!r}", names=("model",))
     key = model.strip().lower()
     key = registry_aliases().get(key, key)
     if key in registry_configs():
