@@ -280,7 +280,7 @@ def _check_cost_inputs(gpu, price, tasks, dataset_tokens, mfu) -> None:
             raise InputError(f"gpu must be a GPU name (peftcalc gpus), got {gpu!r}", names=("gpu",))
         find_gpu(gpu)
     if price is not None:
-        require_number("price", price, 0, what="a finite hourly price >= 0")
+        require_number("price", price, 0, what="a finite number >= 0 (USD per hour)")
         if gpu is None:  # the price replaces one GPU's; without a GPU named it would be dropped silently
             raise InputError("price needs gpu: it replaces the hourly rate of the GPU named", names=("price", "gpu"))
 
