@@ -329,6 +329,10 @@ def sweep(model: str | ModelSpec | dict | list = DEFAULT_MODEL, **grid):
     unknown keyword) raises InputError."""
     import pandas as pd
 
+    costs = sorted(k for k in grid if k in COST_FIELDS)
+    if costs:
+        raise InputError(f"sweep rows compute memory only (no time, cost or storage): {', '.join(costs)} "
+                         "belong to estimate()", names=tuple(costs))
     unknown = sorted(k for k in grid if k not in SWEEP_FIELDS)
     if unknown:
         raise InputError(f"sweep() got unknown argument(s) {', '.join(unknown)}; valid: model, "
@@ -351,8 +355,10 @@ def sweep(model: str | ModelSpec | dict | list = DEFAULT_MODEL, **grid):
     return df
 
 
-# The keywords sweep() takes besides `model`: the knobs of MethodSettings and the TrainingSettings fields.
+# The keywords sweep() takes besides `model`: the knobs of MethodSettings and the TrainingSettings fields;
+# estimate()'s time, cost and storage arguments, which a sweep row does not compute, are refused by name.
 SWEEP_FIELDS = METHOD_FIELDS + TRAINING_FIELDS
+COST_FIELDS = ("gpu", "price", "tasks", "dataset_tokens", "mfu")
 
 
 def _grid_values(name: str, value) -> list:
