@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from peftcalc.methods import MethodSettings, resolve_adapter_kind
+from peftcalc.methods import MethodSettings, applicable_knobs, resolve_adapter_kind
 from peftcalc.settings import TrainingSettings
 from peftcalc.spec import ModelSpec
 
@@ -90,7 +90,9 @@ def predict(spec: ModelSpec, method: MethodSettings, training: TrainingSettings,
         from peftcalc.api import estimate
     except ImportError as exc:
         return {"predicted": None, "predicted_error": f"peftcalc.api not importable: {exc}"}
-    kwargs = {**asdict(method), **asdict(training), "device": "cuda" if device == "cuda" else "cpu"}
+    knobs = {k: v for k, v in asdict(method).items() if k != "method"}  # those its method reads: estimate refuses others
+    kwargs = {"method": method.method, **applicable_knobs(method.method, knobs), **asdict(training),
+              "device": "cuda" if device == "cuda" else "cpu"}
     try:
         result = estimate(spec, **kwargs)
         memory = result.memory

@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from functools import lru_cache, wraps
 from math import ceil
 
+from peftcalc.checks import require_int, require_number
 from peftcalc.errors import CombinationError, InputError
 from peftcalc.families.blip2 import blip2_image_tokens
 from peftcalc.hardware import (
@@ -21,7 +22,7 @@ from peftcalc.hardware import (
 )
 from peftcalc.memory import ALLOCATOR_SLACK_FRACTION, CUDA_CONTEXT_BYTES, reserved_bytes, timeline
 from peftcalc.model_states import model_states
-from peftcalc.methods import (MethodSettings, Plan, check_combination, make_plan, methods_for, normalize_targets, prepare_kbit_default,
+from peftcalc.methods import (MethodSettings, Plan, check_applies, check_combination, check_method_values, make_plan, methods_for, normalize_targets, prepare_kbit_default,
                               resolve_adapter_kind)
 from peftcalc.settings import TrainingSettings, check_training
 from peftcalc.config import load_spec
@@ -118,11 +119,14 @@ def default_method(spec: ModelSpec) -> str:
 
 
 def method_settings(method: str, **kw) -> MethodSettings:
+    """MethodSettings from the knobs given (None: the default), each checked (methods.check_method_values)."""
     kw = {k: v for k, v in kw.items() if v is not None}
     kw.setdefault("prepare_kbit", prepare_kbit_default(method))
     if "targets" in kw:
         kw["targets"] = normalize_targets(kw["targets"])
-    return MethodSettings(method=method, **kw)
+    settings = MethodSettings(method=method, **kw)
+    check_method_values(settings)
+    return settings
 
 
 def resolved_settings(spec: ModelSpec, settings: MethodSettings) -> MethodSettings:
@@ -211,24 +215,18 @@ def estimate(
     (methods.prepare_kbit_default: on for qlora)."""
     spec = load_spec(model)
     method = method or default_method(spec)
-    settings = method_settings(method, rank=rank, alpha=alpha, targets=targets, dora=dora, double_quant=double_quant,
-                                bottleneck=bottleneck, adapter_kind=adapter_kind,
-                                num_virtual_tokens=num_virtual_tokens, trainable_layers=trainable_layers,
-                                vision_layers=vision_layers, prepare_kbit=prepare_kbit)
+    knobs = dict(rank=rank, alpha=alpha, targets=targets, dora=dora, double_quant=double_quant, bottleneck=bottleneck,
+                 adapter_kind=adapter_kind, num_virtual_tokens=num_virtual_tokens, trainable_layers=trainable_layers,
+                 vision_layers=vision_layers, prepare_kbit=prepare_kbit)
+    settings = method_settings(method, **knobs)
+    check_applies(method, knobs)
     settings = resolved_settings(spec, settings)
     t = TrainingSettings(batch_size=batch_size, seq_len=seq_len, precision=precision, optimizer=optimizer,
                          grad_checkpointing=grad_checkpointing, attention=attention, device=device,
                          checkpoint_every=checkpoint_every, checkpoint_reentrant=checkpoint_reentrant)
     check_training(t)
     check_combination(spec, settings, seq_len, grad_checkpointing)
-    if tasks < 1:
-        raise InputError(f"--tasks must be a positive integer, got {tasks}")
-    if dataset_tokens < 1:
-        raise InputError(f"--dataset-tokens must be a positive integer, got {dataset_tokens}")
-    if not 0 < mfu <= 1:
-        raise InputError(f"--mfu must be in (0, 1], got {mfu}")
-    if price is not None and price < 0:
-        raise InputError(f"--price must not be negative, got {price}")
+    _check_cost_inputs(gpu, price, tasks, dataset_tokens, mfu)
     plan = make_plan(spec, settings)
     tl = timeline(plan, t)
     cuda_tl = tl if device == "cuda" else timeline(plan, replace(t, device="cuda"))
@@ -272,6 +270,21 @@ def estimate(
     )
 
 
+def _check_cost_inputs(gpu, price, tasks, dataset_tokens, mfu) -> None:
+    """The arguments of estimate() for time, cost and storage (InputError naming the first bad one)."""
+    require_int("tasks", tasks)
+    require_int("dataset_tokens", dataset_tokens)
+    require_number("mfu", mfu, 0, 1, low_open=True)
+    if gpu is not None:
+        if not isinstance(gpu, str):
+            raise InputError(f"gpu must be a GPU name (peftcalc gpus), got {gpu!r}", names=("gpu",))
+        find_gpu(gpu)
+    if price is not None:
+        require_number("price", price, 0, what="a finite number >= 0 (USD per hour)")
+        if gpu is None:  # the price replaces one GPU's; without a GPU named it would be dropped silently
+            raise InputError("price needs gpu: it replaces the hourly rate of the GPU named", names=("price", "gpu"))
+
+
 def _choose_gpu(name: str | None, fits: list) -> GPU | None:
     """The GPU asked for, else the one that fits at the lowest cost per epoch."""
     if name:
@@ -304,30 +317,63 @@ def _collector_paused(f):
 
 
 @_collector_paused
-def sweep(model: str | ModelSpec | dict = DEFAULT_MODEL, **grid):
+def sweep(model: str | ModelSpec | dict | list = DEFAULT_MODEL, **grid):
     """Estimate every combination of the settings given as lists; returns a pandas DataFrame with
-    one row per combination (settings, parameter counts, peak, phase, components, reserved). A
-    combination that cannot run (BitFit on a model without biases, prefix tuning with checkpointing, a
+    one row per combination (model, settings, parameter counts, peak, phase, components, reserved). Each
+    argument takes one value or any iterable of values except a string (a list, tuple, range, generator);
+    `model` too (the `model` column names each row's). `targets` takes one setting (a comma-separated
+    string or a list of module names) or a list of such settings when any item is a list, a tuple or None.
+    A combination that cannot run (BitFit on a model without biases, prefix tuning with checkpointing, a
     sequence beyond learned positions) keeps its row, with the reason in `error` and no figures;
-    `error` is None on the others. A bad value (an unknown method or precision) raises InputError."""
+    `error` is None on the others. A bad value (an unknown method or precision, an empty list, an
+    unknown keyword) raises InputError."""
     import pandas as pd
 
+    costs = sorted(k for k in grid if k in COST_FIELDS)
+    if costs:
+        raise InputError(f"sweep rows compute memory only (no time, cost or storage): {', '.join(costs)} "
+                         "belong to estimate()", names=tuple(costs))
+    unknown = sorted(k for k in grid if k not in SWEEP_FIELDS)
+    if unknown:
+        raise InputError(f"sweep() got unknown argument(s) {', '.join(unknown)}; valid: model, "
+                         f"{', '.join(SWEEP_FIELDS)}")
     keys = list(grid)
-    values = [v if isinstance(v, (list, tuple, range)) and k != "targets" else [v] for k, v in grid.items()]
+    values = [_grid_values(k, v) for k, v in grid.items()]
     rows = []
-    spec = load_spec(model)
-    memo: dict = {}
-    for combo in itertools.product(*values):
-        kw = dict(zip(keys, combo))
-        try:
-            rows.append({**_sweep_row(spec, kw, memo), "error": None})
-        except CombinationError as exc:
-            rows.append({"model": spec.name, **kw, "error": str(exc)})
+    for spec in [load_spec(m) for m in _grid_values("model", model)]:
+        memo: dict = {}  # one model's: _sweep_row's keys do not name the model
+        for combo in itertools.product(*values):
+            kw = dict(zip(keys, combo))
+            try:
+                rows.append({**_sweep_row(spec, kw, memo), "error": None})
+            except CombinationError as exc:
+                rows.append({"model": spec.name, **kw, "error": str(exc)})
     df = pd.DataFrame(rows)
     if df["error"].notna().any():  # byte counts stay integers beside the rows that have none
         counts = [c for c in df.columns if c.startswith(("params_", "mem_")) or c.endswith("_bytes")]
         df[counts] = df[counts].astype("Int64")
     return df
+
+
+# The keywords sweep() takes besides `model`: the knobs of MethodSettings and the TrainingSettings fields;
+# estimate()'s time, cost and storage arguments, which a sweep row does not compute, are refused by name.
+SWEEP_FIELDS = METHOD_FIELDS + TRAINING_FIELDS
+COST_FIELDS = ("gpu", "price", "tasks", "dataset_tokens", "mfu")
+
+
+def _grid_values(name: str, value) -> list:
+    """The values one sweep argument takes: an iterable's items (a string, a dict or a ModelSpec is one
+    value; targets: see sweep), or the one value; an empty iterable is an InputError."""
+    if name == "targets":
+        many = isinstance(value, (list, tuple)) and any(v is None or isinstance(v, (list, tuple)) for v in value)
+    else:
+        many = not isinstance(value, (str, bytes, dict, ModelSpec)) and hasattr(value, "__iter__")
+    if not many:
+        return [value]
+    values = list(value)
+    if not values:
+        raise InputError(f"{name}: empty list", names=(name,))
+    return values
 
 
 # Methods whose memory reads MethodSettings.rank: their planner (methods.plan_lora) sizes the LoRA

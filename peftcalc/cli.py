@@ -33,7 +33,8 @@ ALPHA = typer.Option(None, "--alpha", help="LoRA alpha (default 2 x rank; does n
 TARGETS = typer.Option(None, "--targets", help="Comma-separated module names, or all-linear (default: peft's "
                        "default targets for the family).")
 DORA = typer.Option(False, "--dora", help="DoRA (weight-decomposed LoRA).")
-DOUBLE_QUANT = typer.Option(True, "--double-quant/--no-double-quant", help="QLoRA double quantization.")
+DOUBLE_QUANT = typer.Option(None, "--double-quant/--no-double-quant", help="QLoRA double quantization (default "
+                            "on).")
 BOTTLENECK = typer.Option(None, "--bottleneck", help="Adapter bottleneck size (default hidden/16; the block "
                           "adapter: 256).")
 ADAPTER_KIND = typer.Option(None, "--adapter-kind", help="houlsby (after attention and FFN) | pfeiffer (after FFN) | "
@@ -76,7 +77,7 @@ def _check_format(fmt: str) -> None:
 @app.command()
 def estimate(
     model: str = MODEL_ARG, method: Optional[str] = METHOD, rank: Optional[int] = RANK, alpha: Optional[int] = ALPHA,
-    targets: Optional[str] = TARGETS, dora: bool = DORA, double_quant: bool = DOUBLE_QUANT,
+    targets: Optional[str] = TARGETS, dora: bool = DORA, double_quant: Optional[bool] = DOUBLE_QUANT,
     bottleneck: Optional[int] = BOTTLENECK, adapter_kind: Optional[str] = ADAPTER_KIND,
     num_virtual_tokens: Optional[int] = VIRTUAL_TOKENS, trainable_layers: Optional[int] = TRAINABLE_LAYERS,
     vision_layers: Optional[int] = VISION_LAYERS, prepare_kbit: Optional[bool] = PREPARE_KBIT,
@@ -91,7 +92,7 @@ def estimate(
     from peftcalc.format import render_estimate
 
     _check_format(format)
-    e = run_estimate(model, method=method, rank=rank, alpha=alpha, targets=targets, dora=dora,
+    e = run_estimate(model, method=method, rank=rank, alpha=alpha, targets=targets, dora=dora or None,
                      double_quant=double_quant, bottleneck=bottleneck, adapter_kind=adapter_kind,
                      num_virtual_tokens=num_virtual_tokens, trainable_layers=trainable_layers,
                      vision_layers=vision_layers, prepare_kbit=prepare_kbit, batch_size=batch_size,
@@ -184,7 +185,7 @@ def gpus(format: str = FORMAT) -> None:
 def measure(
     model: Optional[str] = typer.Argument(None, help="Model to measure (as for estimate); omit with --matrix."),
     method: Optional[str] = METHOD, rank: Optional[int] = RANK, alpha: Optional[int] = ALPHA,
-    targets: Optional[str] = TARGETS, dora: bool = DORA, double_quant: bool = DOUBLE_QUANT,
+    targets: Optional[str] = TARGETS, dora: bool = DORA, double_quant: Optional[bool] = DOUBLE_QUANT,
     bottleneck: Optional[int] = BOTTLENECK, adapter_kind: Optional[str] = ADAPTER_KIND,
     num_virtual_tokens: Optional[int] = VIRTUAL_TOKENS, trainable_layers: Optional[int] = TRAINABLE_LAYERS,
     prepare_kbit: Optional[bool] = PREPARE_KBIT,
@@ -369,12 +370,37 @@ def _fmt_cell(v) -> str:
     return str(v)
 
 
+# Flags whose name is not "--" + the API parameter's with dashes (InputError.names -> what the CLI shows).
+FLAG_NAMES = {"vision_layers": "--unfreeze-vision-layers", "model": "MODEL"}
+
+
+def cli_message(exc: InputError) -> str:
+    """The one line the CLI prints for an InputError: the API parameters it names shown as flags."""
+    import re
+
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    for name in getattr(exc, "names", ()):
+        flag = FLAG_NAMES.get(name, "--" + name.replace("_", "-"))
+        text = re.sub(rf"(?<![\w'./-]){re.escape(name)}(?![\w'-])", flag, text)
+    return f"error: {text}"
+
+
 def main() -> None:
     try:
-        app()
+        rc = app(standalone_mode=False)
     except InputError as exc:
-        typer.echo(f"error: {exc}", err=True)
+        typer.echo(cli_message(exc), err=True)
         sys.exit(2)
+    except typer.Abort:
+        typer.echo("Aborted!", err=True)
+        sys.exit(1)
+    except typer.TyperException as exc:  # a flag typer itself rejects (not an integer, no such option): one line
+        message = " ".join((exc.format_message() if hasattr(exc, "format_message") else str(exc)).split())
+        if message:  # (no arguments at all: the help is printed and the message is empty)
+            typer.echo(f"error: {message}", err=True)
+        sys.exit(getattr(exc, "exit_code", 2))
+    if isinstance(rc, int) and rc:  # typer.Exit(n) inside a command
+        sys.exit(rc)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from peftcalc.errors import InputError, read_text
 from peftcalc.families import FAMILIES, SUPPORTED_MODEL_TYPES
-from peftcalc.spec import AUTO_CLASS, ModelSpec
+from peftcalc.spec import AUTO_CLASS, ModelSpec, require_int
 
 __all__ = ["MODELS_DIR", "load_spec", "read_config_file", "registry_aliases", "registry_configs", "registry_names",
            "spec_from_config"]
@@ -39,7 +39,7 @@ def spec_from_config(config: dict, name: str = "", where: str = "config") -> Mod
         model_type=model_type,
         task=task,
         architecture=arch,
-        num_labels=_num_labels(config) if task in ("seq_cls", "image_cls") else 0,
+        num_labels=_num_labels(config, where) if task in ("seq_cls", "image_cls") else 0,
         torch_dtype=str(config.get("torch_dtype") or config.get("dtype") or "float32"),
         source=config.get("_source", ""),
         hf_config=config,
@@ -67,11 +67,19 @@ def _task_of(config: dict, model_type: str, where: str) -> tuple[str, str]:
     return family.architectures[arch], arch
 
 
-def _num_labels(config: dict) -> int:
+def _num_labels(config: dict, where: str) -> int:
+    """The classifier's outputs: the entries of `id2label`, else `num_labels` (default 2). An empty
+    `id2label` without num_labels is an InputError: PretrainedConfig reads it as 0 labels, a classifier
+    nothing trains."""
     id2label = config.get("id2label")
+    if id2label is not None and not isinstance(id2label, dict):
+        raise InputError(f"{where}: 'id2label' must be an object (label index -> name), got {id2label!r}")
     if id2label:
         return len(id2label)
-    return int(config.get("num_labels", 2))
+    if id2label is not None and "num_labels" not in config:
+        raise InputError(f"{where}: 'id2label' is empty, so transformers builds a classifier with 0 labels; give "
+                         "the labels (or num_labels)")
+    return require_int({"num_labels": config.get("num_labels", 2)}, "num_labels", where)
 
 
 @lru_cache(maxsize=None)
@@ -114,12 +122,17 @@ def _load_registry_spec(name: str) -> ModelSpec:
     return spec_from_config(registry_configs()[name], name=name, where=name)
 
 
-def load_spec(model: str | ModelSpec | dict) -> ModelSpec:
+def load_spec(model: str | os.PathLike | ModelSpec | dict) -> ModelSpec:
     """A spec from a registry name, a path to a config.json (file or directory), or a config dict."""
     if isinstance(model, ModelSpec):
         return model
     if isinstance(model, dict):
         return spec_from_config(model)
+    if isinstance(model, os.PathLike):
+        model = os.fspath(model)
+    if not isinstance(model, str) or not model.strip():
+        raise InputError(f"model must be a registry name, a Hugging Face repo id of one, a path to a config.json, "
+                         f"a config dict or a ModelSpec, got {model!r}", names=("model",))
     key = model.strip().lower()
     key = registry_aliases().get(key, key)
     if key in registry_configs():

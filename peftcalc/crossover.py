@@ -18,7 +18,7 @@ from dataclasses import replace
 
 from peftcalc.errors import InputError
 from peftcalc.memory import COMPONENTS, timeline
-from peftcalc.methods import check_combination, make_plan, max_seq_len
+from peftcalc.methods import check_applies, check_combination, make_plan, max_seq_len
 from peftcalc.settings import TrainingSettings, check_training
 
 __all__ = ["AXES", "crossover", "crossover_sentence", "first_crossing", "render_crossover", "scan_points"]
@@ -88,7 +88,9 @@ def crossover(model, method: str = "lora", against: str = "full", over: str = "s
         raise InputError(f"--method and --against are both '{method}'; compare two different methods")
     base = TrainingSettings(**(training or {}))
     check_training(base)
-    plan_m = make_plan(spec, resolved_settings(spec, method_settings(method, **method_kw)))
+    settings_m = method_settings(method, **method_kw)
+    check_applies(method, method_kw)
+    plan_m = make_plan(spec, resolved_settings(spec, settings_m))
     plan_a = make_plan(spec, resolved_settings(spec, method_settings(against)))
     if limit is None and axis == "seq_len":  # up to the positions a model with learned ones has
         limit = max_seq_len(spec, plan_m.settings) or 131_072

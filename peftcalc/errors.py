@@ -9,7 +9,14 @@ __all__ = ["CombinationError", "InputError", "read_text"]
 
 
 class InputError(ValueError):
-    """Bad input from the user: an unknown model, an impossible setting, a malformed config."""
+    """Bad input from the user: an unknown model, an impossible setting, a malformed config.
+
+    `names`: the API parameters (keyword names of peftcalc.estimate, e.g. "batch_size") the message names
+    as words of its own; the command line shows each as its flag ("--batch-size")."""
+
+    def __init__(self, message: str = "", *, names: tuple = ()):
+        super().__init__(message)
+        self.names = tuple(names)
 
 
 def read_text(path: str | os.PathLike, what: str) -> str:

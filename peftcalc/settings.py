@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from peftcalc.checks import MAX_TOKENS_PER_STEP, require_bool, require_int, require_str
 from peftcalc.errors import CombinationError, InputError
 
 __all__ = ["ATTENTIONS", "DEVICES", "DTYPE_BYTES", "OPTIMIZERS", "PRECISIONS", "TrainingSettings",
@@ -71,20 +72,21 @@ class TrainingSettings:
 
 
 def check_training(t: TrainingSettings) -> None:
-    if t.batch_size < 1:
-        raise InputError(f"--batch-size must be a positive integer, got {t.batch_size}")
-    if t.seq_len < 1:
-        raise InputError(f"--seq-len must be a positive integer, got {t.seq_len}")
-    if t.precision not in PRECISIONS:
-        raise InputError(f"unknown precision '{t.precision}'; choose from {', '.join(PRECISIONS)}")
-    if t.optimizer not in OPTIMIZERS:
-        raise InputError(f"unknown optimizer '{t.optimizer}'; choose from {', '.join(OPTIMIZERS)}")
-    if t.attention not in ATTENTIONS:
-        raise InputError(f"unknown attention '{t.attention}'; choose from {', '.join(ATTENTIONS)}")
-    if t.device not in DEVICES:
-        raise InputError(f"unknown device '{t.device}'; choose from {', '.join(DEVICES)}")
-    if isinstance(t.checkpoint_every, bool) or not isinstance(t.checkpoint_every, int) or t.checkpoint_every < 1:
-        raise InputError(f"--checkpoint-every must be a positive integer, got {t.checkpoint_every}")
+    """InputError, in one line naming the parameter, unless every field of `t` is a value the calculator takes
+    (CombinationError for checkpointing options without --grad-checkpointing)."""
+    require_int("batch_size", t.batch_size)
+    require_int("seq_len", t.seq_len)
+    if t.batch_size * t.seq_len > MAX_TOKENS_PER_STEP:
+        raise InputError(f"batch_size x seq_len must be at most {MAX_TOKENS_PER_STEP:,} tokens per step (2**31), "
+                         f"got {t.batch_size:,} x {t.seq_len:,}", names=("batch_size", "seq_len"))
+    require_str("precision", t.precision, PRECISIONS)
+    require_str("optimizer", t.optimizer, OPTIMIZERS)
+    require_str("attention", t.attention, ATTENTIONS)
+    require_str("device", t.device, DEVICES)
+    require_bool("grad_checkpointing", t.grad_checkpointing)
+    require_int("checkpoint_every", t.checkpoint_every)
+    require_bool("checkpoint_reentrant", t.checkpoint_reentrant)
     if not t.grad_checkpointing and (t.checkpoint_every != 1 or t.checkpoint_reentrant):
-        flag = "--checkpoint-every" if t.checkpoint_every != 1 else "--checkpoint-reentrant"
-        raise CombinationError(f"{flag} chooses how gradient checkpointing runs; add --grad-checkpointing")
+        name = "checkpoint_every" if t.checkpoint_every != 1 else "checkpoint_reentrant"
+        raise CombinationError(f"{name} chooses how gradient checkpointing runs; add grad_checkpointing",
+                               names=(name, "grad_checkpointing"))

@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 
 from peftcalc.errors import InputError
 
-__all__ = ["AUTO_CLASS", "ModelSpec", "TASKS", "check_divisible", "divided", "encoder_sizes", "require_int",
+__all__ = ["AUTO_CLASS", "ModelSpec", "TASKS", "check_divisible", "config_bool", "divided", "encoder_sizes",
+           "require_int",
            "transformers_config_kwargs"]
 
 # The tasks a model class can have, decided by the config's `architectures` as transformers
@@ -114,6 +115,18 @@ def require_int(config: dict, key: str, where: str) -> int:
     value = config[key]
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise InputError(f"{where}: '{key}' must be a positive integer, got {value!r}")
+    return value
+
+
+def config_bool(config: dict, key: str, default: bool, where: str) -> bool:
+    """config[key] (`default` when absent), which must be a JSON boolean: transformers' config classes refuse
+    "yes", 1 or null for their bool fields (StrictDataclassFieldValidationError), so counting one as true
+    would estimate a model transformers cannot build."""
+    if key not in config:
+        return default
+    value = config[key]
+    if not isinstance(value, bool):
+        raise InputError(f"{where}: '{key}' must be true or false (a JSON boolean), got {value!r}")
     return value
 
 

@@ -141,6 +141,7 @@ def predict_row(spec: ModelSpec, settings: dict):
     """The current calculator's Estimate for a row's settings: device 'cuda' for cuda rows and
     'cpu' for cpu and fake rows (what measure.record.predict asks), with prepare_kbit as the row ran it."""
     from peftcalc import estimate
+    from peftcalc.methods import applicable_knobs
 
     method = dict(settings["method"])
     training = {k: v for k, v in settings["training"].items() if k != "device"}
@@ -151,7 +152,8 @@ def predict_row(spec: ModelSpec, settings: dict):
     method["prepare_kbit"] = bool(settings.get("qlora_prepare_kbit"))
     if isinstance(method.get("targets"), list):
         method["targets"] = tuple(method["targets"])
-    return estimate(spec, method=name, **method, **training, device=device)
+    # a row records every knob; estimate refuses one its method does not read (the recorded defaults)
+    return estimate(spec, method=name, **applicable_knobs(name, method), **training, device=device)
 
 
 def variant_label(method: dict) -> str:

@@ -16,6 +16,7 @@ PACKAGES = ("peftcalc", "measure")
 # the layering test, so a new module has to be placed here.
 LAYERS = [
     ["peftcalc.errors"],
+    ["peftcalc.checks"],
     ["peftcalc.settings", "peftcalc.spec"],
     ["peftcalc.layout"],
     ["peftcalc.plan"],

@@ -13,7 +13,7 @@ from peftcalc.ops.nonlinear import activation, tanh
 from peftcalc.ops.norms import layer_norm
 from peftcalc.ops.recorder import Recorder, SymTensor, first_node_since
 from peftcalc.ops.tensor_ops import add, dropout, first_token, heads_view
-from peftcalc.spec import ModelSpec, divided, encoder_sizes, require_int
+from peftcalc.spec import ModelSpec, config_bool, divided, encoder_sizes, require_int
 
 __all__ = [
     "BERT",
@@ -151,7 +151,7 @@ def bert_config(config: dict, common: dict, where: str, read_part=None) -> Model
         vocab_size=require_int(config, "vocab_size", where),
         max_positions=require_int(config, "max_position_embeddings", where),
         type_vocab_size=int(config.get("type_vocab_size", 2)),
-        tie_embeddings=bool(config.get("tie_word_embeddings", True)),
+        tie_embeddings=config_bool(config, "tie_word_embeddings", True, where),
         attention_bias=True,
         mlp_bias=True,
         hidden_act=config.get("hidden_act", "gelu"),

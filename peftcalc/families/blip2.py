@@ -16,7 +16,7 @@ from peftcalc.ops.nonlinear import activation
 from peftcalc.ops.norms import layer_norm
 from peftcalc.ops.recorder import Recorder, SymTensor
 from peftcalc.ops.tensor_ops import dropout
-from peftcalc.spec import ModelSpec, check_divisible
+from peftcalc.spec import ModelSpec, check_divisible, config_bool
 
 __all__ = [
     "BLIP2",
@@ -232,9 +232,10 @@ def blip2_config(config: dict, common: dict, where: str, read_part=None) -> Mode
         if not isinstance(sub, dict) or sub.get("model_type", mt) != mt:
             raise InputError(f"{where}: {key} must be a {mt} config object; got model_type "
                              f"{sub.get('model_type') if isinstance(sub, dict) else sub!r}")
-        subs[key] = {k: sub.get(k, v) for k, v in defaults.items()}
+        subs[key] = {k: config_bool(sub, k, v, f"{where}: {key}") if isinstance(v, bool) else sub.get(k, v)
+                     for k, v in defaults.items()}
     v, q, t = subs["vision_config"], subs["qformer_config"], subs["text_config"]
-    if not config.get("use_decoder_only_language_model", True):
+    if not config_bool(config, "use_decoder_only_language_model", True, where):
         raise InputError(f"{where}: BLIP-2 with an encoder-decoder language model (T5) is not supported; OPT only")
     if q["use_qformer_text_input"]:
         raise InputError(f"{where}: a Q-Former with text input (use_qformer_text_input) is not supported")
@@ -243,7 +244,7 @@ def blip2_config(config: dict, common: dict, where: str, read_part=None) -> Mode
             or not t["layer_norm_elementwise_affine"]:
         raise InputError(f"{where}: OPT with word_embed_proj_dim != hidden_size, post-LayerNorm, no biases or "
                          "non-affine LayerNorms is not supported")
-    if not bool(config.get("tie_word_embeddings", t["tie_word_embeddings"])):
+    if not config_bool(config, "tie_word_embeddings", t["tie_word_embeddings"], where):
         raise InputError(f"{where}: a BLIP-2 OPT with lm_head untied from the input embeddings is not supported")
     h, heads = int(t["hidden_size"]), int(t["num_attention_heads"])
     check_divisible(h, heads, "text_config.hidden_size", "num_attention_heads", where)

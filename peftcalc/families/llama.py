@@ -13,7 +13,7 @@ from peftcalc.ops.norms import rms_norm
 from peftcalc.ops.recorder import Recorder, SymTensor
 from peftcalc.ops.rotary import rope
 from peftcalc.ops.tensor_ops import add, heads_view, mul
-from peftcalc.spec import ModelSpec, divided, encoder_sizes, require_int
+from peftcalc.spec import ModelSpec, config_bool, divided, encoder_sizes, require_int
 
 __all__ = [
     "DROPOUT",
@@ -104,7 +104,7 @@ def llama_config(config: dict, common: dict, where: str, read_part=None) -> Mode
     if model_type == "qwen2":
         attention_bias = True  # Qwen2Attention: q/k/v carry biases, o_proj does not
     elif model_type == "llama":
-        attention_bias = bool(config.get("attention_bias", False))
+        attention_bias = config_bool(config, "attention_bias", False, where)
     else:
         attention_bias = False
     return ModelSpec(
@@ -115,9 +115,9 @@ def llama_config(config: dict, common: dict, where: str, read_part=None) -> Mode
         head_dim=head_dim,
         intermediate_size=intermediate,
         vocab_size=require_int(config, "vocab_size", where),
-        tie_embeddings=bool(config.get("tie_word_embeddings", False)),
+        tie_embeddings=config_bool(config, "tie_word_embeddings", False, where),
         attention_bias=attention_bias,
-        mlp_bias=bool(config.get("mlp_bias", False)) if model_type == "llama" else False,
+        mlp_bias=config_bool(config, "mlp_bias", False, where) if model_type == "llama" else False,
         hidden_act=config.get("hidden_act", "silu"),
         **common,
     )

@@ -9,7 +9,7 @@ from peftcalc.errors import InputError
 from peftcalc.families.record import Family
 from peftcalc.families.vision import clip_vision_layout
 from peftcalc.layout import Layout, linear_module, prefixed_modules
-from peftcalc.spec import ModelSpec
+from peftcalc.spec import ModelSpec, config_bool
 
 __all__ = [
     "LANGUAGE_MODEL",
@@ -78,7 +78,7 @@ def llava_config(config: dict, common: dict, where: str, read_part) -> ModelSpec
     select = config.get("vision_feature_select_strategy", "default")
     if select not in ("default", "full"):
         raise InputError(f"{where}: vision_feature_select_strategy must be 'default' or 'full', got {select!r}")
-    tied = bool(config.get("tie_word_embeddings", text.tie_embeddings))
+    tied = config_bool(config, "tie_word_embeddings", text.tie_embeddings, where)
     if tied:
         raise InputError(f"{where}: a llava model with lm_head tied to the input embeddings is not supported")
     fields = {f: getattr(text, f) for f in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",

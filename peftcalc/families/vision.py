@@ -12,7 +12,7 @@ from peftcalc.ops.nonlinear import activation
 from peftcalc.ops.norms import layer_norm
 from peftcalc.ops.recorder import Recorder, SymTensor, first_node_since
 from peftcalc.ops.tensor_ops import add, heads_view
-from peftcalc.spec import ModelSpec, divided, encoder_sizes, require_int
+from peftcalc.spec import ModelSpec, config_bool, divided, encoder_sizes, require_int
 
 __all__ = [
     "CLIP_VISION",
@@ -142,7 +142,7 @@ def vision_config(config: dict, common: dict, where: str, read_part=None) -> Mod
         num_kv_heads=heads,
         head_dim=divided(hidden, heads, "hidden_size", "num_attention_heads", where),
         intermediate_size=intermediate,
-        attention_bias=bool(config.get("qkv_bias", True)) if model_type == "vit" else True,
+        attention_bias=config_bool(config, "qkv_bias", True, where) if model_type == "vit" else True,
         mlp_bias=True,
         image_size=image,
         patch_size=patch,

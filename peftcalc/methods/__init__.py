@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
+from peftcalc.checks import require_bool, require_int, require_number
 from peftcalc.errors import CombinationError, InputError
 from peftcalc.families import build_layout, family
 from peftcalc.families.llava import PROJECTOR
@@ -57,7 +58,11 @@ __all__ = [
     "adapter_numel",
     "adapter_shapes",
     "adapter_sites",
+    "METHOD_KNOBS",
+    "applicable_knobs",
+    "check_applies",
     "check_combination",
+    "check_method_values",
     "check_settings",
     "default_trainable_layers",
     "lora_numel",
@@ -215,6 +220,60 @@ def check_combination(spec: ModelSpec, s: MethodSettings, seq_len: int, grad_che
                          "prefix cache a second time (peft#869); drop --grad-checkpointing or use --method prompt")
 
 
+# The methods that read each knob of MethodSettings (the others ignore it). vision_layers: the LLaVA methods
+# whose planner unfreezes vision layers (methods.vlm.vision_trains_fn); check_settings refuses it on a model
+# that is not a vision-language model.
+METHOD_KNOBS = {
+    "rank": ("lora", "qlora"),
+    "alpha": ("lora", "qlora"),
+    "dora": ("lora", "qlora"),
+    "targets": ("lora", "qlora", "ia3"),
+    "double_quant": ("qlora",),
+    "prepare_kbit": ("qlora",),
+    "bottleneck": ("adapter",),
+    "adapter_kind": ("adapter",),
+    "num_virtual_tokens": ("prefix", "prompt"),
+    "trainable_layers": ("freeze",),
+    "vision_layers": ("projector", "projector-llm", "lora"),
+}
+
+
+def check_applies(method: str, given: dict) -> None:
+    """InputError naming the first knob in `given` (knob name -> value the user gave; None: not given) that
+    `method` does not read: a user's single estimate must not silently drop a setting. Sweeps and
+    comparisons, which give one grid of knobs to every method, do not call it."""
+    for name, value in given.items():
+        methods = METHOD_KNOBS.get(name)
+        if value is not None and methods is not None and method not in methods:
+            raise InputError(f"{name} applies to {', '.join(methods)}; method '{method}' does not read it",
+                             names=(name,))
+
+
+def applicable_knobs(method: str, knobs: dict) -> dict:
+    """The knobs of `knobs` that `method` reads (a recorded MethodSettings holds every field; the ones its
+    method ignores are dropped before they are given to estimate)."""
+    return {k: v for k, v in knobs.items() if method in METHOD_KNOBS.get(k, (method,))}
+
+
+def check_method_values(s: MethodSettings) -> None:
+    """InputError naming the field unless every knob of `s` has a type and range the calculator takes (ranges
+    that depend on the model: check_settings and the planners)."""
+    if not isinstance(s.method, str) or s.method not in KNOWN_METHODS:
+        raise InputError(f"unknown method {s.method!r}; choose from {', '.join(KNOWN_METHODS)}")
+    require_int("rank", s.rank)
+    if s.alpha is not None:
+        require_number("alpha", s.alpha, 0, low_open=True, what="a positive number")
+    for name in ("dora", "double_quant", "prepare_kbit"):
+        require_bool(name, getattr(s, name))
+    for name in ("bottleneck", "trainable_layers"):
+        if getattr(s, name) is not None:
+            require_int(name, getattr(s, name))
+    require_int("num_virtual_tokens", s.num_virtual_tokens)
+    require_int("vision_layers", s.vision_layers, minimum=0)
+    if s.adapter_kind is not None and not isinstance(s.adapter_kind, str):
+        raise InputError(f"adapter_kind must be a string, got {s.adapter_kind!r}", names=("adapter_kind",))
+
+
 def check_settings(spec: ModelSpec, s: MethodSettings) -> None:
     if s.method not in KNOWN_METHODS:
         raise InputError(f"unknown method '{s.method}'; choose from {', '.join(KNOWN_METHODS)}")
@@ -274,11 +333,19 @@ def make_plan(spec: ModelSpec, settings: MethodSettings) -> Plan:
 
 
 def normalize_targets(targets) -> tuple[str, ...] | str | None:
-    """`--targets q_proj,v_proj` or `all-linear` into what MethodSettings holds."""
-    if targets is None or targets == "":
+    """`--targets q_proj,v_proj` or `all-linear` (or a list of module names) into what MethodSettings holds;
+    an empty value, or one that is not a string or a list of strings, is an InputError."""
+    if targets is None:
         return None
     if isinstance(targets, str):
         if targets.strip().lower() == "all-linear":
             return "all-linear"
         targets = [t for t in (x.strip() for x in targets.split(",")) if t]
+    elif isinstance(targets, (list, tuple)) and all(isinstance(t, str) for t in targets):
+        targets = [t.strip() for t in targets if t.strip()]
+    else:
+        raise InputError(f"targets must be comma-separated module names, all-linear or a list of names, got "
+                         f"{targets!r}", names=("targets",))
+    if not targets:
+        raise InputError("targets: empty (leave it out for peft's default modules)", names=("targets",))
     return tuple(targets)
