@@ -31,6 +31,7 @@ from peftcalc.storage import full_model_bytes, storage
 
 DEFAULT_MODEL = "llama-3.1-8b"
 DEFAULT_DATASET_TOKENS = 10_000_000
+MIN_MFU = 0.001
 METHOD_FIELDS = tuple(f.name for f in fields(MethodSettings))
 TRAINING_FIELDS = tuple(f.name for f in fields(TrainingSettings))
 
@@ -274,7 +275,8 @@ def _check_cost_inputs(gpu, price, tasks, dataset_tokens, mfu) -> None:
     """The arguments of estimate() for time, cost and storage (InputError naming the first bad one)."""
     require_int("tasks", tasks)
     require_int("dataset_tokens", dataset_tokens)
-    require_number("mfu", mfu, 0, 1, low_open=True)
+    # below 0.1% a GPU would do less than one thousandth of its peak: a typo, and the time can overflow
+    require_number("mfu", mfu, MIN_MFU, 1, what=f"in [{MIN_MFU:g}, 1] (model FLOPs utilisation)")
     if gpu is not None:
         if not isinstance(gpu, str):
             raise InputError(f"gpu must be a GPU name (peftcalc gpus), got {gpu!r}", names=("gpu",))

@@ -56,6 +56,8 @@ def _task_of(config: dict, model_type: str, where: str) -> tuple[str, str]:
     (Family.architectures), else the family's default task built by its Auto class."""
     family = FAMILIES[model_type]
     architectures = config.get("architectures") or []
+    if not isinstance(architectures, list) or not all(isinstance(a, str) for a in architectures):
+        raise InputError(f"{where}: 'architectures' must be a list of model class names, got {architectures!r}")
     if not architectures:
         return family.default_task, f"{AUTO_CLASS[family.default_task]}({model_type})"
     arch = architectures[0]

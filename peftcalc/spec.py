@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from peftcalc.errors import InputError
 
-__all__ = ["AUTO_CLASS", "ModelSpec", "TASKS", "check_divisible", "config_bool", "divided", "encoder_sizes",
+__all__ = ["MAX_LAYERS", "config_str", "optional_int", "AUTO_CLASS", "ModelSpec", "TASKS", "check_divisible", "config_bool", "divided", "encoder_sizes",
            "require_int",
            "transformers_config_kwargs"]
 
@@ -115,6 +115,29 @@ def require_int(config: dict, key: str, where: str) -> int:
     value = config[key]
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise InputError(f"{where}: '{key}' must be a positive integer, got {value!r}")
+    if "layers" in key and value > MAX_LAYERS:
+        raise InputError(f"{where}: '{key}' is {value:,}; at most {MAX_LAYERS:,} layers are supported")
+    return value
+
+
+# Deeper than any published model: a config asking for more is a typo, and would take minutes to simulate.
+MAX_LAYERS = 1024
+
+
+def optional_int(config: dict, key: str, default: int, where: str, null_is_default: bool = False) -> int:
+    """config[key] (`default` when absent; also when null, where the transformers config class computes
+    its default from null, as LlamaConfig does for head_dim and num_key_value_heads), which must be a
+    positive integer (InputError otherwise)."""
+    if key not in config or (null_is_default and config[key] is None):
+        return default
+    return require_int(config, key, where)
+
+
+def config_str(config: dict, key: str, default: str, where: str) -> str:
+    """config[key] (`default` when absent), which must be a string (an activation's name, ...)."""
+    value = config.get(key, default)
+    if not isinstance(value, str):
+        raise InputError(f"{where}: '{key}' must be a string, got {value!r}")
     return value
 
 

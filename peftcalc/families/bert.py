@@ -13,7 +13,7 @@ from peftcalc.ops.nonlinear import activation, tanh
 from peftcalc.ops.norms import layer_norm
 from peftcalc.ops.recorder import Recorder, SymTensor, first_node_since
 from peftcalc.ops.tensor_ops import add, dropout, first_token, heads_view
-from peftcalc.spec import ModelSpec, config_bool, divided, encoder_sizes, require_int
+from peftcalc.spec import ModelSpec, config_bool, config_str, divided, encoder_sizes, optional_int, require_int
 
 __all__ = [
     "BERT",
@@ -150,11 +150,11 @@ def bert_config(config: dict, common: dict, where: str, read_part=None) -> Model
         intermediate_size=intermediate,
         vocab_size=require_int(config, "vocab_size", where),
         max_positions=require_int(config, "max_position_embeddings", where),
-        type_vocab_size=int(config.get("type_vocab_size", 2)),
+        type_vocab_size=optional_int(config, "type_vocab_size", 2, where),
         tie_embeddings=config_bool(config, "tie_word_embeddings", True, where),
         attention_bias=True,
         mlp_bias=True,
-        hidden_act=config.get("hidden_act", "gelu"),
+        hidden_act=config_str(config, "hidden_act", "gelu", where),
         **common,
     )
 

@@ -12,7 +12,7 @@ from peftcalc.ops.nonlinear import activation
 from peftcalc.ops.norms import layer_norm
 from peftcalc.ops.recorder import Recorder, SymTensor
 from peftcalc.ops.tensor_ops import add, dropout, heads_view
-from peftcalc.spec import ModelSpec, check_divisible, config_bool, require_int
+from peftcalc.spec import ModelSpec, check_divisible, config_bool, config_str, optional_int, require_int
 
 __all__ = [
     "DROPOUT",
@@ -100,13 +100,13 @@ def gpt2_config(config: dict, common: dict, where: str, read_part=None) -> Model
         num_heads=heads,
         num_kv_heads=heads,
         head_dim=hidden // heads,
-        intermediate_size=config.get("n_inner") or 4 * hidden,
+        intermediate_size=optional_int(config, "n_inner", 4 * hidden, where, null_is_default=True),
         vocab_size=require_int(config, "vocab_size", where),
         max_positions=require_int(config, "n_positions", where),
         tie_embeddings=config_bool(config, "tie_word_embeddings", True, where),
         attention_bias=True,
         mlp_bias=True,
-        hidden_act=config.get("activation_function", "gelu_new"),
+        hidden_act=config_str(config, "activation_function", "gelu_new", where),
         **common,
     )
 

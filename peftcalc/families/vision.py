@@ -12,7 +12,7 @@ from peftcalc.ops.nonlinear import activation
 from peftcalc.ops.norms import layer_norm
 from peftcalc.ops.recorder import Recorder, SymTensor, first_node_since
 from peftcalc.ops.tensor_ops import add, heads_view
-from peftcalc.spec import ModelSpec, config_bool, divided, encoder_sizes, require_int
+from peftcalc.spec import ModelSpec, config_bool, config_str, divided, encoder_sizes, optional_int, require_int
 
 __all__ = [
     "CLIP_VISION",
@@ -146,8 +146,8 @@ def vision_config(config: dict, common: dict, where: str, read_part=None) -> Mod
         mlp_bias=True,
         image_size=image,
         patch_size=patch,
-        num_channels=int(config.get("num_channels", 3)),
-        hidden_act=config.get("hidden_act", "gelu" if model_type == "vit" else "quick_gelu"),
+        num_channels=optional_int(config, "num_channels", 3, where),
+        hidden_act=config_str(config, "hidden_act", "gelu" if model_type == "vit" else "quick_gelu", where),
         **common,
     )
 

@@ -308,7 +308,7 @@ def _json_values(depth_like: bool):
 
 # Config fields read without a type/range check today (found by test_unvalidated_config_fields_...; one
 # reproducer each in CONFIG_REPRODUCERS): any field with these names, and BLIP-2's sub-configs and query
-# count. The property over the other fields must hold; the one over these is an xfail until they are checked.
+# count. The property over the other fields must hold; the one over these held only once they were checked (each reproducer below was a crash).
 UNVALIDATED_FIELDS = ("architectures", "id2label", "num_labels", "head_dim", "num_key_value_heads",
                       "type_vocab_size", "hidden_act", "num_channels")
 
@@ -385,10 +385,6 @@ def test_broken_config_raises_only_input_error(case, precision, seq_len, grad_ch
     _estimate_config(config, where, precision, seq_len, grad_checkpointing)
 
 
-@pytest.mark.xfail(strict=True, raises=(TypeError, ValueError, KeyError, ZeroDivisionError, OverflowError),
-                   reason="config fields read unchecked: a wrong type or zero raises TypeError/ValueError/KeyError/"
-                          "ZeroDivisionError/OverflowError, not InputError; reproducers in CONFIG_REPRODUCERS "
-                          "(e.g. spec_from_config({**llama_base, 'architectures': 5}) -> TypeError)")
 @_props(40, shrink=False)
 @given(broken_configs(only_unvalidated=True), st.sampled_from(PRECISIONS), st.integers(1, 64), st.booleans())
 def test_unvalidated_config_fields_raise_only_input_error(case, precision, seq_len, grad_checkpointing):
@@ -398,8 +394,6 @@ def test_unvalidated_config_fields_raise_only_input_error(case, precision, seq_l
 
 @pytest.mark.parametrize("stem,sub,field,value", CONFIG_REPRODUCERS,
                          ids=[f"{c[0]}-{c[1] + '.' if c[1] else ''}{c[2]}={c[3]!r}" for c in CONFIG_REPRODUCERS])
-@pytest.mark.xfail(strict=True, reason="config field read unchecked (reproducer of the property above); "
-                                       "drop the row once the field is validated")
 def test_config_reproducers_raise_input_error(stem, sub, field, value):
     config = json.loads(json.dumps(CONFIG_DICTS[stem]))
     (config[sub] if sub else config)[field] = value
@@ -452,9 +446,6 @@ API_REPRODUCERS = {
 
 def _api_case(keyword: str):
     marks = []
-    if keyword in API_REPRODUCERS:
-        marks.append(pytest.mark.xfail(strict=False, reason=f"no type check yet (being fixed): estimate('gpt2', "
-                                                            f"{API_REPRODUCERS[keyword]}"))
     # ids end in "-kw": the conftest skips every test whose keywords include "gpu" (the CUDA marker)
     return pytest.param(keyword, marks=marks, id=f"{keyword}-kw")
 
@@ -471,8 +462,6 @@ def test_api_bad_keyword_values_raise_only_input_error(keyword, model, value):
 
 
 @pytest.mark.parametrize("keyword", sorted(API_REPRODUCERS), ids=[f"{k}-kw" for k in sorted(API_REPRODUCERS)])
-@pytest.mark.xfail(strict=False, reason="no type check yet (being fixed); the reproducer of each keyword is in "
-                                        "API_REPRODUCERS")
 def test_api_known_bad_values_raise_input_error(keyword):
     value = {"method": [1], "rank": {}, "alpha": [1], "targets": 5, "dora": {}, "double_quant": [1], "bottleneck": {},
              "adapter_kind": [2], "num_virtual_tokens": [1], "trainable_layers": {}, "vision_layers": [2],
@@ -490,8 +479,6 @@ def test_api_known_bad_values_raise_input_error(keyword):
 FINITE_REPRODUCERS = "estimate('gpt2', price=float('nan')) or estimate('gpt2', mfu=1e-320) -> to_dict() has NaN/inf"
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason=f"non-finite numbers accepted: {FINITE_REPRODUCERS}; "
-                                                          "CLI: `estimate gpt2 --price nan --format json` prints NaN")
 @_props(60, shrink=False)
 @given(keyword=st.sampled_from(["price", "mfu", "bottleneck", "rank", "alpha", "dataset_tokens", "num_virtual_tokens"]),
        value=st.floats(allow_nan=True, allow_infinity=True))
@@ -503,8 +490,6 @@ def test_api_numbers_give_finite_json_or_input_error(keyword, value):
     json.dumps(est.to_dict(), allow_nan=False)
 
 
-@pytest.mark.xfail(strict=True, reason="`peftcalc estimate gpt2 --price nan --gpu L4 --format json` (also --price inf, "
-                                       "--mfu 1e-320) prints NaN/Infinity: not JSON")
 @pytest.mark.parametrize("flags", [["--price", "nan"], ["--price", "inf"], ["--mfu", "1e-320"]],
                          ids=["price-nan", "price-inf", "mfu-tiny"])
 def test_cli_json_output_is_strict_json(flags):
