@@ -345,9 +345,10 @@ def _measure_imports() -> None:
     import-time notice; transformers' own warnings are quieted too."""
     import warnings
 
+    import measure  # noqa: F401  (first: the package quiets bitsandbytes, which peft imports; measure/__init__.py)
+
     _require("measure", "measure", "torch", "transformers", "peft")
     warnings.filterwarnings("ignore")
-    import measure  # noqa: F401  (the package's import quiets bitsandbytes; see measure/__init__.py)
     import transformers
 
     transformers.logging.set_verbosity_error()
@@ -525,6 +526,13 @@ def main() -> None:
         app()
     except InputError as exc:
         typer.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except ModuleNotFoundError as exc:  # an optional package imported deeper than a command's _require
+        extra = next((e for e, mods in EXTRAS.items() if (exc.name or "").split(".")[0] in mods), None)
+        if extra is None:
+            raise
+        command = next((a for a in sys.argv[1:] if not a.startswith("-")), "")
+        typer.echo(f"error: {_missing_extra_text(command, exc.name.split('.')[0], extra, exc)}", err=True)
         sys.exit(2)
 
 
