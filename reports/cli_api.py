@@ -164,6 +164,7 @@ def breakdown_chart(model: str, batch_sizes: list[int], out: str, seq_len: int =
     cells = [[m] + [str(wc.loc[m, b]) for b in wc.columns] for m in wc.index]
     r["text"] = "\n".join([f"{r['model']} ({r['setting']}): smallest GPU that holds the reserved peak",
                            plain(["method"] + [f"batch {b}" for b in wc.columns], cells),
+                           *(f"left out {m}: {why}" for m, why in r["skipped"].items()),
                            "wrote " + ", ".join(r["files"])])
     return _plain(r)
 

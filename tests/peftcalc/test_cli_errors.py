@@ -89,6 +89,10 @@ CASES = {
     "crossover --limit -5": (["crossover", "gpt2", "--limit", "-5"], "--limit must be a positive integer"),
     "chart --methods lora,foo": (["chart", "gpt2", "--methods", "lora,foo", "--out", "{tmp}/c.png"],
                                  "--methods: unknown method foo;"),
+    "chart --methods bitfit on llama": (["chart", "llama-3.2-1b", "--methods", "bitfit", "--out", "{tmp}/c.png"],
+                                        "method 'bitfit' needs bias terms, and llama-3.2-1b has none"),
+    "chart --precision fp8": (["chart", "gpt2", "--precision", "fp8", "--out", "{tmp}/c.png"],
+                              "unknown precision 'fp8'"),
     "measure --device tpu": (["measure", "gpt2", "--device", "tpu"], "unknown device 'tpu'; choose from cuda, cpu"),
 }
 
@@ -101,6 +105,21 @@ def test_bad_input_is_one_line_and_exit_2(case, files):
     proc = run_cli(*(a.format(**files) for a in args))
     assert_one_line_error(proc, message)
     assert not any(files["tmp"].glob("x.*")) and not (files["tmp"] / "r").exists()  # nothing written
+
+
+def test_chart_names_the_methods_it_leaves_out(tmp_path):
+    proc = run_cli("chart", "llama-3.2-1b", "--methods", "lora,bitfit", "--batch-size", "1", "--out", tmp_path / "c")
+    assert proc.returncode == 0, proc.stderr
+    assert "left out bitfit: method 'bitfit' needs bias terms, and llama-3.2-1b has none" in proc.stdout
+
+
+def test_run_matrix_refuses_a_negative_limit(tmp_path):
+    from measure.matrix import run_matrix
+    from peftcalc.errors import InputError
+
+    with pytest.raises(InputError, match="--limit must be a non-negative integer"):
+        run_matrix("ci", tmp_path / "m.jsonl", limit=-1)
+    assert not (tmp_path / "m.jsonl").exists()
 
 
 def test_measure_device_is_checked_before_torch_is_imported():
