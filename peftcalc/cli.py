@@ -133,7 +133,8 @@ def _writable_folder(folder, flag: str, out: str) -> None:
         with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as exc:
-        raise InputError(f"cannot write {flag} {out}: cannot create files in {folder} ({exc.strerror or exc})") from None
+        raise InputError(f"cannot write {flag} {out}: cannot create files in {folder} "
+                         f"({exc.strerror or exc})") from None
 
 
 def _check_out_file(out: str, flag: str = "--out", suffixes: tuple | None = None) -> None:
@@ -314,6 +315,9 @@ def measure(
         return
     if not model:
         raise InputError("give a model to measure, or --matrix FILE --out FILE")
+    if out is not None or limit is not None:
+        raise InputError(f"{'--out' if out is not None else '--limit'} goes with --matrix; one run prints its row "
+                         "(--format json for the JSON line)")
     _measure_imports()
     from measure.record import to_json_line
     from measure.run import measure_one

@@ -93,6 +93,7 @@ CASES = {
                                         "method 'bitfit' needs bias terms, and llama-3.2-1b has none"),
     "chart --precision fp8": (["chart", "gpt2", "--precision", "fp8", "--out", "{tmp}/c.png"],
                               "unknown precision 'fp8'"),
+    "measure one run with --out": (["measure", "gpt2", "--out", "{tmp}/m.jsonl"], "--out goes with --matrix"),
     "measure --device tpu": (["measure", "gpt2", "--device", "tpu"], "unknown device 'tpu'; choose from cuda, cpu"),
 }
 
