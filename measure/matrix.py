@@ -355,6 +355,8 @@ def run_matrix(matrix_path, out_path, device: str | None = None, limit: int | No
     `device` overrides the matrix's devices; `limit` keeps the first `limit` runs of the matrix;
     `isolate` runs each row in a subprocess (default: for cuda rows only). An OOM or any error in
     one row is that row's outcome and never stops the others. Returns a summary."""
+    if limit is not None and limit < 0:  # (runs[:-1] would silently run all but the last)
+        raise InputError(f"--limit must be a non-negative integer, got {limit}")
     import torch
 
     runs, left_out = expand_matrix(load_matrix(matrix_path), device)

@@ -16,15 +16,39 @@ app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    # click's plain help: option names are never cut (rich's table truncates them at 80 columns)
+    rich_markup_mode=None,
     help="Memory, time and cost of fine-tuning a transformer (full, LoRA, QLoRA, adapters, prefix/prompt, "
     "BitFit, IA3), before you rent the GPU.",
 )
 
 FORMATS = ("table", "json", "csv", "markdown")
+MEASURE_DEVICES = ("cuda", "cpu", "fake")  # measure.setup.DEVICES, checked here before torch is imported
+CHART_SUFFIXES = ("", ".png", ".svg")  # a chart is written as <stem>.png and <stem>.svg
+# What each optional extra of pyproject.toml brings (a command that needs one says which to install).
+EXTRAS = {"reports": ("pandas", "matplotlib"), "measure": ("torch", "transformers", "peft", "safetensors",
+                                                           "bitsandbytes", "tqdm")}
+
+
+def _model_arg(value: Optional[str]) -> Optional[str]:
+    """A model argument too long to be a file name is no model (the registry's names are short)."""
+    import errno
+    import os
+
+    if value is not None:
+        try:
+            os.stat(value)
+        except OSError as exc:
+            if exc.errno == errno.ENAMETOOLONG:
+                raise InputError(f"unknown model '{value[:24]}...' ({len(value)} characters): too long for a "
+                                 "registry name or a config path") from None
+        except ValueError:  # a NUL byte
+            raise InputError("unknown model: the name contains a NUL byte") from None
+    return value
 
 # Shared options (one definition each, used by every command that takes them).
-MODEL_ARG = typer.Argument("llama-3.1-8b", help="Registry name (see `peftcalc models`), HF repo id of a registry "
-                           "entry, or a path to a config.json (file or directory).")
+MODEL_ARG = typer.Argument("llama-3.1-8b", callback=_model_arg, help="Registry name (see `peftcalc models`), HF "
+                           "repo id of a registry entry, or a path to a config.json (file or directory).")
 METHOD = typer.Option(None, "--method", "-m", help="full | frozen | freeze | lora | qlora | adapter | prefix | "
                       "prompt | bitfit | ia3; vision-language models (LLaVA): projector | projector-llm | lora | "
                       "adapter (in the vision tower); BLIP-2: qformer (default: lora; qformer for BLIP-2)")
@@ -72,6 +96,77 @@ FORMAT = typer.Option("table", "--format", "-f", help="table | json | csv | mark
 def _check_format(fmt: str) -> None:
     if fmt not in FORMATS:
         raise InputError(f"unknown format '{fmt}'; choose from {', '.join(FORMATS)}")
+
+
+def _require(command: str, extra: str, *modules: str) -> None:
+    """Import the optional packages a command needs, or InputError naming the extra that brings them."""
+    import importlib
+
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:
+            raise InputError(_missing_extra_text(command, name, extra, exc)) from None
+
+
+def _missing_extra_text(command: str, module: str, extra: str, exc: ImportError) -> str:
+    broken = exc.name and exc.name.split(".")[0] != module  # installed, but something it imports is not
+    why = f"cannot be imported ({exc})" if broken else "is not installed"
+    return f"peftcalc {command} needs {module}, which {why}: pip install 'peftcalc[{extra}]'"
+
+
+def _check_limit(limit: Optional[int], flag: str, minimum: int) -> None:
+    if limit is not None and limit < minimum:
+        kind = "a positive integer" if minimum == 1 else "a non-negative integer"
+        raise InputError(f"{flag} must be {kind}, got {limit}")
+
+
+def _writable_folder(folder, flag: str, out: str) -> None:
+    """Create `folder` (and its parents) and write a temporary file in it, or InputError."""
+    import tempfile
+
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"cannot write {flag} {out}: cannot create the folder {folder} "
+                         f"({exc.strerror or exc})") from None
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise InputError(f"cannot write {flag} {out}: cannot create files in {folder} "
+                         f"({exc.strerror or exc})") from None
+
+
+def _check_out_file(out: str, flag: str = "--out", suffixes: tuple | None = None) -> None:
+    """`out` names a file that can be written: not a folder, in a folder that can be written, with
+    one of `suffixes` (when given)."""
+    from pathlib import Path
+
+    p = Path(out)
+    if suffixes is not None and p.suffix.lower() not in suffixes:
+        raise InputError(f"{flag} {out}: unsupported suffix '{p.suffix}'; a chart is written as PNG and SVG "
+                         "(give a name ending in .png or .svg, or none)")
+    if p.is_dir():
+        raise InputError(f"{flag} {out} is a folder; give a file name")
+    _writable_folder(p.parent, flag, out)
+    if p.exists() and not _can_write(p):
+        raise InputError(f"cannot write {flag} {out}: permission denied")
+
+
+def _check_out_folder(out: str, flag: str = "--out") -> None:
+    from pathlib import Path
+
+    p = Path(out)
+    if p.exists() and not p.is_dir():
+        raise InputError(f"{flag} {out} is a file; give a folder (it receives report.md, charts and CSVs)")
+    _writable_folder(p, flag, out)
+
+
+def _can_write(path) -> bool:
+    import os
+
+    return os.access(path, os.W_OK)
 
 
 @app.command()
@@ -143,6 +238,7 @@ def crossover(
     from peftcalc.crossover import crossover as find_crossover, render_crossover
 
     _check_format(format)
+    _check_limit(limit, "--limit", 1)
     method_kw = {k: v for k, v in dict(rank=rank, targets=targets, dora=dora or None, bottleneck=bottleneck,
                                        adapter_kind=adapter_kind, num_virtual_tokens=num_virtual_tokens,
                                        trainable_layers=trainable_layers).items() if v is not None}
@@ -183,7 +279,8 @@ def gpus(format: str = FORMAT) -> None:
 
 @app.command()
 def measure(
-    model: Optional[str] = typer.Argument(None, help="Model to measure (as for estimate); omit with --matrix."),
+    model: Optional[str] = typer.Argument(None, callback=_model_arg, help="Model to measure (as for estimate); "
+                                          "omit with --matrix."),
     method: Optional[str] = METHOD, rank: Optional[int] = RANK, alpha: Optional[int] = ALPHA,
     targets: Optional[str] = TARGETS, dora: bool = DORA, double_quant: Optional[bool] = DOUBLE_QUANT,
     bottleneck: Optional[int] = BOTTLENECK, adapter_kind: Optional[str] = ADAPTER_KIND,
@@ -193,8 +290,8 @@ def measure(
     grad_checkpointing: bool = CKPT, checkpoint_every: int = CKPT_EVERY, checkpoint_reentrant: bool = CKPT_REENTRANT,
     attention: str = ATTENTION,
     device: Optional[str] = typer.Option(None, "--device", help="cuda | cpu | fake (fake: meta-device model on "
-                                         "fake tensors, no memory used). Default cuda for one run; for "
-                                         "--matrix, the matrix's own devices."),
+                                         "fake tensors, no memory used). Default for one run: cuda when torch "
+                                         "sees a CUDA device, else cpu; for --matrix, the matrix's own devices."),
     steps: int = typer.Option(3, "--steps", help="Training steps (the first is step 1; the last is the steady state)."),
     matrix: Optional[str] = typer.Option(None, "--matrix", help="A matrix file (measure/matrices/*.toml, or "
                                          "'ci' / 'gpu') to sweep; rows are appended to --out as they finish."),
@@ -203,30 +300,26 @@ def measure(
     format: str = FORMAT,
 ) -> None:
     """Run real training steps and record their memory (and the calculator's prediction beside it)."""
-    import json
-    import warnings
-
-    warnings.filterwarnings("ignore")
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-
+    _check_format(format)
+    if device is not None and device not in MEASURE_DEVICES:
+        raise InputError(f"unknown device '{device}'; choose from {', '.join(MEASURE_DEVICES)}")
     if matrix:
         if model:
             raise InputError("give a model or --matrix, not both")
         if not out:
             raise InputError("--matrix needs --out FILE (JSON lines; an existing file is resumed)")
-        from measure.matrix import run_matrix
-
-        summary = run_matrix(_matrix_path(matrix), out, device=device, limit=limit)
-        typer.echo(json.dumps(summary, indent=2) if format == "json" else
-                   f"{summary['ran']} run(s) measured ({summary['ok']} ok, {summary['oom']} oom, "
-                   f"{summary['error']} error), {summary['skipped_done']} already in {out}, "
-                   f"{summary['seconds']} s")
+        _check_limit(limit, "--limit", 0)
+        path = _matrix_path(matrix)
+        _check_out_file(out)
+        _measure_imports()
+        _measure_matrix(path, out, device, limit, format)
         return
     if not model:
         raise InputError("give a model to measure, or --matrix FILE --out FILE")
-    _check_format(format)
+    if out is not None or limit is not None:
+        raise InputError(f"{'--out' if out is not None else '--limit'} goes with --matrix; one run prints its row "
+                         "(--format json for the JSON line)")
+    _measure_imports()
     from measure.record import to_json_line
     from measure.run import measure_one
     from peftcalc.api import method_settings, default_method
@@ -238,7 +331,7 @@ def measure(
                                 double_quant=double_quant, bottleneck=bottleneck, adapter_kind=adapter_kind,
                                 num_virtual_tokens=num_virtual_tokens, trainable_layers=trainable_layers,
                                 prepare_kbit=prepare_kbit)
-    dev = device or "cuda"
+    dev = device or _default_device()
     training = TrainingSettings(batch_size=batch_size, seq_len=seq_len, precision=precision, optimizer=optimizer,
                                 grad_checkpointing=grad_checkpointing, attention=attention,
                                 device="cuda" if dev == "cuda" else "cpu", checkpoint_every=checkpoint_every,
@@ -252,15 +345,50 @@ def measure(
         raise typer.Exit(1)
 
 
+def _measure_imports() -> None:
+    """The harness's packages (or which extra to install); `import measure` quiets bitsandbytes'
+    import-time notice; transformers' own warnings are quieted too."""
+    import warnings
+
+    import measure  # noqa: F401  (first: the package quiets bitsandbytes, which peft imports; measure/__init__.py)
+
+    _require("measure", "measure", "torch", "transformers", "peft")
+    warnings.filterwarnings("ignore")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+
+
+def _default_device() -> str:
+    """cuda when torch sees a CUDA device, else cpu (torch is imported only by `measure`)."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _measure_matrix(path: str, out: str, device: Optional[str], limit: Optional[int], fmt: str) -> None:
+    import json
+
+    from measure.matrix import run_matrix
+
+    summary = run_matrix(path, out, device=device, limit=limit)
+    typer.echo(json.dumps(summary, indent=2) if fmt == "json" else
+               f"{summary['ran']} run(s) measured ({summary['ok']} ok, {summary['oom']} oom, "
+               f"{summary['error']} error), {summary['skipped_done']} already in {out}, "
+               f"{summary['seconds']} s")
+
+
 def _matrix_path(name: str) -> str:
     from pathlib import Path
 
-    if Path(name).exists():
-        return name
     bundled = Path(__file__).resolve().parent.parent / "measure" / "matrices" / f"{name}.toml"
-    if bundled.exists():
-        return str(bundled)
-    raise InputError(f"no matrix file '{name}' (bundled: ci, gpu)")
+    for p in (Path(name), bundled):
+        try:
+            if p.is_file():
+                return str(p)
+        except OSError:  # a name too long for a path
+            continue
+    raise InputError(f"no matrix file '{name[:80]}' (bundled: ci, gpu)")
 
 
 def _measure_text(row: dict) -> str:
@@ -287,8 +415,12 @@ def report(
     out: str = typer.Option("build/report", "--out", "-o", help="Output folder for report.md, charts and CSVs."),
 ) -> None:
     """Predicted vs measured: error tables and charts from harness results."""
-    from reports.cli_api import build_report, error_summary_text
+    _require("report", "reports", "pandas", "matplotlib")
+    from reports.cli_api import build_report, check_result_files, error_summary_text
 
+    for warning in check_result_files(files):
+        typer.echo(f"warning: {warning}", err=True)
+    _check_out_folder(out)
     summary = build_report(files, out)
     typer.echo(error_summary_text(summary))
     typer.echo(f"wrote {summary['report']}")
@@ -301,6 +433,8 @@ def table(
 ) -> None:
     """Trainable vs total parameters for every method, beside the typical ranges public PEFT glossaries claim
     (Inferensys, "Trainable Parameters" and "Frozen Backbone")."""
+    _check_format(format)
+    _require("table", "reports", "pandas")
     from reports.cli_api import trainable_table
 
     typer.echo(trainable_table(model, format, batch_size=batch_size, seq_len=seq_len, precision=precision))
@@ -309,10 +443,17 @@ def table(
 @app.command()
 def storage(
     model: str = MODEL_ARG,
-    tasks: str = typer.Option("1..100", "--tasks", help="Task counts: a range 1..100 or a list 1,10,100."),
-    out: str = typer.Option("storage.png", "--out", "-o", help="Chart file (PNG; an SVG is written beside it)."),
+    tasks: str = typer.Option("1..100", "--tasks", help="Task counts: a range 1..100 or a list 1,10,100 (at most "
+                              "10,000 of them)."),
+    out: str = typer.Option("storage.png", "--out", "-o", help="Chart file: <name>.png (an SVG is written beside "
+                            "it)."),
 ) -> None:
     """Total storage vs number of tasks: one base plus T adapters against T full models."""
+    _require("storage", "reports", "pandas", "matplotlib")
+    from reports.storage_report import parse_tasks
+
+    parse_tasks(tasks)
+    _check_out_file(out, suffixes=CHART_SUFFIXES)
     from reports.cli_api import storage_chart
 
     typer.echo(storage_chart(model, tasks, out)["text"])
@@ -325,17 +466,32 @@ def chart(
     seq_len: int = SEQ, precision: str = PRECISION, optimizer: str = OPTIMIZER, grad_checkpointing: bool = CKPT,
     attention: str = ATTENTION, rank: Optional[int] = RANK, targets: Optional[str] = TARGETS,
     methods: Optional[str] = typer.Option(None, "--methods", help="Comma-separated methods (default: all)."),
-    out: str = typer.Option("breakdown.png", "--out", "-o", help="Chart file (PNG; an SVG is written beside it)."),
+    out: str = typer.Option("breakdown.png", "--out", "-o", help="Chart file: <name>.png (an SVG is written beside "
+                            "it, and <name>_scaling.png/.svg)."),
 ) -> None:
     """Stacked memory breakdown per method, and peak vs batch size and sequence length against GPU sizes."""
+    batches = _int_list(batch_size, "--batch-size")
+    method_list = _method_list(methods) if methods is not None else None
+    _check_out_file(out, suffixes=CHART_SUFFIXES)
+    _require("chart", "reports", "pandas", "matplotlib")
     from reports.cli_api import breakdown_chart
 
-    batches = _int_list(batch_size, "--batch-size")
-    method_list = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
     r = breakdown_chart(model, batches, out, seq_len=seq_len, methods=method_list, precision=precision,
                         optimizer=optimizer, grad_checkpointing=grad_checkpointing, attention=attention, rank=rank,
                         targets=targets)
     typer.echo(r["text"])
+
+
+def _method_list(text: str) -> list[str]:
+    from peftcalc.methods import KNOWN_METHODS
+
+    names = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in names if m not in KNOWN_METHODS]
+    if unknown or not names:
+        raise InputError(f"--methods: unknown method{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; "
+                         f"choose from {', '.join(KNOWN_METHODS)}" if names else
+                         f"--methods takes comma-separated method names, got '{text}'")
+    return names
 
 
 def _int_list(text: str, flag: str) -> list[int]:
@@ -399,6 +555,13 @@ def main() -> None:
         if message:  # (no arguments at all: the help is printed and the message is empty)
             typer.echo(f"error: {message}", err=True)
         sys.exit(getattr(exc, "exit_code", 2))
+    except ModuleNotFoundError as exc:  # an optional package imported deeper than a command's _require
+        extra = next((e for e, mods in EXTRAS.items() if (exc.name or "").split(".")[0] in mods), None)
+        if extra is None:
+            raise
+        command = next((a for a in sys.argv[1:] if not a.startswith("-")), "")
+        typer.echo(f"error: {_missing_extra_text(command, exc.name.split('.')[0], extra, exc)}", err=True)
+        sys.exit(2)
     if isinstance(rc, int) and rc:  # typer.Exit(n) inside a command
         sys.exit(rc)
 

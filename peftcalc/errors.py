@@ -25,6 +25,8 @@ def read_text(path: str | os.PathLike, what: str) -> str:
         return Path(path).read_text()
     except OSError as exc:
         raise InputError(f"cannot read {what} file {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise InputError(f"cannot read {what} file {path}: not UTF-8 text (a binary file?)") from None
 
 
 class CombinationError(InputError):

@@ -113,6 +113,11 @@ def breakdown_chart(model, batch_sizes, out, seq_len: int = 512, methods=METHODS
         raise InputError(f"--batch-size must be positive integers, got {batch_sizes}")
     df = breakdown_frame(model, batch_sizes, seq_len, methods, precision, optimizer, grad_checkpointing, attention,
                          rank, targets, seq_lens)
+    if df.empty:  # every method was left out: say why instead of drawing nothing
+        reasons = df.attrs["skipped"]
+        if len(set(reasons.values())) == 1:
+            raise InputError(next(iter(reasons.values())))
+        raise InputError(f"no method runs on {model}: " + "; ".join(f"{m}: {why}" for m, why in reasons.items()))
     stem = stem_of(out)
     files = _bars(df, batch_sizes, stem)
     files += _scaling(df, stem.with_name(stem.name + "_scaling"))

@@ -30,12 +30,74 @@ def build_report(jsonl_paths: list[str], out_dir: str, **kw) -> dict:
     'counts', 'unpredicted', 'headline' ('gpu' when GPU rows exist), 'report', 'files'."""
     from reports.report import build_report as _build
 
-    missing = [p for p in jsonl_paths if not Path(p).is_file()]
-    if missing:
-        raise InputError(f"no such result file: {missing[0]}")
+    check_result_files(jsonl_paths)
     summary = _build(list(jsonl_paths), out_dir, **kw)
     summary.pop("frame", None)
     return summary
+
+
+def check_result_files(jsonl_paths: list[str]) -> list[str]:
+    """Check the harness result files a report reads: InputError (one line) for a file that is missing,
+    unreadable or not text, or when no file holds a result row; else one warning per file whose lines
+    are skipped (not JSON, or JSON that is not a harness row) or that holds no row, returned for the
+    caller to print."""
+    scans = [(path, *_scan_result_file(path)) for path in jsonl_paths]
+    empty = [(path, skipped) for path, rows, skipped in scans if rows == 0]
+    if scans and len(empty) == len(scans):
+        path, skipped = empty[0]
+        others = f" (nor do the {len(empty) - 1} other files)" if len(empty) > 1 else ""
+        raise InputError(_no_rows_text(path, skipped) + others)
+    return [_no_rows_text(path, skipped) if rows == 0 else f"skipped {_skipped_text(skipped)} of {path}"
+            for path, rows, skipped in scans if rows == 0 or skipped["lines"] > rows]
+
+
+def _scan_result_file(path: str) -> tuple[int, dict]:
+    """(result rows, {'lines': n, 'not JSON': n, "JSON without 'settings'": n})."""
+    import json
+
+    try:
+        p = Path(path)
+        if p.is_dir():
+            raise InputError(f"{path} is a folder; give harness result files (JSON lines)")
+        if not p.is_file():
+            raise InputError(f"no such result file: {path}")
+        text = p.read_bytes().decode("utf-8")
+    except OSError as exc:
+        raise InputError(f"cannot read result file {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise InputError(f"{path} is not a text file (binary?); give harness result files (JSON lines)") from None
+    rows, skipped = 0, {"lines": 0, "not JSON": 0, "JSON without 'settings'": 0}
+    for line in text.splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        skipped["lines"] += 1
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            skipped["not JSON"] += 1
+            continue
+        if isinstance(row, dict) and "settings" in row:  # what reports.rows.read_jsonl keeps
+            rows += 1
+        else:
+            skipped["JSON without 'settings'"] += 1
+    return rows, skipped
+
+
+def _skipped_text(skipped: dict) -> str:
+    """'2 of 5 lines (2 not JSON)'."""
+    parts = [f"{n} {why}" for why, n in skipped.items() if why != "lines" and n]
+    n = sum(v for k, v in skipped.items() if k != "lines")
+    return f"{n} of {skipped['lines']} line{'s' if skipped['lines'] != 1 else ''} ({', '.join(parts)})"
+
+
+def _no_rows_text(path: str, skipped: dict) -> str:
+    expected = "expected the JSON lines `peftcalc measure` writes"
+    if not skipped["lines"]:
+        return f"{path} is empty: no harness result rows ({expected})"
+    parts = ", ".join(f"{n} {why}" for why, n in skipped.items() if why != "lines" and n)
+    lines = f"{skipped['lines']} line{'s' if skipped['lines'] != 1 else ''}"
+    return f"{path} has no harness result rows ({lines}: {parts}); {expected}"
 
 
 def error_summary_text(summary: dict) -> str:
@@ -102,6 +164,7 @@ def breakdown_chart(model: str, batch_sizes: list[int], out: str, seq_len: int =
     cells = [[m] + [str(wc.loc[m, b]) for b in wc.columns] for m in wc.index]
     r["text"] = "\n".join([f"{r['model']} ({r['setting']}): smallest GPU that holds the reserved peak",
                            plain(["method"] + [f"batch {b}" for b in wc.columns], cells),
+                           *(f"left out {m}: {why}" for m, why in r["skipped"].items()),
                            "wrote " + ", ".join(r["files"])])
     return _plain(r)
 

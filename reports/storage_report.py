@@ -25,25 +25,40 @@ STORAGE_CLAIMS = {
 }
 
 
+MAX_TASK_POINTS = 10_000  # task counts one chart takes (a range 1..10**9 would not fit in memory)
+
+
 def parse_tasks(tasks) -> list[int]:
-    """'1..100' (every T from 1 to 100), '1,10,100', an int, or a list of ints."""
+    """'1..100' (every T from 1 to 100), '1,10,100', an int, or a list of ints; at most
+    MAX_TASK_POINTS values."""
     if isinstance(tasks, int):
         values = [tasks]
     elif isinstance(tasks, (list, tuple, range)):
+        _check_points(len(tasks), tasks)
         values = [int(t) for t in tasks]
     else:
         text = str(tasks).strip()
         try:
-            if ".." in text:
-                lo, hi = (int(x) for x in text.split("..", 1))
-                values = list(range(lo, hi + 1))
-            else:
-                values = [int(x) for x in text.split(",") if x.strip()]
+            bounds = [int(x) for x in text.split("..", 1)] if ".." in text else None
+            values = [] if bounds else [int(x) for x in text.split(",") if x.strip()]
         except ValueError:
             raise InputError(f"--tasks must look like '1..100' or '1,10,100', got {tasks!r}") from None
+        if bounds:
+            lo, hi = bounds
+            if lo < 1:
+                raise InputError(f"--tasks must be positive integers, got {tasks!r}")
+            _check_points(hi - lo + 1, tasks)
+            values = list(range(lo, hi + 1))
+        _check_points(len(values), tasks)
     if not values or min(values) < 1:
         raise InputError(f"--tasks must be positive integers, got {tasks!r}")
     return sorted(set(values))
+
+
+def _check_points(n: int, tasks) -> None:
+    if n > MAX_TASK_POINTS:
+        raise InputError(f"--tasks {tasks} has {n:,} task counts, more than {MAX_TASK_POINTS:,}; use a shorter "
+                         "range, or a list such as 1,10,100,1000000000")
 
 
 def per_method_storage(model, precision_dtype: str = "bfloat16", methods=METHODS) -> dict:
