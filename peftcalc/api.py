@@ -398,12 +398,15 @@ def _sweep_row(spec: ModelSpec, kw: dict, memo: dict | None = None) -> dict:
     """One row of a sweep: the memory model only (no GPU table, no storage), which is what makes
     thousands of configurations take seconds. `memo` (one sweep's): the figures of each distinct
     (settings as _memory_key has them, training settings), computed once."""
-    method_kw = {k: kw[k] for k in METHOD_FIELDS if k in kw and k != "method"}
-    settings = method_settings(kw.get("method") or default_method(spec), **method_kw)
-    t = TrainingSettings(**{k: kw[k] for k in TRAINING_FIELDS if k in kw})
-    check_training(t)
+    memo = {} if memo is None else memo
+    method = kw.get("method") or default_method(spec)
+    method_kw = tuple((k, kw[k]) for k in METHOD_FIELDS if k in kw and k != "method")
+    settings = _memoized(memo, ("settings", method, method_kw), lambda: method_settings(method, **dict(method_kw)))
+    training_kw = tuple((k, kw[k]) for k in TRAINING_FIELDS if k in kw)
+    t = _memoized(memo, ("training", training_kw), lambda: _checked_training(dict(training_kw)))
     plan = make_plan(spec, settings)
-    check_combination(spec, settings, t.seq_len, t.grad_checkpointing)
+    _memoized(memo, ("combination", settings, t.seq_len, t.grad_checkpointing),
+              lambda: check_combination(spec, settings, t.seq_len, t.grad_checkpointing) or True)
     key = (_memory_key(settings), t)
     figures = memo.get(key) if memo is not None else None
     if figures is None:
@@ -411,6 +414,25 @@ def _sweep_row(spec: ModelSpec, kw: dict, memo: dict | None = None) -> dict:
         if memo is not None:
             memo[key] = figures
     return {"model": spec.name, **{k: kw[k] for k in kw}, "method": settings.method, **figures}
+
+
+def _memoized(memo: dict, key: tuple, compute):
+    """memo[key], computed (and checked: an InputError is raised every time, never stored) on first use; a
+    key with an unhashable value (a list of targets) is computed every time. A sweep's rows share a few
+    distinct method and training settings: each is built and validated once."""
+    try:
+        return memo[key]
+    except KeyError:
+        value = memo[key] = compute()
+        return value
+    except TypeError:
+        return compute()
+
+
+def _checked_training(kw: dict) -> TrainingSettings:
+    t = TrainingSettings(**kw)
+    check_training(t)
+    return t
 
 
 @lru_cache(maxsize=1024)
