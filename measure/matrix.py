@@ -60,8 +60,8 @@ from peftcalc.spec import ModelSpec
 __all__ = [
     "BOOL_KEYS", "INT_KEYS", "MATRICES_DIR", "METHOD_KEYS", "ROW_KEYS", "ROW_TIMEOUT_S", "RUN_DEFAULTS",
     "RUN_KEYS", "STR_KEYS", "TABLE_AXES", "TOP_KEYS", "TRAINING_KEYS", "VARIANT", "Run", "append_row",
-    "done_keys", "expand_matrix", "failed_row", "grid_rows", "line_of", "load_matrix", "main",
-    "measure_in_process", "measure_in_subprocess", "run_from_request", "run_key", "run_matrix", "run_request",
+    "done_keys", "drop_torn_tail", "expand_matrix", "failed_row", "grid_rows", "line_of", "load_matrix", "main",
+    "measure_in_process", "measure_in_subprocess", "progress_line", "run_from_request", "run_key", "run_matrix", "run_request",
     "to_run",
 ]
 
@@ -335,16 +335,26 @@ def append_row(out, row: dict) -> None:
     os.fsync(out.fileno())
 
 
-def _end_with_newline(path: Path) -> None:
-    """A run killed mid-write leaves a last line without its newline; close it so the next row
-    starts on a line of its own."""
-    if path.exists() and path.stat().st_size:
-        with open(path, "rb") as f:
-            f.seek(-1, os.SEEK_END)
-            last = f.read(1)
-        if last != b"\n":
-            with open(path, "a") as f:
-                f.write("\n")
+def drop_torn_tail(path: Path) -> bool:
+    """A run killed mid-write leaves a last line that is not JSON (half a row): cut it off, so that
+    the resumed sweep's rows (which measure that run again) follow complete lines only; a complete
+    last line without its newline gets one. Returns whether a torn line was removed."""
+    if not path.exists() or not path.stat().st_size:
+        return False
+    data = path.read_bytes()
+    body = data.rstrip(b"\r\n\t ")
+    start = body.rfind(b"\n") + 1  # the last non-blank line starts here (0: the file's only line)
+    last = body[start:]
+    try:
+        json.loads(last)
+    except ValueError:  # (UnicodeDecodeError and JSONDecodeError are ValueErrors)
+        with open(path, "r+b") as f:
+            f.truncate(start)
+        return True
+    if not data.endswith(b"\n"):
+        with open(path, "ab") as f:
+            f.write(b"\n")
+    return False
 
 
 def run_matrix(matrix_path, out_path, device: str | None = None, limit: int | None = None,
@@ -369,16 +379,18 @@ def run_matrix(matrix_path, out_path, device: str | None = None, limit: int | No
     counts = {"ok": 0, "oom": 0, "error": 0}
     started = time.perf_counter()
     Path(out_path).parent.mkdir(parents=True, exist_ok=True)
-    _end_with_newline(Path(out_path))
+    drop_torn_tail(Path(out_path))
     bar = _progress(todo, progress)
     with open(out_path, "a") as out:
-        for run in bar:
+        for i, run in enumerate(bar, 1):
             subprocess_row = isolate if isolate is not None else run.device == "cuda"
             row = measure_in_subprocess(run) if subprocess_row else measure_in_process(run)
             append_row(out, row)
             counts[row["outcome"]] = counts.get(row["outcome"], 0) + 1
             if isinstance(bar, _LabelledBar):
                 bar.set_postfix(counts)
+            elif progress:
+                print(progress_line(i, len(todo), run, row), file=sys.stderr, flush=True)
         if isinstance(bar, _LabelledBar):
             bar.bar.close()
     return {"matrix": str(matrix_path), "out": str(out_path), "runs": len(runs), "skipped_done": len(runs) - len(todo),
@@ -386,10 +398,29 @@ def run_matrix(matrix_path, out_path, device: str | None = None, limit: int | No
             "seconds": round(time.perf_counter() - started, 1)}
 
 
-def _progress(runs: list[Run], enabled: bool):
-    """A tqdm bar on a terminal; nothing in a log (CI), where the summary line says it all."""
-    import sys
+def progress_line(i: int, n: int, run: Run, row: dict) -> str:
+    """One finished row, for a log: '[12/24] tiny-llama lora fp32 b2 s32 adamw cpu: ok 1.2 MiB'."""
+    outcome = row.get("outcome", "error")
+    peak = (row.get("measured") or {}).get("peak_bytes")
+    if outcome == "ok" and peak is not None:
+        detail = " " + _size(peak)
+    elif row.get("error"):
+        detail = " (" + " ".join(str(row["error"]).split())[:120] + ")"
+    else:
+        detail = ""
+    return f"[{i}/{n}] {run.label}: {outcome}{detail}"
 
+
+def _size(n: int) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} B"
+
+
+def _progress(runs: list[Run], enabled: bool):
+    """A tqdm bar on a terminal; in a log (not a terminal), the runs themselves: run_matrix prints
+    one progress_line per finished row."""
     if not enabled or not sys.stderr.isatty():
         return runs
     from tqdm import tqdm

@@ -2,9 +2,9 @@
 command's arguments and returning strings (tables) or JSON-serialisable dicts (charts, with a
 'text' entry to print). Bad input raises peftcalc.errors.InputError with a one-line message.
 
-    peftcalc report reports/data/*.jsonl --out build/report  ->  build_report(paths, out); error_summary_text(s)
+    peftcalc report reports/data/*.jsonl --out build/report  ->  build_report(paths, out); error_summary_text(s, fmt)
     peftcalc table llama-2-7b --format markdown              ->  trainable_table(model, fmt)
-    peftcalc storage llama-2-7b --tasks 1..100 --out s.png   ->  storage_chart(model, tasks, out)
+    peftcalc storage llama-2-7b --tasks 1..100 --out s.png   ->  storage_chart(model, tasks, out, fmt)
     peftcalc chart llama-3.1-8b --batch-size 1,2,4,8 --out b.png -> breakdown_chart(model, [1, 2, 4, 8], out)
     (the 7B VLM memory breakdown, recomputed)                ->  vlm_table(fmt)
 """
@@ -100,11 +100,48 @@ def _no_rows_text(path: str, skipped: dict) -> str:
     return f"{path} has no harness result rows ({lines}: {parts}); {expected}"
 
 
-def error_summary_text(summary: dict) -> str:
-    """The compact error table for the end of a CI log."""
+def error_summary_text(summary: dict, fmt: str = "table") -> str:
+    """The compact error table for the end of a CI log (`fmt` table); or its rows (per source and
+    method, then each source's ALL row) as JSON, CSV or a markdown table."""
     from reports.accuracy import error_summary_text as _text
 
-    return _text(summary)
+    _check_format(fmt)
+    if fmt == "table":
+        return _text(summary)
+    rows = error_summary_rows(summary)
+    if fmt == "json":
+        return rows_json(rows)
+    if fmt == "csv":
+        return rows_csv(rows).rstrip("\n")
+    if not rows:
+        return "no measured rows: nothing to compare"
+    keys = list(rows[0])
+    return markdown(keys, [[_cell(r[k]) for k in keys] for r in rows], "ll" + "r" * (len(keys) - 2))
+
+
+SUMMARY_COLUMNS = ("source", "method", "n", "median_abs_pct", "worst_abs_pct", "worst_signed_pct", "median_signed_pct")
+
+
+def error_summary_rows(summary: dict) -> list[dict]:
+    """The error summary's rows: each source's methods, then its overall row (method 'ALL')."""
+    overall = {r["source"]: r for r in summary.get("overall", [])}
+    rows, seen = [], []
+    for r in summary.get("error_table", []):
+        if r["source"] not in seen:
+            seen.append(r["source"])
+        rows.append({k: r.get(k) for k in SUMMARY_COLUMNS})
+    out = []
+    for source in seen:
+        out += [r for r in rows if r["source"] == source]
+        if source in overall:
+            out.append({**{k: overall[source].get(k) for k in SUMMARY_COLUMNS}, "method": "ALL"})
+    return _plain(out)
+
+
+def _cell(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.2f}"
+    return "" if v is None else str(v)
 
 
 def trainable_table(model: str, fmt: str = "table", batch_size: int = 1, seq_len: int = 512,
@@ -130,19 +167,33 @@ def trainable_table(model: str, fmt: str = "table", batch_size: int = 1, seq_len
     return "\n".join([table, *notes])
 
 
-def storage_chart(model: str, tasks: str, out: str) -> dict:
+def storage_chart(model: str, tasks: str, out: str, fmt: str = "table") -> dict:
     """Total storage vs number of tasks T for each method (one base + T task files) against T full
-    models, log axis, PNG + SVG at `out`; returns per-method numbers, the crossover and 'text'."""
+    models, log axis, PNG + SVG at `out`; returns per-method numbers, the crossover, 'rows' (the
+    table: one row per method) and 'text' (the table in `fmt`: table | json | csv | markdown; table
+    and markdown end with the crossover sentence and the files written)."""
     from reports.storage_report import storage_chart as _chart
 
+    _check_format(fmt)
     s = _chart(model, tasks, out)
     s.pop("table")
     t_max = s["tasks_max"]
-    rows = [[m, f"{v['per_task_bytes']:,}", f"{v['per_task_pct_of_full']:.4g}%",
-             "-" if v["crossover_tasks"] is None else str(v["crossover_tasks"]),
-             f"{v[f'total_bytes_at_{t_max}'] / 1024**3:,.2f}"] for m, v in s["methods"].items()]
-    s["text"] = "\n".join([plain(["method", "per-task bytes", "of full", "crossover T", f"total GiB at T={t_max}"],
-                                 rows, "lrrrr"), s["crossover_sentence"], "wrote " + ", ".join(s["files"])])
+    s["rows"] = [{"method": m, "per_task_bytes": v["per_task_bytes"], "per_task_pct_of_full": v["per_task_pct_of_full"],
+                  "crossover_tasks": v["crossover_tasks"], f"total_bytes_at_{t_max}": v[f"total_bytes_at_{t_max}"]}
+                 for m, v in s["methods"].items()]
+    header = ["method", "per-task bytes", "of full", "crossover T", f"total GiB at T={t_max}"]
+    cells = [[r["method"], f"{r['per_task_bytes']:,}", f"{r['per_task_pct_of_full']:.4g}%",
+              "-" if r["crossover_tasks"] is None else str(r["crossover_tasks"]),
+              f"{r[f'total_bytes_at_{t_max}'] / 1024**3:,.2f}"] for r in s["rows"]]
+    if fmt == "json":
+        s["text"] = rows_json(_plain(s["rows"]))
+    elif fmt == "csv":
+        s["text"] = rows_csv(_plain(s["rows"])).rstrip("\n")
+    elif fmt == "markdown":
+        s["text"] = "\n".join([markdown(header, cells, "lrrrr"), "", s["crossover_sentence"], "",
+                               "wrote " + ", ".join(s["files"])])
+    else:
+        s["text"] = "\n".join([plain(header, cells, "lrrrr"), s["crossover_sentence"], "wrote " + ", ".join(s["files"])])
     return _plain(s)
 
 
