@@ -23,6 +23,7 @@ def compare_methods(model, **kw) -> list[dict]:
             rows.append({"method": method, "note": str(exc)})
             continue
         fits = [g for g in e.gpus if g.fits]
+        smallest = min(fits, key=lambda g: g.memory_bytes) if fits else None
         rows.append({
             "method": method,
             "trainable": e.params.trainable,
@@ -31,7 +32,8 @@ def compare_methods(model, **kw) -> list[dict]:
             "peak_bytes": e.memory.peak_bytes,
             "peak_phase": e.memory.peak_phase,
             "reserved_bytes": e.memory.reserved_bytes,
-            "smallest_gpu": min(fits, key=lambda g: g.memory_bytes).name if fits else "none",
+            "smallest_gpu": smallest.name if smallest else "none",
+            "smallest_gpu_epoch_cost_usd": smallest.epoch_cost_usd if smallest else None,
             "epoch_cost_usd": e.cost.epoch_cost_usd if e.cost else None,
             "cost_gpu": e.cost.gpu if e.cost else None,
             "storage_per_task_bytes": e.storage.per_task_bytes,
@@ -41,6 +43,8 @@ def compare_methods(model, **kw) -> list[dict]:
 
 
 def render_compare(rows: list[dict], fmt: str) -> str:
+    """The table (text): the epoch cost is on the smallest GPU that fits (the card of the column beside it); a
+    method that cannot run gets dashes and a numbered note under the table (the same reason, one note)."""
     import json
 
     from peftcalc.format import text_table, gib, human_bytes, rows_to_csv, rows_to_markdown
@@ -51,14 +55,20 @@ def render_compare(rows: list[dict], fmt: str) -> str:
         return rows_to_csv(rows)
     if fmt == "markdown":
         return rows_to_markdown(rows)
-    table = []
+    table, notes = [], []
     for r in rows:
         if "trainable" not in r:
-            table.append([r["method"], "-", "-", "-", "-", "-", "-", "-", r["note"]])
+            if r["note"] not in notes:
+                notes.append(r["note"])
+            table.append([r["method"], "-", "-", "-", "-", "-", "-", "-", "-", f"[{notes.index(r['note']) + 1}]"])
             continue
-        cost = f"${r['epoch_cost_usd']:,.2f} ({r['cost_gpu']})" if r["epoch_cost_usd"] is not None else "-"
+        cost = r.get("smallest_gpu_epoch_cost_usd")
         table.append([r["method"], f"{r['trainable']:,}", f"{r['trainable_percent']:.4f}%", gib(r["peak_bytes"]),
-                      r["peak_phase"], gib(r["reserved_bytes"]), r["smallest_gpu"], cost,
-                      human_bytes(r["storage_per_task_bytes"])])
-    header = ["method", "trainable", "%", "peak", "phase", "nvidia-smi", "smallest GPU", "epoch cost", "per task"]
-    return text_table(table, header, "lrrrlrlrr" + "l")
+                      r["peak_phase"], gib(r["reserved_bytes"]), r["smallest_gpu"],
+                      f"${cost:,.2f}" if cost is not None else "-", human_bytes(r["storage_per_task_bytes"]), ""])
+    header = ["method", "trainable", "%", "peak", "phase", "nvidia-smi", "smallest GPU", "epoch cost there",
+              "per task", "note"]
+    out = text_table(table, header, "lrrrlrlrrl")
+    if notes:
+        out += "\n\n" + "\n".join(f"[{i}] {n}" for i, n in enumerate(notes, 1))
+    return out

@@ -135,7 +135,7 @@ def crossover_sentence(r: dict) -> str:
 def render_crossover(r: dict, fmt: str) -> str:
     import json
 
-    from peftcalc.format import COMPONENT_LABELS, text_table, gib, human_bytes, rows_to_csv, rows_to_markdown
+    from peftcalc.format import COMPONENT_LABELS, bytes_column, text_table, gib, rows_to_csv, rows_to_markdown
 
     if fmt == "json":
         return json.dumps(r, indent=2)
@@ -145,7 +145,8 @@ def render_crossover(r: dict, fmt: str) -> str:
     lines = [crossover_sentence(r)]
     if fmt == "markdown":
         return "\n\n".join([lines[0], rows_to_markdown(scan)])
-    lines += ["", text_table([[f"{s[r['over']]:,}", human_bytes(s['method_minus_against_bytes'])] for s in scan],
+    gaps = bytes_column([s["method_minus_against_bytes"] for s in scan])  # one unit for the whole column
+    lines += ["", text_table([[f"{s[r['over']]:,}", g] for s, g in zip(scan, gaps)],
                          [r["over"].replace("_", " "), f"{r['method']} - {r['against']} peak"])]
     if "at" in r:
         at = r["at"]

@@ -8,9 +8,10 @@ import json
 
 from peftcalc.memory import COMPONENTS
 
-__all__ = ["COMPONENT_LABELS", "GIB", "estimate_flat", "gib", "hours", "human_bytes", "method_summary",
-           "render_estimate", "render_estimate_markdown", "render_estimate_text", "rows_to_csv",
-           "rows_to_markdown", "text_table", "training_summary"]
+__all__ = ["COMPONENT_LABELS", "DOES_NOT_FIT", "GIB", "bytes_column", "estimate_flat", "gib", "hours", "human_bytes",
+           "method_summary", "plural", "render_estimate", "render_estimate_markdown", "render_estimate_text",
+           "rows_to_csv", "rows_to_markdown", "storage_sentence", "task_file_word", "text_table", "training_summary",
+           "vision_tokens"]
 
 GIB = 1024**3
 COMPONENT_LABELS = {
@@ -35,6 +36,21 @@ def human_bytes(n: float) -> str:
         if abs(n) >= size:
             return f"{n / size:,.2f} {unit}"
     return f"{int(n)} B"
+
+
+def plural(n: int, one: str, many: str | None = None) -> str:
+    """'1 copy', '2 copies', '1,000 tasks'."""
+    return f"{n:,} {one if n == 1 else (many or one + 's')}"
+
+
+def bytes_column(values: list[float]) -> list[str]:
+    """Byte counts of one table column, all in one unit: the largest that keeps the biggest value at or above 1
+    (B when every value is below 1 KiB)."""
+    top = max((abs(v) for v in values), default=0)
+    for unit, size in (("GiB", GIB), ("MiB", 1024**2), ("KiB", 1024)):
+        if top >= size:
+            return [f"{v / size:,.2f} {unit}" for v in values]
+    return [f"{int(v):,} B" for v in values]
 
 
 def hours(h: float) -> str:
@@ -79,18 +95,82 @@ def method_summary(e) -> str:
     return " ".join(parts)
 
 
-def training_summary(t) -> str:
+def training_summary(t, vision_tokens: int | None = None) -> str:
+    """One line of training settings; `vision_tokens`: a vision encoder's sequence (patches + class token),
+    shown in place of --seq-len, which such a model does not read."""
     ckpt = ""
     if t.grad_checkpointing:
         ckpt = ", gradient checkpointing" + (f" every {t.checkpoint_every} blocks" if t.checkpoint_every != 1 else "")
         ckpt += " (reentrant)" if t.checkpoint_reentrant else ""
-    return f"batch {t.batch_size} x seq {t.seq_len}, {t.precision}, {t.optimizer}, {t.attention} attention" + ckpt
+    seq = (f"{vision_tokens} vision tokens (patches + class token)" if vision_tokens is not None
+           else f"seq {t.seq_len}")
+    return f"batch {t.batch_size} x {seq}, {t.precision}, {t.optimizer}, {t.attention} attention" + ckpt
+
+
+DOES_NOT_FIT = "-"  # what the GPU table shows for the time and cost of a card the setting does not fit
+
+
+def vision_tokens(e) -> int | None:
+    """The tokens a vision encoder (ViT, CLIP's vision tower) sees per image, patches + class token, whatever
+    --seq-len says; None for any other model (a vision-language model reads --seq-len for its text)."""
+    from peftcalc.config import load_spec
+    from peftcalc.errors import InputError
+
+    try:
+        spec = load_spec(e.model)
+    except (InputError, OSError, ValueError):
+        spec = None
+    if spec is None or spec.architecture != e.architecture:  # a config dict's spec: not loadable by name
+        return None
+    return spec.vision_seq_len if spec.is_vision and not spec.is_vlm and not spec.is_blip2 else None
+
+
+def task_file_word(method: str, n: int = 2) -> str:
+    """What one task's file is called: an adapter for the PEFT methods and bottleneck adapters, a task file
+    for the others (frozen, freeze, bitfit, the VLM and BLIP-2 methods: a subset of the model's own weights)."""
+    from peftcalc.methods import PEFT_METHODS
+
+    word = "adapter" if method in PEFT_METHODS or method == "adapter" else "task file"
+    return word if n == 1 else word + "s"
+
+
+def storage_sentence(e) -> str:
+    s = e.storage
+    base = ""
+    if s.base_bytes:
+        base = f" (base {human_bytes(s.base_bytes)} + {plural(s.tasks, task_file_word(e.method.method, 1))})"
+    return (f"Storage: {human_bytes(s.per_task_bytes)} per task; {plural(s.tasks, 'task')} = "
+            f"{human_bytes(s.total_bytes)}{base}; {plural(s.tasks, 'full fine-tuned copy', 'full fine-tuned copies')}"
+            f" = {human_bytes(s.full_models_total_bytes)}")
+
+
+def _gpu_rows(e) -> list[list[str]]:
+    """The GPU table: a card the setting does not fit gets no step time, epoch time or cost (they would read
+    as a plan; JSON keeps them)."""
+    rows = []
+    for g in e.gpus:
+        if g.fits:
+            plan = [f"{g.step_seconds:,.3f} s", hours(g.epoch_hours), f"${g.epoch_cost_usd:,.2f}"]
+        else:
+            plan = [DOES_NOT_FIT] * 3
+        rows.append([g.name, gib(g.memory_bytes), "yes" if g.fits else "no", gib(g.headroom_bytes),
+                     str(g.max_batch_size)] + plan)
+    return rows
+
+
+def _chosen_misfit(e) -> str | None:
+    """The line saying the GPU named with --gpu does not fit the setting (None when it fits)."""
+    fit = next((g for g in e.gpus if e.cost and g.name == e.cost.gpu), None)
+    if fit is None or fit.fits:
+        return None
+    return (f"{fit.name} ({gib(fit.memory_bytes)}) does not fit this setting (it needs {gib(e.memory.reserved_bytes)}):"
+            f" the time and cost below are not a plan, only what the step would take if it fit.")
 
 
 def render_estimate_text(e) -> str:
     out = []
     out.append(f"{e.model} ({e.architecture}) - {method_summary(e)}")
-    out.append(training_summary(e.training) + f", device {e.memory.device}")
+    out.append(training_summary(e.training, vision_tokens(e)) + f", device {e.memory.device}")
     if e.image_tokens:
         out.append(f"vision-language model: the language model sees {e.training.seq_len} text + {e.image_tokens} "
                    f"image tokens = {e.training.seq_len + e.image_tokens} per sample")
@@ -108,24 +188,19 @@ def render_estimate_text(e) -> str:
     rows.append(["GPU memory needed (nvidia-smi)", gib(e.memory.reserved_bytes)])
     out.append(text_table(rows, ["Memory at the peak", ""]))
     out.append("")
-    gpu_rows = []
-    for g in e.gpus:
-        gpu_rows.append([g.name, gib(g.memory_bytes), "yes" if g.fits else "no", gib(g.headroom_bytes),
-                         str(g.max_batch_size), f"{g.step_seconds:,.3f} s", hours(g.epoch_hours),
-                         f"${g.epoch_cost_usd:,.2f}"])
-    out.append(text_table(gpu_rows, ["GPU", "memory", "fits", "headroom", "max batch", "step", "epoch", "epoch cost"]))
+    out.append(text_table(_gpu_rows(e), ["GPU", "memory", "fits", "headroom", "max batch", "step", "epoch", "epoch cost"]))
     out.append("")
     if e.cost:
         c = e.cost
+        misfit = _chosen_misfit(e)
+        if misfit:
+            out.append(misfit)
         out.append(f"Time and cost on {c.gpu} at {c.mfu:.0%} MFU: {c.flops_per_step / 1e12:,.1f} TFLOP per step, "
                    f"{c.step_seconds:,.3f} s per step, {c.steps_per_epoch:,} steps per epoch of "
                    f"{c.dataset_tokens:,} tokens = {hours(c.epoch_hours)}, ${c.epoch_cost_usd:,.2f} at ${c.price_per_hour:.2f}/h")
     else:
         out.append("No GPU in the catalog fits this setting: try --grad-checkpointing, a smaller batch or QLoRA.")
-    s = e.storage
-    out.append(f"Storage: {human_bytes(s.per_task_bytes)} per task; {s.tasks} task(s) = {human_bytes(s.total_bytes)}"
-               + (f" (base {human_bytes(s.base_bytes)} + adapters)" if s.base_bytes else "")
-               + f"; {s.tasks} full fine-tuned copies = {human_bytes(s.full_models_total_bytes)}")
+    out.append(storage_sentence(e))
     return "\n".join(out)
 
 
@@ -196,7 +271,8 @@ def render_estimate(e, fmt: str) -> str:
 
 
 def render_estimate_markdown(e) -> str:
-    lines = [f"**{e.model}** ({e.architecture}), {method_summary(e)}; {training_summary(e.training)}", ""]
+    lines = [f"**{e.model}** ({e.architecture}), {method_summary(e)}; {training_summary(e.training, vision_tokens(e))}",
+             ""]
     lines.append(f"Parameters: {e.params.total:,} total, {e.params.trainable:,} trainable ({e.params.percent:.4f}%)")
     lines.append("")
     rows = [{"component": COMPONENT_LABELS[c], "GiB": round(e.memory.components.get(c, 0) / GIB, 3)}
@@ -206,7 +282,9 @@ def render_estimate_markdown(e) -> str:
     lines.append(rows_to_markdown(rows))
     lines.append("")
     lines.append(rows_to_markdown([{"GPU": g.name, "fits": "yes" if g.fits else "no",
-                                    "max batch": g.max_batch_size, "step s": round(g.step_seconds, 4),
-                                    "epoch h": round(g.epoch_hours, 3), "epoch $": round(g.epoch_cost_usd, 2)}
+                                    "max batch": g.max_batch_size,
+                                    "step s": round(g.step_seconds, 4) if g.fits else DOES_NOT_FIT,
+                                    "epoch h": round(g.epoch_hours, 3) if g.fits else DOES_NOT_FIT,
+                                    "epoch $": round(g.epoch_cost_usd, 2) if g.fits else DOES_NOT_FIT}
                                    for g in e.gpus]))
     return "\n".join(lines)
