@@ -298,7 +298,7 @@ def storage(
     format: str = typer.Option("table", "--format", "-f", help="table | json | csv | markdown: the per-method "
                                "table (json and csv: its rows only; the files written are named on stderr)."),
 ) -> None:
-    """Total storage vs number of tasks: one base plus T adapters against T full models."""
+    """Total storage vs number of tasks: one base plus T task files (adapters, for the PEFT methods) against T full models."""
     check_format(format)
     require("storage", "reports", "pandas", "matplotlib")
     from reports.storage_report import parse_tasks
