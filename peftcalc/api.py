@@ -222,10 +222,9 @@ def estimate(
     settings = method_settings(method, **knobs)
     check_applies(method, knobs)
     settings = resolved_settings(spec, settings)
-    t = TrainingSettings(batch_size=batch_size, seq_len=seq_len, precision=precision, optimizer=optimizer,
-                         grad_checkpointing=grad_checkpointing, attention=attention, device=device,
-                         checkpoint_every=checkpoint_every, checkpoint_reentrant=checkpoint_reentrant)
-    check_training(t)
+    t = _checked_training(dict(batch_size=batch_size, seq_len=seq_len, precision=precision, optimizer=optimizer,
+                               grad_checkpointing=grad_checkpointing, attention=attention, device=device,
+                               checkpoint_every=checkpoint_every, checkpoint_reentrant=checkpoint_reentrant))
     check_combination(spec, settings, seq_len, grad_checkpointing)
     _check_cost_inputs(gpu, price, tasks, dataset_tokens, mfu)
     plan = make_plan(spec, settings)
@@ -396,8 +395,9 @@ def _memory_key(settings: MethodSettings) -> MethodSettings:
 
 def _sweep_row(spec: ModelSpec, kw: dict, memo: dict | None = None) -> dict:
     """One row of a sweep: the memory model only (no GPU table, no storage), which is what makes
-    thousands of configurations take seconds. `memo` (one sweep's): the figures of each distinct
-    (settings as _memory_key has them, training settings), computed once."""
+    thousands of configurations take seconds. `memo` (one sweep's, for one model): each distinct method and
+    training settings built and checked once, and the figures of each distinct (settings as _memory_key has
+    them, training settings) computed once."""
     memo = {} if memo is None else memo
     method = kw.get("method") or default_method(spec)
     method_kw = tuple((k, kw[k]) for k in METHOD_FIELDS if k in kw and k != "method")
@@ -407,12 +407,7 @@ def _sweep_row(spec: ModelSpec, kw: dict, memo: dict | None = None) -> dict:
     plan = make_plan(spec, settings)
     _memoized(memo, ("combination", settings, t.seq_len, t.grad_checkpointing),
               lambda: check_combination(spec, settings, t.seq_len, t.grad_checkpointing) or True)
-    key = (_memory_key(settings), t)
-    figures = memo.get(key) if memo is not None else None
-    if figures is None:
-        figures = _sweep_figures(plan, t)
-        if memo is not None:
-            memo[key] = figures
+    figures = _memoized(memo, (_memory_key(settings), t), lambda: _sweep_figures(plan, t))
     return {"model": spec.name, **{k: kw[k] for k in kw}, "method": settings.method, **figures}
 
 
@@ -430,6 +425,7 @@ def _memoized(memo: dict, key: tuple, compute):
 
 
 def _checked_training(kw: dict) -> TrainingSettings:
+    """TrainingSettings from `kw`, checked (settings.check_training)."""
     t = TrainingSettings(**kw)
     check_training(t)
     return t

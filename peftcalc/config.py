@@ -12,7 +12,7 @@ from pathlib import Path
 
 from peftcalc.errors import InputError, read_text
 from peftcalc.families import FAMILIES, SUPPORTED_MODEL_TYPES
-from peftcalc.spec import AUTO_CLASS, ModelSpec, require_int
+from peftcalc.spec import AUTO_CLASS, ModelSpec, config_int
 
 __all__ = ["MODELS_DIR", "load_spec", "read_config_file", "registry_aliases", "registry_configs", "registry_names",
            "spec_from_config"]
@@ -81,7 +81,7 @@ def _num_labels(config: dict, where: str) -> int:
     if id2label is not None and "num_labels" not in config:
         raise InputError(f"{where}: 'id2label' is empty, so transformers builds a classifier with 0 labels; give "
                          "the labels (or num_labels)")
-    return require_int({"num_labels": config.get("num_labels", 2)}, "num_labels", where)
+    return config_int({"num_labels": config.get("num_labels", 2)}, "num_labels", where)
 
 
 @lru_cache(maxsize=None)

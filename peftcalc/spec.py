@@ -11,15 +11,13 @@ from dataclasses import dataclass, field
 
 from peftcalc.errors import InputError
 
-__all__ = ["MAX_LAYERS", "config_str", "optional_int", "AUTO_CLASS", "ModelSpec", "TASKS", "check_divisible", "config_bool", "divided", "encoder_sizes",
-           "require_int",
-           "transformers_config_kwargs"]
+__all__ = ["AUTO_CLASS", "MAX_LAYERS", "ModelSpec", "TASKS", "check_divisible", "config_bool", "config_int",
+           "config_str", "divided", "encoder_sizes", "optional_config_int", "transformers_config_kwargs"]
 
 # The tasks a model class can have, decided by the config's `architectures` as transformers
 # builds it (AutoModelForCausalLM / ForMaskedLM / ForSequenceClassification / ForImageClassification /
 # AutoModel).
 TASKS = ("causal_lm", "masked_lm", "seq_cls", "image_cls", "base", "image_text_to_text")
-
 
 # The transformers Auto class that builds each task (used by the harness and shown to users).
 AUTO_CLASS = {
@@ -108,7 +106,7 @@ class ModelSpec:
         return self.num_kv_heads * self.head_dim
 
 
-def require_int(config: dict, key: str, where: str) -> int:
+def config_int(config: dict, key: str, where: str) -> int:
     """config[key], which must be a positive integer (InputError naming `where` otherwise)."""
     if key not in config or config[key] is None:
         raise InputError(f"{where}: config has no '{key}'")
@@ -124,13 +122,13 @@ def require_int(config: dict, key: str, where: str) -> int:
 MAX_LAYERS = 1024
 
 
-def optional_int(config: dict, key: str, default: int, where: str, null_is_default: bool = False) -> int:
+def optional_config_int(config: dict, key: str, default: int, where: str, null_is_default: bool = False) -> int:
     """config[key] (`default` when absent; also when null, where the transformers config class computes
     its default from null, as LlamaConfig does for head_dim and num_key_value_heads), which must be a
     positive integer (InputError otherwise)."""
     if key not in config or (null_is_default and config[key] is None):
         return default
-    return require_int(config, key, where)
+    return config_int(config, key, where)
 
 
 def config_str(config: dict, key: str, default: str, where: str) -> str:
@@ -167,8 +165,8 @@ def check_divisible(a: int, b: int, name_a: str, name_b: str, where: str) -> Non
 
 def encoder_sizes(config: dict, where: str) -> tuple[int, int, int, int]:
     """(hidden_size, num_attention_heads, num_hidden_layers, intermediate_size) of a BERT-style config."""
-    return (require_int(config, "hidden_size", where), require_int(config, "num_attention_heads", where),
-            require_int(config, "num_hidden_layers", where), require_int(config, "intermediate_size", where))
+    return (config_int(config, "hidden_size", where), config_int(config, "num_attention_heads", where),
+            config_int(config, "num_hidden_layers", where), config_int(config, "intermediate_size", where))
 
 
 def transformers_config_kwargs(spec: ModelSpec) -> dict:

@@ -13,7 +13,7 @@ from peftcalc.ops.nonlinear import activation, tanh
 from peftcalc.ops.norms import layer_norm
 from peftcalc.ops.recorder import Recorder, SymTensor, first_node_since
 from peftcalc.ops.tensor_ops import add, dropout, first_token, heads_view
-from peftcalc.spec import ModelSpec, config_bool, config_str, divided, encoder_sizes, optional_int, require_int
+from peftcalc.spec import ModelSpec, config_bool, config_str, divided, encoder_sizes, optional_config_int, config_int
 
 __all__ = [
     "BERT",
@@ -148,9 +148,9 @@ def bert_config(config: dict, common: dict, where: str, read_part=None) -> Model
         num_kv_heads=heads,
         head_dim=divided(hidden, heads, "hidden_size", "num_attention_heads", where),
         intermediate_size=intermediate,
-        vocab_size=require_int(config, "vocab_size", where),
-        max_positions=require_int(config, "max_position_embeddings", where),
-        type_vocab_size=optional_int(config, "type_vocab_size", 2, where),
+        vocab_size=config_int(config, "vocab_size", where),
+        max_positions=config_int(config, "max_position_embeddings", where),
+        type_vocab_size=optional_config_int(config, "type_vocab_size", 2, where),
         tie_embeddings=config_bool(config, "tie_word_embeddings", True, where),
         attention_bias=True,
         mlp_bias=True,

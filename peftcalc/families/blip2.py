@@ -16,7 +16,7 @@ from peftcalc.ops.nonlinear import activation
 from peftcalc.ops.norms import layer_norm
 from peftcalc.ops.recorder import Recorder, SymTensor
 from peftcalc.ops.tensor_ops import dropout
-from peftcalc.spec import ModelSpec, check_divisible, config_bool, optional_int
+from peftcalc.spec import ModelSpec, check_divisible, config_bool, optional_config_int
 
 __all__ = [
     "BLIP2",
@@ -42,9 +42,7 @@ __all__ = [
 
 QFORMER = "qformer"
 
-
 QUERY_TOKENS = "query_tokens"
-
 
 LANGUAGE_PROJECTION = "language_projection"
 
@@ -233,7 +231,7 @@ def blip2_config(config: dict, common: dict, where: str, read_part=None) -> Mode
             raise InputError(f"{where}: {key} must be a {mt} config object; got model_type "
                              f"{sub.get('model_type') if isinstance(sub, dict) else sub!r}")
         subs[key] = {k: config_bool(sub, k, v, f"{where}: {key}") if isinstance(v, bool)
-                     else optional_int(sub, k, v, f"{where}: {key}") for k, v in defaults.items()}
+                     else optional_config_int(sub, k, v, f"{where}: {key}") for k, v in defaults.items()}
     v, q, t = subs["vision_config"], subs["qformer_config"], subs["text_config"]
     if not config_bool(config, "use_decoder_only_language_model", True, where):
         raise InputError(f"{where}: BLIP-2 with an encoder-decoder language model (T5) is not supported; OPT only")
@@ -249,7 +247,7 @@ def blip2_config(config: dict, common: dict, where: str, read_part=None) -> Mode
     h, heads = int(t["hidden_size"]), int(t["num_attention_heads"])
     check_divisible(h, heads, "text_config.hidden_size", "num_attention_heads", where)
     blip2 = tuple(sorted({**{f"vision_{k}": v[k] for k in v}, **{f"qformer_{k}": q[k] for k in q},
-                          "num_query_tokens": optional_int(config, "num_query_tokens", 32, where)}.items()))
+                          "num_query_tokens": optional_config_int(config, "num_query_tokens", 32, where)}.items()))
     return ModelSpec(
         hidden_size=h, num_layers=int(t["num_hidden_layers"]), num_heads=heads, num_kv_heads=heads,
         head_dim=h // heads, intermediate_size=int(t["ffn_dim"]), vocab_size=int(t["vocab_size"]),

@@ -12,7 +12,7 @@ from peftcalc.ops.nonlinear import activation
 from peftcalc.ops.norms import layer_norm
 from peftcalc.ops.recorder import Recorder, SymTensor
 from peftcalc.ops.tensor_ops import add, dropout, heads_view
-from peftcalc.spec import ModelSpec, check_divisible, config_bool, config_str, optional_int, require_int
+from peftcalc.spec import ModelSpec, check_divisible, config_bool, config_str, optional_config_int, config_int
 
 __all__ = [
     "DROPOUT",
@@ -91,18 +91,18 @@ def gpt2_block(rec: Recorder, spec: ModelSpec, sites, x: SymTensor) -> SymTensor
 
 def gpt2_config(config: dict, common: dict, where: str, read_part=None) -> ModelSpec:
     """GPT2Config: n_embd, n_head, n_layer, n_inner (default 4 x n_embd), n_positions; Conv1D biases."""
-    hidden = require_int(config, "n_embd", where)
-    heads = require_int(config, "n_head", where)
+    hidden = config_int(config, "n_embd", where)
+    heads = config_int(config, "n_head", where)
     check_divisible(hidden, heads, "n_embd", "n_head", where)
     return ModelSpec(
         hidden_size=hidden,
-        num_layers=require_int(config, "n_layer", where),
+        num_layers=config_int(config, "n_layer", where),
         num_heads=heads,
         num_kv_heads=heads,
         head_dim=hidden // heads,
-        intermediate_size=optional_int(config, "n_inner", 4 * hidden, where, null_is_default=True),
-        vocab_size=require_int(config, "vocab_size", where),
-        max_positions=require_int(config, "n_positions", where),
+        intermediate_size=optional_config_int(config, "n_inner", 4 * hidden, where, null_is_default=True),
+        vocab_size=config_int(config, "vocab_size", where),
+        max_positions=config_int(config, "n_positions", where),
         tie_embeddings=config_bool(config, "tie_word_embeddings", True, where),
         attention_bias=True,
         mlp_bias=True,

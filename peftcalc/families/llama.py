@@ -13,7 +13,7 @@ from peftcalc.ops.norms import rms_norm
 from peftcalc.ops.recorder import Recorder, SymTensor
 from peftcalc.ops.rotary import rope
 from peftcalc.ops.tensor_ops import add, heads_view, mul
-from peftcalc.spec import ModelSpec, config_bool, config_str, divided, encoder_sizes, optional_int, require_int
+from peftcalc.spec import ModelSpec, config_bool, config_str, divided, encoder_sizes, optional_config_int, config_int
 
 __all__ = [
     "DROPOUT",
@@ -97,8 +97,8 @@ def llama_config(config: dict, common: dict, where: str, read_part=None) -> Mode
     biases in Qwen2 (Qwen2Attention: o_proj has none), attention_bias and mlp_bias in Llama."""
     model_type = common["model_type"]
     hidden, heads, layers, intermediate = encoder_sizes(config, where)
-    kv_heads = optional_int(config, "num_key_value_heads", heads, where, null_is_default=True)
-    head_dim = optional_int(config, "head_dim", 0, where, null_is_default=True) or divided(
+    kv_heads = optional_config_int(config, "num_key_value_heads", heads, where, null_is_default=True)
+    head_dim = optional_config_int(config, "head_dim", 0, where, null_is_default=True) or divided(
         hidden, heads, "hidden_size", "num_attention_heads", where)
     if heads % kv_heads:
         raise InputError(f"{where}: num_attention_heads ({heads}) must be a multiple of num_key_value_heads ({kv_heads})")
@@ -115,7 +115,7 @@ def llama_config(config: dict, common: dict, where: str, read_part=None) -> Mode
         num_kv_heads=kv_heads,
         head_dim=head_dim,
         intermediate_size=intermediate,
-        vocab_size=require_int(config, "vocab_size", where),
+        vocab_size=config_int(config, "vocab_size", where),
         tie_embeddings=config_bool(config, "tie_word_embeddings", False, where),
         attention_bias=attention_bias,
         mlp_bias=config_bool(config, "mlp_bias", False, where) if model_type == "llama" else False,

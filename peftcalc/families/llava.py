@@ -25,9 +25,7 @@ __all__ = [
 
 VISION_TOWER = "model.vision_tower"
 
-
 PROJECTOR = "model.multi_modal_projector"
-
 
 LANGUAGE_MODEL = "model.language_model"
 

@@ -12,7 +12,7 @@ from peftcalc.ops.nonlinear import activation
 from peftcalc.ops.norms import layer_norm
 from peftcalc.ops.recorder import Recorder, SymTensor, first_node_since
 from peftcalc.ops.tensor_ops import add, heads_view
-from peftcalc.spec import ModelSpec, config_bool, config_str, divided, encoder_sizes, optional_int, require_int
+from peftcalc.spec import ModelSpec, config_bool, config_str, divided, encoder_sizes, optional_config_int, config_int
 
 __all__ = [
     "CLIP_VISION",
@@ -131,8 +131,8 @@ def vision_config(config: dict, common: dict, where: str, read_part=None) -> Mod
     """ViTConfig, CLIPVisionConfig: image_size, patch_size, num_channels; ViT's qkv_bias."""
     model_type = common["model_type"]
     hidden, heads, layers, intermediate = encoder_sizes(config, where)
-    image = require_int(config, "image_size", where)
-    patch = require_int(config, "patch_size", where)
+    image = config_int(config, "image_size", where)
+    patch = config_int(config, "patch_size", where)
     if image % patch:
         raise InputError(f"{where}: image_size ({image}) must be a multiple of patch_size ({patch})")
     return ModelSpec(
@@ -146,7 +146,7 @@ def vision_config(config: dict, common: dict, where: str, read_part=None) -> Mod
         mlp_bias=True,
         image_size=image,
         patch_size=patch,
-        num_channels=optional_int(config, "num_channels", 3, where),
+        num_channels=optional_config_int(config, "num_channels", 3, where),
         hidden_act=config_str(config, "hidden_act", "gelu" if model_type == "vit" else "quick_gelu", where),
         **common,
     )

@@ -15,10 +15,9 @@ from functools import lru_cache
 
 from peftcalc.checks import require_bool, require_int, require_number
 from peftcalc.errors import CombinationError, InputError
-from peftcalc.families import build_layout, family
+from peftcalc.families import FAMILIES, build_layout, family
 from peftcalc.families.llava import PROJECTOR
 from peftcalc.spec import ModelSpec
-from peftcalc.families import FAMILIES
 from peftcalc.methods.adapter import (ADAPTER_ATTRIBUTE, ADAPTER_KINDS, BLOCK_ADAPTER_BOTTLENECK, BLOCK_ADAPTER_DROPOUT,
                                       VLM_ADAPTER_KINDS, adapter_hidden, adapter_numel, adapter_shapes, adapter_sites,
                                       plan_adapter, resolve_adapter_kind, resolve_bottleneck, vision_adapter_sites)
@@ -38,7 +37,6 @@ __all__ = [
     "BLIP2_METHODS",
     "BLOCK_ADAPTER_BOTTLENECK",
     "BLOCK_ADAPTER_DROPOUT",
-    "FAMILIES",
     "IA3_DEFAULT_TARGETS",
     "KNOWN_METHODS",
     "LORA_DEFAULT_TARGETS",
@@ -101,23 +99,17 @@ __all__ = [
 LORA_DEFAULT_TARGETS = {t: f.lora_targets for t, f in FAMILIES.items() if f.lora_targets}
 IA3_DEFAULT_TARGETS = {t: (f.ia3_targets, f.ia3_feedforward) for t, f in FAMILIES.items() if f.ia3_targets}
 
-
 METHODS = ("full", "frozen", "freeze", "lora", "qlora", "adapter", "prefix", "prompt", "bitfit", "ia3")
-
 
 # What a vision-language model (llava) supports; projector and projector-llm exist only there.
 VLM_METHODS = ("projector", "projector-llm", "lora", "adapter")
 
-
 VLM_ONLY_METHODS = ("projector", "projector-llm")
-
 
 ALL_METHODS = METHODS + VLM_ONLY_METHODS
 
-
 # BLIP-2 (Blip2ForConditionalGeneration): the Q-Former stage
 BLIP2_METHODS = ("qformer",)
-
 
 KNOWN_METHODS = ALL_METHODS + BLIP2_METHODS
 
@@ -130,7 +122,6 @@ def methods_for(spec: ModelSpec) -> tuple[str, ...]:
 
 
 PEFT_METHODS = ("lora", "qlora", "prefix", "prompt", "ia3")
-
 
 METHOD_HELP = {
     "full": "every parameter trains",

@@ -40,18 +40,14 @@ __all__ = [
 
 ADAPTER_KINDS = ("houlsby", "pfeiffer")
 
-
 # A vision-language model's vision tower also takes the block adapter: a bottleneck adapter after each encoder block.
 VLM_ADAPTER_KINDS = ("block",) + ADAPTER_KINDS
-
 
 # The block adapter's defaults (a post-block bottleneck adapter in the style of Houlsby et al. 2019, as frozen-backbone
 # VLM recipes put after each vision encoder block): bottleneck_dim=256, dropout=0.1.
 BLOCK_ADAPTER_BOTTLENECK = 256
 
-
 BLOCK_ADAPTER_DROPOUT = 0.1
-
 
 # The attribute the harness (measure.adapters) puts an adapter under, part of its parameter names.
 ADAPTER_ATTRIBUTE = "adapter_bottleneck"

@@ -96,7 +96,6 @@ def linear(rec: Recorder, x: SymTensor, in_f: int, out_f: int, trainable: bool, 
     is no .grad until the other use's arrives (peftcalc.backward: a "pending" step)."""
     ctx = rec.ctx
     saved = []
-    xm = x
     # under autocast the bias's copy is made before the weight's (traced, cpu and fake: a recompute that
     # stops at fc2's saved weight copy holds the frozen bias's copy already)
     bias_copy = None
@@ -111,12 +110,12 @@ def linear(rec: Recorder, x: SymTensor, in_f: int, out_f: int, trainable: bool, 
     weight_copy = None
     if ctx.autocast and not quantized:
         weight_copy = autocast_weight_copy(rec, in_f * out_f, trainable, grad_pending=grad_pending)
-        if xm.requires_grad:
+        if x.requires_grad:
             saved.append(rec.save(weight_copy, f"{tag}.autocast_weight"))
     # bitsandbytes Linear4bit.forward: x.to(compute_dtype) (not autocast's cast: bnb.matmul_4bit is no
     # autocast op), then .to(inp_dtype); the cast input is its local x until it returns
-    quant_cast = quantized and ctx.quant_compute and xm.dtype != ctx.quant_compute
-    xin = cast(rec, xm, ctx.quant_compute) if quant_cast else autocast_in(rec, xm)
+    quant_cast = quantized and ctx.quant_compute and x.dtype != ctx.quant_compute
+    xin = cast(rec, x, ctx.quant_compute) if quant_cast else autocast_in(rec, x)
     if trainable:
         saved.append(rec.save(xin, f"{tag}.input"))
     wb = DTYPE_BYTES[ctx.weight_dtype]
@@ -126,11 +125,11 @@ def linear(rec: Recorder, x: SymTensor, in_f: int, out_f: int, trainable: bool, 
                  dequantized=in_f * out_f * DTYPE_BYTES[ctx.quant_compute] if quantized else 0,
                  grad_pending=grad_pending)
     if quant_cast:  # Linear4bit.forward: .to(inp_dtype)
-        y = cast(rec, out, xm.dtype)
+        y = cast(rec, out, x.dtype)
         rec.free(out)
         out = y
     rec.free(bias_copy)
-    if xin is not xm:
+    if xin is not x:
         rec.free(xin)
     if weight_copy is not None and not trainable:  # autocast caches only the copies of trainable leaves
         rec.free(weight_copy)
