@@ -54,7 +54,8 @@ def precision_policy(training: TrainingSettings, device: str) -> Policy:
     amp-fp16 adds a GradScaler on cuda only (its inf check reads tensor values, which fake tensors
     lack, and CPU training has no fp16 underflow problem to fix)."""
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    autocast = dtypes[training.autocast_dtype] if training.autocast_dtype else None
+    # mixed-bf16: no autocast, the sharded engine casts the parameters (measure.dist.shard_fsdp2)
+    autocast = dtypes[training.autocast_dtype] if training.autocast_dtype and training.precision != "mixed-bf16" else None
     return Policy(
         dtype=dtypes[training.weight_dtype],
         autocast=autocast,
@@ -74,6 +75,8 @@ def check_run(spec: ModelSpec, method: MethodSettings, training: TrainingSetting
         raise InputError(f"--steps must be a positive integer, got {steps}")
     check_training(replace(training, device="cuda" if device == "cuda" else "cpu"))
     make_plan(spec, method)
+    if training.sharding != "none" and device != "fake":
+        raise InputError(f"sharding {training.sharding} is traced on torch's fake process group: use device fake")
     if device == "cuda" and not torch.cuda.is_available():
         raise InputError("device 'cuda' asked for, but torch sees no CUDA device; use --device cpu or fake")
     check_combination(spec, method, training.seq_len, training.grad_checkpointing)
