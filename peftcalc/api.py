@@ -25,6 +25,7 @@ from peftcalc.model_states import model_states
 from peftcalc.methods import (MethodSettings, Plan, check_applies, check_combination, check_method_values, make_plan, methods_for, normalize_targets, prepare_kbit_default,
                               resolve_adapter_kind)
 from peftcalc.settings import TrainingSettings, check_training
+from peftcalc.sharding import sharded_timeline
 from peftcalc.config import load_spec
 from peftcalc.spec import ModelSpec
 from peftcalc.storage import full_model_bytes, storage
@@ -54,6 +55,9 @@ class Memory:
     reserved_bytes: int  # + allocator slack + CUDA context (what nvidia-smi shows)
     overhead: dict  # what reserved adds: cuda_context, allocator_slack
     events: dict  # phase -> live bytes
+    # data parallelism (training.sharding): rank 0's figures above; here rank 0's and, when it differs, the last
+    # rank's {rank, peak_bytes, peak_phase, components, step1_peak_bytes}; empty on one GPU
+    ranks: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -145,10 +149,17 @@ def _by_origin(plan: Plan) -> dict:
     return out
 
 
+def step_timeline(plan: Plan, t: TrainingSettings):
+    """The step's peftcalc.memory.Timeline: one GPU's, or under a sharding rank 0's (peftcalc.sharding)."""
+    if t.sharding == "none":
+        return timeline(plan, t)
+    return sharded_timeline(plan, t)[0]
+
+
 def _linear_in_batch(plan: Plan, t: TrainingSettings) -> tuple[dict, dict]:
     """Intercept and slope (bytes per sample) of every event of the CUDA steady-state step."""
-    one = dict(timeline(plan, replace(t, batch_size=1, device="cuda")).events)
-    two = dict(timeline(plan, replace(t, batch_size=2, device="cuda")).events)
+    one = dict(step_timeline(plan, replace(t, batch_size=1, device="cuda")).events)
+    two = dict(step_timeline(plan, replace(t, batch_size=2, device="cuda")).events)
     slope = {k: two[k] - one[k] for k in one}
     intercept = {k: one[k] - slope[k] for k in one}
     return intercept, slope
@@ -205,6 +216,11 @@ def estimate(
     device: str = "cuda",
     checkpoint_every: int = 1,
     checkpoint_reentrant: bool = False,
+    gpus: int | str = 1,
+    gpus_per_node: int = 8,
+    sharding: str = "none",
+    reshard_after_forward: bool = True,
+    offload: str = "none",
     gpu: str | None = None,
     price: float | None = None,
     tasks: int = 1,
@@ -224,12 +240,14 @@ def estimate(
     settings = resolved_settings(spec, settings)
     t = _checked_training(dict(batch_size=batch_size, seq_len=seq_len, precision=precision, optimizer=optimizer,
                                grad_checkpointing=grad_checkpointing, attention=attention, device=device,
-                               checkpoint_every=checkpoint_every, checkpoint_reentrant=checkpoint_reentrant))
+                               checkpoint_every=checkpoint_every, checkpoint_reentrant=checkpoint_reentrant,
+                               gpus=1 if gpus == "auto" else gpus, gpus_per_node=gpus_per_node, sharding=sharding,
+                               reshard_after_forward=reshard_after_forward, offload=offload))
     check_combination(spec, settings, seq_len, grad_checkpointing)
     _check_cost_inputs(gpu, price, tasks, dataset_tokens, mfu)
     plan = make_plan(spec, settings)
-    tl = timeline(plan, t)
-    cuda_tl = tl if device == "cuda" else timeline(plan, replace(t, device="cuda"))
+    tl = step_timeline(plan, t)
+    cuda_tl = tl if device == "cuda" else step_timeline(plan, replace(t, device="cuda"))
     reserved = reserved_bytes(cuda_tl.peak_bytes)
     memory = Memory(
         device=device,
@@ -241,6 +259,7 @@ def estimate(
         overhead={"cuda_context": CUDA_CONTEXT_BYTES,
                   "allocator_slack": reserved - CUDA_CONTEXT_BYTES - cuda_tl.peak_bytes},
         events=dict(tl.events),
+        ranks=_rank_rows(plan, t),
     )
     fits = []
     for g in gpu_catalog():
@@ -268,6 +287,15 @@ def estimate(
         storage=StorageInfo(st.per_task_bytes, st.base_bytes, tasks, st.total_bytes, full_total),
         image_tokens=_tokens_per_sample(plan, t) - t.seq_len if spec.is_vlm or spec.is_blip2 else 0,
     )
+
+
+def _rank_rows(plan: Plan, t: TrainingSettings) -> tuple:
+    """Rank 0's and (where it differs) the last rank's figures under a sharding; () on one GPU."""
+    if t.sharding == "none":
+        return ()
+    return tuple({"rank": r.rank, "peak_bytes": r.peak_bytes, "peak_phase": r.peak_phase,
+                  "components": dict(r.components), "step1_peak_bytes": r.step1_peak_bytes}
+                 for r in sharded_timeline(plan, t)[1])
 
 
 def _check_cost_inputs(gpu, price, tasks, dataset_tokens, mfu) -> None:
@@ -439,8 +467,8 @@ def _param_counts(plan: Plan) -> tuple[int, int]:
 
 def _sweep_figures(plan: Plan, t: TrainingSettings) -> dict:
     """The computed columns of a sweep row."""
-    tl = timeline(plan, t)
-    cuda_peak = tl.peak_bytes if t.device == "cuda" else timeline(plan, replace(t, device="cuda")).peak_bytes
+    tl = step_timeline(plan, t)
+    cuda_peak = tl.peak_bytes if t.device == "cuda" else step_timeline(plan, replace(t, device="cuda")).peak_bytes
     total, trainable = _param_counts(plan)
     row = {"params_total": total, "params_trainable": trainable,
            "peak_bytes": tl.peak_bytes, "peak_phase": tl.peak_phase,
@@ -455,4 +483,4 @@ def plan_for(model, method: str | None = None, **method_kw) -> Plan:
     return make_plan(spec, method_settings(method or default_method(spec), **method_kw))
 
 
-__all__ = ["estimate", "sweep", "Estimate", "plan_for", "model_states"]
+__all__ = ["estimate", "sweep", "Estimate", "plan_for", "model_states", "step_timeline"]

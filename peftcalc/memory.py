@@ -22,7 +22,7 @@ from peftcalc.settings import DTYPE_BYTES, TrainingSettings
 from peftcalc.sim.profile import stream_dtypes
 
 __all__ = ["ALLOCATOR_SLACK_FRACTION", "COMPONENTS", "CUDA_CONTEXT_BYTES", "GradientArrival", "Timeline",
-           "gradient_arrival", "input_bytes", "peak_event", "reserved_bytes", "timeline"]
+           "gradient_arrival", "input_bytes", "peak_event", "reserved_bytes", "step_events", "timeline"]
 
 
 # Names of the components, in display order.
@@ -183,6 +183,13 @@ def timeline(plan: Plan, t: TrainingSettings) -> Timeline:
         components=_components(parts),
         step1_peak_bytes=_step1_peak(events, ms),
     )
+
+
+def step_events(plan: Plan, t: TrainingSettings) -> list:
+    """The steady-state step's events as (phase, live bytes, {component: bytes}) for one GPU: what
+    peftcalc.sharding rewrites rank by rank."""
+    ms = model_states(plan, t)
+    return _step_events(plan, t, activation_profile(plan, t), ms, input_bytes(plan, t), gradient_arrival(plan, t))
 
 
 def _step1_peak(events: list, ms: ModelStates) -> int:

@@ -1,0 +1,156 @@
+"""FSDP2 (torch.distributed.fsdp.fully_shard on every block, then on the root) on one rank: the one-GPU step's
+events (peftcalc.memory.step_events) with the model's states sharded and FSDP2's buffers added.
+
+What each event holds, from torch/distributed/fsdp/_fully_shard/ (torch 2.13):
+
+- parameters: every group's padded shards (peftcalc.sharding.shards); the root group (embeddings, final
+  norm, head) is never resharded after forward (_fsdp_state.py FSDPState._lazy_init sets the root's
+  ``post_forward_mesh_info = None`` when reshard_after_forward was not given; the harness, like
+  torchtitan, gives it only to the blocks) and stays unsharded from its pre-forward to its post-backward;
+- forward, implicit prefetch (_fsdp_param_group.py ``wait_for_unshard``): block i's all-gather output lives
+  from its unshard until the next block's copy-out, the last one until the root's post-forward
+  (_fsdp_state.py ``_post_forward``), so through the loss; block i's unsharded parameters from its copy-out
+  to its post-forward reshard (kept, with reshard_after_forward off, to its post-backward);
+- backward: the root's pre-backward (a hook on the loss) prefetches the last block's all-gather, each
+  block's pre-backward copies out its own and prefetches the one below (``_backward_prefetch``); autograd's
+  full gradients of a block live until its post-backward packs them into one reduce-scatter input
+  (``foreach_reduce``), kept until the next group's post-backward (``reduce_scatter_max_input_buffers`` 1)
+  and the last one until the final callback (``_root_post_backward_final_callback``); the output, of which
+  the sharded gradients are views, lives to ``zero_grad``. The root's post-backward runs in that final
+  callback, so the head's and the embeddings' full gradients live to the end of backward;
+- optimizer: its states are ``zeros_like`` of the local (unpadded) shards.
+"""
+
+from __future__ import annotations
+
+from peftcalc.errors import CombinationError
+from peftcalc.memory import gradient_arrival, step_events
+from peftcalc.model_states import gradient_free, group_dtype
+from peftcalc.plan import Plan
+from peftcalc.settings import DTYPE_BYTES, TrainingSettings
+from peftcalc.sharding.shards import GroupBytes, dim0, local_rows, padded_rows
+from peftcalc.sim.profile import stream_dtypes
+
+__all__ = ["FSDP_COMPONENTS", "check_fsdp", "fsdp_events", "group_bytes"]
+
+FSDP_COMPONENTS = ("unsharded_params", "all_gather_buffers", "reduce_scatter_buffers")
+
+
+def check_fsdp(plan: Plan, t: TrainingSettings) -> None:
+    """CombinationError for what FSDP2 (or this model of it) does not run: several dtypes in one group
+    (_fsdp_param_group.py ``_init_mp_dtypes``: "FSDP expects uniform original parameter dtype"; peft keeps
+    adapters fp32 on a bf16/fp16 model), QLoRA's packed weights, optimizers other than AdamW and SGD,
+    gradient checkpointing, offload, mixed-bf16 (not modelled yet)."""
+    weight_dtype = stream_dtypes(plan, t)[0]
+    by_layer: dict = {}
+    for g in plan.groups:
+        by_layer.setdefault(g.layer, set()).add(group_dtype(plan, g.origin, weight_dtype, g.name))
+    if any(len(d) > 1 for d in by_layer.values()):
+        raise CombinationError(f"FSDP2 needs one dtype per sharded block, and {plan.settings.method} under "
+                               f"{t.precision} mixes {' and '.join(sorted(set().union(*by_layer.values())))}; "
+                               "use precision fp32 (or a full fine-tune)", names=("sharding", "precision"))
+    unsupported = [what for what, bad in (
+        ("qlora", plan.settings.method == "qlora"), (f"optimizer {t.optimizer}", t.optimizer not in ("adamw", "sgd")),
+        ("grad_checkpointing", t.grad_checkpointing), (f"offload {t.offload}", t.offload != "none"),
+        ("precision mixed-bf16", t.precision == "mixed-bf16")) if bad]
+    if unsupported:
+        raise CombinationError(f"the FSDP2 model does not cover {unsupported[0]} yet", names=("sharding",))
+
+
+def group_bytes(plan: Plan, t: TrainingSettings, world: int, rank: int) -> dict:
+    """{layer index or None (the root): GroupBytes} on `rank` of `world`."""
+    weight_dtype = stream_dtypes(plan, t)[0]
+    free = gradient_free(plan)
+    out: dict = {}
+    for g in plan.groups:
+        gb = out.setdefault(g.layer, GroupBytes())
+        nbytes = DTYPE_BYTES[group_dtype(plan, g.origin, weight_dtype, g.name)]
+        d0, row = dim0(g.shape, g.numel)
+        shard = padded_rows(d0, world) * row * nbytes
+        if g.trainable:
+            gb.sharded_trainable += shard
+        else:
+            gb.sharded_frozen += shard
+        gb.unsharded += world * shard  # a view of its padded all-gather output (foreach_all_gather_copy_out)
+        gb.all_gather += world * shard
+        if g.trainable and g.name not in free:
+            gb.unsharded_grads += g.numel * nbytes
+            gb.sharded_grads += shard
+            gb.reduce_scatter += world * shard
+            gb.optimizer_numel += ((local_rows(d0, world, rank) * row, nbytes),)
+    return out
+
+
+def _optimizer(groups: dict, t: TrainingSettings, order: list) -> tuple[int, int]:
+    """(states, step temporaries) on this rank: AdamW's exp_avg and exp_avg_sq (SGD's momentum buffer) like
+    each local shard, AdamW's 'step' (a 4-byte CPU tensor, on the cpu device only); the temporaries as
+    peftcalc.model_states.optimizer_temporaries counts them, over the local shards."""
+    states = temps = prev = 0
+    per_dtype: dict = {}
+    for key in order:
+        for numel, nbytes in groups[key].optimizer_numel:
+            size = numel * nbytes
+            states += (2 if t.optimizer == "adamw" else 1) * size
+            states += 4 if t.optimizer == "adamw" and t.device == "cpu" else 0
+            temps, prev = max(temps, 2 * size + prev), size
+            per_dtype[nbytes] = per_dtype.get(nbytes, 0) + size
+    if t.optimizer != "adamw":
+        return states, 0
+    return states, (temps if t.device == "cpu" else max(per_dtype.values(), default=0))
+
+
+def fsdp_events(plan: Plan, t: TrainingSettings, rank: int = 0) -> list:
+    """The step's events on `rank` as (phase, bytes, parts), one-GPU events rewritten (module docstring)."""
+    world = t.gpus
+    groups = group_bytes(plan, t, world, rank)
+    root = groups.get(None, GroupBytes())
+    layers = [groups.get(i, GroupBytes()) for i in range(plan.spec.num_layers)]
+    order = [None] + list(range(plan.spec.num_layers))
+    states, temps = _optimizer(groups, t, sorted(order, key=lambda k: -1 if k is None else k))
+    frozen = sum(g.sharded_frozen for g in groups.values())
+    trainable = sum(g.sharded_trainable for g in groups.values())
+    arrival = gradient_arrival(plan, t)
+    last = len(layers) - 1
+    keep = not t.reshard_after_forward
+    kept_blocks = sum(g.unsharded for g in layers) if keep else 0
+    events = []
+    for name, _, parts in step_events(plan, t):
+        p = dict(parts, weights_frozen=frozen, weights_trainable=trainable)
+        if "optimizer_states" in p:
+            p["optimizer_states"] = states
+        if name == "forward":
+            p.update(unsharded_params=root.unsharded + kept_blocks, all_gather_buffers=layers[last].all_gather)
+        elif name == "forward:block":
+            current = kept_blocks or layers[last].unsharded
+            p.update(unsharded_params=root.unsharded + current, all_gather_buffers=layers[last].all_gather)
+        elif name in ("backward:loss", "backward:head"):
+            p.update(unsharded_params=root.unsharded + kept_blocks,
+                     all_gather_buffers=0 if keep else layers[last].all_gather)
+        elif name.startswith("backward:layer"):
+            i = int(name.removeprefix("backward:layer"))
+            above = range(i + 1, len(layers))
+            p["gradients"] += sum(layers[j].sharded_grads - arrival.per_layer[j] for j in above)
+            kept = sum(layers[j].unsharded for j in range(i + 1)) if keep else layers[i].unsharded
+            p.update(unsharded_params=root.unsharded + kept,
+                     all_gather_buffers=layers[i - 1].all_gather if i and not keep else 0,
+                     reduce_scatter_buffers=layers[i + 1].reduce_scatter if i < last else 0)
+        elif name == "backward:end":
+            p["gradients"] += sum(g.sharded_grads - a for g, a in zip(layers, arrival.per_layer))
+            p.update(unsharded_params=root.unsharded, reduce_scatter_buffers=layers[0].reduce_scatter)
+        elif name == "optimizer":
+            p["gradients"] = sum(g.sharded_grads for g in groups.values())
+            p["temporaries"] = temps
+        events.append((name, sum(p.values()), p))
+        if name == "backward:end":
+            events.append(_root_reduce(p, root))
+    return events
+
+
+def _root_reduce(end: dict, root: GroupBytes) -> tuple:
+    """The root's post-backward in the final callback: its parameters resharded, the last block's
+    reduce-scatter input released, then its own allocated while its full gradients (head, embeddings) are
+    alive (``foreach_reduce`` copies them in, then clears them)."""
+    p = dict(end, unsharded_params=0, reduce_scatter_buffers=root.reduce_scatter, activations=0,
+             temporaries=0, logits_loss=0)
+    p.pop("_other", None)  # the gradients: the root's full ones (head, embeddings) and the blocks' shards
+    return "backward:reduce", sum(p.values()), p
