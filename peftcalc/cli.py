@@ -11,9 +11,9 @@ import typer
 from peftcalc.errors import InputError
 from peftcalc.cli_options import (
     ADAPTER_KIND, ALPHA, ATTENTION, BATCH, BOTTLENECK, CHART_SUFFIXES, CKPT, CKPT_EVERY, CKPT_REENTRANT,
-    DATASET_TOKENS, DEVICE, DORA, DOUBLE_QUANT, EXTRAS, FORMAT, GPU_OPT, MEASURE_DEVICES, METHOD, MFU, MODEL_ARG,
-    OPTIMIZER, PRECISION, PREPARE_KBIT, PRICE, RANK, SEQ, TARGETS, TASKS, TRAINABLE_LAYERS, VIRTUAL_TOKENS,
-    VISION_LAYERS, check_format, check_limit, check_out_file, check_out_folder, echo_rows, int_list, method_list,
+    DATASET_TOKENS, DEVICE, DORA, DOUBLE_QUANT, EXTRAS, FORMAT, GPU_OPT, GPUS, GPUS_PER_NODE, MEASURE_DEVICES, METHOD,
+    MFU, MODEL_ARG, OFFLOAD, OPTIMIZER, PRECISION, PREPARE_KBIT, PRICE, RANK, RESHARD, SEQ, SHARDING, TARGETS, TASKS,
+    TRAINABLE_LAYERS, VIRTUAL_TOKENS, VISION_LAYERS, check_format, gpus_value, check_limit, check_out_file, check_out_folder, echo_rows, int_list, method_list,
     measure_text, missing_extra_text, model_arg, require,
 )
 
@@ -39,7 +39,9 @@ def estimate(
     vision_layers: Optional[int] = VISION_LAYERS, prepare_kbit: Optional[bool] = PREPARE_KBIT,
     batch_size: int = BATCH, seq_len: int = SEQ, precision: str = PRECISION, optimizer: str = OPTIMIZER,
     grad_checkpointing: bool = CKPT, checkpoint_every: int = CKPT_EVERY, checkpoint_reentrant: bool = CKPT_REENTRANT,
-    attention: str = ATTENTION, device: str = DEVICE, gpu: Optional[str] = GPU_OPT,
+    attention: str = ATTENTION, device: str = DEVICE, gpus: str = GPUS, gpus_per_node: int = GPUS_PER_NODE,
+    sharding: str = SHARDING, reshard_after_forward: bool = RESHARD, offload: str = OFFLOAD,
+    gpu: Optional[str] = GPU_OPT,
     price: Optional[float] = PRICE, tasks: int = TASKS, dataset_tokens: int = DATASET_TOKENS, mfu: float = MFU,
     format: str = FORMAT,
 ) -> None:
@@ -54,8 +56,9 @@ def estimate(
                      vision_layers=vision_layers, prepare_kbit=prepare_kbit, batch_size=batch_size,
                      seq_len=seq_len, precision=precision, optimizer=optimizer, grad_checkpointing=grad_checkpointing,
                      checkpoint_every=checkpoint_every, checkpoint_reentrant=checkpoint_reentrant,
-                     attention=attention, device=device, gpu=gpu, price=price, tasks=tasks,
-                     dataset_tokens=dataset_tokens, mfu=mfu)
+                     attention=attention, device=device, gpus=gpus_value(gpus), gpus_per_node=gpus_per_node,
+                     sharding=sharding, reshard_after_forward=reshard_after_forward, offload=offload, gpu=gpu,
+                     price=price, tasks=tasks, dataset_tokens=dataset_tokens, mfu=mfu)
     typer.echo(render_estimate(e, format))
 
 
@@ -151,7 +154,8 @@ def measure(
     prepare_kbit: Optional[bool] = PREPARE_KBIT,
     batch_size: int = BATCH, seq_len: int = SEQ, precision: str = PRECISION, optimizer: str = OPTIMIZER,
     grad_checkpointing: bool = CKPT, checkpoint_every: int = CKPT_EVERY, checkpoint_reentrant: bool = CKPT_REENTRANT,
-    attention: str = ATTENTION,
+    attention: str = ATTENTION, gpus: str = GPUS, gpus_per_node: int = GPUS_PER_NODE, sharding: str = SHARDING,
+    reshard_after_forward: bool = RESHARD, offload: str = OFFLOAD,
     device: Optional[str] = typer.Option(None, "--device", help="cuda | cpu | fake (fake: meta-device model on "
                                          "fake tensors, no memory used). Default for one run: cuda when torch "
                                          "sees a CUDA device, else cpu; for --matrix, the matrix's own devices."),
@@ -198,7 +202,9 @@ def measure(
     training = TrainingSettings(batch_size=batch_size, seq_len=seq_len, precision=precision, optimizer=optimizer,
                                 grad_checkpointing=grad_checkpointing, attention=attention,
                                 device="cuda" if dev == "cuda" else "cpu", checkpoint_every=checkpoint_every,
-                                checkpoint_reentrant=checkpoint_reentrant)
+                                checkpoint_reentrant=checkpoint_reentrant, gpus=_measured_gpus(gpus),
+                                gpus_per_node=gpus_per_node, sharding=sharding,
+                                reshard_after_forward=reshard_after_forward, offload=offload)
     row = measure_one(spec, settings, training, device=dev, steps=steps)
     if format == "json":
         typer.echo(to_json_line(row))
@@ -206,6 +212,14 @@ def measure(
     typer.echo(measure_text(row))
     if row.get("outcome") == "error":
         raise typer.Exit(1)
+
+
+def _measured_gpus(text: str) -> int:
+    """measure --gpus: the ranks of the traced job (a number: 'auto' is estimate's)."""
+    value = gpus_value(text)
+    if value == "auto":
+        raise InputError("measure --gpus takes a number of ranks; 'auto' is estimate's")
+    return value
 
 
 def _measure_imports() -> None:

@@ -13,7 +13,7 @@ from peftcalc.errors import InputError
 __all__ = [
     "ADAPTER_KIND", "ALPHA", "ATTENTION", "BATCH", "BOTTLENECK", "CHART_SUFFIXES", "CKPT", "CKPT_EVERY",
     "CKPT_REENTRANT", "DATASET_TOKENS", "DEVICE", "DORA", "DOUBLE_QUANT", "EXTRAS", "FORMAT", "FORMATS", "GPU_OPT",
-    "MEASURE_DEVICES", "METHOD", "MFU", "MODEL_ARG", "OPTIMIZER", "PRECISION", "PREPARE_KBIT", "PRICE", "RANK", "SEQ",
+    "GPUS", "GPUS_PER_NODE", "MEASURE_DEVICES", "OFFLOAD", "RESHARD", "SHARDING", "gpus_value", "METHOD", "MFU", "MODEL_ARG", "OPTIMIZER", "PRECISION", "PREPARE_KBIT", "PRICE", "RANK", "SEQ",
     "TARGETS", "TASKS", "TRAINABLE_LAYERS", "VIRTUAL_TOKENS", "VISION_LAYERS", "can_write", "check_format",
     "check_limit", "check_out_file", "check_out_folder", "echo_rows", "fmt_cell", "int_list", "measure_text",
     "method_list", "missing_extra_text", "model_arg", "phase_text", "require", "writable_folder",
@@ -71,7 +71,17 @@ PREPARE_KBIT = typer.Option(None, "--prepare-kbit/--no-prepare-kbit", help="QLoR
                             "(peft guide, TRL SFTTrainer) does.")
 BATCH = typer.Option(1, "--batch-size", "-b", help="Micro-batch size.")
 SEQ = typer.Option(512, "--seq-len", "-s", help="Sequence length in tokens (vision models use their patch count).")
-PRECISION = typer.Option("bf16", "--precision", help="fp32 | bf16 | amp-bf16 | fp16 | amp-fp16")
+PRECISION = typer.Option("bf16", "--precision", help="fp32 | bf16 | amp-bf16 | fp16 | amp-fp16 | mixed-bf16 (with "
+                         "--sharding fsdp/hsdp/zero*: fp32 master weights, bf16 compute)")
+GPUS = typer.Option("1", "--gpus", help="Data-parallel GPUs (ranks), or 'auto': the fewest of the card (--gpu, default "
+                    "H100 80GB) on which this setting fits, and the largest batch there.")
+GPUS_PER_NODE = typer.Option(8, "--gpus-per-node", help="GPUs per node (HSDP shards within a node).")
+SHARDING = typer.Option("none", "--sharding", help="none | ddp | fsdp (FSDP2) | hsdp | zero1 | zero2 | zero3 "
+                        "(DeepSpeed); memory per GPU, rank by rank.")
+RESHARD = typer.Option(True, "--reshard-after-forward/--no-reshard-after-forward", help="FSDP2: free each block's "
+                       "gathered parameters after its forward (default) or keep them to its backward.")
+OFFLOAD = typer.Option("none", "--offload", help="none | optimizer (ZeRO-Offload) | params (ZeRO-3 offload_param, "
+                       "FSDP2 CPUOffloadPolicy): what lives in host memory.")
 OPTIMIZER = typer.Option("adamw", "--optimizer", help="adamw | adamw-8bit | sgd | adafactor")
 CKPT = typer.Option(False, "--grad-checkpointing", help="Gradient checkpointing (non-reentrant, per block).")
 CKPT_EVERY = typer.Option(1, "--checkpoint-every", help="With --grad-checkpointing: checkpoint every N-th block only "
@@ -88,6 +98,19 @@ TASKS = typer.Option(1, "--tasks", help="Number of tasks for the storage total."
 DATASET_TOKENS = typer.Option(10_000_000, "--dataset-tokens", help="Tokens per epoch.")
 MFU = typer.Option(0.35, "--mfu", help="Model FLOPs utilisation assumed for time (default 0.35).")
 FORMAT = typer.Option("table", "--format", "-f", help="table | json | csv | markdown")
+
+
+def gpus_value(text: str) -> int | str:
+    """--gpus: a positive integer, or 'auto' (InputError naming the flag otherwise)."""
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        raise InputError(f"--gpus must be a positive integer or 'auto', got {text!r}") from None
+    if value < 1:
+        raise InputError(f"--gpus must be a positive integer or 'auto', got {value}")
+    return value
 
 
 def check_format(fmt: str) -> None:

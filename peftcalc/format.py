@@ -6,7 +6,7 @@ import csv
 import io
 import json
 
-from peftcalc.memory import COMPONENTS
+from peftcalc.sharding import SHARDED_COMPONENTS as COMPONENTS
 
 __all__ = ["COMPONENT_LABELS", "DOES_NOT_FIT", "GIB", "bytes_column", "estimate_flat", "gib", "hours", "human_bytes",
            "method_summary", "plural", "render_estimate", "render_estimate_markdown", "render_estimate_text",
@@ -24,6 +24,9 @@ COMPONENT_LABELS = {
     "logits_loss": "logits / loss buffers",
     "temporaries": "temporaries",
     "inputs": "inputs",
+    "unsharded_params": "unsharded parameters",
+    "all_gather_buffers": "all-gather buffers",
+    "reduce_scatter_buffers": "reduce-scatter buffers",
 }
 
 
@@ -104,7 +107,24 @@ def training_summary(t, vision_tokens: int | None = None) -> str:
         ckpt += " (reentrant)" if t.checkpoint_reentrant else ""
     seq = (f"{vision_tokens} vision tokens (patches + class token)" if vision_tokens is not None
            else f"seq {t.seq_len}")
-    return f"batch {t.batch_size} x {seq}, {t.precision}, {t.optimizer}, {t.attention} attention" + ckpt
+    return f"batch {t.batch_size} x {seq}, {t.precision}, {t.optimizer}, {t.attention} attention" + ckpt + parallel_summary(t)
+
+
+def parallel_summary(t) -> str:
+    """', fsdp on 8 GPUs (per GPU below)' and the like; '' on one GPU."""
+    if getattr(t, "sharding", "none") == "none":
+        return ""
+    extras = [] if t.reshard_after_forward else ["no reshard after forward"]
+    extras += [f"{t.gpus_per_node} per node"] if t.sharding == "hsdp" else []
+    extras += [f"offload {t.offload}"] if t.offload != "none" else []
+    more = f" ({', '.join(extras)})" if extras else ""
+    return f", {t.sharding} on {t.gpus} GPUs{more}, memory per GPU (rank 0)"
+
+
+def rank_lines(e) -> list[str]:
+    """A line for each rank whose memory differs from rank 0's (the last: dim 0 not divisible by the ranks)."""
+    return [f"rank {r['rank']}: peak {gib(r['peak_bytes'])} ({r['peak_phase']}), step 1 {gib(r['step1_peak_bytes'])}"
+            for r in getattr(e.memory, "ranks", ())[1:]]
 
 
 DOES_NOT_FIT = "-"  # what the GPU table shows for the time and cost of a card the setting does not fit
@@ -187,6 +207,7 @@ def render_estimate_text(e) -> str:
     rows.append(["+ CUDA context", gib(e.memory.overhead["cuda_context"])])
     rows.append(["GPU memory needed (nvidia-smi)", gib(e.memory.reserved_bytes)])
     out.append(text_table(rows, ["Memory at the peak", ""]))
+    out.extend(rank_lines(e))
     out.append("")
     out.append(text_table(_gpu_rows(e), ["GPU", "memory", "fits", "headroom", "max batch", "step", "epoch", "epoch cost"]))
     out.append("")
