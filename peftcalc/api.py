@@ -109,6 +109,7 @@ class Estimate:
     cost: Cost | None
     storage: StorageInfo
     image_tokens: int = 0  # a VLM: tokens one image adds to the language model's sequence (BLIP-2: its queries)
+    gpus_auto: dict | None = None  # gpus="auto": {gpu, gpus, max_batch} (the fewest cards that fit)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -246,6 +247,9 @@ def estimate(
     check_combination(spec, settings, seq_len, grad_checkpointing)
     _check_cost_inputs(gpu, price, tasks, dataset_tokens, mfu)
     plan = make_plan(spec, settings)
+    auto = None
+    if gpus == "auto":
+        t, auto = auto_gpus(plan, t, gpu or AUTO_GPU)
     tl = step_timeline(plan, t)
     cuda_tl = tl if device == "cuda" else step_timeline(plan, replace(t, device="cuda"))
     reserved = reserved_bytes(cuda_tl.peak_bytes)
@@ -286,7 +290,36 @@ def estimate(
         cost=cost,
         storage=StorageInfo(st.per_task_bytes, st.base_bytes, tasks, st.total_bytes, full_total),
         image_tokens=_tokens_per_sample(plan, t) - t.seq_len if spec.is_vlm or spec.is_blip2 else 0,
+        gpus_auto=auto,
     )
+
+
+AUTO_GPU = "H100 80GB"  # the card --gpus auto counts when --gpu names none
+MAX_AUTO_GPUS = 16384
+
+
+def auto_gpu_counts(t: TrainingSettings):
+    """The GPU counts --gpus auto tries, fewest first: 1 to gpus_per_node, then whole nodes (HSDP needs whole
+    nodes; a job of several nodes takes them whole)."""
+    yield from range(1, t.gpus_per_node + 1)
+    yield from range(2 * t.gpus_per_node, MAX_AUTO_GPUS + 1, t.gpus_per_node)
+
+
+def auto_gpus(plan: Plan, t: TrainingSettings, gpu_name: str) -> tuple[TrainingSettings, dict]:
+    """The fewest GPUs of `gpu_name` on which the per-GPU reserved memory (rank 0's, on cuda) fits, and the
+    largest batch there; CombinationError when no count up to MAX_AUTO_GPUS fits (or one GPU does not and the
+    sharding splits nothing)."""
+    card = find_gpu(gpu_name)
+    counts = [1] if t.sharding in ("none", "ddp") else auto_gpu_counts(t)
+    for n in counts:
+        trial = replace(t, gpus=n)
+        if reserved_bytes(step_timeline(plan, replace(trial, device="cuda")).peak_bytes) <= card.memory_bytes:
+            if t.sharding == "ddp":  # a replica per GPU: one fits, so the fewest is 1
+                trial = replace(trial, gpus=1)
+            return trial, {"gpu": card.name, "gpus": trial.gpus, "max_batch": gpu_max_batch(plan, trial, card)}
+    why = "a sharding that splits the model" if t.sharding in ("none", "ddp") else f"up to {MAX_AUTO_GPUS:,} GPUs"
+    raise CombinationError(f"no count of {card.name} fits this setting with {why}; try --grad-checkpointing, a "
+                           "smaller batch or another method", names=("gpus",))
 
 
 def _rank_rows(plan: Plan, t: TrainingSettings) -> tuple:

@@ -191,6 +191,10 @@ def render_estimate_text(e) -> str:
     out = []
     out.append(f"{e.model} ({e.architecture}) - {method_summary(e)}")
     out.append(training_summary(e.training, vision_tokens(e)) + f", device {e.memory.device}")
+    auto = getattr(e, "gpus_auto", None)
+    if auto:
+        out.append(f"--gpus auto: {auto['gpus']} x {auto['gpu']}, the fewest on which this fits; the largest batch "
+                   f"there is {auto['max_batch']}")
     if e.image_tokens:
         out.append(f"vision-language model: the language model sees {e.training.seq_len} text + {e.image_tokens} "
                    f"image tokens = {e.training.seq_len + e.image_tokens} per sample")

@@ -185,11 +185,12 @@ def timeline(plan: Plan, t: TrainingSettings) -> Timeline:
     )
 
 
-def step_events(plan: Plan, t: TrainingSettings) -> list:
+@lru_cache(maxsize=1024)
+def step_events(plan: Plan, t: TrainingSettings) -> tuple:
     """The steady-state step's events as (phase, live bytes, {component: bytes}) for one GPU: what
-    peftcalc.sharding rewrites rank by rank."""
+    peftcalc.sharding rewrites rank by rank (read only: the tuple is cached)."""
     ms = model_states(plan, t)
-    return _step_events(plan, t, activation_profile(plan, t), ms, input_bytes(plan, t), gradient_arrival(plan, t))
+    return tuple(_step_events(plan, t, activation_profile(plan, t), ms, input_bytes(plan, t), gradient_arrival(plan, t)))
 
 
 def _step1_peak(events: list, ms: ModelStates) -> int:

@@ -23,6 +23,8 @@ What each event holds, from torch/distributed/fsdp/_fully_shard/ (torch 2.13):
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from peftcalc.errors import CombinationError
 from peftcalc.memory import gradient_arrival, step_events
 from peftcalc.model_states import gradient_free, group_dtype
@@ -51,7 +53,7 @@ def check_fsdp(plan: Plan, t: TrainingSettings) -> None:
                                "use precision fp32 (or a full fine-tune)", names=("sharding", "precision"))
     unsupported = [what for what, bad in (
         ("qlora", plan.settings.method == "qlora"), (f"optimizer {t.optimizer}", t.optimizer not in ("adamw", "sgd")),
-        ("grad_checkpointing", t.grad_checkpointing), (f"offload {t.offload}", t.offload != "none"),
+        (f"offload {t.offload}", t.offload != "none"),
         ("precision mixed-bf16", t.precision == "mixed-bf16")) if bad]
     if unsupported:
         raise CombinationError(f"the FSDP2 model does not cover {unsupported[0]} yet", names=("sharding",))
@@ -114,7 +116,8 @@ def fsdp_events(plan: Plan, t: TrainingSettings, rank: int = 0) -> list:
     keep = not t.reshard_after_forward
     kept_blocks = sum(g.unsharded for g in layers) if keep else 0
     events = []
-    for name, _, parts in step_events(plan, t):
+    one_gpu = replace(t, gpus=1, gpus_per_node=8, sharding="none", reshard_after_forward=True, offload="none")
+    for name, _, parts in step_events(plan, one_gpu):
         p = dict(parts, weights_frozen=frozen, weights_trainable=trainable)
         if "optimizer_states" in p:
             p["optimizer_states"] = states
