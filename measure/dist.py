@@ -2,7 +2,9 @@
 (``dist.init_process_group("fake", rank=0, world_size=N, store=FakeStore())``, collectives that return at
 once and move nothing), a CPU device mesh and fake tensors, so a 1,024-rank job of a real model's shape
 runs in seconds. FSDP2 (``torch.distributed.fsdp.fully_shard``, sharding ``fsdp`` and ``hsdp``) runs as
-the real thing on it; :func:`measure_dist` is :func:`measure.run.measure_one`'s path for those rows.
+the real thing on it; :func:`measure_dist` is :func:`measure.run.measure_one`'s path for those rows. DDP
+(:func:`measure_ddp`) runs on it with real CPU tensors (its C++ reducer reads tensor data, which fake tensors
+lack) and a communication hook that completes each bucket's all-reduce at once.
 
 Four things make the trace equal what rank 0 of a real job allocates (torch 2.13):
 
@@ -33,8 +35,8 @@ from measure.loop import TracerMeter, _common, _drop_private, _measured, run_ste
 from measure.setup import make_batch, make_optimizer
 from measure.tracer import StorageRecord, StorageTracer, model_state_tensors
 
-__all__ = ["DistTracer", "fake_process_group", "measure_dist", "own_propagation_mode", "shard_fsdp2",
-           "sharded_blocks"]
+__all__ = ["DistTracer", "fake_process_group", "measure_ddp", "measure_dist", "own_propagation_mode",
+           "passthrough_allreduce", "shard_fsdp2", "sharded_blocks"]
 
 
 def _local(t):
@@ -189,6 +191,53 @@ def measure_dist(spec, method, training, steps, policy) -> dict:
             load_bytes = tracer.live_bytes
             optimizer = make_optimizer(training.optimizer, [p for p in model.parameters() if p.requires_grad])
             step_rows = run_steps(model, spec, batch, optimizer, policy, "fake", meter, steps)
+    measured = _measured(step_rows, meter.source, model_bytes, load_bytes)
+    measured.update(meter.details(step_rows))
+    _drop_private(step_rows)
+    return {"params": params, "measured": measured, "harness_notes": dict(notes, rank=0),
+            "timing": {"build_s": round(build_s, 3), "steps_s": round(time.perf_counter() - t1, 3),
+                       "step_time_s": [s["time_s"] for s in step_rows]}}
+
+
+def passthrough_allreduce(world_size: int):
+    """A DDP communication hook that does what the default all-reduce hook does to memory, in place on the
+    bucket (``bucket.buffer().div_(world_size)``; torch/distributed/algorithms/ddp_comm_hooks/default_hooks.py
+    ``allreduce_hook``), and completes at once: the fake process group's future carries no tensor, which the
+    reducer refuses (c10d/comm.cpp "expected the hook result is either a Tensor or a TensorList")."""
+
+    def hook(state, bucket):
+        future = torch.futures.Future()
+        future.set_result(bucket.buffer().div_(world_size))
+        return future
+
+    return hook
+
+
+def measure_ddp(spec, method, training, steps, policy, workdir: str) -> dict:
+    """Rank 0's trace of `steps` steps under DistributedDataParallel (defaults) on the fake process group,
+    real CPU tensors: the buckets are allocated when DDP is built, counted from then on."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    from measure.setup import build_for_device
+
+    t0 = time.perf_counter()
+    with fake_process_group(training.gpus):
+        model = build_for_device(spec, method, training, "cpu", policy, workdir=workdir)
+        build_s = time.perf_counter() - t0
+        notes, params = _common(model, spec, training)
+        tracer = StorageTracer()
+        meter = TracerMeter(tracer)
+        t1 = time.perf_counter()
+        with tracer:
+            tracer.mark(model_state_tensors(model), "parameters")
+            model_bytes = tracer.live_bytes
+            ddp = DistributedDataParallel(model)
+            ddp.register_comm_hook(None, passthrough_allreduce(training.gpus))
+            batch = make_batch(spec, training, "cpu", policy.dtype if policy.autocast is None else torch.float32)
+            meter.register(model, batch)
+            load_bytes = tracer.live_bytes
+            optimizer = make_optimizer(training.optimizer, [p for p in model.parameters() if p.requires_grad])
+            step_rows = run_steps(ddp, spec, batch, optimizer, policy, "cpu", meter, steps)
     measured = _measured(step_rows, meter.source, model_bytes, load_bytes)
     measured.update(meter.details(step_rows))
     _drop_private(step_rows)

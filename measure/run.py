@@ -96,6 +96,10 @@ def execute(spec, method, training, device, steps, prepare_kbit, seed, trace_cud
     torch.manual_seed(seed)
     policy = precision_policy(training, device)
     with tempfile.TemporaryDirectory(prefix="peftcalc-measure-") as workdir:
+        if training.sharding == "ddp":
+            from measure.dist import measure_ddp
+
+            return measure_ddp(spec, method, training, steps, policy, workdir)
         if training.sharding != "none":
             from measure.dist import measure_dist
 

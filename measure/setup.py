@@ -75,7 +75,9 @@ def check_run(spec: ModelSpec, method: MethodSettings, training: TrainingSetting
         raise InputError(f"--steps must be a positive integer, got {steps}")
     check_training(replace(training, device="cuda" if device == "cuda" else "cpu"))
     make_plan(spec, method)
-    if training.sharding != "none" and device != "fake":
+    if training.sharding == "ddp" and device != "cpu":
+        raise InputError("sharding ddp is traced on torch's fake process group with real tensors: use device cpu")
+    if training.sharding not in ("none", "ddp") and device != "fake":
         raise InputError(f"sharding {training.sharding} is traced on torch's fake process group: use device fake")
     if device == "cuda" and not torch.cuda.is_available():
         raise InputError("device 'cuda' asked for, but torch sees no CUDA device; use --device cpu or fake")

@@ -27,6 +27,7 @@ COMPONENT_LABELS = {
     "unsharded_params": "unsharded parameters",
     "all_gather_buffers": "all-gather buffers",
     "reduce_scatter_buffers": "reduce-scatter buffers",
+    "gradient_buckets": "DDP gradient buckets",
 }
 
 

@@ -1,5 +1,6 @@
 """Memory per GPU under data parallelism (TrainingSettings.sharding), rank by rank: each strategy rewrites
-the one-GPU step's events (peftcalc.memory.step_events) for one rank. ``fsdp``: peftcalc.sharding.fsdp.
+the one-GPU step's events (peftcalc.memory.step_events) for one rank. ``fsdp``: peftcalc.sharding.fsdp,
+``ddp``: peftcalc.sharding.ddp.
 
 :func:`sharded_timeline` gives rank 0's peftcalc.memory.Timeline (what estimate reports) and every rank
 whose bytes differ (the last rank holds fewer rows where a dim 0 does not divide by the ranks).
@@ -14,11 +15,13 @@ from peftcalc.errors import CombinationError
 from peftcalc.memory import COMPONENTS, Timeline, peak_event
 from peftcalc.plan import Plan
 from peftcalc.settings import TrainingSettings
+from peftcalc.sharding.ddp import check_ddp, ddp_events
 from peftcalc.sharding.fsdp import FSDP_COMPONENTS, check_fsdp, fsdp_events
 
 __all__ = ["RankMemory", "SHARDED_COMPONENTS", "check_sharding", "rank_memory", "sharded_timeline"]
 
-SHARDED_COMPONENTS = COMPONENTS + FSDP_COMPONENTS
+SHARDED_COMPONENTS = COMPONENTS + FSDP_COMPONENTS + ("gradient_buckets",)
+EVENTS = {"fsdp": fsdp_events, "ddp": ddp_events}
 
 
 @dataclass(frozen=True)
@@ -35,10 +38,12 @@ class RankMemory:
 
 def check_sharding(plan: Plan, t: TrainingSettings) -> None:
     """CombinationError unless the strategy (and this calculator's model of it) runs `plan` under `t`."""
-    if t.sharding in ("fsdp",):
+    if t.sharding == "fsdp":
         check_fsdp(plan, t)
-        return
-    raise CombinationError(f"sharding {t.sharding} is not modelled yet (fsdp is)", names=("sharding",))
+    elif t.sharding == "ddp":
+        check_ddp(plan, t)
+    else:
+        raise CombinationError(f"sharding {t.sharding} is not modelled yet (fsdp and ddp are)", names=("sharding",))
 
 
 def _components(parts: dict) -> tuple:
@@ -48,7 +53,7 @@ def _components(parts: dict) -> tuple:
 
 @lru_cache(maxsize=1024)
 def rank_memory(plan: Plan, t: TrainingSettings, rank: int) -> RankMemory:
-    events = fsdp_events(plan, t, rank)
+    events = EVENTS[t.sharding](plan, t, rank)
     name, total, parts = peak_event(events)
     states = events[-1][2].get("optimizer_states", 0)
     *before, last = events
