@@ -4,9 +4,11 @@ events (peftcalc.memory.step_events) with the model's states sharded and FSDP2's
 What each event holds, from torch/distributed/fsdp/_fully_shard/ (torch 2.13):
 
 - parameters: every group's padded shards (peftcalc.sharding.shards); the root group (embeddings, final
-  norm, head) is never resharded after forward (_fsdp_state.py FSDPState._lazy_init sets the root's
-  ``post_forward_mesh_info = None`` when reshard_after_forward was not given; the harness, like
-  torchtitan, gives it only to the blocks) and stays unsharded from its pre-forward to its post-backward;
+  norm, head) is unsharded from its pre-forward to its post-forward, where it is resharded like the blocks
+  when reshard_after_forward is given to it too (as the harness, torchtitan and accelerate do; left out,
+  _fsdp_state.py FSDPState._lazy_init keeps the root unsharded), and again from its pre-backward, a hook
+  on the loss, to its post-backward: at that moment its all-gather output and its unsharded parameters are
+  alive on top of everything the forward saved (``backward:unshard``);
 - forward, implicit prefetch (_fsdp_param_group.py ``wait_for_unshard``): block i's all-gather output lives
   from its unshard until the next block's copy-out, the last one until the root's post-forward
   (_fsdp_state.py ``_post_forward``), so through the loss; block i's unsharded parameters from its copy-out
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from peftcalc.activations import activation_profile
 from peftcalc.errors import CombinationError
 from peftcalc.memory import gradient_arrival, step_events
 from peftcalc.model_states import gradient_free, group_dtype
@@ -143,10 +146,30 @@ def fsdp_events(plan: Plan, t: TrainingSettings, rank: int = 0) -> list:
         elif name == "optimizer":
             p["gradients"] = sum(g.sharded_grads for g in groups.values())
             p["temporaries"] = temps
+        if name == "backward:loss" and not keep:
+            events.append(_root_unshard(p, root, activation_profile(plan, one_gpu), _labels_view(plan, t)))
         events.append((name, sum(p.values()), p))
         if name == "backward:end":
             events.append(_root_reduce(p, root))
     return events
+
+
+def _labels_view(plan: Plan, t: TrainingSettings) -> int:
+    """What the saved shift_labels hold beyond their own b x s int64 at batch 1: transformers
+    loss_utils.ForCausalLMLoss's ``pad(labels, (0, 1))[..., 1:].contiguous()`` of a (1, s + 1) tensor is
+    already contiguous, so it stays a view of the padded labels' storage (one more int64)."""
+    return 8 if plan.spec.task == "causal_lm" and t.batch_size == 1 else 0
+
+
+def _root_unshard(loss: dict, root: GroupBytes, act, labels_view: int) -> tuple:
+    """The root's pre-backward (resharded after forward): before the loss's backward runs, its all-gather
+    output and its unsharded parameters (copied out of it) on what the forward left: every saved tensor,
+    the loss's included (ActivationProfile.loss_saved, and `labels_view`), the loss and backward's ones_like
+    gradient (loss_scalars), and what the base keeps (the checkpoints' keyword arguments)."""
+    p = dict(loss, activations=loss["activations"] - act.loss_saved_backward + act.loss_saved + labels_view,
+             logits_loss=act.loss_scalars, unsharded_params=root.unsharded, all_gather_buffers=root.all_gather,
+             temporaries=act.checkpoint_kwargs)
+    return "backward:unshard", sum(p.values()), p
 
 
 def _root_reduce(end: dict, root: GroupBytes) -> tuple:
