@@ -49,7 +49,8 @@ def _local(t):
 class DistTracer(StorageTracer):
     """A StorageTracer for one rank of a sharded job: DTensor ops are handed back to DTensor (which
     runs them on the local tensors, counted then), marks go to the local tensors, and storages that
-    ``resize_`` frees or re-allocates are counted as freed or born (op ``resize_``)."""
+    ``resize_`` frees or re-allocates are counted as freed or born (op ``resize_``, category parameters:
+    FSDP2's unsharded parameters, which a Linear saves for backward as it saves any weight)."""
 
     def __enter__(self):
         original = torch.UntypedStorage.resize_
@@ -82,7 +83,8 @@ class DistTracer(StorageTracer):
                 self._add(nbytes - record.nbytes)
                 record.nbytes = nbytes
             elif nbytes:
-                record = StorageRecord(nbytes, "resize_", self.current_phase, "other", self.seq + 1)
+                # an unsharded parameter (FSDP2 alloc_storage): a parameter, whatever saves it for backward
+                record = StorageRecord(nbytes, "resize_", self.current_phase, "parameters", self.seq + 1)
                 self.records[key] = record
                 self.history.append(record)
                 self._refs[key] = weakref.ref(storage, self._finalizer(key, record))

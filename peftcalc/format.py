@@ -25,6 +25,7 @@ COMPONENT_LABELS = {
     "temporaries": "temporaries",
     "inputs": "inputs",
     "unsharded_params": "unsharded parameters",
+    "unsharded_gradients": "unsharded gradients",
     "all_gather_buffers": "all-gather buffers",
     "reduce_scatter_buffers": "reduce-scatter buffers",
     "gradient_buckets": "DDP gradient buckets",

@@ -38,7 +38,7 @@ from peftcalc.sim.profile import stream_dtypes
 
 __all__ = ["FSDP_COMPONENTS", "check_fsdp", "fsdp_events", "group_bytes"]
 
-FSDP_COMPONENTS = ("unsharded_params", "all_gather_buffers", "reduce_scatter_buffers")
+FSDP_COMPONENTS = ("unsharded_params", "unsharded_gradients", "all_gather_buffers", "reduce_scatter_buffers")
 
 
 def check_fsdp(plan: Plan, t: TrainingSettings) -> None:
@@ -132,16 +132,17 @@ def fsdp_events(plan: Plan, t: TrainingSettings, rank: int = 0) -> list:
         elif name in ("backward:loss", "backward:head"):
             p.update(unsharded_params=root.unsharded + kept_blocks,
                      all_gather_buffers=0 if keep else layers[last].all_gather)
+            _split_gradients(p, [], [])
         elif name.startswith("backward:layer"):
             i = int(name.removeprefix("backward:layer"))
             above = range(i + 1, len(layers))
-            p["gradients"] += sum(layers[j].sharded_grads - arrival.per_layer[j] for j in above)
+            _split_gradients(p, [layers[j] for j in above], [arrival.per_layer[j] for j in above])
             kept = sum(layers[j].unsharded for j in range(i + 1)) if keep else layers[i].unsharded
             p.update(unsharded_params=root.unsharded + kept,
                      all_gather_buffers=layers[i - 1].all_gather if i and not keep else 0,
                      reduce_scatter_buffers=layers[i + 1].reduce_scatter if i < last else 0)
         elif name == "backward:end":
-            p["gradients"] += sum(g.sharded_grads - a for g, a in zip(layers, arrival.per_layer))
+            _split_gradients(p, layers, arrival.per_layer)
             p.update(unsharded_params=root.unsharded, reduce_scatter_buffers=layers[0].reduce_scatter)
         elif name == "optimizer":
             p["gradients"] = sum(g.sharded_grads for g in groups.values())
@@ -152,6 +153,14 @@ def fsdp_events(plan: Plan, t: TrainingSettings, rank: int = 0) -> list:
         if name == "backward:end":
             events.append(_root_reduce(p, root))
     return events
+
+
+def _split_gradients(p: dict, reduced: list, their_bytes: list) -> None:
+    """Split the one-GPU event's gradients: the `reduced` groups' are their sharded gradients (reduce-scatter
+    outputs, ``gradients``) in place of their full bytes (`their_bytes`), the rest (the root's, the block in
+    backward's) autograd's full gradients before their reduce-scatter (``unsharded_gradients``)."""
+    p["unsharded_gradients"] = p.get("gradients", 0) - sum(their_bytes)
+    p["gradients"] = sum(g.sharded_grads for g in reduced)
 
 
 def _labels_view(plan: Plan, t: TrainingSettings) -> int:
