@@ -26,6 +26,7 @@ from peftcalc.methods import (MethodSettings, Plan, check_applies, check_combina
                               resolve_adapter_kind)
 from peftcalc.settings import TrainingSettings, check_training
 from peftcalc.sharding import sharded_timeline
+from peftcalc.sharding.comm import communication, step_seconds_with_comm
 from peftcalc.config import load_spec
 from peftcalc.spec import ModelSpec
 from peftcalc.storage import full_model_bytes, storage
@@ -85,6 +86,11 @@ class Cost:
     price_per_hour: float
     epoch_cost_usd: float
     dataset_tokens: int
+    # data parallelism: the cards (flops_per_step is one rank's, tokens_per_step all ranks'; epoch_cost_usd is
+    # for all of them), the bytes one rank sends per step and their seconds (peftcalc.sharding.comm)
+    gpus: int = 1
+    comm_bytes_per_step: int = 0
+    comm_seconds: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -183,14 +189,24 @@ def _tokens_per_sample(plan: Plan, t: TrainingSettings) -> int:
 
 
 def _cost_on(plan: Plan, t: TrainingSettings, gpu: GPU, mfu: float, dataset_tokens: int, price: float | None) -> Cost:
+    """One rank's FLOPs at the MFU; under data parallelism every rank's micro-batch per step, the step the longer
+    of compute and communication (peftcalc.sharding.comm), the price of all the cards."""
     flops = step_flops(plan, t, _tokens_per_sample(plan, t)).total
     tokens_per_step = t.batch_size * _tokens_per_sample(plan, t)
     step_seconds = flops / (peak_tflops(gpu, t) * 1e12 * mfu)
+    per_hour = gpu.price_per_hour if price is None else price
+    if t.gpus == 1:
+        steps = ceil(dataset_tokens / tokens_per_step)
+        hours = steps * step_seconds / 3600
+        return Cost(gpu.name, mfu, flops, tokens_per_step, step_seconds, steps, hours, per_hour, hours * per_hour,
+                    dataset_tokens)
+    comm = communication(plan, t)
+    step_seconds, comm_seconds = step_seconds_with_comm(step_seconds, comm, gpu, t)
+    tokens_per_step *= t.gpus
     steps = ceil(dataset_tokens / tokens_per_step)
     hours = steps * step_seconds / 3600
-    per_hour = gpu.price_per_hour if price is None else price
-    return Cost(gpu.name, mfu, flops, tokens_per_step, step_seconds, steps, hours, per_hour, hours * per_hour,
-                dataset_tokens)
+    return Cost(gpu.name, mfu, flops, tokens_per_step, step_seconds, steps, hours, per_hour,
+                hours * per_hour * t.gpus, dataset_tokens, t.gpus, comm.total, comm_seconds)
 
 
 def estimate(

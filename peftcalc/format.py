@@ -224,7 +224,12 @@ def render_estimate_text(e) -> str:
             out.append(misfit)
         out.append(f"Time and cost on {c.gpu} at {c.mfu:.0%} MFU: {c.flops_per_step / 1e12:,.1f} TFLOP per step, "
                    f"{c.step_seconds:,.3f} s per step, {c.steps_per_epoch:,} steps per epoch of "
-                   f"{c.dataset_tokens:,} tokens = {hours(c.epoch_hours)}, ${c.epoch_cost_usd:,.2f} at ${c.price_per_hour:.2f}/h")
+                   f"{c.dataset_tokens:,} tokens = {hours(c.epoch_hours)}, ${c.epoch_cost_usd:,.2f} at ${c.price_per_hour:.2f}/h"
+                   + (f" x {c.gpus} GPUs" if getattr(c, "gpus", 1) > 1 else ""))
+        if getattr(c, "gpus", 1) > 1:
+            out.append(f"Communication per GPU and step: {human_bytes(c.comm_bytes_per_step)} sent in "
+                       f"{c.comm_seconds:,.3f} s (overlapped with compute: the step takes the longer of the two); "
+                       "FLOPs and step time are one GPU's, tokens per step all GPUs'")
     else:
         out.append("No GPU in the catalog fits this setting: try --grad-checkpointing, a smaller batch or QLoRA.")
     out.append(storage_sentence(e))

@@ -34,13 +34,16 @@ class GPU:
     fp32_tflops: float
     price_per_hour: float
     source: str
+    intra_node_gbps: float = 0.0  # GB/s one way per GPU inside a node (NVLink, PCIe)
+    inter_node_gbps: float = 0.0  # GB/s one way per GPU between nodes (InfiniBand, Ethernet)
 
 
 @lru_cache(maxsize=1)
 def gpu_catalog() -> tuple[GPU, ...]:
     data = json.loads(GPUS_FILE.read_text())
     return tuple(
-        GPU(g["name"], g["memory_mib"] * MIB, g["bf16_tflops"], g["fp32_tflops"], g["price_per_hour"], g["source"])
+        GPU(g["name"], g["memory_mib"] * MIB, g["bf16_tflops"], g["fp32_tflops"], g["price_per_hour"], g["source"],
+            g.get("intra_node_gbps", 0.0), g.get("inter_node_gbps", 0.0))
         for g in data["gpus"]
     )
 
