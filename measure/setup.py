@@ -21,7 +21,7 @@ from peftcalc.spec import ModelSpec
 
 __all__ = [
     "DEVICES", "LOSSES", "Policy", "autocast_context", "build_for_device", "check_run", "forward_loss",
-    "image_token_id", "make_batch", "make_optimizer", "precision_policy", "prepare_for_training",
+    "image_token_id", "make_batch", "make_optimizer", "model_loss", "precision_policy", "prepare_for_training",
     "transformers_model",
 ]
 
@@ -137,12 +137,15 @@ def prepare_for_training(model, spec: ModelSpec, training: TrainingSettings) -> 
 
 
 def make_optimizer(name: str, params):
-    """torch AdamW (defaults: lr 1e-3, foreach on CUDA); SGD momentum 0.9; bitsandbytes AdamW8bit;
+    """torch AdamW (defaults: lr 1e-3, foreach on CUDA), and fused (torch._fused_adamw_ has CUDA and CPU
+    kernels, and a fake implementation for FakeTensorMode); SGD momentum 0.9; bitsandbytes AdamW8bit;
     transformers Adafactor with its defaults (lr=None, relative_step, scale_parameter, warmup_init
     off)."""
     params = list(params)
     if name == "adamw":
         return torch.optim.AdamW(params)
+    if name == "adamw-fused":  # transformers' adamw_torch_fused: AdamW(..., fused=True)
+        return torch.optim.AdamW(params, fused=True)
     if name == "sgd":
         return torch.optim.SGD(params, lr=1e-3, momentum=0.9)
     if name == "adamw-8bit":
@@ -208,10 +211,16 @@ def image_token_id(spec: ModelSpec) -> int:
 def forward_loss(model, spec: ModelSpec, batch: dict) -> torch.Tensor:
     """The loss of one forward pass (see LOSSES). The model outputs are dropped before backward, as
     in transformers ``Trainer.training_step`` (``compute_loss`` returns the loss only)."""
+    return model_loss(model, spec, batch)[0]
+
+
+def model_loss(model, spec: ModelSpec, batch: dict):
+    """(the loss of one forward pass, the model outputs): a caller that keeps the outputs holds them through
+    backward, as a hand-written loop does (``outputs = model(**batch); loss = outputs.loss;
+    loss.backward()``: PEFT's examples, LitGPT); the Trainer drops them (forward_loss)."""
     outputs = model(**batch)
-    if spec.task == "base":
-        return outputs.last_hidden_state.float().pow(2).mean()
-    return outputs.loss
+    loss = outputs.last_hidden_state.float().pow(2).mean() if spec.task == "base" else outputs.loss
+    return loss, outputs
 
 
 def autocast_context(policy: Policy, device: str):

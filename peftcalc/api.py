@@ -24,7 +24,7 @@ from peftcalc.memory import ALLOCATOR_SLACK_FRACTION, CUDA_CONTEXT_BYTES, reserv
 from peftcalc.model_states import model_states
 from peftcalc.methods import (MethodSettings, Plan, check_applies, check_combination, check_method_values, make_plan, methods_for, normalize_targets, prepare_kbit_default,
                               resolve_adapter_kind)
-from peftcalc.settings import TrainingSettings, check_training
+from peftcalc.settings import DEFAULT_OPTIMIZER, TrainingSettings, check_training
 from peftcalc.config import load_spec
 from peftcalc.spec import ModelSpec
 from peftcalc.storage import full_model_bytes, storage
@@ -171,8 +171,10 @@ def _tokens_per_sample(plan: Plan, t: TrainingSettings) -> int:
 
 
 def _cost_on(plan: Plan, t: TrainingSettings, gpu: GPU, mfu: float, dataset_tokens: int, price: float | None) -> Cost:
-    flops = step_flops(plan, t, _tokens_per_sample(plan, t)).total
-    tokens_per_step = t.batch_size * _tokens_per_sample(plan, t)
+    """One optimizer step: grad_accum micro-batches of batch_size samples (their FLOPs and tokens; the
+    optimizer's own element-wise work is not counted, see hardware.step_flops)."""
+    flops = t.grad_accum * step_flops(plan, t, _tokens_per_sample(plan, t)).total
+    tokens_per_step = t.grad_accum * t.batch_size * _tokens_per_sample(plan, t)
     step_seconds = flops / (peak_tflops(gpu, t) * 1e12 * mfu)
     steps = ceil(dataset_tokens / tokens_per_step)
     hours = steps * step_seconds / 3600
@@ -199,12 +201,18 @@ def estimate(
     batch_size: int = 1,
     seq_len: int = 512,
     precision: str = "bf16",
-    optimizer: str = "adamw",
+    optimizer: str = DEFAULT_OPTIMIZER,
     grad_checkpointing: bool = False,
     attention: str = "sdpa",
     device: str = "cuda",
     checkpoint_every: int = 1,
     checkpoint_reentrant: bool = False,
+    grad_accum: int = 1,
+    keep_outputs: bool = False,
+    loss: str = "hf",
+    loss_chunks: int = 8,
+    offload_activations: bool = False,
+    max_grad_norm: float | None = None,
     gpu: str | None = None,
     price: float | None = None,
     tasks: int = 1,
@@ -224,7 +232,9 @@ def estimate(
     settings = resolved_settings(spec, settings)
     t = _checked_training(dict(batch_size=batch_size, seq_len=seq_len, precision=precision, optimizer=optimizer,
                                grad_checkpointing=grad_checkpointing, attention=attention, device=device,
-                               checkpoint_every=checkpoint_every, checkpoint_reentrant=checkpoint_reentrant))
+                               checkpoint_every=checkpoint_every, checkpoint_reentrant=checkpoint_reentrant,
+                               grad_accum=grad_accum, keep_outputs=keep_outputs, loss=loss, loss_chunks=loss_chunks,
+                               offload_activations=offload_activations, max_grad_norm=max_grad_norm))
     check_combination(spec, settings, seq_len, grad_checkpointing)
     _check_cost_inputs(gpu, price, tasks, dataset_tokens, mfu)
     plan = make_plan(spec, settings)

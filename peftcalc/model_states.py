@@ -113,6 +113,9 @@ def _scalar_state_bytes(t: TrainingSettings) -> int:
     a 512-byte block in CUDA's caching allocator)."""
     if t.optimizer == "adamw":
         return 4 if t.device == "cpu" else 0
+    if t.optimizer == "adamw-fused":  # torch/optim/adam.py _init_group: a fused optimizer's 'step' is a float32
+        # tensor on the parameter's device (``device=p.device`` when fused or capturable)
+        return 4 if t.device == "cpu" else 512
     if t.optimizer == "adafactor":
         return 4 if t.device == "cpu" else 512
     return 0
@@ -129,7 +132,7 @@ def _optimizer_state_bytes(numel: int, dtype: str, optimizer: str) -> int:
       (row and column vectors) for matrices, a full one for vectors, in fp32 (handled in
       model_states, which knows the shapes)."""
     b = DTYPE_BYTES[dtype]
-    if optimizer == "adamw":
+    if optimizer in ("adamw", "adamw-fused"):
         return 2 * numel * b
     if optimizer == "sgd":
         return numel * b
@@ -203,6 +206,8 @@ def optimizer_temporaries(t: TrainingSettings, group_bytes: dict, single_tensor:
       parameter at a time in the parameters' order: denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt)
       holds the sqrt and the quotient while `denom` still refers to the previous parameter's: the
       largest 2 x a parameter + its predecessor (`single_tensor`, from model_states).
+    adamw-fused (torch/optim/adamw.py -> adam.py _fused_adam): torch._foreach_add_ on the steps and one
+      torch._fused_adamw_ kernel per (device, dtype) group, both in place: no temporaries.
     sgd updates in place; adamw-8bit runs one fused kernel in place (adafactor: see model_states)."""
     if t.optimizer == "adamw":
         if t.device == "cuda":

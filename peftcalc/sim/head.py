@@ -109,4 +109,4 @@ def head_backward(rec: Recorder, start: int, root: SymTensor) -> BackwardPeak:
     the head ('post') saved, from the gradient of `root` (the logits, or the bare encoder's loss)."""
     post_saved = {tid: nbytes for tid, (bucket, _t, nbytes) in rec.saved.items() if bucket == "post"}
     return run_backward(rec.nodes[start:], post_saved, {root.id: root.nbytes} if root.requires_grad else {},
-                        in_place=rec.ctx.device == "cuda").peak
+                        in_place=rec.ctx.device == "cuda", accumulate=rec.ctx.accumulating).peak

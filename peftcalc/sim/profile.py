@@ -102,6 +102,7 @@ def make_ctx(spec: ModelSpec, plan: Plan, t: TrainingSettings) -> StepContext:
         quant_compute=t.compute_dtype if method == "qlora" else "",
         quant_source=t.weight_dtype if method == "qlora" else "",
         quant_nested=method == "qlora" and plan.settings.double_quant,
+        accumulating=t.grad_accum > 1,
     )
 
 
