@@ -180,11 +180,13 @@ def timeline(plan: Plan, t: TrainingSettings) -> Timeline:
     grads = gradient_arrival(plan, t)
     if t.grad_accum == 1:
         act = activation_profile(plan, t)
-        events = _step_events(plan, t, act, ms, inputs, grads)
+        events = _kept_outputs(plan, t, act, _step_events(plan, t, act, ms, inputs, grads))
         named = events
     else:
-        first = _step_events(plan, t, activation_profile(plan, replace(t, grad_accum=1)), ms, inputs, grads)
-        later = _accumulating_events(plan, t, activation_profile(plan, replace(t, grad_accum=2)), ms, inputs, grads)
+        act = activation_profile(plan, replace(t, grad_accum=1))
+        first = _kept_outputs(plan, t, act, _step_events(plan, t, act, ms, inputs, grads))
+        act = activation_profile(plan, replace(t, grad_accum=2))
+        later = _kept_outputs(plan, t, act, _accumulating_events(plan, t, act, ms, inputs, grads))
         events = first[:-1] + later + first[-1:]
         named = ([(f"micro-batch 1 {n}", b, p) for n, b, p in first[:-1]]
                  + [(f"micro-batch 2-{t.grad_accum} {n}", b, p) for n, b, p in later] + first[-1:])
@@ -200,6 +202,20 @@ def timeline(plan: Plan, t: TrainingSettings) -> Timeline:
         step1_peak_bytes=_step1_peak(events, ms),
         peak_micro_batch=micro_batch,
     )
+
+
+def _kept_outputs(plan: Plan, t: TrainingSettings, act: ActivationProfile, events: list) -> list:
+    """TrainingSettings.keep_outputs: the loop holds the model outputs through backward (``outputs =
+    model(**batch); loss = outputs.loss; loss.backward()``, PEFT's examples and LitGPT; transformers
+    Trainer.training_step keeps only the loss), so the logits (ModelOutput.logits, in the compute dtype),
+    which otherwise go when the loss has been computed (nothing saves them: the loss's log_softmax saves
+    its output), stay alive in every backward event; a bare encoder's outputs hold its last hidden state
+    (BaseModelOutput.last_hidden_state: ActivationProfile.model_output, when nothing saved it)."""
+    if not t.keep_outputs:
+        return events
+    kept = act.model_output if plan.spec.task == "base" else act.logits_bytes
+    return [_event(n, dict(p, logits_loss=p.get("logits_loss", 0) + kept)) if n.startswith("backward") else (n, b, p)
+            for n, b, p in events]
 
 
 def _accumulating_events(plan: Plan, t: TrainingSettings, act: ActivationProfile, ms: ModelStates, inputs: int,
