@@ -176,6 +176,14 @@ def train_step(model, spec, batch, optimizer, policy, device, meter, scaler=None
             del loss, outputs
         meter.mark_gradients(model)
     with meter.phase("optimizer"):
+        grad_norm = None
+        if recipe is not None and recipe.max_grad_norm is not None:
+            if scaler is not None:  # the gradients are clipped unscaled (torch.amp GradScaler docs)
+                scaler.unscale_(optimizer)
+            # transformers Trainer._inner_training_loop: grad_norm = self._clip_grad_norm(model) ->
+            # accelerator.clip_grad_norm_ -> torch.nn.utils.clip_grad_norm_; the norm it returns is kept
+            # through optimizer.step()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.max_grad_norm)
         if scaler is not None:
             scaler.step(optimizer)
             scaler.update()
@@ -183,6 +191,7 @@ def train_step(model, spec, batch, optimizer, policy, device, meter, scaler=None
             optimizer.step()
         meter.mark_optimizer(optimizer)
         optimizer.zero_grad(set_to_none=True)
+        del grad_norm
     if device == "cuda":
         torch.cuda.synchronize()
     summary = meter.end_step()

@@ -16,7 +16,8 @@ from peftcalc.activations import ActivationProfile, activation_profile
 from peftcalc.families import build_layout
 from peftcalc.families.blip2 import blip2_image_tokens
 from peftcalc.families.llava import VISION_TOWER
-from peftcalc.model_states import ModelStates, buffer_bytes, gradient_free, group_dtype, model_states
+from peftcalc.model_states import (ModelStates, buffer_bytes, clip_grad_norm_bytes, gradient_free, group_dtype,
+                                   model_states)
 from peftcalc.plan import Plan
 from peftcalc.settings import DTYPE_BYTES, TrainingSettings
 from peftcalc.sim.profile import stream_dtypes
@@ -180,20 +181,21 @@ def timeline(plan: Plan, t: TrainingSettings) -> Timeline:
     grads = gradient_arrival(plan, t)
     if t.grad_accum == 1:
         act = activation_profile(plan, t)
-        events = _kept_outputs(plan, t, act, _step_events(plan, t, act, ms, inputs, grads))
+        events = _clipped(t, ms, _kept_outputs(plan, t, act, _step_events(plan, t, act, ms, inputs, grads)))
         named = events
     else:
         act = activation_profile(plan, replace(t, grad_accum=1))
-        first = _kept_outputs(plan, t, act, _step_events(plan, t, act, ms, inputs, grads))
+        first = _clipped(t, ms, _kept_outputs(plan, t, act, _step_events(plan, t, act, ms, inputs, grads)))
         act = activation_profile(plan, replace(t, grad_accum=2))
         later = _kept_outputs(plan, t, act, _accumulating_events(plan, t, act, ms, inputs, grads))
-        events = first[:-1] + later + first[-1:]
-        named = ([(f"micro-batch 1 {n}", b, p) for n, b, p in first[:-1]]
-                 + [(f"micro-batch 2-{t.grad_accum} {n}", b, p) for n, b, p in later] + first[-1:])
+        steps = 2 if t.max_grad_norm is not None else 1  # the optimizer step's events (clipping's first)
+        events = first[:-steps] + later + first[-steps:]
+        named = ([(f"micro-batch 1 {n}", b, p) for n, b, p in first[:-steps]]
+                 + [(f"micro-batch 2-{t.grad_accum} {n}", b, p) for n, b, p in later] + first[-steps:])
     name, total, parts = peak_event(events)
     micro_batch = None
-    if t.grad_accum > 1 and name != "optimizer":
-        micro_batch = 1 if events.index(max(events, key=lambda e: e[1])) < len(first) - 1 else 2
+    if t.grad_accum > 1 and not name.startswith("optimizer"):
+        micro_batch = 1 if events.index(max(events, key=lambda e: e[1])) < len(first) - steps else 2
     return Timeline(
         events=tuple((n, b) for n, b, _ in named),
         peak_bytes=total,
@@ -202,6 +204,20 @@ def timeline(plan: Plan, t: TrainingSettings) -> Timeline:
         step1_peak_bytes=_step1_peak(events, ms),
         peak_micro_batch=micro_batch,
     )
+
+
+def _clipped(t: TrainingSettings, ms: ModelStates, events: list) -> list:
+    """TrainingSettings.max_grad_norm: torch.nn.utils.clip_grad_norm_ runs before the optimizer step, on
+    the gradients of the last micro-batch (an event "optimizer:clip": the optimizer step's memory without
+    its temporaries, with clipping's: model_states.clip_grad_norm_bytes); the total norm it returns is
+    alive through the step."""
+    if t.max_grad_norm is None:
+        return events
+    clip, total = clip_grad_norm_bytes(ms, t.device)
+    *before, (name, _, parts) = events
+    clipping = dict(parts, temporaries=clip)
+    return before + [_event("optimizer:clip", clipping),
+                     _event(name, dict(parts, temporaries=parts["temporaries"] + total))]
 
 
 def _kept_outputs(plan: Plan, t: TrainingSettings, act: ActivationProfile, events: list) -> list:

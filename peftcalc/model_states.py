@@ -17,7 +17,7 @@ from peftcalc.sim.profile import stream_dtypes
 from peftcalc.families import kept_in_fp32
 
 __all__ = ["BNB_QUANTIZATION_MAPS", "ModelStates", "buffer_bytes", "gradient_free", "group_dtype", "model_states",
-           "nf4_bytes", "optimizer_temporaries"]
+           "clip_grad_norm_bytes", "nf4_bytes", "optimizer_temporaries"]
 
 # bitsandbytes Optimizer8bit.__init__ (optim_bits=8) -> fill_qmap: create_dynamic_map(signed=True) and
 # (signed=False), 256 fp32 values each, shared by every 8-bit state (state['qmap1'], state['qmap2']).
@@ -94,6 +94,7 @@ class ModelStates:
     largest_trainable_tensor: int
     optimizer_maps: int = 0  # tensors the optimizer makes at construction (bitsandbytes' quantization maps)
     maps_in_state: bool = False  # whether optimizer.state references them (an 8-bit state exists)
+    grad_tensors: tuple = ()  # (dtype, how many parameters have a .grad of it), in dtype order
 
 
 def _adafactor_state_numel(shape: tuple) -> int:
@@ -146,7 +147,9 @@ def _optimizer_state_bytes(numel: int, dtype: str, optimizer: str) -> int:
 def model_states(plan: Plan, t: TrainingSettings) -> ModelStates:
     """Weights, gradients and optimizer state of every parameter, and the optimizer step's temporaries."""
     return _model_states(plan, replace(t, batch_size=1, seq_len=1, grad_checkpointing=False, attention="sdpa",
-                                       checkpoint_every=1, checkpoint_reentrant=False))
+                                       checkpoint_every=1, checkpoint_reentrant=False, grad_accum=1,
+                                       keep_outputs=False, loss="hf", loss_chunks=8, offload_activations=False,
+                                       max_grad_norm=None))
 
 
 @lru_cache(maxsize=4096)
@@ -154,6 +157,7 @@ def _model_states(plan: Plan, t: TrainingSettings) -> ModelStates:
     weight_dtype = stream_dtypes(plan, t)[0]
     frozen = trainable = grads = states = 0
     group_bytes: dict[str, int] = {}
+    group_count: dict[str, int] = {}
     largest = 0
     adamw_cpu_temp = prev = 0  # torch's single-tensor AdamW: see optimizer_temporaries
     adafactor_temp = 0  # transformers Adafactor.step, one parameter at a time: the fp32 update twice
@@ -188,6 +192,7 @@ def _model_states(plan: Plan, t: TrainingSettings) -> ModelStates:
         else:
             states += _optimizer_state_bytes(g.numel, dtype, t.optimizer)
         group_bytes[dtype] = group_bytes.get(dtype, 0) + nbytes
+        group_count[dtype] = group_count.get(dtype, 0) + 1
         largest = max(largest, nbytes)
         adamw_cpu_temp, prev = max(adamw_cpu_temp, 2 * nbytes + prev), nbytes
         factors = _adafactor_state_numel(shape) * 4 if shape and len(shape) >= 2 else 0
@@ -195,7 +200,34 @@ def _model_states(plan: Plan, t: TrainingSettings) -> ModelStates:
         eight_bit_state = eight_bit_state or g.numel >= 4096
     temps = adafactor_temp if t.optimizer == "adafactor" else optimizer_temporaries(t, group_bytes, adamw_cpu_temp)
     maps = BNB_QUANTIZATION_MAPS if t.optimizer == "adamw-8bit" else 0
-    return ModelStates(frozen, trainable, grads, states, temps, largest, maps, eight_bit_state)
+    return ModelStates(frozen, trainable, grads, states, temps, largest, maps, eight_bit_state,
+                       tuple(sorted(group_count.items())))
+
+
+def clip_grad_norm_bytes(ms: ModelStates, device: str) -> tuple[int, int]:
+    """(peak extra bytes inside torch.nn.utils.clip_grad_norm_, the total norm it returns), from the
+    gradients' dtypes (torch/nn/utils/clip_grad.py, torch 2.x):
+    _get_total_norm makes one 0-dim norm per gradient, in its dtype (torch._foreach_norm per (device,
+      dtype) group, or linalg.vector_norm one by one where foreach is unsupported: the same tensors), then
+      ``linalg.vector_norm(torch.stack(norms))``: the stack (one element per gradient, in the dtypes'
+      promotion: fp32 if any is) and the total are alive with every norm;
+    _clip_grads_with_norm_: ``clip_coef = max_norm / (total_norm + 1e-6)`` (Tensor.__rtruediv__:
+      reciprocal, then a multiply: the sum, the reciprocal and the coefficient beside the total), clamp,
+      and torch._foreach_mul_ in place.
+    On CUDA every tensor is at least one 512-byte block of the caching allocator (the stack rounded up to
+    512). The total norm is kept through optimizer.step() (transformers Trainer: grad_norm)."""
+    counts = dict(ms.grad_tensors)
+    n = sum(counts.values())
+    if not n:
+        return 0, 0
+    promoted = DTYPE_BYTES["float32" if "float32" in counts else next(iter(counts))]
+
+    def block(nbytes: int) -> int:
+        return ceil(nbytes / 512) * 512 if device == "cuda" else nbytes
+
+    norms = sum(count * block(DTYPE_BYTES[dtype]) for dtype, count in counts.items())
+    total = block(promoted)
+    return max(norms + block(n * promoted) + total, 4 * total), total
 
 
 def optimizer_temporaries(t: TrainingSettings, group_bytes: dict, single_tensor: int) -> int:
