@@ -167,8 +167,9 @@ def train_step(model, spec, batch, optimizer, policy, device, meter, scaler=None
         micro_batch = k if accum > 1 else None
         with meter.phase("forward", micro_batch):
             with autocast_context(policy, device):
-                if keep:
-                    loss, outputs = model_loss(model, spec, batch)
+                if recipe is not None and (keep or recipe.loss != "hf"):
+                    loss, outputs = model_loss(model, spec, batch, recipe.loss, recipe.loss_chunks)
+                    outputs = outputs if keep else None
                 else:
                     loss, outputs = forward_loss(model, spec, batch), None
         with meter.phase("backward", micro_batch):

@@ -16,7 +16,7 @@ import torch
 from measure.build import build_model, build_qlora_model
 from peftcalc.errors import InputError
 from peftcalc.methods import MethodSettings, check_combination, make_plan
-from peftcalc.settings import TrainingSettings, check_training
+from peftcalc.settings import TrainingSettings, check_loss_applies, check_training
 from peftcalc.spec import ModelSpec
 
 __all__ = [
@@ -77,6 +77,9 @@ def check_run(spec: ModelSpec, method: MethodSettings, training: TrainingSetting
     if device == "cuda" and not torch.cuda.is_available():
         raise InputError("device 'cuda' asked for, but torch sees no CUDA device; use --device cpu or fake")
     check_combination(spec, method, training.seq_len, training.grad_checkpointing)
+    check_loss_applies(spec, training)
+    if device != "cuda" and training.loss in ("liger", "cce"):
+        raise InputError(f"loss {training.loss} runs Triton kernels on CUDA only; the harness runs it with --device cuda")
 
 
 # -- building ---------------------------------------------------------------------------------
@@ -214,13 +217,24 @@ def forward_loss(model, spec: ModelSpec, batch: dict) -> torch.Tensor:
     return model_loss(model, spec, batch)[0]
 
 
-def model_loss(model, spec: ModelSpec, batch: dict):
+def model_loss(model, spec: ModelSpec, batch: dict, loss: str = "hf", loss_chunks: int = 8):
     """(the loss of one forward pass, the model outputs): a caller that keeps the outputs holds them through
     backward, as a hand-written loop does (``outputs = model(**batch); loss = outputs.loss;
-    loss.backward()``: PEFT's examples, LitGPT); the Trainer drops them (forward_loss)."""
+    loss.backward()``: PEFT's examples, LitGPT); the Trainer drops them (forward_loss). loss "chunked": the
+    model runs without labels and torchtune's chunked cross-entropy runs on its logits
+    (measure.losses.chunked_cross_entropy, on torchtune's shifted labels), the logits dropped after it as
+    torchtune's recipes do (``del logits``) unless the caller keeps the outputs."""
+    if loss == "chunked":
+        from measure.losses import chunked_cross_entropy, torchtune_shifted_labels
+
+        batch = dict(batch)  # torchtune _loss_step: labels popped, the model run, then the labels shifted
+        labels = batch.pop("labels")
+        outputs = model(**batch)
+        value = chunked_cross_entropy(outputs.logits, torchtune_shifted_labels(labels), loss_chunks)
+        return value, outputs
     outputs = model(**batch)
-    loss = outputs.last_hidden_state.float().pow(2).mean() if spec.task == "base" else outputs.loss
-    return loss, outputs
+    value = outputs.last_hidden_state.float().pow(2).mean() if spec.task == "base" else outputs.loss
+    return value, outputs
 
 
 def autocast_context(policy: Policy, device: str):

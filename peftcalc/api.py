@@ -24,7 +24,7 @@ from peftcalc.memory import ALLOCATOR_SLACK_FRACTION, CUDA_CONTEXT_BYTES, reserv
 from peftcalc.model_states import model_states
 from peftcalc.methods import (MethodSettings, Plan, check_applies, check_combination, check_method_values, make_plan, methods_for, normalize_targets, prepare_kbit_default,
                               resolve_adapter_kind)
-from peftcalc.settings import DEFAULT_OPTIMIZER, TrainingSettings, check_training
+from peftcalc.settings import DEFAULT_OPTIMIZER, TrainingSettings, check_loss_applies, check_training
 from peftcalc.config import load_spec
 from peftcalc.spec import ModelSpec
 from peftcalc.storage import full_model_bytes, storage
@@ -236,6 +236,7 @@ def estimate(
                                grad_accum=grad_accum, keep_outputs=keep_outputs, loss=loss, loss_chunks=loss_chunks,
                                offload_activations=offload_activations, max_grad_norm=max_grad_norm))
     check_combination(spec, settings, seq_len, grad_checkpointing)
+    check_loss_applies(spec, t)
     _check_cost_inputs(gpu, price, tasks, dataset_tokens, mfu)
     plan = make_plan(spec, settings)
     tl = timeline(plan, t)
@@ -417,6 +418,7 @@ def _sweep_row(spec: ModelSpec, kw: dict, memo: dict | None = None) -> dict:
     plan = make_plan(spec, settings)
     _memoized(memo, ("combination", settings, t.seq_len, t.grad_checkpointing),
               lambda: check_combination(spec, settings, t.seq_len, t.grad_checkpointing) or True)
+    _memoized(memo, ("loss", t.loss), lambda: check_loss_applies(spec, t) or True)
     figures = _memoized(memo, (_memory_key(settings), t), lambda: _sweep_figures(plan, t))
     return {"model": spec.name, **{k: kw[k] for k in kw}, "method": settings.method, **figures}
 

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from peftcalc.checks import MAX_TOKENS_PER_STEP, require_bool, require_int, require_number, require_str
 from peftcalc.errors import CombinationError, InputError
 
-__all__ = ["ATTENTIONS", "DEFAULT_OPTIMIZER", "DEVICES", "DTYPE_BYTES", "LOGITLESS_LOSSES", "LOSSES", "OPTIMIZERS", "PAGED_OPTIMIZERS",
-           "PRECISIONS", "TrainingSettings", "check_training"]
+__all__ = ["ATTENTIONS", "DEFAULT_OPTIMIZER", "DEVICES", "DTYPE_BYTES", "LOGITLESS_LOSSES", "LOSSES", "OPTIMIZERS",
+           "PAGED_OPTIMIZERS", "PRECISIONS", "TrainingSettings", "check_loss_applies", "check_training"]
 
 # Precision policies: (storage dtype of the base weights, autocast compute dtype or None).
 #   fp32      everything fp32
@@ -136,3 +136,13 @@ def _check_recipe(t: TrainingSettings) -> None:
                                "(bitsandbytes): paging is CUDA-only; use --device cuda", names=("optimizer", "device"))
     if t.keep_outputs and t.loss in LOGITLESS_LOSSES:
         raise CombinationError(f"keep_outputs keeps the logits, but loss {t.loss} returns none", names=("keep_outputs", "loss"))
+
+
+def check_loss_applies(spec, t: TrainingSettings) -> None:
+    """CombinationError unless the loss `t.loss` takes the place of this model's: a loss other than the
+    model's own (chunked, liger, cce) replaces a causal language model's ForCausalLMLoss (a vision-language
+    model's too is not modelled), and keep_outputs needs logits."""
+    if t.loss != "hf" and (spec.task != "causal_lm" or spec.is_vlm or spec.is_blip2):
+        raise CombinationError(f"loss {t.loss} replaces a causal language model's cross-entropy; "
+                               f"{spec.name} is {spec.task}{' (vision-language)' if spec.is_vlm or spec.is_blip2 else ''}",
+                               names=("loss",))
