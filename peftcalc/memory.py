@@ -226,10 +226,15 @@ def _kept_outputs(plan: Plan, t: TrainingSettings, act: ActivationProfile, event
     Trainer.training_step keeps only the loss), so the logits (ModelOutput.logits, in the compute dtype),
     which otherwise go when the loss has been computed (nothing saves them: the loss's log_softmax saves
     its output), stay alive in every backward event; a bare encoder's outputs hold its last hidden state
-    (BaseModelOutput.last_hidden_state: ActivationProfile.model_output, when nothing saved it)."""
+    (BaseModelOutput.last_hidden_state: ActivationProfile.model_output, when nothing saved it); LLaVA's
+    the projected image features too (LlavaCausalLMOutputWithPast.image_hidden_states: batch x image tokens
+    x text hidden in the compute dtype, which masked_scatter does not save)."""
     if not t.keep_outputs:
         return events
     kept = act.model_output if plan.spec.task == "base" else act.logits_bytes
+    if plan.spec.is_vlm:
+        kept += t.batch_size * plan.spec.image_tokens * plan.spec.text.hidden_size * DTYPE_BYTES[
+            t.autocast_dtype or stream_dtypes(plan, t)[1]]
     return [_event(n, dict(p, logits_loss=p.get("logits_loss", 0) + kept)) if n.startswith("backward") else (n, b, p)
             for n, b, p in events]
 

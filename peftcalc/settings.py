@@ -142,6 +142,9 @@ def check_loss_applies(spec, t: TrainingSettings) -> None:
     """CombinationError unless the loss `t.loss` takes the place of this model's: a loss other than the
     model's own (chunked, liger, cce) replaces a causal language model's ForCausalLMLoss (a vision-language
     model's too is not modelled), and keep_outputs needs logits."""
+    if t.keep_outputs and spec.is_blip2:
+        raise CombinationError("keep_outputs on BLIP-2 (its outputs hold the vision, Q-Former and language model "
+                               "outputs) is not modelled", names=("keep_outputs",))
     if t.loss != "hf" and (spec.task != "causal_lm" or spec.is_vlm or spec.is_blip2):
         raise CombinationError(f"loss {t.loss} replaces a causal language model's cross-entropy; "
                                f"{spec.name} is {spec.task}{' (vision-language)' if spec.is_vlm or spec.is_blip2 else ''}",
