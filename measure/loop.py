@@ -19,8 +19,8 @@ from measure.build import count_logical_params
 from measure.setup import autocast_context, forward_loss, make_batch, make_optimizer, model_loss, prepare_for_training
 from measure.tracer import StorageTracer, gradient_tensors, model_state_tensors, optimizer_state_tensors
 
-__all__ = ["PHASES", "TOP_K", "CudaMeter", "TracerMeter", "phase_key", "run_cuda", "run_steps", "run_traced",
-           "train_step"]
+__all__ = ["PHASES", "TOP_K", "CudaMeter", "TracerMeter", "paged_state_bytes", "phase_key", "run_cuda", "run_steps",
+           "run_traced", "train_step"]
 
 PHASES = ("forward", "backward", "optimizer")
 TOP_K = 8
@@ -252,6 +252,9 @@ def run_cuda(model, spec, training, steps, policy, trace_cuda) -> dict:
     step_rows = run_steps(model, spec, batch, optimizer, policy, "cuda", meter, steps, scaler, training)
     measured = _measured(step_rows, meter.source, model_bytes, load_bytes)
     measured["reserved_peak_bytes"] = step_rows[-1]["reserved_peak_bytes"]
+    paged = paged_state_bytes(optimizer)
+    if paged:  # bitsandbytes paged optimizers: outside the caching allocator (peftcalc Memory.paged_bytes)
+        measured["paged_bytes"] = paged
     measured["step1_reserved_peak_bytes"] = step_rows[0]["reserved_peak_bytes"]
     timing = {"steps_s": round(time.perf_counter() - t0, 3), "step_time_s": [s["time_s"] for s in step_rows]}
     if trace_cuda:
@@ -270,6 +273,13 @@ def _trace_one_cuda_step(model, spec, batch, optimizer, policy, scaler, training
     _drop_private(rows)
     return {"peak_bytes": rows[0]["peak_bytes"], "peak_phase": rows[0]["peak_phase"],
             "phases": rows[0]["phases"], **details}
+
+
+def paged_state_bytes(optimizer) -> int:
+    """Bytes of the optimizer's state tensors in CUDA unified memory: bitsandbytes functional.get_paged
+    marks each buffer it makes with ``is_paged = True`` (optim/optimizer.py get_state_buffer)."""
+    return sum(t.nbytes for state in optimizer.state.values() for t in state.values()
+               if isinstance(t, torch.Tensor) and getattr(t, "is_paged", False))
 
 
 def _measured(step_rows: list[dict], source: str, model_bytes: int, load_bytes: int) -> dict:

@@ -155,6 +155,10 @@ def make_optimizer(name: str, params):
         import bitsandbytes as bnb
 
         return bnb.optim.AdamW8bit(params)
+    if name in ("paged-adamw-8bit", "paged-adamw-32bit"):  # CUDA only (settings.check_training refuses cpu)
+        import bitsandbytes as bnb
+
+        return (bnb.optim.PagedAdamW8bit if name == "paged-adamw-8bit" else bnb.optim.PagedAdamW32bit)(params)
     if name == "adafactor":
         from transformers.optimization import Adafactor
 

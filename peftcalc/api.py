@@ -24,7 +24,7 @@ from peftcalc.memory import ALLOCATOR_SLACK_FRACTION, CUDA_CONTEXT_BYTES, reserv
 from peftcalc.model_states import model_states
 from peftcalc.methods import (MethodSettings, Plan, check_applies, check_combination, check_method_values, make_plan, methods_for, normalize_targets, prepare_kbit_default,
                               resolve_adapter_kind)
-from peftcalc.settings import DEFAULT_OPTIMIZER, TrainingSettings, check_loss_applies, check_training
+from peftcalc.settings import DEFAULT_OPTIMIZER, PAGED_OPTIMIZERS, TrainingSettings, check_loss_applies, check_training
 from peftcalc.config import load_spec
 from peftcalc.spec import ModelSpec
 from peftcalc.storage import full_model_bytes, storage
@@ -51,9 +51,17 @@ class Memory:
     peak_phase: str
     components: dict  # name -> bytes at the peak (they sum to peak_bytes)
     step1_peak_bytes: int
-    reserved_bytes: int  # + allocator slack + CUDA context (what nvidia-smi shows)
-    overhead: dict  # what reserved adds: cuda_context, allocator_slack
+    reserved_bytes: int  # + allocator slack + CUDA context (+ paged optimizer states): what nvidia-smi shows
+    overhead: dict  # what reserved adds: cuda_context, allocator_slack, paged_optimizer_states
     events: dict  # phase -> live bytes
+    # gradient accumulation: the micro-batch of the peak (1, or 2 for micro-batches 2..N), None when the peak
+    # is the optimizer step or the step has one micro-batch
+    peak_micro_batch: int | None = None
+    # bitsandbytes paged optimizers: their states in CUDA unified memory (not in peak_bytes, in reserved_bytes)
+    paged_bytes: int = 0
+    # what the harness can only run on CUDA and no CPU trace has measured ("liger" and "cce" losses,
+    # paged optimizers): "modelled, not traced"; else "traced"
+    traced: str = "traced"
 
 
 @dataclass(frozen=True)
@@ -154,10 +162,20 @@ def _linear_in_batch(plan: Plan, t: TrainingSettings) -> tuple[dict, dict]:
     return intercept, slope
 
 
+def traced_status(t: TrainingSettings) -> str:
+    """Whether the harness's CPU traces hold the prediction ("traced") or only a CUDA run can
+    ("modelled, not traced": the liger and cce losses run Triton kernels, paged optimizers CUDA unified
+    memory)."""
+    cuda_only = t.loss in ("liger", "cce") or t.optimizer in PAGED_OPTIMIZERS
+    return "modelled, not traced" if cuda_only else "traced"
+
+
 def gpu_max_batch(plan: Plan, t: TrainingSettings, gpu: GPU) -> int:
-    """Largest batch whose reserved memory (allocated peak x (1 + slack) + CUDA context) fits."""
+    """Largest batch whose reserved memory (allocated peak x (1 + slack) + CUDA context + paged optimizer
+    states) fits."""
     intercept, slope = _linear_in_batch(plan, t)
-    usable = (gpu.memory_bytes - CUDA_CONTEXT_BYTES) / (1 + ALLOCATOR_SLACK_FRACTION)
+    paged = model_states(plan, t).paged_states
+    usable = (gpu.memory_bytes - CUDA_CONTEXT_BYTES - paged) / (1 + ALLOCATOR_SLACK_FRACTION)
     return min(max_batch_size(intercept[k], slope[k], usable) for k in intercept)
 
 
@@ -241,7 +259,8 @@ def estimate(
     plan = make_plan(spec, settings)
     tl = timeline(plan, t)
     cuda_tl = tl if device == "cuda" else timeline(plan, replace(t, device="cuda"))
-    reserved = reserved_bytes(cuda_tl.peak_bytes)
+    paged = model_states(plan, t).paged_states
+    reserved = reserved_bytes(cuda_tl.peak_bytes) + paged
     memory = Memory(
         device=device,
         peak_bytes=tl.peak_bytes,
@@ -250,8 +269,12 @@ def estimate(
         step1_peak_bytes=tl.step1_peak_bytes,
         reserved_bytes=reserved,
         overhead={"cuda_context": CUDA_CONTEXT_BYTES,
-                  "allocator_slack": reserved - CUDA_CONTEXT_BYTES - cuda_tl.peak_bytes},
+                  "allocator_slack": reserved - paged - CUDA_CONTEXT_BYTES - cuda_tl.peak_bytes,
+                  **({"paged_optimizer_states": paged} if paged else {})},
         events=dict(tl.events),
+        peak_micro_batch=tl.peak_micro_batch,
+        paged_bytes=paged,
+        traced=traced_status(t),
     )
     fits = []
     for g in gpu_catalog():
