@@ -133,7 +133,7 @@ def _check_recipe(t: TrainingSettings) -> None:
         require_number("max_grad_norm", t.max_grad_norm, 0, low_open=True, what="a finite number > 0")
     if t.optimizer in PAGED_OPTIMIZERS and t.device == "cpu":
         raise CombinationError(f"optimizer {t.optimizer} pages its states through CUDA unified memory "
-                               "(bitsandbytes): paging is CUDA-only; use --device cuda", names=("optimizer", "device"))
+                               "(bitsandbytes): paging is CUDA-only (device cuda)", names=("optimizer", "device"))
     if t.keep_outputs and t.loss in LOGITLESS_LOSSES:
         raise CombinationError(f"keep_outputs keeps the logits, but loss {t.loss} returns none", names=("keep_outputs", "loss"))
 
