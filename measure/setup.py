@@ -17,6 +17,7 @@ from measure.build import build_model, build_qlora_model
 from peftcalc.errors import InputError
 from peftcalc.methods import MethodSettings, check_combination, make_plan
 from peftcalc.settings import TrainingSettings, check_loss_applies, check_training
+from peftcalc.sim.profile import stream_dtypes
 from peftcalc.spec import ModelSpec
 
 __all__ = [
@@ -77,7 +78,7 @@ def check_run(spec: ModelSpec, method: MethodSettings, training: TrainingSetting
     if device == "cuda" and not torch.cuda.is_available():
         raise InputError("device 'cuda' asked for, but torch sees no CUDA device; use --device cpu or fake")
     check_combination(spec, method, training.seq_len, training.grad_checkpointing)
-    check_loss_applies(spec, training)
+    check_loss_applies(spec, training, stream_dtypes(make_plan(spec, method), training)[1])
     if device != "cuda" and training.loss in ("liger", "cce"):
         raise InputError(f"loss {training.loss} runs Triton kernels on CUDA only; the harness runs it with --device cuda")
 

@@ -26,6 +26,7 @@ from peftcalc.methods import (MethodSettings, Plan, check_applies, check_combina
                               resolve_adapter_kind)
 from peftcalc.settings import DEFAULT_OPTIMIZER, PAGED_OPTIMIZERS, TrainingSettings, check_loss_applies, check_training
 from peftcalc.config import load_spec
+from peftcalc.sim.profile import stream_dtypes
 from peftcalc.spec import ModelSpec
 from peftcalc.storage import full_model_bytes, storage
 
@@ -254,28 +255,11 @@ def estimate(
                                grad_accum=grad_accum, keep_outputs=keep_outputs, loss=loss, loss_chunks=loss_chunks,
                                offload_activations=offload_activations, max_grad_norm=max_grad_norm))
     check_combination(spec, settings, seq_len, grad_checkpointing)
-    check_loss_applies(spec, t)
+    check_loss_applies(spec, t, stream_dtypes(make_plan(spec, settings), t)[1])
     _check_cost_inputs(gpu, price, tasks, dataset_tokens, mfu)
     plan = make_plan(spec, settings)
-    tl = timeline(plan, t)
-    cuda_tl = tl if device == "cuda" else timeline(plan, replace(t, device="cuda"))
-    paged = model_states(plan, t).paged_states
-    reserved = reserved_bytes(cuda_tl.peak_bytes) + paged
-    memory = Memory(
-        device=device,
-        peak_bytes=tl.peak_bytes,
-        peak_phase=tl.peak_phase,
-        components=dict(tl.components),
-        step1_peak_bytes=tl.step1_peak_bytes,
-        reserved_bytes=reserved,
-        overhead={"cuda_context": CUDA_CONTEXT_BYTES,
-                  "allocator_slack": reserved - paged - CUDA_CONTEXT_BYTES - cuda_tl.peak_bytes,
-                  **({"paged_optimizer_states": paged} if paged else {})},
-        events=dict(tl.events),
-        peak_micro_batch=tl.peak_micro_batch,
-        paged_bytes=paged,
-        traced=traced_status(t),
-    )
+    memory = _memory(plan, t)
+    reserved = memory.reserved_bytes
     fits = []
     for g in gpu_catalog():
         c = _cost_on(plan, t, g, mfu, dataset_tokens, price if gpu and find_gpu(gpu).name == g.name else None)
@@ -301,6 +285,30 @@ def estimate(
         cost=cost,
         storage=StorageInfo(st.per_task_bytes, st.base_bytes, tasks, st.total_bytes, full_total),
         image_tokens=_tokens_per_sample(plan, t) - t.seq_len if spec.is_vlm or spec.is_blip2 else 0,
+    )
+
+
+def _memory(plan: Plan, t: TrainingSettings) -> Memory:
+    """The Memory of an estimate: the steady-state timeline on t.device, and what nvidia-smi shows from the
+    CUDA one (reserved_bytes, plus a paged optimizer's unified memory)."""
+    tl = timeline(plan, t)
+    cuda_tl = tl if t.device == "cuda" else timeline(plan, replace(t, device="cuda"))
+    paged = model_states(plan, t).paged_states
+    reserved = reserved_bytes(cuda_tl.peak_bytes) + paged
+    return Memory(
+        device=t.device,
+        peak_bytes=tl.peak_bytes,
+        peak_phase=tl.peak_phase,
+        components=dict(tl.components),
+        step1_peak_bytes=tl.step1_peak_bytes,
+        reserved_bytes=reserved,
+        overhead={"cuda_context": CUDA_CONTEXT_BYTES,
+                  "allocator_slack": reserved - paged - CUDA_CONTEXT_BYTES - cuda_tl.peak_bytes,
+                  **({"paged_optimizer_states": paged} if paged else {})},
+        events=dict(tl.events),
+        peak_micro_batch=tl.peak_micro_batch,
+        paged_bytes=paged,
+        traced=traced_status(t),
     )
 
 
@@ -441,7 +449,7 @@ def _sweep_row(spec: ModelSpec, kw: dict, memo: dict | None = None) -> dict:
     plan = make_plan(spec, settings)
     _memoized(memo, ("combination", settings, t.seq_len, t.grad_checkpointing),
               lambda: check_combination(spec, settings, t.seq_len, t.grad_checkpointing) or True)
-    _memoized(memo, ("loss", t.loss), lambda: check_loss_applies(spec, t) or True)
+    _memoized(memo, ("loss", t, settings), lambda: check_loss_applies(spec, t, stream_dtypes(plan, t)[1]) or True)
     figures = _memoized(memo, (_memory_key(settings), t), lambda: _sweep_figures(plan, t))
     return {"model": spec.name, **{k: kw[k] for k in kw}, "method": settings.method, **figures}
 

@@ -138,10 +138,19 @@ def _check_recipe(t: TrainingSettings) -> None:
         raise CombinationError(f"keep_outputs keeps the logits, but loss {t.loss} returns none", names=("keep_outputs", "loss"))
 
 
-def check_loss_applies(spec, t: TrainingSettings) -> None:
+def check_loss_applies(spec, t: TrainingSettings, compute_dtype: str = "") -> None:
     """CombinationError unless the loss `t.loss` takes the place of this model's: a loss other than the
     model's own (chunked, liger, cce) replaces a causal language model's ForCausalLMLoss (a vision-language
-    model's too is not modelled), and keep_outputs needs logits."""
+    model's too is not modelled); liger and cce are modelled without autocast (under torch.autocast their
+    matmuls cast the weight per chunk), and Cut Cross-Entropy's backward needs bf16/fp16 hidden states and
+    weights (cce_backward.py asserts it; `compute_dtype`: the activation stream's, fp32 under QLoRA's
+    prepare_model_for_kbit_training)."""
+    if t.loss in LOGITLESS_LOSSES and t.autocast_dtype:
+        raise CombinationError(f"loss {t.loss} under autocast ({t.precision}) is not modelled; use bf16 or fp16",
+                               names=("loss", "precision"))
+    if t.loss == "cce" and (compute_dtype or t.compute_dtype) == "float32":
+        raise CombinationError("loss cce: Cut Cross-Entropy's backward needs bf16 or fp16 hidden states and weights "
+                               "(fp32 here)", names=("loss", "precision"))
     if t.keep_outputs and spec.is_blip2:
         raise CombinationError("keep_outputs on BLIP-2 (its outputs hold the vision, Q-Former and language model "
                                "outputs) is not modelled", names=("keep_outputs",))

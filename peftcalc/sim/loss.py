@@ -13,6 +13,8 @@ __all__ = [
     "LossBuffers",
     "chunk_sizes",
     "chunked_loss_buffers",
+    "fused_loss_buffers",
+    "liger_chunk_tokens",
     "loss_buffers",
 ]
 
@@ -122,3 +124,37 @@ def chunked_loss_buffers(ctx: StepContext, vocab: int, chunks: int) -> LossBuffe
         peak, peak_saved = cat, 0
     return LossBuffers(saved=total_saved, saved_backward=peak_saved, backward_peak=peak, forward_peak=forward_peak,
                        scalars=2 * f)
+
+
+def liger_chunk_tokens(tokens: int, vocab: int, hidden: int) -> int:
+    """Liger's token chunk (ops/fused_linear_cross_entropy.py, chunk_mem_const 1): inc_factor =
+    cdiv(V, H), chunk = next_power_of_2(cdiv(tokens, inc_factor)), at most the tokens: transient logits of
+    about tokens x H elements."""
+    inc = -(-vocab // hidden)
+    chunk = 1 << max(0, (-(-tokens // inc) - 1).bit_length())
+    return min(chunk, tokens)
+
+
+def fused_loss_buffers(ctx: StepContext, spec: ModelSpec, weight_trains: bool) -> LossBuffers:
+    """The loss buffers of a fused lm_head + cross-entropy (sim.head.fused_loss_head has the sources; t
+    tokens, V vocab, H hidden, c the compute dtype's bytes).
+    liger: Liger's LigerForCausalLMLoss (transformers/model/loss_utils.py) pads the labels ((t + b) int64)
+    and makes shift_labels contiguous (t int64), both alive through the Function; its forward makes
+    grad_input (t H c), grad_weight (V H in the weight's dtype, when the weight trains), loss_1d (t fp32),
+    the target mask (t bool) and one chunk of logits (torch.empty((chunk, V)): the mm out= buffer it
+    reuses on CUDA); with fp32 operands the weight gradient takes the legacy path, a V x H fp32 product per
+    chunk (``grad_weight += torch.mm(...).float()``). grad_input and grad_weight are saved.
+    cce: what it saves is counted with the head (sim.head.fused_loss_head); the forward's transients are the
+    valid-index build ((targets[..., 1:] != -100).nonzero(): bool, int64 (n, 2), its int32 copy: 24 bytes
+    per valid token n at most) and neg_dot (n fp32) beside the saved lse, valids and logit_avg."""
+    t, h, vocab = ctx.tokens, spec.hidden_size, spec.vocab_size
+    c = DTYPE_BYTES[ctx.compute_dtype]
+    if ctx.fused_loss == "cce":
+        valid = t - ctx.batch
+        transient = max(24 * valid - 12 * valid - 4 * vocab, 4 * valid + 4)
+        return LossBuffers(saved=0, saved_backward=0, backward_peak=0, forward_peak=transient, scalars=2 * 4)
+    grads = t * h * c + (vocab * h * DTYPE_BYTES[ctx.weight_dtype] if weight_trains else 0)
+    fallback = vocab * h * 4 if weight_trains and c == 4 else 0
+    forward_peak = ((t + ctx.batch) * 8 + t * 8 + t + grads + t * 4
+                    + liger_chunk_tokens(t, vocab, h) * vocab * c + fallback)
+    return LossBuffers(saved=grads, saved_backward=grads, backward_peak=grads, forward_peak=forward_peak, scalars=2 * 4)
