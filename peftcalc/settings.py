@@ -129,6 +129,9 @@ def _check_recipe(t: TrainingSettings) -> None:
     require_str("loss", t.loss, LOSSES)
     require_int("loss_chunks", t.loss_chunks)
     require_bool("offload_activations", t.offload_activations)
+    if t.offload_activations:
+        raise InputError("offload_activations (torch.autograd.graph.save_on_cpu) is not modelled yet",
+                         names=("offload_activations",))
     if t.max_grad_norm is not None:
         require_number("max_grad_norm", t.max_grad_norm, 0, low_open=True, what="a finite number > 0")
     if t.optimizer in PAGED_OPTIMIZERS and t.device == "cpu":
