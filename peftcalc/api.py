@@ -17,8 +17,8 @@ from peftcalc.hardware import (
     find_gpu,
     gpu_catalog,
     max_batch_size,
-    peak_tflops,
     step_flops,
+    step_seconds as micro_batch_seconds,
 )
 from peftcalc.memory import ALLOCATOR_SLACK_FRACTION, CUDA_CONTEXT_BYTES, reserved_bytes, timeline
 from peftcalc.model_states import model_states
@@ -194,7 +194,7 @@ def _cost_on(plan: Plan, t: TrainingSettings, gpu: GPU, mfu: float, dataset_toke
     optimizer's own element-wise work is not counted, see hardware.step_flops)."""
     flops = t.grad_accum * step_flops(plan, t, _tokens_per_sample(plan, t)).total
     tokens_per_step = t.grad_accum * t.batch_size * _tokens_per_sample(plan, t)
-    step_seconds = flops / (peak_tflops(gpu, t) * 1e12 * mfu)
+    step_seconds = t.grad_accum * micro_batch_seconds(plan, t, gpu, mfu, _tokens_per_sample(plan, t))
     steps = ceil(dataset_tokens / tokens_per_step)
     hours = steps * step_seconds / 3600
     per_hour = gpu.price_per_hour if price is None else price

@@ -119,3 +119,32 @@ def test_paged_states_are_outside_the_allocator_peak():
     assert e.memory.overhead["paged_optimizer_states"] == ms.paged_states
     lora = peftcalc.estimate("llama-3.1-8b", method="qlora", optimizer="paged-adamw-8bit")
     assert lora.memory.paged_bytes == 0  # every LoRA matrix of rank 8 has fewer than 1e5 elements
+
+
+def test_qlora_pays_its_dequantizations_at_the_memory_bandwidth():
+    """bitsandbytes MatMul4Bit dequantizes each NF4 weight in the forward and, where its input needs a
+    gradient, in the backward: llama-3.2-1b QLoRA (every block Linear is NF4: q_proj and o_proj 2048 x 2048,
+    k_proj and v_proj 2048 x 512, gate, up and down 2048 x 8192; LoRA on q_proj and v_proj from block 0, whose
+    input needs no gradient, blocks 1-15 do), each dequantization reading the NF4 weight and writing bf16."""
+    from peftcalc.hardware import dequant_bytes, find_gpu
+    from peftcalc.model_states import nf4_bytes
+
+    plan = plan_for(MODEL, "qlora")
+    per_layer = sum(nf4_bytes(n, True) + 2 * n for n in (2048 * 2048, 2048 * 512, 2048 * 512, 2048 * 2048,
+                                                          2048 * 8192, 2048 * 8192, 8192 * 2048))
+    assert dequant_bytes(plan, TrainingSettings()) == per_layer * (1 + 15 * 2)
+    assert dequant_bytes(plan_for(MODEL, "lora"), TrainingSettings()) == 0
+    lora = peftcalc.estimate(MODEL, method="lora", gpu="H100")
+    qlora = peftcalc.estimate(MODEL, method="qlora", gpu="H100", prepare_kbit=False)
+    assert qlora.cost.flops_per_step == lora.cost.flops_per_step
+    gap = qlora.cost.step_seconds - lora.cost.step_seconds
+    assert gap == pytest.approx(per_layer * 31 / (find_gpu("H100").memory_gbs * 1e9))
+
+
+def test_dora_pays_its_weight_norm_matmuls_every_forward():
+    """peft DoraLinearLayer.get_lora_weight: lora_B(lora_A(eye(in))), in x in x r then in x r x out
+    multiply-adds, per adapted Linear and forward (the norm is detached: no backward)."""
+    lora = peftcalc.estimate(MODEL, method="lora", gpu="H100")
+    dora = peftcalc.estimate(MODEL, method="lora", dora=True, gpu="H100")
+    per_layer = sum(2 * 2048 * 8 * (2048 + out) for out in (2048, 512))
+    assert dora.cost.flops_per_step - lora.cost.flops_per_step == pytest.approx(16 * per_layer)
