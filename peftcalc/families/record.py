@@ -70,6 +70,7 @@ class Family:
     passes_position_ids: bool = False  # the model passes every layer position_ids as a keyword argument
     embeddings_add_positions: bool = False  # the embeddings make a new tensor from inputs_embeds (+ positions)
     position_offset: int = 0  # positions a learned table loses (RoBERTa's start after padding_idx)
+    position_ids_batched: bool = False  # position_ids are b x seq, apart from the indices a position table saves (OPT)
     prefix_kv_dim: bool = False  # peft sizes prefix tuning's keys by num_key_value_heads (GQA configs)
 
 

@@ -96,7 +96,8 @@ def model_profile(plan: Plan, t: TrainingSettings, checkpointed: tuple) -> Activ
         pre=by_bucket.get("pre", 0),
         post=by_bucket.get("post", 0),
         checkpoint_inputs=ckpt_inputs,
-        checkpoint_kwargs=0 if indices or not any(checkpointed) else _checkpointed_layer_positions(spec, ctx, t),
+        checkpoint_kwargs=0 if (indices and not family(spec).position_ids_batched) or not any(checkpointed)
+        else _checkpointed_layer_positions(spec, ctx, t),
         input_leaf=leaf,
         forward_checkpoint_inputs=_forward_checkpoint_inputs(spec, ctx, t, per_layer, checkpointed),
         lookup_saved=_lookup_saved(plan, indices),
@@ -213,10 +214,11 @@ def _checkpointed_layer_positions(spec: ModelSpec, ctx: StepContext, t: Training
     decoders pass every layer the same int64 positions, GPT2Model.forward's and LlamaModel.forward's
     (Mistral, Qwen2) ``position_ids = arange(seq).unsqueeze(0)``, 1 x seq, held until block 0's
     backward (traced: seq x 8 bytes, 'other', at the checkpointed decoders' backward peaks; GPT-2's
-    wpe, when it trains, saves them anyway)."""
+    wpe, when it trains, saves them anyway). OPTDecoder.forward's are b x seq (``cumsum`` of the attention
+    mask), and the table saves ``position_ids + offset``, a tensor of its own (Family.position_ids_batched)."""
     if not t.grad_checkpointing or not family(spec).passes_position_ids:
         return 0
-    return ctx.seq * 8
+    return (ctx.tokens if family(spec).position_ids_batched else ctx.seq) * 8
 
 
 def _prompt_inputs_held(spec: ModelSpec, plan: Plan, ctx: StepContext) -> int:
