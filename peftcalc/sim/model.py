@@ -69,7 +69,7 @@ def model_profile(plan: Plan, t: TrainingSettings, checkpointed: tuple) -> Activ
     if family(spec).rotary and grads_reach_blocks:
         # LlamaRotaryEmbedding's cos and sin (1 x seq x head_dim, in the hidden states' dtype), shared
         # by every layer, saved by q * cos and rotate_half(q) * sin
-        rec.save_new(2 * ctx.seq * spec.head_dim, ctx.weight_dtype, "rotary.cos_sin")
+        rec.save_new(2 * ctx.seq * spec.head_dim, _rotary_dtype(spec, ctx), "rotary.cos_sin")
     # held while the blocks run: prompt tuning's inputs, the positions and rotary embeddings of the
     # Llama family (what the blocks leave referenced adds up in run_blocks)
     held = _prompt_inputs_held(spec, plan, ctx) + _positions_held(spec, ctx, grads_reach_blocks)
@@ -165,9 +165,15 @@ def _positions_held(spec: ModelSpec, ctx: StepContext, rotary_saved: bool) -> in
     builds a (1, 1, seq, past + seq) bool mask, held too (traced)."""
     if not family(spec).rotary:
         return 0
-    rotary = 0 if rotary_saved else 2 * ctx.seq * spec.head_dim * DTYPE_BYTES[ctx.weight_dtype]
+    rotary = 0 if rotary_saved else 2 * ctx.seq * spec.head_dim * DTYPE_BYTES[_rotary_dtype(spec, ctx)]
     mask = ctx.seq * ctx.kv_seq if ctx.kv_seq != ctx.seq else 0
     return ctx.seq * 8 + rotary + mask
+
+
+def _rotary_dtype(spec: ModelSpec, ctx: StepContext) -> str:
+    """The dtype of the rotary cos and sin: the hidden states' (LlamaRotaryEmbedding.forward returns
+    ``cos.to(dtype=x.dtype)``), fp32 where the family keeps them so (Family.rotary_fp32: Olmo2RotaryEmbedding)."""
+    return "float32" if family(spec).rotary_fp32 else ctx.weight_dtype
 
 
 def _embedding_indices_saved(spec: ModelSpec, plan: Plan, layout: Layout, ctx: StepContext) -> list:
