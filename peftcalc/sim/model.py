@@ -10,6 +10,7 @@ from functools import lru_cache
 from peftcalc.families import build_layout, dropout_p, family
 from peftcalc.layout import Layout
 from peftcalc.methods.sites import HeadSites
+from peftcalc.ops.attention import model_masks_bytes
 from peftcalc.ops.context import StepContext
 from peftcalc.ops.recorder import Recorder, SymTensor
 from peftcalc.plan import Plan
@@ -161,13 +162,13 @@ def _positions_held(spec: ModelSpec, ctx: StepContext, rotary_saved: bool) -> in
     """LlamaModel.forward (Mistral, Qwen2) holds cache_position (int64, one per token of the sequence)
     and the rotary position embeddings (cos, sin: 1 x seq x head_dim each, in the hidden states' dtype)
     while the layers run; cos and sin count as saved where the layers need gradients (activation_profile
-    saves them then). With prefix tuning's past keys the causal mask cannot be skipped: masking_utils
-    builds a (1, 1, seq, past + seq) bool mask, held too (traced)."""
+    saves them then). With prefix tuning's past keys the causal mask cannot be skipped, nor a sliding
+    window's once the keys reach it: masking_utils builds a (1, 1, seq, past + seq) bool mask per mask type,
+    held too (ops.attention.model_masks_bytes; traced)."""
     if not family(spec).rotary:
         return 0
     rotary = 0 if rotary_saved else 2 * ctx.seq * spec.head_dim * DTYPE_BYTES[_rotary_dtype(spec, ctx)]
-    mask = ctx.seq * ctx.kv_seq if ctx.kv_seq != ctx.seq else 0
-    return ctx.seq * 8 + rotary + mask
+    return ctx.seq * 8 + rotary + model_masks_bytes(spec, ctx)
 
 
 def _rotary_dtype(spec: ModelSpec, ctx: StepContext) -> str:
@@ -221,10 +222,13 @@ def _checkpointed_layer_positions(spec: ModelSpec, ctx: StepContext, t: Training
     (Mistral, Qwen2) ``position_ids = arange(seq).unsqueeze(0)``, 1 x seq, held until block 0's
     backward (traced: seq x 8 bytes, 'other', at the checkpointed decoders' backward peaks; GPT-2's
     wpe, when it trains, saves them anyway). OPTDecoder.forward's are b x seq (``cumsum`` of the attention
-    mask), and the table saves ``position_ids + offset``, a tensor of its own (Family.position_ids_batched)."""
+    mask), and the table saves ``position_ids + offset``, a tensor of its own (Family.position_ids_batched).
+    So do the masks the layers get (attention_mask: LlamaModel's causal_mask_mapping,
+    ops.attention.model_masks_bytes; traced, mistral-7b LoRA bf16 1 x 4,096 on fake tensors: the sliding
+    window's 4,096 x 4,096 bool mask, 'other', at backward:layer31's peak)."""
     if not t.grad_checkpointing or not family(spec).passes_position_ids:
         return 0
-    return (ctx.tokens if family(spec).position_ids_batched else ctx.seq) * 8
+    return (ctx.tokens if family(spec).position_ids_batched else ctx.seq) * 8 + model_masks_bytes(spec, ctx)
 
 
 def _prompt_inputs_held(spec: ModelSpec, plan: Plan, ctx: StepContext) -> int:
