@@ -70,7 +70,7 @@ def model_profile(plan: Plan, t: TrainingSettings, checkpointed: tuple) -> Activ
     if family(spec).rotary and grads_reach_blocks:
         # LlamaRotaryEmbedding's cos and sin (1 x seq x head_dim, in the hidden states' dtype), shared
         # by every layer, saved by q * cos and rotate_half(q) * sin
-        rec.save_new(2 * ctx.seq * spec.head_dim, ctx.weight_dtype, "rotary.cos_sin")
+        rec.save_new(2 * ctx.seq * spec.head_dim, _rotary_dtype(spec, ctx), "rotary.cos_sin")
     # held while the blocks run: prompt tuning's inputs, the positions and rotary embeddings of the
     # Llama family (what the blocks leave referenced adds up in run_blocks)
     held = _prompt_inputs_held(spec, plan, ctx) + _positions_held(spec, ctx, grads_reach_blocks)
@@ -105,7 +105,8 @@ def model_profile(plan: Plan, t: TrainingSettings, checkpointed: tuple) -> Activ
         pre=by_bucket.get("pre", 0),
         post=by_bucket.get("post", 0),
         checkpoint_inputs=ckpt_inputs,
-        checkpoint_kwargs=0 if indices or not any(checkpointed) else _checkpointed_layer_positions(spec, ctx, t),
+        checkpoint_kwargs=0 if (indices and not family(spec).position_ids_batched) or not any(checkpointed)
+        else _checkpointed_layer_positions(spec, ctx, t),
         input_leaf=leaf,
         forward_checkpoint_inputs=_forward_checkpoint_inputs(spec, ctx, t, per_layer, checkpointed),
         lookup_saved=_lookup_saved(plan, indices),
@@ -174,8 +175,14 @@ def _positions_held(spec: ModelSpec, ctx: StepContext, rotary_saved: bool) -> in
     held too (ops.attention.model_masks_bytes; traced)."""
     if not family(spec).rotary:
         return 0
-    rotary = 0 if rotary_saved else 2 * ctx.seq * spec.head_dim * DTYPE_BYTES[ctx.weight_dtype]
+    rotary = 0 if rotary_saved else 2 * ctx.seq * spec.head_dim * DTYPE_BYTES[_rotary_dtype(spec, ctx)]
     return ctx.seq * 8 + rotary + model_masks_bytes(spec, ctx)
+
+
+def _rotary_dtype(spec: ModelSpec, ctx: StepContext) -> str:
+    """The dtype of the rotary cos and sin: the hidden states' (LlamaRotaryEmbedding.forward returns
+    ``cos.to(dtype=x.dtype)``), fp32 where the family keeps them so (Family.rotary_fp32: Olmo2RotaryEmbedding)."""
+    return "float32" if family(spec).rotary_fp32 else ctx.weight_dtype
 
 
 def _embedding_indices_saved(spec: ModelSpec, plan: Plan, layout: Layout, ctx: StepContext) -> list:
@@ -222,12 +229,14 @@ def _checkpointed_layer_positions(spec: ModelSpec, ctx: StepContext, t: Training
     decoders pass every layer the same int64 positions, GPT2Model.forward's and LlamaModel.forward's
     (Mistral, Qwen2) ``position_ids = arange(seq).unsqueeze(0)``, 1 x seq, held until block 0's
     backward (traced: seq x 8 bytes, 'other', at the checkpointed decoders' backward peaks; GPT-2's
-    wpe, when it trains, saves them anyway). So do the masks the layers get (attention_mask: LlamaModel's
-    causal_mask_mapping, ops.attention.model_masks_bytes; traced, mistral-7b LoRA bf16 1 x 4,096 on fake
-    tensors: the sliding window's 4,096 x 4,096 bool mask, 'other', at backward:layer31's peak)."""
+    wpe, when it trains, saves them anyway). OPTDecoder.forward's are b x seq (``cumsum`` of the attention
+    mask), and the table saves ``position_ids + offset``, a tensor of its own (Family.position_ids_batched).
+    So do the masks the layers get (attention_mask: LlamaModel's causal_mask_mapping,
+    ops.attention.model_masks_bytes; traced, mistral-7b LoRA bf16 1 x 4,096 on fake tensors: the sliding
+    window's 4,096 x 4,096 bool mask, 'other', at backward:layer31's peak)."""
     if not t.grad_checkpointing or not family(spec).passes_position_ids:
         return 0
-    return ctx.seq * 8 + model_masks_bytes(spec, ctx)
+    return (ctx.tokens if family(spec).position_ids_batched else ctx.seq) * 8 + model_masks_bytes(spec, ctx)
 
 
 def _prompt_inputs_held(spec: ModelSpec, plan: Plan, ctx: StepContext) -> int:
