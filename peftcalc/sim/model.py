@@ -90,14 +90,7 @@ def model_profile(plan: Plan, t: TrainingSettings, checkpointed: tuple) -> Activ
     needs_grad_layers = [i for i in range(spec.num_layers) if per_layer[i] > 0 and (not checkpointed or checkpointed[i])]
     ckpt_inputs = len(needs_grad_layers) * tok * h * DTYPE_BYTES[stream_dtype(ctx)]
     chunked = t.loss == "chunked" and spec.task == "causal_lm"
-    if ctx.fused_loss:
-        tied = layout.head_tied_to_embedding and plan.embedding_trains
-        loss = fused_loss_buffers(ctx, spec, param_trains(plan, "lm_head", True) or tied)
-        logits_numel = root.nbytes // DTYPE_BYTES[ctx.autocast or ctx.compute_dtype]  # the head's incoming gradient
-    elif chunked:
-        loss = chunked_loss_buffers(ctx, spec.vocab_size, t.loss_chunks)
-    else:
-        loss = loss_buffers(spec, ctx, logits_numel)
+    loss, logits_numel = _loss(spec, plan, layout, ctx, t, logits_numel, root)
     weight_cache = (autocast_weight_cache_bytes(plan, ctx) - rec.saved_cached_copies()
                     - unwrapped_saved_copies(plan, ctx, blocks, checkpointed))
     return ActivationProfile(
@@ -132,6 +125,20 @@ def model_profile(plan: Plan, t: TrainingSettings, checkpointed: tuple) -> Activ
         checkpointed=checkpointed,
         reentrant_backward=blocks.reentrant if t.checkpoint_reentrant else (),
     )
+
+
+def _loss(spec: ModelSpec, plan: Plan, layout: Layout, ctx: StepContext, t: TrainingSettings, logits_numel: int,
+          root: SymTensor):
+    """(the loss's buffers, the logits' numel as the profile counts them) for the loss `t.loss` names: a fused
+    loss (its logits never exist whole: the head's incoming gradient stands for them), torchtune's chunked
+    cross-entropy on a causal LM, or transformers' loss (sim.loss)."""
+    if ctx.fused_loss:
+        tied = layout.head_tied_to_embedding and plan.embedding_trains
+        loss = fused_loss_buffers(ctx, spec, param_trains(plan, "lm_head", True) or tied)
+        return loss, root.nbytes // DTYPE_BYTES[ctx.autocast or ctx.compute_dtype]  # the head's incoming gradient
+    if t.loss == "chunked" and spec.task == "causal_lm":
+        return chunked_loss_buffers(ctx, spec.vocab_size, t.loss_chunks), logits_numel
+    return loss_buffers(spec, ctx, logits_numel), logits_numel
 
 
 def _final_norm_peak(spec: ModelSpec, plan: Plan, layout: Layout, ctx: StepContext, out: SymTensor) -> tuple[int, int]:
