@@ -141,9 +141,10 @@ def peft_config(spec: ModelSpec, settings: MethodSettings):
         )
     if method == "ia3":
         targets = _peft_targets(spec, settings)
-        feedforward = list(IA3_DEFAULT_TARGETS[spec.model_type][1]) if settings.targets is None else []
         if is_unmodelled(spec) and settings.targets is None:
             feedforward = None  # peft's own default feed-forward modules, with its default targets
+        else:
+            feedforward = list(IA3_DEFAULT_TARGETS[spec.model_type][1]) if settings.targets is None else []
         return peft.IA3Config(target_modules=targets, feedforward_modules=feedforward, task_type=task_type)
     if method == "prefix":
         return peft.PrefixTuningConfig(num_virtual_tokens=settings.num_virtual_tokens, task_type=task_type)

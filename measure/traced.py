@@ -72,6 +72,8 @@ def trace_model(spec, settings, training, steps: int = TRACE_STEPS) -> tuple[dic
     except Exception as exc:  # transformers or peft refusing this model: one line, with a hint where one helps
         message = " ".join(str(exc).split())[:300]
         hint = "; try --attention eager" if "scaled_dot_product_attention" in message else ""
+        if type(exc).__name__ == "DataDependentOutputException":
+            hint = " (an op read a tensor's value, which a fake tensor does not have)"
         raise InputError(f"tracing {spec.name} on fake tensors failed: {type(exc).__name__}: {message}{hint}") from None
     return result, model, time.perf_counter() - started
 
