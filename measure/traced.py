@@ -103,7 +103,10 @@ def _task_tensors(model, settings) -> tuple:
     if settings.method in PEFT_METHODS:
         from peft import get_peft_model_state_dict
 
-        tensors = get_peft_model_state_dict(model).items()
+        # the tensors themselves, not model.state_dict(): a bitsandbytes 4-bit layer's _save_to_state_dict reads
+        # its quantization state's values (QuantState.as_dict: .item()), which fake tensors do not have
+        state = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+        tensors = get_peft_model_state_dict(model, state_dict=state).items()
     else:
         tensors = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     return tuple((n, tuple(t.shape), _dtype_name(t)) for n, t in tensors)

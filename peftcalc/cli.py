@@ -50,7 +50,7 @@ def estimate(
     check_format(format)
     unmodelled = _traced_automatically(model)
     if trace or unmodelled:
-        _measure_imports()
+        _measure_imports("estimate")
         from measure.traced import traced_estimate as run_estimate
     e = run_estimate(model, method=method, rank=rank, alpha=alpha, targets=targets, dora=dora or None,
                      double_quant=double_quant, bottleneck=bottleneck, adapter_kind=adapter_kind,
@@ -226,14 +226,14 @@ def measure(
         raise typer.Exit(1)
 
 
-def _measure_imports() -> None:
+def _measure_imports(command: str = "measure") -> None:
     """The harness's packages (or which extra to install); `import measure` quiets bitsandbytes'
     import-time notice; transformers' own warnings are quieted too."""
     import warnings
 
     import measure  # noqa: F401  (first: the package quiets bitsandbytes, which peft imports; measure/__init__.py)
 
-    require("measure", "measure", "torch", "transformers", "peft")
+    require(command, "measure", "torch", "transformers", "peft")
     warnings.filterwarnings("ignore")
     import transformers
 
