@@ -44,14 +44,15 @@ def estimate(
     format: str = FORMAT, trace: bool = TRACE,
 ) -> None:
     """Parameters, memory breakdown and peak phase, GPU fit, time, cost and storage."""
-    from peftcalc.api import estimate as run_estimate
     from peftcalc.format import render_estimate
 
     check_format(format)
     unmodelled = _traced_automatically(model)
-    if trace or unmodelled:
+    if trace or unmodelled:  # the harness on fake tensors (measure.traced), imported only here
         _measure_imports("estimate")
         from measure.traced import traced_estimate as run_estimate
+    else:
+        from peftcalc.api import estimate as run_estimate
     e = run_estimate(model, method=method, rank=rank, alpha=alpha, targets=targets, dora=dora or None,
                      double_quant=double_quant, bottleneck=bottleneck, adapter_kind=adapter_kind,
                      num_virtual_tokens=num_virtual_tokens, trainable_layers=trainable_layers,
