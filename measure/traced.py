@@ -8,6 +8,8 @@ it). The steady-state (second) step is reported; the figures count what the CPU 
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import time
 
 import torch
@@ -57,24 +59,42 @@ def trace_model(spec, settings, training, steps: int = TRACE_STEPS) -> tuple[dic
     """(run_traced's result, the model, seconds): the fake run of measure.run (its _execute_fake) kept whole."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from measure.fake import real_cpu_kernel_dtypes, real_input_semantics
-
     torch.manual_seed(0)
     policy = precision_policy(training, "fake")
     fake_mode = FakeTensorMode()
     started = time.perf_counter()
     try:
-        model = build_for_device(spec, settings, training, "fake", policy, fake_mode)
-        with real_input_semantics(), real_cpu_kernel_dtypes():
-            result = run_traced(model, spec, training, "fake", steps, policy, fake_mode)
+        with _quiet_fake_tensor_log():
+            return _run_fake(spec, settings, training, steps, policy, fake_mode, started)
     except InputError:
         raise
     except Exception as exc:  # transformers or peft refusing this model: one line, with a hint where one helps
         message = " ".join(str(exc).split())[:300]
         hint = "; try --attention eager" if "scaled_dot_product_attention" in message else ""
-        if type(exc).__name__ == "DataDependentOutputException":
-            hint = " (an op read a tensor's value, which a fake tensor does not have)"
+        if type(exc).__name__ in ("DataDependentOutputException", "DynamicOutputShapeException"):
+            hint = " (an op of this model needs a tensor's values, which fake tensors do not have)"
         raise InputError(f"tracing {spec.name} on fake tensors failed: {type(exc).__name__}: {message}{hint}") from None
+
+
+@contextlib.contextmanager
+def _quiet_fake_tensor_log():
+    """FakeTensorMode logs the traceback of an op whose meta kernel fails (torch/_subclasses/fake_tensor.py,
+    at ERROR) before the exception reaches trace_model, which reports it in one line."""
+    logger = logging.getLogger("torch._subclasses.fake_tensor")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _run_fake(spec, settings, training, steps, policy, fake_mode, started) -> tuple[dict, object, float]:
+    from measure.fake import real_cpu_kernel_dtypes, real_input_semantics
+
+    model = build_for_device(spec, settings, training, "fake", policy, fake_mode)
+    with real_input_semantics(), real_cpu_kernel_dtypes():
+        result = run_traced(model, spec, training, "fake", steps, policy, fake_mode)
     return result, model, time.perf_counter() - started
 
 
