@@ -111,8 +111,6 @@ class Estimate:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["method"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in d["method"].items()}
-        if d["trace"] is None:
-            del d["trace"]
         return d
 
 

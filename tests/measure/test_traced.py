@@ -60,6 +60,9 @@ def test_modelled_trace_is_the_harness_row_and_the_cpu_estimate(configs):
     modelled = estimate(str(configs["llama"]), method="lora", precision="fp32", batch_size=2, seq_len=32,
                         device="cpu")
     assert modelled.estimated_by == "modelled" and modelled.trace is None
+    plain = modelled.to_dict()  # the same JSON schema (README's table): the same keys, down to the GPU rows
+    assert set(d) == set(plain) and set(d["memory"]) == set(plain["memory"]) and set(d["gpus"][0]) == set(plain["gpus"][0])
+    assert set(d["trace"]) == {"seconds", "steps", "step_reported", "counts", "flops", "max_batch_size"}
     assert d["memory"]["peak_bytes"] == modelled.memory.peak_bytes
     assert d["memory"]["step1_peak_bytes"] == modelled.memory.step1_peak_bytes
     traced_parts, parts = d["memory"]["components"], dict(modelled.memory.components)
