@@ -42,8 +42,19 @@ def generic_task(config: dict, where: str) -> tuple[str, str]:
     for suffix, task in GENERIC_TASKS:
         if arch.endswith(suffix):
             return task, arch
+    if arch.endswith("ForConditionalGeneration") and _is_seq2seq(config.get("model_type")):
+        return "seq2seq_lm", arch
     raise InputError(f"{where}: the traced route builds model classes ending in "
-                     f"{', '.join(s for s, _ in GENERIC_TASKS)}; '{arch}' is none of them (edit 'architectures')")
+                     f"{', '.join(s for s, _ in GENERIC_TASKS)} (and an encoder-decoder's ForConditionalGeneration);"
+                     f" '{arch}' is none of them (edit 'architectures')")
+
+
+def _is_seq2seq(model_type) -> bool:
+    """An encoder-decoder language model (T5, BART, ...): AutoModelForSeq2SeqLM builds it (transformers
+    models/auto/modeling_auto.py MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES
+
+    return model_type in MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES
 
 
 def _is_decoder(model_type: str, task: str) -> bool:
@@ -92,10 +103,15 @@ def generic_spec(config: dict, name: str = "", where: str = "config") -> ModelSp
 def head_params(model) -> set[int]:
     """ids of the task head's parameters: every parameter outside the base model
     (``model.base_model_prefix``: lm_head, classifier, score, pre_classifier, ...), with a tied output
-    embedding's weight, which is the input embedding's (``named_parameters(remove_duplicate=False)``)."""
+    embedding's weight, which is the input embedding's (``named_parameters(remove_duplicate=False)``); a model
+    without a base-model submodule: its output embedding's."""
     prefix = getattr(model, "base_model_prefix", "")
-    return {id(p) for n, p in model.named_parameters(remove_duplicate=False)
-            if not prefix or not (n == prefix or n.startswith(prefix + "."))}
+    if prefix and hasattr(model, prefix):
+        return {id(p) for n, p in model.named_parameters(remove_duplicate=False)
+                if not (n == prefix or n.startswith(prefix + "."))}
+    # no base-model submodule (T5ForConditionalGeneration: shared, encoder, decoder, lm_head): the output embedding
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return {id(p) for p in output.parameters()} if output is not None else set()
 
 
 def apply_generic_method(model, spec: ModelSpec, settings: MethodSettings):

@@ -16,8 +16,8 @@ __all__ = ["AUTO_CLASS", "MAX_LAYERS", "ModelSpec", "TASKS", "check_divisible", 
 
 # The tasks a model class can have, decided by the config's `architectures` as transformers
 # builds it (AutoModelForCausalLM / ForMaskedLM / ForSequenceClassification / ForImageClassification /
-# AutoModel).
-TASKS = ("causal_lm", "masked_lm", "seq_cls", "image_cls", "base", "image_text_to_text")
+# AutoModel; seq2seq_lm, AutoModelForSeq2SeqLM: families peftcalc traces only, measure.generic).
+TASKS = ("causal_lm", "masked_lm", "seq_cls", "image_cls", "base", "image_text_to_text", "seq2seq_lm")
 
 # The transformers Auto class that builds each task (used by the harness and shown to users).
 AUTO_CLASS = {
@@ -27,6 +27,7 @@ AUTO_CLASS = {
     "image_cls": "AutoModelForImageClassification",
     "base": "AutoModel",
     "image_text_to_text": "AutoModelForImageTextToText",
+    "seq2seq_lm": "AutoModelForSeq2SeqLM",
 }
 
 

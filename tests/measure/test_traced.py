@@ -28,6 +28,9 @@ TINY_LLAMA = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hid
 # Falcon (transformers models/falcon/configuration_falcon.py): a family peftcalc does not model
 TINY_FALCON = {"model_type": "falcon", "architectures": ["FalconForCausalLM"], "hidden_size": 64,
                "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 512}
+# T5 (transformers models/t5/configuration_t5.py; decoder_start_token_id as every published T5 config sets it)
+TINY_T5 = {"model_type": "t5", "architectures": ["T5ForConditionalGeneration"], "d_model": 64, "d_ff": 128,
+           "num_layers": 2, "num_heads": 4, "vocab_size": 512, "decoder_start_token_id": 0, "pad_token_id": 0}
 SMALL = ["--method", "lora", "--precision", "fp32", "--batch-size", "2", "--seq-len", "32"]
 
 
@@ -118,6 +121,25 @@ def test_unmodelled_full_fine_tuning_counts_and_storage(configs, tmp_path):
     assert e.storage.per_task_bytes == (tmp_path / "full" / "model.safetensors").stat().st_size
     # AdamW keeps two fp32 moments per parameter (and a step count per tensor) after step 1
     assert e.memory.components["optimizer_states"] >= 8 * e.params.total
+
+
+def test_unmodelled_encoder_decoder(tmp_path):
+    """T5 (an encoder-decoder: AutoModelForSeq2SeqLM, peft SEQ_2_SEQ_LM): LoRA's counts are the real model's;
+    by hand: peft's T5 targets q and v in 6 attention modules (2 encoder self, 2 decoder self, 2 cross), each
+    64 -> 4 heads x d_kv 64 = 256: A 8 x 64 + B 256 x 8, 12 times = 30,720."""
+    import peft
+    import transformers
+
+    path = tmp_path / "t5.json"
+    path.write_text(json.dumps(TINY_T5))
+    e = traced_estimate(str(path), method="lora", precision="fp32", batch_size=1, seq_len=16)
+    config = transformers.AutoConfig.for_model("t5", **{k: v for k, v in TINY_T5.items() if k != "model_type"})
+    with torch.device("meta"):
+        real = peft.get_peft_model(transformers.AutoModelForSeq2SeqLM.from_config(config),
+                                   peft.LoraConfig(r=8, lora_alpha=16, task_type="SEQ_2_SEQ_LM"))
+    assert e.params.total == sum(p.numel() for p in real.parameters())
+    assert e.params.trainable == sum(p.numel() for p in real.parameters() if p.requires_grad) == 12 * (8 * 64 + 256 * 8)
+    assert e.architecture == "T5ForConditionalGeneration" and e.memory.peak_bytes > 0
 
 
 def test_generic_flops_by_hand():
