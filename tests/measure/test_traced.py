@@ -13,9 +13,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from measure.run import measure_one
 from measure.traced import traced_estimate, traced_spec
-from peftcalc.api import estimate, method_settings
+from peftcalc.api import estimate
 from peftcalc.cli import app
 from peftcalc.errors import InputError
 from peftcalc.settings import TrainingSettings
@@ -43,16 +42,30 @@ def configs(tmp_path):
     return paths
 
 
+def _committed_row(model: str, method: str, **training) -> dict:
+    """The committed harness row (reports/data/ci.jsonl, matrix ci: 2 steps on fake tensors) of `model` with
+    `method` at its defaults, AdamW, sdpa, no checkpointing and the `training` settings given."""
+    for line in (ROOT / "reports" / "data" / "ci.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        s, t = row["settings"], row["settings"]["training"]
+        m = s["method"]
+        if (s["model"], s["device"], m["method"], m["rank"], m["targets"], m["dora"]) != (model, "fake", method, 8, None, False):
+            continue
+        if (t["optimizer"], t["attention"], t["grad_checkpointing"]) == ("adamw", "sdpa", False) and all(
+                t[k] == v for k, v in training.items()) and s["steps"] == 2 and row["outcome"] == "ok":
+            return row
+    raise AssertionError(f"no committed fake row of {model} {method} {training}")
+
+
 def test_modelled_trace_is_the_harness_row_and_the_cpu_estimate(configs):
-    """--trace of tiny-llama LoRA fp32 reports the harness's fake row to the byte; peftcalc's --device cpu
+    """--trace of tiny-llama LoRA fp32 reports the harness's fake row (the committed one, of the same config in
+    measure/matrices/ci.toml) to the byte; peftcalc's --device cpu
     estimate of the same settings is equal to the byte too (its logits/loss buffers are the tracer's "other",
     reported as temporaries)."""
     result = runner.invoke(app, ["estimate", str(configs["llama"]), "--trace", "--format", "json", *SMALL])
     assert result.exit_code == 0, result.output
     d = json.loads(result.stdout)
-    spec = traced_spec(str(configs["llama"]))
-    training = TrainingSettings(batch_size=2, seq_len=32, precision="fp32", device="cpu")
-    row = measure_one(spec, method_settings("lora"), training, device="fake", steps=2, predicted=False)
+    row = _committed_row("tiny-llama", "lora", batch_size=2, seq_len=32, precision="fp32")
     measured = row["measured"]
     assert d["estimated_by"] == "traced" and d["trace"]["steps"] == 2 and d["trace"]["seconds"] > 0
     assert d["memory"]["peak_bytes"] == measured["peak_bytes"] == 1_475_432
