@@ -17,15 +17,17 @@ import torch
 from measure.build import count_logical_params, logical_numel
 from measure.generic import GENERIC_METHODS, generic_spec, is_unmodelled
 from measure.loop import run_traced
-from measure.setup import build_for_device, precision_policy, transformers_model
-from peftcalc.api import (DEFAULT_DATASET_TOKENS, DEFAULT_MODEL, _check_cost_inputs, _checked_training,
-                          _tokens_per_sample, check_applies, default_method, method_settings, resolved_settings)
+from measure.setup import build_for_device, check_run, precision_policy, transformers_model
+from peftcalc.api import (DEFAULT_DATASET_TOKENS, DEFAULT_MODEL, DEFAULT_OPTIMIZER, _check_cost_inputs,
+                          _checked_training, _cost_on, check_applies, default_method, method_settings,
+                          resolved_settings, traced_status)
 from peftcalc.config import load_spec
 from peftcalc.errors import InputError
-from peftcalc.hardware import DEFAULT_MFU, step_flops
-from peftcalc.methods import PEFT_METHODS, check_combination, make_plan
+from peftcalc.hardware import DEFAULT_MFU
+from peftcalc.methods import PEFT_METHODS, make_plan
+from peftcalc.settings import check_loss_applies
 from peftcalc.storage import full_model_bytes, storage
-from peftcalc.traced import APPROXIMATE_FLOPS, Trace, approximate_step_flops, traced_estimate_from, traced_storage
+from peftcalc.traced import APPROXIMATE_FLOPS, Trace, approximate_step_flops, cost_on, traced_estimate_from, traced_storage
 from peftcalc.unmodelled import unmodelled_config
 
 __all__ = ["TRACE_STEPS", "model_facts", "trace_model", "traced_estimate", "traced_spec"]
@@ -171,9 +173,11 @@ def traced_estimate(
     model=DEFAULT_MODEL, *, method: str | None = None, rank=None, alpha=None, targets=None, dora=None,
     double_quant=None, bottleneck=None, adapter_kind=None, num_virtual_tokens=None, trainable_layers=None,
     vision_layers=None, prepare_kbit=None, batch_size: int = 1, seq_len: int = 512, precision: str = "bf16",
-    optimizer: str = "adamw", grad_checkpointing: bool = False, attention: str = "sdpa", device: str = "cpu",
-    checkpoint_every: int = 1, checkpoint_reentrant: bool = False, gpu: str | None = None, price: float | None = None,
-    tasks: int = 1, dataset_tokens: int = DEFAULT_DATASET_TOKENS, mfu: float = DEFAULT_MFU,
+    optimizer: str = DEFAULT_OPTIMIZER, grad_checkpointing: bool = False, attention: str = "sdpa",
+    device: str = "cpu", checkpoint_every: int = 1, checkpoint_reentrant: bool = False, grad_accum: int = 1,
+    keep_outputs: bool = False, loss: str = "hf", loss_chunks: int = 8, offload_activations: bool = False,
+    max_grad_norm: float | None = None, gpu: str | None = None, price: float | None = None, tasks: int = 1,
+    dataset_tokens: int = DEFAULT_DATASET_TOKENS, mfu: float = DEFAULT_MFU,
 ):
     """estimate()'s figures from a trace of the real model on fake tensors (any transformers model); `device`
     is accepted for estimate()'s signature, and the trace always counts as --device cpu does."""
@@ -182,25 +186,35 @@ def traced_estimate(
                  adapter_kind=adapter_kind, num_virtual_tokens=num_virtual_tokens, trainable_layers=trainable_layers,
                  vision_layers=vision_layers, prepare_kbit=prepare_kbit)
     settings = _settings(spec, method, knobs)
-    _checked_training(dict(batch_size=batch_size, seq_len=seq_len, precision=precision, optimizer=optimizer,
-                           grad_checkpointing=grad_checkpointing, attention=attention, device=device,
-                           checkpoint_every=checkpoint_every, checkpoint_reentrant=checkpoint_reentrant))
-    t = _checked_training(dict(batch_size=batch_size, seq_len=seq_len, precision=precision, optimizer=optimizer,
-                               grad_checkpointing=grad_checkpointing, attention=attention, device="cpu",
-                               checkpoint_every=checkpoint_every, checkpoint_reentrant=checkpoint_reentrant))
+    training = dict(batch_size=batch_size, seq_len=seq_len, precision=precision, optimizer=optimizer,
+                    grad_checkpointing=grad_checkpointing, attention=attention, checkpoint_every=checkpoint_every,
+                    checkpoint_reentrant=checkpoint_reentrant, grad_accum=grad_accum, keep_outputs=keep_outputs,
+                    loss=loss, loss_chunks=loss_chunks, offload_activations=offload_activations,
+                    max_grad_norm=max_grad_norm)
+    _checked_training({**training, "device": device})
+    t = _checked_training({**training, "device": "cpu"})
+    if traced_status(t) != "traced":
+        raise InputError(f"loss {t.loss} and optimizer {t.optimizer}: a trace cannot run this recipe (Triton "
+                         "kernels, or CUDA unified memory, run on CUDA only); drop --trace for peftcalc's model of it",
+                         names=("loss", "optimizer"))
     _check_cost_inputs(gpu, price, tasks, dataset_tokens, mfu)
-    if not is_unmodelled(spec):
-        check_combination(spec, settings, seq_len, grad_checkpointing)
+    if is_unmodelled(spec):
+        check_loss_applies(spec, t)
+    else:  # the harness's own checks of a fake run
+        check_run(spec, settings, t, "fake", TRACE_STEPS)
     result, built, seconds = trace_model(spec, settings, t)
     trace = _trace(result, built, settings, t, seconds)
     if is_unmodelled(spec):
-        flops, tokens = approximate_step_flops(trace, t, spec, settings.method), t.batch_size * t.seq_len
+        flops = t.grad_accum * approximate_step_flops(trace, t, spec, settings.method)
+        tokens = t.grad_accum * t.batch_size * t.seq_len
         note, st = APPROXIMATE_FLOPS, traced_storage(trace, settings.method, tasks)
+        cost = lambda g, p: cost_on(flops, tokens, t, g, mfu, dataset_tokens, p)  # noqa: E731
     else:
-        flops, tokens, st = _modelled_flops_and_storage(spec, settings, t, tasks)
-        note = "modelled (peftcalc.hardware.step_flops)"
-    return traced_estimate_from(trace, spec, settings, t, flops=flops, tokens_per_step=tokens, flops_note=note,
-                                storage=st, gpu=gpu, price=price, mfu=mfu, dataset_tokens=dataset_tokens)
+        plan = make_plan(spec, settings)
+        note, st = "modelled (peftcalc.hardware.step_flops)", _modelled_storage(plan, settings, t, tasks)
+        cost = lambda g, p: _cost_on(plan, t, g, mfu, dataset_tokens, p)  # noqa: E731
+    return traced_estimate_from(trace, spec, settings, t, cost=cost, flops_note=note, storage=st, gpu=gpu,
+                                price=price)
 
 
 def _trace(result: dict, built, settings, t, seconds: float) -> Trace:
@@ -220,15 +234,11 @@ def _trace(result: dict, built, settings, t, seconds: float) -> Trace:
     )
 
 
-def _modelled_flops_and_storage(spec, settings, t, tasks: int):
-    """FLOPs per step, tokens per step and storage as peftcalc.api.estimate computes them (a modelled family)."""
+def _modelled_storage(plan, settings, t, tasks: int):
+    """Storage as peftcalc.api.estimate computes it (a modelled family)."""
     from peftcalc.api import StorageInfo
 
-    plan = make_plan(spec, settings)
-    tokens = _tokens_per_sample(plan, t)
-    flops = step_flops(plan, t, tokens).total
     weight_dtype = t.weight_dtype if settings.method != "qlora" else t.compute_dtype
     st = storage(plan, weight_dtype, tasks)
-    info = StorageInfo(st.per_task_bytes, st.base_bytes, tasks, st.total_bytes,
+    return StorageInfo(st.per_task_bytes, st.base_bytes, tasks, st.total_bytes,
                        tasks * full_model_bytes(plan, weight_dtype))
-    return flops, t.batch_size * tokens, info

@@ -11,7 +11,8 @@ import typer
 from peftcalc.errors import InputError, as_flags
 from peftcalc.cli_options import (
     ADAPTER_KIND, ALPHA, ATTENTION, BATCH, BOTTLENECK, CHART_SUFFIXES, CKPT, CKPT_EVERY, CKPT_REENTRANT,
-    DATASET_TOKENS, DEVICE, DORA, DOUBLE_QUANT, EXTRAS, FORMAT, GPU_OPT, MEASURE_DEVICES, METHOD, MFU, MODEL_ARG,
+    DATASET_TOKENS, DEVICE, DORA, DOUBLE_QUANT, EXTRAS, FORMAT, GPU_OPT, GRAD_ACCUM, KEEP_OUTPUTS, LOSS, LOSS_CHUNKS,
+    MAX_GRAD_NORM, MEASURE_DEVICES, METHOD, MFU, MODEL_ARG, OFFLOAD,
     OPTIMIZER, PRECISION, PREPARE_KBIT, PRICE, RANK, SEQ, TARGETS, TASKS, TRACE, TRAINABLE_LAYERS, VIRTUAL_TOKENS,
     VISION_LAYERS, check_format, check_limit, check_out_file, check_out_folder, echo_rows, int_list, method_list,
     measure_text, missing_extra_text, model_arg, require,
@@ -39,7 +40,9 @@ def estimate(
     vision_layers: Optional[int] = VISION_LAYERS, prepare_kbit: Optional[bool] = PREPARE_KBIT,
     batch_size: int = BATCH, seq_len: int = SEQ, precision: str = PRECISION, optimizer: str = OPTIMIZER,
     grad_checkpointing: bool = CKPT, checkpoint_every: int = CKPT_EVERY, checkpoint_reentrant: bool = CKPT_REENTRANT,
-    attention: str = ATTENTION, device: str = DEVICE, gpu: Optional[str] = GPU_OPT,
+    attention: str = ATTENTION, device: str = DEVICE, grad_accum: int = GRAD_ACCUM, keep_outputs: bool = KEEP_OUTPUTS,
+    loss: str = LOSS, loss_chunks: int = LOSS_CHUNKS, offload_activations: bool = OFFLOAD,
+    max_grad_norm: Optional[float] = MAX_GRAD_NORM, gpu: Optional[str] = GPU_OPT,
     price: Optional[float] = PRICE, tasks: int = TASKS, dataset_tokens: int = DATASET_TOKENS, mfu: float = MFU,
     format: str = FORMAT, trace: bool = TRACE,
 ) -> None:
@@ -59,7 +62,9 @@ def estimate(
                      vision_layers=vision_layers, prepare_kbit=prepare_kbit, batch_size=batch_size,
                      seq_len=seq_len, precision=precision, optimizer=optimizer, grad_checkpointing=grad_checkpointing,
                      checkpoint_every=checkpoint_every, checkpoint_reentrant=checkpoint_reentrant,
-                     attention=attention, device=device, gpu=gpu, price=price, tasks=tasks,
+                     attention=attention, device=device, grad_accum=grad_accum, keep_outputs=keep_outputs,
+                     loss=loss, loss_chunks=loss_chunks, offload_activations=offload_activations,
+                     max_grad_norm=max_grad_norm, gpu=gpu, price=price, tasks=tasks,
                      dataset_tokens=dataset_tokens, mfu=mfu)
     if unmodelled:
         typer.echo(f"{unmodelled} is not modelled analytically; traced on fake tensors ({e.trace['seconds']:,.1f} s)",
@@ -170,7 +175,9 @@ def measure(
     prepare_kbit: Optional[bool] = PREPARE_KBIT,
     batch_size: int = BATCH, seq_len: int = SEQ, precision: str = PRECISION, optimizer: str = OPTIMIZER,
     grad_checkpointing: bool = CKPT, checkpoint_every: int = CKPT_EVERY, checkpoint_reentrant: bool = CKPT_REENTRANT,
-    attention: str = ATTENTION,
+    attention: str = ATTENTION, grad_accum: int = GRAD_ACCUM, keep_outputs: bool = KEEP_OUTPUTS,
+    loss: str = LOSS, loss_chunks: int = LOSS_CHUNKS, offload_activations: bool = OFFLOAD,
+    max_grad_norm: Optional[float] = MAX_GRAD_NORM,
     device: Optional[str] = typer.Option(None, "--device", help="cuda | cpu | fake (fake: meta-device model on "
                                          "fake tensors, no memory used). Default for one run: cuda when torch "
                                          "sees a CUDA device, else cpu; for --matrix, the matrix's own devices."),
@@ -217,7 +224,9 @@ def measure(
     training = TrainingSettings(batch_size=batch_size, seq_len=seq_len, precision=precision, optimizer=optimizer,
                                 grad_checkpointing=grad_checkpointing, attention=attention,
                                 device="cuda" if dev == "cuda" else "cpu", checkpoint_every=checkpoint_every,
-                                checkpoint_reentrant=checkpoint_reentrant)
+                                checkpoint_reentrant=checkpoint_reentrant, grad_accum=grad_accum,
+                                keep_outputs=keep_outputs, loss=loss, loss_chunks=loss_chunks,
+                                offload_activations=offload_activations, max_grad_norm=max_grad_norm)
     row = measure_one(spec, settings, training, device=dev, steps=steps)
     if format == "json":
         typer.echo(to_json_line(row))

@@ -8,8 +8,8 @@ What a trace gives and what it does not:
   measure/tracer.py); its categories map onto the estimate's components (TRACER_COMPONENTS);
 - the GPU fit: the traced peak plus the allocator slack and CUDA context (memory.reserved_bytes) against each
   card; the largest batch would need a trace per batch size, so it is not given;
-- time and cost: from peftcalc's FLOPs (hardware.step_flops) where the family is modelled, else from the traced
-  parameter counts (:func:`approximate_step_flops`, stated as such);
+- time and cost: peftcalc's (api._cost_on: hardware.step_flops) where the family is modelled, else from the
+  traced parameter counts (:func:`approximate_step_flops`, stated as such);
 - storage: peftcalc's where the family is modelled, else the safetensors files of the traced model's tensors.
 """
 
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from math import ceil
+from typing import Callable
 
 from peftcalc.api import Cost, Estimate, GpuFit, Memory, Params, StorageInfo, _choose_gpu
 from peftcalc.hardware import find_gpu, gpu_catalog, peak_tflops
@@ -79,7 +80,7 @@ def traced_components(trace: Trace) -> dict:
 
 
 def approximate_step_flops(trace: Trace, t: TrainingSettings, spec, method: str) -> float:
-    """FLOPs of one step without a model of the family (APPROXIMATE_FLOPS): 2 x M x tokens forward; backward
+    """FLOPs of one micro-batch without a model of the family (APPROXIMATE_FLOPS): 2 x M x tokens forward; backward
     2 x M x tokens for input gradients (not for 'frozen', whose gradients stop at the head) plus 2 x trainable
     x tokens; attention 4 b s^2 d L forward (d = hidden size, L = layers), twice that backward where input
     gradients flow; with checkpointing the forward once more where they flow."""
@@ -94,7 +95,8 @@ def approximate_step_flops(trace: Trace, t: TrainingSettings, spec, method: str)
 
 def cost_on(flops: float, tokens_per_step: int, t: TrainingSettings, gpu, mfu: float, dataset_tokens: int,
             price: float | None) -> Cost:
-    """Time and cost of an epoch on `gpu` from the FLOPs of a step (as peftcalc.api's, at `mfu`)."""
+    """Time and cost of an epoch on `gpu` from the FLOPs and tokens of an optimizer step (all its micro-batches),
+    at `mfu` of the card's dense peak (peftcalc.api's arithmetic, without QLoRA's dequantization time)."""
     step_seconds = flops / (peak_tflops(gpu, t) * 1e12 * mfu)
     steps = ceil(dataset_tokens / tokens_per_step)
     hours = steps * step_seconds / 3600
@@ -123,21 +125,21 @@ def _memory(trace: Trace) -> Memory:
                   events=dict(trace.phase_peaks))
 
 
-def traced_estimate_from(trace: Trace, spec, settings: MethodSettings, t: TrainingSettings, *, flops: float,
-                         tokens_per_step: int, flops_note: str, storage: StorageInfo, gpu: str | None,
-                         price: float | None, mfu: float, dataset_tokens: int) -> Estimate:
-    """The Estimate of a trace (estimated_by "traced"): memory and GPU fit from the trace, time and cost
-    from `flops` per step, `storage` as given; `trace` in the result says how it was traced."""
+def traced_estimate_from(trace: Trace, spec, settings: MethodSettings, t: TrainingSettings, *, cost: Callable,
+                         flops_note: str, storage: StorageInfo, gpu: str | None, price: float | None) -> Estimate:
+    """The Estimate of a trace (estimated_by "traced"): memory and GPU fit from the trace, time and cost from
+    `cost(gpu, price)` (a Cost; `price` None: the card's own), `storage` as given; `trace` in the result says
+    how it was traced."""
     memory = _memory(trace)
     fits = []
     for g in gpu_catalog():
         named = gpu is not None and find_gpu(gpu).name == g.name
-        c = cost_on(flops, tokens_per_step, t, g, mfu, dataset_tokens, price if named else None)
+        c = cost(g, price if named else None)
         fits.append(GpuFit(g.name, g.memory_bytes, memory.reserved_bytes <= g.memory_bytes,
                            g.memory_bytes - memory.reserved_bytes, None, c.step_seconds, c.epoch_hours,
                            c.epoch_cost_usd, c.price_per_hour))
     chosen = _choose_gpu(gpu, fits)
-    cost = cost_on(flops, tokens_per_step, t, chosen, mfu, dataset_tokens, price if gpu else None) if chosen else None
+    cost = cost(chosen, price if gpu else None) if chosen else None
     percent = 100.0 * trace.params_trainable / trace.params_total if trace.params_total else 0.0
     return Estimate(
         model=spec.name, architecture=spec.architecture, source=spec.source, method=settings, training=t,
