@@ -73,6 +73,8 @@ def trace_model(spec, settings, training, steps: int = TRACE_STEPS) -> tuple[dic
     except Exception as exc:  # transformers or peft refusing this model: one line, with a hint where one helps
         message = " ".join(str(exc).split())[:300]
         hint = "; try --attention eager" if "scaled_dot_product_attention" in message else ""
+        if isinstance(exc, KeyError) and settings.method in ("prefix", "prompt"):
+            hint = " (peft's prompt learning could not read this model's config)"
         if type(exc).__name__ in ("DataDependentOutputException", "DynamicOutputShapeException"):
             hint = " (an op of this model needs a tensor's values, which fake tensors do not have)"
         raise InputError(f"tracing {spec.name} on fake tensors failed: {type(exc).__name__}: {message}{hint}") from None
