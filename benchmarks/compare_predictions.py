@@ -36,7 +36,7 @@ def row_predictions():
             yield key, {"unresolved": why}
             continue
         try:
-            yield key, predict_row(spec, row["settings"]).to_dict()
+            yield key, _figures(predict_row(spec, row["settings"]))
         except InputError as exc:
             yield key, {"error": str(exc)}
 
@@ -49,6 +49,15 @@ def sweep_rows():
     df = peftcalc.sweep("llama-3.1-8b", **SWEEP_GRID, optimizer="adamw")  # the default the snapshot had
     for i, rec in enumerate(df.to_dict(orient="records")):
         yield f"sweep:{i}", rec
+
+
+def _figures(e) -> dict:
+    """An estimate's figures: its JSON without the labels that say how it was made (`estimated_by`, `trace`:
+    the traced route's, added after the first snapshots), which are no prediction."""
+    d = e.to_dict()
+    for label in ("estimated_by", "trace"):
+        d.pop(label, None)
+    return d
 
 
 def registry_estimates():
@@ -71,7 +80,7 @@ def registry_estimates():
                       seq_len=256, **ckpt)
             key = f"registry:{name}:{json.dumps(kw, sort_keys=True)}"
             try:
-                yield key, estimate(spec, **kw, optimizer="adamw").to_dict()
+                yield key, _figures(estimate(spec, **kw, optimizer="adamw"))
             except InputError as exc:
                 yield key, {"error": str(exc)}
 

@@ -71,7 +71,7 @@ class GpuFit:
     memory_bytes: int
     fits: bool
     headroom_bytes: int
-    max_batch_size: int
+    max_batch_size: int | None  # None on a traced estimate (one batch size traced)
     step_seconds: float
     epoch_hours: float
     epoch_cost_usd: float
@@ -114,6 +114,8 @@ class Estimate:
     cost: Cost | None
     storage: StorageInfo
     image_tokens: int = 0  # a VLM: tokens one image adds to the language model's sequence (BLIP-2: its queries)
+    estimated_by: str = "modelled"  # "modelled" (this calculator) or "traced" (the harness on fake tensors)
+    trace: dict | None = None  # a traced estimate: how it was traced (measure.traced.traced_estimate)
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -15,7 +15,7 @@ __all__ = [
     "CKPT_REENTRANT", "DATASET_TOKENS", "DEVICE", "DORA", "DOUBLE_QUANT", "EXTRAS", "FORMAT", "FORMATS", "GPU_OPT",
     "GRAD_ACCUM", "KEEP_OUTPUTS", "LOSS", "LOSS_CHUNKS", "MAX_GRAD_NORM", "MEASURE_DEVICES", "METHOD", "MFU",
     "MODEL_ARG", "OFFLOAD", "OPTIMIZER", "PRECISION", "PREPARE_KBIT", "PRICE", "RANK", "SEQ",
-    "TARGETS", "TASKS", "TRAINABLE_LAYERS", "VIRTUAL_TOKENS", "VISION_LAYERS", "can_write", "check_format",
+    "TARGETS", "TASKS", "TRACE", "TRAINABLE_LAYERS", "VIRTUAL_TOKENS", "VISION_LAYERS", "can_write", "check_format",
     "check_limit", "check_out_file", "check_out_folder", "echo_rows", "fmt_cell", "int_list", "measure_text",
     "method_list", "missing_extra_text", "model_arg", "phase_text", "require", "writable_folder",
 ]
@@ -107,6 +107,10 @@ TASKS = typer.Option(1, "--tasks", help="Number of tasks for the storage total."
 DATASET_TOKENS = typer.Option(10_000_000, "--dataset-tokens", help="Tokens per epoch.")
 MFU = typer.Option(0.35, "--mfu", help="Model FLOPs utilisation assumed for time (default 0.35).")
 FORMAT = typer.Option("table", "--format", "-f", help="table | json | csv | markdown")
+TRACE = typer.Option(False, "--trace", help="Trace the training step of the real model on fake tensors (the "
+                     "harness: pip install 'peftcalc[measure]'; seconds, not milliseconds) instead of modelling "
+                     "it: any transformers model; counts as --device cpu. A family peftcalc does not model is "
+                     "traced without it.")
 
 
 def check_format(fmt: str) -> None:
