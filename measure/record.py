@@ -34,8 +34,10 @@ REPO = Path(__file__).resolve().parent.parent
 # the settings (and resume keys) of every earlier row stay what they were.
 LATER_METHOD_FIELDS = ("vision_layers",)
 # TrainingSettings fields added later, with their defaults: recorded only when they differ from them.
-LATER_TRAINING_FIELDS = {"checkpoint_every": 1, "checkpoint_reentrant": False, "gpus": 1, "gpus_per_node": 8,
-                         "sharding": "none", "reshard_after_forward": True, "offload": "none"}
+LATER_TRAINING_FIELDS = {"checkpoint_every": 1, "checkpoint_reentrant": False, "grad_accum": 1, "keep_outputs": False,
+                         "loss": "hf", "loss_chunks": 8, "offload_activations": False, "max_grad_norm": None,
+                         "gpus": 1, "gpus_per_node": 8, "sharding": "none", "reshard_after_forward": True,
+                         "offload": "none"}
 
 
 def method_record(spec: ModelSpec, method: MethodSettings) -> dict:
