@@ -16,7 +16,7 @@ TINY_PARAMS = 2 * (4 * 64 * 64 + 3 * 64 * 128 + 2 * 64) + 2 * 512 * 64 + 64
 
 
 def _t(**kw):
-    return TrainingSettings(**{"batch_size": 2, "seq_len": 32, "precision": "fp32", "device": "cpu", **kw})
+    return TrainingSettings(**{"batch_size": 2, "seq_len": 32, "precision": "fp32", "device": "cpu", "optimizer": "adamw", **kw})
 
 
 def test_buckets_are_one_gradient_copy():

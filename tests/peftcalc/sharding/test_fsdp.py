@@ -28,7 +28,7 @@ def _plan(method="full"):
 
 
 def _t(**kw):
-    return TrainingSettings(**{"batch_size": 2, "seq_len": 32, "precision": "fp32", "device": "cpu",
+    return TrainingSettings(**{"batch_size": 2, "seq_len": 32, "precision": "fp32", "device": "cpu", "optimizer": "adamw",
                                "sharding": "fsdp", **kw})
 
 
@@ -70,7 +70,7 @@ def test_last_rank_reported_where_padding_differs():
 
 
 def test_estimate_reports_ranks():
-    e = estimate(dict(TINY), method="full", precision="fp32", batch_size=2, seq_len=32, device="cpu", gpus=3,
+    e = estimate(dict(TINY), method="full", precision="fp32", optimizer="adamw", batch_size=2, seq_len=32, device="cpu", gpus=3,
                  sharding="fsdp")
     assert e.memory.peak_bytes == 2069980 and [r["rank"] for r in e.memory.ranks] == [0, 2]
     assert e.memory.components["unsharded_params"] > 0 and sum(e.memory.components.values()) == 2069980
@@ -87,7 +87,7 @@ def test_estimate_reports_ranks():
     (dict(gpus=2, sharding="zero1", reshard_after_forward=False), CombinationError),
 ])
 def test_bad_parallel_settings(kw, error):
-    kw = {"method": "full", **kw}
+    kw = {"method": "full", "optimizer": "adamw", **kw}
     with pytest.raises(error):
         estimate(dict(TINY), **kw)
 
