@@ -8,7 +8,7 @@ the way measure.dist traces the fake process group, to compare with `peftcalc me
 prints rank 0's steady-state peak, its phase and step 1's peak as one JSON line (tiny-llama of
 measure/matrices/dist.toml, full fine-tuning, fp32, AdamW, batch 2 x 32, two steps).
 """
-import os, sys, json, tomllib, torch, torch.distributed as dist
+import sys, json, tomllib, torch, torch.distributed as dist
 sharding = sys.argv[1]
 dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
