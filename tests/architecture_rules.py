@@ -29,6 +29,7 @@ LAYERS = [
     ["peftcalc.activations"],
     ["peftcalc.model_states", "peftcalc.memory", "peftcalc.storage"],
     ["peftcalc.hardware"],
+    ["peftcalc.training_configs"],
     ["peftcalc.api"],
     ["peftcalc.compare", "peftcalc.crossover", "peftcalc.format"],
     ["peftcalc.cli", "peftcalc.cli_options", "peftcalc.__main__", "peftcalc"],
