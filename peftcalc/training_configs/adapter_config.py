@@ -13,7 +13,7 @@ from __future__ import annotations
 from peftcalc.errors import InputError
 from peftcalc.training_configs.common import Derived, Keys, load_file
 
-__all__ = ["PEFT_TYPES", "read_adapter_config"]
+__all__ = ["PEFT_TYPES", "adapter_method", "read_adapter_config"]
 
 # peft PeftType -> peftcalc method
 PEFT_TYPES = {"LORA": "lora", "IA3": "ia3", "PREFIX_TUNING": "prefix", "PROMPT_TUNING": "prompt"}
@@ -21,10 +21,17 @@ PEFT_TYPES = {"LORA": "lora", "IA3": "ia3", "PREFIX_TUNING": "prefix", "PROMPT_T
 
 def read_adapter_config(path: str) -> Derived:
     """The method an adapter_config.json describes (InputError naming the peft_type peftcalc cannot model)."""
-    data = load_file(path, "adapter config")
+    return adapter_method(load_file(path, "adapter config"), path)
+
+
+def adapter_method(data: dict, path: str) -> Derived:
+    """The method a peft config's fields describe (an adapter_config.json's, or ``PeftConfig.to_dict()``)."""
     d = Derived(tool="peft adapter_config", path=path)
     k = Keys(data, path)
-    peft_type = k.str("peft_type")
+    peft_type = data.get("peft_type")
+    peft_type = getattr(peft_type, "value", peft_type)  # PeftConfig.to_dict() keeps the PeftType enum
+    if peft_type is not None and not isinstance(peft_type, str):
+        raise InputError(f"{path}: key 'peft_type' must be a peft type name, got {peft_type!r}")
     if peft_type is None:
         raise InputError(f"{path}: no key 'peft_type'; not a peft adapter_config.json")
     method = PEFT_TYPES.get(peft_type.upper())

@@ -102,8 +102,8 @@ class Keys:
             return default
         if isinstance(value, str):
             return [v.strip() for v in value.split(",") if v.strip()]
-        if isinstance(value, list) and all(isinstance(v, str) for v in value):
-            return list(value)
+        if isinstance(value, (list, set, tuple)) and all(isinstance(v, str) for v in value):
+            return sorted(value) if isinstance(value, set) else list(value)  # PeftConfig.to_dict() keeps sets
         raise self._bad(key, "a list of module names")
 
     def mapping(self, key: str) -> dict:
