@@ -229,10 +229,10 @@ def estimate(
     _check_cost_inputs(gpu, price, tasks, dataset_tokens, mfu)
     plan = make_plan(spec, settings)
     tl = timeline(plan, t)
-    cuda_tl = tl if device == "cuda" else timeline(plan, replace(t, device="cuda"))
+    cuda_tl = tl if t.device == "cuda" else timeline(plan, replace(t, device="cuda"))
     reserved = reserved_bytes(cuda_tl.peak_bytes)
     memory = Memory(
-        device=device,
+        device=t.device,
         peak_bytes=tl.peak_bytes,
         peak_phase=tl.peak_phase,
         components=dict(tl.components),

@@ -8,10 +8,11 @@ from typing import Optional
 
 import typer
 
-from peftcalc.errors import InputError
+from peftcalc.errors import InputError, as_flags
 from peftcalc.cli_options import (
     ADAPTER_CONFIG, ADAPTER_KIND, ALPHA, ATTENTION, BATCH, BOTTLENECK, CHART_SUFFIXES, CKPT, CKPT_EVERY,
-    CKPT_REENTRANT, CONFIG, DATASET_TOKENS, DEVICE, DORA, DOUBLE_QUANT, EXTRAS, FORMAT, GPU_OPT, MEASURE_DEVICES, METHOD, MFU, MODEL_ARG,
+    CKPT_REENTRANT, CONFIG, DATASET_TOKENS, DEVICE, DORA, DOUBLE_QUANT, EXTRAS, FORMAT, GPU_OPT, MEASURE_DEVICES,
+    METHOD, MFU, MODEL_ARG,
     OPTIMIZER, PRECISION, PREPARE_KBIT, PRICE, RANK, SEQ, TARGETS, TASKS, TRAINABLE_LAYERS, VIRTUAL_TOKENS,
     VISION_LAYERS, check_format, check_limit, check_out_file, check_out_folder, echo_rows, int_list, method_list,
     measure_text, missing_extra_text, model_arg, require, with_config,
@@ -70,7 +71,7 @@ def compare(
     check_format(format)
     kw = with_config(ctx, format)  # a --config file's training settings, rank and targets under the flags
     rows = compare_methods(kw.pop("model"), **kw)
-    typer.echo(render_compare(rows, format))
+    typer.echo(render_compare(rows, format, flags=True))
 
 
 @app.command()
@@ -342,19 +343,10 @@ def chart(
     typer.echo(r["text"])
 
 
-# Flags whose name is not "--" + the API parameter's with dashes (InputError.names -> what the CLI shows).
-FLAG_NAMES = {"vision_layers": "--unfreeze-vision-layers", "model": "MODEL"}
-
-
 def cli_message(exc: InputError) -> str:
     """The one line the CLI prints for an InputError: the API parameters it names shown as flags."""
-    import re
-
     text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    for name in getattr(exc, "names", ()):
-        flag = FLAG_NAMES.get(name, "--" + name.replace("_", "-"))
-        text = re.sub(rf"(?<![\w'./-]){re.escape(name)}(?![\w'-])", flag, text)
-    return f"error: {text}"
+    return f"error: {as_flags(text, getattr(exc, 'names', ()))}"
 
 
 def main() -> None:

@@ -36,7 +36,9 @@ OPTIMIZERS = {
     "adafactor": "transformers.optimization.Adafactor (factored second moment, no first moment)",
 }
 ATTENTIONS = ("sdpa", "eager")
-DEVICES = ("cuda", "cpu")
+# cuda: predict torch.cuda.max_memory_allocated; cpu: the CPU allocator's figure, which is also what the harness's
+# fake-tensor trace counts, so "fake" is taken as a name for "cpu" (peftcalc measure --device fake)
+DEVICES = ("cuda", "cpu", "fake")
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,10 @@ class TrainingSettings:
     # CheckpointFunction instead of the non-reentrant saved-tensor hooks
     checkpoint_every: int = 1
     checkpoint_reentrant: bool = False
+
+    def __post_init__(self):
+        if self.device == "fake":  # the fake-tensor trace counts what the CPU allocator would (DEVICES)
+            object.__setattr__(self, "device", "cpu")
 
     @property
     def weight_dtype(self) -> str:
