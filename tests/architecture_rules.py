@@ -31,8 +31,8 @@ LAYERS = [
     ["peftcalc.hardware"],
     ["peftcalc.training_configs"],
     ["peftcalc.api"],
-    ["peftcalc.integrations"],
     ["peftcalc.compare", "peftcalc.crossover", "peftcalc.format"],
+    ["peftcalc.integrations"],
     ["peftcalc.cli", "peftcalc.cli_options", "peftcalc.__main__", "peftcalc"],
 ]
 
