@@ -13,7 +13,7 @@ from peftcalc.cli_options import (
     ADAPTER_CONFIG, ADAPTER_KIND, ALPHA, ATTENTION, BATCH, BOTTLENECK, CHART_SUFFIXES, CKPT, CKPT_EVERY,
     CKPT_REENTRANT, CONFIG, DATASET_TOKENS, DEVICE, DORA, DOUBLE_QUANT, EXTRAS, FORMAT, GPU_OPT, MEASURE_DEVICES,
     METHOD, MFU, MODEL_ARG,
-    OPTIMIZER, PRECISION, PREPARE_KBIT, PRICE, RANK, SEQ, TARGETS, TASKS, TRAINABLE_LAYERS, VIRTUAL_TOKENS,
+    OPTIMIZER, PRECISION, PREPARE_KBIT, PRICE, RANK, SEQ, TARGETS, TASKS, TRAINABLE_LAYERS, TRAINER_LOOP, VIRTUAL_TOKENS,
     VISION_LAYERS, check_format, check_limit, check_out_file, check_out_folder, echo_rows, int_list, method_list,
     measure_text, missing_extra_text, model_arg, require, with_config,
 )
@@ -42,8 +42,8 @@ def estimate(
     grad_checkpointing: bool = CKPT, checkpoint_every: int = CKPT_EVERY, checkpoint_reentrant: bool = CKPT_REENTRANT,
     attention: str = ATTENTION, device: str = DEVICE, gpu: Optional[str] = GPU_OPT,
     price: Optional[float] = PRICE, tasks: int = TASKS, dataset_tokens: int = DATASET_TOKENS, mfu: float = MFU,
-    format: str = FORMAT, config: Optional[str] = CONFIG, adapter_config: Optional[str] = ADAPTER_CONFIG,
-    ctx: typer.Context = None,
+    format: str = FORMAT, trainer_loop: bool = TRAINER_LOOP, config: Optional[str] = CONFIG,
+    adapter_config: Optional[str] = ADAPTER_CONFIG, ctx: typer.Context = None,
 ) -> None:
     """Parameters, memory breakdown and peak phase, GPU fit, time, cost and storage."""
     from peftcalc.api import estimate as run_estimate
@@ -63,7 +63,8 @@ def compare(
     grad_checkpointing: bool = CKPT, checkpoint_every: int = CKPT_EVERY, checkpoint_reentrant: bool = CKPT_REENTRANT,
     attention: str = ATTENTION, device: str = DEVICE, gpu: Optional[str] = GPU_OPT,
     tasks: int = TASKS, dataset_tokens: int = DATASET_TOKENS, mfu: float = MFU, format: str = FORMAT,
-    config: Optional[str] = CONFIG, adapter_config: Optional[str] = ADAPTER_CONFIG, ctx: typer.Context = None,
+    trainer_loop: bool = TRAINER_LOOP, config: Optional[str] = CONFIG,
+    adapter_config: Optional[str] = ADAPTER_CONFIG, ctx: typer.Context = None,
 ) -> None:
     """Every method side by side on one model and one training setting."""
     from peftcalc.compare import compare_methods, render_compare
@@ -89,8 +90,8 @@ def crossover(
                                                          "shorter sequences)."),
     precision: str = PRECISION, optimizer: str = OPTIMIZER, grad_checkpointing: bool = CKPT,
     checkpoint_every: int = CKPT_EVERY, checkpoint_reentrant: bool = CKPT_REENTRANT,
-    attention: str = ATTENTION, device: str = DEVICE, format: str = FORMAT, config: Optional[str] = CONFIG,
-    adapter_config: Optional[str] = ADAPTER_CONFIG, ctx: typer.Context = None,
+    attention: str = ATTENTION, device: str = DEVICE, format: str = FORMAT, trainer_loop: bool = TRAINER_LOOP,
+    config: Optional[str] = CONFIG, adapter_config: Optional[str] = ADAPTER_CONFIG, ctx: typer.Context = None,
 ) -> None:
     """Where a method stops saving memory against another (default: full fine-tuning) as the sequence
     length or batch size grows (peft#1514: LoRA on all linears overtakes full fine-tuning at long context)."""

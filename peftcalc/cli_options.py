@@ -14,7 +14,7 @@ __all__ = [
     "ADAPTER_CONFIG", "ADAPTER_KIND", "ALPHA", "ATTENTION", "BATCH", "BOTTLENECK", "CHART_SUFFIXES", "CKPT", "CKPT_EVERY",
     "CKPT_REENTRANT", "CONFIG", "DATASET_TOKENS", "DEVICE", "DORA", "DOUBLE_QUANT", "EXTRAS", "FORMAT", "FORMATS", "GPU_OPT",
     "MEASURE_DEVICES", "METHOD", "MFU", "MODEL_ARG", "OPTIMIZER", "PRECISION", "PREPARE_KBIT", "PRICE", "RANK", "SEQ",
-    "TARGETS", "TASKS", "TRAINABLE_LAYERS", "VIRTUAL_TOKENS", "VISION_LAYERS", "can_write", "check_format",
+    "TARGETS", "TASKS", "TRAINABLE_LAYERS", "TRAINER_LOOP", "VIRTUAL_TOKENS", "VISION_LAYERS", "can_write", "check_format",
     "check_limit", "check_out_file", "check_out_folder", "echo_rows", "fmt_cell", "int_list", "measure_text",
     "method_list", "missing_extra_text", "model_arg", "phase_text", "require", "with_config", "writable_folder",
 ]
@@ -91,6 +91,8 @@ TASKS = typer.Option(1, "--tasks", help="Number of tasks for the storage total."
 DATASET_TOKENS = typer.Option(10_000_000, "--dataset-tokens", help="Tokens per epoch.")
 MFU = typer.Option(0.35, "--mfu", help="Model FLOPs utilisation assumed for time (default 0.35).")
 FORMAT = typer.Option("table", "--format", "-f", help="table | json | csv | markdown")
+TRAINER_LOOP = typer.Option(False, "--trainer-loop", help="The step is transformers Trainer's (set by --config: "
+                            "accelerate's backward keeps one more loss scalar alive).")
 CONFIG = typer.Option(None, "--config", help="A training config to read the run from: axolotl YAML, TRL YAML "
                       "(trl sft --config), LLaMA-Factory YAML or a transformers TrainingArguments JSON (the tool is "
                       "detected from the keys). The model on the command line and every flag given override it.")

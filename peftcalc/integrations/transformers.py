@@ -150,9 +150,9 @@ class MemoryCallback(TrainerCallback):
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             return
-        from measure.tracer import StorageTracer, gradient_tensors, model_state_tensors, optimizer_state_tensors
+        from measure.tracer import gradient_tensors, model_state_tensors, optimizer_state_tensors
 
-        self._tracer = StorageTracer()
+        self._tracer = _step_tracer()
         self._tracer.__enter__()
         self._tracer.mark(model_state_tensors(model), "parameters")
         self._tracer.mark(gradient_tensors(model), "gradients")
@@ -250,6 +250,37 @@ class MemoryCallback(TrainerCallback):
             write_row(self.out, row)
             self.echo(f"peftcalc: wrote the run's row to {self.out}")
         return row
+
+
+def _step_tracer():
+    """A StorageTracer for one Trainer step: it counts the model state, the batch and what the step makes. A
+    tensor the Trainer made before the step (its token count, which the loss divides by and autograd saves;
+    its running loss, added to in place) is not counted, nor a view of one (the saved-tensor hook's detach):
+    the harness has no such tensor, every tensor of its step is its own."""
+    from measure.tracer import REGISTERED, StorageTracer
+    from torch.utils._pytree import tree_flatten
+
+    class StepTracer(StorageTracer):
+        _before: set = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            storages = {t.untyped_storage()._cdata for t in tree_flatten((args, kwargs or {}))[0]
+                        if isinstance(t, torch.Tensor)}
+            self._before = storages - set(self.records)  # inputs made before the step
+            return super().__torch_dispatch__(func, types, args, kwargs)
+
+        def track(self, t, op, category="other"):
+            if op != REGISTERED and t.untyped_storage()._cdata in self._before:
+                return None  # an output sharing the storage of a tensor made before the step
+            return super().track(t, op, category)
+
+        def mark(self, tensors, category):
+            if category == "activations":
+                tensors = [t for t in tree_flatten(tensors)[0] if isinstance(t, torch.Tensor)
+                           and t.untyped_storage()._cdata in self.records]
+            super().mark(tensors, category)
+
+    return StepTracer()
 
 
 def _inner(optimizer):

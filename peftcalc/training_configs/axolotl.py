@@ -32,6 +32,7 @@ def read_axolotl(data: dict, path: str) -> Derived:
     k = Keys(data, path)
     d.model = k.str("base_model")
     d.model_key = "base_model"
+    d.want("trainer_loop", True, "Trainer")  # axolotl trains with a transformers Trainer subclass
     d.want("batch_size", k.int("micro_batch_size", 1), "micro_batch_size")
     accum = k.int("gradient_accumulation_steps", 1)
     d.want("grad_accum", accum, "gradient_accumulation_steps", "gradient accumulation" if accum > 1 else "")

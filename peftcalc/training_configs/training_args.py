@@ -26,6 +26,7 @@ def read_trainer_keys(k: Keys, d: Derived, defaults: dict | None = None) -> None
     """The TrainingArguments keys of `k` into `d` (`defaults`: the tool's own defaults of those keys, over
     TRAINER_DEFAULTS)."""
     dft = {**TRAINER_DEFAULTS, **(defaults or {})}
+    d.want("trainer_loop", True, "Trainer")
     d.want("batch_size", k.int("per_device_train_batch_size", dft["per_device_train_batch_size"]),
            "per_device_train_batch_size")
     accum = k.int("gradient_accumulation_steps", dft["gradient_accumulation_steps"])

@@ -19,8 +19,9 @@ FUSED = "adamw-fused" if "adamw-fused" in OPTIMIZERS else "adamw"
 PAGED8 = "paged-adamw-8bit" if "paged-adamw-8bit" in OPTIMIZERS else "adamw-8bit"
 
 ALL_PROJ = ("gate_proj", "down_proj", "up_proj", "q_proj", "v_proj", "k_proj", "o_proj")
-CKPT = dict(grad_checkpointing=True, checkpoint_reentrant=False)
-CKPT_REENTRANT = dict(grad_checkpointing=True, checkpoint_reentrant=True)
+# every tool here trains with a transformers Trainer (axolotl's is a subclass): trainer_loop
+CKPT = dict(grad_checkpointing=True, checkpoint_reentrant=False, trainer_loop=True)
+CKPT_REENTRANT = dict(grad_checkpointing=True, checkpoint_reentrant=True, trainer_loop=True)
 
 # file -> (model given on the command line or None, the hand-written flags it means, keys in the warning line)
 CASES = {
@@ -161,7 +162,7 @@ def test_cli_config_output_is_the_flags_output(capsys):
     assert first.startswith("read LLaMA-Factory config") and "rank 8, alpha 16" in first
     code, flags_out, _ = cli(capsys, "estimate", "qwen2.5-7b", "--rank", "8", "--alpha", "16", "--targets",
                              "all-linear", "-b", "1", "-s", "2048", "--precision", "bf16", "--optimizer", FUSED,
-                             "--grad-checkpointing", "--checkpoint-reentrant")
+                             "--grad-checkpointing", "--checkpoint-reentrant", "--trainer-loop")
     assert rest == flags_out
     assert err == "" or (err.count("\n") == 1 and err.startswith("warning: not modelled")), err
 
