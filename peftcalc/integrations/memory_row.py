@@ -66,7 +66,7 @@ def write_row(path: str, row: dict) -> None:
         raise InputError(f"cannot write the MemoryCallback row to {path}: {exc.strerror or exc}") from None
 
 
-def comparison_text(e, row: dict) -> str:
+def comparison_text(e, row: dict, not_modelled=()) -> str:
     """Predicted vs measured peak (steady state and step 1), and the components at the peak."""
     from peftcalc.format import gib
 
@@ -93,4 +93,6 @@ def comparison_text(e, row: dict) -> str:
             lines.append(line(f"  {name}", sum(parts.get(n, 0) for n in pred_names), cats.get(cat, 0)))
     else:
         lines.append("predicted components: " + json.dumps({k: int(v) for k, v in dict(e.memory.components).items()}))
+    if not_modelled:
+        lines.append("not modelled (the estimate ignores them): " + "; ".join(not_modelled))
     return "\n".join(lines)

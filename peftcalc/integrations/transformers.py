@@ -31,6 +31,8 @@ from peftcalc.training_configs.training_args import read_trainer_keys
 __all__ = ["ENV_OUT", "MemoryCallback", "run_settings"]
 
 ENV_OUT = "PEFTCALC_MEMORY_JSONL"
+# the tensors of the harness's batch (measure.setup.make_batch): labels share input_ids' storage there
+BATCH_KEYS = ("input_ids", "labels", "pixel_values")
 PHASES = ("forward", "backward", "optimizer")
 
 
@@ -92,7 +94,17 @@ def run_settings(model, args, seq_len: int) -> tuple:
     training = TrainingSettings(**fields)
     check_training(training)
     d.not_modelled.extend(n for n in m.not_modelled if n not in d.not_modelled)
+    if _fused_lm_head(base):
+        d.warn("TRL's fused LM head (trl/trainer/utils.py add_fused_lm_head: the loss's log-probabilities in tiles; "
+               "estimated as the model's own loss)")
     return spec, settings, training, d
+
+
+def _fused_lm_head(model) -> bool:
+    """Whether TRL's add_fused_lm_head replaced the model's forward (SFTTrainer does on every model)."""
+    forward = vars(model).get("forward")
+    return getattr(getattr(forward, "__func__", None), "__code__", None) is not None and \
+        forward.__func__.__code__.co_name == "_fused_forward"
 
 
 class MemoryCallback(TrainerCallback):
@@ -105,7 +117,7 @@ class MemoryCallback(TrainerCallback):
         self.out = out if out is not None else os.environ.get(ENV_OUT)
         self.seq_len, self.echo = seq_len, echo
         self.steps: list[dict] = []
-        self.estimate = self.spec = self.method = self.training = None
+        self.estimate = self.spec = self.method = self.training = self.derived = None
         self._tracer = self._step = self._model = self._args = self._optimizer = None
         self._hooks: list = []
         self._saving = None
@@ -173,6 +185,12 @@ class MemoryCallback(TrainerCallback):
             self._tracer.mark(batch, "inputs")
             self._saving = self._tracer.recomputing()
             self._saving.__enter__()
+        extra = [k for k, v in kwargs.items() if isinstance(v, torch.Tensor) and v.dim() > 0 and k not in BATCH_KEYS]
+        for key in extra:  # what the harness's batch (measure.setup.make_batch) does not hold
+            note = f"{key} in the batch ({kwargs[key].numel() * kwargs[key].element_size():,} bytes; not in the estimate)"
+            if note not in self.derived.not_modelled:
+                self.derived.warn(note)
+                self.echo(f"peftcalc: not modelled: {note}")
 
     def _forward_ends(self, module, args, output):
         if self._step is not None and self._step["phase"] == "forward":
@@ -245,7 +263,7 @@ class MemoryCallback(TrainerCallback):
             self.echo(f"peftcalc: no estimate ({outcome}{': ' + error if error else ''})")
             return None
         row = harness_row(self, outcome, error)
-        self.echo(comparison_text(self.estimate, row))
+        self.echo(comparison_text(self.estimate, row, self.derived.not_modelled))
         if self.out:
             write_row(self.out, row)
             self.echo(f"peftcalc: wrote the run's row to {self.out}")
