@@ -11,9 +11,10 @@ import typer
 from peftcalc.errors import InputError, as_flags
 from peftcalc.cli_options import (
     ADAPTER_CONFIG, ADAPTER_KIND, ALPHA, ATTENTION, BATCH, BOTTLENECK, CHART_SUFFIXES, CKPT, CKPT_EVERY,
-    CKPT_REENTRANT, CONFIG, DATASET_TOKENS, DEVICE, DORA, DOUBLE_QUANT, EXTRAS, FORMAT, GPU_OPT, MEASURE_DEVICES,
-    METHOD, MFU, MODEL_ARG,
-    OPTIMIZER, PRECISION, PREPARE_KBIT, PRICE, RANK, SEQ, TARGETS, TASKS, TRAINABLE_LAYERS, TRAINER_LOOP, VIRTUAL_TOKENS,
+    CKPT_REENTRANT, CONFIG, DATASET_TOKENS, DEVICE, DORA, DOUBLE_QUANT, EXTRAS, FORMAT, GPU_OPT, GRAD_ACCUM,
+    KEEP_OUTPUTS, LOSS, LOSS_CHUNKS, MAX_GRAD_NORM, MEASURE_DEVICES, METHOD, MFU, MODEL_ARG, OFFLOAD,
+    OPTIMIZER, PRECISION, PREPARE_KBIT, PRICE, RANK, SEQ, TARGETS, TASKS, TRAINABLE_LAYERS, TRAINER_LOOP,
+    VIRTUAL_TOKENS,
     VISION_LAYERS, check_format, check_limit, check_out_file, check_out_folder, echo_rows, int_list, method_list,
     measure_text, missing_extra_text, model_arg, require, with_config,
 )
@@ -40,7 +41,9 @@ def estimate(
     vision_layers: Optional[int] = VISION_LAYERS, prepare_kbit: Optional[bool] = PREPARE_KBIT,
     batch_size: int = BATCH, seq_len: int = SEQ, precision: str = PRECISION, optimizer: str = OPTIMIZER,
     grad_checkpointing: bool = CKPT, checkpoint_every: int = CKPT_EVERY, checkpoint_reentrant: bool = CKPT_REENTRANT,
-    attention: str = ATTENTION, device: str = DEVICE, gpu: Optional[str] = GPU_OPT,
+    attention: str = ATTENTION, device: str = DEVICE, grad_accum: int = GRAD_ACCUM, keep_outputs: bool = KEEP_OUTPUTS,
+    loss: str = LOSS, loss_chunks: int = LOSS_CHUNKS, offload_activations: bool = OFFLOAD,
+    max_grad_norm: Optional[float] = MAX_GRAD_NORM, gpu: Optional[str] = GPU_OPT,
     price: Optional[float] = PRICE, tasks: int = TASKS, dataset_tokens: int = DATASET_TOKENS, mfu: float = MFU,
     format: str = FORMAT, trainer_loop: bool = TRAINER_LOOP, config: Optional[str] = CONFIG,
     adapter_config: Optional[str] = ADAPTER_CONFIG, ctx: typer.Context = None,
@@ -149,7 +152,9 @@ def measure(
     prepare_kbit: Optional[bool] = PREPARE_KBIT,
     batch_size: int = BATCH, seq_len: int = SEQ, precision: str = PRECISION, optimizer: str = OPTIMIZER,
     grad_checkpointing: bool = CKPT, checkpoint_every: int = CKPT_EVERY, checkpoint_reentrant: bool = CKPT_REENTRANT,
-    attention: str = ATTENTION,
+    attention: str = ATTENTION, grad_accum: int = GRAD_ACCUM, keep_outputs: bool = KEEP_OUTPUTS,
+    loss: str = LOSS, loss_chunks: int = LOSS_CHUNKS, offload_activations: bool = OFFLOAD,
+    max_grad_norm: Optional[float] = MAX_GRAD_NORM,
     device: Optional[str] = typer.Option(None, "--device", help="cuda | cpu | fake (fake: meta-device model on "
                                          "fake tensors, no memory used). Default for one run: cuda when torch "
                                          "sees a CUDA device, else cpu; for --matrix, the matrix's own devices."),

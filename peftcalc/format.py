@@ -6,6 +6,7 @@ import csv
 import io
 import json
 
+from peftcalc.settings import DEFAULT_OPTIMIZER
 from peftcalc.memory import COMPONENTS
 
 __all__ = ["COMPONENT_LABELS", "DOES_NOT_FIT", "GIB", "bytes_column", "estimate_flat", "gib", "hours", "human_bytes",
@@ -104,7 +105,27 @@ def training_summary(t, vision_tokens: int | None = None) -> str:
         ckpt += " (reentrant)" if t.checkpoint_reentrant else ""
     seq = (f"{vision_tokens} vision tokens (patches + class token)" if vision_tokens is not None
            else f"seq {t.seq_len}")
-    return f"batch {t.batch_size} x {seq}, {t.precision}, {t.optimizer}, {t.attention} attention" + ckpt
+    return (f"batch {t.batch_size} x {seq}, {t.precision}, {optimizer_text(t.optimizer)}, {t.attention} attention"
+            + ckpt + recipe_text(t))
+
+
+def optimizer_text(name: str) -> str:
+    """The optimizer, said to be the HF Trainer's default when it is (settings.DEFAULT_OPTIMIZER)."""
+    return f"{name} (the HF Trainer's default)" if name == DEFAULT_OPTIMIZER else name
+
+
+def recipe_text(t) -> str:
+    """The recipe settings that differ from their defaults, as a suffix of the training line."""
+    parts = []
+    if getattr(t, "grad_accum", 1) > 1:
+        parts.append(f"{t.grad_accum} micro-batches per optimizer step")
+    if getattr(t, "loss", "hf") != "hf":
+        parts.append(f"{t.loss} loss" + (f" in {t.loss_chunks} chunks" if t.loss == "chunked" else ""))
+    if getattr(t, "keep_outputs", False):
+        parts.append("outputs kept through backward")
+    if getattr(t, "max_grad_norm", None) is not None:
+        parts.append(f"gradients clipped to norm {t.max_grad_norm:g}")
+    return "".join(", " + p for p in parts)
 
 
 DOES_NOT_FIT = "-"  # what the GPU table shows for the time and cost of a card the setting does not fit
@@ -181,12 +202,18 @@ def render_estimate_text(e) -> str:
     rows = [[COMPONENT_LABELS[c], gib(e.memory.components.get(c, 0))] for c in COMPONENTS
             if e.memory.components.get(c, 0)]
     rows.append([f"peak ({e.memory.device}, steady-state step)", gib(e.memory.peak_bytes)])
-    rows.append(["peak phase", e.memory.peak_phase])
+    rows.append(["peak phase", e.memory.peak_phase if e.memory.peak_micro_batch is None else
+                 f"{e.memory.peak_phase}, micro-batch {_micro_batch_text(e)}"])
     rows.append(["step 1 peak", gib(e.memory.step1_peak_bytes)])
     rows.append(["+ allocator slack", gib(e.memory.overhead["allocator_slack"])])
     rows.append(["+ CUDA context", gib(e.memory.overhead["cuda_context"])])
+    if e.memory.paged_bytes:
+        rows.append(["+ paged optimizer states (unified memory)", gib(e.memory.paged_bytes)])
     rows.append(["GPU memory needed (nvidia-smi)", gib(e.memory.reserved_bytes)])
     out.append(text_table(rows, ["Memory at the peak", ""]))
+    if e.memory.traced != "traced":
+        out.append(f"({e.training.loss if e.training.loss in ('liger', 'cce') else e.training.optimizer}: "
+                   "modelled, not traced: it runs on CUDA only, where the gpu matrix measures it)")
     out.append("")
     out.append(text_table(_gpu_rows(e), ["GPU", "memory", "fits", "headroom", "max batch", "step", "epoch", "epoch cost"]))
     out.append("")
@@ -202,6 +229,12 @@ def render_estimate_text(e) -> str:
         out.append("No GPU in the catalog fits this setting: try --grad-checkpointing, a smaller batch or QLoRA.")
     out.append(storage_sentence(e))
     return "\n".join(out)
+
+
+def _micro_batch_text(e) -> str:
+    """'1', or '2 (and every later one)' for micro-batches 2..N of an accumulation step."""
+    n = e.training.grad_accum
+    return "1" if e.memory.peak_micro_batch == 1 else ("2" if n == 2 else f"2 (2-{n} alike)")
 
 
 def estimate_flat(e) -> dict:

@@ -99,7 +99,7 @@ def _checkpointing(k: Keys, d: Derived) -> None:
         d.want("checkpoint_reentrant", reentrant, "gradient_checkpointing_kwargs")
     offload = k.data.get("activation_offloading")
     if offload not in (None, False):
-        d.want("offload_activations", True, "activation_offloading", "activations offloaded to host memory")
+        d.warn(f"activation_offloading={offload} (activations offloaded to host memory)")
 
 
 def _attention(k: Keys, d: Derived) -> None:

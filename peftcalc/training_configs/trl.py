@@ -42,7 +42,9 @@ def read_trl(data: dict, path: str) -> Derived:
     _model_loading(k, d)
     _method(k, d)
     if k.bool("activation_offloading", False):
-        d.want("offload_activations", True, "activation_offloading", "activations offloaded to host memory")
+        d.warn("activation_offloading=true (activations offloaded to host memory)")
+    if d.training.pop("loss", None) is not None:  # SFTTrainer turns Liger's fused linear cross-entropy off
+        d.warn("use_liger_kernel=true (Liger's kernels inside the blocks; SFTTrainer keeps its fused LM head)")
     d.warn("SFTTrainer's loss (TRL's fused LM head: log-probabilities in tiles, no full logits; estimated as the "
            "model's own loss)")
     return d

@@ -20,45 +20,46 @@ PAGED8 = "paged-adamw-8bit" if "paged-adamw-8bit" in OPTIMIZERS else "adamw-8bit
 
 ALL_PROJ = ("gate_proj", "down_proj", "up_proj", "q_proj", "v_proj", "k_proj", "o_proj")
 # every tool here trains with a transformers Trainer (axolotl's is a subclass): trainer_loop
-CKPT = dict(grad_checkpointing=True, checkpoint_reentrant=False, trainer_loop=True)
-CKPT_REENTRANT = dict(grad_checkpointing=True, checkpoint_reentrant=True, trainer_loop=True)
+# and clips gradients (TrainingArguments max_grad_norm 1.0; axolotl leaves the Trainer's default)
+CKPT = dict(grad_checkpointing=True, checkpoint_reentrant=False, trainer_loop=True, max_grad_norm=1.0)
+CKPT_REENTRANT = dict(grad_checkpointing=True, checkpoint_reentrant=True, trainer_loop=True, max_grad_norm=1.0)
 
 # file -> (model given on the command line or None, the hand-written flags it means, keys in the warning line)
 CASES = {
     # axolotl: bf16 auto -> bf16 weights under bf16 autocast; gradient_checkpointing -> {"use_reentrant": False}
-    "axolotl-lora-1b.yml": (None, dict(model="llama-3.2-1b", method="lora", rank=16, alpha=32, targets=ALL_PROJ,
+    "axolotl-lora-1b.yml": (None, dict(grad_accum=2, model="llama-3.2-1b", method="lora", rank=16, alpha=32, targets=ALL_PROJ,
                                        batch_size=2, seq_len=2048, precision="bf16", optimizer="adamw-8bit", **CKPT),
                             ("attn_implementation", "lora_dropout")),
-    "axolotl-qlora-1b.yml": (None, dict(model="llama-3.2-1b", method="qlora", rank=32, alpha=16, targets="all-linear",
+    "axolotl-qlora-1b.yml": (None, dict(grad_accum=4, model="llama-3.2-1b", method="qlora", rank=32, alpha=16, targets="all-linear",
                                         double_quant=True, prepare_kbit=True, batch_size=2, seq_len=2048,
                                         precision="bf16", optimizer="adamw-8bit", attention="sdpa", **CKPT),
                              ("adapter=qlora",)),
-    "axolotl-fft-8b.yaml": (None, dict(model="llama-3.1-8b", method="full", batch_size=1, seq_len=8192,
+    "axolotl-fft-8b.yaml": (None, dict(grad_accum=8, model="llama-3.1-8b", method="full", batch_size=1, seq_len=8192,
                                        precision="bf16", optimizer=PAGED8, **CKPT), ("attn_implementation",)),
     # TRL: dtype float32 (ModelConfig) under bf16 autocast (bf16 None -> True); batch 8 (TrainingArguments);
     # max_length 1024; gradient checkpointing on (_BaseConfig)
-    "trl-example.yaml": (None, dict(model="qwen2.5-0.5b", method="full", batch_size=8, seq_len=1024,
+    "trl-example.yaml": (None, dict(grad_accum=1, model="qwen2.5-0.5b", method="full", batch_size=8, seq_len=1024,
                                     precision="amp-bf16", optimizer=FUSED, **CKPT), ("SFTTrainer's loss",)),
-    "trl-lora.yaml": (None, dict(model="qwen2.5-0.5b", method="lora", rank=32, alpha=16, targets="all-linear",
+    "trl-lora.yaml": (None, dict(grad_accum=2, model="qwen2.5-0.5b", method="lora", rank=32, alpha=16, targets="all-linear",
                                  batch_size=4, seq_len=2048, precision="bf16", optimizer=FUSED, **CKPT),
                       ()),
-    "trl-qlora.yaml": (None, dict(model="llama-3.1-8b", method="qlora", rank=16, alpha=32, double_quant=True,
+    "trl-qlora.yaml": (None, dict(grad_accum=1, model="llama-3.1-8b", method="qlora", rank=16, alpha=32, double_quant=True,
                                   prepare_kbit=False, batch_size=2, seq_len=1024, precision="bf16", optimizer=PAGED8,
                                   **CKPT), ("load_in_4bit",)),
     # LLaMA-Factory: lora_alpha = 2 x rank, lora_target all, cutoff_len, checkpointing on and reentrant; full
     # fine-tuning upcasts the weights to fp32 (amp-bf16)
-    "llamafactory-lora-sft.yaml": (None, dict(model="qwen2.5-7b", method="lora", rank=8, alpha=16,
+    "llamafactory-lora-sft.yaml": (None, dict(grad_accum=8, model="qwen2.5-7b", method="lora", rank=8, alpha=16,
                                               targets="all-linear", batch_size=1, seq_len=2048, precision="bf16",
                                               optimizer=FUSED, **CKPT_REENTRANT), ()),
-    "llamafactory-qlora-otfq.yaml": (None, dict(model="qwen2.5-7b", method="qlora", rank=8, alpha=16,
+    "llamafactory-qlora-otfq.yaml": (None, dict(grad_accum=8, model="qwen2.5-7b", method="qlora", rank=8, alpha=16,
                                                 targets="all-linear", double_quant=True, prepare_kbit=False,
                                                 batch_size=1, seq_len=2048, precision="bf16", optimizer=FUSED,
                                                 **CKPT_REENTRANT), ()),
-    "llamafactory-full-sft.yaml": (None, dict(model="qwen2.5-0.5b", method="full", batch_size=1, seq_len=2048,
+    "llamafactory-full-sft.yaml": (None, dict(grad_accum=2, model="qwen2.5-0.5b", method="full", batch_size=1, seq_len=2048,
                                               precision="amp-bf16", optimizer=FUSED, **CKPT_REENTRANT), ()),
     # TrainingArguments JSON (args.to_json_string()): the model from the command line, weights in its config's
     # dtype (bf16 for Llama 3.2) under bf16 autocast, seq_len peftcalc's default
-    "training-args.json": ("llama-3.2-1b", dict(model="llama-3.2-1b", batch_size=4, seq_len=512, precision="bf16",
+    "training-args.json": ("llama-3.2-1b", dict(grad_accum=4, model="llama-3.2-1b", batch_size=4, seq_len=512, precision="bf16",
                                                 optimizer="adamw", **CKPT), ()),
 }
 
@@ -162,7 +163,8 @@ def test_cli_config_output_is_the_flags_output(capsys):
     assert first.startswith("read LLaMA-Factory config") and "rank 8, alpha 16" in first
     code, flags_out, _ = cli(capsys, "estimate", "qwen2.5-7b", "--rank", "8", "--alpha", "16", "--targets",
                              "all-linear", "-b", "1", "-s", "2048", "--precision", "bf16", "--optimizer", FUSED,
-                             "--grad-checkpointing", "--checkpoint-reentrant", "--trainer-loop")
+                             "--grad-checkpointing", "--checkpoint-reentrant", "--trainer-loop", "--grad-accum", "8",
+                             "--max-grad-norm", "1")
     assert rest == flags_out
     assert err == "" or (err.count("\n") == 1 and err.startswith("warning: not modelled")), err
 
