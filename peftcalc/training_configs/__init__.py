@@ -43,9 +43,24 @@ class ConfigRun:
         tools = " + ".join(f"{d.tool} config {d.path}" for d in self.derived)
         m = self.method
         knobs = ", ".join(f"{k} {_text(v)}" for k, v in m.items() if k != "method" and v is not None)
-        t = self.training
-        parts = [f"model {self.model}", f"method {m.get('method', 'lora')}" + (f" ({knobs})" if knobs else "")]
-        parts += [f"{name.replace('_', ' ')} {_text(t[name])}" for name in t]
+        t = dict(self.training)
+        parts = [f"model {self.model}", f"{m.get('method', 'lora')}" + (f" ({knobs})" if knobs else "")]
+        if "batch_size" in t:
+            accum = t.pop("grad_accum", 1)
+            parts.append(f"batch {t.pop('batch_size')}" + (f" x {accum} accumulated" if accum != 1 else ""))
+        if "seq_len" in t:
+            parts.append(f"seq {t.pop('seq_len')}")
+        parts += [_text(t.pop(name)) for name in ("precision", "optimizer") if name in t]
+        if t.pop("grad_checkpointing", False):
+            every = t.pop("checkpoint_every", 1)
+            parts.append("checkpointing" + (" (reentrant)" if t.pop("checkpoint_reentrant", False) else "") +
+                         (f" every {every} blocks" if every != 1 else ""))
+        t.pop("checkpoint_reentrant", None), t.pop("checkpoint_every", None)
+        if t.get("max_grad_norm"):
+            parts.append(f"clip {t.pop('max_grad_norm')}")
+        if t.pop("trainer_loop", False):
+            parts.append("Trainer loop")
+        parts += [f"{name.replace('_', ' ')} {_text(v)}" for name, v in t.items() if v is not None]
         notes = [n for d in self.derived for n in d.notes]
         line = f"read {tools}: " + ", ".join(parts)
         if notes:
