@@ -204,3 +204,30 @@ def test_recipe_keys_mapped_or_named(name, field, value, note):
     else:
         assert field not in run.training
         assert note in run.warning()
+
+
+def test_sweep_config():
+    """sweep(config=...): the config's settings under the grid's (a list sweeps it), the settings line in attrs."""
+    pytest.importorskip("pandas")
+    import peftcalc
+
+    df = peftcalc.sweep(config=str(CONFIGS / "trl-lora.yaml"), batch_size=[1, 2])
+    assert list(df["batch_size"]) == [1, 2] and set(df["seq_len"]) == {2048} and set(df["model"]) == {"qwen2.5-0.5b"}
+    one = estimate("qwen2.5-0.5b", **{**from_files(CONFIGS / "trl-lora.yaml").kwargs, "batch_size": 2})
+    assert df["peak_bytes"].iloc[1] == one.memory.peak_bytes
+    assert df.attrs["config"].startswith("read TRL config")
+
+
+def test_measure_config_runs_the_harness(capsys, tmp_path):
+    """measure --config: the config's run on the harness (fake tensors), a local model directory as the model."""
+    model_dir = tmp_path / "tiny"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text('{"model_type": "llama", "architectures": ["LlamaForCausalLM"], '
+                                           '"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, '
+                                           '"intermediate_size": 128, "vocab_size": 512}')
+    cfg = tmp_path / "sft.yaml"
+    cfg.write_text(f"model_name_or_path: {model_dir}\nuse_peft: true\nlora_r: 4\nlora_dropout: 0.0\n"
+                   "max_length: 32\nper_device_train_batch_size: 2\nbf16: false\noptim: adamw_torch\n")
+    code, out, err = cli(capsys, "measure", "--config", cfg, "--device", "fake", "--steps", "2")
+    assert code == 0, err
+    assert out.startswith("read TRL config") and "outcome ok" in out
