@@ -100,10 +100,26 @@ def from_files(config: str | None = None, adapter_config: str | None = None, giv
     if config is not None:
         d = derived[0]
         training = d.training_settings()
-        training["precision"] = precision_of(d.weights, d.amp, spec.torch_dtype)
+        training["precision"] = _sharded_precision(precision_of(d.weights, d.amp, spec.torch_dtype), d.training)
     training.update({k: v for k, v in given.items() if k in TRAINING_FIELDS or k not in METHOD_KEYS + ("model",)})
     return ConfigRun(model=model, method=method, training=training, derived=derived,
                      given=tuple(k for k in given))
+
+
+def _sharded_precision(precision: str, candidates: dict) -> str:
+    """Under DeepSpeed ZeRO with bf16 (its BF16_Optimizer keeps fp32 master weights, whatever dtype the model was
+    loaded in) and under FSDP2 with bf16 autocast over fp32 weights (accelerate's MixedPrecisionPolicy), the
+    precision is peftcalc's mixed-bf16, where this peftcalc has it."""
+    from peftcalc.settings import PRECISIONS
+
+    sharding = candidates.get("sharding", "none")
+    if "mixed-bf16" not in PRECISIONS or "sharding" not in TRAINING_FIELDS:
+        return precision
+    if sharding.startswith("zero") and precision in ("bf16", "amp-bf16"):
+        return "mixed-bf16"
+    if sharding in ("fsdp", "hsdp") and precision == "amp-bf16":
+        return "mixed-bf16"
+    return precision
 
 
 def _model(derived: list, given: dict) -> str:

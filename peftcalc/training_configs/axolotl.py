@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from peftcalc.errors import InputError
 from peftcalc.training_configs.common import Derived, Keys, attention_of, optimizer_of
+from peftcalc.training_configs.distributed import read_deepspeed, read_fsdp
 
 __all__ = ["AXOLOTL_KEYS", "read_axolotl"]
 
@@ -173,8 +174,11 @@ def _method(k: Keys, d: Derived) -> None:
 
 
 def _not_modelled(k: Keys, d: Derived) -> None:
-    for key, what in (("deepspeed", "DeepSpeed sharding and offload"), ("fsdp", "FSDP sharding"),
-                      ("fsdp_config", "FSDP sharding"), ("torch_compile", "torch.compile"),
+    if k.has("deepspeed"):
+        read_deepspeed(k.data["deepspeed"], d)
+    if k.data.get("fsdp") or k.data.get("fsdp_config"):
+        read_fsdp(k.data.get("fsdp") or "full_shard", k.mapping("fsdp_config"), d)
+    for key, what in (("torch_compile", "torch.compile"),
                       ("lora_mlp_kernel", "axolotl's LoRA kernels"), ("lora_qkv_kernel", "axolotl's LoRA kernels"),
                       ("lora_o_kernel", "axolotl's LoRA kernels"), ("relora", "ReLoRA"),
                       ("neftune_noise_alpha", "NEFTune's noisy embeddings")):

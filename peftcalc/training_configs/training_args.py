@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from peftcalc.errors import InputError
 from peftcalc.training_configs.common import Derived, Keys, attention_of, optimizer_of
+from peftcalc.training_configs.distributed import read_deepspeed, read_fsdp
 
 __all__ = ["TRAINER_DEFAULTS", "read_trainer_keys", "read_training_args"]
 
@@ -87,12 +88,12 @@ def _checkpointing(k: Keys, d: Derived, dft: dict) -> None:
 
 
 def _distributed(k: Keys, d: Derived) -> None:
-    """DeepSpeed and FSDP keys: sharding across GPUs (not modelled by this version: the warning line)."""
+    """DeepSpeed and FSDP keys (training_configs.distributed)."""
     if k.has("deepspeed"):
-        d.warn(f"deepspeed={k.data['deepspeed']} (DeepSpeed sharding and offload)")
+        read_deepspeed(k.data["deepspeed"], d)
     fsdp = k.data.get("fsdp")
     if fsdp not in (None, False, "", [], "false"):
-        d.warn(f"fsdp={fsdp} (FSDP sharding)")
+        read_fsdp(fsdp, k.mapping("fsdp_config"), d)
 
 
 def read_training_args(data: dict, path: str) -> Derived:

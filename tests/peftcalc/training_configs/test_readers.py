@@ -231,3 +231,29 @@ def test_measure_config_runs_the_harness(capsys, tmp_path):
     code, out, err = cli(capsys, "measure", "--config", cfg, "--device", "fake", "--steps", "2")
     assert code == 0, err
     assert out.startswith("read TRL config") and "outcome ok" in out
+
+
+def test_deepspeed_and_fsdp_keys(tmp_path):
+    """A DeepSpeed JSON (ZeRO-3, parameters offloaded, bf16) and FSDP options: the multi-GPU issue's sharding,
+    offload and reshard_after_forward once this peftcalc has them (DeepSpeed bf16 keeps fp32 master weights:
+    mixed-bf16), named in the warning line until then."""
+    from peftcalc.training_configs.common import TRAINING_FIELDS
+
+    (tmp_path / "ds_z3.json").write_text('{"bf16": {"enabled": "auto"}, "zero_optimization": {"stage": 3, '
+                                         '"offload_param": {"device": "cpu"}}}')
+    lf = tmp_path / "lf.yaml"
+    lf.write_text((CONFIGS / "llamafactory-full-sft.yaml").read_text() + "deepspeed: ds_z3.json\n")
+    ax = tmp_path / "ax.yaml"
+    ax.write_text("base_model: meta-llama/Llama-3.2-1B\nfsdp:\n  - full_shard\n  - auto_wrap\nfsdp_config:\n"
+                  "  fsdp_version: 2\n  reshard_after_forward: false\n")
+    ds, fsdp = from_files(lf), from_files(ax)
+    if "sharding" in TRAINING_FIELDS:
+        assert (ds.training["sharding"], ds.training["offload"], ds.training["precision"]) == ("zero3", "params",
+                                                                                               "mixed-bf16")
+        assert (fsdp.training["sharding"], fsdp.training["reshard_after_forward"]) == ("fsdp", False)
+    else:
+        assert "DeepSpeed ZeRO stage 3" in ds.warning() and "ZeRO-Offload of the parameters" in ds.warning()
+        assert "FSDP sharding" in fsdp.warning() and "reshard_after_forward" in fsdp.warning()
+    missing = tmp_path / "missing.yaml"
+    missing.write_text("base_model: meta-llama/Llama-3.2-1B\ndeepspeed: nowhere/ds.json\n")
+    assert "DeepSpeed config file not found" in from_files(missing).warning()
