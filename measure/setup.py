@@ -77,6 +77,9 @@ def check_run(spec: ModelSpec, method: MethodSettings, training: TrainingSetting
     if steps < 1:
         raise InputError(f"--steps must be a positive integer, got {steps}")
     check_training(replace(training, device="cuda" if device == "cuda" else "cpu"))
+    if training.trainer_loop:
+        raise InputError("trainer_loop is a transformers Trainer's step: measure it in a real run with "
+                         "peftcalc.integrations.transformers.MemoryCallback (the harness runs its own loop)")
     make_plan(spec, method)
     if training.sharding == "ddp" and device != "cpu":
         raise InputError("sharding ddp is traced on torch's fake process group with real tensors: use device cpu")

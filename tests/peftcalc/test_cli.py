@@ -110,11 +110,12 @@ def test_models_lists_registry_with_sources():
 
 
 def test_repo_ids_outside_the_registry_get_suggestions_not_a_path_error():
-    proc = subprocess.run([sys.executable, "-m", "peftcalc", "estimate", "meta-llama/Meta-Llama-3.1-8B"],
+    # (meta-llama/Meta-Llama-3.1-8B, the repo's old name, is an alias of llama-3.1-8b; 405B is not in the registry)
+    proc = subprocess.run([sys.executable, "-m", "peftcalc", "estimate", "meta-llama/Llama-3.1-405B"],
                           capture_output=True, text=True)
     assert proc.returncode == 2
-    assert proc.stderr.strip() == ("error: unknown model 'meta-llama/Meta-Llama-3.1-8B'; did you mean "
-                                   "llama-3.1-8b, llama-3.1-70b, llama-3.2-3b?")
+    assert proc.stderr.strip() == ("error: unknown model 'meta-llama/Llama-3.1-405B'; did you mean "
+                                   "llama-3.1-70b, llama-3.1-8b, llama-3.2-3b?")
 
 
 def test_checkpointing_modes_are_named_and_recorded():
