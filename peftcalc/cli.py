@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from peftcalc.errors import InputError
+from peftcalc.errors import InputError, as_flags
 from peftcalc.cli_options import (
     ADAPTER_KIND, ALPHA, ATTENTION, BATCH, BOTTLENECK, CHART_SUFFIXES, CKPT, CKPT_EVERY, CKPT_REENTRANT,
     DATASET_TOKENS, DEVICE, DORA, DOUBLE_QUANT, EXTRAS, FORMAT, GPU_OPT, GRAD_ACCUM, KEEP_OUTPUTS, LOSS, LOSS_CHUNKS,
@@ -81,7 +81,7 @@ def compare(
                            checkpoint_every=checkpoint_every, checkpoint_reentrant=checkpoint_reentrant,
                            attention=attention, device=device, gpu=gpu, tasks=tasks, dataset_tokens=dataset_tokens,
                            mfu=mfu)
-    typer.echo(render_compare(rows, format))
+    typer.echo(render_compare(rows, format, flags=True))
 
 
 @app.command()
@@ -351,19 +351,10 @@ def chart(
     typer.echo(r["text"])
 
 
-# Flags whose name is not "--" + the API parameter's with dashes (InputError.names -> what the CLI shows).
-FLAG_NAMES = {"vision_layers": "--unfreeze-vision-layers", "model": "MODEL"}
-
-
 def cli_message(exc: InputError) -> str:
     """The one line the CLI prints for an InputError: the API parameters it names shown as flags."""
-    import re
-
     text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    for name in getattr(exc, "names", ()):
-        flag = FLAG_NAMES.get(name, "--" + name.replace("_", "-"))
-        text = re.sub(rf"(?<![\w'./-]){re.escape(name)}(?![\w'-])", flag, text)
-    return f"error: {text}"
+    return f"error: {as_flags(text, getattr(exc, 'names', ()))}"
 
 
 def main() -> None:

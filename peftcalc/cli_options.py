@@ -64,8 +64,9 @@ ADAPTER_KIND = typer.Option(None, "--adapter-kind", help="houlsby (after attenti
                             "LayerNorm(x + up(gelu(down(x))))). Default houlsby; block on a vision-language model.")
 VIRTUAL_TOKENS = typer.Option(None, "--num-virtual-tokens", help="Prefix/prompt length (default 20).")
 TRAINABLE_LAYERS = typer.Option(None, "--trainable-layers", help="freeze: train the top K blocks (default a quarter).")
-VISION_LAYERS = typer.Option(None, "--unfreeze-vision-layers", help="Vision-language models: also train the top N "
-                             "vision-tower layers the projector reads (default 0).")
+VISION_LAYERS = typer.Option(None, "--vision-layers", "--unfreeze-vision-layers", help="Vision-language models: also "
+                             "unfreeze and train the top N vision-tower layers the projector reads (default 0; the "
+                             "API's vision_layers).")
 PREPARE_KBIT = typer.Option(None, "--prepare-kbit/--no-prepare-kbit", help="QLoRA: peft's "
                             "prepare_model_for_kbit_training (norms, embeddings and lm_head upcast to fp32, so "
                             "activations and logits are fp32 too); default on for qlora, as the usual QLoRA recipe "
@@ -97,7 +98,9 @@ CKPT_REENTRANT = typer.Option(False, "--checkpoint-reentrant", help="With --grad
                               "checkpointing (use_reentrant=True, what peft.prepare_model_for_kbit_training's "
                               "default gets from torch).")
 ATTENTION = typer.Option("sdpa", "--attention", help="sdpa | eager")
-DEVICE = typer.Option("cuda", "--device", help="cuda: predict max_memory_allocated; cpu: predict the CPU/fake trace.")
+DEVICE = typer.Option("cuda", "--device", help="cuda | cpu | fake, as measure takes them. cuda: predict "
+                      "torch.cuda.max_memory_allocated; cpu: the CPU allocator's peak; fake: the fake-tensor trace, "
+                      "which counts what the CPU allocator would (the same figure as cpu).")
 GPU_OPT = typer.Option(None, "--gpu", help="GPU for time and cost (default: the cheapest one that fits).")
 PRICE = typer.Option(None, "--price", help="Override the GPU's hourly price (USD).")
 TASKS = typer.Option(1, "--tasks", help="Number of tasks for the storage total.")

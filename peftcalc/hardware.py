@@ -239,7 +239,7 @@ def _vision_tower_flops(plan: Plan, t: TrainingSettings) -> StepFlops:
     needs none, for the input), and the input-gradient backward (its matmuls and attention, as above) of
     every vision layer between the lowest trainable one and the layer the projector reads. In the lowest
     trainable layer that backward runs through the whole layer when its own weights train
-    (--unfreeze-vision-layers), through fc1 and fc2 behind a Houlsby attention adapter, and nowhere for an
+    (--vision-layers), through fc1 and fc2 behind a Houlsby attention adapter, and nowhere for an
     adapter at the layer's end (Pfeiffer, or the block adapter). Under gradient checkpointing the
     tower's input needs a gradient (enable_input_require_grads: sim.llava._vision_input_grad_saves), so
     every layer the projector reads runs backward and each it wraps (peftcalc.checkpointing) is recomputed

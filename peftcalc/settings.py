@@ -55,7 +55,9 @@ LOSSES = {
 }
 LOGITLESS_LOSSES = ("liger", "cce")
 ATTENTIONS = ("sdpa", "eager")
-DEVICES = ("cuda", "cpu")
+# cuda: predict torch.cuda.max_memory_allocated; cpu: the CPU allocator's figure, which is also what the harness's
+# fake-tensor trace counts, so "fake" is taken as a name for "cpu" (peftcalc measure --device fake)
+DEVICES = ("cuda", "cpu", "fake")
 
 
 @dataclass(frozen=True)
@@ -85,6 +87,10 @@ class TrainingSettings:
     loss_chunks: int = 8  # torchtune CEWithChunkedOutputLoss(num_output_chunks=8)
     offload_activations: bool = False
     max_grad_norm: float | None = None
+
+    def __post_init__(self):
+        if self.device == "fake":  # the fake-tensor trace counts what the CPU allocator would (DEVICES)
+            object.__setattr__(self, "device", "cpu")
 
     @property
     def weight_dtype(self) -> str:

@@ -50,8 +50,8 @@ def final_norm(rec: Recorder, spec: ModelSpec, plan: Plan, layout: Layout, x: Sy
     if not has_final_norm(spec, layout):
         return x
     norm_trains = param_trains(plan, layout.final_norm_path)
-    if family(spec).final_norm == "rms":
-        return rms_norm(rec, x, norm_trains, "norm")
+    if family(spec).final_norm in ("rms", "rms_weight_fp32"):
+        return rms_norm(rec, x, norm_trains, "norm", weight_fp32=family(spec).final_norm == "rms_weight_fp32")
     return layer_norm(rec, x, norm_trains, spec.hidden_size, layout.final_norm_path,
                       trained_norm_params(plan, layout.final_norm_path))
 
