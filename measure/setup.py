@@ -35,6 +35,8 @@ LOSSES = {
     "seq_cls": "model loss, one integer label per sequence",
     "image_cls": "model loss, one integer label per image",
     "base": "last_hidden_state.float().pow(2).mean() (the bare encoder has no head and no loss)",
+    "seq2seq_lm": "model loss, labels=input_ids (the model shifts them right into decoder_input_ids; "
+                  "encoder and decoder see the same length)",
     "image_text_to_text": "model loss, labels=input_ids over image + text tokens (ForCausalLMLoss); one random "
                           "image per sample, its image_tokens placeholder ids first",
 }
@@ -74,6 +76,9 @@ def check_run(spec: ModelSpec, method: MethodSettings, training: TrainingSetting
     if steps < 1:
         raise InputError(f"--steps must be a positive integer, got {steps}")
     check_training(replace(training, device="cuda" if device == "cuda" else "cpu"))
+    if training.trainer_loop:
+        raise InputError("trainer_loop is a transformers Trainer's step: measure it in a real run with "
+                         "peftcalc.integrations.transformers.MemoryCallback (the harness runs its own loop)")
     make_plan(spec, method)
     if device == "cuda" and not torch.cuda.is_available():
         raise InputError("device 'cuda' asked for, but torch sees no CUDA device; use --device cpu or fake")
@@ -201,7 +206,7 @@ def make_batch(spec: ModelSpec, training: TrainingSettings, device: str, dtype: 
     high = spec.vocab_size - 1 if spec.task == "seq_cls" and spec.is_decoder else spec.vocab_size
     ids = torch.randint(0, high, (b, s), device=device)
     batch = {"input_ids": ids}
-    if spec.task == "causal_lm":
+    if spec.task in ("causal_lm", "seq2seq_lm"):
         batch["labels"] = ids
     elif spec.task == "masked_lm":
         masked = torch.rand(b, s, device=device) < 0.15

@@ -11,7 +11,8 @@ from peftcalc.memory import COMPONENTS
 
 __all__ = ["COMPONENT_LABELS", "DOES_NOT_FIT", "GIB", "bytes_column", "estimate_flat", "gib", "hours", "human_bytes",
            "method_summary", "plural", "render_estimate", "render_estimate_markdown", "render_estimate_text",
-           "rows_to_csv", "rows_to_markdown", "storage_sentence", "task_file_word", "text_table", "training_summary",
+           "rows_to_csv", "rows_to_markdown", "storage_sentence", "task_file_word", "text_table", "traced_lines",
+           "training_summary",
            "vision_tokens"]
 
 GIB = 1024**3
@@ -175,7 +176,7 @@ def _gpu_rows(e) -> list[list[str]]:
         else:
             plan = [DOES_NOT_FIT] * 3
         rows.append([g.name, gib(g.memory_bytes), "yes" if g.fits else "no", gib(g.headroom_bytes),
-                     str(g.max_batch_size)] + plan)
+                     DOES_NOT_FIT if g.max_batch_size is None else str(g.max_batch_size)] + plan)
     return rows
 
 
@@ -188,10 +189,26 @@ def _chosen_misfit(e) -> str | None:
             f" the time and cost below are not a plan, only what the step would take if it fit.")
 
 
+def traced_lines(e) -> list[str]:
+    """What a traced estimate (estimated_by "traced") says about itself: how it was traced, what its peak
+    counts, and what it does not give; nothing for a modelled one."""
+    if e.estimated_by != "traced":
+        return []
+    tr = e.trace
+    lines = [f"Traced on fake tensors in {tr['seconds']:,.1f} s ({tr['steps']} steps, step {tr['step_reported']} "
+             "reported): the peak counts live tensor storage as the CPU allocator would (--device cpu), not the "
+             "CUDA caching allocator; the GPU fit adds the allocator slack and CUDA context; max batch: not traced."]
+    if tr["flops"].startswith("approximate"):
+        lines.append("Time and cost: FLOPs approximated from the traced parameter counts (6N per token, plus "
+                     "attention), not modelled for this family; storage: the traced model's tensors.")
+    return lines
+
+
 def render_estimate_text(e) -> str:
     out = []
     out.append(f"{e.model} ({e.architecture}) - {method_summary(e)}")
     out.append(training_summary(e.training, vision_tokens(e)) + f", device {e.memory.device}")
+    out.extend(traced_lines(e))
     if e.image_tokens:
         out.append(f"vision-language model: the language model sees {e.training.seq_len} text + {e.image_tokens} "
                    f"image tokens = {e.training.seq_len + e.image_tokens} per sample")
@@ -257,7 +274,10 @@ def estimate_flat(e) -> dict:
         "peak_bytes": e.memory.peak_bytes,
         "peak_phase": e.memory.peak_phase,
         "reserved_bytes": e.memory.reserved_bytes,
+        "estimated_by": e.estimated_by,
     }
+    if e.trace is not None:
+        row["trace_seconds"] = e.trace["seconds"]
     row.update({f"mem_{k}": v for k, v in e.memory.components.items()})
     row["storage_per_task_bytes"] = e.storage.per_task_bytes
     row["storage_total_bytes"] = e.storage.total_bytes
@@ -305,7 +325,7 @@ def render_estimate(e, fmt: str) -> str:
 
 def render_estimate_markdown(e) -> str:
     lines = [f"**{e.model}** ({e.architecture}), {method_summary(e)}; {training_summary(e.training, vision_tokens(e))}",
-             ""]
+             *traced_lines(e), ""]
     lines.append(f"Parameters: {e.params.total:,} total, {e.params.trainable:,} trainable ({e.params.percent:.4f}%)")
     lines.append("")
     rows = [{"component": COMPONENT_LABELS[c], "GiB": round(e.memory.components.get(c, 0) / GIB, 3)}
@@ -315,7 +335,7 @@ def render_estimate_markdown(e) -> str:
     lines.append(rows_to_markdown(rows))
     lines.append("")
     lines.append(rows_to_markdown([{"GPU": g.name, "fits": "yes" if g.fits else "no",
-                                    "max batch": g.max_batch_size,
+                                    "max batch": DOES_NOT_FIT if g.max_batch_size is None else g.max_batch_size,
                                     "step s": round(g.step_seconds, 4) if g.fits else DOES_NOT_FIT,
                                     "epoch h": round(g.epoch_hours, 3) if g.fits else DOES_NOT_FIT,
                                     "epoch $": round(g.epoch_cost_usd, 2) if g.fits else DOES_NOT_FIT}
