@@ -34,7 +34,7 @@ def gpu_table(text: str) -> dict:
 
 
 def test_a_card_that_does_not_fit_gets_no_time_or_cost_in_the_table():
-    out = run("estimate", "llama-3.1-70b", "--method", "full", "--gpu", "3090", "--optimizer", "adamw")
+    out = run("estimate", "llama-3.1-70b", "--method", "full", "--gpu", "3090")
     rows = gpu_table(out)
     # the default optimizer is the Trainer's fused AdamW; the foreach AdamW's step temporaries (--optimizer adamw)
     # need 690.43 GiB
