@@ -27,7 +27,7 @@ PRECISIONS = {
     "fp16": ("float16", None),
     "amp-fp16": ("float32", "float16"),
 }
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1, "uint8": 1, "int64": 8}
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1, "uint8": 1, "int64": 8, "int32": 4}
 
 OPTIMIZERS = {
     "adamw": "torch.optim.AdamW (exp_avg, exp_avg_sq in the parameter's dtype)",

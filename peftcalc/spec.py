@@ -72,6 +72,13 @@ class ModelSpec:
     is_vision: bool = False  # a vision encoder over patches and a class token
     is_vlm: bool = False  # a vision-language model (a vision tower, a projector, a language model)
     gated_mlp: bool = False  # a gated MLP (gate_proj, up_proj, down_proj)
+    # mixture-of-experts (peftcalc.families.moe): experts per MoE layer, experts each token is routed to, one
+    # expert's intermediate size, the shared expert's (Qwen2-MoE; 0: none), top-k weights renormalized
+    num_experts: int = 0
+    experts_per_token: int = 0
+    expert_intermediate_size: int = 0
+    shared_expert_intermediate_size: int = 0
+    norm_topk_prob: bool = False
 
     @property
     def is_blip2(self) -> bool:

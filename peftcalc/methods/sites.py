@@ -47,6 +47,7 @@ class LayerTraining:
     adapters: frozenset  # "attn_out", "mlp_out"; "block": after the block (a VLM's vision tower)
     bias_trainable: frozenset = frozenset()  # modules whose bias trains (BitFit): output needs grad
     norm_bias_only: frozenset = frozenset()  # norms of which only the bias trains (BitFit)
+    params: frozenset = frozenset()  # bare parameters (a router's weight, fused experts) that train, by name
 
 
 @lru_cache(maxsize=1024)
@@ -54,7 +55,7 @@ def layer_trainings(plan: Plan, layout: Layout) -> list[LayerTraining]:
     """What trains inside each block, from the plan's parameter groups (one pass over them)."""
     n = plan.spec.num_layers
     sets = [dict(trainable=set(), norms=set(), lora=set(), ia3_out=set(), ia3_ff=set(), adapters=set(),
-                 biases=set(), norm_weights=set(), norm_biases=set()) for _ in range(n)]
+                 biases=set(), norm_weights=set(), norm_biases=set(), params=set()) for _ in range(n)]
     roles = {m.path: m.role for m in layout.modules if m.layer is not None}
     for g in plan.groups:
         if g.layer is None or not g.trainable:
@@ -64,7 +65,9 @@ def layer_trainings(plan: Plan, layout: Layout) -> list[LayerTraining]:
         s = sets[g.layer]
         if g.origin == "base":
             module = rel.rsplit(".", 1)[0]
-            if roles.get(prefix + module) == "norm":  # LayerNorm saves its input for either parameter
+            if roles.get(g.name) in ("router", "experts"):  # a bare parameter the block's own ops use
+                s["params"].add(rel)
+            elif roles.get(prefix + module) == "norm":  # LayerNorm saves its input for either parameter
                 s["norms"].add(module)
                 s["norm_weights" if rel.endswith(".weight") else "norm_biases"].add(module)
             elif rel.endswith(".weight"):  # a Linear saves its input for the weight's gradient only
@@ -82,7 +85,8 @@ def layer_trainings(plan: Plan, layout: Layout) -> list[LayerTraining]:
                 s["adapters"].add(roles.get(prefix + rel.split("." + ADAPTER_ATTRIBUTE, 1)[0], ""))
     return [LayerTraining(frozenset(s["trainable"]), frozenset(s["norms"]), frozenset(s["lora"]),
                           frozenset(s["ia3_out"]), frozenset(s["ia3_ff"]), frozenset(s["adapters"]),
-                          frozenset(s["biases"]), frozenset(s["norm_biases"] - s["norm_weights"])) for s in sets]
+                          frozenset(s["biases"]), frozenset(s["norm_biases"] - s["norm_weights"]),
+                          frozenset(s["params"])) for s in sets]
 
 
 @lru_cache(maxsize=1024)
@@ -139,6 +143,10 @@ class BlockSites:
                            lora_rank=s.rank if name in training.lora else 0, dora=s.dora and name in training.lora, ia3=ia3,
                            quantized=s.method == "qlora", bias=name in block_biases(build_layout(self.plan.spec)),
                            bias_trains=name in training.bias_trainable)
+
+    def param_trains(self, name: str) -> bool:
+        """Whether the block's bare parameter `name` (a router's weight, fused experts) trains."""
+        return name in self.training.params
 
     def norm_trains(self, norm: str) -> bool:
         """Whether the block's norm `norm` has a parameter that trains."""
