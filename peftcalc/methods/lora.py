@@ -85,8 +85,8 @@ def quantizable(mods: dict[str, Module], param: str, layout: Layout) -> bool:
     bias ends in '.bias', which names no module, so ViT's and BERT's classifiers are quantized. The rest
     of a head is quantized too, e.g. BERT's MLM transform dense and RoBERTa's lm_head.dense (traced:
     uint8 weights)."""
-    m = mods[param.rsplit(".", 1)[0]]
-    if m.kind not in LINEAR_KINDS:
+    m = mods.get(param.rsplit(".", 1)[0])  # None for a bare parameter (a MoE router's weight)
+    if m is None or m.kind not in LINEAR_KINDS:
         return False
     last = layout.modules[-1]
     return not (m.path == last.path and not last.bias)

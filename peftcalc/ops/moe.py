@@ -71,10 +71,10 @@ def router_top_k(rec: Recorder, x: SymTensor, hidden: int, experts: int, top_k: 
 def gather_rows(rec: Recorder, x: SymTensor, rows: int, row_numel: int, index: SymTensor, tag: str) -> SymTensor:
     """``x[index]`` (aten.index): `rows` rows of x gathered; IndexBackward saves the int64 index and, backward,
     fills new zeros like x and index_puts the gradient into a second new tensor (the zeros go at its return)."""
+    saved = [rec.save(index, f"{tag}.index")] if x.requires_grad else []  # packed before the op runs
     out = rec.new(rows * row_numel, x.dtype, x.requires_grad)
     if x.requires_grad:
-        rec.node(out, [("new", "z", x.nbytes), ("new", "d", x.nbytes), ("free", "z")], [(x.id, "d")],
-                 [rec.save(index, f"{tag}.index")])
+        rec.node(out, [("new", "z", x.nbytes), ("new", "d", x.nbytes), ("free", "z")], [(x.id, "d")], saved)
     return out
 
 
@@ -137,7 +137,8 @@ def experts_grouped_mm(rec: Recorder, x: SymTensor, top: SymTensor, idx: SymTens
     restored = gather_rows(rec, weighted, pairs, hidden, inv_perm, f"{tag}.restore_order")
     rec.free(weighted)
     summed = rec.new(tokens * hidden, restored.dtype, restored.requires_grad)
-    rec.node(summed, outputs=[(restored.id, GRAD)])  # SumBackward1: an expanded view of the gradient
+    # SumBackward1 expands the gradient (a view); the view's backward reshapes it to (S, h): a copy
+    rec.node(summed, [("new", "d", restored.nbytes)], [(restored.id, "d")])
     out = cast(rec, summed, x.dtype)
     rec.free(ids_sorted, perm, xs, ws, histc_in, counts, offsets, inv_perm, restored)
     if out is not summed:
