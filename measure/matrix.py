@@ -77,7 +77,7 @@ RUN_DEFAULTS = {"device": "cpu", "steps": 3, "seed": 0, "prepare_kbit": False}
 INT_KEYS = ("steps", "seed", "rank", "alpha", "bottleneck", "num_virtual_tokens", "trainable_layers",
             "batch_size", "seq_len", "vision_layers", "checkpoint_every")
 BOOL_KEYS = ("prepare_kbit", "dora", "double_quant", "grad_checkpointing", "checkpoint_reentrant")
-STR_KEYS = ("model", "device", "method", "targets", "adapter_kind", "precision", "optimizer", "attention")
+STR_KEYS = ("model", "device", "method", "targets", "adapter_kind", "precision", "optimizer", "attention", "routing")
 ROW_TIMEOUT_S = 1800
 
 

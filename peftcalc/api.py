@@ -205,6 +205,7 @@ def estimate(
     device: str = "cuda",
     checkpoint_every: int = 1,
     checkpoint_reentrant: bool = False,
+    routing: str = "balanced",
     gpu: str | None = None,
     price: float | None = None,
     tasks: int = 1,
@@ -224,7 +225,8 @@ def estimate(
     settings = resolved_settings(spec, settings)
     t = _checked_training(dict(batch_size=batch_size, seq_len=seq_len, precision=precision, optimizer=optimizer,
                                grad_checkpointing=grad_checkpointing, attention=attention, device=device,
-                               checkpoint_every=checkpoint_every, checkpoint_reentrant=checkpoint_reentrant))
+                               checkpoint_every=checkpoint_every, checkpoint_reentrant=checkpoint_reentrant,
+                               routing=routing))
     check_combination(spec, settings, seq_len, grad_checkpointing)
     _check_cost_inputs(gpu, price, tasks, dataset_tokens, mfu)
     plan = make_plan(spec, settings)

@@ -12,7 +12,7 @@ from peftcalc.errors import InputError
 from peftcalc.cli_options import (
     ADAPTER_KIND, ALPHA, ATTENTION, BATCH, BOTTLENECK, CHART_SUFFIXES, CKPT, CKPT_EVERY, CKPT_REENTRANT,
     DATASET_TOKENS, DEVICE, DORA, DOUBLE_QUANT, EXTRAS, FORMAT, GPU_OPT, MEASURE_DEVICES, METHOD, MFU, MODEL_ARG,
-    OPTIMIZER, PRECISION, PREPARE_KBIT, PRICE, RANK, SEQ, TARGETS, TASKS, TRAINABLE_LAYERS, VIRTUAL_TOKENS,
+    OPTIMIZER, PRECISION, PREPARE_KBIT, PRICE, RANK, ROUTING, SEQ, TARGETS, TASKS, TRAINABLE_LAYERS, VIRTUAL_TOKENS,
     VISION_LAYERS, check_format, check_limit, check_out_file, check_out_folder, echo_rows, int_list, method_list,
     measure_text, missing_extra_text, model_arg, require,
 )
@@ -41,7 +41,7 @@ def estimate(
     grad_checkpointing: bool = CKPT, checkpoint_every: int = CKPT_EVERY, checkpoint_reentrant: bool = CKPT_REENTRANT,
     attention: str = ATTENTION, device: str = DEVICE, gpu: Optional[str] = GPU_OPT,
     price: Optional[float] = PRICE, tasks: int = TASKS, dataset_tokens: int = DATASET_TOKENS, mfu: float = MFU,
-    format: str = FORMAT,
+    format: str = FORMAT, routing: str = ROUTING,
 ) -> None:
     """Parameters, memory breakdown and peak phase, GPU fit, time, cost and storage."""
     from peftcalc.api import estimate as run_estimate
@@ -55,7 +55,7 @@ def estimate(
                      seq_len=seq_len, precision=precision, optimizer=optimizer, grad_checkpointing=grad_checkpointing,
                      checkpoint_every=checkpoint_every, checkpoint_reentrant=checkpoint_reentrant,
                      attention=attention, device=device, gpu=gpu, price=price, tasks=tasks,
-                     dataset_tokens=dataset_tokens, mfu=mfu)
+                     dataset_tokens=dataset_tokens, mfu=mfu, routing=routing)
     typer.echo(render_estimate(e, format))
 
 

@@ -13,7 +13,7 @@ from peftcalc.errors import InputError
 __all__ = [
     "ADAPTER_KIND", "ALPHA", "ATTENTION", "BATCH", "BOTTLENECK", "CHART_SUFFIXES", "CKPT", "CKPT_EVERY",
     "CKPT_REENTRANT", "DATASET_TOKENS", "DEVICE", "DORA", "DOUBLE_QUANT", "EXTRAS", "FORMAT", "FORMATS", "GPU_OPT",
-    "MEASURE_DEVICES", "METHOD", "MFU", "MODEL_ARG", "OPTIMIZER", "PRECISION", "PREPARE_KBIT", "PRICE", "RANK", "SEQ",
+    "MEASURE_DEVICES", "METHOD", "MFU", "MODEL_ARG", "OPTIMIZER", "PRECISION", "PREPARE_KBIT", "PRICE", "RANK", "ROUTING", "SEQ",
     "TARGETS", "TASKS", "TRAINABLE_LAYERS", "VIRTUAL_TOKENS", "VISION_LAYERS", "can_write", "check_format",
     "check_limit", "check_out_file", "check_out_folder", "echo_rows", "fmt_cell", "int_list", "measure_text",
     "method_list", "missing_extra_text", "model_arg", "phase_text", "require", "writable_folder",
@@ -81,6 +81,8 @@ CKPT_REENTRANT = typer.Option(False, "--checkpoint-reentrant", help="With --grad
                               "checkpointing (use_reentrant=True, what peft.prepare_model_for_kbit_training's "
                               "default gets from torch).")
 ATTENTION = typer.Option("sdpa", "--attention", help="sdpa | eager")
+ROUTING = typer.Option("balanced", "--routing", help="Mixture-of-experts routing: balanced | skewed | worst "
+                       "(how the router spreads tokens over the experts; see peftcalc.settings.ROUTINGS).")
 DEVICE = typer.Option("cuda", "--device", help="cuda: predict max_memory_allocated; cpu: predict the CPU/fake trace.")
 GPU_OPT = typer.Option(None, "--gpu", help="GPU for time and cost (default: the cheapest one that fits).")
 PRICE = typer.Option(None, "--price", help="Override the GPU's hourly price (USD).")

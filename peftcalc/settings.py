@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from peftcalc.checks import MAX_TOKENS_PER_STEP, require_bool, require_int, require_str
 from peftcalc.errors import CombinationError, InputError
 
-__all__ = ["ATTENTIONS", "DEVICES", "DTYPE_BYTES", "OPTIMIZERS", "PRECISIONS", "TrainingSettings",
+__all__ = ["ATTENTIONS", "DEVICES", "DTYPE_BYTES", "OPTIMIZERS", "PRECISIONS", "ROUTINGS", "TrainingSettings",
            "check_training"]
 
 # Precision policies: (storage dtype of the base weights, autocast compute dtype or None).
@@ -36,6 +36,15 @@ OPTIMIZERS = {
     "adafactor": "transformers.optimization.Adafactor (factored second moment, no first moment)",
 }
 ATTENTIONS = ("sdpa", "eager")
+# How a mixture-of-experts router spreads the S = tokens x top_k (token, expert) pairs of a step over the E experts
+# (the harness drives the router to exactly this: measure/routing.py). Under transformers' default experts
+# implementation (grouped_mm) the bytes do not depend on it: every pair is one row of the same (S, .) tensors.
+ROUTINGS = {
+    "balanced": "pair (t, j) of token t goes to expert (t * top_k + j) mod E: every expert gets S / E pairs",
+    "skewed": "even tokens go to experts 0..top_k-1, odd tokens as balanced: the first top_k experts get about "
+              "half the pairs",
+    "worst": "every token goes to experts 0..top_k-1: top_k experts get every token, the others none",
+}
 DEVICES = ("cuda", "cpu")
 
 
@@ -56,6 +65,8 @@ class TrainingSettings:
     # CheckpointFunction instead of the non-reentrant saved-tensor hooks
     checkpoint_every: int = 1
     checkpoint_reentrant: bool = False
+    # mixture-of-experts: how the router spreads tokens over the experts (ROUTINGS)
+    routing: str = "balanced"
 
     @property
     def weight_dtype(self) -> str:
@@ -86,6 +97,7 @@ def check_training(t: TrainingSettings) -> None:
     require_bool("grad_checkpointing", t.grad_checkpointing)
     require_int("checkpoint_every", t.checkpoint_every)
     require_bool("checkpoint_reentrant", t.checkpoint_reentrant)
+    require_str("routing", t.routing, ROUTINGS)
     if not t.grad_checkpointing and (t.checkpoint_every != 1 or t.checkpoint_reentrant):
         name = "checkpoint_every" if t.checkpoint_every != 1 else "checkpoint_reentrant"
         raise CombinationError(f"{name} chooses how gradient checkpointing runs; add grad_checkpointing",
