@@ -6,8 +6,8 @@ their forward returns ``(router_logits, router_scores, router_indices)``) overwr
 indices in place, through ``.data`` (the same storage: no new tensor the calculator would have to count, and
 autograd's version counter of the tensor TopkBackward saved is left alone, so its backward scatters the
 gradient to the driven experts). The routing weights are the router's own top-k values: the bytes do not
-depend on which expert a weight belongs to. Every write is in place (``arange(out=)``, ``remainder_``), so the
-hook allocates nothing, on real and on fake tensors alike.
+depend on which expert a weight belongs to. The writes are in place (``arange(out=)``, ``remainder_``); "skewed"
+makes one (tokens / 2, top_k) int64 temporary for its odd tokens, freed before the experts run.
 """
 
 from __future__ import annotations
@@ -35,7 +35,8 @@ def drive_indices(indices: torch.Tensor, experts: int, routing: str) -> None:
         flat.remainder_(top_k)
     elif routing == "skewed":
         data[0::2].remainder_(top_k)
-        data[1::2].remainder_(experts)
+        odd = data[1::2]  # the u-th odd token: (u * top_k + j) mod E (a small int64 temporary, made and freed here)
+        odd.copy_(torch.arange(odd.numel(), device=data.device).view(odd.shape).remainder_(experts))
     else:
         raise ValueError(f"unknown routing {routing!r}")
 

@@ -41,8 +41,8 @@ ATTENTIONS = ("sdpa", "eager")
 # implementation (grouped_mm) the bytes do not depend on it: every pair is one row of the same (S, .) tensors.
 ROUTINGS = {
     "balanced": "pair (t, j) of token t goes to expert (t * top_k + j) mod E: every expert gets S / E pairs",
-    "skewed": "even tokens go to experts 0..top_k-1, odd tokens as balanced: the first top_k experts get about "
-              "half the pairs",
+    "skewed": "even tokens go to experts 0..top_k-1, the u-th odd token to experts (u * top_k + j) mod E: the "
+              "first top_k experts get over half the pairs",
     "worst": "every token goes to experts 0..top_k-1: top_k experts get every token, the others none",
 }
 DEVICES = ("cuda", "cpu")

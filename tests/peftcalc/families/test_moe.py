@@ -1,0 +1,91 @@
+"""Mixture-of-experts families (Mixtral and kin): exact parameter counts against the real transformers/peft models on
+the meta device (router and fused 3-D experts included), the routing the harness drives, and the MoE block against
+traced runs of a tiny Mixtral (fake tensors and a real CPU run with the model's own random-weight routing).
+"""
+
+import pytest
+import torch
+
+from measure.build import build_model, count_params
+from measure.routing import drive_indices
+from measure.run import measure_one
+from peftcalc.config import load_spec
+from peftcalc.errors import CombinationError
+from peftcalc.families import build_layout
+from peftcalc.layout import param_names
+from peftcalc.methods import MethodSettings, make_plan
+from peftcalc.settings import TrainingSettings
+
+MOE_REGISTRY = ["mixtral-8x7b"]
+TINY_MIXTRAL = {"model_type": "mixtral", "architectures": ["MixtralForCausalLM"], "hidden_size": 64,
+                "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 96,
+                "vocab_size": 512, "num_local_experts": 4, "num_experts_per_tok": 2}
+
+
+@pytest.mark.parametrize("settings", [MethodSettings("full"), MethodSettings("freeze", trainable_layers=1),
+                                      MethodSettings("lora"), MethodSettings("lora", rank=16,
+                                                                             targets=("q_proj", "k_proj", "v_proj", "o_proj"))],
+                         ids=lambda s: f"{s.method}-{s.targets}")
+@pytest.mark.parametrize("name", MOE_REGISTRY)
+def test_registry_counts_equal_real_models(name, settings):
+    spec = load_spec(name)
+    plan = make_plan(spec, settings)
+    assert (plan.total, plan.trainable) == count_params(build_model(spec, settings))
+
+
+def test_mixtral_8x7b_total_is_the_published_46_7b():
+    """Mistral AI's model card: 46.7B parameters (32 layers x (attention 4096 x (4096 + 2 x 1024 + 4096), router
+    8 x 4096, experts 8 x 3 x 4096 x 14336, two norms) + embeddings and head 2 x 32000 x 4096 + final norm)."""
+    layer = 4096 * (4096 + 2 * 1024 + 4096) + 8 * 4096 + 8 * 3 * 4096 * 14336 + 2 * 4096
+    assert build_layout(load_spec("mixtral-8x7b")).total_params == 32 * layer + 2 * 32000 * 4096 + 4096 == 46_702_792_704
+
+
+def test_layout_names_and_order_equal_named_parameters():
+    spec = load_spec(TINY_MIXTRAL)
+    ours = [n for m in build_layout(spec).modules for n, _ in param_names(m)]
+    model = build_model(spec, MethodSettings("full"))
+    assert ours == [n for n, _ in model.named_parameters()]
+    assert "model.layers.0.mlp.experts.gate_up_proj" in ours and "model.layers.0.mlp.gate.weight" in ours
+
+
+def test_instruct_alias_is_the_same_model():
+    assert load_spec("mistralai/Mixtral-8x7B-Instruct-v0.1") == load_spec("mixtral-8x7b")
+
+
+def test_all_linear_on_a_peft_converted_moe_is_refused():
+    with pytest.raises(CombinationError, match="target_parameters"):
+        make_plan(load_spec(TINY_MIXTRAL), MethodSettings("lora", targets="all-linear"))
+
+
+@pytest.mark.parametrize("routing, counts", [("balanced", [4, 4, 4, 4]), ("worst", [8, 8, 0, 0]),
+                                             ("skewed", [6, 6, 2, 2])])
+def test_driven_routing_per_expert_counts(routing, counts):
+    """8 tokens, top-2, 4 experts (16 pairs): balanced 4 each; worst, every token to experts 0 and 1; skewed, the 4
+    even tokens to 0 and 1, the 4 odd ones as balanced (odd token t: experts 2t mod 4 and 2t + 1 mod 4)."""
+    idx = torch.zeros(8, 2, dtype=torch.int64)
+    drive_indices(idx, 4, routing)
+    assert torch.bincount(idx.view(-1), minlength=4).tolist() == counts
+    assert all(len(set(row)) == 2 for row in idx.tolist())  # a token never goes to one expert twice
+
+
+def _peak(device, method, routing="balanced", **training):
+    row = measure_one(TINY_MIXTRAL, MethodSettings(method), TrainingSettings(
+        **{"batch_size": 2, "seq_len": 32, "precision": "fp32", "routing": routing, **training}), device, 2)
+    assert row["outcome"] == "ok", row["error"]
+    return row["measured"]["peak_bytes"], row["predicted"]["peak_bytes"]
+
+
+def test_tiny_mixtral_lora_fake_trace_equals_prediction():
+    measured, predicted = _peak("fake", "lora", seq_len=256)
+    assert measured == predicted == 8_828_296  # traced op by op (fake tensors)
+
+
+def test_own_routing_lands_where_the_driven_routings_do(monkeypatch):
+    """A real CPU run with the model's own (random-weight) routing peaks at the same bytes as every driven routing:
+    grouped_mm's tensors are (tokens x top_k, .) whatever expert each pair goes to."""
+    driven = {r: _peak("cpu", "full", r, optimizer="sgd")[0] for r in ("balanced", "worst")}
+    import measure.setup
+
+    monkeypatch.setattr(measure.setup, "drive_routing", lambda *a: [])
+    own, predicted = _peak("cpu", "full", optimizer="sgd")
+    assert own == driven["balanced"] == driven["worst"] == predicted
