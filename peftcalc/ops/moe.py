@@ -15,7 +15,7 @@ from peftcalc.backward import GRAD
 from peftcalc.ops.linear import linear
 from peftcalc.ops.nonlinear import activation
 from peftcalc.ops.recorder import Recorder, SymTensor, input_grads
-from peftcalc.ops.tensor_ops import cast, mul
+from peftcalc.ops.tensor_ops import cast, mul, promote
 from peftcalc.settings import DTYPE_BYTES
 
 __all__ = [
@@ -27,14 +27,16 @@ __all__ = [
 
 
 def router_top_k(rec: Recorder, x: SymTensor, hidden: int, experts: int, top_k: int, trains: bool, norm_topk: bool,
-                 tag: str) -> tuple[SymTensor, SymTensor, SymTensor]:
+                 tag: str, scores_in_logits_dtype: bool = False) -> tuple[SymTensor, SymTensor, SymTensor]:
     """MixtralTopKRouter.forward (Qwen3-MoE's and Qwen2-MoE's routers alike): ``F.linear(x, weight)`` (an mm:
     the logits in the compute dtype), ``softmax(logits.float())`` (saves its fp32 output), ``topk`` (saves
     the int64 indices; its backward scatters into new zeros: two (T, E) fp32 buffers) and, with
     `norm_topk`, ``top /= top.sum(-1, keepdim=True)``: the sum (T, 1) is saved, and so is a clone of the
     values the in-place division overwrites (autograd's original self for the divisor's gradient). Returns
     (logits, top-k weights fp32, indices int64); the caller frees them where the model drops them (the
-    weights may be a view: free their base)."""
+    weights may be a view: free their base). `scores_in_logits_dtype`: Qwen3MoeTopKRouter's
+    ``softmax(logits, dtype=torch.float)`` (the same cast and softmax on the CPU) and its last
+    ``router_top_value.to(router_logits.dtype)`` (the fp32 values go when the name is rebound)."""
     tokens = x.numel // hidden
     logits = linear(rec, x, hidden, experts, trains, f"{tag}.router")
     lf = cast(rec, logits, "float32")
@@ -50,8 +52,17 @@ def router_top_k(rec: Recorder, x: SymTensor, hidden: int, experts: int, top_k: 
     rec.node(top, [("new", "z", probs.nbytes), ("new", "d", probs.nbytes), ("free", "z")],
              [(probs.id, "d")] if grad else [], saved)
     rec.free(probs)
-    if not norm_topk:
-        return logits, top, idx
+    weights = _normalized(rec, top, tokens, tag) if norm_topk else top
+    if scores_in_logits_dtype and logits.dtype != weights.dtype:
+        scores = cast(rec, weights, logits.dtype)
+        rec.free(top)
+        return logits, scores, idx
+    return logits, weights, idx
+
+
+def _normalized(rec: Recorder, top: SymTensor, tokens: int, tag: str) -> SymTensor:
+    """``top /= top.sum(dim=-1, keepdim=True)`` (see router_top_k): a view of the top-k values."""
+    grad = top.requires_grad
     total = rec.new(tokens, "float32", grad)  # SumBackward0 expands the gradient: a view
     rec.node(total, outputs=[(top.id, GRAD)])
     saved = [rec.save(total, f"{tag}.router_sum")] if grad else []
@@ -65,7 +76,7 @@ def router_top_k(rec: Recorder, x: SymTensor, hidden: int, experts: int, top_k: 
     normed = rec.view(top, top.numel)  # div_ writes into the top-k values: no new storage
     rec.node(normed, steps, [(top.id, "ds"), (total.id, "do")] if grad else [], saved)
     rec.free(total)
-    return logits, normed, idx
+    return normed
 
 
 def gather_rows(rec: Recorder, x: SymTensor, rows: int, row_numel: int, index: SymTensor, tag: str) -> SymTensor:
@@ -147,10 +158,10 @@ def experts_grouped_mm(rec: Recorder, x: SymTensor, top: SymTensor, idx: SymTens
 
 
 def _weigh(rec: Recorder, down: SymTensor, ws: SymTensor, tag: str) -> SymTensor:
-    """``proj_out * sample_weights_g.unsqueeze(-1)``: an (S, h) product in fp32 (the routing weights are fp32);
-    MulBackward0 saves both. Backward: grad * weights (cast back to proj_out's dtype by the engine) and
-    grad * proj_out, summed down to the weights' (S, 1) shape."""
-    out = rec.new(down.numel, "float32", down.requires_grad or ws.requires_grad)
+    """``proj_out * sample_weights_g.unsqueeze(-1)``: an (S, h) product in the wider dtype (fp32 where the routing
+    weights are fp32, Mixtral's); MulBackward0 saves both. Backward: grad * weights (cast back to proj_out's dtype by
+    the engine) and grad * proj_out, summed down to the weights' (S, 1) shape."""
+    out = rec.new(down.numel, promote(down.dtype, ws.dtype), down.requires_grad or ws.requires_grad)
     saved = []
     if ws.requires_grad:
         saved.append(rec.save(down, f"{tag}.a"))
@@ -159,7 +170,7 @@ def _weigh(rec: Recorder, down: SymTensor, ws: SymTensor, tag: str) -> SymTensor
     steps, outputs, after = [], [], []
     if down.requires_grad:
         steps.append(("new", "d0", out.nbytes))
-        if down.dtype != "float32":
+        if down.dtype != out.dtype:
             after += [("new", "c0", down.nbytes), ("free", "d0")]
             outputs.append((down.id, "c0"))
         else:

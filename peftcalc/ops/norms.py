@@ -16,15 +16,16 @@ __all__ = [
 ]
 
 
-def rms_norm(rec: Recorder, x: SymTensor, weight_trainable: bool, tag: str) -> SymTensor:
+def rms_norm(rec: Recorder, x: SymTensor, weight_trainable: bool, tag: str, hidden: int = 0) -> SymTensor:
     """LlamaRMSNorm.forward: x.to(fp32); variance = pow(2).mean; x * rsqrt(variance + eps); weight *
     _.to(input dtype). pow and the product save the fp32 input and the rsqrt; weight * y saves y when the
     weight trains, and the weight (a parameter) when y needs a gradient. The variance stays referenced
     until the norm returns. Backward: the weight product (grad * weight, and (grad * y).sum for the
     weight), the product's grad * rsqrt and (grad * x).sum, rsqrt's -0.5 grad r^3, mean's expanded
-    grad / n, pow's grad * 2 x (x.pow(1) and 2 * _ as temporaries)."""
+    grad / n, pow's grad * 2 x (x.pow(1) and 2 * _ as temporaries). `hidden`: the normalized size when it is not
+    one token's (a per-head norm over head_dim, Qwen3's q_norm/k_norm)."""
     ctx = rec.ctx
-    hidden = x.numel // ctx.tokens if ctx.tokens else x.numel
+    hidden = hidden or (x.numel // ctx.tokens if ctx.tokens else x.numel)
     rows = x.numel // hidden
     x32 = cast(rec, x, "float32")
     full, small = x.numel * 4, rows * 4

@@ -16,7 +16,7 @@ from peftcalc.layout import param_names
 from peftcalc.methods import MethodSettings, make_plan
 from peftcalc.settings import TrainingSettings
 
-MOE_REGISTRY = ["mixtral-8x7b"]
+MOE_REGISTRY = ["mixtral-8x7b", "qwen3-30b-a3b"]
 TINY_MIXTRAL = {"model_type": "mixtral", "architectures": ["MixtralForCausalLM"], "hidden_size": 64,
                 "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 96,
                 "vocab_size": 512, "num_local_experts": 4, "num_experts_per_tok": 2}
@@ -89,3 +89,11 @@ def test_own_routing_lands_where_the_driven_routings_do(monkeypatch):
     monkeypatch.setattr(measure.setup, "drive_routing", lambda *a: [])
     own, predicted = _peak("cpu", "full", optimizer="sgd")
     assert own == driven["balanced"] == driven["worst"] == predicted
+
+
+def test_qwen3_30b_a3b_total_is_the_published_30_5b():
+    """Qwen's model card: 30.5B parameters. Per layer: attention 2048 x (32 + 2 x 4 + 32) x 128, q/k norms 2 x 128,
+    128 experts x 3 x 2048 x 768, router 128 x 2048, two norms; embeddings and head 2 x 151936 x 2048; final norm."""
+    layer = 2048 * 72 * 128 + 2 * 128 + 128 * 3 * 2048 * 768 + 128 * 2048 + 2 * 2048
+    expected = 48 * layer + 2 * 151936 * 2048 + 2048
+    assert build_layout(load_spec("Qwen/Qwen3-30B-A3B")).total_params == expected == 30_532_122_624
