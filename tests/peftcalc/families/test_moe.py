@@ -16,7 +16,7 @@ from peftcalc.layout import param_names
 from peftcalc.methods import MethodSettings, make_plan
 from peftcalc.settings import TrainingSettings
 
-MOE_REGISTRY = ["mixtral-8x7b", "qwen3-30b-a3b"]
+MOE_REGISTRY = ["mixtral-8x7b", "qwen3-30b-a3b", "qwen1.5-moe-a2.7b"]
 TINY_MIXTRAL = {"model_type": "mixtral", "architectures": ["MixtralForCausalLM"], "hidden_size": 64,
                 "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 96,
                 "vocab_size": 512, "num_local_experts": 4, "num_experts_per_tok": 2}
