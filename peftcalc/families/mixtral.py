@@ -23,7 +23,9 @@ __all__ = [
     "DROPOUT",
     "MIXTRAL",
     "attention_modules",
+    "experts_lora",
     "experts_modules",
+    "experts_training",
     "mixtral_block",
     "mixtral_config",
     "mixtral_layout",
@@ -78,11 +80,22 @@ def moe_mlp(rec: Recorder, spec: ModelSpec, sites, x: SymTensor, prefix: str = "
     logits, weights, idx = router_top_k(rec, x, spec.hidden_size, spec.num_experts, spec.experts_per_token,
                                         sites.param_trains(f"{prefix}.gate.weight"), spec.norm_topk_prob,
                                         f"{prefix}.gate")
-    trains = (sites.param_trains(f"{prefix}.experts.gate_up_proj"), sites.param_trains(f"{prefix}.experts.down_proj"))
     out = experts_grouped_mm(rec, x, weights, idx, spec.hidden_size, spec.expert_intermediate_size, spec.num_experts,
-                             trains, spec.hidden_act, f"{prefix}.experts")
+                             *experts_training(sites, f"{prefix}.experts"), spec.hidden_act, f"{prefix}.experts",
+                             **experts_lora(sites, f"{prefix}.experts"))
     rec.free(logits, weights.base or weights, idx)
     return out
+
+
+def experts_training(sites, prefix: str) -> tuple:
+    """(whether gate_up_proj and down_proj train,) of the fused experts at `prefix`."""
+    return ((sites.param_trains(f"{prefix}.gate_up_proj"), sites.param_trains(f"{prefix}.down_proj")),)
+
+
+def experts_lora(sites, prefix: str) -> dict:
+    """The LoRA ranks on the fused experts at `prefix` (peft target_parameters) and LoRA's scaling."""
+    lora = (sites.param_lora(f"{prefix}.gate_up_proj"), sites.param_lora(f"{prefix}.down_proj"))
+    return {"lora": lora, "scaling": sites.lora_scaling()} if any(lora) else {}
 
 
 def mixtral_block(rec: Recorder, spec: ModelSpec, sites, x: SymTensor) -> SymTensor:

@@ -11,7 +11,7 @@ from dataclasses import replace
 
 from peftcalc.errors import InputError
 from peftcalc.families.llama import llama_attention_half, llama_config, rotary_buffer_bytes
-from peftcalc.families.mixtral import attention_modules, experts_modules, moe_settings
+from peftcalc.families.mixtral import attention_modules, experts_lora, experts_modules, experts_training, moe_settings
 from peftcalc.families.record import Family
 from peftcalc.layout import Layout, Module, decoder_head, linear_module, norm_module
 from peftcalc.ops.moe import experts_grouped_mm, router_top_k
@@ -88,9 +88,9 @@ def qwen2_moe_block(rec: Recorder, spec: ModelSpec, sites, x: SymTensor) -> SymT
     logits, weights, idx = router_top_k(rec, n2, h, spec.num_experts, spec.experts_per_token,
                                         sites.param_trains("mlp.gate.weight"), spec.norm_topk_prob, "mlp.gate",
                                         scores_in_logits_dtype=True)
-    trains = (sites.param_trains("mlp.experts.gate_up_proj"), sites.param_trains("mlp.experts.down_proj"))
-    routed = experts_grouped_mm(rec, n2, weights, idx, h, spec.expert_intermediate_size, spec.num_experts, trains,
-                                spec.hidden_act, "mlp.experts")
+    routed = experts_grouped_mm(rec, n2, weights, idx, h, spec.expert_intermediate_size, spec.num_experts,
+                                *experts_training(sites, "mlp.experts"), spec.hidden_act, "mlp.experts",
+                                **experts_lora(sites, "mlp.experts"))
     gl = sites.linear(rec, n2, "mlp.shared_expert_gate", h, 1)
     sg = _sigmoid(rec, gl, "mlp.shared_expert_gate.sigmoid")
     rec.free(gl)

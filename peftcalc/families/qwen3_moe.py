@@ -11,7 +11,7 @@ from dataclasses import replace
 
 from peftcalc.errors import InputError
 from peftcalc.families.llama import llama_config, rotary_buffer_bytes
-from peftcalc.families.mixtral import experts_modules, moe_settings
+from peftcalc.families.mixtral import experts_lora, experts_modules, experts_training, moe_settings
 from peftcalc.families.record import Family, config_dropout
 from peftcalc.layout import Layout, Module, decoder_head, linear_module, norm_module
 from peftcalc.ops.attention import attention
@@ -93,9 +93,9 @@ def qwen3_moe_block(rec: Recorder, spec: ModelSpec, sites, x: SymTensor) -> SymT
     logits, weights, idx = router_top_k(rec, n2, spec.hidden_size, spec.num_experts, spec.experts_per_token,
                                         sites.param_trains("mlp.gate.weight"), spec.norm_topk_prob, "mlp.gate",
                                         scores_in_logits_dtype=True)
-    trains = (sites.param_trains("mlp.experts.gate_up_proj"), sites.param_trains("mlp.experts.down_proj"))
     m = experts_grouped_mm(rec, n2, weights, idx, spec.hidden_size, spec.expert_intermediate_size, spec.num_experts,
-                           trains, spec.hidden_act, "mlp.experts")
+                           *experts_training(sites, "mlp.experts"), spec.hidden_act, "mlp.experts",
+                           **experts_lora(sites, "mlp.experts"))
     rec.free(logits, weights.base or weights, idx, n2)
     out = add(rec, x2, m, x2.dtype)
     rec.free(m, x2)

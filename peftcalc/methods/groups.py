@@ -122,7 +122,10 @@ def resolve_targets(spec: ModelSpec, layout: Layout, s: MethodSettings) -> tuple
     if keys == "all-linear":
         paths = all_linear(spec, layout)
     else:
-        paths = tuple(m.path for m in layout.modules if m.kind != "param" and module_matches(m.path, keys))
+        # a fused experts parameter is targeted by its name (peft target_parameters: "mlp.experts.gate_up_proj")
+        params = [k for k in keys if "experts." in k]
+        paths = tuple(m.path for m in layout.modules if (m.kind != "param" and module_matches(m.path, keys))
+                      or (m.role == "experts" and module_matches(m.path, params)))
     if spec.is_vlm:  # LoRA on a VLM wraps the language model only (measure.build.vlm_lora_config)
         paths = tuple(p for p in paths if under(p, (LANGUAGE_MODEL,)))
     if peft_task_type(spec) == "SEQ_CLS":  # modules_to_save (the head) is copied whole, never wrapped

@@ -144,6 +144,16 @@ class BlockSites:
                            quantized=s.method == "qlora", bias=name in block_biases(build_layout(self.plan.spec)),
                            bias_trains=name in training.bias_trainable)
 
+    def param_lora(self, name: str) -> int:
+        """The LoRA rank on the block's bare parameter `name` (fused experts through peft's target_parameters;
+        0: none)."""
+        return self.plan.settings.rank if name in self.training.lora else 0
+
+    def lora_scaling(self) -> float:
+        """LoRA's alpha / r (the harness's lora_alpha is 2 r when alpha is not set)."""
+        s = self.plan.settings
+        return (s.alpha if s.alpha is not None else 2 * s.rank) / s.rank
+
     def param_trains(self, name: str) -> bool:
         """Whether the block's bare parameter `name` (a router's weight, fused experts) trains."""
         return name in self.training.params

@@ -90,36 +90,95 @@ def gather_rows(rec: Recorder, x: SymTensor, rows: int, row_numel: int, index: S
 
 
 def grouped_mm(rec: Recorder, x: SymTensor, in_f: int, out_f: int, experts: int, trains: bool,
-               offsets: SymTensor, tag: str) -> SymTensor:
+               offsets: SymTensor, tag: str, weight: SymTensor | None = None) -> SymTensor:
     """``torch._grouped_mm(x, weight.transpose(-2, -1), offs)`` (integrations/moe.py _grouped_linear): the
-    (S, out) output in x's dtype; the node saves x (when the weight trains: traced), the weight (a parameter) and
-    the int32 offsets; its backward
-    makes the weight's gradient first (a whole (E, in, out) tensor, the .grad), then x's."""
+    (S, out) output in x's dtype; the node saves x (when the weight needs a gradient: traced), the weight when x
+    needs one (a parameter: no bytes; peft's LoRA-merged `weight`, an activation) and the int32 offsets; its
+    backward makes the weight's gradient first (a whole (E, in, out) tensor: the .grad, or a gradient for
+    `weight`), then x's."""
     rows = x.numel // in_f
+    trains = trains or (weight is not None and weight.requires_grad)
     grad = x.requires_grad or trains
     saved = ([rec.save(x, f"{tag}.input")] if trains else []) + ([rec.save(offsets, f"{tag}.offsets")] if grad else [])
-    if grad:
+    if weight is not None and x.requires_grad:
+        saved.append(rec.save(weight, f"{tag}.lora_weight"))
+    elif grad:
         rec.save_param()
     out = rec.new(rows * out_f, x.dtype, grad)
-    steps = [("param", experts * in_f * out_f * DTYPE_BYTES[rec.ctx.weight_dtype])] if trains else []
+    if weight is not None:
+        steps, outputs = ([("new", "dw", weight.nbytes)], [(weight.id, "dw")]) if weight.requires_grad else ([], [])
+    else:
+        steps, outputs = ([("param", experts * in_f * out_f * DTYPE_BYTES[rec.ctx.weight_dtype])] if trains else []), []
     s, o = input_grads(x)
-    rec.node(out, steps + s, o, saved)
+    rec.node(out, steps + s, outputs + o, saved)
     return out
 
 
+def lora_factors(rec: Recorder, experts: int, in_f: int, out_f: int, rank: int) -> tuple:
+    """peft ParamWrapper.get_delta_factors (tuners/lora/layer.py) when its forward starts: lora_B (out, E*r) as
+    (E, out, r) and lora_A (E*r, in) as (E, r, in), each ``.to(param.dtype)``: a copy when the adapters' fp32
+    differs from the weights' dtype, else a view of the adapter. Backward, a copy's gradient is cast to fp32; B's,
+    permuted back, is reshaped by a copy into its .grad; A's is its .grad as it is. Then register_parametrization
+    evaluates the parametrization once (an (E, out, in) baddbmm output, dropped at once). Returns (lhs, rhs,
+    whether they are copies)."""
+    ctx = rec.ctx
+    wd, ad = ctx.weight_dtype, ctx.adapter_dtype
+    b_bytes, a_bytes = experts * out_f * rank * DTYPE_BYTES[ad], experts * rank * in_f * DTYPE_BYTES[ad]
+    copies = wd != ad
+    if copies:
+        lhs = rec.new(experts * out_f * rank, wd, True)
+        rhs = rec.new(experts * rank * in_f, wd, True)
+        rec.node(lhs, [("new", "f", b_bytes), ("new", "c", b_bytes), ("param", b_bytes), ("free", "f"), ("free", "c")])
+    else:  # views of the fp32 adapters: no storage of their own
+        rec.next_id += 2
+        lhs = SymTensor(experts * out_f * rank, ad, True, rec.next_id - 1)
+        rhs = SymTensor(experts * rank * in_f, ad, True, rec.next_id)
+        rec.node(lhs, [("new", "c", b_bytes), ("param", b_bytes), ("free", "c")])
+    rec.node(rhs, [("param", a_bytes)])
+    rec.free(rec.new(experts * out_f * in_f, wd, False))  # register_parametrization's check of the proxy
+    return lhs, rhs, copies
+
+
+def lora_weight(rec: Recorder, factors: tuple, experts: int, in_f: int, out_f: int, scaling: float,
+                tag: str) -> SymTensor:
+    """_LoraFactorsProxy.forward, when the experts read the parameter: ``baddbmm(W, lhs, rhs, alpha=scaling)``, a
+    whole (E, out, in) weight in the weights' dtype, cached until the wrapper's forward ends. BaddbmmBackward saves
+    lhs and rhs (copies: activations; views of the adapters: no bytes) and makes grad @ rhs^T and lhs^T @ grad, each
+    times `scaling` (a second tensor) unless it is 1."""
+    lhs, rhs, copies = factors
+    saved = [rec.save(t, f"{tag}.lora_factor") for t in (lhs, rhs)] if copies else []
+    if not copies:
+        rec.save_param()
+    w = rec.new(experts * out_f * in_f, rec.ctx.weight_dtype, True)
+    steps = []
+    for name, t in (("dl", lhs), ("dr", rhs)):
+        nbytes = t.numel * DTYPE_BYTES[rec.ctx.weight_dtype]
+        steps += [("new", "m", nbytes), ("new", name, nbytes), ("free", "m")] if scaling != 1 else [("new", name, nbytes)]
+    rec.node(w, steps, [(lhs.id, "dl"), (rhs.id, "dr")], saved, saves_param=not copies)
+    return w
+
+
 def experts_grouped_mm(rec: Recorder, x: SymTensor, top: SymTensor, idx: SymTensor, hidden: int, inter: int,
-                       experts: int, trains: tuple, act: str, tag: str) -> SymTensor:
+                       experts: int, trains: tuple, act: str, tag: str, lora: tuple = (0, 0),
+                       scaling: float = 2.0) -> SymTensor:
     """grouped_mm_experts_forward (transformers 5.x integrations/moe.py), op by op: ``sort`` the (S,) expert
     ids (values and permutation, int64), gather the tokens (``hidden[perm // top_k]``) and their routing
     weights (``sample_weights[perm]``), ``histc`` over the ids (cast to fp32 on the CPU, int32 on CUDA) and
     its int32 ``cumsum`` (the offsets), the gate/up grouped_mm, ``act(gate) * up`` on its two halves, the down
     grouped_mm, the product with the routing weights (fp32: type promotion), the inverse permutation
     (``empty_like``, ``arange``, ``index_put_``), the gather back to token order and the sum over top_k, then
-    ``.to(hidden.dtype)``. Every local lives until the function returns. `trains`: (gate_up_proj, down_proj)."""
+    ``.to(hidden.dtype)``. Every local lives until the function returns. `trains`: (gate_up_proj, down_proj).
+    `lora`: the LoRA ranks on (gate_up_proj, down_proj) through peft's target_parameters (0: none): peft wraps the
+    experts in a ParamWrapper per parameter (down_proj's outermost, as the harness lists them), whose forward makes
+    the factors (lora_factors) and, when the experts read the parameter, the merged weight (lora_weight)."""
     ctx = rec.ctx
     tokens = x.numel // hidden
     pairs = top.numel
-    top_k = pairs // tokens
+    shapes = ((hidden, 2 * inter), (inter, hidden))  # (in, out) of gate_up_proj and down_proj
+    factors = [None, None]
+    for i in (1, 0):
+        if lora[i]:
+            factors[i] = lora_factors(rec, experts, shapes[i][0], shapes[i][1], lora[i])
     ids_sorted = rec.new(pairs, "int64", False)
     perm = rec.new(pairs, "int64", False)
     token_of = rec.new(pairs, "int64", False)  # perm // num_top_k
@@ -129,7 +188,10 @@ def experts_grouped_mm(rec: Recorder, x: SymTensor, top: SymTensor, idx: SymTens
     histc_in = rec.new(pairs, "float32" if ctx.device == "cpu" else "int32", False)
     counts = rec.new(experts, histc_in.dtype, False)
     offsets = rec.new(experts, "int32", False)
-    gu = grouped_mm(rec, xs, hidden, 2 * inter, experts, trains[0], offsets, f"{tag}.gate_up_proj")
+    merged = [None, None]
+    if factors[0]:
+        merged[0] = lora_weight(rec, factors[0], experts, hidden, 2 * inter, scaling, f"{tag}.gate_up_proj")
+    gu = grouped_mm(rec, xs, hidden, 2 * inter, experts, trains[0], offsets, f"{tag}.gate_up_proj", merged[0])
     gate = rec.view(gu, pairs * inter)
     up = rec.view(gu, pairs * inter)
     # SplitBackward (one node, two outputs): once both halves' gradients have come, cat makes a new (S, 2I)
@@ -139,7 +201,9 @@ def experts_grouped_mm(rec: Recorder, x: SymTensor, top: SymTensor, idx: SymTens
     a = activation(rec, gate, act, f"{tag}.act_fn")
     p = mul(rec, a, up, f"{tag}.act_mul")
     rec.free(a, gu)
-    down = grouped_mm(rec, p, inter, hidden, experts, trains[1], offsets, f"{tag}.down_proj")
+    if factors[1]:
+        merged[1] = lora_weight(rec, factors[1], experts, inter, hidden, scaling, f"{tag}.down_proj")
+    down = grouped_mm(rec, p, inter, hidden, experts, trains[1], offsets, f"{tag}.down_proj", merged[1])
     rec.free(p)
     weighted = _weigh(rec, down, ws, f"{tag}.routing_weights")
     rec.free(down)
@@ -154,6 +218,10 @@ def experts_grouped_mm(rec: Recorder, x: SymTensor, top: SymTensor, idx: SymTens
     rec.free(ids_sorted, perm, xs, ws, histc_in, counts, offsets, inv_perm, restored)
     if out is not summed:
         rec.free(summed)
+    for f in factors:  # the wrappers return: their proxies (the factors) go, then the cached merged weights
+        if f and f[2]:
+            rec.free(f[0], f[1])
+    rec.free(*[w for w in merged if w is not None])
     return out
 
 
