@@ -97,3 +97,15 @@ def test_qwen3_30b_a3b_total_is_the_published_30_5b():
     layer = 2048 * 72 * 128 + 2 * 128 + 128 * 3 * 2048 * 768 + 128 * 2048 + 2 * 2048
     expected = 48 * layer + 2 * 151936 * 2048 + 2048
     assert build_layout(load_spec("Qwen/Qwen3-30B-A3B")).total_params == expected == 30_532_122_624
+
+
+def test_forward_flops_count_the_active_experts_only():
+    """One token through Mixtral-8x7B: 2 FLOPs per active matmul weight (attention, router, 2 of the 8 experts, the
+    head: 12.9B active parameters less the embedding lookup, Mistral AI's figure) plus attention's 4 s^2 d per layer."""
+    from peftcalc.hardware import step_flops
+
+    plan = make_plan(load_spec("mixtral-8x7b"), MethodSettings("full"))
+    flops = step_flops(plan, TrainingSettings(batch_size=1, seq_len=1), 1)
+    layer = 4096 * (4096 + 2 * 1024 + 4096) + 8 * 4096 + 2 * 3 * 4096 * 14336
+    assert flops.forward == 2 * (32 * layer + 32000 * 4096) + 4 * 4096 * 32
+    assert flops.backward == 2 * flops.forward
