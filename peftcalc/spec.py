@@ -11,13 +11,14 @@ from dataclasses import dataclass, field
 
 from peftcalc.errors import InputError
 
-__all__ = ["AUTO_CLASS", "MAX_LAYERS", "ModelSpec", "TASKS", "check_divisible", "config_bool", "config_int",
-           "config_str", "divided", "encoder_sizes", "optional_config_int", "transformers_config_kwargs"]
+__all__ = ["AUTO_CLASS", "FULL_ATTENTION", "MAX_LAYERS", "ModelSpec", "SLIDING_ATTENTION", "TASKS", "check_divisible",
+           "config_bool", "config_int", "config_str", "divided", "encoder_sizes", "optional_config_int", "optional_window",
+           "sliding_windows", "transformers_config_kwargs"]
 
 # The tasks a model class can have, decided by the config's `architectures` as transformers
 # builds it (AutoModelForCausalLM / ForMaskedLM / ForSequenceClassification / ForImageClassification /
-# AutoModel).
-TASKS = ("causal_lm", "masked_lm", "seq_cls", "image_cls", "base", "image_text_to_text")
+# AutoModel; seq2seq_lm, AutoModelForSeq2SeqLM: families peftcalc traces only, measure.generic).
+TASKS = ("causal_lm", "masked_lm", "seq_cls", "image_cls", "base", "image_text_to_text", "seq2seq_lm")
 
 # The transformers Auto class that builds each task (used by the harness and shown to users).
 AUTO_CLASS = {
@@ -27,6 +28,7 @@ AUTO_CLASS = {
     "image_cls": "AutoModelForImageClassification",
     "base": "AutoModel",
     "image_text_to_text": "AutoModelForImageTextToText",
+    "seq2seq_lm": "AutoModelForSeq2SeqLM",
 }
 
 
@@ -72,6 +74,9 @@ class ModelSpec:
     is_vision: bool = False  # a vision encoder over patches and a class token
     is_vlm: bool = False  # a vision-language model (a vision tower, a projector, a language model)
     gated_mlp: bool = False  # a gated MLP (gate_proj, up_proj, down_proj)
+    # per layer, the sliding window of its attention in tokens (0: full causal attention); () when every
+    # layer attends fully (read by the family's config reader, e.g. with sliding_windows)
+    layer_windows: tuple = ()
     # mixture-of-experts (peftcalc.families.moe): experts per MoE layer, experts each token is routed to, one
     # expert's intermediate size, the shared expert's (Qwen2-MoE; 0: none), top-k weights renormalized
     num_experts: int = 0
@@ -174,6 +179,37 @@ def encoder_sizes(config: dict, where: str) -> tuple[int, int, int, int]:
     """(hidden_size, num_attention_heads, num_hidden_layers, intermediate_size) of a BERT-style config."""
     return (config_int(config, "hidden_size", where), config_int(config, "num_attention_heads", where),
             config_int(config, "num_hidden_layers", where), config_int(config, "intermediate_size", where))
+
+
+SLIDING_ATTENTION, FULL_ATTENTION = "sliding_attention", "full_attention"
+
+
+def sliding_windows(config: dict, layers: int, window: int | None, default_types: list, where: str) -> tuple:
+    """Each layer's attention window as the model runs it: `window` tokens on the layers whose type is
+    "sliding_attention", 0 (full causal attention) on the "full_attention" ones. The types are the config's
+    `layer_types` where it lists them (the transformers config classes keep a given list: Qwen2Config,
+    Gemma2Config, Gemma3TextConfig, GptOssConfig), else `default_types` (the class's __post_init__
+    default, computed by the caller); a null `window` (sliding disabled: Qwen2Config without
+    use_sliding_window, a Mistral config with "sliding_window": null) makes every layer full.
+    () when no layer slides, as for a model without windows."""
+    types = config.get("layer_types")
+    if types is None:
+        types = default_types
+    if not isinstance(types, list) or len(types) != layers or any(t not in (SLIDING_ATTENTION, FULL_ATTENTION) for t in types):
+        raise InputError(f"{where}: 'layer_types' must list {layers} entries, each {SLIDING_ATTENTION!r} or {FULL_ATTENTION!r}")
+    if not window or SLIDING_ATTENTION not in types:
+        return ()
+    return tuple(window if t == SLIDING_ATTENTION else 0 for t in types)
+
+
+def optional_window(config: dict, default: int | None, where: str) -> int | None:
+    """config["sliding_window"]: `default` when absent (the config class's default: MistralConfig 4096),
+    None when null, else a positive integer (InputError otherwise)."""
+    if "sliding_window" not in config:
+        return default
+    if config["sliding_window"] is None:
+        return None
+    return config_int(config, "sliding_window", where)
 
 
 def transformers_config_kwargs(spec: ModelSpec) -> dict:

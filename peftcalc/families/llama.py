@@ -13,7 +13,8 @@ from peftcalc.ops.norms import rms_norm
 from peftcalc.ops.recorder import Recorder, SymTensor
 from peftcalc.ops.rotary import rope
 from peftcalc.ops.tensor_ops import add, heads_view, mul
-from peftcalc.spec import ModelSpec, config_bool, config_str, divided, encoder_sizes, optional_config_int, config_int
+from peftcalc.spec import (SLIDING_ATTENTION, FULL_ATTENTION, ModelSpec, config_bool, config_int, config_str, divided,
+                           encoder_sizes, optional_config_int, optional_window, sliding_windows)
 
 __all__ = [
     "DROPOUT",
@@ -25,6 +26,7 @@ __all__ = [
     "llama_config",
     "llama_layout",
     "llama_mlp_half",
+    "llama_windows",
     "rotary_buffer_bytes",
 ]
 
@@ -81,7 +83,8 @@ def llama_attention_half(rec: Recorder, spec: ModelSpec, sites, x: SymTensor, dr
     q, k = rope(rec, q), rope(rec, k)
     rec.free(ql, kl)
     # `key_states, value_states = past_key_values.update(...)` drops RoPE's keys and the value projection
-    a = attention(rec, spec, q, k, v, config_dropout(spec, dropout or DROPOUT, "attn"), "self_attn.attention", replaced=(k, vl), fp32_softmax=True)
+    a = attention(rec, spec, q, k, v, config_dropout(spec, dropout or DROPOUT, "attn"), "self_attn.attention",
+                  replaced=(k, vl), fp32_softmax=True, window=sites.window)
     o = sites.linear(rec, a, "self_attn.o_proj", spec.q_dim, h)
     o = sites.adapt(rec, o, "attn_out", "self_attn.o_proj")
     rec.free(a, q, k, vl, n)
@@ -136,8 +139,28 @@ def llama_config(config: dict, common: dict, where: str, read_part=None) -> Mode
         attention_bias=attention_bias,
         mlp_bias=config_bool(config, "mlp_bias", False, where) if model_type == "llama" else False,
         hidden_act=config_str(config, "hidden_act", "silu", where),
+        layer_windows=llama_windows(config, model_type, layers, where),
         **common,
     )
+
+
+def llama_windows(config: dict, model_type: str, layers: int, where: str) -> tuple:
+    """Each layer's attention window (ModelSpec.layer_windows). Mistral: every layer slides over
+    `sliding_window` tokens (MistralConfig default 4096; null: none; MistralModel.forward builds one
+    create_sliding_window_causal_mask for all layers and ignores layer_types). Qwen2: Qwen2Config.__post_init__
+    drops the window unless `use_sliding_window`, and its default layer_types slide from layer
+    `max_window_layers` (default 28) up. Llama: none."""
+    if model_type == "mistral":
+        window = optional_window(config, 4096, where)
+        return (window,) * layers if window else ()
+    if model_type != "qwen2":
+        return ()
+    window = optional_window(config, 4096, where) if config_bool(config, "use_sliding_window", False, where) else None
+    first = config.get("max_window_layers", 28)
+    if not isinstance(first, int) or isinstance(first, bool) or first < 0:
+        raise InputError(f"{where}: 'max_window_layers' must be a non-negative integer, got {first!r}")
+    default = [SLIDING_ATTENTION if window is not None and i >= first else FULL_ATTENTION for i in range(layers)]
+    return sliding_windows(config, layers, window, default, where)
 
 
 def rotary_buffer_bytes(spec: ModelSpec) -> int:

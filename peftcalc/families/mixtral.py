@@ -17,7 +17,7 @@ from peftcalc.ops.moe import experts_grouped_mm, router_top_k
 from peftcalc.ops.norms import rms_norm
 from peftcalc.ops.recorder import Recorder, SymTensor
 from peftcalc.ops.tensor_ops import add
-from peftcalc.spec import ModelSpec, config_bool, config_int
+from peftcalc.spec import ModelSpec, config_bool, config_int, optional_window
 
 __all__ = [
     "DROPOUT",
@@ -124,11 +124,13 @@ def moe_settings(config: dict, where: str, experts_key: str, inter_key: str, nor
 
 def mixtral_config(config: dict, common: dict, where: str, read_part=None) -> ModelSpec:
     """MixtralConfig: Mistral's fields (num_key_value_heads, head_dim) plus num_local_experts (default 8),
-    num_experts_per_tok (2), intermediate_size as each expert's; MixtralTopKRouter always renormalizes the
-    top-k weights."""
+    num_experts_per_tok (2), intermediate_size as each expert's, sliding_window (default none); MixtralTopKRouter
+    always renormalizes the top-k weights."""
     config = {"num_local_experts": 8, "num_experts_per_tok": 2, **config}
     spec = llama_config(config, common, where)
-    return replace(spec, **moe_settings(config, where, "num_local_experts", "intermediate_size", True))
+    window = optional_window(config, None, where)  # MixtralModel: a sliding-window mask on every layer when set
+    return replace(spec, layer_windows=(window,) * spec.num_layers if window else (),
+                   **moe_settings(config, where, "num_local_experts", "intermediate_size", True))
 
 
 # Dropout probabilities during training, from the transformers config defaults (attention only).

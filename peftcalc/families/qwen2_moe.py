@@ -107,6 +107,8 @@ def qwen2_moe_config(config: dict, common: dict, where: str, read_part=None) -> 
     """Qwen2MoeConfig: Qwen2's attention (qkv_bias, default true), num_experts (60), num_experts_per_tok (4),
     moe_intermediate_size (1408), shared_expert_intermediate_size (5632), norm_topk_prob (false). Only models whose
     every layer is sparse are modelled (decoder_sparse_step 1, no mlp_only_layers: Qwen1.5-MoE-A2.7B)."""
+    if config.get("use_sliding_window") is True:
+        raise InputError(f"{where}: a Qwen2-MoE with use_sliding_window is not modelled")
     if config.get("mlp_only_layers") or config.get("decoder_sparse_step", 1) != 1:
         raise InputError(f"{where}: dense layers inside a Qwen2-MoE (mlp_only_layers, decoder_sparse_step != 1) are "
                          "not modelled")

@@ -66,17 +66,17 @@ def qwen3_attention_half(rec: Recorder, spec: ModelSpec, sites, x: SymTensor) ->
     h, hd = spec.hidden_size, spec.head_dim
     n = rms_norm(rec, x, sites.norm_trains("input_layernorm"), "input_layernorm")
     ql = sites.linear(rec, n, "self_attn.q_proj", h, spec.q_dim)
-    qn = rms_norm(rec, ql, sites.norm_trains("self_attn.q_norm"), "self_attn.q_norm", hidden=hd)
+    qn = rms_norm(rec, ql, sites.norm_trains("self_attn.q_norm"), "self_attn.q_norm", dim=hd)
     rec.free(ql)
     kl = sites.linear(rec, n, "self_attn.k_proj", h, spec.kv_dim)
-    kn = rms_norm(rec, kl, sites.norm_trains("self_attn.k_norm"), "self_attn.k_norm", hidden=hd)
+    kn = rms_norm(rec, kl, sites.norm_trains("self_attn.k_norm"), "self_attn.k_norm", dim=hd)
     rec.free(kl)
     vl = sites.linear(rec, n, "self_attn.v_proj", h, spec.kv_dim)
     q, k, v = heads_view(rec, qn, clone=False), heads_view(rec, kn, clone=False), heads_view(rec, vl, clone=eager)
     q2, k2 = rope(rec, q), rope(rec, k)
     rec.free(qn, kn)
     a = attention(rec, spec, q2, k2, v, config_dropout(spec, DROPOUT, "attn"), "self_attn.attention",
-                  replaced=(k2, vl), fp32_softmax=True)
+                  replaced=(k2, vl), fp32_softmax=True, window=sites.window)
     o = sites.linear(rec, a, "self_attn.o_proj", spec.q_dim, h)
     o = sites.adapt(rec, o, "attn_out", "self_attn.o_proj")
     rec.free(a, q2, k2, vl, n)
@@ -106,6 +106,8 @@ def qwen3_moe_config(config: dict, common: dict, where: str, read_part=None) -> 
     """Qwen3MoeConfig: Qwen3's attention fields (head_dim, attention_bias), num_experts (default 128),
     num_experts_per_tok (8), moe_intermediate_size (768), norm_topk_prob (false). Only models whose every layer is
     sparse are modelled (decoder_sparse_step 1, no mlp_only_layers: Qwen3-30B-A3B, Qwen3-235B-A22B)."""
+    if config.get("use_sliding_window") is True:
+        raise InputError(f"{where}: a Qwen3-MoE with use_sliding_window is not modelled")
     if config.get("mlp_only_layers") or config.get("decoder_sparse_step", 1) != 1:
         raise InputError(f"{where}: dense layers inside a Qwen3-MoE (mlp_only_layers, decoder_sparse_step != 1) are "
                          "not modelled")

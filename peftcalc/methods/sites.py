@@ -13,6 +13,7 @@ from peftcalc.layout import Layout
 from peftcalc.methods.adapter import ADAPTER_ATTRIBUTE, BLOCK_ADAPTER_DROPOUT, adapter_block, block_adapter, resolve_bottleneck
 from peftcalc.methods.ia3 import ia3_input, ia3_output
 from peftcalc.methods.lora import lora
+from peftcalc.ops.attention import layer_windows
 from peftcalc.ops.linear import linear
 from peftcalc.ops.recorder import Recorder, SymTensor
 from peftcalc.plan import Plan
@@ -47,6 +48,7 @@ class LayerTraining:
     adapters: frozenset  # "attn_out", "mlp_out"; "block": after the block (a VLM's vision tower)
     bias_trainable: frozenset = frozenset()  # modules whose bias trains (BitFit): output needs grad
     norm_bias_only: frozenset = frozenset()  # norms of which only the bias trains (BitFit)
+    window: int = 0  # the block's attention window in tokens (ModelSpec.layer_windows; 0: full attention)
     params: frozenset = frozenset()  # bare parameters (a router's weight, fused experts) that train, by name
 
 
@@ -85,8 +87,9 @@ def layer_trainings(plan: Plan, layout: Layout) -> list[LayerTraining]:
                 s["adapters"].add(roles.get(prefix + rel.split("." + ADAPTER_ATTRIBUTE, 1)[0], ""))
     return [LayerTraining(frozenset(s["trainable"]), frozenset(s["norms"]), frozenset(s["lora"]),
                           frozenset(s["ia3_out"]), frozenset(s["ia3_ff"]), frozenset(s["adapters"]),
-                          frozenset(s["biases"]), frozenset(s["norm_biases"] - s["norm_weights"]),
-                          frozenset(s["params"])) for s in sets]
+                          frozenset(s["biases"]), frozenset(s["norm_biases"] - s["norm_weights"]), window,
+                          frozenset(s["params"]))
+            for s, window in zip(sets, layer_windows(plan.spec))]
 
 
 @lru_cache(maxsize=1024)
@@ -144,6 +147,10 @@ class BlockSites:
                            quantized=s.method == "qlora", bias=name in block_biases(build_layout(self.plan.spec)),
                            bias_trains=name in training.bias_trainable)
 
+    @property
+    def window(self) -> int:
+        """The block's attention window in tokens (0: full causal attention; ops.attention.attention)."""
+        return self.training.window
     def param_lora(self, name: str) -> int:
         """The LoRA rank on the block's bare parameter `name` (fused experts through peft's target_parameters;
         0: none)."""

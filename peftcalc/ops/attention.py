@@ -13,12 +13,47 @@ from peftcalc.spec import ModelSpec
 
 __all__ = [
     "attention",
+    "layer_windows",
     "math_path",
+    "model_masks_bytes",
+    "window_mask",
 ]
 
 
+def layer_windows(spec: ModelSpec) -> tuple:
+    """Each block's attention window in tokens, 0 for full causal attention (ModelSpec.layer_windows, which the
+    family's config reader takes from `sliding_window` and `layer_types`: transformers' decoder layers pick
+    `config.layer_types[i]`'s mask from the model forward's causal_mask_mapping)."""
+    return spec.layer_windows or (0,) * spec.num_layers
+
+
+def window_mask(ctx: StepContext, window: int) -> bool:
+    """Whether a sliding-window layer (`window` tokens; 0: none) gets an explicit mask under SDPA, where a full
+    layer relies on SDPA's is_causal: transformers masking_utils.create_sliding_window_causal_mask calls
+    sdpa_mask with local_size=window, and _ignore_causal_mask_sdpa refuses the is_causal skip once the keys
+    reach the window (``local_attention_size is not None and kv_length >= local_attention_size``): at
+    seq == window the mask equals the plain causal one, but it is built all the same. Below the window the
+    mask is skipped and the layer runs as a full one. Eager attention always adds a mask (eager_mask), the
+    same size with or without a window, so the window changes none of its ops."""
+    return window > 0 and ctx.attention != "eager" and ctx.kv_seq >= window
+
+
+def model_masks_bytes(spec: ModelSpec, ctx: StepContext) -> int:
+    """The boolean masks the model's forward builds once per mask type and hands every layer of that type
+    (causal_mask_mapping: "full_attention" from create_causal_mask, "sliding_attention" from
+    create_sliding_window_causal_mask), SDPA only: sdpa_mask's mask_function broadcasts the query and key
+    positions to a (1, 1, seq, kv) bool tensor, then ``expand(batch, ...)`` (a view: seq x kv bytes whatever
+    the batch). The full layers' mask exists when prefix tuning's past keys make kv != seq; the sliding
+    layers' then too, or when window_mask says so. Eager attention's masks (eager_mask: the same where()
+    to a float mask for every layer type) are counted alike, only with prefix tuning's keys (traced)."""
+    windows = set(layer_windows(spec))
+    full = 0 in windows and ctx.kv_seq != ctx.seq
+    sliding = any(window_mask(ctx, w) or (w and ctx.kv_seq != ctx.seq) for w in windows)
+    return (int(full) + int(sliding)) * ctx.seq * ctx.kv_seq
+
+
 def attention(rec: Recorder, spec: ModelSpec, q: SymTensor, k: SymTensor, v: SymTensor, p_drop: float, tag: str, hold: int = 0,
-              cross: bool = False, replaced: tuple = (), fp32_softmax: bool = False) -> SymTensor:
+              cross: bool = False, replaced: tuple = (), fp32_softmax: bool = False, window: int = 0) -> SymTensor:
     """Scaled dot-product attention over heads.
 
     sdpa (torch.nn.functional.scaled_dot_product_attention): the fused kernels (flash/memory-efficient
@@ -34,24 +69,33 @@ def attention(rec: Recorder, spec: ModelSpec, q: SymTensor, k: SymTensor, v: Sym
     key/value locals are rebound to the cache update's concatenations (prefix tuning only).
     `fp32_softmax`: eager attention's softmax runs in fp32 (modeling_llama.py eager_attention_forward and
     the ViT/CLIP/OPT copies); GPT-2/BERT/RoBERTa and BLIP-2's own take it in the scores' dtype.
+    `window`: the layer's sliding window (0: none); with an explicit mask (window_mask) SDPA runs as with
+    prefix tuning's mask below, without the cache.
     """
     ctx = rec.ctx
     b, s, kv = ctx.batch, ctx.seq, ctx.kv_seq
-    heads = spec.num_heads
-    explicit_mask = kv != s and not cross
-    if not explicit_mask:
+    prefix = kv != s and not cross
+    if not prefix and not (window_mask(ctx, window) and not cross):
         return _attend(rec, spec, q, k, v, p_drop, tag, hold, False, fp32_softmax)
-    # prefix tuning: the cache update concatenates the trainable past keys/values, and the causal
-    # mask cannot be skipped, so transformers (sdpa_attention_forward: use_gqa_in_sdpa is False with a
-    # mask) repeats keys/values to every head (repeat_kv, locals dropped when it returns) and SDPA saves
-    # the float mask it builds
-    kc, vc = _cache_keys(rec, k, b * kv * spec.kv_dim), _cache_keys(rec, v, b * kv * spec.kv_dim)
-    rec.free(*replaced)
+    # an explicit mask: prefix tuning's cache update concatenates the trainable past keys/values, and the
+    # causal mask cannot be skipped; a sliding window's mask is built from the window on. Transformers
+    # (sdpa_attention_forward: use_gqa_in_sdpa is False with a mask) then repeats keys/values to every head
+    # (repeat_kv, locals dropped when it returns) and SDPA saves the float mask it converts the bool one to
+    # (aten scaled_dot_product_attention: convert_boolean_attn_mask, a (b, 1, s, kv) where())
+    if prefix:
+        kc, vc = _cache_keys(rec, k, b * kv * spec.kv_dim), _cache_keys(rec, v, b * kv * spec.kv_dim)
+        rec.free(*replaced)
+    else:
+        kc, vc = k, v
     kr, vr = _repeat_kv(rec, spec, kc), _repeat_kv(rec, spec, vc)
     cpu_math = p_drop > 0 and ctx.device == "cpu" and ctx.training_dropout
     if ctx.attention != "eager" and not cpu_math:  # eager and the math path add it to the scores
         rec.save_new(b * s * kv, ctx.autocast or q.dtype, f"{tag}.attn_mask")  # in SDPA's (autocast) query dtype
-    out = _attend(rec, spec, q, kr, vr, p_drop, tag, hold, True, fp32_softmax)
+    # the values bmm gets on the math path are contiguous as (b, heads, s, d) where the cache concatenated them
+    # or repeat_kv copied them, not where repeat_kv's reshape is a view (a single key/value head) or no-op
+    single_kv = spec.num_kv_heads == 1 and spec.num_heads > 1
+    v_contiguous = not single_kv and (prefix or spec.num_heads > spec.num_kv_heads)
+    out = _attend(rec, spec, q, kr, vr, p_drop, tag, hold, True, fp32_softmax, v_contiguous)
     for r, c in ((kr, kc), (vr, vc)):
         if r is not c:
             rec.free(r)
@@ -59,8 +103,9 @@ def attention(rec: Recorder, spec: ModelSpec, q: SymTensor, k: SymTensor, v: Sym
 
 
 def _attend(rec: Recorder, spec: ModelSpec, q: SymTensor, k: SymTensor, v: SymTensor, p_drop: float, tag: str, hold: int,
-            explicit_mask: bool, fp32_softmax: bool) -> SymTensor:
-    """The attention kernel transformers' attention interface runs (see attention)."""
+            explicit_mask: bool, fp32_softmax: bool, v_contiguous: bool = False) -> SymTensor:
+    """The attention kernel transformers' attention interface runs (see attention); `explicit_mask`: keys
+    and values come repeated to every head, `v_contiguous`: the values laid out as (b, heads, s, d)."""
     ctx = rec.ctx
     b, s, kv = ctx.batch, ctx.seq, ctx.kv_seq
     heads = spec.num_heads
@@ -73,8 +118,7 @@ def _attend(rec: Recorder, spec: ModelSpec, q: SymTensor, k: SymTensor, v: SymTe
     # kernel (the CPU math path then upcasts the copies)
     qi, ki, vi = autocast_in(rec, q), autocast_in(rec, k), autocast_in(rec, v)
     if p_drop > 0 and ctx.device == "cpu" and ctx.training_dropout:
-        # prefix tuning's concatenated values are contiguous as (b, heads, s, d): bmm takes them as they are
-        v_contiguous = explicit_mask and not (spec.num_kv_heads == 1 and spec.num_heads > 1)
+        # values contiguous as (b, heads, s, d) (attention): bmm takes them as they are
         out = _math_attention(rec, spec, qi, ki, vi, tag, hold, v_contiguous)
         rec.free(*(t for t, orig in ((qi, q), (ki, k), (vi, v)) if t is not orig))
         return out

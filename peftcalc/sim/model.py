@@ -9,7 +9,8 @@ from functools import lru_cache
 
 from peftcalc.families import build_layout, dropout_p, family
 from peftcalc.layout import Layout
-from peftcalc.methods.sites import HeadSites
+from peftcalc.methods.sites import HeadSites, param_trains
+from peftcalc.ops.attention import model_masks_bytes
 from peftcalc.ops.context import StepContext
 from peftcalc.ops.recorder import Recorder, SymTensor
 from peftcalc.plan import Plan
@@ -17,7 +18,7 @@ from peftcalc.settings import DTYPE_BYTES, TrainingSettings
 from peftcalc.sim.autocast_cache import autocast_weight_cache_bytes
 from peftcalc.sim.blocks import BlockRun, run_blocks, unwrapped_saved_copies
 from peftcalc.sim.head import embeddings_forward, final_norm, has_final_norm, head_backward, head_forward, unsaved_model_output
-from peftcalc.sim.loss import loss_buffers
+from peftcalc.sim.loss import chunked_loss_buffers, fused_loss_buffers, loss_buffers
 from peftcalc.sim.profile import ActivationProfile, input_embeddings_require_grad, make_ctx, stream_dtype
 from peftcalc.spec import ModelSpec
 
@@ -69,7 +70,7 @@ def model_profile(plan: Plan, t: TrainingSettings, checkpointed: tuple) -> Activ
     if family(spec).rotary and grads_reach_blocks:
         # LlamaRotaryEmbedding's cos and sin (1 x seq x head_dim, in the hidden states' dtype), shared
         # by every layer, saved by q * cos and rotate_half(q) * sin
-        rec.save_new(2 * ctx.seq * spec.head_dim, ctx.weight_dtype, "rotary.cos_sin")
+        rec.save_new(2 * ctx.seq * spec.head_dim, _rotary_dtype(spec, ctx), "rotary.cos_sin")
     # held while the blocks run: prompt tuning's inputs, the positions and rotary embeddings of the
     # Llama family (what the blocks leave referenced adds up in run_blocks)
     held = _prompt_inputs_held(spec, plan, ctx) + _positions_held(spec, ctx, grads_reach_blocks)
@@ -88,7 +89,8 @@ def model_profile(plan: Plan, t: TrainingSettings, checkpointed: tuple) -> Activ
     per_layer = blocks.per_layer
     needs_grad_layers = [i for i in range(spec.num_layers) if per_layer[i] > 0 and (not checkpointed or checkpointed[i])]
     ckpt_inputs = len(needs_grad_layers) * tok * h * DTYPE_BYTES[stream_dtype(ctx)]
-    loss = loss_buffers(spec, ctx, logits_numel)
+    chunked = t.loss == "chunked" and spec.task == "causal_lm"
+    loss, logits_numel = _loss(spec, plan, layout, ctx, t, logits_numel, root)
     weight_cache = (autocast_weight_cache_bytes(plan, ctx) - rec.saved_cached_copies()
                     - unwrapped_saved_copies(plan, ctx, blocks, checkpointed))
     return ActivationProfile(
@@ -96,7 +98,8 @@ def model_profile(plan: Plan, t: TrainingSettings, checkpointed: tuple) -> Activ
         pre=by_bucket.get("pre", 0),
         post=by_bucket.get("post", 0),
         checkpoint_inputs=ckpt_inputs,
-        checkpoint_kwargs=0 if indices or not any(checkpointed) else _checkpointed_layer_positions(spec, ctx, t),
+        checkpoint_kwargs=0 if (indices and not family(spec).position_ids_batched) or not any(checkpointed)
+        else _checkpointed_layer_positions(spec, ctx, t),
         input_leaf=leaf,
         forward_checkpoint_inputs=_forward_checkpoint_inputs(spec, ctx, t, per_layer, checkpointed),
         lookup_saved=_lookup_saved(plan, indices),
@@ -109,7 +112,7 @@ def model_profile(plan: Plan, t: TrainingSettings, checkpointed: tuple) -> Activ
         forward_transient=block_forward_transient(spec, plan, ctx, per_layer, blocks.unsaved_block_live),
         forward_transient_saved=saved_below_last_frozen_block(per_layer),
         autocast_weight_cache=weight_cache,
-        model_output=model_output,
+        model_output=0 if chunked else model_output,  # a loss outside the model: it has returned
         head_backward=head,
         forward_block_saved=forward_block[0],
         forward_block_live=forward_block[1],
@@ -122,6 +125,20 @@ def model_profile(plan: Plan, t: TrainingSettings, checkpointed: tuple) -> Activ
         checkpointed=checkpointed,
         reentrant_backward=blocks.reentrant if t.checkpoint_reentrant else (),
     )
+
+
+def _loss(spec: ModelSpec, plan: Plan, layout: Layout, ctx: StepContext, t: TrainingSettings, logits_numel: int,
+          root: SymTensor):
+    """(the loss's buffers, the logits' numel as the profile counts them) for the loss `t.loss` names: a fused
+    loss (its logits never exist whole: the head's incoming gradient stands for them), torchtune's chunked
+    cross-entropy on a causal LM, or transformers' loss (sim.loss)."""
+    if ctx.fused_loss:
+        tied = layout.head_tied_to_embedding and plan.embedding_trains
+        loss = fused_loss_buffers(ctx, spec, param_trains(plan, "lm_head", True) or tied)
+        return loss, root.nbytes // DTYPE_BYTES[ctx.autocast or ctx.compute_dtype]  # the head's incoming gradient
+    if t.loss == "chunked" and spec.task == "causal_lm":
+        return chunked_loss_buffers(ctx, spec.vocab_size, t.loss_chunks), logits_numel
+    return loss_buffers(spec, ctx, logits_numel), logits_numel
 
 
 def _final_norm_peak(spec: ModelSpec, plan: Plan, layout: Layout, ctx: StepContext, out: SymTensor) -> tuple[int, int]:
@@ -160,13 +177,19 @@ def _positions_held(spec: ModelSpec, ctx: StepContext, rotary_saved: bool) -> in
     """LlamaModel.forward (Mistral, Qwen2) holds cache_position (int64, one per token of the sequence)
     and the rotary position embeddings (cos, sin: 1 x seq x head_dim each, in the hidden states' dtype)
     while the layers run; cos and sin count as saved where the layers need gradients (activation_profile
-    saves them then). With prefix tuning's past keys the causal mask cannot be skipped: masking_utils
-    builds a (1, 1, seq, past + seq) bool mask, held too (traced)."""
+    saves them then). With prefix tuning's past keys the causal mask cannot be skipped, nor a sliding
+    window's once the keys reach it: masking_utils builds a (1, 1, seq, past + seq) bool mask per mask type,
+    held too (ops.attention.model_masks_bytes; traced)."""
     if not family(spec).rotary:
         return 0
-    rotary = 0 if rotary_saved else 2 * ctx.seq * spec.head_dim * DTYPE_BYTES[ctx.weight_dtype]
-    mask = ctx.seq * ctx.kv_seq if ctx.kv_seq != ctx.seq else 0
-    return ctx.seq * 8 + rotary + mask
+    rotary = 0 if rotary_saved else 2 * ctx.seq * spec.head_dim * DTYPE_BYTES[_rotary_dtype(spec, ctx)]
+    return ctx.seq * 8 + rotary + model_masks_bytes(spec, ctx)
+
+
+def _rotary_dtype(spec: ModelSpec, ctx: StepContext) -> str:
+    """The dtype of the rotary cos and sin: the hidden states' (LlamaRotaryEmbedding.forward returns
+    ``cos.to(dtype=x.dtype)``), fp32 where the family keeps them so (Family.rotary_fp32: Olmo2RotaryEmbedding)."""
+    return "float32" if family(spec).rotary_fp32 else ctx.weight_dtype
 
 
 def _embedding_indices_saved(spec: ModelSpec, plan: Plan, layout: Layout, ctx: StepContext) -> list:
@@ -213,10 +236,14 @@ def _checkpointed_layer_positions(spec: ModelSpec, ctx: StepContext, t: Training
     decoders pass every layer the same int64 positions, GPT2Model.forward's and LlamaModel.forward's
     (Mistral, Qwen2) ``position_ids = arange(seq).unsqueeze(0)``, 1 x seq, held until block 0's
     backward (traced: seq x 8 bytes, 'other', at the checkpointed decoders' backward peaks; GPT-2's
-    wpe, when it trains, saves them anyway)."""
+    wpe, when it trains, saves them anyway). OPTDecoder.forward's are b x seq (``cumsum`` of the attention
+    mask), and the table saves ``position_ids + offset``, a tensor of its own (Family.position_ids_batched).
+    So do the masks the layers get (attention_mask: LlamaModel's causal_mask_mapping,
+    ops.attention.model_masks_bytes; traced, mistral-7b LoRA bf16 1 x 4,096 on fake tensors: the sliding
+    window's 4,096 x 4,096 bool mask, 'other', at backward:layer31's peak)."""
     if not t.grad_checkpointing or not family(spec).passes_position_ids:
         return 0
-    return ctx.seq * 8
+    return (ctx.tokens if family(spec).position_ids_batched else ctx.seq) * 8 + model_masks_bytes(spec, ctx)
 
 
 def _prompt_inputs_held(spec: ModelSpec, plan: Plan, ctx: StepContext) -> int:

@@ -121,7 +121,11 @@ def test_compare_puts_errors_in_a_note_and_costs_the_smallest_gpu():
 
 
 def test_compare_one_note_for_one_reason():
-    text = render_compare(compare_methods("bert-base"), "text")
+    rows = compare_methods("bert-base")
+    text = render_compare(rows, "text", flags=True)
     assert [line for line in text.splitlines() if line.startswith("[")] == [
         "[1] --seq-len 512 + 20 virtual tokens exceeds bert-base's 512 positions"]
+    # the API's rows name the API parameter; only the command line's table shows it as a flag
+    assert [r["note"] for r in rows if r["note"]] == ["seq_len 512 + 20 virtual tokens exceeds bert-base's 512 "
+                                                      "positions"] * 2
     assert sum(line.rstrip().endswith("[1]") for line in text.splitlines()) == 2
