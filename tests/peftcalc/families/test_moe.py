@@ -6,7 +6,7 @@ traced runs of a tiny Mixtral (fake tensors and a real CPU run with the model's 
 import pytest
 import torch
 
-from measure.build import build_model, count_params
+from measure.build import build_model
 from measure.routing import drive_indices
 from measure.run import measure_one
 from peftcalc.config import load_spec
@@ -16,21 +16,9 @@ from peftcalc.layout import param_names
 from peftcalc.methods import MethodSettings, make_plan
 from peftcalc.settings import TrainingSettings
 
-MOE_REGISTRY = ["mixtral-8x7b", "qwen3-30b-a3b", "qwen1.5-moe-a2.7b"]
 TINY_MIXTRAL = {"model_type": "mixtral", "architectures": ["MixtralForCausalLM"], "hidden_size": 64,
                 "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 96,
                 "vocab_size": 512, "num_local_experts": 4, "num_experts_per_tok": 2}
-
-
-@pytest.mark.parametrize("settings", [MethodSettings("full"), MethodSettings("freeze", trainable_layers=1),
-                                      MethodSettings("lora"), MethodSettings("lora", rank=16,
-                                                                             targets=("q_proj", "k_proj", "v_proj", "o_proj"))],
-                         ids=lambda s: f"{s.method}-{s.targets}")
-@pytest.mark.parametrize("name", MOE_REGISTRY)
-def test_registry_counts_equal_real_models(name, settings):
-    spec = load_spec(name)
-    plan = make_plan(spec, settings)
-    assert (plan.total, plan.trainable) == count_params(build_model(spec, settings))
 
 
 def test_mixtral_8x7b_total_is_the_published_46_7b():
@@ -81,14 +69,21 @@ def test_tiny_mixtral_lora_fake_trace_equals_prediction():
 
 
 def test_own_routing_lands_where_the_driven_routings_do(monkeypatch):
-    """A real CPU run with the model's own (random-weight) routing peaks at the same bytes as every driven routing:
-    grouped_mm's tensors are (tokens x top_k, .) whatever expert each pair goes to."""
-    driven = {r: _peak("cpu", "full", r, optimizer="sgd")[0] for r in ("balanced", "worst")}
+    """A real CPU run with the model's own (random-weight) routing peaks at the predicted bytes, which are the same for
+    every driven routing (the committed ci rows hold balanced, skewed and worst to them): grouped_mm's tensors are
+    (tokens x top_k, .) whatever expert each pair goes to."""
     import measure.setup
 
     monkeypatch.setattr(measure.setup, "drive_routing", lambda *a: [])
     own, predicted = _peak("cpu", "full", optimizer="sgd")
-    assert own == driven["balanced"] == driven["worst"] == predicted
+    assert own == predicted == _peak_predicted("worst", optimizer="sgd") == 3_189_608
+
+
+def _peak_predicted(routing, **training):
+    from peftcalc.api import estimate
+
+    return estimate(TINY_MIXTRAL, method="full", batch_size=2, seq_len=32, precision="fp32", routing=routing,
+                    device="cpu", **training).memory.peak_bytes
 
 
 def test_qwen3_30b_a3b_total_is_the_published_30_5b():
