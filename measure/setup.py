@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from measure.build import build_model, build_qlora_model
+from measure.routing import drive_routing
 from peftcalc.errors import InputError
 from peftcalc.methods import MethodSettings, check_combination, make_plan
 from peftcalc.settings import TrainingSettings, check_loss_applies, check_training
@@ -133,7 +134,7 @@ def prepare_for_training(model, spec: ModelSpec, training: TrainingSettings) -> 
     and as ``prepare_model_for_kbit_training`` does under reentrant checkpointing (BLIP-2, main input
     pixel_values too, needs none: its Q-Former's input is the trainable query tokens). Decoder classifiers
     without a pad token get ``pad_token_id = vocab_size - 1`` so batch > 1 runs (the inputs never
-    contain it)."""
+    contain it). A mixture-of-experts model's routers are driven to ``training.routing`` (measure.routing)."""
     inner = transformers_model(model)
     inner.config.use_cache = False
     if spec.is_vlm:  # the language model reads text_config.use_cache (see measure.build.transformers_config)
@@ -148,6 +149,9 @@ def prepare_for_training(model, spec: ModelSpec, training: TrainingSettings) -> 
         if training.checkpoint_reentrant and spec.is_vision:
             inner.enable_input_require_grads()
             notes["input_require_grads"] = True
+    if spec.num_experts:  # the routing the calculator is told (measure.routing)
+        drive_routing(inner, spec.num_experts, training.routing)
+        notes["routing"] = training.routing
     model.train()
     return notes
 

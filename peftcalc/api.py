@@ -268,6 +268,7 @@ def estimate(
     sharding: str = "none",
     reshard_after_forward: bool = True,
     offload: str = "none",
+    routing: str = "balanced",
     gpu: str | None = None,
     price: float | None = None,
     tasks: int = 1,
@@ -292,7 +293,8 @@ def estimate(
                                offload_activations=offload_activations, max_grad_norm=max_grad_norm,
                                trainer_loop=trainer_loop, gpus=1 if gpus == "auto" else gpus,
                                gpus_per_node=gpus_per_node, sharding=sharding,
-                               reshard_after_forward=reshard_after_forward, offload=offload))
+                               reshard_after_forward=reshard_after_forward, offload=offload,
+                               routing=routing))
     check_combination(spec, settings, seq_len, grad_checkpointing)
     check_loss_applies(spec, t, stream_dtypes(make_plan(spec, settings), t)[1])
     _check_cost_inputs(gpu, price, tasks, dataset_tokens, mfu)

@@ -14,7 +14,7 @@ __all__ = [
     "ADAPTER_CONFIG", "ADAPTER_KIND", "ALPHA", "ATTENTION", "BATCH", "BOTTLENECK", "CHART_SUFFIXES", "CKPT", "CKPT_EVERY",
     "CKPT_REENTRANT", "CONFIG", "DATASET_TOKENS", "DEVICE", "DORA", "DOUBLE_QUANT", "EXTRAS", "FORMAT", "FORMATS", "GPU_OPT",
     "GPUS", "GPUS_PER_NODE", "GRAD_ACCUM", "KEEP_OUTPUTS", "LOSS", "LOSS_CHUNKS", "MAX_GRAD_NORM", "MEASURE_DEVICES", "METHOD", "MFU",
-    "MODEL_ARG", "OFFLOAD", "OPTIMIZER", "PARALLEL_OFFLOAD", "PRECISION", "PREPARE_KBIT", "PRICE", "RANK", "RESHARD", "SEQ", "SHARDING",
+    "MODEL_ARG", "OFFLOAD", "OPTIMIZER", "PARALLEL_OFFLOAD", "PRECISION", "PREPARE_KBIT", "PRICE", "RANK", "RESHARD", "ROUTING", "SEQ", "SHARDING",
     "TARGETS", "TASKS", "TRACE", "TRAINABLE_LAYERS", "TRAINER_LOOP", "VIRTUAL_TOKENS", "VISION_LAYERS", "can_write", "check_format", "gpus_value",
     "check_limit", "check_out_file", "check_out_folder", "echo_rows", "fmt_cell", "int_list", "measure_text",
     "method_list", "missing_extra_text", "model_arg", "phase_text", "require", "with_config", "writable_folder",
@@ -108,6 +108,8 @@ CKPT_REENTRANT = typer.Option(False, "--checkpoint-reentrant", help="With --grad
                               "checkpointing (use_reentrant=True, what peft.prepare_model_for_kbit_training's "
                               "default gets from torch).")
 ATTENTION = typer.Option("sdpa", "--attention", help="sdpa | eager")
+ROUTING = typer.Option("balanced", "--routing", help="Mixture-of-experts routing: balanced | skewed | worst "
+                       "(how the router spreads tokens over the experts; see peftcalc.settings.ROUTINGS).")
 DEVICE = typer.Option("cuda", "--device", help="cuda | cpu | fake, as measure takes them. cuda: predict "
                       "torch.cuda.max_memory_allocated; cpu: the CPU allocator's peak; fake: the fake-tensor trace, "
                       "which counts what the CPU allocator would (the same figure as cpu).")

@@ -11,7 +11,7 @@ from peftcalc.checks import MAX_TOKENS_PER_STEP, require_bool, require_int, requ
 from peftcalc.errors import CombinationError, InputError
 
 __all__ = ["ATTENTIONS", "DEFAULT_OPTIMIZER", "DEVICES", "DTYPE_BYTES", "LOGITLESS_LOSSES", "LOSSES", "OFFLOADS",
-           "OPTIMIZERS", "PAGED_OPTIMIZERS", "PRECISIONS", "SHARDINGS", "TrainingSettings", "check_loss_applies",
+           "OPTIMIZERS", "PAGED_OPTIMIZERS", "PRECISIONS", "ROUTINGS", "SHARDINGS", "TrainingSettings", "check_loss_applies",
            "check_parallel", "check_training"]
 
 # Precision policies: (storage dtype of the base weights, autocast compute dtype or None).
@@ -31,7 +31,7 @@ PRECISIONS = {
     # reduce_dtype=fp32) over fp32 parameters, DeepSpeed bf16.enabled (needs a sharding, see check_training)
     "mixed-bf16": ("float32", "bfloat16"),
 }
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1, "uint8": 1, "int64": 8}
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1, "uint8": 1, "int64": 8, "int32": 4}
 
 OPTIMIZERS = {
     "adamw-fused": "torch.optim.AdamW(fused=True): the HF Trainer's default with torch >= 2.8 (adamw_torch_fused)",
@@ -70,6 +70,15 @@ OFFLOADS = ("none", "optimizer", "params")
 # which offloads each sharding runs with
 _OFFLOADS_BY_SHARDING = {"fsdp": ("params",), "hsdp": ("params",), "zero1": ("optimizer",),
                          "zero2": ("optimizer",), "zero3": ("optimizer", "params")}
+# How a mixture-of-experts router spreads the S = tokens x top_k (token, expert) pairs of a step over the E experts
+# (the harness drives the router to exactly this: measure/routing.py). Under transformers' default experts
+# implementation (grouped_mm) the bytes do not depend on it: every pair is one row of the same (S, .) tensors.
+ROUTINGS = {
+    "balanced": "pair (t, j) of token t goes to expert (t * top_k + j) mod E: every expert gets S / E pairs",
+    "skewed": "even tokens go to experts 0..top_k-1, the u-th odd token to experts (u * top_k + j) mod E: the "
+              "first top_k experts get over half the pairs",
+    "worst": "every token goes to experts 0..top_k-1: top_k experts get every token, the others none",
+}
 # cuda: predict torch.cuda.max_memory_allocated; cpu: the CPU allocator's figure, which is also what the harness's
 # fake-tensor trace counts, so "fake" is taken as a name for "cpu" (peftcalc measure --device fake)
 DEVICES = ("cuda", "cpu", "fake")
@@ -113,6 +122,8 @@ class TrainingSettings:
     sharding: str = "none"
     reshard_after_forward: bool = True
     offload: str = "none"
+    # mixture-of-experts: how the router spreads tokens over the experts (ROUTINGS)
+    routing: str = "balanced"
 
     def __post_init__(self):
         if self.device == "fake":  # the fake-tensor trace counts what the CPU allocator would (DEVICES)
@@ -147,6 +158,7 @@ def check_training(t: TrainingSettings) -> None:
     require_bool("grad_checkpointing", t.grad_checkpointing)
     require_int("checkpoint_every", t.checkpoint_every)
     require_bool("checkpoint_reentrant", t.checkpoint_reentrant)
+    require_str("routing", t.routing, ROUTINGS)
     _check_recipe(t)
     require_bool("trainer_loop", t.trainer_loop)
     if not t.grad_checkpointing and (t.checkpoint_every != 1 or t.checkpoint_reentrant):
