@@ -29,7 +29,7 @@ LAYERS = [
     ["peftcalc.activations"],
     ["peftcalc.model_states", "peftcalc.memory", "peftcalc.storage"],
     ["peftcalc.sharding"],
-    ["peftcalc.hardware"],
+    ["peftcalc.hardware", "peftcalc.results"],
     ["peftcalc.training_configs"],
     ["peftcalc.api", "peftcalc.traced"],
     ["peftcalc.compare", "peftcalc.crossover", "peftcalc.format"],
