@@ -26,6 +26,7 @@ from peftcalc.methods import (
     resolve_adapter_kind,
     resolve_bottleneck,
 )
+from peftcalc.families import attention_for
 from peftcalc.spec import AUTO_CLASS, ModelSpec, transformers_config_kwargs
 
 __all__ = [
@@ -48,7 +49,9 @@ def transformers_config(spec: ModelSpec, attention: str = "sdpa"):
 
 def build_base_model(spec: ModelSpec, dtype: torch.dtype = torch.float32, device: str = "meta",
                      attention: str = "sdpa"):
-    """The transformers model class `spec.architecture` names, with random weights."""
+    """The transformers model class `spec.architecture` names, with random weights, with the attention
+    implementation the calculator models for `attention` (peftcalc.families.attention_for: Gemma 2 runs eager)."""
+    attention = attention_for(spec, attention)
     config = transformers_config(spec, attention)
     auto = getattr(transformers, AUTO_CLASS[spec.task])
     # meta and cuda: initialise on the device (random init of a 7B model on the CPU takes minutes)

@@ -76,6 +76,8 @@ class ModelSpec:
     # per layer, the sliding window of its attention in tokens (0: full causal attention); () when every
     # layer attends fully (read by the family's config reader, e.g. with sliding_windows)
     layer_windows: tuple = ()
+    attn_logit_softcap: float = 0.0  # tanh soft-capping of the attention scores (Gemma 2; 0: none)
+    final_logit_softcap: float = 0.0  # tanh soft-capping of the logits (Gemma 2; 0: none)
 
     @property
     def is_blip2(self) -> bool:

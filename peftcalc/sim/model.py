@@ -10,7 +10,7 @@ from functools import lru_cache
 from peftcalc.families import build_layout, dropout_p, family
 from peftcalc.layout import Layout
 from peftcalc.methods.sites import HeadSites
-from peftcalc.ops.attention import model_masks_bytes
+from peftcalc.ops.attention import layer_windows, mask_bytes_by_window, model_masks_bytes
 from peftcalc.ops.context import StepContext
 from peftcalc.ops.recorder import Recorder, SymTensor
 from peftcalc.plan import Plan
@@ -70,7 +70,7 @@ def model_profile(plan: Plan, t: TrainingSettings, checkpointed: tuple) -> Activ
     if family(spec).rotary and grads_reach_blocks:
         # LlamaRotaryEmbedding's cos and sin (1 x seq x head_dim, in the hidden states' dtype), shared
         # by every layer, saved by q * cos and rotate_half(q) * sin
-        rec.save_new(2 * ctx.seq * spec.head_dim, ctx.weight_dtype, "rotary.cos_sin")
+        rec.save_new(2 * ctx.seq * spec.head_dim * _rotary_sets(spec), ctx.weight_dtype, "rotary.cos_sin")
     # held while the blocks run: prompt tuning's inputs, the positions and rotary embeddings of the
     # Llama family (what the blocks leave referenced adds up in run_blocks)
     held = _prompt_inputs_held(spec, plan, ctx) + _positions_held(spec, ctx, grads_reach_blocks)
@@ -122,6 +122,7 @@ def model_profile(plan: Plan, t: TrainingSettings, checkpointed: tuple) -> Activ
         by_tag=tuple(sorted(tags.items())),
         checkpointed=checkpointed,
         reentrant_backward=blocks.reentrant if t.checkpoint_reentrant else (),
+        type_releases=_type_releases(spec, ctx, t, grads_reach_blocks) if any(checkpointed) else (),
     )
 
 
@@ -166,8 +167,30 @@ def _positions_held(spec: ModelSpec, ctx: StepContext, rotary_saved: bool) -> in
     held too (ops.attention.model_masks_bytes; traced)."""
     if not family(spec).rotary:
         return 0
-    rotary = 0 if rotary_saved else 2 * ctx.seq * spec.head_dim * DTYPE_BYTES[ctx.weight_dtype]
+    rotary = 0 if rotary_saved else 2 * ctx.seq * spec.head_dim * DTYPE_BYTES[ctx.weight_dtype] * _rotary_sets(spec)
     return ctx.seq * 8 + rotary + model_masks_bytes(spec, ctx)
+
+
+def _type_releases(spec: ModelSpec, ctx: StepContext, t: TrainingSettings, rotary_saved: bool) -> tuple:
+    """ActivationProfile.type_releases: for each layer type but block 0's, the lowest layer of that type and
+    what only layers of that type hold through their checkpoints' keyword arguments (modeling_layers.py
+    GradientCheckpointingLayer: ``partial(forward, **kwargs)``, kept by the frame until the layer's backward):
+    its RoPE cos/sin (Gemma 3's position_embeddings[layer_type], when saved) and its mask
+    (attention_mask=causal_mask_mapping[layer_type], when the checkpoints hold kwargs)."""
+    windows = layer_windows(spec)
+    masks = mask_bytes_by_window(spec, ctx) if _checkpointed_layer_positions(spec, ctx, t) else {}
+    rotary = 2 * ctx.seq * spec.head_dim * DTYPE_BYTES[ctx.weight_dtype] if family(spec).rotary_per_layer_type else 0
+    out = []
+    for w in set(windows) - {windows[0]}:
+        out.append((windows.index(w), rotary if rotary_saved else 0, masks.get(w, 0)))
+    return tuple(out)
+
+
+def _rotary_sets(spec: ModelSpec) -> int:
+    """How many RoPE cos/sin pairs the model's forward makes: one, or one per layer type where each type has
+    its own base (Family.rotary_per_layer_type; Gemma3TextModel.forward: ``for layer_type in
+    set(self.config.layer_types)``)."""
+    return len(set(layer_windows(spec))) if family(spec).rotary_per_layer_type else 1
 
 
 def _embedding_indices_saved(spec: ModelSpec, plan: Plan, layout: Layout, ctx: StepContext) -> list:
