@@ -102,13 +102,18 @@ def attention(rec: Recorder, spec: ModelSpec, q: SymTensor, k: SymTensor, v: Sym
         kc, vc = k, v
     kr, vr = _repeat_kv(rec, spec, kc), _repeat_kv(rec, spec, vc)
     cpu_math = p_drop > 0 and ctx.device == "cpu" and ctx.training_dropout
+    float_mask = None
     if ctx.attention != "eager" and not cpu_math:  # eager and the math path add it to the scores
-        rec.save_new(b * s * kv, ctx.autocast or q.dtype, f"{tag}.attn_mask")  # in SDPA's (autocast) query dtype
+        # in SDPA's (autocast) query dtype, saved where the kernel's node exists
+        float_mask = rec.new(b * s * kv, ctx.autocast or q.dtype, False)
+        if q.requires_grad or kr.requires_grad or vr.requires_grad:
+            rec.save(float_mask, f"{tag}.attn_mask")
     # the values bmm gets on the math path are contiguous as (b, heads, s, d) where the cache concatenated them
     # or repeat_kv copied them, not where repeat_kv's reshape is a view (a single key/value head) or no-op
     single_kv = spec.num_kv_heads == 1 and spec.num_heads > 1
     v_contiguous = not single_kv and (prefix or spec.num_heads > spec.num_kv_heads)
     out = _attend(rec, spec, q, kr, vr, p_drop, tag, hold, True, fp32_softmax, v_contiguous, softcap)
+    rec.free(float_mask)
     for r, c in ((kr, kc), (vr, vc)):
         if r is not c:
             rec.free(r)
