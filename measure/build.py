@@ -284,7 +284,7 @@ def build_qlora_model(spec: ModelSpec, settings: MethodSettings, checkpoint_dir:
         quantization_config=qlora_quantization_config(settings, compute_dtype, skip),
         dtype=dtype,
         device_map={"": device},
-        attn_implementation=attention,
+        attn_implementation=attention_for(spec, attention),
     )
     model.config.use_cache = False
     if prepare_kbit:

@@ -98,7 +98,7 @@ def model_profile(plan: Plan, t: TrainingSettings, checkpointed: tuple) -> Activ
         pre=by_bucket.get("pre", 0),
         post=by_bucket.get("post", 0),
         checkpoint_inputs=ckpt_inputs,
-        checkpoint_kwargs=0 if indices or not any(checkpointed) else _checkpointed_layer_positions(spec, ctx, t),
+        checkpoint_kwargs=0 if not any(checkpointed) else _checkpointed_layer_positions(spec, ctx, t, bool(indices)),
         input_leaf=leaf,
         forward_checkpoint_inputs=_forward_checkpoint_inputs(spec, ctx, t, per_layer, checkpointed),
         lookup_saved=_lookup_saved(plan, indices),
@@ -251,7 +251,7 @@ def _forward_checkpoint_inputs(spec: ModelSpec, ctx: StepContext, t: TrainingSet
     return wrapped * ctx.tokens * spec.hidden_size * DTYPE_BYTES[ctx.weight_dtype]
 
 
-def _checkpointed_layer_positions(spec: ModelSpec, ctx: StepContext, t: TrainingSettings) -> int:
+def _checkpointed_layer_positions(spec: ModelSpec, ctx: StepContext, t: TrainingSettings, indices_saved: bool = False) -> int:
     """Under gradient checkpointing transformers' GradientCheckpointingLayer (modeling_layers.py)
     checkpoints ``partial(forward, self, **kwargs)``, and torch.utils.checkpoint's frame keeps that
     function to recompute the layer (``_CheckpointFrame.recompute_fn``) until the layer's backward has
@@ -264,7 +264,9 @@ def _checkpointed_layer_positions(spec: ModelSpec, ctx: StepContext, t: Training
     tensors: the sliding window's 4,096 x 4,096 bool mask, 'other', at backward:layer31's peak)."""
     if not t.grad_checkpointing or not family(spec).passes_position_ids:
         return 0
-    return ctx.seq * 8 + model_masks_bytes(spec, ctx)
+    # (where an embedding saves its indices, GPT-2's wpe, the positions are counted there; the masks are not:
+    # traced, fake tiny-gpt2 full eager with checkpointing, the (2, 1, 32, 32) float mask at the peak)
+    return (0 if indices_saved else ctx.seq * 8) + model_masks_bytes(spec, ctx)
 
 
 def _prompt_inputs_held(spec: ModelSpec, plan: Plan, ctx: StepContext) -> int:
