@@ -11,12 +11,13 @@ import typer
 from peftcalc.errors import InputError
 
 __all__ = [
-    "ADAPTER_KIND", "ALPHA", "ATTENTION", "BATCH", "BOTTLENECK", "CHART_SUFFIXES", "CKPT", "CKPT_EVERY",
-    "CKPT_REENTRANT", "DATASET_TOKENS", "DEVICE", "DORA", "DOUBLE_QUANT", "EXTRAS", "FORMAT", "FORMATS", "GPU_OPT",
-    "MEASURE_DEVICES", "METHOD", "MFU", "MODEL_ARG", "OPTIMIZER", "PRECISION", "PREPARE_KBIT", "PRICE", "RANK", "SEQ",
-    "TARGETS", "TASKS", "TRAINABLE_LAYERS", "VIRTUAL_TOKENS", "VISION_LAYERS", "can_write", "check_format",
+    "ADAPTER_CONFIG", "ADAPTER_KIND", "ALPHA", "ATTENTION", "BATCH", "BOTTLENECK", "CHART_SUFFIXES", "CKPT", "CKPT_EVERY",
+    "CKPT_REENTRANT", "CONFIG", "DATASET_TOKENS", "DEVICE", "DORA", "DOUBLE_QUANT", "EXTRAS", "FORMAT", "FORMATS", "GPU_OPT",
+    "GRAD_ACCUM", "KEEP_OUTPUTS", "LOSS", "LOSS_CHUNKS", "MAX_GRAD_NORM", "MEASURE_DEVICES", "METHOD", "MFU",
+    "MODEL_ARG", "OFFLOAD", "OPTIMIZER", "PRECISION", "PREPARE_KBIT", "PRICE", "RANK", "SEQ",
+    "TARGETS", "TASKS", "TRACE", "TRAINABLE_LAYERS", "TRAINER_LOOP", "VIRTUAL_TOKENS", "VISION_LAYERS", "can_write", "check_format",
     "check_limit", "check_out_file", "check_out_folder", "echo_rows", "fmt_cell", "int_list", "measure_text",
-    "method_list", "missing_extra_text", "model_arg", "phase_text", "require", "writable_folder",
+    "method_list", "missing_extra_text", "model_arg", "phase_text", "require", "with_config", "writable_folder",
 ]
 
 FORMATS = ("table", "json", "csv", "markdown")
@@ -63,8 +64,9 @@ ADAPTER_KIND = typer.Option(None, "--adapter-kind", help="houlsby (after attenti
                             "LayerNorm(x + up(gelu(down(x))))). Default houlsby; block on a vision-language model.")
 VIRTUAL_TOKENS = typer.Option(None, "--num-virtual-tokens", help="Prefix/prompt length (default 20).")
 TRAINABLE_LAYERS = typer.Option(None, "--trainable-layers", help="freeze: train the top K blocks (default a quarter).")
-VISION_LAYERS = typer.Option(None, "--unfreeze-vision-layers", help="Vision-language models: also train the top N "
-                             "vision-tower layers the projector reads (default 0).")
+VISION_LAYERS = typer.Option(None, "--vision-layers", "--unfreeze-vision-layers", help="Vision-language models: also "
+                             "unfreeze and train the top N vision-tower layers the projector reads (default 0; the "
+                             "API's vision_layers).")
 PREPARE_KBIT = typer.Option(None, "--prepare-kbit/--no-prepare-kbit", help="QLoRA: peft's "
                             "prepare_model_for_kbit_training (norms, embeddings and lm_head upcast to fp32, so "
                             "activations and logits are fp32 too); default on for qlora, as the usual QLoRA recipe "
@@ -72,7 +74,22 @@ PREPARE_KBIT = typer.Option(None, "--prepare-kbit/--no-prepare-kbit", help="QLoR
 BATCH = typer.Option(1, "--batch-size", "-b", help="Micro-batch size.")
 SEQ = typer.Option(512, "--seq-len", "-s", help="Sequence length in tokens (vision models use their patch count).")
 PRECISION = typer.Option("bf16", "--precision", help="fp32 | bf16 | amp-bf16 | fp16 | amp-fp16")
-OPTIMIZER = typer.Option("adamw", "--optimizer", help="adamw | adamw-8bit | sgd | adafactor")
+OPTIMIZER = typer.Option("adamw-fused", "--optimizer", help="adamw-fused (torch AdamW(fused=True), the HF Trainer's "
+                         "default with torch >= 2.8) | adamw (foreach) | adamw-8bit | paged-adamw-8bit | "
+                         "paged-adamw-32bit | sgd | adafactor")
+GRAD_ACCUM = typer.Option(1, "--grad-accum", help="Micro-batches per optimizer step (gradient accumulation): the peak "
+                          "over the whole step; tokens per step in time and cost.")
+KEEP_OUTPUTS = typer.Option(False, "--keep-outputs", help="The loop keeps the model outputs (logits) referenced "
+                            "through backward (outputs = model(**batch); outputs.loss.backward()), as PEFT's examples "
+                            "and LitGPT do; the HF Trainer drops them.")
+LOSS = typer.Option("hf", "--loss", help="hf (transformers ForCausalLMLoss) | chunked (torchtune "
+                    "CEWithChunkedOutputLoss) | liger (LigerFusedLinearCrossEntropyLoss) | cce (Cut Cross-Entropy)")
+LOSS_CHUNKS = typer.Option(8, "--loss-chunks", help="--loss chunked: chunks of the lm_head output (torchtune's "
+                           "default 8).")
+OFFLOAD = typer.Option(False, "--offload-activations", help="Saved activations to host memory "
+                       "(torch.autograd.graph.save_on_cpu).")
+MAX_GRAD_NORM = typer.Option(None, "--max-grad-norm", help="Gradient clipping (torch.nn.utils.clip_grad_norm_) "
+                             "before the optimizer step; the Trainer's default is 1.0.")
 CKPT = typer.Option(False, "--grad-checkpointing", help="Gradient checkpointing (non-reentrant, per block).")
 CKPT_EVERY = typer.Option(1, "--checkpoint-every", help="With --grad-checkpointing: checkpoint every N-th block only "
                           "(transformers activation_checkpointing_enable(every_n_layers=N)); the others keep their "
@@ -81,13 +98,26 @@ CKPT_REENTRANT = typer.Option(False, "--checkpoint-reentrant", help="With --grad
                               "checkpointing (use_reentrant=True, what peft.prepare_model_for_kbit_training's "
                               "default gets from torch).")
 ATTENTION = typer.Option("sdpa", "--attention", help="sdpa | eager")
-DEVICE = typer.Option("cuda", "--device", help="cuda: predict max_memory_allocated; cpu: predict the CPU/fake trace.")
+DEVICE = typer.Option("cuda", "--device", help="cuda | cpu | fake, as measure takes them. cuda: predict "
+                      "torch.cuda.max_memory_allocated; cpu: the CPU allocator's peak; fake: the fake-tensor trace, "
+                      "which counts what the CPU allocator would (the same figure as cpu).")
 GPU_OPT = typer.Option(None, "--gpu", help="GPU for time and cost (default: the cheapest one that fits).")
 PRICE = typer.Option(None, "--price", help="Override the GPU's hourly price (USD).")
 TASKS = typer.Option(1, "--tasks", help="Number of tasks for the storage total.")
 DATASET_TOKENS = typer.Option(10_000_000, "--dataset-tokens", help="Tokens per epoch.")
 MFU = typer.Option(0.35, "--mfu", help="Model FLOPs utilisation assumed for time (default 0.35).")
 FORMAT = typer.Option("table", "--format", "-f", help="table | json | csv | markdown")
+TRACE = typer.Option(False, "--trace", help="Trace the training step of the real model on fake tensors (the "
+                     "harness: pip install 'peftcalc[measure]'; seconds, not milliseconds) instead of modelling "
+                     "it: any transformers model; counts as --device cpu. A family peftcalc does not model is "
+                     "traced without it.")
+TRAINER_LOOP = typer.Option(False, "--trainer-loop", help="The step is transformers Trainer's (set by --config: "
+                            "accelerate's backward keeps one more loss scalar alive).")
+CONFIG = typer.Option(None, "--config", help="A training config to read the run from: axolotl YAML, TRL YAML "
+                      "(trl sft --config), LLaMA-Factory YAML or a transformers TrainingArguments JSON (the tool is "
+                      "detected from the keys). The model on the command line and every flag given override it.")
+ADAPTER_CONFIG = typer.Option(None, "--adapter-config", help="A peft adapter_config.json (LoRA, DoRA, rsLoRA, IA3, "
+                              "prefix, prompt): the method and its settings.")
 
 
 def check_format(fmt: str) -> None:
@@ -240,3 +270,29 @@ def phase_text(name: Optional[str]) -> str:
         return "an unknown phase"
     phase, _, event = str(name).partition(":")
     return f"{phase} (at {event})" if event else phase
+
+
+# CLI parameters that are no keyword of the API (everything else a command takes is named as the API names it).
+NOT_API_PARAMS = ("config", "adapter_config", "format", "against", "over", "limit", "steps", "matrix", "out")
+
+
+def with_config(ctx: typer.Context, fmt: str) -> dict:
+    """The command's parameters as the API's keywords (`ctx.params` without the CLI-only ones), with the run a
+    --config / --adapter-config file describes under what the user gave explicitly: a parameter whose value
+    came from the command line (click's ParameterSource, compared by name: typer may carry its own click), never a default. The line naming the tool and the
+    settings it derived goes to stdout (stderr for json and csv, which must stay parseable); the line naming
+    what is not modelled to stderr."""
+    values = {k: v for k, v in ctx.params.items() if k not in NOT_API_PARAMS}
+    config, adapter_config = ctx.params.get("config"), ctx.params.get("adapter_config")
+    if config is None and adapter_config is None:
+        return values
+    from peftcalc.training_configs import from_files
+
+    given = {k: v for k, v in values.items()
+             if getattr(ctx.get_parameter_source(k), "name", "DEFAULT") in ("COMMANDLINE", "ENVIRONMENT")}
+    run = from_files(config, adapter_config, given=given)
+    typer.echo(run.header(), err=fmt in ("json", "csv"))
+    warning = run.warning()
+    if warning:
+        typer.echo(warning, err=True)
+    return {**values, **{k: v for k, v in run.kwargs.items() if k in values}, "model": run.model}

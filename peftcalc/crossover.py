@@ -81,11 +81,12 @@ def crossover(model, method: str = "lora", against: str = "full", over: str = "s
 
     axis = AXES.get(over)
     if axis is None:
-        raise InputError(f"--over must be seq-len or batch-size, got '{over}'")
+        raise InputError(f"over must be seq-len or batch-size, got '{over}'", names=("over",))
     spec = load_spec(model)
     method = method or default_method(spec)
     if method == against:
-        raise InputError(f"--method and --against are both '{method}'; compare two different methods")
+        raise InputError(f"method and against are both '{method}'; compare two different methods",
+                         names=("method", "against"))
     base = TrainingSettings(**(training or {}))
     check_training(base)
     settings_m = method_settings(method, **method_kw)
@@ -96,10 +97,10 @@ def crossover(model, method: str = "lora", against: str = "full", over: str = "s
         limit = max_seq_len(spec, plan_m.settings) or 131_072
     limit = limit or 1024
     if limit < 1:
-        raise InputError(f"--limit must be a positive integer, got {limit}")
+        raise InputError(f"limit must be a positive integer, got {limit}", names=("limit",))
     start = getattr(base, axis)
     if start > limit:
-        raise InputError(f"--limit {limit} is below the starting {over} {start}")
+        raise InputError(f"limit {limit} is below the starting {over} {start}", names=("limit",))
     for plan in (plan_m, plan_a):  # both runnable from the start to the limit
         check_combination(spec, plan.settings, limit if axis == "seq_len" else base.seq_len, base.grad_checkpointing)
 

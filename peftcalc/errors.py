@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["CombinationError", "InputError", "read_text"]
+__all__ = ["CombinationError", "FLAG_NAMES", "InputError", "as_flags", "read_text"]
 
 
 class InputError(ValueError):
@@ -27,6 +27,21 @@ def read_text(path: str | os.PathLike, what: str) -> str:
         raise InputError(f"cannot read {what} file {path}: {exc.strerror or exc}") from None
     except UnicodeDecodeError:
         raise InputError(f"cannot read {what} file {path}: not UTF-8 text (a binary file?)") from None
+
+
+# API parameters whose command-line spelling is not "--" + the name with dashes.
+FLAG_NAMES = {"model": "MODEL"}
+
+
+def as_flags(text: str, names) -> str:
+    """`text` with each API parameter of `names` it mentions as a word shown as its command-line flag
+    ("batch_size must be ..." -> "--batch-size must be ...")."""
+    import re
+
+    for name in names:
+        flag = FLAG_NAMES.get(name, "--" + name.replace("_", "-"))
+        text = re.sub(rf"(?<![\w'./-]){re.escape(name)}(?![\w'-])", flag, text)
+    return text
 
 
 class CombinationError(InputError):

@@ -156,6 +156,27 @@ def predict_row(spec: ModelSpec, settings: dict):
     return estimate(spec, method=name, **applicable_knobs(name, method), **training, device=device)
 
 
+# predict_row's answers during one load_rows: a cpu row and its fake twin (and a rerun of the same settings) ask
+# the same question, so it is computed once. Keyed by the spec object (the ConfigIndex keeps it alive) and the
+# settings that reach predict_row; an error is kept and raised again.
+_PREDICTIONS: dict = {}
+
+
+def _predict_once(spec: ModelSpec, settings: dict):
+    """predict_row(spec, settings), computed once per distinct question within a load_rows call."""
+    asked = {k: v for k, v in settings.items() if k not in ("device", "key")}
+    key = (id(spec), "cuda" if settings.get("device") == "cuda" else "cpu", json.dumps(asked, sort_keys=True, default=str))
+    if key not in _PREDICTIONS:
+        try:
+            _PREDICTIONS[key] = predict_row(spec, settings)
+        except Exception as exc:  # noqa: BLE001 - re-raised below, as predict_row raised it
+            _PREDICTIONS[key] = exc
+    answer = _PREDICTIONS[key]
+    if isinstance(answer, Exception):
+        raise answer
+    return answer
+
+
 def variant_label(method: dict) -> str:
     """'lora r8 q_proj,v_proj', 'adapter pfeiffer b8', ...: the knobs that matter for the method."""
     m = method.get("method", "?")
@@ -256,7 +277,7 @@ def flatten(file: str, row: dict, index: ConfigIndex, recompute: bool = True) ->
         if spec is not None:
             out["family"] = spec.model_type
             try:
-                e = predict_row(spec, s)
+                e = _predict_once(spec, s)
             except Exception as exc:  # a row the current calculator cannot predict is a finding
                 out["prediction_note"] = f"{type(exc).__name__}: {exc}"
             else:
@@ -313,7 +334,11 @@ def load_rows(paths, recompute: bool = True, configs: dict | None = None, config
     import pandas as pd
 
     index = config_index(configs, config_dirs)
-    records = [flatten(f, r, index, recompute) for f, r in read_jsonl(paths)]
+    _PREDICTIONS.clear()
+    try:
+        records = [flatten(f, r, index, recompute) for f, r in read_jsonl(paths)]
+    finally:
+        _PREDICTIONS.clear()
     df = pd.DataFrame(records)
     if df.empty:
         return df

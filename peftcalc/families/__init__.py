@@ -15,7 +15,9 @@ from peftcalc.families.blip2 import BLIP2, BLIP2_QFORMER, BLIP2_VISION
 from peftcalc.families.gpt2 import GPT2
 from peftcalc.families.llama import LLAMA, MISTRAL, QWEN2
 from peftcalc.families.llava import LLAVA
+from peftcalc.families.olmo2 import OLMO2
 from peftcalc.families.opt import OPT
+from peftcalc.families.qwen3 import QWEN3
 from peftcalc.families.record import Family, config_dropout
 from peftcalc.families.vision import CLIP_VISION, VIT
 from peftcalc.layout import Layout
@@ -35,7 +37,9 @@ __all__ = [
 
 
 FAMILIES = {f.model_type: f for f in (LLAMA, MISTRAL, QWEN2, GPT2, BERT, ROBERTA, VIT, CLIP_VISION, OPT, LLAVA,
-                                      BLIP2, BLIP2_QFORMER, BLIP2_VISION, GEMMA2, GEMMA3_TEXT)}
+                                      BLIP2, BLIP2_QFORMER, BLIP2_VISION)}
+FAMILIES.update({f.model_type: f for f in (QWEN3, OLMO2)})  # issue 12's dense families
+FAMILIES.update({f.model_type: f for f in (GEMMA2, GEMMA3_TEXT)})  # issue 12: Gemma 2 and Gemma 3 text
 
 
 def attention_for(spec: ModelSpec, requested: str) -> str:

@@ -205,10 +205,12 @@ def check_combination(spec: ModelSpec, s: MethodSettings, seq_len: int, grad_che
     longest = max_seq_len(spec, s)
     if longest and seq_len > longest:
         more = f" + {extra} virtual tokens" if extra else f" + {queries} query tokens" if queries else ""
-        raise CombinationError(f"--seq-len {seq_len}{more} exceeds {spec.name}'s {position_limit(spec)} positions")
+        raise CombinationError(f"seq_len {seq_len}{more} exceeds {spec.name}'s {position_limit(spec)} positions",
+                               names=("seq_len",))
     if s.method == "prefix" and grad_checkpointing:
         raise CombinationError("prefix tuning cannot run with gradient checkpointing: the recompute updates peft's "
-                         "prefix cache a second time (peft#869); drop --grad-checkpointing or use --method prompt")
+                         "prefix cache a second time (peft#869); drop grad_checkpointing or use method prompt",
+                               names=("grad_checkpointing",))
 
 
 # The methods that read each knob of MethodSettings (the others ignore it). vision_layers: the LLaVA methods
@@ -279,20 +281,22 @@ def check_settings(spec: ModelSpec, s: MethodSettings) -> None:
                          f"choose from {', '.join(VLM_METHODS)}")
     if s.vision_layers:
         if not spec.is_vlm:
-            raise InputError(f"--unfreeze-vision-layers applies to vision-language models; {spec.name} is not one")
+            raise InputError(f"vision_layers applies to vision-language models; {spec.name} is not one",
+                             names=("vision_layers",))
         if not 0 < s.vision_layers <= vision_layers_used(spec):
-            raise InputError(f"--unfreeze-vision-layers must be between 0 and the {vision_layers_used(spec)} vision "
-                             f"layers the projector reads, got {s.vision_layers}")
+            raise InputError(f"vision_layers must be between 0 and the {vision_layers_used(spec)} vision "
+                             f"layers the projector reads, got {s.vision_layers}", names=("vision_layers",))
     if not spec.is_vlm and s.method in VLM_ONLY_METHODS:
         raise CombinationError(f"method '{s.method}' trains a vision-language model's projector, and {spec.name} "
                          f"({spec.architecture}) has none")
     if s.prepare_kbit and s.method != "qlora":
-        raise InputError(f"--prepare-kbit applies to qlora (peft.prepare_model_for_kbit_training prepares a "
-                         f"quantized base); method '{s.method}' has none")
+        raise InputError(f"prepare_kbit applies to qlora (peft.prepare_model_for_kbit_training prepares a "
+                         f"quantized base); method '{s.method}' has none", names=("prepare_kbit",))
     if s.method == "freeze":
         k = s.trainable_layers if s.trainable_layers is not None else default_trainable_layers(spec)
         if not 1 <= k <= spec.num_layers:
-            raise InputError(f"--trainable-layers must be between 1 and the depth {spec.num_layers}, got {k}")
+            raise InputError(f"trainable_layers must be between 1 and the depth {spec.num_layers}, got {k}",
+                             names=("trainable_layers",))
 
 
 @lru_cache(maxsize=4096)

@@ -126,7 +126,7 @@ def plan_adapter(spec, layout, s):
         default = ""
         if s.bottleneck is None:
             default = " (the block adapter's default)" if kind == "block" else " (hidden/16)"
-        raise InputError(f"--bottleneck must be between 1 and {where} {h}, got {b}{default}")
+        raise InputError(f"bottleneck must be between 1 and {where} {h}, got {b}{default}", names=("bottleneck",))
     if spec.is_vlm:  # the vision tower and the language model frozen, the projector trains
         groups = base_groups(layout, lambda m, name: under(m.path, (PROJECTOR,)))
         sites = [(path, None) for path in vision_adapter_sites(spec, kind)]

@@ -53,7 +53,7 @@ def lora_shapes(module: Module, rank: int) -> list[tuple[str, tuple]]:
 
 def plan_lora(spec, layout, s):
     if s.rank < 1:
-        raise InputError(f"--rank must be a positive integer, got {s.rank}")
+        raise InputError(f"rank must be a positive integer, got {s.rank}", names=("rank",))
     mods = modules_by_path(layout)
     targets = resolve_targets(spec, layout, s)
     quantize = s.method == "qlora"
@@ -66,8 +66,8 @@ def plan_lora(spec, layout, s):
         m = mods[path]
         limit = min(m.in_features, m.out_features) if m.kind in LINEAR_KINDS else min(m.shape)
         if s.rank > limit:
-            raise CombinationError(f"--rank {s.rank} is larger than module '{path}' ({m.in_features} -> {m.out_features})"
-                             if m.kind in LINEAR_KINDS else f"--rank {s.rank} is larger than module '{path}'")
+            raise CombinationError(f"rank {s.rank} is larger than module '{path}' ({m.in_features} -> {m.out_features})"
+                             if m.kind in LINEAR_KINDS else f"rank {s.rank} is larger than module '{path}'", names=("rank",))
         for name, shape in lora_shapes(m, s.rank):
             groups.append(ParamGroup(f"{path}.{name}", shape_numel(shape), True, "lora", m.layer, shape=shape))
         _, magnitude = lora_numel(m, s.rank, s.dora)

@@ -30,7 +30,8 @@ def plan_prompt_learning(spec, layout, s):
             f"only there); {spec.name} is {spec.architecture}"
         )
     if s.num_virtual_tokens < 1:
-        raise InputError(f"--num-virtual-tokens must be a positive integer, got {s.num_virtual_tokens}")
+        raise InputError(f"num_virtual_tokens must be a positive integer, got {s.num_virtual_tokens}",
+                         names=("num_virtual_tokens",))
     groups = base_groups(layout, lambda m, name: False)
     dim = prompt_token_dim(spec, s.method)
     if s.method == "prefix":  # PrefixEncoder: Embedding(num_virtual_tokens, num_layers * 2 * token_dim)

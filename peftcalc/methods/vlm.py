@@ -1,5 +1,5 @@
 """Vision-language stages: LLaVA's projector-only (stage 1) and projector + language model (stage 2), BLIP-2's
-Q-Former stage, and which vision-tower layers the projector reads and --unfreeze-vision-layers trains.
+Q-Former stage, and which vision-tower layers the projector reads and --vision-layers trains.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def vision_layer_of(path: str) -> int | None:
 
 
 def unfrozen_vision_layers(spec: ModelSpec, s: MethodSettings) -> range:
-    """--unfreeze-vision-layers N: the top N of the layers the projector reads (the layers above the
+    """--vision-layers N: the top N of the layers the projector reads (the layers above the
     feature layer never get a gradient, so unfreezing them would train nothing)."""
     used = vision_layers_used(spec) if spec.is_vlm else 0
     return range(used - s.vision_layers, used) if s.vision_layers else range(0)

@@ -17,15 +17,19 @@ __all__ = [
 ]
 
 
-def rms_norm(rec: Recorder, x: SymTensor, weight_trainable: bool, tag: str) -> SymTensor:
+def rms_norm(rec: Recorder, x: SymTensor, weight_trainable: bool, tag: str, dim: int = 0,
+             weight_fp32: bool = False) -> SymTensor:
     """LlamaRMSNorm.forward: x.to(fp32); variance = pow(2).mean; x * rsqrt(variance + eps); weight *
     _.to(input dtype). pow and the product save the fp32 input and the rsqrt; weight * y saves y when the
     weight trains, and the weight (a parameter) when y needs a gradient. The variance stays referenced
     until the norm returns. Backward: the weight product (grad * weight, and (grad * y).sum for the
     weight), the product's grad * rsqrt and (grad * x).sum, rsqrt's -0.5 grad r^3, mean's expanded
-    grad / n, pow's grad * 2 x (x.pow(1) and 2 * _ as temporaries)."""
+    grad / n, pow's grad * 2 x (x.pow(1) and 2 * _ as temporaries). `dim`: the size of the normalized last
+    dimension where it is not a token's whole width (Qwen3's q_norm/k_norm over head_dim: one row per token
+    and head). `weight_fp32`: Olmo2RMSNorm.forward's ``(self.weight * x).to(input_dtype)``, the weight product
+    on the fp32 normalized values (promoted to fp32, saving them when the weight trains), then the cast back."""
     ctx = rec.ctx
-    hidden = x.numel // ctx.tokens if ctx.tokens else x.numel
+    hidden = dim or (x.numel // ctx.tokens if ctx.tokens else x.numel)
     rows = x.numel // hidden
     x32 = cast(rec, x, "float32")
     full, small = x.numel * 4, rows * 4
@@ -50,7 +54,7 @@ def rms_norm(rec: Recorder, x: SymTensor, weight_trainable: bool, tag: str) -> S
     rec.free(r)
     if x32 is not x:
         rec.free(x32)
-    normed = cast(rec, h, x.dtype)
+    normed = h if weight_fp32 else cast(rec, h, x.dtype)
     saved = []
     steps, outputs = [], []
     if normed.requires_grad:
@@ -60,8 +64,11 @@ def rms_norm(rec: Recorder, x: SymTensor, weight_trainable: bool, tag: str) -> S
     if weight_trainable:
         saved.append(rec.save(normed, f"{tag}.normalized"))
         steps += [("new", "t", normed.nbytes), ("param", hidden * DTYPE_BYTES[ctx.weight_dtype]), ("free", "t")]
-    out = rec.new(x.numel, x.dtype, x.requires_grad or weight_trainable)
-    rec.node(out, steps, outputs, saved, saves_param=normed.requires_grad)
+    product = rec.new(x.numel, normed.dtype, x.requires_grad or weight_trainable)
+    rec.node(product, steps, outputs, saved, saves_param=normed.requires_grad)
+    out = cast(rec, product, x.dtype)
+    if out is not product:
+        rec.free(product)
     rec.free(normed, h, m)
     return out
 

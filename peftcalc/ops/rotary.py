@@ -6,22 +6,24 @@ from __future__ import annotations
 
 from peftcalc.backward import GRAD
 from peftcalc.ops.recorder import Recorder, SymTensor, input_grads
-from peftcalc.ops.tensor_ops import add, promote
+from peftcalc.ops.tensor_ops import add, cast, promote
 
 __all__ = [
     "rope",
 ]
 
 
-def rope(rec: Recorder, x: SymTensor) -> SymTensor:
+def rope(rec: Recorder, x: SymTensor, cos_dtype: str = "", cast_back: bool = False) -> SymTensor:
     """transformers apply_rotary_pos_emb (modeling_llama.py): x * cos + rotate_half(x) * sin,
     rotate_half(x) = cat(-x[..., d/2:], x[..., :d/2]). The products save cos and sin (shared, counted
     once per model), nothing of x; they take the dtype of cos/sin (the hidden states') when wider (a
     bf16 projection under autocast with fp32 hidden states gives fp32 products). Backward: grad * sin
     (cast back to the cat's dtype by the engine when it was promoted); cat's gradient splits into
-    views; neg's gradient; each slice's slice_backward (zeros like x, then a copy), summed; grad * cos."""
+    views; neg's gradient; each slice's slice_backward (zeros like x, then a copy), summed; grad * cos.
+    `cos_dtype`: the dtype of cos and sin where it is not the hidden states' (Olmo2RotaryEmbedding returns them
+    fp32); `cast_back`: the sum is cast back to x's dtype (Olmo2's apply_rotary_pos_emb: ``q_embed.to(q_type)``)."""
     n, half = x.nbytes, x.nbytes // 2
-    dtype = promote(x.dtype, rec.ctx.weight_dtype)
+    dtype = promote(x.dtype, cos_dtype or rec.ctx.weight_dtype)
 
     def product_grad(src: SymTensor, prod: SymTensor) -> tuple:
         if prod.dtype == src.dtype:
@@ -44,4 +46,8 @@ def rope(rec: Recorder, x: SymTensor) -> SymTensor:
     rec.free(c)
     out = add(rec, m1, m2)
     rec.free(m1, m2)
+    if cast_back and out.dtype != x.dtype:
+        back = cast(rec, out, x.dtype)
+        rec.free(out)
+        return back
     return out

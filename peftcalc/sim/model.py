@@ -9,7 +9,7 @@ from functools import lru_cache
 
 from peftcalc.families import build_layout, dropout_p, family
 from peftcalc.layout import Layout
-from peftcalc.methods.sites import HeadSites, layer_trainings
+from peftcalc.methods.sites import HeadSites, layer_trainings, param_trains
 from peftcalc.ops.attention import layer_windows, mask_bytes_by_window, model_masks_bytes
 from peftcalc.ops.context import StepContext
 from peftcalc.ops.recorder import Recorder, SymTensor
@@ -18,7 +18,7 @@ from peftcalc.settings import DTYPE_BYTES, TrainingSettings
 from peftcalc.sim.autocast_cache import autocast_weight_cache_bytes
 from peftcalc.sim.blocks import BlockRun, run_blocks, unwrapped_saved_copies
 from peftcalc.sim.head import embeddings_forward, final_norm, has_final_norm, head_backward, head_forward, unsaved_model_output
-from peftcalc.sim.loss import loss_buffers
+from peftcalc.sim.loss import chunked_loss_buffers, fused_loss_buffers, loss_buffers
 from peftcalc.sim.profile import ActivationProfile, input_embeddings_require_grad, make_ctx, stream_dtype
 from peftcalc.spec import ModelSpec
 
@@ -71,7 +71,7 @@ def model_profile(plan: Plan, t: TrainingSettings, checkpointed: tuple) -> Activ
     if family(spec).rotary and saved_types:
         # LlamaRotaryEmbedding's cos and sin (1 x seq x head_dim, in the hidden states' dtype), shared
         # by every layer (of a type), saved by q * cos and rotate_half(q) * sin
-        rec.save_new(2 * ctx.seq * spec.head_dim * len(saved_types), ctx.weight_dtype, "rotary.cos_sin")
+        rec.save_new(2 * ctx.seq * spec.head_dim * len(saved_types), _rotary_dtype(spec, ctx), "rotary.cos_sin")
     # held while the blocks run: prompt tuning's inputs, the positions and rotary embeddings of the
     # Llama family (what the blocks leave referenced adds up in run_blocks)
     held = _prompt_inputs_held(spec, plan, ctx) + _positions_held(spec, ctx, len(saved_types))
@@ -90,7 +90,8 @@ def model_profile(plan: Plan, t: TrainingSettings, checkpointed: tuple) -> Activ
     per_layer = blocks.per_layer
     needs_grad_layers = [i for i in range(spec.num_layers) if per_layer[i] > 0 and (not checkpointed or checkpointed[i])]
     ckpt_inputs = len(needs_grad_layers) * tok * h * DTYPE_BYTES[stream_dtype(ctx)]
-    loss = loss_buffers(spec, ctx, logits_numel)
+    chunked = t.loss == "chunked" and spec.task == "causal_lm"
+    loss, logits_numel = _loss(spec, plan, layout, ctx, t, logits_numel, root)
     weight_cache = (autocast_weight_cache_bytes(plan, ctx) - rec.saved_cached_copies()
                     - unwrapped_saved_copies(plan, ctx, blocks, checkpointed))
     return ActivationProfile(
@@ -98,7 +99,8 @@ def model_profile(plan: Plan, t: TrainingSettings, checkpointed: tuple) -> Activ
         pre=by_bucket.get("pre", 0),
         post=by_bucket.get("post", 0),
         checkpoint_inputs=ckpt_inputs,
-        checkpoint_kwargs=0 if not any(checkpointed) else _checkpointed_layer_positions(spec, ctx, t, bool(indices)),
+        checkpoint_kwargs=0 if not any(checkpointed) else _checkpointed_layer_positions(
+            spec, ctx, t, bool(indices) and not family(spec).position_ids_batched),
         input_leaf=leaf,
         forward_checkpoint_inputs=_forward_checkpoint_inputs(spec, ctx, t, per_layer, checkpointed),
         lookup_saved=_lookup_saved(plan, indices),
@@ -111,7 +113,7 @@ def model_profile(plan: Plan, t: TrainingSettings, checkpointed: tuple) -> Activ
         forward_transient=block_forward_transient(spec, plan, ctx, per_layer, blocks.unsaved_block_live),
         forward_transient_saved=saved_below_last_frozen_block(per_layer),
         autocast_weight_cache=weight_cache,
-        model_output=model_output,
+        model_output=0 if chunked else model_output,  # a loss outside the model: it has returned
         head_backward=head,
         forward_block_saved=forward_block[0],
         forward_block_live=forward_block[1],
@@ -125,6 +127,20 @@ def model_profile(plan: Plan, t: TrainingSettings, checkpointed: tuple) -> Activ
         reentrant_backward=blocks.reentrant if t.checkpoint_reentrant else (),
         type_releases=_type_releases(spec, ctx, t, saved_types) if any(checkpointed) else (),
     )
+
+
+def _loss(spec: ModelSpec, plan: Plan, layout: Layout, ctx: StepContext, t: TrainingSettings, logits_numel: int,
+          root: SymTensor):
+    """(the loss's buffers, the logits' numel as the profile counts them) for the loss `t.loss` names: a fused
+    loss (its logits never exist whole: the head's incoming gradient stands for them), torchtune's chunked
+    cross-entropy on a causal LM, or transformers' loss (sim.loss)."""
+    if ctx.fused_loss:
+        tied = layout.head_tied_to_embedding and plan.embedding_trains
+        loss = fused_loss_buffers(ctx, spec, param_trains(plan, "lm_head", True) or tied)
+        return loss, root.nbytes // DTYPE_BYTES[ctx.autocast or ctx.compute_dtype]  # the head's incoming gradient
+    if t.loss == "chunked" and spec.task == "causal_lm":
+        return chunked_loss_buffers(ctx, spec.vocab_size, t.loss_chunks), logits_numel
+    return loss_buffers(spec, ctx, logits_numel), logits_numel
 
 
 def _final_norm_peak(spec: ModelSpec, plan: Plan, layout: Layout, ctx: StepContext, out: SymTensor) -> tuple[int, int]:
@@ -168,7 +184,7 @@ def _positions_held(spec: ModelSpec, ctx: StepContext, rotary_saved: int) -> int
     held too (ops.attention.model_masks_bytes; traced)."""
     if not family(spec).rotary:
         return 0
-    rotary = 2 * ctx.seq * spec.head_dim * DTYPE_BYTES[ctx.weight_dtype] * (_rotary_sets(spec) - rotary_saved)
+    rotary = 2 * ctx.seq * spec.head_dim * DTYPE_BYTES[_rotary_dtype(spec, ctx)] * (_rotary_sets(spec) - rotary_saved)
     return ctx.seq * 8 + rotary + model_masks_bytes(spec, ctx)
 
 
@@ -180,7 +196,7 @@ def _type_releases(spec: ModelSpec, ctx: StepContext, t: TrainingSettings, rotar
     (attention_mask=causal_mask_mapping[layer_type], when the checkpoints hold kwargs)."""
     windows = layer_windows(spec)
     masks = mask_bytes_by_window(spec, ctx) if _checkpointed_layer_positions(spec, ctx, t) else {}
-    rotary = 2 * ctx.seq * spec.head_dim * DTYPE_BYTES[ctx.weight_dtype] if family(spec).rotary_per_layer_type else 0
+    rotary = 2 * ctx.seq * spec.head_dim * DTYPE_BYTES[_rotary_dtype(spec, ctx)] if family(spec).rotary_per_layer_type else 0
     out = []
     for w in set(windows) - {windows[0]}:
         out.append((windows.index(w), rotary if w in rotary_saved else 0, masks.get(w, 0)))
@@ -213,6 +229,12 @@ def _rotary_sets(spec: ModelSpec) -> int:
     its own base (Family.rotary_per_layer_type; Gemma3TextModel.forward: ``for layer_type in
     set(self.config.layer_types)``)."""
     return len(set(layer_windows(spec))) if family(spec).rotary_per_layer_type else 1
+
+
+def _rotary_dtype(spec: ModelSpec, ctx: StepContext) -> str:
+    """The dtype of the rotary cos and sin: the hidden states' (LlamaRotaryEmbedding.forward returns
+    ``cos.to(dtype=x.dtype)``), fp32 where the family keeps them so (Family.rotary_fp32: Olmo2RotaryEmbedding)."""
+    return "float32" if family(spec).rotary_fp32 else ctx.weight_dtype
 
 
 def _embedding_indices_saved(spec: ModelSpec, plan: Plan, layout: Layout, ctx: StepContext) -> list:
@@ -259,14 +281,17 @@ def _checkpointed_layer_positions(spec: ModelSpec, ctx: StepContext, t: Training
     decoders pass every layer the same int64 positions, GPT2Model.forward's and LlamaModel.forward's
     (Mistral, Qwen2) ``position_ids = arange(seq).unsqueeze(0)``, 1 x seq, held until block 0's
     backward (traced: seq x 8 bytes, 'other', at the checkpointed decoders' backward peaks; GPT-2's
-    wpe, when it trains, saves them anyway). So do the masks the layers get (attention_mask: LlamaModel's
-    causal_mask_mapping, ops.attention.model_masks_bytes; traced, mistral-7b LoRA bf16 1 x 4,096 on fake
-    tensors: the sliding window's 4,096 x 4,096 bool mask, 'other', at backward:layer31's peak)."""
+    wpe, when it trains, saves them anyway). OPTDecoder.forward's are b x seq (``cumsum`` of the attention
+    mask), and the table saves ``position_ids + offset``, a tensor of its own (Family.position_ids_batched).
+    So do the masks the layers get (attention_mask: LlamaModel's causal_mask_mapping,
+    ops.attention.model_masks_bytes; traced, mistral-7b LoRA bf16 1 x 4,096 on fake tensors: the sliding
+    window's 4,096 x 4,096 bool mask, 'other', at backward:layer31's peak)."""
     if not t.grad_checkpointing or not family(spec).passes_position_ids:
         return 0
     # (where an embedding saves its indices, GPT-2's wpe, the positions are counted there; the masks are not:
     # traced, fake tiny-gpt2 full eager with checkpointing, the (2, 1, 32, 32) float mask at the peak)
-    return (0 if indices_saved else ctx.seq * 8) + model_masks_bytes(spec, ctx)
+    positions = 0 if indices_saved else (ctx.tokens if family(spec).position_ids_batched else ctx.seq) * 8
+    return positions + model_masks_bytes(spec, ctx)
 
 
 def _prompt_inputs_held(spec: ModelSpec, plan: Plan, ctx: StepContext) -> int:

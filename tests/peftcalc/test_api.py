@@ -145,11 +145,11 @@ def test_sweep_keeps_impossible_combinations_as_rows_with_the_reason():
 
 
 @pytest.mark.parametrize("model,kw,message", [
-    ("gpt2", dict(seq_len=1025), "--seq-len 1025 exceeds gpt2's 1024 positions"),
-    ("gpt2", dict(method="prompt", seq_len=1005), "--seq-len 1005 \\+ 20 virtual tokens exceeds gpt2's 1024"),
+    ("gpt2", dict(seq_len=1025), "seq_len 1025 exceeds gpt2's 1024 positions"),
+    ("gpt2", dict(method="prompt", seq_len=1005), "seq_len 1005 \\+ 20 virtual tokens exceeds gpt2's 1024"),
     ("bert-base", dict(method="full", seq_len=513), "exceeds bert-base's 512 positions"),
     ("roberta-base", dict(method="full", seq_len=513), "exceeds roberta-base's 512 positions"),
-    ("blip2-opt-2.7b", dict(seq_len=2017), "--seq-len 2017 \\+ 32 query tokens exceeds blip2-opt-2.7b's 2048"),
+    ("blip2-opt-2.7b", dict(seq_len=2017), "seq_len 2017 \\+ 32 query tokens exceeds blip2-opt-2.7b's 2048"),
     ("llama-3.2-1b", dict(method="prefix", grad_checkpointing=True), "peft#869"),
 ])
 def test_combinations_the_real_stack_cannot_run_are_input_errors(model, kw, message):

@@ -169,7 +169,7 @@ def test_matrix_sweep_prints_one_line_per_row_when_stderr_is_not_a_terminal(tmp_
     assert proc.returncode == 0, proc.stderr
     lines = [x for x in proc.stderr.splitlines() if x.startswith("[")]
     assert len(lines) == 2, proc.stderr
-    assert lines[0].startswith("[1/2] t-llama lora bf16 b1 s8 adamw fake") and ": ok " in lines[0]
+    assert lines[0].startswith("[1/2] t-llama lora bf16 b1 s8 adamw-fused fake") and ": ok " in lines[0]
     assert lines[0].rstrip().endswith(("B", "KiB", "MiB", "GiB"))
     assert lines[1].startswith("[2/2] t-llama full")
 
@@ -222,3 +222,59 @@ def test_resumed_sweep_leaves_only_whole_lines(tmp_path):
     assert (again["ran"], again["skipped_done"]) == (1, 1)
     lines = out.read_text().splitlines()
     assert len(lines) == 2 and all(json.loads(x)["key"] for x in lines)
+
+
+def test_estimate_takes_the_devices_measure_takes_and_fake_is_the_cpu_figure():
+    """measure runs on cuda | cpu | fake; estimate takes the same three. A fake-tensor trace counts what the
+    CPU allocator would (the committed fake rows are predicted with device cpu), so fake answers cpu's figure."""
+    from peftcalc import estimate
+
+    fake, cpu = estimate("gpt2", device="fake"), estimate("gpt2", device="cpu")
+    assert fake.memory.device == "cpu" and fake.memory.peak_bytes == cpu.memory.peak_bytes
+    assert fake.memory.peak_bytes != estimate("gpt2", device="cuda").memory.peak_bytes
+    r = runner.invoke(app, ["estimate", "gpt2", "--device", "fake", "--format", "json"])
+    assert r.exit_code == 0 and json.loads(r.stdout)["memory"]["peak_bytes"] == cpu.memory.peak_bytes
+    assert "cuda | cpu | fake" in " ".join(runner.invoke(app, ["estimate", "--help"]).stdout.split())
+
+
+def test_vision_layers_is_one_name_in_the_api_and_on_the_command_line():
+    """The API's vision_layers is --vision-layers (the old --unfreeze-vision-layers still works); an error
+    names the API parameter in the API and the flag on the command line."""
+    from peftcalc import estimate
+    from peftcalc.errors import InputError
+
+    a = runner.invoke(app, ["estimate", "llava-1.5-7b", "-m", "projector", "--vision-layers", "2", "-f", "json"])
+    b = runner.invoke(app, ["estimate", "llava-1.5-7b", "-m", "projector", "--unfreeze-vision-layers", "2", "-f",
+                            "json"])
+    api = estimate("llava-1.5-7b", method="projector", vision_layers=2)
+    assert json.loads(a.stdout)["params"]["trainable"] == json.loads(b.stdout)["params"]["trainable"] \
+        == api.params.trainable
+    with pytest.raises(InputError, match=r"^vision_layers applies to vision-language models"):
+        estimate("gpt2", method="lora", vision_layers=1)
+    p = subprocess.run([sys.executable, "-m", "peftcalc.cli", "estimate", "gpt2", "-m", "lora", "--vision-layers", "1"],
+                       capture_output=True, text=True)
+    assert p.returncode == 2
+    assert p.stderr.strip() == "error: --vision-layers applies to vision-language models; gpt2 is not one"
+
+
+def test_api_errors_name_api_parameters_and_the_cli_shows_flags():
+    """The older checks (rank, bottleneck, trainable layers, prefix length, crossover's limit) name the API
+    parameter in the API's InputError and the flag in the CLI's one line."""
+    from peftcalc import estimate
+    from peftcalc.errors import InputError
+
+    cases = [
+        (dict(method="lora", rank=0), "rank must be a positive integer, got 0", ["-m", "lora", "--rank", "0"]),
+        (dict(method="freeze", trainable_layers=13), "trainable_layers must be between 1 and the depth 12, got 13",
+         ["-m", "freeze", "--trainable-layers", "13"]),
+        (dict(method="prompt", num_virtual_tokens=0), "num_virtual_tokens must be a positive integer, got 0",
+         ["-m", "prompt", "--num-virtual-tokens", "0"]),
+        (dict(method="lora", prepare_kbit=True), "prepare_kbit applies to qlora", ["-m", "lora", "--prepare-kbit"]),
+    ]
+    for kw, api_text, flags in cases:
+        with pytest.raises(InputError) as info:
+            estimate("gpt2", **kw)
+        assert str(info.value).startswith(api_text) and "--" not in str(info.value).split(";")[0]
+        p = subprocess.run([sys.executable, "-m", "peftcalc.cli", "estimate", "gpt2", *flags],
+                           capture_output=True, text=True)
+        assert p.returncode == 2 and p.stderr.startswith("error: --"), (flags, p.stderr)

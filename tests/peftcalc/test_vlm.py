@@ -160,7 +160,7 @@ def test_llava_7b_peak_matches_fake_tensor_trace(method):
     MethodSettings("lora", vision_layers=4),
 ], ids=lambda s: f"{s.method}-{s.vision_layers}")
 def test_unfrozen_vision_layer_counts_equal_real_models(settings):
-    """--unfreeze-vision-layers N trains vision layers 23-N .. 22 (the projector reads layer 22's output)."""
+    """--vision-layers N trains vision layers 23-N .. 22 (the projector reads layer 22's output)."""
     spec = load_spec("llava-1.5-7b")
     plan = make_plan(spec, settings)
     total, trainable = count_params(build_model(spec, settings))

@@ -1,0 +1,143 @@
+"""Qwen3 (transformers models/qwen3/modeling_qwen3.py): Llama's decoder block with a per-head RMSNorm on the
+queries and keys (q_norm, k_norm over head_dim) before RoPE, an explicit head_dim (128 by default) and
+attention_bias on all four attention projections.
+"""
+
+from __future__ import annotations
+
+from peftcalc.errors import InputError
+from peftcalc.families.llama import rotary_buffer_bytes
+from peftcalc.families.record import Family, config_dropout
+from peftcalc.layout import Layout, Module, decoder_head, linear_module, norm_module
+from peftcalc.ops.attention import attention
+from peftcalc.ops.nonlinear import activation
+from peftcalc.ops.norms import rms_norm
+from peftcalc.ops.recorder import Recorder, SymTensor
+from peftcalc.ops.rotary import rope
+from peftcalc.ops.tensor_ops import add, heads_view, mul
+from peftcalc.spec import ModelSpec, config_bool, config_int, config_str, encoder_sizes, optional_config_int
+
+__all__ = [
+    "DROPOUT",
+    "QWEN3",
+    "head_normed",
+    "qwen3_block",
+    "qwen3_config",
+    "qwen3_layout",
+]
+
+
+def qwen3_layout(spec: ModelSpec) -> Layout:
+    """Qwen3ForCausalLM (modeling_qwen3.py), in named_modules() order: embed_tokens; per layer
+    Qwen3Attention's q/k/v/o_proj (a bias on each when attention_bias), q_norm and k_norm (RMSNorm over
+    head_dim), Qwen3MLP's gate/up/down_proj (no bias), input_layernorm, post_attention_layernorm; norm;
+    lm_head (tied when tie_word_embeddings, as in Qwen3-0.6B)."""
+    base = "" if spec.task == "base" else "model."
+    h, hd, bias = spec.hidden_size, spec.head_dim, spec.attention_bias
+    mods = [Module(f"{base}embed_tokens", "embedding", (spec.vocab_size, h), False, None, "embed")]
+    for i in range(spec.num_layers):
+        p = f"{base}layers.{i}"
+        mods += [
+            linear_module(f"{p}.self_attn.q_proj", spec.q_dim, h, bias, i, "attn"),
+            linear_module(f"{p}.self_attn.k_proj", spec.kv_dim, h, bias, i, "attn"),
+            linear_module(f"{p}.self_attn.v_proj", spec.kv_dim, h, bias, i, "attn"),
+            linear_module(f"{p}.self_attn.o_proj", h, spec.q_dim, bias, i, "attn_out"),
+            norm_module(f"{p}.self_attn.q_norm", hd, False, i),
+            norm_module(f"{p}.self_attn.k_norm", hd, False, i),
+            linear_module(f"{p}.mlp.gate_proj", spec.intermediate_size, h, False, i, "mlp"),
+            linear_module(f"{p}.mlp.up_proj", spec.intermediate_size, h, False, i, "mlp"),
+            linear_module(f"{p}.mlp.down_proj", h, spec.intermediate_size, False, i, "mlp_out"),
+            norm_module(f"{p}.input_layernorm", h, False, i),
+            norm_module(f"{p}.post_attention_layernorm", h, False, i),
+        ]
+    mods.append(norm_module(f"{base}norm", h, False))
+    head, out_emb, tied = decoder_head(spec, mods)
+    return Layout(tuple(mods), f"{base}layers", f"{base}embed_tokens", head, out_emb, tied, f"{base}norm")
+
+
+def head_normed(rec: Recorder, spec: ModelSpec, sites, n: SymTensor, proj: str, norm: str, out_f: int) -> SymTensor:
+    """``self.<norm>(self.<proj>(hidden_states).view(hidden_shape))`` (Qwen3Attention.forward): the
+    projection, viewed as (b, s, heads, head_dim), normed per head (one RMSNorm row per token and head).
+    The view's backward copies the gradient: it comes back through the transpose in (b, heads, s, d)
+    layout, which the norm's backward keeps. The projection's output is dropped once the norm returns."""
+    lin = sites.linear(rec, n, proj, spec.hidden_size, out_f)
+    normed = rms_norm(rec, heads_view(rec, lin, clone=True), sites.norm_trains(norm), norm, dim=spec.head_dim)
+    rec.free(lin)
+    return normed
+
+
+def qwen3_block(rec: Recorder, spec: ModelSpec, sites, x: SymTensor) -> SymTensor:
+    """Qwen3DecoderLayer: LlamaDecoderLayer's ops (families.llama.llama_block) with q_norm and k_norm
+    between the q/k projections and RoPE (head_normed); the normed queries and keys are transposed (a view
+    whose backward transposes the gradient back, no copy) and dropped when RoPE's results rebind them."""
+    ctx = rec.ctx
+    h = spec.hidden_size
+    n = rms_norm(rec, x, sites.norm_trains("input_layernorm"), "input_layernorm")
+    qn = head_normed(rec, spec, sites, n, "self_attn.q_proj", "self_attn.q_norm", spec.q_dim)
+    kn = head_normed(rec, spec, sites, n, "self_attn.k_proj", "self_attn.k_norm", spec.kv_dim)
+    vl = sites.linear(rec, n, "self_attn.v_proj", h, spec.kv_dim)
+    q, k = heads_view(rec, qn, clone=False), heads_view(rec, kn, clone=False)
+    v = heads_view(rec, vl, clone=ctx.attention == "eager")
+    q, k = rope(rec, q), rope(rec, k)
+    rec.free(qn, kn)
+    a = attention(rec, spec, q, k, v, config_dropout(spec, DROPOUT, "attn"), "self_attn.attention", replaced=(k, vl), fp32_softmax=True)
+    o = sites.linear(rec, a, "self_attn.o_proj", spec.q_dim, h)
+    o = sites.adapt(rec, o, "attn_out", "self_attn.o_proj")
+    rec.free(a, q, k, vl, n)
+    x2 = add(rec, x, o, x.dtype)
+    rec.free(o)
+    n2 = rms_norm(rec, x2, sites.norm_trains("post_attention_layernorm"), "post_attention_layernorm")
+    g = sites.linear(rec, n2, "mlp.gate_proj", h, spec.intermediate_size)
+    act = activation(rec, g, "silu", "mlp.act_fn")
+    rec.free(g)
+    u = sites.linear(rec, n2, "mlp.up_proj", h, spec.intermediate_size)
+    p = mul(rec, act, u, "mlp.act_mul")
+    rec.free(act, u)
+    d = sites.linear(rec, p, "mlp.down_proj", spec.intermediate_size, h)
+    d = sites.adapt(rec, d, "mlp_out", "mlp.down_proj")
+    rec.free(p, n2)
+    out = add(rec, x2, d, x2.dtype)
+    rec.free(d, x2)
+    return out
+
+
+def qwen3_config(config: dict, common: dict, where: str, read_part=None) -> ModelSpec:
+    """Qwen3Config (configuration_qwen3.py): head_dim 128 unless given (not hidden / heads), GQA,
+    attention_bias (q/k/v/o), tie_word_embeddings. Sliding-window layers (use_sliding_window) are refused:
+    the published Qwen3 configs have none."""
+    hidden, heads, layers, intermediate = encoder_sizes(config, where)
+    kv_heads = optional_config_int(config, "num_key_value_heads", heads, where, null_is_default=True)
+    if heads % kv_heads:
+        raise InputError(f"{where}: num_attention_heads ({heads}) must be a multiple of num_key_value_heads ({kv_heads})")
+    if config_bool(config, "use_sliding_window", False, where):
+        raise InputError(f"{where}: Qwen3 with use_sliding_window is not supported (the published Qwen3 models "
+                         "have full attention in every layer)")
+    act = config_str(config, "hidden_act", "silu", where)
+    if act != "silu":
+        raise InputError(f"{where}: hidden_act {act!r} is not supported for qwen3; silu only")
+    return ModelSpec(
+        hidden_size=hidden,
+        num_layers=layers,
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=optional_config_int(config, "head_dim", 128, where, null_is_default=True),
+        intermediate_size=intermediate,
+        vocab_size=config_int(config, "vocab_size", where),
+        tie_embeddings=config_bool(config, "tie_word_embeddings", False, where),
+        attention_bias=config_bool(config, "attention_bias", False, where),
+        hidden_act=act,
+        **common,
+    )
+
+
+# Dropout probabilities during training (Qwen3Config: attention only).
+DROPOUT = {"qwen3": {"attn": ("attention_dropout", 0.0)}}
+
+# peft 0.21 utils/constants.py: LoRA on q_proj, v_proj; IA3 on q_proj, v_proj, down_proj (down_proj feed-forward).
+QWEN3 = Family("qwen3", "https://github.com/huggingface/transformers/blob/main/src/transformers/models/qwen3/modeling_qwen3.py",
+               qwen3_layout, qwen3_block, DROPOUT["qwen3"], ("q_proj", "v_proj"), ("q_proj", "v_proj", "down_proj"),
+               ("down_proj",),
+               architectures={"Qwen3ForCausalLM": "causal_lm", "Qwen3ForSequenceClassification": "seq_cls",
+                              "Qwen3Model": "base"},
+               default_task="causal_lm", read_config=qwen3_config, decoder=True, gated_mlp=True, final_norm="rms",
+               buffer_bytes=rotary_buffer_bytes, rotary=True, passes_position_ids=True, prefix_kv_dim=True)
