@@ -37,6 +37,8 @@ class GPU:
     price_per_hour: float
     source: str
     memory_gbs: float = 0.0  # HBM/GDDR bandwidth, GB/s (datasheet): the NF4 dequantization's time
+    intra_node_gbps: float = 0.0  # GB/s one way per GPU inside a node (NVLink, PCIe)
+    inter_node_gbps: float = 0.0  # GB/s one way per GPU between nodes (InfiniBand, Ethernet)
 
 
 @lru_cache(maxsize=1)
@@ -44,7 +46,7 @@ def gpu_catalog() -> tuple[GPU, ...]:
     data = json.loads(GPUS_FILE.read_text())
     return tuple(
         GPU(g["name"], g["memory_mib"] * MIB, g["bf16_tflops"], g["fp32_tflops"], g["price_per_hour"], g["source"],
-            g["memory_gbs"])
+            g["memory_gbs"], g.get("intra_node_gbps", 0.0), g.get("inter_node_gbps", 0.0))
         for g in data["gpus"]
     )
 

@@ -28,6 +28,7 @@ LAYERS = [
     ["peftcalc.sim"],
     ["peftcalc.activations"],
     ["peftcalc.model_states", "peftcalc.memory", "peftcalc.storage"],
+    ["peftcalc.sharding"],
     ["peftcalc.hardware"],
     ["peftcalc.training_configs"],
     ["peftcalc.api", "peftcalc.traced"],
