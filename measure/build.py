@@ -28,6 +28,7 @@ from peftcalc.methods import (
     resolve_bottleneck,
 )
 from peftcalc.errors import InputError
+from peftcalc.families import attention_for
 from peftcalc.spec import AUTO_CLASS, ModelSpec, transformers_config_kwargs
 
 __all__ = [
@@ -50,7 +51,9 @@ def transformers_config(spec: ModelSpec, attention: str = "sdpa"):
 
 def build_base_model(spec: ModelSpec, dtype: torch.dtype = torch.float32, device: str = "meta",
                      attention: str = "sdpa"):
-    """The transformers model class `spec.architecture` names, with random weights."""
+    """The transformers model class `spec.architecture` names, with random weights, with the attention
+    implementation the calculator models for `attention` (peftcalc.families.attention_for: Gemma 2 runs eager)."""
+    attention = attention_for(spec, attention)
     config = transformers_config(spec, attention)
     auto = getattr(transformers, AUTO_CLASS[spec.task])
     # meta and cuda: initialise on the device (random init of a 7B model on the CPU takes minutes)
@@ -300,7 +303,7 @@ def build_qlora_model(spec: ModelSpec, settings: MethodSettings, checkpoint_dir:
         quantization_config=qlora_quantization_config(settings, compute_dtype, skip),
         dtype=dtype,
         device_map={"": device},
-        attn_implementation=attention,
+        attn_implementation=attention_for(spec, attention),
     )
     model.config.use_cache = False
     if prepare_kbit:

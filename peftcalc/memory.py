@@ -297,7 +297,7 @@ def _step_events(plan: Plan, t: TrainingSettings, act: ActivationProfile, ms: Mo
     What each block keeps (`kept_per_layer`) is its input where it is checkpointed and saves, else
     what it saves."""
     weights = {"weights_frozen": ms.weights_frozen, "weights_trainable": ms.weights_trainable,
-               "buffers": buffer_bytes(plan.spec)}
+               "buffers": buffer_bytes(plan.spec, t.weight_dtype)}
     maps_held = ms.maps_in_state  # in optimizer.state once the first step has made it
     base = dict(weights, inputs=inputs,
                 optimizer_states=ms.optimizer_states + (ms.optimizer_maps if maps_held else 0))
@@ -402,14 +402,17 @@ def _checkpointed_backward(plan: Plan, act: ActivationProfile, grads: GradientAr
                                            logits_loss=act.logits_bytes + act.loss_scalars + grads.head_pending,
                                            temporaries=act.checkpoint_kwargs))]
     arrived = grads.head_accumulated
+    kwargs = act.checkpoint_kwargs
+    releases = {} if reentrant else {layer: (pre, kw) for layer, pre, kw in act.type_releases}
     for i in reversed(range(plan.spec.num_layers)):
-        if i not in kept_per_layer and not grads.per_layer[i]:
-            continue
-        block = _checkpointed_block(base, remaining, arrived, _checkpoint_peak(act, i, reentrant))
-        events.append(_event(f"backward:layer{i}", dict(block, temporaries=block["temporaries"] + grads.head_pending
-                                                        + act.checkpoint_kwargs + act.loss_scalars)))
-        arrived += grads.per_layer[i]
-        remaining -= kept_per_layer.get(i, 0)
+        if i in kept_per_layer or grads.per_layer[i]:
+            block = _checkpointed_block(base, remaining, arrived, _checkpoint_peak(act, i, reentrant))
+            events.append(_event(f"backward:layer{i}", dict(block, temporaries=block["temporaries"] + grads.head_pending
+                                                            + kwargs + act.loss_scalars)))
+            arrived += grads.per_layer[i]
+            remaining -= kept_per_layer.get(i, 0)
+        pre, kw = releases.get(i, (0, 0))  # the lowest layer of a type is done: its frame lets go of them
+        remaining, kwargs = remaining - pre, kwargs - kw
     return events
 
 

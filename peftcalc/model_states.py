@@ -40,18 +40,19 @@ def nf4_bytes(numel: int, double_quant: bool) -> int:
     return codes + blocks + 4 * ceil(blocks / 256) + 4 + nf4_code + 256 * 4
 
 
-def buffer_bytes(spec) -> int:
+def buffer_bytes(spec, weight_dtype: str = "float32") -> int:
     """The model's registered buffers (what ``model.buffers()`` holds besides the parameters):
     LlamaRotaryEmbedding (also Mistral, Qwen2) registers ``inv_freq`` and ``original_inv_freq``,
     head_dim / 2 fp32 values each, kept fp32 whatever the model's dtype (transformers 5.x
     modeling_rope_utils computes them with ``.float()``); BertEmbeddings / RobertaEmbeddings register
     ``position_ids`` and ``token_type_ids``, (1, max_position_embeddings) int64 each;
     CLIPVisionEmbeddings registers ``position_ids``, (1, patches + 1) int64. GPT-2 and ViT register
-    none. A LLaVA model has its vision tower's and its language model's."""
+    none. A LLaVA model has its vision tower's and its language model's. Buffers that take the model's
+    dtype (Family.dtype_buffers: Gemma's embed_scale) count in `weight_dtype`, the dtype it is loaded in."""
     if spec.is_vlm:
-        return buffer_bytes(spec.vision) + buffer_bytes(spec.text)
-    hook = family(spec).buffer_bytes
-    return hook(spec) if hook else 0
+        return buffer_bytes(spec.vision, weight_dtype) + buffer_bytes(spec.text, weight_dtype)
+    hook, in_dtype = family(spec).buffer_bytes, family(spec).dtype_buffers
+    return (hook(spec) if hook else 0) + in_dtype * DTYPE_BYTES[weight_dtype]
 
 
 @lru_cache(maxsize=1024)

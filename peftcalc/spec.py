@@ -85,6 +85,9 @@ class ModelSpec:
     shared_expert_intermediate_size: int = 0
     norm_topk_prob: bool = False
 
+    attn_logit_softcap: float = 0.0  # tanh soft-capping of the attention scores (Gemma 2; 0: none)
+    final_logit_softcap: float = 0.0  # tanh soft-capping of the logits (Gemma 2; 0: none)
+
     @property
     def is_blip2(self) -> bool:
         """A BLIP-2 model: a vision tower, a Q-Former with learned query tokens (their sizes in `blip2`) and a

@@ -9,6 +9,8 @@ import re
 from functools import lru_cache
 
 from peftcalc.families.bert import BERT, ROBERTA
+from peftcalc.families.gemma2 import GEMMA2
+from peftcalc.families.gemma3 import GEMMA3_TEXT
 from peftcalc.families.blip2 import BLIP2, BLIP2_QFORMER, BLIP2_VISION
 from peftcalc.families.gpt2 import GPT2
 from peftcalc.families.llama import LLAMA, MISTRAL, QWEN2
@@ -26,6 +28,7 @@ from peftcalc.spec import ModelSpec
 
 __all__ = [
     "ARCHITECTURE_TASKS",
+    "attention_for",
     "FAMILIES",
     "KEEP_IN_FP32_MODULES",
     "SUPPORTED_MODEL_TYPES",
@@ -40,6 +43,16 @@ FAMILIES = {f.model_type: f for f in (LLAMA, MISTRAL, QWEN2, GPT2, BERT, ROBERTA
                                       BLIP2, BLIP2_QFORMER, BLIP2_VISION)}
 FAMILIES.update({f.model_type: f for f in (QWEN3, OLMO2)})  # issue 12's dense families
 FAMILIES.update({f.model_type: f for f in (MIXTRAL, QWEN3_MOE, QWEN2_MOE)})  # mixture-of-experts
+
+FAMILIES.update({f.model_type: f for f in (GEMMA2, GEMMA3_TEXT)})  # issue 12: Gemma 2 and Gemma 3 text
+
+
+def attention_for(spec: ModelSpec, requested: str) -> str:
+    """The attention implementation the model runs when `requested` is asked for: `requested` where the
+    family's transformers class supports it, else its default (Family.attentions: Gemma 2 has no SDPA path,
+    its soft-capping needs eager, so it runs eager)."""
+    supported = FAMILIES[spec.model_type].attentions
+    return requested if requested in supported else supported[0]
 
 
 def family(spec: ModelSpec) -> Family:

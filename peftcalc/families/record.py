@@ -65,9 +65,10 @@ class Family:
     mlm_head: Callable | None = None  # (rec, spec, layout, sites, x) -> logits: the masked-LM head
     seq_cls_head: Callable | None = None  # (rec, spec, sites, x) -> logits: an encoder's classification head
     # the base model's final norm: "rms", "rms_weight_fp32" (the weight product before the cast back: Olmo2RMSNorm),
-    # "layer", or "pooled" (the pooled token only)
+    # "gemma" (ops.norms.gemma_rms_norm), "layer", or "pooled" (the pooled token only)
     final_norm: str = "layer"
-    buffer_bytes: Callable | None = None  # (spec) -> bytes of the registered buffers (model.buffers())
+    buffer_bytes: Callable | None = None  # (spec) -> bytes of the registered buffers (model.buffers()) kept fp32
+    dtype_buffers: int = 0  # elements of registered buffers cast to the model's dtype (Gemma's embed_scale scalar)
     rotary: bool = False  # RoPE: the model's forward makes cos/sin (and cache positions) every layer reads
     rotary_fp32: bool = False  # its cos/sin stay fp32 whatever the hidden states' dtype (Olmo2RotaryEmbedding)
     passes_position_ids: bool = False  # the model passes every layer position_ids as a keyword argument
@@ -75,6 +76,10 @@ class Family:
     position_offset: int = 0  # positions a learned table loses (RoBERTa's start after padding_idx)
     position_ids_batched: bool = False  # position_ids are b x seq, apart from the indices a position table saves (OPT)
     prefix_kv_dim: bool = False  # peft sizes prefix tuning's keys by num_key_value_heads (GQA configs)
+    # the attention implementations transformers builds the model with, its default first: "sdpa" asked of a
+    # family without it runs the default (families.attention_for; Gemma 2: eager only, _supports_sdpa False)
+    attentions: tuple = ("sdpa", "eager")
+    rotary_per_layer_type: bool = False  # one RoPE cos/sin per layer type (Gemma 3's local and global bases)
 
 
 def config_dropout(spec: ModelSpec, tables: dict, where: str) -> float:

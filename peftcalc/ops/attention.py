@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from peftcalc.backward import GRAD
 from peftcalc.ops.context import StepContext
+from peftcalc.ops.nonlinear import tanh
 from peftcalc.ops.recorder import Recorder, SymTensor, input_grads
 from peftcalc.ops.tensor_ops import autocast_in, cast, dropout, promote, scale
 from peftcalc.settings import DTYPE_BYTES
@@ -14,6 +15,7 @@ from peftcalc.spec import ModelSpec
 __all__ = [
     "attention",
     "layer_windows",
+    "mask_bytes_by_window",
     "math_path",
     "model_masks_bytes",
     "window_mask",
@@ -39,21 +41,31 @@ def window_mask(ctx: StepContext, window: int) -> bool:
 
 
 def model_masks_bytes(spec: ModelSpec, ctx: StepContext) -> int:
-    """The boolean masks the model's forward builds once per mask type and hands every layer of that type
+    """The masks the model's forward builds once per mask type and hands every layer of that type
     (causal_mask_mapping: "full_attention" from create_causal_mask, "sliding_attention" from
-    create_sliding_window_causal_mask), SDPA only: sdpa_mask's mask_function broadcasts the query and key
-    positions to a (1, 1, seq, kv) bool tensor, then ``expand(batch, ...)`` (a view: seq x kv bytes whatever
-    the batch). The full layers' mask exists when prefix tuning's past keys make kv != seq; the sliding
-    layers' then too, or when window_mask says so. Eager attention's masks (eager_mask: the same where()
-    to a float mask for every layer type) are counted alike, only with prefix tuning's keys (traced)."""
-    windows = set(layer_windows(spec))
-    full = 0 in windows and ctx.kv_seq != ctx.seq
-    sliding = any(window_mask(ctx, w) or (w and ctx.kv_seq != ctx.seq) for w in windows)
-    return (int(full) + int(sliding)) * ctx.seq * ctx.kv_seq
+    create_sliding_window_causal_mask): the sum of mask_bytes_by_window."""
+    return sum(mask_bytes_by_window(spec, ctx).values())
+
+
+def mask_bytes_by_window(spec: ModelSpec, ctx: StepContext) -> dict:
+    """Per layer type (its window, 0: full attention), the bytes of the mask the model's forward builds for it.
+    SDPA: sdpa_mask's mask_function broadcasts the query and key positions to a (1, 1, seq, kv) bool tensor,
+    then ``expand(batch, ...)`` (a view: seq x kv bytes whatever the batch); the full layers' mask exists when
+    prefix tuning's past keys make kv != seq, the sliding layers' then too or when window_mask says so. Eager:
+    eager_mask always builds it and turns it into a float mask, ``torch.where(mask, 0, min)`` on the expanded
+    view, a (batch, 1, seq, kv) tensor in inputs_embeds' dtype."""
+    out = {}
+    for w in set(layer_windows(spec)):
+        if ctx.attention == "eager":
+            out[w] = ctx.batch * ctx.seq * ctx.kv_seq * DTYPE_BYTES[ctx.weight_dtype]
+        elif ctx.kv_seq != ctx.seq or window_mask(ctx, w):
+            out[w] = ctx.seq * ctx.kv_seq
+    return out
 
 
 def attention(rec: Recorder, spec: ModelSpec, q: SymTensor, k: SymTensor, v: SymTensor, p_drop: float, tag: str, hold: int = 0,
-              cross: bool = False, replaced: tuple = (), fp32_softmax: bool = False, window: int = 0) -> SymTensor:
+              cross: bool = False, replaced: tuple = (), fp32_softmax: bool = False, window: int = 0,
+              softcap: float = 0.0) -> SymTensor:
     """Scaled dot-product attention over heads.
 
     sdpa (torch.nn.functional.scaled_dot_product_attention): the fused kernels (flash/memory-efficient
@@ -70,13 +82,14 @@ def attention(rec: Recorder, spec: ModelSpec, q: SymTensor, k: SymTensor, v: Sym
     `fp32_softmax`: eager attention's softmax runs in fp32 (modeling_llama.py eager_attention_forward and
     the ViT/CLIP/OPT copies); GPT-2/BERT/RoBERTa and BLIP-2's own take it in the scores' dtype.
     `window`: the layer's sliding window (0: none); with an explicit mask (window_mask) SDPA runs as with
-    prefix tuning's mask below, without the cache.
+    prefix tuning's mask below, without the cache. `softcap`: Gemma 2's soft-capping of the eager scores
+    (modeling_gemma2.py eager_attention_forward: / softcap, tanh, * softcap; 0: none).
     """
     ctx = rec.ctx
     b, s, kv = ctx.batch, ctx.seq, ctx.kv_seq
     prefix = kv != s and not cross
     if not prefix and not (window_mask(ctx, window) and not cross):
-        return _attend(rec, spec, q, k, v, p_drop, tag, hold, False, fp32_softmax)
+        return _attend(rec, spec, q, k, v, p_drop, tag, hold, False, fp32_softmax, softcap=softcap)
     # an explicit mask: prefix tuning's cache update concatenates the trainable past keys/values, and the
     # causal mask cannot be skipped; a sliding window's mask is built from the window on. Transformers
     # (sdpa_attention_forward: use_gqa_in_sdpa is False with a mask) then repeats keys/values to every head
@@ -89,13 +102,18 @@ def attention(rec: Recorder, spec: ModelSpec, q: SymTensor, k: SymTensor, v: Sym
         kc, vc = k, v
     kr, vr = _repeat_kv(rec, spec, kc), _repeat_kv(rec, spec, vc)
     cpu_math = p_drop > 0 and ctx.device == "cpu" and ctx.training_dropout
+    float_mask = None
     if ctx.attention != "eager" and not cpu_math:  # eager and the math path add it to the scores
-        rec.save_new(b * s * kv, ctx.autocast or q.dtype, f"{tag}.attn_mask")  # in SDPA's (autocast) query dtype
+        # in SDPA's (autocast) query dtype, saved where the kernel's node exists
+        float_mask = rec.new(b * s * kv, ctx.autocast or q.dtype, False)
+        if q.requires_grad or kr.requires_grad or vr.requires_grad:
+            rec.save(float_mask, f"{tag}.attn_mask")
     # the values bmm gets on the math path are contiguous as (b, heads, s, d) where the cache concatenated them
     # or repeat_kv copied them, not where repeat_kv's reshape is a view (a single key/value head) or no-op
     single_kv = spec.num_kv_heads == 1 and spec.num_heads > 1
     v_contiguous = not single_kv and (prefix or spec.num_heads > spec.num_kv_heads)
-    out = _attend(rec, spec, q, kr, vr, p_drop, tag, hold, True, fp32_softmax, v_contiguous)
+    out = _attend(rec, spec, q, kr, vr, p_drop, tag, hold, True, fp32_softmax, v_contiguous, softcap)
+    rec.free(float_mask)
     for r, c in ((kr, kc), (vr, vc)):
         if r is not c:
             rec.free(r)
@@ -103,7 +121,7 @@ def attention(rec: Recorder, spec: ModelSpec, q: SymTensor, k: SymTensor, v: Sym
 
 
 def _attend(rec: Recorder, spec: ModelSpec, q: SymTensor, k: SymTensor, v: SymTensor, p_drop: float, tag: str, hold: int,
-            explicit_mask: bool, fp32_softmax: bool, v_contiguous: bool = False) -> SymTensor:
+            explicit_mask: bool, fp32_softmax: bool, v_contiguous: bool = False, softcap: float = 0.0) -> SymTensor:
     """The attention kernel transformers' attention interface runs (see attention); `explicit_mask`: keys
     and values come repeated to every head, `v_contiguous`: the values laid out as (b, heads, s, d)."""
     ctx = rec.ctx
@@ -112,7 +130,7 @@ def _attend(rec: Recorder, spec: ModelSpec, q: SymTensor, k: SymTensor, v: SymTe
     needs = q.requires_grad or k.requires_grad or v.requires_grad
     out_numel = b * s * spec.q_dim
     if ctx.attention == "eager":
-        return _eager_attention(rec, spec, q, k, v, p_drop, explicit_mask, tag, fp32_softmax)
+        return _eager_attention(rec, spec, q, k, v, p_drop, explicit_mask, tag, fp32_softmax, softcap)
     # SDPA is on autocast's lower-precision list: it casts RoPE's wider q, k back, and the q, k, v a QLoRA
     # layer returns in the stream's dtype (bitsandbytes Linear4bit.forward's .to(inp_dtype)), before any
     # kernel (the CPU math path then upcasts the copies)
@@ -270,8 +288,9 @@ def _bmm_reshape_copies(batch: int, heads: int) -> bool:
 
 
 def _eager_attention(rec: Recorder, spec: ModelSpec, q: SymTensor, k: SymTensor, v: SymTensor, p_drop: float, explicit_mask: bool,
-                     tag: str, fp32_softmax: bool) -> SymTensor:
-    """transformers eager_attention_forward: repeat_kv, matmul(q, k^T) * scaling (+ mask), softmax
+                     tag: str, fp32_softmax: bool, softcap: float = 0.0) -> SymTensor:
+    """transformers eager_attention_forward: repeat_kv, matmul(q, k^T) * scaling (Gemma 2: / softcap, tanh,
+    * softcap; tanh saves its output), (+ mask), softmax
     (fp32 for the Llama family and the vision towers), .to(q dtype), dropout, matmul with v, then
     transpose(1, 2).contiguous()."""
     ctx = rec.ctx
@@ -291,6 +310,13 @@ def _eager_attention(rec: Recorder, spec: ModelSpec, q: SymTensor, k: SymTensor,
     rec.node(raw, *input_grads(qi, ki), saved=saved1)
     scores = scale(rec, raw)
     rec.free(raw)
+    if softcap:
+        capped = scale(rec, scores)  # attn_weights / softcap
+        rec.free(scores)
+        t = tanh(rec, capped, f"{tag}.softcap_tanh")
+        rec.free(capped)
+        scores = scale(rec, t)  # * softcap (tanh saved its output)
+        rec.free(t)
     if fp32_softmax:  # softmax(..., dtype=float32).to(query.dtype)
         softmax = rec.new(b * heads * s * kv, "float32", qk_rg)
     else:  # softmax(attn_weights, dim=-1) in the scores' dtype

@@ -10,6 +10,7 @@ from peftcalc.ops.tensor_ops import cast
 from peftcalc.settings import DTYPE_BYTES
 
 __all__ = [
+    "gemma_rms_norm",
     "layer_norm",
     "layer_norm_stats_dtype",
     "rms_norm",
@@ -69,6 +70,64 @@ def rms_norm(rec: Recorder, x: SymTensor, weight_trainable: bool, tag: str, dim:
     if out is not product:
         rec.free(product)
     rec.free(normed, h, m)
+    return out
+
+
+def gemma_rms_norm(rec: Recorder, x: SymTensor, weight_trainable: bool, tag: str, dim: int) -> SymTensor:
+    """Gemma2RMSNorm / Gemma3RMSNorm.forward (modeling_gemma2.py, modeling_gemma3.py) over the last `dim`
+    values: ``output = self._norm(x.float()); output = output * (1.0 + self.weight.float());
+    return output.type_as(x)``, with ``_norm(x) = x * rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)`` one
+    expression (each temporary dropped as the next op is made, unlike LlamaRMSNorm's named variance). The
+    product runs in fp32: it saves the normalized fp32 tensor when the weight trains and the fp32
+    (1 + weight) (a `dim` vector) when the input needs a gradient, and the cast back to x's dtype copies it.
+    Backward: the cast's fp32 gradient, grad * (1 + w) for the input and (grad * h) summed to `dim` for the
+    weight, then the normalization's nodes as rms_norm's."""
+    ctx = rec.ctx
+    rows = x.numel // dim
+    x32 = cast(rec, x, "float32")
+    full, small = x.numel * 4, rows * 4
+    xs = rec.save(x32, f"{tag}.input_fp32") if x.requires_grad else 0
+    p = rec.new(x.numel, "float32", x.requires_grad)  # x.pow(2)
+    m = rec.new(rows, "float32", x.requires_grad)  # .mean(-1, keepdim=True)
+    rec.free(p)
+    ve = rec.new(rows, "float32", x.requires_grad)  # + eps
+    rec.free(m)
+    r = rec.new(rows, "float32", x.requires_grad)  # rsqrt, saves its result
+    rec.free(ve)
+    h = rec.new(x.numel, "float32", x.requires_grad)  # x * rsqrt
+    if x.requires_grad:
+        rec.node(p, [("new", "t", full), ("new", "u", full), ("new", "d", full), ("free", "t"), ("free", "u")],
+                 [(x32.id, "d")], [xs])
+        rec.node(m, [("new", "d", full)], [(p.id, "d")])
+        rec.node(ve, outputs=[(m.id, GRAD)])
+        rid = rec.save(r, f"{tag}.rsqrt")
+        rec.node(r, [("new", "t", small), ("new", "u", small), ("new", "d", small), ("free", "t"), ("free", "u")],
+                 [(ve.id, "d")], [rid])
+        rec.node(h, [("new", "dx", full), ("new", "t", full), ("new", "dr", small), ("free", "t")],
+                 [(x32.id, "dx"), (r.id, "dr")], [xs, rid])
+    rec.free(r)
+    if x32 is not x:
+        rec.free(x32)
+    # self.weight.float() (a copy unless the weight is fp32), then 1.0 + _ (a new fp32 vector)
+    w_bytes = DTYPE_BYTES[ctx.weight_dtype]
+    w32 = rec.new(dim, "float32", weight_trainable) if w_bytes != 4 else None
+    one_plus = rec.new(dim, "float32", weight_trainable)
+    rec.free(w32)
+    saved, steps, outputs = [], [], []
+    if h.requires_grad:
+        saved.append(rec.save(one_plus, f"{tag}.one_plus_weight"))
+        steps.append(("new", "d", full))
+        outputs.append((h.id, "d"))
+    if weight_trainable:
+        saved.append(rec.save(h, f"{tag}.normalized"))
+        steps += [("new", "t", full), ("new", "w", dim * 4), ("free", "t")]
+        steps += [("param", dim * w_bytes), ("free", "w")] if w_bytes != 4 else [("param", dim * 4)]
+    prod = rec.new(x.numel, "float32", h.requires_grad or weight_trainable)
+    rec.node(prod, steps, outputs, saved)
+    rec.free(one_plus, h)
+    out = cast(rec, prod, x.dtype)
+    if out is not prod:
+        rec.free(prod)
     return out
 
 

@@ -10,9 +10,10 @@ from peftcalc.families import family
 from peftcalc.layout import Layout
 from peftcalc.methods.sites import HeadSites, head_linear, param_trains, trained_norm_params
 from peftcalc.ops.linear import linear
-from peftcalc.ops.norms import layer_norm, rms_norm
+from peftcalc.ops.nonlinear import tanh
+from peftcalc.ops.norms import gemma_rms_norm, layer_norm, rms_norm
 from peftcalc.ops.recorder import Recorder, SymTensor
-from peftcalc.ops.tensor_ops import cast, first_token
+from peftcalc.ops.tensor_ops import cast, first_token, scale
 from peftcalc.plan import Plan
 from peftcalc.settings import DTYPE_BYTES
 from peftcalc.spec import ModelSpec
@@ -52,6 +53,8 @@ def final_norm(rec: Recorder, spec: ModelSpec, plan: Plan, layout: Layout, x: Sy
     norm_trains = param_trains(plan, layout.final_norm_path)
     if family(spec).final_norm in ("rms", "rms_weight_fp32"):
         return rms_norm(rec, x, norm_trains, "norm", weight_fp32=family(spec).final_norm == "rms_weight_fp32")
+    if family(spec).final_norm == "gemma":
+        return gemma_rms_norm(rec, x, norm_trains, "norm", spec.hidden_size)
     return layer_norm(rec, x, norm_trains, spec.hidden_size, layout.final_norm_path,
                       trained_norm_params(plan, layout.final_norm_path))
 
@@ -68,7 +71,7 @@ def head_forward(rec: Recorder, spec: ModelSpec, plan: Plan, layout: Layout, x: 
     if spec.task == "causal_lm":
         tied = layout.head_tied_to_embedding and plan.embedding_trains  # its gradient waits for the lookup's
         logits = linear(rec, x, h, spec.vocab_size, param_trains(plan, "lm_head", True) or tied, "lm_head", grad_pending=tied)
-        return tok * spec.vocab_size, x, logits
+        return tok * spec.vocab_size, x, _logit_softcap(rec, spec, logits)
     if spec.task == "masked_lm":  # the family's MLM head (Family.mlm_head)
         return tok * spec.vocab_size, x, family(spec).mlm_head(rec, spec, layout, HeadSites(plan), x)
     if spec.task == "seq_cls" and spec.is_decoder:  # score on every position, then gather the last
@@ -96,6 +99,20 @@ def head_forward(rec: Recorder, spec: ModelSpec, plan: Plan, layout: Layout, x: 
                  [(x32.id, "d")], [xs])
         rec.node(loss, [("new", "d", n)], [(sq.id, "d")])
     return 0, x, loss
+
+
+def _logit_softcap(rec: Recorder, spec: ModelSpec, logits: SymTensor) -> SymTensor:
+    """Gemma2ForCausalLM.forward's final soft-capping when final_logit_softcapping is set: ``logits = logits /
+    cap; logits = torch.tanh(logits); logits = logits * cap``, three logits-sized tensors made one after the
+    other (each input dropped when `logits` is rebound), tanh saving its output; each backward makes a new
+    gradient."""
+    if not spec.final_logit_softcap:
+        return logits
+    for step in ("divide", "tanh", "multiply"):
+        out = tanh(rec, logits, "lm_head.softcap_tanh") if step == "tanh" else scale(rec, logits)
+        rec.free(logits)
+        logits = out
+    return logits
 
 
 def fused_loss_head(rec: Recorder, spec: ModelSpec, plan: Plan, layout: Layout, x: SymTensor) -> SymTensor:

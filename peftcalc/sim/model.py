@@ -9,8 +9,8 @@ from functools import lru_cache
 
 from peftcalc.families import build_layout, dropout_p, family
 from peftcalc.layout import Layout
-from peftcalc.methods.sites import HeadSites, param_trains
-from peftcalc.ops.attention import model_masks_bytes
+from peftcalc.methods.sites import HeadSites, layer_trainings, param_trains
+from peftcalc.ops.attention import layer_windows, mask_bytes_by_window, model_masks_bytes
 from peftcalc.ops.context import StepContext
 from peftcalc.ops.recorder import Recorder, SymTensor
 from peftcalc.plan import Plan
@@ -67,13 +67,14 @@ def model_profile(plan: Plan, t: TrainingSettings, checkpointed: tuple) -> Activ
         # arange of the virtual tokens peft keeps, is what the prompt encoder's embedding saves
         rec.save_new(plan.settings.num_virtual_tokens, "int64", "prompt_encoder.indices")
     grads_reach_blocks = input_rg or plan.lowest_trainable_layer is not None or plan.settings.method == "prefix"
-    if family(spec).rotary and grads_reach_blocks:
+    saved_types = _rotary_types_saved(spec, plan, layout, input_rg) if grads_reach_blocks else frozenset()
+    if family(spec).rotary and saved_types:
         # LlamaRotaryEmbedding's cos and sin (1 x seq x head_dim, in the hidden states' dtype), shared
-        # by every layer, saved by q * cos and rotate_half(q) * sin
-        rec.save_new(2 * ctx.seq * spec.head_dim, _rotary_dtype(spec, ctx), "rotary.cos_sin")
+        # by every layer (of a type), saved by q * cos and rotate_half(q) * sin
+        rec.save_new(2 * ctx.seq * spec.head_dim * len(saved_types), _rotary_dtype(spec, ctx), "rotary.cos_sin")
     # held while the blocks run: prompt tuning's inputs, the positions and rotary embeddings of the
     # Llama family (what the blocks leave referenced adds up in run_blocks)
-    held = _prompt_inputs_held(spec, plan, ctx) + _positions_held(spec, ctx, grads_reach_blocks)
+    held = _prompt_inputs_held(spec, plan, ctx) + _positions_held(spec, ctx, len(saved_types))
     blocks = run_blocks(rec, spec, plan, layout, ctx, x, held, True, checkpointed, t.checkpoint_reentrant)
     mixed = bool(blocks.kept)
     forward_block = with_final_norm(spec, plan, layout, ctx, _as_kept(blocks) if mixed else blocks, rec.saved_total)
@@ -98,8 +99,8 @@ def model_profile(plan: Plan, t: TrainingSettings, checkpointed: tuple) -> Activ
         pre=by_bucket.get("pre", 0),
         post=by_bucket.get("post", 0),
         checkpoint_inputs=ckpt_inputs,
-        checkpoint_kwargs=0 if (indices and not family(spec).position_ids_batched) or not any(checkpointed)
-        else _checkpointed_layer_positions(spec, ctx, t),
+        checkpoint_kwargs=0 if not any(checkpointed) else _checkpointed_layer_positions(
+            spec, ctx, t, bool(indices) and not family(spec).position_ids_batched),
         input_leaf=leaf,
         forward_checkpoint_inputs=_forward_checkpoint_inputs(spec, ctx, t, per_layer, checkpointed),
         lookup_saved=_lookup_saved(plan, indices),
@@ -124,6 +125,7 @@ def model_profile(plan: Plan, t: TrainingSettings, checkpointed: tuple) -> Activ
         by_tag=tuple(sorted(tags.items())),
         checkpointed=checkpointed,
         reentrant_backward=blocks.reentrant if t.checkpoint_reentrant else (),
+        type_releases=_type_releases(spec, ctx, t, saved_types) if any(checkpointed) else (),
     )
 
 
@@ -173,7 +175,7 @@ def _as_kept(blocks: BlockRun) -> BlockRun:
                    held_after=blocks.mixed_held_after)
 
 
-def _positions_held(spec: ModelSpec, ctx: StepContext, rotary_saved: bool) -> int:
+def _positions_held(spec: ModelSpec, ctx: StepContext, rotary_saved: int) -> int:
     """LlamaModel.forward (Mistral, Qwen2) holds cache_position (int64, one per token of the sequence)
     and the rotary position embeddings (cos, sin: 1 x seq x head_dim each, in the hidden states' dtype)
     while the layers run; cos and sin count as saved where the layers need gradients (activation_profile
@@ -182,8 +184,51 @@ def _positions_held(spec: ModelSpec, ctx: StepContext, rotary_saved: bool) -> in
     held too (ops.attention.model_masks_bytes; traced)."""
     if not family(spec).rotary:
         return 0
-    rotary = 0 if rotary_saved else 2 * ctx.seq * spec.head_dim * DTYPE_BYTES[_rotary_dtype(spec, ctx)]
+    rotary = 2 * ctx.seq * spec.head_dim * DTYPE_BYTES[_rotary_dtype(spec, ctx)] * (_rotary_sets(spec) - rotary_saved)
     return ctx.seq * 8 + rotary + model_masks_bytes(spec, ctx)
+
+
+def _type_releases(spec: ModelSpec, ctx: StepContext, t: TrainingSettings, rotary_saved: frozenset) -> tuple:
+    """ActivationProfile.type_releases: for each layer type but block 0's, the lowest layer of that type and
+    what only layers of that type hold through their checkpoints' keyword arguments (modeling_layers.py
+    GradientCheckpointingLayer: ``partial(forward, **kwargs)``, kept by the frame until the layer's backward):
+    its RoPE cos/sin (Gemma 3's position_embeddings[layer_type], when saved) and its mask
+    (attention_mask=causal_mask_mapping[layer_type], when the checkpoints hold kwargs)."""
+    windows = layer_windows(spec)
+    masks = mask_bytes_by_window(spec, ctx) if _checkpointed_layer_positions(spec, ctx, t) else {}
+    rotary = 2 * ctx.seq * spec.head_dim * DTYPE_BYTES[_rotary_dtype(spec, ctx)] if family(spec).rotary_per_layer_type else 0
+    out = []
+    for w in set(windows) - {windows[0]}:
+        out.append((windows.index(w), rotary if w in rotary_saved else 0, masks.get(w, 0)))
+    return tuple(out)
+
+
+_QK = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.q_norm", "self_attn.k_norm")
+
+
+def _rotary_types_saved(spec: ModelSpec, plan: Plan, layout: Layout, input_rg: bool) -> frozenset:
+    """The layer types (their windows) whose RoPE cos/sin some layer saves: RoPE's q * cos saves cos where q (or
+    k) needs a gradient, i.e. where the block's input does (input_rg, above the lowest trainable block, above
+    block 0 with prefix tuning's keys) or its query/key projections or norms train (LoRA, IA3, weights).
+    One set for the families with a single RoPE (saved as soon as gradients reach the blocks)."""
+    windows = layer_windows(spec)
+    if not family(spec).rotary_per_layer_type:
+        return frozenset({windows[0]})
+    low = plan.lowest_trainable_layer
+    saved = set()
+    for i, training in enumerate(layer_trainings(plan, layout)):
+        own = training.trainable | training.lora | training.ia3_out | training.norm_trainable
+        if (input_rg or (low is not None and i > low) or (plan.settings.method == "prefix" and i > 0)
+                or any(n in own for n in _QK)):
+            saved.add(windows[i])
+    return frozenset(saved)
+
+
+def _rotary_sets(spec: ModelSpec) -> int:
+    """How many RoPE cos/sin pairs the model's forward makes: one, or one per layer type where each type has
+    its own base (Family.rotary_per_layer_type; Gemma3TextModel.forward: ``for layer_type in
+    set(self.config.layer_types)``)."""
+    return len(set(layer_windows(spec))) if family(spec).rotary_per_layer_type else 1
 
 
 def _rotary_dtype(spec: ModelSpec, ctx: StepContext) -> str:
@@ -228,7 +273,7 @@ def _forward_checkpoint_inputs(spec: ModelSpec, ctx: StepContext, t: TrainingSet
     return wrapped * ctx.tokens * spec.hidden_size * DTYPE_BYTES[ctx.weight_dtype]
 
 
-def _checkpointed_layer_positions(spec: ModelSpec, ctx: StepContext, t: TrainingSettings) -> int:
+def _checkpointed_layer_positions(spec: ModelSpec, ctx: StepContext, t: TrainingSettings, indices_saved: bool = False) -> int:
     """Under gradient checkpointing transformers' GradientCheckpointingLayer (modeling_layers.py)
     checkpoints ``partial(forward, self, **kwargs)``, and torch.utils.checkpoint's frame keeps that
     function to recompute the layer (``_CheckpointFrame.recompute_fn``) until the layer's backward has
@@ -243,7 +288,10 @@ def _checkpointed_layer_positions(spec: ModelSpec, ctx: StepContext, t: Training
     window's 4,096 x 4,096 bool mask, 'other', at backward:layer31's peak)."""
     if not t.grad_checkpointing or not family(spec).passes_position_ids:
         return 0
-    return (ctx.tokens if family(spec).position_ids_batched else ctx.seq) * 8 + model_masks_bytes(spec, ctx)
+    # (where an embedding saves its indices, GPT-2's wpe, the positions are counted there; the masks are not:
+    # traced, fake tiny-gpt2 full eager with checkpointing, the (2, 1, 32, 32) float mask at the peak)
+    positions = 0 if indices_saved else (ctx.tokens if family(spec).position_ids_batched else ctx.seq) * 8
+    return positions + model_masks_bytes(spec, ctx)
 
 
 def _prompt_inputs_held(spec: ModelSpec, plan: Plan, ctx: StepContext) -> int:

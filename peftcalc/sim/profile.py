@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from peftcalc.backward import BackwardPeak
+from peftcalc.families import attention_for
 from peftcalc.ops.context import StepContext
 from peftcalc.plan import Plan
 from peftcalc.settings import TrainingSettings
@@ -60,6 +61,9 @@ class ActivationProfile:
     lookup_saved: int | None = None
     checkpointed: tuple = ()  # per layer: whether gradient checkpointing wraps it (peftcalc.checkpointing)
     reentrant_backward: tuple = ()  # per layer: the peak of its reentrant checkpoint's backward (reentrant_block_peak)
+    # under checkpointing, what a layer type's keyword arguments hold (its RoPE cos/sin, counted in `pre`, and its
+    # mask, in checkpoint_kwargs) goes once the lowest layer of that type is done: (layer, pre bytes, kwargs bytes)
+    type_releases: tuple = ()
 
     @property
     def saved_total(self) -> int:
@@ -98,7 +102,7 @@ def make_ctx(spec: ModelSpec, plan: Plan, t: TrainingSettings) -> StepContext:
         autocast=t.autocast_dtype,
         adapter_dtype=adapter,
         device=t.device,
-        attention=t.attention,
+        attention=attention_for(spec, t.attention),
         quant_compute=t.compute_dtype if method == "qlora" else "",
         quant_source=t.weight_dtype if method == "qlora" else "",
         quant_nested=method == "qlora" and plan.settings.double_quant,
