@@ -5,6 +5,7 @@ Modules, each importing only those listed before it (no cycles, function-level i
 
     tracer    live-storage tracing (StorageTracer) and the tensors of each category
     adapters  bottleneck adapters (Houlsby, Pfeiffer, the block adapter)
+    generic   specs and method masks of families peftcalc does not model (the traced route)
     build     the real model a spec and a method describe (transformers + peft)
     fake      the same model made of fake tensors
     setup     a run's settings check, precision policy, model on its device, optimizer, batch, loss
@@ -12,6 +13,7 @@ Modules, each importing only those listed before it (no cycles, function-level i
     record    a row's settings, key, prediction, environment, JSON line and text
     run       measure_one: one run from settings to row
     matrix    TOML matrices expanded into runs; run_matrix appends a row per run
+    traced    traced_estimate: estimate()'s figures from a trace on fake tensors (peftcalc estimate --trace)
 """
 
 import logging

@@ -16,6 +16,7 @@ import torch
 import transformers
 
 from measure.adapters import add_bottleneck_adapters
+from measure.generic import apply_generic_method, is_unmodelled
 from peftcalc.methods import (
     IA3_DEFAULT_TARGETS,
     LORA_DEFAULT_TARGETS,
@@ -26,6 +27,7 @@ from peftcalc.methods import (
     resolve_adapter_kind,
     resolve_bottleneck,
 )
+from peftcalc.errors import InputError
 from peftcalc.spec import AUTO_CLASS, ModelSpec, transformers_config_kwargs
 
 __all__ = [
@@ -98,6 +100,8 @@ def apply_method(model, spec: ModelSpec, settings: MethodSettings):
     method = settings.method
     if method in ("lora", "qlora", "ia3", "prefix", "prompt"):
         return _apply_peft(model, spec, settings)
+    if is_unmodelled(spec):  # no Family record: masks read from the model itself (measure.generic)
+        return apply_generic_method(model, spec, settings)
     plan = make_plan(spec, settings)
     if method == "adapter":
         add_bottleneck_adapters(model, spec, resolve_adapter_kind(spec, settings), resolve_bottleneck(spec, settings))
@@ -112,6 +116,8 @@ def _peft_targets(spec: ModelSpec, settings: MethodSettings):
         return "all-linear"
     if settings.targets is not None:
         return list(settings.targets)
+    if is_unmodelled(spec):  # peft's own default for the model_type (peft utils/constants.py mappings)
+        return None
     defaults = IA3_DEFAULT_TARGETS[spec.model_type][0] if settings.method == "ia3" else LORA_DEFAULT_TARGETS[spec.model_type]
     return list(defaults)
 
@@ -135,7 +141,10 @@ def peft_config(spec: ModelSpec, settings: MethodSettings):
         )
     if method == "ia3":
         targets = _peft_targets(spec, settings)
-        feedforward = list(IA3_DEFAULT_TARGETS[spec.model_type][1]) if settings.targets is None else []
+        if is_unmodelled(spec) and settings.targets is None:
+            feedforward = None  # peft's own default feed-forward modules, with its default targets
+        else:
+            feedforward = list(IA3_DEFAULT_TARGETS[spec.model_type][1]) if settings.targets is None else []
         return peft.IA3Config(target_modules=targets, feedforward_modules=feedforward, task_type=task_type)
     if method == "prefix":
         return peft.PrefixTuningConfig(num_virtual_tokens=settings.num_virtual_tokens, task_type=task_type)
@@ -172,7 +181,14 @@ def vlm_lora_config(spec: ModelSpec, settings: MethodSettings):
 def _apply_peft(model, spec: ModelSpec, settings: MethodSettings):
     import peft
 
-    model = peft.get_peft_model(model, peft_config(spec, settings))
+    try:
+        model = peft.get_peft_model(model, peft_config(spec, settings))
+    except ValueError as exc:  # peft has no default targets for the model_type (an unmodelled family)
+        if not (is_unmodelled(spec) and settings.targets is None and "target_modules" in str(exc)):
+            raise
+        raise InputError(f"peft has no default {settings.method} target modules for model_type "
+                         f"'{spec.model_type}'; name them with --targets (e.g. --targets q_proj,v_proj, "
+                         "or all-linear)") from None
     if settings.vision_layers:  # unfrozen vision layers train in place (requires_grad), as the LLaVA scripts do
         trainable = {g.name for g in make_plan(spec, settings).groups if g.trainable and g.origin == "base"}
         for name, param in model.named_parameters():

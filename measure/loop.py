@@ -16,10 +16,11 @@ import time
 import torch
 
 from measure.build import count_logical_params
-from measure.setup import autocast_context, forward_loss, make_batch, make_optimizer, prepare_for_training
+from measure.setup import autocast_context, forward_loss, make_batch, make_optimizer, model_loss, prepare_for_training
 from measure.tracer import StorageTracer, gradient_tensors, model_state_tensors, optimizer_state_tensors
 
-__all__ = ["PHASES", "TOP_K", "CudaMeter", "TracerMeter", "run_cuda", "run_steps", "run_traced", "train_step"]
+__all__ = ["PHASES", "TOP_K", "CudaMeter", "TracerMeter", "paged_state_bytes", "phase_key", "run_cuda", "run_steps",
+           "run_traced", "train_step"]
 
 PHASES = ("forward", "backward", "optimizer")
 TOP_K = 8
@@ -50,10 +51,11 @@ class TracerMeter:
     def start_step(self) -> None:
         self.tracer.reset_peak()
         self._phases: dict[str, dict] = {}
-        self._peak = (-1, 0, "")
+        self._peak = (-1, 0, "", None)
 
     @contextlib.contextmanager
-    def phase(self, name: str):
+    def phase(self, name: str, micro_batch: int | None = None):
+        key = phase_key(name, micro_batch)
         with self.tracer.phase(name) as stats:
             if name == "forward":
                 with self.tracer.saving():
@@ -63,11 +65,11 @@ class TracerMeter:
                     yield
             else:
                 yield
-        self._phases[name] = {"start_bytes": stats.start_bytes, "end_bytes": stats.end_bytes,
-                              "peak_bytes": stats.peak_bytes, "_seq": stats.peak_seq}
+        self._phases[key] = {"start_bytes": stats.start_bytes, "end_bytes": stats.end_bytes,
+                             "peak_bytes": stats.peak_bytes, "_seq": stats.peak_seq}
         if stats.peak_bytes > self._peak[0]:  # strictly: on a tie the earlier phase is the peak's phase,
             # as in the calculator (peftcalc.memory.peak_event)
-            self._peak = (stats.peak_bytes, stats.peak_seq, name)
+            self._peak = (stats.peak_bytes, stats.peak_seq, name, micro_batch)
 
     def mark_gradients(self, model) -> None:
         self.tracer.mark(gradient_tensors(model), "gradients")
@@ -76,9 +78,12 @@ class TracerMeter:
         self.tracer.mark(optimizer_state_tensors(optimizer), "optimizer_state")
 
     def end_step(self) -> dict:
-        peak, seq, phase = self._peak
+        peak, seq, phase, micro_batch = self._peak
         self.step_peaks.append((seq, phase))
-        return {"peak_bytes": peak, "peak_phase": phase, "phases": self._phases}
+        summary = {"peak_bytes": peak, "peak_phase": phase, "phases": self._phases}
+        if micro_batch is not None:
+            summary["peak_micro_batch"] = micro_batch
+        return summary
 
     def details(self, steps: list[dict]) -> dict:
         """Categories at each step's peak and at each phase peak of the last step; top tensors and
@@ -111,15 +116,15 @@ class CudaMeter:
         self._phases = {}
 
     @contextlib.contextmanager
-    def phase(self, name: str):
+    def phase(self, name: str, micro_batch: int | None = None):
         torch.cuda.synchronize()
         start = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
         yield
         torch.cuda.synchronize()
-        self._phases[name] = {"start_bytes": start, "end_bytes": torch.cuda.memory_allocated(),
-                              "peak_bytes": torch.cuda.max_memory_allocated(),
-                              "reserved_peak_bytes": torch.cuda.max_memory_reserved()}
+        self._phases[phase_key(name, micro_batch)] = {
+            "start_bytes": start, "end_bytes": torch.cuda.memory_allocated(),
+            "peak_bytes": torch.cuda.max_memory_allocated(), "reserved_peak_bytes": torch.cuda.max_memory_reserved()}
 
     def mark_gradients(self, model) -> None:
         pass
@@ -129,27 +134,57 @@ class CudaMeter:
 
     def end_step(self) -> dict:
         # max() keeps the first of equal peaks: the earlier phase, as peftcalc.memory.peak_event does
-        name, peak = max(self._phases.items(), key=lambda kv: kv[1]["peak_bytes"])
+        key, peak = max(self._phases.items(), key=lambda kv: kv[1]["peak_bytes"])
         reserved = max(p["reserved_peak_bytes"] for p in self._phases.values())
-        return {"peak_bytes": peak["peak_bytes"], "peak_phase": name, "reserved_peak_bytes": reserved,
-                "phases": self._phases}
+        name, _, micro_batch = key.partition("@")
+        summary = {"peak_bytes": peak["peak_bytes"], "peak_phase": name, "reserved_peak_bytes": reserved,
+                   "phases": self._phases}
+        if micro_batch:
+            summary["peak_micro_batch"] = int(micro_batch)
+        return summary
+
+
+def phase_key(name: str, micro_batch: int | None) -> str:
+    """A phase's key among a step's phases: its name, 'forward@2' for micro-batch 2 of a gradient-accumulation
+    step (micro_batch None: one micro-batch, or the optimizer step)."""
+    return name if micro_batch is None else f"{name}@{micro_batch}"
 
 
 # -- the step -------------------------------------------------------------------------------
 
 
-def train_step(model, spec, batch, optimizer, policy, device, meter, scaler=None) -> dict:
-    """One training step in phases: forward (+loss), backward, optimizer step and zero_grad."""
+def train_step(model, spec, batch, optimizer, policy, device, meter, scaler=None, recipe=None) -> dict:
+    """One optimizer step in phases: `recipe.grad_accum` micro-batches of forward (+loss) and backward
+    (each adds into the .grad the micro-batch before left: AccumulateGrad), then the optimizer step and
+    zero_grad(set_to_none=True), as the HF Trainer's _inner_training_loop runs them. The micro-batches reuse
+    one batch (memory depends on its shapes only). keep_outputs: the model outputs stay referenced until
+    backward returns (``outputs = model(**batch); outputs.loss.backward()``)."""
+    accum = recipe.grad_accum if recipe is not None else 1
+    keep = recipe is not None and recipe.keep_outputs
     meter.start_step()
     start = time.perf_counter()
-    with meter.phase("forward"):
-        with autocast_context(policy, device):
-            loss = forward_loss(model, spec, batch)
-    with meter.phase("backward"):
-        (scaler.scale(loss) if scaler is not None else loss).backward()
-        del loss
-    meter.mark_gradients(model)
+    for k in range(1, accum + 1):
+        micro_batch = k if accum > 1 else None
+        with meter.phase("forward", micro_batch):
+            with autocast_context(policy, device):
+                if recipe is not None and (keep or recipe.loss != "hf"):
+                    loss, outputs = model_loss(model, spec, batch, recipe.loss, recipe.loss_chunks)
+                    outputs = outputs if keep else None
+                else:
+                    loss, outputs = forward_loss(model, spec, batch), None
+        with meter.phase("backward", micro_batch):
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+            del loss, outputs
+        meter.mark_gradients(model)
     with meter.phase("optimizer"):
+        grad_norm = None
+        if recipe is not None and recipe.max_grad_norm is not None:
+            if scaler is not None:  # the gradients are clipped unscaled (torch.amp GradScaler docs)
+                scaler.unscale_(optimizer)
+            # transformers Trainer._inner_training_loop: grad_norm = self._clip_grad_norm(model) ->
+            # accelerator.clip_grad_norm_ -> torch.nn.utils.clip_grad_norm_; the norm it returns is kept
+            # through optimizer.step()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.max_grad_norm)
         if scaler is not None:
             scaler.step(optimizer)
             scaler.update()
@@ -157,6 +192,7 @@ def train_step(model, spec, batch, optimizer, policy, device, meter, scaler=None
             optimizer.step()
         meter.mark_optimizer(optimizer)
         optimizer.zero_grad(set_to_none=True)
+        del grad_norm
     if device == "cuda":
         torch.cuda.synchronize()
     summary = meter.end_step()
@@ -164,10 +200,10 @@ def train_step(model, spec, batch, optimizer, policy, device, meter, scaler=None
     return summary
 
 
-def run_steps(model, spec, batch, optimizer, policy, device, meter, steps: int, scaler=None) -> list[dict]:
+def run_steps(model, spec, batch, optimizer, policy, device, meter, steps: int, scaler=None, recipe=None) -> list[dict]:
     results = []
     for i in range(steps):
-        summary = train_step(model, spec, batch, optimizer, policy, device, meter, scaler)
+        summary = train_step(model, spec, batch, optimizer, policy, device, meter, scaler, recipe)
         results.append({"step": i + 1, **summary})
     return results
 
@@ -194,7 +230,7 @@ def run_traced(model, spec, training, device, steps, policy, mode_ctx) -> dict:
         meter.register(model, batch)
         load_bytes = tracer.live_bytes
         optimizer = make_optimizer(training.optimizer, [p for p in model.parameters() if p.requires_grad])
-        step_rows = run_steps(model, spec, batch, optimizer, policy, device, meter, steps)
+        step_rows = run_steps(model, spec, batch, optimizer, policy, device, meter, steps, recipe=training)
     measured = _measured(step_rows, meter.source, model_bytes, load_bytes)
     measured.update(meter.details(step_rows))
     _drop_private(step_rows)
@@ -213,22 +249,25 @@ def run_cuda(model, spec, training, steps, policy, trace_cuda) -> dict:
     optimizer = make_optimizer(training.optimizer, [p for p in model.parameters() if p.requires_grad])
     scaler = torch.amp.GradScaler("cuda") if policy.grad_scaler else None
     t0 = time.perf_counter()
-    step_rows = run_steps(model, spec, batch, optimizer, policy, "cuda", meter, steps, scaler)
+    step_rows = run_steps(model, spec, batch, optimizer, policy, "cuda", meter, steps, scaler, training)
     measured = _measured(step_rows, meter.source, model_bytes, load_bytes)
     measured["reserved_peak_bytes"] = step_rows[-1]["reserved_peak_bytes"]
+    paged = paged_state_bytes(optimizer)
+    if paged:  # bitsandbytes paged optimizers: outside the caching allocator (peftcalc Memory.paged_bytes)
+        measured["paged_bytes"] = paged
     measured["step1_reserved_peak_bytes"] = step_rows[0]["reserved_peak_bytes"]
     timing = {"steps_s": round(time.perf_counter() - t0, 3), "step_time_s": [s["time_s"] for s in step_rows]}
     if trace_cuda:
-        measured["tracer"] = _trace_one_cuda_step(model, spec, batch, optimizer, policy, scaler)
+        measured["tracer"] = _trace_one_cuda_step(model, spec, batch, optimizer, policy, scaler, training)
     return {"params": params, "measured": measured, "harness_notes": notes, "timing": timing}
 
 
-def _trace_one_cuda_step(model, spec, batch, optimizer, policy, scaler) -> dict:
+def _trace_one_cuda_step(model, spec, batch, optimizer, policy, scaler, training) -> dict:
     tracer = StorageTracer()
     meter = TracerMeter(tracer)
     with tracer:
         meter.register(model, batch, optimizer)
-        rows = run_steps(model, spec, batch, optimizer, policy, "cuda", meter, 1, scaler)
+        rows = run_steps(model, spec, batch, optimizer, policy, "cuda", meter, 1, scaler, training)
     details = meter.details(rows)
     details.pop("step1_categories_at_peak")
     _drop_private(rows)
@@ -236,9 +275,16 @@ def _trace_one_cuda_step(model, spec, batch, optimizer, policy, scaler) -> dict:
             "phases": rows[0]["phases"], **details}
 
 
+def paged_state_bytes(optimizer) -> int:
+    """Bytes of the optimizer's state tensors in CUDA unified memory: bitsandbytes functional.get_paged
+    marks each buffer it makes with ``is_paged = True`` (optim/optimizer.py get_state_buffer)."""
+    return sum(t.nbytes for state in optimizer.state.values() for t in state.values()
+               if isinstance(t, torch.Tensor) and getattr(t, "is_paged", False))
+
+
 def _measured(step_rows: list[dict], source: str, model_bytes: int, load_bytes: int) -> dict:
     first, last = step_rows[0], step_rows[-1]
-    return {
+    measured = {
         "source": source,
         "peak_bytes": last["peak_bytes"],
         "peak_phase": last["peak_phase"],
@@ -248,6 +294,9 @@ def _measured(step_rows: list[dict], source: str, model_bytes: int, load_bytes: 
         "load_bytes": load_bytes,
         "steps": step_rows,
     }
+    if "peak_micro_batch" in last:  # gradient accumulation: the micro-batch of the steady-state peak
+        measured["peak_micro_batch"] = last["peak_micro_batch"]
+    return measured
 
 
 def _drop_private(step_rows: list[dict]) -> None:

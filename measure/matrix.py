@@ -58,7 +58,7 @@ from peftcalc.config import load_spec
 from peftcalc.spec import ModelSpec
 
 __all__ = [
-    "BOOL_KEYS", "INT_KEYS", "MATRICES_DIR", "METHOD_KEYS", "ROW_KEYS", "ROW_TIMEOUT_S", "RUN_DEFAULTS",
+    "BOOL_KEYS", "FLOAT_KEYS", "INT_KEYS", "MATRICES_DIR", "METHOD_KEYS", "ROW_KEYS", "ROW_TIMEOUT_S", "RUN_DEFAULTS",
     "RUN_KEYS", "STR_KEYS", "TABLE_AXES", "TOP_KEYS", "TRAINING_KEYS", "VARIANT", "Run", "append_row",
     "done_keys", "drop_torn_tail", "expand_matrix", "failed_row", "grid_rows", "line_of", "load_matrix", "main",
     "measure_in_process", "measure_in_subprocess", "progress_line", "run_from_request", "run_key", "run_matrix", "run_request",
@@ -75,9 +75,11 @@ VARIANT = "variant"
 TABLE_AXES = (VARIANT, "shape")  # axes whose entries are tables of run keys, merged whole
 RUN_DEFAULTS = {"device": "cpu", "steps": 3, "seed": 0, "prepare_kbit": False}
 INT_KEYS = ("steps", "seed", "rank", "alpha", "bottleneck", "num_virtual_tokens", "trainable_layers",
-            "batch_size", "seq_len", "vision_layers", "checkpoint_every")
-BOOL_KEYS = ("prepare_kbit", "dora", "double_quant", "grad_checkpointing", "checkpoint_reentrant")
-STR_KEYS = ("model", "device", "method", "targets", "adapter_kind", "precision", "optimizer", "attention")
+            "batch_size", "seq_len", "vision_layers", "checkpoint_every", "grad_accum", "loss_chunks")
+BOOL_KEYS = ("prepare_kbit", "dora", "double_quant", "grad_checkpointing", "checkpoint_reentrant", "keep_outputs",
+             "offload_activations")
+STR_KEYS = ("model", "device", "method", "targets", "adapter_kind", "precision", "optimizer", "attention", "loss")
+FLOAT_KEYS = ("max_grad_norm",)
 ROW_TIMEOUT_S = 1800
 
 
@@ -167,11 +169,14 @@ def _check_keys(data: dict, path: str, text: str) -> None:
 
 
 def _check_value(key: str, value, path: str, text: str) -> None:
-    """Each run key's TOML type: integers, booleans or strings (see INT_KEYS, BOOL_KEYS, STR_KEYS)."""
+    """Each run key's TOML type: integers, booleans, numbers or strings (INT_KEYS, BOOL_KEYS, FLOAT_KEYS,
+    STR_KEYS)."""
     if key in INT_KEYS:
         ok, kind = isinstance(value, int) and not isinstance(value, bool), "an integer"
     elif key in BOOL_KEYS:
         ok, kind = isinstance(value, bool), "true or false"
+    elif key in FLOAT_KEYS:
+        ok, kind = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
     else:
         ok, kind = isinstance(value, str), "a string"
     if not ok:

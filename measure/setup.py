@@ -16,12 +16,13 @@ import torch
 from measure.build import build_model, build_qlora_model
 from peftcalc.errors import InputError
 from peftcalc.methods import MethodSettings, check_combination, make_plan
-from peftcalc.settings import TrainingSettings, check_training
+from peftcalc.settings import TrainingSettings, check_loss_applies, check_training
+from peftcalc.sim.profile import stream_dtypes
 from peftcalc.spec import ModelSpec
 
 __all__ = [
     "DEVICES", "LOSSES", "Policy", "autocast_context", "build_for_device", "check_run", "forward_loss",
-    "image_token_id", "make_batch", "make_optimizer", "precision_policy", "prepare_for_training",
+    "image_token_id", "make_batch", "make_optimizer", "model_loss", "precision_policy", "prepare_for_training",
     "transformers_model",
 ]
 
@@ -34,6 +35,8 @@ LOSSES = {
     "seq_cls": "model loss, one integer label per sequence",
     "image_cls": "model loss, one integer label per image",
     "base": "last_hidden_state.float().pow(2).mean() (the bare encoder has no head and no loss)",
+    "seq2seq_lm": "model loss, labels=input_ids (the model shifts them right into decoder_input_ids; "
+                  "encoder and decoder see the same length)",
     "image_text_to_text": "model loss, labels=input_ids over image + text tokens (ForCausalLMLoss); one random "
                           "image per sample, its image_tokens placeholder ids first",
 }
@@ -77,6 +80,9 @@ def check_run(spec: ModelSpec, method: MethodSettings, training: TrainingSetting
     if device == "cuda" and not torch.cuda.is_available():
         raise InputError("device 'cuda' asked for, but torch sees no CUDA device; use --device cpu or fake")
     check_combination(spec, method, training.seq_len, training.grad_checkpointing)
+    check_loss_applies(spec, training, stream_dtypes(make_plan(spec, method), training)[1])
+    if device != "cuda" and training.loss in ("liger", "cce"):
+        raise InputError(f"loss {training.loss} runs Triton kernels on CUDA only; the harness runs it with --device cuda")
 
 
 # -- building ---------------------------------------------------------------------------------
@@ -137,18 +143,25 @@ def prepare_for_training(model, spec: ModelSpec, training: TrainingSettings) -> 
 
 
 def make_optimizer(name: str, params):
-    """torch AdamW (defaults: lr 1e-3, foreach on CUDA); SGD momentum 0.9; bitsandbytes AdamW8bit;
+    """torch AdamW (defaults: lr 1e-3, foreach on CUDA), and fused (torch._fused_adamw_ has CUDA and CPU
+    kernels, and a fake implementation for FakeTensorMode); SGD momentum 0.9; bitsandbytes AdamW8bit;
     transformers Adafactor with its defaults (lr=None, relative_step, scale_parameter, warmup_init
     off)."""
     params = list(params)
     if name == "adamw":
         return torch.optim.AdamW(params)
+    if name == "adamw-fused":  # transformers' adamw_torch_fused: AdamW(..., fused=True)
+        return torch.optim.AdamW(params, fused=True)
     if name == "sgd":
         return torch.optim.SGD(params, lr=1e-3, momentum=0.9)
     if name == "adamw-8bit":
         import bitsandbytes as bnb
 
         return bnb.optim.AdamW8bit(params)
+    if name in ("paged-adamw-8bit", "paged-adamw-32bit"):  # CUDA only (settings.check_training refuses cpu)
+        import bitsandbytes as bnb
+
+        return (bnb.optim.PagedAdamW8bit if name == "paged-adamw-8bit" else bnb.optim.PagedAdamW32bit)(params)
     if name == "adafactor":
         from transformers.optimization import Adafactor
 
@@ -190,7 +203,7 @@ def make_batch(spec: ModelSpec, training: TrainingSettings, device: str, dtype: 
     high = spec.vocab_size - 1 if spec.task == "seq_cls" and spec.is_decoder else spec.vocab_size
     ids = torch.randint(0, high, (b, s), device=device)
     batch = {"input_ids": ids}
-    if spec.task == "causal_lm":
+    if spec.task in ("causal_lm", "seq2seq_lm"):
         batch["labels"] = ids
     elif spec.task == "masked_lm":
         masked = torch.rand(b, s, device=device) < 0.15
@@ -208,10 +221,27 @@ def image_token_id(spec: ModelSpec) -> int:
 def forward_loss(model, spec: ModelSpec, batch: dict) -> torch.Tensor:
     """The loss of one forward pass (see LOSSES). The model outputs are dropped before backward, as
     in transformers ``Trainer.training_step`` (``compute_loss`` returns the loss only)."""
+    return model_loss(model, spec, batch)[0]
+
+
+def model_loss(model, spec: ModelSpec, batch: dict, loss: str = "hf", loss_chunks: int = 8):
+    """(the loss of one forward pass, the model outputs): a caller that keeps the outputs holds them through
+    backward, as a hand-written loop does (``outputs = model(**batch); loss = outputs.loss;
+    loss.backward()``: PEFT's examples, LitGPT); the Trainer drops them (forward_loss). loss "chunked": the
+    model runs without labels and torchtune's chunked cross-entropy runs on its logits
+    (measure.losses.chunked_cross_entropy, on torchtune's shifted labels), the logits dropped after it as
+    torchtune's recipes do (``del logits``) unless the caller keeps the outputs."""
+    if loss == "chunked":
+        from measure.losses import chunked_cross_entropy, torchtune_shifted_labels
+
+        batch = dict(batch)  # torchtune _loss_step: labels popped, the model run, then the labels shifted
+        labels = batch.pop("labels")
+        outputs = model(**batch)
+        value = chunked_cross_entropy(outputs.logits, torchtune_shifted_labels(labels), loss_chunks)
+        return value, outputs
     outputs = model(**batch)
-    if spec.task == "base":
-        return outputs.last_hidden_state.float().pow(2).mean()
-    return outputs.loss
+    value = outputs.last_hidden_state.float().pow(2).mean() if spec.task == "base" else outputs.loss
+    return value, outputs
 
 
 def autocast_context(policy: Policy, device: str):

@@ -17,15 +17,16 @@ from peftcalc.hardware import (
     find_gpu,
     gpu_catalog,
     max_batch_size,
-    peak_tflops,
     step_flops,
+    step_seconds as micro_batch_seconds,
 )
 from peftcalc.memory import ALLOCATOR_SLACK_FRACTION, CUDA_CONTEXT_BYTES, reserved_bytes, timeline
 from peftcalc.model_states import model_states
 from peftcalc.methods import (MethodSettings, Plan, check_applies, check_combination, check_method_values, make_plan, methods_for, normalize_targets, prepare_kbit_default,
                               resolve_adapter_kind)
-from peftcalc.settings import TrainingSettings, check_training
+from peftcalc.settings import DEFAULT_OPTIMIZER, PAGED_OPTIMIZERS, TrainingSettings, check_loss_applies, check_training
 from peftcalc.config import load_spec
+from peftcalc.sim.profile import stream_dtypes
 from peftcalc.spec import ModelSpec
 from peftcalc.storage import full_model_bytes, storage
 
@@ -51,9 +52,17 @@ class Memory:
     peak_phase: str
     components: dict  # name -> bytes at the peak (they sum to peak_bytes)
     step1_peak_bytes: int
-    reserved_bytes: int  # + allocator slack + CUDA context (what nvidia-smi shows)
-    overhead: dict  # what reserved adds: cuda_context, allocator_slack
+    reserved_bytes: int  # + allocator slack + CUDA context (+ paged optimizer states): what nvidia-smi shows
+    overhead: dict  # what reserved adds: cuda_context, allocator_slack, paged_optimizer_states
     events: dict  # phase -> live bytes
+    # gradient accumulation: the micro-batch of the peak (1, or 2 for micro-batches 2..N), None when the peak
+    # is the optimizer step or the step has one micro-batch
+    peak_micro_batch: int | None = None
+    # bitsandbytes paged optimizers: their states in CUDA unified memory (not in peak_bytes, in reserved_bytes)
+    paged_bytes: int = 0
+    # what the harness can only run on CUDA and no CPU trace has measured ("liger" and "cce" losses,
+    # paged optimizers): "modelled, not traced"; else "traced"
+    traced: str = "traced"
 
 
 @dataclass(frozen=True)
@@ -62,7 +71,7 @@ class GpuFit:
     memory_bytes: int
     fits: bool
     headroom_bytes: int
-    max_batch_size: int
+    max_batch_size: int | None  # None on a traced estimate (one batch size traced)
     step_seconds: float
     epoch_hours: float
     epoch_cost_usd: float
@@ -105,6 +114,8 @@ class Estimate:
     cost: Cost | None
     storage: StorageInfo
     image_tokens: int = 0  # a VLM: tokens one image adds to the language model's sequence (BLIP-2: its queries)
+    estimated_by: str = "modelled"  # "modelled" (this calculator) or "traced" (the harness on fake tensors)
+    trace: dict | None = None  # a traced estimate: how it was traced (measure.traced.traced_estimate)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -154,10 +165,20 @@ def _linear_in_batch(plan: Plan, t: TrainingSettings) -> tuple[dict, dict]:
     return intercept, slope
 
 
+def traced_status(t: TrainingSettings) -> str:
+    """Whether the harness's CPU traces hold the prediction ("traced") or only a CUDA run can
+    ("modelled, not traced": the liger and cce losses run Triton kernels, paged optimizers CUDA unified
+    memory)."""
+    cuda_only = t.loss in ("liger", "cce") or t.optimizer in PAGED_OPTIMIZERS
+    return "modelled, not traced" if cuda_only else "traced"
+
+
 def gpu_max_batch(plan: Plan, t: TrainingSettings, gpu: GPU) -> int:
-    """Largest batch whose reserved memory (allocated peak x (1 + slack) + CUDA context) fits."""
+    """Largest batch whose reserved memory (allocated peak x (1 + slack) + CUDA context + paged optimizer
+    states) fits."""
     intercept, slope = _linear_in_batch(plan, t)
-    usable = (gpu.memory_bytes - CUDA_CONTEXT_BYTES) / (1 + ALLOCATOR_SLACK_FRACTION)
+    paged = model_states(plan, t).paged_states
+    usable = (gpu.memory_bytes - CUDA_CONTEXT_BYTES - paged) / (1 + ALLOCATOR_SLACK_FRACTION)
     return min(max_batch_size(intercept[k], slope[k], usable) for k in intercept)
 
 
@@ -171,9 +192,11 @@ def _tokens_per_sample(plan: Plan, t: TrainingSettings) -> int:
 
 
 def _cost_on(plan: Plan, t: TrainingSettings, gpu: GPU, mfu: float, dataset_tokens: int, price: float | None) -> Cost:
-    flops = step_flops(plan, t, _tokens_per_sample(plan, t)).total
-    tokens_per_step = t.batch_size * _tokens_per_sample(plan, t)
-    step_seconds = flops / (peak_tflops(gpu, t) * 1e12 * mfu)
+    """One optimizer step: grad_accum micro-batches of batch_size samples (their FLOPs and tokens; the
+    optimizer's own element-wise work is not counted, see hardware.step_flops)."""
+    flops = t.grad_accum * step_flops(plan, t, _tokens_per_sample(plan, t)).total
+    tokens_per_step = t.grad_accum * t.batch_size * _tokens_per_sample(plan, t)
+    step_seconds = t.grad_accum * micro_batch_seconds(plan, t, gpu, mfu, _tokens_per_sample(plan, t))
     steps = ceil(dataset_tokens / tokens_per_step)
     hours = steps * step_seconds / 3600
     per_hour = gpu.price_per_hour if price is None else price
@@ -199,12 +222,18 @@ def estimate(
     batch_size: int = 1,
     seq_len: int = 512,
     precision: str = "bf16",
-    optimizer: str = "adamw",
+    optimizer: str = DEFAULT_OPTIMIZER,
     grad_checkpointing: bool = False,
     attention: str = "sdpa",
     device: str = "cuda",
     checkpoint_every: int = 1,
     checkpoint_reentrant: bool = False,
+    grad_accum: int = 1,
+    keep_outputs: bool = False,
+    loss: str = "hf",
+    loss_chunks: int = 8,
+    offload_activations: bool = False,
+    max_grad_norm: float | None = None,
     gpu: str | None = None,
     price: float | None = None,
     tasks: int = 1,
@@ -224,24 +253,15 @@ def estimate(
     settings = resolved_settings(spec, settings)
     t = _checked_training(dict(batch_size=batch_size, seq_len=seq_len, precision=precision, optimizer=optimizer,
                                grad_checkpointing=grad_checkpointing, attention=attention, device=device,
-                               checkpoint_every=checkpoint_every, checkpoint_reentrant=checkpoint_reentrant))
+                               checkpoint_every=checkpoint_every, checkpoint_reentrant=checkpoint_reentrant,
+                               grad_accum=grad_accum, keep_outputs=keep_outputs, loss=loss, loss_chunks=loss_chunks,
+                               offload_activations=offload_activations, max_grad_norm=max_grad_norm))
     check_combination(spec, settings, seq_len, grad_checkpointing)
+    check_loss_applies(spec, t, stream_dtypes(make_plan(spec, settings), t)[1])
     _check_cost_inputs(gpu, price, tasks, dataset_tokens, mfu)
     plan = make_plan(spec, settings)
-    tl = timeline(plan, t)
-    cuda_tl = tl if t.device == "cuda" else timeline(plan, replace(t, device="cuda"))
-    reserved = reserved_bytes(cuda_tl.peak_bytes)
-    memory = Memory(
-        device=t.device,
-        peak_bytes=tl.peak_bytes,
-        peak_phase=tl.peak_phase,
-        components=dict(tl.components),
-        step1_peak_bytes=tl.step1_peak_bytes,
-        reserved_bytes=reserved,
-        overhead={"cuda_context": CUDA_CONTEXT_BYTES,
-                  "allocator_slack": reserved - CUDA_CONTEXT_BYTES - cuda_tl.peak_bytes},
-        events=dict(tl.events),
-    )
+    memory = _memory(plan, t)
+    reserved = memory.reserved_bytes
     fits = []
     for g in gpu_catalog():
         c = _cost_on(plan, t, g, mfu, dataset_tokens, price if gpu and find_gpu(gpu).name == g.name else None)
@@ -267,6 +287,30 @@ def estimate(
         cost=cost,
         storage=StorageInfo(st.per_task_bytes, st.base_bytes, tasks, st.total_bytes, full_total),
         image_tokens=_tokens_per_sample(plan, t) - t.seq_len if spec.is_vlm or spec.is_blip2 else 0,
+    )
+
+
+def _memory(plan: Plan, t: TrainingSettings) -> Memory:
+    """The Memory of an estimate: the steady-state timeline on t.device, and what nvidia-smi shows from the
+    CUDA one (reserved_bytes, plus a paged optimizer's unified memory)."""
+    tl = timeline(plan, t)
+    cuda_tl = tl if t.device == "cuda" else timeline(plan, replace(t, device="cuda"))
+    paged = model_states(plan, t).paged_states
+    reserved = reserved_bytes(cuda_tl.peak_bytes) + paged
+    return Memory(
+        device=t.device,
+        peak_bytes=tl.peak_bytes,
+        peak_phase=tl.peak_phase,
+        components=dict(tl.components),
+        step1_peak_bytes=tl.step1_peak_bytes,
+        reserved_bytes=reserved,
+        overhead={"cuda_context": CUDA_CONTEXT_BYTES,
+                  "allocator_slack": reserved - paged - CUDA_CONTEXT_BYTES - cuda_tl.peak_bytes,
+                  **({"paged_optimizer_states": paged} if paged else {})},
+        events=dict(tl.events),
+        peak_micro_batch=tl.peak_micro_batch,
+        paged_bytes=paged,
+        traced=traced_status(t),
     )
 
 
@@ -407,6 +451,7 @@ def _sweep_row(spec: ModelSpec, kw: dict, memo: dict | None = None) -> dict:
     plan = make_plan(spec, settings)
     _memoized(memo, ("combination", settings, t.seq_len, t.grad_checkpointing),
               lambda: check_combination(spec, settings, t.seq_len, t.grad_checkpointing) or True)
+    _memoized(memo, ("loss", t, settings), lambda: check_loss_applies(spec, t, stream_dtypes(plan, t)[1]) or True)
     figures = _memoized(memo, (_memory_key(settings), t), lambda: _sweep_figures(plan, t))
     return {"model": spec.name, **{k: kw[k] for k in kw}, "method": settings.method, **figures}
 

@@ -94,7 +94,7 @@ class Replay:
 
 
 def run_backward(nodes, saved_bytes: dict, incoming: dict, in_place: bool, recompute: int | None = None,
-                 recompute_saved: int = 0) -> Replay:
+                 recompute_saved: int = 0, accumulate: bool = False) -> Replay:
     """Replay `nodes` (in creation order) backward from the gradients in `incoming` (id -> bytes),
     with every saved tensor of `saved_bytes` (id -> bytes) held at the start, or, for a checkpointed
     block, made by its recompute (peak `recompute` bytes: `recompute_saved` of them the tensors it has
@@ -102,12 +102,14 @@ def run_backward(nodes, saved_bytes: dict, incoming: dict, in_place: bool, recom
     unpacks. in_place: whether input buffers accumulate in place (no TorchDispatchMode active, as on
     cuda)."""
     plain, checkpointed = run_backward_both(nodes, saved_bytes, incoming, in_place,
-                                            0 if recompute is None else recompute, recompute_saved)
+                                            0 if recompute is None else recompute, recompute_saved,
+                                            accumulate=accumulate)
     return plain if recompute is None else checkpointed
 
 
 def run_backward_both(nodes, saved_bytes: dict, incoming: dict, in_place: bool, recompute: int,
-                      recompute_saved: int = 0, checkpoint_input: int | None = None) -> tuple[Replay, Replay]:
+                      recompute_saved: int = 0, checkpoint_input: int | None = None,
+                      accumulate: bool = False) -> tuple[Replay, Replay]:
     """A block's two replays (run_backward) in one walk over its nodes: with every saved tensor held
     from the start, and checkpointed (recompute peak `recompute`, `recompute_saved` of it saved; the
     saved tensor `checkpoint_input`, the block's input when it saves it, counted outside: 0 bytes).
@@ -120,7 +122,14 @@ def run_backward_both(nodes, saved_bytes: dict, incoming: dict, in_place: bool, 
     the bytes of the gradient buffers alive, `params` of the parameter gradients made, `saved_live` and
     `ck_saved_live` of the saved tensors still held in each replay; a peak is taken after every
     allocation and parameter gradient (and when a checkpoint's recompute runs), the first time a sum
-    exceeds the largest so far."""
+    exceeds the largest so far.
+
+    accumulate: a micro-batch after the first of a gradient-accumulation step. Each parameter has its
+    .grad from the micro-batches before (counted outside the replay), so the gradient a node makes is a
+    buffer: AccumulateGrad (torch/csrc/autograd/functions/accumulate_grad.h accumulateGrad, grad mode off)
+    runs ``variable_grad += new_grad`` in place and the new gradient is freed. Its node has the highest
+    sequence number (UINT64_MAX), so the engine runs it as soon as the node that made the gradient has
+    returned and handed its outputs on (engine.cpp ReadyQueue): the gradient is alive to then."""
     saved_refs: dict = {}  # id -> how many nodes still hold each saved tensor
     for node in nodes:
         for sid in node[3]:  # Node.saved
@@ -174,6 +183,7 @@ def run_backward_both(nodes, saved_bytes: dict, incoming: dict, in_place: bool, 
                 if total > ck_peak_total:
                     ck_peak_total, ck_peak = total, (ck_saved_live, live, params)
             local = {GRAD: g}
+            added = 0  # accumulate: the parameter gradients this node makes, freed once it is done
             released = None  # bytes the plain replay releases when the node is done, once the checkpointed one has
             for step in steps:
                 kind = step[0]
@@ -188,7 +198,11 @@ def run_backward_both(nodes, saved_bytes: dict, incoming: dict, in_place: bool, 
                         live -= s[0]
                     continue
                 elif kind == "param":
-                    params += step[1]
+                    if accumulate:
+                        live += step[1]
+                        added += step[1]
+                    else:
+                        params += step[1]
                 elif kind == "pending":  # never dropped here: AccumulateGrad runs after the replay
                     live += step[1]
                 elif kind == "returned":  # a checkpoint's recomputed tensors go with the formula's locals
@@ -245,6 +259,7 @@ def run_backward_both(nodes, saved_bytes: dict, incoming: dict, in_place: bool, 
                     if not s[1]:
                         live -= s[0]
                     buffers[target] = [nbytes, 1]
+            live -= added
         if holds:
             for s in holds.pop(out, ()):
                 s[1] -= 1

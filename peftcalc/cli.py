@@ -11,8 +11,9 @@ import typer
 from peftcalc.errors import InputError, as_flags
 from peftcalc.cli_options import (
     ADAPTER_KIND, ALPHA, ATTENTION, BATCH, BOTTLENECK, CHART_SUFFIXES, CKPT, CKPT_EVERY, CKPT_REENTRANT,
-    DATASET_TOKENS, DEVICE, DORA, DOUBLE_QUANT, EXTRAS, FORMAT, GPU_OPT, MEASURE_DEVICES, METHOD, MFU, MODEL_ARG,
-    OPTIMIZER, PRECISION, PREPARE_KBIT, PRICE, RANK, SEQ, TARGETS, TASKS, TRAINABLE_LAYERS, VIRTUAL_TOKENS,
+    DATASET_TOKENS, DEVICE, DORA, DOUBLE_QUANT, EXTRAS, FORMAT, GPU_OPT, GRAD_ACCUM, KEEP_OUTPUTS, LOSS, LOSS_CHUNKS,
+    MAX_GRAD_NORM, MEASURE_DEVICES, METHOD, MFU, MODEL_ARG, OFFLOAD,
+    OPTIMIZER, PRECISION, PREPARE_KBIT, PRICE, RANK, SEQ, TARGETS, TASKS, TRACE, TRAINABLE_LAYERS, VIRTUAL_TOKENS,
     VISION_LAYERS, check_format, check_limit, check_out_file, check_out_folder, echo_rows, int_list, method_list,
     measure_text, missing_extra_text, model_arg, require,
 )
@@ -39,24 +40,47 @@ def estimate(
     vision_layers: Optional[int] = VISION_LAYERS, prepare_kbit: Optional[bool] = PREPARE_KBIT,
     batch_size: int = BATCH, seq_len: int = SEQ, precision: str = PRECISION, optimizer: str = OPTIMIZER,
     grad_checkpointing: bool = CKPT, checkpoint_every: int = CKPT_EVERY, checkpoint_reentrant: bool = CKPT_REENTRANT,
-    attention: str = ATTENTION, device: str = DEVICE, gpu: Optional[str] = GPU_OPT,
+    attention: str = ATTENTION, device: str = DEVICE, grad_accum: int = GRAD_ACCUM, keep_outputs: bool = KEEP_OUTPUTS,
+    loss: str = LOSS, loss_chunks: int = LOSS_CHUNKS, offload_activations: bool = OFFLOAD,
+    max_grad_norm: Optional[float] = MAX_GRAD_NORM, gpu: Optional[str] = GPU_OPT,
     price: Optional[float] = PRICE, tasks: int = TASKS, dataset_tokens: int = DATASET_TOKENS, mfu: float = MFU,
-    format: str = FORMAT,
+    format: str = FORMAT, trace: bool = TRACE,
 ) -> None:
     """Parameters, memory breakdown and peak phase, GPU fit, time, cost and storage."""
-    from peftcalc.api import estimate as run_estimate
     from peftcalc.format import render_estimate
 
     check_format(format)
+    unmodelled = _traced_automatically(model)
+    if trace or unmodelled:  # the harness on fake tensors (measure.traced), imported only here
+        _measure_imports("estimate")
+        from measure.traced import traced_estimate as run_estimate
+    else:
+        from peftcalc.api import estimate as run_estimate
     e = run_estimate(model, method=method, rank=rank, alpha=alpha, targets=targets, dora=dora or None,
                      double_quant=double_quant, bottleneck=bottleneck, adapter_kind=adapter_kind,
                      num_virtual_tokens=num_virtual_tokens, trainable_layers=trainable_layers,
                      vision_layers=vision_layers, prepare_kbit=prepare_kbit, batch_size=batch_size,
                      seq_len=seq_len, precision=precision, optimizer=optimizer, grad_checkpointing=grad_checkpointing,
                      checkpoint_every=checkpoint_every, checkpoint_reentrant=checkpoint_reentrant,
-                     attention=attention, device=device, gpu=gpu, price=price, tasks=tasks,
+                     attention=attention, device=device, grad_accum=grad_accum, keep_outputs=keep_outputs,
+                     loss=loss, loss_chunks=loss_chunks, offload_activations=offload_activations,
+                     max_grad_norm=max_grad_norm, gpu=gpu, price=price, tasks=tasks,
                      dataset_tokens=dataset_tokens, mfu=mfu)
+    if unmodelled:
+        typer.echo(f"{unmodelled} is not modelled analytically; traced on fake tensors ({e.trace['seconds']:,.1f} s)",
+                   err=True)
     typer.echo(render_estimate(e, format))
+
+
+def _traced_automatically(model: str) -> str | None:
+    """The model_type of a config.json peftcalc does not model, when the harness that traces it is installed
+    (else None: estimate's error then names the supported model types and the --trace route)."""
+    from peftcalc.unmodelled import harness_missing, unmodelled_config
+
+    config = unmodelled_config(model)
+    if config is None or harness_missing():
+        return None
+    return config["model_type"]
 
 
 @app.command()
@@ -151,7 +175,9 @@ def measure(
     prepare_kbit: Optional[bool] = PREPARE_KBIT,
     batch_size: int = BATCH, seq_len: int = SEQ, precision: str = PRECISION, optimizer: str = OPTIMIZER,
     grad_checkpointing: bool = CKPT, checkpoint_every: int = CKPT_EVERY, checkpoint_reentrant: bool = CKPT_REENTRANT,
-    attention: str = ATTENTION,
+    attention: str = ATTENTION, grad_accum: int = GRAD_ACCUM, keep_outputs: bool = KEEP_OUTPUTS,
+    loss: str = LOSS, loss_chunks: int = LOSS_CHUNKS, offload_activations: bool = OFFLOAD,
+    max_grad_norm: Optional[float] = MAX_GRAD_NORM,
     device: Optional[str] = typer.Option(None, "--device", help="cuda | cpu | fake (fake: meta-device model on "
                                          "fake tensors, no memory used). Default for one run: cuda when torch "
                                          "sees a CUDA device, else cpu; for --matrix, the matrix's own devices."),
@@ -198,7 +224,9 @@ def measure(
     training = TrainingSettings(batch_size=batch_size, seq_len=seq_len, precision=precision, optimizer=optimizer,
                                 grad_checkpointing=grad_checkpointing, attention=attention,
                                 device="cuda" if dev == "cuda" else "cpu", checkpoint_every=checkpoint_every,
-                                checkpoint_reentrant=checkpoint_reentrant)
+                                checkpoint_reentrant=checkpoint_reentrant, grad_accum=grad_accum,
+                                keep_outputs=keep_outputs, loss=loss, loss_chunks=loss_chunks,
+                                offload_activations=offload_activations, max_grad_norm=max_grad_norm)
     row = measure_one(spec, settings, training, device=dev, steps=steps)
     if format == "json":
         typer.echo(to_json_line(row))
@@ -208,14 +236,14 @@ def measure(
         raise typer.Exit(1)
 
 
-def _measure_imports() -> None:
+def _measure_imports(command: str = "measure") -> None:
     """The harness's packages (or which extra to install); `import measure` quiets bitsandbytes'
     import-time notice; transformers' own warnings are quieted too."""
     import warnings
 
     import measure  # noqa: F401  (first: the package quiets bitsandbytes, which peft imports; measure/__init__.py)
 
-    require("measure", "measure", "torch", "transformers", "peft")
+    require(command, "measure", "torch", "transformers", "peft")
     warnings.filterwarnings("ignore")
     import transformers
 

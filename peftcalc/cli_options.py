@@ -13,8 +13,9 @@ from peftcalc.errors import InputError
 __all__ = [
     "ADAPTER_KIND", "ALPHA", "ATTENTION", "BATCH", "BOTTLENECK", "CHART_SUFFIXES", "CKPT", "CKPT_EVERY",
     "CKPT_REENTRANT", "DATASET_TOKENS", "DEVICE", "DORA", "DOUBLE_QUANT", "EXTRAS", "FORMAT", "FORMATS", "GPU_OPT",
-    "MEASURE_DEVICES", "METHOD", "MFU", "MODEL_ARG", "OPTIMIZER", "PRECISION", "PREPARE_KBIT", "PRICE", "RANK", "SEQ",
-    "TARGETS", "TASKS", "TRAINABLE_LAYERS", "VIRTUAL_TOKENS", "VISION_LAYERS", "can_write", "check_format",
+    "GRAD_ACCUM", "KEEP_OUTPUTS", "LOSS", "LOSS_CHUNKS", "MAX_GRAD_NORM", "MEASURE_DEVICES", "METHOD", "MFU",
+    "MODEL_ARG", "OFFLOAD", "OPTIMIZER", "PRECISION", "PREPARE_KBIT", "PRICE", "RANK", "SEQ",
+    "TARGETS", "TASKS", "TRACE", "TRAINABLE_LAYERS", "VIRTUAL_TOKENS", "VISION_LAYERS", "can_write", "check_format",
     "check_limit", "check_out_file", "check_out_folder", "echo_rows", "fmt_cell", "int_list", "measure_text",
     "method_list", "missing_extra_text", "model_arg", "phase_text", "require", "writable_folder",
 ]
@@ -73,7 +74,22 @@ PREPARE_KBIT = typer.Option(None, "--prepare-kbit/--no-prepare-kbit", help="QLoR
 BATCH = typer.Option(1, "--batch-size", "-b", help="Micro-batch size.")
 SEQ = typer.Option(512, "--seq-len", "-s", help="Sequence length in tokens (vision models use their patch count).")
 PRECISION = typer.Option("bf16", "--precision", help="fp32 | bf16 | amp-bf16 | fp16 | amp-fp16")
-OPTIMIZER = typer.Option("adamw", "--optimizer", help="adamw | adamw-8bit | sgd | adafactor")
+OPTIMIZER = typer.Option("adamw-fused", "--optimizer", help="adamw-fused (torch AdamW(fused=True), the HF Trainer's "
+                         "default with torch >= 2.8) | adamw (foreach) | adamw-8bit | paged-adamw-8bit | "
+                         "paged-adamw-32bit | sgd | adafactor")
+GRAD_ACCUM = typer.Option(1, "--grad-accum", help="Micro-batches per optimizer step (gradient accumulation): the peak "
+                          "over the whole step; tokens per step in time and cost.")
+KEEP_OUTPUTS = typer.Option(False, "--keep-outputs", help="The loop keeps the model outputs (logits) referenced "
+                            "through backward (outputs = model(**batch); outputs.loss.backward()), as PEFT's examples "
+                            "and LitGPT do; the HF Trainer drops them.")
+LOSS = typer.Option("hf", "--loss", help="hf (transformers ForCausalLMLoss) | chunked (torchtune "
+                    "CEWithChunkedOutputLoss) | liger (LigerFusedLinearCrossEntropyLoss) | cce (Cut Cross-Entropy)")
+LOSS_CHUNKS = typer.Option(8, "--loss-chunks", help="--loss chunked: chunks of the lm_head output (torchtune's "
+                           "default 8).")
+OFFLOAD = typer.Option(False, "--offload-activations", help="Saved activations to host memory "
+                       "(torch.autograd.graph.save_on_cpu).")
+MAX_GRAD_NORM = typer.Option(None, "--max-grad-norm", help="Gradient clipping (torch.nn.utils.clip_grad_norm_) "
+                             "before the optimizer step; the Trainer's default is 1.0.")
 CKPT = typer.Option(False, "--grad-checkpointing", help="Gradient checkpointing (non-reentrant, per block).")
 CKPT_EVERY = typer.Option(1, "--checkpoint-every", help="With --grad-checkpointing: checkpoint every N-th block only "
                           "(transformers activation_checkpointing_enable(every_n_layers=N)); the others keep their "
@@ -91,6 +107,10 @@ TASKS = typer.Option(1, "--tasks", help="Number of tasks for the storage total."
 DATASET_TOKENS = typer.Option(10_000_000, "--dataset-tokens", help="Tokens per epoch.")
 MFU = typer.Option(0.35, "--mfu", help="Model FLOPs utilisation assumed for time (default 0.35).")
 FORMAT = typer.Option("table", "--format", "-f", help="table | json | csv | markdown")
+TRACE = typer.Option(False, "--trace", help="Trace the training step of the real model on fake tensors (the "
+                     "harness: pip install 'peftcalc[measure]'; seconds, not milliseconds) instead of modelling "
+                     "it: any transformers model; counts as --device cpu. A family peftcalc does not model is "
+                     "traced without it.")
 
 
 def check_format(fmt: str) -> None:

@@ -30,7 +30,9 @@ def spec_from_config(config: dict, name: str = "", where: str = "config") -> Mod
     model_type = config.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise InputError(
-            f"{where}: unsupported model_type {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+            f"{where}: unsupported model_type {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}; with "
+            "the harness installed (pip install 'peftcalc[measure]'), `peftcalc estimate --trace` traces any "
+            "transformers model on fake tensors"
         )
     family = FAMILIES[model_type]
     task, arch = _task_of(config, model_type, where)

@@ -6,11 +6,13 @@ import csv
 import io
 import json
 
+from peftcalc.settings import DEFAULT_OPTIMIZER
 from peftcalc.memory import COMPONENTS
 
 __all__ = ["COMPONENT_LABELS", "DOES_NOT_FIT", "GIB", "bytes_column", "estimate_flat", "gib", "hours", "human_bytes",
            "method_summary", "plural", "render_estimate", "render_estimate_markdown", "render_estimate_text",
-           "rows_to_csv", "rows_to_markdown", "storage_sentence", "task_file_word", "text_table", "training_summary",
+           "rows_to_csv", "rows_to_markdown", "storage_sentence", "task_file_word", "text_table", "traced_lines",
+           "training_summary",
            "vision_tokens"]
 
 GIB = 1024**3
@@ -104,7 +106,27 @@ def training_summary(t, vision_tokens: int | None = None) -> str:
         ckpt += " (reentrant)" if t.checkpoint_reentrant else ""
     seq = (f"{vision_tokens} vision tokens (patches + class token)" if vision_tokens is not None
            else f"seq {t.seq_len}")
-    return f"batch {t.batch_size} x {seq}, {t.precision}, {t.optimizer}, {t.attention} attention" + ckpt
+    return (f"batch {t.batch_size} x {seq}, {t.precision}, {optimizer_text(t.optimizer)}, {t.attention} attention"
+            + ckpt + recipe_text(t))
+
+
+def optimizer_text(name: str) -> str:
+    """The optimizer, said to be the HF Trainer's default when it is (settings.DEFAULT_OPTIMIZER)."""
+    return f"{name} (the HF Trainer's default)" if name == DEFAULT_OPTIMIZER else name
+
+
+def recipe_text(t) -> str:
+    """The recipe settings that differ from their defaults, as a suffix of the training line."""
+    parts = []
+    if getattr(t, "grad_accum", 1) > 1:
+        parts.append(f"{t.grad_accum} micro-batches per optimizer step")
+    if getattr(t, "loss", "hf") != "hf":
+        parts.append(f"{t.loss} loss" + (f" in {t.loss_chunks} chunks" if t.loss == "chunked" else ""))
+    if getattr(t, "keep_outputs", False):
+        parts.append("outputs kept through backward")
+    if getattr(t, "max_grad_norm", None) is not None:
+        parts.append(f"gradients clipped to norm {t.max_grad_norm:g}")
+    return "".join(", " + p for p in parts)
 
 
 DOES_NOT_FIT = "-"  # what the GPU table shows for the time and cost of a card the setting does not fit
@@ -154,7 +176,7 @@ def _gpu_rows(e) -> list[list[str]]:
         else:
             plan = [DOES_NOT_FIT] * 3
         rows.append([g.name, gib(g.memory_bytes), "yes" if g.fits else "no", gib(g.headroom_bytes),
-                     str(g.max_batch_size)] + plan)
+                     DOES_NOT_FIT if g.max_batch_size is None else str(g.max_batch_size)] + plan)
     return rows
 
 
@@ -167,10 +189,26 @@ def _chosen_misfit(e) -> str | None:
             f" the time and cost below are not a plan, only what the step would take if it fit.")
 
 
+def traced_lines(e) -> list[str]:
+    """What a traced estimate (estimated_by "traced") says about itself: how it was traced, what its peak
+    counts, and what it does not give; nothing for a modelled one."""
+    if e.estimated_by != "traced":
+        return []
+    tr = e.trace
+    lines = [f"Traced on fake tensors in {tr['seconds']:,.1f} s ({tr['steps']} steps, step {tr['step_reported']} "
+             "reported): the peak counts live tensor storage as the CPU allocator would (--device cpu), not the "
+             "CUDA caching allocator; the GPU fit adds the allocator slack and CUDA context; max batch: not traced."]
+    if tr["flops"].startswith("approximate"):
+        lines.append("Time and cost: FLOPs approximated from the traced parameter counts (6N per token, plus "
+                     "attention), not modelled for this family; storage: the traced model's tensors.")
+    return lines
+
+
 def render_estimate_text(e) -> str:
     out = []
     out.append(f"{e.model} ({e.architecture}) - {method_summary(e)}")
     out.append(training_summary(e.training, vision_tokens(e)) + f", device {e.memory.device}")
+    out.extend(traced_lines(e))
     if e.image_tokens:
         out.append(f"vision-language model: the language model sees {e.training.seq_len} text + {e.image_tokens} "
                    f"image tokens = {e.training.seq_len + e.image_tokens} per sample")
@@ -181,12 +219,18 @@ def render_estimate_text(e) -> str:
     rows = [[COMPONENT_LABELS[c], gib(e.memory.components.get(c, 0))] for c in COMPONENTS
             if e.memory.components.get(c, 0)]
     rows.append([f"peak ({e.memory.device}, steady-state step)", gib(e.memory.peak_bytes)])
-    rows.append(["peak phase", e.memory.peak_phase])
+    rows.append(["peak phase", e.memory.peak_phase if e.memory.peak_micro_batch is None else
+                 f"{e.memory.peak_phase}, micro-batch {_micro_batch_text(e)}"])
     rows.append(["step 1 peak", gib(e.memory.step1_peak_bytes)])
     rows.append(["+ allocator slack", gib(e.memory.overhead["allocator_slack"])])
     rows.append(["+ CUDA context", gib(e.memory.overhead["cuda_context"])])
+    if e.memory.paged_bytes:
+        rows.append(["+ paged optimizer states (unified memory)", gib(e.memory.paged_bytes)])
     rows.append(["GPU memory needed (nvidia-smi)", gib(e.memory.reserved_bytes)])
     out.append(text_table(rows, ["Memory at the peak", ""]))
+    if e.memory.traced != "traced":
+        out.append(f"({e.training.loss if e.training.loss in ('liger', 'cce') else e.training.optimizer}: "
+                   "modelled, not traced: it runs on CUDA only, where the gpu matrix measures it)")
     out.append("")
     out.append(text_table(_gpu_rows(e), ["GPU", "memory", "fits", "headroom", "max batch", "step", "epoch", "epoch cost"]))
     out.append("")
@@ -202,6 +246,12 @@ def render_estimate_text(e) -> str:
         out.append("No GPU in the catalog fits this setting: try --grad-checkpointing, a smaller batch or QLoRA.")
     out.append(storage_sentence(e))
     return "\n".join(out)
+
+
+def _micro_batch_text(e) -> str:
+    """'1', or '2 (and every later one)' for micro-batches 2..N of an accumulation step."""
+    n = e.training.grad_accum
+    return "1" if e.memory.peak_micro_batch == 1 else ("2" if n == 2 else f"2 (2-{n} alike)")
 
 
 def estimate_flat(e) -> dict:
@@ -224,7 +274,10 @@ def estimate_flat(e) -> dict:
         "peak_bytes": e.memory.peak_bytes,
         "peak_phase": e.memory.peak_phase,
         "reserved_bytes": e.memory.reserved_bytes,
+        "estimated_by": e.estimated_by,
     }
+    if e.trace is not None:
+        row["trace_seconds"] = e.trace["seconds"]
     row.update({f"mem_{k}": v for k, v in e.memory.components.items()})
     row["storage_per_task_bytes"] = e.storage.per_task_bytes
     row["storage_total_bytes"] = e.storage.total_bytes
@@ -272,7 +325,7 @@ def render_estimate(e, fmt: str) -> str:
 
 def render_estimate_markdown(e) -> str:
     lines = [f"**{e.model}** ({e.architecture}), {method_summary(e)}; {training_summary(e.training, vision_tokens(e))}",
-             ""]
+             *traced_lines(e), ""]
     lines.append(f"Parameters: {e.params.total:,} total, {e.params.trainable:,} trainable ({e.params.percent:.4f}%)")
     lines.append("")
     rows = [{"component": COMPONENT_LABELS[c], "GiB": round(e.memory.components.get(c, 0) / GIB, 3)}
@@ -282,7 +335,7 @@ def render_estimate_markdown(e) -> str:
     lines.append(rows_to_markdown(rows))
     lines.append("")
     lines.append(rows_to_markdown([{"GPU": g.name, "fits": "yes" if g.fits else "no",
-                                    "max batch": g.max_batch_size,
+                                    "max batch": DOES_NOT_FIT if g.max_batch_size is None else g.max_batch_size,
                                     "step s": round(g.step_seconds, 4) if g.fits else DOES_NOT_FIT,
                                     "epoch h": round(g.epoch_hours, 3) if g.fits else DOES_NOT_FIT,
                                     "epoch $": round(g.epoch_cost_usd, 2) if g.fits else DOES_NOT_FIT}

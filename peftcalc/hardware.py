@@ -14,12 +14,14 @@ from peftcalc.families import build_layout
 from peftcalc.families.blip2 import LANGUAGE_PROJECTION, QFORMER, QUERY_TOKENS, blip2_image_tokens, blip2_parts, blip2_vision_tokens
 from peftcalc.layout import LINEAR_KINDS, Module
 from peftcalc.methods import vision_layers_used
+from peftcalc.methods.sites import quantized_paths
+from peftcalc.model_states import nf4_bytes
 from peftcalc.plan import Plan
-from peftcalc.settings import TrainingSettings
+from peftcalc.settings import DTYPE_BYTES, TrainingSettings
 from peftcalc.sim.llava import vision_plan
 
-__all__ = ["DEFAULT_MFU", "GPU", "GPUS_FILE", "MIB", "StepFlops", "find_gpu", "gpu_catalog", "max_batch_size",
-           "peak_tflops", "step_flops"]
+__all__ = ["DEFAULT_MFU", "GPU", "GPUS_FILE", "MIB", "StepFlops", "dequant_bytes", "dora_weight_flops", "find_gpu",
+           "gpu_catalog", "max_batch_size", "peak_tflops", "step_flops", "step_seconds"]
 
 GPUS_FILE = Path(__file__).parent / "data" / "gpus.json"
 MIB = 1024**2
@@ -34,13 +36,15 @@ class GPU:
     fp32_tflops: float
     price_per_hour: float
     source: str
+    memory_gbs: float = 0.0  # HBM/GDDR bandwidth, GB/s (datasheet): the NF4 dequantization's time
 
 
 @lru_cache(maxsize=1)
 def gpu_catalog() -> tuple[GPU, ...]:
     data = json.loads(GPUS_FILE.read_text())
     return tuple(
-        GPU(g["name"], g["memory_mib"] * MIB, g["bf16_tflops"], g["fp32_tflops"], g["price_per_hour"], g["source"])
+        GPU(g["name"], g["memory_mib"] * MIB, g["bf16_tflops"], g["fp32_tflops"], g["price_per_hour"], g["source"],
+            g["memory_gbs"])
         for g in data["gpus"]
     )
 
@@ -142,6 +146,10 @@ def step_flops(plan: Plan, t: TrainingSettings, tokens_per_sequence: int) -> Ste
             lf = 2.0 * r * (m.in_features + m.out_features) * tokens_m
             fwd += lf
             bwd += 2 * lf
+            if plan.settings.dora:  # the weight norm's lora_B(lora_A(eye(in))) (dora_weight_flops), every forward
+                fwd += dora_weight_flops(m.in_features, m.out_features, r)
+                if wrapped and m.layer is not None and wrapped[m.layer]:
+                    recompute += dora_weight_flops(m.in_features, m.out_features, r)
         if wrapped and m.layer is not None and wrapped[m.layer] and (flows or grad_w):
             recompute += f
     if spec.is_vlm:  # the vision tower's attention, its adapters and its backward
@@ -262,6 +270,55 @@ def _vision_tower_flops(plan: Plan, t: TrainingSettings) -> StepFlops:
 
     wrapped = checkpointed_layers(plan.spec, t, "vision")
     return StepFlops(fwd, bwd, sum(wrapped[:used]) * layer)
+
+
+def dora_weight_flops(in_features: int, out_features: int, rank: int) -> float:
+    """FLOPs of DoRA's extra matmuls per forward of one adapted Linear, whatever the batch: peft
+    tuners/lora/dora.py DoraLinearLayer.get_lora_weight runs ``lora_B(lora_A(torch.eye(in)))`` (in x in x r,
+    then in x r x out multiply-adds) for the weight norm ||W + s B A||_c (Liu et al. 2024, DoRA, section 4.3:
+    the norm is detached, so no backward); the norm itself is element-wise, and the base result is reused
+    (peft passes base_result when lora_dropout is 0)."""
+    return 2.0 * in_features * rank * (in_features + out_features)
+
+
+def dequant_bytes(plan: Plan, t: TrainingSettings) -> int:
+    """Bytes one micro-batch's NF4 dequantizations move (QLoRA): bitsandbytes MatMul4Bit
+    (autograd/_functions.py) dequantizes each Linear4bit's weight in its forward
+    (``F.dequantize_4bit(B, quant_state).to(A.dtype)``) and again in its backward when its input needs a
+    gradient (grad_A = grad_output @ the dequantized weight); a checkpointed block's recompute runs the
+    forward again; peft's DoRA dequantizes the weight once more per forward for its norm
+    (dora.py: dequantize_module_weight). Each reads the packed weight and its quantization state
+    (model_states.nf4_bytes) and writes the weight in the compute dtype: a memory-bound kernel, timed at the
+    GPU's bandwidth (hardware.step_seconds)."""
+    if plan.settings.method != "qlora" or plan.spec.is_blip2:
+        return 0
+    spec = plan.spec
+    quantized = quantized_paths(plan)
+    wrapped = checkpointed_layers(spec, t, "text")
+    input_grad_from = _lowest_gradient_layer(plan)
+    dora_modules = set(plan.targets) if plan.settings.dora else set()
+    written = DTYPE_BYTES[t.compute_dtype]
+    total = 0
+    for m in build_layout(spec).modules:
+        if m.path not in quantized:
+            continue
+        n = m.in_features * m.out_features
+        layer = m.layer if m.layer is not None else spec.num_layers
+        flows = input_grad_from is not None and layer > input_grad_from
+        recomputed = bool(wrapped) and m.layer is not None and wrapped[m.layer] and flows
+        forwards = 1 + recomputed
+        uses = forwards + flows + (forwards if m.path in dora_modules else 0)
+        total += uses * (nf4_bytes(n, plan.settings.double_quant) + n * written)
+    return total
+
+
+def step_seconds(plan: Plan, t: TrainingSettings, gpu: GPU, mfu: float, tokens_per_sequence: int) -> float:
+    """Seconds of one micro-batch: its matmul FLOPs (step_flops) at `mfu` of the GPU's peak, plus QLoRA's NF4
+    dequantizations (dequant_bytes) at the GPU's memory bandwidth (a memory-bound kernel: a lower bound on
+    its time)."""
+    flops = step_flops(plan, t, tokens_per_sequence).total
+    dequant = dequant_bytes(plan, t) / (gpu.memory_gbs * 1e9) if gpu.memory_gbs else 0.0
+    return flops / (peak_tflops(gpu, t) * 1e12 * mfu) + dequant
 
 
 def _trainable_modules(plan: Plan) -> set[str]:

@@ -9,14 +9,15 @@ step; the steady-state step is what the estimate reports.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 
 from peftcalc.activations import ActivationProfile, activation_profile
 from peftcalc.families import build_layout
 from peftcalc.families.blip2 import blip2_image_tokens
 from peftcalc.families.llava import VISION_TOWER
-from peftcalc.model_states import ModelStates, buffer_bytes, gradient_free, group_dtype, model_states
+from peftcalc.model_states import (ModelStates, buffer_bytes, clip_grad_norm_bytes, gradient_free, group_dtype,
+                                   model_states)
 from peftcalc.plan import Plan
 from peftcalc.settings import DTYPE_BYTES, TrainingSettings
 from peftcalc.sim.profile import stream_dtypes
@@ -52,6 +53,9 @@ class Timeline:
     peak_phase: str
     components: tuple  # (component name, bytes) at the peak
     step1_peak_bytes: int
+    # gradient accumulation: the micro-batch whose event is the peak (1, or 2: micro-batches 2..N are alike,
+    # and a tie names the earliest), None when the peak is the optimizer step (or there is one micro-batch)
+    peak_micro_batch: int | None = None
 
 
 def _event(name: str, parts: dict) -> tuple[str, int, dict]:
@@ -105,6 +109,7 @@ class GradientArrival:
     per_layer: tuple
     input_side: int
     head_pending: int = 0
+    input_largest: int = 0  # the largest one parameter's gradient on the input side
 
     @property
     def total(self) -> int:
@@ -132,7 +137,7 @@ def _gradient_arrival(plan: Plan, precision: str) -> GradientArrival:
     tied = layout.embedding_path if layout.head_tied_to_embedding else None
     input_prefixes = tuple(p for p in input_prefixes if p != tied)
     per = [0] * plan.spec.num_layers
-    head = input_side = pending = 0
+    head = input_side = pending = largest = 0
     for g in plan.groups:
         if not g.trainable or g.name in gradient_free(plan):
             continue
@@ -141,10 +146,11 @@ def _gradient_arrival(plan: Plan, precision: str) -> GradientArrival:
             per[g.layer] += nbytes
         elif g.origin in ("prefix", "prompt") or any(_under(g.name, p) for p in input_prefixes):
             input_side += nbytes
+            largest = max(largest, nbytes)
         else:
             head += nbytes
             pending += nbytes if tied and _under(g.name, tied) else 0
-    return GradientArrival(head, tuple(per), input_side, pending)
+    return GradientArrival(head, tuple(per), input_side, pending, largest)
 
 
 def _under(name: str, path: str) -> bool:
@@ -171,18 +177,95 @@ def peak_event(events: list) -> tuple:
 def timeline(plan: Plan, t: TrainingSettings) -> Timeline:
     """Events of one training step; the steady state has optimizer states alive from the start."""
     ms = model_states(plan, t)
-    act = activation_profile(plan, t)
     inputs = input_bytes(plan, t)
     grads = gradient_arrival(plan, t)
-    events = _step_events(plan, t, act, ms, inputs, grads)
+    if t.grad_accum == 1:
+        act = activation_profile(plan, t)
+        events = _clipped(t, ms, _kept_outputs(plan, t, act, _step_events(plan, t, act, ms, inputs, grads)))
+        named = events
+    else:
+        act = activation_profile(plan, replace(t, grad_accum=1))
+        first = _clipped(t, ms, _kept_outputs(plan, t, act, _step_events(plan, t, act, ms, inputs, grads)))
+        act = activation_profile(plan, replace(t, grad_accum=2))
+        later = _kept_outputs(plan, t, act, _accumulating_events(plan, t, act, ms, inputs, grads))
+        steps = 2 if t.max_grad_norm is not None else 1  # the optimizer step's events (clipping's first)
+        events = first[:-steps] + later + first[-steps:]
+        named = ([(f"micro-batch 1 {n}", b, p) for n, b, p in first[:-steps]]
+                 + [(f"micro-batch 2-{t.grad_accum} {n}", b, p) for n, b, p in later] + first[-steps:])
     name, total, parts = peak_event(events)
+    micro_batch = None
+    if t.grad_accum > 1 and not name.startswith("optimizer"):
+        micro_batch = 1 if events.index(max(events, key=lambda e: e[1])) < len(first) - steps else 2
     return Timeline(
-        events=tuple((n, b) for n, b, _ in events),
+        events=tuple((n, b) for n, b, _ in named),
         peak_bytes=total,
         peak_phase=name,
         components=_components(parts),
         step1_peak_bytes=_step1_peak(events, ms),
+        peak_micro_batch=micro_batch,
     )
+
+
+def _clipped(t: TrainingSettings, ms: ModelStates, events: list) -> list:
+    """TrainingSettings.max_grad_norm: torch.nn.utils.clip_grad_norm_ runs before the optimizer step, on
+    the gradients of the last micro-batch (an event "optimizer:clip": the optimizer step's memory without
+    its temporaries, with clipping's: model_states.clip_grad_norm_bytes); the total norm it returns is
+    alive through the step."""
+    if t.max_grad_norm is None:
+        return events
+    clip, total = clip_grad_norm_bytes(ms, t.device)
+    *before, (name, _, parts) = events
+    clipping = dict(parts, temporaries=clip)
+    return before + [_event("optimizer:clip", clipping),
+                     _event(name, dict(parts, temporaries=parts["temporaries"] + total))]
+
+
+def _kept_outputs(plan: Plan, t: TrainingSettings, act: ActivationProfile, events: list) -> list:
+    """TrainingSettings.keep_outputs: the loop holds the model outputs through backward (``outputs =
+    model(**batch); loss = outputs.loss; loss.backward()``, PEFT's examples and LitGPT; transformers
+    Trainer.training_step keeps only the loss), so the logits (ModelOutput.logits, in the compute dtype),
+    which otherwise go when the loss has been computed (nothing saves them: the loss's log_softmax saves
+    its output), stay alive in every backward event; a bare encoder's outputs hold its last hidden state
+    (BaseModelOutput.last_hidden_state: ActivationProfile.model_output, when nothing saved it); LLaVA's
+    the projected image features too (LlavaCausalLMOutputWithPast.image_hidden_states: batch x image tokens
+    x text hidden in the compute dtype, which masked_scatter does not save)."""
+    if not t.keep_outputs:
+        return events
+    kept = act.model_output if plan.spec.task == "base" else act.logits_bytes
+    if plan.spec.is_vlm:
+        kept += t.batch_size * plan.spec.image_tokens * plan.spec.text.hidden_size * DTYPE_BYTES[
+            t.autocast_dtype or stream_dtypes(plan, t)[1]]
+    return [_event(n, dict(p, logits_loss=p.get("logits_loss", 0) + kept)) if n.startswith("backward") else (n, b, p)
+            for n, b, p in events]
+
+
+def _accumulating_events(plan: Plan, t: TrainingSettings, act: ActivationProfile, ms: ModelStates, inputs: int,
+                         grads: GradientArrival) -> list:
+    """The events of a micro-batch after the first of a gradient-accumulation step (the optimizer step
+    left out): zero_grad(set_to_none=True) ran after the last optimizer step only, so every trainable
+    parameter's .grad, made by micro-batch 1, is alive through forward and backward (HF Trainer
+    _inner_training_loop calls optimizer.zero_grad after optimizer.step, once per
+    gradient_accumulation_steps micro-batches; torchtune's recipes and Accelerate's accumulate() alike).
+    Backward adds each new gradient into its .grad in place (`act` is the profile replayed with
+    StepContext.accumulating: the new gradient is a buffer until its AccumulateGrad has run). At the
+    embeddings' backward the new gradient of an input-side parameter (the token embedding's dense
+    vocab x hidden one) is a temporary beside the gradient of their output; a tied embedding's two
+    gradients are summed out of place (_tied_embedding_accumulation) and the sum, a third vocab x hidden
+    tensor, then added into the .grad."""
+    held = grads.total + _cls_token_gradient_storage(plan, t)
+    none_yet = GradientArrival(grads.head_pending, (0,) * len(grads.per_layer), 0, grads.head_pending)
+    events = _step_events(plan, t, act, ms, inputs, none_yet)[:-1]
+    out = []
+    for name, _, parts in events:
+        if name == "backward:end":
+            tied = _tied_embedding_accumulation(plan, t)
+            new_grad = max(tied + tied // 2, act.embedding_grad + grads.input_largest)
+            parts = dict(parts, gradients=held, temporaries=parts["temporaries"] - max(tied, act.embedding_grad)
+                         + new_grad)
+        else:
+            parts = dict(parts, gradients=parts.get("gradients", 0) + held)
+        out.append(_event(name, parts))
+    return out
 
 
 def _step1_peak(events: list, ms: ModelStates) -> int:

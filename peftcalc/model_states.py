@@ -17,7 +17,7 @@ from peftcalc.sim.profile import stream_dtypes
 from peftcalc.families import kept_in_fp32
 
 __all__ = ["BNB_QUANTIZATION_MAPS", "ModelStates", "buffer_bytes", "gradient_free", "group_dtype", "model_states",
-           "nf4_bytes", "optimizer_temporaries"]
+           "PAGED_MIN_NUMEL", "clip_grad_norm_bytes", "nf4_bytes", "optimizer_temporaries", "paged_state_bytes"]
 
 # bitsandbytes Optimizer8bit.__init__ (optim_bits=8) -> fill_qmap: create_dynamic_map(signed=True) and
 # (signed=False), 256 fp32 values each, shared by every 8-bit state (state['qmap1'], state['qmap2']).
@@ -94,6 +94,8 @@ class ModelStates:
     largest_trainable_tensor: int
     optimizer_maps: int = 0  # tensors the optimizer makes at construction (bitsandbytes' quantization maps)
     maps_in_state: bool = False  # whether optimizer.state references them (an 8-bit state exists)
+    grad_tensors: tuple = ()  # (dtype, how many parameters have a .grad of it), in dtype order
+    paged_states: int = 0  # optimizer state in CUDA unified memory (paged_state_bytes), not in the others
 
 
 def _adafactor_state_numel(shape: tuple) -> int:
@@ -113,6 +115,9 @@ def _scalar_state_bytes(t: TrainingSettings) -> int:
     a 512-byte block in CUDA's caching allocator)."""
     if t.optimizer == "adamw":
         return 4 if t.device == "cpu" else 0
+    if t.optimizer == "adamw-fused":  # torch/optim/adam.py _init_group: a fused optimizer's 'step' is a float32
+        # tensor on the parameter's device (``device=p.device`` when fused or capturable)
+        return 4 if t.device == "cpu" else 512
     if t.optimizer == "adafactor":
         return 4 if t.device == "cpu" else 512
     return 0
@@ -123,27 +128,51 @@ def _optimizer_state_bytes(numel: int, dtype: str, optimizer: str) -> int:
     adamw: exp_avg and exp_avg_sq like the parameter (torch/optim/adamw.py _init_group; the 'step'
       counter is a CPU tensor unless capturable/fused, so it never reaches CUDA memory).
     sgd (momentum): one momentum_buffer like the parameter (torch/optim/sgd.py).
-    adamw-8bit: bitsandbytes Optimizer2State: uint8 state1/state2 plus one fp32 absmax per 256
-      values each, for tensors of at least 4096 elements; smaller tensors keep fp32 states.
+    adamw-8bit, paged-adamw-8bit: bitsandbytes Optimizer2State: uint8 state1/state2 plus one fp32 absmax
+      per 256 values each, for tensors of at least 4096 elements; smaller tensors keep fp32 states.
+    paged-adamw-32bit: fp32 state1/state2 (bitsandbytes PagedAdamW32bit, optim_bits=32).
+    adamw-fused: as adamw (the 'step' counter on the parameter's device: _scalar_state_bytes).
+    The paged optimizers' large states are in CUDA unified memory (paged_state_bytes): model_states
+    counts them apart.
     adafactor (transformers.optimization.Adafactor, beta1=None): a factored second moment
       (row and column vectors) for matrices, a full one for vectors, in fp32 (handled in
       model_states, which knows the shapes)."""
     b = DTYPE_BYTES[dtype]
-    if optimizer == "adamw":
+    if optimizer in ("adamw", "adamw-fused"):
         return 2 * numel * b
     if optimizer == "sgd":
         return numel * b
-    if optimizer == "adamw-8bit":
+    if optimizer in ("adamw-8bit", "paged-adamw-8bit"):
         if numel < 4096:
             return 2 * numel * 4
         return 2 * (numel + 4 * ceil(numel / 256))
+    if optimizer == "paged-adamw-32bit":
+        return 2 * numel * 4
     raise ValueError(optimizer)
+
+
+# bitsandbytes optim/optimizer.py Optimizer8bit.get_state_buffer: a paged optimizer's state1/state2 of a
+# parameter with at least 1e5 elements are F.get_paged buffers (cudaMallocManaged), the rest zeros_like
+PAGED_MIN_NUMEL = 100_000
+
+
+def paged_state_bytes(numel: int, optimizer: str) -> int:
+    """What of a parameter's optimizer state a bitsandbytes paged optimizer keeps in CUDA unified memory,
+    outside PyTorch's caching allocator (absent from max_memory_allocated, present in nvidia-smi while
+    resident, evicted to host memory under pressure): state1 and state2 (uint8 for paged-adamw-8bit at
+    min_8bit_size 4096 elements and more, fp32 otherwise) of a parameter of PAGED_MIN_NUMEL elements or
+    more; the 8-bit states' absmax1/absmax2 (torch.zeros) stay in the allocator."""
+    if numel < PAGED_MIN_NUMEL or optimizer not in ("paged-adamw-8bit", "paged-adamw-32bit"):
+        return 0
+    return 2 * numel * (1 if optimizer == "paged-adamw-8bit" else 4)
 
 
 def model_states(plan: Plan, t: TrainingSettings) -> ModelStates:
     """Weights, gradients and optimizer state of every parameter, and the optimizer step's temporaries."""
     return _model_states(plan, replace(t, batch_size=1, seq_len=1, grad_checkpointing=False, attention="sdpa",
-                                       checkpoint_every=1, checkpoint_reentrant=False))
+                                       checkpoint_every=1, checkpoint_reentrant=False, grad_accum=1,
+                                       keep_outputs=False, loss="hf", loss_chunks=8, offload_activations=False,
+                                       max_grad_norm=None))
 
 
 @lru_cache(maxsize=4096)
@@ -151,6 +180,8 @@ def _model_states(plan: Plan, t: TrainingSettings) -> ModelStates:
     weight_dtype = stream_dtypes(plan, t)[0]
     frozen = trainable = grads = states = 0
     group_bytes: dict[str, int] = {}
+    group_count: dict[str, int] = {}
+    paged = 0  # optimizer state in CUDA unified memory (paged optimizers)
     largest = 0
     adamw_cpu_temp = prev = 0  # torch's single-tensor AdamW: see optimizer_temporaries
     adafactor_temp = 0  # transformers Adafactor.step, one parameter at a time: the fp32 update twice
@@ -183,16 +214,47 @@ def _model_states(plan: Plan, t: TrainingSettings) -> ModelStates:
         if t.optimizer == "adafactor":  # states follow the fp32 upcast gradient
             states += _adafactor_state_numel(shape or (g.numel,)) * 4
         else:
-            states += _optimizer_state_bytes(g.numel, dtype, t.optimizer)
+            paged_part = paged_state_bytes(g.numel, t.optimizer)
+            paged += paged_part
+            states += _optimizer_state_bytes(g.numel, dtype, t.optimizer) - paged_part
         group_bytes[dtype] = group_bytes.get(dtype, 0) + nbytes
+        group_count[dtype] = group_count.get(dtype, 0) + 1
         largest = max(largest, nbytes)
         adamw_cpu_temp, prev = max(adamw_cpu_temp, 2 * nbytes + prev), nbytes
         factors = _adafactor_state_numel(shape) * 4 if shape and len(shape) >= 2 else 0
         adafactor_temp = max(adafactor_temp, g.numel * 4 * (2 if dtype == "float32" else 4) + factors)
         eight_bit_state = eight_bit_state or g.numel >= 4096
     temps = adafactor_temp if t.optimizer == "adafactor" else optimizer_temporaries(t, group_bytes, adamw_cpu_temp)
-    maps = BNB_QUANTIZATION_MAPS if t.optimizer == "adamw-8bit" else 0
-    return ModelStates(frozen, trainable, grads, states, temps, largest, maps, eight_bit_state)
+    maps = BNB_QUANTIZATION_MAPS if t.optimizer in ("adamw-8bit", "paged-adamw-8bit") else 0
+    return ModelStates(frozen, trainable, grads, states, temps, largest, maps,
+                       eight_bit_state and t.optimizer != "paged-adamw-32bit", tuple(sorted(group_count.items())),
+                       paged)
+
+
+def clip_grad_norm_bytes(ms: ModelStates, device: str) -> tuple[int, int]:
+    """(peak extra bytes inside torch.nn.utils.clip_grad_norm_, the total norm it returns), from the
+    gradients' dtypes (torch/nn/utils/clip_grad.py, torch 2.x):
+    _get_total_norm makes one 0-dim norm per gradient, in its dtype (torch._foreach_norm per (device,
+      dtype) group, or linalg.vector_norm one by one where foreach is unsupported: the same tensors), then
+      ``linalg.vector_norm(torch.stack(norms))``: the stack (one element per gradient, in the dtypes'
+      promotion: fp32 if any is) and the total are alive with every norm;
+    _clip_grads_with_norm_: ``clip_coef = max_norm / (total_norm + 1e-6)`` (Tensor.__rtruediv__:
+      reciprocal, then a multiply: the sum, the reciprocal and the coefficient beside the total), clamp,
+      and torch._foreach_mul_ in place.
+    On CUDA every tensor is at least one 512-byte block of the caching allocator (the stack rounded up to
+    512). The total norm is kept through optimizer.step() (transformers Trainer: grad_norm)."""
+    counts = dict(ms.grad_tensors)
+    n = sum(counts.values())
+    if not n:
+        return 0, 0
+    promoted = DTYPE_BYTES["float32" if "float32" in counts else next(iter(counts))]
+
+    def block(nbytes: int) -> int:
+        return ceil(nbytes / 512) * 512 if device == "cuda" else nbytes
+
+    norms = sum(count * block(DTYPE_BYTES[dtype]) for dtype, count in counts.items())
+    total = block(promoted)
+    return max(norms + block(n * promoted) + total, 4 * total), total
 
 
 def optimizer_temporaries(t: TrainingSettings, group_bytes: dict, single_tensor: int) -> int:
@@ -203,6 +265,8 @@ def optimizer_temporaries(t: TrainingSettings, group_bytes: dict, single_tensor:
       parameter at a time in the parameters' order: denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt)
       holds the sqrt and the quotient while `denom` still refers to the previous parameter's: the
       largest 2 x a parameter + its predecessor (`single_tensor`, from model_states).
+    adamw-fused (torch/optim/adamw.py -> adam.py _fused_adam): torch._foreach_add_ on the steps and one
+      torch._fused_adamw_ kernel per (device, dtype) group, both in place: no temporaries.
     sgd updates in place; adamw-8bit runs one fused kernel in place (adafactor: see model_states)."""
     if t.optimizer == "adamw":
         if t.device == "cuda":

@@ -17,8 +17,8 @@ __all__ = ["AUTO_CLASS", "FULL_ATTENTION", "MAX_LAYERS", "ModelSpec", "SLIDING_A
 
 # The tasks a model class can have, decided by the config's `architectures` as transformers
 # builds it (AutoModelForCausalLM / ForMaskedLM / ForSequenceClassification / ForImageClassification /
-# AutoModel).
-TASKS = ("causal_lm", "masked_lm", "seq_cls", "image_cls", "base", "image_text_to_text")
+# AutoModel; seq2seq_lm, AutoModelForSeq2SeqLM: families peftcalc traces only, measure.generic).
+TASKS = ("causal_lm", "masked_lm", "seq_cls", "image_cls", "base", "image_text_to_text", "seq2seq_lm")
 
 # The transformers Auto class that builds each task (used by the harness and shown to users).
 AUTO_CLASS = {
@@ -28,6 +28,7 @@ AUTO_CLASS = {
     "image_cls": "AutoModelForImageClassification",
     "base": "AutoModel",
     "image_text_to_text": "AutoModelForImageTextToText",
+    "seq2seq_lm": "AutoModelForSeq2SeqLM",
 }
 
 

@@ -33,8 +33,9 @@ SEQ_CLS_HEAD_NAMES = ("classifier", "score")
 
 
 def peft_task_type(spec: ModelSpec) -> str | None:
-    """The peft task type users set for this architecture: CAUSAL_LM, SEQ_CLS, or none."""
-    return {"causal_lm": "CAUSAL_LM", "seq_cls": "SEQ_CLS"}.get(spec.task)
+    """The peft task type users set for this architecture: CAUSAL_LM, SEQ_CLS, SEQ_2_SEQ_LM (an encoder-decoder,
+    traced only), or none."""
+    return {"causal_lm": "CAUSAL_LM", "seq_cls": "SEQ_CLS", "seq2seq_lm": "SEQ_2_SEQ_LM"}.get(spec.task)
 
 
 def module_matches(path: str, keys) -> bool:

@@ -28,6 +28,10 @@ class StepContext:
     quant_compute: str = ""  # bnb_4bit_compute_dtype of a QLoRA base ("" without one)
     quant_source: str = ""  # the dtype its NF4 weights were quantized from (the loaded dtype: QuantState.dtype)
     quant_nested: bool = False  # double quantization (QuantState.nested: an 8-bit absmax)
+    # a micro-batch after the first of an optimizer step (gradient accumulation): every trainable parameter
+    # already has its .grad, so each new gradient is added into it and freed (peftcalc.backward)
+    accumulating: bool = False
+    fused_loss: str = ""  # "liger" or "cce": lm_head and cross-entropy fused (sim.head.fused_loss_head)
 
     @property
     def tokens(self) -> int:

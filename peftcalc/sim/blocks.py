@@ -67,7 +67,8 @@ def simulate_block(spec: ModelSpec, plan: Plan, training: LayerTraining, ctx: St
     recompute_saved = rec.recompute_peak_saved - (x.nbytes if x.id in rec.saved else 0)
     replay, checkpointed = run_backward_both(rec.nodes, saved, incoming, in_place, recompute,
                                              recompute_saved if recompute else 0,
-                                             checkpoint_input=x.id if x.id in saved else None)
+                                             checkpoint_input=x.id if x.id in saved else None,
+                                             accumulate=ctx.accumulating)
     leaves = rec.live_bytes - rec.live.get(out.id, 0) - rec.live.get(x.id, 0)
     return BlockSimulation(sum(saved.values()), tuple(rec.bytes_by_tag().items()), out.requires_grad, out.dtype, replay.peak,
                            rec.forward_peak, rec.forward_peak_saved, x.id in rec.saved, leaves,
@@ -105,7 +106,8 @@ def reentrant_block_peak(spec: ModelSpec, plan: Plan, training: LayerTraining, c
         saved[x.id] = 0
     sentinel = rec.next_id + 1
     nodes = [Node(sentinel)] + [Node(*n)._replace(hold=sentinel) if n[0] == out.id else n for n in rec.nodes]
-    replay = run_backward(nodes, saved, {out.id: out.nbytes} if out.requires_grad else {}, in_place=ctx.device == "cuda")
+    replay = run_backward(nodes, saved, {out.id: out.nbytes} if out.requires_grad else {}, in_place=ctx.device == "cuda",
+                          accumulate=ctx.accumulating)
     output = out.nbytes if (out.base or out).id not in rec.saved else 0
     inner = BackwardPeak(replay.peak.saved, replay.peak.buffers + output, replay.peak.params)
     return inner if inner.total > recompute.total else recompute

@@ -5,7 +5,7 @@ class runs them), and which parameters outside the blocks train.
 from __future__ import annotations
 
 
-from peftcalc.backward import BackwardPeak, run_backward
+from peftcalc.backward import GRAD, BackwardPeak, run_backward
 from peftcalc.families import family
 from peftcalc.layout import Layout
 from peftcalc.methods.sites import HeadSites, head_linear, param_trains, trained_norm_params
@@ -14,6 +14,7 @@ from peftcalc.ops.norms import layer_norm, rms_norm
 from peftcalc.ops.recorder import Recorder, SymTensor
 from peftcalc.ops.tensor_ops import cast, first_token
 from peftcalc.plan import Plan
+from peftcalc.settings import DTYPE_BYTES
 from peftcalc.spec import ModelSpec
 
 __all__ = [
@@ -21,6 +22,7 @@ __all__ = [
     "final_norm",
     "has_final_norm",
     "head_backward",
+    "fused_loss_head",
     "head_forward",
     "unsaved_model_output",
 ]
@@ -61,6 +63,8 @@ def head_forward(rec: Recorder, spec: ModelSpec, plan: Plan, layout: Layout, x: 
     ctx = rec.ctx
     h, tok, b = spec.hidden_size, ctx.tokens, ctx.batch
     x = final_norm(rec, spec, plan, layout, x)
+    if spec.task == "causal_lm" and ctx.fused_loss:
+        return tok * h, x, fused_loss_head(rec, spec, plan, layout, x)
     if spec.task == "causal_lm":
         tied = layout.head_tied_to_embedding and plan.embedding_trains  # its gradient waits for the lookup's
         logits = linear(rec, x, h, spec.vocab_size, param_trains(plan, "lm_head", True) or tied, "lm_head", grad_pending=tied)
@@ -94,6 +98,47 @@ def head_forward(rec: Recorder, spec: ModelSpec, plan: Plan, layout: Layout, x: 
     return 0, x, loss
 
 
+def fused_loss_head(rec: Recorder, spec: ModelSpec, plan: Plan, layout: Layout, x: SymTensor) -> SymTensor:
+    """lm_head and cross-entropy in one autograd Function on the final hidden states x (t x h): no logits.
+    Returns the tensor whose gradient starts the head's backward.
+
+    liger: Liger Kernel ops/fused_linear_cross_entropy.py LigerFusedLinearCrossEntropyFunction (at
+      linkedin/Liger-Kernel 00eba634), patched into LlamaForCausalLM.forward by apply_liger_kernel_to_llama
+      (TRL use_liger_kernel): the forward computes grad_input (zeros_like(x)) and grad_weight (zeros_like of
+      the lm_head weight, when it trains) and saves them (sim.loss.fused_loss_buffers counts them); the
+      backward returns grad_input as x's gradient (here: the incoming gradient, t h bytes, handed on as is)
+      and grad_weight as the weight's (a parameter gradient, already made).
+    cce: Apple's Cut Cross-Entropy cut_cross_entropy/cce.py LinearCrossEntropyFunction (apple/ml-cross-entropy
+      3a798378): the forward saves x (e), the lse (fp32 per valid token), the valid indices (int64) and
+      logit_avg (fp32 per vocabulary entry); the backward (cce_backward.py cce_backward_kernel) sorts the
+      vocabulary by logit_avg (argsort's int64 and its int32 copy), makes de = zeros_like(e), dc =
+      zeros_like(c) when the weight trains, and int32 lock tables of ceil(n/128) x ceil(h/64) entries (n the
+      valid tokens, or the vocabulary)."""
+    ctx = rec.ctx
+    h, tok, vocab = spec.hidden_size, ctx.tokens, spec.vocab_size
+    tied = layout.head_tied_to_embedding and plan.embedding_trains
+    weight_trains = param_trains(plan, "lm_head", True) or tied
+    dw = [("pending" if tied else "param", vocab * h * DTYPE_BYTES[ctx.weight_dtype])] if weight_trains else []
+    if ctx.fused_loss == "liger":
+        root = rec.new(tok * h, x.dtype, x.requires_grad)  # its gradient: the saved grad_input
+        rec.node(root, dw, [(x.id, GRAD)] if x.requires_grad else [])
+        return root
+    valid = tok - ctx.batch  # shift=1: the last position of each sequence predicts nothing
+    saved = [rec.save(x, "loss.cce_hidden"), rec.save_new(valid, "float32", "loss.cce_lse"),
+             rec.save_new(valid, "int64", "loss.cce_valids"), rec.save_new(vocab, "float32", "loss.cce_logit_avg")]
+    root = rec.new(1, "float32", x.requires_grad or weight_trains)
+
+    def locks(n: int) -> int:
+        return -(-n // 128) * -(-h // 64) * 4
+
+    steps = [("new", "order64", vocab * 8), ("new", "order", vocab * 4), ("free", "order64"),
+             ("new", "de", x.nbytes), ("new", "del", locks(valid))]
+    if weight_trains:
+        steps += [("new", "dcl", locks(vocab))] + dw
+    rec.node(root, steps, [(x.id, "de")] if x.requires_grad else [], saved)
+    return root
+
+
 def unsaved_model_output(rec: Recorder, hidden: SymTensor) -> int:
     """The base model's output (last_hidden_state: the final norm's output, or the last block's)
     stays alive until the loss is computed, because the ForXxx forward holds ``outputs`` (e.g.
@@ -109,4 +154,4 @@ def head_backward(rec: Recorder, start: int, root: SymTensor) -> BackwardPeak:
     the head ('post') saved, from the gradient of `root` (the logits, or the bare encoder's loss)."""
     post_saved = {tid: nbytes for tid, (bucket, _t, nbytes) in rec.saved.items() if bucket == "post"}
     return run_backward(rec.nodes[start:], post_saved, {root.id: root.nbytes} if root.requires_grad else {},
-                        in_place=rec.ctx.device == "cuda").peak
+                        in_place=rec.ctx.device == "cuda", accumulate=rec.ctx.accumulating).peak

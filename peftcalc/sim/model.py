@@ -9,7 +9,7 @@ from functools import lru_cache
 
 from peftcalc.families import build_layout, dropout_p, family
 from peftcalc.layout import Layout
-from peftcalc.methods.sites import HeadSites
+from peftcalc.methods.sites import HeadSites, param_trains
 from peftcalc.ops.attention import model_masks_bytes
 from peftcalc.ops.context import StepContext
 from peftcalc.ops.recorder import Recorder, SymTensor
@@ -18,7 +18,7 @@ from peftcalc.settings import DTYPE_BYTES, TrainingSettings
 from peftcalc.sim.autocast_cache import autocast_weight_cache_bytes
 from peftcalc.sim.blocks import BlockRun, run_blocks, unwrapped_saved_copies
 from peftcalc.sim.head import embeddings_forward, final_norm, has_final_norm, head_backward, head_forward, unsaved_model_output
-from peftcalc.sim.loss import loss_buffers
+from peftcalc.sim.loss import chunked_loss_buffers, fused_loss_buffers, loss_buffers
 from peftcalc.sim.profile import ActivationProfile, input_embeddings_require_grad, make_ctx, stream_dtype
 from peftcalc.spec import ModelSpec
 
@@ -89,7 +89,8 @@ def model_profile(plan: Plan, t: TrainingSettings, checkpointed: tuple) -> Activ
     per_layer = blocks.per_layer
     needs_grad_layers = [i for i in range(spec.num_layers) if per_layer[i] > 0 and (not checkpointed or checkpointed[i])]
     ckpt_inputs = len(needs_grad_layers) * tok * h * DTYPE_BYTES[stream_dtype(ctx)]
-    loss = loss_buffers(spec, ctx, logits_numel)
+    chunked = t.loss == "chunked" and spec.task == "causal_lm"
+    loss, logits_numel = _loss(spec, plan, layout, ctx, t, logits_numel, root)
     weight_cache = (autocast_weight_cache_bytes(plan, ctx) - rec.saved_cached_copies()
                     - unwrapped_saved_copies(plan, ctx, blocks, checkpointed))
     return ActivationProfile(
@@ -111,7 +112,7 @@ def model_profile(plan: Plan, t: TrainingSettings, checkpointed: tuple) -> Activ
         forward_transient=block_forward_transient(spec, plan, ctx, per_layer, blocks.unsaved_block_live),
         forward_transient_saved=saved_below_last_frozen_block(per_layer),
         autocast_weight_cache=weight_cache,
-        model_output=model_output,
+        model_output=0 if chunked else model_output,  # a loss outside the model: it has returned
         head_backward=head,
         forward_block_saved=forward_block[0],
         forward_block_live=forward_block[1],
@@ -124,6 +125,20 @@ def model_profile(plan: Plan, t: TrainingSettings, checkpointed: tuple) -> Activ
         checkpointed=checkpointed,
         reentrant_backward=blocks.reentrant if t.checkpoint_reentrant else (),
     )
+
+
+def _loss(spec: ModelSpec, plan: Plan, layout: Layout, ctx: StepContext, t: TrainingSettings, logits_numel: int,
+          root: SymTensor):
+    """(the loss's buffers, the logits' numel as the profile counts them) for the loss `t.loss` names: a fused
+    loss (its logits never exist whole: the head's incoming gradient stands for them), torchtune's chunked
+    cross-entropy on a causal LM, or transformers' loss (sim.loss)."""
+    if ctx.fused_loss:
+        tied = layout.head_tied_to_embedding and plan.embedding_trains
+        loss = fused_loss_buffers(ctx, spec, param_trains(plan, "lm_head", True) or tied)
+        return loss, root.nbytes // DTYPE_BYTES[ctx.autocast or ctx.compute_dtype]  # the head's incoming gradient
+    if t.loss == "chunked" and spec.task == "causal_lm":
+        return chunked_loss_buffers(ctx, spec.vocab_size, t.loss_chunks), logits_numel
+    return loss_buffers(spec, ctx, logits_numel), logits_numel
 
 
 def _final_norm_peak(spec: ModelSpec, plan: Plan, layout: Layout, ctx: StepContext, out: SymTensor) -> tuple[int, int]:

@@ -102,6 +102,8 @@ def make_ctx(spec: ModelSpec, plan: Plan, t: TrainingSettings) -> StepContext:
         quant_compute=t.compute_dtype if method == "qlora" else "",
         quant_source=t.weight_dtype if method == "qlora" else "",
         quant_nested=method == "qlora" and plan.settings.double_quant,
+        accumulating=t.grad_accum > 1,
+        fused_loss=t.loss if t.loss in ("liger", "cce") and spec.task == "causal_lm" else "",
     )
 
 

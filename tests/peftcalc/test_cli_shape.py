@@ -169,7 +169,7 @@ def test_matrix_sweep_prints_one_line_per_row_when_stderr_is_not_a_terminal(tmp_
     assert proc.returncode == 0, proc.stderr
     lines = [x for x in proc.stderr.splitlines() if x.startswith("[")]
     assert len(lines) == 2, proc.stderr
-    assert lines[0].startswith("[1/2] t-llama lora bf16 b1 s8 adamw fake") and ": ok " in lines[0]
+    assert lines[0].startswith("[1/2] t-llama lora bf16 b1 s8 adamw-fused fake") and ": ok " in lines[0]
     assert lines[0].rstrip().endswith(("B", "KiB", "MiB", "GiB"))
     assert lines[1].startswith("[2/2] t-llama full")
 

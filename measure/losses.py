@@ -1,0 +1,41 @@
+"""The losses a recipe puts in place of the model's own (peftcalc.settings.LOSSES), run on the model's
+logits by :func:`measure.setup.model_loss`: torchtune's chunked cross-entropy (:func:`chunked_cross_entropy`).
+
+Liger Kernel's and Cut Cross-Entropy's fused losses run Triton kernels on CUDA only: the harness runs
+them there (gpu matrix), not here.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["IGNORE_INDEX", "chunked_cross_entropy", "torchtune_shifted_labels"]
+
+IGNORE_INDEX = -100
+
+
+def torchtune_shifted_labels(labels: torch.Tensor) -> torch.Tensor:
+    """torchtune recipes/full_finetune_single_device.py _loss_step: the labels shifted left by one, the
+    last position ignored: ``torch.hstack((labels[..., 1:], self.ignore_labels_cache[: labels.shape[0]]))``
+    (the cache, a (batch, 1) tensor of ignore_index, made here for the step)."""
+    ignore = torch.full((labels.shape[0], 1), IGNORE_INDEX, dtype=labels.dtype, device=labels.device)
+    return torch.hstack((labels[..., 1:], ignore))
+
+
+def chunked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, num_output_chunks: int) -> torch.Tensor:
+    """torchtune modules/loss/ce_chunked_output_loss.py CEWithChunkedOutputLoss.forward on the logits in
+    `num_output_chunks` chunks, each upcast to fp32 on its own (compute_cross_entropy:
+    ``F.cross_entropy(logits.float(), labels, ignore_index, reduction="sum")``), the sums added and divided by
+    the count of labels that are not ignored. torchtune's TransformerDecoder hands it the lm_head applied to
+    each sequence chunk of the hidden states (contiguous chunks); an HF model returns the whole logits, so
+    they are chunked here over the flattened tokens (``logits.reshape(-1, V).chunk(n)``, as LitGPT's
+    chunked_cross_entropy splits them): contiguous views, the same bytes, where sequence chunks of a batch > 1
+    would be strided and their ``reshape(-1, V)`` a copy of the logits."""
+    total_elements = (labels != IGNORE_INDEX).sum()
+    label_chunks = labels.reshape(-1).chunk(num_output_chunks)
+    logit_chunks = logits.reshape(-1, logits.size(-1)).chunk(num_output_chunks)
+    total_loss = 0.0
+    for logits_chunk, labels_chunk in zip(logit_chunks, label_chunks):
+        total_loss += F.cross_entropy(logits_chunk.float(), labels_chunk, ignore_index=IGNORE_INDEX, reduction="sum")
+    return total_loss / total_elements
