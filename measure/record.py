@@ -35,7 +35,8 @@ REPO = Path(__file__).resolve().parent.parent
 LATER_METHOD_FIELDS = ("vision_layers",)
 # TrainingSettings fields added later, with their defaults: recorded only when they differ from them.
 LATER_TRAINING_FIELDS = {"checkpoint_every": 1, "checkpoint_reentrant": False, "grad_accum": 1, "keep_outputs": False,
-                         "loss": "hf", "loss_chunks": 8, "offload_activations": False, "max_grad_norm": None}
+                         "loss": "hf", "loss_chunks": 8, "offload_activations": False, "max_grad_norm": None,
+                         "trainer_loop": False}
 
 
 def method_record(spec: ModelSpec, method: MethodSettings) -> dict:

@@ -76,6 +76,9 @@ def check_run(spec: ModelSpec, method: MethodSettings, training: TrainingSetting
     if steps < 1:
         raise InputError(f"--steps must be a positive integer, got {steps}")
     check_training(replace(training, device="cuda" if device == "cuda" else "cpu"))
+    if training.trainer_loop:
+        raise InputError("trainer_loop is a transformers Trainer's step: measure it in a real run with "
+                         "peftcalc.integrations.transformers.MemoryCallback (the harness runs its own loop)")
     make_plan(spec, method)
     if device == "cuda" and not torch.cuda.is_available():
         raise InputError("device 'cuda' asked for, but torch sees no CUDA device; use --device cpu or fake")

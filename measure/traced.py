@@ -179,10 +179,14 @@ def traced_estimate(
     device: str = "cpu", checkpoint_every: int = 1, checkpoint_reentrant: bool = False, grad_accum: int = 1,
     keep_outputs: bool = False, loss: str = "hf", loss_chunks: int = 8, offload_activations: bool = False,
     max_grad_norm: float | None = None, gpu: str | None = None, price: float | None = None, tasks: int = 1,
-    dataset_tokens: int = DEFAULT_DATASET_TOKENS, mfu: float = DEFAULT_MFU,
+    dataset_tokens: int = DEFAULT_DATASET_TOKENS, mfu: float = DEFAULT_MFU, trainer_loop: bool = False,
 ):
     """estimate()'s figures from a trace of the real model on fake tensors (any transformers model); `device`
-    is accepted for estimate()'s signature, and the trace always counts as --device cpu does."""
+    is accepted for estimate()'s signature, and the trace always counts as --device cpu does. `trainer_loop`
+    (the Trainer's step, which a --config file sets) is refused: the harness runs its own loop."""
+    if trainer_loop:
+        raise InputError("trainer_loop: a trace runs the harness's own loop, not the Trainer's (one loss scalar "
+                         "less through backward); leave trainer_loop out to trace", names=("trainer_loop",))
     spec = traced_spec(model)
     knobs = dict(rank=rank, alpha=alpha, targets=targets, dora=dora, double_quant=double_quant, bottleneck=bottleneck,
                  adapter_kind=adapter_kind, num_virtual_tokens=num_virtual_tokens, trainable_layers=trainable_layers,

@@ -13,6 +13,7 @@ block's backward, without checkpointing and with it.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from functools import lru_cache
 
 from peftcalc.checkpointing import checkpointed_layers
@@ -33,7 +34,18 @@ def activation_profile(plan: Plan, t: TrainingSettings) -> ActivationProfile:
     (sim.llava, sim.blip2); every other model is one stack of blocks (sim.model)."""
     spec = plan.spec
     if spec.is_vlm:
-        return llava_profile(plan, t)
-    if spec.is_blip2:
-        return blip2_profile(plan, t)
-    return model_profile(plan, t, checkpointed_layers(spec, t))
+        profile = llava_profile(plan, t)
+    elif spec.is_blip2:
+        profile = blip2_profile(plan, t)
+    else:
+        profile = model_profile(plan, t, checkpointed_layers(spec, t))
+    return trainer_loop_profile(profile) if t.trainer_loop else profile
+
+
+def trainer_loop_profile(profile: ActivationProfile) -> ActivationProfile:
+    """The profile under transformers Trainer.training_step: ``self.accelerator.backward(loss)`` runs
+    ``loss = loss / self.gradient_accumulation_steps`` (accelerate/accelerator.py Accelerator.backward; even
+    for 1 step) while training_step still holds its own loss, so one more scalar of the loss dtype (half of
+    the loss and its ones_like gradient) is alive through backward. Traced in a real Trainer run by
+    tests/peftcalc/integrations/test_memory_callback.py."""
+    return replace(profile, loss_scalars=profile.loss_scalars + profile.loss_scalars // 2)

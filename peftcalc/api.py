@@ -234,6 +234,7 @@ def estimate(
     loss_chunks: int = 8,
     offload_activations: bool = False,
     max_grad_norm: float | None = None,
+    trainer_loop: bool = False,
     gpu: str | None = None,
     price: float | None = None,
     tasks: int = 1,
@@ -255,7 +256,8 @@ def estimate(
                                grad_checkpointing=grad_checkpointing, attention=attention, device=device,
                                checkpoint_every=checkpoint_every, checkpoint_reentrant=checkpoint_reentrant,
                                grad_accum=grad_accum, keep_outputs=keep_outputs, loss=loss, loss_chunks=loss_chunks,
-                               offload_activations=offload_activations, max_grad_norm=max_grad_norm))
+                               offload_activations=offload_activations, max_grad_norm=max_grad_norm,
+                               trainer_loop=trainer_loop))
     check_combination(spec, settings, seq_len, grad_checkpointing)
     check_loss_applies(spec, t, stream_dtypes(make_plan(spec, settings), t)[1])
     _check_cost_inputs(gpu, price, tasks, dataset_tokens, mfu)
@@ -362,7 +364,8 @@ def _collector_paused(f):
 
 
 @_collector_paused
-def sweep(model: str | ModelSpec | dict | list = DEFAULT_MODEL, **grid):
+def sweep(model: str | ModelSpec | dict | list | None = None, *, config: str | None = None,
+          adapter_config: str | None = None, **grid):
     """Estimate every combination of the settings given as lists; returns a pandas DataFrame with
     one row per combination (model, settings, parameter counts, peak, phase, components, reserved). Each
     argument takes one value or any iterable of values except a string (a list, tuple, range, generator);
@@ -380,8 +383,12 @@ def sweep(model: str | ModelSpec | dict | list = DEFAULT_MODEL, **grid):
                          "belong to estimate()", names=tuple(costs))
     unknown = sorted(k for k in grid if k not in SWEEP_FIELDS)
     if unknown:
-        raise InputError(f"sweep() got unknown argument(s) {', '.join(unknown)}; valid: model, "
-                         f"{', '.join(SWEEP_FIELDS)}")
+        raise InputError(f"sweep() got unknown argument(s) {', '.join(unknown)}; valid: model, config, "
+                         f"adapter_config, {', '.join(SWEEP_FIELDS)}")
+    run = None
+    if config is not None or adapter_config is not None:
+        model, grid, run = _config_grid(model, config, adapter_config, grid)
+    model = DEFAULT_MODEL if model is None else model
     keys = list(grid)
     values = [_grid_values(k, v) for k, v in grid.items()]
     rows = []
@@ -394,10 +401,23 @@ def sweep(model: str | ModelSpec | dict | list = DEFAULT_MODEL, **grid):
             except CombinationError as exc:
                 rows.append({"model": spec.name, **kw, "error": str(exc)})
     df = pd.DataFrame(rows)
+    if run is not None:  # the line naming the config's tool and settings, and what it does not model
+        df.attrs.update(config=run.header(), not_modelled=run.warning())
     if df["error"].notna().any():  # byte counts stay integers beside the rows that have none
         counts = [c for c in df.columns if c.startswith(("params_", "mem_")) or c.endswith("_bytes")]
         df[counts] = df[counts].astype("Int64")
     return df
+
+
+def _config_grid(model, config, adapter_config, grid: dict):
+    """sweep(config=...): the model and settings a training config (and a peft adapter config) describe
+    (peftcalc.training_configs.from_files), under `model` and every grid keyword given."""
+    from peftcalc.training_configs import from_files
+
+    single = model if isinstance(model, (str, ModelSpec, dict)) else None
+    run = from_files(config, adapter_config, given={"model": single} if single is not None else {})
+    base = {k: v for k, v in run.kwargs.items() if k in SWEEP_FIELDS and k not in grid}
+    return (run.model if model is None else model), {**base, **grid}, run
 
 
 # The keywords sweep() takes besides `model`: the knobs of MethodSettings and the TrainingSettings fields;

@@ -10,12 +10,13 @@ import typer
 
 from peftcalc.errors import InputError, as_flags
 from peftcalc.cli_options import (
-    ADAPTER_KIND, ALPHA, ATTENTION, BATCH, BOTTLENECK, CHART_SUFFIXES, CKPT, CKPT_EVERY, CKPT_REENTRANT,
-    DATASET_TOKENS, DEVICE, DORA, DOUBLE_QUANT, EXTRAS, FORMAT, GPU_OPT, GRAD_ACCUM, KEEP_OUTPUTS, LOSS, LOSS_CHUNKS,
-    MAX_GRAD_NORM, MEASURE_DEVICES, METHOD, MFU, MODEL_ARG, OFFLOAD,
-    OPTIMIZER, PRECISION, PREPARE_KBIT, PRICE, RANK, SEQ, TARGETS, TASKS, TRACE, TRAINABLE_LAYERS, VIRTUAL_TOKENS,
+    ADAPTER_CONFIG, ADAPTER_KIND, ALPHA, ATTENTION, BATCH, BOTTLENECK, CHART_SUFFIXES, CKPT, CKPT_EVERY,
+    CKPT_REENTRANT, CONFIG, DATASET_TOKENS, DEVICE, DORA, DOUBLE_QUANT, EXTRAS, FORMAT, GPU_OPT, GRAD_ACCUM,
+    KEEP_OUTPUTS, LOSS, LOSS_CHUNKS, MAX_GRAD_NORM, MEASURE_DEVICES, METHOD, MFU, MODEL_ARG, OFFLOAD,
+    OPTIMIZER, PRECISION, PREPARE_KBIT, PRICE, RANK, SEQ, TARGETS, TASKS, TRACE, TRAINABLE_LAYERS, TRAINER_LOOP,
+    VIRTUAL_TOKENS,
     VISION_LAYERS, check_format, check_limit, check_out_file, check_out_folder, echo_rows, int_list, method_list,
-    measure_text, missing_extra_text, model_arg, require,
+    measure_text, missing_extra_text, model_arg, require, with_config,
 )
 
 __all__ = ["app", "main"]
@@ -44,28 +45,23 @@ def estimate(
     loss: str = LOSS, loss_chunks: int = LOSS_CHUNKS, offload_activations: bool = OFFLOAD,
     max_grad_norm: Optional[float] = MAX_GRAD_NORM, gpu: Optional[str] = GPU_OPT,
     price: Optional[float] = PRICE, tasks: int = TASKS, dataset_tokens: int = DATASET_TOKENS, mfu: float = MFU,
-    format: str = FORMAT, trace: bool = TRACE,
+    format: str = FORMAT, trace: bool = TRACE, trainer_loop: bool = TRAINER_LOOP, config: Optional[str] = CONFIG,
+    adapter_config: Optional[str] = ADAPTER_CONFIG, ctx: typer.Context = None,
 ) -> None:
     """Parameters, memory breakdown and peak phase, GPU fit, time, cost and storage."""
     from peftcalc.format import render_estimate
 
     check_format(format)
+    kw = with_config(ctx, format)  # every parameter as the API names it (a --config file's run under the flags)
+    kw["dora"] = kw["dora"] or None
+    trace, model = kw.pop("trace"), kw.pop("model")
     unmodelled = _traced_automatically(model)
     if trace or unmodelled:  # the harness on fake tensors (measure.traced), imported only here
         _measure_imports("estimate")
         from measure.traced import traced_estimate as run_estimate
     else:
         from peftcalc.api import estimate as run_estimate
-    e = run_estimate(model, method=method, rank=rank, alpha=alpha, targets=targets, dora=dora or None,
-                     double_quant=double_quant, bottleneck=bottleneck, adapter_kind=adapter_kind,
-                     num_virtual_tokens=num_virtual_tokens, trainable_layers=trainable_layers,
-                     vision_layers=vision_layers, prepare_kbit=prepare_kbit, batch_size=batch_size,
-                     seq_len=seq_len, precision=precision, optimizer=optimizer, grad_checkpointing=grad_checkpointing,
-                     checkpoint_every=checkpoint_every, checkpoint_reentrant=checkpoint_reentrant,
-                     attention=attention, device=device, grad_accum=grad_accum, keep_outputs=keep_outputs,
-                     loss=loss, loss_chunks=loss_chunks, offload_activations=offload_activations,
-                     max_grad_norm=max_grad_norm, gpu=gpu, price=price, tasks=tasks,
-                     dataset_tokens=dataset_tokens, mfu=mfu)
+    e = run_estimate(model, **kw)
     if unmodelled:
         typer.echo(f"{unmodelled} is not modelled analytically; traced on fake tensors ({e.trace['seconds']:,.1f} s)",
                    err=True)
@@ -90,16 +86,15 @@ def compare(
     grad_checkpointing: bool = CKPT, checkpoint_every: int = CKPT_EVERY, checkpoint_reentrant: bool = CKPT_REENTRANT,
     attention: str = ATTENTION, device: str = DEVICE, gpu: Optional[str] = GPU_OPT,
     tasks: int = TASKS, dataset_tokens: int = DATASET_TOKENS, mfu: float = MFU, format: str = FORMAT,
+    trainer_loop: bool = TRAINER_LOOP, config: Optional[str] = CONFIG,
+    adapter_config: Optional[str] = ADAPTER_CONFIG, ctx: typer.Context = None,
 ) -> None:
     """Every method side by side on one model and one training setting."""
     from peftcalc.compare import compare_methods, render_compare
 
     check_format(format)
-    rows = compare_methods(model, rank=rank, targets=targets, batch_size=batch_size, seq_len=seq_len,
-                           precision=precision, optimizer=optimizer, grad_checkpointing=grad_checkpointing,
-                           checkpoint_every=checkpoint_every, checkpoint_reentrant=checkpoint_reentrant,
-                           attention=attention, device=device, gpu=gpu, tasks=tasks, dataset_tokens=dataset_tokens,
-                           mfu=mfu)
+    kw = with_config(ctx, format)  # a --config file's training settings, rank and targets under the flags
+    rows = compare_methods(kw.pop("model"), **kw)
     typer.echo(render_compare(rows, format, flags=True))
 
 
@@ -118,20 +113,22 @@ def crossover(
                                                          "shorter sequences)."),
     precision: str = PRECISION, optimizer: str = OPTIMIZER, grad_checkpointing: bool = CKPT,
     checkpoint_every: int = CKPT_EVERY, checkpoint_reentrant: bool = CKPT_REENTRANT,
-    attention: str = ATTENTION, device: str = DEVICE, format: str = FORMAT,
+    attention: str = ATTENTION, device: str = DEVICE, format: str = FORMAT, trainer_loop: bool = TRAINER_LOOP,
+    config: Optional[str] = CONFIG, adapter_config: Optional[str] = ADAPTER_CONFIG, ctx: typer.Context = None,
 ) -> None:
     """Where a method stops saving memory against another (default: full fine-tuning) as the sequence
     length or batch size grows (peft#1514: LoRA on all linears overtakes full fine-tuning at long context)."""
     from peftcalc.crossover import crossover as find_crossover, render_crossover
 
+    from peftcalc.methods import METHOD_KNOBS
+
     check_format(format)
     check_limit(limit, "--limit", 1)
-    method_kw = {k: v for k, v in dict(rank=rank, targets=targets, dora=dora or None, bottleneck=bottleneck,
-                                       adapter_kind=adapter_kind, num_virtual_tokens=num_virtual_tokens,
-                                       trainable_layers=trainable_layers).items() if v is not None}
-    training = dict(batch_size=batch_size, seq_len=seq_len, precision=precision, optimizer=optimizer,
-                    grad_checkpointing=grad_checkpointing, checkpoint_every=checkpoint_every,
-                    checkpoint_reentrant=checkpoint_reentrant, attention=attention, device=device)
+    kw = with_config(ctx, format)  # a --config file's run under the flags
+    kw["dora"] = kw["dora"] or None
+    model, method = kw.pop("model"), kw.pop("method")
+    method_kw = {k: v for k, v in kw.items() if k in METHOD_KNOBS and v is not None}
+    training = {k: v for k, v in kw.items() if k not in METHOD_KNOBS}
     r = find_crossover(model, method=method or "lora", against=against, over=over, limit=limit, training=training,
                        **method_kw)
     typer.echo(render_crossover(r, format))
@@ -186,10 +183,13 @@ def measure(
                                          "'ci' / 'gpu') to sweep; rows are appended to --out as they finish."),
     out: Optional[str] = typer.Option(None, "--out", "-o", help="JSON-lines file for --matrix (resumed if present)."),
     limit: Optional[int] = typer.Option(None, "--limit", help="--matrix: only the first N runs."),
-    format: str = FORMAT,
+    format: str = FORMAT, config: Optional[str] = CONFIG, adapter_config: Optional[str] = ADAPTER_CONFIG,
+    ctx: typer.Context = None,
 ) -> None:
     """Run real training steps and record their memory (and the calculator's prediction beside it)."""
     check_format(format)
+    if matrix and (config or adapter_config):
+        raise InputError(f"{'--config' if config else '--adapter-config'} describes one run; a --matrix file its own")
     if device is not None and device not in MEASURE_DEVICES:
         raise InputError(f"unknown device '{device}'; choose from {', '.join(MEASURE_DEVICES)}")
     if matrix:
@@ -203,7 +203,7 @@ def measure(
         _measure_imports()
         _measure_matrix(path, out, device, limit, format)
         return
-    if not model:
+    if not model and not config and not adapter_config:
         raise InputError("give a model to measure, or --matrix FILE --out FILE")
     if out is not None or limit is not None:
         raise InputError(f"{'--out' if out is not None else '--limit'} goes with --matrix; one run prints its row "
@@ -215,18 +215,17 @@ def measure(
     from peftcalc.settings import TrainingSettings
     from peftcalc.config import load_spec
 
-    spec = load_spec(model)
-    settings = method_settings(method or default_method(spec), rank=rank, alpha=alpha, targets=targets, dora=dora,
-                                double_quant=double_quant, bottleneck=bottleneck, adapter_kind=adapter_kind,
-                                num_virtual_tokens=num_virtual_tokens, trainable_layers=trainable_layers,
-                                prepare_kbit=prepare_kbit)
-    dev = device or _default_device()
-    training = TrainingSettings(batch_size=batch_size, seq_len=seq_len, precision=precision, optimizer=optimizer,
-                                grad_checkpointing=grad_checkpointing, attention=attention,
-                                device="cuda" if dev == "cuda" else "cpu", checkpoint_every=checkpoint_every,
-                                checkpoint_reentrant=checkpoint_reentrant, grad_accum=grad_accum,
-                                keep_outputs=keep_outputs, loss=loss, loss_chunks=loss_chunks,
-                                offload_activations=offload_activations, max_grad_norm=max_grad_norm)
+    from dataclasses import fields
+
+    from peftcalc.methods import METHOD_KNOBS
+
+    kw = with_config(ctx, format)  # a --config file's run under the flags
+    dev = kw.pop("device") or _default_device()
+    spec = load_spec(kw.pop("model"))
+    method = kw.pop("method")
+    settings = method_settings(method or default_method(spec), **{k: v for k, v in kw.items() if k in METHOD_KNOBS})
+    training = TrainingSettings(**{k: v for k, v in kw.items() if k in {f.name for f in fields(TrainingSettings)}},
+                                device="cuda" if dev == "cuda" else "cpu")
     row = measure_one(spec, settings, training, device=dev, steps=steps)
     if format == "json":
         typer.echo(to_json_line(row))

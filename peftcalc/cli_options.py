@@ -11,13 +11,13 @@ import typer
 from peftcalc.errors import InputError
 
 __all__ = [
-    "ADAPTER_KIND", "ALPHA", "ATTENTION", "BATCH", "BOTTLENECK", "CHART_SUFFIXES", "CKPT", "CKPT_EVERY",
-    "CKPT_REENTRANT", "DATASET_TOKENS", "DEVICE", "DORA", "DOUBLE_QUANT", "EXTRAS", "FORMAT", "FORMATS", "GPU_OPT",
+    "ADAPTER_CONFIG", "ADAPTER_KIND", "ALPHA", "ATTENTION", "BATCH", "BOTTLENECK", "CHART_SUFFIXES", "CKPT", "CKPT_EVERY",
+    "CKPT_REENTRANT", "CONFIG", "DATASET_TOKENS", "DEVICE", "DORA", "DOUBLE_QUANT", "EXTRAS", "FORMAT", "FORMATS", "GPU_OPT",
     "GRAD_ACCUM", "KEEP_OUTPUTS", "LOSS", "LOSS_CHUNKS", "MAX_GRAD_NORM", "MEASURE_DEVICES", "METHOD", "MFU",
     "MODEL_ARG", "OFFLOAD", "OPTIMIZER", "PRECISION", "PREPARE_KBIT", "PRICE", "RANK", "SEQ",
-    "TARGETS", "TASKS", "TRACE", "TRAINABLE_LAYERS", "VIRTUAL_TOKENS", "VISION_LAYERS", "can_write", "check_format",
+    "TARGETS", "TASKS", "TRACE", "TRAINABLE_LAYERS", "TRAINER_LOOP", "VIRTUAL_TOKENS", "VISION_LAYERS", "can_write", "check_format",
     "check_limit", "check_out_file", "check_out_folder", "echo_rows", "fmt_cell", "int_list", "measure_text",
-    "method_list", "missing_extra_text", "model_arg", "phase_text", "require", "writable_folder",
+    "method_list", "missing_extra_text", "model_arg", "phase_text", "require", "with_config", "writable_folder",
 ]
 
 FORMATS = ("table", "json", "csv", "markdown")
@@ -111,6 +111,13 @@ TRACE = typer.Option(False, "--trace", help="Trace the training step of the real
                      "harness: pip install 'peftcalc[measure]'; seconds, not milliseconds) instead of modelling "
                      "it: any transformers model; counts as --device cpu. A family peftcalc does not model is "
                      "traced without it.")
+TRAINER_LOOP = typer.Option(False, "--trainer-loop", help="The step is transformers Trainer's (set by --config: "
+                            "accelerate's backward keeps one more loss scalar alive).")
+CONFIG = typer.Option(None, "--config", help="A training config to read the run from: axolotl YAML, TRL YAML "
+                      "(trl sft --config), LLaMA-Factory YAML or a transformers TrainingArguments JSON (the tool is "
+                      "detected from the keys). The model on the command line and every flag given override it.")
+ADAPTER_CONFIG = typer.Option(None, "--adapter-config", help="A peft adapter_config.json (LoRA, DoRA, rsLoRA, IA3, "
+                              "prefix, prompt): the method and its settings.")
 
 
 def check_format(fmt: str) -> None:
@@ -263,3 +270,29 @@ def phase_text(name: Optional[str]) -> str:
         return "an unknown phase"
     phase, _, event = str(name).partition(":")
     return f"{phase} (at {event})" if event else phase
+
+
+# CLI parameters that are no keyword of the API (everything else a command takes is named as the API names it).
+NOT_API_PARAMS = ("config", "adapter_config", "format", "against", "over", "limit", "steps", "matrix", "out")
+
+
+def with_config(ctx: typer.Context, fmt: str) -> dict:
+    """The command's parameters as the API's keywords (`ctx.params` without the CLI-only ones), with the run a
+    --config / --adapter-config file describes under what the user gave explicitly: a parameter whose value
+    came from the command line (click's ParameterSource, compared by name: typer may carry its own click), never a default. The line naming the tool and the
+    settings it derived goes to stdout (stderr for json and csv, which must stay parseable); the line naming
+    what is not modelled to stderr."""
+    values = {k: v for k, v in ctx.params.items() if k not in NOT_API_PARAMS}
+    config, adapter_config = ctx.params.get("config"), ctx.params.get("adapter_config")
+    if config is None and adapter_config is None:
+        return values
+    from peftcalc.training_configs import from_files
+
+    given = {k: v for k, v in values.items()
+             if getattr(ctx.get_parameter_source(k), "name", "DEFAULT") in ("COMMANDLINE", "ENVIRONMENT")}
+    run = from_files(config, adapter_config, given=given)
+    typer.echo(run.header(), err=fmt in ("json", "csv"))
+    warning = run.warning()
+    if warning:
+        typer.echo(warning, err=True)
+    return {**values, **{k: v for k, v in run.kwargs.items() if k in values}, "model": run.model}

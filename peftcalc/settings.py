@@ -87,6 +87,10 @@ class TrainingSettings:
     loss_chunks: int = 8  # torchtune CEWithChunkedOutputLoss(num_output_chunks=8)
     offload_activations: bool = False
     max_grad_norm: float | None = None
+    # the step is transformers Trainer.training_step's (issue 14: configs of the tools that run it, and
+    # peftcalc.integrations.transformers.MemoryCallback): accelerate's Accelerator.backward divides the loss by
+    # the accumulation steps (accelerate/accelerator.py), so one more loss scalar is alive through backward
+    trainer_loop: bool = False
 
     def __post_init__(self):
         if self.device == "fake":  # the fake-tensor trace counts what the CPU allocator would (DEVICES)
@@ -122,6 +126,7 @@ def check_training(t: TrainingSettings) -> None:
     require_int("checkpoint_every", t.checkpoint_every)
     require_bool("checkpoint_reentrant", t.checkpoint_reentrant)
     _check_recipe(t)
+    require_bool("trainer_loop", t.trainer_loop)
     if not t.grad_checkpointing and (t.checkpoint_every != 1 or t.checkpoint_reentrant):
         name = "checkpoint_every" if t.checkpoint_every != 1 else "checkpoint_reentrant"
         raise CombinationError(f"{name} chooses how gradient checkpointing runs; add grad_checkpointing",

@@ -29,8 +29,10 @@ LAYERS = [
     ["peftcalc.activations"],
     ["peftcalc.model_states", "peftcalc.memory", "peftcalc.storage"],
     ["peftcalc.hardware"],
+    ["peftcalc.training_configs"],
     ["peftcalc.api", "peftcalc.traced"],
     ["peftcalc.compare", "peftcalc.crossover", "peftcalc.format"],
+    ["peftcalc.integrations"],
     ["peftcalc.cli", "peftcalc.cli_options", "peftcalc.__main__", "peftcalc"],
 ]
 
@@ -40,7 +42,7 @@ LAYERED_PACKAGE = "peftcalc"
 # Modules of the layered package that may import the packages above it (measure, reports), and
 # then only inside a function (lazily), so that `import peftcalc...` never pulls them in.
 UPPER_PACKAGES = ("measure", "reports")
-MAY_IMPORT_UPPER_LAZILY = {"peftcalc.cli"}
+MAY_IMPORT_UPPER_LAZILY = {"peftcalc.cli", "peftcalc.integrations.transformers", "peftcalc.integrations.memory_row"}
 
 # Packages that may never import `reports` at all (any module, any depth, lazily or not).
 MUST_NOT_IMPORT_REPORTS = ("measure",)

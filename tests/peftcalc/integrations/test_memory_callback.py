@@ -1,0 +1,164 @@
+"""MemoryCallback in real transformers.Trainer and TRL SFTTrainer runs on CPU with a tiny Llama (the ci
+matrix's tiny-llama): the estimate it makes from the Trainer's own model and arguments equals the run's
+recorded peak (the harness's tracer) to the byte, component by component; its row is one `peftcalc report`
+reads and recomputes; an out-of-memory error still reports. SFTTrainer's fused LM head and its
+attention_mask are not modelled: the callback names them, and what SFTTrainer leaves as the Trainer has it
+still matches to the byte."""
+
+import json
+import sys
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from peftcalc.integrations.transformers import MemoryCallback  # noqa: E402
+
+# measure/matrices/ci.toml [models.tiny-llama]
+TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, vocab_size=512)
+B, S = 2, 64
+
+
+def tiny_model(lora: bool):
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY))
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=8, task_type="CAUSAL_LM"))
+    return model
+
+
+def batches(n=6):
+    g = torch.Generator().manual_seed(0)
+    return [{"input_ids": torch.randint(3, TINY["vocab_size"], (S,), generator=g).tolist()} for _ in range(n)]
+
+
+def collate(rows, attention_mask=False):
+    """The harness's batch (measure.setup.make_batch): labels are the input ids (one tensor)."""
+    ids = torch.tensor([r["input_ids"] for r in rows])
+    batch = {"input_ids": ids, "labels": ids}
+    if attention_mask:
+        batch["attention_mask"] = torch.ones_like(ids)
+    return batch
+
+
+ARGS = dict(per_device_train_batch_size=B, max_steps=3, use_cpu=True, optim="adamw_torch", report_to="none",
+            logging_steps=100, save_strategy="no", dataloader_num_workers=0)
+
+
+def run_trainer(tmp_path, lora, lines):
+    args = transformers.TrainingArguments(output_dir=str(tmp_path / "out"), **ARGS)
+    cb = MemoryCallback(out=str(tmp_path / "rows.jsonl"), echo=lines.append)
+    transformers.Trainer(model=tiny_model(lora), args=args, train_dataset=batches(), data_collator=collate,
+                         callbacks=[cb]).train()
+    return cb
+
+
+@pytest.fixture(scope="module", params=[True, False], ids=["lora", "full"])
+def trainer_run(request, tmp_path_factory):
+    """One Trainer run per method: (callback, what it printed, the folder of its row)."""
+    tmp_path = tmp_path_factory.mktemp("run")
+    lines = []
+    return run_trainer(tmp_path, request.param, lines), lines, tmp_path
+
+
+def test_trainer_peak_equals_prediction(trainer_run):
+    cb, lines, tmp_path = trainer_run
+    lora = cb.estimate.method.method == "lora"
+    e = cb.estimate
+    assert e.training.trainer_loop and e.method.rank == 8 if lora else e.method.method == "full"
+    assert (e.training.batch_size, e.training.seq_len, e.training.precision, e.training.device) == (B, S, "fp32", "cpu")
+    assert e.params.trainable == sum(p.numel() for p in cb._model.parameters() if p.requires_grad)
+    last, first = cb.steps[-1], cb.steps[0]
+    assert last["peak_bytes"] == e.memory.peak_bytes  # to the byte
+    assert first["peak_bytes"] == e.memory.step1_peak_bytes
+    assert last["peak_phase"] == e.memory.peak_phase.split(":")[0]
+    parts = dict(e.memory.components)
+    cats = last["categories_at_peak"]
+    assert cats["parameters"] == parts["weights_frozen"] + parts["weights_trainable"] + parts.get("buffers", 0)
+    assert cats["activations"] == parts["activations"] and cats["inputs"] == parts["inputs"]
+    assert cats["optimizer_state"] == parts["optimizer_states"]
+    text = "\n".join(lines)
+    print(text)  # the comparison the callback prints (the issue's closing note)
+    assert "predicted vs measured" in text and "+0.00%" in text
+    row = json.loads((tmp_path / "rows.jsonl").read_text().splitlines()[-1])
+    assert row["measured"]["peak_bytes"] == row["predicted"]["peak_bytes"] == e.memory.peak_bytes
+    assert row["settings"]["training"]["trainer_loop"] is True
+
+
+def test_report_reads_the_row(trainer_run):
+    """The row is harness-format: reports.rows recomputes its prediction (the model's config is inline) and
+    finds no error."""
+    pytest.importorskip("pandas")
+    from reports.rows import load_rows
+
+    tmp_path = trainer_run[2]
+    df = load_rows([str(tmp_path / "rows.jsonl")])
+    assert len(df) == 1
+    r = df.iloc[0]
+    assert r["predicted_from"] == "current" and r["error"] == 0 and r["measured_peak_bytes"] > 0
+
+
+def test_out_of_memory_reports(tmp_path):
+    """An out-of-memory error inside a step: the uncaught-exception hook prints the comparison and writes the
+    row with outcome oom (the steps measured before it)."""
+    lines = []
+    model = tiny_model(True)
+    calls = {"n": 0}
+
+    def fail_third(module, args, kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    cb = MemoryCallback(out=str(tmp_path / "rows.jsonl"), echo=lines.append)
+    args = transformers.TrainingArguments(output_dir=str(tmp_path / "out"), **ARGS)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=batches(), data_collator=collate,
+                                   callbacks=[cb])
+    model.register_forward_pre_hook(fail_third, with_kwargs=True)
+    previous = sys.excepthook
+    try:
+        with pytest.raises(torch.OutOfMemoryError) as info:
+            trainer.train()
+        sys.excepthook(info.type, info.value, None)
+    except TypeError:  # the default hook cannot print a None traceback; ours ran first
+        pass
+    finally:
+        sys.excepthook = previous
+    row = json.loads((tmp_path / "rows.jsonl").read_text().splitlines()[-1])
+    assert row["outcome"] == "oom" and "out of memory" in row["error"]
+    assert len(row["measured"]["steps"]) == 2 and row["measured"]["peak_bytes"] == cb.estimate.memory.peak_bytes
+
+
+def test_sft_trainer(tmp_path):
+    """TRL's SFTTrainer: the estimate from its model and SFTConfig (max_length is the sequence length); the
+    callback names what SFTTrainer adds that peftcalc does not model (its fused LM head, the attention_mask it
+    requires); the weights and optimizer state at the peak match to the byte, the inputs differ by exactly the
+    attention mask."""
+    trl = pytest.importorskip("trl")
+    from datasets import Dataset
+    from tokenizers import Tokenizer, models
+
+    vocab = {f"t{i}": i for i in range(TINY["vocab_size"])}
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t0")),
+                                               pad_token="t1", eos_token="t2")
+    lines = []
+    cb = MemoryCallback(out=str(tmp_path / "rows.jsonl"), echo=lines.append)
+    args = trl.SFTConfig(output_dir=str(tmp_path / "out"), max_length=S, bf16=False, gradient_checkpointing=False,
+                         **ARGS)
+    from peft import LoraConfig
+
+    trl.SFTTrainer(model=tiny_model(False), args=args, train_dataset=Dataset.from_list(batches()),
+                   processing_class=tok, data_collator=lambda rows: collate(rows, attention_mask=True),
+                   peft_config=LoraConfig(r=8, task_type="CAUSAL_LM"), callbacks=[cb]).train()
+    e = cb.estimate
+    assert (e.method.method, e.method.rank, e.training.seq_len, e.training.precision) == ("lora", 8, S, "fp32")
+    text = "\n".join(lines)
+    print(text)
+    assert "TRL's fused LM head" in text and "attention_mask in the batch" in text
+    parts, cats = dict(e.memory.components), cb.steps[-1]["categories_at_peak"]
+    assert cats["parameters"] == parts["weights_frozen"] + parts["weights_trainable"] + parts.get("buffers", 0)
+    assert cats["optimizer_state"] == parts["optimizer_states"]
+    assert cats["inputs"] == parts["inputs"] + B * S * 8  # the int64 attention mask
