@@ -15,6 +15,7 @@ TORCH_INDEX ?=
 TORCH_INDEX_ARGS := $(if $(strip $(TORCH_INDEX)),--index-url $(strip $(TORCH_INDEX)))
 PYTEST_ARGS ?=
 CI_SLICE ?= 24
+DIST_SLICE ?= 4
 
 .PHONY: run test env readme bench report clean gpu-wheels
 
@@ -38,7 +39,9 @@ test: $(TEST_STAMP)
 	$(PY) -m pytest -q -m "not gpu" $(PYTEST_ARGS)
 	@rm -f build/ci-slice.jsonl
 	$(VENV)/bin/peftcalc measure --matrix ci --limit $(CI_SLICE) --out build/ci-slice.jsonl
-	$(PY) -m reports.ci_report build/ci-slice.jsonl
+	@rm -f build/dist-slice.jsonl
+	$(VENV)/bin/peftcalc measure --matrix dist --limit $(DIST_SLICE) --out build/dist-slice.jsonl
+	$(PY) -m reports.ci_report build/ci-slice.jsonl build/dist-slice.jsonl
 
 # Re-run every command README.md shows and rewrite its output blocks (tools/readme.py; the tests check them).
 readme: $(RUN_STAMP)

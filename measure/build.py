@@ -131,10 +131,13 @@ def peft_config(spec: ModelSpec, settings: MethodSettings):
     if spec.is_vlm:
         return vlm_lora_config(spec, settings)
     if method in ("lora", "qlora"):
+        targets = _peft_targets(spec, settings)
+        params = [t for t in targets if "experts." in t] if isinstance(targets, list) else []
         return peft.LoraConfig(
             r=settings.rank,
             lora_alpha=settings.alpha if settings.alpha is not None else 2 * settings.rank,
-            target_modules=_peft_targets(spec, settings),
+            target_modules=[t for t in targets if t not in params] if params else targets,
+            target_parameters=params or None,  # fused MoE experts: "mlp.experts.gate_up_proj", ...
             use_dora=settings.dora,
             lora_dropout=0.0,
             task_type=task_type,

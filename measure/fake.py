@@ -211,6 +211,26 @@ def _native_layer_norm_cpu_dtypes(reference):
     return rule
 
 
+def _grouped_mm_any_dtype(fake_mode, func, mat_a, mat_b, offs=None, bias=None, out_dtype=None):
+    """A fake rule for ``aten._grouped_mm.default`` that takes any floating dtype: torch's meta rule
+    (torch/_meta_registrations.py ``_meta_grouped_mm_common``) mirrors the CUDA fast path and refuses any dtype
+    but bf16, while the CPU kernel computes fp32 and fp16 too (traced: a real fp32 CPU run of a tiny Mixtral).
+    The output's shape is the meta rule's for bf16 copies of the inputs; its dtype `out_dtype` or mat_a's."""
+    from torch._subclasses.fake_tensor import FakeTensor, in_kernel_invocation_manager
+
+    if mat_a.dtype == torch.bfloat16:
+        return NotImplemented  # torch's own rule answers
+
+    def as_bf16(t):
+        return torch.empty_strided(t.shape, t.stride(), dtype=torch.bfloat16, device="meta")
+
+    with in_kernel_invocation_manager(fake_mode):
+        shape = func(as_bf16(mat_a), as_bf16(mat_b), offs=None if offs is None else torch.empty_like(offs, device="meta"),
+                     bias=None if bias is None else as_bf16(bias)).shape
+        out = torch.empty(shape, dtype=out_dtype or mat_a.dtype, device="meta")
+    return FakeTensor(fake_mode, out, mat_a.fake_device)
+
+
 @contextlib.contextmanager
 def real_cpu_kernel_dtypes():
     """Make fake tensors get the dtypes the real CPU kernels give, where torch's fake rule differs.
@@ -227,11 +247,18 @@ def real_cpu_kernel_dtypes():
     op = torch.ops.aten.native_layer_norm.default
     reference = fake_impls.op_implementations_dict[op]
     fake_impls.op_implementations_dict[op] = _native_layer_norm_cpu_dtypes(reference)
+    grouped = torch.ops.aten._grouped_mm.default
+    grouped_before = fake_impls.op_implementations_dict.get(grouped)
+    fake_impls.op_implementations_dict[grouped] = _grouped_mm_any_dtype
     FakeTensorMode.cache_clear()
     try:
         yield
     finally:
         fake_impls.op_implementations_dict[op] = reference
+        if grouped_before is None:
+            del fake_impls.op_implementations_dict[grouped]
+        else:
+            fake_impls.op_implementations_dict[grouped] = grouped_before
         FakeTensorMode.cache_clear()
 
 

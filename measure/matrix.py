@@ -75,10 +75,12 @@ VARIANT = "variant"
 TABLE_AXES = (VARIANT, "shape")  # axes whose entries are tables of run keys, merged whole
 RUN_DEFAULTS = {"device": "cpu", "steps": 3, "seed": 0, "prepare_kbit": False}
 INT_KEYS = ("steps", "seed", "rank", "alpha", "bottleneck", "num_virtual_tokens", "trainable_layers",
-            "batch_size", "seq_len", "vision_layers", "checkpoint_every", "grad_accum", "loss_chunks")
+            "batch_size", "seq_len", "vision_layers", "checkpoint_every", "grad_accum", "loss_chunks", "gpus",
+            "gpus_per_node")
 BOOL_KEYS = ("prepare_kbit", "dora", "double_quant", "grad_checkpointing", "checkpoint_reentrant", "keep_outputs",
-             "offload_activations")
-STR_KEYS = ("model", "device", "method", "targets", "adapter_kind", "precision", "optimizer", "attention", "loss")
+             "offload_activations", "reshard_after_forward")
+STR_KEYS = ("model", "device", "method", "targets", "adapter_kind", "precision", "optimizer", "attention", "loss",
+            "sharding", "offload", "routing")
 FLOAT_KEYS = ("max_grad_norm",)
 ROW_TIMEOUT_S = 1800
 
@@ -102,6 +104,8 @@ class Run:
         ck = "+ckpt" if t.grad_checkpointing else ""
         ck += f"/{t.checkpoint_every}" if t.checkpoint_every != 1 else ""
         ck += "+reentrant" if t.checkpoint_reentrant else ""
+        ck += f" {t.sharding}x{t.gpus}" if t.sharding != "none" else ""
+        ck += "" if t.reshard_after_forward else "/keep"
         return f"{self.spec.name} {m.method} {t.precision} b{t.batch_size} s{t.seq_len}{ck} {t.optimizer} {self.device}"
 
     def request(self) -> dict:

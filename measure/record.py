@@ -36,7 +36,9 @@ LATER_METHOD_FIELDS = ("vision_layers",)
 # TrainingSettings fields added later, with their defaults: recorded only when they differ from them.
 LATER_TRAINING_FIELDS = {"checkpoint_every": 1, "checkpoint_reentrant": False, "grad_accum": 1, "keep_outputs": False,
                          "loss": "hf", "loss_chunks": 8, "offload_activations": False, "max_grad_norm": None,
-                         "trainer_loop": False}
+                         "trainer_loop": False, "gpus": 1, "gpus_per_node": 8, "sharding": "none",
+                         "reshard_after_forward": True, "offload": "none",
+                         "routing": "balanced"}
 
 
 def method_record(spec: ModelSpec, method: MethodSettings) -> dict:

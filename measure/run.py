@@ -96,6 +96,14 @@ def execute(spec, method, training, device, steps, prepare_kbit, seed, trace_cud
     torch.manual_seed(seed)
     policy = precision_policy(training, device)
     with tempfile.TemporaryDirectory(prefix="peftcalc-measure-") as workdir:
+        if training.sharding == "ddp":
+            from measure.dist import measure_ddp
+
+            return measure_ddp(spec, method, training, steps, policy, workdir)
+        if training.sharding != "none":
+            from measure.dist import measure_dist
+
+            return measure_dist(spec, method, training, steps, policy)
         if device == "fake":
             return _execute_fake(spec, method, training, steps, policy)
         return _execute_real(spec, method, training, device, steps, policy, workdir, prepare_kbit, trace_cuda)

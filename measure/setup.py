@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from measure.build import build_model, build_qlora_model
+from measure.routing import drive_routing
 from peftcalc.errors import InputError
 from peftcalc.methods import MethodSettings, check_combination, make_plan
 from peftcalc.settings import TrainingSettings, check_loss_applies, check_training
@@ -57,7 +58,8 @@ def precision_policy(training: TrainingSettings, device: str) -> Policy:
     amp-fp16 adds a GradScaler on cuda only (its inf check reads tensor values, which fake tensors
     lack, and CPU training has no fp16 underflow problem to fix)."""
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    autocast = dtypes[training.autocast_dtype] if training.autocast_dtype else None
+    # mixed-bf16: no autocast, the sharded engine casts the parameters (measure.dist.shard_fsdp2)
+    autocast = dtypes[training.autocast_dtype] if training.autocast_dtype and training.precision != "mixed-bf16" else None
     return Policy(
         dtype=dtypes[training.weight_dtype],
         autocast=autocast,
@@ -80,12 +82,18 @@ def check_run(spec: ModelSpec, method: MethodSettings, training: TrainingSetting
         raise InputError("trainer_loop is a transformers Trainer's step: measure it in a real run with "
                          "peftcalc.integrations.transformers.MemoryCallback (the harness runs its own loop)")
     make_plan(spec, method)
+    if training.sharding == "ddp" and device != "cpu":
+        raise InputError("sharding ddp is traced on torch's fake process group with real tensors: use device cpu")
+    if training.sharding not in ("none", "ddp") and device != "fake":
+        raise InputError(f"sharding {training.sharding} is traced on torch's fake process group: use device fake")
     if device == "cuda" and not torch.cuda.is_available():
         raise InputError("device 'cuda' asked for, but torch sees no CUDA device; use --device cpu or fake")
     check_combination(spec, method, training.seq_len, training.grad_checkpointing)
     check_loss_applies(spec, training, stream_dtypes(make_plan(spec, method), training)[1])
-    if device != "cuda" and training.loss in ("liger", "cce"):
-        raise InputError(f"loss {training.loss} runs Triton kernels on CUDA only; the harness runs it with --device cuda")
+    if training.loss in ("liger", "cce"):  # (model_loss would silently run transformers' loss instead)
+        raise InputError(f"loss {training.loss} runs Triton kernels on CUDA only, and the harness does not run it yet "
+                         "(Liger Kernel / cut-cross-entropy are not among its packages): the estimate is modelled, "
+                         "not traced")
 
 
 # -- building ---------------------------------------------------------------------------------
@@ -126,7 +134,7 @@ def prepare_for_training(model, spec: ModelSpec, training: TrainingSettings) -> 
     and as ``prepare_model_for_kbit_training`` does under reentrant checkpointing (BLIP-2, main input
     pixel_values too, needs none: its Q-Former's input is the trainable query tokens). Decoder classifiers
     without a pad token get ``pad_token_id = vocab_size - 1`` so batch > 1 runs (the inputs never
-    contain it)."""
+    contain it). A mixture-of-experts model's routers are driven to ``training.routing`` (measure.routing)."""
     inner = transformers_model(model)
     inner.config.use_cache = False
     if spec.is_vlm:  # the language model reads text_config.use_cache (see measure.build.transformers_config)
@@ -141,6 +149,9 @@ def prepare_for_training(model, spec: ModelSpec, training: TrainingSettings) -> 
         if training.checkpoint_reentrant and spec.is_vision:
             inner.enable_input_require_grads()
             notes["input_require_grads"] = True
+    if spec.num_experts:  # the routing the calculator is told (measure.routing)
+        drive_routing(inner, spec.num_experts, training.routing)
+        notes["routing"] = training.routing
     model.train()
     return notes
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import gc
 import itertools
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import fields, replace
 from functools import lru_cache, wraps
 from math import ceil
 
@@ -25,9 +25,12 @@ from peftcalc.model_states import model_states
 from peftcalc.methods import (MethodSettings, Plan, check_applies, check_combination, check_method_values, make_plan, methods_for, normalize_targets, prepare_kbit_default,
                               resolve_adapter_kind)
 from peftcalc.settings import DEFAULT_OPTIMIZER, PAGED_OPTIMIZERS, TrainingSettings, check_loss_applies, check_training
+from peftcalc.sharding import sharded_timeline
+from peftcalc.sharding.comm import communication, step_seconds_with_comm
 from peftcalc.config import load_spec
 from peftcalc.sim.profile import stream_dtypes
 from peftcalc.spec import ModelSpec
+from peftcalc.results import Cost, Estimate, GpuFit, Memory, Params, StorageInfo
 from peftcalc.storage import full_model_bytes, storage
 
 DEFAULT_MODEL = "llama-3.1-8b"
@@ -35,92 +38,6 @@ DEFAULT_DATASET_TOKENS = 10_000_000
 MIN_MFU = 0.001
 METHOD_FIELDS = tuple(f.name for f in fields(MethodSettings))
 TRAINING_FIELDS = tuple(f.name for f in fields(TrainingSettings))
-
-
-@dataclass(frozen=True)
-class Params:
-    total: int
-    trainable: int
-    percent: float
-    by_origin: dict
-
-
-@dataclass(frozen=True)
-class Memory:
-    device: str
-    peak_bytes: int  # max_memory_allocated-comparable peak of a steady-state step
-    peak_phase: str
-    components: dict  # name -> bytes at the peak (they sum to peak_bytes)
-    step1_peak_bytes: int
-    reserved_bytes: int  # + allocator slack + CUDA context (+ paged optimizer states): what nvidia-smi shows
-    overhead: dict  # what reserved adds: cuda_context, allocator_slack, paged_optimizer_states
-    events: dict  # phase -> live bytes
-    # gradient accumulation: the micro-batch of the peak (1, or 2 for micro-batches 2..N), None when the peak
-    # is the optimizer step or the step has one micro-batch
-    peak_micro_batch: int | None = None
-    # bitsandbytes paged optimizers: their states in CUDA unified memory (not in peak_bytes, in reserved_bytes)
-    paged_bytes: int = 0
-    # what the harness can only run on CUDA and no CPU trace has measured ("liger" and "cce" losses,
-    # paged optimizers): "modelled, not traced"; else "traced"
-    traced: str = "traced"
-
-
-@dataclass(frozen=True)
-class GpuFit:
-    name: str
-    memory_bytes: int
-    fits: bool
-    headroom_bytes: int
-    max_batch_size: int | None  # None on a traced estimate (one batch size traced)
-    step_seconds: float
-    epoch_hours: float
-    epoch_cost_usd: float
-    price_per_hour: float
-
-
-@dataclass(frozen=True)
-class Cost:
-    gpu: str
-    mfu: float
-    flops_per_step: float
-    tokens_per_step: int
-    step_seconds: float
-    steps_per_epoch: int
-    epoch_hours: float
-    price_per_hour: float
-    epoch_cost_usd: float
-    dataset_tokens: int
-
-
-@dataclass(frozen=True)
-class StorageInfo:
-    per_task_bytes: int
-    base_bytes: int
-    tasks: int
-    total_bytes: int
-    full_models_total_bytes: int  # T full fine-tuned copies, for comparison
-
-
-@dataclass(frozen=True)
-class Estimate:
-    model: str
-    architecture: str
-    source: str
-    method: MethodSettings
-    training: TrainingSettings
-    params: Params
-    memory: Memory
-    gpus: list
-    cost: Cost | None
-    storage: StorageInfo
-    image_tokens: int = 0  # a VLM: tokens one image adds to the language model's sequence (BLIP-2: its queries)
-    estimated_by: str = "modelled"  # "modelled" (this calculator) or "traced" (the harness on fake tensors)
-    trace: dict | None = None  # a traced estimate: how it was traced (measure.traced.traced_estimate)
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["method"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in d["method"].items()}
-        return d
 
 
 def default_method(spec: ModelSpec) -> str:
@@ -156,10 +73,17 @@ def _by_origin(plan: Plan) -> dict:
     return out
 
 
+def step_timeline(plan: Plan, t: TrainingSettings):
+    """The step's peftcalc.memory.Timeline: one GPU's, or under a sharding rank 0's (peftcalc.sharding)."""
+    if t.sharding == "none":
+        return timeline(plan, t)
+    return sharded_timeline(plan, t)[0]
+
+
 def _linear_in_batch(plan: Plan, t: TrainingSettings) -> tuple[dict, dict]:
     """Intercept and slope (bytes per sample) of every event of the CUDA steady-state step."""
-    one = dict(timeline(plan, replace(t, batch_size=1, device="cuda")).events)
-    two = dict(timeline(plan, replace(t, batch_size=2, device="cuda")).events)
+    one = dict(step_timeline(plan, replace(t, batch_size=1, device="cuda")).events)
+    two = dict(step_timeline(plan, replace(t, batch_size=2, device="cuda")).events)
     slope = {k: two[k] - one[k] for k in one}
     intercept = {k: one[k] - slope[k] for k in one}
     return intercept, slope
@@ -193,15 +117,25 @@ def _tokens_per_sample(plan: Plan, t: TrainingSettings) -> int:
 
 def _cost_on(plan: Plan, t: TrainingSettings, gpu: GPU, mfu: float, dataset_tokens: int, price: float | None) -> Cost:
     """One optimizer step: grad_accum micro-batches of batch_size samples (their FLOPs and tokens; the
-    optimizer's own element-wise work is not counted, see hardware.step_flops)."""
+    optimizer's own element-wise work is not counted, see hardware.step_flops). Under data parallelism every
+    rank's micro-batches per step, the step the longer of compute and communication (peftcalc.sharding.comm),
+    the price of all the cards; flops_per_step is one rank's."""
     flops = t.grad_accum * step_flops(plan, t, _tokens_per_sample(plan, t)).total
     tokens_per_step = t.grad_accum * t.batch_size * _tokens_per_sample(plan, t)
     step_seconds = t.grad_accum * micro_batch_seconds(plan, t, gpu, mfu, _tokens_per_sample(plan, t))
+    per_hour = gpu.price_per_hour if price is None else price
+    if t.gpus == 1:
+        steps = ceil(dataset_tokens / tokens_per_step)
+        hours = steps * step_seconds / 3600
+        return Cost(gpu.name, mfu, flops, tokens_per_step, step_seconds, steps, hours, per_hour, hours * per_hour,
+                    dataset_tokens)
+    comm = communication(plan, t)
+    step_seconds, comm_seconds = step_seconds_with_comm(step_seconds, comm, gpu, t)
+    tokens_per_step *= t.gpus
     steps = ceil(dataset_tokens / tokens_per_step)
     hours = steps * step_seconds / 3600
-    per_hour = gpu.price_per_hour if price is None else price
-    return Cost(gpu.name, mfu, flops, tokens_per_step, step_seconds, steps, hours, per_hour, hours * per_hour,
-                dataset_tokens)
+    return Cost(gpu.name, mfu, flops, tokens_per_step, step_seconds, steps, hours, per_hour,
+                hours * per_hour * t.gpus, dataset_tokens, t.gpus, comm.total, comm_seconds)
 
 
 def estimate(
@@ -235,6 +169,12 @@ def estimate(
     offload_activations: bool = False,
     max_grad_norm: float | None = None,
     trainer_loop: bool = False,
+    gpus: int | str = 1,
+    gpus_per_node: int = 8,
+    sharding: str = "none",
+    reshard_after_forward: bool = True,
+    offload: str = "none",
+    routing: str = "balanced",
     gpu: str | None = None,
     price: float | None = None,
     tasks: int = 1,
@@ -257,11 +197,17 @@ def estimate(
                                checkpoint_every=checkpoint_every, checkpoint_reentrant=checkpoint_reentrant,
                                grad_accum=grad_accum, keep_outputs=keep_outputs, loss=loss, loss_chunks=loss_chunks,
                                offload_activations=offload_activations, max_grad_norm=max_grad_norm,
-                               trainer_loop=trainer_loop))
+                               trainer_loop=trainer_loop, gpus=1 if gpus == "auto" else gpus,
+                               gpus_per_node=gpus_per_node, sharding=sharding,
+                               reshard_after_forward=reshard_after_forward, offload=offload,
+                               routing=routing))
     check_combination(spec, settings, seq_len, grad_checkpointing)
     check_loss_applies(spec, t, stream_dtypes(make_plan(spec, settings), t)[1])
     _check_cost_inputs(gpu, price, tasks, dataset_tokens, mfu)
     plan = make_plan(spec, settings)
+    auto = None
+    if gpus == "auto":
+        t, auto = auto_gpus(plan, t, gpu or AUTO_GPU)
     memory = _memory(plan, t)
     reserved = memory.reserved_bytes
     fits = []
@@ -289,14 +235,52 @@ def estimate(
         cost=cost,
         storage=StorageInfo(st.per_task_bytes, st.base_bytes, tasks, st.total_bytes, full_total),
         image_tokens=_tokens_per_sample(plan, t) - t.seq_len if spec.is_vlm or spec.is_blip2 else 0,
+        gpus_auto=auto,
     )
+
+
+AUTO_GPU = "H100 80GB"  # the card --gpus auto counts when --gpu names none
+MAX_AUTO_GPUS = 16384
+
+
+def auto_gpu_counts(t: TrainingSettings):
+    """The GPU counts --gpus auto tries, fewest first: 1 to gpus_per_node, then whole nodes (HSDP needs whole
+    nodes; a job of several nodes takes them whole)."""
+    yield from range(1, t.gpus_per_node + 1)
+    yield from range(2 * t.gpus_per_node, MAX_AUTO_GPUS + 1, t.gpus_per_node)
+
+
+def auto_gpus(plan: Plan, t: TrainingSettings, gpu_name: str) -> tuple[TrainingSettings, dict]:
+    """The fewest GPUs of `gpu_name` on which the per-GPU reserved memory (rank 0's, on cuda) fits, and the
+    largest batch there; CombinationError when no count up to MAX_AUTO_GPUS fits (or one GPU does not and the
+    sharding splits nothing)."""
+    card = find_gpu(gpu_name)
+    counts = [1] if t.sharding in ("none", "ddp") else auto_gpu_counts(t)
+    for n in counts:
+        trial = replace(t, gpus=n)
+        if reserved_bytes(step_timeline(plan, replace(trial, device="cuda")).peak_bytes) <= card.memory_bytes:
+            if t.sharding == "ddp":  # a replica per GPU: one fits, so the fewest is 1
+                trial = replace(trial, gpus=1)
+            return trial, {"gpu": card.name, "gpus": trial.gpus, "max_batch": gpu_max_batch(plan, trial, card)}
+    why = "a sharding that splits the model" if t.sharding in ("none", "ddp") else f"up to {MAX_AUTO_GPUS:,} GPUs"
+    raise CombinationError(f"no count of {card.name} fits this setting with {why}; try --grad-checkpointing, a "
+                           "smaller batch or another method", names=("gpus",))
+
+
+def _rank_rows(plan: Plan, t: TrainingSettings) -> tuple:
+    """Rank 0's and (where it differs) the last rank's figures under a sharding; () on one GPU."""
+    if t.sharding == "none":
+        return ()
+    return tuple({"rank": r.rank, "peak_bytes": r.peak_bytes, "peak_phase": r.peak_phase,
+                  "components": dict(r.components), "step1_peak_bytes": r.step1_peak_bytes}
+                 for r in sharded_timeline(plan, t)[1])
 
 
 def _memory(plan: Plan, t: TrainingSettings) -> Memory:
     """The Memory of an estimate: the steady-state timeline on t.device, and what nvidia-smi shows from the
     CUDA one (reserved_bytes, plus a paged optimizer's unified memory)."""
-    tl = timeline(plan, t)
-    cuda_tl = tl if t.device == "cuda" else timeline(plan, replace(t, device="cuda"))
+    tl = step_timeline(plan, t)
+    cuda_tl = tl if t.device == "cuda" else step_timeline(plan, replace(t, device="cuda"))
     paged = model_states(plan, t).paged_states
     reserved = reserved_bytes(cuda_tl.peak_bytes) + paged
     return Memory(
@@ -313,6 +297,7 @@ def _memory(plan: Plan, t: TrainingSettings) -> Memory:
         peak_micro_batch=tl.peak_micro_batch,
         paged_bytes=paged,
         traced=traced_status(t),
+        ranks=_rank_rows(plan, t),
     )
 
 
@@ -504,8 +489,8 @@ def _param_counts(plan: Plan) -> tuple[int, int]:
 
 def _sweep_figures(plan: Plan, t: TrainingSettings) -> dict:
     """The computed columns of a sweep row."""
-    tl = timeline(plan, t)
-    cuda_peak = tl.peak_bytes if t.device == "cuda" else timeline(plan, replace(t, device="cuda")).peak_bytes
+    tl = step_timeline(plan, t)
+    cuda_peak = tl.peak_bytes if t.device == "cuda" else step_timeline(plan, replace(t, device="cuda")).peak_bytes
     total, trainable = _param_counts(plan)
     row = {"params_total": total, "params_trainable": trainable,
            "peak_bytes": tl.peak_bytes, "peak_phase": tl.peak_phase,
@@ -520,4 +505,4 @@ def plan_for(model, method: str | None = None, **method_kw) -> Plan:
     return make_plan(spec, method_settings(method or default_method(spec), **method_kw))
 
 
-__all__ = ["estimate", "sweep", "Estimate", "plan_for", "model_states"]
+__all__ = ["estimate", "sweep", "Estimate", "plan_for", "model_states", "step_timeline"]

@@ -11,11 +11,11 @@ import typer
 from peftcalc.errors import InputError, as_flags
 from peftcalc.cli_options import (
     ADAPTER_CONFIG, ADAPTER_KIND, ALPHA, ATTENTION, BATCH, BOTTLENECK, CHART_SUFFIXES, CKPT, CKPT_EVERY,
-    CKPT_REENTRANT, CONFIG, DATASET_TOKENS, DEVICE, DORA, DOUBLE_QUANT, EXTRAS, FORMAT, GPU_OPT, GRAD_ACCUM,
-    KEEP_OUTPUTS, LOSS, LOSS_CHUNKS, MAX_GRAD_NORM, MEASURE_DEVICES, METHOD, MFU, MODEL_ARG, OFFLOAD,
-    OPTIMIZER, PRECISION, PREPARE_KBIT, PRICE, RANK, SEQ, TARGETS, TASKS, TRACE, TRAINABLE_LAYERS, TRAINER_LOOP,
+    CKPT_REENTRANT, CONFIG, DATASET_TOKENS, DEVICE, DORA, DOUBLE_QUANT, EXTRAS, FORMAT, GPU_OPT, GPUS, GPUS_PER_NODE, GRAD_ACCUM,
+    KEEP_OUTPUTS, LOSS, LOSS_CHUNKS, MAX_GRAD_NORM, MEASURE_DEVICES, METHOD, MFU, MODEL_ARG, OFFLOAD, PARALLEL_OFFLOAD,
+    OPTIMIZER, PRECISION, PREPARE_KBIT, PRICE, RANK, RESHARD, ROUTING, SEQ, SHARDING, TARGETS, TASKS, TRACE, TRAINABLE_LAYERS, TRAINER_LOOP,
     VIRTUAL_TOKENS,
-    VISION_LAYERS, check_format, check_limit, check_out_file, check_out_folder, echo_rows, int_list, method_list,
+    VISION_LAYERS, check_format, check_limit, gpus_value, check_out_file, check_out_folder, echo_rows, int_list, method_list,
     measure_text, missing_extra_text, model_arg, require, with_config,
 )
 
@@ -43,10 +43,13 @@ def estimate(
     grad_checkpointing: bool = CKPT, checkpoint_every: int = CKPT_EVERY, checkpoint_reentrant: bool = CKPT_REENTRANT,
     attention: str = ATTENTION, device: str = DEVICE, grad_accum: int = GRAD_ACCUM, keep_outputs: bool = KEEP_OUTPUTS,
     loss: str = LOSS, loss_chunks: int = LOSS_CHUNKS, offload_activations: bool = OFFLOAD,
-    max_grad_norm: Optional[float] = MAX_GRAD_NORM, gpu: Optional[str] = GPU_OPT,
+    max_grad_norm: Optional[float] = MAX_GRAD_NORM, gpus: str = GPUS, gpus_per_node: int = GPUS_PER_NODE,
+    sharding: str = SHARDING, reshard_after_forward: bool = RESHARD, offload: str = PARALLEL_OFFLOAD,
+    gpu: Optional[str] = GPU_OPT,
     price: Optional[float] = PRICE, tasks: int = TASKS, dataset_tokens: int = DATASET_TOKENS, mfu: float = MFU,
     format: str = FORMAT, trace: bool = TRACE, trainer_loop: bool = TRAINER_LOOP, config: Optional[str] = CONFIG,
-    adapter_config: Optional[str] = ADAPTER_CONFIG, ctx: typer.Context = None,
+    adapter_config: Optional[str] = ADAPTER_CONFIG, routing: str = ROUTING,
+    ctx: typer.Context = None,
 ) -> None:
     """Parameters, memory breakdown and peak phase, GPU fit, time, cost and storage."""
     from peftcalc.format import render_estimate
@@ -61,6 +64,7 @@ def estimate(
         from measure.traced import traced_estimate as run_estimate
     else:
         from peftcalc.api import estimate as run_estimate
+    kw["gpus"] = gpus_value(kw["gpus"])
     e = run_estimate(model, **kw)
     if unmodelled:
         typer.echo(f"{unmodelled} is not modelled analytically; traced on fake tensors ({e.trace['seconds']:,.1f} s)",
@@ -174,7 +178,8 @@ def measure(
     grad_checkpointing: bool = CKPT, checkpoint_every: int = CKPT_EVERY, checkpoint_reentrant: bool = CKPT_REENTRANT,
     attention: str = ATTENTION, grad_accum: int = GRAD_ACCUM, keep_outputs: bool = KEEP_OUTPUTS,
     loss: str = LOSS, loss_chunks: int = LOSS_CHUNKS, offload_activations: bool = OFFLOAD,
-    max_grad_norm: Optional[float] = MAX_GRAD_NORM,
+    max_grad_norm: Optional[float] = MAX_GRAD_NORM, gpus: str = GPUS, gpus_per_node: int = GPUS_PER_NODE,
+    sharding: str = SHARDING, reshard_after_forward: bool = RESHARD, offload: str = PARALLEL_OFFLOAD,
     device: Optional[str] = typer.Option(None, "--device", help="cuda | cpu | fake (fake: meta-device model on "
                                          "fake tensors, no memory used). Default for one run: cuda when torch "
                                          "sees a CUDA device, else cpu; for --matrix, the matrix's own devices."),
@@ -220,6 +225,7 @@ def measure(
     from peftcalc.methods import METHOD_KNOBS
 
     kw = with_config(ctx, format)  # a --config file's run under the flags
+    kw["gpus"] = _measured_gpus(kw["gpus"])
     dev = kw.pop("device") or _default_device()
     spec = load_spec(kw.pop("model"))
     method = kw.pop("method")
@@ -233,6 +239,14 @@ def measure(
     typer.echo(measure_text(row))
     if row.get("outcome") == "error":
         raise typer.Exit(1)
+
+
+def _measured_gpus(text: str) -> int:
+    """measure --gpus: the ranks of the traced job (a number: 'auto' is estimate's)."""
+    value = gpus_value(text)
+    if value == "auto":
+        raise InputError("measure --gpus takes a number of ranks; 'auto' is estimate's")
+    return value
 
 
 def _measure_imports(command: str = "measure") -> None:

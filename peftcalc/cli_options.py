@@ -13,9 +13,9 @@ from peftcalc.errors import InputError
 __all__ = [
     "ADAPTER_CONFIG", "ADAPTER_KIND", "ALPHA", "ATTENTION", "BATCH", "BOTTLENECK", "CHART_SUFFIXES", "CKPT", "CKPT_EVERY",
     "CKPT_REENTRANT", "CONFIG", "DATASET_TOKENS", "DEVICE", "DORA", "DOUBLE_QUANT", "EXTRAS", "FORMAT", "FORMATS", "GPU_OPT",
-    "GRAD_ACCUM", "KEEP_OUTPUTS", "LOSS", "LOSS_CHUNKS", "MAX_GRAD_NORM", "MEASURE_DEVICES", "METHOD", "MFU",
-    "MODEL_ARG", "OFFLOAD", "OPTIMIZER", "PRECISION", "PREPARE_KBIT", "PRICE", "RANK", "SEQ",
-    "TARGETS", "TASKS", "TRACE", "TRAINABLE_LAYERS", "TRAINER_LOOP", "VIRTUAL_TOKENS", "VISION_LAYERS", "can_write", "check_format",
+    "GPUS", "GPUS_PER_NODE", "GRAD_ACCUM", "KEEP_OUTPUTS", "LOSS", "LOSS_CHUNKS", "MAX_GRAD_NORM", "MEASURE_DEVICES", "METHOD", "MFU",
+    "MODEL_ARG", "OFFLOAD", "OPTIMIZER", "PARALLEL_OFFLOAD", "PRECISION", "PREPARE_KBIT", "PRICE", "RANK", "RESHARD", "ROUTING", "SEQ", "SHARDING",
+    "TARGETS", "TASKS", "TRACE", "TRAINABLE_LAYERS", "TRAINER_LOOP", "VIRTUAL_TOKENS", "VISION_LAYERS", "can_write", "check_format", "gpus_value",
     "check_limit", "check_out_file", "check_out_folder", "echo_rows", "fmt_cell", "int_list", "measure_text",
     "method_list", "missing_extra_text", "model_arg", "phase_text", "require", "with_config", "writable_folder",
 ]
@@ -73,7 +73,8 @@ PREPARE_KBIT = typer.Option(None, "--prepare-kbit/--no-prepare-kbit", help="QLoR
                             "(peft guide, TRL SFTTrainer) does.")
 BATCH = typer.Option(1, "--batch-size", "-b", help="Micro-batch size.")
 SEQ = typer.Option(512, "--seq-len", "-s", help="Sequence length in tokens (vision models use their patch count).")
-PRECISION = typer.Option("bf16", "--precision", help="fp32 | bf16 | amp-bf16 | fp16 | amp-fp16")
+PRECISION = typer.Option("bf16", "--precision", help="fp32 | bf16 | amp-bf16 | fp16 | amp-fp16 | mixed-bf16 (with "
+                         "--sharding fsdp/hsdp/zero*: fp32 master weights, bf16 compute)")
 OPTIMIZER = typer.Option("adamw-fused", "--optimizer", help="adamw-fused (torch AdamW(fused=True), the HF Trainer's "
                          "default with torch >= 2.8) | adamw (foreach) | adamw-8bit | paged-adamw-8bit | "
                          "paged-adamw-32bit | sgd | adafactor")
@@ -90,6 +91,15 @@ OFFLOAD = typer.Option(False, "--offload-activations", help="Saved activations t
                        "(torch.autograd.graph.save_on_cpu).")
 MAX_GRAD_NORM = typer.Option(None, "--max-grad-norm", help="Gradient clipping (torch.nn.utils.clip_grad_norm_) "
                              "before the optimizer step; the Trainer's default is 1.0.")
+GPUS = typer.Option("1", "--gpus", help="Data-parallel GPUs (ranks), or 'auto': the fewest of the card (--gpu, default "
+                    "H100 80GB) on which this setting fits, and the largest batch there.")
+GPUS_PER_NODE = typer.Option(8, "--gpus-per-node", help="GPUs per node (HSDP shards within a node).")
+SHARDING = typer.Option("none", "--sharding", help="none | ddp | fsdp (FSDP2) | hsdp | zero1 | zero2 | zero3 "
+                        "(DeepSpeed); memory per GPU, rank by rank.")
+RESHARD = typer.Option(True, "--reshard-after-forward/--no-reshard-after-forward", help="FSDP2: free each block's "
+                       "gathered parameters after its forward (default) or keep them to its backward.")
+PARALLEL_OFFLOAD = typer.Option("none", "--offload", help="none | optimizer (ZeRO-Offload) | params (ZeRO-3 offload_param, "
+                       "FSDP2 CPUOffloadPolicy): what lives in host memory.")
 CKPT = typer.Option(False, "--grad-checkpointing", help="Gradient checkpointing (non-reentrant, per block).")
 CKPT_EVERY = typer.Option(1, "--checkpoint-every", help="With --grad-checkpointing: checkpoint every N-th block only "
                           "(transformers activation_checkpointing_enable(every_n_layers=N)); the others keep their "
@@ -98,6 +108,8 @@ CKPT_REENTRANT = typer.Option(False, "--checkpoint-reentrant", help="With --grad
                               "checkpointing (use_reentrant=True, what peft.prepare_model_for_kbit_training's "
                               "default gets from torch).")
 ATTENTION = typer.Option("sdpa", "--attention", help="sdpa | eager")
+ROUTING = typer.Option("balanced", "--routing", help="Mixture-of-experts routing: balanced | skewed | worst "
+                       "(how the router spreads tokens over the experts; see peftcalc.settings.ROUTINGS).")
 DEVICE = typer.Option("cuda", "--device", help="cuda | cpu | fake, as measure takes them. cuda: predict "
                       "torch.cuda.max_memory_allocated; cpu: the CPU allocator's peak; fake: the fake-tensor trace, "
                       "which counts what the CPU allocator would (the same figure as cpu).")
@@ -118,6 +130,19 @@ CONFIG = typer.Option(None, "--config", help="A training config to read the run 
                       "detected from the keys). The model on the command line and every flag given override it.")
 ADAPTER_CONFIG = typer.Option(None, "--adapter-config", help="A peft adapter_config.json (LoRA, DoRA, rsLoRA, IA3, "
                               "prefix, prompt): the method and its settings.")
+
+
+def gpus_value(text: str) -> int | str:
+    """--gpus: a positive integer, or 'auto' (InputError naming the flag otherwise)."""
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        raise InputError(f"--gpus must be a positive integer or 'auto', got {text!r}") from None
+    if value < 1:
+        raise InputError(f"--gpus must be a positive integer or 'auto', got {value}")
+    return value
 
 
 def check_format(fmt: str) -> None:

@@ -7,7 +7,7 @@ import io
 import json
 
 from peftcalc.settings import DEFAULT_OPTIMIZER
-from peftcalc.memory import COMPONENTS
+from peftcalc.sharding import SHARDED_COMPONENTS as COMPONENTS
 
 __all__ = ["COMPONENT_LABELS", "DOES_NOT_FIT", "GIB", "bytes_column", "estimate_flat", "gib", "hours", "human_bytes",
            "method_summary", "plural", "render_estimate", "render_estimate_markdown", "render_estimate_text",
@@ -26,6 +26,11 @@ COMPONENT_LABELS = {
     "logits_loss": "logits / loss buffers",
     "temporaries": "temporaries",
     "inputs": "inputs",
+    "unsharded_params": "unsharded parameters",
+    "unsharded_gradients": "unsharded gradients",
+    "all_gather_buffers": "all-gather buffers",
+    "reduce_scatter_buffers": "reduce-scatter buffers",
+    "gradient_buckets": "DDP gradient buckets",
 }
 
 
@@ -107,7 +112,7 @@ def training_summary(t, vision_tokens: int | None = None) -> str:
     seq = (f"{vision_tokens} vision tokens (patches + class token)" if vision_tokens is not None
            else f"seq {t.seq_len}")
     return (f"batch {t.batch_size} x {seq}, {t.precision}, {optimizer_text(t.optimizer)}, {t.attention} attention"
-            + ckpt + recipe_text(t))
+            + ckpt + recipe_text(t) + parallel_summary(t))
 
 
 def optimizer_text(name: str) -> str:
@@ -127,6 +132,23 @@ def recipe_text(t) -> str:
     if getattr(t, "max_grad_norm", None) is not None:
         parts.append(f"gradients clipped to norm {t.max_grad_norm:g}")
     return "".join(", " + p for p in parts)
+
+
+def parallel_summary(t) -> str:
+    """', fsdp on 8 GPUs (per GPU below)' and the like; '' on one GPU."""
+    if getattr(t, "sharding", "none") == "none":
+        return ""
+    extras = [] if t.reshard_after_forward else ["no reshard after forward"]
+    extras += [f"{t.gpus_per_node} per node"] if t.sharding == "hsdp" else []
+    extras += [f"offload {t.offload}"] if t.offload != "none" else []
+    more = f" ({', '.join(extras)})" if extras else ""
+    return f", {t.sharding} on {t.gpus} GPUs{more}, memory per GPU (rank 0)"
+
+
+def rank_lines(e) -> list[str]:
+    """A line for each rank whose memory differs from rank 0's (the last: dim 0 not divisible by the ranks)."""
+    return [f"rank {r['rank']}: peak {gib(r['peak_bytes'])} ({r['peak_phase']}), step 1 {gib(r['step1_peak_bytes'])}"
+            for r in getattr(e.memory, "ranks", ())[1:]]
 
 
 DOES_NOT_FIT = "-"  # what the GPU table shows for the time and cost of a card the setting does not fit
@@ -209,6 +231,10 @@ def render_estimate_text(e) -> str:
     out.append(f"{e.model} ({e.architecture}) - {method_summary(e)}")
     out.append(training_summary(e.training, vision_tokens(e)) + f", device {e.memory.device}")
     out.extend(traced_lines(e))
+    auto = getattr(e, "gpus_auto", None)
+    if auto:
+        out.append(f"--gpus auto: {auto['gpus']} x {auto['gpu']}, the fewest on which this fits; the largest batch "
+                   f"there is {auto['max_batch']}")
     if e.image_tokens:
         out.append(f"vision-language model: the language model sees {e.training.seq_len} text + {e.image_tokens} "
                    f"image tokens = {e.training.seq_len + e.image_tokens} per sample")
@@ -228,6 +254,7 @@ def render_estimate_text(e) -> str:
         rows.append(["+ paged optimizer states (unified memory)", gib(e.memory.paged_bytes)])
     rows.append(["GPU memory needed (nvidia-smi)", gib(e.memory.reserved_bytes)])
     out.append(text_table(rows, ["Memory at the peak", ""]))
+    out.extend(rank_lines(e))
     if e.memory.traced != "traced":
         out.append(f"({e.training.loss if e.training.loss in ('liger', 'cce') else e.training.optimizer}: "
                    "modelled, not traced: it runs on CUDA only, where the gpu matrix measures it)")
@@ -241,7 +268,12 @@ def render_estimate_text(e) -> str:
             out.append(misfit)
         out.append(f"Time and cost on {c.gpu} at {c.mfu:.0%} MFU: {c.flops_per_step / 1e12:,.1f} TFLOP per step, "
                    f"{c.step_seconds:,.3f} s per step, {c.steps_per_epoch:,} steps per epoch of "
-                   f"{c.dataset_tokens:,} tokens = {hours(c.epoch_hours)}, ${c.epoch_cost_usd:,.2f} at ${c.price_per_hour:.2f}/h")
+                   f"{c.dataset_tokens:,} tokens = {hours(c.epoch_hours)}, ${c.epoch_cost_usd:,.2f} at ${c.price_per_hour:.2f}/h"
+                   + (f" x {c.gpus} GPUs" if getattr(c, "gpus", 1) > 1 else ""))
+        if getattr(c, "gpus", 1) > 1:
+            out.append(f"Communication per GPU and step: {human_bytes(c.comm_bytes_per_step)} sent in "
+                       f"{c.comm_seconds:,.3f} s (overlapped with compute: the step takes the longer of the two); "
+                       "FLOPs and step time are one GPU's, tokens per step all GPUs'")
     else:
         out.append("No GPU in the catalog fits this setting: try --grad-checkpointing, a smaller batch or QLoRA.")
     out.append(storage_sentence(e))

@@ -21,7 +21,7 @@ from peftcalc.settings import DTYPE_BYTES, TrainingSettings
 from peftcalc.sim.llava import vision_plan
 
 __all__ = ["DEFAULT_MFU", "GPU", "GPUS_FILE", "MIB", "StepFlops", "dequant_bytes", "dora_weight_flops", "find_gpu",
-           "gpu_catalog", "max_batch_size", "peak_tflops", "step_flops", "step_seconds"]
+           "gpu_catalog", "max_batch_size", "moe_matmuls", "peak_tflops", "step_flops", "step_seconds"]
 
 GPUS_FILE = Path(__file__).parent / "data" / "gpus.json"
 MIB = 1024**2
@@ -37,6 +37,8 @@ class GPU:
     price_per_hour: float
     source: str
     memory_gbs: float = 0.0  # HBM/GDDR bandwidth, GB/s (datasheet): the NF4 dequantization's time
+    intra_node_gbps: float = 0.0  # GB/s one way per GPU inside a node (NVLink, PCIe)
+    inter_node_gbps: float = 0.0  # GB/s one way per GPU between nodes (InfiniBand, Ethernet)
 
 
 @lru_cache(maxsize=1)
@@ -44,7 +46,7 @@ def gpu_catalog() -> tuple[GPU, ...]:
     data = json.loads(GPUS_FILE.read_text())
     return tuple(
         GPU(g["name"], g["memory_mib"] * MIB, g["bf16_tflops"], g["fp32_tflops"], g["price_per_hour"], g["source"],
-            g["memory_gbs"])
+            g["memory_gbs"], g.get("intra_node_gbps", 0.0), g.get("inter_node_gbps", 0.0))
         for g in data["gpus"]
     )
 
@@ -118,7 +120,7 @@ def step_flops(plan: Plan, t: TrainingSettings, tokens_per_sequence: int) -> Ste
     input_grad_from = _lowest_gradient_layer(plan)
     fwd = bwd = recompute = 0.0
     tokens = b * seq
-    matmuls = [m for m in layout.modules if m.kind in LINEAR_KINDS]
+    matmuls = [m for m in layout.modules if m.kind in LINEAR_KINDS] + moe_matmuls(layout, plan, trainable_modules)
     if layout.head_tied_to_embedding:  # the lm_head runs as a matmul with the embedding's weight
         matmuls.append(Module("lm_head", "linear", (spec.vocab_size, spec.hidden_size), False, None, "head"))
         if plan.embedding_trains:
@@ -131,6 +133,8 @@ def step_flops(plan: Plan, t: TrainingSettings, tokens_per_sequence: int) -> Ste
             tokens_m = b * spec.vision.vision_seq_len
         elif m.role == "projector":  # and its projector on the image tokens
             tokens_m = b * spec.image_tokens
+        elif m.role == "experts":  # one expert's matmul on each of a token's top_k experts
+            tokens_m = tokens * spec.experts_per_token
         else:
             tokens_m = tokens
         f = 2.0 * mac * tokens_m
@@ -141,7 +145,11 @@ def step_flops(plan: Plan, t: TrainingSettings, tokens_per_sequence: int) -> Ste
         in_lowest = input_grad_from is not None and layer == input_grad_from
         if flows or (in_lowest and grad_w):
             bwd += f * (flows + grad_w)
-        if m.path in lora_modules:
+        if m.path in lora_modules and m.role == "experts":  # the merged weight's baddbmm, forward and backward,
+            lf = 2.0 * spec.num_experts * plan.settings.rank * m.in_features * m.out_features  # per expert stack
+            fwd += lf
+            bwd += 2 * lf
+        elif m.path in lora_modules:
             r = plan.settings.rank
             lf = 2.0 * r * (m.in_features + m.out_features) * tokens_m
             fwd += lf
@@ -270,6 +278,28 @@ def _vision_tower_flops(plan: Plan, t: TrainingSettings) -> StepFlops:
 
     wrapped = checkpointed_layers(plan.spec, t, "vision")
     return StepFlops(fwd, bwd, sum(wrapped[:used]) * layer)
+
+
+def moe_matmuls(layout, plan: Plan, trainable_modules: set) -> list[Module]:
+    """A mixture-of-experts model's router and fused experts as matmuls (kind "param" in the layout): the router an
+    (E x hidden) Linear on every token (named as its module, without '.weight'), each experts parameter (E, out, in)
+    one expert's (out x in) matmul per (token, expert) pair (step_flops counts tokens x top_k for them). A trained
+    parameter, or one LoRA merges into (peft target_parameters: its gradient is computed whole), joins
+    `trainable_modules`."""
+    out = []
+    lora = set(plan.targets) if plan.settings.method in ("lora", "qlora") else set()
+    trained = {g.name for g in plan.groups if g.trainable and g.origin == "base"}
+    for m in layout.modules:
+        if m.role == "router":
+            path = m.path[: -len(".weight")]
+            out.append(Module(path, "linear", m.shape, False, m.layer, "router"))
+            if m.path in trained:
+                trainable_modules.add(path)
+        elif m.role == "experts":
+            out.append(Module(m.path, "linear", m.shape[1:], False, m.layer, "experts"))
+            if m.path in trained or m.path in lora:
+                trainable_modules.add(m.path)
+    return out
 
 
 def dora_weight_flops(in_features: int, out_features: int, rank: int) -> float:

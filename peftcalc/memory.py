@@ -23,7 +23,7 @@ from peftcalc.settings import DTYPE_BYTES, TrainingSettings
 from peftcalc.sim.profile import stream_dtypes
 
 __all__ = ["ALLOCATOR_SLACK_FRACTION", "COMPONENTS", "CUDA_CONTEXT_BYTES", "GradientArrival", "Timeline",
-           "gradient_arrival", "input_bytes", "peak_event", "reserved_bytes", "timeline"]
+           "gradient_arrival", "input_bytes", "peak_event", "reserved_bytes", "step_events", "timeline"]
 
 
 # Names of the components, in display order.
@@ -204,6 +204,14 @@ def timeline(plan: Plan, t: TrainingSettings) -> Timeline:
         step1_peak_bytes=_step1_peak(events, ms),
         peak_micro_batch=micro_batch,
     )
+
+
+@lru_cache(maxsize=1024)
+def step_events(plan: Plan, t: TrainingSettings) -> tuple:
+    """The steady-state step's events as (phase, live bytes, {component: bytes}) for one GPU: what
+    peftcalc.sharding rewrites rank by rank (read only: the tuple is cached)."""
+    ms = model_states(plan, t)
+    return tuple(_step_events(plan, t, activation_profile(plan, t), ms, input_bytes(plan, t), gradient_arrival(plan, t)))
 
 
 def _clipped(t: TrainingSettings, ms: ModelStates, events: list) -> list:

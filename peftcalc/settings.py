@@ -10,8 +10,9 @@ from dataclasses import dataclass
 from peftcalc.checks import MAX_TOKENS_PER_STEP, require_bool, require_int, require_number, require_str
 from peftcalc.errors import CombinationError, InputError
 
-__all__ = ["ATTENTIONS", "DEFAULT_OPTIMIZER", "DEVICES", "DTYPE_BYTES", "LOGITLESS_LOSSES", "LOSSES", "OPTIMIZERS",
-           "PAGED_OPTIMIZERS", "PRECISIONS", "TrainingSettings", "check_loss_applies", "check_training"]
+__all__ = ["ATTENTIONS", "DEFAULT_OPTIMIZER", "DEVICES", "DTYPE_BYTES", "LOGITLESS_LOSSES", "LOSSES", "OFFLOADS",
+           "OPTIMIZERS", "PAGED_OPTIMIZERS", "PRECISIONS", "ROUTINGS", "SHARDINGS", "TrainingSettings", "check_loss_applies",
+           "check_parallel", "check_training"]
 
 # Precision policies: (storage dtype of the base weights, autocast compute dtype or None).
 #   fp32      everything fp32
@@ -26,8 +27,11 @@ PRECISIONS = {
     "amp-bf16": ("float32", "bfloat16"),
     "fp16": ("float16", None),
     "amp-fp16": ("float32", "float16"),
+    # fp32 master weights, bf16 compute under a sharded engine: FSDP2 MixedPrecisionPolicy(param_dtype=bf16,
+    # reduce_dtype=fp32) over fp32 parameters, DeepSpeed bf16.enabled (needs a sharding, see check_training)
+    "mixed-bf16": ("float32", "bfloat16"),
 }
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1, "uint8": 1, "int64": 8}
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1, "uint8": 1, "int64": 8, "int32": 4}
 
 OPTIMIZERS = {
     "adamw-fused": "torch.optim.AdamW(fused=True): the HF Trainer's default with torch >= 2.8 (adamw_torch_fused)",
@@ -55,6 +59,26 @@ LOSSES = {
 }
 LOGITLESS_LOSSES = ("liger", "cce")
 ATTENTIONS = ("sdpa", "eager")
+# How a step is spread over `gpus` data-parallel ranks (peftcalc.sharding models each):
+#   none   one GPU; ddp  torch DistributedDataParallel (full replica, gradient buckets);
+#   fsdp   torch FSDP2 fully_shard over all ranks; hsdp  FSDP2 sharded within a node, replicated across nodes;
+#   zero1/zero2/zero3  DeepSpeed ZeRO stage 1 (optimizer states), 2 (+ gradients), 3 (+ parameters)
+SHARDINGS = ("none", "ddp", "fsdp", "hsdp", "zero1", "zero2", "zero3")
+# What lives in host memory: none; optimizer (ZeRO-Offload offload_optimizer); params (ZeRO-3
+# offload_param + offload_optimizer, FSDP2 CPUOffloadPolicy: parameters, gradients and the optimizer step)
+OFFLOADS = ("none", "optimizer", "params")
+# which offloads each sharding runs with
+_OFFLOADS_BY_SHARDING = {"fsdp": ("params",), "hsdp": ("params",), "zero1": ("optimizer",),
+                         "zero2": ("optimizer",), "zero3": ("optimizer", "params")}
+# How a mixture-of-experts router spreads the S = tokens x top_k (token, expert) pairs of a step over the E experts
+# (the harness drives the router to exactly this: measure/routing.py). Under transformers' default experts
+# implementation (grouped_mm) the bytes do not depend on it: every pair is one row of the same (S, .) tensors.
+ROUTINGS = {
+    "balanced": "pair (t, j) of token t goes to expert (t * top_k + j) mod E: every expert gets S / E pairs",
+    "skewed": "even tokens go to experts 0..top_k-1, the u-th odd token to experts (u * top_k + j) mod E: the "
+              "first top_k experts get over half the pairs",
+    "worst": "every token goes to experts 0..top_k-1: top_k experts get every token, the others none",
+}
 # cuda: predict torch.cuda.max_memory_allocated; cpu: the CPU allocator's figure, which is also what the harness's
 # fake-tensor trace counts, so "fake" is taken as a name for "cpu" (peftcalc measure --device fake)
 DEVICES = ("cuda", "cpu", "fake")
@@ -91,6 +115,15 @@ class TrainingSettings:
     # peftcalc.integrations.transformers.MemoryCallback): accelerate's Accelerator.backward divides the loss by
     # the accumulation steps (accelerate/accelerator.py), so one more loss scalar is alive through backward
     trainer_loop: bool = False
+    # data parallelism (peftcalc.sharding): ranks, ranks per node (HSDP's shard group), the strategy, FSDP2's
+    # reshard_after_forward, and what is offloaded to host memory
+    gpus: int = 1
+    gpus_per_node: int = 8
+    sharding: str = "none"
+    reshard_after_forward: bool = True
+    offload: str = "none"
+    # mixture-of-experts: how the router spreads tokens over the experts (ROUTINGS)
+    routing: str = "balanced"
 
     def __post_init__(self):
         if self.device == "fake":  # the fake-tensor trace counts what the CPU allocator would (DEVICES)
@@ -125,12 +158,47 @@ def check_training(t: TrainingSettings) -> None:
     require_bool("grad_checkpointing", t.grad_checkpointing)
     require_int("checkpoint_every", t.checkpoint_every)
     require_bool("checkpoint_reentrant", t.checkpoint_reentrant)
+    require_str("routing", t.routing, ROUTINGS)
     _check_recipe(t)
     require_bool("trainer_loop", t.trainer_loop)
     if not t.grad_checkpointing and (t.checkpoint_every != 1 or t.checkpoint_reentrant):
         name = "checkpoint_every" if t.checkpoint_every != 1 else "checkpoint_reentrant"
         raise CombinationError(f"{name} chooses how gradient checkpointing runs; add grad_checkpointing",
                                names=(name, "grad_checkpointing"))
+    check_parallel(t)
+
+
+def check_parallel(t: TrainingSettings) -> None:
+    """InputError for data-parallel settings that no engine runs (CombinationError for a pair that clashes):
+    gpus < 1, gpus_per_node not dividing gpus (HSDP's replicas are whole nodes), several GPUs without a
+    sharding, mixed-bf16 without an engine that keeps fp32 master weights (FSDP2 MixedPrecisionPolicy,
+    DeepSpeed bf16), fp16 under DeepSpeed (its fp16 engine keeps fp32 master weights: use mixed-bf16), an
+    offload the sharding does not have (FSDP2 CPUOffloadPolicy moves parameters, gradients and the optimizer
+    step together; ZeRO-1/2 offload only the optimizer; ZeRO-3 either)."""
+    require_int("gpus", t.gpus)
+    require_int("gpus_per_node", t.gpus_per_node)
+    require_str("sharding", t.sharding, SHARDINGS)
+    require_bool("reshard_after_forward", t.reshard_after_forward)
+    require_str("offload", t.offload, OFFLOADS)
+    if t.gpus % t.gpus_per_node and t.gpus > t.gpus_per_node:
+        raise CombinationError(f"gpus_per_node ({t.gpus_per_node}) must divide gpus ({t.gpus})",
+                               names=("gpus_per_node", "gpus"))
+    if t.gpus > 1 and t.sharding == "none":
+        raise CombinationError(f"{t.gpus} gpus need a sharding (ddp, fsdp, hsdp, zero1, zero2 or zero3)",
+                               names=("gpus", "sharding"))
+    if t.precision == "mixed-bf16" and t.sharding in ("none", "ddp"):
+        raise CombinationError("precision mixed-bf16 is FSDP2's or DeepSpeed's mixed precision; add sharding "
+                               "fsdp, hsdp or zero1-3 (one GPU or DDP: amp-bf16)", names=("precision", "sharding"))
+    if t.sharding.startswith("zero") and t.precision in ("fp16", "amp-fp16", "amp-bf16"):
+        raise CombinationError(f"DeepSpeed ZeRO runs fp32, bf16 or mixed-bf16 here, not {t.precision}",
+                               names=("precision", "sharding"))
+    if t.offload != "none" and t.offload not in _OFFLOADS_BY_SHARDING.get(t.sharding, ()):
+        allowed = [s for s, o in _OFFLOADS_BY_SHARDING.items() if t.offload in o]
+        raise CombinationError(f"offload {t.offload} needs sharding {' or '.join(allowed)}, not {t.sharding}",
+                               names=("offload", "sharding"))
+    if not t.reshard_after_forward and t.sharding not in ("fsdp", "hsdp"):
+        raise CombinationError("reshard_after_forward is an FSDP2 option; add sharding fsdp or hsdp",
+                               names=("reshard_after_forward", "sharding"))
 
 
 def _check_recipe(t: TrainingSettings) -> None:

@@ -77,6 +77,13 @@ class ModelSpec:
     # per layer, the sliding window of its attention in tokens (0: full causal attention); () when every
     # layer attends fully (read by the family's config reader, e.g. with sliding_windows)
     layer_windows: tuple = ()
+    # mixture-of-experts (peftcalc.families.moe): experts per MoE layer, experts each token is routed to, one
+    # expert's intermediate size, the shared expert's (Qwen2-MoE; 0: none), top-k weights renormalized
+    num_experts: int = 0
+    experts_per_token: int = 0
+    expert_intermediate_size: int = 0
+    shared_expert_intermediate_size: int = 0
+    norm_topk_prob: bool = False
 
     @property
     def is_blip2(self) -> bool:

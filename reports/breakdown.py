@@ -8,6 +8,7 @@ plus caching-allocator slack plus the CUDA context, what nvidia-smi shows), the 
 
 from __future__ import annotations
 
+from peftcalc.settings import DEFAULT_OPTIMIZER
 from peftcalc import estimate
 from peftcalc.errors import InputError
 from peftcalc.hardware import gpu_catalog
@@ -44,7 +45,7 @@ def _components(e) -> dict:
 
 
 def breakdown_frame(model, batch_sizes=(1, 2, 4, 8), seq_len: int = 512, methods=METHODS, precision: str = "bf16",
-                    optimizer: str = "adamw", grad_checkpointing: bool = False, attention: str = "sdpa",
+                    optimizer: str = DEFAULT_OPTIMIZER, grad_checkpointing: bool = False, attention: str = "sdpa",
                     rank=None, targets=None, seq_lens=None):
     """One row per (method, batch, seq): the stacked components (bytes), allocated peak, reserved,
     phase, and the smallest catalog GPU that fits. The batch sweep runs at `seq_len`; the sequence
@@ -101,7 +102,7 @@ def gpu_lines() -> list[tuple[float, str]]:
 
 
 def breakdown_chart(model, batch_sizes, out, seq_len: int = 512, methods=METHODS, precision: str = "bf16",
-                    optimizer: str = "adamw", grad_checkpointing: bool = False, attention: str = "sdpa",
+                    optimizer: str = DEFAULT_OPTIMIZER, grad_checkpointing: bool = False, attention: str = "sdpa",
                     rank=None, targets=None, seq_lens=None) -> dict:
     """Two figures, each as PNG and SVG: `out` (stacked bars per method at every batch size) and
     `<out>_scaling` (reserved memory vs batch size and vs sequence length, GPU capacities as

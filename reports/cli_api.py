@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from peftcalc.settings import DEFAULT_OPTIMIZER
 from peftcalc.errors import InputError
 from reports.render import markdown, plain, rows_csv, rows_json
 
@@ -198,7 +199,7 @@ def storage_chart(model: str, tasks: str, out: str, fmt: str = "table") -> dict:
 
 
 def breakdown_chart(model: str, batch_sizes: list[int], out: str, seq_len: int = 512, methods=None,
-                    precision: str = "bf16", optimizer: str = "adamw", grad_checkpointing: bool = False,
+                    precision: str = "bf16", optimizer: str = DEFAULT_OPTIMIZER, grad_checkpointing: bool = False,
                     attention: str = "sdpa", rank=None, targets=None, seq_lens=None) -> dict:
     """Stacked memory breakdown per method at each batch size (`out`), and reserved memory vs batch
     size and vs sequence length with GPU capacities (`<out>_scaling`), PNG + SVG; returns the

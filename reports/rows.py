@@ -34,12 +34,16 @@ SOURCES = ("gpu", "cpu", "fake")  # report order: GPU data is the headline
 # counts in activations too); other the rest: the logits and loss gradients that are not saved
 # (logits_loss) and every other temporary.
 COMPONENT_MAP = {
-    "weights": (("weights_frozen", "weights_trainable", "buffers"), ("parameters",)),
+    "weights": (("weights_frozen", "weights_trainable", "buffers", "unsharded_params"), ("parameters",)),
     "gradients": (("gradients",), ("gradients",)),
     "optimizer": (("optimizer_states",), ("optimizer_state",)),
     "activations": (("activations",), ("activations",)),
     "inputs": (("inputs",), ("inputs",)),
-    "other": (("logits_loss", "temporaries"), ("other",)),
+    # the data-parallel buffers (peftcalc.sharding) are what the tracer counts as other: FSDP2's all-gather and
+    # reduce-scatter buffers and autograd's full gradients before their reduce-scatter, DDP's gradient buckets
+    # (FSDP2's unsharded parameters are parameters to the harness's tracer, measure.dist.DistTracer)
+    "other": (("logits_loss", "temporaries", "all_gather_buffers", "reduce_scatter_buffers", "unsharded_gradients",
+               "gradient_buckets"), ("other",)),
 }
 ERROR_COMPONENTS = ("weights", "gradients", "optimizer", "activations", "inputs", "other")  # shares add up to the error
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from peftcalc.settings import DEFAULT_OPTIMIZER
 from peftcalc import estimate
 from peftcalc.errors import InputError
 from peftcalc.methods import methods_for
@@ -151,7 +152,7 @@ def _factor(claim: Claim | None, pct: float | None) -> str:
 
 
 def trainable_frame(model, batch_size: int = 1, seq_len: int = 512, precision: str = "bf16",
-                    optimizer: str = "adamw", grad_checkpointing: bool = False, device: str = "cuda",
+                    optimizer: str = DEFAULT_OPTIMIZER, grad_checkpointing: bool = False, device: str = "cuda",
                     variants=VARIANTS):
     """One row per method variant: trainable, total, %, peak memory at the stated setting, the
     claimed ranges [1] and [2] and whether the real figure is outside them. A method the model cannot take (BitFit on a

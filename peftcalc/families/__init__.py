@@ -17,6 +17,9 @@ from peftcalc.families.olmo2 import OLMO2
 from peftcalc.families.opt import OPT
 from peftcalc.families.phi3 import PHI3
 from peftcalc.families.qwen3 import QWEN3
+from peftcalc.families.mixtral import MIXTRAL
+from peftcalc.families.qwen2_moe import QWEN2_MOE
+from peftcalc.families.qwen3_moe import QWEN3_MOE
 from peftcalc.families.record import Family, config_dropout
 from peftcalc.families.vision import CLIP_VISION, VIT
 from peftcalc.layout import Layout
@@ -37,6 +40,7 @@ __all__ = [
 FAMILIES = {f.model_type: f for f in (LLAMA, MISTRAL, QWEN2, GPT2, BERT, ROBERTA, VIT, CLIP_VISION, OPT, LLAVA,
                                       BLIP2, BLIP2_QFORMER, BLIP2_VISION)}
 FAMILIES.update({f.model_type: f for f in (QWEN3, OLMO2, PHI3)})  # issue 12's dense families
+FAMILIES.update({f.model_type: f for f in (MIXTRAL, QWEN3_MOE, QWEN2_MOE)})  # mixture-of-experts
 
 
 def family(spec: ModelSpec) -> Family:

@@ -21,9 +21,11 @@ __all__ = [
     "LLAMA",
     "MISTRAL",
     "QWEN2",
+    "llama_attention_half",
     "llama_block",
     "llama_config",
     "llama_layout",
+    "llama_mlp_half",
     "llama_windows",
     "rotary_buffer_bytes",
 ]
@@ -60,6 +62,14 @@ def llama_block(rec: Recorder, spec: ModelSpec, sites, x: SymTensor) -> SymTenso
     The forward frees each tensor when modeling_llama.py drops it: the attention's q, k, v at its
     return, the MLP's gate/up/act intermediates as the expression proceeds, the normed inputs when
     `hidden_states` is rebound, the residual at the block's return."""
+    x2 = llama_attention_half(rec, spec, sites, x)
+    return llama_mlp_half(rec, spec, sites, x2)
+
+
+def llama_attention_half(rec: Recorder, spec: ModelSpec, sites, x: SymTensor, dropout: dict | None = None) -> SymTensor:
+    """The first half of LlamaDecoderLayer.forward: ``residual + self_attn(input_layernorm(x))`` (the
+    residual stream after attention; also the first half of the MoE decoder layers, families.mixtral and
+    kin, whose `dropout` table names their config key)."""
     ctx = rec.ctx
     h = spec.hidden_size
     eager = ctx.attention == "eager"
@@ -73,13 +83,19 @@ def llama_block(rec: Recorder, spec: ModelSpec, sites, x: SymTensor) -> SymTenso
     q, k = rope(rec, q), rope(rec, k)
     rec.free(ql, kl)
     # `key_states, value_states = past_key_values.update(...)` drops RoPE's keys and the value projection
-    a = attention(rec, spec, q, k, v, config_dropout(spec, DROPOUT, "attn"), "self_attn.attention", replaced=(k, vl),
-                  fp32_softmax=True, window=sites.window)
+    a = attention(rec, spec, q, k, v, config_dropout(spec, dropout or DROPOUT, "attn"), "self_attn.attention",
+                  replaced=(k, vl), fp32_softmax=True, window=sites.window)
     o = sites.linear(rec, a, "self_attn.o_proj", spec.q_dim, h)
     o = sites.adapt(rec, o, "attn_out", "self_attn.o_proj")
     rec.free(a, q, k, vl, n)
     x2 = add(rec, x, o, x.dtype)  # x + o keeps the residual stream's dtype
     rec.free(o)
+    return x2
+
+
+def llama_mlp_half(rec: Recorder, spec: ModelSpec, sites, x2: SymTensor) -> SymTensor:
+    """The second half of LlamaDecoderLayer.forward: ``residual + mlp(post_attention_layernorm(x2))``."""
+    h = spec.hidden_size
     n2 = rms_norm(rec, x2, sites.norm_trains("post_attention_layernorm"), "post_attention_layernorm")
     g = sites.linear(rec, n2, "mlp.gate_proj", h, spec.intermediate_size)
     act = activation(rec, g, "silu", "mlp.act_fn")

@@ -12,6 +12,7 @@ from peftcalc.plan import MethodSettings, ParamGroup
 from peftcalc.spec import ModelSpec
 
 __all__ = [
+    "PEFT_MOE_CONVERTED",
     "SEQ_CLS_HEAD_NAMES",
     "all_linear",
     "base_groups",
@@ -103,16 +104,29 @@ def shape_numel(shape: tuple) -> int:
     return n
 
 
+# Model types whose peft config peft 0.21 rewrites for transformers 5's fused experts
+# (utils/transformers_weight_conversion.py _convert_peft_config_moe: transformers' conversion pattern of the model
+# type is mixtral's or qwen2_moe's; Qwen2-MoE itself maps to none).
+PEFT_MOE_CONVERTED = ("mixtral", "qwen3_moe")
+
+
 def resolve_targets(spec: ModelSpec, layout: Layout, s: MethodSettings) -> tuple[str, ...]:
     """The module paths peft would wrap (tuners_utils.BaseTuner.inject_adapter)."""
     if s.method == "ia3":
         keys = s.targets if s.targets is not None else family(spec).ia3_targets
     else:
         keys = s.targets if s.targets is not None else family(spec).lora_targets
+    if keys == "all-linear" and spec.model_type in PEFT_MOE_CONVERTED:
+        raise CombinationError(f"peft 0.21 turns all-linear on {spec.model_type} into LoRA on the router and the fused "
+                               "experts (target_parameters, peft utils/transformers_weight_conversion.py), which is not "
+                               "modelled; name the targets (e.g. --targets q_proj,k_proj,v_proj,o_proj)")
     if keys == "all-linear":
         paths = all_linear(spec, layout)
     else:
-        paths = tuple(m.path for m in layout.modules if m.kind != "param" and module_matches(m.path, keys))
+        # a fused experts parameter is targeted by its name (peft target_parameters: "mlp.experts.gate_up_proj")
+        params = [k for k in keys if "experts." in k]
+        paths = tuple(m.path for m in layout.modules if (m.kind != "param" and module_matches(m.path, keys))
+                      or (m.role == "experts" and module_matches(m.path, params)))
     if spec.is_vlm:  # LoRA on a VLM wraps the language model only (measure.build.vlm_lora_config)
         paths = tuple(p for p in paths if under(p, (LANGUAGE_MODEL,)))
     if peft_task_type(spec) == "SEQ_CLS":  # modules_to_save (the head) is copied whole, never wrapped

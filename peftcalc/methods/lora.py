@@ -39,6 +39,9 @@ def lora_numel(module: Module, rank: int, dora: bool) -> tuple[int, int]:
     if module.kind == "embedding":
         num, dim = module.shape
         return rank * (num + dim), (dim if dora else 0)
+    if module.kind == "param" and module.role == "experts":  # peft ParamWrapper: rank r per expert
+        experts, out_f, in_f = module.shape
+        return experts * rank * (in_f + out_f), 0
     raise InputError(f"LoRA cannot wrap module '{module.path}' ({module.kind}); target Linear or Embedding modules")
 
 
@@ -47,6 +50,9 @@ def lora_shapes(module: Module, rank: int) -> list[tuple[str, tuple]]:
     Linear/Conv1D; lora_embedding_A (r, num) and lora_embedding_B (dim, r) for Embedding."""
     if module.kind in LINEAR_KINDS:
         return [("lora_A.weight", (rank, module.in_features)), ("lora_B.weight", (module.out_features, rank))]
+    if module.kind == "param":  # fused experts (E, out, in) through target_parameters: lora_A (E*r, in), lora_B (out, E*r)
+        experts, out_f, in_f = module.shape
+        return [("lora_A.weight", (experts * rank, in_f)), ("lora_B.weight", (out_f, experts * rank))]
     num, dim = module.shape
     return [("lora_embedding_A", (rank, num)), ("lora_embedding_B", (dim, rank))]
 
@@ -64,7 +70,9 @@ def plan_lora(spec, layout, s):
     ]
     for path in targets:
         m = mods[path]
-        limit = min(m.in_features, m.out_features) if m.kind in LINEAR_KINDS else min(m.shape)
+        if m.kind == "param" and s.dora:
+            raise CombinationError(f"DoRA does not wrap parameters (peft ParamWrapper): '{path}'")
+        limit = min(m.in_features, m.out_features) if m.kind in LINEAR_KINDS else min(m.shape[-2:] if m.kind == "param" else m.shape)
         if s.rank > limit:
             raise CombinationError(f"rank {s.rank} is larger than module '{path}' ({m.in_features} -> {m.out_features})"
                              if m.kind in LINEAR_KINDS else f"rank {s.rank} is larger than module '{path}'", names=("rank",))
@@ -85,8 +93,8 @@ def quantizable(mods: dict[str, Module], param: str, layout: Layout) -> bool:
     bias ends in '.bias', which names no module, so ViT's and BERT's classifiers are quantized. The rest
     of a head is quantized too, e.g. BERT's MLM transform dense and RoBERTa's lm_head.dense (traced:
     uint8 weights)."""
-    m = mods[param.rsplit(".", 1)[0]]
-    if m.kind not in LINEAR_KINDS:
+    m = mods.get(param.rsplit(".", 1)[0])  # None for a bare parameter (a MoE router's weight)
+    if m is None or m.kind not in LINEAR_KINDS:
         return False
     last = layout.modules[-1]
     return not (m.path == last.path and not last.bias)

@@ -49,6 +49,7 @@ class LayerTraining:
     bias_trainable: frozenset = frozenset()  # modules whose bias trains (BitFit): output needs grad
     norm_bias_only: frozenset = frozenset()  # norms of which only the bias trains (BitFit)
     window: int = 0  # the block's attention window in tokens (ModelSpec.layer_windows; 0: full attention)
+    params: frozenset = frozenset()  # bare parameters (a router's weight, fused experts) that train, by name
 
 
 @lru_cache(maxsize=1024)
@@ -56,7 +57,7 @@ def layer_trainings(plan: Plan, layout: Layout) -> list[LayerTraining]:
     """What trains inside each block, from the plan's parameter groups (one pass over them)."""
     n = plan.spec.num_layers
     sets = [dict(trainable=set(), norms=set(), lora=set(), ia3_out=set(), ia3_ff=set(), adapters=set(),
-                 biases=set(), norm_weights=set(), norm_biases=set()) for _ in range(n)]
+                 biases=set(), norm_weights=set(), norm_biases=set(), params=set()) for _ in range(n)]
     roles = {m.path: m.role for m in layout.modules if m.layer is not None}
     for g in plan.groups:
         if g.layer is None or not g.trainable:
@@ -66,7 +67,9 @@ def layer_trainings(plan: Plan, layout: Layout) -> list[LayerTraining]:
         s = sets[g.layer]
         if g.origin == "base":
             module = rel.rsplit(".", 1)[0]
-            if roles.get(prefix + module) == "norm":  # LayerNorm saves its input for either parameter
+            if roles.get(g.name) in ("router", "experts"):  # a bare parameter the block's own ops use
+                s["params"].add(rel)
+            elif roles.get(prefix + module) == "norm":  # LayerNorm saves its input for either parameter
                 s["norms"].add(module)
                 s["norm_weights" if rel.endswith(".weight") else "norm_biases"].add(module)
             elif rel.endswith(".weight"):  # a Linear saves its input for the weight's gradient only
@@ -84,7 +87,8 @@ def layer_trainings(plan: Plan, layout: Layout) -> list[LayerTraining]:
                 s["adapters"].add(roles.get(prefix + rel.split("." + ADAPTER_ATTRIBUTE, 1)[0], ""))
     return [LayerTraining(frozenset(s["trainable"]), frozenset(s["norms"]), frozenset(s["lora"]),
                           frozenset(s["ia3_out"]), frozenset(s["ia3_ff"]), frozenset(s["adapters"]),
-                          frozenset(s["biases"]), frozenset(s["norm_biases"] - s["norm_weights"]), window)
+                          frozenset(s["biases"]), frozenset(s["norm_biases"] - s["norm_weights"]), window,
+                          frozenset(s["params"]))
             for s, window in zip(sets, layer_windows(plan.spec))]
 
 
@@ -147,6 +151,19 @@ class BlockSites:
     def window(self) -> int:
         """The block's attention window in tokens (0: full causal attention; ops.attention.attention)."""
         return self.training.window
+    def param_lora(self, name: str) -> int:
+        """The LoRA rank on the block's bare parameter `name` (fused experts through peft's target_parameters;
+        0: none)."""
+        return self.plan.settings.rank if name in self.training.lora else 0
+
+    def lora_scaling(self) -> float:
+        """LoRA's alpha / r (the harness's lora_alpha is 2 r when alpha is not set)."""
+        s = self.plan.settings
+        return (s.alpha if s.alpha is not None else 2 * s.rank) / s.rank
+
+    def param_trains(self, name: str) -> bool:
+        """Whether the block's bare parameter `name` (a router's weight, fused experts) trains."""
+        return name in self.training.params
 
     def norm_trains(self, norm: str) -> bool:
         """Whether the block's norm `norm` has a parameter that trains."""

@@ -11,6 +11,7 @@ from measure.matrix import ROW_KEYS, done_keys, expand_matrix, load_matrix, run_
 from peftcalc.errors import InputError
 from peftcalc.methods import KNOWN_METHODS, METHODS
 from peftcalc.families import SUPPORTED_MODEL_TYPES
+from peftcalc.settings import LOGITLESS_LOSSES, LOSSES, OPTIMIZERS, PAGED_OPTIMIZERS
 
 TINY = """
 [models.t-llama]
@@ -101,7 +102,7 @@ def test_long_matrix_spans_the_design_shapes():
     assert {r.training.batch_size for r in runs} == {1, 4}
     assert min(r.training.seq_len for r in runs) == 128 and max(r.training.seq_len for r in runs) == 4096
     assert {r.method.method for r in runs} == set(METHODS)
-    assert {r.spec.model_type for r in runs} >= {"qwen2", "llama", "gpt2", "bert"}  # and the families added since
+    assert {r.spec.model_type for r in runs} >= {"qwen2", "llama", "gpt2", "bert", "mixtral", "qwen3_moe"}
     assert {r.training.precision for r in runs} == {"fp32", "bf16", "amp-bf16"}
     assert {r.training.grad_checkpointing for r in runs} == {False, True}
 
@@ -112,7 +113,12 @@ def test_ci_matrix_covers_every_method_and_family_on_cpu(ci_matrix):
     assert {r.method.method for r in cpu} == set(KNOWN_METHODS)
     assert {r.spec.model_type for r in cpu} == set(SUPPORTED_MODEL_TYPES)
     assert {r.training.precision for r in cpu} >= {"fp32", "bf16", "amp-bf16"}
-    assert {r.training.optimizer for r in cpu} == {"adamw", "sgd", "adamw-8bit", "adafactor"}
+    # every optimizer but the paged ones (CUDA unified memory: gpu.toml), and every loss that runs on the CPU
+    assert {r.training.optimizer for r in cpu} == set(OPTIMIZERS) - set(PAGED_OPTIMIZERS)
+    assert {r.training.loss for r in cpu} == set(LOSSES) - set(LOGITLESS_LOSSES)
+    assert {r.training.grad_accum > 1 for r in cpu} == {False, True}
+    assert {r.training.keep_outputs for r in cpu} == {False, True}
+    assert {r.training.max_grad_norm is None for r in cpu} == {False, True}
     fake_big = {r.spec.name for r in runs if r.device == "fake" and not r.spec.name.startswith("tiny")}
     assert {"llama-3.2-1b", "qwen2.5-0.5b", "llama-3.1-8b"} <= fake_big
     assert all(r.spec.num_layers == 2 and r.spec.hidden_size == 64 for r in cpu)

@@ -12,7 +12,7 @@ def test_settings_record_resolves_the_default_adapter_kind():
     written when the default was "houlsby" stay what they were (a committed tiny-llama row's key), and a
     VLM's --method adapter records the block adapter."""
     config = {**load_matrix("ci")["models"]["tiny-llama"], "_name_or_path": "tiny-llama"}
-    t = TrainingSettings(batch_size=2, seq_len=32, precision="fp32", device="cpu")
+    t = TrainingSettings(batch_size=2, seq_len=32, precision="fp32", optimizer="adamw", device="cpu")  # as that row
     record = settings_record(load_spec(config), MethodSettings("full"), t, "cpu", 2)
     assert record["method"]["adapter_kind"] == "houlsby"
     assert row_key(record) == "d89527078fe0cf18"  # the first row of reports/data/ci.jsonl

@@ -88,7 +88,8 @@ def test_optimizer_states_equal_real_optimizer(optimizer, settings):
 def test_full_finetune_fp32_adamw_is_16_bytes_per_parameter():
     """Weights 4 + gradients 4 + AdamW m and v 8 = 16 bytes per parameter (ZeRO paper, section 3.1,
     for fp32 training), for Llama-2-7B's 6,738,415,616 parameters."""
-    ms = model_states(make_plan(load_spec("llama-2-7b"), MethodSettings("full")), TrainingSettings(precision="fp32"))
+    ms = model_states(make_plan(load_spec("llama-2-7b"), MethodSettings("full")),
+                      TrainingSettings(precision="fp32", optimizer="adamw"))
     n = 6_738_415_616
     assert (ms.weights_trainable, ms.gradients, ms.optimizer_states) == (4 * n, 4 * n, 8 * n)
 
@@ -194,6 +195,6 @@ def test_step1_peak_against_traced_first_step(model, method, training, traced, k
     from measure.matrix import load_matrix
 
     spec = load_spec({**load_matrix("ci")["models"][model], "_name_or_path": model})
-    t = {"batch_size": 2, "seq_len": 32, "precision": "fp32", **training}
+    t = {"batch_size": 2, "seq_len": 32, "precision": "fp32", "optimizer": "adamw", **training}  # as the rows ran
     e = peftcalc.estimate(spec, method=method, device="cpu", **t)
     assert e.memory.step1_peak_bytes == traced

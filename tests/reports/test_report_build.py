@@ -37,7 +37,7 @@ def test_report_numbers_trace_to_rows(tmp_path, real_cpu_row):
     summary = build_report([str(data), str(cpu)], str(tmp_path / "out"), **SMALL)
     out = tmp_path / "out"
 
-    e = peftcalc.estimate("gpt2", method="full", seq_len=128, precision="bf16", device="cuda")
+    e = peftcalc.estimate("gpt2", method="full", seq_len=128, precision="bf16", device="cuda", optimizer="adamw")
     err = 100 * (e.memory.peak_bytes - 1_500_000_000) / 1_500_000_000
     table = {(r["source"], r["method"]): r for r in summary["error_table"]}
     assert table[("gpu", "full")]["n"] == 1

@@ -44,7 +44,7 @@ def test_fake_row_error_uses_the_current_calculator():
 def test_cuda_row_is_gpu_and_predicted_for_cuda():
     row = make_row("gpt2", "cuda", measured=2_000_000_000, reserved=2_200_000_000, method="full", precision="bf16")
     r = flatten("gpu.jsonl", row, config_index())
-    e = peftcalc.estimate("gpt2", method="full", seq_len=128, precision="bf16", device="cuda")
+    e = peftcalc.estimate("gpt2", method="full", seq_len=128, precision="bf16", device="cuda", optimizer="adamw")
     assert r["source"] == "gpu"
     assert r["predicted_peak_bytes"] == e.memory.peak_bytes
     allocator_reserved = e.memory.reserved_bytes - e.memory.overhead["cuda_context"]

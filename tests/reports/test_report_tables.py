@@ -196,7 +196,10 @@ def test_vlm_table_is_the_calculators_llava():
         assert df.loc["weights total", f"{prec}_bytes"] == c["weights_frozen"] + c["weights_trainable"] \
             == nbytes * plan.total
         assert df.loc["gradients (trainable)", f"{prec}_bytes"] == nbytes * 20_979_712
-        assert df.loc["optimizer states (Adam)", f"{prec}_bytes"] == c["optimizer_states"] == 2 * nbytes * 20_979_712
+        # AdamW's m and v, and fused AdamW's float32 'step' per parameter (4: the projector's two weights and
+        # biases), a 512-byte CUDA block each
+        assert df.loc["optimizer states (Adam)", f"{prec}_bytes"] == c["optimizer_states"] == \
+            2 * nbytes * 20_979_712 + 4 * 512
         assert df.loc["activations (batch=4)", f"{prec}_bytes"] == c["activations"]
         assert df.loc["logits / loss buffers (not in the breakdown)", f"{prec}_bytes"] == c["logits_loss"]
         assert df.loc["total GPU memory", f"{prec}_bytes"] == e.memory.peak_bytes == sum(c.values())
@@ -210,7 +213,9 @@ def test_vlm_table_is_the_calculators_llava():
                                      seq_len=128, precision=prec)
             assert full.params.trainable == trainable == df.loc[f"full FT: gradients, {label}", "params"]
             assert df.loc[f"full FT: gradients, {label}", f"{prec}_bytes"] == nbytes * trainable
-            assert df.loc[f"full FT: optimizer states, {label}", f"{prec}_bytes"] == 2 * nbytes * trainable
+            # m and v, and fused AdamW's float32 'step' per trainable tensor (a 512-byte CUDA block each)
+            tensors = sum(g.trainable for g in plan_for("llava-1.5-7b", "projector-llm", vision_layers=vl).groups)
+            assert df.loc[f"full FT: optimizer states, {label}", f"{prec}_bytes"] == 2 * nbytes * trainable + 512 * tensors
             assert df.loc[f"full FT: total, {label}", f"{prec}_bytes"] == full.memory.peak_bytes
     # the stage-1 activations: every one of the 32 frozen LLM blocks saves (the projector's gradient crosses them)
     assert df.loc["activations (batch=4)", "fp16_bytes"] > 32 * 4 * 704 * 4096 * 2

@@ -43,6 +43,9 @@ TASK_MAPPINGS = {
 NOT_IN_PEFT = ("vit", "clip_vision_model", "llava", "olmo2", "phi3")
 # the module that holds each of llama's target projections where a family fuses them (Phi3Attention.qkv_proj)
 FUSED = {"phi3": {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj"}}
+# nor for these mixture-of-experts types: the records take the dense model's LoRA entry and no IA3 (the fused experts
+# are no Linear modules) (peftcalc/families/qwen3_moe.py, peftcalc/families/qwen2_moe.py)
+NOT_IN_PEFT_MOE = {"qwen3_moe": "qwen3", "qwen2_moe": "qwen2"}
 
 
 def _source_dir(family) -> str:
@@ -157,10 +160,18 @@ def test_peft_targets_where_peft_has_none(model_type):
         assert family.ia3_feedforward == tuple(rename.get(m, m) for m in IA3_FF["llama"])
 
 
+@pytest.mark.parametrize("model_type", sorted(NOT_IN_PEFT_MOE))
+def test_moe_targets_where_peft_has_none(model_type):
+    family = FAMILIES[model_type]
+    assert model_type not in LORA and model_type not in IA3
+    assert family.lora_targets == tuple(LORA[NOT_IN_PEFT_MOE[model_type]]) and not family.ia3_targets
+
+
 def test_every_family_with_targets_is_covered_above():
     """Every family is in peft's mapping or in NOT_IN_PEFT, or carries no targets at all."""
     for model_type, family in FAMILIES.items():
-        assert model_type in LORA or model_type in NOT_IN_PEFT or not (family.lora_targets or family.ia3_targets)
+        assert (model_type in LORA or model_type in NOT_IN_PEFT or model_type in NOT_IN_PEFT_MOE
+                or not (family.lora_targets or family.ia3_targets))
 
 
 def _tiny_part(model_type):

@@ -1,0 +1,248 @@
+"""Rank 0 of an N-rank data-parallel job, traced in one CPU process: torch's fake process group
+(``dist.init_process_group("fake", rank=0, world_size=N, store=FakeStore())``, collectives that return at
+once and move nothing), a CPU device mesh and fake tensors, so a 1,024-rank job of a real model's shape
+runs in seconds. FSDP2 (``torch.distributed.fsdp.fully_shard``, sharding ``fsdp`` and ``hsdp``) runs as
+the real thing on it; :func:`measure_dist` is :func:`measure.run.measure_one`'s path for those rows. DDP
+(:func:`measure_ddp`) runs on it with real CPU tensors (its C++ reducer reads tensor data, which fake tensors
+lack) and a communication hook that completes each bucket's all-reduce at once.
+
+Four things make the trace equal what rank 0 of a real job allocates (torch 2.13):
+
+1. the model is built and given its method on the meta device outside any fake mode
+   (:func:`measure.fake.build_meta_model`);
+2. ``fully_shard`` runs on the meta model, which ``to_empty(device="cpu")`` then materialises under
+   ``FakeTensorMode(allow_non_fake_inputs=True)`` (FSDP2 re-creates each sharded parameter there,
+   ``FSDPParam.reset_sharded_param``);
+3. DTensor's sharding propagation gets a fake mode of its own (:func:`own_propagation_mode`): torch's
+   ``ShardingPropagator._propagate_tensor_meta_non_cached`` runs each op on fake global-shape arguments
+   under ``detect_fake_mode()``, which finds the outer mode, so a tracer would count full-size shadow
+   tensors while gradients are clipped and the optimizer steps;
+4. :class:`DistTracer` counts ``UntypedStorage.resize_`` (FSDP2 frees an unsharded parameter by resizing
+   its storage to 0 and re-allocates it the same way, torch/distributed/fsdp/_fully_shard/_fsdp_param.py
+   ``free_storage`` / ``alloc_storage``), and hands every op on a DTensor back (``NotImplemented``) so that
+   only the local tensors its implementation makes are counted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import weakref
+
+import torch
+
+from measure.loop import TracerMeter, _common, _drop_private, _measured, run_steps
+from measure.setup import make_batch, make_optimizer
+from measure.tracer import StorageRecord, StorageTracer, model_state_tensors
+
+__all__ = ["DistTracer", "fake_process_group", "measure_ddp", "measure_dist", "own_propagation_mode",
+           "passthrough_allreduce", "shard_fsdp2", "sharded_blocks"]
+
+
+def _local(t):
+    """A DTensor's local shard (what rank 0 holds), anything else as it is."""
+    from torch.distributed.tensor import DTensor
+
+    return t._local_tensor if isinstance(t, DTensor) else t
+
+
+class DistTracer(StorageTracer):
+    """A StorageTracer for one rank of a sharded job: DTensor ops are handed back to DTensor (which
+    runs them on the local tensors, counted then), marks go to the local tensors, and storages that
+    ``resize_`` frees or re-allocates are counted as freed or born (op ``resize_``, category parameters:
+    FSDP2's unsharded parameters, which a Linear saves for backward as it saves any weight)."""
+
+    def __enter__(self):
+        original = torch.UntypedStorage.resize_
+        tracer = self
+
+        def resize_(storage, size):
+            out = original(storage, size)
+            tracer.resized(storage)
+            return out
+
+        self._original_resize = original
+        torch.UntypedStorage.resize_ = resize_
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        torch.UntypedStorage.resize_ = self._original_resize
+        return super().__exit__(*exc)
+
+    def resized(self, storage) -> None:
+        """Count a storage `resize_` changed: freed at 0 bytes, born again when it grows from 0."""
+        key, nbytes = storage._cdata, storage.nbytes()
+        with self._lock:
+            record = self.records.get(key)
+            if record is not None and nbytes == 0:
+                del self.records[key]
+                self._refs.pop(key, None)
+                self._add(-record.nbytes)
+                record.died = self.seq
+            elif record is not None:
+                self._add(nbytes - record.nbytes)
+                record.nbytes = nbytes
+            elif nbytes:
+                # an unsharded parameter (FSDP2 alloc_storage): a parameter, whatever saves it for backward
+                record = StorageRecord(nbytes, "resize_", self.current_phase, "parameters", self.seq + 1)
+                self.records[key] = record
+                self.history.append(record)
+                self._refs[key] = weakref.ref(storage, self._finalizer(key, record))
+                self._add(nbytes)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        from torch.distributed.tensor import DTensor
+
+        if any(issubclass(t, DTensor) for t in types):
+            return NotImplemented
+        return super().__torch_dispatch__(func, types, args, kwargs)
+
+    def mark(self, tensors, category: str) -> None:
+        from torch.utils._pytree import tree_flatten
+
+        super().mark([_local(t) for t in tree_flatten(tensors)[0]], category)
+
+
+@contextlib.contextmanager
+def fake_process_group(world_size: int):
+    """This process as rank 0 of `world_size` on torch's fake process group (collectives do nothing)."""
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    dist.init_process_group("fake", rank=0, world_size=world_size, store=FakeStore())
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def own_propagation_mode():
+    """Give DTensor's sharding propagation a FakeTensorMode of its own (see the module docstring, 3)."""
+    import torch.distributed.tensor._sharding_prop as sharding_prop
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    original = sharding_prop.detect_fake_mode
+    mode = FakeTensorMode()
+    sharding_prop.detect_fake_mode = lambda *args, **kwargs: mode
+    try:
+        yield
+    finally:
+        sharding_prop.detect_fake_mode = original
+
+
+def sharded_blocks(model) -> list:
+    """The modules each get their own ``fully_shard`` (one FSDP2 parameter group each): transformers'
+    decoder and encoder layers (``GradientCheckpointingLayer``), as torchtitan, TRL and accelerate's
+    ``fsdp_auto_wrap_policy`` TRANSFORMER_BASED_WRAP over ``_no_split_modules`` do."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
+def device_mesh(training):
+    """FSDP: one dimension of `gpus` ranks; HSDP: (replicas, shard) with `gpus_per_node` ranks per shard group."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if training.sharding == "hsdp" and training.gpus > training.gpus_per_node:
+        return init_device_mesh("cpu", (training.gpus // training.gpus_per_node, training.gpus_per_node),
+                                mesh_dim_names=("replicate", "shard"))
+    return init_device_mesh("cpu", (training.gpus,))
+
+
+def shard_fsdp2(model, training) -> None:
+    """``fully_shard`` every block, then the root (which takes the rest: embeddings, final norm, head); under
+    mixed-bf16 with ``MixedPrecisionPolicy(param_dtype=bfloat16, reduce_dtype=float32)``."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = device_mesh(training)
+    kwargs = {"mesh": mesh, "reshard_after_forward": training.reshard_after_forward}
+    if training.precision == "mixed-bf16":
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for block in sharded_blocks(model):
+        fully_shard(block, **kwargs)
+    fully_shard(model, **kwargs)
+
+
+def measure_dist(spec, method, training, steps, policy) -> dict:
+    """Rank 0's trace of `steps` steps under FSDP2 on the fake process group (fake tensors)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from measure.fake import build_meta_model, real_cpu_kernel_dtypes, real_input_semantics
+
+    if training.sharding not in ("fsdp", "hsdp") or training.offload != "none":
+        raise NotImplementedError(f"the harness traces FSDP2 (fsdp, hsdp) without offload, not {training.sharding}"
+                                  f"{' offload ' + training.offload if training.offload != 'none' else ''}")
+    t0 = time.perf_counter()
+    with fake_process_group(training.gpus), own_propagation_mode():
+        model = build_meta_model(spec, method, policy.dtype, policy.compute, training.attention)
+        shard_fsdp2(model, training)
+        fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+        with fake_mode:
+            model.to_empty(device="cpu")
+        build_s = time.perf_counter() - t0
+        notes, params = _common(model, spec, training)
+        tracer = DistTracer()
+        meter = TracerMeter(tracer)
+        t1 = time.perf_counter()
+        with real_input_semantics(), real_cpu_kernel_dtypes(), fake_mode, tracer:
+            tracer.mark(model_state_tensors(model), "parameters")
+            model_bytes = tracer.live_bytes
+            batch = make_batch(spec, training, "cpu", policy.dtype if policy.autocast is None else torch.float32)
+            meter.register(model, batch)
+            load_bytes = tracer.live_bytes
+            optimizer = make_optimizer(training.optimizer, [p for p in model.parameters() if p.requires_grad])
+            step_rows = run_steps(model, spec, batch, optimizer, policy, "fake", meter, steps)
+    measured = _measured(step_rows, meter.source, model_bytes, load_bytes)
+    measured.update(meter.details(step_rows))
+    _drop_private(step_rows)
+    return {"params": params, "measured": measured, "harness_notes": dict(notes, rank=0),
+            "timing": {"build_s": round(build_s, 3), "steps_s": round(time.perf_counter() - t1, 3),
+                       "step_time_s": [s["time_s"] for s in step_rows]}}
+
+
+def passthrough_allreduce(world_size: int):
+    """A DDP communication hook that does what the default all-reduce hook does to memory, in place on the
+    bucket (``bucket.buffer().div_(world_size)``; torch/distributed/algorithms/ddp_comm_hooks/default_hooks.py
+    ``allreduce_hook``), and completes at once: the fake process group's future carries no tensor, which the
+    reducer refuses (c10d/comm.cpp "expected the hook result is either a Tensor or a TensorList")."""
+
+    def hook(state, bucket):
+        future = torch.futures.Future()
+        future.set_result(bucket.buffer().div_(world_size))
+        return future
+
+    return hook
+
+
+def measure_ddp(spec, method, training, steps, policy, workdir: str) -> dict:
+    """Rank 0's trace of `steps` steps under DistributedDataParallel (defaults) on the fake process group,
+    real CPU tensors: the buckets are allocated when DDP is built, counted from then on."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    from measure.setup import build_for_device
+
+    t0 = time.perf_counter()
+    with fake_process_group(training.gpus):
+        model = build_for_device(spec, method, training, "cpu", policy, workdir=workdir)
+        build_s = time.perf_counter() - t0
+        notes, params = _common(model, spec, training)
+        tracer = StorageTracer()
+        meter = TracerMeter(tracer)
+        t1 = time.perf_counter()
+        with tracer:
+            tracer.mark(model_state_tensors(model), "parameters")
+            model_bytes = tracer.live_bytes
+            ddp = DistributedDataParallel(model)
+            ddp.register_comm_hook(None, passthrough_allreduce(training.gpus))
+            batch = make_batch(spec, training, "cpu", policy.dtype if policy.autocast is None else torch.float32)
+            meter.register(model, batch)
+            load_bytes = tracer.live_bytes
+            optimizer = make_optimizer(training.optimizer, [p for p in model.parameters() if p.requires_grad])
+            step_rows = run_steps(ddp, spec, batch, optimizer, policy, "cpu", meter, steps)
+    measured = _measured(step_rows, meter.source, model_bytes, load_bytes)
+    measured.update(meter.details(step_rows))
+    _drop_private(step_rows)
+    return {"params": params, "measured": measured, "harness_notes": dict(notes, rank=0),
+            "timing": {"build_s": round(build_s, 3), "steps_s": round(time.perf_counter() - t1, 3),
+                       "step_time_s": [s["time_s"] for s in step_rows]}}

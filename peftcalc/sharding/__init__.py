@@ -1,0 +1,78 @@
+"""Memory per GPU under data parallelism (TrainingSettings.sharding), rank by rank: each strategy rewrites
+the one-GPU step's events (peftcalc.memory.step_events) for one rank. ``fsdp``: peftcalc.sharding.fsdp,
+``ddp``: peftcalc.sharding.ddp.
+
+:func:`sharded_timeline` gives rank 0's peftcalc.memory.Timeline (what estimate reports) and every rank
+whose bytes differ (the last rank holds fewer rows where a dim 0 does not divide by the ranks).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+from peftcalc.errors import CombinationError
+from peftcalc.memory import COMPONENTS, Timeline, peak_event
+from peftcalc.plan import Plan
+from peftcalc.settings import TrainingSettings
+from peftcalc.sharding.ddp import check_ddp, ddp_events
+from peftcalc.sharding.fsdp import FSDP_COMPONENTS, check_fsdp, fsdp_events
+
+__all__ = ["RankMemory", "SHARDED_COMPONENTS", "check_sharding", "rank_memory", "sharded_timeline"]
+
+SHARDED_COMPONENTS = COMPONENTS + FSDP_COMPONENTS + ("gradient_buckets",)
+EVENTS = {"fsdp": fsdp_events, "ddp": ddp_events}
+
+
+@dataclass(frozen=True)
+class RankMemory:
+    """One rank's step: its peak, the peak's phase and components, and step 1's peak."""
+
+    rank: int
+    peak_bytes: int
+    peak_phase: str
+    components: tuple
+    step1_peak_bytes: int
+    events: tuple
+
+
+def check_sharding(plan: Plan, t: TrainingSettings) -> None:
+    """CombinationError unless the strategy (and this calculator's model of it) runs `plan` under `t`."""
+    recipe = [name for name, bad in (("grad_accum", t.grad_accum != 1), ("keep_outputs", t.keep_outputs),
+                                      ("max_grad_norm", t.max_grad_norm is not None), ("loss", t.loss != "hf"),
+                                      ("trainer_loop", t.trainer_loop)) if bad]
+    if recipe and t.sharding != "none":
+        raise CombinationError(f"{recipe[0]} under sharding {t.sharding} is not modelled yet", names=(recipe[0], "sharding"))
+    if t.sharding == "fsdp":
+        check_fsdp(plan, t)
+    elif t.sharding == "ddp":
+        check_ddp(plan, t)
+    else:
+        raise CombinationError(f"sharding {t.sharding} is not modelled yet (fsdp and ddp are)", names=("sharding",))
+
+
+def _components(parts: dict) -> tuple:
+    other = parts.get("_other", 0)
+    return tuple((c, parts.get(c, 0) + (other if c == "temporaries" else 0)) for c in SHARDED_COMPONENTS)
+
+
+@lru_cache(maxsize=1024)
+def rank_memory(plan: Plan, t: TrainingSettings, rank: int) -> RankMemory:
+    events = EVENTS[t.sharding](plan, t, rank)
+    name, total, parts = peak_event(events)
+    states = events[-1][2].get("optimizer_states", 0)
+    *before, last = events
+    step1 = max(max(b for _, b, _ in before) - states, last[1])
+    return RankMemory(rank, total, name, _components(parts), step1, tuple((n, b) for n, b, _ in events))
+
+
+def sharded_timeline(plan: Plan, t: TrainingSettings) -> tuple[Timeline, tuple]:
+    """Rank 0's Timeline, and the RankMemory of rank 0 and of the last rank when it differs."""
+    check_sharding(plan, t)
+    first = rank_memory(plan, t, 0)
+    ranks = (first,)
+    if t.gpus > 1:
+        last = rank_memory(plan, t, t.gpus - 1)
+        if last.peak_bytes != first.peak_bytes or last.components != first.components:
+            ranks += (last,)
+    return Timeline(first.events, first.peak_bytes, first.peak_phase, first.components, first.step1_peak_bytes), ranks

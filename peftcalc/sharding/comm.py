@@ -1,0 +1,60 @@
+"""Bytes one rank sends per step in its collectives, and how long they take.
+
+Ring collectives (NCCL's ring algorithm; Patarasuk and Yuan 2009): over N ranks an all-gather or a
+reduce-scatter of a buffer of B bytes has each rank send (N - 1) / N x B, an all-reduce twice that.
+
+- FSDP2 (peftcalc.sharding.fsdp): one all-gather of each group's padded all-gather output in forward and, when
+  the group is resharded after forward, another in backward; one reduce-scatter of its reduce-scatter
+  input in backward.
+- DDP (peftcalc.sharding.ddp): one all-reduce of every bucket (the trainable parameters' gradient bytes).
+
+Time: the bytes over the card's one-way bandwidth per GPU, NVLink (or PCIe) inside a node when the job fits
+in one (gpus <= gpus_per_node), else the inter-node network (peftcalc/data/gpus.json: intra_node_gbps,
+inter_node_gbps). Overlap rule: both engines issue their collectives while compute runs (FSDP2 prefetches
+the next group's all-gather and reduce-scatters on a side stream; DDP all-reduces each bucket as soon as
+its gradients are ready), so a step takes the longer of its compute and its communication.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from peftcalc.plan import Plan
+from peftcalc.settings import TrainingSettings
+from peftcalc.sharding.ddp import bucket_bytes
+from peftcalc.sharding.fsdp import group_bytes
+
+__all__ = ["Communication", "communication", "step_seconds_with_comm"]
+
+
+@dataclass(frozen=True)
+class Communication:
+    """Bytes one rank sends in one step, by collective."""
+
+    all_gather: int = 0
+    reduce_scatter: int = 0
+    all_reduce: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.all_gather + self.reduce_scatter + self.all_reduce
+
+
+def communication(plan: Plan, t: TrainingSettings) -> Communication:
+    """The bytes rank 0 sends per step (module docstring); nothing on one GPU."""
+    n = t.gpus
+    if n == 1 or t.sharding == "none":
+        return Communication()
+    if t.sharding == "ddp":
+        return Communication(all_reduce=2 * (n - 1) * bucket_bytes(plan, t) // n)
+    groups = group_bytes(plan, t, n, 0).values()
+    gathers = 2 if t.reshard_after_forward else 1
+    return Communication(all_gather=gathers * (n - 1) * sum(g.all_gather for g in groups) // n,
+                         reduce_scatter=(n - 1) * sum(g.reduce_scatter for g in groups) // n)
+
+
+def step_seconds_with_comm(compute_seconds: float, comm: Communication, gpu, t: TrainingSettings) -> tuple[float, float]:
+    """(step seconds, communication seconds): the longer of compute and communication (module docstring)."""
+    gbps = gpu.intra_node_gbps if t.gpus <= t.gpus_per_node else gpu.inter_node_gbps
+    comm_seconds = comm.total / (gbps * 1e9) if comm.total and gbps else 0.0
+    return max(compute_seconds, comm_seconds), comm_seconds

@@ -1,0 +1,191 @@
+"""FSDP2 (torch.distributed.fsdp.fully_shard on every block, then on the root) on one rank: the one-GPU step's
+events (peftcalc.memory.step_events) with the model's states sharded and FSDP2's buffers added.
+
+What each event holds, from torch/distributed/fsdp/_fully_shard/ (torch 2.13):
+
+- parameters: every group's padded shards (peftcalc.sharding.shards); the root group (embeddings, final
+  norm, head) is unsharded from its pre-forward to its post-forward, where it is resharded like the blocks
+  when reshard_after_forward is given to it too (as the harness, torchtitan and accelerate do; left out,
+  _fsdp_state.py FSDPState._lazy_init keeps the root unsharded), and again from its pre-backward, a hook
+  on the loss, to its post-backward: at that moment its all-gather output and its unsharded parameters are
+  alive on top of everything the forward saved (``backward:unshard``);
+- forward, implicit prefetch (_fsdp_param_group.py ``wait_for_unshard``): block i's all-gather output lives
+  from its unshard until the next block's copy-out, the last one until the root's post-forward
+  (_fsdp_state.py ``_post_forward``), so through the loss; block i's unsharded parameters from its copy-out
+  to its post-forward reshard (kept, with reshard_after_forward off, to its post-backward);
+- backward: the root's pre-backward (a hook on the loss) prefetches the last block's all-gather, each
+  block's pre-backward copies out its own and prefetches the one below (``_backward_prefetch``); autograd's
+  full gradients of a block live until its post-backward packs them into one reduce-scatter input
+  (``foreach_reduce``), kept until the next group's post-backward (``reduce_scatter_max_input_buffers`` 1)
+  and the last one until the final callback (``_root_post_backward_final_callback``); the output, of which
+  the sharded gradients are views, lives to ``zero_grad``. The root's post-backward runs in that final
+  callback, so the head's and the embeddings' full gradients live to the end of backward;
+- optimizer: its states are ``zeros_like`` of the local (unpadded) shards.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from peftcalc.activations import activation_profile
+from peftcalc.errors import CombinationError
+from peftcalc.memory import gradient_arrival, step_events
+from peftcalc.model_states import gradient_free, group_dtype
+from peftcalc.plan import Plan
+from peftcalc.settings import DTYPE_BYTES, TrainingSettings
+from peftcalc.sharding.shards import GroupBytes, dim0, local_rows, padded_rows
+from peftcalc.sim.profile import stream_dtypes
+
+__all__ = ["FSDP_COMPONENTS", "check_fsdp", "fsdp_events", "group_bytes"]
+
+FSDP_COMPONENTS = ("unsharded_params", "unsharded_gradients", "all_gather_buffers", "reduce_scatter_buffers")
+
+
+def check_fsdp(plan: Plan, t: TrainingSettings) -> None:
+    """CombinationError for what FSDP2 (or this model of it) does not run: several dtypes in one group
+    (_fsdp_param_group.py ``_init_mp_dtypes``: "FSDP expects uniform original parameter dtype"; peft keeps
+    adapters fp32 on a bf16/fp16 model), QLoRA's packed weights, optimizers other than AdamW and SGD,
+    gradient checkpointing, offload, mixed-bf16 (not modelled yet)."""
+    weight_dtype = stream_dtypes(plan, t)[0]
+    by_layer: dict = {}
+    for g in plan.groups:
+        by_layer.setdefault(g.layer, set()).add(group_dtype(plan, g.origin, weight_dtype, g.name))
+    if any(len(d) > 1 for d in by_layer.values()):
+        raise CombinationError(f"FSDP2 needs one dtype per sharded block, and {plan.settings.method} under "
+                               f"{t.precision} mixes {' and '.join(sorted(set().union(*by_layer.values())))}; "
+                               "use precision fp32 (or a full fine-tune)", names=("sharding", "precision"))
+    unsupported = [what for what, bad in (
+        ("qlora", plan.settings.method == "qlora"), (f"optimizer {t.optimizer}", t.optimizer not in ("adamw", "sgd")),
+        (f"offload {t.offload}", t.offload != "none"),
+        ("precision mixed-bf16", t.precision == "mixed-bf16")) if bad]
+    if unsupported:
+        raise CombinationError(f"the FSDP2 model does not cover {unsupported[0]} yet", names=("sharding",))
+
+
+def group_bytes(plan: Plan, t: TrainingSettings, world: int, rank: int) -> dict:
+    """{layer index or None (the root): GroupBytes} on `rank` of `world`."""
+    weight_dtype = stream_dtypes(plan, t)[0]
+    free = gradient_free(plan)
+    out: dict = {}
+    for g in plan.groups:
+        gb = out.setdefault(g.layer, GroupBytes())
+        nbytes = DTYPE_BYTES[group_dtype(plan, g.origin, weight_dtype, g.name)]
+        d0, row = dim0(g.shape, g.numel)
+        shard = padded_rows(d0, world) * row * nbytes
+        if g.trainable:
+            gb.sharded_trainable += shard
+        else:
+            gb.sharded_frozen += shard
+        gb.unsharded += world * shard  # a view of its padded all-gather output (foreach_all_gather_copy_out)
+        gb.all_gather += world * shard
+        if g.trainable and g.name not in free:
+            gb.unsharded_grads += g.numel * nbytes
+            gb.sharded_grads += shard
+            gb.reduce_scatter += world * shard
+            gb.optimizer_numel += ((local_rows(d0, world, rank) * row, nbytes),)
+    return out
+
+
+def _optimizer(groups: dict, t: TrainingSettings, order: list) -> tuple[int, int]:
+    """(states, step temporaries) on this rank: AdamW's exp_avg and exp_avg_sq (SGD's momentum buffer) like
+    each local shard, AdamW's 'step' (a 4-byte CPU tensor, on the cpu device only); the temporaries as
+    peftcalc.model_states.optimizer_temporaries counts them, over the local shards."""
+    states = temps = prev = 0
+    per_dtype: dict = {}
+    for key in order:
+        for numel, nbytes in groups[key].optimizer_numel:
+            size = numel * nbytes
+            states += (2 if t.optimizer == "adamw" else 1) * size
+            states += 4 if t.optimizer == "adamw" and t.device == "cpu" else 0
+            temps, prev = max(temps, 2 * size + prev), size
+            per_dtype[nbytes] = per_dtype.get(nbytes, 0) + size
+    if t.optimizer != "adamw":
+        return states, 0
+    return states, (temps if t.device == "cpu" else max(per_dtype.values(), default=0))
+
+
+def fsdp_events(plan: Plan, t: TrainingSettings, rank: int = 0) -> list:
+    """The step's events on `rank` as (phase, bytes, parts), one-GPU events rewritten (module docstring)."""
+    world = t.gpus
+    groups = group_bytes(plan, t, world, rank)
+    root = groups.get(None, GroupBytes())
+    layers = [groups.get(i, GroupBytes()) for i in range(plan.spec.num_layers)]
+    order = [None] + list(range(plan.spec.num_layers))
+    states, temps = _optimizer(groups, t, sorted(order, key=lambda k: -1 if k is None else k))
+    frozen = sum(g.sharded_frozen for g in groups.values())
+    trainable = sum(g.sharded_trainable for g in groups.values())
+    arrival = gradient_arrival(plan, t)
+    last = len(layers) - 1
+    keep = not t.reshard_after_forward
+    kept_blocks = sum(g.unsharded for g in layers) if keep else 0
+    events = []
+    one_gpu = replace(t, gpus=1, gpus_per_node=8, sharding="none", reshard_after_forward=True, offload="none")
+    for name, _, parts in step_events(plan, one_gpu):
+        p = dict(parts, weights_frozen=frozen, weights_trainable=trainable)
+        if "optimizer_states" in p:
+            p["optimizer_states"] = states
+        if name == "forward":
+            p.update(unsharded_params=root.unsharded + kept_blocks, all_gather_buffers=layers[last].all_gather)
+        elif name == "forward:block":
+            current = kept_blocks or layers[last].unsharded
+            p.update(unsharded_params=root.unsharded + current, all_gather_buffers=layers[last].all_gather)
+        elif name in ("backward:loss", "backward:head"):
+            p.update(unsharded_params=root.unsharded + kept_blocks,
+                     all_gather_buffers=0 if keep else layers[last].all_gather)
+            _split_gradients(p, [], [])
+        elif name.startswith("backward:layer"):
+            i = int(name.removeprefix("backward:layer"))
+            above = range(i + 1, len(layers))
+            _split_gradients(p, [layers[j] for j in above], [arrival.per_layer[j] for j in above])
+            kept = sum(layers[j].unsharded for j in range(i + 1)) if keep else layers[i].unsharded
+            p.update(unsharded_params=root.unsharded + kept,
+                     all_gather_buffers=layers[i - 1].all_gather if i and not keep else 0,
+                     reduce_scatter_buffers=layers[i + 1].reduce_scatter if i < last else 0)
+        elif name == "backward:end":
+            _split_gradients(p, layers, arrival.per_layer)
+            p.update(unsharded_params=root.unsharded, reduce_scatter_buffers=layers[0].reduce_scatter)
+        elif name == "optimizer":
+            p["gradients"] = sum(g.sharded_grads for g in groups.values())
+            p["temporaries"] = temps
+        if name == "backward:loss" and not keep:
+            events.append(_root_unshard(p, root, activation_profile(plan, one_gpu), _labels_view(plan, t)))
+        events.append((name, sum(p.values()), p))
+        if name == "backward:end":
+            events.append(_root_reduce(p, root))
+    return events
+
+
+def _split_gradients(p: dict, reduced: list, their_bytes: list) -> None:
+    """Split the one-GPU event's gradients: the `reduced` groups' are their sharded gradients (reduce-scatter
+    outputs, ``gradients``) in place of their full bytes (`their_bytes`), the rest (the root's, the block in
+    backward's) autograd's full gradients before their reduce-scatter (``unsharded_gradients``)."""
+    p["unsharded_gradients"] = p.get("gradients", 0) - sum(their_bytes)
+    p["gradients"] = sum(g.sharded_grads for g in reduced)
+
+
+def _labels_view(plan: Plan, t: TrainingSettings) -> int:
+    """What the saved shift_labels hold beyond their own b x s int64 at batch 1: transformers
+    loss_utils.ForCausalLMLoss's ``pad(labels, (0, 1))[..., 1:].contiguous()`` of a (1, s + 1) tensor is
+    already contiguous, so it stays a view of the padded labels' storage (one more int64)."""
+    return 8 if plan.spec.task == "causal_lm" and t.batch_size == 1 else 0
+
+
+def _root_unshard(loss: dict, root: GroupBytes, act, labels_view: int) -> tuple:
+    """The root's pre-backward (resharded after forward): before the loss's backward runs, its all-gather
+    output and its unsharded parameters (copied out of it) on what the forward left: every saved tensor,
+    the loss's included (ActivationProfile.loss_saved, and `labels_view`), the loss and backward's ones_like
+    gradient (loss_scalars), and what the base keeps (the checkpoints' keyword arguments)."""
+    p = dict(loss, activations=loss["activations"] - act.loss_saved_backward + act.loss_saved + labels_view,
+             logits_loss=act.loss_scalars, unsharded_params=root.unsharded, all_gather_buffers=root.all_gather,
+             temporaries=act.checkpoint_kwargs)
+    return "backward:unshard", sum(p.values()), p
+
+
+def _root_reduce(end: dict, root: GroupBytes) -> tuple:
+    """The root's post-backward in the final callback: its parameters resharded, the last block's
+    reduce-scatter input released, then its own allocated while its full gradients (head, embeddings) are
+    alive (``foreach_reduce`` copies them in, then clears them)."""
+    p = dict(end, unsharded_params=0, reduce_scatter_buffers=root.reduce_scatter, activations=0,
+             temporaries=0, logits_loss=0)
+    p.pop("_other", None)  # the gradients: the root's full ones (head, embeddings) and the blocks' shards
+    return "backward:reduce", sum(p.values()), p

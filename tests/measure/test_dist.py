@@ -1,0 +1,25 @@
+"""measure.dist: rank 0 of an FSDP2 job on torch's fake process group, against the calculator and against
+what FSDP2 must hold (its sharded parameters are 1/N of the model's)."""
+
+from peftcalc.methods import MethodSettings
+from peftcalc import estimate
+from peftcalc.settings import TrainingSettings
+
+from measure.run import measure_one
+
+
+def test_fsdp2_rank0_trace_equals_prediction(tiny):
+    run = tiny("tiny-llama", method="lora")
+    t = TrainingSettings(batch_size=2, seq_len=32, precision="fp32", optimizer="adamw", device="cpu", gpus=3, sharding="fsdp")
+    row = measure_one(run.spec, MethodSettings(method="lora"), t, device="fake", steps=2)
+    assert row["outcome"] == "ok", row["error"]
+    m, p = row["measured"], row["predicted"]
+    assert m["peak_bytes"] == p["peak_bytes"] == 1492152 and m["peak_phase"] == "backward"
+    assert m["step1_peak_bytes"] == 1480344
+    # rank 0 holds every parameter's padded shard: tiny-llama has 147,776 base parameters, LoRA r8 on q and v
+    # 2 x 2 x (8 x 64 + 64 x 8) = 4,096; the model_bytes add the rotary buffers (2 x 8 fp32)
+    assert m["model_bytes"] < (147_776 + 4_096) * 4 // 3 + 4_096
+    e = estimate(run.spec, method="lora", precision="fp32", optimizer="adamw", batch_size=2, seq_len=32, device="cpu", gpus=3,
+                 sharding="fsdp")
+    assert e.memory.step1_peak_bytes == 1480344
+    assert row["settings"]["training"]["sharding"] == "fsdp" and row["settings"]["training"]["gpus"] == 3

@@ -1,0 +1,42 @@
+"""The harness runs the recipe settings of issue 13 for real (measure.loop.train_step): N micro-batches with
+their own phase peaks, the outputs kept through backward, clipping, torchtune's chunked loss, fused AdamW;
+the calculator's prediction equals the trace to the byte. Paged optimizers are CUDA-only."""
+
+import pytest
+import torch
+
+from measure.losses import chunked_cross_entropy
+from measure.run import measure_one
+from measure.setup import check_run
+from peftcalc.errors import InputError
+from peftcalc.methods import MethodSettings
+from peftcalc.settings import TrainingSettings
+
+
+def test_a_recipe_step_is_traced_micro_batch_by_micro_batch(tiny):
+    run = tiny("tiny-llama", method="full")
+    t = TrainingSettings(batch_size=2, seq_len=32, precision="bf16", optimizer="adamw-fused", grad_accum=2,
+                         keep_outputs=True, max_grad_norm=1.0, loss="chunked", loss_chunks=3, device="cpu")
+    row = measure_one(run.spec, run.method, t, device="fake", steps=2)
+    assert row["outcome"] == "ok", row.get("error")
+    m = row["measured"]
+    assert set(m["steps"][-1]["phases"]) == {"forward@1", "backward@1", "forward@2", "backward@2", "optimizer"}
+    phases = m["steps"][-1]["phases"]
+    assert phases["forward@2"]["peak_bytes"] > phases["forward@1"]["peak_bytes"]  # every .grad alive
+    assert row["predicted"]["peak_bytes"] == m["peak_bytes"]
+    assert (row["predicted"]["peak_phase"].split(":")[0], m["peak_micro_batch"]) == (m["peak_phase"], 2)
+
+
+def test_chunked_cross_entropy_is_the_full_one():
+    logits, labels = torch.randn(2, 9, 11), torch.randint(0, 11, (2, 9))
+    labels[0, 3] = -100
+    full = torch.nn.functional.cross_entropy(logits.reshape(-1, 11), labels.reshape(-1), ignore_index=-100)
+    assert torch.allclose(chunked_cross_entropy(logits, labels, 4), full)
+
+
+def test_paged_optimizers_and_cuda_only_losses_are_refused_off_cuda(tiny):
+    run = tiny("tiny-llama", method="lora")
+    with pytest.raises(InputError, match="paging is CUDA-only"):
+        check_run(run.spec, run.method, TrainingSettings(optimizer="paged-adamw-8bit", device="cpu"), "fake", 2)
+    with pytest.raises(InputError, match="runs Triton kernels on CUDA only, and the harness does not run it"):
+        check_run(run.spec, MethodSettings("lora"), TrainingSettings(loss="liger", device="cpu"), "cpu", 2)

@@ -1,0 +1,100 @@
+"""peftcalc.sharding.fsdp against hand derivations of FSDP2's shards (torch/distributed/fsdp/_fully_shard/
+_fsdp_param.py, _fsdp_collectives.py) and against rank 0's trace on the fake process group
+(reports/data/dist.jsonl holds more; tests/measure/test_dist.py traces one here)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from peftcalc import estimate
+from peftcalc.errors import CombinationError, InputError
+from peftcalc.methods import MethodSettings, make_plan
+from peftcalc.config import load_spec
+from peftcalc.settings import TrainingSettings
+from peftcalc.sharding import rank_memory, sharded_timeline
+from peftcalc.sharding.fsdp import group_bytes
+from peftcalc.sharding.shards import local_rows, padded_rows
+
+ROOT = Path(__file__).resolve().parents[3]
+# measure/matrices/dist.toml's tiny-llama: hidden 64, 2 layers, 4 heads, intermediate 128, vocab 512 (untied)
+TINY = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 64, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "intermediate_size": 128, "vocab_size": 512}
+
+
+def _plan(method="full"):
+    return make_plan(load_spec(dict(TINY)), MethodSettings(method=method))
+
+
+def _t(**kw):
+    return TrainingSettings(**{"batch_size": 2, "seq_len": 32, "precision": "fp32", "device": "cpu", "optimizer": "adamw",
+                               "sharding": "fsdp", **kw})
+
+
+def test_torch_chunk_rows():
+    # torch.chunk(64 rows, 3) -> 22, 22, 20; (512, 1024) -> 1 row for the first 512 ranks, none after
+    assert padded_rows(64, 3) == 22 and [local_rows(64, 3, r) for r in range(3)] == [22, 22, 20]
+    assert padded_rows(512, 1024) == 1 and local_rows(512, 1024, 511) == 1 and local_rows(512, 1024, 512) == 0
+
+
+def test_block_group_bytes_by_hand_at_three_ranks():
+    # a block: q, k, v, o (64 x 64): 22 of 64 rows padded -> 22 x 64 each; gate, up (128 x 64): 43 x 64;
+    # down (64 x 128): 22 x 128; two RMSNorm weights (64): 22 each; fp32
+    shard = 4 * 22 * 64 + 2 * 43 * 64 + 22 * 128 + 2 * 22
+    g = group_bytes(_plan(), _t(gpus=3), 3, 0)[0]
+    assert g.sharded_trainable == 4 * shard
+    assert g.all_gather == g.unsharded == g.reduce_scatter == 3 * 4 * shard
+    # rank 2's rows: q, k, v, o, down and the norms 20 of 64, gate and up 42 of 128
+    last = group_bytes(_plan(), _t(gpus=3), 3, 2)[0]
+    assert sum(n for n, _ in last.optimizer_numel) == 4 * 20 * 64 + 2 * 42 * 64 + 20 * 128 + 2 * 20
+
+
+def test_traced_rank0_peaks():
+    """Rank 0's peak and step 1 of tiny-llama, traced on the fake process group (measure/dist.py, the rows of
+    reports/data/dist.jsonl), to the byte."""
+    cases = [("full", dict(gpus=8), 1688700, 1540840), ("full", dict(gpus=3), 2069980, 1670680),
+             ("lora", dict(gpus=8), 1350152, 1346024),
+             ("full", dict(gpus=8, reshard_after_forward=False), 1887372, 1739512)]
+    for method, kw, peak, step1 in cases:
+        r = rank_memory(_plan(method), _t(**kw), 0)
+        assert (r.peak_bytes, r.step1_peak_bytes) == (peak, step1), (method, kw)
+
+
+def test_last_rank_reported_where_padding_differs():
+    _, ranks = sharded_timeline(_plan(), _t(gpus=3))
+    assert [r.rank for r in ranks] == [0, 2]
+    assert ranks[1].peak_bytes < ranks[0].peak_bytes  # fewer rows of optimizer state
+    _, even = sharded_timeline(_plan(), _t(gpus=8))
+    assert [r.rank for r in even] == [0]
+
+
+def test_estimate_reports_ranks():
+    e = estimate(dict(TINY), method="full", precision="fp32", optimizer="adamw", batch_size=2, seq_len=32, device="cpu", gpus=3,
+                 sharding="fsdp")
+    assert e.memory.peak_bytes == 2069980 and [r["rank"] for r in e.memory.ranks] == [0, 2]
+    assert e.memory.components["unsharded_params"] > 0 and sum(e.memory.components.values()) == 2069980
+
+
+@pytest.mark.parametrize("kw, error", [
+    (dict(gpus=0, sharding="fsdp"), InputError),
+    (dict(gpus=12, gpus_per_node=8, sharding="hsdp"), CombinationError),
+    (dict(gpus=4), CombinationError),  # several GPUs need a sharding
+    (dict(gpus=2, sharding="ddp", precision="mixed-bf16"), CombinationError),
+    (dict(gpus=2, sharding="zero2", offload="params"), CombinationError),
+    (dict(gpus=2, sharding="ddp", offload="optimizer"), CombinationError),
+    (dict(gpus=2, sharding="fsdp", method="lora", precision="bf16"), CombinationError),  # fp32 adapters, bf16 base
+    (dict(gpus=2, sharding="zero1", reshard_after_forward=False), CombinationError),
+])
+def test_bad_parallel_settings(kw, error):
+    kw = {"method": "full", "optimizer": "adamw", **kw}
+    with pytest.raises(error):
+        estimate(dict(TINY), **kw)
+
+
+def test_cli_bad_gpus_is_one_line_exit_2():
+    for args, message in ((["--gpus", "0", "--sharding", "fsdp"], "--gpus must be a positive integer or 'auto', got 0"),
+                          (["--gpus", "12", "--sharding", "hsdp"], "--gpus-per-node (8) must divide --gpus (12)")):
+        proc = subprocess.run([sys.executable, "-m", "peftcalc.cli", "estimate", "llama-3.2-1b", *args],
+                              capture_output=True, text=True, cwd=ROOT, timeout=120)
+        assert proc.returncode == 2 and proc.stderr.strip() == f"error: {message}", proc.stderr

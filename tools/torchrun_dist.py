@@ -1,0 +1,49 @@
+"""Proof against real processes (issue 15): rank 0 of a 2-4 rank job on CPU with gloo and real tensors, traced
+the way measure.dist traces the fake process group, to compare with `peftcalc measure ... --device fake`.
+
+    PYTHONPATH=. torchrun --nproc_per_node 2 tools/torchrun_dist.py fsdp   # or ddp
+    PYTHONPATH=. python -m peftcalc.cli measure tiny.json -m full --precision fp32 --optimizer adamw \
+        -b 2 -s 32 --gpus 2 --sharding fsdp --device fake --steps 2
+
+prints rank 0's steady-state peak, its phase and step 1's peak as one JSON line (tiny-llama of
+measure/matrices/dist.toml, full fine-tuning, fp32, AdamW, batch 2 x 32, two steps).
+"""
+import sys, json, tomllib, torch, torch.distributed as dist
+sharding = sys.argv[1]
+dist.init_process_group("gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+from measure.build import build_model
+from measure.dist import DistTracer, shard_fsdp2
+from measure.loop import TracerMeter, run_steps
+from measure.setup import precision_policy, prepare_for_training, make_batch, make_optimizer
+from measure.tracer import StorageTracer, model_state_tensors
+from peftcalc.config import load_spec
+from peftcalc.methods import MethodSettings
+from peftcalc.settings import TrainingSettings
+import measure.dist as md
+from torch.distributed.device_mesh import init_device_mesh
+models = tomllib.load(open("measure/matrices/dist.toml", "rb"))["models"]
+spec = load_spec(dict(models["tiny-llama"]))
+t = TrainingSettings(batch_size=2, seq_len=32, precision="fp32", optimizer="adamw", device="cpu", gpus=world, sharding=sharding)
+policy = precision_policy(t, "cpu")
+torch.manual_seed(0)
+model = build_model(spec, MethodSettings(method="full"), dtype=torch.float32, device="cpu")
+prepare_for_training(model, spec, t)
+tracer = DistTracer() if sharding == "fsdp" else StorageTracer()
+meter = TracerMeter(tracer)
+with tracer:
+    tracer.mark(model_state_tensors(model), "parameters")
+    if sharding == "fsdp":
+        md.device_mesh = lambda training: init_device_mesh("cpu", (world,))  # the gloo group, not a fake one
+        shard_fsdp2(model, t)
+        tracer.mark(model_state_tensors(model), "parameters")
+        runner = model
+    else:
+        runner = torch.nn.parallel.DistributedDataParallel(model)
+    batch = make_batch(spec, t, "cpu", torch.float32)
+    meter.register(model, batch)
+    opt = make_optimizer("adamw", [p for p in model.parameters() if p.requires_grad])
+    rows = run_steps(runner, spec, batch, opt, policy, "cpu", meter, 2)
+if rank == 0:
+    print(json.dumps({"sharding": sharding, "world": world, "peak": rows[-1]["peak_bytes"], "phase": rows[-1]["peak_phase"], "step1": rows[0]["peak_bytes"]}))
+dist.destroy_process_group()
