@@ -17,6 +17,7 @@ from peftcalc.families.llama import LLAMA, MISTRAL, QWEN2
 from peftcalc.families.llava import LLAVA
 from peftcalc.families.olmo2 import OLMO2
 from peftcalc.families.opt import OPT
+from peftcalc.families.phi3 import PHI3
 from peftcalc.families.qwen3 import QWEN3
 from peftcalc.families.mixtral import MIXTRAL
 from peftcalc.families.qwen2_moe import QWEN2_MOE
@@ -41,7 +42,7 @@ __all__ = [
 
 FAMILIES = {f.model_type: f for f in (LLAMA, MISTRAL, QWEN2, GPT2, BERT, ROBERTA, VIT, CLIP_VISION, OPT, LLAVA,
                                       BLIP2, BLIP2_QFORMER, BLIP2_VISION)}
-FAMILIES.update({f.model_type: f for f in (QWEN3, OLMO2)})  # issue 12's dense families
+FAMILIES.update({f.model_type: f for f in (QWEN3, OLMO2, PHI3)})  # issue 12's dense families
 FAMILIES.update({f.model_type: f for f in (MIXTRAL, QWEN3_MOE, QWEN2_MOE)})  # mixture-of-experts
 
 FAMILIES.update({f.model_type: f for f in (GEMMA2, GEMMA3_TEXT)})  # issue 12: Gemma 2 and Gemma 3 text

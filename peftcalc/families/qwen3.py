@@ -6,7 +6,7 @@ attention_bias on all four attention projections.
 from __future__ import annotations
 
 from peftcalc.errors import InputError
-from peftcalc.families.llama import rotary_buffer_bytes
+from peftcalc.families.llama import llama_windows, rotary_buffer_bytes
 from peftcalc.families.record import Family, config_dropout
 from peftcalc.layout import Layout, Module, decoder_head, linear_module, norm_module
 from peftcalc.ops.attention import attention
@@ -80,7 +80,8 @@ def qwen3_block(rec: Recorder, spec: ModelSpec, sites, x: SymTensor) -> SymTenso
     v = heads_view(rec, vl, clone=ctx.attention == "eager")
     q, k = rope(rec, q), rope(rec, k)
     rec.free(qn, kn)
-    a = attention(rec, spec, q, k, v, config_dropout(spec, DROPOUT, "attn"), "self_attn.attention", replaced=(k, vl), fp32_softmax=True)
+    a = attention(rec, spec, q, k, v, config_dropout(spec, DROPOUT, "attn"), "self_attn.attention", replaced=(k, vl),
+                  fp32_softmax=True, window=sites.window)
     o = sites.linear(rec, a, "self_attn.o_proj", spec.q_dim, h)
     o = sites.adapt(rec, o, "attn_out", "self_attn.o_proj")
     rec.free(a, q, k, vl, n)
@@ -103,15 +104,13 @@ def qwen3_block(rec: Recorder, spec: ModelSpec, sites, x: SymTensor) -> SymTenso
 
 def qwen3_config(config: dict, common: dict, where: str, read_part=None) -> ModelSpec:
     """Qwen3Config (configuration_qwen3.py): head_dim 128 unless given (not hidden / heads), GQA,
-    attention_bias (q/k/v/o), tie_word_embeddings. Sliding-window layers (use_sliding_window) are refused:
-    the published Qwen3 configs have none."""
+    attention_bias (q/k/v/o), tie_word_embeddings; sliding-window layers as Qwen2Config has them
+    (use_sliding_window, max_window_layers, layer_types: families.llama.llama_windows; the published Qwen3
+    configs have none)."""
     hidden, heads, layers, intermediate = encoder_sizes(config, where)
     kv_heads = optional_config_int(config, "num_key_value_heads", heads, where, null_is_default=True)
     if heads % kv_heads:
         raise InputError(f"{where}: num_attention_heads ({heads}) must be a multiple of num_key_value_heads ({kv_heads})")
-    if config_bool(config, "use_sliding_window", False, where):
-        raise InputError(f"{where}: Qwen3 with use_sliding_window is not supported (the published Qwen3 models "
-                         "have full attention in every layer)")
     act = config_str(config, "hidden_act", "silu", where)
     if act != "silu":
         raise InputError(f"{where}: hidden_act {act!r} is not supported for qwen3; silu only")
@@ -126,6 +125,7 @@ def qwen3_config(config: dict, common: dict, where: str, read_part=None) -> Mode
         tie_embeddings=config_bool(config, "tie_word_embeddings", False, where),
         attention_bias=config_bool(config, "attention_bias", False, where),
         hidden_act=act,
+        layer_windows=llama_windows(config, "qwen2", layers, where),  # Qwen3Config.__post_init__ is Qwen2Config's
         **common,
     )
 

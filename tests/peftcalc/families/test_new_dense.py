@@ -1,4 +1,4 @@
-"""The dense families of issue 12 (qwen3, olmo2, standalone opt) and the registry entries added with them, held
+"""The dense families of issue 12 (qwen3, olmo2, phi3, standalone opt) and the registry entries added with them, held
 to the real transformers/peft models on the meta device, and the instruct/chat repo ids of the registry as
 aliases of their base entries.
 
@@ -17,7 +17,8 @@ from peftcalc.families import build_layout
 from peftcalc.methods import MethodSettings, make_plan
 from peftcalc.layout import param_names
 
-NEW_ENTRIES = ["qwen3-0.6b", "qwen3-8b", "qwen3-32b", "mistral-nemo-12b", "mistral-7b-v0.3", "opt-1.3b", "olmo-2-7b"]
+NEW_ENTRIES = ["qwen3-0.6b", "qwen3-8b", "qwen3-32b", "mistral-nemo-12b", "mistral-7b-v0.3", "opt-1.3b", "olmo-2-7b",
+               "phi-3-mini-4k", "phi-3-medium-4k", "phi-4"]
 
 
 @pytest.mark.parametrize("name", NEW_ENTRIES)
@@ -36,7 +37,7 @@ def test_layout_names_and_shapes_are_the_real_models(name):
     MethodSettings("ia3"),
     MethodSettings("prefix"),
 ], ids=lambda s: s.method)
-@pytest.mark.parametrize("name", ["qwen3-0.6b", "opt-1.3b", "olmo-2-7b"])
+@pytest.mark.parametrize("name", ["qwen3-0.6b", "opt-1.3b", "olmo-2-7b", "phi-3-mini-4k"])
 def test_method_counts_are_the_real_peft_models(name, settings):
     """Trainable and total counts of peft's models on the new families (their default IA3 targets, prefix
     tuning's key/value width), as test_params.py checks for every registry model."""
@@ -65,6 +66,24 @@ def test_qwen3_0_6b_counts_by_hand():
     assert plan.trainable == 28 * 8 * (3072 + 2048) == 1_146_880
 
 
+def test_phi3_counts_by_hand():
+    """Phi-3-mini-4k (3.8B, Microsoft's model card): 32,064 x 3,072 embeddings and lm_head + 32 layers x
+    (qkv_proj 3,072 x 9,216, o_proj 3,072 x 3,072, gate_up_proj 3,072 x 16,384, down_proj 8,192 x 3,072, two
+    RMSNorms) + the final norm; LoRA r8 on the fused qkv_proj: 32 x 8 x (3,072 + 9,216). Phi-3-mini-4k slides
+    every layer over 2,047 tokens; Phi-4 (model_type phi3) has no window."""
+    layer = 3072 * 9216 + 3072 * 3072 + 3072 * 16384 + 8192 * 3072 + 2 * 3072
+    plan = make_plan(load_spec("phi-3-mini-4k"), MethodSettings("lora", rank=8))
+    assert plan.total - plan.trainable == 2 * 32064 * 3072 + 32 * layer + 3072 == 3_821_079_552
+    assert plan.trainable == 32 * 8 * (3072 + 9216) == 3_145_728
+    assert load_spec("phi-3-mini-4k").layer_windows == (2047,) * 32 and load_spec("phi-4").layer_windows == ()
+
+
+def test_phi3_partial_rotary_is_refused():
+    config = {k: v for k, v in registry_configs()["phi-4"].items() if not k.startswith("_")}
+    with pytest.raises(InputError, match="partial_rotary_factor"):
+        load_spec({**config, "partial_rotary_factor": 0.75})
+
+
 def test_mistral_reader_honours_head_dim():
     """Mistral-Nemo's head_dim is 128, not hidden / heads (5,120 / 32 = 160): q_proj is 5,120 -> 4,096."""
     spec = load_spec("mistral-nemo-12b")
@@ -86,10 +105,13 @@ def test_opt_shapes_the_layout_does_not_mirror_are_refused(change, message):
         load_spec({**config, **change})
 
 
-def test_qwen3_sliding_window_is_refused():
+def test_qwen3_reads_sliding_windows_as_qwen2_does():
+    """Qwen3Config.__post_init__ is Qwen2Config's: no window unless use_sliding_window, then the layers from
+    max_window_layers up slide (transformers builds both masks: Qwen3Model.forward's causal_mask_mapping)."""
     config = {k: v for k, v in registry_configs()["qwen3-0.6b"].items() if not k.startswith("_")}
-    with pytest.raises(InputError, match="use_sliding_window"):
-        load_spec({**config, "use_sliding_window": True, "sliding_window": 4096})
+    assert load_spec(config).layer_windows == ()
+    spec = load_spec({**config, "use_sliding_window": True, "sliding_window": 4096, "max_window_layers": 20})
+    assert spec.layer_windows == (0,) * 20 + (4096,) * 8
 
 
 # The instruct/chat repo ids users type, each of which must resolve to its base entry (same architecture and
@@ -112,6 +134,9 @@ INSTRUCT_IDS = {
     "mistralai/Mistral-Nemo-Instruct-2407": "mistral-nemo-12b",
     "allenai/OLMo-2-1124-7B-Instruct": "olmo-2-7b",
     "TinyLlama/TinyLlama-1.1B-Chat-v1.0": "tinyllama-1.1b",
+    "microsoft/Phi-3-mini-4k-instruct": "phi-3-mini-4k",
+    "microsoft/Phi-3-medium-4k-instruct": "phi-3-medium-4k",
+    "microsoft/phi-4": "phi-4",
 }
 
 

@@ -40,7 +40,9 @@ TASK_MAPPINGS = {
 
 # peft 0.21 has no entry for these; the records take peft's llama choice and the harness passes it to peft
 # explicitly (peftcalc/families/vision.py, peftcalc/families/llava.py, peftcalc/families/olmo2.py)
-NOT_IN_PEFT = ("vit", "clip_vision_model", "llava", "olmo2")
+NOT_IN_PEFT = ("vit", "clip_vision_model", "llava", "olmo2", "phi3")
+# the module that holds each of llama's target projections where a family fuses them (Phi3Attention.qkv_proj)
+FUSED = {"phi3": {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj"}}
 # nor for these mixture-of-experts types: the records take the dense model's LoRA entry and no IA3 (the fused experts
 # are no Linear modules) (peftcalc/families/qwen3_moe.py, peftcalc/families/qwen2_moe.py)
 NOT_IN_PEFT_MOE = {"qwen3_moe": "qwen3", "qwen2_moe": "qwen2"}
@@ -141,18 +143,20 @@ def test_peft_targets_where_peft_has_an_entry(model_type):
 
 @pytest.mark.parametrize("model_type", NOT_IN_PEFT)
 def test_peft_targets_where_peft_has_none(model_type):
-    """peft has no default targets for vit (transformers 5 names), clip_vision_model, llava or olmo2: the records
-    take peft's llama entries (the vision towers and OLMo 2 for IA3 too; LLaVA takes no IA3)."""
+    """peft has no default targets for vit (transformers 5 names), clip_vision_model, llava, olmo2 or phi3: the
+    records take peft's llama entries (the vision towers, OLMo 2 and Phi-3 for IA3 too; LLaVA takes no IA3), on
+    the fused module that holds those projections where the family fuses them (Phi-3's qkv_proj)."""
     family = FAMILIES[model_type]
+    fused = FUSED.get(model_type, {})
     assert model_type not in LORA and model_type not in IA3 and model_type not in IA3_FF
-    assert family.lora_targets == tuple(LORA["llama"])
+    assert family.lora_targets == tuple(dict.fromkeys(fused.get(m, m) for m in LORA["llama"]))
     if family.vlm:
         assert not family.ia3_targets and "ia3" not in methods_for(_spec(model_type))
     else:
         # llama's IA3 entry with its MLP output named as the vision towers name it (down_proj -> fc2); OLMo 2
         # names it as Llama does
-        rename = {"down_proj": "fc2"} if family.vision else {}
-        assert family.ia3_targets == tuple(rename.get(m, m) for m in IA3["llama"])
+        rename = {"down_proj": "fc2"} if family.vision else fused
+        assert family.ia3_targets == tuple(dict.fromkeys(rename.get(m, m) for m in IA3["llama"]))
         assert family.ia3_feedforward == tuple(rename.get(m, m) for m in IA3_FF["llama"])
 
 
