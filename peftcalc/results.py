@@ -101,6 +101,14 @@ class Estimate:
     gpus_auto: dict | None = None  # gpus="auto": {gpu, gpus, max_batch} (the fewest cards that fit)
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        d["method"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in d["method"].items()}
-        return d
+        """The JSON the CLI prints: tuples as lists, so the dict equals its own JSON round trip."""
+        return _as_json(asdict(self))
+
+
+def _as_json(x):
+    """`x` with every tuple a list (dicts and lists walked)."""
+    if isinstance(x, dict):
+        return {k: _as_json(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_as_json(v) for v in x]
+    return x
