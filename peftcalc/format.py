@@ -257,7 +257,7 @@ def render_estimate_text(e) -> str:
     out.extend(rank_lines(e))
     if e.memory.traced != "traced":
         out.append(f"({e.training.loss if e.training.loss in ('liger', 'cce') else e.training.optimizer}: "
-                   "modelled, not traced: it runs on CUDA only, where the gpu matrix measures it)")
+                   "modelled from its source, not traced: it runs on CUDA only, and no GPU run has checked it yet)")
     out.append("")
     out.append(text_table(_gpu_rows(e), ["GPU", "memory", "fits", "headroom", "max batch", "step", "epoch", "epoch cost"]))
     out.append("")

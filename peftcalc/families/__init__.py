@@ -51,7 +51,9 @@ FAMILIES.update({f.model_type: f for f in (GEMMA2, GEMMA3_TEXT)})  # issue 12: G
 def attention_for(spec: ModelSpec, requested: str) -> str:
     """The attention implementation the model runs when `requested` is asked for: `requested` where the
     family's transformers class supports it, else its default (Family.attentions: Gemma 2 has no SDPA path,
-    its soft-capping needs eager, so it runs eager)."""
+    its soft-capping needs eager, so it runs eager); `requested` for a family peftcalc does not model (a trace)."""
+    if spec.model_type not in FAMILIES:
+        return requested
     supported = FAMILIES[spec.model_type].attentions
     return requested if requested in supported else supported[0]
 

@@ -59,5 +59,6 @@ TRACED = [
 
 @pytest.mark.parametrize("model,method,training,traced,key", TRACED, ids=[r[4] for r in TRACED])
 def test_peak_equals_traced_row(model, method, training, traced, key):
-    e = estimate(model_spec(model), **method, **training, device="cpu")
+    # the ci matrix runs torch.optim.AdamW (foreach; single-tensor on cpu), not the default fused one
+    e = estimate(model_spec(model), **method, **{"optimizer": "adamw", **training}, device="cpu")
     assert e.memory.peak_bytes == traced
