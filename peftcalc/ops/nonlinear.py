@@ -29,7 +29,7 @@ def activation(rec: Recorder, x: SymTensor, kind: str, tag: str) -> SymTensor:
     if kind == "gelu_new":
         return gelu_new(rec, x, tag)
     if kind == "quick_gelu":
-        xs = rec.save(x, f"{tag}.input")
+        rec.save(x, f"{tag}.input")
         z = scale(rec, x)  # 1.702 * x
         sg = rec.new(x.numel, x.dtype, True)
         sid = rec.save(sg, f"{tag}.sigmoid")

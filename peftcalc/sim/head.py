@@ -30,7 +30,6 @@ __all__ = [
 
 
 def embeddings_forward(rec: Recorder, spec: ModelSpec, plan: Plan, layout: Layout, x: SymTensor) -> SymTensor:
-    h = spec.hidden_size
     if spec.is_vision and rec.ctx.autocast and param_trains(plan, layout.embedding_path):
         # the patch embedding's Conv2d under autocast: convolution_backward's formula saves the input and
         # the weight whenever the node exists (any of them needs a gradient), here their bf16 copies

@@ -218,7 +218,6 @@ def llava_profile(plan: Plan, t: TrainingSettings) -> ActivationProfile:
     rec = Recorder(ctx)
     b, itok = ctx.batch, spec.image_tokens
     hv, h = spec.vision.hidden_size, spec.hidden_size
-    vseq = spec.vision.vision_seq_len
     vs = vision_saves(plan, t)
     vision_kept, vision_dropped, feature_rg, vision_cached_saved = vs.kept, vs.dropped, vs.feature_rg, vs.cached
     trains = param_trains(plan, f"{PROJECTOR}.linear_1", True)
