@@ -17,20 +17,11 @@ __all__ = [
 ]
 
 
-def rms_norm(rec: Recorder, x: SymTensor, weight_trainable: bool, tag: str, dim: int = 0,
-             weight_fp32: bool = False) -> SymTensor:
-    """LlamaRMSNorm.forward: x.to(fp32); variance = pow(2).mean; x * rsqrt(variance + eps); weight *
-    _.to(input dtype). pow and the product save the fp32 input and the rsqrt; weight * y saves y when the
-    weight trains, and the weight (a parameter) when y needs a gradient. The variance stays referenced
-    until the norm returns. Backward: the weight product (grad * weight, and (grad * y).sum for the
-    weight), the product's grad * rsqrt and (grad * x).sum, rsqrt's -0.5 grad r^3, mean's expanded
-    grad / n, pow's grad * 2 x (x.pow(1) and 2 * _ as temporaries). `dim`: the size of the normalized last
-    dimension where it is not a token's whole width (Qwen3's q_norm/k_norm over head_dim: one row per token
-    and head). `weight_fp32`: Olmo2RMSNorm.forward's ``(self.weight * x).to(input_dtype)``, the weight product
-    on the fp32 normalized values (promoted to fp32, saving them when the weight trains), then the cast back."""
-    ctx = rec.ctx
-    hidden = dim or (x.numel // ctx.tokens if ctx.tokens else x.numel)
-    rows = x.numel // hidden
+def _normalized(rec: Recorder, x: SymTensor, tag: str, rows: int, keep_mean: bool) -> tuple[SymTensor, SymTensor | None]:
+    """The fp32 normalization both RMSNorms run, ``x.float() * rsqrt(x.float().pow(2).mean(-1, keepdim=True) +
+    eps)`` over `rows` rows, with its autograd nodes (pow and the product save the fp32 input, rsqrt its result):
+    (the normalized fp32 tensor, the mean). `keep_mean`: LlamaRMSNorm names the variance, so it stays referenced
+    until the norm returns (the caller frees it); Gemma's one expression drops it once ``+ eps`` is made (None)."""
     x32 = cast(rec, x, "float32")
     full, small = x.numel * 4, rows * 4
     xs = rec.save(x32, f"{tag}.input_fp32") if x.requires_grad else 0
@@ -38,6 +29,8 @@ def rms_norm(rec: Recorder, x: SymTensor, weight_trainable: bool, tag: str, dim:
     m = rec.new(rows, "float32", x.requires_grad)  # .mean(-1, keepdim=True): grad.expand() / n
     rec.free(p)
     ve = rec.new(rows, "float32", x.requires_grad)  # variance + eps: AddBackward hands the gradient on
+    if not keep_mean:
+        rec.free(m)
     r = rec.new(rows, "float32", x.requires_grad)  # rsqrt, saves its result
     rec.free(ve)
     h = rec.new(x.numel, "float32", x.requires_grad)  # x * rsqrt
@@ -54,6 +47,24 @@ def rms_norm(rec: Recorder, x: SymTensor, weight_trainable: bool, tag: str, dim:
     rec.free(r)
     if x32 is not x:
         rec.free(x32)
+    return h, (m if keep_mean else None)
+
+
+def rms_norm(rec: Recorder, x: SymTensor, weight_trainable: bool, tag: str, dim: int = 0,
+             weight_fp32: bool = False) -> SymTensor:
+    """LlamaRMSNorm.forward: x.to(fp32); variance = pow(2).mean; x * rsqrt(variance + eps); weight *
+    _.to(input dtype). pow and the product save the fp32 input and the rsqrt; weight * y saves y when the
+    weight trains, and the weight (a parameter) when y needs a gradient. The variance stays referenced
+    until the norm returns. Backward: the weight product (grad * weight, and (grad * y).sum for the
+    weight), the product's grad * rsqrt and (grad * x).sum, rsqrt's -0.5 grad r^3, mean's expanded
+    grad / n, pow's grad * 2 x (x.pow(1) and 2 * _ as temporaries). `dim`: the size of the normalized last
+    dimension where it is not a token's whole width (Qwen3's q_norm/k_norm over head_dim: one row per token
+    and head). `weight_fp32`: Olmo2RMSNorm.forward's ``(self.weight * x).to(input_dtype)``, the weight product
+    on the fp32 normalized values (promoted to fp32, saving them when the weight trains), then the cast back."""
+    ctx = rec.ctx
+    hidden = dim or (x.numel // ctx.tokens if ctx.tokens else x.numel)
+    rows = x.numel // hidden
+    h, m = _normalized(rec, x, tag, rows, keep_mean=True)
     normed = h if weight_fp32 else cast(rec, h, x.dtype)
     saved = []
     steps, outputs = [], []
@@ -84,30 +95,8 @@ def gemma_rms_norm(rec: Recorder, x: SymTensor, weight_trainable: bool, tag: str
     weight, then the normalization's nodes as rms_norm's."""
     ctx = rec.ctx
     rows = x.numel // dim
-    x32 = cast(rec, x, "float32")
-    full, small = x.numel * 4, rows * 4
-    xs = rec.save(x32, f"{tag}.input_fp32") if x.requires_grad else 0
-    p = rec.new(x.numel, "float32", x.requires_grad)  # x.pow(2)
-    m = rec.new(rows, "float32", x.requires_grad)  # .mean(-1, keepdim=True)
-    rec.free(p)
-    ve = rec.new(rows, "float32", x.requires_grad)  # + eps
-    rec.free(m)
-    r = rec.new(rows, "float32", x.requires_grad)  # rsqrt, saves its result
-    rec.free(ve)
-    h = rec.new(x.numel, "float32", x.requires_grad)  # x * rsqrt
-    if x.requires_grad:
-        rec.node(p, [("new", "t", full), ("new", "u", full), ("new", "d", full), ("free", "t"), ("free", "u")],
-                 [(x32.id, "d")], [xs])
-        rec.node(m, [("new", "d", full)], [(p.id, "d")])
-        rec.node(ve, outputs=[(m.id, GRAD)])
-        rid = rec.save(r, f"{tag}.rsqrt")
-        rec.node(r, [("new", "t", small), ("new", "u", small), ("new", "d", small), ("free", "t"), ("free", "u")],
-                 [(ve.id, "d")], [rid])
-        rec.node(h, [("new", "dx", full), ("new", "t", full), ("new", "dr", small), ("free", "t")],
-                 [(x32.id, "dx"), (r.id, "dr")], [xs, rid])
-    rec.free(r)
-    if x32 is not x:
-        rec.free(x32)
+    h, _ = _normalized(rec, x, tag, rows, keep_mean=False)
+    full = x.numel * 4
     # self.weight.float() (a copy unless the weight is fp32), then 1.0 + _ (a new fp32 vector)
     w_bytes = DTYPE_BYTES[ctx.weight_dtype]
     w32 = rec.new(dim, "float32", weight_trainable) if w_bytes != 4 else None
