@@ -193,11 +193,17 @@ def measure_dist(spec, method, training, steps, policy) -> dict:
             load_bytes = tracer.live_bytes
             optimizer = make_optimizer(training.optimizer, [p for p in model.parameters() if p.requires_grad])
             step_rows = run_steps(model, spec, batch, optimizer, policy, "fake", meter, steps)
+    return _rank0_result(step_rows, meter, model_bytes, load_bytes, params, notes, build_s, t1)
+
+
+def _rank0_result(step_rows, meter, model_bytes, load_bytes, params, notes, build_s, steps_started) -> dict:
+    """The harness's result of rank 0's traced steps (measured peaks and their details, params, notes, timing),
+    the same for an FSDP2 and a DDP run."""
     measured = _measured(step_rows, meter.source, model_bytes, load_bytes)
     measured.update(meter.details(step_rows))
     _drop_private(step_rows)
     return {"params": params, "measured": measured, "harness_notes": dict(notes, rank=0),
-            "timing": {"build_s": round(build_s, 3), "steps_s": round(time.perf_counter() - t1, 3),
+            "timing": {"build_s": round(build_s, 3), "steps_s": round(time.perf_counter() - steps_started, 3),
                        "step_time_s": [s["time_s"] for s in step_rows]}}
 
 
@@ -240,9 +246,4 @@ def measure_ddp(spec, method, training, steps, policy, workdir: str) -> dict:
             load_bytes = tracer.live_bytes
             optimizer = make_optimizer(training.optimizer, [p for p in model.parameters() if p.requires_grad])
             step_rows = run_steps(ddp, spec, batch, optimizer, policy, "cpu", meter, steps)
-    measured = _measured(step_rows, meter.source, model_bytes, load_bytes)
-    measured.update(meter.details(step_rows))
-    _drop_private(step_rows)
-    return {"params": params, "measured": measured, "harness_notes": dict(notes, rank=0),
-            "timing": {"build_s": round(build_s, 3), "steps_s": round(time.perf_counter() - t1, 3),
-                       "step_time_s": [s["time_s"] for s in step_rows]}}
+    return _rank0_result(step_rows, meter, model_bytes, load_bytes, params, notes, build_s, t1)
