@@ -158,7 +158,8 @@ def prepare_for_training(model, spec: ModelSpec, training: TrainingSettings) -> 
 
 def make_optimizer(name: str, params):
     """torch AdamW (defaults: lr 1e-3, foreach on CUDA), and fused (torch._fused_adamw_ has CUDA and CPU
-    kernels, and a fake implementation for FakeTensorMode); SGD momentum 0.9; bitsandbytes AdamW8bit;
+    kernels, and a fake implementation for FakeTensorMode); SGD momentum 0.9; bitsandbytes AdamW8bit, the
+    paged AdamWs and the Lions;
     transformers Adafactor with its defaults (lr=None, relative_step, scale_parameter, warmup_init
     off)."""
     params = list(params)
@@ -176,6 +177,13 @@ def make_optimizer(name: str, params):
         import bitsandbytes as bnb
 
         return (bnb.optim.PagedAdamW8bit if name == "paged-adamw-8bit" else bnb.optim.PagedAdamW32bit)(params)
+    if name in ("lion-8bit", "lion-32bit", "paged-lion-8bit", "paged-lion-32bit"):
+        import bitsandbytes as bnb
+
+        # transformers trainer_optimizer.py _get_bitsandbytes_optimizer: bnb.optim.Lion with the Trainer's
+        # betas (adam_beta1, adam_beta2), optim_bits 8 or 32, is_paged (paged: CUDA only, see check_training)
+        return bnb.optim.Lion(params, lr=1e-4, betas=(0.9, 0.999), optim_bits=8 if "8bit" in name else 32,
+                              is_paged=name.startswith("paged"))
     if name == "adafactor":
         from transformers.optimization import Adafactor
 

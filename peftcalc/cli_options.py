@@ -77,7 +77,8 @@ PRECISION = typer.Option("bf16", "--precision", help="fp32 | bf16 | amp-bf16 | f
                          "--sharding fsdp/hsdp/zero*: fp32 master weights, bf16 compute)")
 OPTIMIZER = typer.Option("adamw-fused", "--optimizer", help="adamw-fused (torch AdamW(fused=True), the HF Trainer's "
                          "default with torch >= 2.8) | adamw (foreach) | adamw-8bit | paged-adamw-8bit | "
-                         "paged-adamw-32bit | sgd | adafactor")
+                         "paged-adamw-32bit | lion-8bit | lion-32bit | paged-lion-8bit | paged-lion-32bit "
+                         "(bitsandbytes) | sgd | adafactor")
 GRAD_ACCUM = typer.Option(1, "--grad-accum", help="Micro-batches per optimizer step (gradient accumulation): the peak "
                           "over the whole step; tokens per step in time and cost.")
 KEEP_OUTPUTS = typer.Option(False, "--keep-outputs", help="The loop keeps the model outputs (logits) referenced "

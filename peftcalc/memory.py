@@ -303,6 +303,8 @@ def _step_events(plan: Plan, t: TrainingSettings, act: ActivationProfile, ms: Mo
                 optimizer_states=ms.optimizer_states + (ms.optimizer_maps if maps_held else 0))
     if not maps_held and ms.optimizer_maps:
         base["_other"] = ms.optimizer_maps  # alive, held by the optimizer only: counted with the temporaries
+    if ms.optimizer_spare_maps:  # Lion's unsigned map on the CPU: the optimizer's alone, all along
+        base["_other"] = base.get("_other", 0) + ms.optimizer_spare_maps
     if act.input_leaf:  # the hooked embedding output, held by its AccumulateGrad node to the end of backward
         base["_other"] = base.get("_other", 0) + act.input_leaf
     ckpt = t.grad_checkpointing
@@ -347,7 +349,7 @@ def _step_events(plan: Plan, t: TrainingSettings, act: ActivationProfile, ms: Mo
                                     temporaries=max(tied, act.embedding_grad) + act.loss_scalars + kwargs_to_end)),
         _event("optimizer", dict(weights, inputs=inputs, gradients=gradients, temporaries=ms.optimizer_temporaries,
                                  optimizer_states=ms.optimizer_states + (ms.optimizer_maps if ms.maps_in_state else 0),
-                                 _other=0 if ms.maps_in_state else ms.optimizer_maps)),
+                                 _other=(0 if ms.maps_in_state else ms.optimizer_maps) + ms.optimizer_spare_maps)),
     ]
     return events
 

@@ -11,17 +11,20 @@ from math import ceil
 
 from peftcalc.families import build_layout, family
 from peftcalc.plan import Plan
-from peftcalc.settings import DTYPE_BYTES, TrainingSettings
+from peftcalc.settings import (DTYPE_BYTES, EIGHT_BIT_OPTIMIZERS, ONE_STATE_OPTIMIZERS, PAGED_OPTIMIZERS,
+                               TrainingSettings)
 from peftcalc.methods.sites import quantized_paths
 from peftcalc.sim.profile import stream_dtypes
 from peftcalc.families import kept_in_fp32
 
 __all__ = ["BNB_QUANTIZATION_MAPS", "ModelStates", "buffer_bytes", "gradient_free", "group_dtype", "model_states",
-           "PAGED_MIN_NUMEL", "clip_grad_norm_bytes", "nf4_bytes", "optimizer_temporaries", "paged_state_bytes"]
+           "PAGED_MIN_NUMEL", "clip_grad_norm_bytes", "nf4_bytes", "optimizer_temporaries", "paged_state_bytes",
+           "quantization_maps"]
 
 # bitsandbytes Optimizer8bit.__init__ (optim_bits=8) -> fill_qmap: create_dynamic_map(signed=True) and
 # (signed=False), 256 fp32 values each, shared by every 8-bit state (state['qmap1'], state['qmap2']).
 BNB_QUANTIZATION_MAPS = 2 * 256 * 4
+BNB_QUANTIZATION_MAP = 256 * 4  # one of them
 
 
 
@@ -97,6 +100,7 @@ class ModelStates:
     maps_in_state: bool = False  # whether optimizer.state references them (an 8-bit state exists)
     grad_tensors: tuple = ()  # (dtype, how many parameters have a .grad of it), in dtype order
     paged_states: int = 0  # optimizer state in CUDA unified memory (paged_state_bytes), not in the others
+    optimizer_spare_maps: int = 0  # quantization maps held by the optimizer alone, never by a state (quantization_maps)
 
 
 def _adafactor_state_numel(shape: tuple) -> int:
@@ -132,6 +136,10 @@ def _optimizer_state_bytes(numel: int, dtype: str, optimizer: str) -> int:
     adamw-8bit, paged-adamw-8bit: bitsandbytes Optimizer2State: uint8 state1/state2 plus one fp32 absmax
       per 256 values each, for tensors of at least 4096 elements; smaller tensors keep fp32 states.
     paged-adamw-32bit: fp32 state1/state2 (bitsandbytes PagedAdamW32bit, optim_bits=32).
+    lion-8bit, paged-lion-8bit, lion-32bit, paged-lion-32bit: bitsandbytes Lion (optim/lion.py, an
+      Optimizer1State): state1 (the exp_avg) only, as Optimizer1State.init_state makes it: uint8 plus one
+      fp32 absmax per 256 values at optim_bits 8 from min_8bit_size (4096) elements, fp32 otherwise
+      (get_state_buffer's dtype=torch.float32, whatever the parameter's dtype).
     adamw-fused: as adamw (the 'step' counter on the parameter's device: _scalar_state_bytes).
     The paged optimizers' large states are in CUDA unified memory (paged_state_bytes): model_states
     counts them apart.
@@ -149,6 +157,10 @@ def _optimizer_state_bytes(numel: int, dtype: str, optimizer: str) -> int:
         return 2 * (numel + 4 * ceil(numel / 256))
     if optimizer == "paged-adamw-32bit":
         return 2 * numel * 4
+    if optimizer in ("lion-8bit", "paged-lion-8bit"):
+        return numel * 4 if numel < 4096 else numel + 4 * ceil(numel / 256)
+    if optimizer in ("lion-32bit", "paged-lion-32bit"):
+        return numel * 4
     raise ValueError(optimizer)
 
 
@@ -160,12 +172,13 @@ PAGED_MIN_NUMEL = 100_000
 def paged_state_bytes(numel: int, optimizer: str) -> int:
     """What of a parameter's optimizer state a bitsandbytes paged optimizer keeps in CUDA unified memory,
     outside PyTorch's caching allocator (absent from max_memory_allocated, present in nvidia-smi while
-    resident, evicted to host memory under pressure): state1 and state2 (uint8 for paged-adamw-8bit at
-    min_8bit_size 4096 elements and more, fp32 otherwise) of a parameter of PAGED_MIN_NUMEL elements or
+    resident, evicted to host memory under pressure): state1 and state2 (state1 alone for the Lions; uint8
+    for the 8-bit ones at min_8bit_size 4096 elements and more, fp32 otherwise) of a parameter of PAGED_MIN_NUMEL elements or
     more; the 8-bit states' absmax1/absmax2 (torch.zeros) stay in the allocator."""
-    if numel < PAGED_MIN_NUMEL or optimizer not in ("paged-adamw-8bit", "paged-adamw-32bit"):
+    if numel < PAGED_MIN_NUMEL or optimizer not in PAGED_OPTIMIZERS:
         return 0
-    return 2 * numel * (1 if optimizer == "paged-adamw-8bit" else 4)
+    states = 1 if optimizer in ONE_STATE_OPTIMIZERS else 2  # Lion: state1 only (Optimizer1State)
+    return states * numel * (1 if optimizer in EIGHT_BIT_OPTIMIZERS else 4)
 
 
 def model_states(plan: Plan, t: TrainingSettings) -> ModelStates:
@@ -226,10 +239,24 @@ def _model_states(plan: Plan, t: TrainingSettings) -> ModelStates:
         adafactor_temp = max(adafactor_temp, g.numel * 4 * (2 if dtype == "float32" else 4) + factors)
         eight_bit_state = eight_bit_state or g.numel >= 4096
     temps = adafactor_temp if t.optimizer == "adafactor" else optimizer_temporaries(t, group_bytes, adamw_cpu_temp)
-    maps = BNB_QUANTIZATION_MAPS if t.optimizer in ("adamw-8bit", "paged-adamw-8bit") else 0
+    maps, spare = quantization_maps(t)
     return ModelStates(frozen, trainable, grads, states, temps, largest, maps,
-                       eight_bit_state and t.optimizer != "paged-adamw-32bit", tuple(sorted(group_count.items())),
-                       paged)
+                       eight_bit_state and t.optimizer in EIGHT_BIT_OPTIMIZERS, tuple(sorted(group_count.items())),
+                       paged, spare)
+
+
+def quantization_maps(t: TrainingSettings) -> tuple[int, int]:
+    """(bytes of the quantization maps an 8-bit state references, bytes of those only the optimizer holds).
+    bitsandbytes Optimizer8bit.__init__ (optim_bits=8) -> fill_qmap makes both maps (signed 'dynamic',
+    unsigned 'udynamic') on the CPU. Optimizer2State.init_state moves both to the parameter's device and
+    references them (qmap1, qmap2); Optimizer1State.init_state (Lion) moves and references 'dynamic' only:
+    on the CPU 'udynamic' stays alive in name2qmap (held by the optimizer, no state's), on CUDA it stays in
+    host memory."""
+    if t.optimizer not in EIGHT_BIT_OPTIMIZERS:
+        return 0, 0
+    if t.optimizer not in ONE_STATE_OPTIMIZERS:
+        return BNB_QUANTIZATION_MAPS, 0
+    return BNB_QUANTIZATION_MAP, BNB_QUANTIZATION_MAP if t.device == "cpu" else 0
 
 
 def clip_grad_norm_bytes(ms: ModelStates, device: str) -> tuple[int, int]:

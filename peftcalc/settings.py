@@ -10,9 +10,9 @@ from dataclasses import dataclass
 from peftcalc.checks import MAX_TOKENS_PER_STEP, require_bool, require_int, require_number, require_str
 from peftcalc.errors import CombinationError, InputError
 
-__all__ = ["ATTENTIONS", "DEFAULT_OPTIMIZER", "DEVICES", "DTYPE_BYTES", "LOGITLESS_LOSSES", "LOSSES", "OFFLOADS",
-           "OPTIMIZERS", "PAGED_OPTIMIZERS", "PRECISIONS", "ROUTINGS", "SHARDINGS", "TrainingSettings", "check_loss_applies",
-           "check_parallel", "check_training"]
+__all__ = ["ATTENTIONS", "DEFAULT_OPTIMIZER", "DEVICES", "DTYPE_BYTES", "EIGHT_BIT_OPTIMIZERS", "LOGITLESS_LOSSES",
+           "LOSSES", "OFFLOADS", "ONE_STATE_OPTIMIZERS", "OPTIMIZERS", "PAGED_OPTIMIZERS", "PRECISIONS", "ROUTINGS",
+           "SHARDINGS", "TrainingSettings", "check_loss_applies", "check_parallel", "check_training"]
 
 # Precision policies: (storage dtype of the base weights, autocast compute dtype or None).
 #   fp32      everything fp32
@@ -41,12 +41,23 @@ OPTIMIZERS = {
     "adafactor": "transformers.optimization.Adafactor (factored second moment, no first moment)",
     "paged-adamw-8bit": "bitsandbytes.optim.PagedAdamW8bit (8-bit states in CUDA unified memory)",
     "paged-adamw-32bit": "bitsandbytes.optim.PagedAdamW32bit (fp32 states in CUDA unified memory)",
+    # transformers trainer_optimizer.py _get_bitsandbytes_optimizer: lion_8bit, lion_32bit, paged_lion_8bit,
+    # paged_lion_32bit are bitsandbytes.optim.Lion(optim_bits=8|32, is_paged=...) (Optimizer1State: one state)
+    "lion-8bit": "bitsandbytes.optim.Lion8bit (one 8-bit blockwise state, exp_avg; 32-bit below 4096 elements)",
+    "lion-32bit": "bitsandbytes.optim.Lion32bit (one fp32 state, exp_avg)",
+    "paged-lion-8bit": "bitsandbytes.optim.PagedLion8bit (one 8-bit state in CUDA unified memory)",
+    "paged-lion-32bit": "bitsandbytes.optim.PagedLion (one fp32 state in CUDA unified memory)",
 }
 # transformers training_args.py TrainingArguments: optim defaults to "adamw_torch_fused" when torch >= 2.8
 DEFAULT_OPTIMIZER = "adamw-fused"
 # bitsandbytes paged optimizers (optim/optimizer.py Optimizer8bit.get_state_buffer with is_paged: the states
 # are cudaMallocManaged buffers, functional.get_paged): CUDA only
-PAGED_OPTIMIZERS = ("paged-adamw-8bit", "paged-adamw-32bit")
+PAGED_OPTIMIZERS = ("paged-adamw-8bit", "paged-adamw-32bit", "paged-lion-8bit", "paged-lion-32bit")
+# bitsandbytes optimizers whose states are 8-bit (blockwise, from min_8bit_size 4096 elements): they make the
+# quantization maps (Optimizer8bit.__init__ with optim_bits=8 -> fill_qmap)
+EIGHT_BIT_OPTIMIZERS = ("adamw-8bit", "paged-adamw-8bit", "lion-8bit", "paged-lion-8bit")
+# bitsandbytes Optimizer1State (Lion): one state (state1, the exp_avg), not Optimizer2State's two
+ONE_STATE_OPTIMIZERS = ("lion-8bit", "lion-32bit", "paged-lion-8bit", "paged-lion-32bit")
 # The loss over the logits: "hf" transformers loss_utils.ForCausalLMLoss; "chunked" torchtune
 # modules/loss/ce_chunked_output_loss.py CEWithChunkedOutputLoss (the output split into loss_chunks chunks,
 # each upcast to fp32); "liger" Liger Kernel's LigerFusedLinearCrossEntropyLoss; "cce" Apple's Cut

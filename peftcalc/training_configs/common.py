@@ -182,6 +182,10 @@ OPTIMIZER_NAMES = {
     "adamw_8bit": ("adamw-8bit", "adamw-8bit"),
     "paged_adamw_8bit": ("paged-adamw-8bit", "adamw-8bit"),
     "paged_adamw_32bit": ("paged-adamw-32bit", "adamw"),
+    "lion_8bit": ("lion-8bit", "adamw-8bit"),
+    "lion_32bit": ("lion-32bit", "adamw"),
+    "paged_lion_8bit": ("paged-lion-8bit", "adamw-8bit"),
+    "paged_lion_32bit": ("paged-lion-32bit", "adamw"),
     "adafactor": ("adafactor", "adafactor"),
     "sgd": ("sgd", "sgd"),
 }

@@ -40,3 +40,22 @@ def test_paged_optimizers_and_cuda_only_losses_are_refused_off_cuda(tiny):
         check_run(run.spec, run.method, TrainingSettings(optimizer="paged-adamw-8bit", device="cpu"), "fake", 2)
     with pytest.raises(InputError, match="runs Triton kernels on CUDA only, and the harness does not run it"):
         check_run(run.spec, MethodSettings("lora"), TrainingSettings(loss="liger", device="cpu"), "cpu", 2)
+
+
+@pytest.mark.parametrize("name,peak,step1", [("lion-8bit", 1_734_984, 1_567_816), ("lion-32bit", 2_124_104, 1_675_584)])
+def test_bitsandbytes_lion_traced_on_fake_tensors(tiny, name, peak, step1):
+    """bnb.optim.Lion(optim_bits=8|32), as transformers' lion_8bit / lion_32bit make it, traced on tiny-llama-gqa
+    full fp32 (batch 2 x 32): the prediction is the trace (the committed ci rows, cpu and fake, are these)."""
+    run = tiny("tiny-llama-gqa", method="full")
+    t = TrainingSettings(batch_size=2, seq_len=32, precision="fp32", optimizer=name, device="cpu")
+    row = measure_one(run.spec, run.method, t, device="fake", steps=2)
+    assert row["outcome"] == "ok", row.get("error")
+    assert (row["measured"]["peak_bytes"], row["measured"]["step1_peak_bytes"]) == (peak, step1)
+    assert row["predicted"]["peak_bytes"] == peak
+
+
+@pytest.mark.parametrize("name", ["paged-lion-8bit", "paged-lion-32bit"])
+def test_paged_lion_is_refused_off_cuda(tiny, name):
+    run = tiny("tiny-llama", method="lora")
+    with pytest.raises(InputError, match="paging is CUDA-only"):
+        check_run(run.spec, run.method, TrainingSettings(optimizer=name, device="cpu"), "cpu", 2)

@@ -24,6 +24,9 @@ from peftcalc.errors import CombinationError, InputError
     (dict(offload_activations=1), "offload_activations must be True or False"),
     (dict(optimizer="paged-adamw-8bit", device="cpu"), "paging is CUDA-only"),
     (dict(optimizer="paged-adamw-32bit", device="cpu"), "paging is CUDA-only"),
+    (dict(optimizer="paged-lion-8bit", device="cpu"), "paging is CUDA-only"),
+    (dict(optimizer="paged-lion-32bit", device="cpu"), "paging is CUDA-only"),
+    (dict(optimizer="lion-16bit"), "unknown optimizer 'lion-16bit'"),
     (dict(keep_outputs=True, loss="liger"), "keep_outputs keeps the logits, but loss liger returns none"),
     (dict(keep_outputs=True, loss="cce"), "loss cce returns none"),
 ], ids=lambda v: v if isinstance(v, str) else None)
@@ -54,6 +57,7 @@ def test_sweep_keeps_a_loss_that_does_not_apply_as_a_row_with_its_reason():
     (["--optimizer", "lion"], "unknown optimizer 'lion'"),
     (["--loss", "focal"], "unknown loss 'focal'"),
     (["--optimizer", "paged-adamw-8bit", "--device", "cpu"], "paging is CUDA-only"),
+    (["--optimizer", "paged-lion-8bit", "--device", "cpu"], "paging is CUDA-only"),
     (["--keep-outputs", "--loss", "liger"], "returns none"),
 ])
 def test_cli_bad_recipe_flags_are_one_line_exit_2(args, message, monkeypatch, capsys):
