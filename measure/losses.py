@@ -1,8 +1,14 @@
-"""The losses a recipe puts in place of the model's own (peftcalc.settings.LOSSES), run on the model's
-logits by :func:`measure.setup.model_loss`: torchtune's chunked cross-entropy (:func:`chunked_cross_entropy`).
+"""The losses a recipe puts in place of the model's own (peftcalc.settings.LOSSES), run by
+:func:`measure.setup.model_loss`: torchtune's chunked cross-entropy on the logits (:func:`chunked_cross_entropy`),
+and on CUDA the fused ones: Liger Kernel's (:func:`apply_liger_loss`, the model's forward patched as TRL's
+use_liger_kernel does) and Cut Cross-Entropy's (:func:`cce_loss`).
 
-Liger Kernel's and Cut Cross-Entropy's fused losses run Triton kernels on CUDA only: the harness runs
-them there (gpu matrix), not here.
+Neither fused loss has a CPU path (checked with liger-kernel 0.8.5 and cut-cross-entropy 25.1.1, the PyPI
+releases): liger_kernel/ops/fused_linear_cross_entropy.py imports triton at import time and runs Triton
+kernels; cut_cross_entropy/linear_cross_entropy.py imports cce.py (Triton) on every platform but macOS, and its
+other implementation, impl="torch_compile" (torch_compile.py), is another algorithm: ``e @ c.T`` and
+``F.cross_entropy(logits.float(), ...)`` under torch.compile, the whole logits made. So the harness runs them
+on CUDA only (measure/matrices/gpu.toml), and the calculator's figures for them are modelled, not traced.
 """
 
 from __future__ import annotations
@@ -10,9 +16,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["IGNORE_INDEX", "chunked_cross_entropy", "torchtune_shifted_labels"]
+__all__ = ["FUSED_LOSS_PACKAGES", "IGNORE_INDEX", "apply_liger_loss", "cce_loss", "chunked_cross_entropy",
+           "require_fused_loss", "torchtune_shifted_labels"]
 
 IGNORE_INDEX = -100
+# the releases the fused losses are modelled from (peftcalc.sim.head.fused_loss_head) and run with
+FUSED_LOSS_PACKAGES = {"liger": ("liger_kernel", "liger-kernel==0.8.5"),
+                       "cce": ("cut_cross_entropy", "cut-cross-entropy==25.1.1")}
 
 
 def torchtune_shifted_labels(labels: torch.Tensor) -> torch.Tensor:
@@ -39,3 +49,49 @@ def chunked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, num_output
     for logits_chunk, labels_chunk in zip(logit_chunks, label_chunks):
         total_loss += F.cross_entropy(logits_chunk.float(), labels_chunk, ignore_index=IGNORE_INDEX, reduction="sum")
     return total_loss / total_elements
+
+
+def require_fused_loss(loss: str, device: str, model_type: str, packages: bool = True) -> None:
+    """InputError (one line) unless the fused loss `loss` (liger, cce) can run: on CUDA, and (packages) with its
+    package importable here (and, for Liger, a model type it patches: without one _apply_liger_kernel_to_instance
+    patches nothing and transformers' loss would run instead)."""
+    from peftcalc.errors import InputError
+
+    module, release = FUSED_LOSS_PACKAGES[loss]
+    if device != "cuda":
+        raise InputError(f"loss {loss} runs Triton kernels on CUDA only ({release} has no CPU path): trace it on "
+                         "cuda (measure/matrices/gpu.toml); the estimate is modelled, not traced")
+    if not packages:
+        return
+    try:
+        __import__(module)
+    except ImportError as e:
+        raise InputError(f"loss {loss} needs {release} (pip install {release}): {e}") from None
+    if loss == "liger":
+        from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+
+        if model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
+            raise InputError(f"loss liger: Liger Kernel patches no {model_type} model")
+
+
+def apply_liger_loss(model) -> None:
+    """Liger's fused linear cross-entropy in the transformers model's forward, nothing else of Liger's
+    (``_apply_liger_kernel_to_instance(model, fused_linear_cross_entropy=True, rope=False, rms_norm=False,
+    swiglu=False)``: e.g. apply_liger_kernel_to_llama sets ``model.forward = MethodType(llama_lce_forward,
+    model)``, whose training forward runs LigerForCausalLMLoss on the hidden states and returns no logits)."""
+    from liger_kernel.transformers.monkey_patch import _apply_liger_kernel_to_instance
+
+    _apply_liger_kernel_to_instance(model=model, fused_linear_cross_entropy=True, cross_entropy=False, rope=False,
+                                    rms_norm=False, swiglu=False, geglu=False, layer_norm=False)
+
+
+def cce_loss(causal_lm, batch: dict) -> torch.Tensor:
+    """Cut Cross-Entropy on a causal language model (cut_cross_entropy.linear_cross_entropy, impl "cce",
+    reduction "mean", shift=1: the hidden state at position i predicts label i + 1, as Unsloth and axolotl call
+    it): the decoder's last hidden state and the lm_head weight, no logits."""
+    from cut_cross_entropy import linear_cross_entropy
+
+    batch = dict(batch)
+    labels = batch.pop("labels")
+    hidden = causal_lm.model(**batch).last_hidden_state
+    return linear_cross_entropy(hidden, causal_lm.lm_head.weight, labels, shift=1)

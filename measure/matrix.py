@@ -250,7 +250,7 @@ def expand_matrix(data: dict, device: str | None = None) -> tuple[list[Run], lis
         for row in grid_rows(grid, defaults):
             try:
                 run = to_run(row, models, device)
-                check_run(run.spec, run.method, run.training, "cpu" if run.device == "cuda" else run.device, run.steps)
+                check_run(run.spec, run.method, run.training, run.device, run.steps, here=False)
             except InputError as exc:
                 left_out.append((row, str(exc)))
                 continue

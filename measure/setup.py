@@ -71,8 +71,11 @@ def precision_policy(training: TrainingSettings, device: str) -> Policy:
 # -- validation -----------------------------------------------------------------------------
 
 
-def check_run(spec: ModelSpec, method: MethodSettings, training: TrainingSettings, device: str, steps: int) -> None:
-    """Raise InputError (one line) for settings that cannot run, before anything is built."""
+def check_run(spec: ModelSpec, method: MethodSettings, training: TrainingSettings, device: str, steps: int,
+              here: bool = True) -> None:
+    """Raise InputError (one line) for settings that cannot run, before anything is built. here=False: the
+    settings alone, not whether this machine has what a cuda run needs (a CUDA device, a fused loss's package):
+    a matrix expanded here for a GPU machine."""
     if device not in DEVICES:
         raise InputError(f"unknown device '{device}'; choose from {', '.join(DEVICES)}")
     if steps < 1:
@@ -86,14 +89,14 @@ def check_run(spec: ModelSpec, method: MethodSettings, training: TrainingSetting
         raise InputError("sharding ddp is traced on torch's fake process group with real tensors: use device cpu")
     if training.sharding not in ("none", "ddp") and device != "fake":
         raise InputError(f"sharding {training.sharding} is traced on torch's fake process group: use device fake")
-    if device == "cuda" and not torch.cuda.is_available():
+    if here and device == "cuda" and not torch.cuda.is_available():
         raise InputError("device 'cuda' asked for, but torch sees no CUDA device; use --device cpu or fake")
     check_combination(spec, method, training.seq_len, training.grad_checkpointing)
     check_loss_applies(spec, training, stream_dtypes(make_plan(spec, method), training)[1])
-    if training.loss in ("liger", "cce"):  # (model_loss would silently run transformers' loss instead)
-        raise InputError(f"loss {training.loss} runs Triton kernels on CUDA only, and the harness does not run it yet "
-                         "(Liger Kernel / cut-cross-entropy are not among its packages): the estimate is modelled, "
-                         "not traced")
+    if training.loss in ("liger", "cce"):
+        from measure.losses import require_fused_loss
+
+        require_fused_loss(training.loss, device, spec.model_type, packages=here)
 
 
 # -- building ---------------------------------------------------------------------------------
@@ -143,6 +146,11 @@ def prepare_for_training(model, spec: ModelSpec, training: TrainingSettings) -> 
     if spec.task == "seq_cls" and spec.is_decoder and inner.config.pad_token_id is None:
         inner.config.pad_token_id = spec.vocab_size - 1
         notes["pad_token_id_set"] = spec.vocab_size - 1
+    if training.loss == "liger":  # TRL use_liger_kernel, the fused loss alone (measure.losses)
+        from measure.losses import apply_liger_loss
+
+        apply_liger_loss(inner)
+        notes["liger_fused_linear_cross_entropy"] = True
     if training.grad_checkpointing:
         inner.activation_checkpointing_enable({"use_reentrant": training.checkpoint_reentrant},
                                               every_n_layers=training.checkpoint_every)
@@ -253,6 +261,10 @@ def model_loss(model, spec: ModelSpec, batch: dict, loss: str = "hf", loss_chunk
     model runs without labels and torchtune's chunked cross-entropy runs on its logits
     (measure.losses.chunked_cross_entropy, on torchtune's shifted labels), the logits dropped after it as
     torchtune's recipes do (``del logits``) unless the caller keeps the outputs."""
+    if loss == "cce":  # (liger: the forward prepare_for_training patched returns the loss, no logits)
+        from measure.losses import cce_loss
+
+        return cce_loss(transformers_model(model), batch), None
     if loss == "chunked":
         from measure.losses import chunked_cross_entropy, torchtune_shifted_labels
 

@@ -2,10 +2,13 @@
 their own phase peaks, the outputs kept through backward, clipping, torchtune's chunked loss, fused AdamW;
 the calculator's prediction equals the trace to the byte. Paged optimizers are CUDA-only."""
 
+import importlib.util
+
 import pytest
 import torch
 
-from measure.losses import chunked_cross_entropy
+from measure.losses import FUSED_LOSS_PACKAGES, chunked_cross_entropy, require_fused_loss
+from measure.matrix import expand_matrix, load_matrix
 from measure.run import measure_one
 from measure.setup import check_run
 from peftcalc.errors import InputError
@@ -38,8 +41,10 @@ def test_paged_optimizers_and_cuda_only_losses_are_refused_off_cuda(tiny):
     run = tiny("tiny-llama", method="lora")
     with pytest.raises(InputError, match="paging is CUDA-only"):
         check_run(run.spec, run.method, TrainingSettings(optimizer="paged-adamw-8bit", device="cpu"), "fake", 2)
-    with pytest.raises(InputError, match="runs Triton kernels on CUDA only, and the harness does not run it"):
+    with pytest.raises(InputError, match=r"runs Triton kernels on CUDA only \(liger-kernel==0.8.5 has no CPU path\)"):
         check_run(run.spec, MethodSettings("lora"), TrainingSettings(loss="liger", device="cpu"), "cpu", 2)
+    with pytest.raises(InputError, match=r"cut-cross-entropy==25.1.1 has no CPU path"):
+        check_run(run.spec, MethodSettings("lora"), TrainingSettings(loss="cce", device="cpu"), "fake", 2)
 
 
 @pytest.mark.parametrize("name,peak,step1", [("lion-8bit", 1_734_984, 1_567_816), ("lion-32bit", 2_124_104, 1_675_584)])
@@ -59,3 +64,23 @@ def test_paged_lion_is_refused_off_cuda(tiny, name):
     run = tiny("tiny-llama", method="lora")
     with pytest.raises(InputError, match="paging is CUDA-only"):
         check_run(run.spec, run.method, TrainingSettings(optimizer=name, device="cpu"), "cpu", 2)
+
+
+@pytest.mark.parametrize("loss,release", [("liger", "liger-kernel==0.8.5"), ("cce", "cut-cross-entropy==25.1.1")])
+def test_a_fused_loss_on_cuda_needs_its_package(loss, release):
+    module = FUSED_LOSS_PACKAGES[loss][0]
+    if importlib.util.find_spec(module) is not None:
+        pytest.skip(f"{module} is installed here")
+    with pytest.raises(InputError, match=f"loss {loss} needs {release}"):
+        require_fused_loss(loss, "cuda", "llama")
+
+
+def test_the_gpu_matrix_keeps_its_cuda_only_rows():
+    """Expanded on a machine without CUDA or the fused losses' packages, gpu.toml keeps the rows only a GPU runs:
+    the paged optimizers and Liger / Cut Cross-Entropy (checked for the settings alone, measure.setup.check_run
+    here=False)."""
+    runs, _ = expand_matrix(load_matrix("measure/matrices/gpu.toml"))
+    paged = {r.training.optimizer for r in runs if r.training.optimizer.startswith("paged")}
+    assert paged == {"paged-adamw-8bit", "paged-adamw-32bit", "paged-lion-8bit", "paged-lion-32bit"}
+    fused = [(r.spec.name, r.method.method, r.training.loss) for r in runs if r.training.loss in ("liger", "cce")]
+    assert len(fused) == 10 and ("llama-3.1-8b", "qlora", "cce") in fused and ("llama-3.2-1b", "full", "liger") in fused
