@@ -16,6 +16,7 @@ import time
 import torch
 
 from measure.build import count_logical_params
+from measure.offload import HostOffload
 from measure.setup import autocast_context, forward_loss, make_batch, make_optimizer, model_loss, prepare_for_training
 from measure.tracer import StorageTracer, gradient_tensors, model_state_tensors, optimizer_state_tensors
 
@@ -161,12 +162,15 @@ def train_step(model, spec, batch, optimizer, policy, device, meter, scaler=None
     backward returns (``outputs = model(**batch); outputs.loss.backward()``)."""
     accum = recipe.grad_accum if recipe is not None else 1
     keep = recipe is not None and recipe.keep_outputs
+    offload = getattr(meter, "offload", None)  # offload_activations: save_on_cpu around the forward (measure.offload)
     meter.start_step()
+    if offload is not None:
+        offload.reset_peak()
     start = time.perf_counter()
     for k in range(1, accum + 1):
         micro_batch = k if accum > 1 else None
         with meter.phase("forward", micro_batch):
-            with autocast_context(policy, device):
+            with autocast_context(policy, device), offload.hooks() if offload is not None else contextlib.nullcontext():
                 if recipe is not None and (keep or recipe.loss != "hf"):
                     loss, outputs = model_loss(model, spec, batch, recipe.loss, recipe.loss_chunks)
                     outputs = outputs if keep else None
@@ -196,6 +200,8 @@ def train_step(model, spec, batch, optimizer, policy, device, meter, scaler=None
     if device == "cuda":
         torch.cuda.synchronize()
     summary = meter.end_step()
+    if offload is not None:  # the host copies' largest sum in the step (freed by its end)
+        summary["host_peak_bytes"] = offload.peak
     summary["time_s"] = round(time.perf_counter() - start, 6)
     return summary
 
@@ -222,6 +228,8 @@ def run_traced(model, spec, training, device, steps, policy, mode_ctx) -> dict:
     notes, params = _common(model, spec, training)
     tracer = StorageTracer()
     meter = TracerMeter(tracer)
+    if training.offload_activations:
+        meter.offload = HostOffload(tracer, own_host=True)
     t0 = time.perf_counter()
     with mode_ctx, tracer:
         tracer.mark(model_state_tensors(model), "parameters")
@@ -243,6 +251,8 @@ def run_cuda(model, spec, training, steps, policy, trace_cuda) -> dict:
     """Run the steps measured by the CUDA allocator; then one more step traced for the breakdown."""
     notes, params = _common(model, spec, training)
     meter = CudaMeter()
+    if training.offload_activations:
+        meter.offload = HostOffload()
     model_bytes = meter.live_bytes()
     batch = make_batch(spec, training, "cuda", policy.dtype if policy.autocast is None else torch.float32)
     load_bytes = meter.live_bytes()
@@ -265,6 +275,8 @@ def run_cuda(model, spec, training, steps, policy, trace_cuda) -> dict:
 def _trace_one_cuda_step(model, spec, batch, optimizer, policy, scaler, training) -> dict:
     tracer = StorageTracer()
     meter = TracerMeter(tracer)
+    if training.offload_activations:
+        meter.offload = HostOffload(tracer)
     with tracer:
         meter.register(model, batch, optimizer)
         rows = run_steps(model, spec, batch, optimizer, policy, "cuda", meter, 1, scaler, training)
@@ -296,6 +308,8 @@ def _measured(step_rows: list[dict], source: str, model_bytes: int, load_bytes: 
     }
     if "peak_micro_batch" in last:  # gradient accumulation: the micro-batch of the steady-state peak
         measured["peak_micro_batch"] = last["peak_micro_batch"]
+    if "host_peak_bytes" in last:  # offload_activations: host copies (pinned on CUDA), not in peak_bytes
+        measured["host_peak_bytes"] = last["host_peak_bytes"]
     return measured
 
 

@@ -131,6 +131,7 @@ class StorageTracer(FakeScalars):
         self.current_phase = "setup"
         self.phases: list[PhaseStats] = []
         self._phase: PhaseStats | None = None
+        self._paused = 0
 
     # -- storage bookkeeping ------------------------------------------------------------------
 
@@ -194,6 +195,8 @@ class StorageTracer(FakeScalars):
         out = super().__torch_dispatch__(func, types, args, kwargs)
         if func is torch.ops.prim.device.default:  # fake tensors route `.device` through dispatch
             return out
+        if self._paused:  # host memory (measure.offload): not the device's
+            return out
         name = str(getattr(func, "overloadpacket", func))
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor):
@@ -220,6 +223,16 @@ class StorageTracer(FakeScalars):
                 stats.end_bytes, stats.end_seq = self.live_bytes, self.seq
                 self.phases.append(stats)
                 self._phase, self.current_phase = None, previous
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Tensors made inside are not counted: what stands for host memory on a device that is its own host
+        (measure.offload.HostOffload's copies, on cpu and fake)."""
+        self._paused += 1
+        try:
+            yield
+        finally:
+            self._paused -= 1
 
     @contextlib.contextmanager
     def saving(self):

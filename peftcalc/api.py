@@ -24,7 +24,8 @@ from peftcalc.memory import ALLOCATOR_SLACK_FRACTION, CUDA_CONTEXT_BYTES, reserv
 from peftcalc.model_states import model_states
 from peftcalc.methods import (MethodSettings, Plan, check_applies, check_combination, check_method_values, make_plan, methods_for, normalize_targets, prepare_kbit_default,
                               resolve_adapter_kind)
-from peftcalc.settings import DEFAULT_OPTIMIZER, PAGED_OPTIMIZERS, TrainingSettings, check_loss_applies, check_training
+from peftcalc.settings import (DEFAULT_OPTIMIZER, PAGED_OPTIMIZERS, TrainingSettings, check_loss_applies, check_modelled,
+                               check_training)
 from peftcalc.sharding import sharded_timeline
 from peftcalc.sharding.comm import communication, step_seconds_with_comm
 from peftcalc.config import load_spec
@@ -475,9 +476,11 @@ def _memoized(memo: dict, key: tuple, compute):
 
 
 def _checked_training(kw: dict) -> TrainingSettings:
-    """TrainingSettings from `kw`, checked (settings.check_training)."""
+    """TrainingSettings from `kw`, checked (settings.check_training), and modelled (offload_activations is not yet:
+    the harness traces it, measure/offload.py)."""
     t = TrainingSettings(**kw)
     check_training(t)
+    check_modelled(t)
     return t
 
 

@@ -282,9 +282,14 @@ def measure_text(row: dict) -> str:
         step1 = f" in {phase_text(m['step1_peak_phase'])}" if m.get("step1_peak_phase") else ""
         lines.append(f"measured peak (steady state): {gib(m['peak_bytes'])} in {phase_text(m.get('peak_phase'))}; "
                      f"step 1: {gib(m.get('step1_peak_bytes', 0))}{step1}")
+    if m.get("host_peak_bytes") is not None:  # offload_activations: save_on_cpu's host copies (measure/offload.py)
+        lines.append(f"offloaded to host memory (pinned on CUDA), largest sum: {gib(m['host_peak_bytes'])} "
+                     f"({m['host_peak_bytes']:,} bytes, not in the peak)")
     if p.get("peak_bytes") and m.get("peak_bytes"):
         err = 100 * (p["peak_bytes"] - m["peak_bytes"]) / m["peak_bytes"]
         lines.append(f"predicted peak: {gib(p['peak_bytes'])} in {phase_text(p.get('peak_phase'))} ({err:+.2f}%)")
+    elif row.get("predicted_error"):
+        lines.append(f"predicted: none ({row['predicted_error']})")
     return "\n".join(lines)
 
 

@@ -12,7 +12,7 @@ from peftcalc.errors import CombinationError, InputError
 
 __all__ = ["ATTENTIONS", "DEFAULT_OPTIMIZER", "DEVICES", "DTYPE_BYTES", "EIGHT_BIT_OPTIMIZERS", "LOGITLESS_LOSSES",
            "LOSSES", "OFFLOADS", "ONE_STATE_OPTIMIZERS", "OPTIMIZERS", "PAGED_OPTIMIZERS", "PRECISIONS", "ROUTINGS",
-           "SHARDINGS", "TrainingSettings", "check_loss_applies", "check_parallel", "check_training"]
+           "SHARDINGS", "TrainingSettings", "check_loss_applies", "check_modelled", "check_parallel", "check_training"]
 
 # Precision policies: (storage dtype of the base weights, autocast compute dtype or None).
 #   fp32      everything fp32
@@ -179,6 +179,15 @@ def check_training(t: TrainingSettings) -> None:
     check_parallel(t)
 
 
+def check_modelled(t: TrainingSettings) -> None:
+    """InputError for a setting the harness runs but the calculator does not model yet: offload_activations
+    (torch.autograd.graph.save_on_cpu; traced by measure/offload.py)."""
+    if t.offload_activations:
+        raise InputError("offload_activations (torch.autograd.graph.save_on_cpu) is not modelled yet; the harness "
+                         "traces it (peftcalc measure, measure/offload.py)",
+                         names=("offload_activations",))
+
+
 def check_parallel(t: TrainingSettings) -> None:
     """InputError for data-parallel settings that no engine runs (CombinationError for a pair that clashes):
     gpus < 1, gpus_per_node not dividing gpus (HSDP's replicas are whole nodes), several GPUs without a
@@ -219,9 +228,6 @@ def _check_recipe(t: TrainingSettings) -> None:
     require_str("loss", t.loss, LOSSES)
     require_int("loss_chunks", t.loss_chunks)
     require_bool("offload_activations", t.offload_activations)
-    if t.offload_activations:
-        raise InputError("offload_activations (torch.autograd.graph.save_on_cpu) is not modelled yet",
-                         names=("offload_activations",))
     if t.max_grad_norm is not None:
         require_number("max_grad_norm", t.max_grad_norm, 0, low_open=True, what="a finite number > 0")
     if t.optimizer in PAGED_OPTIMIZERS and t.device == "cpu":
