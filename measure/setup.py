@@ -85,6 +85,9 @@ def check_run(spec: ModelSpec, method: MethodSettings, training: TrainingSetting
         raise InputError("trainer_loop is a transformers Trainer's step: measure it in a real run with "
                          "peftcalc.integrations.transformers.MemoryCallback (the harness runs its own loop)")
     make_plan(spec, method)
+    if training.offload_activations and training.sharding != "none":  # (dist's loops run no offload hooks)
+        raise InputError(f"offload_activations under sharding {training.sharding}: the harness offloads one GPU's "
+                         "step only (measure/offload.py)")
     if training.sharding == "ddp" and device != "cpu":
         raise InputError("sharding ddp is traced on torch's fake process group with real tensors: use device cpu")
     if training.sharding not in ("none", "ddp") and device != "fake":

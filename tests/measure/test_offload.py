@@ -6,6 +6,8 @@ import torch
 
 from measure.offload import HostOffload
 from measure.run import measure_one
+from measure.setup import check_run
+from peftcalc.errors import InputError
 from measure.tracer import StorageTracer
 from peftcalc.settings import TrainingSettings
 
@@ -77,3 +79,10 @@ def test_tiny_llama_traced_with_and_without_offload(tiny, method, ckpt, plain, o
     assert peaks == [plain, offloaded]
     assert row["measured"]["host_peak_bytes"] == host
     assert "not modelled yet" in row["predicted_error"]
+
+
+def test_offload_is_one_gpus_step(tiny):
+    run = tiny("tiny-llama", method="lora")
+    t = TrainingSettings(offload_activations=True, gpus=2, sharding="ddp", device="cpu")
+    with pytest.raises(InputError, match="offload_activations under sharding ddp: the harness offloads one GPU"):
+        check_run(run.spec, run.method, t, "cpu", 2)
