@@ -64,3 +64,22 @@ def test_transformers_names_map_to_the_lions():
         "lion_8bit": "lion-8bit", "lion_32bit": "lion-32bit", "paged_lion_8bit": "paged-lion-8bit",
         "paged_lion_32bit": "paged-lion-32bit"}
 
+
+
+@pytest.mark.parametrize("optim,ours", [("lion_8bit", "lion-8bit"), ("lion_32bit", "lion-32bit"),
+                                        ("paged_lion_8bit", "paged-lion-8bit"), ("paged_lion_32bit", "paged-lion-32bit")])
+def test_a_training_arguments_file_with_a_lion_estimates_it(tmp_path, optim, ours):
+    """TrainingArguments' optim names the Lion it means; no warning line (it is modelled)."""
+    import json
+    from pathlib import Path
+
+    from peftcalc.training_configs import from_files
+
+    args = json.loads((Path(__file__).parent / "training_configs" / "configs" / "training-args.json").read_text())
+    path = tmp_path / "training-args.json"
+    path.write_text(json.dumps({**args, "optim": optim}))
+    run = from_files(path, given={"model": MODEL})
+    assert run.kwargs["optimizer"] == ours
+    assert optim not in (run.warning() or "")
+    by_config = peftcalc.estimate(run.model, **run.kwargs)
+    assert by_config.training.optimizer == ours
