@@ -86,3 +86,23 @@ def test_offload_is_one_gpus_step(tiny):
     t = TrainingSettings(offload_activations=True, gpus=2, sharding="ddp", device="cpu")
     with pytest.raises(InputError, match="offload_activations under sharding ddp: the harness offloads one GPU"):
         check_run(run.spec, run.method, t, "cpu", 2)
+
+
+def test_host_bytes_under_checkpointing_by_hand(tiny):
+    """tiny-llama (hidden 64, vocab 512, 2 layers, fp32), batch 2 x 32 = 64 tokens, non-reentrant checkpointing with
+    save_on_cpu: inside a block the checkpoint's hooks are innermost, so the host gets, per saved variable,
+    - EmbeddingBackward's indices (64 int64: 512 B);
+    - each checkpoint's _NoopSaveInputs: the block's hidden states (64 x 64 fp32: 16,384 B; its keyword
+      arguments, position embeddings and mask, are no tensor arguments), two layers;
+    - the final LlamaRMSNorm: pow saves the hidden states, rsqrt its result (64 fp32: 256 B), the multiply both
+      again, weight * normalized the weight (256 B) and the normalized states (16,384 B);
+    - lm_head: the weight's transposed view (64 x 512 fp32: 131,072 B, the whole weight) and its input;
+    - ForCausalLMLoss: log_softmax's result and nll_loss's copy of it (64 x 512 fp32: 131,072 B each), the shifted
+      labels (512 B) and total_weight (4 B)."""
+    h, logits = 64 * 64 * 4, 64 * 512 * 4
+    by_hand = (512 + 2 * h + (h + 256 + h + 256 + 256 + h) + (logits + h) + (2 * logits + 512 + 4))
+    run = tiny("tiny-llama", method="full")
+    t = TrainingSettings(batch_size=2, seq_len=32, precision="fp32", optimizer="adamw", device="cpu",
+                         grad_checkpointing=True, offload_activations=True)
+    row = measure_one(run.spec, run.method, t, device="fake", steps=2)
+    assert row["measured"]["host_peak_bytes"] == by_hand == 493_316
