@@ -31,8 +31,10 @@ from peftcalc.training_configs.training_args import read_trainer_keys
 __all__ = ["ENV_OUT", "MemoryCallback", "run_settings"]
 
 ENV_OUT = "PEFTCALC_MEMORY_JSONL"
-# the tensors of the harness's batch (measure.setup.make_batch): labels share input_ids' storage there
+# the tensors of the harness's batch (measure.setup.make_batch): labels share input_ids' storage there; TRL's
+# SFTTrainer adds its attention_mask (loss "trl": measure.losses.trl_sft_batch)
 BATCH_KEYS = ("input_ids", "labels", "pixel_values")
+TRL_BATCH_KEYS = BATCH_KEYS + ("attention_mask",)
 PHASES = ("forward", "backward", "optimizer")
 
 
@@ -91,12 +93,17 @@ def run_settings(model, args, seq_len: int) -> tuple:
     fields = d.training_settings()
     fields.update(seq_len=seq_len, precision=precision_of(d.weights, d.amp, spec.torch_dtype),
                   device="cuda" if next(model.parameters()).is_cuda else "cpu")
+    if _fused_lm_head(base):  # TRL's SFTTrainer: its fused LM head and its collator's batch (peftcalc.sim.trl_head)
+        from peftcalc.training_configs.trl import trl_loss_unmodelled
+
+        why = trl_loss_unmodelled(spec, fields["precision"])
+        if why:
+            d.warn(f"TRL's fused LM head ({why}: not modelled yet; estimated as the model's own loss)")
+        else:
+            fields["loss"] = "trl"
     training = TrainingSettings(**fields)
     check_training(training)
     d.not_modelled.extend(n for n in m.not_modelled if n not in d.not_modelled)
-    if _fused_lm_head(base):
-        d.warn("TRL's fused LM head (trl/trainer/utils.py add_fused_lm_head: the loss's log-probabilities in tiles; "
-               "estimated as the model's own loss)")
     return spec, settings, training, d
 
 
@@ -185,7 +192,8 @@ class MemoryCallback(TrainerCallback):
             self._tracer.mark(batch, "inputs")
             self._saving = self._tracer.recomputing()
             self._saving.__enter__()
-        extra = [k for k, v in kwargs.items() if isinstance(v, torch.Tensor) and v.dim() > 0 and k not in BATCH_KEYS]
+        known = TRL_BATCH_KEYS if self.training.loss == "trl" else BATCH_KEYS
+        extra = [k for k, v in kwargs.items() if isinstance(v, torch.Tensor) and v.dim() > 0 and k not in known]
         for key in extra:  # what the harness's batch (measure.setup.make_batch) does not hold
             note = f"{key} in the batch ({kwargs[key].numel() * kwargs[key].element_size():,} bytes; not in the estimate)"
             if note not in self.derived.not_modelled:
