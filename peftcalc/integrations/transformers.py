@@ -125,7 +125,7 @@ class MemoryCallback(TrainerCallback):
         self.seq_len, self.echo = seq_len, echo
         self.steps: list[dict] = []
         self.estimate = self.spec = self.method = self.training = self.derived = None
-        self._tracer = self._step = self._model = self._args = self._optimizer = None
+        self._tracer = self._step = self._model = self._args = self._optimizer = self._device = None
         self._hooks: list = []
         self._saving = None
         self._reported = False
@@ -165,9 +165,11 @@ class MemoryCallback(TrainerCallback):
     def on_step_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         self._optimizer = optimizer or self._optimizer
         self._step = {"phases": {}, "phase": "forward"}
-        if torch.cuda.is_available() and next(model.parameters()).is_cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
+        device = next(model.parameters()).device
+        if device.type == "cuda":  # the model's own device (torch.cuda's functions default to the current one)
+            self._device = device
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
             return
         from measure.tracer import gradient_tensors, model_state_tensors, optimizer_state_tensors
 
@@ -245,10 +247,10 @@ class MemoryCallback(TrainerCallback):
             self._step["phases"][name] = {"peak_bytes": t.peak_bytes, "seq": t.peak_seq}
             t.reset_peak()
             return
-        torch.cuda.synchronize()
-        self._step["phases"][name] = {"peak_bytes": torch.cuda.max_memory_allocated(),
-                                      "reserved_bytes": torch.cuda.max_memory_reserved()}
-        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.synchronize(self._device)
+        self._step["phases"][name] = {"peak_bytes": torch.cuda.max_memory_allocated(self._device),
+                                      "reserved_bytes": torch.cuda.max_memory_reserved(self._device)}
+        torch.cuda.reset_peak_memory_stats(self._device)
 
     # -- the end: predicted vs measured, and the row -------------------------------------------
 
@@ -315,7 +317,8 @@ def _inner(optimizer):
 
 
 def _is_oom(exc) -> bool:
-    oom = getattr(torch.cuda, "OutOfMemoryError", None) or getattr(torch, "OutOfMemoryError", None)
+    """torch.OutOfMemoryError (torch.cuda.OutOfMemoryError is the same class), or an allocator's message."""
+    oom = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", None)
     return (oom is not None and isinstance(exc, oom)) or "out of memory" in str(exc).lower()
 
 

@@ -173,3 +173,26 @@ def test_sft_trainer(tmp_path, lora):
     assert cats["activations"] == parts["activations"]
     assert cats["inputs"] == parts["inputs"] == 3 * B * S * 8  # input_ids, labels, attention_mask
     assert cats["other"] == parts["logits_loss"] + parts["temporaries"]
+
+
+@pytest.mark.gpu
+def test_trainer_on_cuda(tmp_path):
+    """On a GPU the callback reads torch.cuda.max_memory_allocated / max_memory_reserved of the model's device,
+    reset per phase: the row's source is the allocator, reserved >= allocated, and the measured peak holds at
+    least the weights and optimizer state the estimate counts (the allocator rounds blocks up to 512 bytes and
+    adds cuBLAS workspaces, so no byte equality here)."""
+    model = tiny_model(True).to("cuda")
+    lines = []
+    cb = MemoryCallback(out=str(tmp_path / "rows.jsonl"), echo=lines.append)
+    args = transformers.TrainingArguments(output_dir=str(tmp_path / "out"), **{**ARGS, "use_cpu": False})
+    transformers.Trainer(model=model, args=args, train_dataset=batches(), data_collator=collate,
+                         callbacks=[cb]).train()
+    e = cb.estimate
+    assert e.training.device == "cuda" and len(cb.steps) == ARGS["max_steps"]
+    row = json.loads((tmp_path / "rows.jsonl").read_text().splitlines()[-1])
+    m = row["measured"]
+    assert m["source"] == "cuda_allocator" and m["reserved_peak_bytes"] >= m["peak_bytes"]
+    parts = dict(e.memory.components)
+    assert m["peak_bytes"] >= parts["weights_frozen"] + parts["weights_trainable"] + parts["optimizer_states"]
+    assert abs(m["peak_bytes"] - e.memory.peak_bytes) <= 0.25 * e.memory.peak_bytes
+    print("\n".join(lines))
