@@ -11,9 +11,9 @@ scored, each tile folded by torch ops (``_forward_tile`` / ``_backward_tile``); 
 positions whose label is not -100 (all of them in the batch modelled here), by kernels that allocate nothing.
 
 The byte counts below replay those functions line by line (N the scored positions, H hidden, V vocabulary, c the
-compute dtype's bytes, n x w a tile). Traced: tests/peftcalc/test_trl_loss.py (harness rows of
-measure/matrices/ci.toml with loss "trl") and tests/peftcalc/integrations/test_memory_callback.py (a real
-SFTTrainer run).
+compute dtype's bytes, n x w a tile). Traced: the loss "trl" rows of measure/matrices/ci.toml (the harness runs
+measure.losses.trl_sft_loss), tests/peftcalc/test_trl_loss.py and tests/peftcalc/integrations/
+test_memory_callback.py (real SFTTrainer runs, to the byte).
 """
 
 from __future__ import annotations
