@@ -74,6 +74,9 @@ def _sequence(k: Keys, d: Derived) -> None:
         return
     d.want("seq_len", k.int(key, 1024), key)
     packed = k.bool("packing", False) or k.bool("padding_free", False)
+    if packed:  # SFTTrainer.__init__: padding_free = padding_free or packing with the bfd strategies (the default)
+        d.warn("packing/padding_free (SFTTrainer's padding-free batch: one row of batch x seq tokens with position_ids "
+               "instead of the attention mask; estimated as batch rows of seq)")
     d.notes.append(f"{key} {d.training['seq_len']}" + (" (packed)" if packed else
                                                          " (batches are padded to their longest sequence: "
                                                          "an upper bound)"))
