@@ -127,7 +127,7 @@ class MemoryCallback(TrainerCallback):
         self.estimate = self.spec = self.method = self.training = self.derived = None
         self._tracer = self._step = self._model = self._args = self._optimizer = self._device = None
         self._hooks: list = []
-        self._saving = None
+        self._saving = self._previous_hook = None
         self._reported = False
 
     # -- train begin: the estimate ------------------------------------------------------------
@@ -141,7 +141,7 @@ class MemoryCallback(TrainerCallback):
             self.echo("peftcalc: the estimate waits for the first batch (its length is the sequence length)")
         self._hooks = [model.register_forward_pre_hook(self._forward_begins, with_kwargs=True),
                        model.register_forward_hook(self._forward_ends)]
-        previous = sys.excepthook
+        previous = self._previous_hook = sys.excepthook
 
         def hook(kind, value, tb):
             if _is_oom(value) and not self._reported:
@@ -258,6 +258,8 @@ class MemoryCallback(TrainerCallback):
         for h in self._hooks:
             h.remove()
         self._hooks = []
+        if self._previous_hook is not None:  # the run ended without an uncaught error: the hook's job is done
+            sys.excepthook, self._previous_hook = self._previous_hook, None
         if not self._reported:
             self.report()
 
