@@ -1,5 +1,7 @@
 """The losses a recipe puts in place of the model's own (peftcalc.settings.LOSSES), run on the model's
-logits by :func:`measure.setup.model_loss`: torchtune's chunked cross-entropy (:func:`chunked_cross_entropy`).
+logits by :func:`measure.setup.model_loss`: torchtune's chunked cross-entropy (:func:`chunked_cross_entropy`);
+TRL SFTTrainer's loss (:func:`trl_sft_loss`: its fused LM head, which runs torch ops where there is no Triton, on
+its collator's batch, :func:`trl_sft_batch`).
 
 Liger Kernel's and Cut Cross-Entropy's fused losses run Triton kernels on CUDA only: the harness runs
 them there (gpu matrix), not here.
