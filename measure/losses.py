@@ -1,7 +1,8 @@
 """The losses a recipe puts in place of the model's own (peftcalc.settings.LOSSES), run by
-:func:`measure.setup.model_loss`: torchtune's chunked cross-entropy on the logits (:func:`chunked_cross_entropy`),
-and on CUDA the fused ones: Liger Kernel's (:func:`apply_liger_loss`, the model's forward patched as TRL's
-use_liger_kernel does) and Cut Cross-Entropy's (:func:`cce_loss`).
+:func:`measure.setup.model_loss`: torchtune's chunked cross-entropy on the logits (:func:`chunked_cross_entropy`);
+TRL SFTTrainer's loss (:func:`trl_sft_loss`: its fused LM head, which runs torch ops where there is no Triton, on
+its collator's batch, :func:`trl_sft_batch`); and on CUDA the fused ones: Liger Kernel's (:func:`apply_liger_loss`,
+the model's forward patched as TRL's use_liger_kernel does) and Cut Cross-Entropy's (:func:`cce_loss`).
 
 Neither fused loss has a CPU path (checked with liger-kernel 0.8.5 and cut-cross-entropy 25.1.1, the PyPI
 releases): liger_kernel/ops/fused_linear_cross_entropy.py imports triton at import time and runs Triton
@@ -17,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["FUSED_LOSS_PACKAGES", "IGNORE_INDEX", "apply_liger_loss", "cce_loss", "chunked_cross_entropy",
-           "require_fused_loss", "torchtune_shifted_labels"]
+           "require_fused_loss", "torchtune_shifted_labels", "trl_sft_batch", "trl_sft_loss"]
 
 IGNORE_INDEX = -100
 # the releases the fused losses are modelled from (peftcalc.sim.head.fused_loss_head) and run with
@@ -95,3 +96,42 @@ def cce_loss(causal_lm, batch: dict) -> torch.Tensor:
     labels = batch.pop("labels")
     hidden = causal_lm.model(**batch).last_hidden_state
     return linear_cross_entropy(hidden, causal_lm.lm_head.weight, labels, shift=1)
+
+
+def trl_sft_batch(ids: torch.Tensor) -> dict:
+    """The batch TRL's SFTTrainer trains on (trl/trainer/sft_trainer.py DataCollatorForLanguageModeling.torch_call,
+    padding_free False): input_ids, labels (the input ids padded with -100: a tensor of their own, made by trl's
+    ``pad``) and attention_mask (``torch.ones_like(ids)`` padded with 0), each (batch, seq) int64."""
+    return {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}
+
+
+def _fused_head_model(model):
+    """The model TRL patches (SFTTrainer.__init__: ``add_fused_lm_head(model.get_base_model() if is_peft_model(model)
+    else model, outputs=("log_probs", "entropy", "is_top1"))``), patched once."""
+    from trl.trainer.utils import add_fused_lm_head
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not getattr(base, "_peftcalc_fused_lm_head", False):
+        add_fused_lm_head(base, outputs=("log_probs", "entropy", "is_top1"))
+        base._peftcalc_fused_lm_head = True
+    return model
+
+
+def trl_sft_loss(model, batch: dict):
+    """(loss, outputs) as TRL 1.16's SFTTrainer.compute_loss (trl/trainer/sft_trainer.py) computes them with its
+    default loss (loss_type "nll", no compute_loss_func, no label smoothing) and no num_items_in_batch: the model
+    runs with ``fused_lm_head=True`` (trl/trainer/utils.py add_fused_lm_head: the backbone, then
+    trl/kernels/chunked_logprob.py ChunkedLogProbFunction on the hidden states of every position, no logits),
+    ``per_token_loss = -outputs.log_probs``, the loss its sum over ``label_mask.sum().clamp(min=1)``; then the
+    metrics it logs (entropy, mean token accuracy, the attention mask's token count), each read with ``.item()``."""
+    outputs = _fused_head_model(model)(**batch, use_cache=False, fused_lm_head=True)
+    per_token_loss = -outputs.log_probs
+    num_tokens = outputs.label_mask.sum()
+    loss = per_token_loss.sum() / torch.as_tensor(num_tokens).clamp(min=1)
+    num_valid = outputs.label_mask.sum()
+    entropy_sum = outputs.entropy.detach().sum()
+    num_correct = outputs.is_top1.sum()
+    (entropy_sum / num_valid).item()
+    (num_correct / num_valid).item()
+    batch["attention_mask"].sum().item()
+    return loss, outputs

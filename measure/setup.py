@@ -236,6 +236,10 @@ def make_batch(spec: ModelSpec, training: TrainingSettings, device: str, dtype: 
     high = spec.vocab_size - 1 if spec.task == "seq_cls" and spec.is_decoder else spec.vocab_size
     ids = torch.randint(0, high, (b, s), device=device)
     batch = {"input_ids": ids}
+    if training.loss == "trl" and spec.task == "causal_lm":  # TRL SFTTrainer's collator (measure.losses)
+        from measure.losses import trl_sft_batch
+
+        return trl_sft_batch(ids)
     if spec.task in ("causal_lm", "seq2seq_lm"):
         batch["labels"] = ids
     elif spec.task == "masked_lm":
@@ -268,6 +272,10 @@ def model_loss(model, spec: ModelSpec, batch: dict, loss: str = "hf", loss_chunk
         from measure.losses import cce_loss
 
         return cce_loss(transformers_model(model), batch), None
+    if loss == "trl":
+        from measure.losses import trl_sft_loss
+
+        return trl_sft_loss(model, batch)
     if loss == "chunked":
         from measure.losses import chunked_cross_entropy, torchtune_shifted_labels
 

@@ -94,7 +94,7 @@ def traced_status(t: TrainingSettings) -> str:
     """Whether the harness's CPU traces hold the prediction ("traced") or only a CUDA run can
     ("modelled, not traced": the liger and cce losses run Triton kernels, paged optimizers CUDA unified
     memory)."""
-    cuda_only = t.loss in ("liger", "cce") or t.optimizer in PAGED_OPTIMIZERS
+    cuda_only = t.loss in ("liger", "cce") or t.optimizer in PAGED_OPTIMIZERS or (t.loss == "trl" and t.device == "cuda")
     return "modelled, not traced" if cuda_only else "traced"
 
 

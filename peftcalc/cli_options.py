@@ -85,7 +85,8 @@ KEEP_OUTPUTS = typer.Option(False, "--keep-outputs", help="The loop keeps the mo
                             "through backward (outputs = model(**batch); outputs.loss.backward()), as PEFT's examples "
                             "and LitGPT do; the HF Trainer drops them.")
 LOSS = typer.Option("hf", "--loss", help="hf (transformers ForCausalLMLoss) | chunked (torchtune "
-                    "CEWithChunkedOutputLoss) | liger (LigerFusedLinearCrossEntropyLoss) | cce (Cut Cross-Entropy)")
+                    "CEWithChunkedOutputLoss) | liger (LigerFusedLinearCrossEntropyLoss) | cce (Cut Cross-Entropy) | trl (TRL "
+                    "SFTTrainer's fused LM head and collator batch)")
 LOSS_CHUNKS = typer.Option(8, "--loss-chunks", help="--loss chunked: chunks of the lm_head output (torchtune's "
                            "default 8).")
 OFFLOAD = typer.Option(False, "--offload-activations", help="Saved activations to host memory "

@@ -255,7 +255,10 @@ def render_estimate_text(e) -> str:
     rows.append(["GPU memory needed (nvidia-smi)", gib(e.memory.reserved_bytes)])
     out.append(text_table(rows, ["Memory at the peak", ""]))
     out.extend(rank_lines(e))
-    if e.memory.traced != "traced":
+    if e.memory.traced != "traced" and e.training.loss == "trl":
+        out.append("(trl loss on CUDA: TRL's Triton kernels, modelled from their source, not traced: the CPU traces "
+                   "hold its torch path, and no GPU run has checked the CUDA one yet)")
+    elif e.memory.traced != "traced":
         out.append(f"({e.training.loss if e.training.loss in ('liger', 'cce') else e.training.optimizer}: "
                    "modelled from its source, not traced: it runs on CUDA only, and no GPU run has checked it yet)")
     out.append("")

@@ -86,6 +86,8 @@ def input_bytes(plan: Plan, t: TrainingSettings) -> int:
         pixels = t.batch_size * spec.num_channels * spec.image_size**2 * DTYPE_BYTES[weight_dtype]
         return pixels + (8 * t.batch_size if spec.task == "image_cls" else 0)
     ids = t.batch_size * t.seq_len * 8
+    if t.loss == "trl" and spec.task == "causal_lm":  # TRL SFTTrainer's batch: input_ids, labels, attention_mask
+        return 3 * ids  # (trl/trainer/sft_trainer.py DataCollatorForLanguageModeling; measure.losses.trl_sft_batch)
     # the harness passes labels=input_ids for a causal LM (one tensor), a masked copy for MLM
     labels = ids if spec.task == "masked_lm" else (8 * t.batch_size if spec.task == "seq_cls" else 0)
     return ids + labels
@@ -399,10 +401,15 @@ def _checkpointed_backward(plan: Plan, act: ActivationProfile, grads: GradientAr
     """Under checkpointing each block keeps only its input until its backward, when its
     forward is recomputed and its backward runs on the recomputed tensors (_checkpointed_block). A tied
     head's gradient waits for the lookup's all along, a temporary (GradientArrival.head_pending), and
-    so do the checkpoints' keyword arguments (ActivationProfile.checkpoint_kwargs)."""
-    events = [_event("backward:head", dict(base, activations=remaining + act.post, gradients=grads.head_accumulated,
-                                           logits_loss=act.logits_bytes + act.loss_scalars + grads.head_pending,
-                                           temporaries=act.checkpoint_kwargs))]
+    so do the checkpoints' keyword arguments (ActivationProfile.checkpoint_kwargs). A head with no logits whose
+    backward is replayed (ActivationProfile.head_replayed: TRL's fused LM head) peaks as its replay says, as in
+    _partly_checkpointed_backward."""
+    hp = act.head_backward
+    head = (dict(base, activations=remaining + hp.saved, gradients=min(hp.params, grads.head_accumulated),
+                 logits_loss=hp.buffers + act.loss_scalars, temporaries=act.checkpoint_kwargs) if act.head_replayed else
+            dict(base, activations=remaining + act.post, gradients=grads.head_accumulated,
+                 logits_loss=act.logits_bytes + act.loss_scalars + grads.head_pending, temporaries=act.checkpoint_kwargs))
+    events = [_event("backward:head", head)]
     arrived = grads.head_accumulated
     kwargs = act.checkpoint_kwargs
     releases = {} if reentrant else {layer: (pre, kw) for layer, pre, kw in act.type_releases}

@@ -67,8 +67,9 @@ LOSSES = {
     "chunked": "torchtune CEWithChunkedOutputLoss (lm_head output in chunks, each upcast to fp32)",
     "liger": "Liger Kernel LigerFusedLinearCrossEntropyLoss (lm_head and cross-entropy fused, CUDA)",
     "cce": "Apple Cut Cross-Entropy (lm_head and cross-entropy fused, CUDA)",
+    "trl": "TRL SFTTrainer's fused LM head (per-token log-probabilities in tiles, no logits) and its collator's batch",
 }
-LOGITLESS_LOSSES = ("liger", "cce")
+LOGITLESS_LOSSES = ("liger", "cce", "trl")
 ATTENTIONS = ("sdpa", "eager")
 # How a step is spread over `gpus` data-parallel ranks (peftcalc.sharding models each):
 #   none   one GPU; ddp  torch DistributedDataParallel (full replica, gradient buckets);
@@ -244,6 +245,9 @@ def check_loss_applies(spec, t: TrainingSettings, compute_dtype: str = "") -> No
     matmuls cast the weight per chunk), and Cut Cross-Entropy's backward needs bf16/fp16 hidden states and
     weights (cce_backward.py asserts it; `compute_dtype`: the activation stream's, fp32 under QLoRA's
     prepare_model_for_kbit_training)."""
+    if t.loss == "trl" and spec.final_logit_softcap:
+        raise CombinationError("loss trl: TRL's fused LM head with final_logit_softcapping (its tanh per tile) is not "
+                               "modelled yet", names=("loss",))
     if t.loss in LOGITLESS_LOSSES and t.autocast_dtype:
         raise CombinationError(f"loss {t.loss} under autocast ({t.precision}) is not modelled; use bf16 or fp16",
                                names=("loss", "precision"))

@@ -31,8 +31,10 @@ from peftcalc.training_configs.training_args import read_trainer_keys
 __all__ = ["ENV_OUT", "MemoryCallback", "run_settings"]
 
 ENV_OUT = "PEFTCALC_MEMORY_JSONL"
-# the tensors of the harness's batch (measure.setup.make_batch): labels share input_ids' storage there
+# the tensors of the harness's batch (measure.setup.make_batch): labels share input_ids' storage there; TRL's
+# SFTTrainer adds its attention_mask (loss "trl": measure.losses.trl_sft_batch)
 BATCH_KEYS = ("input_ids", "labels", "pixel_values")
+TRL_BATCH_KEYS = BATCH_KEYS + ("attention_mask",)
 PHASES = ("forward", "backward", "optimizer")
 
 
@@ -91,12 +93,17 @@ def run_settings(model, args, seq_len: int) -> tuple:
     fields = d.training_settings()
     fields.update(seq_len=seq_len, precision=precision_of(d.weights, d.amp, spec.torch_dtype),
                   device="cuda" if next(model.parameters()).is_cuda else "cpu")
+    if _fused_lm_head(base):  # TRL's SFTTrainer: its fused LM head and its collator's batch (peftcalc.sim.trl_head)
+        from peftcalc.training_configs.trl import trl_loss_unmodelled
+
+        why = trl_loss_unmodelled(spec, fields["precision"])
+        if why:
+            d.warn(f"TRL's fused LM head ({why}: not modelled yet; estimated as the model's own loss)")
+        else:
+            fields["loss"] = "trl"
     training = TrainingSettings(**fields)
     check_training(training)
     d.not_modelled.extend(n for n in m.not_modelled if n not in d.not_modelled)
-    if _fused_lm_head(base):
-        d.warn("TRL's fused LM head (trl/trainer/utils.py add_fused_lm_head: the loss's log-probabilities in tiles; "
-               "estimated as the model's own loss)")
     return spec, settings, training, d
 
 
@@ -118,9 +125,9 @@ class MemoryCallback(TrainerCallback):
         self.seq_len, self.echo = seq_len, echo
         self.steps: list[dict] = []
         self.estimate = self.spec = self.method = self.training = self.derived = None
-        self._tracer = self._step = self._model = self._args = self._optimizer = None
+        self._tracer = self._step = self._model = self._args = self._optimizer = self._device = None
         self._hooks: list = []
-        self._saving = None
+        self._saving = self._previous_hook = None
         self._reported = False
 
     # -- train begin: the estimate ------------------------------------------------------------
@@ -134,7 +141,7 @@ class MemoryCallback(TrainerCallback):
             self.echo("peftcalc: the estimate waits for the first batch (its length is the sequence length)")
         self._hooks = [model.register_forward_pre_hook(self._forward_begins, with_kwargs=True),
                        model.register_forward_hook(self._forward_ends)]
-        previous = sys.excepthook
+        previous = self._previous_hook = sys.excepthook
 
         def hook(kind, value, tb):
             if _is_oom(value) and not self._reported:
@@ -158,9 +165,11 @@ class MemoryCallback(TrainerCallback):
     def on_step_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         self._optimizer = optimizer or self._optimizer
         self._step = {"phases": {}, "phase": "forward"}
-        if torch.cuda.is_available() and next(model.parameters()).is_cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
+        device = next(model.parameters()).device
+        if device.type == "cuda":  # the model's own device (torch.cuda's functions default to the current one)
+            self._device = device
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
             return
         from measure.tracer import gradient_tensors, model_state_tensors, optimizer_state_tensors
 
@@ -185,7 +194,8 @@ class MemoryCallback(TrainerCallback):
             self._tracer.mark(batch, "inputs")
             self._saving = self._tracer.recomputing()
             self._saving.__enter__()
-        extra = [k for k, v in kwargs.items() if isinstance(v, torch.Tensor) and v.dim() > 0 and k not in BATCH_KEYS]
+        known = TRL_BATCH_KEYS if self.training.loss == "trl" else BATCH_KEYS
+        extra = [k for k, v in kwargs.items() if isinstance(v, torch.Tensor) and v.dim() > 0 and k not in known]
         for key in extra:  # what the harness's batch (measure.setup.make_batch) does not hold
             note = f"{key} in the batch ({kwargs[key].numel() * kwargs[key].element_size():,} bytes; not in the estimate)"
             if note not in self.derived.not_modelled:
@@ -237,10 +247,10 @@ class MemoryCallback(TrainerCallback):
             self._step["phases"][name] = {"peak_bytes": t.peak_bytes, "seq": t.peak_seq}
             t.reset_peak()
             return
-        torch.cuda.synchronize()
-        self._step["phases"][name] = {"peak_bytes": torch.cuda.max_memory_allocated(),
-                                      "reserved_bytes": torch.cuda.max_memory_reserved()}
-        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.synchronize(self._device)
+        self._step["phases"][name] = {"peak_bytes": torch.cuda.max_memory_allocated(self._device),
+                                      "reserved_bytes": torch.cuda.max_memory_reserved(self._device)}
+        torch.cuda.reset_peak_memory_stats(self._device)
 
     # -- the end: predicted vs measured, and the row -------------------------------------------
 
@@ -248,6 +258,8 @@ class MemoryCallback(TrainerCallback):
         for h in self._hooks:
             h.remove()
         self._hooks = []
+        if self._previous_hook is not None:  # the run ended without an uncaught error: the hook's job is done
+            sys.excepthook, self._previous_hook = self._previous_hook, None
         if not self._reported:
             self.report()
 
@@ -307,7 +319,8 @@ def _inner(optimizer):
 
 
 def _is_oom(exc) -> bool:
-    oom = getattr(torch.cuda, "OutOfMemoryError", None) or getattr(torch, "OutOfMemoryError", None)
+    """torch.OutOfMemoryError (torch.cuda.OutOfMemoryError is the same class), or an allocator's message."""
+    oom = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", None)
     return (oom is not None and isinstance(exc, oom)) or "out of memory" in str(exc).lower()
 
 

@@ -31,7 +31,7 @@ class StepContext:
     # a micro-batch after the first of an optimizer step (gradient accumulation): every trainable parameter
     # already has its .grad, so each new gradient is added into it and freed (peftcalc.backward)
     accumulating: bool = False
-    fused_loss: str = ""  # "liger" or "cce": lm_head and cross-entropy fused (sim.head.fused_loss_head)
+    fused_loss: str = ""  # "liger", "cce" (sim.head.fused_loss_head) or "trl" (sim.trl_head): no logits
 
     @property
     def tokens(self) -> int:

@@ -65,6 +65,10 @@ def head_forward(rec: Recorder, spec: ModelSpec, plan: Plan, layout: Layout, x: 
     ctx = rec.ctx
     h, tok, b = spec.hidden_size, ctx.tokens, ctx.batch
     x = final_norm(rec, spec, plan, layout, x)
+    if spec.task == "causal_lm" and ctx.fused_loss == "trl":
+        from peftcalc.sim.trl_head import trl_fused_head
+
+        return tok * h, x, trl_fused_head(rec, spec, plan, layout, x)
     if spec.task == "causal_lm" and ctx.fused_loss:
         return tok * h, x, fused_loss_head(rec, spec, plan, layout, x)
     if spec.task == "causal_lm":

@@ -126,6 +126,7 @@ def model_profile(plan: Plan, t: TrainingSettings, checkpointed: tuple) -> Activ
         checkpointed=checkpointed,
         reentrant_backward=blocks.reentrant if t.checkpoint_reentrant else (),
         type_releases=_type_releases(spec, ctx, t, saved_types) if any(checkpointed) else (),
+        head_replayed=ctx.fused_loss == "trl",
     )
 
 
@@ -134,6 +135,10 @@ def _loss(spec: ModelSpec, plan: Plan, layout: Layout, ctx: StepContext, t: Trai
     """(the loss's buffers, the logits' numel as the profile counts them) for the loss `t.loss` names: a fused
     loss (its logits never exist whole: the head's incoming gradient stands for them), torchtune's chunked
     cross-entropy on a causal LM, or transformers' loss (sim.loss)."""
+    if ctx.fused_loss == "trl":
+        from peftcalc.sim.trl_head import trl_loss_buffers
+
+        return trl_loss_buffers(ctx, spec), root.nbytes // 4  # the head's incoming gradient: N fp32
     if ctx.fused_loss:
         tied = layout.head_tied_to_embedding and plan.embedding_trains
         loss = fused_loss_buffers(ctx, spec, param_trains(plan, "lm_head", True) or tied)

@@ -64,6 +64,9 @@ class ActivationProfile:
     # under checkpointing, what a layer type's keyword arguments hold (its RoPE cos/sin, counted in `pre`, and its
     # mask, in checkpoint_kwargs) goes once the lowest layer of that type is done: (layer, pre bytes, kwargs bytes)
     type_releases: tuple = ()
+    # the head's backward peaks as its replay (head_backward) says also under checkpointing: TRL's fused LM head
+    # (sim.trl_head), whose tiles are the peak, not a logits-sized gradient
+    head_replayed: bool = False
 
     @property
     def saved_total(self) -> int:
@@ -107,7 +110,7 @@ def make_ctx(spec: ModelSpec, plan: Plan, t: TrainingSettings) -> StepContext:
         quant_source=t.weight_dtype if method == "qlora" else "",
         quant_nested=method == "qlora" and plan.settings.double_quant,
         accumulating=t.grad_accum > 1,
-        fused_loss=t.loss if t.loss in ("liger", "cce") and spec.task == "causal_lm" else "",
+        fused_loss=t.loss if t.loss in ("liger", "cce", "trl") and spec.task == "causal_lm" else "",
     )
 
 

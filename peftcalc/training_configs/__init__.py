@@ -102,6 +102,13 @@ def from_files(config: str | None = None, adapter_config: str | None = None, giv
         training = d.training_settings()
         training["precision"] = _sharded_precision(precision_of(d.weights, d.amp, spec.torch_dtype), d.training)
     training.update({k: v for k, v in given.items() if k in TRAINING_FIELDS or k not in METHOD_KEYS + ("model",)})
+    if training.get("loss") == "trl" and "loss" not in given:
+        from peftcalc.training_configs.trl import trl_loss_unmodelled
+
+        why = trl_loss_unmodelled(spec, training.get("precision", "bf16"))
+        if why:
+            training.pop("loss")
+            derived[0].warn(f"SFTTrainer's fused LM head ({why}: not modelled yet; estimated as the model's own loss)")
     return ConfigRun(model=model, method=method, training=training, derived=derived,
                      given=tuple(k for k in given))
 

@@ -177,7 +177,9 @@ def _not_modelled(k: Keys, d: Derived) -> None:
     if k.has("deepspeed"):
         read_deepspeed(k.data["deepspeed"], d)
     if k.data.get("fsdp") or k.data.get("fsdp_config"):
-        read_fsdp(k.data.get("fsdp") or "full_shard", k.mapping("fsdp_config"), d)
+        # axolotl utils/schemas/config.py: fsdp_version None is FSDP1 (its fsdp_config may say version too)
+        read_fsdp(k.data.get("fsdp") or "full_shard", k.mapping("fsdp_config"), d, version=k.data.get("fsdp_version"),
+                  default_version=1)
     for key, what in (("torch_compile", "torch.compile"),
                       ("lora_mlp_kernel", "axolotl's LoRA kernels"), ("lora_qkv_kernel", "axolotl's LoRA kernels"),
                       ("lora_o_kernel", "axolotl's LoRA kernels"), ("relora", "ReLoRA"),

@@ -62,23 +62,52 @@ def read_deepspeed(value, d: Derived, key: str = "deepspeed") -> None:
     d.notes.append(f"{key}: ZeRO stage {stage}; the GPU count is the launcher's (give --gpus)")
 
 
-def read_fsdp(fsdp, fsdp_config: dict, d: Derived, key: str = "fsdp") -> None:
-    """FSDP options -> sharding fsdp / hsdp, reshard_after_forward, offload params."""
+def fsdp_options(fsdp_config: dict) -> dict:
+    """fsdp_config with the ``fsdp_`` prefix taken off its keys, as transformers TrainingArguments.__post_init__
+    does (accelerate's config file and older axolotl files spell them fsdp_offload_params, ...)."""
+    return {(k[5:] if k.startswith("fsdp_") else k): v for k, v in (fsdp_config or {}).items()}
+
+
+def _truthy(value) -> bool:
+    return value is True or str(value).lower() in ("true", "1", "yes")
+
+
+def read_fsdp(fsdp, fsdp_config: dict, d: Derived, key: str = "fsdp", version=None, default_version: int = 2) -> None:
+    """FSDP options -> sharding fsdp / hsdp (ddp for NO_SHARD), reshard_after_forward, offload params.
+
+    The version: `version` (axolotl's top-level fsdp_version), else fsdp_config's version / fsdp_version, else
+    `default_version` (transformers 5.x TrainingArguments._fsdp_plugin_args: 2; axolotl: None, FSDP1). FSDP1
+    (flat parameters) is estimated as FSDP2's fully_shard and named in the warning line. FSDP2's
+    reshard_after_forward is a bool; FSDP1's is a sharding strategy (full_shard, shard_grad_op, hybrid_shard,
+    no_shard), as is the legacy ``fsdp`` word list (TrainingArguments._apply_legacy_fsdp_to_config); offload:
+    the ``offload`` word or cpu_offload / offload_params (CPUOffloadPolicy: parameters, gradients and the
+    optimizer step on the host)."""
+    cfg = fsdp_options(fsdp_config)
     words = fsdp.split() if isinstance(fsdp, str) else list(fsdp) if isinstance(fsdp, (list, tuple)) else []
     if fsdp is True:
         words = ["full_shard"]
     words = [str(w).lower() for w in words]
-    strategy = str(fsdp_config.get("sharding_strategy", fsdp_config.get("fsdp_sharding_strategy", ""))).lower()
-    hybrid = "hybrid_shard" in words or "hybrid" in strategy
+    chosen = version if version is not None else cfg.get("version", default_version)
+    try:
+        version = int(chosen)
+    except (TypeError, ValueError):
+        raise InputError(f"{d.path}: key 'fsdp_version' must be 1 or 2, got {chosen!r}") from None
+    if version not in (1, 2):
+        raise InputError(f"{d.path}: key 'fsdp_version' must be 1 or 2, got {version}")
+    reshard = cfg.get("reshard_after_forward")
+    strategy = " ".join(words + [str(cfg.get("sharding_strategy", "")).lower()]
+                        + ([str(reshard).lower()] if isinstance(reshard, str) else []))
+    if "no_shard" in strategy:
+        d.want("sharding", "ddp", key, "DDP")
+        d.notes.append(f"{key}: NO_SHARD (data parallel, as DDP); the GPU count is the launcher's (give --gpus)")
+        return
+    hybrid = "hybrid" in strategy
     d.want("sharding", "hsdp" if hybrid else "fsdp", key, "FSDP sharding")
-    reshard = fsdp_config.get("reshard_after_forward", fsdp_config.get("fsdp_reshard_after_forward"))
-    if reshard is None:
-        reshard = not ("shard_grad_op" in words or "shard_grad_op" in strategy)
     if not isinstance(reshard, bool):
-        reshard = str(reshard).lower() not in ("false", "shard_grad_op", "no_shard")
+        reshard = "shard_grad_op" not in strategy if reshard is None or isinstance(reshard, str) else _truthy(reshard)
     d.want("reshard_after_forward", reshard, key, "FSDP2 reshard_after_forward" if not reshard else "")
-    offload = "offload" in words or any(fsdp_config.get(k) in (True, "true") for k in
-                                        ("offload_params", "cpu_offload", "fsdp_offload_params"))
-    if offload:
+    if "offload" in words or any(_truthy(cfg.get(k)) for k in ("offload_params", "cpu_offload")):
         d.want("offload", "params", key, "FSDP2 CPU offload")
-    d.notes.append(f"{key}: {'HSDP' if hybrid else 'FSDP'}; the GPU count is the launcher's (give --gpus)")
+    if version == 1:
+        d.warn(f"{key}: FSDP1 (fsdp_version 1: flat parameters; estimated as FSDP2's fully_shard)")
+    d.notes.append(f"{key}: {'HSDP' if hybrid else 'FSDP'}{version}; the GPU count is the launcher's (give --gpus)")

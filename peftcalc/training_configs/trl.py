@@ -20,7 +20,7 @@ from peftcalc.errors import InputError
 from peftcalc.training_configs.common import Derived, Keys, attention_of
 from peftcalc.training_configs.training_args import read_trainer_keys
 
-__all__ = ["TRL_KEYS", "read_trl"]
+__all__ = ["TRL_KEYS", "read_trl", "trl_loss_unmodelled"]
 
 # Keys only TRL's SFTConfig / ModelConfig have (detect.py tells a TRL file from a bare TrainingArguments one).
 TRL_KEYS = ("use_peft", "lora_r", "lora_target_modules", "lora_modules_to_save", "use_bnb_nested_quant",
@@ -45,9 +45,26 @@ def read_trl(data: dict, path: str) -> Derived:
         d.warn("activation_offloading=true (activations offloaded to host memory)")
     if d.training.pop("loss", None) is not None:  # SFTTrainer turns Liger's fused linear cross-entropy off
         d.warn("use_liger_kernel=true (Liger's kernels inside the blocks; SFTTrainer keeps its fused LM head)")
-    d.warn("SFTTrainer's loss (TRL's fused LM head: log-probabilities in tiles, no full logits; estimated as the "
-           "model's own loss)")
+    # SFTTrainer.compute_loss: TRL's fused LM head and the collator's batch (peftcalc.sim.trl_head); where it is
+    # not modelled (trl_loss_unmodelled), peftcalc.training_configs.from_files falls back to the model's own loss
+    d.want("loss", "trl", "SFTTrainer")
     return d
+
+
+def trl_loss_unmodelled(spec, precision: str) -> str:
+    """Why loss "trl" (TRL's fused LM head, peftcalc.sim.trl_head) cannot estimate this run, or "": under
+    autocast (fp32 weights with bf16/fp16: ChunkedLogProbFunction casts each chunk of the hidden states and the
+    weight) and with final_logit_softcapping (its tanh per tile) it is not modelled yet, and it replaces a causal
+    language model's loss only."""
+    from peftcalc.settings import PRECISIONS
+
+    if spec.task != "causal_lm" or spec.is_vlm or spec.is_blip2:
+        return f"a {spec.task} model"
+    if PRECISIONS[precision][1]:
+        return f"{precision}: autocast over fp32 weights"
+    if spec.final_logit_softcap:
+        return "final_logit_softcapping"
+    return ""
 
 
 def _sequence(k: Keys, d: Derived) -> None:
@@ -57,6 +74,9 @@ def _sequence(k: Keys, d: Derived) -> None:
         return
     d.want("seq_len", k.int(key, 1024), key)
     packed = k.bool("packing", False) or k.bool("padding_free", False)
+    if packed:  # SFTTrainer.__init__: padding_free = padding_free or packing with the bfd strategies (the default)
+        d.warn("packing/padding_free (SFTTrainer's padding-free batch: one row of batch x seq tokens with position_ids "
+               "instead of the attention mask; estimated as batch rows of seq)")
     d.notes.append(f"{key} {d.training['seq_len']}" + (" (packed)" if packed else
                                                          " (batches are padded to their longest sequence: "
                                                          "an upper bound)"))

@@ -37,15 +37,16 @@ CASES = {
     "axolotl-fft-8b.yaml": (None, dict(grad_accum=8, model="llama-3.1-8b", method="full", batch_size=1, seq_len=8192,
                                        precision="bf16", optimizer=PAGED8, **CKPT), ("attn_implementation",)),
     # TRL: dtype float32 (ModelConfig) under bf16 autocast (bf16 None -> True); batch 8 (TrainingArguments);
-    # max_length 1024; gradient checkpointing on (_BaseConfig)
+    # max_length 1024; gradient checkpointing on (_BaseConfig); SFTTrainer's fused LM head (loss trl) where it is
+    # modelled (bf16 weights), else named in the warning line (autocast)
     "trl-example.yaml": (None, dict(grad_accum=1, model="qwen2.5-0.5b", method="full", batch_size=8, seq_len=1024,
-                                    precision="amp-bf16", optimizer=FUSED, **CKPT), ("SFTTrainer's loss",)),
+                                    precision="amp-bf16", optimizer=FUSED, **CKPT), ("SFTTrainer's fused LM head",)),
     "trl-lora.yaml": (None, dict(grad_accum=2, model="qwen2.5-0.5b", method="lora", rank=32, alpha=16, targets="all-linear",
-                                 batch_size=4, seq_len=2048, precision="bf16", optimizer=FUSED, **CKPT),
+                                 batch_size=4, seq_len=2048, precision="bf16", optimizer=FUSED, loss="trl", **CKPT),
                       ()),
     "trl-qlora.yaml": (None, dict(grad_accum=1, model="llama-3.1-8b", method="qlora", rank=16, alpha=32, double_quant=True,
                                   prepare_kbit=False, batch_size=2, seq_len=1024, precision="bf16", optimizer=PAGED8,
-                                  **CKPT), ("load_in_4bit",)),
+                                  loss="trl", **CKPT), ("load_in_4bit",)),
     # LLaMA-Factory: lora_alpha = 2 x rank, lora_target all, cutoff_len, checkpointing on and reentrant; full
     # fine-tuning upcasts the weights to fp32 (amp-bf16)
     "llamafactory-lora-sft.yaml": (None, dict(grad_accum=8, model="qwen2.5-7b", method="lora", rank=8, alpha=16,
