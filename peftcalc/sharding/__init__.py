@@ -18,7 +18,7 @@ from peftcalc.settings import TrainingSettings
 from peftcalc.sharding.ddp import check_ddp, ddp_events
 from peftcalc.sharding.fsdp import FSDP_COMPONENTS, check_fsdp, fsdp_events
 
-__all__ = ["RankMemory", "SHARDED_COMPONENTS", "check_sharding", "rank_memory", "sharded_timeline"]
+__all__ = ["RankMemory", "SHARDED_COMPONENTS", "check_sharding", "rank_memory", "sharded_timeline", "wrapping_text"]
 
 SHARDED_COMPONENTS = COMPONENTS + FSDP_COMPONENTS + ("gradient_buckets",)
 EVENTS = {"fsdp": fsdp_events, "ddp": ddp_events}
@@ -76,3 +76,19 @@ def sharded_timeline(plan: Plan, t: TrainingSettings) -> tuple[Timeline, tuple]:
         if last.peak_bytes != first.peak_bytes or last.components != first.components:
             ranks += (last,)
     return Timeline(first.events, first.peak_bytes, first.peak_phase, first.components, first.step1_peak_bytes), ranks
+
+
+def wrapping_text(method: str, t: TrainingSettings) -> str:
+    """How the model is assumed to be wrapped, one sentence for the estimate's output ('' on one GPU)."""
+    if t.sharding == "ddp":
+        return "DDP with its defaults (bucket_cap_mb 25, gradient_as_bucket_view off)"
+    if t.sharding not in ("fsdp", "hsdp"):
+        return ""
+    text = ("FSDP2 wrapping assumed: fully_shard on every transformer block, then on the root (embeddings, final "
+            "norm, head), as torchtitan and accelerate's TRANSFORMER_BASED_WRAP do")
+    if t.precision == "mixed-bf16":
+        text += "; float32 parameters under MixedPrecisionPolicy(param_dtype=bfloat16, reduce_dtype=float32)"
+    elif method == "lora" and t.precision in ("bf16", "fp16"):
+        text += (f"; the LoRA adapters stay float32 beside the {t.precision} base (peft's autocast_adapter_dtype=True): "
+                 "FSDP2 wants one dtype among a block's trainable parameters only and all-gathers both as bytes")
+    return text

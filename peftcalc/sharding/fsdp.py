@@ -30,7 +30,7 @@ from dataclasses import replace
 from peftcalc.activations import activation_profile
 from peftcalc.errors import CombinationError
 from peftcalc.memory import gradient_arrival, step_events
-from peftcalc.model_states import gradient_free, group_dtype
+from peftcalc.model_states import scalar_state_bytes, gradient_free, group_dtype
 from peftcalc.plan import Plan
 from peftcalc.settings import DTYPE_BYTES, TrainingSettings
 from peftcalc.sharding.shards import GroupBytes, dim0, local_rows, padded_rows
@@ -44,18 +44,19 @@ FSDP_COMPONENTS = ("unsharded_params", "unsharded_gradients", "all_gather_buffer
 def check_fsdp(plan: Plan, t: TrainingSettings) -> None:
     """CombinationError for what FSDP2 (or this model of it) does not run: several dtypes in one group
     (_fsdp_param_group.py ``_init_mp_dtypes``: "FSDP expects uniform original parameter dtype"; peft keeps
-    adapters fp32 on a bf16/fp16 model), QLoRA's packed weights, optimizers other than AdamW and SGD,
+    adapters fp32 on a bf16/fp16 model), QLoRA's packed weights, optimizers other than AdamW (foreach/single-tensor or fused) and SGD,
     gradient checkpointing, offload, mixed-bf16 (not modelled yet)."""
     weight_dtype = stream_dtypes(plan, t)[0]
     by_layer: dict = {}
     for g in plan.groups:
-        by_layer.setdefault(g.layer, set()).add(group_dtype(plan, g.origin, weight_dtype, g.name))
+        if g.trainable:
+            by_layer.setdefault(g.layer, set()).add(group_dtype(plan, g.origin, weight_dtype, g.name))
     if any(len(d) > 1 for d in by_layer.values()):
-        raise CombinationError(f"FSDP2 needs one dtype per sharded block, and {plan.settings.method} under "
-                               f"{t.precision} mixes {' and '.join(sorted(set().union(*by_layer.values())))}; "
-                               "use precision fp32 (or a full fine-tune)", names=("sharding", "precision"))
+        raise CombinationError(f"FSDP2 needs one dtype for the trainable parameters of a sharded block, and "
+                               f"{plan.settings.method} under {t.precision} mixes "
+                               f"{' and '.join(sorted(set().union(*by_layer.values())))}", names=("sharding", "precision"))
     unsupported = [what for what, bad in (
-        ("qlora", plan.settings.method == "qlora"), (f"optimizer {t.optimizer}", t.optimizer not in ("adamw", "sgd")),
+        ("qlora", plan.settings.method == "qlora"), (f"optimizer {t.optimizer}", t.optimizer not in ("adamw", "adamw-fused", "sgd")),
         (f"offload {t.offload}", t.offload != "none"),
         ("precision mixed-bf16", t.precision == "mixed-bf16")) if bad]
     if unsupported:
@@ -88,15 +89,19 @@ def group_bytes(plan: Plan, t: TrainingSettings, world: int, rank: int) -> dict:
 
 def _optimizer(groups: dict, t: TrainingSettings, order: list) -> tuple[int, int]:
     """(states, step temporaries) on this rank: AdamW's exp_avg and exp_avg_sq (SGD's momentum buffer) like
-    each local shard, AdamW's 'step' (a 4-byte CPU tensor, on the cpu device only); the temporaries as
-    peftcalc.model_states.optimizer_temporaries counts them, over the local shards."""
+    each local shard, AdamW's 'step' (peftcalc.model_states.scalar_state_bytes: a 4-byte CPU tensor, or with
+    fused=True a plain float32 tensor on the parameter's device, torch/optim/adam.py ``_init_group``); the
+    temporaries as peftcalc.model_states.optimizer_temporaries counts them, over the local shards. Fused
+    AdamW on DTensor parameters runs ``torch._fused_adamw_`` once on the local shards (DTensor's list-op
+    strategy, torch/distributed/tensor/_ops/_pointwise_ops.py ``list_pointwise_strategy``), in place: no
+    temporaries."""
     states = temps = prev = 0
     per_dtype: dict = {}
+    adam = t.optimizer in ("adamw", "adamw-fused")
     for key in order:
         for numel, nbytes in groups[key].optimizer_numel:
             size = numel * nbytes
-            states += (2 if t.optimizer == "adamw" else 1) * size
-            states += 4 if t.optimizer == "adamw" and t.device == "cpu" else 0
+            states += (2 if adam else 1) * size + scalar_state_bytes(t)
             temps, prev = max(temps, 2 * size + prev), size
             per_dtype[nbytes] = per_dtype.get(nbytes, 0) + size
     if t.optimizer != "adamw":

@@ -10,11 +10,12 @@ import pytest
 
 from peftcalc import estimate
 from peftcalc.errors import CombinationError, InputError
+from peftcalc.format import render_estimate_text
 from peftcalc.methods import MethodSettings, make_plan
 from peftcalc.config import load_spec
 from peftcalc.settings import TrainingSettings
 from peftcalc.sharding import rank_memory, sharded_timeline
-from peftcalc.sharding.fsdp import group_bytes
+from peftcalc.sharding.fsdp import fsdp_events, group_bytes
 from peftcalc.sharding.shards import local_rows, padded_rows
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -55,7 +56,11 @@ def test_traced_rank0_peaks():
     reports/data/dist.jsonl), to the byte."""
     cases = [("full", dict(gpus=8), 1688700, 1540840), ("full", dict(gpus=3), 2069980, 1670680),
              ("lora", dict(gpus=8), 1350152, 1346024),
-             ("full", dict(gpus=8, reshard_after_forward=False), 1887372, 1739512)]
+             ("full", dict(gpus=8, reshard_after_forward=False), 1887372, 1739512),
+             # the defaults: fused AdamW, LoRA under bf16 (fp32 adapters beside the bf16 base)
+             ("full", dict(gpus=3, optimizer="adamw-fused"), 2069980, 1670680),
+             ("lora", dict(gpus=3, precision="bf16", optimizer="adamw-fused"), 1043792, 1031984),
+             ("lora", dict(gpus=64, precision="bf16"), 960370, 958034)]
     for method, kw, peak, step1 in cases:
         r = rank_memory(_plan(method), _t(**kw), 0)
         assert (r.peak_bytes, r.step1_peak_bytes) == (peak, step1), (method, kw)
@@ -83,7 +88,7 @@ def test_estimate_reports_ranks():
     (dict(gpus=2, sharding="ddp", precision="mixed-bf16"), CombinationError),
     (dict(gpus=2, sharding="zero2", offload="params"), CombinationError),
     (dict(gpus=2, sharding="ddp", offload="optimizer"), CombinationError),
-    (dict(gpus=2, sharding="fsdp", method="lora", precision="bf16"), CombinationError),  # fp32 adapters, bf16 base
+    (dict(gpus=2, sharding="fsdp", method="qlora"), CombinationError),
     (dict(gpus=2, sharding="zero1", reshard_after_forward=False), CombinationError),
 ])
 def test_bad_parallel_settings(kw, error):
@@ -98,3 +103,20 @@ def test_cli_bad_gpus_is_one_line_exit_2():
         proc = subprocess.run([sys.executable, "-m", "peftcalc.cli", "estimate", "llama-3.2-1b", *args],
                               capture_output=True, text=True, cwd=ROOT, timeout=120)
         assert proc.returncode == 2 and proc.stderr.strip() == f"error: {message}", proc.stderr
+
+
+def test_fused_adamw_states_on_cuda_by_hand():
+    """torch/optim/adam.py _init_group with fused=True: exp_avg and exp_avg_sq like each local shard and a float32
+    'step' on the parameter's device (one 512-byte CUDA block each). tiny-llama at 8 ranks divides evenly: rank 0
+    holds 147,776 / 8 = 18,472 fp32 elements of its 21 parameters (embeddings, head, final norm, 2 x 9 per block)."""
+    events = fsdp_events(_plan(), _t(gpus=8, optimizer="adamw-fused", device="cuda"), 0)
+    optimizer = [parts for name, _, parts in events if name == "optimizer"][-1]
+    assert optimizer["optimizer_states"] == 2 * 4 * 18_472 + 21 * 512
+    assert optimizer["temporaries"] == 0  # _fused_adamw_ updates in place
+
+
+def test_lora_under_bf16_names_its_wrapping():
+    e = estimate(dict(TINY), method="lora", precision="bf16", batch_size=2, seq_len=32, device="cpu", gpus=3,
+                 sharding="fsdp")
+    assert e.training.optimizer == "adamw-fused" and e.memory.peak_bytes == 1043792
+    assert "the LoRA adapters stay float32 beside the bf16 base" in render_estimate_text(e)
