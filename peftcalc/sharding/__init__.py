@@ -39,7 +39,7 @@ class RankMemory:
 def check_sharding(plan: Plan, t: TrainingSettings) -> None:
     """CombinationError unless the strategy (and this calculator's model of it) runs `plan` under `t`."""
     recipe = [name for name, bad in (("grad_accum", t.grad_accum != 1), ("keep_outputs", t.keep_outputs),
-                                      ("max_grad_norm", t.max_grad_norm is not None), ("loss", t.loss != "hf"),
+                                      ("max_grad_norm", t.max_grad_norm is not None and t.sharding != "fsdp"), ("loss", t.loss != "hf"),
                                       ("trainer_loop", t.trainer_loop)) if bad]
     if recipe and t.sharding != "none":
         raise CombinationError(f"{recipe[0]} under sharding {t.sharding} is not modelled yet", names=(recipe[0], "sharding"))

@@ -20,7 +20,11 @@ What each event holds, from torch/distributed/fsdp/_fully_shard/ (torch 2.13):
   and the last one until the final callback (``_root_post_backward_final_callback``); the output, of which
   the sharded gradients are views, lives to ``zero_grad``. The root's post-backward runs in that final
   callback, so the head's and the embeddings' full gradients live to the end of backward;
-- optimizer: its states are ``zeros_like`` of the local (unpadded) shards.
+- optimizer: its states are ``zeros_like`` of the local (unpadded) shards; with max_grad_norm clip_grad_norm_
+  runs before it on the sharded gradients (``optimizer:clip``).
+
+Under mixed-bf16 (``MixedPrecisionPolicy(param_dtype=bfloat16, reduce_dtype=float32)`` over fp32 parameters)
+the step computes as a bf16 one (:func:`compute_view`), on fp32 shards, states and reduce-scatter buffers.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from dataclasses import replace
 from peftcalc.activations import activation_profile
 from peftcalc.errors import CombinationError
 from peftcalc.memory import gradient_arrival, step_events
-from peftcalc.model_states import scalar_state_bytes, gradient_free, group_dtype
+from peftcalc.model_states import clip_grad_norm_bytes, gradient_free, group_dtype, model_states, scalar_state_bytes
 from peftcalc.plan import Plan
 from peftcalc.settings import DTYPE_BYTES, TrainingSettings
 from peftcalc.sharding.shards import GroupBytes, dim0, local_rows, padded_rows
@@ -38,14 +42,15 @@ from peftcalc.sim.profile import stream_dtypes
 
 __all__ = ["FSDP_COMPONENTS", "check_fsdp", "fsdp_events", "group_bytes"]
 
+ADAPTER_ORIGINS = ("lora", "dora", "ia3", "prefix", "prompt")  # peft's fp32 parameters (model_states.group_dtype)
 FSDP_COMPONENTS = ("unsharded_params", "unsharded_gradients", "all_gather_buffers", "reduce_scatter_buffers")
 
 
 def check_fsdp(plan: Plan, t: TrainingSettings) -> None:
-    """CombinationError for what FSDP2 (or this model of it) does not run: several dtypes in one group
-    (_fsdp_param_group.py ``_init_mp_dtypes``: "FSDP expects uniform original parameter dtype"; peft keeps
-    adapters fp32 on a bf16/fp16 model), QLoRA's packed weights, optimizers other than AdamW (foreach/single-tensor or fused) and SGD,
-    gradient checkpointing, offload, mixed-bf16 (not modelled yet)."""
+    """CombinationError for what FSDP2 (or this model of it) does not run: several dtypes among a group's
+    trainable parameters (_fsdp_param_group.py ``_init_mp_dtypes``: "FSDP expects uniform original parameter
+    dtype", over the parameters that require grad; peft's fp32 adapters beside a frozen bf16 base pass), QLoRA's packed weights, optimizers other than AdamW (foreach/single-tensor or fused) and SGD,
+    offload, peft's adapters under mixed-bf16 (not modelled yet)."""
     weight_dtype = stream_dtypes(plan, t)[0]
     by_layer: dict = {}
     for g in plan.groups:
@@ -58,29 +63,45 @@ def check_fsdp(plan: Plan, t: TrainingSettings) -> None:
     unsupported = [what for what, bad in (
         ("qlora", plan.settings.method == "qlora"), (f"optimizer {t.optimizer}", t.optimizer not in ("adamw", "adamw-fused", "sgd")),
         (f"offload {t.offload}", t.offload != "none"),
-        ("precision mixed-bf16", t.precision == "mixed-bf16")) if bad]
+        (f"{plan.settings.method} under mixed-bf16 (its adapters computed in bf16)",
+         t.precision == "mixed-bf16" and any(g.origin in ADAPTER_ORIGINS for g in plan.groups))) if bad]
     if unsupported:
         raise CombinationError(f"the FSDP2 model does not cover {unsupported[0]} yet", names=("sharding",))
 
 
+def compute_view(t: TrainingSettings) -> TrainingSettings:
+    """The one-GPU settings whose step FSDP2 computes: `t` itself, or under mixed-bf16 (MixedPrecisionPolicy
+    param_dtype=bfloat16 over float32 parameters, no autocast) a bf16 step: FSDP2 all-gathers every parameter
+    in bf16 (_fsdp_param.py ``init_dtype_attrs``, ``all_gather_inputs``), so forward and backward run on bf16
+    weights and autograd's gradients of the unsharded parameters are bf16, as under precision bf16."""
+    precision = "bf16" if t.precision == "mixed-bf16" else t.precision
+    return replace(t, precision=precision, gpus=1, gpus_per_node=8, sharding="none", reshard_after_forward=True,
+                   offload="none")
+
+
 def group_bytes(plan: Plan, t: TrainingSettings, world: int, rank: int) -> dict:
-    """{layer index or None (the root): GroupBytes} on `rank` of `world`."""
+    """{layer index or None (the root): GroupBytes} on `rank` of `world`. Under mixed-bf16 the shards, the
+    reduce-scatter buffers (reduce_dtype float32) and the optimizer's states are float32, the all-gather
+    output, the unsharded parameters and autograd's full gradients bfloat16 (param_dtype)."""
     weight_dtype = stream_dtypes(plan, t)[0]
+    compute_dtype = stream_dtypes(plan, compute_view(t))[0]
     free = gradient_free(plan)
     out: dict = {}
     for g in plan.groups:
         gb = out.setdefault(g.layer, GroupBytes())
         nbytes = DTYPE_BYTES[group_dtype(plan, g.origin, weight_dtype, g.name)]
+        unsharded_bytes = DTYPE_BYTES[group_dtype(plan, g.origin, compute_dtype, g.name)]
         d0, row = dim0(g.shape, g.numel)
         shard = padded_rows(d0, world) * row * nbytes
         if g.trainable:
             gb.sharded_trainable += shard
         else:
             gb.sharded_frozen += shard
-        gb.unsharded += world * shard  # a view of its padded all-gather output (foreach_all_gather_copy_out)
-        gb.all_gather += world * shard
+        # a view of its padded all-gather output (foreach_all_gather_copy_out)
+        gb.unsharded += world * padded_rows(d0, world) * row * unsharded_bytes
+        gb.all_gather += world * padded_rows(d0, world) * row * unsharded_bytes
         if g.trainable and g.name not in free:
-            gb.unsharded_grads += g.numel * nbytes
+            gb.unsharded_grads += g.numel * unsharded_bytes
             gb.sharded_grads += shard
             gb.reduce_scatter += world * shard
             gb.optimizer_numel += ((local_rows(d0, world, rank) * row, nbytes),)
@@ -119,12 +140,12 @@ def fsdp_events(plan: Plan, t: TrainingSettings, rank: int = 0) -> list:
     states, temps = _optimizer(groups, t, sorted(order, key=lambda k: -1 if k is None else k))
     frozen = sum(g.sharded_frozen for g in groups.values())
     trainable = sum(g.sharded_trainable for g in groups.values())
-    arrival = gradient_arrival(plan, t)
+    one_gpu = compute_view(t)
+    arrival = gradient_arrival(plan, one_gpu)
     last = len(layers) - 1
     keep = not t.reshard_after_forward
     kept_blocks = sum(g.unsharded for g in layers) if keep else 0
     events = []
-    one_gpu = replace(t, gpus=1, gpus_per_node=8, sharding="none", reshard_after_forward=True, offload="none")
     for name, _, parts in step_events(plan, one_gpu):
         p = dict(parts, weights_frozen=frozen, weights_trainable=trainable)
         if "optimizer_states" in p:
@@ -151,13 +172,35 @@ def fsdp_events(plan: Plan, t: TrainingSettings, rank: int = 0) -> list:
             p.update(unsharded_params=root.unsharded, reduce_scatter_buffers=layers[0].reduce_scatter)
         elif name == "optimizer":
             p["gradients"] = sum(g.sharded_grads for g in groups.values())
-            p["temporaries"] = temps
+            if t.max_grad_norm is not None:
+                events.append(_clip_event(p, plan, t))
+            p["temporaries"] = temps + _clip_bytes(plan, t)[1]
         if name == "backward:loss" and not keep:
             events.append(_root_unshard(p, root, activation_profile(plan, one_gpu), _labels_view(plan, t)))
         events.append((name, sum(p.values()), p))
         if name == "backward:end":
             events.append(_root_reduce(p, root))
     return events
+
+
+def _clip_bytes(plan: Plan, t: TrainingSettings) -> tuple[int, int]:
+    """TrainingSettings.max_grad_norm: (clip_grad_norm_'s peak extra bytes, the total norm it returns and the
+    Trainer keeps through the optimizer step), peftcalc.model_states.clip_grad_norm_bytes over the sharded
+    gradients: torch/nn/utils/clip_grad.py on DTensor gradients runs ``_foreach_norm`` on the local shards (one
+    0-dim norm per gradient, in the gradients' dtype: the parameters' under mixed-bf16) and the in-place
+    ``_foreach_mul_`` on them; (0, 0) without clipping."""
+    if t.max_grad_norm is None:
+        return 0, 0
+    one_gpu = replace(t, gpus=1, gpus_per_node=8, sharding="none", reshard_after_forward=True, offload="none")
+    return clip_grad_norm_bytes(model_states(plan, one_gpu), t.device)
+
+
+def _clip_event(optimizer: dict, plan: Plan, t: TrainingSettings) -> tuple:
+    """The clipping before the optimizer step (peftcalc.memory._clipped on one GPU): the step's memory without
+    its temporaries, with clipping's."""
+    p = dict(optimizer, temporaries=_clip_bytes(plan, t)[0])
+    p.pop("_other", None)
+    return "optimizer:clip", sum(p.values()), p
 
 
 def _split_gradients(p: dict, reduced: list, their_bytes: list) -> None:

@@ -60,7 +60,9 @@ def test_traced_rank0_peaks():
              # the defaults: fused AdamW, LoRA under bf16 (fp32 adapters beside the bf16 base)
              ("full", dict(gpus=3, optimizer="adamw-fused"), 2069980, 1670680),
              ("lora", dict(gpus=3, precision="bf16", optimizer="adamw-fused"), 1043792, 1031984),
-             ("lora", dict(gpus=64, precision="bf16"), 960370, 958034)]
+             ("lora", dict(gpus=64, precision="bf16"), 960370, 958034),
+             ("full", dict(gpus=3, precision="mixed-bf16"), 1573968, 1174668),
+             ("full", dict(gpus=64, precision="mixed-bf16", optimizer="adamw-fused"), 1000792, 982236)]
     for method, kw, peak, step1 in cases:
         r = rank_memory(_plan(method), _t(**kw), 0)
         assert (r.peak_bytes, r.step1_peak_bytes) == (peak, step1), (method, kw)
@@ -120,3 +122,26 @@ def test_lora_under_bf16_names_its_wrapping():
                  sharding="fsdp")
     assert e.training.optimizer == "adamw-fused" and e.memory.peak_bytes == 1043792
     assert "the LoRA adapters stay float32 beside the bf16 base" in render_estimate_text(e)
+
+
+def test_mixed_bf16_group_bytes_by_hand_at_three_ranks():
+    """MixedPrecisionPolicy(param_dtype=bfloat16, reduce_dtype=float32) over fp32 parameters: fp32 shards and
+    reduce-scatter buffers, bf16 all-gather output, unsharded parameters and autograd gradients (the block of
+    test_block_group_bytes_by_hand_at_three_ranks: 10,604 padded elements per rank of 31,936 elements)."""
+    rows = 4 * 22 * 64 + 2 * 43 * 64 + 22 * 128 + 2 * 22
+    g = group_bytes(_plan(), _t(gpus=3, precision="mixed-bf16"), 3, 0)[0]
+    assert g.sharded_trainable == g.sharded_grads == 4 * rows
+    assert g.all_gather == g.unsharded == 3 * 2 * rows
+    assert g.reduce_scatter == 3 * 4 * rows
+    assert g.unsharded_grads == 2 * (4 * 64 * 64 + 3 * 128 * 64 + 2 * 64)
+
+
+def test_mixed_bf16_refused_for_adapters_and_clipping_adds_an_event():
+    with pytest.raises(CombinationError, match="lora under mixed-bf16"):
+        estimate(dict(TINY), method="lora", precision="mixed-bf16", gpus=3, sharding="fsdp")
+    clipped = rank_memory(_plan(), _t(gpus=3, precision="mixed-bf16", max_grad_norm=1.0), 0)
+    names = [n for n, _ in clipped.events]
+    assert names[-2:] == ["optimizer:clip", "optimizer"]
+    # the total norm (a 0-dim fp32 tensor on cpu) beside the optimizer step's temporaries
+    plain = rank_memory(_plan(), _t(gpus=3, precision="mixed-bf16"), 0)
+    assert clipped.events[-1][1] == plain.events[-1][1] + 4
