@@ -215,7 +215,7 @@ def measure_dist(spec, method, training, steps, policy) -> dict:
             meter.register(model, batch)
             load_bytes = tracer.live_bytes
             optimizer = make_optimizer(training.optimizer, [p for p in model.parameters() if p.requires_grad])
-            step_rows = run_steps(model, spec, batch, optimizer, policy, "fake", meter, steps)
+            step_rows = run_steps(model, spec, batch, optimizer, policy, "fake", meter, steps, recipe=training)
     return _rank0_result(step_rows, meter, model_bytes, load_bytes, params, notes, build_s, t1)
 
 

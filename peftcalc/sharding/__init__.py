@@ -38,7 +38,7 @@ class RankMemory:
 
 def check_sharding(plan: Plan, t: TrainingSettings) -> None:
     """CombinationError unless the strategy (and this calculator's model of it) runs `plan` under `t`."""
-    recipe = [name for name, bad in (("grad_accum", t.grad_accum != 1), ("keep_outputs", t.keep_outputs),
+    recipe = [name for name, bad in (("grad_accum", t.grad_accum != 1 and t.sharding != "fsdp"), ("keep_outputs", t.keep_outputs),
                                       ("max_grad_norm", t.max_grad_norm is not None and t.sharding != "fsdp"), ("loss", t.loss != "hf"),
                                       ("trainer_loop", t.trainer_loop)) if bad]
     if recipe and t.sharding != "none":
@@ -75,7 +75,18 @@ def sharded_timeline(plan: Plan, t: TrainingSettings) -> tuple[Timeline, tuple]:
         last = rank_memory(plan, t, t.gpus - 1)
         if last.peak_bytes != first.peak_bytes or last.components != first.components:
             ranks += (last,)
-    return Timeline(first.events, first.peak_bytes, first.peak_phase, first.components, first.step1_peak_bytes), ranks
+    return Timeline(first.events, first.peak_bytes, first.peak_phase, first.components, first.step1_peak_bytes,
+                    peak_micro_batch=_peak_micro_batch(first, t)), ranks
+
+
+def _peak_micro_batch(r: RankMemory, t: TrainingSettings) -> int | None:
+    """Under grad_accum: 1 when the peak falls in micro-batch 1, 2 in the later ones (their events follow micro-batch
+    1's, the optimizer's last: fsdp._accumulated), None for a peak in the optimizer step or without accumulation."""
+    if t.grad_accum == 1 or r.peak_phase.startswith("optimizer"):
+        return None
+    sizes = [b for _, b in r.events]
+    optimizer = sum(1 for n, _ in r.events if n.startswith("optimizer"))
+    return 1 if sizes.index(r.peak_bytes) < (len(sizes) - optimizer) // 2 else 2
 
 
 def wrapping_text(method: str, t: TrainingSettings) -> str:
@@ -91,4 +102,8 @@ def wrapping_text(method: str, t: TrainingSettings) -> str:
     elif method == "lora" and t.precision in ("bf16", "fp16"):
         text += (f"; the LoRA adapters stay float32 beside the {t.precision} base (peft's autocast_adapter_dtype=True): "
                  "FSDP2 wants one dtype among a block's trainable parameters only and all-gathers both as bytes")
+    if t.grad_accum > 1:
+        text += ("; with gradient accumulation every micro-batch reduce-scatters and the sharded gradients accumulate "
+                 "(torchtune's loop, accelerate's sync_each_batch=True); the HF Trainer's no_sync micro-batches, which "
+                 "keep every block's unsharded gradients to the last one, are not modelled")
     return text

@@ -5,7 +5,7 @@ reduce-scatter of a buffer of B bytes has each rank send (N - 1) / N x B, an all
 
 - FSDP2 (peftcalc.sharding.fsdp): one all-gather of each group's padded all-gather output in forward and, when
   the group is resharded after forward, another in backward; one reduce-scatter of its reduce-scatter
-  input in backward.
+  input in backward; under grad_accum, in every micro-batch.
 - DDP (peftcalc.sharding.ddp): one all-reduce of every bucket (the trainable parameters' gradient bytes).
 
 Time: the bytes over the card's one-way bandwidth per GPU, NVLink (or PCIe) inside a node when the job fits
@@ -49,8 +49,9 @@ def communication(plan: Plan, t: TrainingSettings) -> Communication:
         return Communication(all_reduce=2 * (n - 1) * bucket_bytes(plan, t) // n)
     groups = group_bytes(plan, t, n, 0).values()
     gathers = 2 if t.reshard_after_forward else 1
-    return Communication(all_gather=gathers * (n - 1) * sum(g.all_gather for g in groups) // n,
-                         reduce_scatter=(n - 1) * sum(g.reduce_scatter for g in groups) // n)
+    micro = t.grad_accum  # every micro-batch gathers and reduce-scatters (peftcalc.sharding.fsdp._accumulated)
+    return Communication(all_gather=micro * gathers * (n - 1) * sum(g.all_gather for g in groups) // n,
+                         reduce_scatter=micro * (n - 1) * sum(g.reduce_scatter for g in groups) // n)
 
 
 def step_seconds_with_comm(compute_seconds: float, comm: Communication, gpu, t: TrainingSettings) -> tuple[float, float]:

@@ -76,7 +76,7 @@ def compute_view(t: TrainingSettings) -> TrainingSettings:
     weights and autograd's gradients of the unsharded parameters are bf16, as under precision bf16."""
     precision = "bf16" if t.precision == "mixed-bf16" else t.precision
     return replace(t, precision=precision, gpus=1, gpus_per_node=8, sharding="none", reshard_after_forward=True,
-                   offload="none")
+                   offload="none", grad_accum=1)
 
 
 def group_bytes(plan: Plan, t: TrainingSettings, world: int, rank: int) -> dict:
@@ -175,12 +175,33 @@ def fsdp_events(plan: Plan, t: TrainingSettings, rank: int = 0) -> list:
             if t.max_grad_norm is not None:
                 events.append(_clip_event(p, plan, t))
             p["temporaries"] = temps + _clip_bytes(plan, t)[1]
+        if name == "forward":
+            events.append(_first_copy_out(p, root, layers[0], activation_profile(plan, one_gpu), plan, one_gpu))
         if name == "backward:loss" and not keep:
             events.append(_root_unshard(p, root, activation_profile(plan, one_gpu), _labels_view(plan, t)))
         events.append((name, sum(p.values()), p))
         if name == "backward:end":
             events.append(_root_reduce(p, root))
-    return events
+    return _accumulated(events, groups) if t.grad_accum > 1 else events
+
+
+def _accumulated(events: list, groups: dict) -> list:
+    """TrainingSettings.grad_accum: micro-batch 1's events, then those of micro-batches 2..N, the optimizer's
+    last. From micro-batch 2 on every group's sharded gradient (micro-batch 1's reduce-scatter output) is held
+    (zero_grad runs after the optimizer step only) and each new reduce-scatter output is added into it in place
+    (_fsdp_collectives.py ``foreach_reduce``: ``sharded_param.grad._local_tensor += new_sharded_grad``); autograd's
+    gradients of the unsharded parameters are new in every micro-batch (FSDP2 hands them to the reduce-scatter
+    and drops them), so the rest repeats micro-batch 1. This is a loop that reduce-scatters every micro-batch
+    (torchtune's recipes, accelerate's ``sync_each_batch=True``; measure/loop.py train_step); the HF Trainer's
+    ``no_sync`` micro-batches (FSDPModule.set_requires_gradient_sync(False): unsharded gradients kept in
+    ``unsharded_accumulated_grad`` to the last micro-batch) are not modelled."""
+    k = next(i for i, (name, _, _) in enumerate(events) if name.startswith("optimizer"))
+    held = sum(g.sharded_grads for g in groups.values())
+    later = []
+    for name, _, p in events[:k]:
+        q = dict(p, gradients=held)
+        later.append((name, sum(q.values()), q))
+    return events[:k] + later + events[k:]
 
 
 def _clip_bytes(plan: Plan, t: TrainingSettings) -> tuple[int, int]:
@@ -201,6 +222,20 @@ def _clip_event(optimizer: dict, plan: Plan, t: TrainingSettings) -> tuple:
     p = dict(optimizer, temporaries=_clip_bytes(plan, t)[0])
     p.pop("_other", None)
     return "optimizer:clip", sum(p.values()), p
+
+
+def _first_copy_out(forward: dict, root: GroupBytes, first: GroupBytes, act, plan: Plan, t: TrainingSettings) -> tuple:
+    """Block 0's pre-forward copy-out: _fsdp_param_group.py ``wait_for_unshard`` keeps the previous group's
+    all-gather result (``prev_all_gather_state``, here the root's: embeddings and head) referenced until it
+    returns, so the root's all-gather output and unsharded parameters, block 0's all-gather output and its
+    unsharded parameters (copied into) are alive at once, on what the forward has made so far: what the blocks
+    share and save (ActivationProfile.pre: the rotary cos and sin), the embeddings' output (block 0's input,
+    b x s x hidden in the compute dtype) and the position ids (s int64)."""
+    hidden = t.batch_size * t.seq_len * plan.spec.hidden_size * DTYPE_BYTES[stream_dtypes(plan, t)[1]]
+    p = dict(forward, activations=act.pre, logits_loss=0, temporaries=hidden + 8 * t.seq_len,
+             unsharded_params=root.unsharded + first.unsharded, all_gather_buffers=root.all_gather + first.all_gather)
+    p.pop("_other", None)
+    return "forward:copy-out", sum(p.values()), p
 
 
 def _split_gradients(p: dict, reduced: list, their_bytes: list) -> None:

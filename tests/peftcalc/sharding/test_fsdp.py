@@ -145,3 +145,31 @@ def test_mixed_bf16_refused_for_adapters_and_clipping_adds_an_event():
     # the total norm (a 0-dim fp32 tensor on cpu) beside the optimizer step's temporaries
     plain = rank_memory(_plan(), _t(gpus=3, precision="mixed-bf16"), 0)
     assert clipped.events[-1][1] == plain.events[-1][1] + 4
+
+
+def test_grad_accum_holds_the_sharded_gradients():
+    """From micro-batch 2 on every group's reduce-scatter output of micro-batch 1 (the sharded gradients, padded
+    shards: 199,608 fp32 bytes on rank 0 of 3) is held beside the repeated micro-batch; traced: 2,269,588 bytes,
+    step 1 1,870,288 (rank 0, tiny-llama full fp32 at 3 ranks, two micro-batches)."""
+    one = rank_memory(_plan(), _t(gpus=3), 0)
+    two = rank_memory(_plan(), _t(gpus=3, grad_accum=2), 0)
+    held = sum(g.sharded_grads for g in group_bytes(_plan(), _t(gpus=3), 3, 0).values())
+    assert held == 199_608 and two.peak_bytes - one.peak_bytes == held
+    assert (two.peak_bytes, two.step1_peak_bytes) == (2269588, 1870288)
+    e = estimate(dict(TINY), method="full", precision="fp32", optimizer="adamw", batch_size=2, seq_len=32, device="cpu",
+                 gpus=3, sharding="fsdp", grad_accum=2)
+    assert e.memory.peak_micro_batch == 2
+
+
+def test_first_copy_out_holds_two_all_gather_outputs():
+    """Block 0's pre-forward copy-out (wait_for_unshard keeps the root's all-gather result until it returns): the
+    root's all-gather output (embeddings, final norm, head: 65,600 fp32 = 262,400 bytes) and unsharded parameters,
+    block 0's all-gather output and unsharded parameters (172,544 bytes at 2 ranks: 41,088 base + 2,048 LoRA
+    elements, fp32) on the states (320,256 bytes), the rotary cos and sin (512), the embeddings' output (1 x 4 x 64
+    fp32: 1,024) and the position ids (32): tiny-llama LoRA at batch 1 x 4 tokens, traced 1,191,712, step 1
+    1,175,296 (rank 0 of 2, checkpointing)."""
+    t = _t(gpus=2, batch_size=1, seq_len=4, grad_checkpointing=True)
+    r = rank_memory(_plan("lora"), t, 0)
+    assert r.peak_phase == "forward:copy-out"
+    assert r.peak_bytes == 320_256 + 2 * 262_400 + 2 * 172_544 + 512 + 1_024 + 32 == 1191712
+    assert r.step1_peak_bytes == 1175296
