@@ -40,7 +40,7 @@ from peftcalc.settings import DTYPE_BYTES, TrainingSettings
 from peftcalc.sharding.shards import GroupBytes, dim0, local_rows, padded_rows
 from peftcalc.sim.profile import stream_dtypes
 
-__all__ = ["FSDP_COMPONENTS", "check_fsdp", "fsdp_events", "group_bytes"]
+__all__ = ["FSDP_COMPONENTS", "check_fsdp", "fsdp_events", "group_bytes", "shard_world"]
 
 ADAPTER_ORIGINS = ("lora", "dora", "ia3", "prefix", "prompt")  # peft's fp32 parameters (model_states.group_dtype)
 FSDP_COMPONENTS = ("unsharded_params", "unsharded_gradients", "all_gather_buffers", "reduce_scatter_buffers")
@@ -67,6 +67,14 @@ def check_fsdp(plan: Plan, t: TrainingSettings) -> None:
          t.precision == "mixed-bf16" and any(g.origin in ADAPTER_ORIGINS for g in plan.groups))) if bad]
     if unsupported:
         raise CombinationError(f"the FSDP2 model does not cover {unsupported[0]} yet", names=("sharding",))
+
+
+def shard_world(t: TrainingSettings) -> int:
+    """The ranks a parameter is sharded over: all of them (fsdp), or under hsdp the shard group of one node's
+    ``gpus_per_node`` (torch.distributed.fsdp fully_shard on a 2-D DeviceMesh (replicate, shard): sharded on the
+    shard dimension, replicated on the other; the replicas all-reduce the reduce-scatter output in place,
+    _fsdp_collectives.py ``foreach_reduce``, so a rank holds what an FSDP2 rank of the shard group holds)."""
+    return min(t.gpus, t.gpus_per_node) if t.sharding == "hsdp" else t.gpus
 
 
 def compute_view(t: TrainingSettings) -> TrainingSettings:
@@ -132,8 +140,8 @@ def _optimizer(groups: dict, t: TrainingSettings, order: list) -> tuple[int, int
 
 def fsdp_events(plan: Plan, t: TrainingSettings, rank: int = 0) -> list:
     """The step's events on `rank` as (phase, bytes, parts), one-GPU events rewritten (module docstring)."""
-    world = t.gpus
-    groups = group_bytes(plan, t, world, rank)
+    world = shard_world(t)
+    groups = group_bytes(plan, t, world, rank % world)
     root = groups.get(None, GroupBytes())
     layers = [groups.get(i, GroupBytes()) for i in range(plan.spec.num_layers)]
     order = [None] + list(range(plan.spec.num_layers))
@@ -175,8 +183,8 @@ def fsdp_events(plan: Plan, t: TrainingSettings, rank: int = 0) -> list:
             if t.max_grad_norm is not None:
                 events.append(_clip_event(p, plan, t))
             p["temporaries"] = temps + _clip_bytes(plan, t)[1]
-        if name == "forward":
-            events.append(_first_copy_out(p, root, layers[0], activation_profile(plan, one_gpu), plan, one_gpu))
+        if name == "forward" and layers:
+            events.append(_copy_out(p, root, layers, activation_profile(plan, one_gpu), plan, one_gpu, keep))
         if name == "backward:loss" and not keep:
             events.append(_root_unshard(p, root, activation_profile(plan, one_gpu), _labels_view(plan, t)))
         events.append((name, sum(p.values()), p))
@@ -224,18 +232,30 @@ def _clip_event(optimizer: dict, plan: Plan, t: TrainingSettings) -> tuple:
     return "optimizer:clip", sum(p.values()), p
 
 
-def _first_copy_out(forward: dict, root: GroupBytes, first: GroupBytes, act, plan: Plan, t: TrainingSettings) -> tuple:
-    """Block 0's pre-forward copy-out: _fsdp_param_group.py ``wait_for_unshard`` keeps the previous group's
-    all-gather result (``prev_all_gather_state``, here the root's: embeddings and head) referenced until it
-    returns, so the root's all-gather output and unsharded parameters, block 0's all-gather output and its
-    unsharded parameters (copied into) are alive at once, on what the forward has made so far: what the blocks
-    share and save (ActivationProfile.pre: the rotary cos and sin), the embeddings' output (block 0's input,
-    b x s x hidden in the compute dtype) and the position ids (s int64)."""
+def _copy_out(forward: dict, root: GroupBytes, layers: list, act, plan: Plan, t: TrainingSettings,
+              keep: bool) -> tuple:
+    """The largest of the blocks' pre-forward copy-outs: _fsdp_param_group.py ``wait_for_unshard`` keeps the
+    previous group's all-gather result (``prev_all_gather_state``: the root's, embeddings and head, before block
+    0; block i - 1's before block i) referenced until it returns, so two all-gather outputs and block i's
+    unsharded parameters (copied into; with reshard_after_forward off every block's so far) are alive beside the
+    root's unsharded parameters, on what the forward has kept so far: what the blocks share (ActivationProfile.pre:
+    the rotary cos and sin), what blocks 0..i-1 keep (their saved tensors, or their checkpoints' inputs), block
+    i's input (b x s x hidden in the compute dtype) and the position ids (s int64)."""
     hidden = t.batch_size * t.seq_len * plan.spec.hidden_size * DTYPE_BYTES[stream_dtypes(plan, t)[1]]
-    p = dict(forward, activations=act.pre, logits_loss=0, temporaries=hidden + 8 * t.seq_len,
-             unsharded_params=root.unsharded + first.unsharded, all_gather_buffers=root.all_gather + first.all_gather)
-    p.pop("_other", None)
-    return "forward:copy-out", sum(p.values()), p
+    wrapped = act.checkpointed if t.grad_checkpointing else (False,) * len(act.per_layer)
+    inputs_kept = sum(1 for i, a in enumerate(act.per_layer) if a and wrapped[i])
+    kept = [(act.checkpoint_inputs // inputs_kept if wrapped[i] else a) if a else 0 for i, a in enumerate(act.per_layer)]
+    base = dict(forward, logits_loss=0, temporaries=hidden + 8 * t.seq_len)
+    base.pop("_other", None)
+    best = None
+    for i, g in enumerate(layers):
+        previous = root.all_gather if i == 0 else layers[i - 1].all_gather
+        unsharded = sum(b.unsharded for b in layers[:i + 1]) if keep else g.unsharded
+        p = dict(base, activations=act.pre + sum(kept[:i]), unsharded_params=root.unsharded + unsharded,
+                 all_gather_buffers=previous + g.all_gather)
+        if best is None or sum(p.values()) > sum(best.values()):
+            best = p
+    return "forward:copy-out", sum(best.values()), best
 
 
 def _split_gradients(p: dict, reduced: list, their_bytes: list) -> None:

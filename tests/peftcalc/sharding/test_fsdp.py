@@ -161,7 +161,7 @@ def test_grad_accum_holds_the_sharded_gradients():
     assert e.memory.peak_micro_batch == 2
 
 
-def test_first_copy_out_holds_two_all_gather_outputs():
+def test_first_copy_out_holds_the_roots_all_gather_output():
     """Block 0's pre-forward copy-out (wait_for_unshard keeps the root's all-gather result until it returns): the
     root's all-gather output (embeddings, final norm, head: 65,600 fp32 = 262,400 bytes) and unsharded parameters,
     block 0's all-gather output and unsharded parameters (172,544 bytes at 2 ranks: 41,088 base + 2,048 LoRA
@@ -173,3 +173,27 @@ def test_first_copy_out_holds_two_all_gather_outputs():
     assert r.peak_phase == "forward:copy-out"
     assert r.peak_bytes == 320_256 + 2 * 262_400 + 2 * 172_544 + 512 + 1_024 + 32 == 1191712
     assert r.step1_peak_bytes == 1175296
+
+
+def test_last_copy_out_of_llama_70b_lora_at_five_ranks():
+    """The README's Llama-3.1-70B LoRA fp32 at 5 ranks with checkpointing, traced on the fake process group (rank 0,
+    batch 1 x 2,048): the peak is the last block's pre-forward copy-out, blocks 78's and 79's all-gather outputs
+    (2 x 3.42 GB), block 79's unsharded parameters and the root's, on 79 checkpoint inputs."""
+    e = estimate("llama-3.1-70b", method="lora", precision="fp32", optimizer="adamw", batch_size=1, seq_len=2048,
+                 grad_checkpointing=True, device="cpu", gpus=5, sharding="fsdp")
+    assert e.memory.peak_phase == "forward:copy-out"
+    assert (e.memory.peak_bytes, e.memory.step1_peak_bytes) == (80551115760, 80520701680)
+
+
+def test_hsdp_rank_holds_what_an_fsdp_rank_of_its_node_holds():
+    """HSDP on a (2, 4) mesh: sharded over 4 ranks, replicated twice; traced 1,910,364 bytes, step 1 1,614,728,
+    as FSDP2 at 4 ranks; the replicas all-reduce the sharded gradients (2 x (2 - 1) / 2 of them per step)."""
+    from peftcalc.sharding.comm import communication
+
+    hsdp, fsdp = _t(gpus=8, gpus_per_node=4, sharding="hsdp"), _t(gpus=4)
+    r = rank_memory(_plan(), hsdp, 0)
+    assert (r.peak_bytes, r.step1_peak_bytes) == (1910364, 1614728) == (
+        rank_memory(_plan(), fsdp, 0).peak_bytes, rank_memory(_plan(), fsdp, 0).step1_peak_bytes)
+    held = sum(g.sharded_grads for g in group_bytes(_plan(), fsdp, 4, 0).values())
+    c = communication(_plan(), hsdp)
+    assert c.all_reduce == held and c.reduce_scatter == communication(_plan(), fsdp).reduce_scatter
