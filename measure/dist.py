@@ -26,6 +26,7 @@ Four things make the trace equal what rank 0 of a real job allocates (torch 2.13
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 import weakref
 
@@ -33,7 +34,7 @@ import torch
 
 from measure.loop import TracerMeter, _common, _drop_private, _measured, run_steps
 from measure.setup import make_batch, make_optimizer
-from measure.tracer import StorageRecord, StorageTracer, model_state_tensors
+from measure.tracer import FakeScalars, StorageRecord, StorageTracer, model_state_tensors
 
 __all__ = ["DistTracer", "fake_process_group", "measure_ddp", "measure_dist", "own_propagation_mode",
            "passthrough_allreduce", "shard_fsdp2", "sharded_blocks"]
@@ -95,6 +96,8 @@ class DistTracer(StorageTracer):
 
         if any(issubclass(t, DTensor) for t in types):
             return NotImplemented
+        if getattr(_PROPAGATING, "depth", 0):  # DTensor's global-shape fake arguments: no rank allocates them
+            return FakeScalars.__torch_dispatch__(self, func, types, args, kwargs)
         return super().__torch_dispatch__(func, types, args, kwargs)
 
     def mark(self, tensors, category: str) -> None:
@@ -116,19 +119,39 @@ def fake_process_group(world_size: int):
         dist.destroy_process_group()
 
 
+_PROPAGATING = threading.local()
+_PROPAGATING.depth = 0
+
+
 @contextlib.contextmanager
 def own_propagation_mode():
-    """Give DTensor's sharding propagation a FakeTensorMode of its own (see the module docstring, 3)."""
+    """Give DTensor's sharding propagation a FakeTensorMode of its own (see the module docstring, 3), and
+    hide what it runs from :class:`DistTracer`: ``_propagate_tensor_meta_non_cached`` builds fake arguments
+    of the global shapes (``OpSchema.gen_fake_args``) and runs the op on them once per new op schema, which
+    no rank allocates (on a GPU they are fake too); a list op such as fused AdamW's ``_fused_adamw_`` builds
+    them for every parameter, gradient and state at once, in step 1."""
     import torch.distributed.tensor._sharding_prop as sharding_prop
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     original = sharding_prop.detect_fake_mode
+    propagator = sharding_prop.ShardingPropagator
+    original_meta = propagator._propagate_tensor_meta_non_cached
     mode = FakeTensorMode()
+
+    def hidden_meta(self, op_schema):
+        _PROPAGATING.depth = getattr(_PROPAGATING, "depth", 0) + 1
+        try:
+            return original_meta(self, op_schema)
+        finally:
+            _PROPAGATING.depth -= 1
+
     sharding_prop.detect_fake_mode = lambda *args, **kwargs: mode
+    propagator._propagate_tensor_meta_non_cached = hidden_meta
     try:
         yield
     finally:
         sharding_prop.detect_fake_mode = original
+        propagator._propagate_tensor_meta_non_cached = original_meta
 
 
 def sharded_blocks(model) -> list:
@@ -192,7 +215,7 @@ def measure_dist(spec, method, training, steps, policy) -> dict:
             meter.register(model, batch)
             load_bytes = tracer.live_bytes
             optimizer = make_optimizer(training.optimizer, [p for p in model.parameters() if p.requires_grad])
-            step_rows = run_steps(model, spec, batch, optimizer, policy, "fake", meter, steps)
+            step_rows = run_steps(model, spec, batch, optimizer, policy, "fake", meter, steps, recipe=training)
     return _rank0_result(step_rows, meter, model_bytes, load_bytes, params, notes, build_s, t1)
 
 

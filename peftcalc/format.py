@@ -146,8 +146,12 @@ def parallel_summary(t) -> str:
 
 
 def rank_lines(e) -> list[str]:
-    """A line for each rank whose memory differs from rank 0's (the last: dim 0 not divisible by the ranks)."""
-    return [f"rank {r['rank']}: peak {gib(r['peak_bytes'])} ({r['peak_phase']}), step 1 {gib(r['step1_peak_bytes'])}"
+    """How the model is wrapped (peftcalc.sharding.wrapping_text), and a line for each rank whose memory differs
+    from rank 0's (the last: dim 0 not divisible by the ranks)."""
+    from peftcalc.sharding import wrapping_text
+
+    wrapping = wrapping_text(e.method.method, e.training) if getattr(e.training, "sharding", "none") != "none" else ""
+    return ([wrapping] if wrapping else []) + [f"rank {r['rank']}: peak {gib(r['peak_bytes'])} ({r['peak_phase']}), step 1 {gib(r['step1_peak_bytes'])}"
             for r in getattr(e.memory, "ranks", ())[1:]]
 
 

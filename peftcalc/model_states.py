@@ -19,7 +19,7 @@ from peftcalc.families import kept_in_fp32
 
 __all__ = ["BNB_QUANTIZATION_MAPS", "ModelStates", "buffer_bytes", "gradient_free", "group_dtype", "model_states",
            "PAGED_MIN_NUMEL", "clip_grad_norm_bytes", "nf4_bytes", "optimizer_temporaries", "paged_state_bytes",
-           "quantization_maps"]
+           "quantization_maps", "scalar_state_bytes"]
 
 # bitsandbytes Optimizer8bit.__init__ (optim_bits=8) -> fill_qmap: create_dynamic_map(signed=True) and
 # (signed=False), 256 fp32 values each, shared by every 8-bit state (state['qmap1'], state['qmap2']).
@@ -114,7 +114,7 @@ def _adafactor_state_numel(shape: tuple) -> int:
     return lead * shape[-2] + lead * shape[-1]
 
 
-def _scalar_state_bytes(t: TrainingSettings) -> int:
+def scalar_state_bytes(t: TrainingSettings) -> int:
     """0-dim state tensors per parameter: AdamW's 'step' (float32; kept on the CPU unless capturable
     or fused, so it reaches only CPU memory), Adafactor's 'RMS' (on the parameter's device: 4 bytes,
     a 512-byte block in CUDA's caching allocator)."""
@@ -140,7 +140,7 @@ def _optimizer_state_bytes(numel: int, dtype: str, optimizer: str) -> int:
       Optimizer1State): state1 (the exp_avg) only, as Optimizer1State.init_state makes it: uint8 plus one
       fp32 absmax per 256 values at optim_bits 8 from min_8bit_size (4096) elements, fp32 otherwise
       (get_state_buffer's dtype=torch.float32, whatever the parameter's dtype).
-    adamw-fused: as adamw (the 'step' counter on the parameter's device: _scalar_state_bytes).
+    adamw-fused: as adamw (the 'step' counter on the parameter's device: scalar_state_bytes).
     The paged optimizers' large states are in CUDA unified memory (paged_state_bytes): model_states
     counts them apart.
     adafactor (transformers.optimization.Adafactor, beta1=None): a factored second moment
@@ -224,7 +224,7 @@ def _model_states(plan: Plan, t: TrainingSettings) -> ModelStates:
             continue
         grads += nbytes
         shape = g.shape
-        states += _scalar_state_bytes(t)
+        states += scalar_state_bytes(t)
         if t.optimizer == "adafactor":  # states follow the fp32 upcast gradient
             states += _adafactor_state_numel(shape or (g.numel,)) * 4
         else:

@@ -9,5 +9,6 @@ DataFrames (Python API):
     reports.storage_report.storage_frame(model, T)   storage vs task count (one base + T task files)
     reports.breakdown.breakdown_frame(model, bs)     memory components per method, batch and sequence
     reports.vlm.vlm_frame()                          a 7B VLM memory breakdown recomputed (llava-1.5-7b)
+    reports.dist_chart.dist_frame(model, method)     rank 0 per GPU vs GPUs per strategy (dist_chart: the chart)
 Strings and files for the CLI: reports.cli_api. CI: ``python -m reports.ci_report``.
 """

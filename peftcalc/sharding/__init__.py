@@ -1,5 +1,6 @@
 """Memory per GPU under data parallelism (TrainingSettings.sharding), rank by rank: each strategy rewrites
 the one-GPU step's events (peftcalc.memory.step_events) for one rank. ``fsdp``: peftcalc.sharding.fsdp,
+``hsdp`` (FSDP2 on a (replicas, gpus_per_node) mesh): peftcalc.sharding.fsdp over the shard group,
 ``ddp``: peftcalc.sharding.ddp.
 
 :func:`sharded_timeline` gives rank 0's peftcalc.memory.Timeline (what estimate reports) and every rank
@@ -18,10 +19,11 @@ from peftcalc.settings import TrainingSettings
 from peftcalc.sharding.ddp import check_ddp, ddp_events
 from peftcalc.sharding.fsdp import FSDP_COMPONENTS, check_fsdp, fsdp_events
 
-__all__ = ["RankMemory", "SHARDED_COMPONENTS", "check_sharding", "rank_memory", "sharded_timeline"]
+__all__ = ["RankMemory", "SHARDED_COMPONENTS", "check_sharding", "rank_memory", "sharded_timeline", "wrapping_text"]
 
 SHARDED_COMPONENTS = COMPONENTS + FSDP_COMPONENTS + ("gradient_buckets",)
-EVENTS = {"fsdp": fsdp_events, "ddp": ddp_events}
+EVENTS = {"fsdp": fsdp_events, "hsdp": fsdp_events, "ddp": ddp_events}
+FSDP2 = ("fsdp", "hsdp")
 
 
 @dataclass(frozen=True)
@@ -38,17 +40,17 @@ class RankMemory:
 
 def check_sharding(plan: Plan, t: TrainingSettings) -> None:
     """CombinationError unless the strategy (and this calculator's model of it) runs `plan` under `t`."""
-    recipe = [name for name, bad in (("grad_accum", t.grad_accum != 1), ("keep_outputs", t.keep_outputs),
-                                      ("max_grad_norm", t.max_grad_norm is not None), ("loss", t.loss != "hf"),
+    recipe = [name for name, bad in (("grad_accum", t.grad_accum != 1 and t.sharding not in FSDP2), ("keep_outputs", t.keep_outputs),
+                                      ("max_grad_norm", t.max_grad_norm is not None and t.sharding not in FSDP2), ("loss", t.loss != "hf"),
                                       ("trainer_loop", t.trainer_loop)) if bad]
     if recipe and t.sharding != "none":
         raise CombinationError(f"{recipe[0]} under sharding {t.sharding} is not modelled yet", names=(recipe[0], "sharding"))
-    if t.sharding == "fsdp":
+    if t.sharding in FSDP2:
         check_fsdp(plan, t)
     elif t.sharding == "ddp":
         check_ddp(plan, t)
     else:
-        raise CombinationError(f"sharding {t.sharding} is not modelled yet (fsdp and ddp are)", names=("sharding",))
+        raise CombinationError(f"sharding {t.sharding} is not modelled yet (fsdp, hsdp and ddp are)", names=("sharding",))
 
 
 def _components(parts: dict) -> tuple:
@@ -75,4 +77,38 @@ def sharded_timeline(plan: Plan, t: TrainingSettings) -> tuple[Timeline, tuple]:
         last = rank_memory(plan, t, t.gpus - 1)
         if last.peak_bytes != first.peak_bytes or last.components != first.components:
             ranks += (last,)
-    return Timeline(first.events, first.peak_bytes, first.peak_phase, first.components, first.step1_peak_bytes), ranks
+    return Timeline(first.events, first.peak_bytes, first.peak_phase, first.components, first.step1_peak_bytes,
+                    peak_micro_batch=_peak_micro_batch(first, t)), ranks
+
+
+def _peak_micro_batch(r: RankMemory, t: TrainingSettings) -> int | None:
+    """Under grad_accum: 1 when the peak falls in micro-batch 1, 2 in the later ones (their events follow micro-batch
+    1's, the optimizer's last: fsdp._accumulated), None for a peak in the optimizer step or without accumulation."""
+    if t.grad_accum == 1 or r.peak_phase.startswith("optimizer"):
+        return None
+    sizes = [b for _, b in r.events]
+    optimizer = sum(1 for n, _ in r.events if n.startswith("optimizer"))
+    return 1 if sizes.index(r.peak_bytes) < (len(sizes) - optimizer) // 2 else 2
+
+
+def wrapping_text(method: str, t: TrainingSettings) -> str:
+    """How the model is assumed to be wrapped, one sentence for the estimate's output ('' on one GPU)."""
+    if t.sharding == "ddp":
+        return "DDP with its defaults (bucket_cap_mb 25, gradient_as_bucket_view off)"
+    if t.sharding not in ("fsdp", "hsdp"):
+        return ""
+    text = ("FSDP2 wrapping assumed: fully_shard on every transformer block, then on the root (embeddings, final "
+            "norm, head), as torchtitan and accelerate's TRANSFORMER_BASED_WRAP do")
+    if t.sharding == "hsdp" and t.gpus > t.gpus_per_node:
+        text += (f"; HSDP: sharded over each node's {t.gpus_per_node} GPUs, replicated over {t.gpus // t.gpus_per_node} "
+                 "nodes (a (replicate, shard) DeviceMesh)")
+    if t.precision == "mixed-bf16":
+        text += "; float32 parameters under MixedPrecisionPolicy(param_dtype=bfloat16, reduce_dtype=float32)"
+    elif method == "lora" and t.precision in ("bf16", "fp16"):
+        text += (f"; the LoRA adapters stay float32 beside the {t.precision} base (peft's autocast_adapter_dtype=True): "
+                 "FSDP2 wants one dtype among a block's trainable parameters only and all-gathers both as bytes")
+    if t.grad_accum > 1:
+        text += ("; with gradient accumulation every micro-batch reduce-scatters and the sharded gradients accumulate "
+                 "(torchtune's loop, accelerate's sync_each_batch=True); the HF Trainer's no_sync micro-batches, which "
+                 "keep every block's unsharded gradients to the last one, are not modelled")
+    return text

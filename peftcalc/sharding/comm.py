@@ -5,7 +5,8 @@ reduce-scatter of a buffer of B bytes has each rank send (N - 1) / N x B, an all
 
 - FSDP2 (peftcalc.sharding.fsdp): one all-gather of each group's padded all-gather output in forward and, when
   the group is resharded after forward, another in backward; one reduce-scatter of its reduce-scatter
-  input in backward.
+  input in backward; under grad_accum, in every micro-batch. HSDP: those within the shard group of
+  gpus_per_node ranks, and an all-reduce of the reduce-scatter output across the replicas.
 - DDP (peftcalc.sharding.ddp): one all-reduce of every bucket (the trainable parameters' gradient bytes).
 
 Time: the bytes over the card's one-way bandwidth per GPU, NVLink (or PCIe) inside a node when the job fits
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 from peftcalc.plan import Plan
 from peftcalc.settings import TrainingSettings
 from peftcalc.sharding.ddp import bucket_bytes
-from peftcalc.sharding.fsdp import group_bytes
+from peftcalc.sharding.fsdp import group_bytes, shard_world
 
 __all__ = ["Communication", "communication", "step_seconds_with_comm"]
 
@@ -47,10 +48,14 @@ def communication(plan: Plan, t: TrainingSettings) -> Communication:
         return Communication()
     if t.sharding == "ddp":
         return Communication(all_reduce=2 * (n - 1) * bucket_bytes(plan, t) // n)
-    groups = group_bytes(plan, t, n, 0).values()
+    shard = shard_world(t)
+    replicas = n // shard
+    groups = group_bytes(plan, t, shard, 0).values()
     gathers = 2 if t.reshard_after_forward else 1
-    return Communication(all_gather=gathers * (n - 1) * sum(g.all_gather for g in groups) // n,
-                         reduce_scatter=(n - 1) * sum(g.reduce_scatter for g in groups) // n)
+    micro = t.grad_accum  # every micro-batch gathers and reduce-scatters (peftcalc.sharding.fsdp._accumulated)
+    return Communication(all_gather=micro * gathers * (shard - 1) * sum(g.all_gather for g in groups) // shard,
+                         reduce_scatter=micro * (shard - 1) * sum(g.reduce_scatter for g in groups) // shard,
+                         all_reduce=micro * 2 * (replicas - 1) * sum(g.sharded_grads for g in groups) // replicas)
 
 
 def step_seconds_with_comm(compute_seconds: float, comm: Communication, gpu, t: TrainingSettings) -> tuple[float, float]:

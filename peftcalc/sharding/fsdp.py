@@ -20,7 +20,11 @@ What each event holds, from torch/distributed/fsdp/_fully_shard/ (torch 2.13):
   and the last one until the final callback (``_root_post_backward_final_callback``); the output, of which
   the sharded gradients are views, lives to ``zero_grad``. The root's post-backward runs in that final
   callback, so the head's and the embeddings' full gradients live to the end of backward;
-- optimizer: its states are ``zeros_like`` of the local (unpadded) shards.
+- optimizer: its states are ``zeros_like`` of the local (unpadded) shards; with max_grad_norm clip_grad_norm_
+  runs before it on the sharded gradients (``optimizer:clip``).
+
+Under mixed-bf16 (``MixedPrecisionPolicy(param_dtype=bfloat16, reduce_dtype=float32)`` over fp32 parameters)
+the step computes as a bf16 one (:func:`compute_view`), on fp32 shards, states and reduce-scatter buffers.
 """
 
 from __future__ import annotations
@@ -30,56 +34,82 @@ from dataclasses import replace
 from peftcalc.activations import activation_profile
 from peftcalc.errors import CombinationError
 from peftcalc.memory import gradient_arrival, step_events
-from peftcalc.model_states import gradient_free, group_dtype
+from peftcalc.model_states import clip_grad_norm_bytes, gradient_free, group_dtype, model_states, scalar_state_bytes
 from peftcalc.plan import Plan
 from peftcalc.settings import DTYPE_BYTES, TrainingSettings
 from peftcalc.sharding.shards import GroupBytes, dim0, local_rows, padded_rows
 from peftcalc.sim.profile import stream_dtypes
 
-__all__ = ["FSDP_COMPONENTS", "check_fsdp", "fsdp_events", "group_bytes"]
+__all__ = ["FSDP_COMPONENTS", "check_fsdp", "fsdp_events", "group_bytes", "shard_world"]
 
+ADAPTER_ORIGINS = ("lora", "dora", "ia3", "prefix", "prompt")  # peft's fp32 parameters (model_states.group_dtype)
 FSDP_COMPONENTS = ("unsharded_params", "unsharded_gradients", "all_gather_buffers", "reduce_scatter_buffers")
 
 
 def check_fsdp(plan: Plan, t: TrainingSettings) -> None:
-    """CombinationError for what FSDP2 (or this model of it) does not run: several dtypes in one group
-    (_fsdp_param_group.py ``_init_mp_dtypes``: "FSDP expects uniform original parameter dtype"; peft keeps
-    adapters fp32 on a bf16/fp16 model), QLoRA's packed weights, optimizers other than AdamW and SGD,
-    gradient checkpointing, offload, mixed-bf16 (not modelled yet)."""
+    """CombinationError for what FSDP2 (or this model of it) does not run: several dtypes among a group's
+    trainable parameters (_fsdp_param_group.py ``_init_mp_dtypes``: "FSDP expects uniform original parameter
+    dtype", over the parameters that require grad; peft's fp32 adapters beside a frozen bf16 base pass), QLoRA's packed weights, optimizers other than AdamW (foreach/single-tensor or fused) and SGD,
+    offload, peft's adapters under mixed-bf16 (not modelled yet)."""
     weight_dtype = stream_dtypes(plan, t)[0]
     by_layer: dict = {}
     for g in plan.groups:
-        by_layer.setdefault(g.layer, set()).add(group_dtype(plan, g.origin, weight_dtype, g.name))
+        if g.trainable:
+            by_layer.setdefault(g.layer, set()).add(group_dtype(plan, g.origin, weight_dtype, g.name))
     if any(len(d) > 1 for d in by_layer.values()):
-        raise CombinationError(f"FSDP2 needs one dtype per sharded block, and {plan.settings.method} under "
-                               f"{t.precision} mixes {' and '.join(sorted(set().union(*by_layer.values())))}; "
-                               "use precision fp32 (or a full fine-tune)", names=("sharding", "precision"))
+        raise CombinationError(f"FSDP2 needs one dtype for the trainable parameters of a sharded block, and "
+                               f"{plan.settings.method} under {t.precision} mixes "
+                               f"{' and '.join(sorted(set().union(*by_layer.values())))}", names=("sharding", "precision"))
     unsupported = [what for what, bad in (
-        ("qlora", plan.settings.method == "qlora"), (f"optimizer {t.optimizer}", t.optimizer not in ("adamw", "sgd")),
+        ("qlora", plan.settings.method == "qlora"), (f"optimizer {t.optimizer}", t.optimizer not in ("adamw", "adamw-fused", "sgd")),
         (f"offload {t.offload}", t.offload != "none"),
-        ("precision mixed-bf16", t.precision == "mixed-bf16")) if bad]
+        (f"{plan.settings.method} under mixed-bf16 (its adapters computed in bf16)",
+         t.precision == "mixed-bf16" and any(g.origin in ADAPTER_ORIGINS for g in plan.groups))) if bad]
     if unsupported:
         raise CombinationError(f"the FSDP2 model does not cover {unsupported[0]} yet", names=("sharding",))
 
 
+def shard_world(t: TrainingSettings) -> int:
+    """The ranks a parameter is sharded over: all of them (fsdp), or under hsdp the shard group of one node's
+    ``gpus_per_node`` (torch.distributed.fsdp fully_shard on a 2-D DeviceMesh (replicate, shard): sharded on the
+    shard dimension, replicated on the other; the replicas all-reduce the reduce-scatter output in place,
+    _fsdp_collectives.py ``foreach_reduce``, so a rank holds what an FSDP2 rank of the shard group holds)."""
+    return min(t.gpus, t.gpus_per_node) if t.sharding == "hsdp" else t.gpus
+
+
+def compute_view(t: TrainingSettings) -> TrainingSettings:
+    """The one-GPU settings whose step FSDP2 computes: `t` itself, or under mixed-bf16 (MixedPrecisionPolicy
+    param_dtype=bfloat16 over float32 parameters, no autocast) a bf16 step: FSDP2 all-gathers every parameter
+    in bf16 (_fsdp_param.py ``init_dtype_attrs``, ``all_gather_inputs``), so forward and backward run on bf16
+    weights and autograd's gradients of the unsharded parameters are bf16, as under precision bf16."""
+    precision = "bf16" if t.precision == "mixed-bf16" else t.precision
+    return replace(t, precision=precision, gpus=1, gpus_per_node=8, sharding="none", reshard_after_forward=True,
+                   offload="none", grad_accum=1)
+
+
 def group_bytes(plan: Plan, t: TrainingSettings, world: int, rank: int) -> dict:
-    """{layer index or None (the root): GroupBytes} on `rank` of `world`."""
+    """{layer index or None (the root): GroupBytes} on `rank` of `world`. Under mixed-bf16 the shards, the
+    reduce-scatter buffers (reduce_dtype float32) and the optimizer's states are float32, the all-gather
+    output, the unsharded parameters and autograd's full gradients bfloat16 (param_dtype)."""
     weight_dtype = stream_dtypes(plan, t)[0]
+    compute_dtype = stream_dtypes(plan, compute_view(t))[0]
     free = gradient_free(plan)
     out: dict = {}
     for g in plan.groups:
         gb = out.setdefault(g.layer, GroupBytes())
         nbytes = DTYPE_BYTES[group_dtype(plan, g.origin, weight_dtype, g.name)]
+        unsharded_bytes = DTYPE_BYTES[group_dtype(plan, g.origin, compute_dtype, g.name)]
         d0, row = dim0(g.shape, g.numel)
         shard = padded_rows(d0, world) * row * nbytes
         if g.trainable:
             gb.sharded_trainable += shard
         else:
             gb.sharded_frozen += shard
-        gb.unsharded += world * shard  # a view of its padded all-gather output (foreach_all_gather_copy_out)
-        gb.all_gather += world * shard
+        # a view of its padded all-gather output (foreach_all_gather_copy_out)
+        gb.unsharded += world * padded_rows(d0, world) * row * unsharded_bytes
+        gb.all_gather += world * padded_rows(d0, world) * row * unsharded_bytes
         if g.trainable and g.name not in free:
-            gb.unsharded_grads += g.numel * nbytes
+            gb.unsharded_grads += g.numel * unsharded_bytes
             gb.sharded_grads += shard
             gb.reduce_scatter += world * shard
             gb.optimizer_numel += ((local_rows(d0, world, rank) * row, nbytes),)
@@ -88,15 +118,19 @@ def group_bytes(plan: Plan, t: TrainingSettings, world: int, rank: int) -> dict:
 
 def _optimizer(groups: dict, t: TrainingSettings, order: list) -> tuple[int, int]:
     """(states, step temporaries) on this rank: AdamW's exp_avg and exp_avg_sq (SGD's momentum buffer) like
-    each local shard, AdamW's 'step' (a 4-byte CPU tensor, on the cpu device only); the temporaries as
-    peftcalc.model_states.optimizer_temporaries counts them, over the local shards."""
+    each local shard, AdamW's 'step' (peftcalc.model_states.scalar_state_bytes: a 4-byte CPU tensor, or with
+    fused=True a plain float32 tensor on the parameter's device, torch/optim/adam.py ``_init_group``); the
+    temporaries as peftcalc.model_states.optimizer_temporaries counts them, over the local shards. Fused
+    AdamW on DTensor parameters runs ``torch._fused_adamw_`` once on the local shards (DTensor's list-op
+    strategy, torch/distributed/tensor/_ops/_pointwise_ops.py ``list_pointwise_strategy``), in place: no
+    temporaries."""
     states = temps = prev = 0
     per_dtype: dict = {}
+    adam = t.optimizer in ("adamw", "adamw-fused")
     for key in order:
         for numel, nbytes in groups[key].optimizer_numel:
             size = numel * nbytes
-            states += (2 if t.optimizer == "adamw" else 1) * size
-            states += 4 if t.optimizer == "adamw" and t.device == "cpu" else 0
+            states += (2 if adam else 1) * size + scalar_state_bytes(t)
             temps, prev = max(temps, 2 * size + prev), size
             per_dtype[nbytes] = per_dtype.get(nbytes, 0) + size
     if t.optimizer != "adamw":
@@ -106,20 +140,20 @@ def _optimizer(groups: dict, t: TrainingSettings, order: list) -> tuple[int, int
 
 def fsdp_events(plan: Plan, t: TrainingSettings, rank: int = 0) -> list:
     """The step's events on `rank` as (phase, bytes, parts), one-GPU events rewritten (module docstring)."""
-    world = t.gpus
-    groups = group_bytes(plan, t, world, rank)
+    world = shard_world(t)
+    groups = group_bytes(plan, t, world, rank % world)
     root = groups.get(None, GroupBytes())
     layers = [groups.get(i, GroupBytes()) for i in range(plan.spec.num_layers)]
     order = [None] + list(range(plan.spec.num_layers))
     states, temps = _optimizer(groups, t, sorted(order, key=lambda k: -1 if k is None else k))
     frozen = sum(g.sharded_frozen for g in groups.values())
     trainable = sum(g.sharded_trainable for g in groups.values())
-    arrival = gradient_arrival(plan, t)
+    one_gpu = compute_view(t)
+    arrival = gradient_arrival(plan, one_gpu)
     last = len(layers) - 1
     keep = not t.reshard_after_forward
     kept_blocks = sum(g.unsharded for g in layers) if keep else 0
     events = []
-    one_gpu = replace(t, gpus=1, gpus_per_node=8, sharding="none", reshard_after_forward=True, offload="none")
     for name, _, parts in step_events(plan, one_gpu):
         p = dict(parts, weights_frozen=frozen, weights_trainable=trainable)
         if "optimizer_states" in p:
@@ -146,13 +180,82 @@ def fsdp_events(plan: Plan, t: TrainingSettings, rank: int = 0) -> list:
             p.update(unsharded_params=root.unsharded, reduce_scatter_buffers=layers[0].reduce_scatter)
         elif name == "optimizer":
             p["gradients"] = sum(g.sharded_grads for g in groups.values())
-            p["temporaries"] = temps
+            if t.max_grad_norm is not None:
+                events.append(_clip_event(p, plan, t))
+            p["temporaries"] = temps + _clip_bytes(plan, t)[1]
+        if name == "forward" and layers:
+            events.append(_copy_out(p, root, layers, activation_profile(plan, one_gpu), plan, one_gpu, keep))
         if name == "backward:loss" and not keep:
             events.append(_root_unshard(p, root, activation_profile(plan, one_gpu), _labels_view(plan, t)))
         events.append((name, sum(p.values()), p))
         if name == "backward:end":
             events.append(_root_reduce(p, root))
-    return events
+    return _accumulated(events, groups) if t.grad_accum > 1 else events
+
+
+def _accumulated(events: list, groups: dict) -> list:
+    """TrainingSettings.grad_accum: micro-batch 1's events, then those of micro-batches 2..N, the optimizer's
+    last. From micro-batch 2 on every group's sharded gradient (micro-batch 1's reduce-scatter output) is held
+    (zero_grad runs after the optimizer step only) and each new reduce-scatter output is added into it in place
+    (_fsdp_collectives.py ``foreach_reduce``: ``sharded_param.grad._local_tensor += new_sharded_grad``); autograd's
+    gradients of the unsharded parameters are new in every micro-batch (FSDP2 hands them to the reduce-scatter
+    and drops them), so the rest repeats micro-batch 1. This is a loop that reduce-scatters every micro-batch
+    (torchtune's recipes, accelerate's ``sync_each_batch=True``; measure/loop.py train_step); the HF Trainer's
+    ``no_sync`` micro-batches (FSDPModule.set_requires_gradient_sync(False): unsharded gradients kept in
+    ``unsharded_accumulated_grad`` to the last micro-batch) are not modelled."""
+    k = next(i for i, (name, _, _) in enumerate(events) if name.startswith("optimizer"))
+    held = sum(g.sharded_grads for g in groups.values())
+    later = []
+    for name, _, p in events[:k]:
+        q = dict(p, gradients=held)
+        later.append((name, sum(q.values()), q))
+    return events[:k] + later + events[k:]
+
+
+def _clip_bytes(plan: Plan, t: TrainingSettings) -> tuple[int, int]:
+    """TrainingSettings.max_grad_norm: (clip_grad_norm_'s peak extra bytes, the total norm it returns and the
+    Trainer keeps through the optimizer step), peftcalc.model_states.clip_grad_norm_bytes over the sharded
+    gradients: torch/nn/utils/clip_grad.py on DTensor gradients runs ``_foreach_norm`` on the local shards (one
+    0-dim norm per gradient, in the gradients' dtype: the parameters' under mixed-bf16) and the in-place
+    ``_foreach_mul_`` on them; (0, 0) without clipping."""
+    if t.max_grad_norm is None:
+        return 0, 0
+    one_gpu = replace(t, gpus=1, gpus_per_node=8, sharding="none", reshard_after_forward=True, offload="none")
+    return clip_grad_norm_bytes(model_states(plan, one_gpu), t.device)
+
+
+def _clip_event(optimizer: dict, plan: Plan, t: TrainingSettings) -> tuple:
+    """The clipping before the optimizer step (peftcalc.memory._clipped on one GPU): the step's memory without
+    its temporaries, with clipping's."""
+    p = dict(optimizer, temporaries=_clip_bytes(plan, t)[0])
+    p.pop("_other", None)
+    return "optimizer:clip", sum(p.values()), p
+
+
+def _copy_out(forward: dict, root: GroupBytes, layers: list, act, plan: Plan, t: TrainingSettings,
+              keep: bool) -> tuple:
+    """The largest of the blocks' pre-forward copy-outs: _fsdp_param_group.py ``wait_for_unshard`` keeps the
+    previous group's all-gather result (``prev_all_gather_state``: the root's, embeddings and head, before block
+    0; block i - 1's before block i) referenced until it returns, so two all-gather outputs and block i's
+    unsharded parameters (copied into; with reshard_after_forward off every block's so far) are alive beside the
+    root's unsharded parameters, on what the forward has kept so far: what the blocks share (ActivationProfile.pre:
+    the rotary cos and sin), what blocks 0..i-1 keep (their saved tensors, or their checkpoints' inputs), block
+    i's input (b x s x hidden in the compute dtype) and the position ids (s int64)."""
+    hidden = t.batch_size * t.seq_len * plan.spec.hidden_size * DTYPE_BYTES[stream_dtypes(plan, t)[1]]
+    wrapped = act.checkpointed if t.grad_checkpointing else (False,) * len(act.per_layer)
+    inputs_kept = sum(1 for i, a in enumerate(act.per_layer) if a and wrapped[i])
+    kept = [(act.checkpoint_inputs // inputs_kept if wrapped[i] else a) if a else 0 for i, a in enumerate(act.per_layer)]
+    base = dict(forward, logits_loss=0, temporaries=hidden + 8 * t.seq_len)
+    base.pop("_other", None)
+    best = None
+    for i, g in enumerate(layers):
+        previous = root.all_gather if i == 0 else layers[i - 1].all_gather
+        unsharded = sum(b.unsharded for b in layers[:i + 1]) if keep else g.unsharded
+        p = dict(base, activations=act.pre + sum(kept[:i]), unsharded_params=root.unsharded + unsharded,
+                 all_gather_buffers=previous + g.all_gather)
+        if best is None or sum(p.values()) > sum(best.values()):
+            best = p
+    return "forward:copy-out", sum(best.values()), best
 
 
 def _split_gradients(p: dict, reduced: list, their_bytes: list) -> None:

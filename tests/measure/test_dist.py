@@ -23,3 +23,30 @@ def test_fsdp2_rank0_trace_equals_prediction(tiny):
                  sharding="fsdp")
     assert e.memory.step1_peak_bytes == 1480344
     assert row["settings"]["training"]["sharding"] == "fsdp" and row["settings"]["training"]["gpus"] == 3
+
+
+def test_fused_adamw_lora_bf16_trace(tiny):
+    """The defaults under FSDP2: fused AdamW (torch._fused_adamw_ on the local shards) and peft's fp32 adapters beside
+    the bf16 base; step 1 holds no global-shape copies of DTensor's sharding propagation (measure.dist
+    own_propagation_mode)."""
+    run = tiny("tiny-llama", method="lora")
+    t = TrainingSettings(batch_size=2, seq_len=32, precision="bf16", optimizer="adamw-fused", device="cpu", gpus=3,
+                         sharding="fsdp")
+    row = measure_one(run.spec, MethodSettings(method="lora"), t, device="fake", steps=2)
+    assert row["outcome"] == "ok", row["error"]
+    m = row["measured"]
+    assert m["peak_bytes"] == row["predicted"]["peak_bytes"] == 1043792
+    assert m["step1_peak_bytes"] == 1031984
+
+
+def test_mixed_bf16_clipped_trace(tiny):
+    """MixedPrecisionPolicy(param_dtype=bfloat16, reduce_dtype=float32) over fp32 parameters (measure.dist
+    shard_fsdp2), gradients clipped to norm 1 (clip_grad_norm_ on the DTensor gradients): rank 0 at 3 ranks."""
+    run = tiny("tiny-llama", method="full")
+    t = TrainingSettings(batch_size=2, seq_len=32, precision="mixed-bf16", optimizer="adamw-fused", device="cpu", gpus=3,
+                         sharding="fsdp", max_grad_norm=1.0)
+    row = measure_one(run.spec, MethodSettings(method="full"), t, device="fake", steps=2)
+    assert row["outcome"] == "ok", row["error"]
+    m = row["measured"]
+    assert m["peak_bytes"] == row["predicted"]["peak_bytes"] == 1573968
+    assert m["step1_peak_bytes"] == 1174668

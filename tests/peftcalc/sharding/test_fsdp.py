@@ -10,11 +10,12 @@ import pytest
 
 from peftcalc import estimate
 from peftcalc.errors import CombinationError, InputError
+from peftcalc.format import render_estimate_text
 from peftcalc.methods import MethodSettings, make_plan
 from peftcalc.config import load_spec
 from peftcalc.settings import TrainingSettings
 from peftcalc.sharding import rank_memory, sharded_timeline
-from peftcalc.sharding.fsdp import group_bytes
+from peftcalc.sharding.fsdp import fsdp_events, group_bytes
 from peftcalc.sharding.shards import local_rows, padded_rows
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -55,7 +56,13 @@ def test_traced_rank0_peaks():
     reports/data/dist.jsonl), to the byte."""
     cases = [("full", dict(gpus=8), 1688700, 1540840), ("full", dict(gpus=3), 2069980, 1670680),
              ("lora", dict(gpus=8), 1350152, 1346024),
-             ("full", dict(gpus=8, reshard_after_forward=False), 1887372, 1739512)]
+             ("full", dict(gpus=8, reshard_after_forward=False), 1887372, 1739512),
+             # the defaults: fused AdamW, LoRA under bf16 (fp32 adapters beside the bf16 base)
+             ("full", dict(gpus=3, optimizer="adamw-fused"), 2069980, 1670680),
+             ("lora", dict(gpus=3, precision="bf16", optimizer="adamw-fused"), 1043792, 1031984),
+             ("lora", dict(gpus=64, precision="bf16"), 960370, 958034),
+             ("full", dict(gpus=3, precision="mixed-bf16"), 1573968, 1174668),
+             ("full", dict(gpus=64, precision="mixed-bf16", optimizer="adamw-fused"), 1000792, 982236)]
     for method, kw, peak, step1 in cases:
         r = rank_memory(_plan(method), _t(**kw), 0)
         assert (r.peak_bytes, r.step1_peak_bytes) == (peak, step1), (method, kw)
@@ -83,7 +90,7 @@ def test_estimate_reports_ranks():
     (dict(gpus=2, sharding="ddp", precision="mixed-bf16"), CombinationError),
     (dict(gpus=2, sharding="zero2", offload="params"), CombinationError),
     (dict(gpus=2, sharding="ddp", offload="optimizer"), CombinationError),
-    (dict(gpus=2, sharding="fsdp", method="lora", precision="bf16"), CombinationError),  # fp32 adapters, bf16 base
+    (dict(gpus=2, sharding="fsdp", method="qlora"), CombinationError),
     (dict(gpus=2, sharding="zero1", reshard_after_forward=False), CombinationError),
 ])
 def test_bad_parallel_settings(kw, error):
@@ -98,3 +105,95 @@ def test_cli_bad_gpus_is_one_line_exit_2():
         proc = subprocess.run([sys.executable, "-m", "peftcalc.cli", "estimate", "llama-3.2-1b", *args],
                               capture_output=True, text=True, cwd=ROOT, timeout=120)
         assert proc.returncode == 2 and proc.stderr.strip() == f"error: {message}", proc.stderr
+
+
+def test_fused_adamw_states_on_cuda_by_hand():
+    """torch/optim/adam.py _init_group with fused=True: exp_avg and exp_avg_sq like each local shard and a float32
+    'step' on the parameter's device (one 512-byte CUDA block each). tiny-llama at 8 ranks divides evenly: rank 0
+    holds 147,776 / 8 = 18,472 fp32 elements of its 21 parameters (embeddings, head, final norm, 2 x 9 per block)."""
+    events = fsdp_events(_plan(), _t(gpus=8, optimizer="adamw-fused", device="cuda"), 0)
+    optimizer = [parts for name, _, parts in events if name == "optimizer"][-1]
+    assert optimizer["optimizer_states"] == 2 * 4 * 18_472 + 21 * 512
+    assert optimizer["temporaries"] == 0  # _fused_adamw_ updates in place
+
+
+def test_lora_under_bf16_names_its_wrapping():
+    e = estimate(dict(TINY), method="lora", precision="bf16", batch_size=2, seq_len=32, device="cpu", gpus=3,
+                 sharding="fsdp")
+    assert e.training.optimizer == "adamw-fused" and e.memory.peak_bytes == 1043792
+    assert "the LoRA adapters stay float32 beside the bf16 base" in render_estimate_text(e)
+
+
+def test_mixed_bf16_group_bytes_by_hand_at_three_ranks():
+    """MixedPrecisionPolicy(param_dtype=bfloat16, reduce_dtype=float32) over fp32 parameters: fp32 shards and
+    reduce-scatter buffers, bf16 all-gather output, unsharded parameters and autograd gradients (the block of
+    test_block_group_bytes_by_hand_at_three_ranks: 10,604 padded elements per rank of 31,936 elements)."""
+    rows = 4 * 22 * 64 + 2 * 43 * 64 + 22 * 128 + 2 * 22
+    g = group_bytes(_plan(), _t(gpus=3, precision="mixed-bf16"), 3, 0)[0]
+    assert g.sharded_trainable == g.sharded_grads == 4 * rows
+    assert g.all_gather == g.unsharded == 3 * 2 * rows
+    assert g.reduce_scatter == 3 * 4 * rows
+    assert g.unsharded_grads == 2 * (4 * 64 * 64 + 3 * 128 * 64 + 2 * 64)
+
+
+def test_mixed_bf16_refused_for_adapters_and_clipping_adds_an_event():
+    with pytest.raises(CombinationError, match="lora under mixed-bf16"):
+        estimate(dict(TINY), method="lora", precision="mixed-bf16", gpus=3, sharding="fsdp")
+    clipped = rank_memory(_plan(), _t(gpus=3, precision="mixed-bf16", max_grad_norm=1.0), 0)
+    names = [n for n, _ in clipped.events]
+    assert names[-2:] == ["optimizer:clip", "optimizer"]
+    # the total norm (a 0-dim fp32 tensor on cpu) beside the optimizer step's temporaries
+    plain = rank_memory(_plan(), _t(gpus=3, precision="mixed-bf16"), 0)
+    assert clipped.events[-1][1] == plain.events[-1][1] + 4
+
+
+def test_grad_accum_holds_the_sharded_gradients():
+    """From micro-batch 2 on every group's reduce-scatter output of micro-batch 1 (the sharded gradients, padded
+    shards: 199,608 fp32 bytes on rank 0 of 3) is held beside the repeated micro-batch; traced: 2,269,588 bytes,
+    step 1 1,870,288 (rank 0, tiny-llama full fp32 at 3 ranks, two micro-batches)."""
+    one = rank_memory(_plan(), _t(gpus=3), 0)
+    two = rank_memory(_plan(), _t(gpus=3, grad_accum=2), 0)
+    held = sum(g.sharded_grads for g in group_bytes(_plan(), _t(gpus=3), 3, 0).values())
+    assert held == 199_608 and two.peak_bytes - one.peak_bytes == held
+    assert (two.peak_bytes, two.step1_peak_bytes) == (2269588, 1870288)
+    e = estimate(dict(TINY), method="full", precision="fp32", optimizer="adamw", batch_size=2, seq_len=32, device="cpu",
+                 gpus=3, sharding="fsdp", grad_accum=2)
+    assert e.memory.peak_micro_batch == 2
+
+
+def test_first_copy_out_holds_the_roots_all_gather_output():
+    """Block 0's pre-forward copy-out (wait_for_unshard keeps the root's all-gather result until it returns): the
+    root's all-gather output (embeddings, final norm, head: 65,600 fp32 = 262,400 bytes) and unsharded parameters,
+    block 0's all-gather output and unsharded parameters (172,544 bytes at 2 ranks: 41,088 base + 2,048 LoRA
+    elements, fp32) on the states (320,256 bytes), the rotary cos and sin (512), the embeddings' output (1 x 4 x 64
+    fp32: 1,024) and the position ids (32): tiny-llama LoRA at batch 1 x 4 tokens, traced 1,191,712, step 1
+    1,175,296 (rank 0 of 2, checkpointing)."""
+    t = _t(gpus=2, batch_size=1, seq_len=4, grad_checkpointing=True)
+    r = rank_memory(_plan("lora"), t, 0)
+    assert r.peak_phase == "forward:copy-out"
+    assert r.peak_bytes == 320_256 + 2 * 262_400 + 2 * 172_544 + 512 + 1_024 + 32 == 1191712
+    assert r.step1_peak_bytes == 1175296
+
+
+def test_last_copy_out_of_llama_70b_lora_at_five_ranks():
+    """The README's Llama-3.1-70B LoRA fp32 at 5 ranks with checkpointing, traced on the fake process group (rank 0,
+    batch 1 x 2,048): the peak is the last block's pre-forward copy-out, blocks 78's and 79's all-gather outputs
+    (2 x 3.42 GB), block 79's unsharded parameters and the root's, on 79 checkpoint inputs."""
+    e = estimate("llama-3.1-70b", method="lora", precision="fp32", optimizer="adamw", batch_size=1, seq_len=2048,
+                 grad_checkpointing=True, device="cpu", gpus=5, sharding="fsdp")
+    assert e.memory.peak_phase == "forward:copy-out"
+    assert (e.memory.peak_bytes, e.memory.step1_peak_bytes) == (80551115760, 80520701680)
+
+
+def test_hsdp_rank_holds_what_an_fsdp_rank_of_its_node_holds():
+    """HSDP on a (2, 4) mesh: sharded over 4 ranks, replicated twice; traced 1,910,364 bytes, step 1 1,614,728,
+    as FSDP2 at 4 ranks; the replicas all-reduce the sharded gradients (2 x (2 - 1) / 2 of them per step)."""
+    from peftcalc.sharding.comm import communication
+
+    hsdp, fsdp = _t(gpus=8, gpus_per_node=4, sharding="hsdp"), _t(gpus=4)
+    r = rank_memory(_plan(), hsdp, 0)
+    assert (r.peak_bytes, r.step1_peak_bytes) == (1910364, 1614728) == (
+        rank_memory(_plan(), fsdp, 0).peak_bytes, rank_memory(_plan(), fsdp, 0).step1_peak_bytes)
+    held = sum(g.sharded_grads for g in group_bytes(_plan(), fsdp, 4, 0).values())
+    c = communication(_plan(), hsdp)
+    assert c.all_reduce == held and c.reduce_scatter == communication(_plan(), fsdp).reduce_scatter
