@@ -120,6 +120,26 @@ def _stage3_stubs():
 
 
 @contextlib.contextmanager
+def _fresh_deepspeed_groups():
+    """Restore DeepSpeed's module-level process-group caches after a run (deepspeed/comm/comm.py ``cdb``,
+    deepspeed/utils/groups.py ``_WORLD_GROUP``, ``_DATA_PARALLEL_GROUP``, ...), which would otherwise name the
+    destroyed fake group in the next run of the same process (a matrix)."""
+    import copy
+
+    from deepspeed.comm import comm
+    from deepspeed.utils import groups
+
+    saved = {k: copy.copy(v) for k, v in vars(groups).items()
+             if k.startswith("_") and k[1:2].isupper() and isinstance(v, (dict, list, int, type(None)))}
+    try:
+        yield
+    finally:
+        comm.cdb = None
+        for k, v in saved.items():
+            setattr(groups, k, v)
+
+
+@contextlib.contextmanager
 def _kept_on_device(model):
     """Skip the engine's ``module.to(device)`` (module docstring, 2)."""
     model.to = lambda *args, **kwargs: model
@@ -155,7 +175,7 @@ def measure_zero(spec, method, training, steps, policy) -> dict:
     from measure.fake import build_meta_model, real_cpu_kernel_dtypes, real_input_semantics
 
     t0 = time.perf_counter()
-    with launcher_environment(training.gpus), fake_process_group(training.gpus):
+    with launcher_environment(training.gpus), fake_process_group(training.gpus), _fresh_deepspeed_groups():
         import deepspeed
 
         model = build_meta_model(spec, method, policy.dtype, policy.compute, training.attention)

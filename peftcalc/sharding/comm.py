@@ -7,6 +7,9 @@ reduce-scatter of a buffer of B bytes has each rank send (N - 1) / N x B, an all
   the group is resharded after forward, another in backward; one reduce-scatter of its reduce-scatter
   input in backward.
 - DDP (peftcalc.sharding.ddp): one all-reduce of every bucket (the trainable parameters' gradient bytes).
+- ZeRO-1/2 (peftcalc.sharding.zero): the flat gradients reduced to their partitions' owners (a reduce-scatter's
+  bytes, stage_1_and_2.py ``average_tensor``) and the updated flat buffer all-gathered after the step
+  (``all_gather_dp_groups``).
 
 Time: the bytes over the card's one-way bandwidth per GPU, NVLink (or PCIe) inside a node when the job fits
 in one (gpus <= gpus_per_node), else the inter-node network (peftcalc/data/gpus.json: intra_node_gbps,
@@ -23,6 +26,7 @@ from peftcalc.plan import Plan
 from peftcalc.settings import TrainingSettings
 from peftcalc.sharding.ddp import bucket_bytes
 from peftcalc.sharding.fsdp import group_bytes
+from peftcalc.sharding.zero import zero_layout
 
 __all__ = ["Communication", "communication", "step_seconds_with_comm"]
 
@@ -47,6 +51,10 @@ def communication(plan: Plan, t: TrainingSettings) -> Communication:
         return Communication()
     if t.sharding == "ddp":
         return Communication(all_reduce=2 * (n - 1) * bucket_bytes(plan, t) // n)
+    if t.sharding in ("zero1", "zero2"):
+        flat = zero_layout(plan, t, 0)
+        return Communication(all_gather=(n - 1) * flat.padded * flat.nbytes // n,
+                             reduce_scatter=(n - 1) * flat.padded * flat.nbytes // n)
     groups = group_bytes(plan, t, n, 0).values()
     gathers = 2 if t.reshard_after_forward else 1
     return Communication(all_gather=gathers * (n - 1) * sum(g.all_gather for g in groups) // n,

@@ -1,0 +1,156 @@
+"""DeepSpeed ZeRO stage 1 and 2 (deepspeed 0.19.8, defaults, a torch optimizer given to
+``deepspeed.initialize``: the client optimizer, wrapped by DeepSpeedZeroOptimizer) on one rank: the one-GPU
+step's events (peftcalc.memory.step_events) with ZeRO's model states and buffers.
+
+deepspeed/runtime/zero/stage_1_and_2.py ``DeepSpeedZeroOptimizer``:
+
+- ``__init__``: the trainable parameters (the optimizer's group; frozen ones stay as they are) are flattened
+  into one buffer in the model's dtype, padded to a multiple of 2 x world elements
+  (``flatten_dense_tensors_aligned``, ``nccl_start_alignment_factor`` 2; ``parameter_alignment`` off), and
+  become views of it; rank r's partition is its r-th of world equal parts (``get_data_parallel_partitions``),
+  and the fp32 master weights are a clone of it (``single_partition_of_fp32_groups``: a copy in fp32 too);
+- the client optimizer's states are made by its first step over the fp32 partition (AdamW: exp_avg,
+  exp_avg_sq, and its step count);
+- backward: the first gradient's hook allocates the reduce bucket (``setup_buckets``: reduce_bucket_size,
+  5e8 elements by default, in the parameters' dtype; one, overlap_comm off). ZeRO-2 copies every gradient
+  into it and frees autograd's (``reduce_independent_p_g_buckets_and_remove_grads``); ZeRO-1 keeps the
+  gradients to the end of backward (``reduce_gradients``). The epilogue (``reduce_ipg_grads`` ->
+  ``average_tensor``) flattens the bucket's gradients, copies rank r's part into ``grads_in_partition``
+  (``copy_grads_in_partition``: every parameter that overlaps the partition, whole), then frees the bucket;
+- step: the gradient norm over the partition in fp64 (a partition-sized fp64 copy), the client optimizer's
+  step over the fp32 partition (torch AdamW's single-tensor path: two partition-sized temporaries), the
+  partition copied back and all-gathered into the flat buffer in place.
+
+Modelled: one bucket (the trainable elements at most reduce_bucket_size) and precision fp32; more is
+refused (CombinationError), as is ZeRO-3.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from math import ceil
+
+from peftcalc.activations import activation_profile
+from peftcalc.errors import CombinationError
+from peftcalc.memory import gradient_arrival, step_events
+from peftcalc.model_states import gradient_free, group_dtype
+from peftcalc.plan import Plan
+from peftcalc.settings import DTYPE_BYTES, TrainingSettings
+from peftcalc.sim.profile import stream_dtypes
+
+__all__ = ["REDUCE_BUCKET_SIZE", "ZERO_COMPONENTS", "ZeroLayout", "check_zero", "zero_events", "zero_layout"]
+
+REDUCE_BUCKET_SIZE = 500_000_000  # deepspeed/runtime/zero/config.py reduce_bucket_size default (elements)
+ALIGNMENT = 2  # stage_1_and_2.py nccl_start_alignment_factor
+ZERO_COMPONENTS = ("master_weights", "gradient_partition")
+# 0-dim fp32 tensors the engine adds: in backward the loss divided by the accumulation steps (engine.py
+# ``_scale_loss_by_gas``) and multiplied by the loss scale (stage_1_and_2.py ``backward``: loss_scaler), and from
+# the first step on the global gradient norm the optimizer keeps (``_global_grad_norm``)
+BACKWARD_SCALARS = 8
+NORM_SCALAR = 4
+
+
+@dataclass(frozen=True)
+class ZeroLayout:
+    """The flat buffer of the trainable parameters and rank r's share of it."""
+
+    trainable: int  # elements of the trainable parameters
+    padded: int  # the flat buffer's elements (trainable padded to a multiple of 2 x world)
+    partition: int  # elements of each rank's partition
+    in_partition: int  # elements of the parameters that overlap rank r's partition (grads_in_partition)
+    nbytes: int  # the parameters' dtype bytes
+
+
+def check_zero(plan: Plan, t: TrainingSettings) -> None:
+    """CombinationError for what this model of ZeRO does not cover yet (module docstring)."""
+    unsupported = [what for what, bad in (
+        ("zero3", t.sharding == "zero3"), (f"offload {t.offload}", t.offload != "none"),
+        (f"precision {t.precision}", t.precision != "fp32"),
+        (f"optimizer {t.optimizer}", t.optimizer not in ("adamw", "sgd")),
+        ("qlora", plan.settings.method == "qlora"),
+        ("gradient checkpointing", t.grad_checkpointing)) if bad]
+    if unsupported:
+        raise CombinationError(f"the DeepSpeed ZeRO model does not cover {unsupported[0]} yet (zero1 and zero2, "
+                               "fp32, AdamW or SGD are)", names=("sharding",))
+    if gradient_free(plan):
+        raise CombinationError("DeepSpeed ZeRO needs a gradient for every trainable parameter; "
+                               f"{sorted(gradient_free(plan))[0]} gets none", names=("sharding",))
+    layout = zero_layout(plan, t, 0)
+    if layout.trainable > REDUCE_BUCKET_SIZE:
+        raise CombinationError(f"{layout.trainable:,} trainable elements fill more than one ZeRO reduce bucket "
+                               f"({REDUCE_BUCKET_SIZE:,}); several buckets are not modelled yet", names=("sharding",))
+
+
+def zero_layout(plan: Plan, t: TrainingSettings, rank: int) -> ZeroLayout:
+    """The flat buffer (stage_1_and_2.py ``flatten_dense_tensors_aligned``), the partitions
+    (``get_data_parallel_partitions``) and the parameters overlapping rank `rank`'s (``params_in_partition``,
+    ``copy_grads_in_partition``'s total_size)."""
+    weight_dtype = stream_dtypes(plan, t)[0]
+    sizes = [g.numel for g in plan.groups if g.trainable]
+    nbytes = {DTYPE_BYTES[group_dtype(plan, g.origin, weight_dtype, g.name)] for g in plan.groups if g.trainable}
+    total = sum(sizes)
+    padded = ceil(total / (ALIGNMENT * t.gpus)) * ALIGNMENT * t.gpus
+    partition = padded // t.gpus
+    lo, hi = rank * partition, (rank + 1) * partition
+    start = in_partition = 0
+    for n in sizes:
+        if start < hi and start + n > lo:
+            in_partition += n
+        start += n
+    return ZeroLayout(total, padded, partition, in_partition, max(nbytes, default=4))
+
+
+def _states(layout: ZeroLayout, t: TrainingSettings) -> int:
+    """The client optimizer's states over the fp32 partition: AdamW's exp_avg and exp_avg_sq and its step
+    (a 4-byte tensor on the cpu device), SGD's momentum buffer."""
+    if t.optimizer == "adamw":
+        return 2 * 4 * layout.partition + (4 if t.device == "cpu" else 0)
+    return 4 * layout.partition
+
+
+def zero_events(plan: Plan, t: TrainingSettings, rank: int = 0) -> list:
+    """The step's events on `rank` as (phase, bytes, parts), the one-GPU events rewritten (module docstring)."""
+    layout = zero_layout(plan, t, rank)
+    stage2 = t.sharding == "zero2"
+    one_gpu = replace(t, gpus=1, gpus_per_node=8, sharding="none", offload="none")
+    act = activation_profile(plan, one_gpu)
+    arrival = gradient_arrival(plan, one_gpu)
+    bucket = REDUCE_BUCKET_SIZE * layout.nbytes
+    states = _states(layout, t)
+    master = 4 * layout.partition
+    events = []
+    for name, _, parts in step_events(plan, one_gpu):
+        p = dict(parts, weights_trainable=layout.padded * layout.nbytes, master_weights=master)
+        p["optimizer_states"] = states
+        p["temporaries"] = p.get("temporaries", 0) + NORM_SCALAR + (BACKWARD_SCALARS if name.startswith("backward") else 0)
+        if name == "backward:head" and arrival.head:
+            # the head's gradient made, the loss's buffers gone, then the bucket for it (its first gradient)
+            events.append(_event(name, p))
+            name, p = "backward:bucket", dict(p, logits_loss=act.loss_scalars, gradient_buckets=bucket)
+        elif name.startswith("backward:layer") or name == "backward:end":
+            p["gradient_buckets"] = bucket
+            if stage2:  # every gradient so far copied into the bucket and autograd's freed; at the embeddings'
+                # backward theirs is made and not yet copied
+                p["gradients"] = arrival.input_side if name == "backward:end" else 0
+        elif name == "optimizer":
+            p["gradients"] = 0
+            p["gradient_partition"] = layout.in_partition * layout.nbytes
+            p["temporaries"] = max(8 * layout.partition, 2 * 4 * layout.partition if t.optimizer == "adamw" else 0) + NORM_SCALAR
+            p.pop("_other", None)
+        events.append(_event(name, p))
+        if name == "backward:end":
+            events.append(_reduce_event(p, layout, bucket))
+    return events
+
+
+def _reduce_event(end: dict, layout: ZeroLayout, bucket: int) -> tuple:
+    """The epilogue (``average_tensor``): activations and autograd's gradients gone, the bucket's gradients
+    flattened (one trainable-sized copy) beside the bucket."""
+    p = {k: v for k, v in end.items() if k in ("weights_frozen", "weights_trainable", "buffers", "inputs",
+                                                  "optimizer_states", "master_weights")}
+    p.update(gradient_buckets=bucket, temporaries=layout.trainable * layout.nbytes + NORM_SCALAR)
+    return _event("backward:reduce", p)
+
+
+def _event(name: str, parts: dict) -> tuple:
+    return name, sum(parts.values()), parts
