@@ -13,7 +13,8 @@ parameters to bf16, the optimizer keeps fp32 master partitions).
 What makes the trace run on fake tensors (deepspeed 0.19.8, torch 2.13):
 
 1. the environment a launcher sets (LOCAL_RANK, RANK, WORLD_SIZE: engine.py ``_do_args_sanity_check``);
-2. the model is built on meta and materialised fake before the engine sees it, and the engine's
+2. the model is built on meta and materialised fake before the engine sees it (measure.fake.materialize_fake,
+   which keeps tied parameters tied; ``to_empty`` would untie them), and the engine's
    ``module.to(device)`` is skipped (the model is on the CPU already; moving fake parameters would swap
    them, which torch refuses for a tensor with weak references);
 3. ``.item()`` on a fake scalar answers 0 (:func:`fake_scalars`: DeepSpeed reads overflow flags and norms);
@@ -75,20 +76,23 @@ def launcher_environment(world_size: int):
 
 @contextlib.contextmanager
 def fake_scalars():
-    """``Tensor.item()`` on a fake tensor without a known value answers 0 (0.0, False) instead of raising
-    (one with a constant, such as AdamW's step count, answers it): the values DeepSpeed reads (overflow flags,
-    norms) change no allocation."""
+    """``Tensor.item()`` on a fake tensor: a flag (bool, uint8: ZeRO's overflow check, stage_1_and_2.py
+    ``has_overflow``, whose fake tensor can carry a wrong constant) answers no overflow; a number answers its
+    value where the fake tensor has one (AdamW's step count), else 0.0 (norms): no value read changes an
+    allocation."""
     from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensor
 
     original = torch.Tensor.item
 
     def item(self):
+        if isinstance(self, FakeTensor) and self.dtype in (torch.bool, torch.uint8):
+            return False if self.dtype == torch.bool else 0
         try:
             return original(self)
         except DataDependentOutputException:
             if not isinstance(self, FakeTensor):
                 raise
-            return False if self.dtype == torch.bool else (0.0 if self.is_floating_point() else 0)
+            return 0.0 if self.is_floating_point() else 0
 
     torch.Tensor.item = item
     try:
@@ -172,16 +176,17 @@ def measure_zero(spec, method, training, steps, policy) -> dict:
     """Rank 0's trace of `steps` DeepSpeed steps (module docstring)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from measure.fake import build_meta_model, real_cpu_kernel_dtypes, real_input_semantics
+    from measure.fake import build_meta_model, materialize_fake, real_cpu_kernel_dtypes, real_input_semantics
 
+    if training.offload != "none":
+        raise NotImplementedError(f"the harness traces DeepSpeed ZeRO without offload, not offload {training.offload}")
     t0 = time.perf_counter()
     with launcher_environment(training.gpus), fake_process_group(training.gpus), _fresh_deepspeed_groups():
         import deepspeed
 
         model = build_meta_model(spec, method, policy.dtype, policy.compute, training.attention)
         fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
-        with fake_mode:
-            model.to_empty(device="cpu")
+        materialize_fake(model, fake_mode)  # not to_empty: tied embeddings stay one parameter
         notes, params = _common(model, spec, training)
         tracer = ZeroTracer()
         meter = TracerMeter(tracer)

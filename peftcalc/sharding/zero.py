@@ -44,9 +44,9 @@ REDUCE_BUCKET_SIZE = 500_000_000  # deepspeed/runtime/zero/config.py reduce_buck
 ALIGNMENT = 2  # stage_1_and_2.py nccl_start_alignment_factor
 ZERO_COMPONENTS = ("master_weights", "gradient_partition")
 # 0-dim fp32 tensors the engine adds: in backward the loss divided by the accumulation steps (engine.py
-# ``_scale_loss_by_gas``) and multiplied by the loss scale (stage_1_and_2.py ``backward``: loss_scaler), and from
-# the first step on the global gradient norm the optimizer keeps (``_global_grad_norm``)
-BACKWARD_SCALARS = 8
+# ``_scale_loss_by_gas``) and, without bf16.enabled, multiplied by the loss scale (stage_1_and_2.py ``backward``:
+# loss_scaler); from the first step on the global gradient norm the optimizer keeps (``_global_grad_norm``)
+BACKWARD_SCALARS = {"fp32": 8, "mixed-bf16": 4}
 NORM_SCALAR = 4
 
 
@@ -65,13 +65,14 @@ def check_zero(plan: Plan, t: TrainingSettings) -> None:
     """CombinationError for what this model of ZeRO does not cover yet (module docstring)."""
     unsupported = [what for what, bad in (
         ("zero3", t.sharding == "zero3"), (f"offload {t.offload}", t.offload != "none"),
-        (f"precision {t.precision}", t.precision != "fp32"),
+        (f"precision {t.precision}", t.precision not in ("fp32", "mixed-bf16")),
+        (f"{plan.settings.method} under mixed-bf16", t.precision == "mixed-bf16" and plan.settings.method != "full"),
         (f"optimizer {t.optimizer}", t.optimizer not in ("adamw", "sgd")),
         ("qlora", plan.settings.method == "qlora"),
         ("gradient checkpointing", t.grad_checkpointing)) if bad]
     if unsupported:
         raise CombinationError(f"the DeepSpeed ZeRO model does not cover {unsupported[0]} yet (zero1 and zero2, "
-                               "fp32, AdamW or SGD are)", names=("sharding",))
+                               "fp32, or mixed-bf16 for full fine-tuning, AdamW or SGD are)", names=("sharding",))
     if gradient_free(plan):
         raise CombinationError("DeepSpeed ZeRO needs a gradient for every trainable parameter; "
                                f"{sorted(gradient_free(plan))[0]} gets none", names=("sharding",))
@@ -85,7 +86,7 @@ def zero_layout(plan: Plan, t: TrainingSettings, rank: int) -> ZeroLayout:
     """The flat buffer (stage_1_and_2.py ``flatten_dense_tensors_aligned``), the partitions
     (``get_data_parallel_partitions``) and the parameters overlapping rank `rank`'s (``params_in_partition``,
     ``copy_grads_in_partition``'s total_size)."""
-    weight_dtype = stream_dtypes(plan, t)[0]
+    weight_dtype = "bfloat16" if t.precision == "mixed-bf16" else stream_dtypes(plan, t)[0]
     sizes = [g.numel for g in plan.groups if g.trainable]
     nbytes = {DTYPE_BYTES[group_dtype(plan, g.origin, weight_dtype, g.name)] for g in plan.groups if g.trainable}
     total = sum(sizes)
@@ -112,7 +113,10 @@ def zero_events(plan: Plan, t: TrainingSettings, rank: int = 0) -> list:
     """The step's events on `rank` as (phase, bytes, parts), the one-GPU events rewritten (module docstring)."""
     layout = zero_layout(plan, t, rank)
     stage2 = t.sharding == "zero2"
-    one_gpu = replace(t, gpus=1, gpus_per_node=8, sharding="none", offload="none")
+    # bf16.enabled: the engine casts every parameter to bf16 (engine.py ``_cast_module_mixed_precision``), so the
+    # step computes as a bf16 model does
+    one_gpu = replace(t, gpus=1, gpus_per_node=8, sharding="none", offload="none",
+                      precision="bf16" if t.precision == "mixed-bf16" else t.precision)
     act = activation_profile(plan, one_gpu)
     arrival = gradient_arrival(plan, one_gpu)
     bucket = REDUCE_BUCKET_SIZE * layout.nbytes
@@ -122,7 +126,7 @@ def zero_events(plan: Plan, t: TrainingSettings, rank: int = 0) -> list:
     for name, _, parts in step_events(plan, one_gpu):
         p = dict(parts, weights_trainable=layout.padded * layout.nbytes, master_weights=master)
         p["optimizer_states"] = states
-        p["temporaries"] = p.get("temporaries", 0) + NORM_SCALAR + (BACKWARD_SCALARS if name.startswith("backward") else 0)
+        p["temporaries"] = p.get("temporaries", 0) + NORM_SCALAR + (BACKWARD_SCALARS[t.precision] if name.startswith("backward") else 0)
         if name == "backward:head" and arrival.head:
             # the head's gradient made, the loss's buffers gone, then the bucket for it (its first gradient)
             events.append(_event(name, p))
@@ -135,12 +139,25 @@ def zero_events(plan: Plan, t: TrainingSettings, rank: int = 0) -> list:
         elif name == "optimizer":
             p["gradients"] = 0
             p["gradient_partition"] = layout.in_partition * layout.nbytes
-            p["temporaries"] = max(8 * layout.partition, 2 * 4 * layout.partition if t.optimizer == "adamw" else 0) + NORM_SCALAR
+            p["temporaries"] = _step_temporaries(layout, t) + NORM_SCALAR
             p.pop("_other", None)
         events.append(_event(name, p))
         if name == "backward:end":
             events.append(_reduce_event(p, layout, bucket))
     return events
+
+
+def _step_temporaries(layout: ZeroLayout, t: TrainingSettings) -> int:
+    """What the step adds beside grads_in_partition at its fullest (stage_1_and_2.py ``step``): the norm's fp64
+    copy of the partition's gradients (``get_grad_norm_direct``); with bf16 gradients their fp32 copy for the
+    partition (``single_partition_of_fp32_groups[i].grad``, made after the norm; grads_in_partition is released
+    before the optimizer runs: ``free_grad_in_param_list``), beside AdamW's single-tensor temporaries
+    (denominator and step, two fp32 partitions)."""
+    p = layout.partition
+    adam = 2 * 4 * p if t.optimizer == "adamw" else 0
+    if layout.nbytes == 4:  # the fp32 gradients are the partition's gradient (a view of grads_in_partition)
+        return max(8 * p, adam)
+    return max(8 * p, 4 * p, 4 * p + adam - layout.in_partition * layout.nbytes)
 
 
 def _reduce_event(end: dict, layout: ZeroLayout, bucket: int) -> tuple:

@@ -71,8 +71,27 @@ def test_lora_counts_only_the_adapters():
 def test_refused_in_one_line():
     with pytest.raises(CombinationError, match="zero3"):
         check_sharding(_plan(), _t(gpus=8, sharding="zero3"))
-    with pytest.raises(CombinationError, match="mixed-bf16"):
-        check_sharding(_plan(), _t(gpus=8, sharding="zero2", precision="mixed-bf16"))
+    with pytest.raises(CombinationError, match="lora under mixed-bf16"):
+        check_sharding(_plan("lora"), _t(gpus=8, sharding="zero2", precision="mixed-bf16"))
+    with pytest.raises(CombinationError, match="trainable elements fill more than one"):
+        check_sharding(make_plan(load_spec("llama-3.2-1b"), MethodSettings(method="full")), _t(gpus=8, sharding="zero2"))
+
+
+def test_bf16_enabled_traced_rank0():
+    """bf16.enabled (precision mixed-bf16), full, 8 ranks: the engine casts the model to bf16 (flat buffer
+    147,776 x 2), the bucket is bf16 (1,000,000,000 bytes), the master partition and AdamW's states stay fp32.
+    Traced: 1,000,949,176 bytes at the bucket's allocation; the model is 4 bytes short (one 0-dim fp32 tensor)."""
+    r = rank_memory(_plan(), _t(gpus=8, sharding="zero2", precision="mixed-bf16"), 0)
+    assert r.peak_bytes == 1_000_949_176 - 4
+    parts = dict(r.components)
+    assert (parts["weights_trainable"], parts["gradient_buckets"], parts["master_weights"]) == (
+        2 * 147_776, 2 * REDUCE_BUCKET_SIZE, 4 * 18_472)
+
+
+def test_real_gloo_ranks_equal_the_fake_group():
+    """tools/torchrun_dist.py zero2 on 2 CPU gloo ranks with real tensors (DeepSpeed's CPU accelerator): rank 0
+    peaks at 2,002,255,832 bytes, as the fake-group trace of the same row and this model do."""
+    assert rank_memory(_plan(), _t(gpus=2, sharding="zero2"), 0).peak_bytes == 2_002_255_832
 
 
 def test_communication_by_hand():
