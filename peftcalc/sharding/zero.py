@@ -123,6 +123,7 @@ def zero_events(plan: Plan, t: TrainingSettings, rank: int = 0) -> list:
     states = _states(layout, t)
     master = 4 * layout.partition
     events = []
+    bucket_made = False
     for name, _, parts in step_events(plan, one_gpu):
         p = dict(parts, weights_trainable=layout.padded * layout.nbytes, master_weights=master)
         p["optimizer_states"] = states
@@ -131,6 +132,12 @@ def zero_events(plan: Plan, t: TrainingSettings, rank: int = 0) -> list:
             # the head's gradient made, the loss's buffers gone, then the bucket for it (its first gradient)
             events.append(_event(name, p))
             name, p = "backward:bucket", dict(p, logits_loss=act.loss_scalars, gradient_buckets=bucket)
+            bucket_made = True
+        elif name.startswith("backward:layer") and not bucket_made and not arrival.head:
+            # the block whose backward makes the first gradient (LoRA's top block): the bucket from then on
+            i = int(name.removeprefix("backward:layer"))
+            p.update(_first_gradient_block(plan, one_gpu, act, arrival, i, bucket, stage2, dict(p)))
+            bucket_made = True
         elif name.startswith("backward:layer") or name == "backward:end":
             p["gradient_buckets"] = bucket
             if stage2:  # every gradient so far copied into the bucket and autograd's freed; at the embeddings'
@@ -145,6 +152,46 @@ def zero_events(plan: Plan, t: TrainingSettings, rank: int = 0) -> list:
         if name == "backward:end":
             events.append(_reduce_event(p, layout, bucket))
     return events
+
+
+def _first_gradient_block(plan: Plan, t: TrainingSettings, act, arrival, i: int, bucket: int, stage2: bool,
+                          parts: dict) -> dict:
+    """Block `i`'s backward event when it makes the step's first gradient: its backward replayed
+    (peftcalc.backward.run_backward over the block's recorded nodes, as peftcalc.sim.blocks.simulate_block
+    replays it) with the bucket a buffer from its first parameter gradient on (stage_1_and_2.py
+    ``setup_buckets`` runs in that gradient's hook), so the peak is the larger of the block's peak before it
+    and its peak after it plus the bucket. ZeRO-2 moves each gradient into the bucket as it is made
+    (autograd's is freed), so only ZeRO-1 keeps the block's gradients."""
+    from peftcalc.backward import run_backward
+    from peftcalc.families import build_layout, family
+    from peftcalc.methods.sites import BlockSites, distinct_layer_trainings
+    from peftcalc.ops.recorder import Recorder
+    from peftcalc.sim.profile import make_ctx
+
+    spec = plan.spec
+    ctx = make_ctx(spec, plan, t)
+    trainings, kinds = distinct_layer_trainings(plan, build_layout(spec))
+    below = act.blocks[i - 1] if i else None
+    rec = Recorder(ctx, bucket=0)
+    x = rec.new(ctx.tokens * spec.hidden_size, below.out_dtype if below else ctx.weight_dtype,
+                below.out_rg if below else True)
+    out = family(spec).block(rec, spec, BlockSites(spec, plan, trainings[kinds[i]]), x)
+    nodes, placed = [], False
+    for node in reversed(rec.nodes):  # backward order: the bucket before the first parameter gradient
+        steps = node[1]
+        k = next((j for j, step in enumerate(steps) if step[0] == "param"), None)
+        if k is not None and not placed:
+            steps, placed = steps[:k] + (("pending", bucket),) + steps[k:], True
+        nodes.append((node[0], steps) + tuple(node[2:]))
+    replay = run_backward(list(reversed(nodes)), rec.saved_bytes(), {out.id: out.nbytes} if out.requires_grad else {},
+                          in_place=ctx.device == "cuda")
+    peak = replay.peak
+    with_bucket = peak.buffers >= bucket
+    below_saved = parts["activations"] - act.blocks[i].backward.saved
+    return {"activations": below_saved + peak.saved,
+            "gradients": 0 if stage2 else min(peak.params, arrival.per_layer[i]),
+            "temporaries": parts["temporaries"] - act.blocks[i].backward.buffers + peak.buffers - (bucket if with_bucket else 0),
+            "gradient_buckets": bucket if with_bucket else 0}
 
 
 def _step_temporaries(layout: ZeroLayout, t: TrainingSettings) -> int:
