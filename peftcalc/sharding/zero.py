@@ -21,8 +21,9 @@ deepspeed/runtime/zero/stage_1_and_2.py ``DeepSpeedZeroOptimizer``:
   step over the fp32 partition (torch AdamW's single-tensor path: two partition-sized temporaries), the
   partition copied back and all-gathered into the flat buffer in place.
 
-Modelled: one bucket (the trainable elements at most reduce_bucket_size) and precision fp32; more is
-refused (CombinationError), as is ZeRO-3.
+Modelled: one bucket (the trainable elements at most reduce_bucket_size), precision fp32, and bf16.enabled
+(mixed-bf16) for full fine-tuning; several buckets, ZeRO-3, offload, checkpointing and QLoRA are refused
+(CombinationError).
 """
 
 from __future__ import annotations
