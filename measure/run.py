@@ -100,6 +100,10 @@ def execute(spec, method, training, device, steps, prepare_kbit, seed, trace_cud
             from measure.dist import measure_ddp
 
             return measure_ddp(spec, method, training, steps, policy, workdir)
+        if training.sharding.startswith("zero"):
+            from measure.zero import measure_zero
+
+            return measure_zero(spec, method, training, steps, policy)
         if training.sharding != "none":
             from measure.dist import measure_dist
 

@@ -30,7 +30,9 @@ COMPONENT_LABELS = {
     "unsharded_gradients": "unsharded gradients",
     "all_gather_buffers": "all-gather buffers",
     "reduce_scatter_buffers": "reduce-scatter buffers",
-    "gradient_buckets": "DDP gradient buckets",
+    "gradient_buckets": "gradient buckets (DDP, ZeRO reduce)",
+    "master_weights": "fp32 master partition (ZeRO)",
+    "gradient_partition": "gradient partition (ZeRO)",
 }
 
 

@@ -41,9 +41,10 @@ COMPONENT_MAP = {
     "inputs": (("inputs",), ("inputs",)),
     # the data-parallel buffers (peftcalc.sharding) are what the tracer counts as other: FSDP2's all-gather and
     # reduce-scatter buffers and autograd's full gradients before their reduce-scatter, DDP's gradient buckets
-    # (FSDP2's unsharded parameters are parameters to the harness's tracer, measure.dist.DistTracer)
+    # (FSDP2's unsharded parameters are parameters to the harness's tracer, measure.dist.DistTracer), DeepSpeed
+    # ZeRO's reduce bucket, fp32 master partition and gradient partition (no parameter's, no optimizer state)
     "other": (("logits_loss", "temporaries", "all_gather_buffers", "reduce_scatter_buffers", "unsharded_gradients",
-               "gradient_buckets"), ("other",)),
+               "gradient_buckets", "master_weights", "gradient_partition"), ("other",)),
 }
 ERROR_COMPONENTS = ("weights", "gradients", "optimizer", "activations", "inputs", "other")  # shares add up to the error
 

@@ -1,15 +1,17 @@
 """Proof against real processes (issue 15): rank 0 of a 2-4 rank job on CPU with gloo and real tensors, traced
 the way measure.dist traces the fake process group, to compare with `peftcalc measure ... --device fake`.
 
-    PYTHONPATH=. torchrun --nproc_per_node 2 tools/torchrun_dist.py fsdp   # or ddp
+    PYTHONPATH=. torchrun --nproc_per_node 2 tools/torchrun_dist.py fsdp   # or ddp, zero2, zero3
     PYTHONPATH=. python -m peftcalc.cli measure tiny.json -m full --precision fp32 --optimizer adamw \
         -b 2 -s 32 --gpus 2 --sharding fsdp --device fake --steps 2
 
 prints rank 0's steady-state peak, its phase and step 1's peak as one JSON line (tiny-llama of
-measure/matrices/dist.toml, full fine-tuning, fp32, AdamW, batch 2 x 32, two steps).
+measure/matrices/dist.toml, full fine-tuning, fp32, AdamW, batch 2 x 32, two steps). zero2 / zero3: DeepSpeed's
+engine (measure.zero: its defaults, the client torch AdamW) on the gloo group with DS_ACCELERATOR=cpu.
 """
-import sys, json, tomllib, torch, torch.distributed as dist
+import os, sys, json, tomllib, torch, torch.distributed as dist
 sharding = sys.argv[1]
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
 dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
 from measure.build import build_model
@@ -29,7 +31,8 @@ policy = precision_policy(t, "cpu")
 torch.manual_seed(0)
 model = build_model(spec, MethodSettings(method="full"), dtype=torch.float32, device="cpu")
 prepare_for_training(model, spec, t)
-tracer = DistTracer() if sharding == "fsdp" else StorageTracer()
+from measure.zero import ZeroTracer, deepspeed_config, zero_train_step
+tracer = DistTracer() if sharding == "fsdp" else ZeroTracer() if sharding.startswith("zero") else StorageTracer()
 meter = TracerMeter(tracer)
 with tracer:
     tracer.mark(model_state_tensors(model), "parameters")
@@ -38,12 +41,20 @@ with tracer:
         shard_fsdp2(model, t)
         tracer.mark(model_state_tensors(model), "parameters")
         runner = model
+    elif sharding.startswith("zero"):
+        import deepspeed
+        opt = make_optimizer("adamw", [p for p in model.parameters() if p.requires_grad])
+        engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=deepspeed_config(t))
+        batch = make_batch(spec, t, "cpu", torch.float32)
+        meter.register(model, batch)
+        rows = [{"step": i + 1, **zero_train_step(engine, spec, batch, meter)} for i in range(2)]
     else:
         runner = torch.nn.parallel.DistributedDataParallel(model)
-    batch = make_batch(spec, t, "cpu", torch.float32)
-    meter.register(model, batch)
-    opt = make_optimizer("adamw", [p for p in model.parameters() if p.requires_grad])
-    rows = run_steps(runner, spec, batch, opt, policy, "cpu", meter, 2)
+    if not sharding.startswith("zero"):
+        batch = make_batch(spec, t, "cpu", torch.float32)
+        meter.register(model, batch)
+        opt = make_optimizer("adamw", [p for p in model.parameters() if p.requires_grad])
+        rows = run_steps(runner, spec, batch, opt, policy, "cpu", meter, 2)
 if rank == 0:
     print(json.dumps({"sharding": sharding, "world": world, "peak": rows[-1]["peak_bytes"], "phase": rows[-1]["peak_phase"], "step1": rows[0]["peak_bytes"]}))
 dist.destroy_process_group()

@@ -8,6 +8,9 @@ reduce-scatter of a buffer of B bytes has each rank send (N - 1) / N x B, an all
   input in backward; under grad_accum, in every micro-batch. HSDP: those within the shard group of
   gpus_per_node ranks, and an all-reduce of the reduce-scatter output across the replicas.
 - DDP (peftcalc.sharding.ddp): one all-reduce of every bucket (the trainable parameters' gradient bytes).
+- ZeRO-1/2 (peftcalc.sharding.zero): the flat gradients reduced to their partitions' owners (a reduce-scatter's
+  bytes, stage_1_and_2.py ``average_tensor``) and the updated flat buffer all-gathered after the step
+  (``all_gather_dp_groups``).
 
 Time: the bytes over the card's one-way bandwidth per GPU, NVLink (or PCIe) inside a node when the job fits
 in one (gpus <= gpus_per_node), else the inter-node network (peftcalc/data/gpus.json: intra_node_gbps,
@@ -24,6 +27,7 @@ from peftcalc.plan import Plan
 from peftcalc.settings import TrainingSettings
 from peftcalc.sharding.ddp import bucket_bytes
 from peftcalc.sharding.fsdp import group_bytes, shard_world
+from peftcalc.sharding.zero import zero_layout
 
 __all__ = ["Communication", "communication", "step_seconds_with_comm"]
 
@@ -48,6 +52,10 @@ def communication(plan: Plan, t: TrainingSettings) -> Communication:
         return Communication()
     if t.sharding == "ddp":
         return Communication(all_reduce=2 * (n - 1) * bucket_bytes(plan, t) // n)
+    if t.sharding in ("zero1", "zero2"):
+        flat = zero_layout(plan, t, 0)
+        return Communication(all_gather=(n - 1) * flat.padded * flat.nbytes // n,
+                             reduce_scatter=(n - 1) * flat.padded * flat.nbytes // n)
     shard = shard_world(t)
     replicas = n // shard
     groups = group_bytes(plan, t, shard, 0).values()

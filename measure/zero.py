@@ -1,0 +1,214 @@
+"""Rank 0 of an N-rank DeepSpeed ZeRO-1/2/3 job traced in one CPU process (issue 15): DeepSpeed 0.19's engine
+(``deepspeed.initialize`` with a torch optimizer: the client optimizer, here torch.optim.AdamW or SGD, which
+ZeRO wraps as its basic optimizer over the flat fp32 partitions) on torch's fake process group
+(measure.dist.fake_process_group) and DeepSpeed's CPU accelerator (``DS_ACCELERATOR=cpu``), with fake
+tensors, two steps (``engine(**batch)``, ``engine.backward(loss)``, ``engine.step()``).
+
+DeepSpeed's defaults: reduce_bucket_size and allgather_bucket_size 5e8 elements, contiguous_gradients on,
+overlap_comm off under stages 1/2 and on under stage 3 (deepspeed/runtime/zero/config.py
+``overlap_comm_valid``), stage3_param_persistence_threshold 1e5, stage3_prefetch_bucket_size 5e7, no gradient
+clipping. Precision fp32: no DeepSpeed mixed precision; mixed-bf16: ``bf16.enabled`` (the engine casts the
+parameters to bf16, the optimizer keeps fp32 master partitions).
+
+What makes the trace run on fake tensors (deepspeed 0.19.8, torch 2.13):
+
+1. the environment a launcher sets (LOCAL_RANK, RANK, WORLD_SIZE: engine.py ``_do_args_sanity_check``);
+2. the model is built on meta and materialised fake before the engine sees it (measure.fake.materialize_fake,
+   which keeps tied parameters tied; ``to_empty`` would untie them), and the engine's
+   ``module.to(device)`` is skipped (the model is on the CPU already; moving fake parameters would swap
+   them, which torch refuses for a tensor with weak references);
+3. ``.item()`` on a fake scalar answers 0 (:func:`fake_scalars`: DeepSpeed reads overflow flags and norms);
+4. ZeRO-3's ``assert_ints_same_as_other_ranks`` (partitioned_param_coordinator.py: an all-reduce of the
+   trace's module ids, compared with ``.item()``) is stubbed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+
+import torch
+
+from measure.dist import fake_process_group
+from measure.loop import TracerMeter, _common, _drop_private, _measured
+from measure.setup import forward_loss, make_batch, make_optimizer
+from measure.tracer import StorageTracer, model_state_tensors
+
+__all__ = ["ZERO_STAGES", "ZeroTracer", "deepspeed_config", "fake_scalars", "launcher_environment", "measure_zero",
+           "zero_train_step"]
+
+ZERO_STAGES = {"zero1": 1, "zero2": 2, "zero3": 3}
+
+
+def deepspeed_config(training) -> dict:
+    """The DeepSpeed JSON of a row: the ZeRO stage with DeepSpeed's defaults, bf16.enabled for mixed-bf16,
+    the offload as ZeRO-Offload's keys (device cpu)."""
+    zero = {"stage": ZERO_STAGES[training.sharding]}
+    if training.offload in ("optimizer", "params"):
+        zero["offload_optimizer"] = {"device": "cpu"}
+    if training.offload == "params":
+        zero["offload_param"] = {"device": "cpu"}
+    config = {"train_micro_batch_size_per_gpu": training.batch_size, "gradient_accumulation_steps": 1,
+              "zero_optimization": zero}
+    if training.precision == "mixed-bf16":
+        config["bf16"] = {"enabled": True}
+    if training.offload != "none":  # the client torch optimizer over host partitions (not DeepSpeedCPUAdam)
+        config["zero_force_ds_cpu_optimizer"] = False
+    return config
+
+
+@contextlib.contextmanager
+def launcher_environment(world_size: int):
+    """LOCAL_RANK, RANK, WORLD_SIZE as torchrun sets them for rank 0, and DeepSpeed's CPU accelerator."""
+    keys = {"LOCAL_RANK": "0", "RANK": "0", "WORLD_SIZE": str(world_size), "DS_ACCELERATOR": "cpu"}
+    saved = {k: os.environ.get(k) for k in keys}
+    os.environ.update(keys)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@contextlib.contextmanager
+def fake_scalars():
+    """``Tensor.item()`` on a fake tensor: a flag (bool, uint8: ZeRO's overflow check, stage_1_and_2.py
+    ``has_overflow``, whose fake tensor can carry a wrong constant) answers no overflow; a number answers its
+    value where the fake tensor has one (AdamW's step count), else 0.0 (norms): no value read changes an
+    allocation."""
+    from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensor
+
+    original = torch.Tensor.item
+
+    def item(self):
+        if isinstance(self, FakeTensor) and self.dtype in (torch.bool, torch.uint8):
+            return False if self.dtype == torch.bool else 0
+        try:
+            return original(self)
+        except DataDependentOutputException:
+            if not isinstance(self, FakeTensor):
+                raise
+            return 0.0 if self.is_floating_point() else 0
+
+    torch.Tensor.item = item
+    try:
+        yield
+    finally:
+        torch.Tensor.item = original
+
+
+class ZeroTracer(StorageTracer):
+    """A StorageTracer that leaves tensors on the meta device out: ZeRO keeps ``zeros_like(param,
+    device="meta")`` copies of every parameter's shape (stage_1_and_2.py ``round_robin_bit16_meta``),
+    which hold no memory."""
+
+    def track(self, t, op, category="other"):
+        return None if t.device.type == "meta" else super().track(t, op, category)
+
+
+@contextlib.contextmanager
+def _stage3_stubs():
+    """ZeRO-3's cross-rank check of the traced module order, which reads values (module docstring, 4)."""
+    from deepspeed.runtime.zero import partitioned_param_coordinator as ppc
+
+    original = ppc.assert_ints_same_as_other_ranks
+    ppc.assert_ints_same_as_other_ranks = lambda ints: None
+    try:
+        yield
+    finally:
+        ppc.assert_ints_same_as_other_ranks = original
+
+
+@contextlib.contextmanager
+def _fresh_deepspeed_groups():
+    """Restore DeepSpeed's module-level process-group caches after a run (deepspeed/comm/comm.py ``cdb``,
+    deepspeed/utils/groups.py ``_WORLD_GROUP``, ``_DATA_PARALLEL_GROUP``, ...), which would otherwise name the
+    destroyed fake group in the next run of the same process (a matrix)."""
+    import copy
+
+    from deepspeed.comm import comm
+    from deepspeed.utils import groups
+
+    saved = {k: copy.copy(v) for k, v in vars(groups).items()
+             if k.startswith("_") and k[1:2].isupper() and isinstance(v, (dict, list, int, type(None)))}
+    try:
+        yield
+    finally:
+        comm.cdb = None
+        for k, v in saved.items():
+            setattr(groups, k, v)
+
+
+@contextlib.contextmanager
+def _kept_on_device(model):
+    """Skip the engine's ``module.to(device)`` (module docstring, 2)."""
+    model.to = lambda *args, **kwargs: model
+    try:
+        yield
+    finally:
+        del model.to
+
+
+def zero_train_step(engine, spec, batch, meter) -> dict:
+    """One DeepSpeed step in the harness's phases: forward with the loss, ``engine.backward(loss)`` (ZeRO's
+    gradient hooks reduce into partitions), ``engine.step()`` (the optimizer over the partitions, then the
+    updated parameters all-gathered; ZeRO clears the gradients itself)."""
+    meter.start_step()
+    start = time.perf_counter()
+    with meter.phase("forward"):
+        loss = forward_loss(engine, spec, batch)
+    with meter.phase("backward"):
+        engine.backward(loss)
+        del loss
+    with meter.phase("optimizer"):
+        engine.step()
+        meter.mark_optimizer(engine.optimizer)
+    summary = meter.end_step()
+    summary["time_s"] = round(time.perf_counter() - start, 6)
+    return summary
+
+
+def measure_zero(spec, method, training, steps, policy) -> dict:
+    """Rank 0's trace of `steps` DeepSpeed steps (module docstring)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from measure.fake import build_meta_model, materialize_fake, real_cpu_kernel_dtypes, real_input_semantics
+
+    if training.offload != "none":
+        raise NotImplementedError(f"the harness traces DeepSpeed ZeRO without offload, not offload {training.offload}")
+    t0 = time.perf_counter()
+    with launcher_environment(training.gpus), fake_process_group(training.gpus), _fresh_deepspeed_groups():
+        import deepspeed
+
+        model = build_meta_model(spec, method, policy.dtype, policy.compute, training.attention)
+        fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+        materialize_fake(model, fake_mode)  # not to_empty: tied embeddings stay one parameter
+        notes, params = _common(model, spec, training)
+        tracer = ZeroTracer()
+        meter = TracerMeter(tracer)
+        stubs = _stage3_stubs() if training.sharding == "zero3" else contextlib.nullcontext()
+        with real_input_semantics(), real_cpu_kernel_dtypes(), fake_mode, fake_scalars(), stubs, tracer:
+            tracer.mark(model_state_tensors(model), "parameters")
+            model_bytes = tracer.live_bytes
+            optimizer = make_optimizer(training.optimizer, [p for p in model.parameters() if p.requires_grad])
+            with _kept_on_device(model):
+                engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(training))
+            build_s = time.perf_counter() - t0
+            batch = make_batch(spec, training, "cpu", torch.float32 if policy.dtype == torch.float32 else policy.dtype)
+            meter.register(model, batch)
+            load_bytes = tracer.live_bytes
+            t1 = time.perf_counter()
+            step_rows = [{"step": i + 1, **zero_train_step(engine, spec, batch, meter)} for i in range(steps)]
+        measured = _measured(step_rows, meter.source, model_bytes, load_bytes)
+        measured.update(meter.details(step_rows))
+        _drop_private(step_rows)
+        engine.destroy()
+    notes = dict(notes, rank=0, engine=f"deepspeed {deepspeed.__version__}", client_optimizer=type(optimizer).__name__,
+                 zero_optimizer=type(engine.optimizer).__name__)
+    return {"params": params, "measured": measured, "harness_notes": notes,
+            "timing": {"build_s": round(build_s, 3), "steps_s": round(time.perf_counter() - t1, 3),
+                       "step_time_s": [s["time_s"] for s in step_rows]}}

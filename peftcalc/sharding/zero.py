@@ -1,0 +1,221 @@
+"""DeepSpeed ZeRO stage 1 and 2 (deepspeed 0.19.8, defaults, a torch optimizer given to
+``deepspeed.initialize``: the client optimizer, wrapped by DeepSpeedZeroOptimizer) on one rank: the one-GPU
+step's events (peftcalc.memory.step_events) with ZeRO's model states and buffers.
+
+deepspeed/runtime/zero/stage_1_and_2.py ``DeepSpeedZeroOptimizer``:
+
+- ``__init__``: the trainable parameters (the optimizer's group; frozen ones stay as they are) are flattened
+  into one buffer in the model's dtype, padded to a multiple of 2 x world elements
+  (``flatten_dense_tensors_aligned``, ``nccl_start_alignment_factor`` 2; ``parameter_alignment`` off), and
+  become views of it; rank r's partition is its r-th of world equal parts (``get_data_parallel_partitions``),
+  and the fp32 master weights are a clone of it (``single_partition_of_fp32_groups``: a copy in fp32 too);
+- the client optimizer's states are made by its first step over the fp32 partition (AdamW: exp_avg,
+  exp_avg_sq, and its step count);
+- backward: the first gradient's hook allocates the reduce bucket (``setup_buckets``: reduce_bucket_size,
+  5e8 elements by default, in the parameters' dtype; one, overlap_comm off). ZeRO-2 copies every gradient
+  into it and frees autograd's (``reduce_independent_p_g_buckets_and_remove_grads``); ZeRO-1 keeps the
+  gradients to the end of backward (``reduce_gradients``). The epilogue (``reduce_ipg_grads`` ->
+  ``average_tensor``) flattens the bucket's gradients, copies rank r's part into ``grads_in_partition``
+  (``copy_grads_in_partition``: every parameter that overlaps the partition, whole), then frees the bucket;
+- step: the gradient norm over the partition in fp64 (a partition-sized fp64 copy), the client optimizer's
+  step over the fp32 partition (torch AdamW's single-tensor path: two partition-sized temporaries), the
+  partition copied back and all-gathered into the flat buffer in place.
+
+Modelled: one bucket (the trainable elements at most reduce_bucket_size), precision fp32, and bf16.enabled
+(mixed-bf16) for full fine-tuning; several buckets, ZeRO-3, offload, checkpointing and QLoRA are refused
+(CombinationError).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from math import ceil
+
+from peftcalc.activations import activation_profile
+from peftcalc.errors import CombinationError
+from peftcalc.memory import gradient_arrival, step_events
+from peftcalc.model_states import gradient_free, group_dtype
+from peftcalc.plan import Plan
+from peftcalc.settings import DTYPE_BYTES, TrainingSettings
+from peftcalc.sim.profile import stream_dtypes
+
+__all__ = ["REDUCE_BUCKET_SIZE", "ZERO_COMPONENTS", "ZeroLayout", "check_zero", "zero_events", "zero_layout"]
+
+REDUCE_BUCKET_SIZE = 500_000_000  # deepspeed/runtime/zero/config.py reduce_bucket_size default (elements)
+ALIGNMENT = 2  # stage_1_and_2.py nccl_start_alignment_factor
+ZERO_COMPONENTS = ("master_weights", "gradient_partition")
+# 0-dim fp32 tensors the engine adds: in backward the loss divided by the accumulation steps (engine.py
+# ``_scale_loss_by_gas``) and, without bf16.enabled, multiplied by the loss scale (stage_1_and_2.py ``backward``:
+# loss_scaler); from the first step on the global gradient norm the optimizer keeps (``_global_grad_norm``)
+BACKWARD_SCALARS = {"fp32": 8, "mixed-bf16": 4}
+NORM_SCALAR = 4
+
+
+@dataclass(frozen=True)
+class ZeroLayout:
+    """The flat buffer of the trainable parameters and rank r's share of it."""
+
+    trainable: int  # elements of the trainable parameters
+    padded: int  # the flat buffer's elements (trainable padded to a multiple of 2 x world)
+    partition: int  # elements of each rank's partition
+    in_partition: int  # elements of the parameters that overlap rank r's partition (grads_in_partition)
+    nbytes: int  # the parameters' dtype bytes
+
+
+def check_zero(plan: Plan, t: TrainingSettings) -> None:
+    """CombinationError for what this model of ZeRO does not cover yet (module docstring)."""
+    unsupported = [what for what, bad in (
+        ("zero3", t.sharding == "zero3"), (f"offload {t.offload}", t.offload != "none"),
+        (f"precision {t.precision}", t.precision not in ("fp32", "mixed-bf16")),
+        (f"{plan.settings.method} under mixed-bf16", t.precision == "mixed-bf16" and plan.settings.method != "full"),
+        (f"optimizer {t.optimizer}", t.optimizer not in ("adamw", "sgd")),
+        ("qlora", plan.settings.method == "qlora"),
+        ("gradient checkpointing", t.grad_checkpointing)) if bad]
+    if unsupported:
+        raise CombinationError(f"the DeepSpeed ZeRO model does not cover {unsupported[0]} yet (zero1 and zero2, "
+                               "fp32, or mixed-bf16 for full fine-tuning, AdamW or SGD are)", names=("sharding",))
+    if gradient_free(plan):
+        raise CombinationError("DeepSpeed ZeRO needs a gradient for every trainable parameter; "
+                               f"{sorted(gradient_free(plan))[0]} gets none", names=("sharding",))
+    layout = zero_layout(plan, t, 0)
+    if layout.trainable > REDUCE_BUCKET_SIZE:
+        raise CombinationError(f"{layout.trainable:,} trainable elements fill more than one ZeRO reduce bucket "
+                               f"({REDUCE_BUCKET_SIZE:,}); several buckets are not modelled yet", names=("sharding",))
+
+
+def zero_layout(plan: Plan, t: TrainingSettings, rank: int) -> ZeroLayout:
+    """The flat buffer (stage_1_and_2.py ``flatten_dense_tensors_aligned``), the partitions
+    (``get_data_parallel_partitions``) and the parameters overlapping rank `rank`'s (``params_in_partition``,
+    ``copy_grads_in_partition``'s total_size)."""
+    weight_dtype = "bfloat16" if t.precision == "mixed-bf16" else stream_dtypes(plan, t)[0]
+    sizes = [g.numel for g in plan.groups if g.trainable]
+    nbytes = {DTYPE_BYTES[group_dtype(plan, g.origin, weight_dtype, g.name)] for g in plan.groups if g.trainable}
+    total = sum(sizes)
+    padded = ceil(total / (ALIGNMENT * t.gpus)) * ALIGNMENT * t.gpus
+    partition = padded // t.gpus
+    lo, hi = rank * partition, (rank + 1) * partition
+    start = in_partition = 0
+    for n in sizes:
+        if start < hi and start + n > lo:
+            in_partition += n
+        start += n
+    return ZeroLayout(total, padded, partition, in_partition, max(nbytes, default=4))
+
+
+def _states(layout: ZeroLayout, t: TrainingSettings) -> int:
+    """The client optimizer's states over the fp32 partition: AdamW's exp_avg and exp_avg_sq and its step
+    (a 4-byte tensor on the cpu device), SGD's momentum buffer."""
+    if t.optimizer == "adamw":
+        return 2 * 4 * layout.partition + (4 if t.device == "cpu" else 0)
+    return 4 * layout.partition
+
+
+def zero_events(plan: Plan, t: TrainingSettings, rank: int = 0) -> list:
+    """The step's events on `rank` as (phase, bytes, parts), the one-GPU events rewritten (module docstring)."""
+    layout = zero_layout(plan, t, rank)
+    stage2 = t.sharding == "zero2"
+    # bf16.enabled: the engine casts every parameter to bf16 (engine.py ``_cast_module_mixed_precision``), so the
+    # step computes as a bf16 model does
+    one_gpu = replace(t, gpus=1, gpus_per_node=8, sharding="none", offload="none",
+                      precision="bf16" if t.precision == "mixed-bf16" else t.precision)
+    act = activation_profile(plan, one_gpu)
+    arrival = gradient_arrival(plan, one_gpu)
+    bucket = REDUCE_BUCKET_SIZE * layout.nbytes
+    states = _states(layout, t)
+    master = 4 * layout.partition
+    events = []
+    bucket_made = False
+    for name, _, parts in step_events(plan, one_gpu):
+        p = dict(parts, weights_trainable=layout.padded * layout.nbytes, master_weights=master)
+        p["optimizer_states"] = states
+        p["temporaries"] = p.get("temporaries", 0) + NORM_SCALAR + (BACKWARD_SCALARS[t.precision] if name.startswith("backward") else 0)
+        if name == "backward:head" and arrival.head:
+            # the head's gradient made, the loss's buffers gone, then the bucket for it (its first gradient)
+            events.append(_event(name, p))
+            name, p = "backward:bucket", dict(p, logits_loss=act.loss_scalars, gradient_buckets=bucket)
+            bucket_made = True
+        elif name.startswith("backward:layer") and not bucket_made and not arrival.head:
+            # the block whose backward makes the first gradient (LoRA's top block): the bucket from then on
+            i = int(name.removeprefix("backward:layer"))
+            p.update(_first_gradient_block(plan, one_gpu, act, arrival, i, bucket, stage2, dict(p)))
+            bucket_made = True
+        elif name.startswith("backward:layer") or name == "backward:end":
+            p["gradient_buckets"] = bucket
+            if stage2:  # every gradient so far copied into the bucket and autograd's freed; at the embeddings'
+                # backward theirs is made and not yet copied
+                p["gradients"] = arrival.input_side if name == "backward:end" else 0
+        elif name == "optimizer":
+            p["gradients"] = 0
+            p["gradient_partition"] = layout.in_partition * layout.nbytes
+            p["temporaries"] = _step_temporaries(layout, t) + NORM_SCALAR
+            p.pop("_other", None)
+        events.append(_event(name, p))
+        if name == "backward:end":
+            events.append(_reduce_event(p, layout, bucket))
+    return events
+
+
+def _first_gradient_block(plan: Plan, t: TrainingSettings, act, arrival, i: int, bucket: int, stage2: bool,
+                          parts: dict) -> dict:
+    """Block `i`'s backward event when it makes the step's first gradient: its backward replayed
+    (peftcalc.backward.run_backward over the block's recorded nodes, as peftcalc.sim.blocks.simulate_block
+    replays it) with the bucket a buffer from its first parameter gradient on (stage_1_and_2.py
+    ``setup_buckets`` runs in that gradient's hook), so the peak is the larger of the block's peak before it
+    and its peak after it plus the bucket. ZeRO-2 moves each gradient into the bucket as it is made
+    (autograd's is freed), so only ZeRO-1 keeps the block's gradients."""
+    from peftcalc.backward import run_backward
+    from peftcalc.families import build_layout, family
+    from peftcalc.methods.sites import BlockSites, distinct_layer_trainings
+    from peftcalc.ops.recorder import Recorder
+    from peftcalc.sim.profile import make_ctx
+
+    spec = plan.spec
+    ctx = make_ctx(spec, plan, t)
+    trainings, kinds = distinct_layer_trainings(plan, build_layout(spec))
+    below = act.blocks[i - 1] if i else None
+    rec = Recorder(ctx, bucket=0)
+    x = rec.new(ctx.tokens * spec.hidden_size, below.out_dtype if below else ctx.weight_dtype,
+                below.out_rg if below else True)
+    out = family(spec).block(rec, spec, BlockSites(spec, plan, trainings[kinds[i]]), x)
+    nodes, placed = [], False
+    for node in reversed(rec.nodes):  # backward order: the bucket before the first parameter gradient
+        steps = node[1]
+        k = next((j for j, step in enumerate(steps) if step[0] == "param"), None)
+        if k is not None and not placed:
+            steps, placed = steps[:k] + (("pending", bucket),) + steps[k:], True
+        nodes.append((node[0], steps) + tuple(node[2:]))
+    replay = run_backward(list(reversed(nodes)), rec.saved_bytes(), {out.id: out.nbytes} if out.requires_grad else {},
+                          in_place=ctx.device == "cuda")
+    peak = replay.peak
+    with_bucket = peak.buffers >= bucket
+    below_saved = parts["activations"] - act.blocks[i].backward.saved
+    return {"activations": below_saved + peak.saved,
+            "gradients": 0 if stage2 else min(peak.params, arrival.per_layer[i]),
+            "temporaries": parts["temporaries"] - act.blocks[i].backward.buffers + peak.buffers - (bucket if with_bucket else 0),
+            "gradient_buckets": bucket if with_bucket else 0}
+
+
+def _step_temporaries(layout: ZeroLayout, t: TrainingSettings) -> int:
+    """What the step adds beside grads_in_partition at its fullest (stage_1_and_2.py ``step``): the norm's fp64
+    copy of the partition's gradients (``get_grad_norm_direct``); with bf16 gradients their fp32 copy for the
+    partition (``single_partition_of_fp32_groups[i].grad``, made after the norm; grads_in_partition is released
+    before the optimizer runs: ``free_grad_in_param_list``), beside AdamW's single-tensor temporaries
+    (denominator and step, two fp32 partitions)."""
+    p = layout.partition
+    adam = 2 * 4 * p if t.optimizer == "adamw" else 0
+    if layout.nbytes == 4:  # the fp32 gradients are the partition's gradient (a view of grads_in_partition)
+        return max(8 * p, adam)
+    return max(8 * p, 4 * p, 4 * p + adam - layout.in_partition * layout.nbytes)
+
+
+def _reduce_event(end: dict, layout: ZeroLayout, bucket: int) -> tuple:
+    """The epilogue (``average_tensor``): activations and autograd's gradients gone, the bucket's gradients
+    flattened (one trainable-sized copy) beside the bucket."""
+    p = {k: v for k, v in end.items() if k in ("weights_frozen", "weights_trainable", "buffers", "inputs",
+                                                  "optimizer_states", "master_weights")}
+    p.update(gradient_buckets=bucket, temporaries=layout.trainable * layout.nbytes + NORM_SCALAR)
+    return _event("backward:reduce", p)
+
+
+def _event(name: str, parts: dict) -> tuple:
+    return name, sum(parts.values()), parts

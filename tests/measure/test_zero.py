@@ -1,0 +1,34 @@
+"""measure.zero: rank 0 of a DeepSpeed ZeRO job on torch's fake process group (skipped without deepspeed)."""
+
+import pytest
+
+from peftcalc.methods import MethodSettings
+from peftcalc.settings import TrainingSettings
+
+from measure.run import measure_one
+from measure.zero import deepspeed_config
+
+pytest.importorskip("deepspeed")
+
+
+def test_deepspeed_config_is_the_defaults():
+    t = TrainingSettings(batch_size=2, seq_len=32, precision="fp32", gpus=8, sharding="zero2")
+    assert deepspeed_config(t) == {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
+                                   "zero_optimization": {"stage": 2}}
+    bf16 = TrainingSettings(precision="mixed-bf16", gpus=8, sharding="zero3", offload="params")
+    assert deepspeed_config(bf16)["bf16"] == {"enabled": True}
+    assert deepspeed_config(bf16)["zero_optimization"]["offload_param"] == {"device": "cpu"}
+
+
+def test_zero2_rank0_trace_equals_prediction(tiny):
+    """Full fine-tuning at 3 ranks: the 5e8-element fp32 reduce bucket (2,000,000,000 bytes) and partitions of
+    147,780 / 3 = 49,260 elements (147,776 padded to a multiple of 6); the harness runs the client torch AdamW
+    under DeepSpeedZeroOptimizer. Traced: 2,001,960,312 bytes."""
+    run = tiny("tiny-llama", method="full")
+    t = TrainingSettings(batch_size=2, seq_len=32, precision="fp32", optimizer="adamw", device="cpu", gpus=3,
+                         sharding="zero2")
+    row = measure_one(run.spec, MethodSettings(method="full"), t, device="fake", steps=2)
+    assert row["outcome"] == "ok", row["error"]
+    m, p = row["measured"], row["predicted"]
+    assert m["peak_bytes"] == p["peak_bytes"] == 2_001_960_312 and m["peak_phase"] == "backward"
+    assert row["harness"]["zero_optimizer"] == "DeepSpeedZeroOptimizer" and row["harness"]["client_optimizer"] == "AdamW"
