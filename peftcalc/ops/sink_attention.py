@@ -18,7 +18,7 @@ def sink_attention(rec: Recorder, spec: ModelSpec, q: SymTensor, k: SymTensor, v
                    sinks_train: bool, tag: str) -> tuple[SymTensor, SymTensor]:
     """eager_attention_forward of gpt-oss, op by op: repeat_kv (a copy per GQA group), ``matmul(q, k^T) * scaling``
     (the matmul saves q and the repeated k), ``+ attention_mask`` (the eager float mask of the layer's type, in the
-    weights' dtype: type promotion), ``cat([scores, sinks.expand(b, heads, s, 1)], -1)`` (b, heads, s, kv + 1),
+    weights' dtype: type promotion; the local ``attn_weights`` holds the sum until it is rebound after dropout), ``cat([scores, sinks.expand(b, heads, s, 1)], -1)`` (b, heads, s, kv + 1),
     ``combined - combined.max(-1, keepdim=True).values`` (MaxBackward saves its int64 indices), ``softmax(...,
     dtype=combined.dtype)`` in the scores' dtype (saves its output; the shifted scores stay referenced by the local
     ``combined_logits`` until the function returns), ``probs[..., :-1]`` (a view: the matmul with v
@@ -54,7 +54,6 @@ def sink_attention(rec: Recorder, spec: ModelSpec, q: SymTensor, k: SymTensor, v
     combined = rec.new(wide, cdt, grad)
     sink_grad = [("param", heads * DTYPE_BYTES[ctx.weight_dtype])] if sinks_train else []
     rec.node(combined, sink_grad, [(masked.id, GRAD)] if qk_rg else [])
-    rec.free(masked)
     values = rec.new(rows, cdt, grad)
     indices = rec.new(rows, "int64", False)
     n = wide * DTYPE_BYTES[cdt]
@@ -73,6 +72,7 @@ def sink_attention(rec: Recorder, spec: ModelSpec, q: SymTensor, k: SymTensor, v
     rec.node(weights, [("new", "d", n)], [(probs.id, "d")])
     chain = [dropout(rec, weights, p_drop, tag)]
     chain.append(cast(rec, chain[-1], vr.dtype))
+    rec.free(masked)  # the local attn_weights, rebound to the dropped-out probabilities
     pv = chain[-1]
     vi = autocast_in(rec, vr)
     saved = []
