@@ -31,7 +31,7 @@ from peftcalc.config import load_spec
 from peftcalc.sim.profile import stream_dtypes
 from peftcalc.spec import ModelSpec
 from peftcalc.results import Cost, Estimate, GpuFit, Memory, Params, StorageInfo
-from peftcalc.storage import full_model_bytes, storage
+from peftcalc.storage import full_model_bytes, mxfp4_checkpoint_bytes, mxfp4_quantized, storage
 
 DEFAULT_MODEL = "llama-3.1-8b"
 DEFAULT_DATASET_TOKENS = 10_000_000
@@ -233,7 +233,9 @@ def estimate(
         memory=memory,
         gpus=fits,
         cost=cost,
-        storage=StorageInfo(st.per_task_bytes, st.base_bytes, tasks, st.total_bytes, full_total),
+        storage=StorageInfo(st.per_task_bytes, st.base_bytes, tasks, st.total_bytes, full_total,
+                            *((mxfp4_checkpoint_bytes(plan), full_model_bytes(plan, "bfloat16")) if mxfp4_quantized(plan)
+                              else (0, 0))),
         image_tokens=_tokens_per_sample(plan, t) - t.seq_len if spec.is_vlm or spec.is_blip2 else 0,
         gpus_auto=auto,
     )
