@@ -175,6 +175,7 @@ def estimate(
     reshard_after_forward: bool = True,
     offload: str = "none",
     routing: str = "balanced",
+    experts: str = "grouped_mm",
     gpu: str | None = None,
     price: float | None = None,
     tasks: int = 1,
@@ -200,7 +201,7 @@ def estimate(
                                trainer_loop=trainer_loop, gpus=1 if gpus == "auto" else gpus,
                                gpus_per_node=gpus_per_node, sharding=sharding,
                                reshard_after_forward=reshard_after_forward, offload=offload,
-                               routing=routing))
+                               routing=routing, experts=experts))
     check_combination(spec, settings, seq_len, grad_checkpointing)
     check_loss_applies(spec, t, stream_dtypes(make_plan(spec, settings), t)[1])
     _check_cost_inputs(gpu, price, tasks, dataset_tokens, mfu)

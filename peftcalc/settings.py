@@ -11,7 +11,7 @@ from peftcalc.checks import MAX_TOKENS_PER_STEP, require_bool, require_int, requ
 from peftcalc.errors import CombinationError, InputError
 
 __all__ = ["ATTENTIONS", "DEFAULT_OPTIMIZER", "DEVICES", "DTYPE_BYTES", "LOGITLESS_LOSSES", "LOSSES", "OFFLOADS",
-           "OPTIMIZERS", "PAGED_OPTIMIZERS", "PRECISIONS", "ROUTINGS", "SHARDINGS", "TrainingSettings", "check_loss_applies",
+           "EXPERTS", "OPTIMIZERS", "PAGED_OPTIMIZERS", "PRECISIONS", "ROUTINGS", "SHARDINGS", "TrainingSettings", "check_loss_applies",
            "check_parallel", "check_training"]
 
 # Precision policies: (storage dtype of the base weights, autocast compute dtype or None).
@@ -79,6 +79,16 @@ ROUTINGS = {
               "first top_k experts get over half the pairs",
     "worst": "every token goes to experts 0..top_k-1: top_k experts get every token, the others none",
 }
+# The experts implementation a mixture-of-experts model runs (transformers 5.x integrations/moe.py, set by
+# from_pretrained(experts_implementation=...) or config._experts_implementation; PreTrainedModel.
+# get_correct_experts_implementation makes grouped_mm the default of every experts class decorated with
+# @use_experts_implementation: Mixtral, Qwen2-MoE, Qwen3-MoE, gpt-oss)
+EXPERTS = {
+    "grouped_mm": "every (token, expert) pair sorted by expert, two torch._grouped_mm over the fused weights "
+                  "(the default)",
+    "batched_mm": "every pair's expert weights gathered ((S, out, in) copies) and two torch.bmm",
+    "eager": "the experts module's own forward: a Python loop over the experts hit, each on its tokens",
+}
 # cuda: predict torch.cuda.max_memory_allocated; cpu: the CPU allocator's figure, which is also what the harness's
 # fake-tensor trace counts, so "fake" is taken as a name for "cpu" (peftcalc measure --device fake)
 DEVICES = ("cuda", "cpu", "fake")
@@ -124,6 +134,7 @@ class TrainingSettings:
     offload: str = "none"
     # mixture-of-experts: how the router spreads tokens over the experts (ROUTINGS)
     routing: str = "balanced"
+    experts: str = "grouped_mm"  # the experts implementation (EXPERTS)
 
     def __post_init__(self):
         if self.device == "fake":  # the fake-tensor trace counts what the CPU allocator would (DEVICES)
@@ -159,6 +170,7 @@ def check_training(t: TrainingSettings) -> None:
     require_int("checkpoint_every", t.checkpoint_every)
     require_bool("checkpoint_reentrant", t.checkpoint_reentrant)
     require_str("routing", t.routing, ROUTINGS)
+    require_str("experts", t.experts, EXPERTS)
     _check_recipe(t)
     require_bool("trainer_loop", t.trainer_loop)
     if not t.grad_checkpointing and (t.checkpoint_every != 1 or t.checkpoint_reentrant):

@@ -24,7 +24,7 @@ from peftcalc.errors import CombinationError
 from peftcalc.families.mixtral import experts_lora, experts_training
 from peftcalc.families.record import Family, config_dropout
 from peftcalc.layout import Layout, Module, decoder_head, linear_module, norm_module
-from peftcalc.ops.moe import experts_grouped_mm, router_top_k_softmax
+from peftcalc.ops.moe import experts_forward, router_top_k_softmax
 from peftcalc.ops.norms import rms_norm
 from peftcalc.ops.recorder import Recorder, SymTensor
 from peftcalc.ops.rotary import rope_halves
@@ -109,7 +109,7 @@ def gpt_oss_block(rec: Recorder, spec: ModelSpec, sites, x: SymTensor) -> SymTen
     logits, scores, idx = router_top_k_softmax(rec, n2, h, spec.num_experts, spec.experts_per_token,
                                                sites.param_trains("mlp.router.weight"), "mlp.router")
     biases = (sites.param_trains("mlp.experts.gate_up_proj_bias"), sites.param_trains("mlp.experts.down_proj_bias"))
-    m = experts_grouped_mm(rec, n2, scores, idx, h, spec.expert_intermediate_size, spec.num_experts,
+    m = experts_forward(rec, n2, scores, idx, h, spec.expert_intermediate_size, spec.num_experts,
                            *experts_training(sites, "mlp.experts"), "", "mlp.experts", biases=biases,
                            **experts_lora(sites, "mlp.experts"))
     rec.free(logits, idx, n2, weights.base or weights)

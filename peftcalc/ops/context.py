@@ -32,6 +32,8 @@ class StepContext:
     # already has its .grad, so each new gradient is added into it and freed (peftcalc.backward)
     accumulating: bool = False
     fused_loss: str = ""  # "liger" or "cce": lm_head and cross-entropy fused (sim.head.fused_loss_head)
+    experts: str = "grouped_mm"  # a mixture-of-experts model's experts implementation (settings.EXPERTS)
+    routing: str = "balanced"  # how its router spreads the tokens (settings.ROUTINGS)
 
     @property
     def tokens(self) -> int:

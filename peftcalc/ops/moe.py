@@ -22,6 +22,8 @@ __all__ = [
     "add_bias_",
     "bias_gather",
     "clamped_swiglu",
+    "experts_batched_mm",
+    "experts_forward",
     "experts_grouped_mm",
     "gather_rows",
     "grouped_mm",
@@ -251,6 +253,98 @@ def experts_grouped_mm(rec: Recorder, x: SymTensor, top: SymTensor, idx: SymTens
     return out
 
 
+def experts_forward(rec: Recorder, *args, **kwargs) -> SymTensor:
+    """The experts as the step's experts implementation runs them (StepContext.experts; transformers' ExpertsInterface
+    in integrations/moe.py, grouped_mm by default): experts_grouped_mm, experts_batched_mm or experts_eager."""
+    impl = {"grouped_mm": experts_grouped_mm, "batched_mm": experts_batched_mm}.get(rec.ctx.experts)
+    if impl is None:
+        from peftcalc.ops.moe_eager import experts_eager as impl
+    return impl(rec, *args, **kwargs)
+
+
+def experts_batched_mm(rec: Recorder, x: SymTensor, top: SymTensor, idx: SymTensor, hidden: int, inter: int,
+                       experts: int, trains: tuple, act: str, tag: str, lora: tuple = (0, 0),
+                       scaling: float = 2.0, biases: tuple | None = None) -> SymTensor:
+    """batched_mm_experts_forward (transformers 5.x integrations/moe.py), op by op: ``repeat_interleave`` of the tokens
+    (an (S, h) copy; its backward sums the pairs' gradients back), each pair's expert weights gathered,
+    ``gate_up_proj[expert_ids]`` (an (S, 2I, h) copy: IndexBackward saves the ids, backward new zeros like the
+    parameter and index_put into its .grad), ``bmm`` with the tokens (saves both: the gathered weights when the
+    tokens need a gradient), the gate (biases and gpt-oss's clamped SwiGLU as under grouped_mm), the down weights
+    gathered and ``bmm`` again, the product with the routing weights, ``view(T, k, h).sum(1)``. Its tensors are
+    (S, .) whatever the routing, like grouped_mm's, but every pair holds a copy of its expert's weights."""
+    tokens = x.numel // hidden
+    pairs = top.numel
+    shapes = ((hidden, 2 * inter), (inter, hidden))
+    factors = [None, None]
+    for i in (1, 0):
+        if lora[i]:
+            factors[i] = lora_factors(rec, experts, shapes[i][0], shapes[i][1], lora[i])
+    xs = rec.new(pairs * hidden, x.dtype, x.requires_grad)  # repeat_interleave: expand, then a copy
+    rec.node(xs, *input_grads(x))
+    merged = [None, None]
+    if factors[0]:
+        merged[0] = lora_weight(rec, factors[0], experts, hidden, 2 * inter, scaling, f"{tag}.gate_up_proj")
+    w_gu = _weight_rows(rec, idx, pairs, experts, hidden * 2 * inter, trains[0], merged[0], f"{tag}.gate_up_proj")
+    bias_rows = bias_gather(rec, idx, pairs, experts, 2 * inter, biases[0], f"{tag}.gate_up_proj_bias") if biases else None
+    gu = _bmm(rec, xs, w_gu, pairs * 2 * inter, f"{tag}.gate_up_proj")
+    gu = add_bias_(rec, gu, bias_rows, on_view=True)
+    p = clamped_swiglu(rec, gu, pairs, inter, tag) if biases else _split_gate(rec, gu, pairs, inter, act, tag)
+    rec.free(gu.base or gu)
+    if factors[1]:
+        merged[1] = lora_weight(rec, factors[1], experts, inter, hidden, scaling, f"{tag}.down_proj")
+    w_d = _weight_rows(rec, idx, pairs, experts, inter * hidden, trains[1], merged[1], f"{tag}.down_proj")
+    down_rows = bias_gather(rec, idx, pairs, experts, hidden, biases[1], f"{tag}.down_proj_bias") if biases else None
+    rec.free(bias_rows, w_gu)  # selected_weights / selected_biases rebound
+    down = _bmm(rec, p, w_d, pairs * hidden, f"{tag}.down_proj")
+    down = add_bias_(rec, down, down_rows, on_view=True)
+    rec.free(p)
+    weighted = _weigh(rec, down, rec.view(top, pairs), f"{tag}.routing_weights")
+    rec.free(down.base or down)
+    summed = rec.new(tokens * hidden, weighted.dtype, weighted.requires_grad)
+    rec.node(summed, [("new", "d", weighted.nbytes)], [(weighted.id, "d")])  # the view's backward copies
+    out = cast(rec, summed, x.dtype)
+    if out is not summed:
+        rec.free(summed)
+    rec.free(xs, w_d, down_rows, weighted)  # the locals go when the function returns
+    for f in factors:
+        if f and f[2]:
+            rec.free(f[0], f[1])
+    rec.free(*[w for w in merged if w is not None])
+    return out
+
+
+def _weight_rows(rec: Recorder, idx: SymTensor, pairs: int, experts: int, numel: int, trains: bool,
+                 merged: SymTensor | None, tag: str) -> SymTensor:
+    """``weight[expert_ids]``: each pair's expert's (out, in) weight, a copy in the weights' dtype; IndexBackward saves
+    the ids and, backward, new zeros like the (E, out, in) weight and an index_put into its gradient (the .grad, or
+    LoRA's merged weight's)."""
+    wd = rec.ctx.weight_dtype
+    grad = trains or (merged is not None and merged.requires_grad)
+    rows = rec.new(pairs * numel, wd, grad)
+    if grad:
+        nbytes = experts * numel * DTYPE_BYTES[wd]
+        saved = [rec.save(idx, f"{tag}.expert_ids")]
+        if merged is not None:
+            rec.node(rows, [("new", "z", nbytes), ("new", "d", nbytes), ("free", "z")], [(merged.id, "d")], saved)
+        else:
+            rec.node(rows, [("new", "z", nbytes), ("param", nbytes), ("free", "z")], saved=saved)
+    return rows
+
+
+def _bmm(rec: Recorder, x: SymTensor, w: SymTensor, out_numel: int, tag: str) -> SymTensor:
+    """_batched_linear's ``bmm`` of each pair's input with its gathered weight: BmmBackward saves the weights for the
+    input's gradient and the input for the weights'; backward, the weights' gradient (the gathered size) and the
+    input's."""
+    saved = []
+    if x.requires_grad:
+        saved.append(rec.save(w, f"{tag}.gathered_weight"))
+    if w.requires_grad:
+        saved.append(rec.save(x, f"{tag}.input"))
+    out = rec.new(out_numel, x.dtype, x.requires_grad or w.requires_grad)
+    rec.node(out, *input_grads(w, x), saved=saved)
+    return out
+
+
 def _split_gate(rec: Recorder, gu: SymTensor, pairs: int, inter: int, act: str, tag: str) -> SymTensor:
     """_default_apply_gate (integrations/moe.py): ``gate, up = gate_up.chunk(2, -1)``; ``act_fn(gate) * up``."""
     gate = rec.view(gu, pairs * inter)
@@ -314,13 +408,20 @@ def _clamp(rec: Recorder, x: SymTensor, both: bool, tag: str) -> SymTensor:
     return y
 
 
-def add_bias_(rec: Recorder, out: SymTensor, rows: SymTensor | None) -> SymTensor:
+def add_bias_(rec: Recorder, out: SymTensor, rows: SymTensor | None, on_view: bool = False) -> SymTensor:
     """``out.add_(bias_rows)`` (integrations/moe.py _grouped_linear): in place, no new storage; AddBackward hands the
-    incoming gradient to the grouped_mm's output and to the gathered rows."""
+    incoming gradient to the grouped_mm's output and to the gathered rows. `on_view`: _batched_linear adds into
+    ``bmm(...).squeeze()``, a view, so autograd's CopySlices runs the add's backward (traced: new zeros the view's
+    size, the incoming gradient dropped, then a copy of it for the bmm and a clone for the add, the zeros freed)."""
     if rows is None:
         return out
     y = rec.view(out, out.numel)
     y.requires_grad = out.requires_grad or rows.requires_grad
+    if on_view and y.requires_grad:
+        n = out.nbytes
+        rec.node(y, [("new", "z", n), ("free", GRAD), ("new", "r", n), ("new", "c", n), ("free", "z")],
+                 [(t.id, name) for t, name in ((out, "r"), (rows, "c")) if t.requires_grad])
+        return y
     rec.node(y, outputs=[(t.id, GRAD) for t in (out, rows) if t.requires_grad])
     return y
 
