@@ -222,8 +222,6 @@ def estimate(
     if chosen is not None:
         cost = _cost_on(plan, t, chosen, mfu, dataset_tokens, price if gpu else None)
     weight_dtype = t.weight_dtype if method != "qlora" else t.compute_dtype
-    st = storage(plan, weight_dtype, tasks)
-    full_total = tasks * full_model_bytes(plan, weight_dtype)  # T full copies (what full fine-tuning stores)
     return Estimate(
         model=spec.name,
         architecture=spec.architecture,
@@ -234,12 +232,19 @@ def estimate(
         memory=memory,
         gpus=fits,
         cost=cost,
-        storage=StorageInfo(st.per_task_bytes, st.base_bytes, tasks, st.total_bytes, full_total,
-                            *((mxfp4_checkpoint_bytes(plan), full_model_bytes(plan, "bfloat16")) if mxfp4_quantized(plan)
-                              else (0, 0))),
+        storage=_storage_info(plan, weight_dtype, tasks),
         image_tokens=_tokens_per_sample(plan, t) - t.seq_len if spec.is_vlm or spec.is_blip2 else 0,
         gpus_auto=auto,
     )
+
+
+def _storage_info(plan, weight_dtype: str, tasks: int) -> StorageInfo:
+    """One base plus T task files against T full copies (what full fine-tuning stores); where the published
+    checkpoint is MXFP4 (gpt-oss), its size beside the bf16 model the recipes load (peftcalc.storage)."""
+    st = storage(plan, weight_dtype, tasks)
+    full_total = tasks * full_model_bytes(plan, weight_dtype)
+    quantized = (mxfp4_checkpoint_bytes(plan), full_model_bytes(plan, "bfloat16")) if mxfp4_quantized(plan) else (0, 0)
+    return StorageInfo(st.per_task_bytes, st.base_bytes, tasks, st.total_bytes, full_total, *quantized)
 
 
 AUTO_GPU = "H100 80GB"  # the card --gpus auto counts when --gpu names none

@@ -72,7 +72,8 @@ _OFFLOADS_BY_SHARDING = {"fsdp": ("params",), "hsdp": ("params",), "zero1": ("op
                          "zero2": ("optimizer",), "zero3": ("optimizer", "params")}
 # How a mixture-of-experts router spreads the S = tokens x top_k (token, expert) pairs of a step over the E experts
 # (the harness drives the router to exactly this: measure/routing.py). Under transformers' default experts
-# implementation (grouped_mm) the bytes do not depend on it: every pair is one row of the same (S, .) tensors.
+# implementation (grouped_mm) the bytes do not depend on it: every pair is one row of the same (S, .) tensors (nor under
+# batched_mm: every pair gathers its expert's weights; the eager loop, per expert, would).
 ROUTINGS = {
     "balanced": "pair (t, j) of token t goes to expert (t * top_k + j) mod E: every expert gets S / E pairs",
     "skewed": "even tokens go to experts 0..top_k-1, the u-th odd token to experts (u * top_k + j) mod E: the "

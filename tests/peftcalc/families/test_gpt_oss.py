@@ -87,3 +87,25 @@ def test_tiny_gpt_oss_fake_trace_equals_prediction(method, training):
     row = measure_one(TINY, method, TrainingSettings(**{"batch_size": 2, "seq_len": 64, **training}), "fake", 2)
     assert row["outcome"] == "ok", row["error"]
     assert row["measured"]["peak_bytes"] == row["predicted"]["peak_bytes"]
+
+
+def test_batched_mm_predicts_the_gathered_expert_weights():
+    """batched_mm gathers each (token, expert) pair's expert weights: on tiny gpt-oss (2 x 64 tokens, top-2: S = 256
+    pairs) the gate_up copies are 256 x 64 x 64 values and the down copies 256 x 32 x 64, saved for the input's
+    gradient in every layer; grouped_mm keeps none. The fake trace of full bf16 with checkpointing equals the
+    prediction, and the prediction exceeds grouped_mm's by more than one layer's copies (2 bytes each)."""
+    training = TrainingSettings(batch_size=2, seq_len=64, precision="bf16", optimizer="sgd", grad_checkpointing=True,
+                                experts="batched_mm")
+    row = measure_one(TINY, MethodSettings("full"), training, "fake", 2)
+    assert row["outcome"] == "ok", row["error"]
+    assert row["measured"]["peak_bytes"] == row["predicted"]["peak_bytes"]
+    grouped = estimate(TINY, method="full", batch_size=2, seq_len=64, precision="bf16", optimizer="sgd",
+                       grad_checkpointing=True, device="cpu").memory.peak_bytes
+    assert row["predicted"]["peak_bytes"] - grouped > 256 * (64 * 64 + 32 * 64) * 2
+
+
+def test_eager_experts_loop_is_refused_in_one_line():
+    from peftcalc.errors import CombinationError
+
+    with pytest.raises(CombinationError, match="eager experts implementation is not modelled"):
+        estimate(TINY, method="lora", seq_len=32, device="cpu", experts="eager")
