@@ -80,7 +80,7 @@ INT_KEYS = ("steps", "seed", "rank", "alpha", "bottleneck", "num_virtual_tokens"
 BOOL_KEYS = ("prepare_kbit", "dora", "double_quant", "grad_checkpointing", "checkpoint_reentrant", "keep_outputs",
              "offload_activations", "reshard_after_forward")
 STR_KEYS = ("model", "device", "method", "targets", "adapter_kind", "precision", "optimizer", "attention", "loss",
-            "sharding", "offload", "routing")
+            "sharding", "offload", "routing", "experts")
 FLOAT_KEYS = ("max_grad_norm",)
 ROW_TIMEOUT_S = 1800
 

@@ -140,7 +140,8 @@ def prepare_for_training(model, spec: ModelSpec, training: TrainingSettings) -> 
     and as ``prepare_model_for_kbit_training`` does under reentrant checkpointing (BLIP-2, main input
     pixel_values too, needs none: its Q-Former's input is the trainable query tokens). Decoder classifiers
     without a pad token get ``pad_token_id = vocab_size - 1`` so batch > 1 runs (the inputs never
-    contain it). A mixture-of-experts model's routers are driven to ``training.routing`` (measure.routing)."""
+    contain it). A mixture-of-experts model's routers are driven to ``training.routing`` (measure.routing), its experts run
+    ``training.experts`` (transformers' grouped_mm default, batched_mm or the module's eager loop)."""
     inner = transformers_model(model)
     inner.config.use_cache = False
     if spec.is_vlm:  # the language model reads text_config.use_cache (see measure.build.transformers_config)
@@ -163,6 +164,9 @@ def prepare_for_training(model, spec: ModelSpec, training: TrainingSettings) -> 
     if spec.num_experts:  # the routing the calculator is told (measure.routing)
         drive_routing(inner, spec.num_experts, training.routing)
         notes["routing"] = training.routing
+        if training.experts != inner.config._experts_implementation:  # PreTrainedModel.set_experts_implementation
+            inner.set_experts_implementation(training.experts)
+            notes["experts"] = training.experts
     model.train()
     return notes
 

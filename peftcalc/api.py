@@ -32,7 +32,7 @@ from peftcalc.config import load_spec
 from peftcalc.sim.profile import stream_dtypes
 from peftcalc.spec import ModelSpec
 from peftcalc.results import Cost, Estimate, GpuFit, Memory, Params, StorageInfo
-from peftcalc.storage import full_model_bytes, storage
+from peftcalc.storage import full_model_bytes, mxfp4_checkpoint_bytes, mxfp4_quantized, storage
 
 DEFAULT_MODEL = "llama-3.1-8b"
 DEFAULT_DATASET_TOKENS = 10_000_000
@@ -176,6 +176,7 @@ def estimate(
     reshard_after_forward: bool = True,
     offload: str = "none",
     routing: str = "balanced",
+    experts: str = "grouped_mm",
     gpu: str | None = None,
     price: float | None = None,
     tasks: int = 1,
@@ -201,7 +202,7 @@ def estimate(
                                trainer_loop=trainer_loop, gpus=1 if gpus == "auto" else gpus,
                                gpus_per_node=gpus_per_node, sharding=sharding,
                                reshard_after_forward=reshard_after_forward, offload=offload,
-                               routing=routing))
+                               routing=routing, experts=experts))
     check_combination(spec, settings, seq_len, grad_checkpointing)
     check_loss_applies(spec, t, stream_dtypes(make_plan(spec, settings), t)[1])
     _check_cost_inputs(gpu, price, tasks, dataset_tokens, mfu)
@@ -222,8 +223,6 @@ def estimate(
     if chosen is not None:
         cost = _cost_on(plan, t, chosen, mfu, dataset_tokens, price if gpu else None)
     weight_dtype = t.weight_dtype if method != "qlora" else t.compute_dtype
-    st = storage(plan, weight_dtype, tasks)
-    full_total = tasks * full_model_bytes(plan, weight_dtype)  # T full copies (what full fine-tuning stores)
     return Estimate(
         model=spec.name,
         architecture=spec.architecture,
@@ -234,10 +233,19 @@ def estimate(
         memory=memory,
         gpus=fits,
         cost=cost,
-        storage=StorageInfo(st.per_task_bytes, st.base_bytes, tasks, st.total_bytes, full_total),
+        storage=_storage_info(plan, weight_dtype, tasks),
         image_tokens=_tokens_per_sample(plan, t) - t.seq_len if spec.is_vlm or spec.is_blip2 else 0,
         gpus_auto=auto,
     )
+
+
+def _storage_info(plan, weight_dtype: str, tasks: int) -> StorageInfo:
+    """One base plus T task files against T full copies (what full fine-tuning stores); where the published
+    checkpoint is MXFP4 (gpt-oss), its size beside the bf16 model the recipes load (peftcalc.storage)."""
+    st = storage(plan, weight_dtype, tasks)
+    full_total = tasks * full_model_bytes(plan, weight_dtype)
+    quantized = (mxfp4_checkpoint_bytes(plan), full_model_bytes(plan, "bfloat16")) if mxfp4_quantized(plan) else (0, 0)
+    return StorageInfo(st.per_task_bytes, st.base_bytes, tasks, st.total_bytes, full_total, *quantized)
 
 
 AUTO_GPU = "H100 80GB"  # the card --gpus auto counts when --gpu names none

@@ -112,6 +112,8 @@ CKPT_REENTRANT = typer.Option(False, "--checkpoint-reentrant", help="With --grad
 ATTENTION = typer.Option("sdpa", "--attention", help="sdpa | eager")
 ROUTING = typer.Option("balanced", "--routing", help="Mixture-of-experts routing: balanced | skewed | worst "
                        "(how the router spreads tokens over the experts; see peftcalc.settings.ROUTINGS).")
+EXPERTS_IMPL = typer.Option("grouped_mm", "--experts", help="Mixture-of-experts experts implementation: grouped_mm "
+                            "(transformers' default) | batched_mm | eager (see peftcalc.settings.EXPERTS).")
 DEVICE = typer.Option("cuda", "--device", help="cuda | cpu | fake, as measure takes them. cuda: predict "
                       "torch.cuda.max_memory_allocated; cpu: the CPU allocator's peak; fake: the fake-tensor trace, "
                       "which counts what the CPU allocator would (the same figure as cpu).")

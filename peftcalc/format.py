@@ -189,9 +189,14 @@ def storage_sentence(e) -> str:
     base = ""
     if s.base_bytes:
         base = f" (base {human_bytes(s.base_bytes)} + {plural(s.tasks, task_file_word(e.method.method, 1))})"
+    checkpoint = ""
+    if s.mxfp4_checkpoint_bytes:
+        checkpoint = (f". Checkpoint as published: {human_bytes(s.mxfp4_checkpoint_bytes)} with the experts in MXFP4 "
+                      f"(4-bit values, one uint8 scale per 32), {human_bytes(s.bf16_checkpoint_bytes)} in bf16 as "
+                      "Mxfp4Config(dequantize=True) loads it for fine-tuning")
     return (f"Storage: {human_bytes(s.per_task_bytes)} per task; {plural(s.tasks, 'task')} = "
             f"{human_bytes(s.total_bytes)}{base}; {plural(s.tasks, 'full fine-tuned copy', 'full fine-tuned copies')}"
-            f" = {human_bytes(s.full_models_total_bytes)}")
+            f" = {human_bytes(s.full_models_total_bytes)}{checkpoint}")
 
 
 def _gpu_rows(e) -> list[list[str]]:

@@ -81,6 +81,10 @@ class StorageInfo:
     tasks: int
     total_bytes: int
     full_models_total_bytes: int  # T full fine-tuned copies, for comparison
+    # the checkpoint as published where it is quantized (MXFP4: gpt-oss), and the same model in bf16 as the
+    # fine-tuning recipes load it (0, 0 where the checkpoint is the model in its dtype)
+    mxfp4_checkpoint_bytes: int = 0
+    bf16_checkpoint_bytes: int = 0
 
 
 @dataclass(frozen=True)

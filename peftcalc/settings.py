@@ -10,9 +10,10 @@ from dataclasses import dataclass
 from peftcalc.checks import MAX_TOKENS_PER_STEP, require_bool, require_int, require_number, require_str
 from peftcalc.errors import CombinationError, InputError
 
-__all__ = ["ATTENTIONS", "DEFAULT_OPTIMIZER", "DEVICES", "DTYPE_BYTES", "EIGHT_BIT_OPTIMIZERS", "LOGITLESS_LOSSES",
-           "LOSSES", "OFFLOADS", "ONE_STATE_OPTIMIZERS", "OPTIMIZERS", "PAGED_OPTIMIZERS", "PRECISIONS", "ROUTINGS",
-           "SHARDINGS", "TrainingSettings", "check_loss_applies", "check_modelled", "check_parallel", "check_training"]
+__all__ = ["ATTENTIONS", "DEFAULT_OPTIMIZER", "DEVICES", "DTYPE_BYTES", "EIGHT_BIT_OPTIMIZERS", "EXPERTS",
+           "LOGITLESS_LOSSES", "LOSSES", "OFFLOADS", "ONE_STATE_OPTIMIZERS", "OPTIMIZERS", "PAGED_OPTIMIZERS", "PRECISIONS",
+           "ROUTINGS", "SHARDINGS", "TrainingSettings", "check_loss_applies", "check_modelled", "check_parallel",
+           "check_training"]
 
 # Precision policies: (storage dtype of the base weights, autocast compute dtype or None).
 #   fp32      everything fp32
@@ -84,12 +85,23 @@ _OFFLOADS_BY_SHARDING = {"fsdp": ("params",), "hsdp": ("params",), "zero1": ("op
                          "zero2": ("optimizer",), "zero3": ("optimizer", "params")}
 # How a mixture-of-experts router spreads the S = tokens x top_k (token, expert) pairs of a step over the E experts
 # (the harness drives the router to exactly this: measure/routing.py). Under transformers' default experts
-# implementation (grouped_mm) the bytes do not depend on it: every pair is one row of the same (S, .) tensors.
+# implementation (grouped_mm) the bytes do not depend on it: every pair is one row of the same (S, .) tensors (nor under
+# batched_mm: every pair gathers its expert's weights; the eager loop, per expert, would).
 ROUTINGS = {
     "balanced": "pair (t, j) of token t goes to expert (t * top_k + j) mod E: every expert gets S / E pairs",
     "skewed": "even tokens go to experts 0..top_k-1, the u-th odd token to experts (u * top_k + j) mod E: the "
               "first top_k experts get over half the pairs",
     "worst": "every token goes to experts 0..top_k-1: top_k experts get every token, the others none",
+}
+# The experts implementation a mixture-of-experts model runs (transformers 5.x integrations/moe.py, set by
+# from_pretrained(experts_implementation=...) or config._experts_implementation; PreTrainedModel.
+# get_correct_experts_implementation makes grouped_mm the default of every experts class decorated with
+# @use_experts_implementation: Mixtral, Qwen2-MoE, Qwen3-MoE, gpt-oss)
+EXPERTS = {
+    "grouped_mm": "every (token, expert) pair sorted by expert, two torch._grouped_mm over the fused weights "
+                  "(the default)",
+    "batched_mm": "every pair's expert weights gathered ((S, out, in) copies) and two torch.bmm",
+    "eager": "the experts module's own forward: a Python loop over the experts hit, each on its tokens",
 }
 # cuda: predict torch.cuda.max_memory_allocated; cpu: the CPU allocator's figure, which is also what the harness's
 # fake-tensor trace counts, so "fake" is taken as a name for "cpu" (peftcalc measure --device fake)
@@ -136,6 +148,7 @@ class TrainingSettings:
     offload: str = "none"
     # mixture-of-experts: how the router spreads tokens over the experts (ROUTINGS)
     routing: str = "balanced"
+    experts: str = "grouped_mm"  # the experts implementation (EXPERTS)
 
     def __post_init__(self):
         if self.device == "fake":  # the fake-tensor trace counts what the CPU allocator would (DEVICES)
@@ -171,6 +184,7 @@ def check_training(t: TrainingSettings) -> None:
     require_int("checkpoint_every", t.checkpoint_every)
     require_bool("checkpoint_reentrant", t.checkpoint_reentrant)
     require_str("routing", t.routing, ROUTINGS)
+    require_str("experts", t.experts, EXPERTS)
     _check_recipe(t)
     require_bool("trainer_loop", t.trainer_loop)
     if not t.grad_checkpointing and (t.checkpoint_every != 1 or t.checkpoint_reentrant):

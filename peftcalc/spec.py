@@ -7,6 +7,8 @@ through peftcalc.config.spec_from_config / load_spec.
 
 from __future__ import annotations
 
+import copy
+
 from dataclasses import dataclass, field
 
 from peftcalc.errors import InputError
@@ -217,5 +219,7 @@ def optional_window(config: dict, default: int | None, where: str) -> int | None
 
 def transformers_config_kwargs(spec: ModelSpec) -> dict:
     """The config as `transformers.AutoConfig.for_model(model_type, **kwargs)` takes it: the
-    registry's bookkeeping keys (`_source`, `_aliases`, `_note`) dropped."""
-    return {k: v for k, v in spec.hf_config.items() if not k.startswith("_") and k != "model_type"}
+    registry's bookkeeping keys (`_source`, `_aliases`, `_note`) dropped, every value a copy (transformers 5.x
+    standardizes a config's rope_scaling dict in place, adding rope_theta to it: the spec's own config, and the
+    config sha rows are keyed by, would change after the first model built)."""
+    return {k: copy.deepcopy(v) for k, v in spec.hf_config.items() if not k.startswith("_") and k != "model_type"}

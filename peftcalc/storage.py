@@ -17,10 +17,13 @@ from peftcalc.plan import Plan
 from peftcalc.settings import DTYPE_BYTES
 from peftcalc.families import kept_in_fp32
 
-__all__ = ["SAFETENSORS_DTYPE", "Storage", "adapter_tensors", "full_model_bytes", "safetensors_size", "storage",
-           "stored_dtype"]
+__all__ = ["MXFP4_BLOCK", "SAFETENSORS_DTYPE", "Storage", "adapter_tensors", "full_model_bytes", "mxfp4_checkpoint_bytes",
+           "mxfp4_quantized", "safetensors_size", "storage", "stored_dtype"]
 
-SAFETENSORS_DTYPE = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
+SAFETENSORS_DTYPE = {"float32": "F32", "bfloat16": "BF16", "float16": "F16", "uint8": "U8"}
+
+# MXFP4 (OCP Microscaling, FP4 E2M1 elements): 32 values share one E8M0 scale byte; two 4-bit values per byte
+MXFP4_BLOCK = 32
 
 
 def safetensors_size(tensors: list[tuple[str, tuple, str]], metadata: dict | None = None) -> int:
@@ -97,3 +100,33 @@ def storage(plan: Plan, weight_dtype: str, tasks: int) -> Storage:
         return Storage(full_model_bytes(plan, weight_dtype), 0, tasks)
     per_task = safetensors_size(adapter_tensors(plan, weight_dtype), {"format": "pt"})
     return Storage(per_task, full_model_bytes(plan, weight_dtype), tasks)
+
+
+def mxfp4_quantized(plan: Plan) -> bool:
+    """Whether the model's config names an MXFP4 checkpoint (``quantization_config.quant_method == "mxfp4"``:
+    openai/gpt-oss-20b and -120b)."""
+    q = plan.spec.hf_config.get("quantization_config")
+    return isinstance(q, dict) and q.get("quant_method") == "mxfp4"
+
+
+def mxfp4_checkpoint_bytes(plan: Plan) -> int:
+    """The checkpoint as published with its fused experts in MXFP4, one safetensors file: each (E, out, in) experts
+    parameter as ``<name>_blocks`` uint8 (E, out, in / 32, 16), two 4-bit values a byte, and ``<name>_scales`` uint8
+    (E, out, in / 32), one scale per 32 values (transformers integrations/mxfp4.py, the blocks/scales pairs it
+    dequantizes with ``Mxfp4Config(dequantize=True)``); every other tensor bf16 (the config's modules_to_not_convert:
+    attention, router, embeddings, head; the experts' biases, norms and sinks are not quantized either). The
+    published files are this split into shards, each with its own header (a few KB more)."""
+    layout = build_layout(plan.spec)
+    experts = {m.path: m for m in layout.modules if m.role == "experts"}
+    tensors = []
+    for g in plan.groups:
+        if g.origin != "base":
+            continue
+        m = experts.get(g.name)
+        if m is None:
+            tensors.append((g.name, g.shape, "bfloat16"))
+            continue
+        e, out_f, in_f = m.shape
+        tensors.append((f"{g.name}_blocks", (e, out_f, in_f // MXFP4_BLOCK, MXFP4_BLOCK // 2), "uint8"))
+        tensors.append((f"{g.name}_scales", (e, out_f, in_f // MXFP4_BLOCK), "uint8"))
+    return safetensors_size(tensors, {"format": "pt"})

@@ -2,7 +2,7 @@
 MLP. Each block's ``mlp`` is a MixtralSparseMoeBlock: a top-k router (``mlp.gate.weight``, E x hidden, a bare
 parameter used through F.linear) and MixtralExperts, the experts stored fused as two 3-D parameters
 (``mlp.experts.gate_up_proj`` E x 2I x hidden, ``mlp.experts.down_proj`` E x hidden x I), run by transformers'
-default experts implementation, ``grouped_mm`` (peftcalc.ops.moe).
+default experts implementation, ``grouped_mm``, or ``batched_mm`` (--experts; peftcalc.ops.moe.experts_forward).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from peftcalc.errors import InputError
 from peftcalc.families.llama import llama_attention_half, llama_config, rotary_buffer_bytes
 from peftcalc.families.record import Family
 from peftcalc.layout import Layout, Module, decoder_head, linear_module, norm_module
-from peftcalc.ops.moe import experts_grouped_mm, router_top_k
+from peftcalc.ops.moe import experts_forward, router_top_k
 from peftcalc.ops.norms import rms_norm
 from peftcalc.ops.recorder import Recorder, SymTensor
 from peftcalc.ops.tensor_ops import add
@@ -75,12 +75,12 @@ def mixtral_layout(spec: ModelSpec) -> Layout:
 
 def moe_mlp(rec: Recorder, spec: ModelSpec, sites, x: SymTensor, prefix: str = "mlp") -> SymTensor:
     """MixtralSparseMoeBlock.forward (router_jitter_noise 0, the default): the router on the flattened tokens,
-    then the experts (grouped_mm, the default experts implementation); the router's logits, the top-k weights
+    then the experts (ops.moe.experts_forward: grouped_mm, the default experts implementation, or batched_mm); the router's logits, the top-k weights
     and indices are locals of the block until it returns."""
     logits, weights, idx = router_top_k(rec, x, spec.hidden_size, spec.num_experts, spec.experts_per_token,
                                         sites.param_trains(f"{prefix}.gate.weight"), spec.norm_topk_prob,
                                         f"{prefix}.gate")
-    out = experts_grouped_mm(rec, x, weights, idx, spec.hidden_size, spec.expert_intermediate_size, spec.num_experts,
+    out = experts_forward(rec, x, weights, idx, spec.hidden_size, spec.expert_intermediate_size, spec.num_experts,
                              *experts_training(sites, f"{prefix}.experts"), spec.hidden_act, f"{prefix}.experts",
                              **experts_lora(sites, f"{prefix}.experts"))
     rec.free(logits, weights.base or weights, idx)

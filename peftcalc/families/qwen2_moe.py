@@ -1,8 +1,8 @@
 """Qwen2-MoE (transformers models/qwen2_moe/modeling_qwen2_moe.py; Qwen1.5-MoE-A2.7B): Qwen2's attention (q/k/v
 biases with qkv_bias, none on o_proj) and in every layer a Qwen2MoeSparseMoeBlock: the router (``gate``, softmax in
-fp32, top-k, scores cast back to the logits' dtype), the routed experts (fused 3-D parameters, grouped_mm), and a
-shared expert every token goes through (a gated SiLU MLP of nn.Linear, shared_expert_intermediate_size) scaled by
-``sigmoid(shared_expert_gate(x))`` (a Linear hidden -> 1).
+fp32, top-k, scores cast back to the logits' dtype), the routed experts (fused 3-D parameters, grouped_mm or
+--experts batched_mm), and a shared expert every token goes through (a gated SiLU MLP of nn.Linear,
+shared_expert_intermediate_size) scaled by ``sigmoid(shared_expert_gate(x))`` (a Linear hidden -> 1).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from peftcalc.families.llama import llama_attention_half, llama_config, rotary_b
 from peftcalc.families.mixtral import attention_modules, experts_lora, experts_modules, experts_training, moe_settings
 from peftcalc.families.record import Family
 from peftcalc.layout import Layout, Module, decoder_head, linear_module, norm_module
-from peftcalc.ops.moe import experts_grouped_mm, router_top_k
+from peftcalc.ops.moe import experts_forward, router_top_k
 from peftcalc.ops.nonlinear import activation
 from peftcalc.ops.norms import rms_norm
 from peftcalc.ops.recorder import Recorder, SymTensor, input_grads
@@ -88,7 +88,7 @@ def qwen2_moe_block(rec: Recorder, spec: ModelSpec, sites, x: SymTensor) -> SymT
     logits, weights, idx = router_top_k(rec, n2, h, spec.num_experts, spec.experts_per_token,
                                         sites.param_trains("mlp.gate.weight"), spec.norm_topk_prob, "mlp.gate",
                                         scores_in_logits_dtype=True)
-    routed = experts_grouped_mm(rec, n2, weights, idx, h, spec.expert_intermediate_size, spec.num_experts,
+    routed = experts_forward(rec, n2, weights, idx, h, spec.expert_intermediate_size, spec.num_experts,
                                 *experts_training(sites, "mlp.experts"), spec.hidden_act, "mlp.experts",
                                 **experts_lora(sites, "mlp.experts"))
     gl = sites.linear(rec, n2, "mlp.shared_expert_gate", h, 1)

@@ -2,7 +2,7 @@
 ``k_norm`` over head_dim before RoPE, no biases) with a sparse MoE block in every layer: Qwen3MoeSparseMoeBlock holds
 ``experts`` (fused 3-D gate_up_proj / down_proj of moe_intermediate_size) before ``gate`` (Qwen3MoeTopKRouter:
 softmax in fp32, top-k, renormalized when norm_topk_prob, then cast back to the logits' dtype), run by transformers'
-default experts implementation, grouped_mm (peftcalc.ops.moe).
+default experts implementation, grouped_mm, or batched_mm (--experts; peftcalc.ops.moe.experts_forward).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from peftcalc.families.mixtral import experts_lora, experts_modules, experts_tra
 from peftcalc.families.record import Family, config_dropout
 from peftcalc.layout import Layout, Module, decoder_head, linear_module, norm_module
 from peftcalc.ops.attention import attention
-from peftcalc.ops.moe import experts_grouped_mm, router_top_k
+from peftcalc.ops.moe import experts_forward, router_top_k
 from peftcalc.ops.norms import rms_norm
 from peftcalc.ops.recorder import Recorder, SymTensor
 from peftcalc.ops.rotary import rope
@@ -93,7 +93,7 @@ def qwen3_moe_block(rec: Recorder, spec: ModelSpec, sites, x: SymTensor) -> SymT
     logits, weights, idx = router_top_k(rec, n2, spec.hidden_size, spec.num_experts, spec.experts_per_token,
                                         sites.param_trains("mlp.gate.weight"), spec.norm_topk_prob, "mlp.gate",
                                         scores_in_logits_dtype=True)
-    m = experts_grouped_mm(rec, n2, weights, idx, spec.hidden_size, spec.expert_intermediate_size, spec.num_experts,
+    m = experts_forward(rec, n2, weights, idx, spec.hidden_size, spec.expert_intermediate_size, spec.num_experts,
                            *experts_training(sites, "mlp.experts"), spec.hidden_act, "mlp.experts",
                            **experts_lora(sites, "mlp.experts"))
     rec.free(logits, weights.base or weights, idx, n2)

@@ -71,6 +71,7 @@ class Family:
     dtype_buffers: int = 0  # elements of registered buffers cast to the model's dtype (Gemma's embed_scale scalar)
     rotary: bool = False  # RoPE: the model's forward makes cos/sin (and cache positions) every layer reads
     rotary_fp32: bool = False  # its cos/sin stay fp32 whatever the hidden states' dtype (Olmo2RotaryEmbedding)
+    rotary_half: bool = False  # its cos/sin are half a head wide (GptOssRotaryEmbedding: no cat of the frequencies)
     passes_position_ids: bool = False  # the model passes every layer position_ids as a keyword argument
     embeddings_add_positions: bool = False  # the embeddings make a new tensor from inputs_embeds (+ positions)
     position_offset: int = 0  # positions a learned table loses (RoBERTa's start after padding_idx)

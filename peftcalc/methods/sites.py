@@ -52,6 +52,11 @@ class LayerTraining:
     params: frozenset = frozenset()  # bare parameters (a router's weight, fused experts) that train, by name
 
 
+# the roles of the bare parameters a block's own ops read (a router's weight and bias, fused experts and their
+# biases, gpt-oss's attention sinks)
+BARE_PARAMETER_ROLES = ("router", "router_bias", "experts", "experts_bias", "sinks")
+
+
 @lru_cache(maxsize=1024)
 def layer_trainings(plan: Plan, layout: Layout) -> list[LayerTraining]:
     """What trains inside each block, from the plan's parameter groups (one pass over them)."""
@@ -67,7 +72,7 @@ def layer_trainings(plan: Plan, layout: Layout) -> list[LayerTraining]:
         s = sets[g.layer]
         if g.origin == "base":
             module = rel.rsplit(".", 1)[0]
-            if roles.get(g.name) in ("router", "experts"):  # a bare parameter the block's own ops use
+            if roles.get(g.name) in BARE_PARAMETER_ROLES:  # a bare parameter the block's own ops use
                 s["params"].add(rel)
             elif roles.get(prefix + module) == "norm":  # LayerNorm saves its input for either parameter
                 s["norms"].add(module)

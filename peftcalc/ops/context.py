@@ -32,6 +32,8 @@ class StepContext:
     # already has its .grad, so each new gradient is added into it and freed (peftcalc.backward)
     accumulating: bool = False
     fused_loss: str = ""  # "liger", "cce" (sim.head.fused_loss_head) or "trl" (sim.trl_head): no logits
+    experts: str = "grouped_mm"  # a mixture-of-experts model's experts implementation (settings.EXPERTS)
+    routing: str = "balanced"  # how its router spreads the tokens (settings.ROUTINGS)
 
     @property
     def tokens(self) -> int:

@@ -12,6 +12,7 @@ tensor whatever expert each goes to, and the weights' gradients are the whole (E
 from __future__ import annotations
 
 from peftcalc.backward import GRAD
+from peftcalc.errors import CombinationError
 from peftcalc.ops.linear import linear
 from peftcalc.ops.nonlinear import activation
 from peftcalc.ops.recorder import Recorder, SymTensor, input_grads
@@ -19,10 +20,16 @@ from peftcalc.ops.tensor_ops import cast, mul, promote
 from peftcalc.settings import DTYPE_BYTES
 
 __all__ = [
+    "add_bias_",
+    "bias_gather",
+    "clamped_swiglu",
+    "experts_batched_mm",
+    "experts_forward",
     "experts_grouped_mm",
     "gather_rows",
     "grouped_mm",
     "router_top_k",
+    "router_top_k_softmax",
 ]
 
 
@@ -58,6 +65,27 @@ def router_top_k(rec: Recorder, x: SymTensor, hidden: int, experts: int, top_k: 
         rec.free(top)
         return logits, scores, idx
     return logits, weights, idx
+
+
+def router_top_k_softmax(rec: Recorder, x: SymTensor, hidden: int, experts: int, top_k: int, trains: bool,
+                         tag: str) -> tuple[SymTensor, SymTensor, SymTensor]:
+    """GptOssTopKRouter.forward (models/gpt_oss/modeling_gpt_oss.py): ``F.linear(x, weight, bias)`` (the logits in
+    the compute dtype), ``topk(logits, top_k)`` first (saves the int64 indices; its backward scatters into new zeros:
+    two (T, E) buffers), then ``softmax(top_values, dim=1, dtype=top_values.dtype)`` over the k values only (saves
+    its output; the top values go when the router returns). Returns (logits, scores, indices)."""
+    tokens = x.numel // hidden
+    logits = linear(rec, x, hidden, experts, trains, f"{tag}.router", bias=True, bias_trains=trains)
+    grad = logits.requires_grad
+    top = rec.new(tokens * top_k, logits.dtype, grad)
+    idx = rec.new(tokens * top_k, "int64", False)
+    if grad:
+        rec.node(top, [("new", "z", logits.nbytes), ("new", "d", logits.nbytes), ("free", "z")], [(logits.id, "d")],
+                 [rec.save(idx, f"{tag}.router_indices")])
+    scores = rec.new(top.numel, top.dtype, grad)
+    if grad:
+        rec.node(scores, *input_grads(top), saved=[rec.save(scores, f"{tag}.router_scores")])
+    rec.free(top)
+    return logits, scores, idx
 
 
 def _normalized(rec: Recorder, top: SymTensor, tokens: int, tag: str) -> SymTensor:
@@ -160,7 +188,7 @@ def lora_weight(rec: Recorder, factors: tuple, experts: int, in_f: int, out_f: i
 
 def experts_grouped_mm(rec: Recorder, x: SymTensor, top: SymTensor, idx: SymTensor, hidden: int, inter: int,
                        experts: int, trains: tuple, act: str, tag: str, lora: tuple = (0, 0),
-                       scaling: float = 2.0) -> SymTensor:
+                       scaling: float = 2.0, biases: tuple | None = None) -> SymTensor:
     """grouped_mm_experts_forward (transformers 5.x integrations/moe.py), op by op: ``sort`` the (S,) expert
     ids (values and permutation, int64), gather the tokens (``hidden[perm // top_k]``) and their routing
     weights (``sample_weights[perm]``), ``histc`` over the ids (cast to fp32 on the CPU, int32 on CUDA) and
@@ -170,7 +198,10 @@ def experts_grouped_mm(rec: Recorder, x: SymTensor, top: SymTensor, idx: SymTens
     ``.to(hidden.dtype)``. Every local lives until the function returns. `trains`: (gate_up_proj, down_proj).
     `lora`: the LoRA ranks on (gate_up_proj, down_proj) through peft's target_parameters (0: none): peft wraps the
     experts in a ParamWrapper per parameter (down_proj's outermost, as the harness lists them), whose forward makes
-    the factors (lora_factors) and, when the experts read the parameter, the merged weight (lora_weight)."""
+    the factors (lora_factors) and, when the experts read the parameter, the merged weight (lora_weight).
+    `biases`: (whether gate_up_proj_bias trains, whether down_proj_bias does) of experts with biases (gpt-oss:
+    ``use_experts_implementation(has_bias=True, is_transposed=True)``, whose gate is its own clamped SwiGLU on the
+    interleaved halves, clamped_swiglu); None: no biases, ``act(gate) * up`` on the two halves."""
     ctx = rec.ctx
     tokens = x.numel // hidden
     pairs = top.numel
@@ -191,22 +222,20 @@ def experts_grouped_mm(rec: Recorder, x: SymTensor, top: SymTensor, idx: SymTens
     merged = [None, None]
     if factors[0]:
         merged[0] = lora_weight(rec, factors[0], experts, hidden, 2 * inter, scaling, f"{tag}.gate_up_proj")
+    bias_rows = bias_gather(rec, ids_sorted, pairs, experts, 2 * inter, biases[0], f"{tag}.gate_up_proj_bias") if biases else None
     gu = grouped_mm(rec, xs, hidden, 2 * inter, experts, trains[0], offsets, f"{tag}.gate_up_proj", merged[0])
-    gate = rec.view(gu, pairs * inter)
-    up = rec.view(gu, pairs * inter)
-    # SplitBackward (one node, two outputs): once both halves' gradients have come, cat makes a new (S, 2I)
-    # tensor; the up half's gradient, which comes first, is held until then
-    rec.node(gate, [("new", "d", gu.nbytes)], [(gu.id, "d")])
-    rec.node(up, hold=gate.id)
-    a = activation(rec, gate, act, f"{tag}.act_fn")
-    p = mul(rec, a, up, f"{tag}.act_mul")
-    rec.free(a, gu)
+    gu = add_bias_(rec, gu, bias_rows)
+    p = clamped_swiglu(rec, gu, pairs, inter, tag) if biases else _split_gate(rec, gu, pairs, inter, act, tag)
+    rec.free(gu.base or gu)
     if factors[1]:
         merged[1] = lora_weight(rec, factors[1], experts, inter, hidden, scaling, f"{tag}.down_proj")
+    down_rows = bias_gather(rec, ids_sorted, pairs, experts, hidden, biases[1], f"{tag}.down_proj_bias") if biases else None
+    rec.free(bias_rows)  # selected_biases rebound
     down = grouped_mm(rec, p, inter, hidden, experts, trains[1], offsets, f"{tag}.down_proj", merged[1])
+    down = add_bias_(rec, down, down_rows)
     rec.free(p)
     weighted = _weigh(rec, down, ws, f"{tag}.routing_weights")
-    rec.free(down)
+    rec.free(down.base or down)
     inv_perm = rec.new(pairs, "int64", False)
     rec.free(rec.new(pairs, "int64", False))  # arange, written into inv_perm by index_put_
     restored = gather_rows(rec, weighted, pairs, hidden, inv_perm, f"{tag}.restore_order")
@@ -215,7 +244,7 @@ def experts_grouped_mm(rec: Recorder, x: SymTensor, top: SymTensor, idx: SymTens
     # SumBackward1 expands the gradient (a view); the view's backward reshapes it to (S, h): a copy
     rec.node(summed, [("new", "d", restored.nbytes)], [(restored.id, "d")])
     out = cast(rec, summed, x.dtype)
-    rec.free(ids_sorted, perm, xs, ws, histc_in, counts, offsets, inv_perm, restored)
+    rec.free(ids_sorted, perm, xs, ws, histc_in, counts, offsets, inv_perm, restored, down_rows)
     if out is not summed:
         rec.free(summed)
     for f in factors:  # the wrappers return: their proxies (the factors) go, then the cached merged weights
@@ -223,6 +252,181 @@ def experts_grouped_mm(rec: Recorder, x: SymTensor, top: SymTensor, idx: SymTens
             rec.free(f[0], f[1])
     rec.free(*[w for w in merged if w is not None])
     return out
+
+
+def experts_forward(rec: Recorder, *args, **kwargs) -> SymTensor:
+    """The experts as the step's experts implementation runs them (StepContext.experts; transformers' ExpertsInterface
+    in integrations/moe.py, grouped_mm by default): experts_grouped_mm or experts_batched_mm (the eager loop is not
+    modelled)."""
+    impl = {"grouped_mm": experts_grouped_mm, "batched_mm": experts_batched_mm}.get(rec.ctx.experts)
+    if impl is None:  # the experts module's own forward: a Python loop over the experts hit, routing-dependent
+        raise CombinationError(f"the {rec.ctx.experts} experts implementation is not modelled; --experts grouped_mm "
+                               "(transformers' default) or batched_mm, or --trace to trace it")
+    return impl(rec, *args, **kwargs)
+
+
+def experts_batched_mm(rec: Recorder, x: SymTensor, top: SymTensor, idx: SymTensor, hidden: int, inter: int,
+                       experts: int, trains: tuple, act: str, tag: str, lora: tuple = (0, 0),
+                       scaling: float = 2.0, biases: tuple | None = None) -> SymTensor:
+    """batched_mm_experts_forward (transformers 5.x integrations/moe.py), op by op: ``repeat_interleave`` of the tokens
+    (an (S, h) copy; its backward sums the pairs' gradients back), each pair's expert weights gathered,
+    ``gate_up_proj[expert_ids]`` (an (S, 2I, h) copy: IndexBackward saves the ids, backward new zeros like the
+    parameter and index_put into its .grad), ``bmm`` with the tokens (saves both: the gathered weights when the
+    tokens need a gradient), the gate (biases and gpt-oss's clamped SwiGLU as under grouped_mm), the down weights
+    gathered and ``bmm`` again, the product with the routing weights, ``view(T, k, h).sum(1)``. Its tensors are
+    (S, .) whatever the routing, like grouped_mm's, but every pair holds a copy of its expert's weights."""
+    tokens = x.numel // hidden
+    pairs = top.numel
+    shapes = ((hidden, 2 * inter), (inter, hidden))
+    factors = [None, None]
+    for i in (1, 0):
+        if lora[i]:
+            factors[i] = lora_factors(rec, experts, shapes[i][0], shapes[i][1], lora[i])
+    xs = rec.new(pairs * hidden, x.dtype, x.requires_grad)  # repeat_interleave: expand, then a copy
+    rec.node(xs, *input_grads(x))
+    merged = [None, None]
+    if factors[0]:
+        merged[0] = lora_weight(rec, factors[0], experts, hidden, 2 * inter, scaling, f"{tag}.gate_up_proj")
+    w_gu = _weight_rows(rec, idx, pairs, experts, hidden * 2 * inter, trains[0], merged[0], f"{tag}.gate_up_proj")
+    bias_rows = bias_gather(rec, idx, pairs, experts, 2 * inter, biases[0], f"{tag}.gate_up_proj_bias") if biases else None
+    gu = _bmm(rec, xs, w_gu, pairs * 2 * inter, f"{tag}.gate_up_proj")
+    gu = add_bias_(rec, gu, bias_rows, on_view=True)
+    p = clamped_swiglu(rec, gu, pairs, inter, tag) if biases else _split_gate(rec, gu, pairs, inter, act, tag)
+    rec.free(gu.base or gu)
+    if factors[1]:
+        merged[1] = lora_weight(rec, factors[1], experts, inter, hidden, scaling, f"{tag}.down_proj")
+    w_d = _weight_rows(rec, idx, pairs, experts, inter * hidden, trains[1], merged[1], f"{tag}.down_proj")
+    down_rows = bias_gather(rec, idx, pairs, experts, hidden, biases[1], f"{tag}.down_proj_bias") if biases else None
+    rec.free(bias_rows, w_gu)  # selected_weights / selected_biases rebound
+    down = _bmm(rec, p, w_d, pairs * hidden, f"{tag}.down_proj")
+    down = add_bias_(rec, down, down_rows, on_view=True)
+    rec.free(p)
+    weighted = _weigh(rec, down, rec.view(top, pairs), f"{tag}.routing_weights")
+    rec.free(down.base or down)
+    summed = rec.new(tokens * hidden, weighted.dtype, weighted.requires_grad)
+    rec.node(summed, [("new", "d", weighted.nbytes)], [(weighted.id, "d")])  # the view's backward copies
+    out = cast(rec, summed, x.dtype)
+    if out is not summed:
+        rec.free(summed)
+    rec.free(xs, w_d, down_rows, weighted)  # the locals go when the function returns
+    for f in factors:
+        if f and f[2]:
+            rec.free(f[0], f[1])
+    rec.free(*[w for w in merged if w is not None])
+    return out
+
+
+def _weight_rows(rec: Recorder, idx: SymTensor, pairs: int, experts: int, numel: int, trains: bool,
+                 merged: SymTensor | None, tag: str) -> SymTensor:
+    """``weight[expert_ids]``: each pair's expert's (out, in) weight, a copy in the weights' dtype; IndexBackward saves
+    the ids and, backward, new zeros like the (E, out, in) weight and an index_put into its gradient (the .grad, or
+    LoRA's merged weight's)."""
+    wd = rec.ctx.weight_dtype
+    grad = trains or (merged is not None and merged.requires_grad)
+    rows = rec.new(pairs * numel, wd, grad)
+    if grad:
+        nbytes = experts * numel * DTYPE_BYTES[wd]
+        saved = [rec.save(idx, f"{tag}.expert_ids")]
+        if merged is not None:
+            rec.node(rows, [("new", "z", nbytes), ("new", "d", nbytes), ("free", "z")], [(merged.id, "d")], saved)
+        else:
+            rec.node(rows, [("new", "z", nbytes), ("param", nbytes), ("free", "z")], saved=saved)
+    return rows
+
+
+def _bmm(rec: Recorder, x: SymTensor, w: SymTensor, out_numel: int, tag: str) -> SymTensor:
+    """_batched_linear's ``bmm`` of each pair's input with its gathered weight: BmmBackward saves the weights for the
+    input's gradient and the input for the weights'; backward, the weights' gradient (the gathered size) and the
+    input's."""
+    saved = []
+    if x.requires_grad:
+        saved.append(rec.save(w, f"{tag}.gathered_weight"))
+    if w.requires_grad:
+        saved.append(rec.save(x, f"{tag}.input"))
+    out = rec.new(out_numel, x.dtype, x.requires_grad or w.requires_grad)
+    rec.node(out, *input_grads(w, x), saved=saved)
+    return out
+
+
+def _split_gate(rec: Recorder, gu: SymTensor, pairs: int, inter: int, act: str, tag: str) -> SymTensor:
+    """_default_apply_gate (integrations/moe.py): ``gate, up = gate_up.chunk(2, -1)``; ``act_fn(gate) * up``."""
+    gate = rec.view(gu, pairs * inter)
+    up = rec.view(gu, pairs * inter)
+    # SplitBackward (one node, two outputs): once both halves' gradients have come, cat makes a new (S, 2I)
+    # tensor; the up half's gradient, which comes first, is held until then
+    rec.node(gate, [("new", "d", gu.nbytes)], [(gu.id, "d")])
+    rec.node(up, hold=gate.id)
+    a = activation(rec, gate, act, f"{tag}.act_fn")
+    p = mul(rec, a, up, f"{tag}.act_mul")
+    rec.free(a)
+    return p
+
+
+def bias_gather(rec: Recorder, ids_sorted: SymTensor, pairs: int, experts: int, width: int, trains: bool,
+                tag: str) -> SymTensor:
+    """``bias[expert_ids_g]``: each pair's expert's bias row, (S, width) in the weights' dtype; IndexBackward saves
+    the sorted expert ids and, backward, fills new zeros like the (E, width) bias and index_puts the gradient into
+    the .grad (out of place under a dispatch mode; the zeros go at its return)."""
+    rows = rec.new(pairs * width, rec.ctx.weight_dtype, trains)
+    if trains:
+        nbytes = experts * width * DTYPE_BYTES[rec.ctx.weight_dtype]
+        rec.node(rows, [("new", "z", nbytes), ("param", nbytes), ("free", "z")],
+                 saved=[rec.save(ids_sorted, f"{tag}.index")])
+    return rows
+
+
+def clamped_swiglu(rec: Recorder, gu: SymTensor, pairs: int, inter: int, tag: str) -> SymTensor:
+    """GptOssExperts._apply_gate (models/gpt_oss/modeling_gpt_oss.py): ``gate, up = gate_up[..., ::2],
+    gate_up[..., 1::2]`` (strided views: each SliceBackward makes a new (S, 2I) gradient), ``gate.clamp(max=limit)``
+    and ``up.clamp(-limit, limit)`` (each saves its input, a view: gate_up's whole storage), ``glu = gate *
+    sigmoid(gate * alpha)`` (quick_gelu's ops), ``(up + 1) * glu`` (saves both). The clamped up half stays
+    referenced by the local ``up`` until the function returns."""
+    n = pairs * inter
+    gate_v, up_v = rec.view(gu, n), rec.view(gu, n)
+    for v in (gate_v, up_v):
+        rec.node(v, [("new", "d", gu.nbytes)], [(gu.id, "d")])
+    gate = _clamp(rec, gate_v, False, f"{tag}.gate_clamp")
+    up = _clamp(rec, up_v, True, f"{tag}.up_clamp")
+    glu = activation(rec, gate, "quick_gelu", f"{tag}.glu")
+    up1 = rec.new(n, up.dtype, up.requires_grad)  # up + 1: AddBackward hands the gradient on
+    rec.node(up1, outputs=[(up.id, GRAD)])
+    out = mul(rec, up1, glu, f"{tag}.glu_mul")
+    rec.free(up1, glu, gate, up)
+    return out
+
+
+def _clamp(rec: Recorder, x: SymTensor, both: bool, tag: str) -> SymTensor:
+    """``x.clamp(...)``: a new tensor; ClampBackward saves x. Backward (torch FunctionsManual clamp_backward): a
+    scalar zero, the bool mask (``self >= min`` and ``self <= max``, joined in place, with both bounds) and
+    ``where(mask, grad, zero)``."""
+    y = rec.new(x.numel, x.dtype, x.requires_grad)
+    if x.requires_grad:
+        scalar = DTYPE_BYTES[x.dtype]
+        if both:
+            steps = [("new", "z", scalar), ("new", "ge", x.numel), ("new", "le", x.numel), ("free", "le"),
+                     ("new", "d", x.nbytes), ("free", "ge"), ("free", "z")]
+        else:
+            steps = [("new", "z", scalar), ("new", "le", x.numel), ("new", "d", x.nbytes), ("free", "le"), ("free", "z")]
+        rec.node(y, steps, [(x.id, "d")], [rec.save(x, f"{tag}.input")])
+    return y
+
+
+def add_bias_(rec: Recorder, out: SymTensor, rows: SymTensor | None, on_view: bool = False) -> SymTensor:
+    """``out.add_(bias_rows)`` (integrations/moe.py _grouped_linear): in place, no new storage; AddBackward hands the
+    incoming gradient to the grouped_mm's output and to the gathered rows. `on_view`: _batched_linear adds into
+    ``bmm(...).squeeze()``, a view, so autograd's CopySlices runs the add's backward (traced: new zeros the view's
+    size, the incoming gradient dropped, then a copy of it for the bmm and a clone for the add, the zeros freed)."""
+    if rows is None:
+        return out
+    y = rec.view(out, out.numel)
+    y.requires_grad = out.requires_grad or rows.requires_grad
+    if on_view and y.requires_grad:
+        n = out.nbytes
+        rec.node(y, [("new", "z", n), ("free", GRAD), ("new", "r", n), ("new", "c", n), ("free", "z")],
+                 [(t.id, name) for t, name in ((out, "r"), (rows, "c")) if t.requires_grad])
+        return y
+    rec.node(y, outputs=[(t.id, GRAD) for t in (out, rows) if t.requires_grad])
+    return y
 
 
 def _weigh(rec: Recorder, down: SymTensor, ws: SymTensor, tag: str) -> SymTensor:

@@ -51,3 +51,44 @@ def rope(rec: Recorder, x: SymTensor, cos_dtype: str = "", cast_back: bool = Fal
         rec.free(out)
         return back
     return out
+
+
+def rope_halves(rec: Recorder, x: SymTensor) -> SymTensor:
+    """The RoPE of transformers models/gpt_oss/modeling_gpt_oss.py _apply_rotary_emb: ``first, second =
+    chunk(x, 2, -1)``; ``cat((first * cos - second * sin, second * cos + first * sin), -1)`` with cos and sin
+    half a head wide (GptOssRotaryEmbedding makes no cat of the frequencies). Each product is a new half-size
+    tensor saving cos or sin (shared, counted once per model), nothing of x; each sum drops its two products,
+    the cat its two sums. Backward: cat's gradient splits into views; the subtraction makes -grad; each
+    product grad * cos or sin (cast back by the engine where promoted); each half sums its two gradients (a
+    new buffer under a dispatch mode); chunk's SplitBackward cats the two halves into a new gradient like x."""
+    half = x.numel // 2
+    dtype = promote(x.dtype, rec.ctx.weight_dtype)
+    first, second = rec.view(x, half), rec.view(x, half)
+    rec.node(first, [("new", "d", x.nbytes)], [(x.id, "d")])  # SplitBackward: one node, both halves
+    rec.node(second, hold=first.id)
+
+    def product(src: SymTensor) -> SymTensor:
+        p = rec.new(half, dtype, x.requires_grad)
+        if p.dtype == src.dtype:
+            rec.node(p, *input_grads(src))
+        else:
+            rec.node(p, [("new", "t", p.nbytes), ("new", "d", src.nbytes), ("free", "t")], [(src.id, "d")])
+        return p
+
+    def combined(a: SymTensor, b: SymTensor, subtract: bool) -> SymTensor:
+        y = rec.new(half, dtype, x.requires_grad)
+        if subtract:
+            rec.node(y, [("new", "n", y.nbytes)], [(a.id, GRAD), (b.id, "n")])
+        else:
+            rec.node(y, outputs=[(a.id, GRAD), (b.id, GRAD)])
+        rec.free(a, b)
+        return y
+
+    a = product(first)
+    c = combined(a, product(second), True)
+    d = product(second)
+    f = combined(d, product(first), False)
+    out = rec.new(x.numel, dtype, x.requires_grad)  # cat: its gradient's halves are views of it
+    rec.node(out, outputs=[(c.id, GRAD), (f.id, GRAD)])
+    rec.free(c, f)
+    return out

@@ -71,7 +71,7 @@ def model_profile(plan: Plan, t: TrainingSettings, checkpointed: tuple) -> Activ
     if family(spec).rotary and saved_types:
         # LlamaRotaryEmbedding's cos and sin (1 x seq x head_dim, in the hidden states' dtype), shared
         # by every layer (of a type), saved by q * cos and rotate_half(q) * sin
-        rec.save_new(2 * ctx.seq * spec.head_dim * len(saved_types), _rotary_dtype(spec, ctx), "rotary.cos_sin")
+        rec.save_new(2 * ctx.seq * _rotary_dim(spec) * len(saved_types), _rotary_dtype(spec, ctx), "rotary.cos_sin")
     # held while the blocks run: prompt tuning's inputs, the positions and rotary embeddings of the
     # Llama family (what the blocks leave referenced adds up in run_blocks)
     held = _prompt_inputs_held(spec, plan, ctx) + _positions_held(spec, ctx, len(saved_types))
@@ -189,7 +189,7 @@ def _positions_held(spec: ModelSpec, ctx: StepContext, rotary_saved: int) -> int
     held too (ops.attention.model_masks_bytes; traced)."""
     if not family(spec).rotary:
         return 0
-    rotary = 2 * ctx.seq * spec.head_dim * DTYPE_BYTES[_rotary_dtype(spec, ctx)] * (_rotary_sets(spec) - rotary_saved)
+    rotary = 2 * ctx.seq * _rotary_dim(spec) * DTYPE_BYTES[_rotary_dtype(spec, ctx)] * (_rotary_sets(spec) - rotary_saved)
     return ctx.seq * 8 + rotary + model_masks_bytes(spec, ctx)
 
 
@@ -201,7 +201,7 @@ def _type_releases(spec: ModelSpec, ctx: StepContext, t: TrainingSettings, rotar
     (attention_mask=causal_mask_mapping[layer_type], when the checkpoints hold kwargs)."""
     windows = layer_windows(spec)
     masks = mask_bytes_by_window(spec, ctx) if _checkpointed_layer_positions(spec, ctx, t) else {}
-    rotary = 2 * ctx.seq * spec.head_dim * DTYPE_BYTES[_rotary_dtype(spec, ctx)] if family(spec).rotary_per_layer_type else 0
+    rotary = 2 * ctx.seq * _rotary_dim(spec) * DTYPE_BYTES[_rotary_dtype(spec, ctx)] if family(spec).rotary_per_layer_type else 0
     out = []
     for w in set(windows) - {windows[0]}:
         out.append((windows.index(w), rotary if w in rotary_saved else 0, masks.get(w, 0)))
@@ -234,6 +234,12 @@ def _rotary_sets(spec: ModelSpec) -> int:
     its own base (Family.rotary_per_layer_type; Gemma3TextModel.forward: ``for layer_type in
     set(self.config.layer_types)``)."""
     return len(set(layer_windows(spec))) if family(spec).rotary_per_layer_type else 1
+
+
+def _rotary_dim(spec: ModelSpec) -> int:
+    """The width of the rotary cos and sin: head_dim (LlamaRotaryEmbedding concatenates the frequencies twice), half
+    of it where the family applies them to each half of a head (Family.rotary_half: GptOssRotaryEmbedding)."""
+    return spec.head_dim // 2 if family(spec).rotary_half else spec.head_dim
 
 
 def _rotary_dtype(spec: ModelSpec, ctx: StepContext) -> str:

@@ -111,6 +111,8 @@ def make_ctx(spec: ModelSpec, plan: Plan, t: TrainingSettings) -> StepContext:
         quant_nested=method == "qlora" and plan.settings.double_quant,
         accumulating=t.grad_accum > 1,
         fused_loss=t.loss if t.loss in ("liger", "cce", "trl") and spec.task == "causal_lm" else "",
+        experts=t.experts,
+        routing=t.routing,
     )
 
 

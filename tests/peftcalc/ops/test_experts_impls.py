@@ -1,0 +1,66 @@
+"""peftcalc.ops.moe.experts_forward under each experts implementation transformers offers (integrations/moe.py:
+grouped_mm, the default; batched_mm; the experts module's own eager loop) against a real CPU trace of the MoE block:
+Mixtral's (router, then MixtralExperts) and gpt-oss's (GptOssMLP: biases, clamped SwiGLU), 8 tokens, hidden 16, 4
+experts of intermediate size 8, top-2, with the router driven to each routing (measure.routing)."""
+
+import pytest
+from opkit import context, replay_peak, trace
+
+from peftcalc.ops.moe import experts_forward, router_top_k, router_top_k_softmax
+from peftcalc.ops.recorder import Recorder
+
+T, H, I, E, K = 8, 16, 8, 4, 2
+
+
+def _traced(family, impl, routing, dtype, trains):
+    import torch
+    from transformers import GptOssConfig, MixtralConfig
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssMLP
+    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+
+    from measure.routing import drive_routing
+
+    sizes = dict(hidden_size=H, intermediate_size=I, num_local_experts=E, num_experts_per_tok=K, num_hidden_layers=1,
+                 num_attention_heads=2, num_key_value_heads=1, vocab_size=32)
+    if family == "mixtral":
+        cfg = MixtralConfig(**sizes)
+        cfg._experts_implementation = impl
+        block = MixtralSparseMoeBlock(cfg)
+    else:
+        cfg = GptOssConfig(**sizes, head_dim=8)
+        cfg._experts_implementation = impl
+        block = GptOssMLP(cfg)
+    block = block.to(getattr(torch, dtype))
+    for p in block.parameters():
+        p.data.normal_()
+        p.requires_grad_(trains)
+    drive_routing(block, E, routing)
+
+    def run(x):
+        out = block(x)
+        return out[0] if isinstance(out, tuple) else out
+
+    return trace(run, lambda: (torch.randn(1, T, H, dtype=getattr(torch, dtype), requires_grad=True),),
+                 list(block.parameters()))
+
+
+def _predicted(family, impl, routing, dtype, trains):
+    rec = Recorder(context(batch=1, seq=T, kv_seq=T, weight_dtype=dtype, compute_dtype=dtype, experts=impl,
+                           routing=routing))
+    x = rec.new(T * H, dtype, True)
+    if family == "mixtral":
+        logits, weights, idx = router_top_k(rec, x, H, E, K, trains, True, "mlp.gate")
+        out = experts_forward(rec, x, weights, idx, H, I, E, (trains, trains), "silu", "mlp.experts")
+        rec.free(logits, weights.base or weights, idx)
+    else:
+        logits, weights, idx = router_top_k_softmax(rec, x, H, E, K, trains, "mlp.router")
+        out = experts_forward(rec, x, weights, idx, H, I, E, (trains, trains), "", "mlp.experts", biases=(trains, trains))
+        rec.free(logits, weights, idx)
+    return rec.forward_peak, sum(rec.saved_bytes().values()), replay_peak(rec, out).total
+
+
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
+@pytest.mark.parametrize("dtype, trains", [("float32", True), ("bfloat16", True), ("bfloat16", False)])
+def test_batched_mm_equals_the_trace(family, dtype, trains):
+    t = _traced(family, "batched_mm", "balanced", dtype, trains)
+    assert _predicted(family, "batched_mm", "balanced", dtype, trains) == (t.forward_peak, t.saved, t.backward_peak)
