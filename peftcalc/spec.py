@@ -87,6 +87,15 @@ class ModelSpec:
 
     attn_logit_softcap: float = 0.0  # tanh soft-capping of the attention scores (Gemma 2; 0: none)
     final_logit_softcap: float = 0.0  # tanh soft-capping of the logits (Gemma 2; 0: none)
+    # the leading dims of each head RoPE rotates, where not all of head_dim (Phi-4-mini's partial_rotary_factor
+    # 0.75: 96 of 128); 0: the whole head (see rope_dim)
+    rotary_dim: int = 0
+    logits_scaled: bool = False  # the logits divided by a number after lm_head (GraniteForCausalLM's logits_scaling)
+
+    @property
+    def rope_dim(self) -> int:
+        """The dims of a head RoPE rotates: cos and sin are seq x rope_dim, inv_freq rope_dim / 2."""
+        return self.rotary_dim or self.head_dim
 
     @property
     def is_blip2(self) -> bool:

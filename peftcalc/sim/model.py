@@ -69,9 +69,9 @@ def model_profile(plan: Plan, t: TrainingSettings, checkpointed: tuple) -> Activ
     grads_reach_blocks = input_rg or plan.lowest_trainable_layer is not None or plan.settings.method == "prefix"
     saved_types = _rotary_types_saved(spec, plan, layout, input_rg) if grads_reach_blocks else frozenset()
     if family(spec).rotary and saved_types:
-        # LlamaRotaryEmbedding's cos and sin (1 x seq x head_dim, in the hidden states' dtype), shared
+        # LlamaRotaryEmbedding's cos and sin (1 x seq x rope_dim, in the hidden states' dtype), shared
         # by every layer (of a type), saved by q * cos and rotate_half(q) * sin
-        rec.save_new(2 * ctx.seq * spec.head_dim * len(saved_types), _rotary_dtype(spec, ctx), "rotary.cos_sin")
+        rec.save_new(2 * ctx.seq * spec.rope_dim * len(saved_types), _rotary_dtype(spec, ctx), "rotary.cos_sin")
     # held while the blocks run: prompt tuning's inputs, the positions and rotary embeddings of the
     # Llama family (what the blocks leave referenced adds up in run_blocks)
     held = _prompt_inputs_held(spec, plan, ctx) + _positions_held(spec, ctx, len(saved_types))
@@ -177,14 +177,14 @@ def _as_kept(blocks: BlockRun) -> BlockRun:
 
 def _positions_held(spec: ModelSpec, ctx: StepContext, rotary_saved: int) -> int:
     """LlamaModel.forward (Mistral, Qwen2) holds cache_position (int64, one per token of the sequence)
-    and the rotary position embeddings (cos, sin: 1 x seq x head_dim each, in the hidden states' dtype)
+    and the rotary position embeddings (cos, sin: 1 x seq x rope_dim each, in the hidden states' dtype)
     while the layers run; cos and sin count as saved where the layers need gradients (activation_profile
     saves them then). With prefix tuning's past keys the causal mask cannot be skipped, nor a sliding
     window's once the keys reach it: masking_utils builds a (1, 1, seq, past + seq) bool mask per mask type,
     held too (ops.attention.model_masks_bytes; traced)."""
     if not family(spec).rotary:
         return 0
-    rotary = 2 * ctx.seq * spec.head_dim * DTYPE_BYTES[_rotary_dtype(spec, ctx)] * (_rotary_sets(spec) - rotary_saved)
+    rotary = 2 * ctx.seq * spec.rope_dim * DTYPE_BYTES[_rotary_dtype(spec, ctx)] * (_rotary_sets(spec) - rotary_saved)
     return ctx.seq * 8 + rotary + model_masks_bytes(spec, ctx)
 
 
@@ -196,7 +196,7 @@ def _type_releases(spec: ModelSpec, ctx: StepContext, t: TrainingSettings, rotar
     (attention_mask=causal_mask_mapping[layer_type], when the checkpoints hold kwargs)."""
     windows = layer_windows(spec)
     masks = mask_bytes_by_window(spec, ctx) if _checkpointed_layer_positions(spec, ctx, t) else {}
-    rotary = 2 * ctx.seq * spec.head_dim * DTYPE_BYTES[_rotary_dtype(spec, ctx)] if family(spec).rotary_per_layer_type else 0
+    rotary = 2 * ctx.seq * spec.rope_dim * DTYPE_BYTES[_rotary_dtype(spec, ctx)] if family(spec).rotary_per_layer_type else 0
     out = []
     for w in set(windows) - {windows[0]}:
         out.append((windows.index(w), rotary if w in rotary_saved else 0, masks.get(w, 0)))
