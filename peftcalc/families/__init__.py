@@ -13,6 +13,7 @@ from peftcalc.families.gemma2 import GEMMA2
 from peftcalc.families.gemma3 import GEMMA3_TEXT
 from peftcalc.families.blip2 import BLIP2, BLIP2_QFORMER, BLIP2_VISION
 from peftcalc.families.gpt2 import GPT2
+from peftcalc.families.granite import GRANITE
 from peftcalc.families.llama import LLAMA, MISTRAL, QWEN2
 from peftcalc.families.llava import LLAVA
 from peftcalc.families.olmo2 import OLMO2
@@ -46,6 +47,7 @@ FAMILIES.update({f.model_type: f for f in (QWEN3, OLMO2, PHI3)})  # issue 12's d
 FAMILIES.update({f.model_type: f for f in (MIXTRAL, QWEN3_MOE, QWEN2_MOE)})  # mixture-of-experts
 
 FAMILIES.update({f.model_type: f for f in (GEMMA2, GEMMA3_TEXT)})  # issue 12: Gemma 2 and Gemma 3 text
+FAMILIES.update({f.model_type: f for f in (GRANITE,)})  # issue 12: Granite 3.x's multipliers
 
 
 def attention_for(spec: ModelSpec, requested: str) -> str:
