@@ -90,6 +90,8 @@ class ModelSpec:
     # the leading dims of each head RoPE rotates, where not all of head_dim (Phi-4-mini's partial_rotary_factor
     # 0.75: 96 of 128); 0: the whole head (see rope_dim)
     rotary_dim: int = 0
+    # per layer, whether its attention applies RoPE (SmolLM3's no_rope_layers: 0 on every fourth); (): every layer
+    rope_layers: tuple = ()
     logits_scaled: bool = False  # the logits divided by a number after lm_head (GraniteForCausalLM's logits_scaling)
 
     @property

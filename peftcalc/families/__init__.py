@@ -24,6 +24,7 @@ from peftcalc.families.mixtral import MIXTRAL
 from peftcalc.families.qwen2_moe import QWEN2_MOE
 from peftcalc.families.qwen3_moe import QWEN3_MOE
 from peftcalc.families.record import Family, config_dropout
+from peftcalc.families.smollm3 import SMOLLM3
 from peftcalc.families.vision import CLIP_VISION, VIT
 from peftcalc.layout import Layout
 from peftcalc.spec import ModelSpec
@@ -47,7 +48,7 @@ FAMILIES.update({f.model_type: f for f in (QWEN3, OLMO2, PHI3)})  # issue 12's d
 FAMILIES.update({f.model_type: f for f in (MIXTRAL, QWEN3_MOE, QWEN2_MOE)})  # mixture-of-experts
 
 FAMILIES.update({f.model_type: f for f in (GEMMA2, GEMMA3_TEXT)})  # issue 12: Gemma 2 and Gemma 3 text
-FAMILIES.update({f.model_type: f for f in (GRANITE,)})  # issue 12: Granite 3.x's multipliers
+FAMILIES.update({f.model_type: f for f in (GRANITE, SMOLLM3)})  # issue 12: Granite 3.x's multipliers, SmolLM3's NoPE
 
 
 def attention_for(spec: ModelSpec, requested: str) -> str:

@@ -38,7 +38,7 @@ def llama_layout(spec: ModelSpec) -> Layout:
     base = "" if spec.task == "base" else "model."
     h, hd = spec.hidden_size, spec.head_dim
     qkv_bias = spec.attention_bias
-    o_bias = spec.attention_bias and spec.model_type in ("llama", "granite")  # Qwen2's o_proj has none
+    o_bias = spec.attention_bias and spec.model_type in ("llama", "granite", "smollm3")  # Qwen2's o_proj has none
     mods = [Module(f"{base}embed_tokens", "embedding", (spec.vocab_size, h), False, None, "embed")]
     for i in range(spec.num_layers):
         p = f"{base}layers.{i}"
@@ -83,15 +83,18 @@ def llama_attention_half(rec: Recorder, spec: ModelSpec, sites, x: SymTensor, dr
     ql = sites.linear(rec, n, "self_attn.q_proj", h, spec.q_dim)
     kl = sites.linear(rec, n, "self_attn.k_proj", h, spec.kv_dim)
     vl = sites.linear(rec, n, "self_attn.v_proj", h, spec.kv_dim)
-    q, k, v = heads_view(rec, ql, clone=True), heads_view(rec, kl, clone=True), heads_view(rec, vl, clone=eager)
-    q, k = rope(rec, q), rope(rec, k)
-    rec.free(ql, kl)
+    if sites.rope:
+        q, k, v = heads_view(rec, ql, clone=True), heads_view(rec, kl, clone=True), heads_view(rec, vl, clone=eager)
+        q, k = rope(rec, q), rope(rec, k)
+        rec.free(ql, kl)
+    else:  # SmolLM3's NoPE layers (``if self.use_rope``): q and k stay views of the projections, as v is
+        q, k, v = (heads_view(rec, t, clone=eager) for t in (ql, kl, vl))
     # `key_states, value_states = past_key_values.update(...)` drops RoPE's keys and the value projection
     a = attention(rec, spec, q, k, v, config_dropout(spec, dropout or DROPOUT, "attn"), "self_attn.attention",
-                  replaced=(k, vl), fp32_softmax=True, window=sites.window)
+                  replaced=(k if sites.rope else kl, vl), fp32_softmax=True, window=sites.window)
     o = sites.linear(rec, a, "self_attn.o_proj", spec.q_dim, h)
     o = sites.adapt(rec, o, "attn_out", "self_attn.o_proj")
-    rec.free(a, q, k, vl, n)
+    rec.free(a, q, k, vl, n, ql, kl)
     return residual_scaled(rec, x, o, residual_multiplier)
 
 
@@ -139,7 +142,7 @@ def llama_config(config: dict, common: dict, where: str, read_part=None) -> Mode
         raise InputError(f"{where}: num_attention_heads ({heads}) must be a multiple of num_key_value_heads ({kv_heads})")
     if model_type == "qwen2":
         attention_bias = True  # Qwen2Attention: q/k/v carry biases, o_proj does not
-    elif model_type in ("llama", "granite"):
+    elif model_type in ("llama", "granite", "smollm3"):
         attention_bias = config_bool(config, "attention_bias", False, where)
     else:
         attention_bias = False
@@ -153,7 +156,7 @@ def llama_config(config: dict, common: dict, where: str, read_part=None) -> Mode
         vocab_size=config_int(config, "vocab_size", where),
         tie_embeddings=config_bool(config, "tie_word_embeddings", False, where),
         attention_bias=attention_bias,
-        mlp_bias=config_bool(config, "mlp_bias", False, where) if model_type in ("llama", "granite") else False,
+        mlp_bias=config_bool(config, "mlp_bias", False, where) if model_type in ("llama", "granite", "smollm3") else False,
         hidden_act=config_str(config, "hidden_act", "silu", where),
         layer_windows=llama_windows(config, model_type, layers, where),
         **common,

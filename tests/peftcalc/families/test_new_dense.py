@@ -18,7 +18,8 @@ from peftcalc.methods import MethodSettings, make_plan
 from peftcalc.layout import param_names
 
 NEW_ENTRIES = ["qwen3-0.6b", "qwen3-8b", "qwen3-32b", "mistral-nemo-12b", "mistral-7b-v0.3", "opt-1.3b", "olmo-2-7b",
-               "phi-3-mini-4k", "phi-3-medium-4k", "phi-4", "phi-4-mini", "granite-3.3-8b"]
+               "phi-3-mini-4k", "phi-3-medium-4k", "phi-4", "phi-4-mini", "granite-3.3-8b",
+               "smollm3-3b"]
 
 
 @pytest.mark.parametrize("name", NEW_ENTRIES)
@@ -37,7 +38,8 @@ def test_layout_names_and_shapes_are_the_real_models(name):
     MethodSettings("ia3"),
     MethodSettings("prefix"),
 ], ids=lambda s: s.method)
-@pytest.mark.parametrize("name", ["qwen3-0.6b", "opt-1.3b", "olmo-2-7b", "phi-3-mini-4k", "phi-4-mini", "granite-3.3-8b"])
+@pytest.mark.parametrize("name", ["qwen3-0.6b", "opt-1.3b", "olmo-2-7b", "phi-3-mini-4k", "phi-4-mini", "granite-3.3-8b",
+                                  "smollm3-3b"])
 def test_method_counts_are_the_real_peft_models(name, settings):
     """Trainable and total counts of peft's models on the new families (their default IA3 targets, prefix
     tuning's key/value width), as test_params.py checks for every registry model."""
@@ -109,6 +111,23 @@ def test_granite_3_3_8b_counts_by_hand():
     assert plan.total - plan.trainable == 49159 * 4096 + 40 * layer + 4096 == 8_170_864_640
     assert plan.trainable == 40 * 8 * (8192 + 5120) == 4_259_840
     assert spec.logits_scaled and spec.tie_embeddings
+
+
+def test_smollm3_nope_layers_are_the_real_models():
+    """SmolLM3-3B: no_rope_layers (1 = RoPE) is SmolLM3Attention.use_rope of each of the 36 layers of the real model
+    (meta device): every fourth layer is NoPE; without the list, no_rope_layer_interval (default 4) makes the same
+    one. 3,075,098,624 parameters: 128,256 x 2,048 tied embeddings + 36 x (q and o 2,048 x 2,048, k and v 2,048 x
+    512, MLP 3 x 2,048 x 11,008, two RMSNorms) + the final norm."""
+    spec = load_spec("smollm3-3b")
+    real = tuple(bool(layer.self_attn.use_rope) for layer in build_base_model(spec).model.layers)
+    assert spec.rope_layers == real and real.count(False) == 9 and not real[3] and real[4]
+    config = {k: v for k, v in registry_configs()["smollm3-3b"].items() if not k.startswith("_")}
+    config.pop("no_rope_layers")
+    assert load_spec(config).rope_layers == real
+    layer = 2 * 2048 * 2048 + 2 * 2048 * 512 + 3 * 2048 * 11008 + 2 * 2048
+    assert make_plan(spec, MethodSettings("full")).total == 128256 * 2048 + 36 * layer + 2048 == 3_075_098_624
+    with pytest.raises(InputError, match="no_rope_layers"):
+        load_spec({**config, "no_rope_layers": [1, 0]})
 
 
 def test_mistral_reader_honours_head_dim():
