@@ -210,17 +210,22 @@ def _rotary_types_saved(spec: ModelSpec, plan: Plan, layout: Layout, input_rg: b
     """The layer types (their windows) whose RoPE cos/sin some layer saves: RoPE's q * cos saves cos where q (or
     k) needs a gradient, i.e. where the block's input does (input_rg, above the lowest trainable block, above
     block 0 with prefix tuning's keys) or its query/key projections or norms train (LoRA, IA3, weights).
-    One set for the families with a single RoPE (saved as soon as gradients reach the blocks)."""
+    One set for the families with a single RoPE (saved as soon as gradients reach the blocks), unless some layers
+    apply none (ModelSpec.rope_layers, SmolLM3's NoPE layers): then only a layer that applies it saves it (traced:
+    tiny-smollm3 with adapters or prefix tuning, whose only layer above the lowest trainable one is NoPE, saves
+    no cos/sin)."""
     windows = layer_windows(spec)
-    if not family(spec).rotary_per_layer_type:
+    rope = spec.rope_layers or (True,) * spec.num_layers
+    per_type = family(spec).rotary_per_layer_type
+    if not per_type and all(rope):
         return frozenset({windows[0]})
     low = plan.lowest_trainable_layer
     saved = set()
     for i, training in enumerate(layer_trainings(plan, layout)):
         own = training.trainable | training.lora | training.ia3_out | training.norm_trainable
-        if (input_rg or (low is not None and i > low) or (plan.settings.method == "prefix" and i > 0)
-                or any(n in own for n in _QK)):
-            saved.add(windows[i])
+        if rope[i] and (input_rg or (low is not None and i > low) or (plan.settings.method == "prefix" and i > 0)
+                        or any(n in own for n in _QK)):
+            saved.add(windows[i] if per_type else windows[0])
     return frozenset(saved)
 
 
