@@ -89,6 +89,17 @@ class ModelSpec:
 
     attn_logit_softcap: float = 0.0  # tanh soft-capping of the attention scores (Gemma 2; 0: none)
     final_logit_softcap: float = 0.0  # tanh soft-capping of the logits (Gemma 2; 0: none)
+    # the leading dims of each head RoPE rotates, where not all of head_dim (Phi-4-mini's partial_rotary_factor
+    # 0.75: 96 of 128); 0: the whole head (see rope_dim)
+    rotary_dim: int = 0
+    # per layer, whether its attention applies RoPE (SmolLM3's no_rope_layers: 0 on every fourth); (): every layer
+    rope_layers: tuple = ()
+    logits_scaled: bool = False  # the logits divided by a number after lm_head (GraniteForCausalLM's logits_scaling)
+
+    @property
+    def rope_dim(self) -> int:
+        """The dims of a head RoPE rotates: cos and sin are seq x rope_dim, inv_freq rope_dim / 2."""
+        return self.rotary_dim or self.head_dim
 
     @property
     def is_blip2(self) -> bool:

@@ -14,6 +14,7 @@ from peftcalc.families.gemma3 import GEMMA3_TEXT
 from peftcalc.families.blip2 import BLIP2, BLIP2_QFORMER, BLIP2_VISION
 from peftcalc.families.gpt2 import GPT2
 from peftcalc.families.gpt_oss import GPT_OSS
+from peftcalc.families.granite import GRANITE
 from peftcalc.families.llama import LLAMA, MISTRAL, QWEN2
 from peftcalc.families.llava import LLAVA
 from peftcalc.families.olmo2 import OLMO2
@@ -24,6 +25,7 @@ from peftcalc.families.mixtral import MIXTRAL
 from peftcalc.families.qwen2_moe import QWEN2_MOE
 from peftcalc.families.qwen3_moe import QWEN3_MOE
 from peftcalc.families.record import Family, config_dropout
+from peftcalc.families.smollm3 import SMOLLM3
 from peftcalc.families.vision import CLIP_VISION, VIT
 from peftcalc.layout import Layout
 from peftcalc.spec import ModelSpec
@@ -47,6 +49,7 @@ FAMILIES.update({f.model_type: f for f in (QWEN3, OLMO2, PHI3)})  # issue 12's d
 FAMILIES.update({f.model_type: f for f in (MIXTRAL, QWEN3_MOE, QWEN2_MOE, GPT_OSS)})  # mixture-of-experts
 
 FAMILIES.update({f.model_type: f for f in (GEMMA2, GEMMA3_TEXT)})  # issue 12: Gemma 2 and Gemma 3 text
+FAMILIES.update({f.model_type: f for f in (GRANITE, SMOLLM3)})  # issue 12: Granite 3.x's multipliers, SmolLM3's NoPE
 
 
 def attention_for(spec: ModelSpec, requested: str) -> str:

@@ -8,8 +8,9 @@ from dataclasses import replace
 from functools import lru_cache
 
 from peftcalc.errors import InputError
+from peftcalc.families.opt import opt_decoder_modules
 from peftcalc.families.record import Family, config_dropout
-from peftcalc.layout import Layout, Module, linear_module, norm_module
+from peftcalc.layout import Layout, Module
 from peftcalc.ops.attention import attention
 from peftcalc.ops.linear import linear
 from peftcalc.ops.nonlinear import activation
@@ -102,23 +103,7 @@ def blip2_layout(spec: ModelSpec) -> Layout:
         ]
     mods.append(Module(LANGUAGE_PROJECTION, "linear", (h, hq), True, None, "projector"))
     d = "language_model.model.decoder"
-    mods += [
-        Module(f"{d}.embed_tokens", "embedding", (spec.vocab_size, h), False, None, "embed"),
-        Module(f"{d}.embed_positions", "embedding", (spec.max_positions + 2, h), False, None, "embed"),
-        norm_module(f"{d}.final_layer_norm", h, True),
-    ]
-    for i in range(spec.num_layers):
-        p = f"{d}.layers.{i}"
-        mods += [
-            linear_module(f"{p}.self_attn.k_proj", h, h, True, i, "attn"),
-            linear_module(f"{p}.self_attn.v_proj", h, h, True, i, "attn"),
-            linear_module(f"{p}.self_attn.q_proj", h, h, True, i, "attn"),
-            linear_module(f"{p}.self_attn.out_proj", h, h, True, i, "attn_out"),
-            norm_module(f"{p}.self_attn_layer_norm", h, True, i),
-            linear_module(f"{p}.fc1", spec.intermediate_size, h, True, i, "mlp"),
-            linear_module(f"{p}.fc2", h, spec.intermediate_size, True, i, "mlp_out"),
-            norm_module(f"{p}.final_layer_norm", h, True, i),
-        ]
+    mods += opt_decoder_modules(spec, d)
     return Layout(tuple(mods), f"{d}.layers", f"{d}.embed_tokens", ("language_model.lm_head",),
                   "language_model.lm_head", True, f"{d}.final_layer_norm")
 

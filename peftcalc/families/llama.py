@@ -12,7 +12,7 @@ from peftcalc.ops.nonlinear import activation
 from peftcalc.ops.norms import rms_norm
 from peftcalc.ops.recorder import Recorder, SymTensor
 from peftcalc.ops.rotary import rope
-from peftcalc.ops.tensor_ops import add, heads_view, mul
+from peftcalc.ops.tensor_ops import add, heads_view, mul, scale
 from peftcalc.spec import (SLIDING_ATTENTION, FULL_ATTENTION, ModelSpec, config_bool, config_int, config_str, divided,
                            encoder_sizes, optional_config_int, optional_window, sliding_windows)
 
@@ -27,17 +27,18 @@ __all__ = [
     "llama_layout",
     "llama_mlp_half",
     "llama_windows",
+    "residual_scaled",
     "rotary_buffer_bytes",
 ]
 
 
 def llama_layout(spec: ModelSpec) -> Layout:
     """LlamaForCausalLM / MistralForCausalLM / Qwen2ForCausalLM (modeling_llama.py, modeling_mistral.py,
-    modeling_qwen2.py): q/k/v/o, gated MLP, RMSNorm (weight only)."""
+    modeling_qwen2.py; GraniteForCausalLM, modeling_granite.py, alike): q/k/v/o, gated MLP, RMSNorm (weight only)."""
     base = "" if spec.task == "base" else "model."
     h, hd = spec.hidden_size, spec.head_dim
     qkv_bias = spec.attention_bias
-    o_bias = spec.attention_bias and spec.model_type == "llama"
+    o_bias = spec.attention_bias and spec.model_type in ("llama", "granite", "smollm3")  # Qwen2's o_proj has none
     mods = [Module(f"{base}embed_tokens", "embedding", (spec.vocab_size, h), False, None, "embed")]
     for i in range(spec.num_layers):
         p = f"{base}layers.{i}"
@@ -66,10 +67,13 @@ def llama_block(rec: Recorder, spec: ModelSpec, sites, x: SymTensor) -> SymTenso
     return llama_mlp_half(rec, spec, sites, x2)
 
 
-def llama_attention_half(rec: Recorder, spec: ModelSpec, sites, x: SymTensor, dropout: dict | None = None) -> SymTensor:
+def llama_attention_half(rec: Recorder, spec: ModelSpec, sites, x: SymTensor, dropout: dict | None = None,
+                         residual_multiplier: bool = False) -> SymTensor:
     """The first half of LlamaDecoderLayer.forward: ``residual + self_attn(input_layernorm(x))`` (the
     residual stream after attention; also the first half of the MoE decoder layers, families.mixtral and
-    kin, whose `dropout` table names their config key)."""
+    kin, whose `dropout` table names their config key, and of GraniteDecoderLayer, whose
+    ``residual + hidden_states * self.residual_multiplier`` scales the attention output first:
+    `residual_multiplier`, residual_scaled)."""
     ctx = rec.ctx
     h = spec.hidden_size
     eager = ctx.attention == "eager"
@@ -79,22 +83,24 @@ def llama_attention_half(rec: Recorder, spec: ModelSpec, sites, x: SymTensor, dr
     ql = sites.linear(rec, n, "self_attn.q_proj", h, spec.q_dim)
     kl = sites.linear(rec, n, "self_attn.k_proj", h, spec.kv_dim)
     vl = sites.linear(rec, n, "self_attn.v_proj", h, spec.kv_dim)
-    q, k, v = heads_view(rec, ql, clone=True), heads_view(rec, kl, clone=True), heads_view(rec, vl, clone=eager)
-    q, k = rope(rec, q), rope(rec, k)
-    rec.free(ql, kl)
+    if sites.rope:
+        q, k, v = heads_view(rec, ql, clone=True), heads_view(rec, kl, clone=True), heads_view(rec, vl, clone=eager)
+        q, k = rope(rec, q), rope(rec, k)
+        rec.free(ql, kl)
+    else:  # SmolLM3's NoPE layers (``if self.use_rope``): q and k stay views of the projections, as v is
+        q, k, v = (heads_view(rec, t, clone=eager) for t in (ql, kl, vl))
     # `key_states, value_states = past_key_values.update(...)` drops RoPE's keys and the value projection
     a = attention(rec, spec, q, k, v, config_dropout(spec, dropout or DROPOUT, "attn"), "self_attn.attention",
-                  replaced=(k, vl), fp32_softmax=True, window=sites.window)
+                  replaced=(k if sites.rope else kl, vl), fp32_softmax=True, window=sites.window)
     o = sites.linear(rec, a, "self_attn.o_proj", spec.q_dim, h)
     o = sites.adapt(rec, o, "attn_out", "self_attn.o_proj")
-    rec.free(a, q, k, vl, n)
-    x2 = add(rec, x, o, x.dtype)  # x + o keeps the residual stream's dtype
-    rec.free(o)
-    return x2
+    rec.free(a, q, k, vl, n, ql, kl)
+    return residual_scaled(rec, x, o, residual_multiplier)
 
 
-def llama_mlp_half(rec: Recorder, spec: ModelSpec, sites, x2: SymTensor) -> SymTensor:
-    """The second half of LlamaDecoderLayer.forward: ``residual + mlp(post_attention_layernorm(x2))``."""
+def llama_mlp_half(rec: Recorder, spec: ModelSpec, sites, x2: SymTensor, residual_multiplier: bool = False) -> SymTensor:
+    """The second half of LlamaDecoderLayer.forward: ``residual + mlp(post_attention_layernorm(x2))`` (Granite's
+    with the MLP output scaled by the residual multiplier: residual_scaled)."""
     h = spec.hidden_size
     n2 = rms_norm(rec, x2, sites.norm_trains("post_attention_layernorm"), "post_attention_layernorm")
     g = sites.linear(rec, n2, "mlp.gate_proj", h, spec.intermediate_size)
@@ -106,8 +112,21 @@ def llama_mlp_half(rec: Recorder, spec: ModelSpec, sites, x2: SymTensor) -> SymT
     d = sites.linear(rec, p, "mlp.down_proj", spec.intermediate_size, h)
     d = sites.adapt(rec, d, "mlp_out", "mlp.down_proj")
     rec.free(p, n2)
-    out = add(rec, x2, d, x2.dtype)
-    rec.free(d, x2)
+    out = residual_scaled(rec, x2, d, residual_multiplier)
+    rec.free(x2)
+    return out
+
+
+def residual_scaled(rec: Recorder, residual: SymTensor, y: SymTensor, multiplied: bool) -> SymTensor:
+    """``residual + y`` (the residual stream's dtype), or GraniteDecoderLayer's ``residual + y *
+    self.residual_multiplier`` when `multiplied`: the product by a Python number is a new tensor (its backward a
+    new gradient: ops.tensor_ops.scale), dropped once summed. `y` is dropped after the sum."""
+    if multiplied:
+        scaled = scale(rec, y)
+        rec.free(y)
+        y = scaled
+    out = add(rec, residual, y, residual.dtype)
+    rec.free(y)
     return out
 
 
@@ -123,7 +142,7 @@ def llama_config(config: dict, common: dict, where: str, read_part=None) -> Mode
         raise InputError(f"{where}: num_attention_heads ({heads}) must be a multiple of num_key_value_heads ({kv_heads})")
     if model_type == "qwen2":
         attention_bias = True  # Qwen2Attention: q/k/v carry biases, o_proj does not
-    elif model_type == "llama":
+    elif model_type in ("llama", "granite", "smollm3"):
         attention_bias = config_bool(config, "attention_bias", False, where)
     else:
         attention_bias = False
@@ -137,7 +156,7 @@ def llama_config(config: dict, common: dict, where: str, read_part=None) -> Mode
         vocab_size=config_int(config, "vocab_size", where),
         tie_embeddings=config_bool(config, "tie_word_embeddings", False, where),
         attention_bias=attention_bias,
-        mlp_bias=config_bool(config, "mlp_bias", False, where) if model_type == "llama" else False,
+        mlp_bias=config_bool(config, "mlp_bias", False, where) if model_type in ("llama", "granite", "smollm3") else False,
         hidden_act=config_str(config, "hidden_act", "silu", where),
         layer_windows=llama_windows(config, model_type, layers, where),
         **common,
@@ -164,9 +183,11 @@ def llama_windows(config: dict, model_type: str, layers: int, where: str) -> tup
 
 
 def rotary_buffer_bytes(spec: ModelSpec) -> int:
-    """LlamaRotaryEmbedding registers ``inv_freq`` and ``original_inv_freq``, head_dim / 2 fp32 values each,
-    kept fp32 whatever the model's dtype (transformers 5.x modeling_rope_utils computes them with ``.float()``)."""
-    return 2 * (spec.head_dim // 2) * 4
+    """LlamaRotaryEmbedding registers ``inv_freq`` and ``original_inv_freq``, rope_dim / 2 fp32 values each (the
+    whole head_dim unless a partial rotary factor narrows it: Phi3RotaryEmbedding.compute_default_rope_parameters'
+    ``int(head_dim * partial_rotary_factor)``), kept fp32 whatever the model's dtype (transformers 5.x
+    modeling_rope_utils computes them with ``.float()``)."""
+    return 2 * (spec.rope_dim // 2) * 4
 
 
 # Dropout probabilities during training, from the transformers config defaults (attention only).

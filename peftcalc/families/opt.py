@@ -22,6 +22,7 @@ __all__ = [
     "POSITION_OFFSET",
     "opt_block",
     "opt_config",
+    "opt_decoder_modules",
     "opt_embedding_indices",
     "opt_layout",
 ]
@@ -31,11 +32,20 @@ POSITION_OFFSET = 2
 
 
 def opt_layout(spec: ModelSpec) -> Layout:
-    """OPTForCausalLM / OPTForSequenceClassification / OPTModel (modeling_opt.py), in named_modules() order:
-    decoder.embed_tokens, embed_positions (max_position_embeddings + 2 rows), final_layer_norm, then per layer
-    self_attn.k/v/q/out_proj (biases), self_attn_layer_norm, fc1, fc2, final_layer_norm; the lm_head tied to
-    embed_tokens by default (tie_word_embeddings), or `score` (no bias)."""
+    """OPTForCausalLM / OPTForSequenceClassification / OPTModel (modeling_opt.py): the decoder's modules
+    (opt_decoder_modules), then the lm_head tied to embed_tokens by default (tie_word_embeddings), or `score`
+    (no bias)."""
     d = "decoder" if spec.task == "base" else "model.decoder"
+    mods = opt_decoder_modules(spec, d)
+    head, out_emb, tied = decoder_head(spec, mods)
+    return Layout(tuple(mods), f"{d}.layers", f"{d}.embed_tokens", head, out_emb, tied, f"{d}.final_layer_norm")
+
+
+def opt_decoder_modules(spec: ModelSpec, d: str) -> list[Module]:
+    """OPTDecoder's modules under the prefix `d` (modeling_opt.py OPTDecoder.__init__), in named_modules()
+    order: embed_tokens, embed_positions (max_position_embeddings + 2 rows), final_layer_norm, then per layer
+    self_attn.k/v/q/out_proj (biases), self_attn_layer_norm, fc1, fc2, final_layer_norm. The standalone
+    OPTForCausalLM (opt_layout) and BLIP-2's language model (families.blip2.blip2_layout) share it."""
     h = spec.hidden_size
     mods = [
         Module(f"{d}.embed_tokens", "embedding", (spec.vocab_size, h), False, None, "embed"),
@@ -54,8 +64,7 @@ def opt_layout(spec: ModelSpec) -> Layout:
             linear_module(f"{p}.fc2", h, spec.intermediate_size, True, i, "mlp_out"),
             norm_module(f"{p}.final_layer_norm", h, True, i),
         ]
-    head, out_emb, tied = decoder_head(spec, mods)
-    return Layout(tuple(mods), f"{d}.layers", f"{d}.embed_tokens", head, out_emb, tied, f"{d}.final_layer_norm")
+    return mods
 
 
 def opt_block(rec: Recorder, spec: ModelSpec, sites, x: SymTensor) -> SymTensor:

@@ -23,6 +23,7 @@ __all__ = [
     "DROPOUT",
     "PHI3",
     "phi3_block",
+    "phi3_buffer_bytes",
     "phi3_config",
     "phi3_layout",
     "phi3_mlp",
@@ -60,12 +61,15 @@ def sliced(rec: Recorder, x: SymTensor, numel: int) -> SymTensor:
     return v
 
 
-def phi3_rope(rec: Recorder, x: SymTensor) -> SymTensor:
+def phi3_rope(rec: Recorder, spec: ModelSpec, x: SymTensor) -> SymTensor:
     """Phi-3's apply_rotary_pos_emb: ``cat([rope(x[..., :rotary_dim]), x[..., rotary_dim:]], dim=-1)`` with
-    rotary_dim = head_dim (partial_rotary_factor 1): both slices are views whose backward makes a gradient like
-    x (the empty pass-through slice's too: zeros), the rotated half is ops.rotary.rope, the cat a new tensor
-    whose backward hands views of its gradient on; the rotated tensor is dropped once concatenated."""
-    rot, passed = sliced(rec, x, x.numel), sliced(rec, x, 0)
+    rotary_dim = cos.shape[-1] (ModelSpec.rope_dim: head_dim unless partial_rotary_factor < 1, Phi-4-mini's 96
+    of 128): both slices are views whose backward makes a gradient like x (the pass-through slice's too: zeros
+    where the rotary dims are, even when it is empty), the rotated part is ops.rotary.rope on its slice (its
+    products and rotate_half's cat the slice's size), the cat a new tensor whose backward hands views of its
+    gradient on; the rotated tensor is dropped once concatenated."""
+    rotated = x.numel // spec.head_dim * spec.rope_dim
+    rot, passed = sliced(rec, x, rotated), sliced(rec, x, x.numel - rotated)
     r = rope(rec, rot)
     out = rec.new(x.numel, r.dtype, r.requires_grad)
     rec.node(out, outputs=[(r.id, "g"), (passed.id, "g")])
@@ -105,7 +109,7 @@ def phi3_block(rec: Recorder, spec: ModelSpec, sites, x: SymTensor) -> SymTensor
     qs, ks, vs = sliced(rec, qkv, tok * spec.q_dim), sliced(rec, qkv, tok * spec.kv_dim), sliced(rec, qkv, tok * spec.kv_dim)
     q, k = heads_view(rec, qs, clone=True), heads_view(rec, ks, clone=True)
     v = heads_view(rec, vs, clone=ctx.attention == "eager")
-    q, k = phi3_rope(rec, q), phi3_rope(rec, k)
+    q, k = phi3_rope(rec, spec, q), phi3_rope(rec, spec, k)
     a = attention(rec, spec, q, k, v, config_dropout(spec, DROPOUT, "attn"), "self_attn.attention", replaced=(k,),
                   fp32_softmax=True, window=sites.window)
     if ctx.attention != "eager":
@@ -134,6 +138,17 @@ def phi3_block(rec: Recorder, spec: ModelSpec, sites, x: SymTensor) -> SymTensor
     return out
 
 
+def phi3_buffer_bytes(spec: ModelSpec) -> int:
+    """The rotary embedding's inv_freq and original_inv_freq (families.llama.rotary_buffer_bytes), and with LongRoPE
+    (rope_scaling type "longrope": Phi-3-mini-128k, Phi-4-mini) the ``long_inv_freq`` that
+    modeling_rope_utils.dynamic_rope_update's longrope_frequency_update computes at the first forward and keeps as
+    a plain attribute: rope_dim / 2 more fp32 values, alive from then on (traced: Phi-4-mini LoRA b1 s2048
+    checkpointed, fake, 192 B)."""
+    rope = spec.hf_config.get("rope_parameters") or spec.hf_config.get("rope_scaling") or {}
+    longrope = isinstance(rope, dict) and (rope.get("rope_type") or rope.get("type")) == "longrope"
+    return rotary_buffer_bytes(spec) + (spec.rope_dim // 2 * 4 if longrope else 0)
+
+
 def _partial_rotary_factor(config: dict) -> float:
     """Phi3Config.convert_rope_params_to_dict: rope_parameters / rope_scaling's partial_rotary_factor, else the
     config's own, else 1.0."""
@@ -146,23 +161,27 @@ def _partial_rotary_factor(config: dict) -> float:
 def phi3_config(config: dict, common: dict, where: str, read_part=None) -> ModelSpec:
     """Phi3Config (configuration_phi3.py): GQA (num_key_value_heads, default the heads), head_dim (the modeling
     file reads ``getattr(config, "head_dim", hidden / heads)``), sliding_window (default none; every layer slides
-    when set: Phi3Model.forward builds one create_sliding_window_causal_mask), tie_word_embeddings (false).
-    A partial rotary factor below 1 (Phi-4-mini) is refused."""
+    when set: Phi3Model.forward builds one create_sliding_window_causal_mask), tie_word_embeddings (false),
+    the partial rotary factor (Phi-4-mini's 0.75: Phi3RotaryEmbedding.compute_default_rope_parameters' ``dim =
+    int(head_dim * partial_rotary_factor)``, ModelSpec.rotary_dim)."""
     hidden, heads, layers, intermediate = encoder_sizes(config, where)
     kv_heads = optional_config_int(config, "num_key_value_heads", heads, where, null_is_default=True)
     if heads % kv_heads:
         raise InputError(f"{where}: num_attention_heads ({heads}) must be a multiple of num_key_value_heads ({kv_heads})")
-    if _partial_rotary_factor(config) != 1.0:
-        raise InputError(f"{where}: Phi-3 with partial_rotary_factor {_partial_rotary_factor(config)} (Phi-4-mini) is "
-                         "not supported; full rotary only")
+    head_dim = optional_config_int(config, "head_dim", 0, where, null_is_default=True) or divided(
+        hidden, heads, "hidden_size", "num_attention_heads", where)
+    factor = _partial_rotary_factor(config)
+    if not 0.0 < factor <= 1.0 or int(head_dim * factor) % 2:
+        raise InputError(f"{where}: partial_rotary_factor {factor} must be in (0, 1] and rotate an even number of "
+                         f"the {head_dim} head dims")
     window = optional_window(config, None, where)
     return ModelSpec(
         hidden_size=hidden,
         num_layers=layers,
         num_heads=heads,
         num_kv_heads=kv_heads,
-        head_dim=optional_config_int(config, "head_dim", 0, where, null_is_default=True) or divided(
-            hidden, heads, "hidden_size", "num_attention_heads", where),
+        head_dim=head_dim,
+        rotary_dim=int(head_dim * factor) if factor < 1.0 else 0,
         intermediate_size=intermediate,
         vocab_size=config_int(config, "vocab_size", where),
         tie_embeddings=config_bool(config, "tie_word_embeddings", False, where),
@@ -184,4 +203,4 @@ PHI3 = Family("phi3", "https://github.com/huggingface/transformers/blob/main/src
               architectures={"Phi3ForCausalLM": "causal_lm", "Phi3ForSequenceClassification": "seq_cls",
                              "Phi3Model": "base"},
               default_task="causal_lm", read_config=phi3_config, decoder=True, gated_mlp=True, final_norm="rms",
-              buffer_bytes=rotary_buffer_bytes, rotary=True, passes_position_ids=True, prefix_kv_dim=True)
+              buffer_bytes=phi3_buffer_bytes, rotary=True, passes_position_ids=True, prefix_kv_dim=True)

@@ -50,6 +50,7 @@ class LayerTraining:
     norm_bias_only: frozenset = frozenset()  # norms of which only the bias trains (BitFit)
     window: int = 0  # the block's attention window in tokens (ModelSpec.layer_windows; 0: full attention)
     params: frozenset = frozenset()  # bare parameters (a router's weight, fused experts) that train, by name
+    rope: bool = True  # the block's attention applies RoPE (ModelSpec.rope_layers: SmolLM3's NoPE layers do not)
 
 
 # the roles of the bare parameters a block's own ops read (a router's weight and bias, fused experts and their
@@ -93,8 +94,8 @@ def layer_trainings(plan: Plan, layout: Layout) -> list[LayerTraining]:
     return [LayerTraining(frozenset(s["trainable"]), frozenset(s["norms"]), frozenset(s["lora"]),
                           frozenset(s["ia3_out"]), frozenset(s["ia3_ff"]), frozenset(s["adapters"]),
                           frozenset(s["biases"]), frozenset(s["norm_biases"] - s["norm_weights"]), window,
-                          frozenset(s["params"]))
-            for s, window in zip(sets, layer_windows(plan.spec))]
+                          frozenset(s["params"]), rope)
+            for s, window, rope in zip(sets, layer_windows(plan.spec), plan.spec.rope_layers or (True,) * n)]
 
 
 @lru_cache(maxsize=1024)
@@ -156,6 +157,11 @@ class BlockSites:
     def window(self) -> int:
         """The block's attention window in tokens (0: full causal attention; ops.attention.attention)."""
         return self.training.window
+
+    @property
+    def rope(self) -> bool:
+        """Whether the block's attention applies RoPE (LayerTraining.rope)."""
+        return self.training.rope
     def param_lora(self, name: str) -> int:
         """The LoRA rank on the block's bare parameter `name` (fused experts through peft's target_parameters;
         0: none)."""

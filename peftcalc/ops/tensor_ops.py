@@ -102,20 +102,31 @@ def clone(rec: Recorder, x: SymTensor) -> SymTensor:
 
 def mul_node(rec: Recorder, out: SymTensor, a: SymTensor, b: SymTensor, saved: list) -> None:
     """MulBackward0 of out = a * b: grad_a = grad * b, grad_b = grad * a (derivatives.yaml
-    mul_tensor_backward), each the size of the output; where an input was broadcast, the engine sums
-    its gradient down to its shape after the formula has returned (torch/csrc/autograd/engine.cpp
-    call_function: validate_outputs, InputMetadata::reduce_grad; peftcalc.backward's "returned")."""
-    steps, outputs, reductions = [], [], []
-    for i, t in enumerate((a, b)):
+    mul_tensor_backward), each the size of the output and in the dtype of grad times the other factor;
+    then the engine, input by input, sums a broadcast input's gradient down to its shape and casts a
+    gradient whose dtype is not its input's (DoRA's fp32 scale times a bf16 LoRA output under autocast)
+    to that dtype, each a new tensor that replaces the one before (torch/csrc/autograd/engine.cpp
+    call_function: validate_outputs, InputMetadata::reduce_grad, ``grad.to(metadata dtype)``;
+    peftcalc.backward's "returned")."""
+    steps, outputs, checks = [], [], []
+    for i, (t, other) in enumerate(((a, b), (b, a))):
         if not t.requires_grad:
             continue
-        if t.numel == out.numel:
+        grad_dtype = promote(out.dtype, other.dtype)
+        if t.numel == out.numel and grad_dtype == t.dtype:
             steps.append(("new", f"d{i}", t.nbytes))
         else:
-            steps.append(("new", f"t{i}", out.nbytes))
-            reductions += [("new", f"d{i}", t.nbytes), ("free", f"t{i}")]
+            steps.append(("new", f"t{i}", out.numel * DTYPE_BYTES[grad_dtype]))
+            last = f"t{i}"
+            if t.numel != out.numel:
+                checks += [("new", f"r{i}", t.numel * DTYPE_BYTES[grad_dtype]), ("free", last)]
+                last = f"r{i}"
+            if grad_dtype != t.dtype:
+                checks += [("new", f"d{i}", t.nbytes), ("free", last)]
+            else:
+                checks[-2] = ("new", f"d{i}", t.nbytes)
         outputs.append((t.id, f"d{i}"))
-    rec.node(out, steps + ([("returned",)] + reductions if reductions else []), outputs, saved)
+    rec.node(out, steps + ([("returned",)] + checks if checks else []), outputs, saved)
 
 
 def mul(rec: Recorder, a: SymTensor, b: SymTensor, tag: str) -> SymTensor:

@@ -74,7 +74,7 @@ def head_forward(rec: Recorder, spec: ModelSpec, plan: Plan, layout: Layout, x: 
     if spec.task == "causal_lm":
         tied = layout.head_tied_to_embedding and plan.embedding_trains  # its gradient waits for the lookup's
         logits = linear(rec, x, h, spec.vocab_size, param_trains(plan, "lm_head", True) or tied, "lm_head", grad_pending=tied)
-        return tok * spec.vocab_size, x, _logit_softcap(rec, spec, logits)
+        return tok * spec.vocab_size, x, _logit_softcap(rec, spec, _logits_scaled(rec, spec, logits))
     if spec.task == "masked_lm":  # the family's MLM head (Family.mlm_head)
         return tok * spec.vocab_size, x, family(spec).mlm_head(rec, spec, layout, HeadSites(plan), x)
     if spec.task == "seq_cls" and spec.is_decoder:  # score on every position, then gather the last
@@ -102,6 +102,16 @@ def head_forward(rec: Recorder, spec: ModelSpec, plan: Plan, layout: Layout, x: 
                  [(x32.id, "d")], [xs])
         rec.node(loss, [("new", "d", n)], [(sq.id, "d")])
     return 0, x, loss
+
+
+def _logits_scaled(rec: Recorder, spec: ModelSpec, logits: SymTensor) -> SymTensor:
+    """GraniteForCausalLM.forward's ``logits = logits / self.config.logits_scaling``: a second logits-sized tensor
+    (lm_head's output dropped when `logits` is rebound); its backward divides the gradient (a new one)."""
+    if not spec.logits_scaled:
+        return logits
+    out = scale(rec, logits)
+    rec.free(logits)
+    return out
 
 
 def _logit_softcap(rec: Recorder, spec: ModelSpec, logits: SymTensor) -> SymTensor:

@@ -69,7 +69,7 @@ def model_profile(plan: Plan, t: TrainingSettings, checkpointed: tuple) -> Activ
     grads_reach_blocks = input_rg or plan.lowest_trainable_layer is not None or plan.settings.method == "prefix"
     saved_types = _rotary_types_saved(spec, plan, layout, input_rg) if grads_reach_blocks else frozenset()
     if family(spec).rotary and saved_types:
-        # LlamaRotaryEmbedding's cos and sin (1 x seq x head_dim, in the hidden states' dtype), shared
+        # LlamaRotaryEmbedding's cos and sin (1 x seq x rope_dim, in the hidden states' dtype), shared
         # by every layer (of a type), saved by q * cos and rotate_half(q) * sin
         rec.save_new(2 * ctx.seq * _rotary_dim(spec) * len(saved_types), _rotary_dtype(spec, ctx), "rotary.cos_sin")
     # held while the blocks run: prompt tuning's inputs, the positions and rotary embeddings of the
@@ -182,7 +182,7 @@ def _as_kept(blocks: BlockRun) -> BlockRun:
 
 def _positions_held(spec: ModelSpec, ctx: StepContext, rotary_saved: int) -> int:
     """LlamaModel.forward (Mistral, Qwen2) holds cache_position (int64, one per token of the sequence)
-    and the rotary position embeddings (cos, sin: 1 x seq x head_dim each, in the hidden states' dtype)
+    and the rotary position embeddings (cos, sin: 1 x seq x rope_dim each, in the hidden states' dtype)
     while the layers run; cos and sin count as saved where the layers need gradients (activation_profile
     saves them then). With prefix tuning's past keys the causal mask cannot be skipped, nor a sliding
     window's once the keys reach it: masking_utils builds a (1, 1, seq, past + seq) bool mask per mask type,
@@ -215,17 +215,22 @@ def _rotary_types_saved(spec: ModelSpec, plan: Plan, layout: Layout, input_rg: b
     """The layer types (their windows) whose RoPE cos/sin some layer saves: RoPE's q * cos saves cos where q (or
     k) needs a gradient, i.e. where the block's input does (input_rg, above the lowest trainable block, above
     block 0 with prefix tuning's keys) or its query/key projections or norms train (LoRA, IA3, weights).
-    One set for the families with a single RoPE (saved as soon as gradients reach the blocks)."""
+    One set for the families with a single RoPE (saved as soon as gradients reach the blocks), unless some layers
+    apply none (ModelSpec.rope_layers, SmolLM3's NoPE layers): then only a layer that applies it saves it (traced:
+    tiny-smollm3 with adapters or prefix tuning, whose only layer above the lowest trainable one is NoPE, saves
+    no cos/sin)."""
     windows = layer_windows(spec)
-    if not family(spec).rotary_per_layer_type:
+    rope = spec.rope_layers or (True,) * spec.num_layers
+    per_type = family(spec).rotary_per_layer_type
+    if not per_type and all(rope):
         return frozenset({windows[0]})
     low = plan.lowest_trainable_layer
     saved = set()
     for i, training in enumerate(layer_trainings(plan, layout)):
         own = training.trainable | training.lora | training.ia3_out | training.norm_trainable
-        if (input_rg or (low is not None and i > low) or (plan.settings.method == "prefix" and i > 0)
-                or any(n in own for n in _QK)):
-            saved.add(windows[i])
+        if rope[i] and (input_rg or (low is not None and i > low) or (plan.settings.method == "prefix" and i > 0)
+                        or any(n in own for n in _QK)):
+            saved.add(windows[i] if per_type else windows[0])
     return frozenset(saved)
 
 
@@ -237,9 +242,10 @@ def _rotary_sets(spec: ModelSpec) -> int:
 
 
 def _rotary_dim(spec: ModelSpec) -> int:
-    """The width of the rotary cos and sin: head_dim (LlamaRotaryEmbedding concatenates the frequencies twice), half
-    of it where the family applies them to each half of a head (Family.rotary_half: GptOssRotaryEmbedding)."""
-    return spec.head_dim // 2 if family(spec).rotary_half else spec.head_dim
+    """The width of the rotary cos and sin: the rotated dims (ModelSpec.rope_dim: head_dim, or Phi's partial rotary
+    share; LlamaRotaryEmbedding concatenates the frequencies twice), half of it where the family applies them to
+    each half of a head (Family.rotary_half: GptOssRotaryEmbedding)."""
+    return spec.rope_dim // 2 if family(spec).rotary_half else spec.rope_dim
 
 
 def _rotary_dtype(spec: ModelSpec, ctx: StepContext) -> str:

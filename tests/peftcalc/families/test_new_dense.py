@@ -13,12 +13,13 @@ from measure.build import build_base_model, build_model, count_params
 from peftcalc.api import estimate
 from peftcalc.config import load_spec, registry_aliases, registry_configs
 from peftcalc.errors import InputError
-from peftcalc.families import build_layout
+from peftcalc.families import FAMILIES, build_layout
 from peftcalc.methods import MethodSettings, make_plan
 from peftcalc.layout import param_names
 
 NEW_ENTRIES = ["qwen3-0.6b", "qwen3-8b", "qwen3-32b", "mistral-nemo-12b", "mistral-7b-v0.3", "opt-1.3b", "olmo-2-7b",
-               "phi-3-mini-4k", "phi-3-medium-4k", "phi-4"]
+               "phi-3-mini-4k", "phi-3-medium-4k", "phi-4", "phi-4-mini", "granite-3.3-8b",
+               "smollm3-3b"]
 
 
 @pytest.mark.parametrize("name", NEW_ENTRIES)
@@ -37,7 +38,8 @@ def test_layout_names_and_shapes_are_the_real_models(name):
     MethodSettings("ia3"),
     MethodSettings("prefix"),
 ], ids=lambda s: s.method)
-@pytest.mark.parametrize("name", ["qwen3-0.6b", "opt-1.3b", "olmo-2-7b", "phi-3-mini-4k"])
+@pytest.mark.parametrize("name", ["qwen3-0.6b", "opt-1.3b", "olmo-2-7b", "phi-3-mini-4k", "phi-4-mini", "granite-3.3-8b",
+                                  "smollm3-3b"])
 def test_method_counts_are_the_real_peft_models(name, settings):
     """Trainable and total counts of peft's models on the new families (their default IA3 targets, prefix
     tuning's key/value width), as test_params.py checks for every registry model."""
@@ -78,10 +80,54 @@ def test_phi3_counts_by_hand():
     assert load_spec("phi-3-mini-4k").layer_windows == (2047,) * 32 and load_spec("phi-4").layer_windows == ()
 
 
-def test_phi3_partial_rotary_is_refused():
+def test_phi4_mini_partial_rotary():
+    """Phi-4-mini (partial_rotary_factor 0.75, head_dim 3,072 / 24 = 128): RoPE on int(128 x 0.75) = 96 dims of
+    each head, so the rotary embedding's inv_freq and original_inv_freq buffers hold 48 fp32 values each (the real
+    model's, meta device), 48 more for LongRoPE; 3,836,021,760 parameters with the 200,064 x 3,072 embeddings tied: 32 layers x (qkv_proj
+    3,072 x (3,072 + 2 x 1,024), o_proj 3,072 x 3,072, gate_up_proj 3,072 x 16,384, down_proj 8,192 x 3,072, two
+    RMSNorms) + the final norm. A factor that leaves an odd number of rotated dims is refused."""
+    spec = load_spec("phi-4-mini")
+    assert (spec.head_dim, spec.rope_dim) == (128, 96)
+    buffers = {n: b.numel() for n, b in build_base_model(spec).named_buffers()}
+    assert buffers == {"model.rotary_emb.inv_freq": 48, "model.rotary_emb.original_inv_freq": 48}
+    # and LongRoPE's long_inv_freq, kept after the first forward (traced: the long row's 192 B)
+    assert FAMILIES["phi3"].buffer_bytes(spec) == 2 * 48 * 4 + 48 * 4
+    layer = 3072 * 5120 + 3072 * 3072 + 3072 * 16384 + 8192 * 3072 + 2 * 3072
+    assert make_plan(spec, MethodSettings("full")).total == 200064 * 3072 + 32 * layer + 3072 == 3_836_021_760
     config = {k: v for k, v in registry_configs()["phi-4"].items() if not k.startswith("_")}
+    assert load_spec({**config, "partial_rotary_factor": 1.0}).rope_dim == 128
     with pytest.raises(InputError, match="partial_rotary_factor"):
-        load_spec({**config, "partial_rotary_factor": 0.75})
+        load_spec({**config, "partial_rotary_factor": 0.7})  # int(128 x 0.7) = 89
+
+
+def test_granite_3_3_8b_counts_by_hand():
+    """Granite-3.3-8B (tied embeddings): 49,159 x 4,096 + 40 layers x (q and o 4,096 x 4,096, k and v 4,096 x
+    1,024, MLP 3 x 4,096 x 12,800, two RMSNorms) + the final norm = 8,170,864,640; LoRA r8 on q_proj and v_proj:
+    40 x 8 x ((4,096 + 4,096) + (4,096 + 1,024)). The logits are divided by logits_scaling (16): a tensor of
+    their own (ModelSpec.logits_scaled)."""
+    spec = load_spec("granite-3.3-8b")
+    layer = 2 * 4096 * 4096 + 2 * 4096 * 1024 + 3 * 4096 * 12800 + 2 * 4096
+    plan = make_plan(spec, MethodSettings("lora", rank=8))
+    assert plan.total - plan.trainable == 49159 * 4096 + 40 * layer + 4096 == 8_170_864_640
+    assert plan.trainable == 40 * 8 * (8192 + 5120) == 4_259_840
+    assert spec.logits_scaled and spec.tie_embeddings
+
+
+def test_smollm3_nope_layers_are_the_real_models():
+    """SmolLM3-3B: no_rope_layers (1 = RoPE) is SmolLM3Attention.use_rope of each of the 36 layers of the real model
+    (meta device): every fourth layer is NoPE; without the list, no_rope_layer_interval (default 4) makes the same
+    one. 3,075,098,624 parameters: 128,256 x 2,048 tied embeddings + 36 x (q and o 2,048 x 2,048, k and v 2,048 x
+    512, MLP 3 x 2,048 x 11,008, two RMSNorms) + the final norm."""
+    spec = load_spec("smollm3-3b")
+    real = tuple(bool(layer.self_attn.use_rope) for layer in build_base_model(spec).model.layers)
+    assert spec.rope_layers == real and real.count(False) == 9 and not real[3] and real[4]
+    config = {k: v for k, v in registry_configs()["smollm3-3b"].items() if not k.startswith("_")}
+    config.pop("no_rope_layers")
+    assert load_spec(config).rope_layers == real
+    layer = 2 * 2048 * 2048 + 2 * 2048 * 512 + 3 * 2048 * 11008 + 2 * 2048
+    assert make_plan(spec, MethodSettings("full")).total == 128256 * 2048 + 36 * layer + 2048 == 3_075_098_624
+    with pytest.raises(InputError, match="no_rope_layers"):
+        load_spec({**config, "no_rope_layers": [1, 0]})
 
 
 def test_mistral_reader_honours_head_dim():

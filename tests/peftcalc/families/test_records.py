@@ -40,7 +40,7 @@ TASK_MAPPINGS = {
 
 # peft 0.21 has no entry for these; the records take peft's llama choice and the harness passes it to peft
 # explicitly (peftcalc/families/vision.py, peftcalc/families/llava.py, peftcalc/families/olmo2.py)
-NOT_IN_PEFT = ("vit", "clip_vision_model", "llava", "olmo2", "phi3")
+NOT_IN_PEFT = ("vit", "clip_vision_model", "llava", "olmo2", "phi3", "granite", "smollm3")
 # the module that holds each of llama's target projections where a family fuses them (Phi3Attention.qkv_proj)
 FUSED = {"phi3": {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj"}}
 # nor for these mixture-of-experts types: the records take the dense model's LoRA entry and no IA3 (the fused experts
@@ -143,9 +143,9 @@ def test_peft_targets_where_peft_has_an_entry(model_type):
 
 @pytest.mark.parametrize("model_type", NOT_IN_PEFT)
 def test_peft_targets_where_peft_has_none(model_type):
-    """peft has no default targets for vit (transformers 5 names), clip_vision_model, llava, olmo2 or phi3: the
-    records take peft's llama entries (the vision towers, OLMo 2 and Phi-3 for IA3 too; LLaVA takes no IA3), on
-    the fused module that holds those projections where the family fuses them (Phi-3's qkv_proj)."""
+    """peft has no default targets for vit (transformers 5 names), clip_vision_model, llava, olmo2, phi3, granite or
+    smollm3: the records take peft's llama entries (the vision towers, OLMo 2, Phi-3, Granite and SmolLM3 for IA3
+    too; LLaVA takes no IA3), on the fused module that holds those projections where the family fuses them (Phi-3's qkv_proj)."""
     family = FAMILIES[model_type]
     fused = FUSED.get(model_type, {})
     assert model_type not in LORA and model_type not in IA3 and model_type not in IA3_FF
