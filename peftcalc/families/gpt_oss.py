@@ -162,4 +162,7 @@ GPT_OSS = Family(
     architectures={"GptOssForCausalLM": "causal_lm", "GptOssForSequenceClassification": "seq_cls", "GptOssModel": "base"},
     default_task="causal_lm", read_config=gpt_oss_config, decoder=True, final_norm="rms_weight_fp32",
     buffer_bytes=gpt_oss_buffer_bytes, rotary=True, rotary_half=True, passes_position_ids=True, prefix_kv_dim=True,
-    attentions=("eager",))
+    attentions=("eager",),
+    # modeling_gpt_oss.py GptOssPreTrainedModel._keep_in_fp32_modules (applied by from_pretrained under fp16 only)
+    keep_in_fp32={arch: (("post_attention_layernorm", "input_layernorm", "norm"), ())
+                  for arch in ("GptOssForCausalLM", "GptOssForSequenceClassification", "GptOssModel")})
