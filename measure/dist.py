@@ -268,5 +268,5 @@ def measure_ddp(spec, method, training, steps, policy, workdir: str) -> dict:
             meter.register(model, batch)
             load_bytes = tracer.live_bytes
             optimizer = make_optimizer(training.optimizer, [p for p in model.parameters() if p.requires_grad])
-            step_rows = run_steps(ddp, spec, batch, optimizer, policy, "cpu", meter, steps)
+            step_rows = run_steps(ddp, spec, batch, optimizer, policy, "cpu", meter, steps, recipe=training)
     return _rank0_result(step_rows, meter, model_bytes, load_bytes, params, notes, build_s, t1)

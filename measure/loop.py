@@ -177,7 +177,10 @@ def train_step(model, spec, batch, optimizer, policy, device, meter, scaler=None
                 else:
                     loss, outputs = forward_loss(model, spec, batch), None
         with meter.phase("backward", micro_batch):
-            (scaler.scale(loss) if scaler is not None else loss).backward()
+            if recipe is not None and recipe.trainer_loop:
+                trainer_backward(loss, accum)
+            else:
+                (scaler.scale(loss) if scaler is not None else loss).backward()
             del loss, outputs
         meter.mark_gradients(model)
     with meter.phase("optimizer"):
@@ -204,6 +207,15 @@ def train_step(model, spec, batch, optimizer, policy, device, meter, scaler=None
         summary["host_peak_bytes"] = offload.peak
     summary["time_s"] = round(time.perf_counter() - start, 6)
     return summary
+
+
+def trainer_backward(loss, accum: int) -> None:
+    """TrainingSettings.trainer_loop: transformers Trainer.training_step calls ``self.accelerator.backward(loss)``
+    and holds its own `loss` until it returns; accelerate/accelerator.py Accelerator.backward runs
+    ``loss = loss / self.gradient_accumulation_steps`` (even for 1 step) and backward on that new scalar."""
+    scaled = loss / accum
+    scaled.backward()
+    del scaled
 
 
 def run_steps(model, spec, batch, optimizer, policy, device, meter, steps: int, scaler=None, recipe=None) -> list[dict]:

@@ -50,3 +50,16 @@ def test_mixed_bf16_clipped_trace(tiny):
     m = row["measured"]
     assert m["peak_bytes"] == row["predicted"]["peak_bytes"] == 1573968
     assert m["step1_peak_bytes"] == 1174668
+
+
+def test_trainer_loop_trace_holds_one_more_loss_scalar(tiny):
+    """trainer_loop (measure.loop trainer_backward: accelerate Accelerator.backward's ``loss / accumulation steps``
+    beside Trainer.training_step's own loss): the same 3-rank FSDP2 LoRA step as
+    test_fsdp2_rank0_trace_equals_prediction peaks one float32 scalar (4 bytes) higher, traced and predicted."""
+    run = tiny("tiny-llama", method="lora")
+    t = TrainingSettings(batch_size=2, seq_len=32, precision="fp32", optimizer="adamw", device="cpu", gpus=3, sharding="fsdp",
+                         trainer_loop=True)
+    row = measure_one(run.spec, MethodSettings(method="lora"), t, device="fake", steps=2)
+    assert row["outcome"] == "ok", row["error"]
+    assert row["measured"]["peak_bytes"] == row["predicted"]["peak_bytes"] == 1492152 + 4
+    assert row["settings"]["training"]["trainer_loop"] is True

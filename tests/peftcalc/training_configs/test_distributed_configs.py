@@ -116,3 +116,39 @@ def test_fsdp1_strategies(tmp_path):
     path.write_text(json.dumps(args))
     with pytest.raises(InputError, match="fsdp_version"):
         from_files(str(path), given={"model": "llama-3.2-1b"})
+
+
+def test_axolotl_fsdp2_config_estimates_as_its_flags(tmp_path):
+    """axolotl's FSDP2 example at gradient_accumulation_steps 1 estimates under FSDP2 (the Trainer's step,
+    trainer_loop, with its clipping): per GPU the peak, phase and components of the hand-written flags; the
+    Trainer's loop holds one more float32 loss scalar through backward than a plain loop (accelerate
+    Accelerator.backward's ``loss / gradient_accumulation_steps`` beside Trainer.training_step's own loss):
+    4 bytes, at a backward peak."""
+    from peftcalc.api import estimate
+
+    text = (CONFIGS / "axolotl-lora-1b-fsdp2.yaml").read_text()
+    path = tmp_path / "fsdp2.yaml"
+    path.write_text(text.replace("gradient_accumulation_steps: 2", "gradient_accumulation_steps: 1"))
+    run = from_files(str(path), given={"gpus": 8})
+    by_config = estimate(run.model, **run.kwargs)
+    flags = dict(method="lora", rank=16, alpha=32, targets="all-linear", batch_size=2, seq_len=2048, precision="bf16",
+                 optimizer="adamw-fused", grad_checkpointing=True, checkpoint_reentrant=False, max_grad_norm=1.0,
+                 sharding="fsdp", reshard_after_forward=True, gpus=8)
+    by_flags = estimate("llama-3.2-1b", trainer_loop=True, **flags)
+    assert (by_config.memory.peak_bytes, by_config.memory.peak_phase, by_config.memory.components) == \
+        (by_flags.memory.peak_bytes, by_flags.memory.peak_phase, by_flags.memory.components)
+    plain = estimate("llama-3.2-1b", trainer_loop=False, **flags).memory
+    assert by_flags.memory.peak_phase.startswith("backward")
+    assert by_flags.memory.peak_bytes - plain.peak_bytes == 4
+
+
+def test_trainer_accumulation_under_fsdp2_is_one_clear_line():
+    """The same example as written (gradient_accumulation_steps 2): the HF Trainer runs every micro-batch but the
+    last under accelerate's no_sync (FSDP2 set_requires_gradient_sync(False): unsharded gradients kept to the last
+    micro-batch), which the FSDP2 accumulation model (a reduce-scatter every micro-batch) does not cover: exit 2,
+    one line naming it."""
+    path = CONFIGS / "axolotl-lora-1b-fsdp2.yaml"
+    proc = subprocess.run([sys.executable, "-m", "peftcalc", "estimate", "--config", str(path), "--gpus", "8"],
+                          capture_output=True, text=True)
+    errors = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("error")]
+    assert proc.returncode == 2 and len(errors) == 1 and "no_sync" in errors[0] and "grad-accum" in errors[0]
