@@ -139,14 +139,14 @@ def test_lora_device_and_host_bytes_under_checkpointing_by_hand(tiny):
 
 @pytest.mark.slow
 def test_llama_3_2_1b_lora_under_checkpointing_by_hand():
-    """Llama-3.2-1B LoRA (r8 on q_proj, v_proj) bf16, batch 1 x 1,024, non-reentrant checkpointing, fake tensors,
+    """Llama-3.2-1B LoRA (r8, peft's default targets) bf16, batch 1 x 1,024, non-reentrant checkpointing, fake tensors,
     as test_lora_device_and_host_bytes_under_checkpointing_by_hand at a real shape (hidden 2,048, 16 layers,
     vocab 128,256, lm_head tied to the embedding). The backward:loss peak drops by
     - 15 checkpoint inputs (1,024 x 2,048 bf16: 4,194,304 B each; block 0's is the leaf, kept on the device),
     - the final norm's fp32 input (x.to(float32): 8,388,608 B) and rsqrt (1,024 fp32: 4,096 B).
     Host: 16 checkpoint inputs; the norm's pow input, rsqrt, the multiply's two operands and its weight (2,048 bf16:
-    4,096 B); lm_head's weight.t() (the tied 128,256 x 2,048 bf16 table: 525,336,576 B); log_softmax's fp32 result twice (1,024 x 128,256 x 4:
-    525,336,576 B each), the shifted labels (1,024 int64) and total_weight (4 B)."""
+    4,096 B); lm_head's weight.t() (the tied 128,256 x 2,048 bf16 table: 525,336,576 B); log_softmax's fp32
+    result twice (1,024 x 128,256 x 4: 525,336,576 B each), the shifted labels (1,024 int64) and total_weight (4 B)."""
     from measure.matrix import load_matrix, to_run
 
     hidden, f32, logits = 1024 * 2048 * 2, 1024 * 2048 * 4, 1024 * 128_256 * 4
