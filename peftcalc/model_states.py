@@ -204,6 +204,7 @@ def _model_states(plan: Plan, t: TrainingSettings) -> ModelStates:
     # _approx_sq_grad's row factor (row / row.mean()).rsqrt_() and column factor col.rsqrt() too
     eight_bit_state = False  # a tensor's bitsandbytes 8-bit state references the quantization maps
     quantized_modules = quantized_paths(plan)
+    at_32_bits = trainer_embeddings_at_32_bits(plan, t)
     for g in plan.groups:
         dtype = group_dtype(plan, g.origin, weight_dtype, g.name)
         if g.name.rsplit(".", 1)[0] in quantized_modules:
@@ -228,21 +229,48 @@ def _model_states(plan: Plan, t: TrainingSettings) -> ModelStates:
         if t.optimizer == "adafactor":  # states follow the fp32 upcast gradient
             states += _adafactor_state_numel(shape or (g.numel,)) * 4
         else:
-            paged_part = paged_state_bytes(g.numel, t.optimizer)
+            state_bytes, paged_part = _state_and_paged_bytes(g.numel, dtype, t.optimizer, g.name in at_32_bits)
             paged += paged_part
-            states += _optimizer_state_bytes(g.numel, dtype, t.optimizer) - paged_part
+            states += state_bytes - paged_part
         group_bytes[dtype] = group_bytes.get(dtype, 0) + nbytes
         group_count[dtype] = group_count.get(dtype, 0) + 1
         largest = max(largest, nbytes)
         adamw_cpu_temp, prev = max(adamw_cpu_temp, 2 * nbytes + prev), nbytes
         factors = _adafactor_state_numel(shape) * 4 if shape and len(shape) >= 2 else 0
         adafactor_temp = max(adafactor_temp, g.numel * 4 * (2 if dtype == "float32" else 4) + factors)
-        eight_bit_state = eight_bit_state or g.numel >= 4096
+        eight_bit_state = eight_bit_state or (g.numel >= 4096 and g.name not in at_32_bits)
     temps = adafactor_temp if t.optimizer == "adafactor" else optimizer_temporaries(t, group_bytes, adamw_cpu_temp)
     maps, spare = quantization_maps(t)
     return ModelStates(frozen, trainable, grads, states, temps, largest, maps,
                        eight_bit_state and t.optimizer in EIGHT_BIT_OPTIMIZERS, tuple(sorted(group_count.items())),
                        paged, spare)
+
+
+def trainer_embeddings_at_32_bits(plan: Plan, t: TrainingSettings) -> frozenset:
+    """The parameters whose bitsandbytes states the HF Trainer keeps at 32 bits under an 8-bit optimizer:
+    transformers trainer.py Trainer.create_optimizer, when ``"bitsandbytes" in str(optimizer_cls)`` and
+    ``optim_bits == 8`` (trainer_optimizer.py: every ``*8bit`` bitsandbytes optim), runs
+    ``manager.register_module_override(module, "weight", {"optim_bits": 32})`` for every ``nn.Embedding`` of the
+    model; bitsandbytes Optimizer8bit.step -> check_overrides applies it (by the parameter's id) at the first
+    step, and init_state then makes fp32 states. The embeddings: the layout's embedding modules' weights (the
+    token, position and token-type tables) and peft's prompt or prefix encoder's table (PromptEmbedding.embedding,
+    PrefixEncoder.embedding: nn.Embedding). Only under TrainingSettings.trainer_loop; empty otherwise."""
+    if not t.trainer_loop or t.optimizer not in EIGHT_BIT_OPTIMIZERS:
+        return frozenset()
+    tables = {f"{m.path}.weight" for m in build_layout(plan.spec).modules if m.kind == "embedding"}
+    return frozenset(g.name for g in plan.groups
+                     if (g.origin == "base" and g.name in tables) or g.name == "prompt_embeddings")
+
+
+def _state_and_paged_bytes(numel: int, dtype: str, optimizer: str, at_32_bits: bool) -> tuple[int, int]:
+    """(a parameter's optimizer state bytes, what of them is paged): _optimizer_state_bytes and
+    paged_state_bytes, or at optim_bits 32 (trainer_embeddings_at_32_bits) bitsandbytes' fp32 state1 (and
+    state2 for Optimizer2State), paged from PAGED_MIN_NUMEL elements when the optimizer is paged
+    (Optimizer8bit.get_state_buffer)."""
+    if not at_32_bits:
+        return _optimizer_state_bytes(numel, dtype, optimizer), paged_state_bytes(numel, optimizer)
+    state = (1 if optimizer in ONE_STATE_OPTIMIZERS else 2) * numel * 4
+    return state, state if optimizer in PAGED_OPTIMIZERS and numel >= PAGED_MIN_NUMEL else 0
 
 
 def quantization_maps(t: TrainingSettings) -> tuple[int, int]:

@@ -106,3 +106,59 @@ def test_host_bytes_under_checkpointing_by_hand(tiny):
                          grad_checkpointing=True, offload_activations=True)
     row = measure_one(run.spec, run.method, t, device="fake", steps=2)
     assert row["measured"]["host_peak_bytes"] == by_hand == 493_316
+
+
+def test_lora_device_and_host_bytes_under_checkpointing_by_hand(tiny):
+    """tiny-llama LoRA (r8 defaults of the ci matrix, frozen embedding and lm_head) fp32, batch 2 x 32 = 64 tokens,
+    non-reentrant checkpointing, fake tensors; the step's peak is backward:loss with and without save_on_cpu.
+    Device: the peak drops by what was saved outside the checkpoints' own hooks and nothing else holds,
+    - block 1's checkpoint input (64 x 64 fp32: 16,384 B; block 0's is the leaf enable_input_require_grads makes of
+      the embedding output, which its AccumulateGrad node keeps on the device),
+    - the final LlamaRMSNorm's saved input (16,384 B) and rsqrt result (64 fp32: 256 B; weight * normalized saves
+      only the frozen weight, a parameter, which stays on the device anyway),
+    while the loss's saved variables are back on the device at its backward (log_softmax's result unpacked as a new
+    64 x 512 copy, the size of the original the forward freed): 1,087,848 - 33,024 = 1,054,824.
+    Host, one copy per saved variable: both checkpoint inputs (2 x 16,384), the final norm's pow input, rsqrt, the
+    multiply's two operands and its weight (16,384 + 256 + 16,384 + 256 + 256), lm_head's weight.t() (512 x 64 fp32:
+    131,072), log_softmax's result and nll_loss's copy of it (2 x 131,072), the shifted labels (512) and total_weight
+    (4): 460,036 B."""
+    h, logits = 64 * 64 * 4, 64 * 512 * 4
+    device_drop = h + h + 256
+    host = 2 * h + (h + 256 + h + 256 + 256) + logits + (2 * logits + 512 + 4)
+    run = tiny("tiny-llama", method="lora")
+    peaks = {}
+    for off in (False, True):
+        t = TrainingSettings(batch_size=2, seq_len=32, precision="fp32", optimizer="adamw", device="cpu",
+                             grad_checkpointing=True, offload_activations=off)
+        row = measure_one(run.spec, run.method, t, device="fake", steps=2)
+        assert row["measured"]["peak_phase"] == "backward"
+        peaks[off] = row["measured"]["peak_bytes"]
+    assert (peaks[False], peaks[True]) == (1_087_848, 1_087_848 - device_drop) == (1_087_848, 1_054_824)
+    assert row["measured"]["host_peak_bytes"] == host == 460_036
+
+
+@pytest.mark.slow
+def test_llama_3_2_1b_lora_under_checkpointing_by_hand():
+    """Llama-3.2-1B LoRA (r8, peft's default targets) bf16, batch 1 x 1,024, non-reentrant checkpointing, fake tensors,
+    as test_lora_device_and_host_bytes_under_checkpointing_by_hand at a real shape (hidden 2,048, 16 layers,
+    vocab 128,256, lm_head tied to the embedding). The backward:loss peak drops by
+    - 15 checkpoint inputs (1,024 x 2,048 bf16: 4,194,304 B each; block 0's is the leaf, kept on the device),
+    - the final norm's fp32 input (x.to(float32): 8,388,608 B) and rsqrt (1,024 fp32: 4,096 B).
+    Host: 16 checkpoint inputs; the norm's pow input, rsqrt, the multiply's two operands and its weight (2,048 bf16:
+    4,096 B); lm_head's weight.t() (the tied 128,256 x 2,048 bf16 table: 525,336,576 B); log_softmax's fp32
+    result twice (1,024 x 128,256 x 4: 525,336,576 B each), the shifted labels (1,024 int64) and total_weight (4 B)."""
+    from measure.matrix import load_matrix, to_run
+
+    hidden, f32, logits = 1024 * 2048 * 2, 1024 * 2048 * 4, 1024 * 128_256 * 4
+    drop = 15 * hidden + f32 + 4096
+    host = 16 * hidden + (f32 + 4096 + f32 + 4096 + 4096) + 128_256 * 2048 * 2 + (2 * logits + 1024 * 8 + 4)
+    run = to_run({"model": "llama-3.2-1b", "method": "lora"}, load_matrix("long").get("models", {}))
+    peaks = {}
+    for off in (False, True):
+        t = TrainingSettings(batch_size=1, seq_len=1024, precision="bf16", optimizer="adamw", device="cuda",
+                             grad_checkpointing=True, offload_activations=off)
+        row = measure_one(run.spec, run.method, t, device="fake", steps=2)
+        assert row["measured"]["peak_phase"] == "backward"
+        peaks[off] = row["measured"]["peak_bytes"]
+    assert (peaks[False], peaks[True]) == (4_133_642_760, 4_133_642_760 - drop) == (4_133_642_760, 4_062_335_496)
+    assert row["measured"]["host_peak_bytes"] == host == 1_659_916_292

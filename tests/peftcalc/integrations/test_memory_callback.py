@@ -196,3 +196,32 @@ def test_trainer_on_cuda(tmp_path):
     assert m["peak_bytes"] >= parts["weights_frozen"] + parts["weights_trainable"] + parts["optimizer_states"]
     assert abs(m["peak_bytes"] - e.memory.peak_bytes) <= 0.25 * e.memory.peak_bytes
     print("\n".join(lines))
+
+
+def test_trainer_keeps_embeddings_at_32_bits_under_an_8bit_optimizer(tmp_path):
+    """optim adamw_bnb_8bit: transformers Trainer.create_optimizer registers ``{"optim_bits": 32}`` for every
+    nn.Embedding's weight (bitsandbytes GlobalOptimManager.register_module_override), so full fine-tuning's
+    token embedding (512 x 64 = 32,768 elements) gets fp32 state1 and state2, 2 x 32,768 x 4 = 262,144 B, where
+    bitsandbytes alone makes uint8 states and one fp32 absmax per 256 values, 2 x (32,768 + 4 x 128) = 66,560 B
+    (peftcalc.model_states.trainer_embeddings_at_32_bits): 195,584 B more than the harness's own loop has. The
+    run's optimizer state and peak equal the estimate's to the byte."""
+    pytest.importorskip("bitsandbytes")
+    from peftcalc.api import estimate
+
+    args = transformers.TrainingArguments(output_dir=str(tmp_path / "out"), **dict(ARGS, optim="adamw_bnb_8bit"))
+    cb = MemoryCallback(out=str(tmp_path / "rows.jsonl"), echo=lambda line: None)
+    model = tiny_model(False)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=batches(), data_collator=collate,
+                                   callbacks=[cb])
+    trainer.train()
+    e = cb.estimate
+    assert e.training.trainer_loop and e.training.optimizer == "adamw-8bit"
+    state = trainer.optimizer.state[model.model.embed_tokens.weight]
+    assert (state["state1"].dtype, state["state1"].nbytes + state["state2"].nbytes) == (torch.float32, 262_144)
+    last = cb.steps[-1]
+    parts = dict(e.memory.components)
+    assert last["categories_at_peak"]["optimizer_state"] == parts["optimizer_states"]
+    assert last["peak_bytes"] == e.memory.peak_bytes
+    own_loop = estimate(model=cb.spec, method="full", batch_size=B, seq_len=S, precision="fp32", device="cpu",
+                        optimizer="adamw-8bit")
+    assert parts["optimizer_states"] - dict(own_loop.memory.components)["optimizer_states"] == 262_144 - 66_560
