@@ -244,4 +244,11 @@ def _reduce_event(end: dict, layout: ZeroLayout, bucket: int, loss_scalars: int)
 
 
 def _event(name: str, parts: dict) -> tuple:
+    """An event with autograd's gradients named as the data-parallel buffers they are under ZeRO: full
+    gradients not yet in the bucket or the partition (``unsharded_gradients``, as FSDP2's before their
+    reduce-scatter); no parameter keeps a ``.grad`` past backward."""
+    parts = dict(parts)
+    held = parts.pop("gradients", 0)
+    if held:
+        parts["unsharded_gradients"] = held
     return name, sum(parts.values()), parts
