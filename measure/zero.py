@@ -1,6 +1,7 @@
 """Rank 0 of an N-rank DeepSpeed ZeRO-1/2/3 job traced in one CPU process (issue 15): DeepSpeed 0.19's engine
-(``deepspeed.initialize`` with a torch optimizer: the client optimizer, here torch.optim.AdamW or SGD, which
-ZeRO wraps as its basic optimizer over the flat fp32 partitions) on torch's fake process group
+(``deepspeed.initialize`` with a torch optimizer: the client optimizer, here torch.optim.AdamW - fused=True for
+adamw-fused, as the HF Trainer hands its own optimizer over when the DeepSpeed config has no "optimizer" section -
+or SGD, which ZeRO wraps as its basic optimizer over the flat fp32 partitions) on torch's fake process group
 (measure.dist.fake_process_group) and DeepSpeed's CPU accelerator (``DS_ACCELERATOR=cpu``), with fake
 tensors, two steps (``engine(**batch)``, ``engine.backward(loss)``, ``engine.step()``).
 

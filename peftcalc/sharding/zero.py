@@ -18,12 +18,17 @@ deepspeed/runtime/zero/stage_1_and_2.py ``DeepSpeedZeroOptimizer``:
   ``average_tensor``) flattens the bucket's gradients, copies rank r's part into ``grads_in_partition``
   (``copy_grads_in_partition``: every parameter that overlaps the partition, whole), then frees the bucket;
 - step: the gradient norm over the partition in fp64 (a partition-sized fp64 copy), the client optimizer's
-  step over the fp32 partition (torch AdamW's single-tensor path: two partition-sized temporaries), the
-  partition copied back and all-gathered into the flat buffer in place.
+  step over the fp32 partition (torch AdamW's single-tensor path: two partition-sized temporaries; fused
+  AdamW, the HF Trainer's default, none: the Trainer hands its torch optimizer to ``deepspeed.initialize``
+  when the DeepSpeed config has no "optimizer" section), the partition copied back and all-gathered into
+  the flat buffer in place.
+
+Gradient checkpointing changes the one-GPU step's events only (ZeRO's hooks fire as the recomputed blocks'
+gradients arrive), so it needs nothing here.
 
 Modelled: one bucket (the trainable elements at most reduce_bucket_size), precision fp32, and bf16.enabled
-(mixed-bf16) for full fine-tuning; several buckets, ZeRO-3, offload, checkpointing and QLoRA are refused
-(CombinationError).
+(mixed-bf16) for full fine-tuning, AdamW (single-tensor or fused) and SGD, with or without gradient
+checkpointing; several buckets, ZeRO-3, offload and QLoRA are refused (CombinationError).
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ ZERO_COMPONENTS = ("master_weights", "gradient_partition")
 # loss_scaler); from the first step on the global gradient norm the optimizer keeps (``_global_grad_norm``)
 BACKWARD_SCALARS = {"fp32": 8, "mixed-bf16": 4}
 NORM_SCALAR = 4
+GAS_SCALED_LOSS = 4
 
 
 @dataclass(frozen=True)
@@ -60,6 +66,7 @@ class ZeroLayout:
     partition: int  # elements of each rank's partition
     in_partition: int  # elements of the parameters that overlap rank r's partition (grads_in_partition)
     nbytes: int  # the parameters' dtype bytes
+    largest_piece: int = 0  # elements of the largest overlap of one parameter with rank r's partition
 
 
 def check_zero(plan: Plan, t: TrainingSettings) -> None:
@@ -68,12 +75,11 @@ def check_zero(plan: Plan, t: TrainingSettings) -> None:
         ("zero3", t.sharding == "zero3"), (f"offload {t.offload}", t.offload != "none"),
         (f"precision {t.precision}", t.precision not in ("fp32", "mixed-bf16")),
         (f"{plan.settings.method} under mixed-bf16", t.precision == "mixed-bf16" and plan.settings.method != "full"),
-        (f"optimizer {t.optimizer}", t.optimizer not in ("adamw", "sgd")),
-        ("qlora", plan.settings.method == "qlora"),
-        ("gradient checkpointing", t.grad_checkpointing)) if bad]
+        (f"optimizer {t.optimizer}", t.optimizer not in ("adamw", "adamw-fused", "sgd")),
+        ("qlora", plan.settings.method == "qlora")) if bad]
     if unsupported:
         raise CombinationError(f"the DeepSpeed ZeRO model does not cover {unsupported[0]} yet (zero1 and zero2, "
-                               "fp32, or mixed-bf16 for full fine-tuning, AdamW or SGD are)", names=("sharding",))
+                               "fp32, or mixed-bf16 for full fine-tuning, AdamW, fused AdamW or SGD are)", names=("sharding",))
     if gradient_free(plan):
         raise CombinationError("DeepSpeed ZeRO needs a gradient for every trainable parameter; "
                                f"{sorted(gradient_free(plan))[0]} gets none", names=("sharding",))
@@ -94,19 +100,21 @@ def zero_layout(plan: Plan, t: TrainingSettings, rank: int) -> ZeroLayout:
     padded = ceil(total / (ALIGNMENT * t.gpus)) * ALIGNMENT * t.gpus
     partition = padded // t.gpus
     lo, hi = rank * partition, (rank + 1) * partition
-    start = in_partition = 0
+    start = in_partition = largest = 0
     for n in sizes:
         if start < hi and start + n > lo:
             in_partition += n
+            largest = max(largest, min(hi, start + n) - max(lo, start))
         start += n
-    return ZeroLayout(total, padded, partition, in_partition, max(nbytes, default=4))
+    return ZeroLayout(total, padded, partition, in_partition, max(nbytes, default=4), largest)
 
 
 def _states(layout: ZeroLayout, t: TrainingSettings) -> int:
     """The client optimizer's states over the fp32 partition: AdamW's exp_avg and exp_avg_sq and its step
-    (a 4-byte tensor on the cpu device), SGD's momentum buffer."""
-    if t.optimizer == "adamw":
-        return 2 * 4 * layout.partition + (4 if t.device == "cpu" else 0)
+    (torch/optim/adamw.py ``_init_group``: a 4-byte tensor on the cpu device, on the partition's device when
+    fused), SGD's momentum buffer."""
+    if t.optimizer in ("adamw", "adamw-fused"):
+        return 2 * 4 * layout.partition + (4 if t.device == "cpu" or t.optimizer == "adamw-fused" else 0)
     return 4 * layout.partition
 
 
@@ -151,7 +159,7 @@ def zero_events(plan: Plan, t: TrainingSettings, rank: int = 0) -> list:
             p.pop("_other", None)
         events.append(_event(name, p))
         if name == "backward:end":
-            events.append(_reduce_event(p, layout, bucket))
+            events.append(_reduce_event(p, layout, bucket, act.loss_scalars))
     return events
 
 
@@ -202,20 +210,45 @@ def _step_temporaries(layout: ZeroLayout, t: TrainingSettings) -> int:
     before the optimizer runs: ``free_grad_in_param_list``), beside AdamW's single-tensor temporaries
     (denominator and step, two fp32 partitions)."""
     p = layout.partition
+    if t.optimizer == "adamw-fused":
+        return _fused_step_temporaries(layout)
     adam = 2 * 4 * p if t.optimizer == "adamw" else 0
     if layout.nbytes == 4:  # the fp32 gradients are the partition's gradient (a view of grads_in_partition)
         return max(8 * p, adam)
     return max(8 * p, 4 * p, 4 * p + adam - layout.in_partition * layout.nbytes)
 
 
-def _reduce_event(end: dict, layout: ZeroLayout, bucket: int) -> tuple:
-    """The epilogue (``average_tensor``): activations and autograd's gradients gone, the bucket's gradients
-    flattened (one trainable-sized copy) beside the bucket."""
+def _fused_step_temporaries(layout: ZeroLayout) -> int:
+    """The step's temporaries under fused AdamW (torch/optim/adamw.py ``_fused_adamw``: one kernel over the
+    fp32 partition, no temporaries of its own), beside grads_in_partition: the larger of the norm's fp64 copy
+    of one gradient piece at a time (``get_grad_norm_direct``: ``g.data.to(get_norm_dtype())`` for each of
+    ``averaged_gradients``, the parameters' overlaps with the partition) and the flattened partition
+    (``self.flatten(self.averaged_gradients[i])``, in the gradients' dtype) with, for bf16 gradients, its fp32
+    copy (``.to(single_partition_of_fp32_groups[i].dtype)``), made before the flat one is deleted; plus two
+    4-byte scalars of the norm (traced)."""
+    p = layout.partition
+    flat = layout.nbytes * p + (4 * p if layout.nbytes != 4 else 0)
+    return max(8 * layout.largest_piece, flat) + 8
+
+
+def _reduce_event(end: dict, layout: ZeroLayout, bucket: int, loss_scalars: int) -> tuple:
+    """The epilogue (``average_tensor``, run by engine.py ``backward`` after autograd's backward returns):
+    activations and autograd's gradients gone, the bucket's gradients flattened (one trainable-sized copy)
+    beside the bucket; the loss the training loop holds and the engine's loss divided by the accumulation
+    steps (``_scale_loss_by_gas``, 4 bytes) still live."""
     p = {k: v for k, v in end.items() if k in ("weights_frozen", "weights_trainable", "buffers", "inputs",
                                                   "optimizer_states", "master_weights")}
-    p.update(gradient_buckets=bucket, temporaries=layout.trainable * layout.nbytes + NORM_SCALAR)
+    p.update(gradient_buckets=bucket, logits_loss=loss_scalars,
+             temporaries=layout.trainable * layout.nbytes + NORM_SCALAR + GAS_SCALED_LOSS)
     return _event("backward:reduce", p)
 
 
 def _event(name: str, parts: dict) -> tuple:
+    """An event with autograd's gradients named as the data-parallel buffers they are under ZeRO: full
+    gradients not yet in the bucket or the partition (``unsharded_gradients``, as FSDP2's before their
+    reduce-scatter); no parameter keeps a ``.grad`` past backward."""
+    parts = dict(parts)
+    held = parts.pop("gradients", 0)
+    if held:
+        parts["unsharded_gradients"] = held
     return name, sum(parts.values()), parts

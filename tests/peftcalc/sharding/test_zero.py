@@ -9,7 +9,7 @@ from peftcalc.methods import MethodSettings, make_plan
 from peftcalc.settings import TrainingSettings
 from peftcalc.sharding import check_sharding, rank_memory
 from peftcalc.sharding.comm import communication
-from peftcalc.sharding.zero import REDUCE_BUCKET_SIZE, zero_layout
+from peftcalc.sharding.zero import REDUCE_BUCKET_SIZE, zero_events, zero_layout
 
 TINY = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 64, "num_hidden_layers": 2,
         "num_attention_heads": 4, "intermediate_size": 128, "vocab_size": 512}
@@ -79,6 +79,52 @@ def test_lora_bucket_arrives_inside_the_top_block():
     big = make_plan(load_spec("llama-3.2-1b"), MethodSettings(method="lora"))
     t = _t(gpus=8, sharding="zero2", batch_size=1, seq_len=1024)
     assert rank_memory(big, t, 0).peak_bytes == 9_254_216_984
+
+
+def _optimizer_event(t, method="full"):
+    return next(b for name, b, _ in zero_events(_plan(method), t, 0) if name == "optimizer")
+
+
+def test_fused_adamw_traced_rank0():
+    """Fused AdamW (the HF Trainer's default, handed to deepspeed.initialize as the client optimizer), full fp32,
+    3 ranks (measure.zero, two steps): the peak is backward's, as with the single-tensor AdamW (traced
+    2,001,960,312 under ZeRO-2, 2,002,025,848 under ZeRO-1). The step's phase (traced 1,674,352): the fused
+    kernel makes no temporaries, so its top is the norm's fp64 copy of rank 0's largest gradient piece (the
+    embedding, 32,768 elements: 262,144 bytes) beside grads_in_partition (57,344 fp32 elements), the fp32
+    weights (147,780 padded), rotary buffer, inputs, AdamW's states over the 49,260-element partition and its
+    4-byte step, the master partition, and 12 bytes of norm scalars."""
+    t = _t(gpus=3, sharding="zero2", optimizer="adamw-fused")
+    assert rank_memory(_plan(), t, 0).peak_bytes == 2_001_960_312
+    assert rank_memory(_plan(), _t(gpus=3, sharding="zero1", optimizer="adamw-fused"), 0).peak_bytes == 2_002_025_848
+    p = 49_260
+    assert _optimizer_event(t) == 1_674_352 == (
+        4 * 147_780 + 64 + 512 + (8 * p + 4) + 4 * p + 4 * 57_344 + 8 * 32_768 + 12)
+
+
+def test_fused_adamw_bf16_step_holds_the_flat_partition_and_its_fp32_copy():
+    """bf16.enabled with fused AdamW, 3 ranks: the step's top (traced 1,297,520) is the flattened bf16
+    partition (2 x 49,260) beside its fp32 copy (4 x 49,260), larger than the norm's fp64 piece (262,144);
+    the single-tensor AdamW's top is later, its two temporaries over the fp32 gradient (1,478,384 modelled,
+    1,478,392 traced)."""
+    p = 49_260
+    fused = _optimizer_event(_t(gpus=3, sharding="zero2", precision="mixed-bf16", optimizer="adamw-fused"))
+    assert fused == 1_297_520 == 2 * 147_780 + 64 + 512 + (8 * p + 4) + 4 * p + 2 * 57_344 + 6 * p + 12
+    assert _optimizer_event(_t(gpus=3, sharding="zero2", precision="mixed-bf16")) == 1_478_384
+
+
+def test_gradient_checkpointing_traced_rank0():
+    """Gradient checkpointing, full fp32, 3 ranks, ZeRO-2 (traced 2,001,773,940): the activations are small, so
+    the peak is backward's epilogue (average_tensor), the bucket's gradients flattened (147,776 x 4) beside
+    the bucket, with the fp32 weights (padded 147,780), rotary buffer, inputs, AdamW's states and step, the
+    master partition, the loop's loss (8) and the engine's loss/gas and norm scalars (4 + 4). ZeRO-1 keeps
+    autograd's gradients through backward: traced 2,001,894,008; bf16.enabled under ZeRO-2: 1,001,182,828."""
+    t = _t(gpus=3, sharding="zero2", grad_checkpointing=True)
+    r = rank_memory(_plan(), t, 0)
+    assert r.peak_bytes == 2_001_773_940 == (
+        4 * 147_780 + 64 + 512 + (8 * 49_260 + 4) + 4 * 49_260 + 4 * REDUCE_BUCKET_SIZE + 4 * 147_776 + 8 + 4 + 4)
+    assert rank_memory(_plan(), _t(gpus=3, sharding="zero1", grad_checkpointing=True), 0).peak_bytes == 2_001_894_008
+    bf16 = _t(gpus=3, sharding="zero2", precision="mixed-bf16", grad_checkpointing=True)
+    assert rank_memory(_plan(), bf16, 0).peak_bytes == 1_001_182_828
 
 
 def test_refused_in_one_line():
