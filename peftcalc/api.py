@@ -271,9 +271,12 @@ def auto_gpus(plan: Plan, t: TrainingSettings, gpu_name: str) -> tuple[TrainingS
             if t.sharding == "ddp":  # a replica per GPU: one fits, so the fewest is 1
                 trial = replace(trial, gpus=1)
             return trial, {"gpu": card.name, "gpus": trial.gpus, "max_batch": gpu_max_batch(plan, trial, card)}
-    why = "a sharding that splits the model" if t.sharding in ("none", "ddp") else f"up to {MAX_AUTO_GPUS:,} GPUs"
-    raise CombinationError(f"no count of {card.name} fits this setting with {why}; try --grad-checkpointing, a "
-                           "smaller batch or another method", names=("gpus",))
+    if t.sharding in ("none", "ddp"):  # every GPU holds the whole step: more GPUs do not help
+        raise CombinationError(f"one {card.name} does not hold this step and sharding {t.sharding} gives every GPU "
+                               "all of it; use a sharding that splits the model (fsdp, hsdp, zero1, zero2)",
+                               names=("gpus", "sharding"))
+    raise CombinationError(f"no count of {card.name} up to {MAX_AUTO_GPUS:,} fits this setting; try "
+                           "--grad-checkpointing, a smaller batch or another method", names=("gpus",))
 
 
 def _rank_rows(plan: Plan, t: TrainingSettings) -> tuple:

@@ -101,7 +101,12 @@ def test_bad_parallel_settings(kw, error):
 
 def test_cli_bad_gpus_is_one_line_exit_2():
     for args, message in ((["--gpus", "0", "--sharding", "fsdp"], "--gpus must be a positive integer or 'auto', got 0"),
-                          (["--gpus", "12", "--sharding", "hsdp"], "--gpus-per-node (8) must divide --gpus (12)")):
+                          (["--gpus", "12", "--sharding", "hsdp"], "--gpus-per-node (8) must divide --gpus (12)"),
+                          # full fine-tuning of 1.2B parameters in fp32 at 8 x 8192 tokens does not fit one H100,
+                          # and without a sharding more GPUs do not help
+                          (["-m", "full", "--precision", "fp32", "-b", "8", "-s", "8192", "--gpus", "auto"],
+                           "one H100 80GB does not hold this step and --sharding none gives every GPU all of it; "
+                           "use a --sharding that splits the model (fsdp, hsdp, zero1, zero2)")):
         proc = subprocess.run([sys.executable, "-m", "peftcalc.cli", "estimate", "llama-3.2-1b", *args],
                               capture_output=True, text=True, cwd=ROOT, timeout=120)
         assert proc.returncode == 2 and proc.stderr.strip() == f"error: {message}", proc.stderr
