@@ -45,7 +45,7 @@ NOT_IN_PEFT = ("vit", "clip_vision_model", "llava", "olmo2", "phi3", "granite", 
 FUSED = {"phi3": {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj"}}
 # nor for these mixture-of-experts types: the records take the dense model's LoRA entry and no IA3 (the fused experts
 # are no Linear modules) (peftcalc/families/qwen3_moe.py, peftcalc/families/qwen2_moe.py)
-NOT_IN_PEFT_MOE = {"qwen3_moe": "qwen3", "qwen2_moe": "qwen2"}
+NOT_IN_PEFT_MOE = {"qwen3_moe": "qwen3", "qwen2_moe": "qwen2", "gpt_oss": "mixtral"}  # gpt_oss: q_proj, v_proj as Mixtral
 
 
 def _source_dir(family) -> str:
