@@ -101,6 +101,23 @@ def gpu_lines() -> list[tuple[float, str]]:
     return [(max(g.memory_bytes for g in grp) / GIB, " / ".join(g.name for g in grp)) for grp in groups]
 
 
+def log2_axes_with_capacities(ax, xs, two_line_groups: bool = False) -> None:
+    """A log2 x axis ticked at `xs`, a log y axis stretched to show every card capacity, and those capacities as
+    labelled horizontal lines (gpu_lines); `two_line_groups` puts a shared line's capacity on a second line."""
+    from reports.charts import label_lines
+
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(xs)
+    ax.set_xticklabels([str(x) for x in xs])
+    ax.minorticks_off()
+    ax.set_yscale("log")
+    lo, hi = ax.get_ylim()
+    caps = gpu_lines()
+    ax.set_ylim(min(lo, caps[0][0] / 1.3), max(hi, caps[-1][0] * 1.15))
+    label_lines(ax, [(c, f"{n}\n({c:.0f} GiB)" if two_line_groups and " / " in n else f"{n} ({c:.0f} GiB)")
+                     for c, n in caps], fontsize=7)
+
+
 def breakdown_chart(model, batch_sizes, out, seq_len: int = 512, methods=METHODS, precision: str = "bf16",
                     optimizer: str = DEFAULT_OPTIMIZER, grad_checkpointing: bool = False, attention: str = "sdpa",
                     rank=None, targets=None, seq_lens=None) -> dict:
@@ -173,7 +190,7 @@ def _bars(df, batch_sizes, stem) -> list[str]:
 
 
 def _scaling(df, stem) -> list[str]:
-    from reports.charts import label_lines, line_style, pyplot, save
+    from reports.charts import line_style, pyplot, save
 
     plt = pyplot()
     has_seq = (df["sweep"] == "seq").any()
@@ -186,17 +203,7 @@ def _scaling(df, stem) -> list[str]:
         for i, m in enumerate(methods):
             g = d[d["method"] == m].sort_values(col)
             ax.plot(g[col], g["reserved_bytes"] / GIB, label=m, **line_style(i, m))
-        ax.set_xscale("log", base=2)
-        xs = sorted(d[col].unique())
-        ax.set_xticks(xs)
-        ax.set_xticklabels([str(x) for x in xs])
-        ax.minorticks_off()
-        ax.set_yscale("log")
-        lo, hi = ax.get_ylim()
-        caps = gpu_lines()
-        ax.set_ylim(min(lo, caps[0][0] / 1.3), max(hi, caps[-1][0] * 1.15))
-        label_lines(ax, [(c, f"{n}\n({c:.0f} GiB)" if " / " in n else f"{n} ({c:.0f} GiB)") for c, n in caps],
-                    fontsize=7)
+        log2_axes_with_capacities(ax, sorted(d[col].unique()), two_line_groups=True)
         ax.set_xlabel(label)
         ax.set_ylabel("reserved GPU memory (GiB, log scale)")
         fixed = (f"seq {d['seq_len'].iloc[0]}" if sweep == "batch" else f"batch {d['batch_size'].iloc[0]}")

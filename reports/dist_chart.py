@@ -48,8 +48,8 @@ def dist_frame(model, method: str = "full", gpu_counts=GPU_COUNTS, strategies=ST
 def dist_chart(model, out, method: str = "full", gpu_counts=GPU_COUNTS, strategies=STRATEGIES, **settings) -> dict:
     """`out` as PNG and SVG: rank 0's reserved memory per GPU vs N (log-log) per strategy, card capacities as
     labelled horizontal lines (reports.breakdown.gpu_lines). Returns the frame and the files."""
-    from reports.breakdown import gpu_lines
-    from reports.charts import label_lines, line_style, pyplot, save
+    from reports.breakdown import log2_axes_with_capacities
+    from reports.charts import line_style, pyplot, save
 
     df = dist_frame(model, method, gpu_counts, strategies, **settings)
     if df.empty:
@@ -60,16 +60,7 @@ def dist_chart(model, out, method: str = "full", gpu_counts=GPU_COUNTS, strategi
     for i, (s, g) in enumerate(df.groupby("strategy", sort=False)):
         g = g.sort_values("gpus")
         ax.plot(g["gpus"], g["reserved_bytes"] / GIB, label=s, **line_style(i))
-    ax.set_xscale("log", base=2)
-    xs = sorted(df["gpus"].unique())
-    ax.set_xticks(xs)
-    ax.set_xticklabels([str(x) for x in xs])
-    ax.minorticks_off()
-    ax.set_yscale("log")
-    lo, hi = ax.get_ylim()
-    caps = gpu_lines()
-    ax.set_ylim(min(lo, caps[0][0] / 1.3), max(hi, caps[-1][0] * 1.15))
-    label_lines(ax, [(c, f"{n} ({c:.0f} GiB)") for c, n in caps], fontsize=7)
+    log2_axes_with_capacities(ax, sorted(df["gpus"].unique()))
     ax.set_xlabel("GPUs (data-parallel ranks)")
     ax.set_ylabel("memory per GPU, rank 0 (GiB, reserved)")
     ax.set_title(f"{df.attrs['model']} - {method}: per-GPU memory vs GPUs")
