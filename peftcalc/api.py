@@ -177,6 +177,7 @@ def estimate(
     offload: str = "none",
     routing: str = "balanced",
     experts: str = "grouped_mm",
+    router_aux_loss: bool = False,
     gpu: str | None = None,
     price: float | None = None,
     tasks: int = 1,
@@ -202,7 +203,7 @@ def estimate(
                                trainer_loop=trainer_loop, gpus=1 if gpus == "auto" else gpus,
                                gpus_per_node=gpus_per_node, sharding=sharding,
                                reshard_after_forward=reshard_after_forward, offload=offload,
-                               routing=routing, experts=experts))
+                               routing=routing, experts=experts, router_aux_loss=router_aux_loss))
     check_combination(spec, settings, seq_len, grad_checkpointing)
     check_loss_applies(spec, t, stream_dtypes(make_plan(spec, settings), t)[1])
     _check_cost_inputs(gpu, price, tasks, dataset_tokens, mfu)

@@ -353,7 +353,28 @@ def _step_events(plan: Plan, t: TrainingSettings, act: ActivationProfile, ms: Mo
                                  optimizer_states=ms.optimizer_states + (ms.optimizer_maps if ms.maps_in_state else 0),
                                  _other=(0 if ms.maps_in_state else ms.optimizer_maps) + ms.optimizer_spare_maps)),
     ]
-    return events
+    return _with_router_gradients(act, events)
+
+
+def _with_router_gradients(act: ActivationProfile, events: list) -> list:
+    """Under output_router_logits (ActivationProfile.router_grads) the auxiliary load-balancing loss
+    (transformers models/mixtral/modeling_mixtral.py load_balancing_loss_func, added to the loss by
+    ``loss += router_aux_loss_coef * aux_loss``) is the younger branch of the loss's graph, so the engine runs its
+    backward first: every layer's router-logits gradient is made before the cross-entropy's backward and waits in
+    its router's node until that layer's backward (sim.blocks.simulate_block replays it as an incoming
+    gradient). At the loss and the head all of them are pending, at block i those of the blocks below."""
+    if not any(act.router_grads):
+        return events
+    out = []
+    for name, total, parts in events:
+        pending = 0
+        if name in ("backward:loss", "backward:head"):
+            pending = sum(act.router_grads)
+        elif name.startswith("backward:layer"):
+            pending = sum(act.router_grads[:int(name[len("backward:layer"):])])
+        out.append(_event(name, dict(parts, temporaries=parts.get("temporaries", 0) + pending)) if pending
+                   else (name, total, parts))
+    return out
 
 
 def _forward_block_event(act: ActivationProfile, base: dict, wrapped: tuple, ckpt: bool) -> tuple:

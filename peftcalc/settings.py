@@ -149,6 +149,9 @@ class TrainingSettings:
     # mixture-of-experts: how the router spreads tokens over the experts (ROUTINGS)
     routing: str = "balanced"
     experts: str = "grouped_mm"  # the experts implementation (EXPERTS)
+    # the model config's output_router_logits: every router's logits are returned and the auxiliary
+    # load-balancing loss (load_balancing_loss_func, times router_aux_loss_coef) is added to the loss
+    router_aux_loss: bool = False
 
     def __post_init__(self):
         if self.device == "fake":  # the fake-tensor trace counts what the CPU allocator would (DEVICES)
@@ -185,6 +188,7 @@ def check_training(t: TrainingSettings) -> None:
     require_bool("checkpoint_reentrant", t.checkpoint_reentrant)
     require_str("routing", t.routing, ROUTINGS)
     require_str("experts", t.experts, EXPERTS)
+    require_bool("router_aux_loss", t.router_aux_loss)
     _check_recipe(t)
     require_bool("trainer_loop", t.trainer_loop)
     if not t.grad_checkpointing and (t.checkpoint_every != 1 or t.checkpoint_reentrant):

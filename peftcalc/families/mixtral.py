@@ -13,7 +13,7 @@ from peftcalc.errors import InputError
 from peftcalc.families.llama import llama_attention_half, llama_config, rotary_buffer_bytes
 from peftcalc.families.record import Family
 from peftcalc.layout import Layout, Module, decoder_head, linear_module, norm_module
-from peftcalc.ops.moe import experts_forward, router_top_k
+from peftcalc.ops.moe import drop_router_logits, experts_forward, router_top_k
 from peftcalc.ops.norms import rms_norm
 from peftcalc.ops.recorder import Recorder, SymTensor
 from peftcalc.ops.tensor_ops import add
@@ -83,7 +83,8 @@ def moe_mlp(rec: Recorder, spec: ModelSpec, sites, x: SymTensor, prefix: str = "
     out = experts_forward(rec, x, weights, idx, spec.hidden_size, spec.expert_intermediate_size, spec.num_experts,
                              *experts_training(sites, f"{prefix}.experts"), spec.hidden_act, f"{prefix}.experts",
                              **experts_lora(sites, f"{prefix}.experts"))
-    rec.free(logits, weights.base or weights, idx)
+    rec.free(weights.base or weights, idx)
+    drop_router_logits(rec, logits)
     return out
 
 
