@@ -195,6 +195,12 @@ def check_training(t: TrainingSettings) -> None:
         name = "checkpoint_every" if t.checkpoint_every != 1 else "checkpoint_reentrant"
         raise CombinationError(f"{name} chooses how gradient checkpointing runs; add grad_checkpointing",
                                names=(name, "grad_checkpointing"))
+    if t.router_aux_loss and (t.checkpoint_every != 1 or t.checkpoint_reentrant or t.grad_accum != 1 or t.keep_outputs
+                              or t.autocast_dtype or t.loss != "hf"):
+        raise CombinationError("router_aux_loss is modelled with bf16/fp32 weights (no autocast), transformers' loss, "
+                               "every block checkpointed non-reentrantly or none, one micro-batch and the outputs "
+                               "dropped before backward; --trace traces the others",
+                               names=("router_aux_loss",))
     check_parallel(t)
 
 
