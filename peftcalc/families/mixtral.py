@@ -114,13 +114,14 @@ def mixtral_block(rec: Recorder, spec: ModelSpec, sites, x: SymTensor) -> SymTen
 def moe_settings(config: dict, where: str, experts_key: str, inter_key: str, norm_topk: bool | None) -> dict:
     """The MoE fields of a spec (ModelSpec.num_experts ...): the experts (`experts_key`), num_experts_per_tok
     (at most the experts), one expert's intermediate size (`inter_key`), norm_topk_prob (fixed by the model
-    when `norm_topk` is not None, else the config's, default false)."""
+    when `norm_topk` is not None, else the config's, default false), output_router_logits (default false)."""
     experts = config_int(config, experts_key, where)
     top_k = config_int(config, "num_experts_per_tok", where)
     if top_k > experts:
         raise InputError(f"{where}: num_experts_per_tok ({top_k}) is larger than {experts_key} ({experts})")
     return dict(num_experts=experts, experts_per_token=top_k, expert_intermediate_size=config_int(config, inter_key, where),
-                norm_topk_prob=config_bool(config, "norm_topk_prob", False, where) if norm_topk is None else norm_topk)
+                norm_topk_prob=config_bool(config, "norm_topk_prob", False, where) if norm_topk is None else norm_topk,
+                output_router_logits=config_bool(config, "output_router_logits", False, where))
 
 
 def mixtral_config(config: dict, common: dict, where: str, read_part=None) -> ModelSpec:

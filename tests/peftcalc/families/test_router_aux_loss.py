@@ -84,3 +84,31 @@ def test_qwen3_moe_full_checkpointed_trace_equals_prediction():
 def test_combinations_not_modelled_are_refused(training):
     with pytest.raises(CombinationError, match="router_aux_loss"):
         estimate(TINY_MIXTRAL, method="lora", router_aux_loss=True, device="cpu", **{"precision": "bf16", **training})
+
+
+def test_a_config_with_output_router_logits_turns_it_on():
+    e = estimate({**TINY_MIXTRAL, "output_router_logits": True}, method="lora", batch_size=2, seq_len=64,
+                 precision="bf16", device="cpu")
+    assert e.memory.peak_bytes == 2_082_568  # the traced run with it on (test_traced_tiny_mixtral_lora)
+
+
+def test_a_dense_model_is_refused():
+    with pytest.raises(CombinationError, match="router_aux_loss"):
+        estimate("qwen2.5-0.5b", router_aux_loss=True)
+
+
+CONFIGS = __import__("pathlib").Path(__file__).parents[1] / "training_configs" / "configs"
+
+
+def test_llamafactory_sets_output_router_logits_on_mixtral():
+    """LLaMA-Factory model/model_utils/moe.py configure_moe: output_router_logits = is_trainable for mixtral (and
+    dbrx, jamba, jetmoe, qwen2_moe); its reentrant checkpointing default is not modelled with it: a warning."""
+    from peftcalc.training_configs import from_files
+
+    path = CONFIGS / "llamafactory-lora-sft.yaml"
+    run = from_files(path, given={"model": "mixtral-8x7b", "grad_accum": 1, "checkpoint_reentrant": False})
+    assert run.training["router_aux_loss"] is True
+    run = from_files(path, given={"model": "mixtral-8x7b"})
+    assert "router_aux_loss" not in run.training and "output_router_logits" in run.warning()
+    assert "router_aux_loss" not in from_files(path, given={"model": "qwen3-30b-a3b", "grad_accum": 1,
+                                                            "checkpoint_reentrant": False}).training
