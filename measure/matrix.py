@@ -78,7 +78,7 @@ INT_KEYS = ("steps", "seed", "rank", "alpha", "bottleneck", "num_virtual_tokens"
             "batch_size", "seq_len", "vision_layers", "checkpoint_every", "grad_accum", "loss_chunks", "gpus",
             "gpus_per_node")
 BOOL_KEYS = ("prepare_kbit", "dora", "double_quant", "grad_checkpointing", "checkpoint_reentrant", "keep_outputs",
-             "offload_activations", "reshard_after_forward", "trainer_loop")
+             "offload_activations", "reshard_after_forward", "trainer_loop", "router_aux_loss")
 STR_KEYS = ("model", "device", "method", "targets", "adapter_kind", "precision", "optimizer", "attention", "loss",
             "sharding", "offload", "routing", "experts")
 FLOAT_KEYS = ("max_grad_norm",)

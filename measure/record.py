@@ -38,7 +38,7 @@ LATER_TRAINING_FIELDS = {"checkpoint_every": 1, "checkpoint_reentrant": False, "
                          "loss": "hf", "loss_chunks": 8, "offload_activations": False, "max_grad_norm": None,
                          "trainer_loop": False, "gpus": 1, "gpus_per_node": 8, "sharding": "none",
                          "reshard_after_forward": True, "offload": "none",
-                         "routing": "balanced", "experts": "grouped_mm"}
+                         "routing": "balanced", "experts": "grouped_mm", "router_aux_loss": False}
 
 
 def method_record(spec: ModelSpec, method: MethodSettings) -> dict:

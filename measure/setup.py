@@ -168,6 +168,11 @@ def prepare_for_training(model, spec: ModelSpec, training: TrainingSettings) -> 
         if training.experts != inner.config._experts_implementation:  # PreTrainedModel.set_experts_implementation
             inner.set_experts_implementation(training.experts)
             notes["experts"] = training.experts
+        # the forward returns every router's logits and adds router_aux_loss_coef x load_balancing_loss_func
+        # to the loss (models/mixtral/modeling_mixtral.py MixtralForCausalLM.forward and its kin)
+        if training.router_aux_loss:
+            inner.config.output_router_logits = True
+            notes["output_router_logits"] = True
     model.train()
     return notes
 

@@ -181,7 +181,7 @@ def traced_estimate(
     max_grad_norm: float | None = None, gpu: str | None = None, price: float | None = None, tasks: int = 1,
     dataset_tokens: int = DEFAULT_DATASET_TOKENS, mfu: float = DEFAULT_MFU, trainer_loop: bool = False,
     gpus=1, gpus_per_node: int = 8, sharding: str = "none", reshard_after_forward: bool = True,
-    offload: str = "none", routing: str = "balanced", experts: str = "grouped_mm",
+    offload: str = "none", routing: str = "balanced", experts: str = "grouped_mm", router_aux_loss: bool = False,
 ):
     """estimate()'s figures from a trace of the real model on fake tensors (any transformers model); `device`
     is accepted for estimate()'s signature, and the trace always counts as --device cpu does. `trainer_loop`
@@ -205,7 +205,8 @@ def traced_estimate(
                     checkpoint_reentrant=checkpoint_reentrant, grad_accum=grad_accum, keep_outputs=keep_outputs,
                     loss=loss, loss_chunks=loss_chunks, offload_activations=offload_activations,
                     max_grad_norm=max_grad_norm, gpus_per_node=gpus_per_node,
-                    reshard_after_forward=reshard_after_forward, routing=routing, experts=experts)
+                    reshard_after_forward=reshard_after_forward, routing=routing, experts=experts,
+                    router_aux_loss=router_aux_loss)
     _checked_training({**training, "device": device})
     t = _checked_training({**training, "device": "cpu"})
     if traced_status(t) != "traced":

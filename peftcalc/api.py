@@ -177,6 +177,7 @@ def estimate(
     offload: str = "none",
     routing: str = "balanced",
     experts: str = "grouped_mm",
+    router_aux_loss: bool = False,
     gpu: str | None = None,
     price: float | None = None,
     tasks: int = 1,
@@ -187,6 +188,9 @@ def estimate(
     default_method when None). `prepare_kbit` None takes the method's default
     (methods.prepare_kbit_default: on for qlora)."""
     spec = load_spec(model)
+    if router_aux_loss and not spec.num_experts:
+        raise CombinationError(f"router_aux_loss: {spec.model_type} has no router (a mixture-of-experts model's "
+                               "auxiliary load-balancing loss)", names=("router_aux_loss",))
     method = method or default_method(spec)
     knobs = dict(rank=rank, alpha=alpha, targets=targets, dora=dora, double_quant=double_quant, bottleneck=bottleneck,
                  adapter_kind=adapter_kind, num_virtual_tokens=num_virtual_tokens, trainable_layers=trainable_layers,
@@ -202,7 +206,8 @@ def estimate(
                                trainer_loop=trainer_loop, gpus=1 if gpus == "auto" else gpus,
                                gpus_per_node=gpus_per_node, sharding=sharding,
                                reshard_after_forward=reshard_after_forward, offload=offload,
-                               routing=routing, experts=experts))
+                               routing=routing, experts=experts,
+                               router_aux_loss=router_aux_loss or spec.output_router_logits))
     check_combination(spec, settings, seq_len, grad_checkpointing)
     check_loss_applies(spec, t, stream_dtypes(make_plan(spec, settings), t)[1])
     _check_cost_inputs(gpu, price, tasks, dataset_tokens, mfu)

@@ -13,7 +13,7 @@ from peftcalc.cli_options import (
     ADAPTER_CONFIG, ADAPTER_KIND, ALPHA, ATTENTION, BATCH, BOTTLENECK, CHART_SUFFIXES, CKPT, CKPT_EVERY,
     CKPT_REENTRANT, CONFIG, DATASET_TOKENS, DEVICE, DORA, DOUBLE_QUANT, EXTRAS, FORMAT, GPU_OPT, GPUS, GPUS_PER_NODE, GRAD_ACCUM,
     KEEP_OUTPUTS, LOSS, LOSS_CHUNKS, MAX_GRAD_NORM, MEASURE_DEVICES, METHOD, MFU, MODEL_ARG, OFFLOAD, PARALLEL_OFFLOAD,
-    OPTIMIZER, PRECISION, PREPARE_KBIT, PRICE, RANK, RESHARD, ROUTING, EXPERTS_IMPL, SEQ, SHARDING, TARGETS, TASKS, TRACE, TRAINABLE_LAYERS, TRAINER_LOOP,
+    OPTIMIZER, PRECISION, PREPARE_KBIT, PRICE, RANK, RESHARD, ROUTING, EXPERTS_IMPL, ROUTER_AUX_LOSS, SEQ, SHARDING, TARGETS, TASKS, TRACE, TRAINABLE_LAYERS, TRAINER_LOOP,
     VIRTUAL_TOKENS,
     VISION_LAYERS, check_format, check_limit, gpus_value, check_out_file, check_out_folder, echo_rows, int_list, method_list,
     measure_text, missing_extra_text, model_arg, require, with_config,
@@ -49,7 +49,7 @@ def estimate(
     price: Optional[float] = PRICE, tasks: int = TASKS, dataset_tokens: int = DATASET_TOKENS, mfu: float = MFU,
     format: str = FORMAT, trace: bool = TRACE, trainer_loop: bool = TRAINER_LOOP, config: Optional[str] = CONFIG,
     adapter_config: Optional[str] = ADAPTER_CONFIG, routing: str = ROUTING, experts: str = EXPERTS_IMPL,
-    ctx: typer.Context = None,
+    router_aux_loss: bool = ROUTER_AUX_LOSS, ctx: typer.Context = None,
 ) -> None:
     """Parameters, memory breakdown and peak phase, GPU fit, time, cost and storage."""
     from peftcalc.format import render_estimate

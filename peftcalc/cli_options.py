@@ -114,6 +114,9 @@ ROUTING = typer.Option("balanced", "--routing", help="Mixture-of-experts routing
                        "(how the router spreads tokens over the experts; see peftcalc.settings.ROUTINGS).")
 EXPERTS_IMPL = typer.Option("grouped_mm", "--experts", help="Mixture-of-experts experts implementation: grouped_mm "
                             "(transformers' default) | batched_mm | eager (see peftcalc.settings.EXPERTS).")
+ROUTER_AUX_LOSS = typer.Option(False, "--router-aux-loss", help="Mixture-of-experts: the model config's "
+                               "output_router_logits (every router's logits returned, the auxiliary load-balancing loss "
+                               "times router_aux_loss_coef added to the loss: transformers load_balancing_loss_func).")
 DEVICE = typer.Option("cuda", "--device", help="cuda | cpu | fake, as measure takes them. cuda: predict "
                       "torch.cuda.max_memory_allocated; cpu: the CPU allocator's peak; fake: the fake-tensor trace, "
                       "which counts what the CPU allocator would (the same figure as cpu).")

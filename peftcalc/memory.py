@@ -353,7 +353,66 @@ def _step_events(plan: Plan, t: TrainingSettings, act: ActivationProfile, ms: Mo
                                  optimizer_states=ms.optimizer_states + (ms.optimizer_maps if ms.maps_in_state else 0),
                                  _other=(0 if ms.maps_in_state else ms.optimizer_maps) + ms.optimizer_spare_maps)),
     ]
-    return events
+    return _with_router_gradients(plan, act, events, ckpt, stream_dtypes(plan, t)[1], t.batch_size)
+
+
+def _with_router_gradients(plan: Plan, act: ActivationProfile, events: list, ckpt: bool, dtype: str,
+                           batch: int) -> list:
+    """Under output_router_logits (ActivationProfile.router_grads) the auxiliary load-balancing loss
+    (transformers models/mixtral/modeling_mixtral.py load_balancing_loss_func, added to the loss by
+    ``loss += router_aux_loss_coef * aux_loss``) is the younger branch of the loss's graph, so the engine runs its
+    backward first: every layer's router-logits gradient is made before the cross-entropy's backward and waits in
+    its router's node until that layer's backward (sim.blocks.simulate_block replays it as an incoming
+    gradient). At the loss and the head all of them are pending, at block i those of the blocks below. The
+    logits themselves are held from each layer's forward until the model's forward returns: without
+    checkpointing among what the blocks leave referenced (ActivationProfile.forward_leaves), under it added here
+    (at the loss, and inside the last block's forward those of the blocks below)."""
+    if not any(act.router_logits):
+        return events
+    out = []
+    for name, total, parts in events:
+        pending = 0
+        if ckpt and name == "forward":
+            pending = sum(act.router_logits)
+        elif ckpt and name == "forward:block":
+            pending = sum(act.router_logits[:-1])
+        elif name in ("backward:loss", "backward:head"):
+            pending = sum(act.router_grads)
+        elif name.startswith("backward:layer"):
+            pending = sum(act.router_grads[:int(name[len("backward:layer"):])])
+        out.append(_event(name, dict(parts, temporaries=parts.get("temporaries", 0) + pending)) if pending
+                   else (name, total, parts))
+        if name == "forward":
+            out.append(_aux_loss_event(plan.spec, act, out[-1][2], dtype, batch))
+    return out
+
+
+def _aux_loss_event(spec, act: ActivationProfile, at_loss: dict, dtype: str, batch: int) -> tuple:
+    """The auxiliary loss's forward, once ForCausalLMLoss has returned (the forward event `at_loss` less its fp32
+    copy of the logits and its padded labels, sim.loss.loss_buffers): load_balancing_loss_func's loop
+    (models/mixtral/modeling_mixtral.py, no attention mask: the harness passes none) keeps each layer's
+    ``softmax(layer_gate)`` (in the logits' dtype; SoftmaxBackward saves it when the logits need a gradient) and
+    two fp32 (E,) sums; in the last layer's iteration it peaks at the larger of
+    - ``topk``: the new values (logits' dtype) and int64 indices made while ``_, selected_experts`` still hold the
+      previous layer's;
+    - ``routing_weights.float()`` (a (T, E) fp32 copy unless fp32 already) before ``.sum(dim=0)`` frees it;
+    - ``selected_experts.reshape(-1).to(float32)`` (histc's input on the CPU, int32 on CUDA: 4 bytes either way)
+      and histc's (E,) output."""
+    d = DTYPE_BYTES[dtype]  # the router logits' dtype, the model logits' too (no autocast)
+    experts, k = spec.num_experts, spec.experts_per_token
+    last = act.router_logits[-1]
+    tokens = last // d // experts
+    values = tokens * k * (d + 8)
+    sums = 2 * experts * 4
+    softmax = sum(act.router_grads[:-1]) + last  # saved below, and the last layer's output
+    peak = softmax + sums + max(values + (values if len(act.router_logits) > 1 else 0),
+                                values + (last // d * 4 if d != 4 else 0) + experts * 4,
+                                values + tokens * k * 4 + experts * 4)
+    logits = act.logits_bytes // d
+    upcast = logits * 4 if d != 4 else 0
+    padded_labels = (logits // spec.vocab_size + batch) * 8
+    return _event("forward:aux_loss", dict(at_loss, logits_loss=at_loss["logits_loss"] - upcast - padded_labels,
+                                           temporaries=at_loss.get("temporaries", 0) + peak))
 
 
 def _forward_block_event(act: ActivationProfile, base: dict, wrapped: tuple, ckpt: bool) -> tuple:

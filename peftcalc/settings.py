@@ -5,7 +5,7 @@ Shared by the calculator and the harness, so both read the same words the same w
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from peftcalc.checks import MAX_TOKENS_PER_STEP, require_bool, require_int, require_number, require_str
 from peftcalc.errors import CombinationError, InputError
@@ -149,6 +149,9 @@ class TrainingSettings:
     # mixture-of-experts: how the router spreads tokens over the experts (ROUTINGS)
     routing: str = "balanced"
     experts: str = "grouped_mm"  # the experts implementation (EXPERTS)
+    # the model config's output_router_logits: every router's logits are returned and the auxiliary
+    # load-balancing loss (load_balancing_loss_func, times router_aux_loss_coef) is added to the loss
+    router_aux_loss: bool = False
 
     def __post_init__(self):
         if self.device == "fake":  # the fake-tensor trace counts what the CPU allocator would (DEVICES)
@@ -168,6 +171,19 @@ class TrainingSettings:
         return self.autocast_dtype or self.weight_dtype
 
 
+def router_aux_loss_unmodelled(fields: dict) -> str:
+    """What of the settings `fields` (TrainingSettings' names; absent: the default) the auxiliary load-balancing
+    loss is not modelled with ("" when it is)."""
+    f = {**{k: v.default for k, v in TrainingSettings.__dataclass_fields__.items()}, **fields}
+    if PRECISIONS.get(f["precision"], (None, None))[1]:
+        return f"autocast ({f['precision']})"
+    for name, default in (("loss", "hf"), ("checkpoint_every", 1), ("checkpoint_reentrant", False), ("grad_accum", 1),
+                          ("keep_outputs", False)):
+        if f[name] != default:
+            return f"{name} {f[name]}"
+    return ""
+
+
 def check_training(t: TrainingSettings) -> None:
     """InputError, in one line naming the parameter, unless every field of `t` is a value the calculator takes
     (CombinationError for checkpointing options without --grad-checkpointing)."""
@@ -185,12 +201,18 @@ def check_training(t: TrainingSettings) -> None:
     require_bool("checkpoint_reentrant", t.checkpoint_reentrant)
     require_str("routing", t.routing, ROUTINGS)
     require_str("experts", t.experts, EXPERTS)
+    require_bool("router_aux_loss", t.router_aux_loss)
     _check_recipe(t)
     require_bool("trainer_loop", t.trainer_loop)
     if not t.grad_checkpointing and (t.checkpoint_every != 1 or t.checkpoint_reentrant):
         name = "checkpoint_every" if t.checkpoint_every != 1 else "checkpoint_reentrant"
         raise CombinationError(f"{name} chooses how gradient checkpointing runs; add grad_checkpointing",
                                names=(name, "grad_checkpointing"))
+    if t.router_aux_loss and router_aux_loss_unmodelled(asdict(t)):
+        raise CombinationError(f"router_aux_loss with {router_aux_loss_unmodelled(asdict(t))} is not modelled (bf16/fp32 "
+                               "weights without autocast, transformers' loss, every block checkpointed non-reentrantly "
+                               "or none, one micro-batch, outputs dropped before backward); --trace traces it",
+                               names=("router_aux_loss",))
     check_parallel(t)
 
 

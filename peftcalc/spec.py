@@ -86,6 +86,9 @@ class ModelSpec:
     expert_intermediate_size: int = 0
     shared_expert_intermediate_size: int = 0
     norm_topk_prob: bool = False
+    # the config's output_router_logits: a model loaded from it returns every router's logits and adds the auxiliary
+    # load-balancing loss in training (TrainingSettings.router_aux_loss takes it as its default)
+    output_router_logits: bool = False
 
     attn_logit_softcap: float = 0.0  # tanh soft-capping of the attention scores (Gemma 2; 0: none)
     final_logit_softcap: float = 0.0  # tanh soft-capping of the logits (Gemma 2; 0: none)

@@ -24,7 +24,7 @@ from peftcalc.errors import CombinationError
 from peftcalc.families.mixtral import experts_lora, experts_training
 from peftcalc.families.record import Family, config_dropout
 from peftcalc.layout import Layout, Module, decoder_head, linear_module, norm_module
-from peftcalc.ops.moe import experts_forward, router_top_k_softmax
+from peftcalc.ops.moe import drop_router_logits, experts_forward, router_top_k_softmax
 from peftcalc.ops.norms import rms_norm
 from peftcalc.ops.recorder import Recorder, SymTensor
 from peftcalc.ops.rotary import rope_halves
@@ -112,7 +112,8 @@ def gpt_oss_block(rec: Recorder, spec: ModelSpec, sites, x: SymTensor) -> SymTen
     m = experts_forward(rec, n2, scores, idx, h, spec.expert_intermediate_size, spec.num_experts,
                            *experts_training(sites, "mlp.experts"), "", "mlp.experts", biases=biases,
                            **experts_lora(sites, "mlp.experts"))
-    rec.free(logits, idx, n2, weights.base or weights)
+    rec.free(idx, n2, weights.base or weights)
+    drop_router_logits(rec, logits)
     out = add(rec, x2, m, x2.dtype)
     rec.free(m, x2, scores)
     return out

@@ -13,7 +13,7 @@ from peftcalc.errors import InputError
 from peftcalc.families.llama import llama_attention_half, llama_config, rotary_buffer_bytes
 from peftcalc.families.record import Family
 from peftcalc.layout import Layout, Module, decoder_head, linear_module, norm_module
-from peftcalc.ops.moe import experts_forward, router_top_k
+from peftcalc.ops.moe import drop_router_logits, experts_forward, router_top_k
 from peftcalc.ops.norms import rms_norm
 from peftcalc.ops.recorder import Recorder, SymTensor
 from peftcalc.ops.tensor_ops import add
@@ -83,7 +83,8 @@ def moe_mlp(rec: Recorder, spec: ModelSpec, sites, x: SymTensor, prefix: str = "
     out = experts_forward(rec, x, weights, idx, spec.hidden_size, spec.expert_intermediate_size, spec.num_experts,
                              *experts_training(sites, f"{prefix}.experts"), spec.hidden_act, f"{prefix}.experts",
                              **experts_lora(sites, f"{prefix}.experts"))
-    rec.free(logits, weights.base or weights, idx)
+    rec.free(weights.base or weights, idx)
+    drop_router_logits(rec, logits)
     return out
 
 
@@ -113,13 +114,14 @@ def mixtral_block(rec: Recorder, spec: ModelSpec, sites, x: SymTensor) -> SymTen
 def moe_settings(config: dict, where: str, experts_key: str, inter_key: str, norm_topk: bool | None) -> dict:
     """The MoE fields of a spec (ModelSpec.num_experts ...): the experts (`experts_key`), num_experts_per_tok
     (at most the experts), one expert's intermediate size (`inter_key`), norm_topk_prob (fixed by the model
-    when `norm_topk` is not None, else the config's, default false)."""
+    when `norm_topk` is not None, else the config's, default false), output_router_logits (default false)."""
     experts = config_int(config, experts_key, where)
     top_k = config_int(config, "num_experts_per_tok", where)
     if top_k > experts:
         raise InputError(f"{where}: num_experts_per_tok ({top_k}) is larger than {experts_key} ({experts})")
     return dict(num_experts=experts, experts_per_token=top_k, expert_intermediate_size=config_int(config, inter_key, where),
-                norm_topk_prob=config_bool(config, "norm_topk_prob", False, where) if norm_topk is None else norm_topk)
+                norm_topk_prob=config_bool(config, "norm_topk_prob", False, where) if norm_topk is None else norm_topk,
+                output_router_logits=config_bool(config, "output_router_logits", False, where))
 
 
 def mixtral_config(config: dict, common: dict, where: str, read_part=None) -> ModelSpec:

@@ -14,7 +14,7 @@ from peftcalc.families.llama import llama_attention_half, llama_config, rotary_b
 from peftcalc.families.mixtral import attention_modules, experts_lora, experts_modules, experts_training, moe_settings
 from peftcalc.families.record import Family
 from peftcalc.layout import Layout, Module, decoder_head, linear_module, norm_module
-from peftcalc.ops.moe import experts_forward, router_top_k
+from peftcalc.ops.moe import drop_router_logits, experts_forward, router_top_k
 from peftcalc.ops.nonlinear import activation
 from peftcalc.ops.norms import rms_norm
 from peftcalc.ops.recorder import Recorder, SymTensor, input_grads
@@ -97,7 +97,8 @@ def qwen2_moe_block(rec: Recorder, spec: ModelSpec, sites, x: SymTensor) -> SymT
     scaled = mul(rec, sg, shared, "mlp.shared_expert_scale")
     rec.free(sg, shared)
     m = add(rec, routed, scaled)
-    rec.free(routed, scaled, logits, weights.base or weights, idx, n2)
+    rec.free(routed, scaled, weights.base or weights, idx, n2)
+    drop_router_logits(rec, logits)
     out = add(rec, x2, m, x2.dtype)
     rec.free(m, x2)
     return out

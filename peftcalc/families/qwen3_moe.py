@@ -15,7 +15,7 @@ from peftcalc.families.mixtral import experts_lora, experts_modules, experts_tra
 from peftcalc.families.record import Family, config_dropout
 from peftcalc.layout import Layout, Module, decoder_head, linear_module, norm_module
 from peftcalc.ops.attention import attention
-from peftcalc.ops.moe import experts_forward, router_top_k
+from peftcalc.ops.moe import drop_router_logits, experts_forward, router_top_k
 from peftcalc.ops.norms import rms_norm
 from peftcalc.ops.recorder import Recorder, SymTensor
 from peftcalc.ops.rotary import rope
@@ -96,7 +96,8 @@ def qwen3_moe_block(rec: Recorder, spec: ModelSpec, sites, x: SymTensor) -> SymT
     m = experts_forward(rec, n2, weights, idx, spec.hidden_size, spec.expert_intermediate_size, spec.num_experts,
                            *experts_training(sites, "mlp.experts"), spec.hidden_act, "mlp.experts",
                            **experts_lora(sites, "mlp.experts"))
-    rec.free(logits, weights.base or weights, idx, n2)
+    rec.free(weights.base or weights, idx, n2)
+    drop_router_logits(rec, logits)
     out = add(rec, x2, m, x2.dtype)
     rec.free(m, x2)
     return out

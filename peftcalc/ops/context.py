@@ -34,6 +34,7 @@ class StepContext:
     fused_loss: str = ""  # "liger", "cce" (sim.head.fused_loss_head) or "trl" (sim.trl_head): no logits
     experts: str = "grouped_mm"  # a mixture-of-experts model's experts implementation (settings.EXPERTS)
     routing: str = "balanced"  # how its router spreads the tokens (settings.ROUTINGS)
+    router_aux_loss: bool = False  # output_router_logits: the routers' logits go to the auxiliary loss (ops.moe)
 
     @property
     def tokens(self) -> int:

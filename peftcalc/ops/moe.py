@@ -23,6 +23,7 @@ __all__ = [
     "add_bias_",
     "bias_gather",
     "clamped_swiglu",
+    "drop_router_logits",
     "experts_batched_mm",
     "experts_forward",
     "experts_grouped_mm",
@@ -86,6 +87,19 @@ def router_top_k_softmax(rec: Recorder, x: SymTensor, hidden: int, experts: int,
         rec.node(scores, *input_grads(top), saved=[rec.save(scores, f"{tag}.router_scores")])
     rec.free(top)
     return logits, scores, idx
+
+
+def drop_router_logits(rec: Recorder, logits: SymTensor) -> None:
+    """The block drops its router's logits when it returns; under output_router_logits (StepContext.router_aux_loss)
+    transformers' OutputRecorder (utils/output_capturing.py, ``_can_record_outputs["router_logits"]``: the
+    router's output 0) keeps them in the model's ``router_logits`` tuple until the model's forward has returned,
+    and load_balancing_loss_func (models/mixtral/modeling_mixtral.py) reads them: their gradient comes from the
+    auxiliary loss, whose backward runs before the cross-entropy's (its nodes are younger), and waits in the
+    router's node until the block's backward (sim.blocks.simulate_block: an incoming gradient)."""
+    if rec.ctx.router_aux_loss:
+        rec.returned.append(logits)
+    else:
+        rec.free(logits)
 
 
 def _normalized(rec: Recorder, top: SymTensor, tokens: int, tag: str) -> SymTensor:

@@ -70,6 +70,9 @@ class Recorder:
     # leaves that require grad besides the parameters (a reentrant checkpoint's detached input): id -> the
     # autocast cast autocast caches of it (None until made; see autocast_in), which no free() releases
     leaf_casts: dict = field(default_factory=dict)
+    # tensors the model returns to its caller besides its output, whose gradient comes from outside the block:
+    # a mixture-of-experts router's logits under output_router_logits (ops.moe.drop_router_logits)
+    returned: list = field(default_factory=list)
 
     def new(self, numel: int, dtype: str, requires_grad: bool) -> SymTensor:
         """A new tensor (an allocation of the forward)."""

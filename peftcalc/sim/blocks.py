@@ -47,6 +47,8 @@ class BlockSimulation:
     saves_input: bool = False
     leaves: int = 0  # unsaved bytes still referenced when it returns, besides its input and output
     checkpointed_backward: BackwardPeak = BackwardPeak()  # recompute and backward's peak, its input not included
+    returned: int = 0  # bytes it hands the model's caller besides its output (router logits: ops.moe.drop_router_logits)
+    returned_grad: int = 0  # what of them gets a gradient from outside the block (the auxiliary loss's)
 
 
 @lru_cache(maxsize=4096)
@@ -60,6 +62,8 @@ def simulate_block(spec: ModelSpec, plan: Plan, training: LayerTraining, ctx: St
     out = family(spec).block(rec, spec, BlockSites(spec, plan, training), x)
     saved = rec.saved_bytes()
     incoming = {out.id: out.nbytes} if out.requires_grad else {}
+    # the router logits' gradients from the auxiliary loss, made before the block's backward starts (ops.moe)
+    incoming.update({t.id: t.nbytes for t in rec.returned if t.requires_grad})
     in_place = ctx.device == "cuda"
     # under checkpointing the input is the checkpoint's, counted outside the block
     recompute = rec.recompute_peak - x.nbytes if rec.recompute_peak else 0
@@ -72,7 +76,8 @@ def simulate_block(spec: ModelSpec, plan: Plan, training: LayerTraining, ctx: St
     leaves = rec.live_bytes - rec.live.get(out.id, 0) - rec.live.get(x.id, 0)
     return BlockSimulation(sum(saved.values()), tuple(rec.bytes_by_tag().items()), out.requires_grad, out.dtype, replay.peak,
                            rec.forward_peak, rec.forward_peak_saved, x.id in rec.saved, leaves,
-                           checkpointed_backward=checkpointed.peak)
+                           checkpointed_backward=checkpointed.peak, returned=sum(t.nbytes for t in rec.returned),
+                           returned_grad=sum(t.nbytes for t in rec.returned if t.requires_grad))
 
 
 @lru_cache(maxsize=4096)

@@ -127,6 +127,8 @@ def model_profile(plan: Plan, t: TrainingSettings, checkpointed: tuple) -> Activ
         reentrant_backward=blocks.reentrant if t.checkpoint_reentrant else (),
         type_releases=_type_releases(spec, ctx, t, saved_types) if any(checkpointed) else (),
         head_replayed=ctx.fused_loss == "trl",
+        router_logits=tuple(b.returned for b in blocks.blocks) if ctx.router_aux_loss else (),
+        router_grads=tuple(b.returned_grad for b in blocks.blocks) if ctx.router_aux_loss else (),
     )
 
 

@@ -67,6 +67,11 @@ class ActivationProfile:
     # the head's backward peaks as its replay (head_backward) says also under checkpointing: TRL's fused LM head
     # (sim.trl_head), whose tiles are the peak, not a logits-sized gradient
     head_replayed: bool = False
+    # per layer: the router logits the model returns under output_router_logits (held from the layer's forward to
+    # the end of the model's), and their gradient from the auxiliary loss (held from the loss's backward to the
+    # layer's): sim.blocks.BlockSimulation.returned, returned_grad
+    router_logits: tuple = ()
+    router_grads: tuple = ()
 
     @property
     def saved_total(self) -> int:
@@ -113,6 +118,7 @@ def make_ctx(spec: ModelSpec, plan: Plan, t: TrainingSettings) -> StepContext:
         fused_loss=t.loss if t.loss in ("liger", "cce", "trl") and spec.task == "causal_lm" else "",
         experts=t.experts,
         routing=t.routing,
+        router_aux_loss=t.router_aux_loss,
     )
 
 

@@ -102,6 +102,7 @@ def from_files(config: str | None = None, adapter_config: str | None = None, giv
         training = d.training_settings()
         training["precision"] = _sharded_precision(precision_of(d.weights, d.amp, spec.torch_dtype), d.training)
     training.update({k: v for k, v in given.items() if k in TRAINING_FIELDS or k not in METHOD_KEYS + ("model",)})
+    _router_aux_loss(derived[0] if config is not None else None, spec, training)
     if training.get("loss") == "trl" and "loss" not in given:
         from peftcalc.training_configs.trl import trl_loss_unmodelled
 
@@ -111,6 +112,22 @@ def from_files(config: str | None = None, adapter_config: str | None = None, giv
             derived[0].warn(f"SFTTrainer's fused LM head ({why}: not modelled yet; estimated as the model's own loss)")
     return ConfigRun(model=model, method=method, training=training, derived=derived,
                      given=tuple(k for k in given))
+
+
+def _router_aux_loss(d: Derived | None, spec, training: dict) -> None:
+    """The tool turns the model config's output_router_logits on for training (Derived.router_logits_for): the
+    auxiliary load-balancing loss, where peftcalc models it with the rest of the run (settings
+    router_aux_loss_unmodelled), else a warning."""
+    if d is None or spec.model_type not in d.router_logits_for or "router_aux_loss" in training:
+        return
+    from peftcalc.settings import router_aux_loss_unmodelled
+
+    why = router_aux_loss_unmodelled(training)
+    if why:
+        d.warn(f"{d.tool} sets output_router_logits: the auxiliary load-balancing loss ({why}: not modelled)")
+    else:
+        training["router_aux_loss"] = True
+        d.notes.append("output_router_logits (the auxiliary load-balancing loss)")
 
 
 def _sharded_precision(precision: str, candidates: dict) -> str:

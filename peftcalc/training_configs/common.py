@@ -143,6 +143,8 @@ class Derived:
     sources: dict = field(default_factory=dict)
     not_modelled: list = field(default_factory=list)
     notes: list = field(default_factory=list)  # facts the settings line adds (packing, tool defaults)
+    # model types whose config the tool sets output_router_logits on for training (TrainingSettings.router_aux_loss)
+    router_logits_for: tuple = ()
 
     def want(self, name: str, value, key: str, when_absent: str = "") -> None:
         """A candidate TrainingSettings field `name` = `value` read from `key`; `when_absent`: the note for

@@ -54,6 +54,8 @@ def read_llamafactory(data: dict, path: str) -> Derived:
     if k.bool("enable_liger_kernel", False):
         d.want("loss", "liger", "enable_liger_kernel", "Liger kernels")
     _method(k, d)
+    # model/model_utils/moe.py configure_moe: setattr(config, "output_router_logits", is_trainable) for these
+    d.router_logits_for = ("dbrx", "jamba", "jetmoe", "mixtral", "qwen2_moe")
     for key, what in (("upcast_layernorm", "norm weights upcast to fp32"), ("upcast_lmhead_output",
                                                                              "lm_head output upcast to fp32"),
                       ("use_unsloth_gc", "unsloth's offloaded checkpointing"), ("use_galore", "GaLore"),
