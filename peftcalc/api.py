@@ -216,13 +216,7 @@ def estimate(
     if gpus == "auto":
         t, auto = auto_gpus(plan, t, gpu or AUTO_GPU)
     memory = _memory(plan, t)
-    reserved = memory.reserved_bytes
-    fits = []
-    for g in gpu_catalog():
-        c = _cost_on(plan, t, g, mfu, dataset_tokens, price if gpu and find_gpu(gpu).name == g.name else None)
-        fits.append(GpuFit(g.name, g.memory_bytes, reserved <= g.memory_bytes, g.memory_bytes - reserved,
-                           gpu_max_batch(plan, t, g), c.step_seconds, c.epoch_hours, c.epoch_cost_usd,
-                           c.price_per_hour))
+    fits = _gpu_fits(plan, t, memory.reserved_bytes, gpu, price, mfu, dataset_tokens)
     chosen = _choose_gpu(gpu, fits)
     cost = None
     if chosen is not None:
@@ -242,6 +236,18 @@ def estimate(
         image_tokens=_tokens_per_sample(plan, t) - t.seq_len if spec.is_vlm or spec.is_blip2 else 0,
         gpus_auto=auto,
     )
+
+
+def _gpu_fits(plan, t: TrainingSettings, reserved: int, gpu, price, mfu: float, dataset_tokens: int) -> list:
+    """A GpuFit per card of the catalog: whether `reserved` bytes fit, the headroom, the largest batch, and time
+    and cost (at `price` on the card `gpu` names, the catalog's price elsewhere)."""
+    fits = []
+    for g in gpu_catalog():
+        c = _cost_on(plan, t, g, mfu, dataset_tokens, price if gpu and find_gpu(gpu).name == g.name else None)
+        fits.append(GpuFit(g.name, g.memory_bytes, reserved <= g.memory_bytes, g.memory_bytes - reserved,
+                           gpu_max_batch(plan, t, g), c.step_seconds, c.epoch_hours, c.epoch_cost_usd,
+                           c.price_per_hour))
+    return fits
 
 
 def _storage_info(plan, weight_dtype: str, tasks: int) -> StorageInfo:
