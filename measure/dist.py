@@ -32,9 +32,8 @@ import weakref
 
 import torch
 
-from measure.loop import TracerMeter, _common, _drop_private, _measured, run_steps
-from measure.setup import make_batch, make_optimizer
-from measure.tracer import FakeScalars, StorageRecord, StorageTracer, model_state_tensors
+from measure.loop import TracerMeter, _common, _drop_private, _measured, traced_steps
+from measure.tracer import FakeScalars, StorageRecord, StorageTracer
 
 __all__ = ["DistTracer", "fake_process_group", "measure_ddp", "measure_dist", "own_propagation_mode",
            "passthrough_allreduce", "shard_fsdp2", "sharded_blocks"]
@@ -209,13 +208,8 @@ def measure_dist(spec, method, training, steps, policy) -> dict:
         meter = TracerMeter(tracer)
         t1 = time.perf_counter()
         with real_input_semantics(), real_cpu_kernel_dtypes(), fake_mode, tracer:
-            tracer.mark(model_state_tensors(model), "parameters")
-            model_bytes = tracer.live_bytes
-            batch = make_batch(spec, training, "cpu", policy.dtype if policy.autocast is None else torch.float32)
-            meter.register(model, batch)
-            load_bytes = tracer.live_bytes
-            optimizer = make_optimizer(training.optimizer, [p for p in model.parameters() if p.requires_grad])
-            step_rows = run_steps(model, spec, batch, optimizer, policy, "fake", meter, steps, recipe=training)
+            step_rows, model_bytes, load_bytes = traced_steps(tracer, meter, model, spec, training, policy, "fake",
+                                                              steps)
     return _rank0_result(step_rows, meter, model_bytes, load_bytes, params, notes, build_s, t1)
 
 
@@ -259,14 +253,12 @@ def measure_ddp(spec, method, training, steps, policy, workdir: str) -> dict:
         tracer = StorageTracer()
         meter = TracerMeter(tracer)
         t1 = time.perf_counter()
-        with tracer:
-            tracer.mark(model_state_tensors(model), "parameters")
-            model_bytes = tracer.live_bytes
-            ddp = DistributedDataParallel(model)
+        def ddp_wrapped(module):
+            ddp = DistributedDataParallel(module)
             ddp.register_comm_hook(None, passthrough_allreduce(training.gpus))
-            batch = make_batch(spec, training, "cpu", policy.dtype if policy.autocast is None else torch.float32)
-            meter.register(model, batch)
-            load_bytes = tracer.live_bytes
-            optimizer = make_optimizer(training.optimizer, [p for p in model.parameters() if p.requires_grad])
-            step_rows = run_steps(ddp, spec, batch, optimizer, policy, "cpu", meter, steps, recipe=training)
+            return ddp
+
+        with tracer:
+            step_rows, model_bytes, load_bytes = traced_steps(tracer, meter, model, spec, training, policy, "cpu",
+                                                              steps, wrap=ddp_wrapped)
     return _rank0_result(step_rows, meter, model_bytes, load_bytes, params, notes, build_s, t1)

@@ -235,6 +235,21 @@ def _common(model, spec, training) -> tuple[dict, dict]:
     return notes, {"total": total, "trainable": trainable}
 
 
+def traced_steps(tracer, meter, model, spec, training, policy, device, steps: int, wrap=None):
+    """Inside the active `tracer`: the model's tensors marked as parameters, the batch, the optimizer over the
+    trainable parameters, then `steps` steps of ``wrap(model)`` (a wrapper made once the parameters are counted,
+    such as DDP's; the model itself without one). (step rows, bytes after the model, bytes after the batch)."""
+    tracer.mark(model_state_tensors(model), "parameters")
+    model_bytes = tracer.live_bytes
+    stepped = wrap(model) if wrap else model
+    batch = make_batch(spec, training, "cpu", policy.dtype if policy.autocast is None else torch.float32)
+    meter.register(model, batch)
+    load_bytes = tracer.live_bytes
+    optimizer = make_optimizer(training.optimizer, [p for p in model.parameters() if p.requires_grad])
+    step_rows = run_steps(stepped, spec, batch, optimizer, policy, device, meter, steps, recipe=training)
+    return step_rows, model_bytes, load_bytes
+
+
 def run_traced(model, spec, training, device, steps, policy, mode_ctx) -> dict:
     """Run the steps under a StorageTracer (inside `mode_ctx`: the FakeTensorMode for fake)."""
     notes, params = _common(model, spec, training)
@@ -244,13 +259,7 @@ def run_traced(model, spec, training, device, steps, policy, mode_ctx) -> dict:
         meter.offload = HostOffload(tracer, own_host=True)
     t0 = time.perf_counter()
     with mode_ctx, tracer:
-        tracer.mark(model_state_tensors(model), "parameters")
-        model_bytes = tracer.live_bytes
-        batch = make_batch(spec, training, "cpu", policy.dtype if policy.autocast is None else torch.float32)
-        meter.register(model, batch)
-        load_bytes = tracer.live_bytes
-        optimizer = make_optimizer(training.optimizer, [p for p in model.parameters() if p.requires_grad])
-        step_rows = run_steps(model, spec, batch, optimizer, policy, device, meter, steps, recipe=training)
+        step_rows, model_bytes, load_bytes = traced_steps(tracer, meter, model, spec, training, policy, device, steps)
     measured = _measured(step_rows, meter.source, model_bytes, load_bytes)
     measured.update(meter.details(step_rows))
     _drop_private(step_rows)
