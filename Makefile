@@ -14,6 +14,8 @@ TORCH_PIN ?= torch==2.13.0
 TORCH_INDEX ?=
 TORCH_INDEX_ARGS := $(if $(strip $(TORCH_INDEX)),--index-url $(strip $(TORCH_INDEX)))
 PYTEST_ARGS ?=
+# pytest-xdist workers (auto: one per core); PYTEST_WORKERS=0 runs in one process
+PYTEST_WORKERS ?= auto
 CI_SLICE ?= 24
 DIST_SLICE ?= 4
 
@@ -36,7 +38,7 @@ run: $(RUN_STAMP)
 	$(VENV)/bin/peftcalc estimate
 
 test: $(TEST_STAMP)
-	$(PY) -m pytest -q -m "not gpu" $(PYTEST_ARGS)
+	$(PY) -m pytest -q -m "not gpu" -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
 	@rm -f build/ci-slice.jsonl
 	$(VENV)/bin/peftcalc measure --matrix ci --limit $(CI_SLICE) --out build/ci-slice.jsonl
 	@rm -f build/dist-slice.jsonl
