@@ -20,7 +20,7 @@ from peftcalc.model_states import (ModelStates, buffer_bytes, clip_grad_norm_byt
                                    model_states)
 from peftcalc.plan import Plan
 from peftcalc.settings import DTYPE_BYTES, TrainingSettings
-from peftcalc.sim.profile import stream_dtypes
+from peftcalc.sim.profile import engine_cast, stream_dtypes
 
 __all__ = ["ALLOCATOR_SLACK_FRACTION", "COMPONENTS", "CUDA_CONTEXT_BYTES", "GradientArrival", "Timeline",
            "gradient_arrival", "input_bytes", "peak_event", "reserved_bytes", "step_events", "timeline"]
@@ -124,11 +124,11 @@ class GradientArrival:
 
 
 def gradient_arrival(plan: Plan, t: TrainingSettings) -> GradientArrival:
-    return _gradient_arrival(plan, t.precision)
+    return _gradient_arrival(plan, t.precision, engine_cast(t))
 
 
 @lru_cache(maxsize=4096)
-def _gradient_arrival(plan: Plan, precision: str) -> GradientArrival:
+def _gradient_arrival(plan: Plan, precision: str, cast: bool = False) -> GradientArrival:
     layout = build_layout(plan.spec)
     weight_dtype = stream_dtypes(plan, TrainingSettings(precision=precision))[0]
     # the input side: embeddings, and a VLM's projector and vision tower (below the language model)
@@ -143,7 +143,7 @@ def _gradient_arrival(plan: Plan, precision: str) -> GradientArrival:
     for g in plan.groups:
         if not g.trainable or g.name in gradient_free(plan):
             continue
-        nbytes = g.numel * DTYPE_BYTES[group_dtype(plan, g.origin, weight_dtype, g.name)]
+        nbytes = g.numel * DTYPE_BYTES[group_dtype(plan, g.origin, weight_dtype, g.name, cast)]
         if g.layer is not None:
             per[g.layer] += nbytes
         elif g.origin in ("prefix", "prompt") or any(_under(g.name, p) for p in input_prefixes):
@@ -516,7 +516,7 @@ def _cls_token_gradient_storage(plan: Plan, t: TrainingSettings) -> int:
                   and g.name not in gradient_free(plan)), None)
     if group is None:
         return 0
-    nbytes = DTYPE_BYTES[group_dtype(plan, group.origin, stream_dtypes(plan, t)[0], group.name)]
+    nbytes = DTYPE_BYTES[group_dtype(plan, group.origin, stream_dtypes(plan, t)[0], group.name, engine_cast(t))]
     return (spec.vision_seq_len - 1) * spec.hidden_size * nbytes
 
 

@@ -42,6 +42,7 @@ from peftcalc.memory import gradient_arrival, step_events
 from peftcalc.model_states import gradient_free, group_dtype
 from peftcalc.plan import Plan
 from peftcalc.settings import DTYPE_BYTES, TrainingSettings
+from peftcalc.sharding.zero_buckets import block_param_steps, bucket_schedule
 from peftcalc.sim.profile import stream_dtypes
 
 __all__ = ["REDUCE_BUCKET_SIZE", "ZERO_COMPONENTS", "ZeroLayout", "check_zero", "zero_events", "zero_layout"]
@@ -74,7 +75,6 @@ def check_zero(plan: Plan, t: TrainingSettings) -> None:
     unsupported = [what for what, bad in (
         ("zero3", t.sharding == "zero3"), (f"offload {t.offload}", t.offload != "none"),
         (f"precision {t.precision}", t.precision not in ("fp32", "mixed-bf16")),
-        (f"{plan.settings.method} under mixed-bf16", t.precision == "mixed-bf16" and plan.settings.method != "full"),
         (f"optimizer {t.optimizer}", t.optimizer not in ("adamw", "adamw-fused", "sgd")),
         ("qlora", plan.settings.method == "qlora")) if bad]
     if unsupported:
@@ -83,10 +83,7 @@ def check_zero(plan: Plan, t: TrainingSettings) -> None:
     if gradient_free(plan):
         raise CombinationError("DeepSpeed ZeRO needs a gradient for every trainable parameter; "
                                f"{sorted(gradient_free(plan))[0]} gets none", names=("sharding",))
-    layout = zero_layout(plan, t, 0)
-    if layout.trainable > REDUCE_BUCKET_SIZE:
-        raise CombinationError(f"{layout.trainable:,} trainable elements fill more than one ZeRO reduce bucket "
-                               f"({REDUCE_BUCKET_SIZE:,}); several buckets are not modelled yet", names=("sharding",))
+    zero_events(plan, t, 0)  # several buckets: what zero_buckets does not model is refused there
 
 
 def zero_layout(plan: Plan, t: TrainingSettings, rank: int) -> ZeroLayout:
@@ -95,7 +92,8 @@ def zero_layout(plan: Plan, t: TrainingSettings, rank: int) -> ZeroLayout:
     ``copy_grads_in_partition``'s total_size)."""
     weight_dtype = "bfloat16" if t.precision == "mixed-bf16" else stream_dtypes(plan, t)[0]
     sizes = [g.numel for g in plan.groups if g.trainable]
-    nbytes = {DTYPE_BYTES[group_dtype(plan, g.origin, weight_dtype, g.name)] for g in plan.groups if g.trainable}
+    cast = t.precision == "mixed-bf16"  # the engine's cast (zero_events), adapters included
+    nbytes = {DTYPE_BYTES[group_dtype(plan, g.origin, weight_dtype, g.name, cast)] for g in plan.groups if g.trainable}
     total = sum(sizes)
     padded = ceil(total / (ALIGNMENT * t.gpus)) * ALIGNMENT * t.gpus
     partition = padded // t.gpus
@@ -119,24 +117,39 @@ def _states(layout: ZeroLayout, t: TrainingSettings) -> int:
 
 
 def zero_events(plan: Plan, t: TrainingSettings, rank: int = 0) -> list:
-    """The step's events on `rank` as (phase, bytes, parts), the one-GPU events rewritten (module docstring)."""
+    """The step's events on `rank` as (phase, bytes, parts), the one-GPU events rewritten (module docstring;
+    several buckets: peftcalc.sharding.zero_buckets)."""
     layout = zero_layout(plan, t, rank)
     stage2 = t.sharding == "zero2"
-    # bf16.enabled: the engine casts every parameter to bf16 (engine.py ``_cast_module_mixed_precision``), so the
-    # step computes as a bf16 model does
-    one_gpu = replace(t, gpus=1, gpus_per_node=8, sharding="none", offload="none",
+    # bf16.enabled: the engine casts every parameter to bf16, peft's adapters included (engine.py
+    # ``_cast_module_mixed_precision``), so the step computes as a bf16 model whose adapters are bf16 too
+    # (peftcalc.sim.profile.engine_cast: precision bf16 under the ZeRO sharding)
+    one_gpu = replace(t, gpus=1, gpus_per_node=8, offload="none",
                       precision="bf16" if t.precision == "mixed-bf16" else t.precision)
     act = activation_profile(plan, one_gpu)
     arrival = gradient_arrival(plan, one_gpu)
     bucket = REDUCE_BUCKET_SIZE * layout.nbytes
+    records = {}
+
+    def record(i):
+        if i not in records:
+            records[i] = _block_record(plan, one_gpu, act, i)
+        return records[i]
+
+    schedule = bucket_schedule(plan, one_gpu, layout, rank, stage2, arrival,
+                               lambda i: block_param_steps(record(i)[0]), REDUCE_BUCKET_SIZE)
+    partition = layout.in_partition * layout.nbytes
     states = _states(layout, t)
     master = 4 * layout.partition
     events = []
     bucket_made = False
+    held_partition = 0  # grads_in_partition once a flush before the epilogue has made it
     for name, _, parts in step_events(plan, one_gpu):
         p = dict(parts, weights_trainable=layout.padded * layout.nbytes, master_weights=master)
         p["optimizer_states"] = states
         p["temporaries"] = p.get("temporaries", 0) + NORM_SCALAR + (BACKWARD_SCALARS[t.precision] if name.startswith("backward") else 0)
+        if held_partition and name.startswith("backward"):
+            p["gradient_partition"] = held_partition
         if name == "backward:head" and arrival.head:
             # the head's gradient made, the loss's buffers gone, then the bucket for it (its first gradient)
             events.append(_event(name, p))
@@ -154,24 +167,54 @@ def zero_events(plan: Plan, t: TrainingSettings, rank: int = 0) -> list:
                 p["gradients"] = arrival.input_side if name == "backward:end" else 0
         elif name == "optimizer":
             p["gradients"] = 0
-            p["gradient_partition"] = layout.in_partition * layout.nbytes
+            p["gradient_partition"] = partition
             p["temporaries"] = _step_temporaries(layout, t) + NORM_SCALAR
             p.pop("_other", None)
         events.append(_event(name, p))
+        for f in schedule.flushes:
+            if stage2 and ((f.where == "layer" and name == f"backward:layer{f.layer}") or (f.where == "end" and name == "backward:end")):
+                events.append(_flush_event(p, f, layout, act, record, one_gpu, held_partition))
+                held_partition = held_partition or (partition if f.partition_before is False and _allocates(schedule, f) else 0)
         if name == "backward:end":
-            events.append(_reduce_event(p, layout, bucket, act.loss_scalars))
+            for f in schedule.flushes if not stage2 else ():
+                events.append(_reduce_event(p, layout, bucket, act.loss_scalars, f.elements, f.held,
+                                            partition if f.partition_before else 0))
+            events.append(_reduce_event(p, layout, bucket, act.loss_scalars, schedule.last, 0,
+                                        partition if schedule.partition_before_epilogue else 0))
     return events
 
 
-def _first_gradient_block(plan: Plan, t: TrainingSettings, act, arrival, i: int, bucket: int, stage2: bool,
-                          parts: dict) -> dict:
-    """Block `i`'s backward event when it makes the step's first gradient: its backward replayed
-    (peftcalc.backward.run_backward over the block's recorded nodes, as peftcalc.sim.blocks.simulate_block
-    replays it) with the bucket a buffer from its first parameter gradient on (stage_1_and_2.py
-    ``setup_buckets`` runs in that gradient's hook), so the peak is the larger of the block's peak before it
-    and its peak after it plus the bucket. ZeRO-2 moves each gradient into the bucket as it is made
-    (autograd's is freed), so only ZeRO-1 keeps the block's gradients."""
-    from peftcalc.backward import run_backward
+def _allocates(schedule, f) -> bool:
+    """Whether flush `f` makes grads_in_partition: the next flush (or the epilogue) finds it made."""
+    later = schedule.flushes[schedule.flushes.index(f) + 1:]
+    return later[0].partition_before if later else schedule.partition_before_epilogue
+
+
+def _flush_event(p: dict, f, layout: ZeroLayout, act, record, t: TrainingSettings, held_partition: int) -> tuple:
+    """A ZeRO-2 flush in backward (zero_buckets): in block f.layer at its f.step-th gradient's hook (the block's
+    replay up to it: zero_buckets.flush_state) or at the input side's hook (the end of backward's state), with
+    the flattened bucket and the overflowing gradient, not yet copied."""
+    from peftcalc.sharding.zero_buckets import flush_state
+
+    q = dict(p)
+    flat = f.elements * layout.nbytes
+    if f.where == "layer":
+        nodes, saved, incoming = record(f.layer)
+        state = flush_state(nodes, saved, incoming, f.step, in_place=t.device == "cuda")
+        block = act.blocks[f.layer].backward
+        q["activations"] = p["activations"] - block.saved + state.saved
+        q["temporaries"] = p["temporaries"] - block.buffers + state.buffers + flat
+        q["gradients"] = f.held
+    else:
+        q["temporaries"] = p["temporaries"] + flat
+    if held_partition:
+        q["gradient_partition"] = held_partition
+    return _event("backward:flush", q)
+
+
+def _block_record(plan: Plan, t: TrainingSettings, act, i: int) -> tuple:
+    """Block `i`'s autograd nodes as the forward simulator records them (peftcalc.sim.blocks.simulate_block),
+    its saved bytes and the gradient it receives: (nodes, saved_bytes, incoming)."""
     from peftcalc.families import build_layout, family
     from peftcalc.methods.sites import BlockSites, distinct_layer_trainings
     from peftcalc.ops.recorder import Recorder
@@ -185,15 +228,28 @@ def _first_gradient_block(plan: Plan, t: TrainingSettings, act, arrival, i: int,
     x = rec.new(ctx.tokens * spec.hidden_size, below.out_dtype if below else ctx.weight_dtype,
                 below.out_rg if below else True)
     out = family(spec).block(rec, spec, BlockSites(spec, plan, trainings[kinds[i]]), x)
+    return list(rec.nodes), rec.saved_bytes(), {out.id: out.nbytes} if out.requires_grad else {}
+
+
+def _first_gradient_block(plan: Plan, t: TrainingSettings, act, arrival, i: int, bucket: int, stage2: bool,
+                          parts: dict) -> dict:
+    """Block `i`'s backward event when it makes the step's first gradient: its backward replayed
+    (peftcalc.backward.run_backward over the block's recorded nodes, as peftcalc.sim.blocks.simulate_block
+    replays it) with the bucket a buffer from its first parameter gradient on (stage_1_and_2.py
+    ``setup_buckets`` runs in that gradient's hook), so the peak is the larger of the block's peak before it
+    and its peak after it plus the bucket. ZeRO-2 moves each gradient into the bucket as it is made
+    (autograd's is freed), so only ZeRO-1 keeps the block's gradients."""
+    from peftcalc.backward import run_backward
+
+    record, saved, incoming = _block_record(plan, t, act, i)
     nodes, placed = [], False
-    for node in reversed(rec.nodes):  # backward order: the bucket before the first parameter gradient
+    for node in reversed(record):  # backward order: the bucket before the first parameter gradient
         steps = node[1]
         k = next((j for j, step in enumerate(steps) if step[0] == "param"), None)
         if k is not None and not placed:
             steps, placed = steps[:k] + (("pending", bucket),) + steps[k:], True
         nodes.append((node[0], steps) + tuple(node[2:]))
-    replay = run_backward(list(reversed(nodes)), rec.saved_bytes(), {out.id: out.nbytes} if out.requires_grad else {},
-                          in_place=ctx.device == "cuda")
+    replay = run_backward(list(reversed(nodes)), saved, incoming, in_place=t.device == "cuda")
     peak = replay.peak
     with_bucket = peak.buffers >= bucket
     below_saved = parts["activations"] - act.blocks[i].backward.saved
@@ -231,15 +287,17 @@ def _fused_step_temporaries(layout: ZeroLayout) -> int:
     return max(8 * layout.largest_piece, flat) + 8
 
 
-def _reduce_event(end: dict, layout: ZeroLayout, bucket: int, loss_scalars: int) -> tuple:
-    """The epilogue (``average_tensor``, run by engine.py ``backward`` after autograd's backward returns):
-    activations and autograd's gradients gone, the bucket's gradients flattened (one trainable-sized copy)
-    beside the bucket; the loss the training loop holds and the engine's loss divided by the accumulation
-    steps (``_scale_loss_by_gas``, 4 bytes) still live."""
+def _reduce_event(end: dict, layout: ZeroLayout, bucket: int, loss_scalars: int, elements: int, held: int = 0,
+                  partition: int = 0) -> tuple:
+    """A flush after autograd's backward (engine.py ``backward`` runs ``average_tensor`` once it returns: the
+    epilogue, and under ZeRO-1 ``reduce_gradients``' flushes before it, zero_buckets): activations gone, the
+    bucket's `elements` gradients flattened beside the bucket, autograd's gradients not yet copied (`held`),
+    grads_in_partition when an earlier flush made it; the loss the training loop holds and the engine's loss
+    divided by the accumulation steps (``_scale_loss_by_gas``, 4 bytes) still live."""
     p = {k: v for k, v in end.items() if k in ("weights_frozen", "weights_trainable", "buffers", "inputs",
                                                   "optimizer_states", "master_weights")}
-    p.update(gradient_buckets=bucket, logits_loss=loss_scalars,
-             temporaries=layout.trainable * layout.nbytes + NORM_SCALAR + GAS_SCALED_LOSS)
+    p.update(gradient_buckets=bucket, logits_loss=loss_scalars, gradients=held, gradient_partition=partition,
+             temporaries=elements * layout.nbytes + NORM_SCALAR + GAS_SCALED_LOSS)
     return _event("backward:reduce", p)
 
 
