@@ -26,9 +26,13 @@ deepspeed/runtime/zero/stage_1_and_2.py ``DeepSpeedZeroOptimizer``:
 Gradient checkpointing changes the one-GPU step's events only (ZeRO's hooks fire as the recomputed blocks'
 gradients arrive), so it needs nothing here.
 
-Modelled: one bucket (the trainable elements at most reduce_bucket_size), precision fp32, and bf16.enabled
-(mixed-bf16) for full fine-tuning, AdamW (single-tensor or fused) and SGD, with or without gradient
-checkpointing; several buckets, ZeRO-3, offload and QLoRA are refused (CombinationError).
+More trainable elements than reduce_bucket_size: the bucket is flushed before backward ends
+(peftcalc.sharding.zero_buckets).
+
+Modelled: precision fp32, and bf16.enabled (mixed-bf16: the engine casts every parameter to bf16, peft's
+adapters included) for full fine-tuning, LoRA, IA3 and bottleneck adapters, AdamW (single-tensor or fused) and
+SGD, with or without gradient checkpointing (one bucket); ZeRO-3, offload and QLoRA are refused
+(CombinationError).
 """
 
 from __future__ import annotations
@@ -53,6 +57,9 @@ ZERO_COMPONENTS = ("master_weights", "gradient_partition")
 # 0-dim fp32 tensors the engine adds: in backward the loss divided by the accumulation steps (engine.py
 # ``_scale_loss_by_gas``) and, without bf16.enabled, multiplied by the loss scale (stage_1_and_2.py ``backward``:
 # loss_scaler); from the first step on the global gradient norm the optimizer keeps (``_global_grad_norm``)
+# the methods whose steps under bf16.enabled (every parameter cast to bf16 by the engine) are traced; prompt and
+# prefix tuning's encoders and DoRA's magnitude are not yet
+CAST_METHODS = ("full", "lora", "ia3", "adapter")
 BACKWARD_SCALARS = {"fp32": 8, "mixed-bf16": 4}
 NORM_SCALAR = 4
 GAS_SCALED_LOSS = 4
@@ -68,6 +75,7 @@ class ZeroLayout:
     in_partition: int  # elements of the parameters that overlap rank r's partition (grads_in_partition)
     nbytes: int  # the parameters' dtype bytes
     largest_piece: int = 0  # elements of the largest overlap of one parameter with rank r's partition
+    pieces: int = 1  # parameters overlapping rank r's partition, and a padding piece where its partition has one
 
 
 def check_zero(plan: Plan, t: TrainingSettings) -> None:
@@ -75,15 +83,21 @@ def check_zero(plan: Plan, t: TrainingSettings) -> None:
     unsupported = [what for what, bad in (
         ("zero3", t.sharding == "zero3"), (f"offload {t.offload}", t.offload != "none"),
         (f"precision {t.precision}", t.precision not in ("fp32", "mixed-bf16")),
+        (f"{_method_name(plan)} under mixed-bf16", t.precision == "mixed-bf16" and _method_name(plan) not in CAST_METHODS),
         (f"optimizer {t.optimizer}", t.optimizer not in ("adamw", "adamw-fused", "sgd")),
         ("qlora", plan.settings.method == "qlora")) if bad]
     if unsupported:
         raise CombinationError(f"the DeepSpeed ZeRO model does not cover {unsupported[0]} yet (zero1 and zero2, "
-                               "fp32, or mixed-bf16 for full fine-tuning, AdamW, fused AdamW or SGD are)", names=("sharding",))
+                               "fp32, or mixed-bf16 for full fine-tuning, LoRA, IA3 and bottleneck adapters, AdamW, "
+                               "fused AdamW or SGD are)", names=("sharding",))
     if gradient_free(plan):
         raise CombinationError("DeepSpeed ZeRO needs a gradient for every trainable parameter; "
                                f"{sorted(gradient_free(plan))[0]} gets none", names=("sharding",))
     zero_events(plan, t, 0)  # several buckets: what zero_buckets does not model is refused there
+
+
+def _method_name(plan: Plan) -> str:
+    return "dora" if plan.settings.method == "lora" and plan.settings.dora else plan.settings.method
 
 
 def zero_layout(plan: Plan, t: TrainingSettings, rank: int) -> ZeroLayout:
@@ -98,13 +112,15 @@ def zero_layout(plan: Plan, t: TrainingSettings, rank: int) -> ZeroLayout:
     padded = ceil(total / (ALIGNMENT * t.gpus)) * ALIGNMENT * t.gpus
     partition = padded // t.gpus
     lo, hi = rank * partition, (rank + 1) * partition
-    start = in_partition = largest = 0
+    start = in_partition = largest = pieces = 0
     for n in sizes:
         if start < hi and start + n > lo:
             in_partition += n
+            pieces += 1
             largest = max(largest, min(hi, start + n) - max(lo, start))
         start += n
-    return ZeroLayout(total, padded, partition, in_partition, max(nbytes, default=4), largest)
+    pieces += 1 if hi > total else 0  # the last partition's padding (``flatten_dense_tensors_aligned``)
+    return ZeroLayout(total, padded, partition, in_partition, max(nbytes, default=4), largest, pieces)
 
 
 def _states(layout: ZeroLayout, t: TrainingSettings) -> int:
@@ -173,8 +189,8 @@ def zero_events(plan: Plan, t: TrainingSettings, rank: int = 0) -> list:
         events.append(_event(name, p))
         for f in schedule.flushes:
             if stage2 and ((f.where == "layer" and name == f"backward:layer{f.layer}") or (f.where == "end" and name == "backward:end")):
-                events.append(_flush_event(p, f, layout, act, record, one_gpu, held_partition))
-                held_partition = held_partition or (partition if f.partition_before is False and _allocates(schedule, f) else 0)
+                events.append(_flush_event(plan, p, f, layout, act, record, one_gpu, held_partition))
+                held_partition = partition if _allocates(schedule, f) else held_partition
         if name == "backward:end":
             for f in schedule.flushes if not stage2 else ():
                 events.append(_reduce_event(p, layout, bucket, act.loss_scalars, f.elements, f.held,
@@ -190,7 +206,8 @@ def _allocates(schedule, f) -> bool:
     return later[0].partition_before if later else schedule.partition_before_epilogue
 
 
-def _flush_event(p: dict, f, layout: ZeroLayout, act, record, t: TrainingSettings, held_partition: int) -> tuple:
+def _flush_event(plan: Plan, p: dict, f, layout: ZeroLayout, act, record, t: TrainingSettings,
+                 held_partition: int) -> tuple:
     """A ZeRO-2 flush in backward (zero_buckets): in block f.layer at its f.step-th gradient's hook (the block's
     replay up to it: zero_buckets.flush_state) or at the input side's hook (the end of backward's state), with
     the flattened bucket and the overflowing gradient, not yet copied."""
@@ -205,8 +222,9 @@ def _flush_event(p: dict, f, layout: ZeroLayout, act, record, t: TrainingSetting
         q["activations"] = p["activations"] - block.saved + state.saved
         q["temporaries"] = p["temporaries"] - block.buffers + state.buffers + flat
         q["gradients"] = f.held
-    else:
-        q["temporaries"] = p["temporaries"] + flat
+    else:  # the lookup's backward has returned: its incoming gradient is gone
+        incoming = t.batch_size * t.seq_len * plan.spec.hidden_size * DTYPE_BYTES[t.compute_dtype]
+        q["temporaries"] = p["temporaries"] - incoming + flat
     if held_partition:
         q["gradient_partition"] = held_partition
     return _event("backward:flush", q)
@@ -261,7 +279,9 @@ def _first_gradient_block(plan: Plan, t: TrainingSettings, act, arrival, i: int,
 
 def _step_temporaries(layout: ZeroLayout, t: TrainingSettings) -> int:
     """What the step adds beside grads_in_partition at its fullest (stage_1_and_2.py ``step``): the norm's fp64
-    copy of the partition's gradients (``get_grad_norm_direct``); with bf16 gradients their fp32 copy for the
+    copy of the partition's gradients (``get_grad_norm_direct``: ``g.data.to(get_norm_dtype())`` for each of
+    ``averaged_gradients``, the parameters' overlaps with the partition: the whole partition when one parameter
+    covers it, whose ``flatten`` is then a view); with several pieces or with bf16 gradients their fp32 copy for the
     partition (``single_partition_of_fp32_groups[i].grad``, made after the norm; grads_in_partition is released
     before the optimizer runs: ``free_grad_in_param_list``), beside AdamW's single-tensor temporaries
     (denominator and step, two fp32 partitions)."""
@@ -269,9 +289,13 @@ def _step_temporaries(layout: ZeroLayout, t: TrainingSettings) -> int:
     if t.optimizer == "adamw-fused":
         return _fused_step_temporaries(layout)
     adam = 2 * 4 * p if t.optimizer == "adamw" else 0
-    if layout.nbytes == 4:  # the fp32 gradients are the partition's gradient (a view of grads_in_partition)
+    if layout.nbytes == 4 and layout.pieces == 1:  # the fp32 gradients are the partition's gradient (``flatten`` of
+        # one piece: a view of grads_in_partition)
         return max(8 * p, adam)
-    return max(8 * p, 4 * p, 4 * p + adam - layout.in_partition * layout.nbytes)
+    # several pieces: the norm's fp64 copy is one piece's at a time; the flattened partition (a copy, and its fp32
+    # copy for bf16 gradients) is the fp32 gradient, and grads_in_partition is released before the optimizer runs
+    flat = layout.nbytes * p + (4 * p if layout.nbytes != 4 else 0)
+    return max(8 * layout.largest_piece, flat, 4 * p + adam - layout.in_partition * layout.nbytes)
 
 
 def _fused_step_temporaries(layout: ZeroLayout) -> int:

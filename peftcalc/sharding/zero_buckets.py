@@ -85,6 +85,9 @@ def bucket_schedule(plan: Plan, t: TrainingSettings, layout, rank: int, stage2: 
     backward order; `arrival`: peftcalc.memory.GradientArrival of the one-GPU step."""
     if layout.trainable <= bucket_elements:
         return Schedule((), layout.trainable, False)
+    if plan.spec.is_vision or plan.spec.is_vlm or plan.spec.task != "causal_lm":
+        raise CombinationError("several ZeRO reduce buckets are modelled for causal language models only",
+                               names=("sharding",))
     if t.grad_checkpointing:
         raise CombinationError("several ZeRO reduce buckets with gradient checkpointing are not modelled yet",
                                names=("sharding", "grad_checkpointing"))

@@ -130,10 +130,11 @@ def test_gradient_checkpointing_traced_rank0():
 def test_refused_in_one_line():
     with pytest.raises(CombinationError, match="zero3"):
         check_sharding(_plan(), _t(gpus=8, sharding="zero3"))
-    with pytest.raises(CombinationError, match="lora under mixed-bf16"):
-        check_sharding(_plan("lora"), _t(gpus=8, sharding="zero2", precision="mixed-bf16"))
-    with pytest.raises(CombinationError, match="trainable elements fill more than one"):
-        check_sharding(make_plan(load_spec("llama-3.2-1b"), MethodSettings(method="full")), _t(gpus=8, sharding="zero2"))
+    with pytest.raises(CombinationError, match="prompt under mixed-bf16"):
+        check_sharding(_plan("prompt"), _t(gpus=8, sharding="zero2", precision="mixed-bf16"))
+    with pytest.raises(CombinationError, match="several ZeRO reduce buckets with gradient checkpointing"):
+        check_sharding(make_plan(load_spec("llama-3.2-1b"), MethodSettings(method="full")),
+                       _t(gpus=8, sharding="zero2", grad_checkpointing=True))
 
 
 def test_bf16_enabled_traced_rank0():
@@ -167,3 +168,56 @@ def test_deepspeed_json_routes_to_zero2(tmp_path):
     cfg.write_text("base_model: meta-llama/Llama-3.2-1B\ndeepspeed: ds.json\n")
     assert from_files(cfg).training["sharding"] == "zero2"
     assert rank_memory(_plan(), _t(gpus=8, sharding=from_files(cfg).training["sharding"]), 0).peak_bytes > 0
+
+
+def test_lora_under_bf16_enabled_casts_the_adapters():
+    """bf16.enabled with LoRA (r 8 on q, v): DeepSpeed's engine casts every parameter to bf16, the adapters
+    included (engine.py _cast_module_mixed_precision), so the flat buffer is 4,096 bf16 elements (8,192 bytes),
+    the master partition 512 fp32 elements at 8 ranks, the bucket 5e8 bf16 elements. Traced (fake process
+    group, 8 ranks): 1,000,528,856 bytes under ZeRO-2, 1,000,532,952 under ZeRO-1, both in the top block's
+    backward; the model is 4 bytes short, as for full fine-tuning under bf16.enabled (test_bf16_enabled_traced_rank0).
+    IA3 (traced 1,000,624,112 at 3 ranks) and bottleneck adapters (1,000,579,140) likewise; Llama-3.2-1B LoRA
+    b1 s1024 with fused AdamW at 8 ranks 5,362,266,392, in backward at the loss."""
+    t = _t(gpus=8, sharding="zero2", precision="mixed-bf16")
+    layout = zero_layout(_plan("lora"), t, 0)
+    assert (layout.padded * layout.nbytes, layout.partition) == (2 * 4_096, 512)
+    parts = dict(rank_memory(_plan("lora"), t, 0).components)
+    assert (parts["weights_trainable"], parts["master_weights"], parts["gradient_buckets"]) == (
+        2 * 4_096, 4 * 512, 2 * REDUCE_BUCKET_SIZE)
+    assert rank_memory(_plan("lora"), t, 0).peak_bytes == 1_000_528_856 - 4
+    assert rank_memory(_plan("lora"), _t(gpus=8, sharding="zero1", precision="mixed-bf16"), 0).peak_bytes == 1_000_532_952 - 4
+    three = _t(gpus=3, sharding="zero2", precision="mixed-bf16")
+    assert rank_memory(_plan("ia3"), three, 0).peak_bytes == 1_000_624_112 - 4
+    assert rank_memory(_plan("adapter"), three, 0).peak_bytes == 1_000_579_140 - 4
+    big = make_plan(load_spec("llama-3.2-1b"), MethodSettings(method="lora"))
+    fused = _t(gpus=8, sharding="zero2", precision="mixed-bf16", optimizer="adamw-fused", batch_size=1, seq_len=1024)
+    assert rank_memory(big, fused, 0).peak_bytes == 5_362_266_392 - 4
+
+
+def test_several_buckets_llama_1b_flushes_inside_layer_7():
+    """Llama-3.2-1B full fp32, ZeRO-2 at 8 ranks (1,235,814,400 trainable elements, more than the 5e8-element
+    bucket): backward's hooks fill the bucket with the final norm (2,048) and layers 15 to 8 (8 x 60,821,504:
+    486,574,080 elements); layer 7's down_proj (16,777,216 elements) overflows it, so its hook flushes: the
+    bucket's gradients flattened (the traced aten.cat of 486,574,080 fp32 elements, 1,946,296,320 bytes) beside
+    the bucket, with down_proj's gradient (67,108,864 bytes) not yet copied. Layers 7 to 0 (486,572,032) fill it
+    again and the tied embedding's hook (262,668,288 elements) flushes a second time; the epilogue flushes the
+    embedding. Traced rank 0 (b1 s1024, two steps): 13,515,260,184 bytes at the first flush, as modelled: the
+    fp32 weights, rotary buffer, inputs, AdamW's states over the 154,476,800-element partition and its step, the
+    master partition, the bucket, the flattened copy, down_proj's gradient, the activations saved below and in
+    layer 7 at that moment (1,612,251,136) and layer 7's gradient buffers and the engine's scalars."""
+    big = make_plan(load_spec("llama-3.2-1b"), MethodSettings(method="full"))
+    t = _t(gpus=8, sharding="zero2", batch_size=1, seq_len=1024)
+    flushes = [e for e in zero_events(big, t, 0) if e[0] == "backward:flush"]
+    assert len(flushes) == 2
+    r = rank_memory(big, t, 0)
+    assert (r.peak_bytes, r.peak_phase) == (13_515_260_184, "backward:flush")
+    parts = dict(r.components)
+    p = 1_235_814_400 // 8
+    assert parts["weights_trainable"] == 4 * 1_235_814_400 and parts["master_weights"] == 4 * p
+    assert parts["optimizer_states"] == 8 * p + 4 and parts["unsharded_gradients"] == 4 * 2_048 * 8_192
+    assert parts["activations"] == 1_612_251_136
+    # the tracer's "other" at the peak (5,723,928,596): the bucket, the master partition, the flattened copy with
+    # layer 7's gradient buffers and the scalars, and down_proj's gradient
+    assert (4 * REDUCE_BUCKET_SIZE + parts["master_weights"] + parts["temporaries"] + parts["unsharded_gradients"]
+            == 5_723_928_596)
+    assert parts["temporaries"] >= 4 * (2_048 + 8 * 60_821_504)
