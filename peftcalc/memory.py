@@ -23,7 +23,7 @@ from peftcalc.settings import DTYPE_BYTES, TrainingSettings
 from peftcalc.sim.profile import engine_cast, stream_dtypes
 
 __all__ = ["ALLOCATOR_SLACK_FRACTION", "COMPONENTS", "CUDA_CONTEXT_BYTES", "GradientArrival", "Timeline",
-           "gradient_arrival", "input_bytes", "peak_event", "reserved_bytes", "step_events", "timeline"]
+           "accumulating_step_events", "gradient_arrival", "input_bytes", "peak_event", "reserved_bytes", "step_events", "timeline"]
 
 
 # Names of the components, in display order.
@@ -214,6 +214,14 @@ def step_events(plan: Plan, t: TrainingSettings) -> tuple:
     peftcalc.sharding rewrites rank by rank (read only: the tuple is cached)."""
     ms = model_states(plan, t)
     return tuple(_step_events(plan, t, activation_profile(plan, t), ms, input_bytes(plan, t), gradient_arrival(plan, t)))
+
+
+@lru_cache(maxsize=1024)
+def accumulating_step_events(plan: Plan, t: TrainingSettings) -> tuple:
+    """The events of a micro-batch after the first of a gradient-accumulation step (`t.grad_accum` > 1) for one
+    GPU, as step_events gives them: what peftcalc.sharding.zero rewrites for ZeRO-1 (read only: cached)."""
+    act = activation_profile(plan, t)
+    return tuple(_accumulating_events(plan, t, act, model_states(plan, t), input_bytes(plan, t), gradient_arrival(plan, t)))
 
 
 def _clipped(t: TrainingSettings, ms: ModelStates, events: list) -> list:

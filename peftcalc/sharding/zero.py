@@ -42,7 +42,7 @@ from math import ceil
 
 from peftcalc.activations import activation_profile
 from peftcalc.errors import CombinationError
-from peftcalc.memory import gradient_arrival, step_events
+from peftcalc.memory import accumulating_step_events, gradient_arrival, step_events
 from peftcalc.model_states import gradient_free, group_dtype
 from peftcalc.plan import Plan
 from peftcalc.settings import DTYPE_BYTES, TrainingSettings
@@ -134,14 +134,36 @@ def _states(layout: ZeroLayout, t: TrainingSettings) -> int:
 
 def zero_events(plan: Plan, t: TrainingSettings, rank: int = 0) -> list:
     """The step's events on `rank` as (phase, bytes, parts), the one-GPU events rewritten (module docstring;
-    several buckets: peftcalc.sharding.zero_buckets)."""
-    layout = zero_layout(plan, t, rank)
-    stage2 = t.sharding == "zero2"
+    several buckets: peftcalc.sharding.zero_buckets). Under gradient accumulation micro-batch 1's events, then
+    those of micro-batches 2..N, the optimizer's last: ZeRO-2 reduces every micro-batch into grads_in_partition,
+    which is held from micro-batch 2 on (traced: every later event is micro-batch 1's plus it); ZeRO-1 reduces at
+    the boundary only (engine.py ``allreduce_gradients``), so autograd's gradients accumulate as on one GPU
+    (peftcalc.memory.accumulating_step_events) and the bucket micro-batch 1's first hook made stays."""
     # bf16.enabled: the engine casts every parameter to bf16, peft's adapters included (engine.py
     # ``_cast_module_mixed_precision``), so the step computes as a bf16 model whose adapters are bf16 too
     # (peftcalc.sim.profile.engine_cast: precision bf16 under the ZeRO sharding)
-    one_gpu = replace(t, gpus=1, gpus_per_node=8, offload="none",
+    one_gpu = replace(t, gpus=1, gpus_per_node=8, offload="none", max_grad_norm=None, grad_accum=1, trainer_loop=False,
                       precision="bf16" if t.precision == "mixed-bf16" else t.precision)
+    first = _micro_batch_events(plan, t, one_gpu, rank, step_events(plan, one_gpu), boundary=t.grad_accum == 1)
+    if t.grad_accum == 1:
+        return first
+    k = next(i for i, (name, _, _) in enumerate(first) if name.startswith("optimizer"))
+    if t.sharding == "zero2":
+        partition = zero_layout(plan, t, rank).in_partition * zero_layout(plan, t, rank).nbytes
+        later = [_event(n, dict(p, gradient_partition=partition)) for n, _, p in first[:k]]
+    else:
+        later = _micro_batch_events(plan, t, one_gpu, rank, accumulating_step_events(plan, replace(one_gpu, grad_accum=2)),
+                                    boundary=True, bucket_live=True)
+    return first[:k] + later + first[k:]
+
+
+def _micro_batch_events(plan: Plan, t: TrainingSettings, one_gpu: TrainingSettings, rank: int, one_gpu_events,
+                        boundary: bool, bucket_live: bool = False) -> list:
+    """One micro-batch's events (and the optimizer step's, for the events of a whole step) rewritten for `rank`.
+    boundary: ZeRO-1's reduce_gradients runs after it; bucket_live: the bucket exists from its start (ZeRO-1's
+    micro-batches after the first)."""
+    layout = zero_layout(plan, t, rank)
+    stage2 = t.sharding == "zero2"
     act = activation_profile(plan, one_gpu)
     arrival = gradient_arrival(plan, one_gpu)
     bucket = REDUCE_BUCKET_SIZE * layout.nbytes
@@ -157,16 +179,19 @@ def zero_events(plan: Plan, t: TrainingSettings, rank: int = 0) -> list:
     partition = layout.in_partition * layout.nbytes
     states = _states(layout, t)
     master = 4 * layout.partition
+    backward_scalars = BACKWARD_SCALARS[t.precision] - (GAS_SCALED_LOSS if t.trainer_loop else 0)
     events = []
-    bucket_made = False
+    bucket_made = bucket_live
     held_partition = 0  # grads_in_partition once a flush before the epilogue has made it
-    for name, _, parts in step_events(plan, one_gpu):
+    for name, _, parts in one_gpu_events:
         p = dict(parts, weights_trainable=layout.padded * layout.nbytes, master_weights=master)
         p["optimizer_states"] = states
-        p["temporaries"] = p.get("temporaries", 0) + NORM_SCALAR + (BACKWARD_SCALARS[t.precision] if name.startswith("backward") else 0)
+        p["temporaries"] = p.get("temporaries", 0) + NORM_SCALAR + (backward_scalars if name.startswith("backward") else 0)
+        if bucket_live and not name.startswith("optimizer"):
+            p["gradient_buckets"] = bucket
         if held_partition and name.startswith("backward"):
             p["gradient_partition"] = held_partition
-        if name == "backward:head" and arrival.head:
+        if name == "backward:head" and arrival.head and not bucket_live:
             # the head's gradient made, the loss's buffers gone, then the bucket for it (its first gradient)
             events.append(_event(name, p))
             name, p = "backward:bucket", dict(p, logits_loss=act.loss_scalars, gradient_buckets=bucket)
@@ -184,19 +209,20 @@ def zero_events(plan: Plan, t: TrainingSettings, rank: int = 0) -> list:
         elif name == "optimizer":
             p["gradients"] = 0
             p["gradient_partition"] = partition
-            p["temporaries"] = _step_temporaries(layout, t) + NORM_SCALAR
+            p["temporaries"] = _step_temporaries(layout, t) + NORM_SCALAR + (act.loss_scalars if t.trainer_loop else 0)
             p.pop("_other", None)
         events.append(_event(name, p))
         for f in schedule.flushes:
             if stage2 and ((f.where == "layer" and name == f"backward:layer{f.layer}") or (f.where == "end" and name == "backward:end")):
                 events.append(_flush_event(plan, p, f, layout, act, record, one_gpu, held_partition))
                 held_partition = partition if _allocates(schedule, f) else held_partition
-        if name == "backward:end":
+        if name == "backward:end" and (stage2 or boundary):
+            gas = 0 if t.trainer_loop else GAS_SCALED_LOSS
             for f in schedule.flushes if not stage2 else ():
                 events.append(_reduce_event(p, layout, bucket, act.loss_scalars, f.elements, f.held,
-                                            partition if f.partition_before else 0))
+                                            partition if f.partition_before else 0, gas))
             events.append(_reduce_event(p, layout, bucket, act.loss_scalars, schedule.last, 0,
-                                        partition if schedule.partition_before_epilogue else 0))
+                                        partition if schedule.partition_before_epilogue else 0, gas))
     return events
 
 
@@ -312,7 +338,7 @@ def _fused_step_temporaries(layout: ZeroLayout) -> int:
 
 
 def _reduce_event(end: dict, layout: ZeroLayout, bucket: int, loss_scalars: int, elements: int, held: int = 0,
-                  partition: int = 0) -> tuple:
+                  partition: int = 0, gas: int = GAS_SCALED_LOSS) -> tuple:
     """A flush after autograd's backward (engine.py ``backward`` runs ``average_tensor`` once it returns: the
     epilogue, and under ZeRO-1 ``reduce_gradients``' flushes before it, zero_buckets): activations gone, the
     bucket's `elements` gradients flattened beside the bucket, autograd's gradients not yet copied (`held`),
@@ -321,7 +347,7 @@ def _reduce_event(end: dict, layout: ZeroLayout, bucket: int, loss_scalars: int,
     p = {k: v for k, v in end.items() if k in ("weights_frozen", "weights_trainable", "buffers", "inputs",
                                                   "optimizer_states", "master_weights")}
     p.update(gradient_buckets=bucket, logits_loss=loss_scalars, gradients=held, gradient_partition=partition,
-             temporaries=elements * layout.nbytes + NORM_SCALAR + GAS_SCALED_LOSS)
+             temporaries=elements * layout.nbytes + NORM_SCALAR + gas)
     return _event("backward:reduce", p)
 
 
