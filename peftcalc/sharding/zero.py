@@ -63,6 +63,10 @@ CAST_METHODS = ("full", "lora", "ia3", "adapter")
 BACKWARD_SCALARS = {"fp32": 8, "mixed-bf16": 4}
 NORM_SCALAR = 4
 GAS_SCALED_LOSS = 4
+# trainer_loop: transformers Trainer.training_step holds its 0-dim fp32 loss through accelerate's
+# DeepSpeedEngineWrapper.backward, which runs engine.step() at the boundary (traced: 4 bytes more in the step);
+# it passes scale_wrt_gas=False, so the engine's loss/gas scalar is not made
+TRAINER_LOSS = 4
 
 
 @dataclass(frozen=True)
@@ -209,7 +213,7 @@ def _micro_batch_events(plan: Plan, t: TrainingSettings, one_gpu: TrainingSettin
         elif name == "optimizer":
             p["gradients"] = 0
             p["gradient_partition"] = partition
-            p["temporaries"] = _step_temporaries(layout, t) + NORM_SCALAR + (act.loss_scalars if t.trainer_loop else 0)
+            p["temporaries"] = _step_temporaries(layout, t) + NORM_SCALAR + (TRAINER_LOSS if t.trainer_loop else 0)
             p.pop("_other", None)
         events.append(_event(name, p))
         for f in schedule.flushes:

@@ -221,3 +221,38 @@ def test_several_buckets_llama_1b_flushes_inside_layer_7():
     assert (4 * REDUCE_BUCKET_SIZE + parts["master_weights"] + parts["temporaries"] + parts["unsharded_gradients"]
             == 5_723_928_596)
     assert parts["temporaries"] >= 4 * (2_048 + 8 * 60_821_504)
+
+
+def test_gradient_clipping_adds_nothing_at_the_peak():
+    """gradient_clipping 1.0 (max_grad_norm, the HF Trainer's default): stage_1_and_2.py unscale_and_clip_grads
+    scales the fp32 partition's gradient in place with a few 0-dim tensors. Traced, full fp32 at 3 ranks: the same
+    peaks as without clipping, 2,002,025,848 (ZeRO-1) and 2,001,960,312 (ZeRO-2), and the same step phase."""
+    for sharding, traced in (("zero1", 2_002_025_848), ("zero2", 2_001_960_312)):
+        clipped = rank_memory(_plan(), _t(gpus=3, sharding=sharding, max_grad_norm=1.0), 0)
+        assert clipped.peak_bytes == traced == rank_memory(_plan(), _t(gpus=3, sharding=sharding), 0).peak_bytes
+
+
+def test_gradient_accumulation_traced_rank0():
+    """gradient_accumulation_steps 2, full fp32 at 3 ranks. ZeRO-2 reduces every micro-batch, so from micro-batch 2
+    on grads_in_partition (rank 0 overlaps 57,344 elements: 229,376 bytes) is held: the traced peak 2,002,189,688
+    is the one-step peak 2,001,960,312 plus it. ZeRO-1 reduces at the boundary only: micro-batch 2 starts with the
+    bucket micro-batch 1's first hook made and autograd's fp32 gradients (591,104 bytes) beside micro-batch 1's
+    forward (2,092,416): traced forward@2 2,002,683,520; its peak 2,002,813,560 is the loss's backward."""
+    zero2 = rank_memory(_plan(), _t(gpus=3, sharding="zero2", grad_accum=2), 0)
+    assert zero2.peak_bytes == 2_002_189_688 == 2_001_960_312 + 4 * 57_344
+    events = zero_events(_plan(), _t(gpus=3, sharding="zero1", grad_accum=2), 0)
+    forwards = [b for name, b, _ in events if name == "forward"]
+    assert forwards[1] == 2_002_683_520 == forwards[0] + 4 * REDUCE_BUCKET_SIZE + 591_104
+    assert rank_memory(_plan(), _t(gpus=3, sharding="zero1", grad_accum=2), 0).peak_bytes == 2_002_813_560
+
+
+def test_trainer_loop_traced_rank0():
+    """The HF Trainer's step under DeepSpeed: training_step passes scale_wrt_gas=False (no loss / gas scalar: 4
+    bytes less through backward) and accelerate's DeepSpeedEngineWrapper.backward runs engine.step() while the
+    Trainer holds its loss (4 bytes more in the step). Traced ZeRO-1 full fp32 at 3 ranks with clipping:
+    2,002,025,844 (the engine's own loop: 2,002,025,848), step 1,773,956 (1,773,952)."""
+    t = _t(gpus=3, sharding="zero1", trainer_loop=True, max_grad_norm=1.0)
+    check_sharding(_plan(), t)
+    assert rank_memory(_plan(), t, 0).peak_bytes == 2_002_025_844
+    plain = _optimizer_event(_t(gpus=3, sharding="zero1"))
+    assert _optimizer_event(t) == plain + 4
