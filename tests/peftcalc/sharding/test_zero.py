@@ -256,3 +256,30 @@ def test_trainer_loop_traced_rank0():
     assert rank_memory(_plan(), t, 0).peak_bytes == 2_002_025_844
     plain = _optimizer_event(_t(gpus=3, sharding="zero1"))
     assert _optimizer_event(t) == plain + 4
+
+
+WIDE = dict(TINY, vocab_size=7_812_400, tie_word_embeddings=False)  # embedding and lm_head of 499,993,600 elements
+
+
+def test_several_buckets_at_the_embedding_hook_and_in_reduce_gradients():
+    """tiny-llama with a 7,812,400-token vocabulary (1,000,069,440 trainable elements), b1 s4, fp32, traced rank 0.
+    ZeRO-2 at 8 ranks: the lm_head fills the bucket, layer 1's down_proj overflows it (first flush), layers 1
+    and 0 (2 x 41,088 elements) refill it and the embedding's hook flushes them: 9,500,685,144 bytes traced,
+    the fp32 weights, AdamW's states over the 125,008,680-element partition and its step, the master partition,
+    the bucket, the embedding's gradient not yet copied (1,999,974,400) and the 82,176 flattened elements.
+    ZeRO-1 at 2 ranks: reduce_gradients walks the parameters in order after backward; its second flush (78,144
+    elements, before the lm_head) runs beside grads_in_partition (500,038,784 elements: the embedding, layer 0
+    and layer 1's q_proj overlap rank 0's 500,034,720), which the first made, and the lm_head's gradient, not yet
+    copied: 16,001,136,628 bytes traced."""
+    plan = make_plan(load_spec(dict(WIDE)), MethodSettings(method="full"))
+    zero2 = rank_memory(plan, _t(gpus=8, sharding="zero2", batch_size=1, seq_len=4), 0)
+    p = 125_008_680
+    assert (zero2.peak_bytes, zero2.peak_phase) == (9_500_685_144, "backward:flush")
+    parts = dict(zero2.components)
+    assert parts["unsharded_gradients"] == 4 * 499_993_600 and parts["optimizer_states"] == 8 * p + 4
+    assert parts["temporaries"] - 4 * 2 * 41_088 == 20  # the engine's scalars
+    zero1 = rank_memory(plan, _t(gpus=2, sharding="zero1", batch_size=1, seq_len=4), 0)
+    assert (zero1.peak_bytes, zero1.peak_phase) == (16_001_136_628, "backward:reduce")
+    parts = dict(zero1.components)
+    assert parts["gradient_partition"] == 4 * (499_993_600 + 41_088 + 4_096)
+    assert parts["unsharded_gradients"] == 4 * 499_993_600 and parts["temporaries"] == 4 * 78_144 + 8
