@@ -23,7 +23,7 @@ from peftcalc.settings import DTYPE_BYTES, TrainingSettings
 from peftcalc.sim.profile import engine_cast, stream_dtypes
 
 __all__ = ["ALLOCATOR_SLACK_FRACTION", "COMPONENTS", "CUDA_CONTEXT_BYTES", "GradientArrival", "Timeline",
-           "accumulating_step_events", "gradient_arrival", "input_bytes", "peak_event", "reserved_bytes", "step_events", "timeline"]
+           "accumulating_step_events", "gradient_arrival", "tied_embedding_addends", "input_bytes", "peak_event", "reserved_bytes", "step_events", "timeline"]
 
 
 # Names of the components, in display order.
@@ -586,6 +586,12 @@ def _tied_embedding_accumulation(plan: Plan, t: TrainingSettings) -> int:
         return 0
     weight_dtype = stream_dtypes(plan, t)[0]
     return 2 * plan.spec.vocab_size * plan.spec.hidden_size * DTYPE_BYTES[weight_dtype]
+
+
+def tied_embedding_addends(plan: Plan, t: TrainingSettings) -> int:
+    """The two addends summed into a trainable tied embedding's .grad at the end of backward
+    (_tied_embedding_accumulation), 0 without one: what peftcalc.sharding.zero drops once that .grad is made."""
+    return _tied_embedding_accumulation(plan, t)
 
 
 def reserved_bytes(peak_allocated: int) -> int:

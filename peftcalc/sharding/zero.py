@@ -42,7 +42,7 @@ from math import ceil
 
 from peftcalc.activations import activation_profile
 from peftcalc.errors import CombinationError
-from peftcalc.memory import accumulating_step_events, gradient_arrival, step_events
+from peftcalc.memory import accumulating_step_events, gradient_arrival, step_events, tied_embedding_addends
 from peftcalc.model_states import gradient_free, group_dtype
 from peftcalc.plan import Plan
 from peftcalc.settings import DTYPE_BYTES, TrainingSettings
@@ -252,9 +252,12 @@ def _flush_event(plan: Plan, p: dict, f, layout: ZeroLayout, act, record, t: Tra
         q["activations"] = p["activations"] - block.saved + state.saved
         q["temporaries"] = p["temporaries"] - block.buffers + state.buffers + flat
         q["gradients"] = f.held
-    else:  # the lookup's backward has returned: its incoming gradient is gone
-        incoming = t.batch_size * t.seq_len * plan.spec.hidden_size * DTYPE_BYTES[t.compute_dtype]
-        q["temporaries"] = p["temporaries"] - incoming + flat
+    else:  # the input side's hook: the lookup's backward has returned, so its incoming gradient is gone; a tied
+        # embedding's two addends are summed into its .grad (memory.tied_embedding_addends), which is held
+        addends = tied_embedding_addends(plan, t)
+        gone = addends or t.batch_size * t.seq_len * plan.spec.hidden_size * DTYPE_BYTES[t.compute_dtype]
+        q["temporaries"] = p["temporaries"] - gone + flat
+        q["gradients"] = addends // 2 + p.get("gradients", 0)
     if held_partition:
         q["gradient_partition"] = held_partition
     return _event("backward:flush", q)
