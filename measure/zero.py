@@ -201,7 +201,10 @@ def measure_zero(spec, method, training, steps, policy) -> dict:
     from measure.fake import build_meta_model, materialize_fake, real_cpu_kernel_dtypes, real_input_semantics
 
     if training.offload != "none":
-        raise NotImplementedError(f"the harness traces DeepSpeed ZeRO without offload, not offload {training.offload}")
+        # the engine runs (the client torch optimizer over the host partitions, zero_force_ds_cpu_optimizer false),
+        # but on DeepSpeed's CPU accelerator its device and its pinned host copies are the same kind of CPU tensor
+        raise NotImplementedError(f"offload {training.offload}: on DeepSpeed's CPU accelerator the device is the CPU, so "
+                                  "the trace cannot tell the partitions ZeRO-Offload keeps in host memory from device memory")
     t0 = time.perf_counter()
     with launcher_environment(training.gpus), fake_process_group(training.gpus), _fresh_deepspeed_groups():
         import deepspeed
