@@ -283,3 +283,18 @@ def test_several_buckets_at_the_embedding_hook_and_in_reduce_gradients():
     parts = dict(zero1.components)
     assert parts["gradient_partition"] == 4 * (499_993_600 + 41_088 + 4_096)
     assert parts["unsharded_gradients"] == 4 * 499_993_600 and parts["temporaries"] == 4 * 78_144 + 8
+
+
+def test_flush_at_a_tied_embedding_hook():
+    """One block with a 499,968,000-element MLP (intermediate 2,604,000) and a tied 512 x 64 embedding, b1 s4, fp32,
+    ZeRO-2 at 8 ranks (500,017,344 trainable elements): the final norm and the block fill the bucket with
+    499,984,576 elements, and the embedding's hook (its .grad the sum of the head's and the lookup's gradients,
+    131,072 bytes; the two addends gone) flushes them: the traced aten.cat of 499,984,576 fp32 elements beside
+    the bucket. Traced rank 0: 6,750,164,888 bytes."""
+    tied = dict(TINY, num_hidden_layers=1, intermediate_size=2_604_000, tie_word_embeddings=True)
+    plan = make_plan(load_spec(tied), MethodSettings(method="full"))
+    r = rank_memory(plan, _t(gpus=8, sharding="zero2", batch_size=1, seq_len=4), 0)
+    p = 500_017_344 // 8
+    assert (r.peak_bytes, r.peak_phase) == (6_750_164_888, "backward:flush")
+    assert r.peak_bytes == (4 * 500_017_344 + 64 + 32 + (8 * p + 4) + 4 * p + 4 * REDUCE_BUCKET_SIZE
+                            + 4 * 499_984_576 + 20 + 4 * 512 * 64)
