@@ -27,12 +27,14 @@ Gradient checkpointing changes the one-GPU step's events only (ZeRO's hooks fire
 gradients arrive), so it needs nothing here.
 
 More trainable elements than reduce_bucket_size: the bucket is flushed before backward ends
-(peftcalc.sharding.zero_buckets).
+(peftcalc.sharding.zero_buckets). gradient_clipping (max_grad_norm) scales the fp32 partition's gradient in
+place with a few 0-dim tensors (``unscale_and_clip_grads``: traced, nothing at the peak); gradient accumulation
+and the HF Trainer's loop: zero_events.
 
 Modelled: precision fp32, and bf16.enabled (mixed-bf16: the engine casts every parameter to bf16, peft's
 adapters included) for full fine-tuning, LoRA, IA3 and bottleneck adapters, AdamW (single-tensor or fused) and
-SGD, with or without gradient checkpointing (one bucket); ZeRO-3, offload and QLoRA are refused
-(CombinationError).
+SGD, with or without gradient checkpointing (one bucket), clipping, accumulation, the Trainer's loop; ZeRO-3,
+offload, QLoRA, and prompt/prefix tuning and DoRA under bf16.enabled are refused (CombinationError).
 """
 
 from __future__ import annotations
