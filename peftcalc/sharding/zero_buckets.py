@@ -121,6 +121,9 @@ def bucket_schedule(plan: Plan, t: TrainingSettings, layout, rank: int, stage2: 
         in_bucket.clear()
 
     for i in reversed(range(plan.spec.num_layers)):
+        if sum(block_steps(i)) != arrival.per_layer[i]:  # a block whose gradients are not one per parameter
+            raise CombinationError(f"several ZeRO reduce buckets for {plan.spec.model_type}'s blocks are not modelled yet",
+                                   names=("sharding",))
         for k, nbytes in enumerate(block_steps(i)):
             if elements + nbytes // nb > bucket_elements:
                 flush(where="layer", layer=i, step=k, held=nbytes)
