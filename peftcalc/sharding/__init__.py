@@ -96,12 +96,14 @@ def sharded_timeline(plan: Plan, t: TrainingSettings) -> tuple[Timeline, tuple]:
 
 def _peak_micro_batch(r: RankMemory, t: TrainingSettings) -> int | None:
     """Under grad_accum: 1 when the peak falls in micro-batch 1, 2 in the later ones (their events follow micro-batch
-    1's, the optimizer's last: fsdp._accumulated), None for a peak in the optimizer step or without accumulation."""
+    1's, the optimizer's last: fsdp._accumulated; micro-batch 2 starts with the first forward event after a backward
+    one: ZeRO-1's reduce events come after the last micro-batch only), None for a peak in the optimizer step or
+    without accumulation."""
     if t.grad_accum == 1 or r.peak_phase.startswith("optimizer"):
         return None
-    sizes = [b for _, b in r.events]
-    optimizer = sum(1 for n, _ in r.events if n.startswith("optimizer"))
-    return 1 if sizes.index(r.peak_bytes) < (len(sizes) - optimizer) // 2 else 2
+    names = [n for n, _ in r.events]
+    second = next(i for i in range(1, len(names)) if names[i].startswith("forward") and names[i - 1].startswith("backward"))
+    return 1 if [b for _, b in r.events].index(r.peak_bytes) < second else 2
 
 
 def wrapping_text(method: str, t: TrainingSettings) -> str:
