@@ -56,13 +56,14 @@ __all__ = ["REDUCE_BUCKET_SIZE", "ZERO_COMPONENTS", "ZeroLayout", "check_zero", 
 REDUCE_BUCKET_SIZE = 500_000_000  # deepspeed/runtime/zero/config.py reduce_bucket_size default (elements)
 ALIGNMENT = 2  # stage_1_and_2.py nccl_start_alignment_factor
 ZERO_COMPONENTS = ("master_weights", "gradient_partition")
-# 0-dim fp32 tensors the engine adds: in backward the loss divided by the accumulation steps (engine.py
-# ``_scale_loss_by_gas``) and, without bf16.enabled, multiplied by the loss scale (stage_1_and_2.py ``backward``:
-# loss_scaler); from the first step on the global gradient norm the optimizer keeps (``_global_grad_norm``)
 # the methods whose steps under bf16.enabled (every parameter cast to bf16 by the engine) are traced; prompt and
 # prefix tuning's encoders and DoRA's magnitude are not yet
 CAST_METHODS = ("full", "lora", "ia3", "adapter")
-BACKWARD_SCALARS = {"fp32": 8, "mixed-bf16": 4}
+# 0-dim fp32 tensors the engine adds: in backward the loss divided by the accumulation steps (engine.py
+# ``_scale_loss_by_gas``) and multiplied by the loss scale, also under bf16.enabled (base_optimizer.py
+# ``scale_if_loss``: DeepSpeedZeroOptimizer keeps a static loss_scaler of 1.0 then); from the first step on the
+# global gradient norm the optimizer keeps (``_global_grad_norm``)
+BACKWARD_SCALARS = {"fp32": 8, "mixed-bf16": 8}  # by precision (the same: kept a mapping for its importers)
 NORM_SCALAR = 4
 GAS_SCALED_LOSS = 4
 # trainer_loop: transformers Trainer.training_step holds its 0-dim fp32 loss through accelerate's
