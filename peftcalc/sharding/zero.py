@@ -65,6 +65,9 @@ CAST_METHODS = ("full", "lora", "ia3", "adapter")
 # global gradient norm the optimizer keeps (``_global_grad_norm``)
 BACKWARD_SCALARS = {"fp32": 8, "mixed-bf16": 8}  # by precision (the same: kept a mapping for its importers)
 NORM_SCALAR = 4
+# two 4-byte scalars alive beside the single-tensor AdamW's step at its fullest (traced in every fp32 and bf16
+# row: the step phase 8 bytes above the partitions and temporaries)
+ADAMW_STEP_SCALARS = 8
 GAS_SCALED_LOSS = 4
 # trainer_loop: transformers Trainer.training_step holds its 0-dim fp32 loss through accelerate's
 # DeepSpeedEngineWrapper.backward, which runs engine.step() at the boundary (traced: 4 bytes more in the step);
@@ -325,13 +328,14 @@ def _step_temporaries(layout: ZeroLayout, t: TrainingSettings) -> int:
     if t.optimizer == "adamw-fused":
         return _fused_step_temporaries(layout)
     adam = 2 * 4 * p if t.optimizer == "adamw" else 0
+    scalars = ADAMW_STEP_SCALARS if t.optimizer == "adamw" else 0
     if layout.nbytes == 4 and layout.pieces == 1:  # the fp32 gradients are the partition's gradient (``flatten`` of
         # one piece: a view of grads_in_partition)
-        return max(8 * p, adam)
+        return max(8 * p, adam) + scalars
     # several pieces: the norm's fp64 copy is one piece's at a time; the flattened partition (a copy, and its fp32
     # copy for bf16 gradients) is the fp32 gradient, and grads_in_partition is released before the optimizer runs
     flat = layout.nbytes * p + (4 * p if layout.nbytes != 4 else 0)
-    return max(8 * layout.largest_piece, flat, 4 * p + adam - layout.in_partition * layout.nbytes)
+    return max(8 * layout.largest_piece, flat, 4 * p + adam - layout.in_partition * layout.nbytes) + scalars
 
 
 def _fused_step_temporaries(layout: ZeroLayout) -> int:

@@ -104,12 +104,12 @@ def test_fused_adamw_traced_rank0():
 def test_fused_adamw_bf16_step_holds_the_flat_partition_and_its_fp32_copy():
     """bf16.enabled with fused AdamW, 3 ranks: the step's top (traced 1,297,520) is the flattened bf16
     partition (2 x 49,260) beside its fp32 copy (4 x 49,260), larger than the norm's fp64 piece (262,144);
-    the single-tensor AdamW's top is later, its two temporaries over the fp32 gradient (1,478,384 modelled,
-    1,478,392 traced)."""
+    the single-tensor AdamW's top is later, its two temporaries over the fp32 gradient (1,478,392 traced,
+    with two 4-byte scalars)."""
     p = 49_260
     fused = _optimizer_event(_t(gpus=3, sharding="zero2", precision="mixed-bf16", optimizer="adamw-fused"))
     assert fused == 1_297_520 == 2 * 147_780 + 64 + 512 + (8 * p + 4) + 4 * p + 2 * 57_344 + 6 * p + 12
-    assert _optimizer_event(_t(gpus=3, sharding="zero2", precision="mixed-bf16")) == 1_478_384
+    assert _optimizer_event(_t(gpus=3, sharding="zero2", precision="mixed-bf16")) == 1_478_392
 
 
 def test_gradient_checkpointing_traced_rank0():
