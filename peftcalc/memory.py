@@ -23,7 +23,8 @@ from peftcalc.settings import DTYPE_BYTES, TrainingSettings
 from peftcalc.sim.profile import engine_cast, stream_dtypes
 
 __all__ = ["ALLOCATOR_SLACK_FRACTION", "COMPONENTS", "CUDA_CONTEXT_BYTES", "GradientArrival", "Timeline",
-           "accumulating_step_events", "gradient_arrival", "tied_embedding_addends", "input_bytes", "peak_event", "reserved_bytes", "step_events", "timeline"]
+           "accumulating_step_events", "gradient_arrival", "input_bytes", "peak_event", "reserved_bytes", "step_events",
+           "tied_embedding_addends", "timeline"]
 
 
 # Names of the components, in display order.
@@ -268,7 +269,7 @@ def _accumulating_events(plan: Plan, t: TrainingSettings, act: ActivationProfile
     StepContext.accumulating: the new gradient is a buffer until its AccumulateGrad has run). At the
     embeddings' backward the new gradient of an input-side parameter (the token embedding's dense
     vocab x hidden one) is a temporary beside the gradient of their output; a tied embedding's two
-    gradients are summed out of place (_tied_embedding_accumulation) and the sum, a third vocab x hidden
+    gradients are summed out of place (tied_embedding_addends) and the sum, a third vocab x hidden
     tensor, then added into the .grad."""
     held = grads.total + _cls_token_gradient_storage(plan, t)
     none_yet = GradientArrival(grads.head_pending, (0,) * len(grads.per_layer), 0, grads.head_pending)
@@ -276,7 +277,7 @@ def _accumulating_events(plan: Plan, t: TrainingSettings, act: ActivationProfile
     out = []
     for name, _, parts in events:
         if name == "backward:end":
-            tied = _tied_embedding_accumulation(plan, t)
+            tied = tied_embedding_addends(plan, t)
             new_grad = max(tied + tied // 2, act.embedding_grad + grads.input_largest)
             parts = dict(parts, gradients=held, temporaries=parts["temporaries"] - max(tied, act.embedding_grad)
                          + new_grad)
@@ -339,7 +340,7 @@ def _step_events(plan: Plan, t: TrainingSettings, act: ActivationProfile, ms: Mo
                                      logits_loss=act.loss_backward_peak - act.loss_saved_backward + act.loss_scalars,
                                      temporaries=act.checkpoint_kwargs)),
     ]
-    tied = _tied_embedding_accumulation(plan, t)
+    tied = tied_embedding_addends(plan, t)
     gradients = grads.total + _cls_token_gradient_storage(plan, t)
     if ckpt and all(wrapped):
         events += _checkpointed_backward(plan, act, grads, base, kept_per_layer, remaining, t.checkpoint_reentrant)
@@ -354,7 +355,7 @@ def _step_events(plan: Plan, t: TrainingSettings, act: ActivationProfile, ms: Mo
     kwargs_to_end = act.checkpoint_kwargs if ckpt and t.checkpoint_reentrant else 0
     events += [
         # the embeddings' backward: their parameters' gradients are made while the gradient of their output
-        # is alive; a tied embedding's two gradients are then summed (_tied_embedding_accumulation)
+        # is alive; a tied embedding's two gradients are then summed (tied_embedding_addends)
         _event("backward:end", dict(base, activations=_saved_at_embeddings_backward(act, tied), gradients=gradients,
                                     temporaries=max(tied, act.embedding_grad) + act.loss_scalars + kwargs_to_end)),
         _event("optimizer", dict(weights, inputs=inputs, gradients=gradients, temporaries=ms.optimizer_temporaries,
@@ -530,7 +531,7 @@ def _cls_token_gradient_storage(plan: Plan, t: TrainingSettings) -> int:
 
 def _saved_at_embeddings_backward(act: ActivationProfile, tied: int) -> int:
     """The saved tensors alive at the embeddings' backward (ActivationProfile.lookup_saved: the lookups'
-    indices). When a tied embedding's two gradients are summed (_tied_embedding_accumulation) there are
+    indices). When a tied embedding's two gradients are summed (tied_embedding_addends) there are
     none: the word embedding's lookup is the embeddings' first op (GPT2Model.forward's wte before wpe,
     BertEmbeddings / RobertaEmbeddings.forward's word_embeddings before token types and positions), so
     its EmbeddingBackward is the last node to run and every other lookup has released its indices (traced,
@@ -575,7 +576,7 @@ def _partly_checkpointed_backward(plan: Plan, act: ActivationProfile, grads: Gra
     return events
 
 
-def _tied_embedding_accumulation(plan: Plan, t: TrainingSettings) -> int:
+def tied_embedding_addends(plan: Plan, t: TrainingSettings) -> int:
     """A trainable tied embedding gets two gradients: the lm_head's, early in backward, held in its
     AccumulateGrad node's input buffer (GradientArrival.head_pending), and the lookup's dense gradient
     at the end (embedding_dense_backward), which InputBuffer::add (torch/csrc/autograd/input_buffer.cpp)
@@ -586,12 +587,6 @@ def _tied_embedding_accumulation(plan: Plan, t: TrainingSettings) -> int:
         return 0
     weight_dtype = stream_dtypes(plan, t)[0]
     return 2 * plan.spec.vocab_size * plan.spec.hidden_size * DTYPE_BYTES[weight_dtype]
-
-
-def tied_embedding_addends(plan: Plan, t: TrainingSettings) -> int:
-    """The two addends summed into a trainable tied embedding's .grad at the end of backward
-    (_tied_embedding_accumulation), 0 without one: what peftcalc.sharding.zero drops once that .grad is made."""
-    return _tied_embedding_accumulation(plan, t)
 
 
 def reserved_bytes(peak_allocated: int) -> int:
