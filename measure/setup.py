@@ -81,10 +81,10 @@ def check_run(spec: ModelSpec, method: MethodSettings, training: TrainingSetting
     if steps < 1:
         raise InputError(f"--steps must be a positive integer, got {steps}")
     check_training(replace(training, device="cuda" if device == "cuda" else "cpu"))
-    if training.trainer_loop and training.sharding not in ("fsdp", "hsdp", "ddp"):
+    if training.trainer_loop and training.sharding not in ("fsdp", "hsdp", "ddp", "zero1", "zero2"):
         raise InputError("trainer_loop is a transformers Trainer's step: measure it in a real run with "
                          "peftcalc.integrations.transformers.MemoryCallback (the harness runs its own loop; "
-                         "its fsdp, hsdp and ddp rows run the Trainer's loss handling)")
+                         "its fsdp, hsdp, ddp, zero1 and zero2 rows run the Trainer's loss handling)")
     make_plan(spec, method)
     if training.offload_activations and training.sharding != "none":  # (dist's loops run no offload hooks)
         raise InputError(f"offload_activations under sharding {training.sharding}: the harness offloads one GPU's "

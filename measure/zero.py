@@ -8,7 +8,8 @@ tensors, two steps (``engine(**batch)``, ``engine.backward(loss)``, ``engine.ste
 DeepSpeed's defaults: reduce_bucket_size and allgather_bucket_size 5e8 elements, contiguous_gradients on,
 overlap_comm off under stages 1/2 and on under stage 3 (deepspeed/runtime/zero/config.py
 ``overlap_comm_valid``), stage3_param_persistence_threshold 1e5, stage3_prefetch_bucket_size 5e7, no gradient
-clipping. Precision fp32: no DeepSpeed mixed precision; mixed-bf16: ``bf16.enabled`` (the engine casts the
+clipping unless max_grad_norm sets ``gradient_clipping`` (as the HF Trainer's DeepSpeed integration does),
+``gradient_accumulation_steps`` from grad_accum. Precision fp32: no DeepSpeed mixed precision; mixed-bf16: ``bf16.enabled`` (the engine casts the
 parameters to bf16, the optimizer keeps fp32 master partitions).
 
 What makes the trace run on fake tensors (deepspeed 0.19.8, torch 2.13):
@@ -50,8 +51,10 @@ def deepspeed_config(training) -> dict:
         zero["offload_optimizer"] = {"device": "cpu"}
     if training.offload == "params":
         zero["offload_param"] = {"device": "cpu"}
-    config = {"train_micro_batch_size_per_gpu": training.batch_size, "gradient_accumulation_steps": 1,
+    config = {"train_micro_batch_size_per_gpu": training.batch_size, "gradient_accumulation_steps": training.grad_accum,
               "zero_optimization": zero}
+    if training.max_grad_norm is not None:  # what the HF Trainer's DeepSpeed config takes from max_grad_norm
+        config["gradient_clipping"] = training.max_grad_norm
     if training.precision == "mixed-bf16":
         config["bf16"] = {"enabled": True}
     if training.offload != "none":  # the client torch optimizer over host partitions (not DeepSpeedCPUAdam)
@@ -154,20 +157,38 @@ def _kept_on_device(model):
         del model.to
 
 
-def zero_train_step(engine, spec, batch, meter) -> dict:
-    """One DeepSpeed step in the harness's phases: forward with the loss, ``engine.backward(loss)`` (ZeRO's
-    gradient hooks reduce into partitions), ``engine.step()`` (the optimizer over the partitions, then the
-    updated parameters all-gathered; ZeRO clears the gradients itself)."""
+def zero_train_step(engine, spec, batch, meter, training) -> dict:
+    """One DeepSpeed optimizer step in the harness's phases: `training.grad_accum` micro-batches of forward
+    with the loss and ``engine.backward(loss)`` (ZeRO's gradient hooks reduce into partitions; ZeRO-2 every
+    micro-batch, ZeRO-1 at the boundary), then ``engine.step()`` (the optimizer over the partitions, then the
+    updated parameters all-gathered; ZeRO clears the gradients itself). DeepSpeed's own loop calls
+    ``engine.step()`` after every micro-batch (off the boundary it only counts it: engine.py ``step``).
+
+    trainer_loop: the HF Trainer's step (transformers Trainer.training_step -> accelerate Accelerator.backward ->
+    DeepSpeedEngineWrapper.backward): ``engine.set_gradient_accumulation_boundary``, ``engine.backward(loss,
+    scale_wrt_gas=False)`` (the Trainer turns DeepSpeed's division by the accumulation steps off) and, at the
+    boundary, ``engine.step()`` inside the same call, while training_step still holds its loss."""
+    accum = training.grad_accum
     meter.start_step()
     start = time.perf_counter()
-    with meter.phase("forward"):
-        loss = forward_loss(engine, spec, batch)
-    with meter.phase("backward"):
-        engine.backward(loss)
-        del loss
+    for k in range(1, accum + 1):
+        micro_batch = k if accum > 1 else None
+        with meter.phase("forward", micro_batch):
+            loss = forward_loss(engine, spec, batch)
+        with meter.phase("backward", micro_batch):
+            if training.trainer_loop:
+                engine.set_gradient_accumulation_boundary(k == accum)
+                engine.backward(loss, scale_wrt_gas=False)
+            else:
+                engine.backward(loss)
+                del loss
+                if k < accum:
+                    engine.step()
     with meter.phase("optimizer"):
         engine.step()
         meter.mark_optimizer(engine.optimizer)
+        if training.trainer_loop:
+            del loss
     summary = meter.end_step()
     summary["time_s"] = round(time.perf_counter() - start, 6)
     return summary
@@ -180,7 +201,10 @@ def measure_zero(spec, method, training, steps, policy) -> dict:
     from measure.fake import build_meta_model, materialize_fake, real_cpu_kernel_dtypes, real_input_semantics
 
     if training.offload != "none":
-        raise NotImplementedError(f"the harness traces DeepSpeed ZeRO without offload, not offload {training.offload}")
+        # the engine runs (the client torch optimizer over the host partitions, zero_force_ds_cpu_optimizer false),
+        # but on DeepSpeed's CPU accelerator its device and its pinned host copies are the same kind of CPU tensor
+        raise NotImplementedError(f"offload {training.offload}: on DeepSpeed's CPU accelerator the device is the CPU, so "
+                                  "the trace cannot tell the partitions ZeRO-Offload keeps in host memory from device memory")
     t0 = time.perf_counter()
     with launcher_environment(training.gpus), fake_process_group(training.gpus), _fresh_deepspeed_groups():
         import deepspeed
@@ -203,7 +227,7 @@ def measure_zero(spec, method, training, steps, policy) -> dict:
             meter.register(model, batch)
             load_bytes = tracer.live_bytes
             t1 = time.perf_counter()
-            step_rows = [{"step": i + 1, **zero_train_step(engine, spec, batch, meter)} for i in range(steps)]
+            step_rows = [{"step": i + 1, **zero_train_step(engine, spec, batch, meter, training)} for i in range(steps)]
         measured = _measured(step_rows, meter.source, model_bytes, load_bytes)
         measured.update(meter.details(step_rows))
         _drop_private(step_rows)

@@ -20,10 +20,11 @@ from peftcalc.model_states import (ModelStates, buffer_bytes, clip_grad_norm_byt
                                    model_states)
 from peftcalc.plan import Plan
 from peftcalc.settings import DTYPE_BYTES, TrainingSettings
-from peftcalc.sim.profile import stream_dtypes
+from peftcalc.sim.profile import engine_cast, stream_dtypes
 
 __all__ = ["ALLOCATOR_SLACK_FRACTION", "COMPONENTS", "CUDA_CONTEXT_BYTES", "GradientArrival", "Timeline",
-           "gradient_arrival", "input_bytes", "peak_event", "reserved_bytes", "step_events", "timeline"]
+           "accumulating_step_events", "gradient_arrival", "input_bytes", "peak_event", "reserved_bytes", "step_events",
+           "tied_embedding_addends", "timeline"]
 
 
 # Names of the components, in display order.
@@ -124,11 +125,11 @@ class GradientArrival:
 
 
 def gradient_arrival(plan: Plan, t: TrainingSettings) -> GradientArrival:
-    return _gradient_arrival(plan, t.precision)
+    return _gradient_arrival(plan, t.precision, engine_cast(t))
 
 
 @lru_cache(maxsize=4096)
-def _gradient_arrival(plan: Plan, precision: str) -> GradientArrival:
+def _gradient_arrival(plan: Plan, precision: str, cast: bool = False) -> GradientArrival:
     layout = build_layout(plan.spec)
     weight_dtype = stream_dtypes(plan, TrainingSettings(precision=precision))[0]
     # the input side: embeddings, and a VLM's projector and vision tower (below the language model)
@@ -143,7 +144,7 @@ def _gradient_arrival(plan: Plan, precision: str) -> GradientArrival:
     for g in plan.groups:
         if not g.trainable or g.name in gradient_free(plan):
             continue
-        nbytes = g.numel * DTYPE_BYTES[group_dtype(plan, g.origin, weight_dtype, g.name)]
+        nbytes = g.numel * DTYPE_BYTES[group_dtype(plan, g.origin, weight_dtype, g.name, cast)]
         if g.layer is not None:
             per[g.layer] += nbytes
         elif g.origin in ("prefix", "prompt") or any(_under(g.name, p) for p in input_prefixes):
@@ -216,6 +217,14 @@ def step_events(plan: Plan, t: TrainingSettings) -> tuple:
     return tuple(_step_events(plan, t, activation_profile(plan, t), ms, input_bytes(plan, t), gradient_arrival(plan, t)))
 
 
+@lru_cache(maxsize=1024)
+def accumulating_step_events(plan: Plan, t: TrainingSettings) -> tuple:
+    """The events of a micro-batch after the first of a gradient-accumulation step (`t.grad_accum` > 1) for one
+    GPU, as step_events gives them: what peftcalc.sharding.zero rewrites for ZeRO-1 (read only: cached)."""
+    act = activation_profile(plan, t)
+    return tuple(_accumulating_events(plan, t, act, model_states(plan, t), input_bytes(plan, t), gradient_arrival(plan, t)))
+
+
 def _clipped(t: TrainingSettings, ms: ModelStates, events: list) -> list:
     """TrainingSettings.max_grad_norm: torch.nn.utils.clip_grad_norm_ runs before the optimizer step, on
     the gradients of the last micro-batch (an event "optimizer:clip": the optimizer step's memory without
@@ -260,7 +269,7 @@ def _accumulating_events(plan: Plan, t: TrainingSettings, act: ActivationProfile
     StepContext.accumulating: the new gradient is a buffer until its AccumulateGrad has run). At the
     embeddings' backward the new gradient of an input-side parameter (the token embedding's dense
     vocab x hidden one) is a temporary beside the gradient of their output; a tied embedding's two
-    gradients are summed out of place (_tied_embedding_accumulation) and the sum, a third vocab x hidden
+    gradients are summed out of place (tied_embedding_addends) and the sum, a third vocab x hidden
     tensor, then added into the .grad."""
     held = grads.total + _cls_token_gradient_storage(plan, t)
     none_yet = GradientArrival(grads.head_pending, (0,) * len(grads.per_layer), 0, grads.head_pending)
@@ -268,7 +277,7 @@ def _accumulating_events(plan: Plan, t: TrainingSettings, act: ActivationProfile
     out = []
     for name, _, parts in events:
         if name == "backward:end":
-            tied = _tied_embedding_accumulation(plan, t)
+            tied = tied_embedding_addends(plan, t)
             new_grad = max(tied + tied // 2, act.embedding_grad + grads.input_largest)
             parts = dict(parts, gradients=held, temporaries=parts["temporaries"] - max(tied, act.embedding_grad)
                          + new_grad)
@@ -331,7 +340,7 @@ def _step_events(plan: Plan, t: TrainingSettings, act: ActivationProfile, ms: Mo
                                      logits_loss=act.loss_backward_peak - act.loss_saved_backward + act.loss_scalars,
                                      temporaries=act.checkpoint_kwargs)),
     ]
-    tied = _tied_embedding_accumulation(plan, t)
+    tied = tied_embedding_addends(plan, t)
     gradients = grads.total + _cls_token_gradient_storage(plan, t)
     if ckpt and all(wrapped):
         events += _checkpointed_backward(plan, act, grads, base, kept_per_layer, remaining, t.checkpoint_reentrant)
@@ -346,7 +355,7 @@ def _step_events(plan: Plan, t: TrainingSettings, act: ActivationProfile, ms: Mo
     kwargs_to_end = act.checkpoint_kwargs if ckpt and t.checkpoint_reentrant else 0
     events += [
         # the embeddings' backward: their parameters' gradients are made while the gradient of their output
-        # is alive; a tied embedding's two gradients are then summed (_tied_embedding_accumulation)
+        # is alive; a tied embedding's two gradients are then summed (tied_embedding_addends)
         _event("backward:end", dict(base, activations=_saved_at_embeddings_backward(act, tied), gradients=gradients,
                                     temporaries=max(tied, act.embedding_grad) + act.loss_scalars + kwargs_to_end)),
         _event("optimizer", dict(weights, inputs=inputs, gradients=gradients, temporaries=ms.optimizer_temporaries,
@@ -516,13 +525,13 @@ def _cls_token_gradient_storage(plan: Plan, t: TrainingSettings) -> int:
                   and g.name not in gradient_free(plan)), None)
     if group is None:
         return 0
-    nbytes = DTYPE_BYTES[group_dtype(plan, group.origin, stream_dtypes(plan, t)[0], group.name)]
+    nbytes = DTYPE_BYTES[group_dtype(plan, group.origin, stream_dtypes(plan, t)[0], group.name, engine_cast(t))]
     return (spec.vision_seq_len - 1) * spec.hidden_size * nbytes
 
 
 def _saved_at_embeddings_backward(act: ActivationProfile, tied: int) -> int:
     """The saved tensors alive at the embeddings' backward (ActivationProfile.lookup_saved: the lookups'
-    indices). When a tied embedding's two gradients are summed (_tied_embedding_accumulation) there are
+    indices). When a tied embedding's two gradients are summed (tied_embedding_addends) there are
     none: the word embedding's lookup is the embeddings' first op (GPT2Model.forward's wte before wpe,
     BertEmbeddings / RobertaEmbeddings.forward's word_embeddings before token types and positions), so
     its EmbeddingBackward is the last node to run and every other lookup has released its indices (traced,
@@ -567,7 +576,7 @@ def _partly_checkpointed_backward(plan: Plan, act: ActivationProfile, grads: Gra
     return events
 
 
-def _tied_embedding_accumulation(plan: Plan, t: TrainingSettings) -> int:
+def tied_embedding_addends(plan: Plan, t: TrainingSettings) -> int:
     """A trainable tied embedding gets two gradients: the lm_head's, early in backward, held in its
     AccumulateGrad node's input buffer (GradientArrival.head_pending), and the lookup's dense gradient
     at the end (embedding_dense_backward), which InputBuffer::add (torch/csrc/autograd/input_buffer.cpp)

@@ -14,7 +14,7 @@ from peftcalc.plan import Plan
 from peftcalc.settings import (DTYPE_BYTES, EIGHT_BIT_OPTIMIZERS, ONE_STATE_OPTIMIZERS, PAGED_OPTIMIZERS,
                                TrainingSettings)
 from peftcalc.methods.sites import quantized_paths
-from peftcalc.sim.profile import stream_dtypes
+from peftcalc.sim.profile import engine_cast, stream_dtypes
 from peftcalc.families import kept_in_fp32
 
 __all__ = ["BNB_QUANTIZATION_MAPS", "ModelStates", "buffer_bytes", "gradient_free", "group_dtype", "model_states",
@@ -75,12 +75,15 @@ def gradient_free(plan: Plan) -> frozenset:
     return frozenset(g.name for g in plan.groups if g.trainable and any(g.name.startswith(p + ".") for p in unused))
 
 
-def group_dtype(plan: Plan, origin: str, ctx_weight: str, name: str = "") -> str:
+def group_dtype(plan: Plan, origin: str, ctx_weight: str, name: str = "", cast: bool = False) -> str:
     """Storage dtype of a parameter by origin: base weights in the policy's weight dtype, except those
     from_pretrained keeps in fp32 (families.kept_in_fp32: BLIP-2's Q-Former and query tokens under fp16);
     peft's adapters (LoRA, DoRA, IA3) in fp32 (peft autocast_adapter_dtype=True upcasts bf16/fp16
     adapters); the prompt encoders in fp32 (created as nn.Embedding and never cast); bottleneck
-    adapters and the modules_to_save copy in the base dtype."""
+    adapters and the modules_to_save copy in the base dtype. `cast`: every parameter in `ctx_weight`, the
+    dtype a DeepSpeed engine cast the model to (peftcalc.sim.profile.engine_cast)."""
+    if cast:
+        return ctx_weight
     if origin in ("lora", "dora", "ia3", "prefix", "prompt"):
         return "float32"
     if origin == "base" and kept_in_fp32(plan.spec, name, ctx_weight):
@@ -206,7 +209,7 @@ def _model_states(plan: Plan, t: TrainingSettings) -> ModelStates:
     quantized_modules = quantized_paths(plan)
     at_32_bits = trainer_embeddings_at_32_bits(plan, t)
     for g in plan.groups:
-        dtype = group_dtype(plan, g.origin, weight_dtype, g.name)
+        dtype = group_dtype(plan, g.origin, weight_dtype, g.name, engine_cast(t))
         if g.name.rsplit(".", 1)[0] in quantized_modules:
             # the bias of a Linear4bit ends up in bnb_4bit_compute_dtype whatever it was loaded or upcast
             # to: Linear4bit.forward runs ``bias.data = bias.data.to(x.dtype)`` after casting x to the

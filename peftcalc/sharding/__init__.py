@@ -25,6 +25,7 @@ __all__ = ["RankMemory", "SHARDED_COMPONENTS", "check_sharding", "rank_memory", 
 SHARDED_COMPONENTS = COMPONENTS + FSDP_COMPONENTS + ("gradient_buckets",) + ZERO_COMPONENTS
 EVENTS = {"fsdp": fsdp_events, "hsdp": fsdp_events, "ddp": ddp_events, "zero1": zero_events, "zero2": zero_events}
 FSDP2 = ("fsdp", "hsdp")
+ZERO = ("zero1", "zero2")
 # transformers Trainer._inner_training_loop runs every micro-batch but the last under accelerate's
 # Accelerator.no_sync, which under FSDP2 calls FSDPModule.set_requires_gradient_sync(False): each block keeps its
 # unsharded gradients (FSDPParam.unsharded_accumulated_grad) to the last micro-batch, unless
@@ -48,9 +49,9 @@ class RankMemory:
 
 def check_sharding(plan: Plan, t: TrainingSettings) -> None:
     """CombinationError unless the strategy (and this calculator's model of it) runs `plan` under `t`."""
-    recipe = [name for name, bad in (("grad_accum", t.grad_accum != 1 and t.sharding not in FSDP2), ("keep_outputs", t.keep_outputs),
-                                      ("max_grad_norm", t.max_grad_norm is not None and t.sharding not in FSDP2), ("loss", t.loss != "hf"),
-                                      ("trainer_loop", t.trainer_loop and t.sharding not in FSDP2 + ("ddp",))) if bad]
+    recipe = [name for name, bad in (("grad_accum", t.grad_accum != 1 and t.sharding not in FSDP2 + ZERO), ("keep_outputs", t.keep_outputs),
+                                      ("max_grad_norm", t.max_grad_norm is not None and t.sharding not in FSDP2 + ZERO), ("loss", t.loss != "hf"),
+                                      ("trainer_loop", t.trainer_loop and t.sharding not in FSDP2 + ("ddp",) + ZERO)) if bad]
     if recipe and t.sharding != "none":
         raise CombinationError(f"{recipe[0]} under sharding {t.sharding} is not modelled yet", names=(recipe[0], "sharding"))
     if t.trainer_loop and t.grad_accum > 1 and t.sharding in FSDP2:
@@ -95,12 +96,14 @@ def sharded_timeline(plan: Plan, t: TrainingSettings) -> tuple[Timeline, tuple]:
 
 def _peak_micro_batch(r: RankMemory, t: TrainingSettings) -> int | None:
     """Under grad_accum: 1 when the peak falls in micro-batch 1, 2 in the later ones (their events follow micro-batch
-    1's, the optimizer's last: fsdp._accumulated), None for a peak in the optimizer step or without accumulation."""
+    1's, the optimizer's last: fsdp._accumulated; micro-batch 2 starts with the first forward event after a backward
+    one: ZeRO-1's reduce events come after the last micro-batch only), None for a peak in the optimizer step or
+    without accumulation."""
     if t.grad_accum == 1 or r.peak_phase.startswith("optimizer"):
         return None
-    sizes = [b for _, b in r.events]
-    optimizer = sum(1 for n, _ in r.events if n.startswith("optimizer"))
-    return 1 if sizes.index(r.peak_bytes) < (len(sizes) - optimizer) // 2 else 2
+    names = [n for n, _ in r.events]
+    second = next(i for i in range(1, len(names)) if names[i].startswith("forward") and names[i - 1].startswith("backward"))
+    return 1 if [b for _, b in r.events].index(r.peak_bytes) < second else 2
 
 
 def wrapping_text(method: str, t: TrainingSettings) -> str:

@@ -87,6 +87,21 @@ def stream_dtypes(plan: Plan, t: TrainingSettings) -> tuple[str, str]:
     return t.weight_dtype, t.compute_dtype
 
 
+def engine_cast(t: TrainingSettings) -> bool:
+    """Whether the step runs on a model a DeepSpeed engine has cast to its precision's dtype, adapters included:
+    under bf16.enabled deepspeed/runtime/engine.py ``_configure_distributed_model`` ->
+    ``_cast_module_mixed_precision`` casts every floating parameter to bf16 (``p.data = p.data.to(param_dtype)``),
+    peft's fp32 adapters too. peftcalc.sharding.zero runs such a rank's one-GPU step as precision bf16 under its
+    ZeRO sharding (a bf16 model without bf16.enabled is refused there)."""
+    return t.precision == "bf16" and t.sharding in ("zero1", "zero2", "zero3")
+
+
+def adapter_dtype(t: TrainingSettings) -> str:
+    """The dtype of peft's adapters (LoRA, DoRA, IA3, prompt encoders): fp32 (peft autocast_adapter_dtype=True
+    upcasts bf16/fp16 adapters), or the model's where a DeepSpeed engine cast it (engine_cast)."""
+    return t.weight_dtype if engine_cast(t) else "float32"
+
+
 def make_ctx(spec: ModelSpec, plan: Plan, t: TrainingSettings) -> StepContext:
     """The StepContext of `plan` under `t`, for the model `spec` (a part's inside LLaVA or BLIP-2): its
     sequence (a vision model's patches; prompt tuning's virtual tokens added to the queries, prefix
@@ -100,7 +115,7 @@ def make_ctx(spec: ModelSpec, plan: Plan, t: TrainingSettings) -> StepContext:
     elif method == "prefix":
         kv_seq = seq + plan.settings.num_virtual_tokens
     weight, compute = stream_dtypes(plan, t)
-    adapter = "float32"  # peft autocast_adapter_dtype=True keeps adapters in fp32
+    adapter = adapter_dtype(t)
     return StepContext(
         batch=t.batch_size,
         seq=seq,

@@ -18,6 +18,8 @@ def test_deepspeed_config_is_the_defaults():
     bf16 = TrainingSettings(precision="mixed-bf16", gpus=8, sharding="zero3", offload="params")
     assert deepspeed_config(bf16)["bf16"] == {"enabled": True}
     assert deepspeed_config(bf16)["zero_optimization"]["offload_param"] == {"device": "cpu"}
+    recipe = TrainingSettings(gpus=8, sharding="zero1", grad_accum=4, max_grad_norm=1.0)
+    assert (deepspeed_config(recipe)["gradient_accumulation_steps"], deepspeed_config(recipe)["gradient_clipping"]) == (4, 1.0)
 
 
 def test_zero2_rank0_trace_equals_prediction(tiny):
@@ -47,3 +49,17 @@ def test_zero2_fused_adamw_with_checkpointing_trace_equals_prediction(tiny):
     m, p = row["measured"], row["predicted"]
     assert m["peak_bytes"] == p["peak_bytes"] == 2_001_773_940 and m["peak_phase"] == "backward"
     assert m["steps"][-1]["phases"]["optimizer"]["peak_bytes"] == 1_674_352
+
+
+def test_zero1_trainer_loop_with_accumulation_trace_equals_prediction(tiny):
+    """The HF Trainer's DeepSpeed step (engine.set_gradient_accumulation_boundary, engine.backward(loss,
+    scale_wrt_gas=False), engine.step() at the boundary while the loss is held) with gradient_accumulation_steps
+    2 under ZeRO-1, full fp32 at 3 ranks: micro-batch 2 runs beside the bucket and autograd's accumulated
+    gradients; traced 2,002,813,556 bytes in its backward."""
+    run = tiny("tiny-llama", method="full")
+    t = TrainingSettings(batch_size=2, seq_len=32, precision="fp32", optimizer="adamw", device="cpu", gpus=3,
+                         sharding="zero1", grad_accum=2, trainer_loop=True)
+    row = measure_one(run.spec, MethodSettings(method="full"), t, device="fake", steps=2)
+    assert row["outcome"] == "ok", row["error"]
+    m, p = row["measured"], row["predicted"]
+    assert m["peak_bytes"] == p["peak_bytes"] == 2_002_813_556

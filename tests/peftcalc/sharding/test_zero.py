@@ -104,12 +104,12 @@ def test_fused_adamw_traced_rank0():
 def test_fused_adamw_bf16_step_holds_the_flat_partition_and_its_fp32_copy():
     """bf16.enabled with fused AdamW, 3 ranks: the step's top (traced 1,297,520) is the flattened bf16
     partition (2 x 49,260) beside its fp32 copy (4 x 49,260), larger than the norm's fp64 piece (262,144);
-    the single-tensor AdamW's top is later, its two temporaries over the fp32 gradient (1,478,384 modelled,
-    1,478,392 traced)."""
+    the single-tensor AdamW's top is later, its two temporaries over the fp32 gradient (1,478,392 traced,
+    with two 4-byte scalars)."""
     p = 49_260
     fused = _optimizer_event(_t(gpus=3, sharding="zero2", precision="mixed-bf16", optimizer="adamw-fused"))
     assert fused == 1_297_520 == 2 * 147_780 + 64 + 512 + (8 * p + 4) + 4 * p + 2 * 57_344 + 6 * p + 12
-    assert _optimizer_event(_t(gpus=3, sharding="zero2", precision="mixed-bf16")) == 1_478_384
+    assert _optimizer_event(_t(gpus=3, sharding="zero2", precision="mixed-bf16")) == 1_478_392
 
 
 def test_gradient_checkpointing_traced_rank0():
@@ -130,18 +130,20 @@ def test_gradient_checkpointing_traced_rank0():
 def test_refused_in_one_line():
     with pytest.raises(CombinationError, match="zero3"):
         check_sharding(_plan(), _t(gpus=8, sharding="zero3"))
-    with pytest.raises(CombinationError, match="lora under mixed-bf16"):
-        check_sharding(_plan("lora"), _t(gpus=8, sharding="zero2", precision="mixed-bf16"))
-    with pytest.raises(CombinationError, match="trainable elements fill more than one"):
-        check_sharding(make_plan(load_spec("llama-3.2-1b"), MethodSettings(method="full")), _t(gpus=8, sharding="zero2"))
+    with pytest.raises(CombinationError, match="prompt under mixed-bf16"):
+        check_sharding(_plan("prompt"), _t(gpus=8, sharding="zero2", precision="mixed-bf16"))
+    with pytest.raises(CombinationError, match="several ZeRO reduce buckets with gradient checkpointing"):
+        check_sharding(make_plan(load_spec("llama-3.2-1b"), MethodSettings(method="full")),
+                       _t(gpus=8, sharding="zero2", grad_checkpointing=True))
 
 
 def test_bf16_enabled_traced_rank0():
     """bf16.enabled (precision mixed-bf16), full, 8 ranks: the engine casts the model to bf16 (flat buffer
     147,776 x 2), the bucket is bf16 (1,000,000,000 bytes), the master partition and AdamW's states stay fp32.
-    Traced: 1,000,949,176 bytes at the bucket's allocation; the model is 4 bytes short (one 0-dim fp32 tensor)."""
+    Traced: 1,000,949,176 bytes at the bucket's allocation (the engine's loss times its static loss scale, 1.0, is
+    a 0-dim fp32 tensor under bf16.enabled too)."""
     r = rank_memory(_plan(), _t(gpus=8, sharding="zero2", precision="mixed-bf16"), 0)
-    assert r.peak_bytes == 1_000_949_176 - 4
+    assert r.peak_bytes == 1_000_949_176
     parts = dict(r.components)
     assert (parts["weights_trainable"], parts["gradient_buckets"], parts["master_weights"]) == (
         2 * 147_776, 2 * REDUCE_BUCKET_SIZE, 4 * 18_472)
@@ -167,3 +169,133 @@ def test_deepspeed_json_routes_to_zero2(tmp_path):
     cfg.write_text("base_model: meta-llama/Llama-3.2-1B\ndeepspeed: ds.json\n")
     assert from_files(cfg).training["sharding"] == "zero2"
     assert rank_memory(_plan(), _t(gpus=8, sharding=from_files(cfg).training["sharding"]), 0).peak_bytes > 0
+
+
+def test_lora_under_bf16_enabled_casts_the_adapters():
+    """bf16.enabled with LoRA (r 8 on q, v): DeepSpeed's engine casts every parameter to bf16, the adapters
+    included (engine.py _cast_module_mixed_precision), so the flat buffer is 4,096 bf16 elements (8,192 bytes),
+    the master partition 512 fp32 elements at 8 ranks, the bucket 5e8 bf16 elements. Traced (fake process
+    group, 8 ranks): 1,000,528,856 bytes under ZeRO-2, 1,000,532,952 under ZeRO-1, both in the top block's
+    backward.
+    IA3 (traced 1,000,624,112 at 3 ranks) and bottleneck adapters (1,000,579,140) likewise; Llama-3.2-1B LoRA
+    b1 s1024 with fused AdamW at 8 ranks 5,362,266,392, in backward at the loss."""
+    t = _t(gpus=8, sharding="zero2", precision="mixed-bf16")
+    layout = zero_layout(_plan("lora"), t, 0)
+    assert (layout.padded * layout.nbytes, layout.partition) == (2 * 4_096, 512)
+    parts = dict(rank_memory(_plan("lora"), t, 0).components)
+    assert (parts["weights_trainable"], parts["master_weights"], parts["gradient_buckets"]) == (
+        2 * 4_096, 4 * 512, 2 * REDUCE_BUCKET_SIZE)
+    assert rank_memory(_plan("lora"), t, 0).peak_bytes == 1_000_528_856
+    assert rank_memory(_plan("lora"), _t(gpus=8, sharding="zero1", precision="mixed-bf16"), 0).peak_bytes == 1_000_532_952
+    three = _t(gpus=3, sharding="zero2", precision="mixed-bf16")
+    assert rank_memory(_plan("ia3"), three, 0).peak_bytes == 1_000_624_112
+    assert rank_memory(_plan("adapter"), three, 0).peak_bytes == 1_000_579_140
+    big = make_plan(load_spec("llama-3.2-1b"), MethodSettings(method="lora"))
+    fused = _t(gpus=8, sharding="zero2", precision="mixed-bf16", optimizer="adamw-fused", batch_size=1, seq_len=1024)
+    assert rank_memory(big, fused, 0).peak_bytes == 5_362_266_392
+
+
+def test_several_buckets_llama_1b_flushes_inside_layer_7():
+    """Llama-3.2-1B full fp32, ZeRO-2 at 8 ranks (1,235,814,400 trainable elements, more than the 5e8-element
+    bucket): backward's hooks fill the bucket with the final norm (2,048) and layers 15 to 8 (8 x 60,821,504:
+    486,574,080 elements); layer 7's down_proj (16,777,216 elements) overflows it, so its hook flushes: the
+    bucket's gradients flattened (the traced aten.cat of 486,574,080 fp32 elements, 1,946,296,320 bytes) beside
+    the bucket, with down_proj's gradient (67,108,864 bytes) not yet copied. Layers 7 to 0 (486,572,032) fill it
+    again and the tied embedding's hook (262,668,288 elements) flushes a second time; the epilogue flushes the
+    embedding. Traced rank 0 (b1 s1024, two steps): 13,515,260,184 bytes at the first flush, as modelled: the
+    fp32 weights, rotary buffer, inputs, AdamW's states over the 154,476,800-element partition and its step, the
+    master partition, the bucket, the flattened copy, down_proj's gradient, the activations saved below and in
+    layer 7 at that moment (1,612,251,136) and layer 7's gradient buffers and the engine's scalars."""
+    big = make_plan(load_spec("llama-3.2-1b"), MethodSettings(method="full"))
+    t = _t(gpus=8, sharding="zero2", batch_size=1, seq_len=1024)
+    flushes = [e for e in zero_events(big, t, 0) if e[0] == "backward:flush"]
+    assert len(flushes) == 2
+    r = rank_memory(big, t, 0)
+    assert (r.peak_bytes, r.peak_phase) == (13_515_260_184, "backward:flush")
+    parts = dict(r.components)
+    p = 1_235_814_400 // 8
+    assert parts["weights_trainable"] == 4 * 1_235_814_400 and parts["master_weights"] == 4 * p
+    assert parts["optimizer_states"] == 8 * p + 4 and parts["unsharded_gradients"] == 4 * 2_048 * 8_192
+    assert parts["activations"] == 1_612_251_136
+    # the tracer's "other" at the peak (5,723,928,596): the bucket, the master partition, the flattened copy with
+    # layer 7's gradient buffers and the scalars, and down_proj's gradient
+    assert (4 * REDUCE_BUCKET_SIZE + parts["master_weights"] + parts["temporaries"] + parts["unsharded_gradients"]
+            == 5_723_928_596)
+    assert parts["temporaries"] >= 4 * (2_048 + 8 * 60_821_504)
+
+
+def test_gradient_clipping_adds_nothing_at_the_peak():
+    """gradient_clipping 1.0 (max_grad_norm, the HF Trainer's default): stage_1_and_2.py unscale_and_clip_grads
+    scales the fp32 partition's gradient in place with a few 0-dim tensors. Traced, full fp32 at 3 ranks: the same
+    peaks as without clipping, 2,002,025,848 (ZeRO-1) and 2,001,960,312 (ZeRO-2), and the same step phase."""
+    for sharding, traced in (("zero1", 2_002_025_848), ("zero2", 2_001_960_312)):
+        clipped = rank_memory(_plan(), _t(gpus=3, sharding=sharding, max_grad_norm=1.0), 0)
+        assert clipped.peak_bytes == traced == rank_memory(_plan(), _t(gpus=3, sharding=sharding), 0).peak_bytes
+
+
+def test_gradient_accumulation_traced_rank0():
+    """gradient_accumulation_steps 2, full fp32 at 3 ranks. ZeRO-2 reduces every micro-batch, so from micro-batch 2
+    on grads_in_partition (rank 0 overlaps 57,344 elements: 229,376 bytes) is held: the traced peak 2,002,189,688
+    is the one-step peak 2,001,960,312 plus it. ZeRO-1 reduces at the boundary only: micro-batch 2 starts with the
+    bucket micro-batch 1's first hook made and autograd's fp32 gradients (591,104 bytes) beside micro-batch 1's
+    forward (2,092,416): traced forward@2 2,002,683,520; its peak 2,002,813,560 is the loss's backward."""
+    zero2 = rank_memory(_plan(), _t(gpus=3, sharding="zero2", grad_accum=2), 0)
+    assert zero2.peak_bytes == 2_002_189_688 == 2_001_960_312 + 4 * 57_344
+    events = zero_events(_plan(), _t(gpus=3, sharding="zero1", grad_accum=2), 0)
+    forwards = [b for name, b, _ in events if name == "forward"]
+    assert forwards[1] == 2_002_683_520 == forwards[0] + 4 * REDUCE_BUCKET_SIZE + 591_104
+    assert rank_memory(_plan(), _t(gpus=3, sharding="zero1", grad_accum=2), 0).peak_bytes == 2_002_813_560
+
+
+def test_trainer_loop_traced_rank0():
+    """The HF Trainer's step under DeepSpeed: training_step passes scale_wrt_gas=False (no loss / gas scalar: 4
+    bytes less through backward) and accelerate's DeepSpeedEngineWrapper.backward runs engine.step() while the
+    Trainer holds its loss (4 bytes more in the step). Traced ZeRO-1 full fp32 at 3 ranks with clipping:
+    2,002,025,844 (the engine's own loop: 2,002,025,848), step 1,773,956 (1,773,952)."""
+    t = _t(gpus=3, sharding="zero1", trainer_loop=True, max_grad_norm=1.0)
+    check_sharding(_plan(), t)
+    assert rank_memory(_plan(), t, 0).peak_bytes == 2_002_025_844
+    plain = _optimizer_event(_t(gpus=3, sharding="zero1"))
+    assert _optimizer_event(t) == plain + 4
+
+
+WIDE = dict(TINY, vocab_size=7_812_400, tie_word_embeddings=False)  # embedding and lm_head of 499,993,600 elements
+
+
+def test_several_buckets_at_the_embedding_hook_and_in_reduce_gradients():
+    """tiny-llama with a 7,812,400-token vocabulary (1,000,069,440 trainable elements), b1 s4, fp32, traced rank 0.
+    ZeRO-2 at 8 ranks: the lm_head fills the bucket, layer 1's down_proj overflows it (first flush), layers 1
+    and 0 (2 x 41,088 elements) refill it and the embedding's hook flushes them: 9,500,685,144 bytes traced,
+    the fp32 weights, AdamW's states over the 125,008,680-element partition and its step, the master partition,
+    the bucket, the embedding's gradient not yet copied (1,999,974,400) and the 82,176 flattened elements.
+    ZeRO-1 at 2 ranks: reduce_gradients walks the parameters in order after backward; its second flush (78,144
+    elements, before the lm_head) runs beside grads_in_partition (500,038,784 elements: the embedding, layer 0
+    and layer 1's q_proj overlap rank 0's 500,034,720), which the first made, and the lm_head's gradient, not yet
+    copied: 16,001,136,628 bytes traced."""
+    plan = make_plan(load_spec(dict(WIDE)), MethodSettings(method="full"))
+    zero2 = rank_memory(plan, _t(gpus=8, sharding="zero2", batch_size=1, seq_len=4), 0)
+    p = 125_008_680
+    assert (zero2.peak_bytes, zero2.peak_phase) == (9_500_685_144, "backward:flush")
+    parts = dict(zero2.components)
+    assert parts["unsharded_gradients"] == 4 * 499_993_600 and parts["optimizer_states"] == 8 * p + 4
+    assert parts["temporaries"] - 4 * 2 * 41_088 == 20  # the engine's scalars
+    zero1 = rank_memory(plan, _t(gpus=2, sharding="zero1", batch_size=1, seq_len=4), 0)
+    assert (zero1.peak_bytes, zero1.peak_phase) == (16_001_136_628, "backward:reduce")
+    parts = dict(zero1.components)
+    assert parts["gradient_partition"] == 4 * (499_993_600 + 41_088 + 4_096)
+    assert parts["unsharded_gradients"] == 4 * 499_993_600 and parts["temporaries"] == 4 * 78_144 + 8
+
+
+def test_flush_at_a_tied_embedding_hook():
+    """One block with a 499,968,000-element MLP (intermediate 2,604,000) and a tied 512 x 64 embedding, b1 s4, fp32,
+    ZeRO-2 at 8 ranks (500,017,344 trainable elements): the final norm and the block fill the bucket with
+    499,984,576 elements, and the embedding's hook (its .grad the sum of the head's and the lookup's gradients,
+    131,072 bytes; the two addends gone) flushes them: the traced aten.cat of 499,984,576 fp32 elements beside
+    the bucket. Traced rank 0: 6,750,164,888 bytes."""
+    tied = dict(TINY, num_hidden_layers=1, intermediate_size=2_604_000, tie_word_embeddings=True)
+    plan = make_plan(load_spec(tied), MethodSettings(method="full"))
+    r = rank_memory(plan, _t(gpus=8, sharding="zero2", batch_size=1, seq_len=4), 0)
+    p = 500_017_344 // 8
+    assert (r.peak_bytes, r.peak_phase) == (6_750_164_888, "backward:flush")
+    assert r.peak_bytes == (4 * 500_017_344 + 64 + 32 + (8 * p + 4) + 4 * p + 4 * REDUCE_BUCKET_SIZE
+                            + 4 * 499_984_576 + 20 + 4 * 512 * 64)
