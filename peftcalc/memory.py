@@ -23,7 +23,7 @@ from peftcalc.settings import DTYPE_BYTES, TrainingSettings
 from peftcalc.sim.profile import stream_dtypes
 
 __all__ = ["ALLOCATOR_SLACK_FRACTION", "COMPONENTS", "CUDA_CONTEXT_BYTES", "GradientArrival", "Timeline",
-           "gradient_arrival", "input_bytes", "peak_event", "reserved_bytes", "step_events", "timeline"]
+           "gradient_arrival", "input_bytes", "kept_output_bytes", "loop_events", "peak_event", "reserved_bytes", "step_events", "timeline"]
 
 
 # Names of the components, in display order.
@@ -178,34 +178,45 @@ def peak_event(events: list) -> tuple:
 @lru_cache(maxsize=4096)
 def timeline(plan: Plan, t: TrainingSettings) -> Timeline:
     """Events of one training step; the steady state has optimizer states alive from the start."""
-    ms = model_states(plan, t)
-    inputs = input_bytes(plan, t)
-    grads = gradient_arrival(plan, t)
+    events, first, steps = loop_events(plan, t)
     if t.grad_accum == 1:
-        act = activation_profile(plan, t)
-        events = _clipped(t, ms, _kept_outputs(plan, t, act, _step_events(plan, t, act, ms, inputs, grads)))
         named = events
     else:
-        act = activation_profile(plan, replace(t, grad_accum=1))
-        first = _clipped(t, ms, _kept_outputs(plan, t, act, _step_events(plan, t, act, ms, inputs, grads)))
-        act = activation_profile(plan, replace(t, grad_accum=2))
-        later = _kept_outputs(plan, t, act, _accumulating_events(plan, t, act, ms, inputs, grads))
-        steps = 2 if t.max_grad_norm is not None else 1  # the optimizer step's events (clipping's first)
-        events = first[:-steps] + later + first[-steps:]
-        named = ([(f"micro-batch 1 {n}", b, p) for n, b, p in first[:-steps]]
-                 + [(f"micro-batch 2-{t.grad_accum} {n}", b, p) for n, b, p in later] + first[-steps:])
+        named = ([(f"micro-batch 1 {n}", b, p) for n, b, p in events[:first - steps]]
+                 + [(f"micro-batch 2-{t.grad_accum} {n}", b, p) for n, b, p in events[first - steps:-steps]]
+                 + list(events[-steps:]))
     name, total, parts = peak_event(events)
     micro_batch = None
     if t.grad_accum > 1 and not name.startswith("optimizer"):
-        micro_batch = 1 if events.index(max(events, key=lambda e: e[1])) < len(first) - steps else 2
+        micro_batch = 1 if events.index(max(events, key=lambda e: e[1])) < first - steps else 2
     return Timeline(
         events=tuple((n, b) for n, b, _ in named),
         peak_bytes=total,
         peak_phase=name,
         components=_components(parts),
-        step1_peak_bytes=_step1_peak(events, ms),
+        step1_peak_bytes=_step1_peak(list(events), model_states(plan, t)),
         peak_micro_batch=micro_batch,
     )
+
+
+@lru_cache(maxsize=1024)
+def loop_events(plan: Plan, t: TrainingSettings) -> tuple[tuple, int, int]:
+    """The whole optimizer step of the loop `t` describes, on one GPU, as (events, how many of them micro-batch 1
+    and the optimizer step make, how many the optimizer step makes): micro-batch 1's forward and backward, those
+    of micro-batches 2..N under grad_accum (_accumulating_events), then clipping (max_grad_norm) and the
+    optimizer step, with the outputs held through backward under keep_outputs (read only: the tuple is cached;
+    what peftcalc.sharding.ddp adds its buckets to)."""
+    ms = model_states(plan, t)
+    inputs = input_bytes(plan, t)
+    grads = gradient_arrival(plan, t)
+    act = activation_profile(plan, replace(t, grad_accum=1)) if t.grad_accum > 1 else activation_profile(plan, t)
+    first = _clipped(t, ms, _kept_outputs(plan, t, act, _step_events(plan, t, act, ms, inputs, grads)))
+    steps = 2 if t.max_grad_norm is not None else 1  # the optimizer step's events (clipping's first)
+    if t.grad_accum == 1:
+        return tuple(first), len(first), steps
+    act = activation_profile(plan, replace(t, grad_accum=2))
+    later = _kept_outputs(plan, t, act, _accumulating_events(plan, t, act, ms, inputs, grads))
+    return tuple(first[:-steps] + later + first[-steps:]), len(first), steps
 
 
 @lru_cache(maxsize=1024)
@@ -241,12 +252,19 @@ def _kept_outputs(plan: Plan, t: TrainingSettings, act: ActivationProfile, event
     x text hidden in the compute dtype, which masked_scatter does not save)."""
     if not t.keep_outputs:
         return events
+    kept = kept_output_bytes(plan, t, act)
+    return [_event(n, dict(p, logits_loss=p.get("logits_loss", 0) + kept)) if n.startswith("backward") else (n, b, p)
+            for n, b, p in events]
+
+
+def kept_output_bytes(plan: Plan, t: TrainingSettings, act: ActivationProfile) -> int:
+    """What the outputs the loop keeps (TrainingSettings.keep_outputs, _kept_outputs) hold beyond what backward
+    saves: the logits, a bare encoder's last hidden state, LLaVA's projected image features too."""
     kept = act.model_output if plan.spec.task == "base" else act.logits_bytes
     if plan.spec.is_vlm:
         kept += t.batch_size * plan.spec.image_tokens * plan.spec.text.hidden_size * DTYPE_BYTES[
             t.autocast_dtype or stream_dtypes(plan, t)[1]]
-    return [_event(n, dict(p, logits_loss=p.get("logits_loss", 0) + kept)) if n.startswith("backward") else (n, b, p)
-            for n, b, p in events]
+    return kept
 
 
 def _accumulating_events(plan: Plan, t: TrainingSettings, act: ActivationProfile, ms: ModelStates, inputs: int,
