@@ -22,8 +22,8 @@ from peftcalc.plan import Plan
 from peftcalc.settings import DTYPE_BYTES, TrainingSettings
 from peftcalc.sim.profile import stream_dtypes
 
-__all__ = ["ALLOCATOR_SLACK_FRACTION", "COMPONENTS", "CUDA_CONTEXT_BYTES", "GradientArrival", "Timeline",
-           "gradient_arrival", "input_bytes", "kept_output_bytes", "loop_events", "peak_event", "reserved_bytes", "step_events", "timeline"]
+__all__ = ["ALLOCATOR_SLACK_FRACTION", "COMPONENTS", "CUDA_CONTEXT_BYTES", "GradientArrival", "Timeline", "gradient_arrival",
+           "input_bytes", "kept_output_bytes", "loop_events", "peak_event", "reserved_bytes", "step_events", "timeline"]
 
 
 # Names of the components, in display order.
@@ -179,24 +179,16 @@ def peak_event(events: list) -> tuple:
 def timeline(plan: Plan, t: TrainingSettings) -> Timeline:
     """Events of one training step; the steady state has optimizer states alive from the start."""
     events, first, steps = loop_events(plan, t)
-    if t.grad_accum == 1:
-        named = events
-    else:
-        named = ([(f"micro-batch 1 {n}", b, p) for n, b, p in events[:first - steps]]
-                 + [(f"micro-batch 2-{t.grad_accum} {n}", b, p) for n, b, p in events[first - steps:-steps]]
-                 + list(events[-steps:]))
+    named = events if t.grad_accum == 1 else (
+        [(f"micro-batch 1 {n}", b, p) for n, b, p in events[:first - steps]]
+        + [(f"micro-batch 2-{t.grad_accum} {n}", b, p) for n, b, p in events[first - steps:-steps]] + list(events[-steps:]))
     name, total, parts = peak_event(events)
     micro_batch = None
     if t.grad_accum > 1 and not name.startswith("optimizer"):
         micro_batch = 1 if events.index(max(events, key=lambda e: e[1])) < first - steps else 2
-    return Timeline(
-        events=tuple((n, b) for n, b, _ in named),
-        peak_bytes=total,
-        peak_phase=name,
-        components=_components(parts),
-        step1_peak_bytes=_step1_peak(list(events), model_states(plan, t)),
-        peak_micro_batch=micro_batch,
-    )
+    return Timeline(events=tuple((n, b) for n, b, _ in named), peak_bytes=total, peak_phase=name,
+                    components=_components(parts), step1_peak_bytes=_step1_peak(list(events), model_states(plan, t)),
+                    peak_micro_batch=micro_batch)
 
 
 @lru_cache(maxsize=1024)
@@ -206,10 +198,8 @@ def loop_events(plan: Plan, t: TrainingSettings) -> tuple[tuple, int, int]:
     of micro-batches 2..N under grad_accum (_accumulating_events), then clipping (max_grad_norm) and the
     optimizer step, with the outputs held through backward under keep_outputs (read only: the tuple is cached;
     what peftcalc.sharding.ddp adds its buckets to)."""
-    ms = model_states(plan, t)
-    inputs = input_bytes(plan, t)
-    grads = gradient_arrival(plan, t)
-    act = activation_profile(plan, replace(t, grad_accum=1)) if t.grad_accum > 1 else activation_profile(plan, t)
+    ms, inputs, grads = model_states(plan, t), input_bytes(plan, t), gradient_arrival(plan, t)
+    act = activation_profile(plan, replace(t, grad_accum=1))
     first = _clipped(t, ms, _kept_outputs(plan, t, act, _step_events(plan, t, act, ms, inputs, grads)))
     steps = 2 if t.max_grad_norm is not None else 1  # the optimizer step's events (clipping's first)
     if t.grad_accum == 1:
