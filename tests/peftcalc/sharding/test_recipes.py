@@ -51,6 +51,22 @@ def test_traced_rank0(method, kw, peak, step1):
     assert (r.peak_bytes, r.step1_peak_bytes) == (peak, step1)
 
 
+@pytest.mark.parametrize("model, method, kw, peak, phase", [
+    # dist.toml's tiny-llama-v4k (tiny-llama with a 4,096-token vocabulary) and Llama-3.2-1B: the chunked loss's
+    # root unshard, after the loss's backward, is the peak (FSDP2 and HSDP rank 0, traced)
+    ("v4k", "full", dict(gpus=3, loss="chunked"), 8_326_868, "backward:unshard"),
+    ("v4k", "lora", dict(gpus=8, gpus_per_node=4, sharding="hsdp", precision="bf16", optimizer="adamw-fused",
+                         loss="chunked"), 3_246_088, "backward:unshard"),
+    ("v4k", "full", dict(gpus=3, loss="chunked", reshard_after_forward=False), 7_629_292, "backward:head"),
+    ("llama-3.2-1b", "lora", dict(gpus=8, precision="bf16", optimizer="adamw-fused", loss="chunked", batch_size=1,
+                                  seq_len=1024), 3_137_078_280, "backward:unshard"),
+])
+def test_traced_loss_outside_the_root(model, method, kw, peak, phase):
+    spec = load_spec(dict(TINY, vocab_size=4096)) if model == "v4k" else load_spec(model)
+    r = rank_memory(make_plan(spec, MethodSettings(method=method)), _t(**kw), 0)
+    assert (r.peak_bytes, r.peak_phase) == (peak, phase)
+
+
 def test_kept_outputs_add_the_logits_to_every_backward_event():
     """Under FSDP2 the outputs are held from the model's return until loss.backward() returns, which runs the
     root's unshard and its final reduce-scatter too: b x s x vocab x 4 = 131,072 bytes more at each backward
