@@ -114,7 +114,9 @@ def _peak_micro_batch(r: RankMemory, t: TrainingSettings) -> int | None:
 def wrapping_text(method: str, t: TrainingSettings) -> str:
     """How the model is assumed to be wrapped, one sentence for the estimate's output ('' on one GPU)."""
     if t.sharding == "ddp":
-        return "DDP with its defaults (bucket_cap_mb 25, gradient_as_bucket_view off)"
+        return "DDP with its defaults (bucket_cap_mb 25, gradient_as_bucket_view off)" + (
+            "; every micro-batch but the last under no_sync, as the HF Trainer runs them: the gradients accumulate in "
+            ".grad, the buckets exist all along" if t.grad_accum > 1 else "")
     if t.sharding not in ("fsdp", "hsdp"):
         return ""
     text = ("FSDP2 wrapping assumed: fully_shard on every transformer block, then on the root (embeddings, final "
