@@ -169,14 +169,14 @@ def train_step(model, spec, batch, optimizer, policy, device, meter, scaler=None
     start = time.perf_counter()
     for k in range(1, accum + 1):
         micro_batch = k if accum > 1 else None
-        with meter.phase("forward", micro_batch):
+        with _unsynced(model, k < accum), meter.phase("forward", micro_batch):
             with autocast_context(policy, device), offload.hooks() if offload is not None else contextlib.nullcontext():
                 if recipe is not None and (keep or recipe.loss != "hf"):
                     loss, outputs = model_loss(model, spec, batch, recipe.loss, recipe.loss_chunks)
                     outputs = outputs if keep else None
                 else:
                     loss, outputs = forward_loss(model, spec, batch), None
-        with meter.phase("backward", micro_batch):
+        with _unsynced(model, k < accum), meter.phase("backward", micro_batch):
             if recipe is not None and recipe.trainer_loop:
                 trainer_backward(loss, accum)
             else:
@@ -207,6 +207,16 @@ def train_step(model, spec, batch, optimizer, policy, device, meter, scaler=None
         summary["host_peak_bytes"] = offload.peak
     summary["time_s"] = round(time.perf_counter() - start, 6)
     return summary
+
+
+def _unsynced(model, skip: bool):
+    """DistributedDataParallel.no_sync() around a micro-batch's forward and its backward when `skip` (every
+    micro-batch of an accumulation but the last), as the HF Trainer runs them (accelerate Accelerator.accumulate ->
+    Accelerator.no_sync -> ``model.no_sync()``): the reducer's hooks do nothing and the gradients accumulate in
+    .grad; the last micro-batch reduces. Any other model: nothing."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    return model.no_sync() if skip and isinstance(model, DistributedDataParallel) else contextlib.nullcontext()
 
 
 def trainer_backward(loss, accum: int) -> None:

@@ -107,10 +107,13 @@ def trl_sft_batch(ids: torch.Tensor) -> dict:
 
 def _fused_head_model(model):
     """The model TRL patches (SFTTrainer.__init__: ``add_fused_lm_head(model.get_base_model() if is_peft_model(model)
-    else model, outputs=("log_probs", "entropy", "is_top1"))``), patched once."""
+    else model, outputs=("log_probs", "entropy", "is_top1"))``), patched once; under DistributedDataParallel the
+    module it wraps (the Trainer patches the model before accelerate wraps it)."""
+    from torch.nn.parallel import DistributedDataParallel
     from trl.trainer.utils import add_fused_lm_head
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner = model.module if isinstance(model, DistributedDataParallel) else model
+    base = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
     if not getattr(base, "_peftcalc_fused_lm_head", False):
         add_fused_lm_head(base, outputs=("log_probs", "entropy", "is_top1"))
         base._peftcalc_fused_lm_head = True

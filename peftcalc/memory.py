@@ -16,15 +16,15 @@ from peftcalc.activations import ActivationProfile, activation_profile
 from peftcalc.families import build_layout
 from peftcalc.families.blip2 import blip2_image_tokens
 from peftcalc.families.llava import VISION_TOWER
-from peftcalc.model_states import (ModelStates, buffer_bytes, clip_grad_norm_bytes, gradient_free, group_dtype,
-                                   model_states)
+from peftcalc.model_states import (ModelStates, buffer_bytes, clip_grad_norm_bytes, cls_token_gradient_storage, gradient_free,
+                                   group_dtype, model_states, tied_embedding_addends)
 from peftcalc.plan import Plan
 from peftcalc.settings import DTYPE_BYTES, TrainingSettings
 from peftcalc.sim.profile import engine_cast, stream_dtypes
 
 __all__ = ["ALLOCATOR_SLACK_FRACTION", "COMPONENTS", "CUDA_CONTEXT_BYTES", "GradientArrival", "Timeline",
-           "accumulating_step_events", "gradient_arrival", "input_bytes", "peak_event", "reserved_bytes", "step_events",
-           "tied_embedding_addends", "timeline"]
+           "accumulating_step_events", "gradient_arrival", "input_bytes", "kept_output_bytes", "loop_events",
+           "peak_event", "reserved_bytes", "step_events", "timeline"]
 
 
 # Names of the components, in display order.
@@ -179,34 +179,35 @@ def peak_event(events: list) -> tuple:
 @lru_cache(maxsize=4096)
 def timeline(plan: Plan, t: TrainingSettings) -> Timeline:
     """Events of one training step; the steady state has optimizer states alive from the start."""
-    ms = model_states(plan, t)
-    inputs = input_bytes(plan, t)
-    grads = gradient_arrival(plan, t)
-    if t.grad_accum == 1:
-        act = activation_profile(plan, t)
-        events = _clipped(t, ms, _kept_outputs(plan, t, act, _step_events(plan, t, act, ms, inputs, grads)))
-        named = events
-    else:
-        act = activation_profile(plan, replace(t, grad_accum=1))
-        first = _clipped(t, ms, _kept_outputs(plan, t, act, _step_events(plan, t, act, ms, inputs, grads)))
-        act = activation_profile(plan, replace(t, grad_accum=2))
-        later = _kept_outputs(plan, t, act, _accumulating_events(plan, t, act, ms, inputs, grads))
-        steps = 2 if t.max_grad_norm is not None else 1  # the optimizer step's events (clipping's first)
-        events = first[:-steps] + later + first[-steps:]
-        named = ([(f"micro-batch 1 {n}", b, p) for n, b, p in first[:-steps]]
-                 + [(f"micro-batch 2-{t.grad_accum} {n}", b, p) for n, b, p in later] + first[-steps:])
+    events, first, steps = loop_events(plan, t)
+    named = events if t.grad_accum == 1 else (
+        [(f"micro-batch 1 {n}", b, p) for n, b, p in events[:first - steps]]
+        + [(f"micro-batch 2-{t.grad_accum} {n}", b, p) for n, b, p in events[first - steps:-steps]] + list(events[-steps:]))
     name, total, parts = peak_event(events)
     micro_batch = None
     if t.grad_accum > 1 and not name.startswith("optimizer"):
-        micro_batch = 1 if events.index(max(events, key=lambda e: e[1])) < len(first) - steps else 2
-    return Timeline(
-        events=tuple((n, b) for n, b, _ in named),
-        peak_bytes=total,
-        peak_phase=name,
-        components=_components(parts),
-        step1_peak_bytes=_step1_peak(events, ms),
-        peak_micro_batch=micro_batch,
-    )
+        micro_batch = 1 if events.index(max(events, key=lambda e: e[1])) < first - steps else 2
+    return Timeline(events=tuple((n, b) for n, b, _ in named), peak_bytes=total, peak_phase=name,
+                    components=_components(parts), step1_peak_bytes=_step1_peak(list(events), model_states(plan, t)),
+                    peak_micro_batch=micro_batch)
+
+
+@lru_cache(maxsize=1024)
+def loop_events(plan: Plan, t: TrainingSettings) -> tuple[tuple, int, int]:
+    """The whole optimizer step of the loop `t` describes, on one GPU, as (events, how many of them micro-batch 1
+    and the optimizer step make, how many the optimizer step makes): micro-batch 1's forward and backward, those
+    of micro-batches 2..N under grad_accum (_accumulating_events), then clipping (max_grad_norm) and the
+    optimizer step, with the outputs held through backward under keep_outputs (read only: the tuple is cached;
+    what peftcalc.sharding.ddp adds its buckets to)."""
+    ms, inputs, grads = model_states(plan, t), input_bytes(plan, t), gradient_arrival(plan, t)
+    act = activation_profile(plan, replace(t, grad_accum=1))
+    first = _clipped(t, ms, _kept_outputs(plan, t, act, _step_events(plan, t, act, ms, inputs, grads)))
+    steps = 2 if t.max_grad_norm is not None else 1  # the optimizer step's events (clipping's first)
+    if t.grad_accum == 1:
+        return tuple(first), len(first), steps
+    act = activation_profile(plan, replace(t, grad_accum=2))
+    later = _kept_outputs(plan, t, act, _accumulating_events(plan, t, act, ms, inputs, grads))
+    return tuple(first[:-steps] + later + first[-steps:]), len(first), steps
 
 
 @lru_cache(maxsize=1024)
@@ -250,12 +251,19 @@ def _kept_outputs(plan: Plan, t: TrainingSettings, act: ActivationProfile, event
     x text hidden in the compute dtype, which masked_scatter does not save)."""
     if not t.keep_outputs:
         return events
+    kept = kept_output_bytes(plan, t, act)
+    return [_event(n, dict(p, logits_loss=p.get("logits_loss", 0) + kept)) if n.startswith("backward") else (n, b, p)
+            for n, b, p in events]
+
+
+def kept_output_bytes(plan: Plan, t: TrainingSettings, act: ActivationProfile) -> int:
+    """What the outputs the loop keeps (TrainingSettings.keep_outputs, _kept_outputs) hold beyond what backward
+    saves: the logits, a bare encoder's last hidden state, LLaVA's projected image features too."""
     kept = act.model_output if plan.spec.task == "base" else act.logits_bytes
     if plan.spec.is_vlm:
         kept += t.batch_size * plan.spec.image_tokens * plan.spec.text.hidden_size * DTYPE_BYTES[
             t.autocast_dtype or stream_dtypes(plan, t)[1]]
-    return [_event(n, dict(p, logits_loss=p.get("logits_loss", 0) + kept)) if n.startswith("backward") else (n, b, p)
-            for n, b, p in events]
+    return kept
 
 
 def _accumulating_events(plan: Plan, t: TrainingSettings, act: ActivationProfile, ms: ModelStates, inputs: int,
@@ -271,7 +279,7 @@ def _accumulating_events(plan: Plan, t: TrainingSettings, act: ActivationProfile
     vocab x hidden one) is a temporary beside the gradient of their output; a tied embedding's two
     gradients are summed out of place (tied_embedding_addends) and the sum, a third vocab x hidden
     tensor, then added into the .grad."""
-    held = grads.total + _cls_token_gradient_storage(plan, t)
+    held = grads.total + cls_token_gradient_storage(plan, t)
     none_yet = GradientArrival(grads.head_pending, (0,) * len(grads.per_layer), 0, grads.head_pending)
     events = _step_events(plan, t, act, ms, inputs, none_yet)[:-1]
     out = []
@@ -341,7 +349,7 @@ def _step_events(plan: Plan, t: TrainingSettings, act: ActivationProfile, ms: Mo
                                      temporaries=act.checkpoint_kwargs)),
     ]
     tied = tied_embedding_addends(plan, t)
-    gradients = grads.total + _cls_token_gradient_storage(plan, t)
+    gradients = grads.total + cls_token_gradient_storage(plan, t)
     if ckpt and all(wrapped):
         events += _checkpointed_backward(plan, act, grads, base, kept_per_layer, remaining, t.checkpoint_reentrant)
     elif ckpt:
@@ -509,26 +517,6 @@ def _checkpointed_block(base: dict, remaining: int, arrived: int, peak) -> dict:
     return dict(base, activations=remaining + peak.saved, gradients=arrived + peak.params, temporaries=peak.buffers)
 
 
-def _cls_token_gradient_storage(plan: Plan, t: TrainingSettings) -> int:
-    """What ViT's class token's .grad keeps alive beyond its own (1, 1, hidden) bytes at batch 1:
-    transformers models/vit/modeling_vit.py ViTEmbeddings.forward concatenates
-    ``self.cls_token.expand(batch_size, -1, -1)`` before the patches; CatBackward0 hands on a narrow (a
-    view) of the embeddings' (batch, tokens, hidden) gradient, ExpandBackward0's sum_to is the identity
-    when the batch is 1 (the sizes already match), and AccumulateGrad makes that view the .grad, so the
-    whole storage lives until zero_grad (traced, fake tensors: tiny-vit-cls full fp32 b1 ckpt, the
-    cls_token's gradient an aten.add (1, 17, 64) storage, 4,352 bytes for 256). At batch > 1 the sum
-    makes a (1, 1, hidden) tensor of its own."""
-    spec = plan.spec
-    if not spec.is_vision or t.batch_size != 1:  # a class token parameter: ViT's (CLIP's is class_embedding)
-        return 0
-    group = next((g for g in plan.groups if g.name.endswith("embeddings.cls_token") and g.trainable
-                  and g.name not in gradient_free(plan)), None)
-    if group is None:
-        return 0
-    nbytes = DTYPE_BYTES[group_dtype(plan, group.origin, stream_dtypes(plan, t)[0], group.name, engine_cast(t))]
-    return (spec.vision_seq_len - 1) * spec.hidden_size * nbytes
-
-
 def _saved_at_embeddings_backward(act: ActivationProfile, tied: int) -> int:
     """The saved tensors alive at the embeddings' backward (ActivationProfile.lookup_saved: the lookups'
     indices). When a tied embedding's two gradients are summed (tied_embedding_addends) there are
@@ -574,19 +562,6 @@ def _partly_checkpointed_backward(plan: Plan, act: ActivationProfile, grads: Gra
         arrived += grads.per_layer[i]
         remaining -= kept_per_layer.get(i, 0)
     return events
-
-
-def tied_embedding_addends(plan: Plan, t: TrainingSettings) -> int:
-    """A trainable tied embedding gets two gradients: the lm_head's, early in backward, held in its
-    AccumulateGrad node's input buffer (GradientArrival.head_pending), and the lookup's dense gradient
-    at the end (embedding_dense_backward), which InputBuffer::add (torch/csrc/autograd/input_buffer.cpp)
-    sums out of place under the harness's TorchDispatchMode; AccumulateGrad makes the sum the .grad
-    (one vocab x hidden among the gradients). The two addends, two vocab x hidden tensors, are
-    temporaries alive with it for a moment."""
-    if not (build_layout(plan.spec).head_tied_to_embedding and plan.embedding_trains):
-        return 0
-    weight_dtype = stream_dtypes(plan, t)[0]
-    return 2 * plan.spec.vocab_size * plan.spec.hidden_size * DTYPE_BYTES[weight_dtype]
 
 
 def reserved_bytes(peak_allocated: int) -> int:

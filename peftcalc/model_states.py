@@ -17,9 +17,9 @@ from peftcalc.methods.sites import quantized_paths
 from peftcalc.sim.profile import engine_cast, stream_dtypes
 from peftcalc.families import kept_in_fp32
 
-__all__ = ["BNB_QUANTIZATION_MAPS", "ModelStates", "buffer_bytes", "gradient_free", "group_dtype", "model_states",
-           "PAGED_MIN_NUMEL", "clip_grad_norm_bytes", "nf4_bytes", "optimizer_temporaries", "paged_state_bytes",
-           "quantization_maps", "scalar_state_bytes"]
+__all__ = ["BNB_QUANTIZATION_MAPS", "ModelStates", "buffer_bytes", "cls_token_gradient_storage", "gradient_free",
+           "group_dtype", "model_states", "PAGED_MIN_NUMEL", "clip_grad_norm_bytes", "nf4_bytes", "optimizer_temporaries",
+           "paged_state_bytes", "quantization_maps", "scalar_state_bytes", "tied_embedding_addends"]
 
 # bitsandbytes Optimizer8bit.__init__ (optim_bits=8) -> fill_qmap: create_dynamic_map(signed=True) and
 # (signed=False), 256 fp32 values each, shared by every 8-bit state (state['qmap1'], state['qmap2']).
@@ -332,3 +332,36 @@ def optimizer_temporaries(t: TrainingSettings, group_bytes: dict, single_tensor:
             return max(group_bytes.values(), default=0)
         return single_tensor
     return 0
+
+
+def cls_token_gradient_storage(plan: Plan, t: TrainingSettings) -> int:
+    """What ViT's class token's .grad keeps alive beyond its own (1, 1, hidden) bytes at batch 1:
+    transformers models/vit/modeling_vit.py ViTEmbeddings.forward concatenates
+    ``self.cls_token.expand(batch_size, -1, -1)`` before the patches; CatBackward0 hands on a narrow (a
+    view) of the embeddings' (batch, tokens, hidden) gradient, ExpandBackward0's sum_to is the identity
+    when the batch is 1 (the sizes already match), and AccumulateGrad makes that view the .grad, so the
+    whole storage lives until zero_grad (traced, fake tensors: tiny-vit-cls full fp32 b1 ckpt, the
+    cls_token's gradient an aten.add (1, 17, 64) storage, 4,352 bytes for 256). At batch > 1 the sum
+    makes a (1, 1, hidden) tensor of its own."""
+    spec = plan.spec
+    if not spec.is_vision or t.batch_size != 1:  # a class token parameter: ViT's (CLIP's is class_embedding)
+        return 0
+    group = next((g for g in plan.groups if g.name.endswith("embeddings.cls_token") and g.trainable
+                  and g.name not in gradient_free(plan)), None)
+    if group is None:
+        return 0
+    nbytes = DTYPE_BYTES[group_dtype(plan, group.origin, stream_dtypes(plan, t)[0], group.name, engine_cast(t))]
+    return (spec.vision_seq_len - 1) * spec.hidden_size * nbytes
+
+
+def tied_embedding_addends(plan: Plan, t: TrainingSettings) -> int:
+    """A trainable tied embedding gets two gradients: the lm_head's, early in backward, held in its
+    AccumulateGrad node's input buffer (GradientArrival.head_pending), and the lookup's dense gradient
+    at the end (embedding_dense_backward), which InputBuffer::add (torch/csrc/autograd/input_buffer.cpp)
+    sums out of place under the harness's TorchDispatchMode; AccumulateGrad makes the sum the .grad
+    (one vocab x hidden among the gradients). The two addends, two vocab x hidden tensors, are
+    temporaries alive with it for a moment."""
+    if not (build_layout(plan.spec).head_tied_to_embedding and plan.embedding_trains):
+        return 0
+    weight_dtype = stream_dtypes(plan, t)[0]
+    return 2 * plan.spec.vocab_size * plan.spec.hidden_size * DTYPE_BYTES[weight_dtype]

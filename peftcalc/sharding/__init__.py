@@ -18,6 +18,7 @@ from peftcalc.plan import Plan
 from peftcalc.settings import TrainingSettings
 from peftcalc.sharding.ddp import check_ddp, ddp_events
 from peftcalc.sharding.fsdp import FSDP_COMPONENTS, check_fsdp, fsdp_events
+from peftcalc.sharding.recipes import loop_recipes
 from peftcalc.sharding.zero import ZERO_COMPONENTS, check_zero, zero_events
 
 __all__ = ["RankMemory", "SHARDED_COMPONENTS", "check_sharding", "rank_memory", "sharded_timeline", "wrapping_text"]
@@ -26,6 +27,9 @@ SHARDED_COMPONENTS = COMPONENTS + FSDP_COMPONENTS + ("gradient_buckets",) + ZERO
 EVENTS = {"fsdp": fsdp_events, "hsdp": fsdp_events, "ddp": ddp_events, "zero1": zero_events, "zero2": zero_events}
 FSDP2 = ("fsdp", "hsdp")
 ZERO = ("zero1", "zero2")
+# the losses each strategy's model covers: transformers' ForCausalLMLoss everywhere; torchtune's chunked
+# cross-entropy (peftcalc.sharding.recipes.loss_outside_root) and TRL's fused head under FSDP2 and DDP
+LOSSES = {"fsdp": ("hf", "chunked", "trl"), "hsdp": ("hf", "chunked", "trl"), "ddp": ("hf", "chunked", "trl")}
 # transformers Trainer._inner_training_loop runs every micro-batch but the last under accelerate's
 # Accelerator.no_sync, which under FSDP2 calls FSDPModule.set_requires_gradient_sync(False): each block keeps its
 # unsharded gradients (FSDPParam.unsharded_accumulated_grad) to the last micro-batch, unless
@@ -49,9 +53,11 @@ class RankMemory:
 
 def check_sharding(plan: Plan, t: TrainingSettings) -> None:
     """CombinationError unless the strategy (and this calculator's model of it) runs `plan` under `t`."""
-    recipe = [name for name, bad in (("grad_accum", t.grad_accum != 1 and t.sharding not in FSDP2 + ZERO), ("keep_outputs", t.keep_outputs),
-                                      ("max_grad_norm", t.max_grad_norm is not None and t.sharding not in FSDP2 + ZERO), ("loss", t.loss != "hf"),
-                                      ("trainer_loop", t.trainer_loop and t.sharding not in FSDP2 + ("ddp",) + ZERO)) if bad]
+    loop = FSDP2 + ("ddp",)  # the strategies whose model covers the loop's recipes (ZeRO-1/2: all but keep_outputs)
+    recipe = [name for name, bad in (("grad_accum", t.grad_accum != 1), ("keep_outputs", t.keep_outputs),
+                                      ("max_grad_norm", t.max_grad_norm is not None), ("trainer_loop", t.trainer_loop))
+              if bad and t.sharding not in loop + (ZERO if name != "keep_outputs" else ())]
+    recipe += ["loss"] if t.loss not in LOSSES.get(t.sharding, ("hf",)) else []
     if recipe and t.sharding != "none":
         raise CombinationError(f"{recipe[0]} under sharding {t.sharding} is not modelled yet", names=(recipe[0], "sharding"))
     if t.trainer_loop and t.grad_accum > 1 and t.sharding in FSDP2:
@@ -74,6 +80,8 @@ def _components(parts: dict) -> tuple:
 @lru_cache(maxsize=1024)
 def rank_memory(plan: Plan, t: TrainingSettings, rank: int) -> RankMemory:
     events = EVENTS[t.sharding](plan, t, rank)
+    if t.sharding != "ddp":  # DDP's events are the whole one-GPU loop's (peftcalc.memory.loop_events)
+        events = loop_recipes(plan, t, events, rank)
     name, total, parts = peak_event(events)
     states = events[-1][2].get("optimizer_states", 0)
     *before, last = events
@@ -109,7 +117,9 @@ def _peak_micro_batch(r: RankMemory, t: TrainingSettings) -> int | None:
 def wrapping_text(method: str, t: TrainingSettings) -> str:
     """How the model is assumed to be wrapped, one sentence for the estimate's output ('' on one GPU)."""
     if t.sharding == "ddp":
-        return "DDP with its defaults (bucket_cap_mb 25, gradient_as_bucket_view off)"
+        return "DDP with its defaults (bucket_cap_mb 25, gradient_as_bucket_view off)" + (
+            "; every micro-batch but the last under no_sync, as the HF Trainer runs them: the gradients accumulate in "
+            ".grad, the buckets exist all along" if t.grad_accum > 1 else "")
     if t.sharding not in ("fsdp", "hsdp"):
         return ""
     text = ("FSDP2 wrapping assumed: fully_shard on every transformer block, then on the root (embeddings, final "

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from peftcalc.errors import CombinationError
-from peftcalc.memory import step_events
+from peftcalc.memory import loop_events
 from peftcalc.model_states import gradient_free, group_dtype
 from peftcalc.plan import Plan
 from peftcalc.settings import DTYPE_BYTES, TrainingSettings
@@ -43,8 +43,15 @@ def bucket_bytes(plan: Plan, t: TrainingSettings) -> int:
 
 
 def ddp_events(plan: Plan, t: TrainingSettings, rank: int = 0) -> list:
-    """The one-GPU events with the buckets added (the same on every rank)."""
+    """The one-GPU events of the whole loop (peftcalc.memory.loop_events: gradient accumulation, clipping, the
+    outputs kept through backward) with the buckets added (the same on every rank). Under grad_accum the HF
+    Trainer (accelerate ``Accelerator.accumulate``) runs every micro-batch but the last under
+    ``DistributedDataParallel.no_sync``, where the reducer's autograd hooks do nothing (reducer.cpp
+    ``autograd_hook``: ``expect_autograd_hooks_`` is false without ``prepare_for_backward``) and the
+    gradients accumulate in ``.grad`` as on one GPU; the last micro-batch's hooks copy each accumulated
+    ``.grad`` into its bucket slot, which exists all along: the same bytes at every event as a loop that
+    reduces every micro-batch. max_grad_norm: ``clip_grad_norm_`` on the all-reduced ``.grad``, as on one GPU."""
     one_gpu = replace(t, gpus=1, gpus_per_node=8, sharding="none", reshard_after_forward=True, offload="none")
     buckets = bucket_bytes(plan, t)
     return [(name, total + buckets, dict(parts, gradient_buckets=buckets))
-            for name, total, parts in step_events(plan, one_gpu)]
+            for name, total, parts in loop_events(plan, one_gpu)[0]]

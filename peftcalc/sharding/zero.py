@@ -44,8 +44,8 @@ from math import ceil
 
 from peftcalc.activations import activation_profile
 from peftcalc.errors import CombinationError
-from peftcalc.memory import accumulating_step_events, gradient_arrival, step_events, tied_embedding_addends
-from peftcalc.model_states import gradient_free, group_dtype
+from peftcalc.memory import accumulating_step_events, gradient_arrival, step_events
+from peftcalc.model_states import gradient_free, group_dtype, tied_embedding_addends
 from peftcalc.plan import Plan
 from peftcalc.settings import DTYPE_BYTES, TrainingSettings
 from peftcalc.sharding.zero_buckets import block_param_steps, bucket_schedule
