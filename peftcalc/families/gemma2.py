@@ -15,14 +15,14 @@ eager for Gemma 2 whatever --attention says (Family.attentions); flash_attention
 from __future__ import annotations
 
 from peftcalc.errors import InputError
+from peftcalc.families.llama import gated_mlp
 from peftcalc.families.record import Family, config_dropout
 from peftcalc.layout import Layout, Module, decoder_head, linear_module, norm_module
 from peftcalc.ops.attention import attention
-from peftcalc.ops.nonlinear import activation
 from peftcalc.ops.norms import gemma_rms_norm
 from peftcalc.ops.recorder import Recorder, SymTensor, input_grads
 from peftcalc.ops.rotary import rope
-from peftcalc.ops.tensor_ops import add, heads_view, mul
+from peftcalc.ops.tensor_ops import add, heads_view
 from peftcalc.spec import (FULL_ATTENTION, SLIDING_ATTENTION, ModelSpec, config_bool, config_str, optional_config_int,
                            optional_window, sliding_windows)
 
@@ -100,15 +100,8 @@ def gemma_block(rec: Recorder, spec: ModelSpec, sites, x: SymTensor) -> SymTenso
     x2 = add(rec, x, a, x.dtype)
     rec.free(a)
     n2 = _norm(rec, sites, x2, "pre_feedforward_layernorm", h)
-    g = sites.linear(rec, n2, "mlp.gate_proj", h, spec.intermediate_size)
-    act = activation(rec, g, "gelu_pytorch_tanh", "mlp.act_fn")
-    rec.free(g)
-    u = sites.linear(rec, n2, "mlp.up_proj", h, spec.intermediate_size)
-    p = mul(rec, act, u, "mlp.act_mul")
-    rec.free(act, u)
-    d = sites.linear(rec, p, "mlp.down_proj", spec.intermediate_size, h)
-    d = sites.adapt(rec, d, "mlp_out", "mlp.down_proj")
-    rec.free(p, n2)
+    d = gated_mlp(rec, spec, sites, n2, "gelu_pytorch_tanh")
+    rec.free(n2)
     m = _norm(rec, sites, d, "post_feedforward_layernorm", h)
     rec.free(d)
     out = add(rec, x2, m, x2.dtype)

@@ -21,6 +21,7 @@ __all__ = [
     "LLAMA",
     "MISTRAL",
     "QWEN2",
+    "gated_mlp",
     "llama_attention_half",
     "llama_block",
     "llama_config",
@@ -101,20 +102,30 @@ def llama_attention_half(rec: Recorder, spec: ModelSpec, sites, x: SymTensor, dr
 def llama_mlp_half(rec: Recorder, spec: ModelSpec, sites, x2: SymTensor, residual_multiplier: bool = False) -> SymTensor:
     """The second half of LlamaDecoderLayer.forward: ``residual + mlp(post_attention_layernorm(x2))`` (Granite's
     with the MLP output scaled by the residual multiplier: residual_scaled)."""
-    h = spec.hidden_size
     n2 = rms_norm(rec, x2, sites.norm_trains("post_attention_layernorm"), "post_attention_layernorm")
-    g = sites.linear(rec, n2, "mlp.gate_proj", h, spec.intermediate_size)
-    act = activation(rec, g, "silu", "mlp.act_fn")
+    d = gated_mlp(rec, spec, sites, n2, "silu")
+    rec.free(n2)
+    out = residual_scaled(rec, x2, d, residual_multiplier)
+    rec.free(x2)
+    return out
+
+
+def gated_mlp(rec: Recorder, spec: ModelSpec, sites, n: SymTensor, act_fn: str) -> SymTensor:
+    """LlamaMLP.forward, ``down_proj(act_fn(gate_proj(x)) * up_proj(x))`` (modeling_llama.py; Qwen3MLP, Olmo2MLP
+    and Gemma2MLP, with gelu_pytorch_tanh, run the same ops) on the block's input `n`, down_proj's output through
+    its bottleneck adapter where the method put one (BlockSites.adapt): each intermediate is dropped as the
+    expression proceeds, the product once down_proj has taken it. The caller drops `n` (a local of the block)."""
+    h = spec.hidden_size
+    g = sites.linear(rec, n, "mlp.gate_proj", h, spec.intermediate_size)
+    act = activation(rec, g, act_fn, "mlp.act_fn")
     rec.free(g)
-    u = sites.linear(rec, n2, "mlp.up_proj", h, spec.intermediate_size)
+    u = sites.linear(rec, n, "mlp.up_proj", h, spec.intermediate_size)
     p = mul(rec, act, u, "mlp.act_mul")
     rec.free(act, u)
     d = sites.linear(rec, p, "mlp.down_proj", spec.intermediate_size, h)
     d = sites.adapt(rec, d, "mlp_out", "mlp.down_proj")
-    rec.free(p, n2)
-    out = residual_scaled(rec, x2, d, residual_multiplier)
-    rec.free(x2)
-    return out
+    rec.free(p)
+    return d
 
 
 def residual_scaled(rec: Recorder, residual: SymTensor, y: SymTensor, multiplied: bool) -> SymTensor:

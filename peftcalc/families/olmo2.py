@@ -7,15 +7,14 @@ RMSNorm that multiplies its weight in fp32 before casting back (Olmo2RMSNorm), a
 from __future__ import annotations
 
 from peftcalc.errors import InputError
-from peftcalc.families.llama import rotary_buffer_bytes
+from peftcalc.families.llama import gated_mlp, rotary_buffer_bytes
 from peftcalc.families.record import Family, config_dropout
 from peftcalc.layout import Layout, Module, decoder_head, linear_module, norm_module
 from peftcalc.ops.attention import attention
-from peftcalc.ops.nonlinear import activation
 from peftcalc.ops.norms import rms_norm
 from peftcalc.ops.recorder import Recorder, SymTensor
 from peftcalc.ops.rotary import rope
-from peftcalc.ops.tensor_ops import add, heads_view, mul
+from peftcalc.ops.tensor_ops import add, heads_view
 from peftcalc.spec import ModelSpec, config_bool, config_int, config_str, divided, encoder_sizes, optional_config_int
 
 __all__ = [
@@ -89,15 +88,7 @@ def olmo2_block(rec: Recorder, spec: ModelSpec, sites, x: SymTensor) -> SymTenso
     rec.free(o)
     x2 = add(rec, x, on, x.dtype)
     rec.free(on)
-    g = sites.linear(rec, x2, "mlp.gate_proj", h, spec.intermediate_size)
-    act = activation(rec, g, "silu", "mlp.act_fn")
-    rec.free(g)
-    u = sites.linear(rec, x2, "mlp.up_proj", h, spec.intermediate_size)
-    p = mul(rec, act, u, "mlp.act_mul")
-    rec.free(act, u)
-    d = sites.linear(rec, p, "mlp.down_proj", spec.intermediate_size, h)
-    d = sites.adapt(rec, d, "mlp_out", "mlp.down_proj")
-    rec.free(p)
+    d = gated_mlp(rec, spec, sites, x2, "silu")
     dn = olmo2_norm(rec, sites, d, "post_feedforward_layernorm")
     rec.free(d)
     out = add(rec, x2, dn, x2.dtype)

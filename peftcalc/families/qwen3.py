@@ -6,15 +6,14 @@ attention_bias on all four attention projections.
 from __future__ import annotations
 
 from peftcalc.errors import InputError
-from peftcalc.families.llama import llama_windows, rotary_buffer_bytes
+from peftcalc.families.llama import llama_mlp_half, llama_windows, rotary_buffer_bytes
 from peftcalc.families.record import Family, config_dropout
 from peftcalc.layout import Layout, Module, decoder_head, linear_module, norm_module
 from peftcalc.ops.attention import attention
-from peftcalc.ops.nonlinear import activation
 from peftcalc.ops.norms import rms_norm
 from peftcalc.ops.recorder import Recorder, SymTensor
 from peftcalc.ops.rotary import rope
-from peftcalc.ops.tensor_ops import add, heads_view, mul
+from peftcalc.ops.tensor_ops import add, heads_view
 from peftcalc.spec import ModelSpec, config_bool, config_int, config_str, encoder_sizes, optional_config_int
 
 __all__ = [
@@ -69,7 +68,8 @@ def head_normed(rec: Recorder, spec: ModelSpec, sites, n: SymTensor, proj: str, 
 def qwen3_block(rec: Recorder, spec: ModelSpec, sites, x: SymTensor) -> SymTensor:
     """Qwen3DecoderLayer: LlamaDecoderLayer's ops (families.llama.llama_block) with q_norm and k_norm
     between the q/k projections and RoPE (head_normed); the normed queries and keys are transposed (a view
-    whose backward transposes the gradient back, no copy) and dropped when RoPE's results rebind them."""
+    whose backward transposes the gradient back, no copy) and dropped when RoPE's results rebind them; the MLP
+    half is LlamaDecoderLayer's (families.llama.llama_mlp_half)."""
     ctx = rec.ctx
     h = spec.hidden_size
     n = rms_norm(rec, x, sites.norm_trains("input_layernorm"), "input_layernorm")
@@ -87,19 +87,7 @@ def qwen3_block(rec: Recorder, spec: ModelSpec, sites, x: SymTensor) -> SymTenso
     rec.free(a, q, k, vl, n)
     x2 = add(rec, x, o, x.dtype)
     rec.free(o)
-    n2 = rms_norm(rec, x2, sites.norm_trains("post_attention_layernorm"), "post_attention_layernorm")
-    g = sites.linear(rec, n2, "mlp.gate_proj", h, spec.intermediate_size)
-    act = activation(rec, g, "silu", "mlp.act_fn")
-    rec.free(g)
-    u = sites.linear(rec, n2, "mlp.up_proj", h, spec.intermediate_size)
-    p = mul(rec, act, u, "mlp.act_mul")
-    rec.free(act, u)
-    d = sites.linear(rec, p, "mlp.down_proj", spec.intermediate_size, h)
-    d = sites.adapt(rec, d, "mlp_out", "mlp.down_proj")
-    rec.free(p, n2)
-    out = add(rec, x2, d, x2.dtype)
-    rec.free(d, x2)
-    return out
+    return llama_mlp_half(rec, spec, sites, x2)
 
 
 def qwen3_config(config: dict, common: dict, where: str, read_part=None) -> ModelSpec:
