@@ -13,8 +13,8 @@ from math import prod
 
 from peftcalc.spec import ModelSpec
 
-__all__ = ["LINEAR_KINDS", "Layout", "Module", "decoder_head", "linear_module", "norm_module", "param_names",
-           "prefixed_modules"]
+__all__ = ["LINEAR_KINDS", "Layout", "Module", "attention_modules", "decoder_head", "gated_mlp_modules",
+           "linear_module", "norm_module", "param_names", "prefixed_modules"]
 
 # Module kinds. `linear` stores (out, in) like nn.Linear; `conv1d` stores (in, out) like
 # transformers' Conv1D (GPT-2); `embedding` (num, dim); `norm` (dim,); `conv2d` (out, in, k, k);
@@ -88,6 +88,32 @@ def linear_module(path: str, out_f: int, in_f: int, bias: bool, layer: int | Non
 def norm_module(path: str, dim: int, bias: bool, layer: int | None = None) -> Module:
     """A LayerNorm/RMSNorm: weight (dim,), a bias when `bias`."""
     return Module(path, "norm", (dim,), bias, layer, "norm")
+
+
+def attention_modules(spec: ModelSpec, p: str, i: int, bias: bool = False, out_bias: bool = False) -> list[Module]:
+    """``self_attn``'s q_proj, k_proj, v_proj, o_proj of block `i` at prefix `p`, in that order, as LlamaAttention
+    defines them (modeling_llama.py; the Mistral, Qwen2/3, Gemma 2/3, OLMo 2 and MoE attentions alike): queries of
+    num_heads x head_dim, keys and values of num_key_value_heads x head_dim; biases on q/k/v with `bias`, on o_proj
+    with `out_bias`."""
+    h = spec.hidden_size
+    return [
+        linear_module(f"{p}.self_attn.q_proj", spec.q_dim, h, bias, i, "attn"),
+        linear_module(f"{p}.self_attn.k_proj", spec.kv_dim, h, bias, i, "attn"),
+        linear_module(f"{p}.self_attn.v_proj", spec.kv_dim, h, bias, i, "attn"),
+        linear_module(f"{p}.self_attn.o_proj", h, spec.q_dim, out_bias, i, "attn_out"),
+    ]
+
+
+def gated_mlp_modules(spec: ModelSpec, p: str, i: int, bias: bool = False) -> list[Module]:
+    """``mlp``'s gate_proj, up_proj (hidden -> intermediate) and down_proj (intermediate -> hidden) of block `i` at
+    prefix `p`, in that order, as LlamaMLP defines them (modeling_llama.py; Qwen3MLP, Olmo2MLP, Gemma2MLP alike);
+    biases on all three with `bias` (LlamaConfig.mlp_bias)."""
+    h, inter = spec.hidden_size, spec.intermediate_size
+    return [
+        linear_module(f"{p}.mlp.gate_proj", inter, h, bias, i, "mlp"),
+        linear_module(f"{p}.mlp.up_proj", inter, h, bias, i, "mlp"),
+        linear_module(f"{p}.mlp.down_proj", h, inter, bias, i, "mlp_out"),
+    ]
 
 
 def decoder_head(spec: ModelSpec, mods: list) -> tuple[tuple[str, ...], str | None, bool]:

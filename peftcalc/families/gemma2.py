@@ -17,7 +17,7 @@ from __future__ import annotations
 from peftcalc.errors import InputError
 from peftcalc.families.llama import gated_mlp
 from peftcalc.families.record import Family, config_dropout
-from peftcalc.layout import Layout, Module, decoder_head, linear_module, norm_module
+from peftcalc.layout import Layout, Module, attention_modules, decoder_head, gated_mlp_modules, norm_module
 from peftcalc.ops.attention import attention
 from peftcalc.ops.norms import gemma_rms_norm
 from peftcalc.ops.recorder import Recorder, SymTensor, input_grads
@@ -61,19 +61,10 @@ def gemma_layout(spec: ModelSpec) -> Layout:
     mods = [Module(f"{base}embed_tokens", "embedding", (spec.vocab_size, h), False, None, "embed")]
     for i in range(spec.num_layers):
         p = f"{base}layers.{i}"
-        mods += [
-            linear_module(f"{p}.self_attn.q_proj", spec.num_heads * hd, h, bias, i, "attn"),
-            linear_module(f"{p}.self_attn.k_proj", spec.num_kv_heads * hd, h, bias, i, "attn"),
-            linear_module(f"{p}.self_attn.v_proj", spec.num_kv_heads * hd, h, bias, i, "attn"),
-            linear_module(f"{p}.self_attn.o_proj", h, spec.num_heads * hd, bias, i, "attn_out"),
-        ]
+        mods += attention_modules(spec, p, i, bias, bias)
         if spec.model_type == "gemma3_text":
             mods += [norm_module(f"{p}.self_attn.q_norm", hd, False, i), norm_module(f"{p}.self_attn.k_norm", hd, False, i)]
-        mods += [
-            linear_module(f"{p}.mlp.gate_proj", spec.intermediate_size, h, False, i, "mlp"),
-            linear_module(f"{p}.mlp.up_proj", spec.intermediate_size, h, False, i, "mlp"),
-            linear_module(f"{p}.mlp.down_proj", h, spec.intermediate_size, False, i, "mlp_out"),
-        ]
+        mods += gated_mlp_modules(spec, p, i)
         mods += [norm_module(f"{p}.{n}", h, False, i) for n in NORMS]
     mods.append(norm_module(f"{base}norm", h, False))
     head, out_emb, tied = decoder_head(spec, mods)

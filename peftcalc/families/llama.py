@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from peftcalc.errors import InputError
 from peftcalc.families.record import Family, config_dropout
-from peftcalc.layout import Layout, Module, decoder_head, linear_module, norm_module
+from peftcalc.layout import Layout, Module, attention_modules, decoder_head, gated_mlp_modules, norm_module
 from peftcalc.ops.attention import attention
 from peftcalc.ops.nonlinear import activation
 from peftcalc.ops.norms import rms_norm
@@ -37,20 +37,13 @@ def llama_layout(spec: ModelSpec) -> Layout:
     """LlamaForCausalLM / MistralForCausalLM / Qwen2ForCausalLM (modeling_llama.py, modeling_mistral.py,
     modeling_qwen2.py; GraniteForCausalLM, modeling_granite.py, alike): q/k/v/o, gated MLP, RMSNorm (weight only)."""
     base = "" if spec.task == "base" else "model."
-    h, hd = spec.hidden_size, spec.head_dim
+    h = spec.hidden_size
     qkv_bias = spec.attention_bias
     o_bias = spec.attention_bias and spec.model_type in ("llama", "granite", "smollm3")  # Qwen2's o_proj has none
     mods = [Module(f"{base}embed_tokens", "embedding", (spec.vocab_size, h), False, None, "embed")]
     for i in range(spec.num_layers):
         p = f"{base}layers.{i}"
-        mods += [
-            linear_module(f"{p}.self_attn.q_proj", spec.num_heads * hd, h, qkv_bias, i, "attn"),
-            linear_module(f"{p}.self_attn.k_proj", spec.num_kv_heads * hd, h, qkv_bias, i, "attn"),
-            linear_module(f"{p}.self_attn.v_proj", spec.num_kv_heads * hd, h, qkv_bias, i, "attn"),
-            linear_module(f"{p}.self_attn.o_proj", h, spec.num_heads * hd, o_bias, i, "attn_out"),
-            linear_module(f"{p}.mlp.gate_proj", spec.intermediate_size, h, spec.mlp_bias, i, "mlp"),
-            linear_module(f"{p}.mlp.up_proj", spec.intermediate_size, h, spec.mlp_bias, i, "mlp"),
-            linear_module(f"{p}.mlp.down_proj", h, spec.intermediate_size, spec.mlp_bias, i, "mlp_out"),
+        mods += attention_modules(spec, p, i, qkv_bias, o_bias) + gated_mlp_modules(spec, p, i, spec.mlp_bias) + [
             norm_module(f"{p}.input_layernorm", h, False, i),
             norm_module(f"{p}.post_attention_layernorm", h, False, i),
         ]

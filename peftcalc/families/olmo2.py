@@ -9,7 +9,7 @@ from __future__ import annotations
 from peftcalc.errors import InputError
 from peftcalc.families.llama import gated_mlp, rotary_buffer_bytes
 from peftcalc.families.record import Family, config_dropout
-from peftcalc.layout import Layout, Module, decoder_head, linear_module, norm_module
+from peftcalc.layout import Layout, Module, attention_modules, decoder_head, gated_mlp_modules, norm_module
 from peftcalc.ops.attention import attention
 from peftcalc.ops.norms import rms_norm
 from peftcalc.ops.recorder import Recorder, SymTensor
@@ -37,16 +37,10 @@ def olmo2_layout(spec: ModelSpec) -> Layout:
     mods = [Module(f"{base}embed_tokens", "embedding", (spec.vocab_size, h), False, None, "embed")]
     for i in range(spec.num_layers):
         p = f"{base}layers.{i}"
-        mods += [
-            linear_module(f"{p}.self_attn.q_proj", spec.q_dim, h, bias, i, "attn"),
-            linear_module(f"{p}.self_attn.k_proj", spec.kv_dim, h, bias, i, "attn"),
-            linear_module(f"{p}.self_attn.v_proj", spec.kv_dim, h, bias, i, "attn"),
-            linear_module(f"{p}.self_attn.o_proj", h, spec.q_dim, bias, i, "attn_out"),
+        mods += attention_modules(spec, p, i, bias, bias) + [
             norm_module(f"{p}.self_attn.q_norm", spec.q_dim, False, i),
             norm_module(f"{p}.self_attn.k_norm", spec.kv_dim, False, i),
-            linear_module(f"{p}.mlp.gate_proj", spec.intermediate_size, h, False, i, "mlp"),
-            linear_module(f"{p}.mlp.up_proj", spec.intermediate_size, h, False, i, "mlp"),
-            linear_module(f"{p}.mlp.down_proj", h, spec.intermediate_size, False, i, "mlp_out"),
+        ] + gated_mlp_modules(spec, p, i) + [
             norm_module(f"{p}.post_attention_layernorm", h, False, i),
             norm_module(f"{p}.post_feedforward_layernorm", h, False, i),
         ]
