@@ -15,7 +15,7 @@ eager for Gemma 2 whatever --attention says (Family.attentions); flash_attention
 from __future__ import annotations
 
 from peftcalc.errors import InputError
-from peftcalc.families.llama import gated_mlp
+from peftcalc.families.llama import config_kv_heads, gated_mlp
 from peftcalc.families.record import Family, config_dropout
 from peftcalc.layout import Layout, Module, attention_modules, decoder_head, gated_mlp_modules, norm_module
 from peftcalc.ops.attention import attention
@@ -166,9 +166,7 @@ def gemma_config(config: dict, common: dict, where: str, read_part=None) -> Mode
         return optional_config_int(config, key, d[key], where)
 
     layers, heads = size("num_hidden_layers"), size("num_attention_heads")
-    kv_heads = optional_config_int(config, "num_key_value_heads", d["num_key_value_heads"], where, null_is_default=True)
-    if heads % kv_heads:
-        raise InputError(f"{where}: num_attention_heads ({heads}) must be a multiple of num_key_value_heads ({kv_heads})")
+    kv_heads = config_kv_heads(config, heads, where, d["num_key_value_heads"])
     if config.get("use_bidirectional_attention"):
         raise InputError(f"{where}: use_bidirectional_attention is not supported (a causal decoder is modelled)")
     pattern = d["pattern"]

@@ -21,6 +21,8 @@ __all__ = [
     "LLAMA",
     "MISTRAL",
     "QWEN2",
+    "config_head_dim",
+    "config_kv_heads",
     "gated_mlp",
     "llama_attention_half",
     "llama_block",
@@ -139,11 +141,8 @@ def llama_config(config: dict, common: dict, where: str, read_part=None) -> Mode
     biases in Qwen2 (Qwen2Attention: o_proj has none), attention_bias and mlp_bias in Llama."""
     model_type = common["model_type"]
     hidden, heads, layers, intermediate = encoder_sizes(config, where)
-    kv_heads = optional_config_int(config, "num_key_value_heads", heads, where, null_is_default=True)
-    head_dim = optional_config_int(config, "head_dim", 0, where, null_is_default=True) or divided(
-        hidden, heads, "hidden_size", "num_attention_heads", where)
-    if heads % kv_heads:
-        raise InputError(f"{where}: num_attention_heads ({heads}) must be a multiple of num_key_value_heads ({kv_heads})")
+    kv_heads = config_kv_heads(config, heads, where)
+    head_dim = config_head_dim(config, hidden, heads, where)
     if model_type == "qwen2":
         attention_bias = True  # Qwen2Attention: q/k/v carry biases, o_proj does not
     elif model_type in ("llama", "granite", "smollm3"):
@@ -165,6 +164,23 @@ def llama_config(config: dict, common: dict, where: str, read_part=None) -> Mode
         layer_windows=llama_windows(config, model_type, layers, where),
         **common,
     )
+
+
+def config_kv_heads(config: dict, heads: int, where: str, default: int = 0) -> int:
+    """num_key_value_heads (GQA): the attention heads when absent or null (LlamaConfig.__init__: ``if
+    num_key_value_heads is None: num_key_value_heads = num_attention_heads``) unless the config class has its own
+    `default` (Gemma2Config's 4), a divisor of num_attention_heads (repeat_kv's ``n_rep = heads // kv_heads``)."""
+    kv_heads = optional_config_int(config, "num_key_value_heads", default or heads, where, null_is_default=True)
+    if heads % kv_heads:
+        raise InputError(f"{where}: num_attention_heads ({heads}) must be a multiple of num_key_value_heads ({kv_heads})")
+    return kv_heads
+
+
+def config_head_dim(config: dict, hidden: int, heads: int, where: str) -> int:
+    """head_dim as given, else hidden_size / num_attention_heads, which must divide (LlamaAttention's
+    ``getattr(config, "head_dim", config.hidden_size // config.num_attention_heads)``; Phi-3, OLMo 2 alike)."""
+    return optional_config_int(config, "head_dim", 0, where, null_is_default=True) or divided(
+        hidden, heads, "hidden_size", "num_attention_heads", where)
 
 
 def llama_windows(config: dict, model_type: str, layers: int, where: str) -> tuple:

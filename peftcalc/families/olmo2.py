@@ -7,7 +7,7 @@ RMSNorm that multiplies its weight in fp32 before casting back (Olmo2RMSNorm), a
 from __future__ import annotations
 
 from peftcalc.errors import InputError
-from peftcalc.families.llama import gated_mlp, rotary_buffer_bytes
+from peftcalc.families.llama import config_head_dim, config_kv_heads, gated_mlp, rotary_buffer_bytes
 from peftcalc.families.record import Family, config_dropout
 from peftcalc.layout import Layout, Module, attention_modules, decoder_head, gated_mlp_modules, norm_module
 from peftcalc.ops.attention import attention
@@ -15,7 +15,7 @@ from peftcalc.ops.norms import rms_norm
 from peftcalc.ops.recorder import Recorder, SymTensor
 from peftcalc.ops.rotary import rope
 from peftcalc.ops.tensor_ops import add, heads_view
-from peftcalc.spec import ModelSpec, config_bool, config_int, config_str, divided, encoder_sizes, optional_config_int
+from peftcalc.spec import ModelSpec, config_bool, config_int, config_str, encoder_sizes
 
 __all__ = [
     "DROPOUT",
@@ -95,9 +95,7 @@ def olmo2_config(config: dict, common: dict, where: str, read_part=None) -> Mode
     modeling file reads ``getattr(config, "head_dim", hidden / heads)``), attention_bias, tie_word_embeddings
     (false), silu."""
     hidden, heads, layers, intermediate = encoder_sizes(config, where)
-    kv_heads = optional_config_int(config, "num_key_value_heads", heads, where, null_is_default=True)
-    if heads % kv_heads:
-        raise InputError(f"{where}: num_attention_heads ({heads}) must be a multiple of num_key_value_heads ({kv_heads})")
+    kv_heads = config_kv_heads(config, heads, where)
     act = config_str(config, "hidden_act", "silu", where)
     if act != "silu":
         raise InputError(f"{where}: hidden_act {act!r} is not supported for olmo2; silu only")
@@ -106,8 +104,7 @@ def olmo2_config(config: dict, common: dict, where: str, read_part=None) -> Mode
         num_layers=layers,
         num_heads=heads,
         num_kv_heads=kv_heads,
-        head_dim=optional_config_int(config, "head_dim", 0, where, null_is_default=True) or divided(
-            hidden, heads, "hidden_size", "num_attention_heads", where),
+        head_dim=config_head_dim(config, hidden, heads, where),
         intermediate_size=intermediate,
         vocab_size=config_int(config, "vocab_size", where),
         tie_embeddings=config_bool(config, "tie_word_embeddings", False, where),

@@ -7,7 +7,7 @@ split, and a sliding window on every layer when the config has one (Phi-3-mini-4
 from __future__ import annotations
 
 from peftcalc.errors import InputError
-from peftcalc.families.llama import rotary_buffer_bytes
+from peftcalc.families.llama import config_head_dim, config_kv_heads, rotary_buffer_bytes
 from peftcalc.families.record import Family, config_dropout
 from peftcalc.layout import Layout, Module, decoder_head, linear_module, norm_module
 from peftcalc.ops.attention import attention
@@ -16,8 +16,7 @@ from peftcalc.ops.norms import rms_norm
 from peftcalc.ops.recorder import Recorder, SymTensor
 from peftcalc.ops.rotary import rope
 from peftcalc.ops.tensor_ops import add, clone, dropout, heads_view, mul
-from peftcalc.spec import (ModelSpec, config_bool, config_int, config_str, divided, encoder_sizes, optional_config_int,
-                           optional_window)
+from peftcalc.spec import ModelSpec, config_bool, config_int, config_str, encoder_sizes, optional_window
 
 __all__ = [
     "DROPOUT",
@@ -165,11 +164,8 @@ def phi3_config(config: dict, common: dict, where: str, read_part=None) -> Model
     the partial rotary factor (Phi-4-mini's 0.75: Phi3RotaryEmbedding.compute_default_rope_parameters' ``dim =
     int(head_dim * partial_rotary_factor)``, ModelSpec.rotary_dim)."""
     hidden, heads, layers, intermediate = encoder_sizes(config, where)
-    kv_heads = optional_config_int(config, "num_key_value_heads", heads, where, null_is_default=True)
-    if heads % kv_heads:
-        raise InputError(f"{where}: num_attention_heads ({heads}) must be a multiple of num_key_value_heads ({kv_heads})")
-    head_dim = optional_config_int(config, "head_dim", 0, where, null_is_default=True) or divided(
-        hidden, heads, "hidden_size", "num_attention_heads", where)
+    kv_heads = config_kv_heads(config, heads, where)
+    head_dim = config_head_dim(config, hidden, heads, where)
     factor = _partial_rotary_factor(config)
     if not 0.0 < factor <= 1.0 or int(head_dim * factor) % 2:
         raise InputError(f"{where}: partial_rotary_factor {factor} must be in (0, 1] and rotate an even number of "

@@ -6,7 +6,7 @@ attention_bias on all four attention projections.
 from __future__ import annotations
 
 from peftcalc.errors import InputError
-from peftcalc.families.llama import llama_mlp_half, llama_windows, rotary_buffer_bytes
+from peftcalc.families.llama import config_kv_heads, llama_mlp_half, llama_windows, rotary_buffer_bytes
 from peftcalc.families.record import Family, config_dropout
 from peftcalc.layout import Layout, Module, attention_modules, decoder_head, gated_mlp_modules, norm_module
 from peftcalc.ops.attention import attention
@@ -90,9 +90,7 @@ def qwen3_config(config: dict, common: dict, where: str, read_part=None) -> Mode
     (use_sliding_window, max_window_layers, layer_types: families.llama.llama_windows; the published Qwen3
     configs have none)."""
     hidden, heads, layers, intermediate = encoder_sizes(config, where)
-    kv_heads = optional_config_int(config, "num_key_value_heads", heads, where, null_is_default=True)
-    if heads % kv_heads:
-        raise InputError(f"{where}: num_attention_heads ({heads}) must be a multiple of num_key_value_heads ({kv_heads})")
+    kv_heads = config_kv_heads(config, heads, where)
     act = config_str(config, "hidden_act", "silu", where)
     if act != "silu":
         raise InputError(f"{where}: hidden_act {act!r} is not supported for qwen3; silu only")
