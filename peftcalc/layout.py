@@ -13,8 +13,8 @@ from math import prod
 
 from peftcalc.spec import ModelSpec
 
-__all__ = ["LINEAR_KINDS", "Layout", "Module", "attention_modules", "decoder_head", "gated_mlp_modules",
-           "linear_module", "norm_module", "param_names", "prefixed_modules"]
+__all__ = ["LINEAR_KINDS", "Layout", "Module", "attention_modules", "decoder_head", "decoder_layout",
+           "gated_mlp_modules", "linear_module", "norm_module", "param_names", "prefixed_modules"]
 
 # Module kinds. `linear` stores (out, in) like nn.Linear; `conv1d` stores (in, out) like
 # transformers' Conv1D (GPT-2); `embedding` (num, dim); `norm` (dim,); `conv2d` (out, in, k, k);
@@ -128,6 +128,21 @@ def decoder_head(spec: ModelSpec, mods: list) -> tuple[tuple[str, ...], str | No
         mods.append(linear_module("score", spec.num_labels, h, False, None, "head"))
         return ("score",), None, False
     return (), None, False
+
+
+def decoder_layout(spec: ModelSpec, block_modules) -> Layout:
+    """A decoder's modules in named_modules() order, as LlamaForCausalLM nests them (modeling_llama.py; the
+    decoders built like it alike): ``model.embed_tokens``, each block's modules (``block_modules(spec, prefix,
+    index)``, prefix ``model.layers.<index>``), the final norm ``model.norm`` (weight only), then the task's head
+    (decoder_head); a bare model (task "base") has no ``model.`` prefix."""
+    base = "" if spec.task == "base" else "model."
+    h = spec.hidden_size
+    mods = [Module(f"{base}embed_tokens", "embedding", (spec.vocab_size, h), False, None, "embed")]
+    for i in range(spec.num_layers):
+        mods += block_modules(spec, f"{base}layers.{i}", i)
+    mods.append(norm_module(f"{base}norm", h, False))
+    head, out_emb, tied = decoder_head(spec, mods)
+    return Layout(tuple(mods), f"{base}layers", f"{base}embed_tokens", head, out_emb, tied, f"{base}norm")
 
 
 def prefixed_modules(layout: Layout, old: str, new: str, role: str | None = None, keep_layers: bool = True):

@@ -17,7 +17,7 @@ from __future__ import annotations
 from peftcalc.errors import InputError
 from peftcalc.families.llama import config_kv_heads, gated_mlp
 from peftcalc.families.record import Family, config_dropout
-from peftcalc.layout import Layout, Module, attention_modules, decoder_head, gated_mlp_modules, norm_module
+from peftcalc.layout import Layout, Module, attention_modules, decoder_layout, gated_mlp_modules, norm_module
 from peftcalc.ops.attention import attention
 from peftcalc.ops.norms import gemma_rms_norm
 from peftcalc.ops.recorder import Recorder, SymTensor, input_grads
@@ -55,20 +55,15 @@ def gemma_layout(spec: ModelSpec) -> Layout:
     """Gemma2ForCausalLM / Gemma3ForCausalLM (and their ForSequenceClassification, Model): q/k/v/o (bias when
     attention_bias), Gemma3's q_norm/k_norm over head_dim, gated MLP, four RMSNorms per block, weight only;
     lm_head tied to the embeddings by default."""
-    base = "" if spec.task == "base" else "model."
+    return decoder_layout(spec, _gemma_block_modules)
+
+
+def _gemma_block_modules(spec: ModelSpec, p: str, i: int) -> list[Module]:
     h, hd = spec.hidden_size, spec.head_dim
-    bias = spec.attention_bias
-    mods = [Module(f"{base}embed_tokens", "embedding", (spec.vocab_size, h), False, None, "embed")]
-    for i in range(spec.num_layers):
-        p = f"{base}layers.{i}"
-        mods += attention_modules(spec, p, i, bias, bias)
-        if spec.model_type == "gemma3_text":
-            mods += [norm_module(f"{p}.self_attn.q_norm", hd, False, i), norm_module(f"{p}.self_attn.k_norm", hd, False, i)]
-        mods += gated_mlp_modules(spec, p, i)
-        mods += [norm_module(f"{p}.{n}", h, False, i) for n in NORMS]
-    mods.append(norm_module(f"{base}norm", h, False))
-    head, out_emb, tied = decoder_head(spec, mods)
-    return Layout(tuple(mods), f"{base}layers", f"{base}embed_tokens", head, out_emb, tied, f"{base}norm")
+    mods = attention_modules(spec, p, i, spec.attention_bias, spec.attention_bias)
+    if spec.model_type == "gemma3_text":
+        mods += [norm_module(f"{p}.self_attn.q_norm", hd, False, i), norm_module(f"{p}.self_attn.k_norm", hd, False, i)]
+    return mods + gated_mlp_modules(spec, p, i) + [norm_module(f"{p}.{n}", h, False, i) for n in NORMS]
 
 
 NORMS = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm")

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from peftcalc.errors import InputError
 from peftcalc.families.record import Family, config_dropout
-from peftcalc.layout import Layout, Module, attention_modules, decoder_head, gated_mlp_modules, norm_module
+from peftcalc.layout import Layout, Module, attention_modules, decoder_layout, gated_mlp_modules, norm_module
 from peftcalc.ops.attention import attention
 from peftcalc.ops.nonlinear import activation
 from peftcalc.ops.norms import rms_norm
@@ -26,6 +26,7 @@ __all__ = [
     "gated_mlp",
     "llama_attention_half",
     "llama_block",
+    "llama_block_modules",
     "llama_config",
     "llama_layout",
     "llama_mlp_half",
@@ -38,20 +39,18 @@ __all__ = [
 def llama_layout(spec: ModelSpec) -> Layout:
     """LlamaForCausalLM / MistralForCausalLM / Qwen2ForCausalLM (modeling_llama.py, modeling_mistral.py,
     modeling_qwen2.py; GraniteForCausalLM, modeling_granite.py, alike): q/k/v/o, gated MLP, RMSNorm (weight only)."""
-    base = "" if spec.task == "base" else "model."
+    return decoder_layout(spec, llama_block_modules)
+
+
+def llama_block_modules(spec: ModelSpec, p: str, i: int) -> list[Module]:
+    """One LlamaDecoderLayer's modules at prefix `p`: q/k/v/o (biases on q/k/v with attention_bias, on o_proj too
+    but in Qwen2), the gated MLP (mlp_bias), input_layernorm, post_attention_layernorm."""
     h = spec.hidden_size
-    qkv_bias = spec.attention_bias
     o_bias = spec.attention_bias and spec.model_type in ("llama", "granite", "smollm3")  # Qwen2's o_proj has none
-    mods = [Module(f"{base}embed_tokens", "embedding", (spec.vocab_size, h), False, None, "embed")]
-    for i in range(spec.num_layers):
-        p = f"{base}layers.{i}"
-        mods += attention_modules(spec, p, i, qkv_bias, o_bias) + gated_mlp_modules(spec, p, i, spec.mlp_bias) + [
-            norm_module(f"{p}.input_layernorm", h, False, i),
-            norm_module(f"{p}.post_attention_layernorm", h, False, i),
-        ]
-    mods.append(norm_module(f"{base}norm", h, False))
-    head, out_emb, tied = decoder_head(spec, mods)
-    return Layout(tuple(mods), f"{base}layers", f"{base}embed_tokens", head, out_emb, tied, f"{base}norm")
+    return attention_modules(spec, p, i, spec.attention_bias, o_bias) + gated_mlp_modules(spec, p, i, spec.mlp_bias) + [
+        norm_module(f"{p}.input_layernorm", h, False, i),
+        norm_module(f"{p}.post_attention_layernorm", h, False, i),
+    ]
 
 
 def llama_block(rec: Recorder, spec: ModelSpec, sites, x: SymTensor) -> SymTensor:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from peftcalc.errors import InputError
 from peftcalc.families.llama import config_head_dim, config_kv_heads, gated_mlp, rotary_buffer_bytes
 from peftcalc.families.record import Family, config_dropout
-from peftcalc.layout import Layout, Module, attention_modules, decoder_head, gated_mlp_modules, norm_module
+from peftcalc.layout import Layout, Module, attention_modules, decoder_layout, gated_mlp_modules, norm_module
 from peftcalc.ops.attention import attention
 from peftcalc.ops.norms import rms_norm
 from peftcalc.ops.recorder import Recorder, SymTensor
@@ -32,21 +32,18 @@ def olmo2_layout(spec: ModelSpec) -> Layout:
     Olmo2Attention's q/k/v/o_proj (a bias on each when attention_bias), q_norm (num_heads x head_dim) and
     k_norm (num_key_value_heads x head_dim), Olmo2MLP's gate/up/down_proj, post_attention_layernorm,
     post_feedforward_layernorm; norm; lm_head (untied by default)."""
-    base = "" if spec.task == "base" else "model."
+    return decoder_layout(spec, _olmo2_block_modules)
+
+
+def _olmo2_block_modules(spec: ModelSpec, p: str, i: int) -> list[Module]:
     h, bias = spec.hidden_size, spec.attention_bias
-    mods = [Module(f"{base}embed_tokens", "embedding", (spec.vocab_size, h), False, None, "embed")]
-    for i in range(spec.num_layers):
-        p = f"{base}layers.{i}"
-        mods += attention_modules(spec, p, i, bias, bias) + [
-            norm_module(f"{p}.self_attn.q_norm", spec.q_dim, False, i),
-            norm_module(f"{p}.self_attn.k_norm", spec.kv_dim, False, i),
-        ] + gated_mlp_modules(spec, p, i) + [
-            norm_module(f"{p}.post_attention_layernorm", h, False, i),
-            norm_module(f"{p}.post_feedforward_layernorm", h, False, i),
-        ]
-    mods.append(norm_module(f"{base}norm", h, False))
-    head, out_emb, tied = decoder_head(spec, mods)
-    return Layout(tuple(mods), f"{base}layers", f"{base}embed_tokens", head, out_emb, tied, f"{base}norm")
+    return attention_modules(spec, p, i, bias, bias) + [
+        norm_module(f"{p}.self_attn.q_norm", spec.q_dim, False, i),
+        norm_module(f"{p}.self_attn.k_norm", spec.kv_dim, False, i),
+    ] + gated_mlp_modules(spec, p, i) + [
+        norm_module(f"{p}.post_attention_layernorm", h, False, i),
+        norm_module(f"{p}.post_feedforward_layernorm", h, False, i),
+    ]
 
 
 def olmo2_norm(rec: Recorder, sites, x: SymTensor, name: str) -> SymTensor:

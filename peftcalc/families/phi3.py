@@ -9,7 +9,7 @@ from __future__ import annotations
 from peftcalc.errors import InputError
 from peftcalc.families.llama import config_head_dim, config_kv_heads, rotary_buffer_bytes
 from peftcalc.families.record import Family, config_dropout
-from peftcalc.layout import Layout, Module, decoder_head, linear_module, norm_module
+from peftcalc.layout import Layout, Module, decoder_layout, linear_module, norm_module
 from peftcalc.ops.attention import attention
 from peftcalc.ops.nonlinear import activation
 from peftcalc.ops.norms import rms_norm
@@ -35,22 +35,19 @@ def phi3_layout(spec: ModelSpec) -> Layout:
     """Phi3ForCausalLM (modeling_phi3.py), in named_modules() order: embed_tokens; per layer Phi3Attention's
     o_proj (defined first) and qkv_proj (q_dim + 2 kv_dim outputs), Phi3MLP's gate_up_proj (2 x intermediate)
     and down_proj, no biases; input_layernorm, post_attention_layernorm; norm; lm_head (untied)."""
-    base = "" if spec.task == "base" else "model."
+    return decoder_layout(spec, _phi3_block_modules)
+
+
+def _phi3_block_modules(spec: ModelSpec, p: str, i: int) -> list[Module]:
     h = spec.hidden_size
-    mods = [Module(f"{base}embed_tokens", "embedding", (spec.vocab_size, h), False, None, "embed")]
-    for i in range(spec.num_layers):
-        p = f"{base}layers.{i}"
-        mods += [
-            linear_module(f"{p}.self_attn.o_proj", h, spec.q_dim, False, i, "attn_out"),
-            linear_module(f"{p}.self_attn.qkv_proj", spec.q_dim + 2 * spec.kv_dim, h, False, i, "attn"),
-            linear_module(f"{p}.mlp.gate_up_proj", 2 * spec.intermediate_size, h, False, i, "mlp"),
-            linear_module(f"{p}.mlp.down_proj", h, spec.intermediate_size, False, i, "mlp_out"),
-            norm_module(f"{p}.input_layernorm", h, False, i),
-            norm_module(f"{p}.post_attention_layernorm", h, False, i),
-        ]
-    mods.append(norm_module(f"{base}norm", h, False))
-    head, out_emb, tied = decoder_head(spec, mods)
-    return Layout(tuple(mods), f"{base}layers", f"{base}embed_tokens", head, out_emb, tied, f"{base}norm")
+    return [
+        linear_module(f"{p}.self_attn.o_proj", h, spec.q_dim, False, i, "attn_out"),
+        linear_module(f"{p}.self_attn.qkv_proj", spec.q_dim + 2 * spec.kv_dim, h, False, i, "attn"),
+        linear_module(f"{p}.mlp.gate_up_proj", 2 * spec.intermediate_size, h, False, i, "mlp"),
+        linear_module(f"{p}.mlp.down_proj", h, spec.intermediate_size, False, i, "mlp_out"),
+        norm_module(f"{p}.input_layernorm", h, False, i),
+        norm_module(f"{p}.post_attention_layernorm", h, False, i),
+    ]
 
 
 def sliced(rec: Recorder, x: SymTensor, numel: int) -> SymTensor:

@@ -8,7 +8,7 @@ from __future__ import annotations
 from peftcalc.errors import InputError
 from peftcalc.families.llama import config_kv_heads, llama_mlp_half, llama_windows, rotary_buffer_bytes
 from peftcalc.families.record import Family, config_dropout
-from peftcalc.layout import Layout, Module, attention_modules, decoder_head, gated_mlp_modules, norm_module
+from peftcalc.layout import Layout, Module, attention_modules, decoder_layout, gated_mlp_modules, norm_module
 from peftcalc.ops.attention import attention
 from peftcalc.ops.norms import rms_norm
 from peftcalc.ops.recorder import Recorder, SymTensor
@@ -31,21 +31,18 @@ def qwen3_layout(spec: ModelSpec) -> Layout:
     Qwen3Attention's q/k/v/o_proj (a bias on each when attention_bias), q_norm and k_norm (RMSNorm over
     head_dim), Qwen3MLP's gate/up/down_proj (no bias), input_layernorm, post_attention_layernorm; norm;
     lm_head (tied when tie_word_embeddings, as in Qwen3-0.6B)."""
-    base = "" if spec.task == "base" else "model."
+    return decoder_layout(spec, _qwen3_block_modules)
+
+
+def _qwen3_block_modules(spec: ModelSpec, p: str, i: int) -> list[Module]:
     h, hd, bias = spec.hidden_size, spec.head_dim, spec.attention_bias
-    mods = [Module(f"{base}embed_tokens", "embedding", (spec.vocab_size, h), False, None, "embed")]
-    for i in range(spec.num_layers):
-        p = f"{base}layers.{i}"
-        mods += attention_modules(spec, p, i, bias, bias) + [
-            norm_module(f"{p}.self_attn.q_norm", hd, False, i),
-            norm_module(f"{p}.self_attn.k_norm", hd, False, i),
-        ] + gated_mlp_modules(spec, p, i) + [
-            norm_module(f"{p}.input_layernorm", h, False, i),
-            norm_module(f"{p}.post_attention_layernorm", h, False, i),
-        ]
-    mods.append(norm_module(f"{base}norm", h, False))
-    head, out_emb, tied = decoder_head(spec, mods)
-    return Layout(tuple(mods), f"{base}layers", f"{base}embed_tokens", head, out_emb, tied, f"{base}norm")
+    return attention_modules(spec, p, i, bias, bias) + [
+        norm_module(f"{p}.self_attn.q_norm", hd, False, i),
+        norm_module(f"{p}.self_attn.k_norm", hd, False, i),
+    ] + gated_mlp_modules(spec, p, i) + [
+        norm_module(f"{p}.input_layernorm", h, False, i),
+        norm_module(f"{p}.post_attention_layernorm", h, False, i),
+    ]
 
 
 def head_normed(rec: Recorder, spec: ModelSpec, sites, n: SymTensor, proj: str, norm: str, out_f: int) -> SymTensor:
