@@ -13,8 +13,8 @@ from math import prod
 
 from peftcalc.spec import ModelSpec
 
-__all__ = ["LINEAR_KINDS", "Layout", "Module", "decoder_head", "linear_module", "norm_module", "param_names",
-           "prefixed_modules"]
+__all__ = ["LINEAR_KINDS", "Layout", "Module", "attention_modules", "decoder_head", "decoder_layout",
+           "gated_mlp_modules", "linear_module", "norm_module", "param_names", "prefixed_modules"]
 
 # Module kinds. `linear` stores (out, in) like nn.Linear; `conv1d` stores (in, out) like
 # transformers' Conv1D (GPT-2); `embedding` (num, dim); `norm` (dim,); `conv2d` (out, in, k, k);
@@ -90,6 +90,32 @@ def norm_module(path: str, dim: int, bias: bool, layer: int | None = None) -> Mo
     return Module(path, "norm", (dim,), bias, layer, "norm")
 
 
+def attention_modules(spec: ModelSpec, p: str, i: int, bias: bool = False, out_bias: bool = False) -> list[Module]:
+    """``self_attn``'s q_proj, k_proj, v_proj, o_proj of block `i` at prefix `p`, in that order, as LlamaAttention
+    defines them (modeling_llama.py; the Mistral, Qwen2/3, Gemma 2/3, OLMo 2 and MoE attentions alike): queries of
+    num_heads x head_dim, keys and values of num_key_value_heads x head_dim; biases on q/k/v with `bias`, on o_proj
+    with `out_bias`."""
+    h = spec.hidden_size
+    return [
+        linear_module(f"{p}.self_attn.q_proj", spec.q_dim, h, bias, i, "attn"),
+        linear_module(f"{p}.self_attn.k_proj", spec.kv_dim, h, bias, i, "attn"),
+        linear_module(f"{p}.self_attn.v_proj", spec.kv_dim, h, bias, i, "attn"),
+        linear_module(f"{p}.self_attn.o_proj", h, spec.q_dim, out_bias, i, "attn_out"),
+    ]
+
+
+def gated_mlp_modules(spec: ModelSpec, p: str, i: int, bias: bool = False) -> list[Module]:
+    """``mlp``'s gate_proj, up_proj (hidden -> intermediate) and down_proj (intermediate -> hidden) of block `i` at
+    prefix `p`, in that order, as LlamaMLP defines them (modeling_llama.py; Qwen3MLP, Olmo2MLP, Gemma2MLP alike);
+    biases on all three with `bias` (LlamaConfig.mlp_bias)."""
+    h, inter = spec.hidden_size, spec.intermediate_size
+    return [
+        linear_module(f"{p}.mlp.gate_proj", inter, h, bias, i, "mlp"),
+        linear_module(f"{p}.mlp.up_proj", inter, h, bias, i, "mlp"),
+        linear_module(f"{p}.mlp.down_proj", h, inter, bias, i, "mlp_out"),
+    ]
+
+
 def decoder_head(spec: ModelSpec, mods: list) -> tuple[tuple[str, ...], str | None, bool]:
     """The head of a decoder: lm_head (tied or not) for causal LM, `score` (no bias) for
     sequence classification (LlamaForSequenceClassification, GPT2ForSequenceClassification)."""
@@ -102,6 +128,21 @@ def decoder_head(spec: ModelSpec, mods: list) -> tuple[tuple[str, ...], str | No
         mods.append(linear_module("score", spec.num_labels, h, False, None, "head"))
         return ("score",), None, False
     return (), None, False
+
+
+def decoder_layout(spec: ModelSpec, block_modules) -> Layout:
+    """A decoder's modules in named_modules() order, as LlamaForCausalLM nests them (modeling_llama.py; the
+    decoders built like it alike): ``model.embed_tokens``, each block's modules (``block_modules(spec, prefix,
+    index)``, prefix ``model.layers.<index>``), the final norm ``model.norm`` (weight only), then the task's head
+    (decoder_head); a bare model (task "base") has no ``model.`` prefix."""
+    base = "" if spec.task == "base" else "model."
+    h = spec.hidden_size
+    mods = [Module(f"{base}embed_tokens", "embedding", (spec.vocab_size, h), False, None, "embed")]
+    for i in range(spec.num_layers):
+        mods += block_modules(spec, f"{base}layers.{i}", i)
+    mods.append(norm_module(f"{base}norm", h, False))
+    head, out_emb, tied = decoder_head(spec, mods)
+    return Layout(tuple(mods), f"{base}layers", f"{base}embed_tokens", head, out_emb, tied, f"{base}norm")
 
 
 def prefixed_modules(layout: Layout, old: str, new: str, role: str | None = None, keep_layers: bool = True):

@@ -15,14 +15,14 @@ eager for Gemma 2 whatever --attention says (Family.attentions); flash_attention
 from __future__ import annotations
 
 from peftcalc.errors import InputError
+from peftcalc.families.llama import config_kv_heads, gated_mlp
 from peftcalc.families.record import Family, config_dropout
-from peftcalc.layout import Layout, Module, decoder_head, linear_module, norm_module
+from peftcalc.layout import Layout, Module, attention_modules, decoder_layout, gated_mlp_modules, norm_module
 from peftcalc.ops.attention import attention
-from peftcalc.ops.nonlinear import activation
 from peftcalc.ops.norms import gemma_rms_norm
 from peftcalc.ops.recorder import Recorder, SymTensor, input_grads
 from peftcalc.ops.rotary import rope
-from peftcalc.ops.tensor_ops import add, heads_view, mul
+from peftcalc.ops.tensor_ops import add, heads_view
 from peftcalc.spec import (FULL_ATTENTION, SLIDING_ATTENTION, ModelSpec, config_bool, config_str, optional_config_int,
                            optional_window, sliding_windows)
 
@@ -55,29 +55,15 @@ def gemma_layout(spec: ModelSpec) -> Layout:
     """Gemma2ForCausalLM / Gemma3ForCausalLM (and their ForSequenceClassification, Model): q/k/v/o (bias when
     attention_bias), Gemma3's q_norm/k_norm over head_dim, gated MLP, four RMSNorms per block, weight only;
     lm_head tied to the embeddings by default."""
-    base = "" if spec.task == "base" else "model."
+    return decoder_layout(spec, _gemma_block_modules)
+
+
+def _gemma_block_modules(spec: ModelSpec, p: str, i: int) -> list[Module]:
     h, hd = spec.hidden_size, spec.head_dim
-    bias = spec.attention_bias
-    mods = [Module(f"{base}embed_tokens", "embedding", (spec.vocab_size, h), False, None, "embed")]
-    for i in range(spec.num_layers):
-        p = f"{base}layers.{i}"
-        mods += [
-            linear_module(f"{p}.self_attn.q_proj", spec.num_heads * hd, h, bias, i, "attn"),
-            linear_module(f"{p}.self_attn.k_proj", spec.num_kv_heads * hd, h, bias, i, "attn"),
-            linear_module(f"{p}.self_attn.v_proj", spec.num_kv_heads * hd, h, bias, i, "attn"),
-            linear_module(f"{p}.self_attn.o_proj", h, spec.num_heads * hd, bias, i, "attn_out"),
-        ]
-        if spec.model_type == "gemma3_text":
-            mods += [norm_module(f"{p}.self_attn.q_norm", hd, False, i), norm_module(f"{p}.self_attn.k_norm", hd, False, i)]
-        mods += [
-            linear_module(f"{p}.mlp.gate_proj", spec.intermediate_size, h, False, i, "mlp"),
-            linear_module(f"{p}.mlp.up_proj", spec.intermediate_size, h, False, i, "mlp"),
-            linear_module(f"{p}.mlp.down_proj", h, spec.intermediate_size, False, i, "mlp_out"),
-        ]
-        mods += [norm_module(f"{p}.{n}", h, False, i) for n in NORMS]
-    mods.append(norm_module(f"{base}norm", h, False))
-    head, out_emb, tied = decoder_head(spec, mods)
-    return Layout(tuple(mods), f"{base}layers", f"{base}embed_tokens", head, out_emb, tied, f"{base}norm")
+    mods = attention_modules(spec, p, i, spec.attention_bias, spec.attention_bias)
+    if spec.model_type == "gemma3_text":
+        mods += [norm_module(f"{p}.self_attn.q_norm", hd, False, i), norm_module(f"{p}.self_attn.k_norm", hd, False, i)]
+    return mods + gated_mlp_modules(spec, p, i) + [norm_module(f"{p}.{n}", h, False, i) for n in NORMS]
 
 
 NORMS = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm")
@@ -100,15 +86,8 @@ def gemma_block(rec: Recorder, spec: ModelSpec, sites, x: SymTensor) -> SymTenso
     x2 = add(rec, x, a, x.dtype)
     rec.free(a)
     n2 = _norm(rec, sites, x2, "pre_feedforward_layernorm", h)
-    g = sites.linear(rec, n2, "mlp.gate_proj", h, spec.intermediate_size)
-    act = activation(rec, g, "gelu_pytorch_tanh", "mlp.act_fn")
-    rec.free(g)
-    u = sites.linear(rec, n2, "mlp.up_proj", h, spec.intermediate_size)
-    p = mul(rec, act, u, "mlp.act_mul")
-    rec.free(act, u)
-    d = sites.linear(rec, p, "mlp.down_proj", spec.intermediate_size, h)
-    d = sites.adapt(rec, d, "mlp_out", "mlp.down_proj")
-    rec.free(p, n2)
+    d = gated_mlp(rec, spec, sites, n2, "gelu_pytorch_tanh")
+    rec.free(n2)
     m = _norm(rec, sites, d, "post_feedforward_layernorm", h)
     rec.free(d)
     out = add(rec, x2, m, x2.dtype)
@@ -182,9 +161,7 @@ def gemma_config(config: dict, common: dict, where: str, read_part=None) -> Mode
         return optional_config_int(config, key, d[key], where)
 
     layers, heads = size("num_hidden_layers"), size("num_attention_heads")
-    kv_heads = optional_config_int(config, "num_key_value_heads", d["num_key_value_heads"], where, null_is_default=True)
-    if heads % kv_heads:
-        raise InputError(f"{where}: num_attention_heads ({heads}) must be a multiple of num_key_value_heads ({kv_heads})")
+    kv_heads = config_kv_heads(config, heads, where, d["num_key_value_heads"])
     if config.get("use_bidirectional_attention"):
         raise InputError(f"{where}: use_bidirectional_attention is not supported (a causal decoder is modelled)")
     pattern = d["pattern"]

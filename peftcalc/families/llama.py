@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from peftcalc.errors import InputError
 from peftcalc.families.record import Family, config_dropout
-from peftcalc.layout import Layout, Module, decoder_head, linear_module, norm_module
+from peftcalc.layout import Layout, Module, attention_modules, decoder_layout, gated_mlp_modules, norm_module
 from peftcalc.ops.attention import attention
 from peftcalc.ops.nonlinear import activation
 from peftcalc.ops.norms import rms_norm
@@ -21,8 +21,12 @@ __all__ = [
     "LLAMA",
     "MISTRAL",
     "QWEN2",
+    "config_head_dim",
+    "config_kv_heads",
+    "gated_mlp",
     "llama_attention_half",
     "llama_block",
+    "llama_block_modules",
     "llama_config",
     "llama_layout",
     "llama_mlp_half",
@@ -35,27 +39,18 @@ __all__ = [
 def llama_layout(spec: ModelSpec) -> Layout:
     """LlamaForCausalLM / MistralForCausalLM / Qwen2ForCausalLM (modeling_llama.py, modeling_mistral.py,
     modeling_qwen2.py; GraniteForCausalLM, modeling_granite.py, alike): q/k/v/o, gated MLP, RMSNorm (weight only)."""
-    base = "" if spec.task == "base" else "model."
-    h, hd = spec.hidden_size, spec.head_dim
-    qkv_bias = spec.attention_bias
+    return decoder_layout(spec, llama_block_modules)
+
+
+def llama_block_modules(spec: ModelSpec, p: str, i: int) -> list[Module]:
+    """One LlamaDecoderLayer's modules at prefix `p`: q/k/v/o (biases on q/k/v with attention_bias, on o_proj too
+    but in Qwen2), the gated MLP (mlp_bias), input_layernorm, post_attention_layernorm."""
+    h = spec.hidden_size
     o_bias = spec.attention_bias and spec.model_type in ("llama", "granite", "smollm3")  # Qwen2's o_proj has none
-    mods = [Module(f"{base}embed_tokens", "embedding", (spec.vocab_size, h), False, None, "embed")]
-    for i in range(spec.num_layers):
-        p = f"{base}layers.{i}"
-        mods += [
-            linear_module(f"{p}.self_attn.q_proj", spec.num_heads * hd, h, qkv_bias, i, "attn"),
-            linear_module(f"{p}.self_attn.k_proj", spec.num_kv_heads * hd, h, qkv_bias, i, "attn"),
-            linear_module(f"{p}.self_attn.v_proj", spec.num_kv_heads * hd, h, qkv_bias, i, "attn"),
-            linear_module(f"{p}.self_attn.o_proj", h, spec.num_heads * hd, o_bias, i, "attn_out"),
-            linear_module(f"{p}.mlp.gate_proj", spec.intermediate_size, h, spec.mlp_bias, i, "mlp"),
-            linear_module(f"{p}.mlp.up_proj", spec.intermediate_size, h, spec.mlp_bias, i, "mlp"),
-            linear_module(f"{p}.mlp.down_proj", h, spec.intermediate_size, spec.mlp_bias, i, "mlp_out"),
-            norm_module(f"{p}.input_layernorm", h, False, i),
-            norm_module(f"{p}.post_attention_layernorm", h, False, i),
-        ]
-    mods.append(norm_module(f"{base}norm", h, False))
-    head, out_emb, tied = decoder_head(spec, mods)
-    return Layout(tuple(mods), f"{base}layers", f"{base}embed_tokens", head, out_emb, tied, f"{base}norm")
+    return attention_modules(spec, p, i, spec.attention_bias, o_bias) + gated_mlp_modules(spec, p, i, spec.mlp_bias) + [
+        norm_module(f"{p}.input_layernorm", h, False, i),
+        norm_module(f"{p}.post_attention_layernorm", h, False, i),
+    ]
 
 
 def llama_block(rec: Recorder, spec: ModelSpec, sites, x: SymTensor) -> SymTensor:
@@ -101,20 +96,30 @@ def llama_attention_half(rec: Recorder, spec: ModelSpec, sites, x: SymTensor, dr
 def llama_mlp_half(rec: Recorder, spec: ModelSpec, sites, x2: SymTensor, residual_multiplier: bool = False) -> SymTensor:
     """The second half of LlamaDecoderLayer.forward: ``residual + mlp(post_attention_layernorm(x2))`` (Granite's
     with the MLP output scaled by the residual multiplier: residual_scaled)."""
-    h = spec.hidden_size
     n2 = rms_norm(rec, x2, sites.norm_trains("post_attention_layernorm"), "post_attention_layernorm")
-    g = sites.linear(rec, n2, "mlp.gate_proj", h, spec.intermediate_size)
-    act = activation(rec, g, "silu", "mlp.act_fn")
+    d = gated_mlp(rec, spec, sites, n2, "silu")
+    rec.free(n2)
+    out = residual_scaled(rec, x2, d, residual_multiplier)
+    rec.free(x2)
+    return out
+
+
+def gated_mlp(rec: Recorder, spec: ModelSpec, sites, n: SymTensor, act_fn: str) -> SymTensor:
+    """LlamaMLP.forward, ``down_proj(act_fn(gate_proj(x)) * up_proj(x))`` (modeling_llama.py; Qwen3MLP, Olmo2MLP
+    and Gemma2MLP, with gelu_pytorch_tanh, run the same ops) on the block's input `n`, down_proj's output through
+    its bottleneck adapter where the method put one (BlockSites.adapt): each intermediate is dropped as the
+    expression proceeds, the product once down_proj has taken it. The caller drops `n` (a local of the block)."""
+    h = spec.hidden_size
+    g = sites.linear(rec, n, "mlp.gate_proj", h, spec.intermediate_size)
+    act = activation(rec, g, act_fn, "mlp.act_fn")
     rec.free(g)
-    u = sites.linear(rec, n2, "mlp.up_proj", h, spec.intermediate_size)
+    u = sites.linear(rec, n, "mlp.up_proj", h, spec.intermediate_size)
     p = mul(rec, act, u, "mlp.act_mul")
     rec.free(act, u)
     d = sites.linear(rec, p, "mlp.down_proj", spec.intermediate_size, h)
     d = sites.adapt(rec, d, "mlp_out", "mlp.down_proj")
-    rec.free(p, n2)
-    out = residual_scaled(rec, x2, d, residual_multiplier)
-    rec.free(x2)
-    return out
+    rec.free(p)
+    return d
 
 
 def residual_scaled(rec: Recorder, residual: SymTensor, y: SymTensor, multiplied: bool) -> SymTensor:
@@ -135,11 +140,8 @@ def llama_config(config: dict, common: dict, where: str, read_part=None) -> Mode
     biases in Qwen2 (Qwen2Attention: o_proj has none), attention_bias and mlp_bias in Llama."""
     model_type = common["model_type"]
     hidden, heads, layers, intermediate = encoder_sizes(config, where)
-    kv_heads = optional_config_int(config, "num_key_value_heads", heads, where, null_is_default=True)
-    head_dim = optional_config_int(config, "head_dim", 0, where, null_is_default=True) or divided(
-        hidden, heads, "hidden_size", "num_attention_heads", where)
-    if heads % kv_heads:
-        raise InputError(f"{where}: num_attention_heads ({heads}) must be a multiple of num_key_value_heads ({kv_heads})")
+    kv_heads = config_kv_heads(config, heads, where)
+    head_dim = config_head_dim(config, hidden, heads, where)
     if model_type == "qwen2":
         attention_bias = True  # Qwen2Attention: q/k/v carry biases, o_proj does not
     elif model_type in ("llama", "granite", "smollm3"):
@@ -161,6 +163,23 @@ def llama_config(config: dict, common: dict, where: str, read_part=None) -> Mode
         layer_windows=llama_windows(config, model_type, layers, where),
         **common,
     )
+
+
+def config_kv_heads(config: dict, heads: int, where: str, default: int = 0) -> int:
+    """num_key_value_heads (GQA): the attention heads when absent or null (LlamaConfig.__init__: ``if
+    num_key_value_heads is None: num_key_value_heads = num_attention_heads``) unless the config class has its own
+    `default` (Gemma2Config's 4), a divisor of num_attention_heads (repeat_kv's ``n_rep = heads // kv_heads``)."""
+    kv_heads = optional_config_int(config, "num_key_value_heads", default or heads, where, null_is_default=True)
+    if heads % kv_heads:
+        raise InputError(f"{where}: num_attention_heads ({heads}) must be a multiple of num_key_value_heads ({kv_heads})")
+    return kv_heads
+
+
+def config_head_dim(config: dict, hidden: int, heads: int, where: str) -> int:
+    """head_dim as given, else hidden_size / num_attention_heads, which must divide (LlamaAttention's
+    ``getattr(config, "head_dim", config.hidden_size // config.num_attention_heads)``; Phi-3, OLMo 2 alike)."""
+    return optional_config_int(config, "head_dim", 0, where, null_is_default=True) or divided(
+        hidden, heads, "hidden_size", "num_attention_heads", where)
 
 
 def llama_windows(config: dict, model_type: str, layers: int, where: str) -> tuple:

@@ -12,7 +12,7 @@ from dataclasses import replace
 from peftcalc.errors import InputError
 from peftcalc.families.llama import llama_attention_half, llama_config, rotary_buffer_bytes
 from peftcalc.families.record import Family
-from peftcalc.layout import Layout, Module, decoder_head, linear_module, norm_module
+from peftcalc.layout import Layout, Module, attention_modules, decoder_head, norm_module
 from peftcalc.ops.moe import drop_router_logits, experts_forward, router_top_k
 from peftcalc.ops.norms import rms_norm
 from peftcalc.ops.recorder import Recorder, SymTensor
@@ -32,17 +32,6 @@ __all__ = [
     "moe_mlp",
     "moe_settings",
 ]
-
-
-def attention_modules(spec: ModelSpec, p: str, i: int, bias: bool = False) -> list[Module]:
-    """q/k/v/o of a Llama-style attention at prefix `p` (biases on q/k/v with `bias`)."""
-    h, hd = spec.hidden_size, spec.head_dim
-    return [
-        linear_module(f"{p}.self_attn.q_proj", spec.num_heads * hd, h, bias, i, "attn"),
-        linear_module(f"{p}.self_attn.k_proj", spec.num_kv_heads * hd, h, bias, i, "attn"),
-        linear_module(f"{p}.self_attn.v_proj", spec.num_kv_heads * hd, h, bias, i, "attn"),
-        linear_module(f"{p}.self_attn.o_proj", h, spec.num_heads * hd, False, i, "attn_out"),
-    ]
 
 
 def experts_modules(spec: ModelSpec, p: str, i: int) -> list[Module]:

@@ -7,16 +7,15 @@ RMSNorm that multiplies its weight in fp32 before casting back (Olmo2RMSNorm), a
 from __future__ import annotations
 
 from peftcalc.errors import InputError
-from peftcalc.families.llama import rotary_buffer_bytes
+from peftcalc.families.llama import config_head_dim, config_kv_heads, gated_mlp, rotary_buffer_bytes
 from peftcalc.families.record import Family, config_dropout
-from peftcalc.layout import Layout, Module, decoder_head, linear_module, norm_module
+from peftcalc.layout import Layout, Module, attention_modules, decoder_layout, gated_mlp_modules, norm_module
 from peftcalc.ops.attention import attention
-from peftcalc.ops.nonlinear import activation
 from peftcalc.ops.norms import rms_norm
 from peftcalc.ops.recorder import Recorder, SymTensor
 from peftcalc.ops.rotary import rope
-from peftcalc.ops.tensor_ops import add, heads_view, mul
-from peftcalc.spec import ModelSpec, config_bool, config_int, config_str, divided, encoder_sizes, optional_config_int
+from peftcalc.ops.tensor_ops import add, heads_view
+from peftcalc.spec import ModelSpec, config_bool, config_int, config_str, encoder_sizes
 
 __all__ = [
     "DROPOUT",
@@ -33,27 +32,18 @@ def olmo2_layout(spec: ModelSpec) -> Layout:
     Olmo2Attention's q/k/v/o_proj (a bias on each when attention_bias), q_norm (num_heads x head_dim) and
     k_norm (num_key_value_heads x head_dim), Olmo2MLP's gate/up/down_proj, post_attention_layernorm,
     post_feedforward_layernorm; norm; lm_head (untied by default)."""
-    base = "" if spec.task == "base" else "model."
+    return decoder_layout(spec, _olmo2_block_modules)
+
+
+def _olmo2_block_modules(spec: ModelSpec, p: str, i: int) -> list[Module]:
     h, bias = spec.hidden_size, spec.attention_bias
-    mods = [Module(f"{base}embed_tokens", "embedding", (spec.vocab_size, h), False, None, "embed")]
-    for i in range(spec.num_layers):
-        p = f"{base}layers.{i}"
-        mods += [
-            linear_module(f"{p}.self_attn.q_proj", spec.q_dim, h, bias, i, "attn"),
-            linear_module(f"{p}.self_attn.k_proj", spec.kv_dim, h, bias, i, "attn"),
-            linear_module(f"{p}.self_attn.v_proj", spec.kv_dim, h, bias, i, "attn"),
-            linear_module(f"{p}.self_attn.o_proj", h, spec.q_dim, bias, i, "attn_out"),
-            norm_module(f"{p}.self_attn.q_norm", spec.q_dim, False, i),
-            norm_module(f"{p}.self_attn.k_norm", spec.kv_dim, False, i),
-            linear_module(f"{p}.mlp.gate_proj", spec.intermediate_size, h, False, i, "mlp"),
-            linear_module(f"{p}.mlp.up_proj", spec.intermediate_size, h, False, i, "mlp"),
-            linear_module(f"{p}.mlp.down_proj", h, spec.intermediate_size, False, i, "mlp_out"),
-            norm_module(f"{p}.post_attention_layernorm", h, False, i),
-            norm_module(f"{p}.post_feedforward_layernorm", h, False, i),
-        ]
-    mods.append(norm_module(f"{base}norm", h, False))
-    head, out_emb, tied = decoder_head(spec, mods)
-    return Layout(tuple(mods), f"{base}layers", f"{base}embed_tokens", head, out_emb, tied, f"{base}norm")
+    return attention_modules(spec, p, i, bias, bias) + [
+        norm_module(f"{p}.self_attn.q_norm", spec.q_dim, False, i),
+        norm_module(f"{p}.self_attn.k_norm", spec.kv_dim, False, i),
+    ] + gated_mlp_modules(spec, p, i) + [
+        norm_module(f"{p}.post_attention_layernorm", h, False, i),
+        norm_module(f"{p}.post_feedforward_layernorm", h, False, i),
+    ]
 
 
 def olmo2_norm(rec: Recorder, sites, x: SymTensor, name: str) -> SymTensor:
@@ -89,15 +79,7 @@ def olmo2_block(rec: Recorder, spec: ModelSpec, sites, x: SymTensor) -> SymTenso
     rec.free(o)
     x2 = add(rec, x, on, x.dtype)
     rec.free(on)
-    g = sites.linear(rec, x2, "mlp.gate_proj", h, spec.intermediate_size)
-    act = activation(rec, g, "silu", "mlp.act_fn")
-    rec.free(g)
-    u = sites.linear(rec, x2, "mlp.up_proj", h, spec.intermediate_size)
-    p = mul(rec, act, u, "mlp.act_mul")
-    rec.free(act, u)
-    d = sites.linear(rec, p, "mlp.down_proj", spec.intermediate_size, h)
-    d = sites.adapt(rec, d, "mlp_out", "mlp.down_proj")
-    rec.free(p)
+    d = gated_mlp(rec, spec, sites, x2, "silu")
     dn = olmo2_norm(rec, sites, d, "post_feedforward_layernorm")
     rec.free(d)
     out = add(rec, x2, dn, x2.dtype)
@@ -110,9 +92,7 @@ def olmo2_config(config: dict, common: dict, where: str, read_part=None) -> Mode
     modeling file reads ``getattr(config, "head_dim", hidden / heads)``), attention_bias, tie_word_embeddings
     (false), silu."""
     hidden, heads, layers, intermediate = encoder_sizes(config, where)
-    kv_heads = optional_config_int(config, "num_key_value_heads", heads, where, null_is_default=True)
-    if heads % kv_heads:
-        raise InputError(f"{where}: num_attention_heads ({heads}) must be a multiple of num_key_value_heads ({kv_heads})")
+    kv_heads = config_kv_heads(config, heads, where)
     act = config_str(config, "hidden_act", "silu", where)
     if act != "silu":
         raise InputError(f"{where}: hidden_act {act!r} is not supported for olmo2; silu only")
@@ -121,8 +101,7 @@ def olmo2_config(config: dict, common: dict, where: str, read_part=None) -> Mode
         num_layers=layers,
         num_heads=heads,
         num_kv_heads=kv_heads,
-        head_dim=optional_config_int(config, "head_dim", 0, where, null_is_default=True) or divided(
-            hidden, heads, "hidden_size", "num_attention_heads", where),
+        head_dim=config_head_dim(config, hidden, heads, where),
         intermediate_size=intermediate,
         vocab_size=config_int(config, "vocab_size", where),
         tie_embeddings=config_bool(config, "tie_word_embeddings", False, where),

@@ -7,17 +7,16 @@ split, and a sliding window on every layer when the config has one (Phi-3-mini-4
 from __future__ import annotations
 
 from peftcalc.errors import InputError
-from peftcalc.families.llama import rotary_buffer_bytes
+from peftcalc.families.llama import config_head_dim, config_kv_heads, rotary_buffer_bytes
 from peftcalc.families.record import Family, config_dropout
-from peftcalc.layout import Layout, Module, decoder_head, linear_module, norm_module
+from peftcalc.layout import Layout, Module, decoder_layout, linear_module, norm_module
 from peftcalc.ops.attention import attention
 from peftcalc.ops.nonlinear import activation
 from peftcalc.ops.norms import rms_norm
 from peftcalc.ops.recorder import Recorder, SymTensor
 from peftcalc.ops.rotary import rope
 from peftcalc.ops.tensor_ops import add, clone, dropout, heads_view, mul
-from peftcalc.spec import (ModelSpec, config_bool, config_int, config_str, divided, encoder_sizes, optional_config_int,
-                           optional_window)
+from peftcalc.spec import ModelSpec, config_bool, config_int, config_str, encoder_sizes, optional_window
 
 __all__ = [
     "DROPOUT",
@@ -36,22 +35,19 @@ def phi3_layout(spec: ModelSpec) -> Layout:
     """Phi3ForCausalLM (modeling_phi3.py), in named_modules() order: embed_tokens; per layer Phi3Attention's
     o_proj (defined first) and qkv_proj (q_dim + 2 kv_dim outputs), Phi3MLP's gate_up_proj (2 x intermediate)
     and down_proj, no biases; input_layernorm, post_attention_layernorm; norm; lm_head (untied)."""
-    base = "" if spec.task == "base" else "model."
+    return decoder_layout(spec, _phi3_block_modules)
+
+
+def _phi3_block_modules(spec: ModelSpec, p: str, i: int) -> list[Module]:
     h = spec.hidden_size
-    mods = [Module(f"{base}embed_tokens", "embedding", (spec.vocab_size, h), False, None, "embed")]
-    for i in range(spec.num_layers):
-        p = f"{base}layers.{i}"
-        mods += [
-            linear_module(f"{p}.self_attn.o_proj", h, spec.q_dim, False, i, "attn_out"),
-            linear_module(f"{p}.self_attn.qkv_proj", spec.q_dim + 2 * spec.kv_dim, h, False, i, "attn"),
-            linear_module(f"{p}.mlp.gate_up_proj", 2 * spec.intermediate_size, h, False, i, "mlp"),
-            linear_module(f"{p}.mlp.down_proj", h, spec.intermediate_size, False, i, "mlp_out"),
-            norm_module(f"{p}.input_layernorm", h, False, i),
-            norm_module(f"{p}.post_attention_layernorm", h, False, i),
-        ]
-    mods.append(norm_module(f"{base}norm", h, False))
-    head, out_emb, tied = decoder_head(spec, mods)
-    return Layout(tuple(mods), f"{base}layers", f"{base}embed_tokens", head, out_emb, tied, f"{base}norm")
+    return [
+        linear_module(f"{p}.self_attn.o_proj", h, spec.q_dim, False, i, "attn_out"),
+        linear_module(f"{p}.self_attn.qkv_proj", spec.q_dim + 2 * spec.kv_dim, h, False, i, "attn"),
+        linear_module(f"{p}.mlp.gate_up_proj", 2 * spec.intermediate_size, h, False, i, "mlp"),
+        linear_module(f"{p}.mlp.down_proj", h, spec.intermediate_size, False, i, "mlp_out"),
+        norm_module(f"{p}.input_layernorm", h, False, i),
+        norm_module(f"{p}.post_attention_layernorm", h, False, i),
+    ]
 
 
 def sliced(rec: Recorder, x: SymTensor, numel: int) -> SymTensor:
@@ -165,11 +161,8 @@ def phi3_config(config: dict, common: dict, where: str, read_part=None) -> Model
     the partial rotary factor (Phi-4-mini's 0.75: Phi3RotaryEmbedding.compute_default_rope_parameters' ``dim =
     int(head_dim * partial_rotary_factor)``, ModelSpec.rotary_dim)."""
     hidden, heads, layers, intermediate = encoder_sizes(config, where)
-    kv_heads = optional_config_int(config, "num_key_value_heads", heads, where, null_is_default=True)
-    if heads % kv_heads:
-        raise InputError(f"{where}: num_attention_heads ({heads}) must be a multiple of num_key_value_heads ({kv_heads})")
-    head_dim = optional_config_int(config, "head_dim", 0, where, null_is_default=True) or divided(
-        hidden, heads, "hidden_size", "num_attention_heads", where)
+    kv_heads = config_kv_heads(config, heads, where)
+    head_dim = config_head_dim(config, hidden, heads, where)
     factor = _partial_rotary_factor(config)
     if not 0.0 < factor <= 1.0 or int(head_dim * factor) % 2:
         raise InputError(f"{where}: partial_rotary_factor {factor} must be in (0, 1] and rotate an even number of "

@@ -6,15 +6,14 @@ attention_bias on all four attention projections.
 from __future__ import annotations
 
 from peftcalc.errors import InputError
-from peftcalc.families.llama import llama_windows, rotary_buffer_bytes
+from peftcalc.families.llama import config_kv_heads, llama_mlp_half, llama_windows, rotary_buffer_bytes
 from peftcalc.families.record import Family, config_dropout
-from peftcalc.layout import Layout, Module, decoder_head, linear_module, norm_module
+from peftcalc.layout import Layout, Module, attention_modules, decoder_layout, gated_mlp_modules, norm_module
 from peftcalc.ops.attention import attention
-from peftcalc.ops.nonlinear import activation
 from peftcalc.ops.norms import rms_norm
 from peftcalc.ops.recorder import Recorder, SymTensor
 from peftcalc.ops.rotary import rope
-from peftcalc.ops.tensor_ops import add, heads_view, mul
+from peftcalc.ops.tensor_ops import add, heads_view
 from peftcalc.spec import ModelSpec, config_bool, config_int, config_str, encoder_sizes, optional_config_int
 
 __all__ = [
@@ -32,27 +31,18 @@ def qwen3_layout(spec: ModelSpec) -> Layout:
     Qwen3Attention's q/k/v/o_proj (a bias on each when attention_bias), q_norm and k_norm (RMSNorm over
     head_dim), Qwen3MLP's gate/up/down_proj (no bias), input_layernorm, post_attention_layernorm; norm;
     lm_head (tied when tie_word_embeddings, as in Qwen3-0.6B)."""
-    base = "" if spec.task == "base" else "model."
+    return decoder_layout(spec, _qwen3_block_modules)
+
+
+def _qwen3_block_modules(spec: ModelSpec, p: str, i: int) -> list[Module]:
     h, hd, bias = spec.hidden_size, spec.head_dim, spec.attention_bias
-    mods = [Module(f"{base}embed_tokens", "embedding", (spec.vocab_size, h), False, None, "embed")]
-    for i in range(spec.num_layers):
-        p = f"{base}layers.{i}"
-        mods += [
-            linear_module(f"{p}.self_attn.q_proj", spec.q_dim, h, bias, i, "attn"),
-            linear_module(f"{p}.self_attn.k_proj", spec.kv_dim, h, bias, i, "attn"),
-            linear_module(f"{p}.self_attn.v_proj", spec.kv_dim, h, bias, i, "attn"),
-            linear_module(f"{p}.self_attn.o_proj", h, spec.q_dim, bias, i, "attn_out"),
-            norm_module(f"{p}.self_attn.q_norm", hd, False, i),
-            norm_module(f"{p}.self_attn.k_norm", hd, False, i),
-            linear_module(f"{p}.mlp.gate_proj", spec.intermediate_size, h, False, i, "mlp"),
-            linear_module(f"{p}.mlp.up_proj", spec.intermediate_size, h, False, i, "mlp"),
-            linear_module(f"{p}.mlp.down_proj", h, spec.intermediate_size, False, i, "mlp_out"),
-            norm_module(f"{p}.input_layernorm", h, False, i),
-            norm_module(f"{p}.post_attention_layernorm", h, False, i),
-        ]
-    mods.append(norm_module(f"{base}norm", h, False))
-    head, out_emb, tied = decoder_head(spec, mods)
-    return Layout(tuple(mods), f"{base}layers", f"{base}embed_tokens", head, out_emb, tied, f"{base}norm")
+    return attention_modules(spec, p, i, bias, bias) + [
+        norm_module(f"{p}.self_attn.q_norm", hd, False, i),
+        norm_module(f"{p}.self_attn.k_norm", hd, False, i),
+    ] + gated_mlp_modules(spec, p, i) + [
+        norm_module(f"{p}.input_layernorm", h, False, i),
+        norm_module(f"{p}.post_attention_layernorm", h, False, i),
+    ]
 
 
 def head_normed(rec: Recorder, spec: ModelSpec, sites, n: SymTensor, proj: str, norm: str, out_f: int) -> SymTensor:
@@ -69,7 +59,8 @@ def head_normed(rec: Recorder, spec: ModelSpec, sites, n: SymTensor, proj: str, 
 def qwen3_block(rec: Recorder, spec: ModelSpec, sites, x: SymTensor) -> SymTensor:
     """Qwen3DecoderLayer: LlamaDecoderLayer's ops (families.llama.llama_block) with q_norm and k_norm
     between the q/k projections and RoPE (head_normed); the normed queries and keys are transposed (a view
-    whose backward transposes the gradient back, no copy) and dropped when RoPE's results rebind them."""
+    whose backward transposes the gradient back, no copy) and dropped when RoPE's results rebind them; the MLP
+    half is LlamaDecoderLayer's (families.llama.llama_mlp_half)."""
     ctx = rec.ctx
     h = spec.hidden_size
     n = rms_norm(rec, x, sites.norm_trains("input_layernorm"), "input_layernorm")
@@ -87,19 +78,7 @@ def qwen3_block(rec: Recorder, spec: ModelSpec, sites, x: SymTensor) -> SymTenso
     rec.free(a, q, k, vl, n)
     x2 = add(rec, x, o, x.dtype)
     rec.free(o)
-    n2 = rms_norm(rec, x2, sites.norm_trains("post_attention_layernorm"), "post_attention_layernorm")
-    g = sites.linear(rec, n2, "mlp.gate_proj", h, spec.intermediate_size)
-    act = activation(rec, g, "silu", "mlp.act_fn")
-    rec.free(g)
-    u = sites.linear(rec, n2, "mlp.up_proj", h, spec.intermediate_size)
-    p = mul(rec, act, u, "mlp.act_mul")
-    rec.free(act, u)
-    d = sites.linear(rec, p, "mlp.down_proj", spec.intermediate_size, h)
-    d = sites.adapt(rec, d, "mlp_out", "mlp.down_proj")
-    rec.free(p, n2)
-    out = add(rec, x2, d, x2.dtype)
-    rec.free(d, x2)
-    return out
+    return llama_mlp_half(rec, spec, sites, x2)
 
 
 def qwen3_config(config: dict, common: dict, where: str, read_part=None) -> ModelSpec:
@@ -108,9 +87,7 @@ def qwen3_config(config: dict, common: dict, where: str, read_part=None) -> Mode
     (use_sliding_window, max_window_layers, layer_types: families.llama.llama_windows; the published Qwen3
     configs have none)."""
     hidden, heads, layers, intermediate = encoder_sizes(config, where)
-    kv_heads = optional_config_int(config, "num_key_value_heads", heads, where, null_is_default=True)
-    if heads % kv_heads:
-        raise InputError(f"{where}: num_attention_heads ({heads}) must be a multiple of num_key_value_heads ({kv_heads})")
+    kv_heads = config_kv_heads(config, heads, where)
     act = config_str(config, "hidden_act", "silu", where)
     if act != "silu":
         raise InputError(f"{where}: hidden_act {act!r} is not supported for qwen3; silu only")

@@ -13,7 +13,7 @@ from peftcalc.errors import InputError
 from peftcalc.families.llama import llama_config, rotary_buffer_bytes
 from peftcalc.families.mixtral import experts_lora, experts_modules, experts_training, moe_settings
 from peftcalc.families.record import Family, config_dropout
-from peftcalc.layout import Layout, Module, decoder_head, linear_module, norm_module
+from peftcalc.layout import Layout, Module, attention_modules, decoder_head, norm_module
 from peftcalc.ops.attention import attention
 from peftcalc.ops.moe import drop_router_logits, experts_forward, router_top_k
 from peftcalc.ops.norms import rms_norm
@@ -41,11 +41,7 @@ def qwen3_moe_layout(spec: ModelSpec) -> Layout:
     mods = [Module(f"{base}embed_tokens", "embedding", (spec.vocab_size, h), False, None, "embed")]
     for i in range(spec.num_layers):
         p = f"{base}layers.{i}"
-        mods += [
-            linear_module(f"{p}.self_attn.q_proj", spec.num_heads * hd, h, bias, i, "attn"),
-            linear_module(f"{p}.self_attn.k_proj", spec.num_kv_heads * hd, h, bias, i, "attn"),
-            linear_module(f"{p}.self_attn.v_proj", spec.num_kv_heads * hd, h, bias, i, "attn"),
-            linear_module(f"{p}.self_attn.o_proj", h, spec.num_heads * hd, bias, i, "attn_out"),
+        mods += attention_modules(spec, p, i, bias, bias) + [
             norm_module(f"{p}.self_attn.q_norm", hd, False, i),
             norm_module(f"{p}.self_attn.k_norm", hd, False, i),
         ]

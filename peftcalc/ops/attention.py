@@ -296,20 +296,8 @@ def _eager_attention(rec: Recorder, spec: ModelSpec, q: SymTensor, k: SymTensor,
     ctx = rec.ctx
     b, s, kv, heads = ctx.batch, ctx.seq, ctx.kv_seq, spec.num_heads
     k_full, v_full = (k, v) if explicit_mask else (_repeat_kv(rec, spec, k), _repeat_kv(rec, spec, v))
-    # q @ k^T saves q for k's gradient and k for q's; probs @ v saves v for the probabilities'
-    # gradient and the probabilities for v's
-    qi, ki = autocast_in(rec, q), autocast_in(rec, k_full)
-    saved1 = []
-    if k.requires_grad:
-        saved1.append(rec.save(qi, f"{tag}.q"))
-    if q.requires_grad:
-        saved1.append(rec.save(ki, f"{tag}.k"))
-    sdt = ctx.autocast or q.dtype
-    qk_rg, needs = q.requires_grad or k.requires_grad, q.requires_grad or k.requires_grad or v.requires_grad
-    raw = rec.new(b * heads * s * kv, sdt, qk_rg)
-    rec.node(raw, *input_grads(qi, ki), saved=saved1)
-    scores = scale(rec, raw)
-    rec.free(raw)
+    qi, ki, scores = _scaled_scores(rec, spec, q, k_full, tag)
+    qk_rg = q.requires_grad or k.requires_grad
     if softcap:
         capped = scale(rec, scores)  # attn_weights / softcap
         rec.free(scores)
@@ -329,22 +317,67 @@ def _eager_attention(rec: Recorder, spec: ModelSpec, q: SymTensor, k: SymTensor,
         chain.append(cast(rec, chain[-1], q.dtype))
     chain.append(dropout(rec, chain[-1], p_drop, tag))
     chain.append(autocast_in(rec, chain[-1]))  # autocast's matmul casts fp32 probabilities
-    probs = chain[-1]
-    vi = autocast_in(rec, v_full)
-    saved2 = []
-    if v.requires_grad:
-        saved2.append(rec.save(probs, f"{tag}.probs"))
-    if q.requires_grad or k.requires_grad:
-        saved2.append(rec.save(vi, f"{tag}.v"))
-    out = rec.new(b * s * spec.q_dim, sdt, needs)
-    rec.node(out, [("new", "g", out.nbytes)] + input_grads(probs, vi)[0] + [("free", "g")], input_grads(probs, vi)[1], saved2)
+    vi, out = _values_matmul(rec, spec, chain[-1], v_full, v, ctx.autocast or q.dtype, tag, "kept")
     rec.free(*chain)
-    for t, orig in ((qi, q), (ki, k_full), (vi, v_full), (k_full, k), (v_full, v)):
+    y = _contiguous_output(rec, out, ((qi, q), (ki, k_full), (vi, v_full), (k_full, k), (v_full, v)))
+    rec.free(out)
+    return y
+
+
+def _scaled_scores(rec: Recorder, spec: ModelSpec, q: SymTensor, k_full: SymTensor, tag: str) -> tuple:
+    """eager_attention_forward's ``torch.matmul(query, key_states.transpose(2, 3)) * scaling`` on the keys repeat_kv
+    returned (modeling_llama.py; gpt-oss's alike): autocast casts both in, the matmul saves q for k's gradient and
+    k for q's, its (b, heads, s, kv) scores come in the compute dtype, and the scaling makes new ones (the
+    matmul's dropped; MulBackward makes a new gradient). Returns (q as cast, k as cast, the scaled scores)."""
+    ctx = rec.ctx
+    qi, ki = autocast_in(rec, q), autocast_in(rec, k_full)
+    saved = []
+    if k_full.requires_grad:
+        saved.append(rec.save(qi, f"{tag}.q"))
+    if q.requires_grad:
+        saved.append(rec.save(ki, f"{tag}.k"))
+    raw = rec.new(ctx.batch * spec.num_heads * ctx.seq * ctx.kv_seq, ctx.autocast or q.dtype,
+                  q.requires_grad or k_full.requires_grad)
+    rec.node(raw, *input_grads(qi, ki), saved=saved)
+    scores = scale(rec, raw)
+    rec.free(raw)
+    return qi, ki, scores
+
+
+def _values_matmul(rec: Recorder, spec: ModelSpec, probs: SymTensor, v_full: SymTensor, v: SymTensor, dtype: str,
+                   tag: str, grad_copy: str) -> tuple:
+    """eager_attention_forward's ``torch.matmul(attn_weights, value_states)``: autocast casts the values in, the
+    matmul saves the probabilities for v's gradient and v for theirs, its (b, s, heads x head_dim) output in
+    `dtype`. Its backward makes the probabilities' and v's gradients from a copy of the incoming gradient,
+    `grad_copy`: "kept" (the incoming gradient held until the node returns: _eager_attention), "freed" (dropped
+    once copied: UnsafeViewBackward's reshape copy, _bmm_output_backward) or "" (no copy: bmm reads it). Returns
+    (the values as cast, the output)."""
+    ctx = rec.ctx
+    vi = autocast_in(rec, v_full)
+    saved = []
+    if v.requires_grad:
+        saved.append(rec.save(probs, f"{tag}.probs"))
+    if probs.requires_grad:
+        saved.append(rec.save(vi, f"{tag}.v"))
+    out = rec.new(ctx.batch * ctx.seq * spec.q_dim, dtype, probs.requires_grad or v.requires_grad)
+    steps, outputs = input_grads(probs, vi)
+    if grad_copy == "kept":
+        steps = [("new", "g", out.nbytes)] + steps + [("free", "g")]
+    elif grad_copy == "freed":
+        steps = [("new", "c", out.nbytes), ("free", GRAD)] + steps + [("free", "c")]
+    rec.node(out, steps, outputs, saved)
+    return vi, out
+
+
+def _contiguous_output(rec: Recorder, out: SymTensor, casts: tuple) -> SymTensor:
+    """The end of eager_attention_forward: its locals go (of each (tensor, original) pair in `casts`, the
+    autocast casts and repeat_kv's copies, where they are not the original), then ``attn_output.transpose(1,
+    2).contiguous()`` copies the output; its backward a view."""
+    for t, orig in casts:
         if t is not orig:
             rec.free(t)
-    y = rec.new(out.numel, out.dtype, needs)  # transpose(1, 2).contiguous() copies; its backward a view
+    y = rec.new(out.numel, out.dtype, out.requires_grad)
     rec.node(y, outputs=[(out.id, GRAD)])
-    rec.free(out)
     return y
 
 

@@ -5,9 +5,9 @@ of the softmax, then is dropped (transformers models/gpt_oss/modeling_gpt_oss.py
 from __future__ import annotations
 
 from peftcalc.backward import GRAD
-from peftcalc.ops.attention import _bmm_reshape_copies, _repeat_kv
+from peftcalc.ops.attention import _bmm_reshape_copies, _contiguous_output, _repeat_kv, _scaled_scores, _values_matmul
 from peftcalc.ops.recorder import Recorder, SymTensor, input_grads
-from peftcalc.ops.tensor_ops import autocast_in, cast, dropout, promote, scale
+from peftcalc.ops.tensor_ops import cast, dropout, promote
 from peftcalc.settings import DTYPE_BYTES
 from peftcalc.spec import ModelSpec
 
@@ -31,19 +31,10 @@ def sink_attention(rec: Recorder, spec: ModelSpec, q: SymTensor, k: SymTensor, v
     ctx = rec.ctx
     b, s, kv, heads = ctx.batch, ctx.seq, ctx.kv_seq, spec.num_heads
     kr, vr = _repeat_kv(rec, spec, k), _repeat_kv(rec, spec, v)
-    qi, ki = autocast_in(rec, q), autocast_in(rec, kr)
-    saved = []
-    if kr.requires_grad:
-        saved.append(rec.save(qi, f"{tag}.q"))
-    if q.requires_grad:
-        saved.append(rec.save(ki, f"{tag}.k"))
+    qi, ki, scaled = _scaled_scores(rec, spec, q, kr, tag)
     sdt = ctx.autocast or q.dtype
     qk_rg = q.requires_grad or k.requires_grad
     cells = b * heads * s * kv
-    raw = rec.new(cells, sdt, qk_rg)
-    rec.node(raw, *input_grads(qi, ki), saved=saved)
-    scaled = scale(rec, raw)
-    rec.free(raw)
     cdt = promote(sdt, ctx.weight_dtype)  # + the float mask
     masked = rec.new(cells, cdt, qk_rg)
     rec.node(masked, *(input_grads(scaled) if cdt != sdt else ([], [(scaled.id, GRAD)] if qk_rg else [])))
@@ -74,22 +65,8 @@ def sink_attention(rec: Recorder, spec: ModelSpec, q: SymTensor, k: SymTensor, v
     chain.append(cast(rec, chain[-1], vr.dtype))
     rec.free(masked)  # the local attn_weights, rebound to the dropped-out probabilities
     pv = chain[-1]
-    vi = autocast_in(rec, vr)
-    saved = []
-    if v.requires_grad:
-        saved.append(rec.save(pv, f"{tag}.probs"))
-    if grad:
-        saved.append(rec.save(vi, f"{tag}.v"))
-    needs = grad or v.requires_grad
-    out = rec.new(b * s * spec.q_dim, sdt, needs)
-    steps, outputs = input_grads(pv, vi)
-    if _bmm_reshape_copies(b, heads):  # UnsafeViewBackward's copy of the transposed gradient, which then goes
-        steps = [("new", "c", out.nbytes), ("free", GRAD)] + steps + [("free", "c")]
-    rec.node(out, steps, outputs, saved)
-    for t, orig in ((qi, q), (ki, kr), (vi, vr), (kr, k), (vr, v)):
-        if t is not orig:
-            rec.free(t)
-    y = rec.new(out.numel, out.dtype, needs)  # transpose(1, 2).contiguous() copies; its backward a view
-    rec.node(y, outputs=[(out.id, GRAD)])
+    # UnsafeViewBackward's copy of the transposed gradient, which then goes
+    vi, out = _values_matmul(rec, spec, pv, vr, v, sdt, tag, "freed" if _bmm_reshape_copies(b, heads) else "")
+    y = _contiguous_output(rec, out, ((qi, q), (ki, kr), (vi, vr), (kr, k), (vr, v)))
     rec.free(out, shifted, *chain[:-1])  # the function's local combined_logits holds the shifted scores
     return y, pv
