@@ -8,6 +8,7 @@ from dataclasses import fields, replace
 from functools import lru_cache, wraps
 from math import ceil
 
+from peftcalc.activations import activation_profile
 from peftcalc.checks import require_int, require_number
 from peftcalc.errors import CombinationError, InputError
 from peftcalc.families.blip2 import blip2_image_tokens
@@ -321,6 +322,7 @@ def _memory(plan: Plan, t: TrainingSettings) -> Memory:
         events=dict(tl.events),
         peak_micro_batch=tl.peak_micro_batch,
         paged_bytes=paged,
+        host_bytes=activation_profile(plan, t).host_bytes if t.offload_activations else 0,
         traced=traced_status(t),
         ranks=_rank_rows(plan, t),
     )

@@ -51,9 +51,8 @@ def check_offload(plan: Plan, t: TrainingSettings) -> None:
     ]
     for bad, what in unmodelled:
         if bad:
-            raise CombinationError(f"offload_activations with {what} is not modelled (save_on_cpu's host copies and "
-                                   "device copies are simulated for the rest; the harness traces it: measure/offload.py)",
-                                   names=("offload_activations",))
+            raise CombinationError(f"offload_activations with {what} is not modelled; the harness traces it "
+                                   "(peftcalc measure, measure/offload.py)", names=("offload_activations",))
 
 
 def offloaded_events(plan: Plan, t: TrainingSettings, act: ActivationProfile, grads, base: dict, gradients: int,
