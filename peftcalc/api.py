@@ -524,6 +524,8 @@ def _sweep_figures(plan: Plan, t: TrainingSettings) -> dict:
            "peak_bytes": tl.peak_bytes, "peak_phase": tl.peak_phase,
            "reserved_bytes": reserved_bytes(cuda_peak), "step1_peak_bytes": tl.step1_peak_bytes}
     row.update({f"mem_{k}": v for k, v in tl.components})
+    if t.offload_activations:  # save_on_cpu's pinned host copies, apart from the device peak
+        row["host_bytes"] = activation_profile(plan, t).host_bytes
     return row
 
 
