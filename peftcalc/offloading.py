@@ -70,11 +70,14 @@ def offloaded_events(plan: Plan, t: TrainingSettings, act: ActivationProfile, gr
     `base` holds the weights, inputs and optimizer states, `gradients` every trainable .grad, `tied` a tied
     embedding's two gradients summed (memory._tied_embedding_accumulation)."""
     ckpt = t.grad_checkpointing
-    kept = act.offload_kept_input + (act.pre if ckpt else 0)
-    held = act.checkpoint_kwargs + act.loss_scalars
+    # the checkpoints' keyword arguments hold the RoPE cos/sin (saved inside the blocks: activations, as the
+    # harness's tracer counts them); the leaf, no longer saved by anything, is a temporary there
+    kept = act.pre if ckpt else 0
+    kwargs = act.checkpoint_kwargs + act.offload_kept_input
+    held = kwargs + act.loss_scalars
     events = [("forward", dict(base, activations=kept + act.loss_saved, logits_loss=act.loss_forward_peak - act.loss_saved,
                                temporaries=(act.autocast_weight_cache if ckpt else act.forward_leaves) + act.model_output
-                               + act.checkpoint_kwargs))]
+                               + kwargs))]
     if ckpt:
         events.append(("forward:block", dict(base, activations=act.pre + act.forward_checkpoint_inputs,
                                              temporaries=act.forward_transient - act.forward_checkpoint_inputs)))
@@ -82,10 +85,10 @@ def offloaded_events(plan: Plan, t: TrainingSettings, act: ActivationProfile, gr
         events.append(("forward:block", dict(base, activations=0, temporaries=act.forward_block_live)))
     events.append(("backward:loss", dict(base, activations=kept + act.loss_saved_backward,
                                          logits_loss=act.loss_backward_peak - act.loss_saved_backward + act.loss_scalars,
-                                         temporaries=act.checkpoint_kwargs)))
+                                         temporaries=kwargs)))
     hp = act.head_backward
     events.append(("backward:head", dict(base, activations=kept + hp.saved, gradients=min(hp.params, grads.head_accumulated),
-                                         logits_loss=hp.buffers + act.loss_scalars, temporaries=act.checkpoint_kwargs)))
+                                         logits_loss=hp.buffers + act.loss_scalars, temporaries=kwargs)))
     arrived = grads.head_accumulated
     ctx = make_ctx(plan.spec, plan, t)
     block_input = ctx.tokens * plan.spec.hidden_size * DTYPE_BYTES[stream_dtype(ctx)]
