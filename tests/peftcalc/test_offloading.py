@@ -82,6 +82,9 @@ def test_device_peak_under_checkpointing_by_hand():
     ("tiny-qwen2", "full", "fp32", False, 1_975_984, 1_530_628),
     ("tiny-qwen2", "full", "bf16", True, 1_038_640, 394_884),
     ("tiny-qwen2", "lora", "bf16", False, 650_984, 832_516),
+    ("tiny-mistral", "lora", "fp32", True, 996_456, 460_036),
+    ("tiny-llama", "lora", "amp-bf16", True, 1_054_824, 394_500),
+    ("tiny-qwen3", "lora", "fp32", False, 1_112_488, 1_534_852),
 ])
 def test_tiny_rows_as_traced(model, method, precision, ckpt, device_peak, host):
     """Traced rows of the ci matrix (reports/data/ci.jsonl, fake and cpu alike), batch 2 x 32: the device peak
@@ -105,7 +108,8 @@ def test_llama_3_2_1b_lora_as_traced(ckpt, device_peak, host):
 @pytest.mark.parametrize("kw,what", [
     (dict(model="gpt2"), "model type gpt2"),
     (dict(method="qlora"), "method qlora"),
-    (dict(precision="amp-bf16"), "precision amp-bf16"),
+    (dict(precision="amp-fp16"), "precision amp-fp16"),
+    (dict(model="qwen3-0.6b", grad_checkpointing=True), "gradient checkpointing on model type qwen3"),
     (dict(attention="eager"), "attention eager"),
     (dict(loss="chunked"), "loss chunked"),
     (dict(grad_checkpointing=True, checkpoint_reentrant=True), "reentrant or partial gradient checkpointing"),
