@@ -102,6 +102,8 @@ def predict(spec: ModelSpec, method: MethodSettings, training: TrainingSettings,
         memory = result.memory
         predicted = {"peak_bytes": int(memory.peak_bytes),
                      "components": {k: int(v) for k, v in dict(memory.components).items()}}
+        if getattr(memory, "host_bytes", 0):  # offload_activations: against measured.host_peak_bytes
+            predicted["host_bytes"] = int(memory.host_bytes)
         for extra in ("peak_phase", "phase"):
             if getattr(memory, extra, None) is not None:
                 predicted["peak_phase"] = str(getattr(memory, extra))
@@ -189,6 +191,8 @@ def summarize(row: dict) -> str:
     if predicted:
         ratio = predicted["peak_bytes"] / meas["peak_bytes"] if meas["peak_bytes"] else float("nan")
         lines.append(f"predicted     {_gib(predicted['peak_bytes'])} ({ratio:.3f} x measured)")
+        if predicted.get("host_bytes") and meas.get("host_peak_bytes"):
+            lines.append(f"predicted host {_gib(predicted['host_bytes'])} (measured {_gib(meas['host_peak_bytes'])})")
     categories = meas.get("categories_at_peak") or (meas.get("tracer") or {}).get("categories_at_peak") or {}
     if categories:
         lines.append("at the peak   " + ", ".join(f"{k} {_gib(v)}" for k, v in categories.items() if v))

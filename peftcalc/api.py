@@ -8,6 +8,7 @@ from dataclasses import fields, replace
 from functools import lru_cache, wraps
 from math import ceil
 
+from peftcalc.activations import activation_profile
 from peftcalc.checks import require_int, require_number
 from peftcalc.errors import CombinationError, InputError
 from peftcalc.families.blip2 import blip2_image_tokens
@@ -22,9 +23,10 @@ from peftcalc.hardware import (
 )
 from peftcalc.memory import ALLOCATOR_SLACK_FRACTION, CUDA_CONTEXT_BYTES, reserved_bytes, timeline
 from peftcalc.model_states import model_states
+from peftcalc.offloading import check_offload
 from peftcalc.methods import (MethodSettings, Plan, check_applies, check_combination, check_method_values, make_plan, methods_for, normalize_targets, prepare_kbit_default,
                               resolve_adapter_kind)
-from peftcalc.settings import (DEFAULT_OPTIMIZER, PAGED_OPTIMIZERS, TrainingSettings, check_loss_applies, check_modelled,
+from peftcalc.settings import (DEFAULT_OPTIMIZER, PAGED_OPTIMIZERS, TrainingSettings, check_loss_applies,
                                check_training)
 from peftcalc.sharding import sharded_timeline
 from peftcalc.sharding.comm import communication, step_seconds_with_comm
@@ -210,6 +212,7 @@ def estimate(
                                router_aux_loss=router_aux_loss or spec.output_router_logits))
     check_combination(spec, settings, seq_len, grad_checkpointing)
     check_loss_applies(spec, t, stream_dtypes(make_plan(spec, settings), t)[1])
+    check_offload(make_plan(spec, settings), t)
     _check_cost_inputs(gpu, price, tasks, dataset_tokens, mfu)
     plan = make_plan(spec, settings)
     auto = None
@@ -319,6 +322,7 @@ def _memory(plan: Plan, t: TrainingSettings) -> Memory:
         events=dict(tl.events),
         peak_micro_batch=tl.peak_micro_batch,
         paged_bytes=paged,
+        host_bytes=activation_profile(plan, t).host_bytes if t.offload_activations else 0,
         traced=traced_status(t),
         ranks=_rank_rows(plan, t),
     )
@@ -479,7 +483,8 @@ def _sweep_row(spec: ModelSpec, kw: dict, memo: dict | None = None) -> dict:
     plan = make_plan(spec, settings)
     _memoized(memo, ("combination", settings, t.seq_len, t.grad_checkpointing),
               lambda: check_combination(spec, settings, t.seq_len, t.grad_checkpointing) or True)
-    _memoized(memo, ("loss", t, settings), lambda: check_loss_applies(spec, t, stream_dtypes(plan, t)[1]) or True)
+    _memoized(memo, ("loss", t, settings), lambda: check_loss_applies(spec, t, stream_dtypes(plan, t)[1])
+              or check_offload(plan, t) or True)
     figures = _memoized(memo, (_memory_key(settings), t), lambda: _sweep_figures(plan, t))
     return {"model": spec.name, **{k: kw[k] for k in kw}, "method": settings.method, **figures}
 
@@ -498,11 +503,9 @@ def _memoized(memo: dict, key: tuple, compute):
 
 
 def _checked_training(kw: dict) -> TrainingSettings:
-    """TrainingSettings from `kw`, checked (settings.check_training), and modelled (offload_activations is not yet:
-    the harness traces it, measure/offload.py)."""
+    """TrainingSettings from `kw`, checked (settings.check_training)."""
     t = TrainingSettings(**kw)
     check_training(t)
-    check_modelled(t)
     return t
 
 
@@ -521,6 +524,8 @@ def _sweep_figures(plan: Plan, t: TrainingSettings) -> dict:
            "peak_bytes": tl.peak_bytes, "peak_phase": tl.peak_phase,
            "reserved_bytes": reserved_bytes(cuda_peak), "step1_peak_bytes": tl.step1_peak_bytes}
     row.update({f"mem_{k}": v for k, v in tl.components})
+    if t.offload_activations:  # save_on_cpu's pinned host copies, apart from the device peak
+        row["host_bytes"] = activation_profile(plan, t).host_bytes
     return row
 
 

@@ -19,7 +19,7 @@ from dataclasses import replace
 from peftcalc.errors import InputError
 from peftcalc.memory import COMPONENTS, timeline
 from peftcalc.methods import check_applies, check_combination, make_plan, max_seq_len
-from peftcalc.settings import TrainingSettings, check_modelled, check_training
+from peftcalc.settings import TrainingSettings, check_training
 
 __all__ = ["AXES", "crossover", "crossover_sentence", "first_crossing", "render_crossover", "scan_points"]
 
@@ -89,7 +89,6 @@ def crossover(model, method: str = "lora", against: str = "full", over: str = "s
                          names=("method", "against"))
     base = TrainingSettings(**(training or {}))
     check_training(base)
-    check_modelled(base)
     settings_m = method_settings(method, **method_kw)
     check_applies(method, method_kw)
     plan_m = make_plan(spec, resolved_settings(spec, settings_m))

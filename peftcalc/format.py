@@ -264,6 +264,8 @@ def render_estimate_text(e) -> str:
     if e.memory.paged_bytes:
         rows.append(["+ paged optimizer states (unified memory)", gib(e.memory.paged_bytes)])
     rows.append(["GPU memory needed (nvidia-smi)", gib(e.memory.reserved_bytes)])
+    if e.memory.host_bytes:
+        rows.append(["host memory, pinned (offloaded activations)", gib(e.memory.host_bytes)])
     out.append(text_table(rows, ["Memory at the peak", ""]))
     out.extend(rank_lines(e))
     if e.memory.traced != "traced" and e.training.loss == "trl":
@@ -322,6 +324,8 @@ def estimate_flat(e) -> dict:
         "reserved_bytes": e.memory.reserved_bytes,
         "estimated_by": e.estimated_by,
     }
+    if e.memory.host_bytes:  # offloaded activations' pinned host copies
+        row["host_bytes"] = e.memory.host_bytes
     if e.trace is not None:
         row["trace_seconds"] = e.trace["seconds"]
     row.update({f"mem_{k}": v for k, v in e.memory.components.items()})

@@ -18,6 +18,7 @@ from peftcalc.families.blip2 import blip2_image_tokens
 from peftcalc.families.llava import VISION_TOWER
 from peftcalc.model_states import (ModelStates, buffer_bytes, clip_grad_norm_bytes, cls_token_gradient_storage, gradient_free,
                                    group_dtype, model_states, tied_embedding_addends)
+from peftcalc.offloading import offloaded_events
 from peftcalc.plan import Plan
 from peftcalc.settings import DTYPE_BYTES, TrainingSettings
 from peftcalc.sim.profile import engine_cast, stream_dtypes
@@ -326,6 +327,11 @@ def _step_events(plan: Plan, t: TrainingSettings, act: ActivationProfile, ms: Mo
         base["_other"] = base.get("_other", 0) + ms.optimizer_spare_maps
     if act.input_leaf:  # the hooked embedding output, held by its AccumulateGrad node to the end of backward
         base["_other"] = base.get("_other", 0) + act.input_leaf
+    tied = tied_embedding_addends(plan, t)
+    gradients = grads.total + cls_token_gradient_storage(plan, t)
+    if t.offload_activations:  # save_on_cpu around the forward (peftcalc.offloading)
+        return ([_event(n, p) for n, p in offloaded_events(plan, t, act, grads, base, gradients, tied)]
+                + [_optimizer_event(weights, inputs, gradients, ms)])
     ckpt = t.grad_checkpointing
     wrapped = act.checkpointed if ckpt else (False,) * len(act.per_layer)
     saving = [i for i, a in enumerate(act.per_layer) if a]
@@ -348,8 +354,6 @@ def _step_events(plan: Plan, t: TrainingSettings, act: ActivationProfile, ms: Mo
                                      logits_loss=act.loss_backward_peak - act.loss_saved_backward + act.loss_scalars,
                                      temporaries=act.checkpoint_kwargs)),
     ]
-    tied = tied_embedding_addends(plan, t)
-    gradients = grads.total + cls_token_gradient_storage(plan, t)
     if ckpt and all(wrapped):
         events += _checkpointed_backward(plan, act, grads, base, kept_per_layer, remaining, t.checkpoint_reentrant)
     elif ckpt:
@@ -366,11 +370,16 @@ def _step_events(plan: Plan, t: TrainingSettings, act: ActivationProfile, ms: Mo
         # is alive; a tied embedding's two gradients are then summed (tied_embedding_addends)
         _event("backward:end", dict(base, activations=_saved_at_embeddings_backward(act, tied), gradients=gradients,
                                     temporaries=max(tied, act.embedding_grad) + act.loss_scalars + kwargs_to_end)),
-        _event("optimizer", dict(weights, inputs=inputs, gradients=gradients, temporaries=ms.optimizer_temporaries,
-                                 optimizer_states=ms.optimizer_states + (ms.optimizer_maps if ms.maps_in_state else 0),
-                                 _other=(0 if ms.maps_in_state else ms.optimizer_maps) + ms.optimizer_spare_maps)),
+        _optimizer_event(weights, inputs, gradients, ms),
     ]
     return _with_router_gradients(plan, act, events, ckpt, stream_dtypes(plan, t)[1], t.batch_size)
+
+
+def _optimizer_event(weights: dict, inputs: int, gradients: int, ms: ModelStates) -> tuple:
+    """The optimizer step: the weights, every .grad, the states and the step's temporaries."""
+    return _event("optimizer", dict(weights, inputs=inputs, gradients=gradients, temporaries=ms.optimizer_temporaries,
+                                    optimizer_states=ms.optimizer_states + (ms.optimizer_maps if ms.maps_in_state else 0),
+                                    _other=(0 if ms.maps_in_state else ms.optimizer_maps) + ms.optimizer_spare_maps))
 
 
 def _with_router_gradients(plan: Plan, act: ActivationProfile, events: list, ckpt: bool, dtype: str,

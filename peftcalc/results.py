@@ -34,6 +34,9 @@ class Memory:
     peak_micro_batch: int | None = None
     # bitsandbytes paged optimizers: their states in CUDA unified memory (not in peak_bytes, in reserved_bytes)
     paged_bytes: int = 0
+    # activation offloading (torch.autograd.graph.save_on_cpu(pin_memory=True)): the pinned host copies of the saved
+    # activations at their largest (the end of the forward), in neither peak_bytes nor reserved_bytes
+    host_bytes: int = 0
     # what the harness can only run on CUDA and no CPU trace has measured ("liger" and "cce" losses,
     # paged optimizers): "modelled, not traced"; else "traced"
     traced: str = "traced"

@@ -12,7 +12,7 @@ from peftcalc.errors import CombinationError, InputError
 
 __all__ = ["ATTENTIONS", "DEFAULT_OPTIMIZER", "DEVICES", "DTYPE_BYTES", "EIGHT_BIT_OPTIMIZERS", "EXPERTS",
            "LOGITLESS_LOSSES", "LOSSES", "OFFLOADS", "ONE_STATE_OPTIMIZERS", "OPTIMIZERS", "PAGED_OPTIMIZERS", "PRECISIONS",
-           "ROUTINGS", "SHARDINGS", "TrainingSettings", "check_loss_applies", "check_modelled", "check_parallel",
+           "ROUTINGS", "SHARDINGS", "TrainingSettings", "check_loss_applies", "check_parallel",
            "check_training"]
 
 # Precision policies: (storage dtype of the base weights, autocast compute dtype or None).
@@ -214,15 +214,6 @@ def check_training(t: TrainingSettings) -> None:
                                "or none, one micro-batch, outputs dropped before backward); --trace traces it",
                                names=("router_aux_loss",))
     check_parallel(t)
-
-
-def check_modelled(t: TrainingSettings) -> None:
-    """InputError for a setting the harness runs but the calculator does not model yet: offload_activations
-    (torch.autograd.graph.save_on_cpu; traced by measure/offload.py)."""
-    if t.offload_activations:
-        raise InputError("offload_activations (torch.autograd.graph.save_on_cpu) is not modelled yet; the harness "
-                         "traces it (peftcalc measure, measure/offload.py)",
-                         names=("offload_activations",))
 
 
 def check_parallel(t: TrainingSettings) -> None:

@@ -106,6 +106,8 @@ def summarize(df) -> dict:
         "error_table": _records(table),
         "phase": phase_table(df),
         "components": _records(component_table(df)),
+        # offload_activations rows: the host copies' largest sum (measure/offload.py) against memory.host_bytes
+        "host": _records(error_table(df, by=("source",), column="host_error")) if "host_error" in df else [],
         "unpredicted": unpredicted,
         "headline": "gpu" if "gpu" in counts else None,
     }
@@ -181,6 +183,10 @@ def error_summary_text(summary: dict) -> str:
         lines.append("")
         lines.append("peak phase right: " + "; ".join(
             f"{src} {p['right']}/{p['n']} ({p['right_pct']:.1f}%)" for src, p in phases.items() if p["n"]))
+    host = summary.get("host", [])
+    if host:
+        lines.append("offloaded activations' host bytes: " + "; ".join(
+            f"{r['source']} {r['n']} rows, worst |error| {r['worst_abs_pct']:.4f}%" for r in host))
     missing = len(summary.get("unpredicted", []))
     if missing:
         lines.append(f"{missing} row(s) not predicted by the current calculator (see report.md)")
@@ -202,10 +208,13 @@ def check_bounds(summary: dict, bounds: dict) -> list[str]:
     overall = {r["source"]: r for r in summary.get("overall", [])}
     table = {(r["source"], r["method"]): r for r in summary.get("error_table", [])}
     components = {(r["source"], r["component"]): r for r in summary.get("components", [])}
+    host = {r["source"]: r for r in summary.get("host", [])}
     for source, b in bounds.get("sources", {}).items():
         o = overall.get(source)
         if o is not None:
             problems += _check(f"{source}", o, b)
+        if source in host:  # the offloaded activations' host bytes, held to the source's peak bounds
+            problems += _check(f"{source} host bytes", host[source], b)
         phase = summary.get("phase", {}).get(source)
         floor = b.get("min_phase_right_pct")
         if floor is not None and phase and phase["right_pct"] is not None and phase["right_pct"] < floor:

@@ -266,6 +266,8 @@ def flatten(file: str, row: dict, index: ConfigIndex, recompute: bool = True) ->
         "measured_step1_peak_bytes": measured.get("step1_peak_bytes"),
         "measured_peak_phase": measured.get("peak_phase"),
         "measured_reserved_bytes": measured.get("reserved_peak_bytes"),
+        "measured_host_bytes": measured.get("host_peak_bytes"),  # offload_activations: save_on_cpu's host copies
+        "predicted_host_bytes": None,
         "stored_predicted_peak_bytes": stored.get("peak_bytes"),
         "predicted_peak_bytes": None,
         "predicted_step1_peak_bytes": None,
@@ -292,7 +294,8 @@ def flatten(file: str, row: dict, index: ConfigIndex, recompute: bool = True) ->
                            predicted_reserved_bytes=_allocator_reserved(e),
                            predicted_params_total=int(e.params.total),
                            predicted_params_trainable=int(e.params.trainable),
-                           predicted_from="current", prediction_note="")
+                           predicted_from="current", prediction_note="",
+                           predicted_host_bytes=int(e.memory.host_bytes) if e.memory.host_bytes else None)
                 predicted_parts = dict(e.memory.components)
         else:
             out["prediction_note"] = why
@@ -305,6 +308,7 @@ def flatten(file: str, row: dict, index: ConfigIndex, recompute: bool = True) ->
     out["step1_error"] = signed_error(out["predicted_step1_peak_bytes"], out["measured_step1_peak_bytes"]) if ok else math.nan
     out["reserved_error"] = signed_error(out["predicted_reserved_bytes"], out["measured_reserved_bytes"]) if ok else math.nan
     out["stored_error"] = signed_error(out["stored_predicted_peak_bytes"], out["measured_peak_bytes"]) if ok else math.nan
+    out["host_error"] = signed_error(out["predicted_host_bytes"], out["measured_host_bytes"]) if ok else math.nan
     # The breakdown: the tracer's categories (cuda rows: the traced extra step's). A component's
     # error is its share of the peak's error, (predicted_c - measured_c) / measured peak, and only
     # where both peaks fall in the same phase (else the two breakdowns describe different moments).

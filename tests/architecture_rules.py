@@ -27,7 +27,7 @@ LAYERS = [
     ["peftcalc.methods"],
     ["peftcalc.sim"],
     ["peftcalc.activations"],
-    ["peftcalc.model_states", "peftcalc.memory", "peftcalc.storage"],
+    ["peftcalc.model_states", "peftcalc.memory", "peftcalc.offloading", "peftcalc.storage"],
     ["peftcalc.sharding"],
     ["peftcalc.hardware", "peftcalc.results"],
     ["peftcalc.training_configs"],

@@ -80,7 +80,8 @@ def llama_attention_half(rec: Recorder, spec: ModelSpec, sites, x: SymTensor, dr
     vl = sites.linear(rec, n, "self_attn.v_proj", h, spec.kv_dim)
     if sites.rope:
         q, k, v = heads_view(rec, ql, clone=True), heads_view(rec, kl, clone=True), heads_view(rec, vl, clone=eager)
-        q, k = rope(rec, q), rope(rec, k)
+        cos = rec.ctx.seq * spec.rope_dim  # (1, seq, head_dim): LlamaRotaryEmbedding's cos and sin
+        q, k = rope(rec, q, cos_numel=cos), rope(rec, k, cos_numel=cos)
         rec.free(ql, kl)
     else:  # SmolLM3's NoPE layers (``if self.use_rope``): q and k stay views of the projections, as v is
         q, k, v = (heads_view(rec, t, clone=eager) for t in (ql, kl, vl))

@@ -69,7 +69,8 @@ def qwen3_block(rec: Recorder, spec: ModelSpec, sites, x: SymTensor) -> SymTenso
     vl = sites.linear(rec, n, "self_attn.v_proj", h, spec.kv_dim)
     q, k = heads_view(rec, qn, clone=False), heads_view(rec, kn, clone=False)
     v = heads_view(rec, vl, clone=ctx.attention == "eager")
-    q, k = rope(rec, q), rope(rec, k)
+    cos = ctx.seq * spec.rope_dim  # (1, seq, head_dim): the rotary cos and sin
+    q, k = rope(rec, q, cos_numel=cos), rope(rec, k, cos_numel=cos)
     rec.free(qn, kn)
     a = attention(rec, spec, q, k, v, config_dropout(spec, DROPOUT, "attn"), "self_attn.attention", replaced=(k, vl),
                   fp32_softmax=True, window=sites.window)

@@ -35,6 +35,9 @@ class StepContext:
     experts: str = "grouped_mm"  # a mixture-of-experts model's experts implementation (settings.EXPERTS)
     routing: str = "balanced"  # how its router spreads the tokens (settings.ROUTINGS)
     router_aux_loss: bool = False  # output_router_logits: the routers' logits go to the auxiliary loss (ops.moe)
+    # activation offloading (torch.autograd.graph.save_on_cpu) around these ops: a saved tensor goes to host
+    # memory (the Recorder's offload mode); False inside a checkpointed block, whose own hooks are innermost
+    offload: bool = False
 
     @property
     def tokens(self) -> int:

@@ -54,8 +54,8 @@ def matmul(rec: Recorder, x: SymTensor, in_f: int, out_f: int, weight_trains: bo
     tokens = x.numel // in_f
     qdtype = ctx.quant_compute or ctx.compute_dtype
     saves_weight = x.requires_grad and weight is None and not dequantized
-    if saves_weight:
-        rec.save_param()
+    if saves_weight:  # the weight, transposed (a view of the parameter, its whole size)
+        rec.save_param(weight_bytes)
     w = rec.new(dequantized // DTYPE_BYTES[qdtype], qdtype, False) if dequantized and ctx.device == "cuda" else None
     out = rec.new(tokens * out_f, out_dtype, x.requires_grad or weight_trains or bias_bytes > 0)
     rec.free(w)

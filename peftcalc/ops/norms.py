@@ -69,7 +69,7 @@ def rms_norm(rec: Recorder, x: SymTensor, weight_trainable: bool, tag: str, dim:
     saved = []
     steps, outputs = [], []
     if normed.requires_grad:
-        rec.save_param()
+        rec.save_param(hidden * DTYPE_BYTES[ctx.weight_dtype])
         steps.append(("new", "d", normed.nbytes))
         outputs.append((normed.id, "d"))
     if weight_trainable:
@@ -141,7 +141,7 @@ def layer_norm(rec: Recorder, x: SymTensor, trainable: bool, hidden: int, tag: s
     saved = []
     if needs:
         saved.append(rec.save(xin, f"{tag}.input"))
-        rec.save_param()
+        rec.save_param(2 * hidden * DTYPE_BYTES[rec.ctx.weight_dtype])  # native_layer_norm saves weight and bias
     out = rec.new(x.numel, xin.dtype, needs)
     # mean and rstd: fp32, except on the CPU with half input and weights alike, where native_layer_norm
     # returns them in the input's dtype (a half input with fp32 weights gets fp32 ones)

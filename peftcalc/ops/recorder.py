@@ -20,6 +20,7 @@ __all__ = [
     "SymTensor",
     "first_node_since",
     "input_grads",
+    "unpacked_steps",
 ]
 
 
@@ -73,6 +74,12 @@ class Recorder:
     # tensors the model returns to its caller besides its output, whose gradient comes from outside the block:
     # a mixture-of-experts router's logits under output_router_logits (ops.moe.drop_router_logits)
     returned: list = field(default_factory=list)
+    # activation offloading (StepContext.offload: torch.autograd.graph.save_on_cpu): the bytes of the host
+    # copies made (one per saved variable, a view its own size, parameters included), each saved storage's
+    # variable size (id -> bytes), and what the next node unpacks besides its saved activations
+    host_bytes: int = 0
+    save_sizes: dict = field(default_factory=dict)
+    unpacked: int = 0
 
     def new(self, numel: int, dtype: str, requires_grad: bool) -> SymTensor:
         """A new tensor (an allocation of the forward)."""
@@ -107,8 +114,16 @@ class Recorder:
         tensor that was alive at the forward's peak (still alive now, and made no later than the peak)
         counts among the peak's saved bytes: the harness's tracer (measure/tracer.py) gives a storage
         its category as finally decided, so a tensor autograd saves after the peak is an activation
-        there too (peft DoRA's cast input, made before the weight norm and saved by lora_A after it)."""
+        there too (peft DoRA's cast input, made before the weight norm and saved by lora_A after it).
+        Under offloading (StepContext.offload) the pack hook copies the saved variable to the host and
+        autograd holds no device tensor: it stays the forward's until the forward drops it (free)."""
+        size = t.nbytes
         t = t.base or t
+        if self.ctx.offload:
+            self.saved.setdefault(t.id, (self.bucket, tag, t.nbytes))
+            self.save_sizes[t.id] = size
+            self._recompute_stops_here()
+            return t.id
         if t.id not in self.saved:
             self.saved[t.id] = (self.bucket, tag, t.nbytes)
             self.saved_total += t.nbytes
@@ -125,7 +140,12 @@ class Recorder:
         self.recompute_peak_saved = self.forward_peak_saved  # tensors alive at it and saved since included
 
     def save_new(self, numel: int, dtype: str, tag: str) -> int:
-        return self.save(self.new(numel, dtype, False), tag)
+        """A tensor made to be saved, which nothing but autograd holds (under offloading: freed once packed)."""
+        t = self.new(numel, dtype, False)
+        tid = self.save(t, tag)
+        if self.ctx.offload:
+            self.free(t)
+        return tid
 
     def release(self, *ts: SymTensor) -> None:
         """Autograd frees what a graph saved once nothing references the graph: a graph whose output
@@ -136,16 +156,37 @@ class Recorder:
             if entry is not None:
                 self.saved_total -= entry[2]
 
-    def save_param(self) -> None:
-        """A parameter saved for backward: no activation bytes, but a recompute stops only after it."""
+    def save_param(self, nbytes: int = 0) -> None:
+        """A parameter (or a view of one: Linear's weight.t(), `nbytes` its size) saved for backward: no
+        activation bytes, but a recompute stops only after it; under offloading the pack hook copies it to
+        the host like any saved variable, and the node unpacks it (save_on_cpu packs whatever autograd saves)."""
         self._recompute_stops_here()
+        self.shared_saved(nbytes)
+
+    def shared_saved(self, nbytes: int) -> None:
+        """The next node saves a tensor counted elsewhere (a parameter; RoPE's cos and sin, saved once per
+        model): under offloading one more host copy, and one more device copy when the node unpacks."""
+        if self.ctx.offload:
+            self.unpacked += nbytes
 
     def node(self, out: SymTensor, steps=(), outputs=(), saved=(), hold: int = 0, saves_param: bool = False) -> None:
         """The autograd node that made `out` (none when `out` needs no gradient): its backward
         formula's allocations, the gradients it hands on and the saved tensors it holds (and whether it
         holds a parameter too: it unpacks saved variables either way)."""
-        if out.requires_grad:  # a Node's fields as a plain tuple (see Node)
-            self.nodes.append((out.id, tuple(steps), tuple(outputs), tuple(saved), hold, bool(saved) or saves_param))
+        unpacked, self.unpacked = self.unpacked, 0
+        if not out.requires_grad:
+            return
+        unpacks = bool(saved) or saves_param
+        if self.ctx.offload:
+            unpacked += sum(self.save_sizes[s] for s in saved)
+            self.host_bytes += unpacked
+            steps, saved = unpacked_steps(steps, unpacked), ()
+        # a Node's fields as a plain tuple (see Node)
+        self.nodes.append((out.id, tuple(steps), tuple(outputs), tuple(saved), hold, unpacks))
+
+    def device_saved(self) -> dict:
+        """saved_bytes as the device holds them: none under offloading (the host copies are not the device's)."""
+        return {} if self.ctx.offload else self.saved_bytes()
 
     def saved_bytes(self) -> dict:
         return {tid: nbytes for tid, (_b, _t, nbytes) in self.saved.items()}
@@ -169,6 +210,17 @@ class Recorder:
         for _bucket, tag, nbytes in self.saved.values():
             out[tag] = out.get(tag, 0) + nbytes
         return out
+
+
+def unpacked_steps(steps, nbytes: int) -> tuple:
+    """A node's steps under offloading: save_on_cpu's unpack_from_cpu (``tensor.to(device)``, torch/autograd/graph.py)
+    makes a device copy of each saved variable when the node's formula starts (the generated backward unpacks its
+    SavedVariables first), freed when the formula returns (its locals), before the engine's checks ("returned")."""
+    if not nbytes:
+        return tuple(steps)
+    steps = list(steps)
+    end = next((i for i, s in enumerate(steps) if s[0] == "returned"), len(steps))
+    return tuple([("new", "unpacked", nbytes)] + steps[:end] + [("free", "unpacked")] + steps[end:])
 
 
 def input_grads(*inputs: SymTensor) -> tuple[list, list]:

@@ -7,13 +7,14 @@ from __future__ import annotations
 from peftcalc.backward import GRAD
 from peftcalc.ops.recorder import Recorder, SymTensor, input_grads
 from peftcalc.ops.tensor_ops import add, cast, promote
+from peftcalc.settings import DTYPE_BYTES
 
 __all__ = [
     "rope",
 ]
 
 
-def rope(rec: Recorder, x: SymTensor, cos_dtype: str = "", cast_back: bool = False) -> SymTensor:
+def rope(rec: Recorder, x: SymTensor, cos_dtype: str = "", cast_back: bool = False, cos_numel: int = 0) -> SymTensor:
     """transformers apply_rotary_pos_emb (modeling_llama.py): x * cos + rotate_half(x) * sin,
     rotate_half(x) = cat(-x[..., d/2:], x[..., :d/2]). The products save cos and sin (shared, counted
     once per model), nothing of x; they take the dtype of cos/sin (the hidden states') when wider (a
@@ -21,9 +22,11 @@ def rope(rec: Recorder, x: SymTensor, cos_dtype: str = "", cast_back: bool = Fal
     (cast back to the cat's dtype by the engine when it was promoted); cat's gradient splits into
     views; neg's gradient; each slice's slice_backward (zeros like x, then a copy), summed; grad * cos.
     `cos_dtype`: the dtype of cos and sin where it is not the hidden states' (Olmo2RotaryEmbedding returns them
-    fp32); `cast_back`: the sum is cast back to x's dtype (Olmo2's apply_rotary_pos_emb: ``q_embed.to(q_type)``)."""
+    fp32); `cast_back`: the sum is cast back to x's dtype (Olmo2's apply_rotary_pos_emb: ``q_embed.to(q_type)``).
+    `cos_numel`: the size of cos (and of sin), whose saves the products unpack under offloading."""
     n, half = x.nbytes, x.nbytes // 2
     dtype = promote(x.dtype, cos_dtype or rec.ctx.weight_dtype)
+    cos_bytes = cos_numel * DTYPE_BYTES[cos_dtype or rec.ctx.weight_dtype]
 
     def product_grad(src: SymTensor, prod: SymTensor) -> tuple:
         if prod.dtype == src.dtype:
@@ -31,6 +34,7 @@ def rope(rec: Recorder, x: SymTensor, cos_dtype: str = "", cast_back: bool = Fal
         return [("new", "t", prod.nbytes), ("new", "d", src.nbytes), ("free", "t")], [(src.id, "d")]
 
     m1 = rec.new(x.numel, dtype, x.requires_grad)  # x * cos
+    rec.shared_saved(cos_bytes)
     rec.node(m1, *product_grad(x, m1))
     x1 = rec.view(x, x.numel // 2)  # x[..., :d/2]
     rec.node(x1, [("new", "d", n)], [(x.id, "d")])
@@ -42,6 +46,7 @@ def rope(rec: Recorder, x: SymTensor, cos_dtype: str = "", cast_back: bool = Fal
     rec.node(c, outputs=[(ng.id, GRAD), (x1.id, GRAD)])
     rec.free(ng)
     m2 = rec.new(x.numel, dtype, x.requires_grad)  # cat * sin
+    rec.shared_saved(cos_bytes)
     rec.node(m2, *product_grad(c, m2))
     rec.free(c)
     out = add(rec, m1, m2)

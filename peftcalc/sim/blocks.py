@@ -49,6 +49,7 @@ class BlockSimulation:
     checkpointed_backward: BackwardPeak = BackwardPeak()  # recompute and backward's peak, its input not included
     returned: int = 0  # bytes it hands the model's caller besides its output (router logits: ops.moe.drop_router_logits)
     returned_grad: int = 0  # what of them gets a gradient from outside the block (the auxiliary loss's)
+    host: int = 0  # under offloading (StepContext.offload): the bytes of the host copies its saves make
 
 
 @lru_cache(maxsize=4096)
@@ -60,7 +61,7 @@ def simulate_block(spec: ModelSpec, plan: Plan, training: LayerTraining, ctx: St
     rec = Recorder(ctx, bucket=0)
     x = rec.new(ctx.tokens * spec.hidden_size, input_dtype, input_rg)
     out = family(spec).block(rec, spec, BlockSites(spec, plan, training), x)
-    saved = rec.saved_bytes()
+    saved = rec.device_saved()
     incoming = {out.id: out.nbytes} if out.requires_grad else {}
     # the router logits' gradients from the auxiliary loss, made before the block's backward starts (ops.moe)
     incoming.update({t.id: t.nbytes for t in rec.returned if t.requires_grad})
@@ -74,10 +75,10 @@ def simulate_block(spec: ModelSpec, plan: Plan, training: LayerTraining, ctx: St
                                              checkpoint_input=x.id if x.id in saved else None,
                                              accumulate=ctx.accumulating)
     leaves = rec.live_bytes - rec.live.get(out.id, 0) - rec.live.get(x.id, 0)
-    return BlockSimulation(sum(saved.values()), tuple(rec.bytes_by_tag().items()), out.requires_grad, out.dtype, replay.peak,
-                           rec.forward_peak, rec.forward_peak_saved, x.id in rec.saved, leaves,
+    return BlockSimulation(sum(rec.saved_bytes().values()), tuple(rec.bytes_by_tag().items()), out.requires_grad,
+                           out.dtype, replay.peak, rec.forward_peak, rec.forward_peak_saved, x.id in rec.saved, leaves,
                            checkpointed_backward=checkpointed.peak, returned=sum(t.nbytes for t in rec.returned),
-                           returned_grad=sum(t.nbytes for t in rec.returned if t.requires_grad))
+                           returned_grad=sum(t.nbytes for t in rec.returned if t.requires_grad), host=rec.host_bytes)
 
 
 @lru_cache(maxsize=4096)
@@ -165,6 +166,11 @@ def run_blocks(rec: Recorder, spec: ModelSpec, plan: Plan, layout: Layout, ctx: 
     seen: dict = {}  # (layer kind, input kind) -> its simulation, without hashing the plan or the layer per layer
     trainings, layer_kinds = distinct_layer_trainings(plan, layout)
     reentrant_peaks = []
+    # under offloading (StepContext.offload) autograd holds nothing on the device: the blocks below add nothing,
+    # and the model's forward holds the first block's input (inputs_embeds) whether or not something saved it
+    offloaded = ctx.offload and not any(checkpointed)
+    if any(checkpointed):  # inside a checkpointed block the checkpoint's hooks are innermost: nothing is offloaded
+        ctx = replace(ctx, offload=False)
     for i, k in enumerate(layer_kinds):
         key = (k, requires_grad, dtype)
         block = seen.get(key)
@@ -175,7 +181,7 @@ def run_blocks(rec: Recorder, spec: ModelSpec, plan: Plan, layout: Layout, ctx: 
         else:
             reentrant_peaks.append(None)
         extra = held
-        if first is not None and embedding_held and x.id not in rec.saved and not first.saves_input:
+        if first is not None and embedding_held and (offloaded or (x.id not in rec.saved and not first.saves_input)):
             extra += x.nbytes
         if below + block.forward_peak + extra > sum(forward_block):
             forward_block = (below + block.forward_peak_saved, block.forward_peak - block.forward_peak_saved + extra)
@@ -184,7 +190,7 @@ def run_blocks(rec: Recorder, spec: ModelSpec, plan: Plan, layout: Layout, ctx: 
         first = first or block
         held += block.leaves
         leaves += block.leaves
-        below += block.saved
+        below += 0 if offloaded else block.saved
         per_layer.append(block.saved)
         peaks.append(block)
         kind = kinds.get(id(block))
@@ -198,7 +204,7 @@ def run_blocks(rec: Recorder, spec: ModelSpec, plan: Plan, layout: Layout, ctx: 
         for tag, nbytes in block.tags:
             tags[tag] = tags.get(tag, 0) + count * nbytes
     held_before = held - leaves
-    if first is not None and embedding_held and x.id not in rec.saved and not first.saves_input:
+    if first is not None and embedding_held and (offloaded or (x.id not in rec.saved and not first.saves_input)):
         held += x.nbytes
     run = BlockRun(tuple(per_layer), tuple(peaks), forward_block, tags, rec.new(x.numel, dtype, requires_grad), leaves, held,
                    unsaved_block_live, reentrant=tuple(reentrant_peaks))

@@ -176,12 +176,12 @@ def unsaved_model_output(rec: Recorder, hidden: SymTensor) -> int:
     loss = self.loss_function(...)). Counted here when no op saved it (a frozen head, or autocast's
     head saving a cast copy); a saved one is already in the saved bytes."""
     storage = hidden.base if hidden.base is not None else hidden
-    return 0 if storage.id in rec.saved else storage.nbytes
+    return 0 if storage.id in rec.device_saved() else storage.nbytes
 
 
 def head_backward(rec: Recorder, start: int, root: SymTensor) -> BackwardPeak:
     """The head's backward replayed (peftcalc.backward) from the nodes recorded since `start`, with what
     the head ('post') saved, from the gradient of `root` (the logits, or the bare encoder's loss)."""
-    post_saved = {tid: nbytes for tid, (bucket, _t, nbytes) in rec.saved.items() if bucket == "post"}
+    post_saved = {tid: nbytes for tid, nbytes in rec.device_saved().items() if rec.saved[tid][0] == "post"}
     return run_backward(rec.nodes[start:], post_saved, {root.id: root.nbytes} if root.requires_grad else {},
                         in_place=rec.ctx.device == "cuda", accumulate=rec.ctx.accumulating).peak

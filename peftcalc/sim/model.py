@@ -74,7 +74,7 @@ def model_profile(plan: Plan, t: TrainingSettings, checkpointed: tuple) -> Activ
         rec.save_new(2 * ctx.seq * _rotary_dim(spec) * len(saved_types), _rotary_dtype(spec, ctx), "rotary.cos_sin")
     # held while the blocks run: prompt tuning's inputs, the positions and rotary embeddings of the
     # Llama family (what the blocks leave referenced adds up in run_blocks)
-    held = _prompt_inputs_held(spec, plan, ctx) + _positions_held(spec, ctx, len(saved_types))
+    held = _prompt_inputs_held(spec, plan, ctx) + _positions_held(spec, ctx, len(saved_types), any(checkpointed))
     blocks = run_blocks(rec, spec, plan, layout, ctx, x, held, True, checkpointed, t.checkpoint_reentrant)
     mixed = bool(blocks.kept)
     forward_block = with_final_norm(spec, plan, layout, ctx, _as_kept(blocks) if mixed else blocks, rec.saved_total)
@@ -129,7 +129,36 @@ def model_profile(plan: Plan, t: TrainingSettings, checkpointed: tuple) -> Activ
         head_replayed=ctx.fused_loss == "trl",
         router_logits=tuple(b.returned for b in blocks.blocks) if ctx.router_aux_loss else (),
         router_grads=tuple(b.returned_grad for b in blocks.blocks) if ctx.router_aux_loss else (),
+        **_offloaded(plan, ctx, rec, blocks, any(checkpointed) and ckpt_inputs, logits_numel, hooked and not leaf and x.nbytes),
     )
+
+
+def _offloaded(plan: Plan, ctx: StepContext, rec: Recorder, blocks: BlockRun, checkpoint_inputs: int, logits_numel: int,
+               leaf_input: int) -> dict:
+    """The ActivationProfile fields of activation offloading (none without it): host_bytes
+    (_offloaded_host_bytes), the first block's checkpointed input a leaf keeps on the device (`leaf_input`: the
+    hooked embedding output of a frozen embedding is the first block's input), and the lookup's indices
+    EmbeddingBackward unpacks."""
+    if not ctx.offload:
+        return {}
+    return {"host_bytes": _offloaded_host_bytes(plan, ctx, rec, blocks, int(checkpoint_inputs), logits_numel),
+            "offload_kept_input": int(leaf_input) if checkpoint_inputs and not plan.embedding_trains else 0,
+            "offload_lookup_copy": ctx.tokens * 8 if plan.embedding_trains else 0}
+
+
+def _offloaded_host_bytes(plan: Plan, ctx: StepContext, rec: Recorder, blocks: BlockRun, checkpoint_inputs: int,
+                          logits_numel: int) -> int:
+    """Under activation offloading (torch/autograd/graph.py save_on_cpu: pack_to_cpu makes a host copy of every
+    saved variable, of its own size, so a tensor two nodes save is copied twice) the host bytes at the end of the
+    forward: the copies of the model's forward and the blocks (Recorder.host_bytes: what each recorded node
+    saves, the parameters and their views included), under checkpointing the checkpoints' inputs instead of the
+    blocks' (torch/utils/checkpoint.py _NoopSaveInputs; inside a block the checkpoint's hooks are innermost), the
+    word embedding's indices (EmbeddingBackward saves input_ids, when the embedding trains) and transformers'
+    ForCausalLMLoss: log_softmax's fp32 output, saved by log_softmax and by nll_loss, the shifted labels (int64)
+    and nll_loss's total_weight (an fp32 scalar)."""
+    lookups = ctx.tokens * 8 if plan.embedding_trains else 0
+    loss = 2 * logits_numel * 4 + ctx.tokens * 8 + 4
+    return rec.host_bytes + sum(b.host for b in blocks.blocks) + checkpoint_inputs + lookups + loss
 
 
 def _loss(spec: ModelSpec, plan: Plan, layout: Layout, ctx: StepContext, t: TrainingSettings, logits_numel: int,
@@ -169,7 +198,7 @@ def with_final_norm(spec: ModelSpec, plan: Plan, layout: Layout, ctx: StepContex
     if not has_final_norm(spec, layout):
         return blocks.forward_block
     peak, peak_saved = _final_norm_peak(spec, plan, layout, ctx, blocks.out)
-    below += sum(blocks.per_layer)
+    below += 0 if ctx.offload else sum(blocks.per_layer)  # offloaded: nothing saved stays on the device
     if below + peak + blocks.held_after > sum(blocks.forward_block):
         return below + peak_saved, peak - peak_saved + blocks.held_after
     return blocks.forward_block
@@ -182,7 +211,7 @@ def _as_kept(blocks: BlockRun) -> BlockRun:
                    held_after=blocks.mixed_held_after)
 
 
-def _positions_held(spec: ModelSpec, ctx: StepContext, rotary_saved: int) -> int:
+def _positions_held(spec: ModelSpec, ctx: StepContext, rotary_saved: int, checkpointed: bool = False) -> int:
     """LlamaModel.forward (Mistral, Qwen2) holds cache_position (int64, one per token of the sequence)
     and the rotary position embeddings (cos, sin: 1 x seq x rope_dim each, in the hidden states' dtype)
     while the layers run; cos and sin count as saved where the layers need gradients (activation_profile
@@ -191,6 +220,8 @@ def _positions_held(spec: ModelSpec, ctx: StepContext, rotary_saved: int) -> int
     held too (ops.attention.model_masks_bytes; traced)."""
     if not family(spec).rotary:
         return 0
+    if ctx.offload and not checkpointed:  # offloaded, the saved cos/sin are the forward's, not autograd's
+        rotary_saved = 0
     rotary = 2 * ctx.seq * _rotary_dim(spec) * DTYPE_BYTES[_rotary_dtype(spec, ctx)] * (_rotary_sets(spec) - rotary_saved)
     return ctx.seq * 8 + rotary + model_masks_bytes(spec, ctx)
 

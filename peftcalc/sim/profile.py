@@ -72,6 +72,12 @@ class ActivationProfile:
     # layer's): sim.blocks.BlockSimulation.returned, returned_grad
     router_logits: tuple = ()
     router_grads: tuple = ()
+    # activation offloading (torch.autograd.graph.save_on_cpu): the host copies' sum at the end of the forward
+    # (one per saved variable), the checkpointed first block's input a leaf keeps on the device (the hooked
+    # embedding output, held by its AccumulateGrad node), the lookup's indices its backward unpacks (int64)
+    host_bytes: int = 0
+    offload_kept_input: int = 0
+    offload_lookup_copy: int = 0
 
     @property
     def saved_total(self) -> int:
@@ -134,6 +140,7 @@ def make_ctx(spec: ModelSpec, plan: Plan, t: TrainingSettings) -> StepContext:
         experts=t.experts,
         routing=t.routing,
         router_aux_loss=t.router_aux_loss,
+        offload=t.offload_activations,
     )
 
 

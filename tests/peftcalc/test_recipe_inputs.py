@@ -22,7 +22,8 @@ from peftcalc.errors import CombinationError, InputError
     (dict(loss="focal"), "unknown loss 'focal'"),
     (dict(keep_outputs="yes"), "keep_outputs must be True or False"),
     (dict(offload_activations=1), "offload_activations must be True or False"),
-    (dict(offload_activations=True), "offload_activations (torch.autograd.graph.save_on_cpu) is not modelled yet"),
+    (dict(offload_activations=True, keep_outputs=True), "offload_activations with keep_outputs is not modelled"),
+    (dict(offload_activations=True, grad_accum=2), "offload_activations with grad_accum 2 (modelled: 1) is not modelled"),
     (dict(optimizer="paged-adamw-8bit", device="cpu"), "paging is CUDA-only"),
     (dict(optimizer="paged-adamw-32bit", device="cpu"), "paging is CUDA-only"),
     (dict(optimizer="paged-lion-8bit", device="cpu"), "paging is CUDA-only"),
@@ -60,7 +61,8 @@ def test_sweep_keeps_a_loss_that_does_not_apply_as_a_row_with_its_reason():
     (["--optimizer", "paged-adamw-8bit", "--device", "cpu"], "paging is CUDA-only"),
     (["--optimizer", "paged-lion-8bit", "--device", "cpu"], "paging is CUDA-only"),
     (["--keep-outputs", "--loss", "liger"], "returns none"),
-    (["--offload-activations"], "--offload-activations (torch.autograd.graph.save_on_cpu) is not modelled yet"),
+    (["--offload-activations", "--method", "qlora"], "--offload-activations with method qlora (modelled: full, lora) is not "
+                                                     "modelled; the harness traces it"),
 ])
 def test_cli_bad_recipe_flags_are_one_line_exit_2(args, message, monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["peftcalc", "estimate", "llama-3.2-1b", *args])
