@@ -12,7 +12,6 @@ tensor whatever expert each goes to, and the weights' gradients are the whole (E
 from __future__ import annotations
 
 from peftcalc.backward import GRAD
-from peftcalc.errors import CombinationError
 from peftcalc.ops.linear import linear
 from peftcalc.ops.nonlinear import activation
 from peftcalc.ops.recorder import Recorder, SymTensor, input_grads
@@ -270,12 +269,13 @@ def experts_grouped_mm(rec: Recorder, x: SymTensor, top: SymTensor, idx: SymTens
 
 def experts_forward(rec: Recorder, *args, **kwargs) -> SymTensor:
     """The experts as the step's experts implementation runs them (StepContext.experts; transformers' ExpertsInterface
-    in integrations/moe.py, grouped_mm by default): experts_grouped_mm or experts_batched_mm (the eager loop is not
-    modelled)."""
-    impl = {"grouped_mm": experts_grouped_mm, "batched_mm": experts_batched_mm}.get(rec.ctx.experts)
-    if impl is None:  # the experts module's own forward: a Python loop over the experts hit, routing-dependent
-        raise CombinationError(f"the {rec.ctx.experts} experts implementation is not modelled; --experts grouped_mm "
-                               "(transformers' default) or batched_mm, or --trace to trace it")
+    in integrations/moe.py, grouped_mm by default): experts_grouped_mm, experts_batched_mm or the experts module's
+    own loop (ops.moe_eager.experts_eager)."""
+    if rec.ctx.experts == "eager":  # the experts module's own forward: a Python loop over the experts hit
+        from peftcalc.ops.moe_eager import experts_eager
+
+        return experts_eager(rec, *args, **kwargs)
+    impl = {"grouped_mm": experts_grouped_mm, "batched_mm": experts_batched_mm}[rec.ctx.experts]
     return impl(rec, *args, **kwargs)
 
 

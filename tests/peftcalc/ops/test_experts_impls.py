@@ -64,3 +64,34 @@ def _predicted(family, impl, routing, dtype, trains):
 def test_batched_mm_equals_the_trace(family, dtype, trains):
     t = _traced(family, "batched_mm", "balanced", dtype, trains)
     assert _predicted(family, "batched_mm", "balanced", dtype, trains) == (t.forward_peak, t.saved, t.backward_peak)
+
+
+@pytest.mark.parametrize("routing", ["balanced", "skewed", "worst"])
+@pytest.mark.parametrize("dtype, trains", [("float32", True), ("bfloat16", True), ("bfloat16", False), ("float32", False)])
+def test_eager_loop_equals_the_trace(routing, dtype, trains):
+    t = _traced("mixtral", "eager", routing, dtype, trains)
+    assert _predicted("mixtral", "eager", routing, dtype, trains) == (t.forward_peak, t.saved, t.backward_peak)
+
+
+@pytest.mark.parametrize("routing", ["balanced", "skewed", "worst"])
+@pytest.mark.parametrize("tokens, top_k, experts", [(8, 2, 4), (7, 2, 6), (13, 3, 8)])
+def test_expert_token_counts_match_the_driven_router(routing, tokens, top_k, experts):
+    """Each expert's pair count is what measure.routing writes into a real (tokens, top_k) index tensor."""
+    import torch
+
+    from measure.routing import drive_indices
+    from peftcalc.ops.moe_eager import expert_token_counts
+
+    indices = torch.zeros(tokens, top_k, dtype=torch.int64)
+    drive_indices(indices, experts, routing)
+    assert expert_token_counts(tokens, top_k, experts, routing) == torch.bincount(indices.view(-1), minlength=experts).tolist()
+
+
+def test_expert_token_counts_by_hand():
+    # skewed, 6 tokens, top-2, 4 experts: even tokens 0, 2, 4 -> experts 0 and 1 (3 each); the odd tokens' 6 pairs
+    # (u * 2 + j) mod 4 -> 0, 1, 2, 3, 0, 1: experts 0 and 1 get 2 more, 2 and 3 one each
+    from peftcalc.ops.moe_eager import expert_token_counts
+
+    assert expert_token_counts(6, 2, 4, "skewed") == [5, 5, 1, 1]
+    assert expert_token_counts(6, 2, 4, "balanced") == [3, 3, 3, 3]
+    assert expert_token_counts(6, 2, 4, "worst") == [6, 6, 0, 0]
