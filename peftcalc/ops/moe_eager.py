@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from peftcalc.backward import GRAD
 from peftcalc.errors import CombinationError
-from peftcalc.ops.moe import _split_gate, _weigh, gather_rows
+from peftcalc.ops.moe import _split_gate, _weigh, clamped_swiglu, gather_rows
 from peftcalc.ops.recorder import Recorder, SymTensor
 from peftcalc.ops.tensor_ops import cast
 from peftcalc.settings import DTYPE_BYTES
@@ -48,48 +48,107 @@ def experts_eager(rec: Recorder, x: SymTensor, top: SymTensor, idx: SymTensor, h
                   experts: int, trains: tuple, act: str, tag: str, lora: tuple = (0, 0), scaling: float = 2.0,
                   biases: tuple | None = None) -> SymTensor:
     """MixtralExperts.forward, op by op: ``zeros_like(hidden_states)``; under no_grad ``one_hot(top_k_index,
-    num_classes=E + 1)`` (on the CPU its ``aminmax`` check first: two int64 scalars), an int64 (T, k, E + 1)
-    tensor alive to the end, ``expert_mask.sum((-1, -2))`` (int64), ``greater(.., 0)`` (bool) and ``nonzero``
-    (the experts hit); then for each expert hit, in order: ``expert_idx == num_experts`` (a bool scalar), ``torch.where
-    (expert_mask[expert_idx])`` (one (n, 2) int64 nonzero whose two columns are top_k_pos and token_idx),
-    ``hidden_states[token_idx]``, the gate/up linear on the expert's slice of the fused parameter (a select: its
-    backward makes a whole (E, 2I, h) gradient), ``act_fn(gate) * up``, the down linear, the product with
-    ``top_k_weights[token_idx, top_k_pos, None]``, ``.to(final.dtype)`` and ``final.index_add_(0, token_idx, .)``.
-    A local keeps its tensor until the next iteration rebinds it (or the function returns). The E slices' gradients
-    are summed in the parameter's AccumulateGrad buffer, which becomes its .grad after the last.
-    Not modelled: LoRA on the experts (peft target_parameters), gpt-oss's experts (biases), autocast."""
+    num_classes=E + 1)`` (_expert_mask), alive to the end; then for each expert hit, in order: ``expert_idx ==
+    num_experts`` (a bool scalar), ``torch.where(expert_mask[expert_idx])`` (one (n, 2) int64 nonzero whose two
+    columns are top_k_pos and token_idx), ``hidden_states[token_idx]``, the expert's MLP on its n tokens
+    (_expert_mlp), the product with ``top_k_weights[token_idx, top_k_pos, None]``, ``.to(final.dtype)`` and
+    ``final.index_add_(0, token_idx, .)``. A local keeps its tensor until the next iteration rebinds it (or the
+    function returns). Each expert's slice of a fused parameter is a select: its backward makes a whole (E, ., .)
+    gradient, summed in the parameter's AccumulateGrad buffer, which becomes its .grad after the last.
+    `biases` (gpt-oss's experts: whether gate_up_proj_bias and down_proj_bias train): GptOssExperts.forward, the
+    same loop with ``one_hot(router_indices, num_classes=E)`` and the MLP of _gpt_oss_expert_mlp.
+    Not modelled: LoRA on the experts (peft target_parameters), autocast."""
     ctx = rec.ctx
-    if any(lora) or biases is not None or ctx.autocast:
-        what = "LoRA on the experts" if any(lora) else "gpt-oss's experts" if biases is not None else "autocast"
+    if any(lora) or ctx.autocast:
+        what = "LoRA on the experts (target_parameters)" if any(lora) else "autocast"
         raise CombinationError(f"the eager experts loop with {what} is not modelled; --experts grouped_mm "
                                "(transformers' default) or batched_mm")
     tokens = x.numel // hidden
     top_k = top.numel // tokens
     counts = expert_token_counts(tokens, top_k, experts, ctx.routing)
     final = rec.new(x.numel, x.dtype, False)  # zeros_like(hidden_states)
-    mask, hit = _expert_mask(rec, tokens, top_k, experts + 1, sum(1 for n in counts if n))
-    shapes = ((hidden, 2 * inter), (inter, hidden))  # (in, out) of gate_up_proj and down_proj
-    sinks = [None, None]  # each trained parameter's AccumulateGrad, made before its first slice
+    classes = experts if biases is not None else experts + 1
+    mask, hit = _expert_mask(rec, tokens, top_k, classes, sum(1 for n in counts if n))
+    sinks = [None] * 4  # each trained parameter's AccumulateGrad, made before its first slice
     held: dict = {}  # the loop's locals: name -> the tensor it holds
     for n in (c for c in counts if c):
         rec.free(rec.new(1, "uint8", False))  # expert_idx == self.num_experts
         nz = rec.new(n * 2, "int64", False)  # torch.where: nonzero, its two columns as views
         _rebind(rec, held, "nz", nz)
-        cs = _gather(rec, x, n, hidden, nz, f"{tag}.gather_tokens")
+        cs = gather_rows(rec, x, n, hidden, nz, f"{tag}.gather_tokens")
         _rebind(rec, held, "cs", cs)
-        gu = _slice_linear(rec, cs, shapes[0], trains[0], sinks, 0, experts, f"{tag}.gate_up_proj")
-        _rebind(rec, held, "gu", gu)
-        p = _split_gate(rec, gu, n, inter, act, tag)
-        _rebind(rec, held, "chs", p)
-        d = _slice_linear(rec, p, shapes[1], trains[1], sinks, 1, experts, f"{tag}.down_proj")
-        _rebind(rec, held, "chs", d)
-        w = _gather(rec, top, n, 1, nz, f"{tag}.gather_weights")
+        if biases is None:
+            d = _expert_mlp(rec, held, cs, n, hidden, inter, experts, trains, sinks, act, tag)
+        else:
+            d = _gpt_oss_expert_mlp(rec, held, cs, n, hidden, inter, experts, trains + biases, sinks, tag)
+        w = gather_rows(rec, top, n, 1, nz, f"{tag}.gather_weights")
         m = _weigh(rec, d, w, f"{tag}.routing_weights")
         rec.free(w)
-        _rebind(rec, held, "chs", m)
+        _rebind(rec, held, "weighted", m)
         final = _index_add(rec, final, m, nz, f"{tag}.index_add")
     rec.free(mask, hit, *held.values())
     return final
+
+
+def _expert_mlp(rec: Recorder, held: dict, cs: SymTensor, n: int, hidden: int, inter: int, experts: int,
+                trains: tuple, sinks: list, act: str, tag: str) -> SymTensor:
+    """MixtralExperts.forward's MLP: ``gate, up = F.linear(current_state, gate_up_proj[e]).chunk(2, -1)``,
+    ``current_hidden_states = act_fn(gate) * up``, then ``F.linear(current_hidden_states, down_proj[e])``, which
+    rebinds the same local (so does the routing-weighted product after it)."""
+    gu = _slice_linear(rec, cs, (hidden, 2 * inter), trains[0], sinks, 0, experts, f"{tag}.gate_up_proj")
+    _rebind(rec, held, "gu", gu)
+    p = _split_gate(rec, gu, n, inter, act, tag)
+    _rebind(rec, held, "weighted", p)
+    d = _slice_linear(rec, p, (inter, hidden), trains[1], sinks, 1, experts, f"{tag}.down_proj")
+    _rebind(rec, held, "weighted", d)
+    return d
+
+
+def _gpt_oss_expert_mlp(rec: Recorder, held: dict, cs: SymTensor, n: int, hidden: int, inter: int, experts: int,
+                        trains: tuple, sinks: list, tag: str) -> SymTensor:
+    """GptOssExperts.forward's MLP: ``gate_up = current_state @ gate_up_proj[e] + gate_up_proj_bias[e]`` (the
+    mm's output a temporary), ``gated_output = _apply_gate(gate_up)`` (ops.moe.clamped_swiglu), ``out =
+    gated_output @ down_proj[e] + down_proj_bias[e]``, each its own local. `trains`: gate_up_proj, down_proj and
+    their biases."""
+    mm = _slice_linear(rec, cs, (hidden, 2 * inter), trains[0], sinks, 0, experts, f"{tag}.gate_up_proj")
+    gate_up = _bias_add(rec, mm, 2 * inter, trains[2], sinks, 2, experts)
+    rec.free(mm)
+    _rebind(rec, held, "gate_up", gate_up)
+    gated = clamped_swiglu(rec, gate_up, n, inter, tag)
+    _rebind(rec, held, "gated", gated)
+    mm = _slice_linear(rec, gated, (inter, hidden), trains[1], sinks, 1, experts, f"{tag}.down_proj")
+    out = _bias_add(rec, mm, hidden, trains[3], sinks, 3, experts)
+    rec.free(mm)
+    _rebind(rec, held, "out", out)
+    return out
+
+
+def _bias_add(rec: Recorder, mm: SymTensor, width: int, trains: bool, sinks: list, which: int,
+              experts: int) -> SymTensor:
+    """``mm + bias[e]`` (a new tensor): AddBackward0 hands the incoming gradient to the mm as it is and, when the
+    bias trains, the engine sums it down to the (width,) slice (validate_outputs), whose SelectBackward makes a
+    whole (E, width) gradient for the bias's AccumulateGrad buffer."""
+    out = rec.new(mm.numel, mm.dtype, mm.requires_grad or trains)
+    if not trains:
+        rec.node(out, outputs=[(mm.id, GRAD)] if mm.requires_grad else [])
+        return out
+    wb = DTYPE_BYTES[rec.ctx.weight_dtype]
+    if sinks[which] is None:
+        sinks[which] = _accumulate_grad(rec, experts * width * wb)
+    sel = _select(rec, width, experts * width * wb, sinks[which])
+    # the bias slice's select node is made before the add's (the operands are evaluated first)
+    rec.node(out, [("returned",), ("new", "b", width * DTYPE_BYTES[mm.dtype])],
+             [(t, name) for t, name in ((mm.id, GRAD), (sel.id, "b")) if t != mm.id or mm.requires_grad])
+    return out
+
+
+def _select(rec: Recorder, numel: int, full_bytes: int, sink: int) -> SymTensor:
+    """``param[expert_idx]``: a view of the parameter; SelectBackward makes a new zero-filled gradient the size of
+    the whole parameter (select_backward) for its AccumulateGrad buffer."""
+    rec.next_id += 1
+    sel = SymTensor(numel, rec.ctx.weight_dtype, True, rec.next_id)
+    rec.node(sel, [("new", "d", full_bytes)], [(sink, "d")])
+    return sel
 
 
 def _expert_mask(rec: Recorder, tokens: int, top_k: int, classes: int, hit: int) -> tuple[SymTensor, SymTensor]:
@@ -116,11 +175,6 @@ def _rebind(rec: Recorder, held: dict, name: str, t: SymTensor) -> None:
         rec.free(old.base or old)
 
 
-def _gather(rec: Recorder, x: SymTensor, rows: int, row_numel: int, index: SymTensor, tag: str) -> SymTensor:
-    """``x[index]`` (IndexBackward, ops.moe.gather_rows): backward, new zeros like x and an index_put."""
-    return gather_rows(rec, x, rows, row_numel, index, tag)
-
-
 def _slice_linear(rec: Recorder, x: SymTensor, shape: tuple, trains: bool, sinks: list, which: int, experts: int,
                   tag: str) -> SymTensor:
     """``F.linear(x, param[expert_idx])``: an mm with the expert's slice (a select view of the (E, out, in)
@@ -138,9 +192,7 @@ def _slice_linear(rec: Recorder, x: SymTensor, shape: tuple, trains: bool, sinks
     if trains:
         if sinks[which] is None:
             sinks[which] = _accumulate_grad(rec, experts * wbytes)
-        rec.next_id += 1
-        sel = SymTensor(in_f * out_f, rec.ctx.weight_dtype, True, rec.next_id)
-        rec.node(sel, [("new", "d", experts * wbytes)], [(sinks[which], "d")])
+        sel = _select(rec, in_f * out_f, experts * wbytes, sinks[which])
     out = rec.new(x.numel // in_f * out_f, x.dtype, grad)
     steps, outputs = ([("new", "dw", wbytes)], [(sel.id, "dw")]) if trains else ([], [])
     if x.requires_grad:

@@ -68,9 +68,10 @@ def test_batched_mm_equals_the_trace(family, dtype, trains):
 
 @pytest.mark.parametrize("routing", ["balanced", "skewed", "worst"])
 @pytest.mark.parametrize("dtype, trains", [("float32", True), ("bfloat16", True), ("bfloat16", False), ("float32", False)])
-def test_eager_loop_equals_the_trace(routing, dtype, trains):
-    t = _traced("mixtral", "eager", routing, dtype, trains)
-    assert _predicted("mixtral", "eager", routing, dtype, trains) == (t.forward_peak, t.saved, t.backward_peak)
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
+def test_eager_loop_equals_the_trace(family, routing, dtype, trains):
+    t = _traced(family, "eager", routing, dtype, trains)
+    assert _predicted(family, "eager", routing, dtype, trains) == (t.forward_peak, t.saved, t.backward_peak)
 
 
 @pytest.mark.parametrize("routing", ["balanced", "skewed", "worst"])
