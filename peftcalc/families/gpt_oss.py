@@ -4,7 +4,7 @@ applied to the two halves of each head (cos and sin half a head wide), and a spa
 GptOssTopKRouter (``mlp.router.weight`` E x hidden and ``mlp.router.bias``; top-k on the logits, then softmax over
 the k values) and GptOssExperts, fused 3-D ``gate_up_proj`` (E, hidden, 2I, gate and up interleaved) and
 ``down_proj`` (E, I, hidden) with their biases (E, 2I) and (E, hidden), run by transformers' default experts
-implementation, grouped_mm (or batched_mm: --experts), with gpt-oss's clamped SwiGLU (ops.moe). RMSNorm's weight product runs in fp32
+implementation, grouped_mm (or batched_mm or the eager loop: --experts), with gpt-oss's clamped SwiGLU (ops.moe). RMSNorm's weight product runs in fp32
 (``(self.weight * x).to(input_dtype)``).
 
 Checkpoint and precision: openai/gpt-oss-20b and -120b ship the experts in MXFP4 (peftcalc.storage.mxfp4); the

@@ -1,7 +1,7 @@
 """Qwen2-MoE (transformers models/qwen2_moe/modeling_qwen2_moe.py; Qwen1.5-MoE-A2.7B): Qwen2's attention (q/k/v
 biases with qkv_bias, none on o_proj) and in every layer a Qwen2MoeSparseMoeBlock: the router (``gate``, softmax in
 fp32, top-k, scores cast back to the logits' dtype), the routed experts (fused 3-D parameters, grouped_mm or
---experts batched_mm), and a shared expert every token goes through (a gated SiLU MLP of nn.Linear,
+--experts batched_mm or eager), and a shared expert every token goes through (a gated SiLU MLP of nn.Linear,
 shared_expert_intermediate_size) scaled by ``sigmoid(shared_expert_gate(x))`` (a Linear hidden -> 1).
 """
 

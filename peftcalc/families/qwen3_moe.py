@@ -2,7 +2,7 @@
 ``k_norm`` over head_dim before RoPE, no biases) with a sparse MoE block in every layer: Qwen3MoeSparseMoeBlock holds
 ``experts`` (fused 3-D gate_up_proj / down_proj of moe_intermediate_size) before ``gate`` (Qwen3MoeTopKRouter:
 softmax in fp32, top-k, renormalized when norm_topk_prob, then cast back to the logits' dtype), run by transformers'
-default experts implementation, grouped_mm, or batched_mm (--experts; peftcalc.ops.moe.experts_forward).
+default experts implementation, grouped_mm, batched_mm or the eager loop (--experts; peftcalc.ops.moe.experts_forward).
 """
 
 from __future__ import annotations
