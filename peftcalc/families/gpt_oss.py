@@ -24,7 +24,8 @@ from peftcalc.errors import CombinationError
 from peftcalc.families.mixtral import experts_lora, experts_training
 from peftcalc.families.record import Family, config_dropout
 from peftcalc.layout import Layout, Module, decoder_head, linear_module, norm_module
-from peftcalc.ops.moe import drop_router_logits, experts_forward, router_top_k_softmax
+from peftcalc.ops.experts import experts_forward
+from peftcalc.ops.moe import drop_router_logits, router_top_k_softmax
 from peftcalc.ops.norms import rms_norm
 from peftcalc.ops.recorder import Recorder, SymTensor
 from peftcalc.ops.rotary import rope_halves

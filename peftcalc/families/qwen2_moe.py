@@ -14,7 +14,8 @@ from peftcalc.families.llama import llama_attention_half, llama_config, rotary_b
 from peftcalc.families.mixtral import attention_modules, experts_lora, experts_modules, experts_training, moe_settings
 from peftcalc.families.record import Family
 from peftcalc.layout import Layout, Module, decoder_head, linear_module, norm_module
-from peftcalc.ops.moe import drop_router_logits, experts_forward, router_top_k
+from peftcalc.ops.experts import experts_forward
+from peftcalc.ops.moe import drop_router_logits, router_top_k
 from peftcalc.ops.nonlinear import activation
 from peftcalc.ops.norms import rms_norm
 from peftcalc.ops.recorder import Recorder, SymTensor, input_grads

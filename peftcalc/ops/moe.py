@@ -24,7 +24,6 @@ __all__ = [
     "clamped_swiglu",
     "drop_router_logits",
     "experts_batched_mm",
-    "experts_forward",
     "experts_grouped_mm",
     "gather_rows",
     "grouped_mm",
@@ -265,18 +264,6 @@ def experts_grouped_mm(rec: Recorder, x: SymTensor, top: SymTensor, idx: SymTens
             rec.free(f[0], f[1])
     rec.free(*[w for w in merged if w is not None])
     return out
-
-
-def experts_forward(rec: Recorder, *args, **kwargs) -> SymTensor:
-    """The experts as the step's experts implementation runs them (StepContext.experts; transformers' ExpertsInterface
-    in integrations/moe.py, grouped_mm by default): experts_grouped_mm, experts_batched_mm or the experts module's
-    own loop (ops.moe_eager.experts_eager)."""
-    if rec.ctx.experts == "eager":  # the experts module's own forward: a Python loop over the experts hit
-        from peftcalc.ops.moe_eager import experts_eager
-
-        return experts_eager(rec, *args, **kwargs)
-    impl = {"grouped_mm": experts_grouped_mm, "batched_mm": experts_batched_mm}[rec.ctx.experts]
-    return impl(rec, *args, **kwargs)
 
 
 def experts_batched_mm(rec: Recorder, x: SymTensor, top: SymTensor, idx: SymTensor, hidden: int, inter: int,

@@ -1,4 +1,4 @@
-"""peftcalc.ops.moe.experts_forward under each experts implementation transformers offers (integrations/moe.py:
+"""peftcalc.ops.experts.experts_forward under each experts implementation transformers offers (integrations/moe.py:
 grouped_mm, the default; batched_mm; the experts module's own eager loop) against a real CPU trace of the MoE block:
 Mixtral's (router, then MixtralExperts) and gpt-oss's (GptOssMLP: biases, clamped SwiGLU), 8 tokens, hidden 16, 4
 experts of intermediate size 8, top-2, with the router driven to each routing (measure.routing)."""
@@ -6,7 +6,8 @@ experts of intermediate size 8, top-2, with the router driven to each routing (m
 import pytest
 from opkit import context, replay_peak, trace
 
-from peftcalc.ops.moe import experts_forward, router_top_k, router_top_k_softmax
+from peftcalc.ops.experts import experts_forward
+from peftcalc.ops.moe import router_top_k, router_top_k_softmax
 from peftcalc.ops.recorder import Recorder
 
 T, H, I, E, K = 8, 16, 8, 4, 2
