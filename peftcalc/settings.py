@@ -86,7 +86,8 @@ _OFFLOADS_BY_SHARDING = {"fsdp": ("params",), "hsdp": ("params",), "zero1": ("op
 # How a mixture-of-experts router spreads the S = tokens x top_k (token, expert) pairs of a step over the E experts
 # (the harness drives the router to exactly this: measure/routing.py). Under transformers' default experts
 # implementation (grouped_mm) the bytes do not depend on it: every pair is one row of the same (S, .) tensors (nor under
-# batched_mm: every pair gathers its expert's weights; the eager loop, per expert, would).
+# batched_mm: every pair gathers its expert's weights); under the eager loop every tensor is one expert's tokens
+# (peftcalc.ops.moe_eager.expert_token_counts).
 ROUTINGS = {
     "balanced": "pair (t, j) of token t goes to expert (t * top_k + j) mod E: every expert gets S / E pairs",
     "skewed": "even tokens go to experts 0..top_k-1, the u-th odd token to experts (u * top_k + j) mod E: the "
@@ -101,7 +102,8 @@ EXPERTS = {
     "grouped_mm": "every (token, expert) pair sorted by expert, two torch._grouped_mm over the fused weights "
                   "(the default)",
     "batched_mm": "every pair's expert weights gathered ((S, out, in) copies) and two torch.bmm",
-    "eager": "the experts module's own forward: a Python loop over the experts hit, each on its tokens",
+    "eager": "the experts module's own forward: a Python loop over the experts hit, each on its tokens (the bytes "
+             "follow the routing)",
 }
 # cuda: predict torch.cuda.max_memory_allocated; cpu: the CPU allocator's figure, which is also what the harness's
 # fake-tensor trace counts, so "fake" is taken as a name for "cpu" (peftcalc measure --device fake)

@@ -4,7 +4,7 @@ applied to the two halves of each head (cos and sin half a head wide), and a spa
 GptOssTopKRouter (``mlp.router.weight`` E x hidden and ``mlp.router.bias``; top-k on the logits, then softmax over
 the k values) and GptOssExperts, fused 3-D ``gate_up_proj`` (E, hidden, 2I, gate and up interleaved) and
 ``down_proj`` (E, I, hidden) with their biases (E, 2I) and (E, hidden), run by transformers' default experts
-implementation, grouped_mm (or batched_mm: --experts), with gpt-oss's clamped SwiGLU (ops.moe). RMSNorm's weight product runs in fp32
+implementation, grouped_mm (or batched_mm or the eager loop: --experts), with gpt-oss's clamped SwiGLU (ops.moe). RMSNorm's weight product runs in fp32
 (``(self.weight * x).to(input_dtype)``).
 
 Checkpoint and precision: openai/gpt-oss-20b and -120b ship the experts in MXFP4 (peftcalc.storage.mxfp4); the
@@ -24,7 +24,8 @@ from peftcalc.errors import CombinationError
 from peftcalc.families.mixtral import experts_lora, experts_training
 from peftcalc.families.record import Family, config_dropout
 from peftcalc.layout import Layout, Module, decoder_head, linear_module, norm_module
-from peftcalc.ops.moe import drop_router_logits, experts_forward, router_top_k_softmax
+from peftcalc.ops.experts import experts_forward
+from peftcalc.ops.moe import drop_router_logits, router_top_k_softmax
 from peftcalc.ops.norms import rms_norm
 from peftcalc.ops.recorder import Recorder, SymTensor
 from peftcalc.ops.rotary import rope_halves

@@ -2,7 +2,7 @@
 MLP. Each block's ``mlp`` is a MixtralSparseMoeBlock: a top-k router (``mlp.gate.weight``, E x hidden, a bare
 parameter used through F.linear) and MixtralExperts, the experts stored fused as two 3-D parameters
 (``mlp.experts.gate_up_proj`` E x 2I x hidden, ``mlp.experts.down_proj`` E x hidden x I), run by transformers'
-default experts implementation, ``grouped_mm``, or ``batched_mm`` (--experts; peftcalc.ops.moe.experts_forward).
+default experts implementation, ``grouped_mm``, ``batched_mm`` or the eager loop (--experts; peftcalc.ops.experts.experts_forward).
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ from peftcalc.errors import InputError
 from peftcalc.families.llama import llama_attention_half, llama_config, rotary_buffer_bytes
 from peftcalc.families.record import Family
 from peftcalc.layout import Layout, Module, attention_modules, decoder_head, norm_module
-from peftcalc.ops.moe import drop_router_logits, experts_forward, router_top_k
+from peftcalc.ops.experts import experts_forward
+from peftcalc.ops.moe import drop_router_logits, router_top_k
 from peftcalc.ops.norms import rms_norm
 from peftcalc.ops.recorder import Recorder, SymTensor
 from peftcalc.ops.tensor_ops import add
@@ -64,7 +65,7 @@ def mixtral_layout(spec: ModelSpec) -> Layout:
 
 def moe_mlp(rec: Recorder, spec: ModelSpec, sites, x: SymTensor, prefix: str = "mlp") -> SymTensor:
     """MixtralSparseMoeBlock.forward (router_jitter_noise 0, the default): the router on the flattened tokens,
-    then the experts (ops.moe.experts_forward: grouped_mm, the default experts implementation, or batched_mm); the router's logits, the top-k weights
+    then the experts (ops.experts.experts_forward: grouped_mm, the default experts implementation, batched_mm or the eager loop); the router's logits, the top-k weights
     and indices are locals of the block until it returns."""
     logits, weights, idx = router_top_k(rec, x, spec.hidden_size, spec.num_experts, spec.experts_per_token,
                                         sites.param_trains(f"{prefix}.gate.weight"), spec.norm_topk_prob,

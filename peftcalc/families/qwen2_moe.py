@@ -1,7 +1,7 @@
 """Qwen2-MoE (transformers models/qwen2_moe/modeling_qwen2_moe.py; Qwen1.5-MoE-A2.7B): Qwen2's attention (q/k/v
 biases with qkv_bias, none on o_proj) and in every layer a Qwen2MoeSparseMoeBlock: the router (``gate``, softmax in
 fp32, top-k, scores cast back to the logits' dtype), the routed experts (fused 3-D parameters, grouped_mm or
---experts batched_mm), and a shared expert every token goes through (a gated SiLU MLP of nn.Linear,
+--experts batched_mm or eager), and a shared expert every token goes through (a gated SiLU MLP of nn.Linear,
 shared_expert_intermediate_size) scaled by ``sigmoid(shared_expert_gate(x))`` (a Linear hidden -> 1).
 """
 
@@ -14,7 +14,8 @@ from peftcalc.families.llama import llama_attention_half, llama_config, rotary_b
 from peftcalc.families.mixtral import attention_modules, experts_lora, experts_modules, experts_training, moe_settings
 from peftcalc.families.record import Family
 from peftcalc.layout import Layout, Module, decoder_head, linear_module, norm_module
-from peftcalc.ops.moe import drop_router_logits, experts_forward, router_top_k
+from peftcalc.ops.experts import experts_forward
+from peftcalc.ops.moe import drop_router_logits, router_top_k
 from peftcalc.ops.nonlinear import activation
 from peftcalc.ops.norms import rms_norm
 from peftcalc.ops.recorder import Recorder, SymTensor, input_grads

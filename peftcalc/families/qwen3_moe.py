@@ -2,7 +2,7 @@
 ``k_norm`` over head_dim before RoPE, no biases) with a sparse MoE block in every layer: Qwen3MoeSparseMoeBlock holds
 ``experts`` (fused 3-D gate_up_proj / down_proj of moe_intermediate_size) before ``gate`` (Qwen3MoeTopKRouter:
 softmax in fp32, top-k, renormalized when norm_topk_prob, then cast back to the logits' dtype), run by transformers'
-default experts implementation, grouped_mm, or batched_mm (--experts; peftcalc.ops.moe.experts_forward).
+default experts implementation, grouped_mm, batched_mm or the eager loop (--experts; peftcalc.ops.experts.experts_forward).
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from peftcalc.families.mixtral import experts_lora, experts_modules, experts_tra
 from peftcalc.families.record import Family, config_dropout
 from peftcalc.layout import Layout, Module, attention_modules, decoder_head, norm_module
 from peftcalc.ops.attention import attention
-from peftcalc.ops.moe import drop_router_logits, experts_forward, router_top_k
+from peftcalc.ops.experts import experts_forward
+from peftcalc.ops.moe import drop_router_logits, router_top_k
 from peftcalc.ops.norms import rms_norm
 from peftcalc.ops.recorder import Recorder, SymTensor
 from peftcalc.ops.rotary import rope

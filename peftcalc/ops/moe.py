@@ -12,7 +12,6 @@ tensor whatever expert each goes to, and the weights' gradients are the whole (E
 from __future__ import annotations
 
 from peftcalc.backward import GRAD
-from peftcalc.errors import CombinationError
 from peftcalc.ops.linear import linear
 from peftcalc.ops.nonlinear import activation
 from peftcalc.ops.recorder import Recorder, SymTensor, input_grads
@@ -25,7 +24,6 @@ __all__ = [
     "clamped_swiglu",
     "drop_router_logits",
     "experts_batched_mm",
-    "experts_forward",
     "experts_grouped_mm",
     "gather_rows",
     "grouped_mm",
@@ -266,17 +264,6 @@ def experts_grouped_mm(rec: Recorder, x: SymTensor, top: SymTensor, idx: SymTens
             rec.free(f[0], f[1])
     rec.free(*[w for w in merged if w is not None])
     return out
-
-
-def experts_forward(rec: Recorder, *args, **kwargs) -> SymTensor:
-    """The experts as the step's experts implementation runs them (StepContext.experts; transformers' ExpertsInterface
-    in integrations/moe.py, grouped_mm by default): experts_grouped_mm or experts_batched_mm (the eager loop is not
-    modelled)."""
-    impl = {"grouped_mm": experts_grouped_mm, "batched_mm": experts_batched_mm}.get(rec.ctx.experts)
-    if impl is None:  # the experts module's own forward: a Python loop over the experts hit, routing-dependent
-        raise CombinationError(f"the {rec.ctx.experts} experts implementation is not modelled; --experts grouped_mm "
-                               "(transformers' default) or batched_mm, or --trace to trace it")
-    return impl(rec, *args, **kwargs)
 
 
 def experts_batched_mm(rec: Recorder, x: SymTensor, top: SymTensor, idx: SymTensor, hidden: int, inter: int,

@@ -104,8 +104,11 @@ def test_batched_mm_predicts_the_gathered_expert_weights():
     assert row["predicted"]["peak_bytes"] - grouped > 256 * (64 * 64 + 32 * 64) * 2
 
 
-def test_eager_experts_loop_is_refused_in_one_line():
+def test_eager_experts_loop_with_lora_on_the_experts_is_refused_in_one_line():
     from peftcalc.errors import CombinationError
 
-    with pytest.raises(CombinationError, match="eager experts implementation is not modelled"):
-        estimate(TINY, method="lora", seq_len=32, device="cpu", experts="eager")
+    with pytest.raises(CombinationError, match="eager experts loop with LoRA on the experts"):
+        estimate(TINY, method="lora", seq_len=32, device="cpu", experts="eager",
+                 targets="mlp.experts.gate_up_proj,mlp.experts.down_proj")
+    with pytest.raises(CombinationError, match="eager experts loop with autocast"):
+        estimate(TINY, method="lora", seq_len=32, device="cpu", experts="eager", precision="amp-bf16")

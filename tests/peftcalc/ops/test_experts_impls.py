@@ -1,4 +1,4 @@
-"""peftcalc.ops.moe.experts_forward under each experts implementation transformers offers (integrations/moe.py:
+"""peftcalc.ops.experts.experts_forward under each experts implementation transformers offers (integrations/moe.py:
 grouped_mm, the default; batched_mm; the experts module's own eager loop) against a real CPU trace of the MoE block:
 Mixtral's (router, then MixtralExperts) and gpt-oss's (GptOssMLP: biases, clamped SwiGLU), 8 tokens, hidden 16, 4
 experts of intermediate size 8, top-2, with the router driven to each routing (measure.routing)."""
@@ -6,7 +6,8 @@ experts of intermediate size 8, top-2, with the router driven to each routing (m
 import pytest
 from opkit import context, replay_peak, trace
 
-from peftcalc.ops.moe import experts_forward, router_top_k, router_top_k_softmax
+from peftcalc.ops.experts import experts_forward
+from peftcalc.ops.moe import router_top_k, router_top_k_softmax
 from peftcalc.ops.recorder import Recorder
 
 T, H, I, E, K = 8, 16, 8, 4, 2
@@ -64,3 +65,35 @@ def _predicted(family, impl, routing, dtype, trains):
 def test_batched_mm_equals_the_trace(family, dtype, trains):
     t = _traced(family, "batched_mm", "balanced", dtype, trains)
     assert _predicted(family, "batched_mm", "balanced", dtype, trains) == (t.forward_peak, t.saved, t.backward_peak)
+
+
+@pytest.mark.parametrize("routing", ["balanced", "skewed", "worst"])
+@pytest.mark.parametrize("dtype, trains", [("float32", True), ("bfloat16", True), ("bfloat16", False), ("float32", False)])
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
+def test_eager_loop_equals_the_trace(family, routing, dtype, trains):
+    t = _traced(family, "eager", routing, dtype, trains)
+    assert _predicted(family, "eager", routing, dtype, trains) == (t.forward_peak, t.saved, t.backward_peak)
+
+
+@pytest.mark.parametrize("routing", ["balanced", "skewed", "worst"])
+@pytest.mark.parametrize("tokens, top_k, experts", [(8, 2, 4), (7, 2, 6), (13, 3, 8)])
+def test_expert_token_counts_match_the_driven_router(routing, tokens, top_k, experts):
+    """Each expert's pair count is what measure.routing writes into a real (tokens, top_k) index tensor."""
+    import torch
+
+    from measure.routing import drive_indices
+    from peftcalc.ops.moe_eager import expert_token_counts
+
+    indices = torch.zeros(tokens, top_k, dtype=torch.int64)
+    drive_indices(indices, experts, routing)
+    assert expert_token_counts(tokens, top_k, experts, routing) == torch.bincount(indices.view(-1), minlength=experts).tolist()
+
+
+def test_expert_token_counts_by_hand():
+    # skewed, 6 tokens, top-2, 4 experts: even tokens 0, 2, 4 -> experts 0 and 1 (3 each); the odd tokens' 6 pairs
+    # (u * 2 + j) mod 4 -> 0, 1, 2, 3, 0, 1: experts 0 and 1 get 2 more, 2 and 3 one each
+    from peftcalc.ops.moe_eager import expert_token_counts
+
+    assert expert_token_counts(6, 2, 4, "skewed") == [5, 5, 1, 1]
+    assert expert_token_counts(6, 2, 4, "balanced") == [3, 3, 3, 3]
+    assert expert_token_counts(6, 2, 4, "worst") == [6, 6, 0, 0]
