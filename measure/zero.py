@@ -113,15 +113,21 @@ class ZeroTracer(StorageTracer):
 
 @contextlib.contextmanager
 def _stage3_stubs():
-    """ZeRO-3's cross-rank check of the traced module order, which reads values (module docstring, 4)."""
+    """ZeRO-3's cross-rank check of the traced module order, which reads values (module docstring, 4); and
+    ``torch.nn.functional.linear`` put back afterwards: zero.Init replaces it for good with
+    ``zero3_linear_wrap`` (partition_parameters.py ``_enable_mem_efficient_linear``: "This will persist unless
+    manually reset"), which saves every Linear's input, and the rows a matrix runs after this one must not
+    inherit it."""
     from deepspeed.runtime.zero import partitioned_param_coordinator as ppc
 
     original = ppc.assert_ints_same_as_other_ranks
+    linear = torch.nn.functional.linear
     ppc.assert_ints_same_as_other_ranks = lambda ints: None
     try:
         yield
     finally:
         ppc.assert_ints_same_as_other_ranks = original
+        torch.nn.functional.linear = linear
 
 
 @contextlib.contextmanager

@@ -96,9 +96,9 @@ def zero3_layout(plan: Plan, t: TrainingSettings) -> Zero3Layout:
 def check_zero3(plan: Plan, t: TrainingSettings) -> None:
     """CombinationError for what this model of ZeRO-3 does not cover yet (module docstring)."""
     unsupported = [what for what, bad in (
-        (f"offload {t.offload}", t.offload != "none"), (f"precision {t.precision}", t.precision != "fp32"),
+        (f"offload {t.offload}", t.offload != "none"), (f"precision {t.precision}", t.precision not in ("fp32", "mixed-bf16")),
         (f"optimizer {t.optimizer}", t.optimizer not in ("adamw", "adamw-fused", "sgd")),
-        (f"method {plan.settings.method}", plan.settings.method not in ("full", "lora"))) if bad]
+        (f"method {plan.settings.method}", plan.settings.method != "full")) if bad]
     if unsupported:
         raise CombinationError(f"the DeepSpeed ZeRO-3 model does not cover {unsupported[0]} yet (fp32, full "
                                "fine-tuning or LoRA, AdamW, fused AdamW or SGD are)", names=("sharding",))
@@ -126,17 +126,23 @@ def _states(layout: Zero3Layout, t: TrainingSettings) -> int:
 def zero3_events(plan: Plan, t: TrainingSettings, rank: int = 0) -> list:
     """The step's events on `rank` as (phase, bytes, parts), the one-GPU events rewritten (module docstring)."""
     layout = zero3_layout(plan, t)
-    one_gpu = replace(t, gpus=1, gpus_per_node=8, sharding="none", offload="none")
+    # bf16.enabled: the engine casts every parameter to bf16 (engine.py ``_cast_module_mixed_precision``), so the
+    # step computes as a bf16 model does
+    one_gpu = replace(t, gpus=1, gpus_per_node=8, sharding="none", offload="none",
+                      precision="bf16" if t.precision == "mixed-bf16" else t.precision)
     act = activation_profile(plan, one_gpu)
     arrival = gradient_arrival(plan, one_gpu)
     p_t = layout.trainable_partition
-    fixed = {"master_weights": 4 * p_t, "gradient_partition": 4 * p_t,
+    fixed = {"master_weights": 4 * p_t, "gradient_partition": layout.nbytes * p_t,
              "gradient_buckets": REDUCE_BUCKET_SIZE * layout.nbytes, "optimizer_states": _states(layout, t)}
     events = []
     for name, _, parts in step_events(plan, one_gpu):
         p = dict(parts, **fixed)
-        # the whole persistent parameters are all-gather outputs; the rank's own are its partitions
-        p["all_gather_buffers"] = p.pop("weights_trainable", 0) + p.pop("weights_frozen", 0)
+        # the whole persistent parameters are all-gather outputs, each of its padded numel (world partitions,
+        # partition_parameters.py ``_allgather_params_coalesced``: the parameter a view of its first numel
+        # elements); the rank's own are its partitions
+        p.pop("weights_frozen", 0)
+        p["all_gather_buffers"] = t.gpus * p_t * layout.nbytes if p.pop("weights_trainable", 0) else 0
         p["weights_trainable"] = p_t * layout.nbytes
         p["weights_frozen"] = layout.frozen_partition_bytes
         p["temporaries"] = p.get("temporaries", 0) + INF_OR_NAN_TRACKER + NORM_SCALAR + (
