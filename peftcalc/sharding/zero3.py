@@ -50,7 +50,7 @@ from peftcalc.settings import DTYPE_BYTES, TrainingSettings
 from peftcalc.sharding.zero import GAS_SCALED_LOSS, REDUCE_BUCKET_SIZE, _event
 from peftcalc.sim.profile import stream_dtypes
 
-__all__ = ["PERSISTENCE_THRESHOLD", "Zero3Layout", "check_zero3", "zero3_events", "zero3_layout"]
+__all__ = ["PERSISTENCE_THRESHOLD", "Zero3Layout", "check_zero3", "padded_gradients", "zero3_events", "zero3_layout"]
 
 PERSISTENCE_THRESHOLD = 100_000  # deepspeed/runtime/zero/config.py stage3_param_persistence_threshold default
 INF_OR_NAN_TRACKER = 1  # stage3.py __init__: torch.zeros(1, dtype=torch.bool)
@@ -142,7 +142,7 @@ def zero3_events(plan: Plan, t: TrainingSettings, rank: int = 0) -> list:
         # partition_parameters.py ``_allgather_params_coalesced``: the parameter a view of its first numel
         # elements); the rank's own are its partitions
         p.pop("weights_frozen", 0)
-        p["all_gather_buffers"] = t.gpus * p_t * layout.nbytes if p.pop("weights_trainable", 0) else 0
+        p["all_gather_buffers"] = padded_gradients(layout, t) if p.pop("weights_trainable", 0) else 0
         p["weights_trainable"] = p_t * layout.nbytes
         p["weights_frozen"] = layout.frozen_partition_bytes
         p["temporaries"] = p.get("temporaries", 0) + INF_OR_NAN_TRACKER + NORM_SCALAR + (
@@ -156,19 +156,28 @@ def zero3_events(plan: Plan, t: TrainingSettings, rank: int = 0) -> list:
             continue
         events.append(_event(name, p))
         if name == "backward:end":
-            events.append(_reduce_event(p, layout, act.loss_scalars))
+            events.append(_reduce_event(p, layout, t, act.loss_scalars))
     return events
 
 
-def _reduce_event(end: dict, layout: Zero3Layout, loss_scalars: int) -> tuple:
+def _reduce_event(end: dict, layout: Zero3Layout, t: TrainingSettings, loss_scalars: int) -> tuple:
     """The epilogue (``__reduce_and_partition_ipg_grads``, after autograd's backward returns): activations and
-    autograd's gradients gone, the bucket's gradients flattened (one trainable-sized copy) for the
-    reduce-scatter; the loss the training loop holds and the engine's loss divided by the accumulation steps
+    autograd's gradients gone, the bucket's gradients flattened for the reduce-scatter (``__avg_scatter_grads``
+    -> deepspeed/runtime/comm/coalesced_collectives.py ``reduce_scatter_coalesced``: each gradient's world
+    partitions, padded, in one buffer, ``torch.cat`` of the partitions and of a ``torch.empty`` for each padding,
+    which the list holds until the cat is done); the loss the training loop holds and the engine's loss divided by the accumulation steps
     still live (as peftcalc.sharding.zero._reduce_event)."""
     p = {k: v for k, v in end.items() if k not in ("activations", "gradients", "temporaries", "logits_loss", "_other")}
     p.update(logits_loss=loss_scalars,
-             temporaries=layout.trainable * layout.nbytes + INF_OR_NAN_TRACKER + NORM_SCALAR + GAS_SCALED_LOSS)
+             temporaries=2 * padded_gradients(layout, t) - layout.trainable * layout.nbytes + INF_OR_NAN_TRACKER + NORM_SCALAR + GAS_SCALED_LOSS)
     return _event("backward:reduce", p)
+
+
+def padded_gradients(layout: Zero3Layout, t: TrainingSettings) -> int:
+    """Bytes of the trainable parameters padded to whole partitions (each parameter to a multiple of the ranks):
+    the reduce-scatter's flat input (``reduce_scatter_coalesced``), and the all-gather outputs of the whole
+    parameters (partition_parameters.py ``_allgather_params_coalesced``)."""
+    return t.gpus * layout.trainable_partition * layout.nbytes
 
 
 def _step_events(parts: dict, layout: Zero3Layout, t: TrainingSettings, loss_scalars: int) -> list:
