@@ -48,8 +48,8 @@ def test_partitions_by_hand():
 def test_traced_rank0_fp32_8_ranks():
     """tiny-llama, full fp32 AdamW, b2 s32, 8 ranks, traced: 2,002,000,765 bytes in backward (the loss's
     backward), step 2 starting from 2,000,961,133. The start by hand: the whole persistent parameters (591,104,
-    all-gathered after step 1's optimizer) and the rotary buffers (64), the flat partition (in the model's fp32), its fp32
-    clone and the gradient partitions (3 x 73,888), the reduce bucket allocated up front (5e8 fp32 elements),
+    all-gathered after step 1's optimizer) and the rotary buffers (64), the flat partition (fp32, the model's
+    dtype), its fp32 clone and the gradient partitions (3 x 73,888), the reduce bucket allocated up front (5e8 fp32 elements),
     AdamW's states and step over the partition (147,780), the batch (512), inf_or_nan_tracker (1) and the norm
     kept from the step before (8); the step ends with it and 24 bytes of the step's scalars."""
     r = rank_memory(_plan(), _t(gpus=8), 0)
