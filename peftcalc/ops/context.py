@@ -35,6 +35,9 @@ class StepContext:
     experts: str = "grouped_mm"  # a mixture-of-experts model's experts implementation (settings.EXPERTS)
     routing: str = "balanced"  # how its router spreads the tokens (settings.ROUTINGS)
     router_aux_loss: bool = False  # output_router_logits: the routers' logits go to the auxiliary loss (ops.moe)
+    # DeepSpeed ZeRO-3's torch.nn.functional.linear (deepspeed/runtime/zero/linear.py LinearFunctionForZeroStage3,
+    # installed by zero.Init): every Linear saves its input, the frozen ones too (ops.linear.linear)
+    linear_saves_input: bool = False
 
     @property
     def tokens(self) -> int:

@@ -30,10 +30,17 @@ stage3.py ``DeepSpeedZeroOptimizer_Stage3``:
   partition-sized temporaries; fused: none), and the persistent parameters all-gathered again
   (``persistent_parameters[0].all_gather``): whole at the start of the next step, as the forward leaves them.
 
+zero.Init also replaces ``torch.nn.functional.linear`` for good (partition_parameters.py
+``_enable_mem_efficient_linear``: deepspeed/runtime/zero/linear.py ``LinearFunctionForZeroStage3``), which saves
+every Linear's input, a frozen one's too: the one-GPU step is simulated with that Linear
+(peftcalc.ops.context.StepContext.linear_saves_input), which changes LoRA's activations (full fine-tuning's
+Linears save their input anyway).
+
 Modelled: every parameter at most stage3_param_persistence_threshold elements (all persistent: forward and
-backward then run on whole parameters, as on one GPU), one bucket, fp32, AdamW (single-tensor or fused) and SGD,
-full fine-tuning and LoRA, gradient checkpointing on or off. Refused (CombinationError): larger parameters
-(all-gathered module by module with prefetch and released after use), several buckets, offload, QLoRA.
+backward then run on whole parameters, as on one GPU), one bucket, full fine-tuning in fp32 or bf16.enabled
+(mixed-bf16), LoRA in fp32, AdamW (single-tensor or fused) and SGD, gradient checkpointing on or off. Refused
+(CombinationError): larger parameters (all-gathered module by module with prefetch and released after use),
+several buckets, offload, QLoRA, LoRA under bf16.enabled.
 """
 
 from __future__ import annotations
@@ -72,17 +79,19 @@ class Zero3Layout:
     frozen_partition_bytes: int  # bytes of the frozen parameters' partitions (ds_tensor), each padded
     nbytes: int  # the trainable parameters' dtype bytes
     largest_partition: int  # elements of the largest one parameter's partition (the norm's fp64 copy)
+    gathered_bytes: int  # bytes of every parameter whole, each padded to world partitions (its all-gather output)
 
 
 def zero3_layout(plan: Plan, t: TrainingSettings) -> Zero3Layout:
     """Each parameter's partition (partition_parameters.py ``_aligned_size`` // world), the trainable ones
     flattened (stage3.py ``fp16_partitioned_groups_flat``)."""
     weight_dtype = "bfloat16" if t.precision == "mixed-bf16" else stream_dtypes(plan, t)[0]
-    trainable = partition = frozen = largest = 0
+    trainable = partition = frozen = largest = gathered = 0
     nbytes = set()
     for g in plan.groups:
         part = ceil(g.numel / t.gpus)
         size = DTYPE_BYTES[group_dtype(plan, g.origin, weight_dtype, g.name)]
+        gathered += t.gpus * part * size
         if g.trainable:
             trainable += g.numel
             partition += part
@@ -90,7 +99,7 @@ def zero3_layout(plan: Plan, t: TrainingSettings) -> Zero3Layout:
             nbytes.add(size)
         else:
             frozen += part * size
-    return Zero3Layout(trainable, partition, frozen, max(nbytes, default=4), largest)
+    return Zero3Layout(trainable, partition, frozen, max(nbytes, default=4), largest, gathered)
 
 
 def check_zero3(plan: Plan, t: TrainingSettings) -> None:
@@ -98,10 +107,11 @@ def check_zero3(plan: Plan, t: TrainingSettings) -> None:
     unsupported = [what for what, bad in (
         (f"offload {t.offload}", t.offload != "none"), (f"precision {t.precision}", t.precision not in ("fp32", "mixed-bf16")),
         (f"optimizer {t.optimizer}", t.optimizer not in ("adamw", "adamw-fused", "sgd")),
-        (f"method {plan.settings.method}", plan.settings.method != "full")) if bad]
+        (f"method {plan.settings.method}", plan.settings.method not in ("full", "lora")),
+        (f"{plan.settings.method} under mixed-bf16", t.precision == "mixed-bf16" and plan.settings.method != "full")) if bad]
     if unsupported:
-        raise CombinationError(f"the DeepSpeed ZeRO-3 model does not cover {unsupported[0]} yet (fp32, full "
-                               "fine-tuning or LoRA, AdamW, fused AdamW or SGD are)", names=("sharding",))
+        raise CombinationError(f"the DeepSpeed ZeRO-3 model does not cover {unsupported[0]} yet (full fine-tuning "
+                               "in fp32 or mixed-bf16, LoRA in fp32, AdamW, fused AdamW or SGD are)", names=("sharding",))
     if gradient_free(plan):
         raise CombinationError("DeepSpeed ZeRO needs a gradient for every trainable parameter; "
                                f"{sorted(gradient_free(plan))[0]} gets none", names=("sharding",))
@@ -128,7 +138,8 @@ def zero3_events(plan: Plan, t: TrainingSettings, rank: int = 0) -> list:
     layout = zero3_layout(plan, t)
     # bf16.enabled: the engine casts every parameter to bf16 (engine.py ``_cast_module_mixed_precision``), so the
     # step computes as a bf16 model does
-    one_gpu = replace(t, gpus=1, gpus_per_node=8, sharding="none", offload="none",
+    # (sharding kept: the step's Linears are ZeRO-3's, peftcalc.ops.context.StepContext.linear_saves_input)
+    one_gpu = replace(t, gpus=1, gpus_per_node=8, offload="none",
                       precision="bf16" if t.precision == "mixed-bf16" else t.precision)
     act = activation_profile(plan, one_gpu)
     arrival = gradient_arrival(plan, one_gpu)
@@ -141,8 +152,7 @@ def zero3_events(plan: Plan, t: TrainingSettings, rank: int = 0) -> list:
         # the whole persistent parameters are all-gather outputs, each of its padded numel (world partitions,
         # partition_parameters.py ``_allgather_params_coalesced``: the parameter a view of its first numel
         # elements); the rank's own are its partitions
-        p.pop("weights_frozen", 0)
-        p["all_gather_buffers"] = padded_gradients(layout, t) if p.pop("weights_trainable", 0) else 0
+        p["all_gather_buffers"] = layout.gathered_bytes
         p["weights_trainable"] = p_t * layout.nbytes
         p["weights_frozen"] = layout.frozen_partition_bytes
         p["temporaries"] = p.get("temporaries", 0) + INF_OR_NAN_TRACKER + NORM_SCALAR + (

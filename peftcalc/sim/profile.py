@@ -119,6 +119,7 @@ def make_ctx(spec: ModelSpec, plan: Plan, t: TrainingSettings) -> StepContext:
         experts=t.experts,
         routing=t.routing,
         router_aux_loss=t.router_aux_loss,
+        linear_saves_input=t.sharding == "zero3",
     )
 
 

@@ -91,10 +91,26 @@ def test_communication_by_hand():
 
 
 @pytest.mark.parametrize("config, method, kw, words", [
-    (TINY, "lora", {}, "method lora"),
+    (TINY, "lora", {"precision": "mixed-bf16"}, "lora under mixed-bf16"),
+    (TINY, "qlora", {}, "method qlora"),
     (TINY, "full", {"offload": "optimizer"}, "offload optimizer"),
     (dict(TINY, hidden_size=512, intermediate_size=1024, num_attention_heads=8), "full", {}, "stage3_param_persistence_threshold"),
 ])
 def test_refused(config, method, kw, words):
     with pytest.raises(CombinationError, match=words):
         check_sharding(_plan(config, method), _t(gpus=8, **kw))
+
+
+def test_traced_lora_frozen_linears_save_their_input():
+    """tiny-llama LoRA (q_proj, v_proj), fp32, 8 ranks (traced: 2,001,641,469 bytes in backward, 98,304 more in
+    forward than the same step under ZeRO-2): ZeRO-3's linear (LinearFunctionForZeroStage3) saves the input of
+    the frozen gate_proj/up_proj (the norm's output, 2 x 32 x 64 fp32) and down_proj (2 x 32 x 128 fp32) in both
+    blocks: 2 x (16,384 + 32,768) = 98,304. The frozen parameters keep their padded partitions (ds_tensor)
+    beside their whole copies: 147,776 / 8 x 4 = 73,888 bytes."""
+    plan = _plan(method="lora")
+    r = rank_memory(plan, _t(gpus=8), 0)
+    assert (r.peak_bytes, r.peak_phase) == (2_001_641_469, "backward:loss")
+    assert zero3_layout(plan, _t(gpus=8)).frozen_partition_bytes == 73_888
+    zero2 = rank_memory(plan, _t(gpus=8, sharding="zero2"), 0)
+    forward = dict(r.events)["forward"] - (dict(r.events)["optimizer:gather"] - 24)  # from the step's start
+    assert forward - (dict(zero2.events)["forward"] - 614_216) == 2 * (16_384 + 32_768)  # ZeRO-2's step-2 start, traced
