@@ -11,9 +11,9 @@ reduce-scatter of a buffer of B bytes has each rank send (N - 1) / N x B, an all
 - ZeRO-1/2 (peftcalc.sharding.zero): the flat gradients reduced to their partitions' owners (a reduce-scatter's
   bytes, stage_1_and_2.py ``average_tensor``) and the updated flat buffer all-gathered after the step
   (``all_gather_dp_groups``).
-- ZeRO-3 (peftcalc.sharding.zero3): the gradients reduce-scattered from the bucket, each padded to whole
-  partitions (stage3.py ``__avg_scatter_grads`` -> ``reduce_scatter_coalesced``), and the parameters
-  all-gathered. The parameters it models are all persistent (at most stage3_param_persistence_threshold
+- ZeRO-3 (peftcalc.sharding.zero3): the trainable parameters' gradients reduce-scattered from the bucket, each
+  padded to whole partitions (stage3.py ``__avg_scatter_grads`` -> ``reduce_scatter_coalesced``), and every
+  parameter, frozen ones too, all-gathered. The parameters it models are all persistent (at most stage3_param_persistence_threshold
   elements), gathered once a step, after the optimizer (``_post_step``), and whole through forward and backward;
   larger ones, which ZeRO-3 all-gathers in forward and again in backward, are refused.
 
@@ -63,8 +63,9 @@ def communication(plan: Plan, t: TrainingSettings) -> Communication:
         return Communication(all_gather=(n - 1) * flat.padded * flat.nbytes // n,
                              reduce_scatter=(n - 1) * flat.padded * flat.nbytes // n)
     if t.sharding == "zero3":
-        padded = padded_gradients(zero3_layout(plan, t), t)
-        return Communication(all_gather=(n - 1) * padded // n, reduce_scatter=(n - 1) * padded // n)
+        layout = zero3_layout(plan, t)
+        return Communication(all_gather=(n - 1) * layout.gathered_bytes // n,
+                             reduce_scatter=(n - 1) * padded_gradients(layout, t) // n)
     shard = shard_world(t)
     replicas = n // shard
     groups = group_bytes(plan, t, shard, 0).values()

@@ -162,7 +162,7 @@ def zero3_events(plan: Plan, t: TrainingSettings, rank: int = 0) -> list:
             # theirs is made and not yet copied
             p["gradients"] = arrival.input_side if name == "backward:end" else 0
         if name == "optimizer":
-            events.extend(_step_events(p, layout, t, act.loss_scalars))
+            events.extend(_step_events(p, layout, t))
             continue
         events.append(_event(name, p))
         if name == "backward:end":
@@ -175,11 +175,13 @@ def _reduce_event(end: dict, layout: Zero3Layout, t: TrainingSettings, loss_scal
     autograd's gradients gone, the bucket's gradients flattened for the reduce-scatter (``__avg_scatter_grads``
     -> deepspeed/runtime/comm/coalesced_collectives.py ``reduce_scatter_coalesced``: each gradient's world
     partitions, padded, in one buffer, ``torch.cat`` of the partitions and of a ``torch.empty`` for each padding,
-    which the list holds until the cat is done); the loss the training loop holds and the engine's loss divided by the accumulation steps
-    still live (as peftcalc.sharding.zero._reduce_event)."""
+    which the list holds until the cat is done); the loss the training loop holds and the engine's loss divided
+    by the accumulation steps still live (as peftcalc.sharding.zero._reduce_event)."""
     p = {k: v for k, v in end.items() if k not in ("activations", "gradients", "temporaries", "logits_loss", "_other")}
+    padded = padded_gradients(layout, t)
+    padding = padded - layout.trainable * layout.nbytes
     p.update(logits_loss=loss_scalars,
-             temporaries=2 * padded_gradients(layout, t) - layout.trainable * layout.nbytes + INF_OR_NAN_TRACKER + NORM_SCALAR + GAS_SCALED_LOSS)
+             temporaries=padded + padding + INF_OR_NAN_TRACKER + NORM_SCALAR + GAS_SCALED_LOSS)
     return _event("backward:reduce", p)
 
 
@@ -190,7 +192,7 @@ def padded_gradients(layout: Zero3Layout, t: TrainingSettings) -> int:
     return t.gpus * layout.trainable_partition * layout.nbytes
 
 
-def _step_events(parts: dict, layout: Zero3Layout, t: TrainingSettings, loss_scalars: int) -> list:
+def _step_events(parts: dict, layout: Zero3Layout, t: TrainingSettings) -> list:
     """The step (module docstring): with the persistent parameters partitioned, the norm's fp64 copy of the
     largest partition of one parameter, then the flattened fp32 gradients with AdamW's single-tensor
     temporaries (two fp32 partitions; fused AdamW and SGD none); then the parameters all-gathered again with the
