@@ -47,3 +47,41 @@ def test_zero2_fused_adamw_with_checkpointing_trace_equals_prediction(tiny):
     m, p = row["measured"], row["predicted"]
     assert m["peak_bytes"] == p["peak_bytes"] == 2_001_773_940 and m["peak_phase"] == "backward"
     assert m["steps"][-1]["phases"]["optimizer"]["peak_bytes"] == 1_674_352
+
+
+def test_released_zero3_parameter_is_not_held_by_the_saved_tensor():
+    """ZeRO-3 frees a gathered parameter by swapping its .data while its linear has saved it (a Function that
+    saves input and weight as deepspeed/runtime/zero/linear.py LinearFunctionForZeroStage3 does): under
+    ZeroTracer's saving() the storage goes at the swap, as without any saved-tensors hook (autograd saves a
+    leaf as itself); StorageTracer's detach() alias would keep its 64 x 64 x 4 bytes to backward."""
+    import torch
+
+    from measure.tracer import StorageTracer
+    from measure.zero import ZeroTracer
+
+    class SavesWeight(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, weight):
+            ctx.save_for_backward(x, weight)
+            return x.matmul(weight.t())
+
+        @staticmethod
+        def backward(ctx, grad):
+            x, weight = ctx.saved_tensors
+            return grad.matmul(weight), grad.t().matmul(x)
+
+    def held_after_release(tracer):
+        weight = torch.nn.Parameter(torch.zeros(64, 64))
+        x = torch.zeros(2, 64, requires_grad=True)
+        with tracer:
+            tracer.mark(weight, "parameters")
+            with tracer.saving():
+                out = SavesWeight.apply(x, weight)
+            before = tracer.live_bytes
+            weight.data = torch.empty(0)
+            held = tracer.live_bytes - (before - 64 * 64 * 4)
+            del out
+        return held
+
+    assert held_after_release(ZeroTracer()) == 0
+    assert held_after_release(StorageTracer()) == 64 * 64 * 4
