@@ -49,6 +49,20 @@ def test_zero2_fused_adamw_with_checkpointing_trace_equals_prediction(tiny):
     assert m["steps"][-1]["phases"]["optimizer"]["peak_bytes"] == 1_674_352
 
 
+def test_zero3_lora_rank0_trace_equals_prediction(tiny):
+    """ZeRO-3, LoRA fp32 at 8 ranks (every tiny-llama parameter persistent): the harness runs
+    DeepSpeedZeroOptimizer_Stage3 over the client AdamW; the steady-state peak, 2,001,641,469 bytes in backward,
+    equals peftcalc.sharding.zero3's, frozen Linears' saved inputs (ZeRO-3's linear) included."""
+    run = tiny("tiny-llama", method="lora")
+    t = TrainingSettings(batch_size=2, seq_len=32, precision="fp32", optimizer="adamw", device="cpu", gpus=8,
+                         sharding="zero3")
+    row = measure_one(run.spec, MethodSettings(method="lora"), t, device="fake", steps=2)
+    assert row["outcome"] == "ok", row["error"]
+    m, p = row["measured"], row["predicted"]
+    assert m["peak_bytes"] == p["peak_bytes"] == 2_001_641_469 and m["peak_phase"] == "backward"
+    assert row["harness"]["zero_optimizer"] == "DeepSpeedZeroOptimizer_Stage3"
+
+
 def test_released_zero3_parameter_is_not_held_by_the_saved_tensor():
     """ZeRO-3 frees a gathered parameter by swapping its .data while its linear has saved it (a Function that
     saves input and weight as deepspeed/runtime/zero/linear.py LinearFunctionForZeroStage3 does): under
