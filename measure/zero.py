@@ -22,6 +22,11 @@ What makes the trace run on fake tensors (deepspeed 0.19.8, torch 2.13):
 3. ``.item()`` on a fake scalar answers 0 (:func:`fake_scalars`: DeepSpeed reads overflow flags and norms);
 4. ZeRO-3's ``assert_ints_same_as_other_ranks`` (partitioned_param_coordinator.py: an all-reduce of the
    trace's module ids, compared with ``.item()``) is stubbed.
+
+And what keeps the trace a true one under ZeRO-3: the tracer's saved-tensors hook keeps a saved parameter as
+itself (:meth:`ZeroTracer.saving`), so a parameter ZeRO-3 releases after its module's forward frees its gathered
+storage then, as it does without the hook; and ``torch.nn.functional.linear``, which zero.Init replaces for good,
+is put back after the run.
 """
 
 from __future__ import annotations
@@ -108,23 +113,45 @@ def fake_scalars():
 class ZeroTracer(StorageTracer):
     """A StorageTracer that leaves tensors on the meta device out: ZeRO keeps ``zeros_like(param,
     device="meta")`` copies of every parameter's shape (stage_1_and_2.py ``round_robin_bit16_meta``),
-    which hold no memory."""
+    which hold no memory; and whose saved parameters are the parameters (:meth:`saving`)."""
 
     def track(self, t, op, category="other"):
         return None if t.device.type == "meta" else super().track(t, op, category)
 
+    @contextlib.contextmanager
+    def saving(self):
+        """StorageTracer.saving, but a parameter saved for backward is kept as itself, not as a ``detach()`` alias
+        of its storage: ZeRO-3 releases a gathered parameter by swapping its ``.data`` for an empty tensor
+        (partition_parameters.py ``free_param``) while ZeRO-3's linear has saved it (``LinearFunctionForZeroStage3``:
+        ``ctx.save_for_backward(input, weight, bias)``), and autograd, with no hook, keeps the parameter, not its
+        storage (saved_variable.cpp: a leaf is saved as itself), so the storage is freed at the release; an alias
+        would hold it to backward. Other parameters' storages are alive anyway, so nothing else changes."""
+
+        def pack(t):
+            self.mark(t, "activations")
+            return t if isinstance(t, torch.nn.Parameter) else t.detach()
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            yield
+
 
 @contextlib.contextmanager
 def _stage3_stubs():
-    """ZeRO-3's cross-rank check of the traced module order, which reads values (module docstring, 4)."""
+    """ZeRO-3's cross-rank check of the traced module order, which reads values (module docstring, 4); and
+    ``torch.nn.functional.linear`` put back afterwards: zero.Init replaces it for good with
+    ``zero3_linear_wrap`` (partition_parameters.py ``_enable_mem_efficient_linear``: "This will persist unless
+    manually reset"), which saves every Linear's input, and the rows a matrix runs after this one must not
+    inherit it."""
     from deepspeed.runtime.zero import partitioned_param_coordinator as ppc
 
     original = ppc.assert_ints_same_as_other_ranks
+    linear = torch.nn.functional.linear
     ppc.assert_ints_same_as_other_ranks = lambda ints: None
     try:
         yield
     finally:
         ppc.assert_ints_same_as_other_ranks = original
+        torch.nn.functional.linear = linear
 
 
 @contextlib.contextmanager

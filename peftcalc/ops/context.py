@@ -38,6 +38,9 @@ class StepContext:
     # activation offloading (torch.autograd.graph.save_on_cpu) around these ops: a saved tensor goes to host
     # memory (the Recorder's offload mode); False inside a checkpointed block, whose own hooks are innermost
     offload: bool = False
+    # DeepSpeed ZeRO-3's torch.nn.functional.linear (deepspeed/runtime/zero/linear.py LinearFunctionForZeroStage3,
+    # installed by zero.Init): every Linear saves its input, the frozen ones too (ops.linear.linear)
+    linear_saves_input: bool = False
 
     @property
     def tokens(self) -> int:

@@ -116,7 +116,8 @@ def linear(rec: Recorder, x: SymTensor, in_f: int, out_f: int, trainable: bool, 
     # autocast op), then .to(inp_dtype); the cast input is its local x until it returns
     quant_cast = quantized and ctx.quant_compute and x.dtype != ctx.quant_compute
     xin = cast(rec, x, ctx.quant_compute) if quant_cast else autocast_in(rec, x)
-    if trainable:
+    if trainable or (ctx.linear_saves_input and x.requires_grad):  # ZeRO-3's linear saves it regardless
+        # (LinearFunctionForZeroStage3.setup_context: ctx.save_for_backward(input, weight, bias))
         saved.append(rec.save(xin, f"{tag}.input"))
     wb = DTYPE_BYTES[ctx.weight_dtype]
     out = matmul(rec, xin, in_f, out_f, trainable, ctx.quant_compute if quantized else ctx.autocast or ctx.compute_dtype,

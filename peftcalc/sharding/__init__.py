@@ -1,7 +1,7 @@
 """Memory per GPU under data parallelism (TrainingSettings.sharding), rank by rank: each strategy rewrites
 the one-GPU step's events (peftcalc.memory.step_events) for one rank. ``fsdp``: peftcalc.sharding.fsdp,
 ``hsdp`` (FSDP2 on a (replicas, gpus_per_node) mesh): peftcalc.sharding.fsdp over the shard group,
-``ddp``: peftcalc.sharding.ddp, ``zero1``/``zero2``: peftcalc.sharding.zero.
+``ddp``: peftcalc.sharding.ddp, ``zero1``/``zero2``: peftcalc.sharding.zero, ``zero3``: peftcalc.sharding.zero3.
 
 :func:`sharded_timeline` gives rank 0's peftcalc.memory.Timeline (what estimate reports) and every rank
 whose bytes differ (the last rank holds fewer rows where a dim 0 does not divide by the ranks).
@@ -20,11 +20,13 @@ from peftcalc.sharding.ddp import check_ddp, ddp_events
 from peftcalc.sharding.fsdp import FSDP_COMPONENTS, check_fsdp, fsdp_events
 from peftcalc.sharding.recipes import loop_recipes
 from peftcalc.sharding.zero import ZERO_COMPONENTS, check_zero, zero_events
+from peftcalc.sharding.zero3 import check_zero3, zero3_events
 
 __all__ = ["RankMemory", "SHARDED_COMPONENTS", "check_sharding", "rank_memory", "sharded_timeline", "wrapping_text"]
 
 SHARDED_COMPONENTS = COMPONENTS + FSDP_COMPONENTS + ("gradient_buckets",) + ZERO_COMPONENTS
-EVENTS = {"fsdp": fsdp_events, "hsdp": fsdp_events, "ddp": ddp_events, "zero1": zero_events, "zero2": zero_events}
+EVENTS = {"fsdp": fsdp_events, "hsdp": fsdp_events, "ddp": ddp_events, "zero1": zero_events, "zero2": zero_events,
+          "zero3": zero3_events}
 FSDP2 = ("fsdp", "hsdp")
 ZERO = ("zero1", "zero2")
 # the losses each strategy's model covers: transformers' ForCausalLMLoss everywhere; torchtune's chunked
@@ -66,10 +68,12 @@ def check_sharding(plan: Plan, t: TrainingSettings) -> None:
         check_fsdp(plan, t)
     elif t.sharding == "ddp":
         check_ddp(plan, t)
+    elif t.sharding == "zero3":
+        check_zero3(plan, t)
     elif t.sharding.startswith("zero"):
         check_zero(plan, t)
     else:
-        raise CombinationError(f"sharding {t.sharding} is not modelled yet (fsdp, hsdp, ddp, zero1 and zero2 are)", names=("sharding",))
+        raise CombinationError(f"sharding {t.sharding} is not modelled yet (fsdp, hsdp, ddp, zero1, zero2 and zero3 are)", names=("sharding",))
 
 
 def _components(parts: dict) -> tuple:

@@ -11,6 +11,11 @@ reduce-scatter of a buffer of B bytes has each rank send (N - 1) / N x B, an all
 - ZeRO-1/2 (peftcalc.sharding.zero): the flat gradients reduced to their partitions' owners (a reduce-scatter's
   bytes, stage_1_and_2.py ``average_tensor``) and the updated flat buffer all-gathered after the step
   (``all_gather_dp_groups``).
+- ZeRO-3 (peftcalc.sharding.zero3): the trainable parameters' gradients reduce-scattered from the bucket, each
+  padded to whole partitions (stage3.py ``__avg_scatter_grads`` -> ``reduce_scatter_coalesced``), and every
+  parameter, frozen ones too, all-gathered. The parameters it models are all persistent (at most stage3_param_persistence_threshold
+  elements), gathered once a step, after the optimizer (``_post_step``), and whole through forward and backward;
+  larger ones, which ZeRO-3 all-gathers in forward and again in backward, are refused.
 
 Time: the bytes over the card's one-way bandwidth per GPU, NVLink (or PCIe) inside a node when the job fits
 in one (gpus <= gpus_per_node), else the inter-node network (peftcalc/data/gpus.json: intra_node_gbps,
@@ -28,6 +33,7 @@ from peftcalc.settings import TrainingSettings
 from peftcalc.sharding.ddp import bucket_bytes
 from peftcalc.sharding.fsdp import group_bytes, shard_world
 from peftcalc.sharding.zero import zero_layout
+from peftcalc.sharding.zero3 import padded_gradients, zero3_layout
 
 __all__ = ["Communication", "communication", "step_seconds_with_comm"]
 
@@ -56,6 +62,10 @@ def communication(plan: Plan, t: TrainingSettings) -> Communication:
         flat = zero_layout(plan, t, 0)
         return Communication(all_gather=(n - 1) * flat.padded * flat.nbytes // n,
                              reduce_scatter=(n - 1) * flat.padded * flat.nbytes // n)
+    if t.sharding == "zero3":
+        layout = zero3_layout(plan, t)
+        return Communication(all_gather=(n - 1) * layout.gathered_bytes // n,
+                             reduce_scatter=(n - 1) * padded_gradients(layout, t) // n)
     shard = shard_world(t)
     replicas = n // shard
     groups = group_bytes(plan, t, shard, 0).values()

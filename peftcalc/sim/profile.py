@@ -141,6 +141,7 @@ def make_ctx(spec: ModelSpec, plan: Plan, t: TrainingSettings) -> StepContext:
         routing=t.routing,
         router_aux_loss=t.router_aux_loss,
         offload=t.offload_activations,
+        linear_saves_input=t.sharding == "zero3",
     )
 
 

@@ -128,8 +128,6 @@ def test_gradient_checkpointing_traced_rank0():
 
 
 def test_refused_in_one_line():
-    with pytest.raises(CombinationError, match="zero3"):
-        check_sharding(_plan(), _t(gpus=8, sharding="zero3"))
     with pytest.raises(CombinationError, match="prompt under mixed-bf16"):
         check_sharding(_plan("prompt"), _t(gpus=8, sharding="zero2", precision="mixed-bf16"))
     with pytest.raises(CombinationError, match="several ZeRO reduce buckets with gradient checkpointing"):
