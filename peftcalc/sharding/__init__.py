@@ -116,6 +116,8 @@ def wrapping_text(method: str, t: TrainingSettings) -> str:
                  "nodes (a (replicate, shard) DeviceMesh)")
     if t.precision == "mixed-bf16":
         text += "; float32 parameters under MixedPrecisionPolicy(param_dtype=bfloat16, reduce_dtype=float32)"
+        if method == "lora":
+            text += ", which all-gathers the LoRA adapters in bfloat16 with the base: they compute in bfloat16"
     elif method == "lora" and t.precision in ("bf16", "fp16"):
         text += (f"; the LoRA adapters stay float32 beside the {t.precision} base (peft's autocast_adapter_dtype=True): "
                  "FSDP2 wants one dtype among a block's trainable parameters only and all-gathers both as bytes")

@@ -30,6 +30,7 @@ the step computes as a bf16 one (:func:`compute_view`), on fp32 shards, states a
 from __future__ import annotations
 
 from dataclasses import replace
+from functools import lru_cache
 
 from peftcalc.activations import activation_profile
 from peftcalc.errors import CombinationError
@@ -49,8 +50,9 @@ FSDP_COMPONENTS = ("unsharded_params", "unsharded_gradients", "all_gather_buffer
 def check_fsdp(plan: Plan, t: TrainingSettings) -> None:
     """CombinationError for what FSDP2 (or this model of it) does not run: several dtypes among a group's
     trainable parameters (_fsdp_param_group.py ``_init_mp_dtypes``: "FSDP expects uniform original parameter
-    dtype", over the parameters that require grad; peft's fp32 adapters beside a frozen bf16 base pass), QLoRA's packed weights, optimizers other than AdamW (foreach/single-tensor or fused) and SGD,
-    offload, peft's adapters under mixed-bf16 (not modelled yet)."""
+    dtype", over the parameters that require grad; peft's fp32 adapters beside a frozen bf16 base pass), QLoRA's
+    packed weights, optimizers other than AdamW (foreach/single-tensor or fused) and SGD, offload, peft's
+    adapters other than LoRA's (DoRA, IA3, prompts) under mixed-bf16 (not modelled yet)."""
     weight_dtype = stream_dtypes(plan, t)[0]
     by_layer: dict = {}
     for g in plan.groups:
@@ -63,8 +65,9 @@ def check_fsdp(plan: Plan, t: TrainingSettings) -> None:
     unsupported = [what for what, bad in (
         ("qlora", plan.settings.method == "qlora"), (f"optimizer {t.optimizer}", t.optimizer not in ("adamw", "adamw-fused", "sgd")),
         (f"offload {t.offload}", t.offload != "none"),
-        (f"{plan.settings.method} under mixed-bf16 (its adapters computed in bf16)",
-         t.precision == "mixed-bf16" and any(g.origin in ADAPTER_ORIGINS for g in plan.groups))) if bad]
+        (f"{'dora' if plan.settings.dora else plan.settings.method} under mixed-bf16 (only LoRA's adapters are "
+         "modelled in bf16)", t.precision == "mixed-bf16" and any(g.origin in ADAPTER_ORIGINS for g in plan.groups)
+         and (plan.settings.method != "lora" or plan.settings.dora))) if bad]
     if unsupported:
         raise CombinationError(f"the FSDP2 model does not cover {unsupported[0]} yet", names=("sharding",))
 
@@ -87,18 +90,32 @@ def compute_view(t: TrainingSettings) -> TrainingSettings:
                    offload="none", grad_accum=1)
 
 
+@lru_cache(maxsize=256)
+def compute_plan(plan: Plan, precision: str) -> Plan:
+    """The plan whose one-GPU step FSDP2 computes: `plan` itself, or under mixed-bf16 `plan` with bf16
+    adapters. MixedPrecisionPolicy's param_dtype applies to every parameter of a group, frozen or trainable
+    (_fsdp_param.py ``FSDPParam.init_dtype_attrs``; _fsdp_param_group.py ``_init_mp_dtypes`` asks one
+    original dtype of the trainable ones only), so peft's fp32 adapters are all-gathered in bf16 beside the
+    base, and peft's LoRA forward (tuners/lora/layer.py ``Linear.forward``, ``_cast_input_dtype`` to
+    ``lora_A.weight.dtype``) computes them in bf16: their activations and autograd's gradients are bf16."""
+    if precision != "mixed-bf16" or not any(g.origin in ADAPTER_ORIGINS for g in plan.groups):
+        return plan
+    return replace(plan, adapter_dtype="bfloat16")
+
+
 def group_bytes(plan: Plan, t: TrainingSettings, world: int, rank: int) -> dict:
     """{layer index or None (the root): GroupBytes} on `rank` of `world`. Under mixed-bf16 the shards, the
     reduce-scatter buffers (reduce_dtype float32) and the optimizer's states are float32, the all-gather
     output, the unsharded parameters and autograd's full gradients bfloat16 (param_dtype)."""
     weight_dtype = stream_dtypes(plan, t)[0]
     compute_dtype = stream_dtypes(plan, compute_view(t))[0]
+    computed = compute_plan(plan, t.precision)
     free = gradient_free(plan)
     out: dict = {}
     for g in plan.groups:
         gb = out.setdefault(g.layer, GroupBytes())
         nbytes = DTYPE_BYTES[group_dtype(plan, g.origin, weight_dtype, g.name)]
-        unsharded_bytes = DTYPE_BYTES[group_dtype(plan, g.origin, compute_dtype, g.name)]
+        unsharded_bytes = DTYPE_BYTES[group_dtype(computed, g.origin, compute_dtype, g.name)]
         d0, row = dim0(g.shape, g.numel)
         shard = padded_rows(d0, world) * row * nbytes
         if g.trainable:
@@ -148,13 +165,13 @@ def fsdp_events(plan: Plan, t: TrainingSettings, rank: int = 0) -> list:
     states, temps = _optimizer(groups, t, sorted(order, key=lambda k: -1 if k is None else k))
     frozen = sum(g.sharded_frozen for g in groups.values())
     trainable = sum(g.sharded_trainable for g in groups.values())
-    one_gpu = compute_view(t)
-    arrival = gradient_arrival(plan, one_gpu)
+    one_gpu, computed = compute_view(t), compute_plan(plan, t.precision)
+    arrival = gradient_arrival(computed, one_gpu)
     last = len(layers) - 1
     keep = not t.reshard_after_forward
     kept_blocks = sum(g.unsharded for g in layers) if keep else 0
     events = []
-    for name, _, parts in step_events(plan, one_gpu):
+    for name, _, parts in step_events(computed, one_gpu):
         p = dict(parts, weights_frozen=frozen, weights_trainable=trainable)
         if "optimizer_states" in p:
             p["optimizer_states"] = states
@@ -184,9 +201,9 @@ def fsdp_events(plan: Plan, t: TrainingSettings, rank: int = 0) -> list:
                 events.append(_clip_event(p, plan, t))
             p["temporaries"] = temps + _clip_bytes(plan, t)[1]
         if name == "forward" and layers:
-            events.append(_copy_out(p, root, layers, activation_profile(plan, one_gpu), plan, one_gpu, keep))
+            events.append(_copy_out(p, root, layers, activation_profile(computed, one_gpu), computed, one_gpu, keep))
         if name == "backward:loss" and not keep:
-            events.append(_root_unshard(p, root, activation_profile(plan, one_gpu), _labels_view(plan, t)))
+            events.append(_root_unshard(p, root, activation_profile(computed, one_gpu), _labels_view(plan, t)))
         events.append((name, sum(p.values()), p))
         if name == "backward:end":
             events.append(_root_reduce(p, root))

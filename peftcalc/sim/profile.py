@@ -100,7 +100,7 @@ def make_ctx(spec: ModelSpec, plan: Plan, t: TrainingSettings) -> StepContext:
     elif method == "prefix":
         kv_seq = seq + plan.settings.num_virtual_tokens
     weight, compute = stream_dtypes(plan, t)
-    adapter = "float32"  # peft autocast_adapter_dtype=True keeps adapters in fp32
+    adapter = plan.adapter_dtype  # peft autocast_adapter_dtype=True keeps adapters in fp32 (Plan.adapter_dtype)
     return StepContext(
         batch=t.batch_size,
         seq=seq,
