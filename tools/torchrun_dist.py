@@ -13,7 +13,7 @@ FSDP2's other settings follow as key=value (TrainingSettings' names, and method=
 ``fsdp precision=mixed-bf16`` (MixedPrecisionPolicy(param_dtype=bfloat16, reduce_dtype=float32): gloo all-gathers
 bf16 and reduce-scatters fp32 on the CPU), ``hsdp gpus_per_node=2`` on 4 ranks (a (2, 2) replicate x shard mesh).
 """
-import os, sys, json, tomllib, torch, torch.distributed as dist
+import contextlib, os, sys, json, tomllib, torch, torch.distributed as dist
 sharding = sys.argv[1]
 extra = dict(arg.split("=", 1) for arg in sys.argv[2:])
 method = extra.pop("method", "full")
@@ -22,7 +22,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
 from measure.build import build_model
-from measure.dist import DistTracer, shard_fsdp2
+from measure.dist import DistTracer, own_propagation_mode, shard_fsdp2
 from measure.loop import TracerMeter, run_steps
 from measure.setup import precision_policy, prepare_for_training, make_batch, make_optimizer
 from measure.tracer import StorageTracer, model_state_tensors
@@ -41,7 +41,7 @@ from measure.zero import ZeroTracer, deepspeed_config, zero_train_step
 fsdp2 = sharding in ("fsdp", "hsdp")
 tracer = DistTracer() if fsdp2 else ZeroTracer() if sharding.startswith("zero") else StorageTracer()
 meter = TracerMeter(tracer)
-with tracer:
+with own_propagation_mode() if fsdp2 else contextlib.nullcontext(), tracer:  # DTensor's global-shape fake arguments hidden
     tracer.mark(model_state_tensors(model), "parameters")
     if fsdp2:
         shard_fsdp2(model, t)  # measure.dist.device_mesh on the default (gloo) group
