@@ -90,7 +90,8 @@ def test_estimate_reports_ranks():
     (dict(gpus=2, sharding="ddp", precision="mixed-bf16"), CombinationError),
     (dict(gpus=2, sharding="zero2", offload="params"), CombinationError),
     (dict(gpus=2, sharding="ddp", offload="optimizer"), CombinationError),
-    (dict(gpus=2, sharding="fsdp", method="qlora"), CombinationError),
+    (dict(gpus=2, sharding="fsdp", method="qlora"), CombinationError),  # prepare_model_for_kbit_training, its default
+    (dict(gpus=2, sharding="fsdp", method="qlora", prepare_kbit=False, precision="fp32"), CombinationError),
     (dict(gpus=2, sharding="zero1", reshard_after_forward=False), CombinationError),
 ])
 def test_bad_parallel_settings(kw, error):
@@ -229,3 +230,27 @@ def test_lora_under_mixed_bf16_traced_rank0_peaks():
                      (dict(gpus=8, optimizer="adamw-fused", max_grad_norm=1.0), 946312)):
         r = rank_memory(_plan("lora"), _t(precision="mixed-bf16", **kw), 0)
         assert (r.peak_bytes, r.peak_phase) == (peak, "backward:loss"), kw
+
+
+def test_qlora_group_bytes_by_hand_at_two_ranks():
+    """QLoRA with NF4 packed in bf16 (bnb_4bit_quant_storage=bfloat16: functional.quantize_4bit's ((numel + 1) // 4,
+    1) bf16 tensor), sharded on dim 0 by fully_shard. Block 0 of tiny-llama at 2 ranks: q, k, v, o (4,096 elements:
+    1,024 packed rows, 512 each, 1,024 bytes), gate, up, down (8,192: 2,048 rows, 2,048 bytes), two bf16 norms (32
+    rows, 64 bytes); each double-quantized QuantState whole (64 or 128 8-bit absmax, one fp32 second-level absmax
+    and offset, the 16-level NF4 code and the 256-entry nested code: 1,160 or 1,224 bytes); LoRA r8 on q and v,
+    fp32 (lora_A 4 of 8 rows, lora_B 32 of 64: 1,024 bytes each)."""
+    t = _t(gpus=2, precision="bf16")
+    plan = make_plan(load_spec(dict(TINY)), MethodSettings(method="qlora", prepare_kbit=False))
+    g = group_bytes(plan, t, 2, 0)[0]
+    packed = 4 * 1_024 + 3 * 2_048 + 2 * 64
+    assert g.sharded_frozen == packed + 4 * (64 + 4 + 4 + 64 + 1_024) + 3 * (128 + 4 + 4 + 64 + 1_024) == 18_680
+    assert g.sharded_trainable == 4 * 1_024 and g.all_gather == g.unsharded == 2 * (packed + 4 * 1_024)
+    assert g.unsharded_grads == 4 * 2_048
+
+
+def test_qlora_traced_rank0_peaks():
+    """tiny-llama QLoRA (bf16, NF4 packed in bf16, no prepare_model_for_kbit_training) traced on the fake process
+    group (measure/dist.py _sharded_qlora; rows of reports/data/dist.jsonl), to the byte."""
+    plan = make_plan(load_spec(dict(TINY)), MethodSettings(method="qlora", prepare_kbit=False))
+    r = rank_memory(plan, _t(gpus=2, precision="bf16"), 0)
+    assert (r.peak_bytes, r.peak_phase) == (989720, "backward:loss")
