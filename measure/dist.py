@@ -21,6 +21,10 @@ Four things make the trace equal what rank 0 of a real job allocates (torch 2.13
    its storage to 0 and re-allocates it the same way, torch/distributed/fsdp/_fully_shard/_fsdp_param.py
    ``free_storage`` / ``alloc_storage``), and hands every op on a DTensor back (``NotImplemented``) so that
    only the local tensors its implementation makes are counted.
+
+QLoRA (:func:`_sharded_qlora`) is quantized on fake tensors with its NF4 codes packed in the model's dtype
+(``bnb_4bit_quant_storage``), then sharded there; bitsandbytes' re-wrap of FSDP2's unsharded parameter as a
+Params4bit, which fake tensors refuse, is replaced by setting its quant_state (:func:`_module_quant_states`).
 """
 
 from __future__ import annotations
