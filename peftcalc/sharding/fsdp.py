@@ -78,7 +78,8 @@ OFFLOAD_UNTRACED = ("offload params (FSDP2 CPUOffloadPolicy: on a CPU device mes
 
 def unmodelled(plan: Plan, t: TrainingSettings) -> list:
     """What of `plan` under `t` this model of FSDP2 does not cover: QLoRA other than bf16 with NF4 packed in bf16
-    and without peft's prepare_model_for_kbit_training (TRL skips it for a sharded QLoRA model) or with DoRA,
+    and without peft's prepare_model_for_kbit_training (TRL's SFTTrainer ``_prepare_peft_model`` skips it for a
+    sharded QLoRA model, ``is_sharded_qlora``) or with DoRA,
     optimizers other than AdamW and SGD, offload, and under mixed-bf16 peft adapters other than LoRA's."""
     s, qlora = plan.settings, plan.settings.method == "qlora"
     adapters = any(g.origin in ADAPTER_ORIGINS for g in plan.groups)
