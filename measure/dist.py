@@ -228,12 +228,18 @@ def _sharded_qlora(spec, method, training, policy, fake_mode):
     """QLoRA under FSDP2, built as TRL and axolotl build it: NF4 weights packed in the model's dtype
     (``bnb_4bit_quant_storage``), so that fully_shard shards each packed (numel / 2 bytes, 1) weight on dim 0 as
     an ordinary tensor, and LoRA on top; quantized on fake tensors (:func:`measure.fake.quantize_fake_nf4`), then
-    sharded there (meta weights cannot be quantized). (model, its logical parameter counts before sharding)."""
+    sharded there (meta weights cannot be quantized). The Linear4bit layers are made in the model's dtype, as
+    from_pretrained(dtype=...) makes them, so a bias (Qwen2's q, k, v) is sharded in it. (model, its logical parameter counts before sharding)."""
     from measure.build import apply_method, build_base_model, count_logical_params
     from measure.fake import materialize_fake, quantize_fake_nf4, replace_with_nf4
 
     model = build_base_model(spec, dtype=policy.dtype, device="meta", attention=training.attention)
-    model = replace_with_nf4(model, method, policy.compute, quant_storage=policy.dtype)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(policy.dtype)  # from_pretrained's dtype: a Linear4bit's bias in it, as loaded
+    try:
+        model = replace_with_nf4(model, method, policy.compute, quant_storage=policy.dtype)
+    finally:
+        torch.set_default_dtype(default)
     with torch.device("meta"):
         model = apply_method(model, spec, method)
     materialize_fake(model, fake_mode)
