@@ -217,7 +217,8 @@ def measure_dist(spec, method, training, steps, policy) -> dict:
         tracer = DistTracer()
         meter = TracerMeter(tracer)
         t1 = time.perf_counter()
-        with real_input_semantics(), real_cpu_kernel_dtypes(), fake_mode, tracer, _module_quant_states():
+        quantized = _module_quant_states() if method.method == "qlora" else contextlib.nullcontext()
+        with real_input_semantics(), real_cpu_kernel_dtypes(), fake_mode, quantized, tracer:
             tracer.mark(quant_state_tensors(model), "parameters")
             step_rows, model_bytes, load_bytes = traced_steps(tracer, meter, model, spec, training, policy, "fake",
                                                               steps)
