@@ -230,7 +230,8 @@ def _sharded_qlora(spec, method, training, policy, fake_mode):
     (``bnb_4bit_quant_storage``), so that fully_shard shards each packed (numel / 2 bytes, 1) weight on dim 0 as
     an ordinary tensor, and LoRA on top; quantized on fake tensors (:func:`measure.fake.quantize_fake_nf4`), then
     sharded there (meta weights cannot be quantized). The Linear4bit layers are made in the model's dtype, as
-    from_pretrained(dtype=...) makes them, so a bias (Qwen2's q, k, v) is sharded in it. (model, its logical parameter counts before sharding)."""
+    from_pretrained(dtype=...) makes them, so a bias (Qwen2's q, k, v) is sharded in it. (model, its logical
+    parameter counts before sharding)."""
     from measure.build import apply_method, build_base_model, count_logical_params
     from measure.fake import materialize_fake, quantize_fake_nf4, replace_with_nf4
 

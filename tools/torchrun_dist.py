@@ -54,7 +54,8 @@ from measure.zero import ZeroTracer, deepspeed_config, zero_train_step
 fsdp2 = sharding in ("fsdp", "hsdp")
 tracer = DistTracer() if fsdp2 else ZeroTracer() if sharding.startswith("zero") else StorageTracer()
 meter = TracerMeter(tracer)
-with own_propagation_mode() if fsdp2 else contextlib.nullcontext(), tracer:  # DTensor's global-shape fake arguments hidden
+# DTensor's global-shape fake arguments hidden, as on the fake group
+with own_propagation_mode() if fsdp2 else contextlib.nullcontext(), tracer:
     tracer.mark(model_state_tensors(model), "parameters")
     if fsdp2:
         shard_fsdp2(model, t)  # measure.dist.device_mesh on the default (gloo) group

@@ -30,8 +30,8 @@ the step computes as a bf16 one (:func:`compute_view`), on fp32 shards, states a
 from __future__ import annotations
 
 from dataclasses import replace
-from math import ceil
 from functools import lru_cache
+from math import ceil
 
 from peftcalc.activations import activation_profile
 from peftcalc.errors import CombinationError
@@ -77,10 +77,10 @@ OFFLOAD_UNTRACED = ("offload params (FSDP2 CPUOffloadPolicy: on a CPU device mes
 
 
 def unmodelled(plan: Plan, t: TrainingSettings) -> list:
-    """What of `plan` under `t` this model of FSDP2 does not cover: QLoRA other than bf16 with NF4 packed in bf16
-    and without peft's prepare_model_for_kbit_training (TRL's SFTTrainer ``_prepare_peft_model`` skips it for a
-    sharded QLoRA model, ``is_sharded_qlora``) or with DoRA,
-    optimizers other than AdamW and SGD, offload, and under mixed-bf16 peft adapters other than LoRA's."""
+    """What of `plan` under `t` this model of FSDP2 does not cover: QLoRA other than under bf16 (NF4 packed in
+    bf16), with peft's prepare_model_for_kbit_training (TRL's SFTTrainer ``_prepare_peft_model`` skips it for a
+    sharded QLoRA model, ``is_sharded_qlora``) or with DoRA; optimizers other than AdamW and SGD; offload; and
+    under mixed-bf16 peft adapters other than LoRA's."""
     s, qlora = plan.settings, plan.settings.method == "qlora"
     adapters = any(g.origin in ADAPTER_ORIGINS for g in plan.groups)
     return [what for what, bad in (
