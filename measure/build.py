@@ -271,15 +271,19 @@ def head_skip_modules(model) -> list[str] | None:
     return sorted(set(default) | set(heads))
 
 
-def qlora_quantization_config(settings: MethodSettings, compute_dtype: torch.dtype, skip_modules=None):
+def qlora_quantization_config(settings: MethodSettings, compute_dtype: torch.dtype, skip_modules=None,
+                              quant_storage: torch.dtype = torch.uint8):
     """The BitsAndBytesConfig of the QLoRA recipe (Dettmers et al. 2023, section 3): NF4 storage,
     double quantization as `settings.double_quant`, computation in `compute_dtype`; `skip_modules`:
-    head_skip_modules' list for a classifier the default would quantize."""
+    head_skip_modules' list for a classifier the default would quantize; `quant_storage` the packed weights'
+    dtype (bnb_4bit_quant_storage: uint8, or under FSDP the model's dtype, so that FSDP shards them as
+    ordinary tensors of that dtype, as TRL, axolotl and Answer.AI's FSDP-QLoRA set it)."""
     return transformers.BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=settings.double_quant,
         bnb_4bit_compute_dtype=compute_dtype,
+        bnb_4bit_quant_storage=quant_storage,
         llm_int8_skip_modules=skip_modules,
     )
 

@@ -21,6 +21,10 @@ Four things make the trace equal what rank 0 of a real job allocates (torch 2.13
    its storage to 0 and re-allocates it the same way, torch/distributed/fsdp/_fully_shard/_fsdp_param.py
    ``free_storage`` / ``alloc_storage``), and hands every op on a DTensor back (``NotImplemented``) so that
    only the local tensors its implementation makes are counted.
+
+QLoRA (:func:`_sharded_qlora`) is quantized on fake tensors with its NF4 codes packed in the model's dtype
+(``bnb_4bit_quant_storage``), then sharded there; bitsandbytes' re-wrap of FSDP2's unsharded parameter as a
+Params4bit, which fake tensors refuse, is replaced by setting its quant_state (:func:`_module_quant_states`).
 """
 
 from __future__ import annotations
@@ -172,12 +176,13 @@ def device_mesh(training):
     return init_device_mesh("cpu", (training.gpus,))
 
 
-def shard_fsdp2(model, training) -> None:
+def shard_fsdp2(model, training, mesh=None) -> None:
     """``fully_shard`` every block, then the root (which takes the rest: embeddings, final norm, head); under
-    mixed-bf16 with ``MixedPrecisionPolicy(param_dtype=bfloat16, reduce_dtype=float32)``."""
+    mixed-bf16 with ``MixedPrecisionPolicy(param_dtype=bfloat16, reduce_dtype=float32)``; on `mesh` (made
+    outside any fake mode: init_device_mesh reads a tensor's value), or :func:`device_mesh`'s."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    mesh = device_mesh(training)
+    mesh = mesh or device_mesh(training)
     kwargs = {"mesh": mesh, "reshard_after_forward": training.reshard_after_forward}
     if training.precision == "mixed-bf16":
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
@@ -197,20 +202,90 @@ def measure_dist(spec, method, training, steps, policy) -> dict:
                                   f"{' offload ' + training.offload if training.offload != 'none' else ''}")
     t0 = time.perf_counter()
     with fake_process_group(training.gpus), own_propagation_mode():
-        model = build_meta_model(spec, method, policy.dtype, policy.compute, training.attention)
-        shard_fsdp2(model, training)
         fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
-        with fake_mode:
-            model.to_empty(device="cpu")
+        if method.method == "qlora":
+            model, counted = _sharded_qlora(spec, method, training, policy, fake_mode)
+        else:
+            model = build_meta_model(spec, method, policy.dtype, policy.compute, training.attention)
+            shard_fsdp2(model, training)
+            with fake_mode:
+                model.to_empty(device="cpu")
         build_s = time.perf_counter() - t0
         notes, params = _common(model, spec, training)
+        if method.method == "qlora":
+            params = counted
         tracer = DistTracer()
         meter = TracerMeter(tracer)
         t1 = time.perf_counter()
-        with real_input_semantics(), real_cpu_kernel_dtypes(), fake_mode, tracer:
+        quantized = _module_quant_states() if method.method == "qlora" else contextlib.nullcontext()
+        with real_input_semantics(), real_cpu_kernel_dtypes(), fake_mode, quantized, tracer:
+            tracer.mark(quant_state_tensors(model), "parameters")
             step_rows, model_bytes, load_bytes = traced_steps(tracer, meter, model, spec, training, policy, "fake",
                                                               steps)
     return _rank0_result(step_rows, meter, model_bytes, load_bytes, params, notes, build_s, t1)
+
+
+def _sharded_qlora(spec, method, training, policy, fake_mode):
+    """QLoRA under FSDP2, built as TRL and axolotl build it: NF4 weights packed in the model's dtype
+    (``bnb_4bit_quant_storage``), so that fully_shard shards each packed (numel / 2 bytes, 1) weight on dim 0 as
+    an ordinary tensor, and LoRA on top; quantized on fake tensors (:func:`measure.fake.quantize_fake_nf4`), then
+    sharded there (meta weights cannot be quantized). The Linear4bit layers are made in the model's dtype, as
+    from_pretrained(dtype=...) makes them, so a bias (Qwen2's q, k, v) is sharded in it. (model, its logical
+    parameter counts before sharding)."""
+    from measure.build import apply_method, build_base_model, count_logical_params
+    from measure.fake import materialize_fake, quantize_fake_nf4, replace_with_nf4
+
+    model = build_base_model(spec, dtype=policy.dtype, device="meta", attention=training.attention)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(policy.dtype)  # from_pretrained's dtype: a Linear4bit's bias in it, as loaded
+    try:
+        model = replace_with_nf4(model, method, policy.compute, quant_storage=policy.dtype)
+    finally:
+        torch.set_default_dtype(default)
+    with torch.device("meta"):
+        model = apply_method(model, spec, method)
+    materialize_fake(model, fake_mode)
+    quantize_fake_nf4(model, fake_mode, policy.dtype)
+    total, trainable = count_logical_params(model)
+    mesh = device_mesh(training)
+    with fake_mode:
+        shard_fsdp2(model, training, mesh)
+    return model, {"total": total, "trainable": trainable}
+
+
+def quant_state_tensors(model) -> list:
+    """The bitsandbytes quantization states FSDP2 leaves whole on every rank: fully_shard replaces each
+    Params4bit by a plain sharded parameter, and the QuantState (absmax, code, nested state2) stays on the
+    Linear4bit module (``module.quant_state``)."""
+    from measure.tracer import _quant_state_tensors
+
+    return [t for m in model.modules() if getattr(m, "quant_state", None) is not None
+            for t in _quant_state_tensors(m.quant_state)]
+
+
+@contextlib.contextmanager
+def _module_quant_states():
+    """bitsandbytes Linear4bit.forward first runs ``fix_4bit_weight_quant_state_from_module``, which wraps
+    FSDP2's unsharded parameter (a plain Parameter: the quant state "got lost ... for example for fsdp") in a
+    Params4bit through ``Tensor._make_subclass``, sharing its storage, and gives it the module's quant_state;
+    fake tensors refuse that subclassing, so here the quant_state is set on the parameter itself (no bytes
+    either way). Without bitsandbytes: nothing."""
+    try:
+        import bitsandbytes.nn.modules as modules
+    except ImportError:
+        yield
+        return
+    original = modules.fix_4bit_weight_quant_state_from_module
+
+    def attach(module):
+        if getattr(module.weight, "quant_state", None) is None:
+            module.weight.quant_state = module.quant_state
+
+    modules.fix_4bit_weight_quant_state_from_module = attach
+    try:
+        yield
+    finally:
+        modules.fix_4bit_weight_quant_state_from_module = original
 
 
 def _rank0_result(step_rows, meter, model_bytes, load_bytes, params, notes, build_s, steps_started) -> dict:

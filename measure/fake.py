@@ -113,7 +113,8 @@ def quantize_fake_nf4(model: nn.Module, fake_mode, dtype: torch.dtype) -> nn.Mod
     return model
 
 
-def replace_with_nf4(model: nn.Module, settings: MethodSettings, compute_dtype: torch.dtype) -> nn.Module:
+def replace_with_nf4(model: nn.Module, settings: MethodSettings, compute_dtype: torch.dtype,
+                     quant_storage: torch.dtype = torch.uint8) -> nn.Module:
     """Swap Linear layers for bitsandbytes Linear4bit exactly as from_pretrained does with a 4-bit
     BitsAndBytesConfig (transformers quantizers/quantizer_bnb_4bit.py
     ``_process_model_before_weight_loading``: ``get_modules_to_not_convert`` then
@@ -121,7 +122,7 @@ def replace_with_nf4(model: nn.Module, settings: MethodSettings, compute_dtype: 
     from transformers.integrations.bitsandbytes import replace_with_bnb_linear
     from transformers.quantizers.quantizer_bnb_4bit import Bnb4BitHfQuantizer
 
-    config = qlora_quantization_config(settings, compute_dtype, head_skip_modules(model))
+    config = qlora_quantization_config(settings, compute_dtype, head_skip_modules(model), quant_storage)
     skip = Bnb4BitHfQuantizer.get_modules_to_not_convert(
         model, config.llm_int8_skip_modules, getattr(model, "_keep_in_fp32_modules", None))
     model = replace_with_bnb_linear(model, modules_to_not_convert=skip, quantization_config=config)

@@ -79,13 +79,14 @@ def group_dtype(plan: Plan, origin: str, ctx_weight: str, name: str = "", cast: 
     """Storage dtype of a parameter by origin: base weights in the policy's weight dtype, except those
     from_pretrained keeps in fp32 (families.kept_in_fp32: BLIP-2's Q-Former and query tokens under fp16);
     peft's adapters (LoRA, DoRA, IA3) in fp32 (peft autocast_adapter_dtype=True upcasts bf16/fp16
-    adapters); the prompt encoders in fp32 (created as nn.Embedding and never cast); bottleneck
-    adapters and the modules_to_save copy in the base dtype. `cast`: every parameter in `ctx_weight`, the
-    dtype a DeepSpeed engine cast the model to (peftcalc.sim.profile.engine_cast)."""
+    adapters; Plan.adapter_dtype: bf16 where FSDP2's MixedPrecisionPolicy all-gathers them so); the prompt
+    encoders in fp32 (created as nn.Embedding and never cast); bottleneck adapters and the modules_to_save
+    copy in the base dtype. `cast`: every parameter in `ctx_weight`, the dtype a DeepSpeed engine cast the model
+    to (peftcalc.sim.profile.engine_cast)."""
     if cast:
         return ctx_weight
     if origin in ("lora", "dora", "ia3", "prefix", "prompt"):
-        return "float32"
+        return plan.adapter_dtype
     if origin == "base" and kept_in_fp32(plan.spec, name, ctx_weight):
         return "float32"
     return ctx_weight

@@ -58,6 +58,9 @@ class Plan:
     targets: tuple[str, ...] = ()  # module paths that got a LoRA/IA3 layer
     lowest_trainable_layer: int | None = None  # None: nothing inside the blocks trains
     embedding_trains: bool = False
+    # peft's adapter weights' dtype: float32 (peft autocast_adapter_dtype=True), or the param_dtype FSDP2's
+    # MixedPrecisionPolicy all-gathers them in (peftcalc.sharding.fsdp.compute_plan)
+    adapter_dtype: str = "float32"
 
     @property
     def total(self) -> int:

@@ -133,9 +133,14 @@ def wrapping_text(method: str, t: TrainingSettings) -> str:
                  "nodes (a (replicate, shard) DeviceMesh)")
     if t.precision == "mixed-bf16":
         text += "; float32 parameters under MixedPrecisionPolicy(param_dtype=bfloat16, reduce_dtype=float32)"
-    elif method == "lora" and t.precision in ("bf16", "fp16"):
+        if method == "lora":
+            text += ", which all-gathers the LoRA adapters in bfloat16 with the base: they compute in bfloat16"
+    elif method in ("lora", "qlora") and t.precision in ("bf16", "fp16"):
         text += (f"; the LoRA adapters stay float32 beside the {t.precision} base (peft's autocast_adapter_dtype=True): "
                  "FSDP2 wants one dtype among a block's trainable parameters only and all-gathers both as bytes")
+    if method == "qlora":
+        text += ("; QLoRA's NF4 weights packed in bfloat16 (bnb_4bit_quant_storage=bfloat16, as TRL and axolotl load "
+                 "them for FSDP) and sharded like any weight, each QuantState whole on every rank")
     if t.grad_accum > 1:
         text += ("; with gradient accumulation every micro-batch reduce-scatters and the sharded gradients accumulate "
                  "(torchtune's loop, accelerate's sync_each_batch=True); the HF Trainer's no_sync micro-batches, which "

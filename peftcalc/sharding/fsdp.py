@@ -30,11 +30,14 @@ the step computes as a bf16 one (:func:`compute_view`), on fp32 shards, states a
 from __future__ import annotations
 
 from dataclasses import replace
+from functools import lru_cache
+from math import ceil
 
 from peftcalc.activations import activation_profile
 from peftcalc.errors import CombinationError
 from peftcalc.memory import gradient_arrival, step_events
-from peftcalc.model_states import clip_grad_norm_bytes, gradient_free, group_dtype, model_states, scalar_state_bytes
+from peftcalc.model_states import (clip_grad_norm_bytes, gradient_free, group_dtype, model_states, nf4_bytes,
+                                   scalar_state_bytes)
 from peftcalc.plan import Plan
 from peftcalc.settings import DTYPE_BYTES, TrainingSettings
 from peftcalc.sharding.shards import GroupBytes, dim0, local_rows, padded_rows
@@ -49,8 +52,8 @@ FSDP_COMPONENTS = ("unsharded_params", "unsharded_gradients", "all_gather_buffer
 def check_fsdp(plan: Plan, t: TrainingSettings) -> None:
     """CombinationError for what FSDP2 (or this model of it) does not run: several dtypes among a group's
     trainable parameters (_fsdp_param_group.py ``_init_mp_dtypes``: "FSDP expects uniform original parameter
-    dtype", over the parameters that require grad; peft's fp32 adapters beside a frozen bf16 base pass), QLoRA's packed weights, optimizers other than AdamW (foreach/single-tensor or fused) and SGD,
-    offload, peft's adapters under mixed-bf16 (not modelled yet)."""
+    dtype", over the parameters that require grad; peft's fp32 adapters beside a frozen bf16 base pass), and
+    what :func:`unmodelled` names."""
     weight_dtype = stream_dtypes(plan, t)[0]
     by_layer: dict = {}
     for g in plan.groups:
@@ -60,13 +63,35 @@ def check_fsdp(plan: Plan, t: TrainingSettings) -> None:
         raise CombinationError(f"FSDP2 needs one dtype for the trainable parameters of a sharded block, and "
                                f"{plan.settings.method} under {t.precision} mixes "
                                f"{' and '.join(sorted(set().union(*by_layer.values())))}", names=("sharding", "precision"))
-    unsupported = [what for what, bad in (
-        ("qlora", plan.settings.method == "qlora"), (f"optimizer {t.optimizer}", t.optimizer not in ("adamw", "adamw-fused", "sgd")),
-        (f"offload {t.offload}", t.offload != "none"),
-        (f"{plan.settings.method} under mixed-bf16 (its adapters computed in bf16)",
-         t.precision == "mixed-bf16" and any(g.origin in ADAPTER_ORIGINS for g in plan.groups))) if bad]
+    unsupported = unmodelled(plan, t)
     if unsupported:
         raise CombinationError(f"the FSDP2 model does not cover {unsupported[0]} yet", names=("sharding",))
+
+
+# FSDP2's CPUOffloadPolicy, traced on the harness's CPU device mesh, copies nothing: the host-to-device copy of each
+# shard before its all-gather (_fsdp_param.py ``all_gather_inputs``: ``.to(self.device)``) and the device-to-host
+# copy of each sharded gradient (_fsdp_collectives.py ``foreach_reduce``: ``.to("cpu")``) are no-ops when the
+# device is the CPU, so a fake-group trace cannot tell the host's bytes from the device's
+OFFLOAD_UNTRACED = ("offload params (FSDP2 CPUOffloadPolicy: on a CPU device mesh its host-device copies are no-ops, "
+                    "so the fake-group trace cannot separate host from device bytes)")
+
+
+def unmodelled(plan: Plan, t: TrainingSettings) -> list:
+    """What of `plan` under `t` this model of FSDP2 does not cover: QLoRA other than under bf16 (NF4 packed in
+    bf16), with peft's prepare_model_for_kbit_training (TRL's SFTTrainer ``_prepare_peft_model`` skips it for a
+    sharded QLoRA model, ``is_sharded_qlora``) or with DoRA; optimizers other than AdamW and SGD; offload; and
+    under mixed-bf16 peft adapters other than LoRA's."""
+    s, qlora = plan.settings, plan.settings.method == "qlora"
+    adapters = any(g.origin in ADAPTER_ORIGINS for g in plan.groups)
+    return [what for what, bad in (
+        (f"qlora under {t.precision} (modelled under bf16: NF4 packed in bf16)", qlora and t.precision != "bf16"),
+        ("qlora with prepare_model_for_kbit_training (TRL skips it for a sharded QLoRA model: --no-prepare-kbit)",
+         qlora and s.prepare_kbit),
+        ("qlora with dora", qlora and s.dora),
+        (f"optimizer {t.optimizer}", t.optimizer not in ("adamw", "adamw-fused", "sgd")),
+        (OFFLOAD_UNTRACED if t.offload == "params" else f"offload {t.offload}", t.offload != "none"),
+        (f"{'dora' if s.dora else s.method} under mixed-bf16 (only LoRA's adapters are modelled in bf16)",
+         t.precision == "mixed-bf16" and adapters and (s.method != "lora" or s.dora))) if bad]
 
 
 def shard_world(t: TrainingSettings) -> int:
@@ -87,19 +112,36 @@ def compute_view(t: TrainingSettings) -> TrainingSettings:
                    offload="none", grad_accum=1)
 
 
+@lru_cache(maxsize=256)
+def compute_plan(plan: Plan, precision: str) -> Plan:
+    """The plan whose one-GPU step FSDP2 computes: `plan` itself, or under mixed-bf16 `plan` with bf16
+    adapters. MixedPrecisionPolicy's param_dtype applies to every parameter of a group, frozen or trainable
+    (_fsdp_param.py ``FSDPParam.init_dtype_attrs``; _fsdp_param_group.py ``_init_mp_dtypes`` asks one
+    original dtype of the trainable ones only), so peft's fp32 adapters are all-gathered in bf16 beside the
+    base, and peft's LoRA forward (tuners/lora/layer.py ``Linear.forward``, ``_cast_input_dtype`` to
+    ``lora_A.weight.dtype``) computes them in bf16: their activations and autograd's gradients are bf16."""
+    if precision != "mixed-bf16" or not any(g.origin in ADAPTER_ORIGINS for g in plan.groups):
+        return plan
+    return replace(plan, adapter_dtype="bfloat16")
+
+
 def group_bytes(plan: Plan, t: TrainingSettings, world: int, rank: int) -> dict:
     """{layer index or None (the root): GroupBytes} on `rank` of `world`. Under mixed-bf16 the shards, the
     reduce-scatter buffers (reduce_dtype float32) and the optimizer's states are float32, the all-gather
     output, the unsharded parameters and autograd's full gradients bfloat16 (param_dtype)."""
     weight_dtype = stream_dtypes(plan, t)[0]
     compute_dtype = stream_dtypes(plan, compute_view(t))[0]
+    computed = compute_plan(plan, t.precision)
     free = gradient_free(plan)
     out: dict = {}
     for g in plan.groups:
         gb = out.setdefault(g.layer, GroupBytes())
         nbytes = DTYPE_BYTES[group_dtype(plan, g.origin, weight_dtype, g.name)]
-        unsharded_bytes = DTYPE_BYTES[group_dtype(plan, g.origin, compute_dtype, g.name)]
+        unsharded_bytes = DTYPE_BYTES[group_dtype(computed, g.origin, compute_dtype, g.name)]
         d0, row = dim0(g.shape, g.numel)
+        if g.quantized:  # NF4 codes packed in the weights' dtype, and the QuantState whole on every rank
+            d0, row = packed_rows(g.numel, nbytes), 1
+            gb.sharded_frozen += nf4_bytes(g.numel, plan.settings.double_quant) - ceil(g.numel / 2)
         shard = padded_rows(d0, world) * row * nbytes
         if g.trainable:
             gb.sharded_trainable += shard
@@ -114,6 +156,16 @@ def group_bytes(plan: Plan, t: TrainingSettings, world: int, rank: int) -> dict:
             gb.reduce_scatter += world * shard
             gb.optimizer_numel += ((local_rows(d0, world, rank) * row, nbytes),)
     return out
+
+
+def packed_rows(numel: int, storage_bytes: int) -> int:
+    """Rows of a QLoRA weight packed for FSDP (bitsandbytes functional.quantize_4bit: a ((numel + 1) // (2 x
+    itemsize), 1) tensor of ``quant_storage``; TRL, axolotl and Answer.AI's FSDP-QLoRA set it to the model's
+    dtype, so fully_shard shards it on dim 0 like any weight and all-gathers it as that dtype). The QuantState
+    (absmax, code tables) is no parameter: fully_shard leaves it on the Linear4bit module, whole on every rank,
+    and bitsandbytes Linear4bit.forward hands it to the unsharded parameter
+    (``fix_4bit_weight_quant_state_from_module``)."""
+    return (numel + 1) // (2 * storage_bytes)
 
 
 def _optimizer(groups: dict, t: TrainingSettings, order: list) -> tuple[int, int]:
@@ -148,13 +200,13 @@ def fsdp_events(plan: Plan, t: TrainingSettings, rank: int = 0) -> list:
     states, temps = _optimizer(groups, t, sorted(order, key=lambda k: -1 if k is None else k))
     frozen = sum(g.sharded_frozen for g in groups.values())
     trainable = sum(g.sharded_trainable for g in groups.values())
-    one_gpu = compute_view(t)
-    arrival = gradient_arrival(plan, one_gpu)
+    one_gpu, computed = compute_view(t), compute_plan(plan, t.precision)
+    arrival = gradient_arrival(computed, one_gpu)
     last = len(layers) - 1
     keep = not t.reshard_after_forward
     kept_blocks = sum(g.unsharded for g in layers) if keep else 0
     events = []
-    for name, _, parts in step_events(plan, one_gpu):
+    for name, _, parts in step_events(computed, one_gpu):
         p = dict(parts, weights_frozen=frozen, weights_trainable=trainable)
         if "optimizer_states" in p:
             p["optimizer_states"] = states
@@ -184,9 +236,9 @@ def fsdp_events(plan: Plan, t: TrainingSettings, rank: int = 0) -> list:
                 events.append(_clip_event(p, plan, t))
             p["temporaries"] = temps + _clip_bytes(plan, t)[1]
         if name == "forward" and layers:
-            events.append(_copy_out(p, root, layers, activation_profile(plan, one_gpu), plan, one_gpu, keep))
+            events.append(_copy_out(p, root, layers, activation_profile(computed, one_gpu), computed, one_gpu, keep))
         if name == "backward:loss" and not keep:
-            events.append(_root_unshard(p, root, activation_profile(plan, one_gpu), _labels_view(plan, t)))
+            events.append(_root_unshard(p, root, activation_profile(computed, one_gpu), _labels_view(plan, t)))
         events.append((name, sum(p.values()), p))
         if name == "backward:end":
             events.append(_root_reduce(p, root))

@@ -54,7 +54,8 @@ def text_plan(plan: Plan) -> Plan:
     groups = tuple(replace(g, name=rename(g.name)) for g in plan.groups if rename(g.name) is not None)
     targets = tuple(rename(p) for p in plan.targets if rename(p) is not None)
     return Plan(spec=spec.text, settings=plan.settings, groups=groups, targets=targets,
-                lowest_trainable_layer=plan.lowest_trainable_layer, embedding_trains=plan.embedding_trains)
+                lowest_trainable_layer=plan.lowest_trainable_layer, embedding_trains=plan.embedding_trains,
+                adapter_dtype=plan.adapter_dtype)
 
 
 def vlm_text_training(spec: ModelSpec, t: TrainingSettings) -> TrainingSettings:
@@ -74,7 +75,7 @@ def vision_plan(plan: Plan) -> Plan:
     s = plan.settings
     settings = replace(s, adapter_kind=resolve_adapter_kind(plan.spec, s), bottleneck=resolve_bottleneck(plan.spec, s))
     return Plan(spec=plan.spec.vision, settings=settings, groups=groups,
-                lowest_trainable_layer=min(layers) if layers else None)
+                lowest_trainable_layer=min(layers) if layers else None, adapter_dtype=plan.adapter_dtype)
 
 
 @dataclass(frozen=True)

@@ -102,10 +102,11 @@ def engine_cast(t: TrainingSettings) -> bool:
     return t.precision == "bf16" and t.sharding in ("zero1", "zero2", "zero3")
 
 
-def adapter_dtype(t: TrainingSettings) -> str:
-    """The dtype of peft's adapters (LoRA, DoRA, IA3, prompt encoders): fp32 (peft autocast_adapter_dtype=True
-    upcasts bf16/fp16 adapters), or the model's where a DeepSpeed engine cast it (engine_cast)."""
-    return t.weight_dtype if engine_cast(t) else "float32"
+def adapter_dtype(plan: Plan, t: TrainingSettings) -> str:
+    """The dtype of peft's adapters (LoRA, DoRA, IA3, prompt encoders): Plan.adapter_dtype (fp32: peft
+    autocast_adapter_dtype=True upcasts bf16/fp16 adapters; bf16 where FSDP2's MixedPrecisionPolicy casts them),
+    or the model's where a DeepSpeed engine cast it (engine_cast)."""
+    return t.weight_dtype if engine_cast(t) else plan.adapter_dtype
 
 
 def make_ctx(spec: ModelSpec, plan: Plan, t: TrainingSettings) -> StepContext:
@@ -121,7 +122,7 @@ def make_ctx(spec: ModelSpec, plan: Plan, t: TrainingSettings) -> StepContext:
     elif method == "prefix":
         kv_seq = seq + plan.settings.num_virtual_tokens
     weight, compute = stream_dtypes(plan, t)
-    adapter = adapter_dtype(t)
+    adapter = adapter_dtype(plan, t)
     return StepContext(
         batch=t.batch_size,
         seq=seq,

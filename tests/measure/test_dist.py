@@ -63,3 +63,18 @@ def test_trainer_loop_trace_holds_one_more_loss_scalar(tiny):
     assert row["outcome"] == "ok", row["error"]
     assert row["measured"]["peak_bytes"] == row["predicted"]["peak_bytes"] == 1492152 + 4
     assert row["settings"]["training"]["trainer_loop"] is True
+
+
+def test_qlora_trace_on_the_fake_group(tiny):
+    """QLoRA under FSDP2 (measure.dist _sharded_qlora): NF4 packed in bf16 (bnb_4bit_quant_storage) quantized on fake
+    tensors and sharded there, the Linear4bit QuantStates counted whole, bitsandbytes' Params4bit re-wrap of the
+    unsharded parameter replaced: rank 0 of 2 traces what peftcalc predicts, to the byte."""
+    run = tiny("tiny-llama", method="qlora")
+    t = TrainingSettings(batch_size=2, seq_len=32, precision="bf16", optimizer="adamw", device="cpu", gpus=2,
+                         sharding="fsdp")
+    row = measure_one(run.spec, MethodSettings(method="qlora"), t, device="fake", steps=2)
+    assert row["outcome"] == "ok", row["error"]
+    m = row["measured"]
+    assert m["peak_bytes"] == row["predicted"]["peak_bytes"] == 989720 and m["step1_peak_bytes"] == 973304
+    # the logical parameters, counted before sharding: 147,776 base and LoRA r8 on q and v (4,096)
+    assert row["params"] == {"total": 151_872, "trainable": 4_096}

@@ -90,7 +90,8 @@ def test_estimate_reports_ranks():
     (dict(gpus=2, sharding="ddp", precision="mixed-bf16"), CombinationError),
     (dict(gpus=2, sharding="zero2", offload="params"), CombinationError),
     (dict(gpus=2, sharding="ddp", offload="optimizer"), CombinationError),
-    (dict(gpus=2, sharding="fsdp", method="qlora"), CombinationError),
+    (dict(gpus=2, sharding="fsdp", method="qlora"), CombinationError),  # prepare_model_for_kbit_training, its default
+    (dict(gpus=2, sharding="fsdp", method="qlora", prepare_kbit=False, precision="fp32"), CombinationError),
     (dict(gpus=2, sharding="zero1", reshard_after_forward=False), CombinationError),
 ])
 def test_bad_parallel_settings(kw, error):
@@ -141,9 +142,12 @@ def test_mixed_bf16_group_bytes_by_hand_at_three_ranks():
     assert g.unsharded_grads == 2 * (4 * 64 * 64 + 3 * 128 * 64 + 2 * 64)
 
 
-def test_mixed_bf16_refused_for_adapters_and_clipping_adds_an_event():
-    with pytest.raises(CombinationError, match="lora under mixed-bf16"):
-        estimate(dict(TINY), method="lora", precision="mixed-bf16", gpus=3, sharding="fsdp")
+def test_mixed_bf16_refused_for_other_adapters_and_clipping_adds_an_event():
+    for method, name in (("ia3", "ia3"), ("prompt", "prompt")):
+        with pytest.raises(CombinationError, match=f"{name} under mixed-bf16"):
+            estimate(dict(TINY), method=method, precision="mixed-bf16", gpus=3, sharding="fsdp")
+    with pytest.raises(CombinationError, match="dora under mixed-bf16"):
+        estimate(dict(TINY), method="lora", dora=True, precision="mixed-bf16", gpus=3, sharding="fsdp")
     clipped = rank_memory(_plan(), _t(gpus=3, precision="mixed-bf16", max_grad_norm=1.0), 0)
     names = [n for n, _ in clipped.events]
     assert names[-2:] == ["optimizer:clip", "optimizer"]
@@ -202,3 +206,51 @@ def test_hsdp_rank_holds_what_an_fsdp_rank_of_its_node_holds():
     held = sum(g.sharded_grads for g in group_bytes(_plan(), fsdp, 4, 0).values())
     c = communication(_plan(), hsdp)
     assert c.all_reduce == held and c.reduce_scatter == communication(_plan(), fsdp).reduce_scatter
+
+
+def test_lora_under_mixed_bf16_group_bytes_by_hand_at_three_ranks():
+    """LoRA (r 8 on q_proj and v_proj) over an fp32 base under MixedPrecisionPolicy(param_dtype=bfloat16,
+    reduce_dtype=float32): param_dtype casts the frozen base and the trainable adapters alike
+    (_fsdp_param.py FSDPParam.init_dtype_attrs). Block 0 at 3 ranks: the base's 13,996 padded rows of
+    test_block_group_bytes_by_hand_at_three_ranks, each adapter's lora_A (8 x 64: 3 of 8 rows padded, 192) and
+    lora_B (64 x 8: 22 of 64 rows, 176); fp32 shards (4 x 736 trainable), a bf16 all-gather output and unsharded
+    parameters (3 x 2 x (13,996 + 736)), bf16 autograd gradients of the 2,048 adapter elements, an fp32
+    reduce-scatter input (3 x 2,944)."""
+    g = group_bytes(_plan("lora"), _t(gpus=3, precision="mixed-bf16"), 3, 0)[0]
+    assert (g.sharded_frozen, g.sharded_trainable, g.sharded_grads) == (4 * 13_996, 4 * 736, 4 * 736)
+    assert g.all_gather == g.unsharded == 3 * 2 * (13_996 + 736) == 88_392
+    assert g.unsharded_grads == 2 * 2 * (512 + 512) and g.reduce_scatter == 3 * 4 * 736
+
+
+def test_lora_under_mixed_bf16_traced_rank0_peaks():
+    """tiny-llama LoRA under mixed-bf16, traced on the fake process group (rows of reports/data/dist.jsonl): the
+    adapters computed in bf16 (peft casts the input to lora_A.weight.dtype, bf16 once all-gathered), to the byte;
+    fused AdamW with clipping peaks at the same moment (the loss's backward)."""
+    for kw, peak in ((dict(gpus=3), 1085932), (dict(gpus=8), 946312), (dict(gpus=64), 893308),
+                     (dict(gpus=8, optimizer="adamw-fused", max_grad_norm=1.0), 946312)):
+        r = rank_memory(_plan("lora"), _t(precision="mixed-bf16", **kw), 0)
+        assert (r.peak_bytes, r.peak_phase) == (peak, "backward:loss"), kw
+
+
+def test_qlora_group_bytes_by_hand_at_two_ranks():
+    """QLoRA with NF4 packed in bf16 (bnb_4bit_quant_storage=bfloat16: functional.quantize_4bit's ((numel + 1) // 4,
+    1) bf16 tensor), sharded on dim 0 by fully_shard. Block 0 of tiny-llama at 2 ranks: q, k, v, o (4,096 elements:
+    1,024 packed rows, 512 each, 1,024 bytes), gate, up, down (8,192: 2,048 rows, 2,048 bytes), two bf16 norms (32
+    rows, 64 bytes); each double-quantized QuantState whole (64 or 128 8-bit absmax, one fp32 second-level absmax
+    and offset, the 16-level NF4 code and the 256-entry nested code: 1,160 or 1,224 bytes); LoRA r8 on q and v,
+    fp32 (lora_A 4 of 8 rows, lora_B 32 of 64: 1,024 bytes each)."""
+    t = _t(gpus=2, precision="bf16")
+    plan = make_plan(load_spec(dict(TINY)), MethodSettings(method="qlora", prepare_kbit=False))
+    g = group_bytes(plan, t, 2, 0)[0]
+    packed = 4 * 1_024 + 3 * 2_048 + 2 * 64
+    assert g.sharded_frozen == packed + 4 * (64 + 4 + 4 + 64 + 1_024) + 3 * (128 + 4 + 4 + 64 + 1_024) == 18_680
+    assert g.sharded_trainable == 4 * 1_024 and g.all_gather == g.unsharded == 2 * (packed + 4 * 1_024)
+    assert g.unsharded_grads == 4 * 2_048
+
+
+def test_qlora_traced_rank0_peaks():
+    """tiny-llama QLoRA (bf16, NF4 packed in bf16, no prepare_model_for_kbit_training) traced on the fake process
+    group (measure/dist.py _sharded_qlora; rows of reports/data/dist.jsonl), to the byte."""
+    plan = make_plan(load_spec(dict(TINY)), MethodSettings(method="qlora", prepare_kbit=False))
+    r = rank_memory(plan, _t(gpus=2, precision="bf16"), 0)
+    assert (r.peak_bytes, r.peak_phase) == (989720, "backward:loss")
