@@ -50,10 +50,11 @@ def default_method(spec: ModelSpec) -> str:
     return "lora" if "lora" in methods else methods[0]
 
 
-def method_settings(method: str, **kw) -> MethodSettings:
-    """MethodSettings from the knobs given (None: the default), each checked (methods.check_method_values)."""
+def method_settings(method: str, sharding: str = "none", **kw) -> MethodSettings:
+    """MethodSettings from the knobs given (None: the default, prepare_kbit's by the `sharding` it runs under:
+    methods.prepare_kbit_default), each checked (methods.check_method_values)."""
     kw = {k: v for k, v in kw.items() if v is not None}
-    kw.setdefault("prepare_kbit", prepare_kbit_default(method))
+    kw.setdefault("prepare_kbit", prepare_kbit_default(method, sharding or "none"))
     if "targets" in kw:
         kw["targets"] = normalize_targets(kw["targets"])
     settings = MethodSettings(method=method, **kw)
@@ -188,7 +189,7 @@ def estimate(
 ) -> Estimate:
     """Parameters, memory, GPU fit, time, cost and storage of fine-tuning `model` one way (`method`:
     default_method when None). `prepare_kbit` None takes the method's default
-    (methods.prepare_kbit_default: on for qlora)."""
+    (methods.prepare_kbit_default: on for qlora, off for QLoRA under FSDP2 as TRL does)."""
     spec = load_spec(model)
     if router_aux_loss and not spec.num_experts:
         raise CombinationError(f"router_aux_loss: {spec.model_type} has no router (a mixture-of-experts model's "
@@ -197,7 +198,7 @@ def estimate(
     knobs = dict(rank=rank, alpha=alpha, targets=targets, dora=dora, double_quant=double_quant, bottleneck=bottleneck,
                  adapter_kind=adapter_kind, num_virtual_tokens=num_virtual_tokens, trainable_layers=trainable_layers,
                  vision_layers=vision_layers, prepare_kbit=prepare_kbit)
-    settings = method_settings(method, **knobs)
+    settings = method_settings(method, sharding, **knobs)
     check_applies(method, knobs)
     settings = resolved_settings(spec, settings)
     t = _checked_training(dict(batch_size=batch_size, seq_len=seq_len, precision=precision, optimizer=optimizer,
@@ -477,7 +478,9 @@ def _sweep_row(spec: ModelSpec, kw: dict, memo: dict | None = None) -> dict:
     memo = {} if memo is None else memo
     method = kw.get("method") or default_method(spec)
     method_kw = tuple((k, kw[k]) for k in METHOD_FIELDS if k in kw and k != "method")
-    settings = _memoized(memo, ("settings", method, method_kw), lambda: method_settings(method, **dict(method_kw)))
+    sharding = kw.get("sharding", "none")
+    settings = _memoized(memo, ("settings", method, method_kw, sharding),
+                         lambda: method_settings(method, sharding, **dict(method_kw)))
     training_kw = tuple((k, kw[k]) for k in TRAINING_FIELDS if k in kw)
     t = _memoized(memo, ("training", training_kw), lambda: _checked_training(dict(training_kw)))
     plan = make_plan(spec, settings)

@@ -229,7 +229,8 @@ def measure(
     dev = kw.pop("device") or _default_device()
     spec = load_spec(kw.pop("model"))
     method = kw.pop("method")
-    settings = method_settings(method or default_method(spec), **{k: v for k, v in kw.items() if k in METHOD_KNOBS})
+    settings = method_settings(method or default_method(spec), kw.get("sharding"),
+                               **{k: v for k, v in kw.items() if k in METHOD_KNOBS})
     training = TrainingSettings(**{k: v for k, v in kw.items() if k in {f.name for f in fields(TrainingSettings)}},
                                 device="cuda" if dev == "cuda" else "cpu")
     row = measure_one(spec, settings, training, device=dev, steps=steps)

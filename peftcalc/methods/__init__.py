@@ -143,13 +143,15 @@ METHOD_HELP = {
 }
 
 
-def prepare_kbit_default(method: str) -> bool:
+def prepare_kbit_default(method: str, sharding: str = "none") -> bool:
     """Whether `method` runs peft's prepare_model_for_kbit_training when the user does not say: on for
     QLoRA, as the usual recipe does (peft's QLoRA guide and TRL's SFTTrainer call it on every k-bit
     model before get_peft_model), off for everything else (it applies to quantized bases only). It
     upcasts the non-quantized parameters (norms, embeddings, lm_head) to fp32 (peft utils/other.py);
-    its use_gradient_checkpointing is --grad-checkpointing here."""
-    return method == "qlora"
+    its use_gradient_checkpointing is --grad-checkpointing here. Under FSDP2 (`sharding` fsdp or hsdp)
+    off: TRL's SFTTrainer skips it for a sharded QLoRA model (trl/trainer/sft_trainer.py
+    ``_prepare_peft_model``: ``is_sharded_qlora``), which keeps every parameter in the quant storage dtype."""
+    return method == "qlora" and sharding not in ("fsdp", "hsdp")
 
 
 PLANNERS = {

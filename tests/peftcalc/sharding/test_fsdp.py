@@ -90,7 +90,7 @@ def test_estimate_reports_ranks():
     (dict(gpus=2, sharding="ddp", precision="mixed-bf16"), CombinationError),
     (dict(gpus=2, sharding="zero2", offload="params"), CombinationError),
     (dict(gpus=2, sharding="ddp", offload="optimizer"), CombinationError),
-    (dict(gpus=2, sharding="fsdp", method="qlora"), CombinationError),  # prepare_model_for_kbit_training, its default
+    (dict(gpus=2, sharding="fsdp", method="qlora", prepare_kbit=True), CombinationError),  # prepare_model_for_kbit_training asked for
     (dict(gpus=2, sharding="fsdp", method="qlora", prepare_kbit=False, precision="fp32"), CombinationError),
     (dict(gpus=2, sharding="zero1", reshard_after_forward=False), CombinationError),
 ])
@@ -254,3 +254,17 @@ def test_qlora_traced_rank0_peaks():
     plan = make_plan(load_spec(dict(TINY)), MethodSettings(method="qlora", prepare_kbit=False))
     r = rank_memory(plan, _t(gpus=2, precision="bf16"), 0)
     assert (r.peak_bytes, r.peak_phase) == (989720, "backward:loss")
+
+
+def test_sharded_qlora_skips_prepare_kbit_by_default_as_trl_does():
+    """TRL's SFTTrainer skips prepare_model_for_kbit_training for a sharded QLoRA model (sft_trainer.py
+    _prepare_peft_model: is_sharded_qlora), so under FSDP2 QLoRA's default is prepare_kbit off: the default
+    estimate is the committed fake-group trace of Llama-3.2-1B QLoRA bf16 at 8 ranks (dist.jsonl, recorded with
+    qlora_prepare_kbit false), 3,788,820,936 bytes; asked for explicitly, prepare_kbit is still refused."""
+    kw = dict(method="qlora", precision="bf16", optimizer="adamw-fused", batch_size=1, seq_len=1024,
+              max_grad_norm=1.0, gpus=8, sharding="fsdp", device="cpu")
+    assert estimate("llama-3.2-1b", **kw).memory.peak_bytes == 3_788_820_936
+    with pytest.raises(CombinationError, match="prepare_model_for_kbit_training"):
+        estimate("llama-3.2-1b", prepare_kbit=True, **kw)
+    one_gpu = {k: estimate("llama-3.2-1b", method="qlora", prepare_kbit=k).memory.peak_bytes for k in (None, True, False)}
+    assert one_gpu[None] == one_gpu[True] != one_gpu[False]  # on one GPU the default stays on
