@@ -241,7 +241,8 @@ def fsdp_events(plan: Plan, t: TrainingSettings, rank: int = 0) -> list:
             events.append(_root_unshard(p, root, activation_profile(computed, one_gpu), _labels_view(plan, t)))
         events.append((name, sum(p.values()), p))
         if name == "backward:end":
-            events.append(_root_reduce(p, root))
+            last_grad = _last_root_gradient(computed, one_gpu) if world > 1 else 0
+            events.append(_root_reduce(p, root, last_grad, activation_profile(computed, one_gpu).loss_scalars))
     return _accumulated(events, groups) if t.grad_accum > 1 else events
 
 
@@ -336,11 +337,30 @@ def _root_unshard(loss: dict, root: GroupBytes, act, labels_view: int) -> tuple:
     return "backward:unshard", sum(p.values()), p
 
 
-def _root_reduce(end: dict, root: GroupBytes) -> tuple:
-    """The root's post-backward in the final callback: its parameters resharded, the last block's
-    reduce-scatter input released, then its own allocated while its full gradients (head, embeddings) are
-    alive (``foreach_reduce`` copies them in, then clears them)."""
-    p = dict(end, unsharded_params=0, reduce_scatter_buffers=root.reduce_scatter, activations=0,
-             temporaries=0, logits_loss=0)
-    p.pop("_other", None)  # the gradients: the root's full ones (head, embeddings) and the blocks' shards
+def _last_root_gradient(plan: Plan, t: TrainingSettings) -> int:
+    """The full gradient of the root group's last trainable parameter (module order: a causal LM's lm_head),
+    in the compute dtype: _fsdp_collectives.py ``foreach_reduce``'s Shard(i > 0) check loop, ``for i,
+    (fsdp_param, unsharded_grad) in enumerate(zip(fsdp_params, unsharded_grads))``, leaves its loop variable
+    bound to the last gradient, so ``unsharded_grads.clear()`` after the copy-in frees every gradient but that
+    one, which lives until foreach_reduce returns (over more than one rank: the loop runs if world_size > 1)."""
+    dtype = stream_dtypes(plan, t)[0]
+    free = gradient_free(plan)
+    last = [g for g in plan.groups if g.layer is None and g.trainable and g.name not in free]
+    return last[-1].numel * DTYPE_BYTES[group_dtype(plan, last[-1].origin, dtype, last[-1].name)] if last else 0
+
+
+def _root_reduce(end: dict, root: GroupBytes, last_grad: int, loss_scalars: int) -> tuple:
+    """The root's post-backward in the final callback (inside ``loss.backward()``: the loss and its ones_like
+    gradient, `loss_scalars`, alive): its parameters resharded, the last block's reduce-scatter input released,
+    then the larger of _fsdp_collectives.py ``foreach_reduce``'s two moments: the copy-in, its reduce-scatter
+    input allocated while its full gradients (head, embeddings) are alive, and the reduce-scatter output
+    allocated after ``unsharded_grads.clear()``, beside the input and the last parameter's full gradient
+    (`last_grad`, :func:`_last_root_gradient`). The second is the larger where the full gradients are narrower
+    than the reduce dtype (mixed-bf16: bf16 gradients, a float32 output)."""
+    base = dict(end, unsharded_params=0, reduce_scatter_buffers=root.reduce_scatter, activations=0,
+                temporaries=0, logits_loss=loss_scalars)
+    base.pop("_other", None)  # the gradients: the root's full ones (head, embeddings) and the blocks' shards
+    copy_in = dict(base)
+    scatter = dict(base, unsharded_gradients=last_grad, gradients=end.get("gradients", 0) + root.sharded_grads)
+    p = max(copy_in, scatter, key=lambda q: sum(q.values())) if root.reduce_scatter else copy_in
     return "backward:reduce", sum(p.values()), p

@@ -268,3 +268,24 @@ def test_sharded_qlora_skips_prepare_kbit_by_default_as_trl_does():
         estimate("llama-3.2-1b", prepare_kbit=True, **kw)
     one_gpu = {k: estimate("llama-3.2-1b", method="qlora", prepare_kbit=k).memory.peak_bytes for k in (None, True, False)}
     assert one_gpu[None] == one_gpu[True] != one_gpu[False]  # on one GPU the default stays on
+
+
+def test_root_reduce_under_mixed_bf16_traced_rank0_peaks():
+    """tiny-llama-v4k (vocabulary 4,096) full fine-tuning under mixed-bf16 at batch 1, sequence 8, traced on the
+    fake process group (the last rows of reports/data/dist.jsonl), to the byte. The peak is the root's final
+    reduce-scatter: _fsdp_collectives.py ``foreach_reduce`` allocates the float32 output (at 3 ranks 1,366 +
+    1,366 + 22 padded rows of 64 -> 174,870 elements, 699,480 B) after ``unsharded_grads.clear()`` while the
+    float32 input (3 x 174,870 x 4 = 2,098,440 B) and lm_head's bf16 full gradient (4,096 x 64 x 2 = 524,288 B,
+    held by the loop variable of the Shard(i > 0) check) are alive; the copy-in moment before it, with all of the
+    root's bf16 full gradients (2 x 524,288 + 128 B) in place of the output and lm_head's gradient, is 175,064 B
+    smaller. The same with the chunked loss and with reshard_after_forward off."""
+    config = dict(TINY, vocab_size=4096)
+    plan = make_plan(load_spec(config), MethodSettings(method="full"))
+    base = dict(batch_size=1, seq_len=8, precision="mixed-bf16", optimizer="adamw-fused")
+    for kw, peak in ((dict(gpus=3), 5868740), (dict(gpus=8), 4097212), (dict(gpus=3, loss="chunked"), 5868740),
+                     (dict(gpus=3, reshard_after_forward=False), 5868740)):
+        r = rank_memory(plan, _t(**base, **kw), 0)
+        assert (r.peak_bytes, r.peak_phase) == (peak, "backward:reduce"), kw
+    reduce = {name: p for name, _, p in fsdp_events(plan, _t(**base, gpus=3))}["backward:reduce"]
+    assert reduce["reduce_scatter_buffers"] == 3 * 174870 * 4 and reduce["unsharded_gradients"] == 4096 * 64 * 2
+    assert reduce["gradients"] == 174870 * 4 + 2 * 13996 * 4  # the root's shards and the two blocks'
