@@ -61,9 +61,10 @@ ZERO_COMPONENTS = ("master_weights", "gradient_partition")
 CAST_METHODS = ("full", "lora", "ia3", "adapter")
 # 0-dim fp32 tensors the engine adds: in backward the loss divided by the accumulation steps (engine.py
 # ``_scale_loss_by_gas``) and multiplied by the loss scale, also under bf16.enabled (base_optimizer.py
-# ``scale_if_loss``: DeepSpeedZeroOptimizer keeps a static loss_scaler of 1.0 then); from the first step on the
+# ``scale_if_loss``: DeepSpeedZeroOptimizer keeps a static loss_scaler of 1.0 then), and under ZeRO-3 alike (stage3.py
+# ``backward``; peftcalc.sharding.zero3); from the first step on the
 # global gradient norm the optimizer keeps (``_global_grad_norm``)
-BACKWARD_SCALARS = {"fp32": 8, "mixed-bf16": 8}  # by precision (the same: kept a mapping for its importers)
+BACKWARD_SCALARS = 8
 NORM_SCALAR = 4
 # two 4-byte scalars alive beside the single-tensor AdamW's step at its fullest (traced in every fp32 and bf16
 # row: the step phase 8 bytes above the partitions and temporaries)
@@ -91,7 +92,7 @@ class ZeroLayout:
 def check_zero(plan: Plan, t: TrainingSettings) -> None:
     """CombinationError for what this model of ZeRO does not cover yet (module docstring)."""
     unsupported = [what for what, bad in (
-        ("zero3", t.sharding == "zero3"), (f"offload {t.offload}", t.offload != "none"),
+        (f"offload {t.offload}", t.offload != "none"),
         (f"precision {t.precision}", t.precision not in ("fp32", "mixed-bf16")),
         (f"{_method_name(plan)} under mixed-bf16", t.precision == "mixed-bf16" and _method_name(plan) not in CAST_METHODS),
         (f"optimizer {t.optimizer}", t.optimizer not in ("adamw", "adamw-fused", "sgd")),
@@ -189,7 +190,7 @@ def _micro_batch_events(plan: Plan, t: TrainingSettings, one_gpu: TrainingSettin
     partition = layout.in_partition * layout.nbytes
     states = _states(layout, t)
     master = 4 * layout.partition
-    backward_scalars = BACKWARD_SCALARS[t.precision] - (GAS_SCALED_LOSS if t.trainer_loop else 0)
+    backward_scalars = BACKWARD_SCALARS - (GAS_SCALED_LOSS if t.trainer_loop else 0)
     events = []
     bucket_made = bucket_live
     held_partition = 0  # grads_in_partition once a flush before the epilogue has made it

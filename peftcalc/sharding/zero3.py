@@ -54,7 +54,7 @@ from peftcalc.memory import gradient_arrival, step_events
 from peftcalc.model_states import gradient_free, group_dtype
 from peftcalc.plan import Plan
 from peftcalc.settings import DTYPE_BYTES, TrainingSettings
-from peftcalc.sharding.zero import GAS_SCALED_LOSS, REDUCE_BUCKET_SIZE, _event
+from peftcalc.sharding.zero import BACKWARD_SCALARS, GAS_SCALED_LOSS, REDUCE_BUCKET_SIZE, _event
 from peftcalc.sim.profile import stream_dtypes
 
 __all__ = ["PERSISTENCE_THRESHOLD", "Zero3Layout", "check_zero3", "padded_gradients", "zero3_events", "zero3_layout"]
@@ -62,9 +62,6 @@ __all__ = ["PERSISTENCE_THRESHOLD", "Zero3Layout", "check_zero3", "padded_gradie
 PERSISTENCE_THRESHOLD = 100_000  # deepspeed/runtime/zero/config.py stage3_param_persistence_threshold default
 INF_OR_NAN_TRACKER = 1  # stage3.py __init__: torch.zeros(1, dtype=torch.bool)
 NORM_SCALAR = 8  # the global gradient norm kept from the step before (fp64, stage3.py ``_global_grad_norm``)
-# backward: the loss divided by the accumulation steps (engine.py ``_scale_loss_by_gas``) and multiplied by the
-# loss scale (stage3.py ``backward``: loss_scaler), 0-dim fp32 tensors, as under ZeRO-1/2 (traced)
-BACKWARD_SCALARS = 8
 # the step's end, beside the norm kept from the step before: the new norm and two fp64 scalars of the overflow check
 # (stage3.py ``unscale_and_clip_grads``, ``_has_inf_or_nan``; traced)
 STEP_END_SCALARS = 24
