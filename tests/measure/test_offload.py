@@ -126,13 +126,8 @@ def test_lora_device_and_host_bytes_under_checkpointing_by_hand(tiny):
     device_drop = h + h + 256
     host = 2 * h + (h + 256 + h + 256 + 256) + logits + (2 * logits + 512 + 4)
     run = tiny("tiny-llama", method="lora")
-    peaks = {}
-    for off in (False, True):
-        t = TrainingSettings(batch_size=2, seq_len=32, precision="fp32", optimizer="adamw", device="cpu",
-                             grad_checkpointing=True, offload_activations=off)
-        row = measure_one(run.spec, run.method, t, device="fake", steps=2)
-        assert row["measured"]["peak_phase"] == "backward"
-        peaks[off] = row["measured"]["peak_bytes"]
+    peaks, row = _backward_peaks_without_and_with_offload(run, batch_size=2, seq_len=32, precision="fp32",
+                                                          device="cpu")
     assert (peaks[False], peaks[True]) == (1_087_848, 1_087_848 - device_drop) == (1_087_848, 1_054_824)
     assert row["measured"]["host_peak_bytes"] == host == 460_036
 
@@ -153,12 +148,19 @@ def test_llama_3_2_1b_lora_under_checkpointing_by_hand():
     drop = 15 * hidden + f32 + 4096
     host = 16 * hidden + (f32 + 4096 + f32 + 4096 + 4096) + 128_256 * 2048 * 2 + (2 * logits + 1024 * 8 + 4)
     run = to_run({"model": "llama-3.2-1b", "method": "lora"}, load_matrix("long").get("models", {}))
+    peaks, row = _backward_peaks_without_and_with_offload(run, batch_size=1, seq_len=1024, precision="bf16",
+                                                          device="cuda")
+    assert (peaks[False], peaks[True]) == (4_133_642_760, 4_133_642_760 - drop) == (4_133_642_760, 4_062_335_496)
+    assert row["measured"]["host_peak_bytes"] == host == 1_659_916_292
+
+
+def _backward_peaks_without_and_with_offload(run, **training) -> tuple[dict, dict]:
+    """The fake-tensor peaks of `run` under non-reentrant checkpointing with offload_activations False and True,
+    each asserted to be in backward, and the offloaded run's row."""
     peaks = {}
     for off in (False, True):
-        t = TrainingSettings(batch_size=1, seq_len=1024, precision="bf16", optimizer="adamw", device="cuda",
-                             grad_checkpointing=True, offload_activations=off)
+        t = TrainingSettings(optimizer="adamw", grad_checkpointing=True, offload_activations=off, **training)
         row = measure_one(run.spec, run.method, t, device="fake", steps=2)
         assert row["measured"]["peak_phase"] == "backward"
         peaks[off] = row["measured"]["peak_bytes"]
-    assert (peaks[False], peaks[True]) == (4_133_642_760, 4_133_642_760 - drop) == (4_133_642_760, 4_062_335_496)
-    assert row["measured"]["host_peak_bytes"] == host == 1_659_916_292
+    return peaks, row
